@@ -1,0 +1,188 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The ledger's arithmetic over fixed-size records: the hot loop of every group commit.
+
+Works on bytes and C structs only: the records buffer, the operations buffer,
+the slot array and the journal output are typed memoryviews; the loop touches
+no Python object. The rules are in cardcore.rules; cardcore.reference is the
+readable twin and the differential tests hold the two to the same output.
+Bounds are checked once, before the loop (boundscheck is off inside it).
+"""
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy, memset
+
+from records cimport cc_card_t, cc_i128, cc_journal_t, cc_op_t, cc_program_t
+
+cdef extern from "<stdint.h>":
+    const int64_t INT64_MAX
+
+cdef enum:
+    CARD_SIZE = 128
+    JOURNAL_SIZE = 128
+    OP_SIZE = 64
+    PROGRAM_SIZE = 96
+
+# Values of cardcore.v1.OperationType / CardStatus / Reason (tests check they agree).
+cdef enum:
+    OP_OPEN = 1
+    OP_TOP_UP = 2
+    OP_PURCHASE = 3
+    STATUS_ACTIVE = 1
+    R_OK = 0
+    R_INVALID_AMOUNT = 2
+    R_INVALID_TIER = 5
+    R_CARD_NOT_FOUND = 8
+    R_CARD_ALREADY_EXISTS = 9
+    R_CARD_NOT_ACTIVE = 10
+    R_INSUFFICIENT_FUNDS = 11
+    R_AMOUNT_OVERFLOW = 12
+
+
+cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
+    """Invariants of a stored card record, checked after read and before write."""
+    if rec.version == 0:
+        return 1
+    if rec.version != 1:
+        return 0
+    if (rec.principal_minor < 0 or rec.bonus_minor < 0 or rec.points < 0
+            or rec.held_minor < 0 or rec.lifetime_paid_minor < 0):
+        return 0
+    return rec.principal_minor <= INT64_MAX - rec.bonus_minor
+
+
+cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_card_t* rec,
+                              cc_journal_t* out, int64_t ts_us, uint64_t seq) noexcept nogil:
+    """Apply one operation to its record; fill its journal entry; return the reason."""
+    cdef uint8_t reason = R_OK
+    cdef int64_t amount = op.amount_minor
+    cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, paid = 0
+    cdef cc_i128 wide
+    cdef int64_t earned, available
+    if op.op == OP_OPEN:
+        if rec.version != 0:
+            reason = R_CARD_ALREADY_EXISTS
+        elif op.tier >= prog.tier_count:
+            reason = R_INVALID_TIER
+        else:
+            memset(rec, 0, CARD_SIZE)
+            rec.version = 1
+            rec.status = STATUS_ACTIVE
+            rec.tier = op.tier
+            rec.opened_us = ts_us
+            rec.home_store_id = op.home_store_id
+    else:  # top-up or purchase (the caller checked the type)
+        if rec.version == 0:
+            reason = R_CARD_NOT_FOUND
+        elif rec.status != STATUS_ACTIVE:
+            reason = R_CARD_NOT_ACTIVE
+        elif amount <= 0:
+            reason = R_INVALID_AMOUNT
+        elif op.op == OP_TOP_UP:
+            if rec.principal_minor + rec.bonus_minor > INT64_MAX - amount:
+                reason = R_AMOUNT_OVERFLOW
+            else:
+                d_principal = amount
+        elif rec.tier >= prog.tier_count:
+            reason = R_INVALID_TIER
+        else:
+            wide = <cc_i128>amount * prog.rate_bp[rec.tier] + 5000
+            paid = <int64_t>(wide // 10000)  # <= amount: fits
+            available = rec.principal_minor + rec.bonus_minor - rec.held_minor
+            wide = <cc_i128>(paid // prog.points_unit_minor) * prog.points_per_unit
+            if paid > available:
+                reason = R_INSUFFICIENT_FUNDS
+            elif wide > <cc_i128>(INT64_MAX - rec.points) or paid > INT64_MAX - rec.lifetime_paid_minor:
+                reason = R_AMOUNT_OVERFLOW
+            else:
+                earned = <int64_t>wide
+                discount = amount - paid
+                d_principal = -(paid if paid < rec.principal_minor else rec.principal_minor)
+                d_bonus = -(paid + d_principal)
+                d_points = earned
+                rec.lifetime_paid_minor += paid
+    if reason == R_OK:
+        rec.principal_minor += d_principal
+        rec.bonus_minor += d_bonus
+        rec.points += d_points
+        rec.last_seq = seq
+    out.version = 1
+    out.op = op.op
+    out.tier = rec.tier
+    out.status = rec.status
+    out.reason = reason
+    out.reserved0 = 0
+    out.seq = seq if reason == R_OK else 0
+    memcpy(out.card_id, op.card_id, 16)
+    out.amount_minor = amount
+    out.discount_minor = discount
+    out.principal_delta_minor = d_principal
+    out.bonus_delta_minor = d_bonus
+    out.points_delta = d_points
+    out.principal_after_minor = rec.principal_minor
+    out.bonus_after_minor = rec.bonus_minor
+    out.points_after = rec.points
+    out.ts_us = ts_us
+    out.store_id = op.store_id
+    out.terminal_id = op.terminal_id
+    out.staff_id = op.staff_id
+    out.reserved1 = 0
+    memcpy(out.request_tag, op.request_tag, 8)
+    return reason
+
+
+def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32_t[::1] slots,
+                uint8_t[::1] records, uint8_t[::1] journal_out, uint8_t[::1] slot_dirty,
+                int64_t ts_us, uint64_t first_seq):
+    """Apply len(ops) // 64 operations in order; return the next free sequence number.
+
+    Same contract as cardcore.reference.apply_batch. Raises ValueError, and
+    leaves the caller to abort its transaction, if any input breaks the
+    layout or a record breaks an invariant: the writer never writes a
+    half-truth.
+    """
+    cdef Py_ssize_t n = ops.shape[0] // OP_SIZE
+    cdef Py_ssize_t nslots = records.shape[0] // CARD_SIZE
+    cdef Py_ssize_t i
+    cdef uint32_t slot
+    cdef uint64_t seq = first_seq
+    cdef int bad = 0
+    if program.shape[0] != PROGRAM_SIZE or ops.shape[0] != n * OP_SIZE:
+        raise ValueError("program or operations buffer has the wrong size")
+    if slots.shape[0] != n or journal_out.shape[0] != n * JOURNAL_SIZE:
+        raise ValueError("slots or journal buffer does not match the operations")
+    if records.shape[0] != nslots * CARD_SIZE or slot_dirty.shape[0] != nslots:
+        raise ValueError("records or dirty buffer has the wrong size")
+    cdef const cc_program_t* prog = <const cc_program_t*>&program[0]
+    if prog.tier_count < 1 or prog.tier_count > 16 or prog.points_unit_minor <= 0 or prog.points_per_unit < 0:
+        raise ValueError("program out of range")
+    for i in range(prog.tier_count):
+        if prog.rate_bp[i] < 1 or prog.rate_bp[i] > 10000:
+            raise ValueError("program rate out of range")
+    if n == 0:
+        return seq
+    cdef const cc_op_t* op_base = <const cc_op_t*>&ops[0]
+    cdef cc_card_t* rec_base = <cc_card_t*>&records[0] if nslots else NULL
+    cdef cc_journal_t* out_base = <cc_journal_t*>&journal_out[0]
+    cdef const cc_op_t* op
+    cdef cc_card_t* rec
+    with nogil:
+        for i in range(n):
+            op = op_base + i
+            slot = slots[i]
+            if slot >= nslots or op.op < OP_OPEN or op.op > OP_PURCHASE:
+                bad = 1
+                break
+            rec = rec_base + slot
+            if not record_ok(rec):
+                bad = 2
+                break
+            if apply_one(prog, op, rec, out_base + i, ts_us, seq) == R_OK:
+                seq += 1
+                slot_dirty[slot] = 1
+                if not record_ok(rec):
+                    bad = 3
+                    break
+    if bad == 1:
+        raise ValueError("operation with an unknown type or a slot out of range")
+    if bad:
+        raise ValueError("card record breaks an invariant")
+    return seq

@@ -1,0 +1,53 @@
+/* C views of the fixed layouts documented in core/layout.py (cardcore.layout).
+ * Naturally aligned: no packing pragma; the static asserts pin every size. */
+#ifndef CARDCORE_RECORDS_H
+#define CARDCORE_RECORDS_H
+#include <stdint.h>
+
+typedef __int128 cc_i128;
+
+typedef struct {
+    uint8_t version, status, tier, pin_tries;
+    uint32_t flags;
+    int64_t principal_minor, bonus_minor, points, held_minor, lifetime_paid_minor;
+    uint64_t last_seq;
+    int64_t opened_us;
+    uint32_t home_store_id, reserved0;
+    uint8_t pin_check[32];
+    uint8_t reserved1[24];
+} cc_card_t;
+
+typedef struct {
+    uint8_t version, op, tier, status;
+    uint16_t reason, reserved0;
+    uint64_t seq;
+    uint8_t card_id[16];
+    int64_t amount_minor, discount_minor, principal_delta_minor, bonus_delta_minor,
+            points_delta, principal_after_minor, bonus_after_minor, points_after, ts_us;
+    uint32_t store_id, terminal_id, staff_id, reserved1;
+    uint8_t request_tag[8];
+} cc_journal_t;
+
+typedef struct {
+    uint8_t op, tier;
+    uint16_t reserved0;
+    uint32_t home_store_id;
+    int64_t amount_minor;
+    uint32_t store_id, terminal_id, staff_id, reserved1;
+    uint8_t request_tag[8];
+    uint8_t card_id[16];
+    uint8_t reserved2[8];
+} cc_op_t;
+
+typedef struct {
+    uint32_t tier_count, reserved0;
+    int64_t points_unit_minor, points_per_unit;
+    uint32_t rate_bp[16];
+    uint8_t reserved1[8];
+} cc_program_t;
+
+_Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
+_Static_assert(sizeof(cc_journal_t) == 128, "journal entry is 128 bytes");
+_Static_assert(sizeof(cc_op_t) == 64, "operation is 64 bytes");
+_Static_assert(sizeof(cc_program_t) == 96, "program is 96 bytes");
+#endif
