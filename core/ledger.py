@@ -1,0 +1,337 @@
+"""The ledger: card records, journal and idempotency records in one LMDB environment.
+
+Sub-databases (all in one environment, so one write transaction covers them)::
+
+    cards     card_id (16 B)        -> card record (128 B, layout.CARD)
+    journal   seq (u64 big-endian)  -> journal entry (128 B, layout.JOURNAL)
+    requests  request_id (ASCII)    -> idempotency record (48 B, layout.IDEM)
+    profiles  card_id               -> member profile (JSON, cold)
+
+``apply_group`` is the only writer: it runs a group of queued operations in
+one write transaction (one fsync when ``sync`` is on), with the arithmetic
+done by the Cython kernel over a contiguous records buffer. The journal is
+the truth: the next sequence number is read from its last key at start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from array import array
+from typing import NamedTuple
+
+import lmdb
+
+from . import layout as L
+from .ext import kernel
+from .rules import Program
+
+log = logging.getLogger("cardcore.ledger")
+
+MAP_SIZE_INITIAL = 1 << 30      # virtual address space; the file grows only as used
+MAP_GROW_FACTOR = 2
+MAP_GROW_ATTEMPTS = 8
+MAX_READERS = 512
+EMPTY_RECORD = bytes(L.CARD_SIZE)
+
+
+def request_tag(request_key: bytes) -> bytes:
+    """The 8-byte tag a journal entry carries to link it to its request."""
+    return hashlib.blake2b(request_key, digest_size=L.REQUEST_TAG_SIZE).digest()
+
+
+@dataclasses.dataclass(slots=True)
+class PendingOp:
+    """A validated mutation, packed by the request handler before the writer sees it."""
+    request_key: bytes        # the request_id, ASCII
+    card_id: bytes            # 16 bytes
+    packed: bytes             # layout.OP, 64 bytes
+    digest: bytes             # BLAKE2b-128 of packed + profile: the idempotency payload digest
+    profile: bytes | None = None  # OPEN only: the JSON profile to store
+
+    @classmethod
+    def build(cls, request_key: bytes, op: int, card_id: bytes, amount_minor: int = 0,
+              store_id: int = 0, terminal_id: int = 0, staff_id: int = 0, tier: int = 0,
+              home_store_id: int = 0, profile: bytes | None = None) -> "PendingOp":
+        packed = L.OP.pack(op, tier, 0, home_store_id, amount_minor, store_id, terminal_id,
+                           staff_id, 0, request_tag(request_key), card_id, bytes(8))
+        h = hashlib.blake2b(packed, digest_size=16)
+        if profile is not None:
+            h.update(profile)
+        return cls(request_key, card_id, packed, h.digest(), profile)
+
+
+class Outcome(NamedTuple):
+    """What became of one operation: the reply is built from this."""
+    reason: int                 # layout.R_* / cardcore.v1.Reason
+    replayed: bool              # answered from an earlier identical request
+    op: int                     # layout.OP_*
+    entry: bytes | None         # the journal entry (applied), or the kernel's declined entry
+    available_minor: int        # for INSUFFICIENT_FUNDS
+
+
+R_DUPLICATE_REQUEST_MISMATCH = 13
+
+
+class Ledger:
+    def __init__(self, path: str, program: Program, *, sync: bool = True,
+                 map_size: int = MAP_SIZE_INITIAL, readonly: bool = False) -> None:
+        self.path = path
+        self.program = program
+        self._program_packed = program.packed()
+        self.sync = sync
+        # Explicit options: durability (sync/metasync) is the point of the ledger;
+        # writemap off keeps stray pointer writes from touching the file.
+        self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=8, sync=sync,
+                             metasync=sync, writemap=False, readahead=False,
+                             max_readers=MAX_READERS, lock=True, readonly=readonly)
+        create = not readonly
+        self.cards = self.env.open_db(b"cards", create=create)
+        self.journal = self.env.open_db(b"journal", create=create)
+        self.requests = self.env.open_db(b"requests", create=create)
+        self.profiles = self.env.open_db(b"profiles", create=create)
+        # Readers hold this while a read transaction is open; the writer holds it to
+        # grow the map, which LMDB allows only with no transaction active.
+        self._resize_gate = threading.Lock()
+        with self.env.begin(db=self.journal) as txn:
+            cur = txn.cursor()
+            self._next_seq = L.SEQ_KEY.unpack(cur.key())[0] + 1 if cur.last() else 1
+
+    def close(self) -> None:
+        self.env.close()
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    # ---- writer -------------------------------------------------------------
+
+    def apply_group(self, ops: list[PendingOp], ts_us: int) -> list[Outcome]:
+        """Apply ``ops`` in order in one write transaction; return one outcome each.
+
+        Raises on a broken invariant (the transaction is aborted, nothing is
+        written); grows the map and retries when LMDB reports it full.
+        """
+        for attempt in range(MAP_GROW_ATTEMPTS):
+            try:
+                return self._apply_group_once(ops, ts_us)
+            except lmdb.MapFullError:
+                self._grow_map()
+        raise RuntimeError("LMDB map still full after growing it")
+
+    def _grow_map(self) -> None:
+        with self._resize_gate:
+            new_size = self.env.info()["map_size"] * MAP_GROW_FACTOR
+            self.env.set_mapsize(new_size)
+        log.warning("LMDB map grown to %d MiB", new_size >> 20)
+
+    def _apply_group_once(self, ops: list[PendingOp], ts_us: int) -> list[Outcome]:
+        n = len(ops)
+        outcomes: list[Outcome | None] = [None] * n
+        with self.env.begin(write=True) as txn:
+            # 1. Idempotency: earlier requests with the same id, and repeats inside the group.
+            known = dict(txn.cursor(db=self.requests).getmulti([op.request_key for op in ops]))
+            fresh: list[int] = []
+            first_index: dict[bytes, int] = {}
+            repeats: list[tuple[int, int]] = []
+            for i, op in enumerate(ops):
+                idem = known.get(op.request_key)
+                if idem is not None:
+                    outcomes[i] = self._replay(txn, idem, op.digest)
+                elif op.request_key in first_index:
+                    repeats.append((i, first_index[op.request_key]))
+                else:
+                    first_index[op.request_key] = i
+                    fresh.append(i)
+            next_seq = self._next_seq
+            if fresh:
+                next_seq = self._apply_fresh(txn, ops, fresh, outcomes, ts_us)
+            for i, j in repeats:
+                outcomes[i] = self._repeat(outcomes[j], ops[i].digest == ops[j].digest)
+        self._next_seq = next_seq  # only once the commit (and its fsync) succeeded
+        return outcomes  # type: ignore[return-value]
+
+    def _apply_fresh(self, txn, ops, fresh, outcomes, ts_us) -> int:
+        # 2. One slot per distinct card, records read in one getmulti.
+        slot_of: dict[bytes, int] = {}
+        card_ids: list[bytes] = []
+        slots = array("I")
+        for i in fresh:
+            cid = ops[i].card_id
+            s = slot_of.get(cid)
+            if s is None:
+                s = slot_of[cid] = len(card_ids)
+                card_ids.append(cid)
+            slots.append(s)
+        cards = txn.cursor(db=self.cards)
+        stored = dict(cards.getmulti(card_ids))
+        records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
+        journal_out = bytearray(len(fresh) * L.JOURNAL_SIZE)
+        dirty = bytearray(len(card_ids))
+        # 3. The kernel: arithmetic over the records buffer, journal entries out.
+        next_seq = kernel.apply_batch(self._program_packed, b"".join([ops[i].packed for i in fresh]),
+                                      slots, records, journal_out, dirty, ts_us, self._next_seq)
+        # 4. Write back what the kernel accepted.
+        rec_view = memoryview(records)
+        cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
+                        for s in range(len(card_ids)) if dirty[s]])
+        entries: list[tuple[bytes, bytes]] = []
+        idem_items: list[tuple[bytes, bytes]] = []
+        profile_items: list[tuple[bytes, bytes]] = []
+        out_view = memoryview(journal_out)
+        for k, i in enumerate(fresh):
+            op = ops[i]
+            entry = bytes(out_view[k * L.JOURNAL_SIZE:(k + 1) * L.JOURNAL_SIZE])
+            (_, op_type, _, _, reason, _, seq, _, _, _, _, _, _, principal_after, bonus_after,
+             *_) = L.JOURNAL.unpack(entry)
+            available = principal_after + bonus_after if reason == L.R_INSUFFICIENT_FUNDS else 0
+            if reason == L.R_OK:
+                entries.append((L.SEQ_KEY.pack(seq), entry))
+                if op.profile is not None:
+                    profile_items.append((op.card_id, op.profile))
+            idem_items.append((op.request_key, L.IDEM.pack(
+                L.IDEM_VERSION, op_type, reason, 0, op.digest, seq, available, ts_us)))
+            outcomes[i] = Outcome(reason, False, op_type, entry, available)
+        if entries:
+            added, _ = txn.cursor(db=self.journal).putmulti(entries, append=True)
+            assert added == len(entries), "journal append refused: sequence not increasing"
+        txn.cursor(db=self.requests).putmulti(idem_items)
+        if profile_items:
+            txn.cursor(db=self.profiles).putmulti(profile_items)
+        assert next_seq == self._next_seq + len(entries)
+        return next_seq
+
+    def _replay(self, txn, idem: bytes, digest: bytes) -> Outcome:
+        _, op_type, reason, _, stored_digest, seq, available, _ = L.IDEM.unpack(idem)
+        if stored_digest != digest:
+            return Outcome(R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None, 0)
+        entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal) if seq else None
+        assert reason != L.R_OK or entry is not None, "idempotency record points at no journal entry"
+        return Outcome(reason, True, op_type, entry, available)
+
+    @staticmethod
+    def _repeat(first: Outcome, same_payload: bool) -> Outcome:
+        if not same_payload:
+            return Outcome(R_DUPLICATE_REQUEST_MISMATCH, False, first.op, None, 0)
+        return first._replace(replayed=True)
+
+    # ---- readers (never wait for the writer) --------------------------------
+
+    def read_card(self, card_id: bytes) -> tuple[tuple, dict] | None:
+        """The card's record fields (layout.CARD order) and its profile, or None."""
+        with self._resize_gate, self.env.begin() as txn:
+            raw = txn.get(card_id, db=self.cards)
+            if raw is None:
+                return None
+            profile = txn.get(card_id, db=self.profiles)
+        rec = L.CARD.unpack(raw)
+        assert rec[0] == L.CARD_VERSION, "unknown card record version"
+        return rec, (json.loads(profile) if profile else {})
+
+    def read_operation(self, request_key: bytes) -> Outcome | None:
+        """The original outcome of a request_id, or None if it was never applied."""
+        with self._resize_gate, self.env.begin() as txn:
+            idem = txn.get(request_key, db=self.requests)
+            if idem is None:
+                return None
+            _, op_type, reason, _, digest, _, _, _ = L.IDEM.unpack(idem)
+            return self._replay(txn, idem, digest)
+
+    def stats(self) -> dict:
+        with self._resize_gate, self.env.begin() as txn:
+            return {
+                "cards": txn.stat(self.cards)["entries"],
+                "journal": txn.stat(self.journal)["entries"],
+                "requests": txn.stat(self.requests)["entries"],
+                "map_size": self.env.info()["map_size"],
+                "next_seq": self._next_seq,
+            }
+
+    # ---- verification --------------------------------------------------------
+
+    def verify(self, problems_max: int = 50) -> dict:
+        """Check the ledger against its journal; return counts, totals and problems.
+
+        Every card's principal, bonus, points and last sequence must equal what
+        its journal entries add up to; each entry's after-balances must equal
+        the running sums; sequences run 1, 2, 3, ... with no gap; every applied
+        idempotency record points at an entry with its request tag.
+        """
+        problems: list[str] = []
+
+        def problem(msg: str) -> None:
+            if len(problems) < problems_max:
+                problems.append(msg)
+
+        sums: dict[bytes, list[int]] = {}
+        totals = [0, 0, 0]
+        expect_seq = 1
+        with self._resize_gate, self.env.begin() as txn:
+            for key, entry in txn.cursor(db=self.journal):
+                (version, op, _, _, reason, _, seq, cid, amount, discount, dp, db_, dpts, pa, ba,
+                 ptsa, *_rest) = L.JOURNAL.unpack(entry)
+                if L.SEQ_KEY.unpack(key)[0] != seq or seq != expect_seq:
+                    problem(f"journal sequence {seq} where {expect_seq} was expected")
+                expect_seq = seq + 1
+                if version != L.JOURNAL_VERSION or reason != L.R_OK:
+                    problem(f"journal entry {seq}: version {version}, reason {reason}")
+                s = sums.get(cid)
+                if s is None:
+                    if op != L.OP_OPEN:
+                        problem(f"journal entry {seq}: first entry of a card is not an opening")
+                    s = sums[cid] = [0, 0, 0, 0]
+                s[0] += dp
+                s[1] += db_
+                s[2] += dpts
+                s[3] = seq
+                totals[0] += dp
+                totals[1] += db_
+                totals[2] += dpts
+                if (s[0], s[1], s[2]) != (pa, ba, ptsa):
+                    problem(f"journal entry {seq}: after-balances differ from the running sums")
+                if op == L.OP_PURCHASE and dp + db_ != -(amount - discount):
+                    problem(f"journal entry {seq}: debit differs from gross - discount")
+            card_totals = [0, 0, 0]
+            cards = 0
+            for cid, raw in txn.cursor(db=self.cards):
+                cards += 1
+                rec = L.CARD.unpack(raw)
+                principal, bonus, points, last_seq = rec[5], rec[6], rec[7], rec[10]
+                card_totals[0] += principal
+                card_totals[1] += bonus
+                card_totals[2] += points
+                s = sums.pop(cid, None)
+                if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0:
+                    problem(f"card ...{cid.hex()[:8]}: invalid record")
+                if s is None:
+                    problem(f"card ...{cid.hex()[:8]}: no journal entries")
+                elif (principal, bonus, points, last_seq) != tuple(s):
+                    problem(f"card ...{cid.hex()[:8]}: record {principal}/{bonus}/{points}/#{last_seq}"
+                            f" but journal adds up to {s[0]}/{s[1]}/{s[2]}/#{s[3]}")
+            for cid in sums:
+                problem(f"journal names card ...{cid.hex()[:8]} that has no record")
+            requests = applied = 0
+            for key, idem in txn.cursor(db=self.requests):
+                requests += 1
+                _, _, reason, _, _, seq, _, _ = L.IDEM.unpack(idem)
+                if reason == L.R_OK:
+                    applied += 1
+                    entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
+                    if entry is None or entry[120:128] != request_tag(key):
+                        problem(f"request record for seq {seq} does not match its journal entry")
+            if applied != expect_seq - 1:
+                problem(f"{applied} applied request records for {expect_seq - 1} journal entries")
+        if card_totals != totals:
+            problem(f"card totals {card_totals} differ from journal totals {totals}")
+        return {
+            "ok": not problems,
+            "cards": cards,
+            "journal_entries": expect_seq - 1,
+            "requests": requests,
+            "principal_minor": card_totals[0],
+            "bonus_minor": card_totals[1],
+            "points": card_totals[2],
+            "problems": problems,
+        }

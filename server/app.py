@@ -1,0 +1,102 @@
+"""Server bootstrap: ledger, writer, gRPC server with health and reflection, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cardcore import keyring
+from cardcore.ledger import Ledger
+from cardcore.rules import load_program
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+
+from .service import CardService
+from .writer import GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, QUEUE_MAX_OPS_DEFAULT, Writer
+
+log = logging.getLogger("cardcore.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CardService"].full_name
+MESSAGE_BYTES_MAX = 16 << 20     # a 10,000-operation batch is ~1.5 MiB
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    data_dir: str = "./var/cardcore"
+    listen: str = "127.0.0.1:50051"
+    program_path: str | None = None
+    keyring_path: str | None = None  # default: <data_dir>/card-index.key
+    sync: bool = True
+    group_max_ops: int = GROUP_MAX_OPS_DEFAULT
+    group_wait_us: int = GROUP_WAIT_US_DEFAULT
+    queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT
+
+
+async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    if not cfg.sync:
+        for _ in range(3):
+            log.warning("*** --no-sync: commits are NOT durable; a crash loses acknowledged "
+                        "operations. For benchmarks only. ***")
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    index_key = keyring.load_or_create_index_key(
+        cfg.keyring_path or os.path.join(cfg.data_dir, "card-index.key"))
+    ledger = Ledger(os.path.join(cfg.data_dir, "ledger"), load_program(cfg.program_path),
+                    sync=cfg.sync)
+    stop = asyncio.Event()
+
+    def fatal(exc: BaseException) -> None:
+        log.critical("stopping the server: the writer failed")
+        stop.set()
+
+    writer = Writer(ledger, loop, group_max_ops=cfg.group_max_ops,
+                    group_wait_us=cfg.group_wait_us, queue_max_ops=cfg.queue_max_ops,
+                    on_fatal=fatal)
+    writer.start()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    pb_grpc.add_CardServiceServicer_to_server(CardService(ledger, writer, index_key), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = cfg.listen.rsplit(":", 1)[0]
+    stats = ledger.stats()
+    log.info("ledger %s: %d cards, %d journal entries", ledger.path, stats["cards"],
+             stats["journal"])
+    # The one line tests and scripts wait for; it carries the bound port (for --listen HOST:0).
+    print(f"cardcore listening on {host}:{port}", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: refusing new calls, finishing those in flight")
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(SHUTDOWN_GRACE_S)
+        writer.stop()
+        ledger.close()
+        log.info("stopped: ledger closed")

@@ -1,0 +1,308 @@
+"""The gRPC servicer: validate, translate protobuf <-> ledger operations, hand to the writer.
+
+Thin on purpose: limits are checked here, where data enters; the arithmetic
+is the kernel's and the storage the ledger's.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import re
+import time
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from cardcore import cards
+from cardcore import layout as L
+from cardcore.ledger import Ledger, Outcome, PendingOp
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+from cardcore.v1 import common_pb2 as cpb
+
+from .reasons import CODE_NUMBER, TABLE
+from .writer import Overloaded, Stopped, Writer
+
+R = cpb.Reason
+DOMAIN = "cardcore.v1"
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
+NAME_LEN_MAX = 64
+BATCH_OPS_MAX = 10_000
+STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
+
+
+class Invalid(Exception):
+    """Bad input: answered with INVALID_ARGUMENT (or its reason's code), nothing changed."""
+
+    def __init__(self, reason: int, field: str):
+        super().__init__(field)
+        self.reason = reason
+        self.field = field
+
+
+def failure(reason: int, field: str = "", available_minor: int = 0) -> cpb.Failure:
+    return cpb.Failure(reason=reason, message=TABLE[reason][1], field=field,
+                       available_minor=available_minor)
+
+
+def _status_details(fail: cpb.Failure) -> tuple[tuple[str, bytes]]:
+    """Trailing metadata carrying google.rpc.Status with ErrorInfo and Failure details."""
+    info = error_details_pb2.ErrorInfo(reason=R.Name(fail.reason), domain=DOMAIN)
+    if fail.field:
+        info.metadata["field"] = fail.field
+    if fail.reason == R.REASON_INSUFFICIENT_FUNDS:
+        info.metadata["available_minor"] = str(fail.available_minor)
+    status = status_pb2.Status(code=CODE_NUMBER[fail.reason], message=fail.message)
+    for detail in (info, fail):
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+async def abort(context: grpc.aio.ServicerContext, fail: cpb.Failure):
+    await context.abort(TABLE[fail.reason][0], fail.message, _status_details(fail))
+
+
+def result_of(request_id: str, outcome: Outcome) -> pb.OperationResult:
+    """The OperationResult for an outcome: the same shape for unary, batch and stream."""
+    reason = outcome.reason
+    if reason == R.REASON_OK:
+        (_, op, _, _, _, _, seq, _, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us,
+         *_rest) = L.JOURNAL.unpack(outcome.entry)
+        return pb.OperationResult(
+            request_id=request_id, reason=reason, status_code=0, replayed=outcome.replayed,
+            seq=seq, type=op,
+            balance_after=cpb.Balance(principal_minor=pa, bonus_minor=ba,
+                                      available_minor=pa + ba, points=ptsa),
+            amount_minor=amount, discount_minor=discount, paid_minor=-(dp + db_),
+            points_earned=dpts, applied_at_us=ts_us)
+    return pb.OperationResult(
+        request_id=request_id, reason=reason, status_code=CODE_NUMBER[reason],
+        replayed=outcome.replayed, type=outcome.op,
+        failure=failure(reason, available_minor=outcome.available_minor))
+
+
+def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationResult:
+    return pb.OperationResult(request_id=request_id, reason=exc.reason,
+                              status_code=CODE_NUMBER[exc.reason], type=op_type,
+                              failure=failure(exc.reason, exc.field))
+
+
+class CardService(pb_grpc.CardServiceServicer):
+    def __init__(self, ledger: Ledger, writer: Writer, index_key: bytes):
+        self.ledger = ledger
+        self.writer = writer
+        self._index_key = index_key
+        self._tier_count = len(ledger.program.tiers)
+        self._require_luhn = ledger.program.require_luhn
+        self._builders = {"open_card": (L.OP_OPEN, self._open_op),
+                          "top_up": (L.OP_TOP_UP, self._top_up_op),
+                          "purchase": (L.OP_PURCHASE, self._purchase_op)}
+
+    # ---- validation: request -> PendingOp ------------------------------------
+
+    def _request_key(self, request_id: str) -> bytes:
+        if not REQUEST_ID_RE.fullmatch(request_id):
+            raise Invalid(R.REASON_INVALID_REQUEST_ID, "request_id")
+        return request_id.encode("ascii")
+
+    def _card_id(self, ref: cpb.CardRef) -> bytes:
+        number = ref.card_number
+        if not cards.number_ok(number, self._require_luhn):
+            raise Invalid(R.REASON_INVALID_CARD_NUMBER, "card.card_number")
+        return cards.card_id(self._index_key, number)
+
+    @staticmethod
+    def _amount(value: int, field: str) -> int:
+        if value <= 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, field)
+        return value
+
+    def _open_op(self, req: pb.OpenCardRequest) -> PendingOp:
+        key = self._request_key(req.request_id)
+        card_id = self._card_id(req.card)
+        if req.tier >= self._tier_count:
+            raise Invalid(R.REASON_INVALID_TIER, "tier")
+        p = req.profile
+        if len(p.name) > NAME_LEN_MAX:
+            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
+        if len(p.phone) > 20:
+            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
+        if not PHONE_RE.fullmatch(p.phone):
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
+        if p.birthday:
+            try:
+                if len(p.birthday) != 10:
+                    raise ValueError
+                datetime.date.fromisoformat(p.birthday)
+            except ValueError:
+                raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.birthday") from None
+        profile = json.dumps({"masked": cards.mask(req.card.card_number), "name": p.name,
+                              "phone": p.phone, "birthday": p.birthday,
+                              "home_store_id": p.home_store_id},
+                             sort_keys=True, separators=(",", ":")).encode()
+        t = req.till
+        return PendingOp.build(key, L.OP_OPEN, card_id, 0, t.store_id, t.terminal_id,
+                               t.staff_id, tier=req.tier, home_store_id=p.home_store_id,
+                               profile=profile)
+
+    def _top_up_op(self, req: pb.TopUpRequest) -> PendingOp:
+        key = self._request_key(req.request_id)
+        card_id = self._card_id(req.card)
+        amount = self._amount(req.amount_minor, "amount_minor")
+        t = req.till
+        return PendingOp.build(key, L.OP_TOP_UP, card_id, amount, t.store_id, t.terminal_id,
+                               t.staff_id)
+
+    def _purchase_op(self, req: pb.PurchaseRequest) -> PendingOp:
+        key = self._request_key(req.request_id)
+        card_id = self._card_id(req.card)
+        amount = self._amount(req.gross_amount_minor, "gross_amount_minor")
+        t = req.till
+        return PendingOp.build(key, L.OP_PURCHASE, card_id, amount, t.store_id, t.terminal_id,
+                               t.staff_id)
+
+    def _operation(self, op: pb.Operation) -> tuple[str, int, PendingOp | Invalid]:
+        """(request_id, op type, PendingOp or the Invalid that refused it) of a batch/stream item."""
+        kind = op.WhichOneof("op")
+        if kind is None:
+            return "", 0, Invalid(R.REASON_INVALID_ARGUMENT, "op")
+        op_type, build = self._builders[kind]
+        request = getattr(op, kind)
+        try:
+            return request.request_id, op_type, build(request)
+        except Invalid as exc:
+            return request.request_id, op_type, exc
+
+    # ---- submitting ------------------------------------------------------------
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def _unary(self, build, request, context) -> pb.OperationResult:
+        try:
+            op = build(request)
+        except Invalid as exc:
+            await abort(context, failure(exc.reason, exc.field))
+        try:
+            fut = self.writer.submit([op], self._deadline(context))
+        except Overloaded:
+            await abort(context, failure(R.REASON_OVERLOADED))
+        except Stopped:
+            await abort(context, failure(R.REASON_UNAVAILABLE))
+        outcome = (await fut)[0]
+        if outcome.reason != R.REASON_OK:
+            await abort(context, failure(outcome.reason, available_minor=outcome.available_minor))
+        return result_of(request.request_id, outcome)
+
+    # ---- RPCs ------------------------------------------------------------------
+
+    async def OpenCard(self, request, context):
+        return await self._unary(self._open_op, request, context)
+
+    async def TopUp(self, request, context):
+        return await self._unary(self._top_up_op, request, context)
+
+    async def Purchase(self, request, context):
+        return await self._unary(self._purchase_op, request, context)
+
+    async def GetCard(self, request, context):
+        try:
+            card_id = self._card_id(request.card)
+        except Invalid as exc:
+            await abort(context, failure(exc.reason, exc.field))
+        found = self.ledger.read_card(card_id)
+        if found is None:
+            await abort(context, failure(R.REASON_CARD_NOT_FOUND))
+        rec, profile = found
+        (_, status, tier, _, _, principal, bonus, points, held, lifetime, last_seq, opened_us,
+         home_store, *_rest) = rec
+        program_tier = self.ledger.program.tiers[tier] if tier < self._tier_count else None
+        return pb.Card(
+            masked_number=profile.get("masked", ""), tier=tier,
+            tier_name=program_tier.name if program_tier else "",
+            discount_rate_bp=program_tier.rate_bp if program_tier else 0,
+            status=status,
+            balance=cpb.Balance(principal_minor=principal, bonus_minor=bonus,
+                                available_minor=principal + bonus - held, points=points),
+            lifetime_paid_minor=lifetime, last_seq=last_seq, opened_at_us=opened_us,
+            profile=pb.MemberProfile(name=profile.get("name", ""), phone=profile.get("phone", ""),
+                                     birthday=profile.get("birthday", ""),
+                                     home_store_id=home_store))
+
+    async def GetOperation(self, request, context):
+        try:
+            key = self._request_key(request.request_id)
+        except Invalid as exc:
+            await abort(context, failure(exc.reason, exc.field))
+        outcome = self.ledger.read_operation(key)
+        if outcome is None:
+            return pb.GetOperationResponse(found=False)
+        return pb.GetOperationResponse(found=True, result=result_of(request.request_id, outcome))
+
+    async def SubmitBatch(self, request, context):
+        n = len(request.operations)
+        if n > BATCH_OPS_MAX:
+            await abort(context, failure(R.REASON_BATCH_TOO_LARGE, "operations"))
+        results: list[pb.OperationResult | None] = [None] * n
+        valid: list[PendingOp] = []
+        where: list[tuple[int, str]] = []
+        for i, op in enumerate(request.operations):
+            request_id, op_type, parsed = self._operation(op)
+            if isinstance(parsed, Invalid):
+                results[i] = _failed_result(request_id, op_type, parsed)
+            else:
+                valid.append(parsed)
+                where.append((i, request_id))
+        if valid:
+            try:
+                fut = self.writer.submit(valid, self._deadline(context))
+            except Overloaded:
+                await abort(context, failure(R.REASON_OVERLOADED))
+            except Stopped:
+                await abort(context, failure(R.REASON_UNAVAILABLE))
+            for (i, request_id), outcome in zip(where, await fut):
+                results[i] = result_of(request_id, outcome)
+        return pb.SubmitBatchResponse(results=results)
+
+    async def SwipeStream(self, request_iterator, context):
+        """One reply per request, in order; requests are pipelined up to STREAM_IN_FLIGHT_MAX."""
+        in_flight: asyncio.Queue = asyncio.Queue(maxsize=STREAM_IN_FLIGHT_MAX)
+        done = object()
+
+        async def read() -> None:
+            try:
+                async for op in request_iterator:
+                    request_id, op_type, parsed = self._operation(op)
+                    if isinstance(parsed, Invalid):
+                        await in_flight.put(_failed_result(request_id, op_type, parsed))
+                        continue
+                    try:
+                        fut = self.writer.submit([parsed], self._deadline(context))
+                    except (Overloaded, Stopped) as exc:
+                        reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
+                        await in_flight.put(result_of(request_id, Outcome(reason, False, op_type, None, 0)))
+                        continue
+                    await in_flight.put((request_id, fut))
+            finally:
+                await in_flight.put(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await in_flight.get()
+                if item is done:
+                    break
+                if isinstance(item, tuple):
+                    request_id, fut = item
+                    item = result_of(request_id, (await fut)[0])
+                yield item
+            await reader  # surfaces a reading error, if any
+        finally:
+            reader.cancel()
