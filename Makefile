@@ -1,0 +1,40 @@
+# cardcore: `make serve` runs the server, `make test` runs the tests; both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
+BUILT := .build-stamp
+
+.PHONY: help serve test bench load clean build
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "setuptools>=69" wheel "cython>=3.0" "grpcio-tools>=1.62"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@ $(BUILT)
+
+$(BUILT): $(STAMP) $(EXT_SRC) $(PROTO_SRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(BUILT) ## set up .venv, build the Cython kernel and the gRPC stubs
+
+serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051
+	$(VENV)/bin/cardcore serve
+
+test: $(BUILT) ## run the test suite
+	$(PY) -m pytest
+
+bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB -> bench/results.json
+	$(PY) -m pytest bench/bench_kernel.py --benchmark-only --benchmark-json=bench/.kernel.json -q
+	$(PY) bench/e2e.py --kernel-json bench/.kernel.json --out bench/results.json
+
+clean: ## remove build outputs (keeps .venv and ./var)
+	rm -rf build *.egg-info ext/*.c ext/*.so proto/cardcore/v1/*.py proto/cardcore/v1/*.pyi $(BUILT)

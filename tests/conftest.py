@@ -1,0 +1,162 @@
+"""Real parts: a real server process on a free loopback port, real LMDB in a temp folder."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from cardcore.cards import luhn_check_digit
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+from cardcore.v1 import common_pb2 as cpb
+
+START_TIMEOUT_S = 30
+LISTEN_RE = re.compile(rb"cardcore listening on ([\d.]+):(\d+)")
+
+
+def new_card_number(rng: random.Random = random.Random()) -> str:
+    """A random 16-digit card number with a valid Luhn check digit."""
+    partial = "62" + "".join(rng.choice("0123456789") for _ in range(13))
+    return partial + luhn_check_digit(partial)
+
+
+def rid() -> str:
+    return str(uuid.uuid4())
+
+
+class ServerProcess:
+    """``cardcore serve`` as a child process; stop() sends SIGTERM, kill() sends SIGKILL."""
+
+    def __init__(self, data_dir: str, *extra: str):
+        self.data_dir = data_dir
+        self.log_path = os.path.join(data_dir, "server.log")
+        os.makedirs(data_dir, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cardcore.server.cli", "serve", "--data-dir", data_dir,
+             "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=self._log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            m = LISTEN_RE.search(line)
+            if m:
+                self.target = f"{m.group(1).decode()}:{m.group(2).decode()}"
+                break
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {open(self.log_path).read()[-2000:]}")
+        else:
+            self.proc.kill()
+            raise RuntimeError("server did not start in time")
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = pb_grpc.CardServiceStub(self.channel)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target)
+
+    def stop(self, timeout_s: float = 30) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout_s)
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        self.channel.close()
+        self.proc.kill()
+        self.proc.wait(30)
+        self._log.close()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start servers on a data folder (default: one per test); all are stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(*extra: str, data_dir: str | None = None) -> ServerProcess:
+        server = ServerProcess(data_dir or str(tmp_path / "data"), *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+@pytest.fixture
+def server(start_server) -> ServerProcess:
+    return start_server()
+
+
+class Client:
+    """The calls a till makes, with exact arguments; raises grpc.RpcError on refusals."""
+
+    def __init__(self, stub):
+        self.stub = stub
+
+    def open(self, number, tier=0, request_id=None, **profile):
+        return self.stub.OpenCard(pb.OpenCardRequest(
+            request_id=rid() if request_id is None else request_id, card=cpb.CardRef(card_number=number), tier=tier,
+            profile=pb.MemberProfile(**profile), till=cpb.Till(store_id=1, terminal_id=1)))
+
+    def top_up(self, number, amount_minor, request_id=None):
+        return self.stub.TopUp(pb.TopUpRequest(
+            request_id=rid() if request_id is None else request_id, card=cpb.CardRef(card_number=number),
+            amount_minor=amount_minor, till=cpb.Till(store_id=1, terminal_id=1)))
+
+    def purchase(self, number, gross_minor, request_id=None, store_id=1, terminal_id=1, staff_id=0):
+        return self.stub.Purchase(purchase_request(number, gross_minor, request_id, store_id,
+                                                   terminal_id, staff_id))
+
+    def card(self, number):
+        return self.stub.GetCard(pb.GetCardRequest(card=cpb.CardRef(card_number=number)))
+
+
+def purchase_request(number, gross_minor, request_id=None, store_id=1, terminal_id=1, staff_id=0):
+    return pb.PurchaseRequest(request_id=rid() if request_id is None else request_id, card=cpb.CardRef(card_number=number),
+                              gross_amount_minor=gross_minor,
+                              till=cpb.Till(store_id=store_id, terminal_id=terminal_id,
+                                            staff_id=staff_id))
+
+
+@pytest.fixture
+def client(server) -> Client:
+    return Client(server.stub)
+
+
+def failure_of(err: grpc.RpcError) -> cpb.Failure:
+    """The cardcore.v1.Failure detail of a refused unary call."""
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    assert status is not None, "refusal carries no status details"
+    for detail in status.details:
+        fail = cpb.Failure()
+        if detail.Unpack(fail):
+            return fail
+    raise AssertionError("no cardcore.v1.Failure in the status details")
+
+
+def verify(data_dir: str) -> dict:
+    """Run ``cardcore verify --json`` on a data folder (the server may be running)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "verify", "--data-dir",
+                          data_dir, "--json"], capture_output=True, timeout=120)
+    assert out.returncode in (0, 1), out.stderr.decode()
+    return json.loads(out.stdout)

@@ -1,0 +1,225 @@
+"""The Cython kernel against the pure-Python reference, and the rules at their edges."""
+from __future__ import annotations
+
+from array import array
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from cardcore import layout as L
+from cardcore import reference, rules
+from cardcore.ext import kernel
+from cardcore.v1 import common_pb2 as cpb
+
+INT64_MAX = L.INT64_MAX
+IMPLS = [kernel.apply_batch, reference.apply_batch]
+
+
+def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, terminal=2, staff=3,
+             home_store=0):
+    return L.OP.pack(op, tier, 0, home_store, amount, store, terminal, staff, 0, tag, card, bytes(8))
+
+
+def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,
+               last_seq=1, held=0):
+    return L.CARD.pack(L.CARD_VERSION, status, tier, 0, 0, principal, bonus, points, held, lifetime,
+                       last_seq, 0, 0, 0, bytes(32), bytes(24))
+
+
+def run(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10):
+    records = bytearray(records)
+    n = len(ops) // L.OP_SIZE
+    journal = bytearray(n * L.JOURNAL_SIZE)
+    dirty = bytearray(len(records) // L.CARD_SIZE)
+    nxt = impl(program, ops, array("I", slots), records, journal, dirty, ts_us, first_seq)
+    return nxt, bytes(records), bytes(journal), bytes(dirty)
+
+
+def one(program, op, record, impl=kernel.apply_batch):
+    """Apply one operation to one record; return (reason, journal fields, record fields)."""
+    _, rec, journal, _ = run(impl, program, op, [0], record)
+    entry = L.JOURNAL.unpack(journal)
+    return entry[4], entry, L.CARD.unpack(rec)
+
+
+def test_reason_and_type_values_agree_with_the_proto():
+    assert (L.R_OK, L.R_INVALID_AMOUNT, L.R_INVALID_TIER, L.R_CARD_NOT_FOUND, L.R_CARD_ALREADY_EXISTS,
+            L.R_CARD_NOT_ACTIVE, L.R_INSUFFICIENT_FUNDS, L.R_AMOUNT_OVERFLOW) == (
+        cpb.REASON_OK, cpb.REASON_INVALID_AMOUNT, cpb.REASON_INVALID_TIER, cpb.REASON_CARD_NOT_FOUND,
+        cpb.REASON_CARD_ALREADY_EXISTS, cpb.REASON_CARD_NOT_ACTIVE, cpb.REASON_INSUFFICIENT_FUNDS,
+        cpb.REASON_AMOUNT_OVERFLOW)
+    assert (L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE) == (
+        cpb.OPERATION_TYPE_OPEN_CARD, cpb.OPERATION_TYPE_TOP_UP, cpb.OPERATION_TYPE_PURCHASE)
+    assert (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED) == (
+        cpb.CARD_STATUS_ACTIVE, cpb.CARD_STATUS_FROZEN, cpb.CARD_STATUS_LOST, cpb.CARD_STATUS_CLOSED)
+
+
+# Rounding rule 3 at its edges: (gross, rate_bp) -> paid.
+ROUNDING = [
+    (1, 9500, 1),        # 0.95 -> 1
+    (10, 9500, 10),      # 9.5 -> 10: half goes up
+    (30, 9500, 29),      # 28.5 -> 29
+    (29, 9500, 28),      # 27.55 -> 28
+    (1, 4999, 0),        # 0.4999 -> 0
+    (1, 5000, 1),        # 0.5 -> 1
+    (3, 8500, 3),        # 2.55 -> 3
+    (7, 8500, 6),        # 5.95 -> 6
+    (10_000, 1, 1),      # 1 bp of 100.00 = 0.01
+    (4_999, 1, 0),       # 0.4999 fen -> 0
+    (5_000, 1, 1),       # 0.5 fen -> 1
+    (INT64_MAX, 10000, INT64_MAX),
+    (INT64_MAX, 9999, (INT64_MAX * 9999 + 5000) // 10000),  # needs 128-bit intermediates
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+@pytest.mark.parametrize("gross,rate_bp,paid", ROUNDING)
+def test_paid_is_rounded_half_up_to_the_fen(impl, gross, rate_bp, paid):
+    program = rules.Program(tiers=(rules.Tier("t", rate_bp),), points_unit_minor=100).packed()
+    reason, entry, rec = one(program, op_bytes(L.OP_PURCHASE, gross), card_bytes(principal=INT64_MAX),
+                             impl)
+    assert reason == L.R_OK
+    assert entry[9] == gross - paid           # discount_minor
+    assert -entry[10] == paid                 # principal_delta_minor
+    assert rec[5] == INT64_MAX - paid
+    assert rules.paid_minor(gross, rate_bp) == paid
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_points_are_floored_per_unit(impl):
+    program = rules.Program(tiers=(rules.Tier("t", 10000),), points_unit_minor=100,
+                            points_per_unit=3).packed()
+    for gross, points in ((99, 0), (100, 3), (199, 3), (200, 6)):
+        _, entry, _ = one(program, op_bytes(L.OP_PURCHASE, gross), card_bytes(principal=1_000), impl)
+        assert entry[12] == points
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_purchase_spends_principal_first_then_bonus(impl):
+    program = rules.DEFAULT_PROGRAM.packed()
+    reason, entry, rec = one(program, op_bytes(L.OP_PURCHASE, 1_000), card_bytes(principal=700, bonus=500),
+                             impl)
+    assert reason == L.R_OK and (entry[10], entry[11]) == (-700, -300) and (rec[5], rec[6]) == (0, 200)
+
+
+OVERFLOW = [
+    # (op, amount, record, reason)
+    (L.OP_TOP_UP, 1, dict(principal=INT64_MAX), L.R_AMOUNT_OVERFLOW),
+    (L.OP_TOP_UP, 1, dict(principal=INT64_MAX - 1), L.R_OK),
+    (L.OP_TOP_UP, 1, dict(principal=INT64_MAX // 2, bonus=INT64_MAX - INT64_MAX // 2), L.R_AMOUNT_OVERFLOW),
+    (L.OP_TOP_UP, INT64_MAX, dict(), L.R_OK),
+    (L.OP_PURCHASE, 100, dict(principal=100, points=INT64_MAX), L.R_AMOUNT_OVERFLOW),
+    (L.OP_PURCHASE, 100, dict(principal=100, points=INT64_MAX - 1), L.R_OK),
+    (L.OP_PURCHASE, 99, dict(principal=100, points=INT64_MAX), L.R_OK),  # earns 0 points
+    (L.OP_PURCHASE, 1, dict(principal=1, lifetime=INT64_MAX), L.R_AMOUNT_OVERFLOW),
+    (L.OP_PURCHASE, 101, dict(principal=100), L.R_INSUFFICIENT_FUNDS),
+    (L.OP_PURCHASE, 101, dict(principal=100, bonus=1), L.R_OK),
+    (L.OP_PURCHASE, 100, dict(principal=100, held=1), L.R_INSUFFICIENT_FUNDS),
+    (L.OP_PURCHASE, 0, dict(principal=100), L.R_INVALID_AMOUNT),
+    (L.OP_PURCHASE, -1, dict(principal=100), L.R_INVALID_AMOUNT),
+    (L.OP_TOP_UP, -(1 << 63), dict(), L.R_INVALID_AMOUNT),
+    (L.OP_PURCHASE, 1, dict(status=L.STATUS_FROZEN, principal=100), L.R_CARD_NOT_ACTIVE),
+    (L.OP_PURCHASE, 1, dict(tier=5, principal=100), L.R_INVALID_TIER),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+@pytest.mark.parametrize("op,amount,record,reason", OVERFLOW)
+def test_overflow_and_limits_are_declined_not_wrapped(impl, op, amount, record, reason):
+    program = rules.DEFAULT_PROGRAM.packed()
+    before = card_bytes(**record)
+    nxt, rec, journal, dirty = run(impl, program, op_bytes(op, amount), [0], before)
+    assert L.JOURNAL.unpack(journal)[4] == reason
+    if reason == L.R_OK:
+        assert nxt == 11 and dirty == b"\x01"
+    else:
+        assert nxt == 10 and dirty == b"\x00" and rec == before
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_open_creates_and_refuses_an_existing_card(impl):
+    program = rules.DEFAULT_PROGRAM.packed()
+    ops = op_bytes(L.OP_OPEN, tier=2, home_store=9) + op_bytes(L.OP_OPEN) + op_bytes(L.OP_TOP_UP, 5)
+    nxt, rec, journal, dirty = run(impl, program, ops, [0, 0, 0], bytes(L.CARD_SIZE))
+    reasons = [L.JOURNAL.unpack_from(journal, i * L.JOURNAL_SIZE)[4] for i in range(3)]
+    assert reasons == [L.R_OK, L.R_CARD_ALREADY_EXISTS, L.R_OK] and nxt == 12
+    card = L.CARD.unpack(rec)
+    assert (card[0], card[1], card[2], card[5], card[10], card[12]) == (1, L.STATUS_ACTIVE, 2, 5, 11, 9)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_a_broken_record_stops_the_batch(impl):
+    bad = bytearray(card_bytes(principal=5))
+    bad[8:16] = (-5).to_bytes(8, "little", signed=True)
+    with pytest.raises(ValueError):
+        run(impl, rules.DEFAULT_PROGRAM.packed(), op_bytes(L.OP_TOP_UP, 1), [0], bytes(bad))
+
+
+# ---- differential: kernel == reference on random records and operations ----------------
+
+edge_int64 = st.sampled_from([0, 1, 99, 100, 101, 9_999, 10_000, INT64_MAX // 2, INT64_MAX - 1,
+                              INT64_MAX])
+money = st.one_of(st.integers(0, 10**12), edge_int64)
+# Small amounts and common rates make exact halves (rounding ties) frequent.
+amounts = st.one_of(st.integers(-10, 2_000), st.integers(-10, 10**10), edge_int64,
+                    st.just(-(1 << 63)))
+rates = st.one_of(st.sampled_from([10000, 9500, 9000, 8500, 8000, 5000, 9999, 1]),
+                  st.integers(1, 10000))
+
+
+@st.composite
+def records(draw):
+    if draw(st.integers(0, 9)) == 0:
+        return bytes(L.CARD_SIZE)  # no such card
+    principal = draw(money)
+    bonus = draw(st.integers(0, INT64_MAX - principal))
+    held = draw(st.one_of(st.just(0), st.integers(0, principal + bonus)))
+    return card_bytes(principal=principal, bonus=bonus, points=draw(money), tier=draw(st.integers(0, 4)),
+                      status=draw(st.sampled_from([1, 1, 1, 2, 3, 4])), lifetime=draw(money),
+                      last_seq=draw(st.integers(1, 10**9)), held=held)
+
+
+@st.composite
+def programs(draw):
+    tiers = draw(st.lists(rates, min_size=1, max_size=4))
+    return rules.Program(tiers=tuple(rules.Tier(f"t{i}", r) for i, r in enumerate(tiers)),
+                         points_unit_minor=draw(st.one_of(st.integers(1, 10_000), edge_int64.filter(bool))),
+                         points_per_unit=draw(st.one_of(st.integers(0, 100), edge_int64))).packed()
+
+
+@st.composite
+def batches(draw):
+    nslots = draw(st.integers(1, 6))
+    recs = b"".join(draw(st.lists(records(), min_size=nslots, max_size=nslots)))
+    n = draw(st.integers(1, 40))
+    ops, slots = [], []
+    for i in range(n):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        ops.append(op_bytes(draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE])),
+                            draw(amounts), tier=draw(st.integers(0, 5)), card=bytes([slots[-1]]) * 16,
+                            tag=i.to_bytes(8, "little"), store=draw(st.integers(0, 2**32 - 1)),
+                            home_store=draw(st.integers(0, 2**32 - 1))))
+    return b"".join(ops), slots, recs
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=batches(), ts_us=st.integers(0, INT64_MAX),
+       first_seq=st.integers(1, 2**62))
+@example(program=rules.DEFAULT_PROGRAM.packed(),
+         batch=(op_bytes(L.OP_PURCHASE, INT64_MAX), [0], card_bytes(principal=INT64_MAX)),
+         ts_us=0, first_seq=1)
+def test_kernel_equals_reference(program, batch, ts_us, first_seq):
+    ops, slots, recs = batch
+    assert run(kernel.apply_batch, program, ops, slots, recs, ts_us, first_seq) == \
+        run(reference.apply_batch, program, ops, slots, recs, ts_us, first_seq)
+
+
+def test_kernel_checks_buffer_sizes():
+    program = rules.DEFAULT_PROGRAM.packed()
+    with pytest.raises(ValueError):
+        kernel.apply_batch(program, op_bytes(L.OP_OPEN), array("I", [1]), bytearray(128),
+                           bytearray(128), bytearray(1), 0, 1)  # slot 1 of a 1-slot buffer
+    with pytest.raises(ValueError):
+        kernel.apply_batch(program[:-1], op_bytes(L.OP_OPEN), array("I", [0]), bytearray(128),
+                           bytearray(128), bytearray(1), 0, 1)

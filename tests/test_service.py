@@ -1,0 +1,309 @@
+"""The ledger core end to end: real server, real LMDB, real generated stubs."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+from cardcore.v1 import common_pb2 as cpb
+from conftest import Client, failure_of, new_card_number, purchase_request, rid, verify
+
+R = cpb.Reason
+INT64_MAX = (1 << 63) - 1
+
+
+def test_open_top_up_and_purchase_apply_discount_and_points(client):
+    number = new_card_number()
+    opened = client.open(number, tier=1, name="Wang Fang", phone="+86 138-0000-0000",
+                         birthday="1990-05-17", home_store_id=12)
+    assert opened.reason == R.REASON_OK and opened.seq >= 1
+    topped = client.top_up(number, 100_000)
+    assert topped.balance_after.principal_minor == 100_000
+    assert topped.seq == opened.seq + 1
+
+    # silver pays 95%: 123.45 -> 117.2775 -> 117.28 (half-up), 117 points (floor of 117.28)
+    paid = client.purchase(number, 12_345, staff_id=77)
+    assert (paid.amount_minor, paid.discount_minor, paid.paid_minor, paid.points_earned) == (
+        12_345, 617, 11_728, 117)
+    assert paid.balance_after.principal_minor == 100_000 - 11_728
+    assert paid.balance_after.points == 117
+    assert paid.type == cpb.OPERATION_TYPE_PURCHASE and not paid.replayed
+
+    card = client.card(number)
+    assert card.masked_number == number[:6] + "******" + number[-4:]
+    assert (card.tier, card.tier_name, card.discount_rate_bp) == (1, "silver", 9500)
+    assert card.status == cpb.CARD_STATUS_ACTIVE
+    assert card.balance.available_minor == 88_272 and card.balance.points == 117
+    assert card.lifetime_paid_minor == 11_728 and card.last_seq == paid.seq
+    assert card.profile.name == "Wang Fang" and card.profile.home_store_id == 12
+
+
+def test_insufficient_funds_reports_available_and_changes_nothing(server, client):
+    number = new_card_number()
+    client.open(number, tier=0)
+    client.top_up(number, 5_000)
+    before = client.card(number)
+    with pytest.raises(grpc.RpcError) as err:
+        client.purchase(number, 5_001)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    fail = failure_of(err.value)
+    assert fail.reason == R.REASON_INSUFFICIENT_FUNDS and fail.available_minor == 5_000
+    assert client.card(number) == before
+    assert verify(server.data_dir)["journal_entries"] == before.last_seq
+
+
+def test_retry_with_same_request_id_returns_original_and_changes_nothing(server, client):
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 10_000)
+    first = client.purchase(number, 2_500, request_id="till-7:0001")
+    again = client.purchase(number, 2_500, request_id="till-7:0001")
+    assert again.replayed and not first.replayed
+    assert (again.seq, again.paid_minor, again.balance_after) == (
+        first.seq, first.paid_minor, first.balance_after)
+    assert client.card(number).balance.available_minor == 7_500
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.purchase(number, 2_600, request_id="till-7:0001")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert failure_of(err.value).reason == R.REASON_DUPLICATE_REQUEST_MISMATCH
+    assert client.card(number).balance.available_minor == 7_500
+
+    # GetOperation answers the terminal that timed out, and says "not applied" for unknown ids.
+    op = server.stub.GetOperation(pb.GetOperationRequest(request_id="till-7:0001"))
+    assert op.found and op.result.seq == first.seq and op.result.paid_minor == 2_500
+    assert not server.stub.GetOperation(pb.GetOperationRequest(request_id="never-sent")).found
+
+
+def test_a_declined_request_replays_its_decline(client):
+    number = new_card_number()
+    client.open(number)
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            client.purchase(number, 100, request_id="declined-once")
+        assert failure_of(err.value).reason == R.REASON_INSUFFICIENT_FUNDS
+    client.top_up(number, 1_000)
+    with pytest.raises(grpc.RpcError):  # same id: the original outcome, not a new attempt
+        client.purchase(number, 100, request_id="declined-once")
+    assert client.purchase(number, 100).paid_minor == 100
+
+
+def test_200_concurrent_purchases_on_1000_yuan_exactly_100_succeed(server, client):
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 100_000)
+
+    async def run() -> list:
+        async with server.aio_channel() as channel:
+            stub = pb_grpc.CardServiceStub(channel)
+
+            async def one():
+                try:
+                    return await stub.Purchase(purchase_request(number, 1_000))
+                except grpc.aio.AioRpcError as err:
+                    return err
+
+            return await asyncio.gather(*(one() for _ in range(200)))
+
+    results = asyncio.run(run())
+    ok = [r for r in results if isinstance(r, pb.OperationResult)]
+    refused = [r for r in results if not isinstance(r, pb.OperationResult)]
+    assert len(ok) == 100 and len(refused) == 100
+    assert all(failure_of(e).reason == R.REASON_INSUFFICIENT_FUNDS for e in refused)
+    assert sorted(r.balance_after.available_minor for r in ok) == list(range(0, 100_000, 1_000))
+    assert client.card(number).balance.available_minor == 0
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
+    assert report["journal_entries"] == 102 and report["principal_minor"] == 0
+
+
+def test_submit_batch_applies_good_operations_and_refuses_bad_ones_in_order(server):
+    a, b, unknown = new_card_number(), new_card_number(), new_card_number()
+    ops = [
+        pb.Operation(open_card=pb.OpenCardRequest(request_id="b-1", card=cpb.CardRef(card_number=a), tier=2)),
+        pb.Operation(top_up=pb.TopUpRequest(request_id="b-2", card=cpb.CardRef(card_number=a), amount_minor=10_000)),
+        pb.Operation(purchase=purchase_request(a, 3_000, "b-3")),           # gold: pays 27.00
+        pb.Operation(purchase=purchase_request(unknown, 100, "b-4")),       # no such card
+        pb.Operation(top_up=pb.TopUpRequest(request_id="b-5", card=cpb.CardRef(card_number=a), amount_minor=-5)),
+        pb.Operation(purchase=purchase_request(a, 1_000_000, "b-6")),       # insufficient
+        pb.Operation(open_card=pb.OpenCardRequest(request_id="b-7", card=cpb.CardRef(card_number=a))),
+        pb.Operation(open_card=pb.OpenCardRequest(request_id="b-8", card=cpb.CardRef(card_number=b))),
+        pb.Operation(purchase=purchase_request(a, 100, "b-3")),             # id reused, other payload
+        pb.Operation(purchase=purchase_request(a, 3_000, "b-3")),           # same id, same payload
+        pb.Operation(),                                                     # empty operation
+    ]
+    res = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops)).results
+    assert [r.reason for r in res] == [
+        R.REASON_OK, R.REASON_OK, R.REASON_OK, R.REASON_CARD_NOT_FOUND, R.REASON_INVALID_AMOUNT,
+        R.REASON_INSUFFICIENT_FUNDS, R.REASON_CARD_ALREADY_EXISTS, R.REASON_OK,
+        R.REASON_DUPLICATE_REQUEST_MISMATCH, R.REASON_OK, R.REASON_INVALID_ARGUMENT]
+    assert [r.request_id for r in res[:10]] == [f"b-{i}" for i in range(1, 9)] + ["b-3", "b-3"]
+    assert res[2].paid_minor == 2_700 and res[2].points_earned == 27
+    assert res[5].failure.available_minor == 7_300
+    assert res[4].status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert res[4].failure.field == "amount_minor"
+    assert res[9].replayed and res[9].seq == res[2].seq
+    assert [r.seq for r in res if r.reason == R.REASON_OK and not r.replayed] == [
+        res[0].seq, res[0].seq + 1, res[0].seq + 2, res[0].seq + 3]
+    assert Client(server.stub).card(a).balance.available_minor == 7_300
+    assert verify(server.data_dir)["ok"]
+
+
+def test_swipe_stream_of_1000_swipes_answers_each_in_order(server, client):
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 1_000_000)
+    ids = [f"s-{i:04d}" for i in range(1_000)]
+
+    def swipes():
+        for i, request_id in enumerate(ids):
+            if i == 500:  # a bad swipe in the middle gets its own refusal, the stream goes on
+                yield pb.Operation(purchase=purchase_request(number, 0, "s-bad"))
+            yield pb.Operation(purchase=purchase_request(number, 1 + i % 7, request_id))
+
+    replies = list(server.stub.SwipeStream(swipes()))
+    assert len(replies) == 1_001
+    assert replies[500].request_id == "s-bad" and replies[500].reason == R.REASON_INVALID_AMOUNT
+    good = replies[:500] + replies[501:]
+    assert [r.request_id for r in good] == ids
+    assert all(r.reason == R.REASON_OK for r in good)
+    seqs = [r.seq for r in good]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 1_000
+    spent = sum(1 + i % 7 for i in range(1_000))
+    assert good[-1].balance_after.available_minor == 1_000_000 - spent
+    assert client.card(number).balance.available_minor == 1_000_000 - spent
+
+
+def test_restart_on_the_same_folder_keeps_everything(start_server):
+    first = start_server()
+    c = Client(first.stub)
+    numbers = [new_card_number() for _ in range(20)]
+    for i, n in enumerate(numbers):
+        c.open(n, tier=i % 3)
+        c.top_up(n, 10_000 + i)
+        c.purchase(n, 1_000 + i, request_id=f"restart-{i}")
+    before = [c.card(n) for n in numbers]
+    assert first.stop() == 0
+    assert "ledger closed" in first.log()
+
+    second = start_server(data_dir=first.data_dir)
+    c = Client(second.stub)
+    assert [c.card(n) for n in numbers] == before
+    again = c.purchase(numbers[3], 1_003, request_id="restart-3")  # idempotency survived too
+    assert again.replayed and again.seq == before[3].last_seq
+    fresh = c.purchase(numbers[0], 100)
+    assert fresh.seq == max(b.last_seq for b in before) + 1
+    assert verify(second.data_dir)["ok"]
+
+
+BAD_INPUTS = [
+    # (description, call, expected code, expected reason, field)
+    ("negative top-up", lambda c, n: c.top_up(n, -100), "INVALID_ARGUMENT", "REASON_INVALID_AMOUNT", "amount_minor"),
+    ("zero top-up", lambda c, n: c.top_up(n, 0), "INVALID_ARGUMENT", "REASON_INVALID_AMOUNT", "amount_minor"),
+    ("zero purchase", lambda c, n: c.purchase(n, 0), "INVALID_ARGUMENT", "REASON_INVALID_AMOUNT", "gross_amount_minor"),
+    ("most negative int64", lambda c, n: c.purchase(n, -(1 << 63)), "INVALID_ARGUMENT", "REASON_INVALID_AMOUNT", "gross_amount_minor"),
+    ("top-up past int64", lambda c, n: c.top_up(n, INT64_MAX), "OUT_OF_RANGE", "REASON_AMOUNT_OVERFLOW", ""),
+    ("purchase of int64 max", lambda c, n: c.purchase(n, INT64_MAX), "FAILED_PRECONDITION", "REASON_INSUFFICIENT_FUNDS", ""),
+    ("unknown card", lambda c, n: c.purchase(new_card_number(), 100), "NOT_FOUND", "REASON_CARD_NOT_FOUND", ""),
+    ("card number with a wrong check digit", lambda c, n: c.purchase(n[:-1] + str((int(n[-1]) + 1) % 10), 100), "INVALID_ARGUMENT", "REASON_INVALID_CARD_NUMBER", "card.card_number"),
+    ("card number of 20 digits", lambda c, n: c.purchase(n + "0000", 100), "INVALID_ARGUMENT", "REASON_INVALID_CARD_NUMBER", "card.card_number"),
+    ("card number with letters", lambda c, n: c.top_up("62258800000A1231", 100), "INVALID_ARGUMENT", "REASON_INVALID_CARD_NUMBER", "card.card_number"),
+    ("missing request_id", lambda c, n: c.purchase(n, 100, request_id=""), "INVALID_ARGUMENT", "REASON_INVALID_REQUEST_ID", "request_id"),
+    ("request_id of 65 characters", lambda c, n: c.purchase(n, 100, request_id="x" * 65), "INVALID_ARGUMENT", "REASON_INVALID_REQUEST_ID", "request_id"),
+    ("request_id with a space", lambda c, n: c.purchase(n, 100, request_id="a b"), "INVALID_ARGUMENT", "REASON_INVALID_REQUEST_ID", "request_id"),
+    ("name of 65 characters", lambda c, n: c.open(new_card_number(), name="x" * 65), "INVALID_ARGUMENT", "REASON_FIELD_TOO_LONG", "profile.name"),
+    ("phone of 21 characters", lambda c, n: c.open(new_card_number(), phone="1" * 21), "INVALID_ARGUMENT", "REASON_FIELD_TOO_LONG", "profile.phone"),
+    ("birthday not a date", lambda c, n: c.open(new_card_number(), birthday="1990-02-30"), "INVALID_ARGUMENT", "REASON_INVALID_ARGUMENT", "profile.birthday"),
+    ("tier beyond the program", lambda c, n: c.open(new_card_number(), tier=3), "INVALID_ARGUMENT", "REASON_INVALID_TIER", "tier"),
+    ("card opened twice", lambda c, n: c.open(n), "ALREADY_EXISTS", "REASON_CARD_ALREADY_EXISTS", ""),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_its_status_and_reason_and_changes_nothing(server, client, case):
+    _, call, code, reason, field = case
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 10_000)
+    before = client.card(number)
+    entries_before = verify(server.data_dir)["journal_entries"]
+    with pytest.raises(grpc.RpcError) as err:
+        call(client, number)
+    assert err.value.code().name == code
+    fail = failure_of(err.value)
+    assert R.Name(fail.reason) == reason and fail.field == field
+    assert number not in err.value.details()
+    assert client.card(number) == before
+    report = verify(server.data_dir)
+    assert report["ok"] and report["journal_entries"] == entries_before
+
+
+def test_oversized_batch_is_refused_whole(server):
+    number = new_card_number()
+    ops = [pb.Operation(purchase=purchase_request(number, 1)) for _ in range(10_001)]
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure_of(err.value).reason == R.REASON_BATCH_TOO_LARGE
+
+
+def test_full_queue_answers_resource_exhausted_and_applies_nothing(start_server):
+    server = start_server("--queue-max-ops", "2", "--group-max-ops", "1")
+    number = new_card_number()
+    Client(server.stub).open(number)
+    ops = [pb.Operation(top_up=pb.TopUpRequest(request_id=rid(), card=cpb.CardRef(card_number=number),
+                                               amount_minor=100)) for _ in range(3)]
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert failure_of(err.value).reason == R.REASON_OVERLOADED
+    assert Client(server.stub).card(number).balance.available_minor == 0
+
+
+def test_health_and_reflection_answer(server):
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", "cardcore.v1.CardService"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"cardcore.v1.CardService", "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_stops_cleanly_and_the_ledger_verifies(start_server):
+    server = start_server()
+    c = Client(server.stub)
+    number = new_card_number()
+    c.open(number)
+    c.top_up(number, 500)
+    assert server.stop() == 0
+    report = verify(server.data_dir)
+    assert report["ok"] and report["cards"] == 1 and report["principal_minor"] == 500
+
+
+def test_card_numbers_never_reach_the_data_folder_or_the_log(start_server):
+    server = start_server()
+    c = Client(server.stub)
+    numbers = [new_card_number() for _ in range(30)]
+    for n in numbers:
+        c.open(n, name="Zhao Lei")
+        c.top_up(n, 1_000)
+        with pytest.raises(grpc.RpcError):
+            c.purchase(n, 10_000)
+    with pytest.raises(grpc.RpcError):
+        c.purchase(new_card_number(), 1)
+    server.stop()
+    blobs = [server.log().encode()]
+    for root, _, files in os.walk(server.data_dir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                blobs.append(f.read())
+    middles = [n[6:12].encode() for n in numbers]  # the digits a masked number never shows
+    assert not [m for m in middles for blob in blobs if m in blob]
