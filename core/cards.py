@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 
 CARD_NUMBER_LEN_MIN = 8
 CARD_NUMBER_LEN_MAX = 19
@@ -52,3 +53,9 @@ def mask(number: str) -> str:
 def card_id(index_key: bytes, number: str) -> bytes:
     """The 16-byte keyed index of a card number."""
     return hmac.digest(index_key, number.encode("ascii"), hashlib.sha256)[:16]
+
+
+def random_number(rng: random.Random, prefix: str = "62", length: int = 16) -> str:
+    """A random card number with a valid check digit (tests, benchmarks, issuing stock)."""
+    body = prefix + "".join(rng.choice("0123456789") for _ in range(length - len(prefix) - 1))
+    return body + luhn_check_digit(body)

@@ -95,9 +95,25 @@ class Ledger:
         # Readers hold this while a read transaction is open; the writer holds it to
         # grow the map, which LMDB allows only with no transaction active.
         self._resize_gate = threading.Lock()
-        with self.env.begin(db=self.journal) as txn:
-            cur = txn.cursor()
-            self._next_seq = L.SEQ_KEY.unpack(cur.key())[0] + 1 if cur.last() else 1
+        with self.env.begin() as txn:
+            self._next_seq = self._journal_next_seq(txn)
+
+    def _journal_next_seq(self, txn) -> int:
+        """The journal is the truth: one past its last key (read in every write transaction,
+        so a writer that starts while an old one finishes its last group stays in sequence)."""
+        cur = txn.cursor(db=self.journal)
+        return L.SEQ_KEY.unpack(cur.key())[0] + 1 if cur.last() else 1
+
+    def _read(self, fn):
+        """Run ``fn(txn)`` in a read transaction; adopt a map another process has grown."""
+        for _ in range(MAP_GROW_ATTEMPTS):
+            try:
+                with self._resize_gate, self.env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                with self._resize_gate:
+                    self.env.set_mapsize(0)
+        raise RuntimeError("LMDB map keeps being resized")
 
     def close(self) -> None:
         self.env.close()
@@ -131,6 +147,7 @@ class Ledger:
         n = len(ops)
         outcomes: list[Outcome | None] = [None] * n
         with self.env.begin(write=True) as txn:
+            self._next_seq = self._journal_next_seq(txn)
             # 1. Idempotency: earlier requests with the same id, and repeats inside the group.
             known = dict(txn.cursor(db=self.requests).getmulti([op.request_key for op in ops]))
             fresh: list[int] = []
@@ -221,33 +238,36 @@ class Ledger:
 
     def read_card(self, card_id: bytes) -> tuple[tuple, dict] | None:
         """The card's record fields (layout.CARD order) and its profile, or None."""
-        with self._resize_gate, self.env.begin() as txn:
+        def read(txn):
             raw = txn.get(card_id, db=self.cards)
-            if raw is None:
-                return None
-            profile = txn.get(card_id, db=self.profiles)
+            return None if raw is None else (raw, txn.get(card_id, db=self.profiles))
+
+        found = self._read(read)
+        if found is None:
+            return None
+        raw, profile = found
         rec = L.CARD.unpack(raw)
         assert rec[0] == L.CARD_VERSION, "unknown card record version"
         return rec, (json.loads(profile) if profile else {})
 
     def read_operation(self, request_key: bytes) -> Outcome | None:
         """The original outcome of a request_id, or None if it was never applied."""
-        with self._resize_gate, self.env.begin() as txn:
+        def read(txn):
             idem = txn.get(request_key, db=self.requests)
             if idem is None:
                 return None
-            _, op_type, reason, _, digest, _, _, _ = L.IDEM.unpack(idem)
-            return self._replay(txn, idem, digest)
+            return self._replay(txn, idem, L.IDEM.unpack(idem)[4])
+
+        return self._read(read)
 
     def stats(self) -> dict:
-        with self._resize_gate, self.env.begin() as txn:
-            return {
-                "cards": txn.stat(self.cards)["entries"],
-                "journal": txn.stat(self.journal)["entries"],
-                "requests": txn.stat(self.requests)["entries"],
-                "map_size": self.env.info()["map_size"],
-                "next_seq": self._next_seq,
-            }
+        def read(txn):
+            return {"cards": txn.stat(self.cards)["entries"],
+                    "journal": txn.stat(self.journal)["entries"],
+                    "requests": txn.stat(self.requests)["entries"],
+                    "map_size": self.env.info()["map_size"]}
+
+        return self._read(read)
 
     # ---- verification --------------------------------------------------------
 
@@ -268,7 +288,7 @@ class Ledger:
         sums: dict[bytes, list[int]] = {}
         totals = [0, 0, 0]
         expect_seq = 1
-        with self._resize_gate, self.env.begin() as txn:
+        with self._resize_gate, self.env.begin() as txn:  # verify runs in its own process
             for key, entry in txn.cursor(db=self.journal):
                 (version, op, _, _, reason, _, seq, cid, amount, discount, dp, db_, dpts, pa, ba,
                  ptsa, *_rest) = L.JOURNAL.unpack(entry)

@@ -48,18 +48,20 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     os.makedirs(cfg.data_dir, exist_ok=True)
     index_key = keyring.load_or_create_index_key(
         cfg.keyring_path or os.path.join(cfg.data_dir, "card-index.key"))
-    ledger = Ledger(os.path.join(cfg.data_dir, "ledger"), load_program(cfg.program_path),
-                    sync=cfg.sync)
+    ledger_path = os.path.join(cfg.data_dir, "ledger")
+    program = load_program(cfg.program_path)
     stop = asyncio.Event()
 
-    def fatal(exc: BaseException) -> None:
-        log.critical("stopping the server: the writer failed")
+    def fatal(why: str) -> None:
+        log.critical("stopping the server: %s", why)
         stop.set()
 
-    writer = Writer(ledger, loop, group_max_ops=cfg.group_max_ops,
-                    group_wait_us=cfg.group_wait_us, queue_max_ops=cfg.queue_max_ops,
-                    on_fatal=fatal)
+    # The writer process creates the environment; this process only reads it.
+    writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync,
+                    group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
+                    queue_max_ops=cfg.queue_max_ops, on_fatal=fatal)
     writer.start()
+    ledger = Ledger(ledger_path, program, readonly=True)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -97,6 +99,7 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(SHUTDOWN_GRACE_S)
-        writer.stop()
+        await writer.stop()
+        log.info("writer: %d groups, %d operations", writer.groups, writer.ops_applied)
         ledger.close()
         log.info("stopped: ledger closed")

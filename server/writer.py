@@ -1,25 +1,47 @@
-"""The single writer: queued mutations applied in groups (group commit).
+"""The single writer: queued mutations applied in groups (group commit), in a process of its own.
 
-Handlers on the event loop call ``submit``; a dedicated thread takes up to
-``group_max_ops`` operations (waiting at most ``group_wait_us`` for more once
-the first arrives), applies them in one LMDB write transaction with one
-fsync, then answers every caller of the group with one hop back to the loop.
-The queue is bounded in operations: a full queue refuses at once
-(``Overloaded``) rather than grow. An item whose deadline passed before the
-writer reached it is not applied. A failed assertion stops the writer: every
-queued caller gets REASON_INTERNAL and nothing half-done is written.
+Why a process: py-lmdb releases the GIL around every key it reads or writes,
+and a thread that wants the GIL back waits for a busy event loop to yield
+(up to the 5 ms switch interval). A writer thread beside a gRPC event loop
+was starved that way (a 2,000-key group took seconds). The writer process
+holds the only write transaction and uses the second core; the gRPC process
+validates and packs operations, reads with its own read transactions and
+never waits for the writer.
+
+Flow: handlers call ``Writer.submit`` on the event loop. While no group is in
+flight, queued items are sent at once as one group (up to ``group_max_ops``,
+after waiting at most ``group_wait_us`` for more); while one is in flight,
+new items queue and form the next group. The writer process applies a group
+in one LMDB write transaction (one fsync) and sends back one outcome per
+operation; then every caller of the group is answered. The queue is bounded
+in operations: full -> ``Overloaded`` at once. An item whose deadline passed
+before its group was sent is not applied. If the writer process dies or an
+invariant breaks, every waiting caller gets REASON_INTERNAL and the server
+stops: nothing half-done is written (the transaction is aborted).
+
+Wire format over the socketpair (multiprocessing Connection framing)::
+
+    group   = ts_us:i64 | n:u32 | n x (key_len:u8 | profile_len:u16 (0xFFFF = none)
+              | op:64 B | digest:16 B | key | profile)
+    answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | entry:128 B)
+              (entry all zeros when there is none)
+    failure = b"FATAL:" + exception class name
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-import threading
+import multiprocessing
+import os
+import signal
+import struct
 import time
 from typing import Callable
 
 from cardcore import layout as L
 from cardcore.ledger import Ledger, Outcome, PendingOp
+from cardcore.rules import load_program
 from cardcore.v1 import common_pb2 as pb
 
 log = logging.getLogger("cardcore.writer")
@@ -27,6 +49,14 @@ log = logging.getLogger("cardcore.writer")
 GROUP_MAX_OPS_DEFAULT = 10_000
 GROUP_WAIT_US_DEFAULT = 0
 QUEUE_MAX_OPS_DEFAULT = 100_000
+WRITER_START_TIMEOUT_S = 60.0
+
+GROUP_HEAD = struct.Struct("<qI")
+OP_HEAD = struct.Struct("<BH")
+ANSWER = struct.Struct("<HBBq128s")
+NO_PROFILE = 0xFFFF
+NO_ENTRY = bytes(L.JOURNAL_SIZE)
+FATAL = b"FATAL:"
 
 
 class Overloaded(Exception):
@@ -35,6 +65,78 @@ class Overloaded(Exception):
 
 class Stopped(Exception):
     pass
+
+
+def encode_group(ops: list[PendingOp], ts_us: int) -> bytes:
+    parts = [GROUP_HEAD.pack(ts_us, len(ops))]
+    for op in ops:
+        profile = op.profile
+        parts.append(OP_HEAD.pack(len(op.request_key), NO_PROFILE if profile is None else len(profile)))
+        parts.append(op.packed)
+        parts.append(op.digest)
+        parts.append(op.request_key)
+        if profile is not None:
+            parts.append(profile)
+    return b"".join(parts)
+
+
+def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
+    ts_us, n = GROUP_HEAD.unpack_from(data, 0)
+    pos = GROUP_HEAD.size
+    ops = []
+    for _ in range(n):
+        key_len, profile_len = OP_HEAD.unpack_from(data, pos)
+        pos += OP_HEAD.size
+        packed = data[pos:pos + L.OP_SIZE]
+        digest = data[pos + L.OP_SIZE:pos + L.OP_SIZE + 16]
+        pos += L.OP_SIZE + 16
+        key = data[pos:pos + key_len]
+        pos += key_len
+        profile = None
+        if profile_len != NO_PROFILE:
+            profile = data[pos:pos + profile_len]
+            pos += profile_len
+        ops.append(PendingOp(key, packed[40:56], packed, digest, profile))
+    assert pos == len(data), "group message has trailing bytes"
+    return ops, ts_us
+
+
+def encode_answer(outcomes: list[Outcome]) -> bytes:
+    return b"".join([ANSWER.pack(o.reason, o.replayed, o.op, o.available_minor, o.entry or NO_ENTRY)
+                     for o in outcomes])
+
+
+def decode_answer(data: bytes) -> list[Outcome]:
+    out = []
+    for reason, replayed, op, available, entry in ANSWER.iter_unpack(data):
+        out.append(Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry, available))
+    return out
+
+
+def writer_main(conn, ledger_path: str, program_path: str | None, sync: bool) -> None:
+    """The writer process: apply each group it is sent, answer it, until the connection closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ledger = Ledger(ledger_path, load_program(program_path), sync=sync)
+    conn.send_bytes(b"READY")
+    try:
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                return
+            ops, ts_us = decode_group(data)
+            try:
+                outcomes = ledger.apply_group(ops, ts_us)
+            except BaseException as exc:  # an invariant broke: the transaction was aborted
+                log.critical("writer stopped: %s: %s", type(exc).__name__, exc)
+                conn.send_bytes(FATAL + type(exc).__name__.encode())
+                return
+            conn.send_bytes(encode_answer(outcomes))
+    finally:
+        ledger.close()
+        conn.close()
 
 
 class _Item:
@@ -51,26 +153,31 @@ def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
 
 
 class Writer:
-    def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop, *,
-                 group_max_ops: int = GROUP_MAX_OPS_DEFAULT,
+    """The gRPC process's half: a bounded queue of items, one group in flight to the writer process."""
+
+    def __init__(self, ledger_path: str, program_path: str | None, loop: asyncio.AbstractEventLoop,
+                 *, sync: bool = True, group_max_ops: int = GROUP_MAX_OPS_DEFAULT,
                  group_wait_us: int = GROUP_WAIT_US_DEFAULT,
                  queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT,
-                 on_fatal: Callable[[BaseException], None] | None = None,
-                 on_group: Callable[[int, float], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
-        self.ledger = ledger
         self.loop = loop
         self.group_max_ops = group_max_ops
         self.group_wait_s = group_wait_us / 1e6
         self.queue_max_ops = queue_max_ops
         self._on_fatal = on_fatal
-        self._on_group = on_group
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_ops = 0
-        self._cond = threading.Condition(threading.Lock())
+        self._in_flight: list[_Item] | None = None
+        self._wait_timer: asyncio.TimerHandle | None = None
         self._stopping = False
-        self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="cardcore-writer", daemon=True)
+        self._dead: str | None = None
+        self._drained = asyncio.Event()
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=writer_main, name="cardcore-writer", daemon=True,
+                                 args=(child, ledger_path, program_path, sync))
+        self._child_conn = child
         self.groups = 0
         self.ops_applied = 0
 
@@ -79,7 +186,12 @@ class Writer:
         return self._queued_ops
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the writer process and wait until it has opened the ledger."""
+        self._proc.start()
+        self._child_conn.close()
+        if not self._conn.poll(WRITER_START_TIMEOUT_S) or self._conn.recv_bytes() != b"READY":
+            raise RuntimeError("the writer process did not start")
+        self.loop.add_reader(self._conn.fileno(), self._on_answer)
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None) -> asyncio.Future:
         """Queue ``ops`` (applied in order, in one group); the future gets their outcomes.
@@ -88,87 +200,111 @@ class Writer:
         bounded by the service's batch limit) forms a group of its own.
         """
         assert ops
+        if self._stopping or self._dead is not None:
+            raise Stopped()
+        if self._queued_ops + len(ops) > self.queue_max_ops:
+            raise Overloaded()
         fut = self.loop.create_future()
-        with self._cond:
-            if self._stopping or self._dead is not None:
-                raise Stopped()
-            if self._queued_ops + len(ops) > self.queue_max_ops:
-                raise Overloaded()
-            self._queue.append(_Item(ops, fut, deadline))
-            self._queued_ops += len(ops)
-            self._cond.notify()
+        self._queue.append(_Item(ops, fut, deadline))
+        self._queued_ops += len(ops)
+        if self._in_flight is None and self._wait_timer is None:
+            if self.group_wait_s and self._queued_ops < self.group_max_ops:
+                self._wait_timer = self.loop.call_later(self.group_wait_s, self._send_group)
+            else:
+                self._send_group()
         return fut
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Apply everything already queued, then end the thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+    def _send_group(self) -> None:
+        self._wait_timer = None
+        if self._in_flight is not None or self._dead is not None:
+            return
+        now = time.monotonic()
+        items: list[_Item] = []
+        n = 0
+        while self._queue and (not items or n + len(self._queue[0].ops) <= self.group_max_ops):
+            item = self._queue.popleft()
+            self._queued_ops -= len(item.ops)
+            if item.deadline is not None and item.deadline <= now:
+                _answer(item, _uniform(pb.REASON_DEADLINE_EXCEEDED, item.ops))
+                continue
+            items.append(item)
+            n += len(item.ops)
+        if not items:
+            self._check_drained()
+            return
+        self._in_flight = items
+        try:
+            self._conn.send_bytes(encode_group([op for it in items for op in it.ops],
+                                               time.time_ns() // 1000))
+        except OSError as exc:
+            self._die(f"cannot reach the writer process: {exc}")
 
-    def _take_group(self) -> list[_Item] | None:
-        with self._cond:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            if self.group_wait_s and self._queued_ops < self.group_max_ops and not self._stopping:
-                self._cond.wait_for(lambda: self._queued_ops >= self.group_max_ops or self._stopping,
-                                    self.group_wait_s)
-            items = [self._queue.popleft()]
-            n = len(items[0].ops)
-            while self._queue and n + len(self._queue[0].ops) <= self.group_max_ops:
-                item = self._queue.popleft()
-                items.append(item)
-                n += len(item.ops)
-            self._queued_ops -= n
-            return items
+    def _on_answer(self) -> None:
+        try:
+            data = self._conn.recv_bytes()
+        except (EOFError, OSError):
+            self._die("the writer process exited")
+            return
+        if data.startswith(FATAL):
+            self._die(f"the writer failed: {data[len(FATAL):].decode(errors='replace')}")
+            return
+        items, self._in_flight = self._in_flight, None
+        assert items is not None, "an answer arrived with no group in flight"
+        outcomes = decode_answer(data)
+        assert len(outcomes) == sum(len(it.ops) for it in items)
+        k = 0
+        for it in items:
+            _answer(it, outcomes[k:k + len(it.ops)])
+            k += len(it.ops)
+        self.groups += 1
+        self.ops_applied += k
+        if self._queue:
+            self._send_group()
+        else:
+            self._check_drained()
 
-    def _run(self) -> None:
-        while True:
-            items = self._take_group()
-            if items is None:
-                return
-            now = time.monotonic()
-            live = [it for it in items if it.deadline is None or it.deadline > now]
-            answers = [(it, _uniform(pb.REASON_DEADLINE_EXCEEDED, it.ops))
-                       for it in items if it.deadline is not None and it.deadline <= now]
-            if live:
-                flat = [op for it in live for op in it.ops]
-                started = time.perf_counter()
-                try:
-                    outcomes = self.ledger.apply_group(flat, time.time_ns() // 1000)
-                except BaseException as exc:  # an invariant broke: stop, never write a half-truth
-                    self._die(exc, live)
-                    return
-                k = 0
-                for it in live:
-                    answers.append((it, outcomes[k:k + len(it.ops)]))
-                    k += len(it.ops)
-                self.groups += 1
-                self.ops_applied += len(flat)
-                if self._on_group is not None:
-                    self._on_group(len(flat), time.perf_counter() - started)
-            self.loop.call_soon_threadsafe(_resolve, answers)
+    def _check_drained(self) -> None:
+        if self._stopping and self._in_flight is None and not self._queue:
+            self._drained.set()
 
-    def _die(self, exc: BaseException, in_flight: list[_Item]) -> None:
-        log.critical("writer stopped: %s: %s", type(exc).__name__, exc)
-        with self._cond:
-            self._dead = exc
-            pending = in_flight + list(self._queue)
-            self._queue.clear()
-            self._queued_ops = 0
-        self.loop.call_soon_threadsafe(
-            _resolve, [(it, _uniform(pb.REASON_INTERNAL, it.ops)) for it in pending])
+    def _die(self, why: str) -> None:
+        if self._dead is not None:
+            return
+        self._dead = why
+        log.critical("%s", why)
+        pending = (self._in_flight or []) + list(self._queue)
+        self._in_flight = None
+        self._queue.clear()
+        self._queued_ops = 0
+        for it in pending:
+            _answer(it, _uniform(pb.REASON_INTERNAL, it.ops))
+        self.loop.remove_reader(self._conn.fileno())
+        self._drained.set()
         if self._on_fatal is not None:
-            self.loop.call_soon_threadsafe(self._on_fatal, exc)
+            self._on_fatal(why)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Apply everything already queued, then close the writer process."""
+        self._stopping = True
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._send_group()
+        self._check_drained()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.error("writer did not drain in %.0f s", timeout_s)
+        if self._dead is None:
+            self.loop.remove_reader(self._conn.fileno())
+        self._conn.close()
+        await self.loop.run_in_executor(None, self._proc.join, timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()
 
 
-def _resolve(answers: list[tuple[_Item, list[Outcome]]]) -> None:
-    for item, outcomes in answers:
-        if not item.future.done():  # a caller that went away has a cancelled future
-            item.future.set_result(outcomes)
+def _answer(item: _Item, outcomes: list[Outcome]) -> None:
+    if not item.future.done():  # a caller that went away has a cancelled future
+        item.future.set_result(outcomes)
 
 
-assert L.OP_SIZE == 64  # _uniform reads the op type from byte 0 of the packed operation
+assert os.name == "posix"  # add_reader on a pipe needs a selector event loop

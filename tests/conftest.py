@@ -13,7 +13,7 @@ import uuid
 import grpc
 import pytest
 
-from cardcore.cards import luhn_check_digit
+from cardcore.cards import random_number
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
@@ -24,8 +24,7 @@ LISTEN_RE = re.compile(rb"cardcore listening on ([\d.]+):(\d+)")
 
 def new_card_number(rng: random.Random = random.Random()) -> str:
     """A random 16-digit card number with a valid Luhn check digit."""
-    partial = "62" + "".join(rng.choice("0123456789") for _ in range(13))
-    return partial + luhn_check_digit(partial)
+    return random_number(rng)
 
 
 def rid() -> str:
