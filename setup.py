@@ -55,7 +55,8 @@ setup(
     package_data={"cardcore.v1": ["*.proto", "*.pyi"], "cardcore.ext": ["*.pxd", "*.pyx", "*.h"]},
     ext_modules=cythonize(
         [Extension("cardcore.ext.kernel", ["ext/kernel.pyx"], include_dirs=["ext"],
-                   extra_compile_args=["-O2"])],
+                   extra_compile_args=["-O2"]),
+         Extension("cardcore.ext.cardno", ["ext/cardno.pyx"], extra_compile_args=["-O2"])],
         include_path=["ext"],
         compiler_directives={"language_level": "3"},
     ),

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import struct
 import threading
 from array import array
 from typing import NamedTuple
@@ -35,6 +36,10 @@ MAP_GROW_FACTOR = 2
 MAP_GROW_ATTEMPTS = 8
 MAX_READERS = 512
 EMPTY_RECORD = bytes(L.CARD_SIZE)
+# The fields of a kernel output entry the writer needs: op, reason, seq, principal and
+# bonus after (layout.JOURNAL offsets 1, 4, 8, 72, 80).
+ENTRY_HEAD = struct.Struct("<xBxxHxxQ56xqq")
+assert ENTRY_HEAD.size == 88
 
 
 def request_tag(request_key: bytes) -> bytes:
@@ -197,18 +202,19 @@ class Ledger:
         entries: list[tuple[bytes, bytes]] = []
         idem_items: list[tuple[bytes, bytes]] = []
         profile_items: list[tuple[bytes, bytes]] = []
-        out_view = memoryview(journal_out)
+        out = bytes(journal_out)
+        seq_key, idem_pack, size = L.SEQ_KEY.pack, L.IDEM.pack, L.JOURNAL_SIZE
+        head = ENTRY_HEAD.unpack_from
         for k, i in enumerate(fresh):
             op = ops[i]
-            entry = bytes(out_view[k * L.JOURNAL_SIZE:(k + 1) * L.JOURNAL_SIZE])
-            (_, op_type, _, _, reason, _, seq, _, _, _, _, _, _, principal_after, bonus_after,
-             *_) = L.JOURNAL.unpack(entry)
+            op_type, reason, seq, principal_after, bonus_after = head(out, k * size)
+            entry = out[k * size:(k + 1) * size]
             available = principal_after + bonus_after if reason == L.R_INSUFFICIENT_FUNDS else 0
             if reason == L.R_OK:
-                entries.append((L.SEQ_KEY.pack(seq), entry))
+                entries.append((seq_key(seq), entry))
                 if op.profile is not None:
                     profile_items.append((op.card_id, op.profile))
-            idem_items.append((op.request_key, L.IDEM.pack(
+            idem_items.append((op.request_key, idem_pack(
                 L.IDEM_VERSION, op_type, reason, 0, op.digest, seq, available, ts_us)))
             outcomes[i] = Outcome(reason, False, op_type, entry, available)
         if entries:

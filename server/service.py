@@ -9,6 +9,7 @@ import asyncio
 import datetime
 import json
 import re
+import struct
 import time
 
 import grpc
@@ -17,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from cardcore import cards
 from cardcore import layout as L
+from cardcore.ext import cardno
 from cardcore.ledger import Ledger, Outcome, PendingOp
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
@@ -67,19 +69,28 @@ async def abort(context: grpc.aio.ServicerContext, fail: cpb.Failure):
     await context.abort(TABLE[fail.reason][0], fail.message, _status_details(fail))
 
 
+# The journal entry fields a reply shows: op, seq, amount, discount, the three deltas, the
+# three after-balances, ts_us (see layout.JOURNAL).
+_REPLY_FIELDS = struct.Struct("<xBxxxxxxQ16xqqqqqqqqq")
+assert _REPLY_FIELDS.size == 104
+
+
 def result_of(request_id: str, outcome: Outcome) -> pb.OperationResult:
     """The OperationResult for an outcome: the same shape for unary, batch and stream."""
     reason = outcome.reason
     if reason == R.REASON_OK:
-        (_, op, _, _, _, _, seq, _, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us,
-         *_rest) = L.JOURNAL.unpack(outcome.entry)
-        return pb.OperationResult(
-            request_id=request_id, reason=reason, status_code=0, replayed=outcome.replayed,
-            seq=seq, type=op,
-            balance_after=cpb.Balance(principal_minor=pa, bonus_minor=ba,
-                                      available_minor=pa + ba, points=ptsa),
+        op, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us = _REPLY_FIELDS.unpack_from(
+            outcome.entry)
+        result = pb.OperationResult(
+            request_id=request_id, replayed=outcome.replayed, seq=seq, type=op,
             amount_minor=amount, discount_minor=discount, paid_minor=-(dp + db_),
             points_earned=dpts, applied_at_us=ts_us)
+        balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
+        balance.principal_minor = pa
+        balance.bonus_minor = ba
+        balance.available_minor = pa + ba
+        balance.points = ptsa
+        return result
     return pb.OperationResult(
         request_id=request_id, reason=reason, status_code=CODE_NUMBER[reason],
         replayed=outcome.replayed, type=outcome.op,
@@ -112,7 +123,7 @@ class CardService(pb_grpc.CardServiceServicer):
 
     def _card_id(self, ref: cpb.CardRef) -> bytes:
         number = ref.card_number
-        if not cards.number_ok(number, self._require_luhn):
+        if not cardno.number_ok(number, self._require_luhn):
             raise Invalid(R.REASON_INVALID_CARD_NUMBER, "card.card_number")
         return cards.card_id(self._index_key, number)
 

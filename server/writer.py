@@ -8,10 +8,12 @@ holds the only write transaction and uses the second core; the gRPC process
 validates and packs operations, reads with its own read transactions and
 never waits for the writer.
 
-Flow: handlers call ``Writer.submit`` on the event loop. While no group is in
-flight, queued items are sent at once as one group (up to ``group_max_ops``,
-after waiting at most ``group_wait_us`` for more); while one is in flight,
-new items queue and form the next group. The writer process applies a group
+Flow: handlers call ``Writer.submit`` on the event loop. While fewer than
+``GROUPS_IN_FLIGHT_MAX`` groups are in flight, queued items are sent at once
+as one group (up to ``group_max_ops``, after waiting at most
+``group_wait_us`` for more); otherwise new items queue and form the next
+group. Two in flight let the writer start the next group while this process
+answers the last one: the two halves work in parallel. The writer process applies a group
 in one LMDB write transaction (one fsync) and sends back one outcome per
 operation; then every caller of the group is answered. The queue is bounded
 in operations: full -> ``Overloaded`` at once. An item whose deadline passed
@@ -19,8 +21,11 @@ before its group was sent is not applied. If the writer process dies or an
 invariant breaks, every waiting caller gets REASON_INTERNAL and the server
 stops: nothing half-done is written (the transaction is aborted).
 
-Wire format over the socketpair (multiprocessing Connection framing)::
+Wire format over a Unix socketpair, each message framed as ``length:u32 | bytes``.
+This process's end is non-blocking (add_reader/add_writer), so neither side
+can wait on the other with both send buffers full::
 
+    ready   = b"READY"
     group   = ts_us:i64 | n:u32 | n x (key_len:u8 | profile_len:u16 (0xFFFF = none)
               | op:64 B | digest:16 B | key | profile)
     answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | entry:128 B)
@@ -35,6 +40,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import struct
 import time
 from typing import Callable
@@ -49,6 +55,7 @@ log = logging.getLogger("cardcore.writer")
 GROUP_MAX_OPS_DEFAULT = 10_000
 GROUP_WAIT_US_DEFAULT = 0
 QUEUE_MAX_OPS_DEFAULT = 100_000
+GROUPS_IN_FLIGHT_MAX = 2
 WRITER_START_TIMEOUT_S = 60.0
 
 GROUP_HEAD = struct.Struct("<qI")
@@ -57,6 +64,10 @@ ANSWER = struct.Struct("<HBBq128s")
 NO_PROFILE = 0xFFFF
 NO_ENTRY = bytes(L.JOURNAL_SIZE)
 FATAL = b"FATAL:"
+READY = b"READY"
+FRAME = struct.Struct("<I")
+FRAME_BYTES_MAX = 1 << 30
+RECV_CHUNK_BYTES = 1 << 20
 
 
 class Overloaded(Exception):
@@ -113,30 +124,57 @@ def decode_answer(data: bytes) -> list[Outcome]:
     return out
 
 
-def writer_main(conn, ledger_path: str, program_path: str | None, sync: bool) -> None:
-    """The writer process: apply each group it is sent, answer it, until the connection closes."""
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> bytes | None:
+    """One framed message from a blocking socket; None at end of stream."""
+    head = _recv_exact(sock, FRAME.size)
+    if head is None:
+        return None
+    (n,) = FRAME.unpack(head)
+    assert n <= FRAME_BYTES_MAX, "frame too large"
+    return _recv_exact(sock, n)
+
+
+def send_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(FRAME.pack(len(data)) + data)
+
+
+def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None, sync: bool) -> None:
+    """The writer process: apply each group it is sent, answer it, until the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ledger = Ledger(ledger_path, load_program(program_path), sync=sync)
-    conn.send_bytes(b"READY")
     try:
+        send_frame(sock, READY)
         while True:
-            try:
-                data = conn.recv_bytes()
-            except EOFError:
+            data = recv_frame(sock)
+            if data is None:
                 return
             ops, ts_us = decode_group(data)
             try:
                 outcomes = ledger.apply_group(ops, ts_us)
             except BaseException as exc:  # an invariant broke: the transaction was aborted
                 log.critical("writer stopped: %s: %s", type(exc).__name__, exc)
-                conn.send_bytes(FATAL + type(exc).__name__.encode())
+                send_frame(sock, FATAL + type(exc).__name__.encode())
                 return
-            conn.send_bytes(encode_answer(outcomes))
+            send_frame(sock, encode_answer(outcomes))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the server process went away
     finally:
         ledger.close()
-        conn.close()
+        sock.close()
 
 
 class _Item:
@@ -168,16 +206,19 @@ class Writer:
         self._on_fatal = on_fatal
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_ops = 0
-        self._in_flight: list[_Item] | None = None
+        self._in_flight: collections.deque[list[_Item]] = collections.deque()
         self._wait_timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._dead: str | None = None
         self._drained = asyncio.Event()
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
-        self._conn, child = ctx.Pipe(duplex=True)
+        self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._proc = ctx.Process(target=writer_main, name="cardcore-writer", daemon=True,
                                  args=(child, ledger_path, program_path, sync))
-        self._child_conn = child
+        self._child_sock = child
+        self._out = bytearray()    # framed bytes not yet accepted by the socket
+        self._in = bytearray()     # bytes received, not yet a whole frame
+        self._writing = False
         self.groups = 0
         self.ops_applied = 0
 
@@ -188,10 +229,16 @@ class Writer:
     def start(self) -> None:
         """Start the writer process and wait until it has opened the ledger."""
         self._proc.start()
-        self._child_conn.close()
-        if not self._conn.poll(WRITER_START_TIMEOUT_S) or self._conn.recv_bytes() != b"READY":
+        self._child_sock.close()
+        self._sock.settimeout(WRITER_START_TIMEOUT_S)
+        try:
+            ready = recv_frame(self._sock)
+        except socket.timeout:
+            ready = None
+        if ready != READY:
             raise RuntimeError("the writer process did not start")
-        self.loop.add_reader(self._conn.fileno(), self._on_answer)
+        self._sock.setblocking(False)
+        self.loop.add_reader(self._sock.fileno(), self._on_readable)
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None) -> asyncio.Future:
         """Queue ``ops`` (applied in order, in one group); the future gets their outcomes.
@@ -207,7 +254,7 @@ class Writer:
         fut = self.loop.create_future()
         self._queue.append(_Item(ops, fut, deadline))
         self._queued_ops += len(ops)
-        if self._in_flight is None and self._wait_timer is None:
+        if len(self._in_flight) < GROUPS_IN_FLIGHT_MAX and self._wait_timer is None:
             if self.group_wait_s and self._queued_ops < self.group_max_ops:
                 self._wait_timer = self.loop.call_later(self.group_wait_s, self._send_group)
             else:
@@ -216,7 +263,7 @@ class Writer:
 
     def _send_group(self) -> None:
         self._wait_timer = None
-        if self._in_flight is not None or self._dead is not None:
+        if len(self._in_flight) >= GROUPS_IN_FLIGHT_MAX or self._dead is not None:
             return
         now = time.monotonic()
         items: list[_Item] = []
@@ -232,24 +279,55 @@ class Writer:
         if not items:
             self._check_drained()
             return
-        self._in_flight = items
+        self._in_flight.append(items)
+        data = encode_group([op for it in items for op in it.ops], time.time_ns() // 1000)
+        self._out += FRAME.pack(len(data))
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand queued bytes to the socket; finish from the event loop when it is full."""
         try:
-            self._conn.send_bytes(encode_group([op for it in items for op in it.ops],
-                                               time.time_ns() // 1000))
+            while self._out:
+                sent = self._sock.send(self._out)
+                del self._out[:sent]
+        except BlockingIOError:
+            pass
         except OSError as exc:
             self._die(f"cannot reach the writer process: {exc}")
+            return
+        if self._out and not self._writing:
+            self.loop.add_writer(self._sock.fileno(), self._flush)
+            self._writing = True
+        elif not self._out and self._writing:
+            self.loop.remove_writer(self._sock.fileno())
+            self._writing = False
 
-    def _on_answer(self) -> None:
+    def _on_readable(self) -> None:
         try:
-            data = self._conn.recv_bytes()
-        except (EOFError, OSError):
+            chunk = self._sock.recv(RECV_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
             self._die("the writer process exited")
             return
+        self._in += chunk
+        while len(self._in) >= FRAME.size and self._dead is None:
+            (n,) = FRAME.unpack_from(self._in)
+            if len(self._in) < FRAME.size + n:
+                break
+            data = bytes(self._in[FRAME.size:FRAME.size + n])
+            del self._in[:FRAME.size + n]
+            self._on_answer(data)
+
+    def _on_answer(self, data: bytes) -> None:
         if data.startswith(FATAL):
             self._die(f"the writer failed: {data[len(FATAL):].decode(errors='replace')}")
             return
-        items, self._in_flight = self._in_flight, None
-        assert items is not None, "an answer arrived with no group in flight"
+        assert self._in_flight, "an answer arrived with no group in flight"
+        items = self._in_flight.popleft()
         outcomes = decode_answer(data)
         assert len(outcomes) == sum(len(it.ops) for it in items)
         k = 0
@@ -264,7 +342,7 @@ class Writer:
             self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._stopping and self._in_flight is None and not self._queue:
+        if self._stopping and not self._in_flight and not self._queue:
             self._drained.set()
 
     def _die(self, why: str) -> None:
@@ -272,13 +350,15 @@ class Writer:
             return
         self._dead = why
         log.critical("%s", why)
-        pending = (self._in_flight or []) + list(self._queue)
-        self._in_flight = None
+        pending = [it for group in self._in_flight for it in group] + list(self._queue)
+        self._in_flight.clear()
         self._queue.clear()
         self._queued_ops = 0
         for it in pending:
             _answer(it, _uniform(pb.REASON_INTERNAL, it.ops))
-        self.loop.remove_reader(self._conn.fileno())
+        self.loop.remove_reader(self._sock.fileno())
+        if self._writing:
+            self.loop.remove_writer(self._sock.fileno())
         self._drained.set()
         if self._on_fatal is not None:
             self._on_fatal(why)
@@ -295,8 +375,8 @@ class Writer:
         except asyncio.TimeoutError:
             log.error("writer did not drain in %.0f s", timeout_s)
         if self._dead is None:
-            self.loop.remove_reader(self._conn.fileno())
-        self._conn.close()
+            self.loop.remove_reader(self._sock.fileno())
+        self._sock.close()
         await self.loop.run_in_executor(None, self._proc.join, timeout_s)
         if self._proc.is_alive():
             self._proc.kill()

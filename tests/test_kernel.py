@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from cardcore import cards
 from cardcore import layout as L
 from cardcore import reference, rules
-from cardcore.ext import kernel
+from cardcore.ext import cardno, kernel
 from cardcore.v1 import common_pb2 as cpb
 
 INT64_MAX = L.INT64_MAX
@@ -223,3 +224,12 @@ def test_kernel_checks_buffer_sizes():
     with pytest.raises(ValueError):
         kernel.apply_batch(program[:-1], op_bytes(L.OP_OPEN), array("I", [0]), bytearray(128),
                            bytearray(128), bytearray(1), 0, 1)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(number=st.one_of(st.text(alphabet="0123456789", min_size=0, max_size=22),
+                        st.text(min_size=0, max_size=22),
+                        st.builds(lambda r: cards.random_number(r, length=r.randint(8, 19)), st.randoms())),
+       require_luhn=st.booleans())
+def test_fast_card_number_check_equals_reference(number, require_luhn):
+    assert cardno.number_ok(number, require_luhn) == cards.number_ok(number, require_luhn)
