@@ -307,3 +307,50 @@ def test_card_numbers_never_reach_the_data_folder_or_the_log(start_server):
                 blobs.append(f.read())
     middles = [n[6:12].encode() for n in numbers]  # the digits a masked number never shows
     assert not [m for m in middles for blob in blobs if m in blob]
+
+
+def test_a_program_file_sets_tiers_and_points(start_server, tmp_path):
+    program = tmp_path / "program.toml"
+    program.write_text(
+        'points_unit_minor = 1000\npoints_per_unit = 5\n'
+        '[[tiers]]\nname = "member"\nrate_bp = 10000\n'
+        '[[tiers]]\nname = "salon-gold"\nrate_bp = 8500\n')
+    server = start_server("--program", str(program))
+    c = Client(server.stub)
+    number = new_card_number()
+    c.open(number, tier=1)
+    c.top_up(number, 100_000)
+    # 85% of 123.45 = 104.9325 -> 104.93; 5 points per whole 10.00 paid -> 50
+    paid = c.purchase(number, 12_345)
+    assert (paid.paid_minor, paid.discount_minor, paid.points_earned) == (10_493, 1_852, 50)
+    card = c.card(number)
+    assert (card.tier_name, card.discount_rate_bp) == ("salon-gold", 8500)
+    with pytest.raises(grpc.RpcError) as err:
+        c.open(new_card_number(), tier=2)
+    assert failure_of(err.value).reason == R.REASON_INVALID_TIER
+
+
+def test_cli_walk_through(server, tmp_path):
+    import subprocess
+    import sys
+
+    number = new_card_number()
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args], capture_output=True,
+                             text=True, timeout=60)
+        return out.returncode, out.stdout + out.stderr
+
+    target = ("--target", server.target)
+    assert cli("open-card", *target, number, "--tier", "2", "--name", "Chen Jie")[0] == 0
+    assert cli("top-up", *target, number, "500")[0] == 0
+    rc, out = cli("purchase", *target, number, "88.88", "--request-id", "cli-1")
+    assert rc == 0 and "79.99" in out and "paid" in out  # gold pays 90%: 79.992 -> 79.99
+    rc, out = cli("purchase", *target, number, "1000")
+    assert rc == 1 and "REASON_INSUFFICIENT_FUNDS" in out and "available=420.01" in out
+    rc, out = cli("card", *target, number)
+    assert rc == 0 and "420.01" in out and "Chen Jie" in out and number not in out
+    rc, out = cli("operation", *target, "cli-1")
+    assert rc == 0 and "replayed" in out
+    rc, out = cli("verify", "--data-dir", server.data_dir)
+    assert rc == 0 and "clean" in out
