@@ -268,6 +268,34 @@ def bare_lmdb(src_ledger: str, work_dir: str, group_ops: int, seconds: float) ->
     return {"tx_per_s": round(ops / elapsed), "ops": ops, "group_ops": group_ops}
 
 
+LABELS = {"unary_1": "Purchase, unary, 1 in flight", "unary_16": "Purchase, unary, 16 in flight",
+          "unary_64": "Purchase, unary, 64 in flight",
+          "stream": f"SwipeStream, {STREAMS} streams x {STREAM_WINDOW} pipelined",
+          "batch_1000": f"SubmitBatch of {BATCH_OPS:,}, {BATCH_CALLERS} callers"}
+
+
+def markdown_table(results: dict) -> str:
+    """The README's table, from results.json."""
+    rows = ["| scenario | cardcore tx/s | p50 ms | p99 ms | server CPU µs/op | avg group | echo tx/s "
+            "| echo CPU µs/op | cardcore / echo |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in results["scenarios"].items():
+        c, e = row["cardcore"], row["echo"]
+        rows.append(f"| {LABELS[name]} | {c['tx_per_s']:,} | {c['p50_ms']} | {c['p99_ms']} | "
+                    f"{c['server_cpu_us_per_op']} | {c['avg_group_ops']} | {e['tx_per_s']:,} | "
+                    f"{e['server_cpu_us_per_op']} | {row['ratio']:.2f}x |")
+    if "bare_lmdb" in results:
+        b = results["bare_lmdb"]
+        rows.append(f"| bare py-lmdb read-modify-write, {b['group_ops']:,} per txn, sync | "
+                    f"{b['tx_per_s']:,} | | | | {b['group_ops']:,} | | | SubmitBatch = "
+                    f"{b['cardcore_batch_ratio']:.2f}x bare |")
+    if "kernel" in results:
+        k = results["kernel"]
+        rows.append(f"| kernel, 1,000 purchases per call (pytest-benchmark) | "
+                    f"{k['kernel_ops_per_s']:,} | | | | | reference {k['reference_ops_per_s']:,} | | "
+                    f"{k['ratio']:.0f}x reference |")
+    return "\n".join(rows)
+
+
 def writer_groups(log: str) -> tuple[int, int]:
     m = WRITER_RE.search(log)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
@@ -355,7 +383,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n")
+    print(markdown_table(results))
     return 0
 
 

@@ -161,21 +161,19 @@ class CardService(pb_grpc.CardServiceServicer):
                                t.staff_id, tier=req.tier, home_store_id=p.home_store_id,
                                profile=profile)
 
-    def _top_up_op(self, req: pb.TopUpRequest) -> PendingOp:
+    def _money_op(self, req, op_type: int, amount_field: str) -> PendingOp:
         key = self._request_key(req.request_id)
         card_id = self._card_id(req.card)
-        amount = self._amount(req.amount_minor, "amount_minor")
+        amount = self._amount(getattr(req, amount_field), amount_field)
         t = req.till
-        return PendingOp.build(key, L.OP_TOP_UP, card_id, amount, t.store_id, t.terminal_id,
+        return PendingOp.build(key, op_type, card_id, amount, t.store_id, t.terminal_id,
                                t.staff_id)
 
+    def _top_up_op(self, req: pb.TopUpRequest) -> PendingOp:
+        return self._money_op(req, L.OP_TOP_UP, "amount_minor")
+
     def _purchase_op(self, req: pb.PurchaseRequest) -> PendingOp:
-        key = self._request_key(req.request_id)
-        card_id = self._card_id(req.card)
-        amount = self._amount(req.gross_amount_minor, "gross_amount_minor")
-        t = req.till
-        return PendingOp.build(key, L.OP_PURCHASE, card_id, amount, t.store_id, t.terminal_id,
-                               t.staff_id)
+        return self._money_op(req, L.OP_PURCHASE, "gross_amount_minor")
 
     def _operation(self, op: pb.Operation) -> tuple[str, int, PendingOp | Invalid]:
         """(request_id, op type, PendingOp or the Invalid that refused it) of a batch/stream item."""
@@ -196,18 +194,26 @@ class CardService(pb_grpc.CardServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _unary(self, build, request, context) -> pb.OperationResult:
+    async def _submit(self, ops: list[PendingOp], context) -> asyncio.Future:
+        """Queue ops for the writer, or end the call with OVERLOADED / UNAVAILABLE."""
         try:
-            op = build(request)
-        except Invalid as exc:
-            await abort(context, failure(exc.reason, exc.field))
-        try:
-            fut = self.writer.submit([op], self._deadline(context))
+            return self.writer.submit(ops, self._deadline(context))
         except Overloaded:
             await abort(context, failure(R.REASON_OVERLOADED))
         except Stopped:
             await abort(context, failure(R.REASON_UNAVAILABLE))
-        outcome = (await fut)[0]
+
+    @staticmethod
+    async def _parse(fn, arg, context):
+        """``fn(arg)``, or end the call with the status of the Invalid it raised."""
+        try:
+            return fn(arg)
+        except Invalid as exc:
+            await abort(context, failure(exc.reason, exc.field))
+
+    async def _unary(self, build, request, context) -> pb.OperationResult:
+        op = await self._parse(build, request, context)
+        outcome = (await (await self._submit([op], context)))[0]
         if outcome.reason != R.REASON_OK:
             await abort(context, failure(outcome.reason, available_minor=outcome.available_minor))
         return result_of(request.request_id, outcome)
@@ -224,10 +230,7 @@ class CardService(pb_grpc.CardServiceServicer):
         return await self._unary(self._purchase_op, request, context)
 
     async def GetCard(self, request, context):
-        try:
-            card_id = self._card_id(request.card)
-        except Invalid as exc:
-            await abort(context, failure(exc.reason, exc.field))
+        card_id = await self._parse(self._card_id, request.card, context)
         found = self.ledger.read_card(card_id)
         if found is None:
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
@@ -248,10 +251,7 @@ class CardService(pb_grpc.CardServiceServicer):
                                      home_store_id=home_store))
 
     async def GetOperation(self, request, context):
-        try:
-            key = self._request_key(request.request_id)
-        except Invalid as exc:
-            await abort(context, failure(exc.reason, exc.field))
+        key = await self._parse(self._request_key, request.request_id, context)
         outcome = self.ledger.read_operation(key)
         if outcome is None:
             return pb.GetOperationResponse(found=False)
@@ -272,12 +272,7 @@ class CardService(pb_grpc.CardServiceServicer):
                 valid.append(parsed)
                 where.append((i, request_id))
         if valid:
-            try:
-                fut = self.writer.submit(valid, self._deadline(context))
-            except Overloaded:
-                await abort(context, failure(R.REASON_OVERLOADED))
-            except Stopped:
-                await abort(context, failure(R.REASON_UNAVAILABLE))
+            fut = await self._submit(valid, context)
             for (i, request_id), outcome in zip(where, await fut):
                 results[i] = result_of(request_id, outcome)
         return pb.SubmitBatchResponse(results=results)
