@@ -93,6 +93,11 @@ class Ledger:
                              metasync=sync, writemap=False, readahead=False,
                              max_readers=MAX_READERS, lock=True, readonly=readonly)
         create = not readonly
+        if not readonly:
+            # Reader slots of processes that died (kill -9) would pin old pages forever.
+            stale = self.env.reader_check()
+            if stale:
+                log.warning("cleared %d stale LMDB reader slots", stale)
         self.cards = self.env.open_db(b"cards", create=create)
         self.journal = self.env.open_db(b"journal", create=create)
         self.requests = self.env.open_db(b"requests", create=create)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -39,6 +40,21 @@ class ServerConfig:
     queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT
 
 
+class StartupError(Exception):
+    """The server cannot start; the message says why, for people."""
+
+
+def _lock_data_dir(data_dir: str):
+    """One server per data folder: an exclusive lock held for the life of the process."""
+    lock = open(os.path.join(data_dir, "cardcore.lock"), "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StartupError(f"another cardcore server is using {data_dir}") from None
+    return lock
+
+
 async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     if not cfg.sync:
@@ -46,10 +62,25 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
             log.warning("*** --no-sync: commits are NOT durable; a crash loses acknowledged "
                         "operations. For benchmarks only. ***")
     os.makedirs(cfg.data_dir, exist_ok=True)
+    lock = _lock_data_dir(cfg.data_dir)
     index_key = keyring.load_or_create_index_key(
         cfg.keyring_path or os.path.join(cfg.data_dir, "card-index.key"))
     ledger_path = os.path.join(cfg.data_dir, "ledger")
     program = load_program(cfg.program_path)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    try:  # bind before anything else starts, so a busy port fails fast and leaves nothing running
+        port = server.add_insecure_port(cfg.listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot listen on {cfg.listen} (in use, or not an address of this host)")
     stop = asyncio.Event()
 
     def fatal(why: str) -> None:
@@ -61,38 +92,28 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, on_fatal=fatal)
     writer.start()
-    ledger = Ledger(ledger_path, program, readonly=True)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
-    pb_grpc.add_CardServiceServicer_to_server(CardService(ledger, writer, index_key), server)
+    ledger = None
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(cfg.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {cfg.listen}")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    host = cfg.listen.rsplit(":", 1)[0]
-    stats = ledger.stats()
-    log.info("ledger %s: %d cards, %d journal entries", ledger.path, stats["cards"],
-             stats["journal"])
-    # The one line tests and scripts wait for; it carries the bound port (for --listen HOST:0).
-    print(f"cardcore listening on {host}:{port}", flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
     try:
+        ledger = Ledger(ledger_path, program, readonly=True)
+        pb_grpc.add_CardServiceServicer_to_server(CardService(ledger, writer, index_key), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        stats = ledger.stats()
+        log.info("ledger %s: %d cards, %d journal entries", ledger.path, stats["cards"],
+                 stats["journal"])
+        host = cfg.listen.rsplit(":", 1)[0]
+        # The one line tests and scripts wait for; it carries the bound port (for --listen HOST:0).
+        print(f"cardcore listening on {host}:{port}", flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         log.info("shutting down: refusing new calls, finishing those in flight")
@@ -101,5 +122,7 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
         await server.stop(SHUTDOWN_GRACE_S)
         await writer.stop()
         log.info("writer: %d groups, %d operations", writer.groups, writer.ops_applied)
-        ledger.close()
+        if ledger is not None:
+            ledger.close()
+        lock.close()
         log.info("stopped: ledger closed")

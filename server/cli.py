@@ -43,13 +43,17 @@ def _table(rows: list[tuple[str, str]]) -> str:
 # ---- server-side commands --------------------------------------------------------
 
 def cmd_serve(args) -> int:
-    from .app import ServerConfig, serve
+    from .app import ServerConfig, StartupError, serve
 
     cfg = ServerConfig(data_dir=args.data_dir, listen=args.listen, program_path=args.program,
                        keyring_path=args.keyring, sync=not args.no_sync,
                        group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
                        queue_max_ops=args.queue_max_ops)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except StartupError as exc:
+        print(f"cardcore: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -130,7 +134,7 @@ def _till(args):
     return cpb.Till(store_id=args.store, terminal_id=args.terminal, staff_id=args.staff)
 
 
-def _print_result(result) -> None:
+def _print_result(result, looked_up: bool = False) -> None:
     from cardcore.v1 import common_pb2 as cpb
 
     rows = [("request", result.request_id), ("operation", cpb.OperationType.Name(result.type)),
@@ -143,7 +147,9 @@ def _print_result(result) -> None:
     b = result.balance_after
     rows += [("balance", _fen(b.available_minor)), ("  principal", _fen(b.principal_minor)),
              ("  bonus", _fen(b.bonus_minor)), ("points", f"{b.points:,}")]
-    if result.replayed:
+    if looked_up:
+        rows.append(("note", "looked up: this request_id was applied"))
+    elif result.replayed:
         rows.append(("note", "replayed: this request_id was already applied"))
     print(_table(rows))
 
@@ -218,7 +224,7 @@ def cmd_operation(args) -> int:
     if resp.result.reason != cpb.REASON_OK:
         print(f"{args.request_id}: declined: {cpb.Reason.Name(resp.result.reason)}")
         return 0
-    _print_result(resp.result)
+    _print_result(resp.result, looked_up=True)
     return 0
 
 

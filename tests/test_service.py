@@ -351,6 +351,21 @@ def test_cli_walk_through(server, tmp_path):
     rc, out = cli("card", *target, number)
     assert rc == 0 and "420.01" in out and "Chen Jie" in out and number not in out
     rc, out = cli("operation", *target, "cli-1")
-    assert rc == 0 and "replayed" in out
+    assert rc == 0 and "looked up" in out
     rc, out = cli("verify", "--data-dir", server.data_dir)
     assert rc == 0 and "clean" in out
+
+
+def test_a_busy_port_or_a_busy_data_folder_fails_fast_with_a_clear_message(server, tmp_path):
+    import subprocess
+    import sys
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    busy_port = serve("--data-dir", str(tmp_path / "other"), "--listen", server.target)
+    assert busy_port.returncode == 2 and f"cannot listen on {server.target}" in busy_port.stderr
+    busy_folder = serve("--data-dir", server.data_dir, "--listen", "127.0.0.1:0")
+    assert busy_folder.returncode == 2 and "another cardcore server" in busy_folder.stderr
+    assert Client(server.stub).open(new_card_number()).reason == R.REASON_OK  # the first one is fine
