@@ -43,11 +43,15 @@ def number_ok(number: str, require_luhn: bool) -> bool:
     return luhn_ok(number) or not require_luhn
 
 
+MASK_HIDDEN_MIN = 6
+
+
 def mask(number: str) -> str:
-    """Last 4 digits and at most the first 6, with at least 6 digits hidden."""
+    """At most the first 6 and the last 4 digits, never fewer than 6 hidden (short numbers show less)."""
     n = len(number)
-    first = min(6, max(0, n - 10))
-    return number[:first] + "*" * (n - first - 4) + number[-4:]
+    last = min(4, max(0, n - MASK_HIDDEN_MIN))
+    first = min(6, max(0, n - MASK_HIDDEN_MIN - last))
+    return number[:first] + "*" * (n - first - last) + number[n - last:]
 
 
 def card_id(index_key: bytes, number: str) -> bytes:

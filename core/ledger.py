@@ -42,6 +42,15 @@ ENTRY_HEAD = struct.Struct("<xBxxHxxQ56xqq")
 assert ENTRY_HEAD.size == 88
 
 
+class InvariantError(RuntimeError):
+    """The ledger would write, or has read, something that breaks an invariant.
+
+    Raised inside the write transaction (which is then aborted), never
+    caught: the writer stops rather than write a half-truth. Explicit raises,
+    not ``assert``: they must hold under ``python -O`` too.
+    """
+
+
 def request_tag(request_key: bytes) -> bytes:
     """The 8-byte tag a journal entry carries to link it to its request."""
     return hashlib.blake2b(request_key, digest_size=L.REQUEST_TAG_SIZE).digest()
@@ -224,11 +233,13 @@ class Ledger:
             outcomes[i] = Outcome(reason, False, op_type, entry, available)
         if entries:
             added, _ = txn.cursor(db=self.journal).putmulti(entries, append=True)
-            assert added == len(entries), "journal append refused: sequence not increasing"
+            if added != len(entries):
+                raise InvariantError("journal append refused: sequence not increasing")
         txn.cursor(db=self.requests).putmulti(idem_items)
         if profile_items:
             txn.cursor(db=self.profiles).putmulti(profile_items)
-        assert next_seq == self._next_seq + len(entries)
+        if next_seq != self._next_seq + len(entries):
+            raise InvariantError("kernel sequence does not match the journal entries")
         return next_seq
 
     def _replay(self, txn, idem: bytes, digest: bytes) -> Outcome:
@@ -236,7 +247,8 @@ class Ledger:
         if stored_digest != digest:
             return Outcome(R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None, 0)
         entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal) if seq else None
-        assert reason != L.R_OK or entry is not None, "idempotency record points at no journal entry"
+        if reason == L.R_OK and entry is None:
+            raise InvariantError("idempotency record points at no journal entry")
         return Outcome(reason, True, op_type, entry, available)
 
     @staticmethod
@@ -258,7 +270,8 @@ class Ledger:
             return None
         raw, profile = found
         rec = L.CARD.unpack(raw)
-        assert rec[0] == L.CARD_VERSION, "unknown card record version"
+        if rec[0] != L.CARD_VERSION:
+            raise InvariantError(f"card record version {rec[0]} unknown")
         return rec, (json.loads(profile) if profile else {})
 
     def read_operation(self, request_key: bytes) -> Outcome | None:
@@ -285,10 +298,14 @@ class Ledger:
     def verify(self, problems_max: int = 50) -> dict:
         """Check the ledger against its journal; return counts, totals and problems.
 
-        Every card's principal, bonus, points and last sequence must equal what
-        its journal entries add up to; each entry's after-balances must equal
-        the running sums; sequences run 1, 2, 3, ... with no gap; every applied
-        idempotency record points at an entry with its request tag.
+        Each entry must mean what its type says (an opening moves nothing, a
+        top-up adds its amount to principal, a purchase takes gross - discount
+        from principal and bonus and adds points); sequences run 1, 2, 3, ...
+        with no gap; each entry's after-balances equal the running sums, which
+        never go negative; every card's principal, bonus, points, lifetime paid
+        and last sequence equal what its entries add up to; every applied
+        request record points at the entry with its request tag, and declined
+        ones at none; the totals match.
         """
         problems: list[str] = []
 
@@ -296,7 +313,7 @@ class Ledger:
             if len(problems) < problems_max:
                 problems.append(msg)
 
-        sums: dict[bytes, list[int]] = {}
+        sums: dict[bytes, list[int]] = {}  # card id -> principal, bonus, points, last seq, paid
         totals = [0, 0, 0]
         expect_seq = 1
         with self._resize_gate, self.env.begin() as txn:  # verify runs in its own process
@@ -309,10 +326,26 @@ class Ledger:
                 if version != L.JOURNAL_VERSION or reason != L.R_OK:
                     problem(f"journal entry {seq}: version {version}, reason {reason}")
                 s = sums.get(cid)
-                if s is None:
-                    if op != L.OP_OPEN:
-                        problem(f"journal entry {seq}: first entry of a card is not an opening")
-                    s = sums[cid] = [0, 0, 0, 0]
+                if op == L.OP_OPEN:
+                    if s is not None:
+                        problem(f"journal entry {seq}: a second opening of the same card")
+                    if amount or discount or dp or db_ or dpts:
+                        problem(f"journal entry {seq}: an opening that moves value")
+                    s = sums[cid] = [0, 0, 0, 0, 0]
+                elif s is None:
+                    problem(f"journal entry {seq}: first entry of a card is not an opening")
+                    s = sums[cid] = [0, 0, 0, 0, 0]
+                elif op == L.OP_TOP_UP:
+                    if amount <= 0 or dp != amount or db_ or dpts or discount:
+                        problem(f"journal entry {seq}: a top-up that does not add its amount")
+                elif op == L.OP_PURCHASE:
+                    paid = amount - discount
+                    if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0
+                            or dp + db_ != -paid or dpts < 0):
+                        problem(f"journal entry {seq}: a purchase whose debit is not gross - discount")
+                    s[4] += paid
+                else:
+                    problem(f"journal entry {seq}: unknown operation type {op}")
                 s[0] += dp
                 s[1] += db_
                 s[2] += dpts
@@ -322,25 +355,26 @@ class Ledger:
                 totals[2] += dpts
                 if (s[0], s[1], s[2]) != (pa, ba, ptsa):
                     problem(f"journal entry {seq}: after-balances differ from the running sums")
-                if op == L.OP_PURCHASE and dp + db_ != -(amount - discount):
-                    problem(f"journal entry {seq}: debit differs from gross - discount")
+                if min(s[0], s[1], s[2]) < 0:
+                    problem(f"journal entry {seq}: a balance below zero")
             card_totals = [0, 0, 0]
             cards = 0
             for cid, raw in txn.cursor(db=self.cards):
                 cards += 1
                 rec = L.CARD.unpack(raw)
-                principal, bonus, points, last_seq = rec[5], rec[6], rec[7], rec[10]
+                principal, bonus, points, held, lifetime, last_seq = rec[5:11]
                 card_totals[0] += principal
                 card_totals[1] += bonus
                 card_totals[2] += points
                 s = sums.pop(cid, None)
-                if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0:
-                    problem(f"card ...{cid.hex()[:8]}: invalid record")
+                if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0 or held != 0:
+                    problem(f"card ...{cid.hex()[:8]}: invalid record (no holds exist yet)")
                 if s is None:
                     problem(f"card ...{cid.hex()[:8]}: no journal entries")
-                elif (principal, bonus, points, last_seq) != tuple(s):
+                elif (principal, bonus, points, last_seq, lifetime) != tuple(s):
                     problem(f"card ...{cid.hex()[:8]}: record {principal}/{bonus}/{points}/#{last_seq}"
-                            f" but journal adds up to {s[0]}/{s[1]}/{s[2]}/#{s[3]}")
+                            f"/paid {lifetime} but journal adds up to {s[0]}/{s[1]}/{s[2]}/#{s[3]}"
+                            f"/paid {s[4]}")
             for cid in sums:
                 problem(f"journal names card ...{cid.hex()[:8]} that has no record")
             requests = applied = 0
@@ -352,6 +386,8 @@ class Ledger:
                     entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
                     if entry is None or entry[120:128] != request_tag(key):
                         problem(f"request record for seq {seq} does not match its journal entry")
+                elif seq != 0:
+                    problem(f"a declined request record points at journal entry {seq}")
             if applied != expect_seq - 1:
                 problem(f"{applied} applied request records for {expect_seq - 1} journal entries")
         if card_totals != totals:

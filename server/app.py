@@ -44,6 +44,10 @@ class StartupError(Exception):
     """The server cannot start; the message says why, for people."""
 
 
+class WriterFailed(Exception):
+    """The writer stopped while serving: the process exits non-zero so a supervisor restarts it."""
+
+
 def _lock_data_dir(data_dir: str):
     """One server per data folder: an exclusive lock held for the life of the process."""
     lock = open(os.path.join(data_dir, "cardcore.lock"), "a+")
@@ -82,9 +86,11 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     if port == 0:
         raise StartupError(f"cannot listen on {cfg.listen} (in use, or not an address of this host)")
     stop = asyncio.Event()
+    failed: list[str] = []
 
     def fatal(why: str) -> None:
         log.critical("stopping the server: %s", why)
+        failed.append(why)
         stop.set()
 
     # The writer process creates the environment; this process only reads it.
@@ -126,3 +132,5 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
             ledger.close()
         lock.close()
         log.info("stopped: ledger closed")
+    if failed:
+        raise WriterFailed(failed[0])

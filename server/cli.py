@@ -35,6 +35,16 @@ def parse_amount(text: str) -> int:
     return sign * (abs(int(whole)) * 100 + int((frac + "00")[:2]))
 
 
+def _card_number(text: str) -> str:
+    if text != "-":
+        return text
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("card number: ").strip()
+    return sys.stdin.readline().strip()
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -43,7 +53,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 # ---- server-side commands --------------------------------------------------------
 
 def cmd_serve(args) -> int:
-    from .app import ServerConfig, StartupError, serve
+    from .app import ServerConfig, StartupError, WriterFailed, serve
 
     cfg = ServerConfig(data_dir=args.data_dir, listen=args.listen, program_path=args.program,
                        keyring_path=args.keyring, sync=not args.no_sync,
@@ -54,6 +64,9 @@ def cmd_serve(args) -> int:
     except StartupError as exc:
         print(f"cardcore: {exc}", file=sys.stderr)
         return 2
+    except WriterFailed as exc:
+        print(f"cardcore: stopped because the writer failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -266,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="server HOST:PORT")
         p.add_argument("--timeout-s", type=float, default=10.0)
         if card:
-            p.add_argument("card", help="card number")
+            p.add_argument("card", type=_card_number,
+                           help="card number, or - to read it from standard input (keeps it out "
+                                "of shell history and the process list)")
         p.set_defaults(func=func)
         return p
 

@@ -27,7 +27,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_OVERLOADED: (C.RESOURCE_EXHAUSTED, "the writer queue is full; retry later with the same request_id"),
     R.REASON_DEADLINE_EXCEEDED: (C.DEADLINE_EXCEEDED, "the deadline passed before the operation was applied; it was not applied"),
     R.REASON_UNAVAILABLE: (C.UNAVAILABLE, "the server is shutting down; retry with the same request_id"),
-    R.REASON_INTERNAL: (C.INTERNAL, "the server stopped its writer; the operation was not applied"),
+    R.REASON_INTERNAL: (C.INTERNAL, "the writer stopped before this operation reached it; it was not applied"),
+    R.REASON_OUTCOME_UNKNOWN: (C.UNAVAILABLE, "the writer stopped while applying this operation; ask "
+                               "GetOperation or retry with the same request_id"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -31,6 +31,7 @@ R = cpb.Reason
 DOMAIN = "cardcore.v1"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
+BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME_LEN_MAX = 64
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
@@ -83,7 +84,8 @@ def result_of(request_id: str, outcome: Outcome) -> pb.OperationResult:
             outcome.entry)
         result = pb.OperationResult(
             request_id=request_id, replayed=outcome.replayed, seq=seq, type=op,
-            amount_minor=amount, discount_minor=discount, paid_minor=-(dp + db_),
+            amount_minor=amount, discount_minor=discount,
+            paid_minor=-(dp + db_) if op == L.OP_PURCHASE else 0,
             points_earned=dpts, applied_at_us=ts_us)
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
@@ -141,13 +143,15 @@ class CardService(pb_grpc.CardServiceServicer):
         p = req.profile
         if len(p.name) > NAME_LEN_MAX:
             raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
+        if not p.name.isprintable():
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.name")
         if len(p.phone) > 20:
             raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
         if not PHONE_RE.fullmatch(p.phone):
             raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
         if p.birthday:
             try:
-                if len(p.birthday) != 10:
+                if not BIRTHDAY_RE.fullmatch(p.birthday):
                     raise ValueError
                 datetime.date.fromisoformat(p.birthday)
             except ValueError:
@@ -279,25 +283,29 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def SwipeStream(self, request_iterator, context):
         """One reply per request, in order; requests are pipelined up to STREAM_IN_FLIGHT_MAX."""
-        in_flight: asyncio.Queue = asyncio.Queue(maxsize=STREAM_IN_FLIGHT_MAX)
+        # Unbounded queue, bounded by the semaphore: the reader can always post its end
+        # marker without waiting, so a cancelled stream leaves no task behind.
+        in_flight: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT_MAX)
         done = object()
 
         async def read() -> None:
             try:
                 async for op in request_iterator:
+                    await slots.acquire()
                     request_id, op_type, parsed = self._operation(op)
                     if isinstance(parsed, Invalid):
-                        await in_flight.put(_failed_result(request_id, op_type, parsed))
+                        in_flight.put_nowait(_failed_result(request_id, op_type, parsed))
                         continue
                     try:
                         fut = self.writer.submit([parsed], self._deadline(context))
                     except (Overloaded, Stopped) as exc:
                         reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
-                        await in_flight.put(result_of(request_id, Outcome(reason, False, op_type, None, 0)))
+                        in_flight.put_nowait(result_of(request_id, Outcome(reason, False, op_type, None, 0)))
                         continue
-                    await in_flight.put((request_id, fut))
+                    in_flight.put_nowait((request_id, fut))
             finally:
-                await in_flight.put(done)
+                in_flight.put_nowait(done)
 
         reader = asyncio.create_task(read())
         try:
@@ -308,6 +316,7 @@ class CardService(pb_grpc.CardServiceServicer):
                 if isinstance(item, tuple):
                     request_id, fut = item
                     item = result_of(request_id, (await fut)[0])
+                slots.release()
                 yield item
             await reader  # surfaces a reading error, if any
         finally:

@@ -17,9 +17,12 @@ answers the last one: the two halves work in parallel. The writer process applie
 in one LMDB write transaction (one fsync) and sends back one outcome per
 operation; then every caller of the group is answered. The queue is bounded
 in operations: full -> ``Overloaded`` at once. An item whose deadline passed
-before its group was sent is not applied. If the writer process dies or an
-invariant breaks, every waiting caller gets REASON_INTERNAL and the server
-stops: nothing half-done is written (the transaction is aborted).
+before its group was sent is not applied. If an invariant breaks, the writer
+aborts the transaction and says so: every waiting caller gets REASON_INTERNAL
+(not applied). If the writer process dies, the groups it held may or may not
+have been committed: their callers get REASON_OUTCOME_UNKNOWN (ask
+GetOperation, or retry with the same request_id); queued items never sent get
+REASON_INTERNAL. Either way the server stops.
 
 Wire format over a Unix socketpair, each message framed as ``length:u32 | bytes``.
 This process's end is non-blocking (add_reader/add_writer), so neither side
@@ -108,7 +111,8 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
             profile = data[pos:pos + profile_len]
             pos += profile_len
         ops.append(PendingOp(key, packed[40:56], packed, digest, profile))
-    assert pos == len(data), "group message has trailing bytes"
+    if pos != len(data):
+        raise ValueError("group message has trailing bytes")
     return ops, ts_us
 
 
@@ -142,7 +146,8 @@ def recv_frame(sock: socket.socket) -> bytes | None:
     if head is None:
         return None
     (n,) = FRAME.unpack(head)
-    assert n <= FRAME_BYTES_MAX, "frame too large"
+    if n > FRAME_BYTES_MAX:
+        raise ValueError("frame too large")
     return _recv_exact(sock, n)
 
 
@@ -294,7 +299,7 @@ class Writer:
         except BlockingIOError:
             pass
         except OSError as exc:
-            self._die(f"cannot reach the writer process: {exc}")
+            self._die(f"cannot reach the writer process: {exc}", committed_unknown=True)
             return
         if self._out and not self._writing:
             self.loop.add_writer(self._sock.fileno(), self._flush)
@@ -311,25 +316,33 @@ class Writer:
         except OSError:
             chunk = b""
         if not chunk:
-            self._die("the writer process exited")
+            self._die("the writer process exited", committed_unknown=True)
             return
         self._in += chunk
-        while len(self._in) >= FRAME.size and self._dead is None:
-            (n,) = FRAME.unpack_from(self._in)
-            if len(self._in) < FRAME.size + n:
-                break
-            data = bytes(self._in[FRAME.size:FRAME.size + n])
-            del self._in[:FRAME.size + n]
-            self._on_answer(data)
+        try:
+            while len(self._in) >= FRAME.size and self._dead is None:
+                (n,) = FRAME.unpack_from(self._in)
+                if len(self._in) < FRAME.size + n:
+                    break
+                data = bytes(self._in[FRAME.size:FRAME.size + n])
+                del self._in[:FRAME.size + n]
+                self._on_answer(data)
+        except Exception as exc:  # a malformed answer: nobody may be left waiting
+            self._die(f"bad answer from the writer process: {type(exc).__name__}: {exc}",
+                      committed_unknown=True)
 
     def _on_answer(self, data: bytes) -> None:
         if data.startswith(FATAL):
-            self._die(f"the writer failed: {data[len(FATAL):].decode(errors='replace')}")
+            self._die(f"the writer failed: {data[len(FATAL):].decode(errors='replace')}",
+                      committed_unknown=False)
             return
-        assert self._in_flight, "an answer arrived with no group in flight"
-        items = self._in_flight.popleft()
+        if not self._in_flight:
+            raise ValueError("an answer arrived with no group in flight")
         outcomes = decode_answer(data)
-        assert len(outcomes) == sum(len(it.ops) for it in items)
+        expected = sum(len(it.ops) for it in self._in_flight[0])
+        if len(outcomes) != expected:
+            raise ValueError(f"{len(outcomes)} outcomes for a group of {expected}")
+        items = self._in_flight.popleft()
         k = 0
         for it in items:
             _answer(it, outcomes[k:k + len(it.ops)])
@@ -345,20 +358,26 @@ class Writer:
         if self._stopping and not self._in_flight and not self._queue:
             self._drained.set()
 
-    def _die(self, why: str) -> None:
+    def _die(self, why: str, committed_unknown: bool) -> None:
+        """Stop taking work; answer every waiting caller; tell the server."""
         if self._dead is not None:
             return
         self._dead = why
         log.critical("%s", why)
-        pending = [it for group in self._in_flight for it in group] + list(self._queue)
+        held = [it for group in self._in_flight for it in group]
+        never_sent = list(self._queue)
         self._in_flight.clear()
         self._queue.clear()
         self._queued_ops = 0
-        for it in pending:
+        in_hands = pb.REASON_OUTCOME_UNKNOWN if committed_unknown else pb.REASON_INTERNAL
+        for it in held:
+            _answer(it, _uniform(in_hands, it.ops))
+        for it in never_sent:
             _answer(it, _uniform(pb.REASON_INTERNAL, it.ops))
         self.loop.remove_reader(self._sock.fileno())
         if self._writing:
             self.loop.remove_writer(self._sock.fileno())
+            self._writing = False
         self._drained.set()
         if self._on_fatal is not None:
             self._on_fatal(why)
@@ -373,7 +392,7 @@ class Writer:
         try:
             await asyncio.wait_for(self._drained.wait(), timeout_s)
         except asyncio.TimeoutError:
-            log.error("writer did not drain in %.0f s", timeout_s)
+            self._die(f"the writer did not finish within {timeout_s:.0f} s", committed_unknown=True)
         if self._dead is None:
             self.loop.remove_reader(self._sock.fileno())
         self._sock.close()

@@ -78,6 +78,40 @@ def tamper(ledger: Ledger, db, key: bytes, offset: int, value: bytes) -> None:
         txn.put(key, bytes(raw))
 
 
+def forge(ledger: Ledger, cid_: bytes, seq: int, offset: int, value: int) -> None:
+    """Change one i64 field of a journal entry and carry it through the later entries and the
+    card record, so every running sum still agrees: only the entry's meaning is wrong."""
+    delta = value - int.from_bytes(ledger.env.begin(db=ledger.journal).get(L.SEQ_KEY.pack(seq))[
+        offset:offset + 8], "little", signed=True)
+    with ledger.env.begin(write=True) as txn:
+        raw = bytearray(txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal))
+        raw[offset:offset + 8] = value.to_bytes(8, "little", signed=True)
+        txn.put(L.SEQ_KEY.pack(seq), bytes(raw), db=ledger.journal)
+        if offset == 48:  # principal delta: shift every later principal-after and the card
+            for later in range(seq, ledger.next_seq):
+                e = bytearray(txn.get(L.SEQ_KEY.pack(later), db=ledger.journal))
+                after = int.from_bytes(e[72:80], "little", signed=True) + delta
+                e[72:80] = after.to_bytes(8, "little", signed=True)
+                txn.put(L.SEQ_KEY.pack(later), bytes(e), db=ledger.journal)
+            rec = bytearray(txn.get(cid_, db=ledger.cards))
+            rec[8:16] = (int.from_bytes(rec[8:16], "little", signed=True) + delta).to_bytes(8, "little", signed=True)
+            txn.put(cid_, bytes(rec), db=ledger.cards)
+
+
+@pytest.mark.parametrize("seq,offset,value,what", [
+    (1, 48, 1_000_000_000, "an opening that mints principal"),
+    (2, 48, 5_000, "a top-up of 1,000 that adds 5,000"),
+    (3, 40, 101, "a discount larger than the gross"),
+])
+def test_verify_finds_entries_that_add_up_but_mean_the_wrong_thing(ledger, seq, offset, value, what):
+    n = new_card_number()
+    ledger.apply_group([open_op("o", n), op("t", L.OP_TOP_UP, n, 1_000),
+                        op("p", L.OP_PURCHASE, n, 100)], 1)
+    forge(ledger, cid(n), seq, offset, value)
+    report = ledger.verify()
+    assert not report["ok"], what
+
+
 @pytest.mark.parametrize("what", ["balance", "journal delta", "journal gap", "request record"])
 def test_verify_finds_a_ledger_that_does_not_add_up(ledger, what):
     n = new_card_number()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import grpc
 import pytest
@@ -25,6 +26,7 @@ def test_open_top_up_and_purchase_apply_discount_and_points(client):
     assert opened.reason == R.REASON_OK and opened.seq >= 1
     topped = client.top_up(number, 100_000)
     assert topped.balance_after.principal_minor == 100_000
+    assert (topped.amount_minor, topped.paid_minor, topped.points_earned) == (100_000, 0, 0)
     assert topped.seq == opened.seq + 1
 
     # silver pays 95%: 123.45 -> 117.2775 -> 117.28 (half-up), 117 points (floor of 117.28)
@@ -220,6 +222,8 @@ BAD_INPUTS = [
     ("name of 65 characters", lambda c, n: c.open(new_card_number(), name="x" * 65), "INVALID_ARGUMENT", "REASON_FIELD_TOO_LONG", "profile.name"),
     ("phone of 21 characters", lambda c, n: c.open(new_card_number(), phone="1" * 21), "INVALID_ARGUMENT", "REASON_FIELD_TOO_LONG", "profile.phone"),
     ("birthday not a date", lambda c, n: c.open(new_card_number(), birthday="1990-02-30"), "INVALID_ARGUMENT", "REASON_INVALID_ARGUMENT", "profile.birthday"),
+    ("birthday as an ISO week date", lambda c, n: c.open(new_card_number(), birthday="2020-W01-1"), "INVALID_ARGUMENT", "REASON_INVALID_ARGUMENT", "profile.birthday"),
+    ("name with a control character", lambda c, n: c.open(new_card_number(), name="Li\x1b[2JWei"), "INVALID_ARGUMENT", "REASON_INVALID_ARGUMENT", "profile.name"),
     ("tier beyond the program", lambda c, n: c.open(new_card_number(), tier=3), "INVALID_ARGUMENT", "REASON_INVALID_TIER", "tier"),
     ("card opened twice", lambda c, n: c.open(n), "ALREADY_EXISTS", "REASON_CARD_ALREADY_EXISTS", ""),
 ]
@@ -369,3 +373,64 @@ def test_a_busy_port_or_a_busy_data_folder_fails_fast_with_a_clear_message(serve
     busy_folder = serve("--data-dir", server.data_dir, "--listen", "127.0.0.1:0")
     assert busy_folder.returncode == 2 and "another cardcore server" in busy_folder.stderr
     assert Client(server.stub).open(new_card_number()).reason == R.REASON_OK  # the first one is fine
+
+
+def writer_pid(server) -> int:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == server.proc.pid:
+                        with open(f"/proc/{entry}/cmdline", "rb") as g:
+                            if b"spawn_main" in g.read():
+                                return int(entry)
+            except (OSError, ValueError, IndexError):
+                continue
+    raise AssertionError("no writer process found")
+
+
+def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server):
+    """Kill -9 the writer under a stream of top-ups: every OK was applied, every INTERNAL was not,
+    OUTCOME_UNKNOWN may be either; the server exits non-zero; a restart verifies and converges."""
+    import signal as sig
+    import threading
+
+    server = start_server()
+    number = new_card_number()
+    Client(server.stub).open(number)
+    ids = [f"wd-{i:05d}" for i in range(20_000)]
+    replies = []
+
+    def swipes():
+        for request_id in ids:
+            yield pb.Operation(top_up=pb.TopUpRequest(request_id=request_id, amount_minor=1,
+                                                      card=cpb.CardRef(card_number=number)))
+
+    def run():
+        try:
+            for reply in server.stub.SwipeStream(swipes()):
+                replies.append(reply)
+        except grpc.RpcError:
+            pass
+
+    t = threading.Thread(target=run)
+    t.start()
+    while len(replies) < 300:
+        time.sleep(0.005)
+    os.kill(writer_pid(server), sig.SIGKILL)
+    t.join(60)
+    assert server.proc.wait(30) != 0
+    assert "stopping the server" in server.log()
+    restarted = start_server(data_dir=server.data_dir)
+    reasons = {}
+    for reply in replies:
+        op = restarted.stub.GetOperation(pb.GetOperationRequest(request_id=reply.request_id))
+        reasons.setdefault(R.Name(reply.reason), []).append(op.found)
+    assert set(reasons) <= {"REASON_OK", "REASON_INTERNAL", "REASON_OUTCOME_UNKNOWN", "REASON_UNAVAILABLE"}
+    assert all(reasons["REASON_OK"]) and len(reasons["REASON_OK"]) >= 300
+    assert not any(reasons.get("REASON_INTERNAL", []))
+    assert not any(reasons.get("REASON_UNAVAILABLE", []))
+    balance = Client(restarted.stub).card(number).balance.principal_minor
+    report = verify(restarted.data_dir)
+    assert report["ok"]
+    assert balance == report["journal_entries"] - 1 >= len(reasons["REASON_OK"])  # 1 fen per top-up
