@@ -19,7 +19,8 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 
 from .service import CardService
-from .writer import GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, QUEUE_MAX_OPS_DEFAULT, Writer
+from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
+                     QUEUE_MAX_OPS_DEFAULT, Writer)
 
 log = logging.getLogger("cardcore.server")
 
@@ -38,6 +39,7 @@ class ServerConfig:
     group_max_ops: int = GROUP_MAX_OPS_DEFAULT
     group_wait_us: int = GROUP_WAIT_US_DEFAULT
     queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT
+    groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT
 
 
 class StartupError(Exception):
@@ -96,7 +98,8 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     # The writer process creates the environment; this process only reads it.
     writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync,
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
-                    queue_max_ops=cfg.queue_max_ops, on_fatal=fatal)
+                    queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
+                    on_fatal=fatal)
     writer.start()
     ledger = None
     health_servicer = health.aio.HealthServicer()

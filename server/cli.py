@@ -58,7 +58,7 @@ def cmd_serve(args) -> int:
     cfg = ServerConfig(data_dir=args.data_dir, listen=args.listen, program_path=args.program,
                        keyring_path=args.keyring, sync=not args.no_sync,
                        group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
-                       queue_max_ops=args.queue_max_ops)
+                       queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight)
     try:
         asyncio.run(serve(cfg))
     except StartupError as exc:
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for more operations once one is queued")
     p.add_argument("--queue-max-ops", type=int, default=100_000,
                    help="queued operations at most; beyond, RESOURCE_EXHAUSTED")
+    p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=1,
+                   help="groups handed to the writer at once (1: larger groups, fewer fsyncs; "
+                        "2: the writer starts the next while this process answers the last)")
     p.add_argument("--no-sync", action="store_true",
                    help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
     p.set_defaults(func=cmd_serve)

@@ -96,7 +96,10 @@ def test_a_declined_request_replays_its_decline(client):
     assert client.purchase(number, 100).paid_minor == 100
 
 
-def test_200_concurrent_purchases_on_1000_yuan_exactly_100_succeed(server, client):
+@pytest.mark.parametrize("groups_in_flight", ["1", "2"])
+def test_200_concurrent_purchases_on_1000_yuan_exactly_100_succeed(start_server, groups_in_flight):
+    server = start_server("--groups-in-flight", groups_in_flight)
+    client = Client(server.stub)
     number = new_card_number()
     client.open(number)
     client.top_up(number, 100_000)
@@ -389,13 +392,14 @@ def writer_pid(server) -> int:
     raise AssertionError("no writer process found")
 
 
-def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server):
+@pytest.mark.parametrize("groups_in_flight", ["1", "2"])
+def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server, groups_in_flight):
     """Kill -9 the writer under a stream of top-ups: every OK was applied, every INTERNAL was not,
     OUTCOME_UNKNOWN may be either; the server exits non-zero; a restart verifies and converges."""
     import signal as sig
     import threading
 
-    server = start_server()
+    server = start_server("--groups-in-flight", groups_in_flight)
     number = new_card_number()
     Client(server.stub).open(number)
     ids = [f"wd-{i:05d}" for i in range(20_000)]
