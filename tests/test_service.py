@@ -438,3 +438,18 @@ def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server, groups
     report = verify(restarted.data_dir)
     assert report["ok"]
     assert balance == report["journal_entries"] - 1 >= len(reasons["REASON_OK"])  # 1 fen per top-up
+
+
+def test_an_operation_whose_deadline_passes_while_queued_is_not_applied(start_server):
+    server = start_server("--group-wait-us", "500000")  # the writer waits 0.5 s to fill a group
+    c = Client(server.stub)
+    number = new_card_number()
+    c.open(number, request_id="deadline-open")
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.TopUp(pb.TopUpRequest(request_id="too-late", card=cpb.CardRef(card_number=number),
+                                          amount_minor=700), timeout=0.1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.6)  # the group it was queued for has gone to the writer by now
+    assert not server.stub.GetOperation(pb.GetOperationRequest(request_id="too-late")).found
+    assert c.card(number).balance.principal_minor == 0
+    assert c.top_up(number, 5, request_id="in-time").balance_after.principal_minor == 5
