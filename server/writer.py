@@ -266,11 +266,13 @@ class Writer:
         fut = self.loop.create_future()
         self._queue.append(_Item(ops, fut, deadline))
         self._queued_ops += len(ops)
-        if len(self._in_flight) < self.groups_in_flight and self._wait_timer is None:
-            if self.group_wait_s and self._queued_ops < self.group_max_ops:
-                self._wait_timer = self.loop.call_later(self.group_wait_s, self._send_group)
-            else:
+        if len(self._in_flight) < self.groups_in_flight:
+            if self._queued_ops >= self.group_max_ops or not self.group_wait_s:
+                if self._wait_timer is not None:  # the group is full: no reason to wait longer
+                    self._wait_timer.cancel()
                 self._send_group()
+            elif self._wait_timer is None:
+                self._wait_timer = self.loop.call_later(self.group_wait_s, self._send_group)
         return fut
 
     def _send_group(self) -> None:

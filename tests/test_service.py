@@ -453,3 +453,22 @@ def test_an_operation_whose_deadline_passes_while_queued_is_not_applied(start_se
     assert not server.stub.GetOperation(pb.GetOperationRequest(request_id="too-late")).found
     assert c.card(number).balance.principal_minor == 0
     assert c.top_up(number, 5, request_id="in-time").balance_after.principal_minor == 5
+
+
+def test_a_full_group_does_not_wait_for_the_group_timer(start_server):
+    server = start_server("--group-wait-us", "3000000", "--group-max-ops", "2")
+    number = new_card_number()
+    ref = cpb.CardRef(card_number=number)
+    opened = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[  # 2 ops: a full group
+        pb.Operation(open_card=pb.OpenCardRequest(request_id="full-0", card=ref)),
+        pb.Operation(top_up=pb.TopUpRequest(request_id="full-1", card=ref, amount_minor=1))]), timeout=2.5)
+    assert [r.reason for r in opened.results] == [R.REASON_OK, R.REASON_OK]
+
+    async def two_top_ups():  # the first starts the 3 s group timer, the second fills the group
+        async with server.aio_channel() as channel:
+            stub = pb_grpc.CardServiceStub(channel)
+            return await asyncio.gather(*(
+                stub.TopUp(pb.TopUpRequest(request_id=f"full-{i}", card=ref, amount_minor=1), timeout=2.5)
+                for i in (2, 3)))
+
+    assert [r.reason for r in asyncio.run(two_top_ups())] == [R.REASON_OK, R.REASON_OK]
