@@ -86,8 +86,6 @@ class Outcome(NamedTuple):
     available_minor: int        # for INSUFFICIENT_FUNDS
 
 
-R_DUPLICATE_REQUEST_MISMATCH = 13
-
 
 class Ledger:
     def __init__(self, path: str, program: Program, *, sync: bool = True,
@@ -95,7 +93,6 @@ class Ledger:
         self.path = path
         self.program = program
         self._program_packed = program.packed()
-        self.sync = sync
         # Explicit options: durability (sync/metasync) is the point of the ledger;
         # writemap off keeps stray pointer writes from touching the file.
         self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=8, sync=sync,
@@ -149,7 +146,7 @@ class Ledger:
         Raises on a broken invariant (the transaction is aborted, nothing is
         written); grows the map and retries when LMDB reports it full.
         """
-        for attempt in range(MAP_GROW_ATTEMPTS):
+        for _ in range(MAP_GROW_ATTEMPTS):
             try:
                 return self._apply_group_once(ops, ts_us)
             except lmdb.MapFullError:
@@ -245,7 +242,7 @@ class Ledger:
     def _replay(self, txn, idem: bytes, digest: bytes) -> Outcome:
         _, op_type, reason, _, stored_digest, seq, available, _ = L.IDEM.unpack(idem)
         if stored_digest != digest:
-            return Outcome(R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None, 0)
+            return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None, 0)
         entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal) if seq else None
         if reason == L.R_OK and entry is None:
             raise InvariantError("idempotency record points at no journal entry")
@@ -254,7 +251,7 @@ class Ledger:
     @staticmethod
     def _repeat(first: Outcome, same_payload: bool) -> Outcome:
         if not same_payload:
-            return Outcome(R_DUPLICATE_REQUEST_MISMATCH, False, first.op, None, 0)
+            return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, first.op, None, 0)
         return first._replace(replayed=True)
 
     # ---- readers (never wait for the writer) --------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from cardcore import cards
 from cardcore import layout as L
-from cardcore.ledger import R_DUPLICATE_REQUEST_MISMATCH, Ledger, PendingOp
+from cardcore.ledger import Ledger, PendingOp
 from cardcore.rules import DEFAULT_PROGRAM
 from conftest import new_card_number
 
@@ -38,7 +38,7 @@ def test_a_group_applies_in_order_and_answers_repeats_inside_it(ledger):
     outcomes = ledger.apply_group([
         open_op("o", n), op("t", L.OP_TOP_UP, n, 1_000), op("p", L.OP_PURCHASE, n, 400),
         op("p", L.OP_PURCHASE, n, 400), op("p", L.OP_PURCHASE, n, 401)], ts_us=123)
-    assert [o.reason for o in outcomes] == [0, 0, 0, 0, R_DUPLICATE_REQUEST_MISMATCH]
+    assert [o.reason for o in outcomes] == [0, 0, 0, 0, L.R_DUPLICATE_REQUEST_MISMATCH]
     assert [o.replayed for o in outcomes] == [False, False, False, True, False]
     assert outcomes[3].entry == outcomes[2].entry
     assert ledger.next_seq == 4
