@@ -79,7 +79,7 @@ assert _REPLY_FIELDS.size == 104
 def result_of(request_id: str, outcome: Outcome) -> pb.OperationResult:
     """The OperationResult for an outcome: the same shape for unary, batch and stream."""
     reason = outcome.reason
-    if reason == R.REASON_OK:
+    if reason == L.R_OK:  # a plain int: protobuf's enum wrapper attribute costs ~0.3 µs
         op, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us = _REPLY_FIELDS.unpack_from(
             outcome.entry)
         result = pb.OperationResult(
@@ -109,7 +109,7 @@ class CardService(pb_grpc.CardServiceServicer):
     def __init__(self, ledger: Ledger, writer: Writer, index_key: bytes):
         self.ledger = ledger
         self.writer = writer
-        self._index_key = index_key
+        self._index = cards.CardIndex(index_key)
         self._tier_count = len(ledger.program.tiers)
         self._require_luhn = ledger.program.require_luhn
         self._builders = {"open_card": (L.OP_OPEN, self._open_op),
@@ -127,7 +127,7 @@ class CardService(pb_grpc.CardServiceServicer):
         number = ref.card_number
         if not cardno.number_ok(number, self._require_luhn):
             raise Invalid(R.REASON_INVALID_CARD_NUMBER, "card.card_number")
-        return cards.card_id(self._index_key, number)
+        return self._index.card_id(number)
 
     @staticmethod
     def _amount(value: int, field: str) -> int:
@@ -218,7 +218,7 @@ class CardService(pb_grpc.CardServiceServicer):
     async def _unary(self, build, request, context) -> pb.OperationResult:
         op = await self._parse(build, request, context)
         outcome = (await (await self._submit([op], context)))[0]
-        if outcome.reason != R.REASON_OK:
+        if outcome.reason != L.R_OK:
             await abort(context, failure(outcome.reason, available_minor=outcome.available_minor))
         return result_of(request.request_id, outcome)
 
