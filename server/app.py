@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cardcore import keyring
-from cardcore.ledger import Ledger
+from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
 from cardcore.rules import load_program
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
@@ -40,6 +40,7 @@ class ServerConfig:
     group_wait_us: int = GROUP_WAIT_US_DEFAULT
     queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT
     groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT
+    map_size_mib: int = MAP_SIZE_INITIAL >> 20   # grows by doubling when full
 
 
 class StartupError(Exception):
@@ -99,12 +100,12 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync,
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
-                    on_fatal=fatal)
+                    map_size=cfg.map_size_mib << 20, on_fatal=fatal)
     writer.start()
     ledger = None
     health_servicer = health.aio.HealthServicer()
     try:
-        ledger = Ledger(ledger_path, program, readonly=True)
+        ledger = Ledger(ledger_path, program, readonly=True, map_size=cfg.map_size_mib << 20)
         pb_grpc.add_CardServiceServicer_to_server(CardService(ledger, writer, index_key), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

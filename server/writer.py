@@ -52,7 +52,7 @@ import time
 from typing import Callable
 
 from cardcore import layout as L
-from cardcore.ledger import Ledger, Outcome, PendingOp
+from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 from cardcore.rules import load_program
 from cardcore.v1 import common_pb2 as pb
 
@@ -159,12 +159,13 @@ def send_frame(sock: socket.socket, data: bytes) -> None:
     sock.sendall(FRAME.pack(len(data)) + data)
 
 
-def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None, sync: bool) -> None:
+def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None, sync: bool,
+                map_size: int) -> None:
     """The writer process: apply each group it is sent, answer it, until the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ledger = Ledger(ledger_path, load_program(program_path), sync=sync)
+    ledger = Ledger(ledger_path, load_program(program_path), sync=sync, map_size=map_size)
     try:
         send_frame(sock, READY)
         while True:
@@ -207,6 +208,7 @@ class Writer:
                  group_wait_us: int = GROUP_WAIT_US_DEFAULT,
                  queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT,
                  groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT,
+                 map_size: int = MAP_SIZE_INITIAL,
                  on_fatal: Callable[[str], None] | None = None) -> None:
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
         assert 1 <= groups_in_flight <= GROUPS_IN_FLIGHT_MAX
@@ -226,7 +228,7 @@ class Writer:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._proc = ctx.Process(target=writer_main, name="cardcore-writer", daemon=True,
-                                 args=(child, ledger_path, program_path, sync))
+                                 args=(child, ledger_path, program_path, sync, map_size))
         self._child_sock = child
         self._out = bytearray()    # framed bytes not yet accepted by the socket
         self._in = bytearray()     # bytes received, not yet a whole frame

@@ -472,3 +472,18 @@ def test_a_full_group_does_not_wait_for_the_group_timer(start_server):
                 for i in (2, 3)))
 
     assert [r.reason for r in asyncio.run(two_top_ups())] == [R.REASON_OK, R.REASON_OK]
+
+
+def test_the_map_grows_under_the_server_and_reads_follow(start_server):
+    server = start_server("--map-size-mib", "1")
+    numbers = [new_card_number() for _ in range(4_000)]
+    for start in range(0, len(numbers), 1_000):
+        res = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
+            pb.Operation(open_card=pb.OpenCardRequest(request_id=f"grow-{start + i}",
+                                                      card=cpb.CardRef(card_number=n), profile=pb.MemberProfile(name="x" * 60)))
+            for i, n in enumerate(numbers[start:start + 1_000])])).results
+        assert all(r.reason == R.REASON_OK for r in res)
+        assert Client(server.stub).card(numbers[start]).profile.name == "x" * 60  # reads follow
+    assert "LMDB map grown" in server.log()
+    report = verify(server.data_dir)
+    assert report["ok"] and report["cards"] == 4_000
