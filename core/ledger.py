@@ -301,6 +301,11 @@ class Ledger:
 
         return self._read(read)
 
+    def map_usage(self) -> tuple[int, int]:
+        """(map size, bytes in use) for monitoring."""
+        info = self.env.info()
+        return info["map_size"], (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
     def stats(self) -> dict:
         def read(txn):
             return {"cards": txn.stat(self.cards)["entries"],

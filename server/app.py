@@ -18,6 +18,7 @@ from cardcore.rules import load_program
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 
+from .metrics import Metrics
 from .service import CardService
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, Writer)
@@ -41,6 +42,7 @@ class ServerConfig:
     queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT
     groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT
     map_size_mib: int = MAP_SIZE_INITIAL >> 20   # grows by doubling when full
+    metrics_listen: str | None = None             # HOST:PORT for Prometheus; None: not served
 
 
 class StartupError(Exception):
@@ -97,7 +99,8 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
         stop.set()
 
     # The writer process creates the environment; this process only reads it.
-    writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync,
+    metrics = Metrics()
+    writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync, metrics=metrics,
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, on_fatal=fatal)
@@ -106,6 +109,9 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     health_servicer = health.aio.HealthServicer()
     try:
         ledger = Ledger(ledger_path, program, readonly=True, map_size=cfg.map_size_mib << 20)
+        metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
+        if cfg.metrics_listen:
+            log.info("metrics on http://%s/metrics", metrics.serve(cfg.metrics_listen))
         pb_grpc.add_CardServiceServicer_to_server(CardService(ledger, writer, index_key), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

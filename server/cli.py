@@ -59,7 +59,7 @@ def cmd_serve(args) -> int:
                        keyring_path=args.keyring, sync=not args.no_sync,
                        group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
                        queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
-                       map_size_mib=args.map_size_mib)
+                       map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen)
     try:
         asyncio.run(serve(cfg))
     except StartupError as exc:
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=1,
                    help="groups handed to the writer at once (1: larger groups, fewer fsyncs; "
                         "2: the writer starts the next while this process answers the last)")
+    p.add_argument("--metrics-listen", default=os.environ.get("CARDCORE_METRICS_LISTEN"),
+                   help="serve Prometheus metrics on HOST:PORT (env CARDCORE_METRICS_LISTEN; off by default)")
     p.add_argument("--map-size-mib", type=int, default=1024,
                    help="initial LMDB map (address space, not disk); doubles when full")
     p.add_argument("--no-sync", action="store_true",

@@ -109,6 +109,9 @@ class CardService(pb_grpc.CardServiceServicer):
     def __init__(self, ledger: Ledger, writer: Writer, index_key: bytes):
         self.ledger = ledger
         self.writer = writer
+        self.metrics = writer.metrics
+        self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
+            "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream")}
         self._index = cards.CardIndex(index_key)
         self._tier_count = len(ledger.program.tiers)
         self._require_luhn = ledger.program.require_luhn
@@ -215,9 +218,12 @@ class CardService(pb_grpc.CardServiceServicer):
         except Invalid as exc:
             await abort(context, failure(exc.reason, exc.field))
 
-    async def _unary(self, build, request, context) -> pb.OperationResult:
+    async def _unary(self, rpc: str, build, request, context) -> pb.OperationResult:
+        started = time.perf_counter()
         op = await self._parse(build, request, context)
         outcome = (await (await self._submit([op], context)))[0]
+        self.metrics.count(outcome.op, outcome.reason)
+        self._call_seconds[rpc].observe(time.perf_counter() - started)
         if outcome.reason != L.R_OK:
             await abort(context, failure(outcome.reason, available_minor=outcome.available_minor))
         return result_of(request.request_id, outcome)
@@ -225,17 +231,19 @@ class CardService(pb_grpc.CardServiceServicer):
     # ---- RPCs ------------------------------------------------------------------
 
     async def OpenCard(self, request, context):
-        return await self._unary(self._open_op, request, context)
+        return await self._unary("OpenCard", self._open_op, request, context)
 
     async def TopUp(self, request, context):
-        return await self._unary(self._top_up_op, request, context)
+        return await self._unary("TopUp", self._top_up_op, request, context)
 
     async def Purchase(self, request, context):
-        return await self._unary(self._purchase_op, request, context)
+        return await self._unary("Purchase", self._purchase_op, request, context)
 
     async def GetCard(self, request, context):
+        started = time.perf_counter()
         card_id = await self._parse(self._card_id, request.card, context)
         found = self.ledger.read_card(card_id)
+        self._call_seconds["GetCard"].observe(time.perf_counter() - started)
         if found is None:
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
         rec, profile = found
@@ -255,13 +263,16 @@ class CardService(pb_grpc.CardServiceServicer):
                                      home_store_id=home_store))
 
     async def GetOperation(self, request, context):
+        started = time.perf_counter()
         key = await self._parse(self._request_key, request.request_id, context)
         outcome = self.ledger.read_operation(key)
+        self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:
             return pb.GetOperationResponse(found=False)
         return pb.GetOperationResponse(found=True, result=result_of(request.request_id, outcome))
 
     async def SubmitBatch(self, request, context):
+        started = time.perf_counter()
         n = len(request.operations)
         if n > BATCH_OPS_MAX:
             await abort(context, failure(R.REASON_BATCH_TOO_LARGE, "operations"))
@@ -279,6 +290,8 @@ class CardService(pb_grpc.CardServiceServicer):
             fut = await self._submit(valid, context)
             for (i, request_id), outcome in zip(where, await fut):
                 results[i] = result_of(request_id, outcome)
+        self.metrics.count_many((r.type, r.reason) for r in results)
+        self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
         return pb.SubmitBatchResponse(results=results)
 
     async def SwipeStream(self, request_iterator, context):
@@ -317,6 +330,7 @@ class CardService(pb_grpc.CardServiceServicer):
                     request_id, fut = item
                     item = result_of(request_id, (await fut)[0])
                 slots.release()
+                self.metrics.count(item.type, item.reason)
                 yield item
             await reader  # surfaces a reading error, if any
         finally:

@@ -56,6 +56,8 @@ from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 from cardcore.rules import load_program
 from cardcore.v1 import common_pb2 as pb
 
+from .metrics import Metrics
+
 log = logging.getLogger("cardcore.writer")
 
 GROUP_MAX_OPS_DEFAULT = 10_000
@@ -209,10 +211,12 @@ class Writer:
                  queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT,
                  groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT,
                  map_size: int = MAP_SIZE_INITIAL,
+                 metrics: Metrics | None = None,
                  on_fatal: Callable[[str], None] | None = None) -> None:
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
         assert 1 <= groups_in_flight <= GROUPS_IN_FLIGHT_MAX
         self.groups_in_flight = groups_in_flight
+        self.metrics = metrics or Metrics()
         self.loop = loop
         self.group_max_ops = group_max_ops
         self.group_wait_s = group_wait_us / 1e6
@@ -220,7 +224,8 @@ class Writer:
         self._on_fatal = on_fatal
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_ops = 0
-        self._in_flight: collections.deque[list[_Item]] = collections.deque()
+        # groups sent and not yet answered: (items, perf_counter when sent)
+        self._in_flight: collections.deque[tuple[list[_Item], float]] = collections.deque()
         self._wait_timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._dead: str | None = None
@@ -295,7 +300,8 @@ class Writer:
         if not items:
             self._check_drained()
             return
-        self._in_flight.append(items)
+        self._in_flight.append((items, time.perf_counter()))
+        self.metrics.group_ops.observe(n)
         data = encode_group([op for it in items for op in it.ops], time.time_ns() // 1000)
         self._out += FRAME.pack(len(data))
         self._out += data
@@ -350,10 +356,11 @@ class Writer:
         if not self._in_flight:
             raise ValueError("an answer arrived with no group in flight")
         outcomes = decode_answer(data)
-        expected = sum(len(it.ops) for it in self._in_flight[0])
+        expected = sum(len(it.ops) for it in self._in_flight[0][0])
         if len(outcomes) != expected:
             raise ValueError(f"{len(outcomes)} outcomes for a group of {expected}")
-        items = self._in_flight.popleft()
+        items, sent_at = self._in_flight.popleft()
+        self.metrics.group_seconds.observe(time.perf_counter() - sent_at)
         k = 0
         for it in items:
             _answer(it, outcomes[k:k + len(it.ops)])
@@ -375,7 +382,7 @@ class Writer:
             return
         self._dead = why
         log.critical("%s", why)
-        held = [it for group in self._in_flight for it in group]
+        held = [it for group, _ in self._in_flight for it in group]
         never_sent = list(self._queue)
         self._in_flight.clear()
         self._queue.clear()

@@ -487,3 +487,35 @@ def test_the_map_grows_under_the_server_and_reads_follow(start_server):
     assert "LMDB map grown" in server.log()
     report = verify(server.data_dir)
     assert report["ok"] and report["cards"] == 4_000
+
+
+def test_metrics_count_outcomes_groups_and_map_use(start_server):
+    import re
+    import urllib.request
+
+    server = start_server("--metrics-listen", "127.0.0.1:0")
+    url = re.search(r"metrics on (http://[\d.:]+/metrics)", server.log()).group(1)
+    c = Client(server.stub)
+    number = new_card_number()
+    c.open(number)
+    c.top_up(number, 1_000)
+    for _ in range(3):
+        c.purchase(number, 100)
+    with pytest.raises(grpc.RpcError):
+        c.purchase(number, 100_000)
+    server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
+        pb.Operation(purchase=purchase_request(number, 1)) for _ in range(5)]))
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, f"{name} not in metrics"
+        return float(m.group(1))
+
+    assert value('cardcore_operations_total{reason="REASON_OK",type="purchase"}') == 8
+    assert value('cardcore_operations_total{reason="REASON_INSUFFICIENT_FUNDS",type="purchase"}') == 1
+    assert value('cardcore_operations_total{reason="REASON_OK",type="top_up"}') == 1
+    assert value("cardcore_group_operations_count") >= 7 and value("cardcore_group_operations_sum") == 11
+    assert value('cardcore_call_seconds_count{rpc="Purchase"}') == 4
+    assert value("cardcore_lmdb_used_bytes") > 0 and value("cardcore_lmdb_map_bytes") >= 1 << 30
+    assert value("cardcore_queue_operations") == 0

@@ -1,0 +1,65 @@
+"""Prometheus metrics, served on their own port (``--metrics-listen``).
+
+What a chain's operators watch: operations by type and outcome, call
+latency, group-commit sizes and round trips, queue depth, LMDB map use. The
+hot path pays little: batches count their outcomes first and add once per
+distinct (type, reason); gauges are read when Prometheus scrapes.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from cardcore.v1 import common_pb2 as cpb
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+GROUP_OPS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+_TYPE_NAMES = {v: k.removeprefix("OPERATION_TYPE_").lower() for k, v in cpb.OperationType.items()}
+_REASON_NAMES = dict((v, k) for k, v in cpb.Reason.items())
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.operations = Counter(
+            "cardcore_operations", "Mutating operations answered, by type and reason",
+            ["type", "reason"], registry=self.registry)
+        self.call_seconds = Histogram(
+            "cardcore_call_seconds", "Time from a call's arrival to its answer, by RPC",
+            ["rpc"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.group_ops = Histogram(
+            "cardcore_group_operations", "Operations per group commit",
+            buckets=GROUP_OPS_BUCKETS, registry=self.registry)
+        self.group_seconds = Histogram(
+            "cardcore_group_seconds", "A group's round trip through the writer (apply, commit, fsync)",
+            buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.queue_ops = Gauge("cardcore_queue_operations", "Operations waiting for the writer",
+                               registry=self.registry)
+        self.map_bytes = Gauge("cardcore_lmdb_map_bytes", "LMDB map size", registry=self.registry)
+        self.used_bytes = Gauge("cardcore_lmdb_used_bytes", "LMDB pages in use x page size",
+                                registry=self.registry)
+
+    def watch(self, queued_ops: Callable[[], int], lmdb_usage: Callable[[], tuple[int, int]]) -> None:
+        """Gauges read on scrape: the writer queue and the ledger's map."""
+        self.queue_ops.set_function(queued_ops)
+        self.map_bytes.set_function(lambda: lmdb_usage()[0])
+        self.used_bytes.set_function(lambda: lmdb_usage()[1])
+
+    def count(self, op_type: int, reason: int, n: int = 1) -> None:
+        self.operations.labels(_TYPE_NAMES.get(op_type, "unknown"),
+                               _REASON_NAMES.get(reason, str(reason))).inc(n)
+
+    def count_many(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """(type, reason) per operation of a batch: one increment per distinct pair."""
+        for (op_type, reason), n in collections.Counter(pairs).items():
+            self.count(op_type, reason, n)
+
+    def serve(self, listen: str) -> str:
+        """Start the HTTP endpoint; return the bound HOST:PORT (port 0 picks a free one)."""
+        host, _, port = listen.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1",
+                                            registry=self.registry)
+        return f"{host or '127.0.0.1'}:{server.server_port}"
