@@ -519,3 +519,63 @@ def test_metrics_count_outcomes_groups_and_map_use(start_server):
     assert value('cardcore_call_seconds_count{rpc="Purchase"}') == 4
     assert value("cardcore_lmdb_used_bytes") > 0 and value("cardcore_lmdb_map_bytes") >= 1 << 30
     assert value("cardcore_queue_operations") == 0
+
+
+def test_a_client_that_stops_reading_its_stream_holds_up_no_one(server, client):
+    """A terminal that sends swipes and never reads the replies: flow control stops its own stream,
+    while other tills, balance inquiries and health checks go on."""
+    import threading
+
+    number, other = new_card_number(), new_card_number()
+    client.open(number)
+    client.top_up(number, 10_000_000)
+    client.open(other)
+    client.top_up(other, 10_000)
+    channel = grpc.insecure_channel(server.target)
+    stalled = pb_grpc.CardServiceStub(channel).SwipeStream(
+        iter([pb.Operation(purchase=purchase_request(number, 1, f"stall-{i}")) for i in range(5_000)]))
+    # never iterate `stalled`: its replies pile up until HTTP/2 flow control stops the stream
+    time.sleep(1.0)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    started = time.monotonic()
+    for _ in range(20):
+        assert client.purchase(other, 10).reason == R.REASON_OK
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    assert time.monotonic() - started < 10
+    stalled.cancel()
+    channel.close()
+    assert client.card(other).balance.available_minor == 10_000 - 200
+    assert verify(server.data_dir)["ok"]
+
+
+def test_under_overload_calls_beyond_the_queue_are_refused_at_once_and_health_answers(start_server):
+    server = start_server("--queue-max-ops", "10", "--group-wait-us", "400000")
+    number = new_card_number()
+    ref = cpb.CardRef(card_number=number)
+    Client(server.stub).open(number)
+
+    async def flood():
+        async with server.aio_channel() as channel:
+            stub = pb_grpc.CardServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def one(i):
+                try:
+                    return await stub.TopUp(pb.TopUpRequest(request_id=f"flood-{i}", card=ref, amount_minor=1))
+                except grpc.aio.AioRpcError as err:
+                    return err
+
+            calls = [asyncio.ensure_future(one(i)) for i in range(30)]
+            await asyncio.sleep(0.1)  # all 30 have arrived; the group timer still runs
+            check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            refused_early = sum(1 for c in calls if c.done())
+            return await asyncio.gather(*calls), check.status, refused_early
+
+    results, status, refused_early = asyncio.run(flood())
+    ok = [r for r in results if isinstance(r, pb.OperationResult)]
+    refused = [r for r in results if not isinstance(r, pb.OperationResult)]
+    assert len(ok) == 10 and len(refused) == 20 and refused_early == 20
+    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert Client(server.stub).card(number).balance.principal_minor == 10
