@@ -32,6 +32,8 @@ SHUTDOWN_GRACE_S = 10.0
 
 @dataclasses.dataclass
 class ServerConfig:
+    log_level: str = "INFO"
+    log_format: str = "text"                      # or "json"
     data_dir: str = "./var/cardcore"
     listen: str = "127.0.0.1:50051"
     program_path: str | None = None
@@ -101,6 +103,7 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
     # The writer process creates the environment; this process only reads it.
     metrics = Metrics()
     writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync, metrics=metrics,
+                    log_level=cfg.log_level, log_format=cfg.log_format,
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, on_fatal=fatal)

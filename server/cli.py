@@ -5,10 +5,11 @@ import argparse
 import asyncio
 import datetime
 import json
-import logging
 import os
 import sys
 import uuid
+
+from . import logs
 
 DEFAULT_DATA_DIR = "./var/cardcore"
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -55,7 +56,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_serve(args) -> int:
     from .app import ServerConfig, StartupError, WriterFailed, serve
 
-    cfg = ServerConfig(data_dir=args.data_dir, listen=args.listen, program_path=args.program,
+    cfg = ServerConfig(log_level=args.log_level, log_format=args.log_format, data_dir=args.data_dir, listen=args.listen, program_path=args.program,
                        keyring_path=args.keyring, sync=not args.no_sync,
                        group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
                        queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
@@ -322,6 +323,9 @@ def cmd_operation(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cardcore", description=__doc__)
     parser.add_argument("--log-level", default=_env("CARDCORE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        default=_env("CARDCORE_LOG_FORMAT", "text"),
+                        help="json: one object per line for log shippers (env CARDCORE_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_dir(p):
@@ -407,8 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     return args.func(args)
 
 

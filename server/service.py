@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import re
 import struct
 import time
@@ -25,6 +26,8 @@ from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
 from .reasons import CODE_NUMBER, TABLE
+
+log = logging.getLogger("cardcore.service")
 from .writer import Overloaded, Stopped, Writer
 
 R = cpb.Reason
@@ -216,6 +219,9 @@ class CardService(pb_grpc.CardServiceServicer):
         try:
             return fn(arg)
         except Invalid as exc:
+            request_id = getattr(arg, "request_id", "")
+            log.debug("refused %s", exc.field, extra={"request_id": request_id[:64],
+                                                      "reason": R.Name(exc.reason)})
             await abort(context, failure(exc.reason, exc.field))
 
     async def _unary(self, rpc: str, build, request, context) -> pb.OperationResult:

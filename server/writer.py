@@ -56,6 +56,7 @@ from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 from cardcore.rules import load_program
 from cardcore.v1 import common_pb2 as pb
 
+from . import logs
 from .metrics import Metrics
 
 log = logging.getLogger("cardcore.writer")
@@ -162,11 +163,11 @@ def send_frame(sock: socket.socket, data: bytes) -> None:
 
 
 def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None, sync: bool,
-                map_size: int) -> None:
+                map_size: int, log_level: str, log_format: str) -> None:
     """The writer process: apply each group it is sent, answer it, until the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
     ledger = Ledger(ledger_path, load_program(program_path), sync=sync, map_size=map_size)
     try:
         send_frame(sock, READY)
@@ -212,6 +213,7 @@ class Writer:
                  groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT,
                  map_size: int = MAP_SIZE_INITIAL,
                  metrics: Metrics | None = None,
+                 log_level: str = "INFO", log_format: str = "text",
                  on_fatal: Callable[[str], None] | None = None) -> None:
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
         assert 1 <= groups_in_flight <= GROUPS_IN_FLIGHT_MAX
@@ -233,7 +235,8 @@ class Writer:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._proc = ctx.Process(target=writer_main, name="cardcore-writer", daemon=True,
-                                 args=(child, ledger_path, program_path, sync, map_size))
+                                 args=(child, ledger_path, program_path, sync, map_size,
+                                       log_level, log_format))
         self._child_sock = child
         self._out = bytearray()    # framed bytes not yet accepted by the socket
         self._in = bytearray()     # bytes received, not yet a whole frame

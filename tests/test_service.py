@@ -579,3 +579,24 @@ def test_under_overload_calls_beyond_the_queue_are_refused_at_once_and_health_an
     assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert Client(server.stub).card(number).balance.principal_minor == 10
+
+
+def test_json_logs_carry_request_ids_and_never_card_numbers(start_server, monkeypatch):
+    import json as json_module
+
+    monkeypatch.setenv("CARDCORE_LOG_FORMAT", "json")
+    monkeypatch.setenv("CARDCORE_LOG_LEVEL", "DEBUG")
+    server = start_server()
+    c = Client(server.stub)
+    number = new_card_number()
+    c.open(number)
+    with pytest.raises(grpc.RpcError):
+        c.top_up(number, -5, request_id="neg-amount-1")
+    server.stop()
+    lines = [json_module.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any(e.get("request_id") == "neg-amount-1" and e.get("reason") == "REASON_INVALID_AMOUNT"
+               for e in lines)
+    assert any(e["msg"].startswith("stopped") for e in lines)
+    assert not [line for line in server.log().splitlines() if line and not line.startswith("{")]
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in lines)
+    assert number not in server.log() and number[6:12] not in server.log()
