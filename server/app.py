@@ -55,7 +55,7 @@ class WriterFailed(Exception):
     """The writer stopped while serving: the process exits non-zero so a supervisor restarts it."""
 
 
-def _lock_data_dir(data_dir: str):
+def lock_data_dir(data_dir: str):
     """One server per data folder: an exclusive lock held for the life of the process."""
     lock = open(os.path.join(data_dir, "cardcore.lock"), "a+")
     try:
@@ -73,7 +73,7 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
             log.warning("*** --no-sync: commits are NOT durable; a crash loses acknowledged "
                         "operations. For benchmarks only. ***")
     os.makedirs(cfg.data_dir, exist_ok=True)
-    lock = _lock_data_dir(cfg.data_dir)
+    lock = lock_data_dir(cfg.data_dir)
     index_key = keyring.load_or_create_index_key(
         cfg.keyring_path or os.path.join(cfg.data_dir, "card-index.key"))
     ledger_path = os.path.join(cfg.data_dir, "ledger")

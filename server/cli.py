@@ -72,19 +72,36 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
+def _open_ledger(path: str):
+    """A ledger folder opened read-only (verify, backup and restore run beside a live server)."""
     from cardcore.ledger import Ledger
     from cardcore.rules import load_program
 
-    path = os.path.join(args.data_dir, "ledger")
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        print(f"no ledger at {path}", file=sys.stderr)
-        return 2
-    ledger = Ledger(path, load_program(None), sync=False, readonly=True)
+    return Ledger(path, load_program(None), sync=False, readonly=True)
+
+
+def _ledger_in(folder: str, missing: str) -> str | None:
+    """The ledger path inside a data or backup folder, or None (after saying so) if there is none."""
+    path = os.path.join(folder, "ledger")
+    if os.path.exists(os.path.join(path, "data.mdb")):
+        return path
+    print(f"{missing} at {folder}", file=sys.stderr)
+    return None
+
+
+def _verify_at(path: str) -> dict:
+    ledger = _open_ledger(path)
     try:
-        report = ledger.verify()
+        return ledger.verify()
     finally:
         ledger.close()
+
+
+def cmd_verify(args) -> int:
+    path = _ledger_in(args.data_dir, "no ledger")
+    if path is None:
+        return 2
+    report = _verify_at(path)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -105,26 +122,18 @@ def cmd_verify(args) -> int:
 
 def cmd_backup(args) -> int:
     """Hot backup: a consistent, compacted copy of the ledger, verified, with a manifest."""
-    from cardcore.ledger import Ledger
-    from cardcore.rules import load_program
-
-    src = os.path.join(args.data_dir, "ledger")
-    if not os.path.exists(os.path.join(src, "data.mdb")):
-        print(f"no ledger at {src}", file=sys.stderr)
+    src = _ledger_in(args.data_dir, "no ledger")
+    if src is None:
         return 2
     if os.path.exists(args.to):
         print(f"{args.to} exists: a backup goes to a new folder", file=sys.stderr)
         return 2
-    ledger = Ledger(src, load_program(None), sync=False, readonly=True)
+    ledger = _open_ledger(src)
     try:
         ledger.backup(os.path.join(args.to, "ledger"))
     finally:
         ledger.close()
-    copy = Ledger(os.path.join(args.to, "ledger"), load_program(None), sync=False, readonly=True)
-    try:
-        report = copy.verify()
-    finally:
-        copy.close()
+    report = _verify_at(os.path.join(args.to, "ledger"))
     manifest = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "source": os.path.abspath(src), "verify": report}
     with open(os.path.join(args.to, "manifest.json"), "w") as f:
@@ -138,31 +147,24 @@ def cmd_backup(args) -> int:
 
 def cmd_restore(args) -> int:
     """Put a backup in place of a data folder's ledger (server stopped; verified first)."""
-    import fcntl
     import shutil
 
-    from cardcore.ledger import Ledger
-    from cardcore.rules import load_program
+    from .app import StartupError, lock_data_dir
 
-    src = os.path.join(args.source, "ledger")
-    if not os.path.exists(os.path.join(src, "data.mdb")):
-        print(f"no backup at {args.source}", file=sys.stderr)
+    src = _ledger_in(args.source, "no backup")
+    if src is None:
         return 2
-    backup = Ledger(src, load_program(None), sync=False, readonly=True)
-    try:
-        report = backup.verify()
-    finally:
-        backup.close()
+    report = _verify_at(src)
     if not report["ok"]:
         print("the backup does not verify; nothing restored", file=sys.stderr)
         return 1
     os.makedirs(args.data_dir, exist_ok=True)
-    with open(os.path.join(args.data_dir, "cardcore.lock"), "a+") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"a server is using {args.data_dir}: stop it first", file=sys.stderr)
-            return 2
+    try:
+        lock = lock_data_dir(args.data_dir)
+    except StartupError as exc:
+        print(f"{exc}: stop it first", file=sys.stderr)
+        return 2
+    with lock:
         dest = os.path.join(args.data_dir, "ledger")
         if os.path.exists(dest):
             if not args.force:
