@@ -240,6 +240,28 @@ class Ledger:
             raise InvariantError("kernel sequence does not match the journal entries")
         return next_seq
 
+    def settle(self, ops: list[PendingOp]) -> list[Outcome]:
+        """After a write that failed for the storage's sake (disk full, I/O error), what landed?
+
+        A failed LMDB commit normally leaves the previous state, but a failure
+        while syncing can leave the new one: so ask the ledger, not the error.
+        An operation whose request record is there was applied (its original
+        outcome); any other was not (REASON_STORAGE_UNAVAILABLE).
+        """
+        def read(txn):
+            out, seen = [], set()
+            for op in ops:
+                idem = txn.get(op.request_key, db=self.requests)
+                if idem is None:
+                    out.append(Outcome(L.R_STORAGE_UNAVAILABLE, False, op.packed[0], None, 0))
+                else:
+                    landed = self._replay(txn, idem, op.digest)
+                    out.append(landed._replace(replayed=op.request_key in seen))
+                seen.add(op.request_key)
+            return out
+
+        return self._read(read)
+
     def _replay(self, txn, idem: bytes, digest: bytes) -> Outcome:
         _, op_type, reason, _, stored_digest, seq, available, _ = L.IDEM.unpack(idem)
         if stored_digest != digest:

@@ -28,6 +28,8 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_DEADLINE_EXCEEDED: (C.DEADLINE_EXCEEDED, "the deadline passed before the operation was applied; it was not applied"),
     R.REASON_UNAVAILABLE: (C.UNAVAILABLE, "the server is shutting down; retry with the same request_id"),
     R.REASON_INTERNAL: (C.INTERNAL, "the writer stopped before this operation reached it; it was not applied"),
+    R.REASON_STORAGE_UNAVAILABLE: (C.UNAVAILABLE, "the ledger could not be written (disk full or I/O "
+                                   "error); not applied: retry later with the same request_id"),
     R.REASON_OUTCOME_UNKNOWN: (C.UNAVAILABLE, "the writer stopped while applying this operation; ask "
                                "GetOperation or retry with the same request_id"),
 }

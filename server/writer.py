@@ -51,6 +51,8 @@ import struct
 import time
 from typing import Callable
 
+import lmdb
+
 from cardcore import layout as L
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 from cardcore.rules import load_program
@@ -77,6 +79,14 @@ FATAL = b"FATAL:"
 READY = b"READY"
 FRAME = struct.Struct("<I")
 FRAME_BYTES_MAX = 1 << 30
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """A failure of the storage, not of the ledger's logic: a full disk (DiskError), an errno
+    py-lmdb has no class for (EIO, EFBIG: plain lmdb.Error), an environment LMDB flagged after a
+    failed sync (PanicError). The group is settled and the writer goes on. Anything else
+    (InvariantError, a kernel ValueError, KeyExistsError on the journal) stops the server."""
+    return (type(exc) is lmdb.Error or isinstance(exc, (lmdb.DiskError, lmdb.PanicError, OSError)))
 RECV_CHUNK_BYTES = 1 << 20
 
 
@@ -168,7 +178,11 @@ def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None,
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(log_level, log_format)
-    ledger = Ledger(ledger_path, load_program(program_path), sync=sync, map_size=map_size)
+
+    def open_ledger() -> Ledger:
+        return Ledger(ledger_path, load_program(program_path), sync=sync, map_size=map_size)
+
+    ledger = open_ledger()
     try:
         send_frame(sock, READY)
         while True:
@@ -178,10 +192,16 @@ def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None,
             ops, ts_us = decode_group(data)
             try:
                 outcomes = ledger.apply_group(ops, ts_us)
-            except BaseException as exc:  # an invariant broke: the transaction was aborted
-                log.critical("writer stopped: %s: %s", type(exc).__name__, exc)
-                send_frame(sock, FATAL + type(exc).__name__.encode())
-                return
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    log.critical("writer stopped: %s: %s", type(exc).__name__, exc)
+                    send_frame(sock, FATAL + type(exc).__name__.encode())
+                    return
+                log.error("the ledger could not be written (%s: %s); reopening it", type(exc).__name__,
+                          exc)
+                ledger.close()  # LMDB may have flagged the environment after a failed sync
+                ledger = open_ledger()
+                outcomes = ledger.settle(ops)
             send_frame(sock, encode_answer(outcomes))
     except (BrokenPipeError, ConnectionResetError):
         return  # the server process went away
