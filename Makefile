@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve test bench clean build
+.PHONY: help serve test bench bench-peer clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ test: $(BUILT) ## run the test suite
 bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB -> bench/results.json
 	$(PY) -m pytest bench/bench_kernel.py --benchmark-only --benchmark-json=bench/.kernel.json -q
 	$(PY) bench/e2e.py --kernel-json bench/.kernel.json --out bench/results.json
+
+bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
+	$(PY) -m pip install -q "asyncpg>=0.29"
+	$(PY) bench/peer.py --out bench/peer_results.json
 
 clean: ## remove build outputs (keeps .venv and ./var)
 	rm -rf build *.egg-info ext/*.c ext/*.so proto/cardcore/v1/*.py proto/cardcore/v1/*.pyi $(BUILT)
