@@ -419,7 +419,9 @@ def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server, groups
 
     t = threading.Thread(target=run)
     t.start()
+    give_up = time.monotonic() + 30
     while len(replies) < 300:
+        assert time.monotonic() < give_up, "the stream never got going"
         time.sleep(0.005)
     os.kill(writer_pid(server), sig.SIGKILL)
     t.join(60)
@@ -550,7 +552,7 @@ def test_a_client_that_stops_reading_its_stream_holds_up_no_one(server, client):
 
 
 def test_under_overload_calls_beyond_the_queue_are_refused_at_once_and_health_answers(start_server):
-    server = start_server("--queue-max-ops", "10", "--group-wait-us", "400000")
+    server = start_server("--queue-max-ops", "10", "--group-wait-us", "3000000")
     number = new_card_number()
     ref = cpb.CardRef(card_number=number)
     Client(server.stub).open(number)
@@ -567,9 +569,12 @@ def test_under_overload_calls_beyond_the_queue_are_refused_at_once_and_health_an
                     return err
 
             calls = [asyncio.ensure_future(one(i)) for i in range(30)]
-            await asyncio.sleep(0.1)  # all 30 have arrived; the group timer still runs
-            check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            waited = 0.0
+            while sum(c.done() for c in calls) < 20 and waited < 2.0:  # the group timer runs 3 s
+                await asyncio.sleep(0.01)
+                waited += 0.01
             refused_early = sum(1 for c in calls if c.done())
+            check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
             return await asyncio.gather(*calls), check.status, refused_early
 
     results, status, refused_early = asyncio.run(flood())
