@@ -63,7 +63,7 @@ def is_weak(pin: str, birthday: str = "") -> bool:
     digits = [ord(c) - 48 for c in pin]
     if len(set(digits)) == 1:
         return True
-    steps = {b - a for a, b in zip(digits, digits[1:])}
+    steps = {b - a for a, b in zip(digits, digits[1:], strict=False)}
     if steps in ({1}, {-1}):
         return True
     if len(birthday) == 10:  # YYYY-MM-DD

@@ -294,7 +294,7 @@ class CardService(pb_grpc.CardServiceServicer):
                 where.append((i, request_id))
         if valid:
             fut = await self._submit(valid, context)
-            for (i, request_id), outcome in zip(where, await fut):
+            for (i, request_id), outcome in zip(where, await fut, strict=True):
                 results[i] = result_of(request_id, outcome)
         self.metrics.count_many((r.type, r.reason) for r in results)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)

@@ -22,9 +22,12 @@ START_TIMEOUT_S = 30
 LISTEN_RE = re.compile(rb"cardcore listening on ([\d.]+):(\d+)")
 
 
-def new_card_number(rng: random.Random = random.Random()) -> str:
+_RNG = random.Random()
+
+
+def new_card_number(rng: random.Random | None = None) -> str:
     """A random 16-digit card number with a valid Luhn check digit."""
-    return random_number(rng)
+    return random_number(rng or _RNG)
 
 
 def rid() -> str:

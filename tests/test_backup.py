@@ -51,7 +51,7 @@ def test_backup_while_serving_and_restore_give_an_equal_verified_ledger(start_se
     assert len(original["journal"]) == len(restored["journal"]) + 1  # the later purchase
     changed = {cid for cid, _ in original["cards"]} - {cid for cid, _ in restored["cards"]}
     assert not changed and restored["profiles"] == original["profiles"]
-    assert sum(1 for a, b in zip(original["cards"], restored["cards"]) if a != b) == 1
+    assert sum(1 for a, b in zip(original["cards"], restored["cards"], strict=True) if a != b) == 1
 
     # the restored folder serves, with the original's key (keys travel apart from backups)
     import shutil

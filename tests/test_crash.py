@@ -28,7 +28,8 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(start_server, tmp_p
     for rnd in range(ROUNDS):
         stop = threading.Event()
 
-        def load(stream_no: int, target: str = server.target) -> None:
+        def load(stream_no: int, target: str = server.target, rnd: int = rnd,
+                 stop: threading.Event = stop) -> None:
             channel = grpc.insecure_channel(target)
             ids = (f"r{rnd}-s{stream_no}-{i}" for i in range(1_000_000))
 

@@ -34,7 +34,7 @@ def test_the_block_has_the_format_4_layout():
     block = pin.encipher(key, "4803", CARD)
     b = aes(key, block, decrypt=True)
     pan_field = bytes.fromhex(f"{len(CARD) - 12:x}{CARD}".ljust(32, "0"))
-    pin_field = aes(key, bytes(x ^ y for x, y in zip(b, pan_field)), decrypt=True).hex().upper()
+    pin_field = aes(key, bytes(x ^ y for x, y in zip(b, pan_field, strict=True)), decrypt=True).hex().upper()
     assert pin_field[:16] == "444803AAAAAAAAAA"
     assert pin.encipher(key, "4803", CARD) != block
 

@@ -533,8 +533,6 @@ def test_metrics_count_outcomes_groups_and_map_use(start_server):
 def test_a_client_that_stops_reading_its_stream_holds_up_no_one(server, client):
     """A terminal that sends swipes and never reads the replies: flow control stops its own stream,
     while other tills, balance inquiries and health checks go on."""
-    import threading
-
     number, other = new_card_number(), new_card_number()
     client.open(number)
     client.top_up(number, 10_000_000)
