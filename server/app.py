@@ -66,7 +66,7 @@ def lock_data_dir(data_dir: str):
     return lock
 
 
-async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(cfg: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     if not cfg.sync:
         for _ in range(3):
@@ -131,8 +131,6 @@ async def serve(cfg: ServerConfig, ready: asyncio.Event | None = None) -> None:
         print(f"cardcore listening on {host}:{port}", flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            ready.set()
         await stop.wait()
     finally:
         log.info("shutting down: refusing new calls, finishing those in flight")
