@@ -298,15 +298,15 @@ class Writer:
         self._queued_ops += len(ops)
         if len(self._in_flight) < self.groups_in_flight:
             if self._queued_ops >= self.group_max_ops or not self.group_wait_s:
-                if self._wait_timer is not None:  # the group is full: no reason to wait longer
-                    self._wait_timer.cancel()
-                self._send_group()
+                self._send_group()  # a full group, or no waiting: send now
             elif self._wait_timer is None:
                 self._wait_timer = self.loop.call_later(self.group_wait_s, self._send_group)
         return fut
 
     def _send_group(self) -> None:
-        self._wait_timer = None
+        if self._wait_timer is not None:  # whoever sends first, the pending wait is over
+            self._wait_timer.cancel()
+            self._wait_timer = None
         if len(self._in_flight) >= self.groups_in_flight or self._dead is not None:
             return
         now = time.monotonic()
@@ -427,7 +427,6 @@ class Writer:
         """Apply everything already queued, then close the writer process."""
         self._stopping = True
         if self._wait_timer is not None:
-            self._wait_timer.cancel()
             self._send_group()
         self._check_drained()
         try:
