@@ -125,6 +125,13 @@ class Client:
         return self.stub.Purchase(purchase_request(number, gross_minor, request_id, store_id,
                                                    terminal_id, staff_id))
 
+    def funded_card(self, amount_minor, tier=0) -> str:
+        """A new card, opened and topped up: the start of most stories."""
+        number = new_card_number()
+        self.open(number, tier=tier)
+        self.top_up(number, amount_minor)
+        return number
+
     def card(self, number):
         return self.stub.GetCard(pb.GetCardRequest(card=cpb.CardRef(card_number=number)))
 

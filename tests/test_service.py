@@ -47,9 +47,7 @@ def test_open_top_up_and_purchase_apply_discount_and_points(client):
 
 
 def test_insufficient_funds_reports_available_and_changes_nothing(server, client):
-    number = new_card_number()
-    client.open(number, tier=0)
-    client.top_up(number, 5_000)
+    number = client.funded_card(5_000, tier=0)
     before = client.card(number)
     with pytest.raises(grpc.RpcError) as err:
         client.purchase(number, 5_001)
@@ -61,9 +59,7 @@ def test_insufficient_funds_reports_available_and_changes_nothing(server, client
 
 
 def test_retry_with_same_request_id_returns_original_and_changes_nothing(server, client):
-    number = new_card_number()
-    client.open(number)
-    client.top_up(number, 10_000)
+    number = client.funded_card(10_000)
     first = client.purchase(number, 2_500, request_id="till-7:0001")
     again = client.purchase(number, 2_500, request_id="till-7:0001")
     assert again.replayed and not first.replayed
@@ -100,9 +96,7 @@ def test_a_declined_request_replays_its_decline(client):
 def test_200_concurrent_purchases_on_1000_yuan_exactly_100_succeed(start_server, groups_in_flight):
     server = start_server("--groups-in-flight", groups_in_flight)
     client = Client(server.stub)
-    number = new_card_number()
-    client.open(number)
-    client.top_up(number, 100_000)
+    number = client.funded_card(100_000)
 
     async def run() -> list:
         async with server.aio_channel() as channel:
@@ -161,9 +155,7 @@ def test_submit_batch_applies_good_operations_and_refuses_bad_ones_in_order(serv
 
 
 def test_swipe_stream_of_1000_swipes_answers_each_in_order(server, client):
-    number = new_card_number()
-    client.open(number)
-    client.top_up(number, 1_000_000)
+    number = client.funded_card(1_000_000)
     ids = [f"s-{i:04d}" for i in range(1_000)]
 
     def swipes():
@@ -235,9 +227,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_gets_its_status_and_reason_and_changes_nothing(server, client, case):
     _, call, code, reason, field = case
-    number = new_card_number()
-    client.open(number)
-    client.top_up(number, 10_000)
+    number = client.funded_card(10_000)
     before = client.card(number)
     entries_before = verify(server.data_dir)["journal_entries"]
     with pytest.raises(grpc.RpcError) as err:
@@ -287,9 +277,7 @@ def test_health_and_reflection_answer(server):
 def test_sigterm_stops_cleanly_and_the_ledger_verifies(start_server):
     server = start_server()
     c = Client(server.stub)
-    number = new_card_number()
-    c.open(number)
-    c.top_up(number, 500)
+    c.funded_card(500)
     assert server.stop() == 0
     report = verify(server.data_dir)
     assert report["ok"] and report["cards"] == 1 and report["principal_minor"] == 500
@@ -324,9 +312,7 @@ def test_a_program_file_sets_tiers_and_points(start_server, tmp_path):
         '[[tiers]]\nname = "salon-gold"\nrate_bp = 8500\n')
     server = start_server("--program", str(program))
     c = Client(server.stub)
-    number = new_card_number()
-    c.open(number, tier=1)
-    c.top_up(number, 100_000)
+    number = c.funded_card(100_000, tier=1)
     # 85% of 123.45 = 104.9325 -> 104.93; 5 points per whole 10.00 paid -> 50
     paid = c.purchase(number, 12_345)
     assert (paid.paid_minor, paid.discount_minor, paid.points_earned) == (10_493, 1_852, 50)
@@ -505,9 +491,7 @@ def test_metrics_count_outcomes_groups_and_map_use(start_server):
     server = start_server("--metrics-listen", "127.0.0.1:0")
     url = re.search(r"metrics on (http://[\d.:]+/metrics)", server.log()).group(1)
     c = Client(server.stub)
-    number = new_card_number()
-    c.open(number)
-    c.top_up(number, 1_000)
+    number = c.funded_card(1_000)
     for _ in range(3):
         c.purchase(number, 100)
     with pytest.raises(grpc.RpcError):

@@ -25,9 +25,7 @@ def opens(prefix: str, n: int) -> pb.SubmitBatchRequest:
 def test_a_full_disk_refuses_cleanly_and_recovers_when_space_returns(start_server):
     server = start_server()
     c = Client(server.stub)
-    number = new_card_number()
-    c.open(number)
-    c.top_up(number, 1_000)
+    number = c.funded_card(1_000)
     data_file = os.path.join(server.data_dir, "ledger", "data.mdb")
     writer = writer_pid(server)
     limit = os.path.getsize(data_file) + 64 * 1024
