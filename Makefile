@@ -26,8 +26,8 @@ $(BUILT): $(STAMP) $(EXT_SRC) $(PROTO_SRC) setup.py
 
 build: $(BUILT) ## set up .venv, build the Cython kernel and the gRPC stubs
 
-serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051
-	$(VENV)/bin/cardcore serve
+serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (development: plaintext on loopback)
+	$(VENV)/bin/cardcore serve --insecure
 
 test: $(BUILT) ## run the test suite
 	$(PY) -m pytest

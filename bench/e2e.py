@@ -90,7 +90,7 @@ class Proc:
 
 def start_cardcore(data_dir: str, log_path: str, extra: tuple[str, ...] = ()) -> Proc:
     return Proc([sys.executable, "-m", "cardcore.server.cli", "serve", "--data-dir", data_dir,
-                 "--listen", "127.0.0.1:0", *extra], log_path)
+                 "--listen", "127.0.0.1:0", "--insecure", *extra], log_path)
 
 
 def start_echo(log_path: str) -> Proc:

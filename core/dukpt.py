@@ -134,3 +134,59 @@ def host_working_key(bdk: bytes, ksn: Ksn, usage: KeyUsage,
                      working_type: KeyType = KeyType.AES128) -> bytes:
     """What the server does per swipe: BDK + KSN -> the transaction's working key."""
     return working_key(initial_key(bdk, ksn.ikid, key_type), ksn, usage, key_type, working_type)
+
+
+def next_counter(counter: int) -> int:
+    """The next valid transaction counter after ``counter`` (X9.24-3: skip counters with more
+    than 16 one-bits by adding their lowest set bit); raises once the key is used up."""
+    counter += 1
+    while bin(counter).count("1") > COUNTER_ONE_BITS_MAX:
+        counter += counter & -counter
+    if counter > COUNTER_MAX:
+        raise ValueError("this terminal's DUKPT key is used up: enroll it again")
+    return counter
+
+
+class KeyPath:
+    """Working keys of one initial key, remembering the last derivation path.
+
+    A counter's derivation key is reached through one intermediate key per set
+    bit, most significant first. Consecutive counters share most of that path,
+    so keeping it turns ~16 AES derivations per transaction into ~2. Used by
+    the host (one per terminal) and by the terminal library alike.
+    """
+
+    __slots__ = ("ikid", "_path")
+
+    def __init__(self, ik: bytes, ikid: bytes):
+        if len(ik) != 16 or len(ikid) != IKID_SIZE:
+            raise ValueError("an AES-128 initial key is 16 bytes, its ID 8")
+        self.ikid = ikid
+        self._path: list[tuple[int, bytes]] = [(0, ik)]  # (counter so far, key)
+
+    def working_keys(self, counter: int, *usages: KeyUsage) -> list[bytes]:
+        """The AES-128 working key for each usage at ``counter`` (a valid counter)."""
+        path = self._path
+        key = path[0][1]
+        working = 0
+        depth = 1
+        mask = 0x80000000
+        reuse = True
+        while mask:
+            if counter & mask:
+                working |= mask
+                if reuse and depth < len(path) and path[depth][0] == working:
+                    key = path[depth][1]
+                else:
+                    if reuse:
+                        del path[depth:]
+                        reuse = False
+                    key = _derive(key, KeyType.AES128, _derivation_data(
+                        KeyUsage.KEY_DERIVATION, KeyType.AES128, self.ikid, working))
+                    path.append((working, key))
+                depth += 1
+            mask >>= 1
+        if reuse:
+            del path[depth:]
+        return [_derive(key, KeyType.AES128, _derivation_data(usage, KeyType.AES128, self.ikid, counter))
+                for usage in usages]

@@ -1,35 +1,163 @@
-"""Keys kept outside LMDB.
+"""Keys kept outside LMDB: one JSON file, mode 0600, never logged.
 
-For now one key: the card index key (HMAC-SHA256) that turns card numbers
-into card ids. The embedded default creates it in the data folder, mode
-0600, on first start; production points ``CARDCORE_KEYRING`` at a file kept
-elsewhere (the PIN security issue grows this into a versioned keyring).
-Losing this key makes every card unfindable by number: back it up.
+- ``index_key`` (32 B): HMAC-SHA256 key that turns card numbers into card ids.
+  Never rotated in place: every card is found by it. Back it up.
+- ``pin_key`` (32 B): HMAC-SHA256 key of the stored PIN verification values,
+  so a stolen data folder cannot be brute-forced over the small PIN space.
+- ``bdk`` (16 B) with its 4-byte ``bdk_id``: the chain's AES-128 DUKPT base
+  derivation key; every terminal's initial key derives from it.
+- ``data_keys``: AES-256-GCM keys by version for the stored card numbers;
+  ``data_key_current`` seals new ones. ``rotate_data_key`` adds a version;
+  old versions stay until nothing is sealed under them.
+
+The embedded default creates the file in the data folder on first start and
+says loudly that production keeps it elsewhere (``--keyring`` or
+``CARDCORE_KEYRING``). A data folder of the first release (``card-index.key``
+beside the ledger) keeps its index key. Changes are written to a new file and
+renamed over the old one, so a crash leaves one whole keyring.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import struct
 
-INDEX_KEY_SIZE = 32
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 log = logging.getLogger("cardcore.keyring")
 
+FORMAT = "cardcore-keyring/1"
+INDEX_KEY_SIZE = PIN_KEY_SIZE = DATA_KEY_SIZE = 32
+BDK_SIZE, BDK_ID_SIZE = 16, 4
+DATA_KEY_VERSIONS_MAX = 1000
+NONCE_SIZE = 12
+# Sealed card number: u16 key version | 12-byte nonce | AES-256-GCM(number) with its 16-byte tag.
+SEAL_HEAD = struct.Struct("<H")
+SEALED_SIZE_MAX = SEAL_HEAD.size + NONCE_SIZE + 19 + 16
+LEGACY_INDEX_KEY = "card-index.key"
 
-def load_or_create_index_key(path: str) -> bytes:
-    """Read the index key file, or create it (0600) if it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            key = f.read()
-    except FileNotFoundError:
-        key = os.urandom(INDEX_KEY_SIZE)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
+
+class SealError(Exception):
+    """A sealed card number does not open: unknown key version, or tampered (no detail)."""
+
+
+@dataclasses.dataclass
+class Keyring:
+    path: str
+    index_key: bytes
+    pin_key: bytes
+    bdk: bytes
+    bdk_id: bytes
+    data_keys: dict[int, bytes]
+    data_key_current: int
+
+    def __post_init__(self) -> None:
+        sizes = ((self.index_key, INDEX_KEY_SIZE), (self.pin_key, PIN_KEY_SIZE), (self.bdk, BDK_SIZE),
+                 (self.bdk_id, BDK_ID_SIZE))
+        if any(len(k) != n for k, n in sizes) or self.data_key_current not in self.data_keys:
+            raise ValueError(f"keyring {self.path} is damaged (a key of the wrong size, or no "
+                             "current data key)")
+        if any(len(k) != DATA_KEY_SIZE or not 1 <= v <= 0xFFFF for v, k in self.data_keys.items()):
+            raise ValueError(f"keyring {self.path}: data keys are 32 bytes, versions 1..65535")
+        self._aead = {v: AESGCM(k) for v, k in self.data_keys.items()}
+
+    def __repr__(self) -> str:  # never print a key
+        return f"Keyring({self.path!r}, data key versions {sorted(self.data_keys)})"
+
+    # ---- card numbers at rest ------------------------------------------------------
+
+    def seal(self, card_id: bytes, number: str) -> bytes:
+        """The card number under the current data key, bound to its card id."""
+        version = self.data_key_current
+        head = SEAL_HEAD.pack(version)
+        nonce = os.urandom(NONCE_SIZE)
+        return head + nonce + self._aead[version].encrypt(nonce, number.encode("ascii"), card_id + head)
+
+    def unseal(self, card_id: bytes, sealed: bytes) -> str:
+        if len(sealed) < SEAL_HEAD.size + NONCE_SIZE + 16:
+            raise SealError()
+        head = sealed[:SEAL_HEAD.size]
+        aead = self._aead.get(SEAL_HEAD.unpack(head)[0])
+        if aead is None:
+            raise SealError()
+        nonce = sealed[SEAL_HEAD.size:SEAL_HEAD.size + NONCE_SIZE]
+        try:
+            return aead.decrypt(nonce, sealed[SEAL_HEAD.size + NONCE_SIZE:], card_id + head).decode("ascii")
+        except (InvalidTag, UnicodeDecodeError):
+            raise SealError() from None
+
+    @staticmethod
+    def sealed_version(sealed: bytes) -> int:
+        return SEAL_HEAD.unpack_from(sealed)[0]
+
+    # ---- rotation and storage ------------------------------------------------------
+
+    def rotate_data_key(self) -> int:
+        """Add a data key version, make it current and save; returns the new version."""
+        if len(self.data_keys) >= DATA_KEY_VERSIONS_MAX:
+            raise ValueError("too many data key versions: retire old ones first")
+        version = max(self.data_keys) + 1
+        self.data_keys[version] = os.urandom(DATA_KEY_SIZE)
+        self._aead[version] = AESGCM(self.data_keys[version])
+        self.data_key_current = version
+        self.save()
+        return version
+
+    def save(self) -> None:
+        doc = {"format": FORMAT, "index_key": self.index_key.hex(), "pin_key": self.pin_key.hex(),
+               "bdk": self.bdk.hex(), "bdk_id": self.bdk_id.hex(),
+               "data_keys": {str(v): k.hex() for v, k in sorted(self.data_keys.items())},
+               "data_key_current": self.data_key_current}
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{self.path}.new"
+        try:
+            os.unlink(tmp)  # a leftover of a crash mid-save
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        log.warning("created a new card index key at %s (0600); production keeps the keyring "
-                    "outside the data folder (CARDCORE_KEYRING) and backs it up", path)
-    if len(key) != INDEX_KEY_SIZE:
-        raise ValueError(f"index key file {path} must hold {INDEX_KEY_SIZE} bytes")
-    return key
+        os.replace(tmp, self.path)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    @classmethod
+    def load(cls, path: str) -> "Keyring":
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a cardcore keyring")
+        return cls(path, bytes.fromhex(doc["index_key"]), bytes.fromhex(doc["pin_key"]),
+                   bytes.fromhex(doc["bdk"]), bytes.fromhex(doc["bdk_id"]),
+                   {int(v): bytes.fromhex(k) for v, k in doc["data_keys"].items()},
+                   int(doc["data_key_current"]))
+
+    @classmethod
+    def load_or_create(cls, path: str, data_dir: str | None = None) -> "Keyring":
+        """Read the keyring, or create it (0600) with fresh keys on first start."""
+        try:
+            return cls.load(path)
+        except FileNotFoundError:
+            pass
+        index_key = os.urandom(INDEX_KEY_SIZE)
+        legacy = os.path.join(data_dir, LEGACY_INDEX_KEY) if data_dir else None
+        if legacy and os.path.exists(legacy):
+            with open(legacy, "rb") as f:
+                index_key = f.read()
+            log.warning("moved the card index key of %s into the new keyring", legacy)
+        ring = cls(path, index_key, os.urandom(PIN_KEY_SIZE), os.urandom(BDK_SIZE),
+                   os.urandom(BDK_ID_SIZE), {1: os.urandom(DATA_KEY_SIZE)}, 1)
+        ring.save()
+        log.warning("created a new keyring at %s (0600). Production keeps the keyring outside "
+                    "the data folder (--keyring or CARDCORE_KEYRING) and backs it up: without "
+                    "it no card can be found, no PIN checked, no card number read", path)
+        return ring

@@ -6,6 +6,15 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     journal   seq (u64 big-endian)  -> journal entry (128 B, layout.JOURNAL)
     requests  request_id (ASCII)    -> idempotency record (48 B, layout.IDEM)
     profiles  card_id               -> member profile (JSON, cold)
+    cardnos   card_id               -> the card number sealed under a data key (keyring.seal)
+    terminals terminal id (u32 BE)  -> terminal record (64 B, layout.TERMINAL)
+    operators name (UTF-8)          -> operator (JSON: id, role, stores, token SHA-256)
+
+Card operations go through the kernel. Admin operations (op >= 16: terminals,
+operators, key rotation) are applied here, in request order, and journaled
+like the rest. An operation from a terminal carries its DUKPT counter: it is
+checked against, and raises, the terminal's last counter in the same
+transaction, so a replayed KSN can never be applied, even after a crash.
 
 ``apply_group`` is the only writer: it runs a group of queued operations in
 one write transaction (one fsync when ``sync`` is on), with the arithmetic
@@ -37,6 +46,9 @@ MAP_GROW_FACTOR = 2
 MAP_GROW_ATTEMPTS = 8
 MAX_READERS = 512
 EMPTY_RECORD = bytes(L.CARD_SIZE)
+NO_PIN = bytes(32)
+OPERATOR_NEXT_ID = b"\x00next_id"   # operators db: the next operator id (u32 LE)
+RESEAL_ITEM = struct.Struct("<16sBB")  # card_id, old length, new length; then old, new
 # The fields of a kernel output entry the writer needs: op, reason, seq, principal and
 # bonus after (layout.JOURNAL offsets 1, 4, 8, 72, 80).
 ENTRY_HEAD = struct.Struct("<xBxxHxxQ56xqq")
@@ -60,22 +72,39 @@ def request_tag(request_key: bytes) -> bytes:
 @dataclasses.dataclass(slots=True)
 class PendingOp:
     """A validated mutation, packed by the request handler before the writer sees it."""
-    request_key: bytes        # the request_id, ASCII
-    card_id: bytes            # 16 bytes
-    packed: bytes             # layout.OP, 64 bytes
-    digest: bytes             # BLAKE2b-128 of packed + profile: the idempotency payload digest
+    request_key: bytes        # the request_id, ASCII; empty for internal operations
+    card_id: bytes            # 16 bytes (admin operations: their subject)
+    packed: bytes             # layout.OP, 128 bytes
+    digest: bytes             # BLAKE2b-128 of the payload: the idempotency payload digest
     profile: bytes | None = None  # OPEN only: the JSON profile to store
+    ksn_counter: int = 0      # from a terminal: its DUKPT transaction counter (op's terminal_id)
+    sealed: bytes | None = None   # OPEN only: the card number sealed under the current data key
+    payload: bytes | None = None  # admin and internal operations: what to store
 
     @classmethod
     def build(cls, request_key: bytes, op: int, card_id: bytes, amount_minor: int = 0,
               store_id: int = 0, terminal_id: int = 0, staff_id: int = 0, tier: int = 0,
-              home_store_id: int = 0, profile: bytes | None = None) -> "PendingOp":
-        packed = L.OP.pack(op, tier, 0, home_store_id, amount_minor, store_id, terminal_id,
-                           staff_id, 0, request_tag(request_key), card_id, bytes(8))
+              home_store_id: int = 0, profile: bytes | None = None, *, operator_id: int = 0,
+              pin_flags: int = 0, pin_check: bytes = NO_PIN, new_pin_check: bytes = NO_PIN,
+              ksn_counter: int = 0, sealed: bytes | None = None) -> "PendingOp":
+        packed = L.OP.pack(op, tier, pin_flags, 0, home_store_id, amount_minor, store_id,
+                           terminal_id, staff_id, operator_id, request_tag(request_key), card_id,
+                           bytes(8), pin_check, new_pin_check)
         h = hashlib.blake2b(packed, digest_size=16)
         if profile is not None:
             h.update(profile)
-        return cls(request_key, card_id, packed, h.digest(), profile)
+        return cls(request_key, card_id, packed, h.digest(), profile, ksn_counter, sealed)
+
+    @classmethod
+    def admin(cls, request_key: bytes, op: int, subject: bytes, payload: bytes, operator_id: int,
+              digest_payload: bytes | None = None) -> "PendingOp":
+        """An admin operation; ``digest_payload`` (default: payload) is what a retry must repeat."""
+        assert L.OP_ADMIN_MIN <= op and len(subject) == L.CARD_ID_SIZE
+        packed = L.OP.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, operator_id, request_tag(request_key),
+                           subject, bytes(8), NO_PIN, NO_PIN)
+        digest = hashlib.blake2b(packed + (payload if digest_payload is None else digest_payload),
+                                 digest_size=16).digest()
+        return cls(request_key, subject, packed, digest, payload=payload)
 
 
 class Outcome(NamedTuple):
@@ -109,6 +138,9 @@ class Ledger:
         self.journal = self.env.open_db(b"journal", create=create)
         self.requests = self.env.open_db(b"requests", create=create)
         self.profiles = self.env.open_db(b"profiles", create=create)
+        self.cardnos = self.env.open_db(b"cardnos", create=create)
+        self.terminals = self.env.open_db(b"terminals", create=create)
+        self.operators = self.env.open_db(b"operators", create=create)
         # Readers hold this while a read transaction is open; the writer holds it to
         # grow the map, which LMDB allows only with no transaction active.
         self._resize_gate = threading.Lock()
@@ -166,13 +198,16 @@ class Ledger:
         with self.env.begin(write=True) as txn:
             self._next_seq = self._journal_next_seq(txn)
             # 1. Idempotency: earlier requests with the same id, and repeats inside the group.
-            known = dict(txn.cursor(db=self.requests).getmulti([op.request_key for op in ops]))
+            known = dict(txn.cursor(db=self.requests).getmulti(
+                [op.request_key for op in ops if op.request_key]))
             fresh: list[int] = []
             first_index: dict[bytes, int] = {}
             repeats: list[tuple[int, int]] = []
             for i, op in enumerate(ops):
                 idem = known.get(op.request_key)
-                if idem is not None:
+                if not op.request_key:  # internal: no idempotency record
+                    fresh.append(i)
+                elif idem is not None:
                     outcomes[i] = self._replay(txn, idem, op.digest)
                 elif op.request_key in first_index:
                     repeats.append((i, first_index[op.request_key]))
@@ -188,7 +223,58 @@ class Ledger:
         return outcomes  # type: ignore[return-value]
 
     def _apply_fresh(self, txn, ops, fresh, outcomes, ts_us) -> int:
-        # 2. One slot per distinct card, records read in one getmulti.
+        seq = self._next_seq
+        entries: list[tuple[bytes, bytes]] = []
+        idem_items: list[tuple[bytes, bytes]] = []
+        seq_key, idem_pack = L.SEQ_KEY.pack, L.IDEM.pack
+        # 2. In request order: admin operations, and the KSN check of terminal operations
+        #    (a terminal enrolled or revoked earlier in the group counts).
+        terminals: dict[int, list | None] = {}
+        dirty_terminals: set[int] = set()
+        card_ops: list[int] = []
+        for i in fresh:
+            op = ops[i]
+            kind = op.packed[0]
+            if kind >= L.OP_ADMIN_MIN:
+                reason, entry = self._apply_admin(txn, op, kind, ts_us, seq, terminals,
+                                                  dirty_terminals)
+                count = 0
+                if kind == L.OP_RESEAL:
+                    count, entry = entry, None
+                elif reason == L.R_OK:
+                    entries.append((seq_key(seq), entry))
+                    seq += 1
+                if op.request_key:
+                    idem_items.append((op.request_key, idem_pack(
+                        L.IDEM_VERSION, kind, reason, 0, op.digest,
+                        seq - 1 if reason == L.R_OK else 0, 0, ts_us)))
+                outcomes[i] = Outcome(reason, False, kind, entry, count)
+            elif op.ksn_counter:
+                reason = self._take_ksn(txn, op, terminals, dirty_terminals)
+                if reason != L.R_OK:  # not a business outcome: no request record, a retry may pass
+                    outcomes[i] = Outcome(reason, False, kind, None, 0)
+                else:
+                    card_ops.append(i)
+            else:
+                card_ops.append(i)
+        for tid in dirty_terminals:
+            txn.put(L.TERMINAL_KEY.pack(tid), L.TERMINAL.pack(*terminals[tid]), db=self.terminals)
+        next_seq = seq
+        if card_ops:
+            next_seq = self._apply_cards(txn, ops, card_ops, outcomes, ts_us, seq, entries,
+                                         idem_items)
+        if entries:
+            added, _ = txn.cursor(db=self.journal).putmulti(entries, append=True)
+            if added != len(entries):
+                raise InvariantError("journal append refused: sequence not increasing")
+        if idem_items:
+            txn.cursor(db=self.requests).putmulti(idem_items)
+        if next_seq != self._next_seq + len(entries):
+            raise InvariantError("kernel sequence does not match the journal entries")
+        return next_seq
+
+    def _apply_cards(self, txn, ops, fresh, outcomes, ts_us, first_seq, entries, idem_items) -> int:
+        # 3. One slot per distinct card, records read in one getmulti.
         slot_of: dict[bytes, int] = {}
         card_ids: list[bytes] = []
         slots = array("I")
@@ -204,41 +290,154 @@ class Ledger:
         records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
         journal_out = bytearray(len(fresh) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
-        # 3. The kernel: arithmetic over the records buffer, journal entries out.
+        # 4. The kernel: arithmetic and PINs over the records buffer, journal entries out.
         next_seq = kernel.apply_batch(self._program_packed, b"".join([ops[i].packed for i in fresh]),
-                                      slots, records, journal_out, dirty, ts_us, self._next_seq)
-        # 4. Write back what the kernel accepted.
+                                      slots, records, journal_out, dirty, ts_us, first_seq)
+        # 5. Write back what the kernel changed.
         rec_view = memoryview(records)
         cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
                         for s in range(len(card_ids)) if dirty[s]])
-        entries: list[tuple[bytes, bytes]] = []
-        idem_items: list[tuple[bytes, bytes]] = []
         profile_items: list[tuple[bytes, bytes]] = []
+        sealed_items: list[tuple[bytes, bytes]] = []
         out = bytes(journal_out)
         seq_key, idem_pack, size = L.SEQ_KEY.pack, L.IDEM.pack, L.JOURNAL_SIZE
         head = ENTRY_HEAD.unpack_from
         for k, i in enumerate(fresh):
             op = ops[i]
-            op_type, reason, seq, principal_after, bonus_after = head(out, k * size)
+            op_type = op.packed[0]
+            _, reason, seq, principal_after, bonus_after = head(out, k * size)
             entry = out[k * size:(k + 1) * size]
             available = principal_after + bonus_after if reason == L.R_INSUFFICIENT_FUNDS else 0
-            if reason == L.R_OK:
+            if seq:  # applied, or a wrong PIN counted
                 entries.append((seq_key(seq), entry))
+            if reason == L.R_OK and op_type == L.OP_OPEN:
                 if op.profile is not None:
                     profile_items.append((op.card_id, op.profile))
+                if op.sealed is not None:
+                    sealed_items.append((op.card_id, op.sealed))
             idem_items.append((op.request_key, idem_pack(
                 L.IDEM_VERSION, op_type, reason, 0, op.digest, seq, available, ts_us)))
             outcomes[i] = Outcome(reason, False, op_type, entry, available)
-        if entries:
-            added, _ = txn.cursor(db=self.journal).putmulti(entries, append=True)
-            if added != len(entries):
-                raise InvariantError("journal append refused: sequence not increasing")
-        txn.cursor(db=self.requests).putmulti(idem_items)
         if profile_items:
             txn.cursor(db=self.profiles).putmulti(profile_items)
-        if next_seq != self._next_seq + len(entries):
-            raise InvariantError("kernel sequence does not match the journal entries")
+        if sealed_items:
+            txn.cursor(db=self.cardnos).putmulti(sealed_items)
         return next_seq
+
+    # ---- terminals, operators, keys -------------------------------------------------
+
+    def _terminal(self, txn, tid: int, terminals: dict) -> list | None:
+        if tid not in terminals:
+            raw = txn.get(L.TERMINAL_KEY.pack(tid), db=self.terminals)
+            terminals[tid] = None if raw is None else list(L.TERMINAL.unpack(raw))
+        return terminals[tid]
+
+    def _take_ksn(self, txn, op: PendingOp, terminals: dict, dirty: set) -> int:
+        """The terminal's DUKPT counter must grow: check and raise it (same transaction)."""
+        tid = L.OP.unpack_from(op.packed)[7]
+        t = self._terminal(txn, tid, terminals)
+        if t is None:
+            return L.R_TERMINAL_UNKNOWN
+        if t[1] != L.TERMINAL_ACTIVE:
+            return L.R_TERMINAL_REVOKED
+        if op.ksn_counter <= t[5]:
+            return L.R_KSN_REPLAYED
+        t[5] = op.ksn_counter
+        dirty.add(tid)
+        return L.R_OK
+
+    def _apply_admin(self, txn, op: PendingOp, kind: int, ts_us: int, seq: int, terminals: dict,
+                     dirty_terminals: set) -> tuple[int, bytes | int | None]:
+        """One admin or internal operation; returns (reason, journal entry or reseal count)."""
+        operator_id = L.OP.unpack_from(op.packed)[9]
+        subject = op.card_id
+        if kind in (L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED):
+            tid = int.from_bytes(subject[:4], "little")
+            t = self._terminal(txn, tid, terminals)
+            if kind == L.OP_TERMINAL_ENROLLED:
+                if t is not None:
+                    return L.R_TERMINAL_EXISTS, None
+                store_id, ikid = int.from_bytes(subject[4:8], "little"), subject[8:16]
+                terminals[tid] = [L.TERMINAL_VERSION, L.TERMINAL_ACTIVE, 0, tid, store_id, 0, ikid,
+                                  ts_us, 0, operator_id, 0, bytes(16)]
+            else:
+                if t is None:
+                    return L.R_TERMINAL_NOT_FOUND, None
+                if t[1] != L.TERMINAL_ACTIVE:
+                    return L.R_TERMINAL_REVOKED, None
+                t[1], t[8], t[10] = L.TERMINAL_REVOKED, ts_us, operator_id
+                subject = subject[:4] + t[4].to_bytes(4, "little") + t[6]
+            dirty_terminals.add(tid)
+        elif kind in (L.OP_OPERATOR_ADDED, L.OP_OPERATOR_REMOVED):
+            record = json.loads(op.payload)
+            name = record["name"].encode()
+            old = txn.get(name, db=self.operators)
+            if kind == L.OP_OPERATOR_ADDED:
+                if old is not None:
+                    return L.R_OPERATOR_EXISTS, None
+                raw_id = txn.get(OPERATOR_NEXT_ID, db=self.operators)
+                oid = int.from_bytes(raw_id, "little") if raw_id else 1
+                txn.put(OPERATOR_NEXT_ID, (oid + 1).to_bytes(4, "little"), db=self.operators)
+                record.update(id=oid, removed=False, created_us=ts_us, created_by=operator_id)
+            else:
+                if old is None or json.loads(old)["removed"]:
+                    return L.R_OPERATOR_NOT_FOUND, None
+                record = json.loads(old)
+                record.update(removed=True, removed_us=ts_us, removed_by=operator_id)
+            txn.put(name, json.dumps(record, sort_keys=True).encode(), db=self.operators)
+            subject = record["id"].to_bytes(4, "little") + bytes([record["role"]]) + bytes(11)
+        elif kind == L.OP_DATA_KEY_ROTATED:
+            pass  # the keyring changed outside LMDB; the journal records who did it and when
+        elif kind == L.OP_RESEAL:
+            return L.R_OK, self._reseal(txn, op.payload)
+        else:
+            raise InvariantError(f"unknown admin operation {kind}")
+        entry = L.JOURNAL.pack(L.JOURNAL_VERSION, kind, 0, 0, 0, 0, 0, seq, subject, 0, 0, 0, 0, 0,
+                               0, 0, 0, ts_us, 0, 0, 0, operator_id, op.packed[32:40])
+        return L.R_OK, entry
+
+    def _reseal(self, txn, payload: bytes) -> int:
+        """Swap sealed card numbers that still hold what the caller read (compare and set)."""
+        count = pos = 0
+        while pos < len(payload):
+            card_id, old_len, new_len = RESEAL_ITEM.unpack_from(payload, pos)
+            pos += RESEAL_ITEM.size
+            old, new = payload[pos:pos + old_len], payload[pos + old_len:pos + old_len + new_len]
+            pos += old_len + new_len
+            if txn.get(card_id, db=self.cardnos) == old:
+                txn.put(card_id, new, db=self.cardnos)
+                count += 1
+        return count
+
+    @staticmethod
+    def reseal_payload(items: list[tuple[bytes, bytes, bytes]]) -> bytes:
+        """(card_id, sealed as read, sealed anew) items for an OP_RESEAL operation."""
+        return b"".join(RESEAL_ITEM.pack(cid, len(old), len(new)) + old + new
+                        for cid, old, new in items)
+
+    def read_terminals(self) -> list[tuple]:
+        return self._read(lambda txn: [L.TERMINAL.unpack(v) for _, v in txn.cursor(db=self.terminals)])
+
+    def read_operators(self) -> list[dict]:
+        return self._read(lambda txn: [json.loads(v) for k, v in txn.cursor(db=self.operators)
+                                       if k != OPERATOR_NEXT_ID])
+
+    def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""
+        def read(txn):
+            cur = txn.cursor(db=self.cardnos)
+            out = []
+            if not cur.set_range(after):
+                return out
+            for key, value in cur:
+                if key == after:
+                    continue
+                out.append((key, value))
+                if len(out) >= limit:
+                    break
+            return out
+
+        return self._read(read)
 
     def settle(self, ops: list[PendingOp]) -> list[Outcome]:
         """After a write that failed for the storage's sake (disk full, I/O error), what landed?
@@ -319,7 +518,8 @@ class Ledger:
         def read(txn):
             return {name: list(txn.cursor(db=db)) for name, db in
                     (("cards", self.cards), ("journal", self.journal), ("requests", self.requests),
-                     ("profiles", self.profiles))}
+                     ("profiles", self.profiles), ("cardnos", self.cardnos),
+                     ("terminals", self.terminals), ("operators", self.operators))}
 
         return self._read(read)
 
@@ -357,28 +557,36 @@ class Ledger:
             if len(problems) < problems_max:
                 problems.append(msg)
 
-        sums: dict[bytes, list[int]] = {}  # card id -> principal, bonus, points, last seq, paid
+        # card id -> principal, bonus, points, last seq, paid, PIN state (tries | flags << 8)
+        sums: dict[bytes, list[int]] = {}
         totals = [0, 0, 0]
+        admin = 0
         expect_seq = 1
         with self._resize_gate, self.env.begin() as txn:  # verify runs in its own process
             for key, entry in txn.cursor(db=self.journal):
-                (version, op, _, _, reason, _, seq, cid, amount, discount, dp, db_, dpts, pa, ba,
+                (version, op, _, _, reason, pin_tries, pin_flags, seq, cid, amount, discount, dp, db_, dpts, pa, ba,
                  ptsa, *_rest) = L.JOURNAL.unpack(entry)
                 if L.SEQ_KEY.unpack(key)[0] != seq or seq != expect_seq:
                     problem(f"journal sequence {seq} where {expect_seq} was expected")
                 expect_seq = seq + 1
-                if version != L.JOURNAL_VERSION or reason != L.R_OK:
+                if version != L.JOURNAL_VERSION or reason != (
+                        L.R_PIN_WRONG if op == L.OP_PIN_FAILED else L.R_OK):
                     problem(f"journal entry {seq}: version {version}, reason {reason}")
+                if op >= L.OP_ADMIN_MIN:
+                    admin += 1
+                    if op > L.OP_DATA_KEY_ROTATED or amount or discount or dp or db_ or dpts:
+                        problem(f"journal entry {seq}: an admin entry {op} that moves value")
+                    continue
                 s = sums.get(cid)
                 if op == L.OP_OPEN:
                     if s is not None:
                         problem(f"journal entry {seq}: a second opening of the same card")
                     if amount or discount or dp or db_ or dpts:
                         problem(f"journal entry {seq}: an opening that moves value")
-                    s = sums[cid] = [0, 0, 0, 0, 0]
+                    s = sums[cid] = [0, 0, 0, 0, 0, 0]
                 elif s is None:
                     problem(f"journal entry {seq}: first entry of a card is not an opening")
-                    s = sums[cid] = [0, 0, 0, 0, 0]
+                    s = sums[cid] = [0, 0, 0, 0, 0, 0]
                 elif op == L.OP_TOP_UP:
                     if amount <= 0 or dp != amount or db_ or dpts or discount:
                         problem(f"journal entry {seq}: a top-up that does not add its amount")
@@ -388,12 +596,16 @@ class Ledger:
                             or dp + db_ != -paid or dpts < 0):
                         problem(f"journal entry {seq}: a purchase whose debit is not gross - discount")
                     s[4] += paid
+                elif op in (L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_PIN_FAILED):
+                    if amount or discount or dp or db_ or dpts:
+                        problem(f"journal entry {seq}: a PIN entry that moves value")
                 else:
                     problem(f"journal entry {seq}: unknown operation type {op}")
                 s[0] += dp
                 s[1] += db_
                 s[2] += dpts
                 s[3] = seq
+                s[5] = pin_tries | pin_flags << 8
                 totals[0] += dp
                 totals[1] += db_
                 totals[2] += dpts
@@ -415,31 +627,34 @@ class Ledger:
                     problem(f"card ...{cid.hex()[:8]}: invalid record (no holds exist yet)")
                 if s is None:
                     problem(f"card ...{cid.hex()[:8]}: no journal entries")
-                elif (principal, bonus, points, last_seq, lifetime) != tuple(s):
+                elif (principal, bonus, points, last_seq, lifetime, rec[3] | (rec[4] & 0xFF) << 8) != tuple(s):
                     problem(f"card ...{cid.hex()[:8]}: record {principal}/{bonus}/{points}/#{last_seq}"
                             f"/paid {lifetime} but journal adds up to {s[0]}/{s[1]}/{s[2]}/#{s[3]}"
                             f"/paid {s[4]}")
             for cid in sums:
                 problem(f"journal names card ...{cid.hex()[:8]} that has no record")
-            requests = applied = 0
+            requests = journaled = 0
             for key, idem in txn.cursor(db=self.requests):
                 requests += 1
                 _, _, reason, _, _, seq, _, _ = L.IDEM.unpack(idem)
-                if reason == L.R_OK:
-                    applied += 1
+                if reason in (L.R_OK, L.R_PIN_WRONG):  # applied, or a wrong PIN counted
+                    journaled += 1
                     entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
                     if entry is None or entry[120:128] != request_tag(key):
                         problem(f"request record for seq {seq} does not match its journal entry")
                 elif seq != 0:
                     problem(f"a declined request record points at journal entry {seq}")
-            if applied != expect_seq - 1:
-                problem(f"{applied} applied request records for {expect_seq - 1} journal entries")
+            if journaled != expect_seq - 1:
+                problem(f"{journaled} request records with a journal entry for {expect_seq - 1} "
+                        "journal entries")
         if card_totals != totals:
             problem(f"card totals {card_totals} differ from journal totals {totals}")
         return {
             "ok": not problems,
             "cards": cards,
             "journal_entries": expect_seq - 1,
+            "admin_entries": admin,
+            "card_entries": expect_seq - 1 - admin,
             "requests": requests,
             "principal_minor": card_totals[0],
             "bonus_minor": card_totals[1],

@@ -23,6 +23,11 @@ checks they agree on every input):
    REASON_INSUFFICIENT_FUNDS and the available amount. Balances are never
    negative.
 6. A top-up adds to principal. Only active cards can be topped up or spent.
+7. PINs (the exact order of checks is in ``layout``): a purchase always
+   needs the card's PIN, a top-up when ``pin_on_top_up`` is set. After
+   ``pin_tries_max`` wrong PINs in a row (default 3) the PIN locks: the money
+   stays, the card cannot be spent until an operator resets the PIN. A right
+   PIN sets the count back to 0.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %) and earns 1 point per 1.00 paid; a TOML file overrides it::
@@ -30,6 +35,8 @@ The default program has three tiers (standard 100 %, silver 95 %, gold
     points_unit_minor = 100
     points_per_unit = 1
     require_luhn = true
+    pin_tries_max = 3
+    pin_on_top_up = false
     [[tiers]]
     name = "standard"
     rate_bp = 10000
@@ -56,6 +63,8 @@ class Program:
     points_unit_minor: int = 100
     points_per_unit: int = 1
     require_luhn: bool = True
+    pin_tries_max: int = 3
+    pin_on_top_up: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= layout.MAX_TIERS:
@@ -69,11 +78,13 @@ class Program:
             raise ValueError("points_unit_minor must be > 0")
         if not 0 <= self.points_per_unit <= layout.INT64_MAX:
             raise ValueError("points_per_unit must be >= 0")
+        if not 1 <= self.pin_tries_max <= layout.PIN_TRIES_MAX_LIMIT:
+            raise ValueError(f"pin_tries_max must be 1..{layout.PIN_TRIES_MAX_LIMIT}")
 
     def packed(self) -> bytes:
         """The 96-byte program struct the kernel reads."""
         rates = [t.rate_bp for t in self.tiers] + [0] * (layout.MAX_TIERS - len(self.tiers))
-        return layout.PROGRAM.pack(len(self.tiers), 0, self.points_unit_minor,
+        return layout.PROGRAM.pack(len(self.tiers), self.pin_tries_max, self.points_unit_minor,
                                    self.points_per_unit, *rates, bytes(8))
 
 
@@ -92,6 +103,8 @@ def load_program(path: str | None) -> Program:
         points_unit_minor=int(data.get("points_unit_minor", 100)),
         points_per_unit=int(data.get("points_per_unit", 1)),
         require_luhn=bool(data.get("require_luhn", True)),
+        pin_tries_max=int(data.get("pin_tries_max", 3)),
+        pin_on_top_up=bool(data.get("pin_on_top_up", False)),
     )
 
 

@@ -18,16 +18,22 @@ cdef extern from "<stdint.h>":
 cdef enum:
     CARD_SIZE = 128
     JOURNAL_SIZE = 128
-    OP_SIZE = 64
+    OP_SIZE = 128
     PROGRAM_SIZE = 96
+    PIN_CHECK_SIZE = 32
 
-# Values of cardcore.v1.OperationType / CardStatus / Reason (tests check they agree).
+# Values of cardcore.v1.OperationType / CardStatus / Reason and the flag bits of
+# cardcore.layout (tests check they agree).
 cdef enum:
     OP_OPEN = 1
     OP_TOP_UP = 2
     OP_PURCHASE = 3
+    OP_SET_PIN = 4
+    OP_RESET_PIN = 5
+    OP_PIN_FAILED = 6
     STATUS_ACTIVE = 1
     R_OK = 0
+    R_INVALID_ARGUMENT = 1
     R_INVALID_AMOUNT = 2
     R_INVALID_TIER = 5
     R_CARD_NOT_FOUND = 8
@@ -35,6 +41,18 @@ cdef enum:
     R_CARD_NOT_ACTIVE = 10
     R_INSUFFICIENT_FUNDS = 11
     R_AMOUNT_OVERFLOW = 12
+    R_PIN_REQUIRED = 20
+    R_PIN_WRONG = 21
+    R_PIN_LOCKED = 22
+    R_PIN_NOT_SET = 23
+    CARD_PIN_SET = 1
+    CARD_PIN_LOCKED = 2
+    PIN_PRESENTED = 1
+    PIN_REQUIRED = 2
+    PIN_OPTIONAL_UNSET = 4
+    NEW_PIN = 8
+    PIN_RIGHT = 1
+    PIN_FAILED = 2
 
 
 cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
@@ -46,13 +64,69 @@ cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
     if (rec.principal_minor < 0 or rec.bonus_minor < 0 or rec.points < 0
             or rec.held_minor < 0 or rec.lifetime_paid_minor < 0):
         return 0
+    if rec.flags & ~<uint32_t>(CARD_PIN_SET | CARD_PIN_LOCKED):
+        return 0
+    if rec.flags & CARD_PIN_LOCKED and not rec.flags & CARD_PIN_SET:
+        return 0
     return rec.principal_minor <= INT64_MAX - rec.bonus_minor
+
+
+cdef inline int same_check(const uint8_t* a, const uint8_t* b) noexcept nogil:
+    """Constant-time equality of two PIN verification values."""
+    cdef uint8_t diff = 0
+    cdef int i
+    for i in range(PIN_CHECK_SIZE):
+        diff |= a[i] ^ b[i]
+    return diff == 0
+
+
+cdef inline uint8_t pin_gate(const cc_program_t* prog, const cc_op_t* op, uint8_t pin_flags,
+                             cc_card_t* rec, int* checked) noexcept nogil:
+    """The PIN rule of cardcore.layout. *checked becomes PIN_RIGHT or PIN_FAILED (a wrong PIN
+    counted) when the PIN was compared; a right PIN resets the count only if the operation
+    then applies (the caller does that)."""
+    cdef int presented = pin_flags & PIN_PRESENTED
+    if not presented and not pin_flags & PIN_REQUIRED:
+        return R_OK
+    if not rec.flags & CARD_PIN_SET:
+        if presented or not pin_flags & PIN_OPTIONAL_UNSET:
+            return R_PIN_NOT_SET
+        return R_OK
+    if rec.flags & CARD_PIN_LOCKED:
+        return R_PIN_LOCKED
+    if not presented:
+        return R_PIN_REQUIRED
+    if not same_check(op.pin_check, rec.pin_check):
+        rec.pin_tries += 1
+        if rec.pin_tries >= prog.pin_tries_max:
+            rec.flags |= CARD_PIN_LOCKED
+        checked[0] = PIN_FAILED
+        return R_PIN_WRONG
+    checked[0] = PIN_RIGHT
+    return R_OK
+
+
+cdef inline void set_pin(const cc_op_t* op, cc_card_t* rec) noexcept nogil:
+    """The new PIN from the operation, or none when it carries none; unlocks."""
+    if op.pin_flags & NEW_PIN:
+        memcpy(rec.pin_check, op.new_pin_check, PIN_CHECK_SIZE)
+        rec.flags = CARD_PIN_SET
+    else:
+        memset(rec.pin_check, 0, PIN_CHECK_SIZE)
+        rec.flags = 0
+    rec.pin_tries = 0
 
 
 cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_card_t* rec,
                               cc_journal_t* out, int64_t ts_us, uint64_t seq) noexcept nogil:
-    """Apply one operation to its record; fill its journal entry; return the reason."""
+    """Apply one operation to its record; fill its journal entry; return the reason.
+
+    The entry's seq is non-zero when the record changed: the operation was
+    applied, or a wrong PIN was counted (a PIN-failed entry, reason PIN_WRONG).
+    """
     cdef uint8_t reason = R_OK
+    cdef uint8_t entry_op = op.op
+    cdef int checked = 0
     cdef int64_t amount = op.amount_minor
     cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, paid = 0
     cdef cc_i128 wide
@@ -69,11 +143,26 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             rec.tier = op.tier
             rec.opened_us = ts_us
             rec.home_store_id = op.home_store_id
+            if op.pin_flags & NEW_PIN:
+                set_pin(op, rec)
+    elif rec.version == 0:
+        reason = R_CARD_NOT_FOUND
+    elif op.op == OP_RESET_PIN:
+        set_pin(op, rec)
+    elif rec.status != STATUS_ACTIVE:
+        reason = R_CARD_NOT_ACTIVE
+    elif op.op == OP_SET_PIN:
+        if not op.pin_flags & NEW_PIN:
+            reason = R_INVALID_ARGUMENT
+        elif rec.flags & CARD_PIN_SET or op.pin_flags & PIN_PRESENTED:
+            # changing a PIN always needs the old one
+            reason = pin_gate(prog, op, op.pin_flags | PIN_REQUIRED, rec, &checked)
+        if reason == R_OK:
+            set_pin(op, rec)
     else:  # top-up or purchase (the caller checked the type)
-        if rec.version == 0:
-            reason = R_CARD_NOT_FOUND
-        elif rec.status != STATUS_ACTIVE:
-            reason = R_CARD_NOT_ACTIVE
+        reason = pin_gate(prog, op, op.pin_flags, rec, &checked)
+        if reason != R_OK:
+            pass
         elif amount <= 0:
             reason = R_INVALID_AMOUNT
         elif op.op == OP_TOP_UP:
@@ -99,18 +188,26 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 d_bonus = -(paid + d_principal)
                 d_points = earned
                 rec.lifetime_paid_minor += paid
+    cdef int pin_failed = checked == PIN_FAILED
+    if pin_failed:
+        entry_op = OP_PIN_FAILED
+        amount = 0
     if reason == R_OK:
+        if checked == PIN_RIGHT:
+            rec.pin_tries = 0
         rec.principal_minor += d_principal
         rec.bonus_minor += d_bonus
         rec.points += d_points
+    if reason == R_OK or pin_failed:
         rec.last_seq = seq
     out.version = 1
-    out.op = op.op
+    out.op = entry_op
     out.tier = rec.tier
     out.status = rec.status
     out.reason = reason
-    out.reserved0 = 0
-    out.seq = seq if reason == R_OK else 0
+    out.pin_tries = rec.pin_tries
+    out.pin_flags = <uint8_t>rec.flags
+    out.seq = seq if reason == R_OK or pin_failed else 0
     memcpy(out.card_id, op.card_id, 16)
     out.amount_minor = amount
     out.discount_minor = discount
@@ -124,7 +221,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     out.store_id = op.store_id
     out.terminal_id = op.terminal_id
     out.staff_id = op.staff_id
-    out.reserved1 = 0
+    out.operator_id = op.operator_id
     memcpy(out.request_tag, op.request_tag, 8)
     return reason
 
@@ -132,7 +229,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
 def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32_t[::1] slots,
                 uint8_t[::1] records, uint8_t[::1] journal_out, uint8_t[::1] slot_dirty,
                 int64_t ts_us, uint64_t first_seq):
-    """Apply len(ops) // 64 operations in order; return the next free sequence number.
+    """Apply len(ops) // 128 operations in order; return the next free sequence number.
 
     Same contract as cardcore.reference.apply_batch. Raises ValueError, and
     leaves the caller to abort its transaction, if any input breaks the
@@ -152,7 +249,8 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32
     if records.shape[0] != nslots * CARD_SIZE or slot_dirty.shape[0] != nslots:
         raise ValueError("records or dirty buffer has the wrong size")
     cdef const cc_program_t* prog = <const cc_program_t*>&program[0]
-    if prog.tier_count < 1 or prog.tier_count > 16 or prog.points_unit_minor <= 0 or prog.points_per_unit < 0:
+    if (prog.tier_count < 1 or prog.tier_count > 16 or prog.points_unit_minor <= 0
+            or prog.points_per_unit < 0 or prog.pin_tries_max < 1 or prog.pin_tries_max > 15):
         raise ValueError("program out of range")
     for i in range(prog.tier_count):
         if prog.rate_bp[i] < 1 or prog.rate_bp[i] > 10000:
@@ -168,14 +266,15 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32
         for i in range(n):
             op = op_base + i
             slot = slots[i]
-            if slot >= nslots or op.op < OP_OPEN or op.op > OP_PURCHASE:
+            if slot >= nslots or op.op < OP_OPEN or op.op > OP_RESET_PIN:
                 bad = 1
                 break
             rec = rec_base + slot
             if not record_ok(rec):
                 bad = 2
                 break
-            if apply_one(prog, op, rec, out_base + i, ts_us, seq) == R_OK:
+            apply_one(prog, op, rec, out_base + i, ts_us, seq)
+            if out_base[i].seq != 0:
                 seq += 1
                 slot_dirty[slot] = 1
                 if not record_ok(rec):

@@ -19,28 +19,30 @@ typedef struct {
 
 typedef struct {
     uint8_t version, op, tier, status;
-    uint16_t reason, reserved0;
+    uint16_t reason;
+    uint8_t pin_tries, pin_flags;
     uint64_t seq;
     uint8_t card_id[16];
     int64_t amount_minor, discount_minor, principal_delta_minor, bonus_delta_minor,
             points_delta, principal_after_minor, bonus_after_minor, points_after, ts_us;
-    uint32_t store_id, terminal_id, staff_id, reserved1;
+    uint32_t store_id, terminal_id, staff_id, operator_id;
     uint8_t request_tag[8];
 } cc_journal_t;
 
 typedef struct {
-    uint8_t op, tier;
-    uint16_t reserved0;
+    uint8_t op, tier, pin_flags, reserved0;
     uint32_t home_store_id;
     int64_t amount_minor;
-    uint32_t store_id, terminal_id, staff_id, reserved1;
+    uint32_t store_id, terminal_id, staff_id, operator_id;
     uint8_t request_tag[8];
     uint8_t card_id[16];
     uint8_t reserved2[8];
+    uint8_t pin_check[32];
+    uint8_t new_pin_check[32];
 } cc_op_t;
 
 typedef struct {
-    uint32_t tier_count, reserved0;
+    uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, points_per_unit;
     uint32_t rate_bp[16];
     uint8_t reserved1[8];
@@ -48,6 +50,6 @@ typedef struct {
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
 _Static_assert(sizeof(cc_journal_t) == 128, "journal entry is 128 bytes");
-_Static_assert(sizeof(cc_op_t) == 64, "operation is 64 bytes");
+_Static_assert(sizeof(cc_op_t) == 128, "operation is 128 bytes");
 _Static_assert(sizeof(cc_program_t) == 96, "program is 96 bytes");
 #endif

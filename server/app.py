@@ -12,12 +12,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cardcore import keyring
+from cardcore.keyring import Keyring
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
 from cardcore.rules import load_program
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+from cardcore.v1 import common_pb2 as cpb
 
+from .access import FAILURES_PER_MINUTE_DEFAULT, Access
+from .admin import AdminService
 from .metrics import Metrics
 from .service import CardService
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
@@ -26,6 +31,9 @@ from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLI
 log = logging.getLogger("cardcore.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CardService"].full_name
+ADMIN_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdminService"].full_name
+ADMIN_TOKEN_FILE = "admin.token"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 MESSAGE_BYTES_MAX = 16 << 20     # a 10,000-operation batch is ~1.5 MiB
 SHUTDOWN_GRACE_S = 10.0
 
@@ -37,7 +45,12 @@ class ServerConfig:
     data_dir: str = "./var/cardcore"
     listen: str = "127.0.0.1:50051"
     program_path: str | None = None
-    keyring_path: str | None = None  # default: <data_dir>/card-index.key
+    keyring_path: str | None = None  # default: <data_dir>/keyring.json
+    insecure: bool = False           # plaintext on loopback, for local development only
+    tls_cert: str | None = None      # server certificate chain (PEM)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # CA of the client certificates (mutual TLS, required)
+    failures_per_minute: int = FAILURES_PER_MINUTE_DEFAULT
     sync: bool = True
     group_max_ops: int = GROUP_MAX_OPS_DEFAULT
     group_wait_us: int = GROUP_WAIT_US_DEFAULT
@@ -53,6 +66,42 @@ class StartupError(Exception):
 
 class WriterFailed(Exception):
     """The writer stopped while serving: the process exits non-zero so a supervisor restarts it."""
+
+
+def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """Mutual TLS from the configured files, or None for --insecure (loopback only)."""
+    if cfg.insecure:
+        if cfg.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS:
+            raise StartupError("--insecure serves plaintext on a loopback address only "
+                               f"(127.0.0.1, localhost, [::1]), not {cfg.listen}")
+        for _ in range(2):
+            log.warning("*** --insecure: plaintext, no client certificates; clear card numbers "
+                        "and cards without a PIN are accepted. Local development only. ***")
+        return None
+    if not (cfg.tls_cert and cfg.tls_key and cfg.tls_client_ca):
+        raise StartupError("give --tls-cert, --tls-key and --tls-client-ca (cardcore certs makes a "
+                           "local CA), or --insecure for local development on loopback")
+    try:
+        with open(cfg.tls_cert, "rb") as c, open(cfg.tls_key, "rb") as k, \
+                open(cfg.tls_client_ca, "rb") as ca:
+            pair, root = (k.read(), c.read()), ca.read()
+    except OSError as exc:
+        raise StartupError(f"cannot read a TLS file: {exc.filename}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=True)
+
+
+async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -> None:
+    """First start: a chain admin whose token goes to a 0600 file (never to the log)."""
+    if access.operators_by_name:
+        return
+    token, _ = await admin.add_operator(None, b"bootstrap-admin", "admin",
+                                        cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0)
+    path = os.path.join(data_dir, ADMIN_TOKEN_FILE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    log.warning("created the first chain admin 'admin'; its token is in %s (0600). Use it to add "
+                "named operators, then remove 'admin' and delete the file", path)
 
 
 def lock_data_dir(data_dir: str):
@@ -74,8 +123,9 @@ async def serve(cfg: ServerConfig) -> None:
                         "operations. For benchmarks only. ***")
     os.makedirs(cfg.data_dir, exist_ok=True)
     lock = lock_data_dir(cfg.data_dir)
-    index_key = keyring.load_or_create_index_key(
-        cfg.keyring_path or os.path.join(cfg.data_dir, "card-index.key"))
+    credentials = _server_credentials(cfg)
+    keyring = Keyring.load_or_create(cfg.keyring_path or os.path.join(cfg.data_dir, "keyring.json"),
+                                     cfg.data_dir)
     ledger_path = os.path.join(cfg.data_dir, "ledger")
     program = load_program(cfg.program_path)
     server = grpc.aio.server(options=[
@@ -87,7 +137,10 @@ async def serve(cfg: ServerConfig) -> None:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ])
     try:  # bind before anything else starts, so a busy port fails fast and leaves nothing running
-        port = server.add_insecure_port(cfg.listen)
+        if credentials is None:
+            port = server.add_insecure_port(cfg.listen)
+        else:
+            port = server.add_secure_port(cfg.listen, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -115,10 +168,21 @@ async def serve(cfg: ServerConfig) -> None:
         metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
         if cfg.metrics_listen:
             log.info("metrics on http://%s/metrics", metrics.serve(cfg.metrics_listen))
-        pb_grpc.add_CardServiceServicer_to_server(CardService(ledger, writer, index_key), server)
+        access = Access(ledger, keyring.bdk, keyring.bdk_id, tls=credentials is not None,
+                        failures_per_minute=cfg.failures_per_minute)
+        card_service = CardService(ledger, writer, keyring, access)
+        admin = AdminService(ledger, writer, keyring, access, card_service._request_key)
+        await _bootstrap_admin(admin, access, cfg.data_dir)
+        resealed = await admin.reseal(None)  # finishes a rotation a stop interrupted
+        if resealed:
+            log.info("re-sealed %d card numbers under data key version %d", resealed,
+                     keyring.data_key_current)
+        pb_grpc.add_CardServiceServicer_to_server(card_service, server)
+        apb_grpc.add_AdminServiceServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (SERVICE_NAME, ADMIN_SERVICE_NAME,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
         await server.start()
         for name in ("", SERVICE_NAME):

@@ -32,6 +32,32 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                    "error); not applied: retry later with the same request_id"),
     R.REASON_OUTCOME_UNKNOWN: (C.UNAVAILABLE, "the writer stopped while applying this operation; ask "
                                "GetOperation or retry with the same request_id"),
+    R.REASON_PIN_REQUIRED: (C.FAILED_PRECONDITION, "this card needs its PIN for this operation"),
+    R.REASON_PIN_WRONG: (C.PERMISSION_DENIED, "wrong PIN"),
+    R.REASON_PIN_LOCKED: (C.PERMISSION_DENIED, "the card's PIN is locked after too many wrong PINs; "
+                          "a store manager must reset it"),
+    R.REASON_PIN_NOT_SET: (C.FAILED_PRECONDITION, "the card has no PIN (set one first), or a PIN was "
+                           "sent for a card without one"),
+    R.REASON_PIN_BLOCK_INVALID: (C.INVALID_ARGUMENT, "the PIN block is not valid for this card and "
+                                 "transaction"),
+    R.REASON_PIN_WEAK: (C.INVALID_ARGUMENT, "the new PIN is too easy to guess"),
+    R.REASON_KSN_INVALID: (C.INVALID_ARGUMENT, "the key serial number is malformed"),
+    R.REASON_KSN_REPLAYED: (C.PERMISSION_DENIED, "the key serial number was used before by this terminal"),
+    R.REASON_TERMINAL_UNKNOWN: (C.PERMISSION_DENIED, "unknown terminal, or the key does not belong to it"),
+    R.REASON_TERMINAL_REVOKED: (C.PERMISSION_DENIED, "the terminal was revoked"),
+    R.REASON_TERMINAL_MISMATCH: (C.PERMISSION_DENIED, "the certificate or store does not match the "
+                                 "terminal claimed"),
+    R.REASON_CARD_DATA_INVALID: (C.INVALID_ARGUMENT, "the encrypted card data failed authentication"),
+    R.REASON_CLEAR_CARD_REFUSED: (C.PERMISSION_DENIED, "terminals must send card data encrypted"),
+    R.REASON_UNAUTHENTICATED: (C.UNAUTHENTICATED, "no valid credentials for this call"),
+    R.REASON_PERMISSION_DENIED: (C.PERMISSION_DENIED, "the operator's role or store scope does not "
+                                 "allow this"),
+    R.REASON_RATE_LIMITED: (C.RESOURCE_EXHAUSTED, "too many failed attempts from this terminal; "
+                            "wait a minute"),
+    R.REASON_TERMINAL_EXISTS: (C.ALREADY_EXISTS, "a terminal with this id was enrolled before"),
+    R.REASON_TERMINAL_NOT_FOUND: (C.NOT_FOUND, "no terminal with this id"),
+    R.REASON_OPERATOR_EXISTS: (C.ALREADY_EXISTS, "an operator with this name exists"),
+    R.REASON_OPERATOR_NOT_FOUND: (C.NOT_FOUND, "no active operator with this name"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -6,6 +6,7 @@ is the kernel's and the storage the ledger's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -19,16 +20,21 @@ from google.rpc import error_details_pb2, status_pb2
 
 from cardcore import cards
 from cardcore import layout as L
+from cardcore import pin as pinlib
+from cardcore.dukpt import Ksn, KeyUsage
 from cardcore.ext import cardno
+from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, Outcome, PendingOp
+from cardcore.terminal import CardDataError, decrypt_card_data
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
+from .access import ROLE, Access, Caller
 from .reasons import CODE_NUMBER, TABLE
+from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.service")
-from .writer import Overloaded, Stopped, Writer
 
 R = cpb.Reason
 DOMAIN = "cardcore.v1"
@@ -36,6 +42,7 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
 BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME_LEN_MAX = 64
+NO_PIN = bytes(32)
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
 
@@ -49,9 +56,10 @@ class Invalid(Exception):
         self.field = field
 
 
-def failure(reason: int, field: str = "", available_minor: int = 0) -> cpb.Failure:
+def failure(reason: int, field: str = "", available_minor: int = 0,
+            pin_tries_left: int = 0) -> cpb.Failure:
     return cpb.Failure(reason=reason, message=TABLE[reason][1], field=field,
-                       available_minor=available_minor)
+                       available_minor=available_minor, pin_tries_left=pin_tries_left)
 
 
 def _status_details(fail: cpb.Failure) -> tuple[tuple[str, bytes]]:
@@ -61,6 +69,8 @@ def _status_details(fail: cpb.Failure) -> tuple[tuple[str, bytes]]:
         info.metadata["field"] = fail.field
     if fail.reason == R.REASON_INSUFFICIENT_FUNDS:
         info.metadata["available_minor"] = str(fail.available_minor)
+    if fail.reason == R.REASON_PIN_WRONG:
+        info.metadata["pin_tries_left"] = str(fail.pin_tries_left)
     status = status_pb2.Status(code=CODE_NUMBER[fail.reason], message=fail.message)
     for detail in (info, fail):
         packed = any_pb2.Any()
@@ -79,7 +89,14 @@ _REPLY_FIELDS = struct.Struct("<xBxxxxxxQ16xqqqqqqqqq")
 assert _REPLY_FIELDS.size == 104
 
 
-def result_of(request_id: str, outcome: Outcome) -> pb.OperationResult:
+def outcome_failure(outcome: Outcome, pin_tries_max: int) -> cpb.Failure:
+    tries_left = 0
+    if outcome.reason == L.R_PIN_WRONG and outcome.entry is not None:
+        tries_left = max(0, pin_tries_max - outcome.entry[L.JOURNAL_OFF_PIN_TRIES])
+    return failure(outcome.reason, available_minor=outcome.available_minor, pin_tries_left=tries_left)
+
+
+def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0) -> pb.OperationResult:
     """The OperationResult for an outcome: the same shape for unary, batch and stream."""
     reason = outcome.reason
     if reason == L.R_OK:  # a plain int: protobuf's enum wrapper attribute costs ~0.3 µs
@@ -98,8 +115,7 @@ def result_of(request_id: str, outcome: Outcome) -> pb.OperationResult:
         return result
     return pb.OperationResult(
         request_id=request_id, reason=reason, status_code=CODE_NUMBER[reason],
-        replayed=outcome.replayed, type=outcome.op,
-        failure=failure(reason, available_minor=outcome.available_minor))
+        replayed=outcome.replayed, type=outcome.op, failure=outcome_failure(outcome, pin_tries_max))
 
 
 def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationResult:
@@ -108,19 +124,39 @@ def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationR
                               failure=failure(exc.reason, exc.field))
 
 
+@dataclasses.dataclass(slots=True)
+class CardAccess:
+    """A request's card, resolved: its id and number, and for a terminal its swipe keys."""
+    card_id: bytes
+    number: str
+    pin_key: bytes | None = None   # this transaction's DUKPT PIN key (terminal swipes)
+    terminal_id: int = 0           # the terminal whose KSN this is
+    ksn_counter: int = 0
+
+
 class CardService(pb_grpc.CardServiceServicer):
-    def __init__(self, ledger: Ledger, writer: Writer, index_key: bytes):
+    def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access):
         self.ledger = ledger
         self.writer = writer
+        self.keyring = keyring
+        self.access = access
         self.metrics = writer.metrics
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
-            "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream")}
-        self._index = cards.CardIndex(index_key)
-        self._tier_count = len(ledger.program.tiers)
-        self._require_luhn = ledger.program.require_luhn
+            "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
+            "SetPin", "ResetPin")}
+        self._index = cards.CardIndex(keyring.index_key)
+        program = ledger.program
+        self._tier_count = len(program.tiers)
+        self._require_luhn = program.require_luhn
+        self._pin_tries_max = program.pin_tries_max
+        self._top_up_pin = L.PIN_REQUIRED if program.pin_on_top_up else 0
+        # Development mode (no TLS) lets a card without a PIN be spent with a clear number.
+        self._dev_pin = 0 if access.tls else L.PIN_OPTIONAL_UNSET
         self._builders = {"open_card": (L.OP_OPEN, self._open_op),
                           "top_up": (L.OP_TOP_UP, self._top_up_op),
-                          "purchase": (L.OP_PURCHASE, self._purchase_op)}
+                          "purchase": (L.OP_PURCHASE, self._purchase_op),
+                          "set_pin": (L.OP_SET_PIN, self._set_pin_op),
+                          "reset_pin": (L.OP_RESET_PIN, self._reset_pin_op)}
 
     # ---- validation: request -> PendingOp ------------------------------------
 
@@ -129,21 +165,91 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_INVALID_REQUEST_ID, "request_id")
         return request_id.encode("ascii")
 
-    def _card_id(self, ref: cpb.CardRef) -> bytes:
-        number = ref.card_number
+    def _number_ok(self, number: str, field: str) -> None:
         if not cardno.number_ok(number, self._require_luhn):
-            raise Invalid(R.REASON_INVALID_CARD_NUMBER, "card.card_number")
-        return self._index.card_id(number)
+            raise Invalid(R.REASON_INVALID_CARD_NUMBER, field)
 
-    @staticmethod
-    def _amount(value: int, field: str) -> int:
-        if value <= 0:
-            raise Invalid(R.REASON_INVALID_AMOUNT, field)
-        return value
+    def _card(self, ref: cpb.CardRef, till: cpb.Till, caller: Caller,
+              role: int = ROLE.OPERATOR_ROLE_CASHIER) -> CardAccess:
+        """Resolve the card and check that this caller may name it this way.
 
-    def _open_op(self, req: pb.OpenCardRequest) -> PendingOp:
+        Clear numbers come from operators (``role`` or above, the till's store
+        in scope) or, without TLS, from anyone; terminals always encrypt.
+        """
+        if caller.bad_token:
+            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        if ref.WhichOneof("ref") == "secure":
+            return self._secure_card(ref.secure, till, caller)
+        if caller.cert_terminal_id is not None:
+            raise Invalid(R.REASON_CLEAR_CARD_REFUSED, "card.card_number")
+        operator = caller.operator
+        if operator is None:
+            if self.access.tls:
+                raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        elif not operator.may(role, till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        number = ref.card_number
+        self._number_ok(number, "card.card_number")
+        return CardAccess(self._index.card_id(number), number)
+
+    def _secure_card(self, secure: cpb.SecureCard, till: cpb.Till | None, caller: Caller) -> CardAccess:
+        """A terminal's swipe: its KSN names the terminal, whose keys open the card data."""
+        access = self.access
+        try:
+            ksn = Ksn.parse(secure.ksn)
+        except ValueError:
+            raise Invalid(R.REASON_KSN_INVALID, "card.secure.ksn") from None
+        terminal = access.terminal_of_ikid(ksn.ikid)
+        if terminal is None or (till is not None and till.terminal_id != terminal.terminal_id):
+            raise Invalid(R.REASON_TERMINAL_UNKNOWN, "card.secure.ksn")
+        tid = terminal.terminal_id
+        if terminal.revoked:
+            raise Invalid(R.REASON_TERMINAL_REVOKED, "till.terminal_id")
+        if access.tls and caller.cert_terminal_id != tid:
+            raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.terminal_id")
+        if till is not None and till.store_id != terminal.store_id:
+            raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.store_id")
+        if access.rate_limited(tid):
+            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id")
+        if not access.ksn_fresh(tid, ksn.counter):
+            raise Invalid(R.REASON_KSN_REPLAYED, "card.secure.ksn")
+        data_key, pin_key = access.key_path(ksn.ikid).working_keys(
+            ksn.counter, KeyUsage.DATA_ENCRYPTION, KeyUsage.PIN_ENCRYPTION)
+        try:
+            number = decrypt_card_data(data_key, secure.ksn, secure.encrypted_card)
+        except CardDataError:
+            access.count_failure(tid, R.REASON_CARD_DATA_INVALID)
+            raise Invalid(R.REASON_CARD_DATA_INVALID, "card.secure.encrypted_card") from None
+        self._number_ok(number, "card.secure.encrypted_card")
+        return CardAccess(self._index.card_id(number), number, pin_key, tid, ksn.counter)
+
+    def _pin_check(self, card: CardAccess, block: bytes, field: str, *, new: bool = False,
+                   birthday: str = "") -> bytes:
+        """The stored-form check value of the PIN inside ``block`` (the PIN itself goes no
+        further); a ``new`` PIN must not be an obvious one."""
+        if card.pin_key is None:
+            raise Invalid(R.REASON_PIN_BLOCK_INVALID, field)  # PIN blocks need a terminal's key
+        try:
+            pin = pinlib.decipher(card.pin_key, block, card.number)
+        except pinlib.PinBlockError:
+            self.access.count_failure(card.terminal_id, R.REASON_PIN_BLOCK_INVALID)
+            raise Invalid(R.REASON_PIN_BLOCK_INVALID, field) from None
+        if new and pinlib.is_weak(pin, birthday):
+            raise Invalid(R.REASON_PIN_WEAK, field)
+        return pinlib.pin_check(self.keyring.pin_key, card.card_id, pin)
+
+    def _op(self, key: bytes, op_type: int, card: CardAccess, till: cpb.Till, caller: Caller,
+            amount_minor: int = 0, pin_flags: int = 0, pin_check: bytes = NO_PIN,
+            new_pin_check: bytes = NO_PIN, **kw) -> PendingOp:
+        operator = caller.operator
+        return PendingOp.build(key, op_type, card.card_id, amount_minor, till.store_id,
+                               till.terminal_id, till.staff_id, pin_flags=pin_flags,
+                               pin_check=pin_check, new_pin_check=new_pin_check,
+                               operator_id=operator.operator_id if operator else 0,
+                               ksn_counter=card.ksn_counter, **kw)
+
+    def _open_op(self, req: pb.OpenCardRequest, caller: Caller) -> PendingOp:
         key = self._request_key(req.request_id)
-        card_id = self._card_id(req.card)
         if req.tier >= self._tier_count:
             raise Invalid(R.REASON_INVALID_TIER, "tier")
         p = req.profile
@@ -162,30 +268,73 @@ class CardService(pb_grpc.CardServiceServicer):
                 datetime.date.fromisoformat(p.birthday)
             except ValueError:
                 raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.birthday") from None
-        profile = json.dumps({"masked": cards.mask(req.card.card_number), "name": p.name,
+        card = self._card(req.card, req.till, caller)
+        pin_flags, new_check = 0, NO_PIN
+        if req.pin_block:
+            new_check = self._pin_check(card, req.pin_block, "pin_block", new=True, birthday=p.birthday)
+            pin_flags = L.NEW_PIN
+        profile = json.dumps({"masked": cards.mask(card.number), "name": p.name,
                               "phone": p.phone, "birthday": p.birthday,
                               "home_store_id": p.home_store_id},
                              sort_keys=True, separators=(",", ":")).encode()
-        t = req.till
-        return PendingOp.build(key, L.OP_OPEN, card_id, 0, t.store_id, t.terminal_id,
-                               t.staff_id, tier=req.tier, home_store_id=p.home_store_id,
-                               profile=profile)
+        return self._op(key, L.OP_OPEN, card, req.till, caller, pin_flags=pin_flags,
+                        new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
+                        profile=profile, sealed=self.keyring.seal(card.card_id, card.number))
 
-    def _money_op(self, req, op_type: int, amount_field: str) -> PendingOp:
+    def _money_op(self, req, caller: Caller, op_type: int, amount_field: str,
+                  pin_flags: int) -> PendingOp:
         key = self._request_key(req.request_id)
-        card_id = self._card_id(req.card)
-        amount = self._amount(getattr(req, amount_field), amount_field)
-        t = req.till
-        return PendingOp.build(key, op_type, card_id, amount, t.store_id, t.terminal_id,
-                               t.staff_id)
+        amount = getattr(req, amount_field)
+        if amount <= 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, amount_field)
+        card = self._card(req.card, req.till, caller)
+        check = NO_PIN
+        if req.pin_block:
+            check = self._pin_check(card, req.pin_block, "pin_block")
+            pin_flags |= L.PIN_PRESENTED
+        return self._op(key, op_type, card, req.till, caller, amount, pin_flags, check)
 
-    def _top_up_op(self, req: pb.TopUpRequest) -> PendingOp:
-        return self._money_op(req, L.OP_TOP_UP, "amount_minor")
+    def _top_up_op(self, req: pb.TopUpRequest, caller: Caller) -> PendingOp:
+        return self._money_op(req, caller, L.OP_TOP_UP, "amount_minor", self._top_up_pin | self._dev_pin)
 
-    def _purchase_op(self, req: pb.PurchaseRequest) -> PendingOp:
-        return self._money_op(req, L.OP_PURCHASE, "gross_amount_minor")
+    def _purchase_op(self, req: pb.PurchaseRequest, caller: Caller) -> PendingOp:
+        return self._money_op(req, caller, L.OP_PURCHASE, "gross_amount_minor",
+                              L.PIN_REQUIRED | self._dev_pin)
 
-    def _operation(self, op: pb.Operation) -> tuple[str, int, PendingOp | Invalid]:
+    def _set_pin_op(self, req: pb.SetPinRequest, caller: Caller) -> PendingOp:
+        key = self._request_key(req.request_id)
+        if not req.new_pin_block:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "new_pin_block")
+        card = self._card(req.card, req.till, caller)
+        pin_flags, check = L.NEW_PIN, NO_PIN
+        if req.old_pin_block:
+            check = self._pin_check(card, req.old_pin_block, "old_pin_block")
+            pin_flags |= L.PIN_PRESENTED
+        new_check = self._pin_check(card, req.new_pin_block, "new_pin_block", new=True,
+                                    birthday=self._birthday(card.card_id))
+        return self._op(key, L.OP_SET_PIN, card, req.till, caller, 0, pin_flags, check, new_check)
+
+    def _reset_pin_op(self, req: pb.ResetPinRequest, caller: Caller) -> PendingOp:
+        key = self._request_key(req.request_id)
+        operator = caller.operator
+        if operator is None:
+            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        if not operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        card = self._card(req.card, req.till, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        pin_flags, new_check = 0, NO_PIN
+        if req.new_pin_block:
+            new_check = self._pin_check(card, req.new_pin_block, "new_pin_block", new=True,
+                                        birthday=self._birthday(card.card_id))
+            pin_flags = L.NEW_PIN
+        return self._op(key, L.OP_RESET_PIN, card, req.till, caller, 0, pin_flags,
+                        new_pin_check=new_check)
+
+    def _birthday(self, card_id: bytes) -> str:
+        found = self.ledger.read_card(card_id)
+        return found[1].get("birthday", "") if found else ""
+
+    def _operation(self, op: pb.Operation, caller: Caller) -> tuple[str, int, PendingOp | Invalid]:
         """(request_id, op type, PendingOp or the Invalid that refused it) of a batch/stream item."""
         kind = op.WhichOneof("op")
         if kind is None:
@@ -193,9 +342,14 @@ class CardService(pb_grpc.CardServiceServicer):
         op_type, build = self._builders[kind]
         request = getattr(op, kind)
         try:
-            return request.request_id, op_type, build(request)
+            return request.request_id, op_type, build(request, caller)
         except Invalid as exc:
             return request.request_id, op_type, exc
+
+    def _settled(self, op: PendingOp | None, outcome: Outcome) -> None:
+        """Count a terminal's failed guesses and probes against its budget."""
+        if op is not None and op.ksn_counter and outcome.reason != L.R_OK:
+            self.access.count_failure(L.OP.unpack_from(op.packed)[7], outcome.reason)
 
     # ---- submitting ------------------------------------------------------------
 
@@ -213,13 +367,12 @@ class CardService(pb_grpc.CardServiceServicer):
         except Stopped:
             await abort(context, failure(R.REASON_UNAVAILABLE))
 
-    @staticmethod
-    async def _parse(fn, arg, context):
-        """``fn(arg)``, or end the call with the status of the Invalid it raised."""
+    async def _parse(self, build, request, context, caller: Caller | None = None):
+        """``build(request, caller)``, or end the call with the status of the Invalid it raised."""
         try:
-            return fn(arg)
+            return build(request, caller or self.access.caller(context))
         except Invalid as exc:
-            request_id = getattr(arg, "request_id", "")
+            request_id = getattr(request, "request_id", "")
             log.debug("refused %s", exc.field, extra={"request_id": request_id[:64],
                                                       "reason": R.Name(exc.reason)})
             await abort(context, failure(exc.reason, exc.field))
@@ -228,10 +381,11 @@ class CardService(pb_grpc.CardServiceServicer):
         started = time.perf_counter()
         op = await self._parse(build, request, context)
         outcome = (await (await self._submit([op], context)))[0]
+        self._settled(op, outcome)
         self.metrics.count(outcome.op, outcome.reason)
         self._call_seconds[rpc].observe(time.perf_counter() - started)
         if outcome.reason != L.R_OK:
-            await abort(context, failure(outcome.reason, available_minor=outcome.available_minor))
+            await abort(context, outcome_failure(outcome, self._pin_tries_max))
         return result_of(request.request_id, outcome)
 
     # ---- RPCs ------------------------------------------------------------------
@@ -245,16 +399,30 @@ class CardService(pb_grpc.CardServiceServicer):
     async def Purchase(self, request, context):
         return await self._unary("Purchase", self._purchase_op, request, context)
 
+    async def SetPin(self, request, context):
+        return await self._unary("SetPin", self._set_pin_op, request, context)
+
+    async def ResetPin(self, request, context):
+        return await self._unary("ResetPin", self._reset_pin_op, request, context)
+
+    def _inquiry(self, request: pb.GetCardRequest, caller: Caller) -> CardAccess:
+        till = request.till if request.HasField("till") else None
+        if request.card.WhichOneof("ref") == "secure":
+            return self._secure_card(request.card.secure, till, caller)
+        return self._card(request.card, till or cpb.Till(), caller)
+
     async def GetCard(self, request, context):
         started = time.perf_counter()
-        card_id = await self._parse(self._card_id, request.card, context)
-        found = self.ledger.read_card(card_id)
+        card = await self._parse(self._inquiry, request, context)
+        found = self.ledger.read_card(card.card_id)
         self._call_seconds["GetCard"].observe(time.perf_counter() - started)
         if found is None:
+            if card.ksn_counter:
+                self.access.count_failure(card.terminal_id, L.R_CARD_NOT_FOUND)
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
         rec, profile = found
-        (_, status, tier, _, _, principal, bonus, points, held, lifetime, last_seq, opened_us,
-         home_store, *_rest) = rec
+        (_, status, tier, pin_tries, flags, principal, bonus, points, held, lifetime, last_seq,
+         opened_us, home_store, *_rest) = rec
         program_tier = self.ledger.program.tiers[tier] if tier < self._tier_count else None
         return pb.Card(
             masked_number=profile.get("masked", ""), tier=tier,
@@ -266,27 +434,32 @@ class CardService(pb_grpc.CardServiceServicer):
             lifetime_paid_minor=lifetime, last_seq=last_seq, opened_at_us=opened_us,
             profile=pb.MemberProfile(name=profile.get("name", ""), phone=profile.get("phone", ""),
                                      birthday=profile.get("birthday", ""),
-                                     home_store_id=home_store))
+                                     home_store_id=home_store),
+            pin_set=bool(flags & L.CARD_PIN_SET), pin_locked=bool(flags & L.CARD_PIN_LOCKED),
+            pin_tries=pin_tries)
 
     async def GetOperation(self, request, context):
         started = time.perf_counter()
-        key = await self._parse(self._request_key, request.request_id, context)
+        key = await self._parse(lambda req, _caller: self._request_key(req.request_id), request,
+                                context)
         outcome = self.ledger.read_operation(key)
         self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:
             return pb.GetOperationResponse(found=False)
-        return pb.GetOperationResponse(found=True, result=result_of(request.request_id, outcome))
+        return pb.GetOperationResponse(found=True, result=result_of(
+            request.request_id, outcome, self._pin_tries_max))
 
     async def SubmitBatch(self, request, context):
         started = time.perf_counter()
         n = len(request.operations)
         if n > BATCH_OPS_MAX:
             await abort(context, failure(R.REASON_BATCH_TOO_LARGE, "operations"))
+        caller = self.access.caller(context)
         results: list[pb.OperationResult | None] = [None] * n
         valid: list[PendingOp] = []
         where: list[tuple[int, str]] = []
         for i, op in enumerate(request.operations):
-            request_id, op_type, parsed = self._operation(op)
+            request_id, op_type, parsed = self._operation(op, caller)
             if isinstance(parsed, Invalid):
                 results[i] = _failed_result(request_id, op_type, parsed)
             else:
@@ -294,8 +467,11 @@ class CardService(pb_grpc.CardServiceServicer):
                 where.append((i, request_id))
         if valid:
             fut = await self._submit(valid, context)
-            for (i, request_id), outcome in zip(where, await fut, strict=True):
-                results[i] = result_of(request_id, outcome)
+            tries_max = self._pin_tries_max
+            for (i, request_id), op, outcome in zip(where, valid, await fut, strict=True):
+                if outcome.reason != L.R_OK:
+                    self._settled(op, outcome)
+                results[i] = result_of(request_id, outcome, tries_max)
         self.metrics.count_many((r.type, r.reason) for r in results)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
         return pb.SubmitBatchResponse(results=results)
@@ -307,12 +483,14 @@ class CardService(pb_grpc.CardServiceServicer):
         in_flight: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT_MAX)
         done = object()
+        caller = self.access.caller(context)  # one identity for the stream's life
+        tries_max = self._pin_tries_max
 
         async def read() -> None:
             try:
                 async for op in request_iterator:
                     await slots.acquire()
-                    request_id, op_type, parsed = self._operation(op)
+                    request_id, op_type, parsed = self._operation(op, caller)
                     if isinstance(parsed, Invalid):
                         in_flight.put_nowait(_failed_result(request_id, op_type, parsed))
                         continue
@@ -322,7 +500,7 @@ class CardService(pb_grpc.CardServiceServicer):
                         reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
                         in_flight.put_nowait(result_of(request_id, Outcome(reason, False, op_type, None, 0)))
                         continue
-                    in_flight.put_nowait((request_id, fut))
+                    in_flight.put_nowait((request_id, parsed, fut))
             finally:
                 in_flight.put_nowait(done)
 
@@ -333,8 +511,11 @@ class CardService(pb_grpc.CardServiceServicer):
                 if item is done:
                     break
                 if isinstance(item, tuple):
-                    request_id, fut = item
-                    item = result_of(request_id, (await fut)[0])
+                    request_id, op, fut = item
+                    outcome = (await fut)[0]
+                    if outcome.reason != L.R_OK:
+                        self._settled(op, outcome)
+                    item = result_of(request_id, outcome, tries_max)
                 slots.release()
                 self.metrics.count(item.type, item.reason)
                 yield item

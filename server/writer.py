@@ -32,8 +32,9 @@ This process's end is non-blocking (add_reader/add_writer), so neither side
 can wait on the other with both send buffers full::
 
     ready   = b"READY"
-    group   = ts_us:i64 | n:u32 | n x (key_len:u8 | profile_len:u16 (0xFFFF = none)
-              | op:64 B | digest:16 B | key | profile)
+    group   = ts_us:i64 | n:u32 | n x (key_len:u8 | ksn_counter:u32 | profile_len:u32
+              | sealed_len:u32 | payload_len:u32 | op:128 B | digest:16 B | key | profile
+              | sealed | payload)      (a length of 0xFFFFFFFF = none)
     answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | entry:128 B)
               (entry all zeros when there is none)
     failure = b"FATAL:" + exception class name
@@ -71,9 +72,9 @@ GROUPS_IN_FLIGHT_DEFAULT = 1   # measured: fewer, larger groups cost less fsync 
 WRITER_START_TIMEOUT_S = 60.0
 
 GROUP_HEAD = struct.Struct("<qI")
-OP_HEAD = struct.Struct("<BH")
+OP_HEAD = struct.Struct("<BIIII")
 ANSWER = struct.Struct("<HBBq128s")
-NO_PROFILE = 0xFFFF
+NONE_LEN = 0xFFFFFFFF
 NO_ENTRY = bytes(L.JOURNAL_SIZE)
 FATAL = b"FATAL:"
 READY = b"READY"
@@ -101,13 +102,13 @@ class Stopped(Exception):
 def encode_group(ops: list[PendingOp], ts_us: int) -> bytes:
     parts = [GROUP_HEAD.pack(ts_us, len(ops))]
     for op in ops:
-        profile = op.profile
-        parts.append(OP_HEAD.pack(len(op.request_key), NO_PROFILE if profile is None else len(profile)))
+        extras = (op.profile, op.sealed, op.payload)
+        parts.append(OP_HEAD.pack(len(op.request_key), op.ksn_counter,
+                                  *[NONE_LEN if x is None else len(x) for x in extras]))
         parts.append(op.packed)
         parts.append(op.digest)
         parts.append(op.request_key)
-        if profile is not None:
-            parts.append(profile)
+        parts.extend([x for x in extras if x is not None])
     return b"".join(parts)
 
 
@@ -116,18 +117,19 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
     pos = GROUP_HEAD.size
     ops = []
     for _ in range(n):
-        key_len, profile_len = OP_HEAD.unpack_from(data, pos)
+        key_len, ksn_counter, *lengths = OP_HEAD.unpack_from(data, pos)
         pos += OP_HEAD.size
         packed = data[pos:pos + L.OP_SIZE]
         digest = data[pos + L.OP_SIZE:pos + L.OP_SIZE + 16]
         pos += L.OP_SIZE + 16
         key = data[pos:pos + key_len]
         pos += key_len
-        profile = None
-        if profile_len != NO_PROFILE:
-            profile = data[pos:pos + profile_len]
-            pos += profile_len
-        ops.append(PendingOp(key, packed[40:56], packed, digest, profile))
+        extras = []
+        for n_bytes in lengths:
+            extras.append(None if n_bytes == NONE_LEN else data[pos:pos + n_bytes])
+            pos += 0 if n_bytes == NONE_LEN else n_bytes
+        ops.append(PendingOp(key, packed[40:56], packed, digest, extras[0], ksn_counter,
+                             extras[1], extras[2]))
     if pos != len(data):
         raise ValueError("group message has trailing bytes")
     return ops, ts_us

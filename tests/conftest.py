@@ -38,7 +38,11 @@ class ServerProcess:
     """``cardcore serve`` as a child process; stop() sends SIGTERM, kill() sends SIGKILL."""
 
     def __init__(self, data_dir: str, *extra: str):
+        """Plaintext (--insecure) unless ``extra`` configures TLS."""
         self.data_dir = data_dir
+        self.tls = "--tls-cert" in extra
+        if not self.tls:
+            extra = ("--insecure", *extra)
         self.log_path = os.path.join(data_dir, "server.log")
         os.makedirs(data_dir, exist_ok=True)
         self._log = open(self.log_path, "ab")
@@ -59,14 +63,21 @@ class ServerProcess:
         else:
             self.proc.kill()
             raise RuntimeError("server did not start in time")
-        self.channel = grpc.insecure_channel(self.target)
-        self.stub = pb_grpc.CardServiceStub(self.channel)
+        self.channel = None if self.tls else grpc.insecure_channel(self.target)
+        self.stub = None if self.tls else pb_grpc.CardServiceStub(self.channel)
+
+    @property
+    def admin_token(self) -> str:
+        """The bootstrap chain admin's token, written by the server on first start."""
+        with open(os.path.join(self.data_dir, "admin.token")) as f:
+            return f.read().strip()
 
     def aio_channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(self.target)
 
     def stop(self, timeout_s: float = 30) -> int:
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(timeout_s)
@@ -74,7 +85,8 @@ class ServerProcess:
         return rc
 
     def kill(self) -> None:
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
         self.proc.kill()
         self.proc.wait(30)
         self._log.close()

@@ -56,7 +56,7 @@ def test_backup_while_serving_and_restore_give_an_equal_verified_ledger(start_se
     # the restored folder serves, with the original's key (keys travel apart from backups)
     import shutil
 
-    shutil.copy(f"{server.data_dir}/card-index.key", f"{restored_dir}/card-index.key")
+    shutil.copy(f"{server.data_dir}/keyring.json", f"{restored_dir}/keyring.json")
     again = start_server(data_dir=restored_dir)
     assert Client(again.stub).card(numbers[0]).balance.available_minor == 10_000 - 1_234
     assert cli("restore", "--from", backup_dir, "--data-dir", restored_dir).returncode == 2  # in use

@@ -71,7 +71,7 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(start_server, tmp_p
         again = verify(data_dir)
         assert again["journal_entries"] == report["journal_entries"]
         # Exactly once: one fen per applied top-up, one journal entry each (after the opening).
-        assert Client(server.stub).card(number).balance.principal_minor == report["journal_entries"] - 1
+        assert Client(server.stub).card(number).balance.principal_minor == report["card_entries"] - 1
 
     # Clients that retry every request they ever sent, with the same ids, converge: what was lost
     # in flight is applied now, nothing is applied twice, and the ledger still verifies.
@@ -79,7 +79,7 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(start_server, tmp_p
     assert all(r.reason == cpb.REASON_OK for r in retried)
     assert {r.request_id for r in retried if r.replayed} >= acknowledged
     report = verify(data_dir)
-    assert report["ok"] and report["journal_entries"] - 1 == len(set(sent))
+    assert report["ok"] and report["card_entries"] - 1 == len(set(sent))
     assert Client(server.stub).card(number).balance.principal_minor == len(set(sent))
     assert len(acknowledged) > 100  # the load was real
 

@@ -18,14 +18,16 @@ IMPLS = [kernel.apply_batch, reference.apply_batch]
 
 
 def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, terminal=2, staff=3,
-             home_store=0):
-    return L.OP.pack(op, tier, 0, home_store, amount, store, terminal, staff, 0, tag, card, bytes(8))
+             home_store=0, pin_flags=0, pin=bytes(32), new_pin=bytes(32), operator=0):
+    return L.OP.pack(op, tier, pin_flags, 0, home_store, amount, store, terminal, staff, operator, tag,
+                     card, bytes(8), pin, new_pin)
 
 
 def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,
-               last_seq=1, held=0):
-    return L.CARD.pack(L.CARD_VERSION, status, tier, 0, 0, principal, bonus, points, held, lifetime,
-                       last_seq, 0, 0, 0, bytes(32), bytes(24))
+               last_seq=1, held=0, pin=None, tries=0, locked=False):
+    flags = (L.CARD_PIN_SET if pin else 0) | (L.CARD_PIN_LOCKED if locked else 0)
+    return L.CARD.pack(L.CARD_VERSION, status, tier, tries, flags, principal, bonus, points, held,
+                       lifetime, last_seq, 0, 0, 0, pin or bytes(32), bytes(24))
 
 
 def run(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10):
@@ -51,8 +53,17 @@ def test_reason_and_type_values_agree_with_the_proto():
         cpb.REASON_OK, cpb.REASON_INVALID_AMOUNT, cpb.REASON_INVALID_TIER, cpb.REASON_CARD_NOT_FOUND,
         cpb.REASON_CARD_ALREADY_EXISTS, cpb.REASON_CARD_NOT_ACTIVE, cpb.REASON_INSUFFICIENT_FUNDS,
         cpb.REASON_AMOUNT_OVERFLOW, cpb.REASON_DUPLICATE_REQUEST_MISMATCH, cpb.REASON_STORAGE_UNAVAILABLE)
-    assert (L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE) == (
-        cpb.OPERATION_TYPE_OPEN_CARD, cpb.OPERATION_TYPE_TOP_UP, cpb.OPERATION_TYPE_PURCHASE)
+    assert (L.R_INVALID_ARGUMENT, L.R_PIN_REQUIRED, L.R_PIN_WRONG, L.R_PIN_LOCKED, L.R_PIN_NOT_SET) == (
+        cpb.REASON_INVALID_ARGUMENT, cpb.REASON_PIN_REQUIRED, cpb.REASON_PIN_WRONG, cpb.REASON_PIN_LOCKED,
+        cpb.REASON_PIN_NOT_SET)
+    assert (L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_PIN_FAILED,
+            L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED, L.OP_OPERATOR_ADDED, L.OP_OPERATOR_REMOVED,
+            L.OP_DATA_KEY_ROTATED) == (
+        cpb.OPERATION_TYPE_OPEN_CARD, cpb.OPERATION_TYPE_TOP_UP, cpb.OPERATION_TYPE_PURCHASE,
+        cpb.OPERATION_TYPE_SET_PIN, cpb.OPERATION_TYPE_RESET_PIN, cpb.OPERATION_TYPE_PIN_FAILED,
+        cpb.OPERATION_TYPE_TERMINAL_ENROLLED, cpb.OPERATION_TYPE_TERMINAL_REVOKED,
+        cpb.OPERATION_TYPE_OPERATOR_ADDED, cpb.OPERATION_TYPE_OPERATOR_REMOVED,
+        cpb.OPERATION_TYPE_DATA_KEY_ROTATED)
     assert (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED) == (
         cpb.CARD_STATUS_ACTIVE, cpb.CARD_STATUS_FROZEN, cpb.CARD_STATUS_LOST, cpb.CARD_STATUS_CLOSED)
 
@@ -82,8 +93,8 @@ def test_paid_is_rounded_half_up_to_the_fen(impl, gross, rate_bp, paid):
     reason, entry, rec = one(program, op_bytes(L.OP_PURCHASE, gross), card_bytes(principal=INT64_MAX),
                              impl)
     assert reason == L.R_OK
-    assert entry[9] == gross - paid           # discount_minor
-    assert -entry[10] == paid                 # principal_delta_minor
+    assert entry[10] == gross - paid          # discount_minor
+    assert -entry[11] == paid                 # principal_delta_minor
     assert rec[5] == INT64_MAX - paid
     assert rules.paid_minor(gross, rate_bp) == paid
 
@@ -94,7 +105,7 @@ def test_points_are_floored_per_unit(impl):
                             points_per_unit=3).packed()
     for gross, points in ((99, 0), (100, 3), (199, 3), (200, 6)):
         _, entry, _ = one(program, op_bytes(L.OP_PURCHASE, gross), card_bytes(principal=1_000), impl)
-        assert entry[12] == points
+        assert entry[13] == points
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
@@ -102,7 +113,7 @@ def test_purchase_spends_principal_first_then_bonus(impl):
     program = rules.DEFAULT_PROGRAM.packed()
     reason, entry, rec = one(program, op_bytes(L.OP_PURCHASE, 1_000), card_bytes(principal=700, bonus=500),
                              impl)
-    assert reason == L.R_OK and (entry[10], entry[11]) == (-700, -300) and (rec[5], rec[6]) == (0, 200)
+    assert reason == L.R_OK and (entry[11], entry[12]) == (-700, -300) and (rec[5], rec[6]) == (0, 200)
 
 
 OVERFLOW = [
@@ -158,6 +169,86 @@ def test_a_broken_record_stops_the_batch(impl):
         run(impl, rules.DEFAULT_PROGRAM.packed(), op_bytes(L.OP_TOP_UP, 1), [0], bytes(bad))
 
 
+# ---- PINs: the rule in cardcore.layout, at its edges ---------------------------------------
+
+PIN_A, PIN_B = b"A" * 32, b"B" * 32
+PRESENTED_A = dict(pin_flags=L.PIN_PRESENTED | L.PIN_REQUIRED, pin=PIN_A)
+PRESENTED_B = dict(pin_flags=L.PIN_PRESENTED | L.PIN_REQUIRED, pin=PIN_B)
+
+PIN_CASES = [
+    # (op, op kwargs, record kwargs, reason, journal op, pin_tries after, locked after)
+    (L.OP_PURCHASE, PRESENTED_A, dict(pin=PIN_A, tries=2), L.R_OK, L.OP_PURCHASE, 0, False),
+    (L.OP_PURCHASE, PRESENTED_B, dict(pin=PIN_A), L.R_PIN_WRONG, L.OP_PIN_FAILED, 1, False),
+    (L.OP_PURCHASE, PRESENTED_B, dict(pin=PIN_A, tries=1), L.R_PIN_WRONG, L.OP_PIN_FAILED, 2, False),
+    (L.OP_PURCHASE, PRESENTED_B, dict(pin=PIN_A, tries=2), L.R_PIN_WRONG, L.OP_PIN_FAILED, 3, True),
+    (L.OP_PURCHASE, PRESENTED_A, dict(pin=PIN_A, tries=3, locked=True), L.R_PIN_LOCKED, None, 3, True),
+    (L.OP_PURCHASE, dict(pin_flags=L.PIN_REQUIRED), dict(pin=PIN_A), L.R_PIN_REQUIRED, None, 0, False),
+    (L.OP_PURCHASE, dict(pin_flags=L.PIN_REQUIRED), dict(), L.R_PIN_NOT_SET, None, 0, False),
+    (L.OP_PURCHASE, dict(pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET), dict(), L.R_OK,
+     L.OP_PURCHASE, 0, False),
+    (L.OP_PURCHASE, PRESENTED_A, dict(), L.R_PIN_NOT_SET, None, 0, False),
+    (L.OP_TOP_UP, dict(), dict(pin=PIN_A, tries=3, locked=True), L.R_OK, L.OP_TOP_UP, 3, True),
+    (L.OP_PURCHASE, PRESENTED_B, dict(pin=PIN_A, status=L.STATUS_FROZEN), L.R_CARD_NOT_ACTIVE, None,
+     0, False),
+    (L.OP_PURCHASE, dict(PRESENTED_A, amount=10**9), dict(pin=PIN_A, tries=1), L.R_INSUFFICIENT_FUNDS,
+     None, 1, False),  # a right PIN on a declined purchase changes nothing
+    (L.OP_SET_PIN, dict(pin_flags=L.NEW_PIN, new_pin=PIN_B), dict(), L.R_OK, L.OP_SET_PIN, 0, False),
+    (L.OP_SET_PIN, dict(pin_flags=L.NEW_PIN, new_pin=PIN_B), dict(pin=PIN_A), L.R_PIN_REQUIRED, None,
+     0, False),
+    (L.OP_SET_PIN, dict(pin_flags=L.NEW_PIN | L.PIN_PRESENTED, pin=PIN_B, new_pin=PIN_B),
+     dict(pin=PIN_A, tries=2), L.R_PIN_WRONG, L.OP_PIN_FAILED, 3, True),
+    (L.OP_SET_PIN, dict(pin_flags=L.NEW_PIN | L.PIN_PRESENTED, pin=PIN_A, new_pin=PIN_B),
+     dict(pin=PIN_A, tries=2), L.R_OK, L.OP_SET_PIN, 0, False),
+    (L.OP_SET_PIN, dict(pin_flags=L.PIN_PRESENTED, pin=PIN_A), dict(pin=PIN_A), L.R_INVALID_ARGUMENT,
+     None, 0, False),
+    (L.OP_RESET_PIN, dict(pin_flags=L.NEW_PIN, new_pin=PIN_B), dict(pin=PIN_A, tries=3, locked=True),
+     L.R_OK, L.OP_RESET_PIN, 0, False),
+    (L.OP_RESET_PIN, dict(), dict(pin=PIN_A, tries=3, locked=True, status=L.STATUS_FROZEN), L.R_OK,
+     L.OP_RESET_PIN, 0, False),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+@pytest.mark.parametrize("op,op_kw,rec_kw,reason,journal_op,tries,locked", PIN_CASES)
+def test_pin_rule(impl, op, op_kw, rec_kw, reason, journal_op, tries, locked):
+    program = rules.DEFAULT_PROGRAM.packed()  # pin_tries_max = 3
+    op_kw = dict(op_kw)
+    amount = op_kw.pop("amount", 100)
+    before = card_bytes(principal=1_000, **rec_kw)
+    nxt, rec, journal, dirty = run(impl, program, op_bytes(op, amount, **op_kw), [0], before)
+    entry = L.JOURNAL.unpack(journal)
+    card = L.CARD.unpack(rec)
+    assert entry[4] == reason
+    assert (card[3], bool(card[4] & L.CARD_PIN_LOCKED)) == (tries, locked)
+    if journal_op is None:
+        assert (nxt, entry[7], dirty, rec) == (10, 0, b"\x00", before)
+    else:
+        assert (nxt, entry[7], entry[1], dirty, card[10]) == (11, 10, journal_op, b"\x01", 10)
+        assert (entry[5], entry[6]) == (card[3], card[4])
+    if journal_op in (L.OP_SET_PIN, L.OP_RESET_PIN):
+        new = op_kw.get("new_pin")
+        assert (card[14], bool(card[4] & L.CARD_PIN_SET)) == (new or bytes(32), new is not None)
+    if journal_op == L.OP_PIN_FAILED:
+        assert entry[9:14] == (0, 0, 0, 0, 0) and card[5] == 1_000  # no money moves
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_pin_tries_limit_comes_from_the_program(impl):
+    program = rules.Program(tiers=rules.DEFAULT_PROGRAM.tiers, pin_tries_max=1).packed()
+    _, rec, journal, _ = run(impl, program, op_bytes(L.OP_PURCHASE, 1, **PRESENTED_B), [0],
+                             card_bytes(principal=5, pin=PIN_A))
+    assert L.JOURNAL.unpack(journal)[4] == L.R_PIN_WRONG
+    assert L.CARD.unpack(rec)[4] == L.CARD_PIN_SET | L.CARD_PIN_LOCKED
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_open_with_a_first_pin(impl):
+    _, rec, _, _ = run(impl, rules.DEFAULT_PROGRAM.packed(),
+                       op_bytes(L.OP_OPEN, pin_flags=L.NEW_PIN, new_pin=PIN_A), [0], bytes(L.CARD_SIZE))
+    card = L.CARD.unpack(rec)
+    assert (card[4], card[14]) == (L.CARD_PIN_SET, PIN_A)
+
+
 # ---- differential: kernel == reference on random records and operations ----------------
 
 edge_int64 = st.sampled_from([0, 1, 99, 100, 101, 9_999, 10_000, INT64_MAX // 2, INT64_MAX - 1,
@@ -177,9 +268,12 @@ def records(draw):
     principal = draw(money)
     bonus = draw(st.integers(0, INT64_MAX - principal))
     held = draw(st.one_of(st.just(0), st.integers(0, principal + bonus)))
+    pin = draw(st.sampled_from([None, PIN_A, PIN_B]))
     return card_bytes(principal=principal, bonus=bonus, points=draw(money), tier=draw(st.integers(0, 4)),
                       status=draw(st.sampled_from([1, 1, 1, 2, 3, 4])), lifetime=draw(money),
-                      last_seq=draw(st.integers(1, 10**9)), held=held)
+                      last_seq=draw(st.integers(1, 10**9)), held=held, pin=pin,
+                      tries=draw(st.integers(0, 4)) if pin else 0,
+                      locked=bool(pin) and draw(st.booleans()))
 
 
 @st.composite
@@ -187,7 +281,8 @@ def programs(draw):
     tiers = draw(st.lists(rates, min_size=1, max_size=4))
     return rules.Program(tiers=tuple(rules.Tier(f"t{i}", r) for i, r in enumerate(tiers)),
                          points_unit_minor=draw(st.one_of(st.integers(1, 10_000), edge_int64.filter(bool))),
-                         points_per_unit=draw(st.one_of(st.integers(0, 100), edge_int64))).packed()
+                         points_per_unit=draw(st.one_of(st.integers(0, 100), edge_int64)),
+                         pin_tries_max=draw(st.integers(1, 15))).packed()
 
 
 @st.composite
@@ -198,10 +293,14 @@ def batches(draw):
     ops, slots = [], []
     for i in range(n):
         slots.append(draw(st.integers(0, nslots - 1)))
-        ops.append(op_bytes(draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE])),
+        ops.append(op_bytes(draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
+                                                  L.OP_SET_PIN, L.OP_RESET_PIN])),
                             draw(amounts), tier=draw(st.integers(0, 5)), card=bytes([slots[-1]]) * 16,
                             tag=i.to_bytes(8, "little"), store=draw(st.integers(0, 2**32 - 1)),
-                            home_store=draw(st.integers(0, 2**32 - 1))))
+                            home_store=draw(st.integers(0, 2**32 - 1)),
+                            pin_flags=draw(st.integers(0, 15)), pin=draw(st.sampled_from([PIN_A, PIN_B])),
+                            new_pin=draw(st.sampled_from([PIN_A, PIN_B])),
+                            operator=draw(st.integers(0, 2**32 - 1))))
     return b"".join(ops), slots, recs
 
 

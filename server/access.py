@@ -1,0 +1,172 @@
+"""Who is calling and what they may do: terminals, operators, roles, the swipe's keys.
+
+- A terminal proves itself twice: its TLS client certificate (CN
+  ``terminal:<id>``, see ``certs``) and its DUKPT keys (the KSN's initial key
+  ID is the chain's BDK ID followed by the terminal id; only the terminal holds
+  the initial key that makes PIN blocks and card data the server can open).
+- An operator sends ``authorization: Bearer <token>``; the server keeps only
+  the token's SHA-256. Roles are ordered (OperatorRole): each can do what the
+  roles below it can, at the stores in its scope (none listed = the chain,
+  chain admins only).
+- Wrong PINs and unknown cards are counted per terminal over a sliding minute;
+  past the limit the terminal's swipes are refused before any PIN is checked,
+  so one terminal cannot spray guesses across many cards.
+
+Registries are loaded from the ledger at start and reloaded after every admin
+change (this process is the only one that makes them).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import secrets
+import time
+
+from cardcore import layout as L
+from cardcore.dukpt import IKID_SIZE, KeyPath, initial_key
+from cardcore.ledger import Ledger
+from cardcore.v1 import common_pb2 as cpb
+
+from .certs import parse_terminal_cn
+
+ROLE = cpb.OperatorRole
+TOKEN_PREFIX = "cc_"
+TOKEN_BYTES = 32
+FAILURE_WINDOW_S = 60.0
+FAILURES_PER_MINUTE_DEFAULT = 10
+KEY_PATHS_MAX = 100_000      # cached DUKPT paths (one per active terminal)
+# What counts against a terminal's failure budget: guesses and probes.
+PROBE_REASONS = frozenset({L.R_PIN_WRONG, L.R_CARD_NOT_FOUND, cpb.REASON_PIN_BLOCK_INVALID,
+                           cpb.REASON_CARD_DATA_INVALID})
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    operator_id: int
+    name: str
+    role: int
+    store_ids: frozenset[int]
+
+    def covers(self, store_id: int) -> bool:
+        return not self.store_ids or store_id in self.store_ids
+
+    def may(self, role: int, store_id: int | None = None) -> bool:
+        """At least ``role``, and (when given) ``store_id`` in scope."""
+        return self.role >= role and (store_id is None or self.covers(store_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class Terminal:
+    terminal_id: int
+    store_id: int
+    ikid: bytes
+    revoked: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    cert_terminal_id: int | None   # from the client certificate (TLS only)
+    has_cert: bool                 # any client certificate (TLS): a terminal or a back-office host
+    operator: Operator | None
+    bad_token: bool                # a token was sent but is not valid
+
+
+class Access:
+    def __init__(self, ledger: Ledger, bdk: bytes, bdk_id: bytes, *, tls: bool,
+                 failures_per_minute: int = FAILURES_PER_MINUTE_DEFAULT):
+        self.ledger = ledger
+        self.tls = tls
+        self._bdk = bdk
+        self.bdk_id = bdk_id
+        self.failures_per_minute = failures_per_minute
+        self.operators_by_digest: dict[str, Operator] = {}
+        self.operators_by_name: dict[str, dict] = {}
+        self.terminals: dict[int, Terminal] = {}
+        self._key_paths: collections.OrderedDict[bytes, KeyPath] = collections.OrderedDict()
+        self._ksn_seen: dict[int, int] = {}
+        self._failures: dict[int, collections.deque] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        by_digest, by_name = {}, {}
+        for rec in self.ledger.read_operators():
+            by_name[rec["name"]] = rec
+            if not rec["removed"]:
+                by_digest[rec["token_sha256"]] = Operator(rec["id"], rec["name"], rec["role"],
+                                                          frozenset(rec["store_ids"]))
+        self.operators_by_digest, self.operators_by_name = by_digest, by_name
+        terminals = {}
+        for t in self.ledger.read_terminals():
+            terminals[t[3]] = Terminal(t[3], t[4], t[6], t[1] != L.TERMINAL_ACTIVE)
+        self.terminals = terminals
+
+    # ---- callers ----------------------------------------------------------------------
+
+    def caller(self, context) -> Caller:
+        operator, bad_token = None, False
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                token = value[7:] if value.startswith("Bearer ") else ""
+                operator = self.operators_by_digest.get(token_digest(token)) if token else None
+                bad_token = operator is None
+        cert_tid, has_cert = None, False
+        if self.tls:
+            names = context.auth_context().get("x509_common_name")
+            if names:
+                has_cert = True
+                cert_tid = parse_terminal_cn(names[0].decode("utf-8", "replace"))
+        return Caller(cert_tid, has_cert, operator, bad_token)
+
+    # ---- terminals and their keys -------------------------------------------------------
+
+    def ikid_of(self, terminal_id: int) -> bytes:
+        return self.bdk_id + terminal_id.to_bytes(4, "big")
+
+    def terminal_of_ikid(self, ikid: bytes) -> Terminal | None:
+        if len(ikid) != IKID_SIZE or ikid[:4] != self.bdk_id:
+            return None
+        return self.terminals.get(int.from_bytes(ikid[4:], "big"))
+
+    def initial_key(self, terminal_id: int) -> bytes:
+        return initial_key(self._bdk, self.ikid_of(terminal_id))
+
+    def key_path(self, ikid: bytes) -> KeyPath:
+        path = self._key_paths.get(ikid)
+        if path is None:
+            path = self._key_paths[ikid] = KeyPath(initial_key(self._bdk, ikid), ikid)
+            if len(self._key_paths) > KEY_PATHS_MAX:
+                self._key_paths.popitem(last=False)
+        return path
+
+    def ksn_fresh(self, terminal_id: int, counter: int) -> bool:
+        """Early replay refusal in memory; the writer's check against the ledger is the one that
+        counts (it survives restarts and is atomic with the operation)."""
+        if counter <= self._ksn_seen.get(terminal_id, 0):
+            return False
+        self._ksn_seen[terminal_id] = counter
+        return True
+
+    # ---- failure budget per terminal ---------------------------------------------------------
+
+    def rate_limited(self, terminal_id: int, now: float | None = None) -> bool:
+        window = self._failures.get(terminal_id)
+        if window is None or len(window) < self.failures_per_minute:
+            return False
+        return (now or time.monotonic()) - window[0] < FAILURE_WINDOW_S
+
+    def count_failure(self, terminal_id: int, reason: int, now: float | None = None) -> None:
+        if reason in PROBE_REASONS:
+            window = self._failures.get(terminal_id)
+            if window is None:
+                window = self._failures[terminal_id] = collections.deque(maxlen=self.failures_per_minute)
+            window.append(now or time.monotonic())
+

@@ -1,0 +1,215 @@
+"""AdminService: terminals, operators and data keys, for operators with the right role.
+
+Every change goes through the writer like a card operation (one LMDB
+transaction, journaled with the operator's id, idempotent by request_id), then
+the in-memory registries are reloaded from the ledger.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from cardcore import layout as L
+from cardcore.keyring import Keyring
+from cardcore.ledger import Ledger, PendingOp
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
+from cardcore.v1 import common_pb2 as cpb
+
+from .access import ROLE, Access, Operator, new_token, token_digest
+from .service import Invalid, abort, failure
+from .writer import Overloaded, Stopped, Writer
+
+log = logging.getLogger("cardcore.admin")
+R = cpb.Reason
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
+SCOPE_STORES_MAX = 1000
+RESEAL_CHUNK = 500
+U32_MAX = 0xFFFFFFFF
+
+
+class AdminService(apb_grpc.AdminServiceServicer):
+    def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access,
+                 request_key):
+        self.ledger = ledger
+        self.writer = writer
+        self.keyring = keyring
+        self.access = access
+        self._request_key = request_key
+
+    async def _operator(self, context, role: int, store_id: int | None = None) -> Operator:
+        """The calling operator, if it holds ``role`` (and ``store_id`` is in its scope)."""
+        caller = self.access.caller(context)
+        if caller.operator is None:
+            await abort(context, failure(R.REASON_UNAUTHENTICATED, "authorization"))
+        if not caller.operator.may(role, store_id):
+            await abort(context, failure(R.REASON_PERMISSION_DENIED, "authorization"))
+        return caller.operator
+
+    async def _apply(self, context, op: PendingOp):
+        """Through the writer; a refusal ends the call (or raises, at start-up: ``context`` None)."""
+        try:
+            outcome = (await self.writer.submit([op]))[0]
+        except (Overloaded, Stopped) as exc:
+            outcome = None
+            reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
+        else:
+            reason = outcome.reason
+            self.access.reload()
+        if reason != L.R_OK:
+            if context is None:
+                raise RuntimeError(f"admin operation refused: {R.Name(reason)}")
+            await abort(context, failure(reason))
+        if op.request_key:
+            log.info("admin %s by operator %d", cpb.OperationType.Name(op.packed[0]),
+                     L.OP.unpack_from(op.packed)[9])
+        return outcome
+
+    async def _key(self, context, request_id: str) -> bytes:
+        try:
+            return self._request_key(request_id)
+        except Invalid as exc:
+            await abort(context, failure(exc.reason, exc.field))
+
+    def _terminal_pb(self, terminal_id: int) -> apb.Terminal:
+        for t in self.ledger.read_terminals():
+            if t[3] == terminal_id:
+                return apb.Terminal(terminal_id=t[3], store_id=t[4], initial_key_id=t[6],
+                                    revoked=t[1] != L.TERMINAL_ACTIVE, enrolled_at_us=t[7],
+                                    revoked_at_us=t[8], last_ksn_counter=t[5])
+        raise LookupError(terminal_id)
+
+    # ---- terminals ---------------------------------------------------------------------
+
+    async def EnrollTerminal(self, request, context):
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER, request.store_id)
+        key = await self._key(context, request.request_id)
+        if not 1 <= request.terminal_id <= U32_MAX:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "terminal_id"))
+        tid = request.terminal_id
+        ikid = self.access.ikid_of(tid)
+        subject = tid.to_bytes(4, "little") + request.store_id.to_bytes(4, "little") + ikid
+        outcome = await self._apply(context, PendingOp.admin(
+            key, L.OP_TERMINAL_ENROLLED, subject, b"", op_by.operator_id))
+        return apb.EnrollTerminalResponse(
+            terminal=self._terminal_pb(tid),
+            initial_key=b"" if outcome.replayed else self.access.initial_key(tid))
+
+    async def RevokeTerminal(self, request, context):
+        terminal = self.access.terminals.get(request.terminal_id)
+        store = terminal.store_id if terminal else None
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, store)
+        key = await self._key(context, request.request_id)
+        subject = request.terminal_id.to_bytes(4, "little") + bytes(12)
+        await self._apply(context, PendingOp.admin(key, L.OP_TERMINAL_REVOKED, subject, b"",
+                                                   op_by.operator_id))
+        return self._terminal_pb(request.terminal_id)
+
+    async def ListTerminals(self, request, context):
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER,
+                                     request.store_id or None)
+        out = []
+        for t in sorted(self.access.terminals.values(), key=lambda t: t.terminal_id):
+            if op_by.covers(t.store_id) and request.store_id in (0, t.store_id):
+                out.append(self._terminal_pb(t.terminal_id))
+        return apb.ListTerminalsResponse(terminals=out)
+
+    # ---- operators -----------------------------------------------------------------------
+
+    async def _check_grant(self, context, op_by: Operator, role: int, store_ids) -> None:
+        """A chain admin grants anything; others only roles below their own, inside their scope."""
+        if op_by.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN:
+            return
+        if (op_by.role < ROLE.OPERATOR_ROLE_REGION_MANAGER or role >= op_by.role or not store_ids
+                or not all(op_by.covers(s) for s in store_ids)):
+            await abort(context, failure(R.REASON_PERMISSION_DENIED, "role"))
+
+    async def AddOperator(self, request, context):
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
+        key = await self._key(context, request.request_id)
+        stores = sorted(set(request.store_ids))
+        if not NAME_RE.fullmatch(request.name):
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "name"))
+        if request.role not in ROLE.values() or request.role == ROLE.OPERATOR_ROLE_UNSPECIFIED:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "role"))
+        if len(stores) > SCOPE_STORES_MAX:
+            await abort(context, failure(R.REASON_FIELD_TOO_LONG, "store_ids"))
+        if not stores and request.role != ROLE.OPERATOR_ROLE_CHAIN_ADMIN:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "store_ids"))
+        await self._check_grant(context, op_by, request.role, stores)
+        token, operator = await self.add_operator(context, key, request.name, request.role, stores,
+                                                  op_by.operator_id)
+        return apb.AddOperatorResponse(operator=operator, token=token)
+
+    async def add_operator(self, context, key: bytes, name: str, role: int, stores: list[int],
+                           by_id: int) -> tuple[str, apb.Operator]:
+        """Create an operator (also the bootstrap chain admin, with ``context`` None)."""
+        token = new_token()
+        fields = {"name": name, "role": role, "store_ids": stores}
+        op = PendingOp.admin(key, L.OP_OPERATOR_ADDED, bytes(16),
+                             json.dumps({**fields, "token_sha256": token_digest(token)}).encode(),
+                             by_id, digest_payload=json.dumps(fields, sort_keys=True).encode())
+        outcome = await self._apply(context, op)
+        return ("" if outcome.replayed else token), self._operator_pb(name)
+
+    def _operator_pb(self, name: str) -> apb.Operator:
+        rec = self.access.operators_by_name[name]
+        return apb.Operator(operator_id=rec["id"], name=rec["name"], role=rec["role"],
+                            store_ids=rec["store_ids"], removed=rec["removed"],
+                            created_at_us=rec["created_us"])
+
+    async def RemoveOperator(self, request, context):
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
+        key = await self._key(context, request.request_id)
+        target = self.access.operators_by_name.get(request.name)
+        if target is None:
+            await abort(context, failure(R.REASON_OPERATOR_NOT_FOUND, "name"))
+        await self._check_grant(context, op_by, target["role"], target["store_ids"])
+        await self._apply(context, PendingOp.admin(
+            key, L.OP_OPERATOR_REMOVED, bytes(16), json.dumps({"name": request.name}).encode(),
+            op_by.operator_id))
+        return self._operator_pb(request.name)
+
+    async def ListOperators(self, request, context):
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
+        out = [self._operator_pb(name) for name, rec in sorted(self.access.operators_by_name.items())
+               if op_by.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN
+               or (rec["store_ids"] and all(op_by.covers(s) for s in rec["store_ids"]))]
+        return apb.ListOperatorsResponse(operators=out)
+
+    # ---- keys -----------------------------------------------------------------------------
+
+    async def RotateDataKey(self, request, context):
+        """New key version first (new cards use it at once), then re-seal the stored numbers in
+        chunks through the writer, each a compare-and-set, while serving goes on."""
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+        key = await self._key(context, request.request_id)
+        known = self.ledger.read_operation(key)
+        if known is None:
+            version = self.keyring.rotate_data_key()
+            await self._apply(context, PendingOp.admin(
+                key, L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"",
+                op_by.operator_id, digest_payload=b""))
+        resealed = await self.reseal(context)
+        log.info("data key version %d current; %d card numbers re-sealed",
+                 self.keyring.data_key_current, resealed)
+        return apb.RotateDataKeyResponse(key_version=self.keyring.data_key_current,
+                                         cards_resealed=resealed)
+
+    async def reseal(self, context) -> int:
+        """Re-encrypt every stored card number not under the current key version."""
+        current = self.keyring.data_key_current
+        total, after = 0, b""
+        while True:
+            chunk = self.ledger.read_sealed(after, RESEAL_CHUNK)
+            if not chunk:
+                return total
+            after = chunk[-1][0]
+            items = [(cid, old, self.keyring.seal(cid, self.keyring.unseal(cid, old)))
+                     for cid, old in chunk if Keyring.sealed_version(old) != current]
+            if items:
+                op = PendingOp(b"", bytes(16), L.OP.pack(L.OP_RESEAL, *[0] * 9, bytes(8), bytes(16),
+                                                         bytes(8), bytes(32), bytes(32)),
+                               bytes(16), payload=Ledger.reseal_payload(items))
+                total += (await self._apply(context, op)).available_minor
