@@ -16,15 +16,13 @@ from cardcore.keyring import Keyring
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
 from cardcore.rules import load_program
 from cardcore.v1 import admin_service_pb2 as apb
-from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import card_service_pb2 as pb
-from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import FAILURES_PER_MINUTE_DEFAULT, Access
 from .admin import AdminService
 from .metrics import Metrics
-from .service import CardService
+from .service import CardService, add_service
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, Writer)
 
@@ -177,8 +175,8 @@ async def serve(cfg: ServerConfig) -> None:
         if resealed:
             log.info("re-sealed %d card numbers under data key version %d", resealed,
                      keyring.data_key_current)
-        pb_grpc.add_CardServiceServicer_to_server(card_service, server)
-        apb_grpc.add_AdminServiceServicer_to_server(admin, server)
+        add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
+        add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME,

@@ -15,7 +15,8 @@ import struct
 import time
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message_factory
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from cardcore import cards
@@ -45,6 +46,55 @@ NAME_LEN_MAX = 64
 NO_PIN = bytes(32)
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
+
+
+class _Malformed:
+    """What a request that does not decode becomes, instead of an exception inside grpc (which
+    answers UNKNOWN, logs a traceback per call and ends a whole stream)."""
+
+    __slots__ = ()
+
+    def WhichOneof(self, _name):  # a stream item that names no operation
+        return None
+
+
+MALFORMED = _Malformed()
+
+
+def add_service(server, servicer, service) -> None:
+    """Register ``servicer`` for ``service`` (a ServiceDescriptor) like the generated
+    add_*_to_server, but with a request decoder that turns undecodable bytes into MALFORMED:
+    unary calls answer INVALID_ARGUMENT with a reason, stream items one result each."""
+    handlers = {}
+    for method in service.methods:
+        in_cls = message_factory.GetMessageClass(method.input_type)
+        out_cls = message_factory.GetMessageClass(method.output_type)
+
+        def decode(data: bytes, in_cls=in_cls):
+            try:
+                return in_cls.FromString(data)
+            except DecodeError:
+                return MALFORMED
+
+        fn = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif not method.client_streaming and not method.server_streaming:
+            make, fn = grpc.unary_unary_rpc_method_handler, _refuse_malformed(fn)
+        else:
+            raise NotImplementedError(f"{method.full_name}: no such call shape in the contract")
+        handlers[method.name] = make(fn, request_deserializer=decode,
+                                     response_serializer=out_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _refuse_malformed(fn):
+    async def call(request, context):
+        if request is MALFORMED:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
+        return await fn(request, context)
+
+    return call
 
 
 class Invalid(Exception):
@@ -338,7 +388,7 @@ class CardService(pb_grpc.CardServiceServicer):
         """(request_id, op type, PendingOp or the Invalid that refused it) of a batch/stream item."""
         kind = op.WhichOneof("op")
         if kind is None:
-            return "", 0, Invalid(R.REASON_INVALID_ARGUMENT, "op")
+            return "", 0, Invalid(R.REASON_INVALID_ARGUMENT, "(message)" if op is MALFORMED else "op")
         op_type, build = self._builders[kind]
         request = getattr(op, kind)
         try:

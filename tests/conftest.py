@@ -181,3 +181,52 @@ def verify(data_dir: str) -> dict:
                           data_dir, "--json"], capture_output=True, timeout=120)
     assert out.returncode in (0, 1), out.stderr.decode()
     return json.loads(out.stdout)
+
+
+class Admin:
+    """AdminService calls as an operator (default: the bootstrap chain admin)."""
+
+    def __init__(self, channel, token: str):
+        from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
+
+        self.stub = apb_grpc.AdminServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def enroll(self, terminal_id: int, store_id: int):
+        """Enroll a terminal and return the terminal library object holding its keys."""
+        from cardcore.terminal import Terminal, TerminalKeys
+        from cardcore.v1 import admin_service_pb2 as apb
+
+        resp = self.stub.EnrollTerminal(apb.EnrollTerminalRequest(
+            request_id=rid(), terminal_id=terminal_id, store_id=store_id), metadata=self.metadata)
+        return Terminal(TerminalKeys(terminal_id, store_id, resp.initial_key,
+                                     resp.terminal.initial_key_id))
+
+    def add_operator(self, name: str, role: int, store_ids=()) -> str:
+        from cardcore.v1 import admin_service_pb2 as apb
+
+        return self.stub.AddOperator(apb.AddOperatorRequest(
+            request_id=rid(), name=name, role=role, store_ids=list(store_ids)),
+            metadata=self.metadata).token
+
+
+def bearer(token: str) -> tuple:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture
+def admin(server) -> Admin:
+    return Admin(server.channel, server.admin_token)
+
+
+def journal_entries(data_dir: str) -> list[tuple]:
+    """Every journal entry of a data folder, unpacked (layout.JOURNAL order)."""
+    from cardcore import layout as L
+    from cardcore.ledger import Ledger
+    from cardcore.rules import DEFAULT_PROGRAM
+
+    ledger = Ledger(os.path.join(data_dir, "ledger"), DEFAULT_PROGRAM, readonly=True)
+    try:
+        return [L.JOURNAL.unpack(v) for _, v in ledger.dump()["journal"]]
+    finally:
+        ledger.close()

@@ -1,0 +1,429 @@
+"""PINs, terminals, operators and card encryption end to end: real server, real keys, real TLS."""
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from cardcore import layout as L
+from cardcore.server import certs
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+from cardcore.v1 import common_pb2 as cpb
+from conftest import Admin, Client, bearer, failure_of, journal_entries, new_card_number, rid, verify
+
+R = cpb.Reason
+ROLE = cpb.OperatorRole
+PIN, OTHER_PIN, NEW_PIN = "482916", "735102", "604813"
+
+
+def reason_of(call, *args, **kwargs) -> int:
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as err:
+        return failure_of(err).reason
+    return R.REASON_OK
+
+
+@pytest.fixture
+def till(admin):
+    """Terminal 7 at store 3, enrolled."""
+    return admin.enroll(7, 3)
+
+
+def pin_card(server, terminal, pin=PIN, funds_minor=100_000) -> str:
+    """A card opened at ``terminal`` with a first PIN, and topped up."""
+    number = new_card_number()
+    server.stub.OpenCard(terminal.open_card(rid(), number, pin))
+    server.stub.TopUp(terminal.top_up(rid(), number, funds_minor))
+    return number
+
+
+def card_state(client: Client, number: str) -> tuple[int, bool, int]:
+    card = client.card(number)
+    return card.pin_tries, card.pin_locked, card.balance.available_minor
+
+
+# ---- the PIN on the swipe ----------------------------------------------------------------
+
+def test_right_pin_pays_and_wrong_pins_lock_after_three(server, client, till):
+    number = pin_card(server, till)
+    paid = server.stub.Purchase(till.purchase(rid(), number, PIN, 1_000))
+    assert paid.reason == R.REASON_OK and paid.balance_after.available_minor == 99_000
+
+    for tries_left in (2, 1, 0):
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Purchase(till.purchase(rid(), number, OTHER_PIN, 1_000))
+        fail = failure_of(err.value)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (fail.reason, fail.pin_tries_left) == (R.REASON_PIN_WRONG, tries_left)
+    assert card_state(client, number) == (3, True, 99_000)  # locked; the money stays
+
+    # The right PIN after the lock is refused without being checked.
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, PIN, 1_000)) == R.REASON_PIN_LOCKED
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, None, 1_000)) == R.REASON_PIN_LOCKED
+    assert card_state(client, number) == (3, True, 99_000)
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
+
+
+def test_a_right_pin_resets_the_count_and_a_missing_pin_is_refused(server, client, till):
+    number = pin_card(server, till)
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, OTHER_PIN, 100)) == R.REASON_PIN_WRONG
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, OTHER_PIN, 100)) == R.REASON_PIN_WRONG
+    server.stub.Purchase(till.purchase(rid(), number, PIN, 100))
+    assert card_state(client, number)[:2] == (0, False)
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, None, 100)) == R.REASON_PIN_REQUIRED
+    # A clear card number cannot pay for a card that has a PIN, even in development mode.
+    assert reason_of(client.purchase, number, 100) == R.REASON_PIN_REQUIRED
+
+
+def test_reset_by_a_store_manager_unlocks_with_a_new_pin(server, client, admin, till):
+    number = pin_card(server, till)
+    for _ in range(3):
+        reason_of(server.stub.Purchase, till.purchase(rid(), number, OTHER_PIN, 100))
+    assert card_state(client, number)[:2] == (3, True)
+    manager = admin.add_operator("li.manager", ROLE.OPERATOR_ROLE_STORE_MANAGER, [3])
+    cashier = admin.add_operator("wu.cashier", ROLE.OPERATOR_ROLE_CASHIER, [3])
+    other_store = admin.add_operator("zhao.manager", ROLE.OPERATOR_ROLE_STORE_MANAGER, [4])
+
+    reset = till.reset_pin(rid(), number, NEW_PIN)
+    assert reason_of(server.stub.ResetPin, reset) == R.REASON_UNAUTHENTICATED
+    assert reason_of(server.stub.ResetPin, till.reset_pin(rid(), number, NEW_PIN),
+                     metadata=bearer(cashier)) == R.REASON_PERMISSION_DENIED
+    assert reason_of(server.stub.ResetPin, till.reset_pin(rid(), number, NEW_PIN),
+                     metadata=bearer(other_store)) == R.REASON_PERMISSION_DENIED
+    assert reason_of(server.stub.ResetPin, till.reset_pin(rid(), number, NEW_PIN),
+                     metadata=bearer("cc_not-a-token")) == R.REASON_UNAUTHENTICATED
+    done = server.stub.ResetPin(till.reset_pin(rid(), number, NEW_PIN), metadata=bearer(manager))
+    assert done.type == cpb.OPERATION_TYPE_RESET_PIN
+    assert card_state(client, number)[:2] == (0, False)
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, PIN, 100)) == R.REASON_PIN_WRONG
+    assert server.stub.Purchase(till.purchase(rid(), number, NEW_PIN, 100)).reason == R.REASON_OK
+
+    # The reset is journaled with the manager's operator id.
+    manager_id = next(o.operator_id for o in admin.stub.ListOperators(
+        apb.ListOperatorsRequest(), metadata=admin.metadata).operators if o.name == "li.manager")
+    resets = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_RESET_PIN]
+    assert len(resets) == 1 and resets[0][-2] == manager_id
+    assert verify(server.data_dir)["ok"]
+
+
+def test_set_and_change_pin(server, client, till):
+    number = new_card_number()
+    server.stub.OpenCard(till.open_card(rid(), number))  # no PIN yet
+    server.stub.TopUp(till.top_up(rid(), number, 5_000))
+    assert reason_of(server.stub.Purchase, till.purchase(rid(), number, PIN, 100)) == R.REASON_PIN_NOT_SET
+    for weak in ("1234", "9876", "000000", "111111"):
+        assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, weak)) == R.REASON_PIN_WEAK
+    server.stub.SetPin(till.set_pin(rid(), number, PIN))
+    assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, NEW_PIN)) == R.REASON_PIN_REQUIRED
+    assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, NEW_PIN, OTHER_PIN)) == R.REASON_PIN_WRONG
+    server.stub.SetPin(till.set_pin(rid(), number, NEW_PIN, PIN))
+    assert card_state(client, number)[:2] == (0, False)  # the right old PIN cleared the wrong try
+    assert server.stub.Purchase(till.purchase(rid(), number, NEW_PIN, 100)).reason == R.REASON_OK
+
+
+def test_50_concurrent_wrong_pins_count_exactly_up_to_the_limit(server, client, admin):
+    """Ten terminals, five pipelined guesses each, all at once: three are checked, the rest are
+    refused as locked without a check, and the journal holds exactly three PIN failures."""
+    terminals = [admin.enroll(100 + i, 3) for i in range(10)]
+    number = pin_card(server, terminals[0])
+
+    async def guesses(terminal) -> list[int]:
+        async with server.aio_channel() as channel:
+            stub = pb_grpc.CardServiceStub(channel)
+            ops = [pb.Operation(purchase=terminal.purchase(rid(), number, OTHER_PIN, 100))
+                   for _ in range(5)]
+            return [r.reason async for r in stub.SwipeStream(iter(ops))]
+
+    async def run():
+        return await asyncio.gather(*(guesses(t) for t in terminals))
+
+    reasons = [r for rs in asyncio.run(run()) for r in rs]
+    assert sorted(reasons).count(R.REASON_PIN_WRONG) == 3
+    assert reasons.count(R.REASON_PIN_LOCKED) == 47
+    assert card_state(client, number) == (3, True, 100_000)
+    failed = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_PIN_FAILED]
+    assert [e[5] for e in failed] == [1, 2, 3]  # tries after each counted failure
+    assert verify(server.data_dir)["ok"]
+
+
+# ---- what a terminal sends ----------------------------------------------------------------
+
+def test_pin_block_bound_to_another_card_is_refused_and_not_counted(server, client, till):
+    number, other = pin_card(server, till), new_card_number()
+    ksn_ref, pin_key = till.secure(number)
+    from cardcore import pin as pinlib
+
+    request = pb.PurchaseRequest(request_id=rid(), card=ksn_ref, gross_amount_minor=100, till=till.till(),
+                                 pin_block=pinlib.encipher(pin_key, PIN, other))
+    assert reason_of(server.stub.Purchase, request) == R.REASON_PIN_BLOCK_INVALID
+    assert card_state(client, number) == (0, False, 100_000)
+
+
+def test_tampered_card_data_is_refused(server, till):
+    number = pin_card(server, till)
+    request = till.purchase(rid(), number, PIN, 100)
+    blob = bytearray(request.card.secure.encrypted_card)
+    blob[14] ^= 1
+    request.card.secure.encrypted_card = bytes(blob)
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Purchase(request)
+    assert failure_of(err.value).reason == R.REASON_CARD_DATA_INVALID
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_replayed_ksn_is_refused_before_and_after_a_restart(start_server, tmp_path):
+    server = start_server()
+    terminal = Admin(server.channel, server.admin_token).enroll(7, 3)
+    number = pin_card(server, terminal)
+    captured = terminal.purchase(rid(), number, PIN, 100)   # counter n, not sent yet
+    later = terminal.purchase(rid(), number, PIN, 100)      # counter n + 1
+    server.stub.Purchase(later)
+    assert reason_of(server.stub.Purchase, captured) == R.REASON_KSN_REPLAYED
+    replay = pb.PurchaseRequest()
+    replay.CopyFrom(later)
+    replay.request_id = rid()  # same KSN, new request id
+    assert reason_of(server.stub.Purchase, replay) == R.REASON_KSN_REPLAYED
+    server.stop()
+    server = start_server()  # memory is gone; the ledger's counter is not
+    assert reason_of(server.stub.Purchase, captured) == R.REASON_KSN_REPLAYED
+    assert reason_of(server.stub.Purchase, replay) == R.REASON_KSN_REPLAYED
+    assert Client(server.stub).card(number).balance.available_minor == 99_900
+
+
+def test_ksn_of_another_terminal_and_revoked_terminals_are_refused(server, admin, till):
+    number = pin_card(server, till)
+    other = admin.enroll(8, 3)
+    request = other.purchase(rid(), number, PIN, 100)
+    request.till.terminal_id = 7  # claims to be terminal 7 with terminal 8's keys
+    assert reason_of(server.stub.Purchase, request) == R.REASON_TERMINAL_UNKNOWN
+    request = other.purchase(rid(), number, PIN, 100)
+    request.till.store_id = 4  # terminal 8 belongs to store 3
+    assert reason_of(server.stub.Purchase, request) == R.REASON_TERMINAL_MISMATCH
+    admin.stub.RevokeTerminal(apb.RevokeTerminalRequest(request_id=rid(), terminal_id=8),
+                              metadata=admin.metadata)
+    assert reason_of(server.stub.Purchase, other.purchase(rid(), number, PIN, 100)) == R.REASON_TERMINAL_REVOKED
+    assert server.stub.Purchase(till.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
+    revoked = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_TERMINAL_REVOKED]
+    assert len(revoked) == 1 and int.from_bytes(revoked[0][8][:4], "little") == 8
+
+
+def test_card_enumeration_from_one_terminal_hits_the_rate_limit(start_server):
+    server = start_server("--failures-per-minute", "5")
+    admin = Admin(server.channel, server.admin_token)
+    prober, honest = admin.enroll(7, 3), admin.enroll(8, 3)
+    number = pin_card(server, honest)
+    reasons = [reason_of(server.stub.GetCard, prober.get_card(new_card_number())) for _ in range(5)]
+    assert reasons == [R.REASON_CARD_NOT_FOUND] * 5
+    # The sixth probe, even of a real card with the right PIN, is refused unchecked.
+    assert reason_of(server.stub.GetCard, prober.get_card(number)) == R.REASON_RATE_LIMITED
+    assert reason_of(server.stub.Purchase, prober.purchase(rid(), number, PIN, 100)) == R.REASON_RATE_LIMITED
+    # Other terminals are not affected.
+    assert server.stub.GetCard(honest.get_card(number)).balance.available_minor == 100_000
+
+
+# ---- operators -----------------------------------------------------------------------------
+
+def test_operators_act_only_within_their_role_and_scope(server, admin):
+    region = Admin(server.channel, admin.add_operator("east", ROLE.OPERATOR_ROLE_REGION_MANAGER, [3, 4]))
+    manager = Admin(server.channel, admin.add_operator("s3", ROLE.OPERATOR_ROLE_STORE_MANAGER, [3]))
+    region.enroll(30, 3)
+    with pytest.raises(grpc.RpcError) as err:
+        region.enroll(50, 5)  # store 5 is outside the region
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        manager.enroll(31, 3)  # enrolling needs a region manager
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        region.add_operator("boss", ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        region.add_operator("peer", ROLE.OPERATOR_ROLE_REGION_MANAGER, [3])  # not above itself
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    cashier = region.add_operator("c3", ROLE.OPERATOR_ROLE_CASHIER, [3])
+    listed = manager.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=manager.metadata)
+    assert [t.terminal_id for t in listed.terminals] == [30]
+    region.stub.RemoveOperator(apb.RemoveOperatorRequest(request_id=rid(), name="c3"),
+                               metadata=region.metadata)
+    with pytest.raises(grpc.RpcError) as err:
+        Admin(server.channel, cashier).stub.ListTerminals(apb.ListTerminalsRequest(),
+                                                          metadata=bearer(cashier))
+    assert failure_of(err.value).reason == R.REASON_UNAUTHENTICATED  # removed: token dead
+    with pytest.raises(grpc.RpcError) as err:
+        admin.stub.ListTerminals(apb.ListTerminalsRequest())  # no token at all
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    added = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_OPERATOR_ADDED]
+    assert [e[-2] for e in added] == [0, 1, 1, 2]  # bootstrap (system), then admin 1, then east (2)
+    enrolled = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_TERMINAL_ENROLLED]
+    assert [e[-2] for e in enrolled] == [2]
+    assert verify(server.data_dir)["ok"]
+
+
+def test_enrolment_hands_the_key_out_once(server, admin):
+    request = apb.EnrollTerminalRequest(request_id=rid(), terminal_id=9, store_id=3)
+    first = admin.stub.EnrollTerminal(request, metadata=admin.metadata)
+    again = admin.stub.EnrollTerminal(request, metadata=admin.metadata)  # a retry
+    assert len(first.initial_key) == 16 and again.initial_key == b""
+    with pytest.raises(grpc.RpcError) as err:
+        admin.enroll(9, 3)  # a new request for the same terminal
+    assert failure_of(err.value).reason == R.REASON_TERMINAL_EXISTS
+
+
+# ---- keys and secrets at rest --------------------------------------------------------------
+
+def keys_check(data_dir: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cardcore.server.cli", "keys", "check",
+                           "--data-dir", data_dir], capture_output=True, text=True, timeout=60)
+
+
+def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server):
+    server = start_server()
+    admin = Admin(server.channel, server.admin_token)
+    till = admin.enroll(7, 3)
+    numbers = [pin_card(server, till, funds_minor=1_000) for _ in range(30)]
+    before = keys_check(server.data_dir)
+    assert before.returncode == 0 and "v1: 30" in before.stdout
+    resp = admin.stub.RotateDataKey(apb.RotateDataKeyRequest(request_id=rid()), metadata=admin.metadata)
+    assert (resp.key_version, resp.cards_resealed) == (2, 30)
+    after = keys_check(server.data_dir)
+    assert after.returncode == 0 and "v2: 30" in after.stdout and "v1" not in after.stdout
+    for number in numbers[:5]:
+        assert server.stub.Purchase(till.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
+    server.stop()
+    server = start_server()  # the rotated keyring is read back
+    assert server.stub.Purchase(till.purchase(rid(), numbers[-1], PIN, 100)).reason == R.REASON_OK
+    rotated = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_DATA_KEY_ROTATED]
+    assert len(rotated) == 1 and rotated[0][-2] == 1
+    # A damaged sealed number is found by the check.
+    from cardcore.ledger import Ledger
+    from cardcore.rules import DEFAULT_PROGRAM
+
+    server.stop()
+    ledger = Ledger(os.path.join(server.data_dir, "ledger"), DEFAULT_PROGRAM)
+    with ledger.env.begin(write=True) as txn:
+        cid, sealed = next(iter(txn.cursor(db=ledger.cardnos)))
+        txn.put(cid, sealed[:-1] + bytes([sealed[-1] ^ 1]), db=ledger.cardnos)
+    ledger.close()
+    damaged = keys_check(server.data_dir)
+    assert damaged.returncode == 1 and "1 DO NOT OPEN" in damaged.stdout
+
+
+def test_no_card_number_pin_or_pin_block_reaches_the_data_folder_or_the_logs(start_server,
+                                                                            monkeypatch):
+    monkeypatch.setenv("CARDCORE_LOG_LEVEL", "DEBUG")
+    server = start_server()
+    admin = Admin(server.channel, server.admin_token)
+    till = admin.enroll(7, 3)
+    number = pin_card(server, till)
+    blocks = []
+    for pin in (PIN, OTHER_PIN):
+        request = till.purchase(rid(), number, pin, 100)
+        blocks.append(request.pin_block)
+        reason_of(server.stub.Purchase, request)
+    unknown = new_card_number()
+    reason_of(server.stub.Purchase, till.purchase(rid(), unknown, PIN, 100))
+    server.stop()
+    secrets = [number.encode(), unknown.encode(), PIN.encode(), OTHER_PIN.encode(), *blocks,
+               *(b.hex().encode() for b in blocks)]
+    keyring = os.path.join(server.data_dir, "keyring.json")
+    files = [f for f in glob.glob(os.path.join(server.data_dir, "**"), recursive=True)
+             if os.path.isfile(f) and f != keyring]
+    assert any(f.endswith("data.mdb") for f in files) and any(f.endswith(".log") for f in files)
+    for path in files:
+        with open(path, "rb") as f:
+            content = f.read()
+        for secret in secrets:
+            assert secret not in content, f"a secret in {path}"
+    assert oct(os.stat(keyring).st_mode & 0o777) == "0o600"
+
+
+# ---- mutual TLS ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_server(start_server, tmp_path):
+    ca_dir = str(tmp_path / "certs")
+    certs.make_ca(ca_dir)
+    cert, key = certs.make_server_cert(ca_dir, ["127.0.0.1"])
+    server = start_server("--tls-cert", cert, "--tls-key", key, "--tls-client-ca",
+                          os.path.join(ca_dir, "ca.pem"))
+    return server, ca_dir
+
+
+def tls_channel(server, ca_dir: str, common_name: str | None) -> grpc.Channel:
+    with open(os.path.join(ca_dir, "ca.pem"), "rb") as f:
+        root = f.read()
+    key = cert = None
+    if common_name:
+        cert_path, key_path = certs.make_client_cert(ca_dir, common_name)
+        with open(cert_path, "rb") as c, open(key_path, "rb") as k:
+            cert, key = c.read(), k.read()
+    return grpc.secure_channel(server.target, grpc.ssl_channel_credentials(root, key, cert))
+
+
+def test_terminal_certificate_must_match_the_terminal_claimed(tls_server):
+    server, ca_dir = tls_server
+    office = tls_channel(server, ca_dir, "backoffice:hq")
+    admin = Admin(office, server.admin_token)
+    t7, t8 = admin.enroll(7, 3), admin.enroll(8, 3)
+    as_t7 = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "terminal:7"))
+    number = new_card_number()
+    as_t7.OpenCard(t7.open_card(rid(), number, PIN))
+    as_t7.TopUp(t7.top_up(rid(), number, 1_000))
+    assert as_t7.Purchase(t7.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
+    # Terminal 8's keys over terminal 7's certificate.
+    assert reason_of(as_t7.Purchase, t8.purchase(rid(), number, PIN, 100)) == R.REASON_TERMINAL_MISMATCH
+    # Terminals never send a clear card number.
+    clear = pb.PurchaseRequest(request_id=rid(), card=cpb.CardRef(card_number=number),
+                               gross_amount_minor=100, till=t7.till())
+    assert reason_of(as_t7.Purchase, clear) == R.REASON_CLEAR_CARD_REFUSED
+    # A back-office host needs an operator token for clear numbers; with TLS a card
+    # without a PIN cannot be spent at all.
+    office_cards = pb_grpc.CardServiceStub(office)
+    assert reason_of(office_cards.GetCard, pb.GetCardRequest(card=cpb.CardRef(card_number=number))) \
+        == R.REASON_UNAUTHENTICATED
+    other = new_card_number()
+    office_cards.OpenCard(pb.OpenCardRequest(request_id=rid(), card=cpb.CardRef(card_number=other),
+                                             till=cpb.Till(store_id=3)), metadata=admin.metadata)
+    as_t7.TopUp(t7.top_up(rid(), other, 1_000))
+    assert reason_of(as_t7.Purchase, t7.purchase(rid(), other, None, 100)) == R.REASON_PIN_NOT_SET
+    # No client certificate, or one from another CA: no connection at all.
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.CardServiceStub(tls_channel(server, ca_dir, None)).GetCard(
+            t7.get_card(number), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_pos_command_swipes_through_tls_with_a_pin_from_stdin(tls_server, tmp_path):
+    server, ca_dir = tls_server
+    office_cert, office_key = certs.make_client_cert(ca_dir, "backoffice:hq")
+    cert, key = certs.make_client_cert(ca_dir, "terminal:21")
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token, CARDCORE_TLS_CA=f"{ca_dir}/ca.pem")
+
+    def cli(*args, stdin="", token=True):
+        e = env if token else {k: v for k, v in env.items() if k != "CARDCORE_TOKEN"}
+        return subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args], input=stdin,
+                              capture_output=True, text=True, timeout=60, env=e)
+
+    keys = str(tmp_path / "t21.json")
+    out = cli("terminals", "enroll", "21", "--store", "3", "--out", keys, "--target", server.target,
+              "--tls-cert", office_cert, "--tls-key", office_key)
+    assert out.returncode == 0, out.stderr
+    assert oct(os.stat(keys).st_mode & 0o777) == "0o600"
+    number = new_card_number()
+    pos = ("pos", "--keys", keys, "--target", server.target, "--tls-cert", cert, "--tls-key", key)
+    assert cli(*pos, "open-card", "-", "--pin", "-", stdin=f"{number}\n{PIN}\n", token=False).returncode == 0
+    assert cli(*pos, "top-up", "-", "50", stdin=f"{number}\n", token=False).returncode == 0
+    paid = cli(*pos, "purchase", "-", "12.50", "--pin", "-", stdin=f"{number}\n{PIN}\n", token=False)
+    assert paid.returncode == 0 and "37.50" in paid.stdout, paid.stderr
+    wrong = cli(*pos, "purchase", "-", "1", "--pin", "-", stdin=f"{number}\n{OTHER_PIN}\n", token=False)
+    assert wrong.returncode == 1 and "REASON_PIN_WRONG" in wrong.stderr and "tries_left=2" in wrong.stderr
+    balance = cli(*pos, "balance", "-", stdin=f"{number}\n", token=False)
+    assert "37.50" in balance.stdout and number not in balance.stdout
