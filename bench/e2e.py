@@ -140,16 +140,25 @@ class Requests:
                 for _ in range(n)]
 
 
-async def run_unary(target: str, payloads: list[bytes], in_flight: int, seconds: float):
+def lanes(payloads, n: int) -> list:
+    """One iterator per worker: a shared one over a flat list, or each worker its own list
+    (a terminal's requests, whose KSN counters must arrive in order)."""
+    if payloads and isinstance(payloads[0], list):
+        assert len(payloads) == n
+        return [iter(p) for p in payloads]
+    return [iter(payloads)] * n
+
+
+async def run_unary(target: str, payloads: list, in_flight: int, seconds: float):
     async with grpc.aio.insecure_channel(target) as ch:
         call = ch.unary_unary(METHOD + "Purchase")
-        await call(payloads[0])  # connect and warm up
-        it = iter(payloads[1:])
+        its = lanes(payloads, in_flight)
+        await call(next(its[0]))  # connect and warm up
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
         errors = 0
 
-        async def worker():
+        async def worker(it):
             nonlocal errors
             for p in it:
                 if time.perf_counter() > deadline:
@@ -162,18 +171,19 @@ async def run_unary(target: str, payloads: list[bytes], in_flight: int, seconds:
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        await asyncio.gather(*(worker(it) for it in its))
         return len(latencies), time.perf_counter() - t0, latencies, errors
 
 
-async def run_streams(target: str, payloads: list[bytes], seconds: float):
+async def run_streams(target: str, payloads: list, seconds: float):
     async with grpc.aio.insecure_channel(target) as ch:
         method = ch.stream_stream(METHOD + "SwipeStream")
-        it = iter(payloads)
         latencies: list[float] = []
+        errors = 0
         deadline = time.perf_counter() + seconds
 
-        async def one_stream():
+        async def one_stream(it):
+            nonlocal errors
             call = method()
             window = asyncio.Semaphore(STREAM_WINDOW)
             sent: list[float] = []
@@ -193,14 +203,15 @@ async def run_streams(target: str, payloads: list[bytes], seconds: float):
                 reply = await call.read()
                 if reply is grpc.aio.EOF:
                     break
+                errors += pb.OperationResult.FromString(reply).reason != 0
                 latencies.append(time.perf_counter() - sent[k])
                 k += 1
                 window.release()
             await w
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_stream() for _ in range(STREAMS)))
-        return len(latencies), time.perf_counter() - t0, latencies, 0
+        await asyncio.gather(*(one_stream(it) for it in lanes(payloads, STREAMS)))
+        return len(latencies), time.perf_counter() - t0, latencies, errors
 
 
 async def run_batches(target: str, payloads: list[bytes], seconds: float):
@@ -274,6 +285,92 @@ LABELS = {"unary_1": "Purchase, unary, 1 in flight", "unary_16": "Purchase, unar
           "batch_1000": f"SubmitBatch of {BATCH_OPS:,}, {BATCH_CALLERS} callers"}
 
 
+# ---- PIN-verified purchases: the same calls with DUKPT, encrypted card data and PIN blocks --------
+
+PIN_TERMINALS = 16  # one per unary worker; the streams use the first STREAMS
+
+
+def enroll_terminals(target: str, data_dir: str, count: int) -> list:
+    """Terminals 1..count at store 1, enrolled with the bootstrap admin's token."""
+    from cardcore.terminal import Terminal, TerminalKeys
+    from cardcore.v1 import admin_service_pb2 as apb
+    from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
+
+    with open(os.path.join(data_dir, "admin.token")) as f:
+        metadata = (("authorization", f"Bearer {f.read().strip()}"),)
+    out = []
+    with grpc.insecure_channel(target) as ch:
+        stub = apb_grpc.AdminServiceStub(ch)
+        for tid in range(1, count + 1):
+            resp = stub.EnrollTerminal(apb.EnrollTerminalRequest(
+                request_id=f"bench-enroll-{tid}", terminal_id=tid, store_id=1), metadata=metadata)
+            out.append(Terminal(TerminalKeys(tid, 1, resp.initial_key, resp.terminal.initial_key_id)))
+    return out
+
+
+def seed_pin_cards(target: str, terminal, numbers: list[str], pins: list[str]) -> None:
+    """Open cards with a first PIN through a terminal (as a till issues them), and fund them."""
+    from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        stub = pb_grpc.CardServiceStub(ch)
+        for start in range(0, len(numbers), SEED_BATCH):
+            for make in (lambda i: pb.Operation(open_card=terminal.open_card(
+                             f"pin-seed-o-{i}", numbers[i], pins[i], tier=i % 3)),
+                         lambda i: pb.Operation(top_up=terminal.top_up(
+                             f"pin-seed-t-{i}", numbers[i], 10**12))):
+                ops = [make(i) for i in range(start, min(start + SEED_BATCH, len(numbers)))]
+                res = stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops)).results
+                assert all(r.reason == 0 for r in res), "seeding PIN cards failed"
+
+
+class PinRequests:
+    """Serialized PIN-verified purchases, one list per terminal (its KSNs in order)."""
+
+    def __init__(self, terminals: list, numbers: list[str], pins: list[str], tag: str):
+        self.terminals, self.numbers, self.pins, self.tag = terminals, numbers, pins, tag
+        self.rng = random.Random(hash(tag) & 0xFFFF)
+        self.i = 0
+
+    def purchase(self, terminal) -> pb.PurchaseRequest:
+        self.i += 1
+        k = self.rng.randrange(len(self.numbers))
+        return terminal.purchase(f"{self.tag}-{self.i}", self.numbers[k], self.pins[k],
+                                 self.rng.randrange(100, 10_000))
+
+    def unary(self, workers: int, n: int) -> list[list[bytes]]:
+        return [[self.purchase(t).SerializeToString() for _ in range(n // workers)]
+                for t in self.terminals[:workers]]
+
+    def swipes(self, n: int) -> list[list[bytes]]:
+        return [[pb.Operation(purchase=self.purchase(t)).SerializeToString()
+                 for _ in range(n // STREAMS)] for t in self.terminals[:STREAMS]]
+
+
+def random_pin(rng: random.Random) -> str:
+    from cardcore.pin import is_weak
+
+    while True:
+        pin = f"{rng.randrange(10**6):06d}"
+        if not is_weak(pin):
+            return pin
+
+
+def pin_table(results: dict) -> str:
+    rows = ["| scenario | no PIN tx/s | with PIN tx/s | PIN / no PIN | no PIN CPU µs/op | "
+            "PIN CPU µs/op | PIN p50 ms | PIN p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in results.get("pin", {}).items():
+        a, b = row["no_pin"], row["pin"]
+        rows.append(f"| {PIN_LABELS[name]} | {a['tx_per_s']:,} | {b['tx_per_s']:,} | "
+                    f"{row['ratio']:.2f}x | {a['server_cpu_us_per_op']} | "
+                    f"{b['server_cpu_us_per_op']} | {b['p50_ms']} | {b['p99_ms']} |")
+    return "\n".join(rows)
+
+
+PIN_LABELS = {"pin_unary_16": f"Purchase, unary, {PIN_TERMINALS} terminals in flight",
+              "pin_stream": f"SwipeStream, {STREAMS} terminals x {STREAM_WINDOW} pipelined"}
+
+
 def markdown_table(results: dict) -> str:
     """The README's table, from results.json."""
     rows = ["| scenario | cardcore tx/s | p50 ms | p99 ms | server CPU µs/op | avg group | echo tx/s "
@@ -308,7 +405,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "results.json"))
     parser.add_argument("--kernel-json", default=None, help="pytest-benchmark JSON of bench_kernel.py")
     parser.add_argument("--only", action="append", default=[],
-                        help="run only these scenarios (unary_1, unary_16, unary_64, stream, batch_1000)")
+                        help="run only these scenarios (unary_1, unary_16, unary_64, stream, batch_1000, "
+                             "pin_unary_16, pin_stream)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra argument for `cardcore serve` (experiments; repeat for more)")
     args = parser.parse_args()
@@ -358,6 +456,49 @@ def main() -> int:
                   f"{row['echo']['tx_per_s']:>9,}/s  ratio {row['ratio']:.2f}  "
                   f"p50 {row['cardcore']['p50_ms']} ms  p99 {row['cardcore']['p99_ms']} ms", flush=True)
 
+        pin_scenarios = [
+            ("pin_unary_16", lambda r: r.unary(PIN_TERMINALS, int(12_000 * secs)),
+             lambda t, p: run_unary(t, p, PIN_TERMINALS, secs)),
+            ("pin_stream", lambda r: r.swipes(int(30_000 * secs)), lambda t, p: run_streams(t, p, secs)),
+        ]
+        if any(not args.only or name in args.only for name, _, _ in pin_scenarios):
+            print(f"seeding {len(numbers):,} cards with PINs through a terminal ...", flush=True)
+            pin_rng = random.Random(2)
+            pin_numbers = list({random_number(pin_rng, prefix="63") for _ in range(args.cards)})
+            pins = [random_pin(pin_rng) for _ in pin_numbers]
+            srv = start_cardcore(data_dir, os.path.join(work, "pin-seed.log"))
+            terminals = enroll_terminals(srv.target, data_dir, PIN_TERMINALS + 1)
+            seed_pin_cards(srv.target, terminals.pop(), pin_numbers, pins)
+            srv.stop()
+            results["pin"] = {}
+        for name, make, run in pin_scenarios:
+            if args.only and name not in args.only:
+                continue
+            row = {}
+            for system in ("no_pin", "pin"):  # the same calls, same run, same server options
+                if system == "pin":
+                    payloads = make(PinRequests(terminals, pin_numbers, pins, f"{name}-{system}"))
+                else:
+                    flat = make(PinRequests(terminals, pin_numbers, pins, "unused"))
+                    base = Requests(numbers, f"{name}-{system}")
+                    payloads = (base.unary(sum(map(len, flat))) if name.startswith("pin_unary")
+                                else base.swipes(sum(map(len, flat))))
+                log_path = os.path.join(work, f"{name}-{system}.log")
+                proc = start_cardcore(data_dir, log_path, tuple(args.server_arg))
+                cpu0 = proc.cpu_s()
+                n, elapsed, lat, errors = asyncio.run(run(proc.target, payloads))
+                cpu = proc.cpu_s() - cpu0
+                proc.stop()
+                row[system] = summary(n, elapsed, lat, cpu)
+                if errors:
+                    row[system]["errors"] = errors
+            row["ratio"] = round(row["pin"]["tx_per_s"] / row["no_pin"]["tx_per_s"], 2)
+            results["pin"][name] = row
+            print(f"{name:12s} with PIN {row['pin']['tx_per_s']:>9,}/s  without "
+                  f"{row['no_pin']['tx_per_s']:>9,}/s  ratio {row['ratio']:.2f}  CPU µs/op "
+                  f"{row['pin']['server_cpu_us_per_op']} vs {row['no_pin']['server_cpu_us_per_op']}",
+                  flush=True)
+
         if "batch_1000" in results["scenarios"]:
             group = max(1, int(results["scenarios"]["batch_1000"]["cardcore"]["avg_group_ops"]))
             bare = bare_lmdb(os.path.join(data_dir, "ledger"), work, group, secs)
@@ -385,6 +526,9 @@ def main() -> int:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}\n")
     print(markdown_table(results))
+    if results.get("pin"):
+        print()
+        print(pin_table(results))
     return 0
 
 

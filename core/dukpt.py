@@ -14,15 +14,17 @@ the TDES scheme of X9.24-1), so this follows the standard's own description:
   bit of the counter, most significant first, an intermediate key with usage
   8000 over the counter built so far; then the working key for the usage needed.
 
-Checked against the standard's test values (tests/test_dukpt.py). Keys never
+Checked against the standard's test values (tests/test_dukpt.py). The AES
+itself is OpenSSL's, called through ``cardcore.ext.aes`` (one C call per step). Keys never
 leave as text: callers hold bytes and must not log them.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from .ext.aes import ecb_encrypt
 
 KSN_SIZE = 12
 IKID_SIZE = 8
@@ -50,25 +52,17 @@ class KeyType(enum.Enum):
     AES256 = (0x0004, 256)
 
 
-def _aes_ecb_block(key: bytes, block: bytes) -> bytes:
-    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-    return enc.update(block) + enc.finalize()
+# version 01 | key block counter | usage | algorithm | length in bits | 8 bytes (see above)
+_DERIVATION_DATA = struct.Struct(">BBHHH8s")
+_DERIVATION_DATA_COUNTER = struct.Struct(">BBHHH4sI")
 
 
 def _derivation_data(usage: KeyUsage, key_type: KeyType, ikid: bytes, counter: int) -> bytearray:
+    """The 16 bytes of derivation data; the key block counter (byte 1) is set per block."""
     algorithm, bits = key_type.value
-    data = bytearray(16)
-    data[0] = 0x01                      # version
-    data[1] = 0x01                      # key block counter (set per block in _derive)
-    data[2:4] = int(usage).to_bytes(2, "big")
-    data[4:6] = algorithm.to_bytes(2, "big")
-    data[6:8] = bits.to_bytes(2, "big")
     if usage == KeyUsage.INITIAL_KEY:
-        data[8:16] = ikid
-    else:
-        data[8:12] = ikid[4:8]
-        data[12:16] = counter.to_bytes(4, "big")
-    return data
+        return bytearray(_DERIVATION_DATA.pack(1, 1, usage, algorithm, bits, ikid))
+    return bytearray(_DERIVATION_DATA_COUNTER.pack(1, 1, usage, algorithm, bits, ikid[4:8], counter))
 
 
 def _derive(key: bytes, key_type: KeyType, data: bytearray) -> bytes:
@@ -77,7 +71,7 @@ def _derive(key: bytes, key_type: KeyType, data: bytearray) -> bytes:
     out = b""
     for block_counter in range(1, (bits + 127) // 128 + 1):
         data[1] = block_counter
-        out += _aes_ecb_block(key, bytes(data))
+        out += ecb_encrypt(key, bytes(data))
     return out[:bits // 8]
 
 
@@ -188,5 +182,8 @@ class KeyPath:
             mask >>= 1
         if reuse:
             del path[depth:]
-        return [_derive(key, KeyType.AES128, _derivation_data(usage, KeyType.AES128, self.ikid, counter))
-                for usage in usages]
+        # AES-128 working keys are one block each: all of them in one AES call under ``key``.
+        blocks = b"".join([bytes(_derivation_data(usage, KeyType.AES128, self.ikid, counter))
+                           for usage in usages])
+        out = ecb_encrypt(key, blocks)
+        return [out[i:i + 16] for i in range(0, len(out), 16)]

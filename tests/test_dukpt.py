@@ -1,5 +1,7 @@
 """AES DUKPT against the test values of ANSI X9.24-3-2017 (../shared/SECURITY_NOTES.md)."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cardcore import dukpt
 from cardcore.dukpt import KeyUsage, Ksn
@@ -45,3 +47,35 @@ def test_terminal_and_host_derive_the_same_key():
 def test_impossible_ksns_are_refused(ksn):
     with pytest.raises(ValueError):
         Ksn.parse(ksn)
+
+
+valid_counters = st.integers(1, dukpt.COUNTER_MAX).filter(
+    lambda c: bin(c).count("1") <= dukpt.COUNTER_ONE_BITS_MAX)
+
+
+@settings(max_examples=100, deadline=None)
+@given(starts=st.lists(valid_counters, min_size=1, max_size=6), run=st.integers(1, 40))
+def test_the_cached_key_path_equals_the_full_derivation(starts, run):
+    """KeyPath (host and terminal) remembers the last path; it must give the standard's keys,
+    for runs of consecutive counters and for jumps up and down between them."""
+    ik = dukpt.initial_key(BDK, IKID)
+    path = dukpt.KeyPath(ik, IKID)
+    for counter in starts:
+        for _ in range(run):
+            ksn = Ksn(IKID, counter)
+            data, pin_key = path.working_keys(counter, KeyUsage.DATA_ENCRYPTION,
+                                              KeyUsage.PIN_ENCRYPTION)
+            assert data == dukpt.working_key(ik, ksn, KeyUsage.DATA_ENCRYPTION)
+            assert pin_key == dukpt.working_key(ik, ksn, KeyUsage.PIN_ENCRYPTION)
+            if counter >= dukpt.COUNTER_MAX - 0x10000:
+                break
+            counter = dukpt.next_counter(counter)
+
+
+def test_next_counter_skips_counters_with_more_than_16_one_bits():
+    assert dukpt.next_counter(0) == 1
+    assert dukpt.next_counter(0xFFFF) == 0x10000
+    c = dukpt.next_counter(0x0000FFFF << 8)  # 16 one bits: +1 gives 17 -> carried past
+    assert bin(c).count("1") <= 16 and c > 0x0000FFFF << 8
+    with pytest.raises(ValueError):
+        dukpt.next_counter(dukpt.COUNTER_MAX)

@@ -66,3 +66,53 @@ def test_the_stored_check_is_keyed_and_bound_to_the_card():
 ])
 def test_obvious_pins_are_weak(candidate, weak):
     assert pin.is_weak(candidate, birthday="1990-05-17") is weak
+
+
+# ---- the host's fast path against psec and cryptography ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from psec import pinblock  # noqa: E402
+
+from cardcore.ext import aes as fast_aes  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from([16, 24, 32]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+       blocks=st.integers(1, 8).flatmap(lambda n: st.binary(min_size=16 * n, max_size=16 * n)))
+def test_openssl_aes_ecb_equals_cryptography(key, blocks):
+    assert fast_aes.ecb_encrypt(key, blocks) == aes(key, blocks)
+    assert fast_aes.ecb_decrypt(key, blocks) == aes(key, blocks, decrypt=True)
+
+
+def test_openssl_aes_refuses_bad_sizes():
+    for key, data in ((b"k" * 15, b"d" * 16), (b"k" * 16, b"d" * 15), (b"k" * 16, b"")):
+        with pytest.raises(ValueError):
+            fast_aes.ecb_encrypt(key, data)
+
+
+def psec_decipher(key, block, number):
+    try:
+        return pinblock.decipher_pinblock_iso_4(key, block, number)
+    except ValueError:
+        return None
+
+
+def ours(key, block, number):
+    try:
+        return pin.decipher(key, block, number)
+    except pin.PinBlockError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=16, max_size=16),
+       the_pin=st.text(alphabet="0123456789", min_size=4, max_size=12),
+       number=st.text(alphabet="0123456789", min_size=8, max_size=19),
+       other=st.text(alphabet="0123456789", min_size=8, max_size=19),
+       garbage=st.binary(min_size=16, max_size=16))
+def test_host_decipher_equals_psec(key, the_pin, number, other, garbage):
+    block = pin.encipher(key, the_pin, number)
+    assert ours(key, block, number) == psec_decipher(key, block, number) == the_pin
+    assert ours(key, block, other) == psec_decipher(key, block, other)
+    assert ours(key, garbage, number) == psec_decipher(key, garbage, number)
