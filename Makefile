@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve test bench bench-peer clean build
+.PHONY: help serve test bench bench-peer load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -37,8 +37,11 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/e2e.py --kernel-json bench/.kernel.json --out bench/results.json
 
 bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
-	$(PY) -m pip install -q "asyncpg>=0.29"
+	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json
+
+load: $(BUILT) ## locust fleet of POS terminals on 100,000 seeded cards, 60 s -> bench/load-results (ARGS="--mode stream --web ...")
+	$(PY) bench/load.py $(ARGS)
 
 clean: ## remove build outputs (keeps .venv and ./var)
 	rm -rf build *.egg-info ext/*.c ext/*.so proto/cardcore/v1/*.py proto/cardcore/v1/*.pyi $(BUILT)
