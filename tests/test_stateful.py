@@ -1,9 +1,11 @@
 """Random sequences of every operation against the live server and a simple model.
 
 The model is the rules written plainly (rules.paid_minor / points_earned,
-principal before bonus); after every step the server's answer and the card
-must match it, including retries with old request ids and reused ids with
-another payload. The journal is checked with `cardcore verify` at the end of
+principal before bonus, the PIN rule of cardcore.layout); after every step the
+server's answer and the card must match it, including retries with old request
+ids and reused ids with another payload. PIN operations go through an enrolled
+terminal (DUKPT, encrypted card data, PIN blocks) and resets through a store
+manager's token. The journal is checked with `cardcore verify` at the end of
 each run.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 from cardcore import rules
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, ServerProcess, failure_of, new_card_number, verify
+from conftest import Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid, verify
 
 R = cpb.Reason
 INT64_MAX = (1 << 63) - 1
@@ -32,6 +34,13 @@ class ModelCard:
     principal: int = 0
     points: int = 0
     lifetime: int = 0
+    pin: str | None = None
+    tries: int = 0
+    locked: bool = False
+
+
+PINS = ["482916", "735102", "604813", "291735"]
+TRIES_MAX = rules.DEFAULT_PROGRAM.pin_tries_max
 
 
 amounts = st.one_of(st.integers(1, 50_000), st.sampled_from([1, 10, 30, 99, 100, 101, INT64_MAX]))
@@ -39,7 +48,10 @@ amounts = st.one_of(st.integers(1, 50_000), st.sampled_from([1, 10, 30, 99, 100,
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    server = ServerProcess(str(tmp_path_factory.mktemp("stateful")))
+    server = ServerProcess(str(tmp_path_factory.mktemp("stateful")), "--failures-per-minute", "1000000")
+    admin = Admin(server.channel, server.admin_token)
+    server.terminal = admin.enroll(5, 1)
+    server.manager = admin.add_operator("manager", cpb.OPERATOR_ROLE_STORE_MANAGER, [1])
     yield server
     server.stop()
 
@@ -52,6 +64,7 @@ class Ledger(RuleBasedStateMachine):
     @initialize()
     def setup(self):
         self.client = Client(self.server.stub)
+        self.terminal = self.server.terminal
         self.model: dict[str, ModelCard] = {}
 
     def expect_refusal(self, call, reason):
@@ -90,9 +103,14 @@ class Ledger(RuleBasedStateMachine):
 
     @rule(target=done, number=cards, gross=amounts)
     def purchase(self, number, gross):
+        """A clear number without a PIN: development mode, cards without a PIN only."""
         card = self.model[number]
         request_id = str(uuid.uuid4())
         paid = rules.paid_minor(gross, RATES[card.tier])
+        if card.pin is not None:
+            self.expect_refusal(lambda: self.client.purchase(number, gross, request_id),
+                                R.REASON_PIN_LOCKED if card.locked else R.REASON_PIN_REQUIRED)
+            return (request_id, "purchase", number, gross, None)
         if paid > card.principal:
             fail = self.expect_refusal(lambda: self.client.purchase(number, gross, request_id),
                                        R.REASON_INSUFFICIENT_FUNDS)
@@ -106,6 +124,61 @@ class Ledger(RuleBasedStateMachine):
         assert (reply.paid_minor, reply.discount_minor, reply.points_earned) == (paid, gross - paid, earned)
         assert (reply.balance_after.principal_minor, reply.balance_after.points) == (card.principal, card.points)
         return (request_id, "purchase", number, gross, reply)
+
+    # ---- PINs, through the terminal ----------------------------------------------------
+
+    def wrong_pin_counted(self, card: ModelCard, err: grpc.RpcError) -> None:
+        card.tries += 1
+        card.locked = card.tries >= TRIES_MAX
+        fail = failure_of(err)
+        assert (fail.reason, fail.pin_tries_left) == (R.REASON_PIN_WRONG, TRIES_MAX - card.tries)
+
+    @rule(number=cards, pin=st.sampled_from(PINS), old_right=st.booleans())
+    def set_pin(self, number, pin, old_right):
+        card = self.model[number]
+        old = None if card.pin is None else (card.pin if old_right else "999183")
+        request = self.terminal.set_pin(rid(), number, pin, old)
+        if card.locked:
+            self.expect_refusal(lambda: self.server.stub.SetPin(request), R.REASON_PIN_LOCKED)
+        elif card.pin is not None and not old_right:
+            with pytest.raises(grpc.RpcError) as err:
+                self.server.stub.SetPin(request)
+            self.wrong_pin_counted(card, err.value)
+        else:
+            assert self.server.stub.SetPin(request).type == cpb.OPERATION_TYPE_SET_PIN
+            card.pin, card.tries = pin, 0
+
+    @rule(number=cards, gross=amounts, right=st.booleans())
+    def purchase_with_pin(self, number, gross, right):
+        card = self.model[number]
+        request = self.terminal.purchase(rid(), number, (card.pin or PINS[0]) if right else "999183",
+                                         gross)
+        paid = rules.paid_minor(gross, RATES[card.tier])
+        if card.pin is None:
+            self.expect_refusal(lambda: self.server.stub.Purchase(request), R.REASON_PIN_NOT_SET)
+        elif card.locked:
+            self.expect_refusal(lambda: self.server.stub.Purchase(request), R.REASON_PIN_LOCKED)
+        elif not right:
+            with pytest.raises(grpc.RpcError) as err:
+                self.server.stub.Purchase(request)
+            self.wrong_pin_counted(card, err.value)
+        elif paid > card.principal:
+            self.expect_refusal(lambda: self.server.stub.Purchase(request), R.REASON_INSUFFICIENT_FUNDS)
+        else:
+            reply = self.server.stub.Purchase(request)
+            card.principal -= paid
+            card.points += rules.points_earned(paid, 100, 1)
+            card.lifetime += paid
+            card.tries = 0
+            assert reply.balance_after.principal_minor == card.principal
+
+    @rule(number=cards, pin=st.one_of(st.none(), st.sampled_from(PINS)))
+    def reset_pin(self, number, pin):
+        card = self.model[number]
+        reply = self.server.stub.ResetPin(self.terminal.reset_pin(rid(), number, pin),
+                                          metadata=bearer(self.server.manager))
+        assert reply.type == cpb.OPERATION_TYPE_RESET_PIN
+        card.pin, card.tries, card.locked = pin, 0, False
 
     @rule(previous=done)
     def retry_with_the_same_id(self, previous):
@@ -138,6 +211,8 @@ class Ledger(RuleBasedStateMachine):
             assert (got.balance.principal_minor, got.balance.bonus_minor, got.balance.points,
                     got.lifetime_paid_minor, got.tier) == (card.principal, 0, card.points,
                                                            card.lifetime, card.tier)
+            assert (got.pin_set, got.pin_tries, got.pin_locked) == (card.pin is not None, card.tries,
+                                                                    card.locked)
 
 
 def test_random_operation_sequences_match_the_model(live):
