@@ -203,7 +203,17 @@ class Ledger:
             fresh: list[int] = []
             first_index: dict[bytes, int] = {}
             repeats: list[tuple[int, int]] = []
+            terminals: dict[int, list | None] = {}
+            dirty_terminals: set[int] = set()
             for i, op in enumerate(ops):
+                if op.ksn_counter:
+                    # Before idempotency: a used KSN is refused even on an exact re-send (a
+                    # terminal retries with a fresh KSN and the same request_id). Not a business
+                    # outcome: no request record, so that retry can still pass.
+                    reason = self._take_ksn(txn, op, terminals, dirty_terminals)
+                    if reason != L.R_OK:
+                        outcomes[i] = Outcome(reason, False, op.packed[0], None, 0)
+                        continue
                 idem = known.get(op.request_key)
                 if not op.request_key:  # internal: no idempotency record
                     fresh.append(i)
@@ -214,6 +224,8 @@ class Ledger:
                 else:
                     first_index[op.request_key] = i
                     fresh.append(i)
+            for tid in dirty_terminals:
+                txn.put(L.TERMINAL_KEY.pack(tid), L.TERMINAL.pack(*terminals[tid]), db=self.terminals)
             next_seq = self._next_seq
             if fresh:
                 next_seq = self._apply_fresh(txn, ops, fresh, outcomes, ts_us)
@@ -227,8 +239,7 @@ class Ledger:
         entries: list[tuple[bytes, bytes]] = []
         idem_items: list[tuple[bytes, bytes]] = []
         seq_key, idem_pack = L.SEQ_KEY.pack, L.IDEM.pack
-        # 2. In request order: admin operations, and the KSN check of terminal operations
-        #    (a terminal enrolled or revoked earlier in the group counts).
+        # 2. In request order: admin operations; card operations to the kernel.
         terminals: dict[int, list | None] = {}
         dirty_terminals: set[int] = set()
         card_ops: list[int] = []
@@ -249,12 +260,6 @@ class Ledger:
                         L.IDEM_VERSION, kind, reason, 0, op.digest,
                         seq - 1 if reason == L.R_OK else 0, 0, ts_us)))
                 outcomes[i] = Outcome(reason, False, kind, entry, count)
-            elif op.ksn_counter:
-                reason = self._take_ksn(txn, op, terminals, dirty_terminals)
-                if reason != L.R_OK:  # not a business outcome: no request record, a retry may pass
-                    outcomes[i] = Outcome(reason, False, kind, None, 0)
-                else:
-                    card_ops.append(i)
             else:
                 card_ops.append(i)
         for tid in dirty_terminals:

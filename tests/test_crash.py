@@ -6,10 +6,11 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, new_card_number, verify
+from conftest import Client, failure_of, new_card_number, verify
 
 ROUNDS = 4
 STREAMS = 3
@@ -98,3 +99,108 @@ def pb_stub(channel):
     from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 
     return pb_grpc.CardServiceStub(channel)
+
+
+def test_kill_9_under_pin_swipes_keeps_every_ksn_and_pin_try(start_server, tmp_path):
+    """Terminals swiping with DUKPT and PINs, killed at random moments: every acknowledged
+    purchase is there once, every acknowledged wrong PIN counted, no KSN can be used again,
+    and a terminal that re-sends what it lost (same request_id, a fresh KSN) converges."""
+    from conftest import Admin, journal_entries, rid
+
+    from cardcore import layout as L
+
+    rng = random.Random(7)
+    data_dir = str(tmp_path / "crash-pin")
+    server = start_server("--failures-per-minute", "1000000", data_dir=data_dir)
+    admin = Admin(server.channel, server.admin_token)
+    terminals = [admin.enroll(40 + i, 1) for i in range(2)]
+    spend, guess = new_card_number(), new_card_number()
+    server.stub.OpenCard(terminals[0].open_card(rid(), spend, "482916"))
+    server.stub.TopUp(terminals[0].top_up(rid(), spend, 10**9))
+    server.stub.OpenCard(terminals[0].open_card(rid(), guess, "482916"))
+    acked: dict[str, pb.PurchaseRequest] = {}
+    sent: dict[str, tuple[int, bool]] = {}  # request_id -> (the terminal that sent it, wrong PIN)
+    wrong_acked = 0
+    lock = threading.Lock()
+
+    for rnd in range(3):
+        stop = threading.Event()
+
+        def load(k: int, target: str = server.target, stop: threading.Event = stop) -> None:
+            nonlocal wrong_acked
+            terminal = terminals[k]
+            channel = grpc.insecure_channel(target)
+            requests: dict[str, pb.PurchaseRequest] = {}
+
+            def swipes():
+                while not stop.is_set():
+                    request_id = rid()
+                    wrong = k == 1 and len(requests) % 50 == 0  # a few wrong PINs on the other card
+                    req = terminal.purchase(request_id, guess if wrong else spend,
+                                            "999183" if wrong else "482916", 1)
+                    with lock:
+                        requests[request_id] = req
+                        sent[request_id] = (k, wrong)
+                    yield pb.Operation(purchase=req)
+
+            try:
+                for reply in pb_stub(channel).SwipeStream(swipes()):
+                    with lock:
+                        if reply.reason == cpb.REASON_OK:
+                            acked[reply.request_id] = requests[reply.request_id]
+                        elif reply.reason == cpb.REASON_PIN_WRONG:
+                            wrong_acked += 1
+            except grpc.RpcError:
+                pass  # killed under us
+            finally:
+                channel.close()
+
+        threads = [threading.Thread(target=load, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.3, 1.0))
+        server.kill()
+        stop.set()
+        for t in threads:
+            t.join(30)
+        server = start_server("--failures-per-minute", "1000000", data_dir=data_dir)
+        report = verify(data_dir)
+        assert report["ok"], report["problems"]
+        # No acknowledged KSN can be used again after the crash: not re-sent as it was, not
+        # under a new request_id. The terminal's retry (same request_id, a fresh KSN) is
+        # answered from the ledger.
+        with lock:
+            sample = rng.sample(sorted(acked), min(20, len(acked)))
+        for request_id in sample:
+            replay = pb.PurchaseRequest()
+            replay.CopyFrom(acked[request_id])
+            for new_id in (False, True):
+                if new_id:
+                    replay.request_id = rid()
+                with pytest.raises(grpc.RpcError) as err:
+                    server.stub.Purchase(replay)
+                assert failure_of(err.value).reason == cpb.REASON_KSN_REPLAYED
+            k = sent[request_id][0]
+            assert server.stub.Purchase(terminals[k].purchase(request_id, spend, "482916", 1)).replayed
+
+    # Every purchase ever sent on the spending card, re-sent by its terminal with the same
+    # request_id and a fresh KSN: applied now if it was lost, answered from the ledger if
+    # not; exactly once either way.
+    with lock:
+        spent = [(i, k) for i, (k, wrong) in sent.items() if not wrong]
+    for k, terminal in enumerate(terminals):  # one stream per terminal: its KSNs in order
+        mine = [i for i, who in spent if who == k]
+        replies = list(pb_stub(server.channel).SwipeStream(
+            pb.Operation(purchase=terminal.purchase(i, spend, "482916", 1)) for i in mine))
+        assert [r.request_id for r in replies] == mine
+        assert all(r.reason == cpb.REASON_OK and (r.replayed or r.request_id not in acked)
+                   for r in replies)
+    entries = journal_entries(data_dir)
+    purchases = [e for e in entries if e[1] == L.OP_PURCHASE]
+    failed = [e for e in entries if e[1] == L.OP_PIN_FAILED]
+    assert len(purchases) == len(spent) and len(failed) >= min(wrong_acked, 3)
+    card = Client(server.stub).card(spend)
+    assert card.balance.principal_minor == 10**9 - len(purchases)  # one fen per applied purchase
+    assert Client(server.stub).card(guess).pin_tries == len(failed) <= 3
+    assert len(acked) > 50  # the load was real
+    assert verify(data_dir)["ok"]
