@@ -145,6 +145,7 @@ TERMINAL_KEY = struct.Struct(">I")
 SEQ_KEY = struct.Struct(">Q")  # big-endian so LMDB's byte order is sequence order
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, PROGRAM_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 128, 128, 96, 48, 64
+OP_DIGEST_SIZE = 64  # the idempotency digest covers an operation's first 64 bytes: no PIN field
 assert CARD.size == CARD_SIZE and JOURNAL.size == JOURNAL_SIZE
 assert OP.size == OP_SIZE and PROGRAM.size == PROGRAM_SIZE and IDEM.size == IDEM_SIZE
 assert TERMINAL.size == TERMINAL_SIZE

@@ -75,7 +75,7 @@ class PendingOp:
     request_key: bytes        # the request_id, ASCII; empty for internal operations
     card_id: bytes            # 16 bytes (admin operations: their subject)
     packed: bytes             # layout.OP, 128 bytes
-    digest: bytes             # BLAKE2b-128 of the payload: the idempotency payload digest
+    digest: bytes             # BLAKE2b-128 of the payload, PIN fields left out: the idempotency digest
     profile: bytes | None = None  # OPEN only: the JSON profile to store
     ksn_counter: int = 0      # from a terminal: its DUKPT transaction counter (op's terminal_id)
     sealed: bytes | None = None   # OPEN only: the card number sealed under the current data key
@@ -90,7 +90,9 @@ class PendingOp:
         packed = L.OP.pack(op, tier, pin_flags, 0, home_store_id, amount_minor, store_id,
                            terminal_id, staff_id, operator_id, request_tag(request_key), card_id,
                            bytes(8), pin_check, new_pin_check)
-        h = hashlib.blake2b(packed, digest_size=16)
+        # Not the PIN check values: a re-send with another PIN must get the original answer,
+        # never "another payload", or the answer would tell a right guess from a wrong one.
+        h = hashlib.blake2b(packed[:L.OP_DIGEST_SIZE], digest_size=16)
         if profile is not None:
             h.update(profile)
         return cls(request_key, card_id, packed, h.digest(), profile, ksn_counter, sealed)

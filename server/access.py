@@ -8,9 +8,12 @@
   the token's SHA-256. Roles are ordered (OperatorRole): each can do what the
   roles below it can, at the stores in its scope (none listed = the chain,
   chain admins only).
-- Wrong PINs and unknown cards are counted per terminal over a sliding minute;
-  past the limit the terminal's swipes are refused before any PIN is checked,
-  so one terminal cannot spray guesses across many cards.
+- Each terminal has a budget of attempts per sliding minute: every swipe takes
+  one when it is admitted, before any key is derived, and gives it back when it
+  ends in anything but a wrong PIN, an unknown card, or a PIN block or card data
+  that does not open. Failures stay counted for a minute, and swipes still in
+  flight count too: a batch or a pipelined stream cannot carry more guesses than
+  the budget, however fast it is sent.
 
 Registries are loaded from the ledger at start and reloaded after every admin
 change (this process is the only one that makes them).
@@ -93,7 +96,7 @@ class Access:
         self.terminals: dict[int, Terminal] = {}
         self._key_paths: collections.OrderedDict[bytes, KeyPath] = collections.OrderedDict()
         self._ksn_seen: dict[int, int] = {}
-        self._failures: dict[int, collections.deque] = {}
+        self._attempts: dict[int, collections.deque] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -107,6 +110,7 @@ class Access:
         terminals = {}
         for t in self.ledger.read_terminals():
             terminals[t[3]] = Terminal(t[3], t[4], t[6], t[1] != L.TERMINAL_ACTIVE)
+            self._ksn_seen[t[3]] = max(self._ksn_seen.get(t[3], 0), t[5])  # the ledger's counter
         self.terminals = terminals
 
     # ---- callers ----------------------------------------------------------------------
@@ -155,18 +159,23 @@ class Access:
         self._ksn_seen[terminal_id] = counter
         return True
 
-    # ---- failure budget per terminal ---------------------------------------------------------
+    # ---- attempt budget per terminal ---------------------------------------------------------
 
-    def rate_limited(self, terminal_id: int, now: float | None = None) -> bool:
-        window = self._failures.get(terminal_id)
-        if window is None or len(window) < self.failures_per_minute:
+    def admit(self, terminal_id: int, now: float | None = None) -> bool:
+        """Take one attempt from the terminal's budget, or refuse (False) when none is left."""
+        now = time.monotonic() if now is None else now
+        window = self._attempts.get(terminal_id)
+        if window is None:
+            window = self._attempts[terminal_id] = collections.deque()
+        while window and now - window[0] >= FAILURE_WINDOW_S:
+            window.popleft()
+        if len(window) >= self.failures_per_minute:
             return False
-        return (now or time.monotonic()) - window[0] < FAILURE_WINDOW_S
+        window.append(now)
+        return True
 
-    def count_failure(self, terminal_id: int, reason: int, now: float | None = None) -> None:
-        if reason in PROBE_REASONS:
-            window = self._failures.get(terminal_id)
-            if window is None:
-                window = self._failures[terminal_id] = collections.deque(maxlen=self.failures_per_minute)
-            window.append(now or time.monotonic())
-
+    def settled(self, terminal_id: int, reason: int) -> None:
+        """A swipe ended: give its attempt back unless it was a guess or a probe that failed."""
+        window = self._attempts.get(terminal_id)
+        if window and reason not in PROBE_REASONS:
+            window.pop()

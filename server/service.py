@@ -259,16 +259,15 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.terminal_id")
         if till is not None and till.store_id != terminal.store_id:
             raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.store_id")
-        if access.rate_limited(tid):
-            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id")
         if not access.ksn_fresh(tid, ksn.counter):
             raise Invalid(R.REASON_KSN_REPLAYED, "card.secure.ksn")
+        if not access.admit(tid):  # from here on, every way out settles the attempt or keeps it
+            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id")
         data_key, pin_key = access.key_path(ksn.ikid).working_keys(
             ksn.counter, KeyUsage.DATA_ENCRYPTION, KeyUsage.PIN_ENCRYPTION)
         try:
             number = decrypt_card_data(data_key, secure.ksn, secure.encrypted_card)
-        except CardDataError:
-            access.count_failure(tid, R.REASON_CARD_DATA_INVALID)
+        except CardDataError:  # the attempt stays taken: a failed probe
             raise Invalid(R.REASON_CARD_DATA_INVALID, "card.secure.encrypted_card") from None
         self._number_ok(number, "card.secure.encrypted_card")
         return CardAccess(self._index.card_id(number), number, pin_key, tid, ksn.counter)
@@ -281,8 +280,7 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_PIN_BLOCK_INVALID, field)  # PIN blocks need a terminal's key
         try:
             pin = pinlib.decipher(card.pin_key, block, card.number)
-        except pinlib.PinBlockError:
-            self.access.count_failure(card.terminal_id, R.REASON_PIN_BLOCK_INVALID)
+        except pinlib.PinBlockError:  # the attempt stays taken: a failed guess
             raise Invalid(R.REASON_PIN_BLOCK_INVALID, field) from None
         if new and pinlib.is_weak(pin, birthday):
             raise Invalid(R.REASON_PIN_WEAK, field)
@@ -396,10 +394,11 @@ class CardService(pb_grpc.CardServiceServicer):
         except Invalid as exc:
             return request.request_id, op_type, exc
 
-    def _settled(self, op: PendingOp | None, outcome: Outcome) -> None:
-        """Count a terminal's failed guesses and probes against its budget."""
-        if op is not None and op.ksn_counter and outcome.reason != L.R_OK:
-            self.access.count_failure(L.OP.unpack_from(op.packed)[7], outcome.reason)
+    def _settled(self, op: PendingOp, reason: int) -> None:
+        """A terminal's swipe ended: its attempt goes back to the budget unless it failed as a
+        guess or a probe (Access.settled)."""
+        if op.ksn_counter:
+            self.access.settled(L.OP.unpack_from(op.packed)[7], reason)
 
     # ---- submitting ------------------------------------------------------------
 
@@ -412,10 +411,11 @@ class CardService(pb_grpc.CardServiceServicer):
         """Queue ops for the writer, or end the call with OVERLOADED / UNAVAILABLE."""
         try:
             return self.writer.submit(ops, self._deadline(context))
-        except Overloaded:
-            await abort(context, failure(R.REASON_OVERLOADED))
-        except Stopped:
-            await abort(context, failure(R.REASON_UNAVAILABLE))
+        except (Overloaded, Stopped) as exc:
+            reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
+            for op in ops:
+                self._settled(op, reason)
+            await abort(context, failure(reason))
 
     async def _parse(self, build, request, context, caller: Caller | None = None):
         """``build(request, caller)``, or end the call with the status of the Invalid it raised."""
@@ -431,7 +431,7 @@ class CardService(pb_grpc.CardServiceServicer):
         started = time.perf_counter()
         op = await self._parse(build, request, context)
         outcome = (await (await self._submit([op], context)))[0]
-        self._settled(op, outcome)
+        self._settled(op, outcome.reason)
         self.metrics.count(outcome.op, outcome.reason)
         self._call_seconds[rpc].observe(time.perf_counter() - started)
         if outcome.reason != L.R_OK:
@@ -466,10 +466,10 @@ class CardService(pb_grpc.CardServiceServicer):
         card = await self._parse(self._inquiry, request, context)
         found = self.ledger.read_card(card.card_id)
         self._call_seconds["GetCard"].observe(time.perf_counter() - started)
-        if found is None:
-            if card.ksn_counter:
-                self.access.count_failure(card.terminal_id, L.R_CARD_NOT_FOUND)
+        if found is None:  # a terminal's attempt stays taken: a failed probe
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
+        if card.ksn_counter:
+            self.access.settled(card.terminal_id, L.R_OK)
         rec, profile = found
         (_, status, tier, pin_tries, flags, principal, bonus, points, held, lifetime, last_seq,
          opened_us, home_store, *_rest) = rec
@@ -519,8 +519,7 @@ class CardService(pb_grpc.CardServiceServicer):
             fut = await self._submit(valid, context)
             tries_max = self._pin_tries_max
             for (i, request_id), op, outcome in zip(where, valid, await fut, strict=True):
-                if outcome.reason != L.R_OK:
-                    self._settled(op, outcome)
+                self._settled(op, outcome.reason)
                 results[i] = result_of(request_id, outcome, tries_max)
         self.metrics.count_many((r.type, r.reason) for r in results)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
@@ -548,6 +547,7 @@ class CardService(pb_grpc.CardServiceServicer):
                         fut = self.writer.submit([parsed], self._deadline(context))
                     except (Overloaded, Stopped) as exc:
                         reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
+                        self._settled(parsed, reason)
                         in_flight.put_nowait(result_of(request_id, Outcome(reason, False, op_type, None, 0)))
                         continue
                     in_flight.put_nowait((request_id, parsed, fut))
@@ -563,8 +563,7 @@ class CardService(pb_grpc.CardServiceServicer):
                 if isinstance(item, tuple):
                     request_id, op, fut = item
                     outcome = (await fut)[0]
-                    if outcome.reason != L.R_OK:
-                        self._settled(op, outcome)
+                    self._settled(op, outcome.reason)
                     item = result_of(request_id, outcome, tries_max)
                 slots.release()
                 self.metrics.count(item.type, item.reason)

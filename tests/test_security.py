@@ -427,3 +427,37 @@ def test_pos_command_swipes_through_tls_with_a_pin_from_stdin(tls_server, tmp_pa
     assert wrong.returncode == 1 and "REASON_PIN_WRONG" in wrong.stderr and "tries_left=2" in wrong.stderr
     balance = cli(*pos, "balance", "-", stdin=f"{number}\n", token=False)
     assert "37.50" in balance.stdout and number not in balance.stdout
+
+
+def test_a_resent_request_with_another_pin_gets_the_original_answer(server, client, till):
+    """The idempotency check must not tell a right PIN from a wrong one."""
+    number = pin_card(server, till)
+    request_id = rid()
+    first = server.stub.Purchase(till.purchase(request_id, number, PIN, 100))
+    for guess in (OTHER_PIN, NEW_PIN, PIN):  # fresh KSN each, same request_id and payload
+        again = server.stub.Purchase(till.purchase(request_id, number, guess, 100))
+        assert again.replayed and again.seq == first.seq
+    declined = rid()
+    assert reason_of(server.stub.Purchase, till.purchase(declined, number, OTHER_PIN, 100)) == R.REASON_PIN_WRONG
+    assert reason_of(server.stub.Purchase, till.purchase(declined, number, PIN, 100)) == R.REASON_PIN_WRONG
+    assert card_state(client, number)[:2] == (1, False)  # one try counted, not two
+
+
+def test_a_batch_or_a_stream_cannot_carry_more_guesses_than_the_budget(start_server):
+    server = start_server("--failures-per-minute", "5")
+    admin = Admin(server.channel, server.admin_token)
+    sprayer, honest = admin.enroll(7, 3), admin.enroll(8, 3)
+    numbers = [pin_card(server, honest, funds_minor=10_000) for _ in range(12)]
+    batch = pb.SubmitBatchRequest(operations=[
+        pb.Operation(purchase=sprayer.purchase(rid(), n, OTHER_PIN, 100)) for n in numbers])
+    reasons = [r.reason for r in server.stub.SubmitBatch(batch).results]
+    assert reasons.count(R.REASON_PIN_WRONG) == 5
+    assert reasons.count(R.REASON_RATE_LIMITED) == 7
+    stream = [pb.Operation(purchase=sprayer.purchase(rid(), n, OTHER_PIN, 100)) for n in numbers]
+    assert {r.reason for r in server.stub.SwipeStream(iter(stream))} == {R.REASON_RATE_LIMITED}
+    # Swipes that end well give their attempt back: a busy honest terminal is never limited.
+    results = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
+        pb.Operation(purchase=honest.purchase(rid(), numbers[i % 12], PIN, 1)) for i in range(4)]))
+    assert [r.reason for r in results.results] == [R.REASON_OK] * 4
+    for i in range(20):
+        assert server.stub.Purchase(honest.purchase(rid(), numbers[i % 12], PIN, 1)).reason == R.REASON_OK
