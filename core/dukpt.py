@@ -137,7 +137,7 @@ def next_counter(counter: int) -> int:
     while bin(counter).count("1") > COUNTER_ONE_BITS_MAX:
         counter += counter & -counter
     if counter > COUNTER_MAX:
-        raise ValueError("this terminal's DUKPT key is used up: enroll it again")
+        raise ValueError("this terminal's DUKPT key is used up: enroll the till under a new id")
     return counter
 
 

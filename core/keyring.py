@@ -100,17 +100,20 @@ class Keyring:
         if len(self.data_keys) >= DATA_KEY_VERSIONS_MAX:
             raise ValueError("too many data key versions: retire old ones first")
         version = max(self.data_keys) + 1
-        self.data_keys[version] = os.urandom(DATA_KEY_SIZE)
-        self._aead[version] = AESGCM(self.data_keys[version])
+        key = os.urandom(DATA_KEY_SIZE)
+        # On disk first: nothing may be sealed under a key the keyring file does not hold.
+        self.save({**self.data_keys, version: key}, version)
+        self.data_keys[version] = key
+        self._aead[version] = AESGCM(key)
         self.data_key_current = version
-        self.save()
         return version
 
-    def save(self) -> None:
+    def save(self, data_keys: dict[int, bytes] | None = None, current: int | None = None) -> None:
+        data_keys = self.data_keys if data_keys is None else data_keys
         doc = {"format": FORMAT, "index_key": self.index_key.hex(), "pin_key": self.pin_key.hex(),
                "bdk": self.bdk.hex(), "bdk_id": self.bdk_id.hex(),
-               "data_keys": {str(v): k.hex() for v, k in sorted(self.data_keys.items())},
-               "data_key_current": self.data_key_current}
+               "data_keys": {str(v): k.hex() for v, k in sorted(data_keys.items())},
+               "data_key_current": self.data_key_current if current is None else current}
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         tmp = f"{self.path}.new"
@@ -133,6 +136,8 @@ class Keyring:
     @classmethod
     def load(cls, path: str) -> "Keyring":
         with open(path) as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                log.warning("keyring %s is readable by others: chmod 600 it", path)
             doc = json.load(f)
         if doc.get("format") != FORMAT:
             raise ValueError(f"{path} is not a cardcore keyring")
@@ -153,7 +158,8 @@ class Keyring:
         if legacy and os.path.exists(legacy):
             with open(legacy, "rb") as f:
                 index_key = f.read()
-            log.warning("moved the card index key of %s into the new keyring", legacy)
+            log.warning("copied the card index key of %s into the new keyring; delete %s once "
+                        "the keyring is backed up", legacy, legacy)
         ring = cls(path, index_key, os.urandom(PIN_KEY_SIZE), os.urandom(BDK_SIZE),
                    os.urandom(BDK_ID_SIZE), {1: os.urandom(DATA_KEY_SIZE)}, 1)
         ring.save()

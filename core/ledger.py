@@ -422,6 +422,10 @@ class Ledger:
         return b"".join(RESEAL_ITEM.pack(cid, len(old), len(new)) + old + new
                         for cid, old, new in items)
 
+    def read_terminal(self, terminal_id: int) -> tuple | None:
+        raw = self._read(lambda txn: txn.get(L.TERMINAL_KEY.pack(terminal_id), db=self.terminals))
+        return None if raw is None else L.TERMINAL.unpack(raw)
+
     def read_terminals(self) -> list[tuple]:
         return self._read(lambda txn: [L.TERMINAL.unpack(v) for _, v in txn.cursor(db=self.terminals)])
 

@@ -55,7 +55,7 @@ def decrypt_card_data(data_key: bytes, ksn: bytes, blob: bytes) -> str:
         raise CardDataError() from None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class TerminalKeys:
     """What enrolment hands a terminal, plus the last transaction counter it used."""
     terminal_id: int
@@ -76,6 +76,9 @@ class TerminalKeys:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def __repr__(self) -> str:  # never the initial key
+        return f"TerminalKeys(terminal {self.terminal_id}, store {self.store_id}, counter {self.counter})"
 
     @classmethod
     def load(cls, path: str) -> "TerminalKeys":

@@ -11,7 +11,7 @@ import logging
 import re
 
 from cardcore import layout as L
-from cardcore.keyring import Keyring
+from cardcore.keyring import Keyring, SealError
 from cardcore.ledger import Ledger, PendingOp
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
@@ -72,13 +72,11 @@ class AdminService(apb_grpc.AdminServiceServicer):
         except Invalid as exc:
             await abort(context, failure(exc.reason, exc.field))
 
-    def _terminal_pb(self, terminal_id: int) -> apb.Terminal:
-        for t in self.ledger.read_terminals():
-            if t[3] == terminal_id:
-                return apb.Terminal(terminal_id=t[3], store_id=t[4], initial_key_id=t[6],
-                                    revoked=t[1] != L.TERMINAL_ACTIVE, enrolled_at_us=t[7],
-                                    revoked_at_us=t[8], last_ksn_counter=t[5])
-        raise LookupError(terminal_id)
+    @staticmethod
+    def _terminal_pb(t: tuple) -> apb.Terminal:
+        return apb.Terminal(terminal_id=t[3], store_id=t[4], initial_key_id=t[6],
+                            revoked=t[1] != L.TERMINAL_ACTIVE, enrolled_at_us=t[7],
+                            revoked_at_us=t[8], last_ksn_counter=t[5])
 
     # ---- terminals ---------------------------------------------------------------------
 
@@ -93,7 +91,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
         outcome = await self._apply(context, PendingOp.admin(
             key, L.OP_TERMINAL_ENROLLED, subject, b"", op_by.operator_id))
         return apb.EnrollTerminalResponse(
-            terminal=self._terminal_pb(tid),
+            terminal=self._terminal_pb(self.ledger.read_terminal(tid)),
             initial_key=b"" if outcome.replayed else self.access.initial_key(tid))
 
     async def RevokeTerminal(self, request, context):
@@ -104,16 +102,14 @@ class AdminService(apb_grpc.AdminServiceServicer):
         subject = request.terminal_id.to_bytes(4, "little") + bytes(12)
         await self._apply(context, PendingOp.admin(key, L.OP_TERMINAL_REVOKED, subject, b"",
                                                    op_by.operator_id))
-        return self._terminal_pb(request.terminal_id)
+        return self._terminal_pb(self.ledger.read_terminal(request.terminal_id))
 
     async def ListTerminals(self, request, context):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER,
                                      request.store_id or None)
-        out = []
-        for t in sorted(self.access.terminals.values(), key=lambda t: t.terminal_id):
-            if op_by.covers(t.store_id) and request.store_id in (0, t.store_id):
-                out.append(self._terminal_pb(t.terminal_id))
-        return apb.ListTerminalsResponse(terminals=out)
+        return apb.ListTerminalsResponse(terminals=[
+            self._terminal_pb(t) for t in sorted(self.ledger.read_terminals(), key=lambda t: t[3])
+            if op_by.covers(t[4]) and request.store_id in (0, t[4])])
 
     # ---- operators -----------------------------------------------------------------------
 
@@ -135,7 +131,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "role"))
         if len(stores) > SCOPE_STORES_MAX:
             await abort(context, failure(R.REASON_FIELD_TOO_LONG, "store_ids"))
-        if not stores and request.role != ROLE.OPERATOR_ROLE_CHAIN_ADMIN:
+        if bool(stores) == (request.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN):
+            # chain admins are chain-wide; every other role is scoped to stores
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "store_ids"))
         await self._check_grant(context, op_by, request.role, stores)
         token, operator = await self.add_operator(context, key, request.name, request.role, stores,
@@ -143,9 +140,9 @@ class AdminService(apb_grpc.AdminServiceServicer):
         return apb.AddOperatorResponse(operator=operator, token=token)
 
     async def add_operator(self, context, key: bytes, name: str, role: int, stores: list[int],
-                           by_id: int) -> tuple[str, apb.Operator]:
+                           by_id: int, token: str | None = None) -> tuple[str, apb.Operator]:
         """Create an operator (also the bootstrap chain admin, with ``context`` None)."""
-        token = new_token()
+        token = token or new_token()
         fields = {"name": name, "role": role, "store_ids": stores}
         op = PendingOp.admin(key, L.OP_OPERATOR_ADDED, bytes(16),
                              json.dumps({**fields, "token_sha256": token_digest(token)}).encode(),
@@ -186,6 +183,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
         key = await self._key(context, request.request_id)
         known = self.ledger.read_operation(key)
+        if known is not None and known.op != L.OP_DATA_KEY_ROTATED:
+            await abort(context, failure(R.REASON_DUPLICATE_REQUEST_MISMATCH, "request_id"))
         if known is None:
             version = self.keyring.rotate_data_key()
             await self._apply(context, PendingOp.admin(
@@ -200,14 +199,23 @@ class AdminService(apb_grpc.AdminServiceServicer):
     async def reseal(self, context) -> int:
         """Re-encrypt every stored card number not under the current key version."""
         current = self.keyring.data_key_current
-        total, after = 0, b""
+        total, unreadable, after = 0, 0, b""
         while True:
             chunk = self.ledger.read_sealed(after, RESEAL_CHUNK)
             if not chunk:
+                if unreadable:
+                    log.error("%d stored card numbers do not open under the keyring: run "
+                              "cardcore keys check", unreadable)
                 return total
             after = chunk[-1][0]
-            items = [(cid, old, self.keyring.seal(cid, self.keyring.unseal(cid, old)))
-                     for cid, old in chunk if Keyring.sealed_version(old) != current]
+            items = []
+            for cid, old in chunk:
+                if Keyring.sealed_version(old) == current:
+                    continue
+                try:
+                    items.append((cid, old, self.keyring.seal(cid, self.keyring.unseal(cid, old))))
+                except SealError:  # left as it is; cardcore keys check lists it
+                    unreadable += 1
             if items:
                 op = PendingOp(b"", bytes(16), L.OP.pack(L.OP_RESEAL, *[0] * 9, bytes(8), bytes(16),
                                                          bytes(8), bytes(32), bytes(32)),

@@ -19,7 +19,7 @@ from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
-from .access import FAILURES_PER_MINUTE_DEFAULT, Access
+from .access import FAILURES_PER_MINUTE_DEFAULT, Access, new_token
 from .admin import AdminService
 from .metrics import Metrics
 from .service import CardService, add_service
@@ -92,12 +92,17 @@ async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -
     """First start: a chain admin whose token goes to a 0600 file (never to the log)."""
     if access.operators_by_name:
         return
-    token, _ = await admin.add_operator(None, b"bootstrap-admin", "admin",
-                                        cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0)
+    # The file first: a crash before the commit leaves a token nobody holds, and the next
+    # start makes a new one; the other order could leave an admin nobody can use.
+    token = new_token()
     path = os.path.join(data_dir, ADMIN_TOKEN_FILE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    await admin.add_operator(None, b"bootstrap-admin", "admin", cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0,
+                             token=token)
     log.warning("created the first chain admin 'admin'; its token is in %s (0600). Use it to add "
                 "named operators, then remove 'admin' and delete the file", path)
 
@@ -121,6 +126,8 @@ async def serve(cfg: ServerConfig) -> None:
                         "operations. For benchmarks only. ***")
     os.makedirs(cfg.data_dir, exist_ok=True)
     lock = lock_data_dir(cfg.data_dir)
+    if cfg.failures_per_minute < 1:
+        raise StartupError("--failures-per-minute must be at least 1")
     credentials = _server_credentials(cfg)
     keyring = Keyring.load_or_create(cfg.keyring_path or os.path.join(cfg.data_dir, "keyring.json"),
                                      cfg.data_dir)

@@ -216,9 +216,13 @@ def _admin_stub(args):
 
 
 def _token(args) -> str | None:
-    """The operator token: --token-file, env CARDCORE_TOKEN, or the bootstrap admin's file."""
+    """The operator token: env CARDCORE_TOKEN or --token-file; for admin commands (and pos
+    --operator) also the bootstrap admin's file in the data folder, a development convenience
+    card commands never use: a till's call does not carry a chain admin's token unasked."""
     if os.environ.get("CARDCORE_TOKEN"):
         return os.environ["CARDCORE_TOKEN"].strip()
+    if not args.token_file and not getattr(args, "admin_command", False):
+        return None
     path = args.token_file or os.path.join(_env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR), "admin.token")
     try:
         with open(path) as f:
@@ -503,7 +507,7 @@ def cmd_pos(args) -> int:
     from cardcore.terminal import Terminal, TerminalKeys
 
     terminal = Terminal(TerminalKeys.load(args.keys), keys_path=args.keys)
-    args.as_operator = bool(args.operator)
+    args.as_operator = args.admin_command = bool(args.operator)
     number = _secret("card number: ", args.card)
     request_id = args.request_id or str(uuid.uuid4())
     stub = _stub(args)
@@ -646,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
+    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("enroll", "revoke", "list"))
     p.add_argument("terminal_id", type=int, nargs="?", default=0)
     p.add_argument("--store", type=int, default=0)
@@ -654,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-id", default="")
     p = client("operators", "add, remove and list operators (operator token)", cmd_operators,
                card=False)
+    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument("name", nargs="?", default="")
     p.add_argument("--role", choices=ROLES, default="cashier")
@@ -661,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-id", default="")
     p = client("keys", "rotate: new card-data key version, re-encrypt online (chain admin); "
                "check: offline, every stored card number opens", cmd_keys, card=False)
+    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("rotate", "check"))
     data_dir(p)
     p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"))

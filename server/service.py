@@ -174,9 +174,10 @@ def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationR
                               failure=failure(exc.reason, exc.field))
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass(slots=True, repr=False)
 class CardAccess:
-    """A request's card, resolved: its id and number, and for a terminal its swipe keys."""
+    """A request's card, resolved: its id and number, and for a terminal its swipe keys.
+    No repr: it holds a clear card number and a PIN key."""
     card_id: bytes
     number: str
     pin_key: bytes | None = None   # this transaction's DUKPT PIN key (terminal swipes)
@@ -350,9 +351,14 @@ class CardService(pb_grpc.CardServiceServicer):
                               L.PIN_REQUIRED | self._dev_pin)
 
     def _set_pin_op(self, req: pb.SetPinRequest, caller: Caller) -> PendingOp:
+        """A change needs the old PIN; a first PIN needs an operator at the till (the kernel
+        refuses it without one), who vouches for the member."""
         key = self._request_key(req.request_id)
         if not req.new_pin_block:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_pin_block")
+        if caller.operator is not None and not caller.operator.may(ROLE.OPERATOR_ROLE_CASHIER,
+                                                                   req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
         card = self._card(req.card, req.till, caller)
         pin_flags, check = L.NEW_PIN, NO_PIN
         if req.old_pin_block:
@@ -488,14 +494,30 @@ class CardService(pb_grpc.CardServiceServicer):
             pin_set=bool(flags & L.CARD_PIN_SET), pin_locked=bool(flags & L.CARD_PIN_LOCKED),
             pin_tries=pin_tries)
 
+    def _may_see(self, caller: Caller, outcome: Outcome) -> Outcome:
+        """With TLS: operators see any outcome; a terminal sees those of its own journal entries,
+        and of declined requests only the reason (no balance)."""
+        if caller.bad_token or (self.access.tls and caller.operator is None
+                                and caller.cert_terminal_id is None):
+            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        if not self.access.tls or caller.operator is not None:
+            return outcome
+        if outcome.entry is None:
+            return outcome._replace(available_minor=0)
+        if L.JOURNAL.unpack_from(outcome.entry)[19] != caller.cert_terminal_id:
+            raise Invalid(R.REASON_PERMISSION_DENIED, "request_id")
+        return outcome
+
     async def GetOperation(self, request, context):
         started = time.perf_counter()
+        caller = self.access.caller(context)
         key = await self._parse(lambda req, _caller: self._request_key(req.request_id), request,
-                                context)
+                                context, caller)
         outcome = self.ledger.read_operation(key)
         self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:
             return pb.GetOperationResponse(found=False)
+        outcome = await self._parse(lambda o, c: self._may_see(c, o), outcome, context, caller)
         return pb.GetOperationResponse(found=True, result=result_of(
             request.request_id, outcome, self._pin_tries_max))
 

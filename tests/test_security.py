@@ -115,14 +115,21 @@ def test_reset_by_a_store_manager_unlocks_with_a_new_pin(server, client, admin, 
     assert verify(server.data_dir)["ok"]
 
 
-def test_set_and_change_pin(server, client, till):
+def test_set_and_change_pin(server, client, admin, till):
+    cashier = bearer(admin.add_operator("wu.cashier", ROLE.OPERATOR_ROLE_CASHIER, [3]))
+    elsewhere = bearer(admin.add_operator("ma.cashier", ROLE.OPERATOR_ROLE_CASHIER, [4]))
     number = new_card_number()
     server.stub.OpenCard(till.open_card(rid(), number))  # no PIN yet
     server.stub.TopUp(till.top_up(rid(), number, 5_000))
     assert reason_of(server.stub.Purchase, till.purchase(rid(), number, PIN, 100)) == R.REASON_PIN_NOT_SET
     for weak in ("1234", "9876", "000000", "111111"):
-        assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, weak)) == R.REASON_PIN_WEAK
-    server.stub.SetPin(till.set_pin(rid(), number, PIN))
+        assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, weak),
+                         metadata=cashier) == R.REASON_PIN_WEAK
+    # A first PIN needs a cashier of this store at the till, vouching for the member.
+    assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, PIN)) == R.REASON_PERMISSION_DENIED
+    assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, PIN),
+                     metadata=elsewhere) == R.REASON_PERMISSION_DENIED
+    server.stub.SetPin(till.set_pin(rid(), number, PIN), metadata=cashier)
     assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, NEW_PIN)) == R.REASON_PIN_REQUIRED
     assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, NEW_PIN, OTHER_PIN)) == R.REASON_PIN_WRONG
     server.stub.SetPin(till.set_pin(rid(), number, NEW_PIN, PIN))
@@ -358,11 +365,16 @@ def tls_server(start_server, tmp_path):
 
 
 def tls_channel(server, ca_dir: str, common_name: str | None) -> grpc.Channel:
+    """A channel with a client certificate for ``common_name`` (made once per name)."""
     with open(os.path.join(ca_dir, "ca.pem"), "rb") as f:
         root = f.read()
     key = cert = None
     if common_name:
-        cert_path, key_path = certs.make_client_cert(ca_dir, common_name)
+        stem = os.path.join(ca_dir, common_name.replace(":", "-"))
+        if os.path.exists(f"{stem}.pem"):
+            cert_path, key_path = f"{stem}.pem", f"{stem}.key"
+        else:
+            cert_path, key_path = certs.make_client_cert(ca_dir, common_name)
         with open(cert_path, "rb") as c, open(key_path, "rb") as k:
             cert, key = c.read(), k.read()
     return grpc.secure_channel(server.target, grpc.ssl_channel_credentials(root, key, cert))
@@ -461,3 +473,20 @@ def test_a_batch_or_a_stream_cannot_carry_more_guesses_than_the_budget(start_ser
     assert [r.reason for r in results.results] == [R.REASON_OK] * 4
     for i in range(20):
         assert server.stub.Purchase(honest.purchase(rid(), numbers[i % 12], PIN, 1)).reason == R.REASON_OK
+
+
+def test_get_operation_shows_a_terminal_only_its_own(tls_server):
+    server, ca_dir = tls_server
+    admin = Admin(tls_channel(server, ca_dir, "backoffice:hq"), server.admin_token)
+    t7, _ = admin.enroll(7, 3), admin.enroll(8, 3)
+    as_t7 = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "terminal:7"))
+    as_t8 = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "terminal:8"))
+    office = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "backoffice:hq"))
+    number, request_id = new_card_number(), rid()
+    as_t7.OpenCard(t7.open_card(rid(), number, PIN))
+    as_t7.TopUp(t7.top_up(request_id, number, 1_000))
+    ask = pb.GetOperationRequest(request_id=request_id)
+    assert as_t7.GetOperation(ask).result.balance_after.available_minor == 1_000
+    assert reason_of(as_t8.GetOperation, ask) == R.REASON_PERMISSION_DENIED
+    assert reason_of(office.GetOperation, ask) == R.REASON_UNAUTHENTICATED
+    assert office.GetOperation(ask, metadata=admin.metadata).found
