@@ -255,6 +255,10 @@ def test_operators_act_only_within_their_role_and_scope(server, admin):
     with pytest.raises(grpc.RpcError) as err:
         region.add_operator("peer", ROLE.OPERATOR_ROLE_REGION_MANAGER, [3])  # not above itself
     assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        admin.add_operator("scoped.admin", ROLE.OPERATOR_ROLE_CHAIN_ADMIN, [3])  # admins are chain-wide
+    assert (failure_of(err.value).reason, failure_of(err.value).field) == (R.REASON_INVALID_ARGUMENT,
+                                                                           "store_ids")
     cashier = region.add_operator("c3", ROLE.OPERATOR_ROLE_CASHIER, [3])
     listed = manager.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=manager.metadata)
     assert [t.terminal_id for t in listed.terminals] == [30]
