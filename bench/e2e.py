@@ -466,7 +466,10 @@ def main() -> int:
             pin_rng = random.Random(2)
             pin_numbers = list({random_number(pin_rng, prefix="63") for _ in range(args.cards)})
             pins = [random_pin(pin_rng) for _ in pin_numbers]
-            srv = start_cardcore(data_dir, os.path.join(work, "pin-seed.log"))
+            # One terminal opening 100,000 cards in batches: far more swipes in flight than the
+            # per-terminal attempt budget allows a till, so the seeding server lifts it.
+            srv = start_cardcore(data_dir, os.path.join(work, "pin-seed.log"),
+                                 ("--failures-per-minute", "1000000"))
             terminals = enroll_terminals(srv.target, data_dir, PIN_TERMINALS + 1)
             seed_pin_cards(srv.target, terminals.pop(), pin_numbers, pins)
             srv.stop()

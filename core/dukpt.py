@@ -20,9 +20,9 @@ leave as text: callers hold bytes and must not log them.
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
+from typing import NamedTuple
 
 from .ext.aes import ecb_encrypt
 
@@ -75,8 +75,7 @@ def _derive(key: bytes, key_type: KeyType, data: bytearray) -> bytes:
     return out[:bits // 8]
 
 
-@dataclasses.dataclass(frozen=True)
-class Ksn:
+class Ksn(NamedTuple):
     ikid: bytes
     counter: int
 
@@ -86,7 +85,7 @@ class Ksn:
         if len(ksn) != KSN_SIZE:
             raise ValueError("a KSN is 12 bytes")
         counter = int.from_bytes(ksn[IKID_SIZE:], "big")
-        if counter == 0 or counter > COUNTER_MAX or bin(counter).count("1") > COUNTER_ONE_BITS_MAX:
+        if counter == 0 or counter > COUNTER_MAX or counter.bit_count() > COUNTER_ONE_BITS_MAX:
             raise ValueError("KSN counter out of range")
         return cls(bytes(ksn[:IKID_SIZE]), counter)
 
@@ -134,7 +133,7 @@ def next_counter(counter: int) -> int:
     """The next valid transaction counter after ``counter`` (X9.24-3: skip counters with more
     than 16 one-bits by adding their lowest set bit); raises once the key is used up."""
     counter += 1
-    while bin(counter).count("1") > COUNTER_ONE_BITS_MAX:
+    while counter.bit_count() > COUNTER_ONE_BITS_MAX:
         counter += counter & -counter
     if counter > COUNTER_MAX:
         raise ValueError("this terminal's DUKPT key is used up: enroll the till under a new id")
@@ -147,43 +146,40 @@ class KeyPath:
     A counter's derivation key is reached through one intermediate key per set
     bit, most significant first. Consecutive counters share most of that path,
     so keeping it turns ~16 AES derivations per transaction into ~2. Used by
-    the host (one per terminal) and by the terminal library alike.
+    the host (one per terminal) and by the terminal library alike. Every step is
+    ``_derive`` of AES-128 derivation data, written out inline: this runs on
+    every swipe.
     """
 
-    __slots__ = ("ikid", "_path")
+    __slots__ = ("ikid", "_low", "_path")
 
     def __init__(self, ik: bytes, ikid: bytes):
         if len(ik) != 16 or len(ikid) != IKID_SIZE:
             raise ValueError("an AES-128 initial key is 16 bytes, its ID 8")
         self.ikid = ikid
+        self._low = ikid[4:8]
         self._path: list[tuple[int, bytes]] = [(0, ik)]  # (counter so far, key)
 
     def working_keys(self, counter: int, *usages: KeyUsage) -> list[bytes]:
         """The AES-128 working key for each usage at ``counter`` (a valid counter)."""
-        path = self._path
-        key = path[0][1]
-        working = 0
-        depth = 1
-        mask = 0x80000000
-        reuse = True
-        while mask:
-            if counter & mask:
-                working |= mask
-                if reuse and depth < len(path) and path[depth][0] == working:
-                    key = path[depth][1]
-                else:
-                    if reuse:
-                        del path[depth:]
-                        reuse = False
-                    key = _derive(key, KeyType.AES128, _derivation_data(
-                        KeyUsage.KEY_DERIVATION, KeyType.AES128, self.ikid, working))
-                    path.append((working, key))
-                depth += 1
-            mask >>= 1
-        if reuse:
-            del path[depth:]
+        path, low, pack = self._path, self._low, _DERIVATION_DATA_COUNTER.pack
+        algorithm, bits = KeyType.AES128.value
+        # The set bits above the highest bit where counter and the last path differ are
+        # shared: their intermediate keys are path[1..shared].
+        last = path[-1][0]
+        top = (counter ^ last).bit_length()
+        shared = (counter >> top).bit_count()
+        del path[shared + 1:]
+        key = path[-1][1]
+        working = counter >> top << top
+        rest = counter ^ working
+        while rest:  # the remaining set bits, most significant first
+            bit = 1 << (rest.bit_length() - 1)
+            rest ^= bit
+            working |= bit
+            key = ecb_encrypt(key, pack(1, 1, KeyUsage.KEY_DERIVATION, algorithm, bits, low, working))
+            path.append((working, key))
         # AES-128 working keys are one block each: all of them in one AES call under ``key``.
-        blocks = b"".join([bytes(_derivation_data(usage, KeyType.AES128, self.ikid, counter))
-                           for usage in usages])
-        out = ecb_encrypt(key, blocks)
+        out = ecb_encrypt(key, b"".join([pack(1, 1, usage, algorithm, bits, low, counter)
+                                         for usage in usages]))
         return [out[i:i + 16] for i in range(0, len(out), 16)]

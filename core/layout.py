@@ -164,6 +164,8 @@ CARD_OFF_LAST_SEQ = 48
 JOURNAL_OFF_SEQ = 8
 JOURNAL_OFF_REASON = 4
 JOURNAL_OFF_PIN_TRIES = 6
+OP_TERMINAL_ID = struct.Struct("<20xI")  # an operation's terminal_id, read alone
+OP_OPERATOR_ID = struct.Struct("<28xI")  # an operation's operator_id, read alone
 
 # Operation types: values of cardcore.v1.OperationType (a test checks they agree).
 OP_OPEN, OP_TOP_UP, OP_PURCHASE, OP_SET_PIN, OP_RESET_PIN, OP_PIN_FAILED = 1, 2, 3, 4, 5, 6

@@ -341,7 +341,7 @@ class Ledger:
 
     def _take_ksn(self, txn, op: PendingOp, terminals: dict, dirty: set) -> int:
         """The terminal's DUKPT counter must grow: check and raise it (same transaction)."""
-        tid = L.OP.unpack_from(op.packed)[7]
+        tid = L.OP_TERMINAL_ID.unpack_from(op.packed)[0]
         t = self._terminal(txn, tid, terminals)
         if t is None:
             return L.R_TERMINAL_UNKNOWN
@@ -356,7 +356,7 @@ class Ledger:
     def _apply_admin(self, txn, op: PendingOp, kind: int, ts_us: int, seq: int, terminals: dict,
                      dirty_terminals: set) -> tuple[int, bytes | int | None]:
         """One admin or internal operation; returns (reason, journal entry or reseal count)."""
-        operator_id = L.OP.unpack_from(op.packed)[9]
+        operator_id = L.OP_OPERATOR_ID.unpack_from(op.packed)[0]
         subject = op.card_id
         if kind in (L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED):
             tid = int.from_bytes(subject[:4], "little")

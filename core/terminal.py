@@ -23,11 +23,11 @@ import dataclasses
 import json
 import os
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import pin as pinlib
 from .dukpt import KSN_SIZE, KeyPath, KeyUsage, next_counter
+from .ext.aes import AuthenticationError, gcm_decrypt
 from .v1 import card_service_pb2 as pb
 from .v1 import common_pb2 as cpb
 
@@ -46,12 +46,13 @@ def encrypt_card_data(data_key: bytes, ksn: bytes, number: str) -> bytes:
 
 
 def decrypt_card_data(data_key: bytes, ksn: bytes, blob: bytes) -> str:
+    """Host side (every swipe): OpenSSL's AES-GCM through cardcore.ext.aes, one C context
+    reused; a test holds it to cryptography's AESGCM."""
     if not NONCE_SIZE + TAG_SIZE < len(blob) <= CARD_DATA_SIZE_MAX:
         raise CardDataError()
     try:
-        plain = AESGCM(data_key).decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], ksn)
-        return plain.decode("ascii")
-    except (InvalidTag, UnicodeDecodeError):
+        return gcm_decrypt(data_key, blob[:NONCE_SIZE], blob[NONCE_SIZE:], ksn).decode("ascii")
+    except (AuthenticationError, UnicodeDecodeError):
         raise CardDataError() from None
 
 

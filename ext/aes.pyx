@@ -16,29 +16,48 @@ cdef extern from "openssl/evp.h":
         pass
     ctypedef struct EVP_CIPHER:
         pass
-    EVP_CIPHER_CTX* EVP_CIPHER_CTX_new() nogil
-    void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX* ctx) nogil
-    const EVP_CIPHER* EVP_aes_128_ecb() nogil
-    const EVP_CIPHER* EVP_aes_192_ecb() nogil
-    const EVP_CIPHER* EVP_aes_256_ecb() nogil
+    EVP_CIPHER_CTX* EVP_CIPHER_CTX_new()
+    EVP_CIPHER* EVP_CIPHER_fetch(void* libctx, const char* algorithm, const char* properties)
     int EVP_CipherInit_ex(EVP_CIPHER_CTX* ctx, const EVP_CIPHER* cipher, void* impl,
-                          const unsigned char* key, const unsigned char* iv, int enc) nogil
-    int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX* ctx, int pad) nogil
+                          const unsigned char* key, const unsigned char* iv, int enc)
+    int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX* ctx, int pad)
     int EVP_CipherUpdate(EVP_CIPHER_CTX* ctx, unsigned char* out, int* outl,
-                         const unsigned char* inp, int inl) nogil
+                         const unsigned char* inp, int inl)
+    int EVP_CipherFinal_ex(EVP_CIPHER_CTX* ctx, unsigned char* outm, int* outl)
+    int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX* ctx, int type, int arg, void* ptr)
+    enum:
+        EVP_CTRL_GCM_SET_IVLEN
+        EVP_CTRL_GCM_SET_TAG
 
 DATA_BYTES_MAX = 1 << 16
 
+# Fetched once (OpenSSL 3 looks an algorithm up in its provider on every implicit use) and one
+# context per key size, re-keyed per call. Calls hold the GIL throughout, so no two use a
+# context at once; the contexts live as long as the process.
+cdef const EVP_CIPHER* _ciphers[5]
+cdef EVP_CIPHER_CTX* _contexts[5]
+for _i, _name in enumerate((b"AES-128-ECB", b"AES-192-ECB", b"AES-256-ECB", b"AES-128-GCM",
+                            b"AES-256-GCM")):
+    _ciphers[_i] = EVP_CIPHER_fetch(NULL, _name, NULL)
+    _contexts[_i] = EVP_CIPHER_CTX_new()
+    if _ciphers[_i] == NULL or _contexts[_i] == NULL:
+        raise ImportError("OpenSSL has no AES-ECB or AES-GCM")
+NONCE_SIZE, TAG_SIZE = 12, 16
+
+
+class AuthenticationError(ValueError):
+    """AES-GCM: the tag does not match (tampered, or another key, nonce or associated data)."""
+
 
 cdef bytes _ecb(const uint8_t[::1] key, const uint8_t[::1] data, int enc):
-    cdef const EVP_CIPHER* cipher
     cdef Py_ssize_t n = data.shape[0]
+    cdef int which
     if key.shape[0] == 16:
-        cipher = EVP_aes_128_ecb()
+        which = 0
     elif key.shape[0] == 24:
-        cipher = EVP_aes_192_ecb()
+        which = 1
     elif key.shape[0] == 32:
-        cipher = EVP_aes_256_ecb()
+        which = 2
     else:
         raise ValueError("an AES key is 16, 24 or 32 bytes")
     if n == 0 or n % 16 or n > DATA_BYTES_MAX:
@@ -46,16 +65,11 @@ cdef bytes _ecb(const uint8_t[::1] key, const uint8_t[::1] data, int enc):
     out = bytearray(n)
     cdef unsigned char[::1] view = out
     cdef int outl = 0
-    cdef int ok
-    cdef EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new()
-    if ctx == NULL:
-        raise MemoryError()
-    with nogil:
-        ok = (EVP_CipherInit_ex(ctx, cipher, NULL, &key[0], NULL, enc) == 1
-              and EVP_CIPHER_CTX_set_padding(ctx, 0) == 1
-              and EVP_CipherUpdate(ctx, &view[0], &outl, &data[0], <int>n) == 1
-              and outl == n)
-        EVP_CIPHER_CTX_free(ctx)
+    cdef EVP_CIPHER_CTX* ctx = _contexts[which]
+    cdef int ok = (EVP_CipherInit_ex(ctx, _ciphers[which], NULL, &key[0], NULL, enc) == 1
+                   and EVP_CIPHER_CTX_set_padding(ctx, 0) == 1
+                   and EVP_CipherUpdate(ctx, &view[0], &outl, &data[0], <int>n) == 1
+                   and outl == n)
     if not ok:
         raise RuntimeError("OpenSSL AES-ECB failed")
     return bytes(out)
@@ -69,3 +83,37 @@ def ecb_encrypt(const uint8_t[::1] key, const uint8_t[::1] data) -> bytes:
 def ecb_decrypt(const uint8_t[::1] key, const uint8_t[::1] data) -> bytes:
     """AES-ECB decryption of whole blocks (no padding)."""
     return _ecb(key, data, 0)
+
+
+def gcm_decrypt(const uint8_t[::1] key, const uint8_t[::1] nonce, const uint8_t[::1] data,
+                const uint8_t[::1] aad) -> bytes:
+    """AES-GCM decryption of ``data`` = ciphertext || 16-byte tag, with a 12-byte nonce; raises
+    AuthenticationError unless the tag verifies (checked by EVP_CipherFinal_ex, below)."""
+    cdef int which
+    if key.shape[0] == 16:
+        which = 3
+    elif key.shape[0] == 32:
+        which = 4
+    else:
+        raise ValueError("an AES-GCM key here is 16 or 32 bytes")
+    cdef Py_ssize_t n = data.shape[0] - TAG_SIZE
+    if nonce.shape[0] != NONCE_SIZE or n < 1 or n > DATA_BYTES_MAX or aad.shape[0] > DATA_BYTES_MAX:
+        raise ValueError("AES-GCM takes a 12-byte nonce and 1 byte or more of ciphertext")
+    tag = bytearray(data[n:])
+    cdef unsigned char[::1] tag_view = tag
+    out = bytearray(n + 16)
+    cdef unsigned char[::1] view = out
+    cdef int outl = 0, finl = 0
+    cdef EVP_CIPHER_CTX* ctx = _contexts[which]
+    if not (EVP_CipherInit_ex(ctx, _ciphers[which], NULL, NULL, NULL, 0) == 1
+            and EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, NONCE_SIZE, NULL) == 1
+            and EVP_CipherInit_ex(ctx, NULL, NULL, &key[0], &nonce[0], 0) == 1):
+        raise RuntimeError("OpenSSL AES-GCM failed")
+    if aad.shape[0] and EVP_CipherUpdate(ctx, NULL, &outl, &aad[0], <int>aad.shape[0]) != 1:
+        raise RuntimeError("OpenSSL AES-GCM failed")
+    if (EVP_CipherUpdate(ctx, &view[0], &outl, &data[0], <int>n) != 1
+            or EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_SIZE, &tag_view[0]) != 1):
+        raise RuntimeError("OpenSSL AES-GCM failed")
+    if EVP_CipherFinal_ex(ctx, &view[outl], &finl) != 1:  # the tag check
+        raise AuthenticationError()
+    return bytes(out[:outl + finl])

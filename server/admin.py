@@ -63,7 +63,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
             await abort(context, failure(reason))
         if op.request_key:
             log.info("admin %s by operator %d", cpb.OperationType.Name(op.packed[0]),
-                     L.OP.unpack_from(op.packed)[9])
+                     L.OP_OPERATOR_ID.unpack_from(op.packed)[0])
         return outcome
 
     async def _key(self, context, request_id: str) -> bytes:

@@ -196,6 +196,7 @@ class CardService(pb_grpc.CardServiceServicer):
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin")}
         self._index = cards.CardIndex(keyring.index_key)
+        self._pin_checker = pinlib.PinChecker(keyring.pin_key)
         program = ledger.program
         self._tier_count = len(program.tiers)
         self._require_luhn = program.require_luhn
@@ -285,7 +286,7 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_PIN_BLOCK_INVALID, field) from None
         if new and pinlib.is_weak(pin, birthday):
             raise Invalid(R.REASON_PIN_WEAK, field)
-        return pinlib.pin_check(self.keyring.pin_key, card.card_id, pin)
+        return self._pin_checker.check(card.card_id, pin)
 
     def _op(self, key: bytes, op_type: int, card: CardAccess, till: cpb.Till, caller: Caller,
             amount_minor: int = 0, pin_flags: int = 0, pin_check: bytes = NO_PIN,
@@ -404,7 +405,7 @@ class CardService(pb_grpc.CardServiceServicer):
         """A terminal's swipe ended: its attempt goes back to the budget unless it failed as a
         guess or a probe (Access.settled)."""
         if op.ksn_counter:
-            self.access.settled(L.OP.unpack_from(op.packed)[7], reason)
+            self.access.settled(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], reason)
 
     # ---- submitting ------------------------------------------------------------
 

@@ -116,3 +116,30 @@ def test_host_decipher_equals_psec(key, the_pin, number, other, garbage):
     assert ours(key, block, number) == psec_decipher(key, block, number) == the_pin
     assert ours(key, block, other) == psec_decipher(key, block, other)
     assert ours(key, garbage, number) == psec_decipher(key, garbage, number)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=16, max_size=64), card_id=st.binary(min_size=16, max_size=16),
+       the_pin=st.text(alphabet="0123456789", min_size=4, max_size=12))
+def test_the_fast_pin_check_equals_the_reference(key, card_id, the_pin):
+    assert pin.PinChecker(key).check(card_id, the_pin) == pin.pin_check(key, card_id, the_pin)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from([16, 32]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+       nonce=st.binary(min_size=12, max_size=12), plain=st.binary(min_size=1, max_size=64),
+       aad=st.binary(max_size=32), flip=st.integers(0, 10_000))
+def test_openssl_gcm_decrypt_equals_cryptography(key, nonce, plain, aad, flip):
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    sealed = AESGCM(key).encrypt(nonce, plain, aad)
+    assert fast_aes.gcm_decrypt(key, nonce, sealed, aad) == plain
+    damaged = bytearray(sealed)
+    damaged[flip % len(damaged)] ^= 1 << (flip % 8)
+    with pytest.raises(InvalidTag):
+        AESGCM(key).decrypt(nonce, bytes(damaged), aad)
+    with pytest.raises(fast_aes.AuthenticationError):
+        fast_aes.gcm_decrypt(key, nonce, bytes(damaged), aad)
+    with pytest.raises(fast_aes.AuthenticationError):
+        fast_aes.gcm_decrypt(key, nonce, sealed, aad + b"x")
