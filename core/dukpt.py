@@ -24,7 +24,7 @@ import enum
 import struct
 from typing import NamedTuple
 
-from .ext.aes import ecb_encrypt
+from .ext.aes import dukpt_walk, ecb_encrypt
 
 KSN_SIZE = 12
 IKID_SIZE = 8
@@ -146,9 +146,7 @@ class KeyPath:
     A counter's derivation key is reached through one intermediate key per set
     bit, most significant first. Consecutive counters share most of that path,
     so keeping it turns ~16 AES derivations per transaction into ~2. Used by
-    the host (one per terminal) and by the terminal library alike. Every step is
-    ``_derive`` of AES-128 derivation data, written out inline: this runs on
-    every swipe.
+    the host (one per terminal) and by the terminal library alike.
     """
 
     __slots__ = ("ikid", "_low", "_path")
@@ -162,24 +160,12 @@ class KeyPath:
 
     def working_keys(self, counter: int, *usages: KeyUsage) -> list[bytes]:
         """The AES-128 working key for each usage at ``counter`` (a valid counter)."""
-        path, low, pack = self._path, self._low, _DERIVATION_DATA_COUNTER.pack
-        algorithm, bits = KeyType.AES128.value
+        path = self._path
         # The set bits above the highest bit where counter and the last path differ are
-        # shared: their intermediate keys are path[1..shared].
-        last = path[-1][0]
-        top = (counter ^ last).bit_length()
-        shared = (counter >> top).bit_count()
-        del path[shared + 1:]
-        key = path[-1][1]
-        working = counter >> top << top
-        rest = counter ^ working
-        while rest:  # the remaining set bits, most significant first
-            bit = 1 << (rest.bit_length() - 1)
-            rest ^= bit
-            working |= bit
-            key = ecb_encrypt(key, pack(1, 1, KeyUsage.KEY_DERIVATION, algorithm, bits, low, working))
-            path.append((working, key))
-        # AES-128 working keys are one block each: all of them in one AES call under ``key``.
-        out = ecb_encrypt(key, b"".join([pack(1, 1, usage, algorithm, bits, low, counter)
-                                         for usage in usages]))
-        return [out[i:i + 16] for i in range(0, len(out), 16)]
+        # shared: their intermediate keys are path[1..shared]. The rest is walked in C
+        # (cardcore.ext.aes.dukpt_walk, held to working_key() by a test).
+        top = (counter ^ path[-1][0]).bit_length()
+        del path[(counter >> top).bit_count() + 1:]
+        entries, keys = dukpt_walk(path[-1][1], self._low, counter >> top << top, counter, usages)
+        path.extend(entries)
+        return keys
