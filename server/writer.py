@@ -75,6 +75,7 @@ GROUP_HEAD = struct.Struct("<qI")
 OP_HEAD = struct.Struct("<BIIII")
 ANSWER = struct.Struct("<HBBq128s")
 NONE_LEN = 0xFFFFFFFF
+NO_EXTRAS = [NONE_LEN] * 3
 NO_ENTRY = bytes(L.JOURNAL_SIZE)
 FATAL = b"FATAL:"
 READY = b"READY"
@@ -124,6 +125,9 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
         pos += L.OP_SIZE + 16
         key = data[pos:pos + key_len]
         pos += key_len
+        if lengths == NO_EXTRAS:  # most operations: a purchase or a top-up
+            ops.append(PendingOp(key, packed[40:56], packed, digest, None, ksn_counter))
+            continue
         extras = []
         for n_bytes in lengths:
             extras.append(None if n_bytes == NONE_LEN else data[pos:pos + n_bytes])
