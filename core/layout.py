@@ -91,7 +91,7 @@ a PIN presented -> REASON_PIN_NOT_SET; required -> REASON_PIN_NOT_SET unless
 PIN_OPTIONAL_UNSET. The checks run after "card exists" and "card active" and
 before the amount. A right PIN sets pin_tries back to 0 only if the operation
 then applies. Setting a first PIN (no PIN yet, none presented) needs an
-operator (operator_id != 0): REASON_PERMISSION_DENIED otherwise.
+operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise.
 
 Program, v1, 96 bytes: the arithmetic's parameters (see ``rules``)::
 
@@ -193,7 +193,7 @@ R_INVALID_TIER = 5
 R_INVALID_AMOUNT = 2
 R_INVALID_ARGUMENT = 1
 R_PIN_REQUIRED, R_PIN_WRONG, R_PIN_LOCKED, R_PIN_NOT_SET = 20, 21, 22, 23
-R_PERMISSION_DENIED = 34
+R_PERMISSION_DENIED, R_OPERATOR_REQUIRED = 34, 40
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

@@ -92,7 +92,7 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
             elif card.flags & L.CARD_PIN_SET or pin_flags & L.PIN_PRESENTED:
                 reason = gate(pin_flags | L.PIN_REQUIRED)  # changing a PIN always needs the old one
             elif operator == 0:
-                reason = L.R_PERMISSION_DENIED  # a first PIN is set with an operator at the till
+                reason = L.R_OPERATOR_REQUIRED  # a first PIN is set with an operator at the till
             if reason == L.R_OK:
                 set_pin()
         elif (reason := gate()) != L.R_OK:

@@ -45,7 +45,7 @@ cdef enum:
     R_PIN_WRONG = 21
     R_PIN_LOCKED = 22
     R_PIN_NOT_SET = 23
-    R_PERMISSION_DENIED = 34
+    R_OPERATOR_REQUIRED = 40
     CARD_PIN_SET = 1
     CARD_PIN_LOCKED = 2
     PIN_PRESENTED = 1
@@ -159,7 +159,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             # changing a PIN always needs the old one
             reason = pin_gate(prog, op, op.pin_flags | PIN_REQUIRED, rec, &checked)
         elif op.operator_id == 0:
-            reason = R_PERMISSION_DENIED  # a first PIN is set with an operator at the till
+            reason = R_OPERATOR_REQUIRED  # a first PIN is set with an operator at the till
         if reason == R_OK:
             set_pin(op, rec)
     else:  # top-up or purchase (the caller checked the type)

@@ -43,6 +43,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
         caller = self.access.caller(context)
         if caller.operator is None:
             await abort(context, failure(R.REASON_UNAUTHENTICATED, "authorization"))
+        if caller.cert_terminal_id is not None:  # back office is not done from a till
+            await abort(context, failure(R.REASON_PERMISSION_DENIED, "authorization"))
         if not caller.operator.may(role, store_id):
             await abort(context, failure(R.REASON_PERMISSION_DENIED, "authorization"))
         return caller.operator

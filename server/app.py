@@ -72,9 +72,8 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
         if cfg.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS:
             raise StartupError("--insecure serves plaintext on a loopback address only "
                                f"(127.0.0.1, localhost, [::1]), not {cfg.listen}")
-        for _ in range(2):
-            log.warning("*** --insecure: plaintext, no client certificates; clear card numbers "
-                        "and cards without a PIN are accepted. Local development only. ***")
+        log.warning("*** --insecure: plaintext, no client certificates; clear card numbers "
+                    "and cards without a PIN are accepted. Local development only. ***")
         return None
     if not (cfg.tls_cert and cfg.tls_key and cfg.tls_client_ca):
         raise StartupError("give --tls-cert, --tls-key and --tls-client-ca (cardcore certs makes a "
@@ -129,8 +128,6 @@ async def serve(cfg: ServerConfig) -> None:
     if cfg.failures_per_minute < 1:
         raise StartupError("--failures-per-minute must be at least 1")
     credentials = _server_credentials(cfg)
-    keyring = Keyring.load_or_create(cfg.keyring_path or os.path.join(cfg.data_dir, "keyring.json"),
-                                     cfg.data_dir)
     ledger_path = os.path.join(cfg.data_dir, "ledger")
     program = load_program(cfg.program_path)
     server = grpc.aio.server(options=[
@@ -150,6 +147,8 @@ async def serve(cfg: ServerConfig) -> None:
         port = 0
     if port == 0:
         raise StartupError(f"cannot listen on {cfg.listen} (in use, or not an address of this host)")
+    keyring = Keyring.load_or_create(cfg.keyring_path or os.path.join(cfg.data_dir, "keyring.json"),
+                                     cfg.data_dir)
     stop = asyncio.Event()
     failed: list[str] = []
 

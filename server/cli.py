@@ -242,6 +242,9 @@ def _call(fn, request, args):
                   metadata=(("authorization", f"Bearer {token}"),) if token else None)
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}{_failure_detail(err)}", file=sys.stderr)
+        if err.code() == grpc.StatusCode.UNAVAILABLE and not args.tls_ca:
+            print("hint: a server started without --insecure speaks TLS only: pass --tls-ca "
+                  "(and --tls-cert/--tls-key), or the CARDCORE_TLS_* variables", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -58,6 +58,8 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_TERMINAL_NOT_FOUND: (C.NOT_FOUND, "no terminal with this id"),
     R.REASON_OPERATOR_EXISTS: (C.ALREADY_EXISTS, "an operator with this name exists"),
     R.REASON_OPERATOR_NOT_FOUND: (C.NOT_FOUND, "no active operator with this name"),
+    R.REASON_OPERATOR_REQUIRED: (C.PERMISSION_DENIED, "a first PIN needs an operator's token (a "
+                                 "cashier or above of this store) at the till"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -126,7 +126,7 @@ def test_set_and_change_pin(server, client, admin, till):
         assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, weak),
                          metadata=cashier) == R.REASON_PIN_WEAK
     # A first PIN needs a cashier of this store at the till, vouching for the member.
-    assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, PIN)) == R.REASON_PERMISSION_DENIED
+    assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, PIN)) == R.REASON_OPERATOR_REQUIRED
     assert reason_of(server.stub.SetPin, till.set_pin(rid(), number, PIN),
                      metadata=elsewhere) == R.REASON_PERMISSION_DENIED
     server.stub.SetPin(till.set_pin(rid(), number, PIN), metadata=cashier)
@@ -494,3 +494,12 @@ def test_get_operation_shows_a_terminal_only_its_own(tls_server):
     assert reason_of(as_t8.GetOperation, ask) == R.REASON_PERMISSION_DENIED
     assert reason_of(office.GetOperation, ask) == R.REASON_UNAUTHENTICATED
     assert office.GetOperation(ask, metadata=admin.metadata).found
+
+
+def test_back_office_calls_are_refused_from_a_till(tls_server):
+    server, ca_dir = tls_server
+    from_till = Admin(tls_channel(server, ca_dir, "terminal:7"), server.admin_token)
+    with pytest.raises(grpc.RpcError) as err:
+        from_till.enroll(9, 3)  # a valid chain admin token, but sent from a terminal's connection
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    Admin(tls_channel(server, ca_dir, "backoffice:hq"), server.admin_token).enroll(9, 3)
