@@ -81,6 +81,7 @@ class Caller:
     has_cert: bool                 # any client certificate (TLS): a terminal or a back-office host
     operator: Operator | None
     bad_token: bool                # a token was sent but is not valid
+    token_digest: str = ""         # of the token sent, to look the operator up again
 
 
 class Access:
@@ -116,11 +117,12 @@ class Access:
     # ---- callers ----------------------------------------------------------------------
 
     def caller(self, context) -> Caller:
-        operator, bad_token = None, False
+        operator, bad_token, digest = None, False, ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 token = value[7:] if value.startswith("Bearer ") else ""
-                operator = self.operators_by_digest.get(token_digest(token)) if token else None
+                digest = token_digest(token) if token else ""
+                operator = self.operators_by_digest.get(digest)
                 bad_token = operator is None
         cert_tid, has_cert = None, False
         if self.tls:
@@ -128,7 +130,17 @@ class Access:
             if names:
                 has_cert = True
                 cert_tid = parse_terminal_cn(names[0].decode("utf-8", "replace"))
-        return Caller(cert_tid, has_cert, operator, bad_token)
+        return Caller(cert_tid, has_cert, operator, bad_token, digest)
+
+    def current(self, caller: Caller) -> Caller:
+        """The caller with its operator looked up again: a stream lives longer than a token may
+        (an operator removed meanwhile is refused from the next operation on)."""
+        if not caller.token_digest:
+            return caller
+        operator = self.operators_by_digest.get(caller.token_digest)
+        if operator == caller.operator:
+            return caller
+        return dataclasses.replace(caller, operator=operator, bad_token=operator is None)
 
     # ---- terminals and their keys -------------------------------------------------------
 

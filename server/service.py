@@ -43,6 +43,14 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
 BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME_LEN_MAX = 64
+UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
+                  "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN}
+# Refusals a security team watches for (logged at INFO; never with a card number or key).
+ACCESS_REASONS = frozenset({
+    R.REASON_KSN_REPLAYED, R.REASON_TERMINAL_UNKNOWN, R.REASON_TERMINAL_REVOKED,
+    R.REASON_TERMINAL_MISMATCH, R.REASON_CARD_DATA_INVALID, R.REASON_CLEAR_CARD_REFUSED,
+    R.REASON_UNAUTHENTICATED, R.REASON_PERMISSION_DENIED, R.REASON_RATE_LIMITED,
+    R.REASON_PIN_BLOCK_INVALID})
 NO_PIN = bytes(32)
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
@@ -424,19 +432,22 @@ class CardService(pb_grpc.CardServiceServicer):
                 self._settled(op, reason)
             await abort(context, failure(reason))
 
-    async def _parse(self, build, request, context, caller: Caller | None = None):
-        """``build(request, caller)``, or end the call with the status of the Invalid it raised."""
+    async def _parse(self, build, request, context, caller: Caller | None = None, op_type: int = 0):
+        """``build(request, caller)``, or end the call with the status of the Invalid it raised
+        (counted in the operations metric; access refusals logged for the security team)."""
         try:
             return build(request, caller or self.access.caller(context))
         except Invalid as exc:
             request_id = getattr(request, "request_id", "")
-            log.debug("refused %s", exc.field, extra={"request_id": request_id[:64],
-                                                      "reason": R.Name(exc.reason)})
+            self.metrics.count(op_type, exc.reason)
+            log.log(logging.INFO if exc.reason in ACCESS_REASONS else logging.DEBUG,
+                    "refused %s: %s", R.Name(exc.reason), exc.field,
+                    extra={"request_id": request_id[:64], "reason": R.Name(exc.reason)})
             await abort(context, failure(exc.reason, exc.field))
 
     async def _unary(self, rpc: str, build, request, context) -> pb.OperationResult:
         started = time.perf_counter()
-        op = await self._parse(build, request, context)
+        op = await self._parse(build, request, context, op_type=UNARY_OP_TYPES[rpc])
         outcome = (await (await self._submit([op], context)))[0]
         self._settled(op, outcome.reason)
         self.metrics.count(outcome.op, outcome.reason)
@@ -555,14 +566,14 @@ class CardService(pb_grpc.CardServiceServicer):
         in_flight: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT_MAX)
         done = object()
-        caller = self.access.caller(context)  # one identity for the stream's life
+        caller = self.access.caller(context)  # the operator is looked up again per operation
         tries_max = self._pin_tries_max
 
         async def read() -> None:
             try:
                 async for op in request_iterator:
                     await slots.acquire()
-                    request_id, op_type, parsed = self._operation(op, caller)
+                    request_id, op_type, parsed = self._operation(op, self.access.current(caller))
                     if isinstance(parsed, Invalid):
                         in_flight.put_nowait(_failed_result(request_id, op_type, parsed))
                         continue

@@ -503,3 +503,22 @@ def test_back_office_calls_are_refused_from_a_till(tls_server):
         from_till.enroll(9, 3)  # a valid chain admin token, but sent from a terminal's connection
     assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
     Admin(tls_channel(server, ca_dir, "backoffice:hq"), server.admin_token).enroll(9, 3)
+
+
+def test_an_operator_removed_during_a_stream_is_refused_from_the_next_operation(server, admin, till):
+    numbers = [pin_card(server, till) for _ in range(2)]
+    manager = admin.add_operator("night.manager", ROLE.OPERATOR_ROLE_STORE_MANAGER, [3])
+
+    async def run():
+        async with server.aio_channel() as channel:
+            call = pb_grpc.CardServiceStub(channel).SwipeStream(metadata=bearer(manager))
+            await call.write(pb.Operation(reset_pin=till.reset_pin(rid(), numbers[0], NEW_PIN)))
+            first = await call.read()
+            admin.stub.RemoveOperator(apb.RemoveOperatorRequest(request_id=rid(), name="night.manager"),
+                                      metadata=admin.metadata)
+            await call.write(pb.Operation(reset_pin=till.reset_pin(rid(), numbers[1], NEW_PIN)))
+            second = await call.read()
+            await call.done_writing()
+            return first.reason, second.reason
+
+    assert asyncio.run(run()) == (R.REASON_OK, R.REASON_UNAUTHENTICATED)
