@@ -29,7 +29,10 @@ cdef extern from "openssl/evp.h":
         EVP_CTRL_GCM_SET_IVLEN
         EVP_CTRL_GCM_SET_TAG
 
-DATA_BYTES_MAX = 1 << 16
+cdef enum:
+    DATA_BYTES_MAX = 65536
+    NONCE_SIZE = 12
+    TAG_SIZE = 16
 
 # Fetched once (OpenSSL 3 looks an algorithm up in its provider on every implicit use) and one
 # context per key size, re-keyed per call. Calls hold the GIL throughout, so no two use a
@@ -42,7 +45,6 @@ for _i, _name in enumerate((b"AES-128-ECB", b"AES-192-ECB", b"AES-256-ECB", b"AE
     _contexts[_i] = EVP_CIPHER_CTX_new()
     if _ciphers[_i] == NULL or _contexts[_i] == NULL:
         raise ImportError("OpenSSL has no AES-ECB or AES-GCM")
-NONCE_SIZE, TAG_SIZE = 12, 16
 
 
 class AuthenticationError(ValueError):

@@ -8,12 +8,13 @@
   the token's SHA-256. Roles are ordered (OperatorRole): each can do what the
   roles below it can, at the stores in its scope (none listed = the chain,
   chain admins only).
-- Each terminal has a budget of attempts per sliding minute: every swipe takes
-  one when it is admitted, before any key is derived, and gives it back when it
-  ends in anything but a wrong PIN, an unknown card, or a PIN block or card data
-  that does not open. Failures stay counted for a minute, and swipes still in
-  flight count too: a batch or a pipelined stream cannot carry more guesses than
-  the budget, however fast it is sent.
+- Each terminal has a budget per sliding minute: its failed guesses and probes
+  (a wrong PIN, an unknown card, a card number that is already issued, a PIN
+  block or card data that does not open) stay counted for a minute, and its
+  swipes not yet answered count too, so a batch or a pipelined stream can never
+  have more guesses in flight than the budget has left. When failures fill the
+  budget the terminal is refused; when unanswered swipes do, the service waits
+  for them (a batch goes on in chunks, a stream reads on once a reply is out).
 
 Registries are loaded from the ledger at start and reloaded after every admin
 change (this process is the only one that makes them).
@@ -39,9 +40,11 @@ TOKEN_BYTES = 32
 FAILURE_WINDOW_S = 60.0
 FAILURES_PER_MINUTE_DEFAULT = 10
 KEY_PATHS_MAX = 100_000      # cached DUKPT paths (one per active terminal)
-# What counts against a terminal's failure budget: guesses and probes.
-PROBE_REASONS = frozenset({L.R_PIN_WRONG, L.R_CARD_NOT_FOUND, cpb.REASON_PIN_BLOCK_INVALID,
-                           cpb.REASON_CARD_DATA_INVALID})
+# What counts against a terminal's failure budget: guesses and probes (an opening of a card
+# that exists tells as much as an inquiry of one that does not).
+PROBE_REASONS = frozenset({L.R_PIN_WRONG, L.R_CARD_NOT_FOUND, L.R_CARD_ALREADY_EXISTS,
+                           cpb.REASON_PIN_BLOCK_INVALID, cpb.REASON_CARD_DATA_INVALID})
+ADMIT, LIMITED, BUSY = 0, 1, 2  # Access.admission
 
 
 def new_token() -> str:
@@ -97,7 +100,8 @@ class Access:
         self.terminals: dict[int, Terminal] = {}
         self._key_paths: collections.OrderedDict[bytes, KeyPath] = collections.OrderedDict()
         self._ksn_seen: dict[int, int] = {}
-        self._attempts: dict[int, collections.deque] = {}
+        self._failures: dict[int, collections.deque] = {}  # per terminal: failure times
+        self._unanswered: collections.Counter = collections.Counter()  # per terminal
         self.reload()
 
     def reload(self) -> None:
@@ -171,23 +175,33 @@ class Access:
         self._ksn_seen[terminal_id] = counter
         return True
 
-    # ---- attempt budget per terminal ---------------------------------------------------------
+    # ---- the budget per terminal ----------------------------------------------------------------
 
-    def admit(self, terminal_id: int, now: float | None = None) -> bool:
-        """Take one attempt from the terminal's budget, or refuse (False) when none is left."""
+    def admission(self, terminal_id: int, now: float | None = None) -> int:
+        """ADMIT; LIMITED (failures fill the budget: refuse); BUSY (unanswered swipes fill it:
+        wait for one). Checked before anything of the swipe is used, taken by ``take``."""
         now = time.monotonic() if now is None else now
-        window = self._attempts.get(terminal_id)
-        if window is None:
-            window = self._attempts[terminal_id] = collections.deque()
-        while window and now - window[0] >= FAILURE_WINDOW_S:
-            window.popleft()
-        if len(window) >= self.failures_per_minute:
-            return False
-        window.append(now)
-        return True
+        window = self._failures.get(terminal_id)
+        failures = 0
+        if window:
+            while window and now - window[0] >= FAILURE_WINDOW_S:
+                window.popleft()
+            failures = len(window)
+        if failures >= self.failures_per_minute:
+            return LIMITED
+        if failures + self._unanswered[terminal_id] >= self.failures_per_minute:
+            return BUSY
+        return ADMIT
 
-    def settled(self, terminal_id: int, reason: int) -> None:
-        """A swipe ended: give its attempt back unless it was a guess or a probe that failed."""
-        window = self._attempts.get(terminal_id)
-        if window and reason not in PROBE_REASONS:
-            window.pop()
+    def take(self, terminal_id: int) -> None:
+        self._unanswered[terminal_id] += 1
+
+    def settled(self, terminal_id: int, reason: int, now: float | None = None) -> None:
+        """A taken swipe was answered: it counts for a minute if it failed as a guess or probe."""
+        if self._unanswered[terminal_id] > 0:
+            self._unanswered[terminal_id] -= 1
+        if reason in PROBE_REASONS:
+            window = self._failures.get(terminal_id)
+            if window is None:
+                window = self._failures[terminal_id] = collections.deque()
+            window.append(time.monotonic() if now is None else now)

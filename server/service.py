@@ -31,7 +31,7 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
-from .access import ROLE, Access, Caller
+from .access import ADMIT, BUSY, ROLE, Access, Caller
 from .reasons import CODE_NUMBER, TABLE
 from .writer import Overloaded, Stopped, Writer
 
@@ -108,10 +108,11 @@ def _refuse_malformed(fn):
 class Invalid(Exception):
     """Bad input: answered with INVALID_ARGUMENT (or its reason's code), nothing changed."""
 
-    def __init__(self, reason: int, field: str):
+    def __init__(self, reason: int, field: str, busy: bool = False):
         super().__init__(field)
         self.reason = reason
         self.field = field
+        self.busy = busy  # RATE_LIMITED by unanswered swipes, not failures: wait, then retry
 
 
 def failure(reason: int, field: str = "", available_minor: int = 0,
@@ -269,15 +270,18 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.terminal_id")
         if till is not None and till.store_id != terminal.store_id:
             raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.store_id")
+        admission = access.admission(tid)  # before the KSN is used: a busy swipe can retry
+        if admission != ADMIT:
+            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id", busy=admission == BUSY)
         if not access.ksn_fresh(tid, ksn.counter):
             raise Invalid(R.REASON_KSN_REPLAYED, "card.secure.ksn")
-        if not access.admit(tid):  # from here on, every way out settles the attempt or keeps it
-            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id")
+        access.take(tid)  # settled when answered: by _build's refusal, or the writer's answer
+        self._taken = tid
         data_key, pin_key = access.key_path(ksn.ikid).working_keys(
             ksn.counter, KeyUsage.DATA_ENCRYPTION, KeyUsage.PIN_ENCRYPTION)
         try:
             number = decrypt_card_data(data_key, secure.ksn, secure.encrypted_card)
-        except CardDataError:  # the attempt stays taken: a failed probe
+        except CardDataError:
             raise Invalid(R.REASON_CARD_DATA_INVALID, "card.secure.encrypted_card") from None
         self._number_ok(number, "card.secure.encrypted_card")
         return CardAccess(self._index.card_id(number), number, pin_key, tid, ksn.counter)
@@ -290,7 +294,7 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_PIN_BLOCK_INVALID, field)  # PIN blocks need a terminal's key
         try:
             pin = pinlib.decipher(card.pin_key, block, card.number)
-        except pinlib.PinBlockError:  # the attempt stays taken: a failed guess
+        except pinlib.PinBlockError:
             raise Invalid(R.REASON_PIN_BLOCK_INVALID, field) from None
         if new and pinlib.is_weak(pin, birthday):
             raise Invalid(R.REASON_PIN_WEAK, field)
@@ -405,15 +409,50 @@ class CardService(pb_grpc.CardServiceServicer):
         op_type, build = self._builders[kind]
         request = getattr(op, kind)
         try:
-            return request.request_id, op_type, build(request, caller)
+            return request.request_id, op_type, self._build(build, request, caller)
         except Invalid as exc:
             return request.request_id, op_type, exc
 
-    def _settled(self, op: PendingOp, reason: int) -> None:
-        """A terminal's swipe ended: its attempt goes back to the budget unless it failed as a
-        guess or a probe (Access.settled)."""
-        if op.ksn_counter:
-            self.access.settled(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], reason)
+    def _build(self, build, request, caller: Caller):
+        """``build(request, caller)``; a terminal swipe refused after it was taken into the
+        terminal's budget is settled here (with the refusal's reason)."""
+        self._taken = None
+        try:
+            return build(request, caller)
+        except Invalid as exc:
+            if self._taken is not None:
+                self.access.settled(self._taken, exc.reason)
+            raise
+
+    def _settle_when_answered(self, ops: list[PendingOp], fut: asyncio.Future) -> None:
+        """Settle the terminal swipes among ``ops`` from the writer's answer, whenever it comes,
+        even if the caller has gone: a cancelled call neither keeps nor refunds its attempt
+        early (the writer still applies it)."""
+        swipes = [(i, L.OP_TERMINAL_ID.unpack_from(op.packed)[0]) for i, op in enumerate(ops)
+                  if op.ksn_counter]
+        if not swipes:
+            return
+
+        def done(f: asyncio.Future) -> None:
+            outcomes = None if f.cancelled() or f.exception() else f.result()
+            for i, tid in swipes:
+                self.access.settled(tid, outcomes[i].reason if outcomes else L.R_INTERNAL)
+
+        fut.add_done_callback(done)
+
+    def _submit_now(self, ops: list[PendingOp], deadline: float | None) -> asyncio.Future:
+        """writer.submit, with the swipes' budget settled from the answer; raises Overloaded or
+        Stopped (the swipes settled at once)."""
+        try:
+            fut = self.writer.submit(ops, deadline)
+        except (Overloaded, Stopped) as exc:
+            reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
+            for op in ops:
+                if op.ksn_counter:
+                    self.access.settled(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], reason)
+            raise
+        self._settle_when_answered(ops, fut)
+        return fut
 
     # ---- submitting ------------------------------------------------------------
 
@@ -423,20 +462,19 @@ class CardService(pb_grpc.CardServiceServicer):
         return None if remaining is None else time.monotonic() + remaining
 
     async def _submit(self, ops: list[PendingOp], context) -> asyncio.Future:
-        """Queue ops for the writer, or end the call with OVERLOADED / UNAVAILABLE."""
+        """Queue ops for the writer (shielded: a cancelled caller leaves them to their answer),
+        or end the call with OVERLOADED / UNAVAILABLE."""
         try:
-            return self.writer.submit(ops, self._deadline(context))
+            return asyncio.shield(self._submit_now(ops, self._deadline(context)))
         except (Overloaded, Stopped) as exc:
             reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
-            for op in ops:
-                self._settled(op, reason)
             await abort(context, failure(reason))
 
     async def _parse(self, build, request, context, caller: Caller | None = None, op_type: int = 0):
         """``build(request, caller)``, or end the call with the status of the Invalid it raised
         (counted in the operations metric; access refusals logged for the security team)."""
         try:
-            return build(request, caller or self.access.caller(context))
+            return self._build(build, request, caller or self.access.caller(context))
         except Invalid as exc:
             request_id = getattr(request, "request_id", "")
             self.metrics.count(op_type, exc.reason)
@@ -449,7 +487,6 @@ class CardService(pb_grpc.CardServiceServicer):
         started = time.perf_counter()
         op = await self._parse(build, request, context, op_type=UNARY_OP_TYPES[rpc])
         outcome = (await (await self._submit([op], context)))[0]
-        self._settled(op, outcome.reason)
         self.metrics.count(outcome.op, outcome.reason)
         self._call_seconds[rpc].observe(time.perf_counter() - started)
         if outcome.reason != L.R_OK:
@@ -482,12 +519,15 @@ class CardService(pb_grpc.CardServiceServicer):
     async def GetCard(self, request, context):
         started = time.perf_counter()
         card = await self._parse(self._inquiry, request, context)
-        found = self.ledger.read_card(card.card_id)
+        found = None
+        try:
+            found = self.ledger.read_card(card.card_id)
+        finally:
+            if card.ksn_counter:  # a terminal's inquiry is answered here
+                self.access.settled(card.terminal_id, L.R_OK if found else L.R_CARD_NOT_FOUND)
         self._call_seconds["GetCard"].observe(time.perf_counter() - started)
-        if found is None:  # a terminal's attempt stays taken: a failed probe
+        if found is None:
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
-        if card.ksn_counter:
-            self.access.settled(card.terminal_id, L.R_OK)
         rec, profile = found
         (_, status, tier, pin_tries, flags, principal, bonus, points, held, lifetime, last_seq,
          opened_us, home_store, *_rest) = rec
@@ -506,25 +546,28 @@ class CardService(pb_grpc.CardServiceServicer):
             pin_set=bool(flags & L.CARD_PIN_SET), pin_locked=bool(flags & L.CARD_PIN_LOCKED),
             pin_tries=pin_tries)
 
-    def _may_see(self, caller: Caller, outcome: Outcome) -> Outcome:
-        """With TLS: operators see any outcome; a terminal sees those of its own journal entries,
-        and of declined requests only the reason (no balance)."""
+    def _may_ask(self, request: pb.GetOperationRequest, caller: Caller) -> bytes:
+        """Who may ask at all (before anything is looked up): with TLS, an operator or a terminal."""
         if caller.bad_token or (self.access.tls and caller.operator is None
                                 and caller.cert_terminal_id is None):
             raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        return self._request_key(request.request_id)
+
+    def _may_see(self, caller: Caller, outcome: Outcome) -> Outcome:
+        """With TLS: operators see any outcome; a terminal only those of its own journal entries.
+        A declined request has no entry to tell its terminal: a terminal retries it instead
+        (same request_id, fresh KSN) and gets its answer."""
         if not self.access.tls or caller.operator is not None:
             return outcome
-        if outcome.entry is None:
-            return outcome._replace(available_minor=0)
-        if L.JOURNAL.unpack_from(outcome.entry)[19] != caller.cert_terminal_id:
+        if (outcome.entry is None
+                or L.JOURNAL.unpack_from(outcome.entry)[19] != caller.cert_terminal_id):
             raise Invalid(R.REASON_PERMISSION_DENIED, "request_id")
         return outcome
 
     async def GetOperation(self, request, context):
         started = time.perf_counter()
         caller = self.access.caller(context)
-        key = await self._parse(lambda req, _caller: self._request_key(req.request_id), request,
-                                context, caller)
+        key = await self._parse(self._may_ask, request, context, caller)
         outcome = self.ledger.read_operation(key)
         self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:
@@ -534,6 +577,8 @@ class CardService(pb_grpc.CardServiceServicer):
             request.request_id, outcome, self._pin_tries_max))
 
     async def SubmitBatch(self, request, context):
+        """Applied in order, one result each. A terminal's swipes beyond its budget's room for
+        unanswered swipes go in chunks: each chunk is answered before the next is admitted."""
         started = time.perf_counter()
         n = len(request.operations)
         if n > BATCH_OPS_MAX:
@@ -542,49 +587,66 @@ class CardService(pb_grpc.CardServiceServicer):
         results: list[pb.OperationResult | None] = [None] * n
         valid: list[PendingOp] = []
         where: list[tuple[int, str]] = []
+        tries_max = self._pin_tries_max
+
+        async def flush() -> None:
+            if valid:
+                outcomes = await (await self._submit(valid, context))
+                for (i, request_id), outcome in zip(where, outcomes, strict=True):
+                    results[i] = result_of(request_id, outcome, tries_max)
+                valid.clear()
+                where.clear()
+
         for i, op in enumerate(request.operations):
             request_id, op_type, parsed = self._operation(op, caller)
+            if isinstance(parsed, Invalid) and parsed.busy and valid:
+                await flush()
+                request_id, op_type, parsed = self._operation(op, caller)
             if isinstance(parsed, Invalid):
                 results[i] = _failed_result(request_id, op_type, parsed)
             else:
                 valid.append(parsed)
                 where.append((i, request_id))
-        if valid:
-            fut = await self._submit(valid, context)
-            tries_max = self._pin_tries_max
-            for (i, request_id), op, outcome in zip(where, valid, await fut, strict=True):
-                self._settled(op, outcome.reason)
-                results[i] = result_of(request_id, outcome, tries_max)
+        await flush()
         self.metrics.count_many((r.type, r.reason) for r in results)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
         return pb.SubmitBatchResponse(results=results)
 
     async def SwipeStream(self, request_iterator, context):
-        """One reply per request, in order; requests are pipelined up to STREAM_IN_FLIGHT_MAX."""
+        """One reply per request, in order; requests are pipelined up to STREAM_IN_FLIGHT_MAX
+        (and, for a terminal, up to its budget's room for unanswered swipes: beyond it the
+        stream reads on once a reply is out)."""
         # Unbounded queue, bounded by the semaphore: the reader can always post its end
         # marker without waiting, so a cancelled stream leaves no task behind.
         in_flight: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT_MAX)
+        answered = asyncio.Event()
+        waiting = 0  # submitted, reply not yet out
         done = object()
         caller = self.access.caller(context)  # the operator is looked up again per operation
         tries_max = self._pin_tries_max
 
         async def read() -> None:
+            nonlocal waiting
             try:
                 async for op in request_iterator:
                     await slots.acquire()
                     request_id, op_type, parsed = self._operation(op, self.access.current(caller))
+                    while isinstance(parsed, Invalid) and parsed.busy and waiting:
+                        answered.clear()
+                        await answered.wait()
+                        request_id, op_type, parsed = self._operation(op, self.access.current(caller))
                     if isinstance(parsed, Invalid):
                         in_flight.put_nowait(_failed_result(request_id, op_type, parsed))
                         continue
                     try:
-                        fut = self.writer.submit([parsed], self._deadline(context))
+                        fut = self._submit_now([parsed], self._deadline(context))
                     except (Overloaded, Stopped) as exc:
                         reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
-                        self._settled(parsed, reason)
                         in_flight.put_nowait(result_of(request_id, Outcome(reason, False, op_type, None, 0)))
                         continue
-                    in_flight.put_nowait((request_id, parsed, fut))
+                    waiting += 1
+                    in_flight.put_nowait((request_id, fut))
             finally:
                 in_flight.put_nowait(done)
 
@@ -595,10 +657,10 @@ class CardService(pb_grpc.CardServiceServicer):
                 if item is done:
                     break
                 if isinstance(item, tuple):
-                    request_id, op, fut = item
-                    outcome = (await fut)[0]
-                    self._settled(op, outcome.reason)
-                    item = result_of(request_id, outcome, tries_max)
+                    request_id, fut = item
+                    item = result_of(request_id, (await asyncio.shield(fut))[0], tries_max)
+                    waiting -= 1
+                    answered.set()
                 slots.release()
                 self.metrics.count(item.type, item.reason)
                 yield item

@@ -471,12 +471,32 @@ def test_a_batch_or_a_stream_cannot_carry_more_guesses_than_the_budget(start_ser
     assert reasons.count(R.REASON_RATE_LIMITED) == 7
     stream = [pb.Operation(purchase=sprayer.purchase(rid(), n, OTHER_PIN, 100)) for n in numbers]
     assert {r.reason for r in server.stub.SwipeStream(iter(stream))} == {R.REASON_RATE_LIMITED}
-    # Swipes that end well give their attempt back: a busy honest terminal is never limited.
+    # An honest terminal is never limited: more swipes than the budget in one batch or one
+    # pipelined stream go through in turn (a batch in chunks, a stream reading on).
     results = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
-        pb.Operation(purchase=honest.purchase(rid(), numbers[i % 12], PIN, 1)) for i in range(4)]))
-    assert [r.reason for r in results.results] == [R.REASON_OK] * 4
+        pb.Operation(purchase=honest.purchase(rid(), numbers[i % 12], PIN, 1)) for i in range(23)]))
+    assert [r.reason for r in results.results] == [R.REASON_OK] * 23
+    stream = [pb.Operation(purchase=honest.purchase(rid(), numbers[i % 12], PIN, 1)) for i in range(23)]
+    assert [r.reason for r in server.stub.SwipeStream(iter(stream))] == [R.REASON_OK] * 23
     for i in range(20):
         assert server.stub.Purchase(honest.purchase(rid(), numbers[i % 12], PIN, 1)).reason == R.REASON_OK
+    # Refusals that are not guesses (a weak new PIN) give their attempt back too.
+    cashier = bearer(admin.add_operator("c3", ROLE.OPERATOR_ROLE_CASHIER, [3]))
+    for _ in range(8):
+        assert reason_of(server.stub.SetPin, honest.set_pin(rid(), numbers[0], "1111", PIN),
+                         metadata=cashier) == R.REASON_PIN_WEAK
+    assert server.stub.Purchase(honest.purchase(rid(), numbers[0], PIN, 1)).reason == R.REASON_OK
+
+
+def test_opening_cards_that_exist_counts_as_probing(start_server):
+    server = start_server("--failures-per-minute", "3")
+    admin = Admin(server.channel, server.admin_token)
+    prober, honest = admin.enroll(7, 3), admin.enroll(8, 3)
+    numbers = [pin_card(server, honest) for _ in range(3)]
+    assert [reason_of(server.stub.OpenCard, prober.open_card(rid(), n)) for n in numbers] == [
+        R.REASON_CARD_ALREADY_EXISTS] * 3
+    assert reason_of(server.stub.OpenCard, prober.open_card(rid(), new_card_number())) == \
+        R.REASON_RATE_LIMITED
 
 
 def test_get_operation_shows_a_terminal_only_its_own(tls_server):
@@ -492,6 +512,12 @@ def test_get_operation_shows_a_terminal_only_its_own(tls_server):
     ask = pb.GetOperationRequest(request_id=request_id)
     assert as_t7.GetOperation(ask).result.balance_after.available_minor == 1_000
     assert reason_of(as_t8.GetOperation, ask) == R.REASON_PERMISSION_DENIED
+    declined = rid()
+    assert reason_of(as_t7.Purchase, t7.purchase(declined, number, PIN, 10**9)) == R.REASON_INSUFFICIENT_FUNDS
+    # No journal entry tells whose a declined request was: terminals retry it instead.
+    assert reason_of(as_t7.GetOperation, pb.GetOperationRequest(request_id=declined)) == \
+        R.REASON_PERMISSION_DENIED
+    assert reason_of(as_t7.Purchase, t7.purchase(declined, number, PIN, 10**9)) == R.REASON_INSUFFICIENT_FUNDS
     assert reason_of(office.GetOperation, ask) == R.REASON_UNAUTHENTICATED
     assert office.GetOperation(ask, metadata=admin.metadata).found
 
