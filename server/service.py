@@ -424,35 +424,26 @@ class CardService(pb_grpc.CardServiceServicer):
                 self.access.settled(self._taken, exc.reason)
             raise
 
-    def _settle_when_answered(self, ops: list[PendingOp], fut: asyncio.Future) -> None:
-        """Settle the terminal swipes among ``ops`` from the writer's answer, whenever it comes,
-        even if the caller has gone: a cancelled call neither keeps nor refunds its attempt
-        early (the writer still applies it)."""
-        swipes = [(i, L.OP_TERMINAL_ID.unpack_from(op.packed)[0]) for i, op in enumerate(ops)
-                  if op.ksn_counter]
-        if not swipes:
-            return
-
-        def done(f: asyncio.Future) -> None:
-            outcomes = None if f.cancelled() or f.exception() else f.result()
-            for i, tid in swipes:
-                self.access.settled(tid, outcomes[i].reason if outcomes else L.R_INTERNAL)
-
-        fut.add_done_callback(done)
+    def _settle(self, ops: list[PendingOp], outcomes) -> None:
+        """Settle the terminal swipes among ``ops`` in their terminals' budgets. Called by the
+        writer with the answer, even if the caller has gone: a cancelled call neither keeps
+        nor refunds its attempt early (the writer still applies it)."""
+        access = self.access
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if op.ksn_counter:
+                access.settled(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], outcome.reason)
 
     def _submit_now(self, ops: list[PendingOp], deadline: float | None) -> asyncio.Future:
-        """writer.submit, with the swipes' budget settled from the answer; raises Overloaded or
+        """writer.submit, the swipes' budget settled from the answer; raises Overloaded or
         Stopped (the swipes settled at once)."""
+        swipes = any(op.ksn_counter for op in ops)
         try:
-            fut = self.writer.submit(ops, deadline)
+            return self.writer.submit(ops, deadline, self._settle if swipes else None)
         except (Overloaded, Stopped) as exc:
             reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
-            for op in ops:
-                if op.ksn_counter:
-                    self.access.settled(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], reason)
+            if swipes:
+                self._settle(ops, [Outcome(reason, False, 0, None, 0)] * len(ops))
             raise
-        self._settle_when_answered(ops, fut)
-        return fut
 
     # ---- submitting ------------------------------------------------------------
 
@@ -462,10 +453,9 @@ class CardService(pb_grpc.CardServiceServicer):
         return None if remaining is None else time.monotonic() + remaining
 
     async def _submit(self, ops: list[PendingOp], context) -> asyncio.Future:
-        """Queue ops for the writer (shielded: a cancelled caller leaves them to their answer),
-        or end the call with OVERLOADED / UNAVAILABLE."""
+        """Queue ops for the writer, or end the call with OVERLOADED / UNAVAILABLE."""
         try:
-            return asyncio.shield(self._submit_now(ops, self._deadline(context)))
+            return self._submit_now(ops, self._deadline(context))
         except (Overloaded, Stopped) as exc:
             reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
             await abort(context, failure(reason))
@@ -658,7 +648,7 @@ class CardService(pb_grpc.CardServiceServicer):
                     break
                 if isinstance(item, tuple):
                     request_id, fut = item
-                    item = result_of(request_id, (await asyncio.shield(fut))[0], tries_max)
+                    item = result_of(request_id, (await fut)[0], tries_max)
                     waiting -= 1
                     answered.set()
                 slots.release()

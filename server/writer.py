@@ -217,12 +217,14 @@ def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None,
 
 
 class _Item:
-    __slots__ = ("ops", "future", "deadline")
+    __slots__ = ("ops", "future", "deadline", "on_answer")
 
-    def __init__(self, ops: list[PendingOp], future: asyncio.Future, deadline: float | None):
+    def __init__(self, ops: list[PendingOp], future: asyncio.Future, deadline: float | None,
+                 on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None):
         self.ops = ops
         self.future = future
         self.deadline = deadline
+        self.on_answer = on_answer
 
 
 def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
@@ -288,11 +290,15 @@ class Writer:
         self._sock.setblocking(False)
         self.loop.add_reader(self._sock.fileno(), self._on_readable)
 
-    def submit(self, ops: list[PendingOp], deadline: float | None = None) -> asyncio.Future:
+    def submit(self, ops: list[PendingOp], deadline: float | None = None,
+               on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
+               ) -> asyncio.Future:
         """Queue ``ops`` (applied in order, in one group); the future gets their outcomes.
 
         A group takes whole items: one larger than ``group_max_ops`` (a batch is
         bounded by the service's batch limit) forms a group of its own.
+        ``on_answer(ops, outcomes)`` runs when the outcomes are known, even if the
+        caller has gone (its future cancelled), whatever they are.
         """
         assert ops
         if self._stopping or self._dead is not None:
@@ -300,7 +306,7 @@ class Writer:
         if self._queued_ops + len(ops) > self.queue_max_ops:
             raise Overloaded()
         fut = self.loop.create_future()
-        self._queue.append(_Item(ops, fut, deadline))
+        self._queue.append(_Item(ops, fut, deadline, on_answer))
         self._queued_ops += len(ops)
         if len(self._in_flight) < self.groups_in_flight:
             if self._queued_ops >= self.group_max_ops or not self.group_wait_s:
@@ -448,6 +454,8 @@ class Writer:
 
 
 def _answer(item: _Item, outcomes: list[Outcome]) -> None:
+    if item.on_answer is not None:
+        item.on_answer(item.ops, outcomes)
     if not item.future.done():  # a caller that went away has a cancelled future
         item.future.set_result(outcomes)
 
