@@ -21,9 +21,11 @@ change (this process is the only one that makes them).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import hashlib
+import logging
 import secrets
 import time
 
@@ -33,6 +35,8 @@ from cardcore.ledger import Ledger
 from cardcore.v1 import common_pb2 as cpb
 
 from .certs import parse_terminal_cn
+
+log = logging.getLogger("cardcore.access")
 
 ROLE = cpb.OperatorRole
 TOKEN_PREFIX = "cc_"
@@ -102,6 +106,7 @@ class Access:
         self._ksn_seen: dict[int, int] = {}
         self._failures: dict[int, collections.deque] = {}  # per terminal: failure times
         self._unanswered: collections.Counter = collections.Counter()  # per terminal
+        self._room: dict[int, asyncio.Event] = {}  # per terminal: set when a swipe is answered
         self.reload()
 
     def reload(self) -> None:
@@ -200,8 +205,24 @@ class Access:
         """A taken swipe was answered: it counts for a minute if it failed as a guess or probe."""
         if self._unanswered[terminal_id] > 0:
             self._unanswered[terminal_id] -= 1
+        else:
+            log.error("terminal %d: a swipe settled that was not taken", terminal_id)
+        room = self._room.get(terminal_id)
+        if room is not None:
+            room.set()
         if reason in PROBE_REASONS:
             window = self._failures.get(terminal_id)
             if window is None:
                 window = self._failures[terminal_id] = collections.deque()
             window.append(time.monotonic() if now is None else now)
+
+    async def room(self, terminal_id: int, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until one of the terminal's swipes is answered."""
+        event = self._room.get(terminal_id)
+        if event is None:
+            event = self._room[terminal_id] = asyncio.Event()
+        event.clear()
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass

@@ -43,6 +43,7 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
 BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME_LEN_MAX = 64
+BUSY_WAIT_S = 5.0  # at most this long for room in a terminal's budget (within the deadline)
 UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN}
 # Refusals a security team watches for (logged at INFO; never with a card number or key).
@@ -108,11 +109,12 @@ def _refuse_malformed(fn):
 class Invalid(Exception):
     """Bad input: answered with INVALID_ARGUMENT (or its reason's code), nothing changed."""
 
-    def __init__(self, reason: int, field: str, busy: bool = False):
+    def __init__(self, reason: int, field: str, busy_terminal: int = 0):
         super().__init__(field)
         self.reason = reason
         self.field = field
-        self.busy = busy  # RATE_LIMITED by unanswered swipes, not failures: wait, then retry
+        # RATE_LIMITED by this terminal's unanswered swipes, not its failures: wait, then retry
+        self.busy_terminal = busy_terminal
 
 
 def failure(reason: int, field: str = "", available_minor: int = 0,
@@ -206,6 +208,7 @@ class CardService(pb_grpc.CardServiceServicer):
             "SetPin", "ResetPin")}
         self._index = cards.CardIndex(keyring.index_key)
         self._pin_checker = pinlib.PinChecker(keyring.pin_key)
+        self._taken: int | None = None  # the terminal of the swipe being built (see _build)
         program = ledger.program
         self._tier_count = len(program.tiers)
         self._require_luhn = program.require_luhn
@@ -272,7 +275,8 @@ class CardService(pb_grpc.CardServiceServicer):
             raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.store_id")
         admission = access.admission(tid)  # before the KSN is used: a busy swipe can retry
         if admission != ADMIT:
-            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id", busy=admission == BUSY)
+            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id",
+                          busy_terminal=tid if admission == BUSY else 0)
         if not access.ksn_fresh(tid, ksn.counter):
             raise Invalid(R.REASON_KSN_REPLAYED, "card.secure.ksn")
         access.take(tid)  # settled when answered: by _build's refusal, or the writer's answer
@@ -412,17 +416,33 @@ class CardService(pb_grpc.CardServiceServicer):
             return request.request_id, op_type, self._build(build, request, caller)
         except Invalid as exc:
             return request.request_id, op_type, exc
+        except Exception:  # a bug, not the caller's: this operation fails, its neighbours go on
+            log.exception("operation %s failed", cpb.OperationType.Name(op_type))
+            return request.request_id, op_type, Invalid(R.REASON_INTERNAL, "")
 
     def _build(self, build, request, caller: Caller):
         """``build(request, caller)``; a terminal swipe refused after it was taken into the
-        terminal's budget is settled here (with the refusal's reason)."""
+        terminal's budget is settled here (with the refusal's reason, or INTERNAL)."""
         self._taken = None
         try:
             return build(request, caller)
-        except Invalid as exc:
+        except BaseException as exc:
             if self._taken is not None:
-                self.access.settled(self._taken, exc.reason)
+                self.access.settled(self._taken, exc.reason if isinstance(exc, Invalid)
+                                    else L.R_INTERNAL)
             raise
+
+    async def _room(self, exc: Invalid, deadline: float | None) -> bool:
+        """For a swipe refused only because its terminal's unanswered swipes fill the budget:
+        wait for one to be answered (within the deadline, at most BUSY_WAIT_S); True to retry."""
+        if not exc.busy_terminal:
+            return False
+        now = time.monotonic()
+        timeout_s = BUSY_WAIT_S if deadline is None else min(BUSY_WAIT_S, deadline - now)
+        if timeout_s <= 0:
+            return False
+        await self.access.room(exc.busy_terminal, timeout_s)
+        return True
 
     def _settle(self, ops: list[PendingOp], outcomes) -> None:
         """Settle the terminal swipes among ``ops`` in their terminals' budgets. Called by the
@@ -462,9 +482,17 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def _parse(self, build, request, context, caller: Caller | None = None, op_type: int = 0):
         """``build(request, caller)``, or end the call with the status of the Invalid it raised
-        (counted in the operations metric; access refusals logged for the security team)."""
+        (counted in the operations metric; access refusals logged for the security team). A
+        terminal swipe that only has to wait for room in its budget waits, then retries."""
+        caller = caller or self.access.caller(context)
+        deadline = self._deadline(context)
         try:
-            return self._build(build, request, caller or self.access.caller(context))
+            while True:
+                try:
+                    return self._build(build, request, caller)
+                except Invalid as exc:
+                    if not await self._room(exc, deadline):
+                        raise
         except Invalid as exc:
             request_id = getattr(request, "request_id", "")
             self.metrics.count(op_type, exc.reason)
@@ -509,12 +537,13 @@ class CardService(pb_grpc.CardServiceServicer):
     async def GetCard(self, request, context):
         started = time.perf_counter()
         card = await self._parse(self._inquiry, request, context)
-        found = None
+        found = reason = L.R_INTERNAL  # unless the read answers
         try:
             found = self.ledger.read_card(card.card_id)
+            reason = L.R_OK if found else L.R_CARD_NOT_FOUND
         finally:
             if card.ksn_counter:  # a terminal's inquiry is answered here
-                self.access.settled(card.terminal_id, L.R_OK if found else L.R_CARD_NOT_FOUND)
+                self.access.settled(card.terminal_id, reason)
         self._call_seconds["GetCard"].observe(time.perf_counter() - started)
         if found is None:
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
@@ -567,37 +596,72 @@ class CardService(pb_grpc.CardServiceServicer):
             request.request_id, outcome, self._pin_tries_max))
 
     async def SubmitBatch(self, request, context):
-        """Applied in order, one result each. A terminal's swipes beyond its budget's room for
-        unanswered swipes go in chunks: each chunk is answered before the next is admitted."""
+        """Applied in order, one result each. A terminal's swipes go to the writer in chunks its
+        budget has room for, each answered before the next is admitted. If the writer refuses a
+        later chunk (overloaded, stopping), that chunk and the rest are answered with the reason,
+        unbuilt (their KSNs unused), beside the results of the chunks applied."""
         started = time.perf_counter()
         n = len(request.operations)
         if n > BATCH_OPS_MAX:
             await abort(context, failure(R.REASON_BATCH_TOO_LARGE, "operations"))
         caller = self.access.caller(context)
+        deadline = self._deadline(context)
         results: list[pb.OperationResult | None] = [None] * n
         valid: list[PendingOp] = []
-        where: list[tuple[int, str]] = []
+        where: list[tuple[int, str, int]] = []
         tries_max = self._pin_tries_max
+        refused = 0  # the writer's reason once it refused a chunk
+        chunks = 0   # chunks the writer took
 
         async def flush() -> None:
-            if valid:
-                outcomes = await (await self._submit(valid, context))
-                for (i, request_id), outcome in zip(where, outcomes, strict=True):
-                    results[i] = result_of(request_id, outcome, tries_max)
-                valid.clear()
-                where.clear()
-
-        for i, op in enumerate(request.operations):
-            request_id, op_type, parsed = self._operation(op, caller)
-            if isinstance(parsed, Invalid) and parsed.busy and valid:
-                await flush()
-                request_id, op_type, parsed = self._operation(op, caller)
-            if isinstance(parsed, Invalid):
-                results[i] = _failed_result(request_id, op_type, parsed)
+            nonlocal refused, chunks
+            if not valid:
+                return
+            ops, places = list(valid), list(where)
+            valid.clear()  # from here on the writer, or _submit_now's refusal, settles them
+            where.clear()
+            try:
+                fut = self._submit_now(ops, deadline)
+            except (Overloaded, Stopped) as exc:
+                reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
+                if not chunks:  # nothing applied yet: refuse the call as a whole
+                    await abort(context, failure(reason))
+                refused = reason
+                outcomes = [Outcome(reason, False, op_type, None, 0) for _, _, op_type in places]
             else:
-                valid.append(parsed)
-                where.append((i, request_id))
-        await flush()
+                chunks += 1
+                outcomes = await fut
+            for (i, request_id, _), outcome in zip(places, outcomes, strict=True):
+                results[i] = result_of(request_id, outcome, tries_max)
+
+        try:
+            for i, op in enumerate(request.operations):
+                if refused:
+                    kind = op.WhichOneof("op")
+                    request_id = getattr(op, kind).request_id if kind else ""
+                    op_type = self._builders[kind][0] if kind else 0
+                    results[i] = result_of(request_id, Outcome(refused, False, op_type, None, 0))
+                    continue
+                request_id, op_type, parsed = self._operation(op, caller)
+                while isinstance(parsed, Invalid) and parsed.busy_terminal:
+                    if valid:
+                        await flush()
+                    elif not await self._room(parsed, deadline):
+                        break
+                    if refused:
+                        break
+                    request_id, op_type, parsed = self._operation(op, caller)
+                if refused and not isinstance(parsed, PendingOp):
+                    results[i] = result_of(request_id, Outcome(refused, False, op_type, None, 0))
+                elif isinstance(parsed, Invalid):
+                    results[i] = _failed_result(request_id, op_type, parsed)
+                else:
+                    valid.append(parsed)
+                    where.append((i, request_id, op_type))
+            await flush()
+        except BaseException:
+            self._settle(valid, [Outcome(L.R_INTERNAL, False, 0, None, 0)] * len(valid))
+            raise
         self.metrics.count_many((r.type, r.reason) for r in results)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
         return pb.SubmitBatchResponse(results=results)
@@ -622,9 +686,12 @@ class CardService(pb_grpc.CardServiceServicer):
                 async for op in request_iterator:
                     await slots.acquire()
                     request_id, op_type, parsed = self._operation(op, self.access.current(caller))
-                    while isinstance(parsed, Invalid) and parsed.busy and waiting:
-                        answered.clear()
-                        await answered.wait()
+                    while isinstance(parsed, Invalid) and parsed.busy_terminal:
+                        if waiting:  # room comes as this stream's replies go out
+                            answered.clear()
+                            await answered.wait()
+                        elif not await self._room(parsed, self._deadline(context)):
+                            break
                         request_id, op_type, parsed = self._operation(op, self.access.current(caller))
                     if isinstance(parsed, Invalid):
                         in_flight.put_nowait(_failed_result(request_id, op_type, parsed))

@@ -455,7 +455,10 @@ class Writer:
 
 def _answer(item: _Item, outcomes: list[Outcome]) -> None:
     if item.on_answer is not None:
-        item.on_answer(item.ops, outcomes)
+        try:
+            item.on_answer(item.ops, outcomes)
+        except Exception:  # the caller must get its answer whatever a hook does
+            log.exception("answer hook failed")
     if not item.future.done():  # a caller that went away has a cancelled future
         item.future.set_result(outcomes)
 

@@ -548,3 +548,37 @@ def test_an_operator_removed_during_a_stream_is_refused_from_the_next_operation(
             return first.reason, second.reason
 
     assert asyncio.run(run()) == (R.REASON_OK, R.REASON_UNAUTHENTICATED)
+
+
+def test_concurrent_calls_from_one_terminal_wait_for_room_instead_of_failing(start_server):
+    server = start_server("--failures-per-minute", "2")
+    admin = Admin(server.channel, server.admin_token)
+    till = admin.enroll(7, 3)
+    number = pin_card(server, till)
+    # Built in KSN order, sent at once on separate calls and a batch: more unanswered swipes
+    # than the budget holds, no failures among them.
+    unary = [till.purchase(rid(), number, PIN, 1) for _ in range(16)]
+    batch = pb.SubmitBatchRequest(operations=[
+        pb.Operation(purchase=till.purchase(rid(), number, PIN, 1)) for _ in range(6)])
+
+    async def run():
+        async with server.aio_channel() as channel:
+            stub = pb_grpc.CardServiceStub(channel)
+
+            async def one(req):
+                try:
+                    return (await stub.Purchase(req)).reason
+                except grpc.aio.AioRpcError as err:
+                    return failure_of(err).reason
+
+            calls = [one(r) for r in unary]
+            batch_call = stub.SubmitBatch(batch)
+            done = await asyncio.gather(*calls, batch_call)
+            return done[:-1], [r.reason for r in done[-1].results]
+
+    singles, batched = asyncio.run(run())
+    # KSNs arrive out of order across concurrent calls, so some single calls may be replays
+    # (the batch holds the newest); none is rate-limited.
+    assert R.REASON_RATE_LIMITED not in singles
+    assert set(singles) <= {R.REASON_OK, R.REASON_KSN_REPLAYED}
+    assert batched == [R.REASON_OK] * 6
