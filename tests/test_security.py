@@ -582,3 +582,42 @@ def test_concurrent_calls_from_one_terminal_wait_for_room_instead_of_failing(sta
     assert R.REASON_RATE_LIMITED not in singles
     assert set(singles) <= {R.REASON_OK, R.REASON_KSN_REPLAYED}
     assert batched == [R.REASON_OK] * 6
+
+
+def test_the_admin_cli_end_to_end(server, tmp_path):
+    """operators, terminals and keys through the `cardcore` command, as an operator uses them."""
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
+
+    def cli(*args, token=True):
+        e = env if token else {k: v for k, v in env.items() if k != "CARDCORE_TOKEN"}
+        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
+                              server.target], capture_output=True, text=True, timeout=60, env=e)
+        return out.returncode, out.stdout + out.stderr
+
+    rc, out = cli("operators", "add", "li.region", "--role", "region_manager", "--stores", "3,4")
+    assert rc == 0 and "region_manager" in out and "stores 3,4" in out
+    token = out.split("token (shown once; the server keeps only its hash): ")[1].split()[0]
+    assert token.startswith("cc_")
+    rc, out = cli("operators", "add", "boss2", "--role", "chain_admin", "--stores", "3")
+    assert rc == 1 and "REASON_INVALID_ARGUMENT field=store_ids" in out
+    as_region = dict(env, CARDCORE_TOKEN=token)
+    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "terminals", "enroll", "5",
+                          "--store", "3", "--out", str(tmp_path / "t5.keys.json"), "--target",
+                          server.target], capture_output=True, text=True, timeout=60, env=as_region)
+    assert out.returncode == 0, out.stderr
+    rc, out = cli("terminals", "list")
+    assert rc == 0 and "terminal 5  store 3  active" in out
+    rc, out = cli("terminals", "revoke", "5")
+    assert rc == 0 and "revoked" in out
+    rc, out = cli("terminals", "list", token=False)
+    assert rc == 1 and "REASON_UNAUTHENTICATED" in out
+    rc, out = cli("keys", "rotate")
+    assert rc == 0 and "data key version 2 is current" in out
+    rc, out = cli("operators", "remove", "li.region")
+    assert rc == 0 and "removed" in out
+    rc, out = cli("operators", "list")
+    assert rc == 0 and "li.region" in out and "admin" in out
+    journal = journal_entries(server.data_dir)
+    kinds = [e[1] for e in journal if e[1] >= L.OP_ADMIN_MIN]
+    assert kinds == [L.OP_OPERATOR_ADDED, L.OP_OPERATOR_ADDED, L.OP_TERMINAL_ENROLLED,
+                     L.OP_TERMINAL_REVOKED, L.OP_DATA_KEY_ROTATED, L.OP_OPERATOR_REMOVED]
