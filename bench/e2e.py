@@ -456,12 +456,14 @@ def main() -> int:
                   f"{row['echo']['tx_per_s']:>9,}/s  ratio {row['ratio']:.2f}  "
                   f"p50 {row['cardcore']['p50_ms']} ms  p99 {row['cardcore']['p99_ms']} ms", flush=True)
 
+        # (name, the PIN requests, the same number of no-PIN requests, the run)
         pin_scenarios = [
-            ("pin_unary_16", lambda r: r.unary(PIN_TERMINALS, int(12_000 * secs)),
+            ("pin_unary_16", lambda r: r.unary(PIN_TERMINALS, int(12_000 * secs)), Requests.unary,
              lambda t, p: run_unary(t, p, PIN_TERMINALS, secs)),
-            ("pin_stream", lambda r: r.swipes(int(30_000 * secs)), lambda t, p: run_streams(t, p, secs)),
+            ("pin_stream", lambda r: r.swipes(int(30_000 * secs)), Requests.swipes,
+             lambda t, p: run_streams(t, p, secs)),
         ]
-        if any(not args.only or name in args.only for name, _, _ in pin_scenarios):
+        if any(not args.only or name in args.only for name, *_ in pin_scenarios):
             print(f"seeding {len(numbers):,} cards with PINs through a terminal ...", flush=True)
             pin_rng = random.Random(2)
             pin_numbers = list({random_number(pin_rng, prefix="63") for _ in range(args.cards)})
@@ -474,18 +476,14 @@ def main() -> int:
             seed_pin_cards(srv.target, terminals.pop(), pin_numbers, pins)
             srv.stop()
             results["pin"] = {}
-        for name, make, run in pin_scenarios:
+        for name, make, make_plain, run in pin_scenarios:
             if args.only and name not in args.only:
                 continue
             row = {}
-            for system in ("no_pin", "pin"):  # the same calls, same run, same server options
-                if system == "pin":
-                    payloads = make(PinRequests(terminals, pin_numbers, pins, f"{name}-{system}"))
-                else:
-                    flat = make(PinRequests(terminals, pin_numbers, pins, "unused"))
-                    base = Requests(numbers, f"{name}-{system}")
-                    payloads = (base.unary(sum(map(len, flat))) if name.startswith("pin_unary")
-                                else base.swipes(sum(map(len, flat))))
+            with_pin = make(PinRequests(terminals, pin_numbers, pins, f"{name}-pin"))
+            without = make_plain(Requests(numbers, f"{name}-no_pin"), sum(map(len, with_pin)))
+            # the same calls, same run, same server options
+            for system, payloads in (("no_pin", without), ("pin", with_pin)):
                 log_path = os.path.join(work, f"{name}-{system}.log")
                 proc = start_cardcore(data_dir, log_path, tuple(args.server_arg))
                 cpu0 = proc.cpu_s()
