@@ -226,24 +226,25 @@ class Ledger:
                 else:
                     first_index[op.request_key] = i
                     fresh.append(i)
-            for tid in dirty_terminals:
-                txn.put(L.TERMINAL_KEY.pack(tid), L.TERMINAL.pack(*terminals[tid]), db=self.terminals)
             next_seq = self._next_seq
             if fresh:
-                next_seq = self._apply_fresh(txn, ops, fresh, outcomes, ts_us)
+                next_seq = self._apply_fresh(txn, ops, fresh, outcomes, ts_us, terminals,
+                                             dirty_terminals)
+            # Terminal records the group changed (KSN counters, enrolments, revocations), once.
+            for tid in dirty_terminals:
+                txn.put(L.TERMINAL_KEY.pack(tid), L.TERMINAL.pack(*terminals[tid]), db=self.terminals)
             for i, j in repeats:
                 outcomes[i] = self._repeat(outcomes[j], ops[i].digest == ops[j].digest)
         self._next_seq = next_seq  # only once the commit (and its fsync) succeeded
         return outcomes  # type: ignore[return-value]
 
-    def _apply_fresh(self, txn, ops, fresh, outcomes, ts_us) -> int:
+    def _apply_fresh(self, txn, ops, fresh, outcomes, ts_us, terminals, dirty_terminals) -> int:
         seq = self._next_seq
         entries: list[tuple[bytes, bytes]] = []
         idem_items: list[tuple[bytes, bytes]] = []
         seq_key, idem_pack = L.SEQ_KEY.pack, L.IDEM.pack
-        # 2. In request order: admin operations; card operations to the kernel.
-        terminals: dict[int, list | None] = {}
-        dirty_terminals: set[int] = set()
+        # 2. In request order: admin operations (on the group's terminal records, as the KSN
+        #    checks left them); card operations to the kernel.
         card_ops: list[int] = []
         for i in fresh:
             op = ops[i]
@@ -264,8 +265,6 @@ class Ledger:
                 outcomes[i] = Outcome(reason, False, kind, entry, count)
             else:
                 card_ops.append(i)
-        for tid in dirty_terminals:
-            txn.put(L.TERMINAL_KEY.pack(tid), L.TERMINAL.pack(*terminals[tid]), db=self.terminals)
         next_seq = seq
         if card_ops:
             next_seq = self._apply_cards(txn, ops, card_ops, outcomes, ts_us, seq, entries,
