@@ -89,9 +89,6 @@ class Ksn(NamedTuple):
             raise ValueError("KSN counter out of range")
         return cls(bytes(ksn[:IKID_SIZE]), counter)
 
-    def pack(self) -> bytes:
-        return self.ikid + self.counter.to_bytes(4, "big")
-
 
 def initial_key(bdk: bytes, ikid: bytes, key_type: KeyType = KeyType.AES128) -> bytes:
     """The key injected into a terminal: derived from the chain's BDK and the terminal's IKID."""

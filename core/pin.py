@@ -10,7 +10,7 @@ OpenSSL's AES (cardcore.ext.aes), held equal to psec by a hypothesis test.
 - The PIN is never stored: a card record holds
   ``HMAC-SHA256(pin_key, card_id || 0x00 || PIN)`` with the key kept outside
   LMDB, so a stolen data folder cannot be brute-forced over the small PIN
-  space. Comparison is constant-time.
+  space. The kernel compares check values in constant time.
 - psec's error messages can carry decoded digits: they are swallowed here and
   replaced by ``PinBlockError`` with no detail. Never log a PIN, a PIN block or
   an exception raised while handling one.
@@ -71,10 +71,6 @@ class PinChecker(PreparedHmac):
 
     def check(self, card_id: bytes, pin: str) -> bytes:
         return self.digest(_check_data(card_id, pin))
-
-
-def pin_matches(stored: bytes, candidate: bytes) -> bool:
-    return hmac.compare_digest(stored, candidate)
 
 
 def is_weak(pin: str, birthday: str = "") -> bool:
