@@ -473,19 +473,26 @@ def check_payload(server: ServerProcess, method: str, payload: bytes) -> int:
 ALL_METHODS = [*UNARY, "SwipeStream"]
 
 
-def test_random_bytes_on_every_method(live, funded):
-    before = ledger_counts(live)
+def journal_growth_and_applied(server: ServerProcess, cases, **settings_kw) -> tuple[int, int]:
+    """Send every (method, payload) of every list ``cases`` draws, checking each answer; return
+    how many journal entries appeared and how many operations were answered as applied."""
+    before = ledger_counts(server)[0]
     applied = [0]
 
-    @settings(max_examples=150, deadline=None, database=None)
-    @given(payload=st.binary(max_size=512))
-    def fuzz(payload):
-        for method in ALL_METHODS:
-            applied[0] += check_payload(live, method, payload)
+    @settings(deadline=None, database=None, **settings_kw)
+    @given(case=cases)
+    def fuzz(case):
+        for method, payload in case:
+            applied[0] += check_payload(server, method, payload)
 
     fuzz()
-    journal, _ = ledger_counts(live)
-    assert journal - before[0] == applied[0] == 0  # nothing random is a valid request
+    return ledger_counts(server)[0] - before, applied[0]
+
+
+def test_random_bytes_on_every_method(live, funded):
+    grown, applied = journal_growth_and_applied(
+        live, st.binary(max_size=512).map(lambda p: [(m, p) for m in ALL_METHODS]), max_examples=150)
+    assert grown == applied == 0  # nothing random is a valid request
     still_serving(live, funded)
 
 
@@ -535,19 +542,10 @@ def test_requests_with_odd_values_on_every_method(live, funded):
     """Well-formed requests with extreme values reach validation and the ledger: every answer
     fits what protobuf decoded, and the ledger applied exactly what was answered as applied."""
     target = Client(live.stub).funded_card(1_000_000)
-    before = ledger_counts(live)
-    applied = [0]
-
-    @settings(max_examples=200, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow])
-    @given(case=requests_with_odd_values(target))
-    def fuzz(case):
-        method, payload = case
-        applied[0] += check_payload(live, method, payload)
-
-    fuzz()
-    journal, _ = ledger_counts(live)
-    assert journal - before[0] == applied[0]
+    grown, applied = journal_growth_and_applied(
+        live, requests_with_odd_values(target).map(lambda case: [case]), max_examples=200,
+        suppress_health_check=[HealthCheck.too_slow])
+    assert grown == applied
     still_serving(live, funded)
 
 
@@ -578,18 +576,9 @@ def test_mutated_valid_requests_apply_only_what_they_acknowledge(live, funded):
         request_id="mut-open", card=cpb.CardRef(card_number=unopened), tier=2, till=TILL,
         profile=pb.MemberProfile(name="Li Lei", phone="+86 138", birthday="1990-05-17")).SerializeToString()
     bases["SwipeStream"] = pb.Operation(purchase=purchase_request(unopened, 100, "mut-swipe")).SerializeToString()
-    before = ledger_counts(live)
-    applied = [0]
-
-    @settings(max_examples=150, deadline=None, database=None)
-    @given(case=mutations(bases))
-    def fuzz(case):
-        method, payload = case
-        applied[0] += check_payload(live, method, payload)
-
-    fuzz()
-    journal, _ = ledger_counts(live)
-    assert journal - before[0] == applied[0]
+    grown, applied = journal_growth_and_applied(live, mutations(bases).map(lambda case: [case]),
+                                                max_examples=150)
+    assert grown == applied
     still_serving(live, funded)
 
 
