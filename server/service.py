@@ -233,12 +233,13 @@ class CardService(pb_grpc.CardServiceServicer):
         if not cardno.number_ok(number, self._require_luhn):
             raise Invalid(R.REASON_INVALID_CARD_NUMBER, field)
 
-    def _card(self, ref: cpb.CardRef, till: cpb.Till, caller: Caller,
+    def _card(self, ref: cpb.CardRef, till: cpb.Till | None, caller: Caller,
               role: int = ROLE.OPERATOR_ROLE_CASHIER) -> CardAccess:
         """Resolve the card and check that this caller may name it this way.
 
         Clear numbers come from operators (``role`` or above, the till's store
-        in scope) or, without TLS, from anyone; terminals always encrypt.
+        in scope; no till is store 0) or, without TLS, from anyone; terminals
+        always encrypt (an inquiry may leave out the till: the KSN names it).
         """
         if caller.bad_token:
             raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
@@ -250,7 +251,7 @@ class CardService(pb_grpc.CardServiceServicer):
         if operator is None:
             if self.access.tls:
                 raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        elif not operator.may(role, till.store_id):
+        elif not operator.may(role, till.store_id if till is not None else 0):
             raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
         number = ref.card_number
         self._number_ok(number, "card.card_number")
@@ -529,10 +530,7 @@ class CardService(pb_grpc.CardServiceServicer):
         return await self._unary("ResetPin", self._reset_pin_op, request, context)
 
     def _inquiry(self, request: pb.GetCardRequest, caller: Caller) -> CardAccess:
-        till = request.till if request.HasField("till") else None
-        if request.card.WhichOneof("ref") == "secure":
-            return self._secure_card(request.card.secure, till, caller)
-        return self._card(request.card, till or cpb.Till(), caller)
+        return self._card(request.card, request.till if request.HasField("till") else None, caller)
 
     async def GetCard(self, request, context):
         started = time.perf_counter()
