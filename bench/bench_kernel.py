@@ -41,3 +41,30 @@ def test_apply_1000_purchases(benchmark, impl):
         impl(program, ops, slots, recs, bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), 1, 1)
 
     benchmark(one_group)
+
+
+def test_host_swipe_crypto_1000(benchmark):
+    """What the server does per PIN-verified swipe before the writer, in a tight loop: the DUKPT
+    working keys (the terminal's key path kept), the card data, the PIN block, the keyed card id
+    and PIN check. Inside the busy server the same work costs about twice as much."""
+    from cardcore import cards, dukpt, pin
+    from cardcore.dukpt import KeyUsage, Ksn
+    from cardcore.terminal import Terminal, TerminalKeys, decrypt_card_data
+
+    bdk, ikid, number = bytes(range(16)), bytes(range(8)), "6225880000001231"
+    terminal = Terminal(TerminalKeys(1, 1, dukpt.initial_key(bdk, ikid), ikid))
+    swipes = [terminal.purchase(f"r{i}", number, "482916", 100) for i in range(GROUP_OPS)]
+    index, checker = cards.CardIndex(bytes(32)), pin.PinChecker(bytes(32))
+    benchmark.extra_info["ops_per_round"] = GROUP_OPS
+
+    def host():
+        path = dukpt.KeyPath(dukpt.initial_key(bdk, ikid), ikid)
+        for req in swipes:
+            secure = req.card.secure
+            ksn = Ksn.parse(secure.ksn)
+            data_key, pin_key = path.working_keys(ksn.counter, KeyUsage.DATA_ENCRYPTION,
+                                                  KeyUsage.PIN_ENCRYPTION)
+            card = decrypt_card_data(data_key, secure.ksn, secure.encrypted_card)
+            checker.check(index.card_id(card), pin.decipher(pin_key, req.pin_block, card))
+
+    benchmark(host)
