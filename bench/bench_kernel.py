@@ -49,7 +49,8 @@ def test_host_swipe_crypto_1000(benchmark):
     and PIN check. Inside the busy server the same work costs about twice as much."""
     from cardcore import cards, dukpt, pin
     from cardcore.dukpt import KeyUsage, Ksn
-    from cardcore.terminal import Terminal, TerminalKeys, decrypt_card_data
+    from cardcore.carddata import decrypt_card_data
+    from cardcore.terminal import Terminal, TerminalKeys
 
     bdk, ikid, number = bytes(range(16)), bytes(range(8)), "6225880000001231"
     terminal = Terminal(TerminalKeys(1, 1, dukpt.initial_key(bdk, ikid), ikid))

@@ -24,7 +24,7 @@ import enum
 import struct
 from typing import NamedTuple
 
-from .ext.aes import dukpt_walk, ecb_encrypt
+from cardcore.ext.aes import dukpt_walk, ecb_encrypt
 
 KSN_SIZE = 12
 IKID_SIZE = 8

@@ -22,8 +22,8 @@ import hmac
 
 from psec import pinblock
 
-from .cards import PreparedHmac
-from .ext.aes import pin_block_decode
+from cardcore.cards import PreparedHmac
+from cardcore.ext.aes import pin_block_decode
 
 PIN_BLOCK_SIZE = 16
 PIN_LEN_MIN, PIN_LEN_MAX = 4, 12

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hmac
 
-from . import layout as L
-from .rules import paid_minor, points_earned
+from cardcore import layout as L
+from cardcore.rules import paid_minor, points_earned
 
 
 def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,

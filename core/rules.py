@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 
-from . import layout
+from cardcore import layout
 
 MAX_TIER_NAME_LEN = 32
 

@@ -9,8 +9,8 @@ through this module, and an integrator porting a terminal copies it:
 - from the KSN it derives two working keys: "data encryption" for the card
   number and "PIN encryption" for PIN blocks;
 - the card number travels as ``CardRef.secure``: nonce || AES-128-GCM(number)
-  || tag, with the KSN as associated data (``encrypt_card_data``; the host
-  opens it with ``decrypt_card_data``);
+  || tag, with the KSN as associated data (``cardcore.carddata``, shared with
+  the host, which opens it);
 - PINs travel as ISO 9564-1 format 4 PIN blocks bound to the card number
   (``cardcore.pin.encipher``).
 
@@ -23,37 +23,13 @@ import dataclasses
 import json
 import os
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cardcore import pin as pinlib
+from cardcore.carddata import encrypt_card_data
+from cardcore.dukpt import KSN_SIZE, KeyPath, KeyUsage, next_counter
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
 
-from . import pin as pinlib
-from .dukpt import KSN_SIZE, KeyPath, KeyUsage, next_counter
-from .ext.aes import AuthenticationError, gcm_decrypt
-from .v1 import card_service_pb2 as pb
-from .v1 import common_pb2 as cpb
-
-NONCE_SIZE, TAG_SIZE = 12, 16
-CARD_DATA_SIZE_MAX = NONCE_SIZE + 19 + TAG_SIZE
 USAGES = (KeyUsage.DATA_ENCRYPTION, KeyUsage.PIN_ENCRYPTION)
-
-
-class CardDataError(Exception):
-    """Encrypted card data that does not open under this transaction's data key (no detail)."""
-
-
-def encrypt_card_data(data_key: bytes, ksn: bytes, number: str) -> bytes:
-    nonce = os.urandom(NONCE_SIZE)
-    return nonce + AESGCM(data_key).encrypt(nonce, number.encode("ascii"), ksn)
-
-
-def decrypt_card_data(data_key: bytes, ksn: bytes, blob: bytes) -> str:
-    """Host side (every swipe): OpenSSL's AES-GCM through cardcore.ext.aes, one C context
-    reused; a test holds it to cryptography's AESGCM."""
-    if not NONCE_SIZE + TAG_SIZE < len(blob) <= CARD_DATA_SIZE_MAX:
-        raise CardDataError()
-    try:
-        return gcm_decrypt(data_key, blob[:NONCE_SIZE], blob[NONCE_SIZE:], ksn).decode("ascii")
-    except (AuthenticationError, UnicodeDecodeError):
-        raise CardDataError() from None
 
 
 @dataclasses.dataclass(repr=False)

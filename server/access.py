@@ -201,12 +201,12 @@ class Access:
     def take(self, terminal_id: int) -> None:
         self._unanswered[terminal_id] += 1
 
-    def settled(self, terminal_id: int, reason: int, now: float | None = None) -> None:
+    def answered(self, terminal_id: int, reason: int, now: float | None = None) -> None:
         """A taken swipe was answered: it counts for a minute if it failed as a guess or probe."""
         if self._unanswered[terminal_id] > 0:
             self._unanswered[terminal_id] -= 1
         else:
-            log.error("terminal %d: a swipe settled that was not taken", terminal_id)
+            log.error("terminal %d: a swipe answered that was not taken", terminal_id)
         room = self._room.get(terminal_id)
         if room is not None:
             room.set()

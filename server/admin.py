@@ -11,6 +11,7 @@ import logging
 import re
 
 from cardcore import layout as L
+from cardcore.admin import reseal_payload
 from cardcore.keyring import Keyring, SealError
 from cardcore.ledger import Ledger, PendingOp
 from cardcore.v1 import admin_service_pb2 as apb
@@ -18,7 +19,8 @@ from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import ROLE, Access, Operator, new_token, token_digest
-from .service import Invalid, abort, failure
+from .errors import Invalid, abort, failure
+from .operations import request_key
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.admin")
@@ -30,13 +32,11 @@ U32_MAX = 0xFFFFFFFF
 
 
 class AdminService(apb_grpc.AdminServiceServicer):
-    def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access,
-                 request_key):
+    def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access):
         self.ledger = ledger
         self.writer = writer
         self.keyring = keyring
         self.access = access
-        self._request_key = request_key
 
     async def _operator(self, context, role: int, store_id: int | None = None) -> Operator:
         """The calling operator, if it holds ``role`` (and ``store_id`` is in its scope)."""
@@ -70,7 +70,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
 
     async def _key(self, context, request_id: str) -> bytes:
         try:
-            return self._request_key(request_id)
+            return request_key(request_id)
         except Invalid as exc:
             await abort(context, failure(exc.reason, exc.field))
 
@@ -221,5 +221,5 @@ class AdminService(apb_grpc.AdminServiceServicer):
             if items:
                 op = PendingOp(b"", bytes(16), L.OP.pack(L.OP_RESEAL, *[0] * 9, bytes(8), bytes(16),
                                                          bytes(8), bytes(32), bytes(32)),
-                               bytes(16), payload=Ledger.reseal_payload(items))
-                total += (await self._apply(context, op)).available_minor
+                               bytes(16), payload=reseal_payload(items))
+                total += (await self._apply(context, op)).count

@@ -175,7 +175,7 @@ async def serve(cfg: ServerConfig) -> None:
         access = Access(ledger, keyring.bdk, keyring.bdk_id, tls=credentials is not None,
                         failures_per_minute=cfg.failures_per_minute)
         card_service = CardService(ledger, writer, keyring, access)
-        admin = AdminService(ledger, writer, keyring, access, card_service._request_key)
+        admin = AdminService(ledger, writer, keyring, access)
         await _bootstrap_admin(admin, access, cfg.data_dir)
         resealed = await admin.reseal(None)  # finishes a rotation a stop interrupted
         if resealed:

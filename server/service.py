@@ -6,43 +6,29 @@ is the kernel's and the storage the ledger's.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import datetime
-import json
 import logging
-import re
 import struct
 import time
 
 import grpc
-from google.protobuf import any_pb2, message_factory
+from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
 
-from cardcore import cards
 from cardcore import layout as L
-from cardcore import pin as pinlib
-from cardcore.dukpt import Ksn, KeyUsage
-from cardcore.ext import cardno
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, Outcome, PendingOp
-from cardcore.terminal import CardDataError, decrypt_card_data
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
-from .access import ADMIT, BUSY, ROLE, Access, Caller
-from .reasons import CODE_NUMBER, TABLE
+from .access import Access, Caller
+from .errors import CODE_NUMBER, Invalid, abort, failure
+from .operations import MALFORMED, Operations, request_key
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.service")
 
 R = cpb.Reason
-DOMAIN = "cardcore.v1"
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
-PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
-BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-NAME_LEN_MAX = 64
 BUSY_WAIT_S = 5.0  # at most this long for room in a terminal's budget (within the deadline)
 UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN}
@@ -52,22 +38,8 @@ ACCESS_REASONS = frozenset({
     R.REASON_TERMINAL_MISMATCH, R.REASON_CARD_DATA_INVALID, R.REASON_CLEAR_CARD_REFUSED,
     R.REASON_UNAUTHENTICATED, R.REASON_PERMISSION_DENIED, R.REASON_RATE_LIMITED,
     R.REASON_PIN_BLOCK_INVALID})
-NO_PIN = bytes(32)
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
-
-
-class _Malformed:
-    """What a request that does not decode becomes, instead of an exception inside grpc (which
-    answers UNKNOWN, logs a traceback per call and ends a whole stream)."""
-
-    __slots__ = ()
-
-    def WhichOneof(self, _name):  # a stream item that names no operation
-        return None
-
-
-MALFORMED = _Malformed()
 
 
 def add_service(server, servicer, service) -> None:
@@ -104,44 +76,6 @@ def _refuse_malformed(fn):
         return await fn(request, context)
 
     return call
-
-
-class Invalid(Exception):
-    """Bad input: answered with INVALID_ARGUMENT (or its reason's code), nothing changed."""
-
-    def __init__(self, reason: int, field: str, busy_terminal: int = 0):
-        super().__init__(field)
-        self.reason = reason
-        self.field = field
-        # RATE_LIMITED by this terminal's unanswered swipes, not its failures: wait, then retry
-        self.busy_terminal = busy_terminal
-
-
-def failure(reason: int, field: str = "", available_minor: int = 0,
-            pin_tries_left: int = 0) -> cpb.Failure:
-    return cpb.Failure(reason=reason, message=TABLE[reason][1], field=field,
-                       available_minor=available_minor, pin_tries_left=pin_tries_left)
-
-
-def _status_details(fail: cpb.Failure) -> tuple[tuple[str, bytes]]:
-    """Trailing metadata carrying google.rpc.Status with ErrorInfo and Failure details."""
-    info = error_details_pb2.ErrorInfo(reason=R.Name(fail.reason), domain=DOMAIN)
-    if fail.field:
-        info.metadata["field"] = fail.field
-    if fail.reason == R.REASON_INSUFFICIENT_FUNDS:
-        info.metadata["available_minor"] = str(fail.available_minor)
-    if fail.reason == R.REASON_PIN_WRONG:
-        info.metadata["pin_tries_left"] = str(fail.pin_tries_left)
-    status = status_pb2.Status(code=CODE_NUMBER[fail.reason], message=fail.message)
-    for detail in (info, fail):
-        packed = any_pb2.Any()
-        packed.Pack(detail)
-        status.details.append(packed)
-    return (("grpc-status-details-bin", status.SerializeToString()),)
-
-
-async def abort(context: grpc.aio.ServicerContext, fail: cpb.Failure):
-    await context.abort(TABLE[fail.reason][0], fail.message, _status_details(fail))
 
 
 # The journal entry fields a reply shows: op, seq, amount, discount, the three deltas, the
@@ -185,17 +119,6 @@ def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationR
                               failure=failure(exc.reason, exc.field))
 
 
-@dataclasses.dataclass(slots=True, repr=False)
-class CardAccess:
-    """A request's card, resolved: its id and number, and for a terminal its swipe keys.
-    No repr: it holds a clear card number and a PIN key."""
-    card_id: bytes
-    number: str
-    pin_key: bytes | None = None   # this transaction's DUKPT PIN key (terminal swipes)
-    terminal_id: int = 0           # the terminal whose KSN this is
-    ksn_counter: int = 0
-
-
 class CardService(pb_grpc.CardServiceServicer):
     def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access):
         self.ledger = ledger
@@ -206,232 +129,10 @@ class CardService(pb_grpc.CardServiceServicer):
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin")}
-        self._index = cards.CardIndex(keyring.index_key)
-        self._pin_checker = pinlib.PinChecker(keyring.pin_key)
-        self._taken: int | None = None  # the terminal of the swipe being built (see _build)
-        program = ledger.program
-        self._tier_count = len(program.tiers)
-        self._require_luhn = program.require_luhn
-        self._pin_tries_max = program.pin_tries_max
-        self._top_up_pin = L.PIN_REQUIRED if program.pin_on_top_up else 0
-        # Development mode (no TLS) lets a card without a PIN be spent with a clear number.
-        self._dev_pin = 0 if access.tls else L.PIN_OPTIONAL_UNSET
-        self._builders = {"open_card": (L.OP_OPEN, self._open_op),
-                          "top_up": (L.OP_TOP_UP, self._top_up_op),
-                          "purchase": (L.OP_PURCHASE, self._purchase_op),
-                          "set_pin": (L.OP_SET_PIN, self._set_pin_op),
-                          "reset_pin": (L.OP_RESET_PIN, self._reset_pin_op)}
-
-    # ---- validation: request -> PendingOp ------------------------------------
-
-    def _request_key(self, request_id: str) -> bytes:
-        if not REQUEST_ID_RE.fullmatch(request_id):
-            raise Invalid(R.REASON_INVALID_REQUEST_ID, "request_id")
-        return request_id.encode("ascii")
-
-    def _number_ok(self, number: str, field: str) -> None:
-        if not cardno.number_ok(number, self._require_luhn):
-            raise Invalid(R.REASON_INVALID_CARD_NUMBER, field)
-
-    def _card(self, ref: cpb.CardRef, till: cpb.Till | None, caller: Caller,
-              role: int = ROLE.OPERATOR_ROLE_CASHIER) -> CardAccess:
-        """Resolve the card and check that this caller may name it this way.
-
-        Clear numbers come from operators (``role`` or above, the till's store
-        in scope; no till is store 0) or, without TLS, from anyone; terminals
-        always encrypt (an inquiry may leave out the till: the KSN names it).
-        """
-        if caller.bad_token:
-            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        if ref.WhichOneof("ref") == "secure":
-            return self._secure_card(ref.secure, till, caller)
-        if caller.cert_terminal_id is not None:
-            raise Invalid(R.REASON_CLEAR_CARD_REFUSED, "card.card_number")
-        operator = caller.operator
-        if operator is None:
-            if self.access.tls:
-                raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        elif not operator.may(role, till.store_id if till is not None else 0):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        number = ref.card_number
-        self._number_ok(number, "card.card_number")
-        return CardAccess(self._index.card_id(number), number)
-
-    def _secure_card(self, secure: cpb.SecureCard, till: cpb.Till | None, caller: Caller) -> CardAccess:
-        """A terminal's swipe: its KSN names the terminal, whose keys open the card data."""
-        access = self.access
-        try:
-            ksn = Ksn.parse(secure.ksn)
-        except ValueError:
-            raise Invalid(R.REASON_KSN_INVALID, "card.secure.ksn") from None
-        terminal = access.terminal_of_ikid(ksn.ikid)
-        if terminal is None or (till is not None and till.terminal_id != terminal.terminal_id):
-            raise Invalid(R.REASON_TERMINAL_UNKNOWN, "card.secure.ksn")
-        tid = terminal.terminal_id
-        if terminal.revoked:
-            raise Invalid(R.REASON_TERMINAL_REVOKED, "till.terminal_id")
-        if access.tls and caller.cert_terminal_id != tid:
-            raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.terminal_id")
-        if till is not None and till.store_id != terminal.store_id:
-            raise Invalid(R.REASON_TERMINAL_MISMATCH, "till.store_id")
-        admission = access.admission(tid)  # before the KSN is used: a busy swipe can retry
-        if admission != ADMIT:
-            raise Invalid(R.REASON_RATE_LIMITED, "till.terminal_id",
-                          busy_terminal=tid if admission == BUSY else 0)
-        if not access.ksn_fresh(tid, ksn.counter):
-            raise Invalid(R.REASON_KSN_REPLAYED, "card.secure.ksn")
-        access.take(tid)  # settled when answered: by _build's refusal, or the writer's answer
-        self._taken = tid
-        data_key, pin_key = access.key_path(ksn.ikid).working_keys(
-            ksn.counter, KeyUsage.DATA_ENCRYPTION, KeyUsage.PIN_ENCRYPTION)
-        try:
-            number = decrypt_card_data(data_key, secure.ksn, secure.encrypted_card)
-        except CardDataError:
-            raise Invalid(R.REASON_CARD_DATA_INVALID, "card.secure.encrypted_card") from None
-        self._number_ok(number, "card.secure.encrypted_card")
-        return CardAccess(self._index.card_id(number), number, pin_key, tid, ksn.counter)
-
-    def _pin_check(self, card: CardAccess, block: bytes, field: str, *, new: bool = False,
-                   birthday: str = "") -> bytes:
-        """The stored-form check value of the PIN inside ``block`` (the PIN itself goes no
-        further); a ``new`` PIN must not be an obvious one."""
-        if card.pin_key is None:
-            raise Invalid(R.REASON_PIN_BLOCK_INVALID, field)  # PIN blocks need a terminal's key
-        try:
-            pin = pinlib.decipher(card.pin_key, block, card.number)
-        except pinlib.PinBlockError:
-            raise Invalid(R.REASON_PIN_BLOCK_INVALID, field) from None
-        if new and pinlib.is_weak(pin, birthday):
-            raise Invalid(R.REASON_PIN_WEAK, field)
-        return self._pin_checker.check(card.card_id, pin)
-
-    def _op(self, key: bytes, op_type: int, card: CardAccess, till: cpb.Till, caller: Caller,
-            amount_minor: int = 0, pin_flags: int = 0, pin_check: bytes = NO_PIN,
-            new_pin_check: bytes = NO_PIN, **kw) -> PendingOp:
-        operator = caller.operator
-        return PendingOp.build(key, op_type, card.card_id, amount_minor, till.store_id,
-                               till.terminal_id, till.staff_id, pin_flags=pin_flags,
-                               pin_check=pin_check, new_pin_check=new_pin_check,
-                               operator_id=operator.operator_id if operator else 0,
-                               ksn_counter=card.ksn_counter, **kw)
-
-    def _open_op(self, req: pb.OpenCardRequest, caller: Caller) -> PendingOp:
-        key = self._request_key(req.request_id)
-        if req.tier >= self._tier_count:
-            raise Invalid(R.REASON_INVALID_TIER, "tier")
-        p = req.profile
-        if len(p.name) > NAME_LEN_MAX:
-            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
-        if not p.name.isprintable():
-            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.name")
-        if len(p.phone) > 20:
-            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
-        if not PHONE_RE.fullmatch(p.phone):
-            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
-        if p.birthday:
-            try:
-                if not BIRTHDAY_RE.fullmatch(p.birthday):
-                    raise ValueError
-                datetime.date.fromisoformat(p.birthday)
-            except ValueError:
-                raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.birthday") from None
-        card = self._card(req.card, req.till, caller)
-        pin_flags, new_check = 0, NO_PIN
-        if req.pin_block:
-            new_check = self._pin_check(card, req.pin_block, "pin_block", new=True, birthday=p.birthday)
-            pin_flags = L.NEW_PIN
-        profile = json.dumps({"masked": cards.mask(card.number), "name": p.name,
-                              "phone": p.phone, "birthday": p.birthday,
-                              "home_store_id": p.home_store_id},
-                             sort_keys=True, separators=(",", ":")).encode()
-        return self._op(key, L.OP_OPEN, card, req.till, caller, pin_flags=pin_flags,
-                        new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
-                        profile=profile, sealed=self.keyring.seal(card.card_id, card.number))
-
-    def _money_op(self, req, caller: Caller, op_type: int, amount_field: str,
-                  pin_flags: int) -> PendingOp:
-        key = self._request_key(req.request_id)
-        amount = getattr(req, amount_field)
-        if amount <= 0:
-            raise Invalid(R.REASON_INVALID_AMOUNT, amount_field)
-        card = self._card(req.card, req.till, caller)
-        check = NO_PIN
-        if req.pin_block:
-            check = self._pin_check(card, req.pin_block, "pin_block")
-            pin_flags |= L.PIN_PRESENTED
-        return self._op(key, op_type, card, req.till, caller, amount, pin_flags, check)
-
-    def _top_up_op(self, req: pb.TopUpRequest, caller: Caller) -> PendingOp:
-        return self._money_op(req, caller, L.OP_TOP_UP, "amount_minor", self._top_up_pin | self._dev_pin)
-
-    def _purchase_op(self, req: pb.PurchaseRequest, caller: Caller) -> PendingOp:
-        return self._money_op(req, caller, L.OP_PURCHASE, "gross_amount_minor",
-                              L.PIN_REQUIRED | self._dev_pin)
-
-    def _set_pin_op(self, req: pb.SetPinRequest, caller: Caller) -> PendingOp:
-        """A change needs the old PIN; a first PIN needs an operator at the till (the kernel
-        refuses it without one), who vouches for the member."""
-        key = self._request_key(req.request_id)
-        if not req.new_pin_block:
-            raise Invalid(R.REASON_INVALID_ARGUMENT, "new_pin_block")
-        if caller.operator is not None and not caller.operator.may(ROLE.OPERATOR_ROLE_CASHIER,
-                                                                   req.till.store_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        card = self._card(req.card, req.till, caller)
-        pin_flags, check = L.NEW_PIN, NO_PIN
-        if req.old_pin_block:
-            check = self._pin_check(card, req.old_pin_block, "old_pin_block")
-            pin_flags |= L.PIN_PRESENTED
-        new_check = self._pin_check(card, req.new_pin_block, "new_pin_block", new=True,
-                                    birthday=self._birthday(card.card_id))
-        return self._op(key, L.OP_SET_PIN, card, req.till, caller, 0, pin_flags, check, new_check)
-
-    def _reset_pin_op(self, req: pb.ResetPinRequest, caller: Caller) -> PendingOp:
-        key = self._request_key(req.request_id)
-        operator = caller.operator
-        if operator is None:
-            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        if not operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, req.till.store_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        card = self._card(req.card, req.till, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
-        pin_flags, new_check = 0, NO_PIN
-        if req.new_pin_block:
-            new_check = self._pin_check(card, req.new_pin_block, "new_pin_block", new=True,
-                                        birthday=self._birthday(card.card_id))
-            pin_flags = L.NEW_PIN
-        return self._op(key, L.OP_RESET_PIN, card, req.till, caller, 0, pin_flags,
-                        new_pin_check=new_check)
-
-    def _birthday(self, card_id: bytes) -> str:
-        found = self.ledger.read_card(card_id)
-        return found[1].get("birthday", "") if found else ""
-
-    def _operation(self, op: pb.Operation, caller: Caller) -> tuple[str, int, PendingOp | Invalid]:
-        """(request_id, op type, PendingOp or the Invalid that refused it) of a batch/stream item."""
-        kind = op.WhichOneof("op")
-        if kind is None:
-            return "", 0, Invalid(R.REASON_INVALID_ARGUMENT, "(message)" if op is MALFORMED else "op")
-        op_type, build = self._builders[kind]
-        request = getattr(op, kind)
-        try:
-            return request.request_id, op_type, self._build(build, request, caller)
-        except Invalid as exc:
-            return request.request_id, op_type, exc
-        except Exception:  # a bug, not the caller's: this operation fails, its neighbours go on
-            log.exception("operation %s failed", cpb.OperationType.Name(op_type))
-            return request.request_id, op_type, Invalid(R.REASON_INTERNAL, "")
-
-    def _build(self, build, request, caller: Caller):
-        """``build(request, caller)``; a terminal swipe refused after it was taken into the
-        terminal's budget is settled here (with the refusal's reason, or INTERNAL)."""
-        self._taken = None
-        try:
-            return build(request, caller)
-        except BaseException as exc:
-            if self._taken is not None:
-                self.access.settled(self._taken, exc.reason if isinstance(exc, Invalid)
-                                    else L.R_INTERNAL)
-            raise
+        self.operations = ops = Operations(ledger, keyring, access)
+        self._builders = ops.builders
+        self._tier_count = ops.tier_count
+        self._pin_tries_max = ledger.program.pin_tries_max
 
     async def _room(self, exc: Invalid, deadline: float | None) -> bool:
         """For a swipe refused only because its terminal's unanswered swipes fill the budget:
@@ -445,25 +146,25 @@ class CardService(pb_grpc.CardServiceServicer):
         await self.access.room(exc.busy_terminal, timeout_s)
         return True
 
-    def _settle(self, ops: list[PendingOp], outcomes) -> None:
-        """Settle the terminal swipes among ``ops`` in their terminals' budgets. Called by the
-        writer with the answer, even if the caller has gone: a cancelled call neither keeps
-        nor refunds its attempt early (the writer still applies it)."""
+    def _release(self, ops: list[PendingOp], outcomes) -> None:
+        """Mark the terminal swipes among ``ops`` answered in their terminals' budgets. Called by
+        the writer with the answer, even if the caller has gone: a cancelled call neither keeps
+        nor frees its place early (the writer still applies it)."""
         access = self.access
         for op, outcome in zip(ops, outcomes, strict=True):
             if op.ksn_counter:
-                access.settled(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], outcome.reason)
+                access.answered(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], outcome.reason)
 
     def _submit_now(self, ops: list[PendingOp], deadline: float | None) -> asyncio.Future:
-        """writer.submit, the swipes' budget settled from the answer; raises Overloaded or
-        Stopped (the swipes settled at once)."""
+        """writer.submit, the swipes' budget freed by the answer; raises Overloaded or
+        Stopped (the swipes freed at once)."""
         swipes = any(op.ksn_counter for op in ops)
         try:
-            return self.writer.submit(ops, deadline, self._settle if swipes else None)
+            return self.writer.submit(ops, deadline, self._release if swipes else None)
         except (Overloaded, Stopped) as exc:
             reason = R.REASON_OVERLOADED if isinstance(exc, Overloaded) else R.REASON_UNAVAILABLE
             if swipes:
-                self._settle(ops, [Outcome(reason, False, 0, None, 0)] * len(ops))
+                self._release(ops, [Outcome(reason, False, 0, None, 0)] * len(ops))
             raise
 
     # ---- submitting ------------------------------------------------------------
@@ -490,7 +191,7 @@ class CardService(pb_grpc.CardServiceServicer):
         try:
             while True:
                 try:
-                    return self._build(build, request, caller)
+                    return self.operations.build(build, request, caller)
                 except Invalid as exc:
                     if not await self._room(exc, deadline):
                         raise
@@ -515,22 +216,23 @@ class CardService(pb_grpc.CardServiceServicer):
     # ---- RPCs ------------------------------------------------------------------
 
     async def OpenCard(self, request, context):
-        return await self._unary("OpenCard", self._open_op, request, context)
+        return await self._unary("OpenCard", self.operations.open_op, request, context)
 
     async def TopUp(self, request, context):
-        return await self._unary("TopUp", self._top_up_op, request, context)
+        return await self._unary("TopUp", self.operations.top_up_op, request, context)
 
     async def Purchase(self, request, context):
-        return await self._unary("Purchase", self._purchase_op, request, context)
+        return await self._unary("Purchase", self.operations.purchase_op, request, context)
 
     async def SetPin(self, request, context):
-        return await self._unary("SetPin", self._set_pin_op, request, context)
+        return await self._unary("SetPin", self.operations.set_pin_op, request, context)
 
     async def ResetPin(self, request, context):
-        return await self._unary("ResetPin", self._reset_pin_op, request, context)
+        return await self._unary("ResetPin", self.operations.reset_pin_op, request, context)
 
-    def _inquiry(self, request: pb.GetCardRequest, caller: Caller) -> CardAccess:
-        return self._card(request.card, request.till if request.HasField("till") else None, caller)
+    def _inquiry(self, request: pb.GetCardRequest, caller: Caller):
+        return self.operations.swipes.card(
+            request.card, request.till if request.HasField("till") else None, caller)
 
     async def GetCard(self, request, context):
         started = time.perf_counter()
@@ -541,7 +243,7 @@ class CardService(pb_grpc.CardServiceServicer):
             reason = L.R_OK if found else L.R_CARD_NOT_FOUND
         finally:
             if card.ksn_counter:  # a terminal's inquiry is answered here
-                self.access.settled(card.terminal_id, reason)
+                self.access.answered(card.terminal_id, reason)
         self._call_seconds["GetCard"].observe(time.perf_counter() - started)
         if found is None:
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
@@ -568,7 +270,7 @@ class CardService(pb_grpc.CardServiceServicer):
         if caller.bad_token or (self.access.tls and caller.operator is None
                                 and caller.cert_terminal_id is None):
             raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        return self._request_key(request.request_id)
+        return request_key(request.request_id)
 
     def _may_see(self, caller: Caller, outcome: Outcome) -> Outcome:
         """With TLS: operators see any outcome; a terminal only those of its own journal entries.
@@ -616,7 +318,7 @@ class CardService(pb_grpc.CardServiceServicer):
             if not valid:
                 return
             ops, places = list(valid), list(where)
-            valid.clear()  # from here on the writer, or _submit_now's refusal, settles them
+            valid.clear()  # from here on the writer, or _submit_now's refusal, frees them
             where.clear()
             try:
                 fut = self._submit_now(ops, deadline)
@@ -640,7 +342,7 @@ class CardService(pb_grpc.CardServiceServicer):
                     op_type = self._builders[kind][0] if kind else 0
                     results[i] = result_of(request_id, Outcome(refused, False, op_type, None, 0))
                     continue
-                request_id, op_type, parsed = self._operation(op, caller)
+                request_id, op_type, parsed = self.operations.operation(op, caller)
                 while isinstance(parsed, Invalid) and parsed.busy_terminal:
                     if valid:
                         await flush()
@@ -648,7 +350,7 @@ class CardService(pb_grpc.CardServiceServicer):
                         break
                     if refused:
                         break
-                    request_id, op_type, parsed = self._operation(op, caller)
+                    request_id, op_type, parsed = self.operations.operation(op, caller)
                 if refused and not isinstance(parsed, PendingOp):
                     results[i] = result_of(request_id, Outcome(refused, False, op_type, None, 0))
                 elif isinstance(parsed, Invalid):
@@ -658,7 +360,7 @@ class CardService(pb_grpc.CardServiceServicer):
                     where.append((i, request_id, op_type))
             await flush()
         except BaseException:
-            self._settle(valid, [Outcome(L.R_INTERNAL, False, 0, None, 0)] * len(valid))
+            self._release(valid, [Outcome(L.R_INTERNAL, False, 0, None, 0)] * len(valid))
             raise
         self.metrics.count_many((r.type, r.reason) for r in results)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
@@ -683,14 +385,14 @@ class CardService(pb_grpc.CardServiceServicer):
             try:
                 async for op in request_iterator:
                     await slots.acquire()
-                    request_id, op_type, parsed = self._operation(op, self.access.current(caller))
+                    request_id, op_type, parsed = self.operations.operation(op, self.access.current(caller))
                     while isinstance(parsed, Invalid) and parsed.busy_terminal:
                         if waiting:  # room comes as this stream's replies go out
                             answered.clear()
                             await answered.wait()
                         elif not await self._room(parsed, self._deadline(context)):
                             break
-                        request_id, op_type, parsed = self._operation(op, self.access.current(caller))
+                        request_id, op_type, parsed = self.operations.operation(op, self.access.current(caller))
                     if isinstance(parsed, Invalid):
                         in_flight.put_nowait(_failed_result(request_id, op_type, parsed))
                         continue

@@ -35,7 +35,8 @@ can wait on the other with both send buffers full::
     group   = ts_us:i64 | n:u32 | n x (key_len:u8 | ksn_counter:u32 | profile_len:u32
               | sealed_len:u32 | payload_len:u32 | op:128 B | digest:16 B | key | profile
               | sealed | payload)      (a length of 0xFFFFFFFF = none)
-    answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | entry:128 B)
+    answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
+              | entry:128 B)
               (entry all zeros when there is none)
     failure = b"FATAL:" + exception class name
 """
@@ -73,7 +74,7 @@ WRITER_START_TIMEOUT_S = 60.0
 
 GROUP_HEAD = struct.Struct("<qI")
 OP_HEAD = struct.Struct("<BIIII")
-ANSWER = struct.Struct("<HBBq128s")
+ANSWER = struct.Struct("<HBBqI128s")
 NONE_LEN = 0xFFFFFFFF
 NO_EXTRAS = [NONE_LEN] * 3
 NO_ENTRY = bytes(L.JOURNAL_SIZE)
@@ -140,14 +141,16 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
 
 
 def encode_answer(outcomes: list[Outcome]) -> bytes:
-    return b"".join([ANSWER.pack(o.reason, o.replayed, o.op, o.available_minor, o.entry or NO_ENTRY)
+    return b"".join([ANSWER.pack(o.reason, o.replayed, o.op, o.available_minor, o.count,
+                                     o.entry or NO_ENTRY)
                      for o in outcomes])
 
 
 def decode_answer(data: bytes) -> list[Outcome]:
     out = []
-    for reason, replayed, op, available, entry in ANSWER.iter_unpack(data):
-        out.append(Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry, available))
+    for reason, replayed, op, available, count, entry in ANSWER.iter_unpack(data):
+        out.append(Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry,
+                           available, count))
     return out
 
 
@@ -207,7 +210,7 @@ def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None,
                           exc)
                 ledger.close()  # LMDB may have flagged the environment after a failed sync
                 ledger = open_ledger()
-                outcomes = ledger.settle(ops)
+                outcomes = ledger.landed(ops)
             send_frame(sock, encode_answer(outcomes))
     except (BrokenPipeError, ConnectionResetError):
         return  # the server process went away

@@ -1,7 +1,11 @@
-"""The one table from cardcore.v1.Reason to gRPC status codes and messages."""
+"""Refusals, in one place: the table from cardcore.v1.Reason to gRPC status codes and messages,
+the ``Invalid`` exception that request handling raises, and the helpers that turn a reason into
+a status with machine-readable details (google.rpc.ErrorInfo and cardcore.v1.Failure)."""
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from cardcore.v1 import common_pb2 as pb
 
@@ -63,3 +67,43 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}
+
+DOMAIN = "cardcore.v1"
+
+
+class Invalid(Exception):
+    """Bad input: answered with INVALID_ARGUMENT (or its reason's code), nothing changed."""
+
+    def __init__(self, reason: int, field: str, busy_terminal: int = 0):
+        super().__init__(field)
+        self.reason = reason
+        self.field = field
+        # RATE_LIMITED by this terminal's unanswered swipes, not its failures: wait, then retry
+        self.busy_terminal = busy_terminal
+
+
+def failure(reason: int, field: str = "", available_minor: int = 0,
+            pin_tries_left: int = 0) -> pb.Failure:
+    return pb.Failure(reason=reason, message=TABLE[reason][1], field=field,
+                      available_minor=available_minor, pin_tries_left=pin_tries_left)
+
+
+def status_details(fail: pb.Failure) -> tuple[tuple[str, bytes]]:
+    """Trailing metadata carrying google.rpc.Status with ErrorInfo and Failure details."""
+    info = error_details_pb2.ErrorInfo(reason=R.Name(fail.reason), domain=DOMAIN)
+    if fail.field:
+        info.metadata["field"] = fail.field
+    if fail.reason == R.REASON_INSUFFICIENT_FUNDS:
+        info.metadata["available_minor"] = str(fail.available_minor)
+    if fail.reason == R.REASON_PIN_WRONG:
+        info.metadata["pin_tries_left"] = str(fail.pin_tries_left)
+    status = status_pb2.Status(code=CODE_NUMBER[fail.reason], message=fail.message)
+    for detail in (info, fail):
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+async def abort(context: grpc.aio.ServicerContext, fail: pb.Failure):
+    await context.abort(TABLE[fail.reason][0], fail.message, status_details(fail))

@@ -1,0 +1,282 @@
+"""Client commands: a small human client of CardService and AdminService (plaintext or mutual
+TLS, an operator token when one is given)."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import uuid
+
+from .cmd_server import keys_check
+from .text import DEFAULT_DATA_DIR, env, fen, table
+
+
+def _channel(args):
+    """Mutual TLS when a CA is given (the client certificate names a terminal or a back-office
+    host), plaintext otherwise (a server started with --insecure)."""
+    import grpc
+
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.target)
+    with open(args.tls_ca, "rb") as f:
+        root = f.read()
+    key = cert = None
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
+            cert, key = c.read(), k.read()
+    return grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root, key, cert))
+
+
+def stub_of(args):
+    from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+
+    return pb_grpc.CardServiceStub(_channel(args))
+
+
+def admin_stub_of(args):
+    from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
+
+    return apb_grpc.AdminServiceStub(_channel(args))
+
+
+def _token(args) -> str | None:
+    """The operator token: env CARDCORE_TOKEN or --token-file; for admin commands (and pos
+    --operator) also the bootstrap admin's file in the data folder, a development convenience
+    card commands never use: a till's call does not carry a chain admin's token unasked."""
+    if os.environ.get("CARDCORE_TOKEN"):
+        return os.environ["CARDCORE_TOKEN"].strip()
+    if not args.token_file and not getattr(args, "admin_command", False):
+        return None
+    path = args.token_file or os.path.join(env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR), "admin.token")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        if args.token_file:
+            raise SystemExit(f"cardcore: no token file at {path}") from None
+        return None
+
+
+def call(fn, request, args):
+    import grpc
+
+    token = _token(args) if getattr(args, "as_operator", True) else None
+    try:
+        return fn(request, timeout=args.timeout_s,
+                  metadata=(("authorization", f"Bearer {token}"),) if token else None)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}{_failure_detail(err)}", file=sys.stderr)
+        if err.code() == grpc.StatusCode.UNAVAILABLE and not args.tls_ca:
+            print("hint: a server started without --insecure speaks TLS only: pass --tls-ca "
+                  "(and --tls-cert/--tls-key), or the CARDCORE_TLS_* variables", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _failure_detail(err) -> str:
+    """The machine-readable part of a refusal, for people: reason, field, available balance."""
+    from grpc_status import rpc_status
+
+    from cardcore.v1 import common_pb2 as cpb
+
+    status = rpc_status.from_call(err)
+    for detail in status.details if status else ():
+        fail = cpb.Failure()
+        if detail.Unpack(fail):
+            text = f" [{cpb.Reason.Name(fail.reason)}"
+            if fail.field:
+                text += f" field={fail.field}"
+            if fail.reason == cpb.REASON_INSUFFICIENT_FUNDS:
+                text += f" available={fen(fail.available_minor)}"
+            if fail.reason == cpb.REASON_PIN_WRONG:
+                text += f" tries_left={fail.pin_tries_left}"
+            return text + "]"
+    return ""
+
+
+def _till(args):
+    from cardcore.v1 import common_pb2 as cpb
+
+    return cpb.Till(store_id=args.store, terminal_id=args.terminal, staff_id=args.staff)
+
+
+def print_result(result, looked_up: bool = False) -> None:
+    from cardcore.v1 import common_pb2 as cpb
+
+    rows = [("request", result.request_id), ("operation", cpb.OperationType.Name(result.type)),
+            ("journal seq", str(result.seq))]
+    if result.type == cpb.OPERATION_TYPE_PURCHASE:
+        rows += [("gross", fen(result.amount_minor)), ("discount", fen(result.discount_minor)),
+                 ("paid", fen(result.paid_minor)), ("points earned", f"{result.points_earned:,}")]
+    elif result.type == cpb.OPERATION_TYPE_TOP_UP:
+        rows.append(("topped up", fen(result.amount_minor)))
+    b = result.balance_after
+    rows += [("balance", fen(b.available_minor)), ("  principal", fen(b.principal_minor)),
+             ("  bonus", fen(b.bonus_minor)), ("points", f"{b.points:,}")]
+    if looked_up:
+        rows.append(("note", "looked up: this request_id was applied"))
+    elif result.replayed:
+        rows.append(("note", "replayed: this request_id was already applied"))
+    print(table(rows))
+
+
+def cmd_open_card(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.OpenCardRequest(
+        request_id=args.request_id or str(uuid.uuid4()),
+        card=cpb.CardRef(card_number=args.card), tier=args.tier, till=_till(args),
+        profile=pb.MemberProfile(name=args.name, phone=args.phone, birthday=args.birthday,
+                                 home_store_id=args.store))
+    print_result(call(stub_of(args).OpenCard, req, args))
+    return 0
+
+
+def cmd_top_up(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.TopUpRequest(request_id=args.request_id or str(uuid.uuid4()),
+                          card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
+                          till=_till(args))
+    print_result(call(stub_of(args).TopUp, req, args))
+    return 0
+
+
+def cmd_purchase(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.PurchaseRequest(request_id=args.request_id or str(uuid.uuid4()),
+                             card=cpb.CardRef(card_number=args.card),
+                             gross_amount_minor=args.amount, till=_till(args))
+    print_result(call(stub_of(args).Purchase, req, args))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    card = call(stub_of(args).GetCard, pb.GetCardRequest(card=cpb.CardRef(card_number=args.card),
+                                                       till=_till(args)), args)
+    print_card(card)
+    return 0
+
+
+def print_card(card) -> None:
+    from cardcore.v1 import common_pb2 as cpb
+
+    opened = datetime.datetime.fromtimestamp(card.opened_at_us / 1e6, datetime.timezone.utc)
+    print(table([
+        ("card", card.masked_number),
+        ("status", cpb.CardStatus.Name(card.status).removeprefix("CARD_STATUS_").lower()),
+        ("tier", f"{card.tier} {card.tier_name} (pays {card.discount_rate_bp / 100:g}%)"),
+        ("balance", fen(card.balance.available_minor)),
+        ("  principal", fen(card.balance.principal_minor)),
+        ("  bonus", fen(card.balance.bonus_minor)),
+        ("points", f"{card.balance.points:,}"),
+        ("lifetime paid", fen(card.lifetime_paid_minor)),
+        ("member", card.profile.name or "-"),
+        ("opened", opened.strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("PIN", "locked" if card.pin_locked else "set" if card.pin_set else "not set"),
+        ("last journal seq", str(card.last_seq)),
+    ]))
+
+
+def cmd_operation(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    resp = call(stub_of(args).GetOperation, pb.GetOperationRequest(request_id=args.request_id),
+                 args)
+    if not resp.found:
+        print(f"{args.request_id}: not applied (retry the original request with this id)")
+        return 1
+    if resp.result.reason != cpb.REASON_OK:
+        print(f"{args.request_id}: declined: {cpb.Reason.Name(resp.result.reason)}")
+        return 0
+    print_result(resp.result, looked_up=True)
+    return 0
+
+
+# ---- administration (operator token) -----------------------------------------------------
+
+ROLES = ("cashier", "store_manager", "region_manager", "chain_admin")
+
+
+def _print_terminal(t) -> None:
+    state = "revoked" if t.revoked else "active"
+    print(f"terminal {t.terminal_id}  store {t.store_id}  {state}  key id {t.initial_key_id.hex()}"
+          f"  last KSN counter {t.last_ksn_counter}")
+
+
+def cmd_terminals(args) -> int:
+    from cardcore.terminal import TerminalKeys
+    from cardcore.v1 import admin_service_pb2 as apb
+
+    stub = admin_stub_of(args)
+    if args.action == "enroll":
+        out = args.out or f"terminal-{args.terminal_id}.keys.json"
+        if os.path.exists(out):
+            raise SystemExit(f"cardcore: {out} exists: a terminal's keys are handed out once")
+        resp = call(stub.EnrollTerminal, apb.EnrollTerminalRequest(
+            request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id,
+            store_id=args.store), args)
+        if not resp.initial_key:
+            raise SystemExit("cardcore: this request_id enrolled the terminal before; its key "
+                             "was handed out then")
+        TerminalKeys(resp.terminal.terminal_id, resp.terminal.store_id, resp.initial_key,
+                     resp.terminal.initial_key_id).save(out)
+        _print_terminal(resp.terminal)
+        print(f"initial key written to {out} (0600): load it into the terminal, keep no copy")
+    elif args.action == "revoke":
+        _print_terminal(call(stub.RevokeTerminal, apb.RevokeTerminalRequest(
+            request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id), args))
+    else:
+        for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store), args).terminals:
+            _print_terminal(t)
+    return 0
+
+
+def cmd_operators(args) -> int:
+    from cardcore.v1 import admin_service_pb2 as apb
+    from cardcore.v1 import common_pb2 as cpb
+
+    stub = admin_stub_of(args)
+
+    def show(o):
+        role = cpb.OperatorRole.Name(o.role).removeprefix("OPERATOR_ROLE_").lower()
+        scope = ",".join(map(str, o.store_ids)) or "whole chain"
+        print(f"operator {o.operator_id}  {o.name}  {role}  stores {scope}"
+              f"{'  removed' if o.removed else ''}")
+
+    if args.action == "add":
+        role = cpb.OperatorRole.Value("OPERATOR_ROLE_" + args.role.upper())
+        stores = [int(x) for x in args.stores.split(",") if x] if args.stores else []
+        resp = call(stub.AddOperator, apb.AddOperatorRequest(
+            request_id=args.request_id or str(uuid.uuid4()), name=args.name, role=role,
+            store_ids=stores), args)
+        show(resp.operator)
+        if resp.token:
+            print(f"token (shown once; the server keeps only its hash): {resp.token}")
+    elif args.action == "remove":
+        show(call(stub.RemoveOperator, apb.RemoveOperatorRequest(
+            request_id=args.request_id or str(uuid.uuid4()), name=args.name), args))
+    else:
+        for o in call(stub.ListOperators, apb.ListOperatorsRequest(), args).operators:
+            show(o)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    if args.action == "rotate":
+        from cardcore.v1 import admin_service_pb2 as apb
+
+        args.timeout_s = max(args.timeout_s, 3600.0)
+        resp = call(admin_stub_of(args).RotateDataKey, apb.RotateDataKeyRequest(
+            request_id=args.request_id or str(uuid.uuid4())), args)
+        print(f"data key version {resp.key_version} is current; {resp.cards_resealed:,} stored "
+              "card numbers re-encrypted under it")
+        return 0
+    return keys_check(args)

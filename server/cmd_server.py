@@ -1,0 +1,177 @@
+"""Server-side commands: run the server, and work on a data folder (verify, backup, restore,
+keys check), each beside or instead of a running server."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import sys
+
+from .text import fen, table
+
+
+def cmd_serve(args) -> int:
+    from .app import ServerConfig, StartupError, WriterFailed, serve
+
+    cfg = ServerConfig(log_level=args.log_level, log_format=args.log_format, data_dir=args.data_dir,
+                       listen=args.listen, program_path=args.program, keyring_path=args.keyring,
+                       insecure=args.insecure, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_client_ca=args.tls_client_ca,
+                       failures_per_minute=args.failures_per_minute, sync=not args.no_sync,
+                       group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
+                       queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
+                       map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen)
+    try:
+        asyncio.run(serve(cfg))
+    except StartupError as exc:
+        print(f"cardcore: {exc}", file=sys.stderr)
+        return 2
+    except WriterFailed as exc:
+        print(f"cardcore: stopped because the writer failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _open_ledger(path: str):
+    """A ledger folder opened read-only (verify, backup and restore run beside a live server)."""
+    from cardcore.ledger import Ledger
+    from cardcore.rules import load_program
+
+    return Ledger(path, load_program(None), sync=False, readonly=True)
+
+
+def _ledger_in(folder: str, missing: str) -> str | None:
+    """The ledger path inside a data or backup folder, or None (after saying so) if there is none."""
+    path = os.path.join(folder, "ledger")
+    if os.path.exists(os.path.join(path, "data.mdb")):
+        return path
+    print(f"{missing} at {folder}", file=sys.stderr)
+    return None
+
+
+def _verify_at(path: str) -> dict:
+    ledger = _open_ledger(path)
+    try:
+        return ledger.verify()
+    finally:
+        ledger.close()
+
+
+def cmd_verify(args) -> int:
+    path = _ledger_in(args.data_dir, "no ledger")
+    if path is None:
+        return 2
+    report = _verify_at(path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table([
+            ("ledger", path),
+            ("result", "clean" if report["ok"] else "PROBLEMS FOUND"),
+            ("cards", f"{report['cards']:,}"),
+            ("journal entries", f"{report['journal_entries']:,}"),
+            ("request records", f"{report['requests']:,}"),
+            ("principal total", fen(report["principal_minor"])),
+            ("bonus total", fen(report["bonus_minor"])),
+            ("points total", f"{report['points']:,}"),
+        ]))
+        for p in report["problems"]:
+            print(f"  - {p}")
+    return 0 if report["ok"] else 1
+
+
+def cmd_backup(args) -> int:
+    """Hot backup: a consistent, compacted copy of the ledger, verified, with a manifest."""
+    src = _ledger_in(args.data_dir, "no ledger")
+    if src is None:
+        return 2
+    if os.path.exists(args.to):
+        print(f"{args.to} exists: a backup goes to a new folder", file=sys.stderr)
+        return 2
+    ledger = _open_ledger(src)
+    try:
+        ledger.backup(os.path.join(args.to, "ledger"))
+    finally:
+        ledger.close()
+    report = _verify_at(os.path.join(args.to, "ledger"))
+    manifest = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "source": os.path.abspath(src), "verify": report}
+    with open(os.path.join(args.to, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    print(table([("backup", args.to), ("result", "clean" if report["ok"] else "PROBLEMS FOUND"),
+                  ("cards", f"{report['cards']:,}"),
+                  ("journal entries", f"{report['journal_entries']:,}"),
+                  ("note", "keys are not in the backup: keep the keyring's own copy")]))
+    return 0 if report["ok"] else 1
+
+
+def cmd_restore(args) -> int:
+    """Put a backup in place of a data folder's ledger (server stopped; verified first)."""
+    import shutil
+
+    from .app import StartupError, lock_data_dir
+
+    src = _ledger_in(args.source, "no backup")
+    if src is None:
+        return 2
+    report = _verify_at(src)
+    if not report["ok"]:
+        print("the backup does not verify; nothing restored", file=sys.stderr)
+        return 1
+    os.makedirs(args.data_dir, exist_ok=True)
+    try:
+        lock = lock_data_dir(args.data_dir)
+    except StartupError as exc:
+        print(f"{exc}: stop it first", file=sys.stderr)
+        return 2
+    with lock:
+        dest = os.path.join(args.data_dir, "ledger")
+        if os.path.exists(dest):
+            if not args.force:
+                print(f"{dest} exists: pass --force to replace it", file=sys.stderr)
+                return 2
+            shutil.rmtree(dest)
+        os.makedirs(dest)
+        tmp = os.path.join(dest, "data.mdb.restoring")
+        shutil.copyfile(os.path.join(src, "data.mdb"), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(dest, "data.mdb"))
+    print(table([("restored", dest), ("cards", f"{report['cards']:,}"),
+                  ("journal entries", f"{report['journal_entries']:,}")]))
+    return 0
+
+
+def keys_check(args) -> int:
+    """Offline check: every stored card number opens under the keyring and hashes to its card id."""
+    import collections
+
+    from cardcore import cards
+    from cardcore.keyring import Keyring, SealError
+
+    path = _ledger_in(args.data_dir, "no ledger")
+    if path is None:
+        return 2
+    ring = Keyring.load(args.keyring or os.path.join(args.data_dir, "keyring.json"))
+    ledger = _open_ledger(path)
+    versions: collections.Counter = collections.Counter()
+    bad = 0
+    try:
+        after = b""
+        while chunk := ledger.read_sealed(after, 1000):
+            after = chunk[-1][0]
+            for card_id, sealed in chunk:
+                versions[Keyring.sealed_version(sealed)] += 1
+                try:
+                    ok = cards.card_id(ring.index_key, ring.unseal(card_id, sealed)) == card_id
+                except SealError:
+                    ok = False
+                bad += not ok
+    finally:
+        ledger.close()
+    by_version = ", ".join(f"v{v}: {n:,}" for v, n in sorted(versions.items())) or "none"
+    print(table([("card numbers", f"{sum(versions.values()):,}"), ("by key version", by_version),
+                  ("current version", str(ring.data_key_current)),
+                  ("result", "clean" if not bad else f"{bad:,} DO NOT OPEN")]))
+    return 0 if not bad else 1

@@ -1,0 +1,203 @@
+"""Building operations: a validated request becomes a ``PendingOp`` for the writer.
+
+Limits are checked here, where data enters; the card and PIN blocks are
+resolved by ``swipe``; what is packed is what the writer applies.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+
+from cardcore import cards
+from cardcore import layout as L
+from cardcore.keyring import Keyring
+from cardcore.ledger import Ledger, PendingOp
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+
+from .access import ROLE, Access, Caller
+from .errors import Invalid
+from .swipe import CardAccess, Swipes
+
+log = logging.getLogger("cardcore.service")
+
+R = cpb.Reason
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
+BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+NAME_LEN_MAX = 64
+NO_PIN = bytes(32)
+
+
+class _Malformed:
+    """What a request that does not decode becomes, instead of an exception inside grpc (which
+    answers UNKNOWN, logs a traceback per call and ends a whole stream)."""
+
+    __slots__ = ()
+
+    def WhichOneof(self, _name):  # a stream item that names no operation
+        return None
+
+
+MALFORMED = _Malformed()
+
+
+def request_key(request_id: str) -> bytes:
+    if not REQUEST_ID_RE.fullmatch(request_id):
+        raise Invalid(R.REASON_INVALID_REQUEST_ID, "request_id")
+    return request_id.encode("ascii")
+
+
+class Operations:
+    """Builders for every mutating card operation, by request type."""
+
+    def __init__(self, ledger: Ledger, keyring: Keyring, access: Access):
+        self.ledger = ledger
+        self.keyring = keyring
+        self.access = access
+        program = ledger.program
+        self.swipes = Swipes(access, keyring, program.require_luhn)
+        self.tier_count = len(program.tiers)
+        self.top_up_pin = L.PIN_REQUIRED if program.pin_on_top_up else 0
+        # Development mode (no TLS) lets a card without a PIN be spent with a clear number.
+        self.dev_pin = 0 if access.tls else L.PIN_OPTIONAL_UNSET
+        self.builders = {"open_card": (L.OP_OPEN, self.open_op),
+                         "top_up": (L.OP_TOP_UP, self.top_up_op),
+                         "purchase": (L.OP_PURCHASE, self.purchase_op),
+                         "set_pin": (L.OP_SET_PIN, self.set_pin_op),
+                         "reset_pin": (L.OP_RESET_PIN, self.reset_pin_op)}
+
+    def _op(self, key: bytes, op_type: int, card: CardAccess, till: cpb.Till, caller: Caller,
+            amount_minor: int = 0, pin_flags: int = 0, pin_check: bytes = NO_PIN,
+            new_pin_check: bytes = NO_PIN, **kw) -> PendingOp:
+        operator = caller.operator
+        return PendingOp.build(key, op_type, card.card_id, amount_minor, till.store_id,
+                               till.terminal_id, till.staff_id, pin_flags=pin_flags,
+                               pin_check=pin_check, new_pin_check=new_pin_check,
+                               operator_id=operator.operator_id if operator else 0,
+                               ksn_counter=card.ksn_counter, **kw)
+
+    def open_op(self, req: pb.OpenCardRequest, caller: Caller) -> PendingOp:
+        key = request_key(req.request_id)
+        if req.tier >= self.tier_count:
+            raise Invalid(R.REASON_INVALID_TIER, "tier")
+        p = req.profile
+        if len(p.name) > NAME_LEN_MAX:
+            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
+        if not p.name.isprintable():
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.name")
+        if len(p.phone) > 20:
+            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
+        if not PHONE_RE.fullmatch(p.phone):
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
+        if p.birthday:
+            try:
+                if not BIRTHDAY_RE.fullmatch(p.birthday):
+                    raise ValueError
+                datetime.date.fromisoformat(p.birthday)
+            except ValueError:
+                raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.birthday") from None
+        swipes = self.swipes
+        card = swipes.card(req.card, req.till, caller)
+        pin_flags, new_check = 0, NO_PIN
+        if req.pin_block:
+            new_check = swipes.pin_check(card, req.pin_block, "pin_block", new=True,
+                                         birthday=p.birthday)
+            pin_flags = L.NEW_PIN
+        profile = json.dumps({"masked": cards.mask(card.number), "name": p.name,
+                              "phone": p.phone, "birthday": p.birthday,
+                              "home_store_id": p.home_store_id},
+                             sort_keys=True, separators=(",", ":")).encode()
+        return self._op(key, L.OP_OPEN, card, req.till, caller, pin_flags=pin_flags,
+                        new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
+                        profile=profile, sealed=self.keyring.seal(card.card_id, card.number))
+
+    def _money_op(self, req, caller: Caller, op_type: int, amount_field: str,
+                  pin_flags: int) -> PendingOp:
+        key = request_key(req.request_id)
+        amount = getattr(req, amount_field)
+        if amount <= 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, amount_field)
+        card = self.swipes.card(req.card, req.till, caller)
+        check = NO_PIN
+        if req.pin_block:
+            check = self.swipes.pin_check(card, req.pin_block, "pin_block")
+            pin_flags |= L.PIN_PRESENTED
+        return self._op(key, op_type, card, req.till, caller, amount, pin_flags, check)
+
+    def top_up_op(self, req: pb.TopUpRequest, caller: Caller) -> PendingOp:
+        return self._money_op(req, caller, L.OP_TOP_UP, "amount_minor", self.top_up_pin | self.dev_pin)
+
+    def purchase_op(self, req: pb.PurchaseRequest, caller: Caller) -> PendingOp:
+        return self._money_op(req, caller, L.OP_PURCHASE, "gross_amount_minor",
+                              L.PIN_REQUIRED | self.dev_pin)
+
+    def set_pin_op(self, req: pb.SetPinRequest, caller: Caller) -> PendingOp:
+        """A change needs the old PIN; a first PIN needs an operator at the till (the kernel
+        refuses it without one), who vouches for the member."""
+        key = request_key(req.request_id)
+        if not req.new_pin_block:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "new_pin_block")
+        if caller.operator is not None and not caller.operator.may(ROLE.OPERATOR_ROLE_CASHIER,
+                                                                   req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        swipes = self.swipes
+        card = swipes.card(req.card, req.till, caller)
+        pin_flags, check = L.NEW_PIN, NO_PIN
+        if req.old_pin_block:
+            check = swipes.pin_check(card, req.old_pin_block, "old_pin_block")
+            pin_flags |= L.PIN_PRESENTED
+        new_check = swipes.pin_check(card, req.new_pin_block, "new_pin_block", new=True,
+                                     birthday=self.birthday(card.card_id))
+        return self._op(key, L.OP_SET_PIN, card, req.till, caller, 0, pin_flags, check, new_check)
+
+    def reset_pin_op(self, req: pb.ResetPinRequest, caller: Caller) -> PendingOp:
+        key = request_key(req.request_id)
+        operator = caller.operator
+        if operator is None:
+            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        if not operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        card = self.swipes.card(req.card, req.till, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        pin_flags, new_check = 0, NO_PIN
+        if req.new_pin_block:
+            new_check = self.swipes.pin_check(card, req.new_pin_block, "new_pin_block", new=True,
+                                              birthday=self.birthday(card.card_id))
+            pin_flags = L.NEW_PIN
+        return self._op(key, L.OP_RESET_PIN, card, req.till, caller, 0, pin_flags,
+                        new_pin_check=new_check)
+
+    def birthday(self, card_id: bytes) -> str:
+        found = self.ledger.read_card(card_id)
+        return found[1].get("birthday", "") if found else ""
+
+    def build(self, build, request, caller: Caller):
+        """``build(request, caller)``; a terminal swipe refused after it was taken into the
+        terminal's budget is answered in the budget here (with the refusal's reason, or
+        INTERNAL)."""
+        swipes = self.swipes
+        swipes.taken = None
+        try:
+            return build(request, caller)
+        except BaseException as exc:
+            if swipes.taken is not None:
+                self.access.answered(swipes.taken, exc.reason if isinstance(exc, Invalid)
+                                     else L.R_INTERNAL)
+            raise
+
+    def operation(self, op: pb.Operation, caller: Caller) -> tuple[str, int, PendingOp | Invalid]:
+        """(request_id, op type, PendingOp or the Invalid that refused it) of a batch/stream item."""
+        kind = op.WhichOneof("op")
+        if kind is None:
+            return "", 0, Invalid(R.REASON_INVALID_ARGUMENT, "(message)" if op is MALFORMED else "op")
+        op_type, build = self.builders[kind]
+        request = getattr(op, kind)
+        try:
+            return request.request_id, op_type, self.build(build, request, caller)
+        except Invalid as exc:
+            return request.request_id, op_type, exc
+        except Exception:  # a bug, not the caller's: this operation fails, its neighbours go on
+            log.exception("operation %s failed", cpb.OperationType.Name(op_type))
+            return request.request_id, op_type, Invalid(R.REASON_INTERNAL, "")
