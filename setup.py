@@ -59,6 +59,8 @@ setup(
          Extension("cardcore.ext.cardno", ["ext/cardno.pyx"], extra_compile_args=["-O2"]),
          # OpenSSL's libcrypto (Debian: libssl-dev to build, libssl3 to run)
          Extension("cardcore.ext.aes", ["ext/aes.pyx"], libraries=["crypto"],
+                   extra_compile_args=["-O2"]),
+         Extension("cardcore.ext.chain", ["ext/chain.pyx"], libraries=["crypto"],
                    extra_compile_args=["-O2"])],
         include_path=["ext"],
         compiler_directives={"language_level": "3"},
