@@ -20,14 +20,15 @@ SLOTS = 1_000
 
 def _inputs():
     rng = random.Random(7)
-    program = rules.DEFAULT_PROGRAM.packed()
+    program = rules.DEFAULT_PROGRAM.packed(1)
     pin = bytes(range(32))  # every card has a PIN; every purchase presents the right one
     records = b"".join(L.CARD.pack(1, 1, rng.randrange(3), 0, L.CARD_PIN_SET, 10**9, 10**6, 0, 0, 0,
                                    1, 0, 0, 0, pin, bytes(24)) for _ in range(SLOTS))
     slots = array("I", [rng.randrange(SLOTS) for _ in range(GROUP_OPS)])
-    ops = b"".join(L.OP.pack(L.OP_PURCHASE, 0, L.PIN_PRESENTED | L.PIN_REQUIRED, 0, 0,
-                             rng.randrange(1, 100_000), 1, 2, 3, 0, i.to_bytes(8, "little"),
-                             bytes(16), bytes(8), pin, bytes(32)) for i in range(GROUP_OPS))
+    ops = b"".join(L.OP.pack(L.OP_PURCHASE, 0, L.PIN_PRESENTED | L.PIN_REQUIRED, L.CALLER_TERMINAL,
+                             0, rng.randrange(1, 100_000), 1, 2, 3, 0, i.to_bytes(8, "little"),
+                             bytes(16), 1_700_000_000_000_000, pin, bytes(32), 2, 0, 0, 0, 0,
+                             bytes(32)) for i in range(GROUP_OPS))
     return program, ops, slots, records
 
 

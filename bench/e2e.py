@@ -32,6 +32,7 @@ import time
 import grpc
 import lmdb
 
+from cardcore.terminal import now_us
 from cardcore.cards import random_number
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
@@ -123,7 +124,7 @@ class Requests:
 
     def purchase(self) -> pb.PurchaseRequest:
         self.i += 1
-        return pb.PurchaseRequest(
+        return pb.PurchaseRequest(client_time_us=now_us(), 
             request_id=f"{self.tag}-{self.i}", card=cpb.CardRef(card_number=self.rng.choice(self.numbers)),
             gross_amount_minor=self.rng.randrange(100, 10_000),
             till=cpb.Till(store_id=self.rng.randrange(1, 200), terminal_id=self.rng.randrange(1, 5000)))
@@ -245,9 +246,9 @@ def seed(target: str, numbers: list[str]) -> None:
             ops = []
             for i, n in enumerate(chunk):
                 ref = cpb.CardRef(card_number=n)
-                ops.append(pb.Operation(open_card=pb.OpenCardRequest(
+                ops.append(pb.Operation(open_card=pb.OpenCardRequest(client_time_us=now_us(), 
                     request_id=f"seed-o-{start + i}", card=ref, tier=(start + i) % 3)))
-                ops.append(pb.Operation(top_up=pb.TopUpRequest(
+                ops.append(pb.Operation(top_up=pb.TopUpRequest(client_time_us=now_us(), 
                     request_id=f"seed-t-{start + i}", card=ref, amount_minor=10**12)))
             for half in (ops[:SEED_BATCH], ops[SEED_BATCH:]):
                 res = stub.SubmitBatch(pb.SubmitBatchRequest(operations=half)).results
@@ -302,7 +303,7 @@ def enroll_terminals(target: str, data_dir: str, count: int) -> list:
     with grpc.insecure_channel(target) as ch:
         stub = apb_grpc.AdminServiceStub(ch)
         for tid in range(1, count + 1):
-            resp = stub.EnrollTerminal(apb.EnrollTerminalRequest(
+            resp = stub.EnrollTerminal(apb.EnrollTerminalRequest(client_time_us=now_us(), 
                 request_id=f"bench-enroll-{tid}", terminal_id=tid, store_id=1), metadata=metadata)
             out.append(Terminal(TerminalKeys(tid, 1, resp.initial_key, resp.terminal.initial_key_id)))
     return out

@@ -46,6 +46,7 @@ import uuid
 
 import grpc
 
+from cardcore.terminal import now_us
 from cardcore import pin as pinlib
 from cardcore.cards import random_number
 from cardcore.terminal import Terminal, TerminalKeys
@@ -91,7 +92,7 @@ def run_time(text: str) -> str:
 
 def enroll(admin: apb_grpc.AdminServiceStub, token: str, terminal_id: int, store_id: int) -> Terminal:
     try:
-        resp = admin.EnrollTerminal(apb.EnrollTerminalRequest(
+        resp = admin.EnrollTerminal(apb.EnrollTerminalRequest(client_time_us=now_us(), 
             request_id=str(uuid.uuid4()), terminal_id=terminal_id, store_id=store_id),
             metadata=(("authorization", f"Bearer {token}"),))
     except grpc.RpcError as err:

@@ -1,20 +1,43 @@
-"""Admin state inside a write transaction: terminals and their DUKPT counters, operators, keys.
+"""Admin state inside a write transaction: terminals, operators, programs, keys.
 
-One ``AdminState`` per group: it reads terminal records once, lets the
-group's operations change them in arrival order, and writes each changed
-record once at the end (``flush``). Admin operations (op >= 16) move no
-money and are journaled like card operations, with their operator's id.
+One ``AdminState`` per group. It reads terminal and operator records once,
+lets the group's operations change them in arrival order, and writes each
+changed record once at the end (``flush``). Every check that depends on
+admin state (a terminal's status and KSN counter, an operator's existence,
+role and store scope) is made here, against the ledger as the group has
+changed it so far: a swipe from a terminal revoked earlier in the same group
+is refused. Admin operations (op >= 16) move no money and are journaled like
+card operations, with their operator's id.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
 from cardcore import layout as L
-from cardcore.idempotency import InvariantError, PendingOp
+from cardcore.idempotency import (SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL,
+                                  InvariantError, PendingOp)
+from cardcore.program import ProgramError, parse_program
+from cardcore.rules import Program
 
 OPERATOR_NEXT_ID = b"\x00next_id"   # operators db: the next operator id (u32 LE)
 RESEAL_ITEM = struct.Struct("<16sBB")  # card_id, old length, new length; then old, new
+FLOOR = struct.Struct("<BII7x")        # OP_FLOOR subject: what, id, value
+FLOOR_TERMINAL_KSN, FLOOR_OPERATOR_ID = 1, 2
+TIER_CARDS = struct.Struct(f"<{L.MAX_TIERS}Q")
+META_FORMAT, META_PROGRAM = b"format", b"program_current"
+META_TIER_CARDS, META_PRUNED_THROUGH = b"tier_cards", b"pruned_through_us"
+U32 = struct.Struct("<I")
+I64 = struct.Struct("<q")
+
+
+def program_record(source: str, version: int, ts_us: int, operator_id: int) -> bytes:
+    """What ``programs`` stores for a version: the document as loaded, and who loaded it when."""
+    return json.dumps({"version": version, "source": source, "loaded_us": ts_us,
+                       "loaded_by": operator_id,
+                       "sha256": hashlib.sha256(source.encode()).hexdigest()},
+                      sort_keys=True).encode()
 
 
 class AdminState:
@@ -23,12 +46,22 @@ class AdminState:
         self.txn = txn
         self.terminals: dict[int, list | None] = {}
         self.dirty: set[int] = set()
+        self.operators: dict[int, dict | None] = {}   # by id, as the group leaves them
+        self.program: Program = ledger.program
+        self.program_version: int = ledger.program_version
+        self.program_packed: bytes = ledger.program_packed
+        self._tier_cards: list[int] | None = None
 
     def flush(self) -> None:
-        """Write the terminal records the group changed (KSN counters, enrolments, revocations)."""
+        """Write the terminal records the group changed (KSN counters, enrolments, revocations)
+        and the tier counts."""
         for tid in self.dirty:
             self.txn.put(L.TERMINAL_KEY.pack(tid), L.TERMINAL.pack(*self.terminals[tid]),
                          db=self.ledger.terminals)
+        if self._tier_cards is not None:
+            self.txn.put(META_TIER_CARDS, TIER_CARDS.pack(*self._tier_cards), db=self.ledger.meta)
+
+    # ---- reads, through the group's own changes ---------------------------------------------
 
     def terminal(self, tid: int) -> list | None:
         """The terminal record's fields (a list: the group changes them), or None."""
@@ -37,6 +70,21 @@ class AdminState:
             raw = self.txn.get(L.TERMINAL_KEY.pack(tid), db=self.ledger.terminals)
             terminals[tid] = None if raw is None else list(L.TERMINAL.unpack(raw))
         return terminals[tid]
+
+    def operator(self, oid: int) -> dict | None:
+        if oid not in self.operators:
+            name = self.txn.get(L.TERMINAL_KEY.pack(oid), db=self.ledger.operator_ids)
+            raw = None if name is None else self.txn.get(name, db=self.ledger.operators)
+            self.operators[oid] = None if raw is None else json.loads(raw)
+        return self.operators[oid]
+
+    def tier_cards(self) -> list[int]:
+        if self._tier_cards is None:
+            raw = self.txn.get(META_TIER_CARDS, db=self.ledger.meta)
+            self._tier_cards = list(TIER_CARDS.unpack(raw)) if raw else [0] * L.MAX_TIERS
+        return self._tier_cards
+
+    # ---- checks made when each operation is applied ---------------------------------------------
 
     def take_ksn(self, op: PendingOp) -> int:
         """The terminal's DUKPT counter must grow: check and raise it (same transaction)."""
@@ -52,8 +100,32 @@ class AdminState:
         self.dirty.add(tid)
         return L.R_OK
 
+    def authorize(self, op: PendingOp) -> int:
+        """The operation's operator exists now, holds the role it needs and covers its store."""
+        oid = L.OP_OPERATOR_ID.unpack_from(op.packed)[0]
+        if oid == 0:
+            return L.R_OK if op.need_role == 0 else L.R_UNAUTHENTICATED
+        rec = self.operator(oid)
+        if rec is None or rec["removed"]:
+            return L.R_UNAUTHENTICATED
+        if rec["role"] < op.need_role:
+            return L.R_PERMISSION_DENIED
+        stores = rec["store_ids"]
+        if op.scope == SCOPE_NONE or not stores:   # no stores listed: the whole chain
+            return L.R_OK
+        if op.scope == SCOPE_STORE:
+            return L.R_OK if op.scope_store_id in stores else L.R_PERMISSION_DENIED
+        if op.scope == SCOPE_SUBJECT_TERMINAL:
+            t = self.terminal(int.from_bytes(op.card_id[:4], "little"))
+            return L.R_OK if t is None or t[4] in stores else L.R_PERMISSION_DENIED
+        if op.scope == SCOPE_CHAIN:
+            return L.R_PERMISSION_DENIED
+        raise InvariantError(f"unknown scope {op.scope}")
+
+    # ---- admin and internal operations ---------------------------------------------------------
+
     def apply(self, op: PendingOp, kind: int, ts_us: int, seq: int) -> tuple[int, bytes | int | None]:
-        """One admin or internal operation; returns (reason, journal entry or reseal count)."""
+        """One admin or internal operation; returns (reason, journal entry or a count)."""
         operator_id = L.OP_OPERATOR_ID.unpack_from(op.packed)[0]
         subject = op.card_id
         if kind in (L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED):
@@ -63,8 +135,8 @@ class AdminState:
                 if t is not None:
                     return L.R_TERMINAL_EXISTS, None
                 store_id, ikid = int.from_bytes(subject[4:8], "little"), subject[8:16]
-                self.terminals[tid] = [L.TERMINAL_VERSION, L.TERMINAL_ACTIVE, 0, tid, store_id, 0, ikid,
-                                  ts_us, 0, operator_id, 0, bytes(16)]
+                self.terminals[tid] = [L.TERMINAL_VERSION, L.TERMINAL_ACTIVE, 0, tid, store_id, 0,
+                                       ikid, ts_us, 0, operator_id, 0, bytes(16)]
             else:
                 if t is None:
                     return L.R_TERMINAL_NOT_FOUND, None
@@ -73,33 +145,89 @@ class AdminState:
                 t[1], t[8], t[10] = L.TERMINAL_REVOKED, ts_us, operator_id
                 subject = subject[:4] + t[4].to_bytes(4, "little") + t[6]
             self.dirty.add(tid)
-        elif kind in (L.OP_OPERATOR_ADDED, L.OP_OPERATOR_REMOVED):
-            record = json.loads(op.payload)
-            name = record["name"].encode()
-            old = self.txn.get(name, db=self.ledger.operators)
-            if kind == L.OP_OPERATOR_ADDED:
-                if old is not None:
-                    return L.R_OPERATOR_EXISTS, None
-                raw_id = self.txn.get(OPERATOR_NEXT_ID, db=self.ledger.operators)
-                oid = int.from_bytes(raw_id, "little") if raw_id else 1
-                self.txn.put(OPERATOR_NEXT_ID, (oid + 1).to_bytes(4, "little"), db=self.ledger.operators)
-                record.update(id=oid, removed=False, created_us=ts_us, created_by=operator_id)
-            else:
-                if old is None or json.loads(old)["removed"]:
-                    return L.R_OPERATOR_NOT_FOUND, None
-                record = json.loads(old)
-                record.update(removed=True, removed_us=ts_us, removed_by=operator_id)
-            self.txn.put(name, json.dumps(record, sort_keys=True).encode(), db=self.ledger.operators)
+        elif kind in (L.OP_OPERATOR_ADDED, L.OP_OPERATOR_REMOVED, L.OP_OPERATOR_TOKEN_REISSUED):
+            reason, record = self._operator_change(kind, json.loads(op.payload), ts_us, operator_id)
+            if reason != L.R_OK:
+                return reason, None
             subject = record["id"].to_bytes(4, "little") + bytes([record["role"]]) + bytes(11)
         elif kind == L.OP_DATA_KEY_ROTATED:
             pass  # the keyring changed outside LMDB; the journal records who did it and when
+        elif kind == L.OP_PROGRAM_LOADED:
+            reason, subject = self._load_program(op.payload.decode(), ts_us, operator_id)
+            if reason != L.R_OK:
+                return reason, None
         elif kind == L.OP_RESEAL:
             return L.R_OK, self.reseal(op.payload)
+        elif kind == L.OP_FLOOR:
+            return L.R_OK, self._floor(*FLOOR.unpack(subject))
+        elif kind == L.OP_MAINTENANCE:
+            return L.R_OK, 0  # the group's prune step does the work
         else:
             raise InvariantError(f"unknown admin operation {kind}")
-        entry = L.JOURNAL.pack(L.JOURNAL_VERSION, kind, 0, 0, 0, 0, 0, seq, subject, 0, 0, 0, 0, 0,
-                               0, 0, 0, ts_us, 0, 0, 0, operator_id, op.packed[32:40])
+        entry = L.JOURNAL.pack(
+            L.JOURNAL_VERSION, kind, 0, 0, 0, 0, 0, seq, subject, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
+            0, 0, 0, operator_id, op.packed[32:40], self.program_version, op.packed[3], bytes(3),
+            L.OP.unpack_from(op.packed)[15], 0, 0, 0, 0, L.OP_CLIENT_TIME.unpack_from(op.packed)[0],
+            bytes(48), bytes(L.DIGEST_SIZE))
         return L.R_OK, entry
+
+    def _operator_change(self, kind: int, record: dict, ts_us: int,
+                         operator_id: int) -> tuple[int, dict | None]:
+        txn, db = self.txn, self.ledger.operators
+        name = record["name"].encode()
+        raw = txn.get(name, db=db)
+        old = None if raw is None else json.loads(raw)
+        if kind == L.OP_OPERATOR_ADDED:
+            if old is not None:
+                return L.R_OPERATOR_EXISTS, None
+            raw_id = txn.get(OPERATOR_NEXT_ID, db=db)
+            oid = int.from_bytes(raw_id, "little") if raw_id else 1
+            txn.put(OPERATOR_NEXT_ID, (oid + 1).to_bytes(4, "little"), db=db)
+            txn.put(L.TERMINAL_KEY.pack(oid), name, db=self.ledger.operator_ids)
+            record.update(id=oid, removed=False, created_us=ts_us, created_by=operator_id)
+        else:
+            if old is None or old["removed"]:
+                return L.R_OPERATOR_NOT_FOUND, None
+            if kind == L.OP_OPERATOR_REMOVED:
+                record = {**old, "removed": True, "removed_us": ts_us, "removed_by": operator_id}
+            else:  # a fresh token in place of one whose answer was lost
+                record = {**old, "token_sha256": record["token_sha256"], "token_reissued_us": ts_us}
+        txn.put(name, json.dumps(record, sort_keys=True).encode(), db=db)
+        self.operators[record["id"]] = record
+        return L.R_OK, record
+
+    def _load_program(self, source: str, ts_us: int, operator_id: int) -> tuple[int, bytes]:
+        """A new program version: valid, and keeping every tier that holds cards."""
+        try:
+            program = parse_program(source)
+        except ProgramError:
+            return L.R_PROGRAM_INVALID, b""
+        if any(self.tier_cards()[len(program.tiers):]):
+            return L.R_PROGRAM_STRANDS_CARDS, b""
+        version = self.program_version + 1
+        self.txn.put(L.VERSION_KEY.pack(version), program_record(source, version, ts_us, operator_id),
+                     db=self.ledger.programs)
+        self.txn.put(META_PROGRAM, U32.pack(version), db=self.ledger.meta)
+        self.program, self.program_version = program, version
+        self.program_packed = program.packed(version)
+        return L.R_OK, version.to_bytes(4, "little") + hashlib.sha256(source.encode()).digest()[:12]
+
+    def _floor(self, what: int, ident: int, value: int) -> int:
+        """Restore: never lower a terminal's KSN counter or reuse an operator id."""
+        if what == FLOOR_TERMINAL_KSN:
+            t = self.terminal(ident)
+            if t is None or t[5] >= value:
+                return 0
+            t[5] = value
+            self.dirty.add(ident)
+            return 1
+        if what == FLOOR_OPERATOR_ID:
+            raw = self.txn.get(OPERATOR_NEXT_ID, db=self.ledger.operators)
+            if raw is not None and int.from_bytes(raw, "little") >= value:
+                return 0
+            self.txn.put(OPERATOR_NEXT_ID, value.to_bytes(4, "little"), db=self.ledger.operators)
+            return 1
+        raise InvariantError(f"unknown floor {what}")
 
     def reseal(self, payload: bytes) -> int:
         """Swap sealed card numbers that still hold what the caller read (compare and set)."""
@@ -119,3 +247,7 @@ def reseal_payload(items: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """(card_id, sealed as read, sealed anew) items for an OP_RESEAL operation."""
     return b"".join(RESEAL_ITEM.pack(cid, len(old), len(new)) + old + new
                     for cid, old, new in items)
+
+
+def floor_op(what: int, ident: int, value: int) -> PendingOp:
+    return PendingOp.internal(L.OP_FLOOR, subject=FLOOR.pack(what, ident, value))

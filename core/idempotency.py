@@ -1,19 +1,43 @@
-"""Idempotency: a request_id's record, its payload digest, and the outcome it answers with.
+"""Idempotency: request keys scoped to their caller, payload digests, records, retention.
 
-A mutating request is applied at most once per request_id: its record in the
-``requests`` sub-database (layout.IDEM) holds the payload digest, the outcome
-and the journal entry it made. A retry with the same payload is answered from
-the record; another payload is refused (REASON_DUPLICATE_REQUEST_MISMATCH).
+A mutating request is applied at most once per (caller, request_id): its
+record in the ``requests`` sub-database (layout.IDEM) holds the payload
+digest, the outcome and the journal entry it made. A retry with the same
+payload is answered from the record; another payload is refused
+(REASON_DUPLICATE_REQUEST_MISMATCH). Two callers never share an id space: a
+terminal cannot block, or learn about, another terminal's request ids.
+
+The digest covers an explicit list of operation fields per operation type
+(``DIGEST_FIELDS``); every field of the operation layout is either in the
+list or in ``DIGEST_LEFT_OUT`` with the reason, and a test fails if a new
+field is in neither.
+
+Retention: every mutating request carries its client's time, which is part
+of its payload. The writer refuses a request whose client time is older than
+the retention window (or at or before ``pruned_through_us``, see
+``ledger``), and prunes records whose group time is older than the window
+plus the largest allowed clock lead: so a record is only ever pruned once no
+re-send of its request could pass the age check, and a pruned request_id can
+never apply twice.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 from typing import NamedTuple
 
 from cardcore import layout as L
 
 NO_PIN = bytes(32)
+REQUEST_ID_BYTES_MAX = 64
+REQUEST_WINDOW_S_DEFAULT = 7 * 24 * 3600   # see README "Request ids and retention"
+REQUEST_WINDOW_S_MIN = 3600
+CLIENT_TIME_AHEAD_MAX_US = 3600 * 1_000_000  # a client clock at most an hour ahead
+PRUNE_STEP_MAX = 256                         # request records pruned per group at most
+
+# Where a request comes from; scope the id to it (layout: request key).
+SCOPE_NONE, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL, SCOPE_CHAIN = 0, 1, 2, 3
 
 
 class InvariantError(RuntimeError):
@@ -25,49 +49,163 @@ class InvariantError(RuntimeError):
     """
 
 
-def request_tag(request_key: bytes) -> bytes:
-    """The 8-byte tag a journal entry carries to link it to its request."""
-    return hashlib.blake2b(request_key, digest_size=L.REQUEST_TAG_SIZE).digest()
+def request_key(caller_kind: int, caller_id: int, request_id: bytes) -> bytes:
+    """The LMDB key of a request: its caller's namespace, then the request_id."""
+    assert 0 < len(request_id) <= REQUEST_ID_BYTES_MAX and caller_kind != L.CALLER_NONE
+    return L.REQUEST_KEY_HEAD.pack(caller_kind, caller_id) + request_id
 
+
+def caller_of(key: bytes) -> tuple[int, int]:
+    """(caller_kind, caller_id) of a request key."""
+    return L.REQUEST_KEY_HEAD.unpack_from(key)
+
+
+def request_tag(key: bytes) -> bytes:
+    """The 8-byte tag a journal entry carries to link it to its request (key, namespace and all)."""
+    return hashlib.blake2b(key, digest_size=L.REQUEST_TAG_SIZE).digest()
+
+
+# ---- the digest ---------------------------------------------------------------------------------
+
+# The operation layout's fields in order, with their sizes (layout.OP).
+OP_FIELDS: tuple[str, ...] = (
+    "op", "tier", "pin_flags", "caller_kind", "home_store_id", "amount_minor", "store_id",
+    "terminal_id", "staff_id", "operator_id", "request_tag", "card_id", "client_time_us",
+    "pin_check", "new_pin_check", "caller_id", "reserved0", "link_seq", "ref_id", "basket_tag",
+    "reserved1")
+
+
+def _offsets() -> dict[str, tuple[int, int]]:
+    """(offset, size) of each field of layout.OP, read off its struct format."""
+    out, pos, count = {}, 0, ""
+    names = iter(OP_FIELDS)
+    for ch in L.OP.format.lstrip("<"):
+        if ch.isdigit():
+            count += ch
+            continue
+        size = int(count) if ch == "s" else struct.calcsize("<" + ch)
+        count = ""
+        out[next(names)] = (pos, size)
+        pos += size
+    assert pos == L.OP_SIZE and len(out) == len(OP_FIELDS)
+    return out
+
+
+OP_FIELD_AT: dict[str, tuple[int, int]] = _offsets()
+
+# Fields no digest covers, and why.
+DIGEST_LEFT_OUT: dict[str, str] = {
+    "request_tag": "derived from the request key",
+    "caller_kind": "the request key's namespace",
+    "caller_id": "the request key's namespace",
+    "pin_check": "the PIN entered: a re-send with another PIN must get the original answer, or "
+                 "the answer would tell a right guess from a wrong one",
+    "reserved0": "zero",
+    "reserved1": "zero",
+}
+_AT_THE_TILL = ("store_id", "terminal_id", "staff_id", "operator_id", "client_time_us")
+_MONEY = ("op", "pin_flags", "amount_minor", "card_id", *_AT_THE_TILL, "link_seq", "ref_id",
+          "basket_tag")
+_PIN = ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check")
+# What a retry must repeat, per operation type; extras (profile, admin payload) are added after.
+DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
+    L.OP_OPEN: ("op", "tier", "pin_flags", "home_store_id", "card_id", *_AT_THE_TILL,
+                "new_pin_check"),
+    L.OP_TOP_UP: _MONEY,
+    L.OP_PURCHASE: _MONEY,
+    L.OP_SET_PIN: _PIN,     # the new PIN too: a retry with another new PIN is another request
+    L.OP_RESET_PIN: _PIN,
+    # admin operations: card_id holds their subject
+    **{op: ("op", "card_id", "operator_id", "client_time_us")
+       for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},
+}
+_DIGEST_SLICES = {op: tuple(OP_FIELD_AT[f] for f in fields) for op, fields in DIGEST_FIELDS.items()}
+
+
+def unused_fields(op: int) -> frozenset[str]:
+    """Fields operation type ``op`` never sets: zero in every operation of that type."""
+    return frozenset(OP_FIELDS) - set(DIGEST_FIELDS[op]) - set(DIGEST_LEFT_OUT)
+
+
+def payload_digest(packed: bytes, extra: bytes | None = None) -> bytes:
+    """BLAKE2b-128 over the digest fields of operation ``packed`` and ``extra`` (length-prefixed)."""
+    slices = _DIGEST_SLICES[packed[0]]
+    h = hashlib.blake2b(b"".join([packed[off:off + size] for off, size in slices]),
+                        digest_size=16)
+    if extra is not None:
+        h.update(len(extra).to_bytes(4, "little"))
+        h.update(extra)
+    return h.digest()
+
+
+# ---- operations -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(slots=True)
 class PendingOp:
     """A validated mutation, packed by the request handler before the writer sees it."""
-    request_key: bytes        # the request_id, ASCII; empty for internal operations
+    request_key: bytes        # caller namespace + request_id (``request_key``); b"" internal
     card_id: bytes            # 16 bytes (admin operations: their subject)
-    packed: bytes             # layout.OP, 128 bytes
-    digest: bytes             # BLAKE2b-128 of the payload, PIN fields left out: the idempotency digest
+    packed: bytes             # layout.OP, 192 bytes
+    digest: bytes             # BLAKE2b-128 over DIGEST_FIELDS: the idempotency digest
     profile: bytes | None = None  # OPEN only: the JSON profile to store
     ksn_counter: int = 0      # from a terminal: its DUKPT transaction counter (op's terminal_id)
     sealed: bytes | None = None   # OPEN only: the card number sealed under the current data key
     payload: bytes | None = None  # admin and internal operations: what to store
+    need_role: int = 0        # the operator role the operation needs when it is applied
+    scope: int = SCOPE_NONE   # which store the operator's scope must cover then
+    scope_store_id: int = 0   # SCOPE_STORE: this store
 
     @classmethod
-    def build(cls, request_key: bytes, op: int, card_id: bytes, amount_minor: int = 0,
+    def build(cls, key: bytes, op: int, card_id: bytes, amount_minor: int = 0,
               store_id: int = 0, terminal_id: int = 0, staff_id: int = 0, tier: int = 0,
               home_store_id: int = 0, profile: bytes | None = None, *, operator_id: int = 0,
               pin_flags: int = 0, pin_check: bytes = NO_PIN, new_pin_check: bytes = NO_PIN,
-              ksn_counter: int = 0, sealed: bytes | None = None) -> "PendingOp":
-        packed = L.OP.pack(op, tier, pin_flags, 0, home_store_id, amount_minor, store_id,
-                           terminal_id, staff_id, operator_id, request_tag(request_key), card_id,
-                           bytes(8), pin_check, new_pin_check)
-        # Not the PIN check values: a re-send with another PIN must get the original answer,
-        # never "another payload", or the answer would tell a right guess from a wrong one.
-        h = hashlib.blake2b(packed[:L.OP_DIGEST_SIZE], digest_size=16)
-        if profile is not None:
-            h.update(profile)
-        return cls(request_key, card_id, packed, h.digest(), profile, ksn_counter, sealed)
+              ksn_counter: int = 0, sealed: bytes | None = None, client_time_us: int = 0,
+              caller: tuple[int, int] | None = None, link_seq: int = 0, ref_id: int = 0,
+              basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
+              scope_store_id: int = 0) -> "PendingOp":
+        """A card operation. ``key`` from ``request_key`` (b"" for an inquiry, with ``caller``)."""
+        kind, caller_id = caller_of(key) if key else (caller or (L.CALLER_NONE, 0))
+        packed = L.OP.pack(op, tier, pin_flags, kind, home_store_id, amount_minor, store_id,
+                           terminal_id, staff_id, operator_id,
+                           request_tag(key) if key else bytes(8), card_id, client_time_us,
+                           pin_check, new_pin_check, caller_id, 0, link_seq, ref_id, basket_tag,
+                           bytes(32))
+        digest = payload_digest(packed, profile) if key else bytes(16)
+        return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, None, need_role,
+                   scope, scope_store_id)
 
     @classmethod
-    def admin(cls, request_key: bytes, op: int, subject: bytes, payload: bytes, operator_id: int,
-              digest_payload: bytes | None = None) -> "PendingOp":
-        """An admin operation; ``digest_payload`` (default: payload) is what a retry must repeat."""
-        assert L.OP_ADMIN_MIN <= op and len(subject) == L.CARD_ID_SIZE
-        packed = L.OP.pack(op, 0, 0, 0, 0, 0, 0, 0, 0, operator_id, request_tag(request_key),
-                           subject, bytes(8), NO_PIN, NO_PIN)
-        digest = hashlib.blake2b(packed + (payload if digest_payload is None else digest_payload),
-                                 digest_size=16).digest()
-        return cls(request_key, subject, packed, digest, payload=payload)
+    def admin(cls, key: bytes, op: int, subject: bytes, payload: bytes, operator_id: int,
+              digest_payload: bytes | None = None, *, client_time_us: int = 0,
+              need_role: int = 0, scope: int = SCOPE_NONE, scope_store_id: int = 0,
+              caller: tuple[int, int] | None = None) -> "PendingOp":
+        """An admin operation; ``digest_payload`` (default: payload) is what a retry must repeat.
+        The system's own (``key`` b""): ``caller`` says whose it is in the journal."""
+        assert L.OP_ADMIN_MIN <= op <= L.OP_ADMIN_MAX and len(subject) == L.CARD_ID_SIZE
+        kind, caller_id = caller_of(key) if key else (caller or (L.CALLER_SYSTEM, 0))
+        packed = L.OP.pack(op, 0, 0, kind, 0, 0, 0, 0, 0, operator_id,
+                           request_tag(key) if key else bytes(8), subject, client_time_us,
+                           NO_PIN, NO_PIN, caller_id, 0, 0, 0, 0, bytes(32))
+        digest = payload_digest(packed, payload if digest_payload is None else digest_payload)
+        return cls(key, subject, packed, digest, payload=payload, need_role=need_role,
+                   scope=scope, scope_store_id=scope_store_id)
+
+    @classmethod
+    def internal(cls, op: int, payload: bytes = b"", subject: bytes = bytes(16)) -> "PendingOp":
+        """The server's own housekeeping (re-seal, floors, maintenance): no request, no entry."""
+        assert op >= L.OP_RESEAL
+        packed = L.OP.pack(op, 0, 0, L.CALLER_SYSTEM, 0, 0, 0, 0, 0, 0, bytes(8), subject, 0,
+                           NO_PIN, NO_PIN, 0, 0, 0, 0, 0, bytes(32))
+        return cls(b"", subject, packed, bytes(16), payload=payload)
+
+    @property
+    def op_type(self) -> int:
+        return self.packed[0]
+
+    @property
+    def client_time_us(self) -> int:
+        return L.OP_CLIENT_TIME.unpack_from(self.packed)[0]
 
 
 class Outcome(NamedTuple):
@@ -80,19 +218,57 @@ class Outcome(NamedTuple):
     count: int = 0              # internal operations: items changed (card numbers re-sealed)
 
 
-def replay(txn, journal_db, idem: bytes, digest: bytes) -> Outcome:
-    """The original outcome of a request, from its idempotency record; another payload is a
-    mismatch."""
-    _, op_type, reason, _, stored_digest, seq, available, _ = L.IDEM.unpack(idem)
-    if stored_digest != digest:
-        return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None, 0)
+def record(op_type: int, reason: int, digest: bytes, seq: int, available_minor: int, ts_us: int,
+           client_time_us: int) -> bytes:
+    """An idempotency record (layout.IDEM)."""
+    return L.IDEM.pack(L.IDEM_VERSION, op_type, reason, 0, digest, seq, available_minor, ts_us,
+                       client_time_us, bytes(8))
+
+
+def replay(txn, journal_db, idem: bytes, digest: bytes | None) -> Outcome:
+    """The original outcome of a request, from its record; another payload is a mismatch
+    (``digest`` None: no comparison, a look-up)."""
+    version, op_type, reason, _, stored_digest, seq, available, *_ = L.IDEM.unpack(idem)
+    if version != L.IDEM_VERSION:
+        raise InvariantError(f"request record version {version} unknown")
+    if digest is not None and stored_digest != digest:
+        return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None)
     entry = txn.get(L.SEQ_KEY.pack(seq), db=journal_db) if seq else None
     if reason == L.R_OK and entry is None:
         raise InvariantError("idempotency record points at no journal entry")
     return Outcome(reason, True, op_type, entry, available)
 
+
 def repeat(first: Outcome, same_payload: bool) -> Outcome:
+    """A request_id repeated inside one group: the first one's outcome, or a mismatch."""
     if not same_payload:
-        return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, first.op, None, 0)
+        return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, first.op, None)
     return first._replace(replayed=True)
 
+
+# ---- request ids of a migrated v1 ledger ----------------------------------------------------
+
+def legacy_key(key: bytes) -> bytes:
+    """Where a v1 record of the same request_id lives after migration (one namespace)."""
+    return L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0) + key[L.REQUEST_KEY_HEAD.size:]
+
+
+_V1_OP_HEAD = struct.Struct("<BBBBIqIIII8s16s8s")  # the first 64 bytes of a v1 operation
+
+
+def legacy_digest(op: PendingOp) -> bytes | None:
+    """The digest release 1 gave the same request (its first 64 operation bytes, then the
+    profile), so a retry that crosses the upgrade is answered as before; None for admin
+    operations (compared by type alone)."""
+    if op.op_type >= L.OP_ADMIN_MIN:
+        return None
+    (kind, tier, pin_flags, _, home, amount, store, terminal, staff, operator, _, card_id,
+     *_rest) = L.OP.unpack(op.packed)
+    request_id = op.request_key[L.REQUEST_KEY_HEAD.size:]
+    head = _V1_OP_HEAD.pack(kind, tier, pin_flags, 0, home, amount, store, terminal, staff,
+                            operator, hashlib.blake2b(request_id, digest_size=8).digest(),
+                            card_id, bytes(8))
+    h = hashlib.blake2b(head, digest_size=16)
+    if op.profile is not None:
+        h.update(op.profile)
+    return h.digest()

@@ -25,11 +25,11 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
      72  32B pin_check             PIN verification value (see ``pin``); zeros when no PIN
     104  24B reserved              zeros
 
-Journal entry, v1, 128 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
+Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
 
-      0  u8  version               1
+      0  u8  version               2
       1  u8  op                    OperationType: 1 open, 2 top-up, 3 purchase,
-                                   4 set PIN, 5 reset PIN, 6 PIN failed; 16..20 admin
+                                   4 set PIN, 5 reset PIN, 6 PIN failed; 16..22 admin
       2  u8  tier                  the card's tier when applied
       3  u8  status                the card's status after the operation
       4  u16 reason                Reason: 0, or REASON_PIN_WRONG in a PIN-failed
@@ -46,30 +46,60 @@ Journal entry, v1, 128 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
      72  i64 principal_after_minor
      80  i64 bonus_after_minor
      88  i64 points_after
-     96  i64 ts_us                 Unix time, microseconds
+     96  i64 ts_us                 the group's time, microseconds; never goes back
     104  u32 store_id
     108  u32 terminal_id
     112  u32 staff_id
     116  u32 operator_id           the back-office operator who did it; 0 = a terminal alone
-    120  8B  request_tag           first 8 bytes of BLAKE2b(request_id): links entry and request
+    120  8B  request_tag           first 8 bytes of BLAKE2b(request key): links entry and request
+    128  u32 program_version       the stored program the entry was computed under;
+                                   0 = unknown (an entry migrated from a v1 ledger)
+    132  u8  caller_kind           CallerKind of the request's namespace (below)
+    133  3B  reserved              zeros
+    136  u32 caller_id             terminal id or operator id of the namespace; 0 otherwise
+    140  u32 reserved              zeros
+    144  u64 link_seq              the entry this one acts on (refund, reversal, capture); 0
+    152  u64 ref_id                a hold, points lot, coupon or package; 0
+    160  u64 basket_tag            split tender: first 8 bytes of BLAKE2b(namespace | basket
+                                   id); 0 = no basket
+    168  i64 client_time_us        the caller's clock when it made the request; 0 internal
+    176  48B reserved              zeros: holds and redemption figures of later issues
+    224  32B digest                SHA-256(the previous entry's digest | bytes 0..223 of this
+                                   entry); the first entry chains from 32 zero bytes
+
+The first 128 bytes keep the v1 offsets, so readers of the money fields did not
+move. Why 256: v1's 128 bytes were full; v2 adds 48 bytes of links, namespace and
+client time and a 32-byte digest (208), and rounds up to a power of two, which
+keeps entries cache-line aligned in the kernel's buffer and leaves 48 bytes for
+the holds and points-redemption fields the next issues need without another
+layout version. A million entries take 256 MB.
 
 Admin entries (op >= 16) move no money; their 16-byte subject is, for
 terminal events, u32 terminal_id | u32 store_id | 8B initial key ID; for
 operator events, u32 operator_id | u8 role | zeros; for a key rotation,
-u32 new key version | zeros.
+u32 new key version | zeros; for a program load, u32 version | 12 bytes of the
+program document's SHA-256.
 
-Operation, v2, 128 bytes: the kernel's input, one per queued mutation (never
-stored, so it has no version byte; v1 was 64 bytes without the PIN fields). The
-card's slot in the records buffer and the group's timestamp are passed beside
-the operations, so a handler can pack its operation before the writer runs::
+Request key (LMDB ``requests`` key): u8 caller_kind | u32 caller_id (big-endian)
+| the request_id's ASCII bytes. Request ids are scoped to their caller: two
+terminals may use the same request_id. CallerKind: 1 terminal (its id, from the
+KSN that opened the swipe), 2 operator (its id, from the token), 3 development
+(the one caller of an --insecure server without a token), 4 system (the server
+itself), 5 legacy (request records migrated from a v1 ledger: one namespace).
 
-      0  u8  op                    OperationType (1..5 reach the kernel)
+Operation, v3, 192 bytes: the kernel's input, one per queued mutation (never
+stored, so it has no version byte; v2 was 128 bytes without the namespace and
+links). The card's slot in the records buffer and the group's timestamp are
+passed beside the operations, so a handler can pack its operation before the
+writer runs::
+
+      0  u8  op                    OperationType (1..5 and 7 reach the kernel)
       1  u8  tier                  open: the new card's tier
       2  u8  pin_flags             PIN_PRESENTED: pin_check holds the PIN entered;
                                    PIN_REQUIRED: the operation needs the card's PIN;
                                    PIN_OPTIONAL_UNSET: development mode lets a card
                                    without a PIN pass; NEW_PIN: new_pin_check is set
-      3  u8  reserved
+      3  u8  caller_kind
       4  u32 home_store_id         open: the profile's home store
       8  i64 amount_minor          top-up amount or purchase gross amount
      16  u32 store_id
@@ -78,9 +108,15 @@ the operations, so a handler can pack its operation before the writer runs::
      28  u32 operator_id
      32  8B  request_tag
      40  16B card_id
-     56  8B  reserved
+     56  i64 client_time_us
      64  32B pin_check             the entered PIN's verification value (PIN_PRESENTED)
      96  32B new_pin_check         the new PIN's verification value (NEW_PIN)
+    128  u32 caller_id
+    132  u32 reserved
+    136  u64 link_seq
+    144  u64 ref_id
+    152  u64 basket_tag
+    160  32B reserved
 
 The PIN rule (kernel and reference): for an operation that presents a PIN or
 requires one, on a card with a PIN: locked -> REASON_PIN_LOCKED, not checked;
@@ -91,16 +127,20 @@ a PIN presented -> REASON_PIN_NOT_SET; required -> REASON_PIN_NOT_SET unless
 PIN_OPTIONAL_UNSET. The checks run after "card exists" and "card active" and
 before the amount. A right PIN sets pin_tries back to 0 only if the operation
 then applies. Setting a first PIN (no PIN yet, none presented) needs an
-operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise.
+operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise. A balance
+inquiry (op 7) requires the PIN like a purchase and changes nothing when it is
+right (no entry, pin_tries untouched); a wrong one is counted like any other.
 
-Program, v1, 96 bytes: the arithmetic's parameters (see ``rules``)::
+Program, v2, 96 bytes: the arithmetic's parameters (see ``rules``), compiled
+from the stored program document of that version::
 
       0  u32 tier_count            1..16
       4  u32 pin_tries_max         wrong PINs in a row that lock the PIN, 1..15
       8  i64 points_unit_minor     > 0: points are earned per this much paid
      16  i64 points_per_unit       >= 0
      24  u32[16] rate_bp           what a tier pays, in basis points (1..10000)
-     88  8B  reserved
+     88  u32 program_version       >= 1, written into every journal entry
+     92  u32 reserved
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
 
@@ -117,16 +157,30 @@ Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian ter
      44  u32 revoked_by
      48  16B reserved
 
-Idempotency record, v1, 48 bytes, LMDB ``requests`` value (key: request_id)::
+Idempotency record, v2, 64 bytes, LMDB ``requests`` value (key: request key)::
 
-      0  u8  version               1
+      0  u8  version               2
       1  u8  op
       2  u16 reason                0 applied, else why it was declined
       4  u32 reserved
-      8  16B payload_digest        BLAKE2b-128 of the canonical payload
+      8  16B payload_digest        BLAKE2b-128 over the operation's digest fields
+                                   (``idempotency.DIGEST_FIELDS``)
      24  u64 seq                   its journal entry (applied, or PIN failed), else 0
      32  i64 available_minor       for INSUFFICIENT_FUNDS
-     40  i64 ts_us
+     40  i64 ts_us                 when it was applied (the group's time)
+     48  i64 client_time_us        the request's own time (part of its payload)
+     56  8B  reserved
+
+Request time index, LMDB ``request_times`` (key: u64 ts_us | u32 n, big-endian,
+strictly increasing, so appended; value: the request key): the order in which
+the writer prunes request records older than the retention window.
+
+Meta, LMDB ``meta``: ``format`` u32 (2); ``program_current`` u32;
+``tier_cards`` 16 x u64 (cards per tier, so a program change cannot strand a
+tier that holds cards); ``pruned_through_us`` i64 (no request with a client
+time at or before it can apply: its record may be gone). Request records of
+a migrated v1 ledger live under the legacy namespace and are looked up by
+request_id alone while any remain.
 """
 import struct
 import sys
@@ -134,23 +188,32 @@ import sys
 assert sys.byteorder == "little", "layouts are little-endian and read in place"
 
 CARD_VERSION = 1
-JOURNAL_VERSION = 1
-IDEM_VERSION = 1
+JOURNAL_VERSION = 2
+IDEM_VERSION = 2
+LEDGER_FORMAT = 2
 
 CARD = struct.Struct("<BBBBIqqqqqQqII32s24s")
-JOURNAL = struct.Struct("<BBBBHBBQ16sqqqqqqqqqIIII8s")
-OP = struct.Struct("<BBBBIqIIII8s16s8s32s32s")
-PROGRAM = struct.Struct("<IIqq16I8s")
-IDEM = struct.Struct("<BBHI16sQqq")
+JOURNAL = struct.Struct("<BBBBHBBQ16sqqqqqqqqqIIII8sIB3sIIQQQq48s32s")
+OP = struct.Struct("<BBBBIqIIII8s16sq32s32sIIQQQ32s")
+PROGRAM = struct.Struct("<IIqq16III")
+IDEM = struct.Struct("<BBHI16sQqqq8s")
 TERMINAL = struct.Struct("<BBHIII8sqqII16s")
 TERMINAL_KEY = struct.Struct(">I")
 SEQ_KEY = struct.Struct(">Q")  # big-endian so LMDB's byte order is sequence order
+REQUEST_KEY_HEAD = struct.Struct(">BI")  # caller_kind, caller_id; then the request_id
+REQUEST_TIME_KEY = struct.Struct(">QI")  # applied ts_us, n within the group
+VERSION_KEY = struct.Struct(">I")        # programs: version
 
-CARD_SIZE, JOURNAL_SIZE, OP_SIZE, PROGRAM_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 128, 128, 96, 48, 64
-OP_DIGEST_SIZE = 64  # the idempotency digest covers an operation's first 64 bytes: no PIN field
+CARD_SIZE, JOURNAL_SIZE, OP_SIZE, PROGRAM_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 96, 64, 64
+JOURNAL_DIGEST_OFFSET, DIGEST_SIZE = 224, 32
 assert CARD.size == CARD_SIZE and JOURNAL.size == JOURNAL_SIZE
 assert OP.size == OP_SIZE and PROGRAM.size == PROGRAM_SIZE and IDEM.size == IDEM_SIZE
-assert TERMINAL.size == TERMINAL_SIZE
+assert TERMINAL.size == TERMINAL_SIZE and JOURNAL_DIGEST_OFFSET + DIGEST_SIZE == JOURNAL_SIZE
+
+# The v1 layouts, read only by the migration (cardcore.migrate).
+JOURNAL_V1 = struct.Struct("<BBBBHBBQ16sqqqqqqqqqIIII8s")
+IDEM_V1 = struct.Struct("<BBHI16sQqq")
+assert JOURNAL_V1.size == 128 and IDEM_V1.size == 48
 TERMINAL_VERSION = 1
 TERMINAL_ACTIVE, TERMINAL_REVOKED = 1, 2
 
@@ -164,16 +227,31 @@ CARD_OFF_LAST_SEQ = 48
 JOURNAL_OFF_SEQ = 8
 JOURNAL_OFF_REASON = 4
 JOURNAL_OFF_PIN_TRIES = 6
+JOURNAL_OFF_TS = 96
+JOURNAL_OFF_TAG = 120
 OP_TERMINAL_ID = struct.Struct("<20xI")  # an operation's terminal_id, read alone
 OP_OPERATOR_ID = struct.Struct("<28xI")  # an operation's operator_id, read alone
+OP_CLIENT_TIME = struct.Struct("<56xq")   # an operation's client_time_us, read alone
+# The fields of a journal entry after the v1 part (offset 128): program version, caller kind,
+# caller id, link, ref, basket, client time.
+JOURNAL_TAIL = struct.Struct("<128xIB3xI4xQQQq")
+
+# Caller kinds: values of cardcore.v1.CallerKind (a test checks they agree).
+CALLER_NONE, CALLER_TERMINAL, CALLER_OPERATOR, CALLER_DEVELOPMENT = 0, 1, 2, 3
+CALLER_SYSTEM, CALLER_LEGACY = 4, 5
 
 # Operation types: values of cardcore.v1.OperationType (a test checks they agree).
 OP_OPEN, OP_TOP_UP, OP_PURCHASE, OP_SET_PIN, OP_RESET_PIN, OP_PIN_FAILED = 1, 2, 3, 4, 5, 6
-OP_KERNEL_MAX = OP_RESET_PIN  # 1..5 go through the kernel; 6 is written by it
+OP_BALANCE_INQUIRY = 7  # checks the PIN; changes nothing when right (no entry)
+OP_KERNEL_MAX = OP_BALANCE_INQUIRY  # 1..5 and 7 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
-OP_ADMIN_MIN = 16
-OP_RESEAL = 32  # internal: re-encrypt stored card numbers (no journal entry, no request record)
+OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED = 21, 22
+OP_ADMIN_MIN, OP_ADMIN_MAX = 16, 22
+# Internal operations: no request record; no journal entry of their own.
+OP_RESEAL = 32       # re-encrypt stored card numbers (compare and set)
+OP_FLOOR = 33        # restore: raise a terminal's KSN counter or the next operator id
+OP_MAINTENANCE = 34  # prune expired request records (the writer's idle tick)
 # Card flags (card record offset 4) and operation PIN flags (operation offset 2).
 CARD_PIN_SET, CARD_PIN_LOCKED = 1, 2
 PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8
@@ -188,13 +266,17 @@ R_CARD_NOT_ACTIVE = 10
 R_INSUFFICIENT_FUNDS = 11
 R_AMOUNT_OVERFLOW = 12
 R_DUPLICATE_REQUEST_MISMATCH = 13
+R_OVERLOADED, R_DEADLINE_EXCEEDED, R_UNAVAILABLE = 14, 15, 16
+R_OUTCOME_UNKNOWN = 18
 R_STORAGE_UNAVAILABLE = 19
 R_INVALID_TIER = 5
 R_INVALID_AMOUNT = 2
 R_INVALID_ARGUMENT = 1
 R_INTERNAL = 17
 R_PIN_REQUIRED, R_PIN_WRONG, R_PIN_LOCKED, R_PIN_NOT_SET = 20, 21, 22, 23
-R_PERMISSION_DENIED, R_OPERATOR_REQUIRED = 34, 40
+R_UNAUTHENTICATED, R_PERMISSION_DENIED, R_OPERATOR_REQUIRED = 33, 34, 40
+R_REQUEST_TOO_OLD, R_CLIENT_TIME_AHEAD = 41, 42
+R_PROGRAM_INVALID, R_PROGRAM_STRANDS_CARDS = 43, 44
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

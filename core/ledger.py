@@ -1,25 +1,28 @@
-"""The ledger: card records, journal and idempotency records in one LMDB environment.
+"""The ledger: card records, journal, request records and admin state in one LMDB environment.
 
 Sub-databases (all in one environment, so one write transaction covers them)::
 
-    cards     card_id (16 B)        -> card record (128 B, layout.CARD)
-    journal   seq (u64 big-endian)  -> journal entry (128 B, layout.JOURNAL)
-    requests  request_id (ASCII)    -> idempotency record (48 B, layout.IDEM)
-    profiles  card_id               -> member profile (JSON, cold)
-    cardnos   card_id               -> the card number sealed under a data key (keyring.seal)
-    terminals terminal id (u32 BE)  -> terminal record (64 B, layout.TERMINAL)
-    operators name (UTF-8)          -> operator (JSON: id, role, stores, token SHA-256)
+    cards         card_id (16 B)          -> card record (128 B, layout.CARD)
+    journal       seq (u64 big-endian)    -> journal entry (256 B, layout.JOURNAL)
+    requests      request key             -> idempotency record (64 B, layout.IDEM)
+    request_times ts_us | n (big-endian)  -> request key: the pruning order
+    profiles      card_id                 -> member profile (JSON, cold)
+    cardnos       card_id                 -> the card number sealed under a data key
+    terminals     terminal id (u32 BE)    -> terminal record (64 B, layout.TERMINAL)
+    operators     name (UTF-8)            -> operator (JSON: id, role, stores, token SHA-256)
+    operator_ids  operator id (u32 BE)    -> name
+    programs      version (u32 BE)        -> the program document of that version (JSON)
+    meta          name                    -> format, current program, tier counts, horizons
 
-Card operations go through the kernel. Admin operations (op >= 16: terminals,
-operators, key rotation) are applied here, in request order, and journaled
-like the rest. An operation from a terminal carries its DUKPT counter: it is
-checked against, and raises, the terminal's last counter in the same
-transaction, so a replayed KSN can never be applied, even after a crash.
-
-``apply_group`` is the only writer: it runs a group of queued operations in
-one write transaction (one fsync when ``sync`` is on), with the arithmetic
-done by the Cython kernel over a contiguous records buffer. The journal is
-the truth: the next sequence number is read from its last key at start.
+``apply_group`` is the only writer. It applies a group of queued operations
+strictly in the order they arrived, in one write transaction (one fsync when
+``sync`` is on): card operations go to the Cython kernel in runs of
+consecutive card operations, admin operations in between, and every check
+that depends on admin state is made when its operation is applied
+(``admin.AdminState``). The group's time comes with the group and never goes
+back (``max(time, last + 1)``), so two ledgers that apply the same groups end
+identical. Each journal entry's digest chains the previous one's
+(``chain``): ``verify`` finds a flipped bit or a forged entry.
 """
 from __future__ import annotations
 
@@ -28,15 +31,22 @@ import logging
 import os
 import struct
 import threading
+import time
 from array import array
 
 import lmdb
 
 from cardcore import layout as L
-from cardcore.admin import OPERATOR_NEXT_ID, AdminState
+from cardcore.admin import (META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH, OPERATOR_NEXT_ID, U32,
+                            AdminState, I64)
+from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
-from cardcore.idempotency import InvariantError, Outcome, PendingOp, repeat, replay
-from cardcore.rules import Program
+from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, PRUNE_STEP_MAX,
+                                  REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
+                                  Outcome, PendingOp, legacy_digest, legacy_key, record, repeat,
+                                  replay)
+from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
+from cardcore.rules import Program, available_minor
 
 log = logging.getLogger("cardcore.ledger")
 
@@ -44,48 +54,115 @@ MAP_SIZE_INITIAL = 1 << 30      # virtual address space; the file grows only as 
 MAP_GROW_FACTOR = 2
 MAP_GROW_ATTEMPTS = 8
 MAX_READERS = 512
+MAX_DBS = 16
 EMPTY_RECORD = bytes(L.CARD_SIZE)
-# The fields of a kernel output entry the writer needs: op, reason, seq, principal and
-# bonus after (layout.JOURNAL offsets 1, 4, 8, 72, 80).
-ENTRY_HEAD = struct.Struct("<xBxxHxxQ56xqq")
-assert ENTRY_HEAD.size == 88
+DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
+            "operators", "operator_ids", "programs", "meta")
+_CARD_HELD = 32  # layout.CARD offset of held_minor
+LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
+# The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
+# bonus after (layout.JOURNAL offsets 1, 2, 4, 8, 72, 80).
+_ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
+assert _ENTRY_HEAD.size == 88
+
+
+class LedgerFormatError(Exception):
+    """The folder holds a ledger of another format (a v1 ledger: run ``cardcore migrate``)."""
 
 
 class Ledger:
-    def __init__(self, path: str, program: Program, *, sync: bool = True,
-                 map_size: int = MAP_SIZE_INITIAL, readonly: bool = False) -> None:
+    def __init__(self, path: str, *, initial_program: str | None = None, sync: bool = True,
+                 map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
+                 request_window_s: int = REQUEST_WINDOW_S_DEFAULT) -> None:
+        """Open (or, writable, create) the ledger at ``path``. A new ledger stores
+        ``initial_program`` (a TOML document; default: the default program) as version 1."""
+        if request_window_s < REQUEST_WINDOW_S_MIN:
+            raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
-        self.program = program
-        self._program_packed = program.packed()
+        self.readonly = readonly
+        self.request_window_us = request_window_s * 1_000_000
         # Explicit options: durability (sync/metasync) is the point of the ledger;
         # writemap off keeps stray pointer writes from touching the file.
-        self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=8, sync=sync,
+        self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, sync=sync,
                              metasync=sync, writemap=False, readahead=False,
                              max_readers=MAX_READERS, lock=True, readonly=readonly)
-        create = not readonly
-        if not readonly:
-            # Reader slots of processes that died (kill -9) would pin old pages forever.
-            stale = self.env.reader_check()
-            if stale:
-                log.warning("cleared %d stale LMDB reader slots", stale)
-        self.cards = self.env.open_db(b"cards", create=create)
-        self.journal = self.env.open_db(b"journal", create=create)
-        self.requests = self.env.open_db(b"requests", create=create)
-        self.profiles = self.env.open_db(b"profiles", create=create)
-        self.cardnos = self.env.open_db(b"cardnos", create=create)
-        self.terminals = self.env.open_db(b"terminals", create=create)
-        self.operators = self.env.open_db(b"operators", create=create)
         # Readers hold this while a read transaction is open; the writer holds it to
         # grow the map, which LMDB allows only with no transaction active.
         self._resize_gate = threading.Lock()
-        with self.env.begin() as txn:
-            self._next_seq = self._journal_next_seq(txn)
+        if not readonly:
+            self.reader_check()
+        self._open_dbs()
+        self.program: Program | None = None
+        self.program_version = 0
+        self.program_packed = b""
+        self.pruned_through_us = 0
+        self.legacy = False
+        if not readonly and self._read(lambda txn: txn.get(META_PROGRAM, db=self.meta)) is None:
+            # a new ledger (or one whose creation stopped before its program was stored)
+            self._initialise(DEFAULT_PROGRAM_TOML if initial_program is None else initial_program)
+        self._load_state()
 
-    def _journal_next_seq(self, txn) -> int:
-        """The journal is the truth: one past its last key (read in every write transaction,
-        so a writer that starts while an old one finishes its last group stays in sequence)."""
-        cur = txn.cursor(db=self.journal)
-        return L.SEQ_KEY.unpack(cur.key())[0] + 1 if cur.last() else 1
+    def _open_dbs(self) -> None:
+        """Open every sub-database, creating them in a new ledger (writable)."""
+        try:
+            self.meta = self.env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError:
+            try:
+                self.env.open_db(b"journal", create=False)
+            except lmdb.NotFoundError:
+                if self.readonly:
+                    raise LedgerFormatError(f"{self.path}: no ledger yet") from None
+            else:
+                raise LedgerFormatError(f"{self.path}: a ledger of format 1: run cardcore migrate "
+                                        "(or start the server, which migrates it)") from None
+            for name in DB_NAMES:
+                setattr(self, name, self.env.open_db(name.encode(), create=True))
+            with self.env.begin(write=True) as txn:
+                txn.put(META_FORMAT, U32.pack(L.LEDGER_FORMAT), db=self.meta)
+                txn.put(META_PRUNED_THROUGH, I64.pack(0), db=self.meta)
+            return
+        for name in DB_NAMES:
+            setattr(self, name, self.env.open_db(name.encode(), create=False))
+        fmt = self._read(lambda txn: txn.get(META_FORMAT, db=self.meta))
+        if fmt is None or U32.unpack(fmt)[0] != L.LEDGER_FORMAT:
+            raise LedgerFormatError(f"{self.path}: ledger format {fmt!r} unknown")
+
+    def _initialise(self, program_source: str) -> None:
+        parse_program(program_source)  # a bad initial program fails here, before anything is written
+        outcome = self.apply_group([PendingOp.admin(b"", L.OP_PROGRAM_LOADED, bytes(16),
+                                                    program_source.encode(), 0)],
+                                   time.time_ns() // 1000)[0]
+        if outcome.reason != L.R_OK:
+            raise InvariantError(f"the initial program was refused: {outcome.reason}")
+
+    def _load_state(self) -> None:
+        """What the writer keeps between groups: the current program, the request horizons."""
+        def read(txn):
+            meta = dict(txn.cursor(db=self.meta))
+            version = U32.unpack(meta[META_PROGRAM])[0]
+            cur = txn.cursor(db=self.requests)
+            legacy = cur.set_range(LEGACY_PREFIX) and cur.key().startswith(LEGACY_PREFIX)
+            return (version, json.loads(txn.get(L.VERSION_KEY.pack(version), db=self.programs)),
+                    I64.unpack(meta[META_PRUNED_THROUGH])[0], legacy)
+
+        # legacy: request records migrated from a v1 ledger remain (looked up by request_id
+        # alone until they are pruned)
+        version, rec, self.pruned_through_us, self.legacy = self._read(read)
+        self.program = parse_program(rec["source"])
+        self.program_version = version
+        self.program_packed = self.program.packed(version)
+
+    def refresh_program(self) -> None:
+        """A reader adopts the current program after a program load (the writer does at once)."""
+        self._load_state()
+
+    def reader_check(self) -> int:
+        """Clear the reader slots of processes that died (kill -9): they would pin old pages for
+        ever. The writer runs it at start and on a timer."""
+        stale = self.env.reader_check()
+        if stale:
+            log.warning("cleared %d stale LMDB reader slots", stale)
+        return stale
 
     def _read(self, fn):
         """Run ``fn(txn)`` in a read transaction; adopt a map another process has grown."""
@@ -103,19 +180,23 @@ class Ledger:
 
     @property
     def next_seq(self) -> int:
-        return self._next_seq
+        return self._read(lambda txn: _head(self, txn)[0])
 
     # ---- writer -------------------------------------------------------------
 
     def apply_group(self, ops: list[PendingOp], ts_us: int) -> list[Outcome]:
-        """Apply ``ops`` in order in one write transaction; return one outcome each.
+        """Apply ``ops`` in arrival order in one write transaction; return one outcome each.
 
         Raises on a broken invariant (the transaction is aborted, nothing is
         written); grows the map and retries when LMDB reports it full.
         """
         for _ in range(MAP_GROW_ATTEMPTS):
             try:
-                return self._apply_group_once(ops, ts_us)
+                group = _Group(self, ops, ts_us)
+                with self.env.begin(write=True) as txn:
+                    outcomes = group.apply(txn)
+                group.adopt()  # only once the commit (and its fsync) succeeded
+                return outcomes
             except lmdb.MapFullError:
                 self._grow_map()
         raise RuntimeError("LMDB map still full after growing it")
@@ -126,185 +207,28 @@ class Ledger:
             self.env.set_mapsize(new_size)
         log.warning("LMDB map grown to %d MiB", new_size >> 20)
 
-    def _apply_group_once(self, ops: list[PendingOp], ts_us: int) -> list[Outcome]:
-        n = len(ops)
-        outcomes: list[Outcome | None] = [None] * n
-        with self.env.begin(write=True) as txn:
-            self._next_seq = self._journal_next_seq(txn)
-            # 1. Idempotency: earlier requests with the same id, and repeats inside the group.
-            known = dict(txn.cursor(db=self.requests).getmulti(
-                [op.request_key for op in ops if op.request_key]))
-            fresh: list[int] = []
-            first_index: dict[bytes, int] = {}
-            repeats: list[tuple[int, int]] = []
-            admin = AdminState(self, txn)
-            for i, op in enumerate(ops):
-                if op.ksn_counter:
-                    # Before idempotency: a used KSN is refused even on an exact re-send (a
-                    # terminal retries with a fresh KSN and the same request_id). Not a business
-                    # outcome: no request record, so that retry can still pass.
-                    reason = admin.take_ksn(op)
-                    if reason != L.R_OK:
-                        outcomes[i] = Outcome(reason, False, op.packed[0], None, 0)
-                        continue
-                idem = known.get(op.request_key)
-                if not op.request_key:  # internal: no idempotency record
-                    fresh.append(i)
-                elif idem is not None:
-                    outcomes[i] = replay(txn, self.journal, idem, op.digest)
-                elif op.request_key in first_index:
-                    repeats.append((i, first_index[op.request_key]))
-                else:
-                    first_index[op.request_key] = i
-                    fresh.append(i)
-            next_seq = self._next_seq
-            if fresh:
-                next_seq = self._apply_fresh(txn, ops, fresh, outcomes, ts_us, admin)
-            admin.flush()
-            for i, j in repeats:
-                outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
-        self._next_seq = next_seq  # only once the commit (and its fsync) succeeded
-        return outcomes  # type: ignore[return-value]
-
-    def _apply_fresh(self, txn, ops, fresh, outcomes, ts_us, admin: AdminState) -> int:
-        seq = self._next_seq
-        entries: list[tuple[bytes, bytes]] = []
-        idem_items: list[tuple[bytes, bytes]] = []
-        seq_key, idem_pack = L.SEQ_KEY.pack, L.IDEM.pack
-        # 2. In request order: admin operations (on the group's terminal records, as the KSN
-        #    checks left them); card operations to the kernel.
-        card_ops: list[int] = []
-        for i in fresh:
-            op = ops[i]
-            kind = op.packed[0]
-            if kind >= L.OP_ADMIN_MIN:
-                reason, entry = admin.apply(op, kind, ts_us, seq)
-                count = 0
-                if kind == L.OP_RESEAL:
-                    count, entry = entry, None
-                elif reason == L.R_OK:
-                    entries.append((seq_key(seq), entry))
-                    seq += 1
-                if op.request_key:
-                    idem_items.append((op.request_key, idem_pack(
-                        L.IDEM_VERSION, kind, reason, 0, op.digest,
-                        seq - 1 if reason == L.R_OK else 0, 0, ts_us)))
-                outcomes[i] = Outcome(reason, False, kind, entry, 0, count)
-            else:
-                card_ops.append(i)
-        next_seq = seq
-        if card_ops:
-            next_seq = self._apply_cards(txn, ops, card_ops, outcomes, ts_us, seq, entries,
-                                         idem_items)
-        if entries:
-            added, _ = txn.cursor(db=self.journal).putmulti(entries, append=True)
-            if added != len(entries):
-                raise InvariantError("journal append refused: sequence not increasing")
-        if idem_items:
-            txn.cursor(db=self.requests).putmulti(idem_items)
-        if next_seq != self._next_seq + len(entries):
-            raise InvariantError("kernel sequence does not match the journal entries")
-        return next_seq
-
-    def _apply_cards(self, txn, ops, fresh, outcomes, ts_us, first_seq, entries, idem_items) -> int:
-        # 3. One slot per distinct card, records read in one getmulti.
-        slot_of: dict[bytes, int] = {}
-        card_ids: list[bytes] = []
-        slots = array("I")
-        for i in fresh:
-            cid = ops[i].card_id
-            s = slot_of.get(cid)
-            if s is None:
-                s = slot_of[cid] = len(card_ids)
-                card_ids.append(cid)
-            slots.append(s)
-        cards = txn.cursor(db=self.cards)
-        stored = dict(cards.getmulti(card_ids))
-        records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
-        journal_out = bytearray(len(fresh) * L.JOURNAL_SIZE)
-        dirty = bytearray(len(card_ids))
-        # 4. The kernel: arithmetic and PINs over the records buffer, journal entries out.
-        next_seq = kernel.apply_batch(self._program_packed, b"".join([ops[i].packed for i in fresh]),
-                                      slots, records, journal_out, dirty, ts_us, first_seq)
-        # 5. Write back what the kernel changed.
-        rec_view = memoryview(records)
-        cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
-                        for s in range(len(card_ids)) if dirty[s]])
-        profile_items: list[tuple[bytes, bytes]] = []
-        sealed_items: list[tuple[bytes, bytes]] = []
-        out = bytes(journal_out)
-        seq_key, idem_pack, size = L.SEQ_KEY.pack, L.IDEM.pack, L.JOURNAL_SIZE
-        head = ENTRY_HEAD.unpack_from
-        for k, i in enumerate(fresh):
-            op = ops[i]
-            op_type = op.packed[0]
-            _, reason, seq, principal_after, bonus_after = head(out, k * size)
-            entry = out[k * size:(k + 1) * size]
-            available = principal_after + bonus_after if reason == L.R_INSUFFICIENT_FUNDS else 0
-            if seq:  # applied, or a wrong PIN counted
-                entries.append((seq_key(seq), entry))
-            if reason == L.R_OK and op_type == L.OP_OPEN:
-                if op.profile is not None:
-                    profile_items.append((op.card_id, op.profile))
-                if op.sealed is not None:
-                    sealed_items.append((op.card_id, op.sealed))
-            idem_items.append((op.request_key, idem_pack(
-                L.IDEM_VERSION, op_type, reason, 0, op.digest, seq, available, ts_us)))
-            outcomes[i] = Outcome(reason, False, op_type, entry, available)
-        if profile_items:
-            txn.cursor(db=self.profiles).putmulti(profile_items)
-        if sealed_items:
-            txn.cursor(db=self.cardnos).putmulti(sealed_items)
-        return next_seq
-
-    # ---- terminals, operators, keys -------------------------------------------------
-
-    def read_terminal(self, terminal_id: int) -> tuple | None:
-        raw = self._read(lambda txn: txn.get(L.TERMINAL_KEY.pack(terminal_id), db=self.terminals))
-        return None if raw is None else L.TERMINAL.unpack(raw)
-
-    def read_terminals(self) -> list[tuple]:
-        return self._read(lambda txn: [L.TERMINAL.unpack(v) for _, v in txn.cursor(db=self.terminals)])
-
-    def read_operators(self) -> list[dict]:
-        return self._read(lambda txn: [json.loads(v) for k, v in txn.cursor(db=self.operators)
-                                       if k != OPERATOR_NEXT_ID])
-
-    def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""
-        def read(txn):
-            cur = txn.cursor(db=self.cardnos)
-            out = []
-            if not cur.set_range(after):
-                return out
-            for key, value in cur:
-                if key == after:
-                    continue
-                out.append((key, value))
-                if len(out) >= limit:
-                    break
-            return out
-
-        return self._read(read)
-
     def landed(self, ops: list[PendingOp]) -> list[Outcome]:
         """After a write that failed for the storage's sake (disk full, I/O error), what landed?
 
         A failed LMDB commit normally leaves the previous state, but a failure
         while syncing can leave the new one: so ask the ledger, not the error.
         An operation whose request record is there was applied (its original
-        outcome); any other was not (REASON_STORAGE_UNAVAILABLE).
+        outcome); any other was not (REASON_STORAGE_UNAVAILABLE), including
+        the server's own operations, which have no record (they are repeated
+        later: a re-seal and a floor are compare-and-set, a prune step
+        repeats itself).
         """
         def read(txn):
             out, seen = [], set()
             for op in ops:
-                idem = txn.get(op.request_key, db=self.requests)
+                key = op.request_key
+                idem = txn.get(key, db=self.requests) if key else None
                 if idem is None:
-                    out.append(Outcome(L.R_STORAGE_UNAVAILABLE, False, op.packed[0], None, 0))
+                    out.append(Outcome(L.R_STORAGE_UNAVAILABLE, False, op.op_type, None))
                 else:
                     landed = replay(txn, self.journal, idem, op.digest)
-                    out.append(landed._replace(replayed=op.request_key in seen))
-                seen.add(op.request_key)
+                    out.append(landed._replace(replayed=key in seen))
+                seen.add(key)
             return out
 
         return self._read(read)
@@ -326,13 +250,49 @@ class Ledger:
             raise InvariantError(f"card record version {rec[0]} unknown")
         return rec, (json.loads(profile) if profile else {})
 
-    def read_operation(self, request_key: bytes) -> Outcome | None:
-        """The original outcome of a request_id, or None if it was never applied."""
+    def read_operation(self, key: bytes) -> Outcome | None:
+        """The original outcome of a request (its key: namespace and request_id), or None."""
         def read(txn):
-            idem = txn.get(request_key, db=self.requests)
-            if idem is None:
-                return None
-            return replay(txn, self.journal, idem, L.IDEM.unpack(idem)[4])
+            idem = txn.get(key, db=self.requests)
+            return None if idem is None else replay(txn, self.journal, idem, None)
+
+        return self._read(read)
+
+    def read_horizons(self) -> tuple[int, int]:
+        """(pruned_through_us, request window in µs) as the ledger holds them now."""
+        raw = self._read(lambda txn: txn.get(META_PRUNED_THROUGH, db=self.meta))
+        return I64.unpack(raw)[0], self.request_window_us
+
+    def read_terminal(self, terminal_id: int) -> tuple | None:
+        raw = self._read(lambda txn: txn.get(L.TERMINAL_KEY.pack(terminal_id), db=self.terminals))
+        return None if raw is None else L.TERMINAL.unpack(raw)
+
+    def read_terminals(self) -> list[tuple]:
+        return self._read(lambda txn: [L.TERMINAL.unpack(v) for _, v in txn.cursor(db=self.terminals)])
+
+    def read_operators(self) -> list[dict]:
+        return self._read(lambda txn: [json.loads(v) for k, v in txn.cursor(db=self.operators)
+                                       if k != OPERATOR_NEXT_ID])
+
+    def read_programs(self) -> dict[int, dict]:
+        """Every stored program version: its record (source, sha256, loaded_us, loaded_by)."""
+        return self._read(lambda txn: {L.VERSION_KEY.unpack(k)[0]: json.loads(v)
+                                       for k, v in txn.cursor(db=self.programs)})
+
+    def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""
+        def read(txn):
+            cur = txn.cursor(db=self.cardnos)
+            out = []
+            if not cur.set_range(after):
+                return out
+            for key, value in cur:
+                if key == after:
+                    continue
+                out.append((key, value))
+                if len(out) >= limit:
+                    break
+            return out
 
         return self._read(read)
 
@@ -348,18 +308,16 @@ class Ledger:
 
     def dump(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """Every key and value of every sub-database (tests compare copies with this)."""
-        def read(txn):
-            return {name: list(txn.cursor(db=db)) for name, db in
-                    (("cards", self.cards), ("journal", self.journal), ("requests", self.requests),
-                     ("profiles", self.profiles), ("cardnos", self.cardnos),
-                     ("terminals", self.terminals), ("operators", self.operators))}
-
-        return self._read(read)
+        return self._read(lambda txn: {name: list(txn.cursor(db=getattr(self, name)))
+                                       for name in DB_NAMES})
 
     def map_usage(self) -> tuple[int, int]:
-        """(map size, bytes in use) for monitoring."""
-        info = self.env.info()
-        return info["map_size"], (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        """(map size, bytes in use) for monitoring; under the resize gate, like every read."""
+        def read(txn):
+            info = self.env.info()
+            return info["map_size"], (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
+        return self._read(read)
 
     def stats(self) -> dict:
         def read(txn):
@@ -370,11 +328,251 @@ class Ledger:
 
         return self._read(read)
 
-    # ---- verification --------------------------------------------------------
-
     def verify(self, problems_max: int = 50) -> dict:
         """Check the ledger against its journal (``cardcore.verify``)."""
         from cardcore.verify import verify  # only verify's callers load it
 
         return verify(self, problems_max)
 
+
+def _head(ledger: Ledger, txn) -> tuple[int, bytes, int]:
+    """(next journal sequence, the last entry's digest, the last time written). The journal is
+    the truth: read in every write transaction, so a writer that starts while an old one
+    finishes its last group stays in sequence."""
+    next_seq, digest, last_ts = 1, GENESIS, 0
+    cur = txn.cursor(db=ledger.journal)
+    if cur.last():
+        entry = cur.value()
+        next_seq = L.SEQ_KEY.unpack(cur.key())[0] + 1
+        digest = entry[L.JOURNAL_DIGEST_OFFSET:]
+        last_ts = int.from_bytes(entry[L.JOURNAL_OFF_TS:L.JOURNAL_OFF_TS + 8], "little", signed=True)
+    cur = txn.cursor(db=ledger.request_times)
+    if cur.last():
+        last_ts = max(last_ts, L.REQUEST_TIME_KEY.unpack(cur.key())[0])
+    return next_seq, digest, last_ts
+
+
+class _Group:
+    """One group's write: the parent function of every change (the kernel computes, the admin
+    state checks, this writes)."""
+
+    def __init__(self, ledger: Ledger, ops: list[PendingOp], ts_us: int):
+        self.ledger = ledger
+        self.ops = ops
+        self.ts_us = ts_us
+        self.outcomes: list[Outcome | None] = [None] * len(ops)
+        self.entries: list[bytes] = []          # in sequence order, digests not yet chained
+        self.idem_items: list[tuple[bytes, bytes]] = []
+        self.profile_items: list[tuple[bytes, bytes]] = []
+        self.sealed_items: list[tuple[bytes, bytes]] = []
+        self.run: list[int] = []                # consecutive card operations for the kernel
+        self.admin: AdminState | None = None
+        self.pruned_through_us = ledger.pruned_through_us
+
+    def apply(self, txn) -> list[Outcome]:
+        ledger, ops, outcomes = self.ledger, self.ops, self.outcomes
+        self.txn = txn
+        self.first_seq, prev_digest, last_ts = _head(ledger, txn)
+        self.seq = self.first_seq
+        ts = self.ts = max(self.ts_us, last_ts + 1)
+        self.admin = admin = AdminState(ledger, txn)
+        keys = [op.request_key for op in ops if op.request_key]
+        known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
+        legacy = {}
+        if keys and ledger.legacy:
+            legacy = dict(txn.cursor(db=ledger.requests).getmulti(
+                [legacy_key(k) for k in keys if k not in known]))
+        oldest_us = max(ts - ledger.request_window_us, self.pruned_through_us + 1)
+        newest_us = ts + CLIENT_TIME_AHEAD_MAX_US
+        first_index: dict[bytes, int] = {}
+        repeats: list[tuple[int, int]] = []
+        for i, op in enumerate(ops):
+            kind = op.packed[0]
+            key = op.request_key
+            if key:
+                client_us = op.client_time_us
+                if client_us < oldest_us or client_us > newest_us:
+                    outcomes[i] = Outcome(L.R_REQUEST_TOO_OLD if client_us < oldest_us
+                                          else L.R_CLIENT_TIME_AHEAD, False, kind, None)
+                    continue
+            if op.ksn_counter:
+                # Before idempotency: a used KSN is refused even on an exact re-send (a terminal
+                # retries with a fresh KSN and the same request_id). Access refusals are not
+                # business outcomes: no request record, so that retry can still pass.
+                reason = admin.take_ksn(op)
+                if reason != L.R_OK:
+                    outcomes[i] = Outcome(reason, False, kind, None)
+                    continue
+            reason = admin.authorize(op)
+            if reason != L.R_OK:
+                outcomes[i] = Outcome(reason, False, kind, None)
+                continue
+            if key:
+                idem = known.get(key)
+                if idem is not None:
+                    outcomes[i] = replay(txn, ledger.journal, idem, op.digest)
+                    continue
+                if legacy:
+                    idem = legacy.get(legacy_key(key))
+                    if idem is not None:
+                        outcomes[i] = self._legacy(idem, op)
+                        continue
+                if key in first_index:
+                    repeats.append((i, first_index[key]))
+                    continue
+                first_index[key] = i
+            if L.OP_OPEN <= kind <= L.OP_KERNEL_MAX:
+                self.run.append(i)
+            else:
+                self._flush_run()
+                self._admin(i, op, kind)
+        self._flush_run()
+        for i, j in repeats:
+            outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
+        self._write(prev_digest)
+        return outcomes  # type: ignore[return-value]
+
+    def _legacy(self, idem: bytes, op: PendingOp) -> Outcome:
+        """A request_id recorded by release 1 (one namespace): the same request again replays,
+        by release 1's digest (admin operations: by type)."""
+        outcome = replay(self.txn, self.ledger.journal, idem, None)
+        expected = legacy_digest(op)
+        same = (L.IDEM.unpack(idem)[4] == expected) if expected is not None \
+            else outcome.op == op.op_type
+        return outcome if same else Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, outcome.op, None)
+
+    def _admin(self, i: int, op: PendingOp, kind: int) -> None:
+        reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
+        count = 0
+        if kind >= L.OP_RESEAL:
+            count, entry = entry, None
+        elif reason == L.R_OK:
+            self.entries.append(entry)
+            self.seq += 1
+        if op.request_key:
+            self.idem_items.append((op.request_key, record(
+                kind, reason, op.digest, self.seq - 1 if reason == L.R_OK else 0, 0, self.ts,
+                op.client_time_us)))
+        self.outcomes[i] = Outcome(reason, False, kind, entry, 0, count)
+
+    def _flush_run(self) -> None:
+        """The kernel over the pending run of card operations, records read in one getmulti and
+        written back before anything after the run reads them."""
+        run = self.run
+        if not run:
+            return
+        self.run = []
+        ledger, ops, txn, admin = self.ledger, self.ops, self.txn, self.admin
+        slot_of: dict[bytes, int] = {}
+        card_ids: list[bytes] = []
+        slots = array("I")
+        for i in run:
+            cid = ops[i].card_id
+            s = slot_of.get(cid)
+            if s is None:
+                s = slot_of[cid] = len(card_ids)
+                card_ids.append(cid)
+            slots.append(s)
+        cards = txn.cursor(db=ledger.cards)
+        stored = dict(cards.getmulti(card_ids))
+        records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
+        journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
+        dirty = bytearray(len(card_ids))
+        next_seq = kernel.apply_batch(admin.program_packed, b"".join([ops[i].packed for i in run]),
+                                      slots, records, journal_out, dirty, self.ts, self.seq)
+        rec_view = memoryview(records)
+        cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
+                        for s in range(len(card_ids)) if dirty[s]])
+        out = bytes(journal_out)
+        size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
+        outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
+        for k, i in enumerate(run):
+            op = ops[i]
+            op_type = op.packed[0]
+            _, tier, reason, seq, principal_after, bonus_after = head(out, k * size)
+            entry = out[k * size:(k + 1) * size]
+            available = 0
+            if reason == L.R_INSUFFICIENT_FUNDS:
+                held = int.from_bytes(records[slots[k] * L.CARD_SIZE + _CARD_HELD:][:8], "little",
+                                      signed=True)
+                available = available_minor(principal_after, bonus_after, held)
+            if seq:  # applied, or a wrong PIN counted
+                if seq != self.seq:
+                    raise InvariantError("kernel sequence does not match the journal entries")
+                entries.append(entry)
+                self.seq += 1
+            if reason == L.R_OK and op_type == L.OP_OPEN:
+                admin.tier_cards()[tier] += 1
+                if op.profile is not None:
+                    self.profile_items.append((op.card_id, op.profile))
+                if op.sealed is not None:
+                    self.sealed_items.append((op.card_id, op.sealed))
+            if op.request_key:
+                idem_items.append((op.request_key, record(op_type, reason, op.digest, seq,
+                                                          available, ts, op.client_time_us)))
+            outcomes[i] = Outcome(reason, False, op_type, entry, available)
+        if next_seq != self.seq:
+            raise InvariantError("kernel sequence does not match the journal entries")
+
+    def _write(self, prev_digest: bytes) -> None:
+        """Everything the group made, each sub-database written once."""
+        ledger, txn = self.ledger, self.txn
+        if self.entries:
+            buf = bytearray(b"".join(self.entries))
+            chain(buf, prev_digest, L.JOURNAL_SIZE, L.JOURNAL_DIGEST_OFFSET)
+            size, seq_key, first = L.JOURNAL_SIZE, L.SEQ_KEY.pack, self.first_seq
+            view = memoryview(buf)
+            added, _ = txn.cursor(db=ledger.journal).putmulti(
+                [(seq_key(first + k), bytes(view[k * size:(k + 1) * size]))
+                 for k in range(len(self.entries))], append=True)
+            if added != len(self.entries):
+                raise InvariantError("journal append refused: sequence not increasing")
+        if self.idem_items:
+            txn.cursor(db=ledger.requests).putmulti(self.idem_items)
+            time_key, ts = L.REQUEST_TIME_KEY.pack, self.ts
+            added, _ = txn.cursor(db=ledger.request_times).putmulti(
+                [(time_key(ts, k), key) for k, (key, _) in enumerate(self.idem_items)], append=True)
+            if added != len(self.idem_items):
+                raise InvariantError("request time index append refused: time went back")
+        if self.profile_items:
+            txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
+        if self.sealed_items:
+            txn.cursor(db=ledger.cardnos).putmulti(self.sealed_items)
+        self.admin.flush()
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete request records that no re-send could reach any more (applied before the
+        window plus the largest clock lead), in small steps, every group: up to PRUNE_STEP_MAX
+        plus twice the group's size, so pruning keeps up with any arrival rate."""
+        ledger, txn = self.ledger, self.txn
+        step = PRUNE_STEP_MAX + 2 * len(self.ops)
+        horizon_us = self.ts - ledger.request_window_us - CLIENT_TIME_AHEAD_MAX_US
+        cur = txn.cursor(db=ledger.request_times)
+        if not cur.first():
+            return
+        pruned, last_us = 0, 0
+        while pruned < step:
+            key = cur.key()
+            if not key:
+                break
+            applied_us = L.REQUEST_TIME_KEY.unpack(key)[0]
+            if applied_us >= horizon_us:
+                break
+            txn.delete(cur.value(), db=ledger.requests)
+            cur.delete()
+            pruned += 1
+            last_us = applied_us
+        if pruned:
+            # No request whose client time is at or before this can apply any more, whatever
+            # the window is later set to: its record may be gone.
+            self.pruned_through_us = max(self.pruned_through_us, last_us + CLIENT_TIME_AHEAD_MAX_US)
+            txn.put(META_PRUNED_THROUGH, I64.pack(self.pruned_through_us), db=ledger.meta)
+
+    def adopt(self) -> None:
+        """After the commit: the ledger keeps what the group changed between groups."""
+        ledger, admin = self.ledger, self.admin
+        ledger.pruned_through_us = self.pruned_through_us
+        if admin is not None and admin.program_version != ledger.program_version:
+            ledger.program, ledger.program_version = admin.program, admin.program_version
+            ledger.program_packed = admin.program_packed

@@ -1,13 +1,13 @@
-"""Check a card program TOML document and say exactly where it is wrong.
+"""Card program documents: checked, with the line and the problem when they are wrong.
 
-``rules.load_program`` trusts its file: a typo such as ``point_per_unit``
-is silently ignored (the default is used), ``rate_bp = true`` becomes 1, and
-a bad range surfaces as a ValueError with no position. An operator editing
-the program needs "line 7: tier 'gold': rate_bp must be 1..10000" instead,
-before the program reaches a ledger. ``parse_program`` gives that: it refuses
-unknown keys, wrong TOML types and out-of-range values, reports the line of
-the offending key, and otherwise returns the same ``rules.Program`` that
-``load_program`` would build from the same document.
+A chain's program is a TOML document, stored in the ledger by version (the
+writer computes with the stored version, never with a file). A typo such as
+``point_per_unit`` must not be silently ignored, nor ``rate_bp = true``
+become 1: an operator editing the program needs "line 7: tier 'gold':
+rate_bp must be 1..10000", before the program reaches a ledger.
+``parse_program`` gives that: it refuses unknown keys, wrong TOML types and
+out-of-range values, reports the line of the offending key, and otherwise
+returns the ``rules.Program`` the kernel's arithmetic is compiled from.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import tomllib
 from cardcore import layout
 from cardcore.rules import DEFAULT_PROGRAM, MAX_TIER_NAME_LEN, Program, Tier
 
-__all__ = ["DEFAULT_PROGRAM_TOML", "PROGRAM_TEXT_BYTES_MAX", "ProgramError", "parse_program"]
+__all__ = ["DEFAULT_PROGRAM_TOML", "PROGRAM_TEXT_BYTES_MAX", "ProgramError", "parse_program",
+           "read_program_file"]
 
 PROGRAM_TEXT_BYTES_MAX = 64 * 1024  # UTF-8 bytes; a longer document is refused unparsed
 
@@ -300,8 +301,8 @@ def _check_tiers(data: dict, lines: _Lines, problems: list[tuple[int, str]]) -> 
 def parse_program(text: str) -> Program:
     """Parse and check a card program TOML document.
 
-    Missing keys take ``load_program``'s defaults (no ``tiers``: the default
-    tiers). Raises ProgramError for the problem written earliest in the
+    Missing keys take the defaults of ``rules.Program`` (no ``tiers``: the
+    default tiers). Raises ProgramError for the problem written earliest in the
     document (every key is checked; the smallest line is reported).
     """
     if len(text) > PROGRAM_TEXT_BYTES_MAX or \
@@ -338,3 +339,20 @@ def parse_program(text: str) -> Program:
         return Program(tiers=tiers, **values)
     except ValueError as err:  # the dataclass's own checks: should not happen after ours
         raise ProgramError(0, str(err)) from None
+
+
+def read_program_file(path: str) -> str:
+    """The text of a program file (checked by ``parse_program`` before it is used): refuses a
+    file that is too long, unreadable or not UTF-8, with the problem and no traceback."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(PROGRAM_TEXT_BYTES_MAX + 1)
+    except OSError as exc:
+        raise ProgramError(0, f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > PROGRAM_TEXT_BYTES_MAX:
+        raise ProgramError(0, f"the program is longer than {PROGRAM_TEXT_BYTES_MAX} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ProgramError(line, "the program is not UTF-8 text") from None

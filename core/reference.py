@@ -15,25 +15,28 @@ from cardcore.rules import paid_minor, points_earned
 
 def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
                 journal_out: bytearray, slot_dirty: bytearray, ts_us: int, first_seq: int) -> int:
-    """Apply ``len(ops) // 128`` operations in order; return the next free sequence number.
+    """Apply ``len(ops) // 192`` operations in order; return the next free sequence number.
 
     ``slots[i]`` is the index of operation i's card record in ``records``
     (128 bytes each; version 0 = no such card yet). An operation that changes
     its record (applied, or a wrong PIN counted) updates it in place, sets
     ``slot_dirty[slot] = 1`` and gets a journal entry with the next sequence;
-    others get an entry with ``reason`` set and ``seq = 0``. ``journal_out``
-    receives one 128-byte entry per operation.
+    others (and a balance inquiry with the right PIN) get an entry with
+    ``reason`` set and ``seq = 0``. ``journal_out`` receives one 256-byte v2
+    entry per operation, its digest field zero (the ledger chains it).
     """
     n = len(ops) // L.OP_SIZE
     assert len(ops) == n * L.OP_SIZE and len(journal_out) == n * L.JOURNAL_SIZE
     assert len(records) % L.CARD_SIZE == 0 and len(slot_dirty) == len(records) // L.CARD_SIZE
     tier_count, tries_max, unit, per_unit, *rest = L.PROGRAM.unpack(program)
     rates = rest[:L.MAX_TIERS]
+    program_version = rest[L.MAX_TIERS]
     seq = first_seq
     for i in range(n):
-        (op, tier, pin_flags, _, home_store, amount, store, terminal, staff, operator, tag, card_id,
-         _, pin_check, new_pin_check) = L.OP.unpack_from(ops, i * L.OP_SIZE)
-        if not L.OP_OPEN <= op <= L.OP_KERNEL_MAX:
+        (op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff, operator, tag,
+         card_id, client_time, pin_check, new_pin_check, caller_id, _, link_seq, ref_id, basket,
+         _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
+        if not L.OP_OPEN <= op <= L.OP_KERNEL_MAX or op == L.OP_PIN_FAILED:
             raise ValueError(f"unknown operation type {op}")
         slot = slots[i]
         roff = slot * L.CARD_SIZE
@@ -95,6 +98,11 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
                 reason = L.R_OPERATOR_REQUIRED  # a first PIN is set with an operator at the till
             if reason == L.R_OK:
                 set_pin()
+        elif op == L.OP_BALANCE_INQUIRY:
+            # the PIN like a purchase; a right one changes nothing (no entry, tries untouched)
+            reason = gate(pin_flags | L.PIN_REQUIRED)
+            if checked == "right":
+                checked = ""
         elif (reason := gate()) != L.R_OK:
             pass
         elif amount <= 0:
@@ -127,7 +135,7 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
             card.principal += d_principal
             card.bonus += d_bonus
             card.points += d_points
-        if reason == L.R_OK or pin_failed:
+        if pin_failed or (reason == L.R_OK and op != L.OP_BALANCE_INQUIRY):
             entry_seq = seq
             seq += 1
             card.last_seq = entry_seq
@@ -139,7 +147,8 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
             L.OP_PIN_FAILED if pin_failed else op, card.tier, card.status, reason,
             card.pin_tries, card.flags & 0xFF, entry_seq, card_id, 0 if pin_failed else amount,
             discount, d_principal, d_bonus, d_points, card.principal, card.bonus, card.points, ts_us,
-            store, terminal, staff, operator, tag)
+            store, terminal, staff, operator, tag, program_version, caller_kind, bytes(3), caller_id,
+            0, link_seq, ref_id, basket, client_time, bytes(48), bytes(32))
     return seq
 
 

@@ -30,21 +30,13 @@ checks they agree on every input):
    PIN sets the count back to 0.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
-90 %) and earns 1 point per 1.00 paid; a TOML file overrides it::
-
-    points_unit_minor = 100
-    points_per_unit = 1
-    require_luhn = true
-    pin_tries_max = 3
-    pin_on_top_up = false
-    [[tiers]]
-    name = "standard"
-    rate_bp = 10000
+90 %) and earns 1 point per 1.00 paid. Programs are TOML documents
+(``cardcore.program`` validates them), stored in the ledger by version: each
+journal entry names the version it was computed under.
 """
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 
 from cardcore import layout
 
@@ -81,31 +73,15 @@ class Program:
         if not 1 <= self.pin_tries_max <= layout.PIN_TRIES_MAX_LIMIT:
             raise ValueError(f"pin_tries_max must be 1..{layout.PIN_TRIES_MAX_LIMIT}")
 
-    def packed(self) -> bytes:
-        """The 96-byte program struct the kernel reads."""
+    def packed(self, version: int) -> bytes:
+        """The 96-byte program struct the kernel reads, for stored version ``version``."""
+        assert version >= 1
         rates = [t.rate_bp for t in self.tiers] + [0] * (layout.MAX_TIERS - len(self.tiers))
         return layout.PROGRAM.pack(len(self.tiers), self.pin_tries_max, self.points_unit_minor,
-                                   self.points_per_unit, *rates, bytes(8))
+                                   self.points_per_unit, *rates, version, 0)
 
 
 DEFAULT_PROGRAM = Program(tiers=(Tier("standard", 10000), Tier("silver", 9500), Tier("gold", 9000)))
-
-
-def load_program(path: str | None) -> Program:
-    """Read a program from a TOML file; None gives the default program."""
-    if path is None:
-        return DEFAULT_PROGRAM
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    tiers = tuple(Tier(str(t["name"]), int(t["rate_bp"])) for t in data.get("tiers", []))
-    return Program(
-        tiers=tiers or DEFAULT_PROGRAM.tiers,
-        points_unit_minor=int(data.get("points_unit_minor", 100)),
-        points_per_unit=int(data.get("points_per_unit", 1)),
-        require_luhn=bool(data.get("require_luhn", True)),
-        pin_tries_max=int(data.get("pin_tries_max", 3)),
-        pin_on_top_up=bool(data.get("pin_on_top_up", False)),
-    )
 
 
 def paid_minor(gross_minor: int, rate_bp: int) -> int:
@@ -117,3 +93,10 @@ def paid_minor(gross_minor: int, rate_bp: int) -> int:
 def points_earned(paid: int, points_unit_minor: int, points_per_unit: int) -> int:
     """Rule 4: whole units paid times points per unit (may exceed int64: callers check)."""
     return (paid // points_unit_minor) * points_per_unit
+
+
+def available_minor(principal_minor: int, bonus_minor: int, held_minor: int) -> int:
+    """Rule 5: what a purchase can spend now. The one definition for the ledger, the service and
+    verify; the kernel and the reference compute it in their own language, held equal by the
+    differential tests."""
+    return principal_minor + bonus_minor - held_minor

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 from cardcore import pin as pinlib
 from cardcore.carddata import encrypt_card_data
@@ -103,38 +104,53 @@ class Terminal:
         return pinlib.encipher(pin_key, pin, number) if pin else b""
 
     # ---- requests ---------------------------------------------------------------------
+    # Every mutating request carries the terminal's clock (client_time_us): a retry of the same
+    # request repeats it with the request_id (and, as any transaction, takes a fresh KSN).
 
     def purchase(self, request_id: str, number: str, pin: str | None, gross_amount_minor: int,
-                 staff_id: int = 0) -> pb.PurchaseRequest:
+                 staff_id: int = 0, client_time_us: int | None = None) -> pb.PurchaseRequest:
         card, pin_key = self.secure(number)
         return pb.PurchaseRequest(request_id=request_id, card=card,
                                   gross_amount_minor=gross_amount_minor, till=self.till(staff_id),
-                                  pin_block=self._block(pin_key, pin, number))
+                                  pin_block=self._block(pin_key, pin, number),
+                                  client_time_us=client_time_us or now_us())
 
     def top_up(self, request_id: str, number: str, amount_minor: int, pin: str | None = None,
-               staff_id: int = 0) -> pb.TopUpRequest:
+               staff_id: int = 0, client_time_us: int | None = None) -> pb.TopUpRequest:
         card, pin_key = self.secure(number)
         return pb.TopUpRequest(request_id=request_id, card=card, amount_minor=amount_minor,
-                               till=self.till(staff_id), pin_block=self._block(pin_key, pin, number))
+                               till=self.till(staff_id), pin_block=self._block(pin_key, pin, number),
+                               client_time_us=client_time_us or now_us())
 
     def open_card(self, request_id: str, number: str, pin: str | None = None, tier: int = 0,
-                  profile: pb.MemberProfile | None = None, staff_id: int = 0) -> pb.OpenCardRequest:
+                  profile: pb.MemberProfile | None = None, staff_id: int = 0,
+                  client_time_us: int | None = None) -> pb.OpenCardRequest:
         card, pin_key = self.secure(number)
         return pb.OpenCardRequest(request_id=request_id, card=card, tier=tier, profile=profile,
-                                  till=self.till(staff_id), pin_block=self._block(pin_key, pin, number))
+                                  till=self.till(staff_id), pin_block=self._block(pin_key, pin, number),
+                                  client_time_us=client_time_us or now_us())
 
     def set_pin(self, request_id: str, number: str, new_pin: str, old_pin: str | None = None,
-                staff_id: int = 0) -> pb.SetPinRequest:
+                staff_id: int = 0, client_time_us: int | None = None) -> pb.SetPinRequest:
         card, pin_key = self.secure(number)
         return pb.SetPinRequest(request_id=request_id, card=card, till=self.till(staff_id),
                                 old_pin_block=self._block(pin_key, old_pin, number),
-                                new_pin_block=self._block(pin_key, new_pin, number))
+                                new_pin_block=self._block(pin_key, new_pin, number),
+                                client_time_us=client_time_us or now_us())
 
     def reset_pin(self, request_id: str, number: str, new_pin: str | None = None,
-                  staff_id: int = 0) -> pb.ResetPinRequest:
+                  staff_id: int = 0, client_time_us: int | None = None) -> pb.ResetPinRequest:
         card, pin_key = self.secure(number)
         return pb.ResetPinRequest(request_id=request_id, card=card, till=self.till(staff_id),
-                                  new_pin_block=self._block(pin_key, new_pin, number))
+                                  new_pin_block=self._block(pin_key, new_pin, number),
+                                  client_time_us=client_time_us or now_us())
 
-    def get_card(self, number: str) -> pb.GetCardRequest:
-        return pb.GetCardRequest(card=self.secure(number)[0])
+    def get_card(self, number: str, pin: str | None = None) -> pb.GetCardRequest:
+        """A card inquiry; with the PIN, the answer shows the balances (CARD_VIEW_BALANCE)."""
+        card, pin_key = self.secure(number)
+        return pb.GetCardRequest(card=card, pin_block=self._block(pin_key, pin, number))
+
+
+def now_us() -> int:
+    """The client's clock for ``client_time_us``: Unix time in microseconds."""
+    return time.time_ns() // 1000

@@ -17,8 +17,8 @@ cdef extern from "<stdint.h>":
 
 cdef enum:
     CARD_SIZE = 128
-    JOURNAL_SIZE = 128
-    OP_SIZE = 128
+    JOURNAL_SIZE = 256
+    OP_SIZE = 192
     PROGRAM_SIZE = 96
     PIN_CHECK_SIZE = 32
 
@@ -31,6 +31,7 @@ cdef enum:
     OP_SET_PIN = 4
     OP_RESET_PIN = 5
     OP_PIN_FAILED = 6
+    OP_BALANCE_INQUIRY = 7
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -162,6 +163,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_OPERATOR_REQUIRED  # a first PIN is set with an operator at the till
         if reason == R_OK:
             set_pin(op, rec)
+    elif op.op == OP_BALANCE_INQUIRY:
+        # the PIN like a purchase; a right one changes nothing (no entry, tries untouched)
+        reason = pin_gate(prog, op, op.pin_flags | PIN_REQUIRED, rec, &checked)
+        checked = PIN_FAILED if checked == PIN_FAILED else 0
     else:  # top-up or purchase (the caller checked the type)
         reason = pin_gate(prog, op, op.pin_flags, rec, &checked)
         if reason != R_OK:
@@ -201,16 +206,18 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         rec.principal_minor += d_principal
         rec.bonus_minor += d_bonus
         rec.points += d_points
-    if reason == R_OK or pin_failed:
+    cdef int changed = pin_failed or (reason == R_OK and op.op != OP_BALANCE_INQUIRY)
+    if changed:
         rec.last_seq = seq
-    out.version = 1
+    memset(out, 0, JOURNAL_SIZE)
+    out.version = 2
     out.op = entry_op
     out.tier = rec.tier
     out.status = rec.status
     out.reason = reason
     out.pin_tries = rec.pin_tries
     out.pin_flags = <uint8_t>rec.flags
-    out.seq = seq if reason == R_OK or pin_failed else 0
+    out.seq = seq if changed else 0
     memcpy(out.card_id, op.card_id, 16)
     out.amount_minor = amount
     out.discount_minor = discount
@@ -226,13 +233,20 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     out.staff_id = op.staff_id
     out.operator_id = op.operator_id
     memcpy(out.request_tag, op.request_tag, 8)
+    out.program_version = prog.program_version
+    out.caller_kind = op.caller_kind
+    out.caller_id = op.caller_id
+    out.link_seq = op.link_seq
+    out.ref_id = op.ref_id
+    out.basket_tag = op.basket_tag
+    out.client_time_us = op.client_time_us
     return reason
 
 
 def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32_t[::1] slots,
                 uint8_t[::1] records, uint8_t[::1] journal_out, uint8_t[::1] slot_dirty,
                 int64_t ts_us, uint64_t first_seq):
-    """Apply len(ops) // 128 operations in order; return the next free sequence number.
+    """Apply len(ops) // 192 operations in order; return the next free sequence number.
 
     Same contract as cardcore.reference.apply_batch. Raises ValueError, and
     leaves the caller to abort its transaction, if any input breaks the
@@ -253,7 +267,8 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32
         raise ValueError("records or dirty buffer has the wrong size")
     cdef const cc_program_t* prog = <const cc_program_t*>&program[0]
     if (prog.tier_count < 1 or prog.tier_count > 16 or prog.points_unit_minor <= 0
-            or prog.points_per_unit < 0 or prog.pin_tries_max < 1 or prog.pin_tries_max > 15):
+            or prog.points_per_unit < 0 or prog.pin_tries_max < 1 or prog.pin_tries_max > 15
+            or prog.program_version < 1):
         raise ValueError("program out of range")
     for i in range(prog.tier_count):
         if prog.rate_bp[i] < 1 or prog.rate_bp[i] > 10000:
@@ -269,7 +284,8 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32
         for i in range(n):
             op = op_base + i
             slot = slots[i]
-            if slot >= nslots or op.op < OP_OPEN or op.op > OP_RESET_PIN:
+            if (slot >= nslots or op.op < OP_OPEN or op.op > OP_BALANCE_INQUIRY
+                    or op.op == OP_PIN_FAILED):
                 bad = 1
                 break
             rec = rec_base + slot

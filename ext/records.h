@@ -27,29 +27,39 @@ typedef struct {
             points_delta, principal_after_minor, bonus_after_minor, points_after, ts_us;
     uint32_t store_id, terminal_id, staff_id, operator_id;
     uint8_t request_tag[8];
+    uint32_t program_version;
+    uint8_t caller_kind, reserved0[3];
+    uint32_t caller_id, reserved1;
+    uint64_t link_seq, ref_id, basket_tag;
+    int64_t client_time_us;
+    uint8_t reserved2[48];
+    uint8_t digest[32];
 } cc_journal_t;
 
 typedef struct {
-    uint8_t op, tier, pin_flags, reserved0;
+    uint8_t op, tier, pin_flags, caller_kind;
     uint32_t home_store_id;
     int64_t amount_minor;
     uint32_t store_id, terminal_id, staff_id, operator_id;
     uint8_t request_tag[8];
     uint8_t card_id[16];
-    uint8_t reserved2[8];
+    int64_t client_time_us;
     uint8_t pin_check[32];
     uint8_t new_pin_check[32];
+    uint32_t caller_id, reserved0;
+    uint64_t link_seq, ref_id, basket_tag;
+    uint8_t reserved1[32];
 } cc_op_t;
 
 typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, points_per_unit;
     uint32_t rate_bp[16];
-    uint8_t reserved1[8];
+    uint32_t program_version, reserved0;
 } cc_program_t;
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
-_Static_assert(sizeof(cc_journal_t) == 128, "journal entry is 128 bytes");
-_Static_assert(sizeof(cc_op_t) == 128, "operation is 128 bytes");
+_Static_assert(sizeof(cc_journal_t) == 256, "journal entry is 256 bytes");
+_Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
 _Static_assert(sizeof(cc_program_t) == 96, "program is 96 bytes");
 #endif

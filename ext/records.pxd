@@ -24,20 +24,31 @@ cdef extern from "records.h":
         int64_t points_delta, principal_after_minor, bonus_after_minor, points_after, ts_us
         uint32_t store_id, terminal_id, staff_id, operator_id
         uint8_t request_tag[8]
+        uint32_t program_version
+        uint8_t caller_kind
+        uint8_t reserved0[3]
+        uint32_t caller_id, reserved1
+        uint64_t link_seq, ref_id, basket_tag
+        int64_t client_time_us
+        uint8_t reserved2[48]
+        uint8_t digest[32]
 
     ctypedef struct cc_op_t:
-        uint8_t op, tier, pin_flags, reserved0
+        uint8_t op, tier, pin_flags, caller_kind
         uint32_t home_store_id
         int64_t amount_minor
         uint32_t store_id, terminal_id, staff_id, operator_id
         uint8_t request_tag[8]
         uint8_t card_id[16]
-        uint8_t reserved2[8]
+        int64_t client_time_us
         uint8_t pin_check[32]
         uint8_t new_pin_check[32]
+        uint32_t caller_id, reserved0
+        uint64_t link_seq, ref_id, basket_tag
+        uint8_t reserved1[32]
 
     ctypedef struct cc_program_t:
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, points_per_unit
         uint32_t rate_bp[16]
-        uint8_t reserved1[8]
+        uint32_t program_version, reserved0

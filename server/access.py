@@ -10,8 +10,8 @@
   chain admins only).
 - Each terminal has a budget per sliding minute: its failed guesses and probes
   (a wrong PIN, an unknown card, a card number that is already issued, a PIN
-  block or card data that does not open) stay counted for a minute, and its
-  swipes not yet answered count too, so a batch or a pipelined stream can never
+  block or card data that does not open) and every card inquiry stay counted
+  for a minute, and its swipes not yet answered count too, so a batch or a pipelined stream can never
   have more guesses in flight than the budget has left. When failures fill the
   budget the terminal is refused; when unanswered swipes do, the service waits
   for them (a batch goes on in chunks, a stream reads on once a reply is out).
@@ -89,6 +89,18 @@ class Caller:
     operator: Operator | None
     bad_token: bool                # a token was sent but is not valid
     token_digest: str = ""         # of the token sent, to look the operator up again
+
+    def namespace(self, ksn_terminal_id: int = 0) -> tuple[int, int]:
+        """Whose request ids these are (layout: request key): the terminal whose KSN opened the
+        swipe (or whose certificate calls), else the operator of the token, else the one
+        development caller of an --insecure server."""
+        if ksn_terminal_id:
+            return L.CALLER_TERMINAL, ksn_terminal_id
+        if self.cert_terminal_id is not None:
+            return L.CALLER_TERMINAL, self.cert_terminal_id
+        if self.operator is not None:
+            return L.CALLER_OPERATOR, self.operator.operator_id
+        return L.CALLER_DEVELOPMENT, 0
 
 
 class Access:
@@ -201,8 +213,10 @@ class Access:
     def take(self, terminal_id: int) -> None:
         self._unanswered[terminal_id] += 1
 
-    def answered(self, terminal_id: int, reason: int, now: float | None = None) -> None:
-        """A taken swipe was answered: it counts for a minute if it failed as a guess or probe."""
+    def answered(self, terminal_id: int, reason: int, now: float | None = None,
+                 inquiry: bool = False) -> None:
+        """A taken swipe was answered: it counts for a minute if it failed as a guess or probe,
+        and so does every inquiry (a till reading cards one after another is harvesting)."""
         if self._unanswered[terminal_id] > 0:
             self._unanswered[terminal_id] -= 1
         else:
@@ -210,7 +224,7 @@ class Access:
         room = self._room.get(terminal_id)
         if room is not None:
             room.set()
-        if reason in PROBE_REASONS:
+        if inquiry or reason in PROBE_REASONS:
             window = self._failures.get(terminal_id)
             if window is None:
                 window = self._failures[terminal_id] = collections.deque()

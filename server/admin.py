@@ -1,7 +1,11 @@
-"""AdminService: terminals, operators and data keys, for operators with the right role.
+"""AdminService: terminals, operators, data keys and card programs, for operators with the right role.
 
 Every change goes through the writer like a card operation (one LMDB
-transaction, journaled with the operator's id, idempotent by request_id), then
+transaction, journaled with the operator's id, idempotent by request_id in
+the operator's namespace). The role the change needs and the store its
+scope must cover travel with it and are checked again by the writer against
+the ledger, when it is applied (a terminal enrolled a moment ago is in
+scope, or not, by the ledger's record, not this process's registry). Then
 the in-memory registries are reloaded from the ledger.
 """
 from __future__ import annotations
@@ -9,18 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 from cardcore import layout as L
 from cardcore.admin import reseal_payload
+from cardcore.idempotency import (SCOPE_CHAIN, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL, PendingOp,
+                                  request_key)
 from cardcore.keyring import Keyring, SealError
-from cardcore.ledger import Ledger, PendingOp
+from cardcore.ledger import Ledger
+from cardcore.program import ProgramError, parse_program
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import ROLE, Access, Operator, new_token, token_digest
 from .errors import Invalid, abort, failure
-from .operations import request_key
+from .operations import client_time_us, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.admin")
@@ -31,12 +39,18 @@ RESEAL_CHUNK = 500
 U32_MAX = 0xFFFFFFFF
 
 
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
 class AdminService(apb_grpc.AdminServiceServicer):
-    def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access):
+    def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access,
+                 on_program=lambda: None):
         self.ledger = ledger
         self.writer = writer
         self.keyring = keyring
         self.access = access
+        self._on_program = on_program   # the card service adopts a newly loaded program
 
     async def _operator(self, context, role: int, store_id: int | None = None) -> Operator:
         """The calling operator, if it holds ``role`` (and ``store_id`` is in its scope)."""
@@ -62,15 +76,18 @@ class AdminService(apb_grpc.AdminServiceServicer):
         if reason != L.R_OK:
             if context is None:
                 raise RuntimeError(f"admin operation refused: {R.Name(reason)}")
+            log.info("refused %s", R.Name(reason), extra={"reason": R.Name(reason)})
             await abort(context, failure(reason))
         if op.request_key:
             log.info("admin %s by operator %d", cpb.OperationType.Name(op.packed[0]),
                      L.OP_OPERATOR_ID.unpack_from(op.packed)[0])
         return outcome
 
-    async def _key(self, context, request_id: str) -> bytes:
+    async def _request(self, context, request, op_by: Operator) -> tuple[bytes, int]:
+        """(request key in the operator's namespace, client time), or the call ends."""
         try:
-            return request_key(request_id)
+            rid = request_id_bytes(request.request_id)
+            return request_key(L.CALLER_OPERATOR, op_by.operator_id, rid), client_time_us(request)
         except Invalid as exc:
             await abort(context, failure(exc.reason, exc.field))
 
@@ -83,27 +100,33 @@ class AdminService(apb_grpc.AdminServiceServicer):
     # ---- terminals ---------------------------------------------------------------------
 
     async def EnrollTerminal(self, request, context):
+        """A retry of the same request gets the initial key again while the terminal has made no
+        transaction (its last KSN counter is 0), so a lost answer costs no terminal id."""
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER, request.store_id)
-        key = await self._key(context, request.request_id)
+        key, client_us = await self._request(context, request, op_by)
         if not 1 <= request.terminal_id <= U32_MAX:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "terminal_id"))
         tid = request.terminal_id
         ikid = self.access.ikid_of(tid)
         subject = tid.to_bytes(4, "little") + request.store_id.to_bytes(4, "little") + ikid
         outcome = await self._apply(context, PendingOp.admin(
-            key, L.OP_TERMINAL_ENROLLED, subject, b"", op_by.operator_id))
+            key, L.OP_TERMINAL_ENROLLED, subject, b"", op_by.operator_id, client_time_us=client_us,
+            need_role=ROLE.OPERATOR_ROLE_REGION_MANAGER, scope=SCOPE_STORE,
+            scope_store_id=request.store_id))
+        terminal = self.ledger.read_terminal(tid)
+        unused = terminal[1] == L.TERMINAL_ACTIVE and terminal[5] == 0
         return apb.EnrollTerminalResponse(
-            terminal=self._terminal_pb(self.ledger.read_terminal(tid)),
-            initial_key=b"" if outcome.replayed else self.access.initial_key(tid))
+            terminal=self._terminal_pb(terminal),
+            initial_key=self.access.initial_key(tid) if not outcome.replayed or unused else b"")
 
     async def RevokeTerminal(self, request, context):
-        terminal = self.access.terminals.get(request.terminal_id)
-        store = terminal.store_id if terminal else None
-        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, store)
-        key = await self._key(context, request.request_id)
+        """The store in scope is the terminal's, as the ledger has it when the writer applies it."""
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        key, client_us = await self._request(context, request, op_by)
         subject = request.terminal_id.to_bytes(4, "little") + bytes(12)
-        await self._apply(context, PendingOp.admin(key, L.OP_TERMINAL_REVOKED, subject, b"",
-                                                   op_by.operator_id))
+        await self._apply(context, PendingOp.admin(
+            key, L.OP_TERMINAL_REVOKED, subject, b"", op_by.operator_id, client_time_us=client_us,
+            need_role=ROLE.OPERATOR_ROLE_STORE_MANAGER, scope=SCOPE_SUBJECT_TERMINAL))
         return self._terminal_pb(self.ledger.read_terminal(request.terminal_id))
 
     async def ListTerminals(self, request, context):
@@ -116,7 +139,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
     # ---- operators -----------------------------------------------------------------------
 
     async def _check_grant(self, context, op_by: Operator, role: int, store_ids) -> None:
-        """A chain admin grants anything; others only roles below their own, inside their scope."""
+        """A chain admin grants anything; others only roles below their own, inside their scope
+        (an operator's role and stores never change, so this holds when the writer applies it)."""
         if op_by.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN:
             return
         if (op_by.role < ROLE.OPERATOR_ROLE_REGION_MANAGER or role >= op_by.role or not store_ids
@@ -125,7 +149,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
 
     async def AddOperator(self, request, context):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
-        key = await self._key(context, request.request_id)
+        key, client_us = await self._request(context, request, op_by)
         stores = sorted(set(request.store_ids))
         if not NAME_RE.fullmatch(request.name):
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "name"))
@@ -138,19 +162,30 @@ class AdminService(apb_grpc.AdminServiceServicer):
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "store_ids"))
         await self._check_grant(context, op_by, request.role, stores)
         token, operator = await self.add_operator(context, key, request.name, request.role, stores,
-                                                  op_by.operator_id)
+                                                  op_by.operator_id, client_us=client_us)
         return apb.AddOperatorResponse(operator=operator, token=token)
 
     async def add_operator(self, context, key: bytes, name: str, role: int, stores: list[int],
-                           by_id: int, token: str | None = None) -> tuple[str, apb.Operator]:
-        """Create an operator (also the bootstrap chain admin, with ``context`` None)."""
+                           by_id: int, token: str | None = None,
+                           client_us: int = 0) -> tuple[str, apb.Operator]:
+        """Create an operator (also the bootstrap chain admin, with ``context`` None). A retry of
+        the same request gets a fresh token, and the one its lost answer carried stops working."""
         token = token or new_token()
         fields = {"name": name, "role": role, "store_ids": stores}
         op = PendingOp.admin(key, L.OP_OPERATOR_ADDED, bytes(16),
                              json.dumps({**fields, "token_sha256": token_digest(token)}).encode(),
-                             by_id, digest_payload=json.dumps(fields, sort_keys=True).encode())
+                             by_id, digest_payload=json.dumps(fields, sort_keys=True).encode(),
+                             client_time_us=client_us or _now_us(),
+                             need_role=ROLE.OPERATOR_ROLE_REGION_MANAGER if by_id else 0)
         outcome = await self._apply(context, op)
-        return ("" if outcome.replayed else token), self._operator_pb(name)
+        if outcome.replayed and context is not None:
+            token = new_token()
+            await self._apply(context, PendingOp.admin(
+                b"", L.OP_OPERATOR_TOKEN_REISSUED, bytes(16),
+                json.dumps({"name": name, "token_sha256": token_digest(token)}).encode(), by_id,
+                need_role=ROLE.OPERATOR_ROLE_REGION_MANAGER,
+                caller=(L.CALLER_OPERATOR, by_id)))
+        return token, self._operator_pb(name)
 
     def _operator_pb(self, name: str) -> apb.Operator:
         rec = self.access.operators_by_name[name]
@@ -160,14 +195,15 @@ class AdminService(apb_grpc.AdminServiceServicer):
 
     async def RemoveOperator(self, request, context):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
-        key = await self._key(context, request.request_id)
+        key, client_us = await self._request(context, request, op_by)
         target = self.access.operators_by_name.get(request.name)
         if target is None:
             await abort(context, failure(R.REASON_OPERATOR_NOT_FOUND, "name"))
         await self._check_grant(context, op_by, target["role"], target["store_ids"])
         await self._apply(context, PendingOp.admin(
             key, L.OP_OPERATOR_REMOVED, bytes(16), json.dumps({"name": request.name}).encode(),
-            op_by.operator_id))
+            op_by.operator_id, client_time_us=client_us,
+            need_role=ROLE.OPERATOR_ROLE_REGION_MANAGER))
         return self._operator_pb(request.name)
 
     async def ListOperators(self, request, context):
@@ -177,13 +213,46 @@ class AdminService(apb_grpc.AdminServiceServicer):
                or (rec["store_ids"] and all(op_by.covers(s) for s in rec["store_ids"]))]
         return apb.ListOperatorsResponse(operators=out)
 
+    # ---- programs -------------------------------------------------------------------------
+
+    async def LoadProgram(self, request, context):
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+        key, client_us = await self._request(context, request, op_by)
+        try:
+            parse_program(request.document)
+        except ProgramError as exc:
+            log.info("refused REASON_PROGRAM_INVALID: %s", exc)
+            await abort(context, failure(R.REASON_PROGRAM_INVALID, "document", detail=str(exc)))
+        await self._apply(context, PendingOp.admin(
+            key, L.OP_PROGRAM_LOADED, bytes(16), request.document.encode(), op_by.operator_id,
+            client_time_us=client_us, need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
+        self._on_program()
+        return self._program_pb(0)
+
+    async def GetProgram(self, request, context):
+        await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        found = self._program_pb(request.version)
+        if found is None:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "version"))
+        return found
+
+    def _program_pb(self, version: int) -> apb.ProgramVersion | None:
+        programs = self.ledger.read_programs()
+        current = max(programs)
+        rec = programs.get(version or current)
+        if rec is None:
+            return None
+        return apb.ProgramVersion(version=rec["version"], document=rec["source"],
+                                  sha256=rec["sha256"], loaded_at_us=rec["loaded_us"],
+                                  loaded_by=rec["loaded_by"], current=rec["version"] == current)
+
     # ---- keys -----------------------------------------------------------------------------
 
     async def RotateDataKey(self, request, context):
         """New key version first (new cards use it at once), then re-seal the stored numbers in
         chunks through the writer, each a compare-and-set, while serving goes on."""
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
-        key = await self._key(context, request.request_id)
+        key, client_us = await self._request(context, request, op_by)
         known = self.ledger.read_operation(key)
         if known is not None and known.op != L.OP_DATA_KEY_ROTATED:
             await abort(context, failure(R.REASON_DUPLICATE_REQUEST_MISMATCH, "request_id"))
@@ -191,7 +260,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
             version = self.keyring.rotate_data_key()
             await self._apply(context, PendingOp.admin(
                 key, L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"",
-                op_by.operator_id, digest_payload=b""))
+                op_by.operator_id, digest_payload=b"", client_time_us=client_us,
+                need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
         resealed = await self.reseal(context)
         log.info("data key version %d current; %d card numbers re-sealed",
                  self.keyring.data_key_current, resealed)
@@ -219,7 +289,5 @@ class AdminService(apb_grpc.AdminServiceServicer):
                 except SealError:  # left as it is; cardcore keys check lists it
                     unreadable += 1
             if items:
-                op = PendingOp(b"", bytes(16), L.OP.pack(L.OP_RESEAL, *[0] * 9, bytes(8), bytes(16),
-                                                         bytes(8), bytes(32), bytes(32)),
-                               bytes(16), payload=reseal_payload(items))
+                op = PendingOp.internal(L.OP_RESEAL, reseal_payload(items))
                 total += (await self._apply(context, op)).count

@@ -1,20 +1,26 @@
-"""Server bootstrap: ledger, writer, gRPC server with health and reflection, shutdown."""
+"""Server bootstrap: ledger (migrated if it is of format 1), writer, program, gRPC server with
+health and reflection, shutdown."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cardcore import layout as L
+from cardcore import migrate
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, PendingOp, request_key
 from cardcore.keyring import Keyring
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
-from cardcore.rules import load_program
+from cardcore.program import ProgramError, parse_program, read_program_file
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
@@ -24,7 +30,7 @@ from .admin import AdminService
 from .metrics import Metrics
 from .service import CardService, add_service
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
-                     QUEUE_MAX_OPS_DEFAULT, Writer)
+                     QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT, Writer)
 
 log = logging.getLogger("cardcore.server")
 
@@ -56,6 +62,8 @@ class ServerConfig:
     groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT
     map_size_mib: int = MAP_SIZE_INITIAL >> 20   # grows by doubling when full
     metrics_listen: str | None = None             # HOST:PORT for Prometheus; None: not served
+    request_window_s: int = REQUEST_WINDOW_S_DEFAULT  # request records kept, and requests accepted
+    reader_check_s: float = READER_CHECK_S_DEFAULT    # stale LMDB reader slots cleared this often
 
 
 class StartupError(Exception):
@@ -100,10 +108,37 @@ async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -
         f.write(token + "\n")
         f.flush()
         os.fsync(f.fileno())
-    await admin.add_operator(None, b"bootstrap-admin", "admin", cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0,
-                             token=token)
+    await admin.add_operator(None, request_key(L.CALLER_SYSTEM, 0, b"bootstrap-admin"), "admin",
+                             cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0, token=token)
     log.warning("created the first chain admin 'admin'; its token is in %s (0600). Use it to add "
                 "named operators, then remove 'admin' and delete the file", path)
+
+
+def _program_source(path: str | None) -> str | None:
+    """The --program document, checked before anything starts (None: no file given)."""
+    if path is None:
+        return None
+    try:
+        source = read_program_file(path)
+        parse_program(source)
+    except ProgramError as exc:
+        raise StartupError(f"the program {path} is not valid: {exc}") from None
+    return source
+
+
+async def _load_program_file(ledger: Ledger, writer: Writer, source: str, path: str) -> None:
+    """--program on a ledger that runs another document: stored as the next version, journaled
+    as the server's own (a new ledger stored it as version 1 already)."""
+    current = ledger.read_programs()[ledger.program_version]["source"]
+    if current == source:
+        return
+    op = PendingOp.admin(b"", L.OP_PROGRAM_LOADED, bytes(16), source.encode(), 0)
+    outcome = (await writer.submit([op]))[0]
+    if outcome.reason != L.R_OK:
+        raise StartupError(f"the program {path} was refused: "
+                           f"{cpb.Reason.Name(outcome.reason)} (the running program is unchanged)")
+    ledger.refresh_program()
+    log.warning("program %s stored as version %d", path, ledger.program_version)
 
 
 def lock_data_dir(data_dir: str):
@@ -129,7 +164,12 @@ async def serve(cfg: ServerConfig) -> None:
         raise StartupError("--failures-per-minute must be at least 1")
     credentials = _server_credentials(cfg)
     ledger_path = os.path.join(cfg.data_dir, "ledger")
-    program = load_program(cfg.program_path)
+    program_source = _program_source(cfg.program_path)
+    if migrate.ledger_format(ledger_path) == 1:
+        try:
+            migrate.migrate(ledger_path, program_source)
+        except migrate.MigrationError as exc:
+            raise StartupError(f"the ledger could not be migrated to format 2: {exc}") from None
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
@@ -159,23 +199,28 @@ async def serve(cfg: ServerConfig) -> None:
 
     # The writer process creates the environment; this process only reads it.
     metrics = Metrics()
-    writer = Writer(ledger_path, cfg.program_path, loop, sync=cfg.sync, metrics=metrics,
+    writer = Writer(ledger_path, program_source, loop, sync=cfg.sync, metrics=metrics,
                     log_level=cfg.log_level, log_format=cfg.log_format,
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
-                    map_size=cfg.map_size_mib << 20, on_fatal=fatal)
+                    map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
+                    reader_check_s=cfg.reader_check_s, on_fatal=fatal)
     writer.start()
     ledger = None
     health_servicer = health.aio.HealthServicer()
     try:
-        ledger = Ledger(ledger_path, program, readonly=True, map_size=cfg.map_size_mib << 20)
+        ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
+                        request_window_s=cfg.request_window_s)
+        if program_source is not None:
+            await _load_program_file(ledger, writer, program_source, cfg.program_path)
         metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
         if cfg.metrics_listen:
             log.info("metrics on http://%s/metrics", metrics.serve(cfg.metrics_listen))
         access = Access(ledger, keyring.bdk, keyring.bdk_id, tls=credentials is not None,
                         failures_per_minute=cfg.failures_per_minute)
         card_service = CardService(ledger, writer, keyring, access)
-        admin = AdminService(ledger, writer, keyring, access)
+        admin = AdminService(ledger, writer, keyring, access,
+                             on_program=card_service.adopt_program)
         await _bootstrap_admin(admin, access, cfg.data_dir)
         resealed = await admin.reseal(None)  # finishes a rotation a stop interrupted
         if resealed:
@@ -196,7 +241,12 @@ async def serve(cfg: ServerConfig) -> None:
                  stats["journal"])
         host = cfg.listen.rsplit(":", 1)[0]
         # The one line tests and scripts wait for; it carries the bound port (for --listen HOST:0).
-        print(f"cardcore listening on {host}:{port}", flush=True)
+        line = f"cardcore listening on {host}:{port}"
+        if cfg.log_format == "json":
+            line = json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": "INFO",
+                               "logger": "cardcore.server", "msg": line,
+                               "listen": f"{host}:{port}"})
+        print(line, flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()

@@ -6,9 +6,12 @@ import os
 import sys
 
 from . import logs
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
+
 from .cmd_client import (ROLES, cmd_card, cmd_keys, cmd_open_card, cmd_operation, cmd_operators,
-                         cmd_purchase, cmd_terminals, cmd_top_up)
-from .cmd_server import cmd_backup, cmd_restore, cmd_serve, cmd_verify
+                         cmd_program, cmd_purchase, cmd_terminals, cmd_top_up)
+from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
+from .writer import READER_CHECK_S_DEFAULT
 from .pos import cmd_pos
 from .text import DEFAULT_DATA_DIR, DEFAULT_LISTEN, card_number_arg, env, parse_amount
 
@@ -61,7 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial LMDB map (address space, not disk); doubles when full")
     p.add_argument("--no-sync", action="store_true",
                    help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
+    p.add_argument("--request-window-hours", type=int, default=REQUEST_WINDOW_S_DEFAULT // 3600,
+                   help="request records are kept, and requests accepted, for this long after "
+                        "their client time (default %(default)s: a week, longer than a store "
+                        "stays offline); at least 1")
+    p.add_argument("--reader-check-s", type=float, default=READER_CHECK_S_DEFAULT,
+                   help="clear stale LMDB reader slots (readers killed -9) this often")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "
+                                       "at start); verified before and after, the old one kept")
+    data_dir(p)
+    p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
+                   help="the card program the server runs (stored as version 1); default: the "
+                        "default program")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("verify", help="check every card against its journal")
     data_dir(p)
@@ -77,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir(p)
     p.add_argument("--from", dest="source", required=True, help="a folder made by backup")
     p.add_argument("--force", action="store_true", help="replace an existing ledger")
+    p.add_argument("--revoke-terminals", action="store_true",
+                   help="with no ledger to replace (its terminal counters are lost): revoke every "
+                        "terminal of the backup, to be enrolled anew under new ids")
     p.set_defaults(func=cmd_restore)
 
     def client(name, help_text, func, card=True):
@@ -99,8 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def mutating(p):
+    def request_opts(p):
         p.add_argument("--request-id", default="", help="idempotency key (default: a new UUID)")
+        p.add_argument("--client-time-us", type=int, default=0,
+                       help="the request's client time, Unix microseconds (default: now); a retry "
+                            "of a request_id repeats the original's")
+
+    def mutating(p):
+        request_opts(p)
         p.add_argument("--store", type=int, default=0)
         p.add_argument("--terminal", type=int, default=0)
         p.add_argument("--staff", type=int, default=0)
@@ -123,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staff", type=int, default=0)
     p = client("operation", "what became of a request_id", cmd_operation, card=False)
     p.add_argument("request_id")
+    p.add_argument("--client-time-us", type=int, default=0,
+                   help="the request's client time: an id older than the retention window is "
+                        "reported as expired")
+    p.add_argument("--caller", default="",
+                   help="another caller's namespace, KIND:ID (terminal:7, operator:3; chain "
+                        "admins)")
 
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
@@ -132,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", type=int, default=0)
     p.add_argument("--out", help="enroll: where to write the terminal's keys "
                                  "(default terminal-<id>.keys.json)")
-    p.add_argument("--request-id", default="")
+    request_opts(p)
     p = client("operators", "add, remove and list operators (operator token)", cmd_operators,
                card=False)
     p.set_defaults(admin_command=True)
@@ -140,14 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="")
     p.add_argument("--role", choices=ROLES, default="cashier")
     p.add_argument("--stores", default="", help="comma-separated store ids in scope")
-    p.add_argument("--request-id", default="")
+    request_opts(p)
     p = client("keys", "rotate: new card-data key version, re-encrypt online (chain admin); "
                "check: offline, every stored card number opens", cmd_keys, card=False)
     p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("rotate", "check"))
     data_dir(p)
     p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"))
-    p.add_argument("--request-id", default="")
+    request_opts(p)
+    p = client("program", "load: store a card program TOML as the next version (chain admin); "
+               "show: a stored version", cmd_program, card=False)
+    p.set_defaults(admin_command=True)
+    p.add_argument("action", choices=("load", "show"))
+    p.add_argument("file", nargs="?", help="load: the program document (TOML)")
+    p.add_argument("--version", type=int, default=0, help="show: this version (default: current)")
+    request_opts(p)
 
     p = client("pos", "a terminal: swipe with DUKPT-encrypted card data and PIN blocks", cmd_pos,
                card=False)
@@ -164,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staff", type=int, default=0)
     p.add_argument("--operator", action="store_true",
                    help="also send the operator token (reset-pin needs a store manager)")
-    p.add_argument("--request-id", default="")
+    request_opts(p)
 
     from .certs import add_parser as add_certs_parser
 

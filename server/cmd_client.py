@@ -89,6 +89,8 @@ def _failure_detail(err) -> str:
                 text += f" available={fen(fail.available_minor)}"
             if fail.reason == cpb.REASON_PIN_WRONG:
                 text += f" tries_left={fail.pin_tries_left}"
+            if fail.detail:
+                text += f" {fail.detail}"
             return text + "]"
     return ""
 
@@ -99,11 +101,20 @@ def _till(args):
     return cpb.Till(store_id=args.store, terminal_id=args.terminal, staff_id=args.staff)
 
 
-def print_result(result, looked_up: bool = False) -> None:
+def client_time(args) -> int:
+    """--client-time-us (a retry repeats the original's), or now."""
+    from cardcore.terminal import now_us
+
+    return args.client_time_us or now_us()
+
+
+def print_result(result, looked_up: bool = False, client_time_us: int = 0) -> None:
     from cardcore.v1 import common_pb2 as cpb
 
-    rows = [("request", result.request_id), ("operation", cpb.OperationType.Name(result.type)),
-            ("journal seq", str(result.seq))]
+    rows = [("request", result.request_id)]
+    if client_time_us:
+        rows.append(("client time", f"{client_time_us}  (a retry repeats it: --client-time-us)"))
+    rows += [("operation", cpb.OperationType.Name(result.type)), ("journal seq", str(result.seq))]
     if result.type == cpb.OPERATION_TYPE_PURCHASE:
         rows += [("gross", fen(result.amount_minor)), ("discount", fen(result.discount_minor)),
                  ("paid", fen(result.paid_minor)), ("points earned", f"{result.points_earned:,}")]
@@ -127,8 +138,8 @@ def cmd_open_card(args) -> int:
         request_id=args.request_id or str(uuid.uuid4()),
         card=cpb.CardRef(card_number=args.card), tier=args.tier, till=_till(args),
         profile=pb.MemberProfile(name=args.name, phone=args.phone, birthday=args.birthday,
-                                 home_store_id=args.store))
-    print_result(call(stub_of(args).OpenCard, req, args))
+                                 home_store_id=args.store), client_time_us=client_time(args))
+    print_result(call(stub_of(args).OpenCard, req, args), client_time_us=req.client_time_us)
     return 0
 
 
@@ -138,8 +149,8 @@ def cmd_top_up(args) -> int:
 
     req = pb.TopUpRequest(request_id=args.request_id or str(uuid.uuid4()),
                           card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
-                          till=_till(args))
-    print_result(call(stub_of(args).TopUp, req, args))
+                          till=_till(args), client_time_us=client_time(args))
+    print_result(call(stub_of(args).TopUp, req, args), client_time_us=req.client_time_us)
     return 0
 
 
@@ -149,8 +160,9 @@ def cmd_purchase(args) -> int:
 
     req = pb.PurchaseRequest(request_id=args.request_id or str(uuid.uuid4()),
                              card=cpb.CardRef(card_number=args.card),
-                             gross_amount_minor=args.amount, till=_till(args))
-    print_result(call(stub_of(args).Purchase, req, args))
+                             gross_amount_minor=args.amount, till=_till(args),
+                             client_time_us=client_time(args))
+    print_result(call(stub_of(args).Purchase, req, args), client_time_us=req.client_time_us)
     return 0
 
 
@@ -165,35 +177,48 @@ def cmd_card(args) -> int:
 
 
 def print_card(card) -> None:
+    """What the answer shows (Card.view): a terminal without the PIN sees status and tier only."""
+    from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    opened = datetime.datetime.fromtimestamp(card.opened_at_us / 1e6, datetime.timezone.utc)
-    print(table([
-        ("card", card.masked_number),
-        ("status", cpb.CardStatus.Name(card.status).removeprefix("CARD_STATUS_").lower()),
-        ("tier", f"{card.tier} {card.tier_name} (pays {card.discount_rate_bp / 100:g}%)"),
-        ("balance", fen(card.balance.available_minor)),
-        ("  principal", fen(card.balance.principal_minor)),
-        ("  bonus", fen(card.balance.bonus_minor)),
-        ("points", f"{card.balance.points:,}"),
-        ("lifetime paid", fen(card.lifetime_paid_minor)),
-        ("member", card.profile.name or "-"),
-        ("opened", opened.strftime("%Y-%m-%d %H:%M:%S UTC")),
-        ("PIN", "locked" if card.pin_locked else "set" if card.pin_set else "not set"),
-        ("last journal seq", str(card.last_seq)),
-    ]))
+    rows = [("card", card.masked_number),
+            ("status", cpb.CardStatus.Name(card.status).removeprefix("CARD_STATUS_").lower()),
+            ("tier", f"{card.tier} {card.tier_name} (pays {card.discount_rate_bp / 100:g}%)")]
+    if card.view >= pb.CARD_VIEW_BALANCE:
+        opened = datetime.datetime.fromtimestamp(card.opened_at_us / 1e6, datetime.timezone.utc)
+        rows += [("balance", fen(card.balance.available_minor)),
+                 ("  principal", fen(card.balance.principal_minor)),
+                 ("  bonus", fen(card.balance.bonus_minor)),
+                 ("points", f"{card.balance.points:,}"),
+                 ("lifetime paid", fen(card.lifetime_paid_minor))]
+        if card.view == pb.CARD_VIEW_FULL:
+            rows.append(("member", card.profile.name or "-"))
+        rows += [("opened", opened.strftime("%Y-%m-%d %H:%M:%S UTC")),
+                 ("PIN", "locked" if card.pin_locked else "set" if card.pin_set else "not set"),
+                 ("last journal seq", str(card.last_seq))]
+    else:
+        rows.append(("balance", "shown with the card's PIN (--pin)"))
+    print(table(rows))
 
 
 def cmd_operation(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    resp = call(stub_of(args).GetOperation, pb.GetOperationRequest(request_id=args.request_id),
-                 args)
-    if not resp.found:
-        print(f"{args.request_id}: not applied (retry the original request with this id)")
+    req = pb.GetOperationRequest(request_id=args.request_id, client_time_us=args.client_time_us)
+    if args.caller:
+        kind, _, ident = args.caller.partition(":")
+        req.caller.kind = cpb.CallerKind.Value("CALLER_KIND_" + kind.upper())
+        req.caller.id = int(ident or 0)
+    resp = call(stub_of(args).GetOperation, req, args)
+    if resp.state == pb.OPERATION_STATE_EXPIRED:
+        print(f"{args.request_id}: older than the retention window: it can no longer apply")
         return 1
-    if resp.result.reason != cpb.REASON_OK:
+    if resp.state == pb.OPERATION_STATE_NOT_FOUND:
+        print(f"{args.request_id}: not applied (retry the original request: same request_id "
+              "and client time)")
+        return 1
+    if resp.state == pb.OPERATION_STATE_DECLINED:
         print(f"{args.request_id}: declined: {cpb.Reason.Name(resp.result.reason)}")
         return 0
     print_result(resp.result, looked_up=True)
@@ -222,17 +247,18 @@ def cmd_terminals(args) -> int:
             raise SystemExit(f"cardcore: {out} exists: a terminal's keys are handed out once")
         resp = call(stub.EnrollTerminal, apb.EnrollTerminalRequest(
             request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id,
-            store_id=args.store), args)
+            store_id=args.store, client_time_us=client_time(args)), args)
         if not resp.initial_key:
-            raise SystemExit("cardcore: this request_id enrolled the terminal before; its key "
-                             "was handed out then")
+            raise SystemExit("cardcore: this request_id enrolled the terminal before and the "
+                             "terminal has transacted since: its key was handed out then")
         TerminalKeys(resp.terminal.terminal_id, resp.terminal.store_id, resp.initial_key,
                      resp.terminal.initial_key_id).save(out)
         _print_terminal(resp.terminal)
         print(f"initial key written to {out} (0600): load it into the terminal, keep no copy")
     elif args.action == "revoke":
         _print_terminal(call(stub.RevokeTerminal, apb.RevokeTerminalRequest(
-            request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id), args))
+            request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id,
+            client_time_us=client_time(args)), args))
     else:
         for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store), args).terminals:
             _print_terminal(t)
@@ -256,13 +282,15 @@ def cmd_operators(args) -> int:
         stores = [int(x) for x in args.stores.split(",") if x] if args.stores else []
         resp = call(stub.AddOperator, apb.AddOperatorRequest(
             request_id=args.request_id or str(uuid.uuid4()), name=args.name, role=role,
+            client_time_us=client_time(args),
             store_ids=stores), args)
         show(resp.operator)
         if resp.token:
             print(f"token (shown once; the server keeps only its hash): {resp.token}")
     elif args.action == "remove":
         show(call(stub.RemoveOperator, apb.RemoveOperatorRequest(
-            request_id=args.request_id or str(uuid.uuid4()), name=args.name), args))
+            request_id=args.request_id or str(uuid.uuid4()), name=args.name,
+            client_time_us=client_time(args)), args))
     else:
         for o in call(stub.ListOperators, apb.ListOperatorsRequest(), args).operators:
             show(o)
@@ -275,8 +303,36 @@ def cmd_keys(args) -> int:
 
         args.timeout_s = max(args.timeout_s, 3600.0)
         resp = call(admin_stub_of(args).RotateDataKey, apb.RotateDataKeyRequest(
-            request_id=args.request_id or str(uuid.uuid4())), args)
+            request_id=args.request_id or str(uuid.uuid4()), client_time_us=client_time(args)), args)
         print(f"data key version {resp.key_version} is current; {resp.cards_resealed:,} stored "
               "card numbers re-encrypted under it")
         return 0
     return keys_check(args)
+
+
+def cmd_program(args) -> int:
+    """load: the document is checked here first (line and problem, nothing sent), then by the
+    server; show: a stored version, its document on standard output."""
+    from cardcore.program import ProgramError, parse_program, read_program_file
+    from cardcore.v1 import admin_service_pb2 as apb
+
+    stub = admin_stub_of(args)
+    if args.action == "show":
+        version = call(stub.GetProgram, apb.GetProgramRequest(version=args.version), args)
+        print(f"# program version {version.version}{' (current)' if version.current else ''}, "
+              f"sha256 {version.sha256}, loaded by operator {version.loaded_by}")
+        print(version.document, end="" if version.document.endswith("\n") else "\n")
+        return 0
+    if not args.file:
+        raise SystemExit("cardcore: program load needs the program file")
+    try:
+        document = read_program_file(args.file)
+        parse_program(document)
+    except ProgramError as exc:
+        print(f"cardcore: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    version = call(stub.LoadProgram, apb.LoadProgramRequest(
+        request_id=args.request_id or str(uuid.uuid4()), client_time_us=client_time(args),
+        document=document), args)
+    print(f"program version {version.version} is current (sha256 {version.sha256})")
+    return 0

@@ -21,7 +21,12 @@ def cmd_serve(args) -> int:
                        failures_per_minute=args.failures_per_minute, sync=not args.no_sync,
                        group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
                        queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
-                       map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen)
+                       map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen,
+                       request_window_s=args.request_window_hours * 3600,
+                       reader_check_s=args.reader_check_s)
+    if args.request_window_hours < 1:
+        print("cardcore: --request-window-hours is at least 1", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(cfg))
     except StartupError as exc:
@@ -35,10 +40,12 @@ def cmd_serve(args) -> int:
 
 def _open_ledger(path: str):
     """A ledger folder opened read-only (verify, backup and restore run beside a live server)."""
-    from cardcore.ledger import Ledger
-    from cardcore.rules import load_program
+    from cardcore.ledger import Ledger, LedgerFormatError
 
-    return Ledger(path, load_program(None), sync=False, readonly=True)
+    try:
+        return Ledger(path, sync=False, readonly=True)
+    except LedgerFormatError as exc:
+        raise SystemExit(f"cardcore: {exc}") from None
 
 
 def _ledger_in(folder: str, missing: str) -> str | None:
@@ -75,6 +82,8 @@ def cmd_verify(args) -> int:
             ("principal total", fen(report["principal_minor"])),
             ("bonus total", fen(report["bonus_minor"])),
             ("points total", f"{report['points']:,}"),
+            ("program version", str(report["program_version"])),
+            ("journal head digest", report["head_digest"]),
         ]))
         for p in report["problems"]:
             print(f"  - {p}")
@@ -107,39 +116,73 @@ def cmd_backup(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    """Put a backup in place of a data folder's ledger (server stopped; verified first)."""
-    import shutil
+    """Put a backup in place of a data folder's ledger (server stopped), carrying over terminal
+    counters, revocations and operator removals from the ledger it replaces; verified before
+    it is swapped in."""
+    from cardcore.backup import RestoreError, restore
 
     from .app import StartupError, lock_data_dir
 
     src = _ledger_in(args.source, "no backup")
     if src is None:
         return 2
-    report = _verify_at(src)
-    if not report["ok"]:
-        print("the backup does not verify; nothing restored", file=sys.stderr)
-        return 1
     os.makedirs(args.data_dir, exist_ok=True)
     try:
         lock = lock_data_dir(args.data_dir)
     except StartupError as exc:
         print(f"{exc}: stop it first", file=sys.stderr)
         return 2
+    dest = os.path.join(args.data_dir, "ledger")
     with lock:
-        dest = os.path.join(args.data_dir, "ledger")
-        if os.path.exists(dest):
-            if not args.force:
-                print(f"{dest} exists: pass --force to replace it", file=sys.stderr)
-                return 2
-            shutil.rmtree(dest)
-        os.makedirs(dest)
-        tmp = os.path.join(dest, "data.mdb.restoring")
-        shutil.copyfile(os.path.join(src, "data.mdb"), tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(dest, "data.mdb"))
+        try:
+            report = restore(src, dest, replace=args.force, revoke_terminals=args.revoke_terminals)
+        except RestoreError as exc:
+            print(f"cardcore: {exc}; nothing restored", file=sys.stderr)
+            return 1 if "verify" in str(exc) else 2
     print(table([("restored", dest), ("cards", f"{report['cards']:,}"),
-                  ("journal entries", f"{report['journal_entries']:,}")]))
+                  ("journal entries", f"{report['journal_entries']:,}"),
+                  ("carried over", f"{report['carried']} terminal and operator changes")]))
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    """Upgrade a ledger of format 1 in place (the server does it at start too)."""
+    from cardcore import migrate
+    from cardcore.program import ProgramError, parse_program, read_program_file
+
+    from .app import StartupError, lock_data_dir
+
+    path = _ledger_in(args.data_dir, "no ledger")
+    if path is None:
+        return 2
+    fmt = migrate.ledger_format(path)
+    if fmt == 2:
+        print(f"{path} is already of format 2")
+        return 0
+    source = None
+    if args.program:
+        try:
+            source = read_program_file(args.program)
+            parse_program(source)
+        except ProgramError as exc:
+            print(f"cardcore: the program {args.program} is not valid: {exc}", file=sys.stderr)
+            return 2
+    try:
+        lock = lock_data_dir(args.data_dir)
+    except StartupError as exc:
+        print(f"{exc}: stop it first", file=sys.stderr)
+        return 2
+    with lock:
+        try:
+            report = migrate.migrate(path, source)
+        except migrate.MigrationError as exc:
+            print(f"cardcore: {exc}; the ledger is unchanged", file=sys.stderr)
+            return 1
+    after = report["after"]
+    print(table([("migrated", path), ("format", "1 -> 2"), ("cards", f"{after['cards']:,}"),
+                 ("journal entries", f"{after['journal_entries']:,} (one more: the program, v1)"),
+                 ("request records", f"{after['requests']:,}"),
+                 ("result", "clean"), ("format 1 kept at", report["v1_kept_at"])]))
     return 0
 
 

@@ -64,6 +64,15 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_OPERATOR_NOT_FOUND: (C.NOT_FOUND, "no active operator with this name"),
     R.REASON_OPERATOR_REQUIRED: (C.PERMISSION_DENIED, "a first PIN needs an operator's token (a "
                                  "cashier or above of this store) at the till"),
+    R.REASON_REQUEST_TOO_OLD: (C.FAILED_PRECONDITION, "client_time_us is older than the request "
+                               "retention window; not applied: a new attempt takes a new request_id "
+                               "and the current time"),
+    R.REASON_CLIENT_TIME_AHEAD: (C.INVALID_ARGUMENT, "client_time_us is more than an hour ahead of "
+                                 "the server's clock"),
+    R.REASON_PROGRAM_INVALID: (C.INVALID_ARGUMENT, "the card program is not valid (see detail); the "
+                               "running program is unchanged"),
+    R.REASON_PROGRAM_STRANDS_CARDS: (C.FAILED_PRECONDITION, "the new program drops a tier that cards "
+                                     "hold"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}
@@ -74,18 +83,20 @@ DOMAIN = "cardcore.v1"
 class Invalid(Exception):
     """Bad input: answered with INVALID_ARGUMENT (or its reason's code), nothing changed."""
 
-    def __init__(self, reason: int, field: str, busy_terminal: int = 0):
+    def __init__(self, reason: int, field: str, busy_terminal: int = 0, detail: str = ""):
         super().__init__(field)
         self.reason = reason
         self.field = field
         # RATE_LIMITED by this terminal's unanswered swipes, not its failures: wait, then retry
         self.busy_terminal = busy_terminal
+        self.detail = detail  # for people, never a secret: where a program document is wrong
 
 
 def failure(reason: int, field: str = "", available_minor: int = 0,
-            pin_tries_left: int = 0) -> pb.Failure:
+            pin_tries_left: int = 0, detail: str = "") -> pb.Failure:
     return pb.Failure(reason=reason, message=TABLE[reason][1], field=field,
-                      available_minor=available_minor, pin_tries_left=pin_tries_left)
+                      available_minor=available_minor, pin_tries_left=pin_tries_left,
+                      detail=detail)
 
 
 def status_details(fail: pb.Failure) -> tuple[tuple[str, bytes]]:
@@ -97,6 +108,8 @@ def status_details(fail: pb.Failure) -> tuple[tuple[str, bytes]]:
         info.metadata["available_minor"] = str(fail.available_minor)
     if fail.reason == R.REASON_PIN_WRONG:
         info.metadata["pin_tries_left"] = str(fail.pin_tries_left)
+    if fail.detail:
+        info.metadata["detail"] = fail.detail
     status = status_pb2.Status(code=CODE_NUMBER[fail.reason], message=fail.message)
     for detail in (info, fail):
         packed = any_pb2.Any()

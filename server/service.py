@@ -21,9 +21,12 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
-from .access import Access, Caller
+from cardcore.idempotency import request_key
+from cardcore.rules import available_minor
+
+from .access import ROLE, Access, Caller
 from .errors import CODE_NUMBER, Invalid, abort, failure
-from .operations import MALFORMED, Operations, request_key
+from .operations import MALFORMED, Operations, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.service")
@@ -32,12 +35,6 @@ R = cpb.Reason
 BUSY_WAIT_S = 5.0  # at most this long for room in a terminal's budget (within the deadline)
 UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN}
-# Refusals a security team watches for (logged at INFO; never with a card number or key).
-ACCESS_REASONS = frozenset({
-    R.REASON_KSN_REPLAYED, R.REASON_TERMINAL_UNKNOWN, R.REASON_TERMINAL_REVOKED,
-    R.REASON_TERMINAL_MISMATCH, R.REASON_CARD_DATA_INVALID, R.REASON_CLEAR_CARD_REFUSED,
-    R.REASON_UNAUTHENTICATED, R.REASON_PERMISSION_DENIED, R.REASON_RATE_LIMITED,
-    R.REASON_PIN_BLOCK_INVALID})
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
 
@@ -79,9 +76,9 @@ def _refuse_malformed(fn):
 
 
 # The journal entry fields a reply shows: op, seq, amount, discount, the three deltas, the
-# three after-balances, ts_us (see layout.JOURNAL).
-_REPLY_FIELDS = struct.Struct("<xBxxxxxxQ16xqqqqqqqqq")
-assert _REPLY_FIELDS.size == 104
+# three after-balances, ts_us, program version, caller kind and id (see layout.JOURNAL).
+_REPLY_FIELDS = struct.Struct("<xBxxxxxxQ16xqqqqqqqqq24xIB3xI")
+assert _REPLY_FIELDS.size == 140
 
 
 def outcome_failure(outcome: Outcome, pin_tries_max: int) -> cpb.Failure:
@@ -95,18 +92,21 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0) -> pb.O
     """The OperationResult for an outcome: the same shape for unary, batch and stream."""
     reason = outcome.reason
     if reason == L.R_OK:  # a plain int: protobuf's enum wrapper attribute costs ~0.3 µs
-        op, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us = _REPLY_FIELDS.unpack_from(
-            outcome.entry)
+        (op, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us, program_version, caller_kind,
+         caller_id) = _REPLY_FIELDS.unpack_from(outcome.entry)
         result = pb.OperationResult(
             request_id=request_id, replayed=outcome.replayed, seq=seq, type=op,
             amount_minor=amount, discount_minor=discount,
             paid_minor=-(dp + db_) if op == L.OP_PURCHASE else 0,
-            points_earned=dpts, applied_at_us=ts_us)
+            points_earned=dpts, applied_at_us=ts_us, program_version=program_version)
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
         balance.bonus_minor = ba
-        balance.available_minor = pa + ba
+        balance.available_minor = pa + ba  # holds do not exist yet; the journal will carry them
         balance.points = ptsa
+        caller = result.caller
+        caller.kind = caller_kind
+        caller.id = caller_id
         return result
     return pb.OperationResult(
         request_id=request_id, reason=reason, status_code=CODE_NUMBER[reason],
@@ -117,6 +117,14 @@ def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationR
     return pb.OperationResult(request_id=request_id, reason=exc.reason,
                               status_code=CODE_NUMBER[exc.reason], type=op_type,
                               failure=failure(exc.reason, exc.field))
+
+
+def log_refusal(request_id: str, reason: int, field: str = "") -> None:
+    """Every refusal, declines included, at INFO with its request_id and reason (never a card
+    number, PIN or key: neither is passed here)."""
+    name = R.Name(reason)
+    log.info("refused %s%s", name, f": {field}" if field else "",
+             extra={"request_id": request_id[:64], "reason": name})
 
 
 class CardService(pb_grpc.CardServiceServicer):
@@ -131,8 +139,13 @@ class CardService(pb_grpc.CardServiceServicer):
             "SetPin", "ResetPin")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
-        self._tier_count = ops.tier_count
         self._pin_tries_max = ledger.program.pin_tries_max
+
+    def adopt_program(self) -> None:
+        """After a program load: the new limits for requests built from now on."""
+        self.ledger.refresh_program()
+        self.operations.adopt_program()
+        self._pin_tries_max = self.ledger.program.pin_tries_max
 
     async def _room(self, exc: Invalid, deadline: float | None) -> bool:
         """For a swipe refused only because its terminal's unanswered swipes fill the budget:
@@ -153,7 +166,8 @@ class CardService(pb_grpc.CardServiceServicer):
         access = self.access
         for op, outcome in zip(ops, outcomes, strict=True):
             if op.ksn_counter:
-                access.answered(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], outcome.reason)
+                access.answered(L.OP_TERMINAL_ID.unpack_from(op.packed)[0], outcome.reason,
+                                inquiry=op.packed[0] == L.OP_BALANCE_INQUIRY)
 
     def _submit_now(self, ops: list[PendingOp], deadline: float | None) -> asyncio.Future:
         """writer.submit, the swipes' budget freed by the answer; raises Overloaded or
@@ -196,12 +210,9 @@ class CardService(pb_grpc.CardServiceServicer):
                     if not await self._room(exc, deadline):
                         raise
         except Invalid as exc:
-            request_id = getattr(request, "request_id", "")
             self.metrics.count(op_type, exc.reason)
-            log.log(logging.INFO if exc.reason in ACCESS_REASONS else logging.DEBUG,
-                    "refused %s: %s", R.Name(exc.reason), exc.field,
-                    extra={"request_id": request_id[:64], "reason": R.Name(exc.reason)})
-            await abort(context, failure(exc.reason, exc.field))
+            log_refusal(getattr(request, "request_id", ""), exc.reason, exc.field)
+            await abort(context, failure(exc.reason, exc.field, detail=exc.detail))
 
     async def _unary(self, rpc: str, build, request, context) -> pb.OperationResult:
         started = time.perf_counter()
@@ -210,6 +221,7 @@ class CardService(pb_grpc.CardServiceServicer):
         self.metrics.count(outcome.op, outcome.reason)
         self._call_seconds[rpc].observe(time.perf_counter() - started)
         if outcome.reason != L.R_OK:
+            log_refusal(request.request_id, outcome.reason)
             await abort(context, outcome_failure(outcome, self._pin_tries_max))
         return result_of(request.request_id, outcome)
 
@@ -230,70 +242,123 @@ class CardService(pb_grpc.CardServiceServicer):
     async def ResetPin(self, request, context):
         return await self._unary("ResetPin", self.operations.reset_pin_op, request, context)
 
-    def _inquiry(self, request: pb.GetCardRequest, caller: Caller):
-        return self.operations.swipes.card(
+    # ---- inquiries --------------------------------------------------------------
+
+    def _inquiry(self, request: pb.GetCardRequest, caller: Caller) -> tuple:
+        """(card, view, PIN inquiry or None): who asks decides what the answer shows."""
+        card = self.operations.swipes.card(
             request.card, request.till if request.HasField("till") else None, caller)
+        if not card.ksn_counter:   # a clear number: an operator in scope, or development mode
+            return card, pb.CARD_VIEW_FULL, None
+        operator = caller.operator
+        terminal = self.access.terminals.get(card.terminal_id)
+        if operator is not None and terminal is not None and operator.may(
+                ROLE.OPERATOR_ROLE_CASHIER, terminal.store_id):
+            return card, pb.CARD_VIEW_FULL, None  # an operator at the till, in scope
+        if not request.pin_block:
+            return card, pb.CARD_VIEW_STATUS, None
+        check = self.operations.swipes.pin_check(card, request.pin_block, "pin_block")
+        op = PendingOp.build(b"", L.OP_BALANCE_INQUIRY, card.card_id,
+                             store_id=terminal.store_id if terminal else 0,
+                             terminal_id=card.terminal_id,
+                             pin_flags=L.PIN_PRESENTED | self.operations.dev_pin, pin_check=check,
+                             ksn_counter=card.ksn_counter,
+                             caller=(L.CALLER_TERMINAL, card.terminal_id))
+        return card, pb.CARD_VIEW_BALANCE, op
 
     async def GetCard(self, request, context):
         started = time.perf_counter()
-        card = await self._parse(self._inquiry, request, context)
-        found = reason = L.R_INTERNAL  # unless the read answers
-        try:
+        card, view, op = await self._parse(self._inquiry, request, context)
+        if op is not None:  # the PIN is checked, and a wrong one counted, by the writer
+            outcome = (await (await self._submit([op], context)))[0]
+            if outcome.reason == L.R_CARD_NOT_ACTIVE:
+                view = pb.CARD_VIEW_STATUS
+            elif outcome.reason != L.R_OK:
+                self._call_seconds["GetCard"].observe(time.perf_counter() - started)
+                log_refusal("", outcome.reason)
+                await abort(context, outcome_failure(outcome, self._pin_tries_max))
             found = self.ledger.read_card(card.card_id)
-            reason = L.R_OK if found else L.R_CARD_NOT_FOUND
-        finally:
-            if card.ksn_counter:  # a terminal's inquiry is answered here
-                self.access.answered(card.terminal_id, reason)
+        else:
+            found = reason = L.R_INTERNAL  # unless the read answers
+            try:
+                found = self.ledger.read_card(card.card_id)
+                reason = L.R_OK if found else L.R_CARD_NOT_FOUND
+            finally:
+                if card.ksn_counter:  # a terminal's inquiry without a PIN is answered here
+                    self.access.answered(card.terminal_id, reason, inquiry=True)
         self._call_seconds["GetCard"].observe(time.perf_counter() - started)
         if found is None:
+            log_refusal("", L.R_CARD_NOT_FOUND)
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
+        return self._card_view(found, view)
+
+    def _card_view(self, found: tuple, view: int) -> pb.Card:
         rec, profile = found
         (_, status, tier, pin_tries, flags, principal, bonus, points, held, lifetime, last_seq,
          opened_us, home_store, *_rest) = rec
-        program_tier = self.ledger.program.tiers[tier] if tier < self._tier_count else None
-        return pb.Card(
-            masked_number=profile.get("masked", ""), tier=tier,
-            tier_name=program_tier.name if program_tier else "",
-            discount_rate_bp=program_tier.rate_bp if program_tier else 0,
-            status=status,
-            balance=cpb.Balance(principal_minor=principal, bonus_minor=bonus,
-                                available_minor=principal + bonus - held, points=points),
-            lifetime_paid_minor=lifetime, last_seq=last_seq, opened_at_us=opened_us,
-            profile=pb.MemberProfile(name=profile.get("name", ""), phone=profile.get("phone", ""),
-                                     birthday=profile.get("birthday", ""),
-                                     home_store_id=home_store),
-            pin_set=bool(flags & L.CARD_PIN_SET), pin_locked=bool(flags & L.CARD_PIN_LOCKED),
-            pin_tries=pin_tries)
+        program = self.ledger.program
+        program_tier = program.tiers[tier] if tier < len(program.tiers) else None
+        card = pb.Card(masked_number=profile.get("masked", ""), tier=tier,
+                       tier_name=program_tier.name if program_tier else "",
+                       discount_rate_bp=program_tier.rate_bp if program_tier else 0,
+                       status=status, view=view)
+        if view >= pb.CARD_VIEW_BALANCE:
+            card.balance.principal_minor = principal
+            card.balance.bonus_minor = bonus
+            card.balance.available_minor = available_minor(principal, bonus, held)
+            card.balance.points = points
+            card.lifetime_paid_minor = lifetime
+            card.last_seq = last_seq
+            card.opened_at_us = opened_us
+            card.pin_set = bool(flags & L.CARD_PIN_SET)
+            card.pin_locked = bool(flags & L.CARD_PIN_LOCKED)
+            card.pin_tries = pin_tries
+        if view == pb.CARD_VIEW_FULL:
+            card.profile.name = profile.get("name", "")
+            card.profile.phone = profile.get("phone", "")
+            card.profile.birthday = profile.get("birthday", "")
+            card.profile.home_store_id = home_store
+        return card
 
-    def _may_ask(self, request: pb.GetOperationRequest, caller: Caller) -> bytes:
-        """Who may ask at all (before anything is looked up): with TLS, an operator or a terminal."""
+    def _operation_key(self, request: pb.GetOperationRequest, caller: Caller) -> bytes:
+        """The request key asked about: the caller's own namespace, or one it may name (a chain
+        admin any; a store manager or above a terminal of a store in scope; development mode
+        any). Checked before anything is looked up."""
         if caller.bad_token or (self.access.tls and caller.operator is None
                                 and caller.cert_terminal_id is None):
             raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        return request_key(request.request_id)
-
-    def _may_see(self, caller: Caller, outcome: Outcome) -> Outcome:
-        """With TLS: operators see any outcome; a terminal only those of its own journal entries.
-        A declined request has no entry to tell its terminal: a terminal retries it instead
-        (same request_id, fresh KSN) and gets its answer."""
-        if not self.access.tls or caller.operator is not None:
-            return outcome
-        if (outcome.entry is None
-                or L.JOURNAL.unpack_from(outcome.entry)[19] != caller.cert_terminal_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "request_id")
-        return outcome
+        rid = request_id_bytes(request.request_id)
+        own = caller.namespace()
+        if not request.HasField("caller"):
+            return request_key(*own, rid)
+        named = (request.caller.kind, request.caller.id)
+        if named[0] not in cpb.CallerKind.values() or named[0] == cpb.CALLER_KIND_UNSPECIFIED:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "caller.kind")
+        operator = caller.operator
+        terminal = self.access.terminals.get(named[1]) if named[0] == L.CALLER_TERMINAL else None
+        if not (named == own or not self.access.tls
+                or (operator is not None and operator.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+                or (operator is not None and terminal is not None
+                    and operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, terminal.store_id))):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "caller")
+        return request_key(*named, rid)
 
     async def GetOperation(self, request, context):
         started = time.perf_counter()
-        caller = self.access.caller(context)
-        key = await self._parse(self._may_ask, request, context, caller)
+        key = await self._parse(self._operation_key, request, context)
         outcome = self.ledger.read_operation(key)
         self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:
-            return pb.GetOperationResponse(found=False)
-        outcome = await self._parse(lambda o, c: self._may_see(c, o), outcome, context, caller)
-        return pb.GetOperationResponse(found=True, result=result_of(
-            request.request_id, outcome, self._pin_tries_max))
+            pruned_through_us, window_us = self.ledger.read_horizons()
+            asked_us = request.client_time_us
+            expired = 0 < asked_us and (asked_us <= pruned_through_us
+                                        or asked_us < time.time_ns() // 1000 - window_us)
+            return pb.GetOperationResponse(found=False, state=pb.OPERATION_STATE_EXPIRED if expired
+                                           else pb.OPERATION_STATE_NOT_FOUND)
+        return pb.GetOperationResponse(
+            found=True, result=result_of(request.request_id, outcome, self._pin_tries_max),
+            state=pb.OPERATION_STATE_APPLIED if outcome.reason == L.R_OK
+            else pb.OPERATION_STATE_DECLINED)
 
     async def SubmitBatch(self, request, context):
         """Applied in order, one result each. A terminal's swipes go to the writer in chunks its
@@ -363,6 +428,9 @@ class CardService(pb_grpc.CardServiceServicer):
             self._release(valid, [Outcome(L.R_INTERNAL, False, 0, None, 0)] * len(valid))
             raise
         self.metrics.count_many((r.type, r.reason) for r in results)
+        for r in results:
+            if r.reason:
+                log_refusal(r.request_id, r.reason, r.failure.field)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
         return pb.SubmitBatchResponse(results=results)
 
@@ -420,6 +488,8 @@ class CardService(pb_grpc.CardServiceServicer):
                     answered.set()
                 slots.release()
                 self.metrics.count(item.type, item.reason)
+                if item.reason:
+                    log_refusal(item.request_id, item.reason, item.failure.field)
                 yield item
             await reader  # surfaces a reading error, if any
         finally:

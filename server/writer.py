@@ -33,11 +33,17 @@ can wait on the other with both send buffers full::
 
     ready   = b"READY"
     group   = ts_us:i64 | n:u32 | n x (key_len:u8 | ksn_counter:u32 | profile_len:u32
-              | sealed_len:u32 | payload_len:u32 | op:128 B | digest:16 B | key | profile
-              | sealed | payload)      (a length of 0xFFFFFFFF = none)
+              | sealed_len:u32 | payload_len:u32 | need_role:u8 | scope:u8 | scope_store:u32
+              | op:192 B | digest:16 B | key | profile | sealed | payload)
+              (a length of 0xFFFFFFFF = none)
     answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
-              | entry:128 B)
+              | entry:256 B)
               (entry all zeros when there is none)
+
+Housekeeping: the writer process clears stale LMDB reader slots every
+``reader_check_s`` while it waits for groups; this process sends a
+maintenance operation (a prune step of expired request records) when the
+writer has been idle for ``MAINTENANCE_IDLE_S``.
     failure = b"FATAL:" + exception class name
 """
 from __future__ import annotations
@@ -47,6 +53,7 @@ import collections
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import struct
@@ -56,9 +63,8 @@ from typing import Callable
 import lmdb
 
 from cardcore import layout as L
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
-from cardcore.rules import load_program
-from cardcore.v1 import common_pb2 as pb
 
 from . import logs
 from .metrics import Metrics
@@ -71,12 +77,13 @@ QUEUE_MAX_OPS_DEFAULT = 100_000
 GROUPS_IN_FLIGHT_MAX = 2
 GROUPS_IN_FLIGHT_DEFAULT = 1   # measured: fewer, larger groups cost less fsync CPU per operation
 WRITER_START_TIMEOUT_S = 60.0
+READER_CHECK_S_DEFAULT = 60.0   # stale LMDB reader slots (a reader killed -9) cleared this often
+MAINTENANCE_IDLE_S = 1.0        # an idle writer gets a prune step this often
 
 GROUP_HEAD = struct.Struct("<qI")
-OP_HEAD = struct.Struct("<BIIII")
-ANSWER = struct.Struct("<HBBqI128s")
+OP_HEAD = struct.Struct("<BIIIIBBI")
+ANSWER = struct.Struct(f"<HBBqI{L.JOURNAL_SIZE}s")
 NONE_LEN = 0xFFFFFFFF
-NO_EXTRAS = [NONE_LEN] * 3
 NO_ENTRY = bytes(L.JOURNAL_SIZE)
 FATAL = b"FATAL:"
 READY = b"READY"
@@ -106,7 +113,8 @@ def encode_group(ops: list[PendingOp], ts_us: int) -> bytes:
     for op in ops:
         extras = (op.profile, op.sealed, op.payload)
         parts.append(OP_HEAD.pack(len(op.request_key), op.ksn_counter,
-                                  *[NONE_LEN if x is None else len(x) for x in extras]))
+                                  *[NONE_LEN if x is None else len(x) for x in extras],
+                                  op.need_role, op.scope, op.scope_store_id))
         parts.append(op.packed)
         parts.append(op.digest)
         parts.append(op.request_key)
@@ -119,22 +127,24 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
     pos = GROUP_HEAD.size
     ops = []
     for _ in range(n):
-        key_len, ksn_counter, *lengths = OP_HEAD.unpack_from(data, pos)
+        key_len, ksn_counter, l_profile, l_sealed, l_payload, role, scope, store = \
+            OP_HEAD.unpack_from(data, pos)
         pos += OP_HEAD.size
         packed = data[pos:pos + L.OP_SIZE]
         digest = data[pos + L.OP_SIZE:pos + L.OP_SIZE + 16]
         pos += L.OP_SIZE + 16
         key = data[pos:pos + key_len]
         pos += key_len
-        if lengths == NO_EXTRAS:  # most operations: a purchase or a top-up
-            ops.append(PendingOp(key, packed[40:56], packed, digest, None, ksn_counter))
+        if l_profile == l_sealed == l_payload == NONE_LEN:  # most operations: a purchase, a top-up
+            ops.append(PendingOp(key, packed[40:56], packed, digest, None, ksn_counter, None, None,
+                                 role, scope, store))
             continue
         extras = []
-        for n_bytes in lengths:
+        for n_bytes in (l_profile, l_sealed, l_payload):
             extras.append(None if n_bytes == NONE_LEN else data[pos:pos + n_bytes])
             pos += 0 if n_bytes == NONE_LEN else n_bytes
         ops.append(PendingOp(key, packed[40:56], packed, digest, extras[0], ksn_counter,
-                             extras[1], extras[2]))
+                             extras[1], extras[2], role, scope, store))
     if pos != len(data):
         raise ValueError("group message has trailing bytes")
     return ops, ts_us
@@ -181,20 +191,29 @@ def send_frame(sock: socket.socket, data: bytes) -> None:
     sock.sendall(FRAME.pack(len(data)) + data)
 
 
-def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None, sync: bool,
-                map_size: int, log_level: str, log_format: str) -> None:
+def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | None, sync: bool,
+                map_size: int, request_window_s: int, reader_check_s: float, log_level: str,
+                log_format: str) -> None:
     """The writer process: apply each group it is sent, answer it, until the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(log_level, log_format)
 
     def open_ledger() -> Ledger:
-        return Ledger(ledger_path, load_program(program_path), sync=sync, map_size=map_size)
+        return Ledger(ledger_path, initial_program=initial_program, sync=sync, map_size=map_size,
+                      request_window_s=request_window_s)
 
     ledger = open_ledger()
     try:
         send_frame(sock, READY)
+        checked = time.monotonic()
         while True:
+            # Wait for a group; on the way, clear reader slots that readers killed -9 left.
+            if time.monotonic() - checked >= reader_check_s:
+                ledger.reader_check()
+                checked = time.monotonic()
+            if not select.select([sock], [], [], reader_check_s)[0]:
+                continue
             data = recv_frame(sock)
             if data is None:
                 return
@@ -220,14 +239,16 @@ def writer_main(sock: socket.socket, ledger_path: str, program_path: str | None,
 
 
 class _Item:
-    __slots__ = ("ops", "future", "deadline", "on_answer")
+    __slots__ = ("ops", "future", "deadline", "on_answer", "housekeeping")
 
     def __init__(self, ops: list[PendingOp], future: asyncio.Future, deadline: float | None,
-                 on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None):
+                 on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None,
+                 housekeeping: bool = False):
         self.ops = ops
         self.future = future
         self.deadline = deadline
         self.on_answer = on_answer
+        self.housekeeping = housekeeping  # the writer's own: a group alone, not in the metrics
 
 
 def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
@@ -237,12 +258,15 @@ def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
 class Writer:
     """The gRPC process's half: a bounded queue of items, one group in flight to the writer process."""
 
-    def __init__(self, ledger_path: str, program_path: str | None, loop: asyncio.AbstractEventLoop,
+    def __init__(self, ledger_path: str, initial_program: str | None,
+                 loop: asyncio.AbstractEventLoop,
                  *, sync: bool = True, group_max_ops: int = GROUP_MAX_OPS_DEFAULT,
                  group_wait_us: int = GROUP_WAIT_US_DEFAULT,
                  queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT,
                  groups_in_flight: int = GROUPS_IN_FLIGHT_DEFAULT,
                  map_size: int = MAP_SIZE_INITIAL,
+                 request_window_s: int = REQUEST_WINDOW_S_DEFAULT,
+                 reader_check_s: float = READER_CHECK_S_DEFAULT,
                  metrics: Metrics | None = None,
                  log_level: str = "INFO", log_format: str = "text",
                  on_fatal: Callable[[str], None] | None = None) -> None:
@@ -266,12 +290,15 @@ class Writer:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._proc = ctx.Process(target=writer_main, name="cardcore-writer", daemon=True,
-                                 args=(child, ledger_path, program_path, sync, map_size,
+                                 args=(child, ledger_path, initial_program, sync, map_size,
+                                       request_window_s, reader_check_s,
                                        log_level, log_format))
         self._child_sock = child
         self._out = bytearray()    # framed bytes not yet accepted by the socket
         self._in = bytearray()     # bytes received, not yet a whole frame
         self._writing = False
+        self._last_sent = time.monotonic()
+        self._tick_handle: asyncio.TimerHandle | None = None
         self.groups = 0
         self.ops_applied = 0
 
@@ -292,6 +319,20 @@ class Writer:
             raise RuntimeError("the writer process did not start")
         self._sock.setblocking(False)
         self.loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._tick_handle = self.loop.call_later(MAINTENANCE_IDLE_S, self._tick)
+
+    def _tick(self) -> None:
+        """An idle writer gets a maintenance operation (a prune step), with the group's time."""
+        if self._stopping or self._dead is not None:
+            return
+        if (not self._in_flight and not self._queue
+                and time.monotonic() - self._last_sent >= MAINTENANCE_IDLE_S):
+            fut = self.loop.create_future()
+            self._queue.append(_Item([PendingOp.internal(L.OP_MAINTENANCE)], fut, None, None,
+                                     housekeeping=True))
+            self._queued_ops += 1
+            self._send_group()
+        self._tick_handle = self.loop.call_later(MAINTENANCE_IDLE_S, self._tick)
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None,
                on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
@@ -331,15 +372,17 @@ class Writer:
             item = self._queue.popleft()
             self._queued_ops -= len(item.ops)
             if item.deadline is not None and item.deadline <= now:
-                _answer(item, _uniform(pb.REASON_DEADLINE_EXCEEDED, item.ops))
+                _answer(item, _uniform(L.R_DEADLINE_EXCEEDED, item.ops))
                 continue
             items.append(item)
             n += len(item.ops)
         if not items:
             self._check_drained()
             return
+        self._last_sent = time.monotonic()
         self._in_flight.append((items, time.perf_counter()))
-        self.metrics.group_ops.observe(n)
+        if not items[0].housekeeping:
+            self.metrics.group_ops.observe(n)
         data = encode_group([op for it in items for op in it.ops], time.time_ns() // 1000)
         self._out += FRAME.pack(len(data))
         self._out += data
@@ -398,13 +441,14 @@ class Writer:
         if len(outcomes) != expected:
             raise ValueError(f"{len(outcomes)} outcomes for a group of {expected}")
         items, sent_at = self._in_flight.popleft()
-        self.metrics.group_seconds.observe(time.perf_counter() - sent_at)
         k = 0
         for it in items:
             _answer(it, outcomes[k:k + len(it.ops)])
             k += len(it.ops)
-        self.groups += 1
-        self.ops_applied += k
+        if not items[0].housekeeping:
+            self.metrics.group_seconds.observe(time.perf_counter() - sent_at)
+            self.groups += 1
+            self.ops_applied += k
         if self._queue:
             self._send_group()
         else:
@@ -425,11 +469,11 @@ class Writer:
         self._in_flight.clear()
         self._queue.clear()
         self._queued_ops = 0
-        in_hands = pb.REASON_OUTCOME_UNKNOWN if committed_unknown else pb.REASON_INTERNAL
+        in_hands = L.R_OUTCOME_UNKNOWN if committed_unknown else L.R_INTERNAL
         for it in held:
             _answer(it, _uniform(in_hands, it.ops))
         for it in never_sent:
-            _answer(it, _uniform(pb.REASON_INTERNAL, it.ops))
+            _answer(it, _uniform(L.R_INTERNAL, it.ops))
         self.loop.remove_reader(self._sock.fileno())
         if self._writing:
             self.loop.remove_writer(self._sock.fileno())
@@ -441,6 +485,8 @@ class Writer:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Apply everything already queued, then close the writer process."""
         self._stopping = True
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
         if self._wait_timer is not None:
             self._send_group()
         self._check_drained()

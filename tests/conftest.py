@@ -13,6 +13,7 @@ import uuid
 import grpc
 import pytest
 
+from cardcore.terminal import now_us
 from cardcore.cards import random_number
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
@@ -32,6 +33,15 @@ def new_card_number(rng: random.Random | None = None) -> str:
 
 def rid() -> str:
     return str(uuid.uuid4())
+
+
+_SENT: dict[str, int] = {}
+
+
+def sent_at(request_id: str) -> int:
+    """The client time of a request_id: now the first time, the same on every retry (a client
+    repeats its request, client time and all)."""
+    return _SENT.setdefault(request_id, now_us())
 
 
 class ServerProcess:
@@ -124,13 +134,17 @@ class Client:
         self.stub = stub
 
     def open(self, number, tier=0, request_id=None, **profile):
+        request_id = rid() if request_id is None else request_id
         return self.stub.OpenCard(pb.OpenCardRequest(
-            request_id=rid() if request_id is None else request_id, card=cpb.CardRef(card_number=number), tier=tier,
+            client_time_us=sent_at(request_id), request_id=request_id,
+            card=cpb.CardRef(card_number=number), tier=tier,
             profile=pb.MemberProfile(**profile), till=cpb.Till(store_id=1, terminal_id=1)))
 
     def top_up(self, number, amount_minor, request_id=None):
+        request_id = rid() if request_id is None else request_id
         return self.stub.TopUp(pb.TopUpRequest(
-            request_id=rid() if request_id is None else request_id, card=cpb.CardRef(card_number=number),
+            client_time_us=sent_at(request_id), request_id=request_id,
+            card=cpb.CardRef(card_number=number),
             amount_minor=amount_minor, till=cpb.Till(store_id=1, terminal_id=1)))
 
     def purchase(self, number, gross_minor, request_id=None, store_id=1, terminal_id=1, staff_id=0):
@@ -149,7 +163,9 @@ class Client:
 
 
 def purchase_request(number, gross_minor, request_id=None, store_id=1, terminal_id=1, staff_id=0):
-    return pb.PurchaseRequest(request_id=rid() if request_id is None else request_id, card=cpb.CardRef(card_number=number),
+    request_id = rid() if request_id is None else request_id
+    return pb.PurchaseRequest(client_time_us=sent_at(request_id), request_id=request_id,
+                              card=cpb.CardRef(card_number=number),
                               gross_amount_minor=gross_minor,
                               till=cpb.Till(store_id=store_id, terminal_id=terminal_id,
                                             staff_id=staff_id))
@@ -197,7 +213,7 @@ class Admin:
         from cardcore.terminal import Terminal, TerminalKeys
         from cardcore.v1 import admin_service_pb2 as apb
 
-        resp = self.stub.EnrollTerminal(apb.EnrollTerminalRequest(
+        resp = self.stub.EnrollTerminal(apb.EnrollTerminalRequest(client_time_us=now_us(), 
             request_id=rid(), terminal_id=terminal_id, store_id=store_id), metadata=self.metadata)
         return Terminal(TerminalKeys(terminal_id, store_id, resp.initial_key,
                                      resp.terminal.initial_key_id))
@@ -205,7 +221,7 @@ class Admin:
     def add_operator(self, name: str, role: int, store_ids=()) -> str:
         from cardcore.v1 import admin_service_pb2 as apb
 
-        return self.stub.AddOperator(apb.AddOperatorRequest(
+        return self.stub.AddOperator(apb.AddOperatorRequest(client_time_us=now_us(), 
             request_id=rid(), name=name, role=role, store_ids=list(store_ids)),
             metadata=self.metadata).token
 
@@ -223,9 +239,8 @@ def journal_entries(data_dir: str) -> list[tuple]:
     """Every journal entry of a data folder, unpacked (layout.JOURNAL order)."""
     from cardcore import layout as L
     from cardcore.ledger import Ledger
-    from cardcore.rules import DEFAULT_PROGRAM
 
-    ledger = Ledger(os.path.join(data_dir, "ledger"), DEFAULT_PROGRAM, readonly=True)
+    ledger = Ledger(os.path.join(data_dir, "ledger"), readonly=True)
     try:
         return [L.JOURNAL.unpack(v) for _, v in ledger.dump()["journal"]]
     finally:

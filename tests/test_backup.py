@@ -3,10 +3,9 @@ import subprocess
 import sys
 
 from cardcore.ledger import Ledger
-from cardcore.rules import DEFAULT_PROGRAM
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, new_card_number, verify
+from conftest import Client, new_card_number, verify, sent_at
 
 
 def cli(*args):
@@ -15,7 +14,7 @@ def cli(*args):
 
 
 def dump(data_dir: str) -> dict:
-    ledger = Ledger(f"{data_dir}/ledger", DEFAULT_PROGRAM, readonly=True)
+    ledger = Ledger(f"{data_dir}/ledger", readonly=True)
     try:
         return ledger.dump()
     finally:
@@ -28,8 +27,8 @@ def test_backup_while_serving_and_restore_give_an_equal_verified_ledger(start_se
     numbers = [new_card_number() for _ in range(200)]
     ops = []
     for i, n in enumerate(numbers):
-        ops += [pb.Operation(open_card=pb.OpenCardRequest(request_id=f"b-o-{i}", card=cpb.CardRef(card_number=n), tier=i % 3)),
-                pb.Operation(top_up=pb.TopUpRequest(request_id=f"b-t-{i}", card=cpb.CardRef(card_number=n), amount_minor=10_000 + i))]
+        ops += [pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at(f"b-o-{i}"), request_id=f"b-o-{i}", card=cpb.CardRef(card_number=n), tier=i % 3)),
+                pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(f"b-t-{i}"), request_id=f"b-t-{i}", card=cpb.CardRef(card_number=n), amount_minor=10_000 + i))]
     server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops))
     for n in numbers[:50]:
         c.purchase(n, 1_234)
@@ -70,7 +69,7 @@ def test_restore_refuses_a_backup_that_does_not_verify(start_server, tmp_path):
     server.stop()
     backup_dir = str(tmp_path / "backup")
     assert cli("backup", "--data-dir", server.data_dir, "--to", backup_dir).returncode == 0
-    ledger = Ledger(f"{backup_dir}/ledger", DEFAULT_PROGRAM)
+    ledger = Ledger(f"{backup_dir}/ledger")
     with ledger.env.begin(write=True, db=ledger.cards) as txn:  # damage the copy
         cid, raw = next(iter(txn.cursor()))
         txn.put(cid, raw[:8] + (5_000).to_bytes(8, "little") + raw[16:])

@@ -10,7 +10,7 @@ import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, failure_of, new_card_number, verify
+from conftest import Client, failure_of, new_card_number, verify, sent_at
 
 ROUNDS = 4
 STREAMS = 3
@@ -40,7 +40,7 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(start_server, tmp_p
                         return
                     with lock:
                         sent.append(request_id)
-                    yield pb.Operation(top_up=pb.TopUpRequest(
+                    yield pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(request_id), 
                         request_id=request_id, card=cpb.CardRef(card_number=number), amount_minor=1))
 
             try:
@@ -89,7 +89,7 @@ def retry(server, number: str, request_ids: list[str]) -> list:
     results = []
     for start in range(0, len(request_ids), 10_000):
         results += server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
-            pb.Operation(top_up=pb.TopUpRequest(request_id=i, card=cpb.CardRef(card_number=number),
+            pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(i), request_id=i, card=cpb.CardRef(card_number=number),
                                                 amount_minor=1))
             for i in request_ids[start:start + 10_000]])).results
     return results
@@ -137,7 +137,8 @@ def test_kill_9_under_pin_swipes_keeps_every_ksn_and_pin_try(start_server, tmp_p
                     request_id = rid()
                     wrong = k == 1 and len(requests) % 50 == 0  # a few wrong PINs on the other card
                     req = terminal.purchase(request_id, guess if wrong else spend,
-                                            "999183" if wrong else "482916", 1)
+                                            "999183" if wrong else "482916", 1,
+                                            client_time_us=sent_at(request_id))
                     with lock:
                         requests[request_id] = req
                         sent[request_id] = (k, wrong)
@@ -181,7 +182,8 @@ def test_kill_9_under_pin_swipes_keeps_every_ksn_and_pin_try(start_server, tmp_p
                     server.stub.Purchase(replay)
                 assert failure_of(err.value).reason == cpb.REASON_KSN_REPLAYED
             k = sent[request_id][0]
-            assert server.stub.Purchase(terminals[k].purchase(request_id, spend, "482916", 1)).replayed
+            assert server.stub.Purchase(terminals[k].purchase(
+                request_id, spend, "482916", 1, client_time_us=sent_at(request_id))).replayed
 
     # Every purchase ever sent on the spending card, re-sent by its terminal with the same
     # request_id and a fresh KSN: applied now if it was lost, answered from the ledger if
@@ -191,7 +193,8 @@ def test_kill_9_under_pin_swipes_keeps_every_ksn_and_pin_try(start_server, tmp_p
     for k, terminal in enumerate(terminals):  # one stream per terminal: its KSNs in order
         mine = [i for i, who in spent if who == k]
         replies = list(pb_stub(server.channel).SwipeStream(
-            pb.Operation(purchase=terminal.purchase(i, spend, "482916", 1)) for i in mine))
+            pb.Operation(purchase=terminal.purchase(i, spend, "482916", 1,
+                                                    client_time_us=sent_at(i))) for i in mine))
         assert [r.request_id for r in replies] == mine
         assert all(r.reason == cpb.REASON_OK and (r.replayed or r.request_id not in acked)
                    for r in replies)

@@ -18,9 +18,11 @@ IMPLS = [kernel.apply_batch, reference.apply_batch]
 
 
 def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, terminal=2, staff=3,
-             home_store=0, pin_flags=0, pin=bytes(32), new_pin=bytes(32), operator=0):
-    return L.OP.pack(op, tier, pin_flags, 0, home_store, amount, store, terminal, staff, operator, tag,
-                     card, bytes(8), pin, new_pin)
+             home_store=0, pin_flags=0, pin=bytes(32), new_pin=bytes(32), operator=0, caller_kind=0,
+             caller_id=0, client_time_us=0, link_seq=0, ref_id=0, basket_tag=0):
+    return L.OP.pack(op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff,
+                     operator, tag, card, client_time_us, pin, new_pin, caller_id, 0, link_seq, ref_id,
+                     basket_tag, bytes(32))
 
 
 def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,
@@ -95,7 +97,7 @@ ROUNDING = [
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 @pytest.mark.parametrize("gross,rate_bp,paid", ROUNDING)
 def test_paid_is_rounded_half_up_to_the_fen(impl, gross, rate_bp, paid):
-    program = rules.Program(tiers=(rules.Tier("t", rate_bp),), points_unit_minor=100).packed()
+    program = rules.Program(tiers=(rules.Tier("t", rate_bp),), points_unit_minor=100).packed(1)
     reason, entry, rec = one(program, op_bytes(L.OP_PURCHASE, gross), card_bytes(principal=INT64_MAX),
                              impl)
     assert reason == L.R_OK
@@ -108,7 +110,7 @@ def test_paid_is_rounded_half_up_to_the_fen(impl, gross, rate_bp, paid):
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 def test_points_are_floored_per_unit(impl):
     program = rules.Program(tiers=(rules.Tier("t", 10000),), points_unit_minor=100,
-                            points_per_unit=3).packed()
+                            points_per_unit=3).packed(1)
     for gross, points in ((99, 0), (100, 3), (199, 3), (200, 6)):
         _, entry, _ = one(program, op_bytes(L.OP_PURCHASE, gross), card_bytes(principal=1_000), impl)
         assert entry[13] == points
@@ -116,7 +118,7 @@ def test_points_are_floored_per_unit(impl):
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 def test_purchase_spends_principal_first_then_bonus(impl):
-    program = rules.DEFAULT_PROGRAM.packed()
+    program = rules.DEFAULT_PROGRAM.packed(1)
     reason, entry, rec = one(program, op_bytes(L.OP_PURCHASE, 1_000), card_bytes(principal=700, bonus=500),
                              impl)
     assert reason == L.R_OK and (entry[11], entry[12]) == (-700, -300) and (rec[5], rec[6]) == (0, 200)
@@ -146,7 +148,7 @@ OVERFLOW = [
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 @pytest.mark.parametrize("op,amount,record,reason", OVERFLOW)
 def test_overflow_and_limits_are_declined_not_wrapped(impl, op, amount, record, reason):
-    program = rules.DEFAULT_PROGRAM.packed()
+    program = rules.DEFAULT_PROGRAM.packed(1)
     before = card_bytes(**record)
     nxt, rec, journal, dirty = run(impl, program, op_bytes(op, amount), [0], before)
     assert L.JOURNAL.unpack(journal)[4] == reason
@@ -158,7 +160,7 @@ def test_overflow_and_limits_are_declined_not_wrapped(impl, op, amount, record, 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 def test_open_creates_and_refuses_an_existing_card(impl):
-    program = rules.DEFAULT_PROGRAM.packed()
+    program = rules.DEFAULT_PROGRAM.packed(1)
     ops = op_bytes(L.OP_OPEN, tier=2, home_store=9) + op_bytes(L.OP_OPEN) + op_bytes(L.OP_TOP_UP, 5)
     nxt, rec, journal, dirty = run(impl, program, ops, [0, 0, 0], bytes(L.CARD_SIZE))
     reasons = [L.JOURNAL.unpack_from(journal, i * L.JOURNAL_SIZE)[4] for i in range(3)]
@@ -172,7 +174,7 @@ def test_a_broken_record_stops_the_batch(impl):
     bad = bytearray(card_bytes(principal=5))
     bad[8:16] = (-5).to_bytes(8, "little", signed=True)
     with pytest.raises(ValueError):
-        run(impl, rules.DEFAULT_PROGRAM.packed(), op_bytes(L.OP_TOP_UP, 1), [0], bytes(bad))
+        run(impl, rules.DEFAULT_PROGRAM.packed(1), op_bytes(L.OP_TOP_UP, 1), [0], bytes(bad))
 
 
 # ---- PINs: the rule in cardcore.layout, at its edges ---------------------------------------
@@ -220,7 +222,7 @@ PIN_CASES = [
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 @pytest.mark.parametrize("op,op_kw,rec_kw,reason,journal_op,tries,locked", PIN_CASES)
 def test_pin_rule(impl, op, op_kw, rec_kw, reason, journal_op, tries, locked):
-    program = rules.DEFAULT_PROGRAM.packed()  # pin_tries_max = 3
+    program = rules.DEFAULT_PROGRAM.packed(1)  # pin_tries_max = 3
     op_kw = dict(op_kw)
     amount = op_kw.pop("amount", 100)
     before = card_bytes(principal=1_000, **rec_kw)
@@ -243,7 +245,7 @@ def test_pin_rule(impl, op, op_kw, rec_kw, reason, journal_op, tries, locked):
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 def test_pin_tries_limit_comes_from_the_program(impl):
-    program = rules.Program(tiers=rules.DEFAULT_PROGRAM.tiers, pin_tries_max=1).packed()
+    program = rules.Program(tiers=rules.DEFAULT_PROGRAM.tiers, pin_tries_max=1).packed(1)
     _, rec, journal, _ = run(impl, program, op_bytes(L.OP_PURCHASE, 1, **PRESENTED_B), [0],
                              card_bytes(principal=5, pin=PIN_A))
     assert L.JOURNAL.unpack(journal)[4] == L.R_PIN_WRONG
@@ -252,7 +254,7 @@ def test_pin_tries_limit_comes_from_the_program(impl):
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
 def test_open_with_a_first_pin(impl):
-    _, rec, _, _ = run(impl, rules.DEFAULT_PROGRAM.packed(),
+    _, rec, _, _ = run(impl, rules.DEFAULT_PROGRAM.packed(1),
                        op_bytes(L.OP_OPEN, pin_flags=L.NEW_PIN, new_pin=PIN_A), [0], bytes(L.CARD_SIZE))
     card = L.CARD.unpack(rec)
     assert (card[4], card[14]) == (L.CARD_PIN_SET, PIN_A)
@@ -291,7 +293,7 @@ def programs(draw):
     return rules.Program(tiers=tuple(rules.Tier(f"t{i}", r) for i, r in enumerate(tiers)),
                          points_unit_minor=draw(st.one_of(st.integers(1, 10_000), edge_int64.filter(bool))),
                          points_per_unit=draw(st.one_of(st.integers(0, 100), edge_int64)),
-                         pin_tries_max=draw(st.integers(1, 15))).packed()
+                         pin_tries_max=draw(st.integers(1, 15))).packed(draw(st.integers(1, 2**32 - 1)))
 
 
 @st.composite
@@ -303,20 +305,25 @@ def batches(draw):
     for i in range(n):
         slots.append(draw(st.integers(0, nslots - 1)))
         ops.append(op_bytes(draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
-                                                  L.OP_SET_PIN, L.OP_RESET_PIN])),
+                                                  L.OP_SET_PIN, L.OP_RESET_PIN,
+                                                  L.OP_BALANCE_INQUIRY])),
                             draw(amounts), tier=draw(st.integers(0, 5)), card=bytes([slots[-1]]) * 16,
                             tag=i.to_bytes(8, "little"), store=draw(st.integers(0, 2**32 - 1)),
                             home_store=draw(st.integers(0, 2**32 - 1)),
                             pin_flags=draw(st.integers(0, 15)), pin=draw(st.sampled_from([PIN_A, PIN_B])),
                             new_pin=draw(st.sampled_from([PIN_A, PIN_B])),
-                            operator=draw(st.integers(0, 2**32 - 1))))
+                            operator=draw(st.integers(0, 2**32 - 1)),
+                            caller_kind=draw(st.integers(0, 5)), caller_id=draw(st.integers(0, 2**32 - 1)),
+                            client_time_us=draw(st.integers(-(1 << 63), INT64_MAX)),
+                            link_seq=draw(st.integers(0, 2**64 - 1)), ref_id=draw(st.integers(0, 2**64 - 1)),
+                            basket_tag=draw(st.integers(0, 2**64 - 1))))
     return b"".join(ops), slots, recs
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=batches(), ts_us=st.integers(0, INT64_MAX),
        first_seq=st.integers(1, 2**62))
-@example(program=rules.DEFAULT_PROGRAM.packed(),
+@example(program=rules.DEFAULT_PROGRAM.packed(1),
          batch=(op_bytes(L.OP_PURCHASE, INT64_MAX), [0], card_bytes(principal=INT64_MAX)),
          ts_us=0, first_seq=1)
 def test_kernel_equals_reference(program, batch, ts_us, first_seq):
@@ -326,13 +333,16 @@ def test_kernel_equals_reference(program, batch, ts_us, first_seq):
 
 
 def test_kernel_checks_buffer_sizes():
-    program = rules.DEFAULT_PROGRAM.packed()
+    program = rules.DEFAULT_PROGRAM.packed(1)
     with pytest.raises(ValueError):
         kernel.apply_batch(program, op_bytes(L.OP_OPEN), array("I", [1]), bytearray(128),
-                           bytearray(128), bytearray(1), 0, 1)  # slot 1 of a 1-slot buffer
+                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)  # slot 1 of a 1-slot buffer
     with pytest.raises(ValueError):
         kernel.apply_batch(program[:-1], op_bytes(L.OP_OPEN), array("I", [0]), bytearray(128),
-                           bytearray(128), bytearray(1), 0, 1)
+                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
+    with pytest.raises(ValueError):  # a PIN-failed entry is the kernel's output, never its input
+        kernel.apply_batch(program, op_bytes(L.OP_PIN_FAILED), array("I", [0]), bytearray(128),
+                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
 
 
 @settings(max_examples=3000, deadline=None)

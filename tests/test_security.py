@@ -10,6 +10,7 @@ import sys
 import grpc
 import pytest
 
+from cardcore.terminal import now_us
 from cardcore import layout as L
 from cardcore.server import certs
 from cardcore.v1 import admin_service_pb2 as apb
@@ -111,7 +112,7 @@ def test_reset_by_a_store_manager_unlocks_with_a_new_pin(server, client, admin, 
     manager_id = next(o.operator_id for o in admin.stub.ListOperators(
         apb.ListOperatorsRequest(), metadata=admin.metadata).operators if o.name == "li.manager")
     resets = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_RESET_PIN]
-    assert len(resets) == 1 and resets[0][-2] == manager_id
+    assert len(resets) == 1 and resets[0][21] == manager_id
     assert verify(server.data_dir)["ok"]
 
 
@@ -169,7 +170,7 @@ def test_pin_block_bound_to_another_card_is_refused_and_not_counted(server, clie
     ksn_ref, pin_key = till.secure(number)
     from cardcore import pin as pinlib
 
-    request = pb.PurchaseRequest(request_id=rid(), card=ksn_ref, gross_amount_minor=100, till=till.till(),
+    request = pb.PurchaseRequest(client_time_us=now_us(), request_id=rid(), card=ksn_ref, gross_amount_minor=100, till=till.till(),
                                  pin_block=pinlib.encipher(pin_key, PIN, other))
     assert reason_of(server.stub.Purchase, request) == R.REASON_PIN_BLOCK_INVALID
     assert card_state(client, number) == (0, False, 100_000)
@@ -195,7 +196,7 @@ def test_replayed_ksn_is_refused_before_and_after_a_restart(start_server, tmp_pa
     later = terminal.purchase(rid(), number, PIN, 100)      # counter n + 1
     server.stub.Purchase(later)
     assert reason_of(server.stub.Purchase, captured) == R.REASON_KSN_REPLAYED
-    replay = pb.PurchaseRequest()
+    replay = pb.PurchaseRequest(client_time_us=now_us())
     replay.CopyFrom(later)
     replay.request_id = rid()  # same KSN, new request id
     assert reason_of(server.stub.Purchase, replay) == R.REASON_KSN_REPLAYED
@@ -215,7 +216,7 @@ def test_ksn_of_another_terminal_and_revoked_terminals_are_refused(server, admin
     request = other.purchase(rid(), number, PIN, 100)
     request.till.store_id = 4  # terminal 8 belongs to store 3
     assert reason_of(server.stub.Purchase, request) == R.REASON_TERMINAL_MISMATCH
-    admin.stub.RevokeTerminal(apb.RevokeTerminalRequest(request_id=rid(), terminal_id=8),
+    admin.stub.RevokeTerminal(apb.RevokeTerminalRequest(client_time_us=now_us(), request_id=rid(), terminal_id=8),
                               metadata=admin.metadata)
     assert reason_of(server.stub.Purchase, other.purchase(rid(), number, PIN, 100)) == R.REASON_TERMINAL_REVOKED
     assert server.stub.Purchase(till.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
@@ -233,8 +234,8 @@ def test_card_enumeration_from_one_terminal_hits_the_rate_limit(start_server):
     # The sixth probe, even of a real card with the right PIN, is refused unchecked.
     assert reason_of(server.stub.GetCard, prober.get_card(number)) == R.REASON_RATE_LIMITED
     assert reason_of(server.stub.Purchase, prober.purchase(rid(), number, PIN, 100)) == R.REASON_RATE_LIMITED
-    # Other terminals are not affected.
-    assert server.stub.GetCard(honest.get_card(number)).balance.available_minor == 100_000
+    # Other terminals are not affected; with the card's PIN a terminal sees the balance.
+    assert server.stub.GetCard(honest.get_card(number, PIN)).balance.available_minor == 100_000
 
 
 # ---- operators -----------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_operators_act_only_within_their_role_and_scope(server, admin):
     cashier = region.add_operator("c3", ROLE.OPERATOR_ROLE_CASHIER, [3])
     listed = manager.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=manager.metadata)
     assert [t.terminal_id for t in listed.terminals] == [30]
-    region.stub.RemoveOperator(apb.RemoveOperatorRequest(request_id=rid(), name="c3"),
+    region.stub.RemoveOperator(apb.RemoveOperatorRequest(client_time_us=now_us(), request_id=rid(), name="c3"),
                                metadata=region.metadata)
     with pytest.raises(grpc.RpcError) as err:
         Admin(server.channel, cashier).stub.ListTerminals(apb.ListTerminalsRequest(),
@@ -272,17 +273,23 @@ def test_operators_act_only_within_their_role_and_scope(server, admin):
         admin.stub.ListTerminals(apb.ListTerminalsRequest())  # no token at all
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     added = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_OPERATOR_ADDED]
-    assert [e[-2] for e in added] == [0, 1, 1, 2]  # bootstrap (system), then admin 1, then east (2)
+    assert [e[21] for e in added] == [0, 1, 1, 2]  # bootstrap (system), then admin 1, then east (2)
     enrolled = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_TERMINAL_ENROLLED]
-    assert [e[-2] for e in enrolled] == [2]
+    assert [e[21] for e in enrolled] == [2]
     assert verify(server.data_dir)["ok"]
 
 
-def test_enrolment_hands_the_key_out_once(server, admin):
-    request = apb.EnrollTerminalRequest(request_id=rid(), terminal_id=9, store_id=3)
+def test_a_lost_enrolment_answer_is_given_again_until_the_terminal_transacts(server, admin):
+    from cardcore.terminal import Terminal, TerminalKeys
+
+    request = apb.EnrollTerminalRequest(client_time_us=now_us(), request_id=rid(), terminal_id=9, store_id=3)
     first = admin.stub.EnrollTerminal(request, metadata=admin.metadata)
-    again = admin.stub.EnrollTerminal(request, metadata=admin.metadata)  # a retry
-    assert len(first.initial_key) == 16 and again.initial_key == b""
+    again = admin.stub.EnrollTerminal(request, metadata=admin.metadata)  # a retry: the answer was lost
+    assert len(first.initial_key) == 16 and again.initial_key == first.initial_key
+    terminal = Terminal(TerminalKeys(9, 3, again.initial_key, again.terminal.initial_key_id))
+    server.stub.OpenCard(terminal.open_card(rid(), new_card_number(), PIN))
+    late = admin.stub.EnrollTerminal(request, metadata=admin.metadata)  # it has transacted since
+    assert late.initial_key == b"" and late.terminal.last_ksn_counter == 1
     with pytest.raises(grpc.RpcError) as err:
         admin.enroll(9, 3)  # a new request for the same terminal
     assert failure_of(err.value).reason == R.REASON_TERMINAL_EXISTS
@@ -302,7 +309,7 @@ def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server
     numbers = [pin_card(server, till, funds_minor=1_000) for _ in range(30)]
     before = keys_check(server.data_dir)
     assert before.returncode == 0 and "v1: 30" in before.stdout
-    resp = admin.stub.RotateDataKey(apb.RotateDataKeyRequest(request_id=rid()), metadata=admin.metadata)
+    resp = admin.stub.RotateDataKey(apb.RotateDataKeyRequest(client_time_us=now_us(), request_id=rid()), metadata=admin.metadata)
     assert (resp.key_version, resp.cards_resealed) == (2, 30)
     after = keys_check(server.data_dir)
     assert after.returncode == 0 and "v2: 30" in after.stdout and "v1" not in after.stdout
@@ -312,13 +319,12 @@ def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server
     server = start_server()  # the rotated keyring is read back
     assert server.stub.Purchase(till.purchase(rid(), numbers[-1], PIN, 100)).reason == R.REASON_OK
     rotated = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_DATA_KEY_ROTATED]
-    assert len(rotated) == 1 and rotated[0][-2] == 1
+    assert len(rotated) == 1 and rotated[0][21] == 1
     # A damaged sealed number is found by the check.
     from cardcore.ledger import Ledger
-    from cardcore.rules import DEFAULT_PROGRAM
 
     server.stop()
-    ledger = Ledger(os.path.join(server.data_dir, "ledger"), DEFAULT_PROGRAM)
+    ledger = Ledger(os.path.join(server.data_dir, "ledger"))
     with ledger.env.begin(write=True) as txn:
         cid, sealed = next(iter(txn.cursor(db=ledger.cardnos)))
         txn.put(cid, sealed[:-1] + bytes([sealed[-1] ^ 1]), db=ledger.cardnos)
@@ -397,7 +403,7 @@ def test_terminal_certificate_must_match_the_terminal_claimed(tls_server):
     # Terminal 8's keys over terminal 7's certificate.
     assert reason_of(as_t7.Purchase, t8.purchase(rid(), number, PIN, 100)) == R.REASON_TERMINAL_MISMATCH
     # Terminals never send a clear card number.
-    clear = pb.PurchaseRequest(request_id=rid(), card=cpb.CardRef(card_number=number),
+    clear = pb.PurchaseRequest(client_time_us=now_us(), request_id=rid(), card=cpb.CardRef(card_number=number),
                                gross_amount_minor=100, till=t7.till())
     assert reason_of(as_t7.Purchase, clear) == R.REASON_CLEAR_CARD_REFUSED
     # A back-office host needs an operator token for clear numbers; with TLS a card
@@ -406,7 +412,7 @@ def test_terminal_certificate_must_match_the_terminal_claimed(tls_server):
     assert reason_of(office_cards.GetCard, pb.GetCardRequest(card=cpb.CardRef(card_number=number))) \
         == R.REASON_UNAUTHENTICATED
     other = new_card_number()
-    office_cards.OpenCard(pb.OpenCardRequest(request_id=rid(), card=cpb.CardRef(card_number=other),
+    office_cards.OpenCard(pb.OpenCardRequest(client_time_us=now_us(), request_id=rid(), card=cpb.CardRef(card_number=other),
                                              till=cpb.Till(store_id=3)), metadata=admin.metadata)
     as_t7.TopUp(t7.top_up(rid(), other, 1_000))
     assert reason_of(as_t7.Purchase, t7.purchase(rid(), other, None, 100)) == R.REASON_PIN_NOT_SET
@@ -442,20 +448,24 @@ def test_pos_command_swipes_through_tls_with_a_pin_from_stdin(tls_server, tmp_pa
     wrong = cli(*pos, "purchase", "-", "1", "--pin", "-", stdin=f"{number}\n{OTHER_PIN}\n", token=False)
     assert wrong.returncode == 1 and "REASON_PIN_WRONG" in wrong.stderr and "tries_left=2" in wrong.stderr
     balance = cli(*pos, "balance", "-", stdin=f"{number}\n", token=False)
+    assert "37.50" not in balance.stdout and "active" in balance.stdout  # no PIN: status only
+    balance = cli(*pos, "balance", "-", "--pin", "-", stdin=f"{number}\n{PIN}\n", token=False)
     assert "37.50" in balance.stdout and number not in balance.stdout
 
 
 def test_a_resent_request_with_another_pin_gets_the_original_answer(server, client, till):
     """The idempotency check must not tell a right PIN from a wrong one."""
     number = pin_card(server, till)
-    request_id = rid()
-    first = server.stub.Purchase(till.purchase(request_id, number, PIN, 100))
+    request_id, at = rid(), now_us()
+    first = server.stub.Purchase(till.purchase(request_id, number, PIN, 100, client_time_us=at))
     for guess in (OTHER_PIN, NEW_PIN, PIN):  # fresh KSN each, same request_id and payload
-        again = server.stub.Purchase(till.purchase(request_id, number, guess, 100))
+        again = server.stub.Purchase(till.purchase(request_id, number, guess, 100, client_time_us=at))
         assert again.replayed and again.seq == first.seq
     declined = rid()
-    assert reason_of(server.stub.Purchase, till.purchase(declined, number, OTHER_PIN, 100)) == R.REASON_PIN_WRONG
-    assert reason_of(server.stub.Purchase, till.purchase(declined, number, PIN, 100)) == R.REASON_PIN_WRONG
+    assert reason_of(server.stub.Purchase, till.purchase(declined, number, OTHER_PIN, 100,
+                                                         client_time_us=at)) == R.REASON_PIN_WRONG
+    assert reason_of(server.stub.Purchase, till.purchase(declined, number, PIN, 100,
+                                                         client_time_us=at)) == R.REASON_PIN_WRONG
     assert card_state(client, number)[:2] == (1, False)  # one try counted, not two
 
 
@@ -499,27 +509,37 @@ def test_opening_cards_that_exist_counts_as_probing(start_server):
         R.REASON_RATE_LIMITED
 
 
-def test_get_operation_shows_a_terminal_only_its_own(tls_server):
+def test_get_operation_answers_within_the_callers_namespace(tls_server):
+    """Finding 2: request ids are scoped to their caller; a terminal learns nothing of another's
+    ids, not even whether they exist; a chain admin may name a terminal's namespace."""
     server, ca_dir = tls_server
     admin = Admin(tls_channel(server, ca_dir, "backoffice:hq"), server.admin_token)
-    t7, _ = admin.enroll(7, 3), admin.enroll(8, 3)
+    t7, t8 = admin.enroll(7, 3), admin.enroll(8, 3)
     as_t7 = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "terminal:7"))
     as_t8 = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "terminal:8"))
     office = pb_grpc.CardServiceStub(tls_channel(server, ca_dir, "backoffice:hq"))
-    number, request_id = new_card_number(), rid()
+    number, request_id = new_card_number(), "till-000001"
     as_t7.OpenCard(t7.open_card(rid(), number, PIN))
     as_t7.TopUp(t7.top_up(request_id, number, 1_000))
     ask = pb.GetOperationRequest(request_id=request_id)
-    assert as_t7.GetOperation(ask).result.balance_after.available_minor == 1_000
-    assert reason_of(as_t8.GetOperation, ask) == R.REASON_PERMISSION_DENIED
+    mine = as_t7.GetOperation(ask)
+    assert mine.state == pb.OPERATION_STATE_APPLIED and mine.result.balance_after.available_minor == 1_000
+    assert mine.result.caller.kind == cpb.CALLER_KIND_TERMINAL and mine.result.caller.id == 7
+    assert as_t8.GetOperation(ask).state == pb.OPERATION_STATE_NOT_FOUND
+    # terminal 8 may use the same request_id for its own top-up: both succeed
+    other = as_t8.TopUp(t8.top_up(request_id, number, 500))
+    assert other.reason == R.REASON_OK and not other.replayed
     declined = rid()
     assert reason_of(as_t7.Purchase, t7.purchase(declined, number, PIN, 10**9)) == R.REASON_INSUFFICIENT_FUNDS
-    # No journal entry tells whose a declined request was: terminals retry it instead.
-    assert reason_of(as_t7.GetOperation, pb.GetOperationRequest(request_id=declined)) == \
-        R.REASON_PERMISSION_DENIED
-    assert reason_of(as_t7.Purchase, t7.purchase(declined, number, PIN, 10**9)) == R.REASON_INSUFFICIENT_FUNDS
+    answer = as_t7.GetOperation(pb.GetOperationRequest(request_id=declined))
+    assert answer.state == pb.OPERATION_STATE_DECLINED
+    assert answer.result.reason == R.REASON_INSUFFICIENT_FUNDS
+    named = pb.GetOperationRequest(request_id=request_id,
+                                   caller=cpb.Caller(kind=cpb.CALLER_KIND_TERMINAL, id=8))
+    assert reason_of(as_t7.GetOperation, named) == R.REASON_PERMISSION_DENIED
     assert reason_of(office.GetOperation, ask) == R.REASON_UNAUTHENTICATED
-    assert office.GetOperation(ask, metadata=admin.metadata).found
+    by_admin = office.GetOperation(named, metadata=admin.metadata)
+    assert by_admin.state == pb.OPERATION_STATE_APPLIED and by_admin.result.amount_minor == 500
 
 
 def test_back_office_calls_are_refused_from_a_till(tls_server):
@@ -540,7 +560,7 @@ def test_an_operator_removed_during_a_stream_is_refused_from_the_next_operation(
             call = pb_grpc.CardServiceStub(channel).SwipeStream(metadata=bearer(manager))
             await call.write(pb.Operation(reset_pin=till.reset_pin(rid(), numbers[0], NEW_PIN)))
             first = await call.read()
-            admin.stub.RemoveOperator(apb.RemoveOperatorRequest(request_id=rid(), name="night.manager"),
+            admin.stub.RemoveOperator(apb.RemoveOperatorRequest(client_time_us=now_us(), request_id=rid(), name="night.manager"),
                                       metadata=admin.metadata)
             await call.write(pb.Operation(reset_pin=till.reset_pin(rid(), numbers[1], NEW_PIN)))
             second = await call.read()
@@ -619,5 +639,6 @@ def test_the_admin_cli_end_to_end(server, tmp_path):
     assert rc == 0 and "li.region" in out and "admin" in out
     journal = journal_entries(server.data_dir)
     kinds = [e[1] for e in journal if e[1] >= L.OP_ADMIN_MIN]
-    assert kinds == [L.OP_OPERATOR_ADDED, L.OP_OPERATOR_ADDED, L.OP_TERMINAL_ENROLLED,
-                     L.OP_TERMINAL_REVOKED, L.OP_DATA_KEY_ROTATED, L.OP_OPERATOR_REMOVED]
+    assert kinds == [L.OP_PROGRAM_LOADED, L.OP_OPERATOR_ADDED, L.OP_OPERATOR_ADDED,
+                     L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED, L.OP_DATA_KEY_ROTATED,
+                     L.OP_OPERATOR_REMOVED]

@@ -10,10 +10,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cardcore.terminal import now_us
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, failure_of, new_card_number, purchase_request, rid, verify
+from conftest import Client, failure_of, new_card_number, purchase_request, rid, verify, sent_at
 
 R = cpb.Reason
 INT64_MAX = (1 << 63) - 1
@@ -125,14 +126,14 @@ def test_200_concurrent_purchases_on_1000_yuan_exactly_100_succeed(start_server,
 def test_submit_batch_applies_good_operations_and_refuses_bad_ones_in_order(server):
     a, b, unknown = new_card_number(), new_card_number(), new_card_number()
     ops = [
-        pb.Operation(open_card=pb.OpenCardRequest(request_id="b-1", card=cpb.CardRef(card_number=a), tier=2)),
-        pb.Operation(top_up=pb.TopUpRequest(request_id="b-2", card=cpb.CardRef(card_number=a), amount_minor=10_000)),
+        pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at("b-1"), request_id="b-1", card=cpb.CardRef(card_number=a), tier=2)),
+        pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at("b-2"), request_id="b-2", card=cpb.CardRef(card_number=a), amount_minor=10_000)),
         pb.Operation(purchase=purchase_request(a, 3_000, "b-3")),           # gold: pays 27.00
         pb.Operation(purchase=purchase_request(unknown, 100, "b-4")),       # no such card
-        pb.Operation(top_up=pb.TopUpRequest(request_id="b-5", card=cpb.CardRef(card_number=a), amount_minor=-5)),
+        pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at("b-5"), request_id="b-5", card=cpb.CardRef(card_number=a), amount_minor=-5)),
         pb.Operation(purchase=purchase_request(a, 1_000_000, "b-6")),       # insufficient
-        pb.Operation(open_card=pb.OpenCardRequest(request_id="b-7", card=cpb.CardRef(card_number=a))),
-        pb.Operation(open_card=pb.OpenCardRequest(request_id="b-8", card=cpb.CardRef(card_number=b))),
+        pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at("b-7"), request_id="b-7", card=cpb.CardRef(card_number=a))),
+        pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at("b-8"), request_id="b-8", card=cpb.CardRef(card_number=b))),
         pb.Operation(purchase=purchase_request(a, 100, "b-3")),             # id reused, other payload
         pb.Operation(purchase=purchase_request(a, 3_000, "b-3")),           # same id, same payload
         pb.Operation(),                                                     # empty operation
@@ -254,7 +255,7 @@ def test_full_queue_answers_resource_exhausted_and_applies_nothing(start_server)
     server = start_server("--queue-max-ops", "2", "--group-max-ops", "1")
     number = new_card_number()
     Client(server.stub).open(number)
-    ops = [pb.Operation(top_up=pb.TopUpRequest(request_id=rid(), card=cpb.CardRef(card_number=number),
+    ops = [pb.Operation(top_up=pb.TopUpRequest(client_time_us=now_us(), request_id=rid(), card=cpb.CardRef(card_number=number),
                                                amount_minor=100)) for _ in range(3)]
     with pytest.raises(grpc.RpcError) as err:
         server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops))
@@ -393,7 +394,7 @@ def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server, groups
 
     def swipes():
         for request_id in ids:
-            yield pb.Operation(top_up=pb.TopUpRequest(request_id=request_id, amount_minor=1,
+            yield pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(request_id), request_id=request_id, amount_minor=1,
                                                       card=cpb.CardRef(card_number=number)))
 
     def run():
@@ -422,7 +423,7 @@ def test_when_the_writer_dies_no_caller_is_told_a_falsehood(start_server, groups
     assert len(ok_ids) >= 300
     # every OK was applied: retried with its id, each is a replay of the original
     retried = restarted.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
-        pb.Operation(top_up=pb.TopUpRequest(request_id=i, amount_minor=1, card=cpb.CardRef(card_number=number)))
+        pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(i), request_id=i, amount_minor=1, card=cpb.CardRef(card_number=number)))
         for i in ok_ids[:10_000]])).results
     assert all(r.reason == R.REASON_OK and r.replayed for r in retried)
     # no INTERNAL or UNAVAILABLE was applied
@@ -441,7 +442,7 @@ def test_an_operation_whose_deadline_passes_while_queued_is_not_applied(start_se
     number = new_card_number()
     c.open(number, request_id="deadline-open")
     with pytest.raises(grpc.RpcError) as err:
-        server.stub.TopUp(pb.TopUpRequest(request_id="too-late", card=cpb.CardRef(card_number=number),
+        server.stub.TopUp(pb.TopUpRequest(client_time_us=sent_at("too-late"), request_id="too-late", card=cpb.CardRef(card_number=number),
                                           amount_minor=700), timeout=0.1)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(0.6)  # the group it was queued for has gone to the writer by now
@@ -455,15 +456,15 @@ def test_a_full_group_does_not_wait_for_the_group_timer(start_server):
     number = new_card_number()
     ref = cpb.CardRef(card_number=number)
     opened = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[  # 2 ops: a full group
-        pb.Operation(open_card=pb.OpenCardRequest(request_id="full-0", card=ref)),
-        pb.Operation(top_up=pb.TopUpRequest(request_id="full-1", card=ref, amount_minor=1))]), timeout=2.5)
+        pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at("full-0"), request_id="full-0", card=ref)),
+        pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at("full-1"), request_id="full-1", card=ref, amount_minor=1))]), timeout=2.5)
     assert [r.reason for r in opened.results] == [R.REASON_OK, R.REASON_OK]
 
     async def two_top_ups():  # the first starts the 3 s group timer, the second fills the group
         async with server.aio_channel() as channel:
             stub = pb_grpc.CardServiceStub(channel)
             return await asyncio.gather(*(
-                stub.TopUp(pb.TopUpRequest(request_id=f"full-{i}", card=ref, amount_minor=1), timeout=2.5)
+                stub.TopUp(pb.TopUpRequest(client_time_us=sent_at(f"full-{i}"), request_id=f"full-{i}", card=ref, amount_minor=1), timeout=2.5)
                 for i in (2, 3)))
 
     assert [r.reason for r in asyncio.run(two_top_ups())] == [R.REASON_OK, R.REASON_OK]
@@ -474,7 +475,7 @@ def test_the_map_grows_under_the_server_and_reads_follow(start_server):
     numbers = [new_card_number() for _ in range(4_000)]
     for start in range(0, len(numbers), 1_000):
         res = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
-            pb.Operation(open_card=pb.OpenCardRequest(request_id=f"grow-{start + i}",
+            pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at(f"grow-{start + i}"), request_id=f"grow-{start + i}",
                                                       card=cpb.CardRef(card_number=n), profile=pb.MemberProfile(name="x" * 60)))
             for i, n in enumerate(numbers[start:start + 1_000])])).results
         assert all(r.reason == R.REASON_OK for r in res)
@@ -554,7 +555,7 @@ def test_under_overload_calls_beyond_the_queue_are_refused_at_once_and_health_an
 
             async def one(i):
                 try:
-                    return await stub.TopUp(pb.TopUpRequest(request_id=f"flood-{i}", card=ref, amount_minor=1))
+                    return await stub.TopUp(pb.TopUpRequest(client_time_us=sent_at(f"flood-{i}"), request_id=f"flood-{i}", card=ref, amount_minor=1))
                 except grpc.aio.AioRpcError as err:
                     return err
 

@@ -8,7 +8,7 @@ import resource
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, new_card_number, verify
+from conftest import Client, new_card_number, verify, sent_at
 from test_service import writer_pid
 
 R = cpb.Reason
@@ -16,7 +16,7 @@ R = cpb.Reason
 
 def opens(prefix: str, n: int) -> pb.SubmitBatchRequest:
     return pb.SubmitBatchRequest(operations=[
-        pb.Operation(open_card=pb.OpenCardRequest(
+        pb.Operation(open_card=pb.OpenCardRequest(client_time_us=sent_at(f"{prefix}-{i}"), 
             request_id=f"{prefix}-{i}", card=cpb.CardRef(card_number=new_card_number()),
             profile=pb.MemberProfile(name="n" * 60)))
         for i in range(n)])

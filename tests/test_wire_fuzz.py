@@ -37,10 +37,11 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cardcore.terminal import now_us
 from cardcore import cards
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, ServerProcess, failure_of, new_card_number, purchase_request, rid, verify
+from conftest import Client, ServerProcess, failure_of, new_card_number, purchase_request, rid, verify, sent_at
 
 R = cpb.Reason
 C = grpc.StatusCode
@@ -210,9 +211,9 @@ def valid_request(method: str, number: str, request_id: str) -> bytes:
     """A request that would be applied (or answered) as is: each corruption below starts from one."""
     card = cpb.CardRef(card_number=number)
     return {
-        "OpenCard": lambda: pb.OpenCardRequest(request_id=request_id, till=TILL,
+        "OpenCard": lambda: pb.OpenCardRequest(client_time_us=sent_at(request_id), request_id=request_id, till=TILL,
                                                card=cpb.CardRef(card_number=new_card_number())),
-        "TopUp": lambda: pb.TopUpRequest(request_id=request_id, card=card, amount_minor=100, till=TILL),
+        "TopUp": lambda: pb.TopUpRequest(client_time_us=sent_at(request_id), request_id=request_id, card=card, amount_minor=100, till=TILL),
         "Purchase": lambda: purchase_request(number, 100, request_id),
         "GetCard": lambda: pb.GetCardRequest(card=card),
         "GetOperation": lambda: pb.GetOperationRequest(request_id=request_id),
@@ -260,10 +261,11 @@ def wrong_wire_type(method: str, number: str, request_id: str) -> bytes:
     """A request whose key field has another wire type: protobuf keeps it as an unknown field."""
     card = cpb.CardRef(card_number=number)
     if method in AMOUNT_FIELD:  # everything right but the amount, sent as fixed64
-        head = UNARY[method](request_id=request_id, card=card, till=TILL).SerializeToString()
+        head = UNARY[method](request_id=request_id, card=card, till=TILL,
+                             client_time_us=sent_at(request_id)).SerializeToString()
         return head + tag(3, 1) + struct.pack("<q", 100)
     return {
-        "OpenCard": pb.OpenCardRequest(card=cpb.CardRef(card_number=new_card_number()), till=TILL)
+        "OpenCard": pb.OpenCardRequest(client_time_us=now_us(), card=cpb.CardRef(card_number=new_card_number()), till=TILL)
         .SerializeToString() + tag(1, 0) + varint(7),                     # request_id as a varint
         "GetCard": tag(1, 0) + varint(1),                                 # card as a varint
         "GetOperation": tag(1, 5) + b"abcd",                              # request_id as fixed32
@@ -377,7 +379,8 @@ def test_malformed_bytes_on_the_stream_get_one_result_each(live, funded):
 
 # ---- random and mutated bytes (hypothesis) ------------------------------------------------------
 
-MODELLED_FIELDS = {"request_id", "card", "tier", "profile", "till", "amount_minor", "gross_amount_minor"}
+MODELLED_FIELDS = {"request_id", "card", "tier", "profile", "till", "amount_minor", "gross_amount_minor",
+                   "client_time_us"}
 PHONE_RE = re.compile(r"[0-9+\- ]*")          # card_service.proto: MemberProfile.phone
 BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -411,6 +414,8 @@ def problems(method: str, msg) -> set[int] | None:
         found.add(R.REASON_INVALID_REQUEST_ID)
     if method in AMOUNT_FIELD and getattr(msg, AMOUNT_FIELD[method]) <= 0:
         found.add(R.REASON_INVALID_AMOUNT)
+    if method in MUTATING and msg.client_time_us <= 0:  # every mutating request carries it
+        found.add(R.REASON_INVALID_ARGUMENT)
     if method == "OpenCard":
         p = msg.profile
         if msg.tier >= TIERS:
@@ -572,7 +577,7 @@ def test_mutated_valid_requests_apply_only_what_they_acknowledge(live, funded):
     """Damaged good requests: any operation the ledger applied was answered as applied."""
     unopened = new_card_number()  # money operations can reach no card: at best CARD_NOT_FOUND
     bases = {method: valid_request(method, unopened, f"mut-{method}") for method in UNARY}
-    bases["OpenCard"] = pb.OpenCardRequest(  # this one may open cards; each is counted
+    bases["OpenCard"] = pb.OpenCardRequest(client_time_us=now_us(),   # this one may open cards; each is counted
         request_id="mut-open", card=cpb.CardRef(card_number=unopened), tier=2, till=TILL,
         profile=pb.MemberProfile(name="Li Lei", phone="+86 138", birthday="1990-05-17")).SerializeToString()
     bases["SwipeStream"] = pb.Operation(purchase=purchase_request(unopened, 100, "mut-swipe")).SerializeToString()
@@ -653,9 +658,8 @@ def test_uint32_max_till_and_home_store_ids_are_kept_exactly(live, client, funde
 
     from cardcore import layout
     from cardcore.ledger import Ledger
-    from cardcore.rules import load_program
 
-    ledger = Ledger(f"{live.data_dir}/ledger", load_program(None), sync=False, readonly=True)
+    ledger = Ledger(f"{live.data_dir}/ledger", sync=False, readonly=True)
     try:
         journal = dict(ledger.dump()["journal"])
     finally:
@@ -753,7 +757,7 @@ def test_a_batch_of_10000_is_applied_and_10001_is_refused_whole(live, client):
         client.open(number)
 
     def top_ups(n: int) -> list[pb.Operation]:
-        return [pb.Operation(top_up=pb.TopUpRequest(
+        return [pb.Operation(top_up=pb.TopUpRequest(client_time_us=now_us(), 
             request_id=rid(), card=cpb.CardRef(card_number=numbers[i % 4]), amount_minor=1, till=TILL))
             for i in range(n)]
 
@@ -802,7 +806,7 @@ def test_unknown_fields_are_ignored_and_not_part_of_the_payload(live, client, fu
     # In a batch: unknown fields in the batch, the operation and the request itself; and an
     # operation of a kind this server does not know (a later oneof member) is refused alone.
     op_id = rid()
-    op = pb.Operation(top_up=pb.TopUpRequest(request_id=op_id, card=cpb.CardRef(card_number=funded),
+    op = pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(op_id), request_id=op_id, card=cpb.CardRef(card_number=funded),
                                              amount_minor=40, till=TILL))
     inner = op.top_up.SerializeToString() + UNKNOWN_FIELDS
     payload = ld(1, ld(2, inner) + UNKNOWN_FIELDS) + ld(1, ld(15, b"\x0a\x03xyz")) + UNKNOWN_FIELDS
@@ -830,7 +834,7 @@ def test_amounts_past_64_bits_on_the_wire_are_what_protobuf_decodes(live, client
     number = new_card_number()
     client.open(number)
     request_id = rid()
-    head = pb.TopUpRequest(request_id=request_id, card=cpb.CardRef(card_number=number), till=TILL)
+    head = pb.TopUpRequest(client_time_us=sent_at(request_id), request_id=request_id, card=cpb.CardRef(card_number=number), till=TILL)
     payload = head.SerializeToString() + tag(3, 0) + varint(wire_value)
     assert pb.TopUpRequest.FromString(payload).amount_minor == decoded  # upb's reading of it
     answer = call_raw(live, "TopUp", payload)
@@ -856,11 +860,11 @@ def test_swipe_stream_answers_a_mix_of_good_and_bad_operations_in_order(live, cl
         return pb.Operation(purchase=purchase_request(card, gross, request_id or rid()))
 
     def top_up(amount, card=number, request_id=None):
-        return pb.Operation(top_up=pb.TopUpRequest(request_id=request_id or rid(), card=cpb.CardRef(
+        return pb.Operation(top_up=pb.TopUpRequest(client_time_us=now_us(), request_id=request_id or rid(), card=cpb.CardRef(
             card_number=card), amount_minor=amount, till=TILL))
 
     def open_card(card=None, tier=0, name=""):
-        return pb.Operation(open_card=pb.OpenCardRequest(
+        return pb.Operation(open_card=pb.OpenCardRequest(client_time_us=now_us(), 
             request_id=rid(), card=cpb.CardRef(card_number=card or new_card_number()), tier=tier,
             profile=pb.MemberProfile(name=name), till=TILL))
 
