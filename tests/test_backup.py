@@ -5,7 +5,7 @@ import sys
 from cardcore.ledger import Ledger
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, new_card_number, verify, sent_at
+from conftest import Client, journal_entries, new_card_number, sent_at, verify
 
 
 def cli(*args):
@@ -76,3 +76,81 @@ def test_restore_refuses_a_backup_that_does_not_verify(start_server, tmp_path):
     ledger.close()
     out = cli("restore", "--from", backup_dir, "--data-dir", str(tmp_path / "r"))
     assert out.returncode == 1 and "does not verify" in out.stderr
+
+
+def test_a_restore_never_lowers_a_terminals_ksn_counter_nor_forgets_a_revocation(start_server,
+                                                                                   tmp_path):
+    """Finding 4: after a restore, the same TopUp bytes sent again are a replayed KSN; a
+    terminal revoked and an operator removed since the backup stay so."""
+    from conftest import Admin, bearer, failure_of, rid
+
+    from cardcore import layout as L
+    from cardcore.v1 import admin_service_pb2 as apb
+
+    server = start_server()
+    admin = Admin(server.channel, server.admin_token)
+    t7, t8 = admin.enroll(7, 3), admin.enroll(8, 3)
+    night = admin.add_operator("night", cpb.OPERATOR_ROLE_CASHIER, [3])
+    number = new_card_number()
+    server.stub.OpenCard(t7.open_card(rid(), number, "482916"))
+    server.stub.TopUp(t7.top_up(rid(), number, 10_000))
+    backup_dir = str(tmp_path / "backup")
+    assert cli("backup", "--data-dir", server.data_dir, "--to", backup_dir).returncode == 0
+    lost = t7.top_up(rid(), number, 1_000)         # applied after the backup: lost by the restore
+    assert server.stub.TopUp(lost).reason == cpb.REASON_OK
+    admin.stub.RevokeTerminal(apb.RevokeTerminalRequest(request_id=rid(), terminal_id=8,
+                                                        client_time_us=sent_at(rid())),
+                              metadata=admin.metadata)
+    admin.stub.RemoveOperator(apb.RemoveOperatorRequest(request_id=rid(), name="night",
+                                                        client_time_us=sent_at(rid())),
+                              metadata=admin.metadata)
+    server.stop()
+    out = cli("restore", "--from", backup_dir, "--data-dir", server.data_dir, "--force")
+    assert out.returncode == 0 and "carried over" in out.stdout, out.stderr
+    server = start_server(data_dir=server.data_dir)
+    import grpc
+
+    def reason(call, request, **kw):
+        try:
+            call(request, **kw)
+            return cpb.REASON_OK
+        except grpc.RpcError as err:
+            return failure_of(err).reason
+
+    assert reason(server.stub.TopUp, lost) == cpb.REASON_KSN_REPLAYED   # the same bytes again
+    assert reason(server.stub.TopUp, t8.top_up(rid(), number, 1)) == cpb.REASON_TERMINAL_REVOKED
+    top_up = pb.TopUpRequest(request_id=rid(), card=cpb.CardRef(card_number=number),
+                             amount_minor=1, till=cpb.Till(store_id=3), client_time_us=sent_at(rid()))
+    assert reason(server.stub.TopUp, top_up, metadata=bearer(night)) == cpb.REASON_UNAUTHENTICATED
+    balance = lambda: Client(server.stub).card(number).balance.principal_minor  # noqa: E731
+    assert balance() == 10_000
+    # The terminal re-sends what the restore lost (same request_id and time, a fresh KSN).
+    again = t7.top_up(lost.request_id, number, 1_000, client_time_us=lost.client_time_us)
+    assert server.stub.TopUp(again).reason == cpb.REASON_OK and balance() == 11_000
+    system = [e for e in journal_entries(server.data_dir) if e[24] == L.CALLER_SYSTEM]
+    assert [e[1] for e in system][-2:] == [L.OP_TERMINAL_REVOKED, L.OP_OPERATOR_REMOVED]
+    assert verify(server.data_dir)["ok"]
+
+
+def test_a_restore_with_no_ledger_to_replace_revokes_the_terminals_only_when_told(start_server,
+                                                                                  tmp_path):
+    from conftest import Admin
+
+    from cardcore import layout as L
+
+    server = start_server()
+    Admin(server.channel, server.admin_token).enroll(7, 3)
+    server.stop()
+    backup_dir = str(tmp_path / "backup")
+    assert cli("backup", "--data-dir", server.data_dir, "--to", backup_dir).returncode == 0
+    fresh = str(tmp_path / "fresh")
+    out = cli("restore", "--from", backup_dir, "--data-dir", fresh)
+    assert out.returncode == 2 and "--revoke-terminals" in out.stderr
+    out = cli("restore", "--from", backup_dir, "--data-dir", fresh, "--revoke-terminals")
+    assert out.returncode == 0, out.stderr
+    ledger = Ledger(f"{fresh}/ledger", readonly=True)
+    try:
+        assert ledger.read_terminal(7)[1] == L.TERMINAL_REVOKED
+        assert ledger.verify()["ok"]
+    finally:
+        ledger.close()

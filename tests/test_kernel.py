@@ -352,3 +352,30 @@ def test_kernel_checks_buffer_sizes():
        require_luhn=st.booleans())
 def test_fast_card_number_check_equals_reference(number, require_luhn):
     assert cardno.number_ok(number, require_luhn) == cards.number_ok(number, require_luhn)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_a_balance_inquiry_checks_the_pin_and_changes_nothing_when_it_is_right(impl):
+    program = rules.DEFAULT_PROGRAM.packed(1)
+    record = card_bytes(principal=500, pin=PIN_A, tries=1)
+    right = op_bytes(L.OP_BALANCE_INQUIRY, pin_flags=L.PIN_PRESENTED, pin=PIN_A)
+    nxt, rec, journal, dirty = run(impl, program, right, [0], record)
+    entry = L.JOURNAL.unpack(journal)
+    assert (entry[4], entry[7], nxt, dirty, rec) == (L.R_OK, 0, 10, b"\x00", record)  # tries stay 1
+    wrong = op_bytes(L.OP_BALANCE_INQUIRY, pin_flags=L.PIN_PRESENTED, pin=PIN_B)
+    nxt, rec, journal, dirty = run(impl, program, wrong, [0], record)
+    entry = L.JOURNAL.unpack(journal)
+    assert (entry[1], entry[4], entry[7], nxt, dirty) == (L.OP_PIN_FAILED, L.R_PIN_WRONG, 10, 11, b"\x01")
+    assert L.CARD.unpack(rec)[3] == 2 and entry[9:14] == (0, 0, 0, 0, 0)
+    none = op_bytes(L.OP_BALANCE_INQUIRY)  # no PIN presented: an inquiry always needs it
+    assert L.JOURNAL.unpack(run(impl, program, none, [0], record)[2])[4] == L.R_PIN_REQUIRED
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_the_journal_entry_carries_the_namespace_links_client_time_and_program_version(impl):
+    program = rules.DEFAULT_PROGRAM.packed(7)
+    o = op_bytes(L.OP_TOP_UP, 100, caller_kind=L.CALLER_TERMINAL, caller_id=42, client_time_us=123,
+                 link_seq=5, ref_id=6, basket_tag=7)
+    entry = L.JOURNAL.unpack(run(impl, program, o, [0], card_bytes())[2])
+    assert entry[0] == 2 and entry[23:25] == (7, L.CALLER_TERMINAL) and entry[26] == 42
+    assert entry[28:32] == (5, 6, 7, 123) and entry[-1] == bytes(32)  # the ledger chains it

@@ -448,3 +448,119 @@ def test_verify_finds_a_ledger_that_does_not_add_up(ledger, what):
         tamper(ledger, ledger.meta, b"tier_cards", 0, (2).to_bytes(8, "little"))
     report = ledger.verify()
     assert not report["ok"] and report["problems"]
+
+
+# ---- arrival order against a model: admin and card operations mixed, split into groups -------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TERMINAL_STORES = {1: 1, 2: 2, 3: 1}     # terminal id -> store
+MANAGER_STORE = 1                      # the store manager's scope
+
+
+@st.composite
+def mixed_runs(draw):
+    """A sequence of operations and how it is cut into groups."""
+    kinds = st.sampled_from(["enroll", "revoke", "remove", "swipe", "stale", "operator"])
+    ops = [(draw(kinds), draw(st.sampled_from(sorted(TERMINAL_STORES))))
+           for _ in range(draw(st.integers(1, 14)))]
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(ops) - 1)), max_size=3))))
+    return ops, cuts
+
+
+class Model:
+    """What each operation must answer when applied one after another, in arrival order."""
+
+    def __init__(self):
+        self.terminals: dict[int, dict] = {}
+        self.manager_removed = False
+        self.balance = 1_000
+
+    def answer(self, kind: str, tid: int) -> int:
+        t = self.terminals.get(tid)
+        if kind == "enroll":
+            if t is not None:
+                return L.R_TERMINAL_EXISTS
+            self.terminals[tid] = {"store": TERMINAL_STORES[tid], "revoked": False, "ksn": 0}
+            return L.R_OK
+        if kind == "revoke":
+            if self.manager_removed:
+                return L.R_UNAUTHENTICATED
+            if t is not None and t["store"] != MANAGER_STORE:
+                return L.R_PERMISSION_DENIED
+            if t is None:
+                return L.R_TERMINAL_NOT_FOUND
+            if t["revoked"]:
+                return L.R_TERMINAL_REVOKED
+            t["revoked"] = True
+            return L.R_OK
+        if kind == "remove":
+            if self.manager_removed:
+                return L.R_OPERATOR_NOT_FOUND
+            self.manager_removed = True
+            return L.R_OK
+        if kind == "operator":
+            if self.manager_removed:
+                return L.R_UNAUTHENTICATED
+            self.balance += 1
+            return L.R_OK
+        if t is None:
+            return L.R_TERMINAL_UNKNOWN
+        if t["revoked"]:
+            return L.R_TERMINAL_REVOKED
+        ksn = self.ksn(tid, kind)
+        if ksn <= t["ksn"]:
+            return L.R_KSN_REPLAYED
+        t["ksn"] = ksn
+        self.balance += 10
+        return L.R_OK
+
+    def ksn(self, tid: int, kind: str) -> int:
+        """The counter a swipe carries: the next one, or (stale) the last one used again."""
+        t = self.terminals.get(tid)
+        last = t["ksn"] if t else 0
+        return max(last, 1) if kind == "stale" else last + 1
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(run=mixed_runs())
+def test_mixed_admin_and_card_operations_apply_in_arrival_order_against_a_model(tmp_path_factory,
+                                                                                run):
+    import json
+
+    ops, cuts = run
+    led = Ledger(str(tmp_path_factory.mktemp("mixed") / "l"), sync=False)
+    try:
+        n = funded(led)
+        led.apply_group([add_operator("m", "mgr", 2, stores=[MANAGER_STORE])], NOW)
+        (mgr,) = [o["id"] for o in led.read_operators() if o["name"] == "mgr"]
+        model = Model()
+        expected, pending = [], []
+        for i, (kind, tid) in enumerate(ops):
+            rid_ = f"{kind}-{i}"
+            if kind == "enroll":
+                pending.append(enroll(rid_, tid, TERMINAL_STORES[tid]))
+            elif kind == "revoke":
+                pending.append(revoke(rid_, tid, by=mgr, role=2))
+            elif kind == "remove":
+                pending.append(PendingOp.admin(key(rid_, (L.CALLER_SYSTEM, 0)),
+                                               L.OP_OPERATOR_REMOVED, bytes(16),
+                                               json.dumps({"name": "mgr"}).encode(), 0,
+                                               client_time_us=NOW))
+            elif kind == "operator":
+                pending.append(op(rid_, L.OP_TOP_UP, n, 1, caller=(L.CALLER_OPERATOR, mgr),
+                                  operator_id=mgr, need_role=1, scope=SCOPE_STORE,
+                                  scope_store_id=MANAGER_STORE))
+            else:
+                pending.append(swipe(rid_, L.OP_TOP_UP, n, 10, tid, model.ksn(tid, kind)))
+            expected.append(model.answer(kind, tid))
+        got = []
+        for start, end in zip([0, *cuts], [*cuts, len(pending)]):
+            got += [o.reason for o in led.apply_group(pending[start:end], NOW)]
+        assert got == expected
+        assert led.read_card(cid(n))[0][5] == model.balance
+        assert led.verify()["ok"]
+    finally:
+        led.close()

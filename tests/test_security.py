@@ -642,3 +642,76 @@ def test_the_admin_cli_end_to_end(server, tmp_path):
     assert kinds == [L.OP_PROGRAM_LOADED, L.OP_OPERATOR_ADDED, L.OP_OPERATOR_ADDED,
                      L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED, L.OP_DATA_KEY_ROTATED,
                      L.OP_OPERATOR_REMOVED]
+
+
+# ---- ledger v2: privacy, retried admin calls, the digest of a PIN change --------------------
+
+def test_a_terminal_sees_the_balance_only_with_the_pin_and_never_the_profile(server, admin, till):
+    """Finding 5: a till cannot read a member's name, phone, birthday or balance without the
+    card's PIN; a wrong PIN on an inquiry counts like one on a purchase; operators in scope see
+    everything."""
+    number = new_card_number()
+    server.stub.OpenCard(till.open_card(rid(), number, PIN, profile=pb.MemberProfile(
+        name="Li Wei", phone="13800138000", birthday="1990-05-17")))
+    server.stub.TopUp(till.top_up(rid(), number, 12_345))
+    bare = server.stub.GetCard(till.get_card(number))
+    assert bare.view == pb.CARD_VIEW_STATUS and bare.status == cpb.CARD_STATUS_ACTIVE
+    assert (bare.balance.available_minor, bare.profile.name, bare.last_seq) == (0, "", 0)
+    assert bare.masked_number.endswith(number[-4:]) and number not in str(bare)
+    seen = server.stub.GetCard(till.get_card(number, PIN))
+    assert seen.view == pb.CARD_VIEW_BALANCE and seen.balance.available_minor == 12_345
+    assert (seen.profile.name, seen.profile.phone, seen.profile.birthday) == ("", "", "")
+    assert reason_of(server.stub.GetCard, till.get_card(number, OTHER_PIN)) == R.REASON_PIN_WRONG
+    assert server.stub.GetCard(till.get_card(number, PIN)).pin_tries == 1  # counted; a right
+    # PIN on an inquiry changes nothing (a purchase with it resets the count)
+    failed = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_PIN_FAILED]
+    assert len(failed) == 1 and failed[0][24] == L.CALLER_TERMINAL and failed[0][26] == 7
+    cashier = bearer(admin.add_operator("wu.cashier", ROLE.OPERATOR_ROLE_CASHIER, [3]))
+    full = server.stub.GetCard(till.get_card(number), metadata=cashier)  # an operator at the till
+    assert full.view == pb.CARD_VIEW_FULL and full.profile.name == "Li Wei"
+    elsewhere = bearer(admin.add_operator("ma.cashier", ROLE.OPERATOR_ROLE_CASHIER, [4]))
+    assert server.stub.GetCard(till.get_card(number), metadata=elsewhere).view == pb.CARD_VIEW_STATUS
+
+
+def test_every_inquiry_from_a_terminal_counts_against_its_budget(start_server):
+    """Finding 5: not only misses: a till reading real cards one after another is throttled."""
+    server = start_server("--failures-per-minute", "4")
+    admin = Admin(server.channel, server.admin_token)
+    reader, payer = admin.enroll(7, 3), admin.enroll(8, 3)
+    number = pin_card(server, payer)
+    for _ in range(4):
+        assert server.stub.GetCard(reader.get_card(number)).view == pb.CARD_VIEW_STATUS
+    assert reason_of(server.stub.GetCard, reader.get_card(number, PIN)) == R.REASON_RATE_LIMITED
+    assert server.stub.Purchase(payer.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
+
+
+def test_a_set_pin_retried_with_another_new_pin_is_another_payload(server, client, till):
+    """Finding 8: the new PIN is part of the idempotency digest; a replay never sets a PIN the
+    member did not choose."""
+    number = pin_card(server, till)
+    request_id, at = rid(), now_us()
+    server.stub.SetPin(till.set_pin(request_id, number, NEW_PIN, PIN, client_time_us=at))
+    again = server.stub.SetPin(till.set_pin(request_id, number, NEW_PIN, PIN, client_time_us=at))
+    assert again.replayed
+    assert reason_of(server.stub.SetPin, till.set_pin(request_id, number, "918273", PIN,
+                                                      client_time_us=at)) == \
+        R.REASON_DUPLICATE_REQUEST_MISMATCH
+    assert server.stub.Purchase(till.purchase(rid(), number, NEW_PIN, 100)).reason == R.REASON_OK
+
+
+def test_a_retried_add_operator_gets_a_fresh_token_and_the_lost_one_stops_working(server, admin):
+    request = apb.AddOperatorRequest(request_id=rid(), name="wu.cashier", store_ids=[3],
+                                     role=ROLE.OPERATOR_ROLE_CASHIER, client_time_us=now_us())
+    lost = admin.stub.AddOperator(request, metadata=admin.metadata).token
+    again = admin.stub.AddOperator(request, metadata=admin.metadata)
+    assert again.token.startswith("cc_") and again.token != lost
+    assert again.operator.operator_id == 2  # the same operator: no id burnt
+    top_up = lambda token: reason_of(  # noqa: E731
+        server.stub.OpenCard, pb.OpenCardRequest(
+            request_id=rid(), card=cpb.CardRef(card_number=new_card_number()),
+            till=cpb.Till(store_id=3), client_time_us=now_us()), metadata=bearer(token))
+    assert top_up(lost) == R.REASON_UNAUTHENTICATED
+    assert top_up(again.token) == R.REASON_OK
+    kinds = [e[1] for e in journal_entries(server.data_dir) if e[1] >= L.OP_ADMIN_MIN]
+    assert kinds[-2:] == [L.OP_OPERATOR_ADDED, L.OP_OPERATOR_TOKEN_REISSUED]
+    assert verify(server.data_dir)["ok"]

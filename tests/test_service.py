@@ -596,3 +596,70 @@ def test_json_logs_carry_request_ids_and_never_card_numbers(start_server, monkey
     assert not [line for line in server.log().splitlines() if line and not line.startswith("{")]
     assert all({"ts", "level", "logger", "msg"} <= set(e) for e in lines)
     assert number not in server.log() and number[6:12] not in server.log()
+
+
+def test_every_refusal_is_logged_at_info_with_its_request_id_and_reason(start_server, monkeypatch):
+    """Declines from the ledger too (insufficient funds, no such card), in unary calls and in
+    batches; never with a card number."""
+    import json as json_module
+
+    monkeypatch.setenv("CARDCORE_LOG_FORMAT", "json")
+    server = start_server()  # INFO, the default level
+    c = Client(server.stub)
+    number = c.funded_card(1_000)
+    missing = new_card_number()
+    for call in (lambda: c.purchase(number, 5_000, request_id="short-1"),
+                 lambda: c.top_up(missing, 100, request_id="nobody-1")):
+        with pytest.raises(grpc.RpcError):
+            call()
+    server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[pb.Operation(
+        purchase=purchase_request(number, 9_999, "batch-short-1"))]))
+    server.stop()
+    lines = [json_module.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    logged = {(e.get("request_id"), e.get("reason"), e["level"]) for e in lines}
+    assert ("short-1", "REASON_INSUFFICIENT_FUNDS", "INFO") in logged
+    assert ("nobody-1", "REASON_CARD_NOT_FOUND", "INFO") in logged
+    assert ("batch-short-1", "REASON_INSUFFICIENT_FUNDS", "INFO") in logged
+    assert number not in server.log() and missing not in server.log()
+
+
+def test_the_listening_line_is_json_with_json_logs(tmp_path):
+    import json as json_module
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cardcore.server.cli", "--log-format", "json",
+                             "serve", "--insecure", "--data-dir", str(tmp_path / "d"),
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        line = json_module.loads(proc.stdout.readline())
+        assert line["msg"].startswith("cardcore listening on 127.0.0.1:")
+        assert line["listen"] == line["msg"].rsplit(" ", 1)[1] and line["level"] == "INFO"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_reader_slots_of_a_reader_killed_mid_read_are_cleared_while_serving(start_server):
+    """A stale slot would pin old pages for ever; the writer clears them on a timer, not only
+    when it starts."""
+    import subprocess
+    import sys
+
+    server = start_server("--reader-check-s", "0.3")
+    Client(server.stub).funded_card(100)
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import lmdb, sys, time\n"
+        f"env = lmdb.open({server.data_dir + '/ledger'!r}, readonly=True, max_dbs=16)\n"
+        "txn = env.begin()\n"
+        "print('reading', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE)
+    assert reader.stdout.readline().strip() == b"reading"
+    reader.kill()
+    reader.wait(10)
+    deadline = time.monotonic() + 10
+    while "cleared 1 stale LMDB reader slots" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.1)
+    Client(server.stub).funded_card(100)  # and it keeps serving
