@@ -152,3 +152,22 @@ def test_terminals_keep_their_counters_and_revocations_and_operators_their_token
     entries = journal_entries(migrated.data_dir)
     assert entries[-1][1] == L.OP_TOP_UP and entries[-1][23] == 1
     assert verify(migrated.data_dir)["ok"]
+
+
+def test_cardcore_migrate_upgrades_a_stopped_servers_folder(tmp_path):
+    import subprocess
+    import sys
+
+    data = fixture_copy(tmp_path)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    out = run("migrate", "--data-dir", data)
+    assert out.returncode == 0 and "format 1 kept at" in out.stdout, out.stderr
+    assert "33 (one more: the program, v1)" in out.stdout
+    out = run("migrate", "--data-dir", data)
+    assert out.returncode == 0 and "already of format 2" in out.stdout
+    out = run("verify", "--data-dir", data, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["ok"]
