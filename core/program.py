@@ -18,8 +18,8 @@ import tomllib
 from cardcore import layout
 from cardcore.rules import DEFAULT_PROGRAM, MAX_TIER_NAME_LEN, Program, Tier
 
-__all__ = ["DEFAULT_PROGRAM_TOML", "PROGRAM_TEXT_BYTES_MAX", "ProgramError", "parse_program",
-           "read_program_file"]
+__all__ = ["DEFAULT_PROGRAM_TOML", "PROGRAM_TEXT_BYTES_MAX", "ProgramError", "checked_program_file",
+           "parse_program", "read_program_file"]
 
 PROGRAM_TEXT_BYTES_MAX = 64 * 1024  # UTF-8 bytes; a longer document is refused unparsed
 
@@ -339,6 +339,13 @@ def parse_program(text: str) -> Program:
         return Program(tiers=tiers, **values)
     except ValueError as err:  # the dataclass's own checks: should not happen after ours
         raise ProgramError(0, str(err)) from None
+
+
+def checked_program_file(path: str) -> str:
+    """The text of a program file that ``parse_program`` accepts; ProgramError otherwise."""
+    text = read_program_file(path)
+    parse_program(text)
+    return text
 
 
 def read_program_file(path: str) -> str:

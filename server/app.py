@@ -20,7 +20,7 @@ from cardcore import migrate
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, PendingOp, request_key
 from cardcore.keyring import Keyring
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
-from cardcore.program import ProgramError, parse_program, read_program_file
+from cardcore.program import ProgramError, checked_program_file
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
@@ -119,11 +119,9 @@ def _program_source(path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        source = read_program_file(path)
-        parse_program(source)
+        return checked_program_file(path)
     except ProgramError as exc:
         raise StartupError(f"the program {path} is not valid: {exc}") from None
-    return source
 
 
 async def _load_program_file(ledger: Ledger, writer: Writer, source: str, path: str) -> None:

@@ -108,6 +108,12 @@ def client_time(args) -> int:
     return args.client_time_us or now_us()
 
 
+def request_fields(args) -> dict:
+    """What every mutating request carries: --request-id (default a new UUID) and the client
+    time (a retry repeats both)."""
+    return {"request_id": args.request_id or str(uuid.uuid4()), "client_time_us": client_time(args)}
+
+
 def print_result(result, looked_up: bool = False, client_time_us: int = 0) -> None:
     from cardcore.v1 import common_pb2 as cpb
 
@@ -135,10 +141,9 @@ def cmd_open_card(args) -> int:
     from cardcore.v1 import common_pb2 as cpb
 
     req = pb.OpenCardRequest(
-        request_id=args.request_id or str(uuid.uuid4()),
         card=cpb.CardRef(card_number=args.card), tier=args.tier, till=_till(args),
         profile=pb.MemberProfile(name=args.name, phone=args.phone, birthday=args.birthday,
-                                 home_store_id=args.store), client_time_us=client_time(args))
+                                 home_store_id=args.store), **request_fields(args))
     print_result(call(stub_of(args).OpenCard, req, args), client_time_us=req.client_time_us)
     return 0
 
@@ -147,9 +152,8 @@ def cmd_top_up(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.TopUpRequest(request_id=args.request_id or str(uuid.uuid4()),
-                          card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
-                          till=_till(args), client_time_us=client_time(args))
+    req = pb.TopUpRequest(card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
+                          till=_till(args), **request_fields(args))
     print_result(call(stub_of(args).TopUp, req, args), client_time_us=req.client_time_us)
     return 0
 
@@ -158,10 +162,9 @@ def cmd_purchase(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.PurchaseRequest(request_id=args.request_id or str(uuid.uuid4()),
-                             card=cpb.CardRef(card_number=args.card),
+    req = pb.PurchaseRequest(card=cpb.CardRef(card_number=args.card),
                              gross_amount_minor=args.amount, till=_till(args),
-                             client_time_us=client_time(args))
+                             **request_fields(args))
     print_result(call(stub_of(args).Purchase, req, args), client_time_us=req.client_time_us)
     return 0
 
@@ -246,8 +249,7 @@ def cmd_terminals(args) -> int:
         if os.path.exists(out):
             raise SystemExit(f"cardcore: {out} exists: a terminal's keys are handed out once")
         resp = call(stub.EnrollTerminal, apb.EnrollTerminalRequest(
-            request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id,
-            store_id=args.store, client_time_us=client_time(args)), args)
+            terminal_id=args.terminal_id, store_id=args.store, **request_fields(args)), args)
         if not resp.initial_key:
             raise SystemExit("cardcore: this request_id enrolled the terminal before and the "
                              "terminal has transacted since: its key was handed out then")
@@ -257,8 +259,7 @@ def cmd_terminals(args) -> int:
         print(f"initial key written to {out} (0600): load it into the terminal, keep no copy")
     elif args.action == "revoke":
         _print_terminal(call(stub.RevokeTerminal, apb.RevokeTerminalRequest(
-            request_id=args.request_id or str(uuid.uuid4()), terminal_id=args.terminal_id,
-            client_time_us=client_time(args)), args))
+            terminal_id=args.terminal_id, **request_fields(args)), args))
     else:
         for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store), args).terminals:
             _print_terminal(t)
@@ -281,16 +282,13 @@ def cmd_operators(args) -> int:
         role = cpb.OperatorRole.Value("OPERATOR_ROLE_" + args.role.upper())
         stores = [int(x) for x in args.stores.split(",") if x] if args.stores else []
         resp = call(stub.AddOperator, apb.AddOperatorRequest(
-            request_id=args.request_id or str(uuid.uuid4()), name=args.name, role=role,
-            client_time_us=client_time(args),
-            store_ids=stores), args)
+            name=args.name, role=role, store_ids=stores, **request_fields(args)), args)
         show(resp.operator)
         if resp.token:
             print(f"token (shown once; the server keeps only its hash): {resp.token}")
     elif args.action == "remove":
         show(call(stub.RemoveOperator, apb.RemoveOperatorRequest(
-            request_id=args.request_id or str(uuid.uuid4()), name=args.name,
-            client_time_us=client_time(args)), args))
+            name=args.name, **request_fields(args)), args))
     else:
         for o in call(stub.ListOperators, apb.ListOperatorsRequest(), args).operators:
             show(o)
@@ -303,7 +301,7 @@ def cmd_keys(args) -> int:
 
         args.timeout_s = max(args.timeout_s, 3600.0)
         resp = call(admin_stub_of(args).RotateDataKey, apb.RotateDataKeyRequest(
-            request_id=args.request_id or str(uuid.uuid4()), client_time_us=client_time(args)), args)
+            **request_fields(args)), args)
         print(f"data key version {resp.key_version} is current; {resp.cards_resealed:,} stored "
               "card numbers re-encrypted under it")
         return 0
@@ -313,7 +311,7 @@ def cmd_keys(args) -> int:
 def cmd_program(args) -> int:
     """load: the document is checked here first (line and problem, nothing sent), then by the
     server; show: a stored version, its document on standard output."""
-    from cardcore.program import ProgramError, parse_program, read_program_file
+    from cardcore.program import ProgramError, checked_program_file
     from cardcore.v1 import admin_service_pb2 as apb
 
     stub = admin_stub_of(args)
@@ -326,13 +324,12 @@ def cmd_program(args) -> int:
     if not args.file:
         raise SystemExit("cardcore: program load needs the program file")
     try:
-        document = read_program_file(args.file)
-        parse_program(document)
+        document = checked_program_file(args.file)
     except ProgramError as exc:
         print(f"cardcore: {args.file}: {exc}", file=sys.stderr)
         return 2
     version = call(stub.LoadProgram, apb.LoadProgramRequest(
-        request_id=args.request_id or str(uuid.uuid4()), client_time_us=client_time(args),
+        **request_fields(args),
         document=document), args)
     print(f"program version {version.version} is current (sha256 {version.sha256})")
     return 0

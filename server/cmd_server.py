@@ -148,7 +148,7 @@ def cmd_restore(args) -> int:
 def cmd_migrate(args) -> int:
     """Upgrade a ledger of format 1 in place (the server does it at start too)."""
     from cardcore import migrate
-    from cardcore.program import ProgramError, parse_program, read_program_file
+    from cardcore.program import ProgramError, checked_program_file
 
     from .app import StartupError, lock_data_dir
 
@@ -162,8 +162,7 @@ def cmd_migrate(args) -> int:
     source = None
     if args.program:
         try:
-            source = read_program_file(args.program)
-            parse_program(source)
+            source = checked_program_file(args.program)
         except ProgramError as exc:
             print(f"cardcore: the program {args.program} is not valid: {exc}", file=sys.stderr)
             return 2
