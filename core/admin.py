@@ -16,8 +16,8 @@ import json
 import struct
 
 from cardcore import layout as L
-from cardcore.idempotency import (SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL,
-                                  InvariantError, PendingOp)
+from cardcore.idempotency import (REQUEST_WINDOW_S_MIN, SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE,
+                                  SCOPE_SUBJECT_TERMINAL, InvariantError, PendingOp)
 from cardcore.program import ProgramError, parse_program
 from cardcore.rules import Program
 
@@ -28,6 +28,7 @@ FLOOR_TERMINAL_KSN, FLOOR_OPERATOR_ID = 1, 2
 TIER_CARDS = struct.Struct(f"<{L.MAX_TIERS}Q")
 META_FORMAT, META_PROGRAM = b"format", b"program_current"
 META_TIER_CARDS, META_PRUNED_THROUGH = b"tier_cards", b"pruned_through_us"
+META_WINDOW, META_CLOCK = b"request_window_s", b"clock_us"
 U32 = struct.Struct("<I")
 I64 = struct.Struct("<q")
 
@@ -50,6 +51,7 @@ class AdminState:
         self.program: Program = ledger.program
         self.program_version: int = ledger.program_version
         self.program_packed: bytes = ledger.program_packed
+        self.request_window_us: int = ledger.request_window_us
         self._tier_cards: list[int] | None = None
 
     def flush(self) -> None:
@@ -156,6 +158,12 @@ class AdminState:
             reason, subject = self._load_program(op.payload.decode(), ts_us, operator_id)
             if reason != L.R_OK:
                 return reason, None
+        elif kind == L.OP_REQUEST_WINDOW_SET:
+            window_s = U32.unpack_from(subject)[0]
+            if window_s < REQUEST_WINDOW_S_MIN:
+                return L.R_INVALID_ARGUMENT, None
+            self.txn.put(META_WINDOW, U32.pack(window_s), db=self.ledger.meta)
+            self.request_window_us = window_s * 1_000_000
         elif kind == L.OP_RESEAL:
             return L.R_OK, self.reseal(op.payload)
         elif kind == L.OP_FLOOR:
@@ -247,6 +255,11 @@ def reseal_payload(items: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """(card_id, sealed as read, sealed anew) items for an OP_RESEAL operation."""
     return b"".join(RESEAL_ITEM.pack(cid, len(old), len(new)) + old + new
                     for cid, old, new in items)
+
+
+def window_op(window_s: int) -> PendingOp:
+    """The server's own change of the request retention window (journaled: whose, when)."""
+    return PendingOp.admin(b"", L.OP_REQUEST_WINDOW_SET, U32.pack(window_s) + bytes(12), b"", 0)
 
 
 def floor_op(what: int, ident: int, value: int) -> PendingOp:

@@ -14,11 +14,11 @@ field is in neither.
 
 Retention: every mutating request carries its client's time, which is part
 of its payload. The writer refuses a request whose client time is older than
-the retention window (or at or before ``pruned_through_us``, see
-``ledger``), and prunes records whose group time is older than the window
-plus the largest allowed clock lead: so a record is only ever pruned once no
-re-send of its request could pass the age check, and a pruned request_id can
-never apply twice.
+the retention window at the group's time (or at or before
+``pruned_through_us``, see ``ledger``), and prunes a record once its client
+time is older than the window: group times never go back, so from then on no
+re-send of it could pass the age check, and a pruned request_id can never
+apply twice.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ REQUEST_ID_BYTES_MAX = 64
 REQUEST_WINDOW_S_DEFAULT = 7 * 24 * 3600   # see README "Request ids and retention"
 REQUEST_WINDOW_S_MIN = 3600
 CLIENT_TIME_AHEAD_MAX_US = 3600 * 1_000_000  # a client clock at most an hour ahead
+CLOCK_STEP_MAX_US = 3600 * 1_000_000         # a group's time moves at most an hour past the last
 PRUNE_STEP_MAX = 256                         # request records pruned per group at most
 
 # Where a request comes from; scope the id to it (layout: request key).
@@ -256,12 +257,13 @@ def legacy_key(key: bytes) -> bytes:
 _V1_OP_HEAD = struct.Struct("<BBBBIqIIII8s16s8s")  # the first 64 bytes of a v1 operation
 
 
-def legacy_digest(op: PendingOp) -> bytes | None:
-    """The digest release 1 gave the same request (its first 64 operation bytes, then the
-    profile), so a retry that crosses the upgrade is answered as before; None for admin
-    operations (compared by type alone)."""
-    if op.op_type >= L.OP_ADMIN_MIN:
-        return None
+def legacy_digest(op: PendingOp) -> bytes:
+    """The digest release 1 gave the same card operation (its first 64 operation bytes, then the
+    profile): a retry that crosses the upgrade with the very same payload is answered as before.
+    Only card operations are looked up this way: an admin retry is judged afresh (its old record
+    says nothing about who may do what now), and so is any other payload (a new request, not a
+    collision with an old id of another caller)."""
+    assert op.op_type <= L.OP_RESET_PIN
     (kind, tier, pin_flags, _, home, amount, store, terminal, staff, operator, _, card_id,
      *_rest) = L.OP.unpack(op.packed)
     request_id = op.request_key[L.REQUEST_KEY_HEAD.size:]

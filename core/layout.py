@@ -78,7 +78,7 @@ Admin entries (op >= 16) move no money; their 16-byte subject is, for
 terminal events, u32 terminal_id | u32 store_id | 8B initial key ID; for
 operator events, u32 operator_id | u8 role | zeros; for a key rotation,
 u32 new key version | zeros; for a program load, u32 version | 12 bytes of the
-program document's SHA-256.
+program document's SHA-256; for a request window change, u32 seconds | zeros.
 
 Request key (LMDB ``requests`` key): u8 caller_kind | u32 caller_id (big-endian)
 | the request_id's ASCII bytes. Request ids are scoped to their caller: two
@@ -173,12 +173,17 @@ Idempotency record, v2, 64 bytes, LMDB ``requests`` value (key: request key)::
 
 Request time index, LMDB ``request_times`` (key: u64 ts_us | u32 n, big-endian,
 strictly increasing, so appended; value: the request key): the order in which
-the writer prunes request records older than the retention window.
+the writer looks at request records, oldest applied first, to prune those whose
+client time is older than the retention window.
 
 Meta, LMDB ``meta``: ``format`` u32 (2); ``program_current`` u32;
 ``tier_cards`` 16 x u64 (cards per tier, so a program change cannot strand a
-tier that holds cards); ``pruned_through_us`` i64 (no request with a client
-time at or before it can apply: its record may be gone). Request records of
+tier that holds cards); ``request_window_s`` u32 (the retention window: in the
+ledger, so every writer that applies the same groups judges ages alike);
+``pruned_through_us`` i64 (no request with a client
+time at or before it can apply: its record may be gone); ``clock_us`` i64 (the
+last group's time: the next one never goes back from it, nor moves more than an
+hour past it). Request records of
 a migrated v1 ledger live under the legacy namespace and are looked up by
 request_id alone while any remain.
 """
@@ -246,8 +251,8 @@ OP_BALANCE_INQUIRY = 7  # checks the PIN; changes nothing when right (no entry)
 OP_KERNEL_MAX = OP_BALANCE_INQUIRY  # 1..5 and 7 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
-OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED = 21, 22
-OP_ADMIN_MIN, OP_ADMIN_MAX = 16, 22
+OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23
+OP_ADMIN_MIN, OP_ADMIN_MAX = 16, 23
 # Internal operations: no request record; no journal entry of their own.
 OP_RESEAL = 32       # re-encrypt stored card numbers (compare and set)
 OP_FLOOR = 33        # restore: raise a terminal's KSN counter or the next operator id

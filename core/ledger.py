@@ -37,11 +37,11 @@ from array import array
 import lmdb
 
 from cardcore import layout as L
-from cardcore.admin import (META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH, OPERATOR_NEXT_ID, U32,
-                            AdminState, I64)
+from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH,
+                            META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64)
 from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
-from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, PRUNE_STEP_MAX,
+from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
                                   Outcome, PendingOp, legacy_digest, legacy_key, record, repeat,
                                   replay)
@@ -73,14 +73,16 @@ class LedgerFormatError(Exception):
 class Ledger:
     def __init__(self, path: str, *, initial_program: str | None = None, sync: bool = True,
                  map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
-                 request_window_s: int = REQUEST_WINDOW_S_DEFAULT) -> None:
+                 initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT) -> None:
         """Open (or, writable, create) the ledger at ``path``. A new ledger stores
-        ``initial_program`` (a TOML document; default: the default program) as version 1."""
-        if request_window_s < REQUEST_WINDOW_S_MIN:
+        ``initial_program`` (a TOML document; default: the default program) as version 1, and
+        its request retention window (changed later through the writer: ``window_op``)."""
+        if initial_request_window_s < REQUEST_WINDOW_S_MIN:
             raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
         self.readonly = readonly
-        self.request_window_us = request_window_s * 1_000_000
+        self._initial_window_s = initial_request_window_s
+        self.request_window_us = initial_request_window_s * 1_000_000
         # Explicit options: durability (sync/metasync) is the point of the ledger;
         # writemap off keeps stray pointer writes from touching the file.
         self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, sync=sync,
@@ -120,6 +122,7 @@ class Ledger:
             with self.env.begin(write=True) as txn:
                 txn.put(META_FORMAT, U32.pack(L.LEDGER_FORMAT), db=self.meta)
                 txn.put(META_PRUNED_THROUGH, I64.pack(0), db=self.meta)
+                txn.put(META_WINDOW, U32.pack(self._initial_window_s), db=self.meta)
             return
         for name in DB_NAMES:
             setattr(self, name, self.env.open_db(name.encode(), create=False))
@@ -143,11 +146,13 @@ class Ledger:
             cur = txn.cursor(db=self.requests)
             legacy = cur.set_range(LEGACY_PREFIX) and cur.key().startswith(LEGACY_PREFIX)
             return (version, json.loads(txn.get(L.VERSION_KEY.pack(version), db=self.programs)),
-                    I64.unpack(meta[META_PRUNED_THROUGH])[0], legacy)
+                    I64.unpack(meta[META_PRUNED_THROUGH])[0], legacy,
+                    U32.unpack(meta[META_WINDOW])[0])
 
         # legacy: request records migrated from a v1 ledger remain (looked up by request_id
         # alone until they are pruned)
-        version, rec, self.pruned_through_us, self.legacy = self._read(read)
+        version, rec, self.pruned_through_us, self.legacy, window_s = self._read(read)
+        self.request_window_us = window_s * 1_000_000
         self.program = parse_program(rec["source"])
         self.program_version = version
         self.program_packed = self.program.packed(version)
@@ -260,8 +265,9 @@ class Ledger:
 
     def read_horizons(self) -> tuple[int, int]:
         """(pruned_through_us, request window in µs) as the ledger holds them now."""
-        raw = self._read(lambda txn: txn.get(META_PRUNED_THROUGH, db=self.meta))
-        return I64.unpack(raw)[0], self.request_window_us
+        pruned, window = self._read(lambda txn: (txn.get(META_PRUNED_THROUGH, db=self.meta),
+                                                 txn.get(META_WINDOW, db=self.meta)))
+        return I64.unpack(pruned)[0], U32.unpack(window)[0] * 1_000_000
 
     def read_terminal(self, terminal_id: int) -> tuple | None:
         raw = self._read(lambda txn: txn.get(L.TERMINAL_KEY.pack(terminal_id), db=self.terminals))
@@ -335,10 +341,20 @@ class Ledger:
         return verify(self, problems_max)
 
 
+def group_time(given_us: int, last_us: int) -> int:
+    """A group's time: the clock it came with, but never back from the ledger's last time and
+    never more than CLOCK_STEP_MAX_US past it in one group, so one wild clock step cannot push the
+    ledger's time (and the request ages judged on it) days ahead; after a long stop it catches
+    up within a few groups (the idle writer gets one a second)."""
+    if last_us == 0:
+        return given_us
+    return max(last_us + 1, min(given_us, last_us + CLOCK_STEP_MAX_US))
+
+
 def _head(ledger: Ledger, txn) -> tuple[int, bytes, int]:
-    """(next journal sequence, the last entry's digest, the last time written). The journal is
-    the truth: read in every write transaction, so a writer that starts while an old one
-    finishes its last group stays in sequence."""
+    """(next journal sequence, the last entry's digest, the ledger's time: the last group's).
+    The journal is the truth: read in every write transaction, so a writer that starts while an
+    old one finishes its last group stays in sequence."""
     next_seq, digest, last_ts = 1, GENESIS, 0
     cur = txn.cursor(db=ledger.journal)
     if cur.last():
@@ -346,9 +362,9 @@ def _head(ledger: Ledger, txn) -> tuple[int, bytes, int]:
         next_seq = L.SEQ_KEY.unpack(cur.key())[0] + 1
         digest = entry[L.JOURNAL_DIGEST_OFFSET:]
         last_ts = int.from_bytes(entry[L.JOURNAL_OFF_TS:L.JOURNAL_OFF_TS + 8], "little", signed=True)
-    cur = txn.cursor(db=ledger.request_times)
-    if cur.last():
-        last_ts = max(last_ts, L.REQUEST_TIME_KEY.unpack(cur.key())[0])
+    raw = txn.get(META_CLOCK, db=ledger.meta)
+    if raw is not None:
+        last_ts = max(last_ts, I64.unpack(raw)[0])
     return next_seq, digest, last_ts
 
 
@@ -374,16 +390,19 @@ class _Group:
         self.txn = txn
         self.first_seq, prev_digest, last_ts = _head(ledger, txn)
         self.seq = self.first_seq
-        ts = self.ts = max(self.ts_us, last_ts + 1)
+        ts = self.ts = group_time(self.ts_us, last_ts)
         self.admin = admin = AdminState(ledger, txn)
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
         legacy = {}
-        if keys and ledger.legacy:
+        if keys and ledger.legacy:  # card operations only: see _legacy
             legacy = dict(txn.cursor(db=ledger.requests).getmulti(
-                [legacy_key(k) for k in keys if k not in known]))
-        oldest_us = max(ts - ledger.request_window_us, self.pruned_through_us + 1)
-        newest_us = ts + CLIENT_TIME_AHEAD_MAX_US
+                [legacy_key(op.request_key) for op in ops if op.request_key
+                 and op.packed[0] <= L.OP_RESET_PIN and op.request_key not in known]))
+        # Too old: a re-send of a request whose record may be pruned (the age is judged on the
+        # group's time, which never goes back). Too far ahead: judged on the clock the group
+        # came with, a sanity check only (pruning never depends on it).
+        newest_us = self.ts_us + CLIENT_TIME_AHEAD_MAX_US
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
         for i, op in enumerate(ops):
@@ -391,6 +410,7 @@ class _Group:
             key = op.request_key
             if key:
                 client_us = op.client_time_us
+                oldest_us = max(ts - admin.request_window_us, self.pruned_through_us + 1)
                 if client_us < oldest_us or client_us > newest_us:
                     outcomes[i] = Outcome(L.R_REQUEST_TOO_OLD if client_us < oldest_us
                                           else L.R_CLIENT_TIME_AHEAD, False, kind, None)
@@ -414,8 +434,8 @@ class _Group:
                     continue
                 if legacy:
                     idem = legacy.get(legacy_key(key))
-                    if idem is not None:
-                        outcomes[i] = self._legacy(idem, op)
+                    if idem is not None and L.IDEM.unpack(idem)[4] == legacy_digest(op):
+                        outcomes[i] = replay(txn, ledger.journal, idem, None)
                         continue
                 if key in first_index:
                     repeats.append((i, first_index[key]))
@@ -431,15 +451,6 @@ class _Group:
             outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
         self._write(prev_digest)
         return outcomes  # type: ignore[return-value]
-
-    def _legacy(self, idem: bytes, op: PendingOp) -> Outcome:
-        """A request_id recorded by release 1 (one namespace): the same request again replays,
-        by release 1's digest (admin operations: by type)."""
-        outcome = replay(self.txn, self.ledger.journal, idem, None)
-        expected = legacy_digest(op)
-        same = (L.IDEM.unpack(idem)[4] == expected) if expected is not None \
-            else outcome.op == op.op_type
-        return outcome if same else Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, outcome.op, None)
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:
         reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
@@ -540,39 +551,49 @@ class _Group:
             txn.cursor(db=ledger.cardnos).putmulti(self.sealed_items)
         self.admin.flush()
         self._prune()
+        # The ledger's time, so the next group's cannot go back (or leap) from it, even when
+        # this one wrote nothing else.
+        txn.put(META_CLOCK, I64.pack(self.ts), db=ledger.meta)
 
     def _prune(self) -> None:
-        """Delete request records that no re-send could reach any more (applied before the
-        window plus the largest clock lead), in small steps, every group: up to PRUNE_STEP_MAX
-        plus twice the group's size, so pruning keeps up with any arrival rate."""
+        """Delete request records that no re-send could reach any more: their client time is
+        older than the window at this group's time, and group times never go back, so a re-send
+        is refused as too old from now on. Oldest applied first, in small steps, every group: up
+        to PRUNE_STEP_MAX plus twice the group's size, so pruning keeps up with any arrival
+        rate (a record whose client clock ran ahead holds the ones behind it back a little)."""
         ledger, txn = self.ledger, self.txn
         step = PRUNE_STEP_MAX + 2 * len(self.ops)
-        horizon_us = self.ts - ledger.request_window_us - CLIENT_TIME_AHEAD_MAX_US
+        horizon_us = self.ts - self.admin.request_window_us
         cur = txn.cursor(db=ledger.request_times)
         if not cur.first():
             return
-        pruned, last_us = 0, 0
+        pruned, through_us = 0, self.pruned_through_us
         while pruned < step:
-            key = cur.key()
-            if not key:
+            request = cur.value()
+            if not request:
                 break
-            applied_us = L.REQUEST_TIME_KEY.unpack(key)[0]
-            if applied_us >= horizon_us:
+            idem = txn.get(request, db=ledger.requests)
+            if idem is None:
+                raise InvariantError("the request time index names a request with no record")
+            client_us = L.IDEM.unpack(idem)[8]
+            if client_us >= horizon_us:
                 break
-            txn.delete(cur.value(), db=ledger.requests)
+            txn.delete(request, db=ledger.requests)
             cur.delete()
             pruned += 1
-            last_us = applied_us
+            through_us = max(through_us, client_us)
         if pruned:
             # No request whose client time is at or before this can apply any more, whatever
             # the window is later set to: its record may be gone.
-            self.pruned_through_us = max(self.pruned_through_us, last_us + CLIENT_TIME_AHEAD_MAX_US)
-            txn.put(META_PRUNED_THROUGH, I64.pack(self.pruned_through_us), db=ledger.meta)
+            self.pruned_through_us = through_us
+            txn.put(META_PRUNED_THROUGH, I64.pack(through_us), db=ledger.meta)
 
     def adopt(self) -> None:
         """After the commit: the ledger keeps what the group changed between groups."""
         ledger, admin = self.ledger, self.admin
         ledger.pruned_through_us = self.pruned_through_us
+        if admin is not None:
+            ledger.request_window_us = admin.request_window_us
         if admin is not None and admin.program_version != ledger.program_version:
             ledger.program, ledger.program_version = admin.program, admin.program_version
             ledger.program_packed = admin.program_packed

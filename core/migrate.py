@@ -2,9 +2,10 @@
 
 The v1 ledger is never changed: format 2 is written into a new folder beside
 it (``<ledger>.v2-migrating``), checked, made durable, and only then swapped
-in; the v1 folder stays as ``<ledger>.v1`` until the operator removes it.
-A migration that stops midway leaves the v1 ledger in place and is simply run
-again.
+in (``swap``: a stop between the renames is finished or undone at the next
+start); the v1 folder stays as ``<ledger>.v1`` until the operator removes it.
+A migration that stops before the swap leaves the v1 ledger in place and is
+simply run again.
 
 What changes:
 - journal entries grow to 256 bytes: the v1 bytes stay as they were (with
@@ -31,10 +32,11 @@ import time
 import lmdb
 
 from cardcore import layout as L
-from cardcore.admin import (META_FORMAT, META_PRUNED_THROUGH, META_TIER_CARDS, OPERATOR_NEXT_ID,
-                            TIER_CARDS, U32, I64)
+from cardcore import swap
+from cardcore.admin import (META_CLOCK, META_FORMAT, META_PRUNED_THROUGH, META_TIER_CARDS,
+                            META_WINDOW, OPERATOR_NEXT_ID, TIER_CARDS, U32, I64)
 from cardcore.chain import GENESIS, chain
-from cardcore.idempotency import record
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, record
 from cardcore.ledger import DB_NAMES, MAX_DBS, Ledger, LedgerFormatError
 
 log = logging.getLogger("cardcore.migrate")
@@ -89,9 +91,8 @@ def migrate(path: str, program_source: str | None = None) -> dict:
     kept = path.rstrip("/") + ".v1"
     if os.path.exists(kept):
         kept += time.strftime("-%Y%m%d-%H%M%S")
-    os.rename(path, kept)
-    os.rename(work, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    swap.mark_ready(work)
+    swap.swap_in(work, path, kept)
     report = {"from_format": 1, "to_format": 2, "v1_kept_at": kept, "before": before,
               "after": after, "seconds": round(time.monotonic() - started, 3)}
     log.warning("ledger %s migrated from format 1 to 2 (%d journal entries, %d request records, "
@@ -170,8 +171,12 @@ def _copy(src, work: str) -> None:
             for name, raw in rtxn.cursor(db=sdb["operators"]):
                 if name != OPERATOR_NEXT_ID:
                     txn.put(L.TERMINAL_KEY.pack(json.loads(raw)["id"]), name, db=ddb["operator_ids"])
+        now_us = time.time_ns() // 1000
         _convert_journal(src, sdb["journal"], dst, ddb["journal"])
-        _convert_requests(src, sdb["requests"], dst, ddb["requests"], ddb["request_times"])
+        _convert_requests(src, sdb["requests"], dst, ddb["requests"], ddb["request_times"], now_us)
+        with dst.begin(write=True) as txn:
+            txn.put(META_CLOCK, I64.pack(now_us), db=ddb["meta"])
+            txn.put(META_WINDOW, U32.pack(REQUEST_WINDOW_S_DEFAULT), db=ddb["meta"])
         dst.sync(True)
     finally:
         dst.close()
@@ -220,30 +225,18 @@ def _journal_chunk(dst, ddb, batch, prev: bytes) -> bytes:
     return prev
 
 
-def _convert_requests(src, sdb, dst, ddb, dtimes) -> None:
-    """Each v1 record under the legacy namespace; the pruning index by the time it was applied
-    (release 1 kept no client time: that time stands in for it)."""
+def _convert_requests(src, sdb, dst, ddb, dtimes, now_us: int) -> None:
+    """Each v1 record under the legacy namespace. Release 1 kept no client time and a retry that
+    crosses the upgrade carries a new one: the records are kept a whole window from the upgrade
+    (their client time is the upgrade's), so every request in flight then is recognised."""
     head = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
     with src.begin() as rtxn:
-        items, times = [], []
+        items = []
         for key, raw in rtxn.cursor(db=sdb):
             _, op, reason, _, digest, seq, available, ts_us = L.IDEM_V1.unpack(raw)
-            items.append((head + key, record(op, reason, digest, seq, available, ts_us, ts_us)))
-            times.append((ts_us, head + key))
-    times.sort()
-    index, last, n = [], None, 0
-    for ts_us, key in times:
-        n = n + 1 if ts_us == last else 0
-        last = ts_us
-        index.append((L.REQUEST_TIME_KEY.pack(ts_us, n), key))
+            items.append((head + key, record(op, reason, digest, seq, available, ts_us, now_us)))
+    index = [(L.REQUEST_TIME_KEY.pack(now_us, n), key) for n, (key, _) in enumerate(items)]
     for start in range(0, len(items), CHUNK):
         _put(dst, ddb, items[start:start + CHUNK])
         _put(dst, dtimes, index[start:start + CHUNK], append=True)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -71,15 +71,18 @@ def verify(ledger, problems_max: int = 50) -> dict:
     }
 
 
-def _programs(txn, ledger, problem) -> dict[int, object]:
+def _programs(txn, ledger, problem) -> dict[int, tuple]:
+    """version -> (the program, the first 12 bytes of its document's SHA-256, as the journal's
+    load entry must name them)."""
     out = {}
     for key, raw in txn.cursor(db=ledger.programs):
         version = L.VERSION_KEY.unpack(key)[0]
         rec = json.loads(raw)
-        if hashlib.sha256(rec["source"].encode()).hexdigest() != rec["sha256"]:
+        digest = hashlib.sha256(rec["source"].encode()).digest()
+        if digest.hex() != rec["sha256"]:
             problem(f"program version {version}: its document does not match its SHA-256")
         try:
-            out[version] = parse_program(rec["source"])
+            out[version] = (parse_program(rec["source"]), digest[:12])
         except ProgramError as exc:
             problem(f"program version {version} does not parse: {exc}")
     if sorted(out) != list(range(1, len(out) + 1)):
@@ -119,6 +122,11 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: version {version}, reason {reason}")
         if op == L.OP_PROGRAM_LOADED:
             program_now += 1
+            stored = programs.get(program_now)
+            if (int.from_bytes(cid[:4], "little") != program_now or stored is None
+                    or stored[1] != cid[4:16]):
+                problem(f"journal entry {seq}: program version {program_now} as loaded differs "
+                        "from the stored document (changed or forged)")
         if program_version != program_now and not (program_version == 0 and program_now == 0):
             problem(f"journal entry {seq}: program version {program_version} where "
                     f"{program_now} was current")
@@ -145,7 +153,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0
                     or dp + db_ != -paid or dpts < 0):
                 problem(f"journal entry {seq}: a purchase whose debit is not gross - discount")
-            program = programs.get(program_version)
+            program = programs.get(program_version, (None,))[0]
             if program is not None and amount > 0:
                 if tier >= len(program.tiers):
                     problem(f"journal entry {seq}: tier {tier} is not in program "

@@ -16,7 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cardcore import layout as L
-from cardcore import migrate
+from cardcore import migrate, swap
+from cardcore.admin import window_op
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, PendingOp, request_key
 from cardcore.keyring import Keyring
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
@@ -96,9 +97,14 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -> None:
-    """First start: a chain admin whose token goes to a 0600 file (never to the log)."""
-    if access.operators_by_name:
+    """No active operator (a first start, or a restore of a lost ledger): a chain admin whose
+    token goes to a 0600 file (never to the log)."""
+    if access.operators_by_digest:
         return
+    name, n = "admin", 1
+    while name in access.operators_by_name:  # an earlier one, removed
+        n += 1
+        name = f"admin-{n}"
     # The file first: a crash before the commit leaves a token nobody holds, and the next
     # start makes a new one; the other order could leave an admin nobody can use.
     token = new_token()
@@ -108,10 +114,11 @@ async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -
         f.write(token + "\n")
         f.flush()
         os.fsync(f.fileno())
-    await admin.add_operator(None, request_key(L.CALLER_SYSTEM, 0, b"bootstrap-admin"), "admin",
-                             cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0, token=token)
-    log.warning("created the first chain admin 'admin'; its token is in %s (0600). Use it to add "
-                "named operators, then remove 'admin' and delete the file", path)
+    await admin.add_operator(None, request_key(L.CALLER_SYSTEM, 0, f"bootstrap-{name}".encode()),
+                             name, cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0, token=token)
+    log.warning("created the chain admin %r (no operator was active); its token is in %s (0600). "
+                "Use it to add named operators, then remove %r and delete the file", name, path,
+                name)
 
 
 def _program_source(path: str | None) -> str | None:
@@ -163,6 +170,7 @@ async def serve(cfg: ServerConfig) -> None:
     credentials = _server_credentials(cfg)
     ledger_path = os.path.join(cfg.data_dir, "ledger")
     program_source = _program_source(cfg.program_path)
+    swap.recover(ledger_path)  # a migration or restore that stopped between its renames
     if migrate.ledger_format(ledger_path) == 1:
         try:
             migrate.migrate(ledger_path, program_source)
@@ -207,10 +215,14 @@ async def serve(cfg: ServerConfig) -> None:
     ledger = None
     health_servicer = health.aio.HealthServicer()
     try:
-        ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
-                        request_window_s=cfg.request_window_s)
+        ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20)
         if program_source is not None:
             await _load_program_file(ledger, writer, program_source, cfg.program_path)
+        if ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000:
+            outcome = (await writer.submit([window_op(cfg.request_window_s)]))[0]
+            if outcome.reason != L.R_OK:
+                raise StartupError(f"the request window was refused: {outcome.reason}")
+            log.warning("request retention window set to %d hours", cfg.request_window_s // 3600)
         metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
         if cfg.metrics_listen:
             log.info("metrics on http://%s/metrics", metrics.serve(cfg.metrics_listen))

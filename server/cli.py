@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir(p)
     p.add_argument("--from", dest="source", required=True, help="a folder made by backup")
     p.add_argument("--force", action="store_true", help="replace an existing ledger")
-    p.add_argument("--revoke-terminals", action="store_true",
-                   help="with no ledger to replace (its terminal counters are lost): revoke every "
-                        "terminal of the backup, to be enrolled anew under new ids")
+    p.add_argument("--lost-ledger", action="store_true",
+                   help="there is no ledger to replace (its terminal counters, revocations and "
+                        "operator removals are lost): revoke every terminal of the backup (enroll "
+                        "them anew under new ids) and remove its operators (a new chain admin "
+                        "token is written at the next start)")
     p.set_defaults(func=cmd_restore)
 
     def client(name, help_text, func, card=True):

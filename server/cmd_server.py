@@ -135,7 +135,7 @@ def cmd_restore(args) -> int:
     dest = os.path.join(args.data_dir, "ledger")
     with lock:
         try:
-            report = restore(src, dest, replace=args.force, revoke_terminals=args.revoke_terminals)
+            report = restore(src, dest, replace=args.force, lost_ledger=args.lost_ledger)
         except RestoreError as exc:
             print(f"cardcore: {exc}; nothing restored", file=sys.stderr)
             return 1 if "verify" in str(exc) else 2
@@ -152,6 +152,9 @@ def cmd_migrate(args) -> int:
 
     from .app import StartupError, lock_data_dir
 
+    from cardcore import swap
+
+    swap.recover(os.path.join(args.data_dir, "ledger"))
     path = _ledger_in(args.data_dir, "no ledger")
     if path is None:
         return 2

@@ -201,7 +201,7 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
 
     def open_ledger() -> Ledger:
         return Ledger(ledger_path, initial_program=initial_program, sync=sync, map_size=map_size,
-                      request_window_s=request_window_s)
+                      initial_request_window_s=request_window_s)
 
     ledger = open_ledger()
     try:
@@ -228,8 +228,16 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
                 log.error("the ledger could not be written (%s: %s); reopening it", type(exc).__name__,
                           exc)
                 ledger.close()  # LMDB may have flagged the environment after a failed sync
-                ledger = open_ledger()
-                outcomes = ledger.landed(ops)
+                try:
+                    ledger = open_ledger()
+                    outcomes = ledger.landed(ops)
+                except Exception as again:
+                    # The group may have landed and nobody can tell: end the connection
+                    # without an answer, so its callers hear "outcome unknown" and the server
+                    # stops for its supervisor to restart it.
+                    log.critical("the ledger cannot be reopened (%s: %s); stopping",
+                                 type(again).__name__, again)
+                    return
             send_frame(sock, encode_answer(outcomes))
     except (BrokenPipeError, ConnectionResetError):
         return  # the server process went away

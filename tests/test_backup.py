@@ -1,7 +1,10 @@
 """Hot backup while serving, and restore: the copy verifies and equals the original."""
 import subprocess
+
+import pytest
 import sys
 
+from cardcore import layout as L
 from cardcore.ledger import Ledger
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
@@ -40,14 +43,15 @@ def test_backup_while_serving_and_restore_give_an_equal_verified_ledger(start_se
     original = dump(server.data_dir)
     server.stop()
 
-    restored_dir = str(tmp_path / "restored")
-    out = cli("restore", "--from", backup_dir, "--data-dir", restored_dir)
+    restored_dir = str(tmp_path / "restored")  # another machine: the original ledger is "lost"
+    out = cli("restore", "--from", backup_dir, "--data-dir", restored_dir, "--lost-ledger")
     assert out.returncode == 0, out.stderr
     restored = dump(restored_dir)
     assert verify(restored_dir)["ok"]
-    last = restored["journal"][-1][0]
-    assert restored["journal"] == [kv for kv in original["journal"] if kv[0] <= last]
-    assert len(original["journal"]) == len(restored["journal"]) + 1  # the later purchase
+    kept = len(original["journal"]) - 1               # all but the purchase after the backup
+    assert restored["journal"][:kept] == original["journal"][:kept]
+    carried = [L.JOURNAL.unpack(v) for _, v in restored["journal"][kept:]]
+    assert [(e[1], e[24]) for e in carried] == [(L.OP_OPERATOR_REMOVED, L.CALLER_SYSTEM)]
     changed = {cid for cid, _ in original["cards"]} - {cid for cid, _ in restored["cards"]}
     assert not changed and restored["profiles"] == original["profiles"]
     assert sum(1 for a, b in zip(original["cards"], restored["cards"], strict=True) if a != b) == 1
@@ -74,7 +78,7 @@ def test_restore_refuses_a_backup_that_does_not_verify(start_server, tmp_path):
         cid, raw = next(iter(txn.cursor()))
         txn.put(cid, raw[:8] + (5_000).to_bytes(8, "little") + raw[16:])
     ledger.close()
-    out = cli("restore", "--from", backup_dir, "--data-dir", str(tmp_path / "r"))
+    out = cli("restore", "--from", backup_dir, "--data-dir", str(tmp_path / "r"), "--lost-ledger")
     assert out.returncode == 1 and "does not verify" in out.stderr
 
 
@@ -132,25 +136,44 @@ def test_a_restore_never_lowers_a_terminals_ksn_counter_nor_forgets_a_revocation
     assert verify(server.data_dir)["ok"]
 
 
-def test_a_restore_with_no_ledger_to_replace_revokes_the_terminals_only_when_told(start_server,
-                                                                                  tmp_path):
-    from conftest import Admin
+def test_a_restore_of_a_lost_ledger_trusts_no_terminal_and_no_operator_of_the_backup(
+        start_server, tmp_path):
+    """With no ledger to replace, what was revoked since the backup is unknown: only when told
+    the ledger is lost does it restore, revoking the terminals and removing the operators; the
+    next start writes a new chain admin token."""
+    from conftest import Admin, bearer
 
     from cardcore import layout as L
 
     server = start_server()
-    Admin(server.channel, server.admin_token).enroll(7, 3)
+    admin = Admin(server.channel, server.admin_token)
+    admin.enroll(7, 3)
+    fired = admin.add_operator("fired", cpb.OPERATOR_ROLE_CASHIER, [3])
     server.stop()
     backup_dir = str(tmp_path / "backup")
     assert cli("backup", "--data-dir", server.data_dir, "--to", backup_dir).returncode == 0
     fresh = str(tmp_path / "fresh")
     out = cli("restore", "--from", backup_dir, "--data-dir", fresh)
-    assert out.returncode == 2 and "--revoke-terminals" in out.stderr
-    out = cli("restore", "--from", backup_dir, "--data-dir", fresh, "--revoke-terminals")
+    assert out.returncode == 2 and "--lost-ledger" in out.stderr
+    out = cli("restore", "--from", backup_dir, "--data-dir", fresh, "--lost-ledger")
     assert out.returncode == 0, out.stderr
     ledger = Ledger(f"{fresh}/ledger", readonly=True)
     try:
         assert ledger.read_terminal(7)[1] == L.TERMINAL_REVOKED
+        assert all(o["removed"] for o in ledger.read_operators())
         assert ledger.verify()["ok"]
     finally:
         ledger.close()
+    import shutil
+
+    shutil.copy(f"{server.data_dir}/keyring.json", f"{fresh}/keyring.json")
+    again = start_server(data_dir=fresh)
+    assert "created the chain admin 'admin-2'" in again.log()
+    number = new_card_number()
+    open_card = pb.OpenCardRequest(request_id="o-1", card=cpb.CardRef(card_number=number),
+                                   till=cpb.Till(store_id=3), client_time_us=sent_at("o-1"))
+    import grpc
+
+    with pytest.raises(grpc.RpcError):
+        again.stub.OpenCard(open_card, metadata=bearer(fired))
+    assert again.stub.OpenCard(open_card, metadata=bearer(again.admin_token)).reason == 0

@@ -9,14 +9,15 @@ import pytest
 
 from cardcore import cards
 from cardcore import layout as L
-from cardcore.admin import reseal_payload
+from cardcore.admin import reseal_payload, window_op
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, PendingOp, request_key,
                                   SCOPE_STORE, SCOPE_SUBJECT_TERMINAL)
-from cardcore.ledger import Ledger
+from cardcore.ledger import Ledger, _head
 from conftest import new_card_number
 
 KEY = bytes(range(32))
-NOW = 1_800_000_000_000_000           # a fixed group time: the tests set the clock
+NOW = time.time_ns() // 1000          # the group time the tests give (a new ledger starts at the
+                                      # real clock: its program is journaled then)
 HOUR = 3600 * 1_000_000
 DEV = (L.CALLER_DEVELOPMENT, 0)
 
@@ -202,9 +203,9 @@ def test_two_terminals_may_use_the_same_request_id(ledger):
 # ---- retention: client time, pruning, the horizon ----------------------------------------------
 
 def test_a_request_older_than_the_window_is_refused_and_changes_nothing(tmp_path):
-    led = Ledger(str(tmp_path / "l"), request_window_s=3600)
+    led = Ledger(str(tmp_path / "l"), initial_request_window_s=3600)
     n = funded(led)
-    t = NOW + 1_000_000  # the group's time (later than anything in the ledger)
+    t = led._read(lambda txn: _head(led, txn))[2] + 1_000_000  # the group's time, a second on
     outcomes = led.apply_group([op("old", L.OP_TOP_UP, n, 5, at=t - HOUR - 1),
                                 op("ahead", L.OP_TOP_UP, n, 5, at=t + CLIENT_TIME_AHEAD_MAX_US + 1),
                                 op("edge", L.OP_TOP_UP, n, 5, at=t - HOUR)], t)
@@ -216,12 +217,14 @@ def test_a_request_older_than_the_window_is_refused_and_changes_nothing(tmp_path
 def test_pruned_request_ids_can_never_apply_twice(tmp_path):
     """Records are pruned in small steps once no re-send could pass the age check; a re-send
     after that is refused as too old, and applies nothing."""
-    led = Ledger(str(tmp_path / "l"), request_window_s=3600)
+    led = Ledger(str(tmp_path / "l"), initial_request_window_s=3600)
     n = funded(led)
     t0 = NOW
     led.apply_group([op(f"t{i}", L.OP_TOP_UP, n, 1, at=t0) for i in range(300)], t0)
     assert led.stats()["requests"] == 302
-    later = t0 + 10 + HOUR + CLIENT_TIME_AHEAD_MAX_US
+    later = t0 + HOUR + 1
+    advance(led, t0 + HOUR)                   # time moves at most an hour per group
+    assert led.stats()["requests"] == 302     # a client time exactly a window old still counts
     led.apply_group([PendingOp.internal(L.OP_MAINTENANCE)], later)  # a prune step: at most 258
     assert led.stats()["requests"] == 302 - 258
     led.apply_group([PendingOp.internal(L.OP_MAINTENANCE)], later + 1)
@@ -233,10 +236,31 @@ def test_pruned_request_ids_can_never_apply_twice(tmp_path):
     assert led.verify()["ok"]
     led.close()
     # A longer window later does not reopen the hole: the pruned horizon still refuses them.
-    led = Ledger(str(tmp_path / "l"), request_window_s=30 * 24 * 3600)
-    resent = led.apply_group([op("t0", L.OP_TOP_UP, n, 1, at=t0)], later + 3)
+    led = Ledger(str(tmp_path / "l"))
+    assert led.apply_group([window_op(30 * 24 * 3600)], later + 3)[0].reason == L.R_OK
+    resent = led.apply_group([op("t0", L.OP_TOP_UP, n, 1, at=t0)], later + 4)
     assert resent[0].reason == L.R_REQUEST_TOO_OLD
     led.close()
+
+
+def advance(led: Ledger, to_us: int) -> None:
+    """Idle maintenance groups until the ledger's time reaches ``to_us``."""
+    for _ in range(100):
+        led.apply_group([PendingOp.internal(L.OP_MAINTENANCE)], to_us)
+        if led._read(lambda txn: _head(led, txn))[2] >= to_us:
+            return
+    raise AssertionError("the ledger's time does not reach the clock")
+
+
+def test_one_wild_clock_step_moves_the_ledgers_time_an_hour_at_most(ledger):
+    """A clock that jumps a month ahead for one group and comes back does not leave the ledger a
+    month ahead, refusing every request as too old."""
+    n = funded(ledger)
+    before = ledger._read(lambda txn: _head(ledger, txn))[2]
+    ledger.apply_group([op("wild", L.OP_TOP_UP, n, 1)], NOW + 30 * 24 * HOUR)
+    assert ledger._read(lambda txn: _head(ledger, txn))[2] == before + HOUR
+    fine = ledger.apply_group([op("fine", L.OP_TOP_UP, n, 1, at=NOW + 5)], NOW + 10)
+    assert fine[0].reason == L.R_OK
 
 
 def test_timestamps_never_go_back(ledger):
@@ -564,3 +588,21 @@ def test_mixed_admin_and_card_operations_apply_in_arrival_order_against_a_model(
         assert led.verify()["ok"]
     finally:
         led.close()
+
+
+def test_a_stored_program_changed_behind_the_journals_back_is_found(ledger):
+    """The journal's load entry names the document's digest: rewriting a stored program (and its
+    SHA-256 field) so purchases would verify with other rates is found."""
+    import hashlib
+    import json
+
+    n = new_card_number()
+    ledger.apply_group([open_op("o", n), op("t", L.OP_TOP_UP, n, 10_000),
+                        op("p", L.OP_PURCHASE, n, 10_000)], NOW)
+    with ledger.env.begin(write=True, db=ledger.programs) as txn:
+        rec = json.loads(txn.get(L.VERSION_KEY.pack(1)))
+        rec["source"] = rec["source"].replace("rate_bp = 10000", "rate_bp = 100", 1)
+        rec["sha256"] = hashlib.sha256(rec["source"].encode()).hexdigest()
+        txn.put(L.VERSION_KEY.pack(1), json.dumps(rec).encode())
+    problems = ledger.verify()["problems"]
+    assert any("differs from the stored document" in p for p in problems)

@@ -1,0 +1,84 @@
+"""Putting a rebuilt ledger folder in place of the live one, safe across a crash at any point.
+
+A migration and a restore each build the new ledger in a folder beside the
+live one, verify it and make it durable, then mark it ready (a file, fsynced)
+and swap: the live folder is renamed aside, the new one into its place, the
+mark removed. A crash between the two renames leaves no ledger at the live
+path; ``recover``, run before anything opens the ledger (the server's start,
+``migrate``, ``restore``), finishes the swap when the new folder was marked
+ready and puts the old one back otherwise. So a server never starts an empty
+ledger where a real one was being replaced.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+log = logging.getLogger("cardcore.swap")
+
+READY = "SWAP-READY"
+# (the folder a new ledger is built in, where the live one is kept), as suffixes of its path
+PAIRS = ((".v2-migrating", ".v1"), (".restoring", ".replaced"))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_ready(folder: str) -> None:
+    """The new ledger in ``folder`` is whole and durable: a swap may finish on its own."""
+    path = os.path.join(folder, READY)
+    with open(path, "w") as f:
+        f.write("verified and synced; swap it in\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def swap_in(new: str, dest: str, keep: str) -> None:
+    """``new`` (marked ready) takes the place of ``dest``, which is kept as ``keep``."""
+    assert os.path.exists(os.path.join(new, READY)), "swap_in needs a folder marked ready"
+    parent = os.path.dirname(os.path.abspath(dest))
+    if os.path.exists(dest):
+        os.rename(dest, keep)
+    os.rename(new, dest)
+    _fsync_dir(parent)
+    os.unlink(os.path.join(dest, READY))
+    _fsync_dir(dest)
+
+
+def recover(dest: str) -> str | None:
+    """Finish or undo a swap that stopped midway at ``dest``; say what was done (None: nothing)."""
+    dest = dest.rstrip("/")
+    if os.path.exists(os.path.join(dest, "data.mdb")):
+        if os.path.exists(os.path.join(dest, READY)):  # stopped after the second rename
+            os.unlink(os.path.join(dest, READY))
+            return "finished a swap"
+        return None
+    for new_suffix, keep_suffix in PAIRS:
+        new = dest + new_suffix
+        if os.path.exists(os.path.join(new, READY)):
+            if os.path.exists(dest):
+                os.rmdir(dest)  # an empty folder a failed start may have made
+            os.rename(new, dest)
+            os.unlink(os.path.join(dest, READY))
+            _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+            log.warning("finished swapping %s in at %s (a stop interrupted it)", new, dest)
+            return "finished a swap"
+    for _, keep_suffix in PAIRS:
+        kept = sorted(glob.glob(glob.escape(dest + keep_suffix) + "*"), key=os.path.getmtime)
+        kept = [k for k in kept if os.path.exists(os.path.join(k, "data.mdb"))]
+        if kept:
+            if os.path.exists(dest):
+                os.rmdir(dest)
+            os.rename(kept[-1], dest)
+            _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+            log.warning("put %s back at %s (a swap was interrupted before its new ledger was "
+                        "ready)", kept[-1], dest)
+            return "undid a swap"
+    return None
