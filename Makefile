@@ -8,10 +8,10 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve test bench bench-peer load clean build
+.PHONY: help serve test bench bench-peer bench-release load clean build
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json
+
+RELEASE ?= 5c616b6
+bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json
+	$(PY) bench/versus_release.py --release $(RELEASE) $(ARGS)
 
 load: $(BUILT) ## locust fleet of POS terminals on 100,000 seeded cards, 60 s -> bench/load-results (ARGS="--mode stream --web ...")
 	$(PY) bench/load.py $(ARGS)

@@ -32,8 +32,8 @@ import time
 import grpc
 import lmdb
 
-from cardcore.terminal import now_us
 from cardcore.cards import random_number
+from cardcore.terminal import now_us
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
@@ -124,10 +124,11 @@ class Requests:
 
     def purchase(self) -> pb.PurchaseRequest:
         self.i += 1
-        return pb.PurchaseRequest(client_time_us=now_us(), 
+        return pb.PurchaseRequest(
             request_id=f"{self.tag}-{self.i}", card=cpb.CardRef(card_number=self.rng.choice(self.numbers)),
             gross_amount_minor=self.rng.randrange(100, 10_000),
-            till=cpb.Till(store_id=self.rng.randrange(1, 200), terminal_id=self.rng.randrange(1, 5000)))
+            till=cpb.Till(store_id=self.rng.randrange(1, 200), terminal_id=self.rng.randrange(1, 5000)),
+            client_time_us=now_us())
 
     def unary(self, n: int) -> list[bytes]:
         return [self.purchase().SerializeToString() for _ in range(n)]
@@ -221,6 +222,7 @@ async def run_batches(target: str, payloads: list[bytes], seconds: float):
         call = ch.unary_unary(METHOD + "SubmitBatch")
         it = iter(payloads)
         latencies: list[float] = []
+        replies: list[bytes] = []
         deadline = time.perf_counter() + seconds
 
         async def worker():
@@ -228,12 +230,16 @@ async def run_batches(target: str, payloads: list[bytes], seconds: float):
                 if time.perf_counter() > deadline:
                     return
                 t0 = time.perf_counter()
-                await call(p)
+                replies.append(await call(p))
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(BATCH_CALLERS)))
-        return len(latencies) * BATCH_OPS, time.perf_counter() - t0, latencies, 0
+        elapsed = time.perf_counter() - t0
+        # declined operations, counted once the clock has stopped (parsing is the client's work)
+        errors = sum(r.reason != 0 for reply in replies
+                     for r in pb.SubmitBatchResponse.FromString(reply).results)
+        return len(latencies) * BATCH_OPS, elapsed, latencies, errors
 
 
 def seed(target: str, numbers: list[str]) -> None:
@@ -246,10 +252,12 @@ def seed(target: str, numbers: list[str]) -> None:
             ops = []
             for i, n in enumerate(chunk):
                 ref = cpb.CardRef(card_number=n)
-                ops.append(pb.Operation(open_card=pb.OpenCardRequest(client_time_us=now_us(), 
-                    request_id=f"seed-o-{start + i}", card=ref, tier=(start + i) % 3)))
-                ops.append(pb.Operation(top_up=pb.TopUpRequest(client_time_us=now_us(), 
-                    request_id=f"seed-t-{start + i}", card=ref, amount_minor=10**12)))
+                ops.append(pb.Operation(open_card=pb.OpenCardRequest(
+                    request_id=f"seed-o-{start + i}", card=ref, tier=(start + i) % 3,
+                    client_time_us=now_us())))
+                ops.append(pb.Operation(top_up=pb.TopUpRequest(
+                    request_id=f"seed-t-{start + i}", card=ref, amount_minor=10**12,
+                    client_time_us=now_us())))
             for half in (ops[:SEED_BATCH], ops[SEED_BATCH:]):
                 res = stub.SubmitBatch(pb.SubmitBatchRequest(operations=half)).results
                 assert all(r.reason == 0 for r in res), "seeding failed"
@@ -303,8 +311,9 @@ def enroll_terminals(target: str, data_dir: str, count: int) -> list:
     with grpc.insecure_channel(target) as ch:
         stub = apb_grpc.AdminServiceStub(ch)
         for tid in range(1, count + 1):
-            resp = stub.EnrollTerminal(apb.EnrollTerminalRequest(client_time_us=now_us(), 
-                request_id=f"bench-enroll-{tid}", terminal_id=tid, store_id=1), metadata=metadata)
+            resp = stub.EnrollTerminal(apb.EnrollTerminalRequest(
+                request_id=f"bench-enroll-{tid}", terminal_id=tid, store_id=1,
+                client_time_us=now_us()), metadata=metadata)
             out.append(Terminal(TerminalKeys(tid, 1, resp.initial_key, resp.terminal.initial_key_id)))
     return out
 
@@ -394,6 +403,12 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def errors_note(row: dict) -> str:
+    """'  ERRORS: ...' when a system of the row saw declined or failed calls, else ''."""
+    bad = {system: r["errors"] for system, r in row.items() if isinstance(r, dict) and r.get("errors")}
+    return "  ERRORS: " + ", ".join(f"{k} {v:,}" for k, v in bad.items()) if bad else ""
+
+
 def writer_groups(log: str) -> tuple[int, int]:
     m = WRITER_RE.search(log)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
@@ -455,7 +470,8 @@ def main() -> int:
             results["scenarios"][name] = row
             print(f"{name:11s} cardcore {row['cardcore']['tx_per_s']:>9,}/s  echo "
                   f"{row['echo']['tx_per_s']:>9,}/s  ratio {row['ratio']:.2f}  "
-                  f"p50 {row['cardcore']['p50_ms']} ms  p99 {row['cardcore']['p99_ms']} ms", flush=True)
+                  f"p50 {row['cardcore']['p50_ms']} ms  p99 {row['cardcore']['p99_ms']} ms"
+                  + errors_note(row), flush=True)
 
         # (name, the PIN requests, the same number of no-PIN requests, the run)
         pin_scenarios = [
@@ -498,8 +514,8 @@ def main() -> int:
             results["pin"][name] = row
             print(f"{name:12s} with PIN {row['pin']['tx_per_s']:>9,}/s  without "
                   f"{row['no_pin']['tx_per_s']:>9,}/s  ratio {row['ratio']:.2f}  CPU µs/op "
-                  f"{row['pin']['server_cpu_us_per_op']} vs {row['no_pin']['server_cpu_us_per_op']}",
-                  flush=True)
+                  f"{row['pin']['server_cpu_us_per_op']} vs {row['no_pin']['server_cpu_us_per_op']}"
+                  + errors_note(row), flush=True)
 
         if "batch_1000" in results["scenarios"]:
             group = max(1, int(results["scenarios"]["batch_1000"]["cardcore"]["avg_group_ops"]))

@@ -24,7 +24,11 @@
 The server this script starts allows ``--failures-per-minute`` (default 100,000) wrong PINs per
 terminal per minute instead of the production default of 10: a load test compresses hours of a
 terminal's swipes into seconds. Against ``--target`` the locust users keep under the limit you
-name (default 10, the server default) by skipping wrong-PIN attempts once it is reached.
+name (default 10, the server default) by skipping wrong-PIN attempts and balance inquiries (every
+inquiry from a terminal counts against that limit) once one more could reach it.
+
+Every mutating request carries ``client_time_us`` (the terminal library sets it; enrolments and
+seeding too); balance inquiries send the card's PIN, so that the answer shows the balances.
 
 Exit status: 0 when the run had no failures, 1 when some calls failed (the summary says which),
 2 when the run itself went wrong.
@@ -46,10 +50,9 @@ import uuid
 
 import grpc
 
-from cardcore.terminal import now_us
 from cardcore import pin as pinlib
 from cardcore.cards import random_number
-from cardcore.terminal import Terminal, TerminalKeys
+from cardcore.terminal import Terminal, TerminalKeys, now_us
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import card_service_pb2 as pb
@@ -92,8 +95,9 @@ def run_time(text: str) -> str:
 
 def enroll(admin: apb_grpc.AdminServiceStub, token: str, terminal_id: int, store_id: int) -> Terminal:
     try:
-        resp = admin.EnrollTerminal(apb.EnrollTerminalRequest(client_time_us=now_us(), 
-            request_id=str(uuid.uuid4()), terminal_id=terminal_id, store_id=store_id),
+        resp = admin.EnrollTerminal(apb.EnrollTerminalRequest(
+            request_id=str(uuid.uuid4()), terminal_id=terminal_id, store_id=store_id,
+            client_time_us=now_us()),
             metadata=(("authorization", f"Bearer {token}"),))
     except grpc.RpcError as err:
         raise SystemExit(f"enrolling terminal {terminal_id} failed: {err.code().name} "
@@ -214,7 +218,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| **all** | {t['requests']:,} | {t['rps']:,} | {t['locust_p50_ms']:.0f} | "
                      f"{t['locust_p95_ms']:.0f} | {t['locust_p99_ms']:.0f} | {t['failures']:,} |")
     lines += ["", ("Percentiles per operation: the users' own clock; the **all** row: locust's, "
-                   "whole ms. A wrong PIN answered REASON_PIN_WRONG or REASON_PIN_LOCKED is a success.")]
+                   "whole ms. A wrong PIN answered REASON_PIN_WRONG or REASON_PIN_LOCKED is a success; a balance "
+                   "inquiry (sent with the PIN) succeeds when it shows the balances.")]
     wrong = s["operations"].get("purchase (wrong PIN)", {}).get("outcomes")
     if wrong:
         lines.append("Wrong-PIN outcomes: " + ", ".join(f"{k} {v:,}" for k, v in sorted(wrong.items())))

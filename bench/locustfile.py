@@ -11,7 +11,10 @@ time, so no KSN counter is ever used twice.
 The mix, by task weight (new operation types join here as they are built):
 
     purchase               70   right PIN
-    balance inquiry        15   GetCard (always unary: it is not a stream operation)
+    balance inquiry        15   GetCard with the card's PIN (always unary: it is not a stream
+                                operation): the writer checks the PIN and the answer must show
+                                the balances (CARD_VIEW_BALANCE); without the PIN a terminal
+                                would see only the masked number, status and tier
     top-up                 10   no PIN (the default card program asks none on top-ups)
     purchase (wrong PIN)    3   on a small slice of cards reserved for it, so lock-outs never
                                 touch the other tasks; REASON_PIN_WRONG and REASON_PIN_LOCKED
@@ -19,6 +22,9 @@ The mix, by task weight (new operation types join here as they are built):
 
 ``CARDCORE_LOAD_MODE``: ``unary`` (one unary call per task) or ``stream`` (each terminal keeps
 one SwipeStream open and sends one Operation per task, reading its reply before the next).
+
+Every mutating request carries the terminal's clock (``client_time_us``, set by the terminal
+library); the fleet never re-sends a request, so no retry has to repeat one.
 
 Every call is reported to locust's request event; a declined call is a failure whose exception
 text (and repr, which locust's failure table shows) is the Reason name, e.g.
@@ -60,14 +66,16 @@ grpc_gevent.init_gevent()
 R = cpb.Reason
 OK = "REASON_OK"
 WRONG_PIN_EXPECTED = frozenset({"REASON_PIN_WRONG", "REASON_PIN_LOCKED"})  # REASON_OK would be a bug
-# Answers the server counts against the terminal's failure budget (server/access.py PROBE_REASONS).
-PROBES = frozenset({"REASON_PIN_WRONG", "REASON_CARD_NOT_FOUND", "REASON_PIN_BLOCK_INVALID",
-                    "REASON_CARD_DATA_INVALID"})
+# Answers the server counts against the terminal's failure budget (server/access.py PROBE_REASONS);
+# every card inquiry from a terminal counts too, whatever its answer.
+PROBES = frozenset({"REASON_PIN_WRONG", "REASON_CARD_NOT_FOUND", "REASON_CARD_ALREADY_EXISTS",
+                    "REASON_PIN_BLOCK_INVALID", "REASON_CARD_DATA_INVALID"})
 MODE = os.environ.get("CARDCORE_LOAD_MODE", "unary")
 # The server's per-terminal budget of wrong PINs and unknown cards per minute (`cardcore serve
 # --failures-per-minute`): past it, ALL swipes of the terminal are refused for a while. Each
-# user counts the answers the server counts (PROBES, with its own clock, which runs a little
-# behind the server's) and skips the wrong-PIN task while one more could reach the limit.
+# user counts the answers the server counts (PROBES and every inquiry, with its own clock, which
+# runs a little behind the server's) and skips the wrong-PIN and inquiry tasks while one more could
+# reach the limit.
 FAILURES_PER_MINUTE = int(os.environ.get("CARDCORE_LOAD_FAILURES_PER_MINUTE", "10"))
 FAILURE_WINDOW_S = 60.0
 PURCHASE_MINOR = (100, 20_000)
@@ -219,9 +227,9 @@ class PosTerminal(User):
     # ---- reporting --------------------------------------------------------------------
 
     def _report(self, name: str, reason: str, started: float, length: int,
-                expected: frozenset = frozenset({OK})) -> None:
+                expected: frozenset = frozenset({OK}), counted: bool = False) -> None:
         ms = (time.perf_counter() - started) * 1e3
-        if reason in PROBES:
+        if counted or reason in PROBES:
             self.probes.append(time.monotonic())
         _outcomes[name][reason] += 1
         _latencies_ms[name].append(ms)
@@ -264,17 +272,32 @@ class PosTerminal(User):
         self._mutate("purchase", "purchase",
                      self.terminal.purchase(str(uuid.uuid4()), number, pin, amount))
 
+    def _budget_full(self, name: str) -> bool:
+        """True (and the task counted as skipped) while one more counted answer could reach the
+        server's per-terminal limit: past it every swipe of this terminal would be refused."""
+        now = time.monotonic()
+        while self.probes and now - self.probes[0] >= FAILURE_WINDOW_S:
+            self.probes.popleft()
+        if len(self.probes) >= FAILURES_PER_MINUTE - 1:
+            _skipped[name] += 1
+            return True
+        return False
+
     @task(15)
     def balance_inquiry(self) -> None:
-        number, _ = self.rng.choice(CARDS)
-        request = self.terminal.get_card(number)
+        if self._budget_full("balance inquiry"):  # every inquiry counts against the budget
+            return
+        number, pin = self.rng.choice(CARDS)
+        request = self.terminal.get_card(number, pin)  # with the PIN: the balances are shown
         started = time.perf_counter()
         try:
             card = self.stub.GetCard(request)
-            reason, length = OK, card.ByteSize()
+            length = card.ByteSize()
+            # the PIN was checked: anything less than the balance view is a failed inquiry
+            reason = OK if card.view == pb.CARD_VIEW_BALANCE else pb.CardView.Name(card.view)
         except grpc.RpcError as err:
             reason, length = _reason_of(err), 0
-        self._report("balance inquiry", reason, started, length)
+        self._report("balance inquiry", reason, started, length, counted=True)
 
     @task(10)
     def top_up(self) -> None:
@@ -287,11 +310,7 @@ class PosTerminal(User):
 
     @task(3)
     def purchase_wrong_pin(self) -> None:
-        now = time.monotonic()
-        while self.probes and now - self.probes[0] >= FAILURE_WINDOW_S:
-            self.probes.popleft()
-        if len(self.probes) >= FAILURES_PER_MINUTE - 1:  # this try could be the one that locks us out
-            _skipped["purchase (wrong PIN)"] += 1
+        if self._budget_full("purchase (wrong PIN)"):  # this try could be the one that locks us out
             return
         number, pin = self.rng.choice(WRONG_PIN_CARDS)
         wrong = pin
