@@ -57,6 +57,23 @@ def request_key(caller_kind: int, caller_id: int, request_id: bytes) -> bytes:
     return L.REQUEST_KEY_HEAD.pack(caller_kind, caller_id) + request_id
 
 
+_LEN_BYTE = [bytes([n]) for n in range(256)]
+
+
+def pack_request_keys(keys) -> bytes:
+    """A group's request keys as one ``request_times`` value: each as u8 length | key."""
+    return b"".join([_LEN_BYTE[len(k)] + k for k in keys])
+
+
+def unpack_request_keys(blob: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(blob):
+        n = blob[pos]
+        out.append(blob[pos + 1:pos + 1 + n])
+        pos += 1 + n
+    return out
+
+
 def caller_of(key: bytes) -> tuple[int, int]:
     """(caller_kind, caller_id) of a request key."""
     return L.REQUEST_KEY_HEAD.unpack_from(key)
@@ -177,8 +194,9 @@ class PendingOp:
               caller: tuple[int, int] | None = None, link_seq: int = 0, ref_id: int = 0,
               basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
               scope_store_id: int = 0) -> "PendingOp":
-        """A card operation. ``key`` from ``request_key`` (b"" for an inquiry, with ``caller``)."""
-        kind, caller_id = caller_of(key) if key else (caller or (L.CALLER_NONE, 0))
+        """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
+        caller has it at hand (else read off the key), or an inquiry's (with no key)."""
+        kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
         packed = L.OP.pack(op, tier, pin_flags, kind, home_store_id, amount_minor, store_id,
                            terminal_id, staff_id, operator_id,
                            request_tag(key) if key else bytes(8), card_id, client_time_us,
@@ -226,7 +244,8 @@ class Outcome(NamedTuple):
     reason: int                 # layout.R_* / cardcore.v1.Reason
     replayed: bool              # answered from an earlier identical request
     op: int                     # layout.OP_*
-    entry: bytes | None         # the journal entry (applied), or the kernel's declined entry
+    entry: bytes | None         # the journal entry (applied), or the kernel's declined entry;
+                                # through the writer's answer, its first 144 bytes
     available_minor: int = 0    # for INSUFFICIENT_FUNDS
     count: int = 0              # internal operations: items changed (card numbers re-sealed)
 

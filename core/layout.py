@@ -171,10 +171,12 @@ Idempotency record, v2, 64 bytes, LMDB ``requests`` value (key: request key)::
      48  i64 client_time_us        the request's own time (part of its payload)
      56  8B  reserved
 
-Request time index, LMDB ``request_times`` (key: u64 ts_us | u32 n, big-endian,
-strictly increasing, so appended; value: the request key): the order in which
-the writer looks at request records, oldest applied first, to prune those whose
-client time is older than the retention window.
+Request time index, LMDB ``request_times`` (key: the group's u64 ts_us,
+big-endian, strictly increasing, so appended; value: the request keys the
+group recorded, each as u8 length | key): the order in which the writer looks
+at request records, oldest applied first, to prune those whose client time is
+older than the retention window. One value per group, not per request: one
+B-tree append instead of thousands.
 
 Meta, LMDB ``meta``: ``format`` u32 (2); ``program_current`` u32;
 ``tier_cards`` 16 x u64 (cards per tier, so a program change cannot strand a
@@ -206,7 +208,7 @@ TERMINAL = struct.Struct("<BBHIII8sqqII16s")
 TERMINAL_KEY = struct.Struct(">I")
 SEQ_KEY = struct.Struct(">Q")  # big-endian so LMDB's byte order is sequence order
 REQUEST_KEY_HEAD = struct.Struct(">BI")  # caller_kind, caller_id; then the request_id
-REQUEST_TIME_KEY = struct.Struct(">QI")  # applied ts_us, n within the group
+REQUEST_TIME_KEY = struct.Struct(">Q")   # the group's ts_us
 VERSION_KEY = struct.Struct(">I")        # programs: version
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, PROGRAM_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 96, 64, 64

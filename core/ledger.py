@@ -5,7 +5,7 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     cards         card_id (16 B)          -> card record (128 B, layout.CARD)
     journal       seq (u64 big-endian)    -> journal entry (256 B, layout.JOURNAL)
     requests      request key             -> idempotency record (64 B, layout.IDEM)
-    request_times ts_us | n (big-endian)  -> request key: the pruning order
+    request_times group ts_us (u64 BE)    -> the group's request keys: the pruning order
     profiles      card_id                 -> member profile (JSON, cold)
     cardnos       card_id                 -> the card number sealed under a data key
     terminals     terminal id (u32 BE)    -> terminal record (64 B, layout.TERMINAL)
@@ -43,7 +43,8 @@ from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
-                                  Outcome, PendingOp, legacy_digest, legacy_key, record, repeat,
+                                  Outcome, PendingOp, legacy_digest, legacy_key,
+                                  pack_request_keys, record, repeat, unpack_request_keys,
                                   replay)
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
 from cardcore.rules import Program, available_minor
@@ -60,6 +61,7 @@ DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardno
             "operators", "operator_ids", "programs", "meta")
 _CARD_HELD = 32  # layout.CARD offset of held_minor
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
+NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
 # bonus after (layout.JOURNAL offsets 1, 2, 4, 8, 72, 80).
 _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
@@ -403,14 +405,17 @@ class _Group:
         # group's time, which never goes back). Too far ahead: judged on the clock the group
         # came with, a sanity check only (pruning never depends on it).
         newest_us = self.ts_us + CLIENT_TIME_AHEAD_MAX_US
+        oldest_us = max(ts - admin.request_window_us, self.pruned_through_us + 1)
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
+        client_time = L.OP_CLIENT_TIME.unpack_from
+        kernel_max = L.OP_KERNEL_MAX
         for i, op in enumerate(ops):
-            kind = op.packed[0]
+            packed = op.packed
+            kind = packed[0]
             key = op.request_key
             if key:
-                client_us = op.client_time_us
-                oldest_us = max(ts - admin.request_window_us, self.pruned_through_us + 1)
+                client_us = client_time(packed)[0]
                 if client_us < oldest_us or client_us > newest_us:
                     outcomes[i] = Outcome(L.R_REQUEST_TOO_OLD if client_us < oldest_us
                                           else L.R_CLIENT_TIME_AHEAD, False, kind, None)
@@ -423,10 +428,11 @@ class _Group:
                 if reason != L.R_OK:
                     outcomes[i] = Outcome(reason, False, kind, None)
                     continue
-            reason = admin.authorize(op)
-            if reason != L.R_OK:
-                outcomes[i] = Outcome(reason, False, kind, None)
-                continue
+            if op.need_role or packed[28:32] != NO_OPERATOR:  # an operator: checked now
+                reason = admin.authorize(op)
+                if reason != L.R_OK:
+                    outcomes[i] = Outcome(reason, False, kind, None)
+                    continue
             if key:
                 idem = known.get(key)
                 if idem is not None:
@@ -441,11 +447,12 @@ class _Group:
                     repeats.append((i, first_index[key]))
                     continue
                 first_index[key] = i
-            if L.OP_OPEN <= kind <= L.OP_KERNEL_MAX:
+            if kind <= kernel_max:
                 self.run.append(i)
             else:
                 self._flush_run()
                 self._admin(i, op, kind)
+                oldest_us = max(ts - admin.request_window_us, self.pruned_through_us + 1)
         self._flush_run()
         for i, j in repeats:
             outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
@@ -540,10 +547,9 @@ class _Group:
                 raise InvariantError("journal append refused: sequence not increasing")
         if self.idem_items:
             txn.cursor(db=ledger.requests).putmulti(self.idem_items)
-            time_key, ts = L.REQUEST_TIME_KEY.pack, self.ts
-            added, _ = txn.cursor(db=ledger.request_times).putmulti(
-                [(time_key(ts, k), key) for k, (key, _) in enumerate(self.idem_items)], append=True)
-            if added != len(self.idem_items):
+            if not txn.cursor(db=ledger.request_times).put(
+                    L.REQUEST_TIME_KEY.pack(self.ts),
+                    pack_request_keys([key for key, _ in self.idem_items]), append=True):
                 raise InvariantError("request time index append refused: time went back")
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
@@ -565,23 +571,30 @@ class _Group:
         step = PRUNE_STEP_MAX + 2 * len(self.ops)
         horizon_us = self.ts - self.admin.request_window_us
         cur = txn.cursor(db=ledger.request_times)
-        if not cur.first():
-            return
-        pruned, through_us = 0, self.pruned_through_us
-        while pruned < step:
-            request = cur.value()
-            if not request:
+        pruned, through_us, young = 0, self.pruned_through_us, False
+        while pruned < step and not young and cur.first():
+            keys = unpack_request_keys(cur.value())
+            done = 0
+            for request in keys:
+                if pruned >= step:
+                    break
+                idem = txn.get(request, db=ledger.requests)
+                if idem is None:
+                    raise InvariantError("the request time index names a request with no record")
+                client_us = L.IDEM.unpack(idem)[8]
+                if client_us >= horizon_us:
+                    young = True
+                    break
+                txn.delete(request, db=ledger.requests)
+                pruned += 1
+                done += 1
+                through_us = max(through_us, client_us)
+            if done == len(keys):
+                cur.delete()
+            else:
+                if done:
+                    cur.put(cur.key(), pack_request_keys(keys[done:]))
                 break
-            idem = txn.get(request, db=ledger.requests)
-            if idem is None:
-                raise InvariantError("the request time index names a request with no record")
-            client_us = L.IDEM.unpack(idem)[8]
-            if client_us >= horizon_us:
-                break
-            txn.delete(request, db=ledger.requests)
-            cur.delete()
-            pruned += 1
-            through_us = max(through_us, client_us)
         if pruned:
             # No request whose client time is at or before this can apply any more, whatever
             # the window is later set to: its record may be gone.

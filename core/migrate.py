@@ -36,7 +36,7 @@ from cardcore import swap
 from cardcore.admin import (META_CLOCK, META_FORMAT, META_PRUNED_THROUGH, META_TIER_CARDS,
                             META_WINDOW, OPERATOR_NEXT_ID, TIER_CARDS, U32, I64)
 from cardcore.chain import GENESIS, chain
-from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, record
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, pack_request_keys, record
 from cardcore.ledger import DB_NAMES, MAX_DBS, Ledger, LedgerFormatError
 
 log = logging.getLogger("cardcore.migrate")
@@ -173,9 +173,10 @@ def _copy(src, work: str) -> None:
                     txn.put(L.TERMINAL_KEY.pack(json.loads(raw)["id"]), name, db=ddb["operator_ids"])
         now_us = time.time_ns() // 1000
         _convert_journal(src, sdb["journal"], dst, ddb["journal"])
-        _convert_requests(src, sdb["requests"], dst, ddb["requests"], ddb["request_times"], now_us)
+        clock_us = _convert_requests(src, sdb["requests"], dst, ddb["requests"],
+                                     ddb["request_times"], now_us)
         with dst.begin(write=True) as txn:
-            txn.put(META_CLOCK, I64.pack(now_us), db=ddb["meta"])
+            txn.put(META_CLOCK, I64.pack(clock_us), db=ddb["meta"])
             txn.put(META_WINDOW, U32.pack(REQUEST_WINDOW_S_DEFAULT), db=ddb["meta"])
         dst.sync(True)
     finally:
@@ -225,7 +226,7 @@ def _journal_chunk(dst, ddb, batch, prev: bytes) -> bytes:
     return prev
 
 
-def _convert_requests(src, sdb, dst, ddb, dtimes, now_us: int) -> None:
+def _convert_requests(src, sdb, dst, ddb, dtimes, now_us: int) -> int:
     """Each v1 record under the legacy namespace. Release 1 kept no client time and a retry that
     crosses the upgrade carries a new one: the records are kept a whole window from the upgrade
     (their client time is the upgrade's), so every request in flight then is recognised."""
@@ -235,8 +236,10 @@ def _convert_requests(src, sdb, dst, ddb, dtimes, now_us: int) -> None:
         for key, raw in rtxn.cursor(db=sdb):
             _, op, reason, _, digest, seq, available, ts_us = L.IDEM_V1.unpack(raw)
             items.append((head + key, record(op, reason, digest, seq, available, ts_us, now_us)))
-    index = [(L.REQUEST_TIME_KEY.pack(now_us, n), key) for n, (key, _) in enumerate(items)]
-    for start in range(0, len(items), CHUNK):
-        _put(dst, ddb, items[start:start + CHUNK])
-        _put(dst, dtimes, index[start:start + CHUNK], append=True)
+    for k, start in enumerate(range(0, len(items), CHUNK)):  # one index value per chunk
+        chunk = items[start:start + CHUNK]
+        _put(dst, ddb, chunk)
+        _put(dst, dtimes, [(L.REQUEST_TIME_KEY.pack(now_us + k),
+                            pack_request_keys([key for key, _ in chunk]))], append=True)
+    return now_us + len(items) // CHUNK + 1
 

@@ -30,7 +30,7 @@ from collections import Counter
 from cardcore import layout as L
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS
-from cardcore.idempotency import request_tag
+from cardcore.idempotency import request_tag, unpack_request_keys
 from cardcore.program import ProgramError, parse_program
 from cardcore.rules import paid_minor, points_earned
 
@@ -233,7 +233,8 @@ def _requests(txn, ledger, problem) -> int:
                 problem(f"request record for seq {seq} does not match its journal entry")
         elif seq != 0:
             problem(f"a declined request record points at journal entry {seq}")
-    indexed = Counter(value for _, value in txn.cursor(db=ledger.request_times))
+    indexed = Counter(key for _, value in txn.cursor(db=ledger.request_times)
+                      for key in unpack_request_keys(value))
     if sum(indexed.values()) != count or any(n != 1 for n in indexed.values()) or any(
             txn.get(k, db=ledger.requests) is None for k in indexed):
         problem("the request time index does not match the request records one to one")

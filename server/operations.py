@@ -12,7 +12,7 @@ import re
 
 from cardcore import cards
 from cardcore import layout as L
-from cardcore.idempotency import SCOPE_NONE, SCOPE_STORE, request_key
+from cardcore.idempotency import SCOPE_STORE, request_key
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, PendingOp
 from cardcore.v1 import card_service_pb2 as pb
@@ -64,6 +64,9 @@ def caller_key(caller: Caller, request_id: bytes, ksn_terminal_id: int = 0) -> b
     return request_key(*caller.namespace(ksn_terminal_id), request_id)
 
 
+_KEY_HEAD = L.REQUEST_KEY_HEAD.pack
+
+
 class Operations:
     """Builders for every mutating card operation, by request type."""
 
@@ -88,26 +91,32 @@ class Operations:
         self.tier_count = len(program.tiers)
         self.top_up_pin = L.PIN_REQUIRED if program.pin_on_top_up else 0
 
-    def _op(self, req, rid: bytes, op_type: int, card: CardAccess, caller: Caller,
+    def _op(self, req, rid: bytes, at_us: int, op_type: int, card: CardAccess, caller: Caller,
             amount_minor: int = 0, pin_flags: int = 0, pin_check: bytes = NO_PIN,
             new_pin_check: bytes = NO_PIN, role: int = ROLE.OPERATOR_ROLE_CASHIER,
             **kw) -> PendingOp:
         """The operation, in its caller's namespace; an operator's role and store scope are
         checked again by the writer when it is applied."""
         operator, till = caller.operator, req.till
-        return PendingOp.build(caller_key(caller, rid, card.terminal_id), op_type, card.card_id,
+        namespace = caller.namespace(card.terminal_id)
+        key = _KEY_HEAD(*namespace) + rid
+        if operator is None:
+            return PendingOp.build(key, op_type, card.card_id, amount_minor, till.store_id,
+                                   till.terminal_id, till.staff_id, pin_flags=pin_flags,
+                                   pin_check=pin_check, new_pin_check=new_pin_check,
+                                   ksn_counter=card.ksn_counter, client_time_us=at_us,
+                                   caller=namespace, **kw)
+        return PendingOp.build(key, op_type, card.card_id,
                                amount_minor, till.store_id, till.terminal_id, till.staff_id,
                                pin_flags=pin_flags, pin_check=pin_check,
-                               new_pin_check=new_pin_check,
-                               operator_id=operator.operator_id if operator else 0,
-                               ksn_counter=card.ksn_counter, client_time_us=client_time_us(req),
-                               need_role=role if operator else 0,
-                               scope=SCOPE_STORE if operator else SCOPE_NONE,
-                               scope_store_id=till.store_id, **kw)
+                               new_pin_check=new_pin_check, operator_id=operator.operator_id,
+                               ksn_counter=card.ksn_counter, client_time_us=at_us,
+                               need_role=role, scope=SCOPE_STORE, scope_store_id=till.store_id,
+                               caller=namespace, **kw)
 
     def open_op(self, req: pb.OpenCardRequest, caller: Caller) -> PendingOp:
         rid = request_id_bytes(req.request_id)
-        client_time_us(req)
+        at_us = client_time_us(req)
         if req.tier >= self.tier_count:
             raise Invalid(R.REASON_INVALID_TIER, "tier")
         p = req.profile
@@ -137,14 +146,14 @@ class Operations:
                               "phone": p.phone, "birthday": p.birthday,
                               "home_store_id": p.home_store_id},
                              sort_keys=True, separators=(",", ":")).encode()
-        return self._op(req, rid, L.OP_OPEN, card, caller, pin_flags=pin_flags,
+        return self._op(req, rid, at_us, L.OP_OPEN, card, caller, pin_flags=pin_flags,
                         new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
                         profile=profile, sealed=self.keyring.seal(card.card_id, card.number))
 
     def _money_op(self, req, caller: Caller, op_type: int, amount_field: str,
                   pin_flags: int) -> PendingOp:
         rid = request_id_bytes(req.request_id)
-        client_time_us(req)
+        at_us = client_time_us(req)
         amount = getattr(req, amount_field)
         if amount <= 0:
             raise Invalid(R.REASON_INVALID_AMOUNT, amount_field)
@@ -153,7 +162,7 @@ class Operations:
         if req.pin_block:
             check = self.swipes.pin_check(card, req.pin_block, "pin_block")
             pin_flags |= L.PIN_PRESENTED
-        return self._op(req, rid, op_type, card, caller, amount, pin_flags, check)
+        return self._op(req, rid, at_us, op_type, card, caller, amount, pin_flags, check)
 
     def top_up_op(self, req: pb.TopUpRequest, caller: Caller) -> PendingOp:
         return self._money_op(req, caller, L.OP_TOP_UP, "amount_minor", self.top_up_pin | self.dev_pin)
@@ -166,7 +175,7 @@ class Operations:
         """A change needs the old PIN; a first PIN needs an operator at the till (the kernel
         refuses it without one), who vouches for the member."""
         rid = request_id_bytes(req.request_id)
-        client_time_us(req)
+        at_us = client_time_us(req)
         if not req.new_pin_block:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_pin_block")
         if caller.operator is not None and not caller.operator.may(ROLE.OPERATOR_ROLE_CASHIER,
@@ -180,11 +189,11 @@ class Operations:
             pin_flags |= L.PIN_PRESENTED
         new_check = swipes.pin_check(card, req.new_pin_block, "new_pin_block", new=True,
                                      birthday=self.birthday(card.card_id))
-        return self._op(req, rid, L.OP_SET_PIN, card, caller, 0, pin_flags, check, new_check)
+        return self._op(req, rid, at_us, L.OP_SET_PIN, card, caller, 0, pin_flags, check, new_check)
 
     def reset_pin_op(self, req: pb.ResetPinRequest, caller: Caller) -> PendingOp:
         rid = request_id_bytes(req.request_id)
-        client_time_us(req)
+        at_us = client_time_us(req)
         operator = caller.operator
         if operator is None:
             raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
@@ -196,7 +205,7 @@ class Operations:
             new_check = self.swipes.pin_check(card, req.new_pin_block, "new_pin_block", new=True,
                                               birthday=self.birthday(card.card_id))
             pin_flags = L.NEW_PIN
-        return self._op(req, rid, L.OP_RESET_PIN, card, caller, 0, pin_flags,
+        return self._op(req, rid, at_us, L.OP_RESET_PIN, card, caller, 0, pin_flags,
                         new_pin_check=new_check, role=ROLE.OPERATOR_ROLE_STORE_MANAGER)
 
     def birthday(self, card_id: bytes) -> str:

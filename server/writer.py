@@ -37,8 +37,9 @@ can wait on the other with both send buffers full::
               | op:192 B | digest:16 B | key | profile | sealed | payload)
               (a length of 0xFFFFFFFF = none)
     answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
-              | entry:256 B)
-              (entry all zeros when there is none)
+              | entry head:144 B)
+              (the journal entry's first 144 bytes, all a reply shows; all zeros when there is
+              none)
 
 Housekeeping: the writer process clears stale LMDB reader slots every
 ``reader_check_s`` while it waits for groups; this process sends a
@@ -82,9 +83,10 @@ MAINTENANCE_IDLE_S = 1.0        # an idle writer gets a prune step this often
 
 GROUP_HEAD = struct.Struct("<qI")
 OP_HEAD = struct.Struct("<BIIIIBBI")
-ANSWER = struct.Struct(f"<HBBqI{L.JOURNAL_SIZE}s")
+ENTRY_HEAD_SIZE = 144  # a reply's fields end at the caller id (layout.JOURNAL offset 140)
+ANSWER = struct.Struct(f"<HBBqI{ENTRY_HEAD_SIZE}s")
 NONE_LEN = 0xFFFFFFFF
-NO_ENTRY = bytes(L.JOURNAL_SIZE)
+NO_ENTRY = bytes(ENTRY_HEAD_SIZE)
 FATAL = b"FATAL:"
 READY = b"READY"
 FRAME = struct.Struct("<I")
