@@ -10,6 +10,7 @@ the in-memory registries are reloaded from the ledger.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -51,6 +52,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
         self.keyring = keyring
         self.access = access
         self._on_program = on_program   # the card service adopts a newly loaded program
+        self._rotating = asyncio.Lock()
 
     async def _operator(self, context, role: int, store_id: int | None = None) -> Operator:
         """The calling operator, if it holds ``role`` (and ``store_id`` is in its scope)."""
@@ -253,15 +255,16 @@ class AdminService(apb_grpc.AdminServiceServicer):
         chunks through the writer, each a compare-and-set, while serving goes on."""
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
         key, client_us = await self._request(context, request, op_by)
-        known = self.ledger.read_operation(key)
-        if known is not None and known.op != L.OP_DATA_KEY_ROTATED:
-            await abort(context, failure(R.REASON_DUPLICATE_REQUEST_MISMATCH, "request_id"))
-        if known is None:
-            version = self.keyring.rotate_data_key()
-            await self._apply(context, PendingOp.admin(
-                key, L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"",
-                op_by.operator_id, digest_payload=b"", client_time_us=client_us,
-                need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
+        async with self._rotating:  # one rotation at a time: a concurrent retry sees the first
+            known = self.ledger.read_operation(key)
+            if known is not None and known.op != L.OP_DATA_KEY_ROTATED:
+                await abort(context, failure(R.REASON_DUPLICATE_REQUEST_MISMATCH, "request_id"))
+            if known is None:
+                version = self.keyring.rotate_data_key()
+                await self._apply(context, PendingOp.admin(
+                    key, L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"",
+                    op_by.operator_id, digest_payload=b"", client_time_us=client_us,
+                    need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
         resealed = await self.reseal(context)
         log.info("data key version %d current; %d card numbers re-sealed",
                  self.keyring.data_key_current, resealed)

@@ -715,3 +715,20 @@ def test_a_retried_add_operator_gets_a_fresh_token_and_the_lost_one_stops_workin
     kinds = [e[1] for e in journal_entries(server.data_dir) if e[1] >= L.OP_ADMIN_MIN]
     assert kinds[-2:] == [L.OP_OPERATOR_ADDED, L.OP_OPERATOR_TOKEN_REISSUED]
     assert verify(server.data_dir)["ok"]
+
+
+def test_concurrent_retries_of_one_key_rotation_rotate_once(server, admin):
+    """Two calls with the same request_id at once (a client that timed out and retried): one new
+    key version, journaled once, and both answers name it."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    request = apb.RotateDataKeyRequest(request_id=rid(), client_time_us=now_us())
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: admin.stub.RotateDataKey(
+            request, metadata=admin.metadata, timeout=60), range(2)))
+    assert {a.key_version for a in answers} == {2}
+    with open(os.path.join(server.data_dir, "keyring.json")) as f:
+        assert sorted(json.load(f)["data_keys"]) == ["1", "2"]
+    rotated = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_DATA_KEY_ROTATED]
+    assert len(rotated) == 1
