@@ -265,11 +265,14 @@ class Ledger:
 
         return self._read(read)
 
-    def read_horizons(self) -> tuple[int, int]:
-        """(pruned_through_us, request window in µs) as the ledger holds them now."""
-        pruned, window = self._read(lambda txn: (txn.get(META_PRUNED_THROUGH, db=self.meta),
-                                                 txn.get(META_WINDOW, db=self.meta)))
-        return I64.unpack(pruned)[0], U32.unpack(window)[0] * 1_000_000
+    def read_horizons(self) -> tuple[int, int, int]:
+        """(pruned_through_us, request window in µs, the ledger's time) as the ledger holds them
+        now: a request is too old for the writer when its client time is at or before the first
+        or older than the window at the ledger's time."""
+        pruned, window, clock = self._read(lambda txn: (
+            txn.get(META_PRUNED_THROUGH, db=self.meta), txn.get(META_WINDOW, db=self.meta),
+            _head(self, txn)[2]))
+        return I64.unpack(pruned)[0], U32.unpack(window)[0] * 1_000_000, clock
 
     def read_terminal(self, terminal_id: int) -> tuple | None:
         raw = self._read(lambda txn: txn.get(L.TERMINAL_KEY.pack(terminal_id), db=self.terminals))
@@ -438,7 +441,7 @@ class _Group:
                 if idem is not None:
                     outcomes[i] = replay(txn, ledger.journal, idem, op.digest)
                     continue
-                if legacy:
+                if legacy and kind <= L.OP_RESET_PIN:  # card operations only (see legacy_digest)
                     idem = legacy.get(legacy_key(key))
                     if idem is not None and L.IDEM.unpack(idem)[4] == legacy_digest(op):
                         outcomes[i] = replay(txn, ledger.journal, idem, None)
@@ -556,12 +559,13 @@ class _Group:
         if self.sealed_items:
             txn.cursor(db=ledger.cardnos).putmulti(self.sealed_items)
         self.admin.flush()
-        self._prune()
-        # The ledger's time, so the next group's cannot go back (or leap) from it, even when
-        # this one wrote nothing else.
-        txn.put(META_CLOCK, I64.pack(self.ts), db=ledger.meta)
+        pruned = self._prune()
+        # The ledger's time, so the next group's cannot go back (or leap) from it. An idle
+        # maintenance group that found nothing to prune writes nothing: no commit, no fsync.
+        if pruned or any(op.packed[0] != L.OP_MAINTENANCE for op in self.ops):
+            txn.put(META_CLOCK, I64.pack(self.ts), db=ledger.meta)
 
-    def _prune(self) -> None:
+    def _prune(self) -> int:
         """Delete request records that no re-send could reach any more: their client time is
         older than the window at this group's time, and group times never go back, so a re-send
         is refused as too old from now on. Oldest applied first, in small steps, every group: up
@@ -600,6 +604,7 @@ class _Group:
             # the window is later set to: its record may be gone.
             self.pruned_through_us = through_us
             txn.put(META_PRUNED_THROUGH, I64.pack(through_us), db=ledger.meta)
+        return pruned
 
     def adopt(self) -> None:
         """After the commit: the ledger keeps what the group changed between groups."""

@@ -5,9 +5,11 @@ live one, verify it and make it durable, then mark it ready (a file, fsynced)
 and swap: the live folder is renamed aside, the new one into its place, the
 mark removed. A crash between the two renames leaves no ledger at the live
 path; ``recover``, run before anything opens the ledger (the server's start,
-``migrate``, ``restore``), finishes the swap when the new folder was marked
-ready and puts the old one back otherwise. So a server never starts an empty
-ledger where a real one was being replaced.
+``migrate``, ``restore``), finishes the swap: the new folder was marked ready
+before the first rename, so it always can. It never puts an older folder back
+by itself (a ``ledger.v1`` kept after a migration is not the ledger to serve);
+``missing`` tells the server to refuse to start, rather than create an empty
+ledger, when the live folder is gone but such siblings are there.
 """
 from __future__ import annotations
 
@@ -70,15 +72,15 @@ def recover(dest: str) -> str | None:
             _fsync_dir(os.path.dirname(os.path.abspath(dest)))
             log.warning("finished swapping %s in at %s (a stop interrupted it)", new, dest)
             return "finished a swap"
-    for _, keep_suffix in PAIRS:
-        kept = sorted(glob.glob(glob.escape(dest + keep_suffix) + "*"), key=os.path.getmtime)
-        kept = [k for k in kept if os.path.exists(os.path.join(k, "data.mdb"))]
-        if kept:
-            if os.path.exists(dest):
-                os.rmdir(dest)
-            os.rename(kept[-1], dest)
-            _fsync_dir(os.path.dirname(os.path.abspath(dest)))
-            log.warning("put %s back at %s (a swap was interrupted before its new ledger was "
-                        "ready)", kept[-1], dest)
-            return "undid a swap"
     return None
+
+
+def missing(dest: str) -> list[str]:
+    """Ledger folders beside ``dest`` when ``dest`` itself holds none: a server must not start
+    an empty ledger there, and nothing here can tell which of them is the one to serve."""
+    dest = dest.rstrip("/")
+    if os.path.exists(os.path.join(dest, "data.mdb")):
+        return []
+    return sorted(p for new, keep in PAIRS for suffix in (new, keep)
+                  for p in glob.glob(glob.escape(dest + suffix) + "*")
+                  if os.path.exists(os.path.join(p, "data.mdb")))

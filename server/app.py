@@ -171,6 +171,10 @@ async def serve(cfg: ServerConfig) -> None:
     ledger_path = os.path.join(cfg.data_dir, "ledger")
     program_source = _program_source(cfg.program_path)
     swap.recover(ledger_path)  # a migration or restore that stopped between its renames
+    beside = swap.missing(ledger_path)
+    if beside:
+        raise StartupError(f"{ledger_path} holds no ledger but {', '.join(beside)} do: put the "
+                           f"one to serve back at {ledger_path} (or restore a backup) first")
     if migrate.ledger_format(ledger_path) == 1:
         try:
             migrate.migrate(ledger_path, program_source)

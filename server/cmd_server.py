@@ -154,14 +154,6 @@ def cmd_migrate(args) -> int:
 
     from cardcore import swap
 
-    swap.recover(os.path.join(args.data_dir, "ledger"))
-    path = _ledger_in(args.data_dir, "no ledger")
-    if path is None:
-        return 2
-    fmt = migrate.ledger_format(path)
-    if fmt == 2:
-        print(f"{path} is already of format 2")
-        return 0
     source = None
     if args.program:
         try:
@@ -175,6 +167,13 @@ def cmd_migrate(args) -> int:
         print(f"{exc}: stop it first", file=sys.stderr)
         return 2
     with lock:
+        swap.recover(os.path.join(args.data_dir, "ledger"))  # under the lock: no swap runs now
+        path = _ledger_in(args.data_dir, "no ledger")
+        if path is None:
+            return 2
+        if migrate.ledger_format(path) == 2:
+            print(f"{path} is already of format 2")
+            return 0
         try:
             report = migrate.migrate(path, source)
         except migrate.MigrationError as exc:

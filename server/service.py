@@ -353,10 +353,12 @@ class CardService(pb_grpc.CardServiceServicer):
         outcome = self.ledger.read_operation(key)
         self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:
-            pruned_through_us, window_us = self.ledger.read_horizons()
+            # Judged like the writer judges it: on the ledger's time (which may lag the wall
+            # clock for a moment after a long stop), never earlier than it would.
+            pruned_through_us, window_us, ledger_us = self.ledger.read_horizons()
             asked_us = request.client_time_us
             expired = 0 < asked_us and (asked_us <= pruned_through_us
-                                        or asked_us < time.time_ns() // 1000 - window_us)
+                                        or asked_us < ledger_us - window_us)
             return pb.GetOperationResponse(found=False, state=pb.OPERATION_STATE_EXPIRED if expired
                                            else pb.OPERATION_STATE_NOT_FOUND)
         return pb.GetOperationResponse(

@@ -177,3 +177,32 @@ def test_a_restore_of_a_lost_ledger_trusts_no_terminal_and_no_operator_of_the_ba
     with pytest.raises(grpc.RpcError):
         again.stub.OpenCard(open_card, metadata=bearer(fired))
     assert again.stub.OpenCard(open_card, metadata=bearer(again.admin_token)).reason == 0
+
+
+def test_a_lost_ledger_restore_never_serves_an_old_copy_kept_beside_it(start_server, tmp_path):
+    """A ledger.v1 kept after an upgrade is not the ledger: a restore of a lost ledger uses the
+    backup, and a start on a folder whose ledger is gone refuses instead of guessing."""
+    import shutil
+
+    from cardcore.backup import restore
+    from cardcore.migrate import ledger_format
+    from test_migrate import fixture_copy
+
+    data = fixture_copy(tmp_path)
+    server = start_server(data_dir=data)  # migrates: ledger.v1 is kept beside ledger
+    server.stop()
+    backup_dir = str(tmp_path / "backup")
+    assert cli("backup", "--data-dir", data, "--to", backup_dir).returncode == 0
+    shutil.rmtree(f"{data}/ledger")  # the disk under the live ledger is gone
+    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
+                          "--data-dir", data, "--listen", "127.0.0.1:0"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "holds no ledger but" in out.stderr
+    report = restore(f"{backup_dir}/ledger", f"{data}/ledger", replace=False, lost_ledger=True)
+    assert report["ok"] and ledger_format(f"{data}/ledger") == 2
+    ledger = Ledger(f"{data}/ledger", readonly=True)
+    try:
+        assert all(o["removed"] for o in ledger.read_operators())
+        assert all(t[1] != 1 for t in ledger.read_terminals())
+    finally:
+        ledger.close()

@@ -244,9 +244,12 @@ def test_pruned_request_ids_can_never_apply_twice(tmp_path):
 
 
 def advance(led: Ledger, to_us: int) -> None:
-    """Idle maintenance groups until the ledger's time reaches ``to_us``."""
+    """Groups that change nothing (a floor of no terminal) until the ledger's time reaches
+    ``to_us`` (an idle maintenance group with nothing to prune does not even write its time)."""
+    from cardcore.admin import FLOOR_TERMINAL_KSN, floor_op
+
     for _ in range(100):
-        led.apply_group([PendingOp.internal(L.OP_MAINTENANCE)], to_us)
+        led.apply_group([floor_op(FLOOR_TERMINAL_KSN, 0, 0)], to_us)
         if led._read(lambda txn: _head(led, txn))[2] >= to_us:
             return
     raise AssertionError("the ledger's time does not reach the clock")
@@ -606,3 +609,9 @@ def test_a_stored_program_changed_behind_the_journals_back_is_found(ledger):
         txn.put(L.VERSION_KEY.pack(1), json.dumps(rec).encode())
     problems = ledger.verify()["problems"]
     assert any("differs from the stored document" in p for p in problems)
+
+
+def test_an_idle_maintenance_group_with_nothing_to_prune_writes_nothing(ledger):
+    before = ledger.dump()
+    ledger.apply_group([PendingOp.internal(L.OP_MAINTENANCE)], NOW + 5_000_000)
+    assert ledger.dump() == before
