@@ -59,12 +59,6 @@ def client_time_us(request) -> int:
     return value
 
 
-def caller_key(caller: Caller, request_id: bytes, ksn_terminal_id: int = 0) -> bytes:
-    """The request's key: its id in its caller's namespace."""
-    return request_key(*caller.namespace(ksn_terminal_id), request_id)
-
-
-_KEY_HEAD = L.REQUEST_KEY_HEAD.pack
 
 
 class Operations:
@@ -99,7 +93,7 @@ class Operations:
         checked again by the writer when it is applied."""
         operator, till = caller.operator, req.till
         namespace = caller.namespace(card.terminal_id)
-        key = _KEY_HEAD(*namespace) + rid
+        key = request_key(*namespace, rid)
         if operator is None:
             return PendingOp.build(key, op_type, card.card_id, amount_minor, till.store_id,
                                    till.terminal_id, till.staff_id, pin_flags=pin_flags,
