@@ -36,6 +36,14 @@ def _check_sizes(nbytes: int, prev_len: int, entry_size: int, digest_offset: int
         raise ValueError("entries is a whole number of entry_size-byte entries")
 
 
+def link(prev: bytes, body) -> bytes:
+    """One link of the chain: SHA-256(the previous digest | the entry's bytes before its digest).
+    The rule in one place for Python: the reference, ``check_chain`` and ``verify`` call it."""
+    h = hashlib.sha256(prev)
+    h.update(body)
+    return h.digest()
+
+
 def chain_reference(entries: bytearray, prev: bytes, entry_size: int, digest_offset: int) -> bytes:
     """Fill the digest field of every entry in ``entries`` in place; return the last digest.
 
@@ -52,9 +60,7 @@ def chain_reference(entries: bytearray, prev: bytes, entry_size: int, digest_off
     _check_sizes(len(view), len(prev), entry_size, digest_offset)
     last = prev
     for start in range(0, len(view), entry_size):
-        h = hashlib.sha256(last)
-        h.update(view[start:start + digest_offset])
-        last = h.digest()
+        last = link(last, view[start:start + digest_offset])
         view[start + digest_offset:start + digest_offset + DIGEST_SIZE] = last
     return last
 
@@ -86,9 +92,7 @@ def check_chain(entries: Iterable[tuple[int, bytes]], prev: bytes,
         view = memoryview(entry).cast("B")
         if len(view) < end:
             raise ValueError(f"entry {seq} is shorter than digest_offset + 32")
-        h = hashlib.sha256(last)
-        h.update(view[:digest_offset])
-        last = h.digest()
+        last = link(last, view[:digest_offset])
         if view[digest_offset:end] != last:
             return seq, last
     return 0, last

@@ -29,7 +29,7 @@ from collections import Counter
 
 from cardcore import layout as L
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
-from cardcore.chain import GENESIS
+from cardcore.chain import GENESIS, link
 from cardcore.idempotency import request_tag, unpack_request_keys
 from cardcore.program import ProgramError, parse_program
 from cardcore.rules import paid_minor, points_earned
@@ -107,10 +107,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if L.SEQ_KEY.unpack(key)[0] != seq or seq != expect_seq:
             problem(f"journal sequence {seq} where {expect_seq} was expected")
         expect_seq = seq + 1
-        h = hashlib.sha256(last_digest)
-        h.update(entry[:L.JOURNAL_DIGEST_OFFSET])
         stored_digest = entry[L.JOURNAL_DIGEST_OFFSET:]
-        if h.digest() != stored_digest:
+        if link(last_digest, entry[:L.JOURNAL_DIGEST_OFFSET]) != stored_digest:
             problem(f"journal entry {seq}: its digest does not chain (changed or forged)")
         last_digest = stored_digest
         if program_version:  # release 1 took the wall clock as it was: migrated entries are exempt
