@@ -28,7 +28,7 @@ def _inputs():
     ops = b"".join(L.OP.pack(L.OP_PURCHASE, 0, L.PIN_PRESENTED | L.PIN_REQUIRED, L.CALLER_TERMINAL,
                              0, rng.randrange(1, 100_000), 1, 2, 3, 0, i.to_bytes(8, "little"),
                              bytes(16), 1_700_000_000_000_000, pin, bytes(32), 2, 0, 0, 0, 0,
-                             bytes(32)) for i in range(GROUP_OPS))
+                             0, bytes(6), 0, bytes(16)) for i in range(GROUP_OPS))
     return program, ops, slots, records
 
 
@@ -39,7 +39,8 @@ def test_apply_1000_purchases(benchmark, impl):
 
     def one_group():
         recs = bytearray(records)
-        impl(program, ops, slots, recs, bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), 1, 1)
+        impl(program, ops, bytearray(), slots, recs, bytearray(len(recs)),
+             bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), 1, 1)
 
     benchmark(one_group)
 
@@ -70,3 +71,44 @@ def test_host_swipe_crypto_1000(benchmark):
             checker.check(index.card_id(card), pin.decipher(pin_key, req.pin_block, card))
 
     benchmark(host)
+
+
+def _basket_inputs():
+    """1,000 purchases of 5 lines (3 categories, tobacco among them) offering 500 points, under
+    the supermarket example program, over 1,000 cards holding points."""
+    import os
+
+    from cardcore.program import parse_program
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "examples", "programs", "supermarket.toml")) as f:
+        program = parse_program(f.read()).packed(1)
+    rng = random.Random(8)
+    pin = bytes(range(32))
+    records = b"".join(L.CARD.pack(1, 1, rng.randrange(3), 0, L.CARD_PIN_SET, 10**9, 10**6, 10**6,
+                                   0, 0, 1, 0, 0, 0, pin, bytes(24)) for _ in range(SLOTS))
+    slots = array("I", [rng.randrange(SLOTS) for _ in range(GROUP_OPS)])
+    ops, lines = [], []
+    for i in range(GROUP_OPS):
+        mine = [L.LINE.pack(c, 0, 1, rng.randrange(100, 5_000), 0, 0, 0, b"SKU")
+                for c in (1, 2, 1, 2, 3)]
+        lines.extend(mine)
+        ops.append(L.OP.pack(L.OP_PURCHASE, 0, L.PIN_PRESENTED | L.PIN_REQUIRED, L.CALLER_TERMINAL,
+                             0, sum(L.LINE.unpack(x)[3] for x in mine), 1, 2, 3, 0,
+                             i.to_bytes(8, "little"), bytes(16), 1_700_000_000_000_000, pin,
+                             bytes(32), 2, 0, 0, 0, 0, 5, bytes(6), 500, bytes(16)))
+    return program, b"".join(ops), b"".join(lines), slots, records
+
+
+@pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch],
+                         ids=["kernel-5-lines", "reference-5-lines"])
+def test_apply_1000_basket_purchases(benchmark, impl):
+    program, ops, lines, slots, records = _basket_inputs()
+    benchmark.extra_info["ops_per_round"] = GROUP_OPS
+
+    def one_group():
+        recs = bytearray(records)
+        impl(program, ops, bytearray(lines), slots, recs, bytearray(len(recs)),
+             bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), 1, 1)
+
+    benchmark(one_group)

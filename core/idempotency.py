@@ -91,7 +91,7 @@ OP_FIELDS: tuple[str, ...] = (
     "op", "tier", "pin_flags", "caller_kind", "home_store_id", "amount_minor", "store_id",
     "terminal_id", "staff_id", "operator_id", "request_tag", "card_id", "client_time_us",
     "pin_check", "new_pin_check", "caller_id", "reserved0", "link_seq", "ref_id", "basket_tag",
-    "reserved1")
+    "line_count", "reserved2", "redeem_points", "reserved1")
 
 
 def _offsets() -> dict[str, tuple[int, int]]:
@@ -121,6 +121,9 @@ DIGEST_LEFT_OUT: dict[str, str] = {
                  "the answer would tell a right guess from a wrong one",
     "reserved0": "zero",
     "reserved1": "zero",
+    "reserved2": "zero",
+    "line_count": "with the lines, in the extra payload when a purchase has any (see purchase_extra)",
+    "redeem_points": "in the extra payload when set (see purchase_extra)",
 }
 _AT_THE_TILL = ("store_id", "terminal_id", "staff_id", "operator_id", "client_time_us")
 _MONEY = ("op", "pin_flags", "amount_minor", "card_id", *_AT_THE_TILL, "link_seq", "ref_id",
@@ -159,6 +162,18 @@ def unused_fields(op: int) -> frozenset[str]:
     return frozenset(OP_FIELDS) - set(DIGEST_FIELDS[op]) - set(DIGEST_LEFT_OUT)
 
 
+_PURCHASE_EXTRA = struct.Struct("<Hq")  # line count, points offered
+
+
+def purchase_extra(lines: bytes, redeem_points: int) -> bytes | None:
+    """What a purchase adds to its digest: its lines and the points it offers. None for a
+    purchase with neither, so that its digest is the one the release before card programs gave
+    it, and a retry that crosses the upgrade is still recognised."""
+    if not lines and not redeem_points:
+        return None
+    return _PURCHASE_EXTRA.pack(len(lines) // L.LINE_SIZE, redeem_points) + lines
+
+
 def payload_digest(packed: bytes, extra: bytes | None = None) -> bytes:
     """BLAKE2b-128 over the digest fields of operation ``packed`` and ``extra`` (length-prefixed)."""
     h = hashlib.blake2b(b"".join(_DIGEST_GETTERS[packed[0]](packed)), digest_size=16)
@@ -184,6 +199,7 @@ class PendingOp:
     need_role: int = 0        # the operator role the operation needs when it is applied
     scope: int = SCOPE_NONE   # which store the operator's scope must cover then
     scope_store_id: int = 0   # SCOPE_STORE: this store
+    lines: bytes = b""        # PURCHASE: its layout.LINE records (output fields zero), in order
 
     @classmethod
     def build(cls, key: bytes, op: int, card_id: bytes, amount_minor: int = 0,
@@ -193,7 +209,8 @@ class PendingOp:
               ksn_counter: int = 0, sealed: bytes | None = None, client_time_us: int = 0,
               caller: tuple[int, int] | None = None, link_seq: int = 0, ref_id: int = 0,
               basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
-              scope_store_id: int = 0) -> "PendingOp":
+              scope_store_id: int = 0, lines: bytes = b"", redeem_points: int = 0
+              ) -> "PendingOp":
         """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
         caller has it at hand (else read off the key), or an inquiry's (with no key)."""
         kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
@@ -201,10 +218,11 @@ class PendingOp:
                            terminal_id, staff_id, operator_id,
                            request_tag(key) if key else bytes(8), card_id, client_time_us,
                            pin_check, new_pin_check, caller_id, 0, link_seq, ref_id, basket_tag,
-                           bytes(32))
-        digest = payload_digest(packed, profile) if key else bytes(16)
+                           len(lines) // L.LINE_SIZE, bytes(6), redeem_points, bytes(16))
+        digest = payload_digest(packed, purchase_extra(lines, redeem_points) or profile) \
+            if key else bytes(16)
         return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, None, need_role,
-                   scope, scope_store_id)
+                   scope, scope_store_id, lines)
 
     @classmethod
     def admin(cls, key: bytes, op: int, subject: bytes, payload: bytes, operator_id: int,
@@ -217,7 +235,7 @@ class PendingOp:
         kind, caller_id = caller_of(key) if key else (caller or (L.CALLER_SYSTEM, 0))
         packed = L.OP.pack(op, 0, 0, kind, 0, 0, 0, 0, 0, operator_id,
                            request_tag(key) if key else bytes(8), subject, client_time_us,
-                           NO_PIN, NO_PIN, caller_id, 0, 0, 0, 0, bytes(32))
+                           NO_PIN, NO_PIN, caller_id, 0, 0, 0, 0, 0, bytes(6), 0, bytes(16))
         digest = payload_digest(packed, payload if digest_payload is None else digest_payload)
         return cls(key, subject, packed, digest, payload=payload, need_role=need_role,
                    scope=scope, scope_store_id=scope_store_id)
@@ -227,7 +245,7 @@ class PendingOp:
         """The server's own housekeeping (re-seal, floors, maintenance): no request, no entry."""
         assert op >= L.OP_RESEAL
         packed = L.OP.pack(op, 0, 0, L.CALLER_SYSTEM, 0, 0, 0, 0, 0, 0, bytes(8), subject, 0,
-                           NO_PIN, NO_PIN, 0, 0, 0, 0, 0, bytes(32))
+                           NO_PIN, NO_PIN, 0, 0, 0, 0, 0, 0, bytes(6), 0, bytes(16))
         return cls(b"", subject, packed, bytes(16), payload=payload)
 
     @property
@@ -245,9 +263,10 @@ class Outcome(NamedTuple):
     replayed: bool              # answered from an earlier identical request
     op: int                     # layout.OP_*
     entry: bytes | None         # the journal entry (applied), or the kernel's declined entry;
-                                # through the writer's answer, its first 144 bytes
+                                # through the writer's answer, its first 200 bytes
     available_minor: int = 0    # for INSUFFICIENT_FUNDS
     count: int = 0              # internal operations: items changed (card numbers re-sealed)
+    lines: bytes = b""          # an applied purchase with lines: them, as the kernel filled them
 
 
 def record(op_type: int, reason: int, digest: bytes, seq: int, available_minor: int, ts_us: int,
@@ -257,9 +276,9 @@ def record(op_type: int, reason: int, digest: bytes, seq: int, available_minor: 
                        client_time_us, bytes(8))
 
 
-def replay(txn, journal_db, idem: bytes, digest: bytes | None) -> Outcome:
+def replay(txn, journal_db, idem: bytes, digest: bytes | None, lines_db=None) -> Outcome:
     """The original outcome of a request, from its record; another payload is a mismatch
-    (``digest`` None: no comparison, a look-up)."""
+    (``digest`` None: no comparison, a look-up). A purchase's lines come from ``lines_db``."""
     version, op_type, reason, _, stored_digest, seq, available, *_ = L.IDEM.unpack(idem)
     if version != L.IDEM_VERSION:
         raise InvariantError(f"request record version {version} unknown")
@@ -268,7 +287,17 @@ def replay(txn, journal_db, idem: bytes, digest: bytes | None) -> Outcome:
     entry = txn.get(L.SEQ_KEY.pack(seq), db=journal_db) if seq else None
     if reason == L.R_OK and entry is None:
         raise InvariantError("idempotency record points at no journal entry")
-    return Outcome(reason, True, op_type, entry, available)
+    lines = b""
+    if reason == L.R_OK and lines_db is not None and entry_line_count(entry):
+        lines = txn.get(L.SEQ_KEY.pack(seq), db=lines_db)
+        if lines is None:
+            raise InvariantError("a purchase with lines has none stored")
+    return Outcome(reason, True, op_type, entry, available, 0, lines)
+
+
+def entry_line_count(entry: bytes) -> int:
+    """How many lines the purchase of journal entry ``entry`` stored (layout.JOURNAL)."""
+    return L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[3]
 
 
 def repeat(first: Outcome, same_payload: bool) -> Outcome:
@@ -305,3 +334,9 @@ def legacy_digest(op: PendingOp) -> bytes:
     if op.profile is not None:
         h.update(op.profile)
     return h.digest()
+
+
+def lines_digest(lines: bytes) -> bytes:
+    """What a journal entry carries of its purchase's stored lines (layout.JOURNAL offset 200),
+    so that the digest chain covers the lines too."""
+    return hashlib.blake2b(lines, digest_size=L.LINES_DIGEST_SIZE).digest()

@@ -63,16 +63,28 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     160  u64 basket_tag            split tender: first 8 bytes of BLAKE2b(namespace | basket
                                    id); 0 = no basket
     168  i64 client_time_us        the caller's clock when it made the request; 0 internal
-    176  48B reserved              zeros: holds and redemption figures of later issues
+    176  i64 points_redeemed       purchase: points taken to pay (points_delta = earned -
+                                   redeemed, so earned = points_delta + points_redeemed)
+    184  i64 redeemed_minor        purchase: fen paid by those points (not by the balance)
+    192  u8  tier_after            the card's tier after the operation (an upgrade it earned)
+    193  u8  reserved              zero
+    194  u16 line_count            purchase: its lines, stored under the same seq in
+                                   ``journal_lines``; 0 = one line of category 0
+    196  u16 promotion_id          top-up: the promotion whose bonus it got (bonus_delta); 0
+    198  u16 reserved              zero
+    200  16B lines_digest          BLAKE2b-128 of the purchase's stored lines (zeros: none), so
+                                   the digest chain covers them too; the ledger fills it
+    216  8B  reserved              zeros: for later issues
     224  32B digest                SHA-256(the previous entry's digest | bytes 0..223 of this
                                    entry); the first entry chains from 32 zero bytes
 
 The first 128 bytes keep the v1 offsets, so readers of the money fields did not
 move. Why 256: v1's 128 bytes were full; v2 adds 48 bytes of links, namespace and
 client time and a 32-byte digest (208), and rounds up to a power of two, which
-keeps entries cache-line aligned in the kernel's buffer and leaves 48 bytes for
-the holds and points-redemption fields the next issues need without another
-layout version. A million entries take 256 MB.
+keeps entries cache-line aligned in the kernel's buffer and left 48 bytes for
+later fields without another layout version: the card programs took 24 of them
+(redemption, tier after, lines, promotion; zeros in older entries read as "none").
+A million entries take 256 MB.
 
 Admin entries (op >= 16) move no money; their 16-byte subject is, for
 terminal events, u32 terminal_id | u32 store_id | 8B initial key ID; for
@@ -116,7 +128,36 @@ writer runs::
     136  u64 link_seq
     144  u64 ref_id
     152  u64 basket_tag
-    160  32B reserved
+    160  u16 line_count            purchase: how many LINE records it has in the run's lines
+                                   buffer (in operation order); 0 = one line of category 0
+                                   for amount_minor
+    162  6B  reserved
+    168  i64 redeem_points         purchase: points the member offers to pay with (0: none)
+    176  16B reserved
+
+Purchase line, v1, 64 bytes: the kernel's lines buffer (in) and, for an applied
+purchase with lines, LMDB ``journal_lines`` (key: the purchase's seq; value: its
+lines, in order, as the kernel filled them)::
+
+      0  u16 category_code         0..63: the program's category (0 = default)
+      2  u16 reserved
+      4  u32 quantity              for receipts (0 = not given); the arithmetic ignores it
+      8  i64 amount_minor          the line's gross price, > 0
+     16  i64 discount_minor        out: gross - paid for this line
+     24  i64 points_earned         out: points this line earned
+     32  i64 redeemed_minor        out: how much of this line points paid
+     40  24B sku                   ASCII, zero-padded; may be empty
+
+Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
+without one reads as all zeros (release 1 and ledger v2 cards)::
+
+      0  u8  version               1; 0 = none yet (all zeros)
+      1  3B  reserved
+      4  u32 top_up_count          top-ups applied (a first-top-up bonus needs 0)
+      8  i64 lifetime_top_up_minor principal topped up in total
+     16  u16[16] promotion_id      limited promotions this card has used; 0 = a free slot
+     48  u16[16] promotion_uses    how many times, same position
+     80  48B reserved
 
 The PIN rule (kernel and reference): for an operation that presents a PIN or
 requires one, on a card with a PIN: locked -> REASON_PIN_LOCKED, not checked;
@@ -131,16 +172,30 @@ operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise. A balance
 inquiry (op 7) requires the PIN like a purchase and changes nothing when it is
 right (no entry, pin_tries untouched); a wrong one is counted like any other.
 
-Program, v2, 96 bytes: the arithmetic's parameters (see ``rules``), compiled
-from the stored program document of that version::
+Program, v3, 11,632 bytes: the arithmetic's parameters (see ``rules``),
+compiled from the stored program document of that version (never stored: a
+ledger keeps documents, so the compiled form can change freely)::
 
       0  u32 tier_count            1..16
       4  u32 pin_tries_max         wrong PINs in a row that lock the PIN, 1..15
       8  i64 points_unit_minor     > 0: points are earned per this much paid
-     16  i64 points_per_unit       >= 0
-     24  u32[16] rate_bp           what a tier pays, in basis points (1..10000)
-     88  u32 program_version       >= 1, written into every journal entry
-     92  u32 reserved
+     16  i64 redeem_points         points per redemption block; 0 = no redemption
+     24  i64 redeem_value_minor    fen one block pays
+     32  u32 redeem_cap_bp         points pay at most this share of the amount due
+     36  u32 program_version       >= 1, written into every journal entry
+     40  u8  spend_order           0 principal first, 1 bonus first, 2 proportional
+     41  u8  promotion_count       0..16
+     42  6B  reserved
+     48  u8[64] category_flags     by code: bit 0 defined, bit 1 discountable
+    112  i64[16] upgrade_spend_minor    by tier: lifetime paid that reaches it; 0 never
+    240  i64[16] upgrade_top_up_minor   by tier: one top-up this large reaches it; 0 never
+    368  promotion[16], 64 bytes each:
+           0 u16 id, 2 u8 kind (1 fixed, 2 percent, 3 first top-up), 3 u8 per_card_limit
+           (0 = none), 4 u32 bonus_bp, 8 i64 min_top_up_minor, 16 i64 bonus_minor,
+           24 i64 max_bonus_minor (0 = no cap), 32 i64 starts_us, 40 i64 ends_us
+           (half-open [starts, ends), Unix microseconds), 48 16B reserved
+   1392  u16[16][64] rate_bp       by tier and category code: what the member pays, in bp
+   3440  i64[16][64] points_per_unit    by tier and category code
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
 
@@ -201,8 +256,7 @@ LEDGER_FORMAT = 2
 
 CARD = struct.Struct("<BBBBIqqqqqQqII32s24s")
 JOURNAL = struct.Struct("<BBBBHBBQ16sqqqqqqqqqIIII8sIB3sIIQQQq48s32s")
-OP = struct.Struct("<BBBBIqIIII8s16sq32s32sIIQQQ32s")
-PROGRAM = struct.Struct("<IIqq16III")
+OP = struct.Struct("<BBBBIqIIII8s16sq32s32sIIQQQH6sq16s")
 IDEM = struct.Struct("<BBHI16sQqqq8s")
 TERMINAL = struct.Struct("<BBHIII8sqqII16s")
 TERMINAL_KEY = struct.Struct(">I")
@@ -211,10 +265,31 @@ REQUEST_KEY_HEAD = struct.Struct(">BI")  # caller_kind, caller_id; then the requ
 REQUEST_TIME_KEY = struct.Struct(">Q")   # the group's ts_us
 VERSION_KEY = struct.Struct(">I")        # programs: version
 
-CARD_SIZE, JOURNAL_SIZE, OP_SIZE, PROGRAM_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 96, 64, 64
+LINE = struct.Struct("<HHIqqqq24s")
+CARD_EXT = struct.Struct("<B3sIq16H16H48s")
+PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
+PROMOTION = struct.Struct("<HBBIqqqqq16s")
+# The card programs' fields of a journal entry and of an operation, at these offsets.
+JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
+JOURNAL_OFF_LINES_DIGEST, LINES_DIGEST_SIZE = 200, 16
+OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
+
+CARD_SIZE, JOURNAL_SIZE, OP_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 64, 64
+LINE_SIZE, CARD_EXT_SIZE, PROMOTION_SIZE = 64, 128, 64
+MAX_TIERS, MAX_CATEGORIES, MAX_PROMOTIONS, PROMOTION_SLOTS = 16, 64, 16, 16
+PROGRAM_RATES_OFFSET = PROGRAM_HEAD.size + MAX_PROMOTIONS * PROMOTION_SIZE
+PROGRAM_PER_UNIT_OFFSET = PROGRAM_RATES_OFFSET + 2 * MAX_TIERS * MAX_CATEGORIES
+PROGRAM_SIZE = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIES
+assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 11632
+assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
+LINES_MAX = 100          # lines of one purchase
+CARD_EXT_VERSION = 1
+CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2
+SPEND_PRINCIPAL_FIRST, SPEND_BONUS_FIRST, SPEND_PROPORTIONAL = 0, 1, 2
+PROMO_FIXED, PROMO_PERCENT, PROMO_FIRST_TOP_UP = 1, 2, 3
 JOURNAL_DIGEST_OFFSET, DIGEST_SIZE = 224, 32
 assert CARD.size == CARD_SIZE and JOURNAL.size == JOURNAL_SIZE
-assert OP.size == OP_SIZE and PROGRAM.size == PROGRAM_SIZE and IDEM.size == IDEM_SIZE
+assert OP.size == OP_SIZE and IDEM.size == IDEM_SIZE
 assert TERMINAL.size == TERMINAL_SIZE and JOURNAL_DIGEST_OFFSET + DIGEST_SIZE == JOURNAL_SIZE
 
 # The v1 layouts, read only by the migration (cardcore.migrate).
@@ -226,7 +301,6 @@ TERMINAL_ACTIVE, TERMINAL_REVOKED = 1, 2
 
 CARD_ID_SIZE = 16
 REQUEST_TAG_SIZE = 8
-MAX_TIERS = 16
 INT64_MAX = (1 << 63) - 1
 
 # Field offsets the ledger reads without unpacking a whole record.
@@ -284,6 +358,7 @@ R_PIN_REQUIRED, R_PIN_WRONG, R_PIN_LOCKED, R_PIN_NOT_SET = 20, 21, 22, 23
 R_UNAUTHENTICATED, R_PERMISSION_DENIED, R_OPERATOR_REQUIRED = 33, 34, 40
 R_REQUEST_TOO_OLD, R_CLIENT_TIME_AHEAD = 41, 42
 R_PROGRAM_INVALID, R_PROGRAM_STRANDS_CARDS = 43, 44
+R_UNKNOWN_CATEGORY, R_INSUFFICIENT_POINTS, R_REDEMPTION_NOT_OFFERED = 64, 65, 66
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

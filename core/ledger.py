@@ -13,6 +13,11 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     operator_ids  operator id (u32 BE)    -> name
     programs      version (u32 BE)        -> the program document of that version (JSON)
     meta          name                    -> format, current program, tier counts, horizons
+    card_ext      card_id                 -> card program state (128 B, layout.CARD_EXT)
+    journal_lines seq (u64 big-endian)    -> an applied purchase's lines (64 B each, layout.LINE)
+
+The last two came with card programs: a writer that opens a ledger made
+before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -41,7 +46,7 @@ from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_T
                             META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64)
 from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
-from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
+from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, lines_digest, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
                                   Outcome, PendingOp, legacy_digest, legacy_key,
                                   pack_request_keys, record, repeat, unpack_request_keys,
@@ -58,7 +63,9 @@ MAX_READERS = 512
 MAX_DBS = 16
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
-            "operators", "operator_ids", "programs", "meta")
+            "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines")
+ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines"))  # created on open when missing
+EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
@@ -66,6 +73,9 @@ NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when 
 # bonus after (layout.JOURNAL offsets 1, 2, 4, 8, 72, 80).
 _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
 assert _ENTRY_HEAD.size == 88
+_TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
+DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
+EXT_READERS = frozenset((L.OP_TOP_UP,))  # operations whose rules read the card program state
 
 
 class LedgerFormatError(Exception):
@@ -126,11 +136,42 @@ class Ledger:
                 txn.put(META_PRUNED_THROUGH, I64.pack(0), db=self.meta)
                 txn.put(META_WINDOW, U32.pack(self._initial_window_s), db=self.meta)
             return
+        missing = []
         for name in DB_NAMES:
-            setattr(self, name, self.env.open_db(name.encode(), create=False))
+            try:
+                db = self.env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:
+                if name not in ADDED_DB_NAMES:
+                    raise
+                db = None  # a read-only look at a ledger made before it: nothing stored there
+                missing.append(name)
+            setattr(self, name, db)
+        if missing and not self.readonly:
+            self._add_card_programs(missing)
         fmt = self._read(lambda txn: txn.get(META_FORMAT, db=self.meta))
         if fmt is None or U32.unpack(fmt)[0] != L.LEDGER_FORMAT:
             raise LedgerFormatError(f"{self.path}: ledger format {fmt!r} unknown")
+
+    def _add_card_programs(self, missing: list[str]) -> None:
+        """Create the card programs' sub-databases in a ledger made before them, and give every
+        card that was topped up its program state (top-up count and total) from the journal, so
+        a "first top-up" promotion knows the card's past: one write transaction, so a crash
+        leaves either the old ledger or the whole addition."""
+        with self.env.begin(write=True) as txn:
+            for name in missing:
+                setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True))
+            counts: dict[bytes, list[int]] = {}
+            for _, entry in txn.cursor(db=self.journal):
+                if entry[1] == L.OP_TOP_UP:
+                    _, _, _, _, _, _, _, _, cid, amount = L.JOURNAL.unpack_from(entry)[:10]
+                    c = counts.setdefault(cid, [0, 0])
+                    c[0] += 1
+                    c[1] += amount
+            txn.cursor(db=self.card_ext).putmulti(
+                [(cid, L.CARD_EXT.pack(L.CARD_EXT_VERSION, bytes(3), min(n, 0xFFFFFFFF), total,
+                                       *[0] * (2 * L.PROMOTION_SLOTS), bytes(48)))
+                 for cid, (n, total) in sorted(counts.items())])
+        log.info("added the card programs' sub-databases; %d cards' top-ups counted", len(counts))
 
     def _initialise(self, program_source: str) -> None:
         parse_program(program_source)  # a bad initial program fails here, before anything is written
@@ -233,7 +274,7 @@ class Ledger:
                 if idem is None:
                     out.append(Outcome(L.R_STORAGE_UNAVAILABLE, False, op.op_type, None))
                 else:
-                    landed = replay(txn, self.journal, idem, op.digest)
+                    landed = replay(txn, self.journal, idem, op.digest, self.journal_lines)
                     out.append(landed._replace(replayed=key in seen))
                 seen.add(key)
             return out
@@ -257,11 +298,34 @@ class Ledger:
             raise InvariantError(f"card record version {rec[0]} unknown")
         return rec, (json.loads(profile) if profile else {})
 
+    def quote(self, op: PendingOp, ts_us: int) -> tuple[bytes, bytes, bytes]:
+        """A dry run of operation ``op`` through the kernel, on copies of its card's records
+        under the current program: (its journal entry, its lines as the kernel filled them, the
+        card record after). Nothing is written and no sequence is taken (the entry's seq is 1
+        when it would apply)."""
+        def read(txn):
+            ext = txn.get(op.card_id, db=self.card_ext) if self.card_ext is not None else None
+            return txn.get(op.card_id, db=self.cards), ext
+
+        rec, ext = self._read(read)
+        records = bytearray(rec or EMPTY_RECORD)
+        extras = bytearray(ext or EMPTY_EXT)
+        lines, out = bytearray(op.lines), bytearray(L.JOURNAL_SIZE)
+        kernel.apply_batch(self.program_packed, op.packed, lines, array("I", [0]), records, extras,
+                           out, bytearray(1), ts_us, 1)
+        return bytes(out), bytes(lines), bytes(records)
+
+    def read_lines(self, seq: int) -> bytes:
+        """The lines of the applied purchase at ``seq`` (layout.LINE each), or b""."""
+        if self.journal_lines is None:
+            return b""
+        return self._read(lambda txn: txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines)) or b""
+
     def read_operation(self, key: bytes) -> Outcome | None:
         """The original outcome of a request (its key: namespace and request_id), or None."""
         def read(txn):
             idem = txn.get(key, db=self.requests)
-            return None if idem is None else replay(txn, self.journal, idem, None)
+            return None if idem is None else replay(txn, self.journal, idem, None, self.journal_lines)
 
         return self._read(read)
 
@@ -320,7 +384,7 @@ class Ledger:
     def dump(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """Every key and value of every sub-database (tests compare copies with this)."""
         return self._read(lambda txn: {name: list(txn.cursor(db=getattr(self, name)))
-                                       for name in DB_NAMES})
+                                       for name in DB_NAMES if getattr(self, name) is not None})
 
     def map_usage(self) -> tuple[int, int]:
         """(map size, bytes in use) for monitoring; under the resize gate, like every read."""
@@ -386,6 +450,7 @@ class _Group:
         self.idem_items: list[tuple[bytes, bytes]] = []
         self.profile_items: list[tuple[bytes, bytes]] = []
         self.sealed_items: list[tuple[bytes, bytes]] = []
+        self.line_items: list[tuple[int, bytes]] = []   # (seq, an applied purchase's lines)
         self.run: list[int] = []                # consecutive card operations for the kernel
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
@@ -439,12 +504,12 @@ class _Group:
             if key:
                 idem = known.get(key)
                 if idem is not None:
-                    outcomes[i] = replay(txn, ledger.journal, idem, op.digest)
+                    outcomes[i] = replay(txn, ledger.journal, idem, op.digest, ledger.journal_lines)
                     continue
                 if legacy and kind <= L.OP_RESET_PIN:  # card operations only (see legacy_digest)
                     idem = legacy.get(legacy_key(key))
                     if idem is not None and L.IDEM.unpack(idem)[4] == legacy_digest(op):
-                        outcomes[i] = replay(txn, ledger.journal, idem, None)
+                        outcomes[i] = replay(txn, ledger.journal, idem, None, ledger.journal_lines)
                         continue
                 if key in first_index:
                     repeats.append((i, first_index[key]))
@@ -497,14 +562,28 @@ class _Group:
         cards = txn.cursor(db=ledger.cards)
         stored = dict(cards.getmulti(card_ids))
         records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
+        # Program states: only a top-up reads one (rule 7), so only its cards' are read.
+        ext_ids = {ops[i].card_id for i in run if ops[i].packed[0] in EXT_READERS}
+        ext_cur = txn.cursor(db=ledger.card_ext)
+        ext_stored = dict(ext_cur.getmulti(list(ext_ids))) if ext_ids else {}
+        extras = bytearray(b"".join([ext_stored.get(c, EMPTY_EXT) for c in card_ids]))
+        lines = bytearray(b"".join([ops[i].lines for i in run]))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
         next_seq = kernel.apply_batch(admin.program_packed, b"".join([ops[i].packed for i in run]),
-                                      slots, records, journal_out, dirty, self.ts, self.seq)
-        rec_view = memoryview(records)
+                                      lines, slots, records, extras, journal_out, dirty, self.ts,
+                                      self.seq)
+        rec_view, ext_view = memoryview(records), memoryview(extras)
         cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
-                        for s in range(len(card_ids)) if dirty[s]])
+                        for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+        if ext_ids:
+            changed = [(card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
+                       for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
+            if any(cid not in ext_ids for cid, _ in changed):
+                raise InvariantError("the kernel changed a program state the ledger did not read")
+            ext_cur.putmulti(changed)
         out = bytes(journal_out)
+        line_at = 0
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
         for k, i in enumerate(run):
@@ -517,11 +596,23 @@ class _Group:
                 held = int.from_bytes(records[slots[k] * L.CARD_SIZE + _CARD_HELD:][:8], "little",
                                       signed=True)
                 available = available_minor(principal_after, bonus_after, held)
+            filled = b""
+            if op.lines:
+                if seq and reason == L.R_OK:
+                    filled = bytes(lines[line_at:line_at + len(op.lines)])
+                    self.line_items.append((seq, filled))
+                    entry = b"".join((entry[:L.JOURNAL_OFF_LINES_DIGEST], lines_digest(filled),
+                                      entry[L.JOURNAL_OFF_LINES_DIGEST + L.LINES_DIGEST_SIZE:]))
+                line_at += len(op.lines)
             if seq:  # applied, or a wrong PIN counted
                 if seq != self.seq:
                     raise InvariantError("kernel sequence does not match the journal entries")
                 entries.append(entry)
                 self.seq += 1
+            if reason == L.R_OK and out[k * size + _TIER_AFTER] != tier:  # an upgrade (rule 8)
+                counts = admin.tier_cards()
+                counts[tier] -= 1
+                counts[out[k * size + _TIER_AFTER]] += 1
             if reason == L.R_OK and op_type == L.OP_OPEN:
                 admin.tier_cards()[tier] += 1
                 if op.profile is not None:
@@ -531,7 +622,7 @@ class _Group:
             if op.request_key:
                 idem_items.append((op.request_key, record(op_type, reason, op.digest, seq,
                                                           available, ts, op.client_time_us)))
-            outcomes[i] = Outcome(reason, False, op_type, entry, available)
+            outcomes[i] = Outcome(reason, False, op_type, entry, available, 0, filled)
         if next_seq != self.seq:
             raise InvariantError("kernel sequence does not match the journal entries")
 
@@ -554,6 +645,11 @@ class _Group:
                     L.REQUEST_TIME_KEY.pack(self.ts),
                     pack_request_keys([key for key, _ in self.idem_items]), append=True):
                 raise InvariantError("request time index append refused: time went back")
+        if self.line_items:
+            added, _ = txn.cursor(db=ledger.journal_lines).putmulti(
+                [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)
+            if added != len(self.line_items):
+                raise InvariantError("journal lines append refused: sequence not increasing")
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
         if self.sealed_items:

@@ -37,7 +37,7 @@ from cardcore.admin import (META_CLOCK, META_FORMAT, META_PRUNED_THROUGH, META_T
                             META_WINDOW, OPERATOR_NEXT_ID, TIER_CARDS, U32, I64)
 from cardcore.chain import GENESIS, chain
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, pack_request_keys, record
-from cardcore.ledger import DB_NAMES, MAX_DBS, Ledger, LedgerFormatError
+from cardcore.ledger import ADDED_DB_NAMES, DB_NAMES, MAX_DBS, Ledger, LedgerFormatError
 
 log = logging.getLogger("cardcore.migrate")
 
@@ -157,7 +157,9 @@ def _copy(src, work: str) -> None:
                     max_dbs=MAX_DBS, sync=False, metasync=False, writemap=False, lock=True)
     try:
         sdb = {name: src.open_db(name.encode(), create=False) for name in V1_DBS}
-        ddb = {name: dst.open_db(name.encode(), create=True) for name in DB_NAMES}
+        # the card programs' sub-databases are left to the first open, which fills them
+        ddb = {name: dst.open_db(name.encode(), create=True) for name in DB_NAMES
+               if name not in ADDED_DB_NAMES}
         with dst.begin(write=True) as txn:
             txn.put(META_FORMAT, U32.pack(L.LEDGER_FORMAT), db=ddb["meta"])
             txn.put(META_PRUNED_THROUGH, I64.pack(0), db=ddb["meta"])

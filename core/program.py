@@ -8,22 +8,61 @@ rate_bp must be 1..10000", before the program reaches a ledger.
 ``parse_program`` gives that: it refuses unknown keys, wrong TOML types and
 out-of-range values, reports the line of the offending key, and otherwise
 returns the ``rules.Program`` the kernel's arithmetic is compiled from.
+
+The keys (every one optional unless marked; ``examples/programs/*.toml`` show
+them with comments; money in fen):
+
+- top level: ``points_unit_minor``, ``points_per_unit``, ``require_luhn``,
+  ``pin_tries_max``, ``pin_on_top_up``; ``spend_order`` = "principal_first"
+  (default) | "bonus_first" | "proportional".
+- ``[redemption]``: ``points`` and ``value_minor`` (required: that many points
+  pay that many fen), ``cap_bp`` (at most this share of a purchase's paid
+  amount, default 10000). No table: no redemption.
+- ``[[categories]]`` (at most 63): ``code`` (1..63, required, unique; 0 is
+  the default category), ``name`` (required, unique, not "default"),
+  ``discountable`` (default true).
+- ``[[tiers]]`` (1..16, in order; default: standard, silver, gold): ``name``,
+  ``rate_bp`` (required); ``points_per_unit`` (default: the program's);
+  ``upgrade_spend_minor``, ``upgrade_top_up_minor`` (0: not reached that way;
+  0 on the first tier); ``category_rate_bp``, ``category_points_per_unit``
+  (tables: declared category name -> value).
+- ``[[promotions]]`` (at most 16): ``id``, ``name``, ``kind`` ("fixed" |
+  "percent" | "first_top_up"), ``min_top_up_minor`` (required);
+  ``bonus_minor`` (fixed and first_top_up) or ``bonus_bp`` and
+  ``max_bonus_minor`` (percent); ``starts``/``ends`` (date-times with their UTC
+  offset; default: always); ``per_card_limit`` (0..255, 0 = no limit).
+
+Problems name their table: "tier 'gold'" (or "tier 2", the second ``[[tiers]]``
+when its name is wrong), "category 'drinks'" (or "category #2"), "promotion 3"
+(the promotion of id 3, or "promotion #2" when its id is wrong), "redemption".
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import re
 import tomllib
 
 from cardcore import layout
-from cardcore.rules import DEFAULT_PROGRAM, MAX_TIER_NAME_LEN, Program, Tier
+from cardcore.rules import (
+    DEFAULT_PROGRAM,
+    MAX_NAME_LEN,
+    MAX_TIER_NAME_LEN,
+    PER_CARD_LIMIT_MAX,
+    PROMOTION_KINDS,
+    RATE_BP_FULL,
+    SPEND_ORDERS,
+    Category,
+    Program,
+    Promotion,
+    Tier,
+)
 
 __all__ = ["DEFAULT_PROGRAM_TOML", "PROGRAM_TEXT_BYTES_MAX", "ProgramError", "checked_program_file",
            "parse_program", "read_program_file"]
 
 PROGRAM_TEXT_BYTES_MAX = 64 * 1024  # UTF-8 bytes; a longer document is refused unparsed
-
-_RATE_BP_MAX = 10000
 
 
 class ProgramError(ValueError):
@@ -73,25 +112,87 @@ name = "gold"
 rate_bp = 9000
 """
 
-# Top-level keys: (name, TOML type, low, high); high None for booleans.
-_SCALARS: tuple[tuple[str, type, int, int | None], ...] = (
-    ("points_unit_minor", int, 1, layout.INT64_MAX),
-    ("points_per_unit", int, 0, layout.INT64_MAX),
-    ("require_luhn", bool, 0, None),
-    ("pin_tries_max", int, 1, layout.PIN_TRIES_MAX_LIMIT),
-    ("pin_on_top_up", bool, 0, None),
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    """One key a table may hold: its TOML kind, range and whether it must be written."""
+    name: str
+    kind: str                      # "integer", "boolean", "string", "table", "tables", "datetime"
+    low: int = 0                   # integers: the values; names: the length
+    high: int = 0
+    required: bool = False
+    choices: tuple[str, ...] = ()  # a string that must be one of these (else: a name)
+
+
+_I64 = layout.INT64_MAX
+_TOP_KEYS = (
+    _Key("points_unit_minor", "integer", 1, _I64),
+    _Key("points_per_unit", "integer", 0, _I64),
+    _Key("require_luhn", "boolean"),
+    _Key("pin_tries_max", "integer", 1, layout.PIN_TRIES_MAX_LIMIT),
+    _Key("pin_on_top_up", "boolean"),
+    _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
+    _Key("redemption", "table"),
+    _Key("categories", "tables"),
+    _Key("tiers", "tables"),
+    _Key("promotions", "tables"),
 )
-_TOP_KEYS = tuple(name for name, *_ in _SCALARS) + ("tiers",)
-_TIER_KEYS = ("name", "rate_bp")
+_REDEMPTION_KEYS = (
+    _Key("points", "integer", 1, _I64, required=True),
+    _Key("value_minor", "integer", 1, _I64, required=True),
+    _Key("cap_bp", "integer", 0, RATE_BP_FULL),
+)
+_CATEGORY_KEYS = (
+    _Key("code", "integer", 1, layout.MAX_CATEGORIES - 1, required=True),
+    _Key("name", "string", 1, MAX_NAME_LEN, required=True),
+    _Key("discountable", "boolean"),
+)
+_TIER_KEYS = (
+    _Key("name", "string", 1, MAX_TIER_NAME_LEN, required=True),
+    _Key("rate_bp", "integer", 1, RATE_BP_FULL, required=True),
+    _Key("points_per_unit", "integer", 0, _I64),
+    _Key("upgrade_spend_minor", "integer", 0, _I64),
+    _Key("upgrade_top_up_minor", "integer", 0, _I64),
+    _Key("category_rate_bp", "table"),
+    _Key("category_points_per_unit", "table"),
+)
+# A tier's per-category tables: (the table's key with the range of its values, the tier key
+# each value stands in for).
+_TIER_OVERRIDES = (
+    (_Key("category_rate_bp", "integer", 1, RATE_BP_FULL), "rate_bp"),
+    (_Key("category_points_per_unit", "integer", 0, _I64), "points_per_unit"),
+)
+_PROMOTION_ID = _Key("id", "integer", 1, 0xFFFF, required=True)
+_PROMOTION_KEYS = (
+    _PROMOTION_ID,
+    _Key("name", "string", 1, MAX_NAME_LEN, required=True),
+    _Key("kind", "string", required=True, choices=tuple(PROMOTION_KINDS)),
+    _Key("min_top_up_minor", "integer", 1, _I64, required=True),
+    _Key("bonus_minor", "integer", 1, _I64),
+    _Key("bonus_bp", "integer", 1, RATE_BP_FULL),
+    _Key("max_bonus_minor", "integer", 0, _I64),
+    _Key("starts", "datetime"),
+    _Key("ends", "datetime"),
+    _Key("per_card_limit", "integer", 0, PER_CARD_LIMIT_MAX),
+)
+# The bonus keys of each promotion kind (the others refuse them).
+_BONUS_KEYS = {"fixed": ("bonus_minor",), "first_top_up": ("bonus_minor",),
+               "percent": ("bonus_bp", "max_bonus_minor")}
 
 
 # --- where keys are written --------------------------------------------------
 
+# A table is named by its path from the document: () the document itself,
+# ("redemption",), ("tiers", 0) the first [[tiers]], ("tiers", 0, "category_rate_bp").
+Path = tuple[str | int, ...]
+
 # One part of a TOML key: bare, "basic" (with escapes) or 'literal'.
 _KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
-_KEY_LINE_RE = re.compile(rf"\s*({_KEY_PART})\s*[=.]")
-_HEADER_RE = re.compile(rf"\s*(\[\[?)\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*\]")
+_DOTTED_KEY = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_KEY_LINE_RE = re.compile(rf"\s*({_DOTTED_KEY})\s*=")
+_HEADER_RE = re.compile(rf"\s*(\[\[?)\s*({_DOTTED_KEY})\s*\]")
 _KEY_PART_RE = re.compile(_KEY_PART)
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _key_text(part: str) -> str:
@@ -103,46 +204,62 @@ def _key_text(part: str) -> str:
     return part
 
 
+def _key_parts(dotted: str) -> list[str]:
+    return [_key_text(p) for p in _KEY_PART_RE.findall(dotted)]
+
+
 @dataclasses.dataclass
 class _Lines:
-    """Line numbers (1-based) where the keys of a program document are written."""
-    top: dict[str, int] = dataclasses.field(default_factory=dict)  # top-level key -> line
-    tier_headers: list[int] = dataclasses.field(default_factory=list)  # k-th [[tiers]] -> line
-    tier_keys: list[dict[str, int]] = dataclasses.field(default_factory=list)  # k-th tier's keys
+    """Line numbers (1-based) where the tables and keys of a program document are written."""
+    headers: dict[Path, int] = dataclasses.field(default_factory=dict)  # table -> its [header]
+    # table -> key -> the line where it is first written
+    keys: dict[Path, dict[str, int]] = dataclasses.field(default_factory=dict)
 
-    def top_line(self, key: str) -> int:
-        return self.top.get(key, 0)
+    def line(self, path: Path, key: str | None = None) -> int:
+        """The line of ``key`` in the table at ``path``; of the table itself when key is None or
+        not written in it: its header, else the line of the key holding it (an inline or dotted
+        table; an element of an inline array: the array's key); 0 for the document."""
+        if key is not None and key in self.keys.get(path, {}):
+            return self.keys[path][key]
+        if path in self.headers:
+            return self.headers[path]
+        if not path:
+            return 0
+        if isinstance(path[-1], int):
+            return self.line(path[:-2], str(path[-2]))  # the array's key
+        return self.line(path[:-1], path[-1])
 
-    def tier_line(self, k: int, key: str | None = None) -> int:
-        """Line of ``key`` in tier k (0-based); its [[tiers]] header when key is None
-        or not written there; the ``tiers =`` line for an inline array of tables."""
-        if k >= len(self.tier_headers):
-            return self.top_line("tiers")
-        if key is None:
-            return self.tier_headers[k]
-        return self.tier_keys[k].get(key, self.tier_headers[k])
+    def note(self, table: Path, parts: list[str] | Path, number: int) -> None:
+        """Keys ``parts``, each nested in the one before, from ``table``, are written at line
+        ``number`` unless they were earlier (array positions in parts are skipped)."""
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                self.keys.setdefault(table + tuple(parts[:i]), {}).setdefault(part, number)
 
 
 def _locate(text: str) -> _Lines:
-    """Find where each key of an already valid TOML document is first written.
+    """Find where each table and key of an already valid TOML document is first written.
 
     Scans line by line (lines end at "\\n", as tomllib counts them). A line
     starts a statement unless it continues a multi-line string or a
     multi-line array/inline table (tracked by skipping strings and comments
     and counting brackets). A statement is a table header or ``key =`` /
-    ``key.sub =``, the first key part bare, "quoted" or 'quoted'. The k-th
-    ``[[tiers]]`` header opens tier k; keys up to the next header are that
-    tier's. ``[tiers.x]`` after a tier is key x of the last tier; any other
-    ``[x]``/``[[x]]`` header is top-level key x, and keys below it are not
-    recorded. For ``tiers = [{...}, ...]`` only the ``tiers =`` line is known:
-    problems inside an inline array are reported there.
+    ``key.sub =`` (parts bare, "quoted" or 'quoted'). A header names a table
+    path as TOML does: each ``[[x]]`` header opens the next element of array
+    x, and a later ``[x.y]`` is table y of x's last element (``[tiers.z]``
+    after the second ``[[tiers]]`` is ("tiers", 1, "z")). Keys belong to the
+    last header's table; each part of a header or a dotted key is recorded as
+    a key of the table holding it. For ``tiers = [{...}, ...]`` only the
+    ``tiers =`` line is known: problems inside an inline array are reported
+    there.
 
     Not handled (positions may be off, never wrong results): keys inside
     inline tables (reported at the line of the key holding the table), and
     several statements' positions within one line (columns are not tracked).
     """
     lines = _Lines()
-    context: dict[str, int] | None = lines.top  # where key lines go; None: ignored
+    elements: dict[Path, int] = {}  # array of tables -> its [[headers]] so far
+    table: Path = ()  # the table key lines belong to
     ml_quote: str | None = None  # the closing quote of an open multi-line string
     depth = 0  # open [ and { of values continued on the next lines
     for number, line in enumerate(text.split("\n"), start=1):
@@ -150,21 +267,18 @@ def _locate(text: str) -> _Lines:
             header = _HEADER_RE.match(line)
             key = None if header else _KEY_LINE_RE.match(line)
             if header:
-                parts = [_key_text(p) for p in _KEY_PART_RE.findall(header.group(2))]
-                is_array = header.group(1) == "[["
-                if parts == ["tiers"] and is_array:
-                    lines.top.setdefault("tiers", number)
-                    lines.tier_headers.append(number)
-                    lines.tier_keys.append({})
-                    context = lines.tier_keys[-1]
-                elif parts[0] == "tiers" and len(parts) > 1 and lines.tier_keys:
-                    lines.tier_keys[-1].setdefault(parts[1], number)
-                    context = None
-                else:
-                    lines.top.setdefault(parts[0], number)
-                    context = None
-            elif key and context is not None:
-                context.setdefault(_key_text(key.group(1)), number)
+                parts = _key_parts(header.group(2))
+                table = ()
+                for i, part in enumerate(parts):
+                    table += (part,)
+                    if header.group(1) == "[[" and i == len(parts) - 1:
+                        elements[table] = elements.get(table, 0) + 1
+                    if table in elements:
+                        table += (elements[table] - 1,)
+                lines.headers.setdefault(table, number)
+                lines.note((), table, number)
+            elif key:
+                lines.note(table, _key_parts(key.group(1)), number)
         ml_quote, depth = _scan(line, ml_quote, depth)
     return lines
 
@@ -207,24 +321,115 @@ def _scan(line: str, ml_quote: str | None, depth: int) -> tuple[str | None, int]
 
 # --- checks ------------------------------------------------------------------
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_KIND_NAMES = {"integer": "an integer", "boolean": "a boolean", "string": "a string",
+               "table": "a table", "tables": "an array of tables",
+               "datetime": "a date-time with its UTC offset, such as 2026-12-24T00:00:00+08:00"}
+
+
 def _toml_type(value: object) -> str:
     """A TOML type name for people, with an article."""
     for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"),
                        (str, "a string"), (list, "an array"), (dict, "a table")):
         if isinstance(value, kind):
             return name
-    return "a date or time"
+    if isinstance(value, dt.datetime):
+        return "a local date-time" if value.tzinfo is None else "a date-time"
+    return "a date" if isinstance(value, dt.date) else "a time"
+
+
+def _is_kind(value: object, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "tables":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    if kind == "datetime":
+        return isinstance(value, dt.datetime) and value.tzinfo is not None
+    return isinstance(value, {"boolean": bool, "string": str, "table": dict}[kind])
 
 
 def _bounds(low: int, high: int) -> str:
-    return f"{low}..{'2**63-1' if high == layout.INT64_MAX else high}"
+    return f"{low}..{'2**63-1' if high == _I64 else high}"
 
 
-def _type_problem(key: str, value: object, kind: type) -> str | None:
-    """Why value is not of TOML type kind (int, bool or str), or None if it is."""
-    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
-        return None
-    return f"{key} must be {_toml_type(kind())} (got {_toml_type(value)})"
+def _value_problem(key: _Key, value: object, shown: str | None = None) -> str | None:
+    """Why ``value`` cannot be the value of ``key`` (written ``shown``), or None if it can."""
+    shown = shown or key.name
+    if not _is_kind(value, key.kind):
+        return f"{shown} must be {_KIND_NAMES[key.kind]} (got {_toml_type(value)})"
+    if key.kind == "integer" and not key.low <= value <= key.high:
+        return f"{shown} must be {_bounds(key.low, key.high)}"
+    if key.kind == "string" and key.choices and value not in key.choices:
+        return f"{shown} must be one of {', '.join(key.choices)} (got {value!r})"
+    if key.kind == "string" and not key.choices and not key.low <= len(value) <= key.high:
+        return f"{shown} must be {key.low}..{key.high} characters"
+    if key.kind == "string" and not key.choices and not value.isprintable():
+        return f"{shown} {value!r} has unprintable characters"
+    if key.kind == "datetime" and value < _EPOCH:
+        return f"{shown} must not be before 1970-01-01T00:00:00Z"
+    return None
+
+
+def _name_ok(value: object, high: int = MAX_NAME_LEN) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= high and value.isprintable()
+
+
+def _unix_us(value: dt.datetime) -> int:
+    """An offset date-time as Unix microseconds, exactly."""
+    return (value - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _dotted(table: str, key: str) -> str:
+    """``table.key`` as it would be written in TOML (key quoted unless bare)."""
+    return f"{table}.{key if _BARE_KEY_RE.fullmatch(key) else json.dumps(key)}"
+
+
+class _Table:
+    """One table being checked: problems carry its label and the line of their key."""
+
+    def __init__(self, raw: dict, path: Path, label: str, lines: _Lines,
+                 problems: list[tuple[int, str]]) -> None:
+        self.raw, self.path, self.label = raw, path, label
+        self.lines, self.problems = lines, problems
+        self.found = len(problems)
+        self.misspelt = False  # a key is unknown: its missing keys are not reported
+
+    @property
+    def ok(self) -> bool:
+        """No problem in this table so far."""
+        return len(self.problems) == self.found
+
+    def refuse(self, key: str | None, why: str, label: str | None = None) -> None:
+        """A problem at ``key``'s line (None: the table's own line), named by ``label`` (by
+        default the table's)."""
+        label = self.label if label is None else label
+        self.problems.append((self.lines.line(self.path, key), f"{label}: {why}" if label else why))
+
+    def missing(self, key: str, why: str = "") -> None:
+        if not self.misspelt:  # a misspelt key says more
+            self.refuse(None, f"missing {key}{why}")
+
+    def check(self, keys: tuple[_Key, ...]) -> dict[str, object]:
+        """The table's values that are well typed and in range; problems for unknown keys,
+        missing required keys and the values that are not."""
+        known = {k.name: k for k in keys}
+        for key in self.raw:
+            if key not in known:
+                self.refuse(key, f"unknown key {key!r} (known: {', '.join(known)})")
+                self.misspelt = True
+        for key in keys:
+            if key.required and key.name not in self.raw:
+                self.missing(key.name)
+        values = {}
+        for name, value in self.raw.items():
+            if name not in known:
+                continue
+            why = _value_problem(known[name], value)
+            if why is None:
+                values[name] = value
+            else:
+                self.refuse(name, why)
+        return values
 
 
 def _syntax_error(err: tomllib.TOMLDecodeError, text: str) -> ProgramError:
@@ -240,62 +445,179 @@ def _syntax_error(err: tomllib.TOMLDecodeError, text: str) -> ProgramError:
     return ProgramError(0, message)
 
 
-def _check_tier(k: int, raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -> Tier | None:
+def _too_many(what: str, raw: list, most: int, lines: _Lines,
+              problems: list[tuple[int, str]]) -> None:
+    """Refuse an array of tables longer than ``most``, at the first element too many."""
+    if len(raw) > most:
+        problems.append((lines.line((what, most)),
+                         f"too many {what}: {len(raw)} (at most {most})"))
+
+
+def _check_redemption(raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -> dict:
+    """The Program fields of a [redemption] table (none after its problems)."""
+    table = _Table(raw, ("redemption",), "redemption", lines, problems)
+    values = table.check(_REDEMPTION_KEYS)
+    if not table.ok:
+        return {}
+    return {"redeem_points": values["points"], "redeem_value_minor": values["value_minor"],
+            "redeem_cap_bp": values.get("cap_bp", RATE_BP_FULL)}
+
+
+# Categories by name; None: written with a problem (already reported).
+_Declared = dict[str, Category | None]
+
+
+def _check_categories(raw: list[dict], lines: _Lines,
+                      problems: list[tuple[int, str]]) -> tuple[tuple[Category, ...], _Declared]:
+    _too_many("categories", raw, layout.MAX_CATEGORIES - 1, lines, problems)
+    categories: list[Category] = []
+    declared: _Declared = {}
+    first_code: dict[int, int] = {}  # code -> the position of the first category with it
+    first_name: dict[str, int] = {}  # name -> the position of the first category with it
+    for k, fields in enumerate(raw):
+        name = fields.get("name")
+        label = f"category {name!r}" if _name_ok(name) else f"category #{k + 1}"
+        table = _Table(fields, ("categories", k), label, lines, problems)
+        values = table.check(_CATEGORY_KEYS)
+        if values.get("name") == "default":
+            table.refuse("name", "the name 'default' is reserved for category code 0")
+        code = values.get("code")
+        if code in first_code:  # named by position: the name may be the other duplicate
+            table.refuse("code", f"duplicate category code {code} "
+                                 f"(also category #{first_code[code] + 1})", f"category #{k + 1}")
+        if code is not None:
+            first_code.setdefault(code, k)
+        if "name" in values and name in first_name:
+            table.refuse("name", f"duplicate category name {name!r} "
+                                 f"(also category #{first_name[name] + 1})", f"category #{k + 1}")
+        if isinstance(name, str):
+            first_name.setdefault(name, k)
+            declared.setdefault(name, None)
+        if table.ok:
+            category = Category(code, name, values.get("discountable", True))
+            categories.append(category)
+            declared[name] = category
+    return tuple(categories), declared
+
+
+def _check_overrides(table: _Table, values: dict, declared: _Declared | None,
+                     ) -> dict[str, tuple[tuple[int, int], ...]]:
+    """A tier's category_* tables as Tier fields: (code, value) sorted by code."""
+    out = {}
+    for key, overridden in _TIER_OVERRIDES:
+        if key.name not in values:
+            continue
+        sub = _Table(values[key.name], table.path + (key.name,), table.label, table.lines,
+                     table.problems)
+        pairs = []
+        for name, value in sub.raw.items():
+            shown = _dotted(key.name, name)
+            category = declared.get(name) if declared else None  # None: not checked here
+            if declared is not None and name == "default":
+                why = f"{shown}: the default category takes the tier's own {overridden}"
+            elif declared is not None and name not in declared:
+                known = ", ".join(declared) or "none"
+                why = f"{shown}: no category {name!r} in [[categories]] (declared: {known})"
+            else:
+                why = _value_problem(key, value, shown)
+            if why is None and overridden == "rate_bp" and category and not category.discountable:
+                why = f"{shown}: category {name!r} is not discountable (it always pays 100 %)"
+            if why is not None:
+                sub.refuse(name, why)
+            elif category is not None:
+                pairs.append((category.code, value))
+        out[key.name] = tuple(sorted(pairs))
+    return out
+
+
+def _check_tier(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
+                problems: list[tuple[int, str]]) -> Tier | None:
     """Check the k-th (0-based) tier table; the Tier, or None after adding its problems."""
-    found = len(problems)
-    name, rate_bp = raw.get("name"), raw.get("rate_bp")
-    name_ok = (isinstance(name, str) and 1 <= len(name) <= MAX_TIER_NAME_LEN
-               and name.isprintable())
-    label = f"tier {name!r}" if name_ok else f"tier {k + 1}"
-    for key in raw:
-        if key not in _TIER_KEYS:
-            problems.append((lines.tier_line(k, key),
-                             f"{label}: unknown key {key!r} (known: {', '.join(_TIER_KEYS)})"))
-    for key in _TIER_KEYS:
-        if key not in raw and len(problems) == found:  # a misspelt key says more
-            problems.append((lines.tier_line(k), f"{label}: missing {key}"))
-    if "name" in raw and not name_ok:
-        why = _type_problem("name", name, str)
-        if why is None and not 1 <= len(name) <= MAX_TIER_NAME_LEN:
-            why = f"name must be 1..{MAX_TIER_NAME_LEN} characters"
-        elif why is None:
-            why = f"name {name!r} has unprintable characters"
-        problems.append((lines.tier_line(k, "name"), f"{label}: {why}"))
-    if "rate_bp" in raw:
-        why = _type_problem("rate_bp", rate_bp, int)
-        if why is None and not 1 <= rate_bp <= _RATE_BP_MAX:
-            why = f"rate_bp must be 1..{_RATE_BP_MAX}"
-        if why is not None:
-            problems.append((lines.tier_line(k, "rate_bp"), f"{label}: {why}"))
-    return Tier(name, rate_bp) if len(problems) == found else None
+    name = raw.get("name")
+    label = f"tier {name!r}" if _name_ok(name, MAX_TIER_NAME_LEN) else f"tier {k + 1}"
+    table = _Table(raw, ("tiers", k), label, lines, problems)
+    values = table.check(_TIER_KEYS)
+    for key in ("upgrade_spend_minor", "upgrade_top_up_minor"):
+        if k == 0 and values.get(key, 0) > 0:
+            table.refuse(key, f"{key} must be 0: the first tier is not reached by an upgrade")
+    overrides = _check_overrides(table, values, declared)
+    if not table.ok:
+        return None
+    return Tier(name, values["rate_bp"], values.get("points_per_unit"),
+                values.get("upgrade_spend_minor", 0), values.get("upgrade_top_up_minor", 0),
+                overrides.get("category_rate_bp", ()),
+                overrides.get("category_points_per_unit", ()))
 
 
-def _check_tiers(data: dict, lines: _Lines, problems: list[tuple[int, str]]) -> tuple[Tier, ...]:
-    if "tiers" not in data:
-        return DEFAULT_PROGRAM.tiers
-    raw, line = data["tiers"], lines.top_line("tiers")
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        problems.append((line, f"tiers must be an array of tables (got {_toml_type(raw)})"))
-        return ()
+def _check_tiers(raw: list[dict], declared: _Declared | None, lines: _Lines,
+                 problems: list[tuple[int, str]]) -> tuple[Tier, ...]:
     if not raw:
-        problems.append((line, f"no tiers (a program has 1..{layout.MAX_TIERS})"))
+        problems.append((lines.line((), "tiers"),
+                         f"no tiers (a program has 1..{layout.MAX_TIERS})"))
         return ()
-    if len(raw) > layout.MAX_TIERS:
-        problems.append((lines.tier_line(layout.MAX_TIERS),
-                         f"too many tiers: {len(raw)} (at most {layout.MAX_TIERS})"))
+    _too_many("tiers", raw, layout.MAX_TIERS, lines, problems)
     tiers: list[Tier] = []
     first_with_name: dict[str, int] = {}
     for k, table in enumerate(raw):
-        tier = _check_tier(k, table, lines, problems)
+        tier = _check_tier(k, table, declared, lines, problems)
         if tier is None:
             continue
         if tier.name in first_with_name:
             first = first_with_name[tier.name] + 1
             why = f"tier {k + 1}: duplicate tier name {tier.name!r} (also tier {first})"
-            problems.append((lines.tier_line(k, "name"), why))
+            problems.append((lines.line(("tiers", k), "name"), why))
         first_with_name.setdefault(tier.name, k)
         tiers.append(tier)
     return tuple(tiers)
+
+
+def _check_promotion(k: int, raw: dict, lines: _Lines,
+                     problems: list[tuple[int, str]]) -> Promotion | None:
+    """Check the k-th (0-based) promotion table; the Promotion, or None after its problems."""
+    pid = raw.get("id")
+    label = (f"promotion {pid}" if _value_problem(_PROMOTION_ID, pid) is None
+             else f"promotion #{k + 1}")
+    table = _Table(raw, ("promotions", k), label, lines, problems)
+    kind = raw.get("kind") if isinstance(raw.get("kind"), str) else None
+    gives = _BONUS_KEYS.get(kind, ())  # (): the kind is wrong, reported below
+    for key in ("bonus_minor", "bonus_bp", "max_bonus_minor"):
+        if gives and key in raw and key not in gives:  # before its value: this says more
+            kinds = " and ".join(k for k, keys in _BONUS_KEYS.items() if key in keys)
+            table.refuse(key, f"{key} is only for {kinds} promotions "
+                              f"(a {kind} promotion gives {gives[0]})")
+    values = table.check(_PROMOTION_KEYS)
+    if gives and gives[0] not in raw:
+        table.missing(gives[0], f" (required for a {kind} promotion)")
+    starts = _unix_us(values["starts"]) if "starts" in values else 0
+    ends = _unix_us(values["ends"]) if "ends" in values else _I64
+    if starts >= ends:
+        shown = (values.get("starts", _EPOCH).isoformat(), values["ends"].isoformat())
+        table.refuse("ends", "starts must be before ends (starts {}, ends {})".format(*shown))
+    if not table.ok:
+        return None
+    return Promotion(pid, values["name"], PROMOTION_KINDS[kind], values["min_top_up_minor"],
+                     values.get("bonus_minor", 0), values.get("bonus_bp", 0),
+                     values.get("max_bonus_minor", 0), starts, ends,
+                     values.get("per_card_limit", 0))
+
+
+def _check_promotions(raw: list[dict], lines: _Lines,
+                      problems: list[tuple[int, str]]) -> tuple[Promotion, ...]:
+    _too_many("promotions", raw, layout.MAX_PROMOTIONS, lines, problems)
+    promotions: list[Promotion] = []
+    first_with_id: dict[int, int] = {}
+    for k, table in enumerate(raw):
+        promotion = _check_promotion(k, table, lines, problems)
+        if promotion is None:
+            continue
+        if promotion.id in first_with_id:
+            first = first_with_id[promotion.id] + 1
+            why = (f"promotion #{k + 1}: duplicate promotion id {promotion.id} "
+                   f"(also promotion #{first})")
+            problems.append((lines.line(("promotions", k), "id"), why))
+        first_with_id.setdefault(promotion.id, k)
+        promotions.append(promotion)
+    return tuple(promotions)
 
 
 def parse_program(text: str) -> Program:
@@ -316,27 +638,27 @@ def parse_program(text: str) -> Program:
         raise ProgramError(0, "the program is nested too deeply") from None
     lines = _locate(text)
     problems: list[tuple[int, str]] = []
-    for key in data:
-        if key not in _TOP_KEYS:
-            problems.append((lines.top_line(key),
-                             f"unknown key {key!r} (known: {', '.join(_TOP_KEYS)})"))
-    values: dict[str, object] = {}
-    for key, kind, low, high in _SCALARS:
-        if key not in data:
-            continue
-        value = data[key]
-        why = _type_problem(key, value, kind)
-        if why is None and high is not None and not low <= value <= high:
-            why = f"{key} must be {_bounds(low, high)}"
-        if why is None:
-            values[key] = value
-        else:
-            problems.append((lines.top_line(key), why))
-    tiers = _check_tiers(data, lines, problems)
+    values = _Table(data, (), "", lines, problems).check(_TOP_KEYS)
+    fields: dict[str, object] = {key.name: values[key.name] for key in _TOP_KEYS
+                                 if key.kind in ("integer", "boolean") and key.name in values}
+    if "spend_order" in values:
+        fields["spend_order"] = SPEND_ORDERS[values["spend_order"]]
+    if "redemption" in values:
+        fields.update(_check_redemption(values["redemption"], lines, problems))
+    categories, declared = _check_categories(values.get("categories", []), lines, problems)
+    if "categories" in data and "categories" not in values:
+        declared = None  # not an array of tables: tiers cannot say which names are declared
+    if "tiers" not in data:
+        tiers = DEFAULT_PROGRAM.tiers
+    elif "tiers" in values:
+        tiers = _check_tiers(values["tiers"], declared, lines, problems)
+    else:
+        tiers = ()  # not an array of tables: reported
+    promotions = _check_promotions(values.get("promotions", []), lines, problems)
     if problems:
         raise ProgramError(*min(problems, key=lambda p: p[0]))
     try:
-        return Program(tiers=tiers, **values)
+        return Program(tiers=tiers, categories=categories, promotions=promotions, **fields)
     except ValueError as err:  # the dataclass's own checks: should not happen after ours
         raise ProgramError(0, str(err)) from None
 

@@ -8,43 +8,61 @@ by the differential tests and the benchmark, never by the server.
 from __future__ import annotations
 
 import hmac
+import struct
 
 from cardcore import layout as L
-from cardcore.rules import paid_minor, points_earned
+from cardcore.rules import paid_minor, points_earned, redemption, spend
 
 
-def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
-                journal_out: bytearray, slot_dirty: bytearray, ts_us: int, first_seq: int) -> int:
+def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: bytearray,
+                extras: bytearray, journal_out: bytearray, slot_dirty: bytearray, ts_us: int,
+                first_seq: int) -> int:
     """Apply ``len(ops) // 192`` operations in order; return the next free sequence number.
 
-    ``slots[i]`` is the index of operation i's card record in ``records``
-    (128 bytes each; version 0 = no such card yet). An operation that changes
-    its record (applied, or a wrong PIN counted) updates it in place, sets
-    ``slot_dirty[slot] = 1`` and gets a journal entry with the next sequence;
-    others (and a balance inquiry with the right PIN) get an entry with
-    ``reason`` set and ``seq = 0``. ``journal_out`` receives one 256-byte v2
-    entry per operation, its digest field zero (the ledger chains it).
+    ``slots[i]`` is the index of operation i's card in ``records`` (128-byte
+    card records; version 0 = no such card yet) and in ``extras`` (128-byte
+    card program states, layout.CARD_EXT; zeros = none yet). ``lines`` holds
+    the purchase lines of the operations in order (each takes its op's
+    ``line_count``); the kernel fills their output fields once the purchase is
+    past its category check. An operation that changes its card (applied, or a
+    wrong PIN counted) updates the records in place, sets bit 0 (card) and bit 1
+    (program state) of ``slot_dirty[slot]`` for what it changed, and gets a
+    journal entry with the next sequence; others (and a balance inquiry with the
+    right PIN) get an entry with ``reason`` set and ``seq = 0``. ``journal_out``
+    receives one 256-byte v2 entry per operation, its digest zero (the ledger
+    chains it).
     """
     n = len(ops) // L.OP_SIZE
     assert len(ops) == n * L.OP_SIZE and len(journal_out) == n * L.JOURNAL_SIZE
     assert len(records) % L.CARD_SIZE == 0 and len(slot_dirty) == len(records) // L.CARD_SIZE
-    tier_count, tries_max, unit, per_unit, *rest = L.PROGRAM.unpack(program)
-    rates = rest[:L.MAX_TIERS]
-    program_version = rest[L.MAX_TIERS]
+    assert len(extras) == len(records)
+    prog = CompiledProgram(program)
+    line_total = sum(L.OP_PROGRAM.unpack_from(ops, i * L.OP_SIZE + L.OP_OFF_PROGRAM)[0] for i in range(n))
+    if len(program) != L.PROGRAM_SIZE or len(lines) != line_total * L.LINE_SIZE:
+        raise ValueError("program or lines buffer has the wrong size")
     seq = first_seq
+    line_at = 0
     for i in range(n):
         (op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff, operator, tag,
          card_id, client_time, pin_check, new_pin_check, caller_id, _, link_seq, ref_id, basket,
-         _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
+         line_count, _, redeem, _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
         if not L.OP_OPEN <= op <= L.OP_KERNEL_MAX or op == L.OP_PIN_FAILED:
             raise ValueError(f"unknown operation type {op}")
+        my_lines = range(line_at, line_at + line_count)
+        line_at += line_count
         slot = slots[i]
         roff = slot * L.CARD_SIZE
-        card = _Card(L.CARD.unpack_from(records, roff))
+        card = Card(L.CARD.unpack_from(records, roff))
         card.check()
+        ext = CardState(L.CARD_EXT.unpack_from(extras, roff))
+        ext.check()
+        tier_before = card.tier
         reason = L.R_OK
         checked = ""  # "right" or "failed" once the PIN was compared
         discount = d_principal = d_bonus = d_points = 0
+        taken_points = redeemed = 0
+        promotion_id = 0
+        ext_changed = False
 
         def gate(pin_flags: int = pin_flags) -> int:
             """The PIN rule of ``layout``; a right PIN resets the count only if the operation applies."""
@@ -60,7 +78,7 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
                 return L.R_PIN_REQUIRED
             if not hmac.compare_digest(pin_check, card.pin_check):
                 card.pin_tries += 1
-                if card.pin_tries >= tries_max:
+                if card.pin_tries >= prog.pin_tries_max:
                     card.flags |= L.CARD_PIN_LOCKED
                 checked = "failed"
                 return L.R_PIN_WRONG
@@ -73,14 +91,18 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
             card.flags = L.CARD_PIN_SET if new else 0
             card.pin_tries = 0
 
-        if op == L.OP_OPEN:
+        if (line_count or redeem) and op != L.OP_PURCHASE or redeem < 0 \
+                or line_count > L.LINES_MAX:
+            reason = L.R_INVALID_ARGUMENT
+        elif op == L.OP_OPEN:
             if card.version != 0:
                 reason = L.R_CARD_ALREADY_EXISTS
-            elif tier >= tier_count:
+            elif tier >= prog.tier_count:
                 reason = L.R_INVALID_TIER
             else:
-                card = _Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
+                card = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
                               home_store, 0, bytes(32), bytes(24)))
+                tier_before = tier
                 if pin_flags & L.NEW_PIN:
                     set_pin()
         elif card.version == 0:
@@ -108,25 +130,28 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
         elif amount <= 0:
             reason = L.R_INVALID_AMOUNT
         elif op == L.OP_TOP_UP:
-            if card.principal + card.bonus + amount > L.INT64_MAX:
+            promotion_id, bonus, slot_k = prog.best_promotion(ext, amount, ts_us)
+            if (card.principal + card.bonus + amount + bonus > L.INT64_MAX
+                    or ext.lifetime_top_up + amount > L.INT64_MAX):
                 reason = L.R_AMOUNT_OVERFLOW
             else:
-                d_principal = amount
-        elif card.tier >= tier_count:
+                d_principal, d_bonus = amount, bonus
+                ext.top_up(amount, promotion_id if slot_k is not None else 0, slot_k)
+                ext_changed = True
+                card.tier = prog.upgrade(card.tier, prog.up_top_up, amount)
+        elif card.tier >= prog.tier_count:
             reason = L.R_INVALID_TIER
         else:
-            paid = paid_minor(amount, rates[card.tier])
-            earned = points_earned(paid, unit, per_unit)
-            if paid > card.principal + card.bonus - card.held:
-                reason = L.R_INSUFFICIENT_FUNDS
-            elif card.points + earned > L.INT64_MAX or card.lifetime + paid > L.INT64_MAX:
-                reason = L.R_AMOUNT_OVERFLOW
-            else:
+            reason, figures = purchase(prog, card, lines, my_lines, amount, redeem)
+            if reason == L.R_OK:
+                paid, earned, taken_points, redeemed = figures
                 discount = amount - paid
-                d_principal = -min(paid, card.principal)
-                d_bonus = -(paid + d_principal)
-                d_points = earned
-                card.lifetime += paid
+                due = paid - redeemed
+                d_principal, d_bonus = spend(due, card.principal, card.bonus, prog.spend_order)
+                d_principal, d_bonus = -d_principal, -d_bonus
+                d_points = earned - taken_points
+                card.lifetime += due
+                card.tier = prog.upgrade(card.tier, prog.up_spend, card.lifetime)
         entry_seq = 0
         pin_failed = checked == "failed"
         if reason == L.R_OK:
@@ -141,18 +166,164 @@ def apply_batch(program: bytes, ops: bytes, slots, records: bytearray,
             card.last_seq = entry_seq
             card.check()
             L.CARD.pack_into(records, roff, *card.fields())
-            slot_dirty[slot] = 1
+            slot_dirty[slot] |= 1
+            if ext_changed and reason == L.R_OK:
+                L.CARD_EXT.pack_into(extras, roff, *ext.fields())
+                slot_dirty[slot] |= 2
         L.JOURNAL.pack_into(
             journal_out, i * L.JOURNAL_SIZE, L.JOURNAL_VERSION,
-            L.OP_PIN_FAILED if pin_failed else op, card.tier, card.status, reason,
+            L.OP_PIN_FAILED if pin_failed else op, tier_before, card.status, reason,
             card.pin_tries, card.flags & 0xFF, entry_seq, card_id, 0 if pin_failed else amount,
             discount, d_principal, d_bonus, d_points, card.principal, card.bonus, card.points, ts_us,
-            store, terminal, staff, operator, tag, program_version, caller_kind, bytes(3), caller_id,
-            0, link_seq, ref_id, basket, client_time, bytes(48), bytes(32))
+            store, terminal, staff, operator, tag, prog.version, caller_kind,
+            bytes(3), caller_id, 0, link_seq, ref_id, basket, client_time, bytes(48), bytes(32))
+        applied = reason == L.R_OK
+        L.JOURNAL_PROGRAM.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_PROGRAM,
+                                    taken_points, redeemed, card.tier,
+                                    line_count if applied else 0, promotion_id if applied else 0)
     return seq
 
 
-class _Card:
+def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
+              offered: int) -> tuple[int, tuple[int, int, int, int]]:
+    """Rules 2-6 for one purchase: (reason, (paid, earned, points taken, redeemed fen)). Fills
+    the lines' output fields once they passed the category check."""
+    none = (0, 0, 0, 0)
+    if my_lines:
+        items = [list(L.LINE.unpack_from(lines, k * L.LINE_SIZE)) for k in my_lines]
+    else:
+        items = [[0, 0, 0, amount, 0, 0, 0, b""]]
+    if any(it[3] <= 0 for it in items) or sum(it[3] for it in items) != amount:
+        return L.R_INVALID_AMOUNT, none
+    if any(it[0] >= L.MAX_CATEGORIES or not prog.category_flags[it[0]] & L.CATEGORY_DEFINED
+           for it in items):
+        return L.R_UNKNOWN_CATEGORY, none
+    tier = card.tier
+    line_paid = [paid_minor(it[3], prog.rate(tier, it[0])) for it in items]
+    paid = sum(line_paid)
+    for it, p in zip(items, line_paid):
+        it[4], it[5], it[6] = it[3] - p, 0, 0
+    reason, taken, redeemed = L.R_OK, 0, 0
+    if offered:
+        if not prog.redeem_points:
+            reason = L.R_REDEMPTION_NOT_OFFERED
+        elif card.points < offered:
+            reason = L.R_INSUFFICIENT_POINTS
+        else:
+            taken, redeemed = redemption(offered, paid, prog.redeem_points, prog.redeem_value,
+                                         prog.redeem_cap_bp)
+    earned = 0
+    if reason == L.R_OK:
+        left = redeemed
+        for it, p in zip(items, line_paid):
+            on_line = min(left, p)
+            left -= on_line
+            it[6] = on_line
+            raw = points_earned(p - on_line, prog.points_unit, prog.per_unit(tier, it[0]))
+            it[5] = min(raw, L.INT64_MAX)  # a line past int64 overflows the purchase below
+            earned += raw
+        due = paid - redeemed
+        if due > card.principal + card.bonus - card.held:
+            reason = L.R_INSUFFICIENT_FUNDS
+        elif card.points - taken + earned > L.INT64_MAX or card.lifetime + due > L.INT64_MAX:
+            reason = L.R_AMOUNT_OVERFLOW
+    for k, it in zip(my_lines, items):
+        L.LINE.pack_into(lines, k * L.LINE_SIZE, *it)
+    return reason, (paid, earned, taken, redeemed)
+
+
+class CompiledProgram:
+    """The compiled program (layout: Program v3) by name."""
+
+    def __init__(self, packed: bytes) -> None:
+        (self.tier_count, self.pin_tries_max, self.points_unit, self.redeem_points,
+         self.redeem_value, self.redeem_cap_bp, self.version, self.spend_order,
+         self.promotion_count, _, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+        self.category_flags = flags
+        self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
+        self.promotions = [L.PROMOTION.unpack_from(packed, L.PROGRAM_HEAD.size + k * L.PROMOTION_SIZE)
+                           for k in range(self.promotion_count)]
+        cells = L.MAX_TIERS * L.MAX_CATEGORIES
+        self.rates = struct.unpack_from(f"<{cells}H", packed, L.PROGRAM_RATES_OFFSET)
+        self.per_units = struct.unpack_from(f"<{cells}q", packed, L.PROGRAM_PER_UNIT_OFFSET)
+        if not (1 <= self.tier_count <= L.MAX_TIERS and self.points_unit > 0 and self.version >= 1
+                and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
+                and self.promotion_count <= L.MAX_PROMOTIONS):
+            raise ValueError("program out of range")
+
+    def rate(self, tier: int, code: int) -> int:
+        return self.rates[tier * L.MAX_CATEGORIES + code]
+
+    def per_unit(self, tier: int, code: int) -> int:
+        return self.per_units[tier * L.MAX_CATEGORIES + code]
+
+    def upgrade(self, tier: int, thresholds, reached: int) -> int:
+        """Rule 8: the highest tier above ``tier`` whose threshold (> 0) ``reached`` meets."""
+        for t in range(self.tier_count - 1, tier, -1):
+            if 0 < thresholds[t] <= reached:
+                return t
+        return tier
+
+    def best_promotion(self, ext: "CardState", amount: int, ts_us: int) -> tuple[int, int, int | None]:
+        """Rule 7: (promotion id, bonus, the card's use slot for it or None) of the best
+        promotion for this top-up; (0, 0, None) when none applies."""
+        best = (0, 0, None)
+        for (pid, kind, limit, bonus_bp, low, bonus_minor, cap, starts, ends,
+             _) in self.promotions:
+            if not starts <= ts_us < ends or amount < low:
+                continue
+            if kind == L.PROMO_FIRST_TOP_UP and ext.top_up_count:
+                continue
+            slot_k = None
+            if limit:
+                slot_k = ext.slot_for(pid, {p[0] for p in self.promotions})
+                if slot_k is None or (ext.ids[slot_k] == pid and ext.uses[slot_k] >= limit):
+                    continue
+            if kind == L.PROMO_PERCENT:
+                bonus = amount * bonus_bp // 10000
+                bonus = min(bonus, cap) if cap else bonus
+            else:
+                bonus = bonus_minor
+            if bonus > best[1]:
+                best = (pid, bonus, slot_k)
+        return best
+
+
+class CardState:
+    """A card program state (layout.CARD_EXT) by name."""
+
+    def __init__(self, fields) -> None:
+        (self.version, _, self.top_up_count, self.lifetime_top_up, *rest) = fields
+        self.ids = list(rest[:L.PROMOTION_SLOTS])
+        self.uses = list(rest[L.PROMOTION_SLOTS:2 * L.PROMOTION_SLOTS])
+
+    def slot_for(self, pid: int, in_program: set[int]) -> int | None:
+        """The use slot of promotion ``pid``: its own, else the first free one (id 0, or a
+        promotion the program no longer has); None when all 16 are taken."""
+        if pid in self.ids:
+            return self.ids.index(pid)
+        return next((k for k, other in enumerate(self.ids)
+                     if other == 0 or other not in in_program), None)
+
+    def top_up(self, amount: int, pid: int, slot_k: int | None) -> None:
+        self.version = L.CARD_EXT_VERSION
+        self.top_up_count = min(self.top_up_count + 1, 0xFFFFFFFF)
+        self.lifetime_top_up += amount
+        if pid and slot_k is not None:
+            if self.ids[slot_k] != pid:
+                self.ids[slot_k], self.uses[slot_k] = pid, 0
+            self.uses[slot_k] += 1
+
+    def check(self) -> None:
+        if self.version not in (0, L.CARD_EXT_VERSION) or self.lifetime_top_up < 0:
+            raise ValueError("card program state breaks an invariant")
+
+    def fields(self) -> tuple:
+        return (self.version, bytes(3), self.top_up_count, self.lifetime_top_up, *self.ids,
+                *self.uses, bytes(48))
+
+
+class Card:
     """A card record's fields by name (layout.CARD order)."""
 
     __slots__ = ("version", "status", "tier", "pin_tries", "flags", "principal", "bonus", "points",

@@ -6,47 +6,116 @@ checks they agree on every input):
 
 1. Money is int64 minor units (fen). Points are int64. Nothing is ever
    wrapped: an operation whose result would pass 2**63 - 1 in any field
-   (principal + bonus, points, lifetime paid) is declined with
+   (principal + bonus, points, lifetime paid or topped up) is declined with
    REASON_AMOUNT_OVERFLOW and changes nothing.
-2. A tier's discount rate is in basis points of what the member pays:
-   ``rate_bp = 8500`` means the member pays 85 %. 1 <= rate_bp <= 10000.
-3. ``paid_minor = round_half_up(gross_minor * rate_bp / 10000)``
-   ``= (gross_minor * rate_bp + 5000) // 10000`` (gross > 0, exact integer
-   arithmetic: the kernel uses 128-bit intermediates). Examples at the edge:
-   gross 1 at 9500 -> 0.95 -> 1; gross 10 at 9500 -> 9.5 -> 10;
-   gross 30 at 9500 -> 28.5 -> 29; gross 1 at 4999 -> 0.4999 -> 0.
-   ``discount_minor = gross_minor - paid_minor``.
-4. ``points_earned = (paid_minor // points_unit_minor) * points_per_unit``
-   (floor: 1.99 paid at 1 point per 1.00 earns 1 point).
-5. A purchase spends principal first, then bonus. It needs
-   ``paid_minor <= principal + bonus - held``; otherwise it is declined with
-   REASON_INSUFFICIENT_FUNDS and the available amount. Balances are never
-   negative.
-6. A top-up adds to principal. Only active cards can be topped up or spent.
-7. PINs (the exact order of checks is in ``layout``): a purchase always
+2. A purchase is a list of lines (category code, gross amount); a purchase
+   without lines is one line of category 0 for its amount. A category code
+   the program does not define declines it with REASON_UNKNOWN_CATEGORY.
+3. Per line, with the card's tier before the purchase: the rate is the tier's
+   ``rate_bp`` for the category (the tier's rate unless the tier overrides the
+   category; 10000 for a category that is not discountable), and
+   ``paid = round_half_up(gross * rate_bp / 10000) = (gross * rate_bp + 5000) // 10000``
+   (exact integers; the kernel uses 128-bit intermediates). Edges: gross 1 at
+   9500 -> 0.95 -> 1; 10 at 9500 -> 9.5 -> 10; 30 at 9500 -> 28.5 -> 29; 1 at
+   4999 -> 0. ``discount = gross - paid``. The purchase's figures are the sums
+   of its lines'.
+4. Points redemption (the program offers it when ``redeem_points > 0``): the
+   member offers P points; the card must hold them (else
+   REASON_INSUFFICIENT_POINTS; REASON_REDEMPTION_NOT_OFFERED when the program
+   has no redemption). ``blocks = min(P // redeem_points,
+   cap // redeem_value_minor)`` with ``cap = paid * redeem_cap_bp // 10000``
+   (floor); points taken ``blocks * redeem_points``, fen paid by them
+   ``redeemed = blocks * redeem_value_minor``. Points left over from a partial
+   block, or over the cap, stay on the card: the result says what was taken.
+   The redeemed fen pay the lines in order (the first line first, each up to
+   its paid amount).
+5. Points earned, per line, on the money the line took from the balance:
+   ``((paid - redeemed_on_line) // points_unit_minor) * points_per_unit`` (floor;
+   the tier's ``points_per_unit`` for the category). Points never earn points.
+6. The balance pays ``due = paid - redeemed``. It needs ``due <= principal +
+   bonus - held`` (REASON_INSUFFICIENT_FUNDS with the available amount
+   otherwise; balances never go negative). The program's ``spend_order`` says
+   which bucket pays: principal first, bonus first, or proportional, where
+   ``from_bonus = round_half_up(due * bonus / (principal + bonus))`` and the
+   rest from principal (neither bucket can go below zero: see ``spend``).
+7. A top-up adds its amount to principal and the best promotion's bonus to
+   bonus, never mixed. A promotion applies when the group's time is in its
+   window ``[starts, ends)``, the amount is at least ``min_top_up_minor``, the
+   card has used it fewer than ``per_card_limit`` times (0 = no limit) and,
+   for a first-top-up promotion, the card was never topped up. Bonus: fixed
+   ``bonus_minor``; or percent ``amount * bonus_bp // 10000`` (floor), at most
+   ``max_bonus_minor`` when that is set. Of several, the largest bonus wins; a
+   tie goes to the one written first. One promotion per top-up.
+8. Tier upgrades, in the same write as the operation that earns them, never
+   down: after a purchase, the highest tier above the card's whose
+   ``upgrade_spend_minor`` (> 0) is at most the card's lifetime paid (the
+   money purchases took from the balance); after a top-up, the highest tier
+   above the card's whose ``upgrade_top_up_minor`` (> 0) is at most this one
+   top-up. The journal entry's ``tier`` is the tier the operation was
+   computed with, ``tier_after`` the card's tier after it.
+9. Only active cards can be topped up or spent.
+10. PINs (the exact order of checks is in ``layout``): a purchase always
    needs the card's PIN, a top-up when ``pin_on_top_up`` is set. After
    ``pin_tries_max`` wrong PINs in a row (default 3) the PIN locks: the money
    stays, the card cannot be spent until an operator resets the PIN. A right
    PIN sets the count back to 0.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
-90 %) and earns 1 point per 1.00 paid. Programs are TOML documents
-(``cardcore.program`` validates them), stored in the ledger by version: each
-journal entry names the version it was computed under.
+90 %), earns 1 point per 1.00 paid and has no categories, promotions or
+redemption. Programs are TOML documents (``cardcore.program`` validates them),
+stored in the ledger by version: each journal entry names the version it was
+computed under; ``compiled`` turns one into the C struct the kernel reads.
 """
 from __future__ import annotations
 
 import dataclasses
+from array import array
 
-from cardcore import layout
+from cardcore import layout as L
 
 MAX_TIER_NAME_LEN = 32
+MAX_NAME_LEN = 32  # categories and promotions
+RATE_BP_FULL = 10000
+SPEND_ORDERS = {"principal_first": L.SPEND_PRINCIPAL_FIRST, "bonus_first": L.SPEND_BONUS_FIRST,
+                "proportional": L.SPEND_PROPORTIONAL}
+PROMOTION_KINDS = {"fixed": L.PROMO_FIXED, "percent": L.PROMO_PERCENT,
+                   "first_top_up": L.PROMO_FIRST_TOP_UP}
+PER_CARD_LIMIT_MAX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Category:
+    """A product category, by the code tills send (1..63; 0 is the default, always defined)."""
+    code: int
+    name: str
+    discountable: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Tier:
     name: str
     rate_bp: int
+    points_per_unit: int | None = None     # None: the program's
+    upgrade_spend_minor: int = 0           # rule 8; 0 = not reached by spend
+    upgrade_top_up_minor: int = 0          # rule 8; 0 = not reached by one top-up
+    category_rate_bp: tuple[tuple[int, int], ...] = ()         # (code, rate_bp) overrides
+    category_points_per_unit: tuple[tuple[int, int], ...] = ()  # (code, points) overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class Promotion:
+    """A top-up promotion (rule 7). ``id`` is the chain's, stable across program versions: a
+    card's use count follows it."""
+    id: int
+    name: str
+    kind: int
+    min_top_up_minor: int
+    bonus_minor: int = 0
+    bonus_bp: int = 0
+    max_bonus_minor: int = 0
+    starts_us: int = 0
+    ends_us: int = L.INT64_MAX
+    per_card_limit: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,46 +126,147 @@ class Program:
     require_luhn: bool = True
     pin_tries_max: int = 3
     pin_on_top_up: bool = False
+    categories: tuple[Category, ...] = ()
+    promotions: tuple[Promotion, ...] = ()
+    spend_order: int = L.SPEND_PRINCIPAL_FIRST
+    redeem_points: int = 0
+    redeem_value_minor: int = 0
+    redeem_cap_bp: int = RATE_BP_FULL
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.tiers) <= layout.MAX_TIERS:
-            raise ValueError(f"a program has 1..{layout.MAX_TIERS} tiers")
+        if not 1 <= len(self.tiers) <= L.MAX_TIERS:
+            raise ValueError(f"a program has 1..{L.MAX_TIERS} tiers")
+        codes = {c.code for c in self.categories}
+        if len(codes) != len(self.categories) or not codes <= set(range(1, L.MAX_CATEGORIES)):
+            raise ValueError(f"category codes are distinct, 1..{L.MAX_CATEGORIES - 1}")
         for tier in self.tiers:
-            if not 1 <= tier.rate_bp <= 10000:
+            if not 1 <= tier.rate_bp <= RATE_BP_FULL:
                 raise ValueError(f"tier {tier.name!r}: rate_bp must be 1..10000")
             if not tier.name or len(tier.name) > MAX_TIER_NAME_LEN:
                 raise ValueError(f"tier names are 1..{MAX_TIER_NAME_LEN} characters")
-        if not 0 < self.points_unit_minor <= layout.INT64_MAX:
+            for code, bp in tier.category_rate_bp:
+                if code not in codes or not 1 <= bp <= RATE_BP_FULL:
+                    raise ValueError(f"tier {tier.name!r}: bad category rate {code}: {bp}")
+            for code, per in tier.category_points_per_unit + (
+                    (0, tier.points_per_unit or 0),):
+                if (code and code not in codes) or not 0 <= per <= L.INT64_MAX:
+                    raise ValueError(f"tier {tier.name!r}: bad points per unit {code}: {per}")
+            if min(tier.upgrade_spend_minor, tier.upgrade_top_up_minor) < 0:
+                raise ValueError(f"tier {tier.name!r}: upgrade thresholds are >= 0")
+        if not 0 < self.points_unit_minor <= L.INT64_MAX:
             raise ValueError("points_unit_minor must be > 0")
-        if not 0 <= self.points_per_unit <= layout.INT64_MAX:
+        if not 0 <= self.points_per_unit <= L.INT64_MAX:
             raise ValueError("points_per_unit must be >= 0")
-        if not 1 <= self.pin_tries_max <= layout.PIN_TRIES_MAX_LIMIT:
-            raise ValueError(f"pin_tries_max must be 1..{layout.PIN_TRIES_MAX_LIMIT}")
+        if not 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT:
+            raise ValueError(f"pin_tries_max must be 1..{L.PIN_TRIES_MAX_LIMIT}")
+        if len(self.promotions) > L.MAX_PROMOTIONS:
+            raise ValueError(f"a program has at most {L.MAX_PROMOTIONS} promotions")
+        if len({p.id for p in self.promotions}) != len(self.promotions):
+            raise ValueError("promotion ids are distinct")
+        for p in self.promotions:
+            if (not 1 <= p.id <= 0xFFFF or p.kind not in PROMOTION_KINDS.values()
+                    or not 0 < p.min_top_up_minor <= L.INT64_MAX
+                    or not 0 <= p.bonus_bp <= RATE_BP_FULL
+                    or min(p.bonus_minor, p.max_bonus_minor) < 0
+                    or not p.starts_us < p.ends_us
+                    or not 0 <= p.per_card_limit <= PER_CARD_LIMIT_MAX):
+                raise ValueError(f"promotion {p.id}: out of range")
+        if self.spend_order not in SPEND_ORDERS.values():
+            raise ValueError("spend_order unknown")
+        if (self.redeem_points < 0 or self.redeem_value_minor < 0
+                or (self.redeem_points > 0) != (self.redeem_value_minor > 0)
+                or not 0 <= self.redeem_cap_bp <= RATE_BP_FULL):
+            raise ValueError("redemption out of range")
+
+    def category(self, code: int) -> Category | None:
+        """The category of ``code`` (0: the default category)."""
+        if code == 0:
+            return DEFAULT_CATEGORY
+        return next((c for c in self.categories if c.code == code), None)
 
     def packed(self, version: int) -> bytes:
-        """The 96-byte program struct the kernel reads, for stored version ``version``."""
+        """The compiled program (layout: Program v3) the kernel reads, for stored ``version``:
+        every lookup of rules 3, 5, 7 and 8 is an array index, never a dict per operation."""
         assert version >= 1
-        rates = [t.rate_bp for t in self.tiers] + [0] * (layout.MAX_TIERS - len(self.tiers))
-        return layout.PROGRAM.pack(len(self.tiers), self.pin_tries_max, self.points_unit_minor,
-                                   self.points_per_unit, *rates, version, 0)
+        flags = bytearray(L.MAX_CATEGORIES)
+        flags[0] = L.CATEGORY_DEFINED | L.CATEGORY_DISCOUNTABLE
+        for c in self.categories:
+            flags[c.code] = L.CATEGORY_DEFINED | (L.CATEGORY_DISCOUNTABLE if c.discountable else 0)
+        rates = array("H", bytes(2 * L.MAX_TIERS * L.MAX_CATEGORIES))
+        per_unit = array("q", bytes(8 * L.MAX_TIERS * L.MAX_CATEGORIES))
+        spend = [0] * L.MAX_TIERS
+        top_up = [0] * L.MAX_TIERS
+        for t, tier in enumerate(self.tiers):
+            base = t * L.MAX_CATEGORIES
+            tier_per = self.points_per_unit if tier.points_per_unit is None else tier.points_per_unit
+            rate_of, per_of = dict(tier.category_rate_bp), dict(tier.category_points_per_unit)
+            for code in range(L.MAX_CATEGORIES):
+                if not flags[code] & L.CATEGORY_DEFINED:
+                    continue
+                rates[base + code] = (rate_of.get(code, tier.rate_bp)
+                                      if flags[code] & L.CATEGORY_DISCOUNTABLE else RATE_BP_FULL)
+                per_unit[base + code] = per_of.get(code, tier_per)
+            spend[t], top_up[t] = tier.upgrade_spend_minor, tier.upgrade_top_up_minor
+        head = L.PROGRAM_HEAD.pack(
+            len(self.tiers), self.pin_tries_max, self.points_unit_minor, self.redeem_points,
+            self.redeem_value_minor, self.redeem_cap_bp, version, self.spend_order,
+            len(self.promotions), bytes(6), bytes(flags), *spend, *top_up)
+        promos = b"".join(L.PROMOTION.pack(p.id, p.kind, p.per_card_limit, p.bonus_bp,
+                                           p.min_top_up_minor, p.bonus_minor, p.max_bonus_minor,
+                                           p.starts_us, p.ends_us, bytes(16))
+                          for p in self.promotions)
+        promos += bytes((L.MAX_PROMOTIONS - len(self.promotions)) * L.PROMOTION_SIZE)
+        out = head + promos + rates.tobytes() + per_unit.tobytes()
+        assert len(out) == L.PROGRAM_SIZE
+        return out
 
 
+DEFAULT_CATEGORY = Category(0, "default")
 DEFAULT_PROGRAM = Program(tiers=(Tier("standard", 10000), Tier("silver", 9500), Tier("gold", 9000)))
 
 
 def paid_minor(gross_minor: int, rate_bp: int) -> int:
-    """Rule 3: what the member pays, rounded half-up to the fen."""
-    assert gross_minor > 0 and 1 <= rate_bp <= 10000
+    """Rule 3: what the member pays for a line, rounded half-up to the fen."""
+    assert gross_minor > 0 and 1 <= rate_bp <= RATE_BP_FULL
     return (gross_minor * rate_bp + 5000) // 10000
 
 
 def points_earned(paid: int, points_unit_minor: int, points_per_unit: int) -> int:
-    """Rule 4: whole units paid times points per unit (may exceed int64: callers check)."""
+    """Rule 5: whole units paid times points per unit (may exceed int64: callers check)."""
     return (paid // points_unit_minor) * points_per_unit
 
 
+def redemption(points_offered: int, paid: int, redeem_points: int, redeem_value_minor: int,
+               redeem_cap_bp: int) -> tuple[int, int]:
+    """Rule 4: (points taken, fen they pay) for ``points_offered`` against ``paid``."""
+    cap = paid * redeem_cap_bp // RATE_BP_FULL
+    blocks = min(points_offered // redeem_points, cap // redeem_value_minor)
+    return blocks * redeem_points, blocks * redeem_value_minor
+
+
+def spend(due: int, principal: int, bonus: int, order: int) -> tuple[int, int]:
+    """Rule 6: (from principal, from bonus) for ``due`` <= principal + bonus."""
+    assert 0 <= due <= principal + bonus
+    if order == L.SPEND_BONUS_FIRST:
+        from_bonus = min(due, bonus)
+    elif order == L.SPEND_PROPORTIONAL:
+        # half up; due - from_bonus <= principal: due*principal/(p+b) + 1/2 rounds to <= principal
+        from_bonus = (2 * due * bonus + principal + bonus) // (2 * (principal + bonus)) if due else 0
+    else:
+        from_bonus = due - min(due, principal)
+    return due - from_bonus, from_bonus
+
+
+def promotion_bonus(p: Promotion, amount_minor: int) -> int:
+    """Rule 7: the bonus promotion ``p`` gives a top-up of ``amount_minor`` that qualifies."""
+    if p.kind == L.PROMO_PERCENT:
+        bonus = amount_minor * p.bonus_bp // RATE_BP_FULL
+        return min(bonus, p.max_bonus_minor) if p.max_bonus_minor else bonus
+    return p.bonus_minor
+
+
 def available_minor(principal_minor: int, bonus_minor: int, held_minor: int) -> int:
-    """Rule 5: what a purchase can spend now. The one definition for the ledger, the service and
+    """Rule 6: what a purchase can spend now. The one definition for the ledger, the service and
     verify; the kernel and the reference compute it in their own language, held equal by the
     differential tests."""
     return principal_minor + bonus_minor - held_minor

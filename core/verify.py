@@ -6,12 +6,15 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
   digest is SHA-256(the previous digest | its first 224 bytes), so a flipped
   bit or a forged entry is found where it is; times never go back;
 - every entry means what its type says: an opening moves nothing, a top-up
-  adds its amount to principal, a purchase takes gross - discount from
-  principal and bonus and adds points, admin and PIN entries move nothing;
-  and, under the program version the entry names (0: migrated from v1, not
-  recomputed), the purchase's discount and points are recomputed with the
-  rules of that version; each entry names the version current at its place
-  in the journal;
+  adds its amount to principal and its promotion's bonus to bonus, a purchase
+  takes what is due from principal and bonus and moves points, admin and PIN
+  entries move nothing; and, under the program version the entry names (0:
+  migrated from v1, not recomputed), each top-up and purchase is recomputed
+  with the reference arithmetic of that version from the card's state as the
+  journal leaves it before the entry: the promotion chosen and its bonus, each
+  line's discount, redeemed share and points (the stored lines), the spend
+  order's split, the tier it was computed with and any upgrade; each entry
+  names the version current at its place in the journal;
 - the running sums: each entry's after-balances equal them and never go
   negative; every card's principal, bonus, points, lifetime paid, last
   sequence and PIN state equal what its entries add up to; the totals match;
@@ -30,9 +33,10 @@ from collections import Counter
 from cardcore import layout as L
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
-from cardcore.idempotency import request_tag, unpack_request_keys
+from cardcore.idempotency import lines_digest, request_tag, unpack_request_keys
 from cardcore.program import ProgramError, parse_program
-from cardcore.rules import paid_minor, points_earned
+from cardcore.reference import Card, CardState, CompiledProgram, purchase
+from cardcore.rules import spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
 
@@ -48,6 +52,7 @@ def verify(ledger, problems_max: int = 50) -> dict:
         programs = _programs(txn, ledger, problem)
         journal = _journal(txn, ledger, programs, problem)
         cards = _cards(txn, ledger, journal["sums"], problem)
+        _states(txn, ledger, journal["states"], problem)
         requests = _requests(txn, ledger, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
@@ -99,8 +104,12 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     last_digest = GENESIS
     last_ts = 0
     program_now = 0   # the version the next entry must name (0 until a program is loaded)
+    compiled: dict[int, CompiledProgram] = {}
+    states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     for key, entry in txn.cursor(db=ledger.journal):
         f = L.JOURNAL.unpack(entry)
+        taken, redeemed, tier_after, line_count, promotion_id = L.JOURNAL_PROGRAM.unpack_from(
+            entry, L.JOURNAL_OFF_PROGRAM)
         (version, op, tier, _, reason, pin_tries, pin_flags, seq, cid, amount, discount, dp, db_,
          dpts, pa, ba, ptsa, ts_us) = f[:18]
         program_version = f[23]
@@ -139,42 +148,47 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: a second opening of the same card")
             if any(f[_MOVES]):
                 problem(f"journal entry {seq}: an opening that moves value")
-            s = sums[cid] = [0, 0, 0, 0, 0, 0]
+            s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
-            s = sums[cid] = [0, 0, 0, 0, 0, 0]
-        elif op == L.OP_TOP_UP:
-            if amount <= 0 or dp != amount or db_ or dpts or discount:
-                problem(f"journal entry {seq}: a top-up that does not add its amount")
-        elif op == L.OP_PURCHASE:
-            paid = amount - discount
-            if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0
-                    or dp + db_ != -paid or dpts < 0):
-                problem(f"journal entry {seq}: a purchase whose debit is not gross - discount")
+            s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
+        elif program_version and tier != s[6]:
+            problem(f"journal entry {seq}: computed at tier {tier}, but the card was at {s[6]}")
+        if op in (L.OP_TOP_UP, L.OP_PURCHASE):
             program = programs.get(program_version, (None,))[0]
-            if program is not None and amount > 0:
-                if tier >= len(program.tiers):
-                    problem(f"journal entry {seq}: tier {tier} is not in program "
-                            f"version {program_version}")
-                else:
-                    expect_paid = paid_minor(amount, program.tiers[tier].rate_bp)
-                    expect_points = points_earned(expect_paid, program.points_unit_minor,
-                                                  program.points_per_unit)
-                    if (paid, dpts) != (expect_paid, expect_points):
-                        problem(f"journal entry {seq}: paid {paid} and {dpts} points, but program "
-                                f"version {program_version} gives {expect_paid} and "
-                                f"{expect_points}")
-            s[4] += paid
+            prog = None
+            if program is not None:
+                prog = compiled.get(program_version)
+                if prog is None:
+                    prog = CompiledProgram(program.packed(program_version))
+                    compiled[program_version] = prog
+            if op == L.OP_TOP_UP:
+                state = states.get(cid)
+                if state is None:
+                    state = states[cid] = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
+                why = _top_up_problem(prog, state, f, tier_after, promotion_id)
+            else:
+                lines = (txn.get(key, db=ledger.journal_lines) if line_count else None) or b""
+                carried = entry[L.JOURNAL_OFF_LINES_DIGEST:][:L.LINES_DIGEST_SIZE]
+                if carried != (lines_digest(lines) if line_count else bytes(L.LINES_DIGEST_SIZE)):
+                    problem(f"journal entry {seq}: its stored lines are not the ones it carries "
+                            "the digest of (changed or lost)")
+                why = _purchase_problem(prog, s, f, taken, redeemed, tier_after, line_count, lines)
+            if why:
+                problem(f"journal entry {seq}: {why}")
+            if op == L.OP_PURCHASE:
+                s[4] -= dp + db_  # lifetime paid: what purchases took from the balance
         elif op in (L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_PIN_FAILED):
             if any(f[_MOVES]):
                 problem(f"journal entry {seq}: a PIN entry that moves value")
-        else:
+        elif op != L.OP_OPEN:
             problem(f"journal entry {seq}: unknown operation type {op}")
         s[0] += dp
         s[1] += db_
         s[2] += dpts
         s[3] = seq
         s[5] = pin_tries | pin_flags << 8
+        s[6] = tier_after if program_version else tier  # migrated v1 entries never upgraded
         totals[0] += dp
         totals[1] += db_
         totals[2] += dpts
@@ -183,7 +197,74 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1,
-            "head_digest": last_digest}
+            "head_digest": last_digest, "states": states}
+
+
+def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, tier_after: int,
+                    promotion_id: int) -> str | None:
+    """Why a top-up entry is not what its program makes of it (None: it is). ``state`` is the
+    card's program state before it, rebuilt from the journal, and moves on past it."""
+    amount, discount, dp, db_, dpts, ts_us = f[9], f[10], f[11], f[12], f[13], f[17]
+    if amount <= 0 or dp != amount or dpts or discount or db_ < 0:
+        return "a top-up that does not add its amount"
+    if prog is None:  # migrated from v1: counted, not recomputed
+        state.top_up(amount, 0, None)
+        return "a migrated top-up with a bonus" if db_ or promotion_id else None
+    pid, bonus, slot_k = prog.best_promotion(state, amount, ts_us)
+    state.top_up(amount, pid if slot_k is not None else 0, slot_k)
+    if (pid, bonus) != (promotion_id, db_):
+        return (f"promotion {promotion_id} with bonus {db_}, but the program gives promotion "
+                f"{pid} with bonus {bonus}")
+    expect = prog.upgrade(f[2], prog.up_top_up, amount)
+    if tier_after != expect:
+        return f"tier {tier_after} after it, but the program gives {expect}"
+    return None
+
+
+def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, taken: int, redeemed: int,
+                      tier_after: int, line_count: int, lines: bytes) -> str | None:
+    """Why a purchase entry is not what its program makes of it from the card's running sums
+    ``s`` before it (None: it is): the reference arithmetic re-run on its stored lines."""
+    amount, discount, dp, db_, dpts = f[9:14]
+    due = -(dp + db_)
+    if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0 or taken < 0
+            or not 0 <= redeemed or due != amount - discount - redeemed):
+        return "a purchase whose debit is not gross - discount - redeemed"
+    if prog is None:  # migrated from v1: not recomputed
+        return None
+    tier = f[2]
+    if tier >= prog.tier_count:
+        return f"tier {tier} is not in its program version"
+    if len(lines) != line_count * L.LINE_SIZE:
+        return f"{line_count} lines in the entry, {len(lines) // L.LINE_SIZE} stored"
+    before = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, s[0], s[1], s[2], 0, s[4], 0, 0,
+                   0, 0, bytes(32), bytes(24)))
+    buf = bytearray(b"".join(L.LINE.pack(*(x[:4] + (0, 0, 0) + x[7:]))
+                             for x in L.LINE.iter_unpack(lines)))
+    reason, (paid, earned, took, red) = purchase(prog, before, buf, range(line_count), amount,
+                                                 taken)
+    if reason != L.R_OK or (paid, took, red, earned - took) != (amount - discount, taken,
+                                                                  redeemed, dpts):
+        return (f"paid {amount - discount}, {taken} points for {redeemed} and {dpts} points, but "
+                f"its program gives {paid}, {took} for {red} and {earned - took} ({reason})")
+    if bytes(buf) != lines:
+        return "its stored lines differ from its program's arithmetic"
+    if spend(due, s[0], s[1], prog.spend_order) != (-dp, -db_):
+        return "its split between principal and bonus is not its program's spend order"
+    expect = prog.upgrade(tier, prog.up_spend, s[4] + due)
+    if tier_after != expect:
+        return f"tier {tier_after} after it, but the program gives {expect}"
+    return None
+
+
+def _states(txn, ledger, states: dict, problem) -> None:
+    """Every card's stored program state is the one its journal rebuilds (none: all zeros)."""
+    stored = dict(txn.cursor(db=ledger.card_ext)) if ledger.card_ext is not None else {}
+    for cid in set(stored) | set(states):
+        state = states.get(cid)
+        want = L.CARD_EXT.pack(*state.fields()) if state else bytes(L.CARD_EXT_SIZE)
+        if stored.get(cid, bytes(L.CARD_EXT_SIZE)) != want:
+            problem(f"card ...{cid.hex()[:8]}: its program state is not what its top-ups make")
 
 
 def _cards(txn, ledger, sums: dict, problem) -> dict:
@@ -203,7 +284,8 @@ def _cards(txn, ledger, sums: dict, problem) -> dict:
             problem(f"card ...{cid.hex()[:8]}: invalid record (no holds exist yet)")
         if s is None:
             problem(f"card ...{cid.hex()[:8]}: no journal entries")
-        elif (principal, bonus, points, last_seq, lifetime, rec[3] | (rec[4] & 0xFF) << 8) != tuple(s):
+        elif (principal, bonus, points, last_seq, lifetime, rec[3] | (rec[4] & 0xFF) << 8,
+              rec[2]) != tuple(s):
             problem(f"card ...{cid.hex()[:8]}: record {principal}/{bonus}/{points}/#{last_seq}"
                     f"/paid {lifetime} but journal adds up to {s[0]}/{s[1]}/{s[2]}/#{s[3]}"
                     f"/paid {s[4]}")

@@ -7,10 +7,11 @@ no Python object. The rules are in cardcore.rules; cardcore.reference is the
 readable twin and the differential tests hold the two to the same output.
 Bounds are checked once, before the loop (boundscheck is off inside it).
 """
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
-from records cimport cc_card_t, cc_i128, cc_journal_t, cc_op_t, cc_program_t
+from records cimport (cc_card_ext_t, cc_card_t, cc_i128, cc_journal_t, cc_line_t, cc_op_t,
+                     cc_program_t, cc_promotion_t)
 
 cdef extern from "<stdint.h>":
     const int64_t INT64_MAX
@@ -19,8 +20,16 @@ cdef enum:
     CARD_SIZE = 128
     JOURNAL_SIZE = 256
     OP_SIZE = 192
-    PROGRAM_SIZE = 96
+    PROGRAM_SIZE = 11632
+    LINE_SIZE = 64
+    EXT_SIZE = 128
     PIN_CHECK_SIZE = 32
+    MAX_TIERS = 16
+    MAX_CATEGORIES = 64
+    MAX_PROMOTIONS = 16
+    PROMOTION_SLOTS = 16
+    LINES_MAX = 100
+    RATE_FULL = 10000
 
 # Values of cardcore.v1.OperationType / CardStatus / Reason and the flag bits of
 # cardcore.layout (tests check they agree).
@@ -47,6 +56,16 @@ cdef enum:
     R_PIN_LOCKED = 22
     R_PIN_NOT_SET = 23
     R_OPERATOR_REQUIRED = 40
+    R_UNKNOWN_CATEGORY = 64
+    R_INSUFFICIENT_POINTS = 65
+    R_REDEMPTION_NOT_OFFERED = 66
+    CATEGORY_DEFINED = 1
+    SPEND_BONUS_FIRST = 1
+    SPEND_PROPORTIONAL = 2
+    PROMO_PERCENT = 2
+    PROMO_FIRST_TOP_UP = 3
+    DIRTY_CARD = 1
+    DIRTY_EXT = 2
     CARD_PIN_SET = 1
     CARD_PIN_LOCKED = 2
     PIN_PRESENTED = 1
@@ -119,8 +138,169 @@ cdef inline void set_pin(const cc_op_t* op, cc_card_t* rec) noexcept nogil:
     rec.pin_tries = 0
 
 
+cdef inline uint32_t upgrade(const cc_program_t* prog, uint32_t tier, const int64_t* thresholds,
+                             int64_t reached) noexcept nogil:
+    """Rule 8: the highest tier above ``tier`` whose threshold (> 0) ``reached`` meets."""
+    cdef int t = <int>prog.tier_count - 1
+    while t > <int>tier:
+        if thresholds[t] > 0 and thresholds[t] <= reached:
+            return <uint32_t>t
+        t -= 1
+    return tier
+
+
+cdef inline int promotion_slot(const cc_program_t* prog, const cc_card_ext_t* ext,
+                               uint16_t pid) noexcept nogil:
+    """The card's use slot of promotion ``pid``: its own, else the first free one (id 0, or a
+    promotion the program no longer has); -1 when all are taken."""
+    cdef int k, j, known
+    for k in range(PROMOTION_SLOTS):
+        if ext.promotion_id[k] == pid:
+            return k
+    for k in range(PROMOTION_SLOTS):
+        if ext.promotion_id[k] == 0:
+            return k
+        known = 0
+        for j in range(prog.promotion_count):
+            if prog.promotions[j].id == ext.promotion_id[k]:
+                known = 1
+                break
+        if not known:
+            return k
+    return -1
+
+
+cdef inline int best_promotion(const cc_program_t* prog, const cc_card_ext_t* ext, int64_t amount,
+                               int64_t ts_us, int64_t* bonus_out, int* slot_out) noexcept nogil:
+    """Rule 7: the index of the best promotion for this top-up (its bonus and the card's use
+    slot, -1 when unlimited, through the pointers), or -1 when none applies."""
+    cdef int j, best = -1, slot_k
+    cdef int64_t bonus
+    cdef const cc_promotion_t* p
+    bonus_out[0] = 0
+    slot_out[0] = -1
+    for j in range(prog.promotion_count):
+        p = &prog.promotions[j]
+        if ts_us < p.starts_us or ts_us >= p.ends_us or amount < p.min_top_up_minor:
+            continue
+        if p.kind == PROMO_FIRST_TOP_UP and ext.top_up_count != 0:
+            continue
+        slot_k = -1
+        if p.per_card_limit:
+            slot_k = promotion_slot(prog, ext, p.id)
+            if slot_k < 0:
+                continue
+            if ext.promotion_id[slot_k] == p.id and ext.promotion_uses[slot_k] >= p.per_card_limit:
+                continue
+        if p.kind == PROMO_PERCENT:
+            bonus = <int64_t>((<cc_i128>amount * p.bonus_bp) // RATE_FULL)
+            if p.max_bonus_minor and bonus > p.max_bonus_minor:
+                bonus = p.max_bonus_minor
+        else:
+            bonus = p.bonus_minor
+        if bonus > bonus_out[0]:
+            best = j
+            bonus_out[0] = bonus
+            slot_out[0] = slot_k
+    return best
+
+
+cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const cc_card_t* rec,
+                             cc_line_t* lines, int64_t* fig) noexcept nogil:
+    """Rules 2-6 for one purchase: the reason; fig = paid, earned, points taken, redeemed fen.
+    Fills the lines' output fields once they passed the category check."""
+    cdef cc_line_t implicit
+    cdef cc_line_t* ls = lines
+    cdef int n = op.line_count, k, over = 0
+    cdef uint32_t code, tier = rec.tier
+    cdef int64_t gross = 0, paid = 0, p, taken = 0, redeemed = 0, blocks, cap_blocks, left, on_line
+    cdef int64_t due
+    cdef cc_i128 wide, earned = 0
+    cdef uint8_t reason = R_OK
+    fig[0] = fig[1] = fig[2] = fig[3] = 0
+    if n == 0:
+        memset(&implicit, 0, LINE_SIZE)
+        implicit.amount_minor = op.amount_minor
+        ls = &implicit
+        n = 1
+    for k in range(n):
+        if ls[k].amount_minor <= 0 or ls[k].amount_minor > INT64_MAX - gross:
+            return R_INVALID_AMOUNT
+        gross += ls[k].amount_minor
+    if gross != op.amount_minor:
+        return R_INVALID_AMOUNT
+    for k in range(n):
+        code = ls[k].category_code
+        if code >= MAX_CATEGORIES or not prog.category_flags[code] & CATEGORY_DEFINED:
+            return R_UNKNOWN_CATEGORY
+    for k in range(n):
+        wide = <cc_i128>ls[k].amount_minor * prog.rate_bp[tier][ls[k].category_code] + 5000
+        p = <int64_t>(wide // RATE_FULL)  # <= the line's amount: fits
+        ls[k].discount_minor = ls[k].amount_minor - p
+        ls[k].points_earned = 0
+        ls[k].redeemed_minor = 0
+        paid += p
+    if op.redeem_points:
+        if prog.redeem_points == 0:
+            reason = R_REDEMPTION_NOT_OFFERED
+        elif rec.points < op.redeem_points:
+            reason = R_INSUFFICIENT_POINTS
+        else:
+            blocks = op.redeem_points // prog.redeem_points
+            cap_blocks = <int64_t>((<cc_i128>paid * prog.redeem_cap_bp) // RATE_FULL) // prog.redeem_value_minor
+            if cap_blocks < blocks:
+                blocks = cap_blocks
+            taken = blocks * prog.redeem_points         # <= the points offered
+            redeemed = blocks * prog.redeem_value_minor  # <= the cap <= paid
+    if reason == R_OK:
+        left = redeemed
+        for k in range(n):
+            p = ls[k].amount_minor - ls[k].discount_minor
+            on_line = left if left < p else p
+            left -= on_line
+            ls[k].redeemed_minor = on_line
+            wide = <cc_i128>((p - on_line) // prog.points_unit_minor) * \
+                prog.points_per_unit[tier][ls[k].category_code]
+            if wide > INT64_MAX:
+                over = 1
+                ls[k].points_earned = INT64_MAX
+            else:
+                ls[k].points_earned = <int64_t>wide
+                earned += wide
+        due = paid - redeemed
+        if due > rec.principal_minor + rec.bonus_minor - rec.held_minor:
+            reason = R_INSUFFICIENT_FUNDS
+        elif (over or earned > <cc_i128>(INT64_MAX - (rec.points - taken))
+              or due > INT64_MAX - rec.lifetime_paid_minor):
+            reason = R_AMOUNT_OVERFLOW
+    fig[0] = paid
+    fig[1] = <int64_t>earned if not over and earned <= INT64_MAX else 0
+    fig[2] = taken
+    fig[3] = redeemed
+    return reason
+
+
+cdef inline void spend(int64_t due, const cc_card_t* rec, uint8_t order, int64_t* from_principal,
+                       int64_t* from_bonus) noexcept nogil:
+    """Rule 6: which bucket pays ``due`` (<= principal + bonus)."""
+    cdef int64_t total = rec.principal_minor + rec.bonus_minor  # fits: a record invariant
+    cdef int64_t b
+    if order == SPEND_BONUS_FIRST:
+        b = due if due < rec.bonus_minor else rec.bonus_minor
+    elif order == SPEND_PROPORTIONAL:
+        if due == 0:
+            b = 0
+        else:
+            b = <int64_t>((2 * <cc_i128>due * rec.bonus_minor + total) // (2 * <cc_i128>total))
+    else:
+        b = due - (due if due < rec.principal_minor else rec.principal_minor)
+    from_bonus[0] = b
+    from_principal[0] = due - b
+
+
 cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_card_t* rec,
-                              cc_journal_t* out, int64_t ts_us, uint64_t seq) noexcept nogil:
+                              cc_card_ext_t* ext, cc_line_t* lines, cc_journal_t* out,
+                              int64_t ts_us, uint64_t seq, uint8_t* dirty) noexcept nogil:
     """Apply one operation to its record; fill its journal entry; return the reason.
 
     The entry's seq is non-zero when the record changed: the operation was
@@ -128,12 +308,18 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     """
     cdef uint8_t reason = R_OK
     cdef uint8_t entry_op = op.op
-    cdef int checked = 0
+    cdef uint8_t tier_before = rec.tier
+    cdef int checked = 0, promo = -1, slot_k = -1, ext_changed = 0
     cdef int64_t amount = op.amount_minor
-    cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, paid = 0
-    cdef cc_i128 wide
-    cdef int64_t earned, available
-    if op.op == OP_OPEN:
+    cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, bonus = 0
+    cdef int64_t from_principal, from_bonus, due
+    cdef int64_t fig[4]
+    cdef uint16_t promotion_id = 0
+    fig[0] = fig[1] = fig[2] = fig[3] = 0
+    if ((op.line_count or op.redeem_points) and op.op != OP_PURCHASE) or op.redeem_points < 0 \
+            or op.line_count > LINES_MAX:
+        reason = R_INVALID_ARGUMENT
+    elif op.op == OP_OPEN:
         if rec.version != 0:
             reason = R_CARD_ALREADY_EXISTS
         elif op.tier >= prog.tier_count:
@@ -143,6 +329,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             rec.version = 1
             rec.status = STATUS_ACTIVE
             rec.tier = op.tier
+            tier_before = op.tier
             rec.opened_us = ts_us
             rec.home_store_id = op.home_store_id
             if op.pin_flags & NEW_PIN:
@@ -174,28 +361,40 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif amount <= 0:
             reason = R_INVALID_AMOUNT
         elif op.op == OP_TOP_UP:
-            if rec.principal_minor + rec.bonus_minor > INT64_MAX - amount:
+            promo = best_promotion(prog, ext, amount, ts_us, &bonus, &slot_k)
+            if (<cc_i128>rec.principal_minor + rec.bonus_minor + amount + bonus > INT64_MAX
+                    or ext.lifetime_top_up_minor > INT64_MAX - amount):
                 reason = R_AMOUNT_OVERFLOW
             else:
                 d_principal = amount
+                d_bonus = bonus
+                ext.version = 1
+                if ext.top_up_count != <uint32_t>0xFFFFFFFF:
+                    ext.top_up_count += 1
+                ext.lifetime_top_up_minor += amount
+                if promo >= 0:
+                    promotion_id = prog.promotions[promo].id
+                    if slot_k >= 0:
+                        if ext.promotion_id[slot_k] != promotion_id:
+                            ext.promotion_id[slot_k] = promotion_id
+                            ext.promotion_uses[slot_k] = 0
+                        ext.promotion_uses[slot_k] += 1
+                ext_changed = 1
+                rec.tier = <uint8_t>upgrade(prog, rec.tier, prog.upgrade_top_up_minor, amount)
         elif rec.tier >= prog.tier_count:
             reason = R_INVALID_TIER
         else:
-            wide = <cc_i128>amount * prog.rate_bp[rec.tier] + 5000
-            paid = <int64_t>(wide // 10000)  # <= amount: fits
-            available = rec.principal_minor + rec.bonus_minor - rec.held_minor
-            wide = <cc_i128>(paid // prog.points_unit_minor) * prog.points_per_unit
-            if paid > available:
-                reason = R_INSUFFICIENT_FUNDS
-            elif wide > <cc_i128>(INT64_MAX - rec.points) or paid > INT64_MAX - rec.lifetime_paid_minor:
-                reason = R_AMOUNT_OVERFLOW
-            else:
-                earned = <int64_t>wide
-                discount = amount - paid
-                d_principal = -(paid if paid < rec.principal_minor else rec.principal_minor)
-                d_bonus = -(paid + d_principal)
-                d_points = earned
-                rec.lifetime_paid_minor += paid
+            reason = purchase(prog, op, rec, lines, fig)
+            if reason == R_OK:
+                discount = amount - fig[0]
+                due = fig[0] - fig[3]
+                spend(due, rec, prog.spend_order, &from_principal, &from_bonus)
+                d_principal = -from_principal
+                d_bonus = -from_bonus
+                d_points = fig[1] - fig[2]
+                rec.lifetime_paid_minor += due
+                rec.tier = <uint8_t>upgrade(prog, rec.tier, prog.upgrade_spend_minor,
+                                            rec.lifetime_paid_minor)
     cdef int pin_failed = checked == PIN_FAILED
     if pin_failed:
         entry_op = OP_PIN_FAILED
@@ -209,10 +408,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef int changed = pin_failed or (reason == R_OK and op.op != OP_BALANCE_INQUIRY)
     if changed:
         rec.last_seq = seq
+        dirty[0] |= DIRTY_CARD
+        if ext_changed and reason == R_OK:
+            dirty[0] |= DIRTY_EXT
     memset(out, 0, JOURNAL_SIZE)
     out.version = 2
     out.op = entry_op
-    out.tier = rec.tier
+    out.tier = tier_before
     out.status = rec.status
     out.reason = reason
     out.pin_tries = rec.pin_tries
@@ -240,12 +442,23 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     out.ref_id = op.ref_id
     out.basket_tag = op.basket_tag
     out.client_time_us = op.client_time_us
+    out.tier_after = rec.tier
+    if reason == R_OK:
+        out.points_redeemed = fig[2]
+        out.redeemed_minor = fig[3]
+        out.line_count = op.line_count
+        out.promotion_id = promotion_id
     return reason
 
 
-def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32_t[::1] slots,
-                uint8_t[::1] records, uint8_t[::1] journal_out, uint8_t[::1] slot_dirty,
-                int64_t ts_us, uint64_t first_seq):
+cdef inline int ext_ok(const cc_card_ext_t* ext) noexcept nogil:
+    return (ext.version == 0 or ext.version == 1) and ext.lifetime_top_up_minor >= 0
+
+
+def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1] lines,
+                const uint32_t[::1] slots, uint8_t[::1] records, uint8_t[::1] extras,
+                uint8_t[::1] journal_out, uint8_t[::1] slot_dirty, int64_t ts_us,
+                uint64_t first_seq):
     """Apply len(ops) // 192 operations in order; return the next free sequence number.
 
     Same contract as cardcore.reference.apply_batch. Raises ValueError, and
@@ -255,31 +468,45 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32
     """
     cdef Py_ssize_t n = ops.shape[0] // OP_SIZE
     cdef Py_ssize_t nslots = records.shape[0] // CARD_SIZE
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, t, c, line_total = 0
     cdef uint32_t slot
     cdef uint64_t seq = first_seq
     cdef int bad = 0
+    cdef uint8_t reason
     if program.shape[0] != PROGRAM_SIZE or ops.shape[0] != n * OP_SIZE:
         raise ValueError("program or operations buffer has the wrong size")
     if slots.shape[0] != n or journal_out.shape[0] != n * JOURNAL_SIZE:
         raise ValueError("slots or journal buffer does not match the operations")
-    if records.shape[0] != nslots * CARD_SIZE or slot_dirty.shape[0] != nslots:
-        raise ValueError("records or dirty buffer has the wrong size")
+    if (records.shape[0] != nslots * CARD_SIZE or slot_dirty.shape[0] != nslots
+            or extras.shape[0] != nslots * EXT_SIZE):
+        raise ValueError("records, program states or dirty buffer has the wrong size")
     cdef const cc_program_t* prog = <const cc_program_t*>&program[0]
-    if (prog.tier_count < 1 or prog.tier_count > 16 or prog.points_unit_minor <= 0
-            or prog.points_per_unit < 0 or prog.pin_tries_max < 1 or prog.pin_tries_max > 15
-            or prog.program_version < 1):
+    if (prog.tier_count < 1 or prog.tier_count > MAX_TIERS or prog.points_unit_minor <= 0
+            or prog.pin_tries_max < 1 or prog.pin_tries_max > 15 or prog.program_version < 1
+            or prog.promotion_count > MAX_PROMOTIONS or prog.redeem_points < 0
+            or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
+            or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL):
         raise ValueError("program out of range")
-    for i in range(prog.tier_count):
-        if prog.rate_bp[i] < 1 or prog.rate_bp[i] > 10000:
-            raise ValueError("program rate out of range")
+    for t in range(prog.tier_count):
+        for c in range(MAX_CATEGORIES):
+            if prog.category_flags[c] & CATEGORY_DEFINED and (
+                    prog.rate_bp[t][c] < 1 or prog.rate_bp[t][c] > RATE_FULL
+                    or prog.points_per_unit[t][c] < 0):
+                raise ValueError("program rate out of range")
+    for i in range(n):
+        line_total += (<const cc_op_t*>&ops[i * OP_SIZE]).line_count
+    if lines.shape[0] != line_total * LINE_SIZE:
+        raise ValueError("lines buffer does not match the operations' line counts")
     if n == 0:
         return seq
     cdef const cc_op_t* op_base = <const cc_op_t*>&ops[0]
     cdef cc_card_t* rec_base = <cc_card_t*>&records[0] if nslots else NULL
+    cdef cc_card_ext_t* ext_base = <cc_card_ext_t*>&extras[0] if nslots else NULL
+    cdef cc_line_t* line_base = <cc_line_t*>&lines[0] if line_total else NULL
     cdef cc_journal_t* out_base = <cc_journal_t*>&journal_out[0]
     cdef const cc_op_t* op
     cdef cc_card_t* rec
+    cdef Py_ssize_t line_at = 0
     with nogil:
         for i in range(n):
             op = op_base + i
@@ -289,13 +516,14 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, const uint32
                 bad = 1
                 break
             rec = rec_base + slot
-            if not record_ok(rec):
+            if not record_ok(rec) or not ext_ok(ext_base + slot):
                 bad = 2
                 break
-            apply_one(prog, op, rec, out_base + i, ts_us, seq)
+            apply_one(prog, op, rec, ext_base + slot, line_base + line_at if op.line_count else NULL,
+                      out_base + i, ts_us, seq, &slot_dirty[slot])
+            line_at += op.line_count
             if out_base[i].seq != 0:
                 seq += 1
-                slot_dirty[slot] = 1
                 if not record_ok(rec):
                     bad = 3
                     break

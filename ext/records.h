@@ -32,7 +32,10 @@ typedef struct {
     uint32_t caller_id, reserved1;
     uint64_t link_seq, ref_id, basket_tag;
     int64_t client_time_us;
-    uint8_t reserved2[48];
+    int64_t points_redeemed, redeemed_minor;
+    uint8_t tier_after, reserved2;
+    uint16_t line_count, promotion_id, reserved3;
+    uint8_t reserved4[24];
     uint8_t digest[32];
 } cc_journal_t;
 
@@ -48,18 +51,53 @@ typedef struct {
     uint8_t new_pin_check[32];
     uint32_t caller_id, reserved0;
     uint64_t link_seq, ref_id, basket_tag;
-    uint8_t reserved1[32];
+    uint16_t line_count;
+    uint8_t reserved1[6];
+    int64_t redeem_points;
+    uint8_t reserved2[16];
 } cc_op_t;
 
 typedef struct {
+    uint16_t category_code, reserved0;
+    uint32_t quantity;
+    int64_t amount_minor, discount_minor, points_earned, redeemed_minor;
+    uint8_t sku[24];
+} cc_line_t;
+
+typedef struct {
+    uint8_t version, reserved0[3];
+    uint32_t top_up_count;
+    int64_t lifetime_top_up_minor;
+    uint16_t promotion_id[16];
+    uint16_t promotion_uses[16];
+    uint8_t reserved1[48];
+} cc_card_ext_t;
+
+typedef struct {
+    uint16_t id;
+    uint8_t kind, per_card_limit;
+    uint32_t bonus_bp;
+    int64_t min_top_up_minor, bonus_minor, max_bonus_minor, starts_us, ends_us;
+    uint8_t reserved0[16];
+} cc_promotion_t;
+
+typedef struct {
     uint32_t tier_count, pin_tries_max;
-    int64_t points_unit_minor, points_per_unit;
-    uint32_t rate_bp[16];
-    uint32_t program_version, reserved0;
+    int64_t points_unit_minor, redeem_points, redeem_value_minor;
+    uint32_t redeem_cap_bp, program_version;
+    uint8_t spend_order, promotion_count, reserved0[6];
+    uint8_t category_flags[64];
+    int64_t upgrade_spend_minor[16], upgrade_top_up_minor[16];
+    cc_promotion_t promotions[16];
+    uint16_t rate_bp[16][64];
+    int64_t points_per_unit[16][64];
 } cc_program_t;
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
 _Static_assert(sizeof(cc_journal_t) == 256, "journal entry is 256 bytes");
 _Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
-_Static_assert(sizeof(cc_program_t) == 96, "program is 96 bytes");
+_Static_assert(sizeof(cc_program_t) == 11632, "program is 11,632 bytes");
+_Static_assert(sizeof(cc_line_t) == 64, "purchase line is 64 bytes");
+_Static_assert(sizeof(cc_card_ext_t) == 128, "card program state is 128 bytes");
+_Static_assert(sizeof(cc_promotion_t) == 64, "promotion is 64 bytes");
 #endif

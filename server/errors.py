@@ -73,6 +73,11 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                "running program is unchanged"),
     R.REASON_PROGRAM_STRANDS_CARDS: (C.FAILED_PRECONDITION, "the new program drops a tier that cards "
                                      "hold"),
+    R.REASON_UNKNOWN_CATEGORY: (C.INVALID_ARGUMENT, "a purchase line names a category the card "
+                                "program does not define"),
+    R.REASON_INSUFFICIENT_POINTS: (C.FAILED_PRECONDITION, "the card has fewer points than offered"),
+    R.REASON_REDEMPTION_NOT_OFFERED: (C.FAILED_PRECONDITION, "the card program does not redeem "
+                                      "points"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -61,6 +61,55 @@ def client_time_us(request) -> int:
 
 
 
+SKU_LEN_MAX = 24
+
+
+def basket(req, explicit: bool = False) -> tuple[bytes, int, int]:
+    """A purchase's (or quote's) lines packed for the kernel (layout.LINE), its gross amount
+    and the points offered, checked where they enter. ``explicit``: a basket without lines
+    becomes one line of category 0 (a quote always answers per line)."""
+    gross = req.gross_amount_minor
+    if req.redeem_points < 0:
+        raise Invalid(R.REASON_INVALID_ARGUMENT, "redeem_points")
+    if not req.lines:
+        if gross <= 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, "gross_amount_minor")
+        lines = L.LINE.pack(0, 0, 0, gross, 0, 0, 0, b"") if explicit else b""
+        return lines, gross, req.redeem_points
+    if len(req.lines) > L.LINES_MAX:
+        raise Invalid(R.REASON_INVALID_ARGUMENT, "lines")
+    parts, total = [], 0
+    for k, line in enumerate(req.lines):
+        if line.amount_minor <= 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, f"lines[{k}].amount_minor")
+        if line.category_code >= L.MAX_CATEGORIES:
+            raise Invalid(R.REASON_UNKNOWN_CATEGORY, f"lines[{k}].category_code")
+        sku = line.sku
+        if len(sku) > SKU_LEN_MAX:
+            raise Invalid(R.REASON_FIELD_TOO_LONG, f"lines[{k}].sku")
+        if not (sku.isascii() and sku.isprintable()):
+            raise Invalid(R.REASON_INVALID_ARGUMENT, f"lines[{k}].sku")
+        total += line.amount_minor
+        parts.append(L.LINE.pack(line.category_code, 0, line.quantity, line.amount_minor, 0, 0, 0,
+                                 sku.encode("ascii")))
+    if total > L.INT64_MAX:
+        raise Invalid(R.REASON_INVALID_AMOUNT, "lines")
+    if gross not in (0, total):
+        raise Invalid(R.REASON_INVALID_AMOUNT, "gross_amount_minor")
+    return b"".join(parts), total, req.redeem_points
+
+
+def top_up_amount(req: pb.TopUpRequest) -> tuple[int, dict]:
+    if req.amount_minor <= 0:
+        raise Invalid(R.REASON_INVALID_AMOUNT, "amount_minor")
+    return req.amount_minor, {}
+
+
+def purchase_amount(req: pb.PurchaseRequest) -> tuple[int, dict]:
+    lines, amount, redeem = basket(req)
+    return amount, {"lines": lines, "redeem_points": redeem}
+
+
 class Operations:
     """Builders for every mutating card operation, by request type."""
 
@@ -144,26 +193,25 @@ class Operations:
                         new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
                         profile=profile, sealed=self.keyring.seal(card.card_id, card.number))
 
-    def _money_op(self, req, caller: Caller, op_type: int, amount_field: str,
-                  pin_flags: int) -> PendingOp:
+    def _money_op(self, req, caller: Caller, op_type: int, pin_flags: int, measure) -> PendingOp:
+        """A top-up or purchase; ``measure(req)`` gives (amount, extra fields) and is checked
+        after the request_id and client time, before the card."""
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
-        amount = getattr(req, amount_field)
-        if amount <= 0:
-            raise Invalid(R.REASON_INVALID_AMOUNT, amount_field)
+        amount, kw = measure(req)
         card = self.swipes.card(req.card, req.till, caller)
         check = NO_PIN
         if req.pin_block:
             check = self.swipes.pin_check(card, req.pin_block, "pin_block")
             pin_flags |= L.PIN_PRESENTED
-        return self._op(req, rid, at_us, op_type, card, caller, amount, pin_flags, check)
+        return self._op(req, rid, at_us, op_type, card, caller, amount, pin_flags, check, **kw)
 
     def top_up_op(self, req: pb.TopUpRequest, caller: Caller) -> PendingOp:
-        return self._money_op(req, caller, L.OP_TOP_UP, "amount_minor", self.top_up_pin | self.dev_pin)
+        return self._money_op(req, caller, L.OP_TOP_UP, self.top_up_pin | self.dev_pin, top_up_amount)
 
     def purchase_op(self, req: pb.PurchaseRequest, caller: Caller) -> PendingOp:
-        return self._money_op(req, caller, L.OP_PURCHASE, "gross_amount_minor",
-                              L.PIN_REQUIRED | self.dev_pin)
+        return self._money_op(req, caller, L.OP_PURCHASE, L.PIN_REQUIRED | self.dev_pin,
+                              purchase_amount)
 
     def set_pin_op(self, req: pb.SetPinRequest, caller: Caller) -> PendingOp:
         """A change needs the old PIN; a first PIN needs an operator at the till (the kernel

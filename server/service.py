@@ -26,7 +26,7 @@ from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
 from .errors import CODE_NUMBER, Invalid, abort, failure
-from .operations import MALFORMED, Operations, request_id_bytes
+from .operations import MALFORMED, Operations, basket, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.service")
@@ -77,8 +77,19 @@ def _refuse_malformed(fn):
 
 # The journal entry fields a reply shows: op, seq, amount, discount, the three deltas, the
 # three after-balances, ts_us, program version, caller kind and id (see layout.JOURNAL).
-_REPLY_FIELDS = struct.Struct("<xBxxxxxxQ16xqqqqqqqqq24xIB3xI")
+_REPLY_FIELDS = struct.Struct("<xBBxxxxxQ16xqqqqqqqqq24xIB3xI")
 assert _REPLY_FIELDS.size == 140
+
+
+def line_results(lines: bytes) -> list[pb.LineResult]:
+    """Each line's figures as the kernel filled them (layout.LINE)."""
+    out = []
+    for code, _, quantity, amount, discount, points, redeemed, sku in L.LINE.iter_unpack(lines):
+        out.append(pb.LineResult(category_code=code, amount_minor=amount, discount_minor=discount,
+                                 redeemed_minor=redeemed, paid_minor=amount - discount - redeemed,
+                                 points_earned=points, quantity=quantity,
+                                 sku=sku.rstrip(b"\0").decode("ascii")))
+    return out
 
 
 def outcome_failure(outcome: Outcome, pin_tries_max: int) -> cpb.Failure:
@@ -95,13 +106,24 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
     field costs every result)."""
     reason = outcome.reason
     if reason == L.R_OK:  # a plain int: protobuf's enum wrapper attribute costs ~0.3 µs
-        (op, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us, program_version, caller_kind,
-         caller_id) = _REPLY_FIELDS.unpack_from(outcome.entry)
+        entry = outcome.entry
+        (op, tier, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us, program_version,
+         caller_kind, caller_id) = _REPLY_FIELDS.unpack_from(entry)
+        taken, redeemed, tier_after, _, promotion_id = L.JOURNAL_PROGRAM.unpack_from(
+            entry, L.JOURNAL_OFF_PROGRAM)
         result = pb.OperationResult(
             request_id=request_id, replayed=outcome.replayed, seq=seq, type=op,
             amount_minor=amount, discount_minor=discount,
             paid_minor=-(dp + db_) if op == L.OP_PURCHASE else 0,
-            points_earned=dpts, applied_at_us=ts_us, program_version=program_version)
+            points_earned=dpts + taken, applied_at_us=ts_us, program_version=program_version,
+            principal_delta_minor=dp, bonus_delta_minor=db_, tier=tier, tier_after=tier_after)
+        if taken:
+            result.points_redeemed = taken
+            result.redeemed_minor = redeemed
+        if promotion_id:
+            result.promotion_id = promotion_id
+        if outcome.lines:
+            result.lines.extend(line_results(outcome.lines))
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
         balance.bonus_minor = ba
@@ -115,6 +137,44 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
     return pb.OperationResult(
         request_id=request_id, reason=reason, status_code=CODE_NUMBER[reason],
         replayed=outcome.replayed, type=outcome.op, failure=outcome_failure(outcome, pin_tries_max))
+
+
+def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_balance: bool,
+                   pin_tries_max: int) -> pb.QuoteResponse:
+    """A Quote's answer from the kernel's dry run: the entry it would have journaled (or the
+    decline), the lines as filled, and the card record (its balances now: the run's copy is
+    the state after, so they are read off the entry's deltas)."""
+    (op, tier, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, *_rest) = \
+        _REPLY_FIELDS.unpack_from(entry)
+    taken, redeemed, tier_after, _, _ = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)
+    card = L.CARD.unpack(rec)
+    answer = pb.QuoteResponse(reason=reason, tier=card[2] if reason else tier,
+                              tier_after=card[2] if reason else tier_after,
+                              program_version=L.JOURNAL_TAIL.unpack_from(entry)[0])
+    if reason != L.R_OK:
+        answer.failure.CopyFrom(outcome_failure(
+            Outcome(reason, False, op, entry,
+                    available_minor(card[5], card[6], card[8]) if show_balance else 0),
+            pin_tries_max))
+    filled = line_results(lines)
+    answer.lines.extend(filled)
+    answer.amount_minor = sum(x.amount_minor for x in filled)
+    answer.discount_minor = sum(x.discount_minor for x in filled)
+    if reason == L.R_OK:
+        answer.points_redeemed = taken
+        answer.redeemed_minor = redeemed
+        answer.paid_minor = -(dp + db_)
+        answer.principal_paid_minor = -dp
+        answer.bonus_paid_minor = -db_
+        answer.points_earned = dpts + taken
+    if show_balance and card[0]:
+        principal, bonus, points = (pa - dp, ba - db_, ptsa - dpts) if reason == L.R_OK else \
+            (card[5], card[6], card[7])
+        answer.balance.principal_minor = principal
+        answer.balance.bonus_minor = bonus
+        answer.balance.available_minor = available_minor(principal, bonus, card[8])
+        answer.balance.points = points
+    return answer
 
 
 def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationResult:
@@ -140,7 +200,7 @@ class CardService(pb_grpc.CardServiceServicer):
         self.metrics = writer.metrics
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
-            "SetPin", "ResetPin")}
+            "SetPin", "ResetPin", "Quote")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -295,6 +355,32 @@ class CardService(pb_grpc.CardServiceServicer):
             log_refusal("", L.R_CARD_NOT_FOUND)
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
         return self._card_view(found, view)
+
+    def _quote_op(self, request: pb.QuoteRequest, caller: Caller) -> tuple:
+        """(card, the purchase to dry-run, whether the answer may show balances)."""
+        swipes = self.operations.swipes
+        lines, amount, redeem = basket(request, explicit=True)
+        till = request.till
+        card = swipes.card(request.card, till if request.HasField("till") else None, caller)
+        op = PendingOp.build(b"", L.OP_PURCHASE, card.card_id, amount, till.store_id,
+                             till.terminal_id, till.staff_id, lines=lines, redeem_points=redeem,
+                             caller=(L.CALLER_NONE, 0))
+        # what a GetCard without a PIN shows: balances to an operator or in development only
+        return card, op, not card.ksn_counter
+
+    async def Quote(self, request, context):
+        started = time.perf_counter()
+        card, op, show_balance = await self._parse(self._quote_op, request, context)
+        reason = L.R_INTERNAL
+        try:
+            entry, lines, rec = self.ledger.quote(op, time.time_ns() // 1000)
+            reason = L.JOURNAL.unpack_from(entry)[4]
+        finally:
+            if card.ksn_counter:  # a terminal's quote is answered here, like its GetCard
+                self.access.answered(card.terminal_id, reason, inquiry=True)
+        self._call_seconds["Quote"].observe(time.perf_counter() - started)
+        return quote_response(entry, lines, rec, reason, show_balance,
+                              self.ledger.program.pin_tries_max)
 
     def _card_view(self, found: tuple, view: int) -> pb.Card:
         rec, profile = found

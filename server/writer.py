@@ -34,12 +34,12 @@ can wait on the other with both send buffers full::
     ready   = b"READY"
     group   = ts_us:i64 | n:u32 | n x (key_len:u8 | ksn_counter:u32 | profile_len:u32
               | sealed_len:u32 | payload_len:u32 | need_role:u8 | scope:u8 | scope_store:u32
-              | op:192 B | digest:16 B | key | profile | sealed | payload)
-              (a length of 0xFFFFFFFF = none)
-    answer  = n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
-              | entry head:144 B)
-              (the journal entry's first 144 bytes, all a reply shows; all zeros when there is
-              none)
+              | op:192 B | digest:16 B | key | profile | sealed | payload | lines)
+              (a length of 0xFFFFFFFF = none; lines: the op's line_count x 64 B)
+    answer  = n:u32 | n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
+              | entry head:200 B) | the lines of each outcome that has some, in order
+              (the journal entry's first 200 bytes, all a reply shows; all zeros when there is
+              none; an outcome has lines when it applied and its entry's line_count says so)
 
 Housekeeping: the writer process clears stale LMDB reader slots every
 ``reader_check_s`` while it waits for groups; this process sends a
@@ -64,7 +64,7 @@ from typing import Callable
 import lmdb
 
 from cardcore import layout as L
-from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, entry_line_count
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 
 from . import logs
@@ -82,8 +82,9 @@ READER_CHECK_S_DEFAULT = 60.0   # stale LMDB reader slots (a reader killed -9) c
 MAINTENANCE_IDLE_S = 1.0        # an idle writer gets a prune step this often
 
 GROUP_HEAD = struct.Struct("<qI")
+COUNT = struct.Struct("<I")
 OP_HEAD = struct.Struct("<BIIIIBBI")
-ENTRY_HEAD_SIZE = 144  # a reply's fields end at the caller id (layout.JOURNAL offset 140)
+ENTRY_HEAD_SIZE = 200  # a reply's fields end with the card programs' (layout.JOURNAL offset 198)
 ANSWER = struct.Struct(f"<HBBqI{ENTRY_HEAD_SIZE}s")
 NONE_LEN = 0xFFFFFFFF
 NO_ENTRY = bytes(ENTRY_HEAD_SIZE)
@@ -121,6 +122,7 @@ def encode_group(ops: list[PendingOp], ts_us: int) -> bytes:
         parts.append(op.digest)
         parts.append(op.request_key)
         parts.extend([x for x in extras if x is not None])
+        parts.append(op.lines)
     return b"".join(parts)
 
 
@@ -137,32 +139,48 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
         pos += L.OP_SIZE + 16
         key = data[pos:pos + key_len]
         pos += key_len
+        n_lines = L.OP_PROGRAM.unpack_from(packed, L.OP_OFF_PROGRAM)[0] * L.LINE_SIZE
         if l_profile == l_sealed == l_payload == NONE_LEN:  # most operations: a purchase, a top-up
+            lines = data[pos:pos + n_lines] if n_lines else b""
+            pos += n_lines
             ops.append(PendingOp(key, packed[40:56], packed, digest, None, ksn_counter, None, None,
-                                 role, scope, store))
+                                 role, scope, store, lines))
             continue
         extras = []
         for n_bytes in (l_profile, l_sealed, l_payload):
             extras.append(None if n_bytes == NONE_LEN else data[pos:pos + n_bytes])
             pos += 0 if n_bytes == NONE_LEN else n_bytes
         ops.append(PendingOp(key, packed[40:56], packed, digest, extras[0], ksn_counter,
-                             extras[1], extras[2], role, scope, store))
+                             extras[1], extras[2], role, scope, store, data[pos:pos + n_lines]))
+        pos += n_lines
     if pos != len(data):
         raise ValueError("group message has trailing bytes")
     return ops, ts_us
 
 
 def encode_answer(outcomes: list[Outcome]) -> bytes:
-    return b"".join([ANSWER.pack(o.reason, o.replayed, o.op, o.available_minor, o.count,
-                                     o.entry or NO_ENTRY)
-                     for o in outcomes])
+    fixed = [ANSWER.pack(o.reason, o.replayed, o.op, o.available_minor, o.count,
+                         (o.entry or NO_ENTRY)[:ENTRY_HEAD_SIZE])
+             for o in outcomes]
+    return b"".join([COUNT.pack(len(outcomes)), *fixed, *[o.lines for o in outcomes if o.lines]])
 
 
 def decode_answer(data: bytes) -> list[Outcome]:
-    out = []
-    for reason, replayed, op, available, count, entry in ANSWER.iter_unpack(data):
-        out.append(Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry,
-                           available, count))
+    n = COUNT.unpack_from(data)[0]
+    end = COUNT.size + n * ANSWER.size
+    out = [Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry, available,
+                   count)
+           for reason, replayed, op, available, count, entry
+           in ANSWER.iter_unpack(memoryview(data)[COUNT.size:end])]
+    pos = end
+    if pos < len(data):  # purchases with lines: theirs follow, in order
+        for k, o in enumerate(out):
+            if o.reason == L.R_OK and o.entry is not None and entry_line_count(o.entry):
+                size = entry_line_count(o.entry) * L.LINE_SIZE
+                out[k] = o._replace(lines=data[pos:pos + size])
+                pos += size
+    if pos != len(data):
+        raise ValueError("answer message has trailing bytes")
     return out
 
 

@@ -19,10 +19,11 @@ IMPLS = [kernel.apply_batch, reference.apply_batch]
 
 def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, terminal=2, staff=3,
              home_store=0, pin_flags=0, pin=bytes(32), new_pin=bytes(32), operator=0, caller_kind=0,
-             caller_id=0, client_time_us=0, link_seq=0, ref_id=0, basket_tag=0):
+             caller_id=0, client_time_us=0, link_seq=0, ref_id=0, basket_tag=0, line_count=0,
+             redeem=0):
     return L.OP.pack(op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff,
                      operator, tag, card, client_time_us, pin, new_pin, caller_id, 0, link_seq, ref_id,
-                     basket_tag, bytes(32))
+                     basket_tag, line_count, bytes(6), redeem, bytes(16))
 
 
 def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,
@@ -32,13 +33,22 @@ def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, l
                        lifetime, last_seq, 0, 0, 0, pin or bytes(32), bytes(24))
 
 
-def run(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10):
+def run_full(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10,
+             lines=b"", extras=None):
+    """Every output of one apply_batch: (next seq, records, journal, dirty, lines, extras)."""
     records = bytearray(records)
+    extras = bytearray(extras if extras is not None else len(records))
+    lines = bytearray(lines)
     n = len(ops) // L.OP_SIZE
     journal = bytearray(n * L.JOURNAL_SIZE)
     dirty = bytearray(len(records) // L.CARD_SIZE)
-    nxt = impl(program, ops, array("I", slots), records, journal, dirty, ts_us, first_seq)
-    return nxt, bytes(records), bytes(journal), bytes(dirty)
+    nxt = impl(program, ops, lines, array("I", slots), records, extras, journal, dirty, ts_us,
+               first_seq)
+    return nxt, bytes(records), bytes(journal), bytes(dirty), bytes(lines), bytes(extras)
+
+
+def run(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10):
+    return run_full(impl, program, ops, slots, records, ts_us, first_seq)[:4]
 
 
 def one(program, op, record, impl=kernel.apply_batch):
@@ -153,7 +163,8 @@ def test_overflow_and_limits_are_declined_not_wrapped(impl, op, amount, record, 
     nxt, rec, journal, dirty = run(impl, program, op_bytes(op, amount), [0], before)
     assert L.JOURNAL.unpack(journal)[4] == reason
     if reason == L.R_OK:
-        assert nxt == 11 and dirty == b"\x01"
+        # a top-up also counts itself in the card's program state (bit 1)
+        assert nxt == 11 and dirty == (b"\x03" if op == L.OP_TOP_UP else b"\x01")
     else:
         assert nxt == 10 and dirty == b"\x00" and rec == before
 
@@ -234,7 +245,8 @@ def test_pin_rule(impl, op, op_kw, rec_kw, reason, journal_op, tries, locked):
     if journal_op is None:
         assert (nxt, entry[7], dirty, rec) == (10, 0, b"\x00", before)
     else:
-        assert (nxt, entry[7], entry[1], dirty, card[10]) == (11, 10, journal_op, b"\x01", 10)
+        card_dirty = b"\x03" if journal_op == L.OP_TOP_UP else b"\x01"  # + program state
+        assert (nxt, entry[7], entry[1], dirty, card[10]) == (11, 10, journal_op, card_dirty, 10)
         assert (entry[5], entry[6]) == (card[3], card[4])
     if journal_op in (L.OP_SET_PIN, L.OP_RESET_PIN):
         new = op_kw.get("new_pin")
@@ -335,13 +347,24 @@ def test_kernel_equals_reference(program, batch, ts_us, first_seq):
 def test_kernel_checks_buffer_sizes():
     program = rules.DEFAULT_PROGRAM.packed(1)
     with pytest.raises(ValueError):
-        kernel.apply_batch(program, op_bytes(L.OP_OPEN), array("I", [1]), bytearray(128),
-                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)  # slot 1 of a 1-slot buffer
+        kernel.apply_batch(program, op_bytes(L.OP_OPEN), bytearray(), array("I", [1]),
+                           bytearray(128), bytearray(128), bytearray(L.JOURNAL_SIZE), bytearray(1),
+                           0, 1)  # slot 1 of a 1-slot buffer
     with pytest.raises(ValueError):
-        kernel.apply_batch(program[:-1], op_bytes(L.OP_OPEN), array("I", [0]), bytearray(128),
-                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
+        kernel.apply_batch(program[:-1], op_bytes(L.OP_OPEN), bytearray(), array("I", [0]),
+                           bytearray(128), bytearray(128), bytearray(L.JOURNAL_SIZE), bytearray(1),
+                           0, 1)
     with pytest.raises(ValueError):  # a PIN-failed entry is the kernel's output, never its input
-        kernel.apply_batch(program, op_bytes(L.OP_PIN_FAILED), array("I", [0]), bytearray(128),
+        kernel.apply_batch(program, op_bytes(L.OP_PIN_FAILED), bytearray(), array("I", [0]),
+                           bytearray(128), bytearray(128), bytearray(L.JOURNAL_SIZE), bytearray(1),
+                           0, 1)
+    with pytest.raises(ValueError):  # the lines do not match the operations' line counts
+        kernel.apply_batch(program, op_bytes(L.OP_PURCHASE, 5, line_count=1), bytearray(),
+                           array("I", [0]), bytearray(128), bytearray(128),
+                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
+    with pytest.raises(ValueError):  # a program state with an unknown version
+        kernel.apply_batch(program, op_bytes(L.OP_TOP_UP, 5), bytearray(), array("I", [0]),
+                           bytearray(card_bytes()), bytearray(b"\x07" + bytes(127)),
                            bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
 
 

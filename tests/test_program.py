@@ -1,7 +1,12 @@
 """cardcore.program: a program document is checked and problems carry their line."""
 from __future__ import annotations
 
+import array
+import datetime
+import pathlib
+
 import pytest
+from cardcore import layout as L
 from cardcore import rules
 from cardcore.program import (
     DEFAULT_PROGRAM_TOML,
@@ -9,6 +14,9 @@ from cardcore.program import (
     ProgramError,
     parse_program,
 )
+
+TIER_KEYS = ("name, rate_bp, points_per_unit, upgrade_spend_minor, upgrade_top_up_minor, "
+             "category_rate_bp, category_points_per_unit")
 
 
 def error_of(text: str) -> ProgramError:
@@ -75,9 +83,9 @@ def test_unknown_tier_key_reports_its_line_in_that_tier():
            '[[tiers]]\nname = "b"\n"rate" = 100\n')
     err = error_of(doc)
     assert err.line == 6
-    assert err.problem == "tier 'b': unknown key 'rate' (known: name, rate_bp)"
+    assert err.problem == f"tier 'b': unknown key 'rate' (known: {TIER_KEYS})"
     err = error_of(doc.replace('"rate" = 100', 'rate_bp = 100\n  colour = "red"'))
-    assert (err.line, err.problem) == (7, "tier 'b': unknown key 'colour' (known: name, rate_bp)")
+    assert (err.line, err.problem) == (7, f"tier 'b': unknown key 'colour' (known: {TIER_KEYS})")
 
 
 @pytest.mark.parametrize("rate_bp", ["0", "10001", "-1"])
@@ -198,3 +206,419 @@ def test_str_format():
     assert isinstance(err, ValueError)
     assert str(ProgramError(0, "no tiers")) == "no tiers"
     assert str(error_of(two_tiers("0"))) == "line 9: tier 'gold': rate_bp must be 1..10000"
+
+
+# --- spend order, redemption, categories, tier extras, promotions ---------------------------
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "programs"
+UTC = datetime.UTC
+
+CATEGORIES = ('[[categories]]\n'        # 1
+              'code = 1\n'              # 2
+              'name = "drinks"\n'       # 3
+              '[[categories]]\n'        # 4
+              'code = 5\n'              # 5
+              'name = "tobacco"\n'      # 6
+              'discountable = false\n'  # 7
+              '[[tiers]]\n'             # 8
+              'name = "standard"\n'     # 9
+              'rate_bp = 10000\n')      # 10
+
+
+def promotion(**changes: str | None) -> str:
+    """A [[promotions]] table (header on its first line, then one key a line in this order:
+    id, name, kind, min_top_up_minor, bonus_minor, then the changed or added keys). Values
+    are TOML text; None leaves a key out."""
+    keys = {"id": "3", "name": '"top up 100 get 10"', "kind": '"fixed"',
+            "min_top_up_minor": "10000", "bonus_minor": "1000", **changes}
+    return "[[promotions]]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items() if v is not None)
+
+
+def categories_doc(count: int) -> str:
+    """count categories, the k-th (from 0) with its header on line 3k + 1 and code k % 63 + 1."""
+    return "".join(f'[[categories]]\ncode = {k % 63 + 1}\nname = "c{k}"\n' for k in range(count))
+
+
+def test_a_document_with_every_new_key_parses_to_its_program():
+    doc = ('spend_order = "bonus_first"\n'
+           '[redemption]\npoints = 100\nvalue_minor = 100\ncap_bp = 5000\n'
+           '[[categories]]\ncode = 7\nname = "drinks"\n'
+           '[[categories]]\ncode = 2\nname = "merch"\ndiscountable = false\n'
+           '[[tiers]]\nname = "standard"\nrate_bp = 10000\n'
+           '[[tiers]]\nname = "gold"\nrate_bp = 9000\npoints_per_unit = 2\n'
+           'upgrade_spend_minor = 300000\nupgrade_top_up_minor = 100000\n'
+           'category_points_per_unit = { merch = 0, drinks = 3 }\n'
+           '[tiers.category_rate_bp]\ndrinks = 8500\n'
+           + promotion(per_card_limit="1")
+           + promotion(id="4", kind='"percent"', bonus_minor=None, bonus_bp="1000",
+                       max_bonus_minor="5000", starts="2026-12-24T00:00:00+08:00",
+                       ends="2026-12-28T00:00:00+08:00")
+           + promotion(id="65535", kind='"first_top_up"', min_top_up_minor="1"))
+    christmas = int(datetime.datetime(2026, 12, 23, 16, tzinfo=UTC).timestamp()) * 10**6
+    assert parse_program(doc) == rules.Program(
+        tiers=(rules.Tier("standard", 10000),
+               rules.Tier("gold", 9000, 2, 300000, 100000, ((7, 8500),), ((2, 0), (7, 3)))),
+        categories=(rules.Category(7, "drinks"), rules.Category(2, "merch", False)),
+        promotions=(
+            rules.Promotion(3, "top up 100 get 10", L.PROMO_FIXED, 10000, 1000, per_card_limit=1),
+            rules.Promotion(4, "top up 100 get 10", L.PROMO_PERCENT, 10000, bonus_bp=1000,
+                            max_bonus_minor=5000, starts_us=christmas,
+                            ends_us=christmas + 4 * 86400 * 10**6),
+            rules.Promotion(65535, "top up 100 get 10", L.PROMO_FIRST_TOP_UP, 1, 1000)),
+        spend_order=L.SPEND_BONUS_FIRST, redeem_points=100, redeem_value_minor=100,
+        redeem_cap_bp=5000)
+
+
+def test_an_old_document_keeps_its_program():
+    program = parse_program(two_tiers("9000"))
+    assert (program.categories, program.promotions, program.spend_order) == \
+        ((), (), L.SPEND_PRINCIPAL_FIRST)
+    assert (program.redeem_points, program.redeem_value_minor, program.redeem_cap_bp) == \
+        (0, 0, 10000)
+    assert program.tiers[1] == rules.Tier("gold", 9000, None, 0, 0, (), ())
+
+
+@pytest.mark.parametrize("name, order", sorted(rules.SPEND_ORDERS.items()))
+def test_spend_orders(name, order):
+    assert parse_program(f'spend_order = "{name}"\n').spend_order == order
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("1", "spend_order must be a string (got an integer)"),
+    ('"bonus"', ("spend_order must be one of principal_first, bonus_first, proportional "
+                 "(got 'bonus')")),
+])
+def test_spend_order_refusals(value, problem):
+    err = error_of(f'pin_tries_max = 3\nspend_order = {value}\n')
+    assert (err.line, err.problem) == (2, problem)
+
+
+@pytest.mark.parametrize("body, fields", [
+    ("points = 100\nvalue_minor = 100\n", (100, 100, 10000)),
+    (f"points = {2**63 - 1}\nvalue_minor = 1\ncap_bp = 0\n", (2**63 - 1, 1, 0)),
+    ("value_minor = 50\ncap_bp = 10000\npoints = 1\n", (1, 50, 10000)),
+])
+def test_redemption_accepted(body, fields):
+    program = parse_program("[redemption]\n" + body)
+    assert (program.redeem_points, program.redeem_value_minor, program.redeem_cap_bp) == fields
+
+
+@pytest.mark.parametrize("doc, line, problem", [
+    ("[redemption]\npoints = 1\nvalue_minor = 1\ncap = 5000\n", 4,
+     "redemption: unknown key 'cap' (known: points, value_minor, cap_bp)"),
+    ("pin_tries_max = 3\n\n[redemption]\npoints = 1\n", 3, "redemption: missing value_minor"),
+    ("[redemption]\npoints = 0\nvalue_minor = 1\n", 2, "redemption: points must be 1..2**63-1"),
+    ("[redemption]\npoints = 1\nvalue_minor = true\n", 3,
+     "redemption: value_minor must be an integer (got a boolean)"),
+    (f"[redemption]\npoints = 1\nvalue_minor = {2**63}\n", 3,
+     "redemption: value_minor must be 1..2**63-1"),
+    ("[redemption]\npoints = 1\nvalue_minor = 1\ncap_bp = 10001\n", 4,
+     "redemption: cap_bp must be 0..10000"),
+    ("pin_tries_max = 3\nredemption = 5\n", 2, "redemption must be a table (got an integer)"),
+    ("[[redemption]]\npoints = 1\nvalue_minor = 1\n", 1,
+     "redemption must be a table (got an array)"),
+    ("redemption.points = 1\nredemption.value_minor = -1\n", 2,
+     "redemption: value_minor must be 1..2**63-1"),
+])
+def test_redemption_refusals(doc, line, problem):
+    err = error_of(doc)
+    assert (err.line, err.problem) == (line, problem)
+
+
+def test_categories_keep_document_order_and_default_to_discountable():
+    program = parse_program(CATEGORIES + '[[categories]]\ncode = 63\nname = "x y"\n')
+    assert program.categories == (rules.Category(1, "drinks"), rules.Category(5, "tobacco", False),
+                                  rules.Category(63, "x y", True))
+    assert parse_program("categories = []\n").categories == ()
+
+
+@pytest.mark.parametrize("change, line, problem", [
+    ("code = 5\ncolour = 1", 6, ("category 'tobacco': unknown key 'colour' "
+                                 "(known: code, name, discountable)")),
+    ('code = "5"', 5, "category 'tobacco': code must be an integer (got a string)"),
+    ("code = 0", 5, "category 'tobacco': code must be 1..63"),
+    ("code = 64", 5, "category 'tobacco': code must be 1..63"),
+    ("code = 1", 5, "category #2: duplicate category code 1 (also category #1)"),
+    ("code = 5\ndiscountable = 0", 6,
+     "category 'tobacco': discountable must be a boolean (got an integer)"),
+])
+def test_category_refusals(change, line, problem):
+    err = error_of(CATEGORIES.replace("code = 5", change).replace("discountable = false\n", ""))
+    assert (err.line, err.problem) == (line, problem)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ('"drinks"', "category #2: duplicate category name 'drinks' (also category #1)"),
+    ('"default"', "category 'default': the name 'default' is reserved for category code 0"),
+    ('""', "category #2: name must be 1..32 characters"),
+    (f'"{"x" * 33}"', "category #2: name must be 1..32 characters"),
+    ('"a\\nb"', "category #2: name 'a\\nb' has unprintable characters"),
+    ("2", "category #2: name must be a string (got an integer)"),
+])
+def test_category_name_refusals(name, problem):
+    err = error_of(CATEGORIES.replace('name = "tobacco"', f"name = {name}"))
+    assert (err.line, err.problem) == (6, problem)
+
+
+def test_category_missing_a_key_reports_its_header_unless_a_key_is_misspelt():
+    err = error_of(CATEGORIES.replace('name = "tobacco"\n', ""))
+    assert (err.line, err.problem) == (4, "category #2: missing name")
+    err = error_of(CATEGORIES.replace('name = "tobacco"', 'nmae = "tobacco"'))
+    assert err.line == 6 and err.problem.startswith("category #2: unknown key 'nmae'")
+
+
+def test_sixty_four_categories_report_the_sixty_fourth_header_and_sixty_three_pass():
+    assert len(parse_program(categories_doc(63)).categories) == 63
+    err = error_of(categories_doc(64))
+    assert (err.line, err.problem) == (190, "too many categories: 64 (at most 63)")
+
+
+def test_tier_extras_in_inline_dotted_and_sub_tables_are_sorted_by_code():
+    doc = CATEGORIES + ('[[categories]]\ncode = 3\nname = "hot food"\n'
+                        '[[tiers]]\nname = "silver"\nrate_bp = 9500\n'
+                        'category_rate_bp = { "hot food" = 9000, drinks = 9200 }\n'
+                        'category_points_per_unit.tobacco = 0\n'
+                        'category_points_per_unit."hot food" = 4\n'
+                        '[[tiers]]\nname = "gold"\nrate_bp = 9000\nupgrade_top_up_minor = 1\n'
+                        '[tiers.category_points_per_unit]\ndrinks = 9223372036854775807\n'
+                        '[tiers.category_rate_bp]\n"hot food" = 1\n')
+    standard, silver, gold = parse_program(doc).tiers
+    assert standard == rules.Tier("standard", 10000)
+    assert silver == rules.Tier("silver", 9500, None, 0, 0, ((1, 9200), (3, 9000)),
+                                ((3, 4), (5, 0)))
+    assert gold == rules.Tier("gold", 9000, None, 0, 1, ((3, 1),), ((1, 2**63 - 1),))
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("points_per_unit", "0", None),
+    ("points_per_unit", "-1", "points_per_unit must be 0..2**63-1"),
+    ("points_per_unit", "1.5", "points_per_unit must be an integer (got a float)"),
+    ("upgrade_spend_minor", str(2**63 - 1), None),
+    ("upgrade_spend_minor", str(2**63), "upgrade_spend_minor must be 0..2**63-1"),
+    ("upgrade_top_up_minor", "-1", "upgrade_top_up_minor must be 0..2**63-1"),
+    ("category_rate_bp", "9000", "category_rate_bp must be a table (got an integer)"),
+    ("category_rate_bp", "{ drinks = 0 }", "category_rate_bp.drinks must be 1..10000"),
+    ("category_rate_bp", "{ drinks = 10001 }", "category_rate_bp.drinks must be 1..10000"),
+    ("category_rate_bp", '{ drinks = "90%" }',
+     "category_rate_bp.drinks must be an integer (got a string)"),
+    ("category_rate_bp", "{ drinkz = 9000 }",
+     ("category_rate_bp.drinkz: no category 'drinkz' in [[categories]] "
+     "(declared: drinks, tobacco)")),
+    ("category_rate_bp", "{ tobacco = 9000 }",
+     "category_rate_bp.tobacco: category 'tobacco' is not discountable (it always pays 100 %)"),
+    ("category_rate_bp", "{ default = 9000 }",
+     "category_rate_bp.default: the default category takes the tier's own rate_bp"),
+    ("category_points_per_unit", "{ tobacco = 0, drinks = -1 }",
+     "category_points_per_unit.drinks must be 0..2**63-1"),
+    ("category_points_per_unit", '{ "hot food" = 1 }',
+     ("category_points_per_unit.\"hot food\": no category 'hot food' in [[categories]] "
+     "(declared: drinks, tobacco)")),
+])
+def test_second_tier_keys(key, value, problem):
+    doc = CATEGORIES + f'[[tiers]]\nname = "gold"\nrate_bp = 9000\n{key} = {value}\n'
+    if problem is None:
+        assert parse_program(doc).tiers[1].name == "gold"
+    else:
+        err = error_of(doc)
+        assert (err.line, err.problem) == (14, f"tier 'gold': {problem}")
+
+
+@pytest.mark.parametrize("key", ["upgrade_spend_minor", "upgrade_top_up_minor"])
+def test_the_first_tier_is_not_reached_by_an_upgrade(key):
+    err = error_of(CATEGORIES + f"{key} = 1\n")
+    assert (err.line, err.problem) == (
+        11, f"tier 'standard': {key} must be 0: the first tier is not reached by an upgrade")
+    assert parse_program(CATEGORIES + f"{key} = 0\n").tiers[0] == rules.Tier("standard", 10000)
+
+
+def test_category_names_in_sub_tables_report_their_own_tiers_lines():
+    doc = CATEGORIES + ('[tiers.category_rate_bp]\n'   # 11: the first tier's
+                        '{first} = 9000\n'             # 12
+                        '[[tiers]]\n'                  # 13
+                        'name = "gold"\n'              # 14
+                        'rate_bp = 9000\n'             # 15
+                        '[tiers.category_rate_bp]\n'   # 16: the second tier's
+                        'drinks = 9000\n'              # 17
+                        '{second} = 9000\n')           # 18
+    declared = "in [[categories]] (declared: drinks, tobacco)"
+    err = error_of(doc.format(first="drinks", second="drinkz"))
+    assert (err.line, err.problem) == (
+        18, f"tier 'gold': category_rate_bp.drinkz: no category 'drinkz' {declared}")
+    err = error_of(doc.format(first="x", second="drinkz"))
+    assert (err.line, err.problem) == (
+        12, f"tier 'standard': category_rate_bp.x: no category 'x' {declared}")
+    program = parse_program(doc.format(first="drinks", second="# drinkz"))
+    assert [t.category_rate_bp for t in program.tiers] == [((1, 9000),), ((1, 9000),)]
+
+
+def test_tier_overrides_without_categories_say_none_are_declared():
+    err = error_of('[[tiers]]\nname = "a"\nrate_bp = 1\ncategory_points_per_unit = { x = 0 }\n')
+    assert (err.line, err.problem) == (
+        4, ("tier 'a': category_points_per_unit.x: no category 'x' in [[categories]] "
+            "(declared: none)"))
+
+
+def test_categories_that_are_not_an_array_of_tables_do_not_make_names_undeclared():
+    doc = ('[[tiers]]\nname = "a"\nrate_bp = 1\ncategory_rate_bp = { drinks = 9000 }\n'
+           '[categories]\ndrinks = 1\n')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (5, "categories must be an array of tables (got a table)")
+
+
+def test_promotion_dates_are_exact_unix_microseconds():
+    epoch_day = datetime.date(1970, 1, 1).toordinal()
+    last_day = datetime.date(9999, 12, 31).toordinal() - epoch_day
+    doc = promotion(starts="1970-01-01T08:00:00.000001+08:00",
+                    ends="9999-12-31T23:59:59.999999-23:59")
+    (p,) = parse_program(doc).promotions
+    assert p.starts_us == 1
+    assert p.ends_us == ((last_day * 86400 + 86399 + 23 * 3600 + 59 * 60) * 10**6 + 999999)
+    (p,) = parse_program(promotion(ends="2026-01-01T00:00:00Z")).promotions
+    assert (p.starts_us, p.ends_us) == (0, 1767225600 * 10**6)
+    (p,) = parse_program(promotion(starts="2026-01-01T00:00:00Z")).promotions
+    assert (p.starts_us, p.ends_us) == (1767225600 * 10**6, 2**63 - 1)
+
+
+@pytest.mark.parametrize("changes, line, problem", [
+    ({"colour": '"red"'}, 7, ("promotion 3: unknown key 'colour' (known: id, name, kind, "
+                              "min_top_up_minor, bonus_minor, bonus_bp, max_bonus_minor, starts, "
+                              "ends, per_card_limit)")),
+    ({"id": None}, 1, "promotion #1: missing id"),
+    ({"min_top_up_minor": None}, 1, "promotion 3: missing min_top_up_minor"),
+    ({"id": "0"}, 2, "promotion #1: id must be 1..65535"),
+    ({"id": "65536"}, 2, "promotion #1: id must be 1..65535"),
+    ({"id": '"3"'}, 2, "promotion #1: id must be an integer (got a string)"),
+    ({"name": '""'}, 3, "promotion 3: name must be 1..32 characters"),
+    ({"name": f'"{"x" * 33}"'}, 3, "promotion 3: name must be 1..32 characters"),
+    ({"kind": '"pct"'}, 4, ("promotion 3: kind must be one of fixed, percent, first_top_up "
+                            "(got 'pct')")),
+    ({"kind": "2"}, 4, "promotion 3: kind must be a string (got an integer)"),
+    ({"min_top_up_minor": "0"}, 5, "promotion 3: min_top_up_minor must be 1..2**63-1"),
+    ({"bonus_minor": "0"}, 6, "promotion 3: bonus_minor must be 1..2**63-1"),
+    ({"bonus_minor": None}, 1, ("promotion 3: missing bonus_minor (required for a fixed "
+                                "promotion)")),
+    ({"kind": '"first_top_up"', "bonus_minor": None}, 1,
+     "promotion 3: missing bonus_minor (required for a first_top_up promotion)"),
+    ({"bonus_bp": "1000"}, 7, ("promotion 3: bonus_bp is only for percent promotions "
+                               "(a fixed promotion gives bonus_minor)")),
+    ({"bonus_bp": "99999"}, 7, ("promotion 3: bonus_bp is only for percent promotions "
+                                "(a fixed promotion gives bonus_minor)")),
+    ({"kind": '"first_top_up"', "max_bonus_minor": "10"}, 7,
+     ("promotion 3: max_bonus_minor is only for percent promotions "
+     "(a first_top_up promotion gives bonus_minor)")),
+    ({"kind": '"percent"', "bonus_bp": "1000"}, 6,
+     ("promotion 3: bonus_minor is only for fixed and first_top_up promotions "
+     "(a percent promotion gives bonus_bp)")),
+    ({"kind": '"percent"', "bonus_minor": None}, 1,
+     "promotion 3: missing bonus_bp (required for a percent promotion)"),
+    ({"kind": '"percent"', "bonus_minor": None, "bonus_bp": "10001"}, 6,
+     "promotion 3: bonus_bp must be 1..10000"),
+    ({"kind": '"percent"', "bonus_minor": None, "bonus_bp": "1", "max_bonus_minor": "-1"}, 7,
+     "promotion 3: max_bonus_minor must be 0..2**63-1"),
+    ({"starts": "2026-12-24T00:00:00"}, 7,
+     ("promotion 3: starts must be a date-time with its UTC offset, such as "
+     "2026-12-24T00:00:00+08:00 (got a local date-time)")),
+    ({"ends": "2026-12-24"}, 7,
+     ("promotion 3: ends must be a date-time with its UTC offset, such as "
+     "2026-12-24T00:00:00+08:00 (got a date)")),
+    ({"ends": '"2026-12-24T00:00:00+08:00"'}, 7,
+     ("promotion 3: ends must be a date-time with its UTC offset, such as "
+     "2026-12-24T00:00:00+08:00 (got a string)")),
+    ({"starts": "1969-12-31T23:59:59Z"}, 7,
+     "promotion 3: starts must not be before 1970-01-01T00:00:00Z"),
+    ({"ends": "2026-12-24T00:00:00+08:00", "starts": "2026-12-23T16:00:00Z"}, 7,
+     ("promotion 3: starts must be before ends "
+     "(starts 2026-12-23T16:00:00+00:00, ends 2026-12-24T00:00:00+08:00)")),
+    ({"starts": "2026-12-28T00:00:00+08:00", "ends": "2026-12-24T00:00:00+08:00"}, 8,
+     ("promotion 3: starts must be before ends "
+     "(starts 2026-12-28T00:00:00+08:00, ends 2026-12-24T00:00:00+08:00)")),
+    ({"ends": "1970-01-01T00:00:00Z"}, 7, ("promotion 3: starts must be before ends "
+                                           "(starts 1970-01-01T00:00:00+00:00, "
+                                           "ends 1970-01-01T00:00:00+00:00)")),
+    ({"per_card_limit": "256"}, 7, "promotion 3: per_card_limit must be 0..255"),
+    ({"per_card_limit": "-1"}, 7, "promotion 3: per_card_limit must be 0..255"),
+])
+def test_promotion_refusals(changes, line, problem):
+    err = error_of(promotion(**changes))
+    assert (err.line, err.problem) == (line, problem)
+
+
+def test_promotion_boundaries_pass():
+    (p,) = parse_program(promotion(id="65535", per_card_limit="255", bonus_minor=str(2**63 - 1),
+                                   min_top_up_minor="1")).promotions
+    assert (p.id, p.per_card_limit, p.bonus_minor, p.min_top_up_minor) == \
+        (65535, 255, 2**63 - 1, 1)
+    (p,) = parse_program(promotion(kind='"percent"', bonus_minor=None, bonus_bp="10000",
+                                   max_bonus_minor="0")).promotions
+    assert (p.kind, p.bonus_bp, p.max_bonus_minor, p.bonus_minor) == (L.PROMO_PERCENT, 10000, 0, 0)
+
+
+def test_duplicate_promotion_ids_report_the_second_id_line():
+    doc = promotion() + "\n" + promotion(name='"other"')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (
+        9, "promotion #2: duplicate promotion id 3 (also promotion #1)")
+    assert len(parse_program(doc.replace("id = 3", "id = 4", 1)).promotions) == 2
+
+
+def test_seventeen_promotions_report_the_seventeenth_header_and_sixteen_pass():
+    def doc(count):  # 6 lines each
+        return "".join(promotion(id=str(k + 1)) for k in range(count))
+    assert len(parse_program(doc(16)).promotions) == 16
+    err = error_of(doc(17))
+    assert (err.line, err.problem) == (97, "too many promotions: 17 (at most 16)")
+
+
+def test_inline_promotions_report_the_promotions_line():
+    doc = ('pin_tries_max = 3\n'
+           'promotions = [\n'
+           '  { id = 1, name = "a", kind = "fixed", min_top_up_minor = 1, bonus_minor = 1 },\n'
+           '  { id = 2, name = "b", kind = "fixed", min_top_up_minor = 1, bonus_bp = 1 },\n'
+           ']\n')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (2, ("promotion 2: bonus_bp is only for percent promotions "
+                                           "(a fixed promotion gives bonus_minor)"))
+
+
+def test_example_programs_parse_and_compile():
+    def compiled(name):
+        packed = parse_program((EXAMPLES / name).read_text(encoding="utf-8")).packed(1)
+        head = L.PROGRAM_HEAD.unpack_from(packed)
+        rates = array.array("H", packed[L.PROGRAM_RATES_OFFSET:L.PROGRAM_PER_UNIT_OFFSET])
+        per_unit = array.array("q", packed[L.PROGRAM_PER_UNIT_OFFSET:])
+        spend, top_up = head[11:11 + L.MAX_TIERS], head[11 + L.MAX_TIERS:]
+        return head, rates, per_unit, spend, top_up, packed
+
+    def at(tier, code):
+        return tier * L.MAX_CATEGORIES + code
+
+    assert sorted(p.name for p in EXAMPLES.glob("*.toml")) == \
+        ["cafe.toml", "salon.toml", "supermarket.toml"]
+    head, rates, per_unit, spend, top_up, packed = compiled("cafe.toml")
+    assert head[:6] == (3, 3, 100, 100, 100, 5000)  # tiers, PIN tries, unit, redemption
+    assert (head[7], head[8]) == (L.SPEND_BONUS_FIRST, 3)  # spend order, promotions
+    assert head[10][:4] == bytes([3, 3, 3, 1])  # default, drinks, food: discountable; merch not
+    assert (spend[:3], top_up[:3]) == ((0, 100000, 300000), (0, 0, 100000))
+    assert (rates[at(2, 1)], rates[at(2, 3)], per_unit[at(2, 1)], per_unit[at(1, 1)]) == \
+        (9000, 10000, 2, 1)
+    christmas = L.PROMOTION.unpack_from(packed, L.PROGRAM_HEAD.size + 2 * L.PROMOTION_SIZE)
+    assert christmas[:9] == (3, L.PROMO_PERCENT, 2, 1000, 20000, 0, 10000,
+                             1798041600 * 10**6, 1798387200 * 10**6)
+    assert datetime.datetime.fromtimestamp(christmas[7] // 10**6, UTC) == \
+        datetime.datetime(2026, 12, 23, 16, tzinfo=UTC)
+
+    head, rates, per_unit, spend, top_up, packed = compiled("salon.toml")
+    assert head[:6] == (4, 3, 100, 0, 0, 10000) and (head[7], head[8]) == (L.SPEND_PROPORTIONAL, 2)
+    assert top_up[:4] == (0, 100000, 300000, 500000) and spend[:4] == (0, 0, 0, 0)
+    assert [(rates[at(t, 1)], rates[at(t, 2)]) for t in range(4)] == \
+        [(10000, 10000), (8800, 9500), (7800, 9000), (6800, 8500)]
+    assert max(per_unit) == 0
+
+    head, rates, per_unit, spend, top_up, packed = compiled("supermarket.toml")
+    assert head[:6] == (3, 3, 100, 100, 100, 2000) and (head[7], head[8]) == (0, 0)
+    assert head[10][:5] == bytes([3, 3, 3, 1, 1])
+    assert spend[:3] == (0, 200000, 1000000) and top_up[:3] == (0, 0, 0)
+    # codes 0 default, 1 fresh, 2 grocery, 3 tobacco, 4 gift_cards; gold pays 90 % on fresh
+    for t, (rate, fresh, per) in enumerate([(10000, 10000, 1), (9800, 9800, 1), (9500, 9000, 2)]):
+        assert [rates[at(t, c)] for c in range(5)] == [rate, fresh, rate, 10000, 10000]
+        assert [per_unit[at(t, c)] for c in range(5)] == [per, per, per, 0, 0]

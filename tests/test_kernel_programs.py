@@ -1,0 +1,138 @@
+"""The kernel and the reference agree on card programs: lines and categories, redemption, spend
+orders, top-up promotions and tier upgrades (rules 2-8 of cardcore.rules), on any input."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from cardcore import layout as L
+from cardcore import reference, rules
+from cardcore.ext import kernel
+from test_kernel import PIN_A, card_bytes, op_bytes, records, run_full
+
+INT64_MAX = L.INT64_MAX
+T0 = 1_800_000_000_000_000  # the group times below are near this
+edge_money = st.one_of(st.integers(1, 100_000), st.integers(1, INT64_MAX),
+                       st.sampled_from([1, INT64_MAX, INT64_MAX - 1, 1 << 62]))
+
+
+@st.composite
+def programs(draw):
+    codes = draw(st.lists(st.sampled_from([1, 2, 5, 63]), max_size=4, unique=True))
+    categories = tuple(rules.Category(c, f"c{c}", draw(st.booleans())) for c in codes)
+    n_tiers = draw(st.integers(1, 4))
+    rate = st.integers(1, 10000)
+    per = st.one_of(st.integers(0, 5), st.sampled_from([INT64_MAX, 1 << 40]))
+    tiers = []
+    for t in range(n_tiers):
+        first = t == 0
+        tiers.append(rules.Tier(
+            f"t{t}", draw(rate), draw(st.one_of(st.none(), per)),
+            0 if first else draw(st.one_of(st.just(0), st.integers(1, 10**6), edge_money)),
+            0 if first else draw(st.one_of(st.just(0), st.integers(1, 10**6))),
+            tuple((c, draw(rate)) for c in codes if draw(st.booleans())),
+            tuple((c, draw(per)) for c in codes if draw(st.booleans()))))
+    promotions = []
+    for pid in draw(st.lists(st.integers(1, 40), max_size=6, unique=True)):
+        starts = draw(st.sampled_from([0, 0, T0 - 10, T0, T0 + 5]))
+        promotions.append(rules.Promotion(
+            pid, f"p{pid}", draw(st.sampled_from(list(rules.PROMOTION_KINDS.values()))),
+            draw(st.one_of(st.integers(1, 10**4), edge_money)), draw(st.integers(0, 10**5)),
+            draw(st.integers(0, 10000)), draw(st.sampled_from([0, 0, 1, 500])), starts,
+            draw(st.sampled_from([starts + 1, T0 + 3, T0 + 10, INT64_MAX]).filter(lambda e: e > starts)),
+            draw(st.sampled_from([0, 0, 1, 2, 255]))))
+    redeem = draw(st.one_of(st.just((0, 0)), st.tuples(st.integers(1, 500), st.integers(1, 500)),
+                            st.tuples(edge_money, edge_money)))
+    return rules.Program(
+        tiers=tuple(tiers), points_unit_minor=draw(st.one_of(st.integers(1, 1000), edge_money)),
+        points_per_unit=draw(st.integers(0, 5)), pin_tries_max=draw(st.integers(1, 15)),
+        categories=categories, promotions=tuple(promotions),
+        spend_order=draw(st.sampled_from(list(rules.SPEND_ORDERS.values()))),
+        redeem_points=redeem[0], redeem_value_minor=redeem[1],
+        redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000]))).packed(
+            draw(st.integers(1, 2**32 - 1)))
+
+
+@st.composite
+def cards(draw):
+    """Mostly active cards of a valid tier with moderate balances, so most operations apply;
+    sometimes the edges (no card, inactive, huge balances, a PIN)."""
+    if draw(st.integers(0, 5)) == 0:
+        return draw(records())
+    small = st.integers(0, 2_000_000)
+    principal = draw(st.one_of(small, st.just(INT64_MAX - 5)))
+    bonus = draw(st.one_of(small, st.just(0))) if principal < INT64_MAX - 5 else 0
+    return card_bytes(principal=principal, bonus=bonus,
+                      points=draw(st.one_of(st.integers(0, 50_000), st.just(INT64_MAX - 3))),
+                      tier=draw(st.integers(0, 3)), lifetime=draw(st.integers(0, 2_000_000)))
+
+
+@st.composite
+def extras(draw):
+    """A card program state: none yet, or one with counts and promotion uses."""
+    if draw(st.booleans()):
+        return bytes(L.CARD_EXT_SIZE)
+    ids = draw(st.lists(st.sampled_from([0, 0, 1, 2, 3, 7, 40]), min_size=16, max_size=16))
+    uses = draw(st.lists(st.integers(0, 300), min_size=16, max_size=16))
+    return L.CARD_EXT.pack(1, bytes(3), draw(st.sampled_from([0, 1, 5, 0xFFFFFFFF])),
+                           draw(st.one_of(st.integers(0, 10**9), st.just(INT64_MAX))), *ids, *uses,
+                           bytes(48))
+
+
+@st.composite
+def batches(draw):
+    nslots = draw(st.integers(1, 4))
+    recs = b"".join(draw(st.lists(cards(), min_size=nslots, max_size=nslots)))
+    exts = b"".join(draw(st.lists(extras(), min_size=nslots, max_size=nslots)))
+    ops, slots, lines = [], [], []
+    for i in range(draw(st.integers(1, 25))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        kind = draw(st.sampled_from([L.OP_TOP_UP, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
+                                     L.OP_PURCHASE, L.OP_OPEN, L.OP_BALANCE_INQUIRY]))
+        my_lines = []
+        if kind == L.OP_PURCHASE or draw(st.integers(0, 20)) == 0:  # lines on a top-up: refused
+            for _ in range(draw(st.integers(0, 5))):
+                my_lines.append(L.LINE.pack(
+                    draw(st.sampled_from([0, 0, 1, 2, 5, 63, 3, 64, 9999])),
+                    0, draw(st.integers(0, 10)),
+                    draw(st.integers(-5, 0) if draw(st.integers(0, 15)) == 0 else
+                         st.one_of(st.integers(1, 50_000), st.integers(1, 50_000), edge_money)),
+                    0, 0, 0, b"sku"))
+        amount = draw(st.one_of(st.integers(1, 300_000), edge_money, st.integers(-3, 0)))
+        if my_lines and draw(st.integers(0, 5)):  # usually the sum of the lines, as the server sends
+            amount = sum(L.LINE.unpack(b)[3] for b in my_lines)
+            if not -(1 << 63) <= amount <= INT64_MAX:
+                amount = 1
+        redeem = -1 if draw(st.integers(0, 25)) == 0 else draw(st.one_of(
+            st.just(0), st.integers(1, 2_000), st.integers(1, 2_000), edge_money))
+        if kind != L.OP_PURCHASE and draw(st.integers(0, 10)):
+            redeem = 0
+        lines.extend(my_lines)
+        ops.append(op_bytes(kind, amount, tier=draw(st.integers(0, 4)), card=bytes([slots[-1]]) * 16,
+                            tag=i.to_bytes(8, "little"),
+                            pin_flags=draw(st.sampled_from([0, 0, 0, L.PIN_PRESENTED,
+                                                            L.PIN_OPTIONAL_UNSET])),
+                            pin=PIN_A, line_count=len(my_lines), redeem=redeem))
+    return b"".join(ops), slots, recs, exts, b"".join(lines)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=batches(), ts_us=st.sampled_from([T0 - 10, T0, T0 + 3, T0 + 9, T0 + 10]),
+       first_seq=st.integers(1, 2**40))
+@example(program=rules.Program(tiers=(rules.Tier("t", 9000),), redeem_points=100,
+                               redeem_value_minor=100, redeem_cap_bp=5000).packed(1),
+         batch=(op_bytes(L.OP_PURCHASE, 1000, redeem=250), [0],
+                card_bytes(principal=INT64_MAX, points=300), bytes(128), b""),
+         ts_us=T0, first_seq=1)
+def test_kernel_equals_reference_on_card_programs(program, batch, ts_us, first_seq):
+    ops, slots, recs, exts, lines = batch
+    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts) == \
+        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts)
+
+
+@pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
+def test_an_unknown_program_state_version_stops_the_batch(impl):
+    program = rules.DEFAULT_PROGRAM.packed(1)
+    with pytest.raises(ValueError):
+        run_full(impl, program, op_bytes(L.OP_TOP_UP, 5), [0], card_bytes(), extras=b"\x07" + bytes(127))

@@ -1,0 +1,191 @@
+"""Card programs over gRPC: purchases with lines and points, the figures in every result shape
+(unary, batch, GetOperation), Quote as a dry run of the same kernel, and a program change in the
+middle of a day, against a real server running the example cafe program."""
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import (Admin, Client, failure_of, journal_entries, new_card_number, rid, sent_at,
+                      verify)
+from test_programs import load
+
+R = cpb.Reason
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "programs")
+DRINKS, FOOD, MERCH = 1, 2, 3
+
+
+def example(name: str) -> str:
+    with open(os.path.join(EXAMPLES, f"{name}.toml"), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture
+def cafe(start_server):
+    return start_server("--program", os.path.join(EXAMPLES, "cafe.toml"))
+
+
+def purchase(number: str, *lines, redeem: int = 0, request_id: str | None = None,
+             gross: int = 0) -> pb.PurchaseRequest:
+    request_id = request_id or rid()
+    return pb.PurchaseRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), till=cpb.Till(store_id=1, terminal_id=1, staff_id=9),
+        lines=[pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s)
+               for c, a, q, s in lines],
+        redeem_points=redeem, gross_amount_minor=gross)
+
+
+def quote(number: str, *lines, redeem: int = 0, gross: int = 0) -> pb.QuoteRequest:
+    return pb.QuoteRequest(card=cpb.CardRef(card_number=number),
+                           till=cpb.Till(store_id=1, terminal_id=1),
+                           lines=[pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s)
+                                  for c, a, q, s in lines],
+                           redeem_points=redeem, gross_amount_minor=gross)
+
+
+def silver_card(client: Client, amount: int = 20000) -> str:
+    """A silver card (95 %) topped up with ``amount``: 200.00 gets the 20.00 welcome bonus."""
+    number = new_card_number()
+    client.open(number, tier=1)
+    client.top_up(number, amount)
+    return number
+
+
+def test_a_purchase_with_lines_answers_each_line_and_the_buckets(cafe):
+    """The worked example of test_card_programs over gRPC: drinks 32.00, food 28.50 and a mug
+    99.00 on a silver card: paid 156.48 (discount 3.02), 156 points, 20.00 from bonus first."""
+    client = Client(cafe.stub)
+    number = silver_card(client)
+    request = purchase(number, (DRINKS, 3200, 2, "LATTE-L"), (FOOD, 2850, 1, ""),
+                       (MERCH, 9900, 1, "MUG-01"))
+    result = cafe.stub.Purchase(request)
+    assert (result.amount_minor, result.discount_minor, result.paid_minor, result.points_earned) == (
+        15950, 302, 15648, 156)
+    assert (result.bonus_delta_minor, result.principal_delta_minor) == (-2000, -13648)
+    assert (result.tier, result.tier_after, result.program_version) == (1, 1, 1)
+    assert [(x.category_code, x.discount_minor, x.paid_minor, x.points_earned, x.quantity, x.sku)
+            for x in result.lines] == [(DRINKS, 160, 3040, 30, 2, "LATTE-L"),
+                                       (FOOD, 142, 2708, 27, 1, ""), (MERCH, 0, 9900, 99, 1, "MUG-01")]
+    again = cafe.stub.Purchase(request)  # a retry: the same answer, lines and all
+    assert again.replayed and again.lines == result.lines and again.seq == result.seq
+    asked = cafe.stub.GetOperation(pb.GetOperationRequest(request_id=request.request_id))
+    assert asked.state == pb.OPERATION_STATE_APPLIED and asked.result.lines == result.lines
+    assert verify(cafe.data_dir)["ok"]
+
+
+def test_points_redeemed_over_a_batch_and_a_top_up_promotion_in_its_result(cafe):
+    """SubmitBatch: a 700.00 top-up gets promotion 1 (50.00 bonus); a 600.00 purchase earns 600
+    points; a 10.00 purchase offering 250 points takes 200 (2.00) and earns 8."""
+    client = Client(cafe.stub)
+    number = new_card_number()
+    client.open(number)
+    top_id = rid()
+    top = pb.TopUpRequest(request_id=top_id, client_time_us=sent_at(top_id),
+                          card=cpb.CardRef(card_number=number), amount_minor=70000,
+                          till=cpb.Till(store_id=1, terminal_id=1))
+    answer = cafe.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
+        pb.Operation(top_up=top),
+        pb.Operation(purchase=purchase(number, (FOOD, 30000, 1, ""), (DRINKS, 30000, 1, ""))),
+        pb.Operation(purchase=purchase(number, (DRINKS, 1000, 1, ""), redeem=250))]))
+    top_r, big, small = answer.results
+    assert (top_r.reason, top_r.promotion_id, top_r.bonus_delta_minor) == (R.REASON_OK, 1, 5000)
+    assert big.points_earned == 600 and not big.points_redeemed
+    assert (small.points_redeemed, small.redeemed_minor, small.paid_minor, small.points_earned) == (
+        200, 200, 800, 8)
+    assert small.balance_after.points == 600 - 200 + 8
+    assert [x.redeemed_minor for x in small.lines] == [200]
+
+
+def test_quote_is_the_purchase_that_follows_and_writes_nothing(cafe):
+    """A quote of a basket gives the figures the purchase then applies, and leaves the journal
+    and the card as they were."""
+    client = Client(cafe.stub)
+    number = silver_card(client)
+    basket = ((DRINKS, 3200, 2, "LATTE-L"), (FOOD, 2850, 1, ""), (MERCH, 999, 1, ""))
+    before_entries = len(journal_entries(cafe.data_dir))
+    before_card = client.card(number)
+    q = cafe.stub.Quote(quote(number, *basket))
+    assert len(journal_entries(cafe.data_dir)) == before_entries
+    assert client.card(number) == before_card
+    assert q.reason == R.REASON_OK and q.balance.principal_minor == 20000  # development mode
+    done = cafe.stub.Purchase(purchase(number, *basket))
+    assert (q.amount_minor, q.discount_minor, q.paid_minor, q.points_earned, q.tier,
+            q.tier_after) == (done.amount_minor, done.discount_minor, done.paid_minor,
+                              done.points_earned, done.tier, done.tier_after)
+    assert (q.principal_paid_minor, q.bonus_paid_minor) == (-done.principal_delta_minor,
+                                                            -done.bonus_delta_minor)
+    assert list(q.lines) == list(done.lines)
+
+
+def test_quote_says_why_a_purchase_would_be_declined_and_answers_per_line(cafe):
+    client = Client(cafe.stub)
+    number = silver_card(client, 10000)  # 100.00 + 20.00 bonus
+    q = cafe.stub.Quote(quote(number, gross=20000))
+    assert q.reason == R.REASON_INSUFFICIENT_FUNDS
+    assert q.failure.available_minor == 12000 and not q.paid_minor
+    assert [(x.category_code, x.amount_minor, x.discount_minor) for x in q.lines] == [(0, 20000, 1000)]
+    assert cafe.stub.Quote(quote(number, gross=100, redeem=1)).reason == R.REASON_INSUFFICIENT_POINTS
+    assert cafe.stub.Quote(quote(number, (9, 100, 1, ""))).reason == R.REASON_UNKNOWN_CATEGORY
+    unknown = cafe.stub.Quote(quote(new_card_number(), gross=100))
+    assert unknown.reason == R.REASON_CARD_NOT_FOUND
+
+
+BAD_BASKETS = [
+    ("a line without an amount", dict(lines=[(FOOD, 0, 1, "")]), R.REASON_INVALID_AMOUNT,
+     "lines[0].amount_minor"),
+    ("a category code past 63", dict(lines=[(FOOD, 100, 1, ""), (64, 100, 1, "")]),
+     R.REASON_UNKNOWN_CATEGORY, "lines[1].category_code"),
+    ("a long sku", dict(lines=[(FOOD, 100, 1, "X" * 25)]), R.REASON_FIELD_TOO_LONG, "lines[0].sku"),
+    ("a sku that is not ASCII", dict(lines=[(FOOD, 100, 1, "咖啡")]), R.REASON_INVALID_ARGUMENT,
+     "lines[0].sku"),
+    ("a gross that is not the lines' sum", dict(lines=[(FOOD, 100, 1, "")], gross=101),
+     R.REASON_INVALID_AMOUNT, "gross_amount_minor"),
+    ("negative points", dict(lines=[(FOOD, 100, 1, "")], redeem=-1), R.REASON_INVALID_ARGUMENT,
+     "redeem_points"),
+    ("101 lines", dict(lines=[(FOOD, 1, 1, "")] * 101), R.REASON_INVALID_ARGUMENT, "lines"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_BASKETS, ids=[c[0] for c in BAD_BASKETS])
+def test_a_bad_basket_is_refused_with_its_field_and_changes_nothing(cafe, case):
+    _, kw, reason, field = case
+    client = Client(cafe.stub)
+    number = silver_card(client)
+    before = client.card(number)
+    for call in (lambda: cafe.stub.Purchase(purchase(number, *kw["lines"], redeem=kw.get("redeem", 0),
+                                                     gross=kw.get("gross", 0))),
+                 lambda: cafe.stub.Quote(quote(number, *kw["lines"], redeem=kw.get("redeem", 0),
+                                               gross=kw.get("gross", 0)))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        fail = failure_of(err.value)
+        assert (fail.reason, fail.field) == (reason, field)
+    assert client.card(number) == before
+
+
+def test_a_program_change_mid_day_leaves_earlier_receipts_explainable(cafe):
+    """Morning under the cafe program (version 1); at noon the chain loads version 2 with drinks
+    at 80 % for silver. The morning's receipt still answers with version 1's figures, the
+    afternoon's with version 2's, and verify recomputes each under its own version."""
+    client = Client(cafe.stub)
+    number = silver_card(client)
+    morning = cafe.stub.Purchase(purchase(number, (DRINKS, 1000, 1, "")))
+    assert (morning.discount_minor, morning.program_version) == (50, 1)
+    document = example("cafe").replace('upgrade_spend_minor = 100000',
+                                       'upgrade_spend_minor = 100000\n'
+                                       'category_rate_bp = { drinks = 8000 }', 1)
+    admin = Admin(cafe.channel, cafe.admin_token)
+    assert load(admin, document).version == 2
+    afternoon = cafe.stub.Purchase(purchase(number, (DRINKS, 1000, 1, "")))
+    assert (afternoon.discount_minor, afternoon.program_version) == (200, 2)
+    receipt = cafe.stub.GetOperation(pb.GetOperationRequest(request_id=morning.request_id))
+    assert (receipt.result.discount_minor, receipt.result.program_version) == (50, 1)
+    assert receipt.result.lines == morning.lines
+    report = verify(cafe.data_dir)
+    assert report["ok"] and report["program_version"] == 2, report["problems"]
