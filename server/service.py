@@ -81,15 +81,25 @@ _REPLY_FIELDS = struct.Struct("<xBBxxxxxQ16xqqqqqqqqq24xIB3xI")
 assert _REPLY_FIELDS.size == 140
 
 
-def line_results(lines: bytes) -> list[pb.LineResult]:
-    """Each line's figures as the kernel filled them (layout.LINE)."""
-    out = []
+def add_line_results(out, lines: bytes) -> None:
+    """Each line's figures as the kernel filled them (layout.LINE), added to the repeated
+    LineResult field ``out`` in place (building messages and extending copies them: 1.7x)."""
+    add = out.add
     for code, _, quantity, amount, discount, points, redeemed, sku in L.LINE.iter_unpack(lines):
-        out.append(pb.LineResult(category_code=code, amount_minor=amount, discount_minor=discount,
-                                 redeemed_minor=redeemed, paid_minor=amount - discount - redeemed,
-                                 points_earned=points, quantity=quantity,
-                                 sku=sku.rstrip(b"\0").decode("ascii")))
-    return out
+        x = add()
+        x.category_code = code
+        x.amount_minor = amount
+        if discount:
+            x.discount_minor = discount
+        if redeemed:
+            x.redeemed_minor = redeemed
+        x.paid_minor = amount - discount - redeemed
+        if points:
+            x.points_earned = points
+        if quantity:
+            x.quantity = quantity
+        if sku[0]:
+            x.sku = sku.rstrip(b"\0").decode("ascii")
 
 
 def outcome_failure(outcome: Outcome, pin_tries_max: int) -> cpb.Failure:
@@ -123,7 +133,7 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         if promotion_id:
             result.promotion_id = promotion_id
         if outcome.lines:
-            result.lines.extend(line_results(outcome.lines))
+            add_line_results(result.lines, outcome.lines)
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
         balance.bonus_minor = ba
@@ -156,10 +166,9 @@ def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_bal
             Outcome(reason, False, op, entry,
                     available_minor(card[5], card[6], card[8]) if show_balance else 0),
             pin_tries_max))
-    filled = line_results(lines)
-    answer.lines.extend(filled)
-    answer.amount_minor = sum(x.amount_minor for x in filled)
-    answer.discount_minor = sum(x.discount_minor for x in filled)
+    add_line_results(answer.lines, lines)
+    answer.amount_minor = sum(x.amount_minor for x in answer.lines)
+    answer.discount_minor = sum(x.discount_minor for x in answer.lines)
     if reason == L.R_OK:
         answer.points_redeemed = taken
         answer.redeemed_minor = redeemed

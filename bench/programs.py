@@ -1,0 +1,178 @@
+"""Card programs' cost, measured as ratios in one run on one server (the supermarket program):
+
+    .venv/bin/python bench/programs.py [--cards 20000] [--seconds 4] [--rounds 3]
+                                       [--out bench/programs_results.json]
+
+- SubmitBatch of 1,000 purchases, 4 callers: a basket of 5 lines (3 categories, tobacco among
+  them) offering points for redemption, against a plain purchase without lines (one line of
+  the default category); the issue's target is >= 0.7x. (Coupons do not exist yet.)
+- Unary Quote of the same 5-line basket against unary GetCard (no PIN, development mode), 16
+  in flight; target >= 0.9x.
+Rounds alternate the two sides of each pair, so drift on a shared machine hits both; the
+figure reported is the median over rounds of each round's ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import e2e  # noqa: E402  (the servers, seeding and batch runner of the end-to-end benchmark)
+
+from cardcore.cards import random_number  # noqa: E402
+from cardcore.terminal import now_us  # noqa: E402
+from cardcore.v1 import card_service_pb2 as pb  # noqa: E402
+from cardcore.v1 import common_pb2 as cpb  # noqa: E402
+
+PROGRAM = os.path.join(os.path.dirname(HERE), "examples", "programs", "supermarket.toml")
+FRESH, GROCERY, TOBACCO = 1, 2, 3
+IN_FLIGHT = 16
+
+
+class Baskets:
+    """Serialized requests on random cards, unique request ids."""
+
+    def __init__(self, numbers: list[str], tag: str):
+        self.numbers, self.tag = numbers, tag
+        self.rng = random.Random(tag)
+        self.i = 0
+
+    def lines(self) -> list[pb.PurchaseLine]:
+        r = self.rng
+        return [pb.PurchaseLine(category_code=c, amount_minor=r.randrange(100, 5_000), quantity=1,
+                                sku=f"SKU-{r.randrange(10**6)}")
+                for c in (FRESH, GROCERY, FRESH, GROCERY, TOBACCO)]
+
+    def purchase(self, full: bool) -> pb.PurchaseRequest:
+        self.i += 1
+        card = cpb.CardRef(card_number=self.rng.choice(self.numbers))
+        till = cpb.Till(store_id=self.rng.randrange(1, 200), terminal_id=self.rng.randrange(1, 5000))
+        if full:
+            return pb.PurchaseRequest(request_id=f"{self.tag}-{self.i}", card=card, till=till,
+                                      lines=self.lines(), redeem_points=500,
+                                      client_time_us=now_us())
+        return pb.PurchaseRequest(request_id=f"{self.tag}-{self.i}", card=card, till=till,
+                                  gross_amount_minor=self.rng.randrange(500, 25_000),
+                                  client_time_us=now_us())
+
+    def batches(self, n: int, full: bool) -> list[bytes]:
+        return [pb.SubmitBatchRequest(operations=[pb.Operation(purchase=self.purchase(full))
+                                                  for _ in range(e2e.BATCH_OPS)]).SerializeToString()
+                for _ in range(n)]
+
+    def quotes(self, n: int) -> list[bytes]:
+        return [pb.QuoteRequest(card=cpb.CardRef(card_number=self.rng.choice(self.numbers)),
+                                till=cpb.Till(store_id=1, terminal_id=1), lines=self.lines(),
+                                redeem_points=500).SerializeToString() for _ in range(n)]
+
+    def inquiries(self, n: int) -> list[bytes]:
+        return [pb.GetCardRequest(card=cpb.CardRef(card_number=self.rng.choice(self.numbers)))
+                .SerializeToString() for _ in range(n)]
+
+
+async def run_unary(target: str, method: str, payloads: list[bytes], seconds: float):
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = ch.unary_unary(e2e.METHOD + method)
+        it = iter(payloads)
+        await call(next(it))
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def worker():
+            for p in it:
+                if time.perf_counter() > deadline:
+                    return
+                t0 = time.perf_counter()
+                await call(p)
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        return len(latencies), time.perf_counter() - t0, latencies
+
+
+def earn_points(target: str, numbers: list[str]) -> None:
+    """Every card earns points to redeem: one large purchase each."""
+    from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        stub = pb_grpc.CardServiceStub(ch)
+        for start in range(0, len(numbers), e2e.SEED_BATCH):
+            ops = [pb.Operation(purchase=pb.PurchaseRequest(
+                request_id=f"seed-p-{start + i}", card=cpb.CardRef(card_number=n),
+                gross_amount_minor=10**9, client_time_us=now_us()))
+                for i, n in enumerate(numbers[start:start + e2e.SEED_BATCH])]
+            res = stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops)).results
+            assert all(r.reason == 0 for r in res), "earning points failed"
+
+
+def measure(proc, run) -> dict:
+    cpu0 = proc.cpu_s()
+    ops, elapsed, latencies, *_ = asyncio.run(run())
+    return e2e.summary(ops, elapsed, latencies, proc.cpu_s() - cpu0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cards", type=int, default=20_000)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(HERE, "programs_results.json"))
+    args = ap.parse_args()
+    rng = random.Random(11)
+    numbers = list({random_number(rng) for _ in range(args.cards)})
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = e2e.start_cardcore(os.path.join(tmp, "data"), os.path.join(tmp, "server.log"),
+                                  ("--program", PROGRAM))
+        try:
+            e2e.seed(proc.target, numbers)
+            earn_points(proc.target, numbers)
+            batches = (max(4, int(args.seconds * 100)))  # more than a round can send
+            rows: dict[str, list] = {"batch_plain": [], "batch_5_lines_redeem": [],
+                                     "get_card": [], "quote": []}
+            for k in range(args.rounds):
+                gen = Baskets(numbers, f"r{k}")
+                for name, full in (("batch_plain", False), ("batch_5_lines_redeem", True))[::1 if k % 2 == 0 else -1]:
+                    payloads = gen.batches(batches, full)
+                    rows[name].append(measure(proc, lambda p=payloads: e2e.run_batches(
+                        proc.target, p, args.seconds)))
+                for name, method, make in (("get_card", "GetCard", gen.inquiries),
+                                           ("quote", "Quote", gen.quotes))[::1 if k % 2 == 0 else -1]:
+                    payloads = make(int(args.seconds * 6000))
+                    rows[name].append(measure(proc, lambda p=payloads, m=method: run_unary(
+                        proc.target, m, p, args.seconds)))
+        finally:
+            log = proc.stop()
+    ratio = {
+        "batch_5_lines_redeem_vs_plain": statistics.median(
+            a["tx_per_s"] / b["tx_per_s"] for a, b in zip(rows["batch_5_lines_redeem"],
+                                                          rows["batch_plain"])),
+        "quote_vs_get_card": statistics.median(
+            a["tx_per_s"] / b["tx_per_s"] for a, b in zip(rows["quote"], rows["get_card"])),
+    }
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               "cards": len(numbers), "seconds": args.seconds, "rounds": rows, "ratios": ratio}
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    for name, runs in rows.items():
+        print(f"{name:24s} " + "  ".join(f"{r['tx_per_s']:>8,}/s {r['server_cpu_us_per_op']:>7} µs"
+                                         for r in runs))
+    for name, value in ratio.items():
+        print(f"{name}: {value:.2f}x")
+    if "Traceback" in log:
+        print(log[-3000:], file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
