@@ -16,6 +16,7 @@ from cardcore.ext import kernel
 
 GROUP_OPS = 1_000
 SLOTS = 1_000
+NO_COUPONS = array("I", [L.SLOT_NONE] * GROUP_OPS)
 
 
 def _inputs():
@@ -39,8 +40,8 @@ def test_apply_1000_purchases(benchmark, impl):
 
     def one_group():
         recs = bytearray(records)
-        impl(program, ops, bytearray(), slots, recs, bytearray(len(recs)),
-             bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), 1, 1)
+        impl(program, ops, bytearray(), slots, recs, bytearray(len(recs)), NO_COUPONS, bytearray(),
+             bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), bytearray(), 1, 1)
 
     benchmark(one_group)
 
@@ -108,7 +109,7 @@ def test_apply_1000_basket_purchases(benchmark, impl):
 
     def one_group():
         recs = bytearray(records)
-        impl(program, ops, bytearray(lines), slots, recs, bytearray(len(recs)),
-             bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), 1, 1)
+        impl(program, ops, bytearray(lines), slots, recs, bytearray(len(recs)), NO_COUPONS,
+             bytearray(), bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), bytearray(), 1, 1)
 
     benchmark(one_group)

@@ -137,6 +137,8 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_PURCHASE: _MONEY,
     L.OP_SET_PIN: _PIN,     # the new PIN too: a retry with another new PIN is another request
     L.OP_RESET_PIN: _PIN,
+    # ref_id: the coupon definition; the points it is bought with go in the extra payload
+    L.OP_COUPON_ISSUE: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},
@@ -263,7 +265,7 @@ class Outcome(NamedTuple):
     replayed: bool              # answered from an earlier identical request
     op: int                     # layout.OP_*
     entry: bytes | None         # the journal entry (applied), or the kernel's declined entry;
-                                # through the writer's answer, its first 200 bytes
+                                # through the writer's answer, its first 224 bytes
     available_minor: int = 0    # for INSUFFICIENT_FUNDS
     count: int = 0              # internal operations: items changed (card numbers re-sealed)
     lines: bytes = b""          # an applied purchase with lines: them, as the kernel filled them

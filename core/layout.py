@@ -70,11 +70,15 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     193  u8  reserved              zero
     194  u16 line_count            purchase: its lines, stored under the same seq in
                                    ``journal_lines``; 0 = one line of category 0
-    196  u16 promotion_id          top-up: the promotion whose bonus it got (bonus_delta); 0
+    196  u16 item_id               top-up: the promotion whose bonus it got (bonus_delta);
+                                   coupon issue, or a purchase with a coupon: the coupon's
+                                   definition id; 0 = none
     198  u16 reserved              zero
     200  16B lines_digest          BLAKE2b-128 of the purchase's stored lines (zeros: none), so
                                    the digest chain covers them too; the ledger fills it
-    216  8B  reserved              zeros: for later issues
+    216  i64 coupon_off_minor      purchase: what its coupon took off (part of discount_minor,
+                                   which is the tier's discount plus this); ref_id is the coupon
+                                   (its serial: the sequence of the entry that issued it)
     224  32B digest                SHA-256(the previous entry's digest | bytes 0..223 of this
                                    entry); the first entry chains from 32 zero bytes
 
@@ -132,7 +136,9 @@ writer runs::
                                    buffer (in operation order); 0 = one line of category 0
                                    for amount_minor
     162  6B  reserved
-    168  i64 redeem_points         purchase: points the member offers to pay with (0: none)
+    168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
+                                   coupon issue: the points it is bought with (0: given by an
+                                   operator)
     176  16B reserved
 
 Purchase line, v1, 64 bytes: the kernel's lines buffer (in) and, for an applied
@@ -147,6 +153,20 @@ lines, in order, as the kernel filled them)::
      24  i64 points_earned         out: points this line earned
      32  i64 redeemed_minor        out: how much of this line points paid
      40  24B sku                   ASCII, zero-padded; may be empty
+
+Coupon, v1, 64 bytes, LMDB ``coupons`` value (key: card id | u64 big-endian serial, the
+sequence of the journal entry that issued it; a purchase names it in ref_id)::
+
+      0  u8  version               1
+      1  u8  state                 1 issued, 2 used (an expired coupon stays issued: time says)
+      2  u16 coupon_id             its definition in the program
+      4  u32 reserved
+      8  i64 valid_from_us         the issue's group time
+     16  i64 valid_until_us        valid_from + the definition's valid_days (exclusive)
+     24  u64 issued_seq
+     32  u64 used_seq              the purchase that used it; 0
+     40  i64 off_minor             what it took off there; 0
+     48  16B reserved
 
 Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
 without one reads as all zeros (release 1 and ledger v2 cards)::
@@ -172,7 +192,7 @@ operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise. A balance
 inquiry (op 7) requires the PIN like a purchase and changes nothing when it is
 right (no entry, pin_tries untouched); a wrong one is counted like any other.
 
-Program, v3, 11,632 bytes: the arithmetic's parameters (see ``rules``),
+Program, v3, 13,176 bytes: the arithmetic's parameters (see ``rules``),
 compiled from the stored program document of that version (never stored: a
 ledger keeps documents, so the compiled form can change freely)::
 
@@ -196,6 +216,12 @@ ledger keeps documents, so the compiled form can change freely)::
            (half-open [starts, ends), Unix microseconds), 48 16B reserved
    1392  u16[16][64] rate_bp       by tier and category code: what the member pays, in bp
    3440  i64[16][64] points_per_unit    by tier and category code
+  11632  coupon[32], 48 bytes each:
+           0 u16 id, 2 u8 kind (1 amount off, 2 percent off, 3 free item), 3 u8 reserved,
+           4 i32 category (-1: every discountable line), 8 i64 min_spend_minor,
+           16 i64 amount_off_minor, 24 u32 percent_bp, 28 u32 reserved, 32 i64 max_off_minor,
+           40 i64 points_price
+  13168  u32 coupon_count, u32 reserved
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
 
@@ -269,24 +295,34 @@ LINE = struct.Struct("<HHIqqqq24s")
 CARD_EXT = struct.Struct("<B3sIq16H16H48s")
 PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
+COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
+COUPON = struct.Struct("<BBHIqqQQq16s")
+COUPON_KEY = struct.Struct(">16sQ")   # card id, serial
 # The card programs' fields of a journal entry and of an operation, at these offsets.
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
+JOURNAL_COUPON_OFF, JOURNAL_OFF_COUPON = struct.Struct("<q"), 216  # coupon_off_minor
 JOURNAL_OFF_LINES_DIGEST, LINES_DIGEST_SIZE = 200, 16
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 64, 64
-LINE_SIZE, CARD_EXT_SIZE, PROMOTION_SIZE = 64, 128, 64
-MAX_TIERS, MAX_CATEGORIES, MAX_PROMOTIONS, PROMOTION_SLOTS = 16, 64, 16, 16
+LINE_SIZE, CARD_EXT_SIZE, PROMOTION_SIZE, COUPON_SIZE = 64, 128, 64, 64
+MAX_TIERS, MAX_CATEGORIES, MAX_PROMOTIONS, PROMOTION_SLOTS, MAX_COUPONS = 16, 64, 16, 16, 32
 PROGRAM_RATES_OFFSET = PROGRAM_HEAD.size + MAX_PROMOTIONS * PROMOTION_SIZE
 PROGRAM_PER_UNIT_OFFSET = PROGRAM_RATES_OFFSET + 2 * MAX_TIERS * MAX_CATEGORIES
-PROGRAM_SIZE = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIES
-assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 11632
+PROGRAM_COUPONS_OFFSET = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIES
+PROGRAM_COUPON_COUNT_OFFSET = PROGRAM_COUPONS_OFFSET + MAX_COUPONS * 48
+PROGRAM_SIZE = PROGRAM_COUPON_COUNT_OFFSET + 8
+assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 13176
+assert COUPON_DEF.size == 48 and COUPON.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
 CARD_EXT_VERSION = 1
 CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2
 SPEND_PRINCIPAL_FIRST, SPEND_BONUS_FIRST, SPEND_PROPORTIONAL = 0, 1, 2
 PROMO_FIXED, PROMO_PERCENT, PROMO_FIRST_TOP_UP = 1, 2, 3
+COUPON_AMOUNT_OFF, COUPON_PERCENT_OFF, COUPON_FREE_ITEM = 1, 2, 3
+COUPON_VERSION, COUPON_ISSUED, COUPON_USED = 1, 1, 2
+DAY_US = 86_400_000_000
 JOURNAL_DIGEST_OFFSET, DIGEST_SIZE = 224, 32
 assert CARD.size == CARD_SIZE and JOURNAL.size == JOURNAL_SIZE
 assert OP.size == OP_SIZE and IDEM.size == IDEM_SIZE
@@ -324,7 +360,8 @@ CALLER_SYSTEM, CALLER_LEGACY = 4, 5
 # Operation types: values of cardcore.v1.OperationType (a test checks they agree).
 OP_OPEN, OP_TOP_UP, OP_PURCHASE, OP_SET_PIN, OP_RESET_PIN, OP_PIN_FAILED = 1, 2, 3, 4, 5, 6
 OP_BALANCE_INQUIRY = 7  # checks the PIN; changes nothing when right (no entry)
-OP_KERNEL_MAX = OP_BALANCE_INQUIRY  # 1..5 and 7 go through the kernel; 6 is written by it
+OP_COUPON_ISSUE = 8     # a coupon for a card: given by an operator, or bought with points
+OP_KERNEL_MAX = OP_COUPON_ISSUE  # 1..5, 7 and 8 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23
@@ -359,6 +396,8 @@ R_UNAUTHENTICATED, R_PERMISSION_DENIED, R_OPERATOR_REQUIRED = 33, 34, 40
 R_REQUEST_TOO_OLD, R_CLIENT_TIME_AHEAD = 41, 42
 R_PROGRAM_INVALID, R_PROGRAM_STRANDS_CARDS = 43, 44
 R_UNKNOWN_CATEGORY, R_INSUFFICIENT_POINTS, R_REDEMPTION_NOT_OFFERED = 64, 65, 66
+R_COUPON_NOT_FOUND, R_COUPON_USED, R_COUPON_NOT_VALID_NOW = 67, 68, 69
+R_COUPON_NOT_APPLICABLE, R_COUPON_NOT_FOR_SALE = 70, 71
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

@@ -15,8 +15,10 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     meta          name                    -> format, current program, tier counts, horizons
     card_ext      card_id                 -> card program state (128 B, layout.CARD_EXT)
     journal_lines seq (u64 big-endian)    -> an applied purchase's lines (64 B each, layout.LINE)
+    coupons       card_id | serial (u64)  -> an issued coupon (64 B, layout.COUPON); serial = the
+                                             sequence of the entry that issued it
 
-The last two came with card programs: a writer that opens a ledger made
+The last three came with card programs: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -63,8 +65,9 @@ MAX_READERS = 512
 MAX_DBS = 16
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
-            "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines")
-ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines"))  # created on open when missing
+            "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons")
+ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons"))  # created on open when missing
+EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
@@ -74,8 +77,48 @@ NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when 
 _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
 assert _ENTRY_HEAD.size == 88
 _TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
+_U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
+_OP_REF = struct.Struct("<144xQ")  # an operation's ref_id (layout.OP offset 144), read alone
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 EXT_READERS = frozenset((L.OP_TOP_UP,))  # operations whose rules read the card program state
+
+
+def coupons_of(txn, coupons_db, ops: list[PendingOp]) -> tuple[array, list[bytes], bytearray]:
+    """The coupons the purchases among ``ops`` name (ref_id), each read once: (a coupon slot per
+    operation, SLOT_NONE for the others; the slots' keys; their records, zeros for a coupon the
+    card does not have)."""
+    slots = array("I", [L.SLOT_NONE]) * len(ops)
+    keys: list[bytes] = []
+    slot_of: dict[bytes, int] = {}
+    for k, op in enumerate(ops):
+        if op.packed[0] == L.OP_PURCHASE:
+            serial = _OP_REF.unpack_from(op.packed)[0]
+            if serial:
+                key = L.COUPON_KEY.pack(op.card_id, serial)
+                s = slot_of.get(key)
+                if s is None:
+                    s = slot_of[key] = len(keys)
+                    keys.append(key)
+                slots[k] = s
+    if not keys:
+        return slots, keys, bytearray()
+    stored = dict(txn.cursor(db=coupons_db).getmulti(keys))
+    return slots, keys, bytearray(b"".join([stored.get(k, EMPTY_COUPON) for k in keys]))
+
+
+def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
+    """The coupon record an applied issue entry creates (key, value): valid from the group's time
+    for its definition's days under the program the entry was computed with."""
+    seq, = _U64.unpack_from(entry, L.JOURNAL_OFF_SEQ)
+    ts_us, = _I64.unpack_from(entry, L.JOURNAL_OFF_TS)
+    coupon_id = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[4]
+    definition = program.coupon(coupon_id)
+    if definition is None:
+        raise InvariantError("an issued coupon has no definition in its program")
+    until = min(ts_us + definition.valid_days * L.DAY_US, L.INT64_MAX)
+    return (L.COUPON_KEY.pack(card_id, seq),
+            L.COUPON.pack(L.COUPON_VERSION, L.COUPON_ISSUED, coupon_id, 0, ts_us, until, seq, 0, 0,
+                          bytes(16)))
 
 
 class LedgerFormatError(Exception):
@@ -305,15 +348,40 @@ class Ledger:
         when it would apply)."""
         def read(txn):
             ext = txn.get(op.card_id, db=self.card_ext) if self.card_ext is not None else None
-            return txn.get(op.card_id, db=self.cards), ext
+            coupon = None
+            if self.coupons is not None:
+                coupon = coupons_of(txn, self.coupons, [op])
+            return txn.get(op.card_id, db=self.cards), ext, coupon
 
-        rec, ext = self._read(read)
+        rec, ext, coupon = self._read(read)
+        coupon_slots, coupons = (coupon[0], coupon[2]) if coupon else (array("I", [L.SLOT_NONE]),
+                                                                     bytearray())
+        if not coupons and _OP_REF.unpack_from(op.packed)[0]:  # a ledger without coupons yet
+            coupon_slots, coupons = array("I", [0]), bytearray(EMPTY_COUPON)
         records = bytearray(rec or EMPTY_RECORD)
         extras = bytearray(ext or EMPTY_EXT)
         lines, out = bytearray(op.lines), bytearray(L.JOURNAL_SIZE)
         kernel.apply_batch(self.program_packed, op.packed, lines, array("I", [0]), records, extras,
-                           out, bytearray(1), ts_us, 1)
+                           coupon_slots, coupons, out, bytearray(1),
+                           bytearray(len(coupons) // L.COUPON_SIZE), ts_us, 1)
         return bytes(out), bytes(lines), bytes(records)
+
+    def read_coupons(self, card_id: bytes) -> list[tuple]:
+        """The card's coupons (layout.COUPON fields each, serial order), used or not."""
+        if self.coupons is None:
+            return []
+
+        def read(txn):
+            cur = txn.cursor(db=self.coupons)
+            out = []
+            if cur.set_range(card_id):
+                for key, value in cur:
+                    if key[:L.CARD_ID_SIZE] != card_id:
+                        break
+                    out.append(L.COUPON.unpack(value))
+            return out
+
+        return self._read(read)
 
     def read_lines(self, seq: int) -> bytes:
         """The lines of the applied purchase at ``seq`` (layout.LINE each), or b""."""
@@ -451,6 +519,7 @@ class _Group:
         self.profile_items: list[tuple[bytes, bytes]] = []
         self.sealed_items: list[tuple[bytes, bytes]] = []
         self.line_items: list[tuple[int, bytes]] = []   # (seq, an applied purchase's lines)
+        self.coupon_items: list[tuple[bytes, bytes]] = []  # coupons issued or used
         self.run: list[int] = []                # consecutive card operations for the kernel
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
@@ -568,11 +637,17 @@ class _Group:
         ext_stored = dict(ext_cur.getmulti(list(ext_ids))) if ext_ids else {}
         extras = bytearray(b"".join([ext_stored.get(c, EMPTY_EXT) for c in card_ids]))
         lines = bytearray(b"".join([ops[i].lines for i in run]))
+        coupon_slots, coupon_keys, coupons = coupons_of(txn, ledger.coupons, [ops[i] for i in run])
+        coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
         next_seq = kernel.apply_batch(admin.program_packed, b"".join([ops[i].packed for i in run]),
-                                      lines, slots, records, extras, journal_out, dirty, self.ts,
-                                      self.seq)
+                                      lines, slots, records, extras, coupon_slots, coupons,
+                                      journal_out, dirty, coupon_dirty, self.ts, self.seq)
+        if coupon_keys:
+            self.coupon_items.extend(
+                (coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
+                for s in range(len(coupon_keys)) if coupon_dirty[s])
         rec_view, ext_view = memoryview(records), memoryview(extras)
         cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
                         for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
@@ -613,6 +688,8 @@ class _Group:
                 counts = admin.tier_cards()
                 counts[tier] -= 1
                 counts[out[k * size + _TIER_AFTER]] += 1
+            if reason == L.R_OK and op_type == L.OP_COUPON_ISSUE:
+                self.coupon_items.append(issued_coupon(admin.program, op.card_id, entry))
             if reason == L.R_OK and op_type == L.OP_OPEN:
                 admin.tier_cards()[tier] += 1
                 if op.profile is not None:
@@ -650,6 +727,8 @@ class _Group:
                 [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)
             if added != len(self.line_items):
                 raise InvariantError("journal lines append refused: sequence not increasing")
+        if self.coupon_items:
+            txn.cursor(db=ledger.coupons).putmulti(self.coupon_items)
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
         if self.sealed_items:

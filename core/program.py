@@ -31,10 +31,18 @@ them with comments; money in fen):
   ``bonus_minor`` (fixed and first_top_up) or ``bonus_bp`` and
   ``max_bonus_minor`` (percent); ``starts``/``ends`` (date-times with their UTC
   offset; default: always); ``per_card_limit`` (0..255, 0 = no limit).
+- ``[[coupons]]`` (at most 32): ``id``, ``name``, ``kind`` ("amount_off" |
+  "percent_off" | "free_item") (required); ``category`` (a declared
+  discountable category or "default"; default: every discountable line;
+  required for free_item, the item it gives); ``min_spend_minor``;
+  ``amount_off_minor`` (amount_off, required) or ``percent_bp`` (percent_off,
+  required); ``max_off_minor`` (percent_off and free_item; 0 = no cap);
+  ``valid_days`` (1..3660, default 30); ``points_price`` (0 = not for points).
 
 Problems name their table: "tier 'gold'" (or "tier 2", the second ``[[tiers]]``
 when its name is wrong), "category 'drinks'" (or "category #2"), "promotion 3"
-(the promotion of id 3, or "promotion #2" when its id is wrong), "redemption".
+(the promotion of id 3, or "promotion #2" when its id is wrong), "coupon 3" (or
+"coupon #2", likewise), "redemption".
 """
 from __future__ import annotations
 
@@ -46,6 +54,8 @@ import tomllib
 
 from cardcore import layout
 from cardcore.rules import (
+    COUPON_KINDS,
+    COUPON_VALID_DAYS_MAX,
     DEFAULT_PROGRAM,
     MAX_NAME_LEN,
     MAX_TIER_NAME_LEN,
@@ -54,6 +64,7 @@ from cardcore.rules import (
     RATE_BP_FULL,
     SPEND_ORDERS,
     Category,
+    Coupon,
     Program,
     Promotion,
     Tier,
@@ -136,6 +147,7 @@ _TOP_KEYS = (
     _Key("categories", "tables"),
     _Key("tiers", "tables"),
     _Key("promotions", "tables"),
+    _Key("coupons", "tables"),
 )
 _REDEMPTION_KEYS = (
     _Key("points", "integer", 1, _I64, required=True),
@@ -178,6 +190,29 @@ _PROMOTION_KEYS = (
 # The bonus keys of each promotion kind (the others refuse them).
 _BONUS_KEYS = {"fixed": ("bonus_minor",), "first_top_up": ("bonus_minor",),
                "percent": ("bonus_bp", "max_bonus_minor")}
+_COUPON_ID = _Key("id", "integer", 1, 0xFFFF, required=True)
+_COUPON_KEYS = (
+    _COUPON_ID,
+    _Key("name", "string", 1, MAX_NAME_LEN, required=True),
+    _Key("kind", "string", required=True, choices=tuple(COUPON_KINDS)),
+    _Key("category", "string", 1, MAX_NAME_LEN),
+    _Key("min_spend_minor", "integer", 0, _I64),
+    _Key("amount_off_minor", "integer", 1, _I64),
+    _Key("percent_bp", "integer", 1, RATE_BP_FULL),
+    _Key("max_off_minor", "integer", 0, _I64),
+    _Key("valid_days", "integer", 1, COUPON_VALID_DAYS_MAX),
+    _Key("points_price", "integer", 0, _I64),
+)
+# Coupon keys that are Coupon fields of the same name (absent: the field's default).
+_OPTIONAL_COUPON_FIELDS = ("min_spend_minor", "amount_off_minor", "percent_bp", "max_off_minor",
+                           "valid_days", "points_price")
+# The discount keys of each coupon kind (the others refuse them); the key each kind requires
+# and what it gives, for messages.
+_OFF_KEYS = {"amount_off": ("amount_off_minor",), "percent_off": ("percent_bp", "max_off_minor"),
+             "free_item": ("max_off_minor",)}
+_COUPON_NEEDS = {"amount_off": ("amount_off_minor", "an amount_off coupon", "amount_off_minor"),
+                 "percent_off": ("percent_bp", "a percent_off coupon", "percent_bp"),
+                 "free_item": ("category", "a free_item coupon", "one item of its category")}
 
 
 # --- where keys are written --------------------------------------------------
@@ -620,6 +655,70 @@ def _check_promotions(raw: list[dict], lines: _Lines,
     return tuple(promotions)
 
 
+def _coupon_category(table: _Table, name: str, declared: _Declared | None) -> int | None:
+    """The category code a coupon's ``category`` names; None after its problem (or when the
+    categories cannot say: their problem is reported)."""
+    if name == "default":
+        return 0
+    if declared is None:
+        return None
+    if name not in declared:
+        known = ", ".join(declared) or "none"
+        table.refuse("category", f"no category {name!r} in [[categories]] (declared: {known})")
+        return None
+    category = declared[name]
+    if category is None:  # written with a problem, reported there
+        return None
+    if not category.discountable:
+        table.refuse("category", f"category {name!r} is not discountable "
+                                 "(coupons apply to discountable lines only)")
+        return None
+    return category.code
+
+
+def _check_coupon(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
+                  problems: list[tuple[int, str]]) -> Coupon | None:
+    """Check the k-th (0-based) coupon table; the Coupon, or None after its problems."""
+    cid = raw.get("id")
+    label = f"coupon {cid}" if _value_problem(_COUPON_ID, cid) is None else f"coupon #{k + 1}"
+    table = _Table(raw, ("coupons", k), label, lines, problems)
+    kind = raw.get("kind") if isinstance(raw.get("kind"), str) else None
+    takes = _OFF_KEYS.get(kind, ())  # (): the kind is wrong, reported below
+    needs, a_kind, gives = _COUPON_NEEDS.get(kind, (None, "", ""))
+    for key in ("amount_off_minor", "percent_bp", "max_off_minor"):
+        if takes and key in raw and key not in takes:  # before its value: this says more
+            kinds = " and ".join(other for other, keys in _OFF_KEYS.items() if key in keys)
+            table.refuse(key, f"{key} is only for {kinds} coupons ({a_kind} gives {gives})")
+    values = table.check(_COUPON_KEYS)
+    if needs is not None and needs not in raw:
+        table.missing(needs, f" (required for {a_kind})")
+    category = -1
+    if "category" in values:
+        category = _coupon_category(table, values["category"], declared)
+    if not table.ok or category is None:
+        return None  # category None: its problem is reported (in the coupon or its category)
+    optional = {key: values[key] for key in _OPTIONAL_COUPON_FIELDS if key in values}
+    return Coupon(cid, values["name"], COUPON_KINDS[kind], category, **optional)
+
+
+def _check_coupons(raw: list[dict], declared: _Declared | None, lines: _Lines,
+                   problems: list[tuple[int, str]]) -> tuple[Coupon, ...]:
+    _too_many("coupons", raw, layout.MAX_COUPONS, lines, problems)
+    coupons: list[Coupon] = []
+    first_with_id: dict[int, int] = {}
+    for k, table in enumerate(raw):
+        coupon = _check_coupon(k, table, declared, lines, problems)
+        if coupon is None:
+            continue
+        if coupon.id in first_with_id:
+            first = first_with_id[coupon.id] + 1
+            why = f"coupon #{k + 1}: duplicate coupon id {coupon.id} (also coupon #{first})"
+            problems.append((lines.line(("coupons", k), "id"), why))
+        first_with_id.setdefault(coupon.id, k)
+        coupons.append(coupon)
+    return tuple(coupons)
+
+
 def parse_program(text: str) -> Program:
     """Parse and check a card program TOML document.
 
@@ -655,10 +754,12 @@ def parse_program(text: str) -> Program:
     else:
         tiers = ()  # not an array of tables: reported
     promotions = _check_promotions(values.get("promotions", []), lines, problems)
+    coupons = _check_coupons(values.get("coupons", []), declared, lines, problems)
     if problems:
         raise ProgramError(*min(problems, key=lambda p: p[0]))
     try:
-        return Program(tiers=tiers, categories=categories, promotions=promotions, **fields)
+        return Program(tiers=tiers, categories=categories, promotions=promotions,
+                       coupons=coupons, **fields)
     except ValueError as err:  # the dataclass's own checks: should not happen after ours
         raise ProgramError(0, str(err)) from None
 

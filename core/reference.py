@@ -15,7 +15,8 @@ from cardcore.rules import paid_minor, points_earned, redemption, spend
 
 
 def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: bytearray,
-                extras: bytearray, journal_out: bytearray, slot_dirty: bytearray, ts_us: int,
+                extras: bytearray, coupon_slots, coupons: bytearray, journal_out: bytearray,
+                slot_dirty: bytearray, coupon_dirty: bytearray, ts_us: int,
                 first_seq: int) -> int:
     """Apply ``len(ops) // 192`` operations in order; return the next free sequence number.
 
@@ -30,12 +31,16 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
     journal entry with the next sequence; others (and a balance inquiry with the
     right PIN) get an entry with ``reason`` set and ``seq = 0``. ``journal_out``
     receives one 256-byte v2 entry per operation, its digest zero (the ledger
-    chains it).
+    chains it). A purchase that names a coupon (ref_id, its serial) has its coupon record
+    at ``coupon_slots[i]`` in ``coupons`` (64 bytes each, layout.COUPON; SLOT_NONE for every
+    other operation); a purchase that uses it marks it used in place and sets
+    ``coupon_dirty[coupon slot]``.
     """
     n = len(ops) // L.OP_SIZE
     assert len(ops) == n * L.OP_SIZE and len(journal_out) == n * L.JOURNAL_SIZE
     assert len(records) % L.CARD_SIZE == 0 and len(slot_dirty) == len(records) // L.CARD_SIZE
-    assert len(extras) == len(records)
+    assert len(extras) == len(records) and len(coupons) % L.COUPON_SIZE == 0
+    assert len(coupon_dirty) == len(coupons) // L.COUPON_SIZE and len(coupon_slots) == n
     prog = CompiledProgram(program)
     line_total = sum(L.OP_PROGRAM.unpack_from(ops, i * L.OP_SIZE + L.OP_OFF_PROGRAM)[0] for i in range(n))
     if len(program) != L.PROGRAM_SIZE or len(lines) != line_total * L.LINE_SIZE:
@@ -51,6 +56,11 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         my_lines = range(line_at, line_at + line_count)
         line_at += line_count
         slot = slots[i]
+        cslot = coupon_slots[i]
+        if (op == L.OP_PURCHASE and ref_id != 0) != (cslot != L.SLOT_NONE) or (
+                cslot != L.SLOT_NONE and cslot >= len(coupon_dirty)):
+            raise ValueError("a purchase's coupon and its slot do not match")
+        coupon = None if cslot == L.SLOT_NONE else L.COUPON.unpack_from(coupons, cslot * L.COUPON_SIZE)
         roff = slot * L.CARD_SIZE
         card = Card(L.CARD.unpack_from(records, roff))
         card.check()
@@ -60,8 +70,9 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         reason = L.R_OK
         checked = ""  # "right" or "failed" once the PIN was compared
         discount = d_principal = d_bonus = d_points = 0
-        taken_points = redeemed = 0
-        promotion_id = 0
+        taken_points = redeemed = coupon_off = 0
+        promotion_id = 0  # the entry's item_id: a promotion or a coupon definition
+        entry_ref = ref_id
         ext_changed = False
 
         def gate(pin_flags: int = pin_flags) -> int:
@@ -91,8 +102,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             card.flags = L.CARD_PIN_SET if new else 0
             card.pin_tries = 0
 
-        if (line_count or redeem) and op != L.OP_PURCHASE or redeem < 0 \
-                or line_count > L.LINES_MAX:
+        if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
+                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE)):
             reason = L.R_INVALID_ARGUMENT
         elif op == L.OP_OPEN:
             if card.version != 0:
@@ -127,6 +138,18 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 checked = ""
         elif (reason := gate()) != L.R_OK:
             pass
+        elif op == L.OP_COUPON_ISSUE:
+            d = prog.coupon_def(ref_id)
+            if d is None:
+                reason = L.R_COUPON_NOT_FOUND
+            elif redeem == 0 and operator == 0:
+                reason = L.R_OPERATOR_REQUIRED  # given away: an operator (a campaign) gives it
+            elif redeem and redeem != d[7]:
+                reason = L.R_COUPON_NOT_FOR_SALE  # bought: at its points price, when it has one
+            elif card.points < redeem:
+                reason = L.R_INSUFFICIENT_POINTS
+            else:
+                d_points, taken_points, promotion_id = -redeem, redeem, ref_id
         elif amount <= 0:
             reason = L.R_INVALID_AMOUNT
         elif op == L.OP_TOP_UP:
@@ -142,9 +165,11 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         elif card.tier >= prog.tier_count:
             reason = L.R_INVALID_TIER
         else:
-            reason, figures = purchase(prog, card, lines, my_lines, amount, redeem)
+            reason, figures = purchase(prog, card, lines, my_lines, amount, redeem, coupon, ts_us)
             if reason == L.R_OK:
-                paid, earned, taken_points, redeemed = figures
+                paid, earned, taken_points, redeemed, coupon_off, coupon_id = figures
+                if coupon is not None:
+                    promotion_id = coupon_id
                 discount = amount - paid
                 due = paid - redeemed
                 d_principal, d_bonus = spend(due, card.principal, card.bonus, prog.spend_order)
@@ -170,25 +195,36 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             if ext_changed and reason == L.R_OK:
                 L.CARD_EXT.pack_into(extras, roff, *ext.fields())
                 slot_dirty[slot] |= 2
+            if coupon is not None and reason == L.R_OK:
+                L.COUPON.pack_into(coupons, cslot * L.COUPON_SIZE, *coupon[:1], L.COUPON_USED,
+                                   *coupon[2:7], entry_seq, coupon_off, coupon[9])
+                coupon_dirty[cslot] = 1
+        if op == L.OP_COUPON_ISSUE:
+            entry_ref = entry_seq  # the coupon's serial: the entry that issued it
         L.JOURNAL.pack_into(
             journal_out, i * L.JOURNAL_SIZE, L.JOURNAL_VERSION,
             L.OP_PIN_FAILED if pin_failed else op, tier_before, card.status, reason,
             card.pin_tries, card.flags & 0xFF, entry_seq, card_id, 0 if pin_failed else amount,
             discount, d_principal, d_bonus, d_points, card.principal, card.bonus, card.points, ts_us,
             store, terminal, staff, operator, tag, prog.version, caller_kind,
-            bytes(3), caller_id, 0, link_seq, ref_id, basket, client_time, bytes(48), bytes(32))
+            bytes(3), caller_id, 0, link_seq, entry_ref, basket, client_time, bytes(48), bytes(32))
         applied = reason == L.R_OK
         L.JOURNAL_PROGRAM.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_PROGRAM,
                                     taken_points, redeemed, card.tier,
                                     line_count if applied else 0, promotion_id if applied else 0)
+        L.JOURNAL_COUPON_OFF.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_COUPON,
+                                       coupon_off)
     return seq
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
-              offered: int) -> tuple[int, tuple[int, int, int, int]]:
-    """Rules 2-6 for one purchase: (reason, (paid, earned, points taken, redeemed fen)). Fills
-    the lines' output fields once they passed the category check."""
-    none = (0, 0, 0, 0)
+             offered: int, coupon: tuple | None = None,
+             ts_us: int = 0) -> tuple[int, tuple[int, int, int, int, int, int]]:
+    """Rules 2-6 for one purchase: (reason, (paid, earned, points taken, redeemed fen, coupon
+    off, coupon definition)); paid is after the tier's rate and the coupon. Fills the lines'
+    output fields once they passed the category check (a line's discount includes its share of
+    the coupon)."""
+    none = (0, 0, 0, 0, 0, 0)
     if my_lines:
         items = [list(L.LINE.unpack_from(lines, k * L.LINE_SIZE)) for k in my_lines]
     else:
@@ -203,8 +239,13 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
     paid = sum(line_paid)
     for it, p in zip(items, line_paid):
         it[4], it[5], it[6] = it[3] - p, 0, 0
-    reason, taken, redeemed = L.R_OK, 0, 0
-    if offered:
+    reason, taken, redeemed, off, coupon_id = L.R_OK, 0, 0, 0, 0
+    if coupon is not None:
+        reason, off, coupon_id = prog.apply_coupon(coupon, items, line_paid, ts_us)
+        paid -= off
+    if reason != L.R_OK:
+        pass
+    elif offered:
         if not prog.redeem_points:
             reason = L.R_REDEMPTION_NOT_OFFERED
         elif card.points < offered:
@@ -229,7 +270,7 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
             reason = L.R_AMOUNT_OVERFLOW
     for k, it in zip(my_lines, items):
         L.LINE.pack_into(lines, k * L.LINE_SIZE, *it)
-    return reason, (paid, earned, taken, redeemed)
+    return reason, (paid, earned, taken, redeemed, off, coupon_id)
 
 
 class CompiledProgram:
@@ -243,6 +284,11 @@ class CompiledProgram:
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
         self.promotions = [L.PROMOTION.unpack_from(packed, L.PROGRAM_HEAD.size + k * L.PROMOTION_SIZE)
                            for k in range(self.promotion_count)]
+        count = struct.unpack_from("<I", packed, L.PROGRAM_COUPON_COUNT_OFFSET)[0]
+        if count > L.MAX_COUPONS:
+            raise ValueError("program out of range")
+        self.coupons = [L.COUPON_DEF.unpack_from(packed, L.PROGRAM_COUPONS_OFFSET + 48 * k)
+                        for k in range(count)]
         cells = L.MAX_TIERS * L.MAX_CATEGORIES
         self.rates = struct.unpack_from(f"<{cells}H", packed, L.PROGRAM_RATES_OFFSET)
         self.per_units = struct.unpack_from(f"<{cells}q", packed, L.PROGRAM_PER_UNIT_OFFSET)
@@ -250,6 +296,49 @@ class CompiledProgram:
                 and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
                 and self.promotion_count <= L.MAX_PROMOTIONS):
             raise ValueError("program out of range")
+
+    def coupon_def(self, coupon_id: int) -> tuple | None:
+        """The definition of coupon ``coupon_id`` (layout.COUPON_DEF fields), or None."""
+        return next((d for d in self.coupons if d[0] == coupon_id), None)
+
+    def apply_coupon(self, coupon: tuple, items: list, line_paid: list[int],
+                     ts_us: int) -> tuple[int, int, int]:
+        """Rule 4a: (reason, fen off, definition id); on success the lines' paid amounts and
+        discounts carry the coupon's share (it takes off the eligible lines in order)."""
+        version, state, coupon_id, _, valid_from, valid_until, *_ = coupon
+        if version != L.COUPON_VERSION:
+            return L.R_COUPON_NOT_FOUND, 0, 0
+        if state != L.COUPON_ISSUED:
+            return L.R_COUPON_USED, 0, 0
+        if not valid_from <= ts_us < valid_until:
+            return L.R_COUPON_NOT_VALID_NOW, 0, 0
+        d = self.coupon_def(coupon_id)
+        if d is None:  # the chain no longer offers it
+            return L.R_COUPON_NOT_APPLICABLE, 0, 0
+        _, kind, category, min_spend, amount_off, percent_bp, max_off, _ = d
+        eligible = [k for k, it in enumerate(items)
+                    if (it[0] == category if category >= 0
+                        else self.category_flags[it[0]] & L.CATEGORY_DISCOUNTABLE)]
+        base = sum(line_paid[k] for k in eligible)
+        if not base or base < min_spend:
+            return L.R_COUPON_NOT_APPLICABLE, 0, 0
+        if kind == L.COUPON_AMOUNT_OFF:
+            off = min(amount_off, base)
+        elif kind == L.COUPON_PERCENT_OFF:
+            off = base * percent_bp // 10000
+        else:  # one free item: the first eligible line
+            off = line_paid[eligible[0]]
+        if kind != L.COUPON_AMOUNT_OFF and max_off:
+            off = min(off, max_off)
+        if not off:
+            return L.R_COUPON_NOT_APPLICABLE, 0, 0
+        left = off
+        for k in eligible:
+            share = min(left, line_paid[k])
+            line_paid[k] -= share
+            items[k][4] += share
+            left -= share
+        return L.R_OK, off, coupon_id
 
     def rate(self, tier: int, code: int) -> int:
         return self.rates[tier * L.MAX_CATEGORIES + code]

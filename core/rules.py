@@ -69,6 +69,7 @@ computed under; ``compiled`` turns one into the C struct the kernel reads.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from array import array
 
 from cardcore import layout as L
@@ -81,6 +82,9 @@ SPEND_ORDERS = {"principal_first": L.SPEND_PRINCIPAL_FIRST, "bonus_first": L.SPE
 PROMOTION_KINDS = {"fixed": L.PROMO_FIXED, "percent": L.PROMO_PERCENT,
                    "first_top_up": L.PROMO_FIRST_TOP_UP}
 PER_CARD_LIMIT_MAX = 255
+COUPON_KINDS = {"amount_off": L.COUPON_AMOUNT_OFF, "percent_off": L.COUPON_PERCENT_OFF,
+                "free_item": L.COUPON_FREE_ITEM}
+COUPON_VALID_DAYS_MAX = 3660
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +123,22 @@ class Promotion:
 
 
 @dataclasses.dataclass(frozen=True)
+class Coupon:
+    """A coupon definition (rule 4a). ``id`` is the chain's, stable across program versions:
+    issued coupons name it."""
+    id: int
+    name: str
+    kind: int                    # COUPON_KINDS
+    category: int = -1           # the eligible lines' category code; -1: every discountable line
+    min_spend_minor: int = 0     # the eligible lines' paid amount needed (after the tier's rate)
+    amount_off_minor: int = 0    # amount_off
+    percent_bp: int = 0          # percent_off
+    max_off_minor: int = 0       # percent_off, free_item: at most this much off (0 = no cap)
+    valid_days: int = 30         # an issued coupon is valid this many days from its issue
+    points_price: int = 0        # > 0: a member may buy one with this many points
+
+
+@dataclasses.dataclass(frozen=True)
 class Program:
     tiers: tuple[Tier, ...]
     points_unit_minor: int = 100
@@ -132,6 +152,7 @@ class Program:
     redeem_points: int = 0
     redeem_value_minor: int = 0
     redeem_cap_bp: int = RATE_BP_FULL
+    coupons: tuple[Coupon, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -171,12 +192,25 @@ class Program:
                     or not p.starts_us < p.ends_us
                     or not 0 <= p.per_card_limit <= PER_CARD_LIMIT_MAX):
                 raise ValueError(f"promotion {p.id}: out of range")
+        if len(self.coupons) > L.MAX_COUPONS or len({c.id for c in self.coupons}) != len(self.coupons):
+            raise ValueError(f"at most {L.MAX_COUPONS} coupons, with distinct ids")
+        for c in self.coupons:
+            if (not 1 <= c.id <= 0xFFFF or c.kind not in COUPON_KINDS.values()
+                    or not (c.category == -1 or c.category == 0 or c.category in codes)
+                    or min(c.min_spend_minor, c.amount_off_minor, c.max_off_minor,
+                           c.points_price) < 0
+                    or not 0 <= c.percent_bp <= RATE_BP_FULL
+                    or not 1 <= c.valid_days <= COUPON_VALID_DAYS_MAX):
+                raise ValueError(f"coupon {c.id}: out of range")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0
                 or (self.redeem_points > 0) != (self.redeem_value_minor > 0)
                 or not 0 <= self.redeem_cap_bp <= RATE_BP_FULL):
             raise ValueError("redemption out of range")
+
+    def coupon(self, coupon_id: int) -> Coupon | None:
+        return next((c for c in self.coupons if c.id == coupon_id), None)
 
     def category(self, code: int) -> Category | None:
         """The category of ``code`` (0: the default category)."""
@@ -216,7 +250,12 @@ class Program:
                                            p.starts_us, p.ends_us, bytes(16))
                           for p in self.promotions)
         promos += bytes((L.MAX_PROMOTIONS - len(self.promotions)) * L.PROMOTION_SIZE)
-        out = head + promos + rates.tobytes() + per_unit.tobytes()
+        coupons = b"".join(L.COUPON_DEF.pack(c.id, c.kind, c.category, c.min_spend_minor,
+                                             c.amount_off_minor, c.percent_bp, c.max_off_minor,
+                                             c.points_price) for c in self.coupons)
+        coupons += bytes((L.MAX_COUPONS - len(self.coupons)) * L.COUPON_DEF.size)
+        out = (head + promos + rates.tobytes() + per_unit.tobytes() + coupons
+               + struct.pack("<II", len(self.coupons), 0))
         assert len(out) == L.PROGRAM_SIZE
         return out
 

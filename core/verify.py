@@ -34,6 +34,7 @@ from cardcore import layout as L
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, request_tag, unpack_request_keys
+from cardcore.ledger import issued_coupon
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, purchase
 from cardcore.rules import spend
@@ -53,6 +54,12 @@ def verify(ledger, problems_max: int = 50) -> dict:
         journal = _journal(txn, ledger, programs, problem)
         cards = _cards(txn, ledger, journal["sums"], problem)
         _states(txn, ledger, journal["states"], problem)
+        stored = dict(txn.cursor(db=ledger.coupons)) if ledger.coupons is not None else {}
+        rebuilt = {k: L.COUPON.pack(*v) for k, v in journal["coupons"].items()}
+        for k in set(stored) | set(rebuilt):
+            if stored.get(k) != rebuilt.get(k):
+                problem(f"coupon ...{k[:4].hex()}/{L.COUPON_KEY.unpack(k)[1]}: not what the "
+                        "journal's issue and use of it make")
         requests = _requests(txn, ledger, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
@@ -105,6 +112,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     last_ts = 0
     program_now = 0   # the version the next entry must name (0 until a program is loaded)
     compiled: dict[int, CompiledProgram] = {}
+    coupons: dict[bytes, tuple] = {}  # coupon key -> the record the journal rebuilds
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     for key, entry in txn.cursor(db=ledger.journal):
         f = L.JOURNAL.unpack(entry)
@@ -154,7 +162,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
         elif program_version and tier != s[6]:
             problem(f"journal entry {seq}: computed at tier {tier}, but the card was at {s[6]}")
-        if op in (L.OP_TOP_UP, L.OP_PURCHASE):
+        if op in (L.OP_TOP_UP, L.OP_PURCHASE, L.OP_COUPON_ISSUE):
             program = programs.get(program_version, (None,))[0]
             prog = None
             if program is not None:
@@ -167,13 +175,26 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 if state is None:
                     state = states[cid] = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
                 why = _top_up_problem(prog, state, f, tier_after, promotion_id)
+            elif op == L.OP_COUPON_ISSUE:
+                why = _issue_problem(program, prog, f, taken, promotion_id)
+                if why is None and program is not None:
+                    k, value = issued_coupon(program, cid, entry)
+                    coupons[k] = L.COUPON.unpack(value)
             else:
                 lines = (txn.get(key, db=ledger.journal_lines) if line_count else None) or b""
                 carried = entry[L.JOURNAL_OFF_LINES_DIGEST:][:L.LINES_DIGEST_SIZE]
                 if carried != (lines_digest(lines) if line_count else bytes(L.LINES_DIGEST_SIZE)):
                     problem(f"journal entry {seq}: its stored lines are not the ones it carries "
                             "the digest of (changed or lost)")
-                why = _purchase_problem(prog, s, f, taken, redeemed, tier_after, line_count, lines)
+                coupon_key = L.COUPON_KEY.pack(cid, f[29]) if f[29] else None
+                coupon = coupons.get(coupon_key) if coupon_key else None
+                if coupon_key and coupon is None:
+                    coupon = L.COUPON.unpack(bytes(L.COUPON_SIZE))
+                why = _purchase_problem(prog, s, f, entry, tier_after, line_count, lines, coupon)
+                if why is None and coupon_key:  # used here: as the kernel left it
+                    coupons[coupon_key] = (*coupon[:1], L.COUPON_USED, *coupon[2:7], seq,
+                                           L.JOURNAL_COUPON_OFF.unpack_from(
+                                               entry, L.JOURNAL_OFF_COUPON)[0], coupon[9])
             if why:
                 problem(f"journal entry {seq}: {why}")
             if op == L.OP_PURCHASE:
@@ -197,7 +218,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1,
-            "head_digest": last_digest, "states": states}
+            "head_digest": last_digest, "states": states, "coupons": coupons}
 
 
 def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, tier_after: int,
@@ -221,11 +242,30 @@ def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, ti
     return None
 
 
-def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, taken: int, redeemed: int,
-                      tier_after: int, line_count: int, lines: bytes) -> str | None:
-    """Why a purchase entry is not what its program makes of it from the card's running sums
-    ``s`` before it (None: it is): the reference arithmetic re-run on its stored lines."""
+def _issue_problem(program, prog: CompiledProgram | None, f: tuple, taken: int,
+                   coupon_id: int) -> str | None:
+    """Why a coupon issue entry is not what its program allows (None: it is)."""
     amount, discount, dp, db_, dpts = f[9:14]
+    if amount or discount or dp or db_ or dpts != -taken or prog is None:
+        return "a coupon issue that moves money, or points other than its price"
+    definition = program.coupon(coupon_id)
+    if definition is None:
+        return f"coupon {coupon_id} is not in its program version"
+    if taken != (definition.points_price if taken else 0) or (not taken and not f[21]):
+        return (f"coupon {coupon_id} for {taken} points (its price: {definition.points_price}; "
+                "free only from an operator)")
+    return None
+
+
+def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: bytes,
+                      tier_after: int, line_count: int, lines: bytes,
+                      coupon: tuple | None) -> str | None:
+    """Why a purchase entry is not what its program makes of it from the card's running sums
+    ``s`` and its coupon as the journal left it (None: it is): the reference arithmetic re-run
+    on its stored lines."""
+    taken, redeemed = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[:2]
+    coupon_off, = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)
+    amount, discount, dp, db_, dpts, ts_us = f[9], f[10], f[11], f[12], f[13], f[17]
     due = -(dp + db_)
     if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0 or taken < 0
             or not 0 <= redeemed or due != amount - discount - redeemed):
@@ -241,12 +281,13 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, taken: in
                    0, 0, bytes(32), bytes(24)))
     buf = bytearray(b"".join(L.LINE.pack(*(x[:4] + (0, 0, 0) + x[7:]))
                              for x in L.LINE.iter_unpack(lines)))
-    reason, (paid, earned, took, red) = purchase(prog, before, buf, range(line_count), amount,
-                                                 taken)
-    if reason != L.R_OK or (paid, took, red, earned - took) != (amount - discount, taken,
-                                                                  redeemed, dpts):
-        return (f"paid {amount - discount}, {taken} points for {redeemed} and {dpts} points, but "
-                f"its program gives {paid}, {took} for {red} and {earned - took} ({reason})")
+    reason, (paid, earned, took, red, off, _) = purchase(prog, before, buf, range(line_count),
+                                                         amount, taken, coupon, ts_us)
+    if reason != L.R_OK or (paid, took, red, earned - took, off) != (
+            amount - discount, taken, redeemed, dpts, coupon_off):
+        return (f"paid {amount - discount} ({coupon_off} off by a coupon), {taken} points for "
+                f"{redeemed} and {dpts} points, but its program gives {paid} ({off}), {took} for "
+                f"{red} and {earned - took} ({reason})")
     if bytes(buf) != lines:
         return "its stored lines differ from its program's arithmetic"
     if spend(due, s[0], s[1], prog.spend_order) != (-dp, -db_):

@@ -10,8 +10,8 @@ Bounds are checked once, before the loop (boundscheck is off inside it).
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
-from records cimport (cc_card_ext_t, cc_card_t, cc_i128, cc_journal_t, cc_line_t, cc_op_t,
-                     cc_program_t, cc_promotion_t)
+from records cimport (cc_card_ext_t, cc_card_t, cc_coupon_def_t, cc_coupon_t, cc_i128,
+                     cc_journal_t, cc_line_t, cc_op_t, cc_program_t, cc_promotion_t)
 
 cdef extern from "<stdint.h>":
     const int64_t INT64_MAX
@@ -20,7 +20,7 @@ cdef enum:
     CARD_SIZE = 128
     JOURNAL_SIZE = 256
     OP_SIZE = 192
-    PROGRAM_SIZE = 11632
+    PROGRAM_SIZE = 13176
     LINE_SIZE = 64
     EXT_SIZE = 128
     PIN_CHECK_SIZE = 32
@@ -41,6 +41,8 @@ cdef enum:
     OP_RESET_PIN = 5
     OP_PIN_FAILED = 6
     OP_BALANCE_INQUIRY = 7
+    OP_COUPON_ISSUE = 8
+    OP_KERNEL_MAX = 8
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -59,7 +61,20 @@ cdef enum:
     R_UNKNOWN_CATEGORY = 64
     R_INSUFFICIENT_POINTS = 65
     R_REDEMPTION_NOT_OFFERED = 66
+    R_COUPON_NOT_FOUND = 67
+    R_COUPON_USED = 68
+    R_COUPON_NOT_VALID_NOW = 69
+    R_COUPON_NOT_APPLICABLE = 70
+    R_COUPON_NOT_FOR_SALE = 71
     CATEGORY_DEFINED = 1
+    CATEGORY_DISCOUNTABLE = 2
+    COUPON_SIZE = 64
+    MAX_COUPONS = 32
+    COUPON_AMOUNT_OFF = 1
+    COUPON_PERCENT_OFF = 2
+    COUPON_ISSUED = 1
+    COUPON_USED = 2
+    SLOT_NONE = 0xFFFFFFFF
     SPEND_BONUS_FIRST = 1
     SPEND_PROPORTIONAL = 2
     PROMO_PERCENT = 2
@@ -205,19 +220,84 @@ cdef inline int best_promotion(const cc_program_t* prog, const cc_card_ext_t* ex
     return best
 
 
+cdef inline const cc_coupon_def_t* coupon_def(const cc_program_t* prog, uint32_t coupon_id) noexcept nogil:
+    cdef uint32_t j
+    for j in range(prog.coupon_count):
+        if prog.coupons[j].id == coupon_id:
+            return &prog.coupons[j]
+    return NULL
+
+
+cdef inline int eligible(const cc_program_t* prog, const cc_coupon_def_t* d,
+                         uint16_t code) noexcept nogil:
+    """A line of category ``code`` is one coupon ``d`` takes off."""
+    if d.category >= 0:
+        return code == d.category
+    return (prog.category_flags[code] & CATEGORY_DISCOUNTABLE) != 0
+
+
+cdef inline uint8_t apply_coupon(const cc_program_t* prog, const cc_coupon_t* coupon,
+                                 cc_line_t* ls, int n, int64_t* line_paid, int64_t ts_us,
+                                 int64_t* off_out) noexcept nogil:
+    """Rule 4a: the reason; on success *off_out is the fen off, taken from the eligible lines
+    in order (their paid amounts and discounts carry it)."""
+    cdef const cc_coupon_def_t* d
+    cdef int k, first = -1
+    cdef int64_t base = 0, off, left, share
+    off_out[0] = 0
+    if coupon.version != 1:
+        return R_COUPON_NOT_FOUND
+    if coupon.state != COUPON_ISSUED:
+        return R_COUPON_USED
+    if ts_us < coupon.valid_from_us or ts_us >= coupon.valid_until_us:
+        return R_COUPON_NOT_VALID_NOW
+    d = coupon_def(prog, coupon.coupon_id)
+    if d == NULL:
+        return R_COUPON_NOT_APPLICABLE
+    for k in range(n):
+        if eligible(prog, d, ls[k].category_code):
+            base += line_paid[k]  # <= the purchase's gross: fits
+            if first < 0:
+                first = k
+    if base == 0 or base < d.min_spend_minor:
+        return R_COUPON_NOT_APPLICABLE
+    if d.kind == COUPON_AMOUNT_OFF:
+        off = d.amount_off_minor if d.amount_off_minor < base else base
+    elif d.kind == COUPON_PERCENT_OFF:
+        off = <int64_t>((<cc_i128>base * d.percent_bp) // RATE_FULL)
+    else:  # one free item: the first eligible line
+        off = line_paid[first]
+    if d.kind != COUPON_AMOUNT_OFF and d.max_off_minor and off > d.max_off_minor:
+        off = d.max_off_minor
+    if off == 0:
+        return R_COUPON_NOT_APPLICABLE
+    left = off
+    for k in range(n):
+        if eligible(prog, d, ls[k].category_code):
+            share = left if left < line_paid[k] else line_paid[k]
+            line_paid[k] -= share
+            ls[k].discount_minor += share
+            left -= share
+    off_out[0] = off
+    return R_OK
+
+
 cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const cc_card_t* rec,
-                             cc_line_t* lines, int64_t* fig) noexcept nogil:
-    """Rules 2-6 for one purchase: the reason; fig = paid, earned, points taken, redeemed fen.
-    Fills the lines' output fields once they passed the category check."""
+                             cc_line_t* lines, const cc_coupon_t* coupon, int64_t ts_us,
+                             int64_t* fig) noexcept nogil:
+    """Rules 2-6 for one purchase: the reason; fig = paid (after the tier's rate and the
+    coupon), earned, points taken, redeemed fen, coupon off. Fills the lines' output fields
+    once they passed the category check."""
     cdef cc_line_t implicit
     cdef cc_line_t* ls = lines
+    cdef int64_t line_paid[LINES_MAX]
     cdef int n = op.line_count, k, over = 0
     cdef uint32_t code, tier = rec.tier
     cdef int64_t gross = 0, paid = 0, p, taken = 0, redeemed = 0, blocks, cap_blocks, left, on_line
     cdef int64_t due
     cdef cc_i128 wide, earned = 0
     cdef uint8_t reason = R_OK
-    fig[0] = fig[1] = fig[2] = fig[3] = 0
+    fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = 0
     if n == 0:
         memset(&implicit, 0, LINE_SIZE)
         implicit.amount_minor = op.amount_minor
@@ -239,8 +319,14 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
         ls[k].discount_minor = ls[k].amount_minor - p
         ls[k].points_earned = 0
         ls[k].redeemed_minor = 0
+        line_paid[k] = p
         paid += p
-    if op.redeem_points:
+    if coupon != NULL:
+        reason = apply_coupon(prog, coupon, ls, n, line_paid, ts_us, &fig[4])
+        paid -= fig[4]
+    if reason != R_OK:
+        pass
+    elif op.redeem_points:
         if prog.redeem_points == 0:
             reason = R_REDEMPTION_NOT_OFFERED
         elif rec.points < op.redeem_points:
@@ -255,7 +341,7 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
     if reason == R_OK:
         left = redeemed
         for k in range(n):
-            p = ls[k].amount_minor - ls[k].discount_minor
+            p = line_paid[k]
             on_line = left if left < p else p
             left -= on_line
             ls[k].redeemed_minor = on_line
@@ -299,8 +385,9 @@ cdef inline void spend(int64_t due, const cc_card_t* rec, uint8_t order, int64_t
 
 
 cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_card_t* rec,
-                              cc_card_ext_t* ext, cc_line_t* lines, cc_journal_t* out,
-                              int64_t ts_us, uint64_t seq, uint8_t* dirty) noexcept nogil:
+                              cc_card_ext_t* ext, cc_line_t* lines, cc_coupon_t* coupon,
+                              cc_journal_t* out, int64_t ts_us, uint64_t seq, uint8_t* dirty,
+                              uint8_t* coupon_dirty) noexcept nogil:
     """Apply one operation to its record; fill its journal entry; return the reason.
 
     The entry's seq is non-zero when the record changed: the operation was
@@ -313,11 +400,14 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef int64_t amount = op.amount_minor
     cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, bonus = 0
     cdef int64_t from_principal, from_bonus, due
-    cdef int64_t fig[4]
-    cdef uint16_t promotion_id = 0
-    fig[0] = fig[1] = fig[2] = fig[3] = 0
-    if ((op.line_count or op.redeem_points) and op.op != OP_PURCHASE) or op.redeem_points < 0 \
-            or op.line_count > LINES_MAX:
+    cdef int64_t fig[5]
+    cdef uint16_t promotion_id = 0  # the entry's item_id: a promotion or a coupon definition
+    cdef uint64_t entry_ref = op.ref_id
+    cdef const cc_coupon_def_t* d
+    fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = 0
+    if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
+            or op.line_count > LINES_MAX
+            or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE)):
         reason = R_INVALID_ARGUMENT
     elif op.op == OP_OPEN:
         if rec.version != 0:
@@ -354,10 +444,24 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         # the PIN like a purchase; a right one changes nothing (no entry, tries untouched)
         reason = pin_gate(prog, op, op.pin_flags | PIN_REQUIRED, rec, &checked)
         checked = PIN_FAILED if checked == PIN_FAILED else 0
-    else:  # top-up or purchase (the caller checked the type)
+    else:  # top-up, purchase or coupon issue (the caller checked the type)
         reason = pin_gate(prog, op, op.pin_flags, rec, &checked)
         if reason != R_OK:
             pass
+        elif op.op == OP_COUPON_ISSUE:
+            d = coupon_def(prog, <uint32_t>op.ref_id) if op.ref_id <= 0xFFFF else NULL
+            if d == NULL:
+                reason = R_COUPON_NOT_FOUND
+            elif op.redeem_points == 0 and op.operator_id == 0:
+                reason = R_OPERATOR_REQUIRED  # given away: an operator (a campaign) gives it
+            elif op.redeem_points and op.redeem_points != d.points_price:
+                reason = R_COUPON_NOT_FOR_SALE  # bought: at its points price, when it has one
+            elif rec.points < op.redeem_points:
+                reason = R_INSUFFICIENT_POINTS
+            else:
+                d_points = -op.redeem_points
+                fig[2] = op.redeem_points
+                promotion_id = d.id
         elif amount <= 0:
             reason = R_INVALID_AMOUNT
         elif op.op == OP_TOP_UP:
@@ -384,8 +488,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif rec.tier >= prog.tier_count:
             reason = R_INVALID_TIER
         else:
-            reason = purchase(prog, op, rec, lines, fig)
+            reason = purchase(prog, op, rec, lines, coupon, ts_us, fig)
             if reason == R_OK:
+                if coupon != NULL:
+                    promotion_id = coupon.coupon_id
                 discount = amount - fig[0]
                 due = fig[0] - fig[3]
                 spend(due, rec, prog.spend_order, &from_principal, &from_bonus)
@@ -411,6 +517,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         dirty[0] |= DIRTY_CARD
         if ext_changed and reason == R_OK:
             dirty[0] |= DIRTY_EXT
+        if coupon != NULL and reason == R_OK:
+            coupon.state = COUPON_USED
+            coupon.used_seq = seq
+            coupon.off_minor = fig[4]
+            coupon_dirty[0] = 1
+    if op.op == OP_COUPON_ISSUE:
+        entry_ref = seq if changed else 0  # the coupon's serial: the entry that issued it
     memset(out, 0, JOURNAL_SIZE)
     out.version = 2
     out.op = entry_op
@@ -439,7 +552,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     out.caller_kind = op.caller_kind
     out.caller_id = op.caller_id
     out.link_seq = op.link_seq
-    out.ref_id = op.ref_id
+    out.ref_id = entry_ref
     out.basket_tag = op.basket_tag
     out.client_time_us = op.client_time_us
     out.tier_after = rec.tier
@@ -447,7 +560,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         out.points_redeemed = fig[2]
         out.redeemed_minor = fig[3]
         out.line_count = op.line_count
-        out.promotion_id = promotion_id
+        out.item_id = promotion_id
+        out.coupon_off_minor = fig[4]
     return reason
 
 
@@ -457,8 +571,9 @@ cdef inline int ext_ok(const cc_card_ext_t* ext) noexcept nogil:
 
 def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1] lines,
                 const uint32_t[::1] slots, uint8_t[::1] records, uint8_t[::1] extras,
-                uint8_t[::1] journal_out, uint8_t[::1] slot_dirty, int64_t ts_us,
-                uint64_t first_seq):
+                const uint32_t[::1] coupon_slots, uint8_t[::1] coupons,
+                uint8_t[::1] journal_out, uint8_t[::1] slot_dirty, uint8_t[::1] coupon_dirty,
+                int64_t ts_us, uint64_t first_seq):
     """Apply len(ops) // 192 operations in order; return the next free sequence number.
 
     Same contract as cardcore.reference.apply_batch. Raises ValueError, and
@@ -480,12 +595,17 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
     if (records.shape[0] != nslots * CARD_SIZE or slot_dirty.shape[0] != nslots
             or extras.shape[0] != nslots * EXT_SIZE):
         raise ValueError("records, program states or dirty buffer has the wrong size")
+    cdef Py_ssize_t ncoupons = coupons.shape[0] // COUPON_SIZE
+    if (coupons.shape[0] != ncoupons * COUPON_SIZE or coupon_dirty.shape[0] != ncoupons
+            or coupon_slots.shape[0] != n):
+        raise ValueError("coupons, their slots or dirty buffer has the wrong size")
     cdef const cc_program_t* prog = <const cc_program_t*>&program[0]
     if (prog.tier_count < 1 or prog.tier_count > MAX_TIERS or prog.points_unit_minor <= 0
             or prog.pin_tries_max < 1 or prog.pin_tries_max > 15 or prog.program_version < 1
             or prog.promotion_count > MAX_PROMOTIONS or prog.redeem_points < 0
             or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
-            or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL):
+            or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
+            or prog.coupon_count > MAX_COUPONS):
         raise ValueError("program out of range")
     for t in range(prog.tier_count):
         for c in range(MAX_CATEGORIES):
@@ -493,8 +613,13 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
                     prog.rate_bp[t][c] < 1 or prog.rate_bp[t][c] > RATE_FULL
                     or prog.points_per_unit[t][c] < 0):
                 raise ValueError("program rate out of range")
+    cdef const cc_op_t* o
     for i in range(n):
-        line_total += (<const cc_op_t*>&ops[i * OP_SIZE]).line_count
+        o = <const cc_op_t*>&ops[i * OP_SIZE]
+        line_total += o.line_count
+        if ((o.op == OP_PURCHASE and o.ref_id != 0) != (coupon_slots[i] != SLOT_NONE)
+                or (coupon_slots[i] != SLOT_NONE and coupon_slots[i] >= ncoupons)):
+            raise ValueError("a purchase's coupon and its slot do not match")
     if lines.shape[0] != line_total * LINE_SIZE:
         raise ValueError("lines buffer does not match the operations' line counts")
     if n == 0:
@@ -503,6 +628,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
     cdef cc_card_t* rec_base = <cc_card_t*>&records[0] if nslots else NULL
     cdef cc_card_ext_t* ext_base = <cc_card_ext_t*>&extras[0] if nslots else NULL
     cdef cc_line_t* line_base = <cc_line_t*>&lines[0] if line_total else NULL
+    cdef cc_coupon_t* coupon_base = <cc_coupon_t*>&coupons[0] if ncoupons else NULL
+    cdef uint8_t no_dirty = 0
+    cdef uint32_t cslot
     cdef cc_journal_t* out_base = <cc_journal_t*>&journal_out[0]
     cdef const cc_op_t* op
     cdef cc_card_t* rec
@@ -511,7 +639,7 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
         for i in range(n):
             op = op_base + i
             slot = slots[i]
-            if (slot >= nslots or op.op < OP_OPEN or op.op > OP_BALANCE_INQUIRY
+            if (slot >= nslots or op.op < OP_OPEN or op.op > OP_KERNEL_MAX
                     or op.op == OP_PIN_FAILED):
                 bad = 1
                 break
@@ -519,8 +647,10 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             if not record_ok(rec) or not ext_ok(ext_base + slot):
                 bad = 2
                 break
+            cslot = coupon_slots[i]
             apply_one(prog, op, rec, ext_base + slot, line_base + line_at if op.line_count else NULL,
-                      out_base + i, ts_us, seq, &slot_dirty[slot])
+                      coupon_base + cslot if cslot != SLOT_NONE else NULL, out_base + i, ts_us,
+                      seq, &slot_dirty[slot], &coupon_dirty[cslot] if cslot != SLOT_NONE else &no_dirty)
             line_at += op.line_count
             if out_base[i].seq != 0:
                 seq += 1

@@ -34,8 +34,9 @@ typedef struct {
     int64_t client_time_us;
     int64_t points_redeemed, redeemed_minor;
     uint8_t tier_after, reserved2;
-    uint16_t line_count, promotion_id, reserved3;
-    uint8_t reserved4[24];
+    uint16_t line_count, item_id, reserved3;
+    uint8_t lines_digest[16];
+    int64_t coupon_off_minor;
     uint8_t digest[32];
 } cc_journal_t;
 
@@ -82,6 +83,25 @@ typedef struct {
 } cc_promotion_t;
 
 typedef struct {
+    uint16_t id;
+    uint8_t kind, reserved0;
+    int32_t category;
+    int64_t min_spend_minor, amount_off_minor;
+    uint32_t percent_bp, reserved1;
+    int64_t max_off_minor, points_price;
+} cc_coupon_def_t;
+
+typedef struct {
+    uint8_t version, state;
+    uint16_t coupon_id;
+    uint32_t reserved0;
+    int64_t valid_from_us, valid_until_us;
+    uint64_t issued_seq, used_seq;
+    int64_t off_minor;
+    uint8_t reserved1[16];
+} cc_coupon_t;
+
+typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, redeem_points, redeem_value_minor;
     uint32_t redeem_cap_bp, program_version;
@@ -91,12 +111,16 @@ typedef struct {
     cc_promotion_t promotions[16];
     uint16_t rate_bp[16][64];
     int64_t points_per_unit[16][64];
+    cc_coupon_def_t coupons[32];
+    uint32_t coupon_count, reserved1;
 } cc_program_t;
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
 _Static_assert(sizeof(cc_journal_t) == 256, "journal entry is 256 bytes");
 _Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
-_Static_assert(sizeof(cc_program_t) == 11632, "program is 11,632 bytes");
+_Static_assert(sizeof(cc_program_t) == 13176, "program is 13,176 bytes");
+_Static_assert(sizeof(cc_coupon_def_t) == 48, "coupon definition is 48 bytes");
+_Static_assert(sizeof(cc_coupon_t) == 64, "coupon is 64 bytes");
 _Static_assert(sizeof(cc_line_t) == 64, "purchase line is 64 bytes");
 _Static_assert(sizeof(cc_card_ext_t) == 128, "card program state is 128 bytes");
 _Static_assert(sizeof(cc_promotion_t) == 64, "promotion is 64 bytes");

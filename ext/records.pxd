@@ -1,5 +1,5 @@
 # Cython declarations of ext/records.h: the fixed layouts of core/layout.py.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 
 cdef extern from "records.h":
     ctypedef long long cc_i128  # C sees __int128
@@ -32,8 +32,9 @@ cdef extern from "records.h":
         int64_t client_time_us
         int64_t points_redeemed, redeemed_minor
         uint8_t tier_after, reserved2
-        uint16_t line_count, promotion_id, reserved3
-        uint8_t reserved4[24]
+        uint16_t line_count, item_id, reserved3
+        uint8_t lines_digest[16]
+        int64_t coupon_off_minor
         uint8_t digest[32]
 
     ctypedef struct cc_op_t:
@@ -75,6 +76,23 @@ cdef extern from "records.h":
         int64_t min_top_up_minor, bonus_minor, max_bonus_minor, starts_us, ends_us
         uint8_t reserved0[16]
 
+    ctypedef struct cc_coupon_def_t:
+        uint16_t id
+        uint8_t kind, reserved0
+        int32_t category
+        int64_t min_spend_minor, amount_off_minor
+        uint32_t percent_bp, reserved1
+        int64_t max_off_minor, points_price
+
+    ctypedef struct cc_coupon_t:
+        uint8_t version, state
+        uint16_t coupon_id
+        uint32_t reserved0
+        int64_t valid_from_us, valid_until_us
+        uint64_t issued_seq, used_seq
+        int64_t off_minor
+        uint8_t reserved1[16]
+
     ctypedef struct cc_program_t:
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, redeem_points, redeem_value_minor
@@ -87,3 +105,5 @@ cdef extern from "records.h":
         cc_promotion_t promotions[16]
         uint16_t rate_bp[16][64]
         int64_t points_per_unit[16][64]
+        cc_coupon_def_t coupons[32]
+        uint32_t coupon_count, reserved1

@@ -78,6 +78,13 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_INSUFFICIENT_POINTS: (C.FAILED_PRECONDITION, "the card has fewer points than offered"),
     R.REASON_REDEMPTION_NOT_OFFERED: (C.FAILED_PRECONDITION, "the card program does not redeem "
                                       "points"),
+    R.REASON_COUPON_NOT_FOUND: (C.NOT_FOUND, "no such coupon"),
+    R.REASON_COUPON_USED: (C.FAILED_PRECONDITION, "the coupon was used"),
+    R.REASON_COUPON_NOT_VALID_NOW: (C.FAILED_PRECONDITION, "the coupon is not valid now"),
+    R.REASON_COUPON_NOT_APPLICABLE: (C.FAILED_PRECONDITION, "the basket does not qualify for the "
+                                     "coupon"),
+    R.REASON_COUPON_NOT_FOR_SALE: (C.FAILED_PRECONDITION, "the coupon cannot be bought with "
+                                   "points"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -107,7 +107,7 @@ def top_up_amount(req: pb.TopUpRequest) -> tuple[int, dict]:
 
 def purchase_amount(req: pb.PurchaseRequest) -> tuple[int, dict]:
     lines, amount, redeem = basket(req)
-    return amount, {"lines": lines, "redeem_points": redeem}
+    return amount, {"lines": lines, "redeem_points": redeem, "ref_id": req.coupon_serial}
 
 
 class Operations:
@@ -125,7 +125,8 @@ class Operations:
                          "top_up": (L.OP_TOP_UP, self.top_up_op),
                          "purchase": (L.OP_PURCHASE, self.purchase_op),
                          "set_pin": (L.OP_SET_PIN, self.set_pin_op),
-                         "reset_pin": (L.OP_RESET_PIN, self.reset_pin_op)}
+                         "reset_pin": (L.OP_RESET_PIN, self.reset_pin_op),
+                         "issue_coupon": (L.OP_COUPON_ISSUE, self.issue_coupon_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -249,6 +250,33 @@ class Operations:
             pin_flags = L.NEW_PIN
         return self._op(req, rid, at_us, L.OP_RESET_PIN, card, caller, 0, pin_flags,
                         new_pin_check=new_check, role=ROLE.OPERATOR_ROLE_STORE_MANAGER)
+
+    def issue_coupon_op(self, req: pb.IssueCouponRequest, caller: Caller) -> PendingOp:
+        """Bought with points: the member's card and PIN, like a purchase. Given: an operator
+        (store manager or above of the till's store) gives it; the writer checks again."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        definition = self.ledger.program.coupon(req.coupon_id)
+        if definition is None:
+            raise Invalid(R.REASON_COUPON_NOT_FOUND, "coupon_id")
+        if req.pay_with_points:
+            if not definition.points_price:
+                raise Invalid(R.REASON_COUPON_NOT_FOR_SALE, "coupon_id")
+
+            def priced(_req) -> tuple[int, dict]:
+                return 0, {"ref_id": req.coupon_id, "redeem_points": definition.points_price}
+
+            return self._money_op(req, caller, L.OP_COUPON_ISSUE, L.PIN_REQUIRED | self.dev_pin,
+                                  priced)
+        operator = caller.operator
+        if operator is None:
+            raise Invalid(R.REASON_OPERATOR_REQUIRED, "authorization")
+        if not operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        card = self.swipes.card(req.card, req.till, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        op = self._op(req, rid, at_us, L.OP_COUPON_ISSUE, card, caller, 0, 0, ref_id=req.coupon_id,
+                      role=ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        return op
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

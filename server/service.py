@@ -6,6 +6,7 @@ is the kernel's and the storage the ledger's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import struct
 import time
@@ -34,7 +35,8 @@ log = logging.getLogger("cardcore.service")
 R = cpb.Reason
 BUSY_WAIT_S = 5.0  # at most this long for room in a terminal's budget (within the deadline)
 UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
-                  "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN}
+                  "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN,
+                  "IssueCoupon": L.OP_COUPON_ISSUE}
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
 
@@ -78,6 +80,7 @@ def _refuse_malformed(fn):
 # The journal entry fields a reply shows: op, seq, amount, discount, the three deltas, the
 # three after-balances, ts_us, program version, caller kind and id (see layout.JOURNAL).
 _REPLY_FIELDS = struct.Struct("<xBBxxxxxQ16xqqqqqqqqq24xIB3xI")
+_OP_REF_AT = 144  # layout.OP offset of ref_id
 assert _REPLY_FIELDS.size == 140
 
 
@@ -131,7 +134,13 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
             result.points_redeemed = taken
             result.redeemed_minor = redeemed
         if promotion_id:
-            result.promotion_id = promotion_id
+            if op == L.OP_TOP_UP:
+                result.promotion_id = promotion_id
+            else:  # a coupon issued, or used by a purchase
+                result.coupon_id = promotion_id
+                result.coupon_serial = L.JOURNAL_TAIL.unpack_from(entry)[4]
+                result.coupon_off_minor = L.JOURNAL_COUPON_OFF.unpack_from(
+                    entry, L.JOURNAL_OFF_COUPON)[0]
         if outcome.lines:
             add_line_results(result.lines, outcome.lines)
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
@@ -170,6 +179,7 @@ def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_bal
     answer.amount_minor = sum(x.amount_minor for x in answer.lines)
     answer.discount_minor = sum(x.discount_minor for x in answer.lines)
     if reason == L.R_OK:
+        answer.coupon_off_minor = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)[0]
         answer.points_redeemed = taken
         answer.redeemed_minor = redeemed
         answer.paid_minor = -(dp + db_)
@@ -184,6 +194,21 @@ def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_bal
         answer.balance.available_minor = available_minor(principal, bonus, card[8])
         answer.balance.points = points
     return answer
+
+
+def add_card_coupons(out, coupons: list[tuple], program, now_us: int) -> None:
+    """A card's coupons (layout.COUPON fields each) into the repeated CardCoupon ``out``."""
+    for (_, state, coupon_id, _, valid_from, valid_until, serial, used_seq, off, _) in coupons:
+        if state == L.COUPON_USED:
+            shown = pb.COUPON_STATE_USED
+        elif now_us >= valid_until:
+            shown = pb.COUPON_STATE_EXPIRED
+        else:
+            shown = pb.COUPON_STATE_ISSUED
+        definition = program.coupon(coupon_id)
+        out.add(serial=serial, coupon_id=coupon_id, name=definition.name if definition else "",
+                state=shown, valid_from_us=valid_from, valid_until_us=valid_until,
+                used_seq=used_seq, off_minor=off)
 
 
 def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationResult:
@@ -209,7 +234,7 @@ class CardService(pb_grpc.CardServiceServicer):
         self.metrics = writer.metrics
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
-            "SetPin", "ResetPin", "Quote")}
+            "SetPin", "ResetPin", "Quote", "IssueCoupon")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -315,6 +340,9 @@ class CardService(pb_grpc.CardServiceServicer):
     async def ResetPin(self, request, context):
         return await self._unary("ResetPin", self.operations.reset_pin_op, request, context)
 
+    async def IssueCoupon(self, request, context):
+        return await self._unary("IssueCoupon", self.operations.issue_coupon_op, request, context)
+
     # ---- inquiries --------------------------------------------------------------
 
     def _inquiry(self, request: pb.GetCardRequest, caller: Caller) -> tuple:
@@ -363,7 +391,7 @@ class CardService(pb_grpc.CardServiceServicer):
         if found is None:
             log_refusal("", L.R_CARD_NOT_FOUND)
             await abort(context, failure(R.REASON_CARD_NOT_FOUND))
-        return self._card_view(found, view)
+        return self._card_view(found, view, card.card_id)
 
     def _quote_op(self, request: pb.QuoteRequest, caller: Caller) -> tuple:
         """(card, the purchase to dry-run, whether the answer may show balances)."""
@@ -373,7 +401,7 @@ class CardService(pb_grpc.CardServiceServicer):
         card = swipes.card(request.card, till if request.HasField("till") else None, caller)
         op = PendingOp.build(b"", L.OP_PURCHASE, card.card_id, amount, till.store_id,
                              till.terminal_id, till.staff_id, lines=lines, redeem_points=redeem,
-                             caller=(L.CALLER_NONE, 0))
+                             ref_id=request.coupon_serial, caller=(L.CALLER_NONE, 0))
         # what a GetCard without a PIN shows: balances to an operator or in development only
         return card, op, not card.ksn_counter
 
@@ -382,16 +410,42 @@ class CardService(pb_grpc.CardServiceServicer):
         card, op, show_balance = await self._parse(self._quote_op, request, context)
         reason = L.R_INTERNAL
         try:
-            entry, lines, rec = self.ledger.quote(op, time.time_ns() // 1000)
+            now_us = time.time_ns() // 1000
+            entry, lines, rec = self.ledger.quote(op, now_us)
             reason = L.JOURNAL.unpack_from(entry)[4]
+            answer = quote_response(entry, lines, rec, reason, show_balance,
+                                    self.ledger.program.pin_tries_max)
+            self._coupon_options(answer, op, now_us)
         finally:
             if card.ksn_counter:  # a terminal's quote is answered here, like its GetCard
                 self.access.answered(card.terminal_id, reason, inquiry=True)
         self._call_seconds["Quote"].observe(time.perf_counter() - started)
-        return quote_response(entry, lines, rec, reason, show_balance,
-                              self.ledger.program.pin_tries_max)
+        return answer
 
-    def _card_view(self, found: tuple, view: int) -> pb.Card:
+    def _coupon_options(self, answer: pb.QuoteResponse, op: PendingOp, now_us: int) -> None:
+        """Each unused coupon of the card valid now, tried on the basket through the kernel (one
+        dry run each, with no points offered: the coupon alone); the best takes most off."""
+        program = self.ledger.program
+        best = (0, 0)
+        for (_, state, coupon_id, _, valid_from, valid_until, serial, *_rest) in \
+                self.ledger.read_coupons(op.card_id):
+            if state != L.COUPON_ISSUED or not valid_from <= now_us < valid_until:
+                continue
+            trial = dataclasses.replace(op, packed=b"".join((
+                op.packed[:_OP_REF_AT], serial.to_bytes(8, "little"),
+                op.packed[_OP_REF_AT + 8:L.OP_OFF_PROGRAM + 8], bytes(8),  # no points offered
+                op.packed[L.OP_OFF_PROGRAM + 16:])))
+            entry, _, _ = self.ledger.quote(trial, now_us)
+            reason = L.JOURNAL.unpack_from(entry)[4]
+            off = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)[0] if not reason else 0
+            definition = program.coupon(coupon_id)
+            answer.coupons.add(serial=serial, coupon_id=coupon_id, reason=reason, off_minor=off,
+                               name=definition.name if definition else "")
+            if off > best[1]:
+                best = (serial, off)
+        answer.best_coupon_serial = best[0]
+
+    def _card_view(self, found: tuple, view: int, card_id: bytes) -> pb.Card:
         rec, profile = found
         (_, status, tier, pin_tries, flags, principal, bonus, points, held, lifetime, last_seq,
          opened_us, home_store, *_rest) = rec
@@ -412,6 +466,8 @@ class CardService(pb_grpc.CardServiceServicer):
             card.pin_set = bool(flags & L.CARD_PIN_SET)
             card.pin_locked = bool(flags & L.CARD_PIN_LOCKED)
             card.pin_tries = pin_tries
+            add_card_coupons(card.coupons, self.ledger.read_coupons(card_id), program,
+                             time.time_ns() // 1000)
         if view == pb.CARD_VIEW_FULL:
             card.profile.name = profile.get("name", "")
             card.profile.phone = profile.get("phone", "")

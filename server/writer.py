@@ -37,8 +37,8 @@ can wait on the other with both send buffers full::
               | op:192 B | digest:16 B | key | profile | sealed | payload | lines)
               (a length of 0xFFFFFFFF = none; lines: the op's line_count x 64 B)
     answer  = n:u32 | n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
-              | entry head:200 B) | the lines of each outcome that has some, in order
-              (the journal entry's first 200 bytes, all a reply shows; all zeros when there is
+              | entry head:224 B) | the lines of each outcome that has some, in order
+              (the journal entry's first 224 bytes, all a reply shows; all zeros when there is
               none; an outcome has lines when it applied and its entry's line_count says so)
 
 Housekeeping: the writer process clears stale LMDB reader slots every
@@ -84,7 +84,7 @@ MAINTENANCE_IDLE_S = 1.0        # an idle writer gets a prune step this often
 GROUP_HEAD = struct.Struct("<qI")
 COUNT = struct.Struct("<I")
 OP_HEAD = struct.Struct("<BIIIIBBI")
-ENTRY_HEAD_SIZE = 200  # a reply's fields end with the card programs' (layout.JOURNAL offset 198)
+ENTRY_HEAD_SIZE = 224  # a reply's fields: all but the digest (layout.JOURNAL)
 ANSWER = struct.Struct(f"<HBBqI{ENTRY_HEAD_SIZE}s")
 NONE_LEN = 0xFFFFFFFF
 NO_ENTRY = bytes(ENTRY_HEAD_SIZE)

@@ -15,8 +15,8 @@ def test_kernel_benchmark_purchases_all_apply():
     n = len(ops) // L.OP_SIZE
     journal = bytearray(n * L.JOURNAL_SIZE)
     nxt = kernel.apply_batch(program, ops, bytearray(), array("I", slots), bytearray(records),
-                             bytearray(len(records)), journal,
-                             bytearray(len(records) // L.CARD_SIZE), 0, 1)
+                             bytearray(len(records)), array("I", [L.SLOT_NONE] * n), bytearray(),
+                             journal, bytearray(len(records) // L.CARD_SIZE), bytearray(), 0, 1)
     assert nxt == n + 1  # every purchase applied: the benchmark measures the real path
 
 
@@ -25,8 +25,8 @@ def test_kernel_benchmark_baskets_all_apply_and_redeem():
     n = len(ops) // L.OP_SIZE
     journal = bytearray(n * L.JOURNAL_SIZE)
     nxt = kernel.apply_batch(program, ops, bytearray(lines), array("I", slots), bytearray(records),
-                             bytearray(len(records)), journal,
-                             bytearray(len(records) // L.CARD_SIZE), 0, 1)
+                             bytearray(len(records)), array("I", [L.SLOT_NONE] * n), bytearray(),
+                             journal, bytearray(len(records) // L.CARD_SIZE), bytearray(), 0, 1)
     assert nxt == n + 1
     assert all(L.JOURNAL_PROGRAM.unpack_from(journal, k * L.JOURNAL_SIZE + L.JOURNAL_OFF_PROGRAM)[0]
                for k in range(n))  # every one redeemed points: the full path is measured

@@ -11,7 +11,8 @@ import pytest
 
 from cardcore import layout as L
 from cardcore.verify import verify
-from test_ledger import NOW, cid, op, open_op
+from cardcore.idempotency import PendingOp
+from test_ledger import NOW, add_operator, cid, key, op, open_op
 
 from cardcore.ledger import Ledger
 
@@ -44,6 +45,9 @@ class Till:
         self.ledger = Ledger(path, initial_program=program)
         self.at = NOW
         self.n = 0
+        # operator 1, a store manager: gives coupons away
+        (added,) = self.apply(add_operator("op-1", "manager", 2, (3,), at=self.at + 1))
+        assert added.reason == L.R_OK
 
     def apply(self, *ops, at: int | None = None):
         self.at = max(self.at + 1, at or 0)
@@ -62,11 +66,30 @@ class Till:
         return self.apply(op(self.rid(), L.OP_TOP_UP, number, amount, at=when), at=when)[0]
 
     def buy(self, number: str, *lines_, redeem: int = 0, amount: int | None = None,
-            request_id: str | None = None, client_at: int | None = None):
+            request_id: str | None = None, client_at: int | None = None, coupon: int = 0,
+            at: int | None = None):
+        return self.apply(self.purchase(number, *lines_, redeem=redeem, amount=amount,
+                                        request_id=request_id, client_at=client_at or at,
+                                        coupon=coupon), at=at)[0]
+
+    def purchase(self, number: str, *lines_, redeem: int = 0, amount: int | None = None,
+                 request_id: str | None = None, client_at: int | None = None, coupon: int = 0):
         packed = b"".join(lines_)
         gross = amount if amount is not None else sum(L.LINE.unpack(x)[3] for x in lines_)
-        return self.apply(op(request_id or self.rid(), L.OP_PURCHASE, number, gross,
-                             at=client_at or self.at + 1, lines=packed, redeem_points=redeem))[0]
+        return op(request_id or self.rid(), L.OP_PURCHASE, number, gross,
+                  at=client_at or self.at + 1, lines=packed, redeem_points=redeem, ref_id=coupon)
+
+    def issue(self, number: str, coupon_id: int, points: int = 0, operator: int = 1):
+        """A coupon given by operator 1, or bought with ``points``; the outcome (its serial:
+        the entry's sequence)."""
+        return self.apply(self.issue_op(number, coupon_id, points, operator))[0]
+
+    def issue_op(self, number: str, coupon_id: int, points: int = 0, operator: int = 1):
+        return PendingOp.build(
+            key(self.rid()), L.OP_COUPON_ISSUE, cid(number), 0, store_id=3, ref_id=coupon_id,
+            redeem_points=points, operator_id=0 if points else operator,
+            pin_flags=L.PIN_OPTIONAL_UNSET | L.PIN_REQUIRED if points else 0,
+            client_time_us=self.at + 1)
 
     def card(self, number: str) -> dict:
         rec = self.ledger.read_card(cid(number))[0]
@@ -366,3 +389,147 @@ def test_verify_finds_a_stored_line_changed_behind_the_journal(cafe):
     assert any("stored lines are not the ones it carries" in p for p in problems), problems
     assert any("differ from its program's arithmetic" in p or "its program gives" in p
                for p in problems), problems
+
+
+def serial_of(outcome) -> int:
+    """The serial of the coupon an applied issue entry created: its sequence."""
+    assert outcome.reason == L.R_OK, outcome.reason
+    return L.JOURNAL.unpack(outcome.entry)[7]
+
+
+@pytest.fixture
+def market(tmp_path):
+    till = Till(str(tmp_path / "market"), example("supermarket"))
+    yield till
+    till.ledger.close()
+
+
+def test_fifty_off_five_hundred_counts_discountable_lines_and_is_used_once(market):
+    """Supermarket coupon 1, "50 off 500": 50.00 off when the discountable lines (not tobacco,
+    not gift cards) come to 500.00 after the tier's rate. A standard card (100 %) buys fresh
+    300.00, groceries 250.00 and tobacco 100.00: eligible 550.00 >= 500.00, so 50.00 off, taken
+    from the fresh line first: fresh pays 250.00. Paid 650.00 - 50.00 = 600.00; points 250 +
+    250 + 0 (tobacco) = 500. The same coupon again: REASON_COUPON_USED, nothing changes."""
+    number = "6225880000000101"
+    market.open(number)
+    market.top_up(number, 200000)
+    coupon = serial_of(market.issue(number, 1))
+    out = market.buy(number, line(FRESH, 30000), line(GROCERY, 25000), line(TOBACCO, 10000),
+                     coupon=coupon)
+    f = figures(out)
+    assert (f["reason"], f["discount"], f["principal"], f["points"], f["promotion"]) == (
+        L.R_OK, 5000, -60000, 500, 1)
+    assert L.JOURNAL_COUPON_OFF.unpack_from(out.entry, L.JOURNAL_OFF_COUPON)[0] == 5000
+    assert line_figures(out) == [(FRESH, 5000, 250, 0), (GROCERY, 0, 250, 0), (TOBACCO, 0, 0, 0)]
+    before = market.card(number)
+    again = market.buy(number, line(FRESH, 60000), coupon=coupon)
+    assert figures(again)["reason"] == L.R_COUPON_USED and market.card(number) == before
+    stored = market.ledger.read_coupons(cid(number))
+    assert [(c[1], c[7], c[8]) for c in stored] == [(L.COUPON_USED, L.JOURNAL.unpack(out.entry)[7],
+                                                     5000)]
+
+
+def test_a_coupon_threshold_is_inclusive_and_tobacco_does_not_count(market):
+    """Eligible exactly 500.00 qualifies; 499.99 of groceries plus 100.00 of tobacco does not
+    (REASON_COUPON_NOT_APPLICABLE), and the coupon stays unused."""
+    number = "6225880000000102"
+    market.open(number)
+    market.top_up(number, 200000)
+    first, second = serial_of(market.issue(number, 1)), serial_of(market.issue(number, 1))
+    assert figures(market.buy(number, line(GROCERY, 49999), line(TOBACCO, 10000),
+                              coupon=first))["reason"] == L.R_COUPON_NOT_APPLICABLE
+    assert figures(market.buy(number, line(GROCERY, 50000), coupon=first))["discount"] == 5000
+    assert [c[1] for c in market.ledger.read_coupons(cid(number))] == [L.COUPON_USED, L.COUPON_ISSUED]
+    assert second
+
+
+def test_a_percent_coupon_bought_with_points_is_capped(market):
+    """Coupon 2, "fresh 10 % off", at most 20.00, costs 500 points. A card with 300 points
+    cannot buy it; with 500 it can (points 0 after). On fresh 150.00 it takes 15.00; on fresh
+    300.00 it would take 30.00 but the cap is 20.00 (a second coupon)."""
+    number = "6225880000000103"
+    market.open(number)
+    market.top_up(number, 200000)
+    market.buy(number, line(GROCERY, 30000))  # 300 points
+    assert figures(market.issue(number, 2, points=500))["reason"] == L.R_INSUFFICIENT_POINTS
+    market.buy(number, line(GROCERY, 20000))  # 500 points
+    bought = market.issue(number, 2, points=500)
+    assert (figures(bought)["points"], figures(bought)["taken"]) == (-500, 500)
+    assert market.card(number)["points"] == 0
+    assert figures(market.buy(number, line(FRESH, 15000), coupon=serial_of(bought)))["discount"] == 1500
+    market.buy(number, line(GROCERY, 50000))
+    second = serial_of(market.issue(number, 2, points=500))
+    assert figures(market.buy(number, line(FRESH, 30000), coupon=second))["discount"] == 2000
+    # the wrong price, or a coupon not for sale, is refused; a free one needs an operator
+    assert figures(market.issue(number, 2, points=499))["reason"] == L.R_COUPON_NOT_FOR_SALE
+    assert figures(market.issue(number, 1, points=500))["reason"] == L.R_COUPON_NOT_FOR_SALE
+    assert figures(market.issue(number, 1, operator=0))["reason"] == L.R_OPERATOR_REQUIRED
+    assert figures(market.issue(number, 77))["reason"] == L.R_COUPON_NOT_FOUND
+
+
+def test_two_purchases_with_one_coupon_in_one_group_exactly_one_gets_it(market):
+    """Both arrive in the same group (the writer's unit of work): the first in arrival order
+    uses the coupon, the second is declined REASON_COUPON_USED and changes nothing."""
+    number = "6225880000000104"
+    market.open(number)
+    market.top_up(number, 200000)
+    coupon = serial_of(market.issue(number, 1))
+    a = market.purchase(number, line(GROCERY, 60000), coupon=coupon)
+    b = market.purchase(number, line(GROCERY, 70000), coupon=coupon)
+    first, second = market.apply(a, b)
+    assert (first.reason, second.reason) == (L.R_OK, L.R_COUPON_USED)
+    assert market.card(number)["principal"] == 200000 - 55000
+
+
+def test_a_coupon_is_valid_until_the_end_of_its_last_day(tmp_path):
+    """A coupon valid for 1 day (the supermarket's coupon 1 with valid_days = 1): at issue +
+    24 h - 1 µs it applies, at issue + 24 h it is REASON_COUPON_NOT_VALID_NOW. (The ledger's
+    clock moves at most an hour a group, so the test steps through the day.)"""
+    text = example("supermarket").replace("valid_days = 30", "valid_days = 1", 1)
+    till = Till(str(tmp_path / "day"), text)
+    number = "6225880000000105"
+    till.open(number)
+    till.top_up(number, 500000)
+    issued, twin = till.apply(till.issue_op(number, 1), till.issue_op(number, 1))  # one group
+    serial, issued_at = serial_of(issued), L.JOURNAL.unpack(issued.entry)[17]
+    another = serial_of(twin)
+    while till.at < issued_at + L.DAY_US - 3_600_000_000:
+        till.top_up(number, 1, at=till.at + 3_000_000_000)
+    last = issued_at + L.DAY_US - 1
+    assert figures(till.buy(number, line(GROCERY, 50000), coupon=serial, at=last))["discount"] == 5000
+    f = figures(till.buy(number, line(GROCERY, 50000), coupon=another, at=last + 1))
+    assert f["reason"] == L.R_COUPON_NOT_VALID_NOW
+    till.ledger.close()
+
+
+def test_a_free_haircut_coupon_takes_one_service_off(tmp_path):
+    """Salon coupon 1, "one free haircut": the first services line, at most 80.00. A member (100
+    %) with a 120.00 colour and a 30.00 product: 80.00 off the colour (the cap); paid 70.00."""
+    till = Till(str(tmp_path / "salon"), example("salon"))
+    number = "6225880000000106"
+    till.open(number)
+    till.top_up(number, 50000)
+    coupon = serial_of(till.issue(number, 1))
+    f = figures(till.buy(number, line(SERVICES, 12000), line(PRODUCTS, 3000), coupon=coupon))
+    assert (f["discount"], f["principal"] + f["bonus"]) == (8000, -7000)
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+def test_verify_rebuilds_every_coupon_and_finds_one_changed(market):
+    number = "6225880000000107"
+    market.open(number)
+    market.top_up(number, 200000)
+    coupon = serial_of(market.issue(number, 1))
+    serial_of(market.issue(number, 1))
+    market.buy(number, line(GROCERY, 60000), coupon=coupon)
+    report = verify(market.ledger)
+    assert report["ok"], report["problems"]
+    k = L.COUPON_KEY.pack(cid(number), coupon)
+    with market.ledger.env.begin(write=True) as txn:  # used -> issued again, behind the journal
+        raw = bytearray(txn.get(k, db=market.ledger.coupons))
+        raw[1] = L.COUPON_ISSUED
+        txn.put(k, bytes(raw), db=market.ledger.coupons)
+    problems = verify(market.ledger)["problems"]
+    assert any("not what the journal's issue and use of it make" in p for p in problems), problems

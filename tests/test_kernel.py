@@ -34,17 +34,21 @@ def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, l
 
 
 def run_full(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10,
-             lines=b"", extras=None):
-    """Every output of one apply_batch: (next seq, records, journal, dirty, lines, extras)."""
+             lines=b"", extras=None, coupon_slots=None, coupons=b""):
+    """Every output of one apply_batch: (next seq, records, journal, dirty, lines, extras,
+    coupons, coupon dirty)."""
     records = bytearray(records)
     extras = bytearray(extras if extras is not None else len(records))
-    lines = bytearray(lines)
+    lines, coupons = bytearray(lines), bytearray(coupons)
     n = len(ops) // L.OP_SIZE
+    coupon_slots = array("I", coupon_slots if coupon_slots is not None else [L.SLOT_NONE] * n)
     journal = bytearray(n * L.JOURNAL_SIZE)
     dirty = bytearray(len(records) // L.CARD_SIZE)
-    nxt = impl(program, ops, lines, array("I", slots), records, extras, journal, dirty, ts_us,
-               first_seq)
-    return nxt, bytes(records), bytes(journal), bytes(dirty), bytes(lines), bytes(extras)
+    coupon_dirty = bytearray(len(coupons) // L.COUPON_SIZE)
+    nxt = impl(program, ops, lines, array("I", slots), records, extras, coupon_slots, coupons,
+               journal, dirty, coupon_dirty, ts_us, first_seq)
+    return (nxt, bytes(records), bytes(journal), bytes(dirty), bytes(lines), bytes(extras),
+            bytes(coupons), bytes(coupon_dirty))
 
 
 def run(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10):
@@ -316,9 +320,9 @@ def batches(draw):
     ops, slots = [], []
     for i in range(n):
         slots.append(draw(st.integers(0, nslots - 1)))
-        ops.append(op_bytes(draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
-                                                  L.OP_SET_PIN, L.OP_RESET_PIN,
-                                                  L.OP_BALANCE_INQUIRY])),
+        kind = draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
+                                     L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_BALANCE_INQUIRY]))
+        ops.append(op_bytes(kind,
                             draw(amounts), tier=draw(st.integers(0, 5)), card=bytes([slots[-1]]) * 16,
                             tag=i.to_bytes(8, "little"), store=draw(st.integers(0, 2**32 - 1)),
                             home_store=draw(st.integers(0, 2**32 - 1)),
@@ -327,7 +331,9 @@ def batches(draw):
                             operator=draw(st.integers(0, 2**32 - 1)),
                             caller_kind=draw(st.integers(0, 5)), caller_id=draw(st.integers(0, 2**32 - 1)),
                             client_time_us=draw(st.integers(-(1 << 63), INT64_MAX)),
-                            link_seq=draw(st.integers(0, 2**64 - 1)), ref_id=draw(st.integers(0, 2**64 - 1)),
+                            link_seq=draw(st.integers(0, 2**64 - 1)),
+                            # a purchase's ref_id names a coupon (test_kernel_programs)
+                            ref_id=0 if kind == L.OP_PURCHASE else draw(st.integers(0, 2**64 - 1)),
                             basket_tag=draw(st.integers(0, 2**64 - 1))))
     return b"".join(ops), slots, recs
 
@@ -347,25 +353,20 @@ def test_kernel_equals_reference(program, batch, ts_us, first_seq):
 def test_kernel_checks_buffer_sizes():
     program = rules.DEFAULT_PROGRAM.packed(1)
     with pytest.raises(ValueError):
-        kernel.apply_batch(program, op_bytes(L.OP_OPEN), bytearray(), array("I", [1]),
-                           bytearray(128), bytearray(128), bytearray(L.JOURNAL_SIZE), bytearray(1),
-                           0, 1)  # slot 1 of a 1-slot buffer
+        run_full(kernel.apply_batch, program, op_bytes(L.OP_OPEN), [1], bytes(128))  # slot 1 of 1
     with pytest.raises(ValueError):
-        kernel.apply_batch(program[:-1], op_bytes(L.OP_OPEN), bytearray(), array("I", [0]),
-                           bytearray(128), bytearray(128), bytearray(L.JOURNAL_SIZE), bytearray(1),
-                           0, 1)
+        run_full(kernel.apply_batch, program[:-1], op_bytes(L.OP_OPEN), [0], bytes(128))
     with pytest.raises(ValueError):  # a PIN-failed entry is the kernel's output, never its input
-        kernel.apply_batch(program, op_bytes(L.OP_PIN_FAILED), bytearray(), array("I", [0]),
-                           bytearray(128), bytearray(128), bytearray(L.JOURNAL_SIZE), bytearray(1),
-                           0, 1)
+        run_full(kernel.apply_batch, program, op_bytes(L.OP_PIN_FAILED), [0], bytes(128))
     with pytest.raises(ValueError):  # the lines do not match the operations' line counts
-        kernel.apply_batch(program, op_bytes(L.OP_PURCHASE, 5, line_count=1), bytearray(),
-                           array("I", [0]), bytearray(128), bytearray(128),
-                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
+        run_full(kernel.apply_batch, program, op_bytes(L.OP_PURCHASE, 5, line_count=1), [0],
+                 bytes(128))
     with pytest.raises(ValueError):  # a program state with an unknown version
-        kernel.apply_batch(program, op_bytes(L.OP_TOP_UP, 5), bytearray(), array("I", [0]),
-                           bytearray(card_bytes()), bytearray(b"\x07" + bytes(127)),
-                           bytearray(L.JOURNAL_SIZE), bytearray(1), 0, 1)
+        run_full(kernel.apply_batch, program, op_bytes(L.OP_TOP_UP, 5), [0], card_bytes(),
+                 extras=b"\x07" + bytes(127))
+    with pytest.raises(ValueError):  # a purchase naming a coupon without the coupon's record
+        run_full(kernel.apply_batch, program, op_bytes(L.OP_PURCHASE, 5, ref_id=3), [0],
+                 card_bytes())
 
 
 @settings(max_examples=3000, deadline=None)

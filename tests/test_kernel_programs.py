@@ -42,6 +42,16 @@ def programs(draw):
             draw(st.integers(0, 10000)), draw(st.sampled_from([0, 0, 1, 500])), starts,
             draw(st.sampled_from([starts + 1, T0 + 3, T0 + 10, INT64_MAX]).filter(lambda e: e > starts)),
             draw(st.sampled_from([0, 0, 1, 2, 255]))))
+    coupons = []
+    for cid_ in draw(st.lists(st.sampled_from([1, 1, 2, 3, 9]), max_size=4, unique=True)):
+        kind = draw(st.sampled_from(list(rules.COUPON_KINDS.values())))
+        coupons.append(rules.Coupon(
+            cid_, f"c{cid_}", kind, draw(st.sampled_from([-1, -1, 0, *codes])),
+            draw(st.sampled_from([0, 0, 0, 100, 5000, INT64_MAX])),
+            draw(st.integers(1, 10_000)) if kind == L.COUPON_AMOUNT_OFF else 0,
+            draw(st.integers(1, 10000)) if kind == L.COUPON_PERCENT_OFF else 0,
+            0 if kind == L.COUPON_AMOUNT_OFF else draw(st.sampled_from([0, 1, 300])),
+            draw(st.integers(1, 60)), draw(st.sampled_from([0, 0, 50, 1000]))))
     redeem = draw(st.one_of(st.just((0, 0)), st.tuples(st.integers(1, 500), st.integers(1, 500)),
                             st.tuples(edge_money, edge_money)))
     return rules.Program(
@@ -49,7 +59,7 @@ def programs(draw):
         points_per_unit=draw(st.integers(0, 5)), pin_tries_max=draw(st.integers(1, 15)),
         categories=categories, promotions=tuple(promotions),
         spend_order=draw(st.sampled_from(list(rules.SPEND_ORDERS.values()))),
-        redeem_points=redeem[0], redeem_value_minor=redeem[1],
+        redeem_points=redeem[0], redeem_value_minor=redeem[1], coupons=tuple(coupons),
         redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000]))).packed(
             draw(st.integers(1, 2**32 - 1)))
 
@@ -81,15 +91,37 @@ def extras(draw):
 
 
 @st.composite
+def coupon_records(draw):
+    """A coupon as the ledger reads it: none (zeros), issued or used, valid around T0."""
+    if draw(st.integers(0, 6)) == 0:
+        return bytes(L.COUPON_SIZE)
+    start = draw(st.sampled_from([0, 0, T0 - 5, T0, T0 + 4]))
+    return L.COUPON.pack(1, draw(st.sampled_from([1, 1, 1, 2])),
+                         draw(st.sampled_from([1, 1, 1, 2, 3, 9, 4])), 0, start,
+                         draw(st.sampled_from([start + 1, T0 + 3, INT64_MAX, INT64_MAX])),
+                         draw(st.integers(1, 100)), 0, 0, bytes(16))
+
+
+@st.composite
 def batches(draw):
     nslots = draw(st.integers(1, 4))
     recs = b"".join(draw(st.lists(cards(), min_size=nslots, max_size=nslots)))
     exts = b"".join(draw(st.lists(extras(), min_size=nslots, max_size=nslots)))
     ops, slots, lines = [], [], []
+    coupon_recs = draw(st.lists(coupon_records(), max_size=3))
+    cslots = []
     for i in range(draw(st.integers(1, 25))):
         slots.append(draw(st.integers(0, nslots - 1)))
         kind = draw(st.sampled_from([L.OP_TOP_UP, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
-                                     L.OP_PURCHASE, L.OP_OPEN, L.OP_BALANCE_INQUIRY]))
+                                     L.OP_PURCHASE, L.OP_OPEN, L.OP_BALANCE_INQUIRY,
+                                     L.OP_COUPON_ISSUE]))
+        ref_id, cslot = 0, L.SLOT_NONE
+        if kind == L.OP_PURCHASE and coupon_recs and draw(st.booleans()):
+            cslot = draw(st.integers(0, len(coupon_recs) - 1))  # two purchases may share one
+            ref_id = cslot + 1
+        elif kind == L.OP_COUPON_ISSUE:
+            ref_id = draw(st.sampled_from([1, 2, 3, 9, 4, 70000]))
+        cslots.append(cslot)
         my_lines = []
         if kind == L.OP_PURCHASE or draw(st.integers(0, 20)) == 0:  # lines on a top-up: refused
             for _ in range(draw(st.integers(0, 5))):
@@ -106,15 +138,18 @@ def batches(draw):
                 amount = 1
         redeem = -1 if draw(st.integers(0, 25)) == 0 else draw(st.one_of(
             st.just(0), st.integers(1, 2_000), st.integers(1, 2_000), edge_money))
-        if kind != L.OP_PURCHASE and draw(st.integers(0, 10)):
+        if kind == L.OP_COUPON_ISSUE:
+            redeem = draw(st.sampled_from([0, 0, 50, 1000, 7]))
+        elif kind != L.OP_PURCHASE and draw(st.integers(0, 10)):
             redeem = 0
         lines.extend(my_lines)
         ops.append(op_bytes(kind, amount, tier=draw(st.integers(0, 4)), card=bytes([slots[-1]]) * 16,
                             tag=i.to_bytes(8, "little"),
                             pin_flags=draw(st.sampled_from([0, 0, 0, L.PIN_PRESENTED,
                                                             L.PIN_OPTIONAL_UNSET])),
-                            pin=PIN_A, line_count=len(my_lines), redeem=redeem))
-    return b"".join(ops), slots, recs, exts, b"".join(lines)
+                            pin=PIN_A, line_count=len(my_lines), redeem=redeem, ref_id=ref_id,
+                            operator=draw(st.sampled_from([0, 7]))))
+    return b"".join(ops), slots, recs, exts, b"".join(lines), cslots, b"".join(coupon_recs)
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -123,12 +158,14 @@ def batches(draw):
 @example(program=rules.Program(tiers=(rules.Tier("t", 9000),), redeem_points=100,
                                redeem_value_minor=100, redeem_cap_bp=5000).packed(1),
          batch=(op_bytes(L.OP_PURCHASE, 1000, redeem=250), [0],
-                card_bytes(principal=INT64_MAX, points=300), bytes(128), b""),
+                card_bytes(principal=INT64_MAX, points=300), bytes(128), b"", [L.SLOT_NONE], b""),
          ts_us=T0, first_seq=1)
 def test_kernel_equals_reference_on_card_programs(program, batch, ts_us, first_seq):
-    ops, slots, recs, exts, lines = batch
-    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts) == \
-        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts)
+    ops, slots, recs, exts, lines, cslots, coupons = batch
+    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts,
+                    cslots, coupons) == \
+        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts,
+                 cslots, coupons)
 
 
 @pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
@@ -136,3 +173,41 @@ def test_an_unknown_program_state_version_stops_the_batch(impl):
     program = rules.DEFAULT_PROGRAM.packed(1)
     with pytest.raises(ValueError):
         run_full(impl, program, op_bytes(L.OP_TOP_UP, 5), [0], card_bytes(), extras=b"\x07" + bytes(127))
+
+
+@st.composite
+def coupon_batches(draw):
+    """Purchases that reach the coupon rule: active funded cards, known categories, coupons
+    mostly issued and valid now, often shared by two purchases (exactly one may use it)."""
+    nslots = draw(st.integers(1, 3))
+    recs = b"".join(card_bytes(principal=draw(st.integers(0, 300_000)),
+                               bonus=draw(st.integers(0, 50_000)),
+                               points=draw(st.integers(0, 5_000)), tier=0)
+                    for _ in range(nslots))
+    coupons = [L.COUPON.pack(1, draw(st.sampled_from([1, 1, 1, 2])), draw(st.sampled_from([1, 1, 2, 9])),
+                             0, draw(st.sampled_from([0, 0, T0 + 1])),
+                             draw(st.sampled_from([INT64_MAX, INT64_MAX, T0])), k + 1, 0, 0, bytes(16))
+               for k in range(draw(st.integers(1, 3)))]
+    ops, slots, lines, cslots = [], [], [], []
+    for i in range(draw(st.integers(1, 8))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        mine = [L.LINE.pack(draw(st.sampled_from([0, 0, 0, 1, 2, 5])), 0, 1, draw(st.integers(1, 60_000)),
+                            0, 0, 0, b"") for _ in range(draw(st.integers(1, 4)))]
+        lines.extend(mine)
+        cslot = draw(st.integers(0, len(coupons) - 1)) if draw(st.integers(0, 4)) else L.SLOT_NONE
+        cslots.append(cslot)
+        ops.append(op_bytes(L.OP_PURCHASE, sum(L.LINE.unpack(x)[3] for x in mine),
+                            card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                            line_count=len(mine), ref_id=0 if cslot == L.SLOT_NONE else cslot + 1,
+                            redeem=draw(st.sampled_from([0, 0, 100, 1000]))))
+    return b"".join(ops), slots, recs, bytes(len(recs)), b"".join(lines), cslots, b"".join(coupons)
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=coupon_batches(), ts_us=st.sampled_from([T0, T0 + 1]))
+def test_kernel_equals_reference_on_coupons(program, batch, ts_us):
+    ops, slots, recs, exts, lines, cslots, coupons = batch
+    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
+                    cslots, coupons) == \
+        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
+                 cslots, coupons)

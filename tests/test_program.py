@@ -585,7 +585,8 @@ def test_example_programs_parse_and_compile():
         packed = parse_program((EXAMPLES / name).read_text(encoding="utf-8")).packed(1)
         head = L.PROGRAM_HEAD.unpack_from(packed)
         rates = array.array("H", packed[L.PROGRAM_RATES_OFFSET:L.PROGRAM_PER_UNIT_OFFSET])
-        per_unit = array.array("q", packed[L.PROGRAM_PER_UNIT_OFFSET:])
+        per_unit = array.array("q", packed[L.PROGRAM_PER_UNIT_OFFSET:L.PROGRAM_PER_UNIT_OFFSET
+                                           + 8 * L.MAX_TIERS * L.MAX_CATEGORIES])
         spend, top_up = head[11:11 + L.MAX_TIERS], head[11 + L.MAX_TIERS:]
         return head, rates, per_unit, spend, top_up, packed
 
@@ -622,3 +623,171 @@ def test_example_programs_parse_and_compile():
     for t, (rate, fresh, per) in enumerate([(10000, 10000, 1), (9800, 9800, 1), (9500, 9000, 2)]):
         assert [rates[at(t, c)] for c in range(5)] == [rate, fresh, rate, 10000, 10000]
         assert [per_unit[at(t, c)] for c in range(5)] == [per, per, per, 0, 0]
+
+
+# --- coupons -------------------------------------------------------------------------------
+
+COUPON_KEYS = ("id, name, kind, category, min_spend_minor, amount_off_minor, percent_bp, "
+               "max_off_minor, valid_days, points_price")
+
+
+def coupon(**changes: str | None) -> str:
+    """A [[coupons]] table (header on its first line, then one key a line in this order: id,
+    name, kind, amount_off_minor, then the changed or added keys). Values are TOML text; None
+    leaves a key out. After CATEGORIES (10 lines) its header is on line 11."""
+    keys = {"id": "3", "name": '"5 off"', "kind": '"amount_off"', "amount_off_minor": "500",
+            **changes}
+    return "[[coupons]]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items() if v is not None)
+
+
+def test_example_programs_coupons():
+    def coupons(name):
+        return parse_program((EXAMPLES / name).read_text(encoding="utf-8")).coupons
+
+    # supermarket: 1 fresh, 2 grocery, 3 tobacco, 4 gift_cards
+    assert coupons("supermarket.toml") == (
+        rules.Coupon(1, "50 off 500", L.COUPON_AMOUNT_OFF, -1, min_spend_minor=50000,
+                     amount_off_minor=5000, valid_days=30),
+        rules.Coupon(2, "fresh 10 % off", L.COUPON_PERCENT_OFF, 1, percent_bp=1000,
+                     max_off_minor=2000, valid_days=14, points_price=500))
+    assert coupons("salon.toml") == (  # 1 services
+        rules.Coupon(1, "one free haircut", L.COUPON_FREE_ITEM, 1, max_off_minor=8000,
+                     valid_days=90, points_price=0),)
+    assert coupons("cafe.toml") == (  # 1 drinks
+        rules.Coupon(1, "free drink", L.COUPON_FREE_ITEM, 1, max_off_minor=3500, valid_days=30,
+                     points_price=1000),)
+
+
+def test_coupons_parse_with_their_defaults():
+    doc = (CATEGORIES
+           + coupon()
+           + coupon(id="4", kind='"percent_off"', amount_off_minor=None, percent_bp="10000",
+                    category='"drinks"', min_spend_minor="0", max_off_minor="0",
+                    valid_days="3660", points_price=str(2**63 - 1))
+           + coupon(id="65535", kind='"free_item"', amount_off_minor=None, category='"default"',
+                    max_off_minor=str(2**63 - 1), valid_days="1")
+           + coupon(id="1", amount_off_minor=str(2**63 - 1), category='"default"',
+                    min_spend_minor=str(2**63 - 1)))
+    assert parse_program(doc).coupons == (
+        rules.Coupon(3, "5 off", L.COUPON_AMOUNT_OFF, -1, 0, 500, 0, 0, 30, 0),
+        rules.Coupon(4, "5 off", L.COUPON_PERCENT_OFF, 1, 0, 0, 10000, 0, 3660, 2**63 - 1),
+        rules.Coupon(65535, "5 off", L.COUPON_FREE_ITEM, 0, 0, 0, 0, 2**63 - 1, 1, 0),
+        rules.Coupon(1, "5 off", L.COUPON_AMOUNT_OFF, 0, 2**63 - 1, 2**63 - 1, 0, 0, 30, 0))
+    assert parse_program(CATEGORIES).coupons == ()
+    assert parse_program("coupons = []\n" + CATEGORIES).coupons == ()
+
+
+def test_coupons_without_categories():
+    (c,) = parse_program(coupon(category='"default"')).coupons
+    assert c.category == 0
+    err = error_of(coupon(category='"drinks"'))
+    assert (err.line, err.problem) == (
+        6, "coupon 3: no category 'drinks' in [[categories]] (declared: none)")
+
+
+@pytest.mark.parametrize("changes, line, problem", [
+    ({"colour": '"red"'}, 16, f"coupon 3: unknown key 'colour' (known: {COUPON_KEYS})"),
+    ({"amount_off_minor": None, "amount_of_minor": "500"}, 15,
+     f"coupon 3: unknown key 'amount_of_minor' (known: {COUPON_KEYS})"),  # not "missing"
+    ({"id": None}, 11, "coupon #1: missing id"),
+    ({"name": None}, 11, "coupon 3: missing name"),
+    ({"kind": None}, 11, "coupon 3: missing kind"),
+    ({"id": "0"}, 12, "coupon #1: id must be 1..65535"),
+    ({"id": "65536"}, 12, "coupon #1: id must be 1..65535"),
+    ({"id": '"3"'}, 12, "coupon #1: id must be an integer (got a string)"),
+    ({"name": '""'}, 13, "coupon 3: name must be 1..32 characters"),
+    ({"name": f'"{"x" * 33}"'}, 13, "coupon 3: name must be 1..32 characters"),
+    ({"name": '"a\\tb"'}, 13, "coupon 3: name 'a\\tb' has unprintable characters"),
+    ({"kind": '"percent"'}, 14,
+     "coupon 3: kind must be one of amount_off, percent_off, free_item (got 'percent')"),
+    ({"kind": "1"}, 14, "coupon 3: kind must be a string (got an integer)"),
+    ({"amount_off_minor": None}, 11,
+     "coupon 3: missing amount_off_minor (required for an amount_off coupon)"),
+    ({"amount_off_minor": "0"}, 15, "coupon 3: amount_off_minor must be 1..2**63-1"),
+    ({"amount_off_minor": str(2**63)}, 15, "coupon 3: amount_off_minor must be 1..2**63-1"),
+    ({"percent_bp": "1000"}, 16, ("coupon 3: percent_bp is only for percent_off coupons "
+                                  "(an amount_off coupon gives amount_off_minor)")),
+    ({"max_off_minor": "100"}, 16, ("coupon 3: max_off_minor is only for percent_off and "
+                                    "free_item coupons (an amount_off coupon gives "
+                                    "amount_off_minor)")),
+    ({"kind": '"percent_off"', "percent_bp": "1000"}, 15,
+     ("coupon 3: amount_off_minor is only for amount_off coupons "
+      "(a percent_off coupon gives percent_bp)")),
+    ({"kind": '"percent_off"', "amount_off_minor": None}, 11,
+     "coupon 3: missing percent_bp (required for a percent_off coupon)"),
+    ({"kind": '"percent_off"', "amount_off_minor": None, "percent_bp": "10001"}, 15,
+     "coupon 3: percent_bp must be 1..10000"),
+    ({"kind": '"percent_off"', "amount_off_minor": None, "percent_bp": "0"}, 15,
+     "coupon 3: percent_bp must be 1..10000"),
+    ({"kind": '"percent_off"', "amount_off_minor": None, "percent_bp": "1",
+      "max_off_minor": "-1"}, 16, "coupon 3: max_off_minor must be 0..2**63-1"),
+    ({"kind": '"free_item"', "amount_off_minor": None}, 11,
+     "coupon 3: missing category (required for a free_item coupon)"),
+    ({"kind": '"free_item"', "category": '"drinks"'}, 15,
+     ("coupon 3: amount_off_minor is only for amount_off coupons "
+      "(a free_item coupon gives one item of its category)")),
+    ({"kind": '"free_item"', "amount_off_minor": None, "category": '"drinks"',
+      "percent_bp": "1000"}, 16,
+     ("coupon 3: percent_bp is only for percent_off coupons "
+      "(a free_item coupon gives one item of its category)")),
+    ({"category": '"drinkz"'}, 16,
+     "coupon 3: no category 'drinkz' in [[categories]] (declared: drinks, tobacco)"),
+    ({"category": "1"}, 16, "coupon 3: category must be a string (got an integer)"),
+    ({"category": '"tobacco"'}, 16, ("coupon 3: category 'tobacco' is not discountable "
+                                     "(coupons apply to discountable lines only)")),
+    ({"kind": '"free_item"', "amount_off_minor": None, "category": '"tobacco"'}, 15,
+     ("coupon 3: category 'tobacco' is not discountable "
+      "(coupons apply to discountable lines only)")),
+    ({"min_spend_minor": "-1"}, 16, "coupon 3: min_spend_minor must be 0..2**63-1"),
+    ({"valid_days": "0"}, 16, "coupon 3: valid_days must be 1..3660"),
+    ({"valid_days": "3661"}, 16, "coupon 3: valid_days must be 1..3660"),
+    ({"valid_days": "30.0"}, 16, "coupon 3: valid_days must be an integer (got a float)"),
+    ({"points_price": "-1"}, 16, "coupon 3: points_price must be 0..2**63-1"),
+    ({"points_price": "true"}, 16, "coupon 3: points_price must be an integer (got a boolean)"),
+])
+def test_coupon_refusals(changes, line, problem):
+    err = error_of(CATEGORIES + coupon(**changes))
+    assert (err.line, err.problem) == (line, problem)
+
+
+def test_duplicate_coupon_ids_report_the_second_id_line():
+    doc = CATEGORIES + coupon() + "\n" + coupon(name='"other"')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (18, "coupon #2: duplicate coupon id 3 (also coupon #1)")
+    assert len(parse_program(doc.replace("id = 3", "id = 4", 1)).coupons) == 2
+
+
+def test_thirty_three_coupons_report_the_thirty_third_header_and_thirty_two_pass():
+    def doc(count):  # 5 lines each
+        return "".join(coupon(id=str(k + 1)) for k in range(count))
+    assert len(parse_program(doc(32)).coupons) == L.MAX_COUPONS == 32
+    err = error_of(doc(33))
+    assert (err.line, err.problem) == (161, "too many coupons: 33 (at most 32)")
+
+
+def test_coupons_that_are_not_an_array_of_tables_are_refused():
+    err = error_of("pin_tries_max = 3\ncoupons = 1\n" + CATEGORIES)
+    assert (err.line, err.problem) == (2, "coupons must be an array of tables (got an integer)")
+    err = error_of(CATEGORIES + "[coupons]\nid = 1\n")
+    assert (err.line, err.problem) == (11, "coupons must be an array of tables (got a table)")
+
+
+def test_coupon_categories_when_the_categories_are_wrong_report_only_the_categories():
+    # not an array of tables: the names cannot be checked
+    err = error_of('[categories]\ndrinks = 1\n' + coupon(category='"drinks"'))
+    assert (err.line, err.problem) == (1, "categories must be an array of tables (got a table)")
+    # a category written with a problem: the coupon naming it says nothing more
+    doc = CATEGORIES.replace("code = 5", "code = 99") + coupon(category='"tobacco"')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (5, "category 'tobacco': code must be 1..63")
+
+
+def test_inline_coupons_report_the_coupons_line():
+    doc = ('pin_tries_max = 3\n'
+           'coupons = [\n'
+           '  { id = 1, name = "a", kind = "amount_off", amount_off_minor = 1 },\n'
+           '  { id = 2, name = "b", kind = "free_item" },\n'
+           ']\n')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (
+        2, "coupon 2: missing category (required for a free_item coupon)")

@@ -3,6 +3,7 @@
 middle of a day, against a real server running the example cafe program."""
 from __future__ import annotations
 
+import asyncio
 import os
 
 import grpc
@@ -10,8 +11,8 @@ import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import (Admin, Client, failure_of, journal_entries, new_card_number, rid, sent_at,
-                      verify)
+from conftest import (Admin, Client, bearer, failure_of, journal_entries, new_card_number, rid,
+                      sent_at, verify)
 from test_programs import load
 
 R = cpb.Reason
@@ -31,22 +32,22 @@ def cafe(start_server):
 
 
 def purchase(number: str, *lines, redeem: int = 0, request_id: str | None = None,
-             gross: int = 0) -> pb.PurchaseRequest:
+             gross: int = 0, coupon: int = 0) -> pb.PurchaseRequest:
     request_id = request_id or rid()
     return pb.PurchaseRequest(
         request_id=request_id, client_time_us=sent_at(request_id),
         card=cpb.CardRef(card_number=number), till=cpb.Till(store_id=1, terminal_id=1, staff_id=9),
         lines=[pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s)
                for c, a, q, s in lines],
-        redeem_points=redeem, gross_amount_minor=gross)
+        redeem_points=redeem, gross_amount_minor=gross, coupon_serial=coupon)
 
 
-def quote(number: str, *lines, redeem: int = 0, gross: int = 0) -> pb.QuoteRequest:
+def quote(number: str, *lines, redeem: int = 0, gross: int = 0, coupon: int = 0) -> pb.QuoteRequest:
     return pb.QuoteRequest(card=cpb.CardRef(card_number=number),
                            till=cpb.Till(store_id=1, terminal_id=1),
                            lines=[pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s)
                                   for c, a, q, s in lines],
-                           redeem_points=redeem, gross_amount_minor=gross)
+                           redeem_points=redeem, gross_amount_minor=gross, coupon_serial=coupon)
 
 
 def silver_card(client: Client, amount: int = 20000) -> str:
@@ -189,3 +190,111 @@ def test_a_program_change_mid_day_leaves_earlier_receipts_explainable(cafe):
     assert receipt.result.lines == morning.lines
     report = verify(cafe.data_dir)
     assert report["ok"] and report["program_version"] == 2, report["problems"]
+
+
+@pytest.fixture
+def market(start_server):
+    return start_server("--program", os.path.join(EXAMPLES, "supermarket.toml"))
+
+
+FRESH, GROCERY, TOBACCO = 1, 2, 3
+
+
+def issue(server, number: str, coupon_id: int, token: str | None = None, points: bool = False):
+    request_id = rid()
+    return server.stub.IssueCoupon(pb.IssueCouponRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), coupon_id=coupon_id, pay_with_points=points,
+        till=cpb.Till(store_id=1, terminal_id=1)),
+        metadata=bearer(token or server.admin_token) if token is not False else None)
+
+
+def test_a_coupon_is_given_shown_quoted_used_once_and_shown_used(market):
+    client = Client(market.stub)
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 200000)
+    given = issue(market, number, 1)
+    assert (given.type, given.coupon_id) == (cpb.OPERATION_TYPE_COUPON_ISSUED, 1)
+    serial = given.coupon_serial
+    assert serial == given.seq
+    shown = client.card(number).coupons
+    assert [(c.serial, c.name, c.state) for c in shown] == [(serial, "50 off 500",
+                                                              pb.COUPON_STATE_ISSUED)]
+    assert shown[0].valid_until_us - shown[0].valid_from_us == 30 * 86_400_000_000
+    basket = ((FRESH, 30000, 1, ""), (GROCERY, 25000, 1, ""), (TOBACCO, 10000, 1, ""))
+    q = market.stub.Quote(quote(number, *basket))
+    assert [(o.serial, o.reason, o.off_minor) for o in q.coupons] == [(serial, R.REASON_OK, 5000)]
+    assert q.best_coupon_serial == serial and q.discount_minor == 0  # quoted without it
+    with_coupon = market.stub.Quote(quote(number, *basket, coupon=serial))
+    assert (with_coupon.coupon_off_minor, with_coupon.paid_minor) == (5000, 60000)
+    done = market.stub.Purchase(purchase(number, *basket, coupon=serial))
+    assert (done.coupon_serial, done.coupon_id, done.coupon_off_minor, done.paid_minor) == (
+        serial, 1, 5000, 60000)
+    assert [(x.discount_minor, x.paid_minor) for x in done.lines] == [(5000, 25000), (0, 25000),
+                                                                     (0, 10000)]
+    used = client.card(number).coupons[0]
+    assert (used.state, used.used_seq, used.off_minor) == (pb.COUPON_STATE_USED, done.seq, 5000)
+    with pytest.raises(grpc.RpcError) as err:
+        market.stub.Purchase(purchase(number, *basket, coupon=serial))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure_of(err.value).reason == R.REASON_COUPON_USED
+    assert not market.stub.Quote(quote(number, *basket)).coupons  # a used coupon is not offered
+    assert verify(market.data_dir)["ok"]
+
+
+def test_concurrent_purchases_with_one_coupon_exactly_one_gets_it(market):
+    client = Client(market.stub)
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 10_000_000)
+    serial = issue(market, number, 1).coupon_serial
+
+    async def race():
+        async with grpc.aio.insecure_channel(market.target) as ch:
+            call = ch.unary_unary("/cardcore.v1.CardService/Purchase",
+                                  request_serializer=pb.PurchaseRequest.SerializeToString,
+                                  response_deserializer=pb.OperationResult.FromString)
+
+            async def one():
+                try:
+                    return (await call(purchase(number, (GROCERY, 60000, 1, ""), coupon=serial))).reason
+                except grpc.aio.AioRpcError as exc:
+                    return failure_of(exc).reason
+
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+    reasons = asyncio.run(race())
+    assert sorted(reasons) == [R.REASON_OK] + [R.REASON_COUPON_USED] * 15
+    assert client.card(number).balance.principal_minor == 10_000_000 - 55000
+
+
+def test_a_campaign_gives_coupons_in_bulk_and_points_buy_one(market):
+    """A campaign: one SubmitBatch of IssueCoupon operations, one per card. A member buys coupon
+    2 (500 points) from the terminal; without an operator a free coupon is refused."""
+    client = Client(market.stub)
+    numbers = [new_card_number() for _ in range(5)]
+    for n in numbers:
+        client.open(n)
+    ops = []
+    for n in numbers:
+        request_id = rid()
+        ops.append(pb.Operation(issue_coupon=pb.IssueCouponRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=n), coupon_id=1, till=cpb.Till(store_id=1, terminal_id=1))))
+    answer = market.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops),
+                                     metadata=bearer(market.admin_token))
+    assert [r.reason for r in answer.results] == [R.REASON_OK] * 5
+    assert all(len(client.card(n).coupons) == 1 for n in numbers)
+    buyer = numbers[0]
+    client.top_up(buyer, 100000)
+    market.stub.Purchase(purchase(buyer, (GROCERY, 50000, 1, "")))  # 500 points
+    bought = issue(market, buyer, 2, token=False, points=True)
+    assert (bought.points_redeemed, bought.balance_after.points) == (500, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        issue(market, buyer, 1, token=False)
+    assert failure_of(err.value).reason == R.REASON_OPERATOR_REQUIRED
+    with pytest.raises(grpc.RpcError) as err:
+        issue(market, buyer, 77)
+    assert (err.value.code(), failure_of(err.value).reason) == (grpc.StatusCode.NOT_FOUND,
+                                                                R.REASON_COUPON_NOT_FOUND)
