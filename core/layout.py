@@ -168,6 +168,21 @@ sequence of the journal entry that issued it; a purchase names it in ref_id)::
      40  i64 off_minor             what it took off there; 0
      48  16B reserved
 
+Package, v1, 64 bytes, LMDB ``packages`` value (key: card id | u64 big-endian serial, the
+sequence of the entry that sold it; a package use names it in ref_id)::
+
+      0  u8  version               1
+      1  u8  kind                  1 count (uses_left counts down), 2 time (any number of uses)
+      2  u16 package_id            its definition in the program
+      4  u32 uses_left             count packages; 0 for time packages
+      8  i64 valid_from_us         the sale's group time
+     16  i64 valid_until_us        valid_from + the definition's days (exclusive)
+     24  u64 sold_seq
+     32  u64 last_used_seq         0 until used
+     40  u32 uses                  how many times it was used
+     44  u32 reserved
+     48  16B reserved
+
 Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
 without one reads as all zeros (release 1 and ledger v2 cards)::
 
@@ -192,7 +207,7 @@ operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise. A balance
 inquiry (op 7) requires the PIN like a purchase and changes nothing when it is
 right (no entry, pin_tries untouched); a wrong one is counted like any other.
 
-Program, v3, 13,176 bytes: the arithmetic's parameters (see ``rules``),
+Program, v3, 14,200 bytes: the arithmetic's parameters (see ``rules``),
 compiled from the stored program document of that version (never stored: a
 ledger keeps documents, so the compiled form can change freely)::
 
@@ -221,7 +236,10 @@ ledger keeps documents, so the compiled form can change freely)::
            4 i32 category (-1: every discountable line), 8 i64 min_spend_minor,
            16 i64 amount_off_minor, 24 u32 percent_bp, 28 u32 reserved, 32 i64 max_off_minor,
            40 i64 points_price
-  13168  u32 coupon_count, u32 reserved
+  13168  u32 coupon_count, u32 package_count
+  13176  package[32], 32 bytes each:
+           0 u16 id, 2 u8 kind (1 count, 2 time), 3 u8 reserved, 4 i32 category (-1: any),
+           8 u32 uses (count packages), 12 u32 days, 16 i64 price_minor, 24 8B reserved
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
 
@@ -297,7 +315,9 @@ PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
 COUPON = struct.Struct("<BBHIqqQQq16s")
-COUPON_KEY = struct.Struct(">16sQ")   # card id, serial
+COUPON_KEY = struct.Struct(">16sQ")   # card id, serial (coupons and packages alike)
+PACKAGE_DEF = struct.Struct("<HBxiIIq8x")
+PACKAGE = struct.Struct("<BBHIqqQQII16s")
 # The card programs' fields of a journal entry and of an operation, at these offsets.
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
 JOURNAL_COUPON_OFF, JOURNAL_OFF_COUPON = struct.Struct("<q"), 216  # coupon_off_minor
@@ -311,8 +331,9 @@ PROGRAM_RATES_OFFSET = PROGRAM_HEAD.size + MAX_PROMOTIONS * PROMOTION_SIZE
 PROGRAM_PER_UNIT_OFFSET = PROGRAM_RATES_OFFSET + 2 * MAX_TIERS * MAX_CATEGORIES
 PROGRAM_COUPONS_OFFSET = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIES
 PROGRAM_COUPON_COUNT_OFFSET = PROGRAM_COUPONS_OFFSET + MAX_COUPONS * 48
-PROGRAM_SIZE = PROGRAM_COUPON_COUNT_OFFSET + 8
-assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 13176
+PROGRAM_PACKAGES_OFFSET = PROGRAM_COUPON_COUNT_OFFSET + 8
+PROGRAM_SIZE = PROGRAM_PACKAGES_OFFSET + 32 * 32
+assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 14200
 assert COUPON_DEF.size == 48 and COUPON.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
@@ -321,6 +342,9 @@ CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2
 SPEND_PRINCIPAL_FIRST, SPEND_BONUS_FIRST, SPEND_PROPORTIONAL = 0, 1, 2
 PROMO_FIXED, PROMO_PERCENT, PROMO_FIRST_TOP_UP = 1, 2, 3
 COUPON_AMOUNT_OFF, COUPON_PERCENT_OFF, COUPON_FREE_ITEM = 1, 2, 3
+PACKAGE_COUNT, PACKAGE_TIME = 1, 2
+PACKAGE_VERSION = 1
+MAX_PACKAGES = 32
 COUPON_VERSION, COUPON_ISSUED, COUPON_USED = 1, 1, 2
 DAY_US = 86_400_000_000
 JOURNAL_DIGEST_OFFSET, DIGEST_SIZE = 224, 32
@@ -361,7 +385,9 @@ CALLER_SYSTEM, CALLER_LEGACY = 4, 5
 OP_OPEN, OP_TOP_UP, OP_PURCHASE, OP_SET_PIN, OP_RESET_PIN, OP_PIN_FAILED = 1, 2, 3, 4, 5, 6
 OP_BALANCE_INQUIRY = 7  # checks the PIN; changes nothing when right (no entry)
 OP_COUPON_ISSUE = 8     # a coupon for a card: given by an operator, or bought with points
-OP_KERNEL_MAX = OP_COUPON_ISSUE  # 1..5, 7 and 8 go through the kernel; 6 is written by it
+OP_PACKAGE_SELL = 9     # a prepaid package bought from the card's balance
+OP_PACKAGE_USE = 10     # one use of a package (a haircut of ten; a visit on a month pass)
+OP_KERNEL_MAX = OP_PACKAGE_USE  # 1..5 and 7..10 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23
@@ -398,6 +424,7 @@ R_PROGRAM_INVALID, R_PROGRAM_STRANDS_CARDS = 43, 44
 R_UNKNOWN_CATEGORY, R_INSUFFICIENT_POINTS, R_REDEMPTION_NOT_OFFERED = 64, 65, 66
 R_COUPON_NOT_FOUND, R_COUPON_USED, R_COUPON_NOT_VALID_NOW = 67, 68, 69
 R_COUPON_NOT_APPLICABLE, R_COUPON_NOT_FOR_SALE = 70, 71
+R_PACKAGE_NOT_FOUND, R_PACKAGE_NOT_VALID_NOW, R_PACKAGE_USED_UP = 72, 73, 74
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

@@ -17,8 +17,9 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     journal_lines seq (u64 big-endian)    -> an applied purchase's lines (64 B each, layout.LINE)
     coupons       card_id | serial (u64)  -> an issued coupon (64 B, layout.COUPON); serial = the
                                              sequence of the entry that issued it
+    packages      card_id | serial (u64)  -> a package sold (64 B, layout.PACKAGE); likewise
 
-The last three came with card programs: a writer that opens a ledger made
+The last four came with card programs: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -65,8 +66,10 @@ MAX_READERS = 512
 MAX_DBS = 16
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
-            "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons")
-ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons"))  # created on open when missing
+            "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
+            "packages")
+# created on open when missing
+ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages"))
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
@@ -83,27 +86,47 @@ DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 EXT_READERS = frozenset((L.OP_TOP_UP,))  # operations whose rules read the card program state
 
 
-def coupons_of(txn, coupons_db, ops: list[PendingOp]) -> tuple[array, list[bytes], bytearray]:
-    """The coupons the purchases among ``ops`` name (ref_id), each read once: (a coupon slot per
-    operation, SLOT_NONE for the others; the slots' keys; their records, zeros for a coupon the
-    card does not have)."""
+def items_of(txn, ledger: "Ledger", ops: list[PendingOp]) -> tuple[array, list, bytearray]:
+    """The records ``ops`` name by ref_id, each read once: a purchase's coupon, a package use's
+    package. (An item slot per operation, SLOT_NONE for the others; the slots' (database, key);
+    their records, zeros for one the card does not have.)"""
     slots = array("I", [L.SLOT_NONE]) * len(ops)
-    keys: list[bytes] = []
-    slot_of: dict[bytes, int] = {}
+    keys: list[tuple] = []
+    slot_of: dict[tuple, int] = {}
     for k, op in enumerate(ops):
-        if op.packed[0] == L.OP_PURCHASE:
+        kind = op.packed[0]
+        if kind == L.OP_PURCHASE or kind == L.OP_PACKAGE_USE:
             serial = _OP_REF.unpack_from(op.packed)[0]
-            if serial:
-                key = L.COUPON_KEY.pack(op.card_id, serial)
-                s = slot_of.get(key)
+            if serial or kind == L.OP_PACKAGE_USE:
+                where = (kind == L.OP_PACKAGE_USE, L.COUPON_KEY.pack(op.card_id, serial))
+                s = slot_of.get(where)
                 if s is None:
-                    s = slot_of[key] = len(keys)
-                    keys.append(key)
+                    s = slot_of[where] = len(keys)
+                    keys.append(where)
                 slots[k] = s
     if not keys:
         return slots, keys, bytearray()
-    stored = dict(txn.cursor(db=coupons_db).getmulti(keys))
-    return slots, keys, bytearray(b"".join([stored.get(k, EMPTY_COUPON) for k in keys]))
+    records = []
+    for is_package, key in keys:
+        db = ledger.packages if is_package else ledger.coupons
+        records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
+    return slots, [(ledger.packages if p else ledger.coupons, key) for p, key in keys], \
+        bytearray(b"".join(records))
+
+
+def sold_package(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
+    """The package record an applied sale entry creates (key, value), under the program the
+    entry was computed with."""
+    seq, = _U64.unpack_from(entry, L.JOURNAL_OFF_SEQ)
+    ts_us, = _I64.unpack_from(entry, L.JOURNAL_OFF_TS)
+    package_id = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[4]
+    definition = program.package(package_id)
+    if definition is None:
+        raise InvariantError("a package sold has no definition in its program")
+    until = min(ts_us + definition.days * L.DAY_US, L.INT64_MAX)
+    return (L.COUPON_KEY.pack(card_id, seq),
+            L.PACKAGE.pack(L.PACKAGE_VERSION, definition.kind, package_id, definition.uses, ts_us,
+                           until, seq, 0, 0, 0, bytes(16)))
 
 
 def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
@@ -348,16 +371,9 @@ class Ledger:
         when it would apply)."""
         def read(txn):
             ext = txn.get(op.card_id, db=self.card_ext) if self.card_ext is not None else None
-            coupon = None
-            if self.coupons is not None:
-                coupon = coupons_of(txn, self.coupons, [op])
-            return txn.get(op.card_id, db=self.cards), ext, coupon
+            return txn.get(op.card_id, db=self.cards), ext, items_of(txn, self, [op])
 
-        rec, ext, coupon = self._read(read)
-        coupon_slots, coupons = (coupon[0], coupon[2]) if coupon else (array("I", [L.SLOT_NONE]),
-                                                                     bytearray())
-        if not coupons and _OP_REF.unpack_from(op.packed)[0]:  # a ledger without coupons yet
-            coupon_slots, coupons = array("I", [0]), bytearray(EMPTY_COUPON)
+        rec, ext, (coupon_slots, _, coupons) = self._read(read)
         records = bytearray(rec or EMPTY_RECORD)
         extras = bytearray(ext or EMPTY_EXT)
         lines, out = bytearray(op.lines), bytearray(L.JOURNAL_SIZE)
@@ -368,17 +384,24 @@ class Ledger:
 
     def read_coupons(self, card_id: bytes) -> list[tuple]:
         """The card's coupons (layout.COUPON fields each, serial order), used or not."""
-        if self.coupons is None:
+        return [L.COUPON.unpack(v) for v in self._read_items(self.coupons, card_id)]
+
+    def read_packages(self, card_id: bytes) -> list[tuple]:
+        """The card's packages (layout.PACKAGE fields each, serial order), used up or not."""
+        return [L.PACKAGE.unpack(v) for v in self._read_items(self.packages, card_id)]
+
+    def _read_items(self, db, card_id: bytes) -> list[bytes]:
+        if db is None:
             return []
 
         def read(txn):
-            cur = txn.cursor(db=self.coupons)
+            cur = txn.cursor(db=db)
             out = []
             if cur.set_range(card_id):
                 for key, value in cur:
                     if key[:L.CARD_ID_SIZE] != card_id:
                         break
-                    out.append(L.COUPON.unpack(value))
+                    out.append(value)
             return out
 
         return self._read(read)
@@ -519,7 +542,7 @@ class _Group:
         self.profile_items: list[tuple[bytes, bytes]] = []
         self.sealed_items: list[tuple[bytes, bytes]] = []
         self.line_items: list[tuple[int, bytes]] = []   # (seq, an applied purchase's lines)
-        self.coupon_items: list[tuple[bytes, bytes]] = []  # coupons issued or used
+        self.item_items: list[tuple] = []  # (database, key, record): coupons and packages
         self.run: list[int] = []                # consecutive card operations for the kernel
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
@@ -637,7 +660,7 @@ class _Group:
         ext_stored = dict(ext_cur.getmulti(list(ext_ids))) if ext_ids else {}
         extras = bytearray(b"".join([ext_stored.get(c, EMPTY_EXT) for c in card_ids]))
         lines = bytearray(b"".join([ops[i].lines for i in run]))
-        coupon_slots, coupon_keys, coupons = coupons_of(txn, ledger.coupons, [ops[i] for i in run])
+        coupon_slots, coupon_keys, coupons = items_of(txn, ledger, [ops[i] for i in run])
         coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
@@ -645,8 +668,8 @@ class _Group:
                                       lines, slots, records, extras, coupon_slots, coupons,
                                       journal_out, dirty, coupon_dirty, self.ts, self.seq)
         if coupon_keys:
-            self.coupon_items.extend(
-                (coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
+            self.item_items.extend(
+                (*coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
                 for s in range(len(coupon_keys)) if coupon_dirty[s])
         rec_view, ext_view = memoryview(records), memoryview(extras)
         cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
@@ -689,7 +712,11 @@ class _Group:
                 counts[tier] -= 1
                 counts[out[k * size + _TIER_AFTER]] += 1
             if reason == L.R_OK and op_type == L.OP_COUPON_ISSUE:
-                self.coupon_items.append(issued_coupon(admin.program, op.card_id, entry))
+                self.item_items.append((ledger.coupons,
+                                        *issued_coupon(admin.program, op.card_id, entry)))
+            if reason == L.R_OK and op_type == L.OP_PACKAGE_SELL:
+                self.item_items.append((ledger.packages,
+                                        *sold_package(admin.program, op.card_id, entry)))
             if reason == L.R_OK and op_type == L.OP_OPEN:
                 admin.tier_cards()[tier] += 1
                 if op.profile is not None:
@@ -702,6 +729,11 @@ class _Group:
             outcomes[i] = Outcome(reason, False, op_type, entry, available, 0, filled)
         if next_seq != self.seq:
             raise InvariantError("kernel sequence does not match the journal entries")
+        # Coupons and packages issued, sold or used: written before anything after the run reads
+        # them, like the cards (few per group).
+        for db, key, value in self.item_items:
+            txn.put(key, value, db=db)
+        self.item_items.clear()
 
     def _write(self, prev_digest: bytes) -> None:
         """Everything the group made, each sub-database written once."""
@@ -727,8 +759,6 @@ class _Group:
                 [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)
             if added != len(self.line_items):
                 raise InvariantError("journal lines append refused: sequence not increasing")
-        if self.coupon_items:
-            txn.cursor(db=ledger.coupons).putmulti(self.coupon_items)
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
         if self.sealed_items:

@@ -38,11 +38,17 @@ them with comments; money in fen):
   ``amount_off_minor`` (amount_off, required) or ``percent_bp`` (percent_off,
   required); ``max_off_minor`` (percent_off and free_item; 0 = no cap);
   ``valid_days`` (1..3660, default 30); ``points_price`` (0 = not for points).
+- ``[[packages]]`` (at most 32): ``id``, ``name``, ``kind`` ("count" |
+  "time"), ``price_minor`` (paid from the card's balance when sold),
+  ``days`` (1..3660, valid that many days from the sale) (required);
+  ``uses`` (1..10000; required for count packages, refused by time packages,
+  which give any number of uses); ``category`` (a declared category or
+  "default"; default: any service).
 
 Problems name their table: "tier 'gold'" (or "tier 2", the second ``[[tiers]]``
 when its name is wrong), "category 'drinks'" (or "category #2"), "promotion 3"
 (the promotion of id 3, or "promotion #2" when its id is wrong), "coupon 3" (or
-"coupon #2", likewise), "redemption".
+"coupon #2", likewise), "package 3" (or "package #2", likewise), "redemption".
 """
 from __future__ import annotations
 
@@ -59,12 +65,15 @@ from cardcore.rules import (
     DEFAULT_PROGRAM,
     MAX_NAME_LEN,
     MAX_TIER_NAME_LEN,
+    PACKAGE_KINDS,
+    PACKAGE_USES_MAX,
     PER_CARD_LIMIT_MAX,
     PROMOTION_KINDS,
     RATE_BP_FULL,
     SPEND_ORDERS,
     Category,
     Coupon,
+    Package,
     Program,
     Promotion,
     Tier,
@@ -148,6 +157,7 @@ _TOP_KEYS = (
     _Key("tiers", "tables"),
     _Key("promotions", "tables"),
     _Key("coupons", "tables"),
+    _Key("packages", "tables"),
 )
 _REDEMPTION_KEYS = (
     _Key("points", "integer", 1, _I64, required=True),
@@ -213,6 +223,16 @@ _OFF_KEYS = {"amount_off": ("amount_off_minor",), "percent_off": ("percent_bp", 
 _COUPON_NEEDS = {"amount_off": ("amount_off_minor", "an amount_off coupon", "amount_off_minor"),
                  "percent_off": ("percent_bp", "a percent_off coupon", "percent_bp"),
                  "free_item": ("category", "a free_item coupon", "one item of its category")}
+_PACKAGE_ID = _Key("id", "integer", 1, 0xFFFF, required=True)
+_PACKAGE_KEYS = (
+    _PACKAGE_ID,
+    _Key("name", "string", 1, MAX_NAME_LEN, required=True),
+    _Key("kind", "string", required=True, choices=tuple(PACKAGE_KINDS)),
+    _Key("price_minor", "integer", 1, _I64, required=True),
+    _Key("days", "integer", 1, COUPON_VALID_DAYS_MAX, required=True),
+    _Key("uses", "integer", 1, PACKAGE_USES_MAX),
+    _Key("category", "string", 1, MAX_NAME_LEN),
+)
 
 
 # --- where keys are written --------------------------------------------------
@@ -655,9 +675,9 @@ def _check_promotions(raw: list[dict], lines: _Lines,
     return tuple(promotions)
 
 
-def _coupon_category(table: _Table, name: str, declared: _Declared | None) -> int | None:
-    """The category code a coupon's ``category`` names; None after its problem (or when the
-    categories cannot say: their problem is reported)."""
+def _named_category(table: _Table, name: str, declared: _Declared | None) -> int | None:
+    """The category code a table's ``category`` names (0: "default"); None after its problem
+    (or when the categories cannot say: their problem is reported)."""
     if name == "default":
         return 0
     if declared is None:
@@ -667,13 +687,19 @@ def _coupon_category(table: _Table, name: str, declared: _Declared | None) -> in
         table.refuse("category", f"no category {name!r} in [[categories]] (declared: {known})")
         return None
     category = declared[name]
-    if category is None:  # written with a problem, reported there
-        return None
-    if not category.discountable:
+    return None if category is None else category.code  # None: its problem is reported there
+
+
+def _coupon_category(table: _Table, name: str, declared: _Declared | None) -> int | None:
+    """The category code a coupon's ``category`` names: a discountable one; None after its
+    problem (or when the categories cannot say: their problem is reported)."""
+    code = _named_category(table, name, declared)
+    category = declared.get(name) if code and declared is not None else None
+    if category is not None and not category.discountable:
         table.refuse("category", f"category {name!r} is not discountable "
                                  "(coupons apply to discountable lines only)")
         return None
-    return category.code
+    return code
 
 
 def _check_coupon(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
@@ -719,6 +745,46 @@ def _check_coupons(raw: list[dict], declared: _Declared | None, lines: _Lines,
     return tuple(coupons)
 
 
+def _check_package(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
+                   problems: list[tuple[int, str]]) -> Package | None:
+    """Check the k-th (0-based) package table; the Package, or None after its problems."""
+    pid = raw.get("id")
+    label = f"package {pid}" if _value_problem(_PACKAGE_ID, pid) is None else f"package #{k + 1}"
+    table = _Table(raw, ("packages", k), label, lines, problems)
+    kind = raw.get("kind") if isinstance(raw.get("kind"), str) else None
+    if kind == "time" and "uses" in raw:  # before its value: this says more
+        table.refuse("uses", "uses is only for count packages "
+                             "(a time package gives any number of uses for its days)")
+    values = table.check(_PACKAGE_KEYS)
+    if kind == "count" and "uses" not in raw:
+        table.missing("uses", " (required for a count package)")
+    category = -1
+    if "category" in values:
+        category = _named_category(table, values["category"], declared)
+    if not table.ok or category is None:
+        return None  # category None: its problem is reported (in the package or its category)
+    return Package(pid, values["name"], PACKAGE_KINDS[kind], values["price_minor"],
+                   values["days"], values.get("uses", 0), category)
+
+
+def _check_packages(raw: list[dict], declared: _Declared | None, lines: _Lines,
+                    problems: list[tuple[int, str]]) -> tuple[Package, ...]:
+    _too_many("packages", raw, layout.MAX_PACKAGES, lines, problems)
+    packages: list[Package] = []
+    first_with_id: dict[int, int] = {}
+    for k, table in enumerate(raw):
+        package = _check_package(k, table, declared, lines, problems)
+        if package is None:
+            continue
+        if package.id in first_with_id:
+            first = first_with_id[package.id] + 1
+            why = f"package #{k + 1}: duplicate package id {package.id} (also package #{first})"
+            problems.append((lines.line(("packages", k), "id"), why))
+        first_with_id.setdefault(package.id, k)
+        packages.append(package)
+    return tuple(packages)
+
+
 def parse_program(text: str) -> Program:
     """Parse and check a card program TOML document.
 
@@ -755,11 +821,12 @@ def parse_program(text: str) -> Program:
         tiers = ()  # not an array of tables: reported
     promotions = _check_promotions(values.get("promotions", []), lines, problems)
     coupons = _check_coupons(values.get("coupons", []), declared, lines, problems)
+    packages = _check_packages(values.get("packages", []), declared, lines, problems)
     if problems:
         raise ProgramError(*min(problems, key=lambda p: p[0]))
     try:
         return Program(tiers=tiers, categories=categories, promotions=promotions,
-                       coupons=coupons, **fields)
+                       coupons=coupons, packages=packages, **fields)
     except ValueError as err:  # the dataclass's own checks: should not happen after ours
         raise ProgramError(0, str(err)) from None
 

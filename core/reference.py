@@ -15,8 +15,8 @@ from cardcore.rules import paid_minor, points_earned, redemption, spend
 
 
 def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: bytearray,
-                extras: bytearray, coupon_slots, coupons: bytearray, journal_out: bytearray,
-                slot_dirty: bytearray, coupon_dirty: bytearray, ts_us: int,
+                extras: bytearray, item_slots, items: bytearray, journal_out: bytearray,
+                slot_dirty: bytearray, item_dirty: bytearray, ts_us: int,
                 first_seq: int) -> int:
     """Apply ``len(ops) // 192`` operations in order; return the next free sequence number.
 
@@ -31,16 +31,16 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
     journal entry with the next sequence; others (and a balance inquiry with the
     right PIN) get an entry with ``reason`` set and ``seq = 0``. ``journal_out``
     receives one 256-byte v2 entry per operation, its digest zero (the ledger
-    chains it). A purchase that names a coupon (ref_id, its serial) has its coupon record
-    at ``coupon_slots[i]`` in ``coupons`` (64 bytes each, layout.COUPON; SLOT_NONE for every
-    other operation); a purchase that uses it marks it used in place and sets
-    ``coupon_dirty[coupon slot]``.
+    chains it). The record an operation names by ref_id (its serial) is at ``item_slots[i]``
+    in ``items`` (64 bytes each; SLOT_NONE for every other operation): a purchase's coupon
+    (layout.COUPON), a package use's package (layout.PACKAGE). An operation that uses it
+    changes it in place and sets ``item_dirty[its slot]``.
     """
     n = len(ops) // L.OP_SIZE
     assert len(ops) == n * L.OP_SIZE and len(journal_out) == n * L.JOURNAL_SIZE
     assert len(records) % L.CARD_SIZE == 0 and len(slot_dirty) == len(records) // L.CARD_SIZE
-    assert len(extras) == len(records) and len(coupons) % L.COUPON_SIZE == 0
-    assert len(coupon_dirty) == len(coupons) // L.COUPON_SIZE and len(coupon_slots) == n
+    assert len(extras) == len(records) and len(items) % L.COUPON_SIZE == 0
+    assert len(item_dirty) == len(items) // L.COUPON_SIZE and len(item_slots) == n
     prog = CompiledProgram(program)
     line_total = sum(L.OP_PROGRAM.unpack_from(ops, i * L.OP_SIZE + L.OP_OFF_PROGRAM)[0] for i in range(n))
     if len(program) != L.PROGRAM_SIZE or len(lines) != line_total * L.LINE_SIZE:
@@ -56,11 +56,12 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         my_lines = range(line_at, line_at + line_count)
         line_at += line_count
         slot = slots[i]
-        cslot = coupon_slots[i]
-        if (op == L.OP_PURCHASE and ref_id != 0) != (cslot != L.SLOT_NONE) or (
-                cslot != L.SLOT_NONE and cslot >= len(coupon_dirty)):
-            raise ValueError("a purchase's coupon and its slot do not match")
-        coupon = None if cslot == L.SLOT_NONE else L.COUPON.unpack_from(coupons, cslot * L.COUPON_SIZE)
+        cslot = item_slots[i]
+        if needs_item(op, ref_id) != (cslot != L.SLOT_NONE) or (
+                cslot != L.SLOT_NONE and cslot >= len(item_dirty)):
+            raise ValueError("an operation's coupon or package and its slot do not match")
+        item = None if cslot == L.SLOT_NONE else L.COUPON.unpack_from(items, cslot * L.COUPON_SIZE)
+        coupon = item if op == L.OP_PURCHASE else None
         roff = slot * L.CARD_SIZE
         card = Card(L.CARD.unpack_from(records, roff))
         card.check()
@@ -150,8 +151,39 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_INSUFFICIENT_POINTS
             else:
                 d_points, taken_points, promotion_id = -redeem, redeem, ref_id
+        elif op == L.OP_PACKAGE_USE:
+            version, kind, package_id, uses_left, valid_from, valid_until, *_ = \
+                L.PACKAGE.unpack_from(items, cslot * L.COUPON_SIZE)
+            if amount != 0:
+                reason = L.R_INVALID_AMOUNT
+            elif version != L.PACKAGE_VERSION:
+                reason = L.R_PACKAGE_NOT_FOUND
+            elif not valid_from <= ts_us < valid_until:
+                reason = L.R_PACKAGE_NOT_VALID_NOW
+            elif kind == L.PACKAGE_COUNT and uses_left == 0:
+                reason = L.R_PACKAGE_USED_UP
+            else:
+                promotion_id = package_id
         elif amount <= 0:
             reason = L.R_INVALID_AMOUNT
+        elif op == L.OP_PACKAGE_SELL:
+            d = prog.package_def(ref_id)
+            if d is None:
+                reason = L.R_PACKAGE_NOT_FOUND
+            elif amount != d[5]:
+                reason = L.R_INVALID_AMOUNT  # at the program's price
+            elif card.tier >= prog.tier_count:
+                reason = L.R_INVALID_TIER
+            elif amount > card.principal + card.bonus - card.held:
+                reason = L.R_INSUFFICIENT_FUNDS
+            elif card.lifetime + amount > L.INT64_MAX:
+                reason = L.R_AMOUNT_OVERFLOW
+            else:  # paid like a purchase at full price: no discount, no points
+                d_principal, d_bonus = spend(amount, card.principal, card.bonus, prog.spend_order)
+                d_principal, d_bonus = -d_principal, -d_bonus
+                card.lifetime += amount
+                card.tier = prog.upgrade(card.tier, prog.up_spend, card.lifetime)
+                promotion_id = ref_id
         elif op == L.OP_TOP_UP:
             promotion_id, bonus, slot_k = prog.best_promotion(ext, amount, ts_us)
             if (card.principal + card.bonus + amount + bonus > L.INT64_MAX
@@ -196,11 +228,18 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 L.CARD_EXT.pack_into(extras, roff, *ext.fields())
                 slot_dirty[slot] |= 2
             if coupon is not None and reason == L.R_OK:
-                L.COUPON.pack_into(coupons, cslot * L.COUPON_SIZE, *coupon[:1], L.COUPON_USED,
+                L.COUPON.pack_into(items, cslot * L.COUPON_SIZE, *coupon[:1], L.COUPON_USED,
                                    *coupon[2:7], entry_seq, coupon_off, coupon[9])
-                coupon_dirty[cslot] = 1
-        if op == L.OP_COUPON_ISSUE:
-            entry_ref = entry_seq  # the coupon's serial: the entry that issued it
+                item_dirty[cslot] = 1
+            if op == L.OP_PACKAGE_USE and reason == L.R_OK:
+                f = list(L.PACKAGE.unpack_from(items, cslot * L.COUPON_SIZE))
+                if f[1] == L.PACKAGE_COUNT:
+                    f[3] -= 1
+                f[7], f[8] = entry_seq, min(f[8] + 1, 0xFFFFFFFF)
+                L.PACKAGE.pack_into(items, cslot * L.COUPON_SIZE, *f)
+                item_dirty[cslot] = 1
+        if op in (L.OP_COUPON_ISSUE, L.OP_PACKAGE_SELL):
+            entry_ref = entry_seq  # the new coupon's or package's serial: this entry's sequence
         L.JOURNAL.pack_into(
             journal_out, i * L.JOURNAL_SIZE, L.JOURNAL_VERSION,
             L.OP_PIN_FAILED if pin_failed else op, tier_before, card.status, reason,
@@ -215,6 +254,11 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         L.JOURNAL_COUPON_OFF.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_COUPON,
                                        coupon_off)
     return seq
+
+
+def needs_item(op: int, ref_id: int) -> bool:
+    """Whether an operation names a coupon or package record the kernel must be given."""
+    return op == L.OP_PACKAGE_USE or (op == L.OP_PURCHASE and ref_id != 0)
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
@@ -284,9 +328,11 @@ class CompiledProgram:
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
         self.promotions = [L.PROMOTION.unpack_from(packed, L.PROGRAM_HEAD.size + k * L.PROMOTION_SIZE)
                            for k in range(self.promotion_count)]
-        count = struct.unpack_from("<I", packed, L.PROGRAM_COUPON_COUNT_OFFSET)[0]
-        if count > L.MAX_COUPONS:
+        count, n_packages = struct.unpack_from("<II", packed, L.PROGRAM_COUPON_COUNT_OFFSET)
+        if count > L.MAX_COUPONS or n_packages > L.MAX_PACKAGES:
             raise ValueError("program out of range")
+        self.packages = [L.PACKAGE_DEF.unpack_from(packed, L.PROGRAM_PACKAGES_OFFSET + 32 * k)
+                         for k in range(n_packages)]
         self.coupons = [L.COUPON_DEF.unpack_from(packed, L.PROGRAM_COUPONS_OFFSET + 48 * k)
                         for k in range(count)]
         cells = L.MAX_TIERS * L.MAX_CATEGORIES
@@ -296,6 +342,10 @@ class CompiledProgram:
                 and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
                 and self.promotion_count <= L.MAX_PROMOTIONS):
             raise ValueError("program out of range")
+
+    def package_def(self, package_id: int) -> tuple | None:
+        """The definition of package ``package_id`` (layout.PACKAGE_DEF fields), or None."""
+        return next((d for d in self.packages if d[0] == package_id), None)
 
     def coupon_def(self, coupon_id: int) -> tuple | None:
         """The definition of coupon ``coupon_id`` (layout.COUPON_DEF fields), or None."""

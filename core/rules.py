@@ -85,6 +85,8 @@ PER_CARD_LIMIT_MAX = 255
 COUPON_KINDS = {"amount_off": L.COUPON_AMOUNT_OFF, "percent_off": L.COUPON_PERCENT_OFF,
                 "free_item": L.COUPON_FREE_ITEM}
 COUPON_VALID_DAYS_MAX = 3660
+PACKAGE_KINDS = {"count": L.PACKAGE_COUNT, "time": L.PACKAGE_TIME}
+PACKAGE_USES_MAX = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,20 @@ class Coupon:
 
 
 @dataclasses.dataclass(frozen=True)
+class Package:
+    """A prepaid package the card program sells (rule 4b): ``uses`` services of a category
+    (a count card: 10 haircuts) or, for a time package, any number of uses for ``days`` (a month
+    pass, a trial week). ``id`` is the chain's, stable across program versions."""
+    id: int
+    name: str
+    kind: int                    # PACKAGE_KINDS
+    price_minor: int             # paid from the card's balance when sold
+    days: int                    # valid this many days from the sale
+    uses: int = 0                # count packages: how many uses; time packages: 0
+    category: int = -1           # the service category it covers (-1: any), for the till
+
+
+@dataclasses.dataclass(frozen=True)
 class Program:
     tiers: tuple[Tier, ...]
     points_unit_minor: int = 100
@@ -153,6 +169,7 @@ class Program:
     redeem_value_minor: int = 0
     redeem_cap_bp: int = RATE_BP_FULL
     coupons: tuple[Coupon, ...] = ()
+    packages: tuple[Package, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -202,12 +219,26 @@ class Program:
                     or not 0 <= c.percent_bp <= RATE_BP_FULL
                     or not 1 <= c.valid_days <= COUPON_VALID_DAYS_MAX):
                 raise ValueError(f"coupon {c.id}: out of range")
+        if len(self.packages) > L.MAX_PACKAGES or len({p.id for p in self.packages}) != len(
+                self.packages):
+            raise ValueError(f"at most {L.MAX_PACKAGES} packages, with distinct ids")
+        for p in self.packages:
+            if (not 1 <= p.id <= 0xFFFF or p.kind not in PACKAGE_KINDS.values()
+                    or not 0 < p.price_minor <= L.INT64_MAX
+                    or not 1 <= p.days <= COUPON_VALID_DAYS_MAX
+                    or not (1 <= p.uses <= PACKAGE_USES_MAX if p.kind == L.PACKAGE_COUNT
+                            else p.uses == 0)
+                    or not (p.category == -1 or p.category == 0 or p.category in codes)):
+                raise ValueError(f"package {p.id}: out of range")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0
                 or (self.redeem_points > 0) != (self.redeem_value_minor > 0)
                 or not 0 <= self.redeem_cap_bp <= RATE_BP_FULL):
             raise ValueError("redemption out of range")
+
+    def package(self, package_id: int) -> Package | None:
+        return next((p for p in self.packages if p.id == package_id), None)
 
     def coupon(self, coupon_id: int) -> Coupon | None:
         return next((c for c in self.coupons if c.id == coupon_id), None)
@@ -254,8 +285,11 @@ class Program:
                                              c.amount_off_minor, c.percent_bp, c.max_off_minor,
                                              c.points_price) for c in self.coupons)
         coupons += bytes((L.MAX_COUPONS - len(self.coupons)) * L.COUPON_DEF.size)
+        packages = b"".join(L.PACKAGE_DEF.pack(p.id, p.kind, p.category, p.uses, p.days,
+                                               p.price_minor) for p in self.packages)
+        packages += bytes((L.MAX_PACKAGES - len(self.packages)) * L.PACKAGE_DEF.size)
         out = (head + promos + rates.tobytes() + per_unit.tobytes() + coupons
-               + struct.pack("<II", len(self.coupons), 0))
+               + struct.pack("<II", len(self.coupons), len(self.packages)) + packages)
         assert len(out) == L.PROGRAM_SIZE
         return out
 

@@ -34,7 +34,7 @@ from cardcore import layout as L
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, request_tag, unpack_request_keys
-from cardcore.ledger import issued_coupon
+from cardcore.ledger import issued_coupon, sold_package
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, purchase
 from cardcore.rules import spend
@@ -54,12 +54,14 @@ def verify(ledger, problems_max: int = 50) -> dict:
         journal = _journal(txn, ledger, programs, problem)
         cards = _cards(txn, ledger, journal["sums"], problem)
         _states(txn, ledger, journal["states"], problem)
-        stored = dict(txn.cursor(db=ledger.coupons)) if ledger.coupons is not None else {}
-        rebuilt = {k: L.COUPON.pack(*v) for k, v in journal["coupons"].items()}
-        for k in set(stored) | set(rebuilt):
-            if stored.get(k) != rebuilt.get(k):
-                problem(f"coupon ...{k[:4].hex()}/{L.COUPON_KEY.unpack(k)[1]}: not what the "
-                        "journal's issue and use of it make")
+        for name, layout in (("coupons", L.COUPON), ("packages", L.PACKAGE)):
+            db = getattr(ledger, name)
+            stored = dict(txn.cursor(db=db)) if db is not None else {}
+            rebuilt = {k: layout.pack(*v) for k, v in journal[name].items()}
+            for k in set(stored) | set(rebuilt):
+                if stored.get(k) != rebuilt.get(k):
+                    problem(f"{name[:-1]} ...{k[:4].hex()}/{L.COUPON_KEY.unpack(k)[1]}: not what "
+                            "the journal's entries for it make")
         requests = _requests(txn, ledger, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
@@ -113,6 +115,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     program_now = 0   # the version the next entry must name (0 until a program is loaded)
     compiled: dict[int, CompiledProgram] = {}
     coupons: dict[bytes, tuple] = {}  # coupon key -> the record the journal rebuilds
+    packages: dict[bytes, tuple] = {}  # likewise for packages
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     for key, entry in txn.cursor(db=ledger.journal):
         f = L.JOURNAL.unpack(entry)
@@ -162,7 +165,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
         elif program_version and tier != s[6]:
             problem(f"journal entry {seq}: computed at tier {tier}, but the card was at {s[6]}")
-        if op in (L.OP_TOP_UP, L.OP_PURCHASE, L.OP_COUPON_ISSUE):
+        if op in (L.OP_TOP_UP, L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_PACKAGE_SELL,
+                  L.OP_PACKAGE_USE):
             program = programs.get(program_version, (None,))[0]
             prog = None
             if program is not None:
@@ -175,6 +179,20 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 if state is None:
                     state = states[cid] = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
                 why = _top_up_problem(prog, state, f, tier_after, promotion_id)
+            elif op == L.OP_PACKAGE_SELL:
+                why = _sale_problem(program, prog, s, f, promotion_id, tier_after)
+                if why is None and program is not None:
+                    k, value = sold_package(program, cid, entry)
+                    packages[k] = L.PACKAGE.unpack(value)
+                    s[4] += f[9]  # lifetime paid
+            elif op == L.OP_PACKAGE_USE:
+                k = L.COUPON_KEY.pack(cid, f[29])
+                why = _use_problem(packages.get(k), f, promotion_id)
+                if why is None:
+                    p = list(packages[k])
+                    p[3] -= p[1] == L.PACKAGE_COUNT
+                    p[7], p[8] = seq, min(p[8] + 1, 0xFFFFFFFF)
+                    packages[k] = tuple(p)
             elif op == L.OP_COUPON_ISSUE:
                 why = _issue_problem(program, prog, f, taken, promotion_id)
                 if why is None and program is not None:
@@ -218,7 +236,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1,
-            "head_digest": last_digest, "states": states, "coupons": coupons}
+            "head_digest": last_digest, "states": states, "coupons": coupons,
+            "packages": packages}
 
 
 def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, tier_after: int,
@@ -239,6 +258,38 @@ def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, ti
     expect = prog.upgrade(f[2], prog.up_top_up, amount)
     if tier_after != expect:
         return f"tier {tier_after} after it, but the program gives {expect}"
+    return None
+
+
+def _sale_problem(program, prog: CompiledProgram | None, s: list, f: tuple, package_id: int,
+                  tier_after: int) -> str | None:
+    """Why a package sale entry is not what its program makes of it (None: it is): paid at the
+    program's price from the buckets in its spend order, no discount, no points."""
+    amount, discount, dp, db_, dpts = f[9:14]
+    if prog is None or discount or dpts or dp > 0 or db_ > 0 or -(dp + db_) != amount:
+        return "a package sale that does not take its price"
+    definition = program.package(package_id)
+    if definition is None or definition.price_minor != amount:
+        return f"package {package_id} sold for {amount}, not at its program's price"
+    if spend(amount, s[0], s[1], prog.spend_order) != (-dp, -db_):
+        return "its split between principal and bonus is not its program's spend order"
+    expect = prog.upgrade(f[2], prog.up_spend, s[4] + amount)
+    if tier_after != expect:
+        return f"tier {tier_after} after it, but the program gives {expect}"
+    return None
+
+
+def _use_problem(package: tuple | None, f: tuple, package_id: int) -> str | None:
+    """Why a package use entry is not one its package allowed then (None: it is)."""
+    if any(f[9:14]):
+        return "a package use that moves value"
+    if package is None:
+        return "a use of a package the journal never sold"
+    _, kind, pid, uses_left, valid_from, valid_until, *_ = package
+    ts_us = f[17]
+    if pid != package_id or not valid_from <= ts_us < valid_until or (
+            kind == L.PACKAGE_COUNT and uses_left == 0):
+        return f"a use of package {pid} it did not allow (expired, used up, or another package)"
     return None
 
 

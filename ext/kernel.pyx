@@ -11,7 +11,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
 from records cimport (cc_card_ext_t, cc_card_t, cc_coupon_def_t, cc_coupon_t, cc_i128,
-                     cc_journal_t, cc_line_t, cc_op_t, cc_program_t, cc_promotion_t)
+                     cc_journal_t, cc_line_t, cc_op_t, cc_package_def_t, cc_package_t,
+                     cc_program_t, cc_promotion_t)
 
 cdef extern from "<stdint.h>":
     const int64_t INT64_MAX
@@ -20,7 +21,7 @@ cdef enum:
     CARD_SIZE = 128
     JOURNAL_SIZE = 256
     OP_SIZE = 192
-    PROGRAM_SIZE = 13176
+    PROGRAM_SIZE = 14200
     LINE_SIZE = 64
     EXT_SIZE = 128
     PIN_CHECK_SIZE = 32
@@ -42,7 +43,9 @@ cdef enum:
     OP_PIN_FAILED = 6
     OP_BALANCE_INQUIRY = 7
     OP_COUPON_ISSUE = 8
-    OP_KERNEL_MAX = 8
+    OP_PACKAGE_SELL = 9
+    OP_PACKAGE_USE = 10
+    OP_KERNEL_MAX = 10
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -66,6 +69,11 @@ cdef enum:
     R_COUPON_NOT_VALID_NOW = 69
     R_COUPON_NOT_APPLICABLE = 70
     R_COUPON_NOT_FOR_SALE = 71
+    R_PACKAGE_NOT_FOUND = 72
+    R_PACKAGE_NOT_VALID_NOW = 73
+    R_PACKAGE_USED_UP = 74
+    PACKAGE_COUNT = 1
+    MAX_PACKAGES = 32
     CATEGORY_DEFINED = 1
     CATEGORY_DISCOUNTABLE = 2
     COUPON_SIZE = 64
@@ -228,6 +236,20 @@ cdef inline const cc_coupon_def_t* coupon_def(const cc_program_t* prog, uint32_t
     return NULL
 
 
+cdef inline const cc_package_def_t* package_def(const cc_program_t* prog,
+                                                uint64_t package_id) noexcept nogil:
+    cdef uint32_t j
+    for j in range(prog.package_count):
+        if prog.packages[j].id == package_id:
+            return &prog.packages[j]
+    return NULL
+
+
+cdef inline int needs_item(const cc_op_t* op) noexcept nogil:
+    """Whether an operation names a coupon or package record the caller must pass."""
+    return op.op == OP_PACKAGE_USE or (op.op == OP_PURCHASE and op.ref_id != 0)
+
+
 cdef inline int eligible(const cc_program_t* prog, const cc_coupon_def_t* d,
                          uint16_t code) noexcept nogil:
     """A line of category ``code`` is one coupon ``d`` takes off."""
@@ -387,7 +409,7 @@ cdef inline void spend(int64_t due, const cc_card_t* rec, uint8_t order, int64_t
 cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_card_t* rec,
                               cc_card_ext_t* ext, cc_line_t* lines, cc_coupon_t* coupon,
                               cc_journal_t* out, int64_t ts_us, uint64_t seq, uint8_t* dirty,
-                              uint8_t* coupon_dirty) noexcept nogil:
+                              uint8_t* item_dirty) noexcept nogil:
     """Apply one operation to its record; fill its journal entry; return the reason.
 
     The entry's seq is non-zero when the record changed: the operation was
@@ -404,6 +426,9 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef uint16_t promotion_id = 0  # the entry's item_id: a promotion or a coupon definition
     cdef uint64_t entry_ref = op.ref_id
     cdef const cc_coupon_def_t* d
+    cdef const cc_package_def_t* pd
+    cdef cc_package_t* pkg = <cc_package_t*>coupon  # a package use's record, in the same slot
+    cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE else NULL
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = 0
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
             or op.line_count > LINES_MAX
@@ -462,8 +487,39 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 d_points = -op.redeem_points
                 fig[2] = op.redeem_points
                 promotion_id = d.id
+        elif op.op == OP_PACKAGE_USE:
+            if amount != 0:
+                reason = R_INVALID_AMOUNT
+            elif pkg.version != 1:
+                reason = R_PACKAGE_NOT_FOUND
+            elif ts_us < pkg.valid_from_us or ts_us >= pkg.valid_until_us:
+                reason = R_PACKAGE_NOT_VALID_NOW
+            elif pkg.kind == PACKAGE_COUNT and pkg.uses_left == 0:
+                reason = R_PACKAGE_USED_UP
+            else:
+                promotion_id = pkg.package_id
         elif amount <= 0:
             reason = R_INVALID_AMOUNT
+        elif op.op == OP_PACKAGE_SELL:
+            pd = package_def(prog, op.ref_id)
+            if pd == NULL:
+                reason = R_PACKAGE_NOT_FOUND
+            elif amount != pd.price_minor:
+                reason = R_INVALID_AMOUNT  # at the program's price
+            elif rec.tier >= prog.tier_count:
+                reason = R_INVALID_TIER
+            elif amount > rec.principal_minor + rec.bonus_minor - rec.held_minor:
+                reason = R_INSUFFICIENT_FUNDS
+            elif amount > INT64_MAX - rec.lifetime_paid_minor:
+                reason = R_AMOUNT_OVERFLOW
+            else:  # paid like a purchase at full price: no discount, no points
+                spend(amount, rec, prog.spend_order, &from_principal, &from_bonus)
+                d_principal = -from_principal
+                d_bonus = -from_bonus
+                rec.lifetime_paid_minor += amount
+                rec.tier = <uint8_t>upgrade(prog, rec.tier, prog.upgrade_spend_minor,
+                                            rec.lifetime_paid_minor)
+                promotion_id = pd.id
         elif op.op == OP_TOP_UP:
             promo = best_promotion(prog, ext, amount, ts_us, &bonus, &slot_k)
             if (<cc_i128>rec.principal_minor + rec.bonus_minor + amount + bonus > INT64_MAX
@@ -488,9 +544,9 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif rec.tier >= prog.tier_count:
             reason = R_INVALID_TIER
         else:
-            reason = purchase(prog, op, rec, lines, coupon, ts_us, fig)
+            reason = purchase(prog, op, rec, lines, used_coupon, ts_us, fig)
             if reason == R_OK:
-                if coupon != NULL:
+                if used_coupon != NULL:
                     promotion_id = coupon.coupon_id
                 discount = amount - fig[0]
                 due = fig[0] - fig[3]
@@ -517,13 +573,20 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         dirty[0] |= DIRTY_CARD
         if ext_changed and reason == R_OK:
             dirty[0] |= DIRTY_EXT
-        if coupon != NULL and reason == R_OK:
+        if used_coupon != NULL and reason == R_OK:
             coupon.state = COUPON_USED
             coupon.used_seq = seq
             coupon.off_minor = fig[4]
-            coupon_dirty[0] = 1
-    if op.op == OP_COUPON_ISSUE:
-        entry_ref = seq if changed else 0  # the coupon's serial: the entry that issued it
+            item_dirty[0] = 1
+        if op.op == OP_PACKAGE_USE and reason == R_OK:
+            if pkg.kind == PACKAGE_COUNT:
+                pkg.uses_left -= 1
+            pkg.last_used_seq = seq
+            if pkg.uses != <uint32_t>0xFFFFFFFF:
+                pkg.uses += 1
+            item_dirty[0] = 1
+    if op.op == OP_COUPON_ISSUE or op.op == OP_PACKAGE_SELL:
+        entry_ref = seq if changed else 0  # the new coupon's or package's serial
     memset(out, 0, JOURNAL_SIZE)
     out.version = 2
     out.op = entry_op
@@ -571,8 +634,8 @@ cdef inline int ext_ok(const cc_card_ext_t* ext) noexcept nogil:
 
 def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1] lines,
                 const uint32_t[::1] slots, uint8_t[::1] records, uint8_t[::1] extras,
-                const uint32_t[::1] coupon_slots, uint8_t[::1] coupons,
-                uint8_t[::1] journal_out, uint8_t[::1] slot_dirty, uint8_t[::1] coupon_dirty,
+                const uint32_t[::1] item_slots, uint8_t[::1] items,
+                uint8_t[::1] journal_out, uint8_t[::1] slot_dirty, uint8_t[::1] item_dirty,
                 int64_t ts_us, uint64_t first_seq):
     """Apply len(ops) // 192 operations in order; return the next free sequence number.
 
@@ -595,9 +658,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
     if (records.shape[0] != nslots * CARD_SIZE or slot_dirty.shape[0] != nslots
             or extras.shape[0] != nslots * EXT_SIZE):
         raise ValueError("records, program states or dirty buffer has the wrong size")
-    cdef Py_ssize_t ncoupons = coupons.shape[0] // COUPON_SIZE
-    if (coupons.shape[0] != ncoupons * COUPON_SIZE or coupon_dirty.shape[0] != ncoupons
-            or coupon_slots.shape[0] != n):
+    cdef Py_ssize_t ncoupons = items.shape[0] // COUPON_SIZE
+    if (items.shape[0] != ncoupons * COUPON_SIZE or item_dirty.shape[0] != ncoupons
+            or item_slots.shape[0] != n):
         raise ValueError("coupons, their slots or dirty buffer has the wrong size")
     cdef const cc_program_t* prog = <const cc_program_t*>&program[0]
     if (prog.tier_count < 1 or prog.tier_count > MAX_TIERS or prog.points_unit_minor <= 0
@@ -605,7 +668,7 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.promotion_count > MAX_PROMOTIONS or prog.redeem_points < 0
             or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
             or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
-            or prog.coupon_count > MAX_COUPONS):
+            or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES):
         raise ValueError("program out of range")
     for t in range(prog.tier_count):
         for c in range(MAX_CATEGORIES):
@@ -617,9 +680,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
     for i in range(n):
         o = <const cc_op_t*>&ops[i * OP_SIZE]
         line_total += o.line_count
-        if ((o.op == OP_PURCHASE and o.ref_id != 0) != (coupon_slots[i] != SLOT_NONE)
-                or (coupon_slots[i] != SLOT_NONE and coupon_slots[i] >= ncoupons)):
-            raise ValueError("a purchase's coupon and its slot do not match")
+        if (needs_item(o) != (item_slots[i] != SLOT_NONE)
+                or (item_slots[i] != SLOT_NONE and item_slots[i] >= ncoupons)):
+            raise ValueError("an operation's coupon or package and its slot do not match")
     if lines.shape[0] != line_total * LINE_SIZE:
         raise ValueError("lines buffer does not match the operations' line counts")
     if n == 0:
@@ -628,7 +691,7 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
     cdef cc_card_t* rec_base = <cc_card_t*>&records[0] if nslots else NULL
     cdef cc_card_ext_t* ext_base = <cc_card_ext_t*>&extras[0] if nslots else NULL
     cdef cc_line_t* line_base = <cc_line_t*>&lines[0] if line_total else NULL
-    cdef cc_coupon_t* coupon_base = <cc_coupon_t*>&coupons[0] if ncoupons else NULL
+    cdef cc_coupon_t* coupon_base = <cc_coupon_t*>&items[0] if ncoupons else NULL
     cdef uint8_t no_dirty = 0
     cdef uint32_t cslot
     cdef cc_journal_t* out_base = <cc_journal_t*>&journal_out[0]
@@ -647,10 +710,10 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             if not record_ok(rec) or not ext_ok(ext_base + slot):
                 bad = 2
                 break
-            cslot = coupon_slots[i]
+            cslot = item_slots[i]
             apply_one(prog, op, rec, ext_base + slot, line_base + line_at if op.line_count else NULL,
                       coupon_base + cslot if cslot != SLOT_NONE else NULL, out_base + i, ts_us,
-                      seq, &slot_dirty[slot], &coupon_dirty[cslot] if cslot != SLOT_NONE else &no_dirty)
+                      seq, &slot_dirty[slot], &item_dirty[cslot] if cslot != SLOT_NONE else &no_dirty)
             line_at += op.line_count
             if out_base[i].seq != 0:
                 seq += 1

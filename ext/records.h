@@ -102,6 +102,25 @@ typedef struct {
 } cc_coupon_t;
 
 typedef struct {
+    uint16_t id;
+    uint8_t kind, reserved0;
+    int32_t category;
+    uint32_t uses, days;
+    int64_t price_minor;
+    uint8_t reserved1[8];
+} cc_package_def_t;
+
+typedef struct {
+    uint8_t version, kind;
+    uint16_t package_id;
+    uint32_t uses_left;
+    int64_t valid_from_us, valid_until_us;
+    uint64_t sold_seq, last_used_seq;
+    uint32_t uses, reserved0;
+    uint8_t reserved1[16];
+} cc_package_t;
+
+typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, redeem_points, redeem_value_minor;
     uint32_t redeem_cap_bp, program_version;
@@ -112,13 +131,16 @@ typedef struct {
     uint16_t rate_bp[16][64];
     int64_t points_per_unit[16][64];
     cc_coupon_def_t coupons[32];
-    uint32_t coupon_count, reserved1;
+    uint32_t coupon_count, package_count;
+    cc_package_def_t packages[32];
 } cc_program_t;
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
 _Static_assert(sizeof(cc_journal_t) == 256, "journal entry is 256 bytes");
 _Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
-_Static_assert(sizeof(cc_program_t) == 13176, "program is 13,176 bytes");
+_Static_assert(sizeof(cc_program_t) == 14200, "program is 14,200 bytes");
+_Static_assert(sizeof(cc_package_def_t) == 32, "package definition is 32 bytes");
+_Static_assert(sizeof(cc_package_t) == 64, "package is 64 bytes");
 _Static_assert(sizeof(cc_coupon_def_t) == 48, "coupon definition is 48 bytes");
 _Static_assert(sizeof(cc_coupon_t) == 64, "coupon is 64 bytes");
 _Static_assert(sizeof(cc_line_t) == 64, "purchase line is 64 bytes");

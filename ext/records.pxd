@@ -93,6 +93,23 @@ cdef extern from "records.h":
         int64_t off_minor
         uint8_t reserved1[16]
 
+    ctypedef struct cc_package_def_t:
+        uint16_t id
+        uint8_t kind, reserved0
+        int32_t category
+        uint32_t uses, days
+        int64_t price_minor
+        uint8_t reserved1[8]
+
+    ctypedef struct cc_package_t:
+        uint8_t version, kind
+        uint16_t package_id
+        uint32_t uses_left
+        int64_t valid_from_us, valid_until_us
+        uint64_t sold_seq, last_used_seq
+        uint32_t uses, reserved0
+        uint8_t reserved1[16]
+
     ctypedef struct cc_program_t:
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, redeem_points, redeem_value_minor
@@ -106,4 +123,5 @@ cdef extern from "records.h":
         uint16_t rate_bp[16][64]
         int64_t points_per_unit[16][64]
         cc_coupon_def_t coupons[32]
-        uint32_t coupon_count, reserved1
+        uint32_t coupon_count, package_count
+        cc_package_def_t packages[32]

@@ -85,6 +85,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                      "coupon"),
     R.REASON_COUPON_NOT_FOR_SALE: (C.FAILED_PRECONDITION, "the coupon cannot be bought with "
                                    "points"),
+    R.REASON_PACKAGE_NOT_FOUND: (C.NOT_FOUND, "no such package"),
+    R.REASON_PACKAGE_NOT_VALID_NOW: (C.FAILED_PRECONDITION, "the package is not valid now"),
+    R.REASON_PACKAGE_USED_UP: (C.FAILED_PRECONDITION, "the package has no uses left"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -126,7 +126,9 @@ class Operations:
                          "purchase": (L.OP_PURCHASE, self.purchase_op),
                          "set_pin": (L.OP_SET_PIN, self.set_pin_op),
                          "reset_pin": (L.OP_RESET_PIN, self.reset_pin_op),
-                         "issue_coupon": (L.OP_COUPON_ISSUE, self.issue_coupon_op)}
+                         "issue_coupon": (L.OP_COUPON_ISSUE, self.issue_coupon_op),
+                         "sell_package": (L.OP_PACKAGE_SELL, self.sell_package_op),
+                         "use_entitlement": (L.OP_PACKAGE_USE, self.use_entitlement_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -277,6 +279,26 @@ class Operations:
         op = self._op(req, rid, at_us, L.OP_COUPON_ISSUE, card, caller, 0, 0, ref_id=req.coupon_id,
                       role=ROLE.OPERATOR_ROLE_STORE_MANAGER)
         return op
+
+    def sell_package_op(self, req: pb.SellPackageRequest, caller: Caller) -> PendingOp:
+        """Paid from the balance like a purchase (the PIN), at the current program's price (the
+        writer checks the price against the program it applies)."""
+        definition = self.ledger.program.package(req.package_id)
+
+        def priced(_req) -> tuple[int, dict]:
+            if definition is None:
+                raise Invalid(R.REASON_PACKAGE_NOT_FOUND, "package_id")
+            return definition.price_minor, {"ref_id": req.package_id}
+
+        return self._money_op(req, caller, L.OP_PACKAGE_SELL, L.PIN_REQUIRED | self.dev_pin, priced)
+
+    def use_entitlement_op(self, req: pb.UseEntitlementRequest, caller: Caller) -> PendingOp:
+        def which(_req) -> tuple[int, dict]:
+            if not req.package_serial:
+                raise Invalid(R.REASON_PACKAGE_NOT_FOUND, "package_serial")
+            return 0, {"ref_id": req.package_serial}
+
+        return self._money_op(req, caller, L.OP_PACKAGE_USE, L.PIN_REQUIRED | self.dev_pin, which)
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

@@ -36,7 +36,8 @@ R = cpb.Reason
 BUSY_WAIT_S = 5.0  # at most this long for room in a terminal's budget (within the deadline)
 UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN,
-                  "IssueCoupon": L.OP_COUPON_ISSUE}
+                  "IssueCoupon": L.OP_COUPON_ISSUE, "SellPackage": L.OP_PACKAGE_SELL,
+                  "UseEntitlement": L.OP_PACKAGE_USE}
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
 
@@ -136,6 +137,9 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         if promotion_id:
             if op == L.OP_TOP_UP:
                 result.promotion_id = promotion_id
+            elif op == L.OP_PACKAGE_SELL or op == L.OP_PACKAGE_USE:
+                result.package_id = promotion_id
+                result.package_serial = L.JOURNAL_TAIL.unpack_from(entry)[4]
             else:  # a coupon issued, or used by a purchase
                 result.coupon_id = promotion_id
                 result.coupon_serial = L.JOURNAL_TAIL.unpack_from(entry)[4]
@@ -211,6 +215,26 @@ def add_card_coupons(out, coupons: list[tuple], program, now_us: int) -> None:
                 used_seq=used_seq, off_minor=off)
 
 
+def add_card_packages(out, packages: list[tuple], program, now_us: int,
+                      category: int | None = None) -> int:
+    """A card's packages (layout.PACKAGE fields each) into the repeated CardPackage ``out``;
+    the serial of the usable one that expires first (0: none), for ``category`` when given."""
+    best, best_until = 0, 0
+    for (_, kind, package_id, uses_left, valid_from, valid_until, serial, _, uses, *_rest) \
+            in packages:
+        definition = program.package(package_id)
+        covers = (category is None or definition is None or definition.category < 0
+                  or definition.category == category)
+        usable = (valid_from <= now_us < valid_until and covers
+                  and (kind != L.PACKAGE_COUNT or uses_left > 0))
+        out.add(serial=serial, package_id=package_id, name=definition.name if definition else "",
+                kind=kind, uses_left=uses_left, uses=uses, valid_from_us=valid_from,
+                valid_until_us=valid_until, usable=usable)
+        if usable and (not best or valid_until < best_until):
+            best, best_until = serial, valid_until
+    return best
+
+
 def _failed_result(request_id: str, op_type: int, exc: Invalid) -> pb.OperationResult:
     return pb.OperationResult(request_id=request_id, reason=exc.reason,
                               status_code=CODE_NUMBER[exc.reason], type=op_type,
@@ -234,7 +258,8 @@ class CardService(pb_grpc.CardServiceServicer):
         self.metrics = writer.metrics
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
-            "SetPin", "ResetPin", "Quote", "IssueCoupon")}
+            "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
+            "CheckEntitlement")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -342,6 +367,39 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def IssueCoupon(self, request, context):
         return await self._unary("IssueCoupon", self.operations.issue_coupon_op, request, context)
+
+    async def SellPackage(self, request, context):
+        return await self._unary("SellPackage", self.operations.sell_package_op, request, context)
+
+    async def UseEntitlement(self, request, context):
+        return await self._unary("UseEntitlement", self.operations.use_entitlement_op, request,
+                                 context)
+
+    async def CheckEntitlement(self, request, context):
+        started = time.perf_counter()
+        card = await self._parse(self._entitlement_card, request, context)
+        reason = L.R_INTERNAL
+        try:
+            found = self.ledger.read_card(card.card_id)
+            reason = L.R_OK if found else L.R_CARD_NOT_FOUND
+            packages = self.ledger.read_packages(card.card_id) if found else []
+        finally:
+            if card.ksn_counter:  # a terminal's check is answered here, like its GetCard
+                self.access.answered(card.terminal_id, reason, inquiry=True)
+        self._call_seconds["CheckEntitlement"].observe(time.perf_counter() - started)
+        if reason != L.R_OK:
+            log_refusal("", reason)
+            await abort(context, failure(reason))
+        answer = pb.CheckEntitlementResponse()
+        category = request.category_code if request.has_category else None
+        best = add_card_packages(answer.packages, packages, self.ledger.program,
+                                 time.time_ns() // 1000, category)
+        answer.entitled, answer.serial = best != 0, best
+        return answer
+
+    def _entitlement_card(self, request: pb.CheckEntitlementRequest, caller: Caller):
+        return self.operations.swipes.card(
+            request.card, request.till if request.HasField("till") else None, caller)
 
     # ---- inquiries --------------------------------------------------------------
 
@@ -466,8 +524,9 @@ class CardService(pb_grpc.CardServiceServicer):
             card.pin_set = bool(flags & L.CARD_PIN_SET)
             card.pin_locked = bool(flags & L.CARD_PIN_LOCKED)
             card.pin_tries = pin_tries
-            add_card_coupons(card.coupons, self.ledger.read_coupons(card_id), program,
-                             time.time_ns() // 1000)
+            now_us = time.time_ns() // 1000
+            add_card_coupons(card.coupons, self.ledger.read_coupons(card_id), program, now_us)
+            add_card_packages(card.packages, self.ledger.read_packages(card_id), program, now_us)
         if view == pb.CARD_VIEW_FULL:
             card.profile.name = profile.get("name", "")
             card.profile.phone = profile.get("phone", "")

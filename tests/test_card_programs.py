@@ -532,4 +532,98 @@ def test_verify_rebuilds_every_coupon_and_finds_one_changed(market):
         raw[1] = L.COUPON_ISSUED
         txn.put(k, bytes(raw), db=market.ledger.coupons)
     problems = verify(market.ledger)["problems"]
-    assert any("not what the journal's issue and use of it make" in p for p in problems), problems
+    assert any("not what the journal's entries for it make" in p for p in problems), problems
+
+
+def sell(till: Till, number: str, package_id: int, price: int):
+    return till.apply(op(till.rid(), L.OP_PACKAGE_SELL, number, price, at=till.at + 1,
+                         ref_id=package_id))[0]
+
+
+def use_op(till: Till, number: str, serial: int, staff: int = 31):
+    return PendingOp.build(key(till.rid()), L.OP_PACKAGE_USE, cid(number), 0, store_id=3,
+                           staff_id=staff, ref_id=serial,
+                           pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET,
+                           client_time_us=till.at + 1)
+
+
+@pytest.fixture
+def salon(tmp_path):
+    till = Till(str(tmp_path / "salon"), example("salon"))
+    yield till
+    till.ledger.close()
+
+
+def test_ten_haircuts_are_used_one_at_a_time_and_the_eleventh_is_refused(salon):
+    """Salon package 1, "10 haircuts", 800.00 from the balance (proportional spend, no discount,
+    no points). A member topped up 1000.00 (+200.00 bonus, silver at once): 800.00 is paid
+    666.67 from principal and 133.33 from bonus (800 x 200/1200 = 133.33). Ten uses count down
+    10 -> 0, each journaled with the stylist's staff id; the eleventh is
+    REASON_PACKAGE_USED_UP and changes nothing."""
+    number = "6225880000000201"
+    salon.open(number)
+    salon.top_up(number, 100000)
+    sold = sell(salon, number, 1, 80000)
+    f = figures(sold)
+    assert (f["reason"], f["principal"], f["bonus"], f["points"], f["discount"]) == (
+        L.R_OK, -66667, -13333, 0, 0)
+    serial = L.JOURNAL.unpack(sold.entry)[7]
+    for k in range(10):
+        used = salon.apply(use_op(salon, number, serial, staff=30 + k))[0]
+        entry = L.JOURNAL.unpack(used.entry)
+        assert (used.reason, entry[20], entry[29]) == (L.R_OK, 30 + k, serial)  # staff, serial
+        assert salon.ledger.read_packages(cid(number))[0][3] == 9 - k  # uses left
+    assert salon.apply(use_op(salon, number, serial))[0].reason == L.R_PACKAGE_USED_UP
+    assert salon.ledger.read_packages(cid(number))[0][8] == 10  # uses
+    report = verify(salon.ledger)
+    assert report["ok"], report["problems"]
+
+
+def test_the_last_use_of_a_package_goes_to_exactly_one_of_two_in_a_group(salon):
+    number = "6225880000000202"
+    salon.open(number)
+    salon.top_up(number, 100000)
+    serial = L.JOURNAL.unpack(sell(salon, number, 1, 80000).entry)[7]
+    for _ in range(9):
+        salon.apply(use_op(salon, number, serial))
+    first, second = salon.apply(use_op(salon, number, serial), use_op(salon, number, serial))
+    assert (first.reason, second.reason) == (L.R_OK, L.R_PACKAGE_USED_UP)
+
+
+def test_a_package_is_sold_at_the_program_price_and_belongs_to_its_card(salon):
+    """Another price, an unknown package, too little money: refused, nothing changes. Another
+    card cannot use the package: the serial is looked up under the card's own id."""
+    number, other = "6225880000000203", "6225880000000204"
+    salon.open(number)
+    salon.open(other)
+    salon.top_up(number, 50000)
+    salon.top_up(other, 50000)
+    before = salon.card(number)
+    assert figures(sell(salon, number, 1, 79999))["reason"] == L.R_INVALID_AMOUNT
+    assert figures(sell(salon, number, 9, 80000))["reason"] == L.R_PACKAGE_NOT_FOUND
+    assert figures(sell(salon, number, 1, 80000))["reason"] == L.R_INSUFFICIENT_FUNDS
+    assert salon.card(number) == before
+    serial = L.JOURNAL.unpack(sell(salon, number, 2, 30000).entry)[7]  # a month of blow-dries
+    assert salon.apply(use_op(salon, other, serial))[0].reason == L.R_PACKAGE_NOT_FOUND
+    for _ in range(3):  # a time package: any number of uses while valid
+        assert salon.apply(use_op(salon, number, serial))[0].reason == L.R_OK
+
+
+def test_a_time_pass_is_valid_to_the_end_of_its_last_day(tmp_path):
+    """The salon's month of blow-dries cut to 1 day: a visit at sale + 24 h - 1 µs is let in, one
+    at sale + 24 h is REASON_PACKAGE_NOT_VALID_NOW."""
+    text = example("salon").replace("days = 30", "days = 1", 1)
+    till = Till(str(tmp_path / "pass"), text)
+    number = "6225880000000205"
+    till.open(number)
+    till.top_up(number, 50000)
+    sold = sell(till, number, 2, 30000)
+    serial, sold_at = L.JOURNAL.unpack(sold.entry)[7], L.JOURNAL.unpack(sold.entry)[17]
+    while till.at < sold_at + L.DAY_US - 3_600_000_000:
+        till.top_up(number, 1, at=till.at + 3_000_000_000)
+    assert till.apply(use_op(till, number, serial), at=sold_at + L.DAY_US - 1)[0].reason == L.R_OK
+    assert till.apply(use_op(till, number, serial), at=sold_at + L.DAY_US)[0].reason == \
+        L.R_PACKAGE_NOT_VALID_NOW
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()

@@ -52,6 +52,13 @@ def programs(draw):
             draw(st.integers(1, 10000)) if kind == L.COUPON_PERCENT_OFF else 0,
             0 if kind == L.COUPON_AMOUNT_OFF else draw(st.sampled_from([0, 1, 300])),
             draw(st.integers(1, 60)), draw(st.sampled_from([0, 0, 50, 1000]))))
+    packages = []
+    for pid in draw(st.lists(st.sampled_from([1, 1, 2, 5]), max_size=3, unique=True)):
+        kind = draw(st.sampled_from(list(rules.PACKAGE_KINDS.values())))
+        packages.append(rules.Package(
+            pid, f"p{pid}", kind, draw(st.sampled_from([1, 500, 80_000, INT64_MAX])),
+            draw(st.integers(1, 400)), draw(st.integers(1, 12)) if kind == L.PACKAGE_COUNT else 0,
+            draw(st.sampled_from([-1, 0, *codes]))))
     redeem = draw(st.one_of(st.just((0, 0)), st.tuples(st.integers(1, 500), st.integers(1, 500)),
                             st.tuples(edge_money, edge_money)))
     return rules.Program(
@@ -60,6 +67,7 @@ def programs(draw):
         categories=categories, promotions=tuple(promotions),
         spend_order=draw(st.sampled_from(list(rules.SPEND_ORDERS.values()))),
         redeem_points=redeem[0], redeem_value_minor=redeem[1], coupons=tuple(coupons),
+        packages=tuple(packages),
         redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000]))).packed(
             draw(st.integers(1, 2**32 - 1)))
 
@@ -211,3 +219,46 @@ def test_kernel_equals_reference_on_coupons(program, batch, ts_us):
                     cslots, coupons) == \
         run_full(reference.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
                  cslots, coupons)
+
+
+@st.composite
+def package_batches(draw):
+    """Package sales (at the program's price, sometimes not) and uses of package records that
+    are there or not, count or time, used up or not, valid now or not; two uses may share one."""
+    nslots = draw(st.integers(1, 3))
+    recs = b"".join(card_bytes(principal=draw(st.integers(0, 200_000)),
+                               bonus=draw(st.integers(0, 50_000)), tier=0,
+                               lifetime=draw(st.sampled_from([0, 1_000, INT64_MAX - 10])))
+                    for _ in range(nslots))
+    packages = [L.PACKAGE.pack(draw(st.sampled_from([1, 1, 1, 0])), draw(st.sampled_from([1, 2])),
+                               draw(st.sampled_from([1, 2, 5])), draw(st.sampled_from([0, 1, 1, 3])),
+                               draw(st.sampled_from([0, 0, T0 + 1])),
+                               draw(st.sampled_from([INT64_MAX, INT64_MAX, T0])), k + 1, 0,
+                               draw(st.sampled_from([0, 2, 0xFFFFFFFF])), 0, bytes(16))
+                for k in range(draw(st.integers(1, 3)))]
+    ops, slots, islots = [], [], []
+    for i in range(draw(st.integers(1, 8))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        if draw(st.booleans()):
+            islot = draw(st.integers(0, len(packages) - 1))
+            islots.append(islot)
+            ops.append(op_bytes(L.OP_PACKAGE_USE, draw(st.sampled_from([0, 0, 0, 5])),
+                                card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                                ref_id=islot + 1))
+        else:
+            islots.append(L.SLOT_NONE)
+            ops.append(op_bytes(L.OP_PACKAGE_SELL,
+                                draw(st.sampled_from([1, 500, 80_000, 80_001, INT64_MAX, 0])),
+                                card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                                ref_id=draw(st.sampled_from([1, 2, 5, 9]))))
+    return b"".join(ops), slots, recs, bytes(len(recs)), b"", islots, b"".join(packages)
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=package_batches(), ts_us=st.sampled_from([T0, T0 + 1]))
+def test_kernel_equals_reference_on_packages(program, batch, ts_us):
+    ops, slots, recs, exts, lines, islots, items = batch
+    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
+                    islots, items) == \
+        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
+                 islots, items)

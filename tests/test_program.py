@@ -791,3 +791,147 @@ def test_inline_coupons_report_the_coupons_line():
     err = error_of(doc)
     assert (err.line, err.problem) == (
         2, "coupon 2: missing category (required for a free_item coupon)")
+
+
+# --- packages ------------------------------------------------------------------------------
+
+PACKAGE_KEYS = "id, name, kind, price_minor, days, uses, category"
+USES_ONLY_FOR_COUNT = ("package 3: uses is only for count packages "
+                       "(a time package gives any number of uses for its days)")
+
+
+def package(**changes: str | None) -> str:
+    """A [[packages]] table (header on its first line, then one key a line in this order: id,
+    name, kind, price_minor, days, uses, then the changed or added keys). Values are TOML text;
+    None leaves a key out. After CATEGORIES (10 lines) its header is on line 11."""
+    keys = {"id": "3", "name": '"10 coffees"', "kind": '"count"', "price_minor": "30000",
+            "days": "365", "uses": "10", **changes}
+    return "[[packages]]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items() if v is not None)
+
+
+def test_example_programs_packages():
+    def packages(name):
+        return parse_program((EXAMPLES / name).read_text(encoding="utf-8")).packages
+
+    assert packages("salon.toml") == (  # 1 services
+        rules.Package(1, "10 haircuts", L.PACKAGE_COUNT, price_minor=80000, days=365, uses=10,
+                      category=1),
+        rules.Package(2, "month of blow-dries", L.PACKAGE_TIME, price_minor=30000, days=30,
+                      uses=0, category=1))
+    assert packages("cafe.toml") == (  # 1 drinks
+        rules.Package(1, "coffee month pass", L.PACKAGE_TIME, price_minor=29900, days=30,
+                      uses=0, category=1),)
+    assert packages("supermarket.toml") == ()
+
+
+def test_packages_parse_with_their_defaults():
+    doc = (CATEGORIES
+           + package()
+           + package(id="4", kind='"time"', uses=None, category='"default"',
+                     price_minor=str(2**63 - 1), days="3660")
+           + package(id="65535", uses="10000", days="1", price_minor="1",
+                     category='"drinks"', name=f'"{"x" * 32}"')
+           + package(id="1", uses="1", category='"tobacco"'))  # not discountable: no matter
+    assert parse_program(doc).packages == (
+        rules.Package(3, "10 coffees", L.PACKAGE_COUNT, 30000, 365, 10, -1),
+        rules.Package(4, "10 coffees", L.PACKAGE_TIME, 2**63 - 1, 3660, 0, 0),
+        rules.Package(65535, "x" * 32, L.PACKAGE_COUNT, 1, 1, 10000, 1),
+        rules.Package(1, "10 coffees", L.PACKAGE_COUNT, 30000, 365, 1, 5))
+    assert parse_program(CATEGORIES).packages == ()
+    assert parse_program("packages = []\n" + CATEGORIES).packages == ()
+
+
+def test_packages_without_categories():
+    (p,) = parse_program(package(category='"default"')).packages
+    assert p.category == 0
+    err = error_of(package(category='"drinks"'))
+    assert (err.line, err.problem) == (
+        8, "package 3: no category 'drinks' in [[categories]] (declared: none)")
+
+
+@pytest.mark.parametrize("changes, line, problem", [
+    ({"colour": '"red"'}, 18, f"package 3: unknown key 'colour' (known: {PACKAGE_KEYS})"),
+    ({"uses": None, "use": "10"}, 17,
+     f"package 3: unknown key 'use' (known: {PACKAGE_KEYS})"),  # not "missing uses"
+    ({"price_minor": None, "price": "300"}, 17,
+     f"package 3: unknown key 'price' (known: {PACKAGE_KEYS})"),  # not "missing price_minor"
+    ({"id": None}, 11, "package #1: missing id"),
+    ({"name": None}, 11, "package 3: missing name"),
+    ({"kind": None}, 11, "package 3: missing kind"),
+    ({"price_minor": None}, 11, "package 3: missing price_minor"),
+    ({"days": None}, 11, "package 3: missing days"),
+    ({"id": "0"}, 12, "package #1: id must be 1..65535"),
+    ({"id": "65536"}, 12, "package #1: id must be 1..65535"),
+    ({"id": '"3"'}, 12, "package #1: id must be an integer (got a string)"),
+    ({"name": '""'}, 13, "package 3: name must be 1..32 characters"),
+    ({"name": f'"{"x" * 33}"'}, 13, "package 3: name must be 1..32 characters"),
+    ({"name": '"a\\tb"'}, 13, "package 3: name 'a\\tb' has unprintable characters"),
+    ({"kind": '"pass"'}, 14, "package 3: kind must be one of count, time (got 'pass')"),
+    ({"kind": '"Count"'}, 14, "package 3: kind must be one of count, time (got 'Count')"),
+    ({"kind": "1"}, 14, "package 3: kind must be a string (got an integer)"),
+    ({"price_minor": "0"}, 15, "package 3: price_minor must be 1..2**63-1"),
+    ({"price_minor": "-1"}, 15, "package 3: price_minor must be 1..2**63-1"),
+    ({"price_minor": str(2**63)}, 15, "package 3: price_minor must be 1..2**63-1"),
+    ({"price_minor": "299.0"}, 15, "package 3: price_minor must be an integer (got a float)"),
+    ({"days": "0"}, 16, "package 3: days must be 1..3660"),
+    ({"days": "3661"}, 16, "package 3: days must be 1..3660"),
+    ({"days": "true"}, 16, "package 3: days must be an integer (got a boolean)"),
+    ({"kind": '"time"'}, 17, USES_ONLY_FOR_COUNT),
+    ({"kind": '"time"', "uses": "0"}, 17, USES_ONLY_FOR_COUNT),  # not "uses must be 1..10000"
+    ({"uses": None}, 11, "package 3: missing uses (required for a count package)"),
+    ({"uses": "0"}, 17, "package 3: uses must be 1..10000"),
+    ({"uses": "10001"}, 17, "package 3: uses must be 1..10000"),
+    ({"uses": '"10"'}, 17, "package 3: uses must be an integer (got a string)"),
+    ({"category": '"drinkz"'}, 18,
+     "package 3: no category 'drinkz' in [[categories]] (declared: drinks, tobacco)"),
+    ({"category": "1"}, 18, "package 3: category must be a string (got an integer)"),
+    ({"category": '""'}, 18, "package 3: category must be 1..32 characters"),
+])
+def test_package_refusals(changes, line, problem):
+    err = error_of(CATEGORIES + package(**changes))
+    assert (err.line, err.problem) == (line, problem)
+
+
+def test_a_time_package_without_uses_passes():
+    (p,) = parse_program(CATEGORIES + package(kind='"time"', uses=None)).packages
+    assert (p.kind, p.uses) == (L.PACKAGE_TIME, 0)
+
+
+def test_duplicate_package_ids_report_the_second_id_line():
+    doc = CATEGORIES + package() + "\n" + package(name='"other"')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (20, "package #2: duplicate package id 3 (also package #1)")
+    assert len(parse_program(doc.replace("id = 3", "id = 4", 1)).packages) == 2
+
+
+def test_thirty_three_packages_report_the_thirty_third_header_and_thirty_two_pass():
+    def doc(count):  # 7 lines each
+        return "".join(package(id=str(k + 1)) for k in range(count))
+    assert len(parse_program(doc(32)).packages) == L.MAX_PACKAGES == 32
+    err = error_of(doc(33))
+    assert (err.line, err.problem) == (225, "too many packages: 33 (at most 32)")
+
+
+def test_packages_that_are_not_an_array_of_tables_are_refused():
+    err = error_of("pin_tries_max = 3\npackages = 1\n" + CATEGORIES)
+    assert (err.line, err.problem) == (2, "packages must be an array of tables (got an integer)")
+    err = error_of(CATEGORIES + "[packages]\nid = 1\n")
+    assert (err.line, err.problem) == (11, "packages must be an array of tables (got a table)")
+
+
+def test_package_categories_when_the_categories_are_wrong_report_only_the_categories():
+    err = error_of('[categories]\ndrinks = 1\n' + package(category='"drinks"'))
+    assert (err.line, err.problem) == (1, "categories must be an array of tables (got a table)")
+    doc = CATEGORIES.replace("code = 5", "code = 99") + package(category='"tobacco"')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (5, "category 'tobacco': code must be 1..63")
+
+
+def test_inline_packages_report_the_packages_line():
+    doc = ('pin_tries_max = 3\n'
+           'packages = [\n'
+           '  { id = 1, name = "a", kind = "time", price_minor = 1, days = 7 },\n'
+           '  { id = 2, name = "b", kind = "count", price_minor = 1, days = 7 },\n'
+           ']\n')
+    err = error_of(doc)
+    assert (err.line, err.problem) == (2, "package 2: missing uses (required for a count package)")

@@ -298,3 +298,54 @@ def test_a_campaign_gives_coupons_in_bulk_and_points_buy_one(market):
         issue(market, buyer, 77)
     assert (err.value.code(), failure_of(err.value).reason) == (grpc.StatusCode.NOT_FOUND,
                                                                 R.REASON_COUPON_NOT_FOUND)
+
+
+@pytest.fixture
+def salon(start_server):
+    return start_server("--program", os.path.join(EXAMPLES, "salon.toml"))
+
+
+def test_a_count_card_is_sold_checked_at_the_chair_used_and_shown(salon):
+    """SellPackage "10 haircuts" (800.00 from the balance); CheckEntitlement says entitled and
+    which package, without a journal entry; UseEntitlement counts it down and records the
+    stylist; GetCard shows the package with its uses left."""
+    client = Client(salon.stub)
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 100000)
+    request_id = rid()
+    sold = salon.stub.SellPackage(pb.SellPackageRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), package_id=1,
+        till=cpb.Till(store_id=1, terminal_id=1)))
+    assert (sold.type, sold.package_id, sold.package_serial, sold.amount_minor) == (
+        cpb.OPERATION_TYPE_PACKAGE_SOLD, 1, sold.seq, 80000)
+    before = len(journal_entries(salon.data_dir))
+    check = salon.stub.CheckEntitlement(pb.CheckEntitlementRequest(
+        card=cpb.CardRef(card_number=number), category_code=1, has_category=True))
+    assert (check.entitled, check.serial) == (True, sold.seq)
+    assert [(p.name, p.kind, p.uses_left, p.usable) for p in check.packages] == [
+        ("10 haircuts", pb.PACKAGE_KIND_COUNT, 10, True)]
+    other_category = salon.stub.CheckEntitlement(pb.CheckEntitlementRequest(
+        card=cpb.CardRef(card_number=number), category_code=2, has_category=True))
+    assert not other_category.entitled
+    assert len(journal_entries(salon.data_dir)) == before  # a read
+    request_id = rid()
+    used = salon.stub.UseEntitlement(pb.UseEntitlementRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), package_serial=check.serial,
+        till=cpb.Till(store_id=1, terminal_id=1, staff_id=42)))
+    assert (used.type, used.package_serial, used.package_id) == (
+        cpb.OPERATION_TYPE_PACKAGE_USED, sold.seq, 1)
+    assert journal_entries(salon.data_dir)[-1][20] == 42  # the stylist, for the staff reports
+    shown = client.card(number).packages
+    assert [(p.serial, p.uses_left, p.uses) for p in shown] == [(sold.seq, 9, 1)]
+    with pytest.raises(grpc.RpcError) as err:
+        request_id = rid()
+        salon.stub.UseEntitlement(pb.UseEntitlementRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=number), package_serial=sold.seq + 1000,
+            till=cpb.Till(store_id=1, terminal_id=1)))
+    assert (err.value.code(), failure_of(err.value).reason) == (grpc.StatusCode.NOT_FOUND,
+                                                                R.REASON_PACKAGE_NOT_FOUND)
+    assert verify(salon.data_dir)["ok"]
