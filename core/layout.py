@@ -183,6 +183,13 @@ sequence of the entry that sold it; a package use names it in ref_id)::
      44  u32 reserved
      48  16B reserved
 
+Points lot, 16 bytes, LMDB ``points_lots`` value (key: card id | u32 big-endian day the points
+were earned, UTC days since 1970-01-01; ``lots_by_day`` holds day | card id -> empty, the expiry
+sweep's order; the rule is in ``cardcore.lots``)::
+
+      0  i64 points_left           the lot's points the card still holds
+      8  i64 points_earned         all the points earned that day
+
 Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
 without one reads as all zeros (release 1 and ledger v2 cards)::
 
@@ -316,6 +323,9 @@ PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
 COUPON = struct.Struct("<BBHIqqQQq16s")
 COUPON_KEY = struct.Struct(">16sQ")   # card id, serial (coupons and packages alike)
+POINTS_LOT = struct.Struct("<qq")      # points left, points earned
+LOT_KEY = struct.Struct(">16sI")       # card id, earned day
+LOT_DAY_KEY = struct.Struct(">I16s")   # earned day, card id: the expiry order
 PACKAGE_DEF = struct.Struct("<HBxiIIq8x")
 PACKAGE = struct.Struct("<BBHIqqQQII16s")
 # The card programs' fields of a journal entry and of an operation, at these offsets.
@@ -387,7 +397,8 @@ OP_BALANCE_INQUIRY = 7  # checks the PIN; changes nothing when right (no entry)
 OP_COUPON_ISSUE = 8     # a coupon for a card: given by an operator, or bought with points
 OP_PACKAGE_SELL = 9     # a prepaid package bought from the card's balance
 OP_PACKAGE_USE = 10     # one use of a package (a haircut of ten; a visit on a month pass)
-OP_KERNEL_MAX = OP_PACKAGE_USE  # 1..5 and 7..10 go through the kernel; 6 is written by it
+OP_POINTS_EXPIRED = 11  # the writer's sweep: points whose lots reached the program's horizon
+OP_KERNEL_MAX = OP_POINTS_EXPIRED  # 1..5 and 7..11 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23

@@ -18,8 +18,10 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     coupons       card_id | serial (u64)  -> an issued coupon (64 B, layout.COUPON); serial = the
                                              sequence of the entry that issued it
     packages      card_id | serial (u64)  -> a package sold (64 B, layout.PACKAGE); likewise
+    points_lots   card_id | day (u32 BE)  -> points left and earned that day (layout.POINTS_LOT)
+    lots_by_day   day (u32 BE) | card_id  -> empty: the order in which lots expire
 
-The last four came with card programs: a writer that opens a ledger made
+The last six came with card programs: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -47,6 +49,7 @@ import lmdb
 from cardcore import layout as L
 from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH,
                             META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64)
+from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, lines_digest, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
@@ -63,13 +66,14 @@ MAP_SIZE_INITIAL = 1 << 30      # virtual address space; the file grows only as 
 MAP_GROW_FACTOR = 2
 MAP_GROW_ATTEMPTS = 8
 MAX_READERS = 512
-MAX_DBS = 16
+MAX_DBS = 32
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
-            "packages")
+            "packages", "points_lots", "lots_by_day")
 # created on open when missing
-ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages"))
+ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
+                            "lots_by_day"))
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
@@ -142,6 +146,31 @@ def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes
     return (L.COUPON_KEY.pack(card_id, seq),
             L.COUPON.pack(L.COUPON_VERSION, L.COUPON_ISSUED, coupon_id, 0, ts_us, until, seq, 0, 0,
                           bytes(16)))
+
+
+class _LmdbLots:
+    """``lots.Lots``' store over ``points_lots`` and ``lots_by_day`` in a write transaction."""
+
+    def __init__(self, txn, ledger: "Ledger") -> None:
+        self.txn, self.db, self.by_day = txn, ledger.points_lots, ledger.lots_by_day
+
+    def get(self, card_id: bytes, day: int):
+        raw = self.txn.get(L.LOT_KEY.pack(card_id, day), db=self.db)
+        return None if raw is None else L.POINTS_LOT.unpack(raw)
+
+    def put(self, card_id: bytes, day: int, left: int, earned: int) -> None:
+        self.txn.put(L.LOT_KEY.pack(card_id, day), L.POINTS_LOT.pack(left, earned), db=self.db)
+        self.txn.put(L.LOT_DAY_KEY.pack(day, card_id), b"", db=self.by_day)
+
+    def delete(self, card_id: bytes, day: int) -> None:
+        self.txn.delete(L.LOT_KEY.pack(card_id, day), db=self.db)
+        self.txn.delete(L.LOT_DAY_KEY.pack(day, card_id), db=self.by_day)
+
+    def oldest(self, card_id: bytes):
+        cur = self.txn.cursor(db=self.db)
+        if not cur.set_range(card_id) or cur.key()[:L.CARD_ID_SIZE] != card_id:
+            return None
+        return (L.LOT_KEY.unpack(cur.key())[1], *L.POINTS_LOT.unpack(cur.value()))
 
 
 class LedgerFormatError(Exception):
@@ -233,11 +262,19 @@ class Ledger:
                     c = counts.setdefault(cid, [0, 0])
                     c[0] += 1
                     c[1] += amount
-            txn.cursor(db=self.card_ext).putmulti(
-                [(cid, L.CARD_EXT.pack(L.CARD_EXT_VERSION, bytes(3), min(n, 0xFFFFFFFF), total,
-                                       *[0] * (2 * L.PROMOTION_SLOTS), bytes(48)))
-                 for cid, (n, total) in sorted(counts.items())])
-        log.info("added the card programs' sub-databases; %d cards' top-ups counted", len(counts))
+            if "card_ext" in missing:
+                txn.cursor(db=self.card_ext).putmulti(
+                    [(cid, L.CARD_EXT.pack(L.CARD_EXT_VERSION, bytes(3), min(n, 0xFFFFFFFF), total,
+                                           *[0] * (2 * L.PROMOTION_SLOTS), bytes(48)))
+                     for cid, (n, total) in sorted(counts.items())])
+            if "points_lots" in missing:  # every point the cards hold, in the lot it was earned in
+                records = lots.rebuild(txn.cursor(db=self.journal)).records()
+                txn.cursor(db=self.points_lots).putmulti(sorted(records.items()))
+                txn.cursor(db=self.lots_by_day).putmulti(sorted(
+                    (L.LOT_DAY_KEY.pack(day, cid), b"")
+                    for cid, day in (L.LOT_KEY.unpack(k) for k in records)))
+        log.info("added the card programs' sub-databases %s; %d cards' top-ups counted",
+                 ", ".join(missing), len(counts))
 
     def _initialise(self, program_source: str) -> None:
         parse_program(program_source)  # a bad initial program fails here, before anything is written
@@ -389,6 +426,23 @@ class Ledger:
     def read_packages(self, card_id: bytes) -> list[tuple]:
         """The card's packages (layout.PACKAGE fields each, serial order), used up or not."""
         return [L.PACKAGE.unpack(v) for v in self._read_items(self.packages, card_id)]
+
+    def read_lots(self, card_id: bytes) -> list[tuple[int, int, int]]:
+        """The card's points lots, oldest first: (earned day, points left, points earned)."""
+        if self.points_lots is None:
+            return []
+
+        def read(txn):
+            cur = txn.cursor(db=self.points_lots)
+            out = []
+            if cur.set_range(card_id):
+                for key, value in cur:
+                    if key[:L.CARD_ID_SIZE] != card_id:
+                        break
+                    out.append((L.LOT_KEY.unpack(key)[1], *L.POINTS_LOT.unpack(value)))
+            return out
+
+        return self._read(read)
 
     def _read_items(self, db, card_id: bytes) -> list[bytes]:
         if db is None:
@@ -543,6 +597,7 @@ class _Group:
         self.sealed_items: list[tuple[bytes, bytes]] = []
         self.line_items: list[tuple[int, bytes]] = []   # (seq, an applied purchase's lines)
         self.item_items: list[tuple] = []  # (database, key, record): coupons and packages
+        self.expired = 0                   # cards whose points the sweep expired
         self.run: list[int] = []                # consecutive card operations for the kernel
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
@@ -554,6 +609,7 @@ class _Group:
         self.seq = self.first_seq
         ts = self.ts = group_time(self.ts_us, last_ts)
         self.admin = admin = AdminState(ledger, txn)
+        self.lots = lots.Lots(_LmdbLots(txn, ledger))
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
         legacy = {}
@@ -616,8 +672,48 @@ class _Group:
         self._flush_run()
         for i, j in repeats:
             outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
+        self._expire()
         self._write(prev_digest)
         return outcomes  # type: ignore[return-value]
+
+    def _expire(self) -> None:
+        """The expiry sweep (``cardcore.lots``): lots whose day is at least the program's
+        ``points_expire_days`` before this group's day expire, oldest first, up to
+        EXPIRY_CARDS_MAX cards a group; each card's through one points-expired operation in the
+        kernel (journaled, its lots consumed by the rule like any spend)."""
+        days = self.admin.program.points_expire_days
+        if not days:
+            return
+        last_day = lots.day_of(self.ts) - days  # lots of this day and before have expired
+        txn, ledger = self.txn, self.ledger
+        due: dict[bytes, list[int]] = {}  # card -> [points, newest expired day]
+        cur = txn.cursor(db=ledger.lots_by_day)
+        for key, _ in cur:
+            day, card_id = L.LOT_DAY_KEY.unpack(key)
+            if day > last_day:
+                break
+            if card_id not in due and len(due) == lots.EXPIRY_CARDS_MAX:
+                break
+            lot = txn.get(L.LOT_KEY.pack(card_id, day), db=ledger.points_lots)
+            if lot is None:
+                raise InvariantError("the lot index names a lot that is not there")
+            d = due.setdefault(card_id, [0, day])
+            d[0] += L.POINTS_LOT.unpack(lot)[0]
+            d[1] = day
+        if not due:
+            return
+        base = len(self.ops)
+        expiries = [PendingOp.build(b"", L.OP_POINTS_EXPIRED, card_id, points, ref_id=day,
+                                    caller=(L.CALLER_SYSTEM, 0))
+                    for card_id, (points, day) in due.items()]
+        self.ops = self.ops + expiries
+        self.outcomes = self.outcomes + [None] * len(expiries)
+        self.run = list(range(base, base + len(expiries)))
+        self._flush_run()
+        if any(o.reason != L.R_OK for o in self.outcomes[base:]):
+            raise InvariantError("a points expiry was declined: the lots and the card disagree")
+        self.ops, self.outcomes = self.ops[:base], self.outcomes[:base]
+        self.expired = len(expiries)
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:
         reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
@@ -707,6 +803,13 @@ class _Group:
                     raise InvariantError("kernel sequence does not match the journal entries")
                 entries.append(entry)
                 self.seq += 1
+            if seq and reason == L.R_OK:
+                gain, loss = lots.movement(out, k * size)
+                if gain or loss:
+                    try:
+                        self.lots.apply(op.card_id, ts, gain, loss)
+                    except ValueError as exc:
+                        raise InvariantError(str(exc)) from None
             if reason == L.R_OK and out[k * size + _TIER_AFTER] != tier:  # an upgrade (rule 8)
                 counts = admin.tier_cards()
                 counts[tier] -= 1
@@ -767,7 +870,7 @@ class _Group:
         pruned = self._prune()
         # The ledger's time, so the next group's cannot go back (or leap) from it. An idle
         # maintenance group that found nothing to prune writes nothing: no commit, no fsync.
-        if pruned or any(op.packed[0] != L.OP_MAINTENANCE for op in self.ops):
+        if pruned or self.expired or any(op.packed[0] != L.OP_MAINTENANCE for op in self.ops):
             txn.put(META_CLOCK, I64.pack(self.ts), db=ledger.meta)
 
     def _prune(self) -> int:

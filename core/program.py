@@ -14,7 +14,8 @@ them with comments; money in fen):
 
 - top level: ``points_unit_minor``, ``points_per_unit``, ``require_luhn``,
   ``pin_tries_max``, ``pin_on_top_up``; ``spend_order`` = "principal_first"
-  (default) | "bonus_first" | "proportional".
+  (default) | "bonus_first" | "proportional"; ``points_expire_days`` (0..3660:
+  points expire this many days after the day they were earned; 0 = never).
 - ``[redemption]``: ``points`` and ``value_minor`` (required: that many points
   pay that many fen), ``cap_bp`` (at most this share of a purchase's paid
   amount, default 10000). No table: no redemption.
@@ -62,6 +63,7 @@ from cardcore import layout
 from cardcore.rules import (
     COUPON_KINDS,
     COUPON_VALID_DAYS_MAX,
+    POINTS_EXPIRE_DAYS_MAX,
     DEFAULT_PROGRAM,
     MAX_NAME_LEN,
     MAX_TIER_NAME_LEN,
@@ -152,6 +154,7 @@ _TOP_KEYS = (
     _Key("pin_tries_max", "integer", 1, layout.PIN_TRIES_MAX_LIMIT),
     _Key("pin_on_top_up", "boolean"),
     _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
+    _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
     _Key("redemption", "table"),
     _Key("categories", "tables"),
     _Key("tiers", "tables"),

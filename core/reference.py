@@ -121,6 +121,13 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             reason = L.R_CARD_NOT_FOUND
         elif op == L.OP_RESET_PIN:
             set_pin()
+        elif op == L.OP_POINTS_EXPIRED:  # whatever the card's status: points expire all the same
+            if amount <= 0:
+                reason = L.R_INVALID_AMOUNT
+            elif amount > card.points:
+                reason = L.R_INSUFFICIENT_POINTS
+            else:
+                d_points = -amount
         elif card.status != L.STATUS_ACTIVE:
             reason = L.R_CARD_NOT_ACTIVE
         elif op == L.OP_SET_PIN:

@@ -87,6 +87,7 @@ COUPON_KINDS = {"amount_off": L.COUPON_AMOUNT_OFF, "percent_off": L.COUPON_PERCE
 COUPON_VALID_DAYS_MAX = 3660
 PACKAGE_KINDS = {"count": L.PACKAGE_COUNT, "time": L.PACKAGE_TIME}
 PACKAGE_USES_MAX = 10_000
+POINTS_EXPIRE_DAYS_MAX = 3660
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Program:
     redeem_cap_bp: int = RATE_BP_FULL
     coupons: tuple[Coupon, ...] = ()
     packages: tuple[Package, ...] = ()
+    points_expire_days: int = 0   # lots expire this many days after the day earned; 0 = never
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -230,6 +232,8 @@ class Program:
                             else p.uses == 0)
                     or not (p.category == -1 or p.category == 0 or p.category in codes)):
                 raise ValueError(f"package {p.id}: out of range")
+        if not 0 <= self.points_expire_days <= POINTS_EXPIRE_DAYS_MAX:
+            raise ValueError(f"points_expire_days must be 0..{POINTS_EXPIRE_DAYS_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0

@@ -31,6 +31,7 @@ import json
 from collections import Counter
 
 from cardcore import layout as L
+from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, request_tag, unpack_request_keys
@@ -54,6 +55,15 @@ def verify(ledger, problems_max: int = 50) -> dict:
         journal = _journal(txn, ledger, programs, problem)
         cards = _cards(txn, ledger, journal["sums"], problem)
         _states(txn, ledger, journal["states"], problem)
+        rebuilt_lots = journal["lots"].records()
+        stored_lots = dict(txn.cursor(db=ledger.points_lots)) if ledger.points_lots else {}
+        if stored_lots != rebuilt_lots:
+            problem(f"points lots: {len(stored_lots)} stored, not the {len(rebuilt_lots)} the "
+                    "journal makes")
+        by_day = {k for k, _ in txn.cursor(db=ledger.lots_by_day)} if ledger.lots_by_day else set()
+        if by_day != {L.LOT_DAY_KEY.pack(day, cid)
+                      for cid, day in (L.LOT_KEY.unpack(k) for k in rebuilt_lots)}:
+            problem("the lots' expiry index does not name exactly the lots")
         for name, layout in (("coupons", L.COUPON), ("packages", L.PACKAGE)):
             db = getattr(ledger, name)
             stored = dict(txn.cursor(db=db)) if db is not None else {}
@@ -116,6 +126,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     compiled: dict[int, CompiledProgram] = {}
     coupons: dict[bytes, tuple] = {}  # coupon key -> the record the journal rebuilds
     packages: dict[bytes, tuple] = {}  # likewise for packages
+    point_lots = lots.DictLots()       # every card's points lots, as the journal makes them
+    lot_rule = lots.Lots(point_lots)
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     for key, entry in txn.cursor(db=ledger.journal):
         f = L.JOURNAL.unpack(entry)
@@ -220,8 +232,24 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         elif op in (L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_PIN_FAILED):
             if any(f[_MOVES]):
                 problem(f"journal entry {seq}: a PIN entry that moves value")
+        elif op == L.OP_POINTS_EXPIRED:
+            program = programs.get(program_version, (None,))[0]
+            lot_days = point_lots.cards.get(cid, {})
+            due = sum(left for day, (left, _) in lot_days.items() if day <= f[29])
+            if (program is None or not program.points_expire_days or f[9] <= 0 or dpts != -f[9]
+                    or any(f[10:13]) or f[29] > lots.day_of(f[17]) - program.points_expire_days
+                    or due != f[9]):
+                problem(f"journal entry {seq}: an expiry of {f[9]} points that its lots and "
+                        "program do not explain")
         elif op != L.OP_OPEN:
             problem(f"journal entry {seq}: unknown operation type {op}")
+        if op != L.OP_PIN_FAILED:
+            gain, loss = lots.movement(entry)
+            if gain or loss:
+                try:
+                    lot_rule.apply(cid, f[17], gain, loss)
+                except ValueError:
+                    problem(f"journal entry {seq}: spends points its card's lots do not hold")
         s[0] += dp
         s[1] += db_
         s[2] += dpts
@@ -237,7 +265,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1,
             "head_digest": last_digest, "states": states, "coupons": coupons,
-            "packages": packages}
+            "packages": packages, "lots": point_lots}
 
 
 def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, tier_after: int,

@@ -45,7 +45,8 @@ cdef enum:
     OP_COUPON_ISSUE = 8
     OP_PACKAGE_SELL = 9
     OP_PACKAGE_USE = 10
-    OP_KERNEL_MAX = 10
+    OP_POINTS_EXPIRED = 11
+    OP_KERNEL_MAX = 11
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -453,6 +454,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         reason = R_CARD_NOT_FOUND
     elif op.op == OP_RESET_PIN:
         set_pin(op, rec)
+    elif op.op == OP_POINTS_EXPIRED:  # whatever the card's status: points expire all the same
+        if amount <= 0:
+            reason = R_INVALID_AMOUNT
+        elif amount > rec.points:
+            reason = R_INSUFFICIENT_POINTS
+        else:
+            d_points = -amount
     elif rec.status != STATUS_ACTIVE:
         reason = R_CARD_NOT_ACTIVE
     elif op.op == OP_SET_PIN:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import logging
 import struct
 import time
@@ -82,6 +83,7 @@ def _refuse_malformed(fn):
 # three after-balances, ts_us, program version, caller kind and id (see layout.JOURNAL).
 _REPLY_FIELDS = struct.Struct("<xBBxxxxxQ16xqqqqqqqqq24xIB3xI")
 _OP_REF_AT = 144  # layout.OP offset of ref_id
+EPOCH = datetime.date(1970, 1, 1)
 assert _REPLY_FIELDS.size == 140
 
 
@@ -527,6 +529,11 @@ class CardService(pb_grpc.CardServiceServicer):
             now_us = time.time_ns() // 1000
             add_card_coupons(card.coupons, self.ledger.read_coupons(card_id), program, now_us)
             add_card_packages(card.packages, self.ledger.read_packages(card_id), program, now_us)
+            expire_days = program.points_expire_days
+            for day, left, _ in self.ledger.read_lots(card_id):
+                card.points_lots.add(
+                    earned_on=(EPOCH + datetime.timedelta(days=day)).isoformat(), points=left,
+                    expires_at_us=(day + expire_days) * L.DAY_US if expire_days else 0)
         if view == pb.CARD_VIEW_FULL:
             card.profile.name = profile.get("name", "")
             card.profile.phone = profile.get("phone", "")

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from cardcore import layout as L
+from cardcore import lots
 from cardcore.verify import verify
 from cardcore.idempotency import PendingOp
 from test_ledger import NOW, add_operator, cid, key, op, open_op
@@ -627,3 +628,80 @@ def test_a_time_pass_is_valid_to_the_end_of_its_last_day(tmp_path):
     report = verify(till.ledger)
     assert report["ok"], report["problems"]
     till.ledger.close()
+
+
+def advance(till: Till, number: str, to_us: int) -> None:
+    """Groups an hour apart (the most the ledger's clock moves in one) until just before ``to_us``:
+    1-fen top-ups on ``number``, which move no points."""
+    while till.at < to_us - 3_600_000_000:
+        till.top_up(number, 1, at=till.at + 3_500_000_000)
+
+
+def lots_of(till: Till, number: str) -> dict[int, tuple[int, int]]:
+    card = cid(number)
+    return {L.LOT_KEY.unpack(k)[1]: L.POINTS_LOT.unpack(v)
+            for k, v in till.ledger.dump()["points_lots"] if k[:16] == card}
+
+
+def test_points_sit_in_lots_by_day_and_are_spent_oldest_first(cafe):
+    """Day A: 600.00 of food earns 600 points (lot A). Day B: 100.00 earns 100 (lot B). Then a
+    10.00 coffee offers 500 points: 5.00 is the cap, so 500 points are taken, all from lot A
+    (oldest first), leaving A 100 and B 100 + the 5 points earned today (lot B is today's)."""
+    number = "6225880000000301"
+    cafe.open(number)
+    cafe.top_up(number, 90000)  # (two top-ups below gold's 1000.00 at once)
+    cafe.top_up(number, 90000)
+    earned_a = cafe.buy(number, line(CAFE_FOOD, 60000))
+    day_a = lots.day_of(L.JOURNAL.unpack(earned_a.entry)[17])
+    advance(cafe, number, (day_a + 1) * L.DAY_US)
+    cafe.buy(number, line(CAFE_FOOD, 10000), at=(day_a + 1) * L.DAY_US)
+    assert lots_of(cafe, number) == {day_a: (600, 600), day_a + 1: (100, 100)}
+    f = figures(cafe.buy(number, line(CAFE_DRINKS, 1000), redeem=500))
+    assert (f["taken"], f["points"]) == (500, 5 - 500)
+    assert lots_of(cafe, number) == {day_a: (100, 600), day_a + 1: (105, 105)}
+    assert sum(left for left, _ in lots_of(cafe, number).values()) == cafe.card(number)["points"]
+    report = verify(cafe.ledger)
+    assert report["ok"], report["problems"]
+
+
+def test_points_expire_at_the_start_of_the_day_their_horizon_ends(tmp_path):
+    """The cafe program with points_expire_days = 1: 600 points earned on day A are still there at
+    the last microsecond of day A; the first group of day A + 1 expires them in a journal entry
+    of the system's (points -600, ref_id = day A), and verify explains it."""
+    text = "points_expire_days = 1\n" + example("cafe")
+    till = Till(str(tmp_path / "expiry"), text)
+    number, other = "6225880000000302", "6225880000000303"
+    till.open(number)
+    till.open(other)
+    till.top_up(number, 90000)
+    earned = till.buy(number, line(CAFE_FOOD, 60000))
+    day_a = lots.day_of(L.JOURNAL.unpack(earned.entry)[17])
+    advance(till, other, (day_a + 1) * L.DAY_US)
+    till.top_up(other, 1, at=(day_a + 1) * L.DAY_US - 1)
+    assert till.card(number)["points"] == 600
+    till.top_up(other, 1, at=(day_a + 1) * L.DAY_US)  # any group sweeps
+    assert till.card(number)["points"] == 0 and lots_of(till, number) == {}
+    expiry = [L.JOURNAL.unpack(v) for _, v in till.ledger.dump()["journal"]][-1]
+    assert (expiry[1], expiry[8], expiry[13], expiry[29], expiry[24]) == (
+        L.OP_POINTS_EXPIRED, cid(number), -600, day_a, L.CALLER_SYSTEM)
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+def test_a_ledger_made_before_lots_gets_them_from_its_journal(cafe):
+    number = "6225880000000304"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    cafe.buy(number, line(CAFE_FOOD, 30000))
+    cafe.buy(number, line(CAFE_DRINKS, 1000), redeem=100)
+    before = lots_of(cafe, number)
+    with cafe.ledger.env.begin(write=True) as txn:  # as the release before lots left it
+        txn.drop(cafe.ledger.points_lots, delete=True)
+        txn.drop(cafe.ledger.lots_by_day, delete=True)
+    path = cafe.ledger.path
+    cafe.ledger.close()
+    cafe.ledger = Ledger(path)
+    assert lots_of(cafe, number) == before and sum(v[0] for v in before.values()) == 300 - 100 + 9
+    report = verify(cafe.ledger)
+    assert report["ok"], report["problems"]

@@ -4,6 +4,7 @@ middle of a day, against a real server running the example cafe program."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 
 import grpc
@@ -349,3 +350,19 @@ def test_a_count_card_is_sold_checked_at_the_chair_used_and_shown(salon):
     assert (err.value.code(), failure_of(err.value).reason) == (grpc.StatusCode.NOT_FOUND,
                                                                 R.REASON_PACKAGE_NOT_FOUND)
     assert verify(salon.data_dir)["ok"]
+
+
+def test_get_card_shows_where_the_points_are(start_server, tmp_path):
+    """With points_expire_days = 365, GetCard lists today's lot and when it expires."""
+    path = tmp_path / "cafe-expiring.toml"
+    path.write_text("points_expire_days = 365\n" + example("cafe"))
+    server = start_server("--program", str(path))
+    client = Client(server.stub)
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 50000)
+    done = server.stub.Purchase(purchase(number, (FOOD, 12345, 1, "")))
+    (lot,) = client.card(number).points_lots
+    day = done.applied_at_us // 86_400_000_000
+    assert (lot.points, lot.expires_at_us) == (123, (day + 365) * 86_400_000_000)
+    assert lot.earned_on == str(datetime.date(1970, 1, 1) + datetime.timedelta(days=day))
