@@ -141,6 +141,8 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_COUPON_ISSUE: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),
     L.OP_PACKAGE_SELL: _MONEY,   # ref_id: the package definition
     L.OP_PACKAGE_USE: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),  # ref_id: its serial
+    L.OP_POINTS_EXCHANGE: ("op", "pin_flags", "card_id", *_AT_THE_TILL),  # + points, in the extra
+    L.OP_GIFT_REDEEM: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),  # ref_id: the gift
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},

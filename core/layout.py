@@ -190,6 +190,17 @@ sweep's order; the rule is in ``cardcore.lots``)::
       0  i64 points_left           the lot's points the card still holds
       8  i64 points_earned         all the points earned that day
 
+Gift stock, v1, 64 bytes, LMDB ``gift_stock`` value (key: u32 big-endian gift id; none yet:
+zeros): how many of the catalogue's gift were given, so that its stock (the program's, the
+total ever offered) is checked and taken in the same write as the points::
+
+      0  u8  version               1
+      1  u8  reserved
+      2  u16 gift_id
+      4  u32 reserved
+      8  i64 given
+     16  48B reserved
+
 Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
 without one reads as all zeros (release 1 and ledger v2 cards)::
 
@@ -247,6 +258,11 @@ ledger keeps documents, so the compiled form can change freely)::
   13176  package[32], 32 bytes each:
            0 u16 id, 2 u8 kind (1 count, 2 time), 3 u8 reserved, 4 i32 category (-1: any),
            8 u32 uses (count packages), 12 u32 days, 16 i64 price_minor, 24 8B reserved
+  14200  i64 activation_points     points a card gets when opened
+  14208  i64 exchange_points       points per exchange block; 0 = no exchange into bonus money
+  14216  i64 exchange_bonus_minor  bonus fen one block buys
+  14224  u32 gift_count, u32 reserved
+  14232  gift[32], 24 bytes each: 0 u16 id, 2 6B reserved, 8 i64 points_price, 16 i64 stock
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
 
@@ -328,6 +344,8 @@ LOT_KEY = struct.Struct(">16sI")       # card id, earned day
 LOT_DAY_KEY = struct.Struct(">I16s")   # earned day, card id: the expiry order
 PACKAGE_DEF = struct.Struct("<HBxiIIq8x")
 PACKAGE = struct.Struct("<BBHIqqQQII16s")
+GIFT = struct.Struct("<BxHIq48s")     # a gift's stock record: version, id, given
+GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
 JOURNAL_COUPON_OFF, JOURNAL_OFF_COUPON = struct.Struct("<q"), 216  # coupon_off_minor
@@ -342,8 +360,12 @@ PROGRAM_PER_UNIT_OFFSET = PROGRAM_RATES_OFFSET + 2 * MAX_TIERS * MAX_CATEGORIES
 PROGRAM_COUPONS_OFFSET = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIES
 PROGRAM_COUPON_COUNT_OFFSET = PROGRAM_COUPONS_OFFSET + MAX_COUPONS * 48
 PROGRAM_PACKAGES_OFFSET = PROGRAM_COUPON_COUNT_OFFSET + 8
-PROGRAM_SIZE = PROGRAM_PACKAGES_OFFSET + 32 * 32
-assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 14200
+PROGRAM_POINTS_OFFSET = PROGRAM_PACKAGES_OFFSET + 32 * 32
+PROGRAM_POINTS = struct.Struct("<qqqII")  # activation points, exchange points and bonus, gifts
+PROGRAM_GIFTS_OFFSET = PROGRAM_POINTS_OFFSET + PROGRAM_POINTS.size
+GIFT_DEF = struct.Struct("<H6xqq")
+PROGRAM_SIZE = PROGRAM_GIFTS_OFFSET + 32 * GIFT_DEF.size
+assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 15000
 assert COUPON_DEF.size == 48 and COUPON.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
@@ -355,6 +377,8 @@ COUPON_AMOUNT_OFF, COUPON_PERCENT_OFF, COUPON_FREE_ITEM = 1, 2, 3
 PACKAGE_COUNT, PACKAGE_TIME = 1, 2
 PACKAGE_VERSION = 1
 MAX_PACKAGES = 32
+MAX_GIFTS = 32
+GIFT_VERSION = 1
 COUPON_VERSION, COUPON_ISSUED, COUPON_USED = 1, 1, 2
 DAY_US = 86_400_000_000
 JOURNAL_DIGEST_OFFSET, DIGEST_SIZE = 224, 32
@@ -398,7 +422,9 @@ OP_COUPON_ISSUE = 8     # a coupon for a card: given by an operator, or bought w
 OP_PACKAGE_SELL = 9     # a prepaid package bought from the card's balance
 OP_PACKAGE_USE = 10     # one use of a package (a haircut of ten; a visit on a month pass)
 OP_POINTS_EXPIRED = 11  # the writer's sweep: points whose lots reached the program's horizon
-OP_KERNEL_MAX = OP_POINTS_EXPIRED  # 1..5 and 7..11 go through the kernel; 6 is written by it
+OP_POINTS_EXCHANGE = 12  # points into bonus money
+OP_GIFT_REDEEM = 13     # points for a gift of the catalogue, from its stock
+OP_KERNEL_MAX = OP_GIFT_REDEEM  # 1..5 and 7..13 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23
@@ -436,6 +462,7 @@ R_UNKNOWN_CATEGORY, R_INSUFFICIENT_POINTS, R_REDEMPTION_NOT_OFFERED = 64, 65, 66
 R_COUPON_NOT_FOUND, R_COUPON_USED, R_COUPON_NOT_VALID_NOW = 67, 68, 69
 R_COUPON_NOT_APPLICABLE, R_COUPON_NOT_FOR_SALE = 70, 71
 R_PACKAGE_NOT_FOUND, R_PACKAGE_NOT_VALID_NOW, R_PACKAGE_USED_UP = 72, 73, 74
+R_GIFT_NOT_FOUND, R_GIFT_OUT_OF_STOCK, R_EXCHANGE_NOT_OFFERED = 75, 76, 77
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

@@ -20,8 +20,9 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     packages      card_id | serial (u64)  -> a package sold (64 B, layout.PACKAGE); likewise
     points_lots   card_id | day (u32 BE)  -> points left and earned that day (layout.POINTS_LOT)
     lots_by_day   day (u32 BE) | card_id  -> empty: the order in which lots expire
+    gift_stock    gift id (u32 BE)        -> how many of the gift were given (layout.GIFT)
 
-The last six came with card programs: a writer that opens a ledger made
+The last seven came with card programs: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -70,10 +71,10 @@ MAX_DBS = 32
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
-            "packages", "points_lots", "lots_by_day")
+            "packages", "points_lots", "lots_by_day", "gift_stock")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
-                            "lots_by_day"))
+                            "lots_by_day", "gift_stock"))
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
@@ -92,29 +93,36 @@ EXT_READERS = frozenset((L.OP_TOP_UP,))  # operations whose rules read the card 
 
 def items_of(txn, ledger: "Ledger", ops: list[PendingOp]) -> tuple[array, list, bytearray]:
     """The records ``ops`` name by ref_id, each read once: a purchase's coupon, a package use's
-    package. (An item slot per operation, SLOT_NONE for the others; the slots' (database, key);
-    their records, zeros for one the card does not have.)"""
+    package, a gift's stock. (An item slot per operation, SLOT_NONE for the others; the slots'
+    (database, key); their records, zeros for one that is not there.)"""
     slots = array("I", [L.SLOT_NONE]) * len(ops)
     keys: list[tuple] = []
     slot_of: dict[tuple, int] = {}
     for k, op in enumerate(ops):
         kind = op.packed[0]
-        if kind == L.OP_PURCHASE or kind == L.OP_PACKAGE_USE:
-            serial = _OP_REF.unpack_from(op.packed)[0]
-            if serial or kind == L.OP_PACKAGE_USE:
-                where = (kind == L.OP_PACKAGE_USE, L.COUPON_KEY.pack(op.card_id, serial))
-                s = slot_of.get(where)
-                if s is None:
-                    s = slot_of[where] = len(keys)
-                    keys.append(where)
-                slots[k] = s
+        if kind != L.OP_PURCHASE and kind != L.OP_PACKAGE_USE and kind != L.OP_GIFT_REDEEM:
+            continue
+        ref = _OP_REF.unpack_from(op.packed)[0]
+        if kind == L.OP_GIFT_REDEEM:  # (an id past u16 is no gift: the kernel says so)
+            where = ("gift_stock", L.GIFT_KEY.pack(min(ref, 0xFFFFFFFF)))
+        elif kind == L.OP_PACKAGE_USE:
+            where = ("packages", L.COUPON_KEY.pack(op.card_id, ref))
+        elif ref:
+            where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
+        else:
+            continue  # a purchase without a coupon
+        s = slot_of.get(where)
+        if s is None:
+            s = slot_of[where] = len(keys)
+            keys.append(where)
+        slots[k] = s
     if not keys:
         return slots, keys, bytearray()
     records = []
-    for is_package, key in keys:
-        db = ledger.packages if is_package else ledger.coupons
+    for name, key in keys:
+        db = getattr(ledger, name)
         records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
-    return slots, [(ledger.packages if p else ledger.coupons, key) for p, key in keys], \
+    return slots, [(getattr(ledger, name), key) for name, key in keys], \
         bytearray(b"".join(records))
 
 

@@ -15,7 +15,12 @@ them with comments; money in fen):
 - top level: ``points_unit_minor``, ``points_per_unit``, ``require_luhn``,
   ``pin_tries_max``, ``pin_on_top_up``; ``spend_order`` = "principal_first"
   (default) | "bonus_first" | "proportional"; ``points_expire_days`` (0..3660:
-  points expire this many days after the day they were earned; 0 = never).
+  points expire this many days after the day they were earned; 0 = never);
+  ``activation_points`` (a new card's points).
+- ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
+  many points become that much bonus money). No table: no exchange.
+- ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
+  required; stock: the total ever offered under the id).
 - ``[redemption]``: ``points`` and ``value_minor`` (required: that many points
   pay that many fen), ``cap_bp`` (at most this share of a purchase's paid
   amount, default 10000). No table: no redemption.
@@ -75,6 +80,7 @@ from cardcore.rules import (
     SPEND_ORDERS,
     Category,
     Coupon,
+    Gift,
     Package,
     Program,
     Promotion,
@@ -155,12 +161,26 @@ _TOP_KEYS = (
     _Key("pin_on_top_up", "boolean"),
     _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
+    _Key("activation_points", "integer", 0, _I64),
     _Key("redemption", "table"),
+    _Key("exchange", "table"),
+    _Key("gifts", "tables"),
     _Key("categories", "tables"),
     _Key("tiers", "tables"),
     _Key("promotions", "tables"),
     _Key("coupons", "tables"),
     _Key("packages", "tables"),
+)
+_EXCHANGE_KEYS = (
+    _Key("points", "integer", 1, _I64, required=True),
+    _Key("bonus_minor", "integer", 1, _I64, required=True),
+)
+_GIFT_ID = _Key("id", "integer", 1, 0xFFFF, required=True)
+_GIFT_KEYS = (
+    _GIFT_ID,
+    _Key("name", "string", 1, MAX_NAME_LEN, required=True),
+    _Key("points_price", "integer", 1, _I64, required=True),
+    _Key("stock", "integer", 0, _I64, required=True),
 )
 _REDEMPTION_KEYS = (
     _Key("points", "integer", 1, _I64, required=True),
@@ -511,6 +531,35 @@ def _too_many(what: str, raw: list, most: int, lines: _Lines,
                          f"too many {what}: {len(raw)} (at most {most})"))
 
 
+def _check_exchange(raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -> dict:
+    """The Program fields of an [exchange] table (none after its problems)."""
+    table = _Table(raw, ("exchange",), "exchange", lines, problems)
+    values = table.check(_EXCHANGE_KEYS)
+    if not table.ok:
+        return {}
+    return {"exchange_points": values["points"], "exchange_bonus_minor": values["bonus_minor"]}
+
+
+def _check_gifts(raw: list[dict], lines: _Lines,
+                 problems: list[tuple[int, str]]) -> tuple[Gift, ...]:
+    _too_many("gifts", raw, layout.MAX_GIFTS, lines, problems)
+    gifts: list[Gift] = []
+    first_with_id: dict[int, int] = {}
+    for k, one in enumerate(raw):
+        gid = one.get("id")
+        label = f"gift {gid}" if _value_problem(_GIFT_ID, gid) is None else f"gift #{k + 1}"
+        table = _Table(one, ("gifts", k), label, lines, problems)
+        values = table.check(_GIFT_KEYS)
+        if not table.ok:
+            continue
+        if gid in first_with_id:
+            why = f"gift #{k + 1}: duplicate gift id {gid} (also gift #{first_with_id[gid] + 1})"
+            problems.append((lines.line(("gifts", k), "id"), why))
+        first_with_id.setdefault(gid, k)
+        gifts.append(Gift(gid, values["name"], values["points_price"], values["stock"]))
+    return tuple(gifts)
+
+
 def _check_redemption(raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -> dict:
     """The Program fields of a [redemption] table (none after its problems)."""
     table = _Table(raw, ("redemption",), "redemption", lines, problems)
@@ -813,6 +862,9 @@ def parse_program(text: str) -> Program:
         fields["spend_order"] = SPEND_ORDERS[values["spend_order"]]
     if "redemption" in values:
         fields.update(_check_redemption(values["redemption"], lines, problems))
+    if "exchange" in values:
+        fields.update(_check_exchange(values["exchange"], lines, problems))
+    fields["gifts"] = _check_gifts(values.get("gifts", []), lines, problems)
     categories, declared = _check_categories(values.get("categories", []), lines, problems)
     if "categories" in data and "categories" not in values:
         declared = None  # not an array of tables: tiers cannot say which names are declared

@@ -104,7 +104,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             card.pin_tries = 0
 
         if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
-                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE)):
+                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)):
             reason = L.R_INVALID_ARGUMENT
         elif op == L.OP_OPEN:
             if card.version != 0:
@@ -115,6 +115,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 card = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
                               home_store, 0, bytes(32), bytes(24)))
                 tier_before = tier
+                d_points = prog.activation_points
                 if pin_flags & L.NEW_PIN:
                     set_pin()
         elif card.version == 0:
@@ -158,6 +159,32 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_INSUFFICIENT_POINTS
             else:
                 d_points, taken_points, promotion_id = -redeem, redeem, ref_id
+        elif op == L.OP_POINTS_EXCHANGE:
+            blocks = redeem // prog.exchange_points if prog.exchange_points else 0
+            if not prog.exchange_points:
+                reason = L.R_EXCHANGE_NOT_OFFERED
+            elif amount != 0 or blocks == 0:
+                reason = L.R_INVALID_ARGUMENT  # fewer points than one block offered
+            elif card.points < redeem:
+                reason = L.R_INSUFFICIENT_POINTS
+            elif card.principal + card.bonus + blocks * prog.exchange_bonus > L.INT64_MAX:
+                reason = L.R_AMOUNT_OVERFLOW
+            else:
+                taken_points = blocks * prog.exchange_points
+                d_points, d_bonus = -taken_points, blocks * prog.exchange_bonus
+        elif op == L.OP_GIFT_REDEEM:
+            g = prog.gift_def(ref_id)
+            given = L.GIFT.unpack_from(items, cslot * L.COUPON_SIZE)[3]
+            if amount != 0:
+                reason = L.R_INVALID_AMOUNT
+            elif g is None:
+                reason = L.R_GIFT_NOT_FOUND
+            elif given >= g[2]:
+                reason = L.R_GIFT_OUT_OF_STOCK
+            elif card.points < g[1]:
+                reason = L.R_INSUFFICIENT_POINTS
+            else:
+                taken_points, d_points, promotion_id = g[1], -g[1], ref_id
         elif op == L.OP_PACKAGE_USE:
             version, kind, package_id, uses_left, valid_from, valid_until, *_ = \
                 L.PACKAGE.unpack_from(items, cslot * L.COUPON_SIZE)
@@ -238,6 +265,11 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 L.COUPON.pack_into(items, cslot * L.COUPON_SIZE, *coupon[:1], L.COUPON_USED,
                                    *coupon[2:7], entry_seq, coupon_off, coupon[9])
                 item_dirty[cslot] = 1
+            if op == L.OP_GIFT_REDEEM and reason == L.R_OK:
+                given = L.GIFT.unpack_from(items, cslot * L.COUPON_SIZE)[3]
+                L.GIFT.pack_into(items, cslot * L.COUPON_SIZE, L.GIFT_VERSION, ref_id, 0,
+                                 given + 1, bytes(48))
+                item_dirty[cslot] = 1
             if op == L.OP_PACKAGE_USE and reason == L.R_OK:
                 f = list(L.PACKAGE.unpack_from(items, cslot * L.COUPON_SIZE))
                 if f[1] == L.PACKAGE_COUNT:
@@ -265,7 +297,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
 
 def needs_item(op: int, ref_id: int) -> bool:
     """Whether an operation names a coupon or package record the kernel must be given."""
-    return op == L.OP_PACKAGE_USE or (op == L.OP_PURCHASE and ref_id != 0)
+    return op in (L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM) or (op == L.OP_PURCHASE and ref_id != 0)
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
@@ -340,6 +372,13 @@ class CompiledProgram:
             raise ValueError("program out of range")
         self.packages = [L.PACKAGE_DEF.unpack_from(packed, L.PROGRAM_PACKAGES_OFFSET + 32 * k)
                          for k in range(n_packages)]
+        (self.activation_points, self.exchange_points, self.exchange_bonus, n_gifts,
+         _) = L.PROGRAM_POINTS.unpack_from(packed, L.PROGRAM_POINTS_OFFSET)
+        if (n_gifts > L.MAX_GIFTS or self.activation_points < 0 or self.exchange_points < 0
+                or self.exchange_bonus < 0):
+            raise ValueError("program out of range")
+        self.gifts = [L.GIFT_DEF.unpack_from(packed, L.PROGRAM_GIFTS_OFFSET + L.GIFT_DEF.size * k)
+                      for k in range(n_gifts)]
         self.coupons = [L.COUPON_DEF.unpack_from(packed, L.PROGRAM_COUPONS_OFFSET + 48 * k)
                         for k in range(count)]
         cells = L.MAX_TIERS * L.MAX_CATEGORIES
@@ -349,6 +388,10 @@ class CompiledProgram:
                 and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
                 and self.promotion_count <= L.MAX_PROMOTIONS):
             raise ValueError("program out of range")
+
+    def gift_def(self, gift_id: int) -> tuple | None:
+        """The catalogue's gift ``gift_id`` (layout.GIFT_DEF fields), or None."""
+        return next((g for g in self.gifts if g[0] == gift_id), None)
 
     def package_def(self, package_id: int) -> tuple | None:
         """The definition of package ``package_id`` (layout.PACKAGE_DEF fields), or None."""

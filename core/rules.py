@@ -156,6 +156,16 @@ class Package:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gift:
+    """A gift of the catalogue (rule 4c), for points, while its stock lasts: ``stock`` is the
+    total ever offered under this id (raise it in a later program version to restock)."""
+    id: int
+    name: str
+    points_price: int
+    stock: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Program:
     tiers: tuple[Tier, ...]
     points_unit_minor: int = 100
@@ -172,6 +182,10 @@ class Program:
     coupons: tuple[Coupon, ...] = ()
     packages: tuple[Package, ...] = ()
     points_expire_days: int = 0   # lots expire this many days after the day earned; 0 = never
+    activation_points: int = 0    # points a card gets when opened
+    exchange_points: int = 0      # whole blocks of this many points ...
+    exchange_bonus_minor: int = 0  # ... become this much bonus money; 0 and 0: no exchange
+    gifts: tuple[Gift, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -232,6 +246,13 @@ class Program:
                             else p.uses == 0)
                     or not (p.category == -1 or p.category == 0 or p.category in codes)):
                 raise ValueError(f"package {p.id}: out of range")
+        if (not 0 <= self.activation_points <= L.INT64_MAX or self.exchange_points < 0
+                or self.exchange_bonus_minor < 0
+                or (self.exchange_points > 0) != (self.exchange_bonus_minor > 0)):
+            raise ValueError("activation or exchange out of range")
+        if len(self.gifts) > L.MAX_GIFTS or len({g.id for g in self.gifts}) != len(self.gifts) or any(
+                not 1 <= g.id <= 0xFFFF or g.points_price <= 0 or g.stock < 0 for g in self.gifts):
+            raise ValueError(f"at most {L.MAX_GIFTS} gifts, distinct ids, prices > 0")
         if not 0 <= self.points_expire_days <= POINTS_EXPIRE_DAYS_MAX:
             raise ValueError(f"points_expire_days must be 0..{POINTS_EXPIRE_DAYS_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
@@ -240,6 +261,9 @@ class Program:
                 or (self.redeem_points > 0) != (self.redeem_value_minor > 0)
                 or not 0 <= self.redeem_cap_bp <= RATE_BP_FULL):
             raise ValueError("redemption out of range")
+
+    def gift(self, gift_id: int) -> Gift | None:
+        return next((g for g in self.gifts if g.id == gift_id), None)
 
     def package(self, package_id: int) -> Package | None:
         return next((p for p in self.packages if p.id == package_id), None)
@@ -292,8 +316,12 @@ class Program:
         packages = b"".join(L.PACKAGE_DEF.pack(p.id, p.kind, p.category, p.uses, p.days,
                                                p.price_minor) for p in self.packages)
         packages += bytes((L.MAX_PACKAGES - len(self.packages)) * L.PACKAGE_DEF.size)
+        gifts = b"".join(L.GIFT_DEF.pack(g.id, g.points_price, g.stock) for g in self.gifts)
+        gifts += bytes((L.MAX_GIFTS - len(self.gifts)) * L.GIFT_DEF.size)
         out = (head + promos + rates.tobytes() + per_unit.tobytes() + coupons
-               + struct.pack("<II", len(self.coupons), len(self.packages)) + packages)
+               + struct.pack("<II", len(self.coupons), len(self.packages)) + packages
+               + L.PROGRAM_POINTS.pack(self.activation_points, self.exchange_points,
+                                       self.exchange_bonus_minor, len(self.gifts), 0) + gifts)
         assert len(out) == L.PROGRAM_SIZE
         return out
 

@@ -55,6 +55,10 @@ def verify(ledger, problems_max: int = 50) -> dict:
         journal = _journal(txn, ledger, programs, problem)
         cards = _cards(txn, ledger, journal["sums"], problem)
         _states(txn, ledger, journal["states"], problem)
+        stock = dict(txn.cursor(db=ledger.gift_stock)) if ledger.gift_stock is not None else {}
+        if stock != {L.GIFT_KEY.pack(g): L.GIFT.pack(L.GIFT_VERSION, g, 0, n, bytes(48))
+                     for g, n in journal["gifts"].items()}:
+            problem("the gifts' stock records are not what the journal's redemptions make")
         rebuilt_lots = journal["lots"].records()
         stored_lots = dict(txn.cursor(db=ledger.points_lots)) if ledger.points_lots else {}
         if stored_lots != rebuilt_lots:
@@ -127,6 +131,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     coupons: dict[bytes, tuple] = {}  # coupon key -> the record the journal rebuilds
     packages: dict[bytes, tuple] = {}  # likewise for packages
     point_lots = lots.DictLots()       # every card's points lots, as the journal makes them
+    gifts_given: dict[int, int] = {}   # gift id -> how many the journal gave
     lot_rule = lots.Lots(point_lots)
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     for key, entry in txn.cursor(db=ledger.journal):
@@ -169,8 +174,10 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if op == L.OP_OPEN:
             if s is not None:
                 problem(f"journal entry {seq}: a second opening of the same card")
-            if any(f[_MOVES]):
-                problem(f"journal entry {seq}: an opening that moves value")
+            opened_with = programs.get(program_version, (None,))[0]
+            if any(f[9:13]) or dpts != (opened_with.activation_points if opened_with else 0):
+                problem(f"journal entry {seq}: an opening that moves value (beyond the "
+                        "program's activation points)")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
@@ -232,6 +239,22 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         elif op in (L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_PIN_FAILED):
             if any(f[_MOVES]):
                 problem(f"journal entry {seq}: a PIN entry that moves value")
+        elif op == L.OP_POINTS_EXCHANGE:
+            program = programs.get(program_version, (None,))[0]
+            n = program.exchange_points if program else 0
+            if (not n or taken <= 0 or taken % n or dpts != -taken or f[9] or f[10] or dp
+                    or db_ != taken // n * program.exchange_bonus_minor):
+                problem(f"journal entry {seq}: an exchange of {taken} points for {db_} bonus its "
+                        "program does not give")
+        elif op == L.OP_GIFT_REDEEM:
+            program = programs.get(program_version, (None,))[0]
+            gift = program.gift(promotion_id) if program else None
+            given = gifts_given.get(promotion_id, 0)
+            if (gift is None or given >= gift.stock or taken != gift.points_price
+                    or dpts != -taken or any(f[9:13]) or f[29] != promotion_id):
+                problem(f"journal entry {seq}: gift {promotion_id} for {taken} points that its "
+                        "program and stock do not give")
+            gifts_given[promotion_id] = given + 1
         elif op == L.OP_POINTS_EXPIRED:
             program = programs.get(program_version, (None,))[0]
             lot_days = point_lots.cards.get(cid, {})
@@ -265,7 +288,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1,
             "head_digest": last_digest, "states": states, "coupons": coupons,
-            "packages": packages, "lots": point_lots}
+            "packages": packages, "lots": point_lots, "gifts": gifts_given}
 
 
 def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, tier_after: int,

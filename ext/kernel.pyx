@@ -11,8 +11,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
 from records cimport (cc_card_ext_t, cc_card_t, cc_coupon_def_t, cc_coupon_t, cc_i128,
-                     cc_journal_t, cc_line_t, cc_op_t, cc_package_def_t, cc_package_t,
-                     cc_program_t, cc_promotion_t)
+                     cc_gift_def_t, cc_gift_t, cc_journal_t, cc_line_t, cc_op_t,
+                     cc_package_def_t, cc_package_t, cc_program_t, cc_promotion_t)
 
 cdef extern from "<stdint.h>":
     const int64_t INT64_MAX
@@ -21,7 +21,7 @@ cdef enum:
     CARD_SIZE = 128
     JOURNAL_SIZE = 256
     OP_SIZE = 192
-    PROGRAM_SIZE = 14200
+    PROGRAM_SIZE = 15000
     LINE_SIZE = 64
     EXT_SIZE = 128
     PIN_CHECK_SIZE = 32
@@ -46,7 +46,9 @@ cdef enum:
     OP_PACKAGE_SELL = 9
     OP_PACKAGE_USE = 10
     OP_POINTS_EXPIRED = 11
-    OP_KERNEL_MAX = 11
+    OP_POINTS_EXCHANGE = 12
+    OP_GIFT_REDEEM = 13
+    OP_KERNEL_MAX = 13
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -73,6 +75,10 @@ cdef enum:
     R_PACKAGE_NOT_FOUND = 72
     R_PACKAGE_NOT_VALID_NOW = 73
     R_PACKAGE_USED_UP = 74
+    R_GIFT_NOT_FOUND = 75
+    R_GIFT_OUT_OF_STOCK = 76
+    R_EXCHANGE_NOT_OFFERED = 77
+    MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
     CATEGORY_DEFINED = 1
@@ -247,8 +253,17 @@ cdef inline const cc_package_def_t* package_def(const cc_program_t* prog,
 
 
 cdef inline int needs_item(const cc_op_t* op) noexcept nogil:
-    """Whether an operation names a coupon or package record the caller must pass."""
-    return op.op == OP_PACKAGE_USE or (op.op == OP_PURCHASE and op.ref_id != 0)
+    """Whether an operation names a coupon, package or gift record the caller must pass."""
+    return (op.op == OP_PACKAGE_USE or op.op == OP_GIFT_REDEEM
+            or (op.op == OP_PURCHASE and op.ref_id != 0))
+
+
+cdef inline const cc_gift_def_t* gift_def(const cc_program_t* prog, uint64_t gift_id) noexcept nogil:
+    cdef uint32_t j
+    for j in range(prog.gift_count):
+        if prog.gifts[j].id == gift_id:
+            return &prog.gifts[j]
+    return NULL
 
 
 cdef inline int eligible(const cc_program_t* prog, const cc_coupon_def_t* d,
@@ -429,11 +444,15 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef const cc_coupon_def_t* d
     cdef const cc_package_def_t* pd
     cdef cc_package_t* pkg = <cc_package_t*>coupon  # a package use's record, in the same slot
+    cdef cc_gift_t* gift = <cc_gift_t*>coupon        # a gift's stock record, likewise
+    cdef const cc_gift_def_t* gd
+    cdef int64_t blocks
     cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE else NULL
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = 0
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
             or op.line_count > LINES_MAX
-            or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE)):
+            or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
+                and op.op != OP_POINTS_EXCHANGE)):
         reason = R_INVALID_ARGUMENT
     elif op.op == OP_OPEN:
         if rec.version != 0:
@@ -448,6 +467,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             tier_before = op.tier
             rec.opened_us = ts_us
             rec.home_store_id = op.home_store_id
+            d_points = prog.activation_points
             if op.pin_flags & NEW_PIN:
                 set_pin(op, rec)
     elif rec.version == 0:
@@ -495,6 +515,35 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 d_points = -op.redeem_points
                 fig[2] = op.redeem_points
                 promotion_id = d.id
+        elif op.op == OP_POINTS_EXCHANGE:
+            blocks = op.redeem_points // prog.exchange_points if prog.exchange_points else 0
+            if not prog.exchange_points:
+                reason = R_EXCHANGE_NOT_OFFERED
+            elif amount != 0 or blocks == 0:
+                reason = R_INVALID_ARGUMENT  # fewer points than one block offered
+            elif rec.points < op.redeem_points:
+                reason = R_INSUFFICIENT_POINTS
+            elif (<cc_i128>rec.principal_minor + rec.bonus_minor
+                  + <cc_i128>blocks * prog.exchange_bonus_minor > INT64_MAX):
+                reason = R_AMOUNT_OVERFLOW
+            else:
+                fig[2] = blocks * prog.exchange_points
+                d_points = -fig[2]
+                d_bonus = blocks * prog.exchange_bonus_minor
+        elif op.op == OP_GIFT_REDEEM:
+            gd = gift_def(prog, op.ref_id)
+            if amount != 0:
+                reason = R_INVALID_AMOUNT
+            elif gd == NULL:
+                reason = R_GIFT_NOT_FOUND
+            elif gift.given >= gd.stock:
+                reason = R_GIFT_OUT_OF_STOCK
+            elif rec.points < gd.points_price:
+                reason = R_INSUFFICIENT_POINTS
+            else:
+                fig[2] = gd.points_price
+                d_points = -gd.points_price
+                promotion_id = gd.id
         elif op.op == OP_PACKAGE_USE:
             if amount != 0:
                 reason = R_INVALID_AMOUNT
@@ -586,6 +635,11 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             coupon.used_seq = seq
             coupon.off_minor = fig[4]
             item_dirty[0] = 1
+        if op.op == OP_GIFT_REDEEM and reason == R_OK:
+            gift.version = 1
+            gift.gift_id = <uint16_t>op.ref_id
+            gift.given += 1
+            item_dirty[0] = 1
         if op.op == OP_PACKAGE_USE and reason == R_OK:
             if pkg.kind == PACKAGE_COUNT:
                 pkg.uses_left -= 1
@@ -676,7 +730,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.promotion_count > MAX_PROMOTIONS or prog.redeem_points < 0
             or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
             or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
-            or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES):
+            or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES
+            or prog.gift_count > MAX_GIFTS or prog.activation_points < 0
+            or prog.exchange_points < 0 or prog.exchange_bonus_minor < 0):
         raise ValueError("program out of range")
     for t in range(prog.tier_count):
         for c in range(MAX_CATEGORIES):

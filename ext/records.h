@@ -121,6 +121,20 @@ typedef struct {
 } cc_package_t;
 
 typedef struct {
+    uint16_t id;
+    uint8_t reserved0[6];
+    int64_t points_price, stock;
+} cc_gift_def_t;
+
+typedef struct {
+    uint8_t version, reserved0;
+    uint16_t gift_id;
+    uint32_t reserved1;
+    int64_t given;
+    uint8_t reserved2[48];
+} cc_gift_t;
+
+typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, redeem_points, redeem_value_minor;
     uint32_t redeem_cap_bp, program_version;
@@ -133,12 +147,17 @@ typedef struct {
     cc_coupon_def_t coupons[32];
     uint32_t coupon_count, package_count;
     cc_package_def_t packages[32];
+    int64_t activation_points, exchange_points, exchange_bonus_minor;
+    uint32_t gift_count, reserved2;
+    cc_gift_def_t gifts[32];
 } cc_program_t;
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
 _Static_assert(sizeof(cc_journal_t) == 256, "journal entry is 256 bytes");
 _Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
-_Static_assert(sizeof(cc_program_t) == 14200, "program is 14,200 bytes");
+_Static_assert(sizeof(cc_program_t) == 15000, "program is 15,000 bytes");
+_Static_assert(sizeof(cc_gift_def_t) == 24, "gift definition is 24 bytes");
+_Static_assert(sizeof(cc_gift_t) == 64, "gift stock record is 64 bytes");
 _Static_assert(sizeof(cc_package_def_t) == 32, "package definition is 32 bytes");
 _Static_assert(sizeof(cc_package_t) == 64, "package is 64 bytes");
 _Static_assert(sizeof(cc_coupon_def_t) == 48, "coupon definition is 48 bytes");

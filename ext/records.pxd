@@ -110,6 +110,18 @@ cdef extern from "records.h":
         uint32_t uses, reserved0
         uint8_t reserved1[16]
 
+    ctypedef struct cc_gift_def_t:
+        uint16_t id
+        uint8_t reserved0[6]
+        int64_t points_price, stock
+
+    ctypedef struct cc_gift_t:
+        uint8_t version, reserved0
+        uint16_t gift_id
+        uint32_t reserved1
+        int64_t given
+        uint8_t reserved2[48]
+
     ctypedef struct cc_program_t:
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, redeem_points, redeem_value_minor
@@ -125,3 +137,6 @@ cdef extern from "records.h":
         cc_coupon_def_t coupons[32]
         uint32_t coupon_count, package_count
         cc_package_def_t packages[32]
+        int64_t activation_points, exchange_points, exchange_bonus_minor
+        uint32_t gift_count, reserved2
+        cc_gift_def_t gifts[32]

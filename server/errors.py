@@ -88,6 +88,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_PACKAGE_NOT_FOUND: (C.NOT_FOUND, "no such package"),
     R.REASON_PACKAGE_NOT_VALID_NOW: (C.FAILED_PRECONDITION, "the package is not valid now"),
     R.REASON_PACKAGE_USED_UP: (C.FAILED_PRECONDITION, "the package has no uses left"),
+    R.REASON_GIFT_NOT_FOUND: (C.NOT_FOUND, "no such gift in the catalogue"),
+    R.REASON_GIFT_OUT_OF_STOCK: (C.FAILED_PRECONDITION, "the gift is out of stock"),
+    R.REASON_EXCHANGE_NOT_OFFERED: (C.FAILED_PRECONDITION, "the card program does not exchange "
+                                    "points"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

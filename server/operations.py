@@ -128,7 +128,9 @@ class Operations:
                          "reset_pin": (L.OP_RESET_PIN, self.reset_pin_op),
                          "issue_coupon": (L.OP_COUPON_ISSUE, self.issue_coupon_op),
                          "sell_package": (L.OP_PACKAGE_SELL, self.sell_package_op),
-                         "use_entitlement": (L.OP_PACKAGE_USE, self.use_entitlement_op)}
+                         "use_entitlement": (L.OP_PACKAGE_USE, self.use_entitlement_op),
+                         "exchange_points": (L.OP_POINTS_EXCHANGE, self.exchange_points_op),
+                         "redeem_gift": (L.OP_GIFT_REDEEM, self.redeem_gift_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -299,6 +301,23 @@ class Operations:
             return 0, {"ref_id": req.package_serial}
 
         return self._money_op(req, caller, L.OP_PACKAGE_USE, L.PIN_REQUIRED | self.dev_pin, which)
+
+    def exchange_points_op(self, req: pb.ExchangePointsRequest, caller: Caller) -> PendingOp:
+        def offered(_req) -> tuple[int, dict]:
+            if req.points <= 0:
+                raise Invalid(R.REASON_INVALID_ARGUMENT, "points")
+            return 0, {"redeem_points": req.points}
+
+        return self._money_op(req, caller, L.OP_POINTS_EXCHANGE, L.PIN_REQUIRED | self.dev_pin,
+                              offered)
+
+    def redeem_gift_op(self, req: pb.RedeemGiftRequest, caller: Caller) -> PendingOp:
+        def gift(_req) -> tuple[int, dict]:
+            if self.ledger.program.gift(req.gift_id) is None:
+                raise Invalid(R.REASON_GIFT_NOT_FOUND, "gift_id")
+            return 0, {"ref_id": req.gift_id}
+
+        return self._money_op(req, caller, L.OP_GIFT_REDEEM, L.PIN_REQUIRED | self.dev_pin, gift)
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

@@ -38,7 +38,8 @@ BUSY_WAIT_S = 5.0  # at most this long for room in a terminal's budget (within t
 UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_PURCHASE,
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN,
                   "IssueCoupon": L.OP_COUPON_ISSUE, "SellPackage": L.OP_PACKAGE_SELL,
-                  "UseEntitlement": L.OP_PACKAGE_USE}
+                  "UseEntitlement": L.OP_PACKAGE_USE, "ExchangePoints": L.OP_POINTS_EXCHANGE,
+                  "RedeemGift": L.OP_GIFT_REDEEM}
 BATCH_OPS_MAX = 10_000
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
 
@@ -139,6 +140,8 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         if promotion_id:
             if op == L.OP_TOP_UP:
                 result.promotion_id = promotion_id
+            elif op == L.OP_GIFT_REDEEM:
+                result.gift_id = promotion_id
             elif op == L.OP_PACKAGE_SELL or op == L.OP_PACKAGE_USE:
                 result.package_id = promotion_id
                 result.package_serial = L.JOURNAL_TAIL.unpack_from(entry)[4]
@@ -261,7 +264,7 @@ class CardService(pb_grpc.CardServiceServicer):
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
-            "CheckEntitlement")}
+            "CheckEntitlement", "ExchangePoints", "RedeemGift")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -369,6 +372,13 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def IssueCoupon(self, request, context):
         return await self._unary("IssueCoupon", self.operations.issue_coupon_op, request, context)
+
+    async def ExchangePoints(self, request, context):
+        return await self._unary("ExchangePoints", self.operations.exchange_points_op, request,
+                                 context)
+
+    async def RedeemGift(self, request, context):
+        return await self._unary("RedeemGift", self.operations.redeem_gift_op, request, context)
 
     async def SellPackage(self, request, context):
         return await self._unary("SellPackage", self.operations.sell_package_op, request, context)

@@ -445,15 +445,16 @@ def test_a_coupon_threshold_is_inclusive_and_tobacco_does_not_count(market):
 
 
 def test_a_percent_coupon_bought_with_points_is_capped(market):
-    """Coupon 2, "fresh 10 % off", at most 20.00, costs 500 points. A card with 300 points
-    cannot buy it; with 500 it can (points 0 after). On fresh 150.00 it takes 15.00; on fresh
-    300.00 it would take 30.00 but the cap is 20.00 (a second coupon)."""
+    """Coupon 2, "fresh 10 % off", at most 20.00, costs 500 points. A card with 100 + 300 points
+    (the activation gift and a purchase) cannot buy it; with 500 it can (points 0 after). On
+    fresh 150.00 it takes 15.00; on fresh 300.00 it would take 30.00 but the cap is 20.00 (a
+    second coupon)."""
     number = "6225880000000103"
-    market.open(number)
+    market.open(number)  # 100 points: the supermarket's activation points
     market.top_up(number, 200000)
-    market.buy(number, line(GROCERY, 30000))  # 300 points
+    market.buy(number, line(GROCERY, 30000))  # 400 points
     assert figures(market.issue(number, 2, points=500))["reason"] == L.R_INSUFFICIENT_POINTS
-    market.buy(number, line(GROCERY, 20000))  # 500 points
+    market.buy(number, line(GROCERY, 10000))  # 500 points
     bought = market.issue(number, 2, points=500)
     assert (figures(bought)["points"], figures(bought)["taken"]) == (-500, 500)
     assert market.card(number)["points"] == 0
@@ -704,4 +705,62 @@ def test_a_ledger_made_before_lots_gets_them_from_its_journal(cafe):
     cafe.ledger = Ledger(path)
     assert lots_of(cafe, number) == before and sum(v[0] for v in before.values()) == 300 - 100 + 9
     report = verify(cafe.ledger)
+    assert report["ok"], report["problems"]
+
+
+def redeem_gift(till: Till, number: str, gift_id: int):
+    return till.apply(PendingOp.build(
+        key(till.rid()), L.OP_GIFT_REDEEM, cid(number), 0, store_id=3, ref_id=gift_id,
+        pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET, client_time_us=till.at + 1))[0]
+
+
+def exchange(till: Till, number: str, points: int):
+    return till.apply(PendingOp.build(
+        key(till.rid()), L.OP_POINTS_EXCHANGE, cid(number), 0, store_id=3, redeem_points=points,
+        pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET, client_time_us=till.at + 1))[0]
+
+
+def test_a_new_card_gets_its_activation_points_in_a_lot(market):
+    """Supermarket: 100 points on opening, in the lot of the opening's day."""
+    number = "6225880000000401"
+    market.open(number)
+    assert market.card(number)["points"] == 100
+    assert [left for left, _ in lots_of(market, number).values()] == [100]
+
+
+def test_points_become_bonus_money_in_whole_blocks(market):
+    """Supermarket exchange: 1000 points = 5.00 of bonus. 100 + 2,500 points; offering 2,550
+    takes 2,000 (two blocks) for 10.00; 600 points stay. Fewer than a block: refused."""
+    number = "6225880000000402"
+    market.open(number)
+    market.top_up(number, 300000)
+    market.buy(number, line(GROCERY, 250000))  # 2,500 points (+100 on opening)
+    f = figures(exchange(market, number, 2550))
+    assert (f["reason"], f["points"], f["taken"], f["bonus"], f["principal"]) == (
+        L.R_OK, -2000, 2000, 1000, 0)
+    assert market.card(number)["points"] == 600 and market.card(number)["bonus"] == 1000
+    assert figures(exchange(market, number, 999))["reason"] == L.R_INVALID_ARGUMENT
+    assert figures(exchange(market, number, 5000))["reason"] == L.R_INSUFFICIENT_POINTS
+
+
+def test_a_gift_is_taken_from_its_stock_until_none_is_left(market):
+    """The tote bag: 800 points, 2 in stock. Three members with enough points: the first two get
+    one each (stock taken in the same write), the third REASON_GIFT_OUT_OF_STOCK; two
+    redemptions of the last one in one group: exactly one."""
+    members = ["6225880000000403", "6225880000000404", "6225880000000405"]
+    for n in members:
+        market.open(n)
+        market.top_up(n, 100000)
+        market.buy(n, line(GROCERY, 70000))  # 700 + 100 points
+    first = redeem_gift(market, members[0], 1)
+    assert (figures(first)["taken"], figures(first)["points"], figures(first)["promotion"]) == (
+        800, -800, 1)
+    a, b = market.apply(*(PendingOp.build(
+        key(market.rid()), L.OP_GIFT_REDEEM, cid(n), 0, store_id=3, ref_id=1,
+        pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET, client_time_us=market.at + 1)
+        for n in members[1:]))
+    assert (a.reason, b.reason) == (L.R_OK, L.R_GIFT_OUT_OF_STOCK)
+    assert market.card(members[2])["points"] == 800
+    assert figures(redeem_gift(market, members[2], 9))["reason"] == L.R_GIFT_NOT_FOUND
+    report = verify(market.ledger)
     assert report["ok"], report["problems"]

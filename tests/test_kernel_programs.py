@@ -59,6 +59,8 @@ def programs(draw):
             pid, f"p{pid}", kind, draw(st.sampled_from([1, 500, 80_000, INT64_MAX])),
             draw(st.integers(1, 400)), draw(st.integers(1, 12)) if kind == L.PACKAGE_COUNT else 0,
             draw(st.sampled_from([-1, 0, *codes]))))
+    exchange = draw(st.one_of(st.just((0, 0)), st.tuples(st.integers(1, 500), st.integers(1, 500)),
+                              st.tuples(edge_money, edge_money)))
     redeem = draw(st.one_of(st.just((0, 0)), st.tuples(st.integers(1, 500), st.integers(1, 500)),
                             st.tuples(edge_money, edge_money)))
     return rules.Program(
@@ -68,6 +70,11 @@ def programs(draw):
         spend_order=draw(st.sampled_from(list(rules.SPEND_ORDERS.values()))),
         redeem_points=redeem[0], redeem_value_minor=redeem[1], coupons=tuple(coupons),
         packages=tuple(packages),
+        activation_points=draw(st.sampled_from([0, 0, 200, INT64_MAX])),
+        exchange_points=exchange[0], exchange_bonus_minor=exchange[1],
+        gifts=tuple(rules.Gift(gid, f"g{gid}", draw(st.sampled_from([1, 100, 2000, INT64_MAX])),
+                               draw(st.sampled_from([0, 1, 2, 100])))
+                    for gid in draw(st.lists(st.sampled_from([1, 2, 7]), max_size=3, unique=True))),
         redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000]))).packed(
             draw(st.integers(1, 2**32 - 1)))
 
@@ -261,4 +268,45 @@ def test_kernel_equals_reference_on_packages(program, batch, ts_us):
     assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
                     islots, items) == \
         run_full(reference.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
+                 islots, items)
+
+
+@st.composite
+def points_batches(draw):
+    """Points into bonus money and gifts from a stock: offers above, below and between blocks;
+    gift stock records there or not, used up or not, two redemptions sharing one."""
+    nslots = draw(st.integers(1, 3))
+    recs = b"".join(card_bytes(principal=draw(st.sampled_from([0, 5_000, INT64_MAX - 100])),
+                               bonus=draw(st.sampled_from([0, 50])),
+                               points=draw(st.sampled_from([0, 99, 100, 2_500, INT64_MAX])),
+                               tier=0, status=draw(st.sampled_from([1, 1, 1, 2])))
+                    for _ in range(nslots))
+    stock = [L.GIFT.pack(draw(st.sampled_from([0, 1])), gid, 0, draw(st.sampled_from([0, 1, 2, 99])),
+                         bytes(48)) for gid in draw(st.lists(st.sampled_from([1, 2, 7, 9]),
+                                                             min_size=1, max_size=3, unique=True))]
+    ops, slots, islots = [], [], []
+    for i in range(draw(st.integers(1, 8))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        if draw(st.booleans()):
+            k = draw(st.integers(0, len(stock) - 1))
+            islots.append(k)
+            ops.append(op_bytes(L.OP_GIFT_REDEEM, draw(st.sampled_from([0, 0, 0, 3])),
+                                card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                                ref_id=L.GIFT.unpack(stock[k])[1]))
+        else:
+            islots.append(L.SLOT_NONE)
+            ops.append(op_bytes(L.OP_POINTS_EXCHANGE, draw(st.sampled_from([0, 0, 0, 1])),
+                                card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                                redeem=draw(st.sampled_from([0, 1, 99, 100, 250, 2_500,
+                                                             INT64_MAX]))))
+    return b"".join(ops), slots, recs, bytes(len(recs)), b"", islots, b"".join(stock)
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=points_batches())
+def test_kernel_equals_reference_on_exchanges_and_gifts(program, batch):
+    ops, slots, recs, exts, lines, islots, items = batch
+    assert run_full(kernel.apply_batch, program, ops, slots, recs, T0, 1, lines, exts,
+                    islots, items) == \
+        run_full(reference.apply_batch, program, ops, slots, recs, T0, 1, lines, exts,
                  islots, items)

@@ -289,7 +289,7 @@ def test_a_campaign_gives_coupons_in_bulk_and_points_buy_one(market):
     assert all(len(client.card(n).coupons) == 1 for n in numbers)
     buyer = numbers[0]
     client.top_up(buyer, 100000)
-    market.stub.Purchase(purchase(buyer, (GROCERY, 50000, 1, "")))  # 500 points
+    market.stub.Purchase(purchase(buyer, (GROCERY, 40000, 1, "")))  # 100 on opening + 400
     bought = issue(market, buyer, 2, token=False, points=True)
     assert (bought.points_redeemed, bought.balance_after.points) == (500, 0)
     with pytest.raises(grpc.RpcError) as err:
@@ -366,3 +366,31 @@ def test_get_card_shows_where_the_points_are(start_server, tmp_path):
     day = done.applied_at_us // 86_400_000_000
     assert (lot.points, lot.expires_at_us) == (123, (day + 365) * 86_400_000_000)
     assert lot.earned_on == str(datetime.date(1970, 1, 1) + datetime.timedelta(days=day))
+
+
+def test_points_are_exchanged_and_a_gift_redeemed_over_grpc(market):
+    client = Client(market.stub)
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 300000)
+    market.stub.Purchase(purchase(number, (GROCERY, 190000, 1, "")))  # 1,900 + 100 points
+    request_id = rid()
+    exchanged = market.stub.ExchangePoints(pb.ExchangePointsRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), points=1000, till=cpb.Till(store_id=1, terminal_id=1)))
+    assert (exchanged.type, exchanged.points_redeemed, exchanged.bonus_delta_minor,
+            exchanged.balance_after.points) == (cpb.OPERATION_TYPE_POINTS_EXCHANGED, 1000, 500, 1000)
+    request_id = rid()
+    gift = market.stub.RedeemGift(pb.RedeemGiftRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), gift_id=1, till=cpb.Till(store_id=1, terminal_id=1)))
+    assert (gift.type, gift.gift_id, gift.points_redeemed, gift.balance_after.points) == (
+        cpb.OPERATION_TYPE_GIFT_REDEEMED, 1, 800, 200)
+    with pytest.raises(grpc.RpcError) as err:
+        request_id = rid()
+        market.stub.RedeemGift(pb.RedeemGiftRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=number), gift_id=1,
+            till=cpb.Till(store_id=1, terminal_id=1)))
+    assert failure_of(err.value).reason == R.REASON_INSUFFICIENT_POINTS
+    assert verify(market.data_dir)["ok"]
