@@ -138,8 +138,9 @@ writer runs::
     162  6B  reserved
     168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
                                    coupon issue: the points it is bought with (0: given by an
-                                   operator)
-    176  16B reserved
+                                   operator); exchange: the points offered
+    176  16B referrer_id           open: the card of the member who referred this one (zeros:
+                                   none); the writer credits it the program's referral points
 
 Purchase line, v1, 64 bytes: the kernel's lines buffer (in) and, for an applied
 purchase with lines, LMDB ``journal_lines`` (key: the purchase's seq; value: its
@@ -424,7 +425,8 @@ OP_PACKAGE_USE = 10     # one use of a package (a haircut of ten; a visit on a m
 OP_POINTS_EXPIRED = 11  # the writer's sweep: points whose lots reached the program's horizon
 OP_POINTS_EXCHANGE = 12  # points into bonus money
 OP_GIFT_REDEEM = 13     # points for a gift of the catalogue, from its stock
-OP_KERNEL_MAX = OP_GIFT_REDEEM  # 1..5 and 7..13 go through the kernel; 6 is written by it
+OP_REFERRAL_BONUS = 14  # the writer's: a referrer's points for a card opened on its referral
+OP_KERNEL_MAX = OP_REFERRAL_BONUS  # 1..5 and 7..14 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23

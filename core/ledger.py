@@ -86,7 +86,9 @@ _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
 assert _ENTRY_HEAD.size == 88
 _TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
 _U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
-_OP_REF = struct.Struct("<144xQ")  # an operation's ref_id (layout.OP offset 144), read alone
+_OP_REF = struct.Struct("<144xQ")
+_OP_REFERRER = 176  # layout.OP offset of referrer_id
+NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's ref_id (layout.OP offset 144), read alone
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 EXT_READERS = frozenset((L.OP_TOP_UP,))  # operations whose rules read the card program state
 
@@ -710,18 +712,24 @@ class _Group:
             d[1] = day
         if not due:
             return
-        base = len(self.ops)
         expiries = [PendingOp.build(b"", L.OP_POINTS_EXPIRED, card_id, points, ref_id=day,
                                     caller=(L.CALLER_SYSTEM, 0))
                     for card_id, (points, day) in due.items()]
-        self.ops = self.ops + expiries
-        self.outcomes = self.outcomes + [None] * len(expiries)
-        self.run = list(range(base, base + len(expiries)))
-        self._flush_run()
-        if any(o.reason != L.R_OK for o in self.outcomes[base:]):
+        if any(o.reason != L.R_OK for o in self._run_internal(expiries)):
             raise InvariantError("a points expiry was declined: the lots and the card disagree")
-        self.ops, self.outcomes = self.ops[:base], self.outcomes[:base]
         self.expired = len(expiries)
+
+    def _run_internal(self, internal: list[PendingOp]) -> list[Outcome]:
+        """The writer's own card operations (expiries, referral bonuses) through the kernel, as
+        one run after what came before them; their outcomes (no request records, no answers)."""
+        base, pending = len(self.ops), self.run
+        self.ops = self.ops + internal
+        self.outcomes = self.outcomes + [None] * len(internal)
+        self.run = list(range(base, base + len(internal)))
+        self._flush_run()
+        done = self.outcomes[base:]
+        self.ops, self.outcomes, self.run = self.ops[:base], self.outcomes[:base], pending
+        return done  # type: ignore[return-value]
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:
         reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
@@ -788,6 +796,7 @@ class _Group:
         line_at = 0
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
+        referrals: list[PendingOp] = []  # one level: a referral bonus never pays another
         for k, i in enumerate(run):
             op = ops[i]
             op_type = op.packed[0]
@@ -829,6 +838,11 @@ class _Group:
                 self.item_items.append((ledger.packages,
                                         *sold_package(admin.program, op.card_id, entry)))
             if reason == L.R_OK and op_type == L.OP_OPEN:
+                referrer = op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
+                points = admin.program.referral_points
+                if points and referrer != NO_REFERRER and referrer != op.card_id:
+                    referrals.append(PendingOp.build(b"", L.OP_REFERRAL_BONUS, referrer, points,
+                                                     link_seq=seq, caller=(L.CALLER_SYSTEM, 0)))
                 admin.tier_cards()[tier] += 1
                 if op.profile is not None:
                     self.profile_items.append((op.card_id, op.profile))
@@ -845,6 +859,8 @@ class _Group:
         for db, key, value in self.item_items:
             txn.put(key, value, db=db)
         self.item_items.clear()
+        if referrals:  # the referrers' points, before anything after the run (an unknown or
+            self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
 
     def _write(self, prev_digest: bytes) -> None:
         """Everything the group made, each sub-database written once."""

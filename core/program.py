@@ -16,7 +16,9 @@ them with comments; money in fen):
   ``pin_tries_max``, ``pin_on_top_up``; ``spend_order`` = "principal_first"
   (default) | "bonus_first" | "proportional"; ``points_expire_days`` (0..3660:
   points expire this many days after the day they were earned; 0 = never);
-  ``activation_points`` (a new card's points).
+  ``activation_points`` (a new card's points); ``referral_points`` (the
+  referrer's, when a card is opened on its referral: one level, never the
+  referrer's referrer).
 - ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
   many points become that much bonus money). No table: no exchange.
 - ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
@@ -162,6 +164,7 @@ _TOP_KEYS = (
     _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
     _Key("activation_points", "integer", 0, _I64),
+    _Key("referral_points", "integer", 0, _I64),
     _Key("redemption", "table"),
     _Key("exchange", "table"),
     _Key("gifts", "tables"),

@@ -131,6 +131,13 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 d_points = -amount
         elif card.status != L.STATUS_ACTIVE:
             reason = L.R_CARD_NOT_ACTIVE
+        elif op == L.OP_REFERRAL_BONUS:
+            if amount <= 0:
+                reason = L.R_INVALID_AMOUNT
+            elif card.points + amount > L.INT64_MAX:
+                reason = L.R_AMOUNT_OVERFLOW
+            else:
+                d_points = amount
         elif op == L.OP_SET_PIN:
             if not pin_flags & L.NEW_PIN:
                 reason = L.R_INVALID_ARGUMENT

@@ -183,6 +183,7 @@ class Program:
     packages: tuple[Package, ...] = ()
     points_expire_days: int = 0   # lots expire this many days after the day earned; 0 = never
     activation_points: int = 0    # points a card gets when opened
+    referral_points: int = 0      # points the referrer gets when a card opened on its referral
     exchange_points: int = 0      # whole blocks of this many points ...
     exchange_bonus_minor: int = 0  # ... become this much bonus money; 0 and 0: no exchange
     gifts: tuple[Gift, ...] = ()
@@ -246,7 +247,8 @@ class Program:
                             else p.uses == 0)
                     or not (p.category == -1 or p.category == 0 or p.category in codes)):
                 raise ValueError(f"package {p.id}: out of range")
-        if (not 0 <= self.activation_points <= L.INT64_MAX or self.exchange_points < 0
+        if (not 0 <= self.activation_points <= L.INT64_MAX or self.referral_points < 0
+                or self.exchange_points < 0
                 or self.exchange_bonus_minor < 0
                 or (self.exchange_points > 0) != (self.exchange_bonus_minor > 0)):
             raise ValueError("activation or exchange out of range")

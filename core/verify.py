@@ -132,6 +132,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     packages: dict[bytes, tuple] = {}  # likewise for packages
     point_lots = lots.DictLots()       # every card's points lots, as the journal makes them
     gifts_given: dict[int, int] = {}   # gift id -> how many the journal gave
+    opens: dict[int, bytes] = {}       # an opening's seq -> its card
+    referred: set[int] = set()         # openings whose referrer got its bonus (once)
     lot_rule = lots.Lots(point_lots)
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     for key, entry in txn.cursor(db=ledger.journal):
@@ -179,6 +181,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: an opening that moves value (beyond the "
                         "program's activation points)")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
+            opens[seq] = cid
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
@@ -255,6 +258,15 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: gift {promotion_id} for {taken} points that its "
                         "program and stock do not give")
             gifts_given[promotion_id] = given + 1
+        elif op == L.OP_REFERRAL_BONUS:
+            program = programs.get(program_version, (None,))[0]
+            opened = opens.get(f[28])
+            if (program is None or dpts != program.referral_points or dpts <= 0 or f[9] != dpts
+                    or any(f[10:13])
+                    or opened is None or opened == cid or f[28] in referred):
+                problem(f"journal entry {seq}: a referral bonus its program and the opening it "
+                        "names do not explain")
+            referred.add(f[28])
         elif op == L.OP_POINTS_EXPIRED:
             program = programs.get(program_version, (None,))[0]
             lot_days = point_lots.cards.get(cid, {})

@@ -48,7 +48,8 @@ cdef enum:
     OP_POINTS_EXPIRED = 11
     OP_POINTS_EXCHANGE = 12
     OP_GIFT_REDEEM = 13
-    OP_KERNEL_MAX = 13
+    OP_REFERRAL_BONUS = 14
+    OP_KERNEL_MAX = 14
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -483,6 +484,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             d_points = -amount
     elif rec.status != STATUS_ACTIVE:
         reason = R_CARD_NOT_ACTIVE
+    elif op.op == OP_REFERRAL_BONUS:
+        if amount <= 0:
+            reason = R_INVALID_AMOUNT
+        elif amount > INT64_MAX - rec.points:
+            reason = R_AMOUNT_OVERFLOW
+        else:
+            d_points = amount
     elif op.op == OP_SET_PIN:
         if not op.pin_flags & NEW_PIN:
             reason = R_INVALID_ARGUMENT

@@ -194,9 +194,15 @@ class Operations:
                               "phone": p.phone, "birthday": p.birthday,
                               "home_store_id": p.home_store_id},
                              sort_keys=True, separators=(",", ":")).encode()
+        referrer = bytes(16)
+        if req.referrer_card_number:
+            referrer = swipes.referrer(req.referrer_card_number, caller)
+            if referrer == card.card_id:
+                raise Invalid(R.REASON_INVALID_ARGUMENT, "referrer_card_number")
         return self._op(req, rid, at_us, L.OP_OPEN, card, caller, pin_flags=pin_flags,
                         new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
-                        profile=profile, sealed=self.keyring.seal(card.card_id, card.number))
+                        profile=profile, sealed=self.keyring.seal(card.card_id, card.number),
+                        referrer_id=referrer)
 
     def _money_op(self, req, caller: Caller, op_type: int, pin_flags: int, measure) -> PendingOp:
         """A top-up or purchase; ``measure(req)`` gives (amount, extra fields) and is checked

@@ -76,6 +76,14 @@ class Swipes:
         self.number_ok(number, "card.card_number")
         return CardAccess(self._index.card_id(number), number)
 
+    def referrer(self, number: str, caller: Caller) -> bytes:
+        """The card id of a referring member's card, named by its number: from an operator (any
+        store: a referral is not a swipe) or without TLS; a terminal alone cannot name one."""
+        if caller.operator is None and self.access.tls:
+            raise Invalid(R.REASON_OPERATOR_REQUIRED, "referrer_card_number")
+        self.number_ok(number, "referrer_card_number")
+        return self._index.card_id(number)
+
     def _secure_card(self, secure: cpb.SecureCard, till: cpb.Till | None, caller: Caller) -> CardAccess:
         """A terminal's swipe: its KSN names the terminal, whose keys open the card data."""
         access = self.access

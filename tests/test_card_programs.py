@@ -764,3 +764,28 @@ def test_a_gift_is_taken_from_its_stock_until_none_is_left(market):
     assert figures(redeem_gift(market, members[2], 9))["reason"] == L.R_GIFT_NOT_FOUND
     report = verify(market.ledger)
     assert report["ok"], report["problems"]
+
+
+def test_a_referral_pays_the_referrer_one_level_only(tmp_path):
+    """The supermarket with referral_points = 500: A refers B, B refers C. B's opening pays A
+    500 (a system entry linked to B's opening); C's pays B 500 and A nothing more: multi-level
+    referral schemes are illegal in China, so the rule has no second level at all. A referral
+    naming an unknown card pays no one; the new cards get their activation points."""
+    till = Till(str(tmp_path / "refer"), "referral_points = 500\n" + example("supermarket"))
+    a, b, c, d = (f"62258800000005{k:02d}" for k in range(1, 5))
+    till.open(a)
+    opened = []
+    for number, referrer in ((b, a), (c, b), (d, "6225880000009999")):
+        opened.append(till.apply(PendingOp.build(
+            key(till.rid()), L.OP_OPEN, cid(number), profile=b"{}", client_time_us=till.at + 1,
+            referrer_id=cid(referrer))))
+    assert [o[0].reason for o in opened] == [L.R_OK] * 3
+    assert [till.card(n)["points"] for n in (a, b, c, d)] == [100 + 500, 100 + 500, 100, 100]
+    bonuses = [L.JOURNAL.unpack(v) for _, v in till.ledger.dump()["journal"]
+               if v[1] == L.OP_REFERRAL_BONUS]
+    assert [(e[8], e[13], e[28], e[24]) for e in bonuses] == [
+        (cid(a), 500, L.JOURNAL.unpack(opened[0][0].entry)[7], L.CALLER_SYSTEM),
+        (cid(b), 500, L.JOURNAL.unpack(opened[1][0].entry)[7], L.CALLER_SYSTEM)]
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()

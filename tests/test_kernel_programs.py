@@ -129,7 +129,8 @@ def batches(draw):
         slots.append(draw(st.integers(0, nslots - 1)))
         kind = draw(st.sampled_from([L.OP_TOP_UP, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
                                      L.OP_PURCHASE, L.OP_OPEN, L.OP_BALANCE_INQUIRY,
-                                     L.OP_COUPON_ISSUE, L.OP_POINTS_EXPIRED]))
+                                     L.OP_COUPON_ISSUE, L.OP_POINTS_EXPIRED, L.OP_POINTS_EXCHANGE,
+                                     L.OP_REFERRAL_BONUS]))
         ref_id, cslot = 0, L.SLOT_NONE
         if kind == L.OP_PURCHASE and coupon_recs and draw(st.booleans()):
             cslot = draw(st.integers(0, len(coupon_recs) - 1))  # two purchases may share one

@@ -394,3 +394,27 @@ def test_points_are_exchanged_and_a_gift_redeemed_over_grpc(market):
             till=cpb.Till(store_id=1, terminal_id=1)))
     assert failure_of(err.value).reason == R.REASON_INSUFFICIENT_POINTS
     assert verify(market.data_dir)["ok"]
+
+
+def test_a_card_opened_on_a_referral_pays_its_referrer(start_server, tmp_path):
+    path = tmp_path / "refer.toml"
+    path.write_text("referral_points = 500\n" + example("supermarket"))
+    server = start_server("--program", str(path))
+    client = Client(server.stub)
+    referrer, newcomer = new_card_number(), new_card_number()
+    client.open(referrer)
+    request_id = rid()
+    server.stub.OpenCard(pb.OpenCardRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=newcomer), referrer_card_number=referrer,
+        till=cpb.Till(store_id=1, terminal_id=1)))
+    assert client.card(referrer).balance.points == 100 + 500
+    assert journal_entries(server.data_dir)[-1][1] == cpb.OPERATION_TYPE_REFERRAL_BONUS
+    with pytest.raises(grpc.RpcError) as err:  # a card cannot refer itself
+        request_id = rid()
+        server.stub.OpenCard(pb.OpenCardRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=referrer), referrer_card_number=referrer,
+            till=cpb.Till(store_id=1, terminal_id=1)))
+    assert failure_of(err.value).field == "referrer_card_number"
+    assert verify(server.data_dir)["ok"]
