@@ -90,7 +90,7 @@ def request_tag(key: bytes) -> bytes:
 OP_FIELDS: tuple[str, ...] = (
     "op", "tier", "pin_flags", "caller_kind", "home_store_id", "amount_minor", "store_id",
     "terminal_id", "staff_id", "operator_id", "request_tag", "card_id", "client_time_us",
-    "pin_check", "new_pin_check", "caller_id", "reserved0", "link_seq", "ref_id", "basket_tag",
+    "pin_check", "new_pin_check", "caller_id", "birth_month", "link_seq", "ref_id", "basket_tag",
     "line_count", "reserved2", "redeem_points", "referrer_id")
 
 
@@ -119,7 +119,6 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "caller_id": "the request key's namespace",
     "pin_check": "the PIN entered: a re-send with another PIN must get the original answer, or "
                  "the answer would tell a right guess from a wrong one",
-    "reserved0": "zero",
     "reserved2": "zero",
     "line_count": "with the lines, in the extra payload when a purchase has any (see purchase_extra)",
     "redeem_points": "in the extra payload when set (see purchase_extra)",
@@ -131,7 +130,7 @@ _PIN = ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check")
 # What a retry must repeat, per operation type; extras (profile, admin payload) are added after.
 DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_OPEN: ("op", "tier", "pin_flags", "home_store_id", "card_id", *_AT_THE_TILL,
-                "new_pin_check", "referrer_id"),
+                "new_pin_check", "referrer_id", "birth_month"),
     L.OP_TOP_UP: _MONEY,
     L.OP_PURCHASE: _MONEY,
     L.OP_SET_PIN: _PIN,     # the new PIN too: a retry with another new PIN is another request
@@ -215,15 +214,16 @@ class PendingOp:
               caller: tuple[int, int] | None = None, link_seq: int = 0, ref_id: int = 0,
               basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
               scope_store_id: int = 0, lines: bytes = b"", redeem_points: int = 0,
-              referrer_id: bytes = bytes(16)) -> "PendingOp":
+              referrer_id: bytes = bytes(16), birth_month: int = 0) -> "PendingOp":
         """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
         caller has it at hand (else read off the key), or an inquiry's (with no key)."""
         kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
         packed = L.OP.pack(op, tier, pin_flags, kind, home_store_id, amount_minor, store_id,
                            terminal_id, staff_id, operator_id,
                            request_tag(key) if key else bytes(8), card_id, client_time_us,
-                           pin_check, new_pin_check, caller_id, 0, link_seq, ref_id, basket_tag,
-                           len(lines) // L.LINE_SIZE, bytes(6), redeem_points, referrer_id)
+                           pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
+                           basket_tag, len(lines) // L.LINE_SIZE, bytes(6), redeem_points,
+                           referrer_id)
         digest = payload_digest(packed, purchase_extra(lines, redeem_points) or profile) \
             if key else bytes(16)
         return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, None, need_role,

@@ -21,7 +21,7 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
      48  u64 last_seq              journal sequence of the card's last entry
      56  i64 opened_us             Unix time of opening, microseconds
      64  u32 home_store_id
-     68  u32 reserved
+     68  u32 birth_month           1..12 from the member's birthday at opening; 0 unknown
      72  32B pin_check             PIN verification value (see ``pin``); zeros when no PIN
     104  24B reserved              zeros
 
@@ -128,7 +128,7 @@ writer runs::
      64  32B pin_check             the entered PIN's verification value (PIN_PRESENTED)
      96  32B new_pin_check         the new PIN's verification value (NEW_PIN)
     128  u32 caller_id
-    132  u32 reserved
+    132  u32 birth_month           open: the member's birth month, 1..12 (0: unknown)
     136  u64 link_seq
     144  u64 ref_id
     152  u64 basket_tag
@@ -226,7 +226,7 @@ operator (operator_id != 0): REASON_OPERATOR_REQUIRED otherwise. A balance
 inquiry (op 7) requires the PIN like a purchase and changes nothing when it is
 right (no entry, pin_tries untouched); a wrong one is counted like any other.
 
-Program, v3, 14,200 bytes: the arithmetic's parameters (see ``rules``),
+Program, v3, 15,008 bytes: the arithmetic's parameters (see ``rules``),
 compiled from the stored program document of that version (never stored: a
 ledger keeps documents, so the compiled form can change freely)::
 
@@ -262,8 +262,11 @@ ledger keeps documents, so the compiled form can change freely)::
   14200  i64 activation_points     points a card gets when opened
   14208  i64 exchange_points       points per exchange block; 0 = no exchange into bonus money
   14216  i64 exchange_bonus_minor  bonus fen one block buys
-  14224  u32 gift_count, u32 reserved
-  14232  gift[32], 24 bytes each: 0 u16 id, 2 6B reserved, 8 i64 points_price, 16 i64 stock
+  14224  u32 gift_count
+  14228  u32 birthday_points_bp    points in the member's birth month, in bp of the usual (0: none)
+  14232  i32 utc_offset_minutes    the chain's clock: which month (and day) it is
+  14236  u32 reserved
+  14240  gift[32], 24 bytes each: 0 u16 id, 2 6B reserved, 8 i64 points_price, 16 i64 stock
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
 
@@ -308,7 +311,8 @@ ledger, so every writer that applies the same groups judges ages alike);
 ``pruned_through_us`` i64 (no request with a client
 time at or before it can apply: its record may be gone); ``clock_us`` i64 (the
 last group's time: the next one never goes back from it, nor moves more than an
-hour past it). Request records of
+hour past it); ``birth_months`` (set once card records hold the members' birth months, filled
+from their profiles for cards opened before). Request records of
 a migrated v1 ledger live under the legacy namespace and are looked up by
 request_id alone while any remain.
 """
@@ -362,11 +366,11 @@ PROGRAM_COUPONS_OFFSET = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIE
 PROGRAM_COUPON_COUNT_OFFSET = PROGRAM_COUPONS_OFFSET + MAX_COUPONS * 48
 PROGRAM_PACKAGES_OFFSET = PROGRAM_COUPON_COUNT_OFFSET + 8
 PROGRAM_POINTS_OFFSET = PROGRAM_PACKAGES_OFFSET + 32 * 32
-PROGRAM_POINTS = struct.Struct("<qqqII")  # activation points, exchange points and bonus, gifts
+PROGRAM_POINTS = struct.Struct("<qqqIIiI")  # activation, exchange, gifts, birthday, UTC offset
 PROGRAM_GIFTS_OFFSET = PROGRAM_POINTS_OFFSET + PROGRAM_POINTS.size
 GIFT_DEF = struct.Struct("<H6xqq")
 PROGRAM_SIZE = PROGRAM_GIFTS_OFFSET + 32 * GIFT_DEF.size
-assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 15000
+assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 15008
 assert COUPON_DEF.size == 48 and COUPON.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase

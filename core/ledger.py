@@ -78,6 +78,8 @@ ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", 
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
+_CARD_BIRTH_MONTH = 68  # layout.CARD offset of birth_month
+META_BIRTHS = b"birth_months"  # set once card records hold the members' birth months
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
@@ -216,6 +218,8 @@ class Ledger:
         self.program_packed = b""
         self.pruned_through_us = 0
         self.legacy = False
+        if not readonly and self._read(lambda txn: txn.get(META_BIRTHS, db=self.meta)) is None:
+            self._fill_birth_months()
         if not readonly and self._read(lambda txn: txn.get(META_PROGRAM, db=self.meta)) is None:
             # a new ledger (or one whose creation stopped before its program was stored)
             self._initialise(DEFAULT_PROGRAM_TOML if initial_program is None else initial_program)
@@ -256,6 +260,23 @@ class Ledger:
         fmt = self._read(lambda txn: txn.get(META_FORMAT, db=self.meta))
         if fmt is None or U32.unpack(fmt)[0] != L.LEDGER_FORMAT:
             raise LedgerFormatError(f"{self.path}: ledger format {fmt!r} unknown")
+
+    def _fill_birth_months(self) -> None:
+        """Cards opened before card records kept the member's birth month (rule 5's birthday
+        points) get it from their profiles, once, in one write transaction."""
+        with self.env.begin(write=True) as txn:
+            updates = []
+            for card_id, raw in txn.cursor(db=self.profiles):
+                birthday = json.loads(raw).get("birthday", "")
+                rec = txn.get(card_id, db=self.cards) if birthday else None
+                if rec is not None and rec[_CARD_BIRTH_MONTH] == 0:
+                    updates.append((card_id, b"".join((rec[:_CARD_BIRTH_MONTH],
+                                                       U32.pack(int(birthday[5:7])),
+                                                       rec[_CARD_BIRTH_MONTH + 4:]))))
+            txn.cursor(db=self.cards).putmulti(updates)
+            txn.put(META_BIRTHS, b"\x01", db=self.meta)
+        if updates:
+            log.info("birth months kept in %d card records, from their profiles", len(updates))
 
     def _add_card_programs(self, missing: list[str]) -> None:
         """Create the card programs' sub-databases in a ledger made before them, and give every

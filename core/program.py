@@ -18,7 +18,9 @@ them with comments; money in fen):
   points expire this many days after the day they were earned; 0 = never);
   ``activation_points`` (a new card's points); ``referral_points`` (the
   referrer's, when a card is opened on its referral: one level, never the
-  referrer's referrer).
+  referrer's referrer); ``birthday_points_bp`` (0, or 10000..100000: points in
+  the member's birth month, 20000 = double) and ``utc_offset_minutes``
+  (-720..840, default 0; 480 for China) for which month it is.
 - ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
   many points become that much bonus money). No table: no exchange.
 - ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
@@ -71,6 +73,7 @@ from cardcore.rules import (
     COUPON_KINDS,
     COUPON_VALID_DAYS_MAX,
     POINTS_EXPIRE_DAYS_MAX,
+    BIRTHDAY_BP_MAX,
     DEFAULT_PROGRAM,
     MAX_NAME_LEN,
     MAX_TIER_NAME_LEN,
@@ -165,6 +168,8 @@ _TOP_KEYS = (
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
     _Key("activation_points", "integer", 0, _I64),
     _Key("referral_points", "integer", 0, _I64),
+    _Key("birthday_points_bp", "integer", 0, BIRTHDAY_BP_MAX),
+    _Key("utc_offset_minutes", "integer", -720, 840),
     _Key("redemption", "table"),
     _Key("exchange", "table"),
     _Key("gifts", "tables"),

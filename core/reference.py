@@ -11,7 +11,7 @@ import hmac
 import struct
 
 from cardcore import layout as L
-from cardcore.rules import paid_minor, points_earned, redemption, spend
+from cardcore.rules import month_of, paid_minor, points_earned, redemption, spend
 
 
 def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: bytearray,
@@ -49,8 +49,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
     line_at = 0
     for i in range(n):
         (op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff, operator, tag,
-         card_id, client_time, pin_check, new_pin_check, caller_id, _, link_seq, ref_id, basket,
-         line_count, _, redeem, _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
+         card_id, client_time, pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
+         basket, line_count, _, redeem, _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
         if not L.OP_OPEN <= op <= L.OP_KERNEL_MAX or op == L.OP_PIN_FAILED:
             raise ValueError(f"unknown operation type {op}")
         my_lines = range(line_at, line_at + line_count)
@@ -107,13 +107,15 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)):
             reason = L.R_INVALID_ARGUMENT
         elif op == L.OP_OPEN:
-            if card.version != 0:
+            if birth_month > 12:
+                reason = L.R_INVALID_ARGUMENT
+            elif card.version != 0:
                 reason = L.R_CARD_ALREADY_EXISTS
             elif tier >= prog.tier_count:
                 reason = L.R_INVALID_TIER
             else:
                 card = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
-                              home_store, 0, bytes(32), bytes(24)))
+                              home_store, birth_month, bytes(32), bytes(24)))
                 tier_before = tier
                 d_points = prog.activation_points
                 if pin_flags & L.NEW_PIN:
@@ -344,6 +346,8 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
             taken, redeemed = redemption(offered, paid, prog.redeem_points, prog.redeem_value,
                                          prog.redeem_cap_bp)
     earned = 0
+    birthday = (prog.birthday_bp and card.birth_month
+                and month_of(ts_us, prog.utc_offset) == card.birth_month)
     if reason == L.R_OK:
         left = redeemed
         for it, p in zip(items, line_paid):
@@ -351,6 +355,8 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
             left -= on_line
             it[6] = on_line
             raw = points_earned(p - on_line, prog.points_unit, prog.per_unit(tier, it[0]))
+            if birthday:
+                raw = raw * prog.birthday_bp // 10000
             it[5] = min(raw, L.INT64_MAX)  # a line past int64 overflows the purchase below
             earned += raw
         due = paid - redeemed
@@ -380,9 +386,11 @@ class CompiledProgram:
         self.packages = [L.PACKAGE_DEF.unpack_from(packed, L.PROGRAM_PACKAGES_OFFSET + 32 * k)
                          for k in range(n_packages)]
         (self.activation_points, self.exchange_points, self.exchange_bonus, n_gifts,
-         _) = L.PROGRAM_POINTS.unpack_from(packed, L.PROGRAM_POINTS_OFFSET)
+         self.birthday_bp, self.utc_offset, _) = L.PROGRAM_POINTS.unpack_from(
+             packed, L.PROGRAM_POINTS_OFFSET)
         if (n_gifts > L.MAX_GIFTS or self.activation_points < 0 or self.exchange_points < 0
-                or self.exchange_bonus < 0):
+                or self.exchange_bonus < 0 or self.birthday_bp > 100_000
+                or not -720 <= self.utc_offset <= 840):
             raise ValueError("program out of range")
         self.gifts = [L.GIFT_DEF.unpack_from(packed, L.PROGRAM_GIFTS_OFFSET + L.GIFT_DEF.size * k)
                       for k in range(n_gifts)]
@@ -523,7 +531,7 @@ class Card:
     """A card record's fields by name (layout.CARD order)."""
 
     __slots__ = ("version", "status", "tier", "pin_tries", "flags", "principal", "bonus", "points",
-                 "held", "lifetime", "last_seq", "opened_us", "home_store", "reserved0",
+                 "held", "lifetime", "last_seq", "opened_us", "home_store", "birth_month",
                  "pin_check", "reserved1")
 
     def __init__(self, fields) -> None:

@@ -32,6 +32,9 @@ checks they agree on every input):
 5. Points earned, per line, on the money the line took from the balance:
    ``((paid - redeemed_on_line) // points_unit_minor) * points_per_unit`` (floor;
    the tier's ``points_per_unit`` for the category). Points never earn points.
+   In the member's birth month (the group's time at the program's
+   ``utc_offset_minutes``), each line's points are multiplied by
+   ``birthday_points_bp / 10000``, floored (20000: double points).
 6. The balance pays ``due = paid - redeemed``. It needs ``due <= principal +
    bonus - held`` (REASON_INSUFFICIENT_FUNDS with the available amount
    otherwise; balances never go negative). The program's ``spend_order`` says
@@ -88,6 +91,7 @@ COUPON_VALID_DAYS_MAX = 3660
 PACKAGE_KINDS = {"count": L.PACKAGE_COUNT, "time": L.PACKAGE_TIME}
 PACKAGE_USES_MAX = 10_000
 POINTS_EXPIRE_DAYS_MAX = 3660
+BIRTHDAY_BP_MAX = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +188,8 @@ class Program:
     points_expire_days: int = 0   # lots expire this many days after the day earned; 0 = never
     activation_points: int = 0    # points a card gets when opened
     referral_points: int = 0      # points the referrer gets when a card opened on its referral
+    birthday_points_bp: int = 0   # points in the birth month, in bp of the usual; 0 = no bonus
+    utc_offset_minutes: int = 0   # the chain's clock (480: China): which month it is
     exchange_points: int = 0      # whole blocks of this many points ...
     exchange_bonus_minor: int = 0  # ... become this much bonus money; 0 and 0: no exchange
     gifts: tuple[Gift, ...] = ()
@@ -255,6 +261,9 @@ class Program:
         if len(self.gifts) > L.MAX_GIFTS or len({g.id for g in self.gifts}) != len(self.gifts) or any(
                 not 1 <= g.id <= 0xFFFF or g.points_price <= 0 or g.stock < 0 for g in self.gifts):
             raise ValueError(f"at most {L.MAX_GIFTS} gifts, distinct ids, prices > 0")
+        if not (self.birthday_points_bp == 0 or RATE_BP_FULL <= self.birthday_points_bp
+                <= BIRTHDAY_BP_MAX) or not -720 <= self.utc_offset_minutes <= 840:
+            raise ValueError("birthday_points_bp or utc_offset_minutes out of range")
         if not 0 <= self.points_expire_days <= POINTS_EXPIRE_DAYS_MAX:
             raise ValueError(f"points_expire_days must be 0..{POINTS_EXPIRE_DAYS_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
@@ -323,13 +332,28 @@ class Program:
         out = (head + promos + rates.tobytes() + per_unit.tobytes() + coupons
                + struct.pack("<II", len(self.coupons), len(self.packages)) + packages
                + L.PROGRAM_POINTS.pack(self.activation_points, self.exchange_points,
-                                       self.exchange_bonus_minor, len(self.gifts), 0) + gifts)
+                                       self.exchange_bonus_minor, len(self.gifts),
+                                       self.birthday_points_bp, self.utc_offset_minutes, 0)
+               + gifts)
         assert len(out) == L.PROGRAM_SIZE
         return out
 
 
 DEFAULT_CATEGORY = Category(0, "default")
 DEFAULT_PROGRAM = Program(tiers=(Tier("standard", 10000), Tier("silver", 9500), Tier("gold", 9000)))
+
+
+def month_of(ts_us: int, utc_offset_minutes: int) -> int:
+    """Rule 5: the month (1..12) of a Unix time in microseconds on a clock ``utc_offset_minutes``
+    ahead of UTC (the proleptic Gregorian calendar, days from 1970-01-01 as in Hinnant's
+    civil_from_days; integers only, so the kernel computes it the same way)."""
+    days = (ts_us + utc_offset_minutes * 60_000_000) // 86_400_000_000 + 719_468
+    era = days // 146_097
+    doe = days - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    return mp + 3 if mp < 10 else mp - 9
 
 
 def paid_minor(gross_minor: int, rate_bp: int) -> int:

@@ -128,6 +128,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     last_ts = 0
     program_now = 0   # the version the next entry must name (0 until a program is loaded)
     compiled: dict[int, CompiledProgram] = {}
+    # birth months are set once, at opening (or from the profile by the upgrade that added them)
+    births = {cid: L.CARD.unpack(raw)[13] for cid, raw in txn.cursor(db=ledger.cards)}
     coupons: dict[bytes, tuple] = {}  # coupon key -> the record the journal rebuilds
     packages: dict[bytes, tuple] = {}  # likewise for packages
     point_lots = lots.DictLots()       # every card's points lots, as the journal makes them
@@ -180,11 +182,11 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             if any(f[9:13]) or dpts != (opened_with.activation_points if opened_with else 0):
                 problem(f"journal entry {seq}: an opening that moves value (beyond the "
                         "program's activation points)")
-            s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
+            s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, births.get(cid, 0)]
             opens[seq] = cid
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
-            s = sums[cid] = [0, 0, 0, 0, 0, 0, tier]
+            s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, births.get(cid, 0)]
         elif program_version and tier != s[6]:
             problem(f"journal entry {seq}: computed at tier {tier}, but the card was at {s[6]}")
         if op in (L.OP_TOP_UP, L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_PACKAGE_SELL,
@@ -392,7 +394,7 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
     if len(lines) != line_count * L.LINE_SIZE:
         return f"{line_count} lines in the entry, {len(lines) // L.LINE_SIZE} stored"
     before = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, s[0], s[1], s[2], 0, s[4], 0, 0,
-                   0, 0, bytes(32), bytes(24)))
+                   0, s[7], bytes(32), bytes(24)))
     buf = bytearray(b"".join(L.LINE.pack(*(x[:4] + (0, 0, 0) + x[7:]))
                              for x in L.LINE.iter_unpack(lines)))
     reason, (paid, earned, took, red, off, _) = purchase(prog, before, buf, range(line_count),
@@ -440,7 +442,7 @@ def _cards(txn, ledger, sums: dict, problem) -> dict:
         if s is None:
             problem(f"card ...{cid.hex()[:8]}: no journal entries")
         elif (principal, bonus, points, last_seq, lifetime, rec[3] | (rec[4] & 0xFF) << 8,
-              rec[2]) != tuple(s):
+              rec[2], rec[13]) != tuple(s):
             problem(f"card ...{cid.hex()[:8]}: record {principal}/{bonus}/{points}/#{last_seq}"
                     f"/paid {lifetime} but journal adds up to {s[0]}/{s[1]}/{s[2]}/#{s[3]}"
                     f"/paid {s[4]}")

@@ -7,7 +7,7 @@ no Python object. The rules are in cardcore.rules; cardcore.reference is the
 readable twin and the differential tests hold the two to the same output.
 Bounds are checked once, before the loop (boundscheck is off inside it).
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memcpy, memset
 
 from records cimport (cc_card_ext_t, cc_card_t, cc_coupon_def_t, cc_coupon_t, cc_i128,
@@ -21,7 +21,7 @@ cdef enum:
     CARD_SIZE = 128
     JOURNAL_SIZE = 256
     OP_SIZE = 192
-    PROGRAM_SIZE = 15000
+    PROGRAM_SIZE = 15008
     LINE_SIZE = 64
     EXT_SIZE = 128
     PIN_CHECK_SIZE = 32
@@ -167,6 +167,25 @@ cdef inline void set_pin(const cc_op_t* op, cc_card_t* rec) noexcept nogil:
         memset(rec.pin_check, 0, PIN_CHECK_SIZE)
         rec.flags = 0
     rec.pin_tries = 0
+
+
+cdef int64_t DAY_US = 86400 * <int64_t>1000000
+cdef int64_t MINUTE_US = 60 * <int64_t>1000000
+
+
+cdef inline int month_of(int64_t ts_us, int32_t offset_minutes) noexcept nogil:
+    """Rule 5: the month (1..12) on the chain's clock (cardcore.rules.month_of)."""
+    cdef int64_t t = ts_us + <int64_t>offset_minutes * MINUTE_US
+    cdef int64_t days = t // DAY_US
+    if t % DAY_US != 0 and t < 0:  # floor, as Python's // (C truncates toward zero)
+        days -= 1
+    days += 719468
+    cdef int64_t era = (days if days >= 0 else days - 146096) // 146097
+    cdef int64_t doe = days - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    return <int>(mp + 3 if mp < 10 else mp - 9)
 
 
 cdef inline uint32_t upgrade(const cc_program_t* prog, uint32_t tier, const int64_t* thresholds,
@@ -377,6 +396,8 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
                 blocks = cap_blocks
             taken = blocks * prog.redeem_points         # <= the points offered
             redeemed = blocks * prog.redeem_value_minor  # <= the cap <= paid
+    cdef int birthday = (prog.birthday_points_bp != 0 and rec.birth_month != 0
+                         and month_of(ts_us, prog.utc_offset_minutes) == <int>rec.birth_month)
     if reason == R_OK:
         left = redeemed
         for k in range(n):
@@ -386,6 +407,8 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
             ls[k].redeemed_minor = on_line
             wide = <cc_i128>((p - on_line) // prog.points_unit_minor) * \
                 prog.points_per_unit[tier][ls[k].category_code]
+            if birthday and wide <= INT64_MAX:  # (past int64 it overflows either way)
+                wide = wide * prog.birthday_points_bp // RATE_FULL
             if wide > INT64_MAX:
                 over = 1
                 ls[k].points_earned = INT64_MAX
@@ -456,7 +479,9 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 and op.op != OP_POINTS_EXCHANGE)):
         reason = R_INVALID_ARGUMENT
     elif op.op == OP_OPEN:
-        if rec.version != 0:
+        if op.birth_month > 12:
+            reason = R_INVALID_ARGUMENT
+        elif rec.version != 0:
             reason = R_CARD_ALREADY_EXISTS
         elif op.tier >= prog.tier_count:
             reason = R_INVALID_TIER
@@ -468,6 +493,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             tier_before = op.tier
             rec.opened_us = ts_us
             rec.home_store_id = op.home_store_id
+            rec.birth_month = op.birth_month
             d_points = prog.activation_points
             if op.pin_flags & NEW_PIN:
                 set_pin(op, rec)
@@ -740,7 +766,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
             or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES
             or prog.gift_count > MAX_GIFTS or prog.activation_points < 0
-            or prog.exchange_points < 0 or prog.exchange_bonus_minor < 0):
+            or prog.exchange_points < 0 or prog.exchange_bonus_minor < 0
+            or prog.birthday_points_bp > 100000 or prog.utc_offset_minutes < -720
+            or prog.utc_offset_minutes > 840):
         raise ValueError("program out of range")
     for t in range(prog.tier_count):
         for c in range(MAX_CATEGORIES):

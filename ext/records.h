@@ -12,7 +12,7 @@ typedef struct {
     int64_t principal_minor, bonus_minor, points, held_minor, lifetime_paid_minor;
     uint64_t last_seq;
     int64_t opened_us;
-    uint32_t home_store_id, reserved0;
+    uint32_t home_store_id, birth_month;
     uint8_t pin_check[32];
     uint8_t reserved1[24];
 } cc_card_t;
@@ -50,7 +50,7 @@ typedef struct {
     int64_t client_time_us;
     uint8_t pin_check[32];
     uint8_t new_pin_check[32];
-    uint32_t caller_id, reserved0;
+    uint32_t caller_id, birth_month;
     uint64_t link_seq, ref_id, basket_tag;
     uint16_t line_count;
     uint8_t reserved1[6];
@@ -148,14 +148,16 @@ typedef struct {
     uint32_t coupon_count, package_count;
     cc_package_def_t packages[32];
     int64_t activation_points, exchange_points, exchange_bonus_minor;
-    uint32_t gift_count, reserved2;
+    uint32_t gift_count, birthday_points_bp;
+    int32_t utc_offset_minutes;
+    uint32_t reserved2;
     cc_gift_def_t gifts[32];
 } cc_program_t;
 
 _Static_assert(sizeof(cc_card_t) == 128, "card record is 128 bytes");
 _Static_assert(sizeof(cc_journal_t) == 256, "journal entry is 256 bytes");
 _Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
-_Static_assert(sizeof(cc_program_t) == 15000, "program is 15,000 bytes");
+_Static_assert(sizeof(cc_program_t) == 15008, "program is 15,008 bytes");
 _Static_assert(sizeof(cc_gift_def_t) == 24, "gift definition is 24 bytes");
 _Static_assert(sizeof(cc_gift_t) == 64, "gift stock record is 64 bytes");
 _Static_assert(sizeof(cc_package_def_t) == 32, "package definition is 32 bytes");

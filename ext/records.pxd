@@ -10,7 +10,7 @@ cdef extern from "records.h":
         int64_t principal_minor, bonus_minor, points, held_minor, lifetime_paid_minor
         uint64_t last_seq
         int64_t opened_us
-        uint32_t home_store_id, reserved0
+        uint32_t home_store_id, birth_month
         uint8_t pin_check[32]
         uint8_t reserved1[24]
 
@@ -47,7 +47,7 @@ cdef extern from "records.h":
         int64_t client_time_us
         uint8_t pin_check[32]
         uint8_t new_pin_check[32]
-        uint32_t caller_id, reserved0
+        uint32_t caller_id, birth_month
         uint64_t link_seq, ref_id, basket_tag
         uint16_t line_count
         uint8_t reserved1[6]
@@ -138,5 +138,7 @@ cdef extern from "records.h":
         uint32_t coupon_count, package_count
         cc_package_def_t packages[32]
         int64_t activation_points, exchange_points, exchange_bonus_minor
-        uint32_t gift_count, reserved2
+        uint32_t gift_count, birthday_points_bp
+        int32_t utc_offset_minutes
+        uint32_t reserved2
         cc_gift_def_t gifts[32]

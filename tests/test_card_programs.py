@@ -10,7 +10,7 @@ import re
 import pytest
 
 from cardcore import layout as L
-from cardcore import lots
+from cardcore import lots, rules
 from cardcore.verify import verify
 from cardcore.idempotency import PendingOp
 from test_ledger import NOW, add_operator, cid, key, op, open_op
@@ -789,3 +789,43 @@ def test_a_referral_pays_the_referrer_one_level_only(tmp_path):
     report = verify(till.ledger)
     assert report["ok"], report["problems"]
     till.ledger.close()
+
+
+def test_birthday_month_points_are_doubled_per_line_and_floored(tmp_path):
+    """The supermarket with birthday_points_bp = 20000 and utc_offset_minutes = 480 (China): a
+    member born this month (on the chain's clock) earns double points on each line, floored: on
+    fresh 55.55 (1 point per 1.00 at standard) 55 x 2 = 110; tobacco still 0. A member born in
+    another month earns 55."""
+    text = "birthday_points_bp = 20000\nutc_offset_minutes = 480\n" + example("supermarket")
+    till = Till(str(tmp_path / "birthday"), text)
+    month = rules.month_of(till.at + 1_000_000, 480)
+    other = month % 12 + 1
+    for number, born in (("6225880000000601", month), ("6225880000000602", other)):
+        (opened,) = till.apply(PendingOp.build(key(till.rid()), L.OP_OPEN, cid(number),
+                                               profile=b"{}", client_time_us=till.at + 1,
+                                               birth_month=born))
+        assert opened.reason == L.R_OK
+        till.top_up(number, 10000)
+    assert figures(till.buy("6225880000000601", line(FRESH, 5555), line(TOBACCO, 1000)))[
+        "points"] == 110
+    assert figures(till.buy("6225880000000602", line(FRESH, 5555)))["points"] == 55
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+def test_cards_opened_before_birth_months_get_theirs_from_their_profiles(tmp_path):
+    path = str(tmp_path / "births")
+    till = Till(path, example("supermarket"))
+    number = "6225880000000603"
+    (opened,) = till.apply(PendingOp.build(key(till.rid()), L.OP_OPEN, cid(number),
+                                           profile=b'{"birthday": "1990-07-14"}',
+                                           client_time_us=till.at + 1))
+    assert till.ledger.read_card(cid(number))[0][13] == 0  # opened without it
+    with till.ledger.env.begin(write=True) as txn:
+        txn.delete(b"birth_months", db=till.ledger.meta)  # as the release before left it
+    till.ledger.close()
+    reopened = Ledger(path)
+    assert reopened.read_card(cid(number))[0][13] == 7
+    assert verify(reopened)["ok"]
+    reopened.close()

@@ -13,6 +13,8 @@ from test_kernel import PIN_A, card_bytes, op_bytes, records, run_full
 
 INT64_MAX = L.INT64_MAX
 T0 = 1_800_000_000_000_000  # the group times below are near this
+# 2027-02-01 00:00 UTC: a birth month begins or ends with the clock (at offset 0; 480: earlier)
+MONTH_EDGE = 1_801_440_000_000_000
 edge_money = st.one_of(st.integers(1, 100_000), st.integers(1, INT64_MAX),
                        st.sampled_from([1, INT64_MAX, INT64_MAX - 1, 1 << 62]))
 
@@ -71,6 +73,8 @@ def programs(draw):
         redeem_points=redeem[0], redeem_value_minor=redeem[1], coupons=tuple(coupons),
         packages=tuple(packages),
         activation_points=draw(st.sampled_from([0, 0, 200, INT64_MAX])),
+        birthday_points_bp=draw(st.sampled_from([0, 10000, 20000, 100_000])),
+        utc_offset_minutes=draw(st.sampled_from([0, 480, -720, 840])),
         exchange_points=exchange[0], exchange_bonus_minor=exchange[1],
         gifts=tuple(rules.Gift(gid, f"g{gid}", draw(st.sampled_from([1, 100, 2000, INT64_MAX])),
                                draw(st.sampled_from([0, 1, 2, 100])))
@@ -90,7 +94,8 @@ def cards(draw):
     bonus = draw(st.one_of(small, st.just(0))) if principal < INT64_MAX - 5 else 0
     return card_bytes(principal=principal, bonus=bonus,
                       points=draw(st.one_of(st.integers(0, 50_000), st.just(INT64_MAX - 3))),
-                      tier=draw(st.integers(0, 3)), lifetime=draw(st.integers(0, 2_000_000)))
+                      tier=draw(st.integers(0, 3)), lifetime=draw(st.integers(0, 2_000_000)),
+                      birth_month=draw(st.sampled_from([0, 1, 1, 2, 12])))
 
 
 @st.composite
@@ -160,6 +165,7 @@ def batches(draw):
             redeem = 0
         lines.extend(my_lines)
         ops.append(op_bytes(kind, amount, tier=draw(st.integers(0, 4)), card=bytes([slots[-1]]) * 16,
+                            birth_month=draw(st.sampled_from([0, 1, 2, 12, 13])),
                             tag=i.to_bytes(8, "little"),
                             pin_flags=draw(st.sampled_from([0, 0, 0, L.PIN_PRESENTED,
                                                             L.PIN_OPTIONAL_UNSET])),
@@ -169,7 +175,9 @@ def batches(draw):
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(program=programs(), batch=batches(), ts_us=st.sampled_from([T0 - 10, T0, T0 + 3, T0 + 9, T0 + 10]),
+@given(program=programs(), batch=batches(),
+       ts_us=st.sampled_from([T0 - 10, T0, T0 + 3, T0 + 9, T0 + 10, MONTH_EDGE - 1, MONTH_EDGE,
+                              MONTH_EDGE - 480 * 60_000_000, 0]),
        first_seq=st.integers(1, 2**40))
 @example(program=rules.Program(tiers=(rules.Tier("t", 9000),), redeem_points=100,
                                redeem_value_minor=100, redeem_cap_bp=5000).packed(1),
@@ -217,6 +225,7 @@ def coupon_batches(draw):
                             line_count=len(mine), ref_id=0 if cslot == L.SLOT_NONE else cslot + 1,
                             redeem=draw(st.sampled_from([0, 0, 100, 1000]))))
     return b"".join(ops), slots, recs, bytes(len(recs)), b"".join(lines), cslots, b"".join(coupons)
+
 
 
 @settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
