@@ -31,6 +31,7 @@ from typing import NamedTuple
 from cardcore import layout as L
 
 NO_PIN = bytes(32)
+NO_REFERRER = bytes(16)
 REQUEST_ID_BYTES_MAX = 64
 REQUEST_WINDOW_S_DEFAULT = 7 * 24 * 3600   # see README "Request ids and retention"
 REQUEST_WINDOW_S_MIN = 3600
@@ -120,6 +121,9 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "pin_check": "the PIN entered: a re-send with another PIN must get the original answer, or "
                  "the answer would tell a right guess from a wrong one",
     "reserved2": "zero",
+    "birth_month": "derived from the profile's birthday, which an open's digest covers",
+    "referrer_id": "in an open's extra payload when set (see open_extra), so an open without "
+                   "one has the digest the release before card programs gave it",
     "line_count": "with the lines, in the extra payload when a purchase has any (see purchase_extra)",
     "redeem_points": "in the extra payload when set (see purchase_extra)",
 }
@@ -130,7 +134,7 @@ _PIN = ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check")
 # What a retry must repeat, per operation type; extras (profile, admin payload) are added after.
 DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_OPEN: ("op", "tier", "pin_flags", "home_store_id", "card_id", *_AT_THE_TILL,
-                "new_pin_check", "referrer_id", "birth_month"),
+                "new_pin_check"),
     L.OP_TOP_UP: _MONEY,
     L.OP_PURCHASE: _MONEY,
     L.OP_SET_PIN: _PIN,     # the new PIN too: a retry with another new PIN is another request
@@ -178,6 +182,20 @@ def purchase_extra(lines: bytes, redeem_points: int) -> bytes | None:
     return _PURCHASE_EXTRA.pack(len(lines) // L.LINE_SIZE, redeem_points) + lines
 
 
+def open_extra(profile: bytes | None, referrer_id: bytes) -> bytes | None:
+    """What an open adds to its digest: its profile, and the referrer when there is one (after a
+    NUL, which a JSON profile never holds)."""
+    if referrer_id == NO_REFERRER:
+        return profile
+    return b"".join((profile or b"", b"\x00referrer:", referrer_id))
+
+
+def referrer_tag(referrer_id: bytes) -> int:
+    """The u64 an opening's journal entry carries in ref_id for its referrer (the card id is 16
+    bytes): the first 8 bytes of its BLAKE2b, so verify can tell whose the bonus is."""
+    return int.from_bytes(hashlib.blake2b(referrer_id, digest_size=8).digest(), "little")
+
+
 def payload_digest(packed: bytes, extra: bytes | None = None) -> bytes:
     """BLAKE2b-128 over the digest fields of operation ``packed`` and ``extra`` (length-prefixed)."""
     h = hashlib.blake2b(b"".join(_DIGEST_GETTERS[packed[0]](packed)), digest_size=16)
@@ -218,14 +236,16 @@ class PendingOp:
         """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
         caller has it at hand (else read off the key), or an inquiry's (with no key)."""
         kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
+        if op == L.OP_OPEN and referrer_id != NO_REFERRER:
+            ref_id = referrer_tag(referrer_id)  # the opening's entry says whose referral it was
         packed = L.OP.pack(op, tier, pin_flags, kind, home_store_id, amount_minor, store_id,
                            terminal_id, staff_id, operator_id,
                            request_tag(key) if key else bytes(8), card_id, client_time_us,
                            pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
                            basket_tag, len(lines) // L.LINE_SIZE, bytes(6), redeem_points,
                            referrer_id)
-        digest = payload_digest(packed, purchase_extra(lines, redeem_points) or profile) \
-            if key else bytes(16)
+        digest = payload_digest(packed, purchase_extra(lines, redeem_points)
+                                or open_extra(profile, referrer_id)) if key else bytes(16)
         return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, None, need_role,
                    scope, scope_store_id, lines)
 

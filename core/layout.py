@@ -59,7 +59,8 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     136  u32 caller_id             terminal id or operator id of the namespace; 0 otherwise
     140  u32 reserved              zeros
     144  u64 link_seq              the entry this one acts on (refund, reversal, capture); 0
-    152  u64 ref_id                a hold, points lot, coupon or package; 0
+    152  u64 ref_id                a coupon, package or gift, a points lot's day; an opening
+                                   on a referral: the referrer's tag (idempotency.referrer_tag)
     160  u64 basket_tag            split tender: first 8 bytes of BLAKE2b(namespace | basket
                                    id); 0 = no basket
     168  i64 client_time_us        the caller's clock when it made the request; 0 internal
@@ -67,7 +68,7 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
                                    redeemed, so earned = points_delta + points_redeemed)
     184  i64 redeemed_minor        purchase: fen paid by those points (not by the balance)
     192  u8  tier_after            the card's tier after the operation (an upgrade it earned)
-    193  u8  reserved              zero
+    193  u8  birth_month           the card's birth month (0: unknown), as rule 5 used it
     194  u16 line_count            purchase: its lines, stored under the same seq in
                                    ``journal_lines``; 0 = one line of category 0
     196  u16 item_id               top-up: the promotion whose bonus it got (bonus_delta);
@@ -355,6 +356,7 @@ GIFT_KEY = struct.Struct(">I")
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
 JOURNAL_COUPON_OFF, JOURNAL_OFF_COUPON = struct.Struct("<q"), 216  # coupon_off_minor
 JOURNAL_OFF_LINES_DIGEST, LINES_DIGEST_SIZE = 200, 16
+JOURNAL_OFF_BIRTH_MONTH = 193
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 64, 64

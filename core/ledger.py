@@ -130,6 +130,17 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp]) -> tuple[array, list, 
         bytearray(b"".join(records))
 
 
+def profile_month(profile: bytes | None) -> int:
+    """The birth month (1..12) of a stored member profile's birthday; 0 when there is none or
+    it is not a YYYY-MM-DD date (a legacy profile is never a reason to stop)."""
+    try:
+        birthday = json.loads(profile).get("birthday", "") if profile else ""
+        month = int(birthday[5:7]) if len(birthday) == 10 else 0
+    except (ValueError, AttributeError, TypeError):
+        return 0
+    return month if 1 <= month <= 12 else 0
+
+
 def sold_package(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
     """The package record an applied sale entry creates (key, value), under the program the
     entry was computed with."""
@@ -267,11 +278,10 @@ class Ledger:
         with self.env.begin(write=True) as txn:
             updates = []
             for card_id, raw in txn.cursor(db=self.profiles):
-                birthday = json.loads(raw).get("birthday", "")
-                rec = txn.get(card_id, db=self.cards) if birthday else None
+                month = profile_month(raw)
+                rec = txn.get(card_id, db=self.cards) if month else None
                 if rec is not None and rec[_CARD_BIRTH_MONTH] == 0:
-                    updates.append((card_id, b"".join((rec[:_CARD_BIRTH_MONTH],
-                                                       U32.pack(int(birthday[5:7])),
+                    updates.append((card_id, b"".join((rec[:_CARD_BIRTH_MONTH], U32.pack(month),
                                                        rec[_CARD_BIRTH_MONTH + 4:]))))
             txn.cursor(db=self.cards).putmulti(updates)
             txn.put(META_BIRTHS, b"\x01", db=self.meta)
@@ -432,17 +442,23 @@ class Ledger:
             raise InvariantError(f"card record version {rec[0]} unknown")
         return rec, (json.loads(profile) if profile else {})
 
-    def quote(self, op: PendingOp, ts_us: int) -> tuple[bytes, bytes, bytes]:
+    def quote(self, op: PendingOp, ts_us: int, blind: bool = False) -> tuple[bytes, bytes, bytes]:
         """A dry run of operation ``op`` through the kernel, on copies of its card's records
         under the current program: (its journal entry, its lines as the kernel filled them, the
         card record after). Nothing is written and no sequence is taken (the entry's seq is 1
-        when it would apply)."""
+        when it would apply). ``blind``: as if the card held enough money and the points
+        offered, so the answer tells nothing of its balances (a terminal without the PIN)."""
         def read(txn):
             ext = txn.get(op.card_id, db=self.card_ext) if self.card_ext is not None else None
             return txn.get(op.card_id, db=self.cards), ext, items_of(txn, self, [op])
 
         rec, ext, (coupon_slots, _, coupons) = self._read(read)
         records = bytearray(rec or EMPTY_RECORD)
+        if blind and rec is not None:
+            f = list(L.CARD.unpack(rec))
+            f[5], f[6], f[8] = L.INT64_MAX // 4, 0, 0  # principal, bonus, held
+            f[7] = min(L.OP_PROGRAM.unpack_from(op.packed, L.OP_OFF_PROGRAM)[1], L.INT64_MAX // 4)
+            records = bytearray(L.CARD.pack(*f))
         extras = bytearray(ext or EMPTY_EXT)
         lines, out = bytearray(op.lines), bytearray(L.JOURNAL_SIZE)
         kernel.apply_batch(self.program_packed, op.packed, lines, array("I", [0]), records, extras,
@@ -641,6 +657,7 @@ class _Group:
         ts = self.ts = group_time(self.ts_us, last_ts)
         self.admin = admin = AdminState(ledger, txn)
         self.lots = lots.Lots(_LmdbLots(txn, ledger))
+        self._expire()  # before the group's operations: expired points are never spent
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
         legacy = {}
@@ -703,28 +720,44 @@ class _Group:
         self._flush_run()
         for i, j in repeats:
             outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
-        self._expire()
         self._write(prev_digest)
         return outcomes  # type: ignore[return-value]
 
     def _expire(self) -> None:
-        """The expiry sweep (``cardcore.lots``): lots whose day is at least the program's
-        ``points_expire_days`` before this group's day expire, oldest first, up to
-        EXPIRY_CARDS_MAX cards a group; each card's through one points-expired operation in the
-        kernel (journaled, its lots consumed by the rule like any spend)."""
-        days = self.admin.program.points_expire_days
+        """The expiry sweep (``cardcore.lots``), first thing in a group: lots whose day is at
+        least the program's ``points_expire_days`` before this group's day expire, each card's
+        through one points-expired operation in the kernel (journaled, its lots consumed by the
+        rule like any spend). First the cards the group's operations name (so they never spend
+        expired points), then the oldest others, up to EXPIRY_CARDS_MAX of those a group."""
+        program = self.admin.program
+        days = program.points_expire_days if program is not None else 0
         if not days:
             return
         last_day = lots.day_of(self.ts) - days  # lots of this day and before have expired
         txn, ledger = self.txn, self.ledger
         due: dict[bytes, list[int]] = {}  # card -> [points, newest expired day]
-        cur = txn.cursor(db=ledger.lots_by_day)
-        for key, _ in cur:
+        lot_cur = txn.cursor(db=ledger.points_lots)
+        for card_id in dict.fromkeys(op.card_id for op in self.ops
+                                     if op.packed[0] <= L.OP_KERNEL_MAX):
+            if lot_cur.set_range(card_id):
+                for key, value in lot_cur:
+                    cid, day = L.LOT_KEY.unpack(key)
+                    if cid != card_id or day > last_day:
+                        break
+                    d = due.setdefault(card_id, [0, day])
+                    d[0] += L.POINTS_LOT.unpack(value)[0]
+                    d[1] = day
+        others = 0
+        for key, _ in txn.cursor(db=ledger.lots_by_day):
             day, card_id = L.LOT_DAY_KEY.unpack(key)
             if day > last_day:
                 break
-            if card_id not in due and len(due) == lots.EXPIRY_CARDS_MAX:
-                break
+            if card_id in due and due[card_id][1] >= day:
+                continue  # counted above
+            if card_id not in due:
+                if others == lots.EXPIRY_CARDS_MAX:
+                    break
+                others += 1
             lot = txn.get(L.LOT_KEY.pack(card_id, day), db=ledger.points_lots)
             if lot is None:
                 raise InvariantError("the lot index names a lot that is not there")
@@ -743,13 +776,14 @@ class _Group:
     def _run_internal(self, internal: list[PendingOp]) -> list[Outcome]:
         """The writer's own card operations (expiries, referral bonuses) through the kernel, as
         one run after what came before them; their outcomes (no request records, no answers)."""
-        base, pending = len(self.ops), self.run
-        self.ops = self.ops + internal
-        self.outcomes = self.outcomes + [None] * len(internal)
+        ops, outcomes, pending = self.ops, self.outcomes, self.run  # the group's own, kept as is
+        base = len(ops)
+        self.ops = ops + internal
+        self.outcomes = outcomes + [None] * len(internal)
         self.run = list(range(base, base + len(internal)))
         self._flush_run()
         done = self.outcomes[base:]
-        self.ops, self.outcomes, self.run = self.ops[:base], self.outcomes[:base], pending
+        self.ops, self.outcomes, self.run = ops, outcomes, pending
         return done  # type: ignore[return-value]
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:

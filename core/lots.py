@@ -103,7 +103,7 @@ def rebuild(journal_cursor) -> DictLots:
     lots = DictLots()
     rule = Lots(lots)
     for _, entry in journal_cursor:
-        if entry[1] >= L.OP_ADMIN_MIN or entry[1] == L.OP_PIN_FAILED:
+        if L.OP_ADMIN_MIN <= entry[1] <= L.OP_ADMIN_MAX or entry[1] == L.OP_PIN_FAILED:
             continue
         gain, loss = movement(entry)
         if gain or loss:

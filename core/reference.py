@@ -299,6 +299,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         L.JOURNAL_PROGRAM.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_PROGRAM,
                                     taken_points, redeemed, card.tier,
                                     line_count if applied else 0, promotion_id if applied else 0)
+        journal_out[i * L.JOURNAL_SIZE + L.JOURNAL_OFF_BIRTH_MONTH] = card.birth_month & 0xFF
         L.JOURNAL_COUPON_OFF.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_COUPON,
                                        coupon_off)
     return seq
@@ -390,6 +391,7 @@ class CompiledProgram:
              packed, L.PROGRAM_POINTS_OFFSET)
         if (n_gifts > L.MAX_GIFTS or self.activation_points < 0 or self.exchange_points < 0
                 or self.exchange_bonus < 0 or self.birthday_bp > 100_000
+                or 0 < self.birthday_bp < 10000
                 or not -720 <= self.utc_offset <= 840):
             raise ValueError("program out of range")
         self.gifts = [L.GIFT_DEF.unpack_from(packed, L.PROGRAM_GIFTS_OFFSET + L.GIFT_DEF.size * k)
@@ -401,8 +403,15 @@ class CompiledProgram:
         self.per_units = struct.unpack_from(f"<{cells}q", packed, L.PROGRAM_PER_UNIT_OFFSET)
         if not (1 <= self.tier_count <= L.MAX_TIERS and self.points_unit > 0 and self.version >= 1
                 and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
-                and self.promotion_count <= L.MAX_PROMOTIONS):
+                and self.promotion_count <= L.MAX_PROMOTIONS and self.redeem_points >= 0
+                and (self.redeem_points == 0 or self.redeem_value > 0)
+                and self.redeem_cap_bp <= 10000 and self.spend_order <= L.SPEND_PROPORTIONAL):
             raise ValueError("program out of range")
+        for t in range(self.tier_count):  # the kernel's checks, in the same terms
+            for c in range(L.MAX_CATEGORIES):
+                if self.category_flags[c] & L.CATEGORY_DEFINED and (
+                        not 1 <= self.rate(t, c) <= 10000 or self.per_unit(t, c) < 0):
+                    raise ValueError("program rate out of range")
 
     def gift_def(self, gift_id: int) -> tuple | None:
         """The catalogue's gift ``gift_id`` (layout.GIFT_DEF fields), or None."""
@@ -551,6 +560,8 @@ class Card:
             raise ValueError("card record has a negative balance")
         if self.principal + self.bonus > L.INT64_MAX:
             raise ValueError("card record principal + bonus exceeds int64")
+        if self.birth_month > 12:
+            raise ValueError("card record has a birth month past 12")
         if self.flags & ~(L.CARD_PIN_SET | L.CARD_PIN_LOCKED) or (
                 self.flags & L.CARD_PIN_LOCKED and not self.flags & L.CARD_PIN_SET):
             raise ValueError("card record has unknown or inconsistent PIN flags")

@@ -120,6 +120,8 @@ cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
         return 0
     if rec.flags & CARD_PIN_LOCKED and not rec.flags & CARD_PIN_SET:
         return 0
+    if rec.birth_month > 12:
+        return 0
     return rec.principal_minor <= INT64_MAX - rec.bonus_minor
 
 
@@ -175,11 +177,11 @@ cdef int64_t MINUTE_US = 60 * <int64_t>1000000
 
 cdef inline int month_of(int64_t ts_us, int32_t offset_minutes) noexcept nogil:
     """Rule 5: the month (1..12) on the chain's clock (cardcore.rules.month_of)."""
-    cdef int64_t t = ts_us + <int64_t>offset_minutes * MINUTE_US
-    cdef int64_t days = t // DAY_US
+    cdef cc_i128 t = <cc_i128>ts_us + <cc_i128>offset_minutes * MINUTE_US  # cannot overflow
+    cdef cc_i128 whole = t // DAY_US
     if t % DAY_US != 0 and t < 0:  # floor, as Python's // (C truncates toward zero)
-        days -= 1
-    days += 719468
+        whole -= 1
+    cdef int64_t days = <int64_t>whole + 719468
     cdef int64_t era = (days if days >= 0 else days - 146096) // 146097
     cdef int64_t doe = days - era * 146097
     cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
@@ -715,6 +717,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     out.basket_tag = op.basket_tag
     out.client_time_us = op.client_time_us
     out.tier_after = rec.tier
+    out.birth_month = <uint8_t>rec.birth_month
     if reason == R_OK:
         out.points_redeemed = fig[2]
         out.redeemed_minor = fig[3]
@@ -767,7 +770,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES
             or prog.gift_count > MAX_GIFTS or prog.activation_points < 0
             or prog.exchange_points < 0 or prog.exchange_bonus_minor < 0
-            or prog.birthday_points_bp > 100000 or prog.utc_offset_minutes < -720
+            or prog.birthday_points_bp > 100000
+            or (prog.birthday_points_bp != 0 and prog.birthday_points_bp < RATE_FULL)
+            or prog.utc_offset_minutes < -720
             or prog.utc_offset_minutes > 840):
         raise ValueError("program out of range")
     for t in range(prog.tier_count):

@@ -33,7 +33,7 @@ typedef struct {
     uint64_t link_seq, ref_id, basket_tag;
     int64_t client_time_us;
     int64_t points_redeemed, redeemed_minor;
-    uint8_t tier_after, reserved2;
+    uint8_t tier_after, birth_month;
     uint16_t line_count, item_id, reserved3;
     uint8_t lines_digest[16];
     int64_t coupon_off_minor;

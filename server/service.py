@@ -41,6 +41,7 @@ UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_
                   "UseEntitlement": L.OP_PACKAGE_USE, "ExchangePoints": L.OP_POINTS_EXCHANGE,
                   "RedeemGift": L.OP_GIFT_REDEEM}
 BATCH_OPS_MAX = 10_000
+QUOTE_COUPONS_MAX = 16  # a quote tries at most this many of the card's coupons (oldest first)
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
 
 
@@ -131,7 +132,7 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         result = pb.OperationResult(
             request_id=request_id, replayed=outcome.replayed, seq=seq, type=op,
             amount_minor=amount, discount_minor=discount,
-            paid_minor=-(dp + db_) if op == L.OP_PURCHASE else 0,
+            paid_minor=-(dp + db_) if op == L.OP_PURCHASE or op == L.OP_PACKAGE_SELL else 0,
             points_earned=dpts + taken, applied_at_us=ts_us, program_version=program_version,
             principal_delta_minor=dp, bonus_delta_minor=db_, tier=tier, tier_after=tier_after)
         if taken:
@@ -192,8 +193,9 @@ def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_bal
         answer.points_redeemed = taken
         answer.redeemed_minor = redeemed
         answer.paid_minor = -(dp + db_)
-        answer.principal_paid_minor = -dp
-        answer.bonus_paid_minor = -db_
+        if show_balance:  # which bucket pays tells the balance: not without the PIN
+            answer.principal_paid_minor = -dp
+            answer.bonus_paid_minor = -db_
         answer.points_earned = dpts + taken
     if show_balance and card[0]:
         principal, bonus, points = (pa - dp, ba - db_, ptsa - dpts) if reason == L.R_OK else \
@@ -481,7 +483,7 @@ class CardService(pb_grpc.CardServiceServicer):
         reason = L.R_INTERNAL
         try:
             now_us = time.time_ns() // 1000
-            entry, lines, rec = self.ledger.quote(op, now_us)
+            entry, lines, rec = self.ledger.quote(op, now_us, blind=not show_balance)
             reason = L.JOURNAL.unpack_from(entry)[4]
             answer = quote_response(entry, lines, rec, reason, show_balance,
                                     self.ledger.program.pin_tries_max)
@@ -501,11 +503,13 @@ class CardService(pb_grpc.CardServiceServicer):
                 self.ledger.read_coupons(op.card_id):
             if state != L.COUPON_ISSUED or not valid_from <= now_us < valid_until:
                 continue
+            if len(answer.coupons) == QUOTE_COUPONS_MAX:  # a bound on the dry runs of one call
+                break
             trial = dataclasses.replace(op, packed=b"".join((
                 op.packed[:_OP_REF_AT], serial.to_bytes(8, "little"),
                 op.packed[_OP_REF_AT + 8:L.OP_OFF_PROGRAM + 8], bytes(8),  # no points offered
                 op.packed[L.OP_OFF_PROGRAM + 16:])))
-            entry, _, _ = self.ledger.quote(trial, now_us)
+            entry, _, _ = self.ledger.quote(trial, now_us, blind=True)
             reason = L.JOURNAL.unpack_from(entry)[4]
             off = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)[0] if not reason else 0
             definition = program.coupon(coupon_id)
