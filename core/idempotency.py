@@ -92,7 +92,7 @@ OP_FIELDS: tuple[str, ...] = (
     "op", "tier", "pin_flags", "caller_kind", "home_store_id", "amount_minor", "store_id",
     "terminal_id", "staff_id", "operator_id", "request_tag", "card_id", "client_time_us",
     "pin_check", "new_pin_check", "caller_id", "birth_month", "link_seq", "ref_id", "basket_tag",
-    "line_count", "reserved2", "redeem_points", "referrer_id")
+    "line_count", "op_flags", "redeem_points", "referrer_id")
 
 
 def _offsets() -> dict[str, tuple[int, int]]:
@@ -120,7 +120,7 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "caller_id": "the request key's namespace",
     "pin_check": "the PIN entered: a re-send with another PIN must get the original answer, or "
                  "the answer would tell a right guess from a wrong one",
-    "reserved2": "zero",
+    "op_flags": "in a purchase's extra payload when set (see purchase_extra)",
     "birth_month": "derived from the profile's birthday, which an open's digest covers",
     "referrer_id": "in an open's extra payload when set (see open_extra), so an open without "
                    "one has the digest the release before card programs gave it",
@@ -173,13 +173,14 @@ def unused_fields(op: int) -> frozenset[str]:
 _PURCHASE_EXTRA = struct.Struct("<Hq")  # line count, points offered
 
 
-def purchase_extra(lines: bytes, redeem_points: int) -> bytes | None:
-    """What a purchase adds to its digest: its lines and the points it offers. None for a
-    purchase with neither, so that its digest is the one the release before card programs gave
-    it, and a retry that crosses the upgrade is still recognised."""
-    if not lines and not redeem_points:
+def purchase_extra(lines: bytes, redeem_points: int, op_flags: int = 0) -> bytes | None:
+    """What a purchase adds to its digest: its lines, the points it offers and its flags. None
+    for a purchase with none, so that its digest is the one the release before card programs
+    gave it, and a retry that crosses the upgrade is still recognised."""
+    if not lines and not redeem_points and not op_flags:
         return None
-    return _PURCHASE_EXTRA.pack(len(lines) // L.LINE_SIZE, redeem_points) + lines
+    extra = _PURCHASE_EXTRA.pack(len(lines) // L.LINE_SIZE, redeem_points) + lines
+    return extra + (b"\x00flags:" + bytes([op_flags]) if op_flags else b"")
 
 
 def open_extra(profile: bytes | None, referrer_id: bytes) -> bytes | None:
@@ -188,6 +189,14 @@ def open_extra(profile: bytes | None, referrer_id: bytes) -> bytes | None:
     if referrer_id == NO_REFERRER:
         return profile
     return b"".join((profile or b"", b"\x00referrer:", referrer_id))
+
+
+def basket_tag(caller_kind: int, caller_id: int, basket_id: bytes) -> int:
+    """The u64 a payment's journal entry carries for its basket (split tender): a basket id is
+    scoped to its caller like a request id, so two tills' baskets never meet."""
+    digest = hashlib.blake2b(L.REQUEST_KEY_HEAD.pack(caller_kind, caller_id) + basket_id,
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1  # 0 means no basket
 
 
 def referrer_tag(referrer_id: bytes) -> int:
@@ -232,7 +241,8 @@ class PendingOp:
               caller: tuple[int, int] | None = None, link_seq: int = 0, ref_id: int = 0,
               basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
               scope_store_id: int = 0, lines: bytes = b"", redeem_points: int = 0,
-              referrer_id: bytes = bytes(16), birth_month: int = 0) -> "PendingOp":
+              referrer_id: bytes = bytes(16), birth_month: int = 0,
+              op_flags: int = 0) -> "PendingOp":
         """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
         caller has it at hand (else read off the key), or an inquiry's (with no key)."""
         kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
@@ -242,9 +252,9 @@ class PendingOp:
                            terminal_id, staff_id, operator_id,
                            request_tag(key) if key else bytes(8), card_id, client_time_us,
                            pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
-                           basket_tag, len(lines) // L.LINE_SIZE, bytes(6), redeem_points,
-                           referrer_id)
-        digest = payload_digest(packed, purchase_extra(lines, redeem_points)
+                           basket_tag, len(lines) // L.LINE_SIZE, bytes((op_flags, 0, 0, 0, 0, 0)),
+                           redeem_points, referrer_id)
+        digest = payload_digest(packed, purchase_extra(lines, redeem_points, op_flags)
                                 or open_extra(profile, referrer_id)) if key else bytes(16)
         return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, None, need_role,
                    scope, scope_store_id, lines)

@@ -74,7 +74,8 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     196  u16 item_id               top-up: the promotion whose bonus it got (bonus_delta);
                                    coupon issue, or a purchase with a coupon: the coupon's
                                    definition id; 0 = none
-    198  u16 reserved              zero
+    198  u16 purchase_flags        bit 0 PARTIAL_PAYMENT: the card paid less than was due (split
+                                   tender); the rest, due - paid, is the till's to collect
     200  16B lines_digest          BLAKE2b-128 of the purchase's stored lines (zeros: none), so
                                    the digest chain covers them too; the ledger fills it
     216  i64 coupon_off_minor      purchase: what its coupon took off (part of discount_minor,
@@ -136,7 +137,9 @@ writer runs::
     160  u16 line_count            purchase: how many LINE records it has in the run's lines
                                    buffer (in operation order); 0 = one line of category 0
                                    for amount_minor
-    162  6B  reserved
+    162  u8  op_flags              purchase: bit 0 ALLOW_PARTIAL (rule 6b: the card pays what it
+                                   has, the till collects the rest)
+    163  5B  reserved
     168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
                                    coupon issue: the points it is bought with (0: given by an
                                    operator); exchange: the points offered
@@ -357,6 +360,8 @@ JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
 JOURNAL_COUPON_OFF, JOURNAL_OFF_COUPON = struct.Struct("<q"), 216  # coupon_off_minor
 JOURNAL_OFF_LINES_DIGEST, LINES_DIGEST_SIZE = 200, 16
 JOURNAL_OFF_BIRTH_MONTH = 193
+JOURNAL_PURCHASE_FLAGS, JOURNAL_OFF_PURCHASE_FLAGS = struct.Struct("<H"), 198
+ALLOW_PARTIAL, PARTIAL_PAYMENT = 1, 1  # an operation's op_flags; an entry's purchase_flags
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 64, 64

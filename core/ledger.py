@@ -21,8 +21,9 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     points_lots   card_id | day (u32 BE)  -> points left and earned that day (layout.POINTS_LOT)
     lots_by_day   day (u32 BE) | card_id  -> empty: the order in which lots expire
     gift_stock    gift id (u32 BE)        -> how many of the gift were given (layout.GIFT)
+    baskets       basket tag | seq (BE)   -> empty: a split-tender basket's card payments
 
-The last seven came with card programs: a writer that opens a ledger made
+The last eight came with card programs: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -71,10 +72,11 @@ MAX_DBS = 32
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
-            "packages", "points_lots", "lots_by_day", "gift_stock")
+            "packages", "points_lots", "lots_by_day", "gift_stock", "baskets")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
-                            "lots_by_day", "gift_stock"))
+                            "lots_by_day", "gift_stock", "baskets"))
+BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 _CARD_HELD = 32  # layout.CARD offset of held_minor
@@ -89,6 +91,7 @@ assert _ENTRY_HEAD.size == 88
 _TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
 _U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
 _OP_REF = struct.Struct("<144xQ")
+_ENTRY_BASKET = struct.Struct("<160xQ")  # a journal entry's basket_tag (layout.JOURNAL 160)
 _OP_REFERRER = 176  # layout.OP offset of referrer_id
 NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's ref_id (layout.OP offset 144), read alone
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
@@ -507,6 +510,24 @@ class Ledger:
 
         return self._read(read)
 
+    def read_basket(self, tag: int) -> list[bytes]:
+        """The journal entries of a basket's payments (split tender), in sequence order."""
+        if self.baskets is None:
+            return []
+
+        def read(txn):
+            cur = txn.cursor(db=self.baskets)
+            out = []
+            if cur.set_range(BASKET_KEY.pack(tag, 0)):
+                for key, _ in cur:
+                    key_tag, seq = BASKET_KEY.unpack(key)
+                    if key_tag != tag:
+                        break
+                    out.append(txn.get(L.SEQ_KEY.pack(seq), db=self.journal))
+            return out
+
+        return self._read(read)
+
     def read_lines(self, seq: int) -> bytes:
         """The lines of the applied purchase at ``seq`` (layout.LINE each), or b""."""
         if self.journal_lines is None:
@@ -645,6 +666,7 @@ class _Group:
         self.line_items: list[tuple[int, bytes]] = []   # (seq, an applied purchase's lines)
         self.item_items: list[tuple] = []  # (database, key, record): coupons and packages
         self.expired = 0                   # cards whose points the sweep expired
+        self.basket_items: list[tuple[bytes, bytes]] = []  # split-tender payments' index
         self.run: list[int] = []                # consecutive card operations for the kernel
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
@@ -876,6 +898,9 @@ class _Group:
                 entries.append(entry)
                 self.seq += 1
             if seq and reason == L.R_OK:
+                basket = _ENTRY_BASKET.unpack_from(out, k * size)[0]
+                if basket:
+                    self.basket_items.append((BASKET_KEY.pack(basket, seq), b""))
                 gain, loss = lots.movement(out, k * size)
                 if gain or loss:
                     try:
@@ -941,6 +966,8 @@ class _Group:
                 [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)
             if added != len(self.line_items):
                 raise InvariantError("journal lines append refused: sequence not increasing")
+        if self.basket_items:
+            txn.cursor(db=ledger.baskets).putmulti(self.basket_items)
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
         if self.sealed_items:

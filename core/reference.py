@@ -50,7 +50,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
     for i in range(n):
         (op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff, operator, tag,
          card_id, client_time, pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
-         basket, line_count, _, redeem, _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
+         basket, line_count, op_flags, redeem, _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
         if not L.OP_OPEN <= op <= L.OP_KERNEL_MAX or op == L.OP_PIN_FAILED:
             raise ValueError(f"unknown operation type {op}")
         my_lines = range(line_at, line_at + line_count)
@@ -72,6 +72,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         checked = ""  # "right" or "failed" once the PIN was compared
         discount = d_principal = d_bonus = d_points = 0
         taken_points = redeemed = coupon_off = 0
+        partial = False
         promotion_id = 0  # the entry's item_id: a promotion or a coupon definition
         entry_ref = ref_id
         ext_changed = False
@@ -240,13 +241,14 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         elif card.tier >= prog.tier_count:
             reason = L.R_INVALID_TIER
         else:
-            reason, figures = purchase(prog, card, lines, my_lines, amount, redeem, coupon, ts_us)
+            reason, figures = purchase(prog, card, lines, my_lines, amount, redeem, coupon, ts_us,
+                                       op_flags[0])
             if reason == L.R_OK:
-                paid, earned, taken_points, redeemed, coupon_off, coupon_id = figures
+                paid, earned, taken_points, redeemed, coupon_off, coupon_id, due = figures
                 if coupon is not None:
                     promotion_id = coupon_id
                 discount = amount - paid
-                due = paid - redeemed
+                partial = due < paid - redeemed
                 d_principal, d_bonus = spend(due, card.principal, card.bonus, prog.spend_order)
                 d_principal, d_bonus = -d_principal, -d_bonus
                 d_points = earned - taken_points
@@ -300,6 +302,9 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                                     taken_points, redeemed, card.tier,
                                     line_count if applied else 0, promotion_id if applied else 0)
         journal_out[i * L.JOURNAL_SIZE + L.JOURNAL_OFF_BIRTH_MONTH] = card.birth_month & 0xFF
+        L.JOURNAL_PURCHASE_FLAGS.pack_into(journal_out, i * L.JOURNAL_SIZE
+                                           + L.JOURNAL_OFF_PURCHASE_FLAGS,
+                                           L.PARTIAL_PAYMENT if applied and partial else 0)
         L.JOURNAL_COUPON_OFF.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_COUPON,
                                        coupon_off)
     return seq
@@ -311,13 +316,13 @@ def needs_item(op: int, ref_id: int) -> bool:
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
-             offered: int, coupon: tuple | None = None,
-             ts_us: int = 0) -> tuple[int, tuple[int, int, int, int, int, int]]:
+             offered: int, coupon: tuple | None = None, ts_us: int = 0,
+             flags: int = 0) -> tuple[int, tuple[int, int, int, int, int, int, int]]:
     """Rules 2-6 for one purchase: (reason, (paid, earned, points taken, redeemed fen, coupon
-    off, coupon definition)); paid is after the tier's rate and the coupon. Fills the lines'
+    off, coupon definition, what the card pays)); paid is after the tier's rate and the coupon. Fills the lines'
     output fields once they passed the category check (a line's discount includes its share of
     the coupon)."""
-    none = (0, 0, 0, 0, 0, 0)
+    none = (0, 0, 0, 0, 0, 0, 0)
     if my_lines:
         items = [list(L.LINE.unpack_from(lines, k * L.LINE_SIZE)) for k in my_lines]
     else:
@@ -349,25 +354,32 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
     earned = 0
     birthday = (prog.birthday_bp and card.birth_month
                 and month_of(ts_us, prog.utc_offset) == card.birth_month)
+    card_pay = 0
     if reason == L.R_OK:
-        left = redeemed
+        due = paid - redeemed
+        available = card.principal + card.bonus - card.held
+        card_pay = due  # rule 6b: a partial payment takes what the card has, the till the rest
+        if flags & L.ALLOW_PARTIAL and due > available > 0:
+            card_pay = available
+        left, left_card = redeemed, card_pay
         for it, p in zip(items, line_paid):
             on_line = min(left, p)
             left -= on_line
             it[6] = on_line
-            raw = points_earned(p - on_line, prog.points_unit, prog.per_unit(tier, it[0]))
+            share = min(left_card, p - on_line)  # the card pays the lines in order too
+            left_card -= share
+            raw = points_earned(share, prog.points_unit, prog.per_unit(tier, it[0]))
             if birthday:
                 raw = raw * prog.birthday_bp // 10000
             it[5] = min(raw, L.INT64_MAX)  # a line past int64 overflows the purchase below
             earned += raw
-        due = paid - redeemed
-        if due > card.principal + card.bonus - card.held:
+        if card_pay > available:
             reason = L.R_INSUFFICIENT_FUNDS
-        elif card.points - taken + earned > L.INT64_MAX or card.lifetime + due > L.INT64_MAX:
+        elif card.points - taken + earned > L.INT64_MAX or card.lifetime + card_pay > L.INT64_MAX:
             reason = L.R_AMOUNT_OVERFLOW
     for k, it in zip(my_lines, items):
         L.LINE.pack_into(lines, k * L.LINE_SIZE, *it)
-    return reason, (paid, earned, taken, redeemed, off, coupon_id)
+    return reason, (paid, earned, taken, redeemed, off, coupon_id, card_pay)
 
 
 class CompiledProgram:

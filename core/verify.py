@@ -394,10 +394,13 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
     taken, redeemed = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[:2]
     coupon_off, = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)
     amount, discount, dp, db_, dpts, ts_us = f[9], f[10], f[11], f[12], f[13], f[17]
-    due = -(dp + db_)
+    due = -(dp + db_)  # what the card paid
+    partial = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
     if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0 or taken < 0
-            or not 0 <= redeemed or due != amount - discount - redeemed):
-        return "a purchase whose debit is not gross - discount - redeemed"
+            or not 0 <= redeemed or partial & ~L.PARTIAL_PAYMENT
+            or (due != amount - discount - redeemed if not partial
+                else not 0 < due < amount - discount - redeemed)):
+        return "a purchase whose debit is not gross - discount - redeemed (or less, if partial)"
     if prog is None:  # migrated from v1: not recomputed
         return None
     tier = f[2]
@@ -409,10 +412,11 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
                    0, s[7], bytes(32), bytes(24)))
     buf = bytearray(b"".join(L.LINE.pack(*(x[:4] + (0, 0, 0) + x[7:]))
                              for x in L.LINE.iter_unpack(lines)))
-    reason, (paid, earned, took, red, off, _) = purchase(prog, before, buf, range(line_count),
-                                                         amount, taken, coupon, ts_us)
-    if reason != L.R_OK or (paid, took, red, earned - took, off) != (
-            amount - discount, taken, redeemed, dpts, coupon_off):
+    reason, (paid, earned, took, red, off, _, card_pay) = purchase(
+        prog, before, buf, range(line_count), amount, taken, coupon, ts_us,
+        L.ALLOW_PARTIAL if partial else 0)
+    if reason != L.R_OK or (paid, took, red, earned - took, off, card_pay) != (
+            amount - discount, taken, redeemed, dpts, coupon_off, due):
         return (f"paid {amount - discount} ({coupon_off} off by a coupon), {taken} points for "
                 f"{redeemed} and {dpts} points, but its program gives {paid} ({off}), {took} for "
                 f"{red} and {earned - took} ({reason})")

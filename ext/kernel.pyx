@@ -95,6 +95,8 @@ cdef enum:
     SPEND_PROPORTIONAL = 2
     PROMO_PERCENT = 2
     PROMO_FIRST_TOP_UP = 3
+    ALLOW_PARTIAL = 1
+    PARTIAL_PAYMENT = 1
     DIRTY_CARD = 1
     DIRTY_EXT = 2
     CARD_PIN_SET = 1
@@ -400,14 +402,23 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
             redeemed = blocks * prog.redeem_value_minor  # <= the cap <= paid
     cdef int birthday = (prog.birthday_points_bp != 0 and rec.birth_month != 0
                          and month_of(ts_us, prog.utc_offset_minutes) == <int>rec.birth_month)
+    cdef int64_t available, card_pay = 0, left_card, share
     if reason == R_OK:
+        due = paid - redeemed
+        available = rec.principal_minor + rec.bonus_minor - rec.held_minor
+        card_pay = due  # rule 6b: a partial payment takes what the card has, the till the rest
+        if op.op_flags & ALLOW_PARTIAL and due > available and available > 0:
+            card_pay = available
         left = redeemed
+        left_card = card_pay
         for k in range(n):
             p = line_paid[k]
             on_line = left if left < p else p
             left -= on_line
             ls[k].redeemed_minor = on_line
-            wide = <cc_i128>((p - on_line) // prog.points_unit_minor) * \
+            share = left_card if left_card < p - on_line else p - on_line
+            left_card -= share
+            wide = <cc_i128>(share // prog.points_unit_minor) * \
                 prog.points_per_unit[tier][ls[k].category_code]
             if birthday and wide <= INT64_MAX:  # (past int64 it overflows either way)
                 wide = wide * prog.birthday_points_bp // RATE_FULL
@@ -417,12 +428,12 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
             else:
                 ls[k].points_earned = <int64_t>wide
                 earned += wide
-        due = paid - redeemed
-        if due > rec.principal_minor + rec.bonus_minor - rec.held_minor:
+        if card_pay > available:
             reason = R_INSUFFICIENT_FUNDS
         elif (over or earned > <cc_i128>(INT64_MAX - (rec.points - taken))
-              or due > INT64_MAX - rec.lifetime_paid_minor):
+              or card_pay > INT64_MAX - rec.lifetime_paid_minor):
             reason = R_AMOUNT_OVERFLOW
+    fig[5] = card_pay
     fig[0] = paid
     fig[1] = <int64_t>earned if not over and earned <= INT64_MAX else 0
     fig[2] = taken
@@ -464,9 +475,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef int64_t amount = op.amount_minor
     cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, bonus = 0
     cdef int64_t from_principal, from_bonus, due
-    cdef int64_t fig[5]
+    cdef int64_t fig[6]
     cdef uint16_t promotion_id = 0  # the entry's item_id: a promotion or a coupon definition
     cdef uint64_t entry_ref = op.ref_id
+    cdef int partial = 0
     cdef const cc_coupon_def_t* d
     cdef const cc_package_def_t* pd
     cdef cc_package_t* pkg = <cc_package_t*>coupon  # a package use's record, in the same slot
@@ -474,7 +486,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef const cc_gift_def_t* gd
     cdef int64_t blocks
     cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE else NULL
-    fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = 0
+    fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = fig[5] = 0
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
             or op.line_count > LINES_MAX
             or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
@@ -642,11 +654,12 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 if used_coupon != NULL:
                     promotion_id = coupon.coupon_id
                 discount = amount - fig[0]
-                due = fig[0] - fig[3]
+                due = fig[5]  # what the card pays: all that is due, or what it has (partial)
                 spend(due, rec, prog.spend_order, &from_principal, &from_bonus)
                 d_principal = -from_principal
                 d_bonus = -from_bonus
                 d_points = fig[1] - fig[2]
+                partial = due < fig[0] - fig[3]
                 rec.lifetime_paid_minor += due
                 rec.tier = <uint8_t>upgrade(prog, rec.tier, prog.upgrade_spend_minor,
                                             rec.lifetime_paid_minor)
@@ -724,6 +737,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         out.line_count = op.line_count
         out.item_id = promotion_id
         out.coupon_off_minor = fig[4]
+        out.purchase_flags = PARTIAL_PAYMENT if partial else 0
     return reason
 
 

@@ -34,7 +34,7 @@ typedef struct {
     int64_t client_time_us;
     int64_t points_redeemed, redeemed_minor;
     uint8_t tier_after, birth_month;
-    uint16_t line_count, item_id, reserved3;
+    uint16_t line_count, item_id, purchase_flags;
     uint8_t lines_digest[16];
     int64_t coupon_off_minor;
     uint8_t digest[32];
@@ -53,7 +53,7 @@ typedef struct {
     uint32_t caller_id, birth_month;
     uint64_t link_seq, ref_id, basket_tag;
     uint16_t line_count;
-    uint8_t reserved1[6];
+    uint8_t op_flags, reserved1[5];
     int64_t redeem_points;
     uint8_t reserved2[16];
 } cc_op_t;

@@ -12,7 +12,7 @@ import re
 
 from cardcore import cards
 from cardcore import layout as L
-from cardcore.idempotency import SCOPE_STORE, request_key
+from cardcore.idempotency import SCOPE_STORE, basket_tag, request_key
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, PendingOp
 from cardcore.v1 import card_service_pb2 as pb
@@ -107,7 +107,13 @@ def top_up_amount(req: pb.TopUpRequest) -> tuple[int, dict]:
 
 def purchase_amount(req: pb.PurchaseRequest) -> tuple[int, dict]:
     lines, amount, redeem = basket(req)
-    return amount, {"lines": lines, "redeem_points": redeem, "ref_id": req.coupon_serial}
+    kw = {"lines": lines, "redeem_points": redeem, "ref_id": req.coupon_serial,
+          "op_flags": L.ALLOW_PARTIAL if req.allow_partial else 0}
+    if req.basket_id:
+        if not REQUEST_ID_RE.fullmatch(req.basket_id):
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "basket_id")
+        kw["basket_id"] = req.basket_id.encode("ascii")
+    return amount, kw
 
 
 class Operations:
@@ -148,6 +154,8 @@ class Operations:
         operator, till = caller.operator, req.till
         namespace = caller.namespace(card.terminal_id)
         key = request_key(*namespace, rid)
+        if "basket_id" in kw:  # scoped to the caller like the request id
+            kw["basket_tag"] = basket_tag(*namespace, kw.pop("basket_id"))
         if operator is None:
             return PendingOp.build(key, op_type, card.card_id, amount_minor, till.store_id,
                                    till.terminal_id, till.staff_id, pin_flags=pin_flags,

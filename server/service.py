@@ -23,12 +23,12 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
-from cardcore.idempotency import request_key
+from cardcore.idempotency import basket_tag, request_key
 from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
 from .errors import CODE_NUMBER, Invalid, abort, failure
-from .operations import MALFORMED, Operations, basket, request_id_bytes
+from .operations import MALFORMED, REQUEST_ID_RE, Operations, basket, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.service")
@@ -153,6 +153,9 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
                     entry, L.JOURNAL_OFF_COUPON)[0]
         if outcome.lines:
             add_line_results(result.lines, outcome.lines)
+        if op == L.OP_PURCHASE and L.JOURNAL_PURCHASE_FLAGS.unpack_from(
+                entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0] & L.PARTIAL_PAYMENT:
+            result.remainder_due_minor = amount - discount - redeemed + dp + db_
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
         balance.bonus_minor = ba
@@ -374,6 +377,22 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def IssueCoupon(self, request, context):
         return await self._unary("IssueCoupon", self.operations.issue_coupon_op, request, context)
+
+    async def GetBasket(self, request, context):
+        caller = self.access.caller(context)
+        if caller.bad_token or (caller.operator is None and self.access.tls
+                                and caller.cert_terminal_id is None):
+            await abort(context, failure(R.REASON_UNAUTHENTICATED, "authorization"))
+        if not REQUEST_ID_RE.fullmatch(request.basket_id):
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "basket_id"))
+        namespace = caller.namespace(caller.cert_terminal_id or 0)
+        tag = basket_tag(*namespace, request.basket_id.encode("ascii"))
+        answer = pb.Basket(basket_id=request.basket_id)
+        for entry in self.ledger.read_basket(tag):
+            payment = result_of("", Outcome(L.R_OK, True, entry[1], entry))
+            answer.payments.append(payment)
+            answer.remainder_due_minor = payment.remainder_due_minor
+        return answer
 
     async def ExchangePoints(self, request, context):
         return await self._unary("ExchangePoints", self.operations.exchange_points_op, request,

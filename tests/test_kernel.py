@@ -20,11 +20,12 @@ IMPLS = [kernel.apply_batch, reference.apply_batch]
 def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, terminal=2, staff=3,
              home_store=0, pin_flags=0, pin=bytes(32), new_pin=bytes(32), operator=0, caller_kind=0,
              caller_id=0, client_time_us=0, link_seq=0, ref_id=0, basket_tag=0, line_count=0,
-             redeem=0, birth_month=0):
+             redeem=0, birth_month=0, op_flags=0):
     return L.OP.pack(op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff,
                      operator, tag, card, client_time_us, pin, new_pin, caller_id, birth_month,
                      link_seq, ref_id,
-                     basket_tag, line_count, bytes(6), redeem, bytes(16))
+                     basket_tag, line_count, bytes([op_flags]) + bytes(5), redeem,
+                     bytes(16))
 
 
 def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,

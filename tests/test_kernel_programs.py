@@ -170,6 +170,7 @@ def batches(draw):
                             pin_flags=draw(st.sampled_from([0, 0, 0, L.PIN_PRESENTED,
                                                             L.PIN_OPTIONAL_UNSET])),
                             pin=PIN_A, line_count=len(my_lines), redeem=redeem, ref_id=ref_id,
+                            op_flags=draw(st.sampled_from([0, 0, L.ALLOW_PARTIAL])),
                             operator=draw(st.sampled_from([0, 7]))))
     return b"".join(ops), slots, recs, exts, b"".join(lines), cslots, b"".join(coupon_recs)
 
@@ -223,6 +224,7 @@ def coupon_batches(draw):
         ops.append(op_bytes(L.OP_PURCHASE, sum(L.LINE.unpack(x)[3] for x in mine),
                             card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
                             line_count=len(mine), ref_id=0 if cslot == L.SLOT_NONE else cslot + 1,
+                            op_flags=draw(st.sampled_from([0, L.ALLOW_PARTIAL])),
                             redeem=draw(st.sampled_from([0, 0, 100, 1000]))))
     return b"".join(ops), slots, recs, bytes(len(recs)), b"".join(lines), cslots, b"".join(coupons)
 

@@ -33,14 +33,16 @@ def cafe(start_server):
 
 
 def purchase(number: str, *lines, redeem: int = 0, request_id: str | None = None,
-             gross: int = 0, coupon: int = 0) -> pb.PurchaseRequest:
+             gross: int = 0, coupon: int = 0, partial: bool = False,
+             basket: str = "") -> pb.PurchaseRequest:
     request_id = request_id or rid()
     return pb.PurchaseRequest(
         request_id=request_id, client_time_us=sent_at(request_id),
         card=cpb.CardRef(card_number=number), till=cpb.Till(store_id=1, terminal_id=1, staff_id=9),
         lines=[pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s)
                for c, a, q, s in lines],
-        redeem_points=redeem, gross_amount_minor=gross, coupon_serial=coupon)
+        redeem_points=redeem, gross_amount_minor=gross, coupon_serial=coupon,
+        allow_partial=partial, basket_id=basket)
 
 
 def quote(number: str, *lines, redeem: int = 0, gross: int = 0, coupon: int = 0) -> pb.QuoteRequest:
@@ -418,3 +420,29 @@ def test_a_card_opened_on_a_referral_pays_its_referrer(start_server, tmp_path):
             till=cpb.Till(store_id=1, terminal_id=1)))
     assert failure_of(err.value).field == "referrer_card_number"
     assert verify(server.data_dir)["ok"]
+
+
+def test_split_tender_takes_what_the_card_has_and_lists_the_basket(cafe):
+    """A silver card (95 %) with 100.00 + 20.00 bonus buys food for 200.00 (pays 190.00) with
+    allow_partial: the card pays the 120.00 it has (bonus first), earns points on that only (the
+    lines in order: 120 points), and 70.00 remain for the till. A second card pays the rest
+    under the same basket; GetBasket lists both payments and what is left due (0)."""
+    client = Client(cafe.stub)
+    first = silver_card(client, 10000)
+    second = new_card_number()
+    client.open(second)
+    client.top_up(second, 10000)
+    paid = cafe.stub.Purchase(purchase(first, (FOOD, 20000, 1, ""), partial=True, basket="B-1"))
+    assert (paid.paid_minor, paid.remainder_due_minor, paid.points_earned,
+            paid.bonus_delta_minor) == (12000, 7000, 120, -2000)
+    assert client.card(first).balance.available_minor == 0
+    rest = cafe.stub.Purchase(purchase(second, (FOOD, 7000, 1, ""), basket="B-1"))
+    assert (rest.paid_minor, rest.remainder_due_minor) == (7000, 0)
+    listed = cafe.stub.GetBasket(pb.GetBasketRequest(basket_id="B-1"))
+    assert [(p.seq, p.paid_minor, p.remainder_due_minor) for p in listed.payments] == [
+        (paid.seq, 12000, 7000), (rest.seq, 7000, 0)]
+    assert listed.remainder_due_minor == 0
+    with pytest.raises(grpc.RpcError) as err:  # without allow_partial a short balance declines
+        cafe.stub.Purchase(purchase(first, (FOOD, 100, 1, "")))
+    assert failure_of(err.value).reason == R.REASON_INSUFFICIENT_FUNDS
+    assert verify(cafe.data_dir)["ok"]
