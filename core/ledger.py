@@ -184,9 +184,10 @@ class _LmdbLots:
         raw = self.txn.get(L.LOT_KEY.pack(card_id, day), db=self.db)
         return None if raw is None else L.POINTS_LOT.unpack(raw)
 
-    def put(self, card_id: bytes, day: int, left: int, earned: int) -> None:
+    def put(self, card_id: bytes, day: int, left: int, earned: int, new: bool) -> None:
         self.txn.put(L.LOT_KEY.pack(card_id, day), L.POINTS_LOT.pack(left, earned), db=self.db)
-        self.txn.put(L.LOT_DAY_KEY.pack(day, card_id), b"", db=self.by_day)
+        if new:  # an existing lot is in the index already
+            self.txn.put(L.LOT_DAY_KEY.pack(day, card_id), b"", db=self.by_day)
 
     def delete(self, card_id: bytes, day: int) -> None:
         self.txn.delete(L.LOT_KEY.pack(card_id, day), db=self.db)

@@ -47,7 +47,7 @@ class Lots:
     the writer, a dict when rebuilt from the journal): moves points by the rule above."""
 
     def __init__(self, store) -> None:
-        self.store = store  # get(card, day) / put(card, day, left, earned) / delete / oldest(card)
+        self.store = store  # get(card, day) / put(card, day, left, earned, new) / delete / oldest
 
     def apply(self, card_id: bytes, ts_us: int, gain: int, loss: int) -> None:
         store = self.store
@@ -61,12 +61,12 @@ class Lots:
             if taken == left:
                 store.delete(card_id, day)
             else:
-                store.put(card_id, day, left - taken, earned)
+                store.put(card_id, day, left - taken, earned, False)
         if gain:
             day = day_of(ts_us)
             have = store.get(card_id, day)
             left, earned = have if have is not None else (0, 0)
-            store.put(card_id, day, left + gain, earned + gain)
+            store.put(card_id, day, left + gain, earned + gain, have is None)
 
 
 class DictLots:
@@ -79,7 +79,7 @@ class DictLots:
         lot = self.cards.get(card_id, {}).get(day)
         return None if lot is None else tuple(lot)
 
-    def put(self, card_id: bytes, day: int, left: int, earned: int) -> None:
+    def put(self, card_id: bytes, day: int, left: int, earned: int, new: bool) -> None:
         self.cards.setdefault(card_id, {})[day] = [left, earned]
 
     def delete(self, card_id: bytes, day: int) -> None:
