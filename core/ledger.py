@@ -796,6 +796,29 @@ class _Group:
             raise InvariantError("a points expiry was declined: the lots and the card disagree")
         self.expired = len(expiries)
 
+    def _add_gains(self, gains: dict, card_id: bytes | None = None) -> None:
+        """Points earned, into their lots (``cardcore.lots``): all pending, or one card's. Read
+        and written in one getmulti and one putmulti: the lots cost an earning purchase little."""
+        items = list(gains.items()) if card_id is None else [
+            (where, g) for where, g in gains.items() if where[0] == card_id]
+        if not items:
+            return
+        for where, _ in items:
+            del gains[where]
+        txn, ledger = self.txn, self.ledger
+        keys = [L.LOT_KEY.pack(cid, day) for (cid, day), _ in items]
+        have = dict(txn.cursor(db=ledger.points_lots).getmulti(keys))
+        puts, index = [], []
+        for key, ((cid, day), gain) in zip(keys, items):
+            old = have.get(key)
+            left, earned = L.POINTS_LOT.unpack(old) if old is not None else (0, 0)
+            puts.append((key, L.POINTS_LOT.pack(left + gain, earned + gain)))
+            if old is None:
+                index.append((L.LOT_DAY_KEY.pack(day, cid), b""))
+        txn.cursor(db=ledger.points_lots).putmulti(puts)
+        if index:
+            txn.cursor(db=ledger.lots_by_day).putmulti(index)
+
     def _run_internal(self, internal: list[PendingOp]) -> list[Outcome]:
         """The writer's own card operations (expiries, referral bonuses) through the kernel, as
         one run after what came before them; their outcomes (no request records, no answers)."""
@@ -875,6 +898,8 @@ class _Group:
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
         referrals: list[PendingOp] = []  # one level: a referral bonus never pays another
+        gains: dict[tuple[bytes, int], int] = {}  # (card, day) -> points earned in this run
+        day = lots.day_of(ts)
         for k, i in enumerate(run):
             op = ops[i]
             op_type = op.packed[0]
@@ -903,11 +928,16 @@ class _Group:
                 if basket:
                     self.basket_items.append((BASKET_KEY.pack(basket, seq), b""))
                 gain, loss = lots.movement(out, k * size)
-                if gain or loss:
+                if loss:  # oldest first: the gains this run has pending for the card go in first
+                    if gains:
+                        self._add_gains(gains, op.card_id)
                     try:
                         self.lots.apply(op.card_id, ts, gain, loss)
                     except ValueError as exc:
                         raise InvariantError(str(exc)) from None
+                elif gain:  # most entries: added up per card and day, written once a run
+                    where = (op.card_id, day)
+                    gains[where] = gains.get(where, 0) + gain
             if reason == L.R_OK and out[k * size + _TIER_AFTER] != tier:  # an upgrade (rule 8)
                 counts = admin.tier_cards()
                 counts[tier] -= 1
@@ -935,6 +965,8 @@ class _Group:
             outcomes[i] = Outcome(reason, False, op_type, entry, available, 0, filled)
         if next_seq != self.seq:
             raise InvariantError("kernel sequence does not match the journal entries")
+        if gains:
+            self._add_gains(gains)
         # Coupons and packages issued, sold or used: written before anything after the run reads
         # them, like the cards (few per group).
         for db, key, value in self.item_items:
