@@ -105,7 +105,15 @@ def top_up_amount(req: pb.TopUpRequest) -> tuple[int, dict]:
     return req.amount_minor, {}
 
 
+NO_EXTRA: dict = {}  # a plain purchase's: no keyword arguments to pass along (shared, read only)
+
+
 def purchase_amount(req: pb.PurchaseRequest) -> tuple[int, dict]:
+    if not (req.lines or req.redeem_points or req.coupon_serial or req.allow_partial
+            or req.basket_id):  # most purchases: one amount, nothing else to check or pass
+        if req.gross_amount_minor <= 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, "gross_amount_minor")
+        return req.gross_amount_minor, NO_EXTRA
     lines, amount, redeem = basket(req)
     kw = {"lines": lines, "redeem_points": redeem, "ref_id": req.coupon_serial,
           "op_flags": L.ALLOW_PARTIAL if req.allow_partial else 0}

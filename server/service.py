@@ -85,6 +85,10 @@ def _refuse_malformed(fn):
 # three after-balances, ts_us, program version, caller kind and id (see layout.JOURNAL).
 _REPLY_FIELDS = struct.Struct("<xBBxxxxxQ16xqqqqqqqqq24xIB3xI")
 _OP_REF_AT = 144  # layout.OP offset of ref_id
+# The card programs' reply fields in one read: points redeemed, fen redeemed, tier after, item id,
+# purchase flags (layout.JOURNAL offsets 176, 184, 192, 196, 198).
+_REPLY_PROGRAM = struct.Struct("<176xqqB3xHH")
+assert _REPLY_PROGRAM.size == 200
 EPOCH = datetime.date(1970, 1, 1)
 assert _REPLY_FIELDS.size == 140
 
@@ -127,8 +131,7 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         entry = outcome.entry
         (op, tier, seq, amount, discount, dp, db_, dpts, pa, ba, ptsa, ts_us, program_version,
          caller_kind, caller_id) = _REPLY_FIELDS.unpack_from(entry)
-        taken, redeemed, tier_after, _, promotion_id = L.JOURNAL_PROGRAM.unpack_from(
-            entry, L.JOURNAL_OFF_PROGRAM)
+        taken, redeemed, tier_after, promotion_id, flags = _REPLY_PROGRAM.unpack_from(entry)
         result = pb.OperationResult(
             request_id=request_id, replayed=outcome.replayed, seq=seq, type=op,
             amount_minor=amount, discount_minor=discount,
@@ -153,8 +156,7 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
                     entry, L.JOURNAL_OFF_COUPON)[0]
         if outcome.lines:
             add_line_results(result.lines, outcome.lines)
-        if op == L.OP_PURCHASE and L.JOURNAL_PURCHASE_FLAGS.unpack_from(
-                entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0] & L.PARTIAL_PAYMENT:
+        if flags & L.PARTIAL_PAYMENT:
             result.remainder_due_minor = amount - discount - redeemed + dp + db_
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
