@@ -124,7 +124,8 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "birth_month": "derived from the profile's birthday, which an open's digest covers",
     "referrer_id": "in an open's extra payload when set (see open_extra), so an open without "
                    "one has the digest the release before card programs gave it",
-    "line_count": "with the lines, in the extra payload when a purchase has any (see purchase_extra)",
+    "line_count": "with the lines, in the extra payload when a purchase has any "
+                  "(see purchase_extra)",
     "redeem_points": "in the extra payload when set (see purchase_extra)",
 }
 _AT_THE_TILL = ("store_id", "terminal_id", "staff_id", "operator_id", "client_time_us")

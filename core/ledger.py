@@ -54,7 +54,8 @@ from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_T
 from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
-from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, lines_digest, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
+from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
+                                  lines_digest,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
                                   Outcome, PendingOp, legacy_digest, legacy_key,
                                   pack_request_keys, record, repeat, unpack_request_keys,
@@ -539,7 +540,9 @@ class Ledger:
         """The original outcome of a request (its key: namespace and request_id), or None."""
         def read(txn):
             idem = txn.get(key, db=self.requests)
-            return None if idem is None else replay(txn, self.journal, idem, None, self.journal_lines)
+            if idem is None:
+                return None
+            return replay(txn, self.journal, idem, None, self.journal_lines)
 
         return self._read(read)
 

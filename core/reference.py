@@ -42,7 +42,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
     assert len(extras) == len(records) and len(items) % L.COUPON_SIZE == 0
     assert len(item_dirty) == len(items) // L.COUPON_SIZE and len(item_slots) == n
     prog = CompiledProgram(program)
-    line_total = sum(L.OP_PROGRAM.unpack_from(ops, i * L.OP_SIZE + L.OP_OFF_PROGRAM)[0] for i in range(n))
+    line_total = sum(L.OP_PROGRAM.unpack_from(ops, i * L.OP_SIZE + L.OP_OFF_PROGRAM)[0]
+                     for i in range(n))
     if len(program) != L.PROGRAM_SIZE or len(lines) != line_total * L.LINE_SIZE:
         raise ValueError("program or lines buffer has the wrong size")
     seq = first_seq
@@ -319,7 +320,8 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
              offered: int, coupon: tuple | None = None, ts_us: int = 0,
              flags: int = 0) -> tuple[int, tuple[int, int, int, int, int, int, int]]:
     """Rules 2-6 for one purchase: (reason, (paid, earned, points taken, redeemed fen, coupon
-    off, coupon definition, what the card pays)); paid is after the tier's rate and the coupon. Fills the lines'
+    off, coupon definition, what the card pays)); paid is after the tier's rate and the coupon.
+    Fills the lines'
     output fields once they passed the category check (a line's discount includes its share of
     the coupon)."""
     none = (0, 0, 0, 0, 0, 0, 0)
@@ -391,8 +393,9 @@ class CompiledProgram:
          self.promotion_count, _, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
         self.category_flags = flags
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
-        self.promotions = [L.PROMOTION.unpack_from(packed, L.PROGRAM_HEAD.size + k * L.PROMOTION_SIZE)
-                           for k in range(self.promotion_count)]
+        self.promotions = [
+            L.PROMOTION.unpack_from(packed, L.PROGRAM_HEAD.size + k * L.PROMOTION_SIZE)
+            for k in range(self.promotion_count)]
         count, n_packages = struct.unpack_from("<II", packed, L.PROGRAM_COUPON_COUNT_OFFSET)
         if count > L.MAX_COUPONS or n_packages > L.MAX_PACKAGES:
             raise ValueError("program out of range")
@@ -489,7 +492,8 @@ class CompiledProgram:
                 return t
         return tier
 
-    def best_promotion(self, ext: "CardState", amount: int, ts_us: int) -> tuple[int, int, int | None]:
+    def best_promotion(self, ext: "CardState", amount: int,
+                       ts_us: int) -> tuple[int, int, int | None]:
         """Rule 7: (promotion id, bonus, the card's use slot for it or None) of the best
         promotion for this top-up; (0, 0, None) when none applies."""
         best = (0, 0, None)

@@ -232,7 +232,8 @@ class Program:
                     or not p.starts_us < p.ends_us
                     or not 0 <= p.per_card_limit <= PER_CARD_LIMIT_MAX):
                 raise ValueError(f"promotion {p.id}: out of range")
-        if len(self.coupons) > L.MAX_COUPONS or len({c.id for c in self.coupons}) != len(self.coupons):
+        if (len(self.coupons) > L.MAX_COUPONS
+                or len({c.id for c in self.coupons}) != len(self.coupons)):
             raise ValueError(f"at most {L.MAX_COUPONS} coupons, with distinct ids")
         for c in self.coupons:
             if (not 1 <= c.id <= 0xFFFF or c.kind not in COUPON_KINDS.values()
@@ -258,8 +259,9 @@ class Program:
                 or self.exchange_bonus_minor < 0
                 or (self.exchange_points > 0) != (self.exchange_bonus_minor > 0)):
             raise ValueError("activation or exchange out of range")
-        if len(self.gifts) > L.MAX_GIFTS or len({g.id for g in self.gifts}) != len(self.gifts) or any(
-                not 1 <= g.id <= 0xFFFF or g.points_price <= 0 or g.stock < 0 for g in self.gifts):
+        if (len(self.gifts) > L.MAX_GIFTS or len({g.id for g in self.gifts}) != len(self.gifts)
+                or any(not 1 <= g.id <= 0xFFFF or g.points_price <= 0 or g.stock < 0
+                       for g in self.gifts)):
             raise ValueError(f"at most {L.MAX_GIFTS} gifts, distinct ids, prices > 0")
         if not (self.birthday_points_bp == 0 or RATE_BP_FULL <= self.birthday_points_bp
                 <= BIRTHDAY_BP_MAX) or not -720 <= self.utc_offset_minutes <= 840:
@@ -302,7 +304,8 @@ class Program:
         top_up = [0] * L.MAX_TIERS
         for t, tier in enumerate(self.tiers):
             base = t * L.MAX_CATEGORIES
-            tier_per = self.points_per_unit if tier.points_per_unit is None else tier.points_per_unit
+            tier_per = (self.points_per_unit if tier.points_per_unit is None
+                        else tier.points_per_unit)
             rate_of, per_of = dict(tier.category_rate_bp), dict(tier.category_points_per_unit)
             for code in range(L.MAX_CATEGORIES):
                 if not flags[code] & L.CATEGORY_DEFINED:
