@@ -548,24 +548,43 @@ def _check_exchange(raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -
     return {"exchange_points": values["points"], "exchange_bonus_minor": values["bonus_minor"]}
 
 
+def _with_ids(what: str, raw: list[dict], most: int, check_one, lines: _Lines,
+              problems: list[tuple[int, str]]) -> tuple:
+    """An array of tables whose elements carry the chain's ids (promotions, coupons, packages,
+    gifts): at most ``most``, each checked by ``check_one(k, table)`` (None after its problems),
+    and no id twice."""
+    word = what[:-1]
+    _too_many(what, raw, most, lines, problems)
+    items: list = []
+    first_with_id: dict[int, int] = {}
+    for k, table in enumerate(raw):
+        item = check_one(k, table)
+        if item is None:
+            continue
+        if item.id in first_with_id:
+            why = (f"{word} #{k + 1}: duplicate {word} id {item.id} "
+                   f"(also {word} #{first_with_id[item.id] + 1})")
+            problems.append((lines.line((what, k), "id"), why))
+        first_with_id.setdefault(item.id, k)
+        items.append(item)
+    return tuple(items)
+
+
+def _check_gift(k: int, raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -> Gift | None:
+    """Check the k-th (0-based) gift table; the Gift, or None after its problems."""
+    gid = raw.get("id")
+    label = f"gift {gid}" if _value_problem(_GIFT_ID, gid) is None else f"gift #{k + 1}"
+    table = _Table(raw, ("gifts", k), label, lines, problems)
+    values = table.check(_GIFT_KEYS)
+    if not table.ok:
+        return None
+    return Gift(gid, values["name"], values["points_price"], values["stock"])
+
+
 def _check_gifts(raw: list[dict], lines: _Lines,
                  problems: list[tuple[int, str]]) -> tuple[Gift, ...]:
-    _too_many("gifts", raw, layout.MAX_GIFTS, lines, problems)
-    gifts: list[Gift] = []
-    first_with_id: dict[int, int] = {}
-    for k, one in enumerate(raw):
-        gid = one.get("id")
-        label = f"gift {gid}" if _value_problem(_GIFT_ID, gid) is None else f"gift #{k + 1}"
-        table = _Table(one, ("gifts", k), label, lines, problems)
-        values = table.check(_GIFT_KEYS)
-        if not table.ok:
-            continue
-        if gid in first_with_id:
-            why = f"gift #{k + 1}: duplicate gift id {gid} (also gift #{first_with_id[gid] + 1})"
-            problems.append((lines.line(("gifts", k), "id"), why))
-        first_with_id.setdefault(gid, k)
-        gifts.append(Gift(gid, values["name"], values["points_price"], values["stock"]))
-    return tuple(gifts)
+    return _with_ids("gifts", raw, layout.MAX_GIFTS,
+                     lambda k, table: _check_gift(k, table, lines, problems), lines, problems)
 
 
 def _check_redemption(raw: dict, lines: _Lines, problems: list[tuple[int, str]]) -> dict:
@@ -718,21 +737,8 @@ def _check_promotion(k: int, raw: dict, lines: _Lines,
 
 def _check_promotions(raw: list[dict], lines: _Lines,
                       problems: list[tuple[int, str]]) -> tuple[Promotion, ...]:
-    _too_many("promotions", raw, layout.MAX_PROMOTIONS, lines, problems)
-    promotions: list[Promotion] = []
-    first_with_id: dict[int, int] = {}
-    for k, table in enumerate(raw):
-        promotion = _check_promotion(k, table, lines, problems)
-        if promotion is None:
-            continue
-        if promotion.id in first_with_id:
-            first = first_with_id[promotion.id] + 1
-            why = (f"promotion #{k + 1}: duplicate promotion id {promotion.id} "
-                   f"(also promotion #{first})")
-            problems.append((lines.line(("promotions", k), "id"), why))
-        first_with_id.setdefault(promotion.id, k)
-        promotions.append(promotion)
-    return tuple(promotions)
+    return _with_ids("promotions", raw, layout.MAX_PROMOTIONS,
+                     lambda k, table: _check_promotion(k, table, lines, problems), lines, problems)
 
 
 def _named_category(table: _Table, name: str, declared: _Declared | None) -> int | None:
@@ -789,20 +795,9 @@ def _check_coupon(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
 
 def _check_coupons(raw: list[dict], declared: _Declared | None, lines: _Lines,
                    problems: list[tuple[int, str]]) -> tuple[Coupon, ...]:
-    _too_many("coupons", raw, layout.MAX_COUPONS, lines, problems)
-    coupons: list[Coupon] = []
-    first_with_id: dict[int, int] = {}
-    for k, table in enumerate(raw):
-        coupon = _check_coupon(k, table, declared, lines, problems)
-        if coupon is None:
-            continue
-        if coupon.id in first_with_id:
-            first = first_with_id[coupon.id] + 1
-            why = f"coupon #{k + 1}: duplicate coupon id {coupon.id} (also coupon #{first})"
-            problems.append((lines.line(("coupons", k), "id"), why))
-        first_with_id.setdefault(coupon.id, k)
-        coupons.append(coupon)
-    return tuple(coupons)
+    return _with_ids("coupons", raw, layout.MAX_COUPONS,
+                     lambda k, table: _check_coupon(k, table, declared, lines, problems), lines,
+                     problems)
 
 
 def _check_package(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
@@ -829,20 +824,9 @@ def _check_package(k: int, raw: dict, declared: _Declared | None, lines: _Lines,
 
 def _check_packages(raw: list[dict], declared: _Declared | None, lines: _Lines,
                     problems: list[tuple[int, str]]) -> tuple[Package, ...]:
-    _too_many("packages", raw, layout.MAX_PACKAGES, lines, problems)
-    packages: list[Package] = []
-    first_with_id: dict[int, int] = {}
-    for k, table in enumerate(raw):
-        package = _check_package(k, table, declared, lines, problems)
-        if package is None:
-            continue
-        if package.id in first_with_id:
-            first = first_with_id[package.id] + 1
-            why = f"package #{k + 1}: duplicate package id {package.id} (also package #{first})"
-            problems.append((lines.line(("packages", k), "id"), why))
-        first_with_id.setdefault(package.id, k)
-        packages.append(package)
-    return tuple(packages)
+    return _with_ids("packages", raw, layout.MAX_PACKAGES,
+                     lambda k, table: _check_package(k, table, declared, lines, problems), lines,
+                     problems)
 
 
 def parse_program(text: str) -> Program:
