@@ -151,9 +151,10 @@ def lanes(payloads, n: int) -> list:
     return [iter(payloads)] * n
 
 
-async def run_unary(target: str, payloads: list, in_flight: int, seconds: float):
+async def run_unary(target: str, payloads: list, in_flight: int, seconds: float,
+                    method: str = "Purchase"):
     async with grpc.aio.insecure_channel(target) as ch:
-        call = ch.unary_unary(METHOD + "Purchase")
+        call = ch.unary_unary(METHOD + method)
         its = lanes(payloads, in_flight)
         await call(next(its[0]))  # connect and warm up
         latencies: list[float] = []

@@ -22,7 +22,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
 import grpc
 
@@ -81,27 +80,6 @@ class Baskets:
                 .SerializeToString() for _ in range(n)]
 
 
-async def run_unary(target: str, method: str, payloads: list[bytes], seconds: float):
-    async with grpc.aio.insecure_channel(target) as ch:
-        call = ch.unary_unary(e2e.METHOD + method)
-        it = iter(payloads)
-        await call(next(it))
-        latencies: list[float] = []
-        deadline = time.perf_counter() + seconds
-
-        async def worker():
-            for p in it:
-                if time.perf_counter() > deadline:
-                    return
-                t0 = time.perf_counter()
-                await call(p)
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        return len(latencies), time.perf_counter() - t0, latencies
-
-
 def earn_points(target: str, numbers: list[str]) -> None:
     """Every card earns points to redeem: one large purchase each."""
     from cardcore.v1 import card_service_pb2_grpc as pb_grpc
@@ -150,8 +128,8 @@ def main() -> None:
                 for name, method, make in (("get_card", "GetCard", gen.inquiries),
                                            ("quote", "Quote", gen.quotes))[::1 if k % 2 == 0 else -1]:
                     payloads = make(int(args.seconds * 6000))
-                    rows[name].append(measure(proc, lambda p=payloads, m=method: run_unary(
-                        proc.target, m, p, args.seconds)))
+                    rows[name].append(measure(proc, lambda p=payloads, m=method: e2e.run_unary(
+                        proc.target, p, IN_FLIGHT, args.seconds, m)))
         finally:
             log = proc.stop()
     ratio = {

@@ -145,15 +145,22 @@ def profile_month(profile: bytes | None) -> int:
     return month if 1 <= month <= 12 else 0
 
 
-def sold_package(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
-    """The package record an applied sale entry creates (key, value), under the program the
-    entry was computed with."""
+def _new_item(entry: bytes, lookup) -> tuple[int, int, int, object]:
+    """(serial, group time, definition id, definition) of the coupon or package an applied
+    entry creates: its serial is the entry's sequence, its definition ``lookup(id)`` under the
+    program the entry was computed with."""
     seq, = _U64.unpack_from(entry, L.JOURNAL_OFF_SEQ)
     ts_us, = _I64.unpack_from(entry, L.JOURNAL_OFF_TS)
-    package_id = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[4]
-    definition = program.package(package_id)
+    item_id = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[4]
+    definition = lookup(item_id)
     if definition is None:
-        raise InvariantError("a package sold has no definition in its program")
+        raise InvariantError(f"an entry creates item {item_id}, which its program does not define")
+    return seq, ts_us, item_id, definition
+
+
+def sold_package(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
+    """The package record an applied sale entry creates (key, value)."""
+    seq, ts_us, package_id, definition = _new_item(entry, program.package)
     until = min(ts_us + definition.days * L.DAY_US, L.INT64_MAX)
     return (L.COUPON_KEY.pack(card_id, seq),
             L.PACKAGE.pack(L.PACKAGE_VERSION, definition.kind, package_id, definition.uses, ts_us,
@@ -162,13 +169,8 @@ def sold_package(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes,
 
 def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
     """The coupon record an applied issue entry creates (key, value): valid from the group's time
-    for its definition's days under the program the entry was computed with."""
-    seq, = _U64.unpack_from(entry, L.JOURNAL_OFF_SEQ)
-    ts_us, = _I64.unpack_from(entry, L.JOURNAL_OFF_TS)
-    coupon_id = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[4]
-    definition = program.coupon(coupon_id)
-    if definition is None:
-        raise InvariantError("an issued coupon has no definition in its program")
+    for its definition's days."""
+    seq, ts_us, coupon_id, definition = _new_item(entry, program.coupon)
     until = min(ts_us + definition.valid_days * L.DAY_US, L.INT64_MAX)
     return (L.COUPON_KEY.pack(card_id, seq),
             L.COUPON.pack(L.COUPON_VERSION, L.COUPON_ISSUED, coupon_id, 0, ts_us, until, seq, 0, 0,
