@@ -210,12 +210,20 @@ Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a car
 without one reads as all zeros (release 1 and ledger v2 cards)::
 
       0  u8  version               1; 0 = none yet (all zeros)
-      1  3B  reserved
+      1  u8  flags                 bit 0 REVIEW_STARTED: the tier review (rule 11) tracks
+                                   this card's qualification periods
+      2  2B  reserved
       4  u32 top_up_count          top-ups applied (a first-top-up bonus needs 0)
       8  i64 lifetime_top_up_minor principal topped up in total
      16  u16[16] promotion_id      limited promotions this card has used; 0 = a free slot
      48  u16[16] promotion_uses    how many times, same position
-     80  48B reserved
+     80  u32 review_day            the current qualification period's first day (UTC days
+                                   since 1970-01-01); the period ends review_day + tier_review_days
+     84  u32 reserved
+     88  i64 period_base_paid_minor   lifetime_paid_minor when the period started: the period's
+                                   spend is lifetime paid minus this
+     96  i64 period_top_up_max_minor  the largest single top-up in the period
+    104  24B reserved
 
 The PIN rule (kernel and reference): for an operation that presents a PIN or
 requires one, on a card with a PIN: locked -> REASON_PIN_LOCKED, not checked;
@@ -269,7 +277,7 @@ ledger keeps documents, so the compiled form can change freely)::
   14224  u32 gift_count
   14228  u32 birthday_points_bp    points in the member's birth month, in bp of the usual (0: none)
   14232  i32 utc_offset_minutes    the chain's clock: which month (and day) it is
-  14236  u32 reserved
+  14236  u32 tier_review_days      the tier review's period (rule 11); 0 = tiers never go down
   14240  gift[32], 24 bytes each: 0 u16 id, 2 6B reserved, 8 i64 points_price, 16 i64 stock
 
 Terminal record, v1, 64 bytes, LMDB ``terminals`` value (key: u32 big-endian terminal id)::
@@ -342,7 +350,7 @@ REQUEST_TIME_KEY = struct.Struct(">Q")   # the group's ts_us
 VERSION_KEY = struct.Struct(">I")        # programs: version
 
 LINE = struct.Struct("<HHIqqqq24s")
-CARD_EXT = struct.Struct("<B3sIq16H16H48s")
+CARD_EXT = struct.Struct("<BB2sIq16H16HIIqq24s")
 PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
@@ -373,7 +381,8 @@ PROGRAM_COUPONS_OFFSET = PROGRAM_PER_UNIT_OFFSET + 8 * MAX_TIERS * MAX_CATEGORIE
 PROGRAM_COUPON_COUNT_OFFSET = PROGRAM_COUPONS_OFFSET + MAX_COUPONS * 48
 PROGRAM_PACKAGES_OFFSET = PROGRAM_COUPON_COUNT_OFFSET + 8
 PROGRAM_POINTS_OFFSET = PROGRAM_PACKAGES_OFFSET + 32 * 32
-PROGRAM_POINTS = struct.Struct("<qqqIIiI")  # activation, exchange, gifts, birthday, UTC offset
+PROGRAM_POINTS = struct.Struct("<qqqIIiI")  # activation, exchange, gifts, birthday, UTC offset,
+# tier review days
 PROGRAM_GIFTS_OFFSET = PROGRAM_POINTS_OFFSET + PROGRAM_POINTS.size
 GIFT_DEF = struct.Struct("<H6xqq")
 PROGRAM_SIZE = PROGRAM_GIFTS_OFFSET + 32 * GIFT_DEF.size
@@ -382,6 +391,7 @@ assert COUPON_DEF.size == 48 and COUPON.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
 CARD_EXT_VERSION = 1
+REVIEW_STARTED = 1  # a card program state's flags
 CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2
 SPEND_PRINCIPAL_FIRST, SPEND_BONUS_FIRST, SPEND_PROPORTIONAL = 0, 1, 2
 PROMO_FIXED, PROMO_PERCENT, PROMO_FIRST_TOP_UP = 1, 2, 3
@@ -437,7 +447,8 @@ OP_POINTS_EXPIRED = 11  # the writer's sweep: points whose lots reached the prog
 OP_POINTS_EXCHANGE = 12  # points into bonus money
 OP_GIFT_REDEEM = 13     # points for a gift of the catalogue, from its stock
 OP_REFERRAL_BONUS = 14  # the writer's: a referrer's points for a card opened on its referral
-OP_KERNEL_MAX = OP_REFERRAL_BONUS  # 1..5 and 7..14 go through the kernel; 6 is written by it
+OP_TIER_REVIEWED = 15  # the writer's: a card's tier reviewed at the end of its period (rule 11)
+OP_KERNEL_MAX = OP_TIER_REVIEWED  # 1..5 and 7..15 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23

@@ -61,7 +61,7 @@ from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, P
                                   pack_request_keys, record, repeat, unpack_request_keys,
                                   replay)
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
-from cardcore.rules import Program, available_minor
+from cardcore.rules import Program, available_minor, review_due
 
 log = logging.getLogger("cardcore.ledger")
 
@@ -96,7 +96,10 @@ _ENTRY_BASKET = struct.Struct("<160xQ")  # a journal entry's basket_tag (layout.
 _OP_REFERRER = 176  # layout.OP offset of referrer_id
 NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's ref_id (layout.OP offset 144), read alone
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
-EXT_READERS = frozenset((L.OP_TOP_UP,))  # operations whose rules read the card program state
+# Operations whose rules read the card program state; under a program that reviews tiers
+# (rule 11) every card operation does (rule 8's spend is the period's).
+EXT_READERS = frozenset((L.OP_TOP_UP,))
+_EXT_REVIEW = struct.Struct("<xB78xI")  # layout.CARD_EXT: flags (1), review_day (80)
 
 
 def items_of(txn, ledger: "Ledger", ops: list[PendingOp]) -> tuple[array, list, bytearray]:
@@ -312,8 +315,9 @@ class Ledger:
                     c[1] += amount
             if "card_ext" in missing:
                 txn.cursor(db=self.card_ext).putmulti(
-                    [(cid, L.CARD_EXT.pack(L.CARD_EXT_VERSION, bytes(3), min(n, 0xFFFFFFFF), total,
-                                           *[0] * (2 * L.PROMOTION_SLOTS), bytes(48)))
+                    [(cid, L.CARD_EXT.pack(L.CARD_EXT_VERSION, 0, bytes(2), min(n, 0xFFFFFFFF),
+                                           total, *[0] * (2 * L.PROMOTION_SLOTS), 0, 0, 0, 0,
+                                           bytes(24)))
                      for cid, (n, total) in sorted(counts.items())])
             if "points_lots" in missing:  # every point the cards hold, in the lot it was earned in
                 records = lots.rebuild(txn.cursor(db=self.journal)).records()
@@ -452,8 +456,8 @@ class Ledger:
     def quote(self, op: PendingOp, ts_us: int, blind: bool = False) -> tuple[bytes, bytes, bytes]:
         """A dry run of operation ``op`` through the kernel, on copies of its card's records
         under the current program: (its journal entry, its lines as the kernel filled them, the
-        card record after). Nothing is written and no sequence is taken (the entry's seq is 1
-        when it would apply). ``blind``: as if the card held enough money and the points
+        card record after). Nothing is written and no sequence is taken (the entry's seq is
+        non-zero when it would apply). A tier review due first (rule 11) is run first. ``blind``: as if the card held enough money and the points
         offered, so the answer tells nothing of its balances (a terminal without the PIN)."""
         def read(txn):
             ext = txn.get(op.card_id, db=self.card_ext) if self.card_ext is not None else None
@@ -467,11 +471,19 @@ class Ledger:
             f[7] = min(L.OP_PROGRAM.unpack_from(op.packed, L.OP_OFF_PROGRAM)[1], L.INT64_MAX // 4)
             records = bytearray(L.CARD.pack(*f))
         extras = bytearray(ext or EMPTY_EXT)
-        lines, out = bytearray(op.lines), bytearray(L.JOURNAL_SIZE)
-        kernel.apply_batch(self.program_packed, op.packed, lines, array("I", [0]), records, extras,
+        ops, slots = op.packed, array("I", [0])
+        period = self.program.tier_review_days if self.program is not None else 0
+        if rec is not None and review_due(period, *_EXT_REVIEW.unpack_from(extras),
+                                          lots.day_of(ts_us)):
+            # the review the writer would run first (rule 11): the purchase at the new tier
+            ops = PendingOp.build(b"", L.OP_TIER_REVIEWED, op.card_id).packed + ops
+            slots.append(0)
+            coupon_slots.insert(0, L.SLOT_NONE)
+        lines, out = bytearray(op.lines), bytearray(len(slots) * L.JOURNAL_SIZE)
+        kernel.apply_batch(self.program_packed, ops, lines, slots, records, extras,
                            coupon_slots, coupons, out, bytearray(1),
                            bytearray(len(coupons) // L.COUPON_SIZE), ts_us, 1)
-        return bytes(out), bytes(lines), bytes(records)
+        return bytes(out[-L.JOURNAL_SIZE:]), bytes(lines), bytes(records)
 
     def read_coupons(self, card_id: bytes) -> list[tuple]:
         """The card's coupons (layout.COUPON fields each, serial order), used or not."""
@@ -686,6 +698,7 @@ class _Group:
         self.admin = admin = AdminState(ledger, txn)
         self.lots = lots.Lots(_LmdbLots(txn, ledger))
         self._expire()  # before the group's operations: expired points are never spent
+        self._review()  # and they run at the tier the card's last period earned
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
         legacy = {}
@@ -801,6 +814,31 @@ class _Group:
             raise InvariantError("a points expiry was declined: the lots and the card disagree")
         self.expired = len(expiries)
 
+    def _review(self) -> None:
+        """The tier review (``rules`` rule 11), first in a group after the expiry sweep: each
+        card the group's operations name whose period has ended, or that the reviewing program
+        does not track yet, gets its review entry before them. A card no operation names keeps
+        its tier until it is next used."""
+        program = self.admin.program
+        period = program.tier_review_days if program is not None else 0
+        if not period:
+            return
+        txn, ledger = self.txn, self.ledger
+        ids = list(dict.fromkeys(op.card_id for op in self.ops
+                                 if op.packed[0] <= L.OP_KERNEL_MAX))
+        known = [cid for cid, _ in txn.cursor(db=ledger.cards).getmulti(ids)]
+        states = dict(txn.cursor(db=ledger.card_ext).getmulti(known))
+        today = lots.day_of(self.ts)
+        due = [cid for cid in known
+               if review_due(period, *_EXT_REVIEW.unpack_from(states.get(cid, EMPTY_EXT)), today)]
+        if not due:
+            return
+        reviews = [PendingOp.build(b"", L.OP_TIER_REVIEWED, cid, caller=(L.CALLER_SYSTEM, 0))
+                   for cid in due]
+        if any(o.reason != L.R_OK for o in self._run_internal(reviews)):
+            raise InvariantError("a tier review was declined: the card's state and the program "
+                                 "disagree")
+
     def _add_gains(self, gains: dict, card_id: bytes | None = None) -> None:
         """Points earned, into their lots (``cardcore.lots``): all pending, or one card's. Read
         and written in one getmulti and one putmulti: the lots cost an earning purchase little."""
@@ -872,8 +910,12 @@ class _Group:
         cards = txn.cursor(db=ledger.cards)
         stored = dict(cards.getmulti(card_ids))
         records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
-        # Program states: only a top-up reads one (rule 7), so only its cards' are read.
-        ext_ids = {ops[i].card_id for i in run if ops[i].packed[0] in EXT_READERS}
+        # Program states: only a top-up reads one (rule 7), so only its cards' are read; unless
+        # the program reviews tiers (rule 11), which needs every card's.
+        if admin.program is not None and admin.program.tier_review_days:
+            ext_ids = set(card_ids)
+        else:
+            ext_ids = {ops[i].card_id for i in run if ops[i].packed[0] in EXT_READERS}
         ext_cur = txn.cursor(db=ledger.card_ext)
         ext_stored = dict(ext_cur.getmulti(list(ext_ids))) if ext_ids else {}
         extras = bytearray(b"".join([ext_stored.get(c, EMPTY_EXT) for c in card_ids]))

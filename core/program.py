@@ -20,7 +20,10 @@ them with comments; money in fen):
   referrer's, when a card is opened on its referral: one level, never the
   referrer's referrer); ``birthday_points_bp`` (0, or 10000..100000: points in
   the member's birth month, 20000 = double) and ``utc_offset_minutes``
-  (-720..840, default 0; 480 for China) for which month it is.
+  (-720..840, default 0; 480 for China) for which month it is;
+  ``tier_review_days`` (0, or 7..3660: tiers are reviewed, and can go down,
+  every that many days from each card's opening; 365 for a yearly review; 0 =
+  tiers never go down; ``rules`` rule 11).
 - ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
   many points become that much bonus money). No table: no exchange.
 - ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
@@ -73,6 +76,8 @@ from cardcore.rules import (
     COUPON_KINDS,
     COUPON_VALID_DAYS_MAX,
     POINTS_EXPIRE_DAYS_MAX,
+    TIER_REVIEW_DAYS_MAX,
+    TIER_REVIEW_DAYS_MIN,
     BIRTHDAY_BP_MAX,
     DEFAULT_PROGRAM,
     MAX_NAME_LEN,
@@ -166,6 +171,7 @@ _TOP_KEYS = (
     _Key("pin_on_top_up", "boolean"),
     _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
+    _Key("tier_review_days", "integer", 0, TIER_REVIEW_DAYS_MAX),
     _Key("activation_points", "integer", 0, _I64),
     _Key("referral_points", "integer", 0, _I64),
     _Key("birthday_points_bp", "integer", 0, BIRTHDAY_BP_MAX),
@@ -852,6 +858,10 @@ def parse_program(text: str) -> Program:
                                  if key.kind in ("integer", "boolean") and key.name in values}
     if "spend_order" in values:
         fields["spend_order"] = SPEND_ORDERS[values["spend_order"]]
+    if 0 < values.get("tier_review_days", 0) < TIER_REVIEW_DAYS_MIN:
+        problems.append((lines.line((), "tier_review_days"),
+                         f"tier_review_days must be 0 (no review) or {TIER_REVIEW_DAYS_MIN}.."
+                         f"{TIER_REVIEW_DAYS_MAX}"))
     if "redemption" in values:
         fields.update(_check_redemption(values["redemption"], lines, problems))
     if "exchange" in values:

@@ -11,7 +11,13 @@ import hmac
 import struct
 
 from cardcore import layout as L
-from cardcore.rules import month_of, paid_minor, points_earned, redemption, spend
+from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, month_of, paid_minor,
+                            points_earned, redemption, review_due, review_start, spend)
+
+
+def _day(ts_us: int) -> int:
+    """Rule 11's day: UTC days since 1970-01-01 (a time before 1970 counts as day 0)."""
+    return max(ts_us, 0) // L.DAY_US
 
 
 def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: bytearray,
@@ -122,10 +128,20 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 d_points = prog.activation_points
                 if pin_flags & L.NEW_PIN:
                     set_pin()
+                if prog.review_days:  # rule 11: tracked from its opening day
+                    ext = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
+                    ext.start_period(card, _day(ts_us))
+                    ext_changed = True
         elif card.version == 0:
             reason = L.R_CARD_NOT_FOUND
         elif op == L.OP_RESET_PIN:
             set_pin()
+        elif op == L.OP_TIER_REVIEWED:  # whatever the card's status, like an expiry
+            if amount or ref_id:
+                reason = L.R_INVALID_ARGUMENT
+            else:
+                reason, amount, entry_ref = prog.review(card, ext, ts_us)
+                ext_changed = True
         elif op == L.OP_POINTS_EXPIRED:  # whatever the card's status: points expire all the same
             if amount <= 0:
                 reason = L.R_INVALID_AMOUNT
@@ -227,7 +243,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 d_principal, d_bonus = spend(amount, card.principal, card.bonus, prog.spend_order)
                 d_principal, d_bonus = -d_principal, -d_bonus
                 card.lifetime += amount
-                card.tier = prog.upgrade(card.tier, prog.up_spend, card.lifetime)
+                card.tier = prog.upgrade(card.tier, prog.up_spend,
+                                         prog.period_spend(card.lifetime, ext))
                 promotion_id = ref_id
         elif op == L.OP_TOP_UP:
             promotion_id, bonus, slot_k = prog.best_promotion(ext, amount, ts_us)
@@ -254,7 +271,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 d_principal, d_bonus = -d_principal, -d_bonus
                 d_points = earned - taken_points
                 card.lifetime += due
-                card.tier = prog.upgrade(card.tier, prog.up_spend, card.lifetime)
+                card.tier = prog.upgrade(card.tier, prog.up_spend,
+                                         prog.period_spend(card.lifetime, ext))
         entry_seq = 0
         pin_failed = checked == "failed"
         if reason == L.R_OK:
@@ -402,12 +420,14 @@ class CompiledProgram:
         self.packages = [L.PACKAGE_DEF.unpack_from(packed, L.PROGRAM_PACKAGES_OFFSET + 32 * k)
                          for k in range(n_packages)]
         (self.activation_points, self.exchange_points, self.exchange_bonus, n_gifts,
-         self.birthday_bp, self.utc_offset, _) = L.PROGRAM_POINTS.unpack_from(
+         self.birthday_bp, self.utc_offset, self.review_days) = L.PROGRAM_POINTS.unpack_from(
              packed, L.PROGRAM_POINTS_OFFSET)
         if (n_gifts > L.MAX_GIFTS or self.activation_points < 0 or self.exchange_points < 0
                 or self.exchange_bonus < 0 or self.birthday_bp > 100_000
                 or 0 < self.birthday_bp < 10000
-                or not -720 <= self.utc_offset <= 840):
+                or not -720 <= self.utc_offset <= 840
+                or (self.review_days and not (
+                    TIER_REVIEW_DAYS_MIN <= self.review_days <= TIER_REVIEW_DAYS_MAX))):
             raise ValueError("program out of range")
         self.gifts = [L.GIFT_DEF.unpack_from(packed, L.PROGRAM_GIFTS_OFFSET + L.GIFT_DEF.size * k)
                       for k in range(n_gifts)]
@@ -492,6 +512,36 @@ class CompiledProgram:
                 return t
         return tier
 
+    def period_spend(self, lifetime: int, ext: "CardState") -> int:
+        """Rule 8's spend, of a card that paid ``lifetime`` in all: the lifetime's, or the current
+        period's while rule 11 tracks the card."""
+        if self.review_days and ext.flags & L.REVIEW_STARTED:
+            return lifetime - ext.period_base
+        return lifetime
+
+    def review(self, card: "Card", ext: "CardState", ts_us: int) -> tuple[int, int, int]:
+        """Rule 11: (reason, the ended period's spend, the new period's first day); the card's
+        tier reviewed at the end of its period, or its tracking started."""
+        period, today = self.review_days, _day(ts_us)
+        if not period:
+            return L.R_INVALID_ARGUMENT, 0, 0
+        if not ext.flags & L.REVIEW_STARTED:
+            start = review_start(_day(card.opened_us), today, period)
+            ext.start_period(card, start)
+            return L.R_OK, 0, start
+        if not review_due(period, ext.flags, ext.review_day, today):
+            return L.R_INVALID_ARGUMENT, 0, 0  # not due: the writer never asks
+        k = (today - ext.review_day) // period
+        spent, top = (card.lifetime - ext.period_base, ext.top_up_max) if k == 1 else (0, 0)
+        reached = next((t for t in range(self.tier_count - 1, 0, -1)
+                        if 0 < self.up_spend[t] <= spent or 0 < self.up_top_up[t] <= top), 0)
+        if card.tier < self.tier_count and (self.up_spend[card.tier] > 0
+                                            or self.up_top_up[card.tier] > 0):
+            card.tier = min(card.tier, reached)  # a tier given at opening, not earned, is kept
+        start = ext.review_day + k * period
+        ext.start_period(card, start)
+        return L.R_OK, spent, start
+
     def best_promotion(self, ext: "CardState", amount: int,
                        ts_us: int) -> tuple[int, int, int | None]:
         """Rule 7: (promotion id, bonus, the card's use slot for it or None) of the best
@@ -522,9 +572,16 @@ class CardState:
     """A card program state (layout.CARD_EXT) by name."""
 
     def __init__(self, fields) -> None:
-        (self.version, _, self.top_up_count, self.lifetime_top_up, *rest) = fields
+        (self.version, self.flags, _, self.top_up_count, self.lifetime_top_up, *rest) = fields
         self.ids = list(rest[:L.PROMOTION_SLOTS])
         self.uses = list(rest[L.PROMOTION_SLOTS:2 * L.PROMOTION_SLOTS])
+        self.review_day, _, self.period_base, self.top_up_max, _ = rest[2 * L.PROMOTION_SLOTS:]
+
+    def start_period(self, card: "Card", day: int) -> None:
+        """Rule 11: a qualification period starts on ``day``."""
+        self.version = L.CARD_EXT_VERSION
+        self.flags |= L.REVIEW_STARTED
+        self.review_day, self.period_base, self.top_up_max = day, card.lifetime, 0
 
     def slot_for(self, pid: int, in_program: set[int]) -> int | None:
         """The use slot of promotion ``pid``: its own, else the first free one (id 0, or a
@@ -538,18 +595,22 @@ class CardState:
         self.version = L.CARD_EXT_VERSION
         self.top_up_count = min(self.top_up_count + 1, 0xFFFFFFFF)
         self.lifetime_top_up += amount
+        if self.flags & L.REVIEW_STARTED:
+            self.top_up_max = max(self.top_up_max, amount)
         if pid and slot_k is not None:
             if self.ids[slot_k] != pid:
                 self.ids[slot_k], self.uses[slot_k] = pid, 0
             self.uses[slot_k] += 1
 
     def check(self) -> None:
-        if self.version not in (0, L.CARD_EXT_VERSION) or self.lifetime_top_up < 0:
+        if (self.version not in (0, L.CARD_EXT_VERSION) or self.lifetime_top_up < 0
+                or self.period_base < 0 or self.top_up_max < 0):
             raise ValueError("card program state breaks an invariant")
 
     def fields(self) -> tuple:
-        return (self.version, bytes(3), self.top_up_count, self.lifetime_top_up, *self.ids,
-                *self.uses, bytes(48))
+        return (self.version, self.flags, bytes(2), self.top_up_count, self.lifetime_top_up,
+                *self.ids, *self.uses, self.review_day, 0, self.period_base, self.top_up_max,
+                bytes(24))
 
 
 class Card:

@@ -55,13 +55,34 @@ checks they agree on every input):
    money purchases took from the balance); after a top-up, the highest tier
    above the card's whose ``upgrade_top_up_minor`` (> 0) is at most this one
    top-up. The journal entry's ``tier`` is the tier the operation was
-   computed with, ``tier_after`` the card's tier after it.
+   computed with, ``tier_after`` the card's tier after it. While the program
+   reviews tiers (rule 11) on a card it tracks, the spend that counts is the
+   current period's (lifetime paid minus ``period_base_paid_minor``), not the
+   lifetime's.
 9. Only active cards can be topped up or spent.
 10. PINs (the exact order of checks is in ``layout``): a purchase always
    needs the card's PIN, a top-up when ``pin_on_top_up`` is set. After
    ``pin_tries_max`` wrong PINs in a row (default 3) the PIN locks: the money
    stays, the card cannot be spent until an operator resets the PIN. A right
    PIN sets the count back to 0.
+
+11. Tier review (the program's ``tier_review_days`` P > 0; 0: tiers never go
+   down). A card's qualification periods run P days each from the (UTC) day
+   it was opened. A card opened under such a program is tracked from its
+   opening; one opened before starts being tracked by a review entry that
+   changes no tier (``review_start``: the period it is in that day; its spend
+   before that day does not count). The writer reviews a card before the
+   first operation on it on or after its period's end day: the period that
+   ended counts its spend and its largest single top-up (both 0 when a whole
+   period went by without an operation, the period that ended being a later,
+   empty one); the card's tier becomes the lower of its own and the highest
+   tier those reach by rule 8's thresholds (tier 0 when none), except that a
+   tier with neither threshold (given at opening, not earned) is kept. The
+   new period starts on the last period boundary on or before that day. The
+   review entry (OP_TIER_REVIEWED) carries the period's spend as its amount,
+   the new period's first day as its ref_id, ``tier`` and ``tier_after``.
+   Reads (GetCard) show the tier as of the card's last review; Quote reviews
+   first, as the purchase would.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or
@@ -91,6 +112,7 @@ COUPON_VALID_DAYS_MAX = 3660
 PACKAGE_KINDS = {"count": L.PACKAGE_COUNT, "time": L.PACKAGE_TIME}
 PACKAGE_USES_MAX = 10_000
 POINTS_EXPIRE_DAYS_MAX = 3660
+TIER_REVIEW_DAYS_MIN, TIER_REVIEW_DAYS_MAX = 7, 3660
 BIRTHDAY_BP_MAX = 100_000
 
 
@@ -193,6 +215,7 @@ class Program:
     exchange_points: int = 0      # whole blocks of this many points ...
     exchange_bonus_minor: int = 0  # ... become this much bonus money; 0 and 0: no exchange
     gifts: tuple[Gift, ...] = ()
+    tier_review_days: int = 0     # rule 11: the qualification period; 0 = tiers never go down
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -268,6 +291,10 @@ class Program:
             raise ValueError("birthday_points_bp or utc_offset_minutes out of range")
         if not 0 <= self.points_expire_days <= POINTS_EXPIRE_DAYS_MAX:
             raise ValueError(f"points_expire_days must be 0..{POINTS_EXPIRE_DAYS_MAX}")
+        if self.tier_review_days and not (
+                TIER_REVIEW_DAYS_MIN <= self.tier_review_days <= TIER_REVIEW_DAYS_MAX):
+            raise ValueError(f"tier_review_days must be 0 or {TIER_REVIEW_DAYS_MIN}.."
+                             f"{TIER_REVIEW_DAYS_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0
@@ -336,7 +363,8 @@ class Program:
                + struct.pack("<II", len(self.coupons), len(self.packages)) + packages
                + L.PROGRAM_POINTS.pack(self.activation_points, self.exchange_points,
                                        self.exchange_bonus_minor, len(self.gifts),
-                                       self.birthday_points_bp, self.utc_offset_minutes, 0)
+                                       self.birthday_points_bp, self.utc_offset_minutes,
+                                       self.tier_review_days)
                + gifts)
         assert len(out) == L.PROGRAM_SIZE
         return out
@@ -404,3 +432,16 @@ def available_minor(principal_minor: int, bonus_minor: int, held_minor: int) -> 
     verify; the kernel and the reference compute it in their own language, held equal by the
     differential tests."""
     return principal_minor + bonus_minor - held_minor
+
+
+def review_start(opened_day: int, today: int, period_days: int) -> int:
+    """Rule 11: the first day of the qualification period a card opened on ``opened_day`` is
+    in on ``today`` (periods of ``period_days`` from its opening day)."""
+    return opened_day + max(0, today - opened_day) // period_days * period_days
+
+
+def review_due(period_days: int, flags: int, review_day: int, today: int) -> bool:
+    """Rule 11: whether the writer reviews a card before its next operation on ``today``: the
+    program reviews tiers and the card is not tracked yet, or its period has ended."""
+    return bool(period_days) and (not flags & L.REVIEW_STARTED
+                                  or today >= review_day + period_days)

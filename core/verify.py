@@ -143,6 +143,21 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     referred: set[int] = set()         # openings whose referrer got its bonus (once)
     lot_rule = lots.Lots(point_lots)
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
+    opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
+
+    def state_of(cid: bytes) -> CardState:
+        state = states.get(cid)
+        if state is None:
+            state = states[cid] = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
+        return state
+
+    def compiled_of(version: int) -> CompiledProgram | None:
+        program = programs.get(version, (None,))[0]
+        if program is None:
+            return None
+        if version not in compiled:
+            compiled[version] = CompiledProgram(program.packed(version))
+        return compiled[version]
     for key, entry in txn.cursor(db=ledger.journal):
         f = L.JOURNAL.unpack(entry)
         taken, redeemed, tier_after, line_count, promotion_id = L.JOURNAL_PROGRAM.unpack_from(
@@ -189,6 +204,9 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                         "program's activation points)")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, 0]
             opens[seq] = (cid, f[29])
+            opened_us[cid] = ts_us
+            if opened_with is not None and opened_with.tier_review_days:
+                state_of(cid).start_period(Card(_card_at(tier, s, ts_us)), lots.day_of(ts_us))
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, 0]
@@ -204,19 +222,12 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if op in (L.OP_TOP_UP, L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_PACKAGE_SELL,
                   L.OP_PACKAGE_USE):
             program = programs.get(program_version, (None,))[0]
-            prog = None
-            if program is not None:
-                prog = compiled.get(program_version)
-                if prog is None:
-                    prog = CompiledProgram(program.packed(program_version))
-                    compiled[program_version] = prog
+            prog = compiled_of(program_version)
+            state = state_of(cid)
             if op == L.OP_TOP_UP:
-                state = states.get(cid)
-                if state is None:
-                    state = states[cid] = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
                 why = _top_up_problem(prog, state, f, tier_after, promotion_id)
             elif op == L.OP_PACKAGE_SELL:
-                why = _sale_problem(program, prog, s, f, promotion_id, tier_after)
+                why = _sale_problem(program, prog, s, f, promotion_id, tier_after, state)
                 if why is None and program is not None:
                     k, value = sold_package(program, cid, entry)
                     packages[k] = L.PACKAGE.unpack(value)
@@ -244,7 +255,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 coupon = coupons.get(coupon_key) if coupon_key else None
                 if coupon_key and coupon is None:
                     coupon = L.COUPON.unpack(bytes(L.COUPON_SIZE))
-                why = _purchase_problem(prog, s, f, entry, tier_after, line_count, lines, coupon)
+                why = _purchase_problem(prog, s, f, entry, tier_after, line_count, lines, coupon,
+                                        state)
                 if why is None and coupon_key:  # used here: as the kernel left it
                     coupons[coupon_key] = (*coupon[:1], L.COUPON_USED, *coupon[2:7], seq,
                                            L.JOURNAL_COUPON_OFF.unpack_from(
@@ -281,6 +293,20 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: a referral bonus its program and the opening it "
                         "names do not explain")
             referred.add(f[28])
+        elif op == L.OP_TIER_REVIEWED:
+            prog = compiled_of(program_version)
+            card = Card(_card_at(tier, s, opened_us.get(cid, 0)))
+            state = state_of(cid)
+            if prog is None or not prog.review_days or any(f[10:14]):
+                why = "a tier review that moves value, or under a program without reviews"
+            else:
+                why = None
+                got = prog.review(card, state, ts_us)
+                if got != (L.R_OK, amount, f[29]) or card.tier != tier_after:
+                    why = (f"a review of spend {amount} to tier {tier_after} from day {f[29]}, but "
+                           f"its program gives {got[1]} to tier {card.tier} from day {got[2]}")
+            if why:
+                problem(f"journal entry {seq}: {why}")
         elif op == L.OP_POINTS_EXPIRED:
             program = programs.get(program_version, (None,))[0]
             lot_days = point_lots.cards.get(cid, {})
@@ -338,8 +364,15 @@ def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, ti
     return None
 
 
+def _card_at(tier: int, s: list, opened_us: int) -> tuple:
+    """A card record's fields (layout.CARD order) from its running sums ``s``: what the
+    reference's rules read of it."""
+    return (L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, s[0], s[1], s[2], 0, s[4], 0, opened_us,
+            0, s[7], bytes(32), bytes(24))
+
+
 def _sale_problem(program, prog: CompiledProgram | None, s: list, f: tuple, package_id: int,
-                  tier_after: int) -> str | None:
+                  tier_after: int, state: CardState) -> str | None:
     """Why a package sale entry is not what its program makes of it (None: it is): paid at the
     program's price from the buckets in its spend order, no discount, no points."""
     amount, discount, dp, db_, dpts = f[9:14]
@@ -350,7 +383,7 @@ def _sale_problem(program, prog: CompiledProgram | None, s: list, f: tuple, pack
         return f"package {package_id} sold for {amount}, not at its program's price"
     if spend(amount, s[0], s[1], prog.spend_order) != (-dp, -db_):
         return "its split between principal and bonus is not its program's spend order"
-    expect = prog.upgrade(f[2], prog.up_spend, s[4] + amount)
+    expect = prog.upgrade(f[2], prog.up_spend, prog.period_spend(s[4] + amount, state))
     if tier_after != expect:
         return f"tier {tier_after} after it, but the program gives {expect}"
     return None
@@ -387,7 +420,7 @@ def _issue_problem(program, prog: CompiledProgram | None, f: tuple, taken: int,
 
 def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: bytes,
                       tier_after: int, line_count: int, lines: bytes,
-                      coupon: tuple | None) -> str | None:
+                      coupon: tuple | None, state: CardState) -> str | None:
     """Why a purchase entry is not what its program makes of it from the card's running sums
     ``s`` and its coupon as the journal left it (None: it is): the reference arithmetic re-run
     on its stored lines."""
@@ -408,8 +441,7 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
         return f"tier {tier} is not in its program version"
     if len(lines) != line_count * L.LINE_SIZE:
         return f"{line_count} lines in the entry, {len(lines) // L.LINE_SIZE} stored"
-    before = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, s[0], s[1], s[2], 0, s[4], 0, 0,
-                   0, s[7], bytes(32), bytes(24)))
+    before = Card(_card_at(tier, s, 0))
     buf = bytearray(b"".join(L.LINE.pack(*(x[:4] + (0, 0, 0) + x[7:]))
                              for x in L.LINE.iter_unpack(lines)))
     reason, (paid, earned, took, red, off, _, card_pay) = purchase(
@@ -424,7 +456,7 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
         return "its stored lines differ from its program's arithmetic"
     if spend(due, s[0], s[1], prog.spend_order) != (-dp, -db_):
         return "its split between principal and bonus is not its program's spend order"
-    expect = prog.upgrade(tier, prog.up_spend, s[4] + due)
+    expect = prog.upgrade(tier, prog.up_spend, prog.period_spend(s[4] + due, state))
     if tier_after != expect:
         return f"tier {tier_after} after it, but the program gives {expect}"
     return None

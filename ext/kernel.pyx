@@ -49,7 +49,11 @@ cdef enum:
     OP_POINTS_EXCHANGE = 12
     OP_GIFT_REDEEM = 13
     OP_REFERRAL_BONUS = 14
-    OP_KERNEL_MAX = 14
+    OP_TIER_REVIEWED = 15
+    OP_KERNEL_MAX = 15
+    REVIEW_STARTED = 1
+    TIER_REVIEW_DAYS_MIN = 7
+    TIER_REVIEW_DAYS_MAX = 3660
     STATUS_ACTIVE = 1
     R_OK = 0
     R_INVALID_ARGUMENT = 1
@@ -201,6 +205,61 @@ cdef inline uint32_t upgrade(const cc_program_t* prog, uint32_t tier, const int6
             return <uint32_t>t
         t -= 1
     return tier
+
+
+cdef inline int64_t day_of(int64_t ts_us) noexcept nogil:
+    """Rule 11's day: UTC days since 1970-01-01 (a time before 1970 counts as day 0)."""
+    return ts_us // DAY_US if ts_us > 0 else 0
+
+
+cdef inline int64_t period_spend(const cc_program_t* prog, const cc_card_t* rec,
+                                 const cc_card_ext_t* ext) noexcept nogil:
+    """Rule 8's spend: the lifetime's, or the current period's while rule 11 tracks the card."""
+    if prog.tier_review_days and ext.flags & REVIEW_STARTED:
+        return rec.lifetime_paid_minor - ext.period_base_paid_minor
+    return rec.lifetime_paid_minor
+
+
+cdef inline void start_period(cc_card_ext_t* ext, const cc_card_t* rec, int64_t day) noexcept nogil:
+    ext.version = 1
+    ext.flags |= REVIEW_STARTED
+    ext.review_day = <uint32_t>day
+    ext.period_base_paid_minor = rec.lifetime_paid_minor
+    ext.period_top_up_max_minor = 0
+
+
+cdef inline uint8_t review(const cc_program_t* prog, cc_card_t* rec, cc_card_ext_t* ext,
+                           int64_t ts_us, int64_t* spent, int64_t* next_day) noexcept nogil:
+    """Rule 11: the card's tier reviewed at the end of its period (or its tracking started)."""
+    cdef int64_t period = prog.tier_review_days, today = day_of(ts_us)
+    cdef int64_t opened = day_of(rec.opened_us), k, top = 0
+    cdef int t, reached = 0
+    if period == 0:
+        return R_INVALID_ARGUMENT
+    if not ext.flags & REVIEW_STARTED:
+        next_day[0] = opened + (today - opened if today > opened else 0) // period * period
+        start_period(ext, rec, next_day[0])
+        return R_OK
+    if today < <int64_t>ext.review_day + period:
+        return R_INVALID_ARGUMENT  # not due: the writer never asks
+    k = (today - ext.review_day) // period
+    if k == 1:  # else a whole period went by without an operation: nothing spent in it
+        spent[0] = rec.lifetime_paid_minor - ext.period_base_paid_minor
+        top = ext.period_top_up_max_minor
+    t = <int>prog.tier_count - 1
+    while t > 0:
+        if ((prog.upgrade_spend_minor[t] > 0 and spent[0] >= prog.upgrade_spend_minor[t])
+                or (prog.upgrade_top_up_minor[t] > 0 and top >= prog.upgrade_top_up_minor[t])):
+            reached = t
+            break
+        t -= 1
+    if rec.tier < prog.tier_count and (prog.upgrade_spend_minor[rec.tier] > 0
+                                       or prog.upgrade_top_up_minor[rec.tier] > 0):
+        if reached < rec.tier:
+            rec.tier = <uint8_t>reached
+    next_day[0] = ext.review_day + k * period
+    start_period(ext, rec, next_day[0])
+    return R_OK
 
 
 cdef inline int promotion_slot(const cc_program_t* prog, const cc_card_ext_t* ext,
@@ -484,7 +543,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef cc_package_t* pkg = <cc_package_t*>coupon  # a package use's record, in the same slot
     cdef cc_gift_t* gift = <cc_gift_t*>coupon        # a gift's stock record, likewise
     cdef const cc_gift_def_t* gd
-    cdef int64_t blocks
+    cdef int64_t blocks, next_day = 0
     cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE else NULL
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = fig[5] = 0
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
@@ -511,10 +570,21 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             d_points = prog.activation_points
             if op.pin_flags & NEW_PIN:
                 set_pin(op, rec)
+            if prog.tier_review_days:  # rule 11: tracked from its opening day
+                memset(ext, 0, EXT_SIZE)
+                start_period(ext, rec, day_of(ts_us))
+                ext_changed = 1
     elif rec.version == 0:
         reason = R_CARD_NOT_FOUND
     elif op.op == OP_RESET_PIN:
         set_pin(op, rec)
+    elif op.op == OP_TIER_REVIEWED:  # whatever the card's status, like an expiry
+        if amount != 0 or op.ref_id != 0:
+            reason = R_INVALID_ARGUMENT
+        else:
+            reason = review(prog, rec, ext, ts_us, &amount, &next_day)
+            entry_ref = <uint64_t>next_day  # the new period's first day
+            ext_changed = 1
     elif op.op == OP_POINTS_EXPIRED:  # whatever the card's status: points expire all the same
         if amount <= 0:
             reason = R_INVALID_AMOUNT
@@ -623,7 +693,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 d_bonus = -from_bonus
                 rec.lifetime_paid_minor += amount
                 rec.tier = <uint8_t>upgrade(prog, rec.tier, prog.upgrade_spend_minor,
-                                            rec.lifetime_paid_minor)
+                                            period_spend(prog, rec, ext))
                 promotion_id = pd.id
         elif op.op == OP_TOP_UP:
             promo = best_promotion(prog, ext, amount, ts_us, &bonus, &slot_k)
@@ -637,6 +707,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 if ext.top_up_count != <uint32_t>0xFFFFFFFF:
                     ext.top_up_count += 1
                 ext.lifetime_top_up_minor += amount
+                if ext.flags & REVIEW_STARTED and amount > ext.period_top_up_max_minor:
+                    ext.period_top_up_max_minor = amount
                 if promo >= 0:
                     promotion_id = prog.promotions[promo].id
                     if slot_k >= 0:
@@ -662,7 +734,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 partial = due < fig[0] - fig[3]
                 rec.lifetime_paid_minor += due
                 rec.tier = <uint8_t>upgrade(prog, rec.tier, prog.upgrade_spend_minor,
-                                            rec.lifetime_paid_minor)
+                                            period_spend(prog, rec, ext))
     cdef int pin_failed = checked == PIN_FAILED
     if pin_failed:
         entry_op = OP_PIN_FAILED
@@ -742,7 +814,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
 
 
 cdef inline int ext_ok(const cc_card_ext_t* ext) noexcept nogil:
-    return (ext.version == 0 or ext.version == 1) and ext.lifetime_top_up_minor >= 0
+    return ((ext.version == 0 or ext.version == 1) and ext.lifetime_top_up_minor >= 0
+            and ext.period_base_paid_minor >= 0 and ext.period_top_up_max_minor >= 0)
 
 
 def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1] lines,
@@ -787,7 +860,9 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.birthday_points_bp > 100000
             or (prog.birthday_points_bp != 0 and prog.birthday_points_bp < RATE_FULL)
             or prog.utc_offset_minutes < -720
-            or prog.utc_offset_minutes > 840):
+            or prog.utc_offset_minutes > 840
+            or (prog.tier_review_days != 0 and (prog.tier_review_days < TIER_REVIEW_DAYS_MIN
+                                                or prog.tier_review_days > TIER_REVIEW_DAYS_MAX))):
         raise ValueError("program out of range")
     for t in range(prog.tier_count):
         for c in range(MAX_CATEGORIES):

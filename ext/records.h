@@ -66,12 +66,14 @@ typedef struct {
 } cc_line_t;
 
 typedef struct {
-    uint8_t version, reserved0[3];
+    uint8_t version, flags, reserved0[2];
     uint32_t top_up_count;
     int64_t lifetime_top_up_minor;
     uint16_t promotion_id[16];
     uint16_t promotion_uses[16];
-    uint8_t reserved1[48];
+    uint32_t review_day, reserved1;
+    int64_t period_base_paid_minor, period_top_up_max_minor;
+    uint8_t reserved2[24];
 } cc_card_ext_t;
 
 typedef struct {
@@ -150,7 +152,7 @@ typedef struct {
     int64_t activation_points, exchange_points, exchange_bonus_minor;
     uint32_t gift_count, birthday_points_bp;
     int32_t utc_offset_minutes;
-    uint32_t reserved2;
+    uint32_t tier_review_days;
     cc_gift_def_t gifts[32];
 } cc_program_t;
 

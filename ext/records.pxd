@@ -62,13 +62,15 @@ cdef extern from "records.h":
         uint8_t sku[24]
 
     ctypedef struct cc_card_ext_t:
-        uint8_t version
-        uint8_t reserved0[3]
+        uint8_t version, flags
+        uint8_t reserved0[2]
         uint32_t top_up_count
         int64_t lifetime_top_up_minor
         uint16_t promotion_id[16]
         uint16_t promotion_uses[16]
-        uint8_t reserved1[48]
+        uint32_t review_day, reserved1
+        int64_t period_base_paid_minor, period_top_up_max_minor
+        uint8_t reserved2[24]
 
     ctypedef struct cc_promotion_t:
         uint16_t id
@@ -141,5 +143,5 @@ cdef extern from "records.h":
         int64_t activation_points, exchange_points, exchange_bonus_minor
         uint32_t gift_count, birthday_points_bp
         int32_t utc_offset_minutes
-        uint32_t reserved2
+        uint32_t tier_review_days
         cc_gift_def_t gifts[32]

@@ -362,7 +362,7 @@ def test_a_ledger_made_before_card_programs_gets_its_top_ups_counted(tmp_path):
     till.ledger.close()
     reopened = Ledger(path)
     state = L.CARD_EXT.unpack(dict(reopened.dump()["card_ext"])[cid("6225880000000013")])
-    assert state[:4] == (1, bytes(3), 2, 7000)
+    assert state[:5] == (1, 0, bytes(2), 2, 7000)
     assert cid("6225880000000014") not in dict(reopened.dump()["card_ext"])
     till.ledger = reopened
     assert figures(till.top_up("6225880000000013", 10000))["bonus"] == 0  # not a first top-up
@@ -881,4 +881,108 @@ def test_operations_after_a_referral_in_the_same_group_get_their_answers(tmp_pat
         op(till.rid(), L.OP_PURCHASE, a, 1000, at=till.at + 1))
     assert (opened.reason, topped.reason, bought.reason) == (L.R_OK, L.R_OK, L.R_OK)
     assert till.card(a)["points"] == 100 + 500 + 10
+    till.ledger.close()
+
+
+REVIEWING_CAFE = "tier_review_days = 7\n" + example("cafe")  # a week, so a test can reach it
+
+
+def reviews_of(till: Till, number: str) -> list[tuple]:
+    """The card's review entries: (spend, tier, tier_after, new period's first day)."""
+    return [(e[9], e[2], v[L.JOURNAL_OFF_PROGRAM + 16], e[29])
+            for e, v in ((L.JOURNAL.unpack(v), v) for _, v in till.ledger.dump()["journal"])
+            if e[1] == L.OP_TIER_REVIEWED and e[8] == cid(number)]
+
+
+def test_a_tier_is_kept_by_the_period_spend_and_lost_when_it_falls_short(tmp_path):
+    """The cafe program reviewing tiers every 7 days (silver: 1000.00 spent in the period). Day
+    D: the card spends 1000.00 (silver at once). Day D + 7: its first operation is preceded by
+    a review: spend 1000.00 >= 1000.00, silver kept, the next period starts on D + 7; that
+    purchase of 100.00 pays 95.00 at silver. Day D + 14: spend 95.00 < 1000.00, back to
+    standard before the purchase, which pays 100 % (100.00). A Quote made on D + 14 before the
+    purchase already computes at standard while the card record still says silver. Left unused
+    to D + 30 (two whole periods and a bit), its next review counts nothing spent."""
+    till = Till(str(tmp_path / "review"), REVIEWING_CAFE)
+    number, other = "6225880000000401", "6225880000000402"
+    till.open(number)
+    till.open(other)
+    day = lots.day_of(till.at)
+    till.top_up(number, 90000)
+    till.top_up(number, 90000)
+    assert figures(till.buy(number, line(CAFE_FOOD, 100000)))["tier_after"] == 1
+    advance(till, other, (day + 7) * L.DAY_US)
+    f = figures(till.buy(number, line(CAFE_FOOD, 10000), at=(day + 7) * L.DAY_US))
+    assert (f["tier"], f["amount"] - f["discount"]) == (1, 9500)
+    assert reviews_of(till, number) == [(100000, 1, 1, day + 7)]
+    advance(till, other, (day + 14) * L.DAY_US)
+    till.top_up(other, 1, at=(day + 14) * L.DAY_US)
+    entry, _, _ = till.ledger.quote(till.purchase(number, line(CAFE_FOOD, 10000)), till.at)
+    assert (L.JOURNAL.unpack(entry)[2], L.JOURNAL.unpack(entry)[10]) == (0, 0)
+    assert till.card(number)["tier"] == 1  # reads show the last review's tier
+    f = figures(till.buy(number, line(CAFE_FOOD, 10000)))
+    assert (f["tier"], f["discount"]) == (0, 0)
+    assert reviews_of(till, number)[-1] == (9500, 1, 0, day + 14)
+    tiers = dict(till.ledger.dump()["meta"])[b"tier_cards"]
+    assert int.from_bytes(tiers[8:16], "little") == 0  # no silver card left
+    advance(till, other, (day + 30) * L.DAY_US)
+    till.top_up(number, 1, at=(day + 30) * L.DAY_US)
+    assert reviews_of(till, number)[-1] == (0, 0, 0, day + 28)
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+def test_gold_by_one_top_up_is_kept_by_such_a_top_up_in_the_period(tmp_path):
+    """Gold is reached by one top-up of 1000.00. A period with such a top-up keeps gold even
+    with 90.00 spent; the next one, with 90.00 spent and only a 500.00 top-up, reaches no tier:
+    standard. A spend upgrade counts the period's spend only: silver needs another 1000.00
+    spent after the review, whatever the card spent before."""
+    till = Till(str(tmp_path / "review"), REVIEWING_CAFE)
+    number, other = "6225880000000403", "6225880000000404"
+    till.open(number)
+    till.open(other)
+    day = lots.day_of(till.at)
+    assert figures(till.top_up(number, 100000))["tier_after"] == 2
+    till.buy(number, line(CAFE_FOOD, 10000))  # pays 90.00 at gold
+    advance(till, other, (day + 7) * L.DAY_US)
+    till.top_up(number, 50000, at=(day + 7) * L.DAY_US)
+    assert reviews_of(till, number) == [(9000, 2, 2, day + 7)]
+    till.buy(number, line(CAFE_FOOD, 10000))
+    advance(till, other, (day + 14) * L.DAY_US)
+    till.top_up(number, 1, at=(day + 14) * L.DAY_US)
+    assert reviews_of(till, number)[-1] == (9000, 2, 0, day + 14)
+    assert figures(till.buy(number, line(CAFE_FOOD, 99999)))["tier_after"] == 0  # 999.99
+    assert figures(till.buy(number, line(CAFE_FOOD, 1)))["tier_after"] == 1
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+def test_cards_opened_before_reviews_start_their_period_without_losing_a_tier(tmp_path):
+    """Under the plain cafe program a card reaches silver. Reviews every 7 days are loaded
+    later: the card's next operation is preceded by a review that only starts its tracking
+    (spend 0, silver kept, its period the one it is in: opened on day D, seen on D + 9, so
+    from D + 7); the period's end (D + 14) finds nothing spent since: standard."""
+    till = Till(str(tmp_path / "review"), example("cafe"))
+    number, other = "6225880000000405", "6225880000000406"
+    till.open(number)
+    till.open(other)
+    day = lots.day_of(till.at)
+    till.top_up(number, 90000)
+    till.top_up(number, 90000)
+    assert figures(till.buy(number, line(CAFE_FOOD, 100000)))["tier_after"] == 1
+    advance(till, other, (day + 9) * L.DAY_US)
+    (loaded,) = till.apply(PendingOp.admin(key("load-reviews", (L.CALLER_SYSTEM, 0)),
+                                           L.OP_PROGRAM_LOADED, bytes(16),
+                                           REVIEWING_CAFE.encode(), 0,
+                                           client_time_us=till.at + 1))
+    assert loaded.reason == L.R_OK
+    f = figures(till.buy(number, line(CAFE_FOOD, 10000)))
+    assert (f["tier"], f["discount"]) == (1, 500)
+    assert reviews_of(till, number) == [(0, 1, 1, day + 7)]
+    advance(till, other, (day + 14) * L.DAY_US)
+    till.top_up(number, 1, at=(day + 14) * L.DAY_US)
+    assert reviews_of(till, number)[-1] == (9500, 1, 0, day + 14)
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
     till.ledger.close()

@@ -29,10 +29,10 @@ def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, termin
 
 
 def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,
-               last_seq=1, held=0, pin=None, tries=0, locked=False, birth_month=0):
+               last_seq=1, held=0, pin=None, tries=0, locked=False, birth_month=0, opened_us=0):
     flags = (L.CARD_PIN_SET if pin else 0) | (L.CARD_PIN_LOCKED if locked else 0)
     return L.CARD.pack(L.CARD_VERSION, status, tier, tries, flags, principal, bonus, points, held,
-                       lifetime, last_seq, 0, 0, birth_month, pin or bytes(32), bytes(24))
+                       lifetime, last_seq, opened_us, 0, birth_month, pin or bytes(32), bytes(24))
 
 
 def run_full(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10,

@@ -1,5 +1,6 @@
 """The kernel and the reference agree on card programs: lines and categories, redemption, spend
-orders, top-up promotions and tier upgrades (rules 2-8 of cardcore.rules), on any input."""
+orders, top-up promotions, tier upgrades and reviews (rules 2-11 of cardcore.rules), on any
+input."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,7 @@ INT64_MAX = L.INT64_MAX
 T0 = 1_800_000_000_000_000  # the group times below are near this
 # 2027-02-01 00:00 UTC: a birth month begins or ends with the clock (at offset 0; 480: earlier)
 MONTH_EDGE = 1_801_440_000_000_000
+DAY0 = T0 // L.DAY_US  # the day of T0 (20833): review days around it reach period ends
 edge_money = st.one_of(st.integers(1, 100_000), st.integers(1, INT64_MAX),
                        st.sampled_from([1, INT64_MAX, INT64_MAX - 1, 1 << 62]))
 
@@ -79,7 +81,8 @@ def programs(draw):
         gifts=tuple(rules.Gift(gid, f"g{gid}", draw(st.sampled_from([1, 100, 2000, INT64_MAX])),
                                draw(st.sampled_from([0, 1, 2, 100])))
                     for gid in draw(st.lists(st.sampled_from([1, 2, 7]), max_size=3, unique=True))),
-        redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000]))).packed(
+        redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000])),
+        tier_review_days=draw(st.sampled_from([0, 0, 7, 365, 3660]))).packed(
             draw(st.integers(1, 2**32 - 1)))
 
 
@@ -95,19 +98,26 @@ def cards(draw):
     return card_bytes(principal=principal, bonus=bonus,
                       points=draw(st.one_of(st.integers(0, 50_000), st.just(INT64_MAX - 3))),
                       tier=draw(st.integers(0, 3)), lifetime=draw(st.integers(0, 2_000_000)),
-                      birth_month=draw(st.sampled_from([0, 1, 1, 2, 12])))
+                      birth_month=draw(st.sampled_from([0, 1, 1, 2, 12])),
+                      opened_us=draw(st.sampled_from([0, T0 - 400 * L.DAY_US, T0 - 365 * L.DAY_US,
+                                                      T0 - 7 * L.DAY_US, T0 - 1, T0])))
 
 
 @st.composite
 def extras(draw):
-    """A card program state: none yet, or one with counts and promotion uses."""
+    """A card program state: none yet, or one with counts, promotion uses and a review period
+    (rule 11) that is running, just ended, or ended long ago."""
     if draw(st.booleans()):
         return bytes(L.CARD_EXT_SIZE)
     ids = draw(st.lists(st.sampled_from([0, 0, 1, 2, 3, 7, 40]), min_size=16, max_size=16))
     uses = draw(st.lists(st.integers(0, 300), min_size=16, max_size=16))
-    return L.CARD_EXT.pack(1, bytes(3), draw(st.sampled_from([0, 1, 5, 0xFFFFFFFF])),
+    return L.CARD_EXT.pack(1, draw(st.sampled_from([0, L.REVIEW_STARTED])), bytes(2),
+                           draw(st.sampled_from([0, 1, 5, 0xFFFFFFFF])),
                            draw(st.one_of(st.integers(0, 10**9), st.just(INT64_MAX))), *ids, *uses,
-                           bytes(48))
+                           draw(st.sampled_from([0, DAY0 - 7, DAY0 - 8, DAY0 - 365, DAY0 - 366,
+                                                 DAY0 - 730, DAY0 - 3660, DAY0, DAY0 + 1])), 0,
+                           draw(st.sampled_from([0, 0, 1000, 1_999_999, INT64_MAX])),
+                           draw(st.sampled_from([0, 0, 1, 50_000, 10**6])), bytes(24))
 
 
 @st.composite
@@ -135,7 +145,8 @@ def batches(draw):
         kind = draw(st.sampled_from([L.OP_TOP_UP, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
                                      L.OP_PURCHASE, L.OP_OPEN, L.OP_BALANCE_INQUIRY,
                                      L.OP_COUPON_ISSUE, L.OP_POINTS_EXPIRED, L.OP_POINTS_EXCHANGE,
-                                     L.OP_REFERRAL_BONUS]))
+                                     L.OP_REFERRAL_BONUS, L.OP_TIER_REVIEWED,
+                                     L.OP_TIER_REVIEWED]))
         ref_id, cslot = 0, L.SLOT_NONE
         if kind == L.OP_PURCHASE and coupon_recs and draw(st.booleans()):
             cslot = draw(st.integers(0, len(coupon_recs) - 1))  # two purchases may share one
@@ -153,6 +164,8 @@ def batches(draw):
                          st.one_of(st.integers(1, 50_000), st.integers(1, 50_000), edge_money)),
                     0, 0, 0, b"sku"))
         amount = draw(st.one_of(st.integers(1, 300_000), edge_money, st.integers(-3, 0)))
+        if kind == L.OP_TIER_REVIEWED and draw(st.integers(0, 5)):
+            amount = 0  # as the writer sends it
         if my_lines and draw(st.integers(0, 5)):  # usually the sum of the lines, as the server sends
             amount = sum(L.LINE.unpack(b)[3] for b in my_lines)
             if not -(1 << 63) <= amount <= INT64_MAX:

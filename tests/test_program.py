@@ -126,6 +126,21 @@ def test_top_level_ranges():
     assert (program.pin_tries_max, program.points_per_unit) == (15, 0)
 
 
+@pytest.mark.parametrize("days, problem", [
+    (6, "tier_review_days must be 0 (no review) or 7..3660"),
+    (3661, "tier_review_days must be 0..3660"),
+    (-1, "tier_review_days must be 0..3660"),
+])
+def test_tier_review_days_refusals(days, problem):
+    err = error_of(f'pin_tries_max = 3\ntier_review_days = {days}\n')
+    assert (err.line, err.problem) == (2, problem)
+
+
+@pytest.mark.parametrize("days", [0, 7, 365, 3660])
+def test_tier_review_days_edges_are_accepted(days):
+    assert parse_program(f'tier_review_days = {days}\n').tier_review_days == days
+
+
 def test_duplicate_tier_names_report_the_second_name_line():
     doc = ('[[tiers]]\nname = "gold"\nrate_bp = 9000\n'
            '[[tiers]]\nrate_bp = 9500\nname = "gold"\n')
