@@ -390,6 +390,7 @@ assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM
 assert COUPON_DEF.size == 48 and COUPON.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
+SKU_LEN_MAX = 24         # a line's SKU, ASCII characters (layout.LINE's 24 bytes)
 CARD_EXT_VERSION = 1
 REVIEW_STARTED = 1  # a card program state's flags
 CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2

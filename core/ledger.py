@@ -185,6 +185,7 @@ class _LmdbLots:
 
     def __init__(self, txn, ledger: "Ledger") -> None:
         self.txn, self.db, self.by_day = txn, ledger.points_lots, ledger.lots_by_day
+        self.cursor = txn.cursor(db=self.db) if self.db is not None else None
 
     def get(self, card_id: bytes, day: int):
         raw = self.txn.get(L.LOT_KEY.pack(card_id, day), db=self.db)
@@ -200,7 +201,7 @@ class _LmdbLots:
         self.txn.delete(L.LOT_DAY_KEY.pack(day, card_id), db=self.by_day)
 
     def oldest(self, card_id: bytes):
-        cur = self.txn.cursor(db=self.db)
+        cur = self.cursor
         if not cur.set_range(card_id) or cur.key()[:L.CARD_ID_SIZE] != card_id:
             return None
         return (L.LOT_KEY.unpack(cur.key())[1], *L.POINTS_LOT.unpack(cur.value()))
@@ -839,15 +840,17 @@ class _Group:
             raise InvariantError("a tier review was declined: the card's state and the program "
                                  "disagree")
 
-    def _add_gains(self, gains: dict, card_id: bytes | None = None) -> None:
-        """Points earned, into their lots (``cardcore.lots``): all pending, or one card's. Read
-        and written in one getmulti and one putmulti: the lots cost an earning purchase little."""
-        items = list(gains.items()) if card_id is None else [
-            (where, g) for where, g in gains.items() if where[0] == card_id]
-        if not items:
+    def _add_gains(self, gains: dict, where: tuple[bytes, int] | None = None) -> None:
+        """Points earned, into their lots (``cardcore.lots``): all pending, or one card's on one
+        day (``where``). Read and written in one getmulti and one putmulti: the lots cost an
+        earning purchase little."""
+        if where is None:
+            items = list(gains.items())
+            gains.clear()
+        elif where in gains:
+            items = [(where, gains.pop(where))]
+        else:
             return
-        for where, _ in items:
-            del gains[where]
         txn, ledger = self.txn, self.ledger
         keys = [L.LOT_KEY.pack(cid, day) for (cid, day), _ in items]
         have = dict(txn.cursor(db=ledger.points_lots).getmulti(keys))
@@ -975,14 +978,16 @@ class _Group:
                 if basket:
                     self.basket_items.append((BASKET_KEY.pack(basket, seq), b""))
                 gain, loss = lots.movement(out, k * size)
-                if loss:  # oldest first: the gains this run has pending for the card go in first
+                if loss:  # oldest first: the gains this run has pending for the card (all of
+                    # them today's) go in first
                     if gains:
-                        self._add_gains(gains, op.card_id)
+                        self._add_gains(gains, (op.card_id, day))
                     try:
-                        self.lots.apply(op.card_id, ts, gain, loss)
+                        self.lots.apply(op.card_id, ts, 0, loss)
                     except ValueError as exc:
                         raise InvariantError(str(exc)) from None
-                elif gain:  # most entries: added up per card and day, written once a run
+                if gain:  # added up per card and day, written once a run (after the loss: the
+                    # rule takes the loss first)
                     where = (op.card_id, day)
                     gains[where] = gains.get(where, 0) + gain
             if reason == L.R_OK and out[k * size + _TIER_AFTER] != tier:  # an upgrade (rule 8)

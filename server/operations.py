@@ -15,6 +15,7 @@ from cardcore import layout as L
 from cardcore.idempotency import SCOPE_STORE, basket_tag, request_key
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, PendingOp
+from cardcore.ext import wire
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
@@ -61,7 +62,19 @@ def client_time_us(request) -> int:
 
 
 
-SKU_LEN_MAX = 24
+
+
+_LINES_FIELD = {m.DESCRIPTOR: m.DESCRIPTOR.fields_by_name["lines"].number
+                for m in (pb.PurchaseRequest, pb.QuoteRequest)}
+_LINE_PROBLEMS = {
+    wire.BAD_WIRE: (R.REASON_INVALID_ARGUMENT, "lines"),
+    wire.TOO_MANY: (R.REASON_INVALID_ARGUMENT, "lines"),
+    wire.BAD_AMOUNT: (R.REASON_INVALID_AMOUNT, "lines[{}].amount_minor"),
+    wire.BAD_CATEGORY: (R.REASON_UNKNOWN_CATEGORY, "lines[{}].category_code"),
+    wire.SKU_TOO_LONG: (R.REASON_FIELD_TOO_LONG, "lines[{}].sku"),
+    wire.SKU_NOT_PRINTABLE: (R.REASON_INVALID_ARGUMENT, "lines[{}].sku"),
+    wire.TOTAL_TOO_BIG: (R.REASON_INVALID_AMOUNT, "lines"),
+}
 
 
 def basket(req, explicit: bool = False) -> tuple[bytes, int, int]:
@@ -76,27 +89,17 @@ def basket(req, explicit: bool = False) -> tuple[bytes, int, int]:
             raise Invalid(R.REASON_INVALID_AMOUNT, "gross_amount_minor")
         lines = L.LINE.pack(0, 0, 0, gross, 0, 0, 0, b"") if explicit else b""
         return lines, gross, req.redeem_points
-    if len(req.lines) > L.LINES_MAX:
-        raise Invalid(R.REASON_INVALID_ARGUMENT, "lines")
-    parts, total = [], 0
-    for k, line in enumerate(req.lines):
-        if line.amount_minor <= 0:
-            raise Invalid(R.REASON_INVALID_AMOUNT, f"lines[{k}].amount_minor")
-        if line.category_code >= L.MAX_CATEGORIES:
-            raise Invalid(R.REASON_UNKNOWN_CATEGORY, f"lines[{k}].category_code")
-        sku = line.sku
-        if len(sku) > SKU_LEN_MAX:
-            raise Invalid(R.REASON_FIELD_TOO_LONG, f"lines[{k}].sku")
-        if not (sku.isascii() and sku.isprintable()):
-            raise Invalid(R.REASON_INVALID_ARGUMENT, f"lines[{k}].sku")
-        total += line.amount_minor
-        parts.append(L.LINE.pack(line.category_code, 0, line.quantity, line.amount_minor, 0, 0, 0,
-                                 sku.encode("ascii")))
-    if total > L.INT64_MAX:
-        raise Invalid(R.REASON_INVALID_AMOUNT, "lines")
+    # the lines read off the request's own bytes in one C loop (cardcore.ext.wire): at most
+    # layout.LINES_MAX; each amount > 0, a category below MAX_CATEGORIES, a SKU of at most
+    # layout.SKU_LEN_MAX printable ASCII characters; a total that fits int64
+    packed, total, problem, k = wire.lines_of(req.SerializeToString(),
+                                              _LINES_FIELD[req.DESCRIPTOR])
+    if problem:
+        reason, field = _LINE_PROBLEMS[problem]
+        raise Invalid(reason, field.format(k))
     if gross not in (0, total):
         raise Invalid(R.REASON_INVALID_AMOUNT, "gross_amount_minor")
-    return b"".join(parts), total, req.redeem_points
+    return packed, total, req.redeem_points
 
 
 def top_up_amount(req: pb.TopUpRequest) -> tuple[int, dict]:

@@ -17,6 +17,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from cardcore import layout as L
+from cardcore.ext import wire
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, Outcome, PendingOp
 from cardcore.v1 import card_service_pb2 as pb
@@ -93,25 +94,15 @@ EPOCH = datetime.date(1970, 1, 1)
 assert _REPLY_FIELDS.size == 140
 
 
-def add_line_results(out, lines: bytes) -> None:
+_RESULT_LINES = pb.OperationResult.DESCRIPTOR.fields_by_name["lines"].number
+_QUOTE_LINES = pb.QuoteResponse.DESCRIPTOR.fields_by_name["lines"].number
+
+
+def add_line_results(message, field_number: int, lines: bytes) -> None:
     """Each line's figures as the kernel filled them (layout.LINE), added to the repeated
-    LineResult field ``out`` in place (building messages and extending copies them: 1.7x)."""
-    add = out.add
-    for code, _, quantity, amount, discount, points, redeemed, sku in L.LINE.iter_unpack(lines):
-        x = add()
-        x.category_code = code
-        x.amount_minor = amount
-        if discount:
-            x.discount_minor = discount
-        if redeemed:
-            x.redeemed_minor = redeemed
-        x.paid_minor = amount - discount - redeemed
-        if points:
-            x.points_earned = points
-        if quantity:
-            x.quantity = quantity
-        if sku[0]:
-            x.sku = sku.rstrip(b"\0").decode("ascii")
+    LineResult field ``field_number`` of ``message``: written as protobuf's bytes in one C loop
+    (cardcore.ext.wire) and merged, a tenth of the cost of setting the fields one by one."""
+    message.MergeFromString(wire.line_results(lines, field_number))
 
 
 def outcome_failure(outcome: Outcome, pin_tries_max: int) -> cpb.Failure:
@@ -155,7 +146,7 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
                 result.coupon_off_minor = L.JOURNAL_COUPON_OFF.unpack_from(
                     entry, L.JOURNAL_OFF_COUPON)[0]
         if outcome.lines:
-            add_line_results(result.lines, outcome.lines)
+            add_line_results(result, _RESULT_LINES, outcome.lines)
         if flags & L.PARTIAL_PAYMENT:
             result.remainder_due_minor = amount - discount - redeemed + dp + db_
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
@@ -190,7 +181,7 @@ def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_bal
             Outcome(reason, False, op, entry,
                     available_minor(card[5], card[6], card[8]) if show_balance else 0),
             pin_tries_max))
-    add_line_results(answer.lines, lines)
+    add_line_results(answer, _QUOTE_LINES, lines)
     answer.amount_minor = sum(x.amount_minor for x in answer.lines)
     answer.discount_minor = sum(x.discount_minor for x in answer.lines)
     if reason == L.R_OK:
