@@ -32,10 +32,11 @@ serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (developmen
 test: $(BUILT) ## run the test suite
 	$(PY) -m pytest
 
-bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB, card programs -> bench/*results.json
+bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB, card programs, refunds -> bench/*results.json
 	$(PY) -m pytest bench/bench_kernel.py --benchmark-only --benchmark-json=bench/.kernel.json -q
 	$(PY) bench/e2e.py --kernel-json bench/.kernel.json --out bench/results.json
 	$(PY) bench/programs.py --out bench/programs_results.json
+	$(PY) bench/refunds.py --out bench/refunds_results.json
 
 bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"

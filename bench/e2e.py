@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,7 +218,51 @@ async def run_streams(target: str, payloads: list, seconds: float):
         return len(latencies), time.perf_counter() - t0, latencies, errors
 
 
-async def run_batches(target: str, payloads: list[bytes], seconds: float):
+def measure(proc, run) -> dict:
+    """One timed run (``run()`` a coroutine factory) with the server's CPU over it; the
+    operations the server declined are counted (a rate of declines would be no figure)."""
+    cpu0 = proc.cpu_s()
+    ops, elapsed, latencies, *errors = asyncio.run(run())
+    out = summary(ops, elapsed, latencies, proc.cpu_s() - cpu0)
+    out["declined"] = errors[0] if errors else 0
+    return out
+
+
+def rounds_args(doc: str, out_name: str) -> argparse.Namespace:
+    """The command line of a benchmark in rounds over seeded cards (``doc``: its docstring)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--cards", type=int, default=20_000)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(HERE, out_name))
+    return ap.parse_args()
+
+
+def median_ratio(rows: dict[str, list], name: str, baseline: str) -> float:
+    """The median over rounds of each round's throughput ratio of ``name`` to ``baseline``."""
+    return statistics.median(a["tx_per_s"] / b["tx_per_s"]
+                             for a, b in zip(rows[name], rows[baseline]))
+
+
+def report_rounds(out_path: str, rows: dict[str, list], ratios: dict[str, float], extra: dict,
+                  log: str) -> None:
+    """Write the rounds and ratios to ``out_path`` (with the machine) and print them."""
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               **extra, "rounds": rows, "ratios": ratios}
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=2)
+    width = max(len(name) for name in rows) + 2
+    for name, runs in rows.items():
+        print(f"{name:{width}s} " + "  ".join(
+            f"{r['tx_per_s']:>8,}/s {r['server_cpu_us_per_op']:>7} µs"
+            + (f" ({r['declined']} declined)" if r.get("declined") else "") for r in runs))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    if "Traceback" in log:
+        print(log[-3000:], file=sys.stderr)
+
+
+async def run_batches(target: str, payloads: list[bytes], seconds: float, metadata=None):
     async with grpc.aio.insecure_channel(
             target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
         call = ch.unary_unary(METHOD + "SubmitBatch")
@@ -231,7 +276,7 @@ async def run_batches(target: str, payloads: list[bytes], seconds: float):
                 if time.perf_counter() > deadline:
                     return
                 t0 = time.perf_counter()
-                replies.append(await call(p))
+                replies.append(await call(p, metadata=metadata))
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()

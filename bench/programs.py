@@ -14,13 +14,8 @@ figure reported is the median over rounds of each round's ratio.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
-import platform
 import random
-import statistics
 import sys
 import tempfile
 
@@ -121,21 +116,8 @@ def earn_points(target: str, numbers: list[str]) -> None:
             assert all(r.reason == 0 for r in res), "earning points failed"
 
 
-def measure(proc, run) -> dict:
-    cpu0 = proc.cpu_s()
-    ops, elapsed, latencies, *errors = asyncio.run(run())
-    out = e2e.summary(ops, elapsed, latencies, proc.cpu_s() - cpu0)
-    out["declined"] = errors[0] if errors else 0  # a figure of declines is no figure: shown
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cards", type=int, default=20_000)
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(HERE, "programs_results.json"))
-    args = ap.parse_args()
+    args = e2e.rounds_args(__doc__, "programs_results.json")
     rng = random.Random(11)
     numbers = list({random_number(rng) for _ in range(args.cards)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,34 +137,20 @@ def main() -> None:
                 for name, full in (("batch_plain", False), ("batch_5_lines_coupon_redeem", True))[::1 if k % 2 == 0 else -1]:
                     payloads = (gen.batches(full_batches, proc.target) if full
                                 else gen.batches(plain_batches))
-                    rows[name].append(measure(proc, lambda p=payloads: e2e.run_batches(
+                    rows[name].append(e2e.measure(proc, lambda p=payloads: e2e.run_batches(
                         proc.target, p, args.seconds)))
                 for name, method, make in (("get_card", "GetCard", gen.inquiries),
                                            ("quote", "Quote", gen.quotes))[::1 if k % 2 == 0 else -1]:
                     payloads = make(int(args.seconds * 6000))
-                    rows[name].append(measure(proc, lambda p=payloads, m=method: e2e.run_unary(
+                    rows[name].append(e2e.measure(proc, lambda p=payloads, m=method: e2e.run_unary(
                         proc.target, p, IN_FLIGHT, args.seconds, m)))
         finally:
             log = proc.stop()
-    ratio = {
-        "batch_5_lines_coupon_redeem_vs_plain": statistics.median(
-            a["tx_per_s"] / b["tx_per_s"] for a, b in zip(rows["batch_5_lines_coupon_redeem"],
-                                                          rows["batch_plain"])),
-        "quote_vs_get_card": statistics.median(
-            a["tx_per_s"] / b["tx_per_s"] for a, b in zip(rows["quote"], rows["get_card"])),
-    }
-    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-               "cards": len(numbers), "seconds": args.seconds, "rounds": rows, "ratios": ratio}
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    for name, runs in rows.items():
-        print(f"{name:28s} " + "  ".join(f"{r['tx_per_s']:>8,}/s {r['server_cpu_us_per_op']:>7} µs"
-                                         + (f" ({r['declined']} declined)" if r["declined"] else "")
-                                         for r in runs))
-    for name, value in ratio.items():
-        print(f"{name}: {value:.2f}x")
-    if "Traceback" in log:
-        print(log[-3000:], file=sys.stderr)
+    ratios = {"batch_5_lines_coupon_redeem_vs_plain": e2e.median_ratio(
+        rows, "batch_5_lines_coupon_redeem", "batch_plain"),
+        "quote_vs_get_card": e2e.median_ratio(rows, "quote", "get_card")}
+    e2e.report_rounds(args.out, rows, ratios, {"cards": len(numbers), "seconds": args.seconds},
+                      log)
 
 
 if __name__ == "__main__":

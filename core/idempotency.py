@@ -146,6 +146,9 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_PACKAGE_USE: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),  # ref_id: its serial
     L.OP_POINTS_EXCHANGE: ("op", "pin_flags", "card_id", *_AT_THE_TILL),  # + points, in the extra
     L.OP_GIFT_REDEEM: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),  # ref_id: the gift
+    L.OP_REFUND: _MONEY,    # link_seq: the sale refunded; amount 0: all that is left of it
+    # the request reversed: its key, in the extra payload (link_seq is the writer's to fill)
+    L.OP_REVERSAL: ("op", "card_id", *_AT_THE_TILL),
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},
@@ -227,7 +230,8 @@ class PendingOp:
     profile: bytes | None = None  # OPEN only: the JSON profile to store
     ksn_counter: int = 0      # from a terminal: its DUKPT transaction counter (op's terminal_id)
     sealed: bytes | None = None   # OPEN only: the card number sealed under the current data key
-    payload: bytes | None = None  # admin and internal operations: what to store
+    payload: bytes | None = None  # admin and internal operations: what to store; a
+    #                               reversal: the request key of the request it reverses
     need_role: int = 0        # the operator role the operation needs when it is applied
     scope: int = SCOPE_NONE   # which store the operator's scope must cover then
     scope_store_id: int = 0   # SCOPE_STORE: this store
@@ -243,7 +247,7 @@ class PendingOp:
               basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
               scope_store_id: int = 0, lines: bytes = b"", redeem_points: int = 0,
               referrer_id: bytes = bytes(16), birth_month: int = 0,
-              op_flags: int = 0) -> "PendingOp":
+              op_flags: int = 0, original_key: bytes | None = None) -> "PendingOp":
         """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
         caller has it at hand (else read off the key), or an inquiry's (with no key)."""
         kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
@@ -256,9 +260,10 @@ class PendingOp:
                            basket_tag, len(lines) // L.LINE_SIZE, bytes((op_flags, 0, 0, 0, 0, 0)),
                            redeem_points, referrer_id)
         digest = payload_digest(packed, purchase_extra(lines, redeem_points, op_flags)
-                                or open_extra(profile, referrer_id)) if key else bytes(16)
-        return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, None, need_role,
-                   scope, scope_store_id, lines)
+                                or open_extra(profile, referrer_id) or original_key) if key \
+            else bytes(16)
+        return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, original_key,
+                   need_role, scope, scope_store_id, lines)
 
     @classmethod
     def admin(cls, key: bytes, op: int, subject: bytes, payload: bytes, operator_id: int,
@@ -318,6 +323,8 @@ def replay(txn, journal_db, idem: bytes, digest: bytes | None, lines_db=None) ->
     version, op_type, reason, _, stored_digest, seq, available, *_ = L.IDEM.unpack(idem)
     if version != L.IDEM_VERSION:
         raise InvariantError(f"request record version {version} unknown")
+    if reason == L.R_REVERSED:  # a tombstone: reversed before it arrived (rule 13), whatever it is
+        return Outcome(L.R_REVERSED, False, op_type, None)
     if digest is not None and stored_digest != digest:
         return Outcome(L.R_DUPLICATE_REQUEST_MISMATCH, False, op_type, None)
     entry = txn.get(L.SEQ_KEY.pack(seq), db=journal_db) if seq else None

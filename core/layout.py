@@ -206,6 +206,27 @@ total ever offered) is checked and taken in the same write as the points::
       8  i64 given
      16  48B reserved
 
+Undo record, v1, 64 bytes, LMDB ``undone`` value (key: the original entry's u64 big-endian
+seq): what refunds and a reversal took back of a purchase or top-up, with the original's
+figures the kernel needs (the ledger assembles it from the original journal entry the first
+time a refund or reversal names it; rules 12 and 13)::
+
+      0  u8  version               1; 0: no such entry of this card (not found)
+      1  u8  flags                 bit 0 REVERSED
+      2  u8  op                    the original's operation type
+      3  u8  tier                  the original's tier, and
+      4  u8  tier_after            its tier after (a reversal undoes an upgrade it made)
+      5  u8  reserved
+      6  u16 item_id               the original's promotion (top-up) or coupon definition
+      8  i64 refunded_minor        what refunds and the reversal gave back so far (of paid)
+     16  i64 paid_minor            purchase: what the sale cost after discounts (the card's
+                                   part + the points' fen); top-up: its amount
+     24  i64 principal_minor       principal the original moved (taken, or added), >= 0
+     32  i64 bonus_minor           bonus the original moved, >= 0
+     40  i64 points_redeemed       points the purchase took to pay
+     48  i64 points_earned         points the purchase earned
+     56  u64 reversal_seq          the reversal's entry; 0 until reversed
+
 Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
 without one reads as all zeros (release 1 and ledger v2 cards)::
 
@@ -362,6 +383,8 @@ LOT_DAY_KEY = struct.Struct(">I16s")   # earned day, card id: the expiry order
 PACKAGE_DEF = struct.Struct("<HBxiIIq8x")
 PACKAGE = struct.Struct("<BBHIqqQQII16s")
 GIFT = struct.Struct("<BxHIq48s")     # a gift's stock record: version, id, given
+UNDO = struct.Struct("<BBBBBxHqqqqqqQ")  # what a refund or reversal can still undo of an entry
+UNDO_VERSION, UNDO_REVERSED = 1, 1
 GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
@@ -370,6 +393,7 @@ JOURNAL_OFF_LINES_DIGEST, LINES_DIGEST_SIZE = 200, 16
 JOURNAL_OFF_BIRTH_MONTH = 193
 JOURNAL_PURCHASE_FLAGS, JOURNAL_OFF_PURCHASE_FLAGS = struct.Struct("<H"), 198
 ALLOW_PARTIAL, PARTIAL_PAYMENT = 1, 1  # an operation's op_flags; an entry's purchase_flags
+UNDO_COMPLETE = 2  # an entry's purchase_flags: this refund or reversal leaves nothing to refund
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 64, 64
@@ -387,7 +411,7 @@ PROGRAM_GIFTS_OFFSET = PROGRAM_POINTS_OFFSET + PROGRAM_POINTS.size
 GIFT_DEF = struct.Struct("<H6xqq")
 PROGRAM_SIZE = PROGRAM_GIFTS_OFFSET + 32 * GIFT_DEF.size
 assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 15008
-assert COUPON_DEF.size == 48 and COUPON.size == 64
+assert COUPON_DEF.size == 48 and COUPON.size == 64 and UNDO.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
 SKU_LEN_MAX = 24         # a line's SKU, ASCII characters (layout.LINE's 24 bytes)
@@ -449,11 +473,24 @@ OP_POINTS_EXCHANGE = 12  # points into bonus money
 OP_GIFT_REDEEM = 13     # points for a gift of the catalogue, from its stock
 OP_REFERRAL_BONUS = 14  # the writer's: a referrer's points for a card opened on its referral
 OP_TIER_REVIEWED = 15  # the writer's: a card's tier reviewed at the end of its period (rule 11)
-OP_KERNEL_MAX = OP_TIER_REVIEWED  # 1..5 and 7..15 go through the kernel; 6 is written by it
 OP_TERMINAL_ENROLLED, OP_TERMINAL_REVOKED = 16, 17
 OP_OPERATOR_ADDED, OP_OPERATOR_REMOVED, OP_DATA_KEY_ROTATED = 18, 19, 20
 OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 23
 OP_ADMIN_MIN, OP_ADMIN_MAX = 16, 23
+OP_REFUND = 24          # money back for (part of) a purchase, to the buckets it came from (rule 12)
+OP_REVERSAL = 25        # a timed-out request undone exactly, or refused before it arrives (rule 13)
+OP_KERNEL_MAX = OP_REVERSAL  # 1..5, 7..15 and 24..25 go through the kernel; 6 is written by it
+
+
+CARD_OPS = frozenset(op for op in range(1, OP_KERNEL_MAX + 1)
+                     if not OP_ADMIN_MIN <= op <= OP_ADMIN_MAX)
+
+
+def card_op(op: int) -> bool:
+    """Whether operation type ``op`` is a card operation the kernel applies (not admin)."""
+    return op in CARD_OPS
+
+
 # Internal operations: no request record; no journal entry of their own.
 OP_RESEAL = 32       # re-encrypt stored card numbers (compare and set)
 OP_FLOOR = 33        # restore: raise a terminal's KSN counter or the next operator id
@@ -488,6 +525,8 @@ R_COUPON_NOT_FOUND, R_COUPON_USED, R_COUPON_NOT_VALID_NOW = 67, 68, 69
 R_COUPON_NOT_APPLICABLE, R_COUPON_NOT_FOR_SALE = 70, 71
 R_PACKAGE_NOT_FOUND, R_PACKAGE_NOT_VALID_NOW, R_PACKAGE_USED_UP = 72, 73, 74
 R_GIFT_NOT_FOUND, R_GIFT_OUT_OF_STOCK, R_EXCHANGE_NOT_OFFERED = 75, 76, 77
+R_ORIGINAL_NOT_FOUND, R_NOT_REFUNDABLE, R_REFUND_EXCEEDS_ORIGINAL = 78, 79, 80
+R_ALREADY_REVERSED, R_REVERSED, R_REVERSAL_WINDOW_PASSED, R_NOT_REVERSIBLE = 81, 82, 83, 84
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

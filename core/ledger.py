@@ -22,8 +22,10 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     lots_by_day   day (u32 BE) | card_id  -> empty: the order in which lots expire
     gift_stock    gift id (u32 BE)        -> how many of the gift were given (layout.GIFT)
     baskets       basket tag | seq (BE)   -> empty: a split-tender basket's card payments
+    undone        seq (u64 big-endian)    -> what refunds and a reversal took back of that
+                                             entry (64 B, layout.UNDO)
 
-The last eight came with card programs: a writer that opens a ledger made
+The last nine came with card programs and refunds: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -73,13 +75,16 @@ MAX_DBS = 32
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
-            "packages", "points_lots", "lots_by_day", "gift_stock", "baskets")
+            "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
-                            "lots_by_day", "gift_stock", "baskets"))
+                            "lots_by_day", "gift_stock", "baskets", "undone"))
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
+EMPTY_UNDO = bytes(L.UNDO.size)
+_UNDO_FIELDS = struct.Struct("<xBB29xq8xqqq")  # layout.JOURNAL: op, tier, amount, principal,
+# bonus and points deltas
 _CARD_HELD = 32  # layout.CARD offset of held_minor
 _CARD_BIRTH_MONTH = 68  # layout.CARD offset of birth_month
 META_BIRTHS = b"birth_months"  # set once card records hold the members' birth months
@@ -98,30 +103,38 @@ NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's ref_id (layout.OP offset 1
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 # Operations whose rules read the card program state; under a program that reviews tiers
 # (rule 11) every card operation does (rule 8's spend is the period's).
-EXT_READERS = frozenset((L.OP_TOP_UP,))
+EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
+_OP_LINK = 136  # layout.OP offset of link_seq
+UNDOERS = (L.OP_REFUND, L.OP_REVERSAL)
 _EXT_REVIEW = struct.Struct("<xB78xI")  # layout.CARD_EXT: flags (1), review_day (80)
 
 
-def items_of(txn, ledger: "Ledger", ops: list[PendingOp]) -> tuple[array, list, bytearray]:
-    """The records ``ops`` name by ref_id, each read once: a purchase's coupon, a package use's
-    package, a gift's stock. (An item slot per operation, SLOT_NONE for the others; the slots'
-    (database, key); their records, zeros for one that is not there.)"""
+def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
+             undo: list | None = None) -> tuple[array, list, bytearray]:
+    """The records ``ops`` name, each read once: a purchase's coupon, a package use's package, a
+    gift's stock; a refund's or reversal's undo record, as ``undo`` gives it (same positions as
+    ``ops``: (key or None, record, entry)). (An item slot per operation, SLOT_NONE for the
+    others; the slots' (database, key), a database None for a record never written; their
+    records, zeros for one that is not there.)"""
     slots = array("I", [L.SLOT_NONE]) * len(ops)
     keys: list[tuple] = []
     slot_of: dict[tuple, int] = {}
+    given: dict[tuple, bytes] = {}
     for k, op in enumerate(ops):
         kind = op.packed[0]
-        if kind != L.OP_PURCHASE and kind != L.OP_PACKAGE_USE and kind != L.OP_GIFT_REDEEM:
-            continue
-        ref = _OP_REF.unpack_from(op.packed)[0]
-        if kind == L.OP_GIFT_REDEEM:  # (an id past u16 is no gift: the kernel says so)
-            where = ("gift_stock", L.GIFT_KEY.pack(min(ref, 0xFFFFFFFF)))
+        if kind == L.OP_REFUND or kind == L.OP_REVERSAL:
+            key, value, _ = undo[k]  # type: ignore[index]
+            where = ("undone", key) if key else ("", k)  # nothing found: a slot of its own
+            given.setdefault(where, value)
+        elif kind == L.OP_GIFT_REDEEM:  # (an id past u16 is no gift: the kernel says so)
+            where = ("gift_stock", L.GIFT_KEY.pack(min(_OP_REF.unpack_from(op.packed)[0],
+                                                       0xFFFFFFFF)))
         elif kind == L.OP_PACKAGE_USE:
-            where = ("packages", L.COUPON_KEY.pack(op.card_id, ref))
-        elif ref:
+            where = ("packages", L.COUPON_KEY.pack(op.card_id, _OP_REF.unpack_from(op.packed)[0]))
+        elif kind == L.OP_PURCHASE and (ref := _OP_REF.unpack_from(op.packed)[0]):
             where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
         else:
-            continue  # a purchase without a coupon
+            continue  # no record: most operations, a purchase without a coupon
         s = slot_of.get(where)
         if s is None:
             s = slot_of[where] = len(keys)
@@ -130,11 +143,31 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp]) -> tuple[array, list, 
     if not keys:
         return slots, keys, bytearray()
     records = []
-    for name, key in keys:
-        db = getattr(ledger, name)
-        records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
-    return slots, [(getattr(ledger, name), key) for name, key in keys], \
+    for where in keys:
+        name, key = where
+        db = getattr(ledger, name) if name else None
+        if where in given:
+            records.append(given[where])
+        else:
+            records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
+    return slots, [(getattr(ledger, name) if name else None, key) for name, key in keys], \
         bytearray(b"".join(records))
+
+
+def undo_record(entry: bytes) -> bytes:
+    """The undo record (layout.UNDO) of a journal entry nothing has undone yet: a purchase's
+    buckets and points, a top-up's amount and bonus; another type's, with its type only (the
+    kernel refuses to undo it)."""
+    op, tier, amount, dp, db_, dpts = _UNDO_FIELDS.unpack_from(entry)
+    taken, redeemed, tier_after, _, item_id = L.JOURNAL_PROGRAM.unpack_from(
+        entry, L.JOURNAL_OFF_PROGRAM)
+    if op == L.OP_PURCHASE:
+        return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, item_id, 0,
+                           -dp - db_ + redeemed, -dp, -db_, taken, dpts + taken, 0)
+    if op == L.OP_TOP_UP:
+        return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, item_id, 0, amount, dp, db_,
+                           0, 0, 0)
+    return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def profile_month(profile: bytes | None) -> int:
@@ -687,6 +720,9 @@ class _Group:
         self.expired = 0                   # cards whose points the sweep expired
         self.basket_items: list[tuple[bytes, bytes]] = []  # split-tender payments' index
         self.run: list[int] = []                # consecutive card operations for the kernel
+        # refunds and reversals: op index -> (undone key or None, undo record, original entry)
+        self.undo_of: dict[int, tuple] = {}
+        self.tombstones: dict[bytes, int] = {}  # request key reversed unseen -> the reversal's op
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
 
@@ -715,7 +751,7 @@ class _Group:
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
         client_time = L.OP_CLIENT_TIME.unpack_from
-        kernel_max = L.OP_KERNEL_MAX
+        card_ops = L.CARD_OPS
         for i, op in enumerate(ops):
             packed = op.packed
             kind = packed[0]
@@ -739,6 +775,9 @@ class _Group:
                 if reason != L.R_OK:
                     outcomes[i] = Outcome(reason, False, kind, None)
                     continue
+            if key and self.tombstones and key in self.tombstones:
+                outcomes[i] = Outcome(L.R_REVERSED, False, kind, None)  # reversed in this group
+                continue
             if key:
                 idem = known.get(key)
                 if idem is not None:
@@ -753,7 +792,15 @@ class _Group:
                     repeats.append((i, first_index[key]))
                     continue
                 first_index[key] = i
-            if kind <= kernel_max:
+            if kind == L.OP_REFUND or kind == L.OP_REVERSAL:
+                reason = self._resolve_undo(i, op, first_index)
+                if reason != L.R_OK:  # refused before the kernel: the reversal window passed
+                    outcomes[i] = Outcome(reason, False, kind, None)
+                    if key:
+                        self.idem_items.append((key, record(kind, reason, op.digest, 0, 0, ts,
+                                                            op.client_time_us)))
+                    continue
+            if kind in card_ops:
                 self.run.append(i)
             else:
                 self._flush_run()
@@ -780,7 +827,7 @@ class _Group:
         due: dict[bytes, list[int]] = {}  # card -> [points, newest expired day]
         lot_cur = txn.cursor(db=ledger.points_lots)
         for card_id in dict.fromkeys(op.card_id for op in self.ops
-                                     if op.packed[0] <= L.OP_KERNEL_MAX):
+                                     if op.packed[0] in L.CARD_OPS):
             if lot_cur.set_range(card_id):
                 for key, value in lot_cur:
                     cid, day = L.LOT_KEY.unpack(key)
@@ -815,6 +862,51 @@ class _Group:
             raise InvariantError("a points expiry was declined: the lots and the card disagree")
         self.expired = len(expiries)
 
+    def _resolve_undo(self, i: int, op: PendingOp, first_index: dict[bytes, int]) -> int:
+        """What refund or reversal ``i`` undoes (rules 12 and 13), before it joins the run: the
+        original's undo record (stored, or assembled from its entry) for the kernel, or none
+        (zeros). An original earlier in this group is applied first. A reversal finds its
+        original by request key and gets its seq as link_seq; one that was never seen leaves a
+        tombstone. The reversal window is checked here (REVERSAL_WINDOW_PASSED)."""
+        txn, ledger, kind = self.txn, self.ledger, op.packed[0]
+        if kind == L.OP_REFUND:
+            seq = _U64.unpack_from(op.packed, _OP_LINK)[0]
+            if seq >= self.seq and self.run:  # perhaps a sale of the pending run
+                self._flush_run()
+        else:
+            original = op.payload
+            j = first_index.get(original)
+            if j is not None and self.run:
+                self._flush_run()
+            seq = 0
+            if j is not None:
+                done = self.outcomes[j]
+                if done is not None and done.reason == L.R_OK and done.entry is not None:
+                    seq = _U64.unpack_from(done.entry, L.JOURNAL_OFF_SEQ)[0]
+            elif original not in self.tombstones:
+                stored = txn.get(original, db=ledger.requests)
+                if stored is None:
+                    self.tombstones[original] = i
+                else:
+                    _, _, reason, _, _, applied_seq = L.IDEM.unpack(stored)[:6]
+                    seq = applied_seq if reason == L.R_OK else 0
+            op.packed = op.packed[:_OP_LINK] + _U64.pack(seq) + op.packed[_OP_LINK + 8:]
+        entry = None
+        if seq:
+            entry = (self.entries[seq - self.first_seq] if self.first_seq <= seq < self.seq
+                     else txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal))
+            if entry is not None and (entry[16:32] != op.card_id or entry[1] not in L.CARD_OPS):
+                entry = None
+        if entry is None:
+            self.undo_of[i] = (None, EMPTY_UNDO, None)
+            return L.R_OK
+        if kind == L.OP_REVERSAL and self.ts - _I64.unpack_from(entry, L.JOURNAL_OFF_TS)[0] > (
+                self.admin.program.reversal_window_minutes * 60_000_000):
+            return L.R_REVERSAL_WINDOW_PASSED
+        key = L.SEQ_KEY.pack(seq)
+        self.undo_of[i] = (key, txn.get(key, db=ledger.undone) or undo_record(entry), entry)
+        return L.R_OK
+
     def _review(self) -> None:
         """The tier review (``rules`` rule 11), first in a group after the expiry sweep: each
         card the group's operations name whose period has ended, or that the reviewing program
@@ -825,8 +917,7 @@ class _Group:
         if not period:
             return
         txn, ledger = self.txn, self.ledger
-        ids = list(dict.fromkeys(op.card_id for op in self.ops
-                                 if op.packed[0] <= L.OP_KERNEL_MAX))
+        ids = list(dict.fromkeys(op.card_id for op in self.ops if op.packed[0] in L.CARD_OPS))
         known = [cid for cid, _ in txn.cursor(db=ledger.cards).getmulti(ids)]
         states = dict(txn.cursor(db=ledger.card_ext).getmulti(known))
         today = lots.day_of(self.ts)
@@ -923,7 +1014,9 @@ class _Group:
         ext_stored = dict(ext_cur.getmulti(list(ext_ids))) if ext_ids else {}
         extras = bytearray(b"".join([ext_stored.get(c, EMPTY_EXT) for c in card_ids]))
         lines = bytearray(b"".join([ops[i].lines for i in run]))
-        coupon_slots, coupon_keys, coupons = items_of(txn, ledger, [ops[i] for i in run])
+        undo_of = self.undo_of
+        coupon_slots, coupon_keys, coupons = items_of(
+            txn, ledger, [ops[i] for i in run], [undo_of.get(i) for i in run] if undo_of else None)
         coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
@@ -1011,6 +1104,9 @@ class _Group:
                     self.profile_items.append((op.card_id, op.profile))
                 if op.sealed is not None:
                     self.sealed_items.append((op.card_id, op.sealed))
+            if op_type == L.OP_REFUND or op_type == L.OP_REVERSAL:
+                available = self._after_undo(i, op, reason, seq, entry,
+                                             coupons, coupon_slots[k]) or available
             if op.request_key:
                 idem_items.append((op.request_key, record(op_type, reason, op.digest, seq,
                                                           available, ts, op.client_time_us)))
@@ -1026,6 +1122,41 @@ class _Group:
         self.item_items.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _after_undo(self, i: int, op: PendingOp, reason: int, seq: int, entry: bytes,
+                    items: bytearray, slot: int) -> int:
+        """A refund's or reversal's part outside the kernel (rules 12 and 13): the tombstone of
+        a request reversed before it arrived; the sale's coupon given back when nothing is left
+        to refund (a refund: while it is valid); what is left to refund, for a refund that
+        asked more (its available_minor)."""
+        _, _, original = self.undo_of.pop(i)
+        if reason == L.R_REFUND_EXCEEDS_ORIGINAL:
+            refunded, paid = L.UNDO.unpack_from(items, slot * L.COUPON_SIZE)[6:8]
+            return paid - refunded
+        if reason != L.R_OK:
+            if self.tombstones.get(op.payload) == i:  # declined: no tombstone after all
+                del self.tombstones[op.payload]
+            return 0
+        if self.tombstones.get(op.payload) == i:
+            self.idem_items.append((op.payload, record(L.OP_REVERSAL, L.R_REVERSED, bytes(16), 0,
+                                                       0, self.ts, op.client_time_us)))
+        flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+        if original is None or original[1] != L.OP_PURCHASE or not flags & L.UNDO_COMPLETE:
+            return 0
+        serial = L.JOURNAL_TAIL.unpack_from(original)[4]
+        if not serial:
+            return 0
+        key = L.COUPON_KEY.pack(op.card_id, serial)
+        raw = self.txn.get(key, db=self.ledger.coupons)
+        if raw is None:
+            return 0
+        coupon = L.COUPON.unpack(raw)
+        original_seq = _U64.unpack_from(original, L.JOURNAL_OFF_SEQ)[0]
+        if coupon[1] == L.COUPON_USED and coupon[7] == original_seq and (
+                op.packed[0] == L.OP_REVERSAL or self.ts < coupon[5]):
+            self.item_items.append((self.ledger.coupons, key, L.COUPON.pack(
+                coupon[0], L.COUPON_ISSUED, *coupon[2:7], 0, 0, coupon[9])))
+        return 0
 
     def _write(self, prev_digest: bytes) -> None:
         """Everything the group made, each sub-database written once."""

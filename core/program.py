@@ -23,7 +23,8 @@ them with comments; money in fen):
   (-720..840, default 0; 480 for China) for which month it is;
   ``tier_review_days`` (0, or 7..3660: tiers are reviewed, and can go down,
   every that many days from each card's opening; 365 for a yearly review; 0 =
-  tiers never go down; ``rules`` rule 11).
+  tiers never go down; ``rules`` rule 11); ``reversal_window_minutes`` (1..43200,
+  default 1440: how long after a request a terminal can reverse it; ``rules`` rule 13).
 - ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
   many points become that much bonus money). No table: no exchange.
 - ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
@@ -77,6 +78,7 @@ from cardcore.rules import (
     COUPON_VALID_DAYS_MAX,
     POINTS_EXPIRE_DAYS_MAX,
     TIER_REVIEW_DAYS_MAX,
+    REVERSAL_WINDOW_MINUTES_MAX,
     TIER_REVIEW_DAYS_MIN,
     BIRTHDAY_BP_MAX,
     DEFAULT_PROGRAM,
@@ -172,6 +174,7 @@ _TOP_KEYS = (
     _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
     _Key("tier_review_days", "integer", 0, TIER_REVIEW_DAYS_MAX),
+    _Key("reversal_window_minutes", "integer", 1, REVERSAL_WINDOW_MINUTES_MAX),
     _Key("activation_points", "integer", 0, _I64),
     _Key("referral_points", "integer", 0, _I64),
     _Key("birthday_points_bp", "integer", 0, BIRTHDAY_BP_MAX),

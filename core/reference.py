@@ -12,7 +12,8 @@ import struct
 
 from cardcore import layout as L
 from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, month_of, paid_minor,
-                            points_earned, redemption, review_due, review_start, spend)
+                            points_earned, redemption, review_due, review_start, spend,
+                            undo_share)
 
 
 def _day(ts_us: int) -> int:
@@ -58,7 +59,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         (op, tier, pin_flags, caller_kind, home_store, amount, store, terminal, staff, operator, tag,
          card_id, client_time, pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
          basket, line_count, op_flags, redeem, _) = L.OP.unpack_from(ops, i * L.OP_SIZE)
-        if not L.OP_OPEN <= op <= L.OP_KERNEL_MAX or op == L.OP_PIN_FAILED:
+        if not L.card_op(op) or op == L.OP_PIN_FAILED:
             raise ValueError(f"unknown operation type {op}")
         my_lines = range(line_at, line_at + line_count)
         line_at += line_count
@@ -74,6 +75,11 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         card.check()
         ext = CardState(L.CARD_EXT.unpack_from(extras, roff))
         ext.check()
+        undo = None
+        if op in (L.OP_REFUND, L.OP_REVERSAL):
+            undo = list(L.UNDO.unpack_from(items, cslot * L.COUPON_SIZE))
+            check_undo(undo)
+        complete = undo_changed = False
         tier_before = card.tier
         reason = L.R_OK
         checked = ""  # "right" or "failed" once the PIN was compared
@@ -136,6 +142,35 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             reason = L.R_CARD_NOT_FOUND
         elif op == L.OP_RESET_PIN:
             set_pin()
+        elif op == L.OP_REVERSAL:  # whatever the card's status: it undoes what was done
+            (version, flags, original, tier0, tier1, item_id, refunded, paid, principal, bonus,
+             *_) = undo
+            if amount:
+                reason = L.R_INVALID_AMOUNT
+            elif version == 0:
+                pass  # never applied: an entry that moves nothing (the ledger keeps the tombstone)
+            elif flags & L.UNDO_REVERSED:
+                pass  # reversed before: nothing more to undo
+            elif original == L.OP_PURCHASE:
+                reason, figures = give_back(undo, card, refunded, paid)
+                if reason == L.R_OK:
+                    d_principal, d_bonus, take, back = figures
+                    d_points, taken_points = back - take, take
+                    redeemed = paid - refunded - d_principal - d_bonus
+                    amount = paid - refunded
+                    undo_changed = complete = True
+            elif original == L.OP_TOP_UP:
+                if (card.principal < principal or card.bonus < bonus
+                        or card.principal - principal + card.bonus - bonus < card.held):
+                    reason = L.R_INSUFFICIENT_FUNDS
+                else:
+                    d_principal, d_bonus, amount = -principal, -bonus, paid
+                    ext.take_back_top_up(principal, item_id)
+                    ext_changed = undo_changed = complete = True
+            else:
+                reason = L.R_NOT_REVERSIBLE
+            if reason == L.R_OK and undo_changed and card.tier == tier1 and tier0 < card.tier:
+                card.tier = tier0  # the upgrade it made, undone
         elif op == L.OP_TIER_REVIEWED:  # whatever the card's status, like an expiry
             if amount or ref_id:
                 reason = L.R_INVALID_ARGUMENT
@@ -158,6 +193,28 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_AMOUNT_OVERFLOW
             else:
                 d_points = amount
+        elif op == L.OP_REFUND:
+            version, flags, original, *_, refunded, paid = undo[:8]
+            if version == 0:
+                reason = L.R_ORIGINAL_NOT_FOUND
+            elif original != L.OP_PURCHASE:
+                reason = L.R_NOT_REFUNDABLE
+            elif flags & L.UNDO_REVERSED:
+                reason = L.R_ALREADY_REVERSED
+            elif amount < 0:
+                reason = L.R_INVALID_AMOUNT
+            else:
+                amount = amount or paid - refunded  # 0: all that is left
+                if amount == 0 or amount > paid - refunded:
+                    reason = L.R_REFUND_EXCEEDS_ORIGINAL
+                else:
+                    reason, figures = give_back(undo, card, refunded, refunded + amount)
+                    if reason == L.R_OK:
+                        d_principal, d_bonus, take, back = figures
+                        d_points, taken_points = back - take, take
+                        redeemed = amount - d_principal - d_bonus
+                        undo_changed = True
+                        complete = refunded + amount == paid
         elif op == L.OP_SET_PIN:
             if not pin_flags & L.NEW_PIN:
                 reason = L.R_INVALID_ARGUMENT
@@ -300,6 +357,13 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 L.GIFT.pack_into(items, cslot * L.COUPON_SIZE, L.GIFT_VERSION, ref_id, 0,
                                  given + 1, bytes(48))
                 item_dirty[cslot] = 1
+            if undo_changed and reason == L.R_OK:
+                undo[6] = undo[7] if op == L.OP_REVERSAL else undo[6] + amount  # refunded
+                if op == L.OP_REVERSAL:
+                    undo[1] |= L.UNDO_REVERSED
+                    undo[12] = entry_seq
+                L.UNDO.pack_into(items, cslot * L.COUPON_SIZE, *undo)
+                item_dirty[cslot] = 1
             if op == L.OP_PACKAGE_USE and reason == L.R_OK:
                 f = list(L.PACKAGE.unpack_from(items, cslot * L.COUPON_SIZE))
                 if f[1] == L.PACKAGE_COUNT:
@@ -323,15 +387,43 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         journal_out[i * L.JOURNAL_SIZE + L.JOURNAL_OFF_BIRTH_MONTH] = card.birth_month & 0xFF
         L.JOURNAL_PURCHASE_FLAGS.pack_into(journal_out, i * L.JOURNAL_SIZE
                                            + L.JOURNAL_OFF_PURCHASE_FLAGS,
-                                           L.PARTIAL_PAYMENT if applied and partial else 0)
+                                           (L.PARTIAL_PAYMENT if applied and partial else 0)
+                                           | (L.UNDO_COMPLETE if applied and complete else 0))
         L.JOURNAL_COUPON_OFF.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_COUPON,
                                        coupon_off)
     return seq
 
 
 def needs_item(op: int, ref_id: int) -> bool:
-    """Whether an operation names a coupon or package record the kernel must be given."""
-    return op in (L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM) or (op == L.OP_PURCHASE and ref_id != 0)
+    """Whether an operation names a coupon, package, gift or undo record the kernel must be
+    given."""
+    return (op in (L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM, L.OP_REFUND, L.OP_REVERSAL)
+            or (op == L.OP_PURCHASE and ref_id != 0))
+
+
+def check_undo(undo: list) -> None:
+    version, _, _, _, _, _, refunded, paid, principal, bonus, redeemed, earned, _ = undo
+    if version not in (0, L.UNDO_VERSION) or (version and not (
+            0 <= refunded <= paid and min(principal, bonus, redeemed, earned) >= 0)):
+        raise ValueError("undo record breaks an invariant")
+
+
+def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, tuple]:
+    """Rules 12 and 13: (reason, (principal, bonus, points taken back, points given back)) of a
+    purchase from ``before`` to ``after`` of its paid amount; the card's lifetime paid goes
+    down by the money."""
+    paid, principal, bonus, redeemed, earned = undo[7:12]
+
+    def part(x: int) -> int:
+        if paid == 0:
+            return x if before == 0 else 0
+        return undo_share(x, paid, before, after)
+
+    p, b, back, take = part(principal), part(bonus), part(redeemed), part(earned)
+    if card.principal + card.bonus + p + b > L.INT64_MAX or card.points + back > L.INT64_MAX:
+        return L.R_AMOUNT_OVERFLOW, ()
+    card.lifetime = max(card.lifetime - p - b, 0)
+    return L.R_OK, (p, b, min(take, card.points + back), back)
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
@@ -601,6 +693,16 @@ class CardState:
             if self.ids[slot_k] != pid:
                 self.ids[slot_k], self.uses[slot_k] = pid, 0
             self.uses[slot_k] += 1
+
+    def take_back_top_up(self, amount: int, pid: int) -> None:
+        """Rule 13: a reversed top-up's count, total and promotion use."""
+        if self.top_up_count not in (0, 0xFFFFFFFF):
+            self.top_up_count -= 1
+        self.lifetime_top_up -= min(amount, self.lifetime_top_up)
+        for k in range(L.PROMOTION_SLOTS):
+            if pid and self.ids[k] == pid and self.uses[k] > 0:
+                self.uses[k] -= 1
+                break
 
     def check(self) -> None:
         if (self.version not in (0, L.CARD_EXT_VERSION) or self.lifetime_top_up < 0

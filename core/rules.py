@@ -84,6 +84,31 @@ checks they agree on every input):
    Reads (GetCard) show the tier as of the card's last review; Quote reviews
    first, as the purchase would.
 
+12. Refunds (of a purchase, named by its journal seq, on the same card, active): the
+   refundable amount is what the sale cost after the tier's discount and any coupon,
+   ``paid`` (the card's part plus the fen its points paid); a refund gives back R fen of what
+   is left (0: all of it; more: REASON_REFUND_EXCEEDS_ORIGINAL with what is left). With T0
+   the total refunded before and T1 = T0 + R, every figure of the sale goes back by its
+   cumulative share ``share(x) = x * T1 // paid - x * T0 // paid`` (floor; the shares of all
+   of a sale's refunds add up to exactly x): principal and bonus go back to their buckets,
+   the points it redeemed come back (into today's lot), the points it earned are taken back
+   (oldest lots first; if the card no longer holds them, what it holds: points never go
+   below zero). Lifetime paid goes down by the money given back; the tier stays. The refund
+   that leaves nothing (T1 = paid) gives back the sale's coupon while it is still valid. A
+   refund or reversal is never refunded (REASON_NOT_REFUNDABLE), nor a reversed sale
+   (REASON_ALREADY_REVERSED).
+13. Reversals (a terminal that timed out names its own request by request_id, within the
+   program's ``reversal_window_minutes`` of the original): a purchase is refunded in full (of
+   what refunds left) by rule 12, its coupon comes back whatever its validity, and an upgrade
+   it made is undone if the card is still at the tier it reached; a top-up takes back its
+   amount and its bonus (REASON_INSUFFICIENT_FUNDS if the card no longer holds them), its
+   promotion use and its count, and an upgrade it made likewise. A request that was never
+   applied (unknown, or declined) is reversed by an entry that moves nothing; an unknown one
+   leaves a tombstone, so the original is refused with REASON_REVERSED when it arrives. A
+   request reversed before is reversed again by an entry that moves nothing (a retry of the
+   same reversal replays its answer, as every request does). Other operations are not
+   reversible (REASON_NOT_REVERSIBLE).
+
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or
 redemption. Programs are TOML documents (``cardcore.program`` validates them),
@@ -113,6 +138,7 @@ PACKAGE_KINDS = {"count": L.PACKAGE_COUNT, "time": L.PACKAGE_TIME}
 PACKAGE_USES_MAX = 10_000
 POINTS_EXPIRE_DAYS_MAX = 3660
 TIER_REVIEW_DAYS_MIN, TIER_REVIEW_DAYS_MAX = 7, 3660
+REVERSAL_WINDOW_MINUTES_DEFAULT, REVERSAL_WINDOW_MINUTES_MAX = 1440, 43200
 BIRTHDAY_BP_MAX = 100_000
 
 
@@ -216,6 +242,7 @@ class Program:
     exchange_bonus_minor: int = 0  # ... become this much bonus money; 0 and 0: no exchange
     gifts: tuple[Gift, ...] = ()
     tier_review_days: int = 0     # rule 11: the qualification period; 0 = tiers never go down
+    reversal_window_minutes: int = REVERSAL_WINDOW_MINUTES_DEFAULT  # rule 13
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -295,6 +322,8 @@ class Program:
                 TIER_REVIEW_DAYS_MIN <= self.tier_review_days <= TIER_REVIEW_DAYS_MAX):
             raise ValueError(f"tier_review_days must be 0 or {TIER_REVIEW_DAYS_MIN}.."
                              f"{TIER_REVIEW_DAYS_MAX}")
+        if not 1 <= self.reversal_window_minutes <= REVERSAL_WINDOW_MINUTES_MAX:
+            raise ValueError(f"reversal_window_minutes must be 1..{REVERSAL_WINDOW_MINUTES_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0
@@ -445,3 +474,10 @@ def review_due(period_days: int, flags: int, review_day: int, today: int) -> boo
     program reviews tiers and the card is not tracked yet, or its period has ended."""
     return bool(period_days) and (not flags & L.REVIEW_STARTED
                                   or today >= review_day + period_days)
+
+
+def undo_share(x: int, paid: int, before: int, after: int) -> int:
+    """Rule 12: the part of a sale's figure ``x`` that refunds from ``before`` to ``after`` (of
+    ``paid``) give back; the parts of all of a sale's refunds add up to exactly ``x``."""
+    assert 0 <= before <= after <= paid and paid > 0
+    return x * after // paid - x * before // paid

@@ -35,9 +35,9 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import issued_coupon, profile_month, sold_package
+from cardcore.ledger import issued_coupon, profile_month, sold_package, undo_record
 from cardcore.program import ProgramError, parse_program
-from cardcore.reference import Card, CardState, CompiledProgram, purchase
+from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
 from cardcore.rules import spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
@@ -83,6 +83,9 @@ def verify(ledger, problems_max: int = 50) -> dict:
                 if stored.get(k) != rebuilt.get(k):
                     problem(f"{name[:-1]} ...{k[:4].hex()}/{L.COUPON_KEY.unpack(k)[1]}: not what "
                             "the journal's entries for it make")
+        if ledger.undone is not None and dict(txn.cursor(db=ledger.undone)) != {
+                k: L.UNDO.pack(*v) for k, v in journal["undone"].items()}:
+            problem("the undo records are not what the journal's refunds and reversals make")
         requests = _requests(txn, ledger, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
@@ -144,6 +147,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     lot_rule = lots.Lots(point_lots)
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
+    undone: dict[bytes, list] = {}       # an entry's undo record as refunds and reversals leave it
 
     def state_of(cid: bytes) -> CardState:
         state = states.get(cid)
@@ -189,9 +193,9 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if program_version != program_now and not (program_version == 0 and program_now == 0):
             problem(f"journal entry {seq}: program version {program_version} where "
                     f"{program_now} was current")
-        if op >= L.OP_ADMIN_MIN:
+        if L.OP_ADMIN_MIN <= op <= L.OP_ADMIN_MAX:
             admin += 1
-            if op > L.OP_ADMIN_MAX or any(f[_MOVES]):
+            if any(f[_MOVES]):
                 problem(f"journal entry {seq}: an admin entry {op} that moves value")
             continue
         s = sums.get(cid)
@@ -293,6 +297,11 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: a referral bonus its program and the opening it "
                         "names do not explain")
             referred.add(f[28])
+        elif op in (L.OP_REFUND, L.OP_REVERSAL):
+            why = _undo_problem(txn, ledger, f, entry, s, state_of(cid), undone, coupons,
+                                compiled_of(program_version))
+            if why:
+                problem(f"journal entry {seq}: {why}")
         elif op == L.OP_TIER_REVIEWED:
             prog = compiled_of(program_version)
             card = Card(_card_at(tier, s, opened_us.get(cid, 0)))
@@ -338,7 +347,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: after-balances differ from the running sums")
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
-    return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1,
+    return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
 
@@ -361,6 +370,76 @@ def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, ti
     expect = prog.upgrade(f[2], prog.up_top_up, amount)
     if tier_after != expect:
         return f"tier {tier_after} after it, but the program gives {expect}"
+    return None
+
+
+def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState, undone: dict,
+                  coupons: dict, prog: CompiledProgram | None) -> str | None:
+    """Why a refund or reversal entry is not what rules 12 and 13 make of its original, as the
+    journal left it before (None: it is). Moves the card's lifetime paid (``s``), its program
+    state, the original's undo record and a coupon it gives back along."""
+    op, tier, seq, cid, amount, link, ts_us = f[1], f[2], f[7], f[8], f[9], f[28], f[17]
+    dp, db_, dpts = f[11], f[12], f[13]
+    taken, redeemed, tier_after = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[:3]
+    flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+    if prog is None:
+        return "a refund or reversal without a program"
+    original = txn.get(L.SEQ_KEY.pack(link), db=ledger.journal) if 0 < link < seq else None
+    if original is None or original[16:32] != cid or original[1] not in L.CARD_OPS:
+        if op == L.OP_REVERSAL and not link and not any(f[9:14]) and tier_after == tier:
+            return None  # nothing was applied: an entry that moves nothing
+        return f"it links entry {link}, not an earlier entry of its card"
+    key = L.SEQ_KEY.pack(link)
+    undo = undone.get(key) or list(L.UNDO.unpack(undo_record(original)))
+    card = Card(_card_at(tier, s, 0))
+    want_moves, want_amount, complete = (0, 0, 0, 0, 0), 0, False
+    if op == L.OP_REFUND:
+        left = undo[7] - undo[6]
+        if undo[0] != L.UNDO_VERSION or undo[2] != L.OP_PURCHASE or undo[1] & L.UNDO_REVERSED \
+                or not 0 < amount <= left:
+            return f"a refund of {amount} that its original does not allow ({left} left)"
+        reason, figures = give_back(undo, card, undo[6], undo[6] + amount)
+        if reason != L.R_OK:
+            return "a refund that overflows"
+        p, b, take, back = figures
+        want_moves, want_amount = (p, b, back - take, take, amount - p - b), amount
+        complete = undo[6] + amount == undo[7]
+        undo[6] += amount
+    elif undo[1] & L.UNDO_REVERSED:
+        if any(f[9:14]) or tier_after != tier:
+            return "a second reversal that moves value"
+        undone[key] = undo
+        return None
+    elif undo[2] == L.OP_PURCHASE:
+        left = undo[7] - undo[6]
+        reason, figures = give_back(undo, card, undo[6], undo[7])
+        if reason != L.R_OK:
+            return "a reversal that overflows"
+        p, b, take, back = figures
+        want_moves, want_amount, complete = (p, b, back - take, take, left - p - b), left, True
+    elif undo[2] == L.OP_TOP_UP:
+        want_moves, want_amount, complete = (-undo[8], -undo[9], 0, 0, 0), undo[7], True
+        state.take_back_top_up(undo[8], undo[5])
+    else:
+        return f"a reversal of an entry of type {undo[2]}, which is not reversible"
+    if op == L.OP_REVERSAL:
+        undo[6], undo[1], undo[12] = undo[7], undo[1] | L.UNDO_REVERSED, seq
+        if card.tier == undo[4] and undo[3] < card.tier:
+            card.tier = undo[3]
+    got = (dp, db_, dpts, taken, redeemed)
+    if got != want_moves or amount != want_amount or tier_after != card.tier or (
+            bool(flags & L.UNDO_COMPLETE) != complete):
+        return (f"gives back {got} of {amount} (tier {tier_after}), but its original's figures "
+                f"give {want_moves} of {want_amount} (tier {card.tier})")
+    undone[key] = undo
+    s[4] = card.lifetime  # lifetime paid, down by the money given back
+    serial = L.JOURNAL_TAIL.unpack_from(original)[4]
+    coupon_key = L.COUPON_KEY.pack(cid, serial)
+    coupon = coupons.get(coupon_key) if complete and original[1] == L.OP_PURCHASE and serial \
+        else None
+    if coupon is not None and coupon[1] == L.COUPON_USED and coupon[7] == link and (
+            op == L.OP_REVERSAL or ts_us < coupon[5]):
+        coupons[coupon_key] = (coupon[0], L.COUPON_ISSUED, *coupon[2:7], 0, 0, coupon[9])
     return None
 
 

@@ -12,7 +12,7 @@ from libc.string cimport memcpy, memset
 
 from records cimport (cc_card_ext_t, cc_card_t, cc_coupon_def_t, cc_coupon_t, cc_i128,
                      cc_gift_def_t, cc_gift_t, cc_journal_t, cc_line_t, cc_op_t,
-                     cc_package_def_t, cc_package_t, cc_program_t, cc_promotion_t)
+                     cc_package_def_t, cc_package_t, cc_program_t, cc_promotion_t, cc_undo_t)
 
 cdef extern from "<stdint.h>":
     const int64_t INT64_MAX
@@ -50,7 +50,13 @@ cdef enum:
     OP_GIFT_REDEEM = 13
     OP_REFERRAL_BONUS = 14
     OP_TIER_REVIEWED = 15
-    OP_KERNEL_MAX = 15
+    OP_ADMIN_MIN = 16
+    OP_ADMIN_MAX = 23
+    OP_REFUND = 24
+    OP_REVERSAL = 25
+    OP_KERNEL_MAX = 25
+    UNDO_REVERSED = 1
+    UNDO_COMPLETE = 2
     REVIEW_STARTED = 1
     TIER_REVIEW_DAYS_MIN = 7
     TIER_REVIEW_DAYS_MAX = 3660
@@ -83,6 +89,11 @@ cdef enum:
     R_GIFT_NOT_FOUND = 75
     R_GIFT_OUT_OF_STOCK = 76
     R_EXCHANGE_NOT_OFFERED = 77
+    R_ORIGINAL_NOT_FOUND = 78
+    R_NOT_REFUNDABLE = 79
+    R_REFUND_EXCEEDS_ORIGINAL = 80
+    R_ALREADY_REVERSED = 81
+    R_NOT_REVERSIBLE = 84
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -337,8 +348,42 @@ cdef inline const cc_package_def_t* package_def(const cc_program_t* prog,
 
 cdef inline int needs_item(const cc_op_t* op) noexcept nogil:
     """Whether an operation names a coupon, package or gift record the caller must pass."""
-    return (op.op == OP_PACKAGE_USE or op.op == OP_GIFT_REDEEM
-            or (op.op == OP_PURCHASE and op.ref_id != 0))
+    return (op.op == OP_PACKAGE_USE or op.op == OP_GIFT_REDEEM or op.op == OP_REFUND
+            or op.op == OP_REVERSAL or (op.op == OP_PURCHASE and op.ref_id != 0))
+
+
+cdef inline int64_t share(int64_t x, int64_t paid, int64_t before, int64_t after) noexcept nogil:
+    """Rule 12: the part of a sale's figure ``x`` (>= 0) refunds from ``before`` to ``after``
+    give back (cardcore.rules.undo_share); the whole of it when nothing was paid."""
+    if paid == 0:
+        return x if before == 0 else 0
+    return <int64_t>((<cc_i128>x * after) // paid - (<cc_i128>x * before) // paid)
+
+
+cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t before,
+                              int64_t after, int64_t* fig) noexcept nogil:
+    """Rules 12 and 13: a purchase's buckets and points from ``before`` to ``after`` of its
+    paid amount: fig[0] principal, fig[1] bonus, fig[2] points taken back, fig[3] points
+    given back (fig untouched on a decline)."""
+    cdef int64_t p = share(undo.principal_minor, undo.paid_minor, before, after)
+    cdef int64_t b = share(undo.bonus_minor, undo.paid_minor, before, after)
+    cdef int64_t back = share(undo.points_redeemed, undo.paid_minor, before, after)
+    cdef int64_t take = share(undo.points_earned, undo.paid_minor, before, after)
+    if (<cc_i128>rec.principal_minor + rec.bonus_minor + p + b > INT64_MAX
+            or rec.points > INT64_MAX - back):
+        return R_AMOUNT_OVERFLOW
+    if take > rec.points + back:  # what the card still holds: points never go below zero
+        take = rec.points + back
+    fig[0], fig[1], fig[2], fig[3] = p, b, take, back
+    rec.lifetime_paid_minor = rec.lifetime_paid_minor - p - b if rec.lifetime_paid_minor > p + b else 0
+    return R_OK
+
+
+cdef inline int undo_ok(const cc_undo_t* undo) noexcept nogil:
+    return undo.version == 0 or (
+        undo.version == 1 and 0 <= undo.refunded_minor <= undo.paid_minor
+        and undo.principal_minor >= 0 and undo.bonus_minor >= 0 and undo.points_redeemed >= 0
+        and undo.points_earned >= 0)
 
 
 cdef inline const cc_gift_def_t* gift_def(const cc_program_t* prog, uint64_t gift_id) noexcept nogil:
@@ -545,6 +590,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef const cc_gift_def_t* gd
     cdef int64_t blocks, next_day = 0
     cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE else NULL
+    cdef cc_undo_t* undo = <cc_undo_t*>coupon  # a refund's or reversal's original, likewise
+    cdef int64_t g[4]
+    cdef int64_t left
+    cdef int undo_changed = 0, complete = 0, k
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = fig[5] = 0
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
             or op.line_count > LINES_MAX
@@ -578,6 +627,44 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         reason = R_CARD_NOT_FOUND
     elif op.op == OP_RESET_PIN:
         set_pin(op, rec)
+    elif op.op == OP_REVERSAL:  # whatever the card's status: it undoes what was done
+        if amount != 0:
+            reason = R_INVALID_AMOUNT
+        elif undo.version == 0:
+            pass  # never applied: an entry that moves nothing (the ledger keeps the tombstone)
+        elif undo.flags & UNDO_REVERSED:
+            pass  # reversed before: nothing more to undo
+        elif undo.op == OP_PURCHASE:
+            left = undo.paid_minor - undo.refunded_minor
+            reason = give_back(undo, rec, undo.refunded_minor, undo.paid_minor, g)
+            if reason == R_OK:
+                d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
+                fig[2], fig[3] = g[2], left - g[0] - g[1]
+                amount = left
+                undo_changed = complete = 1
+        elif undo.op == OP_TOP_UP:
+            if (rec.principal_minor < undo.principal_minor or rec.bonus_minor < undo.bonus_minor
+                    or rec.principal_minor - undo.principal_minor + rec.bonus_minor
+                    - undo.bonus_minor < rec.held_minor):
+                reason = R_INSUFFICIENT_FUNDS
+            else:
+                d_principal, d_bonus = -undo.principal_minor, -undo.bonus_minor
+                amount = undo.paid_minor
+                if ext.top_up_count != 0 and ext.top_up_count != <uint32_t>0xFFFFFFFF:
+                    ext.top_up_count -= 1
+                ext.lifetime_top_up_minor -= (undo.principal_minor
+                                              if ext.lifetime_top_up_minor > undo.principal_minor
+                                              else ext.lifetime_top_up_minor)
+                for k in range(PROMOTION_SLOTS):
+                    if (undo.item_id != 0 and ext.promotion_id[k] == undo.item_id
+                            and ext.promotion_uses[k] > 0):
+                        ext.promotion_uses[k] -= 1
+                        break
+                ext_changed = undo_changed = complete = 1
+        else:
+            reason = R_NOT_REVERSIBLE
+        if reason == R_OK and undo_changed and rec.tier == undo.tier_after and undo.tier < rec.tier:
+            rec.tier = undo.tier  # the upgrade it made, undone
     elif op.op == OP_TIER_REVIEWED:  # whatever the card's status, like an expiry
         if amount != 0 or op.ref_id != 0:
             reason = R_INVALID_ARGUMENT
@@ -601,6 +688,28 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_AMOUNT_OVERFLOW
         else:
             d_points = amount
+    elif op.op == OP_REFUND:
+        if undo.version == 0:
+            reason = R_ORIGINAL_NOT_FOUND
+        elif undo.op != OP_PURCHASE:
+            reason = R_NOT_REFUNDABLE
+        elif undo.flags & UNDO_REVERSED:
+            reason = R_ALREADY_REVERSED
+        elif amount < 0:
+            reason = R_INVALID_AMOUNT
+        else:
+            left = undo.paid_minor - undo.refunded_minor
+            if amount == 0:
+                amount = left  # all that is left
+            if amount == 0 or amount > left:
+                reason = R_REFUND_EXCEEDS_ORIGINAL
+            else:
+                reason = give_back(undo, rec, undo.refunded_minor, undo.refunded_minor + amount, g)
+                if reason == R_OK:
+                    d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
+                    fig[2], fig[3] = g[2], amount - g[0] - g[1]
+                    undo_changed = 1
+                    complete = undo.refunded_minor + amount == undo.paid_minor
     elif op.op == OP_SET_PIN:
         if not op.pin_flags & NEW_PIN:
             reason = R_INVALID_ARGUMENT
@@ -761,6 +870,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             gift.gift_id = <uint16_t>op.ref_id
             gift.given += 1
             item_dirty[0] = 1
+        if undo_changed and reason == R_OK:
+            undo.refunded_minor = undo.paid_minor if op.op == OP_REVERSAL else (
+                undo.refunded_minor + amount)
+            if op.op == OP_REVERSAL:
+                undo.flags |= UNDO_REVERSED
+                undo.reversal_seq = seq
+            item_dirty[0] = 1
         if op.op == OP_PACKAGE_USE and reason == R_OK:
             if pkg.kind == PACKAGE_COUNT:
                 pkg.uses_left -= 1
@@ -809,7 +925,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         out.line_count = op.line_count
         out.item_id = promotion_id
         out.coupon_off_minor = fig[4]
-        out.purchase_flags = PARTIAL_PAYMENT if partial else 0
+        out.purchase_flags = (PARTIAL_PAYMENT if partial else 0) | (UNDO_COMPLETE if complete else 0)
     return reason
 
 
@@ -897,14 +1013,16 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             op = op_base + i
             slot = slots[i]
             if (slot >= nslots or op.op < OP_OPEN or op.op > OP_KERNEL_MAX
-                    or op.op == OP_PIN_FAILED):
+                    or op.op == OP_PIN_FAILED or (OP_ADMIN_MIN <= op.op <= OP_ADMIN_MAX)):
                 bad = 1
                 break
             rec = rec_base + slot
-            if not record_ok(rec) or not ext_ok(ext_base + slot):
+            cslot = item_slots[i]
+            if not record_ok(rec) or not ext_ok(ext_base + slot) or (
+                    (op.op == OP_REFUND or op.op == OP_REVERSAL)
+                    and not undo_ok(<const cc_undo_t*>(coupon_base + cslot))):
                 bad = 2
                 break
-            cslot = item_slots[i]
             apply_one(prog, op, rec, ext_base + slot, line_base + line_at if op.line_count else NULL,
                       coupon_base + cslot if cslot != SLOT_NONE else NULL, out_base + i, ts_us,
                       seq, &slot_dirty[slot], &item_dirty[cslot] if cslot != SLOT_NONE else &no_dirty)

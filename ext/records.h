@@ -137,6 +137,14 @@ typedef struct {
 } cc_gift_t;
 
 typedef struct {
+    uint8_t version, flags, op, tier, tier_after, reserved0;
+    uint16_t item_id;
+    int64_t refunded_minor, paid_minor, principal_minor, bonus_minor, points_redeemed,
+        points_earned;
+    uint64_t reversal_seq;
+} cc_undo_t;
+
+typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, redeem_points, redeem_value_minor;
     uint32_t redeem_cap_bp, program_version;
@@ -162,6 +170,7 @@ _Static_assert(sizeof(cc_op_t) == 192, "operation is 192 bytes");
 _Static_assert(sizeof(cc_program_t) == 15008, "program is 15,008 bytes");
 _Static_assert(sizeof(cc_gift_def_t) == 24, "gift definition is 24 bytes");
 _Static_assert(sizeof(cc_gift_t) == 64, "gift stock record is 64 bytes");
+_Static_assert(sizeof(cc_undo_t) == 64, "undo record is 64 bytes");
 _Static_assert(sizeof(cc_package_def_t) == 32, "package definition is 32 bytes");
 _Static_assert(sizeof(cc_package_t) == 64, "package is 64 bytes");
 _Static_assert(sizeof(cc_coupon_def_t) == 48, "coupon definition is 48 bytes");

@@ -125,6 +125,13 @@ cdef extern from "records.h":
         int64_t given
         uint8_t reserved2[48]
 
+    ctypedef struct cc_undo_t:
+        uint8_t version, flags, op, tier, tier_after, reserved0
+        uint16_t item_id
+        int64_t refunded_minor, paid_minor, principal_minor, bonus_minor, points_redeemed
+        int64_t points_earned
+        uint64_t reversal_seq
+
     ctypedef struct cc_program_t:
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, redeem_points, redeem_value_minor

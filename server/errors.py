@@ -92,6 +92,17 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_GIFT_OUT_OF_STOCK: (C.FAILED_PRECONDITION, "the gift is out of stock"),
     R.REASON_EXCHANGE_NOT_OFFERED: (C.FAILED_PRECONDITION, "the card program does not exchange "
                                     "points"),
+    R.REASON_ORIGINAL_NOT_FOUND: (C.NOT_FOUND, "no applied operation of this card has that seq"),
+    R.REASON_NOT_REFUNDABLE: (C.FAILED_PRECONDITION, "only purchases can be refunded"),
+    R.REASON_REFUND_EXCEEDS_ORIGINAL: (C.FAILED_PRECONDITION, "more than what is left of the sale "
+                                       "to refund"),
+    R.REASON_ALREADY_REVERSED: (C.FAILED_PRECONDITION, "the sale was reversed"),
+    R.REASON_REVERSED: (C.FAILED_PRECONDITION, "this request was reversed before it arrived; it "
+                        "was not applied"),
+    R.REASON_REVERSAL_WINDOW_PASSED: (C.FAILED_PRECONDITION, "too late to reverse: refund it "
+                                      "instead"),
+    R.REASON_NOT_REVERSIBLE: (C.FAILED_PRECONDITION, "only purchases and top-ups can be "
+                              "reversed"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -46,9 +46,9 @@ class _Malformed:
 MALFORMED = _Malformed()
 
 
-def request_id_bytes(request_id: str) -> bytes:
+def request_id_bytes(request_id: str, field: str = "request_id") -> bytes:
     if not REQUEST_ID_RE.fullmatch(request_id):
-        raise Invalid(R.REASON_INVALID_REQUEST_ID, "request_id")
+        raise Invalid(R.REASON_INVALID_REQUEST_ID, field)
     return request_id.encode("ascii")
 
 
@@ -147,7 +147,9 @@ class Operations:
                          "sell_package": (L.OP_PACKAGE_SELL, self.sell_package_op),
                          "use_entitlement": (L.OP_PACKAGE_USE, self.use_entitlement_op),
                          "exchange_points": (L.OP_POINTS_EXCHANGE, self.exchange_points_op),
-                         "redeem_gift": (L.OP_GIFT_REDEEM, self.redeem_gift_op)}
+                         "redeem_gift": (L.OP_GIFT_REDEEM, self.redeem_gift_op),
+                         "refund": (L.OP_REFUND, self.refund_op),
+                         "reverse": (L.OP_REVERSAL, self.reverse_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -344,6 +346,37 @@ class Operations:
             return 0, {"ref_id": req.gift_id}
 
         return self._money_op(req, caller, L.OP_GIFT_REDEEM, L.PIN_REQUIRED | self.dev_pin, gift)
+
+    def refund_op(self, req: pb.RefundRequest, caller: Caller) -> PendingOp:
+        """Money back for a sale (rule 12): an operator (cashier or above) of the till's store,
+        checked again by the writer; no PIN, the money goes back to the card."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        if not 0 < req.original_seq <= L.INT64_MAX:
+            raise Invalid(R.REASON_ORIGINAL_NOT_FOUND, "original_seq")
+        if req.amount_minor < 0:
+            raise Invalid(R.REASON_INVALID_AMOUNT, "amount_minor")
+        operator = caller.operator
+        if operator is None:
+            raise Invalid(R.REASON_OPERATOR_REQUIRED, "authorization")
+        if not operator.may(ROLE.OPERATOR_ROLE_CASHIER, req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        card = self.swipes.card(req.card, req.till, caller)
+        return self._op(req, rid, at_us, L.OP_REFUND, card, caller, req.amount_minor,
+                        link_seq=req.original_seq)
+
+    def reverse_op(self, req: pb.ReverseRequest, caller: Caller) -> PendingOp:
+        """A request undone, or refused before it arrives (rule 13): named by its request_id in
+        the caller's own namespace, so only the caller that sent it reverses it."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        original = request_id_bytes(req.original_request_id, "original_request_id")
+        if original == rid:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "original_request_id")
+        card = self.swipes.card(req.card, req.till, caller)
+        namespace = caller.namespace(card.terminal_id)
+        return self._op(req, rid, at_us, L.OP_REVERSAL, card, caller,
+                        original_key=request_key(*namespace, original))
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

@@ -40,7 +40,7 @@ UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN,
                   "IssueCoupon": L.OP_COUPON_ISSUE, "SellPackage": L.OP_PACKAGE_SELL,
                   "UseEntitlement": L.OP_PACKAGE_USE, "ExchangePoints": L.OP_POINTS_EXCHANGE,
-                  "RedeemGift": L.OP_GIFT_REDEEM}
+                  "RedeemGift": L.OP_GIFT_REDEEM, "Refund": L.OP_REFUND, "Reverse": L.OP_REVERSAL}
 BATCH_OPS_MAX = 10_000
 QUOTE_COUPONS_MAX = 16  # a quote tries at most this many of the card's coupons (oldest first)
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
@@ -129,9 +129,12 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
             paid_minor=-(dp + db_) if op == L.OP_PURCHASE or op == L.OP_PACKAGE_SELL else 0,
             points_earned=dpts + taken, applied_at_us=ts_us, program_version=program_version,
             principal_delta_minor=dp, bonus_delta_minor=db_, tier=tier, tier_after=tier_after)
-        if taken:
+        if taken or redeemed:
             result.points_redeemed = taken
             result.redeemed_minor = redeemed
+        if op == L.OP_REFUND or op == L.OP_REVERSAL:
+            result.original_seq = L.JOURNAL_TAIL.unpack_from(entry)[3]
+            result.refund_complete = bool(flags & L.UNDO_COMPLETE)
         if promotion_id:
             if op == L.OP_TOP_UP:
                 result.promotion_id = promotion_id
@@ -262,7 +265,7 @@ class CardService(pb_grpc.CardServiceServicer):
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
-            "CheckEntitlement", "ExchangePoints", "RedeemGift")}
+            "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -393,6 +396,12 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def RedeemGift(self, request, context):
         return await self._unary("RedeemGift", self.operations.redeem_gift_op, request, context)
+
+    async def Refund(self, request, context):
+        return await self._unary("Refund", self.operations.refund_op, request, context)
+
+    async def Reverse(self, request, context):
+        return await self._unary("Reverse", self.operations.reverse_op, request, context)
 
     async def SellPackage(self, request, context):
         return await self._unary("SellPackage", self.operations.sell_package_op, request, context)

@@ -127,6 +127,16 @@ def server(start_server) -> ServerProcess:
     return start_server()
 
 
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "programs")
+
+
+@pytest.fixture
+def cafe(start_server) -> ServerProcess:
+    """A server running the example cafe program."""
+    return start_server("--program", os.path.join(EXAMPLES, "cafe.toml"))
+
+
 class Client:
     """The calls a till makes, with exact arguments; raises grpc.RpcError on refusals."""
 

@@ -21,6 +21,16 @@ edge_money = st.one_of(st.integers(1, 100_000), st.integers(1, INT64_MAX),
                        st.sampled_from([1, INT64_MAX, INT64_MAX - 1, 1 << 62]))
 
 
+def agree(program: bytes, batch: tuple, ts_us: int, first_seq: int) -> None:
+    """The kernel and the reference give the same outputs on ``batch`` (ops, slots, records,
+    program states, lines, item slots, items)."""
+    ops, slots, recs, exts, lines, islots, items = batch
+    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts,
+                    islots, items) == \
+        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts,
+                 islots, items)
+
+
 @st.composite
 def programs(draw):
     codes = draw(st.lists(st.sampled_from([1, 2, 5, 63]), max_size=4, unique=True))
@@ -199,11 +209,7 @@ def batches(draw):
                 card_bytes(principal=INT64_MAX, points=300), bytes(128), b"", [L.SLOT_NONE], b""),
          ts_us=T0, first_seq=1)
 def test_kernel_equals_reference_on_card_programs(program, batch, ts_us, first_seq):
-    ops, slots, recs, exts, lines, cslots, coupons = batch
-    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts,
-                    cslots, coupons) == \
-        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, first_seq, lines, exts,
-                 cslots, coupons)
+    agree(program, batch, ts_us, first_seq)
 
 
 @pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
@@ -246,11 +252,7 @@ def coupon_batches(draw):
 @settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=coupon_batches(), ts_us=st.sampled_from([T0, T0 + 1]))
 def test_kernel_equals_reference_on_coupons(program, batch, ts_us):
-    ops, slots, recs, exts, lines, cslots, coupons = batch
-    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
-                    cslots, coupons) == \
-        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
-                 cslots, coupons)
+    agree(program, batch, ts_us, 1)
 
 
 @st.composite
@@ -289,11 +291,7 @@ def package_batches(draw):
 @settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=package_batches(), ts_us=st.sampled_from([T0, T0 + 1]))
 def test_kernel_equals_reference_on_packages(program, batch, ts_us):
-    ops, slots, recs, exts, lines, islots, items = batch
-    assert run_full(kernel.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
-                    islots, items) == \
-        run_full(reference.apply_batch, program, ops, slots, recs, ts_us, 1, lines, exts,
-                 islots, items)
+    agree(program, batch, ts_us, 1)
 
 
 @st.composite
@@ -330,8 +328,68 @@ def points_batches(draw):
 @settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=points_batches())
 def test_kernel_equals_reference_on_exchanges_and_gifts(program, batch):
-    ops, slots, recs, exts, lines, islots, items = batch
-    assert run_full(kernel.apply_batch, program, ops, slots, recs, T0, 1, lines, exts,
-                    islots, items) == \
-        run_full(reference.apply_batch, program, ops, slots, recs, T0, 1, lines, exts,
-                 islots, items)
+    agree(program, batch, T0, 1)
+
+
+@st.composite
+def undo_records(draw):
+    """What a refund or reversal reads of its original (layout.UNDO): none, a purchase's or a
+    top-up's figures (refunded in part, in full, or reversed), or another operation's."""
+    if draw(st.integers(0, 6)) == 0:
+        return bytes(L.UNDO.size)
+    kind = draw(st.sampled_from([L.OP_PURCHASE, L.OP_PURCHASE, L.OP_TOP_UP, L.OP_OPEN,
+                                 L.OP_REFUND]))
+    principal = draw(st.sampled_from([0, 1, 2_500, 99_999, INT64_MAX // 4]))
+    bonus = draw(st.sampled_from([0, 1, 700, 33_333]))
+    redeemed_fen = draw(st.sampled_from([0, 0, 3, 500])) if kind == L.OP_PURCHASE else 0
+    paid = principal + bonus + redeemed_fen
+    refunded = min(draw(st.sampled_from([0, 0, 1, paid // 3, paid])), paid)
+    return L.UNDO.pack(1, draw(st.sampled_from([0, 0, 0, L.UNDO_REVERSED])), kind,
+                       draw(st.integers(0, 3)), draw(st.integers(0, 3)),
+                       draw(st.sampled_from([0, 1, 2, 7, 40])), refunded, paid, principal, bonus,
+                       draw(st.sampled_from([0, 7, 500, INT64_MAX // 2])),
+                       draw(st.sampled_from([0, 1, 120, 10**6])), 0)
+
+
+@st.composite
+def undo_batches(draw):
+    """Refunds of any amount (0: all that is left) and reversals of undo records, two sharing
+    one, on cards of every kind (short of points or money, inactive, a tier above the one the
+    original reached), between purchases and top-ups that move the same cards."""
+    nslots = draw(st.integers(1, 3))
+    recs = b"".join(draw(st.lists(cards(), min_size=nslots, max_size=nslots)))
+    exts = b"".join(draw(st.lists(extras(), min_size=nslots, max_size=nslots)))
+    undos = draw(st.lists(undo_records(), min_size=1, max_size=3))
+    ops, slots, islots = [], [], []
+    for i in range(draw(st.integers(1, 10))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        kind = draw(st.sampled_from([L.OP_REFUND, L.OP_REFUND, L.OP_REVERSAL, L.OP_REVERSAL,
+                                     L.OP_PURCHASE, L.OP_TOP_UP]))
+        islot = L.SLOT_NONE
+        amount = draw(st.one_of(st.integers(1, 300_000), st.sampled_from([1, INT64_MAX])))
+        if kind in (L.OP_REFUND, L.OP_REVERSAL):
+            islot = draw(st.integers(0, len(undos) - 1))
+            amount = draw(st.sampled_from([0, 0, 0, 1, 100, 2_500, 10**6, -1]))
+            if kind == L.OP_REVERSAL and draw(st.integers(0, 4)):
+                amount = 0  # as the writer sends it
+        islots.append(islot)
+        ops.append(op_bytes(kind, amount, card=bytes([slots[-1]]) * 16,
+                            tag=i.to_bytes(8, "little"), link_seq=draw(st.integers(0, 50)),
+                            pin_flags=L.PIN_OPTIONAL_UNSET))
+    return b"".join(ops), slots, recs, exts, b"", islots, b"".join(undos)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=undo_batches(), ts_us=st.sampled_from([T0, T0 + 1]),
+       first_seq=st.integers(1, 2**40))
+def test_kernel_equals_reference_on_refunds_and_reversals(program, batch, ts_us, first_seq):
+    agree(program, batch, ts_us, first_seq)
+
+
+@pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
+def test_an_undo_record_refunded_past_its_amount_stops_the_batch(impl):
+    program = rules.DEFAULT_PROGRAM.packed(1)
+    broken = L.UNDO.pack(1, 0, L.OP_PURCHASE, 0, 0, 0, 101, 100, 100, 0, 0, 0, 0)
+    with pytest.raises(ValueError):
+        run_full(impl, program, op_bytes(L.OP_REFUND, 1), [0], card_bytes(), coupon_slots=[0],
+                 coupons=broken)

@@ -12,24 +12,17 @@ import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import (Admin, Client, bearer, failure_of, journal_entries, new_card_number, rid,
-                      sent_at, verify)
+from conftest import (EXAMPLES, Admin, Client, bearer, failure_of, journal_entries,
+                      new_card_number, rid, sent_at, verify)
 from test_programs import load
 
 R = cpb.Reason
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "examples", "programs")
 DRINKS, FOOD, MERCH = 1, 2, 3
 
 
 def example(name: str) -> str:
     with open(os.path.join(EXAMPLES, f"{name}.toml"), encoding="utf-8") as f:
         return f.read()
-
-
-@pytest.fixture
-def cafe(start_server):
-    return start_server("--program", os.path.join(EXAMPLES, "cafe.toml"))
 
 
 def purchase(number: str, *lines, redeem: int = 0, request_id: str | None = None,

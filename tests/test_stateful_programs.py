@@ -3,10 +3,12 @@
 The sibling of ``test_stateful``, on a server running a program with top-up promotions (a
 fixed bonus limited per card, a capped percentage, a first top-up's), a bonus bucket spent
 first, points redemption capped at half the bill, a coupon bought with points or given by an
-operator, a count package, and a tier reached by spend or by one top-up. The model writes each
-rule out plainly (``rules`` has the few formulas it shares); after every step the server's
-answer and every card (balances, tier, lifetime paid, coupons, packages) must match it, and
-``cardcore verify`` must find the journal clean at the end of each run.
+operator, a count package, and a tier reached by spend or by one top-up; and money that goes
+back: refunds of sales (all, or part of what is left) and reversals of sales and top-ups by
+request id, some of them before the request arrives. The model writes each rule out plainly
+(``rules`` has the few formulas it shares); after every step the server's answer and every card
+(balances, tier, lifetime paid, coupons, packages) must match it, and ``cardcore verify`` must
+find the journal clean at the end of each run.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from cardcore import rules
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, ServerProcess, bearer, failure_of, new_card_number, sent_at, verify
+from conftest import Client, ServerProcess, bearer, failure_of, new_card_number, rid, sent_at, verify
 
 R = cpb.Reason
 PROGRAM = """
@@ -104,6 +106,7 @@ class ModelCard:
     coupons: dict = dataclasses.field(default_factory=dict)   # serial -> used
     packages: dict = dataclasses.field(default_factory=dict)  # serial -> uses left
 
+
     def upgrade_by_spend(self) -> None:
         if self.tier == 0 and self.lifetime >= SILVER_SPEND:
             self.tier = 1
@@ -134,6 +137,36 @@ amounts = st.one_of(st.integers(1, 60_000), st.sampled_from([1, 9999, 10000, 499
                                                              100000, 400000]))
 
 
+@dataclasses.dataclass
+class Sale:
+    """What the model keeps of an applied purchase or top-up, for refunds and reversals."""
+    number: str
+    request_id: str
+    seq: int
+    kind: int                 # OPERATION_TYPE_PURCHASE or _TOP_UP
+    principal: int            # taken (purchase) or added (top-up)
+    bonus: int
+    redeemed_points: int = 0
+    earned_points: int = 0
+    paid: int = 0             # purchase: principal + bonus + the points' fen; top-up: amount
+    refunded: int = 0
+    reversed: bool = False
+    coupon: int = 0           # the coupon serial it used
+    tier: int = 0
+    tier_after: int = 0
+    promotion: int = 0
+
+
+def pick(data, items: list):
+    """One of ``items`` by its position: the list's order is the model's (deterministic), its
+    values are the server's (serials, seqs, random card numbers), which differ between runs."""
+    return items[data.draw(st.integers(0, len(items) - 1))]
+
+
+def share(x: int, sale: Sale, before: int, after: int) -> int:
+    return rules.undo_share(x, sale.paid, before, after) if sale.paid else (x if not before else 0)
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stateful-programs")
@@ -157,6 +190,7 @@ class Programs(RuleBasedStateMachine):
         self.client = Client(self.server.stub)
         self.stub = self.server.stub
         self.model: dict[str, ModelCard] = {}
+        self.sales: list[Sale] = []
 
     def call(self, method, request, reason, metadata=None):
         """The reply of an applied request, or None after checking the refusal's reason."""
@@ -182,7 +216,8 @@ class Programs(RuleBasedStateMachine):
     def top_up(self, number, amount):
         card = self.model[number]
         pid, bonus = bonus_for(card, amount)
-        reply = self.client.top_up(number, amount, str(uuid.uuid4()))
+        request_id = str(uuid.uuid4())
+        reply = self.client.top_up(number, amount, request_id)
         assert (reply.promotion_id, reply.bonus_delta_minor) == (pid, bonus)
         card.principal += amount
         card.bonus += bonus
@@ -192,6 +227,9 @@ class Programs(RuleBasedStateMachine):
         if amount >= SILVER_TOP_UP:
             card.tier = 1
         assert (reply.tier, reply.tier_after) == (tier, card.tier)
+        self.sales.append(Sale(number, request_id, reply.seq, cpb.OPERATION_TYPE_TOP_UP, amount,
+                               bonus, paid=amount, tier=tier, tier_after=card.tier,
+                               promotion=pid))
 
     @rule(number=cards, gross=st.one_of(st.integers(1, 20_000), amounts),
           redeem=st.sampled_from([0, 0, 50, 100, 250, 5000]),
@@ -229,11 +267,16 @@ class Programs(RuleBasedStateMachine):
         assert (reply.paid_minor, reply.coupon_off_minor, reply.points_redeemed,
                 reply.redeemed_minor, reply.points_earned, reply.tier) == (
             due, off, taken, redeemed, earned, card.tier)
+        from_bonus = min(due, card.bonus)
+        self.sales.append(Sale(number, request_id, reply.seq, cpb.OPERATION_TYPE_PURCHASE,
+                               due - from_bonus, from_bonus, taken, earned, due + redeemed,
+                               coupon=serial, tier=card.tier))
         card.points += earned - taken
         card.pay(due)
         if serial:
             card.coupons[serial] = True
         assert reply.tier_after == card.tier
+        self.sales[-1].tier_after = card.tier
 
     @rule(number=cards, with_points=st.booleans())
     def issue_coupon(self, number, with_points):
@@ -267,9 +310,9 @@ class Programs(RuleBasedStateMachine):
     @precondition(lambda self: any(card.packages for card in self.model.values()))
     @rule(data=st.data())
     def use_package(self, data):
-        number = data.draw(st.sampled_from(sorted(n for n, c in self.model.items() if c.packages)))
+        number = pick(data, [n for n, c in self.model.items() if c.packages])
         card = self.model[number]
-        serial = data.draw(st.sampled_from(sorted(card.packages)))
+        serial = pick(data, list(card.packages))
         left = card.packages[serial]
         request_id = str(uuid.uuid4())
         reply = self.call(self.stub.UseEntitlement, pb.UseEntitlementRequest(
@@ -278,6 +321,102 @@ class Programs(RuleBasedStateMachine):
             R.REASON_OK if left else R.REASON_PACKAGE_USED_UP)
         if reply is not None:
             card.packages[serial] = left - 1
+
+    # ---- money that goes back ------------------------------------------------------------
+
+    def give_back(self, card: ModelCard, sale: Sale, after: int) -> tuple[int, int, int, int]:
+        """Rule 12 from what was refunded to ``after``: (principal, bonus, points given back,
+        points taken back), applied to the model card."""
+        before = sale.refunded
+        p, b = share(sale.principal, sale, before, after), share(sale.bonus, sale, before, after)
+        back = share(sale.redeemed_points, sale, before, after)
+        take = min(share(sale.earned_points, sale, before, after), card.points + back)
+        card.principal += p
+        card.bonus += b
+        card.lifetime = max(card.lifetime - p - b, 0)
+        card.points += back - take
+        sale.refunded = after
+        return p, b, back, take
+
+    @precondition(lambda self: any(s.kind == cpb.OPERATION_TYPE_PURCHASE for s in self.sales))
+    @rule(data=st.data(), part=st.sampled_from([0, 0, 1, 999, 5000]))
+    def refund(self, data, part):
+        sale = pick(data, [s for s in self.sales if s.kind == cpb.OPERATION_TYPE_PURCHASE])
+        card = self.model[sale.number]
+        left = sale.paid - sale.refunded
+        amount = part or left
+        reason = (R.REASON_ALREADY_REVERSED if sale.reversed else
+                  R.REASON_REFUND_EXCEEDS_ORIGINAL if not 0 < amount <= left else R.REASON_OK)
+        request_id = rid()
+        reply = self.call(self.stub.Refund, pb.RefundRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=sale.number), original_seq=sale.seq, amount_minor=part,
+            till=till()), reason, metadata=bearer(self.server.admin_token))
+        if reply is None:
+            return
+        p, b, back, take = self.give_back(card, sale, sale.refunded + amount)
+        complete = sale.refunded == sale.paid
+        assert (reply.amount_minor, reply.principal_delta_minor, reply.bonus_delta_minor,
+                reply.points_earned, reply.points_redeemed, reply.refund_complete) == (
+            amount, p, b, back, take, complete)
+        if complete and sale.coupon:
+            card.coupons[sale.coupon] = False  # still valid: given back
+
+    @precondition(lambda self: self.sales)
+    @rule(data=st.data())
+    def reverse(self, data):
+        """A reversal by request id, as the till that sent it (the development namespace)."""
+        sale = pick(data, self.sales)
+        card = self.model[sale.number]
+        reason = R.REASON_OK
+        if (sale.kind == cpb.OPERATION_TYPE_TOP_UP and not sale.reversed
+                and (card.principal < sale.principal or card.bonus < sale.bonus)):
+            reason = R.REASON_INSUFFICIENT_FUNDS
+        request_id = rid()
+        reply = self.call(self.stub.Reverse, pb.ReverseRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=sale.number), original_request_id=sale.request_id,
+            till=till()), reason)
+        if reply is None:
+            return
+        if sale.reversed:  # reversed before: nothing moves
+            assert (reply.amount_minor, reply.principal_delta_minor, reply.bonus_delta_minor) == (
+                0, 0, 0)
+            return
+        if sale.kind == cpb.OPERATION_TYPE_PURCHASE:
+            left = sale.paid - sale.refunded
+            p, b, back, take = self.give_back(card, sale, sale.paid)
+            want = (left, p, b, back, take)
+            if sale.coupon:
+                card.coupons[sale.coupon] = False
+        else:
+            card.principal -= sale.principal
+            card.bonus -= sale.bonus
+            card.top_ups = max(card.top_ups - 1, 0)
+            if sale.promotion == 1:
+                card.fixed_uses = max(card.fixed_uses - 1, 0)
+            want = (sale.paid, -sale.principal, -sale.bonus, 0, 0)
+        assert (reply.amount_minor, reply.principal_delta_minor, reply.bonus_delta_minor,
+                reply.points_earned, reply.points_redeemed, reply.refund_complete) == (
+            *want, True)
+        if card.tier == sale.tier_after and sale.tier < card.tier:
+            card.tier = sale.tier  # the upgrade it made, undone
+        sale.reversed = True
+        assert (reply.original_seq, reply.tier_after) == (sale.seq, card.tier)
+
+    @rule(number=cards, gross=st.integers(1, 5000))
+    def reversed_before_it_arrives(self, number, gross):
+        """A till gives up on a purchase and reverses it before it reaches the server: the
+        reversal moves nothing, and the purchase, arriving then, is refused."""
+        late = rid()
+        request_id = rid()
+        reply = self.stub.Reverse(pb.ReverseRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=number), original_request_id=late, till=till()))
+        assert (reply.reason, reply.original_seq, reply.amount_minor) == (R.REASON_OK, 0, 0)
+        self.call(self.stub.Purchase, pb.PurchaseRequest(
+            request_id=late, client_time_us=sent_at(late), card=cpb.CardRef(card_number=number),
+            till=till(), gross_amount_minor=gross), R.REASON_REVERSED)
 
     @precondition(lambda self: self.model)
     @invariant()
@@ -294,7 +433,7 @@ class Programs(RuleBasedStateMachine):
 
 def test_random_program_operation_sequences_match_the_model(live):
     Programs.server = live
-    machine = settings(max_examples=15, stateful_step_count=30, deadline=None,
+    machine = settings(max_examples=40, stateful_step_count=40, deadline=None,
                        suppress_health_check=[HealthCheck.too_slow])(Programs)
     machine.TestCase().runTest()
     report = verify(live.data_dir)

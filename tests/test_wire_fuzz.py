@@ -340,7 +340,7 @@ def test_oversized_and_unknown_method_get_grpc_statuses(live, funded):
     # A batch of 17 MiB of empty operations: past the server's 16 MiB receive limit.
     answer = call_raw(live, "SubmitBatch", ld(1, b"") * (17 << 19))
     assert answer.code == C.RESOURCE_EXHAUSTED and "larger than max" in answer.details, answer
-    answer = call_raw(live, "Refund", valid_request("Purchase", funded, "wire-unknown-method"))
+    answer = call_raw(live, "NoSuchMethod", valid_request("Purchase", funded, "wire-unknown-method"))
     assert answer.code == C.UNIMPLEMENTED, answer
     assert ledger_counts(live) == before
     still_serving(live, funded)

@@ -1,0 +1,290 @@
+"""Money that goes back (rules 12 and 13 of cardcore.rules): refunds and reversals as a chain's
+accountant checks them, through the real ledger over LMDB on the example cafe program. Each
+test's docstring has the arithmetic; the figures asserted are the ones written there."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cardcore import layout as L
+from cardcore import rules
+from cardcore.verify import verify
+from test_card_programs import CAFE_DRINKS, CAFE_FOOD, Till, example, figures, line, lots_of
+from test_ledger import cid, key, op
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def cafe(tmp_path):
+    till = Till(str(tmp_path / "cafe"), example("cafe"))
+    yield till
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+def seq_of(outcome) -> int:
+    return L.JOURNAL.unpack(outcome.entry)[7]
+
+
+def refund(till: Till, number: str, original_seq: int, amount: int = 0):
+    return till.apply(refund_op(till, number, original_seq, amount))[0]
+
+
+def refund_op(till: Till, number: str, original_seq: int, amount: int = 0):
+    return op(till.rid(), L.OP_REFUND, number, amount, at=till.at + 1, link_seq=original_seq)
+
+
+def reverse_op(till: Till, number: str, original_id: str, request_id: str | None = None):
+    return op(request_id or till.rid(), L.OP_REVERSAL, number, 0, at=till.at + 1,
+              original_key=key(original_id))
+
+
+def undo_flags(outcome) -> int:
+    return L.JOURNAL_PURCHASE_FLAGS.unpack_from(outcome.entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+
+
+def a_sale(till: Till, number: str):
+    """A cafe card topped up with 300.00 (the welcome bonus: 20.00), then a sale of food 80.00
+    and drinks 40.00 at standard (100 %): bonus first, so 20.00 bonus and 100.00 principal;
+    120 points earned."""
+    till.open(number)
+    till.top_up(number, 30000)
+    sale = till.buy(number, line(CAFE_FOOD, 8000), line(CAFE_DRINKS, 4000))
+    f = figures(sale)
+    assert (f["principal"], f["bonus"], f["points"]) == (-10000, -2000, 120)
+    return sale
+
+
+def test_a_sale_refunded_in_two_parts_gives_each_bucket_back_exactly(cafe):
+    """Refund 30.00 of the 120.00 sale: a quarter of each figure, floored: principal 25.00,
+    bonus 5.00, 30 of the 120 points taken back. Refund the rest (amount 0): principal 75.00,
+    bonus 15.00, 90 points; the card is back at 300.00 + 20.00 and 0 points, lifetime paid 0.
+    A third refund finds nothing left: REFUND_EXCEEDS_ORIGINAL, 0 available."""
+    number = "6225880000000501"
+    sale = a_sale(cafe, number)
+    first = refund(cafe, number, seq_of(sale), 3000)
+    f = figures(first)
+    assert (first.reason, f["amount"], f["principal"], f["bonus"], f["points"], f["taken"]) == (
+        L.R_OK, 3000, 2500, 500, -30, 30)
+    assert not undo_flags(first) & L.UNDO_COMPLETE
+    assert L.JOURNAL.unpack(first.entry)[28] == seq_of(sale)  # the link to the sale
+    rest = refund(cafe, number, seq_of(sale))
+    f = figures(rest)
+    assert (f["amount"], f["principal"], f["bonus"], f["points"]) == (9000, 7500, 1500, -90)
+    assert undo_flags(rest) & L.UNDO_COMPLETE
+    assert cafe.card(number) == dict(tier=0, principal=30000, bonus=2000, points=0, lifetime=0)
+    more = refund(cafe, number, seq_of(sale), 1)
+    assert (more.reason, more.available_minor) == (L.R_REFUND_EXCEEDS_ORIGINAL, 0)
+
+
+def test_points_a_sale_redeemed_come_back_and_points_it_earned_go(cafe):
+    """600.00 of food earns 600 points. A 10.00 drink offering 500 points: the cap is half the
+    bill, 5.00, so the 500 points pay 5.00 and the card 5.00, earning 5 points: 600 - 500 + 5 =
+    105. Its full refund gives back the card's 5.00 and the 500 points and takes the 5: 600
+    points again, in lots that still add up to them."""
+    number = "6225880000000502"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    cafe.buy(number, line(CAFE_FOOD, 60000))
+    sale = cafe.buy(number, line(CAFE_DRINKS, 1000), redeem=500)
+    assert (figures(sale)["taken"], cafe.card(number)["points"]) == (500, 105)
+    back = refund(cafe, number, seq_of(sale))
+    f = figures(back)
+    assert (f["amount"], f["principal"] + f["bonus"], f["taken"], f["redeemed"], f["points"]) == (
+        1000, 500, 5, 500, 495)
+    assert cafe.card(number)["points"] == 600
+    assert sum(left for left, _ in lots_of(cafe, number).values()) == 600
+
+
+def test_a_fully_refunded_sale_gives_its_coupon_back_a_partial_one_does_not(cafe):
+    """A free-drink coupon (given by an operator) takes the 30.00 drink off a basket with 20.00
+    of food: the sale costs 20.00. Refunding 10.00 leaves the coupon used; refunding the other
+    10.00 gives it back, issued and usable again."""
+    number = "6225880000000503"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    serial = seq_of(cafe.issue(number, 1))
+    sale = cafe.buy(number, line(CAFE_FOOD, 2000), line(CAFE_DRINKS, 3000), coupon=serial)
+    assert (figures(sale)["discount"], figures(sale)["principal"] + figures(sale)["bonus"]) == (
+        3000, -2000)
+
+    def state():
+        return {c[6]: c[1] for c in cafe.ledger.read_coupons(cid(number))}[serial]
+
+    refund(cafe, number, seq_of(sale), 1000)
+    assert state() == L.COUPON_USED
+    refund(cafe, number, seq_of(sale))
+    assert state() == L.COUPON_ISSUED
+    again = cafe.buy(number, line(CAFE_DRINKS, 3000), line(CAFE_FOOD, 100), coupon=serial)
+    assert (again.reason, figures(again)["discount"]) == (L.R_OK, 3000)
+
+
+def test_what_cannot_be_refunded_is_refused_and_changes_nothing(cafe):
+    """A top-up, a refund, another card's sale, a sequence never written: each refused with its
+    reason; 200.00 of a 120.00 sale: REFUND_EXCEEDS_ORIGINAL with 120.00 available."""
+    number, other = "6225880000000504", "6225880000000505"
+    sale = a_sale(cafe, number)
+    cafe.open(other)
+    top_up = cafe.top_up(other, 5000)
+    before = (cafe.card(number), cafe.card(other))
+    assert refund(cafe, other, seq_of(top_up)).reason == L.R_NOT_REFUNDABLE
+    assert refund(cafe, other, seq_of(sale)).reason == L.R_ORIGINAL_NOT_FOUND
+    assert refund(cafe, number, 10**9).reason == L.R_ORIGINAL_NOT_FOUND
+    over = refund(cafe, number, seq_of(sale), 20000)
+    assert (over.reason, over.available_minor) == (L.R_REFUND_EXCEEDS_ORIGINAL, 12000)
+    assert (cafe.card(number), cafe.card(other)) == before
+    part = refund(cafe, number, seq_of(sale), 100)
+    assert refund(cafe, number, seq_of(part)).reason == L.R_NOT_REFUNDABLE
+
+
+def test_two_refunds_of_one_sale_in_one_group_never_exceed_it(cafe):
+    """Two refunds of 70.00 of the 120.00 sale in the same group: the first gives back 70.00,
+    the second is refused with 50.00 left."""
+    number = "6225880000000506"
+    sale = a_sale(cafe, number)
+    first, second = cafe.apply(refund_op(cafe, number, seq_of(sale), 7000),
+                               refund_op(cafe, number, seq_of(sale), 7000))
+    assert first.reason == L.R_OK
+    assert (second.reason, second.available_minor) == (L.R_REFUND_EXCEEDS_ORIGINAL, 5000)
+
+
+def test_a_refund_in_the_same_group_as_its_sale_sees_it(cafe):
+    number = "6225880000000507"
+    cafe.open(number)
+    cafe.top_up(number, 30000)
+    sale_op = cafe.purchase(number, line(CAFE_FOOD, 5000))
+    sale_seq = cafe.ledger.next_seq
+    sale, back = cafe.apply(sale_op, refund_op(cafe, number, sale_seq))
+    assert (seq_of(sale), back.reason, figures(back)["amount"]) == (sale_seq, L.R_OK, 5000)
+
+
+def test_a_reversal_undoes_a_sale_and_the_upgrade_it_made(cafe):
+    """Cafe silver at 1000.00 spent. Two top-ups of 900.00 (no gold; each gets "top up 500 get
+    50": 100.00 bonus in all), then a sale of 1000.00 lifts the card to silver; its reversal
+    gives the 1000.00 back as it was taken (bonus first: 100.00 bonus, 900.00 principal), takes
+    the 1000 points, and the card is standard again with lifetime paid 0. A second reversal of
+    the same request (another id) moves nothing."""
+    number = "6225880000000508"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    cafe.top_up(number, 90000)
+    sale = cafe.buy(number, line(CAFE_FOOD, 100000), request_id="sale-1")
+    assert figures(sale)["tier_after"] == 1
+    before_sale = dict(tier=0, principal=180000, bonus=10000, points=0, lifetime=0)
+    (undone,) = cafe.apply(reverse_op(cafe, number, "sale-1"))
+    f = figures(undone)
+    assert (undone.reason, f["amount"], f["principal"], f["bonus"], f["points"], f["tier"],
+            f["tier_after"]) == (L.R_OK, 100000, 90000, 10000, -1000, 1, 0)
+    assert undo_flags(undone) & L.UNDO_COMPLETE
+    assert cafe.card(number) == before_sale
+    (again,) = cafe.apply(reverse_op(cafe, number, "sale-1"))
+    assert again.reason == L.R_OK and not any(figures(again)[k] for k in (
+        "amount", "principal", "bonus", "points"))
+    assert cafe.card(number) == before_sale
+    assert refund(cafe, number, seq_of(sale)).reason == L.R_ALREADY_REVERSED
+
+
+def test_a_reversed_top_up_takes_back_its_bonus_and_its_promotion(cafe):
+    """The first top-up of 300.00 gets the welcome bonus 20.00; reversed, the card is empty
+    again and has never been topped up, so the next top-up gets the welcome bonus again."""
+    number = "6225880000000509"
+    cafe.open(number)
+    first = cafe.apply(op("first", L.OP_TOP_UP, number, 30000, at=cafe.at + 1))[0]
+    assert figures(first)["bonus"] == 2000
+    (undone,) = cafe.apply(reverse_op(cafe, number, "first"))
+    assert (figures(undone)["principal"], figures(undone)["bonus"]) == (-30000, -2000)
+    assert cafe.card(number) == dict(tier=0, principal=0, bonus=0, points=0, lifetime=0)
+    assert figures(cafe.top_up(number, 30000))["bonus"] == 2000
+
+
+def test_a_top_up_already_spent_cannot_be_reversed(cafe):
+    number = "6225880000000510"
+    cafe.open(number)
+    cafe.apply(op("load", L.OP_TOP_UP, number, 30000, at=cafe.at + 1))
+    cafe.buy(number, line(CAFE_FOOD, 25000))
+    (refused,) = cafe.apply(reverse_op(cafe, number, "load"))
+    assert refused.reason == L.R_INSUFFICIENT_FUNDS
+
+
+def test_a_reversal_before_its_request_leaves_a_tombstone(cafe):
+    """A terminal times out on request "late" and reverses it before the request reaches the
+    writer: the reversal applies and moves nothing; the request, arriving then (and on every
+    retry), is refused with REVERSED and changes nothing."""
+    number = "6225880000000511"
+    cafe.open(number)
+    cafe.top_up(number, 30000)
+    before = cafe.card(number)
+    (tomb,) = cafe.apply(reverse_op(cafe, number, "late"))
+    assert tomb.reason == L.R_OK and L.JOURNAL.unpack(tomb.entry)[28] == 0
+    late = cafe.purchase(number, line(CAFE_FOOD, 5000), request_id="late")
+    assert cafe.apply(late)[0].reason == L.R_REVERSED
+    assert cafe.apply(late)[0].reason == L.R_REVERSED
+    assert cafe.card(number) == before
+
+
+def test_a_reversal_of_a_declined_request_moves_nothing(cafe):
+    number = "6225880000000512"
+    cafe.open(number)
+    sale = cafe.purchase(number, line(CAFE_FOOD, 5000), request_id="short")
+    assert cafe.apply(sale)[0].reason == L.R_INSUFFICIENT_FUNDS
+    (undone,) = cafe.apply(reverse_op(cafe, number, "short"))
+    assert undone.reason == L.R_OK and not figures(undone)["amount"]
+    assert cafe.apply(sale)[0].reason == L.R_INSUFFICIENT_FUNDS  # its own answer, replayed
+
+
+def test_a_reversal_after_the_window_is_refused(tmp_path):
+    """reversal_window_minutes = 30: a sale reversed 31 minutes later is refused."""
+    till = Till(str(tmp_path / "w"), "reversal_window_minutes = 30\n" + example("cafe"))
+    number = "6225880000000513"
+    till.open(number)
+    till.top_up(number, 30000)
+    sale = till.buy(number, line(CAFE_FOOD, 5000), request_id="old")
+    at = L.JOURNAL.unpack(sale.entry)[17] + 31 * 60_000_000  # the sale's time, 31 minutes on
+    (refused,) = till.apply(op(till.rid(), L.OP_REVERSAL, number, 0, at=at,
+                               original_key=key("old")), at=at)
+    assert refused.reason == L.R_REVERSAL_WINDOW_PASSED
+    assert verify(till.ledger)["ok"]
+    till.ledger.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_sale_and_its_reversal_in_any_order_leave_the_card_as_it_was(tmp_path, seed):
+    """A sale "s" and its reversal "r", each sent one to three times, in a random order, split
+    into random groups: whatever the order, the card ends as it started, the sale's every
+    answer is OK (it came before the reversal: then undone) or REVERSED (it came after), the
+    reversal's every answer is OK, and verify is clean."""
+    rng = random.Random(seed)
+    till = Till(str(tmp_path / f"o{seed}"), example("cafe"))
+    number = "6225880000000514"
+    till.open(number)
+    till.top_up(number, 30000)
+    start = till.card(number)
+    sale = till.purchase(number, line(CAFE_FOOD, 5000), request_id="s")
+    reversal = reverse_op(till, number, "s", request_id="r")
+    sends = [sale] * rng.randint(1, 3) + [reversal] * rng.randint(1, 3)
+    rng.shuffle(sends)
+    answers: dict[int, set[int]] = {L.OP_PURCHASE: set(), L.OP_REVERSAL: set()}
+    while sends:
+        take = rng.randint(1, len(sends))
+        group, sends = sends[:take], sends[take:]
+        for sent, outcome in zip(group, till.apply(*group)):
+            answers[sent.packed[0]].add(outcome.reason)
+    assert till.card(number) == start
+    assert answers[L.OP_REVERSAL] == {L.R_OK}
+    assert answers[L.OP_PURCHASE] in ({L.R_OK}, {L.R_REVERSED})
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()
+
+
+@given(x=st.integers(0, 10**12), paid=st.integers(1, 10**6), data=st.data())
+def test_the_shares_of_all_of_a_sales_refunds_add_up_to_each_figure(x, paid, data):
+    cuts = sorted(data.draw(st.lists(st.integers(0, paid), max_size=8)))
+    points = [0, *cuts, paid]
+    parts = [rules.undo_share(x, paid, a, b) for a, b in zip(points, points[1:])]
+    assert sum(parts) == x and min(parts) >= 0

@@ -1,0 +1,153 @@
+"""Refunds and reversals over gRPC against a real server on the example cafe program: the
+answers' fields, who may refund, a reversal before its request, batches, and verify."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import Client, bearer, failure_of, new_card_number, rid, sent_at, verify
+from test_service_programs import FOOD, purchase
+
+R = cpb.Reason
+
+
+def refund(number: str, original_seq: int, amount: int = 0, request_id: str | None = None):
+    request_id = request_id or rid()
+    return pb.RefundRequest(request_id=request_id, client_time_us=sent_at(request_id),
+                            card=cpb.CardRef(card_number=number), original_seq=original_seq,
+                            amount_minor=amount, till=cpb.Till(store_id=1, terminal_id=1))
+
+
+def reverse(number: str, original_request_id: str, request_id: str | None = None):
+    request_id = request_id or rid()
+    return pb.ReverseRequest(request_id=request_id, client_time_us=sent_at(request_id),
+                             card=cpb.CardRef(card_number=number),
+                             original_request_id=original_request_id,
+                             till=cpb.Till(store_id=1, terminal_id=1))
+
+
+def funded(client: Client) -> str:
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 30000)  # 300.00 and the welcome bonus 20.00
+    return number
+
+
+def test_a_refund_by_an_operator_answers_what_went_back_where(cafe):
+    """Sale: 120.00 of food (bonus first: 20.00 bonus, 100.00 principal; 120 points). A refund
+    of 30.00 by an operator: 25.00 principal and 5.00 bonus back, 30 points taken back; the
+    rest, then: refund_complete. Without an operator's token: OPERATOR_REQUIRED."""
+    client = Client(cafe.stub)
+    number = funded(client)
+    sale = cafe.stub.Purchase(purchase(number, (FOOD, 12000, 1, "")))
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.Refund(refund(number, sale.seq, 3000))
+    assert failure_of(err.value).reason == R.REASON_OPERATOR_REQUIRED
+    token = bearer(cafe.admin_token)
+    part = cafe.stub.Refund(refund(number, sale.seq, 3000), metadata=token)
+    assert (part.type, part.original_seq, part.amount_minor, part.principal_delta_minor,
+            part.bonus_delta_minor, part.points_redeemed, part.refund_complete) == (
+        cpb.OPERATION_TYPE_REFUND, sale.seq, 3000, 2500, 500, 30, False)
+    rest = cafe.stub.Refund(refund(number, sale.seq), metadata=token)
+    assert (rest.amount_minor, rest.refund_complete) == (9000, True)
+    card = client.card(number)
+    assert (card.balance.principal_minor, card.balance.bonus_minor, card.balance.points) == (
+        30000, 2000, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.Refund(refund(number, sale.seq, 1), metadata=token)
+    fail = failure_of(err.value)
+    assert (err.value.code(), fail.reason, fail.available_minor) == (
+        grpc.StatusCode.FAILED_PRECONDITION, R.REASON_REFUND_EXCEEDS_ORIGINAL, 0)
+    report = verify(cafe.data_dir)
+    assert report["ok"], report["problems"]
+
+
+def test_a_terminal_reverses_a_purchase_it_timed_out_on(cafe):
+    """The till sent purchase "p" and timed out; its reversal undoes it (the card as before,
+    original_seq naming the purchase), a retry of the reversal replays that answer, and the
+    purchase retried after it replays its own (applied, then reversed: the reversal says so)."""
+    client = Client(cafe.stub)
+    number = funded(client)
+    before = client.card(number).balance
+    sale_request = purchase(number, (FOOD, 5000, 1, ""), request_id=rid())
+    sale = cafe.stub.Purchase(sale_request)
+    request = reverse(number, sale_request.request_id)
+    undone = cafe.stub.Reverse(request)
+    assert (undone.type, undone.original_seq, undone.amount_minor, undone.refund_complete) == (
+        cpb.OPERATION_TYPE_REVERSAL, sale.seq, 5000, True)
+    assert client.card(number).balance == before
+    again = cafe.stub.Reverse(request)
+    assert again.replayed and again.seq == undone.seq
+    assert cafe.stub.Purchase(sale_request).seq == sale.seq  # replayed: it was applied
+
+
+def test_a_request_reversed_before_it_arrives_is_refused_then(cafe):
+    """Reversal first (nothing applied: original_seq 0, nothing moves), then the request: it is
+    refused with REASON_REVERSED (FAILED_PRECONDITION), in a batch too, and GetOperation says
+    so; the card never moved."""
+    client = Client(cafe.stub)
+    number = funded(client)
+    before = client.card(number).balance
+    late = purchase(number, (FOOD, 5000, 1, ""), request_id=rid())
+    tomb = cafe.stub.Reverse(reverse(number, late.request_id))
+    assert (tomb.original_seq, tomb.amount_minor, tomb.principal_delta_minor) == (0, 0, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.Purchase(late)
+    assert (err.value.code(), failure_of(err.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, R.REASON_REVERSED)
+    batch = cafe.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[pb.Operation(purchase=late)]))
+    assert batch.results[0].reason == R.REASON_REVERSED
+    asked = cafe.stub.GetOperation(pb.GetOperationRequest(request_id=late.request_id))
+    assert asked.result.reason == R.REASON_REVERSED
+    assert client.card(number).balance == before
+
+
+def test_refunds_and_reversals_in_a_batch(cafe):
+    """An operator's batch: a refund, the reversal of a top-up the operator made (its own
+    namespace: a reversal names its caller's own request), and a second reversal of it."""
+    client = Client(cafe.stub)
+    number = funded(client)
+    sale = cafe.stub.Purchase(purchase(number, (FOOD, 4000, 1, "")))
+    token = bearer(cafe.admin_token)
+    request_id = "t-" + rid()
+    topped = cafe.stub.TopUp(pb.TopUpRequest(
+        request_id=request_id, client_time_us=sent_at(request_id), amount_minor=1000,
+        card=cpb.CardRef(card_number=number), till=cpb.Till(store_id=1, terminal_id=1)),
+        metadata=token)
+    reply = cafe.stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
+        pb.Operation(refund=refund(number, sale.seq, 1000)),
+        pb.Operation(reverse=reverse(number, topped.request_id)),
+        pb.Operation(reverse=reverse(number, topped.request_id, request_id="r-" + rid()))]),
+        metadata=token)
+    first, second, third = reply.results
+    assert (first.reason, first.amount_minor, first.original_seq) == (R.REASON_OK, 1000, sale.seq)
+    assert (second.reason, second.principal_delta_minor, second.original_seq) == (
+        R.REASON_OK, -1000, topped.seq)
+    assert (third.reason, third.principal_delta_minor) == (R.REASON_OK, 0)  # reversed before
+    report = verify(cafe.data_dir)
+    assert report["ok"], report["problems"]
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("original_seq", 0, R.REASON_ORIGINAL_NOT_FOUND),
+    ("amount_minor", -1, R.REASON_INVALID_AMOUNT),
+])
+def test_a_malformed_refund_is_refused_before_the_writer(cafe, field, value, reason):
+    client = Client(cafe.stub)
+    number = funded(client)
+    request = refund(number, 5, 100)
+    setattr(request, field, value)
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.Refund(request, metadata=bearer(cafe.admin_token))
+    assert (failure_of(err.value).reason, failure_of(err.value).field) == (reason, field)
+
+
+def test_a_reversal_must_name_another_request(cafe):
+    client = Client(cafe.stub)
+    number = funded(client)
+    request = reverse(number, "same-id", request_id="same-id")
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.Reverse(request)
+    assert failure_of(err.value).field == "original_request_id"
