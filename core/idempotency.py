@@ -147,8 +147,9 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_POINTS_EXCHANGE: ("op", "pin_flags", "card_id", *_AT_THE_TILL),  # + points, in the extra
     L.OP_GIFT_REDEEM: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "ref_id"),  # ref_id: the gift
     L.OP_REFUND: _MONEY,    # link_seq: the sale refunded; amount 0: all that is left of it
-    # the request reversed: its key, in the extra payload (link_seq is the writer's to fill)
-    L.OP_REVERSAL: ("op", "card_id", *_AT_THE_TILL),
+    # the request reversed: its key, in the extra payload; ref_id: its client time (0: not
+    # given); link_seq and basket_tag are the writer's to fill
+    L.OP_REVERSAL: ("op", "card_id", *_AT_THE_TILL, "ref_id"),
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},

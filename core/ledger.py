@@ -106,6 +106,7 @@ DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK = 136  # layout.OP offset of link_seq
 UNDOERS = (L.OP_REFUND, L.OP_REVERSAL)
+_TOMBSTONE_WRITTEN = "written"  # a tombstone's state in a group, once a reversal of it applied
 _EXT_REVIEW = struct.Struct("<xB78xI")  # layout.CARD_EXT: flags (1), review_day (80)
 
 
@@ -722,7 +723,8 @@ class _Group:
         self.run: list[int] = []                # consecutive card operations for the kernel
         # refunds and reversals: op index -> (undone key or None, undo record, original entry)
         self.undo_of: dict[int, tuple] = {}
-        self.tombstones: dict[bytes, int] = {}  # request key reversed unseen -> the reversal's op
+        # a request key reversed unseen -> the reversals of it pending in the group, or WRITTEN
+        self.tombstones: dict[bytes, list[int] | str] = {}
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
 
@@ -776,8 +778,11 @@ class _Group:
                     outcomes[i] = Outcome(reason, False, kind, None)
                     continue
             if key and self.tombstones and key in self.tombstones:
-                outcomes[i] = Outcome(L.R_REVERSED, False, kind, None)  # reversed in this group
-                continue
+                if self.tombstones[key] != _TOMBSTONE_WRITTEN and self.run:
+                    self._flush_run()  # whether a reversal of it applied, before judging it
+                if self.tombstones.get(key) == _TOMBSTONE_WRITTEN:
+                    outcomes[i] = Outcome(L.R_REVERSED, False, kind, None)  # reversed earlier
+                    continue  # in this group: the tombstone is its request record
             if key:
                 idem = known.get(key)
                 if idem is not None:
@@ -876,8 +881,8 @@ class _Group:
         else:
             original = op.payload
             j = first_index.get(original)
-            if j is not None and self.run:
-                self._flush_run()
+            if (j is not None or original in self.tombstones) and self.run:
+                self._flush_run()  # the original, or a reversal of it, earlier in this group
             seq = 0
             if j is not None:
                 done = self.outcomes[j]
@@ -886,17 +891,29 @@ class _Group:
             elif original not in self.tombstones:
                 stored = txn.get(original, db=ledger.requests)
                 if stored is None:
-                    self.tombstones[original] = i
+                    # Never seen, or its record already pruned: only the first can be told.
+                    sent_us = _OP_REF.unpack_from(op.packed)[0]  # the original's time, if given
+                    if max(self.pruned_through_us, 0) >= (sent_us or self.ts - (
+                            self.admin.program.reversal_window_minutes * 60_000_000)):
+                        return L.R_REVERSAL_WINDOW_PASSED
+                    self.tombstones[original] = [i]  # written once a reversal of it applies
                 else:
                     _, _, reason, _, _, applied_seq = L.IDEM.unpack(stored)[:6]
                     seq = applied_seq if reason == L.R_OK else 0
-            op.packed = op.packed[:_OP_LINK] + _U64.pack(seq) + op.packed[_OP_LINK + 8:]
+            elif self.tombstones[original] != _TOMBSTONE_WRITTEN:
+                self.tombstones[original].append(i)
         entry = None
         if seq:
             entry = (self.entries[seq - self.first_seq] if self.first_seq <= seq < self.seq
                      else txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal))
-            if entry is not None and (entry[16:32] != op.card_id or entry[1] not in L.CARD_OPS):
+            if entry is None or entry[16:32] != op.card_id or entry[1] not in L.CARD_OPS:
+                if kind == L.OP_REVERSAL:  # applied, but not to this card: not this card's to undo
+                    return L.R_ORIGINAL_NOT_FOUND
                 entry = None
+        if kind == L.OP_REVERSAL:  # its link, and its basket (a basket's payment undone)
+            basket = _ENTRY_BASKET.unpack_from(entry)[0] if entry is not None else 0
+            op.packed = (op.packed[:_OP_LINK] + _U64.pack(seq) + op.packed[_OP_LINK + 8:152]
+                         + _U64.pack(basket) + op.packed[160:])
         if entry is None:
             self.undo_of[i] = (None, EMPTY_UNDO, None)
             return L.R_OK
@@ -1130,16 +1147,20 @@ class _Group:
         to refund (a refund: while it is valid); what is left to refund, for a refund that
         asked more (its available_minor)."""
         _, _, original = self.undo_of.pop(i)
-        if reason == L.R_REFUND_EXCEEDS_ORIGINAL:
-            refunded, paid = L.UNDO.unpack_from(items, slot * L.COUPON_SIZE)[6:8]
-            return paid - refunded
+        if reason == L.R_REFUND_EXCEEDS_ORIGINAL:  # what is left, as the kernel judged it
+            return L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[1]
+        pending = self.tombstones.get(op.payload) if op.packed[0] == L.OP_REVERSAL else None
+        if pending is not None and pending != _TOMBSTONE_WRITTEN and i in pending:
+            if reason == L.R_OK:  # the first reversal of it that applies writes the tombstone
+                self.tombstones[op.payload] = _TOMBSTONE_WRITTEN
+                self.idem_items.append((op.payload, record(
+                    L.OP_REVERSAL, L.R_REVERSED, bytes(16), 0, 0, self.ts, op.client_time_us)))
+            else:
+                pending.remove(i)
+                if not pending:  # every reversal of it declined: no tombstone after all
+                    del self.tombstones[op.payload]
         if reason != L.R_OK:
-            if self.tombstones.get(op.payload) == i:  # declined: no tombstone after all
-                del self.tombstones[op.payload]
             return 0
-        if self.tombstones.get(op.payload) == i:
-            self.idem_items.append((op.payload, record(L.OP_REVERSAL, L.R_REVERSED, bytes(16), 0,
-                                                       0, self.ts, op.client_time_us)))
         flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
         if original is None or original[1] != L.OP_PURCHASE or not flags & L.UNDO_COMPLETE:
             return 0

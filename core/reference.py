@@ -13,7 +13,7 @@ import struct
 from cardcore import layout as L
 from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, month_of, paid_minor,
                             points_earned, redemption, review_due, review_start, spend,
-                            undo_share)
+                            undo_money, undo_share)
 
 
 def _day(ts_us: int) -> int:
@@ -207,6 +207,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 amount = amount or paid - refunded  # 0: all that is left
                 if amount == 0 or amount > paid - refunded:
                     reason = L.R_REFUND_EXCEEDS_ORIGINAL
+                    redeemed = paid - refunded  # what is left, for the answer
                 else:
                     reason, figures = give_back(undo, card, refunded, refunded + amount)
                     if reason == L.R_OK:
@@ -419,11 +420,12 @@ def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, t
             return x if before == 0 else 0
         return undo_share(x, paid, before, after)
 
-    p, b, back, take = part(principal), part(bonus), part(redeemed), part(earned)
+    p, b = undo_money(principal, bonus, paid, before, after)
+    back, take = part(redeemed), part(earned)
     if card.principal + card.bonus + p + b > L.INT64_MAX or card.points + back > L.INT64_MAX:
         return L.R_AMOUNT_OVERFLOW, ()
     card.lifetime = max(card.lifetime - p - b, 0)
-    return L.R_OK, (p, b, min(take, card.points + back), back)
+    return L.R_OK, (p, b, min(take, card.points), back)
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,

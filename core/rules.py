@@ -90,10 +90,11 @@ checks they agree on every input):
    is left (0: all of it; more: REASON_REFUND_EXCEEDS_ORIGINAL with what is left). With T0
    the total refunded before and T1 = T0 + R, every figure of the sale goes back by its
    cumulative share ``share(x) = x * T1 // paid - x * T0 // paid`` (floor; the shares of all
-   of a sale's refunds add up to exactly x): principal and bonus go back to their buckets,
-   the points it redeemed come back (into today's lot), the points it earned are taken back
-   (oldest lots first; if the card no longer holds them, what it holds: points never go
-   below zero). Lifetime paid goes down by the money given back; the tier stays. The refund
+   of a sale's refunds add up to exactly x): its money (principal + bonus; exactly R when no
+   points paid), split between the buckets by the bonus's cumulative share of that money
+   (``undo_money``), goes back to principal and bonus; the points it redeemed come back (into
+   today's lot); the points it earned are taken back (oldest lots first; if the card holds
+   fewer, what it holds: points never go below zero). Lifetime paid goes down by the money given back; the tier stays. The refund
    that leaves nothing (T1 = paid) gives back the sale's coupon while it is still valid. A
    refund or reversal is never refunded (REASON_NOT_REFUNDABLE), nor a reversed sale
    (REASON_ALREADY_REVERSED).
@@ -474,6 +475,20 @@ def review_due(period_days: int, flags: int, review_day: int, today: int) -> boo
     program reviews tiers and the card is not tracked yet, or its period has ended."""
     return bool(period_days) and (not flags & L.REVIEW_STARTED
                                   or today >= review_day + period_days)
+
+
+def undo_money(principal: int, bonus: int, paid: int, before: int, after: int) -> tuple[int, int]:
+    """Rule 12: (principal, bonus) a sale's refunds from ``before`` to ``after`` (of ``paid``)
+    give back. The money is the sale's money's cumulative share, so a sale paid without points
+    gives back exactly what is asked; the bonus its share of that money, cumulatively, so both
+    buckets end exact and neither part is ever negative."""
+    money = principal + bonus
+    if paid:
+        m0, m1 = money * before // paid, money * after // paid
+    else:  # nothing was paid: all of it, once
+        m0, m1 = 0, 0 if before else money
+    b = bonus * m1 // money - bonus * m0 // money if money else 0
+    return m1 - m0 - b, b
 
 
 def undo_share(x: int, paid: int, before: int, after: int) -> int:

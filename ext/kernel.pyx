@@ -365,15 +365,27 @@ cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t bef
     """Rules 12 and 13: a purchase's buckets and points from ``before`` to ``after`` of its
     paid amount: fig[0] principal, fig[1] bonus, fig[2] points taken back, fig[3] points
     given back (fig untouched on a decline)."""
-    cdef int64_t p = share(undo.principal_minor, undo.paid_minor, before, after)
-    cdef int64_t b = share(undo.bonus_minor, undo.paid_minor, before, after)
+    cdef cc_i128 money = <cc_i128>undo.principal_minor + undo.bonus_minor
+    cdef cc_i128 m0 = money, m1 = money  # the money given back before, and after
+    cdef int64_t p, b
+    if undo.paid_minor:
+        m0, m1 = money * before // undo.paid_minor, money * after // undo.paid_minor
+    elif before:
+        m0 = m1 = 0
+    else:
+        m0 = 0
+    if money:  # the bonus's share of the money, cumulatively: exact at the end
+        b = <int64_t>(undo.bonus_minor * m1 // money - undo.bonus_minor * m0 // money)
+    else:
+        b = 0
+    p = <int64_t>(m1 - m0) - b
     cdef int64_t back = share(undo.points_redeemed, undo.paid_minor, before, after)
     cdef int64_t take = share(undo.points_earned, undo.paid_minor, before, after)
     if (<cc_i128>rec.principal_minor + rec.bonus_minor + p + b > INT64_MAX
             or rec.points > INT64_MAX - back):
         return R_AMOUNT_OVERFLOW
-    if take > rec.points + back:  # what the card still holds: points never go below zero
-        take = rec.points + back
+    if take > rec.points:  # what the card holds: points never go below zero
+        take = rec.points
     fig[0], fig[1], fig[2], fig[3] = p, b, take, back
     rec.lifetime_paid_minor = rec.lifetime_paid_minor - p - b if rec.lifetime_paid_minor > p + b else 0
     return R_OK
@@ -703,6 +715,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 amount = left  # all that is left
             if amount == 0 or amount > left:
                 reason = R_REFUND_EXCEEDS_ORIGINAL
+                fig[3] = left  # what is left, for the answer (a decline is never journaled)
             else:
                 reason = give_back(undo, rec, undo.refunded_minor, undo.refunded_minor + amount, g)
                 if reason == R_OK:
@@ -919,6 +932,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     out.client_time_us = op.client_time_us
     out.tier_after = rec.tier
     out.birth_month = <uint8_t>rec.birth_month
+    if reason == R_REFUND_EXCEEDS_ORIGINAL:
+        out.redeemed_minor = fig[3]
     if reason == R_OK:
         out.points_redeemed = fig[2]
         out.redeemed_minor = fig[3]

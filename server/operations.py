@@ -373,10 +373,13 @@ class Operations:
         original = request_id_bytes(req.original_request_id, "original_request_id")
         if original == rid:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "original_request_id")
+        if req.original_client_time_us < 0:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "original_client_time_us")
         card = self.swipes.card(req.card, req.till, caller)
         namespace = caller.namespace(card.terminal_id)
         return self._op(req, rid, at_us, L.OP_REVERSAL, card, caller,
-                        original_key=request_key(*namespace, original))
+                        original_key=request_key(*namespace, original),
+                        ref_id=req.original_client_time_us)
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

@@ -288,3 +288,74 @@ def test_the_shares_of_all_of_a_sales_refunds_add_up_to_each_figure(x, paid, dat
     points = [0, *cuts, paid]
     parts = [rules.undo_share(x, paid, a, b) for a, b in zip(points, points[1:])]
     assert sum(parts) == x and min(parts) >= 0
+
+
+def test_a_refund_takes_back_no_more_points_than_the_card_holds(cafe):
+    """600.00 of food earns 600 points. A 600.00 drink redeeming them (600 points = 6.00) pays
+    594.00 and earns 594 (and reaches silver). A 10.00 sale at silver (9.50) redeems 400 of
+    them (the cap: 4.75, whole blocks of 1.00) and earns 5: the card holds 199. The drink's
+    full refund gives back its 600 redeemed points and would take back its 594 earned: the
+    card holds 199, so 199 go, and it ends with 199 + 600 - 199 = 600 points, in lots that add
+    up to them (the rule takes the loss before the gain, so it never takes more than there)."""
+    number = "6225880000000515"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    cafe.top_up(number, 90000)
+    cafe.buy(number, line(CAFE_FOOD, 60000))
+    drink = cafe.buy(number, line(CAFE_DRINKS, 60000), redeem=600)
+    assert (figures(drink)["taken"], figures(drink)["points"]) == (600, 594 - 600)
+    cafe.buy(number, line(CAFE_FOOD, 1000), redeem=500)
+    assert cafe.card(number)["points"] == 199
+    back = refund(cafe, number, seq_of(drink))
+    f = figures(back)
+    assert (back.reason, f["taken"], f["points"], f["principal"]) == (L.R_OK, 199, 401, 59400)
+    assert cafe.card(number)["points"] == 600
+    assert sum(left for left, _ in lots_of(cafe, number).values()) == 600
+
+
+def test_a_part_refund_of_a_sale_paid_without_points_gives_back_exactly_what_is_asked(cafe):
+    """The 120.00 sale (100.00 principal, 20.00 bonus): refunds of 0.01, 0.05 and 0.07 give back
+    exactly 1, 5 and 7 fen (bonus by its share of the money given back, cumulatively: 0, 0, 1
+    ... never a negative part), and the rest ends every bucket exact."""
+    number = "6225880000000517"
+    sale = a_sale(cafe, number)
+    for fen in (1, 5, 7):
+        f = figures(refund(cafe, number, seq_of(sale), fen))
+        assert f["principal"] + f["bonus"] == fen and min(f["principal"], f["bonus"]) >= 0
+        assert f["redeemed"] == 0
+    refund(cafe, number, seq_of(sale))
+    assert cafe.card(number) == dict(tier=0, principal=30000, bonus=2000, points=0, lifetime=0)
+
+
+def test_a_reversal_naming_another_cards_request_is_refused(cafe):
+    number, other = "6225880000000518", "6225880000000519"
+    a_sale(cafe, number)
+    cafe.open(other)
+    sale = cafe.buy(number, line(CAFE_FOOD, 100), request_id="mine")
+    (refused,) = cafe.apply(reverse_op(cafe, other, "mine"))
+    assert refused.reason == L.R_ORIGINAL_NOT_FOUND
+    assert sale.reason == L.R_OK
+
+
+def test_a_declined_reversal_does_not_cost_a_later_one_its_tombstone(cafe):
+    """Two reversals of the unknown request "y" in one group, the first on a card that does not
+    exist (declined): the second applies and leaves the tombstone, so "y" is refused after."""
+    number = "6225880000000520"
+    cafe.open(number)
+    cafe.top_up(number, 30000)
+    first, second = cafe.apply(reverse_op(cafe, "6225880000000521", "y"),
+                               reverse_op(cafe, number, "y"))
+    assert (first.reason, second.reason) == (L.R_CARD_NOT_FOUND, L.R_OK)
+    late = cafe.purchase(number, line(CAFE_FOOD, 100), request_id="y")
+    assert cafe.apply(late)[0].reason == L.R_REVERSED
+
+
+def test_a_request_after_a_declined_reversal_in_its_group_applies(cafe):
+    """A reversal of unknown "z" that is declined (no such card), then "z" in the same group:
+    no tombstone was left, so "z" applies."""
+    number = "6225880000000522"
+    cafe.open(number)
+    cafe.top_up(number, 30000)
+    late = cafe.purchase(number, line(CAFE_FOOD, 100), request_id="z")
+    declined, applied = cafe.apply(reverse_op(cafe, "6225880000000523", "z"), late)
+    assert (declined.reason, applied.reason) == (L.R_CARD_NOT_FOUND, L.R_OK)

@@ -105,6 +105,7 @@ class ModelCard:
     fixed_uses: int = 0                                   # promotion 1's, limited to 2
     coupons: dict = dataclasses.field(default_factory=dict)   # serial -> used
     packages: dict = dataclasses.field(default_factory=dict)  # serial -> uses left
+    coupon_used_by: dict = dataclasses.field(default_factory=dict)  # serial -> the sale's seq
 
 
     def upgrade_by_spend(self) -> None:
@@ -275,6 +276,7 @@ class Programs(RuleBasedStateMachine):
         card.pay(due)
         if serial:
             card.coupons[serial] = True
+            card.coupon_used_by[serial] = reply.seq
         assert reply.tier_after == card.tier
         self.sales[-1].tier_after = card.tier
 
@@ -328,15 +330,23 @@ class Programs(RuleBasedStateMachine):
         """Rule 12 from what was refunded to ``after``: (principal, bonus, points given back,
         points taken back), applied to the model card."""
         before = sale.refunded
-        p, b = share(sale.principal, sale, before, after), share(sale.bonus, sale, before, after)
+        p, b = rules.undo_money(sale.principal, sale.bonus, sale.paid, before, after)
         back = share(sale.redeemed_points, sale, before, after)
-        take = min(share(sale.earned_points, sale, before, after), card.points + back)
+        take = min(share(sale.earned_points, sale, before, after), card.points)
         card.principal += p
         card.bonus += b
         card.lifetime = max(card.lifetime - p - b, 0)
         card.points += back - take
         sale.refunded = after
         return p, b, back, take
+
+    @staticmethod
+    def coupon_back(card: ModelCard, sale: Sale) -> None:
+        """The sale's coupon, issued again, if it is still the one this sale used (valid: the
+        program's coupons last 30 days)."""
+        if sale.coupon and card.coupon_used_by.get(sale.coupon) == sale.seq:
+            card.coupons[sale.coupon] = False
+            del card.coupon_used_by[sale.coupon]
 
     @precondition(lambda self: any(s.kind == cpb.OPERATION_TYPE_PURCHASE for s in self.sales))
     @rule(data=st.data(), part=st.sampled_from([0, 0, 1, 999, 5000]))
@@ -359,8 +369,8 @@ class Programs(RuleBasedStateMachine):
         assert (reply.amount_minor, reply.principal_delta_minor, reply.bonus_delta_minor,
                 reply.points_earned, reply.points_redeemed, reply.refund_complete) == (
             amount, p, b, back, take, complete)
-        if complete and sale.coupon:
-            card.coupons[sale.coupon] = False  # still valid: given back
+        if complete:
+            self.coupon_back(card, sale)
 
     @precondition(lambda self: self.sales)
     @rule(data=st.data())
@@ -387,8 +397,7 @@ class Programs(RuleBasedStateMachine):
             left = sale.paid - sale.refunded
             p, b, back, take = self.give_back(card, sale, sale.paid)
             want = (left, p, b, back, take)
-            if sale.coupon:
-                card.coupons[sale.coupon] = False
+            self.coupon_back(card, sale)
         else:
             card.principal -= sale.principal
             card.bonus -= sale.bonus
