@@ -37,6 +37,7 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/e2e.py --kernel-json bench/.kernel.json --out bench/results.json
 	$(PY) bench/programs.py --out bench/programs_results.json
 	$(PY) bench/refunds.py --out bench/refunds_results.json
+	$(PY) bench/history.py --out bench/history_results.json
 
 bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"

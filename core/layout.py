@@ -227,6 +227,11 @@ time a refund or reversal names it; rules 12 and 13)::
      48  i64 points_earned         points the purchase earned
      56  u64 reversal_seq          the reversal's entry; 0 until reversed
 
+Card history, LMDB ``card_entries`` (key: card id | u64 big-endian seq, one per journal entry
+of a card, written with it; value, 16 bytes: u8 op, 7 reserved, i64 ts_us): a card's entries
+newest first, filtered by type and time without reading the journal, in time independent of
+how many the card has.
+
 Card program state, v1, 128 bytes, LMDB ``card_ext`` value (key: card id); a card
 without one reads as all zeros (release 1 and ledger v2 cards)::
 
@@ -384,6 +389,8 @@ PACKAGE_DEF = struct.Struct("<HBxiIIq8x")
 PACKAGE = struct.Struct("<BBHIqqQQII16s")
 GIFT = struct.Struct("<BxHIq48s")     # a gift's stock record: version, id, given
 UNDO = struct.Struct("<BBBBBxHqqqqqqQ")  # what a refund or reversal can still undo of an entry
+CARD_ENTRY_KEY = struct.Struct(">16sQ")  # a card's history: card id, seq
+CARD_ENTRY = struct.Struct("<B7xq")      # its value: the entry's op and time
 UNDO_VERSION, UNDO_REVERSED = 1, 1
 GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.

@@ -24,8 +24,9 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     baskets       basket tag | seq (BE)   -> empty: a split-tender basket's card payments
     undone        seq (u64 big-endian)    -> what refunds and a reversal took back of that
                                              entry (64 B, layout.UNDO)
+    card_entries  card_id | seq (BE)      -> the entry's op and time: a card's history
 
-The last nine came with card programs and refunds: a writer that opens a ledger made
+The last ten came with card programs and refunds: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -57,7 +58,7 @@ from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore.ext import kernel
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
-                                  lines_digest,
+                                  entry_line_count, lines_digest,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
                                   Outcome, PendingOp, legacy_digest, legacy_key,
                                   pack_request_keys, record, repeat, unpack_request_keys,
@@ -75,14 +76,18 @@ MAX_DBS = 32
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
-            "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone")
+            "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
+            "card_entries")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
-                            "lots_by_day", "gift_stock", "baskets", "undone"))
+                            "lots_by_day", "gift_stock", "baskets", "undone", "card_entries"))
+HISTORY_PAGE_MAX = 100        # entries a history page holds at most
+HISTORY_SCAN_MAX = 10_000     # index entries one page looks at, at most (filters that match few)
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
 EMPTY_UNDO = bytes(L.UNDO.size)
+_ENTRY_TS = struct.Struct("<96xq")  # layout.JOURNAL: ts_us
 _UNDO_FIELDS = struct.Struct("<xBB29xq8xqqq")  # layout.JOURNAL: op, tier, amount, principal,
 # bonus and points deltas
 _CARD_HELD = 32  # layout.CARD offset of held_minor
@@ -153,6 +158,13 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
             records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
     return slots, [(getattr(ledger, name) if name else None, key) for name, key in keys], \
         bytearray(b"".join(records))
+
+
+def history_items(entries) -> list[tuple[bytes, bytes]]:
+    """The card history's items (``card_entries``) of journal entries: one per card entry."""
+    cards, key, value, ts = L.CARD_OPS, L.CARD_ENTRY_KEY.pack, L.CARD_ENTRY.pack, _ENTRY_TS
+    return [(key(e[16:32], _U64.unpack_from(e, L.JOURNAL_OFF_SEQ)[0]),
+             value(e[1], ts.unpack_from(e)[0])) for e in entries if e[1] in cards]
 
 
 def undo_record(entry: bytes) -> bytes:
@@ -354,6 +366,9 @@ class Ledger:
                                            total, *[0] * (2 * L.PROMOTION_SLOTS), 0, 0, 0, 0,
                                            bytes(24)))
                      for cid, (n, total) in sorted(counts.items())])
+            if "card_entries" in missing:  # every card's history, from the journal
+                txn.cursor(db=self.card_entries).putmulti(sorted(
+                    history_items(entry for _, entry in txn.cursor(db=self.journal))))
             if "points_lots" in missing:  # every point the cards hold, in the lot it was earned in
                 records = lots.rebuild(txn.cursor(db=self.journal)).records()
                 txn.cursor(db=self.points_lots).putmulti(sorted(records.items()))
@@ -584,6 +599,57 @@ class Ledger:
         if self.journal_lines is None:
             return b""
         return self._read(lambda txn: txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines)) or b""
+
+    def read_history(self, card_id: bytes, before_seq: int = 0, limit: int = 20,
+                     from_us: int = 0, to_us: int = 0,
+                     types: frozenset[int] = frozenset()) -> tuple[list[tuple[bytes, bytes]], int]:
+        """A card's journal entries, newest first: (up to ``limit`` of (entry, its lines), the seq
+        to ask ``before_seq`` next, 0 when there are no more). Only entries below ``before_seq``
+        (0: all), in ``[from_us, to_us)`` (0: open) and of ``types`` (empty: all), judged on the
+        card's history index; one page looks at HISTORY_SCAN_MAX index entries at most (then the
+        next page goes on from there)."""
+        assert 1 <= limit <= HISTORY_PAGE_MAX
+
+        def read(txn):
+            if self.card_entries is None:
+                return [], 0
+            cur = txn.cursor(db=self.card_entries)
+            start = L.CARD_ENTRY_KEY.pack(card_id, before_seq or (1 << 64) - 1)
+            found = cur.prev() if cur.set_range(start) else cur.last()  # the last below start
+            page, scanned, next_seq = [], 0, 0
+            while found:
+                key = cur.key()
+                if key[:L.CARD_ID_SIZE] != card_id:
+                    break
+                seq = L.CARD_ENTRY_KEY.unpack(key)[1]
+                if len(page) == limit or scanned == HISTORY_SCAN_MAX:
+                    next_seq = seq + 1  # the page ends above this one: ask below seq + 1
+                    break
+                scanned += 1
+                op, ts_us = L.CARD_ENTRY.unpack(cur.value())
+                if from_us and ts_us < from_us:
+                    break  # times never go back along the journal: nothing older is in range
+                if (not to_us or ts_us < to_us) and (not types or op in types):
+                    entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
+                    lines = (txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines) or b""
+                             if entry_line_count(entry) else b"")
+                    page.append((entry, lines))
+                found = cur.prev()
+            return page, next_seq
+
+        return self._read(read)
+
+    def read_entry(self, seq: int) -> tuple[bytes, bytes] | None:
+        """Journal entry ``seq`` and its lines, or None."""
+        def read(txn):
+            entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
+            if entry is None:
+                return None
+            lines = (txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines) or b""
+                     if entry_line_count(entry) else b"")
+            return entry, lines
+
+        return self._read(read)
 
     def read_operation(self, key: bytes) -> Outcome | None:
         """The original outcome of a request (its key: namespace and request_id), or None."""
@@ -1198,6 +1264,8 @@ class _Group:
                     L.REQUEST_TIME_KEY.pack(self.ts),
                     pack_request_keys([key for key, _ in self.idem_items]), append=True):
                 raise InvariantError("request time index append refused: time went back")
+        if self.entries:
+            txn.cursor(db=ledger.card_entries).putmulti(history_items(self.entries))
         if self.line_items:
             added, _ = txn.cursor(db=ledger.journal_lines).putmulti(
                 [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)

@@ -35,7 +35,8 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import issued_coupon, profile_month, sold_package, undo_record
+from cardcore.ledger import (history_items, issued_coupon, profile_month, sold_package,
+                             undo_record)
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
 from cardcore.rules import spend
@@ -83,6 +84,9 @@ def verify(ledger, problems_max: int = 50) -> dict:
                 if stored.get(k) != rebuilt.get(k):
                     problem(f"{name[:-1]} ...{k[:4].hex()}/{L.COUPON_KEY.unpack(k)[1]}: not what "
                             "the journal's entries for it make")
+        if ledger.card_entries is not None and dict(txn.cursor(db=ledger.card_entries)) != dict(
+                history_items(entry for _, entry in txn.cursor(db=ledger.journal))):
+            problem("the cards' history index does not name exactly the cards' journal entries")
         if ledger.undone is not None and dict(txn.cursor(db=ledger.undone)) != {
                 k: L.UNDO.pack(*v) for k, v in journal["undone"].items()}:
             problem("the undo records are not what the journal's refunds and reversals make")

@@ -16,10 +16,11 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
+from cardcore import cards
 from cardcore import layout as L
 from cardcore.ext import wire
 from cardcore.keyring import Keyring
-from cardcore.ledger import Ledger, Outcome, PendingOp
+from cardcore.ledger import HISTORY_PAGE_MAX, Ledger, Outcome, PendingOp
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
@@ -167,6 +168,19 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         replayed=outcome.replayed, type=outcome.op, failure=outcome_failure(outcome, pin_tries_max))
 
 
+_ENTRY_TILL = struct.Struct("<104xIIII")  # layout.JOURNAL: store, terminal, staff, operator
+
+
+def entry_result(entry: bytes, lines: bytes) -> pb.OperationResult:
+    """A journal entry as history and receipts show it: its result, with its till and operator
+    (a PIN-failed entry shows its type and no money)."""
+    result = result_of("", Outcome(L.R_OK, True, entry[1], entry, 0, 0, lines))
+    store, terminal, staff, operator = _ENTRY_TILL.unpack_from(entry)
+    result.till.store_id, result.till.terminal_id, result.till.staff_id = store, terminal, staff
+    result.operator_id = operator
+    return result
+
+
 def quote_response(entry: bytes, lines: bytes, rec: bytes, reason: int, show_balance: bool,
                    pin_tries_max: int) -> pb.QuoteResponse:
     """A Quote's answer from the kernel's dry run: the entry it would have journaled (or the
@@ -265,7 +279,8 @@ class CardService(pb_grpc.CardServiceServicer):
         self._call_seconds = {rpc: self.metrics.call_seconds.labels(rpc) for rpc in (
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
-            "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse")}
+            "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse",
+            "ListTransactions")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -396,6 +411,40 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def RedeemGift(self, request, context):
         return await self._unary("RedeemGift", self.operations.redeem_gift_op, request, context)
+
+    # ---- history ----------------------------------------------------------------
+
+    def _history_card(self, request, caller: Caller):
+        """The card a history read names: by its number, an operator in scope (or development
+        mode); a terminal's swipe is refused (history is the back office's)."""
+        card = self.operations.swipes.card(
+            request.card, request.till if request.HasField("till") else None, caller)
+        if card.ksn_counter:
+            raise Invalid(R.REASON_PERMISSION_DENIED, "card")
+        return card
+
+    async def ListTransactions(self, request, context):
+        started = time.perf_counter()
+        card = await self._parse(self._history_card, request, context)
+        if request.page_size > HISTORY_PAGE_MAX:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "page_size"))
+        for field in ("from_us", "to_us"):
+            if getattr(request, field) < 0:
+                await abort(context, failure(R.REASON_INVALID_ARGUMENT, field))
+        page, next_seq = self.ledger.read_history(
+            card.card_id, request.before_seq, request.page_size or 20, request.from_us,
+            request.to_us, frozenset(request.types))
+        answer = pb.ListTransactionsResponse(next_before_seq=next_seq)
+        answer.entries.extend(entry_result(entry, lines) for entry, lines in page)
+        self._call_seconds["ListTransactions"].observe(time.perf_counter() - started)
+        return answer
+
+    async def GetReceipt(self, request, context):
+        card = await self._parse(self._history_card, request, context)
+        found = self.ledger.read_entry(request.seq) if request.seq else None
+        if found is None or found[0][16:32] != card.card_id or found[0][1] not in L.CARD_OPS:
+            await abort(context, failure(R.REASON_ORIGINAL_NOT_FOUND, "seq"))
+        return pb.Receipt(result=entry_result(*found), masked_number=cards.mask(card.number))
 
     async def Refund(self, request, context):
         return await self._unary("Refund", self.operations.refund_op, request, context)

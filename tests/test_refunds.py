@@ -359,3 +359,4 @@ def test_a_request_after_a_declined_reversal_in_its_group_applies(cafe):
     late = cafe.purchase(number, line(CAFE_FOOD, 100), request_id="z")
     declined, applied = cafe.apply(reverse_op(cafe, "6225880000000523", "z"), late)
     assert (declined.reason, applied.reason) == (L.R_CARD_NOT_FOUND, L.R_OK)
+

@@ -1,0 +1,112 @@
+"""A card's history (``card_entries``, ``ListTransactions``) and receipts (``GetReceipt``):
+through the ledger and over gRPC, newest first, paged, by type and time, from an index kept
+with the journal."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from cardcore import layout as L
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from cardcore.ledger import Ledger
+from cardcore.verify import verify as verify_ledger
+from conftest import Client, failure_of, new_card_number, verify
+from test_card_programs import CAFE_FOOD, Till, example, line
+from test_ledger import cid
+from test_refunds import a_sale, seq_of
+from test_service_programs import FOOD, purchase
+
+R = cpb.Reason
+
+
+@pytest.fixture
+def till(tmp_path):
+    """A ledger on the cafe program (verified clean at the end)."""
+    t = Till(str(tmp_path / "cafe"), example("cafe"))
+    yield t
+    report = verify_ledger(t.ledger)
+    assert report["ok"], report["problems"]
+    t.ledger.close()
+
+
+def test_a_cards_history_pages_newest_first_by_type_and_time(till):
+    """Three cards' entries interleaved; one card's history, 2 a page: newest first, only its
+    own entries, every page continuing where the last stopped; by type (its purchases only)
+    and by time (from the second sale on)."""
+    number, other = "6225880000000530", "6225880000000531"
+    till.open(number)
+    till.open(other)
+    till.top_up(number, 30000)
+    sales = []
+    for k in range(4):
+        sales.append(seq_of(till.buy(number, line(CAFE_FOOD, 1000 + k))))
+        till.top_up(other, 100)
+    card = cid(number)
+    seen, before = [], 0
+    while True:
+        page, before = till.ledger.read_history(card, before, 2)
+        assert len(page) <= 2
+        seen.extend(L.JOURNAL.unpack(entry)[7] for entry, _ in page)
+        if not before:
+            break
+    journal = [L.JOURNAL.unpack(v) for _, v in till.ledger.dump()["journal"]]
+    assert seen == sorted((e[7] for e in journal if e[8] == card), reverse=True)
+    purchases, _ = till.ledger.read_history(card, 0, 10, types=frozenset({L.OP_PURCHASE}))
+    assert [L.JOURNAL.unpack(e)[7] for e, _ in purchases] == sales[::-1]
+    assert all(lines for _, lines in purchases)  # each with its lines
+    second_at = next(e[17] for e in journal if e[7] == sales[1])
+    later, _ = till.ledger.read_history(card, 0, 10, from_us=second_at,
+                                        types=frozenset({L.OP_PURCHASE}))
+    assert [L.JOURNAL.unpack(e)[7] for e, _ in later] == sales[:0:-1]
+
+
+def test_a_ledger_made_before_the_history_index_gets_it_from_its_journal(till):
+    number = "6225880000000532"
+    a_sale(till, number)
+    before, _ = till.ledger.read_history(cid(number), 0, 10)
+    path = till.ledger.path
+    with till.ledger.env.begin(write=True) as txn:
+        txn.drop(till.ledger.card_entries, delete=True)
+    till.ledger.close()
+    till.ledger = Ledger(path)
+    assert till.ledger.read_history(cid(number), 0, 10)[0] == before
+
+
+def test_history_and_receipts_over_grpc(cafe):
+    """Over gRPC (the cafe server, development mode): a card's history newest first with each
+    entry's till, by type, paged; a receipt of the sale with its lines and the masked number;
+    a receipt of another card's entry refused; a page size past 100 refused."""
+    client = Client(cafe.stub)
+    number = new_card_number()
+    client.open(number)
+    client.top_up(number, 30000)
+    sale = cafe.stub.Purchase(purchase(number, (FOOD, 1200, 2, "SKU-9")))
+    other = new_card_number()
+    client.open(other)
+    ref = cpb.CardRef(card_number=number)
+    page = cafe.stub.ListTransactions(pb.ListTransactionsRequest(card=ref, page_size=2))
+    assert [e.type for e in page.entries] == [cpb.OPERATION_TYPE_PURCHASE,
+                                              cpb.OPERATION_TYPE_TOP_UP]
+    assert page.entries[0].seq == sale.seq and page.entries[0].till.staff_id == 9
+    assert page.next_before_seq
+    rest = cafe.stub.ListTransactions(pb.ListTransactionsRequest(
+        card=ref, page_size=2, before_seq=page.next_before_seq))
+    assert [e.type for e in rest.entries] == [cpb.OPERATION_TYPE_OPEN_CARD]
+    assert rest.next_before_seq == 0
+    only = cafe.stub.ListTransactions(pb.ListTransactionsRequest(
+        card=ref, types=[cpb.OPERATION_TYPE_TOP_UP]))
+    assert [e.type for e in only.entries] == [cpb.OPERATION_TYPE_TOP_UP]
+    receipt = cafe.stub.GetReceipt(pb.GetReceiptRequest(card=ref, seq=sale.seq))
+    assert receipt.result.seq == sale.seq and receipt.result.paid_minor == sale.paid_minor
+    assert [(x.sku, x.quantity) for x in receipt.result.lines] == [("SKU-9", 2)]
+    assert receipt.masked_number == number[:6] + "*" * (len(number) - 10) + number[-4:]
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.GetReceipt(pb.GetReceiptRequest(card=cpb.CardRef(card_number=other),
+                                                  seq=sale.seq))
+    assert failure_of(err.value).reason == R.REASON_ORIGINAL_NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.ListTransactions(pb.ListTransactionsRequest(card=ref, page_size=101))
+    assert failure_of(err.value).field == "page_size"
+    report = verify(cafe.data_dir)
+    assert report["ok"], report["problems"]
