@@ -150,6 +150,7 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     # the request reversed: its key, in the extra payload; ref_id: its client time (0: not
     # given); link_seq and basket_tag are the writer's to fill
     L.OP_REVERSAL: ("op", "card_id", *_AT_THE_TILL, "ref_id"),
+    L.OP_CARD_STATUS: ("op", "tier", "card_id", *_AT_THE_TILL),  # tier: the status wanted
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},

@@ -486,7 +486,9 @@ OP_PROGRAM_LOADED, OP_OPERATOR_TOKEN_REISSUED, OP_REQUEST_WINDOW_SET = 21, 22, 2
 OP_ADMIN_MIN, OP_ADMIN_MAX = 16, 23
 OP_REFUND = 24          # money back for (part of) a purchase, to the buckets it came from (rule 12)
 OP_REVERSAL = 25        # a timed-out request undone exactly, or refused before it arrives (rule 13)
-OP_KERNEL_MAX = OP_REVERSAL  # 1..5, 7..15 and 24..25 go through the kernel; 6 is written by it
+OP_CARD_STATUS = 26      # freeze, unfreeze, report lost, found, cancel: the op's tier byte is the
+                         # status wanted; the entry's ref_id the status it left (rule 14)
+OP_KERNEL_MAX = OP_CARD_STATUS  # 1..5, 7..15, 24..26 go through the kernel; 6 is written by it
 
 
 CARD_OPS = frozenset(op for op in range(1, OP_KERNEL_MAX + 1)
@@ -534,6 +536,12 @@ R_PACKAGE_NOT_FOUND, R_PACKAGE_NOT_VALID_NOW, R_PACKAGE_USED_UP = 72, 73, 74
 R_GIFT_NOT_FOUND, R_GIFT_OUT_OF_STOCK, R_EXCHANGE_NOT_OFFERED = 75, 76, 77
 R_ORIGINAL_NOT_FOUND, R_NOT_REFUNDABLE, R_REFUND_EXCEEDS_ORIGINAL = 78, 79, 80
 R_ALREADY_REVERSED, R_REVERSED, R_REVERSAL_WINDOW_PASSED, R_NOT_REVERSIBLE = 81, 82, 83, 84
+R_ILLEGAL_TRANSITION = 85
+# Rule 14: the card statuses each status can go to (CardStatus values).
+CARD_TRANSITIONS = {STATUS_ACTIVE: (STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED),
+                    STATUS_FROZEN: (STATUS_ACTIVE, STATUS_LOST, STATUS_CLOSED),
+                    STATUS_LOST: (STATUS_ACTIVE, STATUS_CLOSED),
+                    STATUS_CLOSED: ()}
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

@@ -142,6 +142,17 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             reason = L.R_CARD_NOT_FOUND
         elif op == L.OP_RESET_PIN:
             set_pin()
+        elif op == L.OP_CARD_STATUS:  # rule 14: an operator's change of the card's life
+            if amount or ref_id:
+                reason = L.R_INVALID_ARGUMENT
+            elif tier not in L.CARD_TRANSITIONS.get(card.status, ()):
+                reason = L.R_ILLEGAL_TRANSITION
+            else:
+                entry_ref = card.status  # the status it left
+                if tier == L.STATUS_CLOSED:  # the principal paid back, the rest forfeited
+                    amount = card.principal
+                    d_principal, d_bonus, d_points = -card.principal, -card.bonus, -card.points
+                card.status = tier
         elif op == L.OP_REVERSAL:  # whatever the card's status: it undoes what was done
             (version, flags, original, tier0, tier1, item_id, refunded, paid, principal, bonus,
              *_) = undo

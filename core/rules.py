@@ -59,7 +59,7 @@ checks they agree on every input):
    reviews tiers (rule 11) on a card it tracks, the spend that counts is the
    current period's (lifetime paid minus ``period_base_paid_minor``), not the
    lifetime's.
-9. Only active cards can be topped up or spent.
+9. Only active cards can be topped up or spent (rule 14).
 10. PINs (the exact order of checks is in ``layout``): a purchase always
    needs the card's PIN, a top-up when ``pin_on_top_up`` is set. After
    ``pin_tries_max`` wrong PINs in a row (default 3) the PIN locks: the money
@@ -109,6 +109,15 @@ checks they agree on every input):
    request reversed before is reversed again by an entry that moves nothing (a retry of the
    same reversal replays its answer, as every request does). Other operations are not
    reversible (REASON_NOT_REVERSIBLE).
+
+14. Card life (an operator's, journaled): active -> frozen (no money moves in or out; it is
+   kept) -> active again; active or frozen -> reported lost -> active again (found); active,
+   frozen or lost -> closed (cancelled), for ever: the principal is paid back to the member
+   (the entry's principal delta, what the till pays out), the bonus and the points are
+   forfeited, the card is emptied. Any other change, or a change to the status the card has,
+   is refused with REASON_ILLEGAL_TRANSITION and the card's status in the answer. Only an
+   active card is topped up, spent or refunded; reversals, expiries and tier reviews apply
+   whatever the status.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or

@@ -54,7 +54,7 @@ def verify(ledger, problems_max: int = 50) -> dict:
     with ledger._resize_gate, ledger.env.begin() as txn:  # verify runs in its own process
         programs = _programs(txn, ledger, problem)
         journal = _journal(txn, ledger, programs, problem)
-        cards = _cards(txn, ledger, journal["sums"], problem)
+        cards = _cards(txn, ledger, journal["sums"], journal["statuses"], problem)
         # A sub-database the card programs added is missing only in a ledger no writer of this
         # release has opened yet (a read-only look at an older one): what the writer would
         # build there on its first open is not checked.
@@ -152,6 +152,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
     undone: dict[bytes, list] = {}       # an entry's undo record as refunds and reversals leave it
+    statuses: dict[bytes, int] = {}      # card id -> its status, where rule 14 changed it
 
     def state_of(cid: bytes) -> CardState:
         state = states.get(cid)
@@ -306,6 +307,15 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                                 compiled_of(program_version))
             if why:
                 problem(f"journal entry {seq}: {why}")
+        elif op == L.OP_CARD_STATUS:
+            was, now = f[29], f[3]
+            closing = now == L.STATUS_CLOSED
+            want = (s[0], 0, -s[0], -s[1], -s[2]) if closing else (0, 0, 0, 0, 0)
+            if (was != statuses.get(cid, L.STATUS_ACTIVE)
+                    or now not in L.CARD_TRANSITIONS.get(was, ()) or f[9:14] != want):
+                problem(f"journal entry {seq}: a card status change {was} -> {now} that its card "
+                        "or rule 14 does not allow (or that moves other than a closing's value)")
+            statuses[cid] = now
         elif op == L.OP_TIER_REVIEWED:
             prog = compiled_of(program_version)
             card = Card(_card_at(tier, s, opened_us.get(cid, 0)))
@@ -352,6 +362,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
+            "statuses": statuses,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
 
@@ -555,7 +566,7 @@ def _states(txn, ledger, states: dict, problem) -> None:
             problem(f"card ...{cid.hex()[:8]}: its program state is not what its top-ups make")
 
 
-def _cards(txn, ledger, sums: dict, problem) -> dict:
+def _cards(txn, ledger, sums: dict, statuses: dict, problem) -> dict:
     totals = [0, 0, 0]
     count = 0
     tiers: Counter = Counter()
@@ -568,6 +579,9 @@ def _cards(txn, ledger, sums: dict, problem) -> dict:
         totals[1] += bonus
         totals[2] += points
         s = sums.pop(cid, None)
+        if rec[1] != statuses.get(cid, L.STATUS_ACTIVE):
+            problem(f"card ...{cid.hex()[:8]}: status {rec[1]}, but its entries leave it "
+                    f"{statuses.get(cid, L.STATUS_ACTIVE)}")
         if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0 or held != 0:
             problem(f"card ...{cid.hex()[:8]}: invalid record (no holds exist yet)")
         if s is not None and s[7] == 0 and rec[13]:

@@ -54,7 +54,11 @@ cdef enum:
     OP_ADMIN_MAX = 23
     OP_REFUND = 24
     OP_REVERSAL = 25
-    OP_KERNEL_MAX = 25
+    OP_CARD_STATUS = 26
+    OP_KERNEL_MAX = 26
+    STATUS_FROZEN = 2
+    STATUS_LOST = 3
+    STATUS_CLOSED = 4
     UNDO_REVERSED = 1
     UNDO_COMPLETE = 2
     REVIEW_STARTED = 1
@@ -94,6 +98,7 @@ cdef enum:
     R_REFUND_EXCEEDS_ORIGINAL = 80
     R_ALREADY_REVERSED = 81
     R_NOT_REVERSIBLE = 84
+    R_ILLEGAL_TRANSITION = 85
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -391,6 +396,17 @@ cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t bef
     return R_OK
 
 
+cdef inline int transition_ok(uint8_t now, uint8_t wanted) noexcept nogil:
+    """Rule 14 (layout.CARD_TRANSITIONS): whether a card's status may change to ``wanted``."""
+    if now == STATUS_ACTIVE:
+        return wanted == STATUS_FROZEN or wanted == STATUS_LOST or wanted == STATUS_CLOSED
+    if now == STATUS_FROZEN:
+        return wanted == STATUS_ACTIVE or wanted == STATUS_LOST or wanted == STATUS_CLOSED
+    if now == STATUS_LOST:
+        return wanted == STATUS_ACTIVE or wanted == STATUS_CLOSED
+    return 0
+
+
 cdef inline int undo_ok(const cc_undo_t* undo) noexcept nogil:
     return undo.version == 0 or (
         undo.version == 1 and 0 <= undo.refunded_minor <= undo.paid_minor
@@ -639,6 +655,17 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         reason = R_CARD_NOT_FOUND
     elif op.op == OP_RESET_PIN:
         set_pin(op, rec)
+    elif op.op == OP_CARD_STATUS:  # rule 14: an operator's change of the card's life
+        if amount != 0 or op.ref_id != 0:
+            reason = R_INVALID_ARGUMENT
+        elif not transition_ok(rec.status, op.tier):
+            reason = R_ILLEGAL_TRANSITION
+        else:
+            entry_ref = rec.status  # the status it left
+            if op.tier == STATUS_CLOSED:  # the principal paid back, the rest forfeited
+                amount = rec.principal_minor
+                d_principal, d_bonus, d_points = -rec.principal_minor, -rec.bonus_minor, -rec.points
+            rec.status = op.tier
     elif op.op == OP_REVERSAL:  # whatever the card's status: it undoes what was done
         if amount != 0:
             reason = R_INVALID_AMOUNT

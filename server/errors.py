@@ -103,6 +103,8 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                       "instead"),
     R.REASON_NOT_REVERSIBLE: (C.FAILED_PRECONDITION, "only purchases and top-ups can be "
                               "reversed"),
+    R.REASON_ILLEGAL_TRANSITION: (C.FAILED_PRECONDITION, "the card's status does not allow that "
+                                  "change"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -149,7 +149,8 @@ class Operations:
                          "exchange_points": (L.OP_POINTS_EXCHANGE, self.exchange_points_op),
                          "redeem_gift": (L.OP_GIFT_REDEEM, self.redeem_gift_op),
                          "refund": (L.OP_REFUND, self.refund_op),
-                         "reverse": (L.OP_REVERSAL, self.reverse_op)}
+                         "reverse": (L.OP_REVERSAL, self.reverse_op),
+                         "set_card_status": (L.OP_CARD_STATUS, self.set_card_status_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -364,6 +365,24 @@ class Operations:
         card = self.swipes.card(req.card, req.till, caller)
         return self._op(req, rid, at_us, L.OP_REFUND, card, caller, req.amount_minor,
                         link_seq=req.original_seq)
+
+    def set_card_status_op(self, req: pb.SetCardStatusRequest, caller: Caller) -> PendingOp:
+        """Card life (rule 14): an operator of the till's store, cashier or above; cancelling, a
+        store manager or above. The writer checks the role, the scope and the transition."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        if req.status not in (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED):
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "status")
+        role = (ROLE.OPERATOR_ROLE_STORE_MANAGER if req.status == L.STATUS_CLOSED
+                else ROLE.OPERATOR_ROLE_CASHIER)
+        operator = caller.operator
+        if operator is None:
+            raise Invalid(R.REASON_OPERATOR_REQUIRED, "authorization")
+        if not operator.may(role, req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        card = self.swipes.card(req.card, req.till, caller, role)
+        return self._op(req, rid, at_us, L.OP_CARD_STATUS, card, caller, tier=req.status,
+                        role=role)
 
     def reverse_op(self, req: pb.ReverseRequest, caller: Caller) -> PendingOp:
         """A request undone, or refused before it arrives (rule 13): named by its request_id in

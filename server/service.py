@@ -41,7 +41,8 @@ UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_
                   "SetPin": L.OP_SET_PIN, "ResetPin": L.OP_RESET_PIN,
                   "IssueCoupon": L.OP_COUPON_ISSUE, "SellPackage": L.OP_PACKAGE_SELL,
                   "UseEntitlement": L.OP_PACKAGE_USE, "ExchangePoints": L.OP_POINTS_EXCHANGE,
-                  "RedeemGift": L.OP_GIFT_REDEEM, "Refund": L.OP_REFUND, "Reverse": L.OP_REVERSAL}
+                  "RedeemGift": L.OP_GIFT_REDEEM, "Refund": L.OP_REFUND, "Reverse": L.OP_REVERSAL,
+                  "SetCardStatus": L.OP_CARD_STATUS}
 BATCH_OPS_MAX = 10_000
 QUOTE_COUPONS_MAX = 16  # a quote tries at most this many of the card's coupons (oldest first)
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
@@ -110,7 +111,11 @@ def outcome_failure(outcome: Outcome, pin_tries_max: int) -> cpb.Failure:
     tries_left = 0
     if outcome.reason == L.R_PIN_WRONG and outcome.entry is not None:
         tries_left = max(0, pin_tries_max - outcome.entry[L.JOURNAL_OFF_PIN_TRIES])
-    return failure(outcome.reason, available_minor=outcome.available_minor, pin_tries_left=tries_left)
+    detail = ""
+    if outcome.reason == L.R_ILLEGAL_TRANSITION and outcome.entry is not None:
+        detail = f"the card is {cpb.CardStatus.Name(outcome.entry[3])[12:].lower()}"  # its status
+    return failure(outcome.reason, available_minor=outcome.available_minor, pin_tries_left=tries_left,
+                   detail=detail)
 
 
 def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
@@ -136,6 +141,8 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         if op == L.OP_REFUND or op == L.OP_REVERSAL:
             result.original_seq = L.JOURNAL_TAIL.unpack_from(entry)[3]
             result.refund_complete = bool(flags & L.UNDO_COMPLETE)
+        elif op == L.OP_CARD_STATUS:
+            result.status_after = entry[3]
         if promotion_id:
             if op == L.OP_TOP_UP:
                 result.promotion_id = promotion_id
@@ -280,7 +287,7 @@ class CardService(pb_grpc.CardServiceServicer):
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
             "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse",
-            "ListTransactions")}
+            "ListTransactions", "SetCardStatus")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -448,6 +455,10 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def Refund(self, request, context):
         return await self._unary("Refund", self.operations.refund_op, request, context)
+
+    async def SetCardStatus(self, request, context):
+        return await self._unary("SetCardStatus", self.operations.set_card_status_op, request,
+                                 context)
 
     async def Reverse(self, request, context):
         return await self._unary("Reverse", self.operations.reverse_op, request, context)

@@ -3,6 +3,7 @@
 has the arithmetic; the figures asserted are the ones written there."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -95,6 +96,18 @@ class Till:
     def card(self, number: str) -> dict:
         rec = self.ledger.read_card(cid(number))[0]
         return dict(tier=rec[2], principal=rec[5], bonus=rec[6], points=rec[7], lifetime=rec[9])
+
+
+@contextlib.contextmanager
+def cafe_ledger(path: str):
+    """A ledger on the example cafe program, verified clean when the test is done."""
+    till = Till(path, example("cafe"))
+    try:
+        yield till
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
 
 
 def figures(outcome) -> dict:

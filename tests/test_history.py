@@ -10,9 +10,8 @@ from cardcore import layout as L
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from cardcore.ledger import Ledger
-from cardcore.verify import verify as verify_ledger
 from conftest import Client, failure_of, new_card_number, verify
-from test_card_programs import CAFE_FOOD, Till, example, line
+from test_card_programs import CAFE_FOOD, cafe_ledger, line
 from test_ledger import cid
 from test_refunds import a_sale, seq_of
 from test_service_programs import FOOD, purchase
@@ -22,12 +21,8 @@ R = cpb.Reason
 
 @pytest.fixture
 def till(tmp_path):
-    """A ledger on the cafe program (verified clean at the end)."""
-    t = Till(str(tmp_path / "cafe"), example("cafe"))
-    yield t
-    report = verify_ledger(t.ledger)
-    assert report["ok"], report["problems"]
-    t.ledger.close()
+    with cafe_ledger(str(tmp_path / "cafe")) as t:
+        yield t
 
 
 def test_a_cards_history_pages_newest_first_by_type_and_time(till):

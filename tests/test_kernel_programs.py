@@ -355,7 +355,8 @@ def undo_records(draw):
 def undo_batches(draw):
     """Refunds of any amount (0: all that is left) and reversals of undo records, two sharing
     one, on cards of every kind (short of points or money, inactive, a tier above the one the
-    original reached), between purchases and top-ups that move the same cards."""
+    original reached), between purchases, top-ups and status changes (rule 14) of the same
+    cards."""
     nslots = draw(st.integers(1, 3))
     recs = b"".join(draw(st.lists(cards(), min_size=nslots, max_size=nslots)))
     exts = b"".join(draw(st.lists(extras(), min_size=nslots, max_size=nslots)))
@@ -364,16 +365,21 @@ def undo_batches(draw):
     for i in range(draw(st.integers(1, 10))):
         slots.append(draw(st.integers(0, nslots - 1)))
         kind = draw(st.sampled_from([L.OP_REFUND, L.OP_REFUND, L.OP_REVERSAL, L.OP_REVERSAL,
-                                     L.OP_PURCHASE, L.OP_TOP_UP]))
+                                     L.OP_PURCHASE, L.OP_TOP_UP, L.OP_CARD_STATUS,
+                                     L.OP_CARD_STATUS]))
         islot = L.SLOT_NONE
         amount = draw(st.one_of(st.integers(1, 300_000), st.sampled_from([1, INT64_MAX])))
+        tier = 0
+        if kind == L.OP_CARD_STATUS:  # rule 14: a status wanted, from any status
+            tier = draw(st.integers(0, 5))
+            amount = 0 if draw(st.integers(0, 5)) else amount
         if kind in (L.OP_REFUND, L.OP_REVERSAL):
             islot = draw(st.integers(0, len(undos) - 1))
             amount = draw(st.sampled_from([0, 0, 0, 1, 100, 2_500, 10**6, -1]))
             if kind == L.OP_REVERSAL and draw(st.integers(0, 4)):
                 amount = 0  # as the writer sends it
         islots.append(islot)
-        ops.append(op_bytes(kind, amount, card=bytes([slots[-1]]) * 16,
+        ops.append(op_bytes(kind, amount, tier=tier, card=bytes([slots[-1]]) * 16,
                             tag=i.to_bytes(8, "little"), link_seq=draw(st.integers(0, 50)),
                             pin_flags=L.PIN_OPTIONAL_UNSET))
     return b"".join(ops), slots, recs, exts, b"", islots, b"".join(undos)

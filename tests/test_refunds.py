@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from cardcore import layout as L
 from cardcore import rules
 from cardcore.verify import verify
-from test_card_programs import CAFE_DRINKS, CAFE_FOOD, Till, example, figures, line, lots_of
+from test_card_programs import (CAFE_DRINKS, CAFE_FOOD, Till, cafe_ledger, example, figures, line,
+                                lots_of)
 from test_ledger import cid, key, op
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -20,11 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture
 def cafe(tmp_path):
-    till = Till(str(tmp_path / "cafe"), example("cafe"))
-    yield till
-    report = verify(till.ledger)
-    assert report["ok"], report["problems"]
-    till.ledger.close()
+    with cafe_ledger(str(tmp_path / "cafe")) as till:
+        yield till
 
 
 def seq_of(outcome) -> int:
