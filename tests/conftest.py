@@ -127,6 +127,16 @@ def server(start_server) -> ServerProcess:
     return start_server()
 
 
+def run_machine(machine, examples: int, steps: int, data_dir: str) -> None:
+    """A hypothesis state machine run against a live server, then its ledger verified."""
+    from hypothesis import HealthCheck, settings
+
+    settings(max_examples=examples, stateful_step_count=steps, deadline=None,
+             suppress_health_check=[HealthCheck.too_slow])(machine).TestCase().runTest()
+    report = verify(data_dir)
+    assert report["ok"], report["problems"]
+
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "examples", "programs")
 

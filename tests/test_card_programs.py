@@ -907,6 +907,18 @@ def reviews_of(till: Till, number: str) -> list[tuple]:
             if e[1] == L.OP_TIER_REVIEWED and e[8] == cid(number)]
 
 
+def silver_by_spend(till: Till, number: str, other: str) -> int:
+    """Cards ``number`` and ``other`` opened; ``number`` topped up twice with 900.00 (no gold)
+    and lifted to silver by spending 1000.00 at once. The day they were opened."""
+    till.open(number)
+    till.open(other)
+    day = lots.day_of(till.at)
+    till.top_up(number, 90000)
+    till.top_up(number, 90000)
+    assert figures(till.buy(number, line(CAFE_FOOD, 100000)))["tier_after"] == 1
+    return day
+
+
 def test_a_tier_is_kept_by_the_period_spend_and_lost_when_it_falls_short(tmp_path):
     """The cafe program reviewing tiers every 7 days (silver: 1000.00 spent in the period). Day
     D: the card spends 1000.00 (silver at once). Day D + 7: its first operation is preceded by
@@ -917,12 +929,7 @@ def test_a_tier_is_kept_by_the_period_spend_and_lost_when_it_falls_short(tmp_pat
     to D + 30 (two whole periods and a bit), its next review counts nothing spent."""
     till = Till(str(tmp_path / "review"), REVIEWING_CAFE)
     number, other = "6225880000000401", "6225880000000402"
-    till.open(number)
-    till.open(other)
-    day = lots.day_of(till.at)
-    till.top_up(number, 90000)
-    till.top_up(number, 90000)
-    assert figures(till.buy(number, line(CAFE_FOOD, 100000)))["tier_after"] == 1
+    day = silver_by_spend(till, number, other)
     advance(till, other, (day + 7) * L.DAY_US)
     f = figures(till.buy(number, line(CAFE_FOOD, 10000), at=(day + 7) * L.DAY_US))
     assert (f["tier"], f["amount"] - f["discount"]) == (1, 9500)
@@ -978,12 +985,7 @@ def test_cards_opened_before_reviews_start_their_period_without_losing_a_tier(tm
     from D + 7); the period's end (D + 14) finds nothing spent since: standard."""
     till = Till(str(tmp_path / "review"), example("cafe"))
     number, other = "6225880000000405", "6225880000000406"
-    till.open(number)
-    till.open(other)
-    day = lots.day_of(till.at)
-    till.top_up(number, 90000)
-    till.top_up(number, 90000)
-    assert figures(till.buy(number, line(CAFE_FOOD, 100000)))["tier_after"] == 1
+    day = silver_by_spend(till, number, other)
     advance(till, other, (day + 9) * L.DAY_US)
     (loaded,) = till.apply(PendingOp.admin(key("load-reviews", (L.CALLER_SYSTEM, 0)),
                                            L.OP_PROGRAM_LOADED, bytes(16),

@@ -15,13 +15,13 @@ import uuid
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cardcore import rules
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid, verify
+from conftest import (Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid,
+                      run_machine)
 
 R = cpb.Reason
 INT64_MAX = (1 << 63) - 1
@@ -218,8 +218,4 @@ class Ledger(RuleBasedStateMachine):
 
 def test_random_operation_sequences_match_the_model(live):
     Ledger.server = live
-    machine = settings(max_examples=25, stateful_step_count=30, deadline=None,
-                       suppress_health_check=[HealthCheck.too_slow])(Ledger)
-    machine.TestCase().runTest()
-    report = verify(live.data_dir)
-    assert report["ok"], report["problems"]
+    run_machine(Ledger, 25, 30, live.data_dir)

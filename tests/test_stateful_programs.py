@@ -17,14 +17,14 @@ import uuid
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from cardcore import rules
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, ServerProcess, bearer, failure_of, new_card_number, rid, sent_at, verify
+from conftest import (Client, ServerProcess, bearer, failure_of, new_card_number, rid, run_machine,
+                      sent_at)
 
 R = cpb.Reason
 PROGRAM = """
@@ -442,8 +442,4 @@ class Programs(RuleBasedStateMachine):
 
 def test_random_program_operation_sequences_match_the_model(live):
     Programs.server = live
-    machine = settings(max_examples=40, stateful_step_count=40, deadline=None,
-                       suppress_health_check=[HealthCheck.too_slow])(Programs)
-    machine.TestCase().runTest()
-    report = verify(live.data_dir)
-    assert report["ok"], report["problems"]
+    run_machine(Programs, 40, 40, live.data_dir)
