@@ -8,8 +8,9 @@ import sys
 from . import logs
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
 
-from .cmd_client import (ROLES, cmd_card, cmd_keys, cmd_open_card, cmd_operation, cmd_operators,
-                         cmd_program, cmd_purchase, cmd_terminals, cmd_top_up)
+from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_history, cmd_keys,
+                         cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
+                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up)
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import READER_CHECK_S_DEFAULT
 from .pos import cmd_pos
@@ -146,6 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     mutating(p)
     p.add_argument("amount", type=parse_amount)
     p = client("card", "balance inquiry", cmd_card)
+    p.add_argument("--store", type=int, default=0)
+    p.add_argument("--terminal", type=int, default=0)
+    p.add_argument("--staff", type=int, default=0)
+    p = client("refund", "money back for a sale, by its journal seq (operator token): all that is "
+               "left of it, or --amount", cmd_refund)
+    p.set_defaults(admin_command=True)
+    mutating(p)
+    p.add_argument("seq", type=int, help="the sale's journal seq (on its receipt)")
+    p.add_argument("--amount", type=parse_amount, default=0, help="yuan (default: all that is left)")
+    p = client("reverse", "undo a request of this caller's that timed out (or refuse it before it "
+               "arrives)", cmd_reverse)
+    mutating(p)
+    p.add_argument("original_request_id")
+    p.add_argument("--original-client-time-us", type=int, default=0,
+                   help="the request's own client time, when known")
+    p = client("card-status", "freeze, unfreeze (active), report lost, find (active) or cancel "
+               "(closed) a card (operator token)", cmd_card_status)
+    p.set_defaults(admin_command=True)
+    mutating(p)
+    p.add_argument("status", choices=tuple(CARD_STATUSES))
+    p = client("history", "a card's entries, newest first (operator token)", cmd_history)
+    p.set_defaults(admin_command=True)
+    p.add_argument("--limit", type=int, default=20, help="entries a page (1..100)")
+    p.add_argument("--before", type=int, default=0, help="entries below this seq (the next page)")
+    p.add_argument("--type", action="append", default=[],
+                   help="only this type (purchase, top-up, refund, ...); repeatable")
     p.add_argument("--store", type=int, default=0)
     p.add_argument("--terminal", type=int, default=0)
     p.add_argument("--staff", type=int, default=0)

@@ -333,3 +333,89 @@ def cmd_program(args) -> int:
         document=document), args)
     print(f"program version {version.version} is current (sha256 {version.sha256})")
     return 0
+
+
+def cmd_refund(args) -> int:
+    """Money back for a sale (an operator's: the token), all that is left of it or --amount."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.RefundRequest(card=cpb.CardRef(card_number=args.card), original_seq=args.seq,
+                           amount_minor=args.amount, till=_till(args), **request_fields(args))
+    print_undo(call(stub_of(args).Refund, req, args))
+    return 0
+
+
+def cmd_reverse(args) -> int:
+    """A request of this caller's undone, or refused before it arrives."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.ReverseRequest(card=cpb.CardRef(card_number=args.card),
+                            original_request_id=args.original_request_id,
+                            original_client_time_us=args.original_client_time_us,
+                            till=_till(args), **request_fields(args))
+    print_undo(call(stub_of(args).Reverse, req, args))
+    return 0
+
+
+def print_undo(result) -> None:
+    from cardcore.v1 import common_pb2 as cpb
+
+    b = result.balance_after
+    print(table([
+        ("request", result.request_id), ("operation", cpb.OperationType.Name(result.type)),
+        ("journal seq", str(result.seq)),
+        ("of entry", str(result.original_seq) if result.original_seq else "- (nothing applied)"),
+        ("given back", fen(result.amount_minor)),
+        ("  principal", fen(result.principal_delta_minor)),
+        ("  bonus", fen(result.bonus_delta_minor)),
+        ("points back", f"{result.points_earned:,}"),
+        ("points taken", f"{result.points_redeemed:,}"),
+        ("nothing left", "yes" if result.refund_complete else "no"),
+        ("balance", fen(b.available_minor)), ("points", f"{b.points:,}")]))
+
+
+CARD_STATUSES = {"active": 1, "frozen": 2, "lost": 3, "closed": 4}  # cardcore.v1.CardStatus
+
+
+def cmd_card_status(args) -> int:
+    """Card life (an operator's): freeze, unfreeze, lost, found, cancel."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.SetCardStatusRequest(card=cpb.CardRef(card_number=args.card),
+                                  status=CARD_STATUSES[args.status], till=_till(args),
+                                  **request_fields(args))
+    result = call(stub_of(args).SetCardStatus, req, args)
+    rows = [("request", result.request_id), ("journal seq", str(result.seq)),
+            ("status", cpb.CardStatus.Name(result.status_after).removeprefix("CARD_STATUS_").lower())]
+    if result.status_after == cpb.CARD_STATUS_CLOSED:
+        rows += [("pay back", fen(result.amount_minor)),
+                 ("bonus forfeited", fen(-result.bonus_delta_minor))]
+    print(table(rows))
+    return 0
+
+
+def cmd_history(args) -> int:
+    """A card's entries, newest first, a page at a time."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    types = [cpb.OperationType.Value("OPERATION_TYPE_" + t.upper().replace("-", "_"))
+             for t in args.type]
+    answer = call(stub_of(args).ListTransactions, pb.ListTransactionsRequest(
+        card=cpb.CardRef(card_number=args.card), page_size=args.limit,
+        before_seq=args.before, types=types, till=_till(args)), args)
+    rows = [("seq", "when (UTC)", "operation", "amount", "principal", "bonus", "points", "store")]
+    for e in answer.entries:
+        when = datetime.datetime.fromtimestamp(e.applied_at_us / 1e6, datetime.timezone.utc)
+        rows.append((str(e.seq), when.strftime("%Y-%m-%d %H:%M:%S"),
+                     cpb.OperationType.Name(e.type).removeprefix("OPERATION_TYPE_").lower(),
+                     fen(e.amount_minor), fen(e.principal_delta_minor), fen(e.bonus_delta_minor),
+                     f"{e.points_earned - e.points_redeemed:+,}", str(e.till.store_id)))
+    print("\n".join("  ".join(f"{c:>{w}}" for c, w in zip(r, (8, 19, 22, 12, 12, 10, 8, 6)))
+                    for r in rows))
+    if answer.next_before_seq:
+        print(f"more: --before {answer.next_before_seq}")
+    return 0

@@ -105,3 +105,34 @@ def test_history_and_receipts_over_grpc(cafe):
     assert failure_of(err.value).field == "page_size"
     report = verify(cafe.data_dir)
     assert report["ok"], report["problems"]
+
+
+def test_the_cli_refunds_reverses_changes_status_and_lists_history(server):
+    """`cardcore refund`, `reverse`, `card-status` and `history`, as an operator uses them."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
+                              server.target], capture_output=True, text=True, timeout=60, env=env)
+        return out.returncode, out.stdout + out.stderr
+
+    number = new_card_number()
+    assert cli("open-card", number)[0] == 0
+    assert cli("top-up", number, "500")[0] == 0
+    rc, out = cli("purchase", number, "120", "--request-id", "cli-sale")
+    assert rc == 0
+    sale = int(out.split("journal seq")[1].split()[0])
+    rc, out = cli("refund", number, str(sale), "--amount", "20")
+    assert rc == 0 and "given back    20.00" in out and f"of entry      {sale}" in out
+    rc, out = cli("card-status", number, "frozen")
+    assert rc == 0 and "status       frozen" in out
+    rc, out = cli("card-status", number, "frozen")
+    assert rc == 1 and "the card is frozen" in out
+    rc, out = cli("history", number, "--type", "refund")
+    assert rc == 0 and "refund" in out and "purchase" not in out
+    rc, out = cli("history", number, "--limit", "2")
+    assert rc == 0 and "card_status_changed" in out and "more: --before" in out
