@@ -627,9 +627,10 @@ class Ledger:
                     break
                 scanned += 1
                 op, ts_us = L.CARD_ENTRY.unpack(cur.value())
-                if from_us and ts_us < from_us:
-                    break  # times never go back along the journal: nothing older is in range
-                if (not to_us or ts_us < to_us) and (not types or op in types):
+                # (no early stop below from_us: entries migrated from release 1 may go back in
+                # time; the scan cap bounds the page)
+                if (from_us <= ts_us and (not to_us or ts_us < to_us)
+                        and (not types or op in types)):
                     entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
                     lines = (txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines) or b""
                              if entry_line_count(entry) else b"")

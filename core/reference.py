@@ -158,6 +158,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
              *_) = undo
             if amount:
                 reason = L.R_INVALID_AMOUNT
+            elif card.status == L.STATUS_CLOSED:
+                reason = L.R_CARD_NOT_ACTIVE  # paid out and emptied for ever: nothing comes back
             elif version == 0:
                 pass  # never applied: an entry that moves nothing (the ledger keeps the tombstone)
             elif flags & L.UNDO_REVERSED:

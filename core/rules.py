@@ -116,8 +116,9 @@ checks they agree on every input):
    (the entry's principal delta, what the till pays out), the bonus and the points are
    forfeited, the card is emptied. Any other change, or a change to the status the card has,
    is refused with REASON_ILLEGAL_TRANSITION and the card's status in the answer. Only an
-   active card is topped up, spent or refunded; reversals, expiries and tier reviews apply
-   whatever the status.
+   active card is topped up, spent or refunded; reversals apply whatever the status but closed
+   (nothing comes back to a card paid out and emptied: REASON_CARD_NOT_ACTIVE); expiries and
+   tier reviews whatever the status.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or

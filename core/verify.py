@@ -42,6 +42,10 @@ from cardcore.reference import Card, CardState, CompiledProgram, give_back, purc
 from cardcore.rules import spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
+# Rule 14: what only an active card does (the kernel's "card active" check comes before them).
+_ACTIVE_ONLY = frozenset((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_SET_PIN, L.OP_COUPON_ISSUE,
+                          L.OP_PACKAGE_SELL, L.OP_PACKAGE_USE, L.OP_POINTS_EXCHANGE,
+                          L.OP_GIFT_REDEEM, L.OP_REFERRAL_BONUS, L.OP_REFUND))
 
 
 def verify(ledger, problems_max: int = 50) -> dict:
@@ -204,6 +208,12 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: an admin entry {op} that moves value")
             continue
         s = sums.get(cid)
+        status_now = statuses.get(cid, L.STATUS_ACTIVE)
+        if (op in _ACTIVE_ONLY and status_now != L.STATUS_ACTIVE) or (
+                op == L.OP_REVERSAL and status_now == L.STATUS_CLOSED):
+            problem(f"journal entry {seq}: type {op} on a card whose status is {status_now}")
+        if op != L.OP_OPEN and op != L.OP_CARD_STATUS and f[3] != status_now:
+            problem(f"journal entry {seq}: status {f[3]} where the card's is {status_now}")
         if op == L.OP_OPEN:
             if s is not None:
                 problem(f"journal entry {seq}: a second opening of the same card")
@@ -312,7 +322,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             closing = now == L.STATUS_CLOSED
             want = (s[0], 0, -s[0], -s[1], -s[2]) if closing else (0, 0, 0, 0, 0)
             if (was != statuses.get(cid, L.STATUS_ACTIVE)
-                    or now not in L.CARD_TRANSITIONS.get(was, ()) or f[9:14] != want):
+                    or now not in L.CARD_TRANSITIONS.get(was, ()) or f[9:14] != want
+                    or tier_after != tier or taken or redeemed):
                 problem(f"journal entry {seq}: a card status change {was} -> {now} that its card "
                         "or rule 14 does not allow (or that moves other than a closing's value)")
             statuses[cid] = now

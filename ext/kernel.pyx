@@ -666,9 +666,11 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 amount = rec.principal_minor
                 d_principal, d_bonus, d_points = -rec.principal_minor, -rec.bonus_minor, -rec.points
             rec.status = op.tier
-    elif op.op == OP_REVERSAL:  # whatever the card's status: it undoes what was done
+    elif op.op == OP_REVERSAL:  # whatever the card's status but closed: it undoes what was done
         if amount != 0:
             reason = R_INVALID_AMOUNT
+        elif rec.status == STATUS_CLOSED:
+            reason = R_CARD_NOT_ACTIVE  # paid out and emptied for ever: nothing comes back to it
         elif undo.version == 0:
             pass  # never applied: an entry that moves nothing (the ledger keeps the tombstone)
         elif undo.flags & UNDO_REVERSED:

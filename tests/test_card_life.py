@@ -134,3 +134,16 @@ def test_card_life_over_grpc_needs_an_operator_and_names_the_status(start_server
     assert (closed.status_after, closed.principal_delta_minor) == (cpb.CARD_STATUS_CLOSED, -5000)
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]
+
+
+def test_nothing_comes_back_to_a_cancelled_card(till):
+    """A sale, then the card cancelled (its principal paid out): reversing the sale now is
+    refused (CARD_NOT_ACTIVE), so no money lands on a card nothing can pay out."""
+    number = "6225880000000604"
+    till.open(number)
+    till.top_up(number, 30000)
+    till.buy(number, line(CAFE_FOOD, 10000), request_id="sale-1")
+    assert set_status(till, number, L.STATUS_CLOSED).reason == L.R_OK
+    (refused,) = till.apply(reverse_op(till, number, "sale-1"))
+    assert refused.reason == L.R_CARD_NOT_ACTIVE
+    assert till.card(number)["principal"] == 0 and till.card(number)["bonus"] == 0
