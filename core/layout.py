@@ -245,7 +245,8 @@ without one reads as all zeros (release 1 and ledger v2 cards)::
      48  u16[16] promotion_uses    how many times, same position
      80  u32 review_day            the current qualification period's first day (UTC days
                                    since 1970-01-01); the period ends review_day + tier_review_days
-     84  u32 reserved
+     84  u32 review_period_days    the period's length when it started (the program's
+                                   tier_review_days then: another length restarts tracking)
      88  i64 period_base_paid_minor   lifetime_paid_minor when the period started: the period's
                                    spend is lifetime paid minus this
      96  i64 period_top_up_max_minor  the largest single top-up in the period

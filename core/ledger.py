@@ -112,7 +112,7 @@ EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK = 136  # layout.OP offset of link_seq
 UNDOERS = (L.OP_REFUND, L.OP_REVERSAL)
 _TOMBSTONE_WRITTEN = "written"  # a tombstone's state in a group, once a reversal of it applied
-_EXT_REVIEW = struct.Struct("<xB78xI")  # layout.CARD_EXT: flags (1), review_day (80)
+_EXT_REVIEW = struct.Struct("<xB78xII")  # layout.CARD_EXT: flags (1), review_day, its period (80)
 
 
 def items_of(txn, ledger: "Ledger", ops: list[PendingOp],

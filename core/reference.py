@@ -136,7 +136,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                     set_pin()
                 if prog.review_days:  # rule 11: tracked from its opening day
                     ext = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
-                    ext.start_period(card, _day(ts_us))
+                    ext.start_period(card, _day(ts_us), prog.review_days)
                     ext_changed = True
         elif card.version == 0:
             reason = L.R_CARD_NOT_FOUND
@@ -632,11 +632,11 @@ class CompiledProgram:
         period, today = self.review_days, _day(ts_us)
         if not period:
             return L.R_INVALID_ARGUMENT, 0, 0
-        if not ext.flags & L.REVIEW_STARTED:
+        if not ext.flags & L.REVIEW_STARTED or ext.review_period != period:
             start = review_start(_day(card.opened_us), today, period)
-            ext.start_period(card, start)
+            ext.start_period(card, start, period)
             return L.R_OK, 0, start
-        if not review_due(period, ext.flags, ext.review_day, today):
+        if not review_due(period, ext.flags, ext.review_day, ext.review_period, today):
             return L.R_INVALID_ARGUMENT, 0, 0  # not due: the writer never asks
         k = (today - ext.review_day) // period
         spent, top = (card.lifetime - ext.period_base, ext.top_up_max) if k == 1 else (0, 0)
@@ -646,7 +646,7 @@ class CompiledProgram:
                                             or self.up_top_up[card.tier] > 0):
             card.tier = min(card.tier, reached)  # a tier given at opening, not earned, is kept
         start = ext.review_day + k * period
-        ext.start_period(card, start)
+        ext.start_period(card, start, period)
         return L.R_OK, spent, start
 
     def best_promotion(self, ext: "CardState", amount: int,
@@ -682,13 +682,15 @@ class CardState:
         (self.version, self.flags, _, self.top_up_count, self.lifetime_top_up, *rest) = fields
         self.ids = list(rest[:L.PROMOTION_SLOTS])
         self.uses = list(rest[L.PROMOTION_SLOTS:2 * L.PROMOTION_SLOTS])
-        self.review_day, _, self.period_base, self.top_up_max, _ = rest[2 * L.PROMOTION_SLOTS:]
+        (self.review_day, self.review_period, self.period_base, self.top_up_max,
+         _) = rest[2 * L.PROMOTION_SLOTS:]
 
-    def start_period(self, card: "Card", day: int) -> None:
-        """Rule 11: a qualification period starts on ``day``."""
+    def start_period(self, card: "Card", day: int, period_days: int) -> None:
+        """Rule 11: a qualification period of ``period_days`` starts on ``day``."""
         self.version = L.CARD_EXT_VERSION
         self.flags |= L.REVIEW_STARTED
-        self.review_day, self.period_base, self.top_up_max = day, card.lifetime, 0
+        self.review_day, self.review_period = day, period_days
+        self.period_base, self.top_up_max = card.lifetime, 0
 
     def slot_for(self, pid: int, in_program: set[int]) -> int | None:
         """The use slot of promotion ``pid``: its own, else the first free one (id 0, or a
@@ -726,7 +728,8 @@ class CardState:
 
     def fields(self) -> tuple:
         return (self.version, self.flags, bytes(2), self.top_up_count, self.lifetime_top_up,
-                *self.ids, *self.uses, self.review_day, 0, self.period_base, self.top_up_max,
+                *self.ids, *self.uses, self.review_day, self.review_period, self.period_base,
+                self.top_up_max,
                 bytes(24))
 
 

@@ -71,7 +71,8 @@ checks they agree on every input):
    it was opened. A card opened under such a program is tracked from its
    opening; one opened before starts being tracked by a review entry that
    changes no tier (``review_start``: the period it is in that day; its spend
-   before that day does not count). The writer reviews a card before the
+   before that day does not count); so does a card tracked with periods of another
+   length, when the program's ``tier_review_days`` changed. The writer reviews a card before the
    first operation on it on or after its period's end day: the period that
    ended counts its spend and its largest single top-up (both 0 when a whole
    period went by without an operation, the period that ended being a later,
@@ -480,10 +481,12 @@ def review_start(opened_day: int, today: int, period_days: int) -> int:
     return opened_day + max(0, today - opened_day) // period_days * period_days
 
 
-def review_due(period_days: int, flags: int, review_day: int, today: int) -> bool:
+def review_due(period_days: int, flags: int, review_day: int, tracked_days: int,
+               today: int) -> bool:
     """Rule 11: whether the writer reviews a card before its next operation on ``today``: the
-    program reviews tiers and the card is not tracked yet, or its period has ended."""
-    return bool(period_days) and (not flags & L.REVIEW_STARTED
+    program reviews tiers and the card is not tracked yet (or was, with periods of another
+    length: ``tracked_days``), or its period has ended."""
+    return bool(period_days) and (not flags & L.REVIEW_STARTED or tracked_days != period_days
                                   or today >= review_day + period_days)
 
 

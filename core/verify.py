@@ -225,7 +225,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             opens[seq] = (cid, f[29])
             opened_us[cid] = ts_us
             if opened_with is not None and opened_with.tier_review_days:
-                state_of(cid).start_period(Card(_card_at(tier, s, ts_us)), lots.day_of(ts_us))
+                state_of(cid).start_period(Card(_card_at(tier, s, ts_us)), lots.day_of(ts_us),
+                                           opened_with.tier_review_days)
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, 0]

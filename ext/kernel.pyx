@@ -236,10 +236,12 @@ cdef inline int64_t period_spend(const cc_program_t* prog, const cc_card_t* rec,
     return rec.lifetime_paid_minor
 
 
-cdef inline void start_period(cc_card_ext_t* ext, const cc_card_t* rec, int64_t day) noexcept nogil:
+cdef inline void start_period(cc_card_ext_t* ext, const cc_card_t* rec, int64_t day,
+                              uint32_t period_days) noexcept nogil:
     ext.version = 1
     ext.flags |= REVIEW_STARTED
     ext.review_day = <uint32_t>day
+    ext.review_period_days = period_days
     ext.period_base_paid_minor = rec.lifetime_paid_minor
     ext.period_top_up_max_minor = 0
 
@@ -252,9 +254,9 @@ cdef inline uint8_t review(const cc_program_t* prog, cc_card_t* rec, cc_card_ext
     cdef int t, reached = 0
     if period == 0:
         return R_INVALID_ARGUMENT
-    if not ext.flags & REVIEW_STARTED:
+    if not ext.flags & REVIEW_STARTED or ext.review_period_days != prog.tier_review_days:
         next_day[0] = opened + (today - opened if today > opened else 0) // period * period
-        start_period(ext, rec, next_day[0])
+        start_period(ext, rec, next_day[0], prog.tier_review_days)
         return R_OK
     if today < <int64_t>ext.review_day + period:
         return R_INVALID_ARGUMENT  # not due: the writer never asks
@@ -274,7 +276,7 @@ cdef inline uint8_t review(const cc_program_t* prog, cc_card_t* rec, cc_card_ext
         if reached < rec.tier:
             rec.tier = <uint8_t>reached
     next_day[0] = ext.review_day + k * period
-    start_period(ext, rec, next_day[0])
+    start_period(ext, rec, next_day[0], prog.tier_review_days)
     return R_OK
 
 
@@ -649,7 +651,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 set_pin(op, rec)
             if prog.tier_review_days:  # rule 11: tracked from its opening day
                 memset(ext, 0, EXT_SIZE)
-                start_period(ext, rec, day_of(ts_us))
+                start_period(ext, rec, day_of(ts_us), prog.tier_review_days)
                 ext_changed = 1
     elif rec.version == 0:
         reason = R_CARD_NOT_FOUND

@@ -68,7 +68,7 @@ cdef extern from "records.h":
         int64_t lifetime_top_up_minor
         uint16_t promotion_id[16]
         uint16_t promotion_uses[16]
-        uint32_t review_day, reserved1
+        uint32_t review_day, review_period_days
         int64_t period_base_paid_minor, period_top_up_max_minor
         uint8_t reserved2[24]
 

@@ -1001,3 +1001,30 @@ def test_cards_opened_before_reviews_start_their_period_without_losing_a_tier(tm
     report = verify(till.ledger)
     assert report["ok"], report["problems"]
     till.ledger.close()
+
+
+def test_a_new_review_period_length_restarts_tracking_without_a_downgrade(tmp_path):
+    """Reviews every 14 days; gold by one 1000.00 top-up on day D, another on D + 13. On D + 13
+    a program reviewing every 7 days is loaded: the card's running period (of 14 days) is not
+    read with the new length; its next operation (D + 14) restarts its tracking in the 7-day
+    period it is in (from D + 14), gold kept, nothing counted as unspent."""
+    till = Till(str(tmp_path / "review"), "tier_review_days = 14\n" + example("cafe"))
+    number, other = "6225880000000407", "6225880000000408"
+    till.open(number)
+    till.open(other)
+    day = lots.day_of(till.at)
+    assert figures(till.top_up(number, 100000))["tier_after"] == 2
+    advance(till, other, (day + 13) * L.DAY_US)
+    till.top_up(number, 100000, at=(day + 13) * L.DAY_US)
+    (loaded,) = till.apply(PendingOp.admin(key("load-7", (L.CALLER_SYSTEM, 0)),
+                                           L.OP_PROGRAM_LOADED, bytes(16),
+                                           REVIEWING_CAFE.encode(), 0,
+                                           client_time_us=till.at + 1))
+    assert loaded.reason == L.R_OK
+    advance(till, other, (day + 14) * L.DAY_US)
+    till.top_up(number, 1, at=(day + 14) * L.DAY_US)
+    assert reviews_of(till, number)[-1] == (0, 2, 2, day + 14)
+    assert till.card(number)["tier"] == 2
+    report = verify(till.ledger)
+    assert report["ok"], report["problems"]
+    till.ledger.close()

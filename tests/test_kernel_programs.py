@@ -125,7 +125,8 @@ def extras(draw):
                            draw(st.sampled_from([0, 1, 5, 0xFFFFFFFF])),
                            draw(st.one_of(st.integers(0, 10**9), st.just(INT64_MAX))), *ids, *uses,
                            draw(st.sampled_from([0, DAY0 - 7, DAY0 - 8, DAY0 - 365, DAY0 - 366,
-                                                 DAY0 - 730, DAY0 - 3660, DAY0, DAY0 + 1])), 0,
+                                                 DAY0 - 730, DAY0 - 3660, DAY0, DAY0 + 1])),
+                           draw(st.sampled_from([7, 7, 365, 365, 3660, 0, 14])),
                            draw(st.sampled_from([0, 0, 1000, 1_999_999, INT64_MAX])),
                            draw(st.sampled_from([0, 0, 1, 50_000, 10**6])), bytes(24))
 
