@@ -101,16 +101,15 @@ _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
 assert _ENTRY_HEAD.size == 88
 _TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
 _U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
-_OP_REF = struct.Struct("<144xQ")
+_OP_REF = struct.Struct("<144xQ")  # an operation's ref_id (layout.OP offset 144), read alone
 _ENTRY_BASKET = struct.Struct("<160xQ")  # a journal entry's basket_tag (layout.JOURNAL 160)
 _OP_REFERRER = 176  # layout.OP offset of referrer_id
-NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's ref_id (layout.OP offset 144), read alone
+NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's referrer_id when it names none
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 # Operations whose rules read the card program state; under a program that reviews tiers
 # (rule 11) every card operation does (rule 8's spend is the period's).
 EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
-_OP_LINK = 136  # layout.OP offset of link_seq
-UNDOERS = (L.OP_REFUND, L.OP_REVERSAL)
+_OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
 _TOMBSTONE_WRITTEN = "written"  # a tombstone's state in a group, once a reversal of it applied
 _EXT_REVIEW = struct.Struct("<xB78xII")  # layout.CARD_EXT: flags (1), review_day, its period (80)
 
@@ -631,10 +630,7 @@ class Ledger:
                 # time; the scan cap bounds the page)
                 if (from_us <= ts_us and (not to_us or ts_us < to_us)
                         and (not types or op in types)):
-                    entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
-                    lines = (txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines) or b""
-                             if entry_line_count(entry) else b"")
-                    page.append((entry, lines))
+                    page.append(self._entry_and_lines(txn, seq))
                 found = cur.prev()
             return page, next_seq
 
@@ -642,15 +638,16 @@ class Ledger:
 
     def read_entry(self, seq: int) -> tuple[bytes, bytes] | None:
         """Journal entry ``seq`` and its lines, or None."""
-        def read(txn):
-            entry = txn.get(L.SEQ_KEY.pack(seq), db=self.journal)
-            if entry is None:
-                return None
-            lines = (txn.get(L.SEQ_KEY.pack(seq), db=self.journal_lines) or b""
-                     if entry_line_count(entry) else b"")
-            return entry, lines
+        return self._read(lambda txn: self._entry_and_lines(txn, seq))
 
-        return self._read(read)
+    def _entry_and_lines(self, txn, seq: int) -> tuple[bytes, bytes] | None:
+        """Journal entry ``seq`` and its purchase lines (b"" for an entry without), or None."""
+        key = L.SEQ_KEY.pack(seq)
+        entry = txn.get(key, db=self.journal)
+        if entry is None:
+            return None
+        return entry, (txn.get(key, db=self.journal_lines) or b"" if entry_line_count(entry)
+                       else b"")
 
     def read_operation(self, key: bytes) -> Outcome | None:
         """The original outcome of a request (its key: namespace and request_id), or None."""
@@ -941,6 +938,7 @@ class _Group:
         original by request key and gets its seq as link_seq; one that was never seen leaves a
         tombstone. The reversal window is checked here (REVERSAL_WINDOW_PASSED)."""
         txn, ledger, kind = self.txn, self.ledger, op.packed[0]
+        window_us = self.admin.program.reversal_window_minutes * 60_000_000
         if kind == L.OP_REFUND:
             seq = _U64.unpack_from(op.packed, _OP_LINK)[0]
             if seq >= self.seq and self.run:  # perhaps a sale of the pending run
@@ -960,8 +958,7 @@ class _Group:
                 if stored is None:
                     # Never seen, or its record already pruned: only the first can be told.
                     sent_us = _OP_REF.unpack_from(op.packed)[0]  # the original's time, if given
-                    if max(self.pruned_through_us, 0) >= (sent_us or self.ts - (
-                            self.admin.program.reversal_window_minutes * 60_000_000)):
+                    if max(self.pruned_through_us, 0) >= (sent_us or self.ts - window_us):
                         return L.R_REVERSAL_WINDOW_PASSED
                     self.tombstones[original] = [i]  # written once a reversal of it applies
                 else:
@@ -979,13 +976,13 @@ class _Group:
                 entry = None
         if kind == L.OP_REVERSAL:  # its link, and its basket (a basket's payment undone)
             basket = _ENTRY_BASKET.unpack_from(entry)[0] if entry is not None else 0
-            op.packed = (op.packed[:_OP_LINK] + _U64.pack(seq) + op.packed[_OP_LINK + 8:152]
-                         + _U64.pack(basket) + op.packed[160:])
+            op.packed = (op.packed[:_OP_LINK] + _U64.pack(seq) + op.packed[_OP_LINK + 8:_OP_BASKET]
+                         + _U64.pack(basket) + op.packed[_OP_BASKET + 8:])
         if entry is None:
             self.undo_of[i] = (None, EMPTY_UNDO, None)
             return L.R_OK
-        if kind == L.OP_REVERSAL and self.ts - _I64.unpack_from(entry, L.JOURNAL_OFF_TS)[0] > (
-                self.admin.program.reversal_window_minutes * 60_000_000):
+        if kind == L.OP_REVERSAL and (
+                self.ts - _I64.unpack_from(entry, L.JOURNAL_OFF_TS)[0] > window_us):
             return L.R_REVERSAL_WINDOW_PASSED
         key = L.SEQ_KEY.pack(seq)
         self.undo_of[i] = (key, txn.get(key, db=ledger.undone) or undo_record(entry), entry)

@@ -184,6 +184,17 @@ class Operations:
                                need_role=role, scope=SCOPE_STORE, scope_store_id=till.store_id,
                                caller=namespace, **kw)
 
+    def _operator_card(self, req, caller: Caller, role: int,
+                       missing: int = R.REASON_OPERATOR_REQUIRED) -> CardAccess:
+        """The card of an operation only an operator does: one of ``role`` or above whose scope
+        holds the till's store (``missing`` when no operator acts); the writer checks again."""
+        operator = caller.operator
+        if operator is None:
+            raise Invalid(missing, "authorization")
+        if not operator.may(role, req.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        return self.swipes.card(req.card, req.till, caller, role)
+
     def open_op(self, req: pb.OpenCardRequest, caller: Caller) -> PendingOp:
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
@@ -270,12 +281,8 @@ class Operations:
     def reset_pin_op(self, req: pb.ResetPinRequest, caller: Caller) -> PendingOp:
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
-        operator = caller.operator
-        if operator is None:
-            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        if not operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, req.till.store_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        card = self.swipes.card(req.card, req.till, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        card = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER,
+                                   R.REASON_UNAUTHENTICATED)
         pin_flags, new_check = 0, NO_PIN
         if req.new_pin_block:
             new_check = self.swipes.pin_check(card, req.new_pin_block, "new_pin_block", new=True,
@@ -301,12 +308,7 @@ class Operations:
 
             return self._money_op(req, caller, L.OP_COUPON_ISSUE, L.PIN_REQUIRED | self.dev_pin,
                                   priced)
-        operator = caller.operator
-        if operator is None:
-            raise Invalid(R.REASON_OPERATOR_REQUIRED, "authorization")
-        if not operator.may(ROLE.OPERATOR_ROLE_STORE_MANAGER, req.till.store_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        card = self.swipes.card(req.card, req.till, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        card = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_STORE_MANAGER)
         op = self._op(req, rid, at_us, L.OP_COUPON_ISSUE, card, caller, 0, 0, ref_id=req.coupon_id,
                       role=ROLE.OPERATOR_ROLE_STORE_MANAGER)
         return op
@@ -357,12 +359,7 @@ class Operations:
             raise Invalid(R.REASON_ORIGINAL_NOT_FOUND, "original_seq")
         if req.amount_minor < 0:
             raise Invalid(R.REASON_INVALID_AMOUNT, "amount_minor")
-        operator = caller.operator
-        if operator is None:
-            raise Invalid(R.REASON_OPERATOR_REQUIRED, "authorization")
-        if not operator.may(ROLE.OPERATOR_ROLE_CASHIER, req.till.store_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        card = self.swipes.card(req.card, req.till, caller)
+        card = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER)
         return self._op(req, rid, at_us, L.OP_REFUND, card, caller, req.amount_minor,
                         link_seq=req.original_seq)
 
@@ -375,12 +372,7 @@ class Operations:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "status")
         role = (ROLE.OPERATOR_ROLE_STORE_MANAGER if req.status == L.STATUS_CLOSED
                 else ROLE.OPERATOR_ROLE_CASHIER)
-        operator = caller.operator
-        if operator is None:
-            raise Invalid(R.REASON_OPERATOR_REQUIRED, "authorization")
-        if not operator.may(role, req.till.store_id):
-            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        card = self.swipes.card(req.card, req.till, caller, role)
+        card = self._operator_card(req, caller, role)
         return self._op(req, rid, at_us, L.OP_CARD_STATUS, card, caller, tier=req.status,
                         role=role)
 
