@@ -16,7 +16,8 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
       8  i64 principal_minor       prepaid money the member paid in
      16  i64 bonus_minor           promotional value, kept apart from principal
      24  i64 points                points balance
-     32  i64 held_minor            money reserved by open holds (holds issue; 0 now)
+     32  i64 held_minor            money reserved by the card's open holds (rule 15): the sum of
+                                   their amounts; available = principal + bonus - held
      40  i64 lifetime_paid_minor   cumulative amount paid (tier rules)
      48  u64 last_seq              journal sequence of the card's last entry
      56  i64 opened_us             Unix time of opening, microseconds
@@ -60,7 +61,8 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     140  u32 reserved              zeros
     144  u64 link_seq              the entry this one acts on (refund, reversal, capture); 0
     152  u64 ref_id                a coupon, package or gift, a points lot's day; an opening
-                                   on a referral: the referrer's tag (idempotency.referrer_tag)
+                                   on a referral: the referrer's tag (idempotency.referrer_tag);
+                                   a hold's authorization: when it expires (Unix microseconds)
     160  u64 basket_tag            split tender: first 8 bytes of BLAKE2b(namespace | basket
                                    id); 0 = no basket
     168  i64 client_time_us        the caller's clock when it made the request; 0 internal
@@ -138,7 +140,8 @@ writer runs::
                                    buffer (in operation order); 0 = one line of category 0
                                    for amount_minor
     162  u8  op_flags              purchase: bit 0 ALLOW_PARTIAL (rule 6b: the card pays what it
-                                   has, the till collects the rest)
+                                   has, the till collects the rest); bit 1 CAPTURE (rule 15:
+                                   paid from the hold link_seq names, which it closes)
     163  5B  reserved
     168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
                                    coupon issue: the points it is bought with (0: given by an
@@ -226,6 +229,26 @@ time a refund or reversal names it; rules 12 and 13)::
      40  i64 points_redeemed       points the purchase took to pay
      48  i64 points_earned         points the purchase earned
      56  u64 reversal_seq          the reversal's entry; 0 until reversed
+
+Hold, v1, 64 bytes, LMDB ``holds`` value (key: card id | u64 big-endian serial, the sequence of
+the authorization entry that made it; a capture or a void names it in link_seq; rule 15)::
+
+      0  u8  version               1
+      1  u8  state                 1 open, 2 captured, 3 voided, 4 expired (released by the
+                                   server), 5 reversed (its authorization was reversed)
+      2  u16 reserved
+      4  u32 store_id              the authorizing till's store: only its terminals (or an
+                                   operator) capture or void it
+      8  i64 amount_minor          what it holds
+     16  i64 authorized_us         the authorization's group time
+     24  i64 expires_us            released by the server at the first group at or after it
+     32  u64 authorized_seq
+     40  u64 closed_seq            the entry that captured, voided, released or reversed it; 0
+     48  i64 captured_minor        a capture: what the card paid from it (<= amount_minor); 0
+     56  8B  reserved
+
+``holds_by_expiry`` (key: u64 big-endian expires_us | card id | u64 big-endian serial; value
+empty) names exactly the open holds, in the order the server releases them.
 
 Card history, LMDB ``card_entries`` (key: card id | u64 big-endian seq, one per journal entry
 of a card, written with it; value, 16 bytes: u8 op, 7 reserved, i64 ts_us): a card's entries
@@ -390,6 +413,13 @@ PACKAGE_DEF = struct.Struct("<HBxiIIq8x")
 PACKAGE = struct.Struct("<BBHIqqQQII16s")
 GIFT = struct.Struct("<BxHIq48s")     # a gift's stock record: version, id, given
 UNDO = struct.Struct("<BBBBBxHqqqqqqQ")  # what a refund or reversal can still undo of an entry
+HOLD = struct.Struct("<BBHIqqqQQq8s")   # a hold (rule 15)
+HOLD_EXPIRY_KEY = struct.Struct(">Q16sQ")  # expires_us, card id, serial: the release order
+HOLD_VERSION = 1
+HOLD_OPEN, HOLD_CAPTURED, HOLD_VOIDED, HOLD_EXPIRED, HOLD_REVERSED = 1, 2, 3, 4, 5
+HOLD_MINUTES_DEFAULT = 1440    # a hold's life when the request names none: a day
+HOLD_MINUTES_MAX = 43200       # at most 30 days (a hotel stay, a rental)
+HOLD_RELEASES_MAX = 1000       # expired holds one group releases at most (the rest: the next)
 CARD_ENTRY_KEY = struct.Struct(">16sQ")  # a card's history: card id, seq
 CARD_ENTRY = struct.Struct("<B7xq")      # its value: the entry's op and time
 UNDO_VERSION, UNDO_REVERSED = 1, 1
@@ -401,6 +431,7 @@ JOURNAL_OFF_LINES_DIGEST, LINES_DIGEST_SIZE = 200, 16
 JOURNAL_OFF_BIRTH_MONTH = 193
 JOURNAL_PURCHASE_FLAGS, JOURNAL_OFF_PURCHASE_FLAGS = struct.Struct("<H"), 198
 ALLOW_PARTIAL, PARTIAL_PAYMENT = 1, 1  # an operation's op_flags; an entry's purchase_flags
+CAPTURE = 2  # an operation's op_flags: a purchase paid from the hold its link_seq names
 UNDO_COMPLETE = 2  # an entry's purchase_flags: this refund or reversal leaves nothing to refund
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
@@ -419,7 +450,7 @@ PROGRAM_GIFTS_OFFSET = PROGRAM_POINTS_OFFSET + PROGRAM_POINTS.size
 GIFT_DEF = struct.Struct("<H6xqq")
 PROGRAM_SIZE = PROGRAM_GIFTS_OFFSET + 32 * GIFT_DEF.size
 assert PROGRAM_HEAD.size == 368 and PROMOTION.size == PROMOTION_SIZE and PROGRAM_SIZE == 15008
-assert COUPON_DEF.size == 48 and COUPON.size == 64 and UNDO.size == 64
+assert COUPON_DEF.size == 48 and COUPON.size == 64 and UNDO.size == 64 and HOLD.size == 64
 assert LINE.size == LINE_SIZE and CARD_EXT.size == CARD_EXT_SIZE
 LINES_MAX = 100          # lines of one purchase
 SKU_LEN_MAX = 24         # a line's SKU, ASCII characters (layout.LINE's 24 bytes)
@@ -489,7 +520,11 @@ OP_REFUND = 24          # money back for (part of) a purchase, to the buckets it
 OP_REVERSAL = 25        # a timed-out request undone exactly, or refused before it arrives (rule 13)
 OP_CARD_STATUS = 26      # freeze, unfreeze, report lost, found, cancel: the op's tier byte is the
                          # status wanted; the entry's ref_id the status it left (rule 14)
-OP_KERNEL_MAX = OP_CARD_STATUS  # 1..5, 7..15, 24..26 go through the kernel; 6 is written by it
+OP_HOLD = 27            # Authorize: money held on the card until captured, voided or expired
+                        # (rule 15); the entry's ref_id is when it expires
+OP_HOLD_VOID = 28       # a hold released by its till or an operator
+OP_HOLD_EXPIRED = 29    # the writer's: a hold released at its expiry
+OP_KERNEL_MAX = OP_HOLD_EXPIRED  # 1..5, 7..15, 24..29 go through the kernel; 6 is written by it
 
 
 CARD_OPS = frozenset(op for op in range(1, OP_KERNEL_MAX + 1)
@@ -538,6 +573,8 @@ R_GIFT_NOT_FOUND, R_GIFT_OUT_OF_STOCK, R_EXCHANGE_NOT_OFFERED = 75, 76, 77
 R_ORIGINAL_NOT_FOUND, R_NOT_REFUNDABLE, R_REFUND_EXCEEDS_ORIGINAL = 78, 79, 80
 R_ALREADY_REVERSED, R_REVERSED, R_REVERSAL_WINDOW_PASSED, R_NOT_REVERSIBLE = 81, 82, 83, 84
 R_ILLEGAL_TRANSITION = 85
+R_HOLD_NOT_FOUND, R_HOLD_CLOSED, R_HOLD_EXPIRED, R_CAPTURE_EXCEEDS_HOLD = 86, 87, 88, 89
+R_HOLDS_OPEN = 90
 # Rule 14: the card statuses each status can go to (CardStatus values).
 CARD_TRANSITIONS = {STATUS_ACTIVE: (STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED),
                     STATUS_FROZEN: (STATUS_ACTIVE, STATUS_LOST, STATUS_CLOSED),

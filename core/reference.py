@@ -11,7 +11,8 @@ import hmac
 import struct
 
 from cardcore import layout as L
-from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, month_of, paid_minor,
+from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, available_minor,
+                            month_of, paid_minor,
                             points_earned, redemption, review_due, review_start, spend,
                             undo_money, undo_share)
 
@@ -65,11 +66,17 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         line_at += line_count
         slot = slots[i]
         cslot = item_slots[i]
-        if needs_item(op, ref_id) != (cslot != L.SLOT_NONE) or (
+        capture = op == L.OP_PURCHASE and bool(op_flags[0] & L.CAPTURE)
+        if needs_item(op, ref_id, op_flags[0]) != (cslot != L.SLOT_NONE) or (
                 cslot != L.SLOT_NONE and cslot >= len(item_dirty)):
             raise ValueError("an operation's coupon or package and its slot do not match")
         item = None if cslot == L.SLOT_NONE else L.COUPON.unpack_from(items, cslot * L.COUPON_SIZE)
-        coupon = item if op == L.OP_PURCHASE else None
+        coupon = item if op == L.OP_PURCHASE and not capture else None
+        hold = None
+        if op in (L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED) or capture:
+            hold = list(L.HOLD.unpack_from(items, cslot * L.COUPON_SIZE))
+            check_hold(hold)
+        d_held = released = 0
         roff = slot * L.CARD_SIZE
         card = Card(L.CARD.unpack_from(records, roff))
         card.check()
@@ -118,7 +125,9 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             card.pin_tries = 0
 
         if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
-                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)):
+                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)
+                or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id
+                                                or op_flags[0] & L.ALLOW_PARTIAL)):
             reason = L.R_INVALID_ARGUMENT
         elif op == L.OP_OPEN:
             if birth_month > 12:
@@ -147,6 +156,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_INVALID_ARGUMENT
             elif tier not in L.CARD_TRANSITIONS.get(card.status, ()):
                 reason = L.R_ILLEGAL_TRANSITION
+            elif tier == L.STATUS_CLOSED and card.held:
+                reason = L.R_HOLDS_OPEN  # rule 15: the holds are voided first
             else:
                 entry_ref = card.status  # the status it left
                 if tier == L.STATUS_CLOSED:  # the principal paid back, the rest forfeited
@@ -180,6 +191,12 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                     d_principal, d_bonus, amount = -principal, -bonus, paid
                     ext.take_back_top_up(principal, item_id)
                     ext_changed = undo_changed = complete = True
+            elif original == L.OP_HOLD:  # rule 15: what the hold still holds (0: closed)
+                if paid > card.held:
+                    reason = L.R_INVALID_ARGUMENT
+                else:
+                    d_held, amount = -paid, paid
+                    undo_changed = complete = True
             else:
                 reason = L.R_NOT_REVERSIBLE
             if reason == L.R_OK and undo_changed and card.tier == tier1 and tier0 < card.tier:
@@ -197,6 +214,16 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_INSUFFICIENT_POINTS
             else:
                 d_points = -amount
+        elif op in (L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED):  # rule 15: whatever the status
+            if amount or ref_id:
+                reason = L.R_INVALID_ARGUMENT
+            else:
+                reason = hold_check(hold, op, store, operator)
+                if reason == L.R_OK and op == L.OP_HOLD_EXPIRED and ts_us < hold[6]:
+                    reason = L.R_INVALID_ARGUMENT  # not expired yet: the writer's to get right
+                if reason == L.R_OK:
+                    amount = hold[4]
+                    d_held = -amount
         elif card.status != L.STATUS_ACTIVE:
             reason = L.R_CARD_NOT_ACTIVE
         elif op == L.OP_REFERRAL_BONUS:
@@ -298,6 +325,16 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 promotion_id = package_id
         elif amount <= 0:
             reason = L.R_INVALID_AMOUNT
+        elif op == L.OP_HOLD:  # rule 15: held, not spent
+            if not 1 <= ref_id <= L.HOLD_MINUTES_MAX:
+                reason = L.R_INVALID_ARGUMENT
+            elif amount > available_minor(card.principal, card.bonus, card.held):
+                reason = L.R_INSUFFICIENT_FUNDS
+            elif ts_us + ref_id * 60_000_000 > L.INT64_MAX:
+                reason = L.R_AMOUNT_OVERFLOW
+            else:
+                d_held = amount
+                entry_ref = ts_us + ref_id * 60_000_000  # its expiry
         elif op == L.OP_PACKAGE_SELL:
             d = prog.package_def(ref_id)
             if d is None:
@@ -330,9 +367,19 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         elif card.tier >= prog.tier_count:
             reason = L.R_INVALID_TIER
         else:
-            reason, figures = purchase(prog, card, lines, my_lines, amount, redeem, coupon, ts_us,
-                                       op_flags[0])
+            if capture:  # rule 15: paid from its hold, which it closes
+                reason = hold_check(hold, op, store, operator)
+                if reason == L.R_OK and ts_us >= hold[6]:
+                    reason = L.R_HOLD_EXPIRED
+                released = hold[4]
+            figures = ()
             if reason == L.R_OK:
+                reason, figures = purchase(prog, card, lines, my_lines, amount, redeem, coupon,
+                                           ts_us, op_flags[0], released)
+            if reason == L.R_OK and capture and figures[6] > released:
+                reason = L.R_CAPTURE_EXCEEDS_HOLD
+            if reason == L.R_OK:
+                d_held = -released
                 paid, earned, taken_points, redeemed, coupon_off, coupon_id, due = figures
                 if coupon is not None:
                     promotion_id = coupon_id
@@ -352,6 +399,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             card.principal += d_principal
             card.bonus += d_bonus
             card.points += d_points
+            card.held += d_held
         if pin_failed or (reason == L.R_OK and op != L.OP_BALANCE_INQUIRY):
             entry_seq = seq
             seq += 1
@@ -377,6 +425,12 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                     undo[1] |= L.UNDO_REVERSED
                     undo[12] = entry_seq
                 L.UNDO.pack_into(items, cslot * L.COUPON_SIZE, *undo)
+                item_dirty[cslot] = 1
+            if reason == L.R_OK and hold is not None:
+                hold[1] = (L.HOLD_CAPTURED if capture else
+                           L.HOLD_VOIDED if op == L.OP_HOLD_VOID else L.HOLD_EXPIRED)
+                hold[8], hold[9] = entry_seq, figures[6] if capture else 0
+                L.HOLD.pack_into(items, cslot * L.COUPON_SIZE, *hold)
                 item_dirty[cslot] = 1
             if op == L.OP_PACKAGE_USE and reason == L.R_OK:
                 f = list(L.PACKAGE.unpack_from(items, cslot * L.COUPON_SIZE))
@@ -408,11 +462,28 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
     return seq
 
 
-def needs_item(op: int, ref_id: int) -> bool:
-    """Whether an operation names a coupon, package, gift or undo record the kernel must be
-    given."""
-    return (op in (L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM, L.OP_REFUND, L.OP_REVERSAL)
-            or (op == L.OP_PURCHASE and ref_id != 0))
+def needs_item(op: int, ref_id: int, op_flags: int = 0) -> bool:
+    """Whether an operation names a coupon, package, gift, undo record or hold the kernel must
+    be given."""
+    return (op in (L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM, L.OP_REFUND, L.OP_REVERSAL,
+                   L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED)
+            or (op == L.OP_PURCHASE and (ref_id != 0 or bool(op_flags & L.CAPTURE))))
+
+
+def check_hold(hold: list) -> None:
+    version, state, _, _, amount, _, _, _, _, captured, _ = hold
+    if version not in (0, L.HOLD_VERSION) or (version and not (
+            L.HOLD_OPEN <= state <= L.HOLD_REVERSED and amount > 0 and 0 <= captured <= amount)):
+        raise ValueError("hold breaks an invariant")
+
+
+def hold_check(hold: list, op: int, store: int, operator: int) -> int:
+    """Rule 15: whether ``op`` may close this hold of its card (another card's is not in the
+    item: zeros; one closed by a terminal of another store is not found either)."""
+    if hold[0] != L.HOLD_VERSION or (op != L.OP_HOLD_EXPIRED and not operator
+                                     and store != hold[3]):
+        return L.R_HOLD_NOT_FOUND
+    return L.R_OK if hold[1] == L.HOLD_OPEN else L.R_HOLD_CLOSED
 
 
 def check_undo(undo: list) -> None:
@@ -443,7 +514,7 @@ def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, t
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
              offered: int, coupon: tuple | None = None, ts_us: int = 0,
-             flags: int = 0) -> tuple[int, tuple[int, int, int, int, int, int, int]]:
+             flags: int = 0, released: int = 0) -> tuple[int, tuple[int, int, int, int, int, int, int]]:
     """Rules 2-6 for one purchase: (reason, (paid, earned, points taken, redeemed fen, coupon
     off, coupon definition, what the card pays)); paid is after the tier's rate and the coupon.
     Fills the lines'
@@ -484,7 +555,7 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
     card_pay = 0
     if reason == L.R_OK:
         due = paid - redeemed
-        available = card.principal + card.bonus - card.held
+        available = available_minor(card.principal, card.bonus, card.held - released)
         card_pay = due  # rule 6b: a partial payment takes what the card has, the till the rest
         if flags & L.ALLOW_PARTIAL and due > available > 0:
             card_pay = available

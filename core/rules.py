@@ -119,7 +119,24 @@ checks they agree on every input):
    is refused with REASON_ILLEGAL_TRANSITION and the card's status in the answer. Only an
    active card is topped up, spent or refunded; reversals apply whatever the status but closed
    (nothing comes back to a card paid out and emptied: REASON_CARD_NOT_ACTIVE); expiries and
-   tier reviews whatever the status.
+   tier reviews whatever the status. A card with open holds is not closed
+   (REASON_HOLDS_OPEN: void them first).
+15. Holds (pre-authorisation: a car wash, a hotel). An authorization (active card, the PIN
+   like a purchase) holds A > 0 fen for M minutes (1..``HOLD_MINUTES_MAX``; the request's, or
+   ``HOLD_MINUTES_DEFAULT``): it needs ``A <= available`` where ``available = principal +
+   bonus - held`` (``available_minor``, the one function every reader uses), moves no money
+   and adds A to ``held``; the hold's serial is the entry's seq, its expiry the group's time +
+   M minutes. Exactly one of these closes an open hold, and releases A from ``held``: a
+   capture (a purchase, rules 2-8 with every line, discount and point, with no coupon and no
+   partial payment, no PIN: the member gave it at the authorization; funds judged with the
+   hold released; it needs the card's part ``due <= A``, else REASON_CAPTURE_EXCEEDS_HOLD,
+   and a time before the expiry, else REASON_HOLD_EXPIRED; at most once); a void (whatever
+   the time, the card's status but closed); the server's release in the first group at or
+   after the expiry; a reversal of the authorization while the hold is open (one of a hold
+   already closed moves nothing; of a captured one: REASON_NOT_REVERSIBLE, reverse the
+   capture). A closed hold is REASON_HOLD_CLOSED; a hold of another card, or captured or
+   voided by a terminal of another store than the authorization's, REASON_HOLD_NOT_FOUND.
+   A capture is refunded and reversed like any purchase; its hold stays closed.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or

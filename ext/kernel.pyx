@@ -12,7 +12,8 @@ from libc.string cimport memcpy, memset
 
 from records cimport (cc_card_ext_t, cc_card_t, cc_coupon_def_t, cc_coupon_t, cc_i128,
                      cc_gift_def_t, cc_gift_t, cc_journal_t, cc_line_t, cc_op_t,
-                     cc_package_def_t, cc_package_t, cc_program_t, cc_promotion_t, cc_undo_t)
+                     cc_package_def_t, cc_package_t, cc_program_t, cc_promotion_t, cc_undo_t,
+                     cc_hold_t)
 
 cdef extern from "<stdint.h>":
     const int64_t INT64_MAX
@@ -55,7 +56,17 @@ cdef enum:
     OP_REFUND = 24
     OP_REVERSAL = 25
     OP_CARD_STATUS = 26
-    OP_KERNEL_MAX = 26
+    OP_HOLD = 27
+    OP_HOLD_VOID = 28
+    OP_HOLD_EXPIRED = 29
+    OP_KERNEL_MAX = 29
+    CAPTURE = 2
+    HOLD_OPEN = 1
+    HOLD_CAPTURED = 2
+    HOLD_VOIDED = 3
+    HOLD_EXPIRED = 4
+    HOLD_REVERSED = 5
+    HOLD_MINUTES_MAX = 43200
     STATUS_FROZEN = 2
     STATUS_LOST = 3
     STATUS_CLOSED = 4
@@ -99,6 +110,11 @@ cdef enum:
     R_ALREADY_REVERSED = 81
     R_NOT_REVERSIBLE = 84
     R_ILLEGAL_TRANSITION = 85
+    R_HOLD_NOT_FOUND = 86
+    R_HOLD_CLOSED = 87
+    R_HOLD_EXPIRED = 88
+    R_CAPTURE_EXCEEDS_HOLD = 89
+    R_HOLDS_OPEN = 90
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -356,7 +372,27 @@ cdef inline const cc_package_def_t* package_def(const cc_program_t* prog,
 cdef inline int needs_item(const cc_op_t* op) noexcept nogil:
     """Whether an operation names a coupon, package or gift record the caller must pass."""
     return (op.op == OP_PACKAGE_USE or op.op == OP_GIFT_REDEEM or op.op == OP_REFUND
-            or op.op == OP_REVERSAL or (op.op == OP_PURCHASE and op.ref_id != 0))
+            or op.op == OP_REVERSAL or op.op == OP_HOLD_VOID or op.op == OP_HOLD_EXPIRED
+            or (op.op == OP_PURCHASE and (op.ref_id != 0 or (op.op_flags & CAPTURE) != 0)))
+
+
+cdef inline int hold_ok(const cc_hold_t* hold) noexcept nogil:
+    """Invariants of a stored hold (none: all zeros)."""
+    return hold.version == 0 or (hold.version == 1 and HOLD_OPEN <= hold.state <= HOLD_REVERSED
+                                 and hold.amount_minor > 0
+                                 and 0 <= hold.captured_minor <= hold.amount_minor)
+
+
+cdef inline uint8_t hold_check(const cc_hold_t* hold, const cc_op_t* op) noexcept nogil:
+    """Rule 15: whether ``op`` may close this hold of its card: one of another card (not in the
+    item: zeros), or closed by a terminal of another store, is not found; a closed one is
+    closed."""
+    if hold.version != 1 or (op.op != OP_HOLD_EXPIRED and op.operator_id == 0
+                             and op.store_id != hold.store_id):
+        return R_HOLD_NOT_FOUND
+    if hold.state != HOLD_OPEN:
+        return R_HOLD_CLOSED
+    return R_OK
 
 
 cdef inline int64_t share(int64_t x, int64_t paid, int64_t before, int64_t after) noexcept nogil:
@@ -480,10 +516,11 @@ cdef inline uint8_t apply_coupon(const cc_program_t* prog, const cc_coupon_t* co
 
 cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const cc_card_t* rec,
                              cc_line_t* lines, const cc_coupon_t* coupon, int64_t ts_us,
-                             int64_t* fig) noexcept nogil:
+                             int64_t released, int64_t* fig) noexcept nogil:
     """Rules 2-6 for one purchase: the reason; fig = paid (after the tier's rate and the
     coupon), earned, points taken, redeemed fen, coupon off. Fills the lines' output fields
-    once they passed the category check."""
+    once they passed the category check. ``released``: a capture's hold, counted as available
+    (rule 15)."""
     cdef cc_line_t implicit
     cdef cc_line_t* ls = lines
     cdef int64_t line_paid[LINES_MAX]
@@ -539,7 +576,7 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
     cdef int64_t available, card_pay = 0, left_card, share
     if reason == R_OK:
         due = paid - redeemed
-        available = rec.principal_minor + rec.bonus_minor - rec.held_minor
+        available = rec.principal_minor + rec.bonus_minor - (rec.held_minor - released)
         card_pay = due  # rule 6b: a partial payment takes what the card has, the till the rest
         if op.op_flags & ALLOW_PARTIAL and due > available and available > 0:
             card_pay = available
@@ -608,6 +645,9 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef int checked = 0, promo = -1, slot_k = -1, ext_changed = 0
     cdef int64_t amount = op.amount_minor
     cdef int64_t d_principal = 0, d_bonus = 0, d_points = 0, discount = 0, bonus = 0
+    cdef int64_t d_held = 0, released = 0
+    cdef int capture = op.op == OP_PURCHASE and (op.op_flags & CAPTURE) != 0
+    cdef cc_hold_t* hold = <cc_hold_t*>coupon  # a capture's or void's hold, likewise
     cdef int64_t from_principal, from_bonus, due
     cdef int64_t fig[6]
     cdef uint16_t promotion_id = 0  # the entry's item_id: a promotion or a coupon definition
@@ -619,7 +659,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef cc_gift_t* gift = <cc_gift_t*>coupon        # a gift's stock record, likewise
     cdef const cc_gift_def_t* gd
     cdef int64_t blocks, next_day = 0
-    cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE else NULL
+    cdef const cc_coupon_t* used_coupon = coupon if op.op == OP_PURCHASE and not capture else NULL
     cdef cc_undo_t* undo = <cc_undo_t*>coupon  # a refund's or reversal's original, likewise
     cdef int64_t g[4]
     cdef int64_t left
@@ -628,7 +668,9 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
             or op.line_count > LINES_MAX
             or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
-                and op.op != OP_POINTS_EXCHANGE)):
+                and op.op != OP_POINTS_EXCHANGE)
+            or (op.op_flags & CAPTURE and (op.op != OP_PURCHASE or op.ref_id != 0
+                                           or op.op_flags & ALLOW_PARTIAL))):
         reason = R_INVALID_ARGUMENT
     elif op.op == OP_OPEN:
         if op.birth_month > 12:
@@ -662,6 +704,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_INVALID_ARGUMENT
         elif not transition_ok(rec.status, op.tier):
             reason = R_ILLEGAL_TRANSITION
+        elif op.tier == STATUS_CLOSED and rec.held_minor != 0:
+            reason = R_HOLDS_OPEN  # rule 15: the holds are voided first
         else:
             entry_ref = rec.status  # the status it left
             if op.tier == STATUS_CLOSED:  # the principal paid back, the rest forfeited
@@ -704,6 +748,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                         ext.promotion_uses[k] -= 1
                         break
                 ext_changed = undo_changed = complete = 1
+        elif undo.op == OP_HOLD:  # rule 15: what the hold still holds (0: it was closed)
+            if undo.paid_minor > rec.held_minor:
+                reason = R_INVALID_ARGUMENT
+            else:
+                d_held = -undo.paid_minor
+                amount = undo.paid_minor
+                undo_changed = complete = 1
         else:
             reason = R_NOT_REVERSIBLE
         if reason == R_OK and undo_changed and rec.tier == undo.tier_after and undo.tier < rec.tier:
@@ -722,6 +773,16 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_INSUFFICIENT_POINTS
         else:
             d_points = -amount
+    elif op.op == OP_HOLD_VOID or op.op == OP_HOLD_EXPIRED:  # rule 15: whatever the status
+        if amount != 0 or op.ref_id != 0:
+            reason = R_INVALID_ARGUMENT
+        else:
+            reason = hold_check(hold, op)
+            if reason == R_OK and op.op == OP_HOLD_EXPIRED and ts_us < hold.expires_us:
+                reason = R_INVALID_ARGUMENT  # not expired yet: the writer's to get right
+            if reason == R_OK:
+                amount = hold.amount_minor
+                d_held = -amount
     elif rec.status != STATUS_ACTIVE:
         reason = R_CARD_NOT_ACTIVE
     elif op.op == OP_REFERRAL_BONUS:
@@ -828,6 +889,16 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 promotion_id = pkg.package_id
         elif amount <= 0:
             reason = R_INVALID_AMOUNT
+        elif op.op == OP_HOLD:  # rule 15: held, not spent
+            if op.ref_id < 1 or op.ref_id > HOLD_MINUTES_MAX:
+                reason = R_INVALID_ARGUMENT
+            elif amount > rec.principal_minor + rec.bonus_minor - rec.held_minor:
+                reason = R_INSUFFICIENT_FUNDS
+            elif ts_us > INT64_MAX - <int64_t>op.ref_id * MINUTE_US:
+                reason = R_AMOUNT_OVERFLOW
+            else:
+                d_held = amount
+                entry_ref = <uint64_t>(ts_us + <int64_t>op.ref_id * MINUTE_US)  # its expiry
         elif op.op == OP_PACKAGE_SELL:
             pd = package_def(prog, op.ref_id)
             if pd == NULL:
@@ -874,8 +945,17 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif rec.tier >= prog.tier_count:
             reason = R_INVALID_TIER
         else:
-            reason = purchase(prog, op, rec, lines, used_coupon, ts_us, fig)
+            if capture:  # rule 15: paid from its hold, which it closes
+                reason = hold_check(hold, op)
+                if reason == R_OK and ts_us >= hold.expires_us:
+                    reason = R_HOLD_EXPIRED
+                released = hold.amount_minor
             if reason == R_OK:
+                reason = purchase(prog, op, rec, lines, used_coupon, ts_us, released, fig)
+            if reason == R_OK and capture and fig[5] > released:
+                reason = R_CAPTURE_EXCEEDS_HOLD
+            if reason == R_OK:
+                d_held = -released
                 if used_coupon != NULL:
                     promotion_id = coupon.coupon_id
                 discount = amount - fig[0]
@@ -898,6 +978,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         rec.principal_minor += d_principal
         rec.bonus_minor += d_bonus
         rec.points += d_points
+        rec.held_minor += d_held
     cdef int changed = pin_failed or (reason == R_OK and op.op != OP_BALANCE_INQUIRY)
     if changed:
         rec.last_seq = seq
@@ -920,6 +1001,12 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             if op.op == OP_REVERSAL:
                 undo.flags |= UNDO_REVERSED
                 undo.reversal_seq = seq
+            item_dirty[0] = 1
+        if reason == R_OK and (capture or op.op == OP_HOLD_VOID or op.op == OP_HOLD_EXPIRED):
+            hold.state = (HOLD_CAPTURED if capture else
+                          HOLD_VOIDED if op.op == OP_HOLD_VOID else HOLD_EXPIRED)
+            hold.closed_seq = seq
+            hold.captured_minor = fig[5] if capture else 0
             item_dirty[0] = 1
         if op.op == OP_PACKAGE_USE and reason == R_OK:
             if pkg.kind == PACKAGE_COUNT:
@@ -1066,7 +1153,10 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             cslot = item_slots[i]
             if not record_ok(rec) or not ext_ok(ext_base + slot) or (
                     (op.op == OP_REFUND or op.op == OP_REVERSAL)
-                    and not undo_ok(<const cc_undo_t*>(coupon_base + cslot))):
+                    and not undo_ok(<const cc_undo_t*>(coupon_base + cslot))) or (
+                    (op.op == OP_HOLD_VOID or op.op == OP_HOLD_EXPIRED
+                     or (op.op == OP_PURCHASE and op.op_flags & CAPTURE))
+                    and not hold_ok(<const cc_hold_t*>(coupon_base + cslot))):
                 bad = 2
                 break
             apply_one(prog, op, rec, ext_base + slot, line_base + line_at if op.line_count else NULL,

@@ -144,6 +144,17 @@ typedef struct {
     uint64_t reversal_seq;
 } cc_undo_t;
 
+/* Hold, v1 (layout.HOLD): money held on a card until captured, voided or expired. */
+typedef struct {
+    uint8_t version, state;
+    uint16_t reserved0;
+    uint32_t store_id;
+    int64_t amount_minor, authorized_us, expires_us;
+    uint64_t authorized_seq, closed_seq;
+    int64_t captured_minor;
+    uint8_t reserved1[8];
+} cc_hold_t;
+
 typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, redeem_points, redeem_value_minor;
@@ -171,6 +182,7 @@ _Static_assert(sizeof(cc_program_t) == 15008, "program is 15,008 bytes");
 _Static_assert(sizeof(cc_gift_def_t) == 24, "gift definition is 24 bytes");
 _Static_assert(sizeof(cc_gift_t) == 64, "gift stock record is 64 bytes");
 _Static_assert(sizeof(cc_undo_t) == 64, "undo record is 64 bytes");
+_Static_assert(sizeof(cc_hold_t) == 64, "hold is 64 bytes");
 _Static_assert(sizeof(cc_package_def_t) == 32, "package definition is 32 bytes");
 _Static_assert(sizeof(cc_package_t) == 64, "package is 64 bytes");
 _Static_assert(sizeof(cc_coupon_def_t) == 48, "coupon definition is 48 bytes");

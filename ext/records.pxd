@@ -132,6 +132,15 @@ cdef extern from "records.h":
         int64_t points_earned
         uint64_t reversal_seq
 
+    ctypedef struct cc_hold_t:
+        uint8_t version, state
+        uint16_t reserved0
+        uint32_t store_id
+        int64_t amount_minor, authorized_us, expires_us
+        uint64_t authorized_seq, closed_seq
+        int64_t captured_minor
+        uint8_t reserved1[8]
+
     ctypedef struct cc_program_t:
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, redeem_points, redeem_value_minor
