@@ -151,6 +151,8 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     # given); link_seq and basket_tag are the writer's to fill
     L.OP_REVERSAL: ("op", "card_id", *_AT_THE_TILL, "ref_id"),
     L.OP_CARD_STATUS: ("op", "tier", "card_id", *_AT_THE_TILL),  # tier: the status wanted
+    L.OP_HOLD: _MONEY,      # ref_id: the hold's minutes
+    L.OP_HOLD_VOID: ("op", "card_id", *_AT_THE_TILL, "link_seq"),  # link_seq: the hold
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},
@@ -310,6 +312,8 @@ class Outcome(NamedTuple):
     available_minor: int = 0    # for INSUFFICIENT_FUNDS
     count: int = 0              # internal operations: items changed (card numbers re-sealed)
     lines: bytes = b""          # an applied purchase with lines: them, as the kernel filled them
+    held_minor: int = 0         # applied: the card's held_minor after it (rule 15; the journal
+                                # does not carry it, the request record does)
 
 
 def record(op_type: int, reason: int, digest: bytes, seq: int, available_minor: int, ts_us: int,
@@ -337,6 +341,8 @@ def replay(txn, journal_db, idem: bytes, digest: bytes | None, lines_db=None) ->
         lines = txn.get(L.SEQ_KEY.pack(seq), db=lines_db)
         if lines is None:
             raise InvariantError("a purchase with lines has none stored")
+    if reason == L.R_OK:  # an applied request's record keeps the card's held after it there
+        return Outcome(reason, True, op_type, entry, 0, 0, lines, available)
     return Outcome(reason, True, op_type, entry, available, 0, lines)
 
 

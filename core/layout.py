@@ -354,7 +354,8 @@ Idempotency record, v2, 64 bytes, LMDB ``requests`` value (key: request key)::
       8  16B payload_digest        BLAKE2b-128 over the operation's digest fields
                                    (``idempotency.DIGEST_FIELDS``)
      24  u64 seq                   its journal entry (applied, or PIN failed), else 0
-     32  i64 available_minor       for INSUFFICIENT_FUNDS
+     32  i64 available_minor       for INSUFFICIENT_FUNDS; applied: the card's held_minor after
+                                   it (rule 15), which the journal entry does not carry
      40  i64 ts_us                 when it was applied (the group's time)
      48  i64 client_time_us        the request's own time (part of its payload)
      56  8B  reserved

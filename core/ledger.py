@@ -25,8 +25,11 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     undone        seq (u64 big-endian)    -> what refunds and a reversal took back of that
                                              entry (64 B, layout.UNDO)
     card_entries  card_id | seq (BE)      -> the entry's op and time: a card's history
+    holds         card_id | serial (u64)  -> a hold (64 B, layout.HOLD); serial = the sequence of
+                                             its authorization entry
+    holds_by_expiry expires_us | card_id | serial -> empty: the open holds, in release order
 
-The last ten came with card programs and refunds: a writer that opens a ledger made
+The last twelve came with card programs, refunds and holds: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -77,10 +80,11 @@ EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
-            "card_entries")
+            "card_entries", "holds", "holds_by_expiry")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
-                            "lots_by_day", "gift_stock", "baskets", "undone", "card_entries"))
+                            "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
+                            "holds", "holds_by_expiry"))
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
 HISTORY_SCAN_MAX = 10_000     # index entries one page looks at, at most (filters that match few)
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
@@ -110,6 +114,11 @@ DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 # (rule 11) every card operation does (rule 8's spend is the period's).
 EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
+_OP_FLAGS = 162  # layout.OP offset of op_flags
+_HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))  # and a capture (a purchase)
+_HOLD_AMOUNT = struct.Struct("<8xq")  # layout.HOLD: amount_minor
+_ENTRY_AMOUNT = struct.Struct("<32xq")  # layout.JOURNAL: amount_minor
+_ENTRY_TILL_STORE = struct.Struct("<104xI")  # layout.JOURNAL: store_id
 _TOMBSTONE_WRITTEN = "written"  # a tombstone's state in a group, once a reversal of it applied
 _EXT_REVIEW = struct.Struct("<xB78xII")  # layout.CARD_EXT: flags (1), review_day, its period (80)
 
@@ -136,6 +145,8 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
                                                        0xFFFFFFFF)))
         elif kind == L.OP_PACKAGE_USE:
             where = ("packages", L.COUPON_KEY.pack(op.card_id, _OP_REF.unpack_from(op.packed)[0]))
+        elif kind in _HOLD_CLOSERS or (kind == L.OP_PURCHASE and op.packed[_OP_FLAGS] & L.CAPTURE):
+            where = ("holds", L.COUPON_KEY.pack(op.card_id, _U64.unpack_from(op.packed, _OP_LINK)[0]))
         elif kind == L.OP_PURCHASE and (ref := _OP_REF.unpack_from(op.packed)[0]):
             where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
         else:
@@ -213,6 +224,25 @@ def sold_package(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes,
     return (L.COUPON_KEY.pack(card_id, seq),
             L.PACKAGE.pack(L.PACKAGE_VERSION, definition.kind, package_id, definition.uses, ts_us,
                            until, seq, 0, 0, 0, bytes(16)))
+
+
+def authorized_hold(card_id: bytes, entry: bytes) -> tuple[bytes, bytes, bytes]:
+    """The hold an applied authorization entry makes (rule 15): its key, its record (open,
+    for the entry's amount, till's store and expiry, its ref_id) and its expiry index key."""
+    seq, = _U64.unpack_from(entry, L.JOURNAL_OFF_SEQ)
+    ts_us, = _I64.unpack_from(entry, L.JOURNAL_OFF_TS)
+    expires_us = L.JOURNAL_TAIL.unpack_from(entry)[4]
+    store_id = _ENTRY_TILL_STORE.unpack_from(entry)[0]
+    return (L.COUPON_KEY.pack(card_id, seq),
+            L.HOLD.pack(L.HOLD_VERSION, L.HOLD_OPEN, 0, store_id, _ENTRY_AMOUNT.unpack_from(entry)[0],
+                        ts_us, expires_us, seq, 0, 0, bytes(8)),
+            L.HOLD_EXPIRY_KEY.pack(expires_us, card_id, seq))
+
+
+def hold_index_key(card_id: bytes, hold: bytes) -> bytes:
+    """A hold's key in ``holds_by_expiry`` (layout.HOLD record ``hold``)."""
+    f = L.HOLD.unpack(hold)
+    return L.HOLD_EXPIRY_KEY.pack(f[6], card_id, f[7])
 
 
 def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes, bytes]:
@@ -542,6 +572,11 @@ class Ledger:
         """The card's packages (layout.PACKAGE fields each, serial order), used up or not."""
         return [L.PACKAGE.unpack(v) for v in self._read_items(self.packages, card_id)]
 
+    def read_holds(self, card_id: bytes) -> list[tuple]:
+        """The card's open holds (layout.HOLD fields each, serial order)."""
+        return [f for f in map(L.HOLD.unpack, self._read_items(self.holds, card_id))
+                if f[1] == L.HOLD_OPEN]
+
     def read_lots(self, card_id: bytes) -> list[tuple[int, int, int]]:
         """The card's points lots, oldest first: (earned day, points left, points earned)."""
         if self.points_lots is None:
@@ -781,7 +816,8 @@ class _Group:
         self.profile_items: list[tuple[bytes, bytes]] = []
         self.sealed_items: list[tuple[bytes, bytes]] = []
         self.line_items: list[tuple[int, bytes]] = []   # (seq, an applied purchase's lines)
-        self.item_items: list[tuple] = []  # (database, key, record): coupons and packages
+        self.item_items: list[tuple] = []  # (database, key, record): coupons, packages, holds
+        self.unindexed: list[bytes] = []   # expiry index keys of holds closed in the run
         self.expired = 0                   # cards whose points the sweep expired
         self.basket_items: list[tuple[bytes, bytes]] = []  # split-tender payments' index
         self.run: list[int] = []                # consecutive card operations for the kernel
@@ -789,6 +825,8 @@ class _Group:
         self.undo_of: dict[int, tuple] = {}
         # a request key reversed unseen -> the reversals of it pending in the group, or WRITTEN
         self.tombstones: dict[bytes, list[int] | str] = {}
+        # reversals of authorizations: op index -> (hold key, the open hold, or None if closed)
+        self.hold_reversals: dict[int, tuple[bytes, bytes | None]] = {}
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
 
@@ -801,6 +839,7 @@ class _Group:
         self.admin = admin = AdminState(ledger, txn)
         self.lots = lots.Lots(_LmdbLots(txn, ledger))
         self._expire()  # before the group's operations: expired points are never spent
+        self._release_holds()  # and expired holds hold nothing
         self._review()  # and they run at the tier the card's last period earned
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
@@ -871,6 +910,8 @@ class _Group:
                     continue
             if kind in card_ops:
                 self.run.append(i)
+                if self.hold_reversals and i in self.hold_reversals:
+                    self._flush_run()  # what comes after it reads the hold it closed
             else:
                 self._flush_run()
                 self._admin(i, op, kind)
@@ -931,6 +972,28 @@ class _Group:
             raise InvariantError("a points expiry was declined: the lots and the card disagree")
         self.expired = len(expiries)
 
+    def _release_holds(self) -> None:
+        """Rule 15's release, first thing in a group after the points expiry: the open holds
+        whose expiry is at or before the group's time, oldest first, up to HOLD_RELEASES_MAX a
+        group, each through a hold-expired operation in the kernel (journaled, the server's).
+        An idle writer's maintenance groups run it too, so a hold is released within a tick of
+        its expiry with no traffic; a capture after its expiry is refused (HOLD_EXPIRED) even
+        if its release waits for a later group."""
+        if self.ledger.holds_by_expiry is None:
+            return
+        due = []
+        for key, _ in self.txn.cursor(db=self.ledger.holds_by_expiry):
+            expires_us, card_id, serial = L.HOLD_EXPIRY_KEY.unpack(key)
+            if expires_us > self.ts or len(due) == L.HOLD_RELEASES_MAX:
+                break
+            due.append(PendingOp.build(b"", L.OP_HOLD_EXPIRED, card_id, link_seq=serial,
+                                       caller=(L.CALLER_SYSTEM, 0)))
+        if not due:
+            return
+        if any(o.reason != L.R_OK for o in self._run_internal(due)):
+            raise InvariantError("a hold's release was declined: the hold and its index disagree")
+        self.expired += len(due)
+
     def _resolve_undo(self, i: int, op: PendingOp, first_index: dict[bytes, int]) -> int:
         """What refund or reversal ``i`` undoes (rules 12 and 13), before it joins the run: the
         original's undo record (stored, or assembled from its entry) for the kernel, or none
@@ -985,8 +1048,31 @@ class _Group:
                 self.ts - _I64.unpack_from(entry, L.JOURNAL_OFF_TS)[0] > window_us):
             return L.R_REVERSAL_WINDOW_PASSED
         key = L.SEQ_KEY.pack(seq)
-        self.undo_of[i] = (key, txn.get(key, db=ledger.undone) or undo_record(entry), entry)
+        undo = txn.get(key, db=ledger.undone)
+        if kind == L.OP_REVERSAL and entry[1] == L.OP_HOLD and undo is None:
+            undo = self._hold_undo(i, op, seq, entry)
+            if undo is None:
+                return L.R_NOT_REVERSIBLE  # captured: the capture is what to reverse
+        self.undo_of[i] = (key, undo or undo_record(entry), entry)
         return L.R_OK
+
+    def _hold_undo(self, i: int, op: PendingOp, seq: int, entry: bytes) -> bytes | None:
+        """Rule 15: the undo record of an authorization a reversal names, from its hold as the
+        group left it so far: what the hold still holds (0: voided or released), or None for a
+        captured one. The reversal runs alone at the end of its run (see apply), so what comes
+        after it sees the hold closed."""
+        if self.run:
+            self._flush_run()  # a capture or void of it earlier in the group, first
+        hold_key = L.COUPON_KEY.pack(op.card_id, seq)
+        hold = self.txn.get(hold_key, db=self.ledger.holds)
+        if hold is None:
+            raise InvariantError("an applied authorization has no hold")
+        state, amount = hold[1], _HOLD_AMOUNT.unpack_from(hold)[0]
+        if state == L.HOLD_CAPTURED:
+            return None
+        self.hold_reversals[i] = (hold_key, hold if state == L.HOLD_OPEN else None)
+        return L.UNDO.pack(L.UNDO_VERSION, 0, L.OP_HOLD, entry[2], entry[_TIER_AFTER], 0, 0,
+                           amount if state == L.HOLD_OPEN else 0, 0, 0, 0, 0, 0)
 
     def _review(self) -> None:
         """The tier review (``rules`` rule 11), first in a group after the expiry sweep: each
@@ -1075,8 +1161,12 @@ class _Group:
         slot_of: dict[bytes, int] = {}
         card_ids: list[bytes] = []
         slots = array("I")
+        hold_run = False  # an operation that changes held_minor (rule 15) is in the run
         for i in run:
-            cid = ops[i].card_id
+            op = ops[i]
+            cid = op.card_id
+            if op.packed[0] >= L.OP_REVERSAL or op.packed[_OP_FLAGS] & L.CAPTURE:
+                hold_run = True
             s = slot_of.get(cid)
             if s is None:
                 s = slot_of[cid] = len(card_ids)
@@ -1124,12 +1214,19 @@ class _Group:
         referrals: list[PendingOp] = []  # one level: a referral bonus never pays another
         gains: dict[tuple[bytes, int], int] = {}  # (card, day) -> points earned in this run
         day = lots.day_of(ts)
+        running: dict[int, int] = {}  # a hold run's cards: slot -> held_minor as the run goes
         for k, i in enumerate(run):
             op = ops[i]
             op_type = op.packed[0]
             _, tier, reason, seq, principal_after, bonus_after = head(out, k * size)
             entry = out[k * size:(k + 1) * size]
-            available = 0
+            available = held_after = 0
+            if reason == L.R_OK:  # the card's held_minor after it: the answer's available
+                if hold_run:
+                    held_after = self._held_after(op, entry, slots[k], card_ids, stored, running,
+                                                  coupons, coupon_slots[k], coupon_keys)
+                else:  # no operation of the run moves it: the record's
+                    held_after = _I64.unpack_from(records, slots[k] * L.CARD_SIZE + _CARD_HELD)[0]
             if reason == L.R_INSUFFICIENT_FUNDS:
                 held = int.from_bytes(records[slots[k] * L.CARD_SIZE + _CARD_HELD:][:8], "little",
                                       signed=True)
@@ -1189,9 +1286,10 @@ class _Group:
                 available = self._after_undo(i, op, reason, seq, entry,
                                              coupons, coupon_slots[k]) or available
             if op.request_key:
-                idem_items.append((op.request_key, record(op_type, reason, op.digest, seq,
-                                                          available, ts, op.client_time_us)))
-            outcomes[i] = Outcome(reason, False, op_type, entry, available, 0, filled)
+                idem_items.append((op.request_key, record(
+                    op_type, reason, op.digest, seq, held_after if reason == L.R_OK else available,
+                    ts, op.client_time_us)))
+            outcomes[i] = Outcome(reason, False, op_type, entry, available, 0, filled, held_after)
         if next_seq != self.seq:
             raise InvariantError("kernel sequence does not match the journal entries")
         if gains:
@@ -1201,8 +1299,37 @@ class _Group:
         for db, key, value in self.item_items:
             txn.put(key, value, db=db)
         self.item_items.clear()
+        for key in self.unindexed:  # holds closed in the run
+            if not txn.delete(key, db=ledger.holds_by_expiry):
+                raise InvariantError("a hold closed that its expiry index did not name")
+        self.unindexed.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _held_after(self, op: PendingOp, entry: bytes, slot: int, card_ids: list, stored: dict,
+                    running: dict, items: bytearray, item_slot: int, item_keys: list) -> int:
+        """Rule 15 in a run that moves held_minor: the card's held after applied operation
+        ``op`` (from the stored record and the run's changes so far); an authorization's hold
+        and index written, a closed hold taken out of the index."""
+        kind = op.packed[0]
+        held = running.get(slot)
+        if held is None:
+            raw = stored.get(card_ids[slot])
+            held = _I64.unpack_from(raw, _CARD_HELD)[0] if raw else 0
+        if kind == L.OP_HOLD:
+            key, hold, index_key = authorized_hold(op.card_id, entry)
+            self.item_items.append((self.ledger.holds, key, hold))
+            self.item_items.append((self.ledger.holds_by_expiry, index_key, b""))
+            held += _HOLD_AMOUNT.unpack_from(hold)[0]
+        elif kind in _HOLD_CLOSERS or (kind == L.OP_PURCHASE and op.packed[_OP_FLAGS] & L.CAPTURE):
+            hold = bytes(items[item_slot * L.COUPON_SIZE:(item_slot + 1) * L.COUPON_SIZE])
+            self.unindexed.append(hold_index_key(op.card_id, hold))
+            held -= _HOLD_AMOUNT.unpack_from(hold)[0]
+        elif kind == L.OP_REVERSAL and item_keys[item_slot][0] is not None and \
+                items[item_slot * L.COUPON_SIZE + 2] == L.OP_HOLD:  # an authorization undone
+            held -= _ENTRY_AMOUNT.unpack_from(entry)[0]
+        running[slot] = held
+        return held
 
     def _after_undo(self, i: int, op: PendingOp, reason: int, seq: int, entry: bytes,
                     items: bytearray, slot: int) -> int:
@@ -1211,6 +1338,13 @@ class _Group:
         to refund (a refund: while it is valid); what is left to refund, for a refund that
         asked more (its available_minor)."""
         _, _, original = self.undo_of.pop(i)
+        reversed_hold = self.hold_reversals.pop(i, None)
+        if reason == L.R_OK and reversed_hold is not None and reversed_hold[1] is not None:
+            hold_key, hold = reversed_hold  # rule 15: the open hold it released, closed
+            f = L.HOLD.unpack(hold)
+            self.item_items.append((self.ledger.holds, hold_key, L.HOLD.pack(
+                *f[:1], L.HOLD_REVERSED, *f[2:8], seq, 0, f[10])))
+            self.unindexed.append(hold_index_key(op.card_id, hold))
         if reason == L.R_REFUND_EXCEEDS_ORIGINAL:  # what is left, as the kernel judged it
             return L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[1]
         pending = self.tombstones.get(op.payload) if op.packed[0] == L.OP_REVERSAL else None

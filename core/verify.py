@@ -22,7 +22,13 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
   request tag, declined ones at none; each has exactly one place in the
   pruning index;
 - the stored programs are whole (their SHA-256), the current one is the
-  newest, and the tier counts equal the cards' tiers.
+  newest, and the tier counts equal the cards' tiers;
+- holds (rule 15): each authorization holds at most what its card had available,
+  for 1..HOLD_MINUTES_MAX whole minutes, moving no money; each capture, void,
+  release and reversal closes an open hold of its card once (a capture before
+  the expiry, paying at most its amount; a release at or after it); every
+  card's held_minor is what its open holds add up to; the hold records and
+  their expiry index are what the journal makes; no card is closed holding any.
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (J
 # Rule 14: what only an active card does (the kernel's "card active" check comes before them).
 _ACTIVE_ONLY = frozenset((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_SET_PIN, L.OP_COUPON_ISSUE,
                           L.OP_PACKAGE_SELL, L.OP_PACKAGE_USE, L.OP_POINTS_EXCHANGE,
-                          L.OP_GIFT_REDEEM, L.OP_REFERRAL_BONUS, L.OP_REFUND))
+                          L.OP_GIFT_REDEEM, L.OP_REFERRAL_BONUS, L.OP_REFUND, L.OP_HOLD))
+_MINUTE_US = 60_000_000
 
 
 def verify(ledger, problems_max: int = 50) -> dict:
@@ -58,7 +65,17 @@ def verify(ledger, problems_max: int = 50) -> dict:
     with ledger._resize_gate, ledger.env.begin() as txn:  # verify runs in its own process
         programs = _programs(txn, ledger, problem)
         journal = _journal(txn, ledger, programs, problem)
-        cards = _cards(txn, ledger, journal["sums"], journal["statuses"], problem)
+        cards = _cards(txn, ledger, journal["sums"], journal["statuses"], journal["held"],
+                       problem)
+        if ledger.holds is not None and ledger.holds_by_expiry is not None:
+            rebuilt_holds = {k: L.HOLD.pack(*v) for k, v in journal["holds"].items()}
+            if dict(txn.cursor(db=ledger.holds)) != rebuilt_holds:
+                problem("the hold records are not what the journal's authorizations and what "
+                        "closed them make")
+            if {k for k, _ in txn.cursor(db=ledger.holds_by_expiry)} != {
+                    L.HOLD_EXPIRY_KEY.pack(v[6], k[:L.CARD_ID_SIZE], v[7])
+                    for k, v in journal["holds"].items() if v[1] == L.HOLD_OPEN}:
+                problem("the holds' expiry index does not name exactly the open holds")
         # A sub-database the card programs added is missing only in a ledger no writer of this
         # release has opened yet (a read-only look at an older one): what the writer would
         # build there on its first open is not checked.
@@ -157,6 +174,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
     undone: dict[bytes, list] = {}       # an entry's undo record as refunds and reversals leave it
     statuses: dict[bytes, int] = {}      # card id -> its status, where rule 14 changed it
+    holds: dict[bytes, list] = {}        # hold key -> its record (layout.HOLD) as rebuilt
+    held: dict[bytes, int] = {}          # card id -> what its open holds hold
 
     def state_of(cid: bytes) -> CardState:
         state = states.get(cid)
@@ -275,8 +294,13 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 coupon = coupons.get(coupon_key) if coupon_key else None
                 if coupon_key and coupon is None:
                     coupon = L.COUPON.unpack(bytes(L.COUPON_SIZE))
+                hold_key = L.COUPON_KEY.pack(cid, f[28]) if f[28] else None  # a capture's hold
+                hold = holds.get(hold_key) if hold_key else None
+                released = hold[4] if hold is not None else 0
                 why = _purchase_problem(prog, s, f, entry, tier_after, line_count, lines, coupon,
-                                        state)
+                                        state, held.get(cid, 0), released)
+                if why is None and hold_key:
+                    why = _close_hold(hold, f, L.HOLD_CAPTURED, held)
                 if why is None and coupon_key:  # used here: as the kernel left it
                     coupons[coupon_key] = (*coupon[:1], L.COUPON_USED, *coupon[2:7], seq,
                                            L.JOURNAL_COUPON_OFF.unpack_from(
@@ -315,12 +339,34 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             referred.add(f[28])
         elif op in (L.OP_REFUND, L.OP_REVERSAL):
             why = _undo_problem(txn, ledger, f, entry, s, state_of(cid), undone, coupons,
-                                compiled_of(program_version))
+                                compiled_of(program_version), holds, held)
+            if why:
+                problem(f"journal entry {seq}: {why}")
+        elif op == L.OP_HOLD:
+            minutes, rest = divmod(f[29] - ts_us, _MINUTE_US)
+            if (not 0 < amount <= s[0] + s[1] - held.get(cid, 0) or any(f[10:14])
+                    or not 1 <= minutes <= L.HOLD_MINUTES_MAX or rest or tier_after != tier
+                    or taken or redeemed):
+                problem(f"journal entry {seq}: an authorization of {amount} for {minutes} minutes "
+                        "that its card's available money or rule 15 does not allow")
+            else:
+                holds[L.COUPON_KEY.pack(cid, seq)] = [L.HOLD_VERSION, L.HOLD_OPEN, 0, f[18], amount,
+                                                      ts_us, f[29], seq, 0, 0, bytes(8)]
+                held[cid] = held.get(cid, 0) + amount
+        elif op in (L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED):
+            hold = holds.get(L.COUPON_KEY.pack(cid, f[28]))
+            why = _close_hold(hold, f, L.HOLD_VOIDED if op == L.OP_HOLD_VOID else L.HOLD_EXPIRED,
+                              held)
+            if why is None and (any(f[10:14]) or taken or redeemed or tier_after != tier or (
+                    amount != hold[4])):
+                why = "a hold closed that moves value, or not by its amount"
             if why:
                 problem(f"journal entry {seq}: {why}")
         elif op == L.OP_CARD_STATUS:
             was, now = f[29], f[3]
             closing = now == L.STATUS_CLOSED
+            if closing and held.get(cid, 0):
+                problem(f"journal entry {seq}: a card closed that holds money for open holds")
             want = (s[0], 0, -s[0], -s[1], -s[2]) if closing else (0, 0, 0, 0, 0)
             if (was != statuses.get(cid, L.STATUS_ACTIVE)
                     or now not in L.CARD_TRANSITIONS.get(was, ()) or f[9:14] != want
@@ -374,7 +420,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
-            "statuses": statuses,
+            "statuses": statuses, "holds": holds, "held": held,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
 
@@ -400,8 +446,27 @@ def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, ti
     return None
 
 
+def _close_hold(hold: list | None, f: tuple, state: int, held: dict) -> str | None:
+    """Rule 15: why entry ``f`` cannot close ``hold`` (None: it closes it, and the card holds
+    that much less)."""
+    seq, cid, ts_us, store, operator = f[7], f[8], f[17], f[18], f[21]
+    if hold is None or hold[1] != L.HOLD_OPEN:
+        return f"it closes hold {f[28]}, which is not an open hold of its card"
+    if state == L.HOLD_EXPIRED and (ts_us < hold[6] or f[24] != L.CALLER_SYSTEM):
+        return "a hold released before its expiry, or not by the server"
+    if state == L.HOLD_CAPTURED and (ts_us >= hold[6] or -(f[11] + f[12]) > hold[4]):
+        return "a capture after its hold's expiry, or of more than it holds"
+    if state in (L.HOLD_CAPTURED, L.HOLD_VOIDED) and not operator and store != hold[3]:
+        return "a hold closed by a terminal of another store"
+    hold[1], hold[8] = state, seq
+    hold[9] = -(f[11] + f[12]) if state == L.HOLD_CAPTURED else 0
+    held[cid] -= hold[4]
+    return None
+
+
 def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState, undone: dict,
-                  coupons: dict, prog: CompiledProgram | None) -> str | None:
+                  coupons: dict, prog: CompiledProgram | None, holds: dict,
+                  held: dict) -> str | None:
     """Why a refund or reversal entry is not what rules 12 and 13 make of its original, as the
     journal left it before (None: it is). Moves the card's lifetime paid (``s``), its program
     state, the original's undo record and a coupon it gives back along."""
@@ -447,6 +512,15 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
     elif undo[2] == L.OP_TOP_UP:
         want_moves, want_amount, complete = (-undo[8], -undo[9], 0, 0, 0), undo[7], True
         state.take_back_top_up(undo[8], undo[5])
+    elif undo[2] == L.OP_HOLD and op == L.OP_REVERSAL:  # rule 15: what the hold still held
+        hold = holds.get(L.COUPON_KEY.pack(cid, link))
+        if hold is None or hold[1] == L.HOLD_CAPTURED:
+            return "a reversal of an authorization captured (or with no hold)"
+        undo[7] = hold[4] if hold[1] == L.HOLD_OPEN else 0
+        want_amount, complete = undo[7], True
+        if hold[1] == L.HOLD_OPEN:
+            hold[1], hold[8] = L.HOLD_REVERSED, seq
+            held[cid] -= hold[4]
     else:
         return f"a reversal of an entry of type {undo[2]}, which is not reversible"
     if op == L.OP_REVERSAL:
@@ -470,11 +544,11 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
     return None
 
 
-def _card_at(tier: int, s: list, opened_us: int) -> tuple:
+def _card_at(tier: int, s: list, opened_us: int, held: int = 0) -> tuple:
     """A card record's fields (layout.CARD order) from its running sums ``s``: what the
     reference's rules read of it."""
-    return (L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, s[0], s[1], s[2], 0, s[4], 0, opened_us,
-            0, s[7], bytes(32), bytes(24))
+    return (L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, s[0], s[1], s[2], held, s[4], 0,
+            opened_us, 0, s[7], bytes(32), bytes(24))
 
 
 def _sale_problem(program, prog: CompiledProgram | None, s: list, f: tuple, package_id: int,
@@ -526,7 +600,8 @@ def _issue_problem(program, prog: CompiledProgram | None, f: tuple, taken: int,
 
 def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: bytes,
                       tier_after: int, line_count: int, lines: bytes,
-                      coupon: tuple | None, state: CardState) -> str | None:
+                      coupon: tuple | None, state: CardState, held: int = 0,
+                      released: int = 0) -> str | None:
     """Why a purchase entry is not what its program makes of it from the card's running sums
     ``s`` and its coupon as the journal left it (None: it is): the reference arithmetic re-run
     on its stored lines."""
@@ -547,12 +622,12 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
         return f"tier {tier} is not in its program version"
     if len(lines) != line_count * L.LINE_SIZE:
         return f"{line_count} lines in the entry, {len(lines) // L.LINE_SIZE} stored"
-    before = Card(_card_at(tier, s, 0))
+    before = Card(_card_at(tier, s, 0, held))
     buf = bytearray(b"".join(L.LINE.pack(*(x[:4] + (0, 0, 0) + x[7:]))
                              for x in L.LINE.iter_unpack(lines)))
     reason, (paid, earned, took, red, off, _, card_pay) = purchase(
         prog, before, buf, range(line_count), amount, taken, coupon, ts_us,
-        L.ALLOW_PARTIAL if partial else 0)
+        L.ALLOW_PARTIAL if partial else 0, released)
     if reason != L.R_OK or (paid, took, red, earned - took, off, card_pay) != (
             amount - discount, taken, redeemed, dpts, coupon_off, due):
         return (f"paid {amount - discount} ({coupon_off} off by a coupon), {taken} points for "
@@ -578,7 +653,7 @@ def _states(txn, ledger, states: dict, problem) -> None:
             problem(f"card ...{cid.hex()[:8]}: its program state is not what its top-ups make")
 
 
-def _cards(txn, ledger, sums: dict, statuses: dict, problem) -> dict:
+def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, problem) -> dict:
     totals = [0, 0, 0]
     count = 0
     tiers: Counter = Counter()
@@ -594,8 +669,11 @@ def _cards(txn, ledger, sums: dict, statuses: dict, problem) -> dict:
         if rec[1] != statuses.get(cid, L.STATUS_ACTIVE):
             problem(f"card ...{cid.hex()[:8]}: status {rec[1]}, but its entries leave it "
                     f"{statuses.get(cid, L.STATUS_ACTIVE)}")
-        if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0 or held != 0:
-            problem(f"card ...{cid.hex()[:8]}: invalid record (no holds exist yet)")
+        if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0:
+            problem(f"card ...{cid.hex()[:8]}: invalid record")
+        if held != held_of.get(cid, 0):
+            problem(f"card ...{cid.hex()[:8]}: holds {held}, but its open holds add up to "
+                    f"{held_of.get(cid, 0)}")
         if s is not None and s[7] == 0 and rec[13]:
             # filled from the profile by the upgrade, and no entry since to carry it
             if profile_month(txn.get(cid, db=ledger.profiles)) == rec[13]:

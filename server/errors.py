@@ -101,10 +101,17 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                         "was not applied"),
     R.REASON_REVERSAL_WINDOW_PASSED: (C.FAILED_PRECONDITION, "too late to reverse: refund it "
                                       "instead"),
-    R.REASON_NOT_REVERSIBLE: (C.FAILED_PRECONDITION, "only purchases and top-ups can be "
-                              "reversed"),
+    R.REASON_NOT_REVERSIBLE: (C.FAILED_PRECONDITION, "only purchases, top-ups and "
+                              "authorizations not captured can be reversed"),
     R.REASON_ILLEGAL_TRANSITION: (C.FAILED_PRECONDITION, "the card's status does not allow that "
                                   "change"),
+    R.REASON_HOLD_NOT_FOUND: (C.NOT_FOUND, "the card has no such hold (of this store)"),
+    R.REASON_HOLD_CLOSED: (C.FAILED_PRECONDITION, "the hold was captured, voided, released or "
+                           "reversed already"),
+    R.REASON_HOLD_EXPIRED: (C.FAILED_PRECONDITION, "the hold expired: too late to capture"),
+    R.REASON_CAPTURE_EXCEEDS_HOLD: (C.FAILED_PRECONDITION, "the capture takes more than the hold "
+                                    "holds"),
+    R.REASON_HOLDS_OPEN: (C.FAILED_PRECONDITION, "the card has open holds: void them first"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

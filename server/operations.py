@@ -65,7 +65,7 @@ def client_time_us(request) -> int:
 
 
 _LINES_FIELD = {m.DESCRIPTOR: m.DESCRIPTOR.fields_by_name["lines"].number
-                for m in (pb.PurchaseRequest, pb.QuoteRequest)}
+                for m in (pb.PurchaseRequest, pb.QuoteRequest, pb.CaptureRequest)}
 _LINE_PROBLEMS = {
     wire.BAD_WIRE: (R.REASON_INVALID_ARGUMENT, "lines"),
     wire.TOO_MANY: (R.REASON_INVALID_ARGUMENT, "lines"),
@@ -150,7 +150,10 @@ class Operations:
                          "redeem_gift": (L.OP_GIFT_REDEEM, self.redeem_gift_op),
                          "refund": (L.OP_REFUND, self.refund_op),
                          "reverse": (L.OP_REVERSAL, self.reverse_op),
-                         "set_card_status": (L.OP_CARD_STATUS, self.set_card_status_op)}
+                         "set_card_status": (L.OP_CARD_STATUS, self.set_card_status_op),
+                         "authorize": (L.OP_HOLD, self.authorize_op),
+                         "capture": (L.OP_PURCHASE, self.capture_op),
+                         "void_hold": (L.OP_HOLD_VOID, self.void_hold_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -362,6 +365,39 @@ class Operations:
         card = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER)
         return self._op(req, rid, at_us, L.OP_REFUND, card, caller, req.amount_minor,
                         link_seq=req.original_seq)
+
+    def authorize_op(self, req: pb.AuthorizeRequest, caller: Caller) -> PendingOp:
+        """A hold (rule 15): the member's card and PIN, like a purchase."""
+        def held(_req) -> tuple[int, dict]:
+            if req.amount_minor <= 0:
+                raise Invalid(R.REASON_INVALID_AMOUNT, "amount_minor")
+            if req.hold_minutes > L.HOLD_MINUTES_MAX:
+                raise Invalid(R.REASON_INVALID_ARGUMENT, "hold_minutes")
+            return req.amount_minor, {"ref_id": req.hold_minutes or L.HOLD_MINUTES_DEFAULT}
+
+        return self._money_op(req, caller, L.OP_HOLD, L.PIN_REQUIRED | self.dev_pin, held)
+
+    def capture_op(self, req: pb.CaptureRequest, caller: Caller) -> PendingOp:
+        """The sale a hold was for (rule 15): a purchase paid from the hold, no PIN (the member
+        gave it at the authorization); the terminal's store or an operator's is checked by the
+        kernel against the hold's."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        if not 0 < req.hold_serial <= L.INT64_MAX:
+            raise Invalid(R.REASON_HOLD_NOT_FOUND, "hold_serial")
+        lines, amount, redeem = basket(req)
+        card = self.swipes.card(req.card, req.till, caller)
+        return self._op(req, rid, at_us, L.OP_PURCHASE, card, caller, amount, lines=lines,
+                        redeem_points=redeem, op_flags=L.CAPTURE, link_seq=req.hold_serial)
+
+    def void_hold_op(self, req: pb.VoidHoldRequest, caller: Caller) -> PendingOp:
+        """A hold released (rule 15): its store's terminal or an operator, no PIN."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        if not 0 < req.hold_serial <= L.INT64_MAX:
+            raise Invalid(R.REASON_HOLD_NOT_FOUND, "hold_serial")
+        card = self.swipes.card(req.card, req.till, caller)
+        return self._op(req, rid, at_us, L.OP_HOLD_VOID, card, caller, link_seq=req.hold_serial)
 
     def set_card_status_op(self, req: pb.SetCardStatusRequest, caller: Caller) -> PendingOp:
         """Card life (rule 14): an operator of the till's store, cashier or above; cancelling, a

@@ -42,7 +42,8 @@ UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_
                   "IssueCoupon": L.OP_COUPON_ISSUE, "SellPackage": L.OP_PACKAGE_SELL,
                   "UseEntitlement": L.OP_PACKAGE_USE, "ExchangePoints": L.OP_POINTS_EXCHANGE,
                   "RedeemGift": L.OP_GIFT_REDEEM, "Refund": L.OP_REFUND, "Reverse": L.OP_REVERSAL,
-                  "SetCardStatus": L.OP_CARD_STATUS}
+                  "SetCardStatus": L.OP_CARD_STATUS, "Authorize": L.OP_HOLD,
+                  "Capture": L.OP_PURCHASE, "VoidHold": L.OP_HOLD_VOID}
 BATCH_OPS_MAX = 10_000
 QUOTE_COUPONS_MAX = 16  # a quote tries at most this many of the card's coupons (oldest first)
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
@@ -143,6 +144,12 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
             result.refund_complete = bool(flags & L.UNDO_COMPLETE)
         elif op == L.OP_CARD_STATUS:
             result.status_after = entry[3]
+        elif op == L.OP_HOLD:
+            result.hold_serial = seq
+            result.hold_expires_at_us = L.JOURNAL_TAIL.unpack_from(entry)[4]
+        elif op == L.OP_HOLD_VOID or op == L.OP_HOLD_EXPIRED or (
+                op == L.OP_PURCHASE and entry[144:152] != _NO_LINK):  # a capture
+            result.hold_serial = L.JOURNAL_TAIL.unpack_from(entry)[3]  # the hold it closed
         if promotion_id:
             if op == L.OP_TOP_UP:
                 result.promotion_id = promotion_id
@@ -163,7 +170,10 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         balance = result.balance_after  # set in place: building a Balance and copying it costs 2x
         balance.principal_minor = pa
         balance.bonus_minor = ba
-        balance.available_minor = pa + ba  # holds do not exist yet; the journal will carry them
+        held = outcome.held_minor  # rule 15: the card's held after it, the writer's (0 in
+        balance.available_minor = available_minor(pa, ba, held)  # history: see entry_result)
+        if held:
+            balance.held_minor = held
         balance.points = ptsa
         if with_caller:
             caller = result.caller
@@ -176,6 +186,7 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
 
 
 _ENTRY_TILL = struct.Struct("<104xIIII")  # layout.JOURNAL: store, terminal, staff, operator
+_NO_LINK = bytes(8)  # a journal entry's link_seq (offset 144) when it names none
 
 
 def entry_result(entry: bytes, lines: bytes) -> pb.OperationResult:
@@ -287,7 +298,7 @@ class CardService(pb_grpc.CardServiceServicer):
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
             "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse",
-            "ListTransactions", "SetCardStatus")}
+            "ListTransactions", "SetCardStatus", "Authorize", "Capture", "VoidHold")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -456,6 +467,15 @@ class CardService(pb_grpc.CardServiceServicer):
     async def Refund(self, request, context):
         return await self._unary("Refund", self.operations.refund_op, request, context)
 
+    async def Authorize(self, request, context):
+        return await self._unary("Authorize", self.operations.authorize_op, request, context)
+
+    async def Capture(self, request, context):
+        return await self._unary("Capture", self.operations.capture_op, request, context)
+
+    async def VoidHold(self, request, context):
+        return await self._unary("VoidHold", self.operations.void_hold_op, request, context)
+
     async def SetCardStatus(self, request, context):
         return await self._unary("SetCardStatus", self.operations.set_card_status_op, request,
                                  context)
@@ -614,6 +634,7 @@ class CardService(pb_grpc.CardServiceServicer):
             card.balance.principal_minor = principal
             card.balance.bonus_minor = bonus
             card.balance.available_minor = available_minor(principal, bonus, held)
+            card.balance.held_minor = held
             card.balance.points = points
             card.lifetime_paid_minor = lifetime
             card.last_seq = last_seq
@@ -629,6 +650,9 @@ class CardService(pb_grpc.CardServiceServicer):
                 card.points_lots.add(
                     earned_on=(EPOCH + datetime.timedelta(days=day)).isoformat(), points=left,
                     expires_at_us=(day + expire_days) * L.DAY_US if expire_days else 0)
+            for f in self.ledger.read_holds(card_id):
+                card.holds.add(serial=f[7], amount_minor=f[4], authorized_at_us=f[5],
+                               expires_at_us=f[6], store_id=f[3])
         if view == pb.CARD_VIEW_FULL:
             card.profile.name = profile.get("name", "")
             card.profile.phone = profile.get("phone", "")

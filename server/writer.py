@@ -159,7 +159,9 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
 
 
 def encode_answer(outcomes: list[Outcome]) -> bytes:
-    fixed = [ANSWER.pack(o.reason, o.replayed, o.op, o.available_minor, o.count,
+    # one money field each: the available amount of a decline, the held amount of an applied one
+    fixed = [ANSWER.pack(o.reason, o.replayed, o.op,
+                         o.held_minor if o.reason == L.R_OK else o.available_minor, o.count,
                          (o.entry or NO_ENTRY)[:ENTRY_HEAD_SIZE])
              for o in outcomes]
     return b"".join([COUNT.pack(len(outcomes)), *fixed, *[o.lines for o in outcomes if o.lines]])
@@ -168,9 +170,9 @@ def encode_answer(outcomes: list[Outcome]) -> bytes:
 def decode_answer(data: bytes) -> list[Outcome]:
     n = COUNT.unpack_from(data)[0]
     end = COUNT.size + n * ANSWER.size
-    out = [Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry, available,
-                   count)
-           for reason, replayed, op, available, count, entry
+    out = [Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry,
+                   0 if reason == L.R_OK else money, count, b"", money if reason == L.R_OK else 0)
+           for reason, replayed, op, money, count, entry
            in ANSWER.iter_unpack(memoryview(data)[COUNT.size:end])]
     pos = end
     if pos < len(data):  # purchases with lines: theirs follow, in order

@@ -446,7 +446,7 @@ def hold_batches(draw):
         if kind == L.OP_REVERSAL and not undos:
             kind = L.OP_HOLD_VOID
         amount = draw(st.sampled_from([1, 400, 500, 80_000, 10**6, 3 * 10**6, 0, -1]))
-        ref_id, link, islot, flags, tier, my_lines = 0, 0, L.SLOT_NONE, 0, 0, []
+        ref_id, islot, flags, tier, my_lines = 0, L.SLOT_NONE, 0, 0, []
         if kind == L.OP_HOLD:
             ref_id = draw(st.sampled_from([0, 1, 1440, 43200, 43201]))
         elif kind in (L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED):
