@@ -1227,10 +1227,20 @@ class _Group:
                                                   coupons, coupon_slots[k], coupon_keys)
                 else:  # no operation of the run moves it: the record's
                     held_after = _I64.unpack_from(records, slots[k] * L.CARD_SIZE + _CARD_HELD)[0]
-            if reason == L.R_INSUFFICIENT_FUNDS:
-                held = int.from_bytes(records[slots[k] * L.CARD_SIZE + _CARD_HELD:][:8], "little",
-                                      signed=True)
-                available = available_minor(principal_after, bonus_after, held)
+            if reason == L.R_INSUFFICIENT_FUNDS or reason == L.R_CAPTURE_EXCEEDS_HOLD:
+                if hold_run:  # held as the run left it before this operation
+                    held = running.get(slots[k])
+                    if held is None:
+                        raw = stored.get(card_ids[slots[k]])
+                        held = _I64.unpack_from(raw, _CARD_HELD)[0] if raw else 0
+                else:
+                    held = _I64.unpack_from(records, slots[k] * L.CARD_SIZE + _CARD_HELD)[0]
+                if op.packed[_OP_FLAGS] & L.CAPTURE and op_type == L.OP_PURCHASE:
+                    hold_amount = _HOLD_AMOUNT.unpack_from(coupons, coupon_slots[k] * L.COUPON_SIZE)[0]
+                    # a capture could use its hold: what it holds, or the card's with it released
+                    held -= hold_amount
+                available = (hold_amount if reason == L.R_CAPTURE_EXCEEDS_HOLD
+                             else available_minor(principal_after, bonus_after, held))
             filled = b""
             if op.lines:
                 if seq and reason == L.R_OK:

@@ -126,7 +126,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
 
         if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
                 or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)
-                or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id
+                or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id or redeem
                                                 or op_flags[0] & L.ALLOW_PARTIAL)):
             reason = L.R_INVALID_ARGUMENT
         elif op == L.OP_OPEN:

@@ -127,8 +127,9 @@ checks they agree on every input):
    bonus - held`` (``available_minor``, the one function every reader uses), moves no money
    and adds A to ``held``; the hold's serial is the entry's seq, its expiry the group's time +
    M minutes. Exactly one of these closes an open hold, and releases A from ``held``: a
-   capture (a purchase, rules 2-8 with every line, discount and point, with no coupon and no
-   partial payment, no PIN: the member gave it at the authorization; funds judged with the
+   capture (a purchase, rules 2-8 with every line, discount and point earned, with no coupon,
+   no points offered and no partial payment, no PIN: the member gave it at the authorization,
+   for money, not for points; funds judged with the
    hold released; it needs the card's part ``due <= A``, else REASON_CAPTURE_EXCEEDS_HOLD,
    and a time before the expiry, else REASON_HOLD_EXPIRED; at most once); a void (whatever
    the time, the card's status but closed); the server's release in the first group at or

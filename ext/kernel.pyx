@@ -670,7 +670,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
                 and op.op != OP_POINTS_EXCHANGE)
             or (op.op_flags & CAPTURE and (op.op != OP_PURCHASE or op.ref_id != 0
-                                           or op.op_flags & ALLOW_PARTIAL))):
+                                           or op.op_flags & ALLOW_PARTIAL
+                                           or op.redeem_points != 0))):
         reason = R_INVALID_ARGUMENT
     elif op.op == OP_OPEN:
         if op.birth_month > 12:

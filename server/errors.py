@@ -143,7 +143,7 @@ def status_details(fail: pb.Failure) -> tuple[tuple[str, bytes]]:
     info = error_details_pb2.ErrorInfo(reason=R.Name(fail.reason), domain=DOMAIN)
     if fail.field:
         info.metadata["field"] = fail.field
-    if fail.reason == R.REASON_INSUFFICIENT_FUNDS:
+    if fail.reason in (R.REASON_INSUFFICIENT_FUNDS, R.REASON_CAPTURE_EXCEEDS_HOLD):
         info.metadata["available_minor"] = str(fail.available_minor)
     if fail.reason == R.REASON_PIN_WRONG:
         info.metadata["pin_tries_left"] = str(fail.pin_tries_left)

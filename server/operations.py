@@ -386,9 +386,11 @@ class Operations:
         if not 0 < req.hold_serial <= L.INT64_MAX:
             raise Invalid(R.REASON_HOLD_NOT_FOUND, "hold_serial")
         lines, amount, redeem = basket(req)
+        if redeem:  # points are spent with the member's PIN only, and a capture has none
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "redeem_points")
         card = self.swipes.card(req.card, req.till, caller)
         return self._op(req, rid, at_us, L.OP_PURCHASE, card, caller, amount, lines=lines,
-                        redeem_points=redeem, op_flags=L.CAPTURE, link_seq=req.hold_serial)
+                        op_flags=L.CAPTURE, link_seq=req.hold_serial)
 
     def void_hold_op(self, req: pb.VoidHoldRequest, caller: Caller) -> PendingOp:
         """A hold released (rule 15): its store's terminal or an operator, no PIN."""

@@ -95,8 +95,12 @@ def test_what_a_capture_may_not_do_changes_nothing(server):
     held = server.stub.Authorize(authorize(number, 3000))
     assert held.hold_expires_at_us == held.applied_at_us + L.HOLD_MINUTES_DEFAULT * MINUTE_US
     before = client.card(number)
-    assert refused(server.stub.Capture, capture(number, held.seq, 3001)).reason == \
-        R.REASON_CAPTURE_EXCEEDS_HOLD
+    fail = refused(server.stub.Capture, capture(number, held.seq, 3001))
+    assert (fail.reason, fail.available_minor) == (R.REASON_CAPTURE_EXCEEDS_HOLD, 3000)
+    with_points = capture(number, held.seq, 100)
+    with_points.redeem_points = 100  # no PIN on a capture: points are not offered
+    fail = refused(server.stub.Capture, with_points)
+    assert (fail.reason, fail.field) == (R.REASON_INVALID_ARGUMENT, "redeem_points")
     assert refused(server.stub.Capture, capture(number, held.seq, 100, store_id=2)).reason == \
         R.REASON_HOLD_NOT_FOUND
     assert refused(server.stub.Capture, capture(other, held.seq, 100)).reason == \
@@ -227,6 +231,7 @@ def test_holds_in_a_batch_with_the_purchases_they_make_room_for(server):
         pb.Operation(purchase=p2)]))
     reasons = [r.reason for r in answer.results]
     assert reasons == [R.REASON_INSUFFICIENT_FUNDS, R.REASON_OK, R.REASON_OK]
+    assert answer.results[0].failure.available_minor == 2000  # held 80.00 then, not after
     assert [r.balance_after.available_minor for r in answer.results[1:]] == [5000, 2000]
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]

@@ -809,7 +809,7 @@ def test_unknown_fields_are_ignored_and_not_part_of_the_payload(live, client, fu
     op = pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(op_id), request_id=op_id, card=cpb.CardRef(card_number=funded),
                                              amount_minor=40, till=TILL))
     inner = op.top_up.SerializeToString() + UNKNOWN_FIELDS
-    payload = ld(1, ld(2, inner) + UNKNOWN_FIELDS) + ld(1, ld(15, b"\x0a\x03xyz")) + UNKNOWN_FIELDS
+    payload = ld(1, ld(2, inner) + UNKNOWN_FIELDS) + ld(1, ld(90, b"\x0a\x03xyz")) + UNKNOWN_FIELDS
     answer = call_raw(live, "SubmitBatch", payload)
     assert answer.code == C.OK, answer
     ok, unknown_kind = pb.SubmitBatchResponse.FromString(answer.reply).results
