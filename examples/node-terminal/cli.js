@@ -7,7 +7,6 @@
 // input (a card number, a PIN, a file).
 
 const fs = require('node:fs');
-const { parseArgs } = require('node:util');
 
 const { InputError } = require('./lib/crypto');
 const T = require('./lib/terminal');
@@ -38,19 +37,40 @@ options:
   --deadline-ms N        per attempt (default 10000)
   --proto-dir DIR        cardcore's proto/ folder (default: the repository's)`;
 
+// name -> default; a boolean default makes a flag, a string or undefined one an option with a value
 const OPTIONS = {
-  keys: { type: 'string' }, target: { type: 'string', default: '127.0.0.1:50051' },
-  ca: { type: 'string' }, cert: { type: 'string' }, key: { type: 'string' },
-  'server-name': { type: 'string' },
-  insecure: { type: 'boolean', default: false },
-  'request-id': { type: 'string' }, 'client-time-us': { type: 'string' },
-  staff: { type: 'string', default: '0' }, tier: { type: 'string', default: '0' },
-  attempts: { type: 'string', default: '3' }, 'deadline-ms': { type: 'string', default: '10000' },
-  'proto-dir': { type: 'string', default: T.DEFAULT_PROTO_DIR },
-  help: { type: 'boolean', default: false },
+  keys: undefined, target: '127.0.0.1:50051', ca: undefined, cert: undefined, key: undefined,
+  'server-name': undefined, insecure: false, 'request-id': undefined, 'client-time-us': undefined,
+  staff: '0', tier: '0', attempts: '3', 'deadline-ms': '10000', 'proto-dir': T.DEFAULT_PROTO_DIR,
+  help: false,
 };
 
 class UsageError extends Error {}
+
+/** --name value, --name=value and flags, anywhere among the positional arguments. */
+function parseArgs(argv) {
+  const values = { ...OPTIONS };
+  const positionals = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (!arg.startsWith('--')) {
+      positionals.push(arg);
+      continue;
+    }
+    const [name, inline] = arg.slice(2).split(/=(.*)/s, 2);
+    if (!(name in OPTIONS)) throw new UsageError(`unknown option --${name}`);
+    if (typeof OPTIONS[name] === 'boolean') {
+      if (inline !== undefined) throw new UsageError(`--${name} takes no value`);
+      values[name] = true;
+    } else if (inline !== undefined) {
+      values[name] = inline;
+    } else {
+      if (i + 1 >= argv.length) throw new UsageError(`--${name} needs a value`);
+      values[name] = argv[++i];
+    }
+  }
+  return { values, positionals };
+}
 
 function print(doc) {
   process.stdout.write(JSON.stringify(doc) + '\n');
@@ -90,7 +110,7 @@ function cardView(c) {
 }
 
 async function main(argv) {
-  const { values: o, positionals } = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
+  const { values: o, positionals } = parseArgs(argv);
   const [command, ...args] = positionals;
   if (o.help || !command) {
     process.stdout.write(USAGE + '\n');
