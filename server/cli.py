@@ -14,7 +14,8 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_hi
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import READER_CHECK_S_DEFAULT
 from .pos import cmd_pos
-from .text import DEFAULT_DATA_DIR, DEFAULT_LISTEN, card_number_arg, env, parse_amount
+from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, card_number_arg, env, listen_arg,
+                   metrics_listen_arg, parse_amount, target_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gRPC server")
     data_dir(p)
-    p.add_argument("--listen", default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
-                   help="HOST:PORT (env CARDCORE_LISTEN; port 0 picks a free one)")
+    p.add_argument("--listen", type=listen_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
+                   help=f"HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); a HOST alone "
+                        f"listens on port {DEFAULT_PORT}, port 0 picks a free one")
     p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
                    help="card program TOML (tiers, points); default: 3 tiers, 1 point per 1.00")
     p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=1,
                    help="groups handed to the writer at once (1: larger groups, fewer fsyncs; "
                         "2: the writer starts the next while this process answers the last)")
-    p.add_argument("--metrics-listen", default=os.environ.get("CARDCORE_METRICS_LISTEN"),
+    p.add_argument("--metrics-listen", type=metrics_listen_arg,
+                   default=os.environ.get("CARDCORE_METRICS_LISTEN"),
                    help="serve Prometheus metrics on HOST:PORT (env CARDCORE_METRICS_LISTEN; off by default)")
     p.add_argument("--map-size-mib", type=int, default=1024,
                    help="initial LMDB map (address space, not disk); doubles when full")
@@ -104,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(name, help_text, func, card=True):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--target", default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
-                       help="server HOST:PORT")
+        p.add_argument("--target", type=target_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
+                       help=f"server HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); "
+                            f"a HOST alone means port {DEFAULT_PORT}")
         p.add_argument("--timeout-s", type=float, default=10.0)
         p.add_argument("--tls-ca", default=os.environ.get("CARDCORE_TLS_CA"),
                        help="CA of the server certificate (env CARDCORE_TLS_CA); without it, plaintext")

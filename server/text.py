@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 
 DEFAULT_DATA_DIR = "./var/cardcore"
-DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
 def env(name: str, default: str) -> str:
@@ -38,6 +40,56 @@ def card_number_arg(text: str) -> str:
 
         return getpass.getpass("card number: ").strip()
     return sys.stdin.readline().strip()
+
+
+_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+
+
+def host_port(text: str, *, port_zero: bool, default_port: int | None = DEFAULT_PORT) -> str:
+    """HOST:PORT, [IPv6]:PORT, or a host alone, which means ``default_port`` (the server's; gRPC
+    itself would take 443). A gRPC URI (dns:, unix:, ...) passes as it is."""
+    text = text.strip()
+    if text.startswith(_SCHEMES):
+        return text
+    if not text:
+        raise argparse.ArgumentTypeError("empty: give HOST:PORT")
+    if text.startswith("["):
+        host, sep, rest = text.partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise argparse.ArgumentTypeError(f"not [IPv6 address]:PORT: {text!r}")
+        host, port = host + "]", rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an IPv6 address in brackets: {text!r}") from None
+    elif text.count(":") > 1:
+        raise argparse.ArgumentTypeError(f"an IPv6 address goes in brackets: [{text}] or "
+                                         f"[{text}]:PORT")
+    else:
+        host, sep, port = text.partition(":")
+        port = port if sep else None
+        if not host:
+            raise argparse.ArgumentTypeError(f"no host in {text!r}")
+    if port is None:
+        if default_port is None:
+            raise argparse.ArgumentTypeError(f"no port in {text!r}: give HOST:PORT")
+        return f"{host}:{default_port}"
+    if not (port.isascii() and port.isdigit() and (0 if port_zero else 1) <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(
+            f"port {port!r} is not {0 if port_zero else 1}..65535 in {text!r}")
+    return f"{host}:{int(port)}"
+
+
+def target_arg(text: str) -> str:
+    return host_port(text, port_zero=False)
+
+
+def listen_arg(text: str) -> str:
+    return host_port(text, port_zero=True)
+
+
+def metrics_listen_arg(text: str) -> str:
+    return host_port(text, port_zero=True, default_port=None)
 
 
 def table(rows: list[tuple[str, str]]) -> str:
