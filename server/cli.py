@@ -14,8 +14,8 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_hi
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import READER_CHECK_S_DEFAULT
 from .pos import cmd_pos
-from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, card_number_arg, env, listen_arg,
-                   metrics_listen_arg, parse_amount, target_arg)
+from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, UsageError, card_number_arg, env,
+                   listen_arg, metrics_listen_arg, parse_amount, target_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-cert", default=os.environ.get("CARDCORE_TLS_CERT"),
                        help="this client's certificate (a terminal's, or a back-office host's)")
         p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"))
-        p.add_argument("--token-file", default=os.environ.get("CARDCORE_TOKEN_FILE"),
-                       help="operator token file (env CARDCORE_TOKEN_FILE, or CARDCORE_TOKEN "
-                            "itself; default: <CARDCORE_DATA_DIR>/admin.token if present)")
+        p.add_argument("--token-file", default=None,
+                       help="file holding the operator token; default: env CARDCORE_TOKEN (the "
+                            "token itself), else env CARDCORE_TOKEN_FILE, else "
+                            "<CARDCORE_DATA_DIR>/admin.token if present" +
+                            (" (pos: sent only with --operator)" if name == "pos" else ""))
         if card:
             p.add_argument("card", type=card_number_arg,
                            help="card number, or - to read it from standard input (keeps it out "
@@ -156,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staff", type=int, default=0)
     p = client("refund", "money back for a sale, by its journal seq (operator token): all that is "
                "left of it, or --amount", cmd_refund)
-    p.set_defaults(admin_command=True)
     mutating(p)
     p.add_argument("seq", type=int, help="the sale's journal seq (on its receipt)")
     p.add_argument("--amount", type=parse_amount, default=0, help="yuan (default: all that is left)")
@@ -168,11 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the request's own client time, when known")
     p = client("card-status", "freeze, unfreeze (active), report lost, find (active) or cancel "
                "(closed) a card (operator token)", cmd_card_status)
-    p.set_defaults(admin_command=True)
     mutating(p)
     p.add_argument("status", choices=tuple(CARD_STATUSES))
     p = client("history", "a card's entries, newest first (operator token)", cmd_history)
-    p.set_defaults(admin_command=True)
     p.add_argument("--limit", type=int, default=20, help="entries a page (1..100)")
     p.add_argument("--before", type=int, default=0, help="entries below this seq (the next page)")
     p.add_argument("--type", action="append", default=[],
@@ -191,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
-    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("enroll", "revoke", "list"))
     p.add_argument("terminal_id", type=int, nargs="?", default=0)
     p.add_argument("--store", type=int, default=0)
@@ -200,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     request_opts(p)
     p = client("operators", "add, remove and list operators (operator token)", cmd_operators,
                card=False)
-    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument("name", nargs="?", default="")
     p.add_argument("--role", choices=ROLES, default="cashier")
@@ -208,14 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     request_opts(p)
     p = client("keys", "rotate: new card-data key version, re-encrypt online (chain admin); "
                "check: offline, every stored card number opens", cmd_keys, card=False)
-    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("rotate", "check"))
     data_dir(p)
     p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"))
     request_opts(p)
     p = client("program", "load: store a card program TOML as the next version (chain admin); "
                "show: a stored version", cmd_program, card=False)
-    p.set_defaults(admin_command=True)
     p.add_argument("action", choices=("load", "show"))
     p.add_argument("file", nargs="?", help="load: the program document (TOML)")
     p.add_argument("--version", type=int, default=0, help="show: this version (default: current)")
@@ -247,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"cardcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

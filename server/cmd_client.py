@@ -3,12 +3,32 @@ TLS, an operator token when one is given)."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import sys
 import uuid
 
 from .cmd_server import keys_check
-from .text import DEFAULT_DATA_DIR, env, fen, table
+from .text import DEFAULT_DATA_DIR, UsageError, env, fen, table
+
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def _host_of(target: str) -> str:
+    """The host of a HOST:PORT or [IPv6]:PORT target (cardcore.server.text.target_arg)."""
+    host = target.rpartition(":")[0] if not target.startswith("unix") else "localhost"
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _loopback(target: str) -> bool:
+    host = _host_of(target)
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _channel(args):
@@ -39,33 +59,53 @@ def admin_stub_of(args):
     return apb_grpc.AdminServiceStub(_channel(args))
 
 
-def _token(args) -> str | None:
-    """The operator token: env CARDCORE_TOKEN or --token-file; for admin commands (and pos
-    --operator) also the bootstrap admin's file in the data folder, a development convenience
-    card commands never use: a till's call does not carry a chain admin's token unasked."""
-    if os.environ.get("CARDCORE_TOKEN"):
-        return os.environ["CARDCORE_TOKEN"].strip()
-    if not args.token_file and not getattr(args, "admin_command", False):
-        return None
-    path = args.token_file or os.path.join(env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR), "admin.token")
+def token_of(args) -> tuple[str | None, str]:
+    """The operator token every client command sends, and where it came from (for messages;
+    never the token itself). In this order: --token-file, env CARDCORE_TOKEN, env
+    CARDCORE_TOKEN_FILE, else the bootstrap chain admin's <CARDCORE_DATA_DIR>/admin.token if
+    there is one. ``cardcore pos`` is a till: it sends one only with --operator."""
+    if not getattr(args, "send_token", True):
+        return None, "none sent (a till's call: --operator sends one)"
+    explicit = True
+    if args.token_file:
+        path, source = args.token_file, f"--token-file {args.token_file}"
+    elif os.environ.get("CARDCORE_TOKEN", "").strip():
+        return os.environ["CARDCORE_TOKEN"].strip(), "env CARDCORE_TOKEN"
+    elif os.environ.get("CARDCORE_TOKEN_FILE"):
+        path = os.environ["CARDCORE_TOKEN_FILE"]
+        source = f"env CARDCORE_TOKEN_FILE {path}"
+    else:
+        path = os.path.join(env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR), "admin.token")
+        source, explicit = f"{path} (the default: <CARDCORE_DATA_DIR>/admin.token)", False
     try:
         with open(path) as f:
-            return f.read().strip()
+            token = f.read().strip()
     except FileNotFoundError:
-        if args.token_file:
-            raise SystemExit(f"cardcore: no token file at {path}") from None
-        return None
+        if explicit:
+            raise UsageError(f"{source}: no such file") from None
+        return None, f"none sent (no --token-file, no CARDCORE_TOKEN, no {path})"
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        return None, f"none sent ({source} is empty)"
+    return token, source
 
 
 def call(fn, request, args):
     import grpc
 
-    token = _token(args) if getattr(args, "as_operator", True) else None
+    token, source = token_of(args)
+    if token and not args.tls_ca and not _loopback(args.target):
+        raise UsageError(f"an operator token goes to {args.target} only over TLS: give --tls-ca, "
+                         "--tls-cert and --tls-key (a plaintext server listens on loopback only)")
     try:
         return fn(request, timeout=args.timeout_s,
                   metadata=(("authorization", f"Bearer {token}"),) if token else None)
     except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}{_failure_detail(err)}", file=sys.stderr)
+        line = f"error: {err.code().name}: {err.details()}{_failure_detail(err)}"
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+            line += f"; operator token: {source}"
+        print(line, file=sys.stderr)
         if err.code() == grpc.StatusCode.UNAVAILABLE and not args.tls_ca:
             print("hint: a server started without --insecure speaks TLS only: pass --tls-ca "
                   "(and --tls-cert/--tls-key), or the CARDCORE_TLS_* variables", file=sys.stderr)

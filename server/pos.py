@@ -23,7 +23,7 @@ def cmd_pos(args) -> int:
     from cardcore.terminal import Terminal, TerminalKeys
 
     terminal = Terminal(TerminalKeys.load(args.keys), keys_path=args.keys)
-    args.as_operator = args.admin_command = bool(args.operator)
+    args.send_token = bool(args.operator)  # a till sends the operator token only when asked
     number = _secret("card number: ", args.card)
     request_id = args.request_id or str(uuid.uuid4())
     at_us = client_time(args)

@@ -11,6 +11,10 @@ DEFAULT_PORT = 50051
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 
+class UsageError(Exception):
+    """A bad argument found after parsing: ``cardcore`` prints it on one line and exits 2."""
+
+
 def env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
