@@ -112,10 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                             f"a HOST alone means port {DEFAULT_PORT}")
         p.add_argument("--timeout-s", type=float, default=10.0)
         p.add_argument("--tls-ca", default=os.environ.get("CARDCORE_TLS_CA"),
-                       help="CA of the server certificate (env CARDCORE_TLS_CA); without it, plaintext")
+                       help="CA of the server certificate, PEM (env CARDCORE_TLS_CA); without it, "
+                            "plaintext (a server started with --insecure)")
         p.add_argument("--tls-cert", default=os.environ.get("CARDCORE_TLS_CERT"),
-                       help="this client's certificate (a terminal's, or a back-office host's)")
-        p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"))
+                       help="this client's certificate, PEM: a terminal's or a back-office host's "
+                            "(env CARDCORE_TLS_CERT; needed with --tls-ca)")
+        p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"),
+                       help="the private key of --tls-cert, PEM, unencrypted (env "
+                            "CARDCORE_TLS_KEY)")
         p.add_argument("--token-file", default=None,
                        help="file holding the operator token; default: env CARDCORE_TOKEN (the "
                             "token itself), else env CARDCORE_TOKEN_FILE, else "
@@ -239,8 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
+                    "history", "operation", "terminals", "operators", "keys", "program", "pos")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in _CLIENT_COMMANDS:
+        # gRPC's own log lines (a failed handshake) would follow our one line; on request
+        # they come back with GRPC_VERBOSITY=debug
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     logs.configure(args.log_level, args.log_format)
     try:
         return args.func(args)

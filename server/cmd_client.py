@@ -33,17 +33,29 @@ def _loopback(target: str) -> bool:
 
 def _channel(args):
     """Mutual TLS when a CA is given (the client certificate names a terminal or a back-office
-    host), plaintext otherwise (a server started with --insecure)."""
+    host), plaintext otherwise (a server started with --insecure). The files are checked here:
+    gRPC would say only "Socket closed"."""
     import grpc
 
+    from .tlsfiles import TlsFileError, read_ca, read_pair
+
     if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise UsageError("--tls-cert and --tls-key go with --tls-ca, the CA of the server's "
+                             "certificate (env CARDCORE_TLS_CA): without it this is plaintext")
         return grpc.insecure_channel(args.target)
-    with open(args.tls_ca, "rb") as f:
-        root = f.read()
-    key = cert = None
-    if args.tls_cert:
-        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
-            cert, key = c.read(), k.read()
+    if not (args.tls_cert and args.tls_key):
+        missing = "--tls-key" if args.tls_cert else "--tls-cert" if args.tls_key else \
+            "--tls-cert and --tls-key"
+        raise UsageError(f"no client certificate: {missing} missing (env CARDCORE_TLS_CERT, "
+                         "CARDCORE_TLS_KEY): a cardcore server over TLS talks only to clients "
+                         "that present one, a terminal's or a back-office host's "
+                         "(cardcore certs client NAME)")
+    try:
+        root = read_ca(args.tls_ca, "--tls-ca")
+        cert, key = read_pair(args.tls_cert, args.tls_key, "--tls-cert", "--tls-key")
+    except TlsFileError as exc:
+        raise UsageError(str(exc)) from None
     return grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root, key, cert))
 
 
@@ -92,6 +104,7 @@ def token_of(args) -> tuple[str | None, str]:
 
 
 def call(fn, request, args):
+    """One unary call; a refusal or a transport failure becomes one line on stderr and exit 1."""
     import grpc
 
     token, source = token_of(args)
@@ -102,14 +115,58 @@ def call(fn, request, args):
         return fn(request, timeout=args.timeout_s,
                   metadata=(("authorization", f"Bearer {token}"),) if token else None)
     except grpc.RpcError as err:
-        line = f"error: {err.code().name}: {err.details()}{_failure_detail(err)}"
-        if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-            line += f"; operator token: {source}"
-        print(line, file=sys.stderr)
-        if err.code() == grpc.StatusCode.UNAVAILABLE and not args.tls_ca:
-            print("hint: a server started without --insecure speaks TLS only: pass --tls-ca "
-                  "(and --tls-cert/--tls-key), or the CARDCORE_TLS_* variables", file=sys.stderr)
+        print(_error_line(err, request, args, source), file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _error_line(err, request, args, token_source: str) -> str:
+    """One line for people: the status, the refusal's reason, and what to do when it is clear."""
+    import grpc
+
+    code, details = err.code(), err.details() or ""
+    line = f"error: {code.name}: {details}{_failure_detail(err)}"
+    if code == grpc.StatusCode.UNAVAILABLE and "REASON_" not in line:
+        line = f"error: UNAVAILABLE: {_unavailable(details, args)}"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        line += f"; operator token: {token_source}"
+    retry = ""
+    if getattr(request, "request_id", "") and getattr(request, "client_time_us", 0):
+        retry = (f"repeat it with --request-id {request.request_id} --client-time-us "
+                 f"{request.client_time_us}: it applies once")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        line = f"error: DEADLINE_EXCEEDED: no answer within {args.timeout_s:g} s (--timeout-s)"
+        if retry:
+            line += f"; the outcome is unknown: {retry}"
+    elif "REASON_OUTCOME_UNKNOWN" in line and retry:
+        line += f"; {retry}"
+    return " ".join(line.split())  # one line, whatever the server's text holds
+
+
+def _unavailable(details: str, args) -> str:
+    """What "failed to connect" means here."""
+    target = args.target
+    if "Connection refused" in details:
+        return f"nothing listens at {target} (connection refused): is the server running there?"
+    if "resolv" in details or "DNS" in details:
+        return f"cannot find the host of {target} (name resolution failed)"
+    if "WRONG_VERSION_NUMBER" in details or "wrong version number" in details.lower():
+        return (f"{target} does not speak TLS: a server started with --insecure: leave out "
+                "--tls-ca (and CARDCORE_TLS_CA)")
+    if "CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details.lower():
+        return (f"the certificate of {target} is not signed by --tls-ca {args.tls_ca}, or has "
+                "expired")
+    if "peer certificate" in details.lower() or "Peer name" in details:
+        return (f"the server's certificate does not name {_host_of(target)}: connect by a name "
+                "it holds (cardcore certs init --host)")
+    if "Socket closed" in details or "handshake" in details.lower():
+        if not args.tls_ca:
+            return (f"{target} closed the connection: a server started without --insecure "
+                    "speaks mutual TLS only: give --tls-ca, --tls-cert and --tls-key (env "
+                    "CARDCORE_TLS_CA, CARDCORE_TLS_CERT, CARDCORE_TLS_KEY)")
+        return (f"{target} closed the connection in the TLS handshake: it did not accept the "
+                f"client certificate --tls-cert {args.tls_cert} (not signed by the server's "
+                "--tls-client-ca?)")
+    return details
 
 
 def _failure_detail(err) -> str:
