@@ -307,9 +307,9 @@ def cmd_operation(args) -> int:
 
     req = pb.GetOperationRequest(request_id=args.request_id, client_time_us=args.client_time_us)
     if args.caller:
-        kind, _, ident = args.caller.partition(":")
+        kind, ident = args.caller  # checked by cli.caller_arg
         req.caller.kind = cpb.CallerKind.Value("CALLER_KIND_" + kind.upper())
-        req.caller.id = int(ident or 0)
+        req.caller.id = ident
     resp = call(stub_of(args).GetOperation, req, args)
     if resp.state == pb.OPERATION_STATE_EXPIRED:
         print(f"{args.request_id}: older than the retention window: it can no longer apply")
@@ -375,11 +375,12 @@ def cmd_operators(args) -> int:
         print(f"operator {o.operator_id}  {o.name}  {role}  stores {scope}"
               f"{'  removed' if o.removed else ''}")
 
+    if args.action in ("add", "remove") and not args.name:
+        raise UsageError(f"operators {args.action} needs the operator's name")
     if args.action == "add":
         role = cpb.OperatorRole.Value("OPERATOR_ROLE_" + args.role.upper())
-        stores = [int(x) for x in args.stores.split(",") if x] if args.stores else []
         resp = call(stub.AddOperator, apb.AddOperatorRequest(
-            name=args.name, role=role, store_ids=stores, **request_fields(args)), args)
+            name=args.name, role=role, store_ids=args.stores, **request_fields(args)), args)
         show(resp.operator)
         if resp.token:
             print(f"token (shown once; the server keeps only its hash): {resp.token}")
@@ -419,7 +420,7 @@ def cmd_program(args) -> int:
         print(version.document, end="" if version.document.endswith("\n") else "\n")
         return 0
     if not args.file:
-        raise SystemExit("cardcore: program load needs the program file")
+        raise UsageError("program load needs the program file (TOML)")
     try:
         document = checked_program_file(args.file)
     except ProgramError as exc:
@@ -499,8 +500,7 @@ def cmd_history(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    types = [cpb.OperationType.Value("OPERATION_TYPE_" + t.upper().replace("-", "_"))
-             for t in args.type]
+    types = args.type  # OperationType values, checked by cli.operation_type_arg
     answer = call(stub_of(args).ListTransactions, pb.ListTransactionsRequest(
         card=cpb.CardRef(card_number=args.card), page_size=args.limit,
         before_seq=args.before, types=types, till=_till(args)), args)
