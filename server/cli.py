@@ -286,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enroll ID --store S, revoke ID, or list")
     p.add_argument("terminal_id", type=int_arg(1, U32_MAX), nargs="?", default=0,
                    help="the terminal's id, 1..4294967295 (enroll, revoke)")
-    p.add_argument("--store", type=uint32_arg, default=0,
-                   help="enroll: the store the terminal belongs to, for ever (default 0); list: "
-                        "only this store (default 0: every store in scope)")
+    p.add_argument("--store", type=uint32_arg, default=None,
+                   help="enroll (required): the store the terminal belongs to, for ever; list: "
+                        "only this store (default: every store in scope)")
     p.add_argument("--out", help="enroll: where to write the terminal's keys "
                                  "(default terminal-<id>.keys.json)")
     request_opts(p)

@@ -340,25 +340,47 @@ def cmd_terminals(args) -> int:
     from cardcore.terminal import TerminalKeys
     from cardcore.v1 import admin_service_pb2 as apb
 
-    stub = admin_stub_of(args)
+    if args.action in ("enroll", "revoke") and not args.terminal_id:
+        raise UsageError(f"terminals {args.action} needs the terminal's id (1..4294967295)")
+    if args.action == "revoke" and args.store is not None:
+        raise UsageError("--store is for terminals enroll and list, not revoke")
     if args.action == "enroll":
+        if args.store is None:
+            raise UsageError("terminals enroll needs --store: the store the terminal belongs to "
+                             "(it cannot move later)")
         out = args.out or f"terminal-{args.terminal_id}.keys.json"
-        if os.path.exists(out):
-            raise SystemExit(f"cardcore: {out} exists: a terminal's keys are handed out once")
-        resp = call(stub.EnrollTerminal, apb.EnrollTerminalRequest(
-            terminal_id=args.terminal_id, store_id=args.store, **request_fields(args)), args)
+        folder = os.path.dirname(os.path.abspath(out))
+        if os.path.lexists(out):
+            raise UsageError(f"{out} exists: a terminal's keys are handed out once")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"--out {out}: cannot write there (no folder {folder}, or not "
+                             "writable): nothing was enrolled")
+        fields = request_fields(args)
+        resp = call(admin_stub_of(args).EnrollTerminal, apb.EnrollTerminalRequest(
+            terminal_id=args.terminal_id, store_id=args.store, **fields), args)
         if not resp.initial_key:
             raise SystemExit("cardcore: this request_id enrolled the terminal before and the "
                              "terminal has transacted since: its key was handed out then")
-        TerminalKeys(resp.terminal.terminal_id, resp.terminal.store_id, resp.initial_key,
-                     resp.terminal.initial_key_id).save(out)
+        try:
+            TerminalKeys(resp.terminal.terminal_id, resp.terminal.store_id, resp.initial_key,
+                         resp.terminal.initial_key_id).save(out)
+        except OSError as exc:
+            raise SystemExit(
+                f"cardcore: terminal {args.terminal_id} is enrolled but its keys could not be "
+                f"written to {out} ({exc.strerror or exc}): get them again, before the terminal "
+                f"transacts, with the same request: cardcore terminals enroll {args.terminal_id} "
+                f"--store {args.store} --request-id {fields['request_id']} --client-time-us "
+                f"{fields['client_time_us']} --out ANOTHER_FILE") from None
         _print_terminal(resp.terminal)
         print(f"initial key written to {out} (0600): load it into the terminal, keep no copy")
-    elif args.action == "revoke":
+        return 0
+    stub = admin_stub_of(args)
+    if args.action == "revoke":
         _print_terminal(call(stub.RevokeTerminal, apb.RevokeTerminalRequest(
             terminal_id=args.terminal_id, **request_fields(args)), args))
     else:
-        for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store), args).terminals:
+        for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store or 0),
+                      args).terminals:
             _print_terminal(t)
     return 0
 
