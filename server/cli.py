@@ -15,7 +15,7 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_hi
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
-from .pos import cmd_pos
+from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
 from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
                    amount_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
                    metrics_listen_arg, seconds_arg, target_arg, uint32_arg)
@@ -320,19 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client("pos", "a terminal: swipe with DUKPT-encrypted card data and PIN blocks", cmd_pos,
                card=False)
+    p.description = ("A terminal on the command line. The card number and the PINs given as '-' "
+                     "are read from standard input, one line each, in the order they stand on "
+                     "the command line (a terminal prompts without echo); purchase and set-pin "
+                     "read a PIN even without --pin, after the others. Each is checked before "
+                     "the swipe, and no message shows one.")
     p.add_argument("--keys", required=True,
                    help="the terminal's keys file from 'terminals enroll' (its transaction "
                         "counter is saved there before every swipe)")
-    p.add_argument("action", choices=("purchase", "top-up", "balance", "open-card", "set-pin",
-                                      "reset-pin"),
+    p.add_argument("action", choices=tuple(POS_ACTIONS),
                    help="what the till does (purchase and top-up take an amount)")
-    p.add_argument("card", nargs="?", default="-",
+    p.add_argument("card", nargs="?", default="-", action=StdinOrder,
                    help="card number, or - (default) to read it from standard input")
     p.add_argument("amount", type=amount_arg, nargs="?", default=0,
                    help="purchase, top-up: yuan, above 0, at most two decimals")
-    p.add_argument("--pin", help="'-' reads the PIN from standard input (prompted on a tty); "
-                                 "a literal PIN only for tests")
-    p.add_argument("--old-pin", help="set-pin: the current PIN, as --pin")
+    p.add_argument("--pin", action=StdinOrder,
+                   help="'-' reads the PIN from standard input (prompted on a tty); a literal "
+                        "PIN only for tests. purchase always reads one; open-card, reset-pin, "
+                        "set-pin: the new PIN")
+    p.add_argument("--old-pin", action=StdinOrder,
+                   help="set-pin: the current PIN, as --pin (an empty line: none). Standard "
+                        "input gives one line per '-', in the order they stand on the command "
+                        "line: 'set-pin - --pin - --old-pin -' reads the card number, the new "
+                        "PIN, then the current one")
     p.add_argument("--tier", type=uint32_arg, default=0,
                    help="open-card: index into the program's tiers (default 0)")
     p.add_argument("--staff", type=uint32_arg, default=0,
