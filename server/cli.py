@@ -367,16 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     exit 2, a refusal one line and exit 1, ^C exit 130; output cut short (| head) ends quietly."""
     command = None
     try:
-        args = build_parser().parse_args(argv)
-        command = args.command
-        if command in _CLIENT_COMMANDS:
-            # gRPC's own log lines (a failed handshake) would follow our one line; on request
-            # they come back with GRPC_VERBOSITY=debug
-            os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-        logs.configure(args.log_level, args.log_format)
-        rc = args.func(args)
-        sys.stdout.flush()
-        return rc
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            if command in _CLIENT_COMMANDS:
+                # gRPC's own log lines (a failed handshake) would follow our one line; on
+                # request they come back with GRPC_VERBOSITY=debug
+                os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+            logs.configure(args.log_level, args.log_format)
+            return args.func(args)
+        finally:  # here, not at exit, where a broken pipe is "Exception ignored" and exit 120
+            sys.stdout.flush()
     except UsageError as exc:
         print(f"cardcore {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -92,7 +92,7 @@ def token_of(args) -> tuple[str | None, str]:
     try:
         with open(path) as f:
             token = f.read().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if explicit:
             raise UsageError(f"{source}: no such file") from None
         return None, f"none sent (no --token-file, no CARDCORE_TOKEN, no {path})"
