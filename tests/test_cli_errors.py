@@ -443,3 +443,26 @@ def test_card_commands_over_tls_use_the_default_token(tls_server, ca_dir):
         assert out.returncode == 0, (args, out.stderr)
     out = cli("card", number, *target, env=dict(env, CARDCORE_DATA_DIR=NO_DATA_DIR))
     user_error(out, 1, "UNAUTHENTICATED", "none sent")
+
+
+def test_the_load_kit_reads_cardcore_token_and_still_the_old_name(tmp_path):
+    """bench/load.py --target: CARDCORE_TOKEN, as the cardcore command; CARDCORE_ADMIN_TOKEN
+    after it, with a deprecation note; --admin-token-file first, --data-dir's admin.token last."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+    def token(*args, **env):
+        code = f"import sys; sys.path.insert(0, {bench!r}); import load; print(load.admin_token(*{args!r}))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, env=_clean_env(**env))
+
+    (tmp_path / "admin.token").write_text("cc_from-data-dir\n")
+    (tmp_path / "file.token").write_text("cc_from-file\n")
+    out = token(None, None, CARDCORE_TOKEN="cc_new", CARDCORE_ADMIN_TOKEN="cc_old")
+    assert out.stdout.strip() == "cc_new" and out.stderr == ""
+    out = token(None, str(tmp_path), CARDCORE_ADMIN_TOKEN="cc_old")
+    assert out.stdout.strip() == "cc_old" and "deprecated" in out.stderr and "cc_old" not in out.stderr
+    assert token(None, str(tmp_path)).stdout.strip() == "cc_from-data-dir"
+    out = token(str(tmp_path / "file.token"), str(tmp_path), CARDCORE_TOKEN="cc_new")
+    assert out.stdout.strip() == "cc_from-file"
+    out = token(str(tmp_path / "missing.token"), None)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "missing.token" in out.stderr
