@@ -6,7 +6,9 @@
 
 1. Starts ``cardcore serve --insecure`` on a temp data folder (or ``--data-dir``), unless
    ``--target`` names a running (plaintext) server; then the admin token comes from
-   ``--admin-token-file``, ``CARDCORE_ADMIN_TOKEN`` or ``<--data-dir>/admin.token``.
+   ``--admin-token-file``, ``CARDCORE_TOKEN`` (as for the ``cardcore`` command) or
+   ``<--data-dir>/admin.token``. ``CARDCORE_ADMIN_TOKEN``, the old name, is still read after
+   ``CARDCORE_TOKEN``, with a deprecation note.
 2. Enrolls one terminal per locust user (ids ``--first-terminal``.., store ``--store``) and one
    seeding terminal, with the bootstrap admin token.
 3. Seeds ``--cards`` cards through the seeding terminal: SubmitBatch calls of up to 10,000
@@ -249,6 +251,31 @@ def markdown(summary: dict) -> str:
 
 # ---- the run --------------------------------------------------------------------------------
 
+def admin_token(token_file: str | None, data_dir: str | None) -> str | None:
+    """The admin token for a running server: --admin-token-file, env CARDCORE_TOKEN (the name
+    the ``cardcore`` command reads), env CARDCORE_ADMIN_TOKEN (the old name: a deprecation note
+    on stderr), then <--data-dir>/admin.token; None if none is found."""
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"load.py: cannot read the token file {path}: "
+                             f"{exc.strerror or exc}") from None
+
+    if token_file:
+        return read(token_file) or None
+    if os.environ.get("CARDCORE_TOKEN", "").strip():
+        return os.environ["CARDCORE_TOKEN"].strip()
+    if os.environ.get("CARDCORE_ADMIN_TOKEN", "").strip():
+        print("load.py: CARDCORE_ADMIN_TOKEN is deprecated: name the token CARDCORE_TOKEN, as "
+              "the cardcore command does", file=sys.stderr)
+        return os.environ["CARDCORE_ADMIN_TOKEN"].strip()
+    if data_dir and os.path.exists(os.path.join(data_dir, "admin.token")):
+        return read(os.path.join(data_dir, "admin.token")) or None
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cards", type=int, default=100_000, help="cards to seed (default %(default)s)")
@@ -261,7 +288,9 @@ def main() -> int:
     parser.add_argument("--web-port", type=int, default=8089)
     parser.add_argument("--out-dir", default=os.path.join(HERE, "load-results"))
     parser.add_argument("--target", help="HOST:PORT of a running plaintext server (default: start one)")
-    parser.add_argument("--admin-token-file", help="with --target: the bootstrap admin token's file")
+    parser.add_argument("--admin-token-file", help="with --target: the bootstrap admin token's file "
+                                                   "(default: env CARDCORE_TOKEN, else "
+                                                   "<--data-dir>/admin.token)")
     parser.add_argument("--data-dir", help="the started server's data folder, kept afterwards "
                                            "(default: a temp folder, removed)")
     parser.add_argument("--seed-only", action="store_true", help="enroll and seed, then stop")
@@ -291,15 +320,10 @@ def main() -> int:
     try:
         if args.target:
             target = args.target
-            token = os.environ.get("CARDCORE_ADMIN_TOKEN")
-            token_file = args.admin_token_file or (
-                os.path.join(data_dir, "admin.token") if args.data_dir else None)
-            if token_file:
-                with open(token_file) as f:
-                    token = f.read().strip()
+            token = admin_token(args.admin_token_file, data_dir if args.data_dir else None)
             if not token:
                 parser.error("--target needs the admin token: --admin-token-file, "
-                             "CARDCORE_ADMIN_TOKEN or --data-dir")
+                             "CARDCORE_TOKEN or --data-dir")
         else:
             srv = start_cardcore(data_dir, f"{prefix}_server.log",
                                  ("--failures-per-minute", str(fpm)))

@@ -26,7 +26,7 @@ import time
 
 from cardcore import pin as pinlib
 from cardcore.carddata import encrypt_card_data
-from cardcore.dukpt import KSN_SIZE, KeyPath, KeyUsage, next_counter
+from cardcore.dukpt import IKID_SIZE, KSN_SIZE, KeyPath, KeyUsage, next_counter
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
@@ -60,10 +60,40 @@ class TerminalKeys:
 
     @classmethod
     def load(cls, path: str) -> "TerminalKeys":
+        """OSError if the file cannot be read; ValueError, naming the path and the field but
+        nothing of the key, if it is not a terminal's keys file."""
         with open(path) as f:
-            doc = json.load(f)
-        return cls(int(doc["terminal_id"]), int(doc["store_id"]), bytes.fromhex(doc["initial_key"]),
-                   bytes.fromhex(doc["initial_key_id"]), int(doc.get("counter", 0)))
+            text = f.read()
+        bad = f"{path} is not a terminal's keys file (as 'cardcore terminals enroll' writes it)"
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{bad}: not JSON") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{bad}: not a JSON object")
+        fields = {}
+        for name, kind, size in (("terminal_id", int, (1, 2**32 - 1)), ("store_id", int, (0, 2**32 - 1)),
+                                 ("initial_key", bytes, 16), ("initial_key_id", bytes, IKID_SIZE),
+                                 ("counter", int, (0, 2**32 - 1))):
+            if name not in doc:
+                if name == "counter":
+                    fields[name] = 0
+                    continue
+                raise ValueError(f"{bad}: no {name}")
+            value = doc[name]
+            try:
+                if kind is int:
+                    if isinstance(value, bool) or not isinstance(value, int) \
+                            or not size[0] <= value <= size[1]:
+                        raise ValueError
+                else:
+                    value = bytes.fromhex(value)
+                    if len(value) != size:
+                        raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(f"{bad}: its {name} is not valid") from None
+            fields[name] = value
+        return cls(**fields)
 
 
 class Terminal:

@@ -87,13 +87,15 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     if not (cfg.tls_cert and cfg.tls_key and cfg.tls_client_ca):
         raise StartupError("give --tls-cert, --tls-key and --tls-client-ca (cardcore certs makes a "
                            "local CA), or --insecure for local development on loopback")
+    from .tlsfiles import TlsFileError, read_ca, read_pair
+
     try:
-        with open(cfg.tls_cert, "rb") as c, open(cfg.tls_key, "rb") as k, \
-                open(cfg.tls_client_ca, "rb") as ca:
-            pair, root = (k.read(), c.read()), ca.read()
-    except OSError as exc:
-        raise StartupError(f"cannot read a TLS file: {exc.filename}") from None
-    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=True)
+        cert, key = read_pair(cfg.tls_cert, cfg.tls_key, "--tls-cert", "--tls-key")
+        root = read_ca(cfg.tls_client_ca, "--tls-client-ca")
+    except TlsFileError as exc:
+        raise StartupError(f"cannot use a TLS file: {exc}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=root,
+                                       require_client_auth=True)
 
 
 async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -> None:
@@ -163,7 +165,10 @@ async def serve(cfg: ServerConfig) -> None:
         for _ in range(3):
             log.warning("*** --no-sync: commits are NOT durable; a crash loses acknowledged "
                         "operations. For benchmarks only. ***")
-    os.makedirs(cfg.data_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.data_dir, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot make the data folder {cfg.data_dir}: {exc.strerror}") from None
     lock = lock_data_dir(cfg.data_dir)
     if cfg.failures_per_minute < 1:
         raise StartupError("--failures-per-minute must be at least 1")
@@ -197,8 +202,13 @@ async def serve(cfg: ServerConfig) -> None:
         port = 0
     if port == 0:
         raise StartupError(f"cannot listen on {cfg.listen} (in use, or not an address of this host)")
-    keyring = Keyring.load_or_create(cfg.keyring_path or os.path.join(cfg.data_dir, "keyring.json"),
-                                     cfg.data_dir)
+    keyring_path = cfg.keyring_path or os.path.join(cfg.data_dir, "keyring.json")
+    try:
+        keyring = Keyring.load_or_create(keyring_path, cfg.data_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # the messages name the file, never a key (KeyError: a field the file lacks)
+        why = exc.strerror if isinstance(exc, OSError) else "not a cardcore keyring, or damaged"
+        raise StartupError(f"cannot use the keyring {keyring_path}: {why}") from None
     stop = asyncio.Event()
     failed: list[str] = []
 

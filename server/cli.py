@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from . import logs
@@ -12,29 +13,101 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_hi
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
                          cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up)
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
-from .writer import READER_CHECK_S_DEFAULT
-from .pos import cmd_pos
-from .text import DEFAULT_DATA_DIR, DEFAULT_LISTEN, card_number_arg, env, parse_amount
+from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
+                     QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
+from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
+from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
+                   amount_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
+                   metrics_listen_arg, seconds_arg, target_arg, uint32_arg)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CALLER_KINDS = ("terminal", "operator", "development", "system", "legacy")  # cardcore.v1.CallerKind
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141  # 128 + SIGINT, 128 + SIGPIPE
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("cardcore")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+_DIGITS = re.compile(r"\d{4,}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line, and never a card number or a PIN in it: the
+    tokens it echoes (an unknown argument, a bad choice) may be one of them."""
+
+    def error(self, message: str):
+        if "unrecognized arguments" in message or "invalid choice" in message:
+            head, sep, rest = message.partition(":")
+            message = head + sep + _DIGITS.sub("****", rest)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def log_level_arg(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def caller_arg(text: str) -> tuple[str, int]:
+    kind, sep, ident = text.partition(":")
+    if kind not in CALLER_KINDS or not sep:
+        raise argparse.ArgumentTypeError(f"not KIND:ID with KIND one of {', '.join(CALLER_KINDS)}: "
+                                         f"{text!r}")
+    return kind, int_arg(0, U32_MAX)(ident)
+
+
+def stores_arg(text: str) -> list[int]:
+    try:
+        return [uint32_arg(x) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"not comma-separated store ids: {exc}") from None
+
+
+def operation_type_arg(text: str) -> int:
+    from cardcore.v1 import common_pb2 as cpb
+
+    names = [n.removeprefix("OPERATION_TYPE_").lower().replace("_", "-")
+             for n in cpb.OperationType.keys() if not n.endswith("UNSPECIFIED")]
+    name = text.strip().lower().replace("_", "-")
+    if name not in names:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(names)}")
+    return cpb.OperationType.Value("OPERATION_TYPE_" + name.upper().replace("-", "_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cardcore", description=__doc__)
-    parser.add_argument("--log-level", default=env("CARDCORE_LOG_LEVEL", "INFO"))
+    parser = Parser(prog="cardcore", description=__doc__,
+                    epilog="A bad argument is one line on stderr and exit status 2; a refusal "
+                           "or an unreachable server, one line and exit status 1.")
+    parser.add_argument("--version", action="version", version=f"cardcore {_version()}",
+                        help="print the version of cardcore and exit")
+    parser.add_argument("--log-level", type=log_level_arg,
+                        default=env("CARDCORE_LOG_LEVEL", "INFO"),
+                        help=f"one of {', '.join(LOG_LEVELS)} (env CARDCORE_LOG_LEVEL; default "
+                             "INFO)")
     parser.add_argument("--log-format", choices=("text", "json"),
                         default=env("CARDCORE_LOG_FORMAT", "text"),
-                        help="json: one object per line for log shippers (env CARDCORE_LOG_FORMAT)")
-    sub = parser.add_subparsers(dest="command", required=True)
+                        help="json: one object per line for log shippers (env CARDCORE_LOG_FORMAT; "
+                             "default text)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_dir(p):
         p.add_argument("--data-dir", default=env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR),
-                       help="data folder (env CARDCORE_DATA_DIR; default %(default)s)")
+                       help=f"data folder (env CARDCORE_DATA_DIR; default {DEFAULT_DATA_DIR})")
 
     p = sub.add_parser("serve", help="run the gRPC server")
     data_dir(p)
-    p.add_argument("--listen", default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
-                   help="HOST:PORT (env CARDCORE_LISTEN; port 0 picks a free one)")
+    p.add_argument("--listen", type=listen_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
+                   help=f"HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); a HOST alone "
+                        f"listens on port {DEFAULT_PORT}, port 0 picks a free one")
     p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
-                   help="card program TOML (tiers, points); default: 3 tiers, 1 point per 1.00")
+                   help="card program TOML (tiers, points; env CARDCORE_PROGRAM); default: 3 "
+                        "tiers, 1 point per 1.00")
     p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
                    help="keyring file (env CARDCORE_KEYRING; default <data-dir>/keyring.json, "
                         "created on first start: production keeps it elsewhere)")
@@ -43,47 +116,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=os.environ.get("CARDCORE_TLS_CERT"),
                    help="server certificate chain, PEM (env CARDCORE_TLS_CERT)")
     p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"),
-                   help="server private key, PEM (env CARDCORE_TLS_KEY)")
+                   help="server private key, PEM, unencrypted (env CARDCORE_TLS_KEY)")
     p.add_argument("--tls-client-ca", default=os.environ.get("CARDCORE_TLS_CLIENT_CA"),
                    help="CA that signs terminal and back-office client certificates "
                         "(env CARDCORE_TLS_CLIENT_CA); clients must present one")
-    p.add_argument("--failures-per-minute", type=int, default=10,
-                   help="wrong PINs and unknown cards per terminal per minute before its swipes "
-                        "are refused")
-    p.add_argument("--group-max-ops", type=int, default=10_000,
-                   help="operations per write transaction at most")
-    p.add_argument("--group-wait-us", type=int, default=0,
-                   help="wait this long for more operations once one is queued")
-    p.add_argument("--queue-max-ops", type=int, default=100_000,
-                   help="queued operations at most; beyond, RESOURCE_EXHAUSTED")
-    p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=1,
+    p.add_argument("--failures-per-minute", type=int_arg(1, 1 << 30), default=10,
+                   help="wrong PINs, unknown cards and inquiries per terminal per sliding minute "
+                        "before its swipes are refused (default %(default)s)")
+    p.add_argument("--group-max-ops", type=int_arg(1, 1 << 30), default=GROUP_MAX_OPS_DEFAULT,
+                   help="operations per write transaction at most (default %(default)s)")
+    p.add_argument("--group-wait-us", type=int_arg(0, 10_000_000), default=GROUP_WAIT_US_DEFAULT,
+                   help="microseconds to wait for more operations once one is queued "
+                        "(default %(default)s)")
+    p.add_argument("--queue-max-ops", type=int_arg(1, 1 << 30), default=QUEUE_MAX_OPS_DEFAULT,
+                   help="queued operations at most; beyond, RESOURCE_EXHAUSTED (default "
+                        "%(default)s)")
+    p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=GROUPS_IN_FLIGHT_DEFAULT,
                    help="groups handed to the writer at once (1: larger groups, fewer fsyncs; "
-                        "2: the writer starts the next while this process answers the last)")
-    p.add_argument("--metrics-listen", default=os.environ.get("CARDCORE_METRICS_LISTEN"),
-                   help="serve Prometheus metrics on HOST:PORT (env CARDCORE_METRICS_LISTEN; off by default)")
-    p.add_argument("--map-size-mib", type=int, default=1024,
-                   help="initial LMDB map (address space, not disk); doubles when full")
+                        "2: the writer starts the next while this process answers the last; "
+                        "default %(default)s)")
+    p.add_argument("--metrics-listen", type=metrics_listen_arg,
+                   default=os.environ.get("CARDCORE_METRICS_LISTEN"),
+                   help="serve Prometheus metrics on HOST:PORT (env CARDCORE_METRICS_LISTEN; "
+                        "off by default)")
+    p.add_argument("--map-size-mib", type=int_arg(1, 1 << 30), default=1024,
+                   help="initial LMDB map in MiB (address space, not disk); doubles when full "
+                        "(default %(default)s)")
     p.add_argument("--no-sync", action="store_true",
                    help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
-    p.add_argument("--request-window-hours", type=int, default=REQUEST_WINDOW_S_DEFAULT // 3600,
-                   help="request records are kept, and requests accepted, for this long after "
-                        "their client time (default %(default)s: a week, longer than a store "
-                        "stays offline); at least 1")
-    p.add_argument("--reader-check-s", type=float, default=READER_CHECK_S_DEFAULT,
-                   help="clear stale LMDB reader slots (readers killed -9) this often")
+    p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24),
+                   default=REQUEST_WINDOW_S_DEFAULT // 3600,
+                   help="request records are kept, and requests accepted, for this many hours "
+                        "after their client time (default %(default)s: a week, longer than a "
+                        "store stays offline); at least 1")
+    p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
+                   help="clear stale LMDB reader slots (readers killed -9) this often, in "
+                        "seconds (default %(default)g)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "
                                        "at start); verified before and after, the old one kept")
     data_dir(p)
     p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
-                   help="the card program the server runs (stored as version 1); default: the "
-                        "default program")
+                   help="the card program the server runs (stored as version 1; env "
+                        "CARDCORE_PROGRAM); default: the default program")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("verify", help="check every card against its journal")
     data_dir(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the report as JSON on standard output")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("backup", help="hot, consistent, compacted copy of the ledger (while serving)")
@@ -104,17 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(name, help_text, func, card=True):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--target", default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
-                       help="server HOST:PORT")
-        p.add_argument("--timeout-s", type=float, default=10.0)
+        p.add_argument("--target", type=target_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
+                       help=f"server HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); "
+                            f"a HOST alone means port {DEFAULT_PORT}")
+        p.add_argument("--timeout-s", type=seconds_arg, default=10.0,
+                       help="seconds to wait for the answer (default %(default)g)")
         p.add_argument("--tls-ca", default=os.environ.get("CARDCORE_TLS_CA"),
-                       help="CA of the server certificate (env CARDCORE_TLS_CA); without it, plaintext")
+                       help="CA of the server certificate, PEM (env CARDCORE_TLS_CA); without it, "
+                            "plaintext (a server started with --insecure)")
         p.add_argument("--tls-cert", default=os.environ.get("CARDCORE_TLS_CERT"),
-                       help="this client's certificate (a terminal's, or a back-office host's)")
-        p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"))
-        p.add_argument("--token-file", default=os.environ.get("CARDCORE_TOKEN_FILE"),
-                       help="operator token file (env CARDCORE_TOKEN_FILE, or CARDCORE_TOKEN "
-                            "itself; default: <CARDCORE_DATA_DIR>/admin.token if present)")
+                       help="this client's certificate, PEM: a terminal's or a back-office host's "
+                            "(env CARDCORE_TLS_CERT; needed with --tls-ca)")
+        p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"),
+                       help="the private key of --tls-cert, PEM, unencrypted (env "
+                            "CARDCORE_TLS_KEY)")
+        p.add_argument("--token-file", default=None,
+                       help="file holding the operator token; default: env CARDCORE_TOKEN (the "
+                            "token itself), else env CARDCORE_TOKEN_FILE, else "
+                            "<CARDCORE_DATA_DIR>/admin.token if present" +
+                            (" (pos: sent only with --operator)" if name == "pos" else ""))
         if card:
             p.add_argument("card", type=card_number_arg,
                            help="card number, or - to read it from standard input (keeps it out "
@@ -123,115 +212,144 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def request_opts(p):
-        p.add_argument("--request-id", default="", help="idempotency key (default: a new UUID)")
-        p.add_argument("--client-time-us", type=int, default=0,
+        p.add_argument("--request-id", default="",
+                       help="idempotency key, 1-64 of A-Z a-z 0-9 . _ : - (default: a new UUID)")
+        p.add_argument("--client-time-us", type=client_time_arg, default=0,
                        help="the request's client time, Unix microseconds (default: now); a retry "
                             "of a request_id repeats the original's")
 
-    def mutating(p):
+    def till(p, store_help="the till's store id (default 0: head office)"):
+        p.add_argument("--store", type=uint32_arg, default=0, help=store_help)
+        p.add_argument("--terminal", type=uint32_arg, default=0,
+                       help="the till's terminal id (default 0: back office)")
+        p.add_argument("--staff", type=uint32_arg, default=0,
+                       help="the staff member to credit (default 0: none)")
+
+    def mutating(p, store_help="the till's store id (default 0: head office)"):
         request_opts(p)
-        p.add_argument("--store", type=int, default=0)
-        p.add_argument("--terminal", type=int, default=0)
-        p.add_argument("--staff", type=int, default=0)
+        till(p, store_help)
 
     p = client("open-card", "issue a card", cmd_open_card)
-    mutating(p)
-    p.add_argument("--tier", type=int, default=0)
-    p.add_argument("--name", default="")
-    p.add_argument("--phone", default="")
-    p.add_argument("--birthday", default="", help="YYYY-MM-DD")
+    mutating(p, "the issuing store (the till's, and the member's home store; default 0)")
+    p.add_argument("--tier", type=uint32_arg, default=0,
+                   help="index into the card program's tiers (default 0: the base tier)")
+    p.add_argument("--name", default="", help="the member's name (default: none)")
+    p.add_argument("--phone", default="", help="the member's phone (default: none)")
+    p.add_argument("--birthday", default="", help="the member's birthday, YYYY-MM-DD (default: none)")
     p = client("top-up", "add prepaid money (amount in yuan, e.g. 500 or 12.50)", cmd_top_up)
     mutating(p)
-    p.add_argument("amount", type=parse_amount)
+    p.add_argument("amount", type=amount_arg, help="yuan, above 0, at most two decimals")
     p = client("purchase", "pay with the card (gross amount in yuan)", cmd_purchase)
     mutating(p)
-    p.add_argument("amount", type=parse_amount)
+    p.add_argument("amount", type=amount_arg,
+                   help="the gross amount in yuan, before the member's discount")
     p = client("card", "balance inquiry", cmd_card)
-    p.add_argument("--store", type=int, default=0)
-    p.add_argument("--terminal", type=int, default=0)
-    p.add_argument("--staff", type=int, default=0)
+    till(p)
     p = client("refund", "money back for a sale, by its journal seq (operator token): all that is "
                "left of it, or --amount", cmd_refund)
-    p.set_defaults(admin_command=True)
     mutating(p)
-    p.add_argument("seq", type=int, help="the sale's journal seq (on its receipt)")
-    p.add_argument("--amount", type=parse_amount, default=0, help="yuan (default: all that is left)")
+    p.add_argument("seq", type=int_arg(1, U64_MAX), help="the sale's journal seq (on its receipt)")
+    p.add_argument("--amount", type=amount_arg, default=0,
+                   help="yuan to give back (default: all that is left of the sale)")
     p = client("reverse", "undo a request of this caller's that timed out (or refuse it before it "
                "arrives)", cmd_reverse)
     mutating(p)
-    p.add_argument("original_request_id")
-    p.add_argument("--original-client-time-us", type=int, default=0,
-                   help="the request's own client time, when known")
+    p.add_argument("original_request_id", help="the request to undo, as this caller sent it")
+    p.add_argument("--original-client-time-us", type=client_time_arg, default=0,
+                   help="the request's own client time, Unix microseconds, when known "
+                        "(default 0: not known)")
     p = client("card-status", "freeze, unfreeze (active), report lost, find (active) or cancel "
                "(closed) a card (operator token)", cmd_card_status)
-    p.set_defaults(admin_command=True)
     mutating(p)
-    p.add_argument("status", choices=tuple(CARD_STATUSES))
+    p.add_argument("status", choices=tuple(CARD_STATUSES), help="the card's new status")
     p = client("history", "a card's entries, newest first (operator token)", cmd_history)
-    p.set_defaults(admin_command=True)
-    p.add_argument("--limit", type=int, default=20, help="entries a page (1..100)")
-    p.add_argument("--before", type=int, default=0, help="entries below this seq (the next page)")
-    p.add_argument("--type", action="append", default=[],
-                   help="only this type (purchase, top-up, refund, ...); repeatable")
-    p.add_argument("--store", type=int, default=0)
-    p.add_argument("--terminal", type=int, default=0)
-    p.add_argument("--staff", type=int, default=0)
+    p.add_argument("--limit", type=int_arg(1, 100), default=20,
+                   help="entries a page, 1..100 (default %(default)s)")
+    p.add_argument("--before", type=int_arg(0, U64_MAX), default=0,
+                   help="entries below this seq: the next page (default 0: the newest)")
+    p.add_argument("--type", action="append", default=[], type=operation_type_arg,
+                   help="only this type (purchase, top-up, refund, ...); repeatable "
+                        "(default: all)")
+    till(p)
     p = client("operation", "what became of a request_id", cmd_operation, card=False)
-    p.add_argument("request_id")
-    p.add_argument("--client-time-us", type=int, default=0,
-                   help="the request's client time: an id older than the retention window is "
-                        "reported as expired")
-    p.add_argument("--caller", default="",
+    p.add_argument("request_id", help="the request's id")
+    p.add_argument("--client-time-us", type=client_time_arg, default=0,
+                   help="the request's client time, Unix microseconds: an id older than the "
+                        "retention window is reported as expired (default 0: not known)")
+    p.add_argument("--caller", type=caller_arg, default=None,
                    help="another caller's namespace, KIND:ID (terminal:7, operator:3; chain "
-                        "admins)")
+                        "admins; default: this caller's)")
 
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
-    p.set_defaults(admin_command=True)
-    p.add_argument("action", choices=("enroll", "revoke", "list"))
-    p.add_argument("terminal_id", type=int, nargs="?", default=0)
-    p.add_argument("--store", type=int, default=0)
+    p.add_argument("action", choices=("enroll", "revoke", "list"),
+                   help="enroll ID --store S, revoke ID, or list")
+    p.add_argument("terminal_id", type=int_arg(1, U32_MAX), nargs="?", default=0,
+                   help="the terminal's id, 1..4294967295 (enroll, revoke)")
+    p.add_argument("--store", type=uint32_arg, default=None,
+                   help="enroll (required): the store the terminal belongs to, for ever; list: "
+                        "only this store (default: every store in scope)")
     p.add_argument("--out", help="enroll: where to write the terminal's keys "
                                  "(default terminal-<id>.keys.json)")
     request_opts(p)
     p = client("operators", "add, remove and list operators (operator token)", cmd_operators,
                card=False)
-    p.set_defaults(admin_command=True)
-    p.add_argument("action", choices=("add", "remove", "list"))
-    p.add_argument("name", nargs="?", default="")
-    p.add_argument("--role", choices=ROLES, default="cashier")
-    p.add_argument("--stores", default="", help="comma-separated store ids in scope")
+    p.add_argument("action", choices=("add", "remove", "list"), help="add NAME, remove NAME, or list")
+    p.add_argument("name", nargs="?", default="", help="the operator's name (add, remove)")
+    p.add_argument("--role", choices=ROLES, default="cashier",
+                   help="add: the operator's role (default %(default)s)")
+    p.add_argument("--stores", type=stores_arg, default=[],
+                   help="add: comma-separated store ids in scope (default: the whole chain, "
+                        "chain admins only)")
     request_opts(p)
     p = client("keys", "rotate: new card-data key version, re-encrypt online (chain admin); "
                "check: offline, every stored card number opens", cmd_keys, card=False)
-    p.set_defaults(admin_command=True)
-    p.add_argument("action", choices=("rotate", "check"))
+    p.add_argument("action", choices=("rotate", "check"), help="rotate (online) or check (offline)")
     data_dir(p)
-    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"))
+    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
+                   help="check: the keyring file (env CARDCORE_KEYRING; default "
+                        "<data-dir>/keyring.json)")
     request_opts(p)
     p = client("program", "load: store a card program TOML as the next version (chain admin); "
                "show: a stored version", cmd_program, card=False)
-    p.set_defaults(admin_command=True)
-    p.add_argument("action", choices=("load", "show"))
+    p.add_argument("action", choices=("load", "show"), help="load FILE, or show")
     p.add_argument("file", nargs="?", help="load: the program document (TOML)")
-    p.add_argument("--version", type=int, default=0, help="show: this version (default: current)")
+    p.add_argument("--version", type=uint32_arg, default=0,
+                   help="show: this program version (default 0: the current one)")
     request_opts(p)
 
     p = client("pos", "a terminal: swipe with DUKPT-encrypted card data and PIN blocks", cmd_pos,
                card=False)
-    p.add_argument("--keys", required=True, help="the terminal's keys file from 'terminals enroll'")
-    p.add_argument("action", choices=("purchase", "top-up", "balance", "open-card", "set-pin",
-                                      "reset-pin"))
-    p.add_argument("card", nargs="?", default="-", help="card number, or - (default) to read it "
-                                                        "from standard input")
-    p.add_argument("amount", type=parse_amount, nargs="?", default=0)
-    p.add_argument("--pin", help="'-' reads the PIN from standard input (prompted on a tty); "
-                                 "a literal PIN only for tests")
-    p.add_argument("--old-pin", help="set-pin: the current PIN, as --pin")
-    p.add_argument("--tier", type=int, default=0)
-    p.add_argument("--staff", type=int, default=0)
+    p.description = ("A terminal on the command line. The card number and the PINs given as '-' "
+                     "are read from standard input, one line each, in the order they stand on "
+                     "the command line (a terminal prompts without echo); purchase and set-pin "
+                     "read a PIN even without --pin, after the others. Each is checked before "
+                     "the swipe, and no message shows one.")
+    p.add_argument("--keys", required=True,
+                   help="the terminal's keys file from 'terminals enroll' (its transaction "
+                        "counter is saved there before every swipe)")
+    p.add_argument("action", choices=tuple(POS_ACTIONS),
+                   help="what the till does (purchase and top-up take an amount)")
+    p.add_argument("card", nargs="?", default="-", action=StdinOrder,
+                   help="card number, or - (default) to read it from standard input")
+    p.add_argument("amount", type=amount_arg, nargs="?", default=0,
+                   help="purchase, top-up: yuan, above 0, at most two decimals")
+    p.add_argument("--pin", action=StdinOrder,
+                   help="'-' reads the PIN from standard input (prompted on a tty); a literal "
+                        "PIN only for tests. purchase always reads one; open-card, reset-pin, "
+                        "set-pin: the new PIN")
+    p.add_argument("--old-pin", action=StdinOrder,
+                   help="set-pin: the current PIN, as --pin (an empty line: none). Standard "
+                        "input gives one line per '-', in the order they stand on the command "
+                        "line: 'set-pin - --pin - --old-pin -' reads the card number, the new "
+                        "PIN, then the current one")
+    p.add_argument("--tier", type=uint32_arg, default=0,
+                   help="open-card: index into the program's tiers (default 0)")
+    p.add_argument("--staff", type=uint32_arg, default=0,
+                   help="the staff member to credit (default 0: none)")
     p.add_argument("--operator", action="store_true",
-                   help="also send the operator token (reset-pin needs a store manager)")
+                   help="also send the operator token (reset-pin needs a store manager's; a "
+                        "first PIN by set-pin, a cashier's)")
     request_opts(p)
 
     from .certs import add_parser as add_certs_parser
@@ -240,10 +358,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
+                    "history", "operation", "terminals", "operators", "keys", "program", "pos")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
-    return args.func(args)
+    """Run one command. A user's error never ends in a traceback: a bad argument is one line and
+    exit 2, a refusal one line and exit 1, ^C exit 130; output cut short (| head) ends quietly."""
+    command = None
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            if command in _CLIENT_COMMANDS:
+                # gRPC's own log lines (a failed handshake) would follow our one line; on
+                # request they come back with GRPC_VERBOSITY=debug
+                os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+            logs.configure(args.log_level, args.log_format)
+            return args.func(args)
+        finally:  # here, not at exit, where a broken pipe is "Exception ignored" and exit 120
+            sys.stdout.flush()
+    except UsageError as exc:
+        print(f"cardcore {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ncardcore: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (| head): say nothing more, and let the exit's flush succeed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:  # a file or folder the command needs: its name and the reason
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cardcore: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,27 +3,59 @@ TLS, an operator token when one is given)."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import sys
 import uuid
 
 from .cmd_server import keys_check
-from .text import DEFAULT_DATA_DIR, env, fen, table
+from .text import DEFAULT_DATA_DIR, UsageError, env, fen, table
+
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def _host_of(target: str) -> str:
+    """The host of a HOST:PORT or [IPv6]:PORT target (cardcore.server.text.target_arg)."""
+    host = target.rpartition(":")[0] if not target.startswith("unix") else "localhost"
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _loopback(target: str) -> bool:
+    host = _host_of(target)
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _channel(args):
     """Mutual TLS when a CA is given (the client certificate names a terminal or a back-office
-    host), plaintext otherwise (a server started with --insecure)."""
+    host), plaintext otherwise (a server started with --insecure). The files are checked here:
+    gRPC would say only "Socket closed"."""
     import grpc
 
+    from .tlsfiles import TlsFileError, read_ca, read_pair
+
     if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise UsageError("--tls-cert and --tls-key go with --tls-ca, the CA of the server's "
+                             "certificate (env CARDCORE_TLS_CA): without it this is plaintext")
         return grpc.insecure_channel(args.target)
-    with open(args.tls_ca, "rb") as f:
-        root = f.read()
-    key = cert = None
-    if args.tls_cert:
-        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
-            cert, key = c.read(), k.read()
+    if not (args.tls_cert and args.tls_key):
+        missing = "--tls-key" if args.tls_cert else "--tls-cert" if args.tls_key else \
+            "--tls-cert and --tls-key"
+        raise UsageError(f"no client certificate: {missing} missing (env CARDCORE_TLS_CERT, "
+                         "CARDCORE_TLS_KEY): a cardcore server over TLS talks only to clients "
+                         "that present one, a terminal's or a back-office host's "
+                         "(cardcore certs client NAME)")
+    try:
+        root = read_ca(args.tls_ca, "--tls-ca")
+        cert, key = read_pair(args.tls_cert, args.tls_key, "--tls-cert", "--tls-key")
+    except TlsFileError as exc:
+        raise UsageError(str(exc)) from None
     return grpc.secure_channel(args.target, grpc.ssl_channel_credentials(root, key, cert))
 
 
@@ -39,37 +71,102 @@ def admin_stub_of(args):
     return apb_grpc.AdminServiceStub(_channel(args))
 
 
-def _token(args) -> str | None:
-    """The operator token: env CARDCORE_TOKEN or --token-file; for admin commands (and pos
-    --operator) also the bootstrap admin's file in the data folder, a development convenience
-    card commands never use: a till's call does not carry a chain admin's token unasked."""
-    if os.environ.get("CARDCORE_TOKEN"):
-        return os.environ["CARDCORE_TOKEN"].strip()
-    if not args.token_file and not getattr(args, "admin_command", False):
-        return None
-    path = args.token_file or os.path.join(env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR), "admin.token")
+def token_of(args) -> tuple[str | None, str]:
+    """The operator token every client command sends, and where it came from (for messages;
+    never the token itself). In this order: --token-file, env CARDCORE_TOKEN, env
+    CARDCORE_TOKEN_FILE, else the bootstrap chain admin's <CARDCORE_DATA_DIR>/admin.token if
+    there is one. ``cardcore pos`` is a till: it sends one only with --operator."""
+    if not getattr(args, "send_token", True):
+        return None, "none sent (a till's call: --operator sends one)"
+    explicit = True
+    if args.token_file:
+        path, source = args.token_file, f"--token-file {args.token_file}"
+    elif os.environ.get("CARDCORE_TOKEN", "").strip():
+        return os.environ["CARDCORE_TOKEN"].strip(), "env CARDCORE_TOKEN"
+    elif os.environ.get("CARDCORE_TOKEN_FILE"):
+        path = os.environ["CARDCORE_TOKEN_FILE"]
+        source = f"env CARDCORE_TOKEN_FILE {path}"
+    else:
+        path = os.path.join(env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR), "admin.token")
+        source, explicit = f"{path} (the default: <CARDCORE_DATA_DIR>/admin.token)", False
     try:
         with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        if args.token_file:
-            raise SystemExit(f"cardcore: no token file at {path}") from None
-        return None
+            token = f.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        if explicit:
+            raise UsageError(f"{source}: no such file") from None
+        return None, f"none sent (no --token-file, no CARDCORE_TOKEN, no {path})"
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        return None, f"none sent ({source} is empty)"
+    return token, source
 
 
 def call(fn, request, args):
+    """One unary call; a refusal or a transport failure becomes one line on stderr and exit 1."""
     import grpc
 
-    token = _token(args) if getattr(args, "as_operator", True) else None
+    token, source = token_of(args)
+    if token and not args.tls_ca and not _loopback(args.target):
+        raise UsageError(f"an operator token goes to {args.target} only over TLS: give --tls-ca, "
+                         "--tls-cert and --tls-key (a plaintext server listens on loopback only)")
     try:
         return fn(request, timeout=args.timeout_s,
                   metadata=(("authorization", f"Bearer {token}"),) if token else None)
     except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}{_failure_detail(err)}", file=sys.stderr)
-        if err.code() == grpc.StatusCode.UNAVAILABLE and not args.tls_ca:
-            print("hint: a server started without --insecure speaks TLS only: pass --tls-ca "
-                  "(and --tls-cert/--tls-key), or the CARDCORE_TLS_* variables", file=sys.stderr)
+        print(_error_line(err, request, args, source), file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _error_line(err, request, args, token_source: str) -> str:
+    """One line for people: the status, the refusal's reason, and what to do when it is clear."""
+    import grpc
+
+    code, details = err.code(), err.details() or ""
+    line = f"error: {code.name}: {details}{_failure_detail(err)}"
+    if code == grpc.StatusCode.UNAVAILABLE and "REASON_" not in line:
+        line = f"error: UNAVAILABLE: {_unavailable(details, args)}"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        line += f"; operator token: {token_source}"
+    retry = ""
+    if getattr(request, "request_id", "") and getattr(request, "client_time_us", 0):
+        retry = (f"repeat it with --request-id {request.request_id} --client-time-us "
+                 f"{request.client_time_us}: it applies once")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        line = f"error: DEADLINE_EXCEEDED: no answer within {args.timeout_s:g} s (--timeout-s)"
+        if retry:
+            line += f"; the outcome is unknown: {retry}"
+    elif "REASON_OUTCOME_UNKNOWN" in line and retry:
+        line += f"; {retry}"
+    return " ".join(line.split())  # one line, whatever the server's text holds
+
+
+def _unavailable(details: str, args) -> str:
+    """What "failed to connect" means here."""
+    target = args.target
+    if "Connection refused" in details:
+        return f"nothing listens at {target} (connection refused): is the server running there?"
+    if "resolv" in details or "DNS" in details:
+        return f"cannot find the host of {target} (name resolution failed)"
+    if "WRONG_VERSION_NUMBER" in details or "wrong version number" in details.lower():
+        return (f"{target} does not speak TLS: a server started with --insecure: leave out "
+                "--tls-ca (and CARDCORE_TLS_CA)")
+    if "CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details.lower():
+        return (f"the certificate of {target} is not signed by --tls-ca {args.tls_ca}, or has "
+                "expired")
+    if "peer certificate" in details.lower() or "Peer name" in details:
+        return (f"the server's certificate does not name {_host_of(target)}: connect by a name "
+                "it holds (cardcore certs init --host)")
+    if "Socket closed" in details or "handshake" in details.lower():
+        if not args.tls_ca:
+            return (f"{target} closed the connection: a server started without --insecure "
+                    "speaks mutual TLS only: give --tls-ca, --tls-cert and --tls-key (env "
+                    "CARDCORE_TLS_CA, CARDCORE_TLS_CERT, CARDCORE_TLS_KEY)")
+        return (f"{target} closed the connection in the TLS handshake: it did not accept the "
+                f"client certificate --tls-cert {args.tls_cert} (not signed by the server's "
+                "--tls-client-ca?)")
+    return details
 
 
 def _failure_detail(err) -> str:
@@ -210,9 +307,9 @@ def cmd_operation(args) -> int:
 
     req = pb.GetOperationRequest(request_id=args.request_id, client_time_us=args.client_time_us)
     if args.caller:
-        kind, _, ident = args.caller.partition(":")
+        kind, ident = args.caller  # checked by cli.caller_arg
         req.caller.kind = cpb.CallerKind.Value("CALLER_KIND_" + kind.upper())
-        req.caller.id = int(ident or 0)
+        req.caller.id = ident
     resp = call(stub_of(args).GetOperation, req, args)
     if resp.state == pb.OPERATION_STATE_EXPIRED:
         print(f"{args.request_id}: older than the retention window: it can no longer apply")
@@ -243,25 +340,47 @@ def cmd_terminals(args) -> int:
     from cardcore.terminal import TerminalKeys
     from cardcore.v1 import admin_service_pb2 as apb
 
-    stub = admin_stub_of(args)
+    if args.action in ("enroll", "revoke") and not args.terminal_id:
+        raise UsageError(f"terminals {args.action} needs the terminal's id (1..4294967295)")
+    if args.action == "revoke" and args.store is not None:
+        raise UsageError("--store is for terminals enroll and list, not revoke")
     if args.action == "enroll":
+        if args.store is None:
+            raise UsageError("terminals enroll needs --store: the store the terminal belongs to "
+                             "(it cannot move later)")
         out = args.out or f"terminal-{args.terminal_id}.keys.json"
-        if os.path.exists(out):
-            raise SystemExit(f"cardcore: {out} exists: a terminal's keys are handed out once")
-        resp = call(stub.EnrollTerminal, apb.EnrollTerminalRequest(
-            terminal_id=args.terminal_id, store_id=args.store, **request_fields(args)), args)
+        folder = os.path.dirname(os.path.abspath(out))
+        if os.path.lexists(out):
+            raise UsageError(f"{out} exists: a terminal's keys are handed out once")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"--out {out}: cannot write there (no folder {folder}, or not "
+                             "writable): nothing was enrolled")
+        fields = request_fields(args)
+        resp = call(admin_stub_of(args).EnrollTerminal, apb.EnrollTerminalRequest(
+            terminal_id=args.terminal_id, store_id=args.store, **fields), args)
         if not resp.initial_key:
             raise SystemExit("cardcore: this request_id enrolled the terminal before and the "
                              "terminal has transacted since: its key was handed out then")
-        TerminalKeys(resp.terminal.terminal_id, resp.terminal.store_id, resp.initial_key,
-                     resp.terminal.initial_key_id).save(out)
+        try:
+            TerminalKeys(resp.terminal.terminal_id, resp.terminal.store_id, resp.initial_key,
+                         resp.terminal.initial_key_id).save(out)
+        except OSError as exc:
+            raise SystemExit(
+                f"cardcore: terminal {args.terminal_id} is enrolled but its keys could not be "
+                f"written to {out} ({exc.strerror or exc}): get them again, before the terminal "
+                f"transacts, with the same request: cardcore terminals enroll {args.terminal_id} "
+                f"--store {args.store} --request-id {fields['request_id']} --client-time-us "
+                f"{fields['client_time_us']} --out ANOTHER_FILE") from None
         _print_terminal(resp.terminal)
         print(f"initial key written to {out} (0600): load it into the terminal, keep no copy")
-    elif args.action == "revoke":
+        return 0
+    stub = admin_stub_of(args)
+    if args.action == "revoke":
         _print_terminal(call(stub.RevokeTerminal, apb.RevokeTerminalRequest(
             terminal_id=args.terminal_id, **request_fields(args)), args))
     else:
-        for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store), args).terminals:
+        for t in call(stub.ListTerminals, apb.ListTerminalsRequest(store_id=args.store or 0),
+                      args).terminals:
             _print_terminal(t)
     return 0
 
@@ -278,11 +397,12 @@ def cmd_operators(args) -> int:
         print(f"operator {o.operator_id}  {o.name}  {role}  stores {scope}"
               f"{'  removed' if o.removed else ''}")
 
+    if args.action in ("add", "remove") and not args.name:
+        raise UsageError(f"operators {args.action} needs the operator's name")
     if args.action == "add":
         role = cpb.OperatorRole.Value("OPERATOR_ROLE_" + args.role.upper())
-        stores = [int(x) for x in args.stores.split(",") if x] if args.stores else []
         resp = call(stub.AddOperator, apb.AddOperatorRequest(
-            name=args.name, role=role, store_ids=stores, **request_fields(args)), args)
+            name=args.name, role=role, store_ids=args.stores, **request_fields(args)), args)
         show(resp.operator)
         if resp.token:
             print(f"token (shown once; the server keeps only its hash): {resp.token}")
@@ -322,7 +442,7 @@ def cmd_program(args) -> int:
         print(version.document, end="" if version.document.endswith("\n") else "\n")
         return 0
     if not args.file:
-        raise SystemExit("cardcore: program load needs the program file")
+        raise UsageError("program load needs the program file (TOML)")
     try:
         document = checked_program_file(args.file)
     except ProgramError as exc:
@@ -402,8 +522,7 @@ def cmd_history(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    types = [cpb.OperationType.Value("OPERATION_TYPE_" + t.upper().replace("-", "_"))
-             for t in args.type]
+    types = args.type  # OperationType values, checked by cli.operation_type_arg
     answer = call(stub_of(args).ListTransactions, pb.ListTransactionsRequest(
         card=cpb.CardRef(card_number=args.card), page_size=args.limit,
         before_seq=args.before, types=types, till=_till(args)), args)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .text import fen, table
+from .text import UsageError, fen, table
 
 
 def cmd_serve(args) -> int:
@@ -197,7 +197,13 @@ def keys_check(args) -> int:
     path = _ledger_in(args.data_dir, "no ledger")
     if path is None:
         return 2
-    ring = Keyring.load(args.keyring or os.path.join(args.data_dir, "keyring.json"))
+    ring_path = args.keyring or os.path.join(args.data_dir, "keyring.json")
+    try:
+        ring = Keyring.load(ring_path)
+    except OSError as exc:
+        raise UsageError(f"--keyring {ring_path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):  # never a key in the message
+        raise UsageError(f"--keyring {ring_path}: not a cardcore keyring, or damaged") from None
     ledger = _open_ledger(path)
     versions: collections.Counter = collections.Counter()
     bad = 0

@@ -330,9 +330,11 @@ def test_cli_walk_through(server, tmp_path):
 
     number = new_card_number()
 
+    env = dict(os.environ, CARDCORE_DATA_DIR=server.data_dir)  # its admin.token: the default token
+
     def cli(*args):
         out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args], capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=60, env=env)
         return out.returncode, out.stdout + out.stderr
 
     target = ("--target", server.target)
