@@ -116,6 +116,13 @@ EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
 _OP_FLAGS = 162  # layout.OP offset of op_flags
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))  # and a capture (a purchase)
+
+
+def _capture(packed: bytes) -> bool:
+    """Whether operation ``packed`` is a capture (rule 15): a purchase paid from a hold."""
+    return packed[0] == L.OP_PURCHASE and bool(packed[_OP_FLAGS] & L.CAPTURE)
+
+
 _HOLD_AMOUNT = struct.Struct("<8xq")  # layout.HOLD: amount_minor
 _ENTRY_AMOUNT = struct.Struct("<32xq")  # layout.JOURNAL: amount_minor
 _ENTRY_TILL_STORE = struct.Struct("<104xI")  # layout.JOURNAL: store_id
@@ -145,7 +152,7 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
                                                        0xFFFFFFFF)))
         elif kind == L.OP_PACKAGE_USE:
             where = ("packages", L.COUPON_KEY.pack(op.card_id, _OP_REF.unpack_from(op.packed)[0]))
-        elif kind in _HOLD_CLOSERS or (kind == L.OP_PURCHASE and op.packed[_OP_FLAGS] & L.CAPTURE):
+        elif kind in _HOLD_CLOSERS or _capture(op.packed):
             where = ("holds", L.COUPON_KEY.pack(op.card_id, _U64.unpack_from(op.packed, _OP_LINK)[0]))
         elif kind == L.OP_PURCHASE and (ref := _OP_REF.unpack_from(op.packed)[0]):
             where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
@@ -233,10 +240,9 @@ def authorized_hold(card_id: bytes, entry: bytes) -> tuple[bytes, bytes, bytes]:
     ts_us, = _I64.unpack_from(entry, L.JOURNAL_OFF_TS)
     expires_us = L.JOURNAL_TAIL.unpack_from(entry)[4]
     store_id = _ENTRY_TILL_STORE.unpack_from(entry)[0]
-    return (L.COUPON_KEY.pack(card_id, seq),
-            L.HOLD.pack(L.HOLD_VERSION, L.HOLD_OPEN, 0, store_id, _ENTRY_AMOUNT.unpack_from(entry)[0],
-                        ts_us, expires_us, seq, 0, 0, bytes(8)),
-            L.HOLD_EXPIRY_KEY.pack(expires_us, card_id, seq))
+    hold = L.HOLD.pack(L.HOLD_VERSION, L.HOLD_OPEN, 0, store_id, _ENTRY_AMOUNT.unpack_from(entry)[0],
+                       ts_us, expires_us, seq, 0, 0, bytes(8))
+    return L.COUPON_KEY.pack(card_id, seq), hold, hold_index_key(card_id, hold)
 
 
 def hold_index_key(card_id: bytes, hold: bytes) -> bytes:
@@ -1221,21 +1227,23 @@ class _Group:
             _, tier, reason, seq, principal_after, bonus_after = head(out, k * size)
             entry = out[k * size:(k + 1) * size]
             available = held_after = 0
+            if reason == L.R_OK or reason == L.R_INSUFFICIENT_FUNDS or \
+                    reason == L.R_CAPTURE_EXCEEDS_HOLD:
+                # held_minor before it: the record's when no operation of the run moves it, else
+                # as the run left it so far (from the stored record)
+                s = slots[k]
+                if not hold_run:
+                    held = _I64.unpack_from(records, s * L.CARD_SIZE + _CARD_HELD)[0]
+                elif (held := running.get(s)) is None:
+                    raw = stored.get(card_ids[s])
+                    held = _I64.unpack_from(raw, _CARD_HELD)[0] if raw else 0
             if reason == L.R_OK:  # the card's held_minor after it: the answer's available
+                held_after = held
                 if hold_run:
-                    held_after = self._held_after(op, entry, slots[k], card_ids, stored, running,
-                                                  coupons, coupon_slots[k], coupon_keys)
-                else:  # no operation of the run moves it: the record's
-                    held_after = _I64.unpack_from(records, slots[k] * L.CARD_SIZE + _CARD_HELD)[0]
-            if reason == L.R_INSUFFICIENT_FUNDS or reason == L.R_CAPTURE_EXCEEDS_HOLD:
-                if hold_run:  # held as the run left it before this operation
-                    held = running.get(slots[k])
-                    if held is None:
-                        raw = stored.get(card_ids[slots[k]])
-                        held = _I64.unpack_from(raw, _CARD_HELD)[0] if raw else 0
-                else:
-                    held = _I64.unpack_from(records, slots[k] * L.CARD_SIZE + _CARD_HELD)[0]
-                if op.packed[_OP_FLAGS] & L.CAPTURE and op_type == L.OP_PURCHASE:
+                    held_after = running[s] = self._held_after(op, entry, held, coupons,
+                                                               coupon_slots[k])
+            elif reason == L.R_INSUFFICIENT_FUNDS or reason == L.R_CAPTURE_EXCEEDS_HOLD:
+                if _capture(op.packed):
                     hold_amount = _HOLD_AMOUNT.unpack_from(coupons, coupon_slots[k] * L.COUPON_SIZE)[0]
                     # a capture could use its hold: what it holds, or the card's with it released
                     held -= hold_amount
@@ -1316,29 +1324,23 @@ class _Group:
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
 
-    def _held_after(self, op: PendingOp, entry: bytes, slot: int, card_ids: list, stored: dict,
-                    running: dict, items: bytearray, item_slot: int, item_keys: list) -> int:
+    def _held_after(self, op: PendingOp, entry: bytes, held: int, items: bytearray,
+                    item_slot: int) -> int:
         """Rule 15 in a run that moves held_minor: the card's held after applied operation
-        ``op`` (from the stored record and the run's changes so far); an authorization's hold
-        and index written, a closed hold taken out of the index."""
+        ``op``, from ``held`` before it; an authorization's hold and index written, a closed
+        hold taken out of the index."""
         kind = op.packed[0]
-        held = running.get(slot)
-        if held is None:
-            raw = stored.get(card_ids[slot])
-            held = _I64.unpack_from(raw, _CARD_HELD)[0] if raw else 0
         if kind == L.OP_HOLD:
             key, hold, index_key = authorized_hold(op.card_id, entry)
             self.item_items.append((self.ledger.holds, key, hold))
             self.item_items.append((self.ledger.holds_by_expiry, index_key, b""))
             held += _HOLD_AMOUNT.unpack_from(hold)[0]
-        elif kind in _HOLD_CLOSERS or (kind == L.OP_PURCHASE and op.packed[_OP_FLAGS] & L.CAPTURE):
+        elif kind in _HOLD_CLOSERS or _capture(op.packed):
             hold = bytes(items[item_slot * L.COUPON_SIZE:(item_slot + 1) * L.COUPON_SIZE])
             self.unindexed.append(hold_index_key(op.card_id, hold))
             held -= _HOLD_AMOUNT.unpack_from(hold)[0]
-        elif kind == L.OP_REVERSAL and item_keys[item_slot][0] is not None and \
-                items[item_slot * L.COUPON_SIZE + 2] == L.OP_HOLD:  # an authorization undone
-            held -= _ENTRY_AMOUNT.unpack_from(entry)[0]
-        running[slot] = held
+        elif kind == L.OP_REVERSAL and items[item_slot * L.COUPON_SIZE + 2] == L.OP_HOLD:
+            held -= _ENTRY_AMOUNT.unpack_from(entry)[0]  # an authorization undone (its undo record)
         return held
 
     def _after_undo(self, i: int, op: PendingOp, reason: int, seq: int, entry: bytes,

@@ -41,8 +41,8 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import (history_items, issued_coupon, profile_month, sold_package,
-                             undo_record)
+from cardcore.ledger import (history_items, hold_index_key, issued_coupon, profile_month,
+                             sold_package, undo_record)
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
 from cardcore.rules import spend
@@ -73,7 +73,7 @@ def verify(ledger, problems_max: int = 50) -> dict:
                 problem("the hold records are not what the journal's authorizations and what "
                         "closed them make")
             if {k for k, _ in txn.cursor(db=ledger.holds_by_expiry)} != {
-                    L.HOLD_EXPIRY_KEY.pack(v[6], k[:L.CARD_ID_SIZE], v[7])
+                    hold_index_key(k[:L.CARD_ID_SIZE], rebuilt_holds[k])
                     for k, v in journal["holds"].items() if v[1] == L.HOLD_OPEN}:
                 problem("the holds' expiry index does not name exactly the open holds")
         # A sub-database the card programs added is missing only in a ledger no writer of this

@@ -102,6 +102,13 @@ def basket(req, explicit: bool = False) -> tuple[bytes, int, int]:
     return packed, total, req.redeem_points
 
 
+def hold_serial(req) -> int:
+    """A capture's or void's hold (rule 15): a serial is a journal seq, 1..INT64_MAX."""
+    if not 0 < req.hold_serial <= L.INT64_MAX:
+        raise Invalid(R.REASON_HOLD_NOT_FOUND, "hold_serial")
+    return req.hold_serial
+
+
 def top_up_amount(req: pb.TopUpRequest) -> tuple[int, dict]:
     if req.amount_minor <= 0:
         raise Invalid(R.REASON_INVALID_AMOUNT, "amount_minor")
@@ -383,23 +390,21 @@ class Operations:
         kernel against the hold's."""
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
-        if not 0 < req.hold_serial <= L.INT64_MAX:
-            raise Invalid(R.REASON_HOLD_NOT_FOUND, "hold_serial")
+        serial = hold_serial(req)
         lines, amount, redeem = basket(req)
         if redeem:  # points are spent with the member's PIN only, and a capture has none
             raise Invalid(R.REASON_INVALID_ARGUMENT, "redeem_points")
         card = self.swipes.card(req.card, req.till, caller)
         return self._op(req, rid, at_us, L.OP_PURCHASE, card, caller, amount, lines=lines,
-                        op_flags=L.CAPTURE, link_seq=req.hold_serial)
+                        op_flags=L.CAPTURE, link_seq=serial)
 
     def void_hold_op(self, req: pb.VoidHoldRequest, caller: Caller) -> PendingOp:
         """A hold released (rule 15): its store's terminal or an operator, no PIN."""
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
-        if not 0 < req.hold_serial <= L.INT64_MAX:
-            raise Invalid(R.REASON_HOLD_NOT_FOUND, "hold_serial")
+        serial = hold_serial(req)
         card = self.swipes.card(req.card, req.till, caller)
-        return self._op(req, rid, at_us, L.OP_HOLD_VOID, card, caller, link_seq=req.hold_serial)
+        return self._op(req, rid, at_us, L.OP_HOLD_VOID, card, caller, link_seq=serial)
 
     def set_card_status_op(self, req: pb.SetCardStatusRequest, caller: Caller) -> PendingOp:
         """Card life (rule 14): an operator of the till's store, cashier or above; cancelling, a

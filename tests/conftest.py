@@ -15,6 +15,7 @@ import pytest
 
 from cardcore.terminal import now_us
 from cardcore.cards import random_number
+from cardcore.server import certs
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
@@ -125,6 +126,18 @@ def start_server(tmp_path):
 @pytest.fixture
 def server(start_server) -> ServerProcess:
     return start_server()
+
+
+@pytest.fixture
+def tls_server(start_server, tmp_path):
+    """A server on mutual TLS with a CA of the test's own: (server, the CA's folder, where
+    certs.make_client_cert makes the callers' certificates)."""
+    ca_dir = str(tmp_path / "certs")
+    certs.make_ca(ca_dir)
+    cert, key = certs.make_server_cert(ca_dir, ["127.0.0.1"])
+    server = start_server("--tls-cert", cert, "--tls-key", key, "--tls-client-ca",
+                          os.path.join(ca_dir, "ca.pem"))
+    return server, ca_dir
 
 
 def run_machine(machine, examples: int, steps: int, data_dir: str) -> None:

@@ -77,16 +77,6 @@ class NodeTerminal:
         return doc
 
 
-@pytest.fixture
-def tls_server(start_server, tmp_path):
-    ca_dir = str(tmp_path / "certs")
-    certs.make_ca(ca_dir)
-    cert, key = certs.make_server_cert(ca_dir, ["127.0.0.1"])
-    server = start_server("--tls-cert", cert, "--tls-key", key, "--tls-client-ca",
-                          os.path.join(ca_dir, "ca.pem"))
-    return server, ca_dir
-
-
 def enroll(server, ca_dir: str, keys: str) -> None:
     """The keys file as a back office makes it: `cardcore terminals enroll --out`."""
     office_cert, office_key = certs.make_client_cert(ca_dir, "backoffice:hq")

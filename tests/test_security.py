@@ -364,16 +364,6 @@ def test_no_card_number_pin_or_pin_block_reaches_the_data_folder_or_the_logs(sta
 
 # ---- mutual TLS ------------------------------------------------------------------------------
 
-@pytest.fixture
-def tls_server(start_server, tmp_path):
-    ca_dir = str(tmp_path / "certs")
-    certs.make_ca(ca_dir)
-    cert, key = certs.make_server_cert(ca_dir, ["127.0.0.1"])
-    server = start_server("--tls-cert", cert, "--tls-key", key, "--tls-client-ca",
-                          os.path.join(ca_dir, "ca.pem"))
-    return server, ca_dir
-
-
 def tls_channel(server, ca_dir: str, common_name: str | None) -> grpc.Channel:
     """A channel with a client certificate for ``common_name`` (made once per name)."""
     with open(os.path.join(ca_dir, "ca.pem"), "rb") as f:
