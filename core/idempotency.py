@@ -153,6 +153,8 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_CARD_STATUS: ("op", "tier", "card_id", *_AT_THE_TILL),  # tier: the status wanted
     L.OP_HOLD: _MONEY,      # ref_id: the hold's minutes
     L.OP_HOLD_VOID: ("op", "card_id", *_AT_THE_TILL, "link_seq"),  # link_seq: the hold
+    # the new card (referrer_id) and its masked number (the profile) in the extra payload
+    L.OP_CARD_REPLACED: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check"),
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},

@@ -9,7 +9,7 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
 
     off size field                 meaning
       0  u8  version               1; 0 marks an empty slot (no such card)
-      1  u8  status                CardStatus: 1 active, 2 frozen, 3 lost, 4 closed
+      1  u8  status                CardStatus: 1 active, 2 frozen, 3 lost, 4 closed, 5 replaced
       2  u8  tier                  index into the program's tiers
       3  u8  pin_tries             consecutive wrong PINs since the last right one or reset
       4  u32 flags                 bit 0 PIN set, bit 1 PIN locked
@@ -147,7 +147,8 @@ writer runs::
                                    coupon issue: the points it is bought with (0: given by an
                                    operator); exchange: the points offered
     176  16B referrer_id           open: the card of the member who referred this one (zeros:
-                                   none); the writer credits it the program's referral points
+                                   none); the writer credits it the program's referral points;
+                                   replacement: the new card's id
 
 Purchase line, v1, 64 bytes: the kernel's lines buffer (in) and, for an applied
 purchase with lines, LMDB ``journal_lines`` (key: the purchase's seq; value: its
@@ -526,10 +527,18 @@ OP_HOLD = 27            # Authorize: money held on the card until captured, void
 OP_HOLD_VOID = 28       # a hold released by its till or an operator
 OP_HOLD_EXPIRED = 29    # the writer's: a hold released at its expiry
 OP_KERNEL_MAX = OP_HOLD_EXPIRED  # 1..5, 7..15, 24..29 go through the kernel; 6 is written by it
+# Replacement (rule 16): the writer's, in Python (it copies; no arithmetic): one request, two
+# entries, one per card. The request's op is OP_CARD_REPLACED on the old card.
+OP_CARD_REPLACED = 30       # the old card's: principal, bonus and points moved out; status replaced
+OP_REPLACEMENT_OPENED = 31  # the new card's, right after: opens holding them; link_seq the first
 
 
 CARD_OPS = frozenset(op for op in range(1, OP_KERNEL_MAX + 1)
                      if not OP_ADMIN_MIN <= op <= OP_ADMIN_MAX)
+
+
+# Entries of one card (its history): the kernel's, and a replacement's two (rule 16).
+CARD_ENTRY_OPS = CARD_OPS | {OP_CARD_REPLACED, OP_REPLACEMENT_OPENED}
 
 
 def card_op(op: int) -> bool:
@@ -547,6 +556,7 @@ PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8
 PIN_TRIES_MAX_LIMIT = 15
 # Card statuses: values of cardcore.v1.CardStatus.
 STATUS_ACTIVE, STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED = 1, 2, 3, 4
+STATUS_REPLACED = 5
 # Reasons the kernel can produce: values of cardcore.v1.Reason.
 R_OK = 0
 R_CARD_NOT_FOUND = 8
@@ -576,11 +586,13 @@ R_ALREADY_REVERSED, R_REVERSED, R_REVERSAL_WINDOW_PASSED, R_NOT_REVERSIBLE = 81,
 R_ILLEGAL_TRANSITION = 85
 R_HOLD_NOT_FOUND, R_HOLD_CLOSED, R_HOLD_EXPIRED, R_CAPTURE_EXCEEDS_HOLD = 86, 87, 88, 89
 R_HOLDS_OPEN = 90
+R_CARD_REPLACED = 91
 # Rule 14: the card statuses each status can go to (CardStatus values).
 CARD_TRANSITIONS = {STATUS_ACTIVE: (STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED),
                     STATUS_FROZEN: (STATUS_ACTIVE, STATUS_LOST, STATUS_CLOSED),
                     STATUS_LOST: (STATUS_ACTIVE, STATUS_CLOSED),
                     STATUS_CLOSED: ()}
+REPLACEABLE = (STATUS_ACTIVE, STATUS_FROZEN, STATUS_LOST)  # rule 16: the statuses a card is replaced from
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

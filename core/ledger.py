@@ -28,8 +28,10 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     holds         card_id | serial (u64)  -> a hold (64 B, layout.HOLD); serial = the sequence of
                                              its authorization entry
     holds_by_expiry expires_us | card_id | serial -> empty: the open holds, in release order
+    card_links    0x01 | old card_id      -> the card that replaced it (rule 16)
+                  0x02 | new card_id      -> the card it replaced
 
-The last twelve came with card programs, refunds and holds: a writer that opens a ledger made
+The last thirteen came with card programs, refunds, holds and replacement: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -80,11 +82,13 @@ EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
-            "card_entries", "holds", "holds_by_expiry")
+            "card_entries", "holds", "holds_by_expiry", "card_links")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
-                            "holds", "holds_by_expiry"))
+                            "holds", "holds_by_expiry", "card_links"))
+SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
+LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
 HISTORY_SCAN_MAX = 10_000     # index entries one page looks at, at most (filters that match few)
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
@@ -115,6 +119,7 @@ DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
 _OP_FLAGS = 162  # layout.OP offset of op_flags
+NAMED_CARD_OPS = L.CARD_OPS | {L.OP_CARD_REPLACED}  # operations on a card (expiry, review first)
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))  # and a capture (a purchase)
 
 
@@ -179,7 +184,7 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
 
 def history_items(entries) -> list[tuple[bytes, bytes]]:
     """The card history's items (``card_entries``) of journal entries: one per card entry."""
-    cards, key, value, ts = L.CARD_OPS, L.CARD_ENTRY_KEY.pack, L.CARD_ENTRY.pack, _ENTRY_TS
+    cards, key, value, ts = L.CARD_ENTRY_OPS, L.CARD_ENTRY_KEY.pack, L.CARD_ENTRY.pack, _ENTRY_TS
     return [(key(e[16:32], _U64.unpack_from(e, L.JOURNAL_OFF_SEQ)[0]),
              value(e[1], ts.unpack_from(e)[0])) for e in entries if e[1] in cards]
 
@@ -243,6 +248,27 @@ def authorized_hold(card_id: bytes, entry: bytes) -> tuple[bytes, bytes, bytes]:
     hold = L.HOLD.pack(L.HOLD_VERSION, L.HOLD_OPEN, 0, store_id, _ENTRY_AMOUNT.unpack_from(entry)[0],
                        ts_us, expires_us, seq, 0, 0, bytes(8))
     return L.COUPON_KEY.pack(card_id, seq), hold, hold_index_key(card_id, hold)
+
+
+def predecessors(txn, ledger: "Ledger", card_id: bytes) -> list[bytes]:
+    """The cards ``card_id`` replaced (rule 16), the latest first; at most LINEAGE_MAX."""
+    found: list[bytes] = []
+    if ledger.card_links is None:
+        return found
+    while len(found) < LINEAGE_MAX:
+        old = txn.get(PREDECESSOR + card_id, db=ledger.card_links)
+        if old is None:
+            break
+        found.append(old)
+        card_id = old
+    return found
+
+
+def successor(txn, ledger: "Ledger", card_id: bytes) -> bytes | None:
+    """The card that replaced ``card_id`` (rule 16), or None."""
+    if ledger.card_links is None:
+        return None
+    return txn.get(SUCCESSOR + card_id, db=ledger.card_links)
 
 
 def hold_index_key(card_id: bytes, hold: bytes) -> bytes:
@@ -538,6 +564,19 @@ class Ledger:
             raise InvariantError(f"card record version {rec[0]} unknown")
         return rec, (json.loads(profile) if profile else {})
 
+    def read_lineage(self, card_id: bytes) -> list[bytes]:
+        """The cards ``card_id`` replaced (rule 16), the latest first."""
+        return self._read(lambda txn: predecessors(txn, self, card_id))
+
+    def read_replacement(self, card_id: bytes) -> str:
+        """The masked number of the card that replaced ``card_id`` (rule 16), or ""."""
+        def read(txn):
+            new_id = successor(txn, self, card_id)
+            return txn.get(new_id, db=self.profiles) if new_id is not None else None
+
+        profile = self._read(read)
+        return json.loads(profile).get("masked", "") if profile else ""
+
     def quote(self, op: PendingOp, ts_us: int, blind: bool = False) -> tuple[bytes, bytes, bytes]:
         """A dry run of operation ``op`` through the kernel, on copies of its card's records
         under the current program: (its journal entry, its lines as the kernel filled them, the
@@ -647,33 +686,34 @@ class Ledger:
         to ask ``before_seq`` next, 0 when there are no more). Only entries below ``before_seq``
         (0: all), in ``[from_us, to_us)`` (0: open) and of ``types`` (empty: all), judged on the
         card's history index; one page looks at HISTORY_SCAN_MAX index entries at most (then the
-        next page goes on from there)."""
+        next page goes on from there). A card that replaced another (rule 16) goes on with the
+        history of the card it replaced, whose entries are all older."""
         assert 1 <= limit <= HISTORY_PAGE_MAX
 
         def read(txn):
             if self.card_entries is None:
                 return [], 0
             cur = txn.cursor(db=self.card_entries)
-            start = L.CARD_ENTRY_KEY.pack(card_id, before_seq or (1 << 64) - 1)
-            found = cur.prev() if cur.set_range(start) else cur.last()  # the last below start
-            page, scanned, next_seq = [], 0, 0
-            while found:
-                key = cur.key()
-                if key[:L.CARD_ID_SIZE] != card_id:
-                    break
-                seq = L.CARD_ENTRY_KEY.unpack(key)[1]
-                if len(page) == limit or scanned == HISTORY_SCAN_MAX:
-                    next_seq = seq + 1  # the page ends above this one: ask below seq + 1
-                    break
-                scanned += 1
-                op, ts_us = L.CARD_ENTRY.unpack(cur.value())
-                # (no early stop below from_us: entries migrated from release 1 may go back in
-                # time; the scan cap bounds the page)
-                if (from_us <= ts_us and (not to_us or ts_us < to_us)
-                        and (not types or op in types)):
-                    page.append(self._entry_and_lines(txn, seq))
-                found = cur.prev()
-            return page, next_seq
+            page, scanned = [], 0
+            for cid in (card_id, *predecessors(txn, self, card_id)):
+                start = L.CARD_ENTRY_KEY.pack(cid, before_seq or (1 << 64) - 1)
+                found = cur.prev() if cur.set_range(start) else cur.last()  # the last below start
+                while found:
+                    key = cur.key()
+                    if key[:L.CARD_ID_SIZE] != cid:
+                        break
+                    seq = L.CARD_ENTRY_KEY.unpack(key)[1]
+                    if len(page) == limit or scanned == HISTORY_SCAN_MAX:
+                        return page, seq + 1  # the page ends above this one: ask below seq + 1
+                    scanned += 1
+                    op, ts_us = L.CARD_ENTRY.unpack(cur.value())
+                    # (no early stop below from_us: entries migrated from release 1 may go back
+                    # in time; the scan cap bounds the page)
+                    if (from_us <= ts_us and (not to_us or ts_us < to_us)
+                            and (not types or op in types)):
+                        page.append(self._entry_and_lines(txn, seq))
+                    found = cur.prev()
+            return page, 0
 
         return self._read(read)
 
@@ -918,6 +958,9 @@ class _Group:
                 self.run.append(i)
                 if self.hold_reversals and i in self.hold_reversals:
                     self._flush_run()  # what comes after it reads the hold it closed
+            elif kind == L.OP_CARD_REPLACED:
+                self._flush_run()  # it reads both cards as the operations before it left them
+                self._replace(i, op)
             else:
                 self._flush_run()
                 self._admin(i, op, kind)
@@ -943,7 +986,7 @@ class _Group:
         due: dict[bytes, list[int]] = {}  # card -> [points, newest expired day]
         lot_cur = txn.cursor(db=ledger.points_lots)
         for card_id in dict.fromkeys(op.card_id for op in self.ops
-                                     if op.packed[0] in L.CARD_OPS):
+                                     if op.packed[0] in NAMED_CARD_OPS):
             if lot_cur.set_range(card_id):
                 for key, value in lot_cur:
                     cid, day = L.LOT_KEY.unpack(key)
@@ -1039,7 +1082,10 @@ class _Group:
         if seq:
             entry = (self.entries[seq - self.first_seq] if self.first_seq <= seq < self.seq
                      else txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal))
-            if entry is None or entry[16:32] != op.card_id or entry[1] not in L.CARD_OPS:
+            if (entry is not None and kind == L.OP_REFUND and entry[16:32] != op.card_id
+                    and entry[16:32] in predecessors(txn, ledger, op.card_id)):
+                pass  # a sale of a card this one replaced (rule 16): refunded to this one
+            elif entry is None or entry[16:32] != op.card_id or entry[1] not in L.CARD_OPS:
                 if kind == L.OP_REVERSAL:  # applied, but not to this card: not this card's to undo
                     return L.R_ORIGINAL_NOT_FOUND
                 entry = None
@@ -1090,8 +1136,10 @@ class _Group:
         if not period:
             return
         txn, ledger = self.txn, self.ledger
-        ids = list(dict.fromkeys(op.card_id for op in self.ops if op.packed[0] in L.CARD_OPS))
-        known = [cid for cid, _ in txn.cursor(db=ledger.cards).getmulti(ids)]
+        ids = list(dict.fromkeys(op.card_id for op in self.ops
+                                 if op.packed[0] in NAMED_CARD_OPS))
+        known = [cid for cid, raw in txn.cursor(db=ledger.cards).getmulti(ids)
+                 if raw[1] != L.STATUS_REPLACED]  # dead for ever: nothing to review
         states = dict(txn.cursor(db=ledger.card_ext).getmulti(known))
         today = lots.day_of(self.ts)
         due = [cid for cid in known
@@ -1323,6 +1371,110 @@ class _Group:
         self.unindexed.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _replace(self, i: int, op: PendingOp) -> None:
+        """Rule 16: card ``op.card_id`` replaced by the card its referrer_id names, in Python (the
+        kernel has nothing to compute: everything is copied). Two entries, the old card's then
+        the new card's; the new card's record, program state, lots, coupons, packages and profile
+        are the old card's, moved; the old card keeps its history and closed holds."""
+        txn, ledger, ts, kind = self.txn, self.ledger, self.ts, op.packed[0]
+        old_id, new_id = op.card_id, op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
+        raw = txn.get(old_id, db=ledger.cards)
+        old = L.CARD.unpack(raw) if raw is not None else None
+        status = old[1] if old is not None else 0
+        if old is None:
+            reason = L.R_CARD_NOT_FOUND
+        elif status == L.STATUS_REPLACED:
+            reason = L.R_CARD_REPLACED
+        elif new_id == old_id or txn.get(new_id, db=ledger.cards) is not None:
+            reason = L.R_CARD_ALREADY_EXISTS  # the new number is a card already
+        elif status not in L.REPLACEABLE:
+            reason = L.R_ILLEGAL_TRANSITION
+        elif old[8]:  # held_minor
+            reason = L.R_HOLDS_OPEN
+        else:
+            reason = L.R_OK
+        if reason != L.R_OK:
+            if op.request_key:
+                self.idem_items.append((op.request_key, record(
+                    kind, reason, op.digest, 0, 0, ts, op.client_time_us)))
+            declined = bytes(3) + bytes((status,)) + bytes(L.JOURNAL_SIZE - 4)  # the status
+            self.outcomes[i] = Outcome(reason, False, kind, declined)
+            return
+        (version, _, tier, tries, flags, principal, bonus, points, _, lifetime_paid, _,
+         opened_us, home_store, birth_month, pin_check, reserved) = old
+        out_seq, in_seq = self.seq, self.seq + 1
+        pin_flags = op.packed[2]
+        new_flags, new_check = ((L.CARD_PIN_SET, op.packed[96:128]) if pin_flags & L.NEW_PIN
+                                else (0, bytes(32)))
+        txn.put(old_id, L.CARD.pack(version, L.STATUS_REPLACED, tier, tries, flags, 0, 0, 0, 0,
+                                    lifetime_paid, out_seq, opened_us, home_store, birth_month,
+                                    pin_check, reserved), db=ledger.cards)
+        txn.put(new_id, L.CARD.pack(version, L.STATUS_ACTIVE, tier, 0, new_flags, principal,
+                                    bonus, points, 0, lifetime_paid, in_seq, opened_us,
+                                    home_store, birth_month, new_check, reserved),
+                db=ledger.cards)
+        head = L.OP.unpack(op.packed)
+        money = principal + bonus
+        out_entry = self._replacement_entry(head, L.OP_CARD_REPLACED, out_seq, old_id, tier,
+                                            L.STATUS_REPLACED, tries, flags, money,
+                                            (-principal, -bonus, -points), (0, 0, 0), in_seq,
+                                            status, birth_month)
+        in_entry = self._replacement_entry(head, L.OP_REPLACEMENT_OPENED, in_seq, new_id, tier,
+                                           L.STATUS_ACTIVE, 0, new_flags, money,
+                                           (principal, bonus, points), (principal, bonus, points),
+                                           out_seq, 0, birth_month)
+        self.entries += (out_entry, in_entry)
+        self.seq += 2
+        for db in (ledger.coupons, ledger.packages):
+            self._move_items(db, old_id, new_id)
+        ext = txn.get(old_id, db=ledger.card_ext)
+        if ext is not None:
+            txn.put(new_id, ext, db=ledger.card_ext)
+            txn.delete(old_id, db=ledger.card_ext)
+        if self.lots.move(old_id, new_id) != points:
+            raise InvariantError("a replaced card's lots do not add up to its points")
+        txn.put(SUCCESSOR + old_id, new_id, db=ledger.card_links)
+        txn.put(PREDECESSOR + new_id, old_id, db=ledger.card_links)
+        profile = json.loads(txn.get(old_id, db=ledger.profiles) or b"{}")
+        profile.update(json.loads(op.profile or b"{}"))  # the new card's masked number
+        self.profile_items.append((new_id, json.dumps(profile, sort_keys=True,
+                                                      separators=(",", ":")).encode()))
+        if op.sealed is not None:
+            self.sealed_items.append((new_id, op.sealed))
+        self.admin.tier_cards()[tier] += 1
+        if op.request_key:
+            self.idem_items.append((op.request_key, record(
+                kind, L.R_OK, op.digest, in_seq, 0, ts, op.client_time_us)))
+        self.outcomes[i] = Outcome(L.R_OK, False, kind, in_entry)
+
+    def _replacement_entry(self, head: tuple, kind: int, seq: int, card_id: bytes, tier: int,
+                           status: int, tries: int, flags: int, amount: int, deltas: tuple,
+                           after: tuple, link_seq: int, ref_id: int, birth_month: int) -> bytes:
+        """One of a replacement's two journal entries (layout.JOURNAL), at the request's till."""
+        (_, _, _, caller_kind, _, _, store, terminal, staff, operator, tag, _, client_us, *_,
+         caller_id) = head[:16]
+        entry = bytearray(L.JOURNAL.pack(
+            L.JOURNAL_VERSION, kind, tier, status, L.R_OK, tries, flags & 0xFF, seq, card_id,
+            amount, 0, *deltas, *after, self.ts, store, terminal, staff, operator, tag,
+            self.admin.program_version, caller_kind, bytes(3), caller_id, 0, link_seq, ref_id, 0,
+            client_us, bytes(48), bytes(L.DIGEST_SIZE)))
+        L.JOURNAL_PROGRAM.pack_into(entry, L.JOURNAL_OFF_PROGRAM, 0, 0, tier, 0, 0)
+        entry[L.JOURNAL_OFF_BIRTH_MONTH] = birth_month & 0xFF
+        return bytes(entry)
+
+    def _move_items(self, db, old_id: bytes, new_id: bytes) -> None:
+        """A replaced card's coupons or packages, each under the new card with its serial."""
+        cur = self.txn.cursor(db=db)
+        moved = []
+        if cur.set_range(old_id):
+            for key, value in cur:
+                if key[:L.CARD_ID_SIZE] != old_id:
+                    break
+                moved.append((new_id + key[L.CARD_ID_SIZE:], value))
+        for key, value in moved:
+            self.txn.delete(old_id + key[L.CARD_ID_SIZE:], db=db)
+            self.txn.put(key, value, db=db)
 
     def _held_after(self, op: PendingOp, entry: bytes, held: int, items: bytearray,
                     item_slot: int) -> int:

@@ -15,6 +15,10 @@ So the lots of a card always add up to its points. A lot earned on day D expires
 of day D + ``points_expire_days`` (the program's; 0 = never): the writer sweeps expired lots in
 every group, up to EXPIRY_CARDS_MAX cards a group, and journals one points-expired entry per
 card (ref_id: the newest day it expires).
+
+A replacement (rule 16) moves points without earning or spending them: its two entries are left
+out of the rule, and every lot of the old card becomes the new card's, on the same day (``move``),
+so points keep their expiry.
 """
 from __future__ import annotations
 
@@ -68,6 +72,19 @@ class Lots:
             left, earned = have if have is not None else (0, 0)
             store.put(card_id, day, left + gain, earned + gain, have is None)
 
+    def move(self, old_id: bytes, new_id: bytes) -> int:
+        """A replacement: the old card's lots become the new card's (which has none), day by day;
+        the points moved."""
+        store, moved = self.store, 0
+        while (oldest := store.oldest(old_id)) is not None:
+            day, left, earned = oldest
+            if store.get(new_id, day) is not None:
+                raise ValueError("a replacement onto a card that holds lots")
+            store.delete(old_id, day)
+            store.put(new_id, day, left, earned, True)
+            moved += left
+        return moved
+
 
 class DictLots:
     """Lots in memory: ``{card id: {day: [left, earned]}}`` (verify, the upgrade's rebuild)."""
@@ -102,8 +119,15 @@ def rebuild(journal_cursor) -> DictLots:
     """Every card's lots from the journal alone (key, entry pairs in sequence order)."""
     lots = DictLots()
     rule = Lots(lots)
+    replaced = b""
     for _, entry in journal_cursor:
         if L.OP_ADMIN_MIN <= entry[1] <= L.OP_ADMIN_MAX or entry[1] == L.OP_PIN_FAILED:
+            continue
+        if entry[1] == L.OP_CARD_REPLACED:
+            replaced = entry[16:32]
+            continue
+        if entry[1] == L.OP_REPLACEMENT_OPENED:  # right after its card's CARD_REPLACED
+            rule.move(replaced, entry[16:32])
             continue
         gain, loss = movement(entry)
         if gain or loss:

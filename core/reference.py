@@ -150,7 +150,10 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         elif card.version == 0:
             reason = L.R_CARD_NOT_FOUND
         elif op == L.OP_RESET_PIN:
-            set_pin()
+            if card.status == L.STATUS_REPLACED:
+                reason = L.R_CARD_REPLACED  # rule 16: the number is dead
+            else:
+                set_pin()
         elif op == L.OP_CARD_STATUS:  # rule 14: an operator's change of the card's life
             if amount or ref_id:
                 reason = L.R_INVALID_ARGUMENT
@@ -171,6 +174,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_INVALID_AMOUNT
             elif card.status == L.STATUS_CLOSED:
                 reason = L.R_CARD_NOT_ACTIVE  # paid out and emptied for ever: nothing comes back
+            elif card.status == L.STATUS_REPLACED:
+                reason = L.R_CARD_REPLACED  # rule 16: what it held moved on
             elif version == 0:
                 pass  # never applied: an entry that moves nothing (the ledger keeps the tombstone)
             elif flags & L.UNDO_REVERSED:
@@ -225,7 +230,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                     amount = hold[4]
                     d_held = -amount
         elif card.status != L.STATUS_ACTIVE:
-            reason = L.R_CARD_NOT_ACTIVE
+            reason = (L.R_CARD_REPLACED if card.status == L.STATUS_REPLACED
+                      else L.R_CARD_NOT_ACTIVE)
         elif op == L.OP_REFERRAL_BONUS:
             if amount <= 0:
                 reason = L.R_INVALID_AMOUNT

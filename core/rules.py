@@ -119,8 +119,8 @@ checks they agree on every input):
    is refused with REASON_ILLEGAL_TRANSITION and the card's status in the answer. Only an
    active card is topped up, spent or refunded; reversals apply whatever the status but closed
    (nothing comes back to a card paid out and emptied: REASON_CARD_NOT_ACTIVE); expiries and
-   tier reviews whatever the status. A card with open holds is not closed
-   (REASON_HOLDS_OPEN: void them first).
+   tier reviews whatever the status (but never of a replaced card, rule 16). A card with open
+   holds is not closed (REASON_HOLDS_OPEN: void them first).
 15. Holds (pre-authorisation: a car wash, a hotel). An authorization (active card, the PIN
    like a purchase) holds A > 0 fen for M minutes (1..``HOLD_MINUTES_MAX``; the request's, or
    ``HOLD_MINUTES_DEFAULT``): it needs ``A <= available`` where ``available = principal +
@@ -138,6 +138,24 @@ checks they agree on every input):
    capture). A closed hold is REASON_HOLD_CLOSED; a hold of another card, or captured or
    voided by a terminal of another store than the authorization's, REASON_HOLD_NOT_FOUND.
    A capture is refunded and reversed like any purchase; its hold stays closed.
+16. Replacement (a new card for a lost, stolen, damaged or worn one; an operator's, cashier or
+   above, journaled): an active, frozen or lost card with no open holds (REASON_HOLDS_OPEN) and
+   a number that is not a card yet (REASON_CARD_ALREADY_EXISTS) becomes REPLACED, dead for
+   ever, in one write with the new card's opening: two entries, CARD_REPLACED on the old card
+   (its principal, bonus and points out, to zero; amount = principal + bonus; ref_id the
+   status it left; link_seq the next entry) and right after it REPLACEMENT_OPENED on the new
+   card (the same figures in; link_seq the first). The new card is active whatever the old one
+   was, with the old one's tier, lifetime paid, opening time (its tier periods run on),
+   home store and birth month, its program state (promotion uses, tier period), its points
+   lots on their own days (so they expire when they would have), its coupons and packages
+   under their serials, and the member's profile. Its PIN is the one entered for it at the
+   desk (the PIN check is bound to the card number, so the old one cannot be carried), or none
+   until an operator sets one. Any later operation on the old number is refused with
+   REASON_CARD_REPLACED (a replaced card cannot be replaced again, nor change status: that is
+   REASON_ILLEGAL_TRANSITION with its status); a closed card is not replaced. A sale of the
+   old card is refunded to the new card, which lists the old card's history after its own;
+   a reversal still names the card its request was made with (the old one: refused, refund
+   the sale on the new card instead).
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or

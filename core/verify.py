@@ -41,14 +41,28 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import (history_items, hold_index_key, issued_coupon, profile_month,
-                             sold_package, undo_record)
+from cardcore.ledger import (LINEAGE_MAX, PREDECESSOR, SUCCESSOR, history_items, hold_index_key,
+                             issued_coupon, profile_month, sold_package, undo_record)
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
 from cardcore.rules import spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
 # Rule 14: what only an active card does (the kernel's "card active" check comes before them).
+_OWN_STATUS = frozenset((L.OP_OPEN, L.OP_CARD_STATUS, L.OP_CARD_REPLACED,
+                         L.OP_REPLACEMENT_OPENED))  # entries that set the card's status
+_NOT_LOTS = frozenset((L.OP_PIN_FAILED, L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED))
+
+
+def _ancestors(links: dict, cid: bytes) -> list[bytes]:
+    """The cards ``cid`` replaced (rule 16), the latest first."""
+    found = []
+    while (old := links.get(PREDECESSOR + cid)) is not None and len(found) < LINEAGE_MAX:
+        found.append(old)
+        cid = old
+    return found
+
+
 _ACTIVE_ONLY = frozenset((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_SET_PIN, L.OP_COUPON_ISSUE,
                           L.OP_PACKAGE_SELL, L.OP_PACKAGE_USE, L.OP_POINTS_EXCHANGE,
                           L.OP_GIFT_REDEEM, L.OP_REFERRAL_BONUS, L.OP_REFUND, L.OP_HOLD))
@@ -108,6 +122,9 @@ def verify(ledger, problems_max: int = 50) -> dict:
         if ledger.card_entries is not None and dict(txn.cursor(db=ledger.card_entries)) != dict(
                 history_items(entry for _, entry in txn.cursor(db=ledger.journal))):
             problem("the cards' history index does not name exactly the cards' journal entries")
+        if ledger.card_links is not None and dict(txn.cursor(db=ledger.card_links)) != journal[
+                "links"]:
+            problem("the card links are not the replacements the journal made")
         if ledger.undone is not None and dict(txn.cursor(db=ledger.undone)) != {
                 k: L.UNDO.pack(*v) for k, v in journal["undone"].items()}:
             problem("the undo records are not what the journal's refunds and reversals make")
@@ -176,6 +193,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     statuses: dict[bytes, int] = {}      # card id -> its status, where rule 14 changed it
     holds: dict[bytes, list] = {}        # hold key -> its record (layout.HOLD) as rebuilt
     held: dict[bytes, int] = {}          # card id -> what its open holds hold
+    replaced: tuple | None = None        # rule 16: the last CARD_REPLACED entry (card, seq, f)
+    links: dict[bytes, bytes] = {}       # card_links as the replacements make them
 
     def state_of(cid: bytes) -> CardState:
         state = states.get(cid)
@@ -231,7 +250,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if (op in _ACTIVE_ONLY and status_now != L.STATUS_ACTIVE) or (
                 op == L.OP_REVERSAL and status_now == L.STATUS_CLOSED):
             problem(f"journal entry {seq}: type {op} on a card whose status is {status_now}")
-        if op != L.OP_OPEN and op != L.OP_CARD_STATUS and f[3] != status_now:
+        if op not in _OWN_STATUS and f[3] != status_now:
             problem(f"journal entry {seq}: status {f[3]} where the card's is {status_now}")
         if op == L.OP_OPEN:
             if s is not None:
@@ -246,6 +265,25 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             if opened_with is not None and opened_with.tier_review_days:
                 state_of(cid).start_period(Card(_card_at(tier, s, ts_us)), lots.day_of(ts_us),
                                            opened_with.tier_review_days)
+        elif op == L.OP_REPLACEMENT_OPENED:  # rule 16: right after its card's CARD_REPLACED
+            old = replaced[0] if replaced is not None and replaced[1] == seq - 1 else None
+            if s is not None or old is None or f[28] != seq - 1 or f[3] != L.STATUS_ACTIVE or (
+                    f[9:14] != (replaced[2][9], 0, -replaced[2][11], -replaced[2][12],
+                                -replaced[2][13])) or tier != replaced[2][2] or tier_after != tier:
+                problem(f"journal entry {seq}: a replacement's opening that is not the mirror of "
+                        "the entry before it")
+            s_old = sums.get(old, [0] * 8)
+            s = sums[cid] = [0, 0, 0, 0, s_old[4], 0, tier, s_old[7]]
+            if old is not None:
+                opened_us[cid] = opened_us.get(old, 0)
+                if old in states:
+                    states[cid] = states.pop(old)
+                for items in (coupons, packages):
+                    for k in [k for k in items if k[:L.CARD_ID_SIZE] == old]:
+                        items[cid + k[L.CARD_ID_SIZE:]] = items.pop(k)
+                lot_rule.move(old, cid)
+                links[SUCCESSOR + old], links[PREDECESSOR + cid] = cid, old
+            replaced = None
         elif s is None:
             problem(f"journal entry {seq}: first entry of a card is not an opening")
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, 0]
@@ -339,7 +377,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             referred.add(f[28])
         elif op in (L.OP_REFUND, L.OP_REVERSAL):
             why = _undo_problem(txn, ledger, f, entry, s, state_of(cid), undone, coupons,
-                                compiled_of(program_version), holds, held)
+                                compiled_of(program_version), holds, held, links)
             if why:
                 problem(f"journal entry {seq}: {why}")
         elif op == L.OP_HOLD:
@@ -374,6 +412,15 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: a card status change {was} -> {now} that its card "
                         "or rule 14 does not allow (or that moves other than a closing's value)")
             statuses[cid] = now
+        elif op == L.OP_CARD_REPLACED:  # rule 16: everything out, to the next entry's card
+            want = (s[0] + s[1], 0, -s[0], -s[1], -s[2])
+            if (f[29] != status_now or status_now not in L.REPLACEABLE or held.get(cid, 0)
+                    or f[3] != L.STATUS_REPLACED or f[9:14] != want or f[28] != seq + 1
+                    or tier_after != tier or taken or redeemed):
+                problem(f"journal entry {seq}: a replacement of a card whose status, holds or "
+                        "balances rule 16 does not allow (or that moves other than all it held)")
+            statuses[cid] = L.STATUS_REPLACED
+            replaced = (cid, seq, f)
         elif op == L.OP_TIER_REVIEWED:
             prog = compiled_of(program_version)
             card = Card(_card_at(tier, s, opened_us.get(cid, 0)))
@@ -397,9 +444,9 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                     or due != f[9]):
                 problem(f"journal entry {seq}: an expiry of {f[9]} points that its lots and "
                         "program do not explain")
-        elif op != L.OP_OPEN:
+        elif op != L.OP_OPEN and op != L.OP_REPLACEMENT_OPENED:  # (both checked above)
             problem(f"journal entry {seq}: unknown operation type {op}")
-        if op != L.OP_PIN_FAILED:
+        if op not in _NOT_LOTS:  # a replacement's points move with their lots (above)
             gain, loss = lots.movement(entry)
             if gain or loss:
                 try:
@@ -419,7 +466,10 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: after-balances differ from the running sums")
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
+    if replaced is not None:
+        problem(f"journal entry {replaced[1]}: a replacement with no opening of the new card")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
+            "links": links,
             "statuses": statuses, "holds": holds, "held": held,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
@@ -466,7 +516,7 @@ def _close_hold(hold: list | None, f: tuple, state: int, held: dict) -> str | No
 
 def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState, undone: dict,
                   coupons: dict, prog: CompiledProgram | None, holds: dict,
-                  held: dict) -> str | None:
+                  held: dict, links: dict) -> str | None:
     """Why a refund or reversal entry is not what rules 12 and 13 make of its original, as the
     journal left it before (None: it is). Moves the card's lifetime paid (``s``), its program
     state, the original's undo record and a coupon it gives back along."""
@@ -477,7 +527,9 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
     if prog is None:
         return "a refund or reversal without a program"
     original = txn.get(L.SEQ_KEY.pack(link), db=ledger.journal) if 0 < link < seq else None
-    if original is None or original[16:32] != cid or original[1] not in L.CARD_OPS:
+    mine = original is not None and (original[16:32] == cid or (
+        op == L.OP_REFUND and original[16:32] in _ancestors(links, cid)))  # rule 16
+    if not mine or original[1] not in L.CARD_OPS:
         if op == L.OP_REVERSAL and not link and not any(f[9:14]) and tier_after == tier:
             return None  # nothing was applied: an entry that moves nothing
         return f"it links entry {link}, not an earlier entry of its card"

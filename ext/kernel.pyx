@@ -70,6 +70,7 @@ cdef enum:
     STATUS_FROZEN = 2
     STATUS_LOST = 3
     STATUS_CLOSED = 4
+    STATUS_REPLACED = 5
     UNDO_REVERSED = 1
     UNDO_COMPLETE = 2
     REVIEW_STARTED = 1
@@ -115,6 +116,7 @@ cdef enum:
     R_HOLD_EXPIRED = 88
     R_CAPTURE_EXCEEDS_HOLD = 89
     R_HOLDS_OPEN = 90
+    R_CARD_REPLACED = 91
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -699,7 +701,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     elif rec.version == 0:
         reason = R_CARD_NOT_FOUND
     elif op.op == OP_RESET_PIN:
-        set_pin(op, rec)
+        if rec.status == STATUS_REPLACED:
+            reason = R_CARD_REPLACED  # rule 16: the number is dead; the new card has its PIN
+        else:
+            set_pin(op, rec)
     elif op.op == OP_CARD_STATUS:  # rule 14: an operator's change of the card's life
         if amount != 0 or op.ref_id != 0:
             reason = R_INVALID_ARGUMENT
@@ -718,6 +723,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_INVALID_AMOUNT
         elif rec.status == STATUS_CLOSED:
             reason = R_CARD_NOT_ACTIVE  # paid out and emptied for ever: nothing comes back to it
+        elif rec.status == STATUS_REPLACED:
+            reason = R_CARD_REPLACED  # rule 16: what it held moved on; a refund goes there
         elif undo.version == 0:
             pass  # never applied: an entry that moves nothing (the ledger keeps the tombstone)
         elif undo.flags & UNDO_REVERSED:
@@ -785,7 +792,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 amount = hold.amount_minor
                 d_held = -amount
     elif rec.status != STATUS_ACTIVE:
-        reason = R_CARD_NOT_ACTIVE
+        reason = R_CARD_REPLACED if rec.status == STATUS_REPLACED else R_CARD_NOT_ACTIVE
     elif op.op == OP_REFERRAL_BONUS:
         if amount <= 0:
             reason = R_INVALID_AMOUNT

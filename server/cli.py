@@ -10,6 +10,7 @@ from . import logs
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
 
 from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_history, cmd_keys,
+                         cmd_replace_card,
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
                          cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up)
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
@@ -262,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                "(closed) a card (operator token)", cmd_card_status)
     mutating(p)
     p.add_argument("status", choices=tuple(CARD_STATUSES), help="the card's new status")
+    p = client("replace-card", "a new card for a lost or damaged one: it inherits money, points, "
+               "tier, coupons and packages; the old number dies (operator token)",
+               cmd_replace_card)
+    mutating(p)
+    p.add_argument("new_card", help="the new card's number")
     p = client("history", "a card's entries, newest first (operator token)", cmd_history)
     p.add_argument("--limit", type=int_arg(1, 100), default=20,
                    help="entries a page, 1..100 (default %(default)s)")
@@ -359,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
+                    "replace-card",
                     "history", "operation", "terminals", "operators", "keys", "program", "pos")
 
 

@@ -517,6 +517,23 @@ def cmd_card_status(args) -> int:
     return 0
 
 
+def cmd_replace_card(args) -> int:
+    """Replacement (an operator's): the new card holds everything; the old number dies."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.ReplaceCardRequest(card=cpb.CardRef(card_number=args.card),
+                                new_card=cpb.CardRef(card_number=args.new_card), till=_till(args),
+                                **request_fields(args))
+    result = call(stub_of(args).ReplaceCard, req, args)
+    b = result.balance_after
+    print(table([("request", result.request_id), ("journal seq", str(result.seq)),
+                 ("principal", fen(b.principal_minor)), ("bonus", fen(b.bonus_minor)),
+                 ("points", f"{b.points:,}"),
+                 ("PIN", "none yet: the member sets one with an operator at a till")]))
+    return 0
+
+
 def cmd_history(args) -> int:
     """A card's entries, newest first, a page at a time."""
     from cardcore.v1 import card_service_pb2 as pb

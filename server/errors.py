@@ -112,6 +112,8 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_CAPTURE_EXCEEDS_HOLD: (C.FAILED_PRECONDITION, "the capture takes more than the hold "
                                     "holds"),
     R.REASON_HOLDS_OPEN: (C.FAILED_PRECONDITION, "the card has open holds: void them first"),
+    R.REASON_CARD_REPLACED: (C.FAILED_PRECONDITION, "the card was replaced by a new one: use "
+                             "the new card"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -160,7 +160,8 @@ class Operations:
                          "set_card_status": (L.OP_CARD_STATUS, self.set_card_status_op),
                          "authorize": (L.OP_HOLD, self.authorize_op),
                          "capture": (L.OP_PURCHASE, self.capture_op),
-                         "void_hold": (L.OP_HOLD_VOID, self.void_hold_op)}
+                         "void_hold": (L.OP_HOLD_VOID, self.void_hold_op),
+                         "replace_card": (L.OP_CARD_REPLACED, self.replace_card_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -418,6 +419,32 @@ class Operations:
         card = self._operator_card(req, caller, role)
         return self._op(req, rid, at_us, L.OP_CARD_STATUS, card, caller, tier=req.status,
                         role=role)
+
+    def replace_card_op(self, req: pb.ReplaceCardRequest, caller: Caller) -> PendingOp:
+        """A new card for an old one (rule 16): an operator of the till's store, cashier or
+        above, with the old card (by number: it is lost) and the new one (swiped at the desk, or
+        by number); the new card's PIN, if the member gives one, under the new card's KSN. The
+        writer checks both cards, the role and the scope."""
+        rid = request_id_bytes(req.request_id)
+        at_us = client_time_us(req)
+        if not req.HasField("new_card"):
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
+        old = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER)
+        new = self.swipes.card(req.new_card, req.till, caller)
+        if new.card_id == old.card_id:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
+        pin_flags, new_check = 0, NO_PIN
+        if req.new_pin_block:
+            new_check = self.swipes.pin_check(new, req.new_pin_block, "new_pin_block", new=True,
+                                              birthday=self.birthday(old.card_id))
+            pin_flags = L.NEW_PIN
+        # the op is the old card's; a swiped new card's KSN is the one the writer takes
+        card = CardAccess(old.card_id, old.number, None, new.terminal_id or old.terminal_id,
+                          new.ksn_counter or old.ksn_counter)
+        profile = json.dumps({"masked": cards.mask(new.number)}, separators=(",", ":")).encode()
+        return self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
+                        new_pin_check=new_check, referrer_id=new.card_id, profile=profile,
+                        sealed=self.keyring.seal(new.card_id, new.number))
 
     def reverse_op(self, req: pb.ReverseRequest, caller: Caller) -> PendingOp:
         """A request undone, or refused before it arrives (rule 13): named by its request_id in

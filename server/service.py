@@ -43,7 +43,8 @@ UNARY_OP_TYPES = {"OpenCard": L.OP_OPEN, "TopUp": L.OP_TOP_UP, "Purchase": L.OP_
                   "UseEntitlement": L.OP_PACKAGE_USE, "ExchangePoints": L.OP_POINTS_EXCHANGE,
                   "RedeemGift": L.OP_GIFT_REDEEM, "Refund": L.OP_REFUND, "Reverse": L.OP_REVERSAL,
                   "SetCardStatus": L.OP_CARD_STATUS, "Authorize": L.OP_HOLD,
-                  "Capture": L.OP_PURCHASE, "VoidHold": L.OP_HOLD_VOID}
+                  "Capture": L.OP_PURCHASE, "VoidHold": L.OP_HOLD_VOID,
+                  "ReplaceCard": L.OP_CARD_REPLACED}
 BATCH_OPS_MAX = 10_000
 QUOTE_COUPONS_MAX = 16  # a quote tries at most this many of the card's coupons (oldest first)
 STREAM_IN_FLIGHT_MAX = 256  # pipelined requests per SwipeStream before reading pauses
@@ -142,8 +143,11 @@ def result_of(request_id: str, outcome: Outcome, pin_tries_max: int = 0,
         if op == L.OP_REFUND or op == L.OP_REVERSAL:
             result.original_seq = L.JOURNAL_TAIL.unpack_from(entry)[3]
             result.refund_complete = bool(flags & L.UNDO_COMPLETE)
-        elif op == L.OP_CARD_STATUS:
+        elif op == L.OP_CARD_STATUS or op == L.OP_CARD_REPLACED:
             result.status_after = entry[3]
+        elif op == L.OP_REPLACEMENT_OPENED:  # rule 16: the new card's side
+            result.status_after = entry[3]
+            result.original_seq = L.JOURNAL_TAIL.unpack_from(entry)[3]  # the old card's entry
         elif op == L.OP_HOLD:
             result.hold_serial = seq
             result.hold_expires_at_us = L.JOURNAL_TAIL.unpack_from(entry)[4]
@@ -298,7 +302,8 @@ class CardService(pb_grpc.CardServiceServicer):
             "OpenCard", "TopUp", "Purchase", "GetCard", "GetOperation", "SubmitBatch", "SwipeStream",
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
             "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse",
-            "ListTransactions", "SetCardStatus", "Authorize", "Capture", "VoidHold")}
+            "ListTransactions", "SetCardStatus", "Authorize", "Capture", "VoidHold",
+            "ReplaceCard")}
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -460,9 +465,13 @@ class CardService(pb_grpc.CardServiceServicer):
     async def GetReceipt(self, request, context):
         card = await self._parse(self._history_card, request, context)
         found = self.ledger.read_entry(request.seq) if request.seq else None
-        if found is None or found[0][16:32] != card.card_id or found[0][1] not in L.CARD_OPS:
+        owner = found[0][16:32] if found is not None else None
+        if owner is None or found[0][1] not in L.CARD_ENTRY_OPS or (
+                owner != card.card_id and owner not in self.ledger.read_lineage(card.card_id)):
             await abort(context, failure(R.REASON_ORIGINAL_NOT_FOUND, "seq"))
-        return pb.Receipt(result=entry_result(*found), masked_number=cards.mask(card.number))
+        masked = (cards.mask(card.number) if owner == card.card_id  # else a card it replaced
+                  else self.ledger.read_card(owner)[1].get("masked", ""))
+        return pb.Receipt(result=entry_result(*found), masked_number=masked)
 
     async def Refund(self, request, context):
         return await self._unary("Refund", self.operations.refund_op, request, context)
@@ -479,6 +488,9 @@ class CardService(pb_grpc.CardServiceServicer):
     async def SetCardStatus(self, request, context):
         return await self._unary("SetCardStatus", self.operations.set_card_status_op, request,
                                  context)
+
+    async def ReplaceCard(self, request, context):
+        return await self._unary("ReplaceCard", self.operations.replace_card_op, request, context)
 
     async def Reverse(self, request, context):
         return await self._unary("Reverse", self.operations.reverse_op, request, context)
@@ -545,7 +557,7 @@ class CardService(pb_grpc.CardServiceServicer):
         card, view, op = await self._parse(self._inquiry, request, context)
         if op is not None:  # the PIN is checked, and a wrong one counted, by the writer
             outcome = (await (await self._submit([op], context)))[0]
-            if outcome.reason == L.R_CARD_NOT_ACTIVE:
+            if outcome.reason == L.R_CARD_NOT_ACTIVE or outcome.reason == L.R_CARD_REPLACED:
                 view = pb.CARD_VIEW_STATUS
             elif outcome.reason != L.R_OK:
                 self._call_seconds["GetCard"].observe(time.perf_counter() - started)
@@ -630,6 +642,8 @@ class CardService(pb_grpc.CardServiceServicer):
                        tier_name=program_tier.name if program_tier else "",
                        discount_rate_bp=program_tier.rate_bp if program_tier else 0,
                        status=status, view=view)
+        if status == L.STATUS_REPLACED:
+            card.replaced_by = self.ledger.read_replacement(card_id)
         if view >= pb.CARD_VIEW_BALANCE:
             card.balance.principal_minor = principal
             card.balance.bonus_minor = bonus

@@ -192,6 +192,13 @@ class Programs(RuleBasedStateMachine):
         self.stub = self.server.stub
         self.model: dict[str, ModelCard] = {}
         self.sales: list[Sale] = []
+        self.replaced_by: dict[str, str] = {}  # a replaced card's number -> its new card's
+
+    def live(self, number: str) -> str:
+        """The number that holds what card ``number`` held (rule 16: replacements)."""
+        while number in self.replaced_by:
+            number = self.replaced_by[number]
+        return number
 
     def call(self, method, request, reason, metadata=None):
         """The reply of an applied request, or None after checking the refusal's reason."""
@@ -215,6 +222,7 @@ class Programs(RuleBasedStateMachine):
 
     @rule(number=cards, amount=amounts)
     def top_up(self, number, amount):
+        number = self.live(number)
         card = self.model[number]
         pid, bonus = bonus_for(card, amount)
         request_id = str(uuid.uuid4())
@@ -236,6 +244,7 @@ class Programs(RuleBasedStateMachine):
           redeem=st.sampled_from([0, 0, 50, 100, 250, 5000]),
           with_coupon=st.booleans())
     def purchase(self, number, gross, redeem, with_coupon):
+        number = self.live(number)
         card = self.model[number]
         usable = [s for s, used in card.coupons.items() if not used]
         serial = usable[0] if with_coupon and usable else 0
@@ -282,6 +291,7 @@ class Programs(RuleBasedStateMachine):
 
     @rule(number=cards, with_points=st.booleans())
     def issue_coupon(self, number, with_points):
+        number = self.live(number)
         card = self.model[number]
         reason = (R.REASON_INSUFFICIENT_POINTS if with_points and card.points < COUPON_PRICE
                   else R.REASON_OK)
@@ -297,6 +307,7 @@ class Programs(RuleBasedStateMachine):
 
     @rule(number=cards)
     def sell_package(self, number):
+        number = self.live(number)
         card = self.model[number]
         reason = (R.REASON_INSUFFICIENT_FUNDS if card.principal + card.bonus < PACKAGE_PRICE
                   else R.REASON_OK)
@@ -352,7 +363,8 @@ class Programs(RuleBasedStateMachine):
     @rule(data=st.data(), part=st.sampled_from([0, 0, 1, 999, 5000]))
     def refund(self, data, part):
         sale = pick(data, [s for s in self.sales if s.kind == cpb.OPERATION_TYPE_PURCHASE])
-        card = self.model[sale.number]
+        number = self.live(sale.number)  # a sale of a replaced card is refunded to its new one
+        card = self.model[number]
         left = sale.paid - sale.refunded
         amount = part or left
         reason = (R.REASON_ALREADY_REVERSED if sale.reversed else
@@ -360,7 +372,7 @@ class Programs(RuleBasedStateMachine):
         request_id = rid()
         reply = self.call(self.stub.Refund, pb.RefundRequest(
             request_id=request_id, client_time_us=sent_at(request_id),
-            card=cpb.CardRef(card_number=sale.number), original_seq=sale.seq, amount_minor=part,
+            card=cpb.CardRef(card_number=number), original_seq=sale.seq, amount_minor=part,
             till=till()), reason, metadata=bearer(self.server.admin_token))
         if reply is None:
             return
@@ -377,6 +389,13 @@ class Programs(RuleBasedStateMachine):
     def reverse(self, data):
         """A reversal by request id, as the till that sent it (the development namespace)."""
         sale = pick(data, self.sales)
+        if self.live(sale.number) != sale.number:  # made with a card replaced since (rule 16)
+            request_id = rid()
+            self.call(self.stub.Reverse, pb.ReverseRequest(
+                request_id=request_id, client_time_us=sent_at(request_id),
+                card=cpb.CardRef(card_number=sale.number), original_request_id=sale.request_id,
+                till=till()), R.REASON_CARD_REPLACED)
+            return
         card = self.model[sale.number]
         reason = R.REASON_OK
         if (sale.kind == cpb.OPERATION_TYPE_TOP_UP and not sale.reversed
@@ -417,6 +436,7 @@ class Programs(RuleBasedStateMachine):
     def reversed_before_it_arrives(self, number, gross):
         """A till gives up on a purchase and reverses it before it reaches the server: the
         reversal moves nothing, and the purchase, arriving then, is refused."""
+        number = self.live(number)
         late = rid()
         request_id = rid()
         reply = self.stub.Reverse(pb.ReverseRequest(
@@ -426,6 +446,27 @@ class Programs(RuleBasedStateMachine):
         self.call(self.stub.Purchase, pb.PurchaseRequest(
             request_id=late, client_time_us=sent_at(late), card=cpb.CardRef(card_number=number),
             till=till(), gross_amount_minor=gross), R.REASON_REVERSED)
+
+    @rule(number=cards)
+    def replace_card(self, number):
+        """Rule 16: a new number takes everything; the old one is refused from then on."""
+        old = self.live(number)
+        card = self.model[old]
+        new = new_card_number()
+        request_id = rid()
+        reply = self.call(self.stub.ReplaceCard, pb.ReplaceCardRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=old), new_card=cpb.CardRef(card_number=new),
+            till=till()), R.REASON_OK, metadata=bearer(self.server.admin_token))
+        assert (reply.principal_delta_minor, reply.bonus_delta_minor, reply.tier_after) == (
+            card.principal, card.bonus, card.tier)
+        self.model[new] = self.model.pop(old)
+        self.replaced_by[old] = new
+        request_id = rid()
+        self.call(self.stub.TopUp, pb.TopUpRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=old), amount_minor=100, till=till()),
+            R.REASON_CARD_REPLACED)
 
     @precondition(lambda self: self.model)
     @invariant()

@@ -1,0 +1,368 @@
+"""Card replacement (rule 16 of cardcore.rules): a new number inherits everything the old card
+held in one write, and the old number is dead for ever. Through the real ledger (every
+transition, the worked figures, races in one group, refunds and history across the two cards,
+verify) and over gRPC (the contract, the operator's role, GetCard, the PIN)."""
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from cardcore import layout as L
+from cardcore.idempotency import PendingOp
+from cardcore.verify import verify as verify_ledger
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import Admin, Client, bearer, failure_of, new_card_number, sent_at, verify
+from test_card_life import reach, set_status, status_of
+from test_card_programs import CAFE_DRINKS, CAFE_FOOD, Till, cafe_ledger, example, figures, line, lots_of
+from test_ledger import cid, key
+from test_refunds import refund, seq_of
+
+R = cpb.Reason
+OLD, NEW = "6225880000000701", "6225880000000719"
+
+
+@pytest.fixture
+def till(tmp_path):
+    with cafe_ledger(str(tmp_path / "cafe")) as t:
+        yield t
+
+
+def replace_op(till: Till, old: str, new: str, request_id: str | None = None,
+               new_pin_check: bytes = bytes(32), operator: int = 1,
+               at: int | None = None) -> PendingOp:
+    return PendingOp.build(key(request_id or till.rid()), L.OP_CARD_REPLACED, cid(old),
+                           store_id=3, operator_id=operator, client_time_us=at or till.at + 1,
+                           referrer_id=cid(new), profile=json.dumps({"masked": new[:6]}).encode(),
+                           pin_flags=L.NEW_PIN if any(new_pin_check) else 0,
+                           new_pin_check=new_pin_check)
+
+
+def replace(till: Till, old: str = OLD, new: str = NEW, **kw):
+    return till.apply(replace_op(till, old, new, **kw))[0]
+
+
+def record(till: Till, number: str):
+    found = till.ledger.read_card(cid(number))
+    return None if found is None else found[0]
+
+
+def items(till: Till, db: str, number: str) -> dict[int, bytes]:
+    card = cid(number)
+    return {L.COUPON_KEY.unpack(k)[1]: v for k, v in till.ledger.dump()[db] if k[:16] == card}
+
+
+def test_the_new_card_holds_everything_the_old_one_held_and_the_old_one_is_dead(till):
+    """Worked example: 300.00 topped up (the cafe gives 30.00 bonus on 300), a 120.00 sale (its
+    points, tier upgrade), a coupon: after the replacement the new card has the same principal,
+    bonus, points in the same lots, tier, lifetime spend and coupon; the old card is REPLACED
+    with nothing on it; the two entries mirror each other."""
+    till.open(OLD)
+    till.top_up(OLD, 30000)
+    sale = till.buy(OLD, line(CAFE_FOOD, 12000))
+    assert sale.reason == L.R_OK
+    coupon = till.issue(OLD, 1)
+    assert coupon.reason == L.R_OK
+    before = till.card(OLD)
+    lots_before = lots_of(till, OLD)
+    coupons_before = items(till, "coupons", OLD)
+    assert before["points"] > 0 and lots_before and coupons_before
+    outcome = replace(till)
+    assert outcome.reason == L.R_OK
+    opened = figures(outcome)
+    assert L.JOURNAL.unpack(outcome.entry)[1] == L.OP_REPLACEMENT_OPENED
+    assert (opened["principal"], opened["bonus"], opened["points"]) == (
+        before["principal"], before["bonus"], before["points"])
+    assert opened["amount"] == before["principal"] + before["bonus"]
+    assert till.card(NEW) == before
+    assert lots_of(till, NEW) == lots_before and lots_of(till, OLD) == {}
+    assert items(till, "coupons", NEW) == coupons_before and items(till, "coupons", OLD) == {}
+    old = record(till, OLD)
+    assert old[1] == L.STATUS_REPLACED and old[5:8] == (0, 0, 0)
+    assert record(till, NEW)[1] == L.STATUS_ACTIVE
+    out_seq = L.JOURNAL.unpack(outcome.entry)[28]
+    out = till.ledger.read_entry(out_seq)[0]
+    f = L.JOURNAL.unpack(out)
+    assert (f[1], f[3], f[8], f[11:14], f[28], f[29]) == (
+        L.OP_CARD_REPLACED, L.STATUS_REPLACED, cid(OLD),
+        (-before["principal"], -before["bonus"], -before["points"]), out_seq + 1,
+        L.STATUS_ACTIVE)
+    # the coupon is used on the new card, under its serial
+    spent = till.buy(NEW, line(CAFE_DRINKS, 3000), coupon=seq_of(coupon))
+    assert spent.reason == L.R_OK and figures(spent)["discount"] > 0
+
+
+def test_any_operation_on_the_old_number_says_it_was_replaced(till):
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    assert replace(till).reason == L.R_OK
+    assert till.top_up(OLD, 100).reason == L.R_CARD_REPLACED
+    assert till.buy(OLD, line(CAFE_FOOD, 100)).reason == L.R_CARD_REPLACED
+    reset = till.apply(PendingOp.build(key(till.rid()), L.OP_RESET_PIN, cid(OLD), store_id=3,
+                                       operator_id=1, client_time_us=till.at + 1))[0]
+    assert reset.reason == L.R_CARD_REPLACED
+    for status in (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED):
+        refused = set_status(till, OLD, status)
+        assert refused.reason == L.R_ILLEGAL_TRANSITION and refused.entry[3] == L.STATUS_REPLACED
+    assert replace(till, OLD, "6225880000000727").reason == L.R_CARD_REPLACED
+    assert till.top_up(NEW, 100).reason == L.R_OK
+
+
+@pytest.mark.parametrize("start", [L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST,
+                                   L.STATUS_CLOSED])
+def test_active_frozen_and_lost_cards_are_replaced_a_closed_one_is_not(till, start):
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    reach(till, OLD, start)
+    outcome = replace(till)
+    if start in L.REPLACEABLE:
+        assert outcome.reason == L.R_OK
+        assert f"{status_of(till, OLD)}{status_of(till, NEW)}" == f"{L.STATUS_REPLACED}1"
+        assert L.JOURNAL.unpack(till.ledger.read_entry(seq_of(outcome) - 1)[0])[29] == start
+    else:
+        assert outcome.reason == L.R_ILLEGAL_TRANSITION and outcome.entry[3] == start
+        assert record(till, NEW) is None
+
+
+def test_refused_replacements_change_nothing(till):
+    """Unknown card, a new number that is a card already (or the same one), open holds."""
+    assert replace(till).reason == L.R_CARD_NOT_FOUND
+    till.open(OLD)
+    till.open(NEW)
+    till.top_up(OLD, 10000)
+    assert replace(till).reason == L.R_CARD_ALREADY_EXISTS
+    assert replace(till, OLD, OLD).reason == L.R_CARD_ALREADY_EXISTS
+    other = "6225880000000727"
+    hold = till.apply(PendingOp.build(key(till.rid()), L.OP_HOLD, cid(OLD), 2000, store_id=3,
+                                      pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET,
+                                      ref_id=60, client_time_us=till.at + 1))[0]
+    assert hold.reason == L.R_OK
+    entries = till.ledger.next_seq
+    assert replace(till, OLD, other).reason == L.R_HOLDS_OPEN
+    assert till.ledger.next_seq == entries and record(till, other) is None
+    assert status_of(till, OLD) == L.STATUS_ACTIVE
+
+
+def test_a_swipe_racing_the_replacement_in_one_group_lands_on_one_card_or_is_refused(till):
+    """Operations on the old card before the replacement in the same group apply to it and
+    move with it; those after are refused; the new card takes operations after it."""
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    before = till.purchase(OLD, line(CAFE_FOOD, 1000))
+    after = till.purchase(OLD, line(CAFE_FOOD, 1000))
+    new_sale = till.purchase(NEW, line(CAFE_FOOD, 500))
+    outcomes = till.apply(before, replace_op(till, OLD, NEW), after, new_sale)
+    assert [o.reason for o in outcomes] == [L.R_OK, L.R_OK, L.R_CARD_REPLACED, L.R_OK]
+    paid = -(figures(outcomes[0])["principal"] + figures(outcomes[3])["principal"])
+    assert till.card(NEW)["principal"] == 10000 - paid
+    assert till.card(OLD)["principal"] == 0
+
+
+def test_a_sale_of_the_old_card_is_refunded_to_the_new_one(till):
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    sale = till.buy(OLD, line(CAFE_FOOD, 4000))
+    assert replace(till).reason == L.R_OK
+    held = till.card(NEW)
+    back = refund(till, NEW, seq_of(sale), 0)
+    assert back.reason == L.R_OK
+    assert till.card(NEW)["principal"] == held["principal"] + figures(back)["principal"]
+    assert figures(back)["principal"] == -figures(sale)["principal"]
+    assert refund(till, OLD, seq_of(sale), 0).reason == L.R_CARD_REPLACED
+    # a card never replaced from the old one cannot refund it
+    till.open("6225880000000727")
+    assert refund(till, "6225880000000727", seq_of(sale), 0).reason == L.R_ORIGINAL_NOT_FOUND
+
+
+def test_the_new_cards_history_goes_on_with_the_old_cards(till):
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    till.buy(OLD, line(CAFE_FOOD, 1000))
+    assert replace(till).reason == L.R_OK
+    till.buy(NEW, line(CAFE_FOOD, 1000))
+    page, nxt = till.ledger.read_history(cid(NEW), limit=100)
+    ops = [e[1] for e, _ in page]
+    assert ops == [L.OP_PURCHASE, L.OP_REPLACEMENT_OPENED, L.OP_CARD_REPLACED, L.OP_PURCHASE,
+                   L.OP_TOP_UP, L.OP_OPEN] and nxt == 0
+    seqs = [L.JOURNAL.unpack(e)[7] for e, _ in page]
+    assert seqs == sorted(seqs, reverse=True)
+    # paged two at a time: the same entries, across the two cards
+    paged, before = [], 0
+    while True:
+        got, before = till.ledger.read_history(cid(NEW), before_seq=before, limit=2)
+        paged += [L.JOURNAL.unpack(e)[7] for e, _ in got]
+        if not before:
+            break
+    assert paged == seqs
+    old_page, _ = till.ledger.read_history(cid(OLD), limit=100)
+    assert [e[1] for e, _ in old_page] == ops[2:]
+
+
+def test_a_card_replaced_twice_keeps_everything(till):
+    third = "6225880000000727"
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    till.buy(OLD, line(CAFE_FOOD, 2500))
+    before = till.card(OLD)
+    assert replace(till).reason == L.R_OK
+    assert replace(till, NEW, third).reason == L.R_OK
+    assert till.card(third) == before
+    page, _ = till.ledger.read_history(cid(third), limit=100)
+    assert len(page) == 7
+
+
+def test_a_pin_entered_at_the_desk_is_the_new_cards(till):
+    till.open(OLD)
+    check = bytes(range(1, 33))
+    assert replace(till, new_pin_check=check).reason == L.R_OK
+    rec = record(till, NEW)
+    assert rec[4] & L.CARD_PIN_SET and rec[14] == check and rec[3] == 0
+    assert record(till, "6225880000000727") is None
+    till.open("6225880000000727")
+    assert replace(till, "6225880000000727", "6225880000000735").reason == L.R_OK
+    assert record(till, "6225880000000735")[4] & L.CARD_PIN_SET == 0  # none given: none set
+
+
+def test_a_retry_replays_and_another_new_card_is_a_mismatch(till):
+    till.open(OLD)
+    till.top_up(OLD, 5000)
+    sent = till.at + 1
+    first = replace(till, request_id="repl-1", at=sent)
+    again = replace(till, request_id="repl-1", at=sent)
+    assert again.replayed and again.entry[:224] == first.entry[:224]
+    other = replace(till, OLD, "6225880000000727", request_id="repl-1", at=sent)
+    assert other.reason == L.R_DUPLICATE_REQUEST_MISMATCH
+
+
+def test_verify_finds_a_replacement_that_moved_less_than_the_card_held(tmp_path):
+    till = Till(str(tmp_path / "cafe"), example("cafe"))
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    assert replace(till).reason == L.R_OK
+    assert verify_ledger(till.ledger)["ok"]
+    with till.ledger.env.begin(write=True) as txn:  # the new card's link to the old one, lost
+        txn.delete(b"\x02" + cid(NEW), db=till.ledger.card_links)
+    report = verify_ledger(till.ledger)
+    assert not report["ok"] and any("card links" in p for p in report["problems"])
+    till.ledger.close()
+
+
+# ---- over gRPC -----------------------------------------------------------------------------------
+
+
+def test_replace_card_over_grpc(server):
+    """An operator replaces a card by number; GetCard of the old number says REPLACED and names
+    the new one (masked); the new card holds the money and the profile and lists the old
+    card's history after its own; the old one is refused with CARD_REPLACED; an operator of
+    another store may not, a retry replays."""
+    client, stub = Client(server.stub), server.stub
+    old, new = new_card_number(), new_card_number()
+    till = cpb.Till(store_id=1, terminal_id=1)
+    client.open(old, name="Li Lei", phone="13800000000")
+    client.top_up(old, 5000)
+
+    def replace_rpc(card, new_card, token=server.admin_token, request_id="r1"):
+        return stub.ReplaceCard(pb.ReplaceCardRequest(
+            request_id=request_id, card=cpb.CardRef(card_number=card),
+            new_card=cpb.CardRef(card_number=new_card), till=till,
+            client_time_us=sent_at(request_id)), metadata=bearer(token) if token else None)
+
+    with pytest.raises(grpc.RpcError) as err:
+        replace_rpc(old, new, token=None)
+    assert failure_of(err.value).reason == R.REASON_OPERATOR_REQUIRED
+    elsewhere = Admin(server.channel, server.admin_token).add_operator(
+        "cashier-2", cpb.OPERATOR_ROLE_CASHIER, [2])
+    with pytest.raises(grpc.RpcError) as err:
+        replace_rpc(old, new, token=elsewhere)
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    result = replace_rpc(old, new)
+    assert result.type == cpb.OPERATION_TYPE_REPLACEMENT_OPENED
+    assert result.status_after == cpb.CARD_STATUS_ACTIVE
+    assert result.principal_delta_minor == 5000 and result.original_seq == result.seq - 1
+    assert replace_rpc(old, new).replayed
+    gone = client.card(old)
+    assert gone.status == cpb.CARD_STATUS_REPLACED
+    assert gone.replaced_by == new[:6] + "*" * (len(new) - 10) + new[-4:]
+    card = client.card(new)
+    assert card.balance.principal_minor == 5000 and card.profile.name == "Li Lei"
+    assert card.masked_number == gone.replaced_by
+    with pytest.raises(grpc.RpcError) as err:
+        client.top_up(old, 100)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure_of(err.value).reason == R.REASON_CARD_REPLACED
+    history = stub.ListTransactions(pb.ListTransactionsRequest(
+        card=cpb.CardRef(card_number=new), till=till))
+    assert [e.type for e in history.entries] == [
+        cpb.OPERATION_TYPE_REPLACEMENT_OPENED, cpb.OPERATION_TYPE_CARD_REPLACED,
+        cpb.OPERATION_TYPE_TOP_UP, cpb.OPERATION_TYPE_OPEN_CARD]
+    with pytest.raises(grpc.RpcError) as err:
+        replace_rpc(new, new, request_id="r2")
+    assert failure_of(err.value).reason == R.REASON_INVALID_ARGUMENT
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
+
+
+def test_the_cli_replaces_a_card(server):
+    """`cardcore replace-card`, as an operator at the service desk uses it."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
+                              server.target, "--store", "1"], capture_output=True, text=True,
+                             timeout=60, env=env)
+        return out.returncode, out.stdout + out.stderr
+
+    old, new = new_card_number(), new_card_number()
+    assert cli("open-card", old)[0] == 0
+    assert cli("top-up", old, "80")[0] == 0
+    rc, out = cli("replace-card", old, new)
+    assert rc == 0 and "principal    80.00" in out, out
+    rc, out = cli("replace-card", old, new_card_number())
+    assert rc == 1 and "REASON_CARD_REPLACED" in out and old not in out and new not in out
+    rc, out = cli("history", new)
+    assert rc == 0 and "replacement_opened" in out and "card_replaced" in out
+
+
+def test_swipes_racing_a_replacement_over_grpc_lose_nothing(server):
+    """Four tills spend on the old card while an operator replaces it: every purchase is either
+    applied before the replacement (and its money moved with the rest) or refused with
+    CARD_REPLACED; the new card holds exactly what is left; nothing lands on the dead number."""
+    import threading
+
+    client, stub = Client(server.stub), server.stub
+    old, new = new_card_number(), new_card_number()
+    client.open(old)
+    client.top_up(old, 1_000_000)
+    paid, refused, errors = [], [], []
+
+    def till_loop(k: int) -> None:
+        for n in range(40):
+            try:
+                reply = client.purchase(old, 100 + k, request_id=f"race-{k}-{n}")
+                paid.append(reply.paid_minor)
+            except grpc.RpcError as err:
+                (refused if failure_of(err).reason == R.REASON_CARD_REPLACED
+                 else errors).append(err)
+
+    tills = [threading.Thread(target=till_loop, args=(k,)) for k in range(4)]
+    for t in tills:
+        t.start()
+    request_id = "race-replace"
+    stub.ReplaceCard(pb.ReplaceCardRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=old), new_card=cpb.CardRef(card_number=new),
+        till=cpb.Till(store_id=1, terminal_id=1)), metadata=bearer(server.admin_token))
+    for t in tills:
+        t.join()
+    assert not errors and len(paid) + len(refused) == 160
+    assert client.card(new).balance.principal_minor == 1_000_000 - sum(paid)
+    gone = client.card(old)
+    assert gone.status == cpb.CARD_STATUS_REPLACED and gone.balance.principal_minor == 0
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
