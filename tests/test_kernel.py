@@ -88,8 +88,12 @@ def test_reason_and_type_values_agree_with_the_proto():
         cpb.OPERATION_TYPE_TERMINAL_ENROLLED, cpb.OPERATION_TYPE_TERMINAL_REVOKED,
         cpb.OPERATION_TYPE_OPERATOR_ADDED, cpb.OPERATION_TYPE_OPERATOR_REMOVED,
         cpb.OPERATION_TYPE_DATA_KEY_ROTATED)
-    assert (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED) == (
-        cpb.CARD_STATUS_ACTIVE, cpb.CARD_STATUS_FROZEN, cpb.CARD_STATUS_LOST, cpb.CARD_STATUS_CLOSED)
+    assert (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED,
+            L.STATUS_REPLACED) == (
+        cpb.CARD_STATUS_ACTIVE, cpb.CARD_STATUS_FROZEN, cpb.CARD_STATUS_LOST, cpb.CARD_STATUS_CLOSED,
+        cpb.CARD_STATUS_REPLACED)
+    assert (L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED) == (
+        cpb.OPERATION_TYPE_CARD_REPLACED, cpb.OPERATION_TYPE_REPLACEMENT_OPENED)
 
 
 # Rounding rule 3 at its edges: (gross, rate_bp) -> paid.
@@ -157,6 +161,9 @@ OVERFLOW = [
     (L.OP_PURCHASE, -1, dict(principal=100), L.R_INVALID_AMOUNT),
     (L.OP_TOP_UP, -(1 << 63), dict(), L.R_INVALID_AMOUNT),
     (L.OP_PURCHASE, 1, dict(status=L.STATUS_FROZEN, principal=100), L.R_CARD_NOT_ACTIVE),
+    (L.OP_PURCHASE, 1, dict(status=L.STATUS_REPLACED, principal=100), L.R_CARD_REPLACED),
+    (L.OP_TOP_UP, 1, dict(status=L.STATUS_REPLACED), L.R_CARD_REPLACED),
+    (L.OP_RESET_PIN, 0, dict(status=L.STATUS_REPLACED), L.R_CARD_REPLACED),
     (L.OP_PURCHASE, 1, dict(tier=5, principal=100), L.R_INVALID_TIER),
 ]
 
@@ -299,7 +306,7 @@ def records(draw):
     held = draw(st.one_of(st.just(0), st.integers(0, principal + bonus)))
     pin = draw(st.sampled_from([None, PIN_A, PIN_B]))
     return card_bytes(principal=principal, bonus=bonus, points=draw(money), tier=draw(st.integers(0, 4)),
-                      status=draw(st.sampled_from([1, 1, 1, 2, 3, 4])), lifetime=draw(money),
+                      status=draw(st.sampled_from([1, 1, 1, 2, 3, 4, 5])), lifetime=draw(money),
                       last_seq=draw(st.integers(1, 10**9)), held=held, pin=pin,
                       tries=draw(st.integers(0, 4)) if pin else 0,
                       locked=bool(pin) and draw(st.booleans()))

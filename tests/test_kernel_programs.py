@@ -303,7 +303,7 @@ def points_batches(draw):
     recs = b"".join(card_bytes(principal=draw(st.sampled_from([0, 5_000, INT64_MAX - 100])),
                                bonus=draw(st.sampled_from([0, 50])),
                                points=draw(st.sampled_from([0, 99, 100, 2_500, INT64_MAX])),
-                               tier=0, status=draw(st.sampled_from([1, 1, 1, 2])))
+                               tier=0, status=draw(st.sampled_from([1, 1, 1, 2, 5])))
                     for _ in range(nslots))
     stock = [L.GIFT.pack(draw(st.sampled_from([0, 1])), gid, 0, draw(st.sampled_from([0, 1, 2, 99])),
                          bytes(48)) for gid in draw(st.lists(st.sampled_from([1, 2, 7, 9]),
