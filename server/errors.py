@@ -112,6 +112,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_CAPTURE_EXCEEDS_HOLD: (C.FAILED_PRECONDITION, "the capture takes more than the hold "
                                     "holds"),
     R.REASON_HOLDS_OPEN: (C.FAILED_PRECONDITION, "the card has open holds: void them first"),
+    R.REASON_LOOKUP_QUERY_INVALID: (C.INVALID_ARGUMENT, "give a phone of 6 to 20 digits or a name "
+                                    "of at most 64 characters"),
+    R.REASON_CARD_ID_NOT_ACCEPTED: (C.INVALID_ARGUMENT, "this call needs the card's number (a card "
+                                    "id names a card to SetCardStatus and GetCard only)"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}
