@@ -424,6 +424,14 @@ HOLD_MINUTES_MAX = 43200       # at most 30 days (a hotel stay, a rental)
 HOLD_RELEASES_MAX = 1000       # expired holds one group releases at most (the rest: the next)
 CARD_ENTRY_KEY = struct.Struct(">16sQ")  # a card's history: card id, seq
 CARD_ENTRY = struct.Struct("<B7xq")      # its value: the entry's op and time
+# Member lookup (rule 17): a ``members`` key (value empty) is the kind, the keyed digest of the
+# normalised phone or name (``lookup.MemberIndex``; never the phone or name itself) and the card
+# id, so one phone's or one name's cards are the keys under one 17-byte prefix.
+MEMBER_KEY = struct.Struct(">B16s16s")
+MEMBER_PREFIX = struct.Struct(">B16s")
+MEMBER_BY_PHONE, MEMBER_BY_NAME = 1, 2
+MEMBER_DIGEST_SIZE = 16
+MEMBER_MATCHES_MAX = 20   # cards one FindCards answer names at most (the rest: ``more``)
 UNDO_VERSION, UNDO_REVERSED = 1, 1
 GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.

@@ -30,9 +30,14 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     holds_by_expiry expires_us | card_id | serial -> empty: the open holds, in release order
     card_links    0x01 | old card_id      -> the card that replaced it (rule 16)
                   0x02 | new card_id      -> the card it replaced
+    members       kind | digest | card_id -> empty: the member lookup index (rule 17,
+                                             layout.MEMBER_KEY): keyed digests of the
+                                             profiles' phones and names, never them
 
-The last thirteen came with card programs, refunds, holds and replacement: a writer that opens a ledger made
-before them creates them (absent records read as zeros: nothing to migrate).
+The last fourteen came with card programs, refunds, holds, replacement and member lookup: a
+writer that opens a ledger made before them creates them (absent records read as zeros: nothing
+to migrate; the member index is filled from the profiles once, by a writer that has the lookup
+key).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -68,6 +73,7 @@ from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, P
                                   Outcome, PendingOp, legacy_digest, legacy_key,
                                   pack_request_keys, record, repeat, unpack_request_keys,
                                   replay)
+from cardcore.lookup import MemberIndex
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
 from cardcore.rules import Program, available_minor, review_due
 
@@ -82,11 +88,11 @@ EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
-            "card_entries", "holds", "holds_by_expiry", "card_links")
+            "card_entries", "holds", "holds_by_expiry", "card_links", "members")
 # created on open when missing
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
-                            "holds", "holds_by_expiry", "card_links"))
+                            "holds", "holds_by_expiry", "card_links", "members"))
 SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
@@ -101,6 +107,9 @@ _UNDO_FIELDS = struct.Struct("<xBB29xq8xqqq")  # layout.JOURNAL: op, tier, amoun
 _CARD_HELD = 32  # layout.CARD offset of held_minor
 _CARD_BIRTH_MONTH = 68  # layout.CARD offset of birth_month
 META_BIRTHS = b"birth_months"  # set once card records hold the members' birth months
+# Set while the member index names every profile's phone and name (rule 17); a writer without
+# the lookup key that stores a profile clears it, and the next one with the key fills it again.
+META_MEMBERS = b"member_index"
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
@@ -321,14 +330,19 @@ class LedgerFormatError(Exception):
 class Ledger:
     def __init__(self, path: str, *, initial_program: str | None = None, sync: bool = True,
                  map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
-                 initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT) -> None:
+                 initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT,
+                 lookup_key: bytes | None = None) -> None:
         """Open (or, writable, create) the ledger at ``path``. A new ledger stores
         ``initial_program`` (a TOML document; default: the default program) as version 1, and
-        its request retention window (changed later through the writer: ``window_op``)."""
+        its request retention window (changed later through the writer: ``window_op``).
+        ``lookup_key`` (``lookup.lookup_key``): the writer keeps the member index with it (the
+        server's writer has it; tools and tests that write without it leave the index to be
+        filled again by the next writer that has it)."""
         if initial_request_window_s < REQUEST_WINDOW_S_MIN:
             raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
         self.readonly = readonly
+        self.member_index = MemberIndex(lookup_key) if lookup_key is not None else None
         self._initial_window_s = initial_request_window_s
         self.request_window_us = initial_request_window_s * 1_000_000
         # Explicit options: durability (sync/metasync) is the point of the ledger;
@@ -349,6 +363,9 @@ class Ledger:
         self.legacy = False
         if not readonly and self._read(lambda txn: txn.get(META_BIRTHS, db=self.meta)) is None:
             self._fill_birth_months()
+        if (not readonly and self.member_index is not None
+                and self._read(lambda txn: txn.get(META_MEMBERS, db=self.meta)) is None):
+            self._fill_members()
         if not readonly and self._read(lambda txn: txn.get(META_PROGRAM, db=self.meta)) is None:
             # a new ledger (or one whose creation stopped before its program was stored)
             self._initialise(DEFAULT_PROGRAM_TOML if initial_program is None else initial_program)
@@ -406,6 +423,17 @@ class Ledger:
         if updates:
             log.info("birth months kept in %d card records, from their profiles", len(updates))
 
+    def _fill_members(self) -> None:
+        """The member index (rule 17) rebuilt from every profile, in one write transaction: once
+        for cards opened before it existed, and again after a writer without the lookup key
+        stored profiles."""
+        with self.env.begin(write=True) as txn:
+            items = self.member_index.items(txn.cursor(db=self.profiles))
+            txn.drop(self.members, delete=False)
+            txn.cursor(db=self.members).putmulti(items)
+            txn.put(META_MEMBERS, b"\x01", db=self.meta)
+        log.info("member index: %d phone and name keys, from the profiles", len(items))
+
     def _add_card_programs(self, missing: list[str]) -> None:
         """Create the card programs' sub-databases in a ledger made before them, and give every
         card that was topped up its program state (top-up count and total) from the journal, so
@@ -415,7 +443,7 @@ class Ledger:
             for name in missing:
                 setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True))
             counts: dict[bytes, list[int]] = {}
-            for _, entry in txn.cursor(db=self.journal):
+            for _, entry in (txn.cursor(db=self.journal) if "card_ext" in missing else ()):
                 if entry[1] == L.OP_TOP_UP:
                     _, _, _, _, _, _, _, _, cid, amount = L.JOURNAL.unpack_from(entry)[:10]
                     c = counts.setdefault(cid, [0, 0])
@@ -782,6 +810,34 @@ class Ledger:
 
         return self._read(read)
 
+    def find_members(self, prefix: bytes,
+                     limit: int = L.MEMBER_MATCHES_MAX) -> tuple[list[tuple[bytes, tuple, dict]], bool]:
+        """Rule 17: the cards under one phone's or name's index prefix, at most ``limit``, each
+        (card id, record fields, profile); and whether there are more. Read in one transaction."""
+        assert len(prefix) == L.MEMBER_PREFIX.size and 0 < limit <= L.MEMBER_MATCHES_MAX
+
+        def read(txn):
+            found: list[tuple[bytes, bytes, bytes | None]] = []
+            if self.members is None:
+                return found, False
+            cur = txn.cursor(db=self.members)
+            if not cur.set_range(prefix):
+                return found, False
+            for key in cur.iternext(values=False):
+                if key[:len(prefix)] != prefix:
+                    break
+                if len(found) == limit:
+                    return found, True
+                card_id = key[len(prefix):]
+                raw = txn.get(card_id, db=self.cards)
+                if raw is not None:
+                    found.append((card_id, raw, txn.get(card_id, db=self.profiles)))
+            return found, False
+
+        found, more = self._read(read)
+        return [(card_id, L.CARD.unpack(raw), json.loads(profile) if profile else {})
+                for card_id, raw, profile in found], more
+
     def backup(self, dest_dir: str) -> None:
         """A consistent, compacted copy of the whole environment into ``dest_dir`` (a new folder).
 
@@ -814,11 +870,12 @@ class Ledger:
 
         return self._read(read)
 
-    def verify(self, problems_max: int = 50) -> dict:
-        """Check the ledger against its journal (``cardcore.verify``)."""
+    def verify(self, problems_max: int = 50, lookup_key: bytes | None = None) -> dict:
+        """Check the ledger against its journal (``cardcore.verify``); with the lookup key (or
+        the ledger's own), the member index against the profiles too."""
         from cardcore.verify import verify  # only verify's callers load it
 
-        return verify(self, problems_max)
+        return verify(self, problems_max, lookup_key)
 
 
 def group_time(given_us: int, last_us: int) -> int:
@@ -1571,6 +1628,10 @@ class _Group:
             txn.cursor(db=ledger.baskets).putmulti(self.basket_items)
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
+            if ledger.member_index is not None:  # rule 17: found by phone and name at once
+                txn.cursor(db=ledger.members).putmulti(ledger.member_index.items(self.profile_items))
+            else:
+                txn.delete(META_MEMBERS, db=ledger.meta)
         if self.sealed_items:
             txn.cursor(db=ledger.cardnos).putmulti(self.sealed_items)
         self.admin.flush()

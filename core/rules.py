@@ -156,6 +156,21 @@ checks they agree on every input):
    old card is refunded to the new card, which lists the old card's history after its own;
    a reversal still names the card its request was made with (the old one: refused, refund
    the sale on the new card instead).
+17. Member lookup (an operator finds a member's cards without the card in hand). A card is
+   found by its member's phone or name as given at opening, matched whole after normalising
+   both sides the same way (``normalise_phone``, ``normalise_name``): a phone keeps its ASCII
+   digits only, and a mainland China mobile number (11 digits starting with 1) written with
+   its country code (``86`` or ``0086``, the ``+`` already dropped) loses the code; other
+   numbers keep every digit as written (a foreign number typed once with its country code and
+   once without does not match). A phone of fewer than ``PHONE_DIGITS_MIN`` (6) or more than
+   ``PHONE_DIGITS_MAX`` (20) digits is neither indexed nor asked for. A name is NFKC-normalised,
+   case-folded (then NFKC again), every white space removed (``Li Wei``, ``LI  WEI``, ``liwei``
+   and full-width ``ＬＩ　ＷＥＩ`` are one name; ``张 三`` is ``张三``) and the middle dots of
+   minority and foreign names (U+00B7, U+30FB, U+2022, U+2027, U+FF65) made one; no
+   transliteration (``张三`` is not ``zhang san``); an empty result is neither indexed nor asked
+   for. The index holds a keyed digest of the result, never the phone or name. One answer names
+   at most ``layout.MEMBER_MATCHES_MAX`` cards (in card id order, not by date) and says when
+   there are more; a phone or name that matches nothing is an empty answer, not an error.
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or
@@ -167,6 +182,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import unicodedata
 from array import array
 
 from cardcore import layout as L
@@ -524,6 +540,30 @@ def review_due(period_days: int, flags: int, review_day: int, tracked_days: int,
     length: ``tracked_days``), or its period has ended."""
     return bool(period_days) and (not flags & L.REVIEW_STARTED or tracked_days != period_days
                                   or today >= review_day + period_days)
+
+
+PHONE_DIGITS_MIN, PHONE_DIGITS_MAX = 6, 20
+MAINLAND_CODES = ("0086", "86")
+_MIDDLE_DOTS = str.maketrans({"\u30fb": "\u00b7", "\u2022": "\u00b7", "\u2027": "\u00b7",
+                              "\uff65": "\u00b7"})
+
+
+def normalise_phone(phone: str) -> str:
+    """Rule 17: the digits a phone is matched by; "" when it has too few or too many."""
+    digits = "".join(ch for ch in phone if "0" <= ch <= "9")
+    for code in MAINLAND_CODES:
+        rest = digits[len(code):]
+        if digits.startswith(code) and len(rest) == 11 and rest[0] == "1":
+            digits = rest
+            break
+    return digits if PHONE_DIGITS_MIN <= len(digits) <= PHONE_DIGITS_MAX else ""
+
+
+def normalise_name(name: str) -> str:
+    """Rule 17: the form a name is matched by (NFKC, case-folded, no white space, one middle
+    dot); "" when nothing is left."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return "".join(folded.split()).translate(_MIDDLE_DOTS)
 
 
 def undo_money(principal: int, bonus: int, paid: int, before: int, after: int) -> tuple[int, int]:

@@ -28,7 +28,10 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
   release and reversal closes an open hold of its card once (a capture before
   the expiry, paying at most its amount; a release at or after it); every
   card's held_minor is what its open holds add up to; the hold records and
-  their expiry index are what the journal makes; no card is closed holding any.
+  their expiry index are what the journal makes; no card is closed holding any;
+- the member index (rule 17), given the lookup key (the server's keyring): exactly the keys
+  the stored profiles make, so a tampered, forged or missing entry is found. Without the key
+  the report says it was not checked.
 """
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import (LINEAGE_MAX, PREDECESSOR, SUCCESSOR, history_items, hold_index_key,
-                             issued_coupon, profile_month, sold_package, undo_record)
+from cardcore.ledger import (LINEAGE_MAX, META_MEMBERS, PREDECESSOR, SUCCESSOR, history_items,
+                             hold_index_key, issued_coupon, profile_month, sold_package,
+                             undo_record)
+from cardcore.lookup import MemberIndex
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
 from cardcore.rules import spend
@@ -69,8 +74,9 @@ _ACTIVE_ONLY = frozenset((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_SET_PIN, L.OP_COUPON_
 _MINUTE_US = 60_000_000
 
 
-def verify(ledger, problems_max: int = 50) -> dict:
+def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> dict:
     problems: list[str] = []
+    index = MemberIndex(lookup_key) if lookup_key is not None else ledger.member_index
 
     def problem(msg: str) -> None:
         if len(problems) < problems_max:
@@ -129,6 +135,7 @@ def verify(ledger, problems_max: int = 50) -> dict:
                 k: L.UNDO.pack(*v) for k, v in journal["undone"].items()}:
             problem("the undo records are not what the journal's refunds and reversals make")
         requests = _requests(txn, ledger, problem)
+        members = _members(txn, ledger, index, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
             problem("the current program is not the newest stored version")
@@ -147,8 +154,25 @@ def verify(ledger, problems_max: int = 50) -> dict:
         "points": cards["totals"][2],
         "program_version": max(programs, default=0),
         "head_digest": journal["head_digest"].hex(),
+        "member_index": members,
         "problems": problems,
     }
+
+
+def _members(txn, ledger, index: MemberIndex | None, problem) -> str:
+    """Rule 17: the member index is exactly what the profiles make. Says what was checked."""
+    if index is None:
+        return "not checked: no lookup key (give verify the keyring)"
+    if ledger.members is None or txn.get(META_MEMBERS, db=ledger.meta) is None:
+        return "not checked: not built yet (the server's writer builds it when it starts)"
+    expected = {k for k, _ in index.items(txn.cursor(db=ledger.profiles))}
+    stored = set(txn.cursor(db=ledger.members).iternext(values=False))
+    if stored != expected:
+        problem(f"the member index does not name exactly the profiles' phones and names: "
+                f"{len(stored - expected)} keys no profile makes, {len(expected - stored)} "
+                "missing")
+        return "checked: differs"
+    return f"checked: {len(stored)} keys"
 
 
 def _programs(txn, ledger, problem) -> dict[int, tuple]:

@@ -20,6 +20,7 @@ from cardcore import migrate, swap
 from cardcore.admin import window_op
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, PendingOp, request_key
 from cardcore.keyring import Keyring
+from cardcore.lookup import lookup_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
 from cardcore.program import ProgramError, checked_program_file
 from cardcore.v1 import admin_service_pb2 as apb
@@ -224,7 +225,8 @@ async def serve(cfg: ServerConfig) -> None:
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
-                    reader_check_s=cfg.reader_check_s, on_fatal=fatal)
+                    reader_check_s=cfg.reader_check_s, on_fatal=fatal,
+                    lookup_key=lookup_key(keyring.index_key))
     writer.start()
     ledger = None
     health_servicer = health.aio.HealthServicer()

@@ -9,8 +9,8 @@ import sys
 from . import logs
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
 
-from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_history, cmd_keys,
-                         cmd_replace_card,
+from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_find_card,
+                         cmd_history, cmd_keys, cmd_replace_card,
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
                          cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up)
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
@@ -18,7 +18,7 @@ from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLI
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
 from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
 from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
-                   amount_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
+                   amount_arg, card_id_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
                    metrics_listen_arg, seconds_arg, target_arg, uint32_arg)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every card against its journal")
     data_dir(p)
+    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
+                   help="the keyring, to check the member lookup index too (env "
+                        "CARDCORE_KEYRING; default <data-dir>/keyring.json when it exists)")
     p.add_argument("--json", action="store_true", help="the report as JSON on standard output")
     p.set_defaults(func=cmd_verify)
 
@@ -260,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the request's own client time, Unix microseconds, when known "
                         "(default 0: not known)")
     p = client("card-status", "freeze, unfreeze (active), report lost, find (active) or cancel "
-               "(closed) a card (operator token)", cmd_card_status)
+               "(closed) a card (operator token)", cmd_card_status, card=False)
+    p.add_argument("card", type=card_number_arg, nargs="?", default=None,
+                   help="card number, or - to read it from standard input; or leave it out and "
+                        "give --card-id")
+    p.add_argument("--card-id", type=card_id_arg, default=None,
+                   help="the card as find-card names it (32 hex digits), when the card is not "
+                        "at hand")
     mutating(p)
     p.add_argument("status", choices=tuple(CARD_STATUSES), help="the card's new status")
     p = client("replace-card", "a new card for a lost or damaged one: it inherits money, points, "
@@ -268,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                cmd_replace_card)
     mutating(p)
     p.add_argument("new_card", help="the new card's number")
+    p = client("find-card", "a member's cards by phone or name, for an operator without the card "
+               "(operator token)", cmd_find_card, card=False)
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--phone", help="the member's phone as given at opening (+86 optional)")
+    query.add_argument("--name", help="the member's name as given at opening (case and spaces "
+                                      "do not matter)")
+    till(p)
     p = client("history", "a card's entries, newest first (operator token)", cmd_history)
     p.add_argument("--limit", type=int_arg(1, 100), default=20,
                    help="entries a page, 1..100 (default %(default)s)")
@@ -365,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
-                    "replace-card",
+                    "replace-card", "find-card",
                     "history", "operation", "terminals", "operators", "keys", "program", "pos")
 
 

@@ -504,8 +504,11 @@ def cmd_card_status(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.SetCardStatusRequest(card=cpb.CardRef(card_number=args.card),
-                                  status=CARD_STATUSES[args.status], till=_till(args),
+    if (args.card is None) == (args.card_id is None):
+        raise UsageError("name the card by its number or by --card-id (find-card), not both")
+    ref = (cpb.CardRef(card_id=args.card_id) if args.card_id is not None
+           else cpb.CardRef(card_number=args.card))
+    req = pb.SetCardStatusRequest(card=ref, status=CARD_STATUSES[args.status], till=_till(args),
                                   **request_fields(args))
     result = call(stub_of(args).SetCardStatus, req, args)
     rows = [("request", result.request_id), ("journal seq", str(result.seq)),
@@ -531,6 +534,30 @@ def cmd_replace_card(args) -> int:
                  ("principal", fen(b.principal_minor)), ("bonus", fen(b.bonus_minor)),
                  ("points", f"{b.points:,}"),
                  ("PIN", "none yet: the member sets one with an operator at a till")]))
+    return 0
+
+
+def cmd_find_card(args) -> int:
+    """A member's cards by phone or name (rule 17): each one's id, for card-status --card-id."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    query = {"phone": args.phone} if args.phone is not None else {"name": args.name}
+    answer = call(stub_of(args).FindCards, pb.FindCardsRequest(till=_till(args), **query), args)
+    if not answer.cards:
+        print("no card matches")
+        return 0
+    rows = [("card id", "card", "status", "tier", "opened (UTC)", "home store")]
+    for c in answer.cards:
+        opened = datetime.datetime.fromtimestamp(c.opened_at_us / 1e6, datetime.timezone.utc)
+        rows.append((c.card_id.hex(), c.masked_number,
+                     cpb.CardStatus.Name(c.status).removeprefix("CARD_STATUS_").lower(),
+                     f"{c.tier} {c.tier_name}", opened.strftime("%Y-%m-%d"),
+                     str(c.home_store_id or "-")))
+    print("\n".join("  ".join(f"{v:<{w}}" for v, w in zip(r, (32, 19, 7, 12, 12, 10))).rstrip()
+                    for r in rows))
+    if answer.more:
+        print(f"more: over {len(answer.cards)} cards match; only the first are shown")
     return 0
 
 

@@ -57,19 +57,40 @@ def _ledger_in(folder: str, missing: str) -> str | None:
     return None
 
 
-def _verify_at(path: str) -> dict:
+def _verify_at(path: str, lookup_key: bytes | None = None) -> dict:
     ledger = _open_ledger(path)
     try:
-        return ledger.verify()
+        return ledger.verify(lookup_key=lookup_key)
     finally:
         ledger.close()
 
 
+def _keyring(given: str | None, data_dir: str):
+    """The keyring ``--keyring`` names (or the data folder's); a UsageError that names the file,
+    never a key, when it cannot be read."""
+    from cardcore.keyring import Keyring
+
+    ring_path = given or os.path.join(data_dir, "keyring.json")
+    try:
+        return Keyring.load(ring_path)
+    except OSError as exc:
+        raise UsageError(f"--keyring {ring_path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):  # never a key in the message
+        raise UsageError(f"--keyring {ring_path}: not a cardcore keyring, or damaged") from None
+
+
 def cmd_verify(args) -> int:
+    from cardcore.lookup import lookup_key
+
     path = _ledger_in(args.data_dir, "no ledger")
     if path is None:
         return 2
-    report = _verify_at(path)
+    # The member index (rule 17) is checked with the keyring: the one named, or the data
+    # folder's when it has one (a production keyring kept elsewhere must be named).
+    given = getattr(args, "keyring", None)
+    found = given or os.path.exists(os.path.join(args.data_dir, "keyring.json"))
+    ring = _keyring(given, args.data_dir) if found else None
+    report = _verify_at(path, lookup_key(ring.index_key) if ring is not None else None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -84,6 +105,7 @@ def cmd_verify(args) -> int:
             ("points total", f"{report['points']:,}"),
             ("program version", str(report["program_version"])),
             ("journal head digest", report["head_digest"]),
+            ("member index", report["member_index"]),
         ]))
         for p in report["problems"]:
             print(f"  - {p}")
@@ -197,13 +219,7 @@ def keys_check(args) -> int:
     path = _ledger_in(args.data_dir, "no ledger")
     if path is None:
         return 2
-    ring_path = args.keyring or os.path.join(args.data_dir, "keyring.json")
-    try:
-        ring = Keyring.load(ring_path)
-    except OSError as exc:
-        raise UsageError(f"--keyring {ring_path}: {exc.strerror or exc}") from None
-    except (ValueError, KeyError, TypeError, AttributeError):  # never a key in the message
-        raise UsageError(f"--keyring {ring_path}: not a cardcore keyring, or damaged") from None
+    ring = _keyring(args.keyring, args.data_dir)
     ledger = _open_ledger(path)
     versions: collections.Counter = collections.Counter()
     bad = 0

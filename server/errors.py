@@ -114,6 +114,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_HOLDS_OPEN: (C.FAILED_PRECONDITION, "the card has open holds: void them first"),
     R.REASON_CARD_REPLACED: (C.FAILED_PRECONDITION, "the card was replaced by a new one: use "
                              "the new card"),
+    R.REASON_LOOKUP_QUERY_INVALID: (C.INVALID_ARGUMENT, "give a phone of 6 to 20 digits or a name "
+                                    "of at most 64 characters"),
+    R.REASON_CARD_ID_NOT_ACCEPTED: (C.INVALID_ARGUMENT, "this call needs the card's number (a card "
+                                    "id names a card to SetCardStatus, ReplaceCard and GetCard only)"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

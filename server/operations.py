@@ -30,6 +30,7 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
 BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME_LEN_MAX = 64
+PHONE_QUERY_LEN_MAX = 20  # a phone as typed, at opening and in FindCards
 NO_PIN = bytes(32)
 
 
@@ -196,15 +197,16 @@ class Operations:
                                caller=namespace, **kw)
 
     def _operator_card(self, req, caller: Caller, role: int,
-                       missing: int = R.REASON_OPERATOR_REQUIRED) -> CardAccess:
+                       missing: int = R.REASON_OPERATOR_REQUIRED, by_id: bool = False) -> CardAccess:
         """The card of an operation only an operator does: one of ``role`` or above whose scope
-        holds the till's store (``missing`` when no operator acts); the writer checks again."""
+        holds the till's store (``missing`` when no operator acts); the writer checks again.
+        ``by_id``: the card may be named by its id (rule 17), as FindCards found it."""
         operator = caller.operator
         if operator is None:
             raise Invalid(missing, "authorization")
         if not operator.may(role, req.till.store_id):
             raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
-        return self.swipes.card(req.card, req.till, caller, role)
+        return self.swipes.card(req.card, req.till, caller, role, by_id)
 
     def open_op(self, req: pb.OpenCardRequest, caller: Caller) -> PendingOp:
         rid = request_id_bytes(req.request_id)
@@ -216,7 +218,7 @@ class Operations:
             raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
         if not p.name.isprintable():
             raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.name")
-        if len(p.phone) > 20:
+        if len(p.phone) > PHONE_QUERY_LEN_MAX:
             raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
         if not PHONE_RE.fullmatch(p.phone):
             raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
@@ -409,27 +411,29 @@ class Operations:
 
     def set_card_status_op(self, req: pb.SetCardStatusRequest, caller: Caller) -> PendingOp:
         """Card life (rule 14): an operator of the till's store, cashier or above; cancelling, a
-        store manager or above. The writer checks the role, the scope and the transition."""
+        store manager or above. The writer checks the role, the scope and the transition. The
+        card by its number or by its id (FindCards, rule 17): the same operation either way (the
+        op, and so the journal entry and the request record, holds the card id only)."""
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
         if req.status not in (L.STATUS_ACTIVE, L.STATUS_FROZEN, L.STATUS_LOST, L.STATUS_CLOSED):
             raise Invalid(R.REASON_INVALID_ARGUMENT, "status")
         role = (ROLE.OPERATOR_ROLE_STORE_MANAGER if req.status == L.STATUS_CLOSED
                 else ROLE.OPERATOR_ROLE_CASHIER)
-        card = self._operator_card(req, caller, role)
+        card = self._operator_card(req, caller, role, by_id=True)
         return self._op(req, rid, at_us, L.OP_CARD_STATUS, card, caller, tier=req.status,
                         role=role)
 
     def replace_card_op(self, req: pb.ReplaceCardRequest, caller: Caller) -> PendingOp:
         """A new card for an old one (rule 16): an operator of the till's store, cashier or
-        above, with the old card (by number: it is lost) and the new one (swiped at the desk, or
-        by number); the new card's PIN, if the member gives one, under the new card's KSN. The
+        above, with the old card (by number, or by its id as FindCards found it: it is lost) and
+        the new one (swiped at the desk, or by number); the new card's PIN, if the member gives one, under the new card's KSN. The
         writer checks both cards, the role and the scope."""
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
         if not req.HasField("new_card"):
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
-        old = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER)
+        old = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER, by_id=True)
         new = self.swipes.card(req.new_card, req.till, caller)
         if new.card_id == old.card_id:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")

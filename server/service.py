@@ -21,6 +21,7 @@ from cardcore import layout as L
 from cardcore.ext import wire
 from cardcore.keyring import Keyring
 from cardcore.ledger import HISTORY_PAGE_MAX, Ledger, Outcome, PendingOp
+from cardcore.lookup import MemberIndex, lookup_key
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
@@ -30,7 +31,8 @@ from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
 from .errors import CODE_NUMBER, Invalid, abort, failure
-from .operations import MALFORMED, REQUEST_ID_RE, Operations, basket, request_id_bytes
+from .operations import (MALFORMED, NAME_LEN_MAX, PHONE_QUERY_LEN_MAX, REQUEST_ID_RE, Operations,
+                         basket, request_id_bytes)
 from .writer import Overloaded, Stopped, Writer
 
 log = logging.getLogger("cardcore.service")
@@ -303,7 +305,8 @@ class CardService(pb_grpc.CardServiceServicer):
             "SetPin", "ResetPin", "Quote", "IssueCoupon", "SellPackage", "UseEntitlement",
             "CheckEntitlement", "ExchangePoints", "RedeemGift", "Refund", "Reverse",
             "ListTransactions", "SetCardStatus", "Authorize", "Capture", "VoidHold",
-            "ReplaceCard")}
+            "ReplaceCard", "FindCards")}
+        self._members = MemberIndex(lookup_key(keyring.index_key))
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
@@ -485,6 +488,52 @@ class CardService(pb_grpc.CardServiceServicer):
     async def VoidHold(self, request, context):
         return await self._unary("VoidHold", self.operations.void_hold_op, request, context)
 
+    # ---- member lookup (rule 17) ---------------------------------------------------
+
+    def _member_query(self, request: pb.FindCardsRequest, caller: Caller) -> bytes:
+        """The index prefix a FindCards asks for, once the caller may ask: an operator, cashier
+        or above, of the till's store, or development mode; never a terminal (a member's cards
+        are the back office's to find). The phone or name goes no further than this."""
+        if caller.bad_token:
+            raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        if caller.cert_terminal_id is not None:
+            raise Invalid(R.REASON_PERMISSION_DENIED, "authorization")
+        operator = caller.operator
+        if operator is None:
+            if self.access.tls:
+                raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
+        elif not operator.may(ROLE.OPERATOR_ROLE_CASHIER, request.till.store_id):
+            raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        kind = request.WhichOneof("query")
+        prefix = None
+        if kind == "phone" and len(request.phone) <= PHONE_QUERY_LEN_MAX:
+            prefix = self._members.phone_prefix(request.phone)
+        elif kind == "name" and len(request.name) <= NAME_LEN_MAX:
+            prefix = self._members.name_prefix(request.name)
+        if prefix is None:
+            raise Invalid(R.REASON_LOOKUP_QUERY_INVALID, kind or "query")
+        return prefix
+
+    async def FindCards(self, request, context):
+        started = time.perf_counter()
+        caller = self.access.caller(context)
+        prefix = await self._parse(self._member_query, request, context, caller)
+        found, more = self.ledger.find_members(prefix)
+        program = self.ledger.program
+        answer = pb.FindCardsResponse(more=more)
+        for card_id, rec, profile in found:
+            tier = rec[2]
+            answer.cards.add(card_id=card_id, masked_number=profile.get("masked", ""),
+                             status=rec[1], tier=tier,
+                             tier_name=program.tiers[tier].name if tier < len(program.tiers) else "",
+                             opened_at_us=rec[11], home_store_id=rec[12])
+        # Who looked members up, and how much they found: never what they asked.
+        log.info("member lookup by %s: %d cards%s", "operator %d" % caller.operator.operator_id
+                 if caller.operator is not None else "a development caller", len(found),
+                 " and more" if more else "")
+        self._call_seconds["FindCards"].observe(time.perf_counter() - started)
+        return answer
+
     async def SetCardStatus(self, request, context):
         return await self._unary("SetCardStatus", self.operations.set_card_status_op, request,
                                  context)
@@ -531,9 +580,11 @@ class CardService(pb_grpc.CardServiceServicer):
     # ---- inquiries --------------------------------------------------------------
 
     def _inquiry(self, request: pb.GetCardRequest, caller: Caller) -> tuple:
-        """(card, view, PIN inquiry or None): who asks decides what the answer shows."""
+        """(card, view, PIN inquiry or None): who asks decides what the answer shows. An
+        operator may name the card by its id (FindCards, rule 17)."""
         card = self.operations.swipes.card(
-            request.card, request.till if request.HasField("till") else None, caller)
+            request.card, request.till if request.HasField("till") else None, caller,
+            by_id=True)
         if not card.ksn_counter:   # a clear number: an operator in scope, or development mode
             return card, pb.CARD_VIEW_FULL, None
         operator = caller.operator

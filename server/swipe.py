@@ -1,7 +1,9 @@
 """The swipe: who names which card, and the per-swipe crypto that proves it.
 
 Resolves a request's ``CardRef`` into a card id: a clear number from an
-operator (or anyone in development mode), or a terminal's encrypted card data
+operator (or anyone in development mode), a card id an operator found by the
+member's phone or name (rule 17; only where the call takes one), or a
+terminal's encrypted card data
 opened under the DUKPT data key its KSN names, after the terminal's admission
 into its budget. Deciphers PIN blocks under the same KSN into the stored-form
 check value. Nothing here writes; the writer checks the KSN again against the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from cardcore import cards
+from cardcore import layout as L
 from cardcore import pin as pinlib
 from cardcore.carddata import CardDataError, decrypt_card_data
 from cardcore.dukpt import Ksn, KeyUsage
@@ -27,8 +30,8 @@ R = cpb.Reason
 
 @dataclasses.dataclass(slots=True, repr=False)
 class CardAccess:
-    """A request's card, resolved: its id and number, and for a terminal its swipe keys.
-    No repr: it holds a clear card number and a PIN key."""
+    """A request's card, resolved: its id and number ("" when named by its id), and for a
+    terminal its swipe keys. No repr: it holds a clear card number and a PIN key."""
     card_id: bytes
     number: str
     pin_key: bytes | None = None   # this transaction's DUKPT PIN key (terminal swipes)
@@ -53,25 +56,34 @@ class Swipes:
             raise Invalid(R.REASON_INVALID_CARD_NUMBER, field)
 
     def card(self, ref: cpb.CardRef, till: cpb.Till | None, caller: Caller,
-             role: int = ROLE.OPERATOR_ROLE_CASHIER) -> CardAccess:
+             role: int = ROLE.OPERATOR_ROLE_CASHIER, by_id: bool = False) -> CardAccess:
         """Resolve the card and check that this caller may name it this way.
 
-        Clear numbers come from operators (``role`` or above, the till's store
-        in scope; no till is store 0) or, without TLS, from anyone; terminals
-        always encrypt (an inquiry may leave out the till: the KSN names it).
+        Clear numbers and card ids come from operators (``role`` or above, the
+        till's store in scope; no till is store 0) or, without TLS, from anyone;
+        terminals always encrypt (an inquiry may leave out the till: the KSN
+        names it). A card id only where the call takes one (``by_id``): it has
+        no number, so nothing that needs the number (a PIN block, a seal) can
+        follow.
         """
         if caller.bad_token:
             raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
-        if ref.WhichOneof("ref") == "secure":
+        kind = ref.WhichOneof("ref")
+        if kind == "secure":
             return self._secure_card(ref.secure, till, caller)
+        field = "card.card_id" if kind == "card_id" else "card.card_number"
         if caller.cert_terminal_id is not None:
-            raise Invalid(R.REASON_CLEAR_CARD_REFUSED, "card.card_number")
+            raise Invalid(R.REASON_CLEAR_CARD_REFUSED, field)
+        if kind == "card_id" and (not by_id or len(ref.card_id) != L.CARD_ID_SIZE):
+            raise Invalid(R.REASON_CARD_ID_NOT_ACCEPTED, field)
         operator = caller.operator
         if operator is None:
             if self.access.tls:
                 raise Invalid(R.REASON_UNAUTHENTICATED, "authorization")
         elif not operator.may(role, till.store_id if till is not None else 0):
             raise Invalid(R.REASON_PERMISSION_DENIED, "till.store_id")
+        if kind == "card_id":
+            return CardAccess(ref.card_id, "")
         number = ref.card_number
         self.number_ok(number, "card.card_number")
         return CardAccess(self._index.card_id(number), number)

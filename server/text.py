@@ -110,6 +110,17 @@ def card_number_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def card_id_arg(text: str) -> bytes:
+    """A card id as find-card prints it: 32 hex digits (16 bytes)."""
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 16:
+        raise argparse.ArgumentTypeError("a card id is 32 hex digits, as find-card prints it")
+    return value
+
+
 _SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
 
 

@@ -366,3 +366,33 @@ def test_swipes_racing_a_replacement_over_grpc_lose_nothing(server):
     assert gone.status == cpb.CARD_STATUS_REPLACED and gone.balance.principal_minor == 0
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]
+
+
+def test_a_card_lost_and_replaced_from_the_members_phone_without_its_number(server):
+    """The whole desk flow: the member calls, the operator finds the card by phone, reports it
+    lost and replaces it by its id (no number at hand); the new card is found by the same
+    phone, the old one shows as replaced."""
+    client, stub = Client(server.stub), server.stub
+    admin = bearer(server.admin_token)
+    old, new = new_card_number(), new_card_number()
+    till = cpb.Till(store_id=1, terminal_id=1)
+    client.open(old, name="Han Meimei", phone="+86 139-0000-1111")
+    client.top_up(old, 7000)
+    (found,) = stub.FindCards(pb.FindCardsRequest(phone="13900001111", till=till),
+                              metadata=admin).cards
+    lost = stub.SetCardStatus(pb.SetCardStatusRequest(
+        request_id="lost-1", client_time_us=sent_at("lost-1"), card=cpb.CardRef(card_id=found.card_id),
+        status=cpb.CARD_STATUS_LOST, till=till), metadata=admin)
+    assert lost.status_after == cpb.CARD_STATUS_LOST
+    result = stub.ReplaceCard(pb.ReplaceCardRequest(
+        request_id="repl-1", client_time_us=sent_at("repl-1"),
+        card=cpb.CardRef(card_id=found.card_id), new_card=cpb.CardRef(card_number=new),
+        till=till), metadata=admin)
+    assert result.balance_after.principal_minor == 7000
+    cards = stub.FindCards(pb.FindCardsRequest(phone="13900001111", till=till),
+                           metadata=admin).cards
+    assert sorted((c.masked_number, c.status) for c in cards) == sorted([
+        (found.masked_number, cpb.CARD_STATUS_REPLACED),
+        (new[:6] + "*" * (len(new) - 10) + new[-4:], cpb.CARD_STATUS_ACTIVE)])
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
