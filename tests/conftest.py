@@ -259,6 +259,15 @@ class Admin:
             metadata=self.metadata).token
 
 
+def operator_cli(server: "ServerProcess", *args: str) -> tuple[int, str]:
+    """``cardcore ARGS --target SERVER`` as the bootstrap admin (CARDCORE_TOKEN): (exit code,
+    stdout + stderr)."""
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
+    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
+                          server.target], capture_output=True, text=True, timeout=60, env=env)
+    return out.returncode, out.stdout + out.stderr
+
+
 def bearer(token: str) -> tuple:
     return (("authorization", f"Bearer {token}"),)
 

@@ -10,7 +10,7 @@ from cardcore import layout as L
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from cardcore.ledger import Ledger
-from conftest import Client, failure_of, new_card_number, verify
+from conftest import Client, failure_of, new_card_number, operator_cli, verify
 from test_card_programs import CAFE_FOOD, cafe_ledger, line
 from test_ledger import cid
 from test_refunds import a_sale, seq_of
@@ -109,16 +109,8 @@ def test_history_and_receipts_over_grpc(cafe):
 
 def test_the_cli_refunds_reverses_changes_status_and_lists_history(server):
     """`cardcore refund`, `reverse`, `card-status` and `history`, as an operator uses them."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
-
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
-                              server.target], capture_output=True, text=True, timeout=60, env=env)
-        return out.returncode, out.stdout + out.stderr
+        return operator_cli(server, *args)
 
     number = new_card_number()
     assert cli("open-card", number)[0] == 0

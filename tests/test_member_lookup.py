@@ -4,8 +4,6 @@ real server, its real LMDB, and ``cardcore verify``."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import grpc
 import lmdb
@@ -19,7 +17,8 @@ from cardcore.rules import normalise_name, normalise_phone
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Admin, Client, bearer, failure_of, new_card_number, rid, sent_at, verify
+from conftest import (Admin, Client, bearer, failure_of, new_card_number, operator_cli, rid, sent_at,
+                      verify)
 from test_security import PIN, tls_channel
 
 R = cpb.Reason
@@ -362,12 +361,8 @@ def test_a_writer_without_the_lookup_key_leaves_the_index_to_be_rebuilt(start_se
 # ---- the command line --------------------------------------------------------------------------
 
 def test_the_cli_finds_a_card_and_reports_it_lost_by_its_id(server):
-    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
-
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
-                              server.target], capture_output=True, text=True, timeout=60, env=env)
-        return out.returncode, out.stdout + out.stderr
+        return operator_cli(server, *args)
 
     number = new_card_number()
     assert cli("open-card", number, "--name", "Sun Li", "--phone", "13812345678")[0] == 0

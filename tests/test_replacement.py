@@ -14,7 +14,8 @@ from cardcore.idempotency import PendingOp
 from cardcore.verify import verify as verify_ledger
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Admin, Client, bearer, failure_of, new_card_number, sent_at, verify
+from conftest import (Admin, Client, bearer, failure_of, new_card_number, operator_cli, sent_at,
+                      verify)
 from test_card_life import reach, set_status, status_of
 from test_card_programs import CAFE_DRINKS, CAFE_FOOD, Till, cafe_ledger, example, figures, line, lots_of
 from test_ledger import cid, key
@@ -306,17 +307,8 @@ def test_replace_card_over_grpc(server):
 
 def test_the_cli_replaces_a_card(server):
     """`cardcore replace-card`, as an operator at the service desk uses it."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
-
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
-                              server.target, "--store", "1"], capture_output=True, text=True,
-                             timeout=60, env=env)
-        return out.returncode, out.stdout + out.stderr
+        return operator_cli(server, *args, "--store", "1")
 
     old, new = new_card_number(), new_card_number()
     assert cli("open-card", old)[0] == 0
