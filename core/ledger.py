@@ -74,6 +74,7 @@ from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, P
                                   pack_request_keys, record, repeat, unpack_request_keys,
                                   replay)
 from cardcore.lookup import MemberIndex
+from cardcore.profiles import ProfileBox, ProfileError, masked_of
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
 from cardcore.rules import Program, available_minor, review_due
 
@@ -110,6 +111,9 @@ META_BIRTHS = b"birth_months"  # set once card records hold the members' birth m
 # Set while the member index names every profile's phone and name (rule 17); a writer without
 # the lookup key that stores a profile clears it, and the next one with the key fills it again.
 META_MEMBERS = b"member_index"
+# Set while every stored profile is sealed (cardcore.profiles); a writer without the profile key
+# that stores a profile clears it.
+META_PROFILES_SEALED = b"profiles_sealed"
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
@@ -214,11 +218,11 @@ def undo_record(entry: bytes) -> bytes:
     return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
-def profile_month(profile: bytes | None) -> int:
-    """The birth month (1..12) of a stored member profile's birthday; 0 when there is none or
-    it is not a YYYY-MM-DD date (a legacy profile is never a reason to stop)."""
+def profile_month(profile: dict) -> int:
+    """The birth month (1..12) of a member profile's birthday; 0 when there is none or it is
+    not a YYYY-MM-DD date (a legacy profile is never a reason to stop)."""
     try:
-        birthday = json.loads(profile).get("birthday", "") if profile else ""
+        birthday = str(profile.get("birthday", ""))
         month = int(birthday[5:7]) if len(birthday) == 10 else 0
     except (ValueError, AttributeError, TypeError):
         return 0
@@ -331,18 +335,22 @@ class Ledger:
     def __init__(self, path: str, *, initial_program: str | None = None, sync: bool = True,
                  map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
                  initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT,
-                 lookup_key: bytes | None = None) -> None:
+                 lookup_key: bytes | None = None, profile_key: bytes | None = None) -> None:
         """Open (or, writable, create) the ledger at ``path``. A new ledger stores
         ``initial_program`` (a TOML document; default: the default program) as version 1, and
         its request retention window (changed later through the writer: ``window_op``).
         ``lookup_key`` (``lookup.lookup_key``): the writer keeps the member index with it (the
         server's writer has it; tools and tests that write without it leave the index to be
-        filled again by the next writer that has it)."""
+        filled again by the next writer that has it). ``profile_key``
+        (``profiles.profile_key``): stored profiles are read with it (without it, of a sealed
+        profile only its masked number), and a writer that has it seals the ones stored before
+        profiles were sealed."""
         if initial_request_window_s < REQUEST_WINDOW_S_MIN:
             raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
         self.readonly = readonly
         self.member_index = MemberIndex(lookup_key) if lookup_key is not None else None
+        self.profile_box = ProfileBox(profile_key)
         self._initial_window_s = initial_request_window_s
         self.request_window_us = initial_request_window_s * 1_000_000
         # Explicit options: durability (sync/metasync) is the point of the ledger;
@@ -366,6 +374,9 @@ class Ledger:
         if (not readonly and self.member_index is not None
                 and self._read(lambda txn: txn.get(META_MEMBERS, db=self.meta)) is None):
             self._fill_members()
+        if (not readonly and self.profile_box.keyed
+                and self._read(lambda txn: txn.get(META_PROFILES_SEALED, db=self.meta)) is None):
+            self._seal_profiles()
         if not readonly and self._read(lambda txn: txn.get(META_PROGRAM, db=self.meta)) is None:
             # a new ledger (or one whose creation stopped before its program was stored)
             self._initialise(DEFAULT_PROGRAM_TOML if initial_program is None else initial_program)
@@ -413,7 +424,7 @@ class Ledger:
         with self.env.begin(write=True) as txn:
             updates = []
             for card_id, raw in txn.cursor(db=self.profiles):
-                month = profile_month(raw)
+                month = profile_month(self._profile(card_id, raw))
                 rec = txn.get(card_id, db=self.cards) if month else None
                 if rec is not None and rec[_CARD_BIRTH_MONTH] == 0:
                     updates.append((card_id, b"".join((rec[:_CARD_BIRTH_MONTH], U32.pack(month),
@@ -423,12 +434,27 @@ class Ledger:
         if updates:
             log.info("birth months kept in %d card records, from their profiles", len(updates))
 
+    def _seal_profiles(self) -> None:
+        """Profiles stored before they were sealed (their JSON), sealed once (``cardcore.
+        profiles``), in one write transaction; a writer without the key leaves a mark unset, so
+        the next one with it seals what that one stored."""
+        box = self.profile_box
+        with self.env.begin(write=True) as txn:
+            sealed = [(cid, box.seal(cid, self._profile(cid, raw)))
+                      for cid, raw in txn.cursor(db=self.profiles) if not box.is_sealed(raw)]
+            txn.cursor(db=self.profiles).putmulti(sealed)
+            txn.put(META_PROFILES_SEALED, b"\x01", db=self.meta)
+        if sealed:
+            log.info("sealed %d member profiles stored before profiles were sealed", len(sealed))
+
     def _fill_members(self) -> None:
         """The member index (rule 17) rebuilt from every profile, in one write transaction: once
         for cards opened before it existed, and again after a writer without the lookup key
         stored profiles."""
         with self.env.begin(write=True) as txn:
-            items = self.member_index.items(txn.cursor(db=self.profiles))
+            items = self.member_index.items(
+                (card_id, self._profile(card_id, raw))
+                for card_id, raw in txn.cursor(db=self.profiles))
             txn.drop(self.members, delete=False)
             txn.cursor(db=self.members).putmulti(items)
             txn.put(META_MEMBERS, b"\x01", db=self.meta)
@@ -590,7 +616,16 @@ class Ledger:
         rec = L.CARD.unpack(raw)
         if rec[0] != L.CARD_VERSION:
             raise InvariantError(f"card record version {rec[0]} unknown")
-        return rec, (json.loads(profile) if profile else {})
+        return rec, self._profile(card_id, profile)
+
+    def _profile(self, card_id: bytes, raw: bytes | None) -> dict:
+        """A stored profile, opened (``cardcore.profiles``): a damaged one reads as empty, and
+        says so in the log, never stopping a read or a write."""
+        try:
+            return self.profile_box.open(card_id, raw)
+        except (ProfileError, ValueError):
+            log.error("card ...%s: its stored profile does not open", card_id.hex()[:8])
+            return {}
 
     def read_lineage(self, card_id: bytes) -> list[bytes]:
         """The cards ``card_id`` replaced (rule 16), the latest first."""
@@ -602,8 +637,7 @@ class Ledger:
             new_id = successor(txn, self, card_id)
             return txn.get(new_id, db=self.profiles) if new_id is not None else None
 
-        profile = self._read(read)
-        return json.loads(profile).get("masked", "") if profile else ""
+        return masked_of(self._read(read))
 
     def quote(self, op: PendingOp, ts_us: int, blind: bool = False) -> tuple[bytes, bytes, bytes]:
         """A dry run of operation ``op`` through the kernel, on copies of its card's records
@@ -835,7 +869,7 @@ class Ledger:
             return found, False
 
         found, more = self._read(read)
-        return [(card_id, L.CARD.unpack(raw), json.loads(profile) if profile else {})
+        return [(card_id, L.CARD.unpack(raw), self._profile(card_id, profile))
                 for card_id, raw, profile in found], more
 
     def backup(self, dest_dir: str) -> None:
@@ -1493,10 +1527,8 @@ class _Group:
             raise InvariantError("a replaced card's lots do not add up to its points")
         txn.put(SUCCESSOR + old_id, new_id, db=ledger.card_links)
         txn.put(PREDECESSOR + new_id, old_id, db=ledger.card_links)
-        profile = json.loads(txn.get(old_id, db=ledger.profiles) or b"{}")
-        profile.update(json.loads(op.profile or b"{}"))  # the new card's masked number
-        self.profile_items.append((new_id, json.dumps(profile, sort_keys=True,
-                                                      separators=(",", ":")).encode()))
+        if op.profile is not None:  # the old card's, with the new number's mask: sealed for
+            self.profile_items.append((new_id, op.profile))  # the new card by the request's maker
         if op.sealed is not None:
             self.sealed_items.append((new_id, op.sealed))
         self.admin.tier_cards()[tier] += 1
@@ -1628,8 +1660,11 @@ class _Group:
             txn.cursor(db=ledger.baskets).putmulti(self.basket_items)
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
+            if not all(ledger.profile_box.is_sealed(raw) for _, raw in self.profile_items):
+                txn.delete(META_PROFILES_SEALED, db=ledger.meta)  # a tool's or a test's
             if ledger.member_index is not None:  # rule 17: found by phone and name at once
-                txn.cursor(db=ledger.members).putmulti(ledger.member_index.items(self.profile_items))
+                txn.cursor(db=ledger.members).putmulti(ledger.member_index.items(
+                    (cid, ledger._profile(cid, raw)) for cid, raw in self.profile_items))
             else:
                 txn.delete(META_MEMBERS, db=ledger.meta)
         if self.sealed_items:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 
 from cardcore import layout as L
 from cardcore.cards import PreparedHmac
@@ -50,19 +49,15 @@ class MemberIndex(PreparedHmac):
         folded = normalise_name(name)
         return self.prefix(L.MEMBER_BY_NAME, folded) if folded else None
 
-    def keys(self, card_id: bytes, profile: bytes | None) -> list[bytes]:
-        """The index keys of a card's stored profile (JSON): none for a profile with neither a
-        usable phone nor a name, or one that does not parse (a legacy profile never stops a
-        write)."""
-        try:
-            doc = json.loads(profile) if profile else {}
-            phone, name = str(doc.get("phone") or ""), str(doc.get("name") or "")
-        except (ValueError, AttributeError, TypeError):
-            return []
+    def keys(self, card_id: bytes, profile: dict) -> list[bytes]:
+        """The index keys of a card's profile (opened: ``profiles.ProfileBox.open``): none for a
+        profile with neither a usable phone nor a name."""
+        phone, name = str(profile.get("phone") or ""), str(profile.get("name") or "")
         prefixes = (self.phone_prefix(phone), self.name_prefix(name))
         return [p + card_id for p in prefixes if p is not None]
 
     def items(self, profiles) -> list[tuple[bytes, bytes]]:
-        """The whole index of ``profiles`` ((card_id, profile) pairs), sorted, values empty."""
+        """The whole index of ``profiles`` ((card_id, opened profile) pairs), sorted, values
+        empty."""
         return sorted((key, b"") for card_id, profile in profiles
                       for key in self.keys(card_id, profile))

@@ -165,7 +165,10 @@ def _members(txn, ledger, index: MemberIndex | None, problem) -> str:
         return "not checked: no lookup key (give verify the keyring)"
     if ledger.members is None or txn.get(META_MEMBERS, db=ledger.meta) is None:
         return "not checked: not built yet (the server's writer builds it when it starts)"
-    expected = {k for k, _ in index.items(txn.cursor(db=ledger.profiles))}
+    if not ledger.profile_box.keyed:
+        return "not checked: no profile key (give verify the keyring)"
+    expected = {k for k, _ in index.items((cid, ledger._profile(cid, raw))
+                                          for cid, raw in txn.cursor(db=ledger.profiles))}
     stored = set(txn.cursor(db=ledger.members).iternext(values=False))
     if stored != expected:
         problem(f"the member index does not name exactly the profiles' phones and names: "
@@ -751,8 +754,12 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, problem) -> d
             problem(f"card ...{cid.hex()[:8]}: holds {held}, but its open holds add up to "
                     f"{held_of.get(cid, 0)}")
         if s is not None and s[7] == 0 and rec[13]:
-            # filled from the profile by the upgrade, and no entry since to carry it
-            if profile_month(txn.get(cid, db=ledger.profiles)) == rec[13]:
+            # filled from the profile by the upgrade, and no entry since to carry it (a sealed
+            # profile, without the keyring: taken as the record says, not checked)
+            raw_profile = txn.get(cid, db=ledger.profiles)
+            box = ledger.profile_box
+            if (not box.keyed and box.is_sealed(raw_profile)) or profile_month(
+                    ledger._profile(cid, raw_profile)) == rec[13]:
                 s[7] = rec[13]
         if s is None:
             problem(f"card ...{cid.hex()[:8]}: no journal entries")

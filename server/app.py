@@ -21,6 +21,7 @@ from cardcore.admin import window_op
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, PendingOp, request_key
 from cardcore.keyring import Keyring
 from cardcore.lookup import lookup_key
+from cardcore.profiles import profile_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
 from cardcore.program import ProgramError, checked_program_file
 from cardcore.v1 import admin_service_pb2 as apb
@@ -226,12 +227,14 @@ async def serve(cfg: ServerConfig) -> None:
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
                     reader_check_s=cfg.reader_check_s, on_fatal=fatal,
-                    lookup_key=lookup_key(keyring.index_key))
+                    lookup_key=lookup_key(keyring.index_key),
+                    profile_key=profile_key(keyring.index_key))
     writer.start()
     ledger = None
     health_servicer = health.aio.HealthServicer()
     try:
-        ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20)
+        ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
+                        profile_key=profile_key(keyring.index_key))
         if program_source is not None:
             await _load_program_file(ledger, writer, program_source, cfg.program_path)
         if ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000:

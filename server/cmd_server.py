@@ -38,12 +38,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _open_ledger(path: str):
+def _open_ledger(path: str, profile_key: bytes | None = None):
     """A ledger folder opened read-only (verify, backup and restore run beside a live server)."""
     from cardcore.ledger import Ledger, LedgerFormatError
 
     try:
-        return Ledger(path, sync=False, readonly=True)
+        return Ledger(path, sync=False, readonly=True, profile_key=profile_key)
     except LedgerFormatError as exc:
         raise SystemExit(f"cardcore: {exc}") from None
 
@@ -57,8 +57,13 @@ def _ledger_in(folder: str, missing: str) -> str | None:
     return None
 
 
-def _verify_at(path: str, lookup_key: bytes | None = None) -> dict:
-    ledger = _open_ledger(path)
+def _verify_at(path: str, index_key: bytes | None = None) -> dict:
+    """``index_key``: the keyring's, for the member index and the sealed profiles."""
+    from cardcore.lookup import lookup_key as member_key
+    from cardcore.profiles import profile_key
+
+    ledger = _open_ledger(path, profile_key(index_key) if index_key is not None else None)
+    lookup_key = member_key(index_key) if index_key is not None else None
     try:
         return ledger.verify(lookup_key=lookup_key)
     finally:
@@ -80,8 +85,6 @@ def _keyring(given: str | None, data_dir: str):
 
 
 def cmd_verify(args) -> int:
-    from cardcore.lookup import lookup_key
-
     path = _ledger_in(args.data_dir, "no ledger")
     if path is None:
         return 2
@@ -90,7 +93,7 @@ def cmd_verify(args) -> int:
     given = getattr(args, "keyring", None)
     found = given or os.path.exists(os.path.join(args.data_dir, "keyring.json"))
     ring = _keyring(given, args.data_dir) if found else None
-    report = _verify_at(path, lookup_key(ring.index_key) if ring is not None else None)
+    report = _verify_at(path, ring.index_key if ring is not None else None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

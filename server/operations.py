@@ -5,12 +5,12 @@ resolved by ``swipe``; what is packed is what the writer applies.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import json
 import logging
 import re
 
-from cardcore import cards
+from cardcore import cards, profiles
 from cardcore import layout as L
 from cardcore.idempotency import SCOPE_STORE, basket_tag, request_key
 from cardcore.keyring import Keyring
@@ -236,20 +236,27 @@ class Operations:
             new_check = swipes.pin_check(card, req.pin_block, "pin_block", new=True,
                                          birthday=p.birthday)
             pin_flags = L.NEW_PIN
-        profile = json.dumps({"masked": cards.mask(card.number), "name": p.name,
-                              "phone": p.phone, "birthday": p.birthday,
-                              "home_store_id": p.home_store_id},
-                             sort_keys=True, separators=(",", ":")).encode()
+        profile = {"masked": cards.mask(card.number), "name": p.name, "phone": p.phone,
+                   "birthday": p.birthday, "home_store_id": p.home_store_id}
         referrer = bytes(16)
         if req.referrer_card_number:
             referrer = swipes.referrer(req.referrer_card_number, caller)
             if referrer == card.card_id:
                 raise Invalid(R.REASON_INVALID_ARGUMENT, "referrer_card_number")
-        return self._op(req, rid, at_us, L.OP_OPEN, card, caller, pin_flags=pin_flags,
-                        new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
-                        profile=profile, sealed=self.keyring.seal(card.card_id, card.number),
-                        referrer_id=referrer,
-                        birth_month=int(p.birthday[5:7]) if p.birthday else 0)
+        op = self._op(req, rid, at_us, L.OP_OPEN, card, caller, pin_flags=pin_flags,
+                      new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
+                      profile=profiles.encode(profile),
+                      sealed=self.keyring.seal(card.card_id, card.number), referrer_id=referrer,
+                      birth_month=int(p.birthday[5:7]) if p.birthday else 0)
+        return self._sealed_profile(op, card.card_id, profile)
+
+    def _sealed_profile(self, op: PendingOp, card_id: bytes, profile: dict) -> PendingOp:
+        """``op`` storing ``profile`` sealed (``cardcore.profiles``): its digest stays the one of
+        the profile's JSON, so a retry (sealed with another nonce) is the same request."""
+        box = self.ledger.profile_box
+        if not box.keyed:  # a ledger opened without the keyring (tools): stored as JSON
+            return op
+        return dataclasses.replace(op, profile=box.seal(card_id, profile))
 
     def _money_op(self, req, caller: Caller, op_type: int, pin_flags: int, measure) -> PendingOp:
         """A top-up or purchase; ``measure(req)`` gives (amount, extra fields) and is checked
@@ -445,10 +452,16 @@ class Operations:
         # the op is the old card's; a swiped new card's KSN is the one the writer takes
         card = CardAccess(old.card_id, old.number, None, new.terminal_id or old.terminal_id,
                           new.ksn_counter or old.ksn_counter)
-        profile = json.dumps({"masked": cards.mask(new.number)}, separators=(",", ":")).encode()
-        return self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
-                        new_pin_check=new_check, referrer_id=new.card_id, profile=profile,
-                        sealed=self.keyring.seal(new.card_id, new.number))
+        masked = cards.mask(new.number)
+        op = self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
+                      new_pin_check=new_check, referrer_id=new.card_id,
+                      profile=profiles.encode({"masked": masked}),
+                      sealed=self.keyring.seal(new.card_id, new.number))
+        # the member's profile moves to the new card with its masked number (a profile is never
+        # changed after opening, so the one read here is the one the writer replaces)
+        found = self.ledger.read_card(old.card_id)
+        profile = dict(found[1] if found else {}, masked=masked)
+        return self._sealed_profile(op, new.card_id, profile)
 
     def reverse_op(self, req: pb.ReverseRequest, caller: Caller) -> PendingOp:
         """A request undone, or refused before it arrives (rule 13): named by its request_id in

@@ -1,0 +1,105 @@
+"""Member profiles at rest: the member's name, phone and birthday sealed, the masked card number
+in clear.
+
+A stored profile (LMDB ``profiles``, key: card id) is, since this format::
+
+    0   u8   2 (the format)
+    1   u8   n, the masked number's length (at most MASKED_LEN_MAX)
+    2   n    the masked card number, ASCII (first 6 and last 4 digits): receipts and GetCard show
+             it without a key
+    2+n 12   a random nonce
+    ... the profile's JSON (name, phone, birthday, home store, masked number) under
+        AES-256-GCM with the profile key, its 16-byte tag last; associated data: the format
+        byte, the card id and the masked number, so a sealed profile moved to another card, or
+        given another masked number, does not open
+
+Profiles stored before it are their JSON (a first byte ``{``): read as they are, and sealed by
+the first writer that has the key (``Ledger``). The profile key is derived from the keyring's
+index key, like the member lookup key: the index key is never rotated in place (every card id
+depends on it), so sealed profiles never need re-sealing, and a restored data folder opens with
+the keyring it already needs. It is sealed where the request is built (the gRPC process), so the
+bytes are part of the group the writer applies and every ledger that applies the same groups
+stores the same profile.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+PROFILE_KEY_LABEL = b"cardcore/v1 member profile key"
+FORMAT_SEALED = 2
+MASKED_LEN_MAX = 23  # 19 digits, and room to spare
+NONCE_SIZE = 12
+
+
+class ProfileError(Exception):
+    """A stored profile that does not open (tampered, or another card's): no detail."""
+
+
+def profile_key(index_key: bytes) -> bytes:
+    """The 32-byte AES key of the stored profiles, derived from the card index key (domain-
+    separated from the card ids and the member lookup digests)."""
+    return hmac.digest(index_key, PROFILE_KEY_LABEL, hashlib.sha256)
+
+
+def encode(doc: dict) -> bytes:
+    """A profile's JSON, canonical (sorted keys, no spaces): the same document, the same bytes."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def masked_of(raw: bytes | None) -> str:
+    """The masked card number of a stored profile, no key needed ("" when there is none)."""
+    if not raw:
+        return ""
+    if raw[0] == FORMAT_SEALED:
+        return raw[2:2 + raw[1]].decode("ascii")
+    try:
+        return str(json.loads(raw).get("masked", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+class ProfileBox:
+    """Seals and opens stored profiles with the profile key; without one (``key`` None: tools
+    without the keyring) it opens only legacy JSON, and of a sealed profile the masked number."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self._aead = AESGCM(key) if key is not None else None
+
+    @property
+    def keyed(self) -> bool:
+        return self._aead is not None
+
+    def seal(self, card_id: bytes, doc: dict) -> bytes:
+        assert self._aead is not None, "sealing needs the profile key"
+        masked = str(doc.get("masked", "")).encode("ascii")
+        if len(masked) > MASKED_LEN_MAX:
+            raise ValueError("masked number too long")
+        head = bytes((FORMAT_SEALED, len(masked))) + masked
+        nonce = os.urandom(NONCE_SIZE)
+        return head + nonce + self._aead.encrypt(nonce, encode(doc), head[:1] + card_id + masked)
+
+    def open(self, card_id: bytes, raw: bytes | None) -> dict:
+        """The profile as a dict ({} when there is none)."""
+        if not raw:
+            return {}
+        if raw[0] != FORMAT_SEALED:
+            doc = json.loads(raw)  # stored before profiles were sealed
+            return doc if isinstance(doc, dict) else {}
+        n = raw[1]
+        masked = raw[2:2 + n]
+        if self._aead is None:
+            return {"masked": masked.decode("ascii")}
+        nonce, sealed = raw[2 + n:2 + n + NONCE_SIZE], raw[2 + n + NONCE_SIZE:]
+        try:
+            return json.loads(self._aead.decrypt(nonce, sealed, raw[:1] + card_id + masked))
+        except InvalidTag:
+            raise ProfileError("a stored profile does not open") from None
+
+    def is_sealed(self, raw: bytes | None) -> bool:
+        return bool(raw) and raw[0] == FORMAT_SEALED
