@@ -413,7 +413,8 @@ VERSION_KEY = struct.Struct(">I")        # programs: version
 
 LINE = struct.Struct("<HHIqqqq24s")
 CARD_EXT = struct.Struct("<BB2sIq16H16HIIqq24s")
-PROGRAM_HEAD = struct.Struct("<IIqqqIIBBH4s64s16q16q")
+PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
+PROGRAM_VALID_MONTHS = struct.Struct("<H4x")  # PROGRAM_HEAD's 6 bytes at 42: card_valid_months
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
 COUPON = struct.Struct("<BBHIqqQQq16s")

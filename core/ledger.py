@@ -28,8 +28,10 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     holds         card_id | serial (u64)  -> a hold (64 B, layout.HOLD); serial = the sequence of
                                              its authorization entry
     holds_by_expiry expires_us | card_id | serial -> empty: the open holds, in release order
+    cards_by_expiry expires_us | card_id  -> empty: the cards that have an expiry and have not
+                                             expired, closed or been replaced (rule 14)
 
-The last twelve came with card programs, refunds and holds: a writer that opens a ledger made
+The last thirteen came with card programs, refunds and holds: a writer that opens a ledger made
 before them creates them (absent records read as zeros: nothing to migrate).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
@@ -67,7 +69,7 @@ from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, P
                                   pack_request_keys, record, repeat, unpack_request_keys,
                                   replay)
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
-from cardcore.rules import Program, available_minor, review_due
+from cardcore.rules import Program, available_minor, expired, review_due
 
 log = logging.getLogger("cardcore.ledger")
 
@@ -80,11 +82,11 @@ EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
-            "card_entries", "holds", "holds_by_expiry")
-# created on open when missing
+            "card_entries", "holds", "holds_by_expiry", "cards_by_expiry")
+# created on open when missing (cards_by_expiry: empty, as every card before it has no expiry)
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
-                            "holds", "holds_by_expiry"))
+                            "holds", "holds_by_expiry", "cards_by_expiry"))
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
 HISTORY_SCAN_MAX = 10_000     # index entries one page looks at, at most (filters that match few)
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
@@ -846,6 +848,7 @@ class _Group:
         self.lots = lots.Lots(_LmdbLots(txn, ledger))
         self._expire()  # before the group's operations: expired points are never spent
         self._release_holds()  # and expired holds hold nothing
+        self._expire_cards()  # and an expired card is stored expired before anything names it
         self._review()  # and they run at the tier the card's last period earned
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
@@ -999,6 +1002,39 @@ class _Group:
         if any(o.reason != L.R_OK for o in self._run_internal(due)):
             raise InvariantError("a hold's release was declined: the hold and its index disagree")
         self.expired += len(due)
+
+    def _expire_cards(self) -> None:
+        """Rule 14's expiry, first thing in a group after the holds' release: every card the
+        group's operations name whose expiry is at or before the group's time, then the oldest
+        others the expiry index names, up to CARD_EXPIRIES_MAX, each through a status change to
+        expired in the kernel (journaled, the server's, operator 0). The kernel judges an
+        operation on a card past its expiry as expired whatever the sweep did; the sweep keeps
+        the stored status, GetCard and the journal's story in step with it."""
+        index = self.ledger.cards_by_expiry
+        if index is None:
+            return
+        txn, ts = self.txn, self.ts
+        named = list(dict.fromkeys(op.card_id for op in self.ops if op.packed[0] in L.CARD_OPS))
+        due: dict[bytes, None] = {}
+        for cid, rec in txn.cursor(db=self.ledger.cards).getmulti(named):
+            expires_us = L.CARD_EXPIRES.unpack_from(rec, L.CARD_OFF_EXPIRES)[0]
+            if expired(expires_us, ts) and rec[1] in L.STATUSES_LIVE:
+                due[cid] = None
+        others = 0
+        for key, _ in txn.cursor(db=index):
+            expires_us, cid = L.CARD_EXPIRY_KEY.unpack(key)
+            if expires_us > ts or others == L.CARD_EXPIRIES_MAX:
+                break
+            if cid not in due:
+                due[cid] = None
+                others += 1
+        if not due:
+            return
+        changes = [PendingOp.build(b"", L.OP_CARD_STATUS, cid, tier=L.STATUS_EXPIRED,
+                                   caller=(L.CALLER_SYSTEM, 0)) for cid in due]
+        if any(o.reason != L.R_OK for o in self._run_internal(changes)):
+            raise InvariantError("a card's expiry was declined: the card and its index disagree")
+        self.expired += len(changes)
 
     def _resolve_undo(self, i: int, op: PendingOp, first_index: dict[bytes, int]) -> int:
         """What refund or reversal ``i`` undoes (rules 12 and 13), before it joins the run: the
@@ -1207,6 +1243,13 @@ class _Group:
         rec_view, ext_view = memoryview(records), memoryview(extras)
         cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
                         for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+        ended: list[bytes] = []  # rule 14: cards with an expiry the run expired, closed, replaced
+        for s in range(len(card_ids)):
+            if dirty[s] & DIRTY_CARD and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE:
+                expires_us = L.CARD_EXPIRES.unpack_from(records, s * L.CARD_SIZE
+                                                        + L.CARD_OFF_EXPIRES)[0]
+                if expires_us:
+                    ended.append(L.CARD_EXPIRY_KEY.pack(expires_us, card_ids[s]))
         if ext_ids:
             changed = [(card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
                        for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
@@ -1296,6 +1339,11 @@ class _Group:
                     referrals.append(PendingOp.build(b"", L.OP_REFERRAL_BONUS, referrer, points,
                                                      link_seq=seq, caller=(L.CALLER_SYSTEM, 0)))
                 admin.tier_cards()[tier] += 1
+                expires_us = L.CARD_EXPIRES.unpack_from(
+                    records, slots[k] * L.CARD_SIZE + L.CARD_OFF_EXPIRES)[0]
+                if expires_us:  # rule 14: in the expiry index until it expires or ends
+                    txn.put(L.CARD_EXPIRY_KEY.pack(expires_us, op.card_id), b"",
+                            db=ledger.cards_by_expiry)
                 if op.profile is not None:
                     self.profile_items.append((op.card_id, op.profile))
                 if op.sealed is not None:
@@ -1317,6 +1365,8 @@ class _Group:
         for db, key, value in self.item_items:
             txn.put(key, value, db=db)
         self.item_items.clear()
+        for key in ended:  # after the openings' keys: a card opened and closed in one run
+            txn.delete(key, db=ledger.cards_by_expiry)  # (a refund of an expired one: gone)
         for key in self.unindexed:  # holds closed in the run
             if not txn.delete(key, db=ledger.holds_by_expiry):
                 raise InvariantError("a hold closed that its expiry index did not name")

@@ -607,8 +607,8 @@ class CompiledProgram:
     def __init__(self, packed: bytes) -> None:
         (self.tier_count, self.pin_tries_max, self.points_unit, self.redeem_points,
          self.redeem_value, self.redeem_cap_bp, self.version, self.spend_order,
-         self.promotion_count, self.card_valid_months, _, flags,
-         *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+         self.promotion_count, months, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+        self.card_valid_months = L.PROGRAM_VALID_MONTHS.unpack(months)[0]
         self.category_flags = flags
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
         self.promotions = [

@@ -428,7 +428,8 @@ class Program:
         head = L.PROGRAM_HEAD.pack(
             len(self.tiers), self.pin_tries_max, self.points_unit_minor, self.redeem_points,
             self.redeem_value_minor, self.redeem_cap_bp, version, self.spend_order,
-            len(self.promotions), self.card_valid_months, bytes(4), bytes(flags), *spend, *top_up)
+            len(self.promotions), L.PROGRAM_VALID_MONTHS.pack(self.card_valid_months),
+            bytes(flags), *spend, *top_up)
         promos = b"".join(L.PROMOTION.pack(p.id, p.kind, p.per_card_limit, p.bonus_bp,
                                            p.min_top_up_minor, p.bonus_minor, p.max_bonus_minor,
                                            p.starts_us, p.ends_us, bytes(16))

@@ -112,6 +112,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_CAPTURE_EXCEEDS_HOLD: (C.FAILED_PRECONDITION, "the capture takes more than the hold "
                                     "holds"),
     R.REASON_HOLDS_OPEN: (C.FAILED_PRECONDITION, "the card has open holds: void them first"),
+    R.REASON_CARD_EXPIRED: (C.FAILED_PRECONDITION, "the card expired: it can be cancelled or "
+                            "replaced"),
+    R.REASON_CARD_NOT_ACTIVATED: (C.FAILED_PRECONDITION, "the card is not activated yet: an "
+                                  "operator activates it"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

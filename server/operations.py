@@ -246,7 +246,8 @@ class Operations:
                         new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
                         profile=profile, sealed=self.keyring.seal(card.card_id, card.number),
                         referrer_id=referrer,
-                        birth_month=int(p.birthday[5:7]) if p.birthday else 0)
+                        birth_month=int(p.birthday[5:7]) if p.birthday else 0,
+                        op_flags=L.ISSUE_ONLY if req.issue_only else 0)
 
     def _money_op(self, req, caller: Caller, op_type: int, pin_flags: int, measure) -> PendingOp:
         """A top-up or purchase; ``measure(req)`` gives (amount, extra fields) and is checked
