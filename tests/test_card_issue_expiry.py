@@ -398,3 +398,26 @@ def test_a_retried_open_with_another_issue_only_is_a_mismatch(gift_server):
         open_card(False)
     assert failure_of(err.value).reason == R.REASON_DUPLICATE_REQUEST_MISMATCH
     assert open_card(True).replayed
+
+
+def test_a_gift_card_from_the_command_line(gift_server):
+    """`cardcore open-card N --issue-only`, then `card` shows it issued with its expiry date;
+    a top-up is refused on one line naming the reason; `card-status N active` activates it."""
+    from test_cli_errors import _clean_env, cli, user_error
+
+    server = gift_server
+    env = _clean_env(CARDCORE_DATA_DIR=server.data_dir)  # its admin.token: the operator
+    number = new_card_number()
+    target = ("--target", server.target)
+    assert cli("open-card", number, "--issue-only", *target, env=env).returncode == 0
+    out = cli("card", number, *target, env=env)
+    rows = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
+    assert out.returncode == 0 and rows["status"] == "issued", out.stdout
+    expires = datetime.datetime.strptime(rows["expires"], "%Y-%m-%d %H:%M:%S UTC")
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    assert (expires.year * 12 + expires.month) - (today.year * 12 + today.month) == 12
+    user_error(cli("top-up", number, "100", *target, env=env), 1, "FAILED_PRECONDITION",
+               "REASON_CARD_NOT_ACTIVATED", secrets=(number,))
+    out = cli("card-status", number, "active", *target, env=env)
+    assert out.returncode == 0 and "active" in out.stdout, out.stderr
+    assert cli("top-up", number, "100", *target, env=env).returncode == 0
