@@ -1014,6 +1014,9 @@ class _Group:
         if index is None:
             return
         txn, ts = self.txn, self.ts
+        first = txn.cursor(db=index)
+        if not first.first() or L.CARD_EXPIRY_KEY.unpack(first.key())[0] > ts:
+            return  # the index names every card still to expire: none is due (most groups)
         named = list(dict.fromkeys(op.card_id for op in self.ops if op.packed[0] in L.CARD_OPS))
         due: dict[bytes, None] = {}
         for cid, rec in txn.cursor(db=self.ledger.cards).getmulti(named):

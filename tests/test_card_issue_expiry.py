@@ -337,8 +337,9 @@ def gift_server(start_server, tmp_path):
 def test_a_gift_card_over_grpc_is_issued_then_activated_by_an_operator(gift_server):
     """OpenCard issue_only: GetCard shows it issued with its expiry (twelve months on); a
     top-up is refused (FAILED_PRECONDITION, CARD_NOT_ACTIVATED); asking for EXPIRED or
-    ISSUED is INVALID_ARGUMENT on the status field; freezing it is ILLEGAL_TRANSITION, "the
-    card is issued"; an operator activates it (30 points); then it is topped up."""
+    ISSUED is INVALID_ARGUMENT on the status field; freezing it or reporting it lost is
+    ILLEGAL_TRANSITION, "the card is issued"; an operator activates it (30 points); then it
+    is topped up. Another issued card is cancelled (a stock card destroyed), paying nothing."""
     server = gift_server
     client = Client(server.stub)
     number = new_card_number()
@@ -372,10 +373,21 @@ def test_a_gift_card_over_grpc_is_issued_then_activated_by_an_operator(gift_serv
         change(cpb.CARD_STATUS_FROZEN)
     fail = failure_of(err.value)
     assert (fail.reason, fail.detail) == (R.REASON_ILLEGAL_TRANSITION, "the card is issued")
+    with pytest.raises(grpc.RpcError) as err:
+        change(cpb.CARD_STATUS_LOST)
+    assert failure_of(err.value).reason == R.REASON_ILLEGAL_TRANSITION
     activated = change(cpb.CARD_STATUS_ACTIVE)
     assert (activated.status_after, activated.points_earned) == (cpb.CARD_STATUS_ACTIVE, 30)
     assert client.top_up(number, 5000).balance_after.principal_minor == 5000
     assert client.card(number).status == cpb.CARD_STATUS_ACTIVE
+    number = new_card_number()  # a stock card destroyed: issued -> closed, nothing paid back
+    request_id = f"stock-{number}"
+    server.stub.OpenCard(pb.OpenCardRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), issue_only=True,
+        till=cpb.Till(store_id=1, terminal_id=1)))
+    closed = change(cpb.CARD_STATUS_CLOSED)  # (change names the card ``number`` is now)
+    assert (closed.status_after, closed.amount_minor) == (cpb.CARD_STATUS_CLOSED, 0)
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]
 
