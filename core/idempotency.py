@@ -120,7 +120,8 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "caller_id": "the request key's namespace",
     "pin_check": "the PIN entered: a re-send with another PIN must get the original answer, or "
                  "the answer would tell a right guess from a wrong one",
-    "op_flags": "in a purchase's extra payload when set (see purchase_extra)",
+    "op_flags": "in a purchase's or an open's extra payload when set (see purchase_extra, "
+                "open_extra)",
     "birth_month": "derived from the profile's birthday, which an open's digest covers",
     "referrer_id": "in an open's extra payload when set (see open_extra), so an open without "
                    "one has the digest the release before card programs gave it",
@@ -193,12 +194,15 @@ def purchase_extra(lines: bytes, redeem_points: int, op_flags: int = 0) -> bytes
     return extra + (b"\x00flags:" + bytes([op_flags]) if op_flags else b"")
 
 
-def open_extra(profile: bytes | None, referrer_id: bytes) -> bytes | None:
-    """What an open adds to its digest: its profile, and the referrer when there is one (after a
-    NUL, which a JSON profile never holds)."""
-    if referrer_id == NO_REFERRER:
+def open_extra(profile: bytes | None, referrer_id: bytes, op_flags: int = 0) -> bytes | None:
+    """What an open adds to its digest: its profile, the referrer when there is one and its
+    flags when set (issued, not active: rule 14), each after a NUL, which a JSON profile never
+    holds; an open without either has the digest the releases before them gave it."""
+    if referrer_id == NO_REFERRER and not op_flags:
         return profile
-    return b"".join((profile or b"", b"\x00referrer:", referrer_id))
+    return b"".join((profile or b"", b"\x00referrer:" + referrer_id
+                     if referrer_id != NO_REFERRER else b"",
+                     b"\x00flags:" + bytes([op_flags]) if op_flags else b""))
 
 
 def basket_tag(caller_kind: int, caller_id: int, basket_id: bytes) -> int:
@@ -265,9 +269,11 @@ class PendingOp:
                            pin_check, new_pin_check, caller_id, birth_month, link_seq, ref_id,
                            basket_tag, len(lines) // L.LINE_SIZE, bytes((op_flags, 0, 0, 0, 0, 0)),
                            redeem_points, referrer_id)
-        digest = payload_digest(packed, purchase_extra(lines, redeem_points, op_flags)
-                                or open_extra(profile, referrer_id) or original_key) if key \
-            else bytes(16)
+        if op == L.OP_OPEN or op == L.OP_CARD_REPLACED:  # a replacement: the new card, as referrer
+            extra = open_extra(profile, referrer_id, op_flags) or original_key
+        else:
+            extra = purchase_extra(lines, redeem_points, op_flags) or original_key
+        digest = payload_digest(packed, extra) if key else bytes(16)
         return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, original_key,
                    need_role, scope, scope_store_id, lines)
 

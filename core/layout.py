@@ -9,7 +9,8 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
 
     off size field                 meaning
       0  u8  version               1; 0 marks an empty slot (no such card)
-      1  u8  status                CardStatus: 1 active, 2 frozen, 3 lost, 4 closed, 5 replaced
+      1  u8  status                CardStatus: 1 active, 2 frozen, 3 lost, 4 closed, 5 replaced,
+                                   6 issued (not yet activated), 7 expired (rule 14)
       2  u8  tier                  index into the program's tiers
       3  u8  pin_tries             consecutive wrong PINs since the last right one or reset
       4  u32 flags                 bit 0 PIN set, bit 1 PIN locked
@@ -24,7 +25,10 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
      64  u32 home_store_id
      68  u32 birth_month           1..12 from the member's birthday at opening; 0 unknown
      72  32B pin_check             PIN verification value (see ``pin``); zeros when no PIN
-    104  24B reserved              zeros
+    104  i64 expires_us            when the card expires (rule 14), fixed at its opening from the
+                                   program's card_valid_months, so a later program does not move
+                                   a printed date; 0 = never (and every card opened before)
+    112  16B reserved              zeros
 
 Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
 
@@ -141,7 +145,8 @@ writer runs::
                                    for amount_minor
     162  u8  op_flags              purchase: bit 0 ALLOW_PARTIAL (rule 6b: the card pays what it
                                    has, the till collects the rest); bit 1 CAPTURE (rule 15:
-                                   paid from the hold link_seq names, which it closes)
+                                   paid from the hold link_seq names, which it closes);
+                                   open: bit 2 ISSUE_ONLY (rule 14: opened issued, not active)
     163  5B  reserved
     168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
                                    coupon issue: the points it is bought with (0: given by an
@@ -251,6 +256,10 @@ the authorization entry that made it; a capture or a void names it in link_seq; 
 ``holds_by_expiry`` (key: u64 big-endian expires_us | card id | u64 big-endian serial; value
 empty) names exactly the open holds, in the order the server releases them.
 
+``cards_by_expiry`` (key: u64 big-endian expires_us | card id; value empty) names exactly the
+cards with an expiry that have not expired, closed or been replaced (rule 14), in the order the
+server expires them.
+
 Card history, LMDB ``card_entries`` (key: card id | u64 big-endian seq, one per journal entry
 of a card, written with it; value, 16 bytes: u8 op, 7 reserved, i64 ts_us): a card's entries
 newest first, filtered by type and time without reading the journal, in time independent of
@@ -302,7 +311,9 @@ ledger keeps documents, so the compiled form can change freely)::
      36  u32 program_version       >= 1, written into every journal entry
      40  u8  spend_order           0 principal first, 1 bonus first, 2 proportional
      41  u8  promotion_count       0..16
-     42  6B  reserved
+     42  u16 card_valid_months     a card expires this many calendar months after its opening
+                                   (rule 14); 0 = never
+     44  4B  reserved
      48  u8[64] category_flags     by code: bit 0 defined, bit 1 discountable
     112  i64[16] upgrade_spend_minor    by tier: lifetime paid that reaches it; 0 never
     240  i64[16] upgrade_top_up_minor   by tier: one top-up this large reaches it; 0 never
@@ -404,6 +415,7 @@ VERSION_KEY = struct.Struct(">I")        # programs: version
 LINE = struct.Struct("<HHIqqqq24s")
 CARD_EXT = struct.Struct("<BB2sIq16H16HIIqq24s")
 PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
+PROGRAM_VALID_MONTHS = struct.Struct("<H4x")  # PROGRAM_HEAD's 6 bytes at 42: card_valid_months
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
 COUPON = struct.Struct("<BBHIqqQQq16s")
@@ -442,6 +454,11 @@ JOURNAL_OFF_BIRTH_MONTH = 193
 JOURNAL_PURCHASE_FLAGS, JOURNAL_OFF_PURCHASE_FLAGS = struct.Struct("<H"), 198
 ALLOW_PARTIAL, PARTIAL_PAYMENT = 1, 1  # an operation's op_flags; an entry's purchase_flags
 CAPTURE = 2  # an operation's op_flags: a purchase paid from the hold its link_seq names
+ISSUE_ONLY = 4  # an opening's op_flags: the card is issued, not active (rule 14)
+CARD_EXPIRES, CARD_OFF_EXPIRES = struct.Struct("<q"), 104  # a card record's expires_us
+CARD_EXPIRY_KEY = struct.Struct(">Q16s")  # cards_by_expiry: expires_us, card id
+CARD_EXPIRIES_MAX = 1000  # cards one group expires at most besides its own (the rest: the next)
+CARD_VALID_MONTHS_MAX = 1200  # a card is valid at most 100 years
 UNDO_COMPLETE = 2  # an entry's purchase_flags: this refund or reversal leaves nothing to refund
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
@@ -562,9 +579,10 @@ OP_MAINTENANCE = 34  # prune expired request records (the writer's idle tick)
 CARD_PIN_SET, CARD_PIN_LOCKED = 1, 2
 PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8
 PIN_TRIES_MAX_LIMIT = 15
-# Card statuses: values of cardcore.v1.CardStatus.
+# Card statuses: values of cardcore.v1.CardStatus (5 REPLACED is the replacement's).
 STATUS_ACTIVE, STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED = 1, 2, 3, 4
 STATUS_REPLACED = 5
+STATUS_ISSUED, STATUS_EXPIRED = 6, 7
 # Reasons the kernel can produce: values of cardcore.v1.Reason.
 R_OK = 0
 R_CARD_NOT_FOUND = 8
@@ -595,12 +613,19 @@ R_ILLEGAL_TRANSITION = 85
 R_HOLD_NOT_FOUND, R_HOLD_CLOSED, R_HOLD_EXPIRED, R_CAPTURE_EXCEEDS_HOLD = 86, 87, 88, 89
 R_HOLDS_OPEN = 90
 R_CARD_REPLACED = 91
-# Rule 14: the card statuses each status can go to (CardStatus values).
-CARD_TRANSITIONS = {STATUS_ACTIVE: (STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED),
-                    STATUS_FROZEN: (STATUS_ACTIVE, STATUS_LOST, STATUS_CLOSED),
-                    STATUS_LOST: (STATUS_ACTIVE, STATUS_CLOSED),
+R_CARD_EXPIRED, R_CARD_NOT_ACTIVATED = 92, 93
+# Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
+# server's sweep, at or after the card's expiry; nothing but closing from a card past it.
+CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),
+                    STATUS_ACTIVE: (STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED, STATUS_EXPIRED),
+                    STATUS_FROZEN: (STATUS_ACTIVE, STATUS_LOST, STATUS_CLOSED, STATUS_EXPIRED),
+                    STATUS_LOST: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),
+                    STATUS_EXPIRED: (STATUS_CLOSED,),
                     STATUS_CLOSED: ()}
-REPLACEABLE = (STATUS_ACTIVE, STATUS_FROZEN, STATUS_LOST)  # rule 16: the statuses a card is replaced from
+# The statuses a card expires from (the others are ends: expired, closed, replaced).
+STATUSES_LIVE = frozenset((STATUS_ISSUED, STATUS_ACTIVE, STATUS_FROZEN, STATUS_LOST))
+# Rule 16: the statuses a card is replaced from (an expired card is renewed this way).
+REPLACEABLE = (STATUS_ACTIVE, STATUS_FROZEN, STATUS_LOST, STATUS_EXPIRED)
 R_KSN_REPLAYED, R_TERMINAL_UNKNOWN, R_TERMINAL_REVOKED = 27, 28, 29
 R_TERMINAL_EXISTS, R_TERMINAL_NOT_FOUND, R_OPERATOR_EXISTS, R_OPERATOR_NOT_FOUND = 36, 37, 38, 39
 

@@ -33,11 +33,13 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     members       kind | digest | card_id -> empty: the member lookup index (rule 17,
                                              layout.MEMBER_KEY): keyed digests of the
                                              profiles' phones and names, never them
+    cards_by_expiry expires_us | card_id  -> empty: the cards that have an expiry and have not
+                                             expired, closed or been replaced (rule 14)
 
-The last fourteen came with card programs, refunds, holds, replacement and member lookup: a
-writer that opens a ledger made before them creates them (absent records read as zeros: nothing
-to migrate; the member index is filled from the profiles once, by a writer that has the lookup
-key).
+The last fifteen came with card programs, refunds, holds, replacement, member lookup and card
+expiry: a writer that opens a ledger made before them creates them (absent records read as
+zeros: nothing to migrate; the member index is filled from the profiles once, by a writer that
+has the lookup key; every card before expiry has none).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -76,7 +78,7 @@ from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, P
 from cardcore.lookup import MemberIndex
 from cardcore.profiles import ProfileBox, ProfileError, masked_of
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
-from cardcore.rules import Program, available_minor, review_due
+from cardcore.rules import Program, available_minor, card_expiry_us, expired, review_due
 
 log = logging.getLogger("cardcore.ledger")
 
@@ -89,11 +91,13 @@ EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
-            "card_entries", "holds", "holds_by_expiry", "card_links", "members")
-# created on open when missing
+            "card_entries", "holds", "holds_by_expiry", "card_links", "members",
+            "cards_by_expiry")
+# created on open when missing (cards_by_expiry: empty, as every card before it has no expiry)
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
-                            "holds", "holds_by_expiry", "card_links", "members"))
+                            "holds", "holds_by_expiry", "card_links", "members",
+                            "cards_by_expiry"))
 SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
@@ -977,6 +981,7 @@ class _Group:
         self.lots = lots.Lots(_LmdbLots(txn, ledger))
         self._expire()  # before the group's operations: expired points are never spent
         self._release_holds()  # and expired holds hold nothing
+        self._expire_cards()  # and an expired card is stored expired before anything names it
         self._review()  # and they run at the tier the card's last period earned
         keys = [op.request_key for op in ops if op.request_key]
         known = dict(txn.cursor(db=ledger.requests).getmulti(keys)) if keys else {}
@@ -1133,6 +1138,42 @@ class _Group:
         if any(o.reason != L.R_OK for o in self._run_internal(due)):
             raise InvariantError("a hold's release was declined: the hold and its index disagree")
         self.expired += len(due)
+
+    def _expire_cards(self) -> None:
+        """Rule 14's expiry, first thing in a group after the holds' release: every card the
+        group's operations name whose expiry is at or before the group's time, then the oldest
+        others the expiry index names, up to CARD_EXPIRIES_MAX, each through a status change to
+        expired in the kernel (journaled, the server's, operator 0). The kernel judges an
+        operation on a card past its expiry as expired whatever the sweep did; the sweep keeps
+        the stored status, GetCard and the journal's story in step with it."""
+        index = self.ledger.cards_by_expiry
+        if index is None:
+            return
+        txn, ts = self.txn, self.ts
+        first = txn.cursor(db=index)
+        if not first.first() or L.CARD_EXPIRY_KEY.unpack(first.key())[0] > ts:
+            return  # the index names every card still to expire: none is due (most groups)
+        named = list(dict.fromkeys(op.card_id for op in self.ops if op.packed[0] in L.CARD_OPS))
+        due: dict[bytes, None] = {}
+        for cid, rec in txn.cursor(db=self.ledger.cards).getmulti(named):
+            expires_us = L.CARD_EXPIRES.unpack_from(rec, L.CARD_OFF_EXPIRES)[0]
+            if expired(expires_us, ts) and rec[1] in L.STATUSES_LIVE:
+                due[cid] = None
+        others = 0
+        for key, _ in txn.cursor(db=index):
+            expires_us, cid = L.CARD_EXPIRY_KEY.unpack(key)
+            if expires_us > ts or others == L.CARD_EXPIRIES_MAX:
+                break
+            if cid not in due:
+                due[cid] = None
+                others += 1
+        if not due:
+            return
+        changes = [PendingOp.build(b"", L.OP_CARD_STATUS, cid, tier=L.STATUS_EXPIRED,
+                                   caller=(L.CALLER_SYSTEM, 0)) for cid in due]
+        if any(o.reason != L.R_OK for o in self._run_internal(changes)):
+            raise InvariantError("a card's expiry was declined: the card and its index disagree")
+        self.expired += len(changes)
 
     def _resolve_undo(self, i: int, op: PendingOp, first_index: dict[bytes, int]) -> int:
         """What refund or reversal ``i`` undoes (rules 12 and 13), before it joins the run: the
@@ -1346,6 +1387,13 @@ class _Group:
         rec_view, ext_view = memoryview(records), memoryview(extras)
         cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
                         for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+        ended: list[bytes] = []  # rule 14: cards with an expiry the run expired, closed, replaced
+        for s in range(len(card_ids)):
+            if dirty[s] & DIRTY_CARD and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE:
+                expires_us = L.CARD_EXPIRES.unpack_from(records, s * L.CARD_SIZE
+                                                        + L.CARD_OFF_EXPIRES)[0]
+                if expires_us:
+                    ended.append(L.CARD_EXPIRY_KEY.pack(expires_us, card_ids[s]))
         if ext_ids:
             changed = [(card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
                        for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
@@ -1435,6 +1483,11 @@ class _Group:
                     referrals.append(PendingOp.build(b"", L.OP_REFERRAL_BONUS, referrer, points,
                                                      link_seq=seq, caller=(L.CALLER_SYSTEM, 0)))
                 admin.tier_cards()[tier] += 1
+                expires_us = L.CARD_EXPIRES.unpack_from(
+                    records, slots[k] * L.CARD_SIZE + L.CARD_OFF_EXPIRES)[0]
+                if expires_us:  # rule 14: in the expiry index until it expires or ends
+                    txn.put(L.CARD_EXPIRY_KEY.pack(expires_us, op.card_id), b"",
+                            db=ledger.cards_by_expiry)
                 if op.profile is not None:
                     self.profile_items.append((op.card_id, op.profile))
                 if op.sealed is not None:
@@ -1456,6 +1509,8 @@ class _Group:
         for db, key, value in self.item_items:
             txn.put(key, value, db=db)
         self.item_items.clear()
+        for key in ended:  # after the openings' keys: a card opened and closed in one run
+            txn.delete(key, db=ledger.cards_by_expiry)  # (a refund of an expired one: gone)
         for key in self.unindexed:  # holds closed in the run
             if not txn.delete(key, db=ledger.holds_by_expiry):
                 raise InvariantError("a hold closed that its expiry index did not name")
@@ -1501,9 +1556,18 @@ class _Group:
         txn.put(old_id, L.CARD.pack(version, L.STATUS_REPLACED, tier, tries, flags, 0, 0, 0, 0,
                                     lifetime_paid, out_seq, opened_us, home_store, birth_month,
                                     pin_check, reserved), db=ledger.cards)
+        # rule 14: the old card leaves the expiry index; the new one expires as a card opened now
+        old_expires = L.CARD_EXPIRES.unpack_from(reserved)[0]
+        if old_expires:
+            txn.delete(L.CARD_EXPIRY_KEY.pack(old_expires, old_id), db=ledger.cards_by_expiry)
+        program = self.admin.program
+        new_expires = card_expiry_us(ts, program.card_valid_months, program.utc_offset_minutes)
+        if new_expires:
+            txn.put(L.CARD_EXPIRY_KEY.pack(new_expires, new_id), b"", db=ledger.cards_by_expiry)
         txn.put(new_id, L.CARD.pack(version, L.STATUS_ACTIVE, tier, 0, new_flags, principal,
                                     bonus, points, 0, lifetime_paid, in_seq, opened_us,
-                                    home_store, birth_month, new_check, reserved),
+                                    home_store, birth_month, new_check,
+                                    L.CARD_EXPIRES.pack(new_expires) + reserved[8:]),
                 db=ledger.cards)
         head = L.OP.unpack(op.packed)
         money = principal + bonus

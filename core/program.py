@@ -24,7 +24,10 @@ them with comments; money in fen):
   ``tier_review_days`` (0, or 7..3660: tiers are reviewed, and can go down,
   every that many days from each card's opening; 365 for a yearly review; 0 =
   tiers never go down; ``rules`` rule 11); ``reversal_window_minutes`` (1..43200,
-  default 1440: how long after a request a terminal can reverse it; ``rules`` rule 13).
+  default 1440: how long after a request a terminal can reverse it; ``rules`` rule 13);
+  ``card_valid_months`` (0..1200, default 0 = never: a card opened under the program expires
+  that many calendar months after its opening day, a date fixed in the card at its opening;
+  ``rules`` rule 14).
 - ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
   many points become that much bonus money). No table: no exchange.
 - ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
@@ -175,6 +178,7 @@ _TOP_KEYS = (
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
     _Key("tier_review_days", "integer", 0, TIER_REVIEW_DAYS_MAX),
     _Key("reversal_window_minutes", "integer", 1, REVERSAL_WINDOW_MINUTES_MAX),
+    _Key("card_valid_months", "integer", 0, layout.CARD_VALID_MONTHS_MAX),
     _Key("activation_points", "integer", 0, _I64),
     _Key("referral_points", "integer", 0, _I64),
     _Key("birthday_points_bp", "integer", 0, BIRTHDAY_BP_MAX),

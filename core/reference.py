@@ -12,7 +12,7 @@ import struct
 
 from cardcore import layout as L
 from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, available_minor,
-                            month_of, paid_minor,
+                            card_expiry_us, expired, month_of, paid_minor,
                             points_earned, redemption, review_due, review_start, spend,
                             undo_money, undo_share)
 
@@ -82,6 +82,10 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         card.check()
         ext = CardState(L.CARD_EXT.unpack_from(extras, roff))
         ext.check()
+        # rule 14: at or after its expiry a card is expired, whatever its stored status says
+        lapsed = expired(card.expires_us, ts_us)
+        status_now = (L.STATUS_EXPIRED if lapsed and card.status in L.STATUSES_LIVE
+                      else card.status)
         undo = None
         if op in (L.OP_REFUND, L.OP_REVERSAL):
             undo = list(L.UNDO.unpack_from(items, cslot * L.COUPON_SIZE))
@@ -127,7 +131,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
                 or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)
                 or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id or redeem
-                                                or op_flags[0] & L.ALLOW_PARTIAL)):
+                                                or op_flags[0] & L.ALLOW_PARTIAL)
+                or op_flags[0] & L.ISSUE_ONLY and op != L.OP_OPEN):
             reason = L.R_INVALID_ARGUMENT
         elif op == L.OP_OPEN:
             if birth_month > 12:
@@ -137,10 +142,14 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             elif tier >= prog.tier_count:
                 reason = L.R_INVALID_TIER
             else:
-                card = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
-                              home_store, birth_month, bytes(32), bytes(24)))
+                issued = bool(op_flags[0] & L.ISSUE_ONLY)
+                card = Card((L.CARD_VERSION, L.STATUS_ISSUED if issued else L.STATUS_ACTIVE,
+                             tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us, home_store, birth_month,
+                             bytes(32), bytes(24)))
+                card.expires_us = card_expiry_us(ts_us, prog.card_valid_months, prog.utc_offset)
                 tier_before = tier
-                d_points = prog.activation_points
+                if not issued:  # an issued card's come with its activation
+                    d_points = prog.activation_points
                 if pin_flags & L.NEW_PIN:
                     set_pin()
                 if prog.review_days:  # rule 11: tracked from its opening day
@@ -154,18 +163,28 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_CARD_REPLACED  # rule 16: the number is dead
             else:
                 set_pin()
-        elif op == L.OP_CARD_STATUS:  # rule 14: an operator's change of the card's life
+        elif op == L.OP_CARD_STATUS:  # rule 14: an operator's change of the card's life, or expiry
+            activating = card.status == L.STATUS_ISSUED and tier == L.STATUS_ACTIVE
             if amount or ref_id:
                 reason = L.R_INVALID_ARGUMENT
+            elif tier == L.STATUS_EXPIRED:  # the server's, at or after the card's expiry only
+                if not (lapsed and card.status in L.STATUSES_LIVE):
+                    reason = L.R_ILLEGAL_TRANSITION
             elif tier not in L.CARD_TRANSITIONS.get(card.status, ()):
                 reason = L.R_ILLEGAL_TRANSITION
+            elif status_now == L.STATUS_EXPIRED and tier != L.STATUS_CLOSED:
+                reason = L.R_CARD_EXPIRED  # past its expiry: closed (or replaced), nothing else
             elif tier == L.STATUS_CLOSED and card.held:
                 reason = L.R_HOLDS_OPEN  # rule 15: the holds are voided first
-            else:
+            elif activating and card.points + prog.activation_points > L.INT64_MAX:
+                reason = L.R_AMOUNT_OVERFLOW
+            if reason == L.R_OK:
                 entry_ref = card.status  # the status it left
                 if tier == L.STATUS_CLOSED:  # the principal paid back, the rest forfeited
                     amount = card.principal
                     d_principal, d_bonus, d_points = -card.principal, -card.bonus, -card.points
+                elif activating:
+                    d_points = prog.activation_points
                 card.status = tier
         elif op == L.OP_REVERSAL:  # whatever the card's status: it undoes what was done
             (version, flags, original, tier0, tier1, item_id, refunded, paid, principal, bonus,
@@ -229,9 +248,10 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 if reason == L.R_OK:
                     amount = hold[4]
                     d_held = -amount
-        elif card.status != L.STATUS_ACTIVE:
-            reason = (L.R_CARD_REPLACED if card.status == L.STATUS_REPLACED
-                      else L.R_CARD_NOT_ACTIVE)
+        elif status_now != L.STATUS_ACTIVE and not (status_now == L.STATUS_EXPIRED
+                                                    and op == L.OP_REFUND):
+            reason = {L.STATUS_REPLACED: L.R_CARD_REPLACED, L.STATUS_EXPIRED: L.R_CARD_EXPIRED,
+                      L.STATUS_ISSUED: L.R_CARD_NOT_ACTIVATED}.get(status_now, L.R_CARD_NOT_ACTIVE)
         elif op == L.OP_REFERRAL_BONUS:
             if amount <= 0:
                 reason = L.R_INVALID_AMOUNT
@@ -592,7 +612,8 @@ class CompiledProgram:
     def __init__(self, packed: bytes) -> None:
         (self.tier_count, self.pin_tries_max, self.points_unit, self.redeem_points,
          self.redeem_value, self.redeem_cap_bp, self.version, self.spend_order,
-         self.promotion_count, _, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+         self.promotion_count, months, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+        self.card_valid_months = L.PROGRAM_VALID_MONTHS.unpack(months)[0]
         self.category_flags = flags
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
         self.promotions = [
@@ -624,7 +645,8 @@ class CompiledProgram:
                 and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
                 and self.promotion_count <= L.MAX_PROMOTIONS and self.redeem_points >= 0
                 and (self.redeem_points == 0 or self.redeem_value > 0)
-                and self.redeem_cap_bp <= 10000 and self.spend_order <= L.SPEND_PROPORTIONAL):
+                and self.redeem_cap_bp <= 10000 and self.spend_order <= L.SPEND_PROPORTIONAL
+                and self.card_valid_months <= L.CARD_VALID_MONTHS_MAX):
             raise ValueError("program out of range")
         for t in range(self.tier_count):  # the kernel's checks, in the same terms
             for c in range(L.MAX_CATEGORIES):
@@ -824,10 +846,21 @@ class Card:
     def fields(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
 
+    @property
+    def expires_us(self) -> int:
+        """Rule 14: the card's expiry (bytes 104..111 of the record, the first of reserved1)."""
+        return L.CARD_EXPIRES.unpack_from(self.reserved1)[0]
+
+    @expires_us.setter
+    def expires_us(self, value: int) -> None:
+        self.reserved1 = L.CARD_EXPIRES.pack(value) + self.reserved1[L.CARD_EXPIRES.size:]
+
     def check(self) -> None:
         """Invariants of a card record, checked after every read and before every write."""
         if self.version == 0:
             return
+        if self.expires_us < 0 or self.status not in (*L.CARD_TRANSITIONS, 5):  # 5: replaced
+            raise ValueError("card record has a negative expiry or an unknown status")
         if self.version != L.CARD_VERSION:
             raise ValueError(f"card record version {self.version} unknown")
         if min(self.principal, self.bonus, self.points, self.held, self.lifetime) < 0:

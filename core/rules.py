@@ -59,7 +59,7 @@ checks they agree on every input):
    reviews tiers (rule 11) on a card it tracks, the spend that counts is the
    current period's (lifetime paid minus ``period_base_paid_minor``), not the
    lifetime's.
-9. Only active cards can be topped up or spent (rule 14).
+9. Only active cards before their expiry can be topped up or spent (rule 14).
 10. PINs (the exact order of checks is in ``layout``): a purchase always
    needs the card's PIN, a top-up when ``pin_on_top_up`` is set. After
    ``pin_tries_max`` wrong PINs in a row (default 3) the PIN locks: the money
@@ -111,16 +111,39 @@ checks they agree on every input):
    same reversal replays its answer, as every request does). Other operations are not
    reversible (REASON_NOT_REVERSIBLE).
 
-14. Card life (an operator's, journaled): active -> frozen (no money moves in or out; it is
-   kept) -> active again; active or frozen -> reported lost -> active again (found); active,
-   frozen or lost -> closed (cancelled), for ever: the principal is paid back to the member
+14. Card life (every change a journal entry: an operator's, but expiry, the server's). A card
+   is opened active, or issued (OpenCard's ``issue_only``: a stock or gift card printed and
+   handed out, not yet sold), which moves nothing until an operator activates it (issued ->
+   active; a top-up does not activate it: REASON_CARD_NOT_ACTIVATED, so every activation names
+   its operator, who sold the card). The program's ``activation_points`` come with becoming
+   active: in the opening of an active card, in the activation of an issued one; never twice.
+   active -> frozen (no money moves in or out; it is kept) -> active again; active or frozen ->
+   reported lost -> active again (found); issued, active, frozen, lost or expired -> closed
+   (cancelled; an issued card destroyed), for ever: the principal is paid back to the member
    (the entry's principal delta, what the till pays out), the bonus and the points are
    forfeited, the card is emptied. Any other change, or a change to the status the card has,
-   is refused with REASON_ILLEGAL_TRANSITION and the card's status in the answer. Only an
-   active card is topped up, spent or refunded; reversals apply whatever the status but closed
-   (nothing comes back to a card paid out and emptied: REASON_CARD_NOT_ACTIVE); expiries and
-   tier reviews whatever the status (but never of a replaced card, rule 16). A card with open
-   holds is not closed (REASON_HOLDS_OPEN: void them first).
+   is refused with REASON_ILLEGAL_TRANSITION and the card's status in the answer.
+   Expiry: a card opened under a program whose ``card_valid_months`` M > 0 expires at
+   ``expires_us`` (``card_expiry_us``), fixed in its record at opening, so a later program
+   does not move a printed date (0: never; every card opened before): the start of the day M
+   calendar months after its opening day on the chain's clock (``utc_offset_minutes``), the
+   day of the month kept or, past the month's end, its last day (opened 31 January, M = 1: it
+   expires at 28 February 00:00). A card is expired AT expires_us: an operation whose group
+   time is >= expires_us finds it expired, whatever its stored status. The server writes
+   the change (issued, active, frozen or lost -> expired, status 7, an OP_CARD_STATUS entry of
+   the server's, operator 0) in the first group at or after the expiry, before the group's
+   operations: for every card they name, and up to ``CARD_EXPIRIES_MAX`` others, oldest
+   first (an idle server's maintenance groups too), so the stored status and GetCard follow
+   within a tick. Only that sweep moves a card to expired; an expired card (or one past its
+   expiry) is only closed (or replaced onto a new card): any other change is refused with
+   REASON_CARD_EXPIRED. Only an active card before its expiry is topped up, spent or
+   refunded (REASON_CARD_NOT_ACTIVATED for an issued one, REASON_CARD_EXPIRED for one
+   expired, REASON_CARD_NOT_ACTIVE otherwise), except that a sale of an expired card is
+   refunded to it, for its cancel to pay out; reversals apply whatever the status but closed
+   (nothing comes back to a card paid out and emptied: REASON_CARD_NOT_ACTIVE); points
+   expiries, tier reviews and hold releases whatever the status (but no tier review of a
+   replaced card, rule 16). A card with open holds is
+   not closed (REASON_HOLDS_OPEN: void them first).
 15. Holds (pre-authorisation: a car wash, a hotel). An authorization (active card, the PIN
    like a purchase) holds A > 0 fen for M minutes (1..``HOLD_MINUTES_MAX``; the request's, or
    ``HOLD_MINUTES_DEFAULT``): it needs ``A <= available`` where ``available = principal +
@@ -307,6 +330,7 @@ class Program:
     gifts: tuple[Gift, ...] = ()
     tier_review_days: int = 0     # rule 11: the qualification period; 0 = tiers never go down
     reversal_window_minutes: int = REVERSAL_WINDOW_MINUTES_DEFAULT  # rule 13
+    card_valid_months: int = 0    # rule 14: a new card expires this many months on; 0 = never
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -386,6 +410,8 @@ class Program:
                 TIER_REVIEW_DAYS_MIN <= self.tier_review_days <= TIER_REVIEW_DAYS_MAX):
             raise ValueError(f"tier_review_days must be 0 or {TIER_REVIEW_DAYS_MIN}.."
                              f"{TIER_REVIEW_DAYS_MAX}")
+        if not 0 <= self.card_valid_months <= L.CARD_VALID_MONTHS_MAX:
+            raise ValueError(f"card_valid_months must be 0..{L.CARD_VALID_MONTHS_MAX}")
         if not 1 <= self.reversal_window_minutes <= REVERSAL_WINDOW_MINUTES_MAX:
             raise ValueError(f"reversal_window_minutes must be 1..{REVERSAL_WINDOW_MINUTES_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
@@ -437,7 +463,8 @@ class Program:
         head = L.PROGRAM_HEAD.pack(
             len(self.tiers), self.pin_tries_max, self.points_unit_minor, self.redeem_points,
             self.redeem_value_minor, self.redeem_cap_bp, version, self.spend_order,
-            len(self.promotions), bytes(6), bytes(flags), *spend, *top_up)
+            len(self.promotions), L.PROGRAM_VALID_MONTHS.pack(self.card_valid_months),
+            bytes(flags), *spend, *top_up)
         promos = b"".join(L.PROMOTION.pack(p.id, p.kind, p.per_card_limit, p.bonus_bp,
                                            p.min_top_up_minor, p.bonus_minor, p.max_bonus_minor,
                                            p.starts_us, p.ends_us, bytes(16))
@@ -478,6 +505,55 @@ def month_of(ts_us: int, utc_offset_minutes: int) -> int:
     doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
     mp = (5 * doy + 2) // 153
     return mp + 3 if mp < 10 else mp - 9
+
+
+def days_from_civil(y: int, m: int, d: int) -> int:
+    """Days from 1970-01-01 of the proleptic Gregorian date y-m-d (Hinnant's days_from_civil;
+    integers only, so the kernel computes it the same way)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m - 3 if m > 2 else m + 9) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146_097 + doe - 719_468
+
+
+def civil_from_days(days: int) -> tuple[int, int, int]:
+    """The (year, month, day) of ``days`` from 1970-01-01 (Hinnant's civil_from_days)."""
+    days += 719_468
+    era = days // 146_097
+    doe = days - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (m <= 2), m, d
+
+
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def card_expiry_us(opened_us: int, months: int, utc_offset_minutes: int) -> int:
+    """Rule 14: when a card opened at ``opened_us`` expires under a program whose cards are valid
+    ``months`` (0: never, 0): the start, on the chain's clock, of the day ``months`` calendar
+    months after its opening day (the day kept, or the month's last); kept within 1..INT64_MAX
+    (a record's expiry is never 0 when it has one, never past int64)."""
+    if not months:
+        return 0
+    offset_us = utc_offset_minutes * 60_000_000
+    y, m, d = civil_from_days((opened_us + offset_us) // L.DAY_US)
+    y, m0 = divmod(y * 12 + m - 1 + months, 12)
+    m = m0 + 1
+    last = _MONTH_DAYS[m0] + (m == 2 and y % 4 == 0 and (y % 100 != 0 or y % 400 == 0))
+    expires = days_from_civil(y, m, min(d, last)) * L.DAY_US - offset_us
+    return min(max(expires, 1), L.INT64_MAX)
+
+
+def expired(expires_us: int, ts_us: int) -> bool:
+    """Rule 14: whether a card with ``expires_us`` (0: never) is expired at group time ``ts_us``:
+    at its expiry, not only after it."""
+    return expires_us != 0 and ts_us >= expires_us
 
 
 def paid_minor(gross_minor: int, rate_bp: int) -> int:

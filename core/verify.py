@@ -32,6 +32,12 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
 - the member index (rule 17), given the lookup key (the server's keyring): exactly the keys
   the stored profiles make, so a tampered, forged or missing entry is found. Without the key
   the report says it was not checked.
+- card life (rule 14): every status change is one rule 14 allows from the status the journal
+  left (an opening active or issued, the activation points with becoming active, once); each
+  card's expiry is what its opening's program gives at the opening's time; nothing but a
+  closing (and the server's change to expired, at or after the expiry, operator 0) happens to
+  a card past its expiry but refunds and what any status allows; the expiry index names
+  exactly the cards with an expiry in a status they expire from.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ from cardcore.ledger import (LINEAGE_MAX, META_MEMBERS, PREDECESSOR, SUCCESSOR, 
 from cardcore.lookup import MemberIndex
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
-from cardcore.rules import spend
+from cardcore.rules import card_expiry_us, expired, spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
 # Rule 14: what only an active card does (the kernel's "card active" check comes before them).
@@ -86,7 +92,12 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
         programs = _programs(txn, ledger, problem)
         journal = _journal(txn, ledger, programs, problem)
         cards = _cards(txn, ledger, journal["sums"], journal["statuses"], journal["held"],
-                       problem)
+                       journal["expiries"], problem)
+        if ledger.cards_by_expiry is not None and {
+                k for k, _ in txn.cursor(db=ledger.cards_by_expiry)} != {
+                L.CARD_EXPIRY_KEY.pack(exp, cid) for cid, exp in journal["expiries"].items()
+                if exp and journal["statuses"].get(cid, L.STATUS_ACTIVE) in L.STATUSES_LIVE}:
+            problem("the cards' expiry index does not name exactly the cards that will expire")
         if ledger.holds is not None and ledger.holds_by_expiry is not None:
             rebuilt_holds = {k: L.HOLD.pack(*v) for k, v in journal["holds"].items()}
             if dict(txn.cursor(db=ledger.holds)) != rebuilt_holds:
@@ -218,6 +229,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
     undone: dict[bytes, list] = {}       # an entry's undo record as refunds and reversals leave it
     statuses: dict[bytes, int] = {}      # card id -> its status, where rule 14 changed it
+    expiries: dict[bytes, int] = {}      # card id -> its expiry (rule 14), from its opening
     holds: dict[bytes, list] = {}        # hold key -> its record (layout.HOLD) as rebuilt
     held: dict[bytes, int] = {}          # card id -> what its open holds hold
     replaced: tuple | None = None        # rule 16: the last CARD_REPLACED entry (card, seq, f)
@@ -274,7 +286,10 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             continue
         s = sums.get(cid)
         status_now = statuses.get(cid, L.STATUS_ACTIVE)
-        if (op in _ACTIVE_ONLY and status_now != L.STATUS_ACTIVE) or (
+        lapsed = expired(expiries.get(cid, 0), ts_us)  # rule 14: past its expiry
+        ended = status_now == L.STATUS_EXPIRED or (lapsed and status_now in L.STATUSES_LIVE)
+        if (op in _ACTIVE_ONLY and (status_now != L.STATUS_ACTIVE or lapsed)
+                and not (op == L.OP_REFUND and ended)) or (
                 op == L.OP_REVERSAL and status_now == L.STATUS_CLOSED):
             problem(f"journal entry {seq}: type {op} on a card whose status is {status_now}")
         if op not in _OWN_STATUS and f[3] != status_now:
@@ -283,9 +298,14 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             if s is not None:
                 problem(f"journal entry {seq}: a second opening of the same card")
             opened_with = programs.get(program_version, (None,))[0]
-            if any(f[9:13]) or dpts != (opened_with.activation_points if opened_with else 0):
+            active = f[3] == L.STATUS_ACTIVE  # an issued card gets its points when activated
+            if any(f[9:13]) or dpts != (opened_with.activation_points if opened_with and active
+                                        else 0) or f[3] not in (L.STATUS_ACTIVE, L.STATUS_ISSUED):
                 problem(f"journal entry {seq}: an opening that moves value (beyond the "
-                        "program's activation points)")
+                        "program's activation points), or opens it neither active nor issued")
+            statuses[cid] = f[3]
+            expiries[cid] = card_expiry_us(ts_us, opened_with.card_valid_months,
+                                           opened_with.utc_offset_minutes) if opened_with else 0
             s = sums[cid] = [0, 0, 0, 0, 0, 0, tier, 0]
             opens[seq] = (cid, f[29])
             opened_us[cid] = ts_us
@@ -301,6 +321,9 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                         "the entry before it")
             s_old = sums.get(old, [0] * 8)
             s = sums[cid] = [0, 0, 0, 0, s_old[4], 0, tier, s_old[7]]
+            program = programs.get(program_version, (None,))[0]  # a new card: its own expiry
+            expiries[cid] = card_expiry_us(ts_us, program.card_valid_months,
+                                           program.utc_offset_minutes) if program else 0
             if old is not None:
                 opened_us[cid] = opened_us.get(old, 0)
                 if old in states:
@@ -432,10 +455,18 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             closing = now == L.STATUS_CLOSED
             if closing and held.get(cid, 0):
                 problem(f"journal entry {seq}: a card closed that holds money for open holds")
-            want = (s[0], 0, -s[0], -s[1], -s[2]) if closing else (0, 0, 0, 0, 0)
+            program = programs.get(program_version, (None,))[0]
+            activating = was == L.STATUS_ISSUED and now == L.STATUS_ACTIVE
+            want = ((s[0], 0, -s[0], -s[1], -s[2]) if closing else
+                    (0, 0, 0, 0, program.activation_points if program else 0) if activating
+                    else (0, 0, 0, 0, 0))
+            # to expired: the server's, at or after the expiry; past it: nothing else but closing
+            by_server = f[21] == 0 and f[24] == L.CALLER_SYSTEM
             if (was != statuses.get(cid, L.STATUS_ACTIVE)
                     or now not in L.CARD_TRANSITIONS.get(was, ()) or f[9:14] != want
-                    or tier_after != tier or taken or redeemed):
+                    or tier_after != tier or taken or redeemed
+                    or (now == L.STATUS_EXPIRED and not (lapsed and by_server))
+                    or (lapsed and now not in (L.STATUS_EXPIRED, L.STATUS_CLOSED))):
                 problem(f"journal entry {seq}: a card status change {was} -> {now} that its card "
                         "or rule 14 does not allow (or that moves other than a closing's value)")
             statuses[cid] = now
@@ -497,7 +528,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         problem(f"journal entry {replaced[1]}: a replacement with no opening of the new card")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
             "links": links,
-            "statuses": statuses, "holds": holds, "held": held,
+            "statuses": statuses, "holds": holds, "held": held, "expiries": expiries,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
 
@@ -732,7 +763,8 @@ def _states(txn, ledger, states: dict, problem) -> None:
             problem(f"card ...{cid.hex()[:8]}: its program state is not what its top-ups make")
 
 
-def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, problem) -> dict:
+def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, expiries: dict,
+           problem) -> dict:
     totals = [0, 0, 0]
     count = 0
     tiers: Counter = Counter()
@@ -750,6 +782,10 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, problem) -> d
                     f"{statuses.get(cid, L.STATUS_ACTIVE)}")
         if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0:
             problem(f"card ...{cid.hex()[:8]}: invalid record")
+        expires_us = L.CARD_EXPIRES.unpack_from(raw, L.CARD_OFF_EXPIRES)[0]
+        if expires_us != expiries.get(cid, 0):
+            problem(f"card ...{cid.hex()[:8]}: expires at {expires_us}, but its opening gives "
+                    f"{expiries.get(cid, 0)}")
         if held != held_of.get(cid, 0):
             problem(f"card ...{cid.hex()[:8]}: holds {held}, but its open holds add up to "
                     f"{held_of.get(cid, 0)}")

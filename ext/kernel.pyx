@@ -32,6 +32,7 @@ cdef enum:
     PROMOTION_SLOTS = 16
     LINES_MAX = 100
     RATE_FULL = 10000
+    CARD_VALID_MONTHS_MAX = 1200
 
 # Values of cardcore.v1.OperationType / CardStatus / Reason and the flag bits of
 # cardcore.layout (tests check they agree).
@@ -71,6 +72,9 @@ cdef enum:
     STATUS_LOST = 3
     STATUS_CLOSED = 4
     STATUS_REPLACED = 5
+    STATUS_ISSUED = 6
+    STATUS_EXPIRED = 7
+    ISSUE_ONLY = 4
     UNDO_REVERSED = 1
     UNDO_COMPLETE = 2
     REVIEW_STARTED = 1
@@ -117,6 +121,8 @@ cdef enum:
     R_CAPTURE_EXCEEDS_HOLD = 89
     R_HOLDS_OPEN = 90
     R_CARD_REPLACED = 91
+    R_CARD_EXPIRED = 92
+    R_CARD_NOT_ACTIVATED = 93
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -160,7 +166,10 @@ cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
         return 0
     if rec.flags & CARD_PIN_LOCKED and not rec.flags & CARD_PIN_SET:
         return 0
-    if rec.birth_month > 12:
+    if rec.birth_month > 12 or rec.expires_us < 0:
+        return 0
+    if not (STATUS_ACTIVE <= rec.status <= STATUS_CLOSED or rec.status == STATUS_ISSUED
+            or rec.status == STATUS_EXPIRED or rec.status == 5):  # 5: replaced (its stream's)
         return 0
     return rec.principal_minor <= INT64_MAX - rec.bonus_minor
 
@@ -228,6 +237,71 @@ cdef inline int month_of(int64_t ts_us, int32_t offset_minutes) noexcept nogil:
     cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
     cdef int64_t mp = (5 * doy + 2) // 153
     return <int>(mp + 3 if mp < 10 else mp - 9)
+
+
+cdef inline int64_t floor_div(int64_t a, int64_t b) noexcept nogil:
+    """a // b rounded down, as Python's (C truncates toward zero); b > 0."""
+    cdef int64_t q = a // b
+    if a % b != 0 and a < 0:
+        q -= 1
+    return q
+
+
+cdef inline int64_t days_from_civil(int64_t y, int64_t m, int64_t d) noexcept nogil:
+    """cardcore.rules.days_from_civil: days from 1970-01-01 of the date y-m-d."""
+    if m <= 2:
+        y -= 1
+    cdef int64_t era = floor_div(y, 400)
+    cdef int64_t yoe = y - era * 400
+    cdef int64_t doy = (153 * (m - 3 if m > 2 else m + 9) + 2) // 5 + d - 1
+    cdef int64_t doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef int64_t[12] MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+
+
+cdef inline int64_t card_expiry(int64_t opened_us, uint32_t months,
+                                int32_t offset_minutes) noexcept nogil:
+    """Rule 14 (cardcore.rules.card_expiry_us): when a card opened at ``opened_us`` expires: the
+    start, on the chain's clock, of the day ``months`` calendar months after its opening day
+    (the day kept, or the month's last); 0 for months 0; kept within 1..INT64_MAX."""
+    if months == 0:
+        return 0
+    cdef int64_t offset_us = <int64_t>offset_minutes * MINUTE_US
+    cdef cc_i128 t = <cc_i128>opened_us + offset_us  # cannot overflow
+    cdef cc_i128 whole = t // DAY_US
+    if t % DAY_US != 0 and t < 0:
+        whole -= 1
+    cdef int64_t days = <int64_t>whole + 719468
+    cdef int64_t era = floor_div(days, 146097)
+    cdef int64_t doe = days - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    cdef int64_t d = doy - (153 * mp + 2) // 5 + 1
+    cdef int64_t m = mp + 3 if mp < 10 else mp - 9
+    cdef int64_t y = yoe + era * 400 + (1 if m <= 2 else 0)
+    cdef int64_t k = y * 12 + m - 1 + months
+    y = floor_div(k, 12)
+    cdef int64_t m0 = k - y * 12
+    m = m0 + 1
+    cdef int64_t last = MONTH_DAYS[m0]
+    if m == 2 and y % 4 == 0 and (y % 100 != 0 or y % 400 == 0):
+        last += 1
+    cdef cc_i128 expires = <cc_i128>days_from_civil(y, m, d if d < last else last) * DAY_US \
+        - offset_us
+    if expires < 1:
+        return 1
+    if expires > INT64_MAX:
+        return INT64_MAX
+    return <int64_t>expires
+
+
+cdef inline int card_live(uint8_t status) noexcept nogil:
+    """Rule 14: a status a card expires from (issued, active, frozen, lost)."""
+    return (status == STATUS_ISSUED or status == STATUS_ACTIVE or status == STATUS_FROZEN
+            or status == STATUS_LOST)
 
 
 cdef inline uint32_t upgrade(const cc_program_t* prog, uint32_t tier, const int64_t* thresholds,
@@ -437,13 +511,20 @@ cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t bef
 
 
 cdef inline int transition_ok(uint8_t now, uint8_t wanted) noexcept nogil:
-    """Rule 14 (layout.CARD_TRANSITIONS): whether a card's status may change to ``wanted``."""
+    """Rule 14 (layout.CARD_TRANSITIONS): whether a card's status may change to ``wanted``
+    (to expired: only at or after the card's expiry, which the caller checks)."""
+    if now == STATUS_ISSUED:
+        return wanted == STATUS_ACTIVE or wanted == STATUS_CLOSED or wanted == STATUS_EXPIRED
     if now == STATUS_ACTIVE:
-        return wanted == STATUS_FROZEN or wanted == STATUS_LOST or wanted == STATUS_CLOSED
+        return (wanted == STATUS_FROZEN or wanted == STATUS_LOST or wanted == STATUS_CLOSED
+                or wanted == STATUS_EXPIRED)
     if now == STATUS_FROZEN:
-        return wanted == STATUS_ACTIVE or wanted == STATUS_LOST or wanted == STATUS_CLOSED
+        return (wanted == STATUS_ACTIVE or wanted == STATUS_LOST or wanted == STATUS_CLOSED
+                or wanted == STATUS_EXPIRED)
     if now == STATUS_LOST:
-        return wanted == STATUS_ACTIVE or wanted == STATUS_CLOSED
+        return wanted == STATUS_ACTIVE or wanted == STATUS_CLOSED or wanted == STATUS_EXPIRED
+    if now == STATUS_EXPIRED:
+        return wanted == STATUS_CLOSED
     return 0
 
 
@@ -666,6 +747,9 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef int64_t g[4]
     cdef int64_t left
     cdef int undo_changed = 0, complete = 0, k
+    # rule 14: at or after its expiry a card is expired, whatever its stored status says
+    cdef int lapsed = rec.expires_us != 0 and ts_us >= rec.expires_us
+    cdef uint8_t status_now = STATUS_EXPIRED if lapsed and card_live(rec.status) else rec.status
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = fig[5] = 0
     if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
             or op.line_count > LINES_MAX
@@ -673,7 +757,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 and op.op != OP_POINTS_EXCHANGE)
             or (op.op_flags & CAPTURE and (op.op != OP_PURCHASE or op.ref_id != 0
                                            or op.op_flags & ALLOW_PARTIAL
-                                           or op.redeem_points != 0))):
+                                           or op.redeem_points != 0))
+            or (op.op_flags & ISSUE_ONLY and op.op != OP_OPEN)):
         reason = R_INVALID_ARGUMENT
     elif op.op == OP_OPEN:
         if op.birth_month > 12:
@@ -685,13 +770,15 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         else:
             memset(rec, 0, CARD_SIZE)
             rec.version = 1
-            rec.status = STATUS_ACTIVE
+            rec.status = STATUS_ISSUED if op.op_flags & ISSUE_ONLY else STATUS_ACTIVE
             rec.tier = op.tier
             tier_before = op.tier
             rec.opened_us = ts_us
+            rec.expires_us = card_expiry(ts_us, prog.card_valid_months, prog.utc_offset_minutes)
             rec.home_store_id = op.home_store_id
             rec.birth_month = op.birth_month
-            d_points = prog.activation_points
+            if rec.status == STATUS_ACTIVE:  # an issued card's come with its activation
+                d_points = prog.activation_points
             if op.pin_flags & NEW_PIN:
                 set_pin(op, rec)
             if prog.tier_review_days:  # rule 11: tracked from its opening day
@@ -705,18 +792,28 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_CARD_REPLACED  # rule 16: the number is dead; the new card has its PIN
         else:
             set_pin(op, rec)
-    elif op.op == OP_CARD_STATUS:  # rule 14: an operator's change of the card's life
+    elif op.op == OP_CARD_STATUS:  # rule 14: an operator's change of the card's life, or expiry
         if amount != 0 or op.ref_id != 0:
             reason = R_INVALID_ARGUMENT
+        elif op.tier == STATUS_EXPIRED:  # the server's, at or after the card's expiry only
+            if not (lapsed and card_live(rec.status)):
+                reason = R_ILLEGAL_TRANSITION
         elif not transition_ok(rec.status, op.tier):
             reason = R_ILLEGAL_TRANSITION
+        elif status_now == STATUS_EXPIRED and op.tier != STATUS_CLOSED:
+            reason = R_CARD_EXPIRED  # past its expiry: closed (or replaced), nothing else
         elif op.tier == STATUS_CLOSED and rec.held_minor != 0:
             reason = R_HOLDS_OPEN  # rule 15: the holds are voided first
-        else:
+        elif (rec.status == STATUS_ISSUED and op.tier == STATUS_ACTIVE
+              and prog.activation_points > INT64_MAX - rec.points):
+            reason = R_AMOUNT_OVERFLOW
+        if reason == R_OK:
             entry_ref = rec.status  # the status it left
             if op.tier == STATUS_CLOSED:  # the principal paid back, the rest forfeited
                 amount = rec.principal_minor
                 d_principal, d_bonus, d_points = -rec.principal_minor, -rec.bonus_minor, -rec.points
+            elif rec.status == STATUS_ISSUED and op.tier == STATUS_ACTIVE:  # activated
+                d_points = prog.activation_points
             rec.status = op.tier
     elif op.op == OP_REVERSAL:  # whatever the card's status but closed: it undoes what was done
         if amount != 0:
@@ -791,8 +888,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             if reason == R_OK:
                 amount = hold.amount_minor
                 d_held = -amount
-    elif rec.status != STATUS_ACTIVE:
-        reason = R_CARD_REPLACED if rec.status == STATUS_REPLACED else R_CARD_NOT_ACTIVE
+    elif status_now != STATUS_ACTIVE and not (status_now == STATUS_EXPIRED and op.op == OP_REFUND):
+        reason = (R_CARD_REPLACED if status_now == STATUS_REPLACED else
+                  R_CARD_EXPIRED if status_now == STATUS_EXPIRED else
+                  R_CARD_NOT_ACTIVATED if status_now == STATUS_ISSUED else R_CARD_NOT_ACTIVE)
     elif op.op == OP_REFERRAL_BONUS:
         if amount <= 0:
             reason = R_INVALID_AMOUNT
@@ -1109,6 +1208,7 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
     if (prog.tier_count < 1 or prog.tier_count > MAX_TIERS or prog.points_unit_minor <= 0
             or prog.pin_tries_max < 1 or prog.pin_tries_max > 15 or prog.program_version < 1
             or prog.promotion_count > MAX_PROMOTIONS or prog.redeem_points < 0
+            or prog.card_valid_months > CARD_VALID_MONTHS_MAX
             or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
             or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
             or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES

@@ -14,7 +14,8 @@ typedef struct {
     int64_t opened_us;
     uint32_t home_store_id, birth_month;
     uint8_t pin_check[32];
-    uint8_t reserved1[24];
+    int64_t expires_us;
+    uint8_t reserved1[16];
 } cc_card_t;
 
 typedef struct {
@@ -159,7 +160,9 @@ typedef struct {
     uint32_t tier_count, pin_tries_max;
     int64_t points_unit_minor, redeem_points, redeem_value_minor;
     uint32_t redeem_cap_bp, program_version;
-    uint8_t spend_order, promotion_count, reserved0[6];
+    uint8_t spend_order, promotion_count;
+    uint16_t card_valid_months;
+    uint8_t reserved0[4];
     uint8_t category_flags[64];
     int64_t upgrade_spend_minor[16], upgrade_top_up_minor[16];
     cc_promotion_t promotions[16];

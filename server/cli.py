@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="the member's name (default: none)")
     p.add_argument("--phone", default="", help="the member's phone (default: none)")
     p.add_argument("--birthday", default="", help="the member's birthday, YYYY-MM-DD (default: none)")
+    p.add_argument("--issue-only", action="store_true",
+                   help="issued, not active: a stock or gift card an operator activates when it "
+                        "is sold (card-status active); default: active now")
     p = client("top-up", "add prepaid money (amount in yuan, e.g. 500 or 12.50)", cmd_top_up)
     mutating(p)
     p.add_argument("amount", type=amount_arg, help="yuan, above 0, at most two decimals")
@@ -262,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original-client-time-us", type=client_time_arg, default=0,
                    help="the request's own client time, Unix microseconds, when known "
                         "(default 0: not known)")
-    p = client("card-status", "freeze, unfreeze (active), report lost, find (active) or cancel "
-               "(closed) a card (operator token)", cmd_card_status, card=False)
+    p = client("card-status", "activate an issued card (active), freeze, unfreeze (active), report "
+               "lost, find (active) or cancel (closed) a card (operator token)", cmd_card_status,
+               card=False)
     p.add_argument("card", type=card_number_arg, nargs="?", default=None,
                    help="card number, or - to read it from standard input; or leave it out and "
                         "give --card-id")

@@ -240,7 +240,8 @@ def cmd_open_card(args) -> int:
     req = pb.OpenCardRequest(
         card=cpb.CardRef(card_number=args.card), tier=args.tier, till=_till(args),
         profile=pb.MemberProfile(name=args.name, phone=args.phone, birthday=args.birthday,
-                                 home_store_id=args.store), **request_fields(args))
+                                 home_store_id=args.store), issue_only=args.issue_only,
+        **request_fields(args))
     print_result(call(stub_of(args).OpenCard, req, args), client_time_us=req.client_time_us)
     return 0
 
@@ -284,6 +285,9 @@ def print_card(card) -> None:
     rows = [("card", card.masked_number),
             ("status", cpb.CardStatus.Name(card.status).removeprefix("CARD_STATUS_").lower()),
             ("tier", f"{card.tier} {card.tier_name} (pays {card.discount_rate_bp / 100:g}%)")]
+    if card.expires_at_us:  # rule 14: fixed at its opening
+        expires = datetime.datetime.fromtimestamp(card.expires_at_us / 1e6, datetime.timezone.utc)
+        rows.append(("expires", expires.strftime("%Y-%m-%d %H:%M:%S UTC")))
     if card.view >= pb.CARD_VIEW_BALANCE:
         opened = datetime.datetime.fromtimestamp(card.opened_at_us / 1e6, datetime.timezone.utc)
         rows += [("balance", fen(card.balance.available_minor)),
@@ -500,7 +504,7 @@ CARD_STATUSES = {"active": 1, "frozen": 2, "lost": 3, "closed": 4}  # cardcore.v
 
 
 def cmd_card_status(args) -> int:
-    """Card life (an operator's): freeze, unfreeze, lost, found, cancel."""
+    """Card life (an operator's): activate, freeze, unfreeze, lost, found, cancel."""
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 

@@ -118,6 +118,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                     "of at most 64 characters"),
     R.REASON_CARD_ID_NOT_ACCEPTED: (C.INVALID_ARGUMENT, "this call needs the card's number (a card "
                                     "id names a card to SetCardStatus, ReplaceCard and GetCard only)"),
+    R.REASON_CARD_EXPIRED: (C.FAILED_PRECONDITION, "the card expired: it can be cancelled or "
+                            "replaced"),
+    R.REASON_CARD_NOT_ACTIVATED: (C.FAILED_PRECONDITION, "the card is not activated yet: an "
+                                  "operator activates it"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -247,7 +247,8 @@ class Operations:
                       new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,
                       profile=profiles.encode(profile),
                       sealed=self.keyring.seal(card.card_id, card.number), referrer_id=referrer,
-                      birth_month=int(p.birthday[5:7]) if p.birthday else 0)
+                      birth_month=int(p.birthday[5:7]) if p.birthday else 0,
+                      op_flags=L.ISSUE_ONLY if req.issue_only else 0)
         return self._sealed_profile(op, card.card_id, profile)
 
     def _sealed_profile(self, op: PendingOp, card_id: bytes, profile: dict) -> PendingOp:

@@ -692,7 +692,8 @@ class CardService(pb_grpc.CardServiceServicer):
         card = pb.Card(masked_number=profile.get("masked", ""), tier=tier,
                        tier_name=program_tier.name if program_tier else "",
                        discount_rate_bp=program_tier.rate_bp if program_tier else 0,
-                       status=status, view=view)
+                       status=status, view=view,
+                       expires_at_us=L.CARD_EXPIRES.unpack_from(_rest[-1])[0])  # rule 14
         if status == L.STATUS_REPLACED:
             card.replaced_by = self.ledger.read_replacement(card_id)
         if view >= pb.CARD_VIEW_BALANCE:

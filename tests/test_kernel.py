@@ -29,10 +29,12 @@ def op_bytes(op, amount=0, tier=0, card=b"c" * 16, tag=b"t" * 8, store=1, termin
 
 
 def card_bytes(principal=0, bonus=0, points=0, tier=0, status=L.STATUS_ACTIVE, lifetime=0,
-               last_seq=1, held=0, pin=None, tries=0, locked=False, birth_month=0, opened_us=0):
+               last_seq=1, held=0, pin=None, tries=0, locked=False, birth_month=0, opened_us=0,
+               expires_us=0):
     flags = (L.CARD_PIN_SET if pin else 0) | (L.CARD_PIN_LOCKED if locked else 0)
     return L.CARD.pack(L.CARD_VERSION, status, tier, tries, flags, principal, bonus, points, held,
-                       lifetime, last_seq, opened_us, 0, birth_month, pin or bytes(32), bytes(24))
+                       lifetime, last_seq, opened_us, 0, birth_month, pin or bytes(32),
+                       L.CARD_EXPIRES.pack(expires_us) + bytes(16))
 
 
 def run_full(impl, program, ops, slots, records, ts_us=1_700_000_000_000_000, first_seq=10,
@@ -297,6 +299,12 @@ rates = st.one_of(st.sampled_from([10000, 9500, 9000, 8500, 8000, 5000, 9999, 1]
                   st.integers(1, 10000))
 
 
+# Rule 14's expiry edges: a batch's time is drawn near these (see test_kernel_equals_reference).
+EXPIRY_US = 1_800_000_000_000_000
+expiries = st.one_of(st.just(0), st.sampled_from([EXPIRY_US - 1, EXPIRY_US, EXPIRY_US + 1]),
+                     st.integers(1, INT64_MAX))
+
+
 @st.composite
 def records(draw):
     if draw(st.integers(0, 9)) == 0:
@@ -306,10 +314,10 @@ def records(draw):
     held = draw(st.one_of(st.just(0), st.integers(0, principal + bonus)))
     pin = draw(st.sampled_from([None, PIN_A, PIN_B]))
     return card_bytes(principal=principal, bonus=bonus, points=draw(money), tier=draw(st.integers(0, 4)),
-                      status=draw(st.sampled_from([1, 1, 1, 2, 3, 4, 5])), lifetime=draw(money),
+                      status=draw(st.sampled_from([1, 1, 1, 2, 3, 4, 5, 6, 7])), lifetime=draw(money),
                       last_seq=draw(st.integers(1, 10**9)), held=held, pin=pin,
                       tries=draw(st.integers(0, 4)) if pin else 0,
-                      locked=bool(pin) and draw(st.booleans()))
+                      locked=bool(pin) and draw(st.booleans()), expires_us=draw(expiries))
 
 
 @st.composite
@@ -318,7 +326,11 @@ def programs(draw):
     return rules.Program(tiers=tuple(rules.Tier(f"t{i}", r) for i, r in enumerate(tiers)),
                          points_unit_minor=draw(st.one_of(st.integers(1, 10_000), edge_int64.filter(bool))),
                          points_per_unit=draw(st.one_of(st.integers(0, 100), edge_int64)),
-                         pin_tries_max=draw(st.integers(1, 15))).packed(draw(st.integers(1, 2**32 - 1)))
+                         pin_tries_max=draw(st.integers(1, 15)),
+                         activation_points=draw(st.one_of(st.just(0), edge_int64)),
+                         utc_offset_minutes=draw(st.integers(-720, 840)),
+                         card_valid_months=draw(st.one_of(st.just(0), st.integers(
+                             0, L.CARD_VALID_MONTHS_MAX)))).packed(draw(st.integers(1, 2**32 - 1)))
 
 
 @st.composite
@@ -330,9 +342,15 @@ def batches(draw):
     for i in range(n):
         slots.append(draw(st.integers(0, nslots - 1)))
         kind = draw(st.sampled_from([L.OP_OPEN, L.OP_TOP_UP, L.OP_PURCHASE, L.OP_PURCHASE,
-                                     L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_BALANCE_INQUIRY]))
+                                     L.OP_SET_PIN, L.OP_RESET_PIN, L.OP_BALANCE_INQUIRY,
+                                     L.OP_CARD_STATUS]))
+        # rule 14: any status wanted (amount 0 and ref_id 0 for a change to apply); an opening
+        # issued or active (the flag on another operation: INVALID_ARGUMENT)
+        status_change = kind == L.OP_CARD_STATUS and draw(st.integers(0, 3)) > 0
         ops.append(op_bytes(kind,
-                            draw(amounts), tier=draw(st.integers(0, 5)), card=bytes([slots[-1]]) * 16,
+                            0 if status_change else draw(amounts),
+                            tier=draw(st.integers(0, 8)) if kind == L.OP_CARD_STATUS
+                            else draw(st.integers(0, 5)), card=bytes([slots[-1]]) * 16,
                             tag=i.to_bytes(8, "little"), store=draw(st.integers(0, 2**32 - 1)),
                             home_store=draw(st.integers(0, 2**32 - 1)),
                             pin_flags=draw(st.integers(0, 15)), pin=draw(st.sampled_from([PIN_A, PIN_B])),
@@ -342,13 +360,16 @@ def batches(draw):
                             client_time_us=draw(st.integers(-(1 << 63), INT64_MAX)),
                             link_seq=draw(st.integers(0, 2**64 - 1)),
                             # a purchase's ref_id names a coupon (test_kernel_programs)
-                            ref_id=0 if kind == L.OP_PURCHASE else draw(st.integers(0, 2**64 - 1)),
-                            basket_tag=draw(st.integers(0, 2**64 - 1))))
+                            ref_id=0 if kind == L.OP_PURCHASE or status_change
+                            else draw(st.integers(0, 2**64 - 1)),
+                            basket_tag=draw(st.integers(0, 2**64 - 1)),
+                            op_flags=draw(st.sampled_from([0, 0, L.ISSUE_ONLY]))))
     return b"".join(ops), slots, recs
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(program=programs(), batch=batches(), ts_us=st.integers(0, INT64_MAX),
+@given(program=programs(), batch=batches(),
+       ts_us=st.one_of(st.integers(0, INT64_MAX), st.integers(EXPIRY_US - 2, EXPIRY_US + 2)),
        first_seq=st.integers(1, 2**62))
 @example(program=rules.DEFAULT_PROGRAM.packed(1),
          batch=(op_bytes(L.OP_PURCHASE, INT64_MAX), [0], card_bytes(principal=INT64_MAX)),

@@ -388,3 +388,24 @@ def test_a_card_lost_and_replaced_from_the_members_phone_without_its_number(serv
         (new[:6] + "*" * (len(new) - 10) + new[-4:], cpb.CARD_STATUS_ACTIVE)])
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]
+
+
+def test_an_expired_card_is_renewed_by_a_replacement(tmp_path):
+    """Rule 14 and 16: a card past its expiry (expired by the server's sweep) is replaced; the
+    new card holds its money and expires a validity after the replacement; the old one leaves
+    the expiry index (verify checks both)."""
+    from test_card_issue_expiry import LifeTill
+
+    till = LifeTill(str(tmp_path / "life"))
+    till.open(OLD)
+    till.top_up(OLD, 10000)
+    till.walk(till.expires(OLD) + 1)
+    assert till.status(OLD) == L.STATUS_EXPIRED
+    before = till.card(OLD)
+    assert replace(till).reason == L.R_OK
+    assert till.card(NEW) == before and till.status(NEW) == L.STATUS_ACTIVE
+    assert till.expires(NEW) > till.at
+    assert till.buy(NEW, line(CAFE_FOOD, 1000)).reason == L.R_OK
+    report = verify_ledger(till.ledger)
+    till.ledger.close()
+    assert report["ok"], report["problems"]
