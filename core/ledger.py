@@ -77,6 +77,7 @@ from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, P
                                   replay)
 from cardcore.lookup import MemberIndex
 from cardcore.profiles import ProfileBox, ProfileError, masked_of
+from cardcore.profiles import encode as encode_profile
 from cardcore.program import DEFAULT_PROGRAM_TOML, parse_program
 from cardcore.rules import Program, available_minor, card_expiry_us, expired, review_due
 
@@ -129,6 +130,7 @@ _U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
 _OP_REF = struct.Struct("<144xQ")  # an operation's ref_id (layout.OP offset 144), read alone
 _ENTRY_BASKET = struct.Struct("<160xQ")  # a journal entry's basket_tag (layout.JOURNAL 160)
 _OP_REFERRER = 176  # layout.OP offset of referrer_id
+_OP_CARD = 40  # layout.OP offset of card_id
 NO_REFERRER = bytes(L.CARD_ID_SIZE)  # an operation's referrer_id when it names none
 DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 # Operations whose rules read the card program state; under a program that reviews tiers
@@ -638,7 +640,12 @@ class Ledger:
     def read_replacement(self, card_id: bytes) -> str:
         """The masked number of the card that replaced ``card_id`` (rule 16), or ""."""
         def read(txn):
-            new_id = successor(txn, self, card_id)
+            new_id, at = None, card_id
+            for _ in range(LINEAGE_MAX):  # to the card that holds it now
+                at = successor(txn, self, at)
+                if at is None:
+                    break
+                new_id = at
             return txn.get(new_id, db=self.profiles) if new_id is not None else None
 
         return masked_of(self._read(read))
@@ -1188,6 +1195,10 @@ class _Group:
             if seq >= self.seq and self.run:  # perhaps a sale of the pending run
                 self._flush_run()
         else:
+            live = self._live(op.card_id)
+            if live != op.card_id:  # rule 16: sent with a card replaced since: undone on its new
+                op.card_id = live   # card, which holds what the request moved
+                op.packed = op.packed[:_OP_CARD] + live + op.packed[_OP_CARD + L.CARD_ID_SIZE:]
             original = op.payload
             j = first_index.get(original)
             if (j is not None or original in self.tombstones) and self.run:
@@ -1214,9 +1225,9 @@ class _Group:
         if seq:
             entry = (self.entries[seq - self.first_seq] if self.first_seq <= seq < self.seq
                      else txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal))
-            if (entry is not None and kind == L.OP_REFUND and entry[16:32] != op.card_id
+            if (entry is not None and entry[16:32] != op.card_id and entry[1] in L.CARD_OPS
                     and entry[16:32] in predecessors(txn, ledger, op.card_id)):
-                pass  # a sale of a card this one replaced (rule 16): refunded to this one
+                pass  # an entry of a card this one replaced (rule 16): undone on this one
             elif entry is None or entry[16:32] != op.card_id or entry[1] not in L.CARD_OPS:
                 if kind == L.OP_REVERSAL:  # applied, but not to this card: not this card's to undo
                     return L.R_ORIGINAL_NOT_FOUND
@@ -1239,6 +1250,17 @@ class _Group:
                 return L.R_NOT_REVERSIBLE  # captured: the capture is what to reverse
         self.undo_of[i] = (key, undo or undo_record(entry), entry)
         return L.R_OK
+
+    def _live(self, card_id: bytes) -> bytes:
+        """The card that holds what ``card_id`` held: itself, or the card that replaced it (rule
+        16), followed while that one was replaced too."""
+        txn, ledger = self.txn, self.ledger
+        for _ in range(LINEAGE_MAX):
+            raw = txn.get(card_id, db=ledger.cards)
+            if raw is None or raw[1] != L.STATUS_REPLACED:
+                break
+            card_id = successor(txn, ledger, card_id) or card_id
+        return card_id
 
     def _hold_undo(self, i: int, op: PendingOp, seq: int, entry: bytes) -> bytes | None:
         """Rule 15: the undo record of an authorization a reversal names, from its hold as the
@@ -1591,15 +1613,28 @@ class _Group:
             raise InvariantError("a replaced card's lots do not add up to its points")
         txn.put(SUCCESSOR + old_id, new_id, db=ledger.card_links)
         txn.put(PREDECESSOR + new_id, old_id, db=ledger.card_links)
-        if op.profile is not None:  # the old card's, with the new number's mask: sealed for
-            self.profile_items.append((new_id, op.profile))  # the new card by the request's maker
+        self.profile_items.append((new_id, self._moved_profile(old_id, new_id, op, in_seq)))
         if op.sealed is not None:
             self.sealed_items.append((new_id, op.sealed))
-        self.admin.tier_cards()[tier] += 1
+        # (tier counts: the new card counts where the old one did, which no longer counts)
         if op.request_key:
             self.idem_items.append((op.request_key, record(
                 kind, L.R_OK, op.digest, in_seq, 0, ts, op.client_time_us)))
         self.outcomes[i] = Outcome(L.R_OK, False, kind, in_entry)
+
+    def _moved_profile(self, old_id: bytes, new_id: bytes, op: PendingOp, seq: int) -> bytes:
+        """The old card's profile (stored, or opened earlier in this group) for the new card,
+        with the new number's mask (the request's profile); sealed again for the new card (its
+        nonce derived from the new card and its entry, so every ledger stores the same bytes),
+        or JSON in a ledger opened without the profile key."""
+        ledger = self.ledger
+        raw = next((p for cid, p in reversed(self.profile_items) if cid == old_id), None)
+        if raw is None:
+            raw = self.txn.get(old_id, db=ledger.profiles)
+        doc = dict(ledger._profile(old_id, raw), **json.loads(op.profile or b"{}"))
+        if not ledger.profile_box.keyed:
+            return encode_profile(doc)
+        return ledger.profile_box.seal(new_id, doc, new_id + L.SEQ_KEY.pack(seq))
 
     def _replacement_entry(self, head: tuple, kind: int, seq: int, card_id: bytes, tier: int,
                            status: int, tries: int, flags: int, amount: int, deltas: tuple,

@@ -70,18 +70,25 @@ class ProfileBox:
 
     def __init__(self, key: bytes | None) -> None:
         self._aead = AESGCM(key) if key is not None else None
+        self._nonce_key = (hmac.digest(key, b"cardcore/v1 profile nonces", hashlib.sha256)
+                           if key is not None else b"")
 
     @property
     def keyed(self) -> bool:
         return self._aead is not None
 
-    def seal(self, card_id: bytes, doc: dict) -> bytes:
+    def seal(self, card_id: bytes, doc: dict, unique: bytes | None = None) -> bytes:
+        """``doc`` sealed for ``card_id``: under a random nonce, or, where the writer seals (a
+        replacement's profile: every ledger applying the group must store the same bytes),
+        one derived from ``unique``, which must never repeat under this key (the new card's
+        id and its entry's seq)."""
         assert self._aead is not None, "sealing needs the profile key"
         masked = str(doc.get("masked", "")).encode("ascii")
         if len(masked) > MASKED_LEN_MAX:
             raise ValueError("masked number too long")
         head = bytes((FORMAT_SEALED, len(masked))) + masked
-        nonce = os.urandom(NONCE_SIZE)
+        nonce = (os.urandom(NONCE_SIZE) if unique is None else
+                 hmac.digest(self._nonce_key, b"nonce" + unique, hashlib.sha256)[:NONCE_SIZE])
         return head + nonce + self._aead.encrypt(nonce, encode(doc), head[:1] + card_id + masked)
 
     def open(self, card_id: bytes, raw: bytes | None) -> dict:

@@ -161,24 +161,28 @@ checks they agree on every input):
    capture). A closed hold is REASON_HOLD_CLOSED; a hold of another card, or captured or
    voided by a terminal of another store than the authorization's, REASON_HOLD_NOT_FOUND.
    A capture is refunded and reversed like any purchase; its hold stays closed.
-16. Replacement (a new card for a lost, stolen, damaged or worn one; an operator's, cashier or
-   above, journaled): an active, frozen or lost card with no open holds (REASON_HOLDS_OPEN) and
-   a number that is not a card yet (REASON_CARD_ALREADY_EXISTS) becomes REPLACED, dead for
-   ever, in one write with the new card's opening: two entries, CARD_REPLACED on the old card
-   (its principal, bonus and points out, to zero; amount = principal + bonus; ref_id the
-   status it left; link_seq the next entry) and right after it REPLACEMENT_OPENED on the new
-   card (the same figures in; link_seq the first). The new card is active whatever the old one
-   was, with the old one's tier, lifetime paid, opening time (its tier periods run on),
-   home store and birth month, its program state (promotion uses, tier period), its points
-   lots on their own days (so they expire when they would have), its coupons and packages
-   under their serials, and the member's profile. Its PIN is the one entered for it at the
-   desk (the PIN check is bound to the card number, so the old one cannot be carried), or none
-   until an operator sets one. Any later operation on the old number is refused with
-   REASON_CARD_REPLACED (a replaced card cannot be replaced again, nor change status: that is
-   REASON_ILLEGAL_TRANSITION with its status); a closed card is not replaced. A sale of the
-   old card is refunded to the new card, which lists the old card's history after its own;
-   a reversal still names the card its request was made with (the old one: refused, refund
-   the sale on the new card instead).
+16. Replacement (a new card for a lost, stolen, damaged, worn or expired one; an operator's,
+   store manager or above, as cancelling: it moves everything a card holds; journaled): an
+   active, frozen, lost or expired card with no open holds (REASON_HOLDS_OPEN) and a number
+   that is not a card yet (REASON_CARD_ALREADY_EXISTS) becomes REPLACED, dead for ever, in one
+   write with the new card's opening: two entries, CARD_REPLACED on the old card (its
+   principal, bonus and points out, to zero; amount = principal + bonus; ref_id the status it
+   left; link_seq the next entry) and right after it REPLACEMENT_OPENED on the new card (the
+   same figures in; link_seq the first). The new card is active whatever the old one was,
+   with the old one's tier, lifetime paid, opening time (its tier periods run on), home store
+   and birth month, its program state (promotion uses, tier period), its points lots on their
+   own days (so they expire when they would have), its coupons and packages under their
+   serials, and the member's profile (as the group left it); it expires as a card opened at
+   the replacement (rule 14), and counts in its tier in the old one's place. Its PIN is the one
+   entered for it at the desk (the PIN check is bound to the card number, so the old one
+   cannot be carried), or none until one is set with an operator at a till. Any later
+   operation on the old number is refused with REASON_CARD_REPLACED, a second replacement of
+   it too (a status change: REASON_ILLEGAL_TRANSITION with its status); a closed or issued
+   card is not replaced (REASON_ILLEGAL_TRANSITION). A sale of the old card is refunded to the
+   new card, which lists the old card's history after its own; a reversal sent with the old
+   card (a terminal that timed out before the replacement) is applied to the new card, which
+   holds what the request moved. History, refunds and reversals follow at most LINEAGE_MAX
+   (64) replacements back.
 17. Member lookup (an operator finds a member's cards without the card in hand). A card is
    found by its member's phone or name as given at opening, matched whole after normalising
    both sides the same way (``normalise_phone``, ``normalise_name``): a phone keeps its ASCII

@@ -586,7 +586,7 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
         return "a refund or reversal without a program"
     original = txn.get(L.SEQ_KEY.pack(link), db=ledger.journal) if 0 < link < seq else None
     mine = original is not None and (original[16:32] == cid or (
-        op == L.OP_REFUND and original[16:32] in _ancestors(links, cid)))  # rule 16
+        original[16:32] in _ancestors(links, cid)))  # rule 16: undone on the card that replaced it
     if not mine or original[1] not in L.CARD_OPS:
         if op == L.OP_REVERSAL and not link and not any(f[9:14]) and tier_after == tier:
             return None  # nothing was applied: an entry that moves nothing
@@ -772,7 +772,8 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, expiries: dic
         count += 1
         rec = L.CARD.unpack(raw)
         principal, bonus, points, held, lifetime, last_seq = rec[5:11]
-        tiers[rec[2]] += 1
+        if rec[1] != L.STATUS_REPLACED:  # rule 16: its new card counts in its place
+            tiers[rec[2]] += 1
         totals[0] += principal
         totals[1] += bonus
         totals[2] += points

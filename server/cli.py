@@ -265,22 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original-client-time-us", type=client_time_arg, default=0,
                    help="the request's own client time, Unix microseconds, when known "
                         "(default 0: not known)")
+    def card_or_id(p) -> None:
+        p.add_argument("card", type=card_number_arg, nargs="?", default=None,
+                       help="card number, or - to read it from standard input; or leave it out "
+                            "and give --card-id")
+        p.add_argument("--card-id", type=card_id_arg, default=None,
+                       help="the card as find-card names it (32 hex digits), when the card is not "
+                            "at hand")
+
     p = client("card-status", "activate an issued card (active), freeze, unfreeze (active), report "
                "lost, find (active) or cancel (closed) a card (operator token)", cmd_card_status,
                card=False)
-    p.add_argument("card", type=card_number_arg, nargs="?", default=None,
-                   help="card number, or - to read it from standard input; or leave it out and "
-                        "give --card-id")
-    p.add_argument("--card-id", type=card_id_arg, default=None,
-                   help="the card as find-card names it (32 hex digits), when the card is not "
-                        "at hand")
+    card_or_id(p)
     mutating(p)
     p.add_argument("status", choices=tuple(CARD_STATUSES), help="the card's new status")
-    p = client("replace-card", "a new card for a lost or damaged one: it inherits money, points, "
-               "tier, coupons and packages; the old number dies (operator token)",
-               cmd_replace_card)
+    p = client("replace-card", "a new card for a lost, damaged or expired one: it inherits money, "
+               "points, tier, coupons and packages; the old number dies (a store manager's token)",
+               cmd_replace_card, card=False)
+    card_or_id(p)
     mutating(p)
-    p.add_argument("new_card", help="the new card's number")
+    p.add_argument("new_card", type=card_number_arg, help="the new card's number")
     p = client("find-card", "a member's cards by phone or name, for an operator without the card "
                "(operator token)", cmd_find_card, card=False)
     query = p.add_mutually_exclusive_group(required=True)

@@ -503,16 +503,22 @@ def print_undo(result) -> None:
 CARD_STATUSES = {"active": 1, "frozen": 2, "lost": 3, "closed": 4}  # cardcore.v1.CardStatus
 
 
+def card_or_id(args):
+    """The CardRef of a command that takes a card number or --card-id (find-card), one of them."""
+    from cardcore.v1 import common_pb2 as cpb
+
+    if (args.card is None) == (args.card_id is None):
+        raise UsageError("name the card by its number or by --card-id (find-card), not both")
+    return (cpb.CardRef(card_id=args.card_id) if args.card_id is not None
+            else cpb.CardRef(card_number=args.card))
+
+
 def cmd_card_status(args) -> int:
     """Card life (an operator's): activate, freeze, unfreeze, lost, found, cancel."""
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    if (args.card is None) == (args.card_id is None):
-        raise UsageError("name the card by its number or by --card-id (find-card), not both")
-    ref = (cpb.CardRef(card_id=args.card_id) if args.card_id is not None
-           else cpb.CardRef(card_number=args.card))
-    req = pb.SetCardStatusRequest(card=ref, status=CARD_STATUSES[args.status], till=_till(args),
+    req = pb.SetCardStatusRequest(card=card_or_id(args), status=CARD_STATUSES[args.status], till=_till(args),
                                   **request_fields(args))
     result = call(stub_of(args).SetCardStatus, req, args)
     rows = [("request", result.request_id), ("journal seq", str(result.seq)),
@@ -529,7 +535,7 @@ def cmd_replace_card(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.ReplaceCardRequest(card=cpb.CardRef(card_number=args.card),
+    req = pb.ReplaceCardRequest(card=card_or_id(args),
                                 new_card=cpb.CardRef(card_number=args.new_card), till=_till(args),
                                 **request_fields(args))
     result = call(stub_of(args).ReplaceCard, req, args)

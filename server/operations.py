@@ -433,15 +433,20 @@ class Operations:
                         role=role)
 
     def replace_card_op(self, req: pb.ReplaceCardRequest, caller: Caller) -> PendingOp:
-        """A new card for an old one (rule 16): an operator of the till's store, cashier or
-        above, with the old card (by number, or by its id as FindCards found it: it is lost) and
-        the new one (swiped at the desk, or by number); the new card's PIN, if the member gives one, under the new card's KSN. The
-        writer checks both cards, the role and the scope."""
+        """A new card for an old one (rule 16): an operator of the till's store, store manager
+        or above (it moves everything a card holds, like a cancel), with the old card by number
+        or by its id as FindCards found it (it is lost: never a swipe, so one request takes one
+        terminal budget slot and one KSN, the new card's) and the new one (swiped at the desk,
+        or by number); the new card's PIN, if the member gives one, under the new card's KSN.
+        The writer checks both cards, the role and the scope."""
         rid = request_id_bytes(req.request_id)
         at_us = client_time_us(req)
         if not req.HasField("new_card"):
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
-        old = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER, by_id=True)
+        if req.card.WhichOneof("ref") == "secure":
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "card")
+        role = ROLE.OPERATOR_ROLE_STORE_MANAGER
+        old = self._operator_card(req, caller, role, by_id=True)
         new = self.swipes.card(req.new_card, req.till, caller)
         if new.card_id == old.card_id:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
@@ -451,18 +456,12 @@ class Operations:
                                               birthday=self.birthday(old.card_id))
             pin_flags = L.NEW_PIN
         # the op is the old card's; a swiped new card's KSN is the one the writer takes
-        card = CardAccess(old.card_id, old.number, None, new.terminal_id or old.terminal_id,
-                          new.ksn_counter or old.ksn_counter)
-        masked = cards.mask(new.number)
-        op = self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
-                      new_pin_check=new_check, referrer_id=new.card_id,
-                      profile=profiles.encode({"masked": masked}),
-                      sealed=self.keyring.seal(new.card_id, new.number))
-        # the member's profile moves to the new card with its masked number (a profile is never
-        # changed after opening, so the one read here is the one the writer replaces)
-        found = self.ledger.read_card(old.card_id)
-        profile = dict(found[1] if found else {}, masked=masked)
-        return self._sealed_profile(op, new.card_id, profile)
+        card = CardAccess(old.card_id, old.number, None, new.terminal_id, new.ksn_counter)
+        # the member's profile moves to the new card, with this masked number, in the writer
+        return self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
+                        new_pin_check=new_check, referrer_id=new.card_id,
+                        profile=profiles.encode({"masked": cards.mask(new.number)}),
+                        sealed=self.keyring.seal(new.card_id, new.number), role=role)
 
     def reverse_op(self, req: pb.ReverseRequest, caller: Caller) -> PendingOp:
         """A request undone, or refused before it arrives (rule 13): named by its request_id in

@@ -694,7 +694,7 @@ class CardService(pb_grpc.CardServiceServicer):
                        discount_rate_bp=program_tier.rate_bp if program_tier else 0,
                        status=status, view=view,
                        expires_at_us=L.CARD_EXPIRES.unpack_from(_rest[-1])[0])  # rule 14
-        if status == L.STATUS_REPLACED:
+        if status == L.STATUS_REPLACED and view == pb.CARD_VIEW_FULL:  # not to a found card
             card.replaced_by = self.ledger.read_replacement(card_id)
         if view >= pb.CARD_VIEW_BALANCE:
             card.balance.principal_minor = principal

@@ -18,8 +18,8 @@ from conftest import (Admin, Client, bearer, failure_of, new_card_number, operat
                       verify)
 from test_card_life import reach, set_status, status_of
 from test_card_programs import CAFE_DRINKS, CAFE_FOOD, Till, cafe_ledger, example, figures, line, lots_of
-from test_ledger import cid, key
-from test_refunds import refund, seq_of
+from test_ledger import cid, key, op
+from test_refunds import refund, reverse_op, seq_of
 
 R = cpb.Reason
 OLD, NEW = "6225880000000701", "6225880000000719"
@@ -177,6 +177,29 @@ def test_a_sale_of_the_old_card_is_refunded_to_the_new_one(till):
     assert refund(till, "6225880000000727", seq_of(sale), 0).reason == L.R_ORIGINAL_NOT_FOUND
 
 
+def test_a_timed_out_request_on_the_old_card_is_reversed_on_the_new_one(till):
+    """A terminal that timed out on the old card reverses with the card it swiped: the top-up
+    (or sale) made before the replacement is undone on the new card, which holds its money;
+    one never seen is tombstoned, so the late original is refused."""
+    till.open(OLD)
+    sent = till.at + 1
+    top_up = till.apply(op("t-1", L.OP_TOP_UP, OLD, 5000, at=sent), at=sent)[0]
+    sale = till.buy(OLD, line(CAFE_FOOD, 1000), request_id="s-1")
+    assert top_up.reason == L.R_OK and sale.reason == L.R_OK
+    assert replace(till).reason == L.R_OK
+    held = till.card(NEW)["principal"]
+    back = till.apply(reverse_op(till, OLD, "s-1"))[0]
+    assert back.reason == L.R_OK and L.JOURNAL.unpack(back.entry)[8] == cid(NEW)
+    assert till.card(NEW)["principal"] == held + figures(back)["principal"] > held
+    undone = till.apply(reverse_op(till, OLD, "t-1"))[0]
+    assert undone.reason == L.R_OK and figures(undone)["principal"] == -5000
+    assert till.card(NEW)["principal"] == 0 and till.card(OLD)["principal"] == 0
+    late = till.apply(reverse_op(till, OLD, "never-came"))[0]
+    assert late.reason == L.R_OK
+    arrived = till.apply(op("never-came", L.OP_TOP_UP, OLD, 100, at=till.at + 1))[0]
+    assert arrived.reason in (L.R_REVERSED, L.R_CARD_REPLACED)
+
+
 def test_the_new_cards_history_goes_on_with_the_old_cards(till):
     till.open(OLD)
     till.top_up(OLD, 10000)
@@ -277,6 +300,11 @@ def test_replace_card_over_grpc(server):
         "cashier-2", cpb.OPERATOR_ROLE_CASHIER, [2])
     with pytest.raises(grpc.RpcError) as err:
         replace_rpc(old, new, token=elsewhere)
+    assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
+    cashier = Admin(server.channel, server.admin_token).add_operator(
+        "cashier-1", cpb.OPERATOR_ROLE_CASHIER, [1])  # moves a whole card: a manager's to do
+    with pytest.raises(grpc.RpcError) as err:
+        replace_rpc(old, new, token=cashier)
     assert failure_of(err.value).reason == R.REASON_PERMISSION_DENIED
     result = replace_rpc(old, new)
     assert result.type == cpb.OPERATION_TYPE_REPLACEMENT_OPENED
@@ -409,3 +437,27 @@ def test_an_expired_card_is_renewed_by_a_replacement(tmp_path):
     report = verify_ledger(till.ledger)
     till.ledger.close()
     assert report["ok"], report["problems"]
+
+
+def test_a_card_opened_and_replaced_in_one_group_keeps_its_profile(till):
+    """The new card's profile is the old card's as the group left it (here, written by an
+    opening earlier in the same group), with the new number's mask."""
+    profile = b'{"masked":"622588******0701","name":"Wu Di","phone":"13511112222"}'
+    opening = PendingOp.build(key(till.rid()), L.OP_OPEN, cid(OLD), profile=profile,
+                              client_time_us=till.at + 1)
+    first, moved = till.apply(opening, replace_op(till, OLD, NEW))
+    assert (first.reason, moved.reason) == (L.R_OK, L.R_OK)
+    assert till.ledger.read_card(cid(NEW))[1] == {"masked": NEW[:6], "name": "Wu Di",
+                                                  "phone": "13511112222"}
+
+
+def test_the_cli_replaces_a_card_named_by_its_id(server):
+    old, new = new_card_number(), new_card_number()
+    assert operator_cli(server, "open-card", old, "--store", "1", "--phone", "13966667777")[0] == 0
+    rc, out = operator_cli(server, "find-card", "--phone", "13966667777", "--store", "1")
+    card_id = out.splitlines()[1].split()[0]
+    rc, out = operator_cli(server, "replace-card", "--card-id", card_id, new, "--store", "1")
+    assert rc == 0 and "journal seq" in out, out
+    rc, out = operator_cli(server, "replace-card", old, new_card_number(), "--card-id", card_id,
+                           "--store", "1")
+    assert rc == 2 and "not both" in out
