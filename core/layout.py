@@ -72,7 +72,8 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     192  u8  tier_after            the card's tier after the operation (an upgrade it earned)
     193  u8  birth_month           the card's birth month (0: unknown), as rule 5 used it
     194  u16 line_count            purchase: its lines, stored under the same seq in
-                                   ``journal_lines``; 0 = one line of category 0
+                                   ``journal_lines``; 0 = one line of category 0; a refund by
+                                   line: the sale's lines it gave back, stored likewise
     196  u16 item_id               top-up: the promotion whose bonus it got (bonus_delta);
                                    coupon issue, or a purchase with a coupon: the coupon's
                                    definition id; 0 = none
@@ -138,7 +139,8 @@ writer runs::
     152  u64 basket_tag
     160  u16 line_count            purchase: how many LINE records it has in the run's lines
                                    buffer (in operation order); 0 = one line of category 0
-                                   for amount_minor
+                                   for amount_minor; a refund by line: the sale's lines, all of
+                                   them, marked (LINE line_tag), put there by the writer
     162  u8  op_flags              purchase: bit 0 ALLOW_PARTIAL (rule 6b: the card pays what it
                                    has, the till collects the rest); bit 1 CAPTURE (rule 15:
                                    paid from the hold link_seq names, which it closes)
@@ -154,7 +156,12 @@ purchase with lines, LMDB ``journal_lines`` (key: the purchase's seq; value: its
 lines, in order, as the kernel filled them)::
 
       0  u16 category_code         0..63: the program's category (0 = default)
-      2  u16 reserved
+      2  u16 line_tag              a purchase's lines: 0. A refund by line (rule 12): in the
+                                   kernel's input (the sale's lines, all of them) bit 0
+                                   LINE_ASKED (this refund gives it back), bit 1 LINE_REFUNDED
+                                   (an earlier refund did); stored under the refund's seq (only
+                                   the lines it gave back, as the sale had them): the sale's
+                                   line number, 1-based, as on the receipt
       4  u32 quantity              for receipts (0 = not given); the arithmetic ignores it
       8  i64 amount_minor          the line's gross price, > 0
      16  i64 discount_minor        out: gross - paid for this line
@@ -229,6 +236,18 @@ time a refund or reversal names it; rules 12 and 13)::
      40  i64 points_redeemed       points the purchase took to pay
      48  i64 points_earned         points the purchase earned
      56  u64 reversal_seq          the reversal's entry; 0 until reversed
+
+Line refunds, v1, 32 bytes, LMDB ``refunded_lines`` value (key: the sale's u64 big-endian seq):
+which of a sale's lines refunds by line gave back (rule 12), so a line is given back once;
+none yet: zeros::
+
+      0  u8  version               1
+      1  u8  reserved
+      2  u16 lines_refunded        how many bits are set below
+      4  u32 reserved
+      8  16B refunded              bit k of byte k // 8 (k = line number - 1): given back;
+                                   LINES_MAX (100) <= 128
+     24  u64 last_refund_seq       the refund that set the last bit
 
 Hold, v1, 64 bytes, LMDB ``holds`` value (key: card id | u64 big-endian serial, the sequence of
 the authorization entry that made it; a capture or a void names it in link_seq; rule 15)::
@@ -424,6 +443,11 @@ HOLD_RELEASES_MAX = 1000       # expired holds one group releases at most (the r
 CARD_ENTRY_KEY = struct.Struct(">16sQ")  # a card's history: card id, seq
 CARD_ENTRY = struct.Struct("<B7xq")      # its value: the entry's op and time
 UNDO_VERSION, UNDO_REVERSED = 1, 1
+LINE_REFUNDS = struct.Struct("<BxHI16sQ")  # a sale's lines refunds by line gave back (rule 12)
+LINE_REFUNDS_VERSION = 1
+LINE_ASKED, LINE_REFUNDED = 1, 2  # a refund's input lines' line_tag (rule 12)
+LINE_TAG = struct.Struct("<2xH")   # a line's line_tag, read alone
+assert LINE_REFUNDS.size == 32
 GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
@@ -576,6 +600,7 @@ R_ALREADY_REVERSED, R_REVERSED, R_REVERSAL_WINDOW_PASSED, R_NOT_REVERSIBLE = 81,
 R_ILLEGAL_TRANSITION = 85
 R_HOLD_NOT_FOUND, R_HOLD_CLOSED, R_HOLD_EXPIRED, R_CAPTURE_EXCEEDS_HOLD = 86, 87, 88, 89
 R_HOLDS_OPEN = 90
+R_LINE_ALREADY_REFUNDED, R_LINE_NOT_FOUND = 96, 97
 # Rule 14: the card statuses each status can go to (CardStatus values).
 CARD_TRANSITIONS = {STATUS_ACTIVE: (STATUS_FROZEN, STATUS_LOST, STATUS_CLOSED),
                     STATUS_FROZEN: (STATUS_ACTIVE, STATUS_LOST, STATUS_CLOSED),

@@ -12,7 +12,7 @@ import struct
 
 from cardcore import layout as L
 from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, available_minor,
-                            month_of, paid_minor,
+                            line_refund, month_of, paid_minor,
                             points_earned, redemption, review_due, review_start, spend,
                             undo_money, undo_share)
 
@@ -124,7 +124,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             card.flags = L.CARD_PIN_SET if new else 0
             card.pin_tries = 0
 
-        if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
+        entry_lines = line_count  # the entry's line_count: a refund by line's, those asked
+        if (line_count and op not in (L.OP_PURCHASE, L.OP_REFUND) or redeem < 0 or line_count > L.LINES_MAX
                 or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)
                 or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id or redeem
                                                 or op_flags[0] & L.ALLOW_PARTIAL)):
@@ -243,9 +244,17 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_ALREADY_REVERSED
             elif amount < 0:
                 reason = L.R_INVALID_AMOUNT
+            elif line_count and amount:
+                reason = L.R_INVALID_ARGUMENT  # by line or by amount, not both
             else:
-                amount = amount or paid - refunded  # 0: all that is left
-                if amount == 0 or amount > paid - refunded:
+                whole = True
+                if line_count:
+                    reason, amount, entry_lines, whole = refund_lines(lines, my_lines, paid)
+                else:
+                    amount = amount or paid - refunded  # 0: all that is left
+                if reason != L.R_OK:
+                    pass
+                elif (amount == 0 and not line_count) or amount > paid - refunded:
                     reason = L.R_REFUND_EXCEEDS_ORIGINAL
                     redeemed = paid - refunded  # what is left, for the answer
                 else:
@@ -255,7 +264,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                         d_points, taken_points = back - take, take
                         redeemed = amount - d_principal - d_bonus
                         undo_changed = True
-                        complete = refunded + amount == paid
+                        complete = refunded + amount == paid and whole
         elif op == L.OP_SET_PIN:
             if not pin_flags & L.NEW_PIN:
                 reason = L.R_INVALID_ARGUMENT
@@ -451,7 +460,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         applied = reason == L.R_OK
         L.JOURNAL_PROGRAM.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_PROGRAM,
                                     taken_points, redeemed, card.tier,
-                                    line_count if applied else 0, promotion_id if applied else 0)
+                                    entry_lines if applied else 0, promotion_id if applied else 0)
         journal_out[i * L.JOURNAL_SIZE + L.JOURNAL_OFF_BIRTH_MONTH] = card.birth_month & 0xFF
         L.JOURNAL_PURCHASE_FLAGS.pack_into(journal_out, i * L.JOURNAL_SIZE
                                            + L.JOURNAL_OFF_PURCHASE_FLAGS,
@@ -484,6 +493,36 @@ def hold_check(hold: list, op: int, store: int, operator: int) -> int:
                                      and store != hold[3]):
         return L.R_HOLD_NOT_FOUND
     return L.R_OK if hold[1] == L.HOLD_OPEN else L.R_HOLD_CLOSED
+
+
+def refund_lines(lines: bytearray, my_lines: range, paid: int) -> tuple[int, int, int, bool]:
+    """Rule 12 by line, over the sale's lines as the writer marks them (layout.LINE line_tag):
+    (reason, fen given back, lines asked, whether no line of the sale is left after them)."""
+    total = before = now = asked = 0
+    bad = again = False
+    whole = True
+    for k in my_lines:
+        _, tag, _, gross, discount, *_ = L.LINE.unpack_from(lines, k * L.LINE_SIZE)
+        if tag > (L.LINE_ASKED | L.LINE_REFUNDED) or gross <= 0 or not 0 <= discount <= gross:
+            bad = True
+            continue
+        p = gross - discount
+        total += p
+        if tag & L.LINE_REFUNDED:
+            before += p
+            again = again or bool(tag & L.LINE_ASKED)
+        elif tag & L.LINE_ASKED:
+            now += p
+            asked += 1
+        else:
+            whole = False
+    if bad or total > L.INT64_MAX or total < paid:
+        return L.R_INVALID_ARGUMENT, 0, 0, False  # not the lines of a sale that cost paid
+    if again:
+        return L.R_LINE_ALREADY_REFUNDED, 0, 0, False
+    if not asked:
+        return L.R_INVALID_ARGUMENT, 0, 0, False
+    return L.R_OK, line_refund(paid, total, before, before + now), asked, whole
 
 
 def check_undo(undo: list) -> None:

@@ -99,6 +99,21 @@ checks they agree on every input):
    that leaves nothing (T1 = paid) gives back the sale's coupon while it is still valid. A
    refund or reversal is never refunded (REASON_NOT_REFUNDABLE), nor a reversed sale
    (REASON_ALREADY_REVERSED).
+   By line (a sale with lines): the refund names lines by their 1-based numbers on the
+   receipt, and no amount. A line's price is what the member paid for it, ``p = gross -
+   discount`` (its tier's discount and the share of the sale's coupon it was given; the fen its
+   points paid included): the stored line's figures. With P the sum of every line's p, L0 that
+   of the lines refunds by line gave back before and L1 = L0 + that of the lines named, the
+   refund gives back ``R = paid * L1 // P - paid * L0 // P`` (``line_refund``; exactly the
+   lines' p when the card paid the whole sale, P = paid; in proportion when a till collected
+   part of it), as a refund of R by the rest of this rule, so that a sale's lines refunded one
+   by one give back exactly what one full refund gives, to the fen (the points taken back are
+   the sale's cumulative share, not the line's own). R may be 0 (a free item: the line is
+   given back, nothing moves); more than what is left: REASON_REFUND_EXCEEDS_ORIGINAL. It
+   leaves nothing (the coupon comes back) when T1 = paid and no line is left. A line is given
+   back once (REASON_LINE_ALREADY_REFUNDED); a number the sale has no line for is
+   REASON_LINE_NOT_FOUND; lines of a sale without lines, or lines with an amount,
+   REASON_INVALID_ARGUMENT.
 13. Reversals (a terminal that timed out names its own request by request_id, within the
    program's ``reversal_window_minutes`` of the original): a purchase is refunded in full (of
    what refunds left) by rule 12, its coupon comes back whatever its validity, and an upgrade
@@ -527,3 +542,13 @@ def undo_share(x: int, paid: int, before: int, after: int) -> int:
     ``paid``) give back; the parts of all of a sale's refunds add up to exactly ``x``."""
     assert 0 <= before <= after <= paid and paid > 0
     return x * after // paid - x * before // paid
+
+
+def line_refund(paid: int, lines_paid: int, before: int, after: int) -> int:
+    """Rule 12 by line: the fen a refund of lines gives back, from ``before`` to ``after`` of the
+    sale's lines' prices (``lines_paid`` = P in all); the parts of all its lines add up to
+    exactly ``paid``, however they are grouped."""
+    assert 0 <= before <= after <= lines_paid and 0 <= paid <= lines_paid
+    if not lines_paid:
+        return 0
+    return paid * after // lines_paid - paid * before // lines_paid

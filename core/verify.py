@@ -41,10 +41,12 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import (history_items, hold_index_key, issued_coupon, profile_month,
-                             sold_package, undo_record)
+from cardcore.ledger import (EMPTY_LINE_REFUNDS, history_items, hold_index_key, issued_coupon,
+                             lines_refunded, profile_month, refund_input_lines,
+                             refund_stored_lines, sold_package, undo_record)
 from cardcore.program import ProgramError, parse_program
-from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
+from cardcore.reference import (Card, CardState, CompiledProgram, give_back, purchase,
+                                refund_lines)
 from cardcore.rules import spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
@@ -111,6 +113,10 @@ def verify(ledger, problems_max: int = 50) -> dict:
         if ledger.undone is not None and dict(txn.cursor(db=ledger.undone)) != {
                 k: L.UNDO.pack(*v) for k, v in journal["undone"].items()}:
             problem("the undo records are not what the journal's refunds and reversals make")
+        if ledger.refunded_lines is not None and dict(txn.cursor(db=ledger.refunded_lines)) != \
+                journal["refunded_lines"]:
+            problem("the sales' line refunds records are not what the journal's refunds by line "
+                    "make")
         requests = _requests(txn, ledger, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
@@ -173,6 +179,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
     undone: dict[bytes, list] = {}       # an entry's undo record as refunds and reversals leave it
+    refunded: dict[bytes, bytes] = {}    # a sale's line refunds record, as refunds by line leave it
     statuses: dict[bytes, int] = {}      # card id -> its status, where rule 14 changed it
     holds: dict[bytes, list] = {}        # hold key -> its record (layout.HOLD) as rebuilt
     held: dict[bytes, int] = {}          # card id -> what its open holds hold
@@ -339,7 +346,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             referred.add(f[28])
         elif op in (L.OP_REFUND, L.OP_REVERSAL):
             why = _undo_problem(txn, ledger, f, entry, s, state_of(cid), undone, coupons,
-                                compiled_of(program_version), holds, held)
+                                compiled_of(program_version), holds, held, refunded)
             if why:
                 problem(f"journal entry {seq}: {why}")
         elif op == L.OP_HOLD:
@@ -420,6 +427,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if min(s[0], s[1], s[2]) < 0:
             problem(f"journal entry {seq}: a balance below zero")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
+            "refunded_lines": refunded,
             "statuses": statuses, "holds": holds, "held": held,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
@@ -466,13 +474,14 @@ def _close_hold(hold: list | None, f: tuple, state: int, held: dict) -> str | No
 
 def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState, undone: dict,
                   coupons: dict, prog: CompiledProgram | None, holds: dict,
-                  held: dict) -> str | None:
+                  held: dict, refunded: dict) -> str | None:
     """Why a refund or reversal entry is not what rules 12 and 13 make of its original, as the
     journal left it before (None: it is). Moves the card's lifetime paid (``s``), its program
     state, the original's undo record and a coupon it gives back along."""
     op, tier, seq, cid, amount, link, ts_us = f[1], f[2], f[7], f[8], f[9], f[28], f[17]
     dp, db_, dpts = f[11], f[12], f[13]
-    taken, redeemed, tier_after = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[:3]
+    taken, redeemed, tier_after, line_count = L.JOURNAL_PROGRAM.unpack_from(
+        entry, L.JOURNAL_OFF_PROGRAM)[:4]
     flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
     if prog is None:
         return "a refund or reversal without a program"
@@ -487,16 +496,33 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
     want_moves, want_amount, complete = (0, 0, 0, 0, 0), 0, False
     if op == L.OP_REFUND:
         left = undo[7] - undo[6]
+        whole, lines = True, None
+        if line_count:  # by line (rule 12): the sale's lines it names, not given back before
+            lines = txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal_lines) or b""
+            if lines_digest(lines) != entry[L.JOURNAL_OFF_LINES_DIGEST:][:L.LINES_DIGEST_SIZE]:
+                return "its stored lines are not the ones it carries the digest of"
+            sale_lines = txn.get(key, db=ledger.journal_lines) or b""
+            numbers = [L.LINE_TAG.unpack_from(lines, k * L.LINE_SIZE)[0]
+                       for k in range(len(lines) // L.LINE_SIZE)]
+            marked = refund_input_lines(sale_lines, refunded.get(key, EMPTY_LINE_REFUNDS),
+                                        numbers)
+            why, by_lines, _, whole = refund_lines(
+                bytearray(marked), range(len(marked) // L.LINE_SIZE), undo[7])
+            if (why != L.R_OK or refund_stored_lines(marked) != lines
+                    or len(numbers) != line_count or by_lines != amount):
+                return f"a refund of lines {numbers} that its sale's lines do not give"
         if undo[0] != L.UNDO_VERSION or undo[2] != L.OP_PURCHASE or undo[1] & L.UNDO_REVERSED \
-                or not 0 < amount <= left:
+                or not (0 <= amount if line_count else 0 < amount) or amount > left:
             return f"a refund of {amount} that its original does not allow ({left} left)"
         reason, figures = give_back(undo, card, undo[6], undo[6] + amount)
         if reason != L.R_OK:
             return "a refund that overflows"
         p, b, take, back = figures
         want_moves, want_amount = (p, b, back - take, take, amount - p - b), amount
-        complete = undo[6] + amount == undo[7]
+        complete = undo[6] + amount == undo[7] and whole
         undo[6] += amount
+        if lines is not None:
+            refunded[key] = lines_refunded(refunded.get(key, EMPTY_LINE_REFUNDS), lines, seq)
     elif undo[1] & L.UNDO_REVERSED:
         if any(f[9:14]) or tier_after != tier:
             return "a second reversal that moves value"

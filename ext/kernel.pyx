@@ -115,6 +115,9 @@ cdef enum:
     R_HOLD_EXPIRED = 88
     R_CAPTURE_EXCEEDS_HOLD = 89
     R_HOLDS_OPEN = 90
+    R_LINE_ALREADY_REFUNDED = 96
+    LINE_ASKED = 1
+    LINE_REFUNDED = 2
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -434,6 +437,43 @@ cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t bef
     return R_OK
 
 
+cdef inline uint8_t line_refund(const cc_line_t* ls, int n, int64_t paid, int64_t* amount,
+                                 int* asked, int* whole) noexcept nogil:
+    """Rule 12 by line: the reason; on success *amount is what the lines marked LINE_ASKED
+    give back (cardcore.rules.line_refund), *asked how many they are, *whole whether no line of
+    the sale is left after them. ``ls`` are the sale's lines, all of them, as stored."""
+    cdef cc_i128 total = 0, before = 0, after = 0
+    cdef int64_t p
+    cdef int k, bad = 0, again = 0
+    asked[0] = 0
+    whole[0] = 1
+    for k in range(n):
+        if (ls[k].line_tag > (LINE_ASKED | LINE_REFUNDED) or ls[k].amount_minor <= 0
+                or ls[k].discount_minor < 0 or ls[k].discount_minor > ls[k].amount_minor):
+            bad = 1
+            continue
+        p = ls[k].amount_minor - ls[k].discount_minor
+        total += p
+        if ls[k].line_tag & LINE_REFUNDED:
+            before += p
+            if ls[k].line_tag & LINE_ASKED:
+                again = 1
+        elif ls[k].line_tag & LINE_ASKED:
+            after += p
+            asked[0] += 1
+        else:
+            whole[0] = 0
+    if bad or total > INT64_MAX or total < paid:
+        return R_INVALID_ARGUMENT  # not the lines of a sale that cost paid
+    if again:
+        return R_LINE_ALREADY_REFUNDED
+    if asked[0] == 0:
+        return R_INVALID_ARGUMENT
+    after += before
+    amount[0] = <int64_t>((paid * after) // total - (paid * before) // total) if total else 0
+    return R_OK
+
+
 cdef inline int transition_ok(uint8_t now, uint8_t wanted) noexcept nogil:
     """Rule 14 (layout.CARD_TRANSITIONS): whether a card's status may change to ``wanted``."""
     if now == STATUS_ACTIVE:
@@ -663,9 +703,10 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef cc_undo_t* undo = <cc_undo_t*>coupon  # a refund's or reversal's original, likewise
     cdef int64_t g[4]
     cdef int64_t left
-    cdef int undo_changed = 0, complete = 0, k
+    cdef int undo_changed = 0, complete = 0, k, asked = 0, whole = 0
+    cdef uint16_t entry_lines = op.line_count  # the entry's line_count: a refund's, those asked
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = fig[5] = 0
-    if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
+    if ((op.line_count and op.op != OP_PURCHASE and op.op != OP_REFUND) or op.redeem_points < 0
             or op.line_count > LINES_MAX
             or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
                 and op.op != OP_POINTS_EXCHANGE)
@@ -802,11 +843,19 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_ALREADY_REVERSED
         elif amount < 0:
             reason = R_INVALID_AMOUNT
+        elif op.line_count and amount != 0:
+            reason = R_INVALID_ARGUMENT  # by line or by amount, not both
         else:
             left = undo.paid_minor - undo.refunded_minor
-            if amount == 0:
+            if op.line_count:
+                reason = line_refund(lines, op.line_count, undo.paid_minor, &amount, &asked,
+                                     &whole)
+                entry_lines = <uint16_t>asked
+            elif amount == 0:
                 amount = left  # all that is left
-            if amount == 0 or amount > left:
+            if reason != R_OK:
+                pass
+            elif (amount == 0 and not op.line_count) or amount > left:
                 reason = R_REFUND_EXCEEDS_ORIGINAL
                 fig[3] = left  # what is left, for the answer (a decline is never journaled)
             else:
@@ -815,7 +864,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                     d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
                     fig[2], fig[3] = g[2], amount - g[0] - g[1]
                     undo_changed = 1
-                    complete = undo.refunded_minor + amount == undo.paid_minor
+                    complete = (undo.refunded_minor + amount == undo.paid_minor
+                                and (whole or not op.line_count))
     elif op.op == OP_SET_PIN:
         if not op.pin_flags & NEW_PIN:
             reason = R_INVALID_ARGUMENT
@@ -1056,7 +1106,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     if reason == R_OK:
         out.points_redeemed = fig[2]
         out.redeemed_minor = fig[3]
-        out.line_count = op.line_count
+        out.line_count = entry_lines
         out.item_id = promotion_id
         out.coupon_off_minor = fig[4]
         out.purchase_flags = (PARTIAL_PAYMENT if partial else 0) | (UNDO_COMPLETE if complete else 0)

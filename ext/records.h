@@ -59,7 +59,7 @@ typedef struct {
 } cc_op_t;
 
 typedef struct {
-    uint16_t category_code, reserved0;
+    uint16_t category_code, line_tag;  /* layout.LINE: a refund by line's marks or line number */
     uint32_t quantity;
     int64_t amount_minor, discount_minor, points_earned, redeemed_minor;
     uint8_t sku[24];

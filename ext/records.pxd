@@ -56,7 +56,7 @@ cdef extern from "records.h":
         uint8_t reserved2[16]
 
     ctypedef struct cc_line_t:
-        uint16_t category_code, reserved0
+        uint16_t category_code, line_tag
         uint32_t quantity
         int64_t amount_minor, discount_minor, points_earned, redeemed_minor
         uint8_t sku[24]

@@ -112,6 +112,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_CAPTURE_EXCEEDS_HOLD: (C.FAILED_PRECONDITION, "the capture takes more than the hold "
                                     "holds"),
     R.REASON_HOLDS_OPEN: (C.FAILED_PRECONDITION, "the card has open holds: void them first"),
+    R.REASON_LINE_ALREADY_REFUNDED: (C.FAILED_PRECONDITION, "a line named was given back "
+                                     "already"),
+    R.REASON_LINE_NOT_FOUND: (C.NOT_FOUND, "the sale has no line with that number"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}
