@@ -446,7 +446,8 @@ UNDO_VERSION, UNDO_REVERSED = 1, 1
 LINE_REFUNDS = struct.Struct("<BxHI16sQ")  # a sale's lines refunds by line gave back (rule 12)
 LINE_REFUNDS_VERSION = 1
 LINE_ASKED, LINE_REFUNDED = 1, 2  # a refund's input lines' line_tag (rule 12)
-LINE_TAG = struct.Struct("<2xH")   # a line's line_tag, read alone
+LINE_TAG, LINE_OFF_TAG = struct.Struct("<2xH"), 2  # a line's line_tag, read alone (unpack only:
+# packing writes the category's zeros too)
 assert LINE_REFUNDS.size == 32
 GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.

@@ -106,7 +106,7 @@ NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when 
 _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
 assert _ENTRY_HEAD.size == 88
 _TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
-_U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
+_U64, _I64, _U16 = struct.Struct("<Q"), struct.Struct("<q"), struct.Struct("<H")
 _OP_REF = struct.Struct("<144xQ")  # an operation's ref_id (layout.OP offset 144), read alone
 _ENTRY_BASKET = struct.Struct("<160xQ")  # a journal entry's basket_tag (layout.JOURNAL 160)
 _OP_REFERRER = 176  # layout.OP offset of referrer_id
@@ -211,7 +211,7 @@ def refund_input_lines(sale_lines: bytes, refunded: bytes, asked: list[int]) -> 
     for k in range(len(sale_lines) // L.LINE_SIZE):
         tag = ((L.LINE_ASKED if k + 1 in wanted else 0)
                | (L.LINE_REFUNDED if bits[k // 8] >> (k % 8) & 1 else 0))
-        L.LINE_TAG.pack_into(out, k * L.LINE_SIZE, tag)
+        _U16.pack_into(out, k * L.LINE_SIZE + L.LINE_OFF_TAG, tag)
     return bytes(out)
 
 

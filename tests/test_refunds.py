@@ -383,10 +383,10 @@ def refund_lines_op(till: Till, number: str, original_seq: int, *numbers: int, a
               refund_lines=bytes(numbers))
 
 
-def given_back(outcome) -> list[tuple[int, int, int]]:
-    """A refund by line's stored lines: (line number, gross, discount) each."""
-    return [(number, gross, discount)
-            for _, number, _, gross, discount, *_ in L.LINE.iter_unpack(outcome.lines)]
+def given_back(outcome) -> list[tuple[int, int, int, int]]:
+    """A refund by line's stored lines: (line number, category, gross, discount) each."""
+    return [(number, code, gross, discount)
+            for code, number, _, gross, discount, *_ in L.LINE.iter_unpack(outcome.lines)]
 
 
 def a_basket(till: Till, number: str):
@@ -422,9 +422,9 @@ def test_a_sales_lines_refunded_one_by_one_give_back_what_a_full_refund_gives(ma
         f = figures(back)
         done.append((back.reason, f["amount"], f["principal"], f["taken"], f["lines"],
                      bool(undo_flags(back) & L.UNDO_COMPLETE), given_back(back)))
-    assert done == [(L.R_OK, 5000, 5000, 91, 1, False, [(3, 5000, 0)]),
-                    (L.R_OK, 13000, 13000, 236, 1, False, [(1, 20000, 7000)]),
-                    (L.R_OK, 38000, 38000, 693, 1, True, [(2, 40000, 2000)])]
+    assert done == [(L.R_OK, 5000, 5000, 91, 1, False, [(3, TOBACCO, 5000, 0)]),
+                    (L.R_OK, 13000, 13000, 236, 1, False, [(1, FRESH, 20000, 7000)]),
+                    (L.R_OK, 38000, 38000, 693, 1, True, [(2, GROCERY, 40000, 2000)])]
     whole = refund(market, twin, seq_of(twin_sale))
     assert (figures(whole)["amount"], figures(whole)["taken"]) == (56000, 1020)
     assert market.card(number) == market.card(twin) == dict(
@@ -440,7 +440,7 @@ def test_a_line_is_given_back_once_and_a_line_the_sale_has_not_is_not_found(mark
     number = "6225880000000737"
     sale, _ = a_basket(market, number)
     both = refund_lines(market, number, seq_of(sale), 1, 3)
-    assert (both.reason, figures(both)["amount"], [n for n, _, _ in given_back(both)]) == (
+    assert (both.reason, figures(both)["amount"], [n for n, *_ in given_back(both)]) == (
         L.R_OK, 18000, [1, 3])
     card = market.card(number)
     assert refund_lines(market, number, seq_of(sale), 3).reason == L.R_LINE_ALREADY_REFUNDED
