@@ -15,7 +15,8 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
       4  u32 flags                 bit 0 PIN set, bit 1 PIN locked
       8  i64 principal_minor       prepaid money the member paid in
      16  i64 bonus_minor           promotional value, kept apart from principal
-     24  i64 points                points balance
+     24  i64 points                points balance; below zero only under a program whose
+                                   refunds owe points (rule 12): the debt later earning pays
      32  i64 held_minor            money reserved by the card's open holds (rule 15): the sum of
                                    their amounts; available = principal + bonus - held
      40  i64 lifetime_paid_minor   cumulative amount paid (tier rules)
@@ -320,7 +321,9 @@ ledger keeps documents, so the compiled form can change freely)::
      36  u32 program_version       >= 1, written into every journal entry
      40  u8  spend_order           0 principal first, 1 bonus first, 2 proportional
      41  u8  promotion_count       0..16
-     42  6B  reserved
+     42  u8  points_shortfall      a refund taking back more points than the card holds (rule
+                                   12): 0 forgive (take what it holds), 1 owe (go below zero)
+     43  5B  reserved
      48  u8[64] category_flags     by code: bit 0 defined, bit 1 discountable
     112  i64[16] upgrade_spend_minor    by tier: lifetime paid that reaches it; 0 never
     240  i64[16] upgrade_top_up_minor   by tier: one top-up this large reaches it; 0 never
@@ -421,7 +424,7 @@ VERSION_KEY = struct.Struct(">I")        # programs: version
 
 LINE = struct.Struct("<HHIqqqq24s")
 CARD_EXT = struct.Struct("<BB2sIq16H16HIIqq24s")
-PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
+PROGRAM_HEAD = struct.Struct("<IIqqqIIBBB5s64s16q16q")
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
 COUPON = struct.Struct("<BBHIqqQQq16s")
@@ -484,6 +487,7 @@ CARD_EXT_VERSION = 1
 REVIEW_STARTED = 1  # a card program state's flags
 CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2
 SPEND_PRINCIPAL_FIRST, SPEND_BONUS_FIRST, SPEND_PROPORTIONAL = 0, 1, 2
+SHORTFALL_FORGIVE, SHORTFALL_OWE = 0, 1  # the program's points_shortfall (rule 12)
 PROMO_FIXED, PROMO_PERCENT, PROMO_FIRST_TOP_UP = 1, 2, 3
 COUPON_AMOUNT_OFF, COUPON_PERCENT_OFF, COUPON_FREE_ITEM = 1, 2, 3
 PACKAGE_COUNT, PACKAGE_TIME = 1, 2

@@ -177,7 +177,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             elif flags & L.UNDO_REVERSED:
                 pass  # reversed before: nothing more to undo
             elif original == L.OP_PURCHASE:
-                reason, figures = give_back(undo, card, refunded, paid)
+                reason, figures = give_back(undo, card, refunded, paid, prog.shortfall)
                 if reason == L.R_OK:
                     d_principal, d_bonus, take, back = figures
                     d_points, taken_points = back - take, take
@@ -258,7 +258,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                     reason = L.R_REFUND_EXCEEDS_ORIGINAL
                     redeemed = paid - refunded  # what is left, for the answer
                 else:
-                    reason, figures = give_back(undo, card, refunded, refunded + amount)
+                    reason, figures = give_back(undo, card, refunded, refunded + amount,
+                                                prog.shortfall)
                     if reason == L.R_OK:
                         d_principal, d_bonus, take, back = figures
                         d_points, taken_points = back - take, take
@@ -289,8 +290,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_OPERATOR_REQUIRED  # given away: an operator (a campaign) gives it
             elif redeem and redeem != d[7]:
                 reason = L.R_COUPON_NOT_FOR_SALE  # bought: at its points price, when it has one
-            elif card.points < redeem:
-                reason = L.R_INSUFFICIENT_POINTS
+            elif redeem and card.points < redeem:
+                reason = L.R_INSUFFICIENT_POINTS  # (a coupon given: whatever the points, a debt too)
             else:
                 d_points, taken_points, promotion_id = -redeem, redeem, ref_id
         elif op == L.OP_POINTS_EXCHANGE:
@@ -532,7 +533,8 @@ def check_undo(undo: list) -> None:
         raise ValueError("undo record breaks an invariant")
 
 
-def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, tuple]:
+def give_back(undo: list, card: "Card", before: int, after: int,
+              shortfall: int = L.SHORTFALL_FORGIVE) -> tuple[int, tuple]:
     """Rules 12 and 13: (reason, (principal, bonus, points taken back, points given back)) of a
     purchase from ``before`` to ``after`` of its paid amount; the card's lifetime paid goes
     down by the money."""
@@ -547,8 +549,13 @@ def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, t
     back, take = part(redeemed), part(earned)
     if card.principal + card.bonus + p + b > L.INT64_MAX or card.points + back > L.INT64_MAX:
         return L.R_AMOUNT_OVERFLOW, ()
+    if shortfall == L.SHORTFALL_OWE:  # all of them: the card may owe points
+        if card.points - take < -L.INT64_MAX:
+            return L.R_AMOUNT_OVERFLOW, ()
+    else:  # what the card holds: never below zero (nothing from a debt)
+        take = min(take, max(card.points, 0))
     card.lifetime = max(card.lifetime - p - b, 0)
-    return L.R_OK, (p, b, min(take, card.points), back)
+    return L.R_OK, (p, b, take, back)
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
@@ -625,7 +632,7 @@ class CompiledProgram:
     def __init__(self, packed: bytes) -> None:
         (self.tier_count, self.pin_tries_max, self.points_unit, self.redeem_points,
          self.redeem_value, self.redeem_cap_bp, self.version, self.spend_order,
-         self.promotion_count, _, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+         self.promotion_count, self.shortfall, _, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
         self.category_flags = flags
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
         self.promotions = [
@@ -657,7 +664,8 @@ class CompiledProgram:
                 and 1 <= self.pin_tries_max <= L.PIN_TRIES_MAX_LIMIT
                 and self.promotion_count <= L.MAX_PROMOTIONS and self.redeem_points >= 0
                 and (self.redeem_points == 0 or self.redeem_value > 0)
-                and self.redeem_cap_bp <= 10000 and self.spend_order <= L.SPEND_PROPORTIONAL):
+                and self.redeem_cap_bp <= 10000 and self.spend_order <= L.SPEND_PROPORTIONAL
+                and self.shortfall <= L.SHORTFALL_OWE):
             raise ValueError("program out of range")
         for t in range(self.tier_count):  # the kernel's checks, in the same terms
             for c in range(L.MAX_CATEGORIES):
@@ -863,7 +871,8 @@ class Card:
             return
         if self.version != L.CARD_VERSION:
             raise ValueError(f"card record version {self.version} unknown")
-        if min(self.principal, self.bonus, self.points, self.held, self.lifetime) < 0:
+        if min(self.principal, self.bonus, self.held, self.lifetime) < 0 or (
+                self.points < -L.INT64_MAX):
             raise ValueError("card record has a negative balance")
         if self.principal + self.bonus > L.INT64_MAX:
             raise ValueError("card record principal + bonus exceeds int64")

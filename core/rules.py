@@ -94,8 +94,16 @@ checks they agree on every input):
    of a sale's refunds add up to exactly x): its money (principal + bonus; exactly R when no
    points paid), split between the buckets by the bonus's cumulative share of that money
    (``undo_money``), goes back to principal and bonus; the points it redeemed come back (into
-   today's lot); the points it earned are taken back (oldest lots first; if the card holds
-   fewer, what it holds: points never go below zero). Lifetime paid goes down by the money given back; the tier stays. The refund
+   today's lot); the points it earned are taken back (oldest lots first). If the card holds
+   fewer, the program's ``refund_points_shortfall`` says what happens: "forgive" (the
+   default) takes what it holds, never below zero (the rest is the chain's loss); "owe" takes
+   them all, and the card's points go below zero: a debt, which holds no lots, cannot be
+   redeemed, exchanged or spent (every such check needs points the card holds), and the
+   points the card earns next pay it first (the lots get only what is left over them: the lots
+   add up to the card's points when positive, to nothing when not). Points the refund gives
+   back (that the sale redeemed) pay the debt likewise. Cancelling a card forfeits its points,
+   a debt too (its points become 0). A card that owes points under a program that later
+   forgives keeps its debt; such a refund takes nothing more from it. Lifetime paid goes down by the money given back; the tier stays. The refund
    that leaves nothing (T1 = paid) gives back the sale's coupon while it is still valid. A
    refund or reversal is never refunded (REASON_NOT_REFUNDABLE), nor a reversed sale
    (REASON_ALREADY_REVERSED).
@@ -173,6 +181,7 @@ MAX_NAME_LEN = 32  # categories and promotions
 RATE_BP_FULL = 10000
 SPEND_ORDERS = {"principal_first": L.SPEND_PRINCIPAL_FIRST, "bonus_first": L.SPEND_BONUS_FIRST,
                 "proportional": L.SPEND_PROPORTIONAL}
+SHORTFALLS = {"forgive": L.SHORTFALL_FORGIVE, "owe": L.SHORTFALL_OWE}  # rule 12
 PROMOTION_KINDS = {"fixed": L.PROMO_FIXED, "percent": L.PROMO_PERCENT,
                    "first_top_up": L.PROMO_FIRST_TOP_UP}
 PER_CARD_LIMIT_MAX = 255
@@ -288,6 +297,7 @@ class Program:
     gifts: tuple[Gift, ...] = ()
     tier_review_days: int = 0     # rule 11: the qualification period; 0 = tiers never go down
     reversal_window_minutes: int = REVERSAL_WINDOW_MINUTES_DEFAULT  # rule 13
+    refund_points_shortfall: int = L.SHORTFALL_FORGIVE  # rule 12: SHORTFALLS
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -371,6 +381,8 @@ class Program:
             raise ValueError(f"reversal_window_minutes must be 1..{REVERSAL_WINDOW_MINUTES_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
+        if self.refund_points_shortfall not in SHORTFALLS.values():
+            raise ValueError("refund_points_shortfall unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0
                 or (self.redeem_points > 0) != (self.redeem_value_minor > 0)
                 or not 0 <= self.redeem_cap_bp <= RATE_BP_FULL):
@@ -418,7 +430,8 @@ class Program:
         head = L.PROGRAM_HEAD.pack(
             len(self.tiers), self.pin_tries_max, self.points_unit_minor, self.redeem_points,
             self.redeem_value_minor, self.redeem_cap_bp, version, self.spend_order,
-            len(self.promotions), bytes(6), bytes(flags), *spend, *top_up)
+            len(self.promotions), self.refund_points_shortfall, bytes(5), bytes(flags), *spend,
+            *top_up)
         promos = b"".join(L.PROMOTION.pack(p.id, p.kind, p.per_card_limit, p.bonus_bp,
                                            p.min_top_up_minor, p.bonus_minor, p.max_bonus_minor,
                                            p.starts_us, p.ends_us, bytes(16))

@@ -424,8 +424,11 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         totals[2] += dpts
         if (s[0], s[1], s[2]) != (pa, ba, ptsa):
             problem(f"journal entry {seq}: after-balances differ from the running sums")
-        if min(s[0], s[1], s[2]) < 0:
-            problem(f"journal entry {seq}: a balance below zero")
+        if min(s[0], s[1]) < 0 or (s[2] < 0 and dpts < 0 and not (
+                op in (L.OP_REFUND, L.OP_REVERSAL)
+                and (prog_of := compiled_of(program_version)) is not None
+                and prog_of.shortfall == L.SHORTFALL_OWE)):
+            problem(f"journal entry {seq}: a balance below zero")  # points: a refund's debt only
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
             "refunded_lines": refunded,
             "statuses": statuses, "holds": holds, "held": held,
@@ -514,7 +517,7 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
         if undo[0] != L.UNDO_VERSION or undo[2] != L.OP_PURCHASE or undo[1] & L.UNDO_REVERSED \
                 or not (0 <= amount if line_count else 0 < amount) or amount > left:
             return f"a refund of {amount} that its original does not allow ({left} left)"
-        reason, figures = give_back(undo, card, undo[6], undo[6] + amount)
+        reason, figures = give_back(undo, card, undo[6], undo[6] + amount, prog.shortfall)
         if reason != L.R_OK:
             return "a refund that overflows"
         p, b, take, back = figures
@@ -530,7 +533,7 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
         return None
     elif undo[2] == L.OP_PURCHASE:
         left = undo[7] - undo[6]
-        reason, figures = give_back(undo, card, undo[6], undo[7])
+        reason, figures = give_back(undo, card, undo[6], undo[7], prog.shortfall)
         if reason != L.R_OK:
             return "a reversal that overflows"
         p, b, take, back = figures

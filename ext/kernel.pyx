@@ -116,6 +116,7 @@ cdef enum:
     R_CAPTURE_EXCEEDS_HOLD = 89
     R_HOLDS_OPEN = 90
     R_LINE_ALREADY_REFUNDED = 96
+    SHORTFALL_OWE = 1
     LINE_ASKED = 1
     LINE_REFUNDED = 2
     MAX_GIFTS = 32
@@ -154,7 +155,7 @@ cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
         return 1
     if rec.version != 1:
         return 0
-    if (rec.principal_minor < 0 or rec.bonus_minor < 0 or rec.points < 0
+    if (rec.principal_minor < 0 or rec.bonus_minor < 0 or rec.points < -INT64_MAX
             or rec.held_minor < 0 or rec.lifetime_paid_minor < 0):
         return 0
     if rec.flags & ~<uint32_t>(CARD_PIN_SET | CARD_PIN_LOCKED):
@@ -407,7 +408,7 @@ cdef inline int64_t share(int64_t x, int64_t paid, int64_t before, int64_t after
 
 
 cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t before,
-                              int64_t after, int64_t* fig) noexcept nogil:
+                              int64_t after, int64_t* fig, uint8_t shortfall) noexcept nogil:
     """Rules 12 and 13: a purchase's buckets and points from ``before`` to ``after`` of its
     paid amount: fig[0] principal, fig[1] bonus, fig[2] points taken back, fig[3] points
     given back (fig untouched on a decline)."""
@@ -430,8 +431,11 @@ cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t bef
     if (<cc_i128>rec.principal_minor + rec.bonus_minor + p + b > INT64_MAX
             or rec.points > INT64_MAX - back):
         return R_AMOUNT_OVERFLOW
-    if take > rec.points:  # what the card holds: points never go below zero
-        take = rec.points
+    if shortfall == SHORTFALL_OWE:  # all of them: the card may owe points
+        if <cc_i128>rec.points - take < -<cc_i128>INT64_MAX:
+            return R_AMOUNT_OVERFLOW
+    elif take > rec.points:  # what the card holds: never below zero (nothing from a debt)
+        take = rec.points if rec.points > 0 else 0
     fig[0], fig[1], fig[2], fig[3] = p, b, take, back
     rec.lifetime_paid_minor = rec.lifetime_paid_minor - p - b if rec.lifetime_paid_minor > p + b else 0
     return R_OK
@@ -641,7 +645,7 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
                 earned += wide
         if card_pay > available:
             reason = R_INSUFFICIENT_FUNDS
-        elif (over or earned > <cc_i128>(INT64_MAX - (rec.points - taken))
+        elif (over or earned > <cc_i128>INT64_MAX - (<cc_i128>rec.points - taken)
               or card_pay > INT64_MAX - rec.lifetime_paid_minor):
             reason = R_AMOUNT_OVERFLOW
     fig[5] = card_pay
@@ -765,7 +769,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             pass  # reversed before: nothing more to undo
         elif undo.op == OP_PURCHASE:
             left = undo.paid_minor - undo.refunded_minor
-            reason = give_back(undo, rec, undo.refunded_minor, undo.paid_minor, g)
+            reason = give_back(undo, rec, undo.refunded_minor, undo.paid_minor, g,
+                               prog.points_shortfall)
             if reason == R_OK:
                 d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
                 fig[2], fig[3] = g[2], left - g[0] - g[1]
@@ -830,7 +835,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     elif op.op == OP_REFERRAL_BONUS:
         if amount <= 0:
             reason = R_INVALID_AMOUNT
-        elif amount > INT64_MAX - rec.points:
+        elif amount > <cc_i128>INT64_MAX - rec.points:
             reason = R_AMOUNT_OVERFLOW
         else:
             d_points = amount
@@ -859,7 +864,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 reason = R_REFUND_EXCEEDS_ORIGINAL
                 fig[3] = left  # what is left, for the answer (a decline is never journaled)
             else:
-                reason = give_back(undo, rec, undo.refunded_minor, undo.refunded_minor + amount, g)
+                reason = give_back(undo, rec, undo.refunded_minor, undo.refunded_minor + amount, g,
+                                   prog.points_shortfall)
                 if reason == R_OK:
                     d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
                     fig[2], fig[3] = g[2], amount - g[0] - g[1]
@@ -892,8 +898,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 reason = R_OPERATOR_REQUIRED  # given away: an operator (a campaign) gives it
             elif op.redeem_points and op.redeem_points != d.points_price:
                 reason = R_COUPON_NOT_FOR_SALE  # bought: at its points price, when it has one
-            elif rec.points < op.redeem_points:
-                reason = R_INSUFFICIENT_POINTS
+            elif op.redeem_points and rec.points < op.redeem_points:
+                reason = R_INSUFFICIENT_POINTS  # (a coupon given: whatever the points, a debt too)
             else:
                 d_points = -op.redeem_points
                 fig[2] = op.redeem_points
@@ -1154,6 +1160,7 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.promotion_count > MAX_PROMOTIONS or prog.redeem_points < 0
             or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
             or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
+            or prog.points_shortfall > SHORTFALL_OWE
             or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES
             or prog.gift_count > MAX_GIFTS or prog.activation_points < 0
             or prog.exchange_points < 0 or prog.exchange_bonus_minor < 0

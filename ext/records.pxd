@@ -145,8 +145,8 @@ cdef extern from "records.h":
         uint32_t tier_count, pin_tries_max
         int64_t points_unit_minor, redeem_points, redeem_value_minor
         uint32_t redeem_cap_bp, program_version
-        uint8_t spend_order, promotion_count
-        uint8_t reserved0[6]
+        uint8_t spend_order, promotion_count, points_shortfall
+        uint8_t reserved0[5]
         uint8_t category_flags[64]
         int64_t upgrade_spend_minor[16]
         int64_t upgrade_top_up_minor[16]

@@ -92,7 +92,8 @@ def programs(draw):
                                draw(st.sampled_from([0, 1, 2, 100])))
                     for gid in draw(st.lists(st.sampled_from([1, 2, 7]), max_size=3, unique=True))),
         redeem_cap_bp=draw(st.sampled_from([0, 1, 2000, 5000, 10000])),
-        tier_review_days=draw(st.sampled_from([0, 0, 7, 365, 3660]))).packed(
+        tier_review_days=draw(st.sampled_from([0, 0, 7, 365, 3660])),
+        refund_points_shortfall=draw(st.sampled_from(list(rules.SHORTFALLS.values())))).packed(
             draw(st.integers(1, 2**32 - 1)))
 
 
@@ -106,7 +107,8 @@ def cards(draw):
     principal = draw(st.one_of(small, st.just(INT64_MAX - 5)))
     bonus = draw(st.one_of(small, st.just(0))) if principal < INT64_MAX - 5 else 0
     return card_bytes(principal=principal, bonus=bonus,
-                      points=draw(st.one_of(st.integers(0, 50_000), st.just(INT64_MAX - 3))),
+                      points=draw(st.one_of(st.integers(0, 50_000), st.just(INT64_MAX - 3),
+                                            st.sampled_from([-1, -700, -INT64_MAX]))),
                       tier=draw(st.integers(0, 3)), lifetime=draw(st.integers(0, 2_000_000)),
                       birth_month=draw(st.sampled_from([0, 1, 1, 2, 12])),
                       opened_us=draw(st.sampled_from([0, T0 - 400 * L.DAY_US, T0 - 365 * L.DAY_US,

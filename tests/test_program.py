@@ -602,7 +602,7 @@ def test_example_programs_parse_and_compile():
         rates = array.array("H", packed[L.PROGRAM_RATES_OFFSET:L.PROGRAM_PER_UNIT_OFFSET])
         per_unit = array.array("q", packed[L.PROGRAM_PER_UNIT_OFFSET:L.PROGRAM_PER_UNIT_OFFSET
                                            + 8 * L.MAX_TIERS * L.MAX_CATEGORIES])
-        spend, top_up = head[11:11 + L.MAX_TIERS], head[11 + L.MAX_TIERS:]
+        spend, top_up = head[12:12 + L.MAX_TIERS], head[12 + L.MAX_TIERS:]
         return head, rates, per_unit, spend, top_up, packed
 
     def at(tier, code):
@@ -612,8 +612,8 @@ def test_example_programs_parse_and_compile():
         ["cafe.toml", "salon.toml", "supermarket.toml"]
     head, rates, per_unit, spend, top_up, packed = compiled("cafe.toml")
     assert head[:6] == (3, 3, 100, 100, 100, 5000)  # tiers, PIN tries, unit, redemption
-    assert (head[7], head[8]) == (L.SPEND_BONUS_FIRST, 3)  # spend order, promotions
-    assert head[10][:4] == bytes([3, 3, 3, 1])  # default, drinks, food: discountable; merch not
+    assert (head[7], head[8], head[9]) == (L.SPEND_BONUS_FIRST, 3, L.SHORTFALL_FORGIVE)
+    assert head[11][:4] == bytes([3, 3, 3, 1])  # default, drinks, food: discountable; merch not
     assert (spend[:3], top_up[:3]) == ((0, 100000, 300000), (0, 0, 100000))
     assert (rates[at(2, 1)], rates[at(2, 3)], per_unit[at(2, 1)], per_unit[at(1, 1)]) == \
         (9000, 10000, 2, 1)
@@ -632,7 +632,7 @@ def test_example_programs_parse_and_compile():
 
     head, rates, per_unit, spend, top_up, packed = compiled("supermarket.toml")
     assert head[:6] == (3, 3, 100, 100, 100, 2000) and (head[7], head[8]) == (0, 0)
-    assert head[10][:5] == bytes([3, 3, 3, 1, 1])
+    assert head[11][:5] == bytes([3, 3, 3, 1, 1])
     assert spend[:3] == (0, 200000, 1000000) and top_up[:3] == (0, 0, 0)
     # codes 0 default, 1 fresh, 2 grocery, 3 tobacco, 4 gift_cards; gold pays 90 % on fresh
     for t, (rate, fresh, per) in enumerate([(10000, 10000, 1), (9800, 9800, 1), (9500, 9000, 2)]):

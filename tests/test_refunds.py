@@ -488,3 +488,82 @@ def test_line_refunds_of_one_sale_in_one_group_are_judged_in_order(market):
     assert again.reason == L.R_LINE_ALREADY_REFUNDED
     assert (rest.reason, figures(rest)["amount"], bool(undo_flags(rest) & L.UNDO_COMPLETE)) == (
         L.R_OK, 18000, True)
+
+
+# ---- points a refund takes back that the card no longer holds (rule 12) -------------------------
+
+def owing_cafe(path: str, shortfall: str):
+    """The example cafe program with ``refund_points_shortfall`` set, verified when done."""
+    till = Till(path, f'refund_points_shortfall = "{shortfall}"\n' + example("cafe"))
+    return till
+
+
+@pytest.mark.parametrize("shortfall, after_refund, after_c, after_d, lot", [
+    ("forgive", 0, 50, 150, 150), ("owe", -91, -41, 59, 59)])
+def test_a_refund_of_points_already_spent_is_forgiven_or_owed_as_the_program_says(
+        tmp_path, shortfall, after_refund, after_c, after_d, lot):
+    """Sale A: 120.00 of food, 120 points. Sale B: a 10.00 drink paid 1.00 by 100 points and
+    9.00 by the card (9 points): 29 points. A's full refund takes back 120: "forgive" takes the
+    29 the card holds (0); "owe" takes them all (-91, no lots). Sale C (50.00, 50 points): 50, or
+    -41, the debt paid first (still no lots); a redemption while owing is INSUFFICIENT_POINTS.
+    Sale D (100.00): 150, or 59, in today's lot alone. Verify is clean either way."""
+    till = owing_cafe(str(tmp_path / "cafe"), shortfall)
+    try:
+        number = "6225880000000760"
+        till.open(number)
+        till.top_up(number, 30000)
+        sale_a = till.buy(number, line(CAFE_FOOD, 12000))
+        till.buy(number, line(CAFE_DRINKS, 1000), redeem=100)
+        assert till.card(number)["points"] == 29
+        back = refund(till, number, seq_of(sale_a))
+        assert (back.reason, figures(back)["taken"]) == (
+            L.R_OK, 120 if shortfall == "owe" else 29)
+        assert till.card(number)["points"] == after_refund
+        assert sum(left for left, _ in lots_of(till, number).values()) == max(after_refund, 0)
+        till.buy(number, line(CAFE_FOOD, 5000))
+        assert till.card(number)["points"] == after_c
+        if after_c < 100:
+            assert till.buy(number, line(CAFE_FOOD, 5000), redeem=100).reason == \
+                L.R_INSUFFICIENT_POINTS
+        till.buy(number, line(CAFE_FOOD, 10000))
+        assert till.card(number)["points"] == after_d
+        assert sum(left for left, _ in lots_of(till, number).values()) == lot
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
+
+
+def test_a_card_owing_points_is_cancelled_with_its_debt_forfeited(tmp_path):
+    """Under "owe", the card at -91 points as above: a coupon bought with points is
+    INSUFFICIENT_POINTS, one given by an operator is still given. Cancelling the card forfeits
+    its points, the debt too: +91, 0 points, no lots, verify clean."""
+    till = owing_cafe(str(tmp_path / "cafe"), "owe")
+    try:
+        number = "6225880000000778"
+        till.open(number)
+        till.top_up(number, 30000)
+        sale = till.buy(number, line(CAFE_FOOD, 12000))
+        till.buy(number, line(CAFE_DRINKS, 1000), redeem=100)
+        refund(till, number, seq_of(sale))
+        assert till.card(number)["points"] == -91
+        assert till.issue(number, 1, points=1000).reason == L.R_INSUFFICIENT_POINTS
+        assert till.issue(number, 1).reason == L.R_OK
+        closed = till.apply(op(till.rid(), L.OP_CARD_STATUS, number, 0, at=till.at + 1,
+                               tier=L.STATUS_CLOSED, operator_id=1))[0]
+        assert (closed.reason, figures(closed)["points"], till.card(number)["points"]) == (
+            L.R_OK, 91, 0)
+        assert lots_of(till, number) == {}
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
+
+
+def test_the_points_shortfall_setting_is_forgive_or_owe():
+    from cardcore.program import ProgramError, parse_program
+    assert parse_program(example("cafe")).refund_points_shortfall == L.SHORTFALL_FORGIVE
+    assert parse_program('refund_points_shortfall = "owe"\n' + example("cafe")) \
+        .refund_points_shortfall == L.SHORTFALL_OWE
+    with pytest.raises(ProgramError):
+        parse_program('refund_points_shortfall = "maybe"\n' + example("cafe"))
