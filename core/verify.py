@@ -698,7 +698,7 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, problem) -> d
         if rec[1] != statuses.get(cid, L.STATUS_ACTIVE):
             problem(f"card ...{cid.hex()[:8]}: status {rec[1]}, but its entries leave it "
                     f"{statuses.get(cid, L.STATUS_ACTIVE)}")
-        if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0:
+        if rec[0] != L.CARD_VERSION or min(principal, bonus) < 0 or points < -L.INT64_MAX:
             problem(f"card ...{cid.hex()[:8]}: invalid record")
         if held != held_of.get(cid, 0):
             problem(f"card ...{cid.hex()[:8]}: holds {held}, but its open holds add up to "

@@ -8,6 +8,7 @@ import pytest
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import Client, bearer, failure_of, new_card_number, rid, sent_at, verify
+from test_program import EXAMPLES
 from test_service_programs import DRINKS, FOOD, MERCH, issue, purchase
 
 R = cpb.Reason
@@ -211,3 +212,32 @@ def test_lines_of_a_sale_without_lines_are_invalid(cafe):
         cafe.stub.Refund(refund_lines(number, sale.seq, 1), metadata=bearer(cafe.admin_token))
     assert (err.value.code(), failure_of(err.value).reason) == (
         grpc.StatusCode.INVALID_ARGUMENT, R.REASON_INVALID_ARGUMENT)
+
+
+@pytest.fixture
+def owing_cafe(start_server, tmp_path):
+    """A server on the example cafe program whose refunds owe points (rule 12)."""
+    path = tmp_path / "cafe-owe.toml"
+    path.write_text('refund_points_shortfall = "owe"\n'
+                    + (EXAMPLES / "cafe.toml").read_text(encoding="utf-8"))
+    return start_server("--program", str(path))
+
+
+def test_a_refund_under_owe_takes_points_the_card_spent_and_earning_pays_them(owing_cafe):
+    """Sale A: 120.00 of food, 120 points; sale B: a 10.00 drink, 100 points paying 1.00, 9
+    earned: 29. A's refund takes back all 120 (points_redeemed): the card owes 91 (-91), and a
+    purchase offering 100 points is INSUFFICIENT_POINTS; 50.00 of food earns 50: -41."""
+    server = owing_cafe
+    client = Client(server.stub)
+    number = funded(client)
+    sale = server.stub.Purchase(purchase(number, (FOOD, 12000, 1, "")))
+    server.stub.Purchase(purchase(number, (DRINKS, 1000, 1, ""), redeem=100))
+    assert client.card(number).balance.points == 29
+    back = server.stub.Refund(refund(number, sale.seq), metadata=bearer(server.admin_token))
+    assert (back.points_redeemed, back.balance_after.points) == (120, -91)
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Purchase(purchase(number, (FOOD, 5000, 1, ""), redeem=100))
+    assert failure_of(err.value).reason == R.REASON_INSUFFICIENT_POINTS
+    assert server.stub.Purchase(purchase(number, (FOOD, 5000, 1, ""))).balance_after.points == -41
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
