@@ -126,7 +126,8 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "referrer_id": "in an open's extra payload when set (see open_extra), so an open without "
                    "one has the digest the release before card programs gave it",
     "line_count": "with the lines, in the extra payload when a purchase has any "
-                  "(see purchase_extra)",
+                  "(see purchase_extra); a refund by line: the writer's (its line numbers are "
+                  "in the extra payload, see refund_extra)",
     "redeem_points": "in the extra payload when set (see purchase_extra)",
 }
 _AT_THE_TILL = ("store_id", "terminal_id", "staff_id", "operator_id", "client_time_us")
@@ -194,6 +195,12 @@ def purchase_extra(lines: bytes, redeem_points: int, op_flags: int = 0) -> bytes
     return extra + (b"\x00flags:" + bytes([op_flags]) if op_flags else b"")
 
 
+def refund_extra(line_numbers: bytes) -> bytes | None:
+    """What a refund by line adds to its digest: its line numbers (u8 each, as asked). None for
+    a refund by amount, so its digest is the one it had before refunds by line."""
+    return b"\x00lines:" + line_numbers if line_numbers else None
+
+
 def open_extra(profile: bytes | None, referrer_id: bytes, op_flags: int = 0) -> bytes | None:
     """What an open adds to its digest: its profile, the referrer when there is one and its
     flags when set (issued, not active: rule 14), each after a NUL, which a JSON profile never
@@ -241,7 +248,8 @@ class PendingOp:
     ksn_counter: int = 0      # from a terminal: its DUKPT transaction counter (op's terminal_id)
     sealed: bytes | None = None   # OPEN only: the card number sealed under the current data key
     payload: bytes | None = None  # admin and internal operations: what to store; a
-    #                               reversal: the request key of the request it reverses
+    #                               reversal: the request key of the request it reverses; a
+    #                               refund by line: its line numbers (u8 each, 1-based)
     need_role: int = 0        # the operator role the operation needs when it is applied
     scope: int = SCOPE_NONE   # which store the operator's scope must cover then
     scope_store_id: int = 0   # SCOPE_STORE: this store
@@ -257,7 +265,8 @@ class PendingOp:
               basket_tag: int = 0, need_role: int = 0, scope: int = SCOPE_NONE,
               scope_store_id: int = 0, lines: bytes = b"", redeem_points: int = 0,
               referrer_id: bytes = bytes(16), birth_month: int = 0,
-              op_flags: int = 0, original_key: bytes | None = None) -> "PendingOp":
+              op_flags: int = 0, original_key: bytes | None = None,
+              refund_lines: bytes = b"") -> "PendingOp":
         """A card operation. ``key`` from ``request_key``; ``caller`` its namespace when the
         caller has it at hand (else read off the key), or an inquiry's (with no key)."""
         kind, caller_id = caller or (caller_of(key) if key else (L.CALLER_NONE, 0))
@@ -272,10 +281,11 @@ class PendingOp:
         if op == L.OP_OPEN or op == L.OP_CARD_REPLACED:  # a replacement: the new card, as referrer
             extra = open_extra(profile, referrer_id, op_flags) or original_key
         else:
-            extra = purchase_extra(lines, redeem_points, op_flags) or original_key
+            extra = (purchase_extra(lines, redeem_points, op_flags) or original_key
+                     or refund_extra(refund_lines))
         digest = payload_digest(packed, extra) if key else bytes(16)
-        return cls(key, card_id, packed, digest, profile, ksn_counter, sealed, original_key,
-                   need_role, scope, scope_store_id, lines)
+        return cls(key, card_id, packed, digest, profile, ksn_counter, sealed,
+                   original_key or refund_lines or None, need_role, scope, scope_store_id, lines)
 
     @classmethod
     def admin(cls, key: bytes, op: int, subject: bytes, payload: bytes, operator_id: int,

@@ -16,7 +16,8 @@ Card record, v1, 128 bytes, LMDB ``cards`` value (key: 16-byte card id)::
       4  u32 flags                 bit 0 PIN set, bit 1 PIN locked
       8  i64 principal_minor       prepaid money the member paid in
      16  i64 bonus_minor           promotional value, kept apart from principal
-     24  i64 points                points balance
+     24  i64 points                points balance; below zero only under a program whose
+                                   refunds owe points (rule 12): the debt later earning pays
      32  i64 held_minor            money reserved by the card's open holds (rule 15): the sum of
                                    their amounts; available = principal + bonus - held
      40  i64 lifetime_paid_minor   cumulative amount paid (tier rules)
@@ -76,7 +77,8 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     192  u8  tier_after            the card's tier after the operation (an upgrade it earned)
     193  u8  birth_month           the card's birth month (0: unknown), as rule 5 used it
     194  u16 line_count            purchase: its lines, stored under the same seq in
-                                   ``journal_lines``; 0 = one line of category 0
+                                   ``journal_lines``; 0 = one line of category 0; a refund by
+                                   line: the sale's lines it gave back, stored likewise
     196  u16 item_id               top-up: the promotion whose bonus it got (bonus_delta);
                                    coupon issue, or a purchase with a coupon: the coupon's
                                    definition id; 0 = none
@@ -142,7 +144,8 @@ writer runs::
     152  u64 basket_tag
     160  u16 line_count            purchase: how many LINE records it has in the run's lines
                                    buffer (in operation order); 0 = one line of category 0
-                                   for amount_minor
+                                   for amount_minor; a refund by line: the sale's lines, all of
+                                   them, marked (LINE line_tag), put there by the writer
     162  u8  op_flags              purchase: bit 0 ALLOW_PARTIAL (rule 6b: the card pays what it
                                    has, the till collects the rest); bit 1 CAPTURE (rule 15:
                                    paid from the hold link_seq names, which it closes);
@@ -160,7 +163,12 @@ purchase with lines, LMDB ``journal_lines`` (key: the purchase's seq; value: its
 lines, in order, as the kernel filled them)::
 
       0  u16 category_code         0..63: the program's category (0 = default)
-      2  u16 reserved
+      2  u16 line_tag              a purchase's lines: 0. A refund by line (rule 12): in the
+                                   kernel's input (the sale's lines, all of them) bit 0
+                                   LINE_ASKED (this refund gives it back), bit 1 LINE_REFUNDED
+                                   (an earlier refund did); stored under the refund's seq (only
+                                   the lines it gave back, as the sale had them): the sale's
+                                   line number, 1-based, as on the receipt
       4  u32 quantity              for receipts (0 = not given); the arithmetic ignores it
       8  i64 amount_minor          the line's gross price, > 0
      16  i64 discount_minor        out: gross - paid for this line
@@ -235,6 +243,18 @@ time a refund or reversal names it; rules 12 and 13)::
      40  i64 points_redeemed       points the purchase took to pay
      48  i64 points_earned         points the purchase earned
      56  u64 reversal_seq          the reversal's entry; 0 until reversed
+
+Line refunds, v1, 32 bytes, LMDB ``refunded_lines`` value (key: the sale's u64 big-endian seq):
+which of a sale's lines refunds by line gave back (rule 12), so a line is given back once;
+none yet: zeros::
+
+      0  u8  version               1
+      1  u8  reserved
+      2  u16 lines_refunded        how many bits are set below
+      4  u32 reserved
+      8  16B refunded              bit k of byte k // 8 (k = line number - 1): given back;
+                                   LINES_MAX (100) <= 128
+     24  u64 last_refund_seq       the refund that set the last bit
 
 Hold, v1, 64 bytes, LMDB ``holds`` value (key: card id | u64 big-endian serial, the sequence of
 the authorization entry that made it; a capture or a void names it in link_seq; rule 15)::
@@ -313,7 +333,9 @@ ledger keeps documents, so the compiled form can change freely)::
      41  u8  promotion_count       0..16
      42  u16 card_valid_months     a card expires this many calendar months after its opening
                                    (rule 14); 0 = never
-     44  4B  reserved
+     44  u8  points_shortfall      a refund taking back more points than the card holds (rule
+                                   12): 0 forgive (take what it holds), 1 owe (go below zero)
+     45  3B  reserved
      48  u8[64] category_flags     by code: bit 0 defined, bit 1 discountable
     112  i64[16] upgrade_spend_minor    by tier: lifetime paid that reaches it; 0 never
     240  i64[16] upgrade_top_up_minor   by tier: one top-up this large reaches it; 0 never
@@ -415,7 +437,8 @@ VERSION_KEY = struct.Struct(">I")        # programs: version
 LINE = struct.Struct("<HHIqqqq24s")
 CARD_EXT = struct.Struct("<BB2sIq16H16HIIqq24s")
 PROGRAM_HEAD = struct.Struct("<IIqqqIIBB6s64s16q16q")
-PROGRAM_VALID_MONTHS = struct.Struct("<H4x")  # PROGRAM_HEAD's 6 bytes at 42: card_valid_months
+# PROGRAM_HEAD's 6 bytes at 42: card_valid_months (rule 14), points_shortfall (rule 12)
+PROGRAM_HEAD_TAIL = struct.Struct("<HB3x")
 PROMOTION = struct.Struct("<HBBIqqqqq16s")
 COUPON_DEF = struct.Struct("<HBxiqqIxxxxqq")
 COUPON = struct.Struct("<BBHIqqQQq16s")
@@ -445,6 +468,12 @@ MEMBER_BY_PHONE, MEMBER_BY_NAME = 1, 2
 MEMBER_DIGEST_SIZE = 16
 MEMBER_MATCHES_MAX = 20   # cards one FindCards answer names at most (the rest: ``more``)
 UNDO_VERSION, UNDO_REVERSED = 1, 1
+LINE_REFUNDS = struct.Struct("<BxHI16sQ")  # a sale's lines refunds by line gave back (rule 12)
+LINE_REFUNDS_VERSION = 1
+LINE_ASKED, LINE_REFUNDED = 1, 2  # a refund's input lines' line_tag (rule 12)
+LINE_TAG, LINE_OFF_TAG = struct.Struct("<2xH"), 2  # a line's line_tag, read alone (unpack only:
+# packing writes the category's zeros too)
+assert LINE_REFUNDS.size == 32
 GIFT_KEY = struct.Struct(">I")
 # The card programs' fields of a journal entry and of an operation, at these offsets.
 JOURNAL_PROGRAM, JOURNAL_OFF_PROGRAM = struct.Struct("<qqBxHH"), 176
@@ -485,6 +514,7 @@ CARD_EXT_VERSION = 1
 REVIEW_STARTED = 1  # a card program state's flags
 CATEGORY_DEFINED, CATEGORY_DISCOUNTABLE = 1, 2
 SPEND_PRINCIPAL_FIRST, SPEND_BONUS_FIRST, SPEND_PROPORTIONAL = 0, 1, 2
+SHORTFALL_FORGIVE, SHORTFALL_OWE = 0, 1  # the program's points_shortfall (rule 12)
 PROMO_FIXED, PROMO_PERCENT, PROMO_FIRST_TOP_UP = 1, 2, 3
 COUPON_AMOUNT_OFF, COUPON_PERCENT_OFF, COUPON_FREE_ITEM = 1, 2, 3
 PACKAGE_COUNT, PACKAGE_TIME = 1, 2
@@ -614,6 +644,7 @@ R_HOLD_NOT_FOUND, R_HOLD_CLOSED, R_HOLD_EXPIRED, R_CAPTURE_EXCEEDS_HOLD = 86, 87
 R_HOLDS_OPEN = 90
 R_CARD_REPLACED = 91
 R_CARD_EXPIRED, R_CARD_NOT_ACTIVATED = 92, 93
+R_LINE_ALREADY_REFUNDED, R_LINE_NOT_FOUND = 96, 97
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

@@ -35,11 +35,13 @@ Sub-databases (all in one environment, so one write transaction covers them)::
                                              profiles' phones and names, never them
     cards_by_expiry expires_us | card_id  -> empty: the cards that have an expiry and have not
                                              expired, closed or been replaced (rule 14)
+    refunded_lines seq (u64 big-endian)   -> the sale's lines refunds by line gave back (32 B,
+                                             layout.LINE_REFUNDS)
 
-The last fifteen came with card programs, refunds, holds, replacement, member lookup and card
-expiry: a writer that opens a ledger made before them creates them (absent records read as
-zeros: nothing to migrate; the member index is filled from the profiles once, by a writer that
-has the lookup key; every card before expiry has none).
+The last sixteen came with card programs, refunds, holds, replacement, member lookup, card
+expiry and refunds by line: a writer that opens a ledger made before them creates them (absent
+records read as zeros: nothing to migrate; the member index is filled from the profiles once,
+by a writer that has the lookup key; every card before expiry has none).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -93,12 +95,12 @@ DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardno
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
             "card_entries", "holds", "holds_by_expiry", "card_links", "members",
-            "cards_by_expiry")
+            "cards_by_expiry", "refunded_lines")
 # created on open when missing (cards_by_expiry: empty, as every card before it has no expiry)
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
                             "holds", "holds_by_expiry", "card_links", "members",
-                            "cards_by_expiry"))
+                            "cards_by_expiry", "refunded_lines"))
 SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
@@ -126,7 +128,7 @@ NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when 
 _ENTRY_HEAD = struct.Struct("<xBBxHxxQ56xqq")
 assert _ENTRY_HEAD.size == 88
 _TIER_AFTER = 192  # layout.JOURNAL offset of tier_after
-_U64, _I64 = struct.Struct("<Q"), struct.Struct("<q")
+_U64, _I64, _U16 = struct.Struct("<Q"), struct.Struct("<q"), struct.Struct("<H")
 _OP_REF = struct.Struct("<144xQ")  # an operation's ref_id (layout.OP offset 144), read alone
 _ENTRY_BASKET = struct.Struct("<160xQ")  # a journal entry's basket_tag (layout.JOURNAL 160)
 _OP_REFERRER = 176  # layout.OP offset of referrer_id
@@ -206,6 +208,57 @@ def history_items(entries) -> list[tuple[bytes, bytes]]:
     cards, key, value, ts = L.CARD_ENTRY_OPS, L.CARD_ENTRY_KEY.pack, L.CARD_ENTRY.pack, _ENTRY_TS
     return [(key(e[16:32], _U64.unpack_from(e, L.JOURNAL_OFF_SEQ)[0]),
              value(e[1], ts.unpack_from(e)[0])) for e in entries if e[1] in cards]
+
+
+EMPTY_LINE_REFUNDS = bytes(L.LINE_REFUNDS.size)
+_OP_LINE_COUNT = 160  # layout.OP offset of line_count
+
+
+def _set_line_count(op: PendingOp, count: int) -> None:
+    """The writer's line_count of a refund by line (layout.OP): the sale's lines it passes."""
+    op.packed = (op.packed[:_OP_LINE_COUNT] + count.to_bytes(2, "little")
+                 + op.packed[_OP_LINE_COUNT + 2:])
+
+
+def line_numbers(payload: bytes) -> list[int]:
+    """A refund by line's line numbers (1-based), from its payload (u8 each, as asked)."""
+    return list(payload)
+
+
+def refund_input_lines(sale_lines: bytes, refunded: bytes, asked: list[int]) -> bytes:
+    """Rule 12 by line: the kernel's input for a refund of lines ``asked`` (1-based, each within
+    the sale's): the sale's stored lines, each marked (layout.LINE line_tag) LINE_ASKED when
+    asked, LINE_REFUNDED when the sale's line refunds record ``refunded`` says so."""
+    bits = L.LINE_REFUNDS.unpack(refunded)[3]
+    wanted = set(asked)
+    out = bytearray(sale_lines)
+    for k in range(len(sale_lines) // L.LINE_SIZE):
+        tag = ((L.LINE_ASKED if k + 1 in wanted else 0)
+               | (L.LINE_REFUNDED if bits[k // 8] >> (k % 8) & 1 else 0))
+        _U16.pack_into(out, k * L.LINE_SIZE + L.LINE_OFF_TAG, tag)
+    return bytes(out)
+
+
+def refund_stored_lines(input_lines: bytes) -> bytes:
+    """What an applied refund by line stores under its seq: the lines it gave back, in the
+    sale's order, each with its line number (1-based) in line_tag."""
+    out = []
+    for k in range(len(input_lines) // L.LINE_SIZE):
+        line = input_lines[k * L.LINE_SIZE:(k + 1) * L.LINE_SIZE]
+        if L.LINE_TAG.unpack_from(line)[0] == L.LINE_ASKED:
+            out.append(line[:2] + (k + 1).to_bytes(2, "little") + line[4:])
+    return b"".join(out)
+
+
+def lines_refunded(record: bytes, stored: bytes, refund_seq: int) -> bytes:
+    """A sale's line refunds record (layout.LINE_REFUNDS) after a refund that stored ``stored``."""
+    _, count, _, bits, _ = L.LINE_REFUNDS.unpack(record)
+    bits = bytearray(bits)
+    for k in range(len(stored) // L.LINE_SIZE):
+        number = L.LINE_TAG.unpack_from(stored, k * L.LINE_SIZE)[0]
+        bits[(number - 1) // 8] |= 1 << ((number - 1) % 8)
+        count += 1
+    return L.LINE_REFUNDS.pack(L.LINE_REFUNDS_VERSION, count, 0, bytes(bits), refund_seq)
 
 
 def undo_record(entry: bytes) -> bytes:
@@ -971,6 +1024,10 @@ class _Group:
         self.run: list[int] = []                # consecutive card operations for the kernel
         # refunds and reversals: op index -> (undone key or None, undo record, original entry)
         self.undo_of: dict[int, tuple] = {}
+        # refunds by line (rule 12): sale seq -> its line refunds record as the group left it;
+        # the sales a refund by line of the pending run names (the next is judged after it)
+        self.line_refunds: dict[int, bytes] = {}
+        self.line_refund_run: set[int] = set()
         # a request key reversed unseen -> the reversals of it pending in the group, or WRITTEN
         self.tombstones: dict[bytes, list[int] | str] = {}
         # reversals of authorizations: op index -> (hold key, the open hold, or None if closed)
@@ -1192,8 +1249,11 @@ class _Group:
         window_us = self.admin.program.reversal_window_minutes * 60_000_000
         if kind == L.OP_REFUND:
             seq = _U64.unpack_from(op.packed, _OP_LINK)[0]
-            if seq >= self.seq and self.run:  # perhaps a sale of the pending run
-                self._flush_run()
+            if (seq >= self.seq or seq in self.line_refund_run) and self.run:
+                self._flush_run()  # perhaps a sale of the pending run, or lines given back in it
+            if op.lines:  # marked by an earlier attempt at this group: judged afresh
+                op.lines = b""
+                _set_line_count(op, 0)
         else:
             live = self._live(op.card_id)
             if live != op.card_id:  # rule 16: sent with a card replaced since: undone on its new
@@ -1243,6 +1303,10 @@ class _Group:
                 self.ts - _I64.unpack_from(entry, L.JOURNAL_OFF_TS)[0] > window_us):
             return L.R_REVERSAL_WINDOW_PASSED
         key = L.SEQ_KEY.pack(seq)
+        if kind == L.OP_REFUND and op.payload and entry[1] == L.OP_PURCHASE:
+            reason = self._mark_lines(op, seq, entry)
+            if reason != L.R_OK:
+                return reason
         undo = txn.get(key, db=ledger.undone)
         if kind == L.OP_REVERSAL and entry[1] == L.OP_HOLD and undo is None:
             undo = self._hold_undo(i, op, seq, entry)
@@ -1261,6 +1325,28 @@ class _Group:
                 break
             card_id = successor(txn, ledger, card_id) or card_id
         return card_id
+
+    def _mark_lines(self, op: PendingOp, seq: int, entry: bytes) -> int:
+        """Rule 12 by line: the refund's input lines (the sale's, marked), or why not (a sale
+        without lines: INVALID_ARGUMENT; a number it has no line for: LINE_NOT_FOUND). The kernel
+        judges the rest."""
+        count = entry_line_count(entry)
+        asked = line_numbers(op.payload or b"")
+        if not count:
+            return L.R_INVALID_ARGUMENT
+        if any(not 1 <= n <= count for n in asked):
+            return L.R_LINE_NOT_FOUND
+        sale_lines = next((lines for s, lines in reversed(self.line_items) if s == seq), None)
+        if sale_lines is None:
+            sale_lines = self.txn.get(L.SEQ_KEY.pack(seq), db=self.ledger.journal_lines)
+        if sale_lines is None or len(sale_lines) != count * L.LINE_SIZE:
+            raise InvariantError("a purchase with lines has none stored")
+        refunded = self.line_refunds.get(seq) or self.txn.get(
+            L.SEQ_KEY.pack(seq), db=self.ledger.refunded_lines) or EMPTY_LINE_REFUNDS
+        op.lines = refund_input_lines(sale_lines, refunded, asked)
+        _set_line_count(op, count)
+        self.line_refund_run.add(seq)
+        return L.R_OK
 
     def _hold_undo(self, i: int, op: PendingOp, seq: int, entry: bytes) -> bytes | None:
         """Rule 15: the undo record of an authorization a reversal names, from its hold as the
@@ -1365,6 +1451,7 @@ class _Group:
         if not run:
             return
         self.run = []
+        self.line_refund_run = set()
         ledger, ops, txn, admin = self.ledger, self.ops, self.txn, self.admin
         slot_of: dict[bytes, int] = {}
         card_ids: list[bytes] = []
@@ -1462,6 +1549,13 @@ class _Group:
             if op.lines:
                 if seq and reason == L.R_OK:
                     filled = bytes(lines[line_at:line_at + len(op.lines)])
+                    if op_type == L.OP_REFUND:  # by line: the lines it gave back, numbered
+                        filled = refund_stored_lines(filled)
+                        sale = _U64.unpack_from(op.packed, _OP_LINK)[0]
+                        self.line_refunds[sale] = lines_refunded(
+                            self.line_refunds.get(sale) or txn.get(
+                                L.SEQ_KEY.pack(sale), db=ledger.refunded_lines)
+                            or EMPTY_LINE_REFUNDS, filled, seq)
                     self.line_items.append((seq, filled))
                     entry = b"".join((entry[:L.JOURNAL_OFF_LINES_DIGEST], lines_digest(filled),
                                       entry[L.JOURNAL_OFF_LINES_DIGEST + L.LINES_DIGEST_SIZE:]))
@@ -1609,7 +1703,7 @@ class _Group:
         if ext is not None:
             txn.put(new_id, ext, db=ledger.card_ext)
             txn.delete(old_id, db=ledger.card_ext)
-        if self.lots.move(old_id, new_id) != points:
+        if self.lots.move(old_id, new_id) != max(points, 0):  # (owing points: no lots, rule 12)
             raise InvariantError("a replaced card's lots do not add up to its points")
         txn.put(SUCCESSOR + old_id, new_id, db=ledger.card_links)
         txn.put(PREDECESSOR + new_id, old_id, db=ledger.card_links)
@@ -1757,6 +1851,9 @@ class _Group:
                 raise InvariantError("journal lines append refused: sequence not increasing")
         if self.basket_items:
             txn.cursor(db=ledger.baskets).putmulti(self.basket_items)
+        if self.line_refunds:
+            txn.cursor(db=ledger.refunded_lines).putmulti(
+                [(L.SEQ_KEY.pack(sale), value) for sale, value in self.line_refunds.items()])
         if self.profile_items:
             txn.cursor(db=ledger.profiles).putmulti(self.profile_items)
             if not all(ledger.profile_box.is_sealed(raw) for _, raw in self.profile_items):

@@ -11,7 +11,10 @@ writer, the upgrade of an older ledger and verify):
 - its ``loss`` (points redeemed or spent, points expired) comes out of the card's lots oldest
   first, the loss before the gain (so a purchase redeems from what was there before it).
 
-So the lots of a card always add up to its points. A lot earned on day D expires at the start
+So the lots of a card always add up to its points; when a refund left the card owing points
+(rule 12, a program whose ``refund_points_shortfall`` is "owe"), its lots hold nothing: the loss
+takes what the lots hold and the rest is the debt, and a later gain pays the debt first, its
+lots getting only what is left over it. The lots add up to max(points, 0). A lot earned on day D expires at the start
 of day D + ``points_expire_days`` (the program's; 0 = never): the writer sweeps expired lots in
 every group, up to EXPIRY_CARDS_MAX cards a group, and journals one points-expired entry per
 card (ref_id: the newest day it expires).
@@ -34,16 +37,24 @@ def day_of(ts_us: int) -> int:
     return ts_us // L.DAY_US
 
 
-_MOVE = struct.Struct("<64xq104xq")  # layout.JOURNAL: points_delta (64), points_redeemed (176)
+# layout.JOURNAL: points_delta (64), points_after (88), points_redeemed (176)
+_MOVE = struct.Struct("<64xq16xq80xq")
 
 
 def movement(entry: bytes, offset: int = 0) -> tuple[int, int]:
-    """(gain, loss) of points of the applied journal entry at ``offset`` (layout.JOURNAL)."""
-    points_delta, taken = _MOVE.unpack_from(entry, offset)
+    """(gain, loss) of the lots of the applied journal entry at ``offset`` (layout.JOURNAL):
+    its points' unless the card owes points before or after it (then what the lots hold pays
+    the loss, and the gain pays the debt first)."""
+    points_delta, after, taken = _MOVE.unpack_from(entry, offset)
     gain, loss = points_delta + taken, taken
     if gain < 0:
         gain, loss = 0, loss - gain
-    return gain, loss
+    before = after - points_delta
+    if before >= 0 and after >= 0:
+        return gain, loss
+    from_lots = min(loss, max(before, 0))
+    debt = max(-before, 0) + loss - from_lots
+    return max(gain - debt, 0), from_lots
 
 
 class Lots:

@@ -28,6 +28,9 @@ them with comments; money in fen):
   ``card_valid_months`` (0..1200, default 0 = never: a card opened under the program expires
   that many calendar months after its opening day, a date fixed in the card at its opening;
   ``rules`` rule 14).
+  ``refund_points_shortfall`` = "forgive" (default: a refund takes back at most the points
+  the card holds) or "owe" (the card's points go below zero, and what it earns next pays the
+  debt first; ``rules`` rule 12).
 - ``[exchange]``: ``points`` and ``bonus_minor`` (required: whole blocks of that
   many points become that much bonus money). No table: no exchange.
 - ``[[gifts]]`` (at most 32): ``id``, ``name``, ``points_price``, ``stock`` (all
@@ -92,6 +95,7 @@ from cardcore.rules import (
     PER_CARD_LIMIT_MAX,
     PROMOTION_KINDS,
     RATE_BP_FULL,
+    SHORTFALLS,
     SPEND_ORDERS,
     Category,
     Coupon,
@@ -175,6 +179,7 @@ _TOP_KEYS = (
     _Key("pin_tries_max", "integer", 1, layout.PIN_TRIES_MAX_LIMIT),
     _Key("pin_on_top_up", "boolean"),
     _Key("spend_order", "string", choices=tuple(SPEND_ORDERS)),
+    _Key("refund_points_shortfall", "string", choices=tuple(SHORTFALLS)),
     _Key("points_expire_days", "integer", 0, POINTS_EXPIRE_DAYS_MAX),
     _Key("tier_review_days", "integer", 0, TIER_REVIEW_DAYS_MAX),
     _Key("reversal_window_minutes", "integer", 1, REVERSAL_WINDOW_MINUTES_MAX),
@@ -865,6 +870,8 @@ def parse_program(text: str) -> Program:
                                  if key.kind in ("integer", "boolean") and key.name in values}
     if "spend_order" in values:
         fields["spend_order"] = SPEND_ORDERS[values["spend_order"]]
+    if "refund_points_shortfall" in values:
+        fields["refund_points_shortfall"] = SHORTFALLS[values["refund_points_shortfall"]]
     if 0 < values.get("tier_review_days", 0) < TIER_REVIEW_DAYS_MIN:
         problems.append((lines.line((), "tier_review_days"),
                          f"tier_review_days must be 0 (no review) or {TIER_REVIEW_DAYS_MIN}.."

@@ -12,7 +12,7 @@ import struct
 
 from cardcore import layout as L
 from cardcore.rules import (TIER_REVIEW_DAYS_MAX, TIER_REVIEW_DAYS_MIN, available_minor,
-                            card_expiry_us, expired, month_of, paid_minor,
+                            card_expiry_us, expired, line_refund, month_of, paid_minor,
                             points_earned, redemption, review_due, review_start, spend,
                             undo_money, undo_share)
 
@@ -128,7 +128,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             card.flags = L.CARD_PIN_SET if new else 0
             card.pin_tries = 0
 
-        if (line_count and op != L.OP_PURCHASE or redeem < 0 or line_count > L.LINES_MAX
+        entry_lines = line_count  # the entry's line_count: a refund by line's, those asked
+        if (line_count and op not in (L.OP_PURCHASE, L.OP_REFUND) or redeem < 0 or line_count > L.LINES_MAX
                 or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)
                 or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id or redeem
                                                 or op_flags[0] & L.ALLOW_PARTIAL)
@@ -200,7 +201,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             elif flags & L.UNDO_REVERSED:
                 pass  # reversed before: nothing more to undo
             elif original == L.OP_PURCHASE:
-                reason, figures = give_back(undo, card, refunded, paid)
+                reason, figures = give_back(undo, card, refunded, paid, prog.shortfall)
                 if reason == L.R_OK:
                     d_principal, d_bonus, take, back = figures
                     d_points, taken_points = back - take, take
@@ -269,19 +270,28 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_ALREADY_REVERSED
             elif amount < 0:
                 reason = L.R_INVALID_AMOUNT
+            elif line_count and amount:
+                reason = L.R_INVALID_ARGUMENT  # by line or by amount, not both
             else:
-                amount = amount or paid - refunded  # 0: all that is left
-                if amount == 0 or amount > paid - refunded:
+                whole = True
+                if line_count:
+                    reason, amount, entry_lines, whole = refund_lines(lines, my_lines, paid)
+                else:
+                    amount = amount or paid - refunded  # 0: all that is left
+                if reason != L.R_OK:
+                    pass
+                elif (amount == 0 and not line_count) or amount > paid - refunded:
                     reason = L.R_REFUND_EXCEEDS_ORIGINAL
                     redeemed = paid - refunded  # what is left, for the answer
                 else:
-                    reason, figures = give_back(undo, card, refunded, refunded + amount)
+                    reason, figures = give_back(undo, card, refunded, refunded + amount,
+                                                prog.shortfall)
                     if reason == L.R_OK:
                         d_principal, d_bonus, take, back = figures
                         d_points, taken_points = back - take, take
                         redeemed = amount - d_principal - d_bonus
                         undo_changed = True
-                        complete = refunded + amount == paid
+                        complete = refunded + amount == paid and whole
         elif op == L.OP_SET_PIN:
             if not pin_flags & L.NEW_PIN:
                 reason = L.R_INVALID_ARGUMENT
@@ -306,8 +316,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 reason = L.R_OPERATOR_REQUIRED  # given away: an operator (a campaign) gives it
             elif redeem and redeem != d[7]:
                 reason = L.R_COUPON_NOT_FOR_SALE  # bought: at its points price, when it has one
-            elif card.points < redeem:
-                reason = L.R_INSUFFICIENT_POINTS
+            elif redeem and card.points < redeem:
+                reason = L.R_INSUFFICIENT_POINTS  # (a coupon given: whatever the points, a debt too)
             else:
                 d_points, taken_points, promotion_id = -redeem, redeem, ref_id
         elif op == L.OP_POINTS_EXCHANGE:
@@ -477,7 +487,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         applied = reason == L.R_OK
         L.JOURNAL_PROGRAM.pack_into(journal_out, i * L.JOURNAL_SIZE + L.JOURNAL_OFF_PROGRAM,
                                     taken_points, redeemed, card.tier,
-                                    line_count if applied else 0, promotion_id if applied else 0)
+                                    entry_lines if applied else 0, promotion_id if applied else 0)
         journal_out[i * L.JOURNAL_SIZE + L.JOURNAL_OFF_BIRTH_MONTH] = card.birth_month & 0xFF
         L.JOURNAL_PURCHASE_FLAGS.pack_into(journal_out, i * L.JOURNAL_SIZE
                                            + L.JOURNAL_OFF_PURCHASE_FLAGS,
@@ -512,6 +522,36 @@ def hold_check(hold: list, op: int, store: int, operator: int) -> int:
     return L.R_OK if hold[1] == L.HOLD_OPEN else L.R_HOLD_CLOSED
 
 
+def refund_lines(lines: bytearray, my_lines: range, paid: int) -> tuple[int, int, int, bool]:
+    """Rule 12 by line, over the sale's lines as the writer marks them (layout.LINE line_tag):
+    (reason, fen given back, lines asked, whether no line of the sale is left after them)."""
+    total = before = now = asked = 0
+    bad = again = False
+    whole = True
+    for k in my_lines:
+        _, tag, _, gross, discount, *_ = L.LINE.unpack_from(lines, k * L.LINE_SIZE)
+        if tag > (L.LINE_ASKED | L.LINE_REFUNDED) or gross <= 0 or not 0 <= discount <= gross:
+            bad = True
+            continue
+        p = gross - discount
+        total += p
+        if tag & L.LINE_REFUNDED:
+            before += p
+            again = again or bool(tag & L.LINE_ASKED)
+        elif tag & L.LINE_ASKED:
+            now += p
+            asked += 1
+        else:
+            whole = False
+    if bad or total > L.INT64_MAX or total < paid:
+        return L.R_INVALID_ARGUMENT, 0, 0, False  # not the lines of a sale that cost paid
+    if again:
+        return L.R_LINE_ALREADY_REFUNDED, 0, 0, False
+    if not asked:
+        return L.R_INVALID_ARGUMENT, 0, 0, False
+    return L.R_OK, line_refund(paid, total, before, before + now), asked, whole
+
+
 def check_undo(undo: list) -> None:
     version, _, _, _, _, _, refunded, paid, principal, bonus, redeemed, earned, _ = undo
     if version not in (0, L.UNDO_VERSION) or (version and not (
@@ -519,7 +559,8 @@ def check_undo(undo: list) -> None:
         raise ValueError("undo record breaks an invariant")
 
 
-def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, tuple]:
+def give_back(undo: list, card: "Card", before: int, after: int,
+              shortfall: int = L.SHORTFALL_FORGIVE) -> tuple[int, tuple]:
     """Rules 12 and 13: (reason, (principal, bonus, points taken back, points given back)) of a
     purchase from ``before`` to ``after`` of its paid amount; the card's lifetime paid goes
     down by the money."""
@@ -534,8 +575,13 @@ def give_back(undo: list, card: "Card", before: int, after: int) -> tuple[int, t
     back, take = part(redeemed), part(earned)
     if card.principal + card.bonus + p + b > L.INT64_MAX or card.points + back > L.INT64_MAX:
         return L.R_AMOUNT_OVERFLOW, ()
+    if shortfall == L.SHORTFALL_OWE:  # all of them: the card may owe points
+        if card.points - take < -L.INT64_MAX:
+            return L.R_AMOUNT_OVERFLOW, ()
+    else:  # what the card holds: never below zero (nothing from a debt)
+        take = min(take, max(card.points, 0))
     card.lifetime = max(card.lifetime - p - b, 0)
-    return L.R_OK, (p, b, min(take, card.points), back)
+    return L.R_OK, (p, b, take, back)
 
 
 def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: range, amount: int,
@@ -612,8 +658,8 @@ class CompiledProgram:
     def __init__(self, packed: bytes) -> None:
         (self.tier_count, self.pin_tries_max, self.points_unit, self.redeem_points,
          self.redeem_value, self.redeem_cap_bp, self.version, self.spend_order,
-         self.promotion_count, months, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
-        self.card_valid_months = L.PROGRAM_VALID_MONTHS.unpack(months)[0]
+         self.promotion_count, tail, flags, *ups) = L.PROGRAM_HEAD.unpack_from(packed)
+        self.card_valid_months, self.shortfall = L.PROGRAM_HEAD_TAIL.unpack(tail)
         self.category_flags = flags
         self.up_spend, self.up_top_up = ups[:L.MAX_TIERS], ups[L.MAX_TIERS:]
         self.promotions = [
@@ -646,7 +692,8 @@ class CompiledProgram:
                 and self.promotion_count <= L.MAX_PROMOTIONS and self.redeem_points >= 0
                 and (self.redeem_points == 0 or self.redeem_value > 0)
                 and self.redeem_cap_bp <= 10000 and self.spend_order <= L.SPEND_PROPORTIONAL
-                and self.card_valid_months <= L.CARD_VALID_MONTHS_MAX):
+                and self.card_valid_months <= L.CARD_VALID_MONTHS_MAX
+                and self.shortfall <= L.SHORTFALL_OWE):
             raise ValueError("program out of range")
         for t in range(self.tier_count):  # the kernel's checks, in the same terms
             for c in range(L.MAX_CATEGORIES):
@@ -863,7 +910,8 @@ class Card:
             raise ValueError("card record has a negative expiry or an unknown status")
         if self.version != L.CARD_VERSION:
             raise ValueError(f"card record version {self.version} unknown")
-        if min(self.principal, self.bonus, self.points, self.held, self.lifetime) < 0:
+        if min(self.principal, self.bonus, self.held, self.lifetime) < 0 or (
+                self.points < -L.INT64_MAX):
             raise ValueError("card record has a negative balance")
         if self.principal + self.bonus > L.INT64_MAX:
             raise ValueError("card record principal + bonus exceeds int64")

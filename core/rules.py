@@ -94,11 +94,34 @@ checks they agree on every input):
    of a sale's refunds add up to exactly x): its money (principal + bonus; exactly R when no
    points paid), split between the buckets by the bonus's cumulative share of that money
    (``undo_money``), goes back to principal and bonus; the points it redeemed come back (into
-   today's lot); the points it earned are taken back (oldest lots first; if the card holds
-   fewer, what it holds: points never go below zero). Lifetime paid goes down by the money given back; the tier stays. The refund
+   today's lot); the points it earned are taken back (oldest lots first). If the card holds
+   fewer, the program's ``refund_points_shortfall`` says what happens: "forgive" (the
+   default) takes what it holds, never below zero (the rest is the chain's loss); "owe" takes
+   them all, and the card's points go below zero: a debt, which holds no lots, cannot be
+   redeemed, exchanged or spent (every such check needs points the card holds), and the
+   points the card earns next pay it first (the lots get only what is left over them: the lots
+   add up to the card's points when positive, to nothing when not). Points the refund gives
+   back (that the sale redeemed) pay the debt likewise. Cancelling a card forfeits its points,
+   a debt too (its points become 0). A card that owes points under a program that later
+   forgives keeps its debt; such a refund takes nothing more from it. Lifetime paid goes down by the money given back; the tier stays. The refund
    that leaves nothing (T1 = paid) gives back the sale's coupon while it is still valid. A
    refund or reversal is never refunded (REASON_NOT_REFUNDABLE), nor a reversed sale
    (REASON_ALREADY_REVERSED).
+   By line (a sale with lines): the refund names lines by their 1-based numbers on the
+   receipt, and no amount. A line's price is what the member paid for it, ``p = gross -
+   discount`` (its tier's discount and the share of the sale's coupon it was given; the fen its
+   points paid included): the stored line's figures. With P the sum of every line's p, L0 that
+   of the lines refunds by line gave back before and L1 = L0 + that of the lines named, the
+   refund gives back ``R = paid * L1 // P - paid * L0 // P`` (``line_refund``; exactly the
+   lines' p when the card paid the whole sale, P = paid; in proportion when a till collected
+   part of it), as a refund of R by the rest of this rule, so that a sale's lines refunded one
+   by one give back exactly what one full refund gives, to the fen (the points taken back are
+   the sale's cumulative share, not the line's own). R may be 0 (a free item: the line is
+   given back, nothing moves); more than what is left: REASON_REFUND_EXCEEDS_ORIGINAL. It
+   leaves nothing (the coupon comes back) when T1 = paid and no line is left. A line is given
+   back once (REASON_LINE_ALREADY_REFUNDED); a number the sale has no line for is
+   REASON_LINE_NOT_FOUND; lines of a sale without lines, or lines with an amount,
+   REASON_INVALID_ARGUMENT.
 13. Reversals (a terminal that timed out names its own request by request_id, within the
    program's ``reversal_window_minutes`` of the original): a purchase is refunded in full (of
    what refunds left) by rule 12, its coupon comes back whatever its validity, and an upgrade
@@ -219,6 +242,7 @@ MAX_NAME_LEN = 32  # categories and promotions
 RATE_BP_FULL = 10000
 SPEND_ORDERS = {"principal_first": L.SPEND_PRINCIPAL_FIRST, "bonus_first": L.SPEND_BONUS_FIRST,
                 "proportional": L.SPEND_PROPORTIONAL}
+SHORTFALLS = {"forgive": L.SHORTFALL_FORGIVE, "owe": L.SHORTFALL_OWE}  # rule 12
 PROMOTION_KINDS = {"fixed": L.PROMO_FIXED, "percent": L.PROMO_PERCENT,
                    "first_top_up": L.PROMO_FIRST_TOP_UP}
 PER_CARD_LIMIT_MAX = 255
@@ -335,6 +359,7 @@ class Program:
     tier_review_days: int = 0     # rule 11: the qualification period; 0 = tiers never go down
     reversal_window_minutes: int = REVERSAL_WINDOW_MINUTES_DEFAULT  # rule 13
     card_valid_months: int = 0    # rule 14: a new card expires this many months on; 0 = never
+    refund_points_shortfall: int = L.SHORTFALL_FORGIVE  # rule 12: SHORTFALLS
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -420,6 +445,8 @@ class Program:
             raise ValueError(f"reversal_window_minutes must be 1..{REVERSAL_WINDOW_MINUTES_MAX}")
         if self.spend_order not in SPEND_ORDERS.values():
             raise ValueError("spend_order unknown")
+        if self.refund_points_shortfall not in SHORTFALLS.values():
+            raise ValueError("refund_points_shortfall unknown")
         if (self.redeem_points < 0 or self.redeem_value_minor < 0
                 or (self.redeem_points > 0) != (self.redeem_value_minor > 0)
                 or not 0 <= self.redeem_cap_bp <= RATE_BP_FULL):
@@ -467,7 +494,8 @@ class Program:
         head = L.PROGRAM_HEAD.pack(
             len(self.tiers), self.pin_tries_max, self.points_unit_minor, self.redeem_points,
             self.redeem_value_minor, self.redeem_cap_bp, version, self.spend_order,
-            len(self.promotions), L.PROGRAM_VALID_MONTHS.pack(self.card_valid_months),
+            len(self.promotions),
+            L.PROGRAM_HEAD_TAIL.pack(self.card_valid_months, self.refund_points_shortfall),
             bytes(flags), *spend, *top_up)
         promos = b"".join(L.PROMOTION.pack(p.id, p.kind, p.per_card_limit, p.bonus_bp,
                                            p.min_top_up_minor, p.bonus_minor, p.max_bonus_minor,
@@ -665,3 +693,13 @@ def undo_share(x: int, paid: int, before: int, after: int) -> int:
     ``paid``) give back; the parts of all of a sale's refunds add up to exactly ``x``."""
     assert 0 <= before <= after <= paid and paid > 0
     return x * after // paid - x * before // paid
+
+
+def line_refund(paid: int, lines_paid: int, before: int, after: int) -> int:
+    """Rule 12 by line: the fen a refund of lines gives back, from ``before`` to ``after`` of the
+    sale's lines' prices (``lines_paid`` = P in all); the parts of all its lines add up to
+    exactly ``paid``, however they are grouped."""
+    assert 0 <= before <= after <= lines_paid and 0 <= paid <= lines_paid
+    if not lines_paid:
+        return 0
+    return paid * after // lines_paid - paid * before // lines_paid

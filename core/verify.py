@@ -50,12 +50,14 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import (LINEAGE_MAX, META_MEMBERS, PREDECESSOR, SUCCESSOR, history_items,
-                             hold_index_key, issued_coupon, profile_month, sold_package,
-                             undo_record)
+from cardcore.ledger import (EMPTY_LINE_REFUNDS, LINEAGE_MAX, META_MEMBERS, PREDECESSOR,
+                             SUCCESSOR, history_items, hold_index_key, issued_coupon,
+                             lines_refunded, profile_month, refund_input_lines,
+                             refund_stored_lines, sold_package, undo_record)
 from cardcore.lookup import MemberIndex
 from cardcore.program import ProgramError, parse_program
-from cardcore.reference import Card, CardState, CompiledProgram, give_back, purchase
+from cardcore.reference import (Card, CardState, CompiledProgram, give_back, purchase,
+                                refund_lines)
 from cardcore.rules import card_expiry_us, expired, spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
@@ -145,6 +147,10 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
         if ledger.undone is not None and dict(txn.cursor(db=ledger.undone)) != {
                 k: L.UNDO.pack(*v) for k, v in journal["undone"].items()}:
             problem("the undo records are not what the journal's refunds and reversals make")
+        if ledger.refunded_lines is not None and dict(txn.cursor(db=ledger.refunded_lines)) != \
+                journal["refunded_lines"]:
+            problem("the sales' line refunds records are not what the journal's refunds by line "
+                    "make")
         requests = _requests(txn, ledger, problem)
         members = _members(txn, ledger, index, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
@@ -228,6 +234,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
     undone: dict[bytes, list] = {}       # an entry's undo record as refunds and reversals leave it
+    refunded: dict[bytes, bytes] = {}    # a sale's line refunds record, as refunds by line leave it
     statuses: dict[bytes, int] = {}      # card id -> its status, where rule 14 changed it
     expiries: dict[bytes, int] = {}      # card id -> its expiry (rule 14), from its opening
     holds: dict[bytes, list] = {}        # hold key -> its record (layout.HOLD) as rebuilt
@@ -427,7 +434,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             referred.add(f[28])
         elif op in (L.OP_REFUND, L.OP_REVERSAL):
             why = _undo_problem(txn, ledger, f, entry, s, state_of(cid), undone, coupons,
-                                compiled_of(program_version), holds, held, links)
+                                compiled_of(program_version), holds, held, refunded, links)
             if why:
                 problem(f"journal entry {seq}: {why}")
         elif op == L.OP_HOLD:
@@ -522,12 +529,15 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         totals[2] += dpts
         if (s[0], s[1], s[2]) != (pa, ba, ptsa):
             problem(f"journal entry {seq}: after-balances differ from the running sums")
-        if min(s[0], s[1], s[2]) < 0:
-            problem(f"journal entry {seq}: a balance below zero")
+        if min(s[0], s[1]) < 0 or (s[2] < 0 and dpts < 0 and op != L.OP_REPLACEMENT_OPENED and not (
+                op in (L.OP_REFUND, L.OP_REVERSAL)
+                and (prog_of := compiled_of(program_version)) is not None
+                and prog_of.shortfall == L.SHORTFALL_OWE)):
+            problem(f"journal entry {seq}: a balance below zero")  # points: a refund's debt only
     if replaced is not None:
         problem(f"journal entry {replaced[1]}: a replacement with no opening of the new card")
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
-            "links": links,
+            "links": links, "refunded_lines": refunded,
             "statuses": statuses, "holds": holds, "held": held, "expiries": expiries,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
@@ -574,13 +584,14 @@ def _close_hold(hold: list | None, f: tuple, state: int, held: dict) -> str | No
 
 def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState, undone: dict,
                   coupons: dict, prog: CompiledProgram | None, holds: dict,
-                  held: dict, links: dict) -> str | None:
+                  held: dict, refunded: dict, links: dict) -> str | None:
     """Why a refund or reversal entry is not what rules 12 and 13 make of its original, as the
     journal left it before (None: it is). Moves the card's lifetime paid (``s``), its program
     state, the original's undo record and a coupon it gives back along."""
     op, tier, seq, cid, amount, link, ts_us = f[1], f[2], f[7], f[8], f[9], f[28], f[17]
     dp, db_, dpts = f[11], f[12], f[13]
-    taken, redeemed, tier_after = L.JOURNAL_PROGRAM.unpack_from(entry, L.JOURNAL_OFF_PROGRAM)[:3]
+    taken, redeemed, tier_after, line_count = L.JOURNAL_PROGRAM.unpack_from(
+        entry, L.JOURNAL_OFF_PROGRAM)[:4]
     flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
     if prog is None:
         return "a refund or reversal without a program"
@@ -597,16 +608,33 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
     want_moves, want_amount, complete = (0, 0, 0, 0, 0), 0, False
     if op == L.OP_REFUND:
         left = undo[7] - undo[6]
+        whole, lines = True, None
+        if line_count:  # by line (rule 12): the sale's lines it names, not given back before
+            lines = txn.get(L.SEQ_KEY.pack(seq), db=ledger.journal_lines) or b""
+            if lines_digest(lines) != entry[L.JOURNAL_OFF_LINES_DIGEST:][:L.LINES_DIGEST_SIZE]:
+                return "its stored lines are not the ones it carries the digest of"
+            sale_lines = txn.get(key, db=ledger.journal_lines) or b""
+            numbers = [L.LINE_TAG.unpack_from(lines, k * L.LINE_SIZE)[0]
+                       for k in range(len(lines) // L.LINE_SIZE)]
+            marked = refund_input_lines(sale_lines, refunded.get(key, EMPTY_LINE_REFUNDS),
+                                        numbers)
+            why, by_lines, _, whole = refund_lines(
+                bytearray(marked), range(len(marked) // L.LINE_SIZE), undo[7])
+            if (why != L.R_OK or refund_stored_lines(marked) != lines
+                    or len(numbers) != line_count or by_lines != amount):
+                return f"a refund of lines {numbers} that its sale's lines do not give"
         if undo[0] != L.UNDO_VERSION or undo[2] != L.OP_PURCHASE or undo[1] & L.UNDO_REVERSED \
-                or not 0 < amount <= left:
+                or not (0 <= amount if line_count else 0 < amount) or amount > left:
             return f"a refund of {amount} that its original does not allow ({left} left)"
-        reason, figures = give_back(undo, card, undo[6], undo[6] + amount)
+        reason, figures = give_back(undo, card, undo[6], undo[6] + amount, prog.shortfall)
         if reason != L.R_OK:
             return "a refund that overflows"
         p, b, take, back = figures
         want_moves, want_amount = (p, b, back - take, take, amount - p - b), amount
-        complete = undo[6] + amount == undo[7]
+        complete = undo[6] + amount == undo[7] and whole
         undo[6] += amount
+        if lines is not None:
+            refunded[key] = lines_refunded(refunded.get(key, EMPTY_LINE_REFUNDS), lines, seq)
     elif undo[1] & L.UNDO_REVERSED:
         if any(f[9:14]) or tier_after != tier:
             return "a second reversal that moves value"
@@ -614,7 +642,7 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
         return None
     elif undo[2] == L.OP_PURCHASE:
         left = undo[7] - undo[6]
-        reason, figures = give_back(undo, card, undo[6], undo[7])
+        reason, figures = give_back(undo, card, undo[6], undo[7], prog.shortfall)
         if reason != L.R_OK:
             return "a reversal that overflows"
         p, b, take, back = figures
@@ -781,7 +809,7 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, expiries: dic
         if rec[1] != statuses.get(cid, L.STATUS_ACTIVE):
             problem(f"card ...{cid.hex()[:8]}: status {rec[1]}, but its entries leave it "
                     f"{statuses.get(cid, L.STATUS_ACTIVE)}")
-        if rec[0] != L.CARD_VERSION or min(principal, bonus, points) < 0:
+        if rec[0] != L.CARD_VERSION or min(principal, bonus) < 0 or points < -L.INT64_MAX:
             problem(f"card ...{cid.hex()[:8]}: invalid record")
         expires_us = L.CARD_EXPIRES.unpack_from(raw, L.CARD_OFF_EXPIRES)[0]
         if expires_us != expiries.get(cid, 0):

@@ -123,6 +123,10 @@ cdef enum:
     R_CARD_REPLACED = 91
     R_CARD_EXPIRED = 92
     R_CARD_NOT_ACTIVATED = 93
+    R_LINE_ALREADY_REFUNDED = 96
+    SHORTFALL_OWE = 1
+    LINE_ASKED = 1
+    LINE_REFUNDED = 2
     MAX_GIFTS = 32
     PACKAGE_COUNT = 1
     MAX_PACKAGES = 32
@@ -159,7 +163,7 @@ cdef inline int record_ok(const cc_card_t* rec) noexcept nogil:
         return 1
     if rec.version != 1:
         return 0
-    if (rec.principal_minor < 0 or rec.bonus_minor < 0 or rec.points < 0
+    if (rec.principal_minor < 0 or rec.bonus_minor < 0 or rec.points < -INT64_MAX
             or rec.held_minor < 0 or rec.lifetime_paid_minor < 0):
         return 0
     if rec.flags & ~<uint32_t>(CARD_PIN_SET | CARD_PIN_LOCKED):
@@ -480,7 +484,7 @@ cdef inline int64_t share(int64_t x, int64_t paid, int64_t before, int64_t after
 
 
 cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t before,
-                              int64_t after, int64_t* fig) noexcept nogil:
+                              int64_t after, int64_t* fig, uint8_t shortfall) noexcept nogil:
     """Rules 12 and 13: a purchase's buckets and points from ``before`` to ``after`` of its
     paid amount: fig[0] principal, fig[1] bonus, fig[2] points taken back, fig[3] points
     given back (fig untouched on a decline)."""
@@ -503,10 +507,50 @@ cdef inline uint8_t give_back(const cc_undo_t* undo, cc_card_t* rec, int64_t bef
     if (<cc_i128>rec.principal_minor + rec.bonus_minor + p + b > INT64_MAX
             or rec.points > INT64_MAX - back):
         return R_AMOUNT_OVERFLOW
-    if take > rec.points:  # what the card holds: points never go below zero
-        take = rec.points
+    if shortfall == SHORTFALL_OWE:  # all of them: the card may owe points
+        if <cc_i128>rec.points - take < -<cc_i128>INT64_MAX:
+            return R_AMOUNT_OVERFLOW
+    elif take > rec.points:  # what the card holds: never below zero (nothing from a debt)
+        take = rec.points if rec.points > 0 else 0
     fig[0], fig[1], fig[2], fig[3] = p, b, take, back
     rec.lifetime_paid_minor = rec.lifetime_paid_minor - p - b if rec.lifetime_paid_minor > p + b else 0
+    return R_OK
+
+
+cdef inline uint8_t line_refund(const cc_line_t* ls, int n, int64_t paid, int64_t* amount,
+                                 int* asked, int* whole) noexcept nogil:
+    """Rule 12 by line: the reason; on success *amount is what the lines marked LINE_ASKED
+    give back (cardcore.rules.line_refund), *asked how many they are, *whole whether no line of
+    the sale is left after them. ``ls`` are the sale's lines, all of them, as stored."""
+    cdef cc_i128 total = 0, before = 0, after = 0
+    cdef int64_t p
+    cdef int k, bad = 0, again = 0
+    asked[0] = 0
+    whole[0] = 1
+    for k in range(n):
+        if (ls[k].line_tag > (LINE_ASKED | LINE_REFUNDED) or ls[k].amount_minor <= 0
+                or ls[k].discount_minor < 0 or ls[k].discount_minor > ls[k].amount_minor):
+            bad = 1
+            continue
+        p = ls[k].amount_minor - ls[k].discount_minor
+        total += p
+        if ls[k].line_tag & LINE_REFUNDED:
+            before += p
+            if ls[k].line_tag & LINE_ASKED:
+                again = 1
+        elif ls[k].line_tag & LINE_ASKED:
+            after += p
+            asked[0] += 1
+        else:
+            whole[0] = 0
+    if bad or total > INT64_MAX or total < paid:
+        return R_INVALID_ARGUMENT  # not the lines of a sale that cost paid
+    if again:
+        return R_LINE_ALREADY_REFUNDED
+    if asked[0] == 0:
+        return R_INVALID_ARGUMENT
+    after += before
+    amount[0] = <int64_t>((paid * after) // total - (paid * before) // total) if total else 0
     return R_OK
 
 
@@ -684,7 +728,7 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
                 earned += wide
         if card_pay > available:
             reason = R_INSUFFICIENT_FUNDS
-        elif (over or earned > <cc_i128>(INT64_MAX - (rec.points - taken))
+        elif (over or earned > <cc_i128>INT64_MAX - (<cc_i128>rec.points - taken)
               or card_pay > INT64_MAX - rec.lifetime_paid_minor):
             reason = R_AMOUNT_OVERFLOW
     fig[5] = card_pay
@@ -746,12 +790,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     cdef cc_undo_t* undo = <cc_undo_t*>coupon  # a refund's or reversal's original, likewise
     cdef int64_t g[4]
     cdef int64_t left
-    cdef int undo_changed = 0, complete = 0, k
+    cdef int undo_changed = 0, complete = 0, k, asked = 0, whole = 0
+    cdef uint16_t entry_lines = op.line_count  # the entry's line_count: a refund's, those asked
     # rule 14: at or after its expiry a card is expired, whatever its stored status says
     cdef int lapsed = rec.expires_us != 0 and ts_us >= rec.expires_us
     cdef uint8_t status_now = STATUS_EXPIRED if lapsed and card_live(rec.status) else rec.status
     fig[0] = fig[1] = fig[2] = fig[3] = fig[4] = fig[5] = 0
-    if ((op.line_count and op.op != OP_PURCHASE) or op.redeem_points < 0
+    if ((op.line_count and op.op != OP_PURCHASE and op.op != OP_REFUND) or op.redeem_points < 0
             or op.line_count > LINES_MAX
             or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
                 and op.op != OP_POINTS_EXCHANGE)
@@ -828,7 +873,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             pass  # reversed before: nothing more to undo
         elif undo.op == OP_PURCHASE:
             left = undo.paid_minor - undo.refunded_minor
-            reason = give_back(undo, rec, undo.refunded_minor, undo.paid_minor, g)
+            reason = give_back(undo, rec, undo.refunded_minor, undo.paid_minor, g,
+                               prog.points_shortfall)
             if reason == R_OK:
                 d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
                 fig[2], fig[3] = g[2], left - g[0] - g[1]
@@ -895,7 +941,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     elif op.op == OP_REFERRAL_BONUS:
         if amount <= 0:
             reason = R_INVALID_AMOUNT
-        elif amount > INT64_MAX - rec.points:
+        elif amount > <cc_i128>INT64_MAX - rec.points:
             reason = R_AMOUNT_OVERFLOW
         else:
             d_points = amount
@@ -908,20 +954,30 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             reason = R_ALREADY_REVERSED
         elif amount < 0:
             reason = R_INVALID_AMOUNT
+        elif op.line_count and amount != 0:
+            reason = R_INVALID_ARGUMENT  # by line or by amount, not both
         else:
             left = undo.paid_minor - undo.refunded_minor
-            if amount == 0:
+            if op.line_count:
+                reason = line_refund(lines, op.line_count, undo.paid_minor, &amount, &asked,
+                                     &whole)
+                entry_lines = <uint16_t>asked
+            elif amount == 0:
                 amount = left  # all that is left
-            if amount == 0 or amount > left:
+            if reason != R_OK:
+                pass
+            elif (amount == 0 and not op.line_count) or amount > left:
                 reason = R_REFUND_EXCEEDS_ORIGINAL
                 fig[3] = left  # what is left, for the answer (a decline is never journaled)
             else:
-                reason = give_back(undo, rec, undo.refunded_minor, undo.refunded_minor + amount, g)
+                reason = give_back(undo, rec, undo.refunded_minor, undo.refunded_minor + amount, g,
+                                   prog.points_shortfall)
                 if reason == R_OK:
                     d_principal, d_bonus, d_points = g[0], g[1], g[3] - g[2]
                     fig[2], fig[3] = g[2], amount - g[0] - g[1]
                     undo_changed = 1
-                    complete = undo.refunded_minor + amount == undo.paid_minor
+                    complete = (undo.refunded_minor + amount == undo.paid_minor
+                                and (whole or not op.line_count))
     elif op.op == OP_SET_PIN:
         if not op.pin_flags & NEW_PIN:
             reason = R_INVALID_ARGUMENT
@@ -948,8 +1004,8 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 reason = R_OPERATOR_REQUIRED  # given away: an operator (a campaign) gives it
             elif op.redeem_points and op.redeem_points != d.points_price:
                 reason = R_COUPON_NOT_FOR_SALE  # bought: at its points price, when it has one
-            elif rec.points < op.redeem_points:
-                reason = R_INSUFFICIENT_POINTS
+            elif op.redeem_points and rec.points < op.redeem_points:
+                reason = R_INSUFFICIENT_POINTS  # (a coupon given: whatever the points, a debt too)
             else:
                 d_points = -op.redeem_points
                 fig[2] = op.redeem_points
@@ -1162,7 +1218,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     if reason == R_OK:
         out.points_redeemed = fig[2]
         out.redeemed_minor = fig[3]
-        out.line_count = op.line_count
+        out.line_count = entry_lines
         out.item_id = promotion_id
         out.coupon_off_minor = fig[4]
         out.purchase_flags = (PARTIAL_PAYMENT if partial else 0) | (UNDO_COMPLETE if complete else 0)
@@ -1211,6 +1267,7 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
             or prog.card_valid_months > CARD_VALID_MONTHS_MAX
             or (prog.redeem_points > 0 and prog.redeem_value_minor <= 0)
             or prog.redeem_cap_bp > RATE_FULL or prog.spend_order > SPEND_PROPORTIONAL
+            or prog.points_shortfall > SHORTFALL_OWE
             or prog.coupon_count > MAX_COUPONS or prog.package_count > MAX_PACKAGES
             or prog.gift_count > MAX_GIFTS or prog.activation_points < 0
             or prog.exchange_points < 0 or prog.exchange_bonus_minor < 0

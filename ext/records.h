@@ -60,7 +60,7 @@ typedef struct {
 } cc_op_t;
 
 typedef struct {
-    uint16_t category_code, reserved0;
+    uint16_t category_code, line_tag;  /* layout.LINE: a refund by line's marks or line number */
     uint32_t quantity;
     int64_t amount_minor, discount_minor, points_earned, redeemed_minor;
     uint8_t sku[24];
@@ -162,7 +162,7 @@ typedef struct {
     uint32_t redeem_cap_bp, program_version;
     uint8_t spend_order, promotion_count;
     uint16_t card_valid_months;
-    uint8_t reserved0[4];
+    uint8_t points_shortfall, reserved0[3];
     uint8_t category_flags[64];
     int64_t upgrade_spend_minor[16], upgrade_top_up_minor[16];
     cc_promotion_t promotions[16];

@@ -57,7 +57,7 @@ cdef extern from "records.h":
         uint8_t reserved2[16]
 
     ctypedef struct cc_line_t:
-        uint16_t category_code, reserved0
+        uint16_t category_code, line_tag
         uint32_t quantity
         int64_t amount_minor, discount_minor, points_earned, redeemed_minor
         uint8_t sku[24]
@@ -148,7 +148,8 @@ cdef extern from "records.h":
         uint32_t redeem_cap_bp, program_version
         uint8_t spend_order, promotion_count
         uint16_t card_valid_months
-        uint8_t reserved0[4]
+        uint8_t points_shortfall
+        uint8_t reserved0[3]
         uint8_t category_flags[64]
         int64_t upgrade_spend_minor[16]
         int64_t upgrade_top_up_minor[16]

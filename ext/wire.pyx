@@ -202,9 +202,11 @@ def line_results(const uint8_t[::1] lines, uint32_t field_number):
     if n == 0:
         return b""
     # per line: key and length (up to 2 + 2); in the element, a category of up to 4 bytes,
-    # 5 int64 fields of up to 11, a quantity of up to 6, the SKU's 2 + 24: at most 91
-    cdef uint8_t out[LINES_MAX * 96]
-    cdef uint8_t body[92]
+    # 5 int64 fields of up to 11, a quantity of up to 6, the SKU's 2 + 24, a refund's line
+    # number (field 40: a 2-byte key) of up to 5: at most 96
+    cdef uint8_t out[LINES_MAX * 100]
+    cdef uint8_t body[96]
+    cdef uint16_t number
     cdef const uint8_t* rec
     cdef int64_t amount, discount, redeemed
     cdef uint64_t key = (<uint64_t>field_number << 3) | WIRE_LEN
@@ -231,6 +233,10 @@ def line_results(const uint8_t[::1] lines, uint32_t field_number):
                 body[size + 1] = <uint8_t>sku_len
                 memcpy(body + size + 2, rec + 40, sku_len)
                 size += 2 + sku_len
+            number = (<const uint16_t*>(rec + 2))[0]  # layout.LINE line_tag: a refund's line
+            if number:
+                size += put_varint(body + size, 40 << 3)
+                size += put_varint(body + size, number)
             at += put_varint(out + at, key)
             at += put_varint(out + at, <uint64_t>size)
             memcpy(out + at, body, size)

@@ -8,6 +8,7 @@ import sys
 
 from . import logs
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
+from cardcore.layout import LINES_MAX
 
 from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_find_card,
                          cmd_history, cmd_keys, cmd_replace_card,
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("seq", type=int_arg(1, U64_MAX), help="the sale's journal seq (on its receipt)")
     p.add_argument("--amount", type=amount_arg, default=0,
                    help="yuan to give back (default: all that is left of the sale)")
+    p.add_argument("--line", type=int_arg(1, LINES_MAX), action="append", default=[],
+                   dest="lines", help="a line of the sale to give back, by its number on the "
+                   "receipt (from 1); repeatable; not with --amount")
     p = client("reverse", "undo a request of this caller's that timed out (or refuse it before it "
                "arrives)", cmd_reverse)
     mutating(p)

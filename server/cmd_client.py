@@ -460,13 +460,19 @@ def cmd_program(args) -> int:
 
 
 def cmd_refund(args) -> int:
-    """Money back for a sale (an operator's: the token), all that is left of it or --amount."""
+    """Money back for a sale (an operator's: the token), all that is left of it, --amount, or
+    the lines --line names."""
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
 
     req = pb.RefundRequest(card=cpb.CardRef(card_number=args.card), original_seq=args.seq,
-                           amount_minor=args.amount, till=_till(args), **request_fields(args))
-    print_undo(call(stub_of(args).Refund, req, args))
+                           amount_minor=args.amount, line_numbers=args.lines, till=_till(args),
+                           **request_fields(args))
+    result = call(stub_of(args).Refund, req, args)
+    print_undo(result)
+    if result.lines:
+        print(table([(f"line {x.line_number}", f"{fen(x.amount_minor - x.discount_minor)}"
+                      f"{'  ' + x.sku if x.sku else ''}") for x in result.lines]))
     return 0
 
 

@@ -122,6 +122,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                             "replaced"),
     R.REASON_CARD_NOT_ACTIVATED: (C.FAILED_PRECONDITION, "the card is not activated yet: an "
                                   "operator activates it"),
+    R.REASON_LINE_ALREADY_REFUNDED: (C.FAILED_PRECONDITION, "a line named was given back "
+                                     "already"),
+    R.REASON_LINE_NOT_FOUND: (C.NOT_FOUND, "the sale has no line with that number"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -103,6 +103,24 @@ def basket(req, explicit: bool = False) -> tuple[bytes, int, int]:
     return packed, total, req.redeem_points
 
 
+def refund_line_numbers(req: pb.RefundRequest) -> bytes:
+    """A refund by line's line numbers (rule 12), checked for what needs no ledger: distinct,
+    at most LINES_MAX, none 0 (the writer checks them against the sale's lines), no amount
+    with them; as the writer takes them, u8 each in the order asked. b"": by amount."""
+    numbers = list(req.line_numbers)
+    if not numbers:
+        return b""
+    if req.amount_minor:
+        raise Invalid(R.REASON_INVALID_ARGUMENT, "line_numbers",
+                      detail="a refund is by amount or by line, not both")
+    if len(numbers) > L.LINES_MAX or len(set(numbers)) != len(numbers) or 0 in numbers:
+        raise Invalid(R.REASON_INVALID_ARGUMENT, "line_numbers",
+                      detail=f"distinct line numbers from 1, at most {L.LINES_MAX}")
+    if max(numbers) > L.LINES_MAX:
+        raise Invalid(R.REASON_LINE_NOT_FOUND, "line_numbers")
+    return bytes(numbers)
+
+
 def hold_serial(req) -> int:
     """A capture's or void's hold (rule 15): a serial is a journal seq, 1..INT64_MAX."""
     if not 0 < req.hold_serial <= L.INT64_MAX:
@@ -380,9 +398,10 @@ class Operations:
             raise Invalid(R.REASON_ORIGINAL_NOT_FOUND, "original_seq")
         if req.amount_minor < 0:
             raise Invalid(R.REASON_INVALID_AMOUNT, "amount_minor")
+        numbers = refund_line_numbers(req)
         card = self._operator_card(req, caller, ROLE.OPERATOR_ROLE_CASHIER)
         return self._op(req, rid, at_us, L.OP_REFUND, card, caller, req.amount_minor,
-                        link_seq=req.original_seq)
+                        link_seq=req.original_seq, refund_lines=numbers)
 
     def authorize_op(self, req: pb.AuthorizeRequest, caller: Caller) -> PendingOp:
         """A hold (rule 15): the member's card and PIN, like a purchase."""

@@ -120,6 +120,11 @@ def test_the_cli_refunds_reverses_changes_status_and_lists_history(server):
     sale = int(out.split("journal seq")[1].split()[0])
     rc, out = cli("refund", number, str(sale), "--amount", "20")
     assert rc == 0 and "given back    20.00" in out and f"of entry      {sale}" in out
+    rc, out = cli("refund", number, str(sale), "--line", "1")
+    assert rc == 1 and "INVALID_ARGUMENT" in out  # a sale without lines
+    basket = server.stub.Purchase(purchase(number, (0, 1000, 1, "TEA"), (0, 2500, 1, "CAKE")))
+    rc, out = cli("refund", number, str(basket.seq), "--line", "2")
+    assert rc == 0 and "given back    25.00" in out and "line 2" in out and "CAKE" in out
     rc, out = cli("card-status", number, "frozen")
     assert rc == 0 and "status       frozen" in out
     rc, out = cli("card-status", number, "frozen")

@@ -613,6 +613,7 @@ def test_example_programs_parse_and_compile():
     head, rates, per_unit, spend, top_up, packed = compiled("cafe.toml")
     assert head[:6] == (3, 3, 100, 100, 100, 5000)  # tiers, PIN tries, unit, redemption
     assert (head[7], head[8]) == (L.SPEND_BONUS_FIRST, 3)  # spend order, promotions
+    assert L.PROGRAM_HEAD_TAIL.unpack(head[9])[1] == L.SHORTFALL_FORGIVE
     assert head[10][:4] == bytes([3, 3, 3, 1])  # default, drinks, food: discountable; merch not
     assert (spend[:3], top_up[:3]) == ((0, 100000, 300000), (0, 0, 100000))
     assert (rates[at(2, 1)], rates[at(2, 3)], per_unit[at(2, 1)], per_unit[at(1, 1)]) == \

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from cardcore import layout as L
 from cardcore import rules
 from cardcore.verify import verify
-from test_card_programs import (CAFE_DRINKS, CAFE_FOOD, Till, cafe_ledger, example, figures, line,
-                                lots_of)
+from test_card_programs import (CAFE_DRINKS, CAFE_FOOD, FRESH, GROCERY, TOBACCO, Till, cafe_ledger,
+                                example, figures, line, lots_of)
 from test_ledger import cid, key, op
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -358,3 +358,214 @@ def test_a_request_after_a_declined_reversal_in_its_group_applies(cafe):
     declined, applied = cafe.apply(reverse_op(cafe, "6225880000000523", "z"), late)
     assert (declined.reason, applied.reason) == (L.R_CARD_NOT_FOUND, L.R_OK)
 
+
+
+# ---- refunds by line (rule 12) ------------------------------------------------------------------
+
+@pytest.fixture
+def market(tmp_path):
+    """A ledger on the example supermarket program, verified clean when the test is done."""
+    till = Till(str(tmp_path / "market"), example("supermarket"))
+    try:
+        yield till
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
+
+
+def refund_lines(till: Till, number: str, original_seq: int, *numbers: int, amount: int = 0):
+    return till.apply(refund_lines_op(till, number, original_seq, *numbers, amount=amount))[0]
+
+
+def refund_lines_op(till: Till, number: str, original_seq: int, *numbers: int, amount: int = 0):
+    return op(till.rid(), L.OP_REFUND, number, amount, at=till.at + 1, link_seq=original_seq,
+              refund_lines=bytes(numbers))
+
+
+def given_back(outcome) -> list[tuple[int, int, int, int]]:
+    """A refund by line's stored lines: (line number, category, gross, discount) each."""
+    return [(number, code, gross, discount)
+            for code, number, _, gross, discount, *_ in L.LINE.iter_unpack(outcome.lines)]
+
+
+def a_basket(till: Till, number: str):
+    """A gold card (fresh at 90 %, groceries at 95 %, tobacco never discounted and earning
+    nothing, 2 points per 1.00) with 1,000.00 and the 100 activation points, a "50 off 500"
+    coupon, and a sale: fresh 200.00 -> 180.00, groceries 400.00 -> 380.00, tobacco 50.00. The
+    coupon's 50.00 comes off the first eligible line: line 1 paid 130.00 (discount 70.00), line 2
+    380.00 (20.00), line 3 50.00: 560.00 from principal; 260 + 760 + 0 = 1,020 points."""
+    till.open(number, 2)
+    till.top_up(number, 100000)
+    serial = seq_of(till.issue(number, 1))
+    sale = till.buy(number, line(FRESH, 20000), line(GROCERY, 40000), line(TOBACCO, 5000),
+                    coupon=serial)
+    f = figures(sale)
+    assert (f["amount"], f["discount"], f["principal"], f["points"]) == (65000, 9000, -56000, 1020)
+    assert [(d, p) for _, _, _, _, d, p, _, _ in L.LINE.iter_unpack(sale.lines)] == [
+        (7000, 260), (2000, 760), (0, 0)]
+    return sale, serial
+
+
+def test_a_sales_lines_refunded_one_by_one_give_back_what_a_full_refund_gives(market):
+    """The basket's lines given back one by one, tobacco first: 50.00 (its share of the 1,020
+    points: 1,020 * 5,000 // 56,000 = 91), then the fresh line 130.00 (1,020 * 18,000 // 56,000
+    - 91 = 236), then the groceries 380.00 (1,020 - 327 = 693): 560.00 and 1,020 points, the
+    last one complete, the coupon back. A twin card refunded in full in one go ends the same:
+    1,000.00, the 100 activation points, lifetime paid 0."""
+    number, twin = "6225880000000711", "6225880000000729"
+    sale, serial = a_basket(market, number)
+    twin_sale, _ = a_basket(market, twin)
+    done = []
+    for n in (3, 1, 2):
+        back = refund_lines(market, number, seq_of(sale), n)
+        f = figures(back)
+        done.append((back.reason, f["amount"], f["principal"], f["taken"], f["lines"],
+                     bool(undo_flags(back) & L.UNDO_COMPLETE), given_back(back)))
+    assert done == [(L.R_OK, 5000, 5000, 91, 1, False, [(3, TOBACCO, 5000, 0)]),
+                    (L.R_OK, 13000, 13000, 236, 1, False, [(1, FRESH, 20000, 7000)]),
+                    (L.R_OK, 38000, 38000, 693, 1, True, [(2, GROCERY, 40000, 2000)])]
+    whole = refund(market, twin, seq_of(twin_sale))
+    assert (figures(whole)["amount"], figures(whole)["taken"]) == (56000, 1020)
+    assert market.card(number) == market.card(twin) == dict(
+        tier=2, principal=100000, bonus=0, points=100, lifetime=0)
+    assert {c[6]: c[1] for c in market.ledger.read_coupons(cid(number))}[serial] == \
+        L.COUPON_ISSUED
+
+
+def test_a_line_is_given_back_once_and_a_line_the_sale_has_not_is_not_found(market):
+    """Lines 1 and 3 together: 180.00 (130.00 + 50.00), two lines stored with their numbers.
+    Line 3 again: LINE_ALREADY_REFUNDED; line 4 of a 3-line sale: LINE_NOT_FOUND; lines with an
+    amount: INVALID_ARGUMENT. None of them moves anything; line 2 still gives back 380.00."""
+    number = "6225880000000737"
+    sale, _ = a_basket(market, number)
+    both = refund_lines(market, number, seq_of(sale), 1, 3)
+    assert (both.reason, figures(both)["amount"], [n for n, *_ in given_back(both)]) == (
+        L.R_OK, 18000, [1, 3])
+    card = market.card(number)
+    assert refund_lines(market, number, seq_of(sale), 3).reason == L.R_LINE_ALREADY_REFUNDED
+    assert refund_lines(market, number, seq_of(sale), 2, 3).reason == L.R_LINE_ALREADY_REFUNDED
+    assert refund_lines(market, number, seq_of(sale), 4).reason == L.R_LINE_NOT_FOUND
+    assert refund_lines(market, number, seq_of(sale), 2, amount=100).reason == \
+        L.R_INVALID_ARGUMENT
+    assert market.card(number) == card
+    last = refund_lines(market, number, seq_of(sale), 2)
+    assert (last.reason, figures(last)["amount"], bool(undo_flags(last) & L.UNDO_COMPLETE)) == (
+        L.R_OK, 38000, True)
+
+
+def test_lines_of_a_sale_without_lines_are_invalid_and_amounts_and_lines_share_what_is_left(
+        market):
+    """A sale of 100.00 sent without lines: a refund by line is INVALID_ARGUMENT. The basket
+    refunded 500.00 by amount first: 60.00 is left, so line 3 (50.00) goes back, but line 1
+    (130.00) exceeds what is left (REFUND_EXCEEDS_ORIGINAL, 10.00 available)."""
+    number = "6225880000000745"
+    sale, _ = a_basket(market, number)
+    plain = market.buy(number, amount=10000)
+    assert refund_lines(market, number, seq_of(plain), 1).reason == L.R_INVALID_ARGUMENT
+    assert refund(market, number, seq_of(sale), 50000).reason == L.R_OK
+    assert figures(refund_lines(market, number, seq_of(sale), 3))["amount"] == 5000
+    over = refund_lines(market, number, seq_of(sale), 1)
+    assert (over.reason, over.available_minor) == (L.R_REFUND_EXCEEDS_ORIGINAL, 1000)
+
+
+def test_line_refunds_of_one_sale_in_one_group_are_judged_in_order(market):
+    """One group: the sale (the entry after its coupon's), then line 2, line 2 again, and lines
+    1 and 3, each judged after the one before it: 380.00, LINE_ALREADY_REFUNDED, then 180.00,
+    complete."""
+    number = "6225880000000752"
+    market.open(number, 2)
+    market.top_up(number, 100000)
+    serial = seq_of(market.issue(number, 1))
+    seq = serial + 1
+    sale, two, again, rest = market.apply(
+        market.purchase(number, line(FRESH, 20000), line(GROCERY, 40000), line(TOBACCO, 5000),
+                        coupon=serial),
+        refund_lines_op(market, number, seq, 2), refund_lines_op(market, number, seq, 2),
+        refund_lines_op(market, number, seq, 1, 3))
+    assert (sale.reason, seq_of(sale)) == (L.R_OK, seq)
+    assert (two.reason, figures(two)["amount"]) == (L.R_OK, 38000)
+    assert again.reason == L.R_LINE_ALREADY_REFUNDED
+    assert (rest.reason, figures(rest)["amount"], bool(undo_flags(rest) & L.UNDO_COMPLETE)) == (
+        L.R_OK, 18000, True)
+
+
+# ---- points a refund takes back that the card no longer holds (rule 12) -------------------------
+
+def owing_cafe(path: str, shortfall: str):
+    """The example cafe program with ``refund_points_shortfall`` set, verified when done."""
+    till = Till(path, f'refund_points_shortfall = "{shortfall}"\n' + example("cafe"))
+    return till
+
+
+@pytest.mark.parametrize("shortfall, after_refund, after_c, after_d, lot", [
+    ("forgive", 0, 50, 150, 150), ("owe", -91, -41, 59, 59)])
+def test_a_refund_of_points_already_spent_is_forgiven_or_owed_as_the_program_says(
+        tmp_path, shortfall, after_refund, after_c, after_d, lot):
+    """Sale A: 120.00 of food, 120 points. Sale B: a 10.00 drink paid 1.00 by 100 points and
+    9.00 by the card (9 points): 29 points. A's full refund takes back 120: "forgive" takes the
+    29 the card holds (0); "owe" takes them all (-91, no lots). Sale C (50.00, 50 points): 50, or
+    -41, the debt paid first (still no lots); a redemption while owing is INSUFFICIENT_POINTS.
+    Sale D (100.00): 150, or 59, in today's lot alone. Verify is clean either way."""
+    till = owing_cafe(str(tmp_path / "cafe"), shortfall)
+    try:
+        number = "6225880000000760"
+        till.open(number)
+        till.top_up(number, 30000)
+        sale_a = till.buy(number, line(CAFE_FOOD, 12000))
+        till.buy(number, line(CAFE_DRINKS, 1000), redeem=100)
+        assert till.card(number)["points"] == 29
+        back = refund(till, number, seq_of(sale_a))
+        assert (back.reason, figures(back)["taken"]) == (
+            L.R_OK, 120 if shortfall == "owe" else 29)
+        assert till.card(number)["points"] == after_refund
+        assert sum(left for left, _ in lots_of(till, number).values()) == max(after_refund, 0)
+        report = verify(till.ledger)  # a card that owes points is a valid card
+        assert report["ok"], report["problems"]
+        till.buy(number, line(CAFE_FOOD, 5000))
+        assert till.card(number)["points"] == after_c
+        if after_c < 100:
+            assert till.buy(number, line(CAFE_FOOD, 5000), redeem=100).reason == \
+                L.R_INSUFFICIENT_POINTS
+        till.buy(number, line(CAFE_FOOD, 10000))
+        assert till.card(number)["points"] == after_d
+        assert sum(left for left, _ in lots_of(till, number).values()) == lot
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
+
+
+def test_a_card_owing_points_is_cancelled_with_its_debt_forfeited(tmp_path):
+    """Under "owe", the card at -91 points as above: a coupon bought with points is
+    INSUFFICIENT_POINTS, one given by an operator is still given. Cancelling the card forfeits
+    its points, the debt too: +91, 0 points, no lots, verify clean."""
+    till = owing_cafe(str(tmp_path / "cafe"), "owe")
+    try:
+        number = "6225880000000778"
+        till.open(number)
+        till.top_up(number, 30000)
+        sale = till.buy(number, line(CAFE_FOOD, 12000))
+        till.buy(number, line(CAFE_DRINKS, 1000), redeem=100)
+        refund(till, number, seq_of(sale))
+        assert till.card(number)["points"] == -91
+        assert till.issue(number, 1, points=1000).reason == L.R_INSUFFICIENT_POINTS
+        assert till.issue(number, 1).reason == L.R_OK
+        closed = till.apply(op(till.rid(), L.OP_CARD_STATUS, number, 0, at=till.at + 1,
+                               tier=L.STATUS_CLOSED, operator_id=1))[0]
+        assert (closed.reason, figures(closed)["points"], till.card(number)["points"]) == (
+            L.R_OK, 91, 0)
+        assert lots_of(till, number) == {}
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
+
+
+def test_the_points_shortfall_setting_is_forgive_or_owe():
+    from cardcore.program import ProgramError, parse_program
+    assert parse_program(example("cafe")).refund_points_shortfall == L.SHORTFALL_FORGIVE
+    assert parse_program('refund_points_shortfall = "owe"\n' + example("cafe")) \
+        .refund_points_shortfall == L.SHORTFALL_OWE
+    with pytest.raises(ProgramError):
+        parse_program('refund_points_shortfall = "maybe"\n' + example("cafe"))

@@ -461,3 +461,24 @@ def test_the_cli_replaces_a_card_named_by_its_id(server):
     rc, out = operator_cli(server, "replace-card", old, new_card_number(), "--card-id", card_id,
                            "--store", "1")
     assert rc == 2 and "not both" in out
+
+
+def test_a_card_owing_points_passes_its_debt_to_the_new_card(tmp_path):
+    """Rule 12 "owe" and rule 16: a card at -91 points (a refund took back points it had spent)
+    is replaced; the new card owes the same and pays it from what it earns next."""
+    from test_refunds import owing_cafe
+
+    till = owing_cafe(str(tmp_path / "cafe"), "owe")
+    till.open(OLD)
+    till.top_up(OLD, 30000)
+    sale = till.buy(OLD, line(CAFE_FOOD, 12000))
+    till.buy(OLD, line(CAFE_DRINKS, 1000), redeem=100)
+    assert refund(till, OLD, seq_of(sale)).reason == L.R_OK
+    assert till.card(OLD)["points"] == -91
+    assert replace(till).reason == L.R_OK
+    assert till.card(NEW)["points"] == -91 and lots_of(till, NEW) == {}
+    till.buy(NEW, line(CAFE_FOOD, 5000))
+    assert till.card(NEW)["points"] == -41
+    report = verify_ledger(till.ledger)
+    till.ledger.close()
+    assert report["ok"], report["problems"]

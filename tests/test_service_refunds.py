@@ -8,7 +8,8 @@ import pytest
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import Client, bearer, failure_of, new_card_number, rid, sent_at, verify
-from test_service_programs import FOOD, purchase
+from test_program import EXAMPLES
+from test_service_programs import DRINKS, FOOD, MERCH, issue, purchase
 
 R = cpb.Reason
 
@@ -151,3 +152,92 @@ def test_a_reversal_must_name_another_request(cafe):
     with pytest.raises(grpc.RpcError) as err:
         cafe.stub.Reverse(request)
     assert failure_of(err.value).field == "original_request_id"
+
+
+def refund_lines(number: str, original_seq: int, *numbers: int, amount: int = 0):
+    request = refund(number, original_seq, amount)
+    request.line_numbers.extend(numbers)
+    return request
+
+
+def test_a_sale_refunded_by_line_over_grpc_answers_the_lines_it_gave_back(cafe):
+    """Sale: food 80.00, a drink 30.00 made free by the free-drink coupon, merch 20.00: 100.00
+    (bonus first: 20.00 bonus, 80.00 principal), 100 points. Line 1 back: 80.00, of which the
+    bonus's share 16.00 and principal 64.00, 80 points taken back; the answer and the refund's
+    receipt show line 1. Line 1 again: LINE_ALREADY_REFUNDED; line 4: LINE_NOT_FOUND; 0, a
+    repeated number or an amount with lines: INVALID_ARGUMENT. Lines 2 and 3: 20.00, nothing
+    left (refund_complete). The card is back where it was before the sale."""
+    client = Client(cafe.stub)
+    number = funded(client)
+    before = client.card(number).balance
+    token = bearer(cafe.admin_token)
+    serial = issue(cafe, number, 1, cafe.admin_token).seq
+    sale = cafe.stub.Purchase(purchase(number, (FOOD, 8000, 1, "F-1"), (DRINKS, 3000, 1, "D-1"),
+                                       (MERCH, 2000, 1, "M-1"), coupon=serial))
+    assert (sale.paid_minor, sale.points_earned, [x.paid_minor for x in sale.lines]) == (
+        10000, 100, [8000, 0, 2000])
+    first = cafe.stub.Refund(refund_lines(number, sale.seq, 1), metadata=token)
+    assert (first.amount_minor, first.principal_delta_minor, first.bonus_delta_minor,
+            first.points_redeemed, first.refund_complete) == (8000, 6400, 1600, 80, False)
+    assert [(x.line_number, x.category_code, x.amount_minor, x.sku) for x in first.lines] == [
+        (1, FOOD, 8000, "F-1")]
+    receipt = cafe.stub.GetReceipt(pb.GetReceiptRequest(card=cpb.CardRef(card_number=number),
+                                                        seq=first.seq))
+    assert [x.line_number for x in receipt.result.lines] == [1]
+    for numbers, amount, code, reason in (
+            ((1,), 0, grpc.StatusCode.FAILED_PRECONDITION, R.REASON_LINE_ALREADY_REFUNDED),
+            ((4,), 0, grpc.StatusCode.NOT_FOUND, R.REASON_LINE_NOT_FOUND),
+            ((101,), 0, grpc.StatusCode.NOT_FOUND, R.REASON_LINE_NOT_FOUND),
+            ((0,), 0, grpc.StatusCode.INVALID_ARGUMENT, R.REASON_INVALID_ARGUMENT),
+            ((2, 2), 0, grpc.StatusCode.INVALID_ARGUMENT, R.REASON_INVALID_ARGUMENT),
+            ((2,), 100, grpc.StatusCode.INVALID_ARGUMENT, R.REASON_INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as err:
+            cafe.stub.Refund(refund_lines(number, sale.seq, *numbers, amount=amount),
+                             metadata=token)
+        assert (err.value.code(), failure_of(err.value).reason) == (code, reason), numbers
+    rest = cafe.stub.Refund(refund_lines(number, sale.seq, 3, 2), metadata=token)
+    assert (rest.amount_minor, rest.refund_complete, [x.line_number for x in rest.lines]) == (
+        2000, True, [2, 3])
+    assert client.card(number).balance == before
+    report = verify(cafe.data_dir)
+    assert report["ok"], report["problems"]
+
+
+def test_lines_of_a_sale_without_lines_are_invalid(cafe):
+    """A sale sent as a gross amount has no lines to name: INVALID_ARGUMENT, nothing changes."""
+    client = Client(cafe.stub)
+    number = funded(client)
+    sale = cafe.stub.Purchase(purchase(number, gross=5000))
+    with pytest.raises(grpc.RpcError) as err:
+        cafe.stub.Refund(refund_lines(number, sale.seq, 1), metadata=bearer(cafe.admin_token))
+    assert (err.value.code(), failure_of(err.value).reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT, R.REASON_INVALID_ARGUMENT)
+
+
+@pytest.fixture
+def owing_cafe(start_server, tmp_path):
+    """A server on the example cafe program whose refunds owe points (rule 12)."""
+    path = tmp_path / "cafe-owe.toml"
+    path.write_text('refund_points_shortfall = "owe"\n'
+                    + (EXAMPLES / "cafe.toml").read_text(encoding="utf-8"))
+    return start_server("--program", str(path))
+
+
+def test_a_refund_under_owe_takes_points_the_card_spent_and_earning_pays_them(owing_cafe):
+    """Sale A: 120.00 of food, 120 points; sale B: a 10.00 drink, 100 points paying 1.00, 9
+    earned: 29. A's refund takes back all 120 (points_redeemed): the card owes 91 (-91), and a
+    purchase offering 100 points is INSUFFICIENT_POINTS; 50.00 of food earns 50: -41."""
+    server = owing_cafe
+    client = Client(server.stub)
+    number = funded(client)
+    sale = server.stub.Purchase(purchase(number, (FOOD, 12000, 1, "")))
+    server.stub.Purchase(purchase(number, (DRINKS, 1000, 1, ""), redeem=100))
+    assert client.card(number).balance.points == 29
+    back = server.stub.Refund(refund(number, sale.seq), metadata=bearer(server.admin_token))
+    assert (back.points_redeemed, back.balance_after.points) == (120, -91)
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Purchase(purchase(number, (FOOD, 5000, 1, ""), redeem=100))
+    assert failure_of(err.value).reason == R.REASON_INSUFFICIENT_POINTS
+    assert server.stub.Purchase(purchase(number, (FOOD, 5000, 1, ""))).balance_after.points == -41
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
