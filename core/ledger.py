@@ -141,7 +141,8 @@ EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
 _OP_FLAGS = 162  # layout.OP offset of op_flags
 NAMED_CARD_OPS = L.CARD_OPS | {L.OP_CARD_REPLACED}  # operations on a card (expiry, review first)
-_HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))  # and a capture (a purchase)
+_HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))
+_ITEM_UNDONE = frozenset((L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM))  # reversals the writer completes  # and a capture (a purchase)
 
 
 def _capture(packed: bytes) -> bool:
@@ -263,8 +264,8 @@ def lines_refunded(record: bytes, stored: bytes, refund_seq: int) -> bytes:
 
 def undo_record(entry: bytes) -> bytes:
     """The undo record (layout.UNDO) of a journal entry nothing has undone yet: a purchase's
-    buckets and points, a top-up's amount and bonus; another type's, with its type only (the
-    kernel refuses to undo it)."""
+    buckets and points, a top-up's amount and bonus, a gift's points; another type's, with its
+    type only (a package use's: the writer gives the use back; others the kernel refuses)."""
     op, tier, amount, dp, db_, dpts = _UNDO_FIELDS.unpack_from(entry)
     taken, redeemed, tier_after, _, item_id = L.JOURNAL_PROGRAM.unpack_from(
         entry, L.JOURNAL_OFF_PROGRAM)
@@ -274,6 +275,9 @@ def undo_record(entry: bytes) -> bytes:
     if op == L.OP_TOP_UP:
         return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, item_id, 0, amount, dp, db_,
                            0, 0, 0)
+    if op == L.OP_GIFT_REDEEM:  # rule 13: the points it took, and the gift (its stock)
+        return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, item_id, 0, 0, 0, 0, taken,
+                           0, 0)
     return L.UNDO.pack(L.UNDO_VERSION, 0, op, tier, tier_after, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
@@ -1032,6 +1036,8 @@ class _Group:
         self.tombstones: dict[bytes, list[int] | str] = {}
         # reversals of authorizations: op index -> (hold key, the open hold, or None if closed)
         self.hold_reversals: dict[int, tuple[bytes, bytes | None]] = {}
+        # reversals of package uses and gift redemptions (rule 13): run alone, as the hold's
+        self.item_reversals: set[int] = set()
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
 
@@ -1116,8 +1122,9 @@ class _Group:
                     continue
             if kind in card_ops:
                 self.run.append(i)
-                if self.hold_reversals and i in self.hold_reversals:
-                    self._flush_run()  # what comes after it reads the hold it closed
+                if (self.hold_reversals and i in self.hold_reversals) or (
+                        self.item_reversals and i in self.item_reversals):
+                    self._flush_run()  # what comes after it reads the hold, package or stock
             elif kind == L.OP_CARD_REPLACED:
                 self._flush_run()  # it reads both cards as the operations before it left them
                 self._replace(i, op)
@@ -1308,6 +1315,10 @@ class _Group:
             if reason != L.R_OK:
                 return reason
         undo = txn.get(key, db=ledger.undone)
+        if kind == L.OP_REVERSAL and entry[1] in _ITEM_UNDONE:
+            if self.run:  # what came before it wrote the package or the gift's stock first
+                self._flush_run()
+            self.item_reversals.add(i)
         if kind == L.OP_REVERSAL and entry[1] == L.OP_HOLD and undo is None:
             undo = self._hold_undo(i, op, seq, entry)
             if undo is None:
@@ -1803,6 +1814,11 @@ class _Group:
                 pending.remove(i)
                 if not pending:  # every reversal of it declined: no tombstone after all
                     del self.tombstones[op.payload]
+        if i in self.item_reversals:
+            self.item_reversals.discard(i)
+            flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+            if reason == L.R_OK and flags & L.UNDO_COMPLETE and original is not None:
+                self._item_back(op.card_id, original)  # (not when reversed before: nothing)
         if reason != L.R_OK:
             return 0
         flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
@@ -1822,6 +1838,30 @@ class _Group:
             self.item_items.append((self.ledger.coupons, key, L.COUPON.pack(
                 coupon[0], L.COUPON_ISSUED, *coupon[2:7], 0, 0, coupon[9])))
         return 0
+
+    def _item_back(self, card_id: bytes, original: bytes) -> None:
+        """Rule 13: a reversed package use's use back to its package (a count package one more
+        use left; either kind one use fewer), a reversed gift redemption's gift back to the
+        stock; read as the runs before left them (the reversal runs alone: see _resolve_undo)."""
+        txn, ledger = self.txn, self.ledger
+        if original[1] == L.OP_PACKAGE_USE:
+            key = L.COUPON_KEY.pack(card_id, L.JOURNAL_TAIL.unpack_from(original)[4])
+            raw = txn.get(key, db=ledger.packages)
+            if raw is None:
+                raise InvariantError("a package use names a package that is not there")
+            p = list(L.PACKAGE.unpack(raw))
+            p[3] += p[1] == L.PACKAGE_COUNT
+            p[8] = max(p[8] - 1, 0)
+            self.item_items.append((ledger.packages, key, L.PACKAGE.pack(*p)))
+        else:
+            gift_id = L.JOURNAL_PROGRAM.unpack_from(original, L.JOURNAL_OFF_PROGRAM)[4]
+            key = L.GIFT_KEY.pack(gift_id)
+            raw = txn.get(key, db=ledger.gift_stock)
+            if raw is None:
+                raise InvariantError("a gift redemption names a gift with no stock record")
+            g = list(L.GIFT.unpack(raw))
+            g[3] -= 1  # given, one fewer
+            self.item_items.append((ledger.gift_stock, key, L.GIFT.pack(*g)))
 
     def _write(self, prev_digest: bytes) -> None:
         """Everything the group made, each sub-database written once."""

@@ -222,6 +222,14 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 else:
                     d_held, amount = -paid, paid
                     undo_changed = complete = True
+            elif original == L.OP_PACKAGE_USE:  # rule 13: the use comes back (the writer's)
+                undo_changed = complete = True
+            elif original == L.OP_GIFT_REDEEM:  # rule 13: its points come back (the writer: stock)
+                if undo[10] < 0 or (card.points > 0 and undo[10] > L.INT64_MAX - card.points):
+                    reason = L.R_AMOUNT_OVERFLOW
+                else:
+                    d_points = undo[10]
+                    undo_changed = complete = True
             else:
                 reason = L.R_NOT_REVERSIBLE
             if reason == L.R_OK and undo_changed and card.tier == tier1 and tier0 < card.tier:

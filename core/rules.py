@@ -131,8 +131,12 @@ checks they agree on every input):
    applied (unknown, or declined) is reversed by an entry that moves nothing; an unknown one
    leaves a tombstone, so the original is refused with REASON_REVERSED when it arrives. A
    request reversed before is reversed again by an entry that moves nothing (a retry of the
-   same reversal replays its answer, as every request does). Other operations are not
-   reversible (REASON_NOT_REVERSIBLE).
+   same reversal replays its answer, as every request does). A package use gives its use back
+   (a count package one more use left, whatever its validity: the member did not get the
+   service), moving no money; a gift redemption gives its points back (into today's lot, a
+   debt paid first under "owe") and the gift back to its stock. Other operations are not
+   reversible (REASON_NOT_REVERSIBLE: a package sale, a coupon bought with points, a points
+   exchange are not undone; an operator refunds or re-issues by hand).
 
 14. Card life (every change a journal entry: an operator's, but expiry, the server's). A card
    is opened active, or issued (OpenCard's ``issue_only``: a stock or gift card printed and

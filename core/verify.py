@@ -434,7 +434,8 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             referred.add(f[28])
         elif op in (L.OP_REFUND, L.OP_REVERSAL):
             why = _undo_problem(txn, ledger, f, entry, s, state_of(cid), undone, coupons,
-                                compiled_of(program_version), holds, held, refunded, links)
+                                compiled_of(program_version), holds, held, refunded, links,
+                                packages, gifts_given)
             if why:
                 problem(f"journal entry {seq}: {why}")
         elif op == L.OP_HOLD:
@@ -584,7 +585,8 @@ def _close_hold(hold: list | None, f: tuple, state: int, held: dict) -> str | No
 
 def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState, undone: dict,
                   coupons: dict, prog: CompiledProgram | None, holds: dict,
-                  held: dict, refunded: dict, links: dict) -> str | None:
+                  held: dict, refunded: dict, links: dict, packages: dict,
+                  gifts_given: dict) -> str | None:
     """Why a refund or reversal entry is not what rules 12 and 13 make of its original, as the
     journal left it before (None: it is). Moves the card's lifetime paid (``s``), its program
     state, the original's undo record and a coupon it gives back along."""
@@ -659,6 +661,20 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
         if hold[1] == L.HOLD_OPEN:
             hold[1], hold[8] = L.HOLD_REVERSED, seq
             held[cid] -= hold[4]
+    elif undo[2] == L.OP_PACKAGE_USE and op == L.OP_REVERSAL:  # rule 13: the use back
+        package_key = L.COUPON_KEY.pack(cid, L.JOURNAL_TAIL.unpack_from(original)[4])
+        package = packages.get(package_key)
+        if package is None:
+            return "a reversal of a use of a package the journal never sold"
+        p = list(package)
+        p[3] += p[1] == L.PACKAGE_COUNT
+        p[8] = max(p[8] - 1, 0)
+        packages[package_key] = tuple(p)
+        complete = True
+    elif undo[2] == L.OP_GIFT_REDEEM and op == L.OP_REVERSAL:  # rule 13: points and stock back
+        want_moves, complete = (0, 0, undo[10], 0, 0), True
+        gift_id = L.JOURNAL_PROGRAM.unpack_from(original, L.JOURNAL_OFF_PROGRAM)[4]
+        gifts_given[gift_id] = gifts_given.get(gift_id, 0) - 1
     else:
         return f"a reversal of an entry of type {undo[2]}, which is not reversible"
     if op == L.OP_REVERSAL:

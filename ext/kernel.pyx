@@ -906,6 +906,15 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
                 d_held = -undo.paid_minor
                 amount = undo.paid_minor
                 undo_changed = complete = 1
+        elif undo.op == OP_PACKAGE_USE:  # rule 13: the use comes back (the writer's, to its package)
+            undo_changed = complete = 1
+        elif undo.op == OP_GIFT_REDEEM:  # rule 13: its points come back (the writer: its stock)
+            if undo.points_redeemed < 0 or (rec.points > 0
+                                            and undo.points_redeemed > INT64_MAX - rec.points):
+                reason = R_AMOUNT_OVERFLOW
+            else:
+                d_points = undo.points_redeemed
+                undo_changed = complete = 1
         else:
             reason = R_NOT_REVERSIBLE
         if reason == R_OK and undo_changed and rec.tier == undo.tier_after and undo.tier < rec.tier:

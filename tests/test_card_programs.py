@@ -724,9 +724,9 @@ def test_a_ledger_made_before_lots_gets_them_from_its_journal(cafe):
     assert report["ok"], report["problems"]
 
 
-def redeem_gift(till: Till, number: str, gift_id: int):
+def redeem_gift(till: Till, number: str, gift_id: int, request_id: str | None = None):
     return till.apply(PendingOp.build(
-        key(till.rid()), L.OP_GIFT_REDEEM, cid(number), 0, store_id=3, ref_id=gift_id,
+        key(request_id or till.rid()), L.OP_GIFT_REDEEM, cid(number), 0, store_id=3, ref_id=gift_id,
         pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET, client_time_us=till.at + 1))[0]
 
 

@@ -341,7 +341,7 @@ def undo_records(draw):
     if draw(st.integers(0, 6)) == 0:
         return bytes(L.UNDO.size)
     kind = draw(st.sampled_from([L.OP_PURCHASE, L.OP_PURCHASE, L.OP_TOP_UP, L.OP_OPEN,
-                                 L.OP_REFUND]))
+                                 L.OP_REFUND, L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM]))
     principal = draw(st.sampled_from([0, 1, 2_500, 99_999, INT64_MAX // 4]))
     bonus = draw(st.sampled_from([0, 1, 700, 33_333]))
     redeemed_fen = draw(st.sampled_from([0, 0, 3, 500])) if kind == L.OP_PURCHASE else 0

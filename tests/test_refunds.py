@@ -569,3 +569,55 @@ def test_the_points_shortfall_setting_is_forgive_or_owe():
         .refund_points_shortfall == L.SHORTFALL_OWE
     with pytest.raises(ProgramError):
         parse_program('refund_points_shortfall = "maybe"\n' + example("cafe"))
+
+
+# ---- reversals of package uses and gift redemptions (rule 13) ------------------------------------
+
+def test_a_reversed_package_use_gives_the_use_back_and_a_reversed_gift_its_points_and_stock(
+        tmp_path):
+    """A salon member's third haircut timed out at the till: its reversal gives the use back
+    (8 left again, 2 uses), moving no money; a second reversal of it moves nothing more. A
+    supermarket member's tote bag (800 points, 2 in stock) reversed: the 800 points come back
+    and the stock has the bag again, so two more members get one. Verify replays both."""
+    from test_card_programs import GROCERY, redeem_gift, sell, use_op
+
+    salon = Till(str(tmp_path / "salon"), example("salon"))
+    number = "6225880000000911"
+    salon.open(number)
+    salon.top_up(number, 100000)
+    serial = L.JOURNAL.unpack(sell(salon, number, 1, 80000).entry)[7]
+    for _ in range(2):
+        assert salon.apply(use_op(salon, number, serial))[0].reason == L.R_OK
+    third = use_op(salon, number, serial)
+    assert salon.apply(third)[0].reason == L.R_OK
+    assert salon.ledger.read_packages(cid(number))[0][3] == 7
+    original = third.request_key[L.REQUEST_KEY_HEAD.size:].decode()
+    back = salon.apply(reverse_op(salon, number, original))[0]
+    assert back.reason == L.R_OK and undo_flags(back) & L.UNDO_COMPLETE
+    assert figures(back)["principal"] == figures(back)["points"] == 0
+    package = salon.ledger.read_packages(cid(number))[0]
+    assert (package[3], package[8]) == (8, 2)
+    again = salon.apply(reverse_op(salon, number, original))[0]
+    assert again.reason == L.R_OK and salon.ledger.read_packages(cid(number))[0][3] == 8
+    report = verify(salon.ledger)
+    salon.ledger.close()
+    assert report["ok"], report["problems"]
+
+    market = Till(str(tmp_path / "market"), example("supermarket"))
+    members = ["6225880000000912", "6225880000000913", "6225880000000914"]
+    for n in members:
+        market.open(n)
+        market.top_up(n, 100000)
+        market.buy(n, line(GROCERY, 70000))
+    first = redeem_gift(market, members[0], 1, request_id="gift-1")
+    assert figures(first)["taken"] == 800
+    assert figures(redeem_gift(market, members[1], 1))["reason"] == L.R_OK
+    assert figures(redeem_gift(market, members[2], 1))["reason"] == L.R_GIFT_OUT_OF_STOCK
+    points = market.card(members[0])["points"]
+    back = market.apply(reverse_op(market, members[0], "gift-1"))[0]
+    assert back.reason == L.R_OK and figures(back)["points"] == 800
+    assert market.card(members[0])["points"] == points + 800
+    assert figures(redeem_gift(market, members[2], 1))["reason"] == L.R_OK
+    report = verify(market.ledger)
+    market.ledger.close()
+    assert report["ok"], report["problems"]
