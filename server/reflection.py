@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as alpha
+from grpc_reflection.v1alpha import reflection_pb2_grpc as alpha_grpc
 
 V1_PACKAGE = "grpc.reflection.v1"
 V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -49,8 +50,8 @@ def enable(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
     """Reflection v1alpha and v1 on `server`, listing `service_names` and both reflections."""
     _register_v1_descriptor()
     names = (*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME)
-    servicer = reflection.aio.ReflectionServicer(names)
-    reflection.enable_server_reflection(names, server)  # v1alpha, its own servicer
+    servicer = reflection.aio.ReflectionServicer(names)  # one servicer answers both versions
+    alpha_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1 = grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
             servicer.ServerReflectionInfo,
