@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve test bench bench-peer bench-release load clean build
+.PHONY: help serve test proto-check bench bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -31,6 +31,13 @@ serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (developmen
 
 test: $(BUILT) ## run the test suite
 	$(PY) -m pytest
+
+BUF := tools/buf/node_modules/.bin/buf
+$(BUF): tools/buf/package-lock.json
+	npm ci --prefix tools/buf --no-audit --no-fund
+
+proto-check: $(BUILT) $(BUF) ## buf lint, buf breaking against release 1, and the contract's other checks (tests/test_proto_contract.py)
+	$(PY) -m pytest tests/test_proto_contract.py -q
 
 bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB, card programs, refunds -> bench/*results.json
 	$(PY) -m pytest bench/bench_kernel.py --benchmark-only --benchmark-json=bench/.kernel.json -q

@@ -13,7 +13,6 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from cardcore import layout as L
 from cardcore import migrate, swap
@@ -31,6 +30,7 @@ from cardcore.v1 import common_pb2 as cpb
 from .access import FAILURES_PER_MINUTE_DEFAULT, Access, new_token
 from .admin import AdminService
 from .metrics import Metrics
+from . import reflection
 from .service import CardService, add_service
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT, Writer)
@@ -258,10 +258,9 @@ async def serve(cfg: ServerConfig) -> None:
         add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
         add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
+        reflection.enable(
             (SERVICE_NAME, ADMIN_SERVICE_NAME,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
