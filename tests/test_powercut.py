@@ -241,7 +241,10 @@ def _rounds(tmp_path, n: int, serve_args: tuple[str, ...] = (), seed: int = 2026
 
 def _summary(label: str, rounds: list[Round]) -> str:
     failed = [r for r in rounds if not r.ok]
-    return (f"{label}: {len(rounds)} power cuts, {len(failed)} lost or broke something; "
+    by_mode = ", ".join(f"{m} {sum(not r.ok for r in rounds if r.mode == m)}"
+                        f"/{sum(r.mode == m for r in rounds)}" for m in ("lose", "prefix"))
+    return (f"{label}: {len(rounds)} power cuts, {len(failed)} lost or broke something "
+            f"({by_mode}); "
             f"{sum(r.acknowledged for r in rounds)} operations acknowledged, "
             f"{sum(len(r.lost) for r in rounds)} of them lost; "
             f"{sum(r.writes_lost for r in rounds)} unsynced writes dropped by the cuts")
@@ -309,10 +312,11 @@ def test_power_cut_under_load_loses_nothing_acknowledged(tmp_path):
 def test_power_cut_catches_a_server_that_does_not_fsync(tmp_path):
     """The planted bug: with --no-sync LMDB never fdatasyncs, and each cut loses what the
     tills were told was done."""
-    rounds = _rounds(tmp_path, 2, ("--no-sync",), fresh=True)
+    rounds = _rounds(tmp_path, 3, ("--no-sync",), fresh=True)  # lose, prefix, lose
     assert all(r.acknowledged > 1 for r in rounds)
-    assert all(not r.ok for r in rounds), _summary("--no-sync", rounds)
-    assert all(r.lost for r in rounds)
+    # Dropping every unsynced write always loses work; a random prefix may (rarely) keep it all.
+    assert all(r.lost for r in rounds if r.mode == "lose"), _summary("--no-sync", rounds)
+    assert sum(not r.ok for r in rounds) >= 2, _summary("--no-sync", rounds)
 
 
 SOAK_ROUNDS = int(os.environ.get("POWERCUT_SOAK_ROUNDS", "0"))
