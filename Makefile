@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve test proto-check bench bench-peer bench-release load clean build
+.PHONY: help serve test soak proto-check bench bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ $(BUF): tools/buf/package-lock.json
 
 proto-check: $(BUILT) $(BUF) ## buf lint, buf breaking against release 1, and the contract's other checks (tests/test_proto_contract.py)
 	$(PY) -m pytest tests/test_proto_contract.py -q
+
+ROUNDS ?= 50
+soak: $(BUILT) ## power cuts under load on a FUSE filesystem: ROUNDS (50) with sync on must lose nothing, ROUNDS/5 with --no-sync must be caught; prints a summary
+	POWERCUT_SOAK_ROUNDS=$(ROUNDS) $(PY) -m pytest tests/test_powercut.py -k soak -s -q -p no:cacheprovider
 
 bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB, card programs, refunds -> bench/*results.json
 	$(PY) -m pytest bench/bench_kernel.py --benchmark-only --benchmark-json=bench/.kernel.json -q
