@@ -98,10 +98,15 @@ class Till:
         return dict(tier=rec[2], principal=rec[5], bonus=rec[6], points=rec[7], lifetime=rec[9])
 
 
-@contextlib.contextmanager
 def cafe_ledger(path: str):
     """A ledger on the example cafe program, verified clean when the test is done."""
-    till = Till(path, example("cafe"))
+    return example_ledger(path, "cafe")
+
+
+@contextlib.contextmanager
+def example_ledger(path: str, name: str):
+    """A ledger on example program ``name``, verified clean when the test is done."""
+    till = Till(path, example(name))
     try:
         yield till
         report = verify(till.ledger)

@@ -13,7 +13,7 @@ from cardcore import layout as L
 from cardcore import rules
 from cardcore.verify import verify
 from test_card_programs import (CAFE_DRINKS, CAFE_FOOD, FRESH, GROCERY, TOBACCO, Till, cafe_ledger,
-                                example, figures, line, lots_of)
+                                example, example_ledger, figures, line, lots_of)
 from test_ledger import cid, key, op
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -365,13 +365,8 @@ def test_a_request_after_a_declined_reversal_in_its_group_applies(cafe):
 @pytest.fixture
 def market(tmp_path):
     """A ledger on the example supermarket program, verified clean when the test is done."""
-    till = Till(str(tmp_path / "market"), example("supermarket"))
-    try:
+    with example_ledger(str(tmp_path / "market"), "supermarket") as till:
         yield till
-        report = verify(till.ledger)
-        assert report["ok"], report["problems"]
-    finally:
-        till.ledger.close()
 
 
 def refund_lines(till: Till, number: str, original_seq: int, *numbers: int, amount: int = 0):
