@@ -1224,7 +1224,8 @@ class _Group:
         first = txn.cursor(db=index)
         if not first.first() or L.CARD_EXPIRY_KEY.unpack(first.key())[0] > ts:
             return  # the index names every card still to expire: none is due (most groups)
-        named = list(dict.fromkeys(op.card_id for op in self.ops if op.packed[0] in L.CARD_OPS))
+        named = list(dict.fromkeys(op.card_id for op in self.ops
+                                   if op.packed[0] in NAMED_CARD_OPS))
         due: dict[bytes, None] = {}
         for cid, rec in txn.cursor(db=self.ledger.cards).getmulti(named):
             expires_us = L.CARD_EXPIRES.unpack_from(rec, L.CARD_OFF_EXPIRES)[0]
@@ -1606,7 +1607,8 @@ class _Group:
             if reason == L.R_OK and op_type == L.OP_OPEN:
                 referrer = op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
                 points = admin.program.referral_points
-                if points and referrer != NO_REFERRER and referrer != op.card_id:
+                if (points and referrer != NO_REFERRER and referrer != op.card_id
+                        and entry[3] == L.STATUS_ACTIVE):  # an issued stock card refers no one
                     referrals.append(PendingOp.build(b"", L.OP_REFERRAL_BONUS, referrer, points,
                                                      link_seq=seq, caller=(L.CALLER_SYSTEM, 0)))
                 admin.tier_cards()[tier] += 1

@@ -50,7 +50,7 @@ def movement(entry: bytes, offset: int = 0) -> tuple[int, int]:
     if gain < 0:
         gain, loss = 0, loss - gain
     before = after - points_delta
-    if before >= 0 and after >= 0:
+    if after >= 0 and 0 <= loss <= before:  # the lots hold what it takes (every case but "owe")
         return gain, loss
     from_lots = min(loss, max(before, 0))
     debt = max(-before, 0) + loss - from_lots

@@ -225,7 +225,7 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
             elif original == L.OP_PACKAGE_USE:  # rule 13: the use comes back (the writer's)
                 undo_changed = complete = True
             elif original == L.OP_GIFT_REDEEM:  # rule 13: its points come back (the writer: stock)
-                if undo[10] < 0 or (card.points > 0 and undo[10] > L.INT64_MAX - card.points):
+                if undo[10] < 0 or undo[10] > L.INT64_MAX - card.points:
                     reason = L.R_AMOUNT_OVERFLOW
                 else:
                     d_points = undo[10]

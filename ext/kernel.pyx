@@ -850,7 +850,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif op.tier == STATUS_CLOSED and rec.held_minor != 0:
             reason = R_HOLDS_OPEN  # rule 15: the holds are voided first
         elif (rec.status == STATUS_ISSUED and op.tier == STATUS_ACTIVE
-              and prog.activation_points > INT64_MAX - rec.points):
+              and prog.activation_points > <cc_i128>INT64_MAX - rec.points):
             reason = R_AMOUNT_OVERFLOW
         if reason == R_OK:
             entry_ref = rec.status  # the status it left
@@ -909,8 +909,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif undo.op == OP_PACKAGE_USE:  # rule 13: the use comes back (the writer's, to its package)
             undo_changed = complete = 1
         elif undo.op == OP_GIFT_REDEEM:  # rule 13: its points come back (the writer: its stock)
-            if undo.points_redeemed < 0 or (rec.points > 0
-                                            and undo.points_redeemed > INT64_MAX - rec.points):
+            if undo.points_redeemed < 0 or undo.points_redeemed > <cc_i128>INT64_MAX - rec.points:
                 reason = R_AMOUNT_OVERFLOW
             else:
                 d_points = undo.points_redeemed

@@ -259,7 +259,7 @@ class Operations:
         referrer = bytes(16)
         if req.referrer_card_number:
             referrer = swipes.referrer(req.referrer_card_number, caller)
-            if referrer == card.card_id:
+            if referrer == card.card_id or req.issue_only:  # (a stock card is nobody's referral)
                 raise Invalid(R.REASON_INVALID_ARGUMENT, "referrer_card_number")
         op = self._op(req, rid, at_us, L.OP_OPEN, card, caller, pin_flags=pin_flags,
                       new_pin_check=new_check, tier=req.tier, home_store_id=p.home_store_id,

@@ -15,6 +15,7 @@ from cardcore import layout as L
 from cardcore import rules
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger
+from cardcore.program import parse_program
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from cardcore.verify import verify as verify_ledger
@@ -433,3 +434,33 @@ def test_a_gift_card_from_the_command_line(gift_server):
     out = cli("card-status", number, "active", *target, env=env)
     assert out.returncode == 0 and "active" in out.stdout, out.stderr
     assert cli("top-up", number, "100", *target, env=env).returncode == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_activating_a_card_that_owes_points_adds_its_activation_points(impl):
+    """An issued card at -700 points (a debt, rule 12 "owe"): activation adds the program's
+    activation points (-650); the overflow guard computes without overflowing int64 (the
+    kernel once answered AMOUNT_OVERFLOW here where the reference did not)."""
+    program = parse_program(PROGRAM).packed(1)
+    card = card_bytes(points=-700, status=L.STATUS_ISSUED)
+    _, rec, journal, _ = run(impl, program, op_bytes(L.OP_CARD_STATUS, tier=L.STATUS_ACTIVE,
+                                                     operator=1), [0], card)
+    assert L.JOURNAL.unpack(journal)[4] == L.R_OK
+    assert L.CARD.unpack(rec)[7] == -700 + ACTIVATION_POINTS
+
+
+def test_a_stock_card_opened_issued_pays_no_referral(tmp_path):
+    """A card opened issued (a stock card) names a referrer: the referrer gets nothing (the
+    service refuses the pair outright; the writer never pays it either)."""
+    till = LifeTill(str(tmp_path / "refer"), "referral_points = 500\n" + PROGRAM)
+    referrer, stock = "6225880000000811", "6225880000000829"
+    till.open(referrer)
+    before = till.points(referrer)
+    (opened,) = till.apply(PendingOp.build(key(till.rid()), L.OP_OPEN, cid(stock), profile=b"{}",
+                                           op_flags=L.ISSUE_ONLY, referrer_id=cid(referrer),
+                                           client_time_us=till.at + 1))
+    assert opened.reason == L.R_OK and opened.entry[3] == L.STATUS_ISSUED
+    assert till.points(referrer) == before
+    report = verify_ledger(till.ledger)
+    till.ledger.close()
+    assert report["ok"], report["problems"]

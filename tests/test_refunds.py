@@ -616,3 +616,29 @@ def test_a_reversed_package_use_gives_the_use_back_and_a_reversed_gift_its_point
     report = verify(market.ledger)
     market.ledger.close()
     assert report["ok"], report["problems"]
+
+
+def test_under_owe_a_refund_that_takes_more_than_the_lots_hold_but_gives_more_back(tmp_path):
+    """Rule 12 "owe": the points a refund takes back exceed what the card's lots hold, while the
+    points it gives back keep the balance above zero: the lots pay what they hold, the rest of
+    the take is paid from what comes back (the writer once stopped here: "points spent beyond
+    the card's lots"). Food 1,000.00 (1,800 points); two drinks of 20.00 each redeeming 900 (18
+    earned each); 10.00 of the food refunded (points 16); sale X refunded in full: 16 - 18 + 900
+    = 898, in today's lot."""
+    till = owing_cafe(str(tmp_path / "cafe"), "owe")
+    try:
+        number = "6225880000000770"
+        till.open(number)
+        till.top_up(number, 200000)
+        food = till.buy(number, line(CAFE_FOOD, 100000))
+        x = till.buy(number, line(CAFE_DRINKS, 2000), redeem=900)
+        till.buy(number, line(CAFE_DRINKS, 2000), redeem=900)
+        assert refund(till, number, seq_of(food), 1000).reason == L.R_OK
+        assert till.card(number)["points"] == 16
+        assert refund(till, number, seq_of(x)).reason == L.R_OK
+        assert till.card(number)["points"] == 898
+        assert sum(left for left, _ in lots_of(till, number).values()) == 898
+        report = verify(till.ledger)
+        assert report["ok"], report["problems"]
+    finally:
+        till.ledger.close()
