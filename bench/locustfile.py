@@ -46,6 +46,7 @@ import time
 import uuid
 
 import gevent
+import gevent.event
 import gevent.lock
 import gevent.queue
 import grpc
@@ -233,6 +234,8 @@ class _Pipeline:
         self._slots = gevent.lock.BoundedSemaphore(depth)
         self._pending: dict[str, tuple] = {}  # request_id -> (name, started, expected)
         self._user = user
+        self._idle = gevent.event.Event()  # set while nothing is in flight
+        self._idle.set()
         self.broken = False
         self._call = stub.SwipeStream(iter(self._out.get, self._END))
         self._reader = gevent.spawn(self._read)
@@ -243,6 +246,7 @@ class _Pipeline:
             self._slots.release()
             raise grpc.RpcError("the stream broke")
         self._pending[request_id] = (name, time.perf_counter(), expected)
+        self._idle.clear()
         _pipeline["sent"] += 1
         _pipeline["max_in_flight"] = max(_pipeline["max_in_flight"], len(self._pending))
         self._out.put(op)
@@ -263,6 +267,8 @@ class _Pipeline:
                     self._user.top_up_pin = True
                 self._user._report(name, reason, started, result.ByteSize(), expected)
                 self._slots.release()
+                if not self._pending:
+                    self._idle.set()
             reason = "STREAM_ENDED"
         except grpc.RpcError as err:
             reason = f"STREAM_{err.code().name if err.code() else 'UNKNOWN'}"
@@ -272,6 +278,13 @@ class _Pipeline:
                 self._user._report(name, reason, started, 0, expected)
                 self._slots.release()
             self._pending.clear()
+            self._idle.set()
+
+    def drain(self) -> None:
+        """Wait until every swipe in flight is answered: a unary call of this terminal (a
+        balance inquiry) takes the next KSN counter, and the server refuses a counter lower than
+        one it has seen (REASON_KSN_REPLAYED), so it must not overtake the stream."""
+        self._idle.wait(timeout=STREAM_CLOSE_S)
 
     def close(self) -> None:
         self._out.put(self._END)  # done writing: the server answers what is in flight, then ends
@@ -392,6 +405,8 @@ class PosTerminal(User):
         if self._budget_full("balance inquiry"):  # every inquiry counts against the budget
             return
         number, pin = self.rng.choice(CARDS)
+        if isinstance(self.swipes, _Pipeline):
+            self.swipes.drain()  # its KSN counter must not overtake the swipes in flight
         request = self.terminal.get_card(number, pin)  # with the PIN: the balances are shown
         started = time.perf_counter()
         try:
