@@ -340,7 +340,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"Server CPU (server + writer processes): "
                      f"{s['server_cpu_us_per_request']:,} µs per request, "
                      f"{s['server_cpu_pct']}% of one core over the run time.")
-    lines.append(f"Load generator (locust, one process, with its start-up): "
+    procs = f"{s['workers']} worker processes and a master" if s.get("workers") else "one process"
+    lines.append(f"Load generator (locust, {procs}, with its start-up): "
                  f"{s['locust_cpu_pct']}% of one core over the run time.")
     pipe = s.get("pipeline") or {}
     if pipe.get("depth", 1) > 1:
@@ -558,8 +559,8 @@ def main() -> int:
             with channel:
                 admin = apb_grpc.AdminServiceStub(channel)
                 seeder = enroll(admin, token, first + args.users, args.store)
-                users = [] if args.seed_only else [enroll(admin, token, first + i, args.store)
-                                                   for i in range(args.users)]
+                # the users' terminals too with --seed-only: the population is then complete
+                users = [enroll(admin, token, first + i, args.store) for i in range(args.users)]
                 cards = population(args.cards, seed)
                 t0 = time.perf_counter()
                 if tls:  # seeding swipes need the seeding terminal's own certificate
@@ -574,8 +575,8 @@ def main() -> int:
             summary["seed"] = {"cards": args.cards, "seconds": round(seconds, 2),
                                "ops_per_s": round(2 * args.cards / seconds)}
             print(f"seeded {args.cards:,} cards in {seconds:.2f} s ({2 * args.cards / seconds:,.0f} ops/s) "
-                  f"from terminal {first + args.users}" + ("" if args.seed_only else
-                  f"; terminals {first}..{first + args.users - 1} swipe"), flush=True)
+                  f"from terminal {first + args.users}; terminals {first}..{first + args.users - 1} "
+                  f"swipe", flush=True)
             wrong_pin = max(4, args.cards // 100)
             write_population(pop_path, population_doc(target_key, seed, cards, wrong_pin, users))
             terminal_ids = [t.keys.terminal_id for t in users]
