@@ -1,27 +1,34 @@
 """Locust fleets of POS terminals against cardcore (``make load``): seed, swipe, summarise.
 
     .venv/bin/python bench/load.py [--cards 100000] [--users 32] [--spawn-rate 32]
-        [--run-time 60s] [--mode unary|stream] [--web] [--out-dir bench/load-results]
-        [--target HOST:PORT] [--data-dir DIR] [--seed-only]
+        [--run-time 60s] [--mode unary|stream] [--pipeline N] [--mix purchase=70,...|--mix-file F]
+        [--shape lunch|steps ...] [--workers N] [--web [--web-host H] [--web-port P]]
+        [--target HOST:PORT [--tls-ca CA --tls-cert C --tls-key K --tls-cert-dir D]]
+        [--population FILE] [--seed N] [--data-dir DIR] [--seed-only] [--out-dir DIR]
 
 1. Starts ``cardcore serve --insecure`` on a temp data folder (or ``--data-dir``), unless
-   ``--target`` names a running (plaintext) server; then the admin token comes from
-   ``--admin-token-file``, ``CARDCORE_TOKEN`` (as for the ``cardcore`` command) or
-   ``<--data-dir>/admin.token``. ``CARDCORE_ADMIN_TOKEN``, the old name, is still read after
-   ``CARDCORE_TOKEN``, with a deprecation note.
-2. Enrolls one terminal per locust user (ids ``--first-terminal``.., store ``--store``) and one
+   ``--target`` names a running server, local or remote, plaintext or mutual TLS (``--tls-ca``;
+   a back-office certificate to enroll and seed, a ``terminal-<id>`` certificate per terminal in
+   ``--tls-cert-dir``). The admin token comes from ``--admin-token-file``, ``CARDCORE_TOKEN`` (as
+   for the ``cardcore`` command) or ``<--data-dir>/admin.token``. ``CARDCORE_ADMIN_TOKEN``, the
+   old name, is still read after ``CARDCORE_TOKEN``, with a deprecation note.
+2. With ``--population FILE`` made earlier for this server: reuses its cards and terminals (each
+   terminal's KSN counter moved a block on first) and skips 3 and 4's seeding.
+3. Enrolls one terminal per locust user (ids ``--first-terminal``.., store ``--store``) and one
    seeding terminal, with the bootstrap admin token.
-3. Seeds ``--cards`` cards through the seeding terminal: SubmitBatch calls of up to 10,000
+4. Seeds ``--cards`` cards through the seeding terminal: SubmitBatch calls of up to 10,000
    operations, each card opened with a first PIN (6 digits from a seeded RNG, never a weak one)
    and topped up so that purchases do not run dry. A small slice of the cards is kept apart
    for wrong-PIN attempts.
-4. Writes the population (card numbers, PINs, the terminals' keys) to a 0600 JSON file in a
-   private temp folder and runs locust on ``bench/locustfile.py``: headless for ``--run-time``
-   by default, or with the web UI (``--web``: http://127.0.0.1:8089, started at once, open
-   until 30 s after the run time).
-5. Reads locust's CSV (``OUT/load_<mode>_stats.csv``, ``_failures.csv``) and the users' own
-   outcome counts, prints a markdown summary (requests, RPS, p50/p95/p99, failures by reason,
-   server CPU per request) and saves it as ``OUT/load_<mode>_summary.json``.
+5. Writes the population (card numbers, PINs, the terminals' keys) to a 0600 JSON file (in a
+   private temp folder, removed afterwards, unless ``--population``) and runs locust on
+   ``bench/locustfile.py`` with the mix (``bench/loadkit.py``), the shape, ``--workers`` worker
+   processes: headless for ``--run-time`` (or the shape's length) by default, or with the web UI
+   (``--web``: started at once, open until 30 s after the run time).
+6. Reads locust's CSV (``OUT/load_<mode>_stats.csv``, ``_failures.csv``), the users' own
+   outcome counts and the step ramp's knee (``_knee.json``), prints a markdown summary (requests,
+   RPS, p50/p95/p99, failures by reason, server CPU per request) and saves it as
+   ``OUT/load_<mode>_summary.json``.
 
 The server this script starts allows ``--failures-per-minute`` (default 100,000) wrong PINs per
 terminal per minute instead of the production default of 10: a load test compresses hours of a
@@ -33,7 +40,7 @@ Every mutating request carries ``client_time_us`` (the terminal library sets it;
 seeding too); balance inquiries send the card's PIN, so that the answer shows the balances.
 
 Exit status: 0 when the run had no failures, 1 when some calls failed (the summary says which),
-2 when the run itself went wrong.
+2 when the run itself went wrong (or a flag was refused).
 """
 from __future__ import annotations
 
@@ -208,19 +215,22 @@ def reusable_population(path: str, target_key: str, users: int) -> dict | None:
     return doc
 
 
-def tls_files(args) -> tuple[bytes, bytes, bytes] | None:
+def tls_files(args, need_office: bool) -> tuple[bytes, bytes | None, bytes | None] | None:
     """(CA, client certificate, key) for the admin channel, checked (gRPC would say only "Socket
-    closed"), or None for plaintext; every terminal's certificate must be in --tls-cert-dir."""
+    closed"), or None for plaintext; every terminal's certificate must be in --tls-cert-dir. A
+    reused population enrolls nothing: then the back-office pair is not needed."""
     if not args.tls_ca:
         if args.tls_cert or args.tls_key or args.tls_cert_dir:
             raise SystemExit("load.py: --tls-cert, --tls-key and --tls-cert-dir go with --tls-ca")
         return None
-    if not (args.tls_cert and args.tls_key):
+    if not (args.tls_cert and args.tls_key) and need_office:
         raise SystemExit("load.py: --tls-ca needs --tls-cert and --tls-key: a back-office "
                          "client certificate for enrolling and seeding (cardcore certs client "
                          "backoffice:NAME)")
     try:
         root = read_ca(args.tls_ca, "--tls-ca")
+        if not (args.tls_cert and args.tls_key):
+            return root, None, None
         cert, key = read_pair(args.tls_cert, args.tls_key, "--tls-cert", "--tls-key")
     except TlsFileError as exc:
         raise SystemExit(f"load.py: {exc}") from None
@@ -501,10 +511,8 @@ def main() -> int:
         parser.error(str(exc))
     if args.population and not (args.target or args.data_dir):
         parser.error("--population needs a server that outlives the run: --target or --data-dir")
-    tls = tls_files(args) if args.target else None
     if args.tls_ca and not args.target:
         parser.error("--tls-ca goes with --target (the server started here is plaintext on loopback)")
-    cert_dir = (args.tls_cert_dir or os.path.dirname(os.path.abspath(args.tls_ca))) if tls else None
     run_time_text = f"{shape_seconds(spec):g}s" if spec else args.run_time
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
@@ -519,9 +527,12 @@ def main() -> int:
     summary: dict = {"mode": args.mode, "users": args.users, "cards": args.cards,
                      "run_time": run_time_text, "seed": None, "rng_seed": seed,
                      "failures_per_minute": fpm, "mix": mix, "pipeline_depth": args.pipeline,
-                     "workers": args.workers, "shape": spec, "tls": bool(tls)}
+                     "workers": args.workers, "shape": spec}
     try:
         reused = reusable_population(pop_path, target_key, args.users) if args.population else None
+        tls = tls_files(args, need_office=not reused) if args.target else None
+        cert_dir = (args.tls_cert_dir or os.path.dirname(os.path.abspath(args.tls_ca))) if tls else None
+        summary["tls"] = bool(tls)
         if args.target:
             target = args.target
             token = None if reused else admin_token(args.admin_token_file,

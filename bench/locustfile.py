@@ -8,7 +8,8 @@ code as ``cardcore pos``): a fresh DUKPT KSN per transaction, the card number en
 the data key, PIN blocks under the PIN key. A ``Terminal`` object belongs to one user at a
 time, so no KSN counter is ever used twice.
 
-The mix, by task weight (new operation types join here as they are built):
+The default mix, by task weight (``CARDCORE_LOAD_MIX`` from ``load.py --mix`` replaces it; new
+operation types join here and in ``bench/loadkit.py`` OPERATIONS as they are built):
 
     purchase               70   right PIN
     balance inquiry        15   GetCard with the card's PIN (always unary: it is not a stream
@@ -21,7 +22,13 @@ The mix, by task weight (new operation types join here as they are built):
                                 are the expected answers and count as successes
 
 ``CARDCORE_LOAD_MODE``: ``unary`` (one unary call per task) or ``stream`` (each terminal keeps
-one SwipeStream open and sends one Operation per task, reading its reply before the next).
+one SwipeStream open and sends one Operation per task, reading its reply before the next; with
+``CARDCORE_LOAD_PIPELINE`` N > 1, up to N in flight, replies matched by request_id).
+
+``CARDCORE_LOAD_SHAPE`` (JSON) picks a load shape (``Shape`` below, a LoadTestShape over
+``loadkit``'s schedules); ``CARDCORE_LOAD_WORKERS`` (locust ``--processes``) splits the terminals
+between the worker processes; ``CARDCORE_LOAD_TLS_CA`` and ``_TLS_CERT_DIR``: mutual TLS, each
+terminal with its own certificate.
 
 Every mutating request carries the terminal's clock (``client_time_us``, set by the terminal
 library); the fleet never re-sends a request, so no retry has to repeat one.

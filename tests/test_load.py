@@ -218,13 +218,23 @@ def test_a_tls_target_with_a_certificate_per_terminal(tmp_path, start_server):
         certs.make_client_cert(ca_dir, certs.terminal_cn(tid))
     with open(os.path.join(server.data_dir, "admin.token")) as f:
         token = f.read().strip()
-    out = tmp_path / "out"
-    run = load("--cards", "100", "--users", "2", "--run-time", "3s", "--target", server.target,
-               "--tls-ca", os.path.join(ca_dir, "ca.pem"), "--tls-cert", office_cert,
-               "--tls-key", office_key, "--failures-per-minute", "100000", "--out-dir", str(out),
-               env={"CARDCORE_TOKEN": token})
+    out, pop, ca = tmp_path / "out", str(tmp_path / "pop.json"), os.path.join(ca_dir, "ca.pem")
+    no_cert = load("--cards", "100", "--users", "2", "--first-terminal", "50", "--target",
+                   server.target, "--tls-ca", ca, "--tls-cert", office_cert, "--tls-key", office_key,
+                   "--seed-only", "--out-dir", str(out), env={"CARDCORE_TOKEN": token})
+    assert no_cert.returncode != 0 and "terminal 52:" in no_cert.stderr  # the seeder's: checked first
+    assert "cardcore certs terminal 52" in no_cert.stderr
+    seeding = load("--cards", "100", "--users", "2", "--target", server.target, "--tls-ca", ca,
+                   "--tls-cert", office_cert, "--tls-key", office_key, "--population", pop,
+                   "--seed-only", "--out-dir", str(out), env={"CARDCORE_TOKEN": token})
+    assert seeding.returncode == 0, seeding.stdout[-3000:] + seeding.stderr[-3000:]
+    assert "(TLS)" in seeding.stdout and "seeded 100 cards" in seeding.stdout
+    # The population reused: no enrolment, so neither the token nor the back-office pair.
+    run = load("--users", "2", "--run-time", "3s", "--target", server.target, "--tls-ca", ca,
+               "--population", pop, "--failures-per-minute", "100000", "--out-dir", str(out),
+               env={"CARDCORE_TOKEN": "", "CARDCORE_TLS_CERT": "", "CARDCORE_TLS_KEY": ""})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "(TLS)" in run.stdout
+    assert "no seeding" in run.stdout
     s = summary_of(out)
     assert s["tls"] is True and s["operations"]["purchase"]["requests"] > 0
     assert s["total"]["failures"] == 0
