@@ -44,7 +44,7 @@ def test_a_short_fleet_run_purchases_without_failures_and_the_ledger_verifies(tm
     out_dir, data_dir = tmp_path / "out", tmp_path / "data"
     run = subprocess.run(
         [sys.executable, LOAD, "--cards", "300", "--users", "4", "--spawn-rate", "4",
-         "--run-time", "5s", "--mode", mode, "--out-dir", str(out_dir), "--data-dir", str(data_dir)],
+         "--run-time", "3s", "--mode", mode, "--out-dir", str(out_dir), "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=100, cwd=ROOT, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
