@@ -338,7 +338,8 @@ def markdown(summary: dict) -> str:
     if wrong:
         lines.append("Wrong-PIN outcomes: " + ", ".join(f"{k} {v:,}" for k, v in sorted(wrong.items())))
     if s["skipped"]:
-        lines.append("Skipped to stay under the server's per-terminal failure limit: " +
+        lines.append("Skipped (to stay under the server's per-terminal failure limit, or a terminal "
+                     "out of this run's KSN counters): " +
                      ", ".join(f"{k} {v:,}" for k, v in s["skipped"].items()))
     lines += ["", "Failures by reason:" if s["failures_by_reason"] else "Failures by reason: none"]
     if s["failures_by_reason"]:
@@ -607,7 +608,8 @@ def main() -> int:
         env = dict(os.environ, CARDCORE_LOAD_POPULATION=pop_path, CARDCORE_LOAD_MODE=args.mode,
                    CARDCORE_LOAD_FAILURES_PER_MINUTE=str(fpm), CARDCORE_LOAD_OUTCOMES=outcomes_path,
                    CARDCORE_LOAD_MIX=json.dumps(mix), CARDCORE_LOAD_PIPELINE=str(args.pipeline),
-                   CARDCORE_LOAD_WORKERS=str(max(args.workers, 1)))
+                   CARDCORE_LOAD_WORKERS=str(max(args.workers, 1)),
+                   CARDCORE_LOAD_COUNTER_BLOCK=str(COUNTER_BLOCK))
         env.pop("CARDCORE_LOAD_SHAPE", None)
         if spec:
             env |= {"CARDCORE_LOAD_SHAPE": json.dumps(spec), "CARDCORE_LOAD_SHAPE_REPORT": shape_report}

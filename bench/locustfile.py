@@ -98,6 +98,9 @@ PIPELINE = int(os.environ.get("CARDCORE_LOAD_PIPELINE", "1"))  # stream: request
 TLS_CA = os.environ.get("CARDCORE_LOAD_TLS_CA")                # PEM of the server's CA, or plaintext
 TLS_CERT_DIR = os.environ.get("CARDCORE_LOAD_TLS_CERT_DIR")    # terminal-<id>.pem/.key
 WORKERS = int(os.environ.get("CARDCORE_LOAD_WORKERS", "1"))    # processes sharing the terminals
+# KSN counters one run may use per terminal (load.py COUNTER_BLOCK): a reused population's next
+# run starts this far on, so a terminal that would pass it stops instead of risking a replay.
+COUNTER_BLOCK = int(os.environ.get("CARDCORE_LOAD_COUNTER_BLOCK", str(1 << 22)))
 
 
 class Declined(Exception):
@@ -314,6 +317,7 @@ class PosTerminal(User):
             # terminal would reuse KSN counters, so this user does not start.
             raise StopUser()
         self.terminal = free.popleft()
+        self.counter_end = self.terminal.keys.counter + COUNTER_BLOCK - 2 * max(PIPELINE, 1)
         # A local subchannel pool: each terminal gets its own connection, as real ones do.
         options = [("grpc.use_local_subchannel_pool", 1)]
         if TLS_CA:  # mutual TLS: this terminal's own certificate (the server matches its id)
@@ -352,6 +356,12 @@ class PosTerminal(User):
         self.environment.events.request.fire(
             request_type="grpc", name=name, response_time=ms, response_length=length,
             exception=None if reason in expected else Declined(reason), context={})
+
+    def _counters_left(self) -> None:
+        """Stop this user before its terminal passes the run's block of KSN counters."""
+        if self.terminal.keys.counter >= self.counter_end:
+            _skipped["terminal out of this run's KSN counters"] += 1
+            raise StopUser()
 
     def _mutate(self, name: str, kind: str, request, expected: frozenset = frozenset({OK})) -> str:
         """One mutating operation, unary or on this terminal's stream; reported; its reason."""
@@ -392,6 +402,7 @@ class PosTerminal(User):
     # ---- the mix ----------------------------------------------------------------------
 
     def purchase(self) -> None:
+        self._counters_left()
         number, pin = self.rng.choice(CARDS)
         amount = self.rng.randrange(*PURCHASE_MINOR)
         self._mutate("purchase", "purchase",
@@ -409,6 +420,7 @@ class PosTerminal(User):
         return False
 
     def balance_inquiry(self) -> None:
+        self._counters_left()
         if self._budget_full("balance inquiry"):  # every inquiry counts against the budget
             return
         number, pin = self.rng.choice(CARDS)
@@ -426,6 +438,7 @@ class PosTerminal(User):
         self._report("balance inquiry", reason, started, length, counted=True)
 
     def top_up(self) -> None:
+        self._counters_left()
         number, pin = self.rng.choice(CARDS)
         amount = self.rng.randrange(*TOP_UP_MINOR)
         reason = self._mutate("top-up", "top_up", self.terminal.top_up(
@@ -434,6 +447,7 @@ class PosTerminal(User):
             self.top_up_pin = True
 
     def purchase_wrong_pin(self) -> None:
+        self._counters_left()
         if self._budget_full("purchase (wrong PIN)"):  # this try could be the one that locks us out
             return
         number, pin = self.rng.choice(WRONG_PIN_CARDS)
