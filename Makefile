@@ -58,7 +58,7 @@ RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json
 	$(PY) bench/versus_release.py --release $(RELEASE) $(ARGS)
 
-load: $(BUILT) ## locust fleet of POS terminals on 100,000 seeded cards, 60 s -> bench/load-results (ARGS="--mode stream --web ...")
+load: $(BUILT) ## locust fleet of POS terminals on 100,000 seeded cards, 60 s -> bench/load-results (ARGS="--mode stream --pipeline 8 --mix ... --shape steps --workers 2 --target ... --web"; README: the load kit)
 	$(PY) bench/load.py $(ARGS)
 
 clean: ## remove build outputs (keeps .venv and ./var)

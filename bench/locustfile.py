@@ -8,7 +8,8 @@ code as ``cardcore pos``): a fresh DUKPT KSN per transaction, the card number en
 the data key, PIN blocks under the PIN key. A ``Terminal`` object belongs to one user at a
 time, so no KSN counter is ever used twice.
 
-The mix, by task weight (new operation types join here as they are built):
+The default mix, by task weight (``CARDCORE_LOAD_MIX`` from ``load.py --mix`` replaces it; new
+operation types join here and in ``bench/loadkit.py`` OPERATIONS as they are built):
 
     purchase               70   right PIN
     balance inquiry        15   GetCard with the card's PIN (always unary: it is not a stream
@@ -21,7 +22,13 @@ The mix, by task weight (new operation types join here as they are built):
                                 are the expected answers and count as successes
 
 ``CARDCORE_LOAD_MODE``: ``unary`` (one unary call per task) or ``stream`` (each terminal keeps
-one SwipeStream open and sends one Operation per task, reading its reply before the next).
+one SwipeStream open and sends one Operation per task, reading its reply before the next; with
+``CARDCORE_LOAD_PIPELINE`` N > 1, up to N in flight, replies matched by request_id).
+
+``CARDCORE_LOAD_SHAPE`` (JSON) picks a load shape (``Shape`` below, a LoadTestShape over
+``loadkit``'s schedules); ``CARDCORE_LOAD_WORKERS`` (locust ``--processes``) splits the terminals
+between the worker processes; ``CARDCORE_LOAD_TLS_CA`` and ``_TLS_CERT_DIR``: mutual TLS, each
+terminal with its own certificate.
 
 Every mutating request carries the terminal's clock (``client_time_us``, set by the terminal
 library); the fleet never re-sends a request, so no retry has to repeat one.
@@ -46,11 +53,14 @@ import time
 import uuid
 
 import gevent
+import gevent.event
+import gevent.lock
 import gevent.queue
 import grpc
 import grpc.experimental.gevent as grpc_gevent
+import loadkit  # bench/loadkit.py: the mix, the shapes' schedules, the certificate names
 from grpc_status import rpc_status
-from locust import User, constant, events, task
+from locust import LoadTestShape, User, constant, events
 from locust.exception import StopUser
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
@@ -81,6 +91,16 @@ FAILURE_WINDOW_S = 60.0
 PURCHASE_MINOR = (100, 20_000)
 TOP_UP_MINOR = (1_000, 50_000)
 STREAM_CLOSE_S = 5.0
+# The mix by loadkit names (bench/load.py --mix); the task weights below are the default mix.
+MIX = json.loads(os.environ["CARDCORE_LOAD_MIX"]) if os.environ.get("CARDCORE_LOAD_MIX") \
+    else dict(loadkit.DEFAULT_MIX)
+PIPELINE = int(os.environ.get("CARDCORE_LOAD_PIPELINE", "1"))  # stream: requests in flight
+TLS_CA = os.environ.get("CARDCORE_LOAD_TLS_CA")                # PEM of the server's CA, or plaintext
+TLS_CERT_DIR = os.environ.get("CARDCORE_LOAD_TLS_CERT_DIR")    # terminal-<id>.pem/.key
+WORKERS = int(os.environ.get("CARDCORE_LOAD_WORKERS", "1"))    # processes sharing the terminals
+# KSN counters one run may use per terminal (load.py COUNTER_BLOCK): a reused population's next
+# run starts this far on, so a terminal that would pass it stops instead of risking a replay.
+COUNTER_BLOCK = int(os.environ.get("CARDCORE_LOAD_COUNTER_BLOCK", str(1 << 22)))
 
 
 class Declined(Exception):
@@ -101,10 +121,23 @@ def _load_population() -> dict:
 POPULATION = _load_population()
 CARDS: list[tuple[str, str]] = [tuple(c) for c in POPULATION["cards"]]
 WRONG_PIN_CARDS: list[tuple[str, str]] = [tuple(c) for c in POPULATION["wrong_pin_cards"]]
-_FREE_TERMINALS = collections.deque(
+_ALL_TERMINALS = [
     Terminal(TerminalKeys(t["terminal_id"], t["store_id"], bytes.fromhex(t["initial_key"]),
                           bytes.fromhex(t["initial_key_id"]), t["counter"]))
-    for t in POPULATION["terminals"])
+    for t in POPULATION["terminals"]]
+_FREE_TERMINALS: collections.deque | None = None  # this process's share, taken at the first start
+
+
+def _free_terminals(worker_index: int) -> collections.deque:
+    """This process's terminals: with --workers N each worker process takes every N-th one (by
+    its locust worker index), so no two processes ever use one terminal's KSN counters. Locust's
+    master hands users out round-robin, so the shares match the users each worker gets."""
+    global _FREE_TERMINALS
+    if _FREE_TERMINALS is None:
+        index = max(worker_index, 0)
+        _FREE_TERMINALS = collections.deque(
+            t for i, t in enumerate(_ALL_TERMINALS) if WORKERS <= 1 or i % WORKERS == index)
+    return _FREE_TERMINALS
 
 
 # ---- what the users saw (beside locust's own statistics) ----------------------------------
@@ -112,6 +145,7 @@ _FREE_TERMINALS = collections.deque(
 _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _latencies_ms: dict[str, list[float]] = collections.defaultdict(list)
 _skipped = collections.Counter()
+_pipeline = {"sent": 0, "matched": 0, "unmatched": 0, "max_in_flight": 0}
 
 
 @events.test_start.add_listener
@@ -119,6 +153,7 @@ def _reset(**_kw) -> None:
     _outcomes.clear()
     _latencies_ms.clear()
     _skipped.clear()
+    _pipeline.update(sent=0, matched=0, unmatched=0, max_in_flight=0)
 
 
 def _percentile(sorted_values: list[float], p: float) -> float:
@@ -139,11 +174,14 @@ def _on_quit(**_kw) -> None:
 
 
 def _write_outcomes() -> None:
-    path = os.environ.get("CARDCORE_LOAD_OUTCOMES")
-    if not path:
+    """``<CARDCORE_LOAD_OUTCOMES>-<pid>.json``: one file per process that ran users (with
+    --workers, bench/load.py adds them up); a master without users writes none."""
+    prefix = os.environ.get("CARDCORE_LOAD_OUTCOMES")
+    if not prefix or not _outcomes:
         return
+    path = f"{prefix}-{os.getpid()}.json"
     doc = {"mode": MODE, "failures_per_minute": FAILURES_PER_MINUTE, "skipped": dict(_skipped),
-           "operations": {}}
+           "pipeline": dict(_pipeline, depth=PIPELINE), "operations": {}}
     for name, counts in _outcomes.items():
         lat = sorted(_latencies_ms[name])
         doc["operations"][name] = {
@@ -194,21 +232,103 @@ class _Swipes:
             self._call.cancel()
 
 
+class _Pipeline:
+    """One terminal's SwipeStream with up to ``depth`` Operations in flight: a reader greenlet
+    matches each reply to its request by request_id (the server answers in order, but matching
+    by id is what proves it) and reports it; ``send`` waits while ``depth`` are unanswered."""
+
+    _END = object()
+
+    def __init__(self, stub: pb_grpc.CardServiceStub, depth: int, user: "PosTerminal"):
+        self._out: gevent.queue.Queue = gevent.queue.Queue()
+        self._slots = gevent.lock.BoundedSemaphore(depth)
+        self._pending: dict[str, tuple] = {}  # request_id -> (name, started, expected)
+        self._user = user
+        self._idle = gevent.event.Event()  # set while nothing is in flight
+        self._idle.set()
+        self.broken = False
+        self._call = stub.SwipeStream(iter(self._out.get, self._END))
+        self._reader = gevent.spawn(self._read)
+
+    def send(self, request_id: str, name: str, op: pb.Operation, expected: frozenset) -> None:
+        self._slots.acquire()
+        if self.broken:
+            self._slots.release()
+            raise grpc.RpcError("the stream broke")
+        self._pending[request_id] = (name, time.perf_counter(), expected)
+        self._idle.clear()
+        _pipeline["sent"] += 1
+        _pipeline["max_in_flight"] = max(_pipeline["max_in_flight"], len(self._pending))
+        self._out.put(op)
+
+    def _read(self) -> None:
+        reason = "STREAM_ENDED"
+        try:
+            for result in self._call:
+                entry = self._pending.pop(result.request_id, None)
+                if entry is None:  # a reply to nothing we sent: count it, fail the run
+                    _pipeline["unmatched"] += 1
+                    self._user._report("unmatched reply", "UNMATCHED_REPLY", time.perf_counter(), 0)
+                    continue
+                _pipeline["matched"] += 1
+                name, started, expected = entry
+                reason = R.Name(result.reason)
+                if name == "top-up" and reason == "REASON_PIN_REQUIRED":
+                    self._user.top_up_pin = True
+                self._user._report(name, reason, started, result.ByteSize(), expected)
+                self._slots.release()
+                if not self._pending:
+                    self._idle.set()
+            reason = "STREAM_ENDED"
+        except grpc.RpcError as err:
+            reason = f"STREAM_{err.code().name if err.code() else 'UNKNOWN'}"
+        finally:
+            self.broken = True
+            for name, started, expected in self._pending.values():  # never answered
+                self._user._report(name, reason, started, 0, expected)
+                self._slots.release()
+            self._pending.clear()
+            self._idle.set()
+
+    def drain(self) -> None:
+        """Wait until every swipe in flight is answered: a unary call of this terminal (a
+        balance inquiry) takes the next KSN counter, and the server refuses a counter lower than
+        one it has seen (REASON_KSN_REPLAYED), so it must not overtake the stream."""
+        self._idle.wait(timeout=STREAM_CLOSE_S)
+
+    def close(self) -> None:
+        self._out.put(self._END)  # done writing: the server answers what is in flight, then ends
+        try:
+            self._reader.join(timeout=STREAM_CLOSE_S)
+        finally:
+            self._call.cancel()
+            self._reader.kill()
+
+
 class PosTerminal(User):
     """One POS terminal: its own keys, its own channel (and connection), its own stream."""
 
     wait_time = constant(0)  # closed loop: the next swipe as soon as the last one is answered
 
     def on_start(self) -> None:
-        if not _FREE_TERMINALS:
+        free = _free_terminals(getattr(self.environment.runner, "worker_index", 0))
+        if not free:
             # More users than enrolled terminals (the web UI can ask for more): sharing a
             # terminal would reuse KSN counters, so this user does not start.
             raise StopUser()
-        self.terminal = _FREE_TERMINALS.popleft()
+        self.terminal = free.popleft()
+        self.counter_end = self.terminal.keys.counter + COUNTER_BLOCK - 2 * max(PIPELINE, 1)
         # A local subchannel pool: each terminal gets its own connection, as real ones do.
-        self.channel = grpc.insecure_channel(self.host, options=[("grpc.use_local_subchannel_pool", 1)])
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if TLS_CA:  # mutual TLS: this terminal's own certificate (the server matches its id)
+            cert_path, key_path = loadkit.terminal_cert_files(TLS_CERT_DIR, self.terminal.keys.terminal_id)
+            with open(TLS_CA, "rb") as ca, open(cert_path, "rb") as c, open(key_path, "rb") as k:
+                creds = grpc.ssl_channel_credentials(ca.read(), k.read(), c.read())
+            self.channel = grpc.secure_channel(self.host, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.host, options=options)
         self.stub = pb_grpc.CardServiceStub(self.channel)
-        self.swipes: _Swipes | None = None
+        self.swipes: _Swipes | _Pipeline | None = None
         self.rng = random.Random()
         self.top_up_pin = False  # set if the card program turns out to want the PIN on top-ups
         self.probes: collections.deque = collections.deque()  # when this terminal was counted
@@ -221,7 +341,7 @@ class PosTerminal(User):
             self.swipes.close()
             self.swipes = None
         self.channel.close()
-        _FREE_TERMINALS.append(terminal)  # its counter has moved on: safe for the next user
+        _free_terminals(0).append(terminal)  # its counter has moved on: safe for the next user
         self.terminal = None
 
     # ---- reporting --------------------------------------------------------------------
@@ -237,11 +357,27 @@ class PosTerminal(User):
             request_type="grpc", name=name, response_time=ms, response_length=length,
             exception=None if reason in expected else Declined(reason), context={})
 
+    def _counters_left(self) -> None:
+        """Stop this user before its terminal passes the run's block of KSN counters."""
+        if self.terminal.keys.counter >= self.counter_end:
+            _skipped["terminal out of this run's KSN counters"] += 1
+            raise StopUser()
+
     def _mutate(self, name: str, kind: str, request, expected: frozenset = frozenset({OK})) -> str:
         """One mutating operation, unary or on this terminal's stream; reported; its reason."""
         started = time.perf_counter()
         length = 0
-        if MODE == "stream":
+        if MODE == "stream" and PIPELINE > 1:  # reported by the pipeline's reader when answered
+            request_id = request.request_id
+            try:
+                if self.swipes is None or self.swipes.broken:
+                    self.swipes = _Pipeline(self.stub, PIPELINE, self)
+                self.swipes.send(request_id, name, pb.Operation(**{kind: request}), expected)
+                return "PENDING"
+            except grpc.RpcError:
+                self.swipes = None
+                reason = "STREAM_BROKEN"
+        elif MODE == "stream":
             try:
                 if self.swipes is None:
                     self.swipes = _Swipes(self.stub)
@@ -265,8 +401,8 @@ class PosTerminal(User):
 
     # ---- the mix ----------------------------------------------------------------------
 
-    @task(70)
     def purchase(self) -> None:
+        self._counters_left()
         number, pin = self.rng.choice(CARDS)
         amount = self.rng.randrange(*PURCHASE_MINOR)
         self._mutate("purchase", "purchase",
@@ -283,11 +419,13 @@ class PosTerminal(User):
             return True
         return False
 
-    @task(15)
     def balance_inquiry(self) -> None:
+        self._counters_left()
         if self._budget_full("balance inquiry"):  # every inquiry counts against the budget
             return
         number, pin = self.rng.choice(CARDS)
+        if isinstance(self.swipes, _Pipeline):
+            self.swipes.drain()  # its KSN counter must not overtake the swipes in flight
         request = self.terminal.get_card(number, pin)  # with the PIN: the balances are shown
         started = time.perf_counter()
         try:
@@ -299,8 +437,8 @@ class PosTerminal(User):
             reason, length = _reason_of(err), 0
         self._report("balance inquiry", reason, started, length, counted=True)
 
-    @task(10)
     def top_up(self) -> None:
+        self._counters_left()
         number, pin = self.rng.choice(CARDS)
         amount = self.rng.randrange(*TOP_UP_MINOR)
         reason = self._mutate("top-up", "top_up", self.terminal.top_up(
@@ -308,8 +446,8 @@ class PosTerminal(User):
         if reason == "REASON_PIN_REQUIRED":
             self.top_up_pin = True
 
-    @task(3)
     def purchase_wrong_pin(self) -> None:
+        self._counters_left()
         if self._budget_full("purchase (wrong PIN)"):  # this try could be the one that locks us out
             return
         number, pin = self.rng.choice(WRONG_PIN_CARDS)
@@ -320,3 +458,49 @@ class PosTerminal(User):
                      self.terminal.purchase(str(uuid.uuid4()), number, wrong,
                                             self.rng.randrange(*PURCHASE_MINOR)),
                      expected=WRONG_PIN_EXPECTED)
+
+
+# The mix: locust picks a task per turn from this list, each listed as often as its weight.
+PosTerminal.tasks = [getattr(PosTerminal, loadkit.OPERATIONS[name][0])
+                     for name, weight in MIX.items() for _ in range(weight)]
+
+
+# ---- load shapes (bench/load.py --shape): locust uses a LoadTestShape class when one exists ----
+
+SCHEDULE = loadkit.shape_from_env(os.environ)
+SHAPE_REPORT = os.environ.get("CARDCORE_LOAD_SHAPE_REPORT")
+
+if SCHEDULE is not None:
+    class Shape(LoadTestShape):
+        """Users over time from the chosen schedule. For the step ramp, each step's rate and p99
+        come from locust's aggregate statistics (the master's, with --workers): the difference
+        of its response-time histogram between the step's start and end."""
+
+        _step = -1
+        _mark: tuple = (0, {}, 0.0)  # (requests, histogram copy, time) at the step's start
+
+        def _close_step(self, now: float) -> None:
+            total = self.runner.stats.total
+            requests0, hist0, t0 = self._mark
+            hist = {ms: n - hist0.get(ms, 0) for ms, n in total.response_times.items()}
+            hist = {ms: n for ms, n in hist.items() if n > 0}
+            done = total.num_requests - requests0
+            SCHEDULE.record(SCHEDULE.users_of(self._step), done / max(now - t0, 1e-6),
+                            loadkit.percentile_of_counts(hist, 0.99))
+            if SHAPE_REPORT:
+                tmp = SHAPE_REPORT + ".new"
+                with open(tmp, "w") as f:
+                    json.dump(SCHEDULE.report(), f, indent=2)
+                os.replace(tmp, SHAPE_REPORT)
+
+        def tick(self):
+            t = self.get_run_time()
+            if isinstance(SCHEDULE, loadkit.StepRamp):
+                step = int(t // SCHEDULE.step_s)
+                if step != self._step:
+                    if self._step >= 0:
+                        self._close_step(t)
+                    total = self.runner.stats.total
+                    self._step = step
+                    self._mark = (total.num_requests, dict(total.response_times), t)
+            return SCHEDULE.tick(t)
