@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "token is written at the next start)")
     p.set_defaults(func=cmd_restore)
 
-    def client(name, help_text, func, card=True):
+    def client(name, help_text, func, card=True, token=True):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--target", type=target_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
                        help=f"server HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); "
@@ -204,11 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"),
                        help="the private key of --tls-cert, PEM, unencrypted (env "
                             "CARDCORE_TLS_KEY)")
-        p.add_argument("--token-file", default=None,
-                       help="file holding the operator token; default: env CARDCORE_TOKEN (the "
-                            "token itself), else env CARDCORE_TOKEN_FILE, else "
-                            "<CARDCORE_DATA_DIR>/admin.token if present" +
-                            (" (pos: sent only with --operator)" if name == "pos" else ""))
+        if token:  # the console takes its token from the person at its sign-in page
+            p.add_argument("--token-file", default=None,
+                           help="file holding the operator token; default: env CARDCORE_TOKEN "
+                                "(the token itself), else env CARDCORE_TOKEN_FILE, else "
+                                "<CARDCORE_DATA_DIR>/admin.token if present" +
+                                (" (pos: sent only with --operator)" if name == "pos" else ""))
         if card:
             p.add_argument("card", type=card_number_arg,
                            help="card number, or - to read it from standard input (keeps it out "
@@ -352,6 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show: this program version (default 0: the current one)")
     request_opts(p)
 
+    p = client("console", "a read-only back-office web page (operator token typed at sign-in): "
+               "cards, history, totals per store, terminals, health", None, card=False,
+               token=False)
+    p.set_defaults(func=_cmd_console)
+    p.add_argument("--listen", type=listen_arg, default="127.0.0.1:8080",
+                   help="HOST:PORT of the web page (default %(default)s); off loopback only with "
+                        "--http-cert and --http-key; port 0 picks a free one")
+    p.add_argument("--http-cert", default=os.environ.get("CARDCORE_CONSOLE_CERT"),
+                   help="the web page's certificate chain, PEM, for HTTPS (env "
+                        "CARDCORE_CONSOLE_CERT)")
+    p.add_argument("--http-key", default=os.environ.get("CARDCORE_CONSOLE_KEY"),
+                   help="its private key, PEM, unencrypted (env CARDCORE_CONSOLE_KEY)")
+    p.add_argument("--data-dir", default=os.environ.get("CARDCORE_DATA_DIR"),
+                   help="the server's data folder, opened read-only for the totals per store "
+                        "(env CARDCORE_DATA_DIR; default: none, no totals page)")
+    p.add_argument("--metrics-url", default=None,
+                   help="the server's Prometheus endpoint (http://HOST:PORT/metrics), shown on "
+                        "the health page (default: none)")
+
     p = client("pos", "a terminal: swipe with DUKPT-encrypted card data and PIN blocks", cmd_pos,
                card=False)
     p.description = ("A terminal on the command line. The card number and the PINs given as '-' "
@@ -394,7 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
                     "replace-card", "find-card",
-                    "history", "operation", "terminals", "operators", "keys", "program", "pos")
+                    "history", "operation", "terminals", "operators", "keys", "program", "pos",
+                    "console")
+
+
+def _cmd_console(args) -> int:
+    from .console import cmd_console  # imported on use: http.server is not every command's cost
+
+    return cmd_console(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,207 @@
+"""The back-office console (``cardcore console``) over a real server, a real ledger read-only
+beside it, real HTTP, and a real headless Chromium when Debian's chromium is installed."""
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from conftest import Client, new_card_number
+
+CONSOLE_RE = re.compile(rb"cardcore console on (http://[\d.]+:\d+)/")
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "test-artifacts")
+
+
+class ConsoleProcess:
+    def __init__(self, target: str, data_dir: str, log_path: str):
+        self._log = open(log_path, "ab")
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cardcore.server.cli", "console", "--listen", "127.0.0.1:0",
+             "--target", target, "--data-dir", data_dir],
+            stdout=subprocess.PIPE, stderr=self._log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            m = CONSOLE_RE.search(line)
+            if m:
+                self.url = m.group(1).decode()
+                return
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(open(log_path).read()[-2000:])
+        self.proc.kill()
+        raise RuntimeError("console did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+
+class Browser:
+    """A person's browser as urllib: cookies kept, redirects followed."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path: str):
+        return self._open(urllib.request.Request(self.base + path))
+
+    def post(self, path: str, **form):
+        data = urllib.parse.urlencode(form).encode()
+        return self._open(urllib.request.Request(self.base + path, data=data))
+
+    def _open(self, req):
+        try:
+            r = self.opener.open(req, timeout=30)
+            return r.status, r.read().decode(), r
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(), err
+
+
+@pytest.fixture
+def seeded(server, tmp_path):
+    """A server with sales at stores 1 and 2 today, and a console beside its data folder."""
+    client = Client(server.stub)
+    number = client.funded_card(100_000)
+    client.purchase(number, 12_000, store_id=1)
+    client.purchase(number, 3_000, store_id=2)
+    client.purchase(number, 1_000, store_id=2)
+    console = ConsoleProcess(server.target, server.data_dir, str(tmp_path / "console.log"))
+    yield server, console, number
+    console.stop()
+
+
+def signed_in(console, token) -> Browser:
+    b = Browser(console.url)
+    status, body, _ = b.post("/login", token=token)
+    assert status == 200 and "Find a card" in body
+    return b
+
+
+def test_a_bad_token_is_refused_and_pages_need_a_session(seeded):
+    server, console, _ = seeded
+    b = Browser(console.url)
+    status, body, _ = b.post("/login", token="cc_not-a-token")
+    assert status == 401 and "refused" in body
+    assert not list(b.jar)                       # no session cookie given
+    status, body, r = b.get("/terminals")
+    assert r.geturl().endswith("/login") and "Operator token" in body
+
+
+def test_the_card_page_shows_the_masked_number_and_never_the_full_one(seeded):
+    server, console, number = seeded
+    b = signed_in(console, server.admin_token)
+    status, body, r = b.post("/card", number=number, store="0")
+    assert status == 200, body
+    masked = number[:6] + "*" * (len(number) - 10) + number[-4:]
+    assert masked in body
+    assert number not in body and number not in r.geturl()
+    assert "840.00" in body                      # 1,000.00 topped up, 160.00 paid (tier 0: 100%)
+    assert body.count("<tr><td class=\"n\">") >= 4  # open, top-up and three purchases
+    assert number not in console.log() and server.admin_token not in console.log()
+
+
+def test_the_totals_chart_has_a_bar_per_store(seeded):
+    server, console, _ = seeded
+    b = signed_in(console, server.admin_token)
+    status, body, _ = b.get("/totals")
+    assert status == 200
+    today = re.search(r'<svg id="chart-today".*?</svg>', body, re.S).group(0)
+    assert today.count('class="bar"') == 2       # stores 1 and 2
+    assert "store 1: 120.00" in today and "store 2: 40.00" in today
+    assert 'id="chart-month"' in body
+
+
+def test_security_headers_and_cookie_flags(seeded):
+    server, console, _ = seeded
+    b = Browser(console.url)
+    _, _, r = b.get("/login")
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert "script-src" not in r.headers["Content-Security-Policy"]  # no script at all
+    req = urllib.request.Request(console.url + "/login", data=urllib.parse.urlencode(
+        {"token": server.admin_token}).encode())
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+    try:
+        urllib.request.build_opener(NoRedirect).open(req, timeout=30)
+        raise AssertionError("no redirect")
+    except urllib.error.HTTPError as err:
+        assert err.code == 303
+        cookie = err.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+def test_logout_ends_the_session_and_a_ticket_works_once(seeded):
+    server, console, _ = seeded
+    b = signed_in(console, server.admin_token)
+    status, link, _ = b.post("/ticket", next="/terminals")
+    assert status == 200 and link.startswith("/enter?ticket=")
+    other = Browser(console.url)
+    status, body, _ = other.get(link)
+    assert status == 200 and "Terminals" in body
+    status, body, _ = Browser(console.url).get(link)
+    assert status == 403                           # used once already
+    b.post("/logout")
+    _, body, r = other.get("/terminals")            # the ticket's cookie is the same session
+    assert r.geturl().endswith("/login")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed "
+                                                "(.ci/run installs it: apt-get install chromium)")
+def test_in_a_real_browser_a_card_and_a_chart(seeded, tmp_path):
+    """Log in over HTTP, look a card up, then hand the session to headless Chromium through a
+    one-time sign-in link; Chromium renders the card page (screenshot kept in test-artifacts/)
+    and the totals page with its SVG."""
+    server, console, number = seeded
+    b = signed_in(console, server.admin_token)
+    _, _, r = b.post("/card", number=number, store="0")
+    card_path = urllib.parse.urlsplit(r.geturl())
+    card_path = card_path.path + "?" + card_path.query
+    masked = number[:6] + "*" * (len(number) - 10) + number[-4:]
+
+    def chromium(next_path: str, *what: str) -> str:
+        _, link, _ = b.post("/ticket", next=next_path)
+        cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}",
+               "--window-size=1280,900", *what, console.url + link]
+        out = subprocess.run(cmd, capture_output=True, timeout=120)
+        return out.stdout.decode("utf-8", "replace")
+
+    dom = chromium(card_path, "--dump-dom")
+    assert masked in dom and number not in dom
+    dom = chromium("/totals", "--dump-dom")
+    assert "<svg" in dom and dom.count('class="bar"') >= 2
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shot = os.path.join(ARTIFACTS, "console.png")
+    if os.path.exists(shot):
+        os.remove(shot)
+    chromium("/totals", f"--screenshot={shot}")
+    assert os.path.getsize(shot) > 5000
+    card_shot = os.path.join(ARTIFACTS, "console-card.png")
+    chromium(card_path, f"--screenshot={card_shot}")
+    assert os.path.exists(card_shot)
