@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Client, new_card_number
+from conftest import Admin, Client
 
 CONSOLE_RE = re.compile(rb"cardcore console on (http://[\d.]+:\d+)/")
 ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -205,3 +205,67 @@ def test_in_a_real_browser_a_card_and_a_chart(seeded, tmp_path):
     card_shot = os.path.join(ARTIFACTS, "console-card.png")
     chromium(card_path, f"--screenshot={card_shot}")
     assert os.path.exists(card_shot)
+
+
+def test_a_store_manager_sees_only_its_store_and_a_cashier_is_refused(seeded):
+    from cardcore.v1 import common_pb2 as cpb
+
+    server, console, number = seeded
+    admin = Admin(server.channel, server.admin_token)
+    manager = admin.add_operator("mgr2", cpb.OPERATOR_ROLE_STORE_MANAGER, [2])
+    cashier = admin.add_operator("cash2", cpb.OPERATOR_ROLE_CASHIER, [2])
+    status, body, _ = Browser(console.url).post("/login", token=cashier)
+    assert status == 403 and "store managers and above" in body
+    b = signed_in(console, manager)
+    _, body, _ = b.get("/totals")
+    today = re.search(r'<svg id="chart-today".*?</svg>', body, re.S).group(0)
+    assert today.count('class="bar"') == 1 and "store 2: 40.00" in today
+    assert "store 1" not in body
+    _, body, _ = b.get("/terminals")
+    assert "No terminal" in body
+
+
+def test_find_by_phone_then_the_card_by_its_handle(seeded):
+    server, console, _ = seeded
+    client = Client(server.stub)
+    from conftest import new_card_number
+
+    number = new_card_number()
+    client.open(number, phone="+86 138 0013 8000")
+    b = signed_in(console, server.admin_token)
+    status, body, _ = b.post("/find", phone="13800138000", store="0")
+    assert status == 200
+    masked = number[:6] + "*" * (len(number) - 10) + number[-4:]
+    assert masked in body and number not in body and "13800138000" not in body
+    link = re.search(r'href="(/card\?ref=[^"]+)"', body).group(1)
+    status, body, _ = b.get(html_unescape(link))
+    assert status == 200 and f"Card {masked}" in body, body[-600:]
+    assert "history by its number only" in body  # ListTransactions takes no card id
+    status, body, _ = b.post("/find", phone="1", name="x")
+    assert status == 400
+
+
+def test_bad_input_is_refused_plainly(seeded):
+    server, console, _ = seeded
+    b = signed_in(console, server.admin_token)
+    status, body, _ = b.post("/card", number="12ab", store="0")
+    assert status == 400 and "8 to 19 digits" in body
+    status, body, _ = b.post("/card", number="4" * 16, store="x")
+    assert status == 400 and "The store is a number" in body
+    status, body, _ = b.get("/card?ref=nothing")
+    assert status == 404
+    status, body, _ = b.post("/login", token="x" * 5000)
+    assert status == 413
+
+
+def test_the_health_page_says_serving(seeded):
+    server, console, _ = seeded
+    b = signed_in(console, server.admin_token)
+    status, body, _ = b.get("/health")
+    assert status == 200 and '<b class="ok" id="serving">SERVING</b>' in body
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
