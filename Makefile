@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve test soak proto-check bench bench-peer bench-release load clean build
+.PHONY: help serve console test soak proto-check bench bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ build: $(BUILT) ## set up .venv, build the Cython kernel and the gRPC stubs
 
 serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (development: plaintext on loopback)
 	$(VENV)/bin/cardcore serve --insecure
+
+console: $(BUILT) ## the back-office web page on http://127.0.0.1:8080/ beside `make serve` (sign in with var/cardcore/admin.token)
+	$(VENV)/bin/cardcore console --listen 127.0.0.1:8080 --target 127.0.0.1:50051 --data-dir var/cardcore
 
 test: $(BUILT) ## run the test suite
 	$(PY) -m pytest
