@@ -47,7 +47,6 @@ STORES_CHART_MAX = 40             # bars per chart; the rest are summed as "othe
 METRICS_LINES_MAX = 60            # lines of the server's metrics shown on the health page
 
 COOKIE = "cardcore_console"
-OP_PURCHASE, OP_TOP_UP, OP_REFUND = 3, 2, 24  # layout.OP_*; re-read from cardcore.layout below
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:0;color:#222;background:#f6f7f9}
@@ -185,13 +184,13 @@ class Totals:
     TOTALS_CACHE_S. Reversals are not netted out (the chain's reports will); refunds are shown
     beside the sales."""
 
-    def __init__(self, ledger_path: str) -> None:
+    def __init__(self, ledger_path: str,
+                 scan_max_entries: int = TOTALS_SCAN_MAX_ENTRIES) -> None:
         from cardcore import layout as L
         from cardcore.server.cmd_server import _open_ledger
 
-        global OP_PURCHASE, OP_TOP_UP, OP_REFUND
-        OP_PURCHASE, OP_TOP_UP, OP_REFUND = L.OP_PURCHASE, L.OP_TOP_UP, L.OP_REFUND
         self._L = L
+        self.scan_max_entries = scan_max_entries
         self.ledger = _open_ledger(ledger_path)
         self._lock = threading.Lock()
         self._cached: tuple[float, dict] | None = None
@@ -216,11 +215,15 @@ class Totals:
         today: dict[int, StoreTotals] = {}
         month: dict[int, StoreTotals] = {}
         scanned, complete = 0, True
-        with self.ledger.env.begin(db=self.ledger.journal, write=False) as txn:
-            cur = txn.cursor()
+
+        def scan(txn):  # in Ledger._read: it adopts a map the server's writer has grown
+            nonlocal scanned, complete
+            today.clear(), month.clear()
+            scanned, complete = 0, True
+            cur = txn.cursor(db=self.ledger.journal)
             ok = cur.last()
             while ok:
-                if scanned >= TOTALS_SCAN_MAX_ENTRIES:
+                if scanned >= self.scan_max_entries:
                     complete = False
                     break
                 e = L.JOURNAL.unpack(cur.value())
@@ -228,19 +231,21 @@ class Totals:
                 op, ts_us, store = e[1], e[17], e[18]
                 if ts_us < since:
                     break
-                if op in (OP_PURCHASE, OP_TOP_UP, OP_REFUND) and ts_us <= now_us:
+                if op in (L.OP_PURCHASE, L.OP_TOP_UP, L.OP_REFUND) and ts_us <= now_us:
                     for into, start in ((month, since), (today, today_start)):
                         if ts_us < start:
                             continue
                         t = into.setdefault(store, StoreTotals())
-                        if op == OP_PURCHASE:
+                        if op == L.OP_PURCHASE:
                             t.sales_minor += e[9] - e[10]
                             t.sales += 1
-                        elif op == OP_TOP_UP:
+                        elif op == L.OP_TOP_UP:
                             t.top_ups_minor += e[9]
                         else:
                             t.refunds_minor += e[11] + e[12]
                 ok = cur.prev()
+
+        self.ledger._read(scan)
         return {"today": today, "month": month, "scanned": scanned, "complete": complete,
                 "since_us": since, "today_us": today_start}
 

@@ -269,3 +269,47 @@ def html_unescape(text: str) -> str:
     import html
 
     return html.unescape(text)
+
+
+def test_totals_by_utc_day_refunds_beside_and_a_scan_bound(seeded):
+    """The totals read from the ledger directly (read-only, beside the live server): a day
+    later the sales leave "today" and stay in the 30 days; 30 days later they are gone; a
+    refund is counted at its store; a scan bound says the totals are partial."""
+    from cardcore.server.console import Totals
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+    from conftest import bearer, rid, sent_at
+
+    server, console, number = seeded
+    history = server.stub.ListTransactions(pb.ListTransactionsRequest(
+        card=cpb.CardRef(card_number=number)), metadata=bearer(server.admin_token))
+    sale = next(e for e in history.entries if e.type == cpb.OPERATION_TYPE_PURCHASE
+                and e.amount_minor == 12_000)
+    request_id = rid()
+    server.stub.Refund(pb.RefundRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), original_seq=sale.seq, amount_minor=2_000,
+        till=cpb.Till(store_id=1)), metadata=bearer(server.admin_token))
+    totals = Totals(os.path.join(server.data_dir, "ledger"))
+    try:
+        now_us = int(time.time() * 1e6)
+        t = totals.read(now_us)
+        assert t["complete"] and t["today"][1].sales_minor == 12_000
+        assert t["today"][1].refunds_minor == 2_000 and t["today"][1].top_ups_minor == 100_000
+        assert (t["today"][2].sales, t["today"][2].sales_minor) == (2, 4_000)
+        day_us = 86_400_000_000
+        t = totals.read(now_us + day_us)
+        assert not t["today"] and t["month"][2].sales_minor == 4_000
+        t = totals.read(now_us - now_us % day_us + 30 * day_us)  # the 31st day after
+        assert not t["today"] and not t["month"]
+    finally:
+        totals.close()
+    bounded = Totals(os.path.join(server.data_dir, "ledger"), scan_max_entries=2)
+    try:
+        t = bounded.read(int(time.time() * 1e6))
+        assert not t["complete"] and t["scanned"] == 2
+        # the newest two entries: the refund at store 1 and the last sale at store 2
+        assert (t["month"][1].sales, t["month"][1].refunds_minor) == (0, 2_000)
+        assert (t["month"][2].sales, t["month"][2].sales_minor) == (1, 1_000)
+    finally:
+        bounded.close()
