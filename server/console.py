@@ -543,6 +543,7 @@ class Console:
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
+    timeout = 30  # seconds a client may take to send its request (a stalled one frees its thread)
     server_version = "cardcore-console"
     sys_version = ""
     console: Console  # set on the subclass made by make_server
@@ -588,7 +589,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return (("Set-Cookie", f"{COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Strict{secure}"),)
 
     def _form(self) -> dict[str, str] | None:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._send(400, page("Bad request", "<p>No readable Content-Length.</p>", False))
+            return None
         if length > BODY_MAX_BYTES:
             self._send(413, page("Too large", "<p>A form is at most 4 KiB.</p>", False))
             return None

@@ -313,3 +313,53 @@ def test_totals_by_utc_day_refunds_beside_and_a_scan_bound(seeded):
         assert (t["month"][2].sales, t["month"][2].sales_minor) == (1, 1_000)
     finally:
         bounded.close()
+
+
+def test_plain_http_off_loopback_and_a_missing_ledger_are_usage_errors(tmp_path):
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "console", *args],
+                             capture_output=True, text=True, timeout=60)
+        return out.returncode, out.stderr
+
+    code, err = run("--listen", "0.0.0.0:0")
+    assert code == 2 and "only over HTTPS" in err
+    code, err = run("--listen", "127.0.0.1:0", "--target", "10.1.2.3:50051")
+    assert code == 2 and "only over TLS" in err
+    code, err = run("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path))
+    assert code == 2 and "no ledger" in err
+
+
+def test_over_https_the_cookie_is_secure(server, tmp_path):
+    import ssl
+
+    from cardcore.server import certs
+
+    ca_dir = str(tmp_path / "web-ca")
+    certs.make_ca(ca_dir)
+    cert, key = certs.make_server_cert(ca_dir, ["127.0.0.1"])
+    log = open(tmp_path / "console.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cardcore.server.cli", "console", "--listen", "127.0.0.1:0",
+         "--target", server.target, "--http-cert", cert, "--http-key", key],
+        stdout=subprocess.PIPE, stderr=log)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(rb"(https://[\d.]+:\d+)/", line).group(1).decode()
+        ctx = ssl.create_default_context(cafile=os.path.join(ca_dir, "ca.pem"))
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *a, **k):
+                return None
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+        req = urllib.request.Request(url + "/login", data=urllib.parse.urlencode(
+            {"token": server.admin_token}).encode())
+        try:
+            opener.open(req, timeout=30)
+            raise AssertionError("no redirect")
+        except urllib.error.HTTPError as err:
+            assert err.code == 303
+            assert "; Secure" in err.headers["Set-Cookie"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
