@@ -363,3 +363,28 @@ def test_over_https_the_cookie_is_secure(server, tmp_path):
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_the_health_page_shows_the_servers_metrics(start_server, tmp_path):
+    server = start_server("--metrics-listen", "127.0.0.1:0")
+    deadline = time.monotonic() + 10
+    while not (m := re.search(r"metrics on (http://\S+/metrics)", server.log())):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    Client(server.stub).funded_card(5_000)
+    log = open(tmp_path / "console.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cardcore.server.cli", "console", "--listen", "127.0.0.1:0",
+         "--target", server.target, "--metrics-url", m.group(1)],
+        stdout=subprocess.PIPE, stderr=log)
+    try:
+        url = CONSOLE_RE.search(proc.stdout.readline()).group(1).decode()
+        b = Browser(url)
+        assert b.post("/login", token=server.admin_token)[0] == 200
+        status, body, _ = b.get("/health")
+        assert status == 200 and "SERVING" in body
+        assert "cardcore_operations_total" in body
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
