@@ -331,8 +331,6 @@ class Backend:
         till = cpb.Till(store_id=store_id)
         card = self.cards.GetCard(pb.GetCardRequest(card=card_ref, till=till),
                                   timeout=self.timeout_s, metadata=self._md(token))
-        if kind != "card_number":  # the server gives history by the card's number only
-            return card, None
         history = self.cards.ListTransactions(
             pb.ListTransactionsRequest(card=card_ref, page_size=HISTORY_PAGE, till=till),
             timeout=self.timeout_s, metadata=self._md(token))
@@ -429,11 +427,6 @@ def card_page(card, history, handle: str) -> str:
             ("home store", card.profile.home_store_id or "-"),
             ("PIN", "locked" if card.pin_locked else "set" if card.pin_set else "not set")]
     info = "".join(f"<tr><th>{_u(k)}</th><td>{_u(v)}</td></tr>" for k, v in rows)
-    if history is None:
-        return page(f"Card {card.masked_number}",
-                    f'<table id="card" data-ref="{_u(handle)}">{info}</table><h2>History</h2>'
-                    "<p>The server gives a card's history by its number only: look it up by "
-                    "number with the card at hand.</p>")
     hist = ["<tr><th>seq</th><th>when (UTC)</th><th>operation</th><th>amount</th>"
             "<th>principal</th><th>bonus</th><th>points</th><th>store</th></tr>"]
     for e in history.entries:

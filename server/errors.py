@@ -117,7 +117,7 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_LOOKUP_QUERY_INVALID: (C.INVALID_ARGUMENT, "give a phone of 6 to 20 digits or a name "
                                     "of at most 64 characters"),
     R.REASON_CARD_ID_NOT_ACCEPTED: (C.INVALID_ARGUMENT, "this call needs the card's number (a card "
-                                    "id names a card to SetCardStatus, ReplaceCard and GetCard only)"),
+                                    "id names a card to SetCardStatus, ReplaceCard, GetCard and history reads only)"),
     R.REASON_CARD_EXPIRED: (C.FAILED_PRECONDITION, "the card expired: it can be cancelled or "
                             "replaced"),
     R.REASON_CARD_NOT_ACTIVATED: (C.FAILED_PRECONDITION, "the card is not activated yet: an "

@@ -441,10 +441,12 @@ class CardService(pb_grpc.CardServiceServicer):
     # ---- history ----------------------------------------------------------------
 
     def _history_card(self, request, caller: Caller):
-        """The card a history read names: by its number, an operator in scope (or development
-        mode); a terminal's swipe is refused (history is the back office's)."""
+        """The card a history read names: by its number or its id (FindCards), an operator in
+        scope (or development mode); a terminal's swipe is refused (history is the back
+        office's)."""
         card = self.operations.swipes.card(
-            request.card, request.till if request.HasField("till") else None, caller)
+            request.card, request.till if request.HasField("till") else None, caller,
+            by_id=True)
         if card.ksn_counter:
             raise Invalid(R.REASON_PERMISSION_DENIED, "card")
         return card
@@ -472,8 +474,8 @@ class CardService(pb_grpc.CardServiceServicer):
         if owner is None or found[0][1] not in L.CARD_ENTRY_OPS or (
                 owner != card.card_id and owner not in self.ledger.read_lineage(card.card_id)):
             await abort(context, failure(R.REASON_ORIGINAL_NOT_FOUND, "seq"))
-        masked = (cards.mask(card.number) if owner == card.card_id  # else a card it replaced
-                  else self.ledger.read_card(owner)[1].get("masked", ""))
+        masked = (cards.mask(card.number) if owner == card.card_id and card.number  # by id, or a
+                  else self.ledger.read_card(owner)[1].get("masked", ""))  # card it replaced
         return pb.Receipt(result=entry_result(*found), masked_number=masked)
 
     async def Refund(self, request, context):

@@ -202,15 +202,19 @@ def test_a_card_found_by_phone_is_reported_lost_by_its_id_and_then_refused(serve
 
 
 def test_a_card_id_goes_only_where_a_call_takes_one(server):
-    """SetCardStatus and GetCard take CardRef.card_id; a top-up, a purchase or a history read by
-    it is refused (REASON_CARD_ID_NOT_ACCEPTED), as is a card id not 16 bytes."""
+    """SetCardStatus, ReplaceCard, GetCard and the history reads take CardRef.card_id; a top-up
+    or a purchase by it is refused (REASON_CARD_ID_NOT_ACCEPTED), as is a card id not 16 bytes;
+    ListTransactions by it lists the card's entries."""
     client = Client(server.stub)
     number = client.funded_card(1_000)
     ref = cpb.CardRef(card_id=card_id_of(server, number))
     top_up = pb.TopUpRequest(request_id=rid(), client_time_us=sent_at(rid()), card=ref,
                              amount_minor=100, till=cpb.Till(store_id=1))
+    history = server.stub.ListTransactions(pb.ListTransactionsRequest(card=ref),
+                                           metadata=bearer(server.admin_token))
+    assert [e.type for e in history.entries] == [cpb.OPERATION_TYPE_TOP_UP,
+                                                 cpb.OPERATION_TYPE_OPEN_CARD]
     for call, request in ((server.stub.TopUp, top_up),
-                          (server.stub.ListTransactions, pb.ListTransactionsRequest(card=ref)),
                           (server.stub.SetCardStatus,
                            set_status(cpb.CardRef(card_id=ref.card_id[:15]),
                                       cpb.CARD_STATUS_LOST))):
