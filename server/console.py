@@ -20,6 +20,7 @@ import datetime
 import html
 import http.server
 import logging
+import re
 import secrets
 import ssl
 import threading
@@ -37,8 +38,12 @@ TICKET_LIFE_S = 60                # a one-time sign-in link works this long, onc
 TICKETS_MAX = 100
 CARD_REFS_MAX = 50                # cards a session has looked up and can show again by handle
 BODY_MAX_BYTES = 4096             # a form is a token, a card number or a phone: small
-LOGIN_FAILURES_PER_MINUTE = 10    # refused logins per console per sliding minute, then 429
+LOGIN_FAILURES_PER_MINUTE = 10    # refused sign-ins per client address per sliding minute, then 429
+LOGIN_CLIENTS_MAX = 10_000        # client addresses the limit remembers at once
+HANDLERS_MAX = 64                 # connections served at once (threads); more are closed
 GRPC_TIMEOUT_S = 5.0              # every call to the server, unless --timeout-s (at most 30)
+CARD_NEXT_RE = re.compile(r"/card\?ref=[A-Za-z0-9_-]{1,32}(&store=[0-9]{1,10})?")  # a card page
+NEXT_PATHS = frozenset(("/", "/card", "/totals", "/terminals", "/health"))  # where a ticket may lead
 HISTORY_PAGE = 20                 # the card page's history rows (ListTransactions' first page)
 TOTALS_DAYS = 30                  # the long chart: the last 30 UTC days, today included
 TOTALS_SCAN_MAX_ENTRIES = 2_000_000  # journal entries one totals scan reads at most (newest first)
@@ -96,7 +101,7 @@ class Sessions:
         self._lock = threading.Lock()
         self._by_cookie: dict[str, Session] = {}
         self._tickets: dict[str, tuple[Session, float, str]] = {}
-        self._failures: list[float] = []
+        self._failures: dict[str, list[float]] = {}  # client address -> refused sign-ins
 
     def _expire(self, now: float) -> None:
         for cid, s in list(self._by_cookie.items()):
@@ -133,6 +138,8 @@ class Sessions:
             if s is not None:
                 for c in [c for c, v in self._by_cookie.items() if v is s]:
                     del self._by_cookie[c]
+                for t in [t for t, v in self._tickets.items() if v[0] is s]:
+                    del self._tickets[t]  # its sign-in links die with it
 
     def ticket(self, session: Session, next_path: str) -> str:
         """A one-time link into this session for another browser (a kiosk, a test's headless
@@ -153,19 +160,33 @@ class Sessions:
         if found is None:
             return None
         session, _, next_path = found
+        with self._lock:
+            live = any(v is session for v in self._by_cookie.values())
+        if not live:  # signed out (or expired) since the link was made
+            return None
         return self.new(session.token, session), next_path
 
-    def login_failed(self) -> bool:
-        """Count a refused login; True while the console is over its limit."""
+    def login_attempt(self, client: str) -> float | None:
+        """Reserve a sign-in attempt of ``client`` (its address) against its own limit, before
+        the token is checked (so parallel attempts cannot slip past it): the reservation, or
+        None when the client is over LOGIN_FAILURES_PER_MINUTE refused sign-ins a minute."""
         now = time.monotonic()
         with self._lock:
-            self._failures = [t for t in self._failures if now - t < 60] + [now]
-            return len(self._failures) > LOGIN_FAILURES_PER_MINUTE
+            if len(self._failures) > LOGIN_CLIENTS_MAX:  # forget the quiet ones
+                self._failures = {c: v for c, v in self._failures.items() if now - v[-1] < 60}
+            recent = [t for t in self._failures.get(client, []) if now - t < 60]
+            if len(recent) >= LOGIN_FAILURES_PER_MINUTE:
+                self._failures[client] = recent
+                return None
+            self._failures[client] = recent + [now]
+            return now
 
-    def over_limit(self) -> bool:
-        now = time.monotonic()
+    def login_succeeded(self, client: str, reservation: float) -> None:
+        """A sign-in that was let in does not count against its client."""
         with self._lock:
-            return sum(1 for t in self._failures if now - t < 60) >= LOGIN_FAILURES_PER_MINUTE
+            mine = self._failures.get(client, [])
+            if reservation in mine:
+                mine.remove(reservation)
 
 
 # ---- per-store totals from the ledger (read-only) --------------------------------------------
@@ -570,6 +591,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _redirect(self, where: str, headers: tuple = ()) -> None:
+        if not where.startswith("/") or where.startswith("//") or any(
+                ord(c) < 33 or c == "\\" for c in where):
+            where = "/"  # a path of this console, never a header or a host
         self.send_response(303)
         for k, v in SECURITY_HEADERS + tuple(headers):
             self.send_header(k, v)
@@ -593,7 +617,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(413, page("Too large", "<p>A form is at most 4 KiB.</p>", False))
             return None
         raw = self.rfile.read(length).decode("utf-8", "replace")
-        return {k: v[0] for k, v in urllib.parse.parse_qs(raw, max_num_fields=10).items()}
+        try:
+            return {k: v[0] for k, v in urllib.parse.parse_qs(raw, max_num_fields=10).items()}
+        except ValueError:  # more fields than any form has
+            self._send(400, page("Bad request", "<p>Too many fields.</p>", False))
+            return None
+
+    def _same_origin(self) -> bool:
+        """Whether a POST comes from this console's own pages: a browser's Sec-Fetch-Site says
+        so, and an Origin, when sent, must be this console's (SameSite=Strict alone lets a page
+        of another port of the same host, and a sign-in needs no cookie at all)."""
+        fetch_site = self.headers.get("Sec-Fetch-Site")
+        if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+            return False
+        origin = self.headers.get("Origin")
+        if origin is None or origin == "null" and fetch_site is None:
+            return True  # not a browser's cross-site form (curl, a test client)
+        scheme = "https" if self.console.https else "http"
+        return origin == f"{scheme}://{self.headers.get('Host', '')}"
 
     def _session(self) -> Session | None:
         s = self.console.sessions.get(self._cookie())
@@ -604,7 +645,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- routes
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         url = urllib.parse.urlsplit(self.path)
-        query = urllib.parse.parse_qs(url.query, max_num_fields=5)
+        try:
+            query = urllib.parse.parse_qs(url.query, max_num_fields=5)
+        except ValueError:
+            return self._send(400, page("Bad request", "<p>Too many fields.</p>", False))
         if url.path == "/console.css":
             return self._send(200, CSS, "text/css; charset=utf-8")
         if url.path == "/login":
@@ -634,22 +678,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     return self._send(404, page("Find a card", lookup_forms(
                         "That card is no longer in this session: look it up again.")))
                 store_text = (query.get("store") or ["0"])[0]
-                store = int(store_text) if store_text.isdigit() and len(store_text) < 10 else 0
+                store = (int(store_text) if store_text.isascii() and store_text.isdigit()
+                         and len(store_text) < 10 else 0)
                 card, history = b.card(s.token, ref, store)
                 return self._send(200, card_page(card, history, handle))
             if path == "/terminals":
                 return self._send(200, terminals_page(b.terminals(s.token)))
             if path == "/health":
+                b.terminals(s.token)  # the token still counts (a removed operator: signed out)
                 return self._send(200, health_page(b.serving(), b.metrics(), self.console.target))
             if path == "/totals":
                 if self.console.totals is None:
                     return self._send(200, page("Totals per store", "<p>Not available: start the "
                                                 "console with --data-dir beside the server's "
                                                 "data folder.</p>"))
+                b.terminals(s.token)  # the token still counts (a removed operator: signed out)
                 totals = self.console.totals.read()
                 def visible(store: int) -> bool:
-                    # asked once a session (an operator's stores never change): a chain of a
-                    # thousand stores costs a thousand loopback calls on the first totals page
+                    # asked once a session (an operator's stores never change; the token is
+                    # checked above on every page): a chain of a thousand stores costs a
+                    # thousand loopback calls on the first totals page. Store 0 (sales with no
+                    # store) is never shown: the server's store-0 listing means "all my stores",
+                    # so it cannot tell who may see it.
+                    if store == 0:
+                        return False
                     if store not in s.scope:
                         s.scope[store] = b.in_scope(s.token, store)
                     return s.scope[store]
@@ -666,41 +718,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
         import grpc
 
         path = urllib.parse.urlsplit(self.path).path
+        if not self._same_origin():  # a form posted from another page, sign-in included
+            return self._send(403, page("Refused", "<p>A form from another site.</p>", False))
         form = self._form()
         if form is None:
             return None
         sessions = self.console.sessions
         if path == "/login":
-            if sessions.over_limit():
+            client = self.client_address[0]
+            reservation = sessions.login_attempt(client)
+            if reservation is None:
                 return self._send(429, login_page("Too many refused sign-ins: wait a minute."))
             token = form.get("token", "").strip()
             if not token or len(token) > 200:
-                sessions.login_failed()
                 return self._send(401, login_page("That token is refused."))
             try:
                 self.console.backend.check_token(token)
             except grpc.RpcError as err:
-                sessions.login_failed()
                 if err.code() == grpc.StatusCode.PERMISSION_DENIED:
                     return self._send(403, login_page("The console is for store managers and "
                                                       "above: this operator may not use it."))
                 if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                     return self._send(401, login_page("That token is refused."))
                 return self._send(502, login_page(f"The server: {rpc_error_text(err)}"))
+            sessions.login_succeeded(client, reservation)
             return self._redirect("/", self._set_cookie(sessions.new(token)))
         if path == "/logout":
             sessions.drop(self._cookie())
-            return self._redirect("/login", (("Set-Cookie", f"{COOKIE}=; Path=/; Max-Age=0"),))
+            cleared = f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"
+            return self._redirect("/login", (("Set-Cookie", cleared),))
         s = self._session()
         if s is None:
             return None
         store_text = form.get("store", "0").strip() or "0"
-        if not store_text.isdigit() or int(store_text) >= 1 << 32:
+        if not (store_text.isascii() and store_text.isdigit()) or int(store_text) >= 1 << 32:
             return self._send(400, page("Find a card", lookup_forms("The store is a number.")))
         store = int(store_text)
         if path == "/card":
             number = "".join(form.get("number", "").split())
-            if not number.isdigit() or not 8 <= len(number) <= 19:
+            if not (number.isascii() and number.isdigit()) or not 8 <= len(number) <= 19:
                 return self._send(400, page("Find a card", lookup_forms(
                     "A card number is 8 to 19 digits.")))
             handle = self._remember(s, ("card_number", number))
@@ -720,8 +776,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, found_page(answer, handles))
         if path == "/ticket":
             next_path = form.get("next", "/")
-            if not next_path.startswith("/") or next_path.startswith("//"):
-                next_path = "/"
+            if next_path not in NEXT_PATHS and not CARD_NEXT_RE.fullmatch(next_path):
+                next_path = "/"  # this console's pages only: no redirect elsewhere, no header
+                #                  injection through a crafted path
             try:
                 ticket = sessions.ticket(s, next_path)
             except OverflowError:
@@ -743,16 +800,51 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return h
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most HANDLERS_MAX at once (more are closed at once, never
+    queued); over HTTPS the TLS handshake runs in the connection's own thread, with the
+    handler's timeout, so one silent client holds one slot, not the listener."""
+
+    daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.slots = threading.BoundedSemaphore(HANDLERS_MAX)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            if self.tls is not None:
+                request.settimeout(Handler.timeout)
+                try:
+                    request = self.tls.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError):
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def make_server(listen: tuple[str, int], console: Console,
                 https: tuple[str, str] | None) -> http.server.ThreadingHTTPServer:
     handler = type("ConsoleHandler", (Handler,), {"console": console})
-    httpd = http.server.ThreadingHTTPServer(listen, handler)
-    httpd.daemon_threads = True
+    httpd = _Server(listen, handler)
     if https:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(*https)
-        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        httpd.tls = ctx
     return httpd
 
 
