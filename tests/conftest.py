@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -266,6 +267,35 @@ def operator_cli(server: "ServerProcess", *args: str) -> tuple[int, str]:
     out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
                           server.target], capture_output=True, text=True, timeout=60, env=env)
     return out.returncode, out.stdout + out.stderr
+
+
+def stream_top_ups(target: str, number: str, prefix: str, stop: threading.Event,
+                   lock: threading.Lock, sent: list[str], acked: set[str]) -> None:
+    """One till streaming 1-fen top-ups (request ids ``prefix-0``, ``prefix-1``, ...) until
+    ``stop`` is set or the server goes away: every id sent into ``sent``, every applied one
+    into ``acked`` (crash and power-cut tests)."""
+    channel = grpc.insecure_channel(target)
+
+    def swipes():
+        for i in range(1_000_000):
+            if stop.is_set():
+                return
+            request_id = f"{prefix}-{i}"
+            with lock:
+                sent.append(request_id)
+            yield pb.Operation(top_up=pb.TopUpRequest(
+                client_time_us=sent_at(request_id), request_id=request_id,
+                card=cpb.CardRef(card_number=number), amount_minor=1))
+
+    try:
+        for reply in pb_grpc.CardServiceStub(channel).SwipeStream(swipes()):
+            if reply.reason == cpb.REASON_OK:
+                with lock:
+                    acked.add(reply.request_id)
+    except grpc.RpcError:
+        pass  # the server died, or the power went, under us: expected
+    finally:
+        channel.close()
 
 
 def bearer(token: str) -> tuple:

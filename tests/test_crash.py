@@ -10,7 +10,7 @@ import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, failure_of, new_card_number, verify, sent_at
+from conftest import Client, failure_of, new_card_number, sent_at, stream_top_ups, verify
 
 ROUNDS = 4
 STREAMS = 3
@@ -29,31 +29,9 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(start_server, tmp_p
     for rnd in range(ROUNDS):
         stop = threading.Event()
 
-        def load(stream_no: int, target: str = server.target, rnd: int = rnd,
-                 stop: threading.Event = stop) -> None:
-            channel = grpc.insecure_channel(target)
-            ids = (f"r{rnd}-s{stream_no}-{i}" for i in range(1_000_000))
-
-            def swipes():
-                for request_id in ids:
-                    if stop.is_set():
-                        return
-                    with lock:
-                        sent.append(request_id)
-                    yield pb.Operation(top_up=pb.TopUpRequest(client_time_us=sent_at(request_id), 
-                        request_id=request_id, card=cpb.CardRef(card_number=number), amount_minor=1))
-
-            try:
-                for reply in pb_stub(channel).SwipeStream(swipes()):
-                    if reply.reason == cpb.REASON_OK:
-                        with lock:
-                            acknowledged.add(reply.request_id)
-            except grpc.RpcError:
-                pass  # the server died under us: expected
-            finally:
-                channel.close()
-
-        threads = [threading.Thread(target=load, args=(s,)) for s in range(STREAMS)]
+        threads = [threading.Thread(target=stream_top_ups, args=(
+            server.target, number, f"r{rnd}-s{s}", stop, lock, sent, acknowledged))
+            for s in range(STREAMS)]
         for t in threads:
             t.start()
         time.sleep(rng.uniform(0.3, 1.2))  # a random moment under load

@@ -21,13 +21,11 @@ import sys
 import threading
 import time
 
-import grpc
 import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
-from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, ServerProcess, new_card_number, sent_at, verify
+from conftest import Client, ServerProcess, new_card_number, sent_at, stream_top_ups, verify
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "powercut_fs.py")
 MOUNT_TIMEOUT_S = 20
@@ -125,33 +123,6 @@ class Round:
         return self.started and not self.lost and self.verify_ok and self.exactly_once
 
 
-def _load(target: str, number: str, prefix: str, stop: threading.Event, lock: threading.Lock,
-          sent: list[str], acked: set[str]) -> None:
-    """One till streaming 1-fen top-ups until stopped or cut off (test_crash's bookkeeping)."""
-    channel = grpc.insecure_channel(target)
-
-    def swipes():
-        for i in range(1_000_000):
-            if stop.is_set():
-                return
-            request_id = f"{prefix}-{i}"
-            with lock:
-                sent.append(request_id)
-            yield pb.Operation(top_up=pb.TopUpRequest(
-                client_time_us=sent_at(request_id), request_id=request_id,
-                card=cpb.CardRef(card_number=number), amount_minor=1))
-
-    try:
-        for reply in pb_grpc.CardServiceStub(channel).SwipeStream(swipes()):
-            if reply.reason == cpb.REASON_OK:
-                with lock:
-                    acked.add(reply.request_id)
-    except grpc.RpcError:
-        pass  # the power went under us: expected
-    finally:
-        channel.close()
-
-
 def _top_ups(stub, number: str, request_ids: list[str]) -> list:
     results = []
     for start in range(0, len(request_ids), 5_000):
@@ -181,7 +152,7 @@ def power_cut_round(root: str, rnd: int, mode: str, rng: random.Random,
         sent: list[str] = []
         acked: set[str] = {open_id}
         lock, stop = threading.Lock(), threading.Event()
-        threads = [threading.Thread(target=_load, args=(server.target, number, f"pc{rnd}-s{s}",
+        threads = [threading.Thread(target=stream_top_ups, args=(server.target, number, f"pc{rnd}-s{s}",
                                                         stop, lock, sent, acked))
                    for s in range(STREAMS)]
         for t in threads:
