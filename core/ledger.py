@@ -326,25 +326,27 @@ def authorized_hold(card_id: bytes, entry: bytes) -> tuple[bytes, bytes, bytes]:
     return L.COUPON_KEY.pack(card_id, seq), hold, hold_index_key(card_id, hold)
 
 
-def predecessors(txn, ledger: "Ledger", card_id: bytes) -> list[bytes]:
-    """The cards ``card_id`` replaced (rule 16), the latest first; at most LINEAGE_MAX."""
+def linked(get, prefix: bytes, card_id: bytes) -> list[bytes]:
+    """Rule 16: the cards ``card_id`` replaced (``PREDECESSOR``: the latest first), or that
+    replaced it (``SUCCESSOR``: the next first, the card holding it now last), by the card
+    links ``get`` reads (key -> value or None: the ledger's, or verify's rebuilt ones); at most
+    LINEAGE_MAX."""
     found: list[bytes] = []
-    if ledger.card_links is None:
-        return found
-    while len(found) < LINEAGE_MAX:
-        old = txn.get(PREDECESSOR + card_id, db=ledger.card_links)
-        if old is None:
-            break
-        found.append(old)
-        card_id = old
+    while len(found) < LINEAGE_MAX and (card_id := get(prefix + card_id)) is not None:
+        found.append(card_id)
     return found
 
 
-def successor(txn, ledger: "Ledger", card_id: bytes) -> bytes | None:
-    """The card that replaced ``card_id`` (rule 16), or None."""
+def _links(txn, ledger: "Ledger"):
+    """``linked``'s reader of the ledger's card links in ``txn``."""
     if ledger.card_links is None:
-        return None
-    return txn.get(SUCCESSOR + card_id, db=ledger.card_links)
+        return lambda key: None
+    return lambda key: txn.get(key, db=ledger.card_links)
+
+
+def predecessors(txn, ledger: "Ledger", card_id: bytes) -> list[bytes]:
+    """The cards ``card_id`` replaced (rule 16), the latest first."""
+    return linked(_links(txn, ledger), PREDECESSOR, card_id)
 
 
 def hold_index_key(card_id: bytes, hold: bytes) -> bytes:
@@ -487,7 +489,7 @@ class Ledger:
         with self.env.begin(write=True) as txn:
             updates = []
             for card_id, raw in txn.cursor(db=self.profiles):
-                month = profile_month(self._profile(card_id, raw))
+                month = profile_month(self.open_profile(card_id, raw))
                 rec = txn.get(card_id, db=self.cards) if month else None
                 if rec is not None and rec[_CARD_BIRTH_MONTH] == 0:
                     updates.append((card_id, b"".join((rec[:_CARD_BIRTH_MONTH], U32.pack(month),
@@ -503,7 +505,7 @@ class Ledger:
         the next one with it seals what that one stored."""
         box = self.profile_box
         with self.env.begin(write=True) as txn:
-            sealed = [(cid, box.seal(cid, self._profile(cid, raw)))
+            sealed = [(cid, box.seal(cid, self.open_profile(cid, raw)))
                       for cid, raw in txn.cursor(db=self.profiles) if not box.is_sealed(raw)]
             txn.cursor(db=self.profiles).putmulti(sealed)
             txn.put(META_PROFILES_SEALED, b"\x01", db=self.meta)
@@ -516,7 +518,7 @@ class Ledger:
         stored profiles."""
         with self.env.begin(write=True) as txn:
             items = self.member_index.items(
-                (card_id, self._profile(card_id, raw))
+                (card_id, self.open_profile(card_id, raw))
                 for card_id, raw in txn.cursor(db=self.profiles))
             txn.drop(self.members, delete=False)
             txn.cursor(db=self.members).putmulti(items)
@@ -679,9 +681,9 @@ class Ledger:
         rec = L.CARD.unpack(raw)
         if rec[0] != L.CARD_VERSION:
             raise InvariantError(f"card record version {rec[0]} unknown")
-        return rec, self._profile(card_id, profile)
+        return rec, self.open_profile(card_id, profile)
 
-    def _profile(self, card_id: bytes, raw: bytes | None) -> dict:
+    def open_profile(self, card_id: bytes, raw: bytes | None) -> dict:
         """A stored profile, opened (``cardcore.profiles``): a damaged one reads as empty, and
         says so in the log, never stopping a read or a write."""
         try:
@@ -697,13 +699,8 @@ class Ledger:
     def read_replacement(self, card_id: bytes) -> str:
         """The masked number of the card that replaced ``card_id`` (rule 16), or ""."""
         def read(txn):
-            new_id, at = None, card_id
-            for _ in range(LINEAGE_MAX):  # to the card that holds it now
-                at = successor(txn, self, at)
-                if at is None:
-                    break
-                new_id = at
-            return txn.get(new_id, db=self.profiles) if new_id is not None else None
+            later = linked(_links(txn, self), SUCCESSOR, card_id)  # the last holds it now
+            return txn.get(later[-1], db=self.profiles) if later else None
 
         return masked_of(self._read(read))
 
@@ -937,7 +934,7 @@ class Ledger:
             return found, False
 
         found, more = self._read(read)
-        return [(card_id, L.CARD.unpack(raw), self._profile(card_id, profile))
+        return [(card_id, L.CARD.unpack(raw), self.open_profile(card_id, profile))
                 for card_id, raw, profile in found], more
 
     def backup(self, dest_dir: str) -> None:
@@ -1329,14 +1326,9 @@ class _Group:
 
     def _live(self, card_id: bytes) -> bytes:
         """The card that holds what ``card_id`` held: itself, or the card that replaced it (rule
-        16), followed while that one was replaced too."""
-        txn, ledger = self.txn, self.ledger
-        for _ in range(LINEAGE_MAX):
-            raw = txn.get(card_id, db=ledger.cards)
-            if raw is None or raw[1] != L.STATUS_REPLACED:
-                break
-            card_id = successor(txn, ledger, card_id) or card_id
-        return card_id
+        16), followed while that one was replaced too (only a replaced card has a successor)."""
+        later = linked(_links(self.txn, self.ledger), SUCCESSOR, card_id)
+        return later[-1] if later else card_id
 
     def _mark_lines(self, op: PendingOp, seq: int, entry: bytes) -> int:
         """Rule 12 by line: the refund's input lines (the sale's, marked), or why not (a sale
@@ -1738,7 +1730,7 @@ class _Group:
         raw = next((p for cid, p in reversed(self.profile_items) if cid == old_id), None)
         if raw is None:
             raw = self.txn.get(old_id, db=ledger.profiles)
-        doc = dict(ledger._profile(old_id, raw), **json.loads(op.profile or b"{}"))
+        doc = dict(ledger.open_profile(old_id, raw), **json.loads(op.profile or b"{}"))
         if not ledger.profile_box.keyed:
             return encode_profile(doc)
         return ledger.profile_box.seal(new_id, doc, new_id + L.SEQ_KEY.pack(seq))
@@ -1902,7 +1894,7 @@ class _Group:
                 txn.delete(META_PROFILES_SEALED, db=ledger.meta)  # a tool's or a test's
             if ledger.member_index is not None:  # rule 17: found by phone and name at once
                 txn.cursor(db=ledger.members).putmulti(ledger.member_index.items(
-                    (cid, ledger._profile(cid, raw)) for cid, raw in self.profile_items))
+                    (cid, ledger.open_profile(cid, raw)) for cid, raw in self.profile_items))
             else:
                 txn.delete(META_MEMBERS, db=ledger.meta)
         if self.sealed_items:

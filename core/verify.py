@@ -50,10 +50,10 @@ from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
-from cardcore.ledger import (EMPTY_LINE_REFUNDS, LINEAGE_MAX, META_MEMBERS, PREDECESSOR,
-                             SUCCESSOR, history_items, hold_index_key, issued_coupon,
-                             lines_refunded, profile_month, refund_input_lines,
-                             refund_stored_lines, sold_package, undo_record)
+from cardcore.ledger import (EMPTY_LINE_REFUNDS, META_MEMBERS, PREDECESSOR, SUCCESSOR,
+                             history_items, hold_index_key, issued_coupon, lines_refunded,
+                             linked, profile_month, refund_input_lines, refund_stored_lines,
+                             sold_package, undo_record)
 from cardcore.lookup import MemberIndex
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import (Card, CardState, CompiledProgram, give_back, purchase,
@@ -65,15 +65,6 @@ _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (J
 _OWN_STATUS = frozenset((L.OP_OPEN, L.OP_CARD_STATUS, L.OP_CARD_REPLACED,
                          L.OP_REPLACEMENT_OPENED))  # entries that set the card's status
 _NOT_LOTS = frozenset((L.OP_PIN_FAILED, L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED))
-
-
-def _ancestors(links: dict, cid: bytes) -> list[bytes]:
-    """The cards ``cid`` replaced (rule 16), the latest first."""
-    found = []
-    while (old := links.get(PREDECESSOR + cid)) is not None and len(found) < LINEAGE_MAX:
-        found.append(old)
-        cid = old
-    return found
 
 
 _ACTIVE_ONLY = frozenset((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_SET_PIN, L.OP_COUPON_ISSUE,
@@ -184,7 +175,7 @@ def _members(txn, ledger, index: MemberIndex | None, problem) -> str:
         return "not checked: not built yet (the server's writer builds it when it starts)"
     if not ledger.profile_box.keyed:
         return "not checked: no profile key (give verify the keyring)"
-    expected = {k for k, _ in index.items((cid, ledger._profile(cid, raw))
+    expected = {k for k, _ in index.items((cid, ledger.open_profile(cid, raw))
                                           for cid, raw in txn.cursor(db=ledger.profiles))}
     stored = set(txn.cursor(db=ledger.members).iternext(values=False))
     if stored != expected:
@@ -599,7 +590,7 @@ def _undo_problem(txn, ledger, f: tuple, entry: bytes, s: list, state: CardState
         return "a refund or reversal without a program"
     original = txn.get(L.SEQ_KEY.pack(link), db=ledger.journal) if 0 < link < seq else None
     mine = original is not None and (original[16:32] == cid or (
-        original[16:32] in _ancestors(links, cid)))  # rule 16: undone on the card that replaced it
+        original[16:32] in linked(links.get, PREDECESSOR, cid)))  # rule 16: undone on the card that replaced it
     if not mine or original[1] not in L.CARD_OPS:
         if op == L.OP_REVERSAL and not link and not any(f[9:14]) and tier_after == tier:
             return None  # nothing was applied: an entry that moves nothing
@@ -840,7 +831,7 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, expiries: dic
             raw_profile = txn.get(cid, db=ledger.profiles)
             box = ledger.profile_box
             if (not box.keyed and box.is_sealed(raw_profile)) or profile_month(
-                    ledger._profile(cid, raw_profile)) == rec[13]:
+                    ledger.open_profile(cid, raw_profile)) == rec[13]:
                 s[7] = rec[13]
         if s is None:
             problem(f"card ...{cid.hex()[:8]}: no journal entries")
