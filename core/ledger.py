@@ -1033,8 +1033,9 @@ class _Group:
         self.tombstones: dict[bytes, list[int] | str] = {}
         # reversals of authorizations: op index -> (hold key, the open hold, or None if closed)
         self.hold_reversals: dict[int, tuple[bytes, bytes | None]] = {}
-        # reversals of package uses and gift redemptions (rule 13): run alone, as the hold's
-        self.item_reversals: set[int] = set()
+        # refunds and reversals that run alone, ending their run: what they change outside the
+        # kernel (a hold, a package, a gift's stock) is read after, and seen by, the others
+        self.alone: set[int] = set()
         self.admin: AdminState | None = None
         self.pruned_through_us = ledger.pruned_through_us
 
@@ -1119,8 +1120,8 @@ class _Group:
                     continue
             if kind in card_ops:
                 self.run.append(i)
-                if (self.hold_reversals and i in self.hold_reversals) or (
-                        self.item_reversals and i in self.item_reversals):
+                if self.alone and i in self.alone:
+                    self.alone.discard(i)
                     self._flush_run()  # what comes after it reads the hold, package or stock
             elif kind == L.OP_CARD_REPLACED:
                 self._flush_run()  # it reads both cards as the operations before it left them
@@ -1316,7 +1317,7 @@ class _Group:
         if kind == L.OP_REVERSAL and entry[1] in _ITEM_UNDONE:
             if self.run:  # what came before it wrote the package or the gift's stock first
                 self._flush_run()
-            self.item_reversals.add(i)
+            self.alone.add(i)
         if kind == L.OP_REVERSAL and entry[1] == L.OP_HOLD and undo is None:
             undo = self._hold_undo(i, op, seq, entry)
             if undo is None:
@@ -1367,6 +1368,7 @@ class _Group:
         if state == L.HOLD_CAPTURED:
             return None
         self.hold_reversals[i] = (hold_key, hold if state == L.HOLD_OPEN else None)
+        self.alone.add(i)
         return L.UNDO.pack(L.UNDO_VERSION, 0, L.OP_HOLD, entry[2], entry[_TIER_AFTER], 0, 0,
                            amount if state == L.HOLD_OPEN else 0, 0, 0, 0, 0, 0)
 
@@ -1808,14 +1810,13 @@ class _Group:
                 pending.remove(i)
                 if not pending:  # every reversal of it declined: no tombstone after all
                     del self.tombstones[op.payload]
-        if i in self.item_reversals:
-            self.item_reversals.discard(i)
-            flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
-            if reason == L.R_OK and flags & L.UNDO_COMPLETE and original is not None:
-                self._item_back(op.card_id, original)  # (not when reversed before: nothing)
         if reason != L.R_OK:
             return 0
         flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+        if (original is not None and original[1] in _ITEM_UNDONE and op.packed[0] == L.OP_REVERSAL
+                and flags & L.UNDO_COMPLETE):  # (not when reversed before: nothing to give back)
+            self._item_back(op.card_id, original)
+            return 0
         if original is None or original[1] != L.OP_PURCHASE or not flags & L.UNDO_COMPLETE:
             return 0
         serial = L.JOURNAL_TAIL.unpack_from(original)[4]
