@@ -104,9 +104,10 @@ def cafe_ledger(path: str):
 
 
 @contextlib.contextmanager
-def example_ledger(path: str, name: str):
-    """A ledger on example program ``name``, verified clean when the test is done."""
-    till = Till(path, example(name))
+def example_ledger(path: str, name: str, settings: str = ""):
+    """A ledger on example program ``name`` (top-level ``settings`` TOML lines before it),
+    verified clean when the test is done."""
+    till = Till(path, settings + example(name))
     try:
         yield till
         report = verify(till.ledger)

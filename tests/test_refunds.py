@@ -489,8 +489,7 @@ def test_line_refunds_of_one_sale_in_one_group_are_judged_in_order(market):
 
 def owing_cafe(path: str, shortfall: str):
     """The example cafe program with ``refund_points_shortfall`` set, verified when done."""
-    till = Till(path, f'refund_points_shortfall = "{shortfall}"\n' + example("cafe"))
-    return till
+    return example_ledger(path, "cafe", f'refund_points_shortfall = "{shortfall}"\n')
 
 
 @pytest.mark.parametrize("shortfall, after_refund, after_c, after_d, lot", [
@@ -502,8 +501,7 @@ def test_a_refund_of_points_already_spent_is_forgiven_or_owed_as_the_program_say
     29 the card holds (0); "owe" takes them all (-91, no lots). Sale C (50.00, 50 points): 50, or
     -41, the debt paid first (still no lots); a redemption while owing is INSUFFICIENT_POINTS.
     Sale D (100.00): 150, or 59, in today's lot alone. Verify is clean either way."""
-    till = owing_cafe(str(tmp_path / "cafe"), shortfall)
-    try:
+    with owing_cafe(str(tmp_path / "cafe"), shortfall) as till:
         number = "6225880000000760"
         till.open(number)
         till.top_up(number, 30000)
@@ -527,16 +525,13 @@ def test_a_refund_of_points_already_spent_is_forgiven_or_owed_as_the_program_say
         assert sum(left for left, _ in lots_of(till, number).values()) == lot
         report = verify(till.ledger)
         assert report["ok"], report["problems"]
-    finally:
-        till.ledger.close()
 
 
 def test_a_card_owing_points_is_cancelled_with_its_debt_forfeited(tmp_path):
     """Under "owe", the card at -91 points as above: a coupon bought with points is
     INSUFFICIENT_POINTS, one given by an operator is still given. Cancelling the card forfeits
     its points, the debt too: +91, 0 points, no lots, verify clean."""
-    till = owing_cafe(str(tmp_path / "cafe"), "owe")
-    try:
+    with owing_cafe(str(tmp_path / "cafe"), "owe") as till:
         number = "6225880000000778"
         till.open(number)
         till.top_up(number, 30000)
@@ -553,8 +548,6 @@ def test_a_card_owing_points_is_cancelled_with_its_debt_forfeited(tmp_path):
         assert lots_of(till, number) == {}
         report = verify(till.ledger)
         assert report["ok"], report["problems"]
-    finally:
-        till.ledger.close()
 
 
 def test_the_points_shortfall_setting_is_forgive_or_owe():
@@ -625,8 +618,7 @@ def test_under_owe_a_refund_that_takes_more_than_the_lots_hold_but_gives_more_ba
     the card's lots"). Food 1,000.00 (1,800 points); two drinks of 20.00 each redeeming 900 (18
     earned each); 10.00 of the food refunded (points 16); sale X refunded in full: 16 - 18 + 900
     = 898, in today's lot."""
-    till = owing_cafe(str(tmp_path / "cafe"), "owe")
-    try:
+    with owing_cafe(str(tmp_path / "cafe"), "owe") as till:
         number = "6225880000000770"
         till.open(number)
         till.top_up(number, 200000)
@@ -640,5 +632,3 @@ def test_under_owe_a_refund_that_takes_more_than_the_lots_hold_but_gives_more_ba
         assert sum(left for left, _ in lots_of(till, number).values()) == 898
         report = verify(till.ledger)
         assert report["ok"], report["problems"]
-    finally:
-        till.ledger.close()

@@ -468,17 +468,14 @@ def test_a_card_owing_points_passes_its_debt_to_the_new_card(tmp_path):
     is replaced; the new card owes the same and pays it from what it earns next."""
     from test_refunds import owing_cafe
 
-    till = owing_cafe(str(tmp_path / "cafe"), "owe")
-    till.open(OLD)
-    till.top_up(OLD, 30000)
-    sale = till.buy(OLD, line(CAFE_FOOD, 12000))
-    till.buy(OLD, line(CAFE_DRINKS, 1000), redeem=100)
-    assert refund(till, OLD, seq_of(sale)).reason == L.R_OK
-    assert till.card(OLD)["points"] == -91
-    assert replace(till).reason == L.R_OK
-    assert till.card(NEW)["points"] == -91 and lots_of(till, NEW) == {}
-    till.buy(NEW, line(CAFE_FOOD, 5000))
-    assert till.card(NEW)["points"] == -41
-    report = verify_ledger(till.ledger)
-    till.ledger.close()
-    assert report["ok"], report["problems"]
+    with owing_cafe(str(tmp_path / "cafe"), "owe") as till:  # verified when done
+        till.open(OLD)
+        till.top_up(OLD, 30000)
+        sale = till.buy(OLD, line(CAFE_FOOD, 12000))
+        till.buy(OLD, line(CAFE_DRINKS, 1000), redeem=100)
+        assert refund(till, OLD, seq_of(sale)).reason == L.R_OK
+        assert till.card(OLD)["points"] == -91
+        assert replace(till).reason == L.R_OK
+        assert till.card(NEW)["points"] == -91 and lots_of(till, NEW) == {}
+        till.buy(NEW, line(CAFE_FOOD, 5000))
+        assert till.card(NEW)["points"] == -41
