@@ -32,7 +32,15 @@ serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (developmen
 console: $(BUILT) ## the back-office web page on http://127.0.0.1:8080/ beside `make serve` (sign in with var/cardcore/admin.token)
 	$(VENV)/bin/cardcore console --listen 127.0.0.1:8080 --target 127.0.0.1:50051 --data-dir var/cardcore
 
-test: $(BUILT) ## run the test suite
+# npm packages of the tests that need them, from their lockfiles: the Node.js terminal
+# (tests/test_node_terminal.py) and buf (tests/test_proto_contract.py); without npm, or
+# without the registry, those tests are skipped (saying so), not failed
+NPM_TEST_DIRS := examples/node-terminal tools/buf
+
+test: $(BUILT) ## run the test suite (first the npm packages of the Node terminal and of buf, where npm is)
+	@if command -v npm >/dev/null; then for d in $(NPM_TEST_DIRS); do \
+	  [ -d $$d/node_modules ] || npm ci --prefix $$d --no-audit --no-fund \
+	    || echo "npm ci --prefix $$d failed: its tests will be skipped" >&2; done; fi
 	$(PY) -m pytest
 
 BUF := tools/buf/node_modules/.bin/buf
