@@ -121,6 +121,10 @@ META_MEMBERS = b"member_index"
 # Set while every stored profile is sealed (cardcore.profiles); a writer without the profile key
 # that stores a profile clears it.
 META_PROFILES_SEALED = b"profiles_sealed"
+# The number of the last group of the group log (cardcore.grouplog) this LMDB state holds: written
+# in each checkpoint's transaction, so recovery replays the log from the next one.
+META_LOG_APPLIED = b"log_applied"
+U64 = struct.Struct("<Q")
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
@@ -631,10 +635,39 @@ class Ledger:
                 group.adopt()  # only once the commit (and its fsync) succeeded
                 return outcomes
             except lmdb.MapFullError:
-                self._grow_map()
+                self.grow_map()
         raise RuntimeError("LMDB map still full after growing it")
 
-    def _grow_map(self) -> None:
+    def apply_in(self, txn, ops: list[PendingOp], ts_us: int) -> list[Outcome]:
+        """Apply ``ops`` in ``txn`` (the group log's writer: a write transaction that spans
+        groups until a checkpoint commits it) and adopt what the group changed at once; the caller
+        that aborts ``txn`` instead calls ``reload``. Raises as ``apply_group`` does, except that a
+        full map is the caller's to handle (``txn`` is spoilt)."""
+        group = _Group(self, ops, ts_us)
+        outcomes = group.apply(txn)
+        group.adopt()
+        return outcomes
+
+    def reload(self) -> None:
+        """Forget what groups of an aborted transaction adopted: back to the committed state."""
+        self._load_state()
+
+    def journal_head(self, txn) -> tuple[int, bytes]:
+        """(the last journal seq, 0 if none; its chained digest)."""
+        next_seq, digest, _ = _head(self, txn)
+        return next_seq - 1, digest
+
+    def log_applied(self, txn=None) -> int:
+        """The last group of the group log this ledger holds (0: none)."""
+        def read(t):
+            raw = t.get(META_LOG_APPLIED, db=self.meta)
+            return U64.unpack(raw)[0] if raw is not None else 0
+        return read(txn) if txn is not None else self._read(read)
+
+    def set_log_applied(self, txn, group_no: int) -> None:
+        txn.put(META_LOG_APPLIED, U64.pack(group_no), db=self.meta)
+
+    def grow_map(self) -> None:
         with self._resize_gate:
             new_size = self.env.info()["map_size"] * MAP_GROW_FACTOR
             self.env.set_mapsize(new_size)

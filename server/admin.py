@@ -28,7 +28,7 @@ from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import ROLE, Access, Operator, new_token, token_digest
-from .errors import Invalid, abort, failure
+from .errors import Invalid, abort, failure, fresh_or_abort
 from .operations import client_time_us, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
@@ -134,6 +134,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
     async def ListTerminals(self, request, context):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER,
                                      request.store_id or None)
+        await fresh_or_abort(self.writer, context, everything=True)  # their KSN counters, as of the last swipe
         return apb.ListTerminalsResponse(terminals=[
             self._terminal_pb(t) for t in sorted(self.ledger.read_terminals(), key=lambda t: t[3])
             if op_by.covers(t[4]) and request.store_id in (0, t[4])])

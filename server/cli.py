@@ -17,6 +17,8 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_fi
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
+from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
+from cardcore.grouplog import SEGMENT_BYTES_DEFAULT
 from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
 from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
                    amount_arg, card_id_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
@@ -154,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
                    help="clear stale LMDB reader slots (readers killed -9) this often, in "
                         "seconds (default %(default)g)")
+    p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
+                   help="bring LMDB up to date from the group log (a synced commit) at least this "
+                        "often while operations arrive, in milliseconds (default %(default)s)")
+    p.add_argument("--checkpoint-ops", type=int_arg(1, 1 << 30), default=CHECKPOINT_OPS_DEFAULT,
+                   help="and after this many operations (default %(default)s)")
+    p.add_argument("--log-segment-mib", type=int_arg(1, 4096),
+                   default=SEGMENT_BYTES_DEFAULT >> 20,
+                   help="the group log's preallocated segment files, in MiB (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "

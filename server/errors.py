@@ -172,3 +172,16 @@ def status_details(fail: pb.Failure) -> tuple[tuple[str, bytes]]:
 
 async def abort(context: grpc.aio.ServicerContext, fail: pb.Failure):
     await context.abort(TABLE[fail.reason][0], fail.message, status_details(fail))
+
+
+async def fresh_or_abort(writer, context: grpc.aio.ServicerContext,
+                         card_ids: tuple[bytes, ...] = (), keys: tuple[bytes, ...] = (),
+                         everything: bool = False) -> None:
+    """``Writer.fresh`` for a handler: a read that cannot see what was answered (LMDB cannot be
+    checkpointed) is refused, never answered from the older state."""
+    from .writer import Stale
+
+    try:
+        await writer.fresh(card_ids, keys, everything)
+    except Stale:
+        await abort(context, failure(pb.REASON_STORAGE_UNAVAILABLE))

@@ -227,6 +227,7 @@ def verify(data_dir: str) -> dict:
     """Run ``cardcore verify --json`` on a data folder (the server may be running)."""
     import json
 
+    checkpointed(data_dir)
     out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "verify", "--data-dir",
                           data_dir, "--json"], capture_output=True, timeout=120)
     assert out.returncode in (0, 1), out.stderr.decode()
@@ -312,8 +313,43 @@ def journal_entries(data_dir: str) -> list[tuple]:
     from cardcore import layout as L
     from cardcore.ledger import Ledger
 
+    checkpointed(data_dir)
     ledger = Ledger(os.path.join(data_dir, "ledger"), readonly=True)
     try:
         return [L.JOURNAL.unpack(v) for _, v in ledger.dump()["journal"]]
     finally:
         ledger.close()
+
+
+def checkpointed(data_dir: str, timeout_s: float = 30.0) -> None:
+    """Until LMDB holds every group the log holds, so a direct read of LMDB sees every answer
+    given: a running server's writer checkpoints within --checkpoint-ms (waited for); a stopped
+    one's log is replayed here, as `cardcore verify` does."""
+    import fcntl
+
+    from cardcore.durable import behind, catch_up
+    from cardcore.keyring import Keyring
+    from cardcore.lookup import lookup_key
+    from cardcore.profiles import profile_key
+
+    path = os.path.join(data_dir, "ledger")
+    deadline = time.monotonic() + timeout_s
+    while behind(path):
+        with open(os.path.join(data_dir, "cardcore.lock"), "a+") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a server runs: its checkpoint is due within a moment
+                assert time.monotonic() < deadline, f"{path}: no checkpoint in {timeout_s} s"
+                time.sleep(0.02)
+                continue
+            ring = os.path.join(data_dir, "keyring.json")
+            index_key = Keyring.load(ring).index_key if os.path.exists(ring) else None
+            catch_up(path, index_key and lookup_key(index_key), index_key and profile_key(index_key))
+
+
+def ledger_bytes(data_dir: str) -> bytes:
+    """Every byte of the ledger's folder: LMDB's files and the group log's segments (secrets
+    must be in none of them)."""
+    folder = os.path.join(data_dir, "ledger")
+    return b"".join(open(os.path.join(top, f), "rb").read()
+                    for top, _, files in os.walk(folder) for f in files)
