@@ -653,7 +653,9 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
             earned += raw
         if card_pay > available:
             reason = L.R_INSUFFICIENT_FUNDS
-        elif card.points - taken + earned > L.INT64_MAX or card.lifetime + card_pay > L.INT64_MAX:
+        elif (earned > L.INT64_MAX  # rule 5: a figure of the entry, whatever a debt absorbs
+              or card.points - taken + earned > L.INT64_MAX
+              or card.lifetime + card_pay > L.INT64_MAX):
             reason = L.R_AMOUNT_OVERFLOW
     for k, it in zip(my_lines, items):
         L.LINE.pack_into(lines, k * L.LINE_SIZE, *it)

@@ -34,7 +34,11 @@ checks they agree on every input):
    the tier's ``points_per_unit`` for the category). Points never earn points.
    In the member's birth month (the group's time at the program's
    ``utc_offset_minutes``), each line's points are multiplied by
-   ``birthday_points_bp / 10000``, floored (20000: double points).
+   ``birthday_points_bp / 10000``, floored (20000: double points). What a line
+   earns and what the purchase earns in all are fields of their own (the line,
+   the journal entry's points delta, the undo record a refund reads): past
+   2**63 - 1 either declines the purchase with REASON_AMOUNT_OVERFLOW (rule 1),
+   even when the card owes points (rule 12) enough to keep its balance within.
 6. The balance pays ``due = paid - redeemed``. It needs ``due <= principal +
    bonus - held`` (REASON_INSUFFICIENT_FUNDS with the available amount
    otherwise; balances never go negative). The program's ``spend_order`` says

@@ -728,7 +728,8 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
                 earned += wide
         if card_pay > available:
             reason = R_INSUFFICIENT_FUNDS
-        elif (over or earned > <cc_i128>INT64_MAX - (<cc_i128>rec.points - taken)
+        elif (over or earned > INT64_MAX  # rule 5: a figure of the entry, whatever a debt absorbs
+              or earned > <cc_i128>INT64_MAX - (<cc_i128>rec.points - taken)
               or card_pay > INT64_MAX - rec.lifetime_paid_minor):
             reason = R_AMOUNT_OVERFLOW
     fig[5] = card_pay

@@ -395,6 +395,50 @@ def test_kernel_equals_reference_on_refunds_and_reversals(program, batch, ts_us,
     agree(program, batch, ts_us, first_seq)
 
 
+P7 = INT64_MAX // 7  # 1_317_624_576_693_539_401: 7 * P7 == INT64_MAX exactly
+EARNED_PAST_INT64 = [
+    # (tier 3's rate_bp, its points per unit, points unit, line amounts (none: one line of the
+    #  amount), amount, reason, points delta, each line's points)
+    # hypothesis's example: 210 at 82.81 % pays 174, 2 units of 87 at INT64_MAX points each:
+    # 2**64 - 2 points, which the card's debt of INT64_MAX would bring to exactly INT64_MAX
+    (8281, INT64_MAX, 87, (), 210, L.R_AMOUNT_OVERFLOW, 0, ()),
+    # each line within int64 (3 and 5 units of P7), the purchase's 8 * P7 past it
+    (10000, P7, 100, (300, 500), 800, L.R_AMOUNT_OVERFLOW, 0, (3 * P7, 5 * P7)),
+    # 3 + 4 units: INT64_MAX points, the most a purchase earns: they pay the debt off to 0
+    (10000, P7, 100, (300, 400), 700, L.R_OK, INT64_MAX, (3 * P7, 4 * P7)),
+]
+
+
+@pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
+@pytest.mark.parametrize("rate_bp,per_unit,unit_minor,amounts,amount,reason,d_points,line_points",
+                         EARNED_PAST_INT64, ids=["one line", "two lines", "two lines at the limit"])
+def test_points_earned_past_int64_decline_the_purchase_even_when_a_debt_would_absorb_them(
+        impl, rate_bp, per_unit, unit_minor, amounts, amount, reason, d_points, line_points):
+    """Rule 5: a purchase's points earned are a journal figure (its points delta) and an undo
+    record's, so past int64 they decline it (the reference used to raise struct.error packing
+    the entry; the kernel applied two lines' 2**63 points as 0), however deep the card's debt
+    (rule 12, ``owe``: down to -INT64_MAX, a record's floor)."""
+    program = rules.Program(
+        tiers=tuple(rules.Tier(f"t{k}", 10000) for k in range(3)) + (
+            rules.Tier("t3", rate_bp, per_unit),),
+        points_unit_minor=unit_minor, refund_points_shortfall=L.SHORTFALL_OWE).packed(1)
+    before = card_bytes(principal=INT64_MAX - 5, points=-INT64_MAX, tier=3)
+    lines = b"".join(L.LINE.pack(0, 0, 1, a, 0, 0, 0, b"") for a in amounts)
+    nxt, rec, journal, dirty, lines_out, *_ = run_full(
+        impl, program, op_bytes(L.OP_PURCHASE, amount, pin_flags=L.PIN_OPTIONAL_UNSET,
+                                line_count=len(amounts)),
+        [0], before, T0, 223, lines)
+    entry, card = L.JOURNAL.unpack(journal), L.CARD.unpack(rec)
+    assert (entry[4], entry[13]) == (reason, d_points)
+    assert tuple(L.LINE.unpack_from(lines_out, k * L.LINE_SIZE)[5]
+                 for k in range(len(amounts))) == line_points
+    if reason == L.R_OK:
+        assert (nxt, entry[7], dirty, card[7], card[5]) == (224, 223, b"\x01", 0,
+                                                              INT64_MAX - 5 - amount)
+    else:  # nothing changes
+        assert (nxt, entry[7], dirty, rec) == (223, 0, b"\x00", before)
+
+
 @pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
 def test_an_undo_record_refunded_past_its_amount_stops_the_batch(impl):
     program = rules.DEFAULT_PROGRAM.packed(1)
