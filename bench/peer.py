@@ -751,11 +751,12 @@ def main() -> int:
                         n, elapsed, lat, declines, cpu_s = asyncio.run(
                             direct_run(dsn, cluster.cpu_s, f"pg-{name}-r{r}"))
                         sample[system] = e2e.summary(n, elapsed, lat, cpu_s) | {"errors": declines}
+                    sample[system]["load_1m"] = round(os.getloadavg()[0], 2)  # the machine is shared
                 results["rows"][name]["rounds"].append(sample)
                 c, p, d = sample["cardcore"], sample["peer"], sample["direct"]
                 bad = {s: v["errors"] for s, v in sample.items() if v["errors"]}
                 print(f"round {r + 1} {name:10s} cardcore {c['tx_per_s']:>7,}/s {c['server_cpu_us_per_op']:>6} µs "
-                      f"p50 {c['p50_ms']} p99 {c['p99_ms']} | peer {p['tx_per_s']:>7,}/s "
+                      f"p50 {c['p50_ms']} p99 {c['p99_ms']} group {c['avg_group_ops']} | peer {p['tx_per_s']:>7,}/s "
                       f"{p['server_cpu_us_per_op']:>6} µs p50 {p['p50_ms']} p99 {p['p99_ms']} | direct "
                       f"{d['tx_per_s']:>7,}/s {d['server_cpu_us_per_op']:>6} µs"
                       + (f"  ERRORS {bad}" if bad else ""), flush=True)
