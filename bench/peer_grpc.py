@@ -104,6 +104,12 @@ def result_of(request_id: str, row) -> pb.OperationResult:
     return result
 
 
+def not_a_purchase(op: pb.Operation) -> pb.OperationResult:
+    """A batch or stream operation other than a purchase: the peer implements only that one."""
+    kind = op.WhichOneof("op")
+    return declined(getattr(op, kind).request_id if kind else "", R.REASON_INVALID_ARGUMENT, "op")
+
+
 def failed_call(request_id: str, exc: Exception) -> pb.OperationResult:
     """A purchase whose call to PostgreSQL failed: an error raised inside the function rolled its
     transaction back (not applied); a connection lost on the way leaves it unknown."""
@@ -155,7 +161,7 @@ class Peer(pb_grpc.CardServiceServicer):
         places, columns = [], ([], [], [], [], [], [])
         for i, op in enumerate(request.operations):
             if op.WhichOneof("op") != "purchase":
-                results[i] = declined("", R.REASON_INVALID_ARGUMENT, "op")  # the peer's one operation
+                results[i] = not_a_purchase(op)
                 continue
             try:
                 args = args_of(op.purchase)
@@ -191,7 +197,7 @@ class Peer(pb_grpc.CardServiceServicer):
                 async for op in request_iterator:
                     await slots.acquire()
                     if op.WhichOneof("op") != "purchase":
-                        in_flight.put_nowait(declined("", R.REASON_INVALID_ARGUMENT, "op"))
+                        in_flight.put_nowait(not_a_purchase(op))
                     else:
                         in_flight.put_nowait(asyncio.ensure_future(self._purchase(op.purchase)))
             finally:
