@@ -705,6 +705,7 @@ def main() -> int:
                                  "rounds": []}
 
     work = tempfile.mkdtemp(prefix="cardcore-peer-bench-")
+    started: list[e2e.Proc] = []  # stopped at the end if a failure left one running
     cluster = Cluster(args.port)
     try:
         dsn = f"postgresql://postgres@127.0.0.1:{args.port}/postgres"
@@ -712,10 +713,12 @@ def main() -> int:
         asyncio.run(seed_pg(dsn, numbers))
         data_dir = os.path.join(work, "data")
         srv = e2e.start_cardcore(data_dir, os.path.join(work, "seed.log"))
+        started.append(srv)
         e2e.seed(srv.target, numbers)
         cardcore_shape = shape_check(srv.target, numbers)
         srv.stop()
         peer = start_peer(dsn, os.path.join(work, "peer-shape.log"), 2)
+        started.append(peer)
         peer_shape = shape_check(peer.target, numbers)
         peer.stop()
         differences = [{"call": i, "cardcore": c, "peer": p}
@@ -738,11 +741,13 @@ def main() -> int:
                     log_path = os.path.join(work, f"{name}-r{r}-{system}.log")
                     if system == "cardcore":
                         proc = e2e.start_cardcore(data_dir, log_path)
+                        started.append(proc)
                         sample[system] = measure(proc, proc.cpu_s, run)
                         groups, ops = e2e.writer_groups(proc.stop())
                         sample[system]["avg_group_ops"] = round(ops / groups, 1) if groups else 0
                     elif system == "peer":
                         proc = start_peer(dsn, log_path, args.pool_size)
+                        started.append(proc)
                         sample[system] = measure(proc, lambda: proc.cpu_s() + cluster.cpu_s(), run)
                         proc.stop()
                     else:
@@ -763,6 +768,9 @@ def main() -> int:
         for row in results["rows"].values():
             row["summary"] = summarize(row["rounds"])
     finally:
+        for proc in started:
+            if proc.proc.poll() is None:
+                proc.stop()
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_average_after"] = load_average()
