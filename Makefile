@@ -61,9 +61,9 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/refunds.py --out bench/refunds_results.json
 	$(PY) bench/history.py --out bench/history_results.json
 
-bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
+bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over PostgreSQL (installed and started on loopback if needed), 3 alternating rounds, direct PostgreSQL as reference -> bench/peer_results.json (ARGS=--quick: a smoke run)
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
-	$(PY) bench/peer.py --out bench/peer_results.json
+	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
 
 RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json
