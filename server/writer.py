@@ -68,6 +68,7 @@ from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, entry_line_count
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 
 from . import logs
+from .journal_signal import JournalSignal
 from .metrics import Metrics
 
 log = logging.getLogger("cardcore.writer")
@@ -336,6 +337,7 @@ class Writer:
         self._tick_handle: asyncio.TimerHandle | None = None
         self.groups = 0
         self.ops_applied = 0
+        self.journal_signal = JournalSignal()  # the journal feed's streams wait on it
 
     @property
     def queued_ops(self) -> int:
@@ -480,6 +482,7 @@ class Writer:
         for it in items:
             _answer(it, outcomes[k:k + len(it.ops)])
             k += len(it.ops)
+        self.journal_signal.notify()  # the group is in LMDB: caught-up journal feeds read on
         if not items[0].housekeeping:
             self.metrics.group_seconds.observe(time.perf_counter() - sent_at)
             self.groups += 1
