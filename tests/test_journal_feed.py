@@ -17,7 +17,7 @@ from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import (Client, bearer, failure_of, journal_entries, new_card_number, operator_cli,
-                      rid, sent_at)
+                      rid, sent_at, tls_channel)
 
 ROLE = cpb.OperatorRole
 OT = cpb.OperationType
@@ -196,6 +196,19 @@ def test_only_a_chain_admin_or_a_development_caller_may_watch(server, admin):
     chain = admin.add_operator("feed.chain", ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
     assert drain(watch(server, token=chain))[1]
     assert drain(watch(server, token=""))[1]  # development mode: the caller without a token
+
+
+def test_over_tls_a_back_office_host_watches_with_a_chain_admin_token_and_a_till_never(
+        tls_server):
+    server, ca_dir = tls_server
+    office = tls_channel(server, ca_dir, "backoffice:hq")
+    assert drain(watch(server, channel=office))[1]  # the bootstrap chain admin's token
+    till = tls_channel(server, ca_dir, "terminal:7")
+    for channel, token, code in ((office, "", grpc.StatusCode.UNAUTHENTICATED),
+                                 (till, server.admin_token, grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.RpcError) as err:
+            drain(watch(server, token=token, channel=channel))
+        assert err.value.code() == code
 
 
 def test_a_watcher_removed_while_it_watches_is_cut_off(server, admin):
