@@ -306,3 +306,14 @@ def test_the_cli_prints_json_lines_and_the_resume_seq(server, client):
     code, out = operator_cli(server, "watch", "--from-seq", str(len(lines) + 5))
     assert code == 1 and "REASON_FEED_SEQ_AHEAD" in out
     assert out.splitlines()[-1] == f"resume: --from-seq {len(lines) + 5}"
+
+
+def test_undecodable_bytes_are_refused_with_a_reason(server):
+    """The server's own decoder on the streaming call too: INVALID_ARGUMENT, "(message)"."""
+    call = server.channel.unary_stream("/cardcore.v1.AdminService/WatchJournal")(
+        b"\x08\xff", metadata=bearer(server.admin_token), timeout=5)  # a truncated varint
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fail = failure_of(err.value)
+    assert (fail.reason, fail.field) == (cpb.REASON_INVALID_ARGUMENT, "(message)")
