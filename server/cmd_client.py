@@ -639,7 +639,8 @@ def journal_json(entry) -> dict:
 def cmd_watch(args) -> int:
     """The journal from --from-seq on as JSON lines (chain admin), live unless --no-follow; the
     seq to resume from goes to stderr at the end, whatever ends it (^C, an error, a closed
-    pipe): the seq after the last line printed."""
+    pipe): the seq after the last part flushed to stdout, so a line may come again after a
+    resume (the part cut short), never go missing."""
     import grpc
 
     from cardcore.v1 import admin_service_pb2 as apb
@@ -652,9 +653,8 @@ def cmd_watch(args) -> int:
         for answer in stream:
             for entry in answer.entries:
                 print(json.dumps(journal_json(entry), separators=(",", ":")))
-                next_seq = entry.result.seq + 1
             sys.stdout.flush()  # a part at a time, so a pipe's reader sees entries live
-            next_seq = answer.next_seq or next_seq
+            next_seq = answer.next_seq
         return 0
     except grpc.RpcError as err:
         print(_error_line(err, request, args, source), file=sys.stderr)

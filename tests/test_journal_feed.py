@@ -4,6 +4,10 @@ and repeats nothing (across a server restart too), live entries, chain admins on
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,6 +15,7 @@ import grpc
 import pytest
 
 from cardcore.server.app import SHUTDOWN_GRACE_S
+from cardcore.terminal import now_us
 from cardcore.server.feed import FEED_MESSAGE_ENTRIES_MAX, FEED_WATCHERS_MAX
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
@@ -216,8 +221,6 @@ def test_over_tls_a_back_office_host_watches_with_a_chain_admin_token_and_a_till
 
 
 def test_a_watcher_removed_while_it_watches_is_cut_off(server, admin):
-    from cardcore.terminal import now_us
-
     token = admin.add_operator("feed.leaving", ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
     stream = watch(server, stop=False, token=token)
     for answer in stream:
@@ -321,3 +324,23 @@ def test_undecodable_bytes_are_refused_with_a_reason(server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fail = failure_of(err.value)
     assert (fail.reason, fail.field) == (cpb.REASON_INVALID_ARGUMENT, "(message)")
+
+
+def test_the_cli_follows_live_and_on_ctrl_c_says_where_to_resume(server, client):
+    number = client.funded_card(10_000)
+    end = drain(watch(server))[2]
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
+    proc = subprocess.Popen([sys.executable, "-m", "cardcore.server.cli", "watch", "--target",
+                             server.target, "--from-seq", str(end - 1)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert json.loads(proc.stdout.readline())["seq"] == end - 1
+        client.purchase(number, 777, store_id=8)  # live: printed as it lands
+        live = json.loads(proc.stdout.readline())
+        assert (live["seq"], live["type"], live["amount_minor"], live["store"]) == \
+            (end, "purchase", 777, 8)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert f"resume: --from-seq {end + 1}" in err.splitlines()
