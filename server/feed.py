@@ -104,6 +104,7 @@ class JournalFeed:
                     await abort(context, failure(R.REASON_UNAUTHENTICATED, "authorization"))
                 seen = self.signal.count  # before the read: a notice during it is not lost
                 page = self.ledger.read_journal(next_seq, JOURNAL_PAGE_MAX)
+                log.debug("journal feed: %d entries read from seq %d", len(page), next_seq)
                 caught_up = len(page) < JOURNAL_PAGE_MAX
                 for start in range(0, len(page), FEED_MESSAGE_ENTRIES_MAX):
                     part = page[start:start + FEED_MESSAGE_ENTRIES_MAX]

@@ -272,17 +272,26 @@ def test_watchers_are_bounded_and_a_seq_past_the_end_is_refused(server):
     assert fail.detail == f"the journal's next seq is {end}"
 
 
-def test_a_stalled_watcher_does_not_hold_the_writer(server, client):
-    """A watcher that stops reading with 3,000 entries to go: the writer goes on at its pace,
-    and when it reads again it gets everything."""
+def test_a_stalled_watcher_holds_its_stream_back_not_the_writer(start_server, monkeypatch):
+    """A watcher that stops reading with 10,000 entries to go (its HTTP/2 window left at 64 KiB:
+    no BDP probing to grow it): the server reads no further page than the window lets it send,
+    the writer goes on at its pace, and when the watcher reads again it gets everything."""
+    monkeypatch.setenv("CARDCORE_LOG_LEVEL", "DEBUG")  # a line per page the feed reads
+    server = start_server()
+    client = Client(server.stub)
     number = client.funded_card(1)
-    top_ups(server.stub, number, 3_000)
-    stream = watch(server, stop=False)
+    for _ in range(10):
+        top_ups(server.stub, number, 1_000)
+    channel = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)])
+    stream = watch(server, stop=False, channel=channel)
     first = next(stream)  # then it reads nothing for a while
     started = time.monotonic()
     top_ups(server.stub, number, 1_000)
     client.top_up(number, 1)
     assert time.monotonic() - started < 10
+    time.sleep(1)
+    pages = server.log().count("journal feed: ")
+    assert 1 <= pages <= 3, pages  # of 12 to read: it waits for the client
     end = len(journal_entries(server.data_dir)) + 1
     seqs = [e.result.seq for e in first.entries]
     try:
@@ -292,7 +301,9 @@ def test_a_stalled_watcher_does_not_hold_the_writer(server, client):
                 break
     finally:
         stream.cancel()
-    assert seqs == list(range(1, seqs[-1] + 1)) and len(seqs) >= 4_000
+        channel.close()
+    assert seqs == list(range(1, end)) and len(seqs) > 11_000
+    assert server.log().count("journal feed: ") >= 12
 
 
 def test_the_cli_prints_json_lines_and_the_resume_seq(server, client):
