@@ -105,6 +105,7 @@ SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
 HISTORY_SCAN_MAX = 10_000     # index entries one page looks at, at most (filters that match few)
+JOURNAL_PAGE_MAX = 1_000      # entries one read_journal reads at most: one short read transaction
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
@@ -881,14 +882,37 @@ class Ledger:
         """Journal entry ``seq`` and its lines, or None."""
         return self._read(lambda txn: self._entry_and_lines(txn, seq))
 
+    def read_journal(self, from_seq: int, limit: int) -> list[tuple[bytes, bytes]]:
+        """The journal from ``from_seq`` on, in seq order: at most ``limit`` (entry, its lines),
+        from one read transaction, held only for the page (a long one would pin old pages and
+        grow the file). Fewer than ``limit``: the journal ended there when it was read. The
+        journal feed's page; seqs have no gaps, so the next page starts at the last seq + 1."""
+        assert 1 <= limit <= JOURNAL_PAGE_MAX and from_seq >= 0
+
+        def read(txn):
+            cur = txn.cursor(db=self.journal)
+            page = []
+            if not cur.set_range(L.SEQ_KEY.pack(from_seq)):
+                return page
+            for key, entry in cur.iternext():
+                page.append((entry, self._lines_of(txn, key, entry)))
+                if len(page) == limit:
+                    break
+            return page
+
+        return self._read(read)
+
     def _entry_and_lines(self, txn, seq: int) -> tuple[bytes, bytes] | None:
         """Journal entry ``seq`` and its purchase lines (b"" for an entry without), or None."""
         key = L.SEQ_KEY.pack(seq)
         entry = txn.get(key, db=self.journal)
         if entry is None:
             return None
-        return entry, (txn.get(key, db=self.journal_lines) or b"" if entry_line_count(entry)
-                       else b"")
+        return entry, self._lines_of(txn, key, entry)
+
+    def _lines_of(self, txn, key: bytes, entry: bytes) -> bytes:
+        """The stored lines of the journal entry under ``key`` (b"" for an entry without)."""
+        return txn.get(key, db=self.journal_lines) or b"" if entry_line_count(entry) else b""
 
     def read_operation(self, key: bytes) -> Outcome | None:
         """The original outcome of a request (its key: namespace and request_id), or None."""

@@ -29,6 +29,7 @@ from cardcore.v1 import common_pb2 as cpb
 
 from .access import ROLE, Access, Operator, new_token, token_digest
 from .errors import Invalid, abort, failure, fresh_or_abort
+from .feed import JournalFeed
 from .operations import client_time_us, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
@@ -53,6 +54,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
         self.access = access
         self._on_program = on_program   # the card service adopts a newly loaded program
         self._rotating = asyncio.Lock()
+        self.feed = JournalFeed(ledger, access, writer)
 
     async def _operator(self, context, role: int, store_id: int | None = None) -> Operator:
         """The calling operator, if it holds ``role`` (and ``store_id`` is in its scope)."""
@@ -295,3 +297,9 @@ class AdminService(apb_grpc.AdminServiceServicer):
             if items:
                 op = PendingOp.internal(L.OP_RESEAL, reseal_payload(items))
                 total += (await self._apply(context, op)).count
+
+    # ---- the journal feed -----------------------------------------------------------------
+
+    def WatchJournal(self, request, context):
+        """Every journal entry from request.from_seq on, then live: the stream (``feed``)."""
+        return self.feed.watch(request, context)

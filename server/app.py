@@ -237,7 +237,7 @@ async def serve(cfg: ServerConfig) -> None:
                     lookup_key=lookup_key(keyring.index_key),
                     profile_key=profile_key(keyring.index_key))
     writer.start()
-    ledger = None
+    ledger = admin = None
     health_servicer = health.aio.HealthServicer()
     try:
         ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
@@ -289,6 +289,8 @@ async def serve(cfg: ServerConfig) -> None:
         log.info("shutting down: refusing new calls, finishing those in flight")
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if admin is not None:
+            admin.feed.close()  # live journal feeds end now, not at the grace period's end
         await server.stop(SHUTDOWN_GRACE_S)
         await writer.stop()
         log.info("writer: %d groups, %d operations", writer.groups, writer.ops_applied)

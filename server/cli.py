@@ -13,7 +13,7 @@ from cardcore.layout import LINES_MAX
 from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_find_card,
                          cmd_history, cmd_keys, cmd_replace_card,
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
-                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up)
+                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_watch)
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
@@ -325,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another caller's namespace, KIND:ID (terminal:7, operator:3; chain "
                         "admins; default: this caller's)")
 
+    p = client("watch", "the journal from a seq on, one JSON object per line, live: what a "
+               "chain's notices, warehouse or fraud check consume (chain admin)", cmd_watch,
+               card=False)
+    p.add_argument("--from-seq", type=int_arg(1, U64_MAX), default=1,
+                   help="the first entry to print: 1 (the default) from the start, or the resume "
+                        "seq an earlier watch printed to stderr")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
+                   help="stay and print new entries as they are written (the default); "
+                        "--no-follow: stop once every entry written so far is printed. Either "
+                        "way the seq to resume from goes to stderr at the end (--timeout-s "
+                        "does not apply)")
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
     p.add_argument("action", choices=("enroll", "revoke", "list"),
@@ -424,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
                     "replace-card", "find-card",
-                    "history", "operation", "terminals", "operators", "keys", "program", "pos",
-                    "console")
+                    "history", "operation", "watch", "terminals", "operators", "keys", "program",
+                    "pos", "console")
 
 
 def _cmd_console(args) -> int:

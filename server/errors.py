@@ -125,6 +125,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_LINE_ALREADY_REFUNDED: (C.FAILED_PRECONDITION, "a line named was given back "
                                      "already"),
     R.REASON_LINE_NOT_FOUND: (C.NOT_FOUND, "the sale has no line with that number"),
+    R.REASON_FEED_WATCHERS_LIMIT: (C.RESOURCE_EXHAUSTED, "the journal feed serves as many streams "
+                                   "as it takes; end one or try again later"),
+    R.REASON_FEED_SEQ_AHEAD: (C.OUT_OF_RANGE, "from_seq is past the end of the journal (see "
+                              "detail): this ledger never reached that entry"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

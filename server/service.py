@@ -72,6 +72,8 @@ def add_service(server, servicer, service) -> None:
             make = grpc.stream_stream_rpc_method_handler
         elif not method.client_streaming and not method.server_streaming:
             make, fn = grpc.unary_unary_rpc_method_handler, _refuse_malformed(fn)
+        elif method.server_streaming:
+            make, fn = grpc.unary_stream_rpc_method_handler, _refuse_malformed_stream(fn)
         else:
             raise NotImplementedError(f"{method.full_name}: no such call shape in the contract")
         handlers[method.name] = make(fn, request_deserializer=decode,
@@ -84,6 +86,17 @@ def _refuse_malformed(fn):
         if request is MALFORMED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
         return await fn(request, context)
+
+    return call
+
+
+def _refuse_malformed_stream(fn):
+    """_refuse_malformed for a server-streaming call (an async generator)."""
+    async def call(request, context):
+        if request is MALFORMED:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
+        async for answer in fn(request, context):
+            yield answer
 
     return call
 

@@ -75,6 +75,7 @@ from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, entry_line_count
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 
 from . import logs
+from .journal_signal import JournalSignal
 from .metrics import Metrics
 
 log = logging.getLogger("cardcore.writer")
@@ -337,6 +338,7 @@ class Writer:
         self._dirty_keys: dict[bytes, int] = {}
         self._barrier: asyncio.Future | None = None
         self.checkpoint_requests = 0
+        self.journal_signal = JournalSignal()  # the journal feed's streams wait on it
 
     @property
     def queued_ops(self) -> int:
@@ -529,6 +531,7 @@ class Writer:
         if covered <= self._covered:
             return
         self._covered = covered
+        self.journal_signal.notify()  # new entries are in LMDB: caught-up journal feeds read on
         for dirty in (self._dirty_cards, self._dirty_keys):
             if dirty and covered >= self._answered_groups:
                 dirty.clear()

@@ -141,6 +141,22 @@ def tls_server(start_server, tmp_path):
     return server, ca_dir
 
 
+def tls_channel(server, ca_dir: str, common_name: str | None) -> grpc.Channel:
+    """A channel with a client certificate for ``common_name`` (made once per name)."""
+    with open(os.path.join(ca_dir, "ca.pem"), "rb") as f:
+        root = f.read()
+    key = cert = None
+    if common_name:
+        stem = os.path.join(ca_dir, common_name.replace(":", "-"))
+        if os.path.exists(f"{stem}.pem"):
+            cert_path, key_path = f"{stem}.pem", f"{stem}.key"
+        else:
+            cert_path, key_path = certs.make_client_cert(ca_dir, common_name)
+        with open(cert_path, "rb") as c, open(key_path, "rb") as k:
+            cert, key = c.read(), k.read()
+    return grpc.secure_channel(server.target, grpc.ssl_channel_credentials(root, key, cert))
+
+
 def run_machine(machine, examples: int, steps: int, data_dir: str) -> None:
     """A hypothesis state machine run against a live server, then its ledger verified."""
     from hypothesis import HealthCheck, settings
