@@ -15,6 +15,8 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
   line's discount, redeemed share and points (the stored lines), the spend
   order's split, the tier it was computed with and any upgrade; each entry
   names the version current at its place in the journal;
+- an import (rule 18) opens its card active, without a PIN, at a tier of its program, with its
+  principal (its amount), bonus and points in, each >= 0, and nothing else;
 - the running sums: each entry's after-balances equal them and never go
   negative; every card's principal, bonus, points, lifetime paid, last
   sequence and PIN state equal what its entries add up to; the totals match;
