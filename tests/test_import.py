@@ -3,8 +3,10 @@ resumed; the import operation's checks over gRPC."""
 from __future__ import annotations
 
 import datetime
+import os
 import random
 import re
+import struct
 import subprocess
 
 import pytest
@@ -221,3 +223,46 @@ def test_a_file_without_the_columns_is_refused_before_anything_is_sent(server, t
     path.write_text(f"{header}\n{new_card_number()},1,1,1\n")
     code, out = operator_cli(server, "import", str(path))
     assert code == 2 and "header row" in out and imports(server.data_dir) == []
+
+
+def test_yuan_amounts_and_tier_names(server, client, tmp_path):
+    """--yuan: principal and bonus in yuan with at most two decimals; a tier by its name in any
+    case; the profile's columns may be left out."""
+    number = new_card_number()
+    path = tmp_path / "yuan.csv"
+    path.write_text(f"\ufeffnumber,principal,bonus,points,tier\n{number},1234.5,0.07,12,GOLD\n"
+                    f"{new_card_number()},1.234,0,0,gold\n", encoding="utf-8")
+    code, out = operator_cli(server, "import", str(path), "--yuan")
+    assert code == 1 and re.search(r"^row 3  .+  rejected: principal: not yuan", out, re.M), out
+    card = client.card(number)
+    assert (card.balance.principal_minor, card.balance.bonus_minor, card.balance.points,
+            card.tier) == (123_450, 7, 12, 2)
+
+
+def test_verify_finds_an_import_entry_that_is_not_a_card_opened_with_its_figures(server):
+    """An import entry rewritten to move bonus past what it says it imported (its digests
+    chained again, as a forger with the disk would) is reported by verify."""
+    import lmdb
+
+    from cardcore.chain import link
+
+    [result] = batch(server, import_op(new_card_number(), principal=500, bonus=20),
+                     token=server.admin_token)
+    assert result.reason == cpb.REASON_OK
+    server.stop()
+    env = lmdb.open(os.path.join(server.data_dir, "ledger"), max_dbs=64)
+    journal = env.open_db(b"journal", create=False)
+    with env.begin(write=True, db=journal) as txn:
+        items = list(txn.cursor())
+        prev = items[result.seq - 2][1][L.JOURNAL_DIGEST_OFFSET:] if result.seq > 1 else bytes(32)
+        for key, value in items[result.seq - 1:]:
+            entry = bytearray(value)
+            if L.SEQ_KEY.unpack(key)[0] == result.seq:  # its amount no longer its principal
+                struct.pack_into("<q", entry, 32, 499)  # layout.JOURNAL amount_minor
+            entry[L.JOURNAL_DIGEST_OFFSET:] = prev = link(prev, bytes(entry[:L.JOURNAL_DIGEST_OFFSET]))
+            txn.put(key, bytes(entry))
+    env.close()
+    report = verify(server.data_dir)
+    assert not report["ok"]
+    assert any(f"journal entry {result.seq}: an import of 500 principal" in p
+               for p in report["problems"]), report["problems"]
