@@ -112,15 +112,17 @@ def test_an_import_of_10000_rows_killed_and_resumed_imports_each_good_row_once(s
     assert proc.poll() is None and 2_000 <= done_before < 9_950, "killed mid-import"
     proc.kill()
     proc.wait(30)
-    killed_at = len(imports(server.data_dir))
-    assert done_before <= killed_at < len(good)  # (the chunk in flight may have landed)
+    assert done_before <= len(imports(server.data_dir)) < len(good)
 
     code, out = operator_cli(server, "import", path, "--chunk-rows", "200", timeout_s=300)
     assert code == 1, out  # rows were rejected
     s = summary_of(out)
     assert s["rows"] == "10,000" and s["rejected"].startswith("50")
-    assert int(s["imported"].replace(",", "")) == len(good) - killed_at
-    assert s["already imported"].startswith(f"{killed_at:,} ")
+    # what the killed run imported (and the chunk it was sending, which may have landed) is
+    # answered as replays; the rest is imported now
+    imported = int(s["imported"].replace(",", ""))
+    already = int(s["already imported"].split()[0].replace(",", ""))
+    assert already >= done_before and imported > 0 and imported + already == len(good)
     for row in bad:  # each bad row reported by its row number, with a reason
         assert re.search(rf"^row {row}  .+  rejected: \S", out, re.M), row
     assert re.search(rf"^row {existing_row}  \S+  rejected: REASON_CARD_ALREADY_EXISTS", out, re.M)
