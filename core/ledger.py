@@ -1655,7 +1655,7 @@ class _Group:
             if reason == L.R_OK and op_type == L.OP_PACKAGE_SELL:
                 self.item_items.append((ledger.packages,
                                         *sold_package(admin.program, op.card_id, entry)))
-            if reason == L.R_OK and op_type == L.OP_OPEN:
+            if reason == L.R_OK and op_type in L.OPENINGS:  # an opening, or an import (rule 18)
                 referrer = op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
                 points = admin.program.referral_points
                 if (points and referrer != NO_REFERRER and referrer != op.card_id

@@ -14,6 +14,7 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_fi
                          cmd_history, cmd_keys, cmd_replace_card,
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
                          cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_watch)
+from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
@@ -300,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     card_or_id(p)
     mutating(p)
     p.add_argument("new_card", type=card_number_arg, help="the new card's number")
+    p = client("import", "bring in a legacy member base from a CSV file (a chain admin's token): "
+               "resumable, each row imported once", cmd_import, card=False)
+    p.add_argument("file", help="the CSV file, UTF-8, a header row first: number, principal, "
+                   "bonus, points, tier[, name, phone, birthday, home_store] (README: Legacy "
+                   "import)")
+    p.add_argument("--yuan", action="store_true",
+                   help="principal and bonus are yuan with at most two decimals (default: whole "
+                        "fen)")
+    p.add_argument("--chunk-rows", type=int_arg(1, CHUNK_ROWS_MAX), default=CHUNK_ROWS_DEFAULT,
+                   help="rows per SubmitBatch (default %(default)s, at most "
+                        f"{CHUNK_ROWS_MAX:,})")
+    p.add_argument("--store", type=uint32_arg, default=0,
+                   help="the store the import is journaled at (default 0: head office)")
+    p.add_argument("--client-time-us", type=client_time_arg, default=0,
+                   help="the import's client time, Unix microseconds (default: the one an "
+                        "earlier run of the same file kept in FILE.import.json, else now)")
     p = client("find-card", "a member's cards by phone or name, for an operator without the card "
                "(operator token)", cmd_find_card, card=False)
     query = p.add_mutually_exclusive_group(required=True)
@@ -434,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
-                    "replace-card", "find-card",
+                    "replace-card", "find-card", "import",
                     "history", "operation", "watch", "terminals", "operators", "keys", "program",
                     "pos", "console")
 

@@ -277,12 +277,20 @@ class Admin:
             metadata=self.metadata).token
 
 
-def operator_cli(server: "ServerProcess", *args: str) -> tuple[int, str]:
-    """``cardcore ARGS --target SERVER`` as the bootstrap admin (CARDCORE_TOKEN): (exit code,
-    stdout + stderr)."""
-    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
-    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
-                          server.target], capture_output=True, text=True, timeout=60, env=env)
+def operator_cli_command(server: "ServerProcess", *args: str,
+                         token: str | None = None) -> tuple[list[str], dict]:
+    """(argv, environment) of ``cardcore ARGS --target SERVER`` as an operator (default: the
+    bootstrap admin), for subprocess.run or Popen."""
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token if token is None else token)
+    return [sys.executable, "-m", "cardcore.server.cli", *args, "--target", server.target], env
+
+
+def operator_cli(server: "ServerProcess", *args: str, token: str | None = None,
+                 timeout_s: float = 60) -> tuple[int, str]:
+    """``cardcore ARGS --target SERVER`` as the bootstrap admin (CARDCORE_TOKEN), or the
+    operator of ``token``: (exit code, stdout + stderr)."""
+    argv, env = operator_cli_command(server, *args, token=token)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
     return out.returncode, out.stdout + out.stderr
 
 

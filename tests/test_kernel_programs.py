@@ -626,3 +626,51 @@ def test_a_sales_lines_refunded_one_by_one_give_back_what_a_full_refund_gives(im
                     (L.R_OK, 38000, 37661, 339, 693, 1, True)]
     assert sum(x[1] for x in done) == 56000 and sum(x[2] for x in done) == 55500
     assert sum(x[4] for x in done) == 1020 and L.UNDO.unpack(undo)[6] == 56000
+
+
+@st.composite
+def import_batches(draw):
+    """Rule 18: imports (principal in amount_minor, bonus in ref_id, points in redeem_points) at
+    their edges, onto empty slots mostly, with top-ups, purchases and tier reviews after them (an
+    import's program state) and the flags an import refuses (a PIN, issue-only, partial)."""
+    nslots = draw(st.integers(1, 4))
+    recs = b"".join(draw(st.lists(st.one_of(st.just(bytes(L.CARD_SIZE)), cards()),
+                                  min_size=nslots, max_size=nslots)))
+    exts = b"".join(draw(st.lists(extras(), min_size=nslots, max_size=nslots)))
+    ops, slots = [], []
+    for i in range(draw(st.integers(1, 12))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        kind = draw(st.sampled_from([L.OP_IMPORT_CARD, L.OP_IMPORT_CARD, L.OP_IMPORT_CARD,
+                                     L.OP_TOP_UP, L.OP_PURCHASE, L.OP_TIER_REVIEWED, L.OP_OPEN]))
+        principal = draw(st.one_of(st.integers(0, 10**9), edge_money, st.integers(-3, 0)))
+        bonus = draw(st.one_of(st.just(0), st.integers(0, 10**9), edge_money,
+                               st.sampled_from([INT64_MAX + 1, 2**64 - 1])))
+        points = draw(st.one_of(st.just(0), st.integers(0, 10**6), edge_money, st.just(-1)))
+        if kind != L.OP_IMPORT_CARD:
+            bonus, points = 0, 0
+            if kind == L.OP_TIER_REVIEWED:
+                principal = 0
+        ops.append(op_bytes(kind, principal, tier=draw(st.integers(0, 4)),
+                            card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                            home_store=draw(st.sampled_from([0, 5, 2**32 - 1])),
+                            birth_month=draw(st.sampled_from([0, 1, 12, 13])),
+                            pin_flags=draw(st.sampled_from([0, 0, 0, 0, L.NEW_PIN,
+                                                            L.PIN_OPTIONAL_UNSET])),
+                            pin=PIN_A, new_pin=PIN_A, ref_id=bonus, redeem=points,
+                            op_flags=draw(st.sampled_from([0, 0, 0, L.ISSUE_ONLY,
+                                                           L.ALLOW_PARTIAL])),
+                            operator=draw(st.sampled_from([0, 7])),
+                            client_time_us=draw(st.integers(0, T0))))
+    return b"".join(ops), slots, recs, exts, b"", [L.SLOT_NONE] * len(ops), b""
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=import_batches(),
+       ts_us=st.sampled_from([T0 - 10, T0, T0 + 10, MONTH_EDGE, 0]),
+       first_seq=st.integers(1, 2**40))
+@example(program=rules.DEFAULT_PROGRAM.packed(1),
+         batch=(op_bytes(L.OP_IMPORT_CARD, INT64_MAX - 5, ref_id=5, redeem=INT64_MAX), [0],
+                bytes(L.CARD_SIZE), bytes(L.CARD_EXT_SIZE), b"", [L.SLOT_NONE], b""),
+         ts_us=T0, first_seq=1)
+def test_kernel_equals_reference_on_imports(program, batch, ts_us, first_seq):
+    agree(program, batch, ts_us, first_seq)
