@@ -88,6 +88,7 @@ GROUPS_IN_FLIGHT_DEFAULT = 1   # measured: fewer, larger groups cost less fsync 
 WRITER_START_TIMEOUT_S = 60.0
 READER_CHECK_S_DEFAULT = 60.0   # stale LMDB reader slots (a reader killed -9) cleared this often
 MAINTENANCE_IDLE_S = 1.0        # an idle writer gets a prune step this often
+DEGRADED_RETRY_S = 1.0          # an idle writer whose checkpoint failed tries again this often
 
 COUNT = struct.Struct("<I")
 ENTRY_HEAD_SIZE = 224  # a reply's fields: all but the digest (layout.JOURNAL)
@@ -217,6 +218,8 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
                 durable.ledger.reader_check()
                 checked = time.monotonic()
             due_in = durable.seconds_to_due()
+            if durable.degraded:  # a checkpoint failed: the next try waits, never spins
+                due_in = DEGRADED_RETRY_S
             wait_s = reader_check_s if due_in is None else min(reader_check_s, due_in)
             if not select.select([sock], [], [], wait_s)[0]:
                 if durable.due() and durable.checkpoint():
