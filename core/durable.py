@@ -39,7 +39,7 @@ import lmdb
 
 from typing import Callable
 
-from cardcore.grouplog import (SEGMENT_BYTES_DEFAULT, GroupLog, LogSyncError, LogView,
+from cardcore.grouplog import (SEGMENT_BYTES_DEFAULT, GroupLog, LogError, LogSyncError, LogView,
                                SegmentLog, last_group_no)
 from cardcore.groups import decode_group, deferrable
 from cardcore.idempotency import Outcome
@@ -87,6 +87,14 @@ def catch_up_copy(copy_path: str, source_ledger_path: str, lookup_key: bytes | N
     copy's checkpoint, read beside the live writer: the backup then holds every group answered
     before it ran. How many; LogError if the writer recycled them meanwhile (try again)."""
     view = LogView(log_folder(source_ledger_path))
+    copy = Ledger(copy_path, readonly=True)
+    try:
+        copied = copy.log_applied()
+    finally:
+        copy.close()
+    if view.next_group_no - 1 < copied:  # a segment was recycled while the view looked
+        raise LogError(f"the log view ends at group {view.next_group_no - 1}, before the copy's "
+                       f"checkpoint at {copied}")
     durable = DurableLedger(lambda: Ledger(copy_path, lookup_key=lookup_key,
                                            profile_key=profile_key), view)
     durable.close()
@@ -126,6 +134,7 @@ class DurableLedger:
         self.ops_since = 0              # operations applied since the last checkpoint
         self.since = time.monotonic()   # when the span began
         self.degraded = False
+        self.broken = ""    # why the span could not be rebuilt: nothing more is taken
         self.replayed = replayed = self._replay()
         if replayed:
             log.warning("replayed %d groups of the log after the last checkpoint", replayed)
@@ -139,6 +148,8 @@ class DurableLedger:
         asks for a checkpoint. Raises what Ledger raises (the span is aborted: nothing of it
         was answered that the log does not hold) and LogSyncError."""
         ops, ts_us = decode_group(data)
+        if self.broken:
+            raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}")
         if not ops:
             return [], True
         if self.degraded and not self.checkpoint():
@@ -205,8 +216,17 @@ class DurableLedger:
             self.degraded = True
             self.ledger.close()
             self.ledger = self._open_ledger()
-            self.applied, self.ops_since = self.checkpointed, 0
-            self._replay()
+            landed = self.ledger.log_applied()
+            if landed == self.applied:  # the commit failed after its meta page was written
+                log.warning("the checkpoint landed after all")
+                self.checkpointed = self.applied
+                self.degraded = False
+                self.ops_since = 0
+                self.log.truncate_before(self.checkpointed + 1)
+                return True
+            self.applied = self.checkpointed = landed
+            self.ops_since = 0
+            self._span_from_log()
             return False
         self.checkpointed = self.applied
         self.degraded = False
@@ -242,7 +262,18 @@ class DurableLedger:
         self._abort()
         if grow:
             self.ledger.grow_map()
-        self._replay()
+        self._span_from_log()
+
+    def _span_from_log(self) -> None:
+        """The span rebuilt from the log, or the writer stops (InvariantError, never a storage
+        error it would go on after): a span behind the log must never take another group."""
+        try:
+            self._replay()
+        except Exception as exc:
+            self._abort()
+            self.broken = f"{type(exc).__name__}: {exc}"
+            raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}") \
+                from exc
 
     def _replay(self) -> int:
         """Apply the log's groups after ``applied`` into the span; how many."""

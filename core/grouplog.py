@@ -9,10 +9,10 @@ same three calls: append a group durably, read from a group number, drop what a 
 ``SegmentLog`` keeps it in preallocated segment files in one folder (inside the ledger's folder,
 so a migration's or restore's swap carries it with the ledger it belongs to)::
 
-    seg-<first group_no, 20 digits>.log   a live segment: records one after another, then
-                                          whatever the file held before (zeros, or a recycled
-                                          segment's older records)
-    spare-<n>.log                         a segment ready to be reused (its content is stale)
+    seg-<first group_no, 20 digits>-<salt, 16 hex>.log
+                  a live segment: records one after another, then whatever the file held
+                  before (zeros, or a recycled segment's older records)
+    spare-<n>.log a segment ready to be reused (its content is stale)
 
 A record is a 64-byte header and the payload (layout, little-endian)::
 
@@ -26,12 +26,14 @@ A record is a 64-byte header and the payload (layout, little-endian)::
      28   4  crc32        zlib.crc32 of the header (with this field zero) and the payload
      32   8  digest_seq   the journal seq the digest below is of (0: none yet)
      40  16  out_digest   the journal's chained digest there: a replay must reach the same
-     56   8  reserved     zero
+     56   8  salt         the segment's (random, in its name): bytes left from a segment's
+                          earlier life, or a payload that looks like a record, never pass
 
-Reading stops at the first record that is not the next group (a torn or never-written tail, a
-zeroed or recycled region): the log is every group up to there. Recycled segments are safe to
-overwrite because their records' group numbers are all below the ones that follow the
-checkpoint.
+Reading stops at the first record that is not the next group of this segment (a torn or
+never-written tail, a zeroed or recycled region): the log is every group up to there. Each append
+is synced before the next begins, so only the last record of the last segment can be torn; a
+damaged record with valid records after it, or a live segment that starts past the end, is a
+damaged log (``LogError``), never silently cut short.
 
 Segments are preallocated with real zeros (an overwrite's fdatasync costs less than one that
 grows the file) in the background, so an append never waits for one; a new segment's name is made
@@ -58,13 +60,15 @@ SEGMENT_BYTES_DEFAULT = 16 << 20
 SEGMENT_BYTES_MIN = 1 << 20
 SPARES_MAX = 4                 # recycled segments kept for reuse; more are deleted
 RECORD_BYTES_MAX = 1 << 30     # one group's record (the writer's frame limit)
+PREALLOC_RETRY_S = 1.0         # after a failed preallocation (a full disk), the next try
 ZERO_CHUNK = bytes(1 << 20)
-_LIVE = re.compile(r"seg-(\d{20})\.log$")
+_LIVE = re.compile(r"seg-(\d{20})-([0-9a-f]{16})\.log$")
 _SPARE = re.compile(r"spare-(\d+)\.log$")
 
 
 class LogError(Exception):
-    """The log cannot be used as it is (a gap, a record that does not continue the ledger)."""
+    """The log cannot be used as it is (a gap, a damaged record, one that does not continue the
+    ledger)."""
 
 
 class LogSyncError(Exception):
@@ -80,20 +84,25 @@ class Record(NamedTuple):
 
 
 def pack_record(group_no: int, payload: bytes, digest_seq: int = 0,
-                out_digest: bytes = bytes(16), shard: int = 0, epoch: int = 0) -> bytes:
+                out_digest: bytes = bytes(16), salt: bytes = bytes(8), shard: int = 0,
+                epoch: int = 0) -> bytes:
     """One record: header and payload, its crc filled in."""
-    assert group_no >= 1 and len(out_digest) == 16 and len(payload) <= RECORD_BYTES_MAX
+    assert group_no >= 1 and len(out_digest) == 16 and len(salt) == 8
+    assert len(payload) <= RECORD_BYTES_MAX
     head = bytearray(HEADER.pack(MAGIC, VERSION, shard, epoch, group_no, len(payload), 0,
-                                 digest_seq, out_digest, bytes(8)))
+                                 digest_seq, out_digest, salt))
     crc = zlib.crc32(payload, zlib.crc32(head))
     struct.pack_into("<I", head, CRC_OFFSET, crc)
     return bytes(head) + payload
 
 
-def unpack_header(head: bytes) -> tuple | None:
-    """(group_no, payload_len, crc, digest_seq, out_digest), or None if it is not a header."""
-    magic, version, _shard, _epoch, group_no, n, crc, digest_seq, digest, _ = HEADER.unpack(head)
-    if magic != MAGIC or version != VERSION or n > RECORD_BYTES_MAX:
+def unpack_header(head: bytes, salt: bytes) -> tuple | None:
+    """(group_no, payload_len, crc, digest_seq, out_digest), or None if it is not a header of
+    a segment with this salt."""
+    if len(head) != HEADER.size:
+        return None
+    magic, version, _shard, _epoch, group_no, n, crc, digest_seq, digest, got = HEADER.unpack(head)
+    if magic != MAGIC or version != VERSION or n > RECORD_BYTES_MAX or got != salt:
         return None
     return group_no, n, crc, digest_seq, digest
 
@@ -128,44 +137,68 @@ class GroupLog:
         raise NotImplementedError
 
 
-def segment_end(path: str, first: int, size: int) -> tuple[int, int | None]:
+def _records(f, first: int, salt: bytes, size: int) -> Iterator[tuple[int, int, tuple, bytes]]:
+    """(position, group_no, header fields, payload) of each valid record of a live segment from
+    its start, in order, up to its end; LogError if a damaged record has a valid one after it
+    (each append is synced before the next: only the very last can be torn)."""
+    pos, expected = 0, first
+    while pos + HEADER.size <= size:
+        f.seek(pos)
+        head = f.read(HEADER.size)
+        fields = unpack_header(head, salt)
+        if fields is None or fields[0] != expected or pos + HEADER.size + fields[1] > size:
+            return
+        payload = f.read(fields[1])
+        if not record_ok(head, payload, fields[2]):
+            after = pos + HEADER.size + fields[1]
+            f.seek(after)
+            nxt = unpack_header(f.read(HEADER.size), salt)
+            if nxt is not None and nxt[0] == expected + 1 and after + HEADER.size + nxt[1] <= size:
+                if record_ok(_at(f, after), f.read(nxt[1]), nxt[2]):
+                    raise LogError(f"group {expected} of the log is damaged and later groups "
+                                   "follow it")
+            return
+        yield pos, expected, fields, payload
+        pos += HEADER.size + fields[1]
+        expected += 1
+
+
+def _at(f, pos: int) -> bytes:
+    """The header at ``pos`` (the file left after it)."""
+    f.seek(pos)
+    return f.read(HEADER.size)
+
+
+def segment_end(path: str, first: int, salt: bytes, size: int) -> tuple[int, int | None]:
     """(bytes of valid records, the last valid group number or None) of a live segment."""
-    pos, last, expected = 0, None, first
+    end, last = 0, None
     with open(path, "rb") as f:
-        while pos + HEADER.size <= size:
-            f.seek(pos)
-            head = f.read(HEADER.size)
-            fields = unpack_header(head)
-            if fields is None or fields[0] != expected or pos + HEADER.size + fields[1] > size:
-                break
-            payload = f.read(fields[1])
-            if len(payload) != fields[1] or not record_ok(head, payload, fields[2]):
-                break
-            last, expected = expected, expected + 1
-            pos += HEADER.size + fields[1]
-    return pos, last
+        for pos, group_no, fields, _ in _records(f, first, salt, size):
+            end, last = pos + HEADER.size + fields[1], group_no
+    return end, last
 
 
-def live_segments(folder: str) -> list[tuple[str, int]]:
-    """(path, first group) of the live segments in ``folder``, in order."""
+def live_segments(folder: str) -> list[tuple[str, int, bytes]]:
+    """(path, first group, salt) of the live segments in ``folder``, in order."""
     if not os.path.isdir(folder):
         return []
-    found = [(os.path.join(folder, name), int(m.group(1)))
+    found = [(os.path.join(folder, name), int(m.group(1)), bytes.fromhex(m.group(2)))
              for name in os.listdir(folder) if (m := _LIVE.match(name))]
     return sorted(found, key=lambda s: s[1])
 
 
 def last_group_no(folder: str) -> int:
     """The last group the log in ``folder`` holds (0: none), read without opening it for
-    writing (beside a live writer: a moment's view)."""
+    writing (beside a live writer: a moment's view; a segment recycled under the read is
+    skipped, its groups being checkpointed)."""
     last = 0
-    for path, first in live_segments(folder):
+    for path, first, salt in live_segments(folder):
         if last and first != last + 1:
             break
         try:
-            _, end = segment_end(path, first, os.path.getsize(path))
-        except FileNotFoundError:  # recycled under us
-            break
+            _, end = segment_end(path, first, salt, os.path.getsize(path))
+        except FileNotFoundError:
+            continue
         if end is None:
             break
         last = end
@@ -189,7 +222,7 @@ class LogView(GroupLog):
 
     def read_from(self, group_no: int) -> Iterator[Record]:
         expected = group_no
-        for path, _first in live_segments(self.folder):
+        for path, first, salt in live_segments(self.folder):
             if expected > self._end:
                 return
             try:
@@ -197,23 +230,13 @@ class LogView(GroupLog):
             except FileNotFoundError:  # recycled under us: the writer checkpointed past it
                 continue
             with f:
-                pos = 0
-                while expected <= self._end:
-                    f.seek(pos)
-                    head = f.read(HEADER.size)
-                    fields = unpack_header(head) if len(head) == HEADER.size else None
-                    if fields is None:
-                        break
-                    g, n, crc, digest_seq, digest = fields
-                    payload = f.read(n)
+                for _, g, fields, payload in _records(f, first, salt, os.fstat(f.fileno()).st_size):
                     if g < expected:
-                        pos += HEADER.size + n
                         continue
-                    if g != expected or len(payload) != n or not record_ok(head, payload, crc):
+                    if g != expected or g > self._end:
                         break
-                    yield Record(g, digest_seq, digest, payload)
+                    yield Record(g, fields[3], fields[4], payload)
                     expected += 1
-                    pos += HEADER.size + n
         if expected <= self._end:
             raise LogError(f"group {expected} is no longer in the log (recycled while read)")
 
@@ -233,10 +256,10 @@ def _fsync_dir(path: str) -> None:
 
 
 class _Segment:
-    __slots__ = ("path", "first", "size", "fd", "end")
+    __slots__ = ("path", "first", "salt", "size", "fd", "end")
 
-    def __init__(self, path: str, first: int, size: int) -> None:
-        self.path, self.first, self.size = path, first, size
+    def __init__(self, path: str, first: int, salt: bytes, size: int) -> None:
+        self.path, self.first, self.salt, self.size = path, first, salt, size
         self.fd = -1
         self.end = 0       # bytes of valid records
 
@@ -254,7 +277,9 @@ class SegmentLog(GroupLog):
         self.folder = folder
         self.segment_bytes = segment_bytes
         self.sync = sync
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
+            _fsync_dir(os.path.dirname(os.path.abspath(folder)))  # the folder's own name
         self._lock = threading.Lock()     # the spare list, shared with the preallocator
         self._spare_ready = threading.Condition(self._lock)
         self._spares: list[str] = []
@@ -270,32 +295,38 @@ class SegmentLog(GroupLog):
 
     def _scan(self, first_group_no: int) -> None:
         """Find the live segments and where the log ends; recycle segments wholly before
-        ``first_group_no``."""
-        live = []
+        ``first_group_no``. A live segment past the end holding a valid record means answered
+        groups are missing: LogError (the files are kept)."""
         for name in os.listdir(self.folder):
             path = os.path.join(self.folder, name)
-            m = _LIVE.match(name)
-            if m:
-                live.append(_Segment(path, int(m.group(1)), os.path.getsize(path)))
-            elif name.endswith(".tmp"):    # a preallocation a stop interrupted
+            if name.endswith(".tmp"):    # a preallocation a stop interrupted
                 os.unlink(path)
-            elif _SPARE.match(name):
+            elif (m := _SPARE.match(name)):
                 self._spares.append(path)
-                self._spare_no = max(self._spare_no, int(_SPARE.match(name).group(1)) + 1)
-        live.sort(key=lambda s: s.first)
+                self._spare_no = max(self._spare_no, int(m.group(1)) + 1)
+        live = [_Segment(path, first, salt, os.path.getsize(path))
+                for path, first, salt in live_segments(self.folder)]
         expected = None
         kept: list[_Segment] = []
-        for seg in live:
-            if expected is not None and seg.first != expected:
-                break  # a segment after the end of the log (its first append never landed)
-            end, last = segment_end(seg.path, seg.first, seg.size)
-            if last is None:  # a segment made live whose first record never landed
+        for k, seg in enumerate(live):
+            end, last = segment_end(seg.path, seg.first, seg.salt, seg.size)
+            gap = expected is not None and seg.first != expected
+            if last is None or gap:
+                # The end of the log: a segment made live whose first append never landed (it
+                # and any after it hold nothing), unless one of them holds groups: then some
+                # answered groups before them are gone.
+                for later in live[k:]:
+                    held = last if later is seg else segment_end(
+                        later.path, later.first, later.salt, later.size)[1]
+                    if held is not None:
+                        raise LogError(f"{later.path} holds groups past the end of the log at "
+                                       f"group {(expected or first_group_no) - 1}")
+                for later in live[k:]:
+                    os.unlink(later.path)
                 break
             seg.end = end
             kept.append(seg)
             expected = last + 1
-        for seg in live[len(kept):]:
-            self._retire(seg.path)
         # drop whole segments the caller no longer needs (all their groups are checkpointed)
         while len(kept) > 1 and kept[1].first <= first_group_no:
             self._retire(kept.pop(0).path)
@@ -319,10 +350,11 @@ class SegmentLog(GroupLog):
 
     def append(self, payload: bytes, digest_seq: int, out_digest: bytes) -> int:
         group_no = self._next
-        rec = pack_record(group_no, payload, digest_seq, out_digest)
         seg = self._segments[-1] if self._segments else None
-        if seg is None or seg.end + len(rec) > seg.size:
-            seg = self._start_segment(group_no, len(rec))
+        size = HEADER.size + len(payload)
+        if seg is None or seg.end + size > seg.size:
+            seg = self._start_segment(group_no, size)
+        rec = pack_record(group_no, payload, digest_seq, out_digest, seg.salt)
         written = os.pwrite(seg.fd, rec, seg.end)
         if written != len(rec):
             raise OSError(f"short write to the log ({written} of {len(rec)} bytes)")
@@ -341,20 +373,17 @@ class SegmentLog(GroupLog):
         for k, seg in enumerate(segments):
             if k + 1 < len(segments) and segments[k + 1].first <= group_no:
                 continue  # wholly before the groups asked for
-            pos = 0
-            while pos < seg.end:
-                head = os.pread(seg.fd, HEADER.size, pos)
-                g, n, crc, digest_seq, digest = unpack_header(head)
-                payload = os.pread(seg.fd, n, pos + HEADER.size)
-                if not record_ok(head, payload, crc):
-                    raise LogError(f"group {g} of the log does not match its checksum")
-                pos += HEADER.size + n
-                if g < expected:
-                    continue
-                if g != expected:
-                    raise LogError(f"the log jumps from group {expected} to {g}")
-                yield Record(g, digest_seq, digest, payload)
-                expected += 1
+            with open(seg.path, "rb") as f:
+                for pos, g, fields, payload in _records(f, seg.first, seg.salt, seg.end):
+                    if g < expected:
+                        continue
+                    if g != expected:
+                        raise LogError(f"the log jumps from group {expected} to {g}")
+                    yield Record(g, fields[3], fields[4], payload)
+                    expected += 1
+        if group_no < self._next and expected != self._next:
+            raise LogError(f"the log holds groups to {self._next - 1} but reads end at "
+                           f"{expected - 1}")
 
     def truncate_before(self, group_no: int) -> None:
         """Recycle every segment whose groups are all before ``group_no`` (never the last)."""
@@ -376,8 +405,13 @@ class SegmentLog(GroupLog):
     # ---- segments ------------------------------------------------------------------
 
     def _start_segment(self, first: int, record_bytes: int) -> _Segment:
-        """The next live segment, named for its first group and durable as such before the
-        first append into it: a spare when one is ready (made at once only when none is)."""
+        """The next live segment, named for its first group and a new salt, durable as such
+        before the first append into it: a spare when one is ready (made at once only when
+        none is). A last segment nothing landed in (its first append was refused) goes first."""
+        if self._segments and self._segments[-1].end == 0:
+            dead = self._segments.pop()
+            os.close(dead.fd)
+            os.unlink(dead.path)
         size = self.segment_bytes
         path = None
         if record_bytes <= size:
@@ -388,28 +422,33 @@ class SegmentLog(GroupLog):
         if path is None:      # no spare, or a record larger than a segment: made here
             size = max(size, -(-record_bytes // len(ZERO_CHUNK)) * len(ZERO_CHUNK))
             path = self._make(os.path.join(self.folder, f"new-{first}.tmp"), size)
-        live = os.path.join(self.folder, f"seg-{first:020d}.log")
+        salt = os.urandom(8)
+        live = os.path.join(self.folder, f"seg-{first:020d}-{salt.hex()}.log")
         os.rename(path, live)
         _fsync_dir(self.folder)
-        seg = _Segment(live, first, os.path.getsize(live))
+        seg = _Segment(live, first, salt, os.path.getsize(live))
         seg.fd = os.open(live, os.O_RDWR)
         self._segments.append(seg)
         return seg
 
     def _make(self, path: str, size: int) -> str:
-        """A file of ``size`` real zeros, synced."""
+        """A file of ``size`` real zeros, synced (removed again if it cannot be made)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             left = size
             while left:
                 left -= os.write(fd, ZERO_CHUNK[:min(left, len(ZERO_CHUNK))])
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
         return path
 
     def _retire(self, path: str) -> None:
         """A segment no longer needed becomes a spare (or goes, past SPARES_MAX or if odd-sized)."""
+        assert all(seg.path != path for seg in self._segments), "a live segment is never retired"
         with self._lock:
             if len(self._spares) < SPARES_MAX and os.path.getsize(path) == self.segment_bytes:
                 spare = os.path.join(self.folder, f"spare-{self._spare_no}.log")
@@ -420,7 +459,8 @@ class SegmentLog(GroupLog):
         os.unlink(path)
 
     def _preallocate(self) -> None:
-        """Keep one spare ready, so an append that fills a segment never writes 16 MiB of zeros."""
+        """Keep one spare ready, so an append that fills a segment never writes 16 MiB of zeros;
+        after a failure (a full disk) it tries again a second later."""
         while True:
             with self._lock:
                 while self._spares and not self._closing:
@@ -432,8 +472,11 @@ class SegmentLog(GroupLog):
             try:
                 self._make(name + ".tmp", self.segment_bytes)
                 os.rename(name + ".tmp", name)
-            except OSError as exc:  # a full disk: the append makes its own, and says so then
+            except OSError as exc:
                 log.error("cannot preallocate a log segment: %s", exc)
-                return
+                with self._lock:
+                    if not self._closing:
+                        self._spare_ready.wait(PREALLOC_RETRY_S)
+                continue
             with self._lock:
                 self._spares.append(name)

@@ -132,6 +132,9 @@ def _copy_caught_up(src: str, dest: str, ring) -> None:
             return
         except LogError:  # the writer recycled the log past the copy meanwhile: copy again
             shutil.rmtree(dest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # never a half-made backup left behind
+            raise
     raise SystemExit(f"cardcore: the ledger kept moving past each copy ({COPY_ATTEMPTS} tries)")
 
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_a_torn_last_record_ends_the_log_and_is_written_over(tmp_path):
     for p in payloads(5, 1000):
         log.append(p, 0, bytes(16))
     log.close()
-    path, _ = live_segments(folder)[-1]
+    path, _, _ = live_segments(folder)[-1]
     last_at = 4 * (HEADER.size + 1001)
     with open(path, "r+b") as f:  # the last record's payload half written
         f.seek(last_at + HEADER.size + 500)
@@ -95,10 +96,82 @@ def test_checkpointed_segments_are_recycled_and_reused(tmp_path):
 def test_a_log_that_starts_after_the_ledger_needs_is_refused(tmp_path):
     folder = str(tmp_path / "log")
     os.makedirs(folder)
-    with open(os.path.join(folder, f"seg-{5:020d}.log"), "wb") as f:
-        f.write(pack_record(5, b"x").ljust(MIB, b"\0"))
+    salt = os.urandom(8)
+    with open(os.path.join(folder, f"seg-{5:020d}-{salt.hex()}.log"), "wb") as f:
+        f.write(pack_record(5, b"x", salt=salt).ljust(MIB, b"\0"))
     with pytest.raises(LogError, match="groups are missing"):
         SegmentLog(folder, 2, segment_bytes=MIB)
+
+
+def test_a_damaged_record_with_groups_after_it_is_an_error_not_an_end(tmp_path):
+    """Each append is synced before the next: only the very last record can be torn. A damaged
+    one before others (in its segment, or with later segments) must not cut the log short."""
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    for k in range(30):
+        log.append(bytes([k]) * 100_000, 0, bytes(16))
+    log.close()
+    path, _, _ = live_segments(folder)[0]
+    with open(path, "r+b") as f:  # one flipped byte in the third record of the first segment
+        f.seek(2 * (HEADER.size + 100_000) + HEADER.size + 10)
+        f.write(b"\xee")
+    with pytest.raises(LogError, match="damaged"):
+        SegmentLog(folder, 1, segment_bytes=MIB)
+    assert len(live_segments(folder)) >= 3  # nothing was recycled
+
+
+def test_a_later_segment_after_a_gap_is_an_error(tmp_path):
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    for k in range(30):
+        log.append(bytes([k]) * 100_000, 0, bytes(16))
+    log.close()
+    os.unlink(live_segments(folder)[1][0])  # the middle segment lost
+    with pytest.raises(LogError, match="past the end of the log"):
+        SegmentLog(folder, 1, segment_bytes=MIB)
+
+
+def test_a_segment_whose_first_append_failed_is_replaced_not_kept_twice(tmp_path, monkeypatch):
+    """The append that opens a segment fails (nothing of it lands); the group's retry, too
+    big for a segment, opens another: one live segment for that number, and a checkpoint
+    before it recycles neither."""
+    from cardcore import grouplog
+
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    for _ in range(9):
+        log.append(bytes(100_000), 0, bytes(16))     # groups 1-9 fill the first segment
+    real = os.pwrite
+    monkeypatch.setattr(grouplog.os, "pwrite", lambda fd, data, off: (_ for _ in ()).throw(
+        OSError(5, "Input/output error")))
+    with pytest.raises(OSError):
+        log.append(bytes(200_000), 0, bytes(16))     # opens segment 10, then the write fails
+    monkeypatch.setattr(grouplog.os, "pwrite", real)
+    assert log.append(bytes(2 * MIB), 0, bytes(16)) == 10   # too big: a segment of its own
+    for _ in range(3):
+        log.append(b"x", 0, bytes(16))
+    assert [s[1] for s in live_segments(folder)] == [1, 10]  # one live segment for 10
+    log.truncate_before(10)
+    log.append(b"y", 0, bytes(16))
+    log.close()
+    assert last_group_no(folder) == 14
+    assert [r.group_no for r in SegmentLog(folder, 10, segment_bytes=MIB).read_from(10)] \
+        == [10, 11, 12, 13, 14]
+
+
+def test_stale_bytes_that_look_like_the_next_record_are_not_taken(tmp_path):
+    """A recycled segment keeps its old records; one written as if it were the next group (a
+    payload crafted to look like a record) lacks the new segment's salt."""
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    log.append(b"a", 0, bytes(16))
+    log.close()
+    path, first, _salt = live_segments(folder)[0]
+    end = HEADER.size + 1
+    with open(path, "r+b") as f:
+        f.seek(end)
+        f.write(pack_record(2, b"forged", salt=bytes(8)))
+    assert SegmentLog(folder, 1, segment_bytes=MIB).next_group_no == 2
 
 
 def _groups(numbers: list[str]) -> list[bytes]:
@@ -280,3 +353,66 @@ def test_a_barrier_read_during_a_stream_of_purchases_never_shows_an_older_balanc
         assert r.balance_after.principal_minor == last - 100 - k
         last = r.balance_after.principal_minor
         assert c.card(number).balance.principal_minor == last
+
+
+# ---- the server process's half (server.writer.Writer) ------------------------------------------
+
+def _writer_story(tmp_path, story, **kw):
+    """Run ``story(writer, card_id)`` against a Writer and its process, with checkpoints an hour
+    apart, on a card opened and topped up (answered, in the log only)."""
+    import asyncio
+
+    from cardcore.server.writer import Writer
+    from test_ledger import cid
+
+    async def main():
+        writer = Writer(str(tmp_path / "ledger"), None, asyncio.get_running_loop(),
+                        checkpoint_ms=3_600_000, checkpoint_ops=1_000_000, **kw)
+        writer.start()
+        number = new_card_number()
+        await writer.submit([open_op("o1", number)])
+        await writer.submit([op("t1", L.OP_TOP_UP, number, 5_000)])
+        try:
+            return await story(writer, cid(number), number)
+        finally:
+            if writer._dead is None:
+                await writer.stop()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_read_waiting_for_a_checkpoint_is_not_refused_for_a_later_group(tmp_path, in_flight):
+    """Another terminal's top-up of the same card answered while a read waits for its
+    checkpoint: the read is served (that later group is a later read's concern)."""
+    import asyncio
+
+    async def story(writer, card_id, number):
+        read = asyncio.ensure_future(writer.fresh((card_id,)))
+        await asyncio.sleep(0)
+        later = writer.submit([op("t2", L.OP_TOP_UP, number, 100)])
+        time.sleep(0.3)  # a busy loop: both answers wait in the socket
+        await read
+        await later
+        return writer.checkpoint_requests
+
+    assert _writer_story(tmp_path, story, groups_in_flight=in_flight) >= 1
+
+
+def test_a_read_after_the_writer_died_is_refused_not_served_old(tmp_path):
+    import asyncio
+
+    from cardcore.server.writer import Stale
+
+    async def story(writer, card_id, number):
+        os.kill(writer._proc.pid, signal.SIGKILL)
+        for _ in range(100):  # until the loop has seen the socket close
+            if writer._dead is not None:
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(Stale):
+            await writer.fresh((card_id,))
+        await writer.fresh((bytes(16),))  # a card nobody touched: nothing to wait for
+        return True
+
+    assert _writer_story(tmp_path, story, on_fatal=lambda why: None)
