@@ -277,7 +277,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if program_version != program_now and not (program_version == 0 and program_now == 0):
             problem(f"journal entry {seq}: program version {program_version} where "
                     f"{program_now} was current")
-        if L.OP_ADMIN_MIN <= op <= L.OP_ADMIN_MAX:
+        if op in L.ADMIN_OPS:
             admin += 1
             if any(f[_MOVES]):
                 problem(f"journal entry {seq}: an admin entry {op} that moves value")

@@ -1,0 +1,433 @@
+"""Day totals: what each store's business day moved, kept in the writer's write transaction.
+
+Every journal entry a group writes is added, in sequence order, to its store's business day
+(``figures``: one function from an entry to its figures, so a refund, a reversal, a replacement
+and the expiry sweep are counted like everything else), and to the chain's record of that day
+(store ``layout.CHAIN_STORE``). Records are fixed-size (``layout.DAY_TOTALS``); reports read
+ranges of them, never the journal. They depend on the journal entries alone (their time, store
+and program version), so two ledgers that apply the same groups hold the same totals, and a
+ledger made before them fills them once from its journal (``fill``).
+
+**Business day.** The day of an entry's time (the group's) on the chain's clock
+(``business_day_utc_offset_minutes``, default UTC+8) shifted back by the cutoff hour
+(``business_day_cutoff_hour``, default 4), both from the program version the entry was computed
+under: with the defaults a sale at 01:30 local belongs to the day before. Days are numbered from
+1970-01-01 (day 0) and shown as dates.
+
+**Closed days** (``CloseDay``, op ``OP_CLOSE_DAY``): from its entry on, nothing lands in that
+store's day any more; an entry whose day is closed for its store lands in the store's next open
+day (its own time stays in the journal). Only days that have begun can be closed, so the next
+open day is at most the day after the current one.
+
+**Clearing** (money topped up at one store and spent at another). The rule: a card's principal
+has one *home*, the store of its last top-up (``day_money_home``), which holds the cash for all
+of it. When principal leaves the card at another store (a purchase, a package sale, a cancelled
+card's pay-back, a reversed top-up), the home owes that store the amount; when it comes back at
+another store (a refund, a reversed sale), that store owes the home. A top-up at a store other
+than the home moves the home there, and the old home owes the new one the principal the card
+held before it. A replacement moves the home with the money. A card's money without a home (none
+yet) is headquarters' (store 0). Bonus money is the chain's promotion, not cleared. Each amount
+is written on both sides (``day_clearing``) in the first day open at both stores (which may be
+later than the day its entry landed in, when the other store's day is closed), so every day's
+clearing table nets to zero over the chain; amounts are net (a store can be owed a negative
+amount on a day of refunds).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import struct
+
+from cardcore import layout as L
+from cardcore.idempotency import InvariantError
+from cardcore.program import parse_program
+
+DAY_US = L.DAY_US
+HOUR_US = 3_600_000_000
+MINUTE_US = 60_000_000
+EPOCH = dt.date(1970, 1, 1)
+DAY_MAX = (dt.date(9999, 12, 31) - EPOCH).days
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+CLOSED_WALK_MAX = 4000  # closed days an entry walks past at most (more: a broken invariant)
+DEFAULT_SETTINGS = (480, 4)  # entries without a program version (migrated from v1)
+# The ledger's sub-databases of the day totals (layout.DAY_TOTALS and after).
+DB_NAMES = ("day_totals", "store_days", "day_clearing", "day_staff", "day_money_home")
+
+# What ``figures`` reads of a journal entry (layout.JOURNAL): op, seq, card id, amount, discount,
+# principal, bonus and points deltas, principal after, time, store, staff, operator, program
+# version, points redeemed, redeemed fen, item id, purchase flags, coupon off.
+_ENTRY = struct.Struct("<xB6xQ16s6q16xqI4xII8xI44x2q4x2H16xq")
+assert _ENTRY.size == 224
+_NF, _NO = L.DAY_FIGURE_SLOTS, L.DAY_OPS
+WIDTH = _NF + 2 * _NO  # an accumulator: figures, then counts by op, then amounts by op
+(F_ENTRIES, F_P_IN, F_P_OUT, F_B_IN, F_B_OUT, F_PTS_IN, F_PTS_OUT, F_GROSS, F_DISCOUNT,
+ F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
+ F_COUPONS_USED, F_OWES, F_OWED) = range(len(L.DAY_FIGURES))
+# points that move, not earned or spent: undone, moved to a new card, forfeited on cancelling
+_POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
+                           L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS))
+_I64 = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+
+
+class DayError(ValueError):
+    """A business day or a range that is not valid (the field's name in ``field``)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(problem)
+        self.field = field
+
+
+def business_day(ts_us: int, utc_offset_minutes: int, cutoff_hour: int) -> int:
+    """The business day (days since 1970-01-01) of Unix time ``ts_us`` (microseconds)."""
+    return (ts_us + utc_offset_minutes * MINUTE_US - cutoff_hour * HOUR_US) // DAY_US
+
+
+def day_of_date(text: str, field: str = "business_day") -> int:
+    """A "YYYY-MM-DD" date as a day number; DayError if it is not one."""
+    if not DATE_RE.fullmatch(text):
+        raise DayError(field, f"{field} must be a date, YYYY-MM-DD")
+    try:
+        day = (dt.date.fromisoformat(text) - EPOCH).days
+    except ValueError:
+        raise DayError(field, f"{field} is not a calendar date") from None
+    if day < 0:
+        raise DayError(field, f"{field} is before 1970-01-01")
+    return day
+
+
+def date_of_day(day: int) -> str:
+    return (EPOCH + dt.timedelta(days=day)).isoformat()
+
+
+def add_figures(a: list[int], f: tuple) -> None:
+    """Add one journal entry (``f``: its ``_ENTRY`` fields, ``_ENTRY.unpack(entry)``) to
+    accumulator ``a``: the one place that says what an entry counts for in the day totals."""
+    (op, _, _, amount, discount, dp, db, dpts, _, _, _, _, _, _, redeemed_pts, redeemed_minor,
+     item_id, flags, coupon_off) = f
+    a[F_ENTRIES] += 1
+    a[_NF + op] += 1
+    a[_NF + _NO + op] += amount
+    if dp > 0:
+        a[F_P_IN] += dp
+    elif dp:
+        a[F_P_OUT] -= dp
+    if db > 0:
+        a[F_B_IN] += db
+    elif db:
+        a[F_B_OUT] -= db
+    if dpts > 0:
+        a[F_PTS_IN] += dpts
+    elif dpts:
+        a[F_PTS_OUT] -= dpts
+    if op == L.OP_PURCHASE:
+        a[F_GROSS] += amount
+        a[F_DISCOUNT] += discount
+        a[F_COUPON_OFF] += coupon_off
+        a[F_T_PRINCIPAL] -= dp
+        a[F_T_BONUS] -= db
+        a[F_T_POINTS] += redeemed_minor
+        if flags & L.PARTIAL_PAYMENT:  # split tender: the rest of what was due, the till's
+            a[F_T_TILL] += amount - discount + dp + db - redeemed_minor
+        a[F_ISSUED] += dpts + redeemed_pts
+        a[F_REDEEMED] += redeemed_pts
+        if item_id:
+            a[F_COUPONS_USED] += 1
+    elif op == L.OP_POINTS_EXPIRED:
+        a[F_EXPIRED] -= dpts
+    elif dpts and op not in _POINTS_MOVED:
+        if dpts > 0:
+            a[F_ISSUED] += dpts
+        else:
+            a[F_REDEEMED] -= dpts
+
+
+class DayTotals:
+    """One write transaction's additions to the day totals: entries added in sequence order,
+    written once (``write``) at the end of the group."""
+
+    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]]):
+        self.txn, self.ledger = txn, ledger
+        self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
+        self.acc: dict[tuple[int, int], list[int]] = {}
+        self.pairs: dict[tuple[int, int, int], int] = {}
+        self.staff: dict[tuple[int, int, int], list[int]] = {}
+        self.homes: dict[bytes, int] = {}
+        self.homes_changed: set[bytes] = set()
+        self.closed: dict[tuple[int, int], bool] = {}
+        self.closes: list[tuple[bytes, bytes]] = []
+        self.landing: dict[tuple[int, int], int] = {}
+        self.days: dict[tuple[int, int], int] = {}
+        self.moving_home = 0  # a replacement's home, from the old card's entry to the new one's
+
+    # ---- reads, through the group's own changes -----------------------------------------------
+
+    def _settings(self, version: int) -> tuple[int, int]:
+        s = self.settings.get(version)
+        if s is None:
+            s = DEFAULT_SETTINGS
+            if version:
+                raw = self.txn.get(L.VERSION_KEY.pack(version), db=self.ledger.programs)
+                p = parse_program(json.loads(raw)["source"])
+                s = (p.business_day_utc_offset_minutes, p.business_day_cutoff_hour)
+            self.settings[version] = s
+        return s
+
+    def _day(self, version: int, ts_us: int) -> int:
+        day = self.days.get((version, ts_us))
+        if day is None:
+            if len(self.days) > 4096:  # a fill: a new time every group
+                self.days.clear()
+            day = self.days[(version, ts_us)] = business_day(ts_us, *self._settings(version))
+        return day
+
+    def is_closed(self, store: int, day: int) -> bool:
+        closed = self.closed.get((store, day))
+        if closed is None:
+            closed = self.closed[(store, day)] = self.txn.get(
+                L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None
+        return closed
+
+    def _land(self, store: int, day: int) -> int:
+        """The day an entry of ``store`` whose time is in ``day`` lands in: its next open day."""
+        landed = self.landing.get((store, day))
+        if landed is None:
+            landed = day
+            for _ in range(CLOSED_WALK_MAX):
+                if not self.is_closed(store, landed):
+                    break
+                landed += 1
+            else:
+                raise InvariantError(f"store {store}: more than {CLOSED_WALK_MAX} closed days in "
+                                     "a row ahead of an entry")
+            self.landing[(store, day)] = landed
+        return landed
+
+    def _home(self, card_id: bytes) -> int:
+        home = self.homes.get(card_id)
+        if home is None:
+            raw = self.txn.get(card_id, db=self.ledger.day_money_home)
+            home = self.homes[card_id] = _U32.unpack(raw)[0] if raw is not None else 0
+        return home
+
+    def _acc(self, store: int, day: int) -> list[int]:
+        a = self.acc.get((store, day))
+        if a is None:
+            a = self.acc[(store, day)] = [0] * WIDTH
+        return a
+
+    # ---- additions ------------------------------------------------------------------------------
+
+    def add(self, entry: bytes) -> None:
+        """One journal entry, in sequence order."""
+        f = _ENTRY.unpack_from(entry)
+        op, seq, card_id, ts, store, staff, operator, version = (f[0], f[1], f[2], f[9], f[10],
+                                                                 f[11], f[12], f[13])
+        day = self._day(version, ts)
+        landed = self._land(store, day)
+        a = self.acc.get((store, landed))
+        if a is None:
+            a = self.acc[(store, landed)] = [0] * WIDTH
+        add_figures(a, f)
+        dp = f[5]
+        if op == L.OP_CARD_REPLACED:
+            self.moving_home = self._home(card_id)
+        elif op == L.OP_REPLACEMENT_OPENED:
+            self._set_home(card_id, self.moving_home)
+        elif op == L.OP_TOP_UP and dp > 0:
+            home, before = self._home(card_id), f[8] - dp
+            if home != store and before:
+                self._clear(home, store, before, day)
+            self._set_home(card_id, store)
+        elif dp:
+            home = self._home(card_id)
+            if home != store:
+                self._clear(home, store, -dp, day)
+        if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
+            s = self.staff.get((store, landed, staff))
+            if s is None:
+                s = self.staff[(store, landed, staff)] = [0, 0, 0, 0]
+            if op == L.OP_PURCHASE:
+                s[0] += 1
+                s[1] += f[3] - f[4]
+            else:
+                s[2] += 1
+                s[3] += f[3]
+        if op == L.OP_CLOSE_DAY:
+            closed = (int.from_bytes(card_id[:4], "little"), int.from_bytes(card_id[4:8], "little"))
+            self.closed[closed] = True
+            self.landing.clear()
+            self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
+                L.STORE_DAY_VERSION, L.DAY_CLOSED, operator, seq, ts)))
+
+    def _set_home(self, card_id: bytes, store: int) -> None:
+        if self._home(card_id) != store:
+            self.homes[card_id] = store
+            self.homes_changed.add(card_id)
+
+    def _clear(self, debtor: int, creditor: int, amount_minor: int, day: int) -> None:
+        """``debtor`` owes ``creditor`` ``amount_minor`` (net; may be negative), on both sides,
+        in the first day from ``day`` that is open at both stores, so every day's clearing
+        nets to zero over the chain."""
+        both = day
+        for _ in range(CLOSED_WALK_MAX):
+            d = max(self._land(debtor, both), self._land(creditor, both))
+            if d == both:
+                break
+            both = d
+        else:
+            raise InvariantError(f"stores {debtor} and {creditor}: no open day in common")
+        self._acc(debtor, both)[F_OWES] += amount_minor
+        self._acc(creditor, both)[F_OWED] += amount_minor
+        pairs = self.pairs
+        k = (debtor, both, creditor)
+        pairs[k] = pairs.get(k, 0) + amount_minor
+        k = (creditor, both, debtor)
+        pairs[k] = pairs.get(k, 0) - amount_minor
+
+    # ---- the write ------------------------------------------------------------------------------
+
+    def write(self) -> None:
+        """Add the group's figures to the stored records (each key read and written once)."""
+        txn, ledger = self.txn, self.ledger
+        chain: dict[int, list[int]] = {}
+        for (store, day), a in self.acc.items():
+            c = chain.get(day)
+            if c is None:
+                chain[day] = list(a)
+            else:
+                for k in range(WIDTH):
+                    c[k] += a[k]
+        items = [((store, day), a) for (store, day), a in self.acc.items()]
+        items += [((L.CHAIN_STORE, day), c) for day, c in chain.items()]
+        items.sort()
+        keys = [L.DAY_KEY.pack(*k) for k, _ in items]
+        stored = dict(txn.cursor(db=ledger.day_totals).getmulti(keys))
+        out = []
+        for key, (_, a) in zip(keys, items):
+            raw = stored.get(key)
+            values = list(unpack_totals(raw)) if raw is not None else [0] * WIDTH
+            for k in range(WIDTH):
+                values[k] += a[k]
+            out.append((key, pack_totals(values)))
+        txn.cursor(db=ledger.day_totals).putmulti(out)
+        if self.pairs:
+            cur = txn.cursor(db=ledger.day_clearing)
+            for k, amount in sorted(self.pairs.items()):
+                key = L.DAY_PAIR_KEY.pack(*k)
+                raw = txn.get(key, db=ledger.day_clearing)
+                cur.put(key, _I64.pack((_I64.unpack(raw)[0] if raw else 0) + amount))
+        if self.staff:
+            for k, s in sorted(self.staff.items()):
+                key = L.DAY_PAIR_KEY.pack(*k)
+                raw = txn.get(key, db=ledger.day_staff)
+                old = L.DAY_STAFF.unpack(raw) if raw else (0, 0, 0, 0)
+                txn.put(key, L.DAY_STAFF.pack(*(x + y for x, y in zip(old, s))), db=ledger.day_staff)
+        if self.homes_changed:
+            txn.cursor(db=ledger.day_money_home).putmulti(
+                sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed))
+        for key, value in self.closes:
+            if not txn.put(key, value, db=ledger.store_days, overwrite=False):
+                raise InvariantError("a day was closed twice")
+
+
+def unpack_totals(raw: bytes) -> tuple:
+    """A day totals record's WIDTH values (figures, counts by op, amounts by op)."""
+    f = L.DAY_TOTALS.unpack(raw)
+    if f[0] != L.DAY_TOTALS_VERSION:
+        raise InvariantError(f"day totals record version {f[0]} unknown")
+    return f[1:]
+
+
+def pack_totals(values: list[int]) -> bytes:
+    return L.DAY_TOTALS.pack(L.DAY_TOTALS_VERSION, *values)
+
+
+def fill(txn, ledger) -> int:
+    """Every journal entry added to the day totals (empty until now), in one write transaction:
+    once, for a ledger made before them. Returns how many entries it added."""
+    totals = DayTotals(txn, ledger, {})
+    n = 0
+    for _, entry in txn.cursor(db=ledger.journal):
+        totals.add(entry)
+        n += 1
+    totals.write()
+    return n
+
+
+# ---- reads (reports) -----------------------------------------------------------------------------
+
+def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None, list]:
+    """(the store's figures of ``day`` (zeros: nothing landed), its close (operator, seq, time)
+    or None, its clearing rows [(counterparty, owes_minor)])."""
+    raw = txn.get(L.DAY_KEY.pack(store, day), db=ledger.day_totals)
+    values = list(unpack_totals(raw)) if raw is not None else [0] * WIDTH
+    closed = txn.get(L.DAY_KEY.pack(store, day), db=ledger.store_days)
+    close = L.STORE_DAY.unpack(closed)[2:5] if closed is not None else None
+    rows = []
+    prefix = L.DAY_KEY.pack(store, day)
+    cur = txn.cursor(db=ledger.day_clearing)
+    if cur.set_range(prefix):
+        for key, value in cur:
+            if not key.startswith(prefix):
+                break
+            amount = _I64.unpack(value)[0]
+            if amount:
+                rows.append((L.DAY_PAIR_KEY.unpack(key)[2], amount))
+    return values, close, rows
+
+
+def read_range(txn, ledger, store: int, from_day: int, to_day: int) -> list[tuple[int, list]]:
+    """The store's (or the chain's, ``layout.CHAIN_STORE``) records from ``from_day`` to
+    ``to_day`` inclusive, days with none left out: one range read."""
+    out = []
+    cur = txn.cursor(db=ledger.day_totals)
+    if cur.set_range(L.DAY_KEY.pack(store, from_day)):
+        end = L.DAY_KEY.pack(store, to_day)
+        for key, value in cur:
+            if key > end:
+                break
+            out.append((L.DAY_KEY.unpack(key)[1], list(unpack_totals(value))))
+    return out
+
+
+def liability(txn, ledger, through_day: int) -> tuple[int, int]:
+    """(principal, bonus) the chain owes its members at the end of business day
+    ``through_day``: the range sum of the chain's daily net changes up to it."""
+    principal = bonus = 0
+    for _, v in read_range(txn, ledger, L.CHAIN_STORE, 0, through_day):
+        principal += v[F_P_IN] - v[F_P_OUT]
+        bonus += v[F_B_IN] - v[F_B_OUT]
+    return principal, bonus
+
+
+def read_staff(txn, ledger, store: int | None, from_day: int, to_day: int,
+               rows_max: int) -> dict[int, list[int]]:
+    """Sales and top-ups by staff id over the days (a store's, or every store's: one seek per
+    store), at most ``rows_max`` staff ids."""
+    out: dict[int, list[int]] = {}
+    cur = txn.cursor(db=ledger.day_staff)
+    s = 0 if store is None else store
+    while cur.set_range(L.DAY_PAIR_KEY.pack(s, from_day, 0)):
+        key_store, day, _ = L.DAY_PAIR_KEY.unpack(cur.key())
+        if store is not None and key_store != store:
+            break
+        if key_store != s:  # the next store that has any: from its first day in the range
+            s = key_store
+            continue
+        for key, value in cur:
+            key_store, day, staff = L.DAY_PAIR_KEY.unpack(key)
+            if key_store != s or day > to_day:
+                break
+            row = out.get(staff)
+            if row is None:
+                if len(out) == rows_max:
+                    return out
+                row = out[staff] = [0, 0, 0, 0]
+            for k, x in enumerate(L.DAY_STAFF.unpack(value)):
+                row[k] += x
+        if store is not None or s == 0xFFFFFFFF:
+            break
+        s += 1
+    return out
