@@ -18,7 +18,7 @@ import struct
 from cardcore import layout as L
 from cardcore.idempotency import (REQUEST_WINDOW_S_MIN, SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE,
                                   SCOPE_SUBJECT_TERMINAL, InvariantError, PendingOp)
-from cardcore.daytotals import business_day
+from cardcore.daytotals import business_day, closed_by
 from cardcore.program import ProgramError, parse_program
 from cardcore.rules import Program
 
@@ -54,7 +54,7 @@ class AdminState:
         self.program_packed: bytes = ledger.program_packed
         self.request_window_us: int = ledger.request_window_us
         self._tier_cards: list[int] | None = None
-        self.day_closes: set[bytes] = set()  # store | day keys this group closed
+        self.day_closes: dict[bytes, int] = {}  # store | day keys this group closed -> seq
 
     def flush(self) -> None:
         """Write the terminal records the group changed (KSN counters, enrolments, revocations)
@@ -167,9 +167,9 @@ class AdminState:
             self.txn.put(META_WINDOW, U32.pack(window_s), db=self.ledger.meta)
             self.request_window_us = window_s * 1_000_000
         elif kind == L.OP_CLOSE_DAY:
-            reason, new = self._close_day(subject, ts_us)
-            if not new:
-                return reason, None  # refused, or closed before: no entry (the same figures)
+            reason, before = self._close_day(subject, ts_us, seq)
+            if reason != L.R_OK or before:
+                return reason, before or None  # closed before: its close's seq (no new entry)
         elif kind == L.OP_RESEAL:
             return L.R_OK, self.reseal(op.payload)
         elif kind == L.OP_FLOOR:
@@ -226,19 +226,23 @@ class AdminState:
         self.program_packed = program.packed(version)
         return L.R_OK, version.to_bytes(4, "little") + hashlib.sha256(source.encode()).digest()[:12]
 
-    def _close_day(self, subject: bytes, ts_us: int) -> tuple[int, bool]:
-        """CloseDay (``cardcore.daytotals``): a day that has begun, closed once. The entries
-        after it land in the store's next open day (the day totals see its entry)."""
-        store, day = U32.unpack_from(subject)[0], U32.unpack_from(subject, 4)[0]
+    def _close_day(self, subject: bytes, ts_us: int, seq: int) -> tuple[int, int]:
+        """CloseDay (``cardcore.daytotals``): a day that has begun, closed once: (reason, the
+        seq of the close before, or 0: this one closes it). The entries after it land in the
+        store's next open day (the day totals see its entry)."""
+        store, day = closed_by(subject)
         program = self.program
         if day > business_day(ts_us, program.business_day_utc_offset_minutes,
                               program.business_day_cutoff_hour):
-            return L.R_DAY_NOT_STARTED, False
+            return L.R_DAY_NOT_STARTED, 0
         key = L.DAY_KEY.pack(store, day)
-        if key in self.day_closes or self.txn.get(key, db=self.ledger.store_days) is not None:
-            return L.R_OK, False  # closed before: nothing changes
-        self.day_closes.add(key)
-        return L.R_OK, True
+        before = self.day_closes.get(key)
+        if before is None:
+            raw = self.txn.get(key, db=self.ledger.store_days)
+            before = L.STORE_DAY.unpack(raw)[3] if raw is not None else 0
+        if not before:
+            self.day_closes[key] = seq
+        return L.R_OK, before
 
     def _floor(self, what: int, ident: int, value: int) -> int:
         """Restore: never lower a terminal's KSN counter or reuse an operator id."""

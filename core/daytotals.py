@@ -69,6 +69,7 @@ _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
                            L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS))
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
+_CLOSE = struct.Struct("<II8x")  # a close's subject
 
 
 class DayError(ValueError):
@@ -99,6 +100,16 @@ def day_of_date(text: str, field: str = "business_day") -> int:
 
 def date_of_day(day: int) -> str:
     return (EPOCH + dt.timedelta(days=day)).isoformat()
+
+
+def close_subject(store: int, day: int) -> bytes:
+    """A close's subject (its entry's card_id field): u32 store | u32 day | zeros."""
+    return _CLOSE.pack(store, day)
+
+
+def closed_by(subject: bytes) -> tuple[int, int]:
+    """(store, day) a close's subject names."""
+    return _CLOSE.unpack(subject)
 
 
 def add_figures(a: list[int], f: tuple) -> None:
@@ -255,7 +266,7 @@ class DayTotals:
                 s[2] += 1
                 s[3] += f[3]
         if op == L.OP_CLOSE_DAY:
-            closed = (int.from_bytes(card_id[:4], "little"), int.from_bytes(card_id[4:8], "little"))
+            closed = closed_by(card_id)
             self.closed[closed] = True
             self.landing.clear()
             self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
@@ -431,3 +442,69 @@ def read_staff(txn, ledger, store: int | None, from_day: int, to_day: int,
             break
         s += 1
     return out
+
+
+GRANULARITY_DAY, GRANULARITY_MONTH, GRANULARITY_YEAR = 1, 2, 3  # cardcore.v1.ReportGranularity
+REPORT_DAYS_MAX = 3660   # a report's range, days (ten years of daily rows at most)
+STAFF_ROWS_MAX = 1000    # staff ids one report lists at most
+
+
+def periods(from_day: int, to_day: int, granularity: int) -> list[tuple[str, int, int]]:
+    """The report's rows: (label, first day, last day) of each day, calendar month or year
+    that the range touches, cut to the range."""
+    if granularity == GRANULARITY_DAY:
+        return [(date_of_day(d), d, d) for d in range(from_day, to_day + 1)]
+    width = 7 if granularity == GRANULARITY_MONTH else 4  # "2026-11" or "2026"
+    out: list[list] = []
+    for d in range(from_day, to_day + 1):
+        label = date_of_day(d)[:width]
+        if out and out[-1][0] == label:
+            out[-1][2] = d
+        else:
+            out.append([label, d, d])
+    return [tuple(p) for p in out]
+
+
+def report(txn, ledger, store: int | None, from_day: int, to_day: int, granularity: int,
+           staff: bool) -> dict:
+    """A store's (``store``) or the chain's (None) figures over the days, by period, from range
+    reads of the day totals: {"rows": [(label, first, last, values, liability principal, bonus,
+    days closed)], "total": values, "staff": {staff id: [sales, sales_minor, top-ups,
+    top_up_minor]}}. The chain's rows carry the liability at the end of their last day."""
+    if ledger.day_totals is None:  # a read-only look at a ledger made before them
+        return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0) for label, first, last
+                         in periods(from_day, to_day, granularity)],
+                "total": [0] * WIDTH, "staff": {}}
+    key_store = L.CHAIN_STORE if store is None else store
+    days = dict(read_range(txn, ledger, key_store, from_day, to_day))
+    closed: set[int] = set()
+    if store is not None:
+        cur = txn.cursor(db=ledger.store_days)
+        if cur.set_range(L.DAY_KEY.pack(store, from_day)):
+            end = L.DAY_KEY.pack(store, to_day)
+            for key in cur.iternext(values=False):
+                if key > end:
+                    break
+                closed.add(L.DAY_KEY.unpack(key)[1])
+    principal, bonus = (liability(txn, ledger, from_day - 1) if store is None and from_day
+                        else (0, 0))
+    total = [0] * WIDTH
+    rows = []
+    for label, first, last in periods(from_day, to_day, granularity):
+        acc = [0] * WIDTH
+        for d in range(first, last + 1):
+            v = days.get(d)
+            if v is not None:
+                for k in range(WIDTH):
+                    acc[k] += v[k]
+        for k in range(WIDTH):
+            total[k] += acc[k]
+        if store is None:
+            principal += acc[F_P_IN] - acc[F_P_OUT]
+            bonus += acc[F_B_IN] - acc[F_B_OUT]
+        rows.append((label, first, last, acc, principal if store is None else 0,
+                     bonus if store is None else 0,
+                     sum(1 for d in closed if first <= d <= last)))
+    return {"rows": rows, "total": total,
+            "staff": read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
+            if staff else {}}

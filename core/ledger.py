@@ -431,7 +431,7 @@ class Ledger:
         self.profile_box = ProfileBox(profile_key)
         self._initial_window_s = initial_request_window_s
         self.request_window_us = initial_request_window_s * 1_000_000
-        self.day_totals = day_totals
+        self.keep_day_totals = day_totals  # (self.day_totals is the sub-database)
         self.day_settings: dict[int, tuple[int, int]] = {}  # program version -> business day
         # Explicit options: durability (sync/metasync) is the point of the ledger;
         # writemap off keeps stray pointer writes from touching the file.
@@ -920,6 +920,18 @@ class Ledger:
         """Every stored program version: its record (source, sha256, loaded_us, loaded_by)."""
         return self._read(lambda txn: {L.VERSION_KEY.unpack(k)[0]: json.loads(v)
                                        for k, v in txn.cursor(db=self.programs)})
+
+    def read_day(self, store: int, day: int) -> tuple[list[int], tuple | None, list]:
+        """A store's business day: figures, its close, its clearing (``daytotals.read_day``)."""
+        if self.day_totals is None:
+            return [0] * daytotals.WIDTH, None, []
+        return self._read(lambda txn: daytotals.read_day(txn, self, store, day))
+
+    def read_report(self, store: int | None, from_day: int, to_day: int, granularity: int,
+                    staff: bool = False) -> dict:
+        """A store's (None: the chain's) report over business days (``daytotals.report``)."""
+        return self._read(lambda txn: daytotals.report(txn, self, store, from_day, to_day,
+                                                        granularity, staff))
 
     def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""
@@ -1467,16 +1479,20 @@ class _Group:
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:
         reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
-        count = 0
+        count = seq = 0
         if kind in L.INTERNAL_OPS:
             count, entry = entry, None
-        elif reason == L.R_OK and entry is not None:  # None: a day closed before (no new entry)
+        elif reason == L.R_OK and isinstance(entry, int):  # a day closed before: its close's
+            seq = entry                                    # entry answers (nothing new)
+            entry = (self.entries[seq - self.first_seq] if seq >= self.first_seq
+                     else self.txn.get(L.SEQ_KEY.pack(seq), db=self.ledger.journal))
+        elif reason == L.R_OK:
             self.entries.append(entry)
+            seq = self.seq
             self.seq += 1
         if op.request_key:
             self.idem_items.append((op.request_key, record(
-                kind, reason, op.digest, self.seq - 1 if reason == L.R_OK else 0, 0, self.ts,
-                op.client_time_us)))
+                kind, reason, op.digest, seq, 0, self.ts, op.client_time_us)))
         self.outcomes[i] = Outcome(reason, False, kind, entry, 0, count)
 
     def _flush_run(self) -> None:
@@ -1900,7 +1916,7 @@ class _Group:
                  for k in range(len(self.entries))], append=True)
             if added != len(self.entries):
                 raise InvariantError("journal append refused: sequence not increasing")
-            if ledger.day_totals:  # every entry, in sequence order (cardcore.daytotals)
+            if ledger.keep_day_totals:  # every entry, in sequence order (cardcore.daytotals)
                 totals = daytotals.DayTotals(txn, ledger, ledger.day_settings)
                 for entry in self.entries:
                     totals.add(entry)

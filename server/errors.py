@@ -125,6 +125,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_LINE_ALREADY_REFUNDED: (C.FAILED_PRECONDITION, "a line named was given back "
                                      "already"),
     R.REASON_LINE_NOT_FOUND: (C.NOT_FOUND, "the sale has no line with that number"),
+    R.REASON_DAY_NOT_STARTED: (C.FAILED_PRECONDITION, "that business day has not begun: only a "
+                               "day that has begun can be closed"),
+    R.REASON_REPORT_RANGE_INVALID: (C.INVALID_ARGUMENT, "to_day must be on or after from_day, at "
+                                    "most 3660 days on"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}
