@@ -60,6 +60,7 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/programs.py --out bench/programs_results.json
 	$(PY) bench/refunds.py --out bench/refunds_results.json
 	$(PY) bench/history.py --out bench/history_results.json
+	$(PY) bench/daytotals.py --out bench/daytotals_results.json
 
 bench-peer: $(BUILT) ## the same purchase in PostgreSQL (installed and started on loopback if needed) beside cardcore
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"

@@ -38,8 +38,10 @@ import datetime as dt
 import json
 import re
 import struct
+from array import array
 
 from cardcore import layout as L
+from cardcore.ext import daytotals as native
 from cardcore.idempotency import InvariantError
 from cardcore.program import parse_program
 
@@ -49,6 +51,7 @@ MINUTE_US = 60_000_000
 EPOCH = dt.date(1970, 1, 1)
 DAY_MAX = (dt.date(9999, 12, 31) - EPOCH).days
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+FILL_CHUNK = 10_000  # journal entries the fill reads the homes of at once
 CLOSED_WALK_MAX = 4000  # closed days an entry walks past at most (more: a broken invariant)
 DEFAULT_SETTINGS = (480, 4)  # entries without a program version (migrated from v1)
 # The ledger's sub-databases of the day totals (layout.DAY_TOTALS and after).
@@ -61,6 +64,7 @@ _ENTRY = struct.Struct("<xB6xQ16s6q16xqI4xII8xI44x2q4x2H16xq")
 assert _ENTRY.size == 224
 _NF, _NO = L.DAY_FIGURE_SLOTS, L.DAY_OPS
 WIDTH = _NF + 2 * _NO  # an accumulator: figures, then counts by op, then amounts by op
+assert native.width() == WIDTH
 (F_ENTRIES, F_P_IN, F_P_OUT, F_B_IN, F_B_OUT, F_PTS_IN, F_PTS_OUT, F_GROSS, F_DISCOUNT,
  F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
  F_COUPONS_USED, F_OWES, F_OWED) = range(len(L.DAY_FIGURES))
@@ -70,6 +74,14 @@ _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
 _CLOSE = struct.Struct("<II8x")  # a close's subject
+# layout.JOURNAL offsets the runs read as columns: principal delta, store, staff, program version
+_OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
+_Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
+_NO_CARD = 0xFFFFFFFF
+_ZERO8 = bytes(8)
+_ZERO_ROW = bytes(8 * WIDTH)
+_ZERO_RECORD = bytes(L.DAY_TOTALS.size)
+NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
 
 
 class DayError(ValueError):
@@ -161,7 +173,7 @@ class DayTotals:
     def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]]):
         self.txn, self.ledger = txn, ledger
         self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
-        self.acc: dict[tuple[int, int], list[int]] = {}
+        self.acc: dict[tuple[int, int], array] = {}  # (store, day) -> WIDTH int64 values
         self.pairs: dict[tuple[int, int, int], int] = {}
         self.staff: dict[tuple[int, int, int], list[int]] = {}
         self.homes: dict[bytes, int] = {}
@@ -169,7 +181,8 @@ class DayTotals:
         self.closed: dict[tuple[int, int], bool] = {}
         self.closes: list[tuple[bytes, bytes]] = []
         self.landing: dict[tuple[int, int], int] = {}
-        self.days: dict[tuple[int, int], int] = {}
+        self.slots: dict[tuple[int, int, int], tuple[list[int], int, int]] = {}
+        self.both: dict[tuple[int, int, int], int] = {}  # (debtor, creditor, day) -> clearing day
         self.moving_home = 0  # a replacement's home, from the old card's entry to the new one's
 
     # ---- reads, through the group's own changes -----------------------------------------------
@@ -184,14 +197,6 @@ class DayTotals:
                 s = (p.business_day_utc_offset_minutes, p.business_day_cutoff_hour)
             self.settings[version] = s
         return s
-
-    def _day(self, version: int, ts_us: int) -> int:
-        day = self.days.get((version, ts_us))
-        if day is None:
-            if len(self.days) > 4096:  # a fill: a new time every group
-                self.days.clear()
-            day = self.days[(version, ts_us)] = business_day(ts_us, *self._settings(version))
-        return day
 
     def is_closed(self, store: int, day: int) -> bool:
         closed = self.closed.get((store, day))
@@ -222,39 +227,120 @@ class DayTotals:
             home = self.homes[card_id] = _U32.unpack(raw)[0] if raw is not None else 0
         return home
 
-    def _acc(self, store: int, day: int) -> list[int]:
+    def _acc(self, store: int, day: int) -> array:
         a = self.acc.get((store, day))
         if a is None:
-            a = self.acc[(store, day)] = [0] * WIDTH
+            a = self.acc[(store, day)] = array("q", _ZERO_ROW)
         return a
 
     # ---- additions ------------------------------------------------------------------------------
 
+    def add_all(self, entries, native: bool = True) -> None:
+        """Journal entries, in sequence order: the cards whose principal moves have their homes
+        read in one go first; runs of one time and program version without a close go through
+        the C loop (``native``; False: entry by entry, the reference)."""
+        entries = list(entries)
+        if not entries:
+            return
+        buf = b"".join(entries)
+        if len(buf) != len(entries) * L.JOURNAL_SIZE:
+            raise InvariantError("day totals: journal entries of the wrong size")
+        view = memoryview(buf)
+        ops = buf[1::L.JOURNAL_SIZE]
+        dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
+        size = L.JOURNAL_SIZE
+        moving = {k: buf[k * size + 16:k * size + 32] for k, dp in enumerate(dps)
+                  if dp or ops[k] == L.OP_CARD_REPLACED or ops[k] == L.OP_REPLACEMENT_OPENED}
+        wanted = [cid for cid in set(moving.values()) if cid not in self.homes]
+        if wanted:
+            found = dict(self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
+            unpack = _U32.unpack
+            for cid in wanted:
+                raw = found.get(cid)
+                self.homes[cid] = unpack(raw)[0] if raw is not None else 0
+        times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
+        versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
+        start = 0
+        for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
+            if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
+                    and ops[k] != L.OP_CLOSE_DAY and ops[start] != L.OP_CLOSE_DAY:
+                continue
+            if native and k - start >= NATIVE_RUN_MIN and ops[start] != L.OP_CLOSE_DAY:
+                self._add_run(view[start * size:k * size], ops[start:k], moving, start,
+                              versions[start], times[start])
+            else:
+                for entry in entries[start:k]:
+                    self.add(entry)
+            start = k
+
+    def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
+                 version: int, ts_us: int) -> None:
+        """A run of entries of one time and program version, without a close, through the C
+        loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
+        ``moving``: the card of each entry (by its index in the group, the run's first is
+        ``start``) whose principal moves (or a replacement's)."""
+        n = len(ops)
+        size = L.JOURNAL_SIZE
+        stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
+        slot_index: dict[int, int] = {}
+        slot_of = array("I", [slot_index.setdefault(s, len(slot_index)) for s in stores])
+        card_slot: dict[bytes, int] = {}
+        card_of = array("I", [_NO_CARD]) * n
+        for k in range(start, start + n):
+            cid = moving.get(k)
+            if cid is not None:
+                card_of[k - start] = card_slot.setdefault(cid, len(card_slot))
+        homes = array("I", [slot_index.setdefault(self._home(cid), len(slot_index))
+                            for cid in card_slot])
+        nslots = len(slot_index)
+        day = business_day(ts_us, *self._settings(version))
+        unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
+                   if (store, day) not in self.closed]
+        if unknown:  # whether each store's day is closed, read in one go
+            found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
+            for key in unknown:
+                self.closed[L.DAY_KEY.unpack(key)] = key in found
+        home_set = bytearray(len(card_slot))
+        acc = array("q", bytes(8 * nslots * WIDTH))
+        pairs = array("q", bytes(8 * nslots * nslots))
+        native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots)
+        by_slot = list(slot_index)
+        for store, s in slot_index.items():
+            if acc[s * WIDTH + F_ENTRIES]:
+                native.add_rows(self._slot(store, version, ts_us)[0], acc, s * WIDTH)
+        for cell, amount in native.nonzero(pairs):
+            self._clear(by_slot[cell // nslots], by_slot[cell % nslots], amount, day)
+        for cid, c in card_slot.items():
+            if home_set[c]:
+                self._set_home(cid, by_slot[homes[c]])
+        staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
+        for k, staff in enumerate(staffs):
+            if staff and (ops[k] == L.OP_PURCHASE or ops[k] == L.OP_TOP_UP):
+                landed = self._slot(stores[k], version, ts_us)[2]
+                s = self.staff.get((stores[k], landed, staff))
+                if s is None:
+                    s = self.staff[(stores[k], landed, staff)] = [0, 0, 0, 0]
+                amount = _I64.unpack_from(run, k * size + 32)[0]
+                if ops[k] == L.OP_PURCHASE:
+                    s[0] += 1
+                    s[1] += amount - _I64.unpack_from(run, k * size + 40)[0]
+                else:
+                    s[2] += 1
+                    s[3] += amount
+
     def add(self, entry: bytes) -> None:
         """One journal entry, in sequence order."""
         f = _ENTRY.unpack_from(entry)
-        op, seq, card_id, ts, store, staff, operator, version = (f[0], f[1], f[2], f[9], f[10],
-                                                                 f[11], f[12], f[13])
-        day = self._day(version, ts)
-        landed = self._land(store, day)
-        a = self.acc.get((store, landed))
-        if a is None:
-            a = self.acc[(store, landed)] = [0] * WIDTH
+        op, store = f[0], f[10]
+        slot = self.slots.get((store, f[13], f[9]))  # (store, program version, time)
+        if slot is None:
+            slot = self._slot(store, f[13], f[9])
+        a, day, landed = slot
         add_figures(a, f)
         dp = f[5]
-        if op == L.OP_CARD_REPLACED:
-            self.moving_home = self._home(card_id)
-        elif op == L.OP_REPLACEMENT_OPENED:
-            self._set_home(card_id, self.moving_home)
-        elif op == L.OP_TOP_UP and dp > 0:
-            home, before = self._home(card_id), f[8] - dp
-            if home != store and before:
-                self._clear(home, store, before, day)
-            self._set_home(card_id, store)
-        elif dp:
-            home = self._home(card_id)
-            if home != store:
-                self._clear(home, store, -dp, day)
+        if dp or op >= L.OP_CARD_REPLACED:
+            self._money(op, f[2], store, dp, f[8], day)
+        staff = f[11]
         if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
             s = self.staff.get((store, landed, staff))
             if s is None:
@@ -266,11 +352,41 @@ class DayTotals:
                 s[2] += 1
                 s[3] += f[3]
         if op == L.OP_CLOSE_DAY:
-            closed = closed_by(card_id)
+            closed = closed_by(f[2])
             self.closed[closed] = True
-            self.landing.clear()
+            self.landing.clear()  # the entries after it land elsewhere
+            self.slots.clear()
+            self.both.clear()
             self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
-                L.STORE_DAY_VERSION, L.DAY_CLOSED, operator, seq, ts)))
+                L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9])))
+
+    def _slot(self, store: int, version: int, ts_us: int) -> tuple[array, int, int]:
+        """(the accumulator, the business day, the day it lands in) of an entry of ``store`` at
+        ``ts_us`` under program ``version``."""
+        if len(self.slots) > 4096:  # a fill: a new time every group
+            self.slots.clear()
+        day = business_day(ts_us, *self._settings(version))
+        landed = self._land(store, day)
+        slot = self.slots[(store, version, ts_us)] = (self._acc(store, landed), day, landed)
+        return slot
+
+    def _money(self, op: int, card_id: bytes, store: int, dp: int, principal_after: int,
+               day: int) -> None:
+        """The clearing rule (module docstring) for one entry that moves principal, or a
+        replacement's."""
+        if op == L.OP_CARD_REPLACED:
+            self.moving_home = self._home(card_id)
+        elif op == L.OP_REPLACEMENT_OPENED:
+            self._set_home(card_id, self.moving_home)
+        elif op == L.OP_TOP_UP and dp > 0:
+            home, before = self._home(card_id), principal_after - dp
+            if home != store and before:
+                self._clear(home, store, before, day)
+            self._set_home(card_id, store)
+        elif dp:
+            home = self._home(card_id)
+            if home != store:
+                self._clear(home, store, -dp, day)
 
     def _set_home(self, card_id: bytes, store: int) -> None:
         if self._home(card_id) != store:
@@ -280,55 +396,56 @@ class DayTotals:
     def _clear(self, debtor: int, creditor: int, amount_minor: int, day: int) -> None:
         """``debtor`` owes ``creditor`` ``amount_minor`` (net; may be negative), on both sides,
         in the first day from ``day`` that is open at both stores, so every day's clearing
-        nets to zero over the chain."""
-        both = day
-        for _ in range(CLOSED_WALK_MAX):
-            d = max(self._land(debtor, both), self._land(creditor, both))
-            if d == both:
-                break
-            both = d
-        else:
-            raise InvariantError(f"stores {debtor} and {creditor}: no open day in common")
-        self._acc(debtor, both)[F_OWES] += amount_minor
-        self._acc(creditor, both)[F_OWED] += amount_minor
-        pairs = self.pairs
+        nets to zero over the chain (the stores' figures are added at the write)."""
+        key = (debtor, creditor, day)
+        both = self.both.get(key)
+        if both is None:
+            both = day
+            for _ in range(CLOSED_WALK_MAX):
+                d = max(self._land(debtor, both), self._land(creditor, both))
+                if d == both:
+                    break
+                both = d
+            else:
+                raise InvariantError(f"stores {debtor} and {creditor}: no open day in common")
+            self.both[key] = both
         k = (debtor, both, creditor)
-        pairs[k] = pairs.get(k, 0) + amount_minor
-        k = (creditor, both, debtor)
-        pairs[k] = pairs.get(k, 0) - amount_minor
+        self.pairs[k] = self.pairs.get(k, 0) + amount_minor
 
     # ---- the write ------------------------------------------------------------------------------
 
     def write(self) -> None:
         """Add the group's figures to the stored records (each key read and written once)."""
         txn, ledger = self.txn, self.ledger
-        chain: dict[int, list[int]] = {}
+        sides: dict[tuple[int, int, int], int] = {}
+        for (debtor, day, creditor), amount in self.pairs.items():
+            self._acc(debtor, day)[F_OWES] += amount
+            self._acc(creditor, day)[F_OWED] += amount
+            sides[(debtor, day, creditor)] = sides.get((debtor, day, creditor), 0) + amount
+            sides[(creditor, day, debtor)] = sides.get((creditor, day, debtor), 0) - amount
+        chain: dict[int, array] = {}
         for (store, day), a in self.acc.items():
             c = chain.get(day)
             if c is None:
-                chain[day] = list(a)
-            else:
-                for k in range(WIDTH):
-                    c[k] += a[k]
-        items = [((store, day), a) for (store, day), a in self.acc.items()]
-        items += [((L.CHAIN_STORE, day), c) for day, c in chain.items()]
-        items.sort()
+                c = chain[day] = array("q", _ZERO_ROW)
+            native.add_rows(c, a, 0)
+        items = sorted([*self.acc.items(), *(((L.CHAIN_STORE, day), c)
+                                              for day, c in chain.items())])
         keys = [L.DAY_KEY.pack(*k) for k, _ in items]
         stored = dict(txn.cursor(db=ledger.day_totals).getmulti(keys))
         out = []
         for key, (_, a) in zip(keys, items):
-            raw = stored.get(key)
-            values = list(unpack_totals(raw)) if raw is not None else [0] * WIDTH
-            for k in range(WIDTH):
-                values[k] += a[k]
-            out.append((key, pack_totals(values)))
+            record = bytearray(stored.get(key, _ZERO_RECORD))
+            native.add_record(record, a)
+            out.append((key, bytes(record)))
         txn.cursor(db=ledger.day_totals).putmulti(out)
-        if self.pairs:
+        if sides:
+            keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k, amount in sides.items() if amount)
             cur = txn.cursor(db=ledger.day_clearing)
-            for k, amount in sorted(self.pairs.items()):
-                key = L.DAY_PAIR_KEY.pack(*k)
-                raw = txn.get(key, db=ledger.day_clearing)
-                cur.put(key, _I64.pack((_I64.unpack(raw)[0] if raw else 0) + amount))
+            stored = dict(cur.getmulti(keys))
+            cur.putmulti([(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
+                                          + sides[L.DAY_PAIR_KEY.unpack(key)]))
+                          for key in keys])
         if self.staff:
             for k, s in sorted(self.staff.items()):
                 key = L.DAY_PAIR_KEY.pack(*k)
@@ -360,11 +477,16 @@ def fill(txn, ledger) -> int:
     once, for a ledger made before them. Returns how many entries it added."""
     totals = DayTotals(txn, ledger, {})
     n = 0
+    chunk: list[bytes] = []
     for _, entry in txn.cursor(db=ledger.journal):
-        totals.add(entry)
-        n += 1
+        chunk.append(entry)
+        if len(chunk) == FILL_CHUNK:
+            totals.add_all(chunk)
+            n += len(chunk)
+            chunk = []
+    totals.add_all(chunk)
     totals.write()
-    return n
+    return n + len(chunk)
 
 
 # ---- reads (reports) -----------------------------------------------------------------------------

@@ -1918,8 +1918,7 @@ class _Group:
                 raise InvariantError("journal append refused: sequence not increasing")
             if ledger.keep_day_totals:  # every entry, in sequence order (cardcore.daytotals)
                 totals = daytotals.DayTotals(txn, ledger, ledger.day_settings)
-                for entry in self.entries:
-                    totals.add(entry)
+                totals.add_all(self.entries)
                 totals.write()
             else:
                 txn.delete(META_DAY_TOTALS, db=ledger.meta)

@@ -67,6 +67,7 @@ class ServerConfig:
     metrics_listen: str | None = None             # HOST:PORT for Prometheus; None: not served
     request_window_s: int = REQUEST_WINDOW_S_DEFAULT  # request records kept, and requests accepted
     reader_check_s: float = READER_CHECK_S_DEFAULT    # stale LMDB reader slots cleared this often
+    day_totals: bool = True          # False: no daily close figures (a benchmark's, --no-day-totals)
 
 
 class StartupError(Exception):
@@ -167,6 +168,9 @@ async def serve(cfg: ServerConfig) -> None:
         for _ in range(3):
             log.warning("*** --no-sync: commits are NOT durable; a crash loses acknowledged "
                         "operations. For benchmarks only. ***")
+    if not cfg.day_totals:
+        log.warning("*** --no-day-totals: no daily close figures are kept (refilled from the "
+                    "journal at the next start without it). For benchmarks only. ***")
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as exc:
@@ -226,7 +230,7 @@ async def serve(cfg: ServerConfig) -> None:
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
-                    reader_check_s=cfg.reader_check_s, on_fatal=fatal,
+                    reader_check_s=cfg.reader_check_s, on_fatal=fatal, day_totals=cfg.day_totals,
                     lookup_key=lookup_key(keyring.index_key),
                     profile_key=profile_key(keyring.index_key))
     writer.start()

@@ -23,7 +23,7 @@ def cmd_serve(args) -> int:
                        queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
                        map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen,
                        request_window_s=args.request_window_hours * 3600,
-                       reader_check_s=args.reader_check_s)
+                       reader_check_s=args.reader_check_s, day_totals=not args.no_day_totals)
     if args.request_window_hours < 1:
         print("cardcore: --request-window-hours is at least 1", file=sys.stderr)
         return 2

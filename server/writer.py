@@ -216,8 +216,9 @@ def send_frame(sock: socket.socket, data: bytes) -> None:
 def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | None, sync: bool,
                 map_size: int, request_window_s: int, reader_check_s: float, log_level: str,
                 log_format: str, lookup_key: bytes | None = None,
-                profile_key: bytes | None = None) -> None:
-    """The writer process: apply each group it is sent, answer it, until the socket closes."""
+                profile_key: bytes | None = None, day_totals: bool = True) -> None:
+    """The writer process: apply each group it is sent, answer it, until the socket closes.
+    ``day_totals`` False: for the benchmark of their cost only (``serve --no-day-totals``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(log_level, log_format)
@@ -225,7 +226,7 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
     def open_ledger() -> Ledger:
         return Ledger(ledger_path, initial_program=initial_program, sync=sync, map_size=map_size,
                       initial_request_window_s=request_window_s, lookup_key=lookup_key,
-                      profile_key=profile_key)
+                      profile_key=profile_key, day_totals=day_totals)
 
     ledger = open_ledger()
     try:
@@ -302,9 +303,11 @@ class Writer:
                  metrics: Metrics | None = None,
                  log_level: str = "INFO", log_format: str = "text",
                  on_fatal: Callable[[str], None] | None = None,
-                 lookup_key: bytes | None = None, profile_key: bytes | None = None) -> None:
+                 lookup_key: bytes | None = None, profile_key: bytes | None = None,
+                 day_totals: bool = True) -> None:
         """``lookup_key``: the member index's (rule 17), for the writer process to keep it;
-        ``profile_key``: the stored profiles' (``cardcore.profiles``), to read them for it."""
+        ``profile_key``: the stored profiles' (``cardcore.profiles``), to read them for it;
+        ``day_totals`` False: the writer keeps no day totals (their cost's benchmark only)."""
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
         assert 1 <= groups_in_flight <= GROUPS_IN_FLIGHT_MAX
         self.groups_in_flight = groups_in_flight
@@ -327,7 +330,8 @@ class Writer:
         self._proc = ctx.Process(target=writer_main, name="cardcore-writer", daemon=True,
                                  args=(child, ledger_path, initial_program, sync, map_size,
                                        request_window_s, reader_check_s,
-                                       log_level, log_format, lookup_key, profile_key))
+                                       log_level, log_format, lookup_key, profile_key,
+                                       day_totals))
         self._child_sock = child
         self._out = bytearray()    # framed bytes not yet accepted by the socket
         self._in = bytearray()     # bytes received, not yet a whole frame
