@@ -15,7 +15,9 @@ import grpc
 import lmdb
 import pytest
 
+from cardcore import daytotals
 from cardcore import layout as L
+from cardcore.ledger import Ledger
 from cardcore.program import DEFAULT_PROGRAM_TOML
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
@@ -280,6 +282,45 @@ def test_closes_of_every_store_equal_the_journal_after_a_randomised_day(server, 
                 w[2] += 1
                 w[3] += e[J_AMOUNT]
     assert staff == {k: tuple(v) for k, v in want.items()}
+    # the C loop and the entry-by-entry reference fill the same records as the live writer did
+    server.stop()
+    ledger = Ledger(os.path.join(server.data_dir, "ledger"))
+    try:
+        live = day_records(ledger)
+        assert live["day_totals"] and live["store_days"] and live["day_clearing"]
+        assert refilled(ledger, native=True) == refilled(ledger, native=False) == live
+    finally:
+        ledger.close()
+
+
+def day_records(ledger, txn=None) -> dict[str, list]:
+    if txn is None:
+        with ledger.env.begin() as txn:
+            return day_records(ledger, txn)
+    return {name: list(txn.cursor(db=getattr(ledger, name))) for name in daytotals.DB_NAMES}
+
+
+def refilled(ledger, native: bool) -> dict[str, list]:
+    """The day totals made anew from the whole journal (in a transaction then aborted); native:
+    every run through the C loop, however short (the writer's groups here are small)."""
+    run_min = daytotals.NATIVE_RUN_MIN
+    daytotals.NATIVE_RUN_MIN = 1
+    try:
+        return _refilled(ledger, native)
+    finally:
+        daytotals.NATIVE_RUN_MIN = run_min
+
+
+def _refilled(ledger, native: bool) -> dict[str, list]:
+    with ledger.env.begin(write=True) as txn:
+        for name in daytotals.DB_NAMES:
+            txn.drop(getattr(ledger, name), delete=False)
+        totals = daytotals.DayTotals(txn, ledger, {})
+        totals.add_all([entry for _, entry in txn.cursor(db=ledger.journal)], native=native)
+        totals.write()
+        records = day_records(ledger, txn)
+        txn.abort()
+    return records
 
 
 def settings_for(day: int, now_us: int) -> tuple[int, int]:
@@ -436,3 +477,11 @@ def test_the_cli_closes_a_day_and_prints_reports_as_tables_and_csv(server, chain
     assert code == 2 and "--store S or --chain" in out
     code, out = operator_cli(server, "close-day", "6", "2026-11-31")
     assert code == 2 and "not a calendar date" in out
+
+
+def test_the_numbers_agree_with_the_proto():
+    assert (L.OP_CLOSE_DAY, L.R_DAY_NOT_STARTED) == (cpb.OPERATION_TYPE_DAY_CLOSED,
+                                                      cpb.REASON_DAY_NOT_STARTED)
+    assert (daytotals.GRANULARITY_DAY, daytotals.GRANULARITY_MONTH, daytotals.GRANULARITY_YEAR) == (
+        apb.REPORT_GRANULARITY_DAY, apb.REPORT_GRANULARITY_MONTH, apb.REPORT_GRANULARITY_YEAR)
+    assert daytotals.REPORT_DAYS_MAX == 3660  # the proto's and the reason's wording
