@@ -74,8 +74,11 @@ def cost(args) -> tuple[dict, dict]:
     for log in logs.values():
         if "Traceback" in log:
             print(log[-3000:], file=sys.stderr)
+    cpu = {name: statistics.median(r["server_cpu_us_per_op"] for r in runs)
+           for name, runs in rows.items()}
     return rows, {"with_vs_without": e2e.median_ratio(rows, "with_day_totals",
-                                                      "without_day_totals")}
+                                                      "without_day_totals"),
+                  "cpu_without_vs_with": cpu["without_day_totals"] / cpu["with_day_totals"]}
 
 
 def build(path: str, ops: int, stores: int, days: int) -> dict:
@@ -188,6 +191,7 @@ def main() -> None:
     ap.add_argument("--stores", type=int, default=100)
     ap.add_argument("--days", type=int, default=365)
     ap.add_argument("--skip-cost", action="store_true", help="part 2 only")
+    ap.add_argument("--skip-speed", action="store_true", help="part 1 only")
     ap.add_argument("--out", default=os.path.join(HERE, "daytotals_results.json"))
     args = ap.parse_args()
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -198,14 +202,22 @@ def main() -> None:
         for name, runs in rows.items():
             print(f"{name:20s} " + "  ".join(f"{r['tx_per_s']:>8,}/s "
                                              f"{r['server_cpu_us_per_op']:>7} µs" for r in runs))
-        print(f"with / without day totals: {ratios['with_vs_without']:.2f}x")
+        print(f"with / without day totals: {ratios['with_vs_without']:.2f}x throughput, "
+              f"{ratios['cpu_without_vs_with']:.2f}x server CPU per operation (without / with)")
+    if args.skip_speed:
+        _write(args.out, results)
+        return
     results["large_ledger"] = big = speed(args)
     print(f"built {big['operations']:,} operations ({big['journal_entries']:,} entries) in "
           f"{big['build_s']} s ({big['build_ops_per_s']:,}/s, in-process, no fsync); "
           f"CloseDay {big['close_day_ms']} ms; one-year chain report: by day "
           f"{big['chain_year_report_by_day_ms']} ms, by month "
           f"{big['chain_year_report_by_month_ms']} ms ({big['report_entries']:,} entries)")
-    with open(args.out, "w") as f:
+    _write(args.out, results)
+
+
+def _write(path: str, results: dict) -> None:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
 
 

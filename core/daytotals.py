@@ -292,6 +292,7 @@ class DayTotals:
                 card_of[k - start] = card_slot.setdefault(cid, len(card_slot))
         homes = array("I", [slot_index.setdefault(self._home(cid), len(slot_index))
                             for cid in card_slot])
+        moving_slot = slot_index.setdefault(self.moving_home, len(slot_index))
         nslots = len(slot_index)
         day = business_day(ts_us, *self._settings(version))
         unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
@@ -303,8 +304,10 @@ class DayTotals:
         home_set = bytearray(len(card_slot))
         acc = array("q", bytes(8 * nslots * WIDTH))
         pairs = array("q", bytes(8 * nslots * nslots))
-        native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots)
+        moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
+                                     moving_slot)
         by_slot = list(slot_index)
+        self.moving_home = by_slot[moving_slot]
         for store, s in slot_index.items():
             if acc[s * WIDTH + F_ENTRIES]:
                 native.add_rows(self._slot(store, version, ts_us)[0], acc, s * WIDTH)

@@ -61,20 +61,22 @@ def width():
 
 def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64_t[::1] acc,
             const uint32_t[::1] card_of, uint32_t[::1] home, uint8_t[::1] home_set,
-            int64_t[::1] pairs, uint32_t nslots):
+            int64_t[::1] pairs, uint32_t nslots, uint32_t moving):
     """Add ``entries`` (whole journal entries, in sequence order) to ``acc`` (one WIDTH row per
     store slot; ``slot_of``: each entry's store's slot). Clearing: ``card_of`` each entry's card
     slot (NO_CARD: it moves no principal), ``home`` each card slot's home store slot (updated;
     ``home_set`` marks the changed), ``pairs[debtor * nslots + creditor]`` what the debtor owes
-    the creditor, net."""
+    the creditor, net; ``moving`` the home a replacement moves (its old card's entry came
+    before the run). Returns the home a replacement moves after the run."""
     cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k
     cdef const unsigned char* e
     cdef int64_t* a
     cdef uint8_t op
     cdef int64_t amount, discount, dp, db, dpts, redeemed_pts, before
-    cdef uint32_t s, c, h, moving = 0
+    cdef uint32_t s, c, h
     if slot_of.shape[0] < n or card_of.shape[0] < n or acc.shape[0] < <Py_ssize_t>nslots * WIDTH \
-            or pairs.shape[0] < <Py_ssize_t>nslots * nslots or home.shape[0] != home_set.shape[0]:
+            or pairs.shape[0] < <Py_ssize_t>nslots * nslots or home.shape[0] != home_set.shape[0] \
+            or moving >= nslots:
         raise ValueError("day totals: buffers too small")
     for k in range(n):
         e = &entries[k * ENTRY_SIZE]
@@ -146,6 +148,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             h = home[c]
             if h != s:
                 pairs[h * nslots + s] -= dp
+    return moving
 
 
 def nonzero(const int64_t[::1] values):
