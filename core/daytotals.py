@@ -56,6 +56,9 @@ CLOSED_WALK_MAX = 4000  # closed days an entry walks past at most (more: a broke
 DEFAULT_SETTINGS = (480, 4)  # entries without a program version (migrated from v1)
 # The ledger's sub-databases of the day totals (layout.DAY_TOTALS and after).
 DB_NAMES = ("day_totals", "store_days", "day_clearing", "day_staff", "day_money_home")
+# Meta: set while the day totals hold every journal entry; a writer run without them (a
+# benchmark's) clears it, and the next one with them fills them again from the journal.
+META_DAY_TOTALS = b"day_totals"
 
 # What ``figures`` reads of a journal entry (layout.JOURNAL): op, seq, card id, amount, discount,
 # principal, bonus and points deltas, principal after, time, store, staff, operator, program
@@ -170,8 +173,10 @@ class DayTotals:
     """One write transaction's additions to the day totals: entries added in sequence order,
     written once (``write``) at the end of the group."""
 
-    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]]):
-        self.txn, self.ledger = txn, ledger
+    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False):
+        """``fresh``: from nothing, read nothing stored but the programs (``check``: the whole
+        journal in memory, beside the stored records)."""
+        self.txn, self.ledger, self.fresh = txn, ledger, fresh
         self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
         self.acc: dict[tuple[int, int], array] = {}  # (store, day) -> WIDTH int64 values
         self.pairs: dict[tuple[int, int, int], int] = {}
@@ -201,7 +206,7 @@ class DayTotals:
     def is_closed(self, store: int, day: int) -> bool:
         closed = self.closed.get((store, day))
         if closed is None:
-            closed = self.closed[(store, day)] = self.txn.get(
+            closed = self.closed[(store, day)] = not self.fresh and self.txn.get(
                 L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None
         return closed
 
@@ -223,7 +228,7 @@ class DayTotals:
     def _home(self, card_id: bytes) -> int:
         home = self.homes.get(card_id)
         if home is None:
-            raw = self.txn.get(card_id, db=self.ledger.day_money_home)
+            raw = None if self.fresh else self.txn.get(card_id, db=self.ledger.day_money_home)
             home = self.homes[card_id] = _U32.unpack(raw)[0] if raw is not None else 0
         return home
 
@@ -252,7 +257,7 @@ class DayTotals:
         moving = {k: buf[k * size + 16:k * size + 32] for k, dp in enumerate(dps)
                   if dp or ops[k] == L.OP_CARD_REPLACED or ops[k] == L.OP_REPLACEMENT_OPENED}
         wanted = [cid for cid in set(moving.values()) if cid not in self.homes]
-        if wanted:
+        if wanted and not self.fresh:
             found = dict(self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
             unpack = _U32.unpack
             for cid in wanted:
@@ -297,7 +302,7 @@ class DayTotals:
         day = business_day(ts_us, *self._settings(version))
         unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
                    if (store, day) not in self.closed]
-        if unknown:  # whether each store's day is closed, read in one go
+        if unknown and not self.fresh:  # whether each store's day is closed, read in one go
             found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
             for key in unknown:
                 self.closed[L.DAY_KEY.unpack(key)] = key in found
@@ -420,12 +425,24 @@ class DayTotals:
     def write(self) -> None:
         """Add the group's figures to the stored records (each key read and written once)."""
         txn, ledger = self.txn, self.ledger
+        for name, items in self.records().items():
+            if name == "store_days":
+                for key, value in items:
+                    if not txn.put(key, value, db=ledger.store_days, overwrite=False):
+                        raise InvariantError("a day was closed twice")
+            elif items:
+                txn.cursor(db=getattr(ledger, name)).putmulti(items)
+
+    def records(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """What the additions make of the stored records they touch (read through ``stored``;
+        a fresh DayTotals: from nothing), by sub-database, in key order."""
         sides: dict[tuple[int, int, int], int] = {}
         for (debtor, day, creditor), amount in self.pairs.items():
             self._acc(debtor, day)[F_OWES] += amount
             self._acc(creditor, day)[F_OWED] += amount
             sides[(debtor, day, creditor)] = sides.get((debtor, day, creditor), 0) + amount
             sides[(creditor, day, debtor)] = sides.get((creditor, day, debtor), 0) - amount
+        self.pairs = {}
         chain: dict[int, array] = {}
         for (store, day), a in self.acc.items():
             c = chain.get(day)
@@ -435,32 +452,30 @@ class DayTotals:
         items = sorted([*self.acc.items(), *(((L.CHAIN_STORE, day), c)
                                               for day, c in chain.items())])
         keys = [L.DAY_KEY.pack(*k) for k, _ in items]
-        stored = dict(txn.cursor(db=ledger.day_totals).getmulti(keys))
-        out = []
+        stored = self.stored("day_totals", keys)
+        totals = []
         for key, (_, a) in zip(keys, items):
             record = bytearray(stored.get(key, _ZERO_RECORD))
             native.add_record(record, a)
-            out.append((key, bytes(record)))
-        txn.cursor(db=ledger.day_totals).putmulti(out)
-        if sides:
-            keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k, amount in sides.items() if amount)
-            cur = txn.cursor(db=ledger.day_clearing)
-            stored = dict(cur.getmulti(keys))
-            cur.putmulti([(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
-                                          + sides[L.DAY_PAIR_KEY.unpack(key)]))
-                          for key in keys])
-        if self.staff:
-            for k, s in sorted(self.staff.items()):
-                key = L.DAY_PAIR_KEY.pack(*k)
-                raw = txn.get(key, db=ledger.day_staff)
-                old = L.DAY_STAFF.unpack(raw) if raw else (0, 0, 0, 0)
-                txn.put(key, L.DAY_STAFF.pack(*(x + y for x, y in zip(old, s))), db=ledger.day_staff)
-        if self.homes_changed:
-            txn.cursor(db=ledger.day_money_home).putmulti(
-                sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed))
-        for key, value in self.closes:
-            if not txn.put(key, value, db=ledger.store_days, overwrite=False):
-                raise InvariantError("a day was closed twice")
+            totals.append((key, bytes(record)))
+        keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k, amount in sides.items() if amount)
+        stored = self.stored("day_clearing", keys)
+        clearing = [(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
+                                    + sides[L.DAY_PAIR_KEY.unpack(key)])) for key in keys]
+        staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
+        stored = self.stored("day_staff", [key for key, _ in staff_items])
+        staff = [(key, L.DAY_STAFF.pack(*(x + y for x, y in zip(
+            L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
+            for key, s in staff_items]
+        homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
+        return {"day_totals": totals, "day_clearing": clearing, "day_staff": staff,
+                "day_money_home": homes, "store_days": sorted(self.closes)}
+
+    def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
+        if self.fresh or not keys:
+            return {}
+        return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
 
 
 def unpack_totals(raw: bytes) -> tuple:
@@ -473,6 +488,21 @@ def unpack_totals(raw: bytes) -> tuple:
 
 def pack_totals(values: list[int]) -> bytes:
     return L.DAY_TOTALS.pack(L.DAY_TOTALS_VERSION, *values)
+
+
+def check(txn, ledger) -> list[str]:
+    """The day totals against the journal (``cardcore verify``): what the whole journal makes
+    from nothing, in memory, beside what is stored; the sub-databases that differ."""
+    totals = DayTotals(txn, ledger, {}, fresh=True)
+    chunk: list[bytes] = []
+    for _, entry in txn.cursor(db=ledger.journal):
+        chunk.append(entry)
+        if len(chunk) == FILL_CHUNK:
+            totals.add_all(chunk)
+            chunk = []
+    totals.add_all(chunk)
+    return [name for name, items in totals.records().items()
+            if dict(items) != dict(txn.cursor(db=getattr(ledger, name)))]
 
 
 def fill(txn, ledger) -> int:

@@ -129,9 +129,7 @@ META_MEMBERS = b"member_index"
 # Set while every stored profile is sealed (cardcore.profiles); a writer without the profile key
 # that stores a profile clears it.
 META_PROFILES_SEALED = b"profiles_sealed"
-# Set while the day totals hold every journal entry (cardcore.daytotals); a writer run without
-# them (a benchmark's) clears it, and the next one with them fills them again from the journal.
-META_DAY_TOTALS = b"day_totals"
+META_DAY_TOTALS = daytotals.META_DAY_TOTALS
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and

@@ -289,8 +289,16 @@ def test_closes_of_every_store_equal_the_journal_after_a_randomised_day(server, 
         live = day_records(ledger)
         assert live["day_totals"] and live["store_days"] and live["day_clearing"]
         assert refilled(ledger, native=True) == refilled(ledger, native=False) == live
+        with ledger.env.begin(write=True) as txn:  # a tampered figure: verify finds it
+            key, record = live["day_totals"][0]
+            entries = int.from_bytes(record[8:16], "little") + 1
+            txn.put(key, record[:8] + entries.to_bytes(8, "little") + record[16:],
+                    db=ledger.day_totals)
     finally:
         ledger.close()
+    report_of = verify(server.data_dir)
+    assert not report_of["ok"] and report_of["problems"] == [
+        "the day totals' day_totals are not what the journal's entries make"]
 
 
 def day_records(ledger, txn=None) -> dict[str, list]:
