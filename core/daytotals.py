@@ -82,9 +82,12 @@ _OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
 _Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
 _NO_CARD = 0xFFFFFFFF
 _ZERO8 = bytes(8)
+_NO_HOME = bytes(4)  # day_money_home: head office's (store 0), stored as no record
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
+NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
+_AMOUNTS = struct.Struct("<32xqq")  # layout.JOURNAL: amount_minor, discount_minor
 
 
 class DayError(ValueError):
@@ -186,7 +189,7 @@ class DayTotals:
         self.closed: dict[tuple[int, int], bool] = {}
         self.closes: list[tuple[bytes, bytes]] = []
         self.landing: dict[tuple[int, int], int] = {}
-        self.slots: dict[tuple[int, int, int], tuple[list[int], int, int]] = {}
+        self.slots: dict[tuple[int, int, int], tuple[array, int, int]] = {}
         self.both: dict[tuple[int, int, int], int] = {}  # (debtor, creditor, day) -> clearing day
         self.moving_home = 0  # a replacement's home, from the old card's entry to the new one's
 
@@ -270,20 +273,20 @@ class DayTotals:
             if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
                     and ops[k] != L.OP_CLOSE_DAY and ops[start] != L.OP_CLOSE_DAY:
                 continue
-            if native and k - start >= NATIVE_RUN_MIN and ops[start] != L.OP_CLOSE_DAY:
-                self._add_run(view[start * size:k * size], ops[start:k], moving, start,
-                              versions[start], times[start])
-            else:
+            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] != L.OP_CLOSE_DAY
+                    and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
+                                      versions[start], times[start])):
                 for entry in entries[start:k]:
                     self.add(entry)
             start = k
 
     def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
-                 version: int, ts_us: int) -> None:
+                 version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
         ``moving``: the card of each entry (by its index in the group, the run's first is
-        ``start``) whose principal moves (or a replacement's)."""
+        ``start``) whose principal moves (or a replacement's). False (nothing added): more
+        stores than NATIVE_STORES_MAX (its clearing matrix is stores x stores)."""
         n = len(ops)
         size = L.JOURNAL_SIZE
         stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
@@ -299,6 +302,8 @@ class DayTotals:
                             for cid in card_slot])
         moving_slot = slot_index.setdefault(self.moving_home, len(slot_index))
         nslots = len(slot_index)
+        if nslots > NATIVE_STORES_MAX:
+            return False
         day = business_day(ts_us, *self._settings(version))
         unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
                    if (store, day) not in self.closed]
@@ -324,17 +329,9 @@ class DayTotals:
         staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
         for k, staff in enumerate(staffs):
             if staff and (ops[k] == L.OP_PURCHASE or ops[k] == L.OP_TOP_UP):
-                landed = self._slot(stores[k], version, ts_us)[2]
-                s = self.staff.get((stores[k], landed, staff))
-                if s is None:
-                    s = self.staff[(stores[k], landed, staff)] = [0, 0, 0, 0]
-                amount = _I64.unpack_from(run, k * size + 32)[0]
-                if ops[k] == L.OP_PURCHASE:
-                    s[0] += 1
-                    s[1] += amount - _I64.unpack_from(run, k * size + 40)[0]
-                else:
-                    s[2] += 1
-                    s[3] += amount
+                self._add_staff(stores[k], self._slot(stores[k], version, ts_us)[2], staff,
+                                ops[k], *_AMOUNTS.unpack_from(run, k * size))
+        return True
 
     def add(self, entry: bytes) -> None:
         """One journal entry, in sequence order."""
@@ -350,15 +347,7 @@ class DayTotals:
             self._money(op, f[2], store, dp, f[8], day)
         staff = f[11]
         if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
-            s = self.staff.get((store, landed, staff))
-            if s is None:
-                s = self.staff[(store, landed, staff)] = [0, 0, 0, 0]
-            if op == L.OP_PURCHASE:
-                s[0] += 1
-                s[1] += f[3] - f[4]
-            else:
-                s[2] += 1
-                s[3] += f[3]
+            self._add_staff(store, landed, staff, op, f[3], f[4])
         if op == L.OP_CLOSE_DAY:
             closed = closed_by(f[2])
             self.closed[closed] = True
@@ -367,6 +356,19 @@ class DayTotals:
             self.both.clear()
             self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
                 L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9])))
+
+    def _add_staff(self, store: int, day: int, staff: int, op: int, amount: int,
+                   discount: int) -> None:
+        """A purchase (its gross minus discount) or a top-up credited to ``staff``."""
+        s = self.staff.get((store, day, staff))
+        if s is None:
+            s = self.staff[(store, day, staff)] = [0, 0, 0, 0]
+        if op == L.OP_PURCHASE:
+            s[0] += 1
+            s[1] += amount - discount
+        else:
+            s[2] += 1
+            s[3] += amount
 
     def _slot(self, store: int, version: int, ts_us: int) -> tuple[array, int, int]:
         """(the accumulator, the business day, the day it lands in) of an entry of ``store`` at
@@ -430,12 +432,19 @@ class DayTotals:
                 for key, value in items:
                     if not txn.put(key, value, db=ledger.store_days, overwrite=False):
                         raise InvariantError("a day was closed twice")
+            elif name == "day_money_home":  # head office's (0): no record, as for no home yet
+                for key, value in items:
+                    if value == _NO_HOME:
+                        txn.delete(key, db=ledger.day_money_home)
+                    else:
+                        txn.put(key, value, db=ledger.day_money_home)
             elif items:
                 txn.cursor(db=getattr(ledger, name)).putmulti(items)
 
     def records(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """What the additions make of the stored records they touch (read through ``stored``;
-        a fresh DayTotals: from nothing), by sub-database, in key order."""
+        a fresh DayTotals: from nothing), by sub-database, in key order; a home of the money
+        back at head office (0) is no record."""
         sides: dict[tuple[int, int, int], int] = {}
         for (debtor, day, creditor), amount in self.pairs.items():
             self._acc(debtor, day)[F_OWES] += amount
@@ -486,10 +495,6 @@ def unpack_totals(raw: bytes) -> tuple:
     return f[1:]
 
 
-def pack_totals(values: list[int]) -> bytes:
-    return L.DAY_TOTALS.pack(L.DAY_TOTALS_VERSION, *values)
-
-
 def check(txn, ledger) -> list[str]:
     """The day totals against the journal (``cardcore verify``): what the whole journal makes
     from nothing, in memory, beside what is stored; the sub-databases that differ."""
@@ -502,7 +507,8 @@ def check(txn, ledger) -> list[str]:
             chunk = []
     totals.add_all(chunk)
     return [name for name, items in totals.records().items()
-            if dict(items) != dict(txn.cursor(db=getattr(ledger, name)))]
+            if {k: v for k, v in items if v != _NO_HOME or name != "day_money_home"}
+            != dict(txn.cursor(db=getattr(ledger, name)))]
 
 
 def fill(txn, ledger) -> int:
