@@ -268,6 +268,11 @@ class DayTotals:
                 self.homes[cid] = unpack(raw)[0] if raw is not None else 0
         times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
+        n = len(entries)
+        if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
+                and versions.count(versions[0]) == n and L.OP_CLOSE_DAY not in ops
+                and self._add_run(view, ops, moving, 0, versions[0], times[0])):
+            return  # a group's entries: one run (most groups)
         start = 0
         for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
             if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
@@ -293,11 +298,9 @@ class DayTotals:
         slot_index: dict[int, int] = {}
         slot_of = array("I", [slot_index.setdefault(s, len(slot_index)) for s in stores])
         card_slot: dict[bytes, int] = {}
-        card_of = array("I", [_NO_CARD]) * n
-        for k in range(start, start + n):
-            cid = moving.get(k)
-            if cid is not None:
-                card_of[k - start] = card_slot.setdefault(cid, len(card_slot))
+        card_of = array("I", [_NO_CARD if (cid := moving.get(k)) is None
+                              else card_slot.setdefault(cid, len(card_slot))
+                              for k in range(start, start + n)])
         homes = array("I", [slot_index.setdefault(self._home(cid), len(slot_index))
                             for cid in card_slot])
         moving_slot = slot_index.setdefault(self.moving_home, len(slot_index))
@@ -320,7 +323,7 @@ class DayTotals:
         self.moving_home = by_slot[moving_slot]
         for store, s in slot_index.items():
             if acc[s * WIDTH + F_ENTRIES]:
-                native.add_rows(self._slot(store, version, ts_us)[0], acc, s * WIDTH)
+                native.add_rows(self._acc(store, self._land(store, day)), acc, s * WIDTH)
         for cell, amount in native.nonzero(pairs):
             self._clear(by_slot[cell // nslots], by_slot[cell % nslots], amount, day)
         for cid, c in card_slot.items():
@@ -329,8 +332,8 @@ class DayTotals:
         staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
         for k, staff in enumerate(staffs):
             if staff and (ops[k] == L.OP_PURCHASE or ops[k] == L.OP_TOP_UP):
-                self._add_staff(stores[k], self._slot(stores[k], version, ts_us)[2], staff,
-                                ops[k], *_AMOUNTS.unpack_from(run, k * size))
+                self._add_staff(stores[k], self._land(stores[k], day), staff, ops[k],
+                                *_AMOUNTS.unpack_from(run, k * size))
         return True
 
     def add(self, entry: bytes) -> None:
