@@ -82,7 +82,9 @@ _OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
 _Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
 _NO_CARD = 0xFFFFFFFF
 _ZERO8 = bytes(8)
-_NO_HOME = bytes(4)  # day_money_home: head office's (store 0), stored as no record
+# Values stored as no record: a home of the money at head office (store 0, as with no home yet),
+# a clearing between two stores that nets to zero.
+_NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8)}
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
@@ -435,19 +437,21 @@ class DayTotals:
                 for key, value in items:
                     if not txn.put(key, value, db=ledger.store_days, overwrite=False):
                         raise InvariantError("a day was closed twice")
-            elif name == "day_money_home":  # head office's (0): no record, as for no home yet
+            elif name in _NO_RECORD:  # a home back at head office, a clearing back at zero
+                db, none = getattr(ledger, name), _NO_RECORD[name]
                 for key, value in items:
-                    if value == _NO_HOME:
-                        txn.delete(key, db=ledger.day_money_home)
+                    if value == none:
+                        txn.delete(key, db=db)
                     else:
-                        txn.put(key, value, db=ledger.day_money_home)
+                        txn.put(key, value, db=db)
             elif items:
                 txn.cursor(db=getattr(ledger, name)).putmulti(items)
 
     def records(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """What the additions make of the stored records they touch (read through ``stored``;
-        a fresh DayTotals: from nothing), by sub-database, in key order; a home of the money
-        back at head office (0) is no record."""
+        a fresh DayTotals: from nothing), by sub-database, in key order; the values of
+        ``_NO_RECORD`` are no record (so a ledger filled from its journal and one kept group by
+        group hold the same records)."""
         sides: dict[tuple[int, int, int], int] = {}
         for (debtor, day, creditor), amount in self.pairs.items():
             self._acc(debtor, day)[F_OWES] += amount
@@ -470,7 +474,7 @@ class DayTotals:
             record = bytearray(stored.get(key, _ZERO_RECORD))
             native.add_record(record, a)
             totals.append((key, bytes(record)))
-        keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k, amount in sides.items() if amount)
+        keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k in sides)
         stored = self.stored("day_clearing", keys)
         clearing = [(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
                                     + sides[L.DAY_PAIR_KEY.unpack(key)])) for key in keys]
@@ -510,7 +514,7 @@ def check(txn, ledger) -> list[str]:
             chunk = []
     totals.add_all(chunk)
     return [name for name, items in totals.records().items()
-            if {k: v for k, v in items if v != _NO_HOME or name != "day_money_home"}
+            if {k: v for k, v in items if v != _NO_RECORD.get(name)}
             != dict(txn.cursor(db=getattr(ledger, name)))]
 
 
