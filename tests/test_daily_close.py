@@ -202,6 +202,39 @@ def test_a_late_operation_lands_in_the_next_open_day_with_its_own_time(server, c
     assert [r.figures.clearing_owed_minor for r in days] == [10_000, 3_000]
 
 
+def test_a_replacement_carries_the_home_of_the_money_and_a_refund_clears_back(server, chain):
+    """Topped up at store 1, replaced at store 2 (the money moves card to card: no clearing),
+    spent at store 3 with the new card (store 1 owes store 3), part refunded there (store 3
+    owes some back); topped up again at store 3, which becomes the home and is owed what the
+    card still held by store 1."""
+    stub, admin = chain
+    old, new = open_card(stub, 1), new_card_number()
+    today = today_of(top_up(stub, old, 10_000, 1))
+    request_id = rid()
+    stub.ReplaceCard(pb.ReplaceCardRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=old), new_card=cpb.CardRef(card_number=new), till=till(2)),
+        metadata=bearer(server.admin_token))
+    sale = purchase(stub, new, 4_000, 3)
+    request_id = rid()
+    stub.Refund(pb.RefundRequest(request_id=request_id, client_time_us=sent_at(request_id),
+                                 card=cpb.CardRef(card_number=new), original_seq=sale.seq,
+                                 amount_minor=1_500, till=till(3)),
+               metadata=admin.metadata)  # money back: an operator's
+    top_up(stub, new, 500, 3)
+    closes = {s: close(admin, s, today) for s in (1, 2, 3)}
+    lines = {s: [(c.counterparty_store_id, c.owes_minor) for c in closes[s].clearing]
+             for s in closes}
+    held = 10_000 - 4_000 + 1_500  # what the card held when store 3 became its home
+    assert lines == {1: [(3, 4_000 - 1_500 + held)], 2: [], 3: [(1, -(4_000 - 1_500 + held))]}
+    replaced = closes[2].figures
+    assert ops_of(replaced) == {L.OP_CARD_REPLACED: (1, 10_000),
+                                L.OP_REPLACEMENT_OPENED: (1, 10_000)}
+    assert replaced.principal_in_minor == replaced.principal_out_minor == 10_000
+    assert closes[3].figures.refunds == 1 and closes[3].figures.principal_in_minor == 2_000
+    assert verify(server.data_dir)["ok"]
+
+
 def test_closes_of_every_store_equal_the_journal_after_a_randomised_day(server, chain):
     stub, admin = chain
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
@@ -233,7 +266,8 @@ def test_closes_of_every_store_equal_the_journal_after_a_randomised_day(server, 
                 stub.Refund(pb.RefundRequest(
                     request_id=request_id, client_time_us=sent_at(request_id),
                     card=cpb.CardRef(card_number=number), original_seq=seq,
-                    amount_minor=rng.choice((0, 100)), till=till(store)))
+                    amount_minor=rng.choice((0, 100)), till=till(store)),
+                    metadata=admin.metadata)  # money back: an operator's
             elif sales:
                 number = rng.choice(sales)[0]
                 original = next((q for q in requests if q[0] == number), None)
@@ -250,7 +284,8 @@ def test_closes_of_every_store_equal_the_journal_after_a_randomised_day(server, 
     stores = sorted({e[J_STORE] for e in entries} - {0}) + [0]
     closes = {s: close(admin, s, today) for s in stores}  # store 0 last: it holds the closes
     entries = journal_entries(server.data_dir)  # now with the closes
-    assert {e[J_OP] for e in entries} >= {L.OP_TOP_UP, L.OP_PURCHASE, L.OP_CLOSE_DAY}
+    assert {e[J_OP] for e in entries} >= {L.OP_TOP_UP, L.OP_PURCHASE, L.OP_CLOSE_DAY,
+                                          L.OP_REFUND, L.OP_REVERSAL}
     assert all(day_of(e[J_TS]) == today for e in entries), "the test crossed a business day"
     expected = replayed(entries, lambda e: day_of(e[J_TS]))
     assert {s: as_replayed(c.figures) for s, c in closes.items()} == {
