@@ -18,7 +18,7 @@ import struct
 from cardcore import layout as L
 from cardcore.idempotency import (REQUEST_WINDOW_S_MIN, SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE,
                                   SCOPE_SUBJECT_TERMINAL, InvariantError, PendingOp)
-from cardcore.daytotals import business_day, closed_by
+from cardcore.daytotals import business_day, closed_day
 from cardcore.program import ProgramError, parse_program
 from cardcore.rules import Program
 
@@ -230,7 +230,7 @@ class AdminState:
         """CloseDay (``cardcore.daytotals``): a day that has begun, closed once: (reason, the
         seq of the close before, or 0: this one closes it). The entries after it land in the
         store's next open day (the day totals see its entry)."""
-        store, day = closed_by(subject)
+        store, day = closed_day(subject)
         program = self.program
         if day > business_day(ts_us, program.business_day_utc_offset_minutes,
                               program.business_day_cutoff_hour):

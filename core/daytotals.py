@@ -49,7 +49,6 @@ DAY_US = L.DAY_US
 HOUR_US = 3_600_000_000
 MINUTE_US = 60_000_000
 EPOCH = dt.date(1970, 1, 1)
-DAY_MAX = (dt.date(9999, 12, 31) - EPOCH).days
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 FILL_CHUNK = 10_000  # journal entries the fill reads the homes of at once
 CLOSED_WALK_MAX = 4000  # closed days an entry walks past at most (more: a broken invariant)
@@ -60,7 +59,7 @@ DB_NAMES = ("day_totals", "store_days", "day_clearing", "day_staff", "day_money_
 # benchmark's) clears it, and the next one with them fills them again from the journal.
 META_DAY_TOTALS = b"day_totals"
 
-# What ``figures`` reads of a journal entry (layout.JOURNAL): op, seq, card id, amount, discount,
+# What ``add_figures`` and ``add`` read of a journal entry (layout.JOURNAL): op, seq, card id, amount, discount,
 # principal, bonus and points deltas, principal after, time, store, staff, operator, program
 # version, points redeemed, redeemed fen, item id, purchase flags, coupon off.
 _ENTRY = struct.Struct("<xB6xQ16s6q16xqI4xII8xI44x2q4x2H16xq")
@@ -127,7 +126,7 @@ def close_subject(store: int, day: int) -> bytes:
     return _CLOSE.pack(store, day)
 
 
-def closed_by(subject: bytes) -> tuple[int, int]:
+def closed_day(subject: bytes) -> tuple[int, int]:
     """(store, day) a close's subject names."""
     return _CLOSE.unpack(subject)
 
@@ -354,7 +353,7 @@ class DayTotals:
         if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
             self._add_staff(store, landed, staff, op, f[3], f[4])
         if op == L.OP_CLOSE_DAY:
-            closed = closed_by(f[2])
+            closed = closed_day(f[2])
             self.closed[closed] = True
             self.landing.clear()  # the entries after it land elsewhere
             self.slots.clear()
