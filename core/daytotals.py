@@ -1,9 +1,9 @@
 """Day totals: what each store's business day moved, kept in the writer's write transaction.
 
 Every journal entry a group writes is added, in sequence order, to its store's business day
-(``figures``: one function from an entry to its figures, so a refund, a reversal, a replacement
-and the expiry sweep are counted like everything else), and to the chain's record of that day
-(store ``layout.CHAIN_STORE``). Records are fixed-size (``layout.DAY_TOTALS``); reports read
+(``add_figures``: one function from an entry to its figures, so a refund, a reversal, a
+replacement and the expiry sweep are counted like everything else), and to the chain's record
+of that day (``day_chain``, apart: any u32 is a store id). Records are fixed-size (``layout.DAY_TOTALS``); reports read
 ranges of them, never the journal. They depend on the journal entries alone (their time, store
 and program version), so two ledgers that apply the same groups hold the same totals, and a
 ledger made before them fills them once from its journal (``fill``).
@@ -54,7 +54,8 @@ FILL_CHUNK = 10_000  # journal entries the fill reads the homes of at once
 CLOSED_WALK_MAX = 4000  # closed days an entry walks past at most (more: a broken invariant)
 DEFAULT_SETTINGS = (480, 4)  # entries without a program version (migrated from v1)
 # The ledger's sub-databases of the day totals (layout.DAY_TOTALS and after).
-DB_NAMES = ("day_totals", "store_days", "day_clearing", "day_staff", "day_money_home")
+DB_NAMES = ("day_totals", "day_chain", "store_days", "day_clearing", "day_staff",
+            "day_money_home")
 # Meta: set while the day totals hold every journal entry; a writer run without them (a
 # benchmark's) clears it, and the next one with them fills them again from the journal.
 META_DAY_TOTALS = b"day_totals"
@@ -192,7 +193,9 @@ class DayTotals:
         self.landing: dict[tuple[int, int], int] = {}
         self.slots: dict[tuple[int, int, int], tuple[array, int, int]] = {}
         self.both: dict[tuple[int, int, int], int] = {}  # (debtor, creditor, day) -> clearing day
-        self.moving_home = 0  # a replacement's home, from the old card's entry to the new one's
+        # a replacement's home, from the old card's entry to the new one's, right after it (the
+        # writer writes them together); None between replacements
+        self.moving_home: int | None = None
 
     # ---- reads, through the group's own changes -----------------------------------------------
 
@@ -304,7 +307,8 @@ class DayTotals:
                               for k in range(start, start + n)])
         homes = array("I", [slot_index.setdefault(self._home(cid), len(slot_index))
                             for cid in card_slot])
-        moving_slot = slot_index.setdefault(self.moving_home, len(slot_index))
+        moving_slot = (_NO_CARD if self.moving_home is None
+                       else slot_index.setdefault(self.moving_home, len(slot_index)))
         nslots = len(slot_index)
         if nslots > NATIVE_STORES_MAX:
             return False
@@ -321,7 +325,7 @@ class DayTotals:
         moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
                                      moving_slot)
         by_slot = list(slot_index)
-        self.moving_home = by_slot[moving_slot]
+        self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         for store, s in slot_index.items():
             if acc[s * WIDTH + F_ENTRIES]:
                 native.add_rows(self._acc(store, self._land(store, day)), acc, s * WIDTH)
@@ -391,7 +395,11 @@ class DayTotals:
         if op == L.OP_CARD_REPLACED:
             self.moving_home = self._home(card_id)
         elif op == L.OP_REPLACEMENT_OPENED:
+            if self.moving_home is None:
+                raise InvariantError("a replacement's new card without its old card's entry "
+                                     "before it")
             self._set_home(card_id, self.moving_home)
+            self.moving_home = None
         elif op == L.OP_TOP_UP and dp > 0:
             home, before = self._home(card_id), principal_after - dp
             if home != store and before:
@@ -464,15 +472,10 @@ class DayTotals:
             if c is None:
                 c = chain[day] = array("q", _ZERO_ROW)
             native.add_rows(c, a, 0)
-        items = sorted([*self.acc.items(), *(((L.CHAIN_STORE, day), c)
-                                              for day, c in chain.items())])
-        keys = [L.DAY_KEY.pack(*k) for k, _ in items]
-        stored = self.stored("day_totals", keys)
-        totals = []
-        for key, (_, a) in zip(keys, items):
-            record = bytearray(stored.get(key, _ZERO_RECORD))
-            native.add_record(record, a)
-            totals.append((key, bytes(record)))
+        totals = self._added("day_totals", sorted(
+            (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
+        chain_days = self._added("day_chain", sorted(
+            (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
         keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k in sides)
         stored = self.stored("day_clearing", keys)
         clearing = [(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
@@ -483,8 +486,19 @@ class DayTotals:
             L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
             for key, s in staff_items]
         homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
-        return {"day_totals": totals, "day_clearing": clearing, "day_staff": staff,
+        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
+                "day_staff": staff,
                 "day_money_home": homes, "store_days": sorted(self.closes)}
+
+    def _added(self, name: str, items: list[tuple[bytes, array]]) -> list[tuple[bytes, bytes]]:
+        """Day totals records (``name``: day_totals or day_chain) with the rows added."""
+        stored = self.stored(name, [key for key, _ in items])
+        out = []
+        for key, a in items:
+            record = bytearray(stored.get(key, _ZERO_RECORD))
+            native.add_record(record, a)
+            out.append((key, bytes(record)))
+        return out
 
     def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
@@ -556,17 +570,23 @@ def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None
     return values, close, rows
 
 
-def read_range(txn, ledger, store: int, from_day: int, to_day: int) -> list[tuple[int, list]]:
-    """The store's (or the chain's, ``layout.CHAIN_STORE``) records from ``from_day`` to
-    ``to_day`` inclusive, days with none left out: one range read."""
+def read_range(txn, ledger, store: int | None, from_day: int,
+               to_day: int) -> list[tuple[int, list]]:
+    """The store's (None: the chain's) records from ``from_day`` to ``to_day`` inclusive, days
+    with none left out: one range read."""
+    if store is None:
+        db, first, end = (ledger.day_chain, L.DAY_CHAIN_KEY.pack(from_day),
+                          L.DAY_CHAIN_KEY.pack(to_day))
+    else:
+        db, first, end = (ledger.day_totals, L.DAY_KEY.pack(store, from_day),
+                          L.DAY_KEY.pack(store, to_day))
     out = []
-    cur = txn.cursor(db=ledger.day_totals)
-    if cur.set_range(L.DAY_KEY.pack(store, from_day)):
-        end = L.DAY_KEY.pack(store, to_day)
+    cur = txn.cursor(db=db)
+    if cur.set_range(first):
         for key, value in cur:
             if key > end:
                 break
-            out.append((L.DAY_KEY.unpack(key)[1], list(unpack_totals(value))))
+            out.append((int.from_bytes(key[-4:], "big"), list(unpack_totals(value))))  # the day
     return out
 
 
@@ -574,7 +594,7 @@ def liability(txn, ledger, through_day: int) -> tuple[int, int]:
     """(principal, bonus) the chain owes its members at the end of business day
     ``through_day``: the range sum of the chain's daily net changes up to it."""
     principal = bonus = 0
-    for _, v in read_range(txn, ledger, L.CHAIN_STORE, 0, through_day):
+    for _, v in read_range(txn, ledger, None, 0, through_day):
         principal += v[F_P_IN] - v[F_P_OUT]
         bonus += v[F_B_IN] - v[F_B_OUT]
     return principal, bonus
@@ -642,8 +662,7 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
         return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0) for label, first, last
                          in periods(from_day, to_day, granularity)],
                 "total": [0] * WIDTH, "staff": {}}
-    key_store = L.CHAIN_STORE if store is None else store
-    days = dict(read_range(txn, ledger, key_store, from_day, to_day))
+    days = dict(read_range(txn, ledger, store, from_day, to_day))
     closed: set[int] = set()
     if store is not None:
         cur = txn.cursor(db=ledger.store_days)

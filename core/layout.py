@@ -395,10 +395,10 @@ Idempotency record, v2, 64 bytes, LMDB ``requests`` value (key: request key)::
      56  8B  reserved
 
 Day totals, v1, 704 bytes, LMDB ``day_totals`` value (key: u32 big-endian store_id | u32
-big-endian business day, ``cardcore.daytotals``; store 0xFFFFFFFF is the whole chain, the sum of
-every store's record of that day): what the journal entries that landed in that store's
-business day moved, added up in the write transaction that wrote them (``daytotals.figures``
-maps one entry to its figures)::
+big-endian business day, ``cardcore.daytotals``) and ``day_chain`` value (key: u32 big-endian
+business day: the whole chain, the sum of every store's record of that day): what the journal
+entries that landed in that store's business day moved, added up in the write transaction that
+wrote them (``daytotals.add_figures`` maps one entry to its figures)::
 
       0  u8  version               1
       1  7B  reserved
@@ -668,7 +668,7 @@ DAY_KEY = struct.Struct(">II")      # store_id, business day
 DAY_PAIR_KEY = struct.Struct(">III")  # store_id, business day, counterparty (or staff id)
 STORE_DAY = struct.Struct("<BBxxIQq8x")
 DAY_STAFF = struct.Struct("<qqqq")
-CHAIN_STORE = 0xFFFFFFFF  # day_totals' store for the whole chain
+DAY_CHAIN_KEY = struct.Struct(">I")  # day_chain: business day
 assert DAY_TOTALS.size == 704 and STORE_DAY.size == 32 and len(DAY_FIGURES) <= DAY_FIGURE_SLOTS
 
 # Internal operations: no request record; no journal entry of their own.

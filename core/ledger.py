@@ -39,12 +39,13 @@ Sub-databases (all in one environment, so one write transaction covers them)::
                                              layout.LINE_REFUNDS)
     day_totals    store | business day    -> what the day's entries moved (704 B,
                                              layout.DAY_TOTALS; cardcore.daytotals)
+    day_chain     business day            -> the chain's: every store's of the day, added
     store_days    store | business day    -> a closed day (32 B, layout.STORE_DAY)
     day_clearing  store | day | other     -> what the store owes the other that day, net (i64)
     day_staff     store | day | staff id  -> the staff's sales and top-ups (layout.DAY_STAFF)
     day_money_home card_id                -> u32: the store that holds the card's principal
 
-The last twenty-one came with card programs, refunds, holds, replacement, member lookup, card
+The last twenty-two came with card programs, refunds, holds, replacement, member lookup, card
 expiry, refunds by line and the daily close: a writer that opens a ledger made before them
 creates them (absent records read as zeros: nothing to migrate; the member index is filled from
 the profiles once, by a writer that has the lookup key; every card before expiry has none; the

@@ -67,7 +67,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
     slot (NO_CARD: it moves no principal), ``home`` each card slot's home store slot (updated;
     ``home_set`` marks the changed), ``pairs[debtor * nslots + creditor]`` what the debtor owes
     the creditor, net; ``moving`` the home a replacement moves (its old card's entry came
-    before the run). Returns the home a replacement moves after the run."""
+    before the run; NO_CARD: none). Returns the home a replacement moves after the run."""
     cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k
     cdef const unsigned char* e
     cdef int64_t* a
@@ -76,7 +76,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
     cdef uint32_t s, c, h
     if slot_of.shape[0] < n or card_of.shape[0] < n or acc.shape[0] < <Py_ssize_t>nslots * WIDTH \
             or pairs.shape[0] < <Py_ssize_t>nslots * nslots or home.shape[0] != home_set.shape[0] \
-            or moving >= nslots:
+            or (moving >= nslots and moving != NO_CARD):
         raise ValueError("day totals: buffers too small")
     for k in range(n):
         e = &entries[k * ENTRY_SIZE]
@@ -135,8 +135,12 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         if op == OP_CARD_REPLACED:
             moving = home[c]
         elif op == OP_REPLACEMENT_OPENED:
+            if moving == NO_CARD:
+                raise ValueError("day totals: a replacement's new card without its old card's "
+                                 "entry before it")
             home[c] = moving
             home_set[c] = 1
+            moving = NO_CARD
         elif op == OP_TOP_UP and dp > 0:
             h = home[c]
             before = i64(e + 72) - dp
