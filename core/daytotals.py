@@ -1,12 +1,12 @@
 """Day totals: what each store's business day moved, kept in the writer's write transaction.
 
 Every journal entry a group writes is added, in sequence order, to its store's business day
-(``add_figures``: one function from an entry to its figures, so a refund, a reversal, a
-replacement and the expiry sweep are counted like everything else), and to the chain's record
-of that day (``day_chain``, apart: any u32 is a store id). Records are fixed-size (``layout.DAY_TOTALS``); reports read
-ranges of them, never the journal. They depend on the journal entries alone (their time, store
-and program version), so two ledgers that apply the same groups hold the same totals, and a
-ledger made before them fills them once from its journal (``fill``).
+(``add_figures``: one function from an entry to its figures, so a refund, a reversal, a replacement
+and the expiry sweep are counted like everything else), and to the chain's record of that day
+(``day_chain``, apart: any u32 is a store id). Records are fixed-size (``layout.DAY_TOTALS``);
+reports read ranges of them, never the journal. They depend on the journal entries alone (their
+time, store and program version), so two ledgers that apply the same groups hold the same totals,
+and a ledger made before them fills them once from its journal (``fill``).
 
 **Business day.** The day of an entry's time (the group's) on the chain's clock
 (``business_day_utc_offset_minutes``, default UTC+8) shifted back by the cutoff hour
@@ -19,19 +19,19 @@ store's day any more; an entry whose day is closed for its store lands in the st
 day (its own time stays in the journal). Only days that have begun can be closed, so the next
 open day is at most the day after the current one.
 
-**Clearing** (money topped up at one store and spent at another). The rule: a card's principal
-has one *home*, the store of its last top-up (``day_money_home``), which holds the cash for all
-of it. When principal leaves the card at another store (a purchase, a package sale, a cancelled
-card's pay-back, a reversed top-up), the home owes that store the amount; when it comes back at
-another store (a refund, a reversed sale), that store owes the home. A top-up at a store other
-than the home moves the home there, and the old home owes the new one the principal the card
-held before it. A replacement moves the home with the money. A card's money without a home (none
-yet) is headquarters' (store 0). Bonus money is the chain's promotion, not cleared. Each amount
-is written on both sides (``day_clearing``) in the first day open at both stores (which may be
-later than the day its entry landed in, when the other store's day is closed), so every day's
-clearing table nets to zero over the chain; amounts are net (a store can be owed a negative
-amount on a day of refunds).
-"""
+**Clearing** (money topped up at one store and spent at another). The rule: a card's principal has
+one *home*, the store of its last top-up (``day_money_home``), which holds the cash for all of it.
+When principal leaves the card at another store (a purchase, a package sale, a cancelled card's
+pay-back, a reversed top-up), the home owes that store the amount; when it comes back at another
+store (a refund, a reversed sale), that store owes the home. A top-up at a store other than the
+home moves the home there, and the old home owes the new one the principal the card held before it.
+A replacement moves the home with the money; a card imported from a legacy system
+(``OP_IMPORT_CARD``) counts as topped up at the import's store. A card's money without a home (none
+yet) is headquarters' (store 0). Bonus money is the chain's promotion, not cleared. Each amount is
+written on both sides (``day_clearing``) in the first day open at both stores (which may be later
+than the day its entry landed in, when the other store's day is closed), so every day's clearing
+table nets to zero over the chain; amounts are net (a store can be owed a negative amount on a day
+of refunds)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -60,9 +60,9 @@ DB_NAMES = ("day_totals", "day_chain", "store_days", "day_clearing", "day_staff"
 # benchmark's) clears it, and the next one with them fills them again from the journal.
 META_DAY_TOTALS = b"day_totals"
 
-# What ``add_figures`` and ``add`` read of a journal entry (layout.JOURNAL): op, seq, card id, amount, discount,
-# principal, bonus and points deltas, principal after, time, store, staff, operator, program
-# version, points redeemed, redeemed fen, item id, purchase flags, coupon off.
+# What ``add_figures`` and ``add`` read of a journal entry (layout.JOURNAL): op, seq, card id,
+# amount, discount, principal, bonus and points deltas, principal after, time, store, staff,
+# operator, program version, points redeemed, redeemed fen, item id, purchase flags, coupon off.
 _ENTRY = struct.Struct("<xB6xQ16s6q16xqI4xII8xI44x2q4x2H16xq")
 assert _ENTRY.size == 224
 _NF, _NO = L.DAY_FIGURE_SLOTS, L.DAY_OPS
@@ -400,7 +400,7 @@ class DayTotals:
                                      "before it")
             self._set_home(card_id, self.moving_home)
             self.moving_home = None
-        elif op == L.OP_TOP_UP and dp > 0:
+        elif (op == L.OP_TOP_UP or op == L.OP_IMPORT_CARD) and dp > 0:
             home, before = self._home(card_id), principal_after - dp
             if home != store and before:
                 self._clear(home, store, before, day)

@@ -128,7 +128,8 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "line_count": "with the lines, in the extra payload when a purchase has any "
                   "(see purchase_extra); a refund by line: the writer's (its line numbers are "
                   "in the extra payload, see refund_extra)",
-    "redeem_points": "in the extra payload when set (see purchase_extra)",
+    "redeem_points": "in the extra payload when set (see purchase_extra; an import's always: "
+                     "import_extra)",
 }
 _AT_THE_TILL = ("store_id", "terminal_id", "staff_id", "operator_id", "client_time_us")
 _MONEY = ("op", "pin_flags", "amount_minor", "card_id", *_AT_THE_TILL, "link_seq", "ref_id",
@@ -157,6 +158,10 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_HOLD_VOID: ("op", "card_id", *_AT_THE_TILL, "link_seq"),  # link_seq: the hold
     # the new card (referrer_id) and its masked number (the profile) in the extra payload
     L.OP_CARD_REPLACED: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check"),
+    # rule 18: amount_minor the principal, ref_id the bonus; the points and the profile in the
+    # extra payload (import_extra)
+    L.OP_IMPORT_CARD: ("op", "tier", "home_store_id", "amount_minor", "card_id", *_AT_THE_TILL,
+                       "ref_id"),
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in L.ADMIN_OPS},
@@ -210,6 +215,14 @@ def open_extra(profile: bytes | None, referrer_id: bytes, op_flags: int = 0) -> 
     return b"".join((profile or b"", b"\x00referrer:" + referrer_id
                      if referrer_id != NO_REFERRER else b"",
                      b"\x00flags:" + bytes([op_flags]) if op_flags else b""))
+
+
+def import_extra(profile: bytes | None, points: int) -> bytes:
+    """What an import adds to its digest (rule 18): its points, then its profile."""
+    return _I64.pack(points) + (profile or b"")
+
+
+_I64 = struct.Struct("<q")
 
 
 def basket_tag(caller_kind: int, caller_id: int, basket_id: bytes) -> int:
@@ -280,6 +293,8 @@ class PendingOp:
                            redeem_points, referrer_id)
         if op == L.OP_OPEN or op == L.OP_CARD_REPLACED:  # a replacement: the new card, as referrer
             extra = open_extra(profile, referrer_id, op_flags) or original_key
+        elif op == L.OP_IMPORT_CARD:
+            extra = import_extra(profile, redeem_points)
         else:
             extra = (purchase_extra(lines, redeem_points, op_flags) or original_key
                      or refund_extra(refund_lines))

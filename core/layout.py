@@ -120,7 +120,7 @@ passed beside the operations, so a handler can pack its operation before the
 writer runs::
 
       0  u8  op                    OperationType (1..5 and 7 reach the kernel)
-      1  u8  tier                  open: the new card's tier
+      1  u8  tier                  open, import: the new card's tier
       2  u8  pin_flags             PIN_PRESENTED: pin_check holds the PIN entered;
                                    PIN_REQUIRED: the operation needs the card's PIN;
                                    PIN_OPTIONAL_UNSET: development mode lets a card
@@ -140,7 +140,8 @@ writer runs::
     128  u32 caller_id
     132  u32 birth_month           open: the member's birth month, 1..12 (0: unknown)
     136  u64 link_seq
-    144  u64 ref_id
+    144  u64 ref_id                import (rule 18): the bonus, fen (<= INT64_MAX); amount_minor
+                                   is the principal and redeem_points the points
     152  u64 basket_tag
     160  u16 line_count            purchase: how many LINE records it has in the run's lines
                                    buffer (in operation order); 0 = one line of category 0
@@ -628,10 +629,15 @@ OP_KERNEL_MAX = OP_HOLD_EXPIRED  # 1..5, 7..15, 24..29 go through the kernel; 6 
 # entries, one per card. The request's op is OP_CARD_REPLACED on the old card.
 OP_CARD_REPLACED = 30       # the old card's: principal, bonus and points moved out; status replaced
 OP_REPLACEMENT_OPENED = 31  # the new card's, right after: opens holding them; link_seq the first
+# Rule 18: a legacy card opened with its balances (a chain admin's import), through the kernel:
+# the op's amount_minor is its principal, ref_id its bonus (fen), redeem_points its points.
+OP_IMPORT_CARD = 37
 
 
 CARD_OPS = frozenset(op for op in range(1, OP_KERNEL_MAX + 1)
-                     if not OP_ADMIN_MIN <= op <= OP_ADMIN_MAX)
+                     if not OP_ADMIN_MIN <= op <= OP_ADMIN_MAX) | {OP_IMPORT_CARD}
+# Operations that open a card: its tier counted, its profile and sealed number stored.
+OPENINGS = frozenset((OP_OPEN, OP_IMPORT_CARD))
 
 
 # Entries of one card (its history): the kernel's, and a replacement's two (rule 16).

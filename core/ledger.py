@@ -114,6 +114,7 @@ SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
 HISTORY_SCAN_MAX = 10_000     # index entries one page looks at, at most (filters that match few)
+JOURNAL_PAGE_MAX = 1_000      # entries one read_journal reads at most: one short read transaction
 BASKET_KEY = struct.Struct(">QQ")  # basket tag, seq
 EMPTY_COUPON = bytes(L.COUPON_SIZE)
 EMPTY_EXT = bytes(L.CARD_EXT_SIZE)
@@ -131,6 +132,10 @@ META_MEMBERS = b"member_index"
 # that stores a profile clears it.
 META_PROFILES_SEALED = b"profiles_sealed"
 META_DAY_TOTALS = daytotals.META_DAY_TOTALS
+# The number of the last group of the group log (cardcore.grouplog) this LMDB state holds: written
+# in each checkpoint's transaction, so recovery replays the log from the next one.
+META_LOG_APPLIED = b"log_applied"
+U64 = struct.Struct("<Q")
 LEGACY_PREFIX = L.REQUEST_KEY_HEAD.pack(L.CALLER_LEGACY, 0)
 NO_OPERATOR = bytes(4)  # an operation's operator_id (layout.OP offset 28) when none acts
 # The fields of a kernel output entry the writer needs: op, tier, reason, seq, principal and
@@ -659,10 +664,39 @@ class Ledger:
                 group.adopt()  # only once the commit (and its fsync) succeeded
                 return outcomes
             except lmdb.MapFullError:
-                self._grow_map()
+                self.grow_map()
         raise RuntimeError("LMDB map still full after growing it")
 
-    def _grow_map(self) -> None:
+    def apply_in(self, txn, ops: list[PendingOp], ts_us: int) -> list[Outcome]:
+        """Apply ``ops`` in ``txn`` (the group log's writer: a write transaction that spans
+        groups until a checkpoint commits it) and adopt what the group changed at once; the caller
+        that aborts ``txn`` instead calls ``reload``. Raises as ``apply_group`` does, except that a
+        full map is the caller's to handle (``txn`` is spoilt)."""
+        group = _Group(self, ops, ts_us)
+        outcomes = group.apply(txn)
+        group.adopt()
+        return outcomes
+
+    def reload(self) -> None:
+        """Forget what groups of an aborted transaction adopted: back to the committed state."""
+        self._load_state()
+
+    def journal_head(self, txn) -> tuple[int, bytes]:
+        """(the last journal seq, 0 if none; its chained digest)."""
+        next_seq, digest, _ = _head(self, txn)
+        return next_seq - 1, digest
+
+    def log_applied(self, txn=None) -> int:
+        """The last group of the group log this ledger holds (0: none)."""
+        def read(t):
+            raw = t.get(META_LOG_APPLIED, db=self.meta)
+            return U64.unpack(raw)[0] if raw is not None else 0
+        return read(txn) if txn is not None else self._read(read)
+
+    def set_log_applied(self, txn, group_no: int) -> None:
+        txn.put(META_LOG_APPLIED, U64.pack(group_no), db=self.meta)
+
+    def grow_map(self) -> None:
         with self._resize_gate:
             new_size = self.env.info()["map_size"] * MAP_GROW_FACTOR
             self.env.set_mapsize(new_size)
@@ -876,14 +910,37 @@ class Ledger:
         """Journal entry ``seq`` and its lines, or None."""
         return self._read(lambda txn: self._entry_and_lines(txn, seq))
 
+    def read_journal(self, from_seq: int, limit: int) -> list[tuple[bytes, bytes]]:
+        """The journal from ``from_seq`` on, in seq order: at most ``limit`` (entry, its lines),
+        from one read transaction, held only for the page (a long one would pin old pages and
+        grow the file). Fewer than ``limit``: the journal ended there when it was read. The
+        journal feed's page; seqs have no gaps, so the next page starts at the last seq + 1."""
+        assert 1 <= limit <= JOURNAL_PAGE_MAX and from_seq >= 0
+
+        def read(txn):
+            cur = txn.cursor(db=self.journal)
+            page = []
+            if not cur.set_range(L.SEQ_KEY.pack(from_seq)):
+                return page
+            for key, entry in cur.iternext():
+                page.append((entry, self._lines_of(txn, key, entry)))
+                if len(page) == limit:
+                    break
+            return page
+
+        return self._read(read)
+
     def _entry_and_lines(self, txn, seq: int) -> tuple[bytes, bytes] | None:
         """Journal entry ``seq`` and its purchase lines (b"" for an entry without), or None."""
         key = L.SEQ_KEY.pack(seq)
         entry = txn.get(key, db=self.journal)
         if entry is None:
             return None
-        return entry, (txn.get(key, db=self.journal_lines) or b"" if entry_line_count(entry)
-                       else b"")
+        return entry, self._lines_of(txn, key, entry)
+
+    def _lines_of(self, txn, key: bytes, entry: bytes) -> bytes:
+        """The stored lines of the journal entry under ``key`` (b"" for an entry without)."""
+        return txn.get(key, db=self.journal_lines) or b"" if entry_line_count(entry) else b""
 
     def read_operation(self, key: bytes) -> Outcome | None:
         """The original outcome of a request (its key: namespace and request_id), or None."""
@@ -1642,7 +1699,7 @@ class _Group:
             if reason == L.R_OK and op_type == L.OP_PACKAGE_SELL:
                 self.item_items.append((ledger.packages,
                                         *sold_package(admin.program, op.card_id, entry)))
-            if reason == L.R_OK and op_type == L.OP_OPEN:
+            if reason == L.R_OK and op_type in L.OPENINGS:  # an opening, or an import (rule 18)
                 referrer = op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
                 points = admin.program.referral_points
                 if (points and referrer != NO_REFERRER and referrer != op.card_id

@@ -130,7 +130,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
 
         entry_lines = line_count  # the entry's line_count: a refund by line's, those asked
         if (line_count and op not in (L.OP_PURCHASE, L.OP_REFUND) or redeem < 0 or line_count > L.LINES_MAX
-                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE)
+                or redeem and op not in (L.OP_PURCHASE, L.OP_COUPON_ISSUE, L.OP_POINTS_EXCHANGE,
+                                         L.OP_IMPORT_CARD)
                 or op_flags[0] & L.CAPTURE and (op != L.OP_PURCHASE or ref_id or redeem
                                                 or op_flags[0] & L.ALLOW_PARTIAL)
                 or op_flags[0] & L.ISSUE_ONLY and op != L.OP_OPEN):
@@ -154,6 +155,26 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
                 if pin_flags & L.NEW_PIN:
                     set_pin()
                 if prog.review_days:  # rule 11: tracked from its opening day
+                    ext = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
+                    ext.start_period(card, _day(ts_us), prog.review_days)
+                    ext_changed = True
+        elif op == L.OP_IMPORT_CARD:  # rule 18: amount principal, ref_id bonus, redeem points
+            if birth_month > 12 or pin_flags or op_flags[0]:
+                reason = L.R_INVALID_ARGUMENT  # an import never carries a PIN
+            elif card.version != 0:
+                reason = L.R_CARD_ALREADY_EXISTS
+            elif tier >= prog.tier_count:
+                reason = L.R_INVALID_TIER
+            elif amount < 0 or ref_id > L.INT64_MAX - amount:
+                reason = L.R_INVALID_AMOUNT
+            else:
+                card = Card((L.CARD_VERSION, L.STATUS_ACTIVE, tier, 0, 0, 0, 0, 0, 0, 0, 0, ts_us,
+                             home_store, birth_month, bytes(32), bytes(24)))
+                card.expires_us = card_expiry_us(ts_us, prog.card_valid_months, prog.utc_offset)
+                tier_before = tier
+                d_principal, d_bonus, d_points = amount, ref_id, redeem
+                entry_ref = 0
+                if prog.review_days:  # rule 11: tracked from its import day
                     ext = CardState(L.CARD_EXT.unpack(bytes(L.CARD_EXT_SIZE)))
                     ext.start_period(card, _day(ts_us), prog.review_days)
                     ext_changed = True
@@ -653,7 +674,9 @@ def purchase(prog: "CompiledProgram", card: "Card", lines: bytearray, my_lines: 
             earned += raw
         if card_pay > available:
             reason = L.R_INSUFFICIENT_FUNDS
-        elif card.points - taken + earned > L.INT64_MAX or card.lifetime + card_pay > L.INT64_MAX:
+        elif (earned > L.INT64_MAX  # rule 5: a figure of the entry, whatever a debt absorbs
+              or card.points - taken + earned > L.INT64_MAX
+              or card.lifetime + card_pay > L.INT64_MAX):
             reason = L.R_AMOUNT_OVERFLOW
     for k, it in zip(my_lines, items):
         L.LINE.pack_into(lines, k * L.LINE_SIZE, *it)

@@ -34,7 +34,11 @@ checks they agree on every input):
    the tier's ``points_per_unit`` for the category). Points never earn points.
    In the member's birth month (the group's time at the program's
    ``utc_offset_minutes``), each line's points are multiplied by
-   ``birthday_points_bp / 10000``, floored (20000: double points).
+   ``birthday_points_bp / 10000``, floored (20000: double points). What a line
+   earns and what the purchase earns in all are fields of their own (the line,
+   the journal entry's points delta, the undo record a refund reads): past
+   2**63 - 1 either declines the purchase with REASON_AMOUNT_OVERFLOW (rule 1),
+   even when the card owes points (rule 12) enough to keep its balance within.
 6. The balance pays ``due = paid - redeemed``. It needs ``due <= principal +
    bonus - held`` (REASON_INSUFFICIENT_FUNDS with the available amount
    otherwise; balances never go negative). The program's ``spend_order`` says
@@ -225,6 +229,22 @@ checks they agree on every input):
    for. The index holds a keyed digest of the result, never the phone or name. One answer names
    at most ``layout.MEMBER_MATCHES_MAX`` cards (in card id order, not by date) and says when
    there are more; a phone or name that matches nothing is an empty answer, not an error.
+18. Legacy import (a card of another system brought in with what it held there; a chain
+   admin's, ``cardcore import``): one operation, one journal entry (OPERATION_TYPE_IMPORT_CARD),
+   on a number that is not a card yet (REASON_CARD_ALREADY_EXISTS, whoever opened it: so a
+   row is imported at most once, whatever runs or crashes). The card opens as an opening does
+   (active, at the group's time, its expiry and tier period from then, home store and birth
+   month from the profile) at the tier given (a tier of the current program, else
+   REASON_INVALID_TIER), with principal ``P``, bonus ``B`` and points ``N`` as given (each
+   >= 0 and ``P + B`` within int64, else REASON_INVALID_AMOUNT): the entry's amount is ``P``,
+   its deltas ``P``, ``B`` and ``N``. The points go into one lot dated the day of the import
+   (the group's UTC day), so they expire ``points_expire_days`` after the import, not after
+   their days in the old system (which are not known). No activation or referral points (the
+   member was one already), lifetime paid 0 (the old spend is not known: tier upgrades by
+   spend count from the import on), no top-up in the program state (a first-top-up promotion
+   is still due), and no PIN: the first one is set at a till with an operator vouching (the
+   PIN rule's first PIN), as for a card opened without one. An import never carries a PIN
+   (REASON_INVALID_ARGUMENT).
 
 The default program has three tiers (standard 100 %, silver 95 %, gold
 90 %), earns 1 point per 1.00 paid and has no categories, promotions or

@@ -15,6 +15,8 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
   line's discount, redeemed share and points (the stored lines), the spend
   order's split, the tier it was computed with and any upgrade; each entry
   names the version current at its place in the journal;
+- an import (rule 18) opens its card active, without a PIN, at a tier of its program, with its
+  principal (its amount), bonus and points in, each >= 0, and nothing else;
 - the running sums: each entry's after-balances equal them and never go
   negative; every card's principal, bonus, points, lifetime paid, last
   sequence and PIN state equal what its entries add up to; the totals match;
@@ -66,7 +68,7 @@ from cardcore.rules import card_expiry_us, expired, spend
 
 _MOVES = slice(9, 14)  # amount, discount, principal, bonus and points deltas (JOURNAL_V1 fields)
 # Rule 14: what only an active card does (the kernel's "card active" check comes before them).
-_OWN_STATUS = frozenset((L.OP_OPEN, L.OP_CARD_STATUS, L.OP_CARD_REPLACED,
+_OWN_STATUS = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_CARD_STATUS, L.OP_CARD_REPLACED,
                          L.OP_REPLACEMENT_OPENED))  # entries that set the card's status
 _NOT_LOTS = frozenset((L.OP_PIN_FAILED, L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED))
 
@@ -300,13 +302,17 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: type {op} on a card whose status is {status_now}")
         if op not in _OWN_STATUS and f[3] != status_now:
             problem(f"journal entry {seq}: status {f[3]} where the card's is {status_now}")
-        if op == L.OP_OPEN:
+        if op in L.OPENINGS:
             if s is not None:
                 problem(f"journal entry {seq}: a second opening of the same card")
             opened_with = programs.get(program_version, (None,))[0]
             active = f[3] == L.STATUS_ACTIVE  # an issued card gets its points when activated
-            if any(f[9:13]) or dpts != (opened_with.activation_points if opened_with and active
-                                        else 0) or f[3] not in (L.STATUS_ACTIVE, L.STATUS_ISSUED):
+            if op == L.OP_IMPORT_CARD:
+                why = _import_problem(opened_with, f)
+                if why:
+                    problem(f"journal entry {seq}: {why}")
+            elif any(f[9:13]) or dpts != (opened_with.activation_points if opened_with and active
+                                          else 0) or f[3] not in (L.STATUS_ACTIVE, L.STATUS_ISSUED):
                 problem(f"journal entry {seq}: an opening that moves value (beyond the "
                         "program's activation points), or opens it neither active nor issued")
             statuses[cid] = f[3]
@@ -509,7 +515,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                     or due != f[9]):
                 problem(f"journal entry {seq}: an expiry of {f[9]} points that its lots and "
                         "program do not explain")
-        elif op != L.OP_OPEN and op != L.OP_REPLACEMENT_OPENED:  # (both checked above)
+        elif op not in L.OPENINGS and op != L.OP_REPLACEMENT_OPENED:  # (checked above)
             problem(f"journal entry {seq}: unknown operation type {op}")
         if op not in _NOT_LOTS:  # a replacement's points move with their lots (above)
             gain, loss = lots.movement(entry)
@@ -541,6 +547,19 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             "statuses": statuses, "holds": holds, "held": held, "expiries": expiries,
             "head_digest": last_digest, "states": states, "coupons": coupons,
             "packages": packages, "lots": point_lots, "gifts": gifts_given}
+
+
+def _import_problem(program, f: tuple) -> str | None:
+    """Why an import entry (rule 18) is not a card opened active with its figures (None: it is):
+    principal, bonus and points in, each >= 0, the amount its principal, nothing else moved, no
+    PIN, at a tier of its program."""
+    amount, discount, dp, db_, dpts = f[9:14]
+    if (f[3] != L.STATUS_ACTIVE or amount != dp or discount or min(dp, db_, dpts) < 0
+            or f[5] or f[6] or f[29] or f[28]
+            or (program is not None and f[2] >= len(program.tiers))):
+        return (f"an import of {dp} principal, {db_} bonus and {dpts} points that is not a card "
+                "opened active with them, without a PIN, at a tier of its program")
+    return None
 
 
 def _top_up_problem(prog: CompiledProgram | None, state: CardState, f: tuple, tier_after: int,

@@ -38,6 +38,7 @@ cdef enum:
     OP_CARD_STATUS = 26
     OP_CARD_REPLACED = 30
     OP_REPLACEMENT_OPENED = 31
+    OP_IMPORT_CARD = 37
     PARTIAL_PAYMENT = 1
     NO_CARD = 0xFFFFFFFF
 
@@ -141,7 +142,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             home[c] = moving
             home_set[c] = 1
             moving = NO_CARD
-        elif op == OP_TOP_UP and dp > 0:
+        elif (op == OP_TOP_UP or op == OP_IMPORT_CARD) and dp > 0:
             h = home[c]
             before = i64(e + 72) - dp
             if h != s and before != 0:

@@ -61,6 +61,7 @@ cdef enum:
     OP_HOLD_VOID = 28
     OP_HOLD_EXPIRED = 29
     OP_KERNEL_MAX = 29
+    OP_IMPORT_CARD = 37  # rule 18: past OP_KERNEL_MAX, let through by name
     CAPTURE = 2
     HOLD_OPEN = 1
     HOLD_CAPTURED = 2
@@ -728,7 +729,8 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
                 earned += wide
         if card_pay > available:
             reason = R_INSUFFICIENT_FUNDS
-        elif (over or earned > <cc_i128>INT64_MAX - (<cc_i128>rec.points - taken)
+        elif (over or earned > INT64_MAX  # rule 5: a figure of the entry, whatever a debt absorbs
+              or earned > <cc_i128>INT64_MAX - (<cc_i128>rec.points - taken)
               or card_pay > INT64_MAX - rec.lifetime_paid_minor):
             reason = R_AMOUNT_OVERFLOW
     fig[5] = card_pay
@@ -799,7 +801,7 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
     if ((op.line_count and op.op != OP_PURCHASE and op.op != OP_REFUND) or op.redeem_points < 0
             or op.line_count > LINES_MAX
             or (op.redeem_points and op.op != OP_PURCHASE and op.op != OP_COUPON_ISSUE
-                and op.op != OP_POINTS_EXCHANGE)
+                and op.op != OP_POINTS_EXCHANGE and op.op != OP_IMPORT_CARD)
             or (op.op_flags & CAPTURE and (op.op != OP_PURCHASE or op.ref_id != 0
                                            or op.op_flags & ALLOW_PARTIAL
                                            or op.redeem_points != 0))
@@ -827,6 +829,34 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
             if op.pin_flags & NEW_PIN:
                 set_pin(op, rec)
             if prog.tier_review_days:  # rule 11: tracked from its opening day
+                memset(ext, 0, EXT_SIZE)
+                start_period(ext, rec, day_of(ts_us), prog.tier_review_days)
+                ext_changed = 1
+    elif op.op == OP_IMPORT_CARD:  # rule 18: opened with its balances; amount principal,
+        # ref_id bonus, redeem_points points
+        if op.birth_month > 12 or op.pin_flags != 0 or op.op_flags != 0:
+            reason = R_INVALID_ARGUMENT  # an import never carries a PIN
+        elif rec.version != 0:
+            reason = R_CARD_ALREADY_EXISTS
+        elif op.tier >= prog.tier_count:
+            reason = R_INVALID_TIER
+        elif amount < 0 or op.ref_id > <uint64_t>(INT64_MAX - amount):
+            reason = R_INVALID_AMOUNT
+        else:
+            memset(rec, 0, CARD_SIZE)
+            rec.version = 1
+            rec.status = STATUS_ACTIVE
+            rec.tier = op.tier
+            tier_before = op.tier
+            rec.opened_us = ts_us
+            rec.expires_us = card_expiry(ts_us, prog.card_valid_months, prog.utc_offset_minutes)
+            rec.home_store_id = op.home_store_id
+            rec.birth_month = op.birth_month
+            d_principal = amount
+            d_bonus = <int64_t>op.ref_id
+            d_points = op.redeem_points
+            entry_ref = 0
+            if prog.tier_review_days:  # rule 11: tracked from its import day
                 memset(ext, 0, EXT_SIZE)
                 start_period(ext, rec, day_of(ts_us), prog.tier_review_days)
                 ext_changed = 1
@@ -1318,7 +1348,8 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
         for i in range(n):
             op = op_base + i
             slot = slots[i]
-            if (slot >= nslots or op.op < OP_OPEN or op.op > OP_KERNEL_MAX
+            if (slot >= nslots or op.op < OP_OPEN
+                    or (op.op > OP_KERNEL_MAX and op.op != OP_IMPORT_CARD)
                     or op.op == OP_PIN_FAILED or (OP_ADMIN_MIN <= op.op <= OP_ADMIN_MAX)):
                 bad = 1
                 break

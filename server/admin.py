@@ -29,7 +29,8 @@ from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import ROLE, Access, Operator, new_token, token_digest
-from .errors import Invalid, abort, failure
+from .errors import Invalid, abort, failure, fresh_or_abort
+from .feed import JournalFeed
 from .reports import close_pb, report_pb
 from .operations import client_time_us, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
@@ -55,6 +56,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
         self.access = access
         self._on_program = on_program   # the card service adopts a newly loaded program
         self._rotating = asyncio.Lock()
+        self.feed = JournalFeed(ledger, access, writer)
 
     async def _operator(self, context, role: int, store_id: int | None = None) -> Operator:
         """The calling operator, if it holds ``role`` (and ``store_id`` is in its scope)."""
@@ -136,6 +138,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
     async def ListTerminals(self, request, context):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER,
                                      request.store_id or None)
+        await fresh_or_abort(self.writer, context, everything=True)  # their KSN counters, as of the last swipe
         return apb.ListTerminalsResponse(terminals=[
             self._terminal_pb(t) for t in sorted(self.ledger.read_terminals(), key=lambda t: t[3])
             if op_by.covers(t[4]) and request.store_id in (0, t[4])])
@@ -297,6 +300,12 @@ class AdminService(apb_grpc.AdminServiceServicer):
                 op = PendingOp.internal(L.OP_RESEAL, reseal_payload(items))
                 total += (await self._apply(context, op)).count
 
+    # ---- the journal feed -----------------------------------------------------------------
+
+    def WatchJournal(self, request, context):
+        """Every journal entry from request.from_seq on, then live: the stream (``feed``)."""
+        return self.feed.watch(request, context)
+
     # ---- the daily close and reports ------------------------------------------------------
 
     async def _day(self, context, text: str, field: str) -> int:
@@ -317,6 +326,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
             need_role=ROLE.OPERATOR_ROLE_STORE_MANAGER, scope=SCOPE_STORE,
             scope_store_id=request.store_id)
         outcome = await self._apply(context, op)
+        await fresh_or_abort(self.writer, context, everything=True)  # the figures, as closed
         return close_pb(request.store_id, day, outcome.entry, op.packed[32:40],
                         self.ledger.read_day(request.store_id, day))
 
@@ -333,5 +343,6 @@ class AdminService(apb_grpc.AdminServiceServicer):
         granularity = request.granularity or apb.REPORT_GRANULARITY_DAY
         if granularity not in apb.ReportGranularity.values():
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "granularity"))
+        await fresh_or_abort(self.writer, context, everything=True)  # all that was answered
         return report_pb(self.ledger.read_report(None if request.chain else request.store_id,
                                                  from_day, to_day, granularity, request.staff))

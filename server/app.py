@@ -21,6 +21,8 @@ from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, PendingOp, request_ke
 from cardcore.keyring import Keyring
 from cardcore.lookup import lookup_key
 from cardcore.profiles import profile_key
+from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
+from cardcore.grouplog import SEGMENT_BYTES_DEFAULT
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger
 from cardcore.program import ProgramError, checked_program_file
 from cardcore.v1 import admin_service_pb2 as apb
@@ -67,7 +69,10 @@ class ServerConfig:
     metrics_listen: str | None = None             # HOST:PORT for Prometheus; None: not served
     request_window_s: int = REQUEST_WINDOW_S_DEFAULT  # request records kept, and requests accepted
     reader_check_s: float = READER_CHECK_S_DEFAULT    # stale LMDB reader slots cleared this often
-    day_totals: bool = True          # False: no daily close figures (a benchmark's, --no-day-totals)
+    checkpoint_ms: int = CHECKPOINT_MS_DEFAULT        # LMDB brought up to date from the log this
+    checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT      # often, or after this many operations
+    log_segment_mib: int = SEGMENT_BYTES_DEFAULT >> 20  # the group log's segment files
+    day_totals: bool = True          # False: no day totals (a benchmark's, --no-day-totals)
 
 
 class StartupError(Exception):
@@ -231,10 +236,12 @@ async def serve(cfg: ServerConfig) -> None:
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
                     reader_check_s=cfg.reader_check_s, on_fatal=fatal, day_totals=cfg.day_totals,
+                    checkpoint_ms=cfg.checkpoint_ms, checkpoint_ops=cfg.checkpoint_ops,
+                    log_segment_bytes=cfg.log_segment_mib << 20,
                     lookup_key=lookup_key(keyring.index_key),
                     profile_key=profile_key(keyring.index_key))
     writer.start()
-    ledger = None
+    ledger = admin = None
     health_servicer = health.aio.HealthServicer()
     try:
         ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
@@ -286,6 +293,8 @@ async def serve(cfg: ServerConfig) -> None:
         log.info("shutting down: refusing new calls, finishing those in flight")
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if admin is not None:
+            admin.feed.close()  # live journal feeds end now, not at the grace period's end
         await server.stop(SHUTDOWN_GRACE_S)
         await writer.stop()
         log.info("writer: %d groups, %d operations", writer.groups, writer.ops_applied)

@@ -13,11 +13,14 @@ from cardcore.layout import LINES_MAX
 from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_find_card,
                          cmd_history, cmd_keys, cmd_replace_card,
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
-                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up)
+                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_watch)
+from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
+from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
+from cardcore.grouplog import SEGMENT_BYTES_DEFAULT
 from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
 from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
                    amount_arg, card_id_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
@@ -158,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
                    help="clear stale LMDB reader slots (readers killed -9) this often, in "
                         "seconds (default %(default)g)")
+    p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
+                   help="bring LMDB up to date from the group log (a synced commit) at least this "
+                        "often while operations arrive, in milliseconds (default %(default)s)")
+    p.add_argument("--checkpoint-ops", type=int_arg(1, 1 << 30), default=CHECKPOINT_OPS_DEFAULT,
+                   help="and after this many operations (default %(default)s)")
+    p.add_argument("--log-segment-mib", type=int_arg(1, 4096),
+                   default=SEGMENT_BYTES_DEFAULT >> 20,
+                   help="the group log's preallocated segment files, in MiB (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "
@@ -294,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     card_or_id(p)
     mutating(p)
     p.add_argument("new_card", type=card_number_arg, help="the new card's number")
+    p = client("import", "bring in a legacy member base from a CSV file (a chain admin's token): "
+               "resumable, each row imported once", cmd_import, card=False)
+    p.add_argument("file", help="the CSV file, UTF-8, a header row first: number, principal, "
+                   "bonus, points, tier[, name, phone, birthday, home_store] (README: Legacy "
+                   "import)")
+    p.add_argument("--yuan", action="store_true",
+                   help="principal and bonus are yuan with at most two decimals (default: whole "
+                        "fen)")
+    p.add_argument("--chunk-rows", type=int_arg(1, CHUNK_ROWS_MAX), default=CHUNK_ROWS_DEFAULT,
+                   help="rows per SubmitBatch (default %(default)s, at most "
+                        f"{CHUNK_ROWS_MAX:,})")
+    p.add_argument("--store", type=uint32_arg, default=0,
+                   help="the store the import is journaled at (default 0: head office)")
+    p.add_argument("--client-time-us", type=client_time_arg, default=0,
+                   help="the import's client time, Unix microseconds (default: the one an "
+                        "earlier run of the same file kept in FILE.import.json, else now)")
     p = client("find-card", "a member's cards by phone or name, for an operator without the card "
                "(operator token)", cmd_find_card, card=False)
     query = p.add_mutually_exclusive_group(required=True)
@@ -319,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another caller's namespace, KIND:ID (terminal:7, operator:3; chain "
                         "admins; default: this caller's)")
 
+    p = client("watch", "the journal from a seq on, one JSON object per line, live: what a "
+               "chain's notices, warehouse or fraud check consume (chain admin)", cmd_watch,
+               card=False)
+    p.add_argument("--from-seq", type=int_arg(1, U64_MAX), default=1,
+                   help="the first entry to print: 1 (the default) from the start, or the resume "
+                        "seq an earlier watch printed to stderr")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
+                   help="stay and print new entries as they are written (the default); "
+                        "--no-follow: stop once every entry written so far is printed. Either "
+                        "way the seq to resume from goes to stderr at the end (--timeout-s "
+                        "does not apply)")
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
     p.add_argument("action", choices=("enroll", "revoke", "list"),
@@ -440,9 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
-                    "replace-card", "find-card",
-                    "history", "operation", "terminals", "operators", "keys", "program", "pos",
-                    "console", "close-day", "report")
+                    "replace-card", "find-card", "import",
+                    "history", "operation", "watch", "terminals", "operators", "keys", "program",
+                    "pos", "console", "close-day", "report")
 
 
 def _cmd_console(args) -> int:

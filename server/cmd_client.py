@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
+import signal
 import sys
 import uuid
 
@@ -103,17 +105,23 @@ def token_of(args) -> tuple[str | None, str]:
     return token, source
 
 
-def call(fn, request, args):
-    """One unary call; a refusal or a transport failure becomes one line on stderr and exit 1."""
-    import grpc
-
+def _metadata(args) -> tuple[tuple | None, str]:
+    """The call's metadata (the operator token, if any) and where the token came from; a token
+    goes in plaintext to a loopback address only."""
     token, source = token_of(args)
     if token and not args.tls_ca and not _loopback(args.target):
         raise UsageError(f"an operator token goes to {args.target} only over TLS: give --tls-ca, "
                          "--tls-cert and --tls-key (a plaintext server listens on loopback only)")
+    return ((("authorization", f"Bearer {token}"),) if token else None), source
+
+
+def call(fn, request, args):
+    """One unary call; a refusal or a transport failure becomes one line on stderr and exit 1."""
+    import grpc
+
+    metadata, source = _metadata(args)
     try:
-        return fn(request, timeout=args.timeout_s,
-                  metadata=(("authorization", f"Bearer {token}"),) if token else None)
+        return fn(request, timeout=args.timeout_s, metadata=metadata)
     except grpc.RpcError as err:
         print(_error_line(err, request, args, source), file=sys.stderr)
         raise SystemExit(1) from None
@@ -598,3 +606,76 @@ def cmd_history(args) -> int:
     if answer.next_before_seq:
         print(f"more: --before {answer.next_before_seq}")
     return 0
+
+
+# ---- the journal feed ----------------------------------------------------------------------
+
+
+def journal_json(entry) -> dict:
+    """One journal entry (cardcore.v1.JournalEntry) as a JSON object: money in fen (``_minor``),
+    points in points, never a card number (the card's id, hex)."""
+    from cardcore.v1 import common_pb2 as cpb
+
+    r = entry.result
+    when = datetime.datetime.fromtimestamp(r.applied_at_us / 1e6, datetime.timezone.utc)
+    b = r.balance_after
+    out = {"seq": r.seq, "time": when.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+           "ts_us": r.applied_at_us,
+           "type": cpb.OperationType.Name(r.type).removeprefix("OPERATION_TYPE_").lower(),
+           "card_id": entry.card_id.hex() or None, "store": r.till.store_id,
+           "terminal": r.till.terminal_id, "staff": r.till.staff_id, "operator": r.operator_id,
+           "amount_minor": r.amount_minor, "discount_minor": r.discount_minor,
+           "paid_minor": r.paid_minor, "principal_delta_minor": r.principal_delta_minor,
+           "bonus_delta_minor": r.bonus_delta_minor,
+           "points_delta": r.points_earned - r.points_redeemed,
+           "principal_after_minor": b.principal_minor, "bonus_after_minor": b.bonus_minor,
+           "points_after": b.points, "reason": cpb.Reason.Name(r.reason)}
+    if r.original_seq:
+        out["original_seq"] = r.original_seq
+    if r.lines:
+        out["lines"] = len(r.lines)
+    return out
+
+
+def cmd_watch(args) -> int:
+    """The journal from --from-seq on as JSON lines (chain admin), live unless --no-follow; the
+    seq to resume from goes to stderr at the end, whatever ends it (^C, an error, a closed
+    pipe): the seq after the last part flushed to stdout, so a line may come again after a
+    resume (the part cut short), never go missing."""
+    import grpc
+
+    from cardcore.v1 import admin_service_pb2 as apb
+
+    metadata, source = _metadata(args)
+    request = apb.WatchJournalRequest(from_seq=args.from_seq, stop_when_caught_up=not args.follow)
+    stream = admin_stub_of(args).WatchJournal(request, metadata=metadata)  # no deadline: live
+    next_seq = args.from_seq
+    interrupted = []
+
+    def on_interrupt(signum, frame) -> None:
+        # ^C ends the stream, not the part being printed: the resume seq then says whether it
+        # is out (a KeyboardInterrupt between the flush and the seq would repeat it)
+        interrupted.append(signum)
+        stream.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        for answer in stream:
+            for entry in answer.entries:
+                print(json.dumps(journal_json(entry), separators=(",", ":")))
+            sys.stdout.flush()  # a part at a time, so a pipe's reader sees entries live
+            next_seq = answer.next_seq
+            if interrupted:
+                break
+        if interrupted:
+            raise KeyboardInterrupt
+        return 0
+    except grpc.RpcError as err:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        print(_error_line(err, request, args, source), file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stream.cancel()
+        print(f"resume: --from-seq {next_seq}", file=sys.stderr)

@@ -23,7 +23,10 @@ def cmd_serve(args) -> int:
                        queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
                        map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen,
                        request_window_s=args.request_window_hours * 3600,
-                       reader_check_s=args.reader_check_s, day_totals=not args.no_day_totals)
+                       reader_check_s=args.reader_check_s, checkpoint_ms=args.checkpoint_ms,
+                       checkpoint_ops=args.checkpoint_ops,
+                       log_segment_mib=args.log_segment_mib,
+                       day_totals=not args.no_day_totals)
     if args.request_window_hours < 1:
         print("cardcore: --request-window-hours is at least 1", file=sys.stderr)
         return 2
@@ -36,6 +39,9 @@ def cmd_serve(args) -> int:
         print(f"cardcore: stopped because the writer failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+COPY_ATTEMPTS = 5
 
 
 def _open_ledger(path: str, profile_key: bytes | None = None):
@@ -70,6 +76,74 @@ def _verify_at(path: str, index_key: bytes | None = None) -> dict:
         ledger.close()
 
 
+def _catch_up(data_dir: str, path: str, ring) -> None:
+    """Before a tool reads a ledger: with no server on the folder, replay what its group log
+    holds past the last checkpoint (a server stopped by a crash or a power cut leaves that to its
+    next start); beside a running server, LMDB is as of its last checkpoint (--checkpoint-ms)."""
+    from cardcore.durable import behind
+
+    from .app import StartupError, lock_data_dir
+
+    if not behind(path):
+        return
+    try:
+        lock = lock_data_dir(data_dir)
+    except StartupError:
+        print("a server is running on this folder: the ledger as of its last checkpoint",
+              file=sys.stderr)
+        return
+    with lock:
+        _replay_log(path, ring)
+
+
+def _replay_log(path: str, ring) -> None:
+    """(The data folder locked, no server on it.) The log's groups past the last checkpoint."""
+    from cardcore.durable import catch_up
+    from cardcore.lookup import lookup_key as member_key
+    from cardcore.profiles import profile_key
+
+    index_key = ring.index_key if ring is not None else None
+    n = catch_up(path, member_key(index_key) if index_key else None,
+                 profile_key(index_key) if index_key else None)
+    if n:
+        print(f"replayed {n} groups of the log that the last checkpoint did not hold",
+              file=sys.stderr)
+
+
+def _copy_caught_up(src: str, dest: str, ring) -> None:
+    """A compacted copy of the ledger at ``src``, then the groups its log holds past the copy's
+    checkpoint (a server may be writing it): every group answered before the backup is in it."""
+    import shutil
+
+    from cardcore.durable import catch_up_copy
+    from cardcore.grouplog import LogError
+    from cardcore.lookup import lookup_key as member_key
+    from cardcore.profiles import profile_key
+
+    index_key = ring.index_key if ring is not None else None
+    for attempt in range(COPY_ATTEMPTS):
+        ledger = _open_ledger(src)
+        try:
+            ledger.backup(dest)
+        finally:
+            ledger.close()
+        try:
+            catch_up_copy(dest, src, member_key(index_key) if index_key else None,
+                          profile_key(index_key) if index_key else None)
+            return
+        except LogError:  # the writer recycled the log past the copy meanwhile: copy again
+            shutil.rmtree(dest)
+    raise SystemExit(f"cardcore: the ledger kept moving past each copy ({COPY_ATTEMPTS} tries)")
+
+
+def _ring_of(args):
+    """The keyring named, or the data folder's when it has one (a production keyring kept
+    elsewhere must be named); None without."""
+    given = getattr(args, "keyring", None)
+    found = given or os.path.exists(os.path.join(args.data_dir, "keyring.json"))
+    return _keyring(given, args.data_dir) if found else None
+
+
 def _keyring(given: str | None, data_dir: str):
     """The keyring ``--keyring`` names (or the data folder's); a UsageError that names the file,
     never a key, when it cannot be read."""
@@ -88,11 +162,9 @@ def cmd_verify(args) -> int:
     path = _ledger_in(args.data_dir, "no ledger")
     if path is None:
         return 2
-    # The member index (rule 17) is checked with the keyring: the one named, or the data
-    # folder's when it has one (a production keyring kept elsewhere must be named).
-    given = getattr(args, "keyring", None)
-    found = given or os.path.exists(os.path.join(args.data_dir, "keyring.json"))
-    ring = _keyring(given, args.data_dir) if found else None
+    # The member index (rule 17) is checked with the keyring
+    ring = _ring_of(args)
+    _catch_up(args.data_dir, path, ring)
     report = _verify_at(path, ring.index_key if ring is not None else None)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -123,11 +195,9 @@ def cmd_backup(args) -> int:
     if os.path.exists(args.to):
         print(f"{args.to} exists: a backup goes to a new folder", file=sys.stderr)
         return 2
-    ledger = _open_ledger(src)
-    try:
-        ledger.backup(os.path.join(args.to, "ledger"))
-    finally:
-        ledger.close()
+    ring = _ring_of(args)
+    _catch_up(args.data_dir, src, ring)
+    _copy_caught_up(src, os.path.join(args.to, "ledger"), ring)
     report = _verify_at(os.path.join(args.to, "ledger"))
     manifest = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "source": os.path.abspath(src), "verify": report}
@@ -159,6 +229,8 @@ def cmd_restore(args) -> int:
         return 2
     dest = os.path.join(args.data_dir, "ledger")
     with lock:
+        if os.path.exists(os.path.join(dest, "data.mdb")):  # its counters are carried over
+            _replay_log(dest, _ring_of(args))
         try:
             report = restore(src, dest, replace=args.force, lost_ledger=args.lost_ledger)
         except RestoreError as exc:

@@ -125,6 +125,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_LINE_ALREADY_REFUNDED: (C.FAILED_PRECONDITION, "a line named was given back "
                                      "already"),
     R.REASON_LINE_NOT_FOUND: (C.NOT_FOUND, "the sale has no line with that number"),
+    R.REASON_FEED_WATCHERS_LIMIT: (C.RESOURCE_EXHAUSTED, "the journal feed serves as many streams "
+                                   "as it takes; end one or try again later"),
+    R.REASON_FEED_SEQ_AHEAD: (C.OUT_OF_RANGE, "from_seq is past the end of the journal (see "
+                              "detail): this ledger never reached that entry"),
     R.REASON_DAY_NOT_STARTED: (C.FAILED_PRECONDITION, "that business day has not begun: only a "
                                "day that has begun can be closed"),
     R.REASON_REPORT_RANGE_INVALID: (C.INVALID_ARGUMENT, "to_day must be on or after from_day, at "
@@ -176,3 +180,16 @@ def status_details(fail: pb.Failure) -> tuple[tuple[str, bytes]]:
 
 async def abort(context: grpc.aio.ServicerContext, fail: pb.Failure):
     await context.abort(TABLE[fail.reason][0], fail.message, status_details(fail))
+
+
+async def fresh_or_abort(writer, context: grpc.aio.ServicerContext,
+                         card_ids: tuple[bytes, ...] = (), keys: tuple[bytes, ...] = (),
+                         everything: bool = False) -> None:
+    """``Writer.fresh`` for a handler: a read that cannot see what was answered (LMDB cannot be
+    checkpointed) is refused, never answered from the older state."""
+    from .writer import Stale
+
+    try:
+        await writer.fresh(card_ids, keys, everything)
+    except Stale:
+        await abort(context, failure(pb.REASON_STORAGE_UNAVAILABLE))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import logging
 import re
 
@@ -27,6 +28,7 @@ log = logging.getLogger("cardcore.service")
 
 R = cpb.Reason
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+IMPORT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,40}")  # + ":" + 16 hex digits: a request id
 PHONE_RE = re.compile(r"[0-9+\- ]{0,20}")
 BIRTHDAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 NAME_LEN_MAX = 64
@@ -51,6 +53,35 @@ def request_id_bytes(request_id: str, field: str = "request_id") -> bytes:
     if not REQUEST_ID_RE.fullmatch(request_id):
         raise Invalid(R.REASON_INVALID_REQUEST_ID, field)
     return request_id.encode("ascii")
+
+
+def import_request_id(import_id: str, card_id: bytes) -> bytes:
+    """Rule 18: an imported row's request id: the import's id, ":" and 16 hex digits of BLAKE2b
+    of the card's keyed id (never of the number), so a re-run of the same file names the same
+    requests (its rows are replays) and nothing in the request records leads to a number."""
+    return f"{import_id}:{hashlib.blake2b(card_id, digest_size=8).hexdigest()}".encode("ascii")
+
+
+def member_profile(p: pb.MemberProfile) -> dict:
+    """An opening's or an import's member profile, checked where it enters (without the masked
+    number, which the card adds)."""
+    if len(p.name) > NAME_LEN_MAX:
+        raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
+    if not p.name.isprintable():
+        raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.name")
+    if len(p.phone) > PHONE_QUERY_LEN_MAX:
+        raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
+    if not PHONE_RE.fullmatch(p.phone):
+        raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
+    if p.birthday:
+        try:
+            if not BIRTHDAY_RE.fullmatch(p.birthday):
+                raise ValueError
+            datetime.date.fromisoformat(p.birthday)
+        except ValueError:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.birthday") from None
+    return {"name": p.name, "phone": p.phone, "birthday": p.birthday,
+            "home_store_id": p.home_store_id}
 
 
 def client_time_us(request) -> int:
@@ -180,7 +211,8 @@ class Operations:
                          "authorize": (L.OP_HOLD, self.authorize_op),
                          "capture": (L.OP_PURCHASE, self.capture_op),
                          "void_hold": (L.OP_HOLD_VOID, self.void_hold_op),
-                         "replace_card": (L.OP_CARD_REPLACED, self.replace_card_op)}
+                         "replace_card": (L.OP_CARD_REPLACED, self.replace_card_op),
+                         "import_card": (L.OP_IMPORT_CARD, self.import_card_op)}
 
     def adopt_program(self) -> None:
         """The limits of the current program (at start, and after a program load)."""
@@ -232,21 +264,7 @@ class Operations:
         if req.tier >= self.tier_count:
             raise Invalid(R.REASON_INVALID_TIER, "tier")
         p = req.profile
-        if len(p.name) > NAME_LEN_MAX:
-            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.name")
-        if not p.name.isprintable():
-            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.name")
-        if len(p.phone) > PHONE_QUERY_LEN_MAX:
-            raise Invalid(R.REASON_FIELD_TOO_LONG, "profile.phone")
-        if not PHONE_RE.fullmatch(p.phone):
-            raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.phone")
-        if p.birthday:
-            try:
-                if not BIRTHDAY_RE.fullmatch(p.birthday):
-                    raise ValueError
-                datetime.date.fromisoformat(p.birthday)
-            except ValueError:
-                raise Invalid(R.REASON_INVALID_ARGUMENT, "profile.birthday") from None
+        checked = member_profile(p)
         swipes = self.swipes
         card = swipes.card(req.card, req.till, caller)
         pin_flags, new_check = 0, NO_PIN
@@ -254,8 +272,7 @@ class Operations:
             new_check = swipes.pin_check(card, req.pin_block, "pin_block", new=True,
                                          birthday=p.birthday)
             pin_flags = L.NEW_PIN
-        profile = {"masked": cards.mask(card.number), "name": p.name, "phone": p.phone,
-                   "birthday": p.birthday, "home_store_id": p.home_store_id}
+        profile = {"masked": cards.mask(card.number), **checked}
         referrer = bytes(16)
         if req.referrer_card_number:
             referrer = swipes.referrer(req.referrer_card_number, caller)
@@ -267,6 +284,34 @@ class Operations:
                       sealed=self.keyring.seal(card.card_id, card.number), referrer_id=referrer,
                       birth_month=int(p.birthday[5:7]) if p.birthday else 0,
                       op_flags=L.ISSUE_ONLY if req.issue_only else 0)
+        return self._sealed_profile(op, card.card_id, profile)
+
+    def import_card_op(self, req: pb.ImportCardRequest, caller: Caller) -> PendingOp:
+        """Rule 18: a legacy card opened with its balances, by a chain admin, by its clear
+        number; the request id is derived from the import's id and the card's keyed id."""
+        if not IMPORT_ID_RE.fullmatch(req.request_id):
+            raise Invalid(R.REASON_INVALID_REQUEST_ID, "request_id")
+        at_us = client_time_us(req)
+        if req.tier >= self.tier_count:
+            raise Invalid(R.REASON_INVALID_TIER, "tier")
+        for field in ("principal_minor", "bonus_minor", "points"):
+            if getattr(req, field) < 0:
+                raise Invalid(R.REASON_INVALID_AMOUNT, field)
+        if req.principal_minor > L.INT64_MAX - req.bonus_minor:
+            raise Invalid(R.REASON_INVALID_AMOUNT, "bonus_minor")
+        checked = member_profile(req.profile)
+        if req.card.WhichOneof("ref") != "card_number":
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "card")  # a clear number, never a swipe
+        role = ROLE.OPERATOR_ROLE_CHAIN_ADMIN
+        card = self._operator_card(req, caller, role, R.REASON_UNAUTHENTICATED)
+        profile = {"masked": cards.mask(card.number), **checked}
+        birthday = checked["birthday"]
+        op = self._op(req, import_request_id(req.request_id, card.card_id), at_us,
+                      L.OP_IMPORT_CARD, card, caller, req.principal_minor, tier=req.tier,
+                      home_store_id=checked["home_store_id"], profile=profiles.encode(profile),
+                      sealed=self.keyring.seal(card.card_id, card.number),
+                      birth_month=int(birthday[5:7]) if birthday else 0, ref_id=req.bonus_minor,
+                      redeem_points=req.points, role=role)
         return self._sealed_profile(op, card.card_id, profile)
 
     def _sealed_profile(self, op: PendingOp, card_id: bytes, profile: dict) -> PendingOp:
@@ -524,7 +569,10 @@ class Operations:
         op_type, build = self.builders[kind]
         request = getattr(op, kind)
         try:
-            return request.request_id, op_type, self.build(build, request, caller)
+            built = self.build(build, request, caller)
+            if op_type == L.OP_IMPORT_CARD:  # answered under the request id made for the row
+                return built.request_key[L.REQUEST_KEY_HEAD.size:].decode("ascii"), op_type, built
+            return request.request_id, op_type, built
         except Invalid as exc:
             return request.request_id, op_type, exc
         except Exception:  # a bug, not the caller's: this operation fails, its neighbours go on

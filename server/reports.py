@@ -38,7 +38,8 @@ def close_pb(store_id: int, day: int, entry: bytes, request_tag: bytes,
     return apb.CloseDayResponse(
         store_id=store_id, business_day=D.date_of_day(day), closed_seq=seq,
         closed_at_us=closed_us, closed_by=operator,
-        closed_before=entry[L.JOURNAL_OFF_TAG:L.JOURNAL_OFF_TAG + L.REQUEST_TAG_SIZE] != request_tag,
+        closed_before=(entry[L.JOURNAL_OFF_TAG:L.JOURNAL_OFF_TAG + L.REQUEST_TAG_SIZE]
+                       != request_tag),
         figures=figures_pb(values),
         clearing=[apb.ClearingLine(counterparty_store_id=other, owes_minor=amount)
                   for other, amount in rows])

@@ -30,7 +30,7 @@ from cardcore.idempotency import basket_tag, request_key
 from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
-from .errors import CODE_NUMBER, Invalid, abort, failure
+from .errors import CODE_NUMBER, Invalid, abort, failure, fresh_or_abort
 from .operations import (MALFORMED, NAME_LEN_MAX, PHONE_QUERY_LEN_MAX, REQUEST_ID_RE, Operations,
                          basket, request_id_bytes)
 from .writer import Overloaded, Stopped, Writer
@@ -72,6 +72,8 @@ def add_service(server, servicer, service) -> None:
             make = grpc.stream_stream_rpc_method_handler
         elif not method.client_streaming and not method.server_streaming:
             make, fn = grpc.unary_unary_rpc_method_handler, _refuse_malformed(fn)
+        elif method.server_streaming:
+            make, fn = grpc.unary_stream_rpc_method_handler, _refuse_malformed_stream(fn)
         else:
             raise NotImplementedError(f"{method.full_name}: no such call shape in the contract")
         handlers[method.name] = make(fn, request_deserializer=decode,
@@ -84,6 +86,17 @@ def _refuse_malformed(fn):
         if request is MALFORMED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
         return await fn(request, context)
+
+    return call
+
+
+def _refuse_malformed_stream(fn):
+    """_refuse_malformed for a server-streaming call (an async generator)."""
+    async def call(request, context):
+        if request is MALFORMED:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
+        async for answer in fn(request, context):
+            yield answer
 
     return call
 
@@ -425,6 +438,7 @@ class CardService(pb_grpc.CardServiceServicer):
         namespace = caller.namespace(caller.cert_terminal_id or 0)
         tag = basket_tag(*namespace, request.basket_id.encode("ascii"))
         answer = pb.Basket(basket_id=request.basket_id)
+        await fresh_or_abort(self.writer, context, everything=True)  # a basket's payments name several cards
         for entry in self.ledger.read_basket(tag):
             payment = result_of("", Outcome(L.R_OK, True, entry[1], entry))
             answer.payments.append(payment)
@@ -459,6 +473,7 @@ class CardService(pb_grpc.CardServiceServicer):
         for field in ("from_us", "to_us"):
             if getattr(request, field) < 0:
                 await abort(context, failure(R.REASON_INVALID_ARGUMENT, field))
+        await fresh_or_abort(self.writer, context, (card.card_id,))
         page, next_seq = self.ledger.read_history(
             card.card_id, request.before_seq, request.page_size or 20, request.from_us,
             request.to_us, frozenset(request.types))
@@ -469,6 +484,7 @@ class CardService(pb_grpc.CardServiceServicer):
 
     async def GetReceipt(self, request, context):
         card = await self._parse(self._history_card, request, context)
+        await fresh_or_abort(self.writer, context, (card.card_id,))
         found = self.ledger.read_entry(request.seq) if request.seq else None
         owner = found[0][16:32] if found is not None else None
         if owner is None or found[0][1] not in L.CARD_ENTRY_OPS or (
@@ -520,6 +536,7 @@ class CardService(pb_grpc.CardServiceServicer):
         started = time.perf_counter()
         caller = self.access.caller(context)
         prefix = await self._parse(self._member_query, request, context, caller)
+        await fresh_or_abort(self.writer, context, everything=True)  # statuses, tiers of any card
         found, more = self.ledger.find_members(prefix)
         program = self.ledger.program
         answer = pb.FindCardsResponse(more=more)
@@ -557,6 +574,7 @@ class CardService(pb_grpc.CardServiceServicer):
         started = time.perf_counter()
         card = await self._parse(self._entitlement_card, request, context)
         reason = L.R_INTERNAL
+        await fresh_or_abort(self.writer, context, (card.card_id,))
         try:
             found = self.ledger.read_card(card.card_id)
             reason = L.R_OK if found else L.R_CARD_NOT_FOUND
@@ -616,10 +634,12 @@ class CardService(pb_grpc.CardServiceServicer):
                 self._call_seconds["GetCard"].observe(time.perf_counter() - started)
                 log_refusal("", outcome.reason)
                 await abort(context, outcome_failure(outcome, self._pin_tries_max))
+            await fresh_or_abort(self.writer, context, (card.card_id,))
             found = self.ledger.read_card(card.card_id)
         else:
             found = reason = L.R_INTERNAL  # unless the read answers
             try:
+                await fresh_or_abort(self.writer, context, (card.card_id,))
                 found = self.ledger.read_card(card.card_id)
                 reason = L.R_OK if found else L.R_CARD_NOT_FOUND
             finally:
@@ -648,6 +668,7 @@ class CardService(pb_grpc.CardServiceServicer):
         card, op, show_balance = await self._parse(self._quote_op, request, context)
         reason = L.R_INTERNAL
         try:
+            await fresh_or_abort(self.writer, context, (card.card_id,))
             now_us = time.time_ns() // 1000
             entry, lines, rec = self.ledger.quote(op, now_us, blind=not show_balance)
             reason = L.JOURNAL.unpack_from(entry)[4]
@@ -754,6 +775,7 @@ class CardService(pb_grpc.CardServiceServicer):
     async def GetOperation(self, request, context):
         started = time.perf_counter()
         key = await self._parse(self._operation_key, request, context)
+        await fresh_or_abort(self.writer, context, keys=(key,))
         outcome = self.ledger.read_operation(key)
         self._call_seconds["GetOperation"].observe(time.perf_counter() - started)
         if outcome is None:

@@ -16,9 +16,12 @@ for more); otherwise new items queue and form the next group. One in flight
 larger and each fsync serves more callers; two let the writer start the next
 group while this process answers the last (the halves work in parallel, in
 smaller groups). On this 2-core machine one was better for unary and stream
-calls and equal for batches. The writer process applies a group
-in one LMDB write transaction (one fsync) and sends back one outcome per
-operation; then every caller of the group is answered. The queue is bounded
+calls and equal for batches. The writer process applies a group in the LMDB
+write transaction that spans groups until a checkpoint, appends it to the group
+log (one fdatasync) and sends back one outcome per operation; then every caller
+of the group is answered (``cardcore.durable``: the log, checkpoints, recovery).
+Reads in this process see LMDB as of the last checkpoint, so ``fresh`` asks for a
+checkpoint before a read of a card or request answered since. The queue is bounded
 in operations: full -> ``Overloaded`` at once. An item whose deadline passed
 before its group was sent is not applied. If an invariant breaks, the writer
 aborts the transaction and says so: every waiting caller gets REASON_INTERNAL
@@ -32,20 +35,20 @@ This process's end is non-blocking (add_reader/add_writer), so neither side
 can wait on the other with both send buffers full::
 
     ready   = b"READY"
-    group   = ts_us:i64 | n:u32 | n x (key_len:u8 | ksn_counter:u32 | profile_len:u32
-              | sealed_len:u32 | payload_len:u32 | need_role:u8 | scope:u8 | scope_store:u32
-              | op:192 B | digest:16 B | key | profile | sealed | payload | lines)
-              (a length of 0xFFFFFFFF = none; lines: the op's line_count x 64 B)
-    answer  = n:u32 | n x (reason:u16 | replayed:u8 | op:u8 | available_minor:i64 | count:u32
-              | entry head:224 B) | the lines of each outcome that has some, in order
+    group   = cardcore.groups (ts_us, then the operations; none: a checkpoint request)
+    answer  = b"A" | covered:u64 | n:u32 | n x (reason:u16 | replayed:u8 | op:u8
+              | available_minor:i64 | count:u32 | entry head:224 B) | the lines of each outcome that has some, in order
               (the journal entry's first 224 bytes, all a reply shows; all zeros when there is
-              none; an outcome has lines when it applied and its entry's line_count says so)
+              none; an outcome has lines when it applied and its entry's line_count says so;
+              covered: of the groups sent on this connection, the last the latest checkpoint
+              holds, counting from 1, empty groups too)
+    idle    = b"C" | covered:u64   (a checkpoint the writer made while waiting)
+    failure = b"FATAL:" + exception class name
 
 Housekeeping: the writer process clears stale LMDB reader slots every
 ``reader_check_s`` while it waits for groups; this process sends a
 maintenance operation (a prune step of expired request records) when the
 writer has been idle for ``MAINTENANCE_IDLE_S``.
-    failure = b"FATAL:" + exception class name
 """
 from __future__ import annotations
 
@@ -64,10 +67,15 @@ from typing import Callable
 import lmdb
 
 from cardcore import layout as L
+from cardcore.durable import (CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger,
+                              log_folder)
+from cardcore.grouplog import SEGMENT_BYTES_DEFAULT, LogSyncError
+from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT, entry_line_count
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome, PendingOp
 
 from . import logs
+from .journal_signal import JournalSignal
 from .metrics import Metrics
 
 log = logging.getLogger("cardcore.writer")
@@ -80,16 +88,17 @@ GROUPS_IN_FLIGHT_DEFAULT = 1   # measured: fewer, larger groups cost less fsync 
 WRITER_START_TIMEOUT_S = 60.0
 READER_CHECK_S_DEFAULT = 60.0   # stale LMDB reader slots (a reader killed -9) cleared this often
 MAINTENANCE_IDLE_S = 1.0        # an idle writer gets a prune step this often
+DEGRADED_RETRY_S = 1.0          # an idle writer whose checkpoint failed tries again this often
 
-GROUP_HEAD = struct.Struct("<qI")
 COUNT = struct.Struct("<I")
-OP_HEAD = struct.Struct("<BIIIIBBI")
 ENTRY_HEAD_SIZE = 224  # a reply's fields: all but the digest (layout.JOURNAL)
 ANSWER = struct.Struct(f"<HBBqI{ENTRY_HEAD_SIZE}s")
-NONE_LEN = 0xFFFFFFFF
 NO_ENTRY = bytes(ENTRY_HEAD_SIZE)
 FATAL = b"FATAL:"
 READY = b"READY"
+ANSWERED = b"A"          # an answer: then the groups a checkpoint holds, then the outcomes
+CHECKPOINTED = b"C"      # a checkpoint made while idle: then the groups it holds
+COVERED = struct.Struct("<Q")
 FRAME = struct.Struct("<I")
 FRAME_BYTES_MAX = 1 << 30
 
@@ -101,6 +110,8 @@ def is_storage_error(exc: BaseException) -> bool:
     (InvariantError, a kernel ValueError, KeyExistsError on the journal) stops the server."""
     return (type(exc) is lmdb.Error or isinstance(exc, (lmdb.DiskError, lmdb.PanicError, OSError)))
 RECV_CHUNK_BYTES = 1 << 20
+DIRTY_PRUNE_AT = 4096   # entries of a dirty map past which a checkpoint prunes it (else clears)
+_ENTRY_CARD = 16        # layout.JOURNAL offset of card_id
 
 
 class Overloaded(Exception):
@@ -111,51 +122,8 @@ class Stopped(Exception):
     pass
 
 
-def encode_group(ops: list[PendingOp], ts_us: int) -> bytes:
-    parts = [GROUP_HEAD.pack(ts_us, len(ops))]
-    for op in ops:
-        extras = (op.profile, op.sealed, op.payload)
-        parts.append(OP_HEAD.pack(len(op.request_key), op.ksn_counter,
-                                  *[NONE_LEN if x is None else len(x) for x in extras],
-                                  op.need_role, op.scope, op.scope_store_id))
-        parts.append(op.packed)
-        parts.append(op.digest)
-        parts.append(op.request_key)
-        parts.extend([x for x in extras if x is not None])
-        parts.append(op.lines)
-    return b"".join(parts)
-
-
-def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
-    ts_us, n = GROUP_HEAD.unpack_from(data, 0)
-    pos = GROUP_HEAD.size
-    ops = []
-    for _ in range(n):
-        key_len, ksn_counter, l_profile, l_sealed, l_payload, role, scope, store = \
-            OP_HEAD.unpack_from(data, pos)
-        pos += OP_HEAD.size
-        packed = data[pos:pos + L.OP_SIZE]
-        digest = data[pos + L.OP_SIZE:pos + L.OP_SIZE + 16]
-        pos += L.OP_SIZE + 16
-        key = data[pos:pos + key_len]
-        pos += key_len
-        n_lines = L.OP_PROGRAM.unpack_from(packed, L.OP_OFF_PROGRAM)[0] * L.LINE_SIZE
-        if l_profile == l_sealed == l_payload == NONE_LEN:  # most operations: a purchase, a top-up
-            lines = data[pos:pos + n_lines] if n_lines else b""
-            pos += n_lines
-            ops.append(PendingOp(key, packed[40:56], packed, digest, None, ksn_counter, None, None,
-                                 role, scope, store, lines))
-            continue
-        extras = []
-        for n_bytes in (l_profile, l_sealed, l_payload):
-            extras.append(None if n_bytes == NONE_LEN else data[pos:pos + n_bytes])
-            pos += 0 if n_bytes == NONE_LEN else n_bytes
-        ops.append(PendingOp(key, packed[40:56], packed, digest, extras[0], ksn_counter,
-                             extras[1], extras[2], role, scope, store, data[pos:pos + n_lines]))
-        pos += n_lines
-    if pos != len(data):
-        raise ValueError("group message has trailing bytes")
-    return ops, ts_us
+class Stale(Exception):
+    """A read cannot see what was answered: LMDB cannot be checkpointed (a full disk)."""
 
 
 def encode_answer(outcomes: list[Outcome]) -> bytes:
@@ -216,9 +184,13 @@ def send_frame(sock: socket.socket, data: bytes) -> None:
 def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | None, sync: bool,
                 map_size: int, request_window_s: int, reader_check_s: float, log_level: str,
                 log_format: str, lookup_key: bytes | None = None,
-                profile_key: bytes | None = None, day_totals: bool = True) -> None:
-    """The writer process: apply each group it is sent, answer it, until the socket closes.
-    ``day_totals`` False: for the benchmark of their cost only (``serve --no-day-totals``)."""
+                profile_key: bytes | None = None, checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
+                checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT,
+                log_segment_bytes: int = SEGMENT_BYTES_DEFAULT,
+                day_totals: bool = True) -> None:
+    """The writer process: apply each group it is sent, log it, answer it, until the socket
+    closes; checkpoint LMDB when one is due (``cardcore.durable``). ``day_totals`` False: for the
+    benchmark of their cost only (``serve --no-day-totals``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(log_level, log_format)
@@ -228,51 +200,70 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
                       initial_request_window_s=request_window_s, lookup_key=lookup_key,
                       profile_key=profile_key, day_totals=day_totals)
 
-    ledger = open_ledger()
+    try:
+        durable = DurableLedger(open_ledger, log_folder=log_folder(ledger_path), sync=sync,
+                                segment_bytes=log_segment_bytes, checkpoint_ms=checkpoint_ms,
+                                checkpoint_ops=checkpoint_ops)
+    except Exception as exc:
+        log.critical("the ledger cannot be opened: %s: %s", type(exc).__name__, exc)
+        raise
+    received = 0   # groups received on this connection (empty ones too)
+    covered = 0    # of those, the last the latest checkpoint holds
+    clean = True   # a checkpoint on the way out
     try:
         send_frame(sock, READY)
         checked = time.monotonic()
         while True:
-            # Wait for a group; on the way, clear reader slots that readers killed -9 left.
+            # Wait for a group; on the way, clear reader slots that readers killed -9 left,
+            # and checkpoint when one is due.
             if time.monotonic() - checked >= reader_check_s:
-                ledger.reader_check()
+                durable.ledger.reader_check()
                 checked = time.monotonic()
-            if not select.select([sock], [], [], reader_check_s)[0]:
+            due_in = durable.seconds_to_due()
+            if durable.degraded:  # a checkpoint failed: the next try waits, never spins
+                due_in = DEGRADED_RETRY_S
+            wait_s = reader_check_s if due_in is None else min(reader_check_s, due_in)
+            if not select.select([sock], [], [], wait_s)[0]:
+                if durable.due() and durable.checkpoint():
+                    covered = received
+                    send_frame(sock, CHECKPOINTED + COVERED.pack(covered))
                 continue
             data = recv_frame(sock)
             if data is None:
                 return
-            ops, ts_us = decode_group(data)
+            received += 1
             try:
-                outcomes = ledger.apply_group(ops, ts_us)
+                outcomes, wants_checkpoint = durable.apply(data)
+            except LogSyncError as exc:
+                # The group may be durable or not: end the connection without an answer, so its
+                # callers hear "outcome unknown", and stop for the supervisor to restart the
+                # server (recovery reads what landed).
+                log.critical("writer stopped: %s", exc)
+                clean = False
+                return
             except Exception as exc:
                 if not is_storage_error(exc):
                     log.critical("writer stopped: %s: %s", type(exc).__name__, exc)
                     send_frame(sock, FATAL + type(exc).__name__.encode())
+                    clean = False
                     return
-                log.error("the ledger could not be written (%s: %s); reopening it", type(exc).__name__,
-                          exc)
-                ledger.close()  # LMDB may have flagged the environment after a failed sync
-                try:
-                    ledger = open_ledger()
-                    outcomes = ledger.landed(ops)
-                except Exception as again:
-                    # The group may have landed and nobody can tell: end the connection
-                    # without an answer, so its callers hear "outcome unknown" and the server
-                    # stops for its supervisor to restart it.
-                    log.critical("the ledger cannot be reopened (%s: %s); stopping",
-                                 type(again).__name__, again)
-                    return
-            send_frame(sock, encode_answer(outcomes))
+                log.error("the ledger could not be written (%s: %s); the group is refused",
+                          type(exc).__name__, exc)
+                ops, _ = decode_group(data)
+                outcomes, wants_checkpoint = _uniform(L.R_STORAGE_UNAVAILABLE, ops), False
+            if (wants_checkpoint or durable.due()) and durable.checkpoint():
+                covered = received
+            send_frame(sock, ANSWERED + COVERED.pack(covered) + encode_answer(outcomes))
     except (BrokenPipeError, ConnectionResetError):
         return  # the server process went away
     finally:
-        ledger.close()
+        durable.close(checkpoint=clean)
         sock.close()
 
 
 class _Item:
     __slots__ = ("ops", "future", "deadline", "on_answer", "housekeeping")
+    # an item of no operations is a checkpoint request: a group of its own
 
     def __init__(self, ops: list[PendingOp], future: asyncio.Future, deadline: float | None,
                  on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None,
@@ -304,10 +295,14 @@ class Writer:
                  log_level: str = "INFO", log_format: str = "text",
                  on_fatal: Callable[[str], None] | None = None,
                  lookup_key: bytes | None = None, profile_key: bytes | None = None,
+                 checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
+                 checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT,
+                 log_segment_bytes: int = SEGMENT_BYTES_DEFAULT,
                  day_totals: bool = True) -> None:
         """``lookup_key``: the member index's (rule 17), for the writer process to keep it;
         ``profile_key``: the stored profiles' (``cardcore.profiles``), to read them for it;
-        ``day_totals`` False: the writer keeps no day totals (their cost's benchmark only)."""
+        the checkpoint and log settings: ``cardcore.durable``; ``day_totals`` False: the writer
+        keeps no day totals (their cost's benchmark only)."""
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
         assert 1 <= groups_in_flight <= GROUPS_IN_FLIGHT_MAX
         self.groups_in_flight = groups_in_flight
@@ -331,6 +326,7 @@ class Writer:
                                  args=(child, ledger_path, initial_program, sync, map_size,
                                        request_window_s, reader_check_s,
                                        log_level, log_format, lookup_key, profile_key,
+                                       checkpoint_ms, checkpoint_ops, log_segment_bytes,
                                        day_totals))
         self._child_sock = child
         self._out = bytearray()    # framed bytes not yet accepted by the socket
@@ -340,6 +336,17 @@ class Writer:
         self._tick_handle: asyncio.TimerHandle | None = None
         self.groups = 0
         self.ops_applied = 0
+        # Reads that must see what was answered (cardcore.durable): groups are numbered as sent
+        # (the writer counts them alike); the cards and requests of groups answered after the
+        # latest checkpoint, with their group's number; a pending checkpoint request.
+        self._sent_groups = 0
+        self._answered_groups = 0
+        self._covered = 0
+        self._dirty_cards: dict[bytes, int] = {}
+        self._dirty_keys: dict[bytes, int] = {}
+        self._barrier: asyncio.Future | None = None
+        self.checkpoint_requests = 0
+        self.journal_signal = JournalSignal()  # the journal feed's streams wait on it
 
     @property
     def queued_ops(self) -> int:
@@ -408,6 +415,10 @@ class Writer:
         items: list[_Item] = []
         n = 0
         while self._queue and (not items or n + len(self._queue[0].ops) <= self.group_max_ops):
+            if not self._queue[0].ops:  # a checkpoint request goes alone
+                if not items:
+                    items.append(self._queue.popleft())
+                break
             item = self._queue.popleft()
             self._queued_ops -= len(item.ops)
             if item.deadline is not None and item.deadline <= now:
@@ -419,6 +430,7 @@ class Writer:
             self._check_drained()
             return
         self._last_sent = time.monotonic()
+        self._sent_groups += 1
         self._in_flight.append((items, time.perf_counter()))
         if not items[0].housekeeping:
             self.metrics.group_ops.observe(n)
@@ -473,17 +485,28 @@ class Writer:
             self._die(f"the writer failed: {data[len(FATAL):].decode(errors='replace')}",
                       committed_unknown=False)
             return
+        if data[:1] == CHECKPOINTED:
+            self._checkpointed(COVERED.unpack_from(data, 1)[0])
+            return
+        if data[:1] != ANSWERED:
+            raise ValueError("not an answer")
         if not self._in_flight:
             raise ValueError("an answer arrived with no group in flight")
-        outcomes = decode_answer(data)
+        outcomes = decode_answer(data[1 + COVERED.size:])
         expected = sum(len(it.ops) for it in self._in_flight[0][0])
         if len(outcomes) != expected:
             raise ValueError(f"{len(outcomes)} outcomes for a group of {expected}")
         items, sent_at = self._in_flight.popleft()
+        self._answered_groups += 1
+        self._checkpointed(COVERED.unpack_from(data, 1)[0])
+        if self._answered_groups > self._covered:  # seen by reads only after a checkpoint
+            self._mark_dirty(items, outcomes)
         k = 0
         for it in items:
             _answer(it, outcomes[k:k + len(it.ops)])
             k += len(it.ops)
+        if not items[0].ops:
+            self._barrier = None
         if not items[0].housekeeping:
             self.metrics.group_seconds.observe(time.perf_counter() - sent_at)
             self.groups += 1
@@ -492,6 +515,64 @@ class Writer:
             self._send_group()
         else:
             self._check_drained()
+
+    def _mark_dirty(self, items: list[_Item], outcomes: list[Outcome]) -> None:
+        """The cards and requests of a group answered before a checkpoint holds it: the cards
+        each operation names and those its entry is of (a refund routed to a replacement)."""
+        g = self._answered_groups
+        cards, keys = self._dirty_cards, self._dirty_keys
+        k = 0
+        for it in items:
+            for op in it.ops:
+                if outcomes[k].reason == L.R_STORAGE_UNAVAILABLE:  # refused: nothing written
+                    k += 1
+                    continue
+                k += 1
+                cards[op.card_id] = g
+                if op.request_key:
+                    keys[op.request_key] = g
+        for o in outcomes:
+            if o.entry is not None:
+                cards[bytes(o.entry[_ENTRY_CARD:_ENTRY_CARD + 16])] = g
+
+    def _checkpointed(self, covered: int) -> None:
+        if covered <= self._covered:
+            return
+        self._covered = covered
+        self.journal_signal.notify()  # new entries are in LMDB: caught-up journal feeds read on
+        for dirty in (self._dirty_cards, self._dirty_keys):
+            if dirty and covered >= self._answered_groups:
+                dirty.clear()
+            elif len(dirty) > DIRTY_PRUNE_AT:
+                for key in [k for k, g in dirty.items() if g <= covered]:
+                    del dirty[key]
+
+    async def fresh(self, card_ids: tuple[bytes, ...] = (), keys: tuple[bytes, ...] = (),
+                    everything: bool = False) -> None:
+        """Return once LMDB holds every answered group that touched ``card_ids`` or ``keys`` (or
+        any, with ``everything``): a read after it sees what its caller, or anyone, was
+        answered. A checkpoint is asked for only when one is needed, one for all who wait."""
+        if not self._unseen(card_ids, keys, everything) or self._dead is not None or self._stopping:
+            return
+        if self._barrier is None:
+            self._barrier = self.loop.create_future()
+            self.checkpoint_requests += 1
+            self._queue.append(_Item([], self._barrier, None, None, housekeeping=True))
+            if len(self._in_flight) < self.groups_in_flight:
+                self._send_group()
+        await asyncio.shield(self._barrier)
+        if self._dead is None and self._unseen(card_ids, keys, everything):
+            raise Stale()
+
+    def _unseen(self, card_ids: tuple[bytes, ...], keys: tuple[bytes, ...],
+                everything: bool) -> bool:
+        """Was a group that touched them (any, with ``everything``) answered after the latest
+        checkpoint?"""
+        covered = self._covered
+        if everything:
+            return self._answered_groups > covered
+        return (any(self._dirty_cards.get(c, 0) > covered for c in card_ids)
+                or any(self._dirty_keys.get(k, 0) > covered for k in keys))
 
     def _check_drained(self) -> None:
         if self._stopping and not self._in_flight and not self._queue:

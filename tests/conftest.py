@@ -141,6 +141,22 @@ def tls_server(start_server, tmp_path):
     return server, ca_dir
 
 
+def tls_channel(server, ca_dir: str, common_name: str | None) -> grpc.Channel:
+    """A channel with a client certificate for ``common_name`` (made once per name)."""
+    with open(os.path.join(ca_dir, "ca.pem"), "rb") as f:
+        root = f.read()
+    key = cert = None
+    if common_name:
+        stem = os.path.join(ca_dir, common_name.replace(":", "-"))
+        if os.path.exists(f"{stem}.pem"):
+            cert_path, key_path = f"{stem}.pem", f"{stem}.key"
+        else:
+            cert_path, key_path = certs.make_client_cert(ca_dir, common_name)
+        with open(cert_path, "rb") as c, open(key_path, "rb") as k:
+            cert, key = c.read(), k.read()
+    return grpc.secure_channel(server.target, grpc.ssl_channel_credentials(root, key, cert))
+
+
 def run_machine(machine, examples: int, steps: int, data_dir: str) -> None:
     """A hypothesis state machine run against a live server, then its ledger verified."""
     from hypothesis import HealthCheck, settings
@@ -227,6 +243,7 @@ def verify(data_dir: str) -> dict:
     """Run ``cardcore verify --json`` on a data folder (the server may be running)."""
     import json
 
+    checkpointed(data_dir)
     out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "verify", "--data-dir",
                           data_dir, "--json"], capture_output=True, timeout=120)
     assert out.returncode in (0, 1), out.stderr.decode()
@@ -260,12 +277,20 @@ class Admin:
             metadata=self.metadata).token
 
 
-def operator_cli(server: "ServerProcess", *args: str) -> tuple[int, str]:
-    """``cardcore ARGS --target SERVER`` as the bootstrap admin (CARDCORE_TOKEN): (exit code,
-    stdout + stderr)."""
-    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token)
-    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", *args, "--target",
-                          server.target], capture_output=True, text=True, timeout=60, env=env)
+def operator_cli_command(server: "ServerProcess", *args: str,
+                         token: str | None = None) -> tuple[list[str], dict]:
+    """(argv, environment) of ``cardcore ARGS --target SERVER`` as an operator (default: the
+    bootstrap admin), for subprocess.run or Popen."""
+    env = dict(os.environ, CARDCORE_TOKEN=server.admin_token if token is None else token)
+    return [sys.executable, "-m", "cardcore.server.cli", *args, "--target", server.target], env
+
+
+def operator_cli(server: "ServerProcess", *args: str, token: str | None = None,
+                 timeout_s: float = 60) -> tuple[int, str]:
+    """``cardcore ARGS --target SERVER`` as the bootstrap admin (CARDCORE_TOKEN), or the
+    operator of ``token``: (exit code, stdout + stderr)."""
+    argv, env = operator_cli_command(server, *args, token=token)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
     return out.returncode, out.stdout + out.stderr
 
 
@@ -312,8 +337,43 @@ def journal_entries(data_dir: str) -> list[tuple]:
     from cardcore import layout as L
     from cardcore.ledger import Ledger
 
+    checkpointed(data_dir)
     ledger = Ledger(os.path.join(data_dir, "ledger"), readonly=True)
     try:
         return [L.JOURNAL.unpack(v) for _, v in ledger.dump()["journal"]]
     finally:
         ledger.close()
+
+
+def checkpointed(data_dir: str, timeout_s: float = 30.0) -> None:
+    """Until LMDB holds every group the log holds, so a direct read of LMDB sees every answer
+    given: a running server's writer checkpoints within --checkpoint-ms (waited for); a stopped
+    one's log is replayed here, as `cardcore verify` does."""
+    import fcntl
+
+    from cardcore.durable import behind, catch_up
+    from cardcore.keyring import Keyring
+    from cardcore.lookup import lookup_key
+    from cardcore.profiles import profile_key
+
+    path = os.path.join(data_dir, "ledger")
+    deadline = time.monotonic() + timeout_s
+    while behind(path):
+        with open(os.path.join(data_dir, "cardcore.lock"), "a+") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a server runs: its checkpoint is due within a moment
+                assert time.monotonic() < deadline, f"{path}: no checkpoint in {timeout_s} s"
+                time.sleep(0.02)
+                continue
+            ring = os.path.join(data_dir, "keyring.json")
+            index_key = Keyring.load(ring).index_key if os.path.exists(ring) else None
+            catch_up(path, index_key and lookup_key(index_key), index_key and profile_key(index_key))
+
+
+def ledger_bytes(data_dir: str) -> bytes:
+    """Every byte of the ledger's folder: LMDB's files and the group log's segments (secrets
+    must be in none of them)."""
+    folder = os.path.join(data_dir, "ledger")
+    return b"".join(open(os.path.join(top, f), "rb").read()
+                    for top, _, files in os.walk(folder) for f in files)

@@ -8,7 +8,7 @@ from cardcore import layout as L
 from cardcore.ledger import Ledger
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, journal_entries, new_card_number, sent_at, verify
+from conftest import Client, checkpointed, journal_entries, new_card_number, sent_at, verify
 
 
 def cli(*args):
@@ -17,6 +17,7 @@ def cli(*args):
 
 
 def dump(data_dir: str) -> dict:
+    checkpointed(data_dir)
     ledger = Ledger(f"{data_dir}/ledger", readonly=True)
     try:
         return ledger.dump()

@@ -278,7 +278,7 @@ def test_totals_by_utc_day_refunds_beside_and_a_scan_bound(seeded):
     from cardcore.server.console import Totals
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
-    from conftest import bearer, rid, sent_at
+    from conftest import bearer, checkpointed, rid, sent_at
 
     server, console, number = seeded
     history = server.stub.ListTransactions(pb.ListTransactionsRequest(
@@ -290,6 +290,7 @@ def test_totals_by_utc_day_refunds_beside_and_a_scan_bound(seeded):
         request_id=request_id, client_time_us=sent_at(request_id),
         card=cpb.CardRef(card_number=number), original_seq=sale.seq, amount_minor=2_000,
         till=cpb.Till(store_id=1)), metadata=bearer(server.admin_token))
+    checkpointed(server.data_dir)  # the totals read LMDB: as of the writer's last checkpoint
     totals = Totals(os.path.join(server.data_dir, "ledger"))
     try:
         now_us = int(time.time() * 1e6)

@@ -433,3 +433,34 @@ def test_the_journal_entry_carries_the_namespace_links_client_time_and_program_v
     entry = L.JOURNAL.unpack(run(impl, program, o, [0], card_bytes())[2])
     assert entry[0] == 2 and entry[23:25] == (7, L.CALLER_TERMINAL) and entry[26] == 42
     assert entry[28:32] == (5, 6, 7, 123) and entry[-1] == bytes(32)  # the ledger chains it
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["kernel", "reference"])
+def test_an_import_opens_the_card_with_its_balances_once(impl):
+    """Rule 18: principal (amount), bonus (ref_id) and points (redeem) in one entry, the card
+    active at the tier given, no PIN, no activation points; the same number again is refused,
+    and so are a PIN, a tier past the program's and money past int64."""
+    program = rules.Program(tiers=rules.DEFAULT_PROGRAM.tiers, activation_points=100).packed(1)
+    ops = (op_bytes(L.OP_IMPORT_CARD, 12_345, tier=2, home_store=9, ref_id=500, redeem=77,
+                    birth_month=3)
+           + op_bytes(L.OP_IMPORT_CARD, 1, ref_id=0, redeem=0)
+           + op_bytes(L.OP_TOP_UP, 5))
+    nxt, rec, journal, dirty = run(impl, program, ops, [0, 0, 0], bytes(L.CARD_SIZE))
+    entries = [L.JOURNAL.unpack_from(journal, i * L.JOURNAL_SIZE) for i in range(3)]
+    assert [e[4] for e in entries] == [L.R_OK, L.R_CARD_ALREADY_EXISTS, L.R_OK] and nxt == 12
+    e = entries[0]
+    assert (e[1], e[2], e[3], e[9], e[10], e[11], e[12], e[13], e[14], e[15], e[16], e[29]) == \
+        (L.OP_IMPORT_CARD, 2, L.STATUS_ACTIVE, 12_345, 0, 12_345, 500, 77, 12_345, 500, 77, 0)
+    card = L.CARD.unpack(rec)
+    assert card[1:8] == (L.STATUS_ACTIVE, 2, 0, 0, 12_350, 500, 77)
+    assert (card[9], card[10], card[12], card[13], card[14]) == (0, 11, 9, 3, bytes(32))
+    for op, reason in ((op_bytes(L.OP_IMPORT_CARD, 1, pin_flags=L.NEW_PIN, new_pin=PIN_A),
+                        L.R_INVALID_ARGUMENT),
+                       (op_bytes(L.OP_IMPORT_CARD, 1, tier=3), L.R_INVALID_TIER),
+                       (op_bytes(L.OP_IMPORT_CARD, -1), L.R_INVALID_AMOUNT),
+                       (op_bytes(L.OP_IMPORT_CARD, INT64_MAX, ref_id=1), L.R_INVALID_AMOUNT),
+                       (op_bytes(L.OP_IMPORT_CARD, 1, redeem=-1), L.R_INVALID_ARGUMENT),
+                       (op_bytes(L.OP_IMPORT_CARD, 1, op_flags=L.ISSUE_ONLY),
+                        L.R_INVALID_ARGUMENT)):
+        got, entry, _ = one(program, op, bytes(L.CARD_SIZE), impl)
+        assert (got, entry[7]) == (reason, 0)

@@ -395,6 +395,50 @@ def test_kernel_equals_reference_on_refunds_and_reversals(program, batch, ts_us,
     agree(program, batch, ts_us, first_seq)
 
 
+P7 = INT64_MAX // 7  # 1_317_624_576_693_539_401: 7 * P7 == INT64_MAX exactly
+EARNED_PAST_INT64 = [
+    # (tier 3's rate_bp, its points per unit, points unit, line amounts (none: one line of the
+    #  amount), amount, reason, points delta, each line's points)
+    # hypothesis's example: 210 at 82.81 % pays 174, 2 units of 87 at INT64_MAX points each:
+    # 2**64 - 2 points, which the card's debt of INT64_MAX would bring to exactly INT64_MAX
+    (8281, INT64_MAX, 87, (), 210, L.R_AMOUNT_OVERFLOW, 0, ()),
+    # each line within int64 (3 and 5 units of P7), the purchase's 8 * P7 past it
+    (10000, P7, 100, (300, 500), 800, L.R_AMOUNT_OVERFLOW, 0, (3 * P7, 5 * P7)),
+    # 3 + 4 units: INT64_MAX points, the most a purchase earns: they pay the debt off to 0
+    (10000, P7, 100, (300, 400), 700, L.R_OK, INT64_MAX, (3 * P7, 4 * P7)),
+]
+
+
+@pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
+@pytest.mark.parametrize("rate_bp,per_unit,unit_minor,amounts,amount,reason,d_points,line_points",
+                         EARNED_PAST_INT64, ids=["one line", "two lines", "two lines at the limit"])
+def test_points_earned_past_int64_decline_the_purchase_even_when_a_debt_would_absorb_them(
+        impl, rate_bp, per_unit, unit_minor, amounts, amount, reason, d_points, line_points):
+    """Rule 5: a purchase's points earned are a journal figure (its points delta) and an undo
+    record's, so past int64 they decline it (the reference used to raise struct.error packing
+    the entry; the kernel applied two lines' 2**63 points as 0), however deep the card's debt
+    (rule 12, ``owe``: down to -INT64_MAX, a record's floor)."""
+    program = rules.Program(
+        tiers=tuple(rules.Tier(f"t{k}", 10000) for k in range(3)) + (
+            rules.Tier("t3", rate_bp, per_unit),),
+        points_unit_minor=unit_minor, refund_points_shortfall=L.SHORTFALL_OWE).packed(1)
+    before = card_bytes(principal=INT64_MAX - 5, points=-INT64_MAX, tier=3)
+    lines = b"".join(L.LINE.pack(0, 0, 1, a, 0, 0, 0, b"") for a in amounts)
+    nxt, rec, journal, dirty, lines_out, *_ = run_full(
+        impl, program, op_bytes(L.OP_PURCHASE, amount, pin_flags=L.PIN_OPTIONAL_UNSET,
+                                line_count=len(amounts)),
+        [0], before, T0, 223, lines)
+    entry, card = L.JOURNAL.unpack(journal), L.CARD.unpack(rec)
+    assert (entry[4], entry[13]) == (reason, d_points)
+    assert tuple(L.LINE.unpack_from(lines_out, k * L.LINE_SIZE)[5]
+                 for k in range(len(amounts))) == line_points
+    if reason == L.R_OK:
+        assert (nxt, entry[7], dirty, card[7], card[5]) == (224, 223, b"\x01", 0,
+                                                              INT64_MAX - 5 - amount)
+    else:  # nothing changes
+        assert (nxt, entry[7], dirty, rec) == (223, 0, b"\x00", before)
+
+
 @pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
 def test_an_undo_record_refunded_past_its_amount_stops_the_batch(impl):
     program = rules.DEFAULT_PROGRAM.packed(1)
@@ -582,3 +626,51 @@ def test_a_sales_lines_refunded_one_by_one_give_back_what_a_full_refund_gives(im
                     (L.R_OK, 38000, 37661, 339, 693, 1, True)]
     assert sum(x[1] for x in done) == 56000 and sum(x[2] for x in done) == 55500
     assert sum(x[4] for x in done) == 1020 and L.UNDO.unpack(undo)[6] == 56000
+
+
+@st.composite
+def import_batches(draw):
+    """Rule 18: imports (principal in amount_minor, bonus in ref_id, points in redeem_points) at
+    their edges, onto empty slots mostly, with top-ups, purchases and tier reviews after them (an
+    import's program state) and the flags an import refuses (a PIN, issue-only, partial)."""
+    nslots = draw(st.integers(1, 4))
+    recs = b"".join(draw(st.lists(st.one_of(st.just(bytes(L.CARD_SIZE)), cards()),
+                                  min_size=nslots, max_size=nslots)))
+    exts = b"".join(draw(st.lists(extras(), min_size=nslots, max_size=nslots)))
+    ops, slots = [], []
+    for i in range(draw(st.integers(1, 12))):
+        slots.append(draw(st.integers(0, nslots - 1)))
+        kind = draw(st.sampled_from([L.OP_IMPORT_CARD, L.OP_IMPORT_CARD, L.OP_IMPORT_CARD,
+                                     L.OP_TOP_UP, L.OP_PURCHASE, L.OP_TIER_REVIEWED, L.OP_OPEN]))
+        principal = draw(st.one_of(st.integers(0, 10**9), edge_money, st.integers(-3, 0)))
+        bonus = draw(st.one_of(st.just(0), st.integers(0, 10**9), edge_money,
+                               st.sampled_from([INT64_MAX + 1, 2**64 - 1])))
+        points = draw(st.one_of(st.just(0), st.integers(0, 10**6), edge_money, st.just(-1)))
+        if kind != L.OP_IMPORT_CARD:
+            bonus, points = 0, 0
+            if kind == L.OP_TIER_REVIEWED:
+                principal = 0
+        ops.append(op_bytes(kind, principal, tier=draw(st.integers(0, 4)),
+                            card=bytes([slots[-1]]) * 16, tag=i.to_bytes(8, "little"),
+                            home_store=draw(st.sampled_from([0, 5, 2**32 - 1])),
+                            birth_month=draw(st.sampled_from([0, 1, 12, 13])),
+                            pin_flags=draw(st.sampled_from([0, 0, 0, 0, L.NEW_PIN,
+                                                            L.PIN_OPTIONAL_UNSET])),
+                            pin=PIN_A, new_pin=PIN_A, ref_id=bonus, redeem=points,
+                            op_flags=draw(st.sampled_from([0, 0, 0, L.ISSUE_ONLY,
+                                                           L.ALLOW_PARTIAL])),
+                            operator=draw(st.sampled_from([0, 7])),
+                            client_time_us=draw(st.integers(0, T0))))
+    return b"".join(ops), slots, recs, exts, b"", [L.SLOT_NONE] * len(ops), b""
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=programs(), batch=import_batches(),
+       ts_us=st.sampled_from([T0 - 10, T0, T0 + 10, MONTH_EDGE, 0]),
+       first_seq=st.integers(1, 2**40))
+@example(program=rules.DEFAULT_PROGRAM.packed(1),
+         batch=(op_bytes(L.OP_IMPORT_CARD, INT64_MAX - 5, ref_id=5, redeem=INT64_MAX), [0],
+                bytes(L.CARD_SIZE), bytes(L.CARD_EXT_SIZE), b"", [L.SLOT_NONE], b""),
+         ts_us=T0, first_seq=1)
+def test_kernel_equals_reference_on_imports(program, batch, ts_us, first_seq):
+    agree(program, batch, ts_us, first_seq)

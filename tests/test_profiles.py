@@ -15,15 +15,10 @@ from cardcore.ledger import Ledger
 from cardcore.profiles import ProfileBox, ProfileError, masked_of, profile_key
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, new_card_number, sent_at, verify
+from conftest import Client, ledger_bytes, new_card_number, sent_at, verify
 from test_ledger import NOW, cid, key
 
 NAME, PHONE, BIRTHDAY = "Zhao Xiaoyan", "13712345678", "1990-07-14"
-
-
-def ledger_bytes(data_dir: str) -> bytes:
-    folder = os.path.join(data_dir, "ledger")
-    return b"".join(open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder))
 
 
 def test_a_profile_is_sealed_at_rest_and_shown_to_getcard(server):

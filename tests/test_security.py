@@ -17,7 +17,8 @@ from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Admin, Client, bearer, failure_of, journal_entries, new_card_number, rid, verify
+from conftest import (Admin, Client, bearer, failure_of, journal_entries, new_card_number, rid,
+                      tls_channel, verify)
 
 R = cpb.Reason
 ROLE = cpb.OperatorRole
@@ -363,22 +364,6 @@ def test_no_card_number_pin_or_pin_block_reaches_the_data_folder_or_the_logs(sta
 
 
 # ---- mutual TLS ------------------------------------------------------------------------------
-
-def tls_channel(server, ca_dir: str, common_name: str | None) -> grpc.Channel:
-    """A channel with a client certificate for ``common_name`` (made once per name)."""
-    with open(os.path.join(ca_dir, "ca.pem"), "rb") as f:
-        root = f.read()
-    key = cert = None
-    if common_name:
-        stem = os.path.join(ca_dir, common_name.replace(":", "-"))
-        if os.path.exists(f"{stem}.pem"):
-            cert_path, key_path = f"{stem}.pem", f"{stem}.key"
-        else:
-            cert_path, key_path = certs.make_client_cert(ca_dir, common_name)
-        with open(cert_path, "rb") as c, open(key_path, "rb") as k:
-            cert, key = c.read(), k.read()
-    return grpc.secure_channel(server.target, grpc.ssl_channel_credentials(root, key, cert))
-
 
 def test_terminal_certificate_must_match_the_terminal_claimed(tls_server):
     server, ca_dir = tls_server

@@ -41,7 +41,7 @@ from cardcore.terminal import now_us
 from cardcore import cards
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, ServerProcess, failure_of, new_card_number, purchase_request, rid, verify, sent_at
+from conftest import Client, ServerProcess, checkpointed, failure_of, new_card_number, purchase_request, rid, verify, sent_at
 
 R = cpb.Reason
 C = grpc.StatusCode
@@ -659,6 +659,7 @@ def test_uint32_max_till_and_home_store_ids_are_kept_exactly(live, client, funde
     from cardcore import layout
     from cardcore.ledger import Ledger
 
+    checkpointed(live.data_dir)
     ledger = Ledger(f"{live.data_dir}/ledger", sync=False, readonly=True)
     try:
         journal = dict(ledger.dump()["journal"])

@@ -1,0 +1,282 @@
+"""The group log (cardcore.grouplog) and the ledger made durable by it (cardcore.durable).
+
+Unit level: segments, their end after a torn write, recycling, gaps; a span of groups replayed
+after a crash to the same state as the first apply, a log that does not belong to the ledger
+refused, a group the log refused leaving nothing. Server level (a long checkpoint interval, so
+everything answered lives only in the log): reads see every answer, kill -9 loses nothing, and
+`cardcore verify` on a stopped server's folder replays the log first.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from cardcore import layout as L
+from cardcore.durable import DurableLedger, behind, log_folder
+from cardcore.grouplog import (HEADER, LogError, SegmentLog, last_group_no, live_segments,
+                               pack_record)
+from cardcore.groups import decode_group, encode_group
+from cardcore.ledger import InvariantError, Ledger
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import Client, new_card_number, rid, verify
+from test_ledger import NOW, op, open_op
+from test_service import writer_pid
+
+MIB = 1 << 20
+LONG = ("--checkpoint-ms", "3600000", "--checkpoint-ops", "1000000")  # only the log holds them
+
+
+def kill_both(server) -> None:
+    """kill -9 the writer process, then the server (a writer left alone would checkpoint on its
+    way out when the server's end of the socket closes)."""
+    os.kill(writer_pid(server), signal.SIGKILL)
+    server.kill()
+
+
+def payloads(n: int, size: int, tag: bytes = b"") -> list[bytes]:
+    return [tag + bytes([k % 251]) * size for k in range(n)]
+
+
+def test_records_come_back_in_order_across_segments_and_after_a_reopen(tmp_path):
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    data = payloads(30, 100_000)  # ~10 per segment
+    for k, p in enumerate(data):
+        assert log.append(p, k, bytes(16)) == k + 1
+    assert [r.payload for r in log.read_from(1)] == data
+    assert [r.group_no for r in log.read_from(17)] == list(range(17, 31))
+    assert len(live_segments(folder)) >= 3
+    log.close()
+    assert last_group_no(folder) == 30
+    again = SegmentLog(folder, 1, segment_bytes=MIB)
+    assert again.next_group_no == 31
+    assert [r.payload for r in again.read_from(1)] == data
+    assert again.append(b"next", 30, bytes(16)) == 31
+    again.close()
+
+
+def test_a_torn_last_record_ends_the_log_and_is_written_over(tmp_path):
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    for p in payloads(5, 1000):
+        log.append(p, 0, bytes(16))
+    log.close()
+    path, _ = live_segments(folder)[-1]
+    last_at = 4 * (HEADER.size + 1001)
+    with open(path, "r+b") as f:  # the last record's payload half written
+        f.seek(last_at + HEADER.size + 500)
+        f.write(b"\xff" * 10)
+    reopened = SegmentLog(folder, 1, segment_bytes=MIB)
+    assert reopened.next_group_no == 5
+    assert [r.group_no for r in reopened.read_from(1)] == [1, 2, 3, 4]
+    assert reopened.append(b"fresh", 0, bytes(16)) == 5
+    assert [r.payload for r in reopened.read_from(5)] == [b"fresh"]
+    reopened.close()
+
+
+def test_checkpointed_segments_are_recycled_and_reused(tmp_path):
+    folder = str(tmp_path / "log")
+    log = SegmentLog(folder, 1, segment_bytes=MIB)
+    for k, p in enumerate(payloads(100, 200_000)):  # ~5 per segment: ~20 segments written
+        log.append(p, k, bytes(16))
+        log.truncate_before(k + 2)  # each checkpointed at once
+    log.close()
+    files = os.listdir(folder)
+    assert len(files) <= 2 + 4 + 1, files  # live, spares kept (SPARES_MAX), one in the making
+    assert [r.group_no for r in SegmentLog(folder, 100, segment_bytes=MIB).read_from(100)] == [100]
+
+
+def test_a_log_that_starts_after_the_ledger_needs_is_refused(tmp_path):
+    folder = str(tmp_path / "log")
+    os.makedirs(folder)
+    with open(os.path.join(folder, f"seg-{5:020d}.log"), "wb") as f:
+        f.write(pack_record(5, b"x").ljust(MIB, b"\0"))
+    with pytest.raises(LogError, match="groups are missing"):
+        SegmentLog(folder, 2, segment_bytes=MIB)
+
+
+def _groups(numbers: list[str]) -> list[bytes]:
+    """Groups of card operations: opens, then top-ups and purchases in a few groups."""
+    out = [encode_group([open_op(f"o{k}", n, at=NOW) for k, n in enumerate(numbers)], NOW)]
+    for g in range(6):
+        ops = []
+        for k, n in enumerate(numbers):
+            ops.append(op(f"t{g}-{k}", L.OP_TOP_UP, n, 1000 + g, at=NOW))
+            ops.append(op(f"p{g}-{k}", L.OP_PURCHASE, n, 700 + k, at=NOW))
+        out.append(encode_group(ops, NOW + g + 1))
+    return out
+
+
+def test_a_crash_between_checkpoints_replays_the_log_to_the_same_state(tmp_path):
+    numbers = [new_card_number() for _ in range(20)]
+    groups = _groups(numbers)
+    path = str(tmp_path / "ledger")
+    Ledger(path).close()
+    shutil.copytree(path, str(tmp_path / "reference"))  # one start, two histories to compare
+    reference = Ledger(str(tmp_path / "reference"))
+    for data in groups:  # committed group by group, no log
+        reference.apply_group(*decode_group(data))
+    durable = DurableLedger(lambda: Ledger(path), log_folder=log_folder(path),
+                            checkpoint_ms=3_600_000, checkpoint_ops=1_000_000)
+    for data in groups[:3]:
+        outcomes, wants = durable.apply(data)
+        assert all(o.reason == L.R_OK for o in outcomes)
+    assert durable.checkpoint()  # LMDB holds groups 1-3, the log 4-7 only
+    for data in groups[3:]:
+        durable.apply(data)
+    # the span is open: a reader sees the checkpoint, the log holds the rest
+    assert (durable.ledger.log_applied(), last_group_no(log_folder(path))) == (3, len(groups))
+    durable.close(checkpoint=False)   # the crash: the span is lost, the log is not
+    assert behind(path) == len(groups) - 3
+    replayed = DurableLedger(lambda: Ledger(path), log_folder=log_folder(path))
+    replayed.close()
+    assert behind(path) == 0
+    ours, theirs = Ledger(path, readonly=True), reference
+    try:
+        for name in ("cards", "journal", "requests", "points_lots"):
+            assert ours.dump()[name] == theirs.dump()[name], name
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_log_replayed_onto_another_ledger_stops_at_the_first_group(tmp_path):
+    numbers = [new_card_number() for _ in range(3)]
+    path = str(tmp_path / "ledger")
+    Ledger(path).close()
+    durable = DurableLedger(lambda: Ledger(path), log_folder=log_folder(path),
+                            checkpoint_ms=3_600_000)
+    for data in _groups(numbers)[:2]:
+        durable.apply(data)
+    durable.close(checkpoint=False)
+    other = str(tmp_path / "other")
+    different = Ledger(other)
+    different.apply_group([open_op("x", new_card_number(), at=NOW)], NOW)  # a different past
+    different.close()
+    os.rename(log_folder(path), log_folder(other))
+    with pytest.raises(InvariantError, match="do not belong together"):
+        DurableLedger(lambda: Ledger(other), log_folder=log_folder(other))
+
+
+class _RefusingLog(SegmentLog):
+    refuse = False
+
+    def append(self, payload, digest_seq, out_digest):
+        if self.refuse:
+            raise OSError(28, "No space left on device")
+        return super().append(payload, digest_seq, out_digest)
+
+
+def test_a_group_the_log_refuses_leaves_nothing_and_the_next_one_goes_on(tmp_path):
+    numbers = [new_card_number() for _ in range(4)]
+    groups = _groups(numbers)
+    path = str(tmp_path / "ledger")
+    Ledger(path).close()
+    log = _RefusingLog(log_folder(path), 1)
+    durable = DurableLedger(lambda: Ledger(path), log, checkpoint_ms=3_600_000)
+    durable.apply(groups[0])
+    durable.apply(groups[1])
+    log.refuse = True
+    with pytest.raises(OSError):
+        durable.apply(groups[2])
+    log.refuse = False
+    durable.apply(groups[3])   # in the group's place: as if the refused one never came
+    assert durable.checkpoint()
+    durable.close()
+    ledger = Ledger(path, readonly=True)
+    try:
+        topped = [L.JOURNAL.unpack(v) for _, v in ledger.dump()["journal"]]
+    finally:
+        ledger.close()
+    top_ups = [e for e in topped if e[1] == L.OP_TOP_UP]
+    assert len(top_ups) == 2 * len(numbers)  # groups 1 and 3, not 2
+    amounts = sorted({e[9] for e in top_ups})  # amount_minor
+    assert amounts == [1000, 1002]
+
+
+# ---- with the server -------------------------------------------------------------------------
+
+def test_every_read_sees_what_was_answered_while_only_the_log_holds_it(start_server):
+    server = start_server(*LONG)
+    c = Client(server.stub)
+    number = c.funded_card(10_000)
+    ledger_path = os.path.join(server.data_dir, "ledger")
+    request_id = rid()
+    c.purchase(number, 1_234, request_id=request_id)
+    assert behind(ledger_path) > 0  # answered, and only in the log so far
+    card = c.card(number)           # asks for a checkpoint first
+    assert card.balance.principal_minor == 10_000 - 1_234
+    assert behind(ledger_path) == 0
+    c.purchase(number, 66)
+    found = server.stub.GetOperation(pb.GetOperationRequest(request_id=rid()))
+    assert not found.found  # an unknown request: nothing to wait for
+    assert behind(ledger_path) > 0
+    page = server.stub.ListTransactions(pb.ListTransactionsRequest(
+        card=cpb.CardRef(card_number=number)))
+    assert [e.amount_minor for e in page.entries if e.type == cpb.OPERATION_TYPE_PURCHASE] \
+        == [66, 1_234]
+    c.top_up(number, 5)
+    got = server.stub.GetOperation(pb.GetOperationRequest(request_id=request_id))
+    assert got.found and got.result.balance_after.principal_minor == 10_000 - 1_234
+
+
+def test_kill_9_between_checkpoints_loses_nothing_answered(start_server):
+    server = start_server(*LONG)
+    c = Client(server.stub)
+    numbers = [c.funded_card(100_000) for _ in range(5)]
+    spent = {n: 0 for n in numbers}
+    for k in range(60):
+        n = numbers[k % 5]
+        c.purchase(n, 10 + k)
+        spent[n] += 10 + k
+    assert behind(os.path.join(server.data_dir, "ledger")) > 0
+    kill_both(server)
+    report = verify(server.data_dir)   # replays the log itself: no server on the folder
+    assert report["ok"], report["problems"]
+    assert report["principal_minor"] == 5 * 100_000 - sum(spent.values())
+    again = start_server(*LONG, data_dir=server.data_dir)
+    c = Client(again.stub)
+    for n in numbers:
+        assert c.card(n).balance.principal_minor == 100_000 - spent[n]
+
+
+def test_a_restart_replays_what_a_kill_left_in_the_log(start_server):
+    server = start_server(*LONG)
+    c = Client(server.stub)
+    number = c.funded_card(1_000)
+    for _ in range(7):
+        c.purchase(number, 10)
+    kill_both(server)
+    again = start_server(*LONG, data_dir=server.data_dir)
+    assert "replayed" in again.log()
+    assert Client(again.stub).card(number).balance.principal_minor == 930
+
+
+def test_verify_beside_a_running_server_reads_the_last_checkpoint(start_server):
+    server = start_server(*LONG)
+    c = Client(server.stub)
+    c.funded_card(1_000)
+    out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "verify", "--data-dir",
+                          server.data_dir], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "as of its last checkpoint" in out.stderr
+
+
+def test_a_barrier_read_during_a_stream_of_purchases_never_shows_an_older_balance(start_server):
+    """Purchases streaming on one card while another caller reads it after each answer: every
+    read shows at least what the answer before it said."""
+    server = start_server(*LONG)
+    c = Client(server.stub)
+    number = c.funded_card(1_000_000)
+    last = 1_000_000
+    for k in range(40):
+        r = c.purchase(number, 100 + k)
+        assert r.balance_after.principal_minor == last - 100 - k
+        last = r.balance_after.principal_minor
+        assert c.card(number).balance.principal_minor == last
