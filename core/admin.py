@@ -54,7 +54,6 @@ class AdminState:
         self.program_packed: bytes = ledger.program_packed
         self.request_window_us: int = ledger.request_window_us
         self._tier_cards: list[int] | None = None
-        self.day_closes: dict[bytes, int] = {}  # store | day keys this group closed -> seq
 
     def flush(self) -> None:
         """Write the terminal records the group changed (KSN counters, enrolments, revocations)
@@ -167,9 +166,9 @@ class AdminState:
             self.txn.put(META_WINDOW, U32.pack(window_s), db=self.ledger.meta)
             self.request_window_us = window_s * 1_000_000
         elif kind == L.OP_CLOSE_DAY:
-            reason, before = self._close_day(subject, ts_us, seq)
-            if reason != L.R_OK or before:
-                return reason, before or None  # closed before: its close's seq (no new entry)
+            reason = self._close_day(subject, ts_us)
+            if reason != L.R_OK:
+                return reason, None
         elif kind == L.OP_RESEAL:
             return L.R_OK, self.reseal(op.payload)
         elif kind == L.OP_FLOOR:
@@ -226,23 +225,16 @@ class AdminState:
         self.program_packed = program.packed(version)
         return L.R_OK, version.to_bytes(4, "little") + hashlib.sha256(source.encode()).digest()[:12]
 
-    def _close_day(self, subject: bytes, ts_us: int, seq: int) -> tuple[int, int]:
-        """CloseDay (``cardcore.daytotals``): a day that has begun, closed once: (reason, the
-        seq of the close before, or 0: this one closes it). The entries after it land in the
-        store's next open day (the day totals see its entry)."""
-        store, day = closed_day(subject)
+    def _close_day(self, subject: bytes, ts_us: int) -> int:
+        """CloseDay (``cardcore.daytotals``): only a day that has begun. Every close is
+        journaled (who asked, when); the first of a store's day closes it, where its entry
+        stands (the day totals read the entries), and the later ones change nothing."""
+        day = closed_day(subject)[1]
         program = self.program
         if day > business_day(ts_us, program.business_day_utc_offset_minutes,
                               program.business_day_cutoff_hour):
-            return L.R_DAY_NOT_STARTED, 0
-        key = L.DAY_KEY.pack(store, day)
-        before = self.day_closes.get(key)
-        if before is None:
-            raw = self.txn.get(key, db=self.ledger.store_days)
-            before = L.STORE_DAY.unpack(raw)[3] if raw is not None else 0
-        if not before:
-            self.day_closes[key] = seq
-        return L.R_OK, before
+            return L.R_DAY_NOT_STARTED
+        return L.R_OK
 
     def _floor(self, what: int, ident: int, value: int) -> int:
         """Restore: never lower a terminal's KSN counter or reuse an operator id."""

@@ -14,10 +14,11 @@ and a ledger made before them fills them once from its journal (``fill``).
 under: with the defaults a sale at 01:30 local belongs to the day before. Days are numbered from
 1970-01-01 (day 0) and shown as dates.
 
-**Closed days** (``CloseDay``, op ``OP_CLOSE_DAY``): from its entry on, nothing lands in that
-store's day any more; an entry whose day is closed for its store lands in the store's next open
-day (its own time stays in the journal). Only days that have begun can be closed, so the next
-open day is at most the day after the current one.
+**Closed days** (``CloseDay``, op ``OP_CLOSE_DAY``): from the first close's entry on (a later close
+of the day is journaled too and changes nothing), nothing lands in that store's day; an entry whose
+day is closed for its store lands in the store's next open day (its own time stays in the journal).
+Only days that have begun can be closed, so the next open day is at most the day after the current
+one.
 
 **Clearing** (money topped up at one store and spent at another). The rule: a card's principal has
 one *home*, the store of its last top-up (``day_money_home``), which holds the cash for all of it.
@@ -356,7 +357,7 @@ class DayTotals:
         staff = f[11]
         if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
             self._add_staff(store, landed, staff, op, f[3], f[4])
-        if op == L.OP_CLOSE_DAY:
+        if op == L.OP_CLOSE_DAY and not self.is_closed(*closed_day(f[2])):  # the first closes
             closed = closed_day(f[2])
             self.closed[closed] = True
             self.landing.clear()  # the entries after it land elsewhere

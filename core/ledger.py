@@ -1538,10 +1538,6 @@ class _Group:
         count = seq = 0
         if kind in L.INTERNAL_OPS:
             count, entry = entry, None
-        elif reason == L.R_OK and isinstance(entry, int):  # a day closed before: its close's
-            seq = entry                                    # entry answers (nothing new)
-            entry = (self.entries[seq - self.first_seq] if seq >= self.first_seq
-                     else self.txn.get(L.SEQ_KEY.pack(seq), db=self.ledger.journal))
         elif reason == L.R_OK:
             self.entries.append(entry)
             seq = self.seq

@@ -327,7 +327,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
             scope_store_id=request.store_id)
         outcome = await self._apply(context, op)
         await fresh_or_abort(self.writer, context, everything=True)  # the figures, as closed
-        return close_pb(request.store_id, day, outcome.entry, op.packed[32:40],
+        return close_pb(request.store_id, day, outcome.entry,
                         self.ledger.read_day(request.store_id, day))
 
     async def GetReport(self, request, context):

@@ -29,17 +29,17 @@ def figures_pb(v: list[int]) -> apb.DayFigures:
         clearing_owes_minor=v[D.F_OWES], clearing_owed_minor=v[D.F_OWED])
 
 
-def close_pb(store_id: int, day: int, entry: bytes, request_tag: bytes,
+def close_pb(store_id: int, day: int, entry: bytes,
              read: tuple[list[int], tuple | None, list]) -> apb.CloseDayResponse:
     """CloseDay's answer: the day's figures and clearing as stored once it is closed;
-    ``closed_before`` when the close's entry is another request's."""
+    ``closed_before`` when the close that closed it is not this request's entry."""
     values, close, rows = read
     operator, seq, closed_us = close if close is not None else (0, 0, 0)
     return apb.CloseDayResponse(
         store_id=store_id, business_day=D.date_of_day(day), closed_seq=seq,
         closed_at_us=closed_us, closed_by=operator,
-        closed_before=(entry[L.JOURNAL_OFF_TAG:L.JOURNAL_OFF_TAG + L.REQUEST_TAG_SIZE]
-                       != request_tag),
+        closed_before=seq != int.from_bytes(entry[L.JOURNAL_OFF_SEQ:L.JOURNAL_OFF_SEQ + 8],
+                                            "little"),
         figures=figures_pb(values),
         clearing=[apb.ClearingLine(counterparty_store_id=other, owes_minor=amount)
                   for other, amount in rows])

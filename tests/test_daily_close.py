@@ -173,8 +173,10 @@ def test_closing_a_day_twice_gives_the_same_figures(server, chain):
     retry = close(admin, 1, today, request_id)  # the first request again: its own answer
     assert not retry.closed_before and retry.figures == first.figures
     closes = [e for e in journal_entries(server.data_dir) if e[J_OP] == L.OP_CLOSE_DAY]
-    assert len(closes) == 1 and closes[0][J_CARD][:8] == (1).to_bytes(4, "little") + \
-        today.to_bytes(4, "little")
+    assert [e[J_SEQ] for e in closes] == [first.closed_seq, closes[1][J_SEQ]]  # both journaled
+    assert {e[J_CARD][:8] for e in closes} == {(1).to_bytes(4, "little") + today.to_bytes(4, "little")}
+    report_of = verify(server.data_dir)
+    assert report_of["ok"], report_of["problems"]
     staff = report(admin, today, today, store=1, staff=True).staff
     assert [(s.staff_id, s.sales, s.sales_minor) for s in staff] == [
         (7, 1, 12_345 - sale.discount_minor)]
@@ -454,6 +456,31 @@ def test_reports_over_three_days_sum_their_days_and_the_liability_is_the_journal
         assert "day totals filled from" in again.log()
     finally:
         again.stop()
+
+
+def test_the_figures_survive_kill_9_through_the_group_log(server, chain):
+    """Operations answered from the group log but not yet checkpointed, a close between them,
+    then kill -9: the restart replays the log, and the figures are the journal's again (verify
+    recomputes them), the late sale in the next day."""
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 30_000, 1))
+    purchase(stub, number, 1_000, 2)
+    closed = close(admin, 2, today)
+    late = [purchase(stub, number, 700, 2) for _ in range(3)]
+    server.kill()
+    again = ServerProcess(server.data_dir)
+    try:
+        admin2 = Admin(again.channel, again.admin_token)
+        rows = report(admin2, today, today + 1, store=2).rows
+        assert rows[0].figures == closed.figures
+        assert ops_of(rows[1].figures)[L.OP_PURCHASE] == (3, 2_100)
+        assert all(day_of(r.applied_at_us) == today for r in late)
+        assert close(admin2, 2, today).closed_before
+    finally:
+        again.stop()
+    report_of = verify(server.data_dir)
+    assert report_of["ok"], report_of["problems"]
 
 
 def test_bad_input_is_refused_with_a_reason_and_changes_nothing(server, chain):
