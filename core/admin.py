@@ -18,6 +18,7 @@ import struct
 from cardcore import layout as L
 from cardcore.idempotency import (REQUEST_WINDOW_S_MIN, SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE,
                                   SCOPE_SUBJECT_TERMINAL, InvariantError, PendingOp)
+from cardcore.daytotals import business_day, closed_day
 from cardcore.program import ProgramError, parse_program
 from cardcore.rules import Program
 
@@ -164,6 +165,10 @@ class AdminState:
                 return L.R_INVALID_ARGUMENT, None
             self.txn.put(META_WINDOW, U32.pack(window_s), db=self.ledger.meta)
             self.request_window_us = window_s * 1_000_000
+        elif kind == L.OP_CLOSE_DAY:
+            reason = self._close_day(subject, ts_us)
+            if reason != L.R_OK:
+                return reason, None
         elif kind == L.OP_RESEAL:
             return L.R_OK, self.reseal(op.payload)
         elif kind == L.OP_FLOOR:
@@ -219,6 +224,17 @@ class AdminState:
         self.program, self.program_version = program, version
         self.program_packed = program.packed(version)
         return L.R_OK, version.to_bytes(4, "little") + hashlib.sha256(source.encode()).digest()[:12]
+
+    def _close_day(self, subject: bytes, ts_us: int) -> int:
+        """CloseDay (``cardcore.daytotals``): only a day that has begun. Every close is
+        journaled (who asked, when); the first of a store's day closes it, where its entry
+        stands (the day totals read the entries), and the later ones change nothing."""
+        day = closed_day(subject)[1]
+        program = self.program
+        if day > business_day(ts_us, program.business_day_utc_offset_minutes,
+                              program.business_day_cutoff_hour):
+            return L.R_DAY_NOT_STARTED
+        return L.R_OK
 
     def _floor(self, what: int, ident: int, value: int) -> int:
         """Restore: never lower a terminal's KSN counter or reuse an operator id."""

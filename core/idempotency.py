@@ -164,7 +164,7 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
                        "ref_id"),
     # admin operations: card_id holds their subject
     **{op: ("op", "card_id", "operator_id", "client_time_us")
-       for op in range(L.OP_ADMIN_MIN, L.OP_ADMIN_MAX + 1)},
+       for op in L.ADMIN_OPS},
 }
 def _getter(fields: tuple[str, ...]):
     """The digest fields' bytes in one call: adjacent fields merged into spans (a purchase's 12
@@ -309,7 +309,7 @@ class PendingOp:
               caller: tuple[int, int] | None = None) -> "PendingOp":
         """An admin operation; ``digest_payload`` (default: payload) is what a retry must repeat.
         The system's own (``key`` b""): ``caller`` says whose it is in the journal."""
-        assert L.OP_ADMIN_MIN <= op <= L.OP_ADMIN_MAX and len(subject) == L.CARD_ID_SIZE
+        assert op in L.ADMIN_OPS and len(subject) == L.CARD_ID_SIZE
         kind, caller_id = caller_of(key) if key else (caller or (L.CALLER_SYSTEM, 0))
         packed = L.OP.pack(op, 0, 0, kind, 0, 0, 0, 0, 0, operator_id,
                            request_tag(key) if key else bytes(8), subject, client_time_us,

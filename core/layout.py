@@ -395,6 +395,48 @@ Idempotency record, v2, 64 bytes, LMDB ``requests`` value (key: request key)::
      48  i64 client_time_us        the request's own time (part of its payload)
      56  8B  reserved
 
+Day totals, v1, 704 bytes, LMDB ``day_totals`` value (key: u32 big-endian store_id | u32
+big-endian business day, ``cardcore.daytotals``) and ``day_chain`` value (key: u32 big-endian
+business day: the whole chain, the sum of every store's record of that day): what the journal
+entries that landed in that store's business day moved, added up in the write transaction that
+wrote them (``daytotals.add_figures`` maps one entry to its figures)::
+
+      0  u8  version               1
+      1  7B  reserved
+      8  i64[24] figures           DAY_FIGURES, in that order: entries, principal_in_minor,
+                                   principal_out_minor, bonus_in_minor, bonus_out_minor,
+                                   points_in, points_out, sales_gross_minor, discount_minor,
+                                   coupon_off_minor, tender_principal_minor, tender_bonus_minor,
+                                   tender_points_minor, tender_till_minor, points_issued,
+                                   points_redeemed, points_expired, coupons_used,
+                                   clearing_owes_minor, clearing_owed_minor; 4 reserved (0)
+    200  u32[40] count_by_op       journal entries by OperationType (index = op)
+    360  i64[40] amount_by_op      their amount_minor, added up
+    680  24B reserved
+
+The chain's stored-value liability (principal and bonus apart) at the end of a day is the sum of
+principal_in - principal_out (bonus likewise) over the chain's records up to that day: a range
+read, never a journal scan.
+
+Store day, v1, 32 bytes, LMDB ``store_days`` value (key as ``day_totals``'s): a closed business
+day (CloseDay); no record: open::
+
+      0  u8  version               1
+      1  u8  state                 1 closed
+      2  2B  reserved
+      4  u32 operator_id           who closed it
+      8  u64 closed_seq            the close's journal entry
+     16  i64 closed_us             the close's group time
+     24  8B  reserved
+
+Clearing, LMDB ``day_clearing`` (key: u32 BE store | u32 BE day | u32 BE counterparty store;
+value i64): what the store owes the counterparty for that day, net (negative: is owed); every
+amount is written on both sides, so the chain's table nets to zero. Staff, LMDB ``day_staff``
+(key: u32 BE store | u32 BE day | u32 BE staff_id; value 4 x i64: sales, sales_minor (gross
+minus discount), top-ups, top_up_minor). Money home, LMDB ``day_money_home`` (key: card id;
+value u32 store): the store of the card's last top-up, which answers for all its principal
+(the clearing rule, ``cardcore.daytotals``).
+
 Request time index, LMDB ``request_times`` (key: the group's u64 ts_us,
 big-endian, strictly increasing, so appended; value: the request keys the
 group recorded, each as u8 length | key): the order in which the writer looks
@@ -607,10 +649,39 @@ def card_op(op: int) -> bool:
     return op in CARD_OPS
 
 
+# The daily close (cardcore.daytotals): an admin entry (no money) whose subject is u32 store_id |
+# u32 business day | zeros.
+OP_CLOSE_DAY = 35
+# Admin entries: move no money, name a subject, not a card.
+ADMIN_OPS = frozenset(range(OP_ADMIN_MIN, OP_ADMIN_MAX + 1)) | {OP_CLOSE_DAY}
+
+
+def admin_op(op: int) -> bool:
+    """Whether operation type ``op`` is an admin event (no money, a subject in card_id)."""
+    return op in ADMIN_OPS
+
+
+DAY_TOTALS_VERSION, STORE_DAY_VERSION, DAY_CLOSED = 1, 1, 1
+DAY_OPS = 40  # count_by_op and amount_by_op slots: operation types 0..39
+DAY_FIGURES = ("entries", "principal_in_minor", "principal_out_minor", "bonus_in_minor",
+               "bonus_out_minor", "points_in", "points_out", "sales_gross_minor", "discount_minor",
+               "coupon_off_minor", "tender_principal_minor", "tender_bonus_minor",
+               "tender_points_minor", "tender_till_minor", "points_issued", "points_redeemed",
+               "points_expired", "coupons_used", "clearing_owes_minor", "clearing_owed_minor")
+DAY_FIGURE_SLOTS = 24
+DAY_TOTALS = struct.Struct(f"<B7x{DAY_FIGURE_SLOTS}q{DAY_OPS}I{DAY_OPS}q24x")
+DAY_KEY = struct.Struct(">II")      # store_id, business day
+DAY_PAIR_KEY = struct.Struct(">III")  # store_id, business day, counterparty (or staff id)
+STORE_DAY = struct.Struct("<BBxxIQq8x")
+DAY_STAFF = struct.Struct("<qqqq")
+DAY_CHAIN_KEY = struct.Struct(">I")  # day_chain: business day
+assert DAY_TOTALS.size == 704 and STORE_DAY.size == 32 and len(DAY_FIGURES) <= DAY_FIGURE_SLOTS
+
 # Internal operations: no request record; no journal entry of their own.
 OP_RESEAL = 32       # re-encrypt stored card numbers (compare and set)
 OP_FLOOR = 33        # restore: raise a terminal's KSN counter or the next operator id
 OP_MAINTENANCE = 34  # prune expired request records (the writer's idle tick)
+INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE))
 # Card flags (card record offset 4) and operation PIN flags (operation offset 2).
 CARD_PIN_SET, CARD_PIN_LOCKED = 1, 2
 PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8
@@ -651,6 +722,7 @@ R_HOLDS_OPEN = 90
 R_CARD_REPLACED = 91
 R_CARD_EXPIRED, R_CARD_NOT_ACTIVATED = 92, 93
 R_LINE_ALREADY_REFUNDED, R_LINE_NOT_FOUND = 96, 97
+R_DAY_NOT_STARTED = 105  # CloseDay: a business day that has not begun
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

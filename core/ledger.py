@@ -37,11 +37,19 @@ Sub-databases (all in one environment, so one write transaction covers them)::
                                              expired, closed or been replaced (rule 14)
     refunded_lines seq (u64 big-endian)   -> the sale's lines refunds by line gave back (32 B,
                                              layout.LINE_REFUNDS)
+    day_totals    store | business day    -> what the day's entries moved (704 B,
+                                             layout.DAY_TOTALS; cardcore.daytotals)
+    day_chain     business day            -> the chain's: every store's of the day, added
+    store_days    store | business day    -> a closed day (32 B, layout.STORE_DAY)
+    day_clearing  store | day | other     -> what the store owes the other that day, net (i64)
+    day_staff     store | day | staff id  -> the staff's sales and top-ups (layout.DAY_STAFF)
+    day_money_home card_id                -> u32: the store that holds the card's principal
 
-The last sixteen came with card programs, refunds, holds, replacement, member lookup, card
-expiry and refunds by line: a writer that opens a ledger made before them creates them (absent
-records read as zeros: nothing to migrate; the member index is filled from the profiles once,
-by a writer that has the lookup key; every card before expiry has none).
+The last twenty-two came with card programs, refunds, holds, replacement, member lookup, card
+expiry, refunds by line and the daily close: a writer that opens a ledger made before them
+creates them (absent records read as zeros: nothing to migrate; the member index is filled from
+the profiles once, by a writer that has the lookup key; every card before expiry has none; the
+day totals are filled from the journal once).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -70,6 +78,7 @@ from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_T
                             META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64)
 from cardcore import lots
 from cardcore.chain import GENESIS, chain
+from cardcore import daytotals
 from cardcore.ext import kernel
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   entry_line_count, lines_digest,
@@ -89,18 +98,18 @@ MAP_SIZE_INITIAL = 1 << 30      # virtual address space; the file grows only as 
 MAP_GROW_FACTOR = 2
 MAP_GROW_ATTEMPTS = 8
 MAX_READERS = 512
-MAX_DBS = 32
+MAX_DBS = 48
 EMPTY_RECORD = bytes(L.CARD_SIZE)
 DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardnos", "terminals",
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
             "card_entries", "holds", "holds_by_expiry", "card_links", "members",
-            "cards_by_expiry", "refunded_lines")
+            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES)
 # created on open when missing (cards_by_expiry: empty, as every card before it has no expiry)
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
                             "holds", "holds_by_expiry", "card_links", "members",
-                            "cards_by_expiry", "refunded_lines"))
+                            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES))
 SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
@@ -122,6 +131,7 @@ META_MEMBERS = b"member_index"
 # Set while every stored profile is sealed (cardcore.profiles); a writer without the profile key
 # that stores a profile clears it.
 META_PROFILES_SEALED = b"profiles_sealed"
+META_DAY_TOTALS = daytotals.META_DAY_TOTALS
 # The number of the last group of the group log (cardcore.grouplog) this LMDB state holds: written
 # in each checkpoint's transaction, so recovery replays the log from the next one.
 META_LOG_APPLIED = b"log_applied"
@@ -405,7 +415,8 @@ class Ledger:
     def __init__(self, path: str, *, initial_program: str | None = None, sync: bool = True,
                  map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
                  initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT,
-                 lookup_key: bytes | None = None, profile_key: bytes | None = None) -> None:
+                 lookup_key: bytes | None = None, profile_key: bytes | None = None,
+                 day_totals: bool = True) -> None:
         """Open (or, writable, create) the ledger at ``path``. A new ledger stores
         ``initial_program`` (a TOML document; default: the default program) as version 1, and
         its request retention window (changed later through the writer: ``window_op``).
@@ -414,7 +425,8 @@ class Ledger:
         filled again by the next writer that has it). ``profile_key``
         (``profiles.profile_key``): stored profiles are read with it (without it, of a sealed
         profile only its masked number), and a writer that has it seals the ones stored before
-        profiles were sealed."""
+        profiles were sealed. ``day_totals`` False: the writer keeps no day totals (for the
+        benchmark that measures their cost only; the next writer with them fills them again)."""
         if initial_request_window_s < REQUEST_WINDOW_S_MIN:
             raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
@@ -423,6 +435,8 @@ class Ledger:
         self.profile_box = ProfileBox(profile_key)
         self._initial_window_s = initial_request_window_s
         self.request_window_us = initial_request_window_s * 1_000_000
+        self.keep_day_totals = day_totals  # (self.day_totals is the sub-database)
+        self.day_settings: dict[int, tuple[int, int]] = {}  # program version -> business day
         # Explicit options: durability (sync/metasync) is the point of the ledger;
         # writemap off keeps stray pointer writes from touching the file.
         self.env = lmdb.open(path, subdir=True, map_size=map_size, max_dbs=MAX_DBS, sync=sync,
@@ -441,6 +455,9 @@ class Ledger:
         self.legacy = False
         if not readonly and self._read(lambda txn: txn.get(META_BIRTHS, db=self.meta)) is None:
             self._fill_birth_months()
+        if (not readonly and day_totals
+                and self._read(lambda txn: txn.get(META_DAY_TOTALS, db=self.meta)) is None):
+            self._fill_day_totals()
         if (not readonly and self.member_index is not None
                 and self._read(lambda txn: txn.get(META_MEMBERS, db=self.meta)) is None):
             self._fill_members()
@@ -503,6 +520,17 @@ class Ledger:
             txn.put(META_BIRTHS, b"\x01", db=self.meta)
         if updates:
             log.info("birth months kept in %d card records, from their profiles", len(updates))
+
+    def _fill_day_totals(self) -> None:
+        """The day totals from the whole journal, in one write transaction: once for a ledger
+        made before them (or after a writer that ran without them: what it left is dropped)."""
+        with self.env.begin(write=True) as txn:
+            for name in daytotals.DB_NAMES:
+                txn.drop(getattr(self, name), delete=False)
+            count = daytotals.fill(txn, self)
+            txn.put(META_DAY_TOTALS, b"\x01", db=self.meta)
+        if count:
+            log.info("day totals filled from %d journal entries", count)
 
     def _seal_profiles(self) -> None:
         """Profiles stored before they were sealed (their JSON), sealed once (``cardcore.
@@ -948,6 +976,18 @@ class Ledger:
         """Every stored program version: its record (source, sha256, loaded_us, loaded_by)."""
         return self._read(lambda txn: {L.VERSION_KEY.unpack(k)[0]: json.loads(v)
                                        for k, v in txn.cursor(db=self.programs)})
+
+    def read_day(self, store: int, day: int) -> tuple[list[int], tuple | None, list]:
+        """A store's business day: figures, its close, its clearing (``daytotals.read_day``)."""
+        if self.day_totals is None:
+            return [0] * daytotals.WIDTH, None, []
+        return self._read(lambda txn: daytotals.read_day(txn, self, store, day))
+
+    def read_report(self, store: int | None, from_day: int, to_day: int, granularity: int,
+                    staff: bool = False) -> dict:
+        """A store's (None: the chain's) report over business days (``daytotals.report``)."""
+        return self._read(lambda txn: daytotals.report(txn, self, store, from_day, to_day,
+                                                        granularity, staff))
 
     def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""
@@ -1495,16 +1535,16 @@ class _Group:
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:
         reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
-        count = 0
-        if kind >= L.OP_RESEAL:
+        count = seq = 0
+        if kind in L.INTERNAL_OPS:
             count, entry = entry, None
         elif reason == L.R_OK:
             self.entries.append(entry)
+            seq = self.seq
             self.seq += 1
         if op.request_key:
             self.idem_items.append((op.request_key, record(
-                kind, reason, op.digest, self.seq - 1 if reason == L.R_OK else 0, 0, self.ts,
-                op.client_time_us)))
+                kind, reason, op.digest, seq, 0, self.ts, op.client_time_us)))
         self.outcomes[i] = Outcome(reason, False, kind, entry, 0, count)
 
     def _flush_run(self) -> None:
@@ -1928,6 +1968,12 @@ class _Group:
                  for k in range(len(self.entries))], append=True)
             if added != len(self.entries):
                 raise InvariantError("journal append refused: sequence not increasing")
+            if ledger.keep_day_totals:  # every entry, in sequence order (cardcore.daytotals)
+                totals = daytotals.DayTotals(txn, ledger, ledger.day_settings)
+                totals.add_all(self.entries)
+                totals.write()
+            else:
+                txn.delete(META_DAY_TOTALS, db=ledger.meta)
         if self.idem_items:
             txn.cursor(db=ledger.requests).putmulti(self.idem_items)
             if not txn.cursor(db=ledger.request_times).put(

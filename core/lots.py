@@ -132,7 +132,7 @@ def rebuild(journal_cursor) -> DictLots:
     rule = Lots(lots)
     replaced = b""
     for _, entry in journal_cursor:
-        if L.OP_ADMIN_MIN <= entry[1] <= L.OP_ADMIN_MAX or entry[1] == L.OP_PIN_FAILED:
+        if entry[1] in L.ADMIN_OPS or entry[1] == L.OP_PIN_FAILED:
             continue
         if entry[1] == L.OP_CARD_REPLACED:
             replaced = entry[16:32]

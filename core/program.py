@@ -28,6 +28,11 @@ them with comments; money in fen):
   ``card_valid_months`` (0..1200, default 0 = never: a card opened under the program expires
   that many calendar months after its opening day, a date fixed in the card at its opening;
   ``rules`` rule 14).
+  ``business_day_utc_offset_minutes`` (-720..840, default 480: UTC+8) and
+  ``business_day_cutoff_hour`` (0..23, default 4): the daily close's business day starts at
+  that local hour on that clock, so a sale at 01:30 belongs to the day before
+  (``cardcore.daytotals``; apart from ``utc_offset_minutes``, whose default 0 dates birth
+  months and card expiries as before).
   ``refund_points_shortfall`` = "forgive" (default: a refund takes back at most the points
   the card holds) or "owe" (the card's points go below zero, and what it earns next pays the
   debt first; ``rules`` rule 12).
@@ -188,6 +193,8 @@ _TOP_KEYS = (
     _Key("referral_points", "integer", 0, _I64),
     _Key("birthday_points_bp", "integer", 0, BIRTHDAY_BP_MAX),
     _Key("utc_offset_minutes", "integer", -720, 840),
+    _Key("business_day_utc_offset_minutes", "integer", -720, 840),
+    _Key("business_day_cutoff_hour", "integer", 0, 23),
     _Key("redemption", "table"),
     _Key("exchange", "table"),
     _Key("gifts", "tables"),

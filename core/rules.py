@@ -384,6 +384,10 @@ class Program:
     reversal_window_minutes: int = REVERSAL_WINDOW_MINUTES_DEFAULT  # rule 13
     card_valid_months: int = 0    # rule 14: a new card expires this many months on; 0 = never
     refund_points_shortfall: int = L.SHORTFALL_FORGIVE  # rule 12: SHORTFALLS
+    # The business day (cardcore.daytotals): the chain's clock for its daily close, and the local
+    # hour a business day starts (a sale at 01:30 belongs to the day before, with 4).
+    business_day_utc_offset_minutes: int = 480
+    business_day_cutoff_hour: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
@@ -457,6 +461,10 @@ class Program:
         if not (self.birthday_points_bp == 0 or RATE_BP_FULL <= self.birthday_points_bp
                 <= BIRTHDAY_BP_MAX) or not -720 <= self.utc_offset_minutes <= 840:
             raise ValueError("birthday_points_bp or utc_offset_minutes out of range")
+        if not (-720 <= self.business_day_utc_offset_minutes <= 840
+                and 0 <= self.business_day_cutoff_hour <= 23):
+            raise ValueError("business_day_utc_offset_minutes or business_day_cutoff_hour out of "
+                             "range")
         if not 0 <= self.points_expire_days <= POINTS_EXPIRE_DAYS_MAX:
             raise ValueError(f"points_expire_days must be 0..{POINTS_EXPIRE_DAYS_MAX}")
         if self.tier_review_days and not (

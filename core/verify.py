@@ -40,6 +40,9 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
   closing (and the server's change to expired, at or after the expiry, operator 0) happens to
   a card past its expiry but refunds and what any status allows; the expiry index names
   exactly the cards with an expiry in a status they expire from.
+- the day totals (``cardcore.daytotals``): every store's day, the chain's, the clearing, the
+  staff figures, the homes of the money and the closed days are what the journal's entries
+  make, computed again from nothing (once they hold every entry: a writer fills them).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import hashlib
 import json
 from collections import Counter
 
+from cardcore import daytotals
 from cardcore import layout as L
 from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
@@ -144,6 +148,10 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
                 journal["refunded_lines"]:
             problem("the sales' line refunds records are not what the journal's refunds by line "
                     "make")
+        if ledger.day_totals is not None and txn.get(daytotals.META_DAY_TOTALS,
+                                                     db=ledger.meta) is not None:
+            for name in daytotals.check(txn, ledger):
+                problem(f"the day totals' {name} are not what the journal's entries make")
         requests = _requests(txn, ledger, problem)
         members = _members(txn, ledger, index, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
@@ -279,7 +287,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
         if program_version != program_now and not (program_version == 0 and program_now == 0):
             problem(f"journal entry {seq}: program version {program_version} where "
                     f"{program_now} was current")
-        if L.OP_ADMIN_MIN <= op <= L.OP_ADMIN_MAX:
+        if op in L.ADMIN_OPS:
             admin += 1
             if any(f[_MOVES]):
                 problem(f"journal entry {seq}: an admin entry {op} that moves value")

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 
+from cardcore import daytotals
 from cardcore import layout as L
 from cardcore.admin import reseal_payload
 from cardcore.idempotency import (SCOPE_CHAIN, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL, PendingOp,
@@ -30,6 +31,7 @@ from cardcore.v1 import common_pb2 as cpb
 from .access import ROLE, Access, Operator, new_token, token_digest
 from .errors import Invalid, abort, failure, fresh_or_abort
 from .feed import JournalFeed
+from .reports import close_pb, report_pb
 from .operations import client_time_us, request_id_bytes
 from .writer import Overloaded, Stopped, Writer
 
@@ -303,3 +305,44 @@ class AdminService(apb_grpc.AdminServiceServicer):
     def WatchJournal(self, request, context):
         """Every journal entry from request.from_seq on, then live: the stream (``feed``)."""
         return self.feed.watch(request, context)
+
+    # ---- the daily close and reports ------------------------------------------------------
+
+    async def _day(self, context, text: str, field: str) -> int:
+        try:
+            return daytotals.day_of_date(text, field)
+        except daytotals.DayError as exc:
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, exc.field))
+
+    async def CloseDay(self, request, context):
+        """Through the writer (journaled; the day totals see the close where its entry
+        stands), then the day's figures as stored: a closed day's never change."""
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, request.store_id)
+        key, client_us = await self._request(context, request, op_by)
+        day = await self._day(context, request.business_day, "business_day")
+        op = PendingOp.admin(
+            key, L.OP_CLOSE_DAY, daytotals.close_subject(request.store_id, day), b"",
+            op_by.operator_id, client_time_us=client_us,
+            need_role=ROLE.OPERATOR_ROLE_STORE_MANAGER, scope=SCOPE_STORE,
+            scope_store_id=request.store_id)
+        outcome = await self._apply(context, op)
+        await fresh_or_abort(self.writer, context, everything=True)  # the figures, as closed
+        return close_pb(request.store_id, day, outcome.entry,
+                        self.ledger.read_day(request.store_id, day))
+
+    async def GetReport(self, request, context):
+        """From range reads of the day totals only; the chain's for chain admins."""
+        if request.chain:
+            await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+        else:
+            await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, request.store_id)
+        from_day = await self._day(context, request.from_day, "from_day")
+        to_day = await self._day(context, request.to_day, "to_day")
+        if not 0 <= to_day - from_day < daytotals.REPORT_DAYS_MAX:
+            await abort(context, failure(R.REASON_REPORT_RANGE_INVALID, "to_day"))
+        granularity = request.granularity or apb.REPORT_GRANULARITY_DAY
+        if granularity not in apb.ReportGranularity.values():
+            await abort(context, failure(R.REASON_INVALID_ARGUMENT, "granularity"))
+        await fresh_or_abort(self.writer, context, everything=True)  # all that was answered
+        return report_pb(self.ledger.read_report(None if request.chain else request.store_id,
+                                                 from_day, to_day, granularity, request.staff))

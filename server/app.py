@@ -72,6 +72,7 @@ class ServerConfig:
     checkpoint_ms: int = CHECKPOINT_MS_DEFAULT        # LMDB brought up to date from the log this
     checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT      # often, or after this many operations
     log_segment_mib: int = SEGMENT_BYTES_DEFAULT >> 20  # the group log's segment files
+    day_totals: bool = True          # False: no day totals (a benchmark's, --no-day-totals)
 
 
 class StartupError(Exception):
@@ -172,6 +173,9 @@ async def serve(cfg: ServerConfig) -> None:
         for _ in range(3):
             log.warning("*** --no-sync: commits are NOT durable; a crash loses acknowledged "
                         "operations. For benchmarks only. ***")
+    if not cfg.day_totals:
+        log.warning("*** --no-day-totals: no daily close figures are kept (refilled from the "
+                    "journal at the next start without it). For benchmarks only. ***")
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as exc:
@@ -231,7 +235,7 @@ async def serve(cfg: ServerConfig) -> None:
                     group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
-                    reader_check_s=cfg.reader_check_s, on_fatal=fatal,
+                    reader_check_s=cfg.reader_check_s, on_fatal=fatal, day_totals=cfg.day_totals,
                     checkpoint_ms=cfg.checkpoint_ms, checkpoint_ops=cfg.checkpoint_ops,
                     log_segment_bytes=cfg.log_segment_mib << 20,
                     lookup_key=lookup_key(keyring.index_key),

@@ -15,6 +15,7 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_fi
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
                          cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_watch)
 from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
+from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--no-sync", action="store_true",
                    help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
+    p.add_argument("--no-day-totals", action="store_true",
+                   help="BENCHMARKS ONLY: keep no daily close figures (their cost's benchmark; the "
+                        "next start without it fills them again from the journal)")
     p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24),
                    default=REQUEST_WINDOW_S_DEFAULT // 3600,
                    help="request records are kept, and requests accepted, for this many hours "
@@ -391,6 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show: this program version (default 0: the current one)")
     request_opts(p)
 
+    p = client("close-day", "close a store's business day and print its figures (store "
+               "manager of the store, or chain admin); again: the same figures", cmd_close_day,
+               card=False)
+    p.add_argument("store", type=uint32_arg, help="the store id (0: head office's own entries)")
+    p.add_argument("day", type=date_arg, help="the business day, YYYY-MM-DD on the chain's clock")
+    request_opts(p)
+    p = client("report", "figures by day, month or year over business days, for a store or the "
+               "chain (table, or --csv in fen)", cmd_report, card=False)
+    p.add_argument("--store", type=uint32_arg, default=None,
+                   help="the store (store manager or above, in scope)")
+    p.add_argument("--chain", action="store_true",
+                   help="the whole chain, with the stored-value liability (chain admin)")
+    p.add_argument("--from", dest="from_day", type=date_arg, required=True,
+                   help="the first business day, YYYY-MM-DD")
+    p.add_argument("--to", dest="to_day", type=date_arg, required=True,
+                   help="the last business day, YYYY-MM-DD, inclusive (at most 3660 days on)")
+    p.add_argument("--by", choices=tuple(GRANULARITIES), default="day",
+                   help="one row a day, month or year (default %(default)s)")
+    p.add_argument("--staff", action="store_true",
+                   help="also sales and top-ups by staff id over the range")
+    p.add_argument("--csv", action="store_true",
+                   help="CSV on standard output: amounts in fen, one column per figure")
+
     p = client("console", "a read-only back-office web page (operator token typed at sign-in): "
                "cards, history, totals per store, terminals, health", None, card=False,
                token=False)
@@ -453,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
                     "replace-card", "find-card", "import",
                     "history", "operation", "watch", "terminals", "operators", "keys", "program",
-                    "pos", "console")
+                    "pos", "console", "close-day", "report")
 
 
 def _cmd_console(args) -> int:

@@ -129,6 +129,10 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                    "as it takes; end one or try again later"),
     R.REASON_FEED_SEQ_AHEAD: (C.OUT_OF_RANGE, "from_seq is past the end of the journal (see "
                               "detail): this ledger never reached that entry"),
+    R.REASON_DAY_NOT_STARTED: (C.FAILED_PRECONDITION, "that business day has not begun: only a "
+                               "day that has begun can be closed"),
+    R.REASON_REPORT_RANGE_INVALID: (C.INVALID_ARGUMENT, "to_day must be on or after from_day, at "
+                                    "most 3660 days on"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -1,0 +1,697 @@
+"""Day totals: what each store's business day moved, kept in the writer's write transaction.
+
+Every journal entry a group writes is added, in sequence order, to its store's business day
+(``add_figures``: one function from an entry to its figures, so a refund, a reversal, a replacement
+and the expiry sweep are counted like everything else), and to the chain's record of that day
+(``day_chain``, apart: any u32 is a store id). Records are fixed-size (``layout.DAY_TOTALS``);
+reports read ranges of them, never the journal. They depend on the journal entries alone (their
+time, store and program version), so two ledgers that apply the same groups hold the same totals,
+and a ledger made before them fills them once from its journal (``fill``).
+
+**Business day.** The day of an entry's time (the group's) on the chain's clock
+(``business_day_utc_offset_minutes``, default UTC+8) shifted back by the cutoff hour
+(``business_day_cutoff_hour``, default 4), both from the program version the entry was computed
+under: with the defaults a sale at 01:30 local belongs to the day before. Days are numbered from
+1970-01-01 (day 0) and shown as dates.
+
+**Closed days** (``CloseDay``, op ``OP_CLOSE_DAY``): from the first close's entry on (a later close
+of the day is journaled too and changes nothing), nothing lands in that store's day; an entry whose
+day is closed for its store lands in the store's next open day (its own time stays in the journal).
+Only days that have begun can be closed, so the next open day is at most the day after the current
+one.
+
+**Clearing** (money topped up at one store and spent at another). The rule: a card's principal has
+one *home*, the store of its last top-up (``day_money_home``), which holds the cash for all of it.
+When principal leaves the card at another store (a purchase, a package sale, a cancelled card's
+pay-back, a reversed top-up), the home owes that store the amount; when it comes back at another
+store (a refund, a reversed sale), that store owes the home. A top-up at a store other than the
+home moves the home there, and the old home owes the new one the principal the card held before it.
+A replacement moves the home with the money; a card imported from a legacy system
+(``OP_IMPORT_CARD``) counts as topped up at the import's store. A card's money without a home (none
+yet) is headquarters' (store 0). Bonus money is the chain's promotion, not cleared. Each amount is
+written on both sides (``day_clearing``) in the first day open at both stores (which may be later
+than the day its entry landed in, when the other store's day is closed), so every day's clearing
+table nets to zero over the chain; amounts are net (a store can be owed a negative amount on a day
+of refunds)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import struct
+from array import array
+
+from cardcore import layout as L
+from cardcore.ext import daytotals as native
+from cardcore.idempotency import InvariantError
+from cardcore.program import parse_program
+
+DAY_US = L.DAY_US
+HOUR_US = 3_600_000_000
+MINUTE_US = 60_000_000
+EPOCH = dt.date(1970, 1, 1)
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+FILL_CHUNK = 10_000  # journal entries the fill reads the homes of at once
+CLOSED_WALK_MAX = 4000  # closed days an entry walks past at most (more: a broken invariant)
+DEFAULT_SETTINGS = (480, 4)  # entries without a program version (migrated from v1)
+# The ledger's sub-databases of the day totals (layout.DAY_TOTALS and after).
+DB_NAMES = ("day_totals", "day_chain", "store_days", "day_clearing", "day_staff",
+            "day_money_home")
+# Meta: set while the day totals hold every journal entry; a writer run without them (a
+# benchmark's) clears it, and the next one with them fills them again from the journal.
+META_DAY_TOTALS = b"day_totals"
+
+# What ``add_figures`` and ``add`` read of a journal entry (layout.JOURNAL): op, seq, card id,
+# amount, discount, principal, bonus and points deltas, principal after, time, store, staff,
+# operator, program version, points redeemed, redeemed fen, item id, purchase flags, coupon off.
+_ENTRY = struct.Struct("<xB6xQ16s6q16xqI4xII8xI44x2q4x2H16xq")
+assert _ENTRY.size == 224
+_NF, _NO = L.DAY_FIGURE_SLOTS, L.DAY_OPS
+WIDTH = _NF + 2 * _NO  # an accumulator: figures, then counts by op, then amounts by op
+assert native.width() == WIDTH
+(F_ENTRIES, F_P_IN, F_P_OUT, F_B_IN, F_B_OUT, F_PTS_IN, F_PTS_OUT, F_GROSS, F_DISCOUNT,
+ F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
+ F_COUPONS_USED, F_OWES, F_OWED) = range(len(L.DAY_FIGURES))
+# points that move, not earned or spent: undone, moved to a new card, forfeited on cancelling
+_POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
+                           L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS))
+_I64 = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+_CLOSE = struct.Struct("<II8x")  # a close's subject
+# layout.JOURNAL offsets the runs read as columns: principal delta, store, staff, program version
+_OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
+_Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
+_NO_CARD = 0xFFFFFFFF
+_ZERO8 = bytes(8)
+# Values stored as no record: a home of the money at head office (store 0, as with no home yet),
+# a clearing between two stores that nets to zero.
+_NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8)}
+_ZERO_ROW = bytes(8 * WIDTH)
+_ZERO_RECORD = bytes(L.DAY_TOTALS.size)
+NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
+NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
+_AMOUNTS = struct.Struct("<32xqq")  # layout.JOURNAL: amount_minor, discount_minor
+
+
+class DayError(ValueError):
+    """A business day or a range that is not valid (the field's name in ``field``)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(problem)
+        self.field = field
+
+
+def business_day(ts_us: int, utc_offset_minutes: int, cutoff_hour: int) -> int:
+    """The business day (days since 1970-01-01) of Unix time ``ts_us`` (microseconds)."""
+    return (ts_us + utc_offset_minutes * MINUTE_US - cutoff_hour * HOUR_US) // DAY_US
+
+
+def day_of_date(text: str, field: str = "business_day") -> int:
+    """A "YYYY-MM-DD" date as a day number; DayError if it is not one."""
+    if not DATE_RE.fullmatch(text):
+        raise DayError(field, f"{field} must be a date, YYYY-MM-DD")
+    try:
+        day = (dt.date.fromisoformat(text) - EPOCH).days
+    except ValueError:
+        raise DayError(field, f"{field} is not a calendar date") from None
+    if day < 0:
+        raise DayError(field, f"{field} is before 1970-01-01")
+    return day
+
+
+def date_of_day(day: int) -> str:
+    return (EPOCH + dt.timedelta(days=day)).isoformat()
+
+
+def close_subject(store: int, day: int) -> bytes:
+    """A close's subject (its entry's card_id field): u32 store | u32 day | zeros."""
+    return _CLOSE.pack(store, day)
+
+
+def closed_day(subject: bytes) -> tuple[int, int]:
+    """(store, day) a close's subject names."""
+    return _CLOSE.unpack(subject)
+
+
+def add_figures(a: list[int], f: tuple) -> None:
+    """Add one journal entry (``f``: its ``_ENTRY`` fields, ``_ENTRY.unpack(entry)``) to
+    accumulator ``a``: the one place that says what an entry counts for in the day totals."""
+    (op, _, _, amount, discount, dp, db, dpts, _, _, _, _, _, _, redeemed_pts, redeemed_minor,
+     item_id, flags, coupon_off) = f
+    a[F_ENTRIES] += 1
+    a[_NF + op] += 1
+    a[_NF + _NO + op] += amount
+    if dp > 0:
+        a[F_P_IN] += dp
+    elif dp:
+        a[F_P_OUT] -= dp
+    if db > 0:
+        a[F_B_IN] += db
+    elif db:
+        a[F_B_OUT] -= db
+    if dpts > 0:
+        a[F_PTS_IN] += dpts
+    elif dpts:
+        a[F_PTS_OUT] -= dpts
+    if op == L.OP_PURCHASE:
+        a[F_GROSS] += amount
+        a[F_DISCOUNT] += discount
+        a[F_COUPON_OFF] += coupon_off
+        a[F_T_PRINCIPAL] -= dp
+        a[F_T_BONUS] -= db
+        a[F_T_POINTS] += redeemed_minor
+        if flags & L.PARTIAL_PAYMENT:  # split tender: the rest of what was due, the till's
+            a[F_T_TILL] += amount - discount + dp + db - redeemed_minor
+        a[F_ISSUED] += dpts + redeemed_pts
+        a[F_REDEEMED] += redeemed_pts
+        if item_id:
+            a[F_COUPONS_USED] += 1
+    elif op == L.OP_POINTS_EXPIRED:
+        a[F_EXPIRED] -= dpts
+    elif dpts and op not in _POINTS_MOVED:
+        if dpts > 0:
+            a[F_ISSUED] += dpts
+        else:
+            a[F_REDEEMED] -= dpts
+
+
+class DayTotals:
+    """One write transaction's additions to the day totals: entries added in sequence order,
+    written once (``write``) at the end of the group."""
+
+    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False):
+        """``fresh``: from nothing, read nothing stored but the programs (``check``: the whole
+        journal in memory, beside the stored records)."""
+        self.txn, self.ledger, self.fresh = txn, ledger, fresh
+        self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
+        self.acc: dict[tuple[int, int], array] = {}  # (store, day) -> WIDTH int64 values
+        self.pairs: dict[tuple[int, int, int], int] = {}
+        self.staff: dict[tuple[int, int, int], list[int]] = {}
+        self.homes: dict[bytes, int] = {}
+        self.homes_changed: set[bytes] = set()
+        self.closed: dict[tuple[int, int], bool] = {}
+        self.closes: list[tuple[bytes, bytes]] = []
+        self.landing: dict[tuple[int, int], int] = {}
+        self.slots: dict[tuple[int, int, int], tuple[array, int, int]] = {}
+        self.both: dict[tuple[int, int, int], int] = {}  # (debtor, creditor, day) -> clearing day
+        # a replacement's home, from the old card's entry to the new one's, right after it (the
+        # writer writes them together); None between replacements
+        self.moving_home: int | None = None
+
+    # ---- reads, through the group's own changes -----------------------------------------------
+
+    def _settings(self, version: int) -> tuple[int, int]:
+        s = self.settings.get(version)
+        if s is None:
+            s = DEFAULT_SETTINGS
+            if version:
+                raw = self.txn.get(L.VERSION_KEY.pack(version), db=self.ledger.programs)
+                p = parse_program(json.loads(raw)["source"])
+                s = (p.business_day_utc_offset_minutes, p.business_day_cutoff_hour)
+            self.settings[version] = s
+        return s
+
+    def is_closed(self, store: int, day: int) -> bool:
+        closed = self.closed.get((store, day))
+        if closed is None:
+            closed = self.closed[(store, day)] = not self.fresh and self.txn.get(
+                L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None
+        return closed
+
+    def _land(self, store: int, day: int) -> int:
+        """The day an entry of ``store`` whose time is in ``day`` lands in: its next open day."""
+        landed = self.landing.get((store, day))
+        if landed is None:
+            landed = day
+            for _ in range(CLOSED_WALK_MAX):
+                if not self.is_closed(store, landed):
+                    break
+                landed += 1
+            else:
+                raise InvariantError(f"store {store}: more than {CLOSED_WALK_MAX} closed days in "
+                                     "a row ahead of an entry")
+            self.landing[(store, day)] = landed
+        return landed
+
+    def _home(self, card_id: bytes) -> int:
+        home = self.homes.get(card_id)
+        if home is None:
+            raw = None if self.fresh else self.txn.get(card_id, db=self.ledger.day_money_home)
+            home = self.homes[card_id] = _U32.unpack(raw)[0] if raw is not None else 0
+        return home
+
+    def _acc(self, store: int, day: int) -> array:
+        a = self.acc.get((store, day))
+        if a is None:
+            a = self.acc[(store, day)] = array("q", _ZERO_ROW)
+        return a
+
+    # ---- additions ------------------------------------------------------------------------------
+
+    def add_all(self, entries, native: bool = True) -> None:
+        """Journal entries, in sequence order: the cards whose principal moves have their homes
+        read in one go first; runs of one time and program version without a close go through
+        the C loop (``native``; False: entry by entry, the reference)."""
+        entries = list(entries)
+        if not entries:
+            return
+        buf = b"".join(entries)
+        if len(buf) != len(entries) * L.JOURNAL_SIZE:
+            raise InvariantError("day totals: journal entries of the wrong size")
+        view = memoryview(buf)
+        ops = buf[1::L.JOURNAL_SIZE]
+        dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
+        size = L.JOURNAL_SIZE
+        moving = {k: buf[k * size + 16:k * size + 32] for k, dp in enumerate(dps)
+                  if dp or ops[k] == L.OP_CARD_REPLACED or ops[k] == L.OP_REPLACEMENT_OPENED}
+        wanted = [cid for cid in set(moving.values()) if cid not in self.homes]
+        if wanted and not self.fresh:
+            found = dict(self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
+            unpack = _U32.unpack
+            for cid in wanted:
+                raw = found.get(cid)
+                self.homes[cid] = unpack(raw)[0] if raw is not None else 0
+        times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
+        versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
+        n = len(entries)
+        if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
+                and versions.count(versions[0]) == n and L.OP_CLOSE_DAY not in ops
+                and self._add_run(view, ops, moving, 0, versions[0], times[0])):
+            return  # a group's entries: one run (most groups)
+        start = 0
+        for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
+            if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
+                    and ops[k] != L.OP_CLOSE_DAY and ops[start] != L.OP_CLOSE_DAY:
+                continue
+            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] != L.OP_CLOSE_DAY
+                    and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
+                                      versions[start], times[start])):
+                for entry in entries[start:k]:
+                    self.add(entry)
+            start = k
+
+    def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
+                 version: int, ts_us: int) -> bool:
+        """A run of entries of one time and program version, without a close, through the C
+        loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
+        ``moving``: the card of each entry (by its index in the group, the run's first is
+        ``start``) whose principal moves (or a replacement's). False (nothing added): more
+        stores than NATIVE_STORES_MAX (its clearing matrix is stores x stores)."""
+        n = len(ops)
+        size = L.JOURNAL_SIZE
+        stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
+        slot_index: dict[int, int] = {}
+        slot_of = array("I", [slot_index.setdefault(s, len(slot_index)) for s in stores])
+        card_slot: dict[bytes, int] = {}
+        card_of = array("I", [_NO_CARD if (cid := moving.get(k)) is None
+                              else card_slot.setdefault(cid, len(card_slot))
+                              for k in range(start, start + n)])
+        homes = array("I", [slot_index.setdefault(self._home(cid), len(slot_index))
+                            for cid in card_slot])
+        moving_slot = (_NO_CARD if self.moving_home is None
+                       else slot_index.setdefault(self.moving_home, len(slot_index)))
+        nslots = len(slot_index)
+        if nslots > NATIVE_STORES_MAX:
+            return False
+        day = business_day(ts_us, *self._settings(version))
+        unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
+                   if (store, day) not in self.closed]
+        if unknown and not self.fresh:  # whether each store's day is closed, read in one go
+            found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
+            for key in unknown:
+                self.closed[L.DAY_KEY.unpack(key)] = key in found
+        home_set = bytearray(len(card_slot))
+        acc = array("q", bytes(8 * nslots * WIDTH))
+        pairs = array("q", bytes(8 * nslots * nslots))
+        moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
+                                     moving_slot)
+        by_slot = list(slot_index)
+        self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
+        for store, s in slot_index.items():
+            if acc[s * WIDTH + F_ENTRIES]:
+                native.add_rows(self._acc(store, self._land(store, day)), acc, s * WIDTH)
+        for cell, amount in native.nonzero(pairs):
+            self._clear(by_slot[cell // nslots], by_slot[cell % nslots], amount, day)
+        for cid, c in card_slot.items():
+            if home_set[c]:
+                self._set_home(cid, by_slot[homes[c]])
+        staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
+        for k, staff in enumerate(staffs):
+            if staff and (ops[k] == L.OP_PURCHASE or ops[k] == L.OP_TOP_UP):
+                self._add_staff(stores[k], self._land(stores[k], day), staff, ops[k],
+                                *_AMOUNTS.unpack_from(run, k * size))
+        return True
+
+    def add(self, entry: bytes) -> None:
+        """One journal entry, in sequence order."""
+        f = _ENTRY.unpack_from(entry)
+        op, store = f[0], f[10]
+        slot = self.slots.get((store, f[13], f[9]))  # (store, program version, time)
+        if slot is None:
+            slot = self._slot(store, f[13], f[9])
+        a, day, landed = slot
+        add_figures(a, f)
+        dp = f[5]
+        if dp or op >= L.OP_CARD_REPLACED:
+            self._money(op, f[2], store, dp, f[8], day)
+        staff = f[11]
+        if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
+            self._add_staff(store, landed, staff, op, f[3], f[4])
+        if op == L.OP_CLOSE_DAY and not self.is_closed(*closed_day(f[2])):  # the first closes
+            closed = closed_day(f[2])
+            self.closed[closed] = True
+            self.landing.clear()  # the entries after it land elsewhere
+            self.slots.clear()
+            self.both.clear()
+            self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
+                L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9])))
+
+    def _add_staff(self, store: int, day: int, staff: int, op: int, amount: int,
+                   discount: int) -> None:
+        """A purchase (its gross minus discount) or a top-up credited to ``staff``."""
+        s = self.staff.get((store, day, staff))
+        if s is None:
+            s = self.staff[(store, day, staff)] = [0, 0, 0, 0]
+        if op == L.OP_PURCHASE:
+            s[0] += 1
+            s[1] += amount - discount
+        else:
+            s[2] += 1
+            s[3] += amount
+
+    def _slot(self, store: int, version: int, ts_us: int) -> tuple[array, int, int]:
+        """(the accumulator, the business day, the day it lands in) of an entry of ``store`` at
+        ``ts_us`` under program ``version``."""
+        if len(self.slots) > 4096:  # a fill: a new time every group
+            self.slots.clear()
+        day = business_day(ts_us, *self._settings(version))
+        landed = self._land(store, day)
+        slot = self.slots[(store, version, ts_us)] = (self._acc(store, landed), day, landed)
+        return slot
+
+    def _money(self, op: int, card_id: bytes, store: int, dp: int, principal_after: int,
+               day: int) -> None:
+        """The clearing rule (module docstring) for one entry that moves principal, or a
+        replacement's."""
+        if op == L.OP_CARD_REPLACED:
+            self.moving_home = self._home(card_id)
+        elif op == L.OP_REPLACEMENT_OPENED:
+            if self.moving_home is None:
+                raise InvariantError("a replacement's new card without its old card's entry "
+                                     "before it")
+            self._set_home(card_id, self.moving_home)
+            self.moving_home = None
+        elif (op == L.OP_TOP_UP or op == L.OP_IMPORT_CARD) and dp > 0:
+            home, before = self._home(card_id), principal_after - dp
+            if home != store and before:
+                self._clear(home, store, before, day)
+            self._set_home(card_id, store)
+        elif dp:
+            home = self._home(card_id)
+            if home != store:
+                self._clear(home, store, -dp, day)
+
+    def _set_home(self, card_id: bytes, store: int) -> None:
+        if self._home(card_id) != store:
+            self.homes[card_id] = store
+            self.homes_changed.add(card_id)
+
+    def _clear(self, debtor: int, creditor: int, amount_minor: int, day: int) -> None:
+        """``debtor`` owes ``creditor`` ``amount_minor`` (net; may be negative), on both sides,
+        in the first day from ``day`` that is open at both stores, so every day's clearing
+        nets to zero over the chain (the stores' figures are added at the write)."""
+        key = (debtor, creditor, day)
+        both = self.both.get(key)
+        if both is None:
+            both = day
+            for _ in range(CLOSED_WALK_MAX):
+                d = max(self._land(debtor, both), self._land(creditor, both))
+                if d == both:
+                    break
+                both = d
+            else:
+                raise InvariantError(f"stores {debtor} and {creditor}: no open day in common")
+            self.both[key] = both
+        k = (debtor, both, creditor)
+        self.pairs[k] = self.pairs.get(k, 0) + amount_minor
+
+    # ---- the write ------------------------------------------------------------------------------
+
+    def write(self) -> None:
+        """Add the group's figures to the stored records (each key read and written once)."""
+        txn, ledger = self.txn, self.ledger
+        for name, items in self.records().items():
+            if name == "store_days":
+                for key, value in items:
+                    if not txn.put(key, value, db=ledger.store_days, overwrite=False):
+                        raise InvariantError("a day was closed twice")
+            elif name in _NO_RECORD:  # a home back at head office, a clearing back at zero
+                db, none = getattr(ledger, name), _NO_RECORD[name]
+                for key, value in items:
+                    if value == none:
+                        txn.delete(key, db=db)
+                    else:
+                        txn.put(key, value, db=db)
+            elif items:
+                txn.cursor(db=getattr(ledger, name)).putmulti(items)
+
+    def records(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """What the additions make of the stored records they touch (read through ``stored``;
+        a fresh DayTotals: from nothing), by sub-database, in key order; the values of
+        ``_NO_RECORD`` are no record (so a ledger filled from its journal and one kept group by
+        group hold the same records)."""
+        sides: dict[tuple[int, int, int], int] = {}
+        for (debtor, day, creditor), amount in self.pairs.items():
+            self._acc(debtor, day)[F_OWES] += amount
+            self._acc(creditor, day)[F_OWED] += amount
+            sides[(debtor, day, creditor)] = sides.get((debtor, day, creditor), 0) + amount
+            sides[(creditor, day, debtor)] = sides.get((creditor, day, debtor), 0) - amount
+        self.pairs = {}
+        chain: dict[int, array] = {}
+        for (store, day), a in self.acc.items():
+            c = chain.get(day)
+            if c is None:
+                c = chain[day] = array("q", _ZERO_ROW)
+            native.add_rows(c, a, 0)
+        totals = self._added("day_totals", sorted(
+            (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
+        chain_days = self._added("day_chain", sorted(
+            (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
+        keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k in sides)
+        stored = self.stored("day_clearing", keys)
+        clearing = [(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
+                                    + sides[L.DAY_PAIR_KEY.unpack(key)])) for key in keys]
+        staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
+        stored = self.stored("day_staff", [key for key, _ in staff_items])
+        staff = [(key, L.DAY_STAFF.pack(*(x + y for x, y in zip(
+            L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
+            for key, s in staff_items]
+        homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
+        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
+                "day_staff": staff,
+                "day_money_home": homes, "store_days": sorted(self.closes)}
+
+    def _added(self, name: str, items: list[tuple[bytes, array]]) -> list[tuple[bytes, bytes]]:
+        """Day totals records (``name``: day_totals or day_chain) with the rows added."""
+        stored = self.stored(name, [key for key, _ in items])
+        out = []
+        for key, a in items:
+            record = bytearray(stored.get(key, _ZERO_RECORD))
+            native.add_record(record, a)
+            out.append((key, bytes(record)))
+        return out
+
+    def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
+        if self.fresh or not keys:
+            return {}
+        return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+
+
+def unpack_totals(raw: bytes) -> tuple:
+    """A day totals record's WIDTH values (figures, counts by op, amounts by op)."""
+    f = L.DAY_TOTALS.unpack(raw)
+    if f[0] != L.DAY_TOTALS_VERSION:
+        raise InvariantError(f"day totals record version {f[0]} unknown")
+    return f[1:]
+
+
+def check(txn, ledger) -> list[str]:
+    """The day totals against the journal (``cardcore verify``): what the whole journal makes
+    from nothing, in memory, beside what is stored; the sub-databases that differ."""
+    totals = DayTotals(txn, ledger, {}, fresh=True)
+    chunk: list[bytes] = []
+    for _, entry in txn.cursor(db=ledger.journal):
+        chunk.append(entry)
+        if len(chunk) == FILL_CHUNK:
+            totals.add_all(chunk)
+            chunk = []
+    totals.add_all(chunk)
+    return [name for name, items in totals.records().items()
+            if {k: v for k, v in items if v != _NO_RECORD.get(name)}
+            != dict(txn.cursor(db=getattr(ledger, name)))]
+
+
+def fill(txn, ledger) -> int:
+    """Every journal entry added to the day totals (empty until now), in one write transaction:
+    once, for a ledger made before them. Returns how many entries it added."""
+    totals = DayTotals(txn, ledger, {})
+    n = 0
+    chunk: list[bytes] = []
+    for _, entry in txn.cursor(db=ledger.journal):
+        chunk.append(entry)
+        if len(chunk) == FILL_CHUNK:
+            totals.add_all(chunk)
+            n += len(chunk)
+            chunk = []
+    totals.add_all(chunk)
+    totals.write()
+    return n + len(chunk)
+
+
+# ---- reads (reports) -----------------------------------------------------------------------------
+
+def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None, list]:
+    """(the store's figures of ``day`` (zeros: nothing landed), its close (operator, seq, time)
+    or None, its clearing rows [(counterparty, owes_minor)])."""
+    raw = txn.get(L.DAY_KEY.pack(store, day), db=ledger.day_totals)
+    values = list(unpack_totals(raw)) if raw is not None else [0] * WIDTH
+    closed = txn.get(L.DAY_KEY.pack(store, day), db=ledger.store_days)
+    close = L.STORE_DAY.unpack(closed)[2:5] if closed is not None else None
+    rows = []
+    prefix = L.DAY_KEY.pack(store, day)
+    cur = txn.cursor(db=ledger.day_clearing)
+    if cur.set_range(prefix):
+        for key, value in cur:
+            if not key.startswith(prefix):
+                break
+            amount = _I64.unpack(value)[0]
+            if amount:
+                rows.append((L.DAY_PAIR_KEY.unpack(key)[2], amount))
+    return values, close, rows
+
+
+def read_range(txn, ledger, store: int | None, from_day: int,
+               to_day: int) -> list[tuple[int, list]]:
+    """The store's (None: the chain's) records from ``from_day`` to ``to_day`` inclusive, days
+    with none left out: one range read."""
+    if store is None:
+        db, first, end = (ledger.day_chain, L.DAY_CHAIN_KEY.pack(from_day),
+                          L.DAY_CHAIN_KEY.pack(to_day))
+    else:
+        db, first, end = (ledger.day_totals, L.DAY_KEY.pack(store, from_day),
+                          L.DAY_KEY.pack(store, to_day))
+    out = []
+    cur = txn.cursor(db=db)
+    if cur.set_range(first):
+        for key, value in cur:
+            if key > end:
+                break
+            out.append((int.from_bytes(key[-4:], "big"), list(unpack_totals(value))))  # the day
+    return out
+
+
+def liability(txn, ledger, through_day: int) -> tuple[int, int]:
+    """(principal, bonus) the chain owes its members at the end of business day
+    ``through_day``: the range sum of the chain's daily net changes up to it."""
+    principal = bonus = 0
+    for _, v in read_range(txn, ledger, None, 0, through_day):
+        principal += v[F_P_IN] - v[F_P_OUT]
+        bonus += v[F_B_IN] - v[F_B_OUT]
+    return principal, bonus
+
+
+def read_staff(txn, ledger, store: int | None, from_day: int, to_day: int,
+               rows_max: int) -> dict[int, list[int]]:
+    """Sales and top-ups by staff id over the days (a store's, or every store's: one seek per
+    store), at most ``rows_max`` staff ids."""
+    out: dict[int, list[int]] = {}
+    cur = txn.cursor(db=ledger.day_staff)
+    s = 0 if store is None else store
+    while cur.set_range(L.DAY_PAIR_KEY.pack(s, from_day, 0)):
+        key_store, day, _ = L.DAY_PAIR_KEY.unpack(cur.key())
+        if store is not None and key_store != store:
+            break
+        if key_store != s:  # the next store that has any: from its first day in the range
+            s = key_store
+            continue
+        for key, value in cur:
+            key_store, day, staff = L.DAY_PAIR_KEY.unpack(key)
+            if key_store != s or day > to_day:
+                break
+            row = out.get(staff)
+            if row is None:
+                if len(out) == rows_max:
+                    return out
+                row = out[staff] = [0, 0, 0, 0]
+            for k, x in enumerate(L.DAY_STAFF.unpack(value)):
+                row[k] += x
+        if store is not None or s == 0xFFFFFFFF:
+            break
+        s += 1
+    return out
+
+
+GRANULARITY_DAY, GRANULARITY_MONTH, GRANULARITY_YEAR = 1, 2, 3  # cardcore.v1.ReportGranularity
+REPORT_DAYS_MAX = 3660   # a report's range, days (ten years of daily rows at most)
+STAFF_ROWS_MAX = 1000    # staff ids one report lists at most
+
+
+def periods(from_day: int, to_day: int, granularity: int) -> list[tuple[str, int, int]]:
+    """The report's rows: (label, first day, last day) of each day, calendar month or year
+    that the range touches, cut to the range."""
+    if granularity == GRANULARITY_DAY:
+        return [(date_of_day(d), d, d) for d in range(from_day, to_day + 1)]
+    width = 7 if granularity == GRANULARITY_MONTH else 4  # "2026-11" or "2026"
+    out: list[list] = []
+    for d in range(from_day, to_day + 1):
+        label = date_of_day(d)[:width]
+        if out and out[-1][0] == label:
+            out[-1][2] = d
+        else:
+            out.append([label, d, d])
+    return [tuple(p) for p in out]
+
+
+def report(txn, ledger, store: int | None, from_day: int, to_day: int, granularity: int,
+           staff: bool) -> dict:
+    """A store's (``store``) or the chain's (None) figures over the days, by period, from range
+    reads of the day totals: {"rows": [(label, first, last, values, liability principal, bonus,
+    days closed)], "total": values, "staff": {staff id: [sales, sales_minor, top-ups,
+    top_up_minor]}}. The chain's rows carry the liability at the end of their last day."""
+    if ledger.day_totals is None:  # a read-only look at a ledger made before them
+        return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0) for label, first, last
+                         in periods(from_day, to_day, granularity)],
+                "total": [0] * WIDTH, "staff": {}}
+    days = dict(read_range(txn, ledger, store, from_day, to_day))
+    closed: set[int] = set()
+    if store is not None:
+        cur = txn.cursor(db=ledger.store_days)
+        if cur.set_range(L.DAY_KEY.pack(store, from_day)):
+            end = L.DAY_KEY.pack(store, to_day)
+            for key in cur.iternext(values=False):
+                if key > end:
+                    break
+                closed.add(L.DAY_KEY.unpack(key)[1])
+    principal, bonus = (liability(txn, ledger, from_day - 1) if store is None and from_day
+                        else (0, 0))
+    total = [0] * WIDTH
+    rows = []
+    for label, first, last in periods(from_day, to_day, granularity):
+        acc = [0] * WIDTH
+        for d in range(first, last + 1):
+            v = days.get(d)
+            if v is not None:
+                for k in range(WIDTH):
+                    acc[k] += v[k]
+        for k in range(WIDTH):
+            total[k] += acc[k]
+        if store is None:
+            principal += acc[F_P_IN] - acc[F_P_OUT]
+            bonus += acc[F_B_IN] - acc[F_B_OUT]
+        rows.append((label, first, last, acc, principal if store is None else 0,
+                     bonus if store is None else 0,
+                     sum(1 for d in closed if first <= d <= last)))
+    return {"rows": rows, "total": total,
+            "staff": read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
+            if staff else {}}

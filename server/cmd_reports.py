@@ -1,0 +1,124 @@
+"""Client commands of the daily close and reports: ``cardcore close-day`` and ``cardcore
+report`` (tables for people, ``--csv`` in fen for spreadsheets)."""
+from __future__ import annotations
+
+import csv
+import sys
+
+from cardcore import daytotals
+
+from .cmd_client import admin_stub_of, call, request_fields
+from .text import UsageError, fen, table
+
+GRANULARITIES = {"day": 1, "month": 2, "year": 3}  # cardcore.v1.ReportGranularity
+# DayFigures' scalar fields, in the proto's order: the CSV's columns (fen and counts as sent)
+_SCALARS = ("entries", "principal_in_minor", "principal_out_minor", "bonus_in_minor",
+            "bonus_out_minor", "points_in", "points_out", "sales_gross_minor", "discount_minor",
+            "coupon_off_minor", "tender_principal_minor", "tender_bonus_minor",
+            "tender_points_minor", "tender_till_minor", "points_issued", "points_redeemed",
+            "points_expired", "coupons_issued", "coupons_used", "packages_sold", "packages_used",
+            "refunds", "reversals", "clearing_owes_minor", "clearing_owed_minor")
+_TOP_UP = 2  # OperationType TOP_UP: its amount is the top-ups' total
+
+
+def date_arg(text: str) -> str:
+    """A YYYY-MM-DD business day, checked here (nothing sent when wrong)."""
+    try:
+        daytotals.day_of_date(text, "day")
+    except daytotals.DayError as exc:
+        raise UsageError(str(exc)) from None
+    return text
+
+
+def _top_ups_minor(figures) -> int:
+    return next((o.amount_minor for o in figures.operations if o.operation_type == _TOP_UP), 0)
+
+
+def _figure_rows(f) -> list[tuple[str, str]]:
+    return [("entries", str(f.entries)),
+            ("sales (gross)", fen(f.sales_gross_minor)),
+            ("discounts", f"{fen(f.discount_minor)} (coupons {fen(f.coupon_off_minor)})"),
+            ("tender", f"principal {fen(f.tender_principal_minor)}, bonus "
+                       f"{fen(f.tender_bonus_minor)}, points {fen(f.tender_points_minor)}, till "
+                       f"{fen(f.tender_till_minor)}"),
+            ("top-ups", fen(_top_ups_minor(f))),
+            ("principal", f"in {fen(f.principal_in_minor)}, out {fen(f.principal_out_minor)}"),
+            ("bonus", f"in {fen(f.bonus_in_minor)}, out {fen(f.bonus_out_minor)}"),
+            ("points", f"issued {f.points_issued}, redeemed {f.points_redeemed}, expired "
+                       f"{f.points_expired}"),
+            ("coupons", f"issued {f.coupons_issued}, used {f.coupons_used}"),
+            ("packages", f"sold {f.packages_sold}, used {f.packages_used}"),
+            ("refunds, reversals", f"{f.refunds}, {f.reversals}"),
+            ("clearing", f"owes {fen(f.clearing_owes_minor)}, owed {fen(f.clearing_owed_minor)}")]
+
+
+def cmd_close_day(args) -> int:
+    """Close a store's business day (store manager of the store, or chain admin) and print its
+    figures; a day closed before prints the same figures."""
+    from cardcore.v1 import admin_service_pb2 as apb
+    from cardcore.v1 import common_pb2 as cpb
+
+    r = call(admin_stub_of(args).CloseDay, apb.CloseDayRequest(
+        store_id=args.store, business_day=args.day, **request_fields(args)), args)
+    rows = [("store", str(r.store_id)), ("business day", r.business_day),
+            ("closed", f"journal seq {r.closed_seq} by operator {r.closed_by}"
+                       f"{' (closed before)' if r.closed_before else ''}")]
+    rows += _figure_rows(r.figures)
+    rows += [(f"  {cpb.OperationType.Name(o.operation_type)[15:].lower()}",
+              f"{o.count} x, {fen(o.amount_minor)}") for o in r.figures.operations]
+    rows += [(f"owes store {c.counterparty_store_id}", fen(c.owes_minor)) for c in r.clearing]
+    print(table(rows))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """A store's or the chain's figures by day, month or year, from the server's day totals."""
+    from cardcore.v1 import admin_service_pb2 as apb
+
+    if args.chain == (args.store is not None):
+        raise UsageError("report needs --store S or --chain (one of them)")
+    r = call(admin_stub_of(args).GetReport, apb.GetReportRequest(
+        store_id=args.store or 0, chain=args.chain, from_day=args.from_day, to_day=args.to_day,
+        granularity=GRANULARITIES[args.by], staff=args.staff), args)
+    if args.csv:
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(("period", "first_day", "last_day", *_SCALARS, "top_up_minor",
+                      "liability_principal_minor", "liability_bonus_minor", "days_closed"))
+        for row in r.rows:
+            f = row.figures
+            out.writerow((row.period, row.first_day, row.last_day,
+                          *(getattr(f, name) for name in _SCALARS), _top_ups_minor(f),
+                          row.liability_principal_minor, row.liability_bonus_minor,
+                          row.days_closed))
+        if args.staff:
+            out.writerow(())
+            out.writerow(("staff_id", "sales", "sales_minor", "top_ups", "top_up_minor"))
+            for s in r.staff:
+                out.writerow((s.staff_id, s.sales, s.sales_minor, s.top_ups, s.top_up_minor))
+        return 0
+    head = ("period", "entries", "sales", "discount", "top-ups", "refunds", "pts issued",
+            "pts redeemed", "pts expired", "owes", "owed")
+    head += ("liability", "bonus held") if args.chain else ("closed",)
+    lines = [head]
+    for row in list(r.rows) + [None]:
+        f = r.total if row is None else row.figures
+        cells = ("total" if row is None else row.period, str(f.entries), fen(f.sales_gross_minor),
+                 fen(f.discount_minor), fen(_top_ups_minor(f)), str(f.refunds),
+                 str(f.points_issued), str(f.points_redeemed), str(f.points_expired),
+                 fen(f.clearing_owes_minor), fen(f.clearing_owed_minor))
+        if args.chain:
+            cells += ("", "") if row is None else (fen(row.liability_principal_minor),
+                                                   fen(row.liability_bonus_minor))
+        else:
+            cells += ("" if row is None else str(row.days_closed),)
+        lines.append(cells)
+    widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
+    for line in lines:
+        print("  ".join(c.ljust(w) if k == 0 else c.rjust(w)
+                        for k, (c, w) in enumerate(zip(line, widths))).rstrip())
+    if args.staff:
+        print()
+        print(table([("staff", "sales; top-ups")] + [
+            (str(s.staff_id), f"{s.sales} x {fen(s.sales_minor)}; {s.top_ups} x "
+                              f"{fen(s.top_up_minor)}") for s in r.staff]))
+    return 0

@@ -1,0 +1,626 @@
+"""The daily close and reports (issue 11), against the real server on loopback: the figures of a
+closed day never change, a late operation lands in the next open day, the closes of every store
+add up to the journal (replayed here, independently of cardcore.daytotals), the clearing table
+nets to zero and follows the home-of-the-money rule, a report over a range is the sum of its
+days, and the liability at a past date is the journal replayed to it."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import time
+
+import grpc
+import lmdb
+import pytest
+
+from cardcore import daytotals
+from cardcore import layout as L
+from cardcore.ledger import Ledger
+from cardcore.program import DEFAULT_PROGRAM_TOML
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import (Admin, ServerProcess, bearer, failure_of, journal_entries, new_card_number,
+                      operator_cli, rid, sent_at, verify)
+
+ROLE = cpb.OperatorRole
+DAY_US = 86_400_000_000
+STORES = (1, 2, 3)
+# layout.JOURNAL, unpacked: the fields the replay reads
+J_OP, J_SEQ, J_CARD, J_AMOUNT, J_DISCOUNT, J_DP, J_DB, J_DPTS = 1, 7, 8, 9, 10, 11, 12, 13
+J_P_AFTER, J_TS, J_STORE, J_STAFF, J_VERSION = 14, 17, 18, 20, 23
+
+
+def day_of(ts_us: int, offset_min: int = 480, cutoff_h: int = 4) -> int:
+    """The business day, written out here again (not imported): the tests' own reading of it."""
+    return (ts_us + offset_min * 60_000_000 - cutoff_h * 3_600_000_000) // DAY_US
+
+
+def date_text(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+
+
+def till(store: int, staff: int = 0) -> cpb.Till:
+    return cpb.Till(store_id=store, terminal_id=store, staff_id=staff)
+
+
+def open_card(stub, store: int) -> str:
+    number = new_card_number()
+    request_id = rid()
+    stub.OpenCard(pb.OpenCardRequest(request_id=request_id, client_time_us=sent_at(request_id),
+                                     card=cpb.CardRef(card_number=number),
+                                     profile=pb.MemberProfile(), till=till(store)))
+    return number
+
+
+def top_up(stub, number: str, amount: int, store: int, staff: int = 0, request_id=None):
+    request_id = request_id or rid()
+    return stub.TopUp(pb.TopUpRequest(request_id=request_id, client_time_us=sent_at(request_id),
+                                      card=cpb.CardRef(card_number=number), amount_minor=amount,
+                                      till=till(store, staff)))
+
+
+def purchase(stub, number: str, gross: int, store: int, staff: int = 0, request_id=None):
+    request_id = request_id or rid()
+    return stub.Purchase(pb.PurchaseRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), gross_amount_minor=gross, till=till(store, staff)))
+
+
+def close(admin: Admin, store: int, day: int, request_id=None, metadata=None):
+    request_id = request_id or rid()
+    return admin.stub.CloseDay(apb.CloseDayRequest(
+        request_id=request_id, client_time_us=sent_at(request_id), store_id=store,
+        business_day=date_text(day)), metadata=metadata or admin.metadata)
+
+
+def report(admin: Admin, first: int, last: int, store: int | None = None, by: int = 1,
+           staff: bool = False, metadata=None):
+    return admin.stub.GetReport(apb.GetReportRequest(
+        store_id=store or 0, chain=store is None, from_day=date_text(first),
+        to_day=date_text(last), granularity=by, staff=staff), metadata=metadata or admin.metadata)
+
+
+def ops_of(figures) -> dict[int, tuple[int, int]]:
+    return {o.operation_type: (o.count, o.amount_minor) for o in figures.operations}
+
+
+def replayed(entries, day_of_entry) -> dict[tuple[int, int], dict]:
+    """Per (store, business day): what the journal entries moved, added up here."""
+    out: dict[tuple[int, int], dict] = {}
+    for e in entries:
+        s = out.setdefault((e[J_STORE], day_of_entry(e)), {
+            "entries": 0, "ops": {}, "p_in": 0, "p_out": 0, "b_in": 0, "b_out": 0, "gross": 0,
+            "discount": 0, "pts_in": 0, "pts_out": 0})
+        s["entries"] += 1
+        count, amount = s["ops"].get(e[J_OP], (0, 0))
+        s["ops"][e[J_OP]] = (count + 1, amount + e[J_AMOUNT])
+        s["p_in"] += max(e[J_DP], 0)
+        s["p_out"] += max(-e[J_DP], 0)
+        s["b_in"] += max(e[J_DB], 0)
+        s["b_out"] += max(-e[J_DB], 0)
+        s["pts_in"] += max(e[J_DPTS], 0)
+        s["pts_out"] += max(-e[J_DPTS], 0)
+        if e[J_OP] == L.OP_PURCHASE:
+            s["gross"] += e[J_AMOUNT]
+            s["discount"] += e[J_DISCOUNT]
+    return out
+
+
+def as_replayed(f) -> dict:
+    return {"entries": f.entries, "ops": ops_of(f), "p_in": f.principal_in_minor,
+            "p_out": f.principal_out_minor, "b_in": f.bonus_in_minor, "b_out": f.bonus_out_minor,
+            "gross": f.sales_gross_minor, "discount": f.discount_minor, "pts_in": f.points_in,
+            "pts_out": f.points_out}
+
+
+def clearing_model(entries) -> dict[tuple[int, int], int]:
+    """The clearing rule, written out here again: (debtor, creditor) -> what it owes, net."""
+    home: dict[bytes, int] = {}
+    owed: dict[tuple[int, int], int] = {}
+    moving = 0
+
+    def clear(debtor, creditor, amount):
+        owed[(debtor, creditor)] = owed.get((debtor, creditor), 0) + amount
+        owed[(creditor, debtor)] = owed.get((creditor, debtor), 0) - amount
+
+    for e in entries:
+        op, card, dp, store = e[J_OP], e[J_CARD], e[J_DP], e[J_STORE]
+        if op == L.OP_CARD_REPLACED:
+            moving = home.get(card, 0)
+        elif op == L.OP_REPLACEMENT_OPENED:
+            home[card] = moving
+        elif op == L.OP_TOP_UP and dp > 0:
+            before = e[J_P_AFTER] - dp
+            if home.get(card, 0) != store and before:
+                clear(home.get(card, 0), store, before)
+            home[card] = store
+        elif dp and home.get(card, 0) != store:
+            clear(home.get(card, 0), store, -dp)
+    return {k: v for k, v in owed.items() if v}
+
+
+@pytest.fixture
+def chain(server):
+    """(card stub, chain admin)"""
+    return server.stub, Admin(server.channel, server.admin_token)
+
+
+def today_of(result) -> int:
+    return day_of(result.applied_at_us)
+
+
+def test_closing_a_day_twice_gives_the_same_figures(server, chain):
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 50_000, 1))
+    sale = purchase(stub, number, 12_345, 1, staff=7)
+    request_id = rid()
+    first = close(admin, 1, today, request_id)
+    assert not first.closed_before and first.closed_seq > sale.seq
+    assert first.business_day == date_text(today)
+    assert first.figures.sales_gross_minor == 12_345
+    assert first.figures.principal_in_minor == 50_000
+    assert first.figures.principal_out_minor == 12_345 - sale.discount_minor
+    assert first.figures.tender_principal_minor == sale.paid_minor
+    assert ops_of(first.figures)[L.OP_PURCHASE] == (1, 12_345)
+    assert first.figures.points_issued == sale.points_earned
+    again = close(admin, 1, today)  # another request: closed before, the same figures
+    assert again.closed_before and again.closed_seq == first.closed_seq
+    assert again.figures == first.figures and again.clearing == first.clearing
+    retry = close(admin, 1, today, request_id)  # the first request again: its own answer
+    assert not retry.closed_before and retry.figures == first.figures
+    closes = [e for e in journal_entries(server.data_dir) if e[J_OP] == L.OP_CLOSE_DAY]
+    assert [e[J_SEQ] for e in closes] == [first.closed_seq, closes[1][J_SEQ]]  # both journaled
+    assert {e[J_CARD][:8] for e in closes} == {(1).to_bytes(4, "little") + today.to_bytes(4, "little")}
+    report_of = verify(server.data_dir)
+    assert report_of["ok"], report_of["problems"]
+    staff = report(admin, today, today, store=1, staff=True).staff
+    assert [(s.staff_id, s.sales, s.sales_minor) for s in staff] == [
+        (7, 1, 12_345 - sale.discount_minor)]
+
+
+def test_a_late_operation_lands_in_the_next_open_day_with_its_own_time(server, chain):
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 90_000, 1))
+    purchase(stub, number, 10_000, 2)
+    closed = close(admin, 2, today)
+    late = purchase(stub, number, 3_000, 2)  # store 2's day is closed: it lands in tomorrow
+    assert day_of(late.applied_at_us) == today  # its own time, in the journal, is today's
+    entry = next(e for e in journal_entries(server.data_dir) if e[J_SEQ] == late.seq)
+    assert entry[J_TS] == late.applied_at_us
+    assert close(admin, 2, today).figures == closed.figures  # the closed day did not move
+    assert ops_of(closed.figures)[L.OP_PURCHASE] == (1, 10_000)
+    days = report(admin, today, today + 1, store=2).rows
+    assert [ops_of(r.figures).get(L.OP_PURCHASE) for r in days] == [(1, 10_000), (1, 3_000)]
+    assert [r.days_closed for r in days] == [1, 0]
+    # clearing: money topped up at store 1 spent at store 2; the late part in the day both have open
+    assert [(c.counterparty_store_id, c.owes_minor) for c in closed.clearing] == [(1, -10_000)]
+    store1 = report(admin, today, today + 1, store=1).rows
+    assert [r.figures.clearing_owes_minor for r in store1] == [10_000, 3_000]
+    assert [r.figures.clearing_owed_minor for r in days] == [10_000, 3_000]
+
+
+def test_a_replacement_carries_the_home_of_the_money_and_a_refund_clears_back(server, chain):
+    """Topped up at store 1, replaced at store 2 (the money moves card to card: no clearing),
+    spent at store 3 with the new card (store 1 owes store 3), part refunded there (store 3
+    owes some back); topped up again at store 3, which becomes the home and is owed what the
+    card still held by store 1."""
+    stub, admin = chain
+    old, new = open_card(stub, 1), new_card_number()
+    today = today_of(top_up(stub, old, 10_000, 1))
+    request_id = rid()
+    stub.ReplaceCard(pb.ReplaceCardRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=old), new_card=cpb.CardRef(card_number=new), till=till(2)),
+        metadata=bearer(server.admin_token))
+    sale = purchase(stub, new, 4_000, 3)
+    request_id = rid()
+    stub.Refund(pb.RefundRequest(request_id=request_id, client_time_us=sent_at(request_id),
+                                 card=cpb.CardRef(card_number=new), original_seq=sale.seq,
+                                 amount_minor=1_500, till=till(3)),
+               metadata=admin.metadata)  # money back: an operator's
+    top_up(stub, new, 500, 3)
+    closes = {s: close(admin, s, today) for s in (1, 2, 3)}
+    lines = {s: [(c.counterparty_store_id, c.owes_minor) for c in closes[s].clearing]
+             for s in closes}
+    held = 10_000 - 4_000 + 1_500  # what the card held when store 3 became its home
+    assert lines == {1: [(3, 4_000 - 1_500 + held)], 2: [], 3: [(1, -(4_000 - 1_500 + held))]}
+    replaced = closes[2].figures
+    assert ops_of(replaced) == {L.OP_CARD_REPLACED: (1, 10_000),
+                                L.OP_REPLACEMENT_OPENED: (1, 10_000)}
+    assert replaced.principal_in_minor == replaced.principal_out_minor == 10_000
+    assert closes[3].figures.refunds == 1 and closes[3].figures.principal_in_minor == 2_000
+    assert verify(server.data_dir)["ok"]
+
+
+def test_closes_of_every_store_equal_the_journal_after_a_randomised_day(server, chain):
+    stub, admin = chain
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    cards: list[str] = []
+    sales: list[tuple[str, int, int]] = []   # (card, seq, store)
+    requests: list[tuple[str, str, int]] = []  # (card, request id, store) of top-ups and sales
+    today = None
+    for _ in range(160):
+        kind = rng.random()
+        store = rng.choice(STORES)
+        try:
+            if not cards or kind < 0.1:
+                cards.append(open_card(stub, store))
+            elif kind < 0.4:
+                number, request_id = rng.choice(cards), rid()
+                r = top_up(stub, number, rng.randrange(100, 80_000), store,
+                           staff=rng.choice((0, 11, 12)), request_id=request_id)
+                requests.append((number, request_id, store))
+                today = today_of(r)
+            elif kind < 0.8:
+                number, request_id = rng.choice(cards), rid()
+                r = purchase(stub, number, rng.randrange(100, 30_000), store,
+                             staff=rng.choice((0, 11, 12)), request_id=request_id)
+                sales.append((number, r.seq, store))
+                requests.append((number, request_id, store))
+            elif kind < 0.92 and sales:
+                number, seq, _ = rng.choice(sales)
+                request_id = rid()
+                stub.Refund(pb.RefundRequest(
+                    request_id=request_id, client_time_us=sent_at(request_id),
+                    card=cpb.CardRef(card_number=number), original_seq=seq,
+                    amount_minor=rng.choice((0, 100)), till=till(store)),
+                    metadata=admin.metadata)  # money back: an operator's
+            elif sales:
+                number = rng.choice(sales)[0]
+                original = next((q for q in requests if q[0] == number), None)
+                if original is not None:
+                    request_id = rid()
+                    stub.Reverse(pb.ReverseRequest(
+                        request_id=request_id, client_time_us=sent_at(request_id),
+                        card=cpb.CardRef(card_number=number), original_request_id=original[1],
+                        original_client_time_us=sent_at(original[1]), till=till(store)))
+        except grpc.RpcError:
+            pass  # insufficient funds, refunded already, reversed: declined, nothing moved
+    assert today is not None
+    entries = journal_entries(server.data_dir)
+    stores = sorted({e[J_STORE] for e in entries} - {0}) + [0]
+    closes = {s: close(admin, s, today) for s in stores}  # store 0 last: it holds the closes
+    entries = journal_entries(server.data_dir)  # now with the closes
+    assert {e[J_OP] for e in entries} >= {L.OP_TOP_UP, L.OP_PURCHASE, L.OP_CLOSE_DAY,
+                                          L.OP_REFUND, L.OP_REVERSAL}
+    assert all(day_of(e[J_TS]) == today for e in entries), "the test crossed a business day"
+    expected = replayed(entries, lambda e: day_of(e[J_TS]))
+    assert {s: as_replayed(c.figures) for s, c in closes.items()} == {
+        s: expected[(s, today)] for s in stores}
+    chain_day = report(admin, today, today).rows[0].figures
+    assert chain_day.entries == len(entries)
+    assert chain_day.principal_in_minor - chain_day.principal_out_minor == sum(
+        e[J_DP] for e in entries)
+    # the clearing table: nets to zero, each line is the other side's, and follows the rule
+    assert sum(c.figures.clearing_owes_minor for c in closes.values()) == sum(
+        c.figures.clearing_owed_minor for c in closes.values())
+    table = {(s, line.counterparty_store_id): line.owes_minor
+             for s, c in closes.items() for line in c.clearing}
+    assert all(table[(b, a)] == -x for (a, b), x in table.items())
+    assert table == clearing_model(entries)
+    assert verify(server.data_dir)["ok"]
+    assert chain_day.clearing_owes_minor == chain_day.clearing_owed_minor
+    # staff: every sale and top-up credited to a staff id, as the journal has them
+    staff = {s.staff_id: (s.sales, s.sales_minor, s.top_ups, s.top_up_minor)
+             for s in report(admin, today, today, staff=True).staff}
+    want: dict[int, list[int]] = {}
+    for e in entries:
+        if e[J_STAFF] and e[J_OP] in (L.OP_PURCHASE, L.OP_TOP_UP):
+            w = want.setdefault(e[J_STAFF], [0, 0, 0, 0])
+            if e[J_OP] == L.OP_PURCHASE:
+                w[0] += 1
+                w[1] += e[J_AMOUNT] - e[J_DISCOUNT]
+            else:
+                w[2] += 1
+                w[3] += e[J_AMOUNT]
+    assert staff == {k: tuple(v) for k, v in want.items()}
+    # the C loop and the entry-by-entry reference fill the same records as the live writer did
+    server.stop()
+    ledger = Ledger(os.path.join(server.data_dir, "ledger"))
+    try:
+        live = day_records(ledger)
+        assert live["day_totals"] and live["store_days"] and live["day_clearing"]
+        assert refilled(ledger, native=True) == refilled(ledger, native=False) == live
+        with ledger.env.begin(write=True) as txn:  # a tampered figure: verify finds it
+            key, record = live["day_totals"][0]
+            entries = int.from_bytes(record[8:16], "little") + 1
+            txn.put(key, record[:8] + entries.to_bytes(8, "little") + record[16:],
+                    db=ledger.day_totals)
+    finally:
+        ledger.close()
+    report_of = verify(server.data_dir)
+    assert not report_of["ok"] and report_of["problems"] == [
+        "the day totals' day_totals are not what the journal's entries make"]
+
+
+def day_records(ledger, txn=None) -> dict[str, list]:
+    if txn is None:
+        with ledger.env.begin() as txn:
+            return day_records(ledger, txn)
+    return {name: list(txn.cursor(db=getattr(ledger, name))) for name in daytotals.DB_NAMES}
+
+
+def refilled(ledger, native: bool) -> dict[str, list]:
+    """The day totals made anew from the whole journal (in a transaction then aborted); native:
+    every run through the C loop, however short (the writer's groups here are small)."""
+    run_min = daytotals.NATIVE_RUN_MIN
+    daytotals.NATIVE_RUN_MIN = 1
+    try:
+        return _refilled(ledger, native)
+    finally:
+        daytotals.NATIVE_RUN_MIN = run_min
+
+
+def _refilled(ledger, native: bool) -> dict[str, list]:
+    with ledger.env.begin(write=True) as txn:
+        for name in daytotals.DB_NAMES:
+            txn.drop(getattr(ledger, name), delete=False)
+        totals = daytotals.DayTotals(txn, ledger, {})
+        totals.add_all([entry for _, entry in txn.cursor(db=ledger.journal)], native=native)
+        totals.write()
+        records = day_records(ledger, txn)
+        txn.abort()
+    return records
+
+
+def settings_for(day: int, now_us: int) -> tuple[int, int]:
+    """Business day settings (UTC offset minutes, cutoff hour) under which the next 10 minutes
+    are all in ``day``."""
+    for offset in range(-720, 841, 60):
+        for cutoff in range(24):
+            if day_of(now_us, offset, cutoff) == day == day_of(now_us + 600_000_000, offset,
+                                                                   cutoff):
+                return offset, cutoff
+    raise AssertionError(f"no settings put now in day {day}")
+
+
+def load_settings(admin: Admin, offset: int, cutoff: int) -> None:
+    request_id = rid()
+    admin.stub.LoadProgram(apb.LoadProgramRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        document=f"business_day_utc_offset_minutes = {offset}\n"
+                 f"business_day_cutoff_hour = {cutoff}\n" + DEFAULT_PROGRAM_TOML),
+        metadata=admin.metadata)
+
+
+def test_reports_over_three_days_sum_their_days_and_the_liability_is_the_journal(server, chain):
+    """Three business days in one run: the chain's business day moved by program versions (their
+    settings), each day's operations under its own."""
+    stub, admin = chain
+    rng = random.Random(7)
+    now = time.time_ns() // 1000
+    base = day_of(now)
+    versions = {1: (480, 4)}
+    cards = [open_card(stub, s) for s in STORES]
+    for shift in (-1, 0, 1):
+        offset, cutoff = settings_for(base + shift, time.time_ns() // 1000)
+        load_settings(admin, offset, cutoff)
+        versions[max(versions) + 1] = (offset, cutoff)
+        for _ in range(12):
+            number, store = rng.choice(cards), rng.choice(STORES)
+            try:
+                if rng.random() < 0.5:
+                    top_up(stub, number, rng.randrange(1_000, 20_000), store)
+                else:
+                    purchase(stub, number, rng.randrange(100, 9_000), store)
+            except grpc.RpcError:
+                pass
+    entries = journal_entries(server.data_dir)
+
+    def day_of_entry(e):
+        return day_of(e[J_TS], *versions.get(e[J_VERSION], (480, 4)))
+
+    first, last = base - 1, base + 1
+    assert {day_of_entry(e) for e in entries} >= {first, base, last}
+    daily = report(admin, first, last)
+    assert [r.period for r in daily.rows] == [date_text(d) for d in (first, base, last)]
+    monthly = report(admin, first, last, by=2)
+    yearly = report(admin, first, last, by=3)
+    assert monthly.total == daily.total == yearly.total
+    for row in monthly.rows:  # a month's row is the sum of its days'
+        days = [r.figures for r in daily.rows if r.period.startswith(row.period)]
+        assert row.figures.entries == sum(f.entries for f in days)
+        assert row.figures.sales_gross_minor == sum(f.sales_gross_minor for f in days)
+        assert row.figures.principal_out_minor == sum(f.principal_out_minor for f in days)
+        assert ops_of(row.figures) == {op: (sum(ops_of(f).get(op, (0, 0))[0] for f in days),
+                                            sum(ops_of(f).get(op, (0, 0))[1] for f in days))
+                                       for op in ops_of(row.figures)}
+    expected = replayed(entries, day_of_entry)
+    for store in (0, *STORES):
+        rows = report(admin, first, last, store=store).rows
+        for day, row in zip((first, base, last), rows):
+            want = expected.get((store, day))
+            assert as_replayed(row.figures) == (want or as_replayed(apb.DayFigures()))
+    for day, row in zip((first, base, last), daily.rows):  # the liability at each past date
+        upto = [e for e in entries if day_of_entry(e) <= day]
+        assert row.liability_principal_minor == sum(e[J_DP] for e in upto)
+        assert row.liability_bonus_minor == sum(e[J_DB] for e in upto)
+    assert daily.rows[0].liability_principal_minor > 0
+    # a ledger made before the day totals fills them from its journal: the same report
+    server.stop()
+    env = lmdb.open(os.path.join(server.data_dir, "ledger"), max_dbs=64)
+    with env.begin(write=True) as txn:
+        for name in daytotals.DB_NAMES:  # as made before the day totals: none of them
+            txn.drop(env.open_db(name.encode(), txn=txn), delete=True)
+        txn.delete(b"day_totals", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    again = ServerProcess(server.data_dir)
+    try:
+        admin2 = Admin(again.channel, again.admin_token)
+        assert report(admin2, first, last) == daily
+        assert "day totals filled from" in again.log()
+    finally:
+        again.stop()
+
+
+def test_the_figures_survive_kill_9_through_the_group_log(server, chain):
+    """Operations answered from the group log but not yet checkpointed, a close between them,
+    then kill -9: the restart replays the log, and the figures are the journal's again (verify
+    recomputes them), the late sale in the next day."""
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 30_000, 1))
+    purchase(stub, number, 1_000, 2)
+    closed = close(admin, 2, today)
+    late = [purchase(stub, number, 700, 2) for _ in range(3)]
+    server.kill()
+    again = ServerProcess(server.data_dir)
+    try:
+        admin2 = Admin(again.channel, again.admin_token)
+        rows = report(admin2, today, today + 1, store=2).rows
+        assert rows[0].figures == closed.figures
+        assert ops_of(rows[1].figures)[L.OP_PURCHASE] == (3, 2_100)
+        assert all(day_of(r.applied_at_us) == today for r in late)
+        assert close(admin2, 2, today).closed_before
+    finally:
+        again.stop()
+    report_of = verify(server.data_dir)
+    assert report_of["ok"], report_of["problems"]
+
+
+def test_bad_input_is_refused_with_a_reason_and_changes_nothing(server, chain):
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 1_000, 1))
+    manager = bearer(admin.add_operator("li.manager", ROLE.OPERATOR_ROLE_STORE_MANAGER, [1]))
+    cashier = bearer(admin.add_operator("wu.cashier", ROLE.OPERATOR_ROLE_CASHIER, [1]))
+    before = len(journal_entries(server.data_dir))
+    refusals = []
+    for call, metadata in (
+            (lambda m: close(admin, 1, today + 1, metadata=m), admin.metadata),
+            (lambda m: close(admin, 2, today, metadata=m), manager),
+            (lambda m: close(admin, 1, today, metadata=m), cashier),
+            (lambda m: report(admin, today, today, metadata=m), manager),
+            (lambda m: report(admin, today, today - 1, metadata=m), admin.metadata),
+            (lambda m: report(admin, today - 3660, today, metadata=m), admin.metadata),
+            (lambda m: admin.stub.CloseDay(apb.CloseDayRequest(
+                request_id=rid(), client_time_us=sent_at(rid()), store_id=1,
+                business_day="2026-02-30"), metadata=m), admin.metadata),
+            (lambda m: admin.stub.GetReport(apb.GetReportRequest(
+                store_id=1, from_day="20261130", to_day="2026-11-30"), metadata=m), manager)):
+        with pytest.raises(grpc.RpcError) as err:
+            call(metadata)
+        fail = failure_of(err.value)
+        refusals.append((err.value.code(), cpb.Reason.Name(fail.reason), fail.field))
+    assert refusals == [
+        (grpc.StatusCode.FAILED_PRECONDITION, "REASON_DAY_NOT_STARTED", ""),
+        (grpc.StatusCode.PERMISSION_DENIED, "REASON_PERMISSION_DENIED", "authorization"),
+        (grpc.StatusCode.PERMISSION_DENIED, "REASON_PERMISSION_DENIED", "authorization"),
+        (grpc.StatusCode.PERMISSION_DENIED, "REASON_PERMISSION_DENIED", "authorization"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "REASON_REPORT_RANGE_INVALID", "to_day"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "REASON_REPORT_RANGE_INVALID", "to_day"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "REASON_INVALID_ARGUMENT", "business_day"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "REASON_INVALID_ARGUMENT", "from_day")]
+    assert len(journal_entries(server.data_dir)) == before  # nothing journaled
+    # a store manager closes and reports on their own store
+    assert close(admin, 1, today, metadata=manager).figures.principal_in_minor == 1_000
+    assert report(admin, today, today, store=1, metadata=manager).total.entries >= 2
+
+
+def test_the_cli_closes_a_day_and_prints_reports_as_tables_and_csv(server, chain):
+    stub, _ = chain
+    number = open_card(stub, 5)
+    today = today_of(top_up(stub, number, 20_000, 5))
+    purchase(stub, number, 4_321, 6)
+    code, out = operator_cli(server, "close-day", "6", date_text(today))
+    assert code == 0, out
+    assert "sales (gross)       43.21" in out and "owes store 5" in out
+    code, out = operator_cli(server, "report", "--chain", "--from", date_text(today - 1), "--to",
+                             date_text(today), "--csv")
+    assert code == 0, out
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["period"] for r in rows] == [date_text(today - 1), date_text(today)]
+    assert rows[1]["sales_gross_minor"] == "4321" and rows[1]["top_up_minor"] == "20000"
+    assert rows[1]["liability_principal_minor"] == str(20_000 - 4_321)
+    assert rows[1]["clearing_owes_minor"] == rows[1]["clearing_owed_minor"] == "4321"
+    code, out = operator_cli(server, "report", "--store", "6", "--from", date_text(today),
+                             "--to", date_text(today), "--by", "month")
+    assert code == 0, out
+    assert out.splitlines()[1].split()[:3] == [date_text(today)[:7], "1", "43.21"]
+    code, out = operator_cli(server, "report", "--from", "2026-11-01", "--to", "2026-11-02")
+    assert code == 2 and "--store S or --chain" in out
+    code, out = operator_cli(server, "close-day", "6", "2026-11-31")
+    assert code == 2 and "not a calendar date" in out
+
+
+def test_the_numbers_agree_with_the_proto():
+    assert (L.OP_CLOSE_DAY, L.R_DAY_NOT_STARTED) == (cpb.OPERATION_TYPE_DAY_CLOSED,
+                                                      cpb.REASON_DAY_NOT_STARTED)
+    assert (daytotals.GRANULARITY_DAY, daytotals.GRANULARITY_MONTH, daytotals.GRANULARITY_YEAR) == (
+        apb.REPORT_GRANULARITY_DAY, apb.REPORT_GRANULARITY_MONTH, apb.REPORT_GRANULARITY_YEAR)
+    assert daytotals.REPORT_DAYS_MAX == 3660  # the proto's and the reason's wording
+
+
+def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
+    """Synthetic journal entries of every kind the figures read (split tenders, coupons, points
+    redeemed and expired, replacements, refunds), at a few stores and cards: the C loop's
+    records equal the entry-by-entry reference's, and written group by group they are the
+    records one pass over them makes (a ledger kept live and one filled from its journal)."""
+    from hypothesis import given, settings, strategies as st
+
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+    ops = st.sampled_from((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_POINTS_EXPIRED, L.OP_REFUND,
+                           L.OP_REVERSAL, L.OP_CARD_STATUS, L.OP_COUPON_ISSUE,
+                           L.OP_POINTS_EXCHANGE, L.OP_PACKAGE_SELL, L.OP_CARD_REPLACED,
+                           L.OP_PIN_FAILED))  # a replacement: its two entries (below)
+    money = st.integers(-10**9, 10**9)
+    principal = st.sampled_from((-200, -100, 0, 100, 200))  # small: clearings that cancel out
+    entry = st.tuples(ops, st.integers(0, 3), st.sampled_from((0, 1, 2, 3)), money, money,
+                      principal, money, money, st.integers(0, 10**6), st.integers(0, 10**6),
+                      st.sampled_from((0, 0, 7)), st.sampled_from((0, L.PARTIAL_PAYMENT)),
+                      st.integers(0, 10**6), st.sampled_from((0, 0, 11)))
+
+    def packed(k, f):
+        op, store, card, amount, discount, dp, db, dpts, redeemed_pts, redeemed_minor, item, \
+            flags, coupon_off, staff = f
+        e = bytearray(L.JOURNAL.pack(
+            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, bytes([card]) * 16, amount, discount, dp,
+            db, dpts, abs(dp) * 3, 0, 0, 1_796_000_000_000_000, store, 0, staff, 0, bytes(8), 1, 0,
+            bytes(3), 0, 0, 0, 0, 0, 0, bytes(48), bytes(32)))
+        L.JOURNAL_PROGRAM.pack_into(e, L.JOURNAL_OFF_PROGRAM, redeemed_pts, redeemed_minor, 0,
+                                    0, item)
+        L.JOURNAL_PURCHASE_FLAGS.pack_into(e, L.JOURNAL_OFF_PURCHASE_FLAGS, flags)
+        L.JOURNAL_COUPON_OFF.pack_into(e, L.JOURNAL_OFF_COUPON, coupon_off)
+        return bytes(e)
+
+    def records(entries, native, cuts=()):
+        """The records the entries make, written group by group (cut at ``cuts``)."""
+        with ledger.env.begin(write=True) as txn:
+            for start, end in zip((0, *cuts), (*cuts, len(entries))):
+                totals = daytotals.DayTotals(txn, ledger, {})
+                totals.add_all(entries[start:end], native=native)
+                totals.write()
+            out = day_records(ledger, txn)
+            txn.abort()
+        return out
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(entry, min_size=1, max_size=40), st.lists(st.integers(1, 39), max_size=4))
+    def check(fields, cuts):
+        entries = []
+        for f in fields:  # a replacement's new card's entry right after the old card's
+            entries.append(packed(len(entries), f))
+            if f[0] == L.OP_CARD_REPLACED:
+                entries.append(packed(len(entries), (L.OP_REPLACEMENT_OPENED, f[1], (f[2] + 1) % 4,
+                                                     f[3], 0, -f[5], -f[6], -f[7], 0, 0, 0, 0, 0,
+                                                     0)))
+        cuts = sorted({c for c in cuts if c < len(entries)  # (the writer never splits those)
+                       and entries[c][1] != L.OP_REPLACEMENT_OPENED})
+        run_min = daytotals.NATIVE_RUN_MIN
+        daytotals.NATIVE_RUN_MIN = 1
+        try:
+            once = records(entries, True)
+            assert once == records(entries, False)
+            assert once == records(entries, True, cuts) == records(entries, False, cuts)
+        finally:
+            daytotals.NATIVE_RUN_MIN = run_min
+
+    try:
+        check()
+    finally:
+        ledger.close()
