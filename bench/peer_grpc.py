@@ -30,7 +30,7 @@ import grpc
 
 from cardcore.cards import number_ok
 from cardcore.rules import available_minor
-from cardcore.server.app import MESSAGE_BYTES_MAX
+from cardcore.server.app import SERVER_OPTIONS
 from cardcore.server.errors import CODE_NUMBER, abort, failure
 from cardcore.server.operations import REQUEST_ID_RE
 from cardcore.server.service import BATCH_OPS_MAX, STREAM_IN_FLIGHT_MAX
@@ -234,14 +234,7 @@ async def serve(dsn: str, listen: str, pool_size: int) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size, init=warm, reset=keep,
                                      max_queries=2**62, max_inactive_connection_lifetime=0,
                                      command_timeout=60)  # one pool for the process's life, no churn
-    server = grpc.aio.server(options=[  # cardcore's own (server/app.py)
-        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
+    server = grpc.aio.server(options=SERVER_OPTIONS)  # cardcore's own
     pb_grpc.add_CardServiceServicer_to_server(Peer(pool), server)
     port = server.add_insecure_port(listen)
     await server.start()

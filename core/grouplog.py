@@ -49,6 +49,8 @@ import threading
 import zlib
 from typing import Iterator, NamedTuple
 
+from cardcore.swap import fsync_dir
+
 log = logging.getLogger("cardcore.grouplog")
 
 MAGIC = b"CCG1"
@@ -247,14 +249,6 @@ class LogView(GroupLog):
         pass
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Segment:
     __slots__ = ("path", "first", "salt", "size", "fd", "end")
 
@@ -279,7 +273,7 @@ class SegmentLog(GroupLog):
         self.sync = sync
         if not os.path.isdir(folder):
             os.makedirs(folder)
-            _fsync_dir(os.path.dirname(os.path.abspath(folder)))  # the folder's own name
+            fsync_dir(os.path.dirname(os.path.abspath(folder)))  # the folder's own name
         self._lock = threading.Lock()     # the spare list, shared with the preallocator
         self._spare_ready = threading.Condition(self._lock)
         self._spares: list[str] = []
@@ -425,7 +419,7 @@ class SegmentLog(GroupLog):
         salt = os.urandom(8)
         live = os.path.join(self.folder, f"seg-{first:020d}-{salt.hex()}.log")
         os.rename(path, live)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         seg = _Segment(live, first, salt, os.path.getsize(live))
         seg.fd = os.open(live, os.O_RDWR)
         self._segments.append(seg)

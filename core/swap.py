@@ -24,7 +24,8 @@ READY = "SWAP-READY"
 PAIRS = ((".v2-migrating", ".v1"), (".restoring", ".replaced"))
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a folder's entries (a create, a rename) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -39,7 +40,7 @@ def mark_ready(folder: str) -> None:
         f.write("verified and synced; swap it in\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def swap_in(new: str, dest: str, keep: str) -> None:
@@ -49,9 +50,9 @@ def swap_in(new: str, dest: str, keep: str) -> None:
     if os.path.exists(dest):
         os.rename(dest, keep)
     os.rename(new, dest)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     os.unlink(os.path.join(dest, READY))
-    _fsync_dir(dest)
+    fsync_dir(dest)
 
 
 def recover(dest: str) -> str | None:
@@ -69,7 +70,7 @@ def recover(dest: str) -> str | None:
                 os.rmdir(dest)  # an empty folder a failed start may have made
             os.rename(new, dest)
             os.unlink(os.path.join(dest, READY))
-            _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+            fsync_dir(os.path.dirname(os.path.abspath(dest)))
             log.warning("finished swapping %s in at %s (a stop interrupted it)", new, dest)
             return "finished a swap"
     return None

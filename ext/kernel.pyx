@@ -741,6 +741,26 @@ cdef inline uint8_t purchase(const cc_program_t* prog, const cc_op_t* op, const 
     return reason
 
 
+cdef inline int new_card(const cc_program_t* prog, const cc_op_t* op, cc_card_t* rec,
+                         cc_card_ext_t* ext, int64_t ts_us, uint8_t status) noexcept nogil:
+    """A new card's record (an opening, an import), from its opening day: its expiry (rule
+    14), and its tier period (rule 11) in ``ext`` when the program reviews tiers; 1 if ``ext``
+    was written."""
+    memset(rec, 0, CARD_SIZE)
+    rec.version = 1
+    rec.status = status
+    rec.tier = op.tier
+    rec.opened_us = ts_us
+    rec.expires_us = card_expiry(ts_us, prog.card_valid_months, prog.utc_offset_minutes)
+    rec.home_store_id = op.home_store_id
+    rec.birth_month = op.birth_month
+    if not prog.tier_review_days:
+        return 0
+    memset(ext, 0, EXT_SIZE)
+    start_period(ext, rec, day_of(ts_us), prog.tier_review_days)
+    return 1
+
+
 cdef inline void spend(int64_t due, const cc_card_t* rec, uint8_t order, int64_t* from_principal,
                        int64_t* from_bonus) noexcept nogil:
     """Rule 6: which bucket pays ``due`` (<= principal + bonus)."""
@@ -815,23 +835,13 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif op.tier >= prog.tier_count:
             reason = R_INVALID_TIER
         else:
-            memset(rec, 0, CARD_SIZE)
-            rec.version = 1
-            rec.status = STATUS_ISSUED if op.op_flags & ISSUE_ONLY else STATUS_ACTIVE
-            rec.tier = op.tier
+            ext_changed = new_card(prog, op, rec, ext, ts_us,
+                                   STATUS_ISSUED if op.op_flags & ISSUE_ONLY else STATUS_ACTIVE)
             tier_before = op.tier
-            rec.opened_us = ts_us
-            rec.expires_us = card_expiry(ts_us, prog.card_valid_months, prog.utc_offset_minutes)
-            rec.home_store_id = op.home_store_id
-            rec.birth_month = op.birth_month
             if rec.status == STATUS_ACTIVE:  # an issued card's come with its activation
                 d_points = prog.activation_points
             if op.pin_flags & NEW_PIN:
                 set_pin(op, rec)
-            if prog.tier_review_days:  # rule 11: tracked from its opening day
-                memset(ext, 0, EXT_SIZE)
-                start_period(ext, rec, day_of(ts_us), prog.tier_review_days)
-                ext_changed = 1
     elif op.op == OP_IMPORT_CARD:  # rule 18: opened with its balances; amount principal,
         # ref_id bonus, redeem_points points
         if op.birth_month > 12 or op.pin_flags != 0 or op.op_flags != 0:
@@ -843,23 +853,12 @@ cdef inline uint8_t apply_one(const cc_program_t* prog, const cc_op_t* op, cc_ca
         elif amount < 0 or op.ref_id > <uint64_t>(INT64_MAX - amount):
             reason = R_INVALID_AMOUNT
         else:
-            memset(rec, 0, CARD_SIZE)
-            rec.version = 1
-            rec.status = STATUS_ACTIVE
-            rec.tier = op.tier
+            ext_changed = new_card(prog, op, rec, ext, ts_us, STATUS_ACTIVE)
             tier_before = op.tier
-            rec.opened_us = ts_us
-            rec.expires_us = card_expiry(ts_us, prog.card_valid_months, prog.utc_offset_minutes)
-            rec.home_store_id = op.home_store_id
-            rec.birth_month = op.birth_month
             d_principal = amount
             d_bonus = <int64_t>op.ref_id
             d_points = op.redeem_points
             entry_ref = 0
-            if prog.tier_review_days:  # rule 11: tracked from its import day
-                memset(ext, 0, EXT_SIZE)
-                start_period(ext, rec, day_of(ts_us), prog.tier_review_days)
-                ext_changed = 1
     elif rec.version == 0:
         reason = R_CARD_NOT_FOUND
     elif op.op == OP_RESET_PIN:

@@ -45,6 +45,14 @@ ADMIN_TOKEN_FILE = "admin.token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 MESSAGE_BYTES_MAX = 16 << 20     # a 10,000-operation batch is ~1.5 MiB
 SHUTDOWN_GRACE_S = 10.0
+SERVER_OPTIONS = [  # grpc.aio's: message limits, one process per port, keepalive
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
 
 
 @dataclasses.dataclass
@@ -196,14 +204,7 @@ async def serve(cfg: ServerConfig) -> None:
             migrate.migrate(ledger_path, program_source)
         except migrate.MigrationError as exc:
             raise StartupError(f"the ledger could not be migrated to format 2: {exc}") from None
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
-        ("grpc.so_reuseport", 0),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     try:  # bind before anything else starts, so a busy port fails fast and leaves nothing running
         if credentials is None:
             port = server.add_insecure_port(cfg.listen)
