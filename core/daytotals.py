@@ -73,8 +73,9 @@ assert native.width() == WIDTH
  F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
  F_COUPONS_USED, F_OWES, F_OWED) = range(len(L.DAY_FIGURES))
 # points that move, not earned or spent: undone, moved to a new card, forfeited on cancelling
+# (an import brings the old system's points: none earned under this chain's program that day)
 _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
-                           L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS))
+                           L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS, L.OP_IMPORT_CARD))
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
 _CLOSE = struct.Struct("<II8x")  # a close's subject
@@ -85,9 +86,21 @@ _NO_CARD = 0xFFFFFFFF
 _ZERO8 = bytes(8)
 # Values stored as no record: a home of the money at head office (store 0, as with no home yet),
 # a clearing between two stores that nets to zero.
-_NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8)}
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
+
+
+def _empty_totals() -> bytes:
+    """A day totals record of nothing (a store whose day's clearing netted to zero)."""
+    record = bytearray(_ZERO_RECORD)
+    native.add_record(record, array("q", _ZERO_ROW))
+    return bytes(record)
+
+
+# ... and a day's totals of nothing (the C loop adds no zero cells; the entry-by-entry path may
+# make one: as no record, both paths, and a fill cut anywhere, hold the same records)
+_NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8),
+              "day_totals": _empty_totals(), "day_chain": _empty_totals()}
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
 NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
 _AMOUNTS = struct.Struct("<32xqq")  # layout.JOURNAL: amount_minor, discount_minor

@@ -678,7 +678,9 @@ class Ledger:
         return outcomes
 
     def reload(self) -> None:
-        """Forget what groups of an aborted transaction adopted: back to the committed state."""
+        """Forget what groups of an aborted transaction adopted: back to the committed state
+        (a program version they loaded may come again with other settings)."""
+        self.day_settings.clear()
         self._load_state()
 
     def journal_head(self, txn) -> tuple[int, bytes]:

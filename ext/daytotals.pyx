@@ -123,7 +123,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         elif op == OP_POINTS_EXPIRED:
             a[F_EXPIRED] -= dpts
         elif dpts != 0 and op != OP_REFUND and op != OP_REVERSAL and op != OP_CARD_REPLACED \
-                and op != OP_REPLACEMENT_OPENED and op != OP_CARD_STATUS:
+                and op != OP_REPLACEMENT_OPENED and op != OP_CARD_STATUS and op != OP_IMPORT_CARD:
             if dpts > 0:
                 a[F_ISSUED] += dpts
             else:
