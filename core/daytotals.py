@@ -146,46 +146,60 @@ def closed_day(subject: bytes) -> tuple[int, int]:
     return _CLOSE.unpack(subject)
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def saturated(v: int) -> int:
+    """A day figure that would pass int64 stays at its limit (never wraps, never stops the
+    writer): no real day comes near, but an operator's extreme amounts must not break the
+    ledger. The C loop (``ext/daytotals.pyx``) saturates alike."""
+    return INT64_MAX if v > INT64_MAX else INT64_MIN if v < INT64_MIN else v
+
+
+def _add(a, k: int, v: int) -> None:
+    a[k] = saturated(a[k] + v)
+
+
 def add_figures(a: list[int], f: tuple) -> None:
     """Add one journal entry (``f``: its ``_ENTRY`` fields, ``_ENTRY.unpack(entry)``) to
     accumulator ``a``: the one place that says what an entry counts for in the day totals."""
     (op, _, _, amount, discount, dp, db, dpts, _, _, _, _, _, _, redeemed_pts, redeemed_minor,
      item_id, flags, coupon_off) = f
-    a[F_ENTRIES] += 1
-    a[_NF + op] += 1
-    a[_NF + _NO + op] += amount
+    _add(a, F_ENTRIES, 1)
+    _add(a, _NF + op, 1)
+    _add(a, _NF + _NO + op, amount)
     if dp > 0:
-        a[F_P_IN] += dp
+        _add(a, F_P_IN, dp)
     elif dp:
-        a[F_P_OUT] -= dp
+        _add(a, F_P_OUT, -(dp))
     if db > 0:
-        a[F_B_IN] += db
+        _add(a, F_B_IN, db)
     elif db:
-        a[F_B_OUT] -= db
+        _add(a, F_B_OUT, -(db))
     if dpts > 0:
-        a[F_PTS_IN] += dpts
+        _add(a, F_PTS_IN, dpts)
     elif dpts:
-        a[F_PTS_OUT] -= dpts
+        _add(a, F_PTS_OUT, -(dpts))
     if op == L.OP_PURCHASE:
-        a[F_GROSS] += amount
-        a[F_DISCOUNT] += discount
-        a[F_COUPON_OFF] += coupon_off
-        a[F_T_PRINCIPAL] -= dp
-        a[F_T_BONUS] -= db
-        a[F_T_POINTS] += redeemed_minor
+        _add(a, F_GROSS, amount)
+        _add(a, F_DISCOUNT, discount)
+        _add(a, F_COUPON_OFF, coupon_off)
+        _add(a, F_T_PRINCIPAL, -(dp))
+        _add(a, F_T_BONUS, -(db))
+        _add(a, F_T_POINTS, redeemed_minor)
         if flags & L.PARTIAL_PAYMENT:  # split tender: the rest of what was due, the till's
-            a[F_T_TILL] += amount - discount + dp + db - redeemed_minor
-        a[F_ISSUED] += dpts + redeemed_pts
-        a[F_REDEEMED] += redeemed_pts
+            _add(a, F_T_TILL, amount - discount + dp + db - redeemed_minor)
+        _add(a, F_ISSUED, dpts + redeemed_pts)
+        _add(a, F_REDEEMED, redeemed_pts)
         if item_id:
-            a[F_COUPONS_USED] += 1
+            _add(a, F_COUPONS_USED, 1)
     elif op == L.OP_POINTS_EXPIRED:
-        a[F_EXPIRED] -= dpts
+        _add(a, F_EXPIRED, -(dpts))
     elif dpts and op not in _POINTS_MOVED:
         if dpts > 0:
-            a[F_ISSUED] += dpts
+            _add(a, F_ISSUED, dpts)
         else:
-            a[F_REDEEMED] -= dpts
+            _add(a, F_REDEEMED, -(dpts))
 
 
 class DayTotals:
@@ -387,10 +401,10 @@ class DayTotals:
             s = self.staff[(store, day, staff)] = [0, 0, 0, 0]
         if op == L.OP_PURCHASE:
             s[0] += 1
-            s[1] += amount - discount
+            s[1] = saturated(s[1] + amount - discount)
         else:
             s[2] += 1
-            s[3] += amount
+            s[3] = saturated(s[3] + amount)
 
     def _slot(self, store: int, version: int, ts_us: int) -> tuple[array, int, int]:
         """(the accumulator, the business day, the day it lands in) of an entry of ``store`` at
@@ -446,7 +460,7 @@ class DayTotals:
                 raise InvariantError(f"stores {debtor} and {creditor}: no open day in common")
             self.both[key] = both
         k = (debtor, both, creditor)
-        self.pairs[k] = self.pairs.get(k, 0) + amount_minor
+        self.pairs[k] = saturated(self.pairs.get(k, 0) + amount_minor)
 
     # ---- the write ------------------------------------------------------------------------------
 
@@ -475,8 +489,8 @@ class DayTotals:
         group hold the same records)."""
         sides: dict[tuple[int, int, int], int] = {}
         for (debtor, day, creditor), amount in self.pairs.items():
-            self._acc(debtor, day)[F_OWES] += amount
-            self._acc(creditor, day)[F_OWED] += amount
+            _add(self._acc(debtor, day), F_OWES, amount)
+            _add(self._acc(creditor, day), F_OWED, amount)
             sides[(debtor, day, creditor)] = sides.get((debtor, day, creditor), 0) + amount
             sides[(creditor, day, debtor)] = sides.get((creditor, day, debtor), 0) - amount
         self.pairs = {}
@@ -492,11 +506,11 @@ class DayTotals:
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
         keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k in sides)
         stored = self.stored("day_clearing", keys)
-        clearing = [(key, _I64.pack(_I64.unpack(stored.get(key, _ZERO8))[0]
-                                    + sides[L.DAY_PAIR_KEY.unpack(key)])) for key in keys]
+        clearing = [(key, _I64.pack(saturated(_I64.unpack(stored.get(key, _ZERO8))[0]
+                                    + sides[L.DAY_PAIR_KEY.unpack(key)]))) for key in keys]
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
         stored = self.stored("day_staff", [key for key, _ in staff_items])
-        staff = [(key, L.DAY_STAFF.pack(*(x + y for x, y in zip(
+        staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(
             L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
             for key, s in staff_items]
         homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)

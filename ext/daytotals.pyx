@@ -49,6 +49,22 @@ cdef inline int64_t i64(const unsigned char* p) noexcept nogil:
     return v
 
 
+cdef extern from *:
+    """
+    static inline int64_t cc_sat_add(int64_t a, int64_t b) {
+        int64_t r;
+        if (__builtin_add_overflow(a, b, &r)) return b > 0 ? INT64_MAX : INT64_MIN;
+        return r;
+    }
+    """
+    int64_t cc_sat_add(int64_t a, int64_t b) nogil
+
+
+cdef inline int64_t sat(int64_t a, int64_t b) noexcept nogil:
+    """a + b, held at int64's limits (core/daytotals.py saturated: the same rule)."""
+    return cc_sat_add(a, b)
+
+
 cdef inline uint16_t u16(const unsigned char* p) noexcept nogil:
     cdef uint16_t v
     memcpy(&v, p, 2)
@@ -91,43 +107,43 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         dp = i64(e + 48)
         db = i64(e + 56)
         dpts = i64(e + 64)
-        a[F_ENTRIES] += 1
-        a[NF + op] += 1
-        a[NF + NOPS + op] += amount
+        a[F_ENTRIES] = sat(a[F_ENTRIES], 1)
+        a[NF + op] = sat(a[NF + op], 1)
+        a[NF + NOPS + op] = sat(a[NF + NOPS + op], amount)
         if dp > 0:
-            a[F_P_IN] += dp
+            a[F_P_IN] = sat(a[F_P_IN], dp)
         elif dp < 0:
-            a[F_P_OUT] -= dp
+            a[F_P_OUT] = sat(a[F_P_OUT], -(dp))
         if db > 0:
-            a[F_B_IN] += db
+            a[F_B_IN] = sat(a[F_B_IN], db)
         elif db < 0:
-            a[F_B_OUT] -= db
+            a[F_B_OUT] = sat(a[F_B_OUT], -(db))
         if dpts > 0:
-            a[F_PTS_IN] += dpts
+            a[F_PTS_IN] = sat(a[F_PTS_IN], dpts)
         elif dpts < 0:
-            a[F_PTS_OUT] -= dpts
+            a[F_PTS_OUT] = sat(a[F_PTS_OUT], -(dpts))
         if op == OP_PURCHASE:
             redeemed_pts = i64(e + 176)
-            a[F_GROSS] += amount
-            a[F_DISCOUNT] += discount
-            a[F_COUPON_OFF] += i64(e + 216)
-            a[F_T_PRINCIPAL] -= dp
-            a[F_T_BONUS] -= db
-            a[F_T_POINTS] += i64(e + 184)
+            a[F_GROSS] = sat(a[F_GROSS], amount)
+            a[F_DISCOUNT] = sat(a[F_DISCOUNT], discount)
+            a[F_COUPON_OFF] = sat(a[F_COUPON_OFF], i64(e + 216))
+            a[F_T_PRINCIPAL] = sat(a[F_T_PRINCIPAL], -(dp))
+            a[F_T_BONUS] = sat(a[F_T_BONUS], -(db))
+            a[F_T_POINTS] = sat(a[F_T_POINTS], i64(e + 184))
             if u16(e + 198) & PARTIAL_PAYMENT:
-                a[F_T_TILL] += amount - discount + dp + db - i64(e + 184)
-            a[F_ISSUED] += dpts + redeemed_pts
-            a[F_REDEEMED] += redeemed_pts
+                a[F_T_TILL] = sat(a[F_T_TILL], amount - discount + dp + db - i64(e + 184))
+            a[F_ISSUED] = sat(a[F_ISSUED], dpts + redeemed_pts)
+            a[F_REDEEMED] = sat(a[F_REDEEMED], redeemed_pts)
             if u16(e + 196):
-                a[F_COUPONS_USED] += 1
+                a[F_COUPONS_USED] = sat(a[F_COUPONS_USED], 1)
         elif op == OP_POINTS_EXPIRED:
-            a[F_EXPIRED] -= dpts
+            a[F_EXPIRED] = sat(a[F_EXPIRED], -(dpts))
         elif dpts != 0 and op != OP_REFUND and op != OP_REVERSAL and op != OP_CARD_REPLACED \
                 and op != OP_REPLACEMENT_OPENED and op != OP_CARD_STATUS and op != OP_IMPORT_CARD:
             if dpts > 0:
-                a[F_ISSUED] += dpts
+                a[F_ISSUED] = sat(a[F_ISSUED], dpts)
             else:
-                a[F_REDEEMED] -= dpts
+                a[F_REDEEMED] = sat(a[F_REDEEMED], -(dpts))
         c = card_of[k]
         if c == NO_CARD:
             continue
@@ -146,13 +162,13 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             h = home[c]
             before = i64(e + 72) - dp
             if h != s and before != 0:
-                pairs[h * nslots + s] += before
+                pairs[h * nslots + s] = sat(pairs[h * nslots + s], before)
             home[c] = s
             home_set[c] = 1
         elif dp != 0:
             h = home[c]
             if h != s:
-                pairs[h * nslots + s] -= dp
+                pairs[h * nslots + s] = sat(pairs[h * nslots + s], -(dp))
     return moving
 
 
@@ -172,7 +188,7 @@ def add_rows(int64_t[::1] dst, const int64_t[::1] src, Py_ssize_t at):
     if dst.shape[0] != WIDTH or src.shape[0] < at + WIDTH or at < 0:
         raise ValueError("day totals: rows of the wrong size")
     for k in range(WIDTH):
-        dst[k] += src[at + k]
+        dst[k] = sat(dst[k], src[at + k])
 
 
 cdef enum:
@@ -195,7 +211,7 @@ def add_record(unsigned char[::1] record, const int64_t[::1] row):
     record[0] = 1
     for k in range(NF):
         memcpy(&v, &record[RECORD_FIGURES + 8 * k], 8)
-        v += row[k]
+        v = sat(v, row[k])
         memcpy(&record[RECORD_FIGURES + 8 * k], &v, 8)
     for k in range(NOPS):
         memcpy(&c, &record[RECORD_COUNTS + 4 * k], 4)
@@ -204,5 +220,5 @@ def add_record(unsigned char[::1] record, const int64_t[::1] row):
         c += <uint32_t>row[NF + k]
         memcpy(&record[RECORD_COUNTS + 4 * k], &c, 4)
         memcpy(&v, &record[RECORD_AMOUNTS + 8 * k], 8)
-        v += row[NF + NOPS + k]
+        v = sat(v, row[NF + NOPS + k])
         memcpy(&record[RECORD_AMOUNTS + 8 * k], &v, 8)

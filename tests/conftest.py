@@ -246,7 +246,7 @@ def verify(data_dir: str) -> dict:
     checkpointed(data_dir)
     out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "verify", "--data-dir",
                           data_dir, "--json"], capture_output=True, timeout=120)
-    assert out.returncode in (0, 1), out.stderr.decode()
+    assert out.returncode in (0, 1) and out.stdout, out.stderr.decode()
     return json.loads(out.stdout)
 
 

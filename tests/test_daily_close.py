@@ -624,3 +624,24 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         check()
     finally:
         ledger.close()
+
+
+def test_day_figures_past_int64_saturate_and_the_writer_goes_on(server):
+    """Two cards topped up to int64's limit at one store on one day: the day's top-ups would
+    pass int64. They stay at the limit (entry by entry, as here, and in the C loop alike), the
+    writer goes on serving, and verify finds the stored figures what the journal makes."""
+    from conftest import Client
+
+    c = Client(server.stub)
+    numbers = [new_card_number() for _ in range(2)]
+    for number in numbers:
+        c.open(number)
+        assert c.top_up(number, daytotals.INT64_MAX).balance_after.principal_minor == \
+            daytotals.INT64_MAX
+    assert c.card(numbers[0]).balance.principal_minor == daytotals.INT64_MAX  # still serving
+    report = verify(server.data_dir)
+    assert report["ok"], report["problems"]
+    a = [0] * daytotals.WIDTH
+    daytotals._add(a, daytotals.F_P_IN, daytotals.INT64_MAX)
+    daytotals._add(a, daytotals.F_P_IN, 5)
+    assert a[daytotals.F_P_IN] == daytotals.INT64_MAX
