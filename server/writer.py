@@ -42,7 +42,8 @@ can wait on the other with both send buffers full::
               none; an outcome has lines when it applied and its entry's line_count says so;
               covered: of the groups sent on this connection, the last the latest checkpoint
               holds, counting from 1, empty groups too)
-    idle    = b"C" | covered:u64   (a checkpoint the writer made while waiting)
+    checkpointed = b"C" | covered:u64   (a checkpoint due by time or size, made after an answer
+              or while waiting: no caller waits for it)
     failure = b"FATAL:" + exception class name
 
 Housekeeping: the writer process clears stale LMDB reader slots every
@@ -251,14 +252,20 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
                           type(exc).__name__, exc)
                 ops, _ = decode_group(data)
                 outcomes, wants_checkpoint = _uniform(L.R_STORAGE_UNAVAILABLE, ops), False
-            if (wants_checkpoint or durable.due()) and durable.checkpoint():
-                covered = received
-            elif wants_checkpoint:
-                # In the log, but what the server process reads for other calls (an admin
-                # change, an opening) cannot reach LMDB now: not an OK it cannot stand by.
-                log.error("a group that needs a checkpoint is answered 'outcome unknown'")
-                outcomes = _uniform(L.R_OUTCOME_UNKNOWN, decode_group(data)[0])
+            if wants_checkpoint:
+                if durable.checkpoint():
+                    covered = received
+                else:
+                    # In the log, but what the server process reads for other calls (an admin
+                    # change, an opening) cannot reach LMDB now: not an OK it cannot stand by.
+                    log.error("a group that needs a checkpoint is answered 'outcome unknown'")
+                    outcomes = _uniform(L.R_OUTCOME_UNKNOWN, decode_group(data)[0])
             send_frame(sock, ANSWERED + COVERED.pack(covered) + encode_answer(outcomes))
+            # A checkpoint due by time or size comes after the answer: no caller waits for it
+            # (the log already made the group durable); its covered number follows.
+            if durable.due() and durable.checkpoint():
+                covered = received
+                send_frame(sock, CHECKPOINTED + COVERED.pack(covered))
     except (BrokenPipeError, ConnectionResetError):
         return  # the server process went away
     finally:
