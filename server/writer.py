@@ -262,8 +262,9 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
                     outcomes = _uniform(L.R_OUTCOME_UNKNOWN, decode_group(data)[0])
             send_frame(sock, ANSWERED + COVERED.pack(covered) + encode_answer(outcomes))
             # A checkpoint due by time or size comes after the answer: no caller waits for it
-            # (the log already made the group durable); its covered number follows.
-            if durable.due() and durable.checkpoint():
+            # (the log already made the group durable); its covered number follows. (Degraded,
+            # the next group's apply tries one first, and an idle writer once a second.)
+            if not durable.degraded and durable.due() and durable.checkpoint():
                 covered = received
                 send_frame(sock, CHECKPOINTED + COVERED.pack(covered))
     except (BrokenPipeError, ConnectionResetError):
