@@ -82,6 +82,12 @@ _CLOSE = struct.Struct("<II8x")  # a close's subject
 # layout.JOURNAL offsets the runs read as columns: principal delta, store, staff, program version
 _OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
 _Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
+_OFF_SEQ, _OFF_BASKET = 8, 160  # layout.JOURNAL: seq, basket_tag
+# In the day totals' own copy of an entry only (never stored): a later card's payment of a split
+# tender's basket. The basket's sale (gross, discount, the staff's credit) was counted with its
+# first payment, and that payment's remainder as the till's; this card's payment leaves the till.
+CONTINUED = 0x8000
+_BASKET_FIRST = struct.Struct(">QQ")  # the baskets index key: basket tag, seq
 _NO_CARD = 0xFFFFFFFF
 _ZERO8 = bytes(8)
 # Values stored as no record: a home of the money at head office (store 0, as with no home yet),
@@ -167,7 +173,8 @@ def add_figures(a: list[int], f: tuple) -> None:
      item_id, flags, coupon_off) = f
     _add(a, F_ENTRIES, 1)
     _add(a, _NF + op, 1)
-    _add(a, _NF + _NO + op, amount)
+    continued = op == L.OP_PURCHASE and flags & CONTINUED
+    _add(a, _NF + _NO + op, 0 if continued else amount)
     if dp > 0:
         _add(a, F_P_IN, dp)
     elif dp:
@@ -181,14 +188,17 @@ def add_figures(a: list[int], f: tuple) -> None:
     elif dpts:
         _add(a, F_PTS_OUT, -(dpts))
     if op == L.OP_PURCHASE:
-        _add(a, F_GROSS, amount)
-        _add(a, F_DISCOUNT, discount)
-        _add(a, F_COUPON_OFF, coupon_off)
+        if continued:  # what this card pays of the basket's rest is no longer the till's
+            _add(a, F_T_TILL, dp + db - redeemed_minor)
+        else:
+            _add(a, F_GROSS, amount)
+            _add(a, F_DISCOUNT, discount)
+            _add(a, F_COUPON_OFF, coupon_off)
+            if flags & L.PARTIAL_PAYMENT:  # split tender: the rest of what was due, the till's
+                _add(a, F_T_TILL, amount - discount + dp + db - redeemed_minor)
         _add(a, F_T_PRINCIPAL, -(dp))
         _add(a, F_T_BONUS, -(db))
         _add(a, F_T_POINTS, redeemed_minor)
-        if flags & L.PARTIAL_PAYMENT:  # split tender: the rest of what was due, the till's
-            _add(a, F_T_TILL, amount - discount + dp + db - redeemed_minor)
         _add(a, F_ISSUED, dpts + redeemed_pts)
         _add(a, F_REDEEMED, redeemed_pts)
         if item_id:
@@ -216,6 +226,7 @@ class DayTotals:
         self.staff: dict[tuple[int, int, int], list[int]] = {}
         self.homes: dict[bytes, int] = {}
         self.homes_changed: set[bytes] = set()
+        self.baskets_seen: set[int] = set()  # basket tags with a payment among the entries added
         self.closed: dict[tuple[int, int], bool] = {}
         self.closes: list[tuple[bytes, bytes]] = []
         self.landing: dict[tuple[int, int], int] = {}
@@ -285,6 +296,11 @@ class DayTotals:
         buf = b"".join(entries)
         if len(buf) != len(entries) * L.JOURNAL_SIZE:
             raise InvariantError("day totals: journal entries of the wrong size")
+        buf = self._mark_continued(buf)
+        if buf is not None:
+            entries = [buf[k:k + L.JOURNAL_SIZE] for k in range(0, len(buf), L.JOURNAL_SIZE)]
+        else:
+            buf = b"".join(entries)
         view = memoryview(buf)
         ops = buf[1::L.JOURNAL_SIZE]
         dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
@@ -316,6 +332,35 @@ class DayTotals:
                 for entry in entries[start:k]:
                     self.add(entry)
             start = k
+
+    def _mark_continued(self, buf: bytes) -> bytes | None:
+        """A copy of the entries with CONTINUED set on every later payment of a split tender's
+        basket (a purchase whose basket had a payment before it: in these entries, or in the
+        baskets index at a smaller seq), or None when there is none."""
+        size = L.JOURNAL_SIZE
+        view = memoryview(buf)
+        tags = view.cast("Q")[_OFF_BASKET // 8::_Q_PER_ENTRY].tolist()
+        if not any(tags):
+            return None
+        seqs = view.cast("Q")[_OFF_SEQ // 8::_Q_PER_ENTRY].tolist()
+        out = None
+        db = self.ledger.baskets
+        for k, tag in enumerate(tags):
+            if not tag or buf[k * size + 1] != L.OP_PURCHASE:
+                continue
+            earlier = tag in self.baskets_seen
+            if not earlier and db is not None:
+                cur = self.txn.cursor(db=db)
+                if cur.set_range(_BASKET_FIRST.pack(tag, 0)):
+                    got_tag, got_seq = _BASKET_FIRST.unpack(cur.key())
+                    earlier = got_tag == tag and got_seq < seqs[k]
+            self.baskets_seen.add(tag)
+            if earlier:
+                out = bytearray(buf) if out is None else out
+                at = k * size + L.JOURNAL_OFF_PURCHASE_FLAGS
+                flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(out, at)[0]
+                L.JOURNAL_PURCHASE_FLAGS.pack_into(out, at, flags | CONTINUED)
+        return bytes(out) if out is not None else None
 
     def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
                  version: int, ts_us: int) -> bool:
@@ -363,8 +408,10 @@ class DayTotals:
             if home_set[c]:
                 self._set_home(cid, by_slot[homes[c]])
         staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
+        flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
         for k, staff in enumerate(staffs):
-            if staff and (ops[k] == L.OP_PURCHASE or ops[k] == L.OP_TOP_UP):
+            if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
+                          or ops[k] == L.OP_TOP_UP):
                 self._add_staff(stores[k], self._land(stores[k], day), staff, ops[k],
                                 *_AMOUNTS.unpack_from(run, k * size))
         return True
@@ -382,7 +429,7 @@ class DayTotals:
         if dp or op >= L.OP_CARD_REPLACED:
             self._money(op, f[2], store, dp, f[8], day)
         staff = f[11]
-        if staff and (op == L.OP_PURCHASE or op == L.OP_TOP_UP):
+        if staff and ((op == L.OP_PURCHASE and not f[17] & CONTINUED) or op == L.OP_TOP_UP):
             self._add_staff(store, landed, staff, op, f[3], f[4])
         if op == L.OP_CLOSE_DAY and not self.is_closed(*closed_day(f[2])):  # the first closes
             closed = closed_day(f[2])

@@ -40,6 +40,7 @@ cdef enum:
     OP_REPLACEMENT_OPENED = 31
     OP_IMPORT_CARD = 37
     PARTIAL_PAYMENT = 1
+    CONTINUED = 0x8000    # core/daytotals.py: a later card payment of a split tender's basket
     NO_CARD = 0xFFFFFFFF
 
 
@@ -90,6 +91,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
     cdef int64_t* a
     cdef uint8_t op
     cdef int64_t amount, discount, dp, db, dpts, redeemed_pts, before
+    cdef bint cont
     cdef uint32_t s, c, h
     if slot_of.shape[0] < n or card_of.shape[0] < n or acc.shape[0] < <Py_ssize_t>nslots * WIDTH \
             or pairs.shape[0] < <Py_ssize_t>nslots * nslots or home.shape[0] != home_set.shape[0] \
@@ -109,7 +111,8 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         dpts = i64(e + 64)
         a[F_ENTRIES] = sat(a[F_ENTRIES], 1)
         a[NF + op] = sat(a[NF + op], 1)
-        a[NF + NOPS + op] = sat(a[NF + NOPS + op], amount)
+        cont = op == OP_PURCHASE and (u16(e + 198) & CONTINUED) != 0
+        a[NF + NOPS + op] = sat(a[NF + NOPS + op], 0 if cont else amount)
         if dp > 0:
             a[F_P_IN] = sat(a[F_P_IN], dp)
         elif dp < 0:
@@ -124,14 +127,17 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             a[F_PTS_OUT] = sat(a[F_PTS_OUT], -(dpts))
         if op == OP_PURCHASE:
             redeemed_pts = i64(e + 176)
-            a[F_GROSS] = sat(a[F_GROSS], amount)
-            a[F_DISCOUNT] = sat(a[F_DISCOUNT], discount)
-            a[F_COUPON_OFF] = sat(a[F_COUPON_OFF], i64(e + 216))
+            if cont:  # core/daytotals.py CONTINUED: the basket's sale was counted already
+                a[F_T_TILL] = sat(a[F_T_TILL], dp + db - i64(e + 184))
+            else:
+                a[F_GROSS] = sat(a[F_GROSS], amount)
+                a[F_DISCOUNT] = sat(a[F_DISCOUNT], discount)
+                a[F_COUPON_OFF] = sat(a[F_COUPON_OFF], i64(e + 216))
+                if u16(e + 198) & PARTIAL_PAYMENT:
+                    a[F_T_TILL] = sat(a[F_T_TILL], amount - discount + dp + db - i64(e + 184))
             a[F_T_PRINCIPAL] = sat(a[F_T_PRINCIPAL], -(dp))
             a[F_T_BONUS] = sat(a[F_T_BONUS], -(db))
             a[F_T_POINTS] = sat(a[F_T_POINTS], i64(e + 184))
-            if u16(e + 198) & PARTIAL_PAYMENT:
-                a[F_T_TILL] = sat(a[F_T_TILL], amount - discount + dp + db - i64(e + 184))
             a[F_ISSUED] = sat(a[F_ISSUED], dpts + redeemed_pts)
             a[F_REDEEMED] = sat(a[F_REDEEMED], redeemed_pts)
             if u16(e + 196):

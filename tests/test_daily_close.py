@@ -645,3 +645,29 @@ def test_day_figures_past_int64_saturate_and_the_writer_goes_on(server):
     daytotals._add(a, daytotals.F_P_IN, daytotals.INT64_MAX)
     daytotals._add(a, daytotals.F_P_IN, 5)
     assert a[daytotals.F_P_IN] == daytotals.INT64_MAX
+
+
+def test_a_split_tender_is_one_sale_and_its_tenders_add_up_to_what_was_due(cafe):
+    """A basket of 200.00 (10.00 off): the first card pays 120.00 and leaves 70.00, a second
+    card pays the 70.00 (same basket_id). One sale of 200.00; tenders 190.00, none at the till."""
+    from conftest import Admin, Client
+    from test_service_programs import FOOD, purchase, silver_card
+
+    server = cafe
+    client, admin = Client(server.stub), Admin(server.channel, server.admin_token)
+    first = silver_card(client, 10_000)
+    second = new_card_number()
+    client.open(second)
+    client.top_up(second, 10_000)
+    paid = server.stub.Purchase(purchase(first, (FOOD, 20_000, 1, ""), partial=True, basket="B-1"))
+    rest = server.stub.Purchase(purchase(second, (FOOD, paid.remainder_due_minor, 1, ""),
+                                         basket="B-1"))
+    assert rest.remainder_due_minor == 0
+    today = day_of(int(time.time() * 1e6))
+    f = report(admin, today, today, store=1).rows[0].figures
+    assert f.sales_gross_minor == 20_000
+    due = f.sales_gross_minor - f.discount_minor
+    assert f.tender_till_minor == 0
+    assert (f.tender_principal_minor + f.tender_bonus_minor + f.tender_points_minor
+            + f.tender_till_minor) == due == paid.paid_minor + rest.paid_minor
+    assert verify(server.data_dir)["ok"]
