@@ -295,10 +295,16 @@ def test_bad_token_timeout_and_refusals_against_a_plaintext_server(server, tmp_p
                "REASON_INSUFFICIENT_FUNDS", secrets=(number,))
     user_error(cli("top-up", "6225880000001232", "5", "--target", server.target, env=env), 1,
                "REASON_INVALID_CARD_NUMBER", secrets=("6225880000001232",))  # bad check digit
-    # a timeout on a request: one line that says how to repeat it
-    line = user_error(cli("purchase", number, "1", "--target", server.target, "--timeout-s",
-                          "0.000001", "--request-id", "cli-timeout-1", env=env), 1,
-                      "DEADLINE_EXCEEDED", "--request-id cli-timeout-1", "--client-time-us")
+    # a timeout on a request: one line that says how to repeat it. The request goes to a port
+    # that takes the connection and never answers (a deadline against the real server races it:
+    # a sub-millisecond answer can beat gRPC's timer), then again to the server.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        line = user_error(cli("purchase", number, "1", "--target",
+                              f"127.0.0.1:{silent.getsockname()[1]}", "--timeout-s", "0.3",
+                              "--request-id", "cli-timeout-1", env=env), 1,
+                          "DEADLINE_EXCEEDED", "--request-id cli-timeout-1", "--client-time-us")
     at = line.split("--client-time-us ")[1].split(":")[0].split()[0]
     again = cli("purchase", number, "1", "--target", server.target, "--request-id",
                 "cli-timeout-1", "--client-time-us", at, env=env)
