@@ -39,7 +39,7 @@ import lmdb
 
 from typing import Callable
 
-from cardcore.grouplog import (SEGMENT_BYTES_DEFAULT, GroupLog, LogError, LogSyncError, LogView,
+from cardcore.grouplog import (SEGMENT_BYTES_DEFAULT, GroupLog, LogError, LogView,
                                SegmentLog, last_group_no)
 from cardcore.groups import decode_group, deferrable
 from cardcore.idempotency import Outcome
@@ -59,14 +59,18 @@ def log_folder(ledger_path: str) -> str:
     return os.path.join(ledger_path, LOG_FOLDER)
 
 
-def behind(ledger_path: str) -> int:
-    """How many groups the log holds that LMDB does not (a moment's view beside a writer)."""
+def _applied_at(ledger_path: str) -> int:
+    """The last log group the ledger at ``ledger_path`` holds (read-only)."""
     ledger = Ledger(ledger_path, readonly=True)
     try:
-        applied = ledger.log_applied()
+        return ledger.log_applied()
     finally:
         ledger.close()
-    return max(0, last_group_no(log_folder(ledger_path)) - applied)
+
+
+def behind(ledger_path: str) -> int:
+    """How many groups the log holds that LMDB does not (a moment's view beside a writer)."""
+    return max(0, last_group_no(log_folder(ledger_path)) - _applied_at(ledger_path))
 
 
 def catch_up(ledger_path: str, lookup_key: bytes | None = None,
@@ -87,11 +91,7 @@ def catch_up_copy(copy_path: str, source_ledger_path: str, lookup_key: bytes | N
     copy's checkpoint, read beside the live writer: the backup then holds every group answered
     before it ran. How many; LogError if the writer recycled them meanwhile (try again)."""
     view = LogView(log_folder(source_ledger_path))
-    copy = Ledger(copy_path, readonly=True)
-    try:
-        copied = copy.log_applied()
-    finally:
-        copy.close()
+    copied = _applied_at(copy_path)
     if view.next_group_no - 1 < copied:  # a segment was recycled while the view looked
         raise LogError(f"the log view ends at group {view.next_group_no - 1}, before the copy's "
                        f"checkpoint at {copied}")
@@ -158,9 +158,7 @@ class DurableLedger:
         last_seq, digest = self.ledger.journal_head(self._txn)
         try:
             self.log.append(data, last_seq, digest[:DIGEST_BYTES])
-        except LogSyncError:
-            raise
-        except OSError:  # nothing of the group will be read back: it is refused
+        except OSError:  # (a LogSyncError is not one: whether it landed is unknown)  # nothing of the group will be read back: it is refused
             self._rebuild()
             raise
         self.applied += 1
@@ -169,11 +167,8 @@ class DurableLedger:
 
     def _apply(self, ops, ts_us: int) -> list[Outcome]:
         for _ in range(MAP_GROW_ATTEMPTS):
-            if self._txn is None:
-                self._txn = self.ledger.env.begin(write=True)
-                self.since = time.monotonic()
             try:
-                return self.ledger.apply_in(self._txn, ops, ts_us)
+                return self.ledger.apply_in(self._span(), ops, ts_us)
             except lmdb.MapFullError:
                 self._rebuild(grow=True)
             except BaseException:
@@ -219,15 +214,15 @@ class DurableLedger:
             landed = self.ledger.log_applied()
             if landed == self.applied:  # the commit failed after its meta page was written
                 log.warning("the checkpoint landed after all")
-                self.checkpointed = self.applied
-                self.degraded = False
-                self.ops_since = 0
-                self.log.truncate_before(self.checkpointed + 1)
-                return True
+                return self._held()
             self.applied = self.checkpointed = landed
             self.ops_since = 0
             self._span_from_log()
             return False
+        return self._held()
+
+    def _held(self) -> bool:
+        """LMDB holds every group applied: the log before them may go."""
         self.checkpointed = self.applied
         self.degraded = False
         self.ops_since = 0
@@ -248,6 +243,13 @@ class DurableLedger:
             self.ledger.close()
 
     # ---- the span from the log ------------------------------------------------------
+
+    def _span(self):
+        """The write transaction the groups since the last checkpoint are applied in."""
+        if self._txn is None:
+            self._txn = self.ledger.env.begin(write=True)
+            self.since = time.monotonic()
+        return self._txn
 
     def _abort(self) -> None:
         if self._txn is not None:
@@ -280,11 +282,8 @@ class DurableLedger:
         n = 0
         for rec in self.log.read_from(self.applied + 1):
             ops, ts_us = decode_group(rec.payload)
-            if self._txn is None:
-                self._txn = self.ledger.env.begin(write=True)
-                self.since = time.monotonic()
             try:
-                self.ledger.apply_in(self._txn, ops, ts_us)
+                self.ledger.apply_in(self._span(), ops, ts_us)
             except lmdb.MapFullError:
                 self._abort()
                 self.ledger.grow_map()
