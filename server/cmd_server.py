@@ -63,13 +63,21 @@ def _ledger_in(folder: str, missing: str) -> str | None:
     return None
 
 
-def _verify_at(path: str, index_key: bytes | None = None) -> dict:
-    """``index_key``: the keyring's, for the member index and the sealed profiles."""
+def _keys_of(index_key: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """(the member index's key, the stored profiles' key) the writer derives from the
+    keyring's index key; (None, None) without a keyring."""
     from cardcore.lookup import lookup_key as member_key
     from cardcore.profiles import profile_key
 
-    ledger = _open_ledger(path, profile_key(index_key) if index_key is not None else None)
-    lookup_key = member_key(index_key) if index_key is not None else None
+    if index_key is None:
+        return None, None
+    return member_key(index_key), profile_key(index_key)
+
+
+def _verify_at(path: str, index_key: bytes | None = None) -> dict:
+    """``index_key``: the keyring's, for the member index and the sealed profiles."""
+    lookup_key, profile_key = _keys_of(index_key)
+    ledger = _open_ledger(path, profile_key)
     try:
         return ledger.verify(lookup_key=lookup_key)
     finally:
@@ -99,12 +107,7 @@ def _catch_up(data_dir: str, path: str, ring) -> None:
 def _replay_log(path: str, ring) -> None:
     """(The data folder locked, no server on it.) The log's groups past the last checkpoint."""
     from cardcore.durable import catch_up
-    from cardcore.lookup import lookup_key as member_key
-    from cardcore.profiles import profile_key
-
-    index_key = ring.index_key if ring is not None else None
-    n = catch_up(path, member_key(index_key) if index_key else None,
-                 profile_key(index_key) if index_key else None)
+    n = catch_up(path, *_keys_of(ring.index_key if ring is not None else None))
     if n:
         print(f"replayed {n} groups of the log that the last checkpoint did not hold",
               file=sys.stderr)
@@ -117,10 +120,7 @@ def _copy_caught_up(src: str, dest: str, ring) -> None:
 
     from cardcore.durable import catch_up_copy
     from cardcore.grouplog import LogError
-    from cardcore.lookup import lookup_key as member_key
-    from cardcore.profiles import profile_key
-
-    index_key = ring.index_key if ring is not None else None
+    keys = _keys_of(ring.index_key if ring is not None else None)
     for attempt in range(COPY_ATTEMPTS):
         ledger = _open_ledger(src)
         try:
@@ -128,8 +128,7 @@ def _copy_caught_up(src: str, dest: str, ring) -> None:
         finally:
             ledger.close()
         try:
-            catch_up_copy(dest, src, member_key(index_key) if index_key else None,
-                          profile_key(index_key) if index_key else None)
+            catch_up_copy(dest, src, *keys)
             return
         except LogError:  # the writer recycled the log past the copy meanwhile: copy again
             shutil.rmtree(dest)
