@@ -152,6 +152,24 @@ def today_of(result) -> int:
     return day_of(result.applied_at_us)
 
 
+def test_the_liability_counts_money_taken_after_an_early_close_on_its_own_day(server, chain):
+    """Store 2 closes today early; a top-up there after the close lands in tomorrow's figures,
+    but the chain owed it to the member from today: the liability at the end of today holds it."""
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 5_000, 1))
+    close(admin, 2, today)
+    late = top_up(stub, number, 7_000, 2)
+    assert day_of(late.applied_at_us) == today
+    rows = report(admin, today, today + 1).rows
+    stores = report(admin, today, today + 1, store=2).rows
+    assert [ops_of(r.figures).get(L.OP_TOP_UP) for r in stores] == [None, (1, 7_000)]
+    assert [r.liability_principal_minor for r in rows] == [12_000, 12_000]
+    assert [r.figures.principal_in_minor for r in rows] == [5_000, 7_000]  # where they landed
+    # a report that starts tomorrow carries today's liability in from before its range
+    assert report(admin, today + 1, today + 1).rows[0].liability_principal_minor == 12_000
+
+
 def test_closing_a_day_twice_gives_the_same_figures(server, chain):
     stub, admin = chain
     number = open_card(stub, 1)
