@@ -168,6 +168,26 @@ def test_the_liability_counts_money_taken_after_an_early_close_on_its_own_day(se
     assert [r.figures.principal_in_minor for r in rows] == [5_000, 7_000]  # where they landed
     # a report that starts tomorrow carries today's liability in from before its range
     assert report(admin, today + 1, today + 1).rows[0].liability_principal_minor == 12_000
+    # records kept before these figures existed (meta 1: no own-day figures) are filled again
+    server.stop()
+    env = lmdb.open(os.path.join(server.data_dir, "ledger"), max_dbs=64)
+    with env.begin(write=True) as txn:
+        chain_db = env.open_db(b"day_chain", txn=txn)
+        for key, value in list(txn.cursor(db=chain_db)):
+            old = bytearray(value)
+            L.DAY_TOTALS.pack_into(old, 0, *(L.DAY_TOTALS.unpack(value)[:1 + daytotals.F_OWN_P]
+                                             + (0, 0) + L.DAY_TOTALS.unpack(value)[
+                                                 1 + daytotals.F_OWN_B + 1:]))
+            txn.put(key, bytes(old), db=chain_db)
+        txn.put(b"day_totals", b"\x01", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    again = ServerProcess(server.data_dir)
+    try:
+        refilled_rows = report(Admin(again.channel, again.admin_token), today, today + 1).rows
+        assert [r.liability_principal_minor for r in refilled_rows] == [12_000, 12_000]
+        assert "day totals filled from" in again.log()
+    finally:
+        again.stop()
 
 
 def test_closing_a_day_twice_gives_the_same_figures(server, chain):
