@@ -229,7 +229,10 @@ class AdminState:
         """CloseDay (``cardcore.daytotals``): only a day that has begun. Every close is
         journaled (who asked, when); the first of a store's day closes it, where its entry
         stands (the day totals read the entries), and the later ones change nothing."""
-        day = closed_day(subject)[1]
+        store, day = closed_day(subject)
+        if self.ledger.store_days is not None and self.txn.get(
+                L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None:
+            return L.R_OK  # closed before: its answer again, even if the clock moved back since
         program = self.program
         if day > business_day(ts_us, program.business_day_utc_offset_minutes,
                               program.business_day_cutoff_hour):

@@ -437,7 +437,8 @@ day (CloseDay); no record: open::
       4  u32 operator_id           who closed it
       8  u64 closed_seq            the close's journal entry
      16  i64 closed_us             the close's group time
-     24  8B  reserved
+     24  i64 holds_outstanding_minor  what the store's holds held at the close's end of the day
+                                   (its answer for ever, whatever lands in earlier days later)
 
 Clearing, LMDB ``day_clearing`` (key: u32 BE store | u32 BE day | u32 BE counterparty store;
 value i64): what the store owes the counterparty for that day, net (negative: is owed); every
@@ -684,7 +685,7 @@ DAY_FIGURE_SLOTS = 24
 DAY_TOTALS = struct.Struct(f"<B7x{DAY_FIGURE_SLOTS}q{DAY_OPS}I{DAY_OPS}q24x")
 DAY_KEY = struct.Struct(">II")      # store_id, business day
 DAY_PAIR_KEY = struct.Struct(">III")  # store_id, business day, counterparty (or staff id)
-STORE_DAY = struct.Struct("<BBxxIQq8x")
+STORE_DAY = struct.Struct("<BBxxIQqq")
 DAY_STAFF = struct.Struct("<qqqq")
 DAY_CHAIN_KEY = struct.Struct(">I")  # day_chain: business day
 assert DAY_TOTALS.size == 704 and STORE_DAY.size == 32 and len(DAY_FIGURES) <= DAY_FIGURE_SLOTS
