@@ -851,3 +851,39 @@ def test_holds_outstanding_past_int64_wrap_and_are_answered(server, chain):
     rows = report(admin, today, today + 1, store=1).rows
     assert [r.holds_outstanding_minor for r in rows] == [MAX, daytotals.wrapped(2 * MAX)]
     assert verify(server.data_dir)["ok"]
+
+
+def test_holds_released_by_expiry_and_by_a_capture_in_a_long_group(tmp_path):
+    """Through the ledger's own apply_group (the group's time chosen): a capture in a group long
+    enough for the C loop releases its whole hold at the hold's store, the writer's sweep
+    releases an expired one, and the figures are the journal's (check)."""
+    from cardcore.ledger import PendingOp
+    from test_ledger import cid, key
+
+    number = "4000000000000002"
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+
+    def hold(request: str, amount: int, store: int, minutes: int) -> PendingOp:
+        return PendingOp.build(key(request), L.OP_HOLD, cid(number), amount, store_id=store,
+                               ref_id=minutes, client_time_us=NOW)
+    try:
+        ledger.apply_group([open_op("o", number), op("t", L.OP_TOP_UP, number, 100_000)], NOW)
+        last = max(L.SEQ_KEY.unpack(k)[0] for k, _ in ledger.dump()["journal"])
+        assert all(o.reason == L.R_OK for o in ledger.apply_group(
+            [hold("h1", 1_000, 1, 2), hold("h2", 2_000, 2, 60)], NOW + 1))
+        capture_op = PendingOp.build(
+            key("c2"), L.OP_PURCHASE, cid(number), 1_500, store_id=2, link_seq=last + 2,
+            op_flags=L.CAPTURE, pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET,
+            client_time_us=NOW)
+        assert all(o.reason == L.R_OK for o in ledger.apply_group(
+            [capture_op, hold("h3", 4_000, 3, 60), op("x1", L.OP_TOP_UP, number, 5),
+             op("x2", L.OP_TOP_UP, number, 5), op("x3", L.OP_TOP_UP, number, 5)], NOW + 2))
+        ledger.apply_group([op("t2", L.OP_TOP_UP, number, 1)], NOW + 3 * 60_000_000)
+        assert L.OP_HOLD_EXPIRED in [e[1] for _, e in ledger.dump()["journal"]]
+        day = daytotals.business_day(NOW, 480, 4)
+        assert {s: ledger.read_day(s, day)[3] for s in (1, 2, 3)} == {1: 0, 2: 0, 3: 4_000}
+        assert ledger.read_report(None, day, day, 1)["rows"][0][7] == 4_000
+        with ledger.env.begin() as txn:
+            assert daytotals.check(txn, ledger) == []
+    finally:
+        ledger.close()
