@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-day-totals", action="store_true",
                    help="BENCHMARKS ONLY: keep no daily close figures (their cost's benchmark; the "
                         "next start without it fills them again from the journal)")
+    p.add_argument("--no-member-metrics", action="store_true",
+                   help="BENCHMARKS ONLY: keep no member metrics (their cost's benchmark; the "
+                        "next start without it fills them again from the journal)")
     p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24),
                    default=REQUEST_WINDOW_S_DEFAULT // 3600,
                    help="request records are kept, and requests accepted, for this many hours "
