@@ -79,7 +79,8 @@ MONTH_RE = re.compile(r"\d{4}-\d{2}")
 
 # What the metrics read of a journal entry (layout.JOURNAL): op, card id, amount, discount,
 # time, store, program version.
-_ENTRY = struct.Struct("<xB14x16sqq56xqI20xI")
+_ENTRY = struct.Struct("<xB14x16sqq48xqI20xI")
+assert _ENTRY.size == 132
 _OPS = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_PURCHASE, L.OP_CARD_REPLACED,
                   L.OP_REPLACEMENT_OPENED))
 _NO_CARD = bytes(16)
@@ -110,7 +111,7 @@ def month_of_text(text: str, field: str) -> int:
         raise MonthError(field, f"{field} must be a month, YYYY-MM")
     year, month = int(text[:4]), int(text[5:])
     if not 1 <= month <= 12 or year < 1970:
-        raise MonthError(field, f"{field} is not a month from 1970-01 on")
+        raise MonthError(field, f"{field} must be a month from 1970-01 on, YYYY-MM")
     return (year - 1970) * 12 + month - 1
 
 
