@@ -28,17 +28,23 @@ figures in ``DOMAIN.md``), kept in the writer's write transaction beside the day
 **Aggregates** (sub-databases ``member_*``, fixed-size records with a version byte, derived from
 the journal entries alone, so replicas that apply the same groups hold the same records):
 
-    member_cards   card_id                 -> MEMBER (48 B): a member's record under its root card
+    member_cards   card_id                 -> MEMBER (64 B): a member's record under its root card
                                               (opened day, first and last three purchase days,
-                                              purchases, current card), or a replacement card's
-                                              alias naming its root
-    member_months  month (u32 BE) | root   -> MEMBER_MONTH (16 B): purchases and spend that month
+                                              purchases, the month of its last purchase and its
+                                              purchases and spend in it, current card), or a
+                                              replacement card's alias naming its root
+    member_months  month (u32 BE) | root   -> MEMBER_MONTH (16 B): purchases and spend in a month
+                                              before the month of the member's last purchase
     member_days    business day (u32 BE)   -> MEMBER_DAY (16 B): members new and activated that day
     member_last    last day (u32 BE) | root -> empty: members by their last purchase's day
 
-So a report is range reads: the period's months (and the previous period's) for active, repeat
-and churned, the days for new and activated, and for the dormant list the members whose last
-purchase is on D-182 .. D-61, each checked against its record (third-last purchase >= D-182).
+A member's month is written to ``member_months`` only when a purchase in a later month comes (its
+record holds the month under way), so a purchase writes one record (and the last-purchase index
+once a day): the writer's cost. A month's figures are then the rows of the month plus the records
+of the members whose last purchase is in it (``member_last``, a range read of its days). So a
+report is range reads: the period's months (and the previous period's) for active, repeat and
+churned, the days for new and activated, and for the dormant list the members whose last purchase
+is on D-182 .. D-61, each checked against its record (third-last purchase >= D-182).
 """
 from __future__ import annotations
 
@@ -59,11 +65,13 @@ META_MEMBER_METRICS = b"member_metrics"
 MEMBER_VERSION = 1
 KIND_MEMBER, KIND_ALIAS = 1, 2
 # version, kind, opened day, first purchase day, last three purchase days (newest first; as many
-# as purchases, the rest 0), purchases (saturating), card: a member's current card, an alias's root
-MEMBER = struct.Struct("<BBxxII3II4x16s")
+# as purchases, the rest 0), purchases (saturating), the month of the last purchase (its index:
+# months since 1970-01) and the purchases and spend_minor in it, card: a member's current card,
+# an alias's root
+MEMBER = struct.Struct("<BBxxII3IIII4xq16s")
 MEMBER_MONTH = struct.Struct("<BxxxIq")   # version, purchases, spend_minor
 MEMBER_DAY = struct.Struct("<BxxxII4x")   # version, new, activated
-assert MEMBER.size == 48 and MEMBER_MONTH.size == 16 and MEMBER_DAY.size == 16
+assert MEMBER.size == 64 and MEMBER_MONTH.size == 16 and MEMBER_DAY.size == 16
 MONTH_KEY = struct.Struct(">I16s")        # month index (months since 1970-01), root card id
 LAST_KEY = struct.Struct(">I16s")         # last purchase day, root card id
 DAY_KEY = struct.Struct(">I")
@@ -84,6 +92,7 @@ assert _ENTRY.size == 132
 _OPS = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_PURCHASE, L.OP_CARD_REPLACED,
                   L.OP_REPLACEMENT_OPENED))
 _NO_CARD = bytes(16)
+_CARD = 11  # MEMBER's card field, unpacked
 _EPOCH_ORDINAL = daytotals.EPOCH.toordinal()
 
 
@@ -152,7 +161,6 @@ class Members:
         self.days: dict[int, list[int]] = {}       # day -> [new, activated]
         self.baskets_seen: set[int] = set()
         self.replaced: bytes | None = None        # a replacement's old card, until its new one
-        self.month_cache: dict[int, int] = {}
 
     # ---- additions ------------------------------------------------------------------------------
 
@@ -172,17 +180,23 @@ class Members:
                             if ops[k] != L.OP_OPEN and ops[k] != L.OP_IMPORT_CARD])
         unpack = _ENTRY.unpack_from
         day_of = self.days_of.business_day_of
+        days: dict[tuple[int, int, int], tuple[int, int]] = {}  # (store, version, time) -> days
+        purchase = self._purchase
         for k in wanted:
             op, card_id, amount, discount, ts_us, store, version = unpack(buf, k * size)
+            when = days.get((store, version, ts_us))
+            if when is None:
+                day = day_of(store, version, ts_us)
+                when = days[(store, version, ts_us)] = (day, month_of_day(day))
             if op == L.OP_PURCHASE:
                 if k not in later:
-                    self._purchase(card_id, day_of(store, version, ts_us), amount - discount)
+                    purchase(card_id, when[0], when[1], amount - discount)
             elif op == L.OP_CARD_REPLACED:
                 self.replaced = card_id
             elif op == L.OP_REPLACEMENT_OPENED:
                 self._replacement(card_id)
             else:
-                self._opened(card_id, day_of(store, version, ts_us))
+                self._opened(card_id, when[0])
 
     def _read_records(self, card_ids: list[bytes]) -> None:
         """The stored records of the cards (and of the roots of those that are aliases), read in
@@ -196,7 +210,7 @@ class Members:
             for cid, raw in found.items():
                 rec = self.records[cid] = _member(raw)
                 if rec[1] == KIND_ALIAS:
-                    card_ids.append(rec[8])
+                    card_ids.append(rec[_CARD])
 
     def _record(self, card_id: bytes) -> list | None:
         rec = self.records.get(card_id)
@@ -210,7 +224,7 @@ class Members:
         """(the member's root card id, its record) of a card: itself, or its alias's root."""
         rec = self._record(card_id)
         if rec is not None and rec[1] == KIND_ALIAS:
-            card_id = rec[8]
+            card_id = rec[_CARD]
             rec = self._record(card_id)
         if rec is None or rec[1] != KIND_MEMBER:
             raise InvariantError("member metrics: an entry of a card that was never opened")
@@ -225,7 +239,8 @@ class Members:
     def _opened(self, card_id: bytes, day: int) -> None:
         if self._record(card_id) is not None:
             raise InvariantError("member metrics: a card opened twice")
-        self.records[card_id] = [MEMBER_VERSION, KIND_MEMBER, day, 0, 0, 0, 0, 0, card_id]
+        self.records[card_id] = [MEMBER_VERSION, KIND_MEMBER, day, 0, 0, 0, 0, 0, 0, 0, 0,
+                                 card_id]
         self.changed.add(card_id)
         self._day(day)[0] += 1
 
@@ -238,31 +253,49 @@ class Members:
         self.replaced = None
         if self._record(new_id) is not None:
             raise InvariantError("member metrics: a replacement's new card was a card already")
-        self.records[new_id] = [MEMBER_VERSION, KIND_ALIAS, 0, 0, 0, 0, 0, 0, root]
-        rec[8] = new_id
+        self.records[new_id] = [MEMBER_VERSION, KIND_ALIAS, 0, 0, 0, 0, 0, 0, 0, 0, 0, root]
+        rec[_CARD] = new_id
         self.changed.update((new_id, root))
 
-    def _purchase(self, card_id: bytes, day: int, spend_minor: int) -> None:
-        root, rec = self._root(card_id)
+    def _purchase(self, card_id: bytes, day: int, month: int, spend_minor: int) -> None:
+        rec = self.records.get(card_id)
+        if rec is None or rec[1] != KIND_MEMBER:
+            card_id, rec = self._root(card_id)
         count = rec[7]
-        if root not in self.last_stored:
-            self.last_stored[root] = rec[4] if count else None
-        if not count:
-            rec[3] = day
-            self._day(day)[1] += 1
+        if card_id not in self.last_stored:
+            self.last_stored[card_id] = rec[4] if count else None
+        self.changed.add(card_id)
+        rec[7] = count + 1 if count < U32_MAX else count
+        if not count:  # the first: activated
+            rec[3] = rec[4] = day
+            rec[8], rec[9], rec[10] = month, 1, spend_minor
+            d = self.days.get(day)
+            if d is None:
+                d = self.days[day] = [0, 0]
+            d[1] += 1
+            return
         # the last three purchases' days, newest first (a program's new clock may put a day
         # before the last: kept in order)
-        rec[4:7] = sorted((day, *rec[4:4 + min(count, 3)]), reverse=True)[:3] + [0] * max(
-            0, 2 - min(count, 3))
-        rec[7] = min(count + 1, U32_MAX)
-        self.changed.add(root)
-        month = self.month_cache.get(day)
-        if month is None:
-            month = self.month_cache[day] = month_of_day(day)
+        if day >= rec[4]:
+            rec[4], rec[5], rec[6] = day, rec[4], rec[5]
+        elif count == 1 or day >= rec[5]:
+            rec[5], rec[6] = day, rec[5]
+        elif count == 2 or day > rec[6]:
+            rec[6] = day
+        if month == rec[8]:  # the month under way
+            rec[9] += 1
+            rec[10] = daytotals.saturated(rec[10] + spend_minor)
+        elif month > rec[8]:  # a later month: the one under way is done, into member_months
+            self._add_month(rec[8], card_id, rec[9], rec[10])
+            rec[8], rec[9], rec[10] = month, 1, spend_minor
+        else:  # an earlier month (a program's new clock): added to its row
+            self._add_month(month, card_id, 1, spend_minor)
+
+    def _add_month(self, month: int, root: bytes, purchases: int, spend_minor: int) -> None:
         m = self.months.get((month, root))
         if m is None:
             m = self.months[(month, root)] = [0, 0]
-        m[0] += 1
+        m[0] += purchases
         m[1] = daytotals.saturated(m[1] + spend_minor)
 
     # ---- the write ------------------------------------------------------------------------------
@@ -360,24 +393,44 @@ def check(txn, ledger) -> list[str]:
 # ---- reads (reports) -----------------------------------------------------------------------------
 
 def _month_rows(txn, ledger, from_month: int, to_month: int) -> dict[bytes, list[int]]:
-    """root -> [purchases, spend_minor] over the months: one range read."""
+    """root -> [purchases, spend_minor] over the months: the months' rows (a range read), and the
+    months under way in the records of the members whose last purchase is in them (a range read
+    of the last-purchase index over the months' days)."""
     out: dict[bytes, list[int]] = {}
     cur = txn.cursor(db=ledger.member_months)
-    if not cur.set_range(MONTH_KEY.pack(from_month, _NO_CARD)):
-        return out
-    end = MONTH_KEY.pack(to_month, b"\xff" * 16)
-    unpack = MEMBER_MONTH.unpack
-    for key, value in cur:
-        if key > end:
-            break
-        root = key[4:]
-        _, purchases, spend = unpack(value)
-        row = out.get(root)
-        if row is None:
-            out[root] = [purchases, spend]
-        else:
-            row[0] += purchases
-            row[1] += spend
+    if cur.set_range(MONTH_KEY.pack(from_month, _NO_CARD)):
+        end = MONTH_KEY.pack(to_month, b"\xff" * 16)
+        unpack = MEMBER_MONTH.unpack
+        for key, value in cur:
+            if key > end:
+                break
+            _, purchases, spend = unpack(value)
+            row = out.get(key[4:])
+            if row is None:
+                out[key[4:]] = [purchases, spend]
+            else:
+                row[0] += purchases
+                row[1] += spend
+    first, _ = month_days(from_month)
+    _, last = month_days(to_month)
+    cur = txn.cursor(db=ledger.member_last)
+    if cur.set_range(LAST_KEY.pack(first, _NO_CARD)):
+        end = LAST_KEY.pack(last, b"\xff" * 16)
+        cards = txn.cursor(db=ledger.member_cards)
+        for key in cur.iternext(values=False):
+            if key > end:
+                break
+            root = key[4:]
+            rec = _member(cards.get(root))
+            if not from_month <= rec[8] <= to_month:
+                raise InvariantError("member metrics: a member's month under way is not its "
+                                     "last purchase's")
+            row = out.get(root)
+            if row is None:
+                out[root] = [rec[9], rec[10]]
+            else:
+                row[0] += rec[9]
+                row[1] += rec[10]
     return out
 
 
@@ -456,7 +509,7 @@ def dormant(txn, ledger, as_of: int, limit: int, after: bytes = b"") -> dict:
         if key <= after:
             continue
         if len(rows) < limit:
-            card = rec[8]
+            card = rec[_CARD]
             rows.append((card, masked_of(txn.get(card, db=ledger.profiles)), rec[4], rec[6],
                          rec[7], rec[2]))
             last_key = key
