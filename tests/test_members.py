@@ -15,6 +15,7 @@ import datetime as dt
 import io
 import os
 import random
+import time
 
 import grpc
 import lmdb
@@ -391,3 +392,59 @@ def test_the_cli_prints_the_figures_and_writes_the_dormant_list(history, tmp_pat
 def test_the_numbers_agree_with_the_proto():
     assert (L.R_MEMBER_RANGE_INVALID, L.R_MEMBER_PAGE_INVALID) == (
         cpb.REASON_MEMBER_RANGE_INVALID, cpb.REASON_MEMBER_PAGE_INVALID)
+
+
+def test_a_split_tender_is_one_purchase_of_its_first_card(cafe):
+    """A basket paid by two cards (the first leaves 70.00, the second pays it): one purchase, by
+    the first card's member, of the basket's whole price; the second card's member is not
+    active (it paid for someone else's basket)."""
+    from conftest import Client
+    from test_daily_close import day_of
+    from test_service_programs import FOOD, purchase, silver_card
+
+    server = cafe
+    client = Client(server.stub)
+    first = silver_card(client, 10_000)
+    second = new_card_number()
+    client.open(second)
+    client.top_up(second, 10_000)
+    paid = server.stub.Purchase(purchase(first, (FOOD, 20_000, 1, ""), partial=True, basket="B-1"))
+    rest = server.stub.Purchase(purchase(second, (FOOD, paid.remainder_due_minor, 1, ""),
+                                         basket="B-1"))
+    assert paid.remainder_due_minor > 0 and rest.remainder_due_minor == 0
+    today = day_of(time.time_ns() // 1000)
+    r = member_report(server, today, today, today)
+    assert (r.new_members, r.activated_members, r.active_members, r.purchases) == (2, 1, 1, 1)
+    assert r.spend_minor == 20_000 - paid.discount_minor
+    assert verify(server.data_dir)["ok"]
+
+
+def test_a_writer_without_them_leaves_them_to_be_filled_equal(tmp_path):
+    """A ledger whose writer ran a while without the member metrics (a benchmark's
+    --no-member-metrics) fills them on the next open with them, equal to a ledger that kept them
+    group by group over the same operations."""
+    from test_ledger import NOW, open_op
+
+    def run(path, kept_while):
+        for k in range(6):  # a writer a group, some without them
+            ledger = Ledger(path, sync=False, member_metrics_kept=not kept_while(k))
+            number = NUMBERS[("P", "Q", "U", "V", "A", "B")[k]]
+            at = NOW + (k + 1) * HOUR_US
+            ledger.apply_group([open_op(f"o{k}", number, at=at),
+                                op(f"t{k}", L.OP_TOP_UP, number, 100_000, at=at)], at)
+            for j in range(k + 1):
+                buyer = NUMBERS[("P", "Q", "U", "V", "A", "B")[j]]
+                ledger.apply_group([op(f"p{k}-{j}", L.OP_PURCHASE, buyer, 1_000 + j,
+                                       at=at + j + 1)], at + j + 1)
+            ledger.close()
+        ledger = Ledger(path, sync=False)  # with them (the default): filled if they were not kept
+        rows = {name: items for name, items in ledger.dump().items() if name.startswith("member_")}
+        meta = ledger._read(lambda txn: txn.get(M.META_MEMBER_METRICS, db=ledger.meta))
+        ledger.close()
+        return rows, meta
+
+    kept, meta = run(str(tmp_path / "kept"), lambda k: False)
+    gap, gap_meta = run(str(tmp_path / "gap"), lambda k: 2 <= k <= 3)
+    assert meta == gap_meta == b"\x01"
+    assert kept == gap and len(kept["member_cards"]) == 6
+    assert sum(M.MEMBER.unpack(v)[7] for _, v in kept["member_cards"]) == 21  # 1 + 2 + ... + 6
