@@ -48,6 +48,7 @@ is on D-182 .. D-61, each checked against its record (third-last purchase >= D-1
 """
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import re
 import struct
@@ -125,10 +126,10 @@ def month_of_text(text: str, field: str) -> int:
 
 
 def month_days(month: int) -> tuple[int, int]:
-    """(first, last) business day of a month."""
-    first = dt.date(1970 + month // 12, month % 12 + 1, 1).toordinal() - _EPOCH_ORDINAL
-    nxt = month + 1
-    return first, dt.date(1970 + nxt // 12, nxt % 12 + 1, 1).toordinal() - _EPOCH_ORDINAL - 1
+    """(first, last) business day of a month (9999-12 too)."""
+    year, month_no = 1970 + month // 12, month % 12 + 1
+    first = dt.date(year, month_no, 1).toordinal() - _EPOCH_ORDINAL
+    return first, first + calendar.monthrange(year, month_no)[1] - 1
 
 
 def _member(raw: bytes) -> list:
@@ -421,7 +422,10 @@ def _month_rows(txn, ledger, from_month: int, to_month: int) -> dict[bytes, list
             if key > end:
                 break
             root = key[4:]
-            rec = _member(cards.get(root))
+            raw = cards.get(root)
+            if raw is None:
+                raise InvariantError("member metrics: an indexed member without its record")
+            rec = _member(raw)
             if not from_month <= rec[8] <= to_month:
                 raise InvariantError("member metrics: a member's month under way is not its "
                                      "last purchase's")

@@ -358,6 +358,9 @@ def test_bad_input_is_refused_with_a_reason(history):
     r = member_report(server, d, d, d, 10_000)  # the limits themselves are taken
     assert r.dormant_members == 4
     assert member_report(server, first_of_month(d, -23), d).to_month == month_text(d)
+    end = admin.stub.GetMemberReport(apb.GetMemberReportRequest(
+        from_month="9999-12", to_month="9999-12", as_of_day="9999-12-31"), metadata=admin.metadata)
+    assert (end.members, end.active_members, end.dormant_members) == (12, 0, 0)
     token = admin.add_operator("store-7", cpb.OPERATOR_ROLE_STORE_MANAGER, [7])
     with pytest.raises(grpc.RpcError) as err:
         member_report(server, d, d, metadata=bearer(token))
