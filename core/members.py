@@ -15,11 +15,14 @@ figures in ``DOMAIN.md``), kept in the writer's write transaction beside the day
 - Days are business days (``daytotals.DayTotals.business_day_of``: the entry's program version's
   clock and cutoff); months are calendar months of business days. Periods of the figures are
   whole months (``from_month`` .. ``to_month``); the dormant list is as of a day.
-- **new**: opened in the period. **activated**: first purchase ever in the period. **active**: at
-  least one purchase in the period. **repeat**: active with 2 or more purchases in the period
+- **new**: opened in the period (``OP_OPEN``). **imported**: brought from a legacy system in the
+  period (``OP_IMPORT_CARD``): a customer already, so neither new nor ever activated.
+  **activated**: a new member's first purchase ever, in the period. **active**: at least one
+  purchase in the period. **repeat**: active with 2 or more purchases in the period
   (repeat rate = repeat / active). **churned**: active in the previous period of the same number
   of months and not in this one (churn rate = churned / active in the previous period).
-  **members**: opened up to the period's last day (activation rate = new / members).
+  **members**: opened or imported up to the period's last day (activation rate = new /
+  members).
 - **dormant as of day D**: 3 or more purchases on days D-182 .. D and none on days D-60 .. D
   (a purchase k days before D, k = D - its day: the last purchase has k >= 61, the third-last
   k <= 182). A member who bought after D is not listed (as of a past D: the members dormant then
@@ -35,7 +38,8 @@ the journal entries alone, so replicas that apply the same groups hold the same 
                                               replacement card's alias naming its root
     member_months  month (u32 BE) | root   -> MEMBER_MONTH (16 B): purchases and spend in a month
                                               before the month of the member's last purchase
-    member_days    business day (u32 BE)   -> MEMBER_DAY (16 B): members new and activated that day
+    member_days    business day (u32 BE)   -> MEMBER_DAY (16 B): members new, activated and imported
+                                              that day
     member_last    last day (u32 BE) | root -> empty: members by their last purchase's day
 
 A member's month is written to ``member_months`` only when a purchase in a later month comes (its
@@ -64,14 +68,15 @@ DB_NAMES = ("member_cards", "member_months", "member_days", "member_last")
 META_MEMBER_METRICS = b"member_metrics"
 
 MEMBER_VERSION = 1
-KIND_MEMBER, KIND_ALIAS = 1, 2
+# a member opened here, a replacement card's alias, a member imported from a legacy system
+KIND_MEMBER, KIND_ALIAS, KIND_IMPORTED = 1, 2, 3
 # version, kind, opened day, first purchase day, last three purchase days (newest first; as many
 # as purchases, the rest 0), purchases (saturating), the month of the last purchase (its index:
 # months since 1970-01) and the purchases and spend_minor in it, card: a member's current card,
 # an alias's root
 MEMBER = struct.Struct("<BBxxII3IIII4xq16s")
 MEMBER_MONTH = struct.Struct("<BxxxIq")   # version, purchases, spend_minor
-MEMBER_DAY = struct.Struct("<BxxxII4x")   # version, new, activated
+MEMBER_DAY = struct.Struct("<BxxxIII")    # version, new, activated, imported
 assert MEMBER.size == 64 and MEMBER_MONTH.size == 16 and MEMBER_DAY.size == 16
 MONTH_KEY = struct.Struct(">I16s")        # month index (months since 1970-01), root card id
 LAST_KEY = struct.Struct(">I16s")         # last purchase day, root card id
@@ -134,7 +139,7 @@ def month_days(month: int) -> tuple[int, int]:
 
 def _member(raw: bytes) -> list:
     f = list(MEMBER.unpack(raw))
-    if f[0] != MEMBER_VERSION or f[1] not in (KIND_MEMBER, KIND_ALIAS):
+    if f[0] != MEMBER_VERSION or f[1] not in (KIND_MEMBER, KIND_ALIAS, KIND_IMPORTED):
         raise InvariantError(f"member record version {f[0]} kind {f[1]} unknown")
     return f
 
@@ -197,7 +202,7 @@ class Members:
             elif op == L.OP_REPLACEMENT_OPENED:
                 self._replacement(card_id)
             else:
-                self._opened(card_id, when[0])
+                self._opened(card_id, when[0], op == L.OP_IMPORT_CARD)
 
     def _read_records(self, card_ids: list[bytes]) -> None:
         """The stored records of the cards (and of the roots of those that are aliases), read in
@@ -227,23 +232,23 @@ class Members:
         if rec is not None and rec[1] == KIND_ALIAS:
             card_id = rec[_CARD]
             rec = self._record(card_id)
-        if rec is None or rec[1] != KIND_MEMBER:
+        if rec is None or rec[1] == KIND_ALIAS:
             raise InvariantError("member metrics: an entry of a card that was never opened")
         return card_id, rec
 
     def _day(self, day: int) -> list[int]:
         d = self.days.get(day)
         if d is None:
-            d = self.days[day] = [0, 0]
+            d = self.days[day] = [0, 0, 0]
         return d
 
-    def _opened(self, card_id: bytes, day: int) -> None:
+    def _opened(self, card_id: bytes, day: int, imported: bool) -> None:
         if self._record(card_id) is not None:
             raise InvariantError("member metrics: a card opened twice")
-        self.records[card_id] = [MEMBER_VERSION, KIND_MEMBER, day, 0, 0, 0, 0, 0, 0, 0, 0,
-                                 card_id]
+        self.records[card_id] = [MEMBER_VERSION, KIND_IMPORTED if imported else KIND_MEMBER, day,
+                                 0, 0, 0, 0, 0, 0, 0, 0, card_id]
         self.changed.add(card_id)
-        self._day(day)[0] += 1
+        self._day(day)[2 if imported else 0] += 1
 
     def _replacement(self, new_id: bytes) -> None:
         """The new card names its old card's member; the member's current card is the new one."""
@@ -260,20 +265,18 @@ class Members:
 
     def _purchase(self, card_id: bytes, day: int, month: int, spend_minor: int) -> None:
         rec = self.records.get(card_id)
-        if rec is None or rec[1] != KIND_MEMBER:
+        if rec is None or rec[1] == KIND_ALIAS:
             card_id, rec = self._root(card_id)
         count = rec[7]
         if card_id not in self.last_stored:
             self.last_stored[card_id] = rec[4] if count else None
         self.changed.add(card_id)
         rec[7] = count + 1 if count < U32_MAX else count
-        if not count:  # the first: activated
+        if not count:  # the first: activated (an imported member was a customer already)
             rec[3] = rec[4] = day
             rec[8], rec[9], rec[10] = month, 1, spend_minor
-            d = self.days.get(day)
-            if d is None:
-                d = self.days[day] = [0, 0]
-            d[1] += 1
+            if rec[1] == KIND_MEMBER:
+                self._day(day)[1] += 1
             return
         # the last three purchases' days, newest first (a program's new clock may put a day
         # before the last: kept in order)
@@ -328,9 +331,10 @@ class Members:
         stored = self._stored("member_days", day_keys)
         days = []
         for key in day_keys:
-            old = _checked(stored[key], MEMBER_DAY) if key in stored else (0, 0, 0)
-            new, activated = self.days[DAY_KEY.unpack(key)[0]]
-            days.append((key, MEMBER_DAY.pack(MEMBER_VERSION, old[1] + new, old[2] + activated)))
+            old = _checked(stored[key], MEMBER_DAY) if key in stored else (0, 0, 0, 0)
+            added = self.days[DAY_KEY.unpack(key)[0]]
+            days.append((key, MEMBER_DAY.pack(MEMBER_VERSION, *(min(x + y, U32_MAX) for x, y in
+                                                                zip(old[1:], added)))))
         deleted, last = [], []
         for root, before in self.last_stored.items():
             now = self.records[root][4]
@@ -379,7 +383,7 @@ def fill(txn, ledger) -> int:
     members = _from_journal(txn, ledger)
     members.write()
     txn.put(META_MEMBER_METRICS, b"\x01", db=ledger.meta)
-    return sum(1 for rec in members.records.values() if rec[1] == KIND_MEMBER)
+    return sum(1 for rec in members.records.values() if rec[1] != KIND_ALIAS)
 
 
 def check(txn, ledger) -> list[str]:
@@ -438,19 +442,19 @@ def _month_rows(txn, ledger, from_month: int, to_month: int) -> dict[bytes, list
     return out
 
 
-def _day_counts(txn, ledger, first: int, last: int) -> tuple[int, int]:
-    """(new, activated) over business days first .. last: one range read."""
-    new = activated = 0
+def _day_counts(txn, ledger, first: int, last: int) -> tuple[int, int, int]:
+    """(new, activated, imported) over business days first .. last: one range read."""
+    sums = [0, 0, 0]
     cur = txn.cursor(db=ledger.member_days)
     if cur.set_range(DAY_KEY.pack(first)):
         end = DAY_KEY.pack(last)
         for key, value in cur:
             if key > end:
                 break
-            _, n, a = _checked(value, MEMBER_DAY)
-            new += n
-            activated += a
-    return new, activated
+            f = _checked(value, MEMBER_DAY)
+            for k in range(3):
+                sums[k] += f[k + 1]
+    return sums[0], sums[1], sums[2]
 
 
 def rate_bp(part: int, whole: int) -> int:
@@ -467,13 +471,15 @@ def figures(txn, ledger, from_month: int, to_month: int) -> dict:
     now = _month_rows(txn, ledger, from_month, to_month)
     before = _month_rows(txn, ledger, max(0, from_month - n), from_month - 1) if from_month \
         else {}
-    new, activated = _day_counts(txn, ledger, first, last)
-    members, _ = _day_counts(txn, ledger, 0, last)
+    new, activated, imported = _day_counts(txn, ledger, first, last)
+    opened, _, imported_ever = _day_counts(txn, ledger, 0, last)
+    members = opened + imported_ever
     repeat = sum(1 for purchases, _ in now.values() if purchases >= 2)
     churned = sum(1 for root in before if root not in now)
     return {"from_month": from_month, "to_month": to_month,
             "previous_from_month": max(0, from_month - n), "previous_to_month": from_month - 1,
-            "members": members, "new": new, "activated": activated, "active": len(now),
+            "members": members, "new": new, "activated": activated, "imported": imported,
+            "active": len(now),
             "repeat": repeat, "purchases": sum(p for p, _ in now.values()),
             "spend_minor": sum(s for _, s in now.values()),
             "previous_active": len(before), "churned": churned,

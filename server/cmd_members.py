@@ -12,9 +12,9 @@ from .text import UsageError, fen, table
 
 DORMANT_LIST_MAX = 1_000_000  # members one --dormant-list file holds at most
 # GetMemberReportResponse's figures, in the proto's order: the CSV's columns
-_FIGURES = ("members", "new_members", "activated_members", "active_members", "repeat_members",
-            "previous_active_members", "churned_members", "activation_rate_bp", "repeat_rate_bp",
-            "churn_rate_bp", "purchases", "spend_minor", "dormant_members")
+_FIGURES = ("members", "new_members", "activated_members", "imported_members", "active_members",
+            "repeat_members", "previous_active_members", "churned_members", "activation_rate_bp",
+            "repeat_rate_bp", "churn_rate_bp", "purchases", "spend_minor", "dormant_members")
 _LIST_HEAD = ("card_id", "masked_number", "last_purchase_day", "third_last_purchase_day",
               "purchases", "opened_day")
 
@@ -72,7 +72,9 @@ def cmd_members(args) -> int:
     rows = [("period", f"{r.from_month} .. {r.to_month}"),
             ("members", f"{r.members:,} (opened by the period's end)"),
             ("new", f"{r.new_members:,} (activation rate {_percent(r.activation_rate_bp)})"),
-            ("activated", f"{r.activated_members:,} (first purchase in the period)"),
+            ("activated", f"{r.activated_members:,} (a new member's first purchase, in the "
+                          "period)"),
+            ("imported", f"{r.imported_members:,} (from a legacy system: not new)"),
             ("active", f"{r.active_members:,} ({r.purchases:,} purchases, "
                        f"{fen(r.spend_minor)} spent)"),
             ("repeat", f"{r.repeat_members:,} (repeat rate {_percent(r.repeat_rate_bp)})"),

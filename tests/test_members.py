@@ -451,3 +451,29 @@ def test_a_writer_without_them_leaves_them_to_be_filled_equal(tmp_path):
     assert meta == gap_meta == b"\x01"
     assert kept == gap and len(kept["member_cards"]) == 6
     assert sum(M.MEMBER.unpack(v)[7] for _, v in kept["member_cards"]) == 21  # 1 + 2 + ... + 6
+
+
+def test_imported_members_are_members_but_not_new_nor_activated(server, tmp_path):
+    """Two members brought by ``cardcore import`` and one opened here: members 3, new 1, imported
+    2; an imported member's first purchase makes it active, not activated (it was a customer
+    already); the opened one's does."""
+    from conftest import Client
+    from test_daily_close import day_of
+
+    numbers = [new_card_number() for _ in range(3)]
+    path = tmp_path / "members.csv"
+    path.write_text("number,principal,bonus,points,tier\n"
+                    f"{numbers[0]},50000,0,0,0\n{numbers[1]},50000,0,0,0\n")
+    code, out = operator_cli(server, "import", str(path))
+    assert code == 0, out
+    client = Client(server.stub)
+    client.open(numbers[2])
+    client.top_up(numbers[2], 50_000)
+    client.purchase(numbers[0], 1_000)
+    client.purchase(numbers[2], 2_000)
+    today = day_of(time.time_ns() // 1000)
+    r = member_report(server, today, today, today)
+    assert (r.members, r.new_members, r.imported_members, r.activated_members,
+            r.active_members, r.purchases) == (3, 1, 2, 1, 2, 2)
+    assert r.activation_rate_bp == 3333  # 1 new of 3 members
+    assert verify(server.data_dir)["ok"]
