@@ -13,8 +13,10 @@ figures in ``DOMAIN.md``), kept in the writer's write transaction beside the day
   Its **spend** is gross minus discount (what the member's basket cost, however it was paid).
   Refunds and reversals do not undo a purchase here (the visit happened), as in the day totals.
 - Days are business days (``daytotals.DayTotals.business_day_of``: the entry's program version's
-  clock and cutoff); months are calendar months of business days. Periods of the figures are
-  whole months (``from_month`` .. ``to_month``); the dormant list is as of a day.
+  clock and cutoff); months are calendar months of business days (a member's months never go
+  back: a purchase that a program's new clock puts in an earlier month than the member's last
+  counts in that last month). Periods of the figures are whole months (``from_month`` ..
+  ``to_month``); the dormant list is as of a day.
 - **new**: opened in the period (``OP_OPEN``). **imported**: brought from a legacy system in the
   period (``OP_IMPORT_CARD``): a customer already, so neither new nor ever activated.
   **activated**: a new member's first purchase ever, in the period. **active**: at least one
@@ -41,6 +43,9 @@ the journal entries alone, so replicas that apply the same groups hold the same 
     member_days    business day (u32 BE)   -> MEMBER_DAY (16 B): members new, activated and imported
                                               that day
     member_last    last day (u32 BE) | root -> empty: members by their last purchase's day
+    member_month_totals month (u32 BE)     -> MEMBER_TOTALS (32 B): the month's active, repeat and
+                                              retained (active the month before too) members,
+                                              purchases and spend: a one-month report's figures
 
 A member's month is written to ``member_months`` only when a purchase in a later month comes (its
 record holds the month under way), so a purchase writes one record (and the last-purchase index
@@ -62,7 +67,7 @@ from cardcore import layout as L
 from cardcore.idempotency import InvariantError
 from cardcore.profiles import masked_of
 
-DB_NAMES = ("member_cards", "member_months", "member_days", "member_last")
+DB_NAMES = ("member_cards", "member_months", "member_days", "member_last", "member_month_totals")
 # Meta: set while the member metrics hold every journal entry; a writer run without them (a
 # benchmark's) clears it, and the next one with them fills them again from the journal.
 META_MEMBER_METRICS = b"member_metrics"
@@ -77,7 +82,10 @@ KIND_MEMBER, KIND_ALIAS, KIND_IMPORTED = 1, 2, 3
 MEMBER = struct.Struct("<BBxxII3IIII4xq16s")
 MEMBER_MONTH = struct.Struct("<BxxxIq")   # version, purchases, spend_minor
 MEMBER_DAY = struct.Struct("<BxxxIII")    # version, new, activated, imported
+# version, active, repeat, retained (active the month before too), purchases, spend_minor
+MEMBER_TOTALS = struct.Struct("<BxxxIIIQq")
 assert MEMBER.size == 64 and MEMBER_MONTH.size == 16 and MEMBER_DAY.size == 16
+assert MEMBER_TOTALS.size == 32
 MONTH_KEY = struct.Struct(">I16s")        # month index (months since 1970-01), root card id
 LAST_KEY = struct.Struct(">I16s")         # last purchase day, root card id
 DAY_KEY = struct.Struct(">I")
@@ -164,7 +172,8 @@ class Members:
         self.changed: set[bytes] = set()
         self.last_stored: dict[bytes, int | None] = {}  # root -> its member_last day as stored
         self.months: dict[tuple[int, bytes], list[int]] = {}  # (month, root) -> [purchases, spend]
-        self.days: dict[int, list[int]] = {}       # day -> [new, activated]
+        self.days: dict[int, list[int]] = {}       # day -> [new, activated, imported]
+        self.totals: dict[int, list[int]] = {}     # month -> MEMBER_TOTALS' figures
         self.baskets_seen: set[int] = set()
         self.replaced: bytes | None = None        # a replacement's old card, until its new one
 
@@ -272,9 +281,17 @@ class Members:
             self.last_stored[card_id] = rec[4] if count else None
         self.changed.add(card_id)
         rec[7] = count + 1 if count < U32_MAX else count
+        if count and month < rec[8]:  # a program's new clock put it in an earlier month: it
+            month = rec[8]            # counts in the month under way (months never go back)
+        totals = self.totals.get(month)
+        if totals is None:
+            totals = self.totals[month] = [0, 0, 0, 0, 0]
+        totals[3] += 1
+        totals[4] = daytotals.saturated(totals[4] + spend_minor)
         if not count:  # the first: activated (an imported member was a customer already)
             rec[3] = rec[4] = day
             rec[8], rec[9], rec[10] = month, 1, spend_minor
+            totals[0] += 1
             if rec[1] == KIND_MEMBER:
                 self._day(day)[1] += 1
             return
@@ -289,11 +306,14 @@ class Members:
         if month == rec[8]:  # the month under way
             rec[9] += 1
             rec[10] = daytotals.saturated(rec[10] + spend_minor)
-        elif month > rec[8]:  # a later month: the one under way is done, into member_months
+            if rec[9] == 2:
+                totals[1] += 1
+        else:  # a later month: the one under way is done, into member_months
             self._add_month(rec[8], card_id, rec[9], rec[10])
+            totals[0] += 1
+            if rec[8] == month - 1:
+                totals[2] += 1
             rec[8], rec[9], rec[10] = month, 1, spend_minor
-        else:  # an earlier month (a program's new clock): added to its row
-            self._add_month(month, card_id, 1, spend_minor)
 
     def _add_month(self, month: int, root: bytes, purchases: int, spend_minor: int) -> None:
         m = self.months.get((month, root))
@@ -335,6 +355,15 @@ class Members:
             added = self.days[DAY_KEY.unpack(key)[0]]
             days.append((key, MEMBER_DAY.pack(MEMBER_VERSION, *(min(x + y, U32_MAX) for x, y in
                                                                 zip(old[1:], added)))))
+        total_keys = sorted(DAY_KEY.pack(m) for m in self.totals)
+        stored = self._stored("member_month_totals", total_keys)
+        totals = []
+        for key in total_keys:
+            old = _checked(stored[key], MEMBER_TOTALS) if key in stored else (0, 0, 0, 0, 0, 0)
+            t = self.totals[DAY_KEY.unpack(key)[0]]
+            totals.append((key, MEMBER_TOTALS.pack(
+                MEMBER_VERSION, *(min(old[k + 1] + t[k], U32_MAX) for k in range(3)),
+                old[4] + t[3], daytotals.saturated(old[5] + t[4]))))
         deleted, last = [], []
         for root, before in self.last_stored.items():
             now = self.records[root][4]
@@ -343,7 +372,8 @@ class Members:
                     deleted.append((before, root))
                 last.append((LAST_KEY.pack(now, root), b""))
         return {"member_cards": cards, "member_months": months, "member_days": days,
-                "member_last": sorted(last), "member_last_deleted": deleted}
+                "member_month_totals": totals, "member_last": sorted(last),
+                "member_last_deleted": deleted}
 
     def _stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         if self.fresh or not keys:
@@ -462,29 +492,43 @@ def rate_bp(part: int, whole: int) -> int:
     return (part * 20_000 + whole) // (2 * whole) if whole else 0
 
 
+def _month_totals(txn, ledger, month: int) -> tuple:
+    """A month's MEMBER_TOTALS figures (active, repeat, retained, purchases, spend_minor)."""
+    raw = txn.get(DAY_KEY.pack(month), db=ledger.member_month_totals) if month >= 0 else None
+    return _checked(raw, MEMBER_TOTALS)[1:] if raw is not None else (0, 0, 0, 0, 0)
+
+
 def figures(txn, ledger, from_month: int, to_month: int) -> dict:
-    """The member figures of months ``from_month`` .. ``to_month`` (indexes), from range reads."""
+    """The member figures of months ``from_month`` .. ``to_month`` (indexes): one month from its
+    totals and the month before's (two reads), more from the months' members (range reads of
+    the members active in the period and in the one before)."""
     n = to_month - from_month + 1
     assert 1 <= n <= REPORT_MONTHS_MAX
     first, _ = month_days(from_month)
     _, last = month_days(to_month)
-    now = _month_rows(txn, ledger, from_month, to_month)
-    before = _month_rows(txn, ledger, max(0, from_month - n), from_month - 1) if from_month \
-        else {}
+    if n == 1:
+        active, repeat, retained, purchases, spend = _month_totals(txn, ledger, from_month)
+        previous_active = _month_totals(txn, ledger, from_month - 1)[0]
+        churned = previous_active - retained
+    else:
+        now = _month_rows(txn, ledger, from_month, to_month)
+        before = _month_rows(txn, ledger, max(0, from_month - n), from_month - 1) \
+            if from_month else {}
+        active, previous_active = len(now), len(before)
+        repeat = sum(1 for p, _ in now.values() if p >= 2)
+        churned = sum(1 for root in before if root not in now)
+        purchases = sum(p for p, _ in now.values())
+        spend = sum(s for _, s in now.values())
     new, activated, imported = _day_counts(txn, ledger, first, last)
     opened, _, imported_ever = _day_counts(txn, ledger, 0, last)
     members = opened + imported_ever
-    repeat = sum(1 for purchases, _ in now.values() if purchases >= 2)
-    churned = sum(1 for root in before if root not in now)
     return {"from_month": from_month, "to_month": to_month,
             "previous_from_month": max(0, from_month - n), "previous_to_month": from_month - 1,
             "members": members, "new": new, "activated": activated, "imported": imported,
-            "active": len(now),
-            "repeat": repeat, "purchases": sum(p for p, _ in now.values()),
-            "spend_minor": sum(s for _, s in now.values()),
-            "previous_active": len(before), "churned": churned,
-            "activation_rate_bp": rate_bp(new, members), "repeat_rate_bp": rate_bp(repeat, len(now)),
-            "churn_rate_bp": rate_bp(churned, len(before))}
+            "active": active, "repeat": repeat, "purchases": purchases, "spend_minor": spend,
+            "previous_active": previous_active, "churned": churned,
+            "activation_rate_bp": rate_bp(new, members), "repeat_rate_bp": rate_bp(repeat, active),
+            "churn_rate_bp": rate_bp(churned, previous_active)}
 
 
 def dormant(txn, ledger, as_of: int, limit: int, after: bytes = b"") -> dict:
