@@ -44,7 +44,8 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     day_clearing  store | day | other     -> what the store owes the other that day, net (i64)
     day_staff     store | day | staff id  -> the staff's sales and top-ups (layout.DAY_STAFF)
     day_money_home card_id                -> u32: the store that holds the card's principal
-    member_cards, member_months, member_days, member_last: the member metrics (cardcore.members)
+    member_cards, member_months, member_days, member_last, member_month_totals: the member
+                  metrics (cardcore.members)
 
 The last twenty-two came with card programs, refunds, holds, replacement, member lookup, card
 expiry, refunds by line and the daily close: a writer that opens a ledger made before them
