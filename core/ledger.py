@@ -47,11 +47,11 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     member_cards, member_months, member_days, member_last, member_month_totals: the member
                   metrics (cardcore.members)
 
-The last twenty-two came with card programs, refunds, holds, replacement, member lookup, card
-expiry, refunds by line and the daily close: a writer that opens a ledger made before them
-creates them (absent records read as zeros: nothing to migrate; the member index is filled from
-the profiles once, by a writer that has the lookup key; every card before expiry has none; the
-day totals are filled from the journal once).
+The last twenty-seven came with card programs, refunds, holds, replacement, member lookup, card
+expiry, refunds by line, the daily close and the member metrics: a writer that opens a ledger
+made before them creates them (absent records read as zeros: nothing to migrate; the member
+index is filled from the profiles once, by a writer that has the lookup key; every card before
+expiry has none; the day totals and the member metrics are filled from the journal once).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
