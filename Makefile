@@ -54,7 +54,7 @@ ROUNDS ?= 50
 soak: $(BUILT) ## power cuts under load on a FUSE filesystem: ROUNDS (50) with sync on must lose nothing, ROUNDS/5 with --no-sync must be caught; prints a summary
 	POWERCUT_SOAK_ROUNDS=$(ROUNDS) $(PY) -m pytest tests/test_powercut.py -k soak -s -q -p no:cacheprovider
 
-bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB, card programs, refunds, history, the journal feed, day totals -> bench/*results.json
+bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare LMDB, card programs, refunds, history, the journal feed, day totals, member metrics -> bench/*results.json
 	$(PY) -m pytest bench/bench_kernel.py --benchmark-only --benchmark-json=bench/.kernel.json -q
 	$(PY) bench/e2e.py --kernel-json bench/.kernel.json --out bench/results.json
 	$(PY) bench/programs.py --out bench/programs_results.json
@@ -62,6 +62,7 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/history.py --out bench/history_results.json
 	$(PY) bench/feed.py --rounds 2 --out bench/feed_results.json
 	$(PY) bench/daytotals.py --out bench/daytotals_results.json
+	$(PY) bench/members.py --out bench/members_results.json
 
 profile: $(BUILT) ## where the time goes: py-spy on the server and its writer under load (MODE=batch|unary|stream, ARGS=--native) -> bench/profile_results.json
 	$(PY) bench/profile.py --mode $(or $(MODE),batch) $(ARGS)

@@ -49,16 +49,17 @@ WINDOW_S = 100 * 365 * 24 * 3600
 KEY = bytes(32)  # card ids of the built ledger: its own key (the server never looks them up)
 
 
-def cost(args) -> tuple[dict, dict]:
-    """Part 1: SubmitBatch with and without the day totals, alternating rounds."""
+def cost(args, flag: str = "--no-day-totals", what: str = "day_totals") -> tuple[dict, dict]:
+    """Part 1: SubmitBatch with and without the day totals (or what the server's ``flag`` leaves
+    out: the member metrics' benchmark's too), alternating rounds."""
     rng = random.Random(11)
     numbers = [random_number(rng) for _ in range(args.cards)]
-    rows: dict[str, list] = {"with_day_totals": [], "without_day_totals": []}
+    with_, without = f"with_{what}", f"without_{what}"
+    rows: dict[str, list] = {with_: [], without: []}
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         try:
-            for name, extra in (("with_day_totals", ()),
-                                ("without_day_totals", ("--no-day-totals",))):
+            for name, extra in ((with_, ()), (without, (flag,))):
                 procs[name] = e2e.start_cardcore(os.path.join(tmp, name),
                                                  os.path.join(tmp, f"{name}.log"), extra)
                 e2e.seed(procs[name].target, numbers)
@@ -76,22 +77,22 @@ def cost(args) -> tuple[dict, dict]:
             print(log[-3000:], file=sys.stderr)
     cpu = {name: statistics.median(r["server_cpu_us_per_op"] for r in runs)
            for name, runs in rows.items()}
-    return rows, {"with_vs_without": e2e.median_ratio(rows, "with_day_totals",
-                                                      "without_day_totals"),
-                  "cpu_without_vs_with": cpu["without_day_totals"] / cpu["with_day_totals"]}
+    return rows, {"with_vs_without": e2e.median_ratio(rows, with_, without),
+                  "cpu_without_vs_with": cpu[without] / cpu[with_]}
 
 
-def build(path: str, ops: int, stores: int, days: int) -> dict:
-    """A ledger of ``ops`` top-ups and purchases over ``days`` days, ``stores`` stores: groups an
-    hour apart (the most a group's time moves), applied in-process without fsync."""
+def build(path: str, ops: int, stores: int, days: int, cards: int = BUILD_CARDS) -> dict:
+    """A ledger of ``ops`` top-ups and purchases on ``cards`` cards over ``days`` days, ``stores``
+    stores: groups an hour apart (the most a group's time moves), applied in-process without
+    fsync."""
     rng = random.Random(5)
     ledger = Ledger(path, sync=False, initial_request_window_s=WINDOW_S)
     caller = (L.CALLER_DEVELOPMENT, 0)
-    ids = [card_ids.card_id(KEY, random_number(rng)) for _ in range(BUILD_CARDS)]
+    ids = [card_ids.card_id(KEY, random_number(rng)) for _ in range(cards)]
     t0 = time.perf_counter()
     ts = first_ts = time.time_ns() // 1000
     n = 0
-    for start in range(0, BUILD_CARDS, 1000):
+    for start in range(0, cards, 1000):
         ts += 1000
         group = []
         for k, cid in enumerate(ids[start:start + 1000]):
@@ -104,7 +105,7 @@ def build(path: str, ops: int, stores: int, days: int) -> dict:
                                          store_id=rng.randrange(1, stores + 1)))
         ledger.apply_group(group, ts)
     groups = days * 24
-    per_group = max(1, (ops - 2 * BUILD_CARDS) // groups)
+    per_group = max(1, (ops - 2 * cards) // groups)
     for g in range(groups):
         ts += HOUR_US
         group = []

@@ -364,32 +364,21 @@ class DayTotals:
 
     def _mark_continued(self, buf: bytes) -> bytes | None:
         """A copy of the entries with CONTINUED set on every later payment of a split tender's
-        basket (a purchase whose basket had a payment before it: in these entries, or in the
-        baskets index at a smaller seq), or None when there is none."""
-        size = L.JOURNAL_SIZE
-        view = memoryview(buf)
-        tags = view.cast("Q")[_OFF_BASKET // 8::_Q_PER_ENTRY].tolist()
-        if not any(tags):
+        basket (``later_payments``), or None when there is none."""
+        later = later_payments(self.txn, self.ledger, buf, self.baskets_seen)
+        if not later:
             return None
-        seqs = view.cast("Q")[_OFF_SEQ // 8::_Q_PER_ENTRY].tolist()
-        out = None
-        db = self.ledger.baskets
-        for k, tag in enumerate(tags):
-            if not tag or buf[k * size + 1] != L.OP_PURCHASE:
-                continue
-            earlier = tag in self.baskets_seen
-            if not earlier and db is not None:
-                cur = self.txn.cursor(db=db)
-                if cur.set_range(_BASKET_FIRST.pack(tag, 0)):
-                    got_tag, got_seq = _BASKET_FIRST.unpack(cur.key())
-                    earlier = got_tag == tag and got_seq < seqs[k]
-            self.baskets_seen.add(tag)
-            if earlier:
-                out = bytearray(buf) if out is None else out
-                at = k * size + L.JOURNAL_OFF_PURCHASE_FLAGS
-                flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(out, at)[0]
-                L.JOURNAL_PURCHASE_FLAGS.pack_into(out, at, flags | CONTINUED)
-        return bytes(out) if out is not None else None
+        out = bytearray(buf)
+        for k in later:
+            at = k * L.JOURNAL_SIZE + L.JOURNAL_OFF_PURCHASE_FLAGS
+            flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(out, at)[0]
+            L.JOURNAL_PURCHASE_FLAGS.pack_into(out, at, flags | CONTINUED)
+        return bytes(out)
+
+    def business_day_of(self, store: int, version: int, ts_us: int) -> int:
+        """The business day of an entry of ``store`` at ``ts_us`` under program ``version``
+        (the member metrics' too: one definition of an entry's day)."""
+        return business_day(ts_us, *self._settings(version))
 
     def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
                  version: int, ts_us: int) -> bool:
@@ -519,7 +508,7 @@ class DayTotals:
                 amount = -(held if op == L.OP_PURCHASE else amount)
             else:
                 continue
-            day = business_day(ts_us, *self._settings(_HOLD_VERSION.unpack_from(view, k * size)[0]))
+            day = self.business_day_of(store, _HOLD_VERSION.unpack_from(view, k * size)[0], ts_us)
             _add(self._acc(store, self._land(store, day)), F_HOLDS, amount)
             self._own(day, 0, 0, amount)
 
@@ -671,6 +660,34 @@ class DayTotals:
         if self.fresh or not keys:
             return {}
         return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+
+
+def later_payments(txn, ledger, buf: bytes, seen: set[int]) -> list[int]:
+    """The indexes of the entries in ``buf`` (journal entries, in sequence order) that are a
+    later payment of a split tender's basket: a purchase whose basket had a payment before it,
+    among the entries already looked at (``seen``: basket tags, updated) or in the baskets index
+    at a smaller seq. The day totals and the member metrics count the basket's sale once."""
+    size = L.JOURNAL_SIZE
+    view = memoryview(buf)
+    tags = view.cast("Q")[_OFF_BASKET // 8::_Q_PER_ENTRY].tolist()
+    if not any(tags):
+        return []
+    seqs = view.cast("Q")[_OFF_SEQ // 8::_Q_PER_ENTRY].tolist()
+    out = []
+    db = ledger.baskets
+    for k, tag in enumerate(tags):
+        if not tag or buf[k * size + 1] != L.OP_PURCHASE:
+            continue
+        earlier = tag in seen
+        if not earlier and db is not None:
+            cur = txn.cursor(db=db)
+            if cur.set_range(_BASKET_FIRST.pack(tag, 0)):
+                got_tag, got_seq = _BASKET_FIRST.unpack(cur.key())
+                earlier = got_tag == tag and got_seq < seqs[k]
+        seen.add(tag)
+        if earlier:
+            out.append(k)
+    return out
 
 
 def unpack_totals(raw: bytes) -> tuple:

@@ -736,6 +736,7 @@ R_CARD_REPLACED = 91
 R_CARD_EXPIRED, R_CARD_NOT_ACTIVATED = 92, 93
 R_LINE_ALREADY_REFUNDED, R_LINE_NOT_FOUND = 96, 97
 R_DAY_NOT_STARTED = 105  # CloseDay: a business day that has not begun
+R_MEMBER_RANGE_INVALID, R_MEMBER_PAGE_INVALID = 115, 116  # GetMemberReport's input
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

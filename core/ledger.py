@@ -44,12 +44,14 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     day_clearing  store | day | other     -> what the store owes the other that day, net (i64)
     day_staff     store | day | staff id  -> the staff's sales and top-ups (layout.DAY_STAFF)
     day_money_home card_id                -> u32: the store that holds the card's principal
+    member_cards, member_months, member_days, member_last, member_month_totals: the member
+                  metrics (cardcore.members)
 
-The last twenty-two came with card programs, refunds, holds, replacement, member lookup, card
-expiry, refunds by line and the daily close: a writer that opens a ledger made before them
-creates them (absent records read as zeros: nothing to migrate; the member index is filled from
-the profiles once, by a writer that has the lookup key; every card before expiry has none; the
-day totals are filled from the journal once).
+The last twenty-seven came with card programs, refunds, holds, replacement, member lookup, card
+expiry, refunds by line, the daily close and the member metrics: a writer that opens a ledger
+made before them creates them (absent records read as zeros: nothing to migrate; the member
+index is filled from the profiles once, by a writer that has the lookup key; every card before
+expiry has none; the day totals and the member metrics are filled from the journal once).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -79,6 +81,7 @@ from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_T
 from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
+from cardcore import members as member_metrics
 from cardcore.ext import kernel
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   entry_line_count, lines_digest,
@@ -104,12 +107,13 @@ DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardno
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
             "card_entries", "holds", "holds_by_expiry", "card_links", "members",
-            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES)
+            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES, *member_metrics.DB_NAMES)
 # created on open when missing (cards_by_expiry: empty, as every card before it has no expiry)
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
                             "holds", "holds_by_expiry", "card_links", "members",
-                            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES))
+                            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES,
+                            *member_metrics.DB_NAMES))
 SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
@@ -416,7 +420,7 @@ class Ledger:
                  map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
                  initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT,
                  lookup_key: bytes | None = None, profile_key: bytes | None = None,
-                 day_totals: bool = True) -> None:
+                 day_totals: bool = True, member_metrics_kept: bool = True) -> None:
         """Open (or, writable, create) the ledger at ``path``. A new ledger stores
         ``initial_program`` (a TOML document; default: the default program) as version 1, and
         its request retention window (changed later through the writer: ``window_op``).
@@ -426,7 +430,8 @@ class Ledger:
         (``profiles.profile_key``): stored profiles are read with it (without it, of a sealed
         profile only its masked number), and a writer that has it seals the ones stored before
         profiles were sealed. ``day_totals`` False: the writer keeps no day totals (for the
-        benchmark that measures their cost only; the next writer with them fills them again)."""
+        benchmark that measures their cost only; the next writer with them fills them again);
+        ``member_metrics_kept`` False: likewise for the member metrics (``cardcore.members``)."""
         if initial_request_window_s < REQUEST_WINDOW_S_MIN:
             raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
@@ -436,6 +441,7 @@ class Ledger:
         self._initial_window_s = initial_request_window_s
         self.request_window_us = initial_request_window_s * 1_000_000
         self.keep_day_totals = day_totals  # (self.day_totals is the sub-database)
+        self.keep_member_metrics = member_metrics_kept
         self.day_settings: dict[int, tuple[int, int]] = {}  # program version -> business day
         # Explicit options: durability (sync/metasync) is the point of the ledger;
         # writemap off keeps stray pointer writes from touching the file.
@@ -459,6 +465,9 @@ class Ledger:
                 and self._read(lambda txn: txn.get(META_DAY_TOTALS, db=self.meta))
                 != daytotals.DAY_TOTALS_FILLED):
             self._fill_day_totals()
+        if (not readonly and member_metrics_kept and self._read(
+                lambda txn: txn.get(member_metrics.META_MEMBER_METRICS, db=self.meta)) is None):
+            self._fill_member_metrics()
         if (not readonly and self.member_index is not None
                 and self._read(lambda txn: txn.get(META_MEMBERS, db=self.meta)) is None):
             self._fill_members()
@@ -532,6 +541,14 @@ class Ledger:
             txn.put(META_DAY_TOTALS, daytotals.DAY_TOTALS_FILLED, db=self.meta)
         if count:
             log.info("day totals filled from %d journal entries", count)
+
+    def _fill_member_metrics(self) -> None:
+        """The member metrics from the whole journal, in one write transaction: once for a
+        ledger made before them (or after a writer that ran without them)."""
+        with self.env.begin(write=True) as txn:
+            count = member_metrics.fill(txn, self)
+        if count:
+            log.info("member metrics filled from the journal: %d members", count)
 
     def _seal_profiles(self) -> None:
         """Profiles stored before they were sealed (their JSON), sealed once (``cardcore.
@@ -992,6 +1009,16 @@ class Ledger:
         """A store's (None: the chain's) report over business days (``daytotals.report``)."""
         return self._read(lambda txn: daytotals.report(txn, self, store, from_day, to_day,
                                                         granularity, staff))
+
+    def read_members(self, from_month: int, to_month: int, as_of: int, limit: int,
+                     after: bytes = b"") -> tuple[dict, dict] | None:
+        """The member figures of the months and the members dormant as of a day, in one read
+        transaction (``cardcore.members``); None: a read-only look at a ledger without them."""
+        if self.member_cards is None:
+            return None
+        return self._read(lambda txn: (
+            member_metrics.figures(txn, self, from_month, to_month),
+            member_metrics.dormant(txn, self, as_of, limit, after)))
 
     def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""
@@ -1978,6 +2005,7 @@ class _Group:
                 totals.write()
             else:
                 txn.delete(META_DAY_TOTALS, db=ledger.meta)
+            member_metrics.keep(txn, ledger, self.entries)  # beside them (cardcore.members)
         if self.idem_items:
             txn.cursor(db=ledger.requests).putmulti(self.idem_items)
             if not txn.cursor(db=ledger.request_times).put(

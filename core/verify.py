@@ -43,6 +43,8 @@ What is checked (each broken rule is one problem, up to ``problems_max``):
 - the day totals (``cardcore.daytotals``): every store's day, the chain's, the clearing, the
   staff figures, the homes of the money and the closed days are what the journal's entries
   make, computed again from nothing (once they hold every entry: a writer fills them).
+- the member metrics (``cardcore.members``): every member's record, month, day and last
+  purchase index are what the journal's entries make, computed again from nothing (likewise).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ import json
 from collections import Counter
 
 from cardcore import daytotals
+from cardcore import members as member_metrics
 from cardcore import layout as L
 from cardcore import lots
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
@@ -153,6 +156,10 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
                                                      db=ledger.meta) == daytotals.DAY_TOTALS_FILLED:
             for name in daytotals.check(txn, ledger):
                 problem(f"the day totals' {name} are not what the journal's entries make")
+        if ledger.member_cards is not None and txn.get(member_metrics.META_MEMBER_METRICS,
+                                                       db=ledger.meta) is not None:
+            for name in member_metrics.check(txn, ledger):
+                problem(f"the member metrics' {name} are not what the journal's entries make")
         requests = _requests(txn, ledger, problem)
         members = _members(txn, ledger, index, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)

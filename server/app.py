@@ -81,6 +81,7 @@ class ServerConfig:
     checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT      # often, or after this many operations
     log_segment_mib: int = SEGMENT_BYTES_DEFAULT >> 20  # the group log's segment files
     day_totals: bool = True          # False: no day totals (a benchmark's, --no-day-totals)
+    member_metrics: bool = True      # False: no member metrics (a benchmark's, --no-member-metrics)
 
 
 class StartupError(Exception):
@@ -184,6 +185,9 @@ async def serve(cfg: ServerConfig) -> None:
     if not cfg.day_totals:
         log.warning("*** --no-day-totals: no daily close figures are kept (refilled from the "
                     "journal at the next start without it). For benchmarks only. ***")
+    if not cfg.member_metrics:
+        log.warning("*** --no-member-metrics: no member metrics are kept (refilled from the "
+                    "journal at the next start without it). For benchmarks only. ***")
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as exc:
@@ -237,6 +241,7 @@ async def serve(cfg: ServerConfig) -> None:
                     queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
                     map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
                     reader_check_s=cfg.reader_check_s, on_fatal=fatal, day_totals=cfg.day_totals,
+                    member_metrics=cfg.member_metrics,
                     checkpoint_ms=cfg.checkpoint_ms, checkpoint_ops=cfg.checkpoint_ops,
                     log_segment_bytes=cfg.log_segment_mib << 20,
                     lookup_key=lookup_key(keyring.index_key),

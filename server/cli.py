@@ -15,6 +15,7 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_fi
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
                          cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_watch)
 from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
+from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
     p.add_argument("--no-day-totals", action="store_true",
                    help="BENCHMARKS ONLY: keep no daily close figures (their cost's benchmark; the "
+                        "next start without it fills them again from the journal)")
+    p.add_argument("--no-member-metrics", action="store_true",
+                   help="BENCHMARKS ONLY: keep no member metrics (their cost's benchmark; the "
                         "next start without it fills them again from the journal)")
     p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24),
                    default=REQUEST_WINDOW_S_DEFAULT // 3600,
@@ -417,6 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sales and top-ups by staff id over the range")
     p.add_argument("--csv", action="store_true",
                    help="CSV on standard output: amounts in fen, one column per figure")
+    p = client("members", "the chain's member figures over months (new, activated, active, "
+               "repeat, churned) and the members dormant as of a day (chain admin)", cmd_members,
+               card=False)
+    p.add_argument("--from", dest="from_month", type=month_arg, required=True,
+                   help="the first calendar month of business days, YYYY-MM")
+    p.add_argument("--to", dest="to_month", type=month_arg, required=True,
+                   help="the last month, YYYY-MM, inclusive (at most 24 months on); churn is "
+                        "against as many months before --from")
+    p.add_argument("--as-of", type=date_arg, default=None,
+                   help="the dormant members' day, YYYY-MM-DD (default: today's business day)")
+    p.add_argument("--csv", action="store_true",
+                   help="CSV on standard output: the figures, rates in basis points, fen")
+    p.add_argument("--dormant-list", metavar="FILE.csv", default=None,
+                   help="also write every dormant member to this CSV file (card id, masked "
+                        "number, last and third-last purchase days, purchases, opened day), "
+                        f"at most {1_000_000:,}")
 
     p = client("console", "a read-only back-office web page (operator token typed at sign-in): "
                "cards, history, totals per store, terminals, health", None, card=False,
@@ -480,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
                     "replace-card", "find-card", "import",
                     "history", "operation", "watch", "terminals", "operators", "keys", "program",
-                    "pos", "console", "close-day", "report")
+                    "pos", "console", "close-day", "report", "members")
 
 
 def _cmd_console(args) -> int:

@@ -26,7 +26,8 @@ def cmd_serve(args) -> int:
                        reader_check_s=args.reader_check_s, checkpoint_ms=args.checkpoint_ms,
                        checkpoint_ops=args.checkpoint_ops,
                        log_segment_mib=args.log_segment_mib,
-                       day_totals=not args.no_day_totals)
+                       day_totals=not args.no_day_totals,
+                       member_metrics=not args.no_member_metrics)
     if args.request_window_hours < 1:
         print("cardcore: --request-window-hours is at least 1", file=sys.stderr)
         return 2

@@ -133,6 +133,11 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                "day that has begun can be closed"),
     R.REASON_REPORT_RANGE_INVALID: (C.INVALID_ARGUMENT, "to_day must be on or after from_day, at "
                                     "most 3660 days on"),
+    R.REASON_MEMBER_RANGE_INVALID: (C.INVALID_ARGUMENT, "months must be YYYY-MM from 1970-01, "
+                                    "to_month on or after from_month and at most 24 months on, "
+                                    "as_of_day a date"),
+    R.REASON_MEMBER_PAGE_INVALID: (C.INVALID_ARGUMENT, "dormant_limit must be at most 10000 and "
+                                   "page_token one an answer gave"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

@@ -188,10 +188,11 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
                 profile_key: bytes | None = None, checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
                 checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT,
                 log_segment_bytes: int = SEGMENT_BYTES_DEFAULT,
-                day_totals: bool = True) -> None:
+                day_totals: bool = True, member_metrics: bool = True) -> None:
     """The writer process: apply each group it is sent, log it, answer it, until the socket
-    closes; checkpoint LMDB when one is due (``cardcore.durable``). ``day_totals`` False: for the
-    benchmark of their cost only (``serve --no-day-totals``)."""
+    closes; checkpoint LMDB when one is due (``cardcore.durable``). ``day_totals``,
+    ``member_metrics`` False: for the benchmarks of their cost only (``serve --no-day-totals``,
+    ``--no-member-metrics``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(log_level, log_format)
@@ -199,7 +200,8 @@ def writer_main(sock: socket.socket, ledger_path: str, initial_program: str | No
     def open_ledger() -> Ledger:
         return Ledger(ledger_path, initial_program=initial_program, sync=sync, map_size=map_size,
                       initial_request_window_s=request_window_s, lookup_key=lookup_key,
-                      profile_key=profile_key, day_totals=day_totals)
+                      profile_key=profile_key, day_totals=day_totals,
+                      member_metrics_kept=member_metrics)
 
     try:
         durable = DurableLedger(open_ledger, log_folder=log_folder(ledger_path), sync=sync,
@@ -311,11 +313,11 @@ class Writer:
                  checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
                  checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT,
                  log_segment_bytes: int = SEGMENT_BYTES_DEFAULT,
-                 day_totals: bool = True) -> None:
+                 day_totals: bool = True, member_metrics: bool = True) -> None:
         """``lookup_key``: the member index's (rule 17), for the writer process to keep it;
         ``profile_key``: the stored profiles' (``cardcore.profiles``), to read them for it;
         the checkpoint and log settings: ``cardcore.durable``; ``day_totals`` False: the writer
-        keeps no day totals (their cost's benchmark only)."""
+        keeps no day totals (their cost's benchmark only); ``member_metrics`` likewise."""
         assert group_max_ops >= 1 and queue_max_ops >= 1 and group_wait_us >= 0
         assert 1 <= groups_in_flight <= GROUPS_IN_FLIGHT_MAX
         self.groups_in_flight = groups_in_flight
@@ -340,7 +342,7 @@ class Writer:
                                        request_window_s, reader_check_s,
                                        log_level, log_format, lookup_key, profile_key,
                                        checkpoint_ms, checkpoint_ops, log_segment_bytes,
-                                       day_totals))
+                                       day_totals, member_metrics))
         self._child_sock = child
         self._out = bytearray()    # framed bytes not yet accepted by the socket
         self._in = bytearray()     # bytes received, not yet a whole frame
