@@ -8,10 +8,16 @@ reports read ranges of them, never the journal. They depend on the journal entri
 time, store and program version), so two ledgers that apply the same groups hold the same totals,
 and a ledger made before them fills them once from its journal (``fill``).
 
-**Business day.** The day of an entry's time (the group's) on the chain's clock
-(``business_day_utc_offset_minutes``, default UTC+8) shifted back by the cutoff hour
-(``business_day_cutoff_hour``, default 4), both from the program version the entry was computed
-under: with the defaults a sale at 01:30 local belongs to the day before. Days are numbered from
+**Business day.** The day of an entry's time (the group's) on its store's clock shifted back by
+its store's cutoff hour: a store with a business day of its own (``cardcore.stores``: a UTC
+offset and a cutoff hour, set by PutStore) uses them; every other store (head office too) the
+chain's clock (``business_day_utc_offset_minutes``, default UTC+8) and cutoff
+(``business_day_cutoff_hour``, default 4) of the program version the entry was computed under:
+with the defaults a sale at 01:30 local belongs to the day before. A store's settings are those
+of the last store entry (``OP_STORE_PUT``) before the entry, so they come from the journal alone:
+a group reads the registry as the groups before it left it and follows the store entries it adds;
+a fill or a check from the journal's start follows them from nothing. A change of a store's
+clock takes effect for the entries after it; its closed days stay closed. Days are numbered from
 1970-01-01 (day 0) and shown as dates.
 
 **Closed days** (``CloseDay``, op ``OP_CLOSE_DAY``): from the first close's entry on (a later close
@@ -42,6 +48,7 @@ import struct
 from array import array
 
 from cardcore import layout as L
+from cardcore import stores as chain_stores
 from cardcore.ext import daytotals as native
 from cardcore.idempotency import InvariantError
 from cardcore.program import parse_program
@@ -78,7 +85,12 @@ _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
                            L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS, L.OP_IMPORT_CARD))
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
+_U32_KEY = struct.Struct(">I")  # chain_stores' key
+_UNREAD = object()
 _CLOSE = struct.Struct("<II8x")  # a close's subject
+# Entries a run of the C loop never holds: a close (the days after it land elsewhere) and a store
+# entry (the business days after it are counted anew).
+_RUN_BREAKS = frozenset((L.OP_CLOSE_DAY, L.OP_STORE_PUT))
 # layout.JOURNAL offsets the runs read as columns: principal delta, store, staff, program version
 _OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
 _Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
@@ -216,11 +228,17 @@ class DayTotals:
     """One write transaction's additions to the day totals: entries added in sequence order,
     written once (``write``) at the end of the group."""
 
-    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False):
+    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False,
+                 from_start: bool = False):
         """``fresh``: from nothing, read nothing stored but the programs (``check``: the whole
-        journal in memory, beside the stored records)."""
+        journal in memory, beside the stored records). ``fresh`` or ``from_start`` (``fill``):
+        the entries come from the journal's first, so the stores' business days come from the
+        store entries among them, not from the registry (which holds the last ones)."""
         self.txn, self.ledger, self.fresh = txn, ledger, fresh
         self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
+        # store -> its own (utc offset minutes, cutoff hour), or None: the program's
+        self.store_days: dict[int, tuple[int, int] | None] = {0: None}
+        self.stores_stored = not (fresh or from_start) and ledger.chain_stores is not None
         self.acc: dict[tuple[int, int], array] = {}  # (store, day) -> WIDTH int64 values
         self.pairs: dict[tuple[int, int, int], int] = {}
         self.staff: dict[tuple[int, int, int], list[int]] = {}
@@ -238,7 +256,15 @@ class DayTotals:
 
     # ---- reads, through the group's own changes -----------------------------------------------
 
-    def _settings(self, version: int) -> tuple[int, int]:
+    def _settings(self, store: int, version: int) -> tuple[int, int]:
+        """(UTC offset minutes, cutoff hour) of an entry of ``store`` under program ``version``:
+        the store's own, else the program's."""
+        own = self.store_days.get(store, _UNREAD)
+        if own is _UNREAD:
+            self._read_stores((store,))
+            own = self.store_days[store]
+        if own is not None:
+            return own
         s = self.settings.get(version)
         if s is None:
             s = DEFAULT_SETTINGS
@@ -248,6 +274,25 @@ class DayTotals:
                 s = (p.business_day_utc_offset_minutes, p.business_day_cutoff_hour)
             self.settings[version] = s
         return s
+
+    def _read_stores(self, stores) -> None:
+        """The business days of ``stores`` not known yet, from the registry in one read (none:
+        from the journal's start, where a store has none until its first store entry)."""
+        wanted = [s for s in stores if s not in self.store_days]
+        if not wanted:
+            return
+        found = {}
+        if self.stores_stored:
+            found = dict(self.txn.cursor(db=self.ledger.chain_stores).getmulti(
+                [_U32_KEY.pack(s) for s in wanted]))
+        for s in wanted:
+            self.store_days[s] = chain_stores.store_day(found.get(_U32_KEY.pack(s)))
+
+    def _store_put(self, subject: bytes) -> None:
+        """A store entry: the entries after it use the store's business day as it sets it."""
+        store, _, day = chain_stores.subject_store(subject)
+        self.store_days[store] = day
+        self.slots.clear()
 
     def is_closed(self, store: int, day: int) -> bool:
         closed = self.closed.get((store, day))
@@ -318,15 +363,15 @@ class DayTotals:
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
         n = len(entries)
         if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
-                and versions.count(versions[0]) == n and L.OP_CLOSE_DAY not in ops
+                and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)
                 and self._add_run(view, ops, moving, 0, versions[0], times[0])):
             return  # a group's entries: one run (most groups)
         start = 0
         for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
             if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
-                    and ops[k] != L.OP_CLOSE_DAY and ops[start] != L.OP_CLOSE_DAY:
+                    and ops[k] not in _RUN_BREAKS and ops[start] not in _RUN_BREAKS:
                 continue
-            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] != L.OP_CLOSE_DAY
+            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
                     and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
                                       versions[start], times[start])):
                 for entry in entries[start:k]:
@@ -385,8 +430,10 @@ class DayTotals:
         nslots = len(slot_index)
         if nslots > NATIVE_STORES_MAX:
             return False
-        day = business_day(ts_us, *self._settings(version))
-        unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
+        self._read_stores(slot_index)
+        days = {store: business_day(ts_us, *self._settings(store, version))
+                for store in slot_index}  # each store's own (a clearing's: its creditor's)
+        unknown = [L.DAY_KEY.pack(store, day) for store, day in days.items()
                    if (store, day) not in self.closed]
         if unknown and not self.fresh:  # whether each store's day is closed, read in one go
             found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
@@ -401,9 +448,10 @@ class DayTotals:
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         for store, s in slot_index.items():
             if acc[s * WIDTH + F_ENTRIES]:
-                native.add_rows(self._acc(store, self._land(store, day)), acc, s * WIDTH)
+                native.add_rows(self._acc(store, self._land(store, days[store])), acc, s * WIDTH)
         for cell, amount in native.nonzero(pairs):
-            self._clear(by_slot[cell // nslots], by_slot[cell % nslots], amount, day)
+            creditor = by_slot[cell % nslots]  # the entry's store (the clearing rule)
+            self._clear(by_slot[cell // nslots], creditor, amount, days[creditor])
         for cid, c in card_slot.items():
             if home_set[c]:
                 self._set_home(cid, by_slot[homes[c]])
@@ -412,7 +460,7 @@ class DayTotals:
         for k, staff in enumerate(staffs):
             if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
                           or ops[k] == L.OP_TOP_UP):
-                self._add_staff(stores[k], self._land(stores[k], day), staff, ops[k],
+                self._add_staff(stores[k], self._land(stores[k], days[stores[k]]), staff, ops[k],
                                 *_AMOUNTS.unpack_from(run, k * size))
         return True
 
@@ -431,6 +479,8 @@ class DayTotals:
         staff = f[11]
         if staff and ((op == L.OP_PURCHASE and not f[17] & CONTINUED) or op == L.OP_TOP_UP):
             self._add_staff(store, landed, staff, op, f[3], f[4])
+        if op == L.OP_STORE_PUT:
+            self._store_put(f[2])
         if op == L.OP_CLOSE_DAY and not self.is_closed(*closed_day(f[2])):  # the first closes
             closed = closed_day(f[2])
             self.closed[closed] = True
@@ -458,7 +508,7 @@ class DayTotals:
         ``ts_us`` under program ``version``."""
         if len(self.slots) > 4096:  # a fill: a new time every group
             self.slots.clear()
-        day = business_day(ts_us, *self._settings(version))
+        day = business_day(ts_us, *self._settings(store, version))
         landed = self._land(store, day)
         slot = self.slots[(store, version, ts_us)] = (self._acc(store, landed), day, landed)
         return slot
@@ -609,7 +659,7 @@ def check(txn, ledger) -> list[str]:
 def fill(txn, ledger) -> int:
     """Every journal entry added to the day totals (empty until now), in one write transaction:
     once, for a ledger made before them. Returns how many entries it added."""
-    totals = DayTotals(txn, ledger, {})
+    totals = DayTotals(txn, ledger, {}, from_start=True)
     n = 0
     chunk: list[bytes] = []
     for _, entry in txn.cursor(db=ledger.journal):
@@ -663,6 +713,22 @@ def read_range(txn, ledger, store: int | None, from_day: int,
                 break
             out.append((int.from_bytes(key[-4:], "big"), list(unpack_totals(value))))  # the day
     return out
+
+
+def read_stores_range(txn, ledger, stores: list[int], from_day: int,
+                      to_day: int) -> list[tuple[int, list]]:
+    """The stores' records from ``from_day`` to ``to_day`` added up day by day (a region's):
+    one range read per store."""
+    days: dict[int, list[int]] = {}
+    for store in stores:
+        for day, values in read_range(txn, ledger, store, from_day, to_day):
+            acc = days.get(day)
+            if acc is None:
+                days[day] = values
+            else:
+                for k in range(WIDTH):
+                    acc[k] += values[k]
+    return sorted(days.items())
 
 
 def liability(txn, ledger, through_day: int) -> tuple[int, int]:
@@ -728,18 +794,47 @@ def periods(from_day: int, to_day: int, granularity: int) -> list[tuple[str, int
 
 
 def report(txn, ledger, store: int | None, from_day: int, to_day: int, granularity: int,
-           staff: bool) -> dict:
+           staff: bool, region_stores: list[int] | None = None) -> dict:
     """A store's (``store``) or the chain's (None) figures over the days, by period, from range
     reads of the day totals: {"rows": [(label, first, last, values, liability principal, bonus,
     days closed)], "total": values, "staff": {staff id: [sales, sales_minor, top-ups,
-    top_up_minor]}}. The chain's rows carry the liability at the end of their last day."""
+    top_up_minor]}}. The chain's rows carry the liability at the end of their last day.
+    ``region_stores`` (``store`` ignored): a region's, the sum of those stores' records (no
+    liability, no closed days)."""
+    if region_stores is not None:
+        return _region_report(txn, ledger, region_stores, from_day, to_day, granularity, staff)
     if ledger.day_totals is None:  # a read-only look at a ledger made before them
         return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0) for label, first, last
                          in periods(from_day, to_day, granularity)],
                 "total": [0] * WIDTH, "staff": {}}
     days = dict(read_range(txn, ledger, store, from_day, to_day))
+    return _rows(txn, ledger, store, days, from_day, to_day, granularity, staff)
+
+
+def _region_report(txn, ledger, stores: list[int], from_day: int, to_day: int,
+                   granularity: int, staff: bool) -> dict:
+    days = dict(read_stores_range(txn, ledger, stores, from_day, to_day))
+    out = _rows(txn, ledger, -1, days, from_day, to_day, granularity, False)
+    if staff:
+        merged: dict[int, list[int]] = {}
+        for s in stores:
+            for staff_id, row in read_staff(txn, ledger, s, from_day, to_day,
+                                            STAFF_ROWS_MAX).items():
+                acc = merged.get(staff_id)
+                if acc is None and len(merged) == STAFF_ROWS_MAX:
+                    continue
+                acc = merged.setdefault(staff_id, [0, 0, 0, 0])
+                for k in range(4):
+                    acc[k] += row[k]
+        out["staff"] = merged
+    return out
+
+
+def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int,
+          granularity: int, staff: bool) -> dict:
+    """The report's rows from its days' values (``store`` -1: a region's: no closed days)."""
     closed: set[int] = set()
-    if store is not None:
+    if store is not None and store >= 0:
         cur = txn.cursor(db=ledger.store_days)
         if cur.set_range(L.DAY_KEY.pack(store, from_day)):
             end = L.DAY_KEY.pack(store, to_day)
@@ -768,4 +863,4 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                      sum(1 for d in closed if first <= d <= last)))
     return {"rows": rows, "total": total,
             "staff": read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
-            if staff else {}}
+            if staff and (store is None or store >= 0) else {}}

@@ -133,6 +133,17 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                "day that has begun can be closed"),
     R.REASON_REPORT_RANGE_INVALID: (C.INVALID_ARGUMENT, "to_day must be on or after from_day, at "
                                     "most 3660 days on"),
+    R.REASON_REGION_NOT_FOUND: (C.NOT_FOUND, "no region with this id"),
+    R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "
+                            "control characters"),
+    R.REASON_UTC_OFFSET_INVALID: (C.INVALID_ARGUMENT, "utc_offset_minutes must be -720 to 840 "
+                                  "(-12:00 to +14:00)"),
+    R.REASON_CUTOFF_HOUR_INVALID: (C.INVALID_ARGUMENT, "business_day_cutoff_hour must be 0 to 23, "
+                                   "given with utc_offset_minutes"),
+    R.REASON_CHAIN_ID_INVALID: (C.INVALID_ARGUMENT, "a region or store id must be 1 or more (store "
+                                "0 is head office)"),
+    R.REASON_CHAIN_TREE_FULL: (C.RESOURCE_EXHAUSTED, "the chain holds as many regions or stores "
+                               "as it takes"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}
