@@ -359,3 +359,72 @@ def test_the_numbers_agree_with_the_proto():
         cpb.REASON_REGION_NOT_FOUND, cpb.REASON_NAME_INVALID, cpb.REASON_UTC_OFFSET_INVALID,
         cpb.REASON_CUTOFF_HOUR_INVALID, cpb.REASON_CHAIN_ID_INVALID, cpb.REASON_CHAIN_TREE_FULL)
     assert L.OP_REGION_PUT in L.ADMIN_OPS and L.OP_STORE_PUT in L.ADMIN_OPS
+
+
+def test_the_c_loop_follows_store_entries_as_the_reference_does(tmp_path):
+    """Synthetic journals of sales and top-ups at four stores, with store entries that give
+    stores a zone of their own or take it away, at times hours apart: the C loop's records equal
+    the entry-by-entry reference's, written group by group (the registry kept as the writer
+    keeps it) they equal one pass over them, and a fill from the journal's start makes them."""
+    from hypothesis import given, settings, strategies as st
+
+    from cardcore import stores
+
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+    base_us = 1_796_000_000_000_000
+    zones = st.sampled_from((None, EAST, WEST, (0, 6), (330, 23)))
+    sale = st.tuples(st.just("sale"), st.integers(0, 3), st.integers(0, 3),
+                     st.sampled_from((-300, -100, 100, 500)), st.sampled_from((0, 0, 1, 2)))
+    put = st.tuples(st.just("put"), st.integers(1, 3), zones, st.just(0), st.sampled_from((0, 0, 1)))
+
+    def packed(k: int, f, ts_us: int) -> bytes:
+        kind, store, x, dp, _ = f
+        if kind == "put":
+            op, subject, store, dp = L.OP_STORE_PUT, stores.store_subject(store, 0, x), 0, 0
+        else:
+            op, subject = (L.OP_TOP_UP if dp > 0 else L.OP_PURCHASE), bytes([x]) * 16
+        return L.JOURNAL.pack(
+            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, subject, abs(dp), 0, dp, 0, 0,
+            1_000 + dp, 0, 0, ts_us, store, 0, 0, 0, bytes(8), 1, 0, bytes(3), 0, 0, 0, 0, 0, 0,
+            bytes(48), bytes(32))
+
+    def records(entries, native, cuts=(), from_start=False):
+        with ledger.env.begin(write=True) as txn:
+            for start, end in zip((0, *cuts), (*cuts, len(entries))):
+                group = entries[start:end]
+                totals = daytotals.DayTotals(txn, ledger, {}, from_start=from_start)
+                totals.add_all(group, native=native)
+                totals.write()
+                for e in group:  # the registry, as AdminState.flush leaves it after the group
+                    if e[1] == L.OP_STORE_PUT:
+                        store, region, day = stores.subject_store(e[16:32])
+                        txn.put(L.TERMINAL_KEY.pack(store),
+                                stores.store_record(store, "s", region, day, 0, 0),
+                                db=ledger.chain_stores)
+            out = day_records(ledger, txn)
+            txn.abort()
+        return out
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.one_of(sale, put), min_size=1, max_size=40),
+           st.lists(st.integers(1, 39), max_size=4))
+    def check(fields, cuts):
+        ts, entries = base_us, []
+        for k, f in enumerate(fields):
+            ts += f[4] * 5 * 3_600_000_000  # 0, 5 or 10 hours on: days differ by zone
+            entries.append(packed(k, f, ts))
+        cuts = sorted({c for c in cuts if c < len(entries)})
+        run_min = daytotals.NATIVE_RUN_MIN
+        daytotals.NATIVE_RUN_MIN = 1
+        try:
+            once = records(entries, True)
+            assert once == records(entries, False)
+            assert once == records(entries, True, cuts) == records(entries, False, cuts)
+            assert once == records(entries, True, from_start=True)
+        finally:
+            daytotals.NATIVE_RUN_MIN = run_min
+
+    try:
+        check()
+    finally:
+        ledger.close()
