@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve console test soak proto-check bench bench-peer bench-release load clean build
+.PHONY: help serve console test soak proto-check bench profile bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/history.py --out bench/history_results.json
 	$(PY) bench/feed.py --rounds 2 --out bench/feed_results.json
 	$(PY) bench/daytotals.py --out bench/daytotals_results.json
+
+profile: $(BUILT) ## where the time goes: py-spy on the server and its writer under load (MODE=batch|unary|stream, ARGS=--native) -> bench/profile_results.json
+	$(PY) bench/profile.py --mode $(or $(MODE),batch) $(ARGS)
 
 bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over PostgreSQL (installed and started on loopback if needed), 3 alternating rounds, direct PostgreSQL as reference -> bench/peer_results.json (ARGS=--quick: a smoke run)
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"

@@ -67,6 +67,9 @@ DB_NAMES = ("day_totals", "day_chain", "store_days", "day_clearing", "day_staff"
 # Meta: set while the day totals hold every journal entry; a writer run without them (a
 # benchmark's) clears it, and the next one with them fills them again from the journal.
 META_DAY_TOTALS = b"day_totals"
+# Its value: the version of what the records hold; a ledger whose records are older refills them
+# (2: the chain's liability figures kept by each entry's own business day).
+DAY_TOTALS_FILLED = b"\x02"
 
 # What ``add_figures`` and ``add`` read of a journal entry (layout.JOURNAL): op, seq, card id,
 # amount, discount, principal, bonus and points deltas, principal after, time, store, staff,
@@ -78,7 +81,7 @@ WIDTH = _NF + 2 * _NO  # an accumulator: figures, then counts by op, then amount
 assert native.width() == WIDTH
 (F_ENTRIES, F_P_IN, F_P_OUT, F_B_IN, F_B_OUT, F_PTS_IN, F_PTS_OUT, F_GROSS, F_DISCOUNT,
  F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
- F_COUPONS_USED, F_OWES, F_OWED) = range(len(L.DAY_FIGURES))
+ F_COUPONS_USED, F_OWES, F_OWED, F_OWN_P, F_OWN_B) = range(len(L.DAY_FIGURES))
 # points that move, not earned or spent: undone, moved to a new card, forfeited on cancelling
 # (an import brings the old system's points: none earned under this chain's program that day)
 _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
@@ -250,6 +253,7 @@ class DayTotals:
         self.landing: dict[tuple[int, int], int] = {}
         self.slots: dict[tuple[int, int, int], tuple[array, int, int]] = {}
         self.both: dict[tuple[int, int, int], int] = {}  # (debtor, creditor, day) -> clearing day
+        self.own: dict[int, list[int]] = {}  # business day -> [principal net, bonus net] by own day
         # a replacement's home, from the old card's entry to the new one's, right after it (the
         # writer writes them together); None between replacements
         self.moving_home: int | None = None
@@ -448,7 +452,10 @@ class DayTotals:
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         for store, s in slot_index.items():
             if acc[s * WIDTH + F_ENTRIES]:
-                native.add_rows(self._acc(store, self._land(store, days[store])), acc, s * WIDTH)
+                row, day = s * WIDTH, days[store]
+                native.add_rows(self._acc(store, self._land(store, day)), acc, row)
+                self._own(day, acc[row + F_P_IN] - acc[row + F_P_OUT],
+                          acc[row + F_B_IN] - acc[row + F_B_OUT])
         for cell, amount in native.nonzero(pairs):
             creditor = by_slot[cell % nslots]  # the entry's store (the clearing rule)
             self._clear(by_slot[cell // nslots], creditor, amount, days[creditor])
@@ -474,6 +481,8 @@ class DayTotals:
         a, day, landed = slot
         add_figures(a, f)
         dp = f[5]
+        if dp or f[6]:
+            self._own(day, dp, f[6])
         if dp or op >= L.OP_CARD_REPLACED:
             self._money(op, f[2], store, dp, f[8], day)
         staff = f[11]
@@ -489,6 +498,15 @@ class DayTotals:
             self.both.clear()
             self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
                 L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9])))
+
+    def _own(self, day: int, principal_minor: int, bonus_minor: int) -> None:
+        """Net principal and bonus moved by entries whose own business day is ``day`` (the
+        chain's liability, ``layout.DAY_TOTALS``)."""
+        o = self.own.get(day)
+        if o is None:
+            o = self.own[day] = [0, 0]
+        o[0] = saturated(o[0] + principal_minor)
+        o[1] = saturated(o[1] + bonus_minor)
 
     def _add_staff(self, store: int, day: int, staff: int, op: int, amount: int,
                    discount: int) -> None:
@@ -597,6 +615,13 @@ class DayTotals:
             if c is None:
                 c = chain[day] = array("q", _ZERO_ROW)
             native.add_rows(c, a, 0)
+        for day, (principal, bonus) in self.own.items():
+            c = chain.get(day)
+            if c is None:
+                c = chain[day] = array("q", _ZERO_ROW)
+            _add(c, F_OWN_P, principal)
+            _add(c, F_OWN_B, bonus)
+        self.own = {}
         totals = self._added("day_totals", sorted(
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
         chain_days = self._added("day_chain", sorted(
@@ -733,11 +758,12 @@ def read_stores_range(txn, ledger, stores: list[int], from_day: int,
 
 def liability(txn, ledger, through_day: int) -> tuple[int, int]:
     """(principal, bonus) the chain owes its members at the end of business day
-    ``through_day``: the range sum of the chain's daily net changes up to it."""
+    ``through_day``: the range sum of the chain's daily net changes up to it, by each entry's
+    own business day."""
     principal = bonus = 0
     for _, v in read_range(txn, ledger, None, 0, through_day):
-        principal += v[F_P_IN] - v[F_P_OUT]
-        bonus += v[F_B_IN] - v[F_B_OUT]
+        principal += v[F_OWN_P]
+        bonus += v[F_OWN_B]
     return principal, bonus
 
 
@@ -856,8 +882,8 @@ def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int
         for k in range(WIDTH):
             total[k] += acc[k]
         if store is None:
-            principal += acc[F_P_IN] - acc[F_P_OUT]
-            bonus += acc[F_B_IN] - acc[F_B_OUT]
+            principal += acc[F_OWN_P]
+            bonus += acc[F_OWN_B]
         rows.append((label, first, last, acc, principal if store is None else 0,
                      bonus if store is None else 0,
                      sum(1 for d in closed if first <= d <= last)))

@@ -409,14 +409,18 @@ wrote them (``daytotals.add_figures`` maps one entry to its figures)::
                                    coupon_off_minor, tender_principal_minor, tender_bonus_minor,
                                    tender_points_minor, tender_till_minor, points_issued,
                                    points_redeemed, points_expired, coupons_used,
-                                   clearing_owes_minor, clearing_owed_minor; 4 reserved (0)
+                                   clearing_owes_minor, clearing_owed_minor,
+                                   own_day_principal_net_minor, own_day_bonus_net_minor
+                                   (day_chain only, below); 2 reserved (0)
     200  u32[40] count_by_op       journal entries by OperationType (index = op)
     360  i64[40] amount_by_op      their amount_minor, added up
     680  24B reserved
 
 The chain's stored-value liability (principal and bonus apart) at the end of a day is the sum of
-principal_in - principal_out (bonus likewise) over the chain's records up to that day: a range
-read, never a journal scan.
+own_day_principal_net_minor (bonus likewise) over the chain's records up to that day: a range
+read, never a journal scan. Those two figures are kept by each entry's *own* business day (the
+day of its time), not the day it landed in, so money taken after a store closed its day early
+counts on the day it was taken; they are 0 in stores' records (a closed day never changes).
 
 Store day, v1, 32 bytes, LMDB ``store_days`` value (key as ``day_totals``'s): a closed business
 day (CloseDay); no record: open::
@@ -707,7 +711,8 @@ DAY_FIGURES = ("entries", "principal_in_minor", "principal_out_minor", "bonus_in
                "bonus_out_minor", "points_in", "points_out", "sales_gross_minor", "discount_minor",
                "coupon_off_minor", "tender_principal_minor", "tender_bonus_minor",
                "tender_points_minor", "tender_till_minor", "points_issued", "points_redeemed",
-               "points_expired", "coupons_used", "clearing_owes_minor", "clearing_owed_minor")
+               "points_expired", "coupons_used", "clearing_owes_minor", "clearing_owed_minor",
+               "own_day_principal_net_minor", "own_day_bonus_net_minor")
 DAY_FIGURE_SLOTS = 24
 DAY_TOTALS = struct.Struct(f"<B7x{DAY_FIGURE_SLOTS}q{DAY_OPS}I{DAY_OPS}q24x")
 DAY_KEY = struct.Struct(">II")      # store_id, business day

@@ -462,7 +462,8 @@ class Ledger:
         if not readonly and self._read(lambda txn: txn.get(META_BIRTHS, db=self.meta)) is None:
             self._fill_birth_months()
         if (not readonly and day_totals
-                and self._read(lambda txn: txn.get(META_DAY_TOTALS, db=self.meta)) is None):
+                and self._read(lambda txn: txn.get(META_DAY_TOTALS, db=self.meta))
+                != daytotals.DAY_TOTALS_FILLED):
             self._fill_day_totals()
         if (not readonly and self.member_index is not None
                 and self._read(lambda txn: txn.get(META_MEMBERS, db=self.meta)) is None):
@@ -534,7 +535,7 @@ class Ledger:
             for name in daytotals.DB_NAMES:
                 txn.drop(getattr(self, name), delete=False)
             count = daytotals.fill(txn, self)
-            txn.put(META_DAY_TOTALS, b"\x01", db=self.meta)
+            txn.put(META_DAY_TOTALS, daytotals.DAY_TOTALS_FILLED, db=self.meta)
         if count:
             log.info("day totals filled from %d journal entries", count)
 

@@ -152,6 +152,44 @@ def today_of(result) -> int:
     return day_of(result.applied_at_us)
 
 
+def test_the_liability_counts_money_taken_after_an_early_close_on_its_own_day(server, chain):
+    """Store 2 closes today early; a top-up there after the close lands in tomorrow's figures,
+    but the chain owed it to the member from today: the liability at the end of today holds it."""
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 5_000, 1))
+    close(admin, 2, today)
+    late = top_up(stub, number, 7_000, 2)
+    assert day_of(late.applied_at_us) == today
+    rows = report(admin, today, today + 1).rows
+    stores = report(admin, today, today + 1, store=2).rows
+    assert [ops_of(r.figures).get(L.OP_TOP_UP) for r in stores] == [None, (1, 7_000)]
+    assert [r.liability_principal_minor for r in rows] == [12_000, 12_000]
+    assert [r.figures.principal_in_minor for r in rows] == [5_000, 7_000]  # where they landed
+    # a report that starts tomorrow carries today's liability in from before its range
+    assert report(admin, today + 1, today + 1).rows[0].liability_principal_minor == 12_000
+    # records kept before these figures existed (meta 1: no own-day figures) are filled again
+    server.stop()
+    env = lmdb.open(os.path.join(server.data_dir, "ledger"), max_dbs=64)
+    with env.begin(write=True) as txn:
+        chain_db = env.open_db(b"day_chain", txn=txn)
+        for key, value in list(txn.cursor(db=chain_db)):
+            old = bytearray(value)
+            L.DAY_TOTALS.pack_into(old, 0, *(L.DAY_TOTALS.unpack(value)[:1 + daytotals.F_OWN_P]
+                                             + (0, 0) + L.DAY_TOTALS.unpack(value)[
+                                                 1 + daytotals.F_OWN_B + 1:]))
+            txn.put(key, bytes(old), db=chain_db)
+        txn.put(b"day_totals", b"\x01", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    again = ServerProcess(server.data_dir)
+    try:
+        refilled_rows = report(Admin(again.channel, again.admin_token), today, today + 1).rows
+        assert [r.liability_principal_minor for r in refilled_rows] == [12_000, 12_000]
+        assert "day totals filled from" in again.log()
+    finally:
+        again.stop()
+
+
 def test_closing_a_day_twice_gives_the_same_figures(server, chain):
     stub, admin = chain
     number = open_card(stub, 1)
