@@ -20,7 +20,7 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import (Admin, bearer, failure_of, journal_entries, operator_cli, rid, sent_at,
                       verify)
-from test_daily_close import (J_CARD, J_OP, J_TS, close, date_text, day_of, day_records,
+from test_daily_close import (J_CARD, J_OP, close, date_text, day_of, day_records,
                               open_card, ops_of, purchase, report, till, top_up)
 
 ROLE = cpb.OperatorRole
