@@ -104,7 +104,9 @@ Admin entries (op >= 16) move no money; their 16-byte subject is, for
 terminal events, u32 terminal_id | u32 store_id | 8B initial key ID; for
 operator events, u32 operator_id | u8 role | zeros; for a key rotation,
 u32 new key version | zeros; for a program load, u32 version | 12 bytes of the
-program document's SHA-256; for a request window change, u32 seconds | zeros.
+program document's SHA-256; for a request window change, u32 seconds | zeros; for a
+close, u32 store_id | u32 business day | zeros; for a region or store put, layout.REGION_SUBJECT
+or layout.STORE_SUBJECT (below, with the records).
 
 Request key (LMDB ``requests`` key): u8 caller_kind | u32 caller_id (big-endian)
 | the request_id's ASCII bytes. Request ids are scoped to their caller: two
