@@ -159,3 +159,35 @@ def store_regions(txn, ledger) -> dict[int, int]:
         region, store = L.REGION_STORE_KEY.unpack(key)
         out[store] = region
     return out
+
+
+def check(txn, ledger) -> list[str]:
+    """The registry against the journal (``cardcore verify``): the regions are the ones the
+    region entries put, each store's region and business day are its last store entry's, and
+    the region index names exactly the stores' regions. What is wrong, in words."""
+    if ledger.chain_stores is None:
+        return []
+    regions: set[int] = set()
+    last: dict[int, tuple[int, tuple[int, int] | None]] = {}
+    for _, entry in txn.cursor(db=ledger.journal):
+        if entry[1] == L.OP_REGION_PUT:
+            regions.add(L.REGION_SUBJECT.unpack_from(entry, 16)[0])
+        elif entry[1] == L.OP_STORE_PUT:
+            store, region, day = subject_store(entry[16:32])
+            last[store] = (region, day)
+    problems = []
+    if {L.TERMINAL_KEY.unpack(k)[0] for k in txn.cursor(db=ledger.chain_regions).iternext(
+            values=False)} != regions:
+        problems.append("the regions are not the ones the journal's region entries put")
+    stored = {}
+    for _, raw in txn.cursor(db=ledger.chain_stores):
+        s = unpack_store(raw)
+        stored[s["store_id"]] = (s["region_id"], s["day"])
+    if stored != last:
+        problems.append("the stores' regions and business days are not what the journal's "
+                        "store entries set")
+    index = {L.REGION_STORE_KEY.unpack(k) for k in txn.cursor(
+        db=ledger.chain_region_stores).iternext(values=False)}
+    if index != {(region, store) for store, (region, _) in stored.items() if region}:
+        problems.append("the region index does not name exactly the stores' regions")
+    return problems

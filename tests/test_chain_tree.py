@@ -113,6 +113,20 @@ def test_regions_and_stores_are_put_listed_and_journaled(server, chain):
     assert "region 3  West\n  store 31  Urumqi" in out
     assert "store 11  Harbin Central  region 1  UTC+14:00, day from 00:00  terminals 2" in out
     assert "head office (no region)\n  store 30  Head office shop" in out
+    # the registry is held to the journal: a store's zone changed behind the writer's back
+    server.stop()
+    ledger = Ledger(os.path.join(server.data_dir, "ledger"))
+    try:
+        with ledger.env.begin(write=True) as txn:
+            key = L.TERMINAL_KEY.pack(11)
+            record = bytearray(txn.get(key, db=ledger.chain_stores))
+            record[12:16] = (480).to_bytes(4, "little", signed=True)  # utc_offset_minutes
+            txn.put(key, bytes(record), db=ledger.chain_stores)
+    finally:
+        ledger.close()
+    report_of = verify(server.data_dir)
+    assert not report_of["ok"] and report_of["problems"] == [
+        "the stores' regions and business days are not what the journal's store entries set"]
 
 
 def refusal(call) -> tuple[grpc.StatusCode, int, str]:
