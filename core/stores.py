@@ -22,7 +22,8 @@ from cardcore import layout as L
 UTC_OFFSET_MIN, UTC_OFFSET_MAX = -720, 840  # -12:00 .. +14:00, minutes
 CUTOFF_HOUR_MAX = 23
 REGIONS_MAX = 1_000      # regions a chain holds at most
-STORES_MAX = 100_000     # stores a chain holds at most
+STORES_MAX = 20_000      # stores a chain holds at most: ListStores answers them all in one
+# message of at most ~2.3 MB (113 bytes a store at most), under a gRPC client's default 4 MiB
 U32_MAX = 0xFFFFFFFF
 # The ledger's sub-databases of the chain's shape (created empty in a ledger made before them).
 DB_NAMES = ("chain_regions", "chain_stores", "chain_region_stores")

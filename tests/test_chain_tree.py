@@ -442,3 +442,44 @@ def test_the_c_loop_follows_store_entries_as_the_reference_does(tmp_path):
         check()
     finally:
         ledger.close()
+
+
+def test_the_writer_checks_puts_again_and_keeps_the_trees_limits(tmp_path, monkeypatch):
+    """What the server refuses is refused by the writer too (a group log replayed, a tool), and
+    the limits on regions and stores hold: refused puts write nothing, journal nothing."""
+    import time
+
+    from cardcore import stores
+    from cardcore.idempotency import PendingOp
+
+    monkeypatch.setattr(stores, "REGIONS_MAX", 2)
+    monkeypatch.setattr(stores, "STORES_MAX", 2)
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+
+    def region(rid, name=b"R"):
+        return PendingOp.admin(b"", L.OP_REGION_PUT, stores.region_subject(rid), name, 0)
+
+    def store(sid, rid=0, day=None, name=b"S"):
+        return PendingOp.admin(b"", L.OP_STORE_PUT, stores.store_subject(sid, rid, day), name, 0)
+
+    try:
+        head = ledger.next_seq
+        outcomes = ledger.apply_group(
+            [region(1), region(2), region(3), region(1, "北".encode()), region(0), region(2, b""),
+             store(5, 1), store(6, 9), store(7, 0, (900, 4)), store(7, 0, (60, 24)),
+             store(0), store(7, 2, None, b"x" * 65), store(7, 2), store(8), store(5, 2, (0, 0))],
+            time.time_ns() // 1000)
+        assert [o.reason for o in outcomes] == [
+            L.R_OK, L.R_OK, L.R_CHAIN_TREE_FULL, L.R_OK, L.R_CHAIN_ID_INVALID, L.R_NAME_INVALID,
+            L.R_OK, L.R_REGION_NOT_FOUND, L.R_UTC_OFFSET_INVALID, L.R_CUTOFF_HOUR_INVALID,
+            L.R_CHAIN_ID_INVALID, L.R_NAME_INVALID, L.R_OK, L.R_CHAIN_TREE_FULL, L.R_OK]
+        assert ledger.next_seq - head == 6  # the applied ones only
+        regions, stored = ledger.read_tree()
+        assert [(r["region_id"], r["name"]) for r in regions] == [(1, "北"), (2, "R")]
+        assert [(s["store_id"], s["region_id"], s["day"]) for s in stored] == [
+            (5, 2, (0, 0)), (7, 2, None)]
+        assert ledger.read_region_stores(1) == [] and ledger.read_region_stores(2) == [5, 7]
+        with ledger.env.begin() as txn:
+            assert stores.check(txn, ledger) == []
+    finally:
+        ledger.close()
