@@ -241,7 +241,8 @@ class DayTotals:
         self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
         # store -> its own (utc offset minutes, cutoff hour), or None: the program's
         self.store_days: dict[int, tuple[int, int] | None] = {0: None}
-        self.stores_stored = not (fresh or from_start) and ledger.chain_stores is not None
+        self.stores_stored = (not (fresh or from_start) and ledger.chain_stores is not None
+                              and txn.stat(ledger.chain_stores)["entries"] > 0)  # none: no reads
         self.acc: dict[tuple[int, int], array] = {}  # (store, day) -> WIDTH int64 values
         self.pairs: dict[tuple[int, int, int], int] = {}
         self.staff: dict[tuple[int, int, int], list[int]] = {}
@@ -282,15 +283,17 @@ class DayTotals:
     def _read_stores(self, stores) -> None:
         """The business days of ``stores`` not known yet, from the registry in one read (none:
         from the journal's start, where a store has none until its first store entry)."""
-        wanted = [s for s in stores if s not in self.store_days]
+        known = self.store_days
+        wanted = [s for s in stores if s not in known]
         if not wanted:
             return
-        found = {}
-        if self.stores_stored:
-            found = dict(self.txn.cursor(db=self.ledger.chain_stores).getmulti(
-                [_U32_KEY.pack(s) for s in wanted]))
+        if not self.stores_stored:
+            known.update(dict.fromkeys(wanted))
+            return
+        found = dict(self.txn.cursor(db=self.ledger.chain_stores).getmulti(
+            [_U32_KEY.pack(s) for s in wanted]))
         for s in wanted:
-            self.store_days[s] = chain_stores.store_day(found.get(_U32_KEY.pack(s)))
+            known[s] = chain_stores.store_day(found.get(_U32_KEY.pack(s)))
 
     def _store_put(self, subject: bytes) -> None:
         """A store entry: the entries after it use the store's business day as it sets it."""
@@ -435,8 +438,12 @@ class DayTotals:
         if nslots > NATIVE_STORES_MAX:
             return False
         self._read_stores(slot_index)
-        days = {store: business_day(ts_us, *self._settings(store, version))
-                for store in slot_index}  # each store's own (a clearing's: its creditor's)
+        own = self.store_days
+        if any(own[store] is not None for store in slot_index):
+            days = {store: business_day(ts_us, *self._settings(store, version))
+                    for store in slot_index}  # each store's own (a clearing's: its creditor's)
+        else:  # every store on the program's clock (most runs): one day
+            days = dict.fromkeys(slot_index, business_day(ts_us, *self._settings(0, version)))
         unknown = [L.DAY_KEY.pack(store, day) for store, day in days.items()
                    if (store, day) not in self.closed]
         if unknown and not self.fresh:  # whether each store's day is closed, read in one go
