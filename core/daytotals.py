@@ -81,7 +81,7 @@ WIDTH = _NF + 2 * _NO  # an accumulator: figures, then counts by op, then amount
 assert native.width() == WIDTH
 (F_ENTRIES, F_P_IN, F_P_OUT, F_B_IN, F_B_OUT, F_PTS_IN, F_PTS_OUT, F_GROSS, F_DISCOUNT,
  F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
- F_COUPONS_USED, F_OWES, F_OWED, F_OWN_P, F_OWN_B) = range(len(L.DAY_FIGURES))
+ F_COUPONS_USED, F_OWES, F_OWED, F_OWN_P, F_OWN_B, F_HOLDS, F_OWN_HELD) = range(len(L.DAY_FIGURES))
 # points that move, not earned or spent: undone, moved to a new card, forfeited on cancelling
 # (an import brings the old system's points: none earned under this chain's program that day)
 _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
@@ -98,6 +98,10 @@ _RUN_BREAKS = frozenset((L.OP_CLOSE_DAY, L.OP_STORE_PUT))
 _OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
 _Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
 _OFF_SEQ, _OFF_BASKET = 8, 160  # layout.JOURNAL: seq, basket_tag
+_OFF_LINK = 144  # layout.JOURNAL: link_seq (a capture's, void's, expiry's, reversal's hold)
+_HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED, L.OP_PURCHASE, L.OP_REVERSAL))
+_HOLD_FIELDS = struct.Struct("<32xq56xqI")  # layout.JOURNAL: amount_minor, ts_us, store_id
+_HOLD_VERSION = struct.Struct("<128xI")  # layout.JOURNAL: program_version
 # In the day totals' own copy of an entry only (never stored): a later card's payment of a split
 # tender's basket. The basket's sale (gross, discount, the staff's credit) was counted with its
 # first payment, and that payment's remainder as the till's; this card's payment leaves the till.
@@ -254,7 +258,8 @@ class DayTotals:
         self.landing: dict[tuple[int, int], int] = {}
         self.slots: dict[tuple[int, int, int], tuple[array, int, int]] = {}
         self.both: dict[tuple[int, int, int], int] = {}  # (debtor, creditor, day) -> clearing day
-        self.own: dict[int, list[int]] = {}  # business day -> [principal net, bonus net] by own day
+        # business day -> [principal, bonus, held] net, by each entry's own business day
+        self.own: dict[int, list[int]] = {}
         # a replacement's home, from the old card's entry to the new one's, right after it (the
         # writer writes them together); None between replacements
         self.moving_home: int | None = None
@@ -370,14 +375,20 @@ class DayTotals:
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
         n = len(entries)
         if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
-                and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)
-                and self._add_run(view, ops, moving, 0, versions[0], times[0])):
-            return  # a group's entries: one run (most groups)
+                and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)):
+            self._holds(view, ops)
+            if self._add_run(view, ops, moving, 0, versions[0], times[0]):
+                return  # a group's entries: one run (most groups)
+            for entry in entries:
+                self.add(entry)
+            return
         start = 0
         for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
             if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
                     and ops[k] not in _RUN_BREAKS and ops[start] not in _RUN_BREAKS:
                 continue
+            # never across a close or a store entry (a hold's day is its store's)
+            self._holds(view[start * size:k * size], ops[start:k])
             if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
                     and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
                                       versions[start], times[start])):
@@ -506,14 +517,44 @@ class DayTotals:
             self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
                 L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9])))
 
-    def _own(self, day: int, principal_minor: int, bonus_minor: int) -> None:
-        """Net principal and bonus moved by entries whose own business day is ``day`` (the
-        chain's liability, ``layout.DAY_TOTALS``)."""
+    def _own(self, day: int, principal_minor: int, bonus_minor: int, held_minor: int = 0) -> None:
+        """Net principal, bonus and held money moved by entries whose own business day is
+        ``day`` (the chain's liability and holds outstanding, ``layout.DAY_TOTALS``)."""
         o = self.own.get(day)
         if o is None:
-            o = self.own[day] = [0, 0]
+            o = self.own[day] = [0, 0, 0]
         o[0] = saturated(o[0] + principal_minor)
         o[1] = saturated(o[1] + bonus_minor)
+        o[2] = saturated(o[2] + held_minor)
+
+    def _holds(self, view: memoryview, ops: bytes) -> None:
+        """What the entries change in the money held by open holds (rule 15), for the store
+        that placed each hold: + an authorization's amount; - a capture's, void's or expiry's
+        hold amount, and a reversed authorization's amount (what it still held). The closing
+        entries name their hold by link_seq; its entry (in the journal already: the writer
+        writes the group's entries before their totals) says its store and amount. Called on
+        each stretch of entries between closes, in order, so a close before a void in the same
+        group keeps its day as it closed it."""
+        links = view.cast("Q")[_OFF_LINK // 8::_Q_PER_ENTRY].tolist()
+        if L.OP_HOLD not in ops and not any(links):
+            return  # most groups: purchases and top-ups, none linked
+        size = L.JOURNAL_SIZE
+        for k, op in enumerate(ops):
+            if op == L.OP_HOLD:
+                amount, ts_us, store = _HOLD_FIELDS.unpack_from(view, k * size)
+            elif links[k] and op in _HOLD_CLOSERS:
+                hold = self.txn.get(L.SEQ_KEY.pack(links[k]), db=self.ledger.journal)
+                if hold is None or hold[1] != L.OP_HOLD:
+                    continue  # a refund's or reversal's sale, a reversal of a top-up
+                held, _, store = _HOLD_FIELDS.unpack_from(hold)
+                amount, ts_us, _ = _HOLD_FIELDS.unpack_from(view, k * size)
+                amount = -(held if op == L.OP_PURCHASE else amount)
+            else:
+                continue
+            version = _HOLD_VERSION.unpack_from(view, k * size)[0]
+            day = business_day(ts_us, *self._settings(store, version))  # the hold store's day
+            _add(self._acc(store, self._land(store, day)), F_HOLDS, amount)
+            self._own(day, 0, 0, amount)
 
     def _add_staff(self, store: int, day: int, staff: int, op: int, amount: int,
                    discount: int) -> None:
@@ -622,12 +663,13 @@ class DayTotals:
             if c is None:
                 c = chain[day] = array("q", _ZERO_ROW)
             native.add_rows(c, a, 0)
-        for day, (principal, bonus) in self.own.items():
+        for day, (principal, bonus, held) in self.own.items():
             c = chain.get(day)
             if c is None:
                 c = chain[day] = array("q", _ZERO_ROW)
             _add(c, F_OWN_P, principal)
             _add(c, F_OWN_B, bonus)
+            _add(c, F_OWN_HELD, held)
         self.own = {}
         totals = self._added("day_totals", sorted(
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
@@ -707,9 +749,10 @@ def fill(txn, ledger) -> int:
 
 # ---- reads (reports) -----------------------------------------------------------------------------
 
-def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None, list]:
+def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None, list, int]:
     """(the store's figures of ``day`` (zeros: nothing landed), its close (operator, seq, time)
-    or None, its clearing rows [(counterparty, owes_minor)])."""
+    or None, its clearing rows [(counterparty, owes_minor)], the money its holds still held at
+    the end of the day)"""
     raw = txn.get(L.DAY_KEY.pack(store, day), db=ledger.day_totals)
     values = list(unpack_totals(raw)) if raw is not None else [0] * WIDTH
     closed = txn.get(L.DAY_KEY.pack(store, day), db=ledger.store_days)
@@ -724,7 +767,7 @@ def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None
             amount = _I64.unpack(value)[0]
             if amount:
                 rows.append((L.DAY_PAIR_KEY.unpack(key)[2], amount))
-    return values, close, rows
+    return values, close, rows, holds_outstanding(txn, ledger, store, day)
 
 
 def read_range(txn, ledger, store: int | None, from_day: int,
@@ -763,15 +806,22 @@ def read_stores_range(txn, ledger, stores: list[int], from_day: int,
     return sorted(days.items())
 
 
-def liability(txn, ledger, through_day: int) -> tuple[int, int]:
-    """(principal, bonus) the chain owes its members at the end of business day
-    ``through_day``: the range sum of the chain's daily net changes up to it, by each entry's
-    own business day."""
-    principal = bonus = 0
+def liability(txn, ledger, through_day: int) -> tuple[int, int, int]:
+    """(principal, bonus, held) the chain owes its members at the end of business day
+    ``through_day``, and how much of it open holds held: the range sum of the chain's daily net
+    changes up to it, by each entry's own business day."""
+    principal = bonus = held = 0
     for _, v in read_range(txn, ledger, None, 0, through_day):
         principal += v[F_OWN_P]
         bonus += v[F_OWN_B]
-    return principal, bonus
+        held += v[F_OWN_HELD]
+    return principal, bonus, held
+
+
+def holds_outstanding(txn, ledger, store: int, through_day: int) -> int:
+    """What the holds placed at ``store`` still held at the end of its business day
+    ``through_day`` (as landed: a store's figures): the range sum of its records up to it."""
+    return sum(v[F_HOLDS] for _, v in read_range(txn, ledger, store, 0, through_day))
 
 
 def read_staff(txn, ledger, store: int | None, from_day: int, to_day: int,
@@ -830,14 +880,15 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
            staff: bool, region_stores: list[int] | None = None) -> dict:
     """A store's (``store``) or the chain's (None) figures over the days, by period, from range
     reads of the day totals: {"rows": [(label, first, last, values, liability principal, bonus,
-    days closed)], "total": values, "staff": {staff id: [sales, sales_minor, top-ups,
-    top_up_minor]}}. The chain's rows carry the liability at the end of their last day.
+    days closed, holds outstanding)], "total": values, "staff": {staff id: [sales, sales_minor,
+    top-ups, top_up_minor]}}. The chain's rows carry the liability at the end of their last day;
+    every row the money holds (the store's, the region's, or all) still held then.
     ``region_stores`` (``store`` ignored): a region's, the sum of those stores' records (no
     liability, no closed days)."""
     if region_stores is not None:
         return _region_report(txn, ledger, region_stores, from_day, to_day, granularity, staff)
     if ledger.day_totals is None:  # a read-only look at a ledger made before them
-        return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0) for label, first, last
+        return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0, 0) for label, first, last
                          in periods(from_day, to_day, granularity)],
                 "total": [0] * WIDTH, "staff": {}}
     days = dict(read_range(txn, ledger, store, from_day, to_day))
@@ -847,7 +898,7 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
 def _region_report(txn, ledger, stores: list[int], from_day: int, to_day: int,
                    granularity: int, staff: bool) -> dict:
     days = dict(read_stores_range(txn, ledger, stores, from_day, to_day))
-    out = _rows(txn, ledger, -1, days, from_day, to_day, granularity, False)
+    out = _rows(txn, ledger, None, days, from_day, to_day, granularity, False, stores)
     if staff:
         merged: dict[int, list[int]] = {}
         for s in stores:
@@ -864,10 +915,11 @@ def _region_report(txn, ledger, stores: list[int], from_day: int, to_day: int,
 
 
 def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int,
-          granularity: int, staff: bool) -> dict:
-    """The report's rows from its days' values (``store`` -1: a region's: no closed days)."""
+          granularity: int, staff: bool, region_stores: list[int] | None = None) -> dict:
+    """The report's rows from its days' values (``region_stores``: a region's, no closed days,
+    no staff: the caller merges them)."""
     closed: set[int] = set()
-    if store is not None and store >= 0:
+    if store is not None and region_stores is None:
         cur = txn.cursor(db=ledger.store_days)
         if cur.set_range(L.DAY_KEY.pack(store, from_day)):
             end = L.DAY_KEY.pack(store, to_day)
@@ -875,8 +927,15 @@ def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int
                 if key > end:
                     break
                 closed.add(L.DAY_KEY.unpack(key)[1])
-    principal, bonus = (liability(txn, ledger, from_day - 1) if store is None and from_day
-                        else (0, 0))
+    if not from_day:
+        principal = bonus = held = 0
+    elif region_stores is not None:
+        principal, bonus = 0, 0
+        held = sum(holds_outstanding(txn, ledger, s, from_day - 1) for s in region_stores)
+    elif store is None:
+        principal, bonus, held = liability(txn, ledger, from_day - 1)
+    else:
+        principal, bonus, held = 0, 0, holds_outstanding(txn, ledger, store, from_day - 1)
     total = [0] * WIDTH
     rows = []
     for label, first, last in periods(from_day, to_day, granularity):
@@ -888,12 +947,14 @@ def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int
                     acc[k] += v[k]
         for k in range(WIDTH):
             total[k] += acc[k]
-        if store is None:
+        if store is None and region_stores is None:
             principal += acc[F_OWN_P]
             bonus += acc[F_OWN_B]
-        rows.append((label, first, last, acc, principal if store is None else 0,
-                     bonus if store is None else 0,
-                     sum(1 for d in closed if first <= d <= last)))
+            held += acc[F_OWN_HELD]
+        else:
+            held += acc[F_HOLDS]
+        rows.append((label, first, last, acc, principal, bonus,
+                     sum(1 for d in closed if first <= d <= last), held))
     return {"rows": rows, "total": total,
             "staff": read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
-            if staff and (store is None or store >= 0) else {}}
+            if staff and region_stores is None else {}}

@@ -413,7 +413,8 @@ wrote them (``daytotals.add_figures`` maps one entry to its figures)::
                                    points_redeemed, points_expired, coupons_used,
                                    clearing_owes_minor, clearing_owed_minor,
                                    own_day_principal_net_minor, own_day_bonus_net_minor
-                                   (day_chain only, below); 2 reserved (0)
+                                   (day_chain only, below), holds_net_minor,
+                                   own_day_held_net_minor (day_chain only)
     200  u32[40] count_by_op       journal entries by OperationType (index = op)
     360  i64[40] amount_by_op      their amount_minor, added up
     680  24B reserved
@@ -423,6 +424,11 @@ own_day_principal_net_minor (bonus likewise) over the chain's records up to that
 read, never a journal scan. Those two figures are kept by each entry's *own* business day (the
 day of its time), not the day it landed in, so money taken after a store closed its day early
 counts on the day it was taken; they are 0 in stores' records (a closed day never changes).
+Money held by open holds (rule 15) likewise: ``holds_net_minor`` is the net change of what holds
+*placed at the store* hold (+ an authorization, - its capture, void, expiry or reversal, whichever
+store's entry closes it), landed like every figure, so a store's holds outstanding at the end of a
+day is the range sum of its records up to it; the chain's, by own business day, is the sum of
+``own_day_held_net_minor``.
 
 Store day, v1, 32 bytes, LMDB ``store_days`` value (key as ``day_totals``'s): a closed business
 day (CloseDay); no record: open::
@@ -714,7 +720,8 @@ DAY_FIGURES = ("entries", "principal_in_minor", "principal_out_minor", "bonus_in
                "coupon_off_minor", "tender_principal_minor", "tender_bonus_minor",
                "tender_points_minor", "tender_till_minor", "points_issued", "points_redeemed",
                "points_expired", "coupons_used", "clearing_owes_minor", "clearing_owed_minor",
-               "own_day_principal_net_minor", "own_day_bonus_net_minor")
+               "own_day_principal_net_minor", "own_day_bonus_net_minor", "holds_net_minor",
+               "own_day_held_net_minor")
 DAY_FIGURE_SLOTS = 24
 DAY_TOTALS = struct.Struct(f"<B7x{DAY_FIGURE_SLOTS}q{DAY_OPS}I{DAY_OPS}q24x")
 DAY_KEY = struct.Struct(">II")      # store_id, business day

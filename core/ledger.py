@@ -998,10 +998,11 @@ class Ledger:
         """The stores of a region now (``stores.region_stores``)."""
         return self._read(lambda txn: stores.region_stores(txn, self, region_id))
 
-    def read_day(self, store: int, day: int) -> tuple[list[int], tuple | None, list]:
-        """A store's business day: figures, its close, its clearing (``daytotals.read_day``)."""
+    def read_day(self, store: int, day: int) -> tuple[list[int], tuple | None, list, int]:
+        """A store's business day: figures, its close, its clearing, its holds outstanding
+        (``daytotals.read_day``)."""
         if self.day_totals is None:
-            return [0] * daytotals.WIDTH, None, []
+            return [0] * daytotals.WIDTH, None, [], 0
         return self._read(lambda txn: daytotals.read_day(txn, self, store, day))
 
     def read_report(self, store: int | None, from_day: int, to_day: int, granularity: int,

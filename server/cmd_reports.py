@@ -64,6 +64,7 @@ def cmd_close_day(args) -> int:
             ("closed", f"journal seq {r.closed_seq} by operator {r.closed_by}"
                        f"{' (closed before)' if r.closed_before else ''}")]
     rows += _figure_rows(r.figures)
+    rows += [("holds outstanding", fen(r.holds_outstanding_minor))]
     rows += [(f"  {cpb.OperationType.Name(o.operation_type)[15:].lower()}",
               f"{o.count} x, {fen(o.amount_minor)}") for o in r.figures.operations]
     rows += [(f"owes store {c.counterparty_store_id}", fen(c.owes_minor)) for c in r.clearing]
@@ -84,13 +85,14 @@ def cmd_report(args) -> int:
     if args.csv:
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(("period", "first_day", "last_day", *_SCALARS, "top_up_minor",
-                      "liability_principal_minor", "liability_bonus_minor", "days_closed"))
+                      "liability_principal_minor", "liability_bonus_minor", "days_closed",
+                      "holds_outstanding_minor"))
         for row in r.rows:
             f = row.figures
             out.writerow((row.period, row.first_day, row.last_day,
                           *(getattr(f, name) for name in _SCALARS), _top_ups_minor(f),
                           row.liability_principal_minor, row.liability_bonus_minor,
-                          row.days_closed))
+                          row.days_closed, row.holds_outstanding_minor))
         if args.staff:
             out.writerow(())
             out.writerow(("staff_id", "sales", "sales_minor", "top_ups", "top_up_minor"))
@@ -99,7 +101,7 @@ def cmd_report(args) -> int:
         return 0
     head = ("period", "entries", "sales", "discount", "top-ups", "refunds", "pts issued",
             "pts redeemed", "pts expired", "owes", "owed")
-    head += ("liability", "bonus held") if args.chain else ("closed",)
+    head += ("liability", "bonus held", "holds") if args.chain else ("closed", "holds")
     lines = [head]
     for row in list(r.rows) + [None]:
         f = r.total if row is None else row.figures
@@ -112,6 +114,7 @@ def cmd_report(args) -> int:
                                                    fen(row.liability_bonus_minor))
         else:
             cells += ("" if row is None else str(row.days_closed),)
+        cells += ("" if row is None else fen(row.holds_outstanding_minor),)
         lines.append(cells)
     widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
     for line in lines:

@@ -30,10 +30,10 @@ def figures_pb(v: list[int]) -> apb.DayFigures:
 
 
 def close_pb(store_id: int, day: int, entry: bytes,
-             read: tuple[list[int], tuple | None, list]) -> apb.CloseDayResponse:
+             read: tuple[list[int], tuple | None, list, int]) -> apb.CloseDayResponse:
     """CloseDay's answer: the day's figures and clearing as stored once it is closed;
     ``closed_before`` when the close that closed it is not this request's entry."""
-    values, close, rows = read
+    values, close, rows, held = read
     operator, seq, closed_us = close if close is not None else (0, 0, 0)
     return apb.CloseDayResponse(
         store_id=store_id, business_day=D.date_of_day(day), closed_seq=seq,
@@ -42,7 +42,8 @@ def close_pb(store_id: int, day: int, entry: bytes,
                                             "little"),
         figures=figures_pb(values),
         clearing=[apb.ClearingLine(counterparty_store_id=other, owes_minor=amount)
-                  for other, amount in rows])
+                  for other, amount in rows],
+        holds_outstanding_minor=held)
 
 
 def report_pb(result: dict) -> apb.GetReportResponse:
@@ -50,8 +51,8 @@ def report_pb(result: dict) -> apb.GetReportResponse:
         rows=[apb.ReportRow(period=label, first_day=D.date_of_day(first),
                             last_day=D.date_of_day(last), figures=figures_pb(values),
                             liability_principal_minor=principal, liability_bonus_minor=bonus,
-                            days_closed=closed)
-              for label, first, last, values, principal, bonus, closed in result["rows"]],
+                            days_closed=closed, holds_outstanding_minor=held)
+              for label, first, last, values, principal, bonus, closed, held in result["rows"]],
         total=figures_pb(result["total"]),
         staff=[apb.StaffFigures(staff_id=sid, sales=s[0], sales_minor=s[1], top_ups=s[2],
                                 top_up_minor=s[3]) for sid, s in sorted(result["staff"].items())])

@@ -332,6 +332,11 @@ def test_a_regions_report_is_the_sum_of_its_stores_reports(server, chain):
     at = batch(stub, sales(number, (11, 12, 21, 11, 12)))[0].applied_at_us
     purchase(stub, number, 7_700, 12, staff=5)
     top_up(stub, number, 10_000, 12, staff=6)
+    for store, amount in ((11, 2_500), (12, 4_000), (21, 900)):  # money held at each store
+        request_id = rid()
+        stub.Authorize(pb.AuthorizeRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=number), amount_minor=amount, till=till(store)))
     first, last = day_of(at, *WEST) - 1, day_of(at, *EAST) + 1
     region = region_report(admin, 1, first, last, staff=True)
     parts = [report(admin, first, last, store=s, staff=True) for s in (11, 12)]
@@ -349,6 +354,9 @@ def test_a_regions_report_is_the_sum_of_its_stores_reports(server, chain):
                 w[0] += op.count
                 w[1] += op.amount_minor
         assert {o: list(v) for o, v in ops_of(row.figures).items()} == want
+        assert row.holds_outstanding_minor == sum(p.rows[k].holds_outstanding_minor
+                                                  for p in parts)
+    assert region.rows[-1].holds_outstanding_minor == 2_500 + 4_000
     staff = {s.staff_id: (s.sales, s.sales_minor, s.top_ups, s.top_up_minor) for s in region.staff}
     assert staff[5][0] == 1 and staff[5][2] == 1 and staff[6][2:] == (1, 10_000)
     # South is not North's

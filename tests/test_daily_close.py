@@ -24,6 +24,7 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import (Admin, ServerProcess, bearer, failure_of, journal_entries, new_card_number,
                       operator_cli, rid, sent_at, verify)
+from test_holds import authorize, capture, void
 
 ROLE = cpb.OperatorRole
 DAY_US = 86_400_000_000
@@ -31,6 +32,7 @@ STORES = (1, 2, 3)
 # layout.JOURNAL, unpacked: the fields the replay reads
 J_OP, J_SEQ, J_CARD, J_AMOUNT, J_DISCOUNT, J_DP, J_DB, J_DPTS = 1, 7, 8, 9, 10, 11, 12, 13
 J_P_AFTER, J_TS, J_STORE, J_STAFF, J_VERSION = 14, 17, 18, 20, 23
+J_LINK = 28
 
 
 def day_of(ts_us: int, offset_min: int = 480, cutoff_h: int = 4) -> int:
@@ -188,6 +190,51 @@ def test_the_liability_counts_money_taken_after_an_early_close_on_its_own_day(se
         assert "day totals filled from" in again.log()
     finally:
         again.stop()
+
+
+def test_holds_outstanding_belong_to_the_store_that_placed_them(server, chain):
+    """Holds placed at stores 1, 2 and 3, then captured, reversed and (after store 1 closed
+    its day) voided: each store's close and report carry what its holds still hold, landed as
+    its figures are; the chain's rows, by own business day, what all of them hold; both equal
+    the journal replayed here."""
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 90_000, 1))
+    a = stub.Authorize(authorize(number, 6_000, store_id=1))
+    b_request = authorize(number, 2_500, store_id=2)
+    stub.Authorize(b_request)
+    c = stub.Authorize(authorize(number, 4_000, store_id=1))
+    stub.Authorize(authorize(number, 1_000, store_id=3))
+    stub.Capture(capture(number, a.seq, 4_500, store_id=1))  # pays 4,500: the 6,000 released
+    undo_id = rid()
+    stub.Reverse(pb.ReverseRequest(
+        request_id=undo_id, client_time_us=sent_at(undo_id), card=cpb.CardRef(card_number=number),
+        original_request_id=b_request.request_id, till=till(2)))
+    closed = close(admin, 1, today)
+    assert closed.holds_outstanding_minor == 4_000
+    late = stub.VoidHold(void(number, c.seq, store_id=1))  # lands in store 1's next day
+    assert day_of(late.applied_at_us) == today
+    assert close(admin, 1, today).holds_outstanding_minor == 4_000  # the closed day stays
+    by_store = {s: [r.holds_outstanding_minor for r in report(admin, today, today + 1,
+                                                                store=s).rows]
+                for s in STORES}
+    assert by_store == {1: [4_000, 0], 2: [0, 0], 3: [1_000, 1_000]}
+    assert [r.holds_outstanding_minor for r in report(admin, today, today + 1).rows] == \
+        [1_000, 1_000]  # by own day: the void was today
+    assert report(admin, today + 1, today + 1, store=3).rows[0].holds_outstanding_minor == 1_000
+    entries = journal_entries(server.data_dir)  # the journal replayed: what each store's holds hold
+    by_seq = {e[J_SEQ]: e for e in entries}
+    held: dict[int, int] = {}
+    for e in entries:
+        link = by_seq.get(e[J_LINK])
+        if e[J_OP] == L.OP_HOLD:
+            held[e[J_STORE]] = held.get(e[J_STORE], 0) + e[J_AMOUNT]
+        elif link is not None and link[J_OP] == L.OP_HOLD and e[J_OP] in (
+                L.OP_PURCHASE, L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED, L.OP_REVERSAL):
+            gone = link[J_AMOUNT] if e[J_OP] == L.OP_PURCHASE else e[J_AMOUNT]
+            held[link[J_STORE]] -= gone
+    assert {s: v for s, v in held.items() if v} == {3: 1_000}
+    assert verify(server.data_dir)["ok"]
 
 
 def test_closing_a_day_twice_gives_the_same_figures(server, chain):
