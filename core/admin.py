@@ -318,8 +318,9 @@ class AdminState:
             return L.R_CHAIN_ID_INVALID
         if stores.name_problem(name) is not None:
             return L.R_NAME_INVALID
-        if day is not None and stores.day_problem(*day) is not None:
-            return stores.day_problem(*day)[0]
+        bad = None if day is None else stores.day_problem(*day)
+        if bad is not None:
+            return bad[0]
         if region_id and self.region(region_id) is None:
             return L.R_REGION_NOT_FOUND
         old = self.store(store_id)

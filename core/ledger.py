@@ -990,6 +990,12 @@ class Ledger:
         """Every region and every store (``stores.read_tree``)."""
         return self._read(lambda txn: stores.read_tree(txn, self))
 
+    def read_region(self, region_id: int) -> dict | None:
+        return self._read(lambda txn: stores.read_one(txn, self, "region", region_id))
+
+    def read_store(self, store_id: int) -> dict | None:
+        return self._read(lambda txn: stores.read_one(txn, self, "store", store_id))
+
     def read_store_regions(self) -> dict[int, int]:
         """store -> region of every store in a region (``stores.store_regions``)."""
         return self._read(lambda txn: stores.store_regions(txn, self))

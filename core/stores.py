@@ -128,12 +128,15 @@ def read_tree(txn, ledger) -> tuple[list[dict], list[dict]]:
     return regions, stores
 
 
-def region_of(txn, ledger, store_id: int) -> int:
-    """The region a store is in now (0: none, or not registered)."""
-    if ledger.chain_stores is None:
-        return 0
-    raw = txn.get(L.TERMINAL_KEY.pack(store_id), db=ledger.chain_stores)
-    return 0 if raw is None else L.STORE.unpack(raw)[5]
+def read_one(txn, ledger, kind: str, ident: int) -> dict | None:
+    """A region's (``kind`` "region") or a store's record, unpacked, or None."""
+    db = ledger.chain_regions if kind == "region" else ledger.chain_stores
+    if db is None:
+        return None
+    raw = txn.get(L.TERMINAL_KEY.pack(ident), db=db)
+    if raw is None:
+        return None
+    return unpack_region(raw) if kind == "region" else unpack_store(raw)
 
 
 def region_stores(txn, ledger, region_id: int) -> list[int]:

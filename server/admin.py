@@ -175,10 +175,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
         if bool(stores or regions) == (request.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN):
             # chain admins are chain-wide; every other role is scoped to stores or regions
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "store_ids"))
-        if regions:
-            known = {r["region_id"] for r in self.ledger.read_tree()[0]}
-            if 0 in regions or not known.issuperset(regions):
-                await abort(context, failure(R.REASON_REGION_NOT_FOUND, "region_ids"))
+        if any(self.ledger.read_region(r) is None for r in regions):
+            await abort(context, failure(R.REASON_REGION_NOT_FOUND, "region_ids"))
         await self._check_grant(context, op_by, request.role, stores, regions)
         token, operator = await self.add_operator(context, key, request.name, request.role, stores,
                                                   op_by.operator_id, client_us=client_us,
@@ -358,7 +356,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
             op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER)
             if not op_by.covers_region(request.region_id):
                 await abort(context, failure(R.REASON_PERMISSION_DENIED, "region_id"))
-            if not any(r["region_id"] == request.region_id for r in self.ledger.read_tree()[0]):
+            if self.ledger.read_region(request.region_id) is None:
                 await abort(context, failure(R.REASON_REGION_NOT_FOUND, "region_id"))
         else:
             await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, request.store_id)
@@ -391,9 +389,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
             key, L.OP_REGION_PUT, chain.region_subject(request.region_id), request.name.encode(),
             op_by.operator_id, client_time_us=client_us,
             need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
-        region = next(r for r in self.ledger.read_tree()[0]
-                      if r["region_id"] == request.region_id)
-        return apb.PutRegionResponse(region=_region_pb(region))
+        return apb.PutRegionResponse(region=_region_pb(self.ledger.read_region(request.region_id)))
 
     async def PutStore(self, request, context):
         """Create or change a store, through the writer: its subject carries the region and the
@@ -418,8 +414,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
             key, L.OP_STORE_PUT, chain.store_subject(request.store_id, request.region_id, day),
             request.name.encode(), op_by.operator_id, client_time_us=client_us,
             need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
-        store = next(s for s in self.ledger.read_tree()[1] if s["store_id"] == request.store_id)
-        return apb.PutStoreResponse(store=self._store_pb(store, self._terminal_counts()))
+        return apb.PutStoreResponse(store=self._store_pb(self.ledger.read_store(request.store_id),
+                                                         self._terminal_counts()))
 
     def _terminal_counts(self) -> dict[int, int]:
         """Active terminals per store, from the registry in memory (no ledger read)."""
