@@ -280,6 +280,9 @@ class AdminState:
         journaled (who asked, when); the first of a store's day closes it, where its entry
         stands (the day totals read the entries), and the later ones change nothing."""
         store, day = closed_day(subject)
+        if self.ledger.store_days is not None and self.txn.get(
+                L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None:
+            return L.R_OK  # closed before: its answer again, even if the clock moved back since
         program = self.program
         own = stores.store_day(self.store(store)) if store else None
         if day > business_day(ts_us, *(own or (program.business_day_utc_offset_minutes,

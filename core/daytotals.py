@@ -69,7 +69,7 @@ DB_NAMES = ("day_totals", "day_chain", "store_days", "day_clearing", "day_staff"
 META_DAY_TOTALS = b"day_totals"
 # Its value: the version of what the records hold; a ledger whose records are older refills them
 # (2: the chain's liability figures kept by each entry's own business day).
-DAY_TOTALS_FILLED = b"\x02"
+DAY_TOTALS_FILLED = b"\x03"  # 3: and holds outstanding (the figures, the close's)
 
 # What ``add_figures`` and ``add`` read of a journal entry (layout.JOURNAL): op, seq, card id,
 # amount, discount, principal, bonus and points deltas, principal after, time, store, staff,
@@ -79,6 +79,7 @@ assert _ENTRY.size == 224
 _NF, _NO = L.DAY_FIGURE_SLOTS, L.DAY_OPS
 WIDTH = _NF + 2 * _NO  # an accumulator: figures, then counts by op, then amounts by op
 assert native.width() == WIDTH
+assert L.DAY_FIGURES.index("clearing_owes_minor") == 18  # ext/daytotals.pyx F_NETS_FIRST
 (F_ENTRIES, F_P_IN, F_P_OUT, F_B_IN, F_B_OUT, F_PTS_IN, F_PTS_OUT, F_GROSS, F_DISCOUNT,
  F_COUPON_OFF, F_T_PRINCIPAL, F_T_BONUS, F_T_POINTS, F_T_TILL, F_ISSUED, F_REDEEMED, F_EXPIRED,
  F_COUPONS_USED, F_OWES, F_OWED, F_OWN_P, F_OWN_B, F_HOLDS, F_OWN_HELD) = range(len(L.DAY_FIGURES))
@@ -181,8 +182,22 @@ def saturated(v: int) -> int:
     return INT64_MAX if v > INT64_MAX else INT64_MIN if v < INT64_MIN else v
 
 
+def wrapped(v: int) -> int:
+    """A net figure of both signs (clearing, the own-day nets, holds) past int64 wraps round
+    (two's complement, as the C loop's unsigned addition does) instead of saturating: sums of
+    amounts of both signs are then the same in any order and any grouping (the writer's groups,
+    verify's whole journal), which saturation is not. No real chain comes near."""
+    return ((v + (1 << 63)) & 0xFFFF_FFFF_FFFF_FFFF) - (1 << 63)
+
+
+def clamped(k: int, v: int) -> int:
+    """Figure ``k``'s value ``v`` (a Python sum) as stored and sent: the nets wrapped, the rest
+    (figures that only grow, counts and amounts by operation) saturated."""
+    return wrapped(v) if F_OWES <= k < _NF else saturated(v)
+
+
 def _add(a, k: int, v: int) -> None:
-    a[k] = saturated(a[k] + v)
+    a[k] = clamped(k, a[k] + v)
 
 
 def add_figures(a: list[int], f: tuple) -> None:
@@ -515,7 +530,18 @@ class DayTotals:
             self.slots.clear()
             self.both.clear()
             self.closes.append((L.DAY_KEY.pack(*closed), L.STORE_DAY.pack(
-                L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9])))
+                L.STORE_DAY_VERSION, L.DAY_CLOSED, f[12], f[1], f[9], self._held_through(*closed))))
+
+    def _held_through(self, store: int, day: int) -> int:
+        """What the store's holds held at the end of ``day``, from what is added so far: its
+        stored records up to the day and this batch's (a close keeps it: a later entry whose own
+        day is earlier, under moved business-day settings, cannot change a closed day's answer)."""
+        held = 0 if self.fresh else sum(
+            v[F_HOLDS] for _, v in read_range(self.txn, self.ledger, store, 0, day))
+        for (s, d), a in self.acc.items():
+            if s == store and d <= day:
+                held += a[F_HOLDS]
+        return wrapped(held)
 
     def _own(self, day: int, principal_minor: int, bonus_minor: int, held_minor: int = 0) -> None:
         """Net principal, bonus and held money moved by entries whose own business day is
@@ -523,9 +549,9 @@ class DayTotals:
         o = self.own.get(day)
         if o is None:
             o = self.own[day] = [0, 0, 0]
-        o[0] = saturated(o[0] + principal_minor)
-        o[1] = saturated(o[1] + bonus_minor)
-        o[2] = saturated(o[2] + held_minor)
+        o[0] = wrapped(o[0] + principal_minor)
+        o[1] = wrapped(o[1] + bonus_minor)
+        o[2] = wrapped(o[2] + held_minor)
 
     def _holds(self, view: memoryview, ops: bytes) -> None:
         """What the entries change in the money held by open holds (rule 15), for the store
@@ -623,7 +649,7 @@ class DayTotals:
                 raise InvariantError(f"stores {debtor} and {creditor}: no open day in common")
             self.both[key] = both
         k = (debtor, both, creditor)
-        self.pairs[k] = saturated(self.pairs.get(k, 0) + amount_minor)
+        self.pairs[k] = wrapped(self.pairs.get(k, 0) + amount_minor)
 
     # ---- the write ------------------------------------------------------------------------------
 
@@ -677,7 +703,7 @@ class DayTotals:
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
         keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k in sides)
         stored = self.stored("day_clearing", keys)
-        clearing = [(key, _I64.pack(saturated(_I64.unpack(stored.get(key, _ZERO8))[0]
+        clearing = [(key, _I64.pack(wrapped(_I64.unpack(stored.get(key, _ZERO8))[0]
                                     + sides[L.DAY_PAIR_KEY.unpack(key)]))) for key in keys]
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
         stored = self.stored("day_staff", [key for key, _ in staff_items])
@@ -757,6 +783,8 @@ def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None
     values = list(unpack_totals(raw)) if raw is not None else [0] * WIDTH
     closed = txn.get(L.DAY_KEY.pack(store, day), db=ledger.store_days)
     close = L.STORE_DAY.unpack(closed)[2:5] if closed is not None else None
+    held = (L.STORE_DAY.unpack(closed)[5] if closed is not None
+            else holds_outstanding(txn, ledger, store, day))
     rows = []
     prefix = L.DAY_KEY.pack(store, day)
     cur = txn.cursor(db=ledger.day_clearing)
@@ -767,7 +795,7 @@ def read_day(txn, ledger, store: int, day: int) -> tuple[list[int], tuple | None
             amount = _I64.unpack(value)[0]
             if amount:
                 rows.append((L.DAY_PAIR_KEY.unpack(key)[2], amount))
-    return values, close, rows, holds_outstanding(txn, ledger, store, day)
+    return values, close, rows, held
 
 
 def read_range(txn, ledger, store: int | None, from_day: int,
@@ -815,13 +843,13 @@ def liability(txn, ledger, through_day: int) -> tuple[int, int, int]:
         principal += v[F_OWN_P]
         bonus += v[F_OWN_B]
         held += v[F_OWN_HELD]
-    return principal, bonus, held
+    return wrapped(principal), wrapped(bonus), wrapped(held)
 
 
 def holds_outstanding(txn, ledger, store: int, through_day: int) -> int:
     """What the holds placed at ``store`` still held at the end of its business day
     ``through_day`` (as landed: a store's figures): the range sum of its records up to it."""
-    return sum(v[F_HOLDS] for _, v in read_range(txn, ledger, store, 0, through_day))
+    return wrapped(sum(v[F_HOLDS] for _, v in read_range(txn, ledger, store, 0, through_day)))
 
 
 def read_staff(txn, ledger, store: int | None, from_day: int, to_day: int,
@@ -882,51 +910,24 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
     reads of the day totals: {"rows": [(label, first, last, values, liability principal, bonus,
     days closed, holds outstanding)], "total": values, "staff": {staff id: [sales, sales_minor,
     top-ups, top_up_minor]}}. The chain's rows carry the liability at the end of their last day;
-    every row the money holds (the store's, the region's, or all) still held then.
-    ``region_stores`` (``store`` ignored): a region's, the sum of those stores' records (no
-    liability, no closed days)."""
-    if region_stores is not None:
-        return _region_report(txn, ledger, region_stores, from_day, to_day, granularity, staff)
+    every row the money holds (the store's, or all) still held then. ``region_stores`` (with
+    ``store`` None): a region's, the sum of those stores' records day by day, their holds
+    outstanding and staff (no liability, no closed days)."""
     if ledger.day_totals is None:  # a read-only look at a ledger made before them
         return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0, 0) for label, first, last
                          in periods(from_day, to_day, granularity)],
                 "total": [0] * WIDTH, "staff": {}}
-    days = dict(read_range(txn, ledger, store, from_day, to_day))
-    return _rows(txn, ledger, store, days, from_day, to_day, granularity, staff)
-
-
-def _region_report(txn, ledger, stores: list[int], from_day: int, to_day: int,
-                   granularity: int, staff: bool) -> dict:
-    days = dict(read_stores_range(txn, ledger, stores, from_day, to_day))
-    out = _rows(txn, ledger, None, days, from_day, to_day, granularity, False, stores)
-    if staff:
-        merged: dict[int, list[int]] = {}
-        for s in stores:
-            for staff_id, row in read_staff(txn, ledger, s, from_day, to_day,
-                                            STAFF_ROWS_MAX).items():
-                acc = merged.get(staff_id)
-                if acc is None and len(merged) == STAFF_ROWS_MAX:
-                    continue
-                acc = merged.setdefault(staff_id, [0, 0, 0, 0])
-                for k in range(4):
-                    acc[k] += row[k]
-        out["staff"] = merged
-    return out
-
-
-def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int,
-          granularity: int, staff: bool, region_stores: list[int] | None = None) -> dict:
-    """The report's rows from its days' values (``region_stores``: a region's, no closed days,
-    no staff: the caller merges them)."""
-    closed: set[int] = set()
-    if store is not None and region_stores is None:
+    days = dict(read_range(txn, ledger, store, from_day, to_day) if region_stores is None
+                else read_stores_range(txn, ledger, region_stores, from_day, to_day))
+    closed: dict[int, int] = {}  # a closed day -> its holds outstanding, kept by its close
+    if store is not None:
         cur = txn.cursor(db=ledger.store_days)
         if cur.set_range(L.DAY_KEY.pack(store, from_day)):
             end = L.DAY_KEY.pack(store, to_day)
-            for key in cur.iternext(values=False):
+            for key, value in cur:
                 if key > end:
                     break
-                closed.add(L.DAY_KEY.unpack(key)[1])
+                closed[L.DAY_KEY.unpack(key)[1]] = L.STORE_DAY.unpack(value)[5]
     if not from_day:
         principal = bonus = held = 0
     elif region_stores is not None:
@@ -953,8 +954,29 @@ def _rows(txn, ledger, store: int | None, days: dict, from_day: int, to_day: int
             held += acc[F_OWN_HELD]
         else:
             held += acc[F_HOLDS]
-        rows.append((label, first, last, acc, principal, bonus,
-                     sum(1 for d in closed if first <= d <= last), held))
-    return {"rows": rows, "total": total,
-            "staff": read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
-            if staff and region_stores is None else {}}
+            held = closed.get(last, held)  # a closed day answers as its close did
+        rows.append((label, first, last, [clamped(k, x) for k, x in enumerate(acc)],
+                     wrapped(principal), wrapped(bonus),
+                     sum(1 for d in closed if first <= d <= last), wrapped(held)))
+    return {"rows": rows, "total": [clamped(k, x) for k, x in enumerate(total)],
+            "staff": (read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
+                      if region_stores is None else region_staff(txn, ledger, region_stores,
+                                                                  from_day, to_day))
+            if staff else {}}
+
+
+def region_staff(txn, ledger, stores: list[int], from_day: int,
+                 to_day: int) -> dict[int, list[int]]:
+    """A region's staff figures: its stores', added up by staff id (at most STAFF_ROWS_MAX)."""
+    merged: dict[int, list[int]] = {}
+    for s in stores:
+        for staff_id, row in read_staff(txn, ledger, s, from_day, to_day,
+                                        STAFF_ROWS_MAX).items():
+            acc = merged.get(staff_id)
+            if acc is None:
+                if len(merged) == STAFF_ROWS_MAX:
+                    continue
+                acc = merged[staff_id] = [0, 0, 0, 0]
+            for k in range(4):
+                acc[k] += row[k]
+    return merged

@@ -439,7 +439,8 @@ day (CloseDay); no record: open::
       4  u32 operator_id           who closed it
       8  u64 closed_seq            the close's journal entry
      16  i64 closed_us             the close's group time
-     24  8B  reserved
+     24  i64 holds_outstanding_minor  what the store's holds held at the close's end of the day
+                                   (its answer for ever, whatever lands in earlier days later)
 
 Region, v1, 96 bytes, LMDB ``chain_regions`` value (key: u32 big-endian region id, 1..; region 0
 is none: a store directly under head office)::
@@ -726,7 +727,7 @@ DAY_FIGURE_SLOTS = 24
 DAY_TOTALS = struct.Struct(f"<B7x{DAY_FIGURE_SLOTS}q{DAY_OPS}I{DAY_OPS}q24x")
 DAY_KEY = struct.Struct(">II")      # store_id, business day
 DAY_PAIR_KEY = struct.Struct(">III")  # store_id, business day, counterparty (or staff id)
-STORE_DAY = struct.Struct("<BBxxIQq8x")
+STORE_DAY = struct.Struct("<BBxxIQqq")
 DAY_STAFF = struct.Struct("<qqqq")
 DAY_CHAIN_KEY = struct.Struct(">I")  # day_chain: business day
 REGION = struct.Struct("<BBHIqII64s8x")

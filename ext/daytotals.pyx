@@ -3,7 +3,7 @@
 day added up per store, and the clearing rule's home of the money followed card by card, in C.
 ``daytotals.add_figures`` and ``DayTotals._money`` are the reference it is held to (tests:
 the same records either way); this is only their speed."""
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 # layout.JOURNAL offsets, layout.DAY_FIGURES positions, operation types
@@ -30,6 +30,7 @@ cdef enum:
     F_REDEEMED = 15
     F_EXPIRED = 16
     F_COUPONS_USED = 17
+    F_NETS_FIRST = 18  # clearing owes/owed, the own-day nets, holds: layout.DAY_FIGURES 18..23
     OP_TOP_UP = 2
     OP_PURCHASE = 3
     OP_POINTS_EXPIRED = 11
@@ -64,6 +65,16 @@ cdef extern from *:
 cdef inline int64_t sat(int64_t a, int64_t b) noexcept nogil:
     """a + b, held at int64's limits (core/daytotals.py saturated: the same rule)."""
     return cc_sat_add(a, b)
+
+
+cdef inline int64_t wrap(int64_t a, int64_t b) noexcept nogil:
+    """a + b round int64 (core/daytotals.py wrapped: the nets of both signs)."""
+    return <int64_t>(<uint64_t>a + <uint64_t>b)
+
+
+cdef inline int64_t add_figure(Py_ssize_t k, int64_t a, int64_t b) noexcept nogil:
+    """Figure or value ``k`` of a row added (core/daytotals.py clamped: the same rule)."""
+    return wrap(a, b) if F_NETS_FIRST <= k < NF else sat(a, b)
 
 
 cdef inline uint16_t u16(const unsigned char* p) noexcept nogil:
@@ -168,13 +179,13 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             h = home[c]
             before = i64(e + 72) - dp
             if h != s and before != 0:
-                pairs[h * nslots + s] = sat(pairs[h * nslots + s], before)
+                pairs[h * nslots + s] = wrap(pairs[h * nslots + s], before)
             home[c] = s
             home_set[c] = 1
         elif dp != 0:
             h = home[c]
             if h != s:
-                pairs[h * nslots + s] = sat(pairs[h * nslots + s], -(dp))
+                pairs[h * nslots + s] = wrap(pairs[h * nslots + s], -(dp))
     return moving
 
 
@@ -194,7 +205,7 @@ def add_rows(int64_t[::1] dst, const int64_t[::1] src, Py_ssize_t at):
     if dst.shape[0] != WIDTH or src.shape[0] < at + WIDTH or at < 0:
         raise ValueError("day totals: rows of the wrong size")
     for k in range(WIDTH):
-        dst[k] = sat(dst[k], src[at + k])
+        dst[k] = add_figure(k, dst[k], src[at + k])
 
 
 cdef enum:
@@ -217,7 +228,7 @@ def add_record(unsigned char[::1] record, const int64_t[::1] row):
     record[0] = 1
     for k in range(NF):
         memcpy(&v, &record[RECORD_FIGURES + 8 * k], 8)
-        v = sat(v, row[k])
+        v = add_figure(k, v, row[k])
         memcpy(&record[RECORD_FIGURES + 8 * k], &v, 8)
     for k in range(NOPS):
         memcpy(&c, &record[RECORD_COUNTS + 4 * k], 4)

@@ -24,7 +24,9 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import (Admin, ServerProcess, bearer, failure_of, journal_entries, new_card_number,
                       operator_cli, rid, sent_at, verify)
+from cardcore.verify import verify as verify_ledger
 from test_holds import authorize, capture, void
+from test_ledger import NOW, op, open_op
 
 ROLE = cpb.OperatorRole
 DAY_US = 86_400_000_000
@@ -756,3 +758,132 @@ def test_a_split_tender_is_one_sale_and_its_tenders_add_up_to_what_was_due(cafe)
     assert (f.tender_principal_minor + f.tender_bonus_minor + f.tender_points_minor
             + f.tender_till_minor) == due == paid.paid_minor + rest.paid_minor
     assert verify(server.data_dir)["ok"]
+
+
+# ---- nets of both signs, older records, a close's holds (found by a review) --------------------
+
+def test_nets_past_int64_wrap_alike_group_by_group_and_in_verify(tmp_path):
+    """The own-day liability and the clearing are nets of amounts of both signs: past int64 they
+    wrap round (daytotals.wrapped), so the writer's group-by-group records and verify's whole
+    journal agree, which saturating at the limit would not (MAX - 100, then +10 and -20)."""
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+    try:
+        ledger.apply_group([open_op("oa", "4000000000000002"), open_op("ob", "4000000000000010"),
+                            open_op("oc", "4000000000000028"),
+                            op("tc", L.OP_TOP_UP, "4000000000000028", 100)], NOW)
+        MAX = daytotals.INT64_MAX
+        assert ledger.apply_group([op("ta", L.OP_TOP_UP, "4000000000000002", MAX - 100)],
+                                  NOW + 1)[0].reason == L.R_OK
+        assert [o.reason for o in ledger.apply_group(
+            [op("tb", L.OP_TOP_UP, "4000000000000010", 10),
+             op("pc", L.OP_PURCHASE, "4000000000000028", 20)], NOW + 2)] == [L.R_OK, L.R_OK]
+        with ledger.env.begin() as txn:
+            assert daytotals.check(txn, ledger) == []
+        day = daytotals.business_day(NOW, 480, 4)
+        principal, _, _ = ledger._read(lambda txn: daytotals.liability(txn, ledger, day))
+        assert principal == daytotals.wrapped(MAX - 10)  # 100 + (MAX - 100) + 10 - 20
+    finally:
+        ledger.close()
+
+
+def test_verify_leaves_older_day_totals_to_the_next_writer(tmp_path):
+    """Records of an older version (meta 1: before the own-day figures) are filled again when a
+    writer opens the ledger; verify, read-only, does not call them corrupt meanwhile."""
+    path = str(tmp_path / "ledger")
+    ledger = Ledger(path, sync=False)
+    ledger.apply_group([open_op("oa", "4000000000000002"),
+                        op("ta", L.OP_TOP_UP, "4000000000000002", 5000)], NOW)
+    ledger.close()
+    env = lmdb.open(path, max_dbs=64)
+    with env.begin(write=True) as txn:
+        chain_db = env.open_db(b"day_chain", txn=txn)
+        for key, value in list(txn.cursor(db=chain_db)):
+            f = list(L.DAY_TOTALS.unpack(value))
+            f[1 + daytotals.F_OWN_P] = f[1 + daytotals.F_OWN_B] = 0
+            txn.put(key, L.DAY_TOTALS.pack(*f), db=chain_db)
+        txn.put(b"day_totals", b"\x01", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    readonly = Ledger(path, sync=False, readonly=True)
+    try:
+        got = verify_ledger(readonly)
+        assert got["ok"], got["problems"]
+    finally:
+        readonly.close()
+    again = Ledger(path, sync=False)  # the writer fills them again
+    try:
+        day = daytotals.business_day(NOW, 480, 4)
+        assert again._read(lambda txn: daytotals.liability(txn, again, day))[0] == 5000
+        assert verify_ledger(again)["ok"]
+    finally:
+        again.close()
+
+
+def test_a_closed_days_holds_outstanding_stay_as_its_close_answered(server, chain):
+    """A new program moves the business day back: a later void's own day is the day before the
+    closed one, which is open, so it lands there; the closed day still answers what its close
+    did (kept in the close's record), in CloseDay and in reports."""
+    stub, admin = chain
+    number = open_card(stub, 1)
+    today = today_of(top_up(stub, number, 9_000, 1))
+    hold = stub.Authorize(authorize(number, 4_000, store_id=1))
+    assert close(admin, 1, today).holds_outstanding_minor == 4_000
+    offset, cutoff = settings_for(today - 1, time.time_ns() // 1000)
+    load_settings(admin, offset, cutoff)
+    late = stub.VoidHold(void(number, hold.seq, store_id=1))
+    assert day_of(late.applied_at_us, offset, cutoff) == today - 1
+    rows = report(admin, today - 1, today, store=1).rows
+    assert [(r.days_closed, r.holds_outstanding_minor) for r in rows] == [(0, -4_000), (1, 4_000)]
+    assert close(admin, 1, today).holds_outstanding_minor == 4_000
+    assert verify(server.data_dir)["ok"]
+
+
+def test_holds_outstanding_past_int64_wrap_and_are_answered(server, chain):
+    """Two holds of int64's maximum at one store on two days: the sum wraps round (the rule
+    for nets) and the report still answers (it once failed encoding a figure past int64)."""
+    stub, admin = chain
+    MAX = daytotals.INT64_MAX
+    a, b = open_card(stub, 1), open_card(stub, 1)
+    today = today_of(top_up(stub, a, MAX, 1))
+    stub.Authorize(authorize(a, MAX, store_id=1))
+    load_settings(admin, *settings_for(today + 1, time.time_ns() // 1000))
+    top_up(stub, b, MAX, 1)
+    stub.Authorize(authorize(b, MAX, store_id=1))
+    rows = report(admin, today, today + 1, store=1).rows
+    assert [r.holds_outstanding_minor for r in rows] == [MAX, daytotals.wrapped(2 * MAX)]
+    assert verify(server.data_dir)["ok"]
+
+
+def test_holds_released_by_expiry_and_by_a_capture_in_a_long_group(tmp_path):
+    """Through the ledger's own apply_group (the group's time chosen): a capture in a group long
+    enough for the C loop releases its whole hold at the hold's store, the writer's sweep
+    releases an expired one, and the figures are the journal's (check)."""
+    from cardcore.ledger import PendingOp
+    from test_ledger import cid, key
+
+    number = "4000000000000002"
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+
+    def hold(request: str, amount: int, store: int, minutes: int) -> PendingOp:
+        return PendingOp.build(key(request), L.OP_HOLD, cid(number), amount, store_id=store,
+                               ref_id=minutes, client_time_us=NOW)
+    try:
+        ledger.apply_group([open_op("o", number), op("t", L.OP_TOP_UP, number, 100_000)], NOW)
+        last = max(L.SEQ_KEY.unpack(k)[0] for k, _ in ledger.dump()["journal"])
+        assert all(o.reason == L.R_OK for o in ledger.apply_group(
+            [hold("h1", 1_000, 1, 2), hold("h2", 2_000, 2, 60)], NOW + 1))
+        capture_op = PendingOp.build(
+            key("c2"), L.OP_PURCHASE, cid(number), 1_500, store_id=2, link_seq=last + 2,
+            op_flags=L.CAPTURE, pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET,
+            client_time_us=NOW)
+        assert all(o.reason == L.R_OK for o in ledger.apply_group(
+            [capture_op, hold("h3", 4_000, 3, 60), op("x1", L.OP_TOP_UP, number, 5),
+             op("x2", L.OP_TOP_UP, number, 5), op("x3", L.OP_TOP_UP, number, 5)], NOW + 2))
+        ledger.apply_group([op("t2", L.OP_TOP_UP, number, 1)], NOW + 3 * 60_000_000)
+        assert L.OP_HOLD_EXPIRED in [e[1] for _, e in ledger.dump()["journal"]]
+        day = daytotals.business_day(NOW, 480, 4)
+        assert {s: ledger.read_day(s, day)[3] for s in (1, 2, 3)} == {1: 0, 2: 0, 3: 4_000}
+        assert ledger.read_report(None, day, day, 1)["rows"][0][7] == 4_000
+        with ledger.env.begin() as txn:
+            assert daytotals.check(txn, ledger) == []
+    finally:
+        ledger.close()
