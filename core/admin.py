@@ -16,6 +16,7 @@ import json
 import struct
 
 from cardcore import layout as L
+from cardcore import stores
 from cardcore.idempotency import (REQUEST_WINDOW_S_MIN, SCOPE_CHAIN, SCOPE_NONE, SCOPE_STORE,
                                   SCOPE_SUBJECT_TERMINAL, InvariantError, PendingOp)
 from cardcore.daytotals import business_day, closed_day
@@ -54,6 +55,12 @@ class AdminState:
         self.program_packed: bytes = ledger.program_packed
         self.request_window_us: int = ledger.request_window_us
         self._tier_cards: list[int] | None = None
+        # the chain's shape, as the group leaves it (raw records; None: none), written at the end
+        # (``flush``, after the day totals read the registry as the group found it)
+        self.regions: dict[int, bytes | None] = {}
+        self.stores: dict[int, bytes | None] = {}
+        self.tree_dirty: set[tuple[str, int]] = set()
+        self.region_index: dict[tuple[int, int], bool] = {}  # (region, store) -> put / delete
 
     def flush(self) -> None:
         """Write the terminal records the group changed (KSN counters, enrolments, revocations)
@@ -63,6 +70,16 @@ class AdminState:
                          db=self.ledger.terminals)
         if self._tier_cards is not None:
             self.txn.put(META_TIER_CARDS, TIER_CARDS.pack(*self._tier_cards), db=self.ledger.meta)
+        for kind, ident in sorted(self.tree_dirty):
+            db, records = ((self.ledger.chain_regions, self.regions) if kind == "region"
+                           else (self.ledger.chain_stores, self.stores))
+            self.txn.put(L.TERMINAL_KEY.pack(ident), records[ident], db=db)
+        for (region, store), present in sorted(self.region_index.items()):
+            key = L.REGION_STORE_KEY.pack(region, store)
+            if present:
+                self.txn.put(key, b"", db=self.ledger.chain_region_stores)
+            else:
+                self.txn.delete(key, db=self.ledger.chain_region_stores)
 
     # ---- reads, through the group's own changes ---------------------------------------------
 
@@ -80,6 +97,23 @@ class AdminState:
             raw = None if name is None else self.txn.get(name, db=self.ledger.operators)
             self.operators[oid] = None if raw is None else json.loads(raw)
         return self.operators[oid]
+
+    def region(self, region_id: int) -> bytes | None:
+        if region_id not in self.regions:
+            self.regions[region_id] = self.txn.get(L.TERMINAL_KEY.pack(region_id),
+                                                   db=self.ledger.chain_regions)
+        return self.regions[region_id]
+
+    def store(self, store_id: int) -> bytes | None:
+        if store_id not in self.stores:
+            self.stores[store_id] = self.txn.get(L.TERMINAL_KEY.pack(store_id),
+                                                 db=self.ledger.chain_stores)
+        return self.stores[store_id]
+
+    def region_of(self, store_id: int) -> int:
+        """The store's region as the group leaves it (0: none, or not registered)."""
+        raw = self.store(store_id) if store_id else None
+        return 0 if raw is None else L.STORE.unpack(raw)[5]
 
     def tier_cards(self) -> list[int]:
         if self._tier_cards is None:
@@ -113,17 +147,25 @@ class AdminState:
             return L.R_UNAUTHENTICATED
         if rec["role"] < op.need_role:
             return L.R_PERMISSION_DENIED
-        stores = rec["store_ids"]
-        if op.scope == SCOPE_NONE or not stores:   # no stores listed: the whole chain
+        stores, regions = rec["store_ids"], rec.get("region_ids", ())
+        if op.scope == SCOPE_NONE or not (stores or regions):  # none listed: the whole chain
             return L.R_OK
         if op.scope == SCOPE_STORE:
-            return L.R_OK if op.scope_store_id in stores else L.R_PERMISSION_DENIED
+            return L.R_OK if self._covers(rec, op.scope_store_id) else L.R_PERMISSION_DENIED
         if op.scope == SCOPE_SUBJECT_TERMINAL:
             t = self.terminal(int.from_bytes(op.card_id[:4], "little"))
-            return L.R_OK if t is None or t[4] in stores else L.R_PERMISSION_DENIED
+            return L.R_OK if t is None or self._covers(rec, t[4]) else L.R_PERMISSION_DENIED
         if op.scope == SCOPE_CHAIN:
             return L.R_PERMISSION_DENIED
         raise InvariantError(f"unknown scope {op.scope}")
+
+    def _covers(self, rec: dict, store_id: int) -> bool:
+        """A store in the operator's scope: listed, or in a region listed (the region it is in
+        as the group leaves the registry: a store moved away leaves that scope)."""
+        if store_id in rec["store_ids"]:
+            return True
+        regions = rec.get("region_ids")
+        return bool(regions) and store_id != 0 and self.region_of(store_id) in regions
 
     # ---- admin and internal operations ---------------------------------------------------------
 
@@ -167,6 +209,14 @@ class AdminState:
             self.request_window_us = window_s * 1_000_000
         elif kind == L.OP_CLOSE_DAY:
             reason = self._close_day(subject, ts_us)
+            if reason != L.R_OK:
+                return reason, None
+        elif kind == L.OP_REGION_PUT:
+            reason = self._put_region(subject, op.payload, ts_us, operator_id)
+            if reason != L.R_OK:
+                return reason, None
+        elif kind == L.OP_STORE_PUT:
+            reason = self._put_store(subject, op.payload, ts_us, operator_id)
             if reason != L.R_OK:
                 return reason, None
         elif kind == L.OP_RESEAL:
@@ -234,9 +284,61 @@ class AdminState:
                 L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None:
             return L.R_OK  # closed before: its answer again, even if the clock moved back since
         program = self.program
-        if day > business_day(ts_us, program.business_day_utc_offset_minutes,
-                              program.business_day_cutoff_hour):
+        own = stores.store_day(self.store(store)) if store else None
+        if day > business_day(ts_us, *(own or (program.business_day_utc_offset_minutes,
+                                               program.business_day_cutoff_hour))):
             return L.R_DAY_NOT_STARTED
+        return L.R_OK
+
+    def _tree_full(self, kind: str, db, limit: int) -> bool:
+        """Whether one more region (or store) would pass its limit."""
+        stored = self.txn.stat(db)["entries"]
+        added = sum(1 for k, i in self.tree_dirty if k == kind
+                    and self.txn.get(L.TERMINAL_KEY.pack(i), db=db) is None)
+        return stored + added >= limit
+
+    def _put_region(self, subject: bytes, payload: bytes, ts_us: int, operator_id: int) -> int:
+        """PutRegion: create or rename (checked again here: the ledger's own limits)."""
+        region_id = L.REGION_SUBJECT.unpack(subject)[0]
+        name = payload.decode("utf-8", "replace")
+        if region_id == 0:
+            return L.R_CHAIN_ID_INVALID
+        if stores.name_problem(name) is not None:
+            return L.R_NAME_INVALID
+        if self.region(region_id) is None and self._tree_full(
+                "region", self.ledger.chain_regions, stores.REGIONS_MAX):
+            return L.R_CHAIN_TREE_FULL
+        self.regions[region_id] = stores.region_record(region_id, name, ts_us, operator_id)
+        self.tree_dirty.add(("region", region_id))
+        return L.R_OK
+
+    def _put_store(self, subject: bytes, payload: bytes, ts_us: int, operator_id: int) -> int:
+        """PutStore: create or change a store (its name, region, business day); a store moved
+        to another region leaves the old one's index."""
+        store_id, region_id, day = stores.subject_store(subject)
+        name = payload.decode("utf-8", "replace")
+        if store_id == 0:
+            return L.R_CHAIN_ID_INVALID
+        if stores.name_problem(name) is not None:
+            return L.R_NAME_INVALID
+        bad = None if day is None else stores.day_problem(*day)
+        if bad is not None:
+            return bad[0]
+        if region_id and self.region(region_id) is None:
+            return L.R_REGION_NOT_FOUND
+        old = self.store(store_id)
+        if old is None and self._tree_full("store", self.ledger.chain_stores,
+                                           stores.STORES_MAX):
+            return L.R_CHAIN_TREE_FULL
+        old_region = None if old is None else L.STORE.unpack(old)[5]
+        if old_region != region_id:
+            if old_region:
+                self.region_index[(old_region, store_id)] = False
+            if region_id:
+                self.region_index[(region_id, store_id)] = True
+        self.stores[store_id] = stores.store_record(store_id, name, region_id, day, ts_us,
+                                                    operator_id)
+        self.tree_dirty.add(("store", store_id))
         return L.R_OK
 
     def _floor(self, what: int, ident: int, value: int) -> int:

@@ -8,10 +8,16 @@ reports read ranges of them, never the journal. They depend on the journal entri
 time, store and program version), so two ledgers that apply the same groups hold the same totals,
 and a ledger made before them fills them once from its journal (``fill``).
 
-**Business day.** The day of an entry's time (the group's) on the chain's clock
-(``business_day_utc_offset_minutes``, default UTC+8) shifted back by the cutoff hour
-(``business_day_cutoff_hour``, default 4), both from the program version the entry was computed
-under: with the defaults a sale at 01:30 local belongs to the day before. Days are numbered from
+**Business day.** The day of an entry's time (the group's) on its store's clock shifted back by
+its store's cutoff hour: a store with a business day of its own (``cardcore.stores``: a UTC
+offset and a cutoff hour, set by PutStore) uses them; every other store (head office too) the
+chain's clock (``business_day_utc_offset_minutes``, default UTC+8) and cutoff
+(``business_day_cutoff_hour``, default 4) of the program version the entry was computed under:
+with the defaults a sale at 01:30 local belongs to the day before. A store's settings are those
+of the last store entry (``OP_STORE_PUT``) before the entry, so they come from the journal alone:
+a group reads the registry as the groups before it left it and follows the store entries it adds;
+a fill or a check from the journal's start follows them from nothing. A change of a store's
+clock takes effect for the entries after it; its closed days stay closed. Days are numbered from
 1970-01-01 (day 0) and shown as dates.
 
 **Closed days** (``CloseDay``, op ``OP_CLOSE_DAY``): from the first close's entry on (a later close
@@ -42,6 +48,7 @@ import struct
 from array import array
 
 from cardcore import layout as L
+from cardcore import stores as chain_stores
 from cardcore.ext import daytotals as native
 from cardcore.idempotency import InvariantError
 from cardcore.program import parse_program
@@ -82,7 +89,12 @@ _POINTS_MOVED = frozenset((L.OP_REFUND, L.OP_REVERSAL, L.OP_CARD_REPLACED,
                            L.OP_REPLACEMENT_OPENED, L.OP_CARD_STATUS, L.OP_IMPORT_CARD))
 _I64 = struct.Struct("<q")
 _U32 = struct.Struct("<I")
+_U32_KEY = struct.Struct(">I")  # chain_stores' key
+_UNREAD = object()
 _CLOSE = struct.Struct("<II8x")  # a close's subject
+# Entries a run of the C loop never holds: a close (the days after it land elsewhere) and a store
+# entry (the business days after it are counted anew).
+_RUN_BREAKS = frozenset((L.OP_CLOSE_DAY, L.OP_STORE_PUT))
 # layout.JOURNAL offsets the runs read as columns: principal delta, store, staff, program version
 _OFF_DP, _OFF_STORE, _OFF_STAFF, _OFF_VERSION = 48, 104, 112, 128
 _Q_PER_ENTRY, _I_PER_ENTRY = L.JOURNAL_SIZE // 8, L.JOURNAL_SIZE // 4
@@ -238,11 +250,18 @@ class DayTotals:
     """One write transaction's additions to the day totals: entries added in sequence order,
     written once (``write``) at the end of the group."""
 
-    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False):
+    def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False,
+                 from_start: bool = False):
         """``fresh``: from nothing, read nothing stored but the programs (``check``: the whole
-        journal in memory, beside the stored records)."""
+        journal in memory, beside the stored records). ``fresh`` or ``from_start`` (``fill``):
+        the entries come from the journal's first, so the stores' business days come from the
+        store entries among them, not from the registry (which holds the last ones)."""
         self.txn, self.ledger, self.fresh = txn, ledger, fresh
         self.settings = settings  # program version -> (utc offset minutes, cutoff hour): cache
+        # store -> its own (utc offset minutes, cutoff hour), or None: the program's
+        self.store_days: dict[int, tuple[int, int] | None] = {0: None}
+        self.stores_stored = (not (fresh or from_start) and ledger.chain_stores is not None
+                              and txn.stat(ledger.chain_stores)["entries"] > 0)  # none: no reads
         self.acc: dict[tuple[int, int], array] = {}  # (store, day) -> WIDTH int64 values
         self.pairs: dict[tuple[int, int, int], int] = {}
         self.staff: dict[tuple[int, int, int], list[int]] = {}
@@ -262,7 +281,15 @@ class DayTotals:
 
     # ---- reads, through the group's own changes -----------------------------------------------
 
-    def _settings(self, version: int) -> tuple[int, int]:
+    def _settings(self, store: int, version: int) -> tuple[int, int]:
+        """(UTC offset minutes, cutoff hour) of an entry of ``store`` under program ``version``:
+        the store's own, else the program's."""
+        own = self.store_days.get(store, _UNREAD)
+        if own is _UNREAD:
+            self._read_stores((store,))
+            own = self.store_days[store]
+        if own is not None:
+            return own
         s = self.settings.get(version)
         if s is None:
             s = DEFAULT_SETTINGS
@@ -272,6 +299,27 @@ class DayTotals:
                 s = (p.business_day_utc_offset_minutes, p.business_day_cutoff_hour)
             self.settings[version] = s
         return s
+
+    def _read_stores(self, stores) -> None:
+        """The business days of ``stores`` not known yet, from the registry in one read (none:
+        from the journal's start, where a store has none until its first store entry)."""
+        known = self.store_days
+        wanted = [s for s in stores if s not in known]
+        if not wanted:
+            return
+        if not self.stores_stored:
+            known.update(dict.fromkeys(wanted))
+            return
+        found = dict(self.txn.cursor(db=self.ledger.chain_stores).getmulti(
+            [_U32_KEY.pack(s) for s in wanted]))
+        for s in wanted:
+            known[s] = chain_stores.store_day(found.get(_U32_KEY.pack(s)))
+
+    def store_put(self, subject: bytes) -> None:
+        """A store entry: the entries after it use the store's business day as it sets it."""
+        store, _, day = chain_stores.subject_store(subject)
+        self.store_days[store] = day
+        self.slots.clear()
 
     def is_closed(self, store: int, day: int) -> bool:
         closed = self.closed.get((store, day))
@@ -342,7 +390,7 @@ class DayTotals:
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
         n = len(entries)
         if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
-                and versions.count(versions[0]) == n and L.OP_CLOSE_DAY not in ops):
+                and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)):
             self._holds(view, ops)
             if self._add_run(view, ops, moving, 0, versions[0], times[0]):
                 return  # a group's entries: one run (most groups)
@@ -352,10 +400,11 @@ class DayTotals:
         start = 0
         for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
             if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
-                    and ops[k] != L.OP_CLOSE_DAY and ops[start] != L.OP_CLOSE_DAY:
+                    and ops[k] not in _RUN_BREAKS and ops[start] not in _RUN_BREAKS:
                 continue
-            self._holds(view[start * size:k * size], ops[start:k])  # never across a close
-            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] != L.OP_CLOSE_DAY
+            # never across a close or a store entry (a hold's day is its store's)
+            self._holds(view[start * size:k * size], ops[start:k])
+            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
                     and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
                                       versions[start], times[start])):
                 for entry in entries[start:k]:
@@ -378,7 +427,7 @@ class DayTotals:
     def business_day_of(self, store: int, version: int, ts_us: int) -> int:
         """The business day of an entry of ``store`` at ``ts_us`` under program ``version``
         (the member metrics' too: one definition of an entry's day)."""
-        return business_day(ts_us, *self._settings(version))
+        return business_day(ts_us, *self._settings(store, version))
 
     def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
                  version: int, ts_us: int) -> bool:
@@ -403,8 +452,14 @@ class DayTotals:
         nslots = len(slot_index)
         if nslots > NATIVE_STORES_MAX:
             return False
-        day = business_day(ts_us, *self._settings(version))
-        unknown = [L.DAY_KEY.pack(store, day) for store in slot_index
+        self._read_stores(slot_index)
+        own = self.store_days
+        if any(own[store] is not None for store in slot_index):
+            days = {store: business_day(ts_us, *self._settings(store, version))
+                    for store in slot_index}  # each store's own (a clearing's: its creditor's)
+        else:  # every store on the program's clock (most runs): one day
+            days = dict.fromkeys(slot_index, business_day(ts_us, *self._settings(0, version)))
+        unknown = [L.DAY_KEY.pack(store, day) for store, day in days.items()
                    if (store, day) not in self.closed]
         if unknown and not self.fresh:  # whether each store's day is closed, read in one go
             found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
@@ -419,12 +474,13 @@ class DayTotals:
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         for store, s in slot_index.items():
             if acc[s * WIDTH + F_ENTRIES]:
-                row = s * WIDTH
+                row, day = s * WIDTH, days[store]
                 native.add_rows(self._acc(store, self._land(store, day)), acc, row)
                 self._own(day, acc[row + F_P_IN] - acc[row + F_P_OUT],
                           acc[row + F_B_IN] - acc[row + F_B_OUT])
         for cell, amount in native.nonzero(pairs):
-            self._clear(by_slot[cell // nslots], by_slot[cell % nslots], amount, day)
+            creditor = by_slot[cell % nslots]  # the entry's store (the clearing rule)
+            self._clear(by_slot[cell // nslots], creditor, amount, days[creditor])
         for cid, c in card_slot.items():
             if home_set[c]:
                 self._set_home(cid, by_slot[homes[c]])
@@ -433,7 +489,7 @@ class DayTotals:
         for k, staff in enumerate(staffs):
             if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
                           or ops[k] == L.OP_TOP_UP):
-                self._add_staff(stores[k], self._land(stores[k], day), staff, ops[k],
+                self._add_staff(stores[k], self._land(stores[k], days[stores[k]]), staff, ops[k],
                                 *_AMOUNTS.unpack_from(run, k * size))
         return True
 
@@ -454,6 +510,8 @@ class DayTotals:
         staff = f[11]
         if staff and ((op == L.OP_PURCHASE and not f[17] & CONTINUED) or op == L.OP_TOP_UP):
             self._add_staff(store, landed, staff, op, f[3], f[4])
+        if op == L.OP_STORE_PUT:
+            self.store_put(f[2])
         if op == L.OP_CLOSE_DAY and not self.is_closed(*closed_day(f[2])):  # the first closes
             closed = closed_day(f[2])
             self.closed[closed] = True
@@ -508,7 +566,8 @@ class DayTotals:
                 amount = -(held if op == L.OP_PURCHASE else amount)
             else:
                 continue
-            day = self.business_day_of(store, _HOLD_VERSION.unpack_from(view, k * size)[0], ts_us)
+            day = self.business_day_of(store, _HOLD_VERSION.unpack_from(view, k * size)[0],
+                                       ts_us)  # the hold store's day
             _add(self._acc(store, self._land(store, day)), F_HOLDS, amount)
             self._own(day, 0, 0, amount)
 
@@ -530,7 +589,7 @@ class DayTotals:
         ``ts_us`` under program ``version``."""
         if len(self.slots) > 4096:  # a fill: a new time every group
             self.slots.clear()
-        day = business_day(ts_us, *self._settings(version))
+        day = business_day(ts_us, *self._settings(store, version))
         landed = self._land(store, day)
         slot = self.slots[(store, version, ts_us)] = (self._acc(store, landed), day, landed)
         return slot
@@ -717,7 +776,7 @@ def check(txn, ledger) -> list[str]:
 def fill(txn, ledger) -> int:
     """Every journal entry added to the day totals (empty until now), in one write transaction:
     once, for a ledger made before them. Returns how many entries it added."""
-    totals = DayTotals(txn, ledger, {})
+    totals = DayTotals(txn, ledger, {}, from_start=True)
     n = 0
     chunk: list[bytes] = []
     for _, entry in txn.cursor(db=ledger.journal):
@@ -774,6 +833,22 @@ def read_range(txn, ledger, store: int | None, from_day: int,
                 break
             out.append((int.from_bytes(key[-4:], "big"), list(unpack_totals(value))))  # the day
     return out
+
+
+def read_stores_range(txn, ledger, stores: list[int], from_day: int,
+                      to_day: int) -> list[tuple[int, list]]:
+    """The stores' records from ``from_day`` to ``to_day`` added up day by day (a region's):
+    one range read per store."""
+    days: dict[int, list[int]] = {}
+    for store in stores:
+        for day, values in read_range(txn, ledger, store, from_day, to_day):
+            acc = days.get(day)
+            if acc is None:
+                days[day] = values
+            else:
+                for k in range(WIDTH):
+                    acc[k] += values[k]
+    return sorted(days.items())
 
 
 def liability(txn, ledger, through_day: int) -> tuple[int, int, int]:
@@ -847,17 +922,20 @@ def periods(from_day: int, to_day: int, granularity: int) -> list[tuple[str, int
 
 
 def report(txn, ledger, store: int | None, from_day: int, to_day: int, granularity: int,
-           staff: bool) -> dict:
+           staff: bool, region_stores: list[int] | None = None) -> dict:
     """A store's (``store``) or the chain's (None) figures over the days, by period, from range
     reads of the day totals: {"rows": [(label, first, last, values, liability principal, bonus,
     days closed, holds outstanding)], "total": values, "staff": {staff id: [sales, sales_minor,
     top-ups, top_up_minor]}}. The chain's rows carry the liability at the end of their last day;
-    every row the money holds (the store's, or all) still held then."""
+    every row the money holds (the store's, or all) still held then. ``region_stores`` (with
+    ``store`` None): a region's, the sum of those stores' records day by day, their holds
+    outstanding and staff (no liability, no closed days)."""
     if ledger.day_totals is None:  # a read-only look at a ledger made before them
         return {"rows": [(label, first, last, [0] * WIDTH, 0, 0, 0, 0) for label, first, last
                          in periods(from_day, to_day, granularity)],
                 "total": [0] * WIDTH, "staff": {}}
-    days = dict(read_range(txn, ledger, store, from_day, to_day))
+    days = dict(read_range(txn, ledger, store, from_day, to_day) if region_stores is None
+                else read_stores_range(txn, ledger, region_stores, from_day, to_day))
     closed: dict[int, int] = {}  # a closed day -> its holds outstanding, kept by its close
     if store is not None:
         cur = txn.cursor(db=ledger.store_days)
@@ -869,6 +947,9 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                 closed[L.DAY_KEY.unpack(key)[1]] = L.STORE_DAY.unpack(value)[5]
     if not from_day:
         principal = bonus = held = 0
+    elif region_stores is not None:
+        principal, bonus = 0, 0
+        held = sum(holds_outstanding(txn, ledger, s, from_day - 1) for s in region_stores)
     elif store is None:
         principal, bonus, held = liability(txn, ledger, from_day - 1)
     else:
@@ -884,7 +965,7 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                     acc[k] += v[k]
         for k in range(WIDTH):
             total[k] += acc[k]
-        if store is None:
+        if store is None and region_stores is None:
             principal += acc[F_OWN_P]
             bonus += acc[F_OWN_B]
             held += acc[F_OWN_HELD]
@@ -895,5 +976,24 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                      wrapped(principal), wrapped(bonus),
                      sum(1 for d in closed if first <= d <= last), wrapped(held)))
     return {"rows": rows, "total": [clamped(k, x) for k, x in enumerate(total)],
-            "staff": read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
+            "staff": (read_staff(txn, ledger, store, from_day, to_day, STAFF_ROWS_MAX)
+                      if region_stores is None else region_staff(txn, ledger, region_stores,
+                                                                  from_day, to_day))
             if staff else {}}
+
+
+def region_staff(txn, ledger, stores: list[int], from_day: int,
+                 to_day: int) -> dict[int, list[int]]:
+    """A region's staff figures: its stores', added up by staff id (at most STAFF_ROWS_MAX)."""
+    merged: dict[int, list[int]] = {}
+    for s in stores:
+        for staff_id, row in read_staff(txn, ledger, s, from_day, to_day,
+                                        STAFF_ROWS_MAX).items():
+            acc = merged.get(staff_id)
+            if acc is None:
+                if len(merged) == STAFF_ROWS_MAX:
+                    continue
+                acc = merged[staff_id] = [0, 0, 0, 0]
+            for k in range(4):
+                acc[k] += row[k]
+    return merged

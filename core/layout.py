@@ -104,7 +104,9 @@ Admin entries (op >= 16) move no money; their 16-byte subject is, for
 terminal events, u32 terminal_id | u32 store_id | 8B initial key ID; for
 operator events, u32 operator_id | u8 role | zeros; for a key rotation,
 u32 new key version | zeros; for a program load, u32 version | 12 bytes of the
-program document's SHA-256; for a request window change, u32 seconds | zeros.
+program document's SHA-256; for a request window change, u32 seconds | zeros; for a
+close, u32 store_id | u32 business day | zeros; for a region or store put, layout.REGION_SUBJECT
+or layout.STORE_SUBJECT (below, with the records).
 
 Request key (LMDB ``requests`` key): u8 caller_kind | u32 caller_id (big-endian)
 | the request_id's ASCII bytes. Request ids are scoped to their caller: two
@@ -440,6 +442,42 @@ day (CloseDay); no record: open::
      24  i64 holds_outstanding_minor  what the store's holds held at the close's end of the day
                                    (its answer for ever, whatever lands in earlier days later)
 
+Region, v1, 96 bytes, LMDB ``chain_regions`` value (key: u32 big-endian region id, 1..; region 0
+is none: a store directly under head office)::
+
+      0  u8  version               1
+      1  u8  name_len              bytes of name used, 1..NAME_BYTES_MAX (64)
+      2  u16 reserved
+      4  u32 region_id
+      8  i64 updated_us            the last put's group time
+     16  u32 updated_by            its operator
+     20  u32 reserved
+     24  64B name                  UTF-8, zero-padded
+     88  8B  reserved
+
+Store, v1, 112 bytes, LMDB ``chain_stores`` value (key: u32 big-endian store id, 1..; store 0 is
+head office, implicit, never stored); ``chain_region_stores`` (key: u32 BE region | u32 BE store,
+value empty) names each region's stores (``cardcore.stores``)::
+
+      0  u8  version               1
+      1  u8  name_len              bytes of name used, 1..64
+      2  u8  flags                 bit 0 OWN_DAY: the store's business day is its own (below);
+                                   unset: the program's business_day_* keys
+      3  u8  cutoff_hour           OWN_DAY: 0..23, the hour (local) its business day starts
+      4  u32 store_id
+      8  u32 region_id             0: directly under head office
+     12  i32 utc_offset_minutes    OWN_DAY: -720..840, the store's clock
+     16  i64 updated_us
+     24  u32 updated_by
+     28  u32 reserved
+     32  64B name                  UTF-8, zero-padded
+     96  16B reserved
+
+A put is journaled as an admin entry (OP_REGION_PUT, OP_STORE_PUT) whose 16-byte subject holds
+what the day totals need, so the journal alone rebuilds every store's business day: a region's,
+u32 region_id | zeros; a store's, u32 store_id | u32 region_id | i16 utc_offset_minutes | u8
+cutoff_hour | u8 flags | zeros. Names live in the registry only.
+
 Clearing, LMDB ``day_clearing`` (key: u32 BE store | u32 BE day | u32 BE counterparty store;
 value i64): what the store owes the counterparty for that day, net (negative: is owed); every
 amount is written on both sides, so the chain's table nets to zero. Staff, LMDB ``day_staff``
@@ -663,8 +701,12 @@ def card_op(op: int) -> bool:
 # The daily close (cardcore.daytotals): an admin entry (no money) whose subject is u32 store_id |
 # u32 business day | zeros.
 OP_CLOSE_DAY = 35
+# The chain's shape (cardcore.stores): admin entries whose subject is layout.REGION_SUBJECT or
+# layout.STORE_SUBJECT (a region or store created or changed; names in the registry only).
+OP_REGION_PUT, OP_STORE_PUT = 36, 38
 # Admin entries: move no money, name a subject, not a card.
-ADMIN_OPS = frozenset(range(OP_ADMIN_MIN, OP_ADMIN_MAX + 1)) | {OP_CLOSE_DAY}
+ADMIN_OPS = frozenset(range(OP_ADMIN_MIN, OP_ADMIN_MAX + 1)) | {OP_CLOSE_DAY, OP_REGION_PUT,
+                                                                 OP_STORE_PUT}
 
 
 def admin_op(op: int) -> bool:
@@ -688,6 +730,14 @@ DAY_PAIR_KEY = struct.Struct(">III")  # store_id, business day, counterparty (or
 STORE_DAY = struct.Struct("<BBxxIQqq")
 DAY_STAFF = struct.Struct("<qqqq")
 DAY_CHAIN_KEY = struct.Struct(">I")  # day_chain: business day
+REGION = struct.Struct("<BBHIqII64s8x")
+STORE = struct.Struct("<BBBBIIiqII64s16x")
+STORE_SUBJECT = struct.Struct("<IIhBB4x")   # an OP_STORE_PUT entry's subject
+REGION_SUBJECT = struct.Struct("<I12x")     # an OP_REGION_PUT entry's subject
+REGION_STORE_KEY = struct.Struct(">II")     # chain_region_stores: region, store
+REGION_VERSION, STORE_VERSION, STORE_OWN_DAY = 1, 1, 1
+NAME_BYTES_MAX = 64
+assert REGION.size == 96 and STORE.size == 112 and STORE_SUBJECT.size == 16
 assert DAY_TOTALS.size == 704 and STORE_DAY.size == 32 and len(DAY_FIGURES) <= DAY_FIGURE_SLOTS
 
 # Internal operations: no request record; no journal entry of their own.
@@ -737,6 +787,9 @@ R_CARD_EXPIRED, R_CARD_NOT_ACTIVATED = 92, 93
 R_LINE_ALREADY_REFUNDED, R_LINE_NOT_FOUND = 96, 97
 R_DAY_NOT_STARTED = 105  # CloseDay: a business day that has not begun
 R_MEMBER_RANGE_INVALID, R_MEMBER_PAGE_INVALID = 115, 116  # GetMemberReport's input
+# The chain's shape (cardcore.stores): PutRegion, PutStore, region scopes and reports.
+R_REGION_NOT_FOUND, R_NAME_INVALID, R_UTC_OFFSET_INVALID, R_CUTOFF_HOUR_INVALID = 107, 108, 109, 110
+R_CHAIN_ID_INVALID, R_CHAIN_TREE_FULL = 111, 112
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

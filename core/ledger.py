@@ -46,12 +46,17 @@ Sub-databases (all in one environment, so one write transaction covers them)::
     day_money_home card_id                -> u32: the store that holds the card's principal
     member_cards, member_months, member_days, member_last, member_month_totals: the member
                   metrics (cardcore.members)
+    chain_regions region id (u32 BE)      -> a region: its name (96 B, layout.REGION)
+    chain_stores  store id (u32 BE)       -> a store: name, region, own business day (112 B,
+                                             layout.STORE; cardcore.stores)
+    chain_region_stores region | store    -> empty: each region's stores
 
-The last twenty-seven came with card programs, refunds, holds, replacement, member lookup, card
-expiry, refunds by line, the daily close and the member metrics: a writer that opens a ledger
-made before them creates them (absent records read as zeros: nothing to migrate; the member
-index is filled from the profiles once, by a writer that has the lookup key; every card before
-expiry has none; the day totals and the member metrics are filled from the journal once).
+The last thirty came with card programs, refunds, holds, replacement, member lookup, card
+expiry, refunds by line, the daily close, the member metrics and the chain's shape (regions and
+stores, empty at first): a writer that opens a ledger made before them creates them (absent
+records read as zeros: nothing to migrate; the member index is filled from the profiles once, by
+a writer that has the lookup key; every card before expiry has none; the day totals and the
+member metrics are filled from the journal once).
 
 ``apply_group`` is the only writer. It applies a group of queued operations
 strictly in the order they arrived, in one write transaction (one fsync when
@@ -82,6 +87,7 @@ from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
 from cardcore import members as member_metrics
+from cardcore import stores
 from cardcore.ext import kernel
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   entry_line_count, lines_digest,
@@ -107,13 +113,14 @@ DB_NAMES = ("cards", "journal", "requests", "request_times", "profiles", "cardno
             "operators", "operator_ids", "programs", "meta", "card_ext", "journal_lines", "coupons",
             "packages", "points_lots", "lots_by_day", "gift_stock", "baskets", "undone",
             "card_entries", "holds", "holds_by_expiry", "card_links", "members",
-            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES, *member_metrics.DB_NAMES)
+            "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES, *member_metrics.DB_NAMES,
+            *stores.DB_NAMES)
 # created on open when missing (cards_by_expiry: empty, as every card before it has no expiry)
 ADDED_DB_NAMES = frozenset(("card_ext", "journal_lines", "coupons", "packages", "points_lots",
                             "lots_by_day", "gift_stock", "baskets", "undone", "card_entries",
                             "holds", "holds_by_expiry", "card_links", "members",
                             "cards_by_expiry", "refunded_lines", *daytotals.DB_NAMES,
-                            *member_metrics.DB_NAMES))
+                            *member_metrics.DB_NAMES, *stores.DB_NAMES))
 SUCCESSOR, PREDECESSOR = b"\x01", b"\x02"  # card_links key prefixes
 LINEAGE_MAX = 64  # replacements a card's history and refunds follow back, at most
 HISTORY_PAGE_MAX = 100        # entries a history page holds at most
@@ -997,6 +1004,24 @@ class Ledger:
         return self._read(lambda txn: {L.VERSION_KEY.unpack(k)[0]: json.loads(v)
                                        for k, v in txn.cursor(db=self.programs)})
 
+    def read_tree(self) -> tuple[list[dict], list[dict]]:
+        """Every region and every store (``stores.read_tree``)."""
+        return self._read(lambda txn: stores.read_tree(txn, self))
+
+    def read_region(self, region_id: int) -> dict | None:
+        return self._read(lambda txn: stores.read_one(txn, self, "region", region_id))
+
+    def read_store(self, store_id: int) -> dict | None:
+        return self._read(lambda txn: stores.read_one(txn, self, "store", store_id))
+
+    def read_store_regions(self) -> dict[int, int]:
+        """store -> region of every store in a region (``stores.store_regions``)."""
+        return self._read(lambda txn: stores.store_regions(txn, self))
+
+    def read_region_stores(self, region_id: int) -> list[int]:
+        """The stores of a region now (``stores.region_stores``)."""
+        return self._read(lambda txn: stores.region_stores(txn, self, region_id))
+
     def read_day(self, store: int, day: int) -> tuple[list[int], tuple | None, list, int]:
         """A store's business day: figures, its close, its clearing, its holds outstanding
         (``daytotals.read_day``)."""
@@ -1019,6 +1044,13 @@ class Ledger:
         return self._read(lambda txn: (
             member_metrics.figures(txn, self, from_month, to_month),
             member_metrics.dormant(txn, self, as_of, limit, after)))
+    def read_region_report(self, region_id: int, from_day: int, to_day: int, granularity: int,
+                           staff: bool = False) -> dict:
+        """A region's report: its stores' now, summed day by day (``daytotals.report``)."""
+        def read(txn):
+            return daytotals.report(txn, self, None, from_day, to_day, granularity, staff,
+                                    region_stores=stores.region_stores(txn, self, region_id))
+        return self._read(read)
 
     def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` (card_id, sealed number) pairs with card_id > ``after``, in key order."""

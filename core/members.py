@@ -105,6 +105,9 @@ _ENTRY = struct.Struct("<xB14x16sqq48xqI20xI")
 assert _ENTRY.size == 132
 _OPS = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_PURCHASE, L.OP_CARD_REPLACED,
                   L.OP_REPLACEMENT_OPENED))
+# what is not a member's record to read first: openings (new), a store's entry (its business day,
+# followed as the day totals follow it: daytotals.DayTotals.store_put)
+_NO_RECORD_READ = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_STORE_PUT))
 _NO_CARD = bytes(16)
 _CARD = 11  # MEMBER's card field, unpacked
 _EPOCH_ORDINAL = daytotals.EPOCH.toordinal()
@@ -187,18 +190,22 @@ class Members:
         buf = b"".join(entries)
         size = L.JOURNAL_SIZE
         ops = buf[1::size]
-        wanted = [k for k, op in enumerate(ops) if op in _OPS]
+        wanted = [k for k, op in enumerate(ops) if op in _OPS or op == L.OP_STORE_PUT]
         if not wanted:
             return
         later = set(daytotals.later_payments(self.txn, self.ledger, buf, self.baskets_seen))
         self._read_records([buf[k * size + 16:k * size + 32] for k in wanted
-                            if ops[k] != L.OP_OPEN and ops[k] != L.OP_IMPORT_CARD])
+                            if ops[k] not in _NO_RECORD_READ])
         unpack = _ENTRY.unpack_from
         day_of = self.days_of.business_day_of
         days: dict[tuple[int, int, int], tuple[int, int]] = {}  # (store, version, time) -> days
         purchase = self._purchase
         for k in wanted:
             op, card_id, amount, discount, ts_us, store, version = unpack(buf, k * size)
+            if op == L.OP_STORE_PUT:  # the entries after it: the store's day as it sets it
+                self.days_of.store_put(card_id)
+                days.clear()
+                continue
             when = days.get((store, version, ts_us))
             if when is None:
                 day = day_of(store, version, ts_us)

@@ -56,6 +56,7 @@ from cardcore import daytotals
 from cardcore import members as member_metrics
 from cardcore import layout as L
 from cardcore import lots
+from cardcore import stores
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
@@ -160,6 +161,8 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
                                                        db=ledger.meta) is not None:
             for name in member_metrics.check(txn, ledger):
                 problem(f"the member metrics' {name} are not what the journal's entries make")
+        for text in stores.check(txn, ledger):
+            problem(text)
         requests = _requests(txn, ledger, problem)
         members = _members(txn, ledger, index, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)

@@ -6,8 +6,9 @@
   the initial key that makes PIN blocks and card data the server can open).
 - An operator sends ``authorization: Bearer <token>``; the server keeps only
   the token's SHA-256. Roles are ordered (OperatorRole): each can do what the
-  roles below it can, at the stores in its scope (none listed = the chain,
-  chain admins only).
+  roles below it can, at the stores in its scope: the stores listed and the
+  stores of the regions listed, as the registry has them now (none listed =
+  the chain, chain admins only).
 - Each terminal has a budget per sliding minute: its failed guesses and probes
   (a wrong PIN, an unknown card, a card number that is already issued, a PIN
   block or card data that does not open) and every card inquiry stay counted
@@ -65,9 +66,21 @@ class Operator:
     name: str
     role: int
     store_ids: frozenset[int]
+    region_ids: frozenset[int] = frozenset()
+    # store -> region, the registry's when the operators were loaded (every admin change
+    # reloads them: a store moved to another region leaves the old one's scope at once)
+    store_regions: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def chain_wide(self) -> bool:
+        return not self.store_ids and not self.region_ids
 
     def covers(self, store_id: int) -> bool:
-        return not self.store_ids or store_id in self.store_ids
+        return (self.chain_wide or store_id in self.store_ids
+                or (store_id != 0 and self.store_regions.get(store_id, 0) in self.region_ids))
+
+    def covers_region(self, region_id: int) -> bool:
+        return self.chain_wide or region_id in self.region_ids
 
     def may(self, role: int, store_id: int | None = None) -> bool:
         """At least ``role``, and (when given) ``store_id`` in scope."""
@@ -123,11 +136,13 @@ class Access:
 
     def reload(self) -> None:
         by_digest, by_name = {}, {}
+        store_regions = self.ledger.read_store_regions()
         for rec in self.ledger.read_operators():
             by_name[rec["name"]] = rec
             if not rec["removed"]:
-                by_digest[rec["token_sha256"]] = Operator(rec["id"], rec["name"], rec["role"],
-                                                          frozenset(rec["store_ids"]))
+                by_digest[rec["token_sha256"]] = Operator(
+                    rec["id"], rec["name"], rec["role"], frozenset(rec["store_ids"]),
+                    frozenset(rec.get("region_ids", ())), store_regions)
         self.operators_by_digest, self.operators_by_name = by_digest, by_name
         terminals = {}
         for t in self.ledger.read_terminals():

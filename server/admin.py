@@ -18,6 +18,7 @@ import time
 
 from cardcore import daytotals
 from cardcore import layout as L
+from cardcore import stores as chain
 from cardcore.admin import reseal_payload
 from cardcore.idempotency import (SCOPE_CHAIN, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL, PendingOp,
                                   request_key)
@@ -146,40 +147,53 @@ class AdminService(apb_grpc.AdminServiceServicer):
 
     # ---- operators -----------------------------------------------------------------------
 
-    async def _check_grant(self, context, op_by: Operator, role: int, store_ids) -> None:
-        """A chain admin grants anything; others only roles below their own, inside their scope
-        (an operator's role and stores never change, so this holds when the writer applies it)."""
+    async def _check_grant(self, context, op_by: Operator, role: int, store_ids,
+                           region_ids=()) -> None:
+        """A chain admin grants anything; others only roles below their own, inside their scope:
+        stores it covers, regions of its own (an operator's role, stores and regions never
+        change, so this holds when the writer applies it)."""
         if op_by.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN:
             return
-        if (op_by.role < ROLE.OPERATOR_ROLE_REGION_MANAGER or role >= op_by.role or not store_ids
-                or not all(op_by.covers(s) for s in store_ids)):
+        if (op_by.role < ROLE.OPERATOR_ROLE_REGION_MANAGER or role >= op_by.role
+                or not (store_ids or region_ids)
+                or not all(op_by.covers(s) for s in store_ids)
+                or not all(op_by.covers_region(r) for r in region_ids)):
             await abort(context, failure(R.REASON_PERMISSION_DENIED, "role"))
 
     async def AddOperator(self, request, context):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
         key, client_us = await self._request(context, request, op_by)
         stores = sorted(set(request.store_ids))
+        regions = sorted(set(request.region_ids))
         if not NAME_RE.fullmatch(request.name):
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "name"))
         if request.role not in ROLE.values() or request.role == ROLE.OPERATOR_ROLE_UNSPECIFIED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "role"))
         if len(stores) > SCOPE_STORES_MAX:
             await abort(context, failure(R.REASON_FIELD_TOO_LONG, "store_ids"))
-        if bool(stores) == (request.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN):
-            # chain admins are chain-wide; every other role is scoped to stores
+        if len(regions) > SCOPE_STORES_MAX:
+            await abort(context, failure(R.REASON_FIELD_TOO_LONG, "region_ids"))
+        if bool(stores or regions) == (request.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN):
+            # chain admins are chain-wide; every other role is scoped to stores or regions
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "store_ids"))
-        await self._check_grant(context, op_by, request.role, stores)
+        if any(self.ledger.read_region(r) is None for r in regions):
+            await abort(context, failure(R.REASON_REGION_NOT_FOUND, "region_ids"))
+        await self._check_grant(context, op_by, request.role, stores, regions)
         token, operator = await self.add_operator(context, key, request.name, request.role, stores,
-                                                  op_by.operator_id, client_us=client_us)
+                                                  op_by.operator_id, client_us=client_us,
+                                                  regions=regions)
         return apb.AddOperatorResponse(operator=operator, token=token)
 
     async def add_operator(self, context, key: bytes, name: str, role: int, stores: list[int],
-                           by_id: int, token: str | None = None,
-                           client_us: int = 0) -> tuple[str, apb.Operator]:
+                           by_id: int, token: str | None = None, client_us: int = 0,
+                           regions: list[int] = ()) -> tuple[str, apb.Operator]:
         """Create an operator (also the bootstrap chain admin, with ``context`` None). A retry of
-        the same request gets a fresh token, and the one its lost answer carried stops working."""
+        the same request gets a fresh token, and the one its lost answer carried stops working.
+        ``regions``: stored only when given (a request without them digests as before)."""
         token = token or new_token()
         fields = {"name": name, "role": role, "store_ids": stores}
+        if regions:
+            fields["region_ids"] = list(regions)
         op = PendingOp.admin(key, L.OP_OPERATOR_ADDED, bytes(16),
                              json.dumps({**fields, "token_sha256": token_digest(token)}).encode(),
                              by_id, digest_payload=json.dumps(fields, sort_keys=True).encode(),
@@ -198,7 +212,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
     def _operator_pb(self, name: str) -> apb.Operator:
         rec = self.access.operators_by_name[name]
         return apb.Operator(operator_id=rec["id"], name=rec["name"], role=rec["role"],
-                            store_ids=rec["store_ids"], removed=rec["removed"],
+                            store_ids=rec["store_ids"], region_ids=rec.get("region_ids", []),
+                            removed=rec["removed"],
                             created_at_us=rec["created_us"])
 
     async def RemoveOperator(self, request, context):
@@ -207,7 +222,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
         target = self.access.operators_by_name.get(request.name)
         if target is None:
             await abort(context, failure(R.REASON_OPERATOR_NOT_FOUND, "name"))
-        await self._check_grant(context, op_by, target["role"], target["store_ids"])
+        await self._check_grant(context, op_by, target["role"], target["store_ids"],
+                                target.get("region_ids", ()))
         await self._apply(context, PendingOp.admin(
             key, L.OP_OPERATOR_REMOVED, bytes(16), json.dumps({"name": request.name}).encode(),
             op_by.operator_id, client_time_us=client_us,
@@ -218,7 +234,9 @@ class AdminService(apb_grpc.AdminServiceServicer):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_REGION_MANAGER)
         out = [self._operator_pb(name) for name, rec in sorted(self.access.operators_by_name.items())
                if op_by.role == ROLE.OPERATOR_ROLE_CHAIN_ADMIN
-               or (rec["store_ids"] and all(op_by.covers(s) for s in rec["store_ids"]))]
+               or ((rec["store_ids"] or rec.get("region_ids"))
+                   and all(op_by.covers(s) for s in rec["store_ids"])
+                   and all(op_by.covers_region(r) for r in rec.get("region_ids", ())))]
         return apb.ListOperatorsResponse(operators=out)
 
     # ---- programs -------------------------------------------------------------------------
@@ -335,6 +353,12 @@ class AdminService(apb_grpc.AdminServiceServicer):
         """From range reads of the day totals only; the chain's for chain admins."""
         if request.chain:
             await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+        elif request.region_id:
+            op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+            if not op_by.covers_region(request.region_id):
+                await abort(context, failure(R.REASON_PERMISSION_DENIED, "region_id"))
+            if self.ledger.read_region(request.region_id) is None:
+                await abort(context, failure(R.REASON_REGION_NOT_FOUND, "region_id"))
         else:
             await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, request.store_id)
         from_day = await self._day(context, request.from_day, "from_day")
@@ -345,6 +369,9 @@ class AdminService(apb_grpc.AdminServiceServicer):
         if granularity not in apb.ReportGranularity.values():
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "granularity"))
         await fresh_or_abort(self.writer, context, everything=True)  # all that was answered
+        if request.region_id and not request.chain:
+            return report_pb(self.ledger.read_region_report(
+                request.region_id, from_day, to_day, granularity, request.staff))
         return report_pb(self.ledger.read_report(None if request.chain else request.store_id,
                                                  from_day, to_day, granularity, request.staff))
 
@@ -363,3 +390,83 @@ class AdminService(apb_grpc.AdminServiceServicer):
         if read is None:  # (the server's writer fills them at its start: never seen)
             await abort(context, failure(R.REASON_STORAGE_UNAVAILABLE))
         return member_report_pb(*read, as_of)
+    # ---- the chain's shape ----------------------------------------------------------------
+
+    async def PutRegion(self, request, context):
+        """Create or rename a region, through the writer (journaled; the name in the registry)."""
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+        key, client_us = await self._request(context, request, op_by)
+        if request.region_id == 0:
+            await abort(context, failure(R.REASON_CHAIN_ID_INVALID, "region_id"))
+        problem = chain.name_problem(request.name)
+        if problem is not None:
+            await abort(context, failure(R.REASON_NAME_INVALID, "name", detail=problem))
+        await self._apply(context, PendingOp.admin(
+            key, L.OP_REGION_PUT, chain.region_subject(request.region_id), request.name.encode(),
+            op_by.operator_id, client_time_us=client_us,
+            need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
+        return apb.PutRegionResponse(region=_region_pb(self.ledger.read_region(request.region_id)))
+
+    async def PutStore(self, request, context):
+        """Create or change a store, through the writer: its subject carries the region and the
+        business day (the day totals read them from the journal), its payload the name."""
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+        key, client_us = await self._request(context, request, op_by)
+        if request.store_id == 0:
+            await abort(context, failure(R.REASON_CHAIN_ID_INVALID, "store_id"))
+        problem = chain.name_problem(request.name)
+        if problem is not None:
+            await abort(context, failure(R.REASON_NAME_INVALID, "name", detail=problem))
+        has_offset = request.HasField("utc_offset_minutes")
+        if has_offset != request.HasField("business_day_cutoff_hour"):
+            await abort(context, failure(R.REASON_CUTOFF_HOUR_INVALID, "business_day_cutoff_hour"))
+        day = None
+        if has_offset:
+            day = (request.utc_offset_minutes, request.business_day_cutoff_hour)
+            bad = chain.day_problem(*day)
+            if bad is not None:
+                await abort(context, failure(bad[0], bad[1]))
+        await self._apply(context, PendingOp.admin(
+            key, L.OP_STORE_PUT, chain.store_subject(request.store_id, request.region_id, day),
+            request.name.encode(), op_by.operator_id, client_time_us=client_us,
+            need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
+        return apb.PutStoreResponse(store=self._store_pb(self.ledger.read_store(request.store_id),
+                                                         self._terminal_counts()))
+
+    def _terminal_counts(self) -> dict[int, int]:
+        """Active terminals per store, from the registry in memory (no ledger read)."""
+        counts: dict[int, int] = {}
+        for t in self.access.terminals.values():
+            if not t.revoked:
+                counts[t.store_id] = counts.get(t.store_id, 0) + 1
+        return counts
+
+    def _store_pb(self, s: dict, counts: dict[int, int]) -> apb.Store:
+        program = self.ledger.program
+        offset, cutoff = s["day"] or (program.business_day_utc_offset_minutes,
+                                      program.business_day_cutoff_hour)
+        return apb.Store(store_id=s["store_id"], name=s["name"], region_id=s["region_id"],
+                         own_business_day=s["day"] is not None, utc_offset_minutes=offset,
+                         business_day_cutoff_hour=cutoff, terminals=counts.get(s["store_id"], 0),
+                         updated_at_us=s["updated_us"], updated_by=s["updated_by"])
+
+    async def ListStores(self, request, context):
+        """The tree as far as the caller's scope reaches: a region whole when it is in scope,
+        else only its stores in scope."""
+        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER)
+        regions, store_list = self.ledger.read_tree()
+        counts = self._terminal_counts()
+        by_region: dict[int, list] = {}
+        for s in store_list:
+            if op_by.covers(s["store_id"]):
+                by_region.setdefault(s["region_id"], []).append(self._store_pb(s, counts))
+        return apb.ListStoresResponse(
+            regions=[apb.RegionStores(region=_region_pb(r), stores=by_region.get(r["region_id"], []))
+                     for r in regions
+                     if op_by.covers_region(r["region_id"]) or r["region_id"] in by_region],
+            head_office_stores=by_region.get(0, []))
+
+
+def _region_pb(r: dict) -> apb.Region:
+    return apb.Region(region_id=r["region_id"], name=r["name"], updated_at_us=r["updated_us"],
+                      updated_by=r["updated_by"])

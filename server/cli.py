@@ -17,6 +17,7 @@ from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_fi
 from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
+from .cmd_stores import cmd_region, cmd_store
 from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stores", type=stores_arg, default=[],
                    help="add: comma-separated store ids in scope (default: the whole chain, "
                         "chain admins only)")
+    p.add_argument("--regions", type=stores_arg, default=[],
+                   help="add: comma-separated region ids in scope: every store each region holds "
+                        "now (default: none)")
     request_opts(p)
     p = client("keys", "rotate: new card-data key version, re-encrypt online (chain admin); "
                "check: offline, every stored card number opens", cmd_keys, card=False)
@@ -405,10 +409,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", type=uint32_arg, help="the store id (0: head office's own entries)")
     p.add_argument("day", type=date_arg, help="the business day, YYYY-MM-DD on the chain's clock")
     request_opts(p)
+    p = client("region", "put ID --name NAME: create or rename a region (chain admin)",
+               cmd_region, card=False)
+    p.add_argument("action", choices=("put",), help="put")
+    p.add_argument("region_id", type=int_arg(1, U32_MAX), help="the region's id, 1..4294967295")
+    p.add_argument("--name", required=True, help="its name, 1 to 64 bytes of UTF-8")
+    request_opts(p)
+    p = client("store", "put ID --name NAME [--region R] [--utc-offset-minutes M --cutoff-hour H]: "
+               "create or change a store (chain admin); list: the chain's tree in scope",
+               cmd_store, card=False)
+    p.add_argument("action", choices=("put", "list"), help="put ID, or list")
+    p.add_argument("store_id", type=int_arg(1, U32_MAX), nargs="?", default=0,
+                   help="put: the store's id, 1..4294967295 (the tills' store id)")
+    p.add_argument("--name", default=None, help="put: its name, 1 to 64 bytes of UTF-8")
+    p.add_argument("--region", type=uint32_arg, default=0,
+                   help="put: its region (default 0: directly under head office)")
+    p.add_argument("--utc-offset-minutes", type=int_arg(-720, 840), default=None,
+                   help="put: the store's own clock, minutes east of UTC, -720..840 (with "
+                        "--cutoff-hour; default: the card program's business day)")
+    p.add_argument("--cutoff-hour", type=int_arg(0, 23), default=None,
+                   help="put: the local hour its business day starts, 0..23 (with "
+                        "--utc-offset-minutes)")
+    request_opts(p)
     p = client("report", "figures by day, month or year over business days, for a store or the "
                "chain (table, or --csv in fen)", cmd_report, card=False)
     p.add_argument("--store", type=uint32_arg, default=None,
                    help="the store (store manager or above, in scope)")
+    p.add_argument("--region", type=int_arg(1, U32_MAX), default=None,
+                   help="a region: the sum of the stores it holds now (the region in scope)")
     p.add_argument("--chain", action="store_true",
                    help="the whole chain, with the stored-value liability (chain admin)")
     p.add_argument("--from", dest="from_day", type=date_arg, required=True,
@@ -500,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 _CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
                     "replace-card", "find-card", "import",
                     "history", "operation", "watch", "terminals", "operators", "keys", "program",
-                    "pos", "console", "close-day", "report", "members")
+                    "pos", "console", "close-day", "report", "members", "region", "store")
 
 
 def _cmd_console(args) -> int:

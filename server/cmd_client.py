@@ -405,8 +405,9 @@ def cmd_operators(args) -> int:
 
     def show(o):
         role = cpb.OperatorRole.Name(o.role).removeprefix("OPERATOR_ROLE_").lower()
-        scope = ",".join(map(str, o.store_ids)) or "whole chain"
-        print(f"operator {o.operator_id}  {o.name}  {role}  stores {scope}"
+        scope = ",".join(map(str, o.store_ids)) or ("none" if o.region_ids else "whole chain")
+        regions = f"  regions {','.join(map(str, o.region_ids))}" if o.region_ids else ""
+        print(f"operator {o.operator_id}  {o.name}  {role}  stores {scope}{regions}"
               f"{'  removed' if o.removed else ''}")
 
     if args.action in ("add", "remove") and not args.name:
@@ -414,7 +415,8 @@ def cmd_operators(args) -> int:
     if args.action == "add":
         role = cpb.OperatorRole.Value("OPERATOR_ROLE_" + args.role.upper())
         resp = call(stub.AddOperator, apb.AddOperatorRequest(
-            name=args.name, role=role, store_ids=args.stores, **request_fields(args)), args)
+            name=args.name, role=role, store_ids=args.stores, region_ids=args.regions,
+            **request_fields(args)), args)
         show(resp.operator)
         if resp.token:
             print(f"token (shown once; the server keeps only its hash): {resp.token}")

@@ -76,11 +76,12 @@ def cmd_report(args) -> int:
     """A store's or the chain's figures by day, month or year, from the server's day totals."""
     from cardcore.v1 import admin_service_pb2 as apb
 
-    if args.chain == (args.store is not None):
-        raise UsageError("report needs --store S or --chain (one of them)")
+    if sum((args.chain, args.store is not None, args.region is not None)) != 1:
+        raise UsageError("report needs --store S or --chain, or --region R (one of them)")
     r = call(admin_stub_of(args).GetReport, apb.GetReportRequest(
-        store_id=args.store or 0, chain=args.chain, from_day=args.from_day, to_day=args.to_day,
-        granularity=GRANULARITIES[args.by], staff=args.staff), args)
+        store_id=args.store or 0, chain=args.chain, region_id=args.region or 0,
+        from_day=args.from_day, to_day=args.to_day, granularity=GRANULARITIES[args.by],
+        staff=args.staff), args)
     if args.csv:
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(("period", "first_day", "last_day", *_SCALARS, "top_up_minor",

@@ -138,6 +138,17 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                     "as_of_day a date"),
     R.REASON_MEMBER_PAGE_INVALID: (C.INVALID_ARGUMENT, "dormant_limit must be at most 10000 and "
                                    "page_token one an answer gave"),
+    R.REASON_REGION_NOT_FOUND: (C.NOT_FOUND, "no region with this id"),
+    R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "
+                            "control characters"),
+    R.REASON_UTC_OFFSET_INVALID: (C.INVALID_ARGUMENT, "utc_offset_minutes must be -720 to 840 "
+                                  "(-12:00 to +14:00)"),
+    R.REASON_CUTOFF_HOUR_INVALID: (C.INVALID_ARGUMENT, "business_day_cutoff_hour must be 0 to 23, "
+                                   "given with utc_offset_minutes"),
+    R.REASON_CHAIN_ID_INVALID: (C.INVALID_ARGUMENT, "a region or store id must be 1 or more (store "
+                                "0 is head office)"),
+    R.REASON_CHAIN_TREE_FULL: (C.RESOURCE_EXHAUSTED, "the chain holds as many regions or stores "
+                               "as it takes"),
 }
 
 CODE_NUMBER: dict[int, int] = {reason: code.value[0] for reason, (code, _) in TABLE.items()}

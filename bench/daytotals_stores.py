@@ -1,0 +1,104 @@
+"""What stores' own business days cost the day totals, in-process (no server, no fsync):
+
+    .venv/bin/python bench/daytotals_stores.py [--base REV] [--reps 60] [--rounds 5]
+
+One group of 1,000 purchases at 199 stores (one time, the C loop's run) added and made into
+records in a write transaction then aborted, the median of ``--reps`` per round, the median of
+the rounds: with no store registered, and with every store registered with a business day of its
+own (each store's settings read in one getmulti, one day per store). ``--base REV``: also
+core/daytotals.py as it was at git revision REV (before stores), on the same ledger.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from cardcore import daytotals, stores
+from cardcore import layout as L
+from cardcore.ledger import Ledger
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TS_US = 1_796_000_000_000_000
+STORES, ENTRIES, CARDS = 199, 1_000, 5_000
+
+
+def group(rng: random.Random) -> list[bytes]:
+    out = []
+    for k in range(ENTRIES):
+        dp = -rng.randrange(100, 20_000)
+        out.append(L.JOURNAL.pack(
+            L.JOURNAL_VERSION, L.OP_PURCHASE, 0, 1, 0, 0, 0, k + 1,
+            rng.randrange(CARDS).to_bytes(16, "little"), -dp, 0, dp, 0, 10, 10**6, 0, 0, TS_US,
+            rng.randrange(1, STORES + 1), 0, 0, 0, bytes(8), 1, 0, bytes(3), 0, 0, 0, 0, 0, 0,
+            bytes(48), bytes(32)))
+    return out
+
+
+def timed(ledger, module, entries, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        with ledger.env.begin(write=True) as txn:
+            t0 = time.perf_counter()
+            totals = module.DayTotals(txn, ledger, {})
+            totals.add_all(entries)
+            totals.records()
+            times.append(time.perf_counter() - t0)
+            txn.abort()
+    return statistics.median(times) * 1e3
+
+
+def base_module(rev: str):
+    source = subprocess.run(["git", "show", f"{rev}:core/daytotals.py"], cwd=os.path.dirname(HERE),
+                            capture_output=True, text=True, check=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "daytotals_base.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("daytotals_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default=None, help="a git revision whose core/daytotals.py to time too")
+    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    rng = random.Random(3)
+    entries = group(rng)
+    base = base_module(args.base) if args.base else None
+    rows: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(os.path.join(tmp, "ledger"), sync=False)
+        try:
+            for phase in ("no store registered", "every store with its own day"):
+                if phase != "no store registered":
+                    with ledger.env.begin(write=True) as txn:
+                        for s in range(1, STORES + 1):
+                            day = (rng.choice((480, 540, -300)), 4)
+                            txn.put(L.TERMINAL_KEY.pack(s),
+                                    stores.store_record(s, f"s{s}", 0, day, 0, 0),
+                                    db=ledger.chain_stores)
+                for _ in range(args.rounds):
+                    rows.setdefault(f"this tree, {phase}", []).append(
+                        timed(ledger, daytotals, entries, args.reps))
+                    if base is not None:
+                        rows.setdefault(f"{args.base}, {phase}", []).append(
+                            timed(ledger, base, entries, args.reps))
+        finally:
+            ledger.close()
+    for name, r in rows.items():
+        print(f"{name:48s} {statistics.median(r):6.3f} ms per {ENTRIES:,}-entry group")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
