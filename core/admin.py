@@ -61,6 +61,7 @@ class AdminState:
         self.stores: dict[int, bytes | None] = {}
         self.tree_dirty: set[tuple[str, int]] = set()
         self.region_index: dict[tuple[int, int], bool] = {}  # (region, store) -> put / delete
+        self.closed_days: set[tuple[int, int]] = set()  # (store, day) closed by this group
 
     def flush(self) -> None:
         """Write the terminal records the group changed (KSN counters, enrolments, revocations)
@@ -280,14 +281,17 @@ class AdminState:
         journaled (who asked, when); the first of a store's day closes it, where its entry
         stands (the day totals read the entries), and the later ones change nothing."""
         store, day = closed_day(subject)
-        if self.ledger.store_days is not None and self.txn.get(
-                L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None:
-            return L.R_OK  # closed before: its answer again, even if the clock moved back since
+        if (store, day) in self.closed_days or (
+                self.ledger.store_days is not None and self.txn.get(
+                    L.DAY_KEY.pack(store, day), db=self.ledger.store_days) is not None):
+            return L.R_OK  # closed before (in this group too): its answer again, even if the
+            # store's clock moved back since
         program = self.program
         own = stores.store_day(self.store(store)) if store else None
         if day > business_day(ts_us, *(own or (program.business_day_utc_offset_minutes,
                                                program.business_day_cutoff_hour))):
             return L.R_DAY_NOT_STARTED
+        self.closed_days.add((store, day))
         return L.R_OK
 
     def _tree_full(self, kind: str, db, limit: int) -> bool:

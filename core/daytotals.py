@@ -936,27 +936,16 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                 "total": [0] * WIDTH, "staff": {}}
     days = dict(read_range(txn, ledger, store, from_day, to_day) if region_stores is None
                 else read_stores_range(txn, ledger, region_stores, from_day, to_day))
-    closed: dict[int, int] = {}  # a closed day -> its holds outstanding, kept by its close
-    if store is not None:
-        cur = txn.cursor(db=ledger.store_days)
-        if cur.set_range(L.DAY_KEY.pack(store, from_day)):
-            end = L.DAY_KEY.pack(store, to_day)
-            for key, value in cur:
-                if key > end:
-                    break
-                closed[L.DAY_KEY.unpack(key)[1]] = L.STORE_DAY.unpack(value)[5]
-    if not from_day:
-        principal = bonus = held = 0
-    elif region_stores is not None:
-        principal, bonus = 0, 0
-        held = sum(holds_outstanding(txn, ledger, s, from_day - 1) for s in region_stores)
-    elif store is None:
-        principal, bonus, held = liability(txn, ledger, from_day - 1)
-    else:
-        principal, bonus, held = 0, 0, holds_outstanding(txn, ledger, store, from_day - 1)
+    closed = {} if store is None else _closes(txn, ledger, store, from_day, to_day)
+    chain = store is None and region_stores is None
+    principal, bonus, held = (liability(txn, ledger, from_day - 1) if chain and from_day
+                              else (0, 0, 0))
+    spans = periods(from_day, to_day, granularity)
+    holds = None if chain else _holds_by_row(txn, ledger, region_stores or [store], from_day,
+                                             to_day, spans)
     total = [0] * WIDTH
     rows = []
-    for label, first, last in periods(from_day, to_day, granularity):
+    for n, (label, first, last) in enumerate(spans):
         acc = [0] * WIDTH
         for d in range(first, last + 1):
             v = days.get(d)
@@ -965,13 +954,12 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                     acc[k] += v[k]
         for k in range(WIDTH):
             total[k] += acc[k]
-        if store is None and region_stores is None:
+        if chain:
             principal += acc[F_OWN_P]
             bonus += acc[F_OWN_B]
             held += acc[F_OWN_HELD]
         else:
-            held += acc[F_HOLDS]
-            held = closed.get(last, held)  # a closed day answers as its close did
+            held = holds[n]
         rows.append((label, first, last, [clamped(k, x) for k, x in enumerate(acc)],
                      wrapped(principal), wrapped(bonus),
                      sum(1 for d in closed if first <= d <= last), wrapped(held)))
@@ -980,6 +968,36 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
                       if region_stores is None else region_staff(txn, ledger, region_stores,
                                                                   from_day, to_day))
             if staff else {}}
+
+
+def _closes(txn, ledger, store: int, from_day: int, to_day: int) -> dict[int, int]:
+    """The store's closed days in the range -> the holds outstanding each close kept."""
+    out: dict[int, int] = {}
+    cur = txn.cursor(db=ledger.store_days)
+    if cur.set_range(L.DAY_KEY.pack(store, from_day)):
+        end = L.DAY_KEY.pack(store, to_day)
+        for key, value in cur:
+            if key > end:
+                break
+            out[L.DAY_KEY.unpack(key)[1]] = L.STORE_DAY.unpack(value)[5]
+    return out
+
+
+def _holds_by_row(txn, ledger, stores: list[int], from_day: int, to_day: int,
+                  spans: list[tuple[str, int, int]]) -> list[int]:
+    """The holds outstanding at the end of each period, summed over ``stores`` (one, or a
+    region's): each store's running sum of its records, except that a closed day answers what
+    its close kept (the running sum goes on underneath, so a later day does not depend on where
+    the report starts)."""
+    out = [0] * len(spans)
+    for s in stores:
+        running = holds_outstanding(txn, ledger, s, from_day - 1) if from_day else 0
+        days = dict(read_range(txn, ledger, s, from_day, to_day))
+        closed = _closes(txn, ledger, s, from_day, to_day)
+        for n, (_, first, last) in enumerate(spans):
+            running += sum(days[d][F_HOLDS] for d in range(first, last + 1) if d in days)
+            out[n] += closed.get(last, running)
+    return out
 
 
 def region_staff(txn, ledger, stores: list[int], from_day: int,

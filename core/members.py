@@ -525,7 +525,7 @@ def figures(txn, ledger, from_month: int, to_month: int) -> dict:
         repeat = sum(1 for p, _ in now.values() if p >= 2)
         churned = sum(1 for root in before if root not in now)
         purchases = sum(p for p, _ in now.values())
-        spend = sum(s for _, s in now.values())
+        spend = daytotals.saturated(sum(s for _, s in now.values()))  # as each month's is
     new, activated, imported = _day_counts(txn, ledger, first, last)
     opened, _, imported_ever = _day_counts(txn, ledger, 0, last)
     members = opened + imported_ever

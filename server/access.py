@@ -174,8 +174,8 @@ class Access:
         if not caller.token_digest:
             return caller
         operator = self.operators_by_digest.get(caller.token_digest)
-        if operator == caller.operator:
-            return caller
+        if operator is caller.operator:  # the same load (equal is not enough: the registry's
+            return caller                # store -> region map is not compared)
         return dataclasses.replace(caller, operator=operator, bad_token=operator is None)
 
     # ---- terminals and their keys -------------------------------------------------------

@@ -491,3 +491,107 @@ def test_the_writer_checks_puts_again_and_keeps_the_trees_limits(tmp_path, monke
             assert stores.check(txn, ledger) == []
     finally:
         ledger.close()
+
+
+# ---- found by a review -----------------------------------------------------------------------
+
+def _stream_sale(number: str, store: int) -> pb.Operation:
+    request_id = rid()
+    return pb.Operation(purchase=pb.PurchaseRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), gross_amount_minor=100, till=till(store)))
+
+
+def test_a_stream_follows_a_store_moved_into_the_operators_region(server, chain):
+    """A region-1 cashier's SwipeStream: store 21 moved into region 1 mid-stream is in its scope
+    from then on, in the stream as in a fresh unary call (the operator looked up again is the
+    one the registry's reload made, not merely an equal one)."""
+    import queue
+
+    from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+
+    stub, admin = chain
+    number = open_card(stub, 11)
+    top_up(stub, number, 100_000, 11)
+    token = admin.stub.AddOperator(apb.AddOperatorRequest(
+        request_id=rid(), client_time_us=sent_at(rid()), name="northcash",
+        role=ROLE.OPERATOR_ROLE_CASHIER, region_ids=[1]), metadata=admin.metadata).token
+    sent: queue.Queue = queue.Queue()
+
+    def operations():
+        while (item := sent.get()) is not None:
+            yield item
+
+    replies = pb_grpc.CardServiceStub(server.channel).SwipeStream(operations(),
+                                                                  metadata=bearer(token))
+    try:
+        sent.put(_stream_sale(number, 12))
+        assert next(replies).reason == cpb.REASON_OK
+        sent.put(_stream_sale(number, 21))
+        assert next(replies).reason == cpb.REASON_PERMISSION_DENIED  # 21 is South's
+        put_store(admin, 21, "Guangzhou Tianhe", 1)  # now North's
+        sent.put(_stream_sale(number, 21))
+        assert next(replies).reason == cpb.REASON_OK
+        put_store(admin, 21, "Guangzhou Tianhe", 2)  # and back
+        sent.put(_stream_sale(number, 21))
+        assert next(replies).reason == cpb.REASON_PERMISSION_DENIED
+    finally:
+        sent.put(None)
+        list(replies)
+
+
+def test_a_repeated_close_answers_alike_however_the_writer_groups_it(tmp_path):
+    """Put store 5 on UTC+14, close its day, move it to UTC-12, close that day again: in one
+    group or one group each, the second close is "closed before" (OK), not "not started"."""
+    import time
+
+    from cardcore import stores
+    from cardcore.idempotency import PendingOp
+
+    now = time.time_ns() // 1000
+    east = daytotals.business_day(now, *EAST)
+    ops = [PendingOp.admin(b"", L.OP_STORE_PUT, stores.store_subject(5, 0, EAST), b"S", 0),
+           PendingOp.admin(b"", L.OP_CLOSE_DAY, daytotals.close_subject(5, east), b"", 0),
+           PendingOp.admin(b"", L.OP_STORE_PUT, stores.store_subject(5, 0, WEST), b"S", 0),
+           PendingOp.admin(b"", L.OP_CLOSE_DAY, daytotals.close_subject(5, east), b"", 0)]
+    together = Ledger(str(tmp_path / "together"), sync=False)
+    apart = Ledger(str(tmp_path / "apart"), sync=False)
+    try:
+        assert [o.reason for o in together.apply_group(ops, now)] == [L.R_OK] * 4
+        assert [apart.apply_group([PendingOp.admin(b"", o.packed[0], o.card_id, o.payload, 0)],
+                                  now + k)[0].reason for k, o in enumerate(ops)] == [L.R_OK] * 4
+        for ledger in (together, apart):
+            with ledger.env.begin() as txn:
+                assert daytotals.check(txn, ledger) == [] and stores.check(txn, ledger) == []
+    finally:
+        together.close()
+        apart.close()
+
+
+def _hold(stub, number: str, amount: int, store: int):
+    request_id = rid()
+    return stub.Authorize(pb.AuthorizeRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), amount_minor=amount, till=till(store)))
+
+
+def test_holds_outstanding_after_a_store_moves_its_clock_back(server, chain):
+    """Store 11 (UTC+14) holds 2,500, closes its day E, moves to UTC-12 and holds 1,000 more,
+    which lands on an earlier, open day W. The closed day answers what its close kept (2,500);
+    the day after holds both (3,500) whatever day a report starts on; the region's rows are the
+    sum of its stores'."""
+    stub, admin = chain
+    number = open_card(stub, 11)
+    top_up(stub, number, 500_000, 11)
+    east = day_of(_hold(stub, number, 2_500, 11).applied_at_us, *EAST)
+    close(admin, 11, east)
+    put_store(admin, 11, "Harbin Central", 1, WEST)
+    west = day_of(_hold(stub, number, 1_000, 11).applied_at_us, *WEST)
+    assert west < east
+    rows = report(admin, west, east + 1, store=11).rows
+    assert rows[-2].holds_outstanding_minor == 2_500 and rows[-1].holds_outstanding_minor == 3_500
+    assert report(admin, east + 1, east + 1, store=11).rows[0].holds_outstanding_minor == 3_500
+    region = region_report(admin, 1, west, east + 1).rows
+    parts = [report(admin, west, east + 1, store=s).rows for s in (11, 12)]
+    assert [r.holds_outstanding_minor for r in region] == [
+        sum(p[k].holds_outstanding_minor for p in parts) for k in range(len(region))]

@@ -26,7 +26,7 @@ from conftest import (Admin, ServerProcess, bearer, failure_of, journal_entries,
                       operator_cli, rid, sent_at, verify)
 from cardcore.verify import verify as verify_ledger
 from test_holds import authorize, capture, void
-from test_ledger import NOW, op, open_op
+from test_ledger import op, open_op
 
 ROLE = cpb.OperatorRole
 DAY_US = 86_400_000_000
@@ -767,19 +767,20 @@ def test_nets_past_int64_wrap_alike_group_by_group_and_in_verify(tmp_path):
     wrap round (daytotals.wrapped), so the writer's group-by-group records and verify's whole
     journal agree, which saturating at the limit would not (MAX - 100, then +10 and -20)."""
     ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+    now = time.time_ns() // 1000  # a new ledger's clock starts at the real one: not before it
     try:
         ledger.apply_group([open_op("oa", "4000000000000002"), open_op("ob", "4000000000000010"),
                             open_op("oc", "4000000000000028"),
-                            op("tc", L.OP_TOP_UP, "4000000000000028", 100)], NOW)
+                            op("tc", L.OP_TOP_UP, "4000000000000028", 100)], now)
         MAX = daytotals.INT64_MAX
         assert ledger.apply_group([op("ta", L.OP_TOP_UP, "4000000000000002", MAX - 100)],
-                                  NOW + 1)[0].reason == L.R_OK
+                                  now + 1)[0].reason == L.R_OK
         assert [o.reason for o in ledger.apply_group(
             [op("tb", L.OP_TOP_UP, "4000000000000010", 10),
-             op("pc", L.OP_PURCHASE, "4000000000000028", 20)], NOW + 2)] == [L.R_OK, L.R_OK]
+             op("pc", L.OP_PURCHASE, "4000000000000028", 20)], now + 2)] == [L.R_OK, L.R_OK]
         with ledger.env.begin() as txn:
             assert daytotals.check(txn, ledger) == []
-        day = daytotals.business_day(NOW, 480, 4)
+        day = daytotals.business_day(now, 480, 4)
         principal, _, _ = ledger._read(lambda txn: daytotals.liability(txn, ledger, day))
         assert principal == daytotals.wrapped(MAX - 10)  # 100 + (MAX - 100) + 10 - 20
     finally:
@@ -790,9 +791,10 @@ def test_verify_leaves_older_day_totals_to_the_next_writer(tmp_path):
     """Records of an older version (meta 1: before the own-day figures) are filled again when a
     writer opens the ledger; verify, read-only, does not call them corrupt meanwhile."""
     path = str(tmp_path / "ledger")
+    now = time.time_ns() // 1000  # a new ledger's clock starts at the real one: not before it
     ledger = Ledger(path, sync=False)
     ledger.apply_group([open_op("oa", "4000000000000002"),
-                        op("ta", L.OP_TOP_UP, "4000000000000002", 5000)], NOW)
+                        op("ta", L.OP_TOP_UP, "4000000000000002", 5000)], now)
     ledger.close()
     env = lmdb.open(path, max_dbs=64)
     with env.begin(write=True) as txn:
@@ -811,7 +813,7 @@ def test_verify_leaves_older_day_totals_to_the_next_writer(tmp_path):
         readonly.close()
     again = Ledger(path, sync=False)  # the writer fills them again
     try:
-        day = daytotals.business_day(NOW, 480, 4)
+        day = daytotals.business_day(now, 480, 4)
         assert again._read(lambda txn: daytotals.liability(txn, again, day))[0] == 5000
         assert verify_ledger(again)["ok"]
     finally:
@@ -861,26 +863,27 @@ def test_holds_released_by_expiry_and_by_a_capture_in_a_long_group(tmp_path):
     from test_ledger import cid, key
 
     number = "4000000000000002"
+    now = time.time_ns() // 1000  # a new ledger's clock starts at the real one: not before it
     ledger = Ledger(str(tmp_path / "ledger"), sync=False)
 
     def hold(request: str, amount: int, store: int, minutes: int) -> PendingOp:
         return PendingOp.build(key(request), L.OP_HOLD, cid(number), amount, store_id=store,
-                               ref_id=minutes, client_time_us=NOW)
+                               ref_id=minutes, client_time_us=now)
     try:
-        ledger.apply_group([open_op("o", number), op("t", L.OP_TOP_UP, number, 100_000)], NOW)
+        ledger.apply_group([open_op("o", number), op("t", L.OP_TOP_UP, number, 100_000)], now)
         last = max(L.SEQ_KEY.unpack(k)[0] for k, _ in ledger.dump()["journal"])
         assert all(o.reason == L.R_OK for o in ledger.apply_group(
-            [hold("h1", 1_000, 1, 2), hold("h2", 2_000, 2, 60)], NOW + 1))
+            [hold("h1", 1_000, 1, 2), hold("h2", 2_000, 2, 60)], now + 1))
         capture_op = PendingOp.build(
             key("c2"), L.OP_PURCHASE, cid(number), 1_500, store_id=2, link_seq=last + 2,
             op_flags=L.CAPTURE, pin_flags=L.PIN_REQUIRED | L.PIN_OPTIONAL_UNSET,
-            client_time_us=NOW)
+            client_time_us=now)
         assert all(o.reason == L.R_OK for o in ledger.apply_group(
             [capture_op, hold("h3", 4_000, 3, 60), op("x1", L.OP_TOP_UP, number, 5),
-             op("x2", L.OP_TOP_UP, number, 5), op("x3", L.OP_TOP_UP, number, 5)], NOW + 2))
-        ledger.apply_group([op("t2", L.OP_TOP_UP, number, 1)], NOW + 3 * 60_000_000)
+             op("x2", L.OP_TOP_UP, number, 5), op("x3", L.OP_TOP_UP, number, 5)], now + 2))
+        ledger.apply_group([op("t2", L.OP_TOP_UP, number, 1)], now + 3 * 60_000_000)
         assert L.OP_HOLD_EXPIRED in [e[1] for _, e in ledger.dump()["journal"]]
-        day = daytotals.business_day(NOW, 480, 4)
+        day = daytotals.business_day(now, 480, 4)
         assert {s: ledger.read_day(s, day)[3] for s in (1, 2, 3)} == {1: 0, 2: 0, 3: 4_000}
         assert ledger.read_report(None, day, day, 1)["rows"][0][7] == 4_000
         with ledger.env.begin() as txn:

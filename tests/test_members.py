@@ -477,3 +477,34 @@ def test_imported_members_are_members_but_not_new_nor_activated(server, tmp_path
             r.active_members, r.purchases) == (3, 1, 2, 1, 2, 2)
     assert r.activation_rate_bp == 3333  # 1 new of 3 members
     assert verify(server.data_dir)["ok"]
+
+
+def test_spend_past_int64_over_months_saturates_as_one_months_does(tmp_path):
+    """Two split tenders of int64's maximum (the card pays what it has, the till the rest): a
+    month's spend saturates in its stored totals; a report over two months saturates alike and
+    still answers (its sum once overflowed the int64 field)."""
+    from cardcore import daytotals
+    from cardcore.server.member_report import member_report_pb
+
+    rng = random.Random(10)
+    a, b = new_card_number(rng), new_card_number(rng)
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+    try:
+        at = _ledger_time(ledger) + 1
+        opens = [PendingOp.build(key(f"o{n}"), L.OP_OPEN, cid(n), profile=b"{}",
+                                 client_time_us=at) for n in (a, b)]
+        assert all(o.reason == L.R_OK for o in ledger.apply_group(opens, at))
+        big = daytotals.INT64_MAX
+        sales = [op(f"t{n}", L.OP_TOP_UP, n, 1000, at=at + 1) for n in (a, b)] + [
+            op(f"p{n}", L.OP_PURCHASE, n, big, at=at + 1, op_flags=L.ALLOW_PARTIAL)
+            for n in (a, b)]
+        assert all(o.reason == L.R_OK for o in ledger.apply_group(sales, at + 1))
+        day = daytotals.business_day(at, 480, 4)
+        month = M.month_of_day(day)
+        one = ledger.read_members(month, month, day, 10)
+        two = ledger.read_members(month, month + 1, day, 10)
+        assert one[0]["spend_minor"] == two[0]["spend_minor"] == big
+        assert member_report_pb(*two, day).spend_minor == big
+        assert ledger._read(lambda txn: M.check(txn, ledger)) == []
+    finally:
+        ledger.close()
