@@ -207,14 +207,17 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
         slots[k] = s
     if not keys:
         return slots, keys, bytearray()
-    records = []
+    wanted: dict[str, list[bytes]] = {}  # one getmulti per sub-database (most: coupons)
     for where in keys:
-        name, key = where
-        db = getattr(ledger, name) if name else None
-        if where in given:
-            records.append(given[where])
-        else:
-            records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
+        if where[0] and where not in given:
+            wanted.setdefault(where[0], []).append(where[1])
+    found: dict[tuple, bytes] = {}
+    for name, names in wanted.items():
+        db = getattr(ledger, name)
+        if db is not None:
+            found.update(((name, key), value) for key, value in txn.cursor(db=db).getmulti(names))
+    records = [given[where] if where in given else found.get(where) or EMPTY_COUPON
+               for where in keys]
     return slots, [(getattr(ledger, name) if name else None, key) for name, key in keys], \
         bytearray(b"".join(records))
 
@@ -1726,11 +1729,9 @@ class _Group:
             raise InvariantError("kernel sequence does not match the journal entries")
         if gains:
             self._add_gains(gains)
-        # Coupons and packages issued, sold or used: written before anything after the run reads
-        # them, like the cards (few per group).
-        for db, key, value in self.item_items:
-            txn.put(key, value, db=db)
-        self.item_items.clear()
+        # Coupons, packages and holds issued, sold or used: written before anything after the
+        # run reads them, like the cards (a coupon used by each basket purchase that names one).
+        self._put_items()
         for key in ended:  # after the openings' keys: a card opened and closed in one run
             txn.delete(key, db=ledger.cards_by_expiry)  # (a refund of an expired one: gone)
         for key in self.unindexed:  # holds closed in the run
@@ -1739,6 +1740,16 @@ class _Group:
         self.unindexed.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _put_items(self) -> None:
+        """The pending coupons, packages, holds and gift stock, one putmulti per sub-database
+        (in the order made: a record written twice in a run keeps its last value)."""
+        by_db: dict = {}
+        for db, key, value in self.item_items:
+            by_db.setdefault(db, []).append((key, value))
+        self.item_items.clear()
+        for db, items in by_db.items():
+            self.txn.cursor(db=db).putmulti(items)
 
     def _replace(self, i: int, op: PendingOp) -> None:
         """Rule 16: card ``op.card_id`` replaced by the card its referrer_id names, in Python (the
