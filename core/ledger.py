@@ -184,8 +184,17 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
     slot_of: dict[tuple, int] = {}
     given: dict[tuple, bytes] = {}
     for k, op in enumerate(ops):
-        kind = op.packed[0]
-        if kind == L.OP_REFUND or kind == L.OP_REVERSAL:
+        packed = op.packed
+        kind = packed[0]
+        if kind == L.OP_PURCHASE:  # most operations: first, one test each
+            if packed[_OP_FLAGS] & L.CAPTURE:  # a capture's hold (rule 15)
+                where = ("holds", L.COUPON_KEY.pack(op.card_id,
+                                                    _U64.unpack_from(packed, _OP_LINK)[0]))
+            elif ref := _OP_REF.unpack_from(packed)[0]:
+                where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
+            else:
+                continue  # no record: a purchase without a coupon
+        elif kind == L.OP_REFUND or kind == L.OP_REVERSAL:
             key, value, _ = undo[k]  # type: ignore[index]
             where = ("undone", key) if key else ("", k)  # nothing found: a slot of its own
             given.setdefault(where, value)
@@ -194,12 +203,10 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
                                                        0xFFFFFFFF)))
         elif kind == L.OP_PACKAGE_USE:
             where = ("packages", L.COUPON_KEY.pack(op.card_id, _OP_REF.unpack_from(op.packed)[0]))
-        elif kind in _HOLD_CLOSERS or _capture(op.packed):
-            where = ("holds", L.COUPON_KEY.pack(op.card_id, _U64.unpack_from(op.packed, _OP_LINK)[0]))
-        elif kind == L.OP_PURCHASE and (ref := _OP_REF.unpack_from(op.packed)[0]):
-            where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
+        elif kind in _HOLD_CLOSERS:
+            where = ("holds", L.COUPON_KEY.pack(op.card_id, _U64.unpack_from(packed, _OP_LINK)[0]))
         else:
-            continue  # no record: most operations, a purchase without a coupon
+            continue  # no record: the other operations
         s = slot_of.get(where)
         if s is None:
             s = slot_of[where] = len(keys)
@@ -207,19 +214,13 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
         slots[k] = s
     if not keys:
         return slots, keys, bytearray()
-    wanted: dict[str, list[bytes]] = {}  # one getmulti per sub-database (most: coupons)
-    for where in keys:
-        if where[0] and where not in given:
-            wanted.setdefault(where[0], []).append(where[1])
-    found: dict[tuple, bytes] = {}
-    for name, names in wanted.items():
-        db = getattr(ledger, name)
-        if db is not None:
-            found.update(((name, key), value) for key, value in txn.cursor(db=db).getmulti(names))
-    records = [given[where] if where in given else found.get(where) or EMPTY_COUPON
-               for where in keys]
-    return slots, [(getattr(ledger, name) if name else None, key) for name, key in keys], \
-        bytearray(b"".join(records))
+    dbs = {name: getattr(ledger, name) if name else None for name in {name for name, _ in keys}}
+    located = [(dbs[name], key) for name, key in keys]
+    get = txn.get
+    records = [given[where] if given and where in given
+               else (get(key, db=db) if db is not None else None) or EMPTY_COUPON
+               for where, (db, key) in zip(keys, located)]
+    return slots, located, bytearray(b"".join(records))
 
 
 def history_items(entries) -> list[tuple[bytes, bytes]]:
