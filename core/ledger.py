@@ -1501,17 +1501,11 @@ class _Group:
             raise InvariantError("a tier review was declined: the card's state and the program "
                                  "disagree")
 
-    def _add_gains(self, gains: dict, where: tuple[bytes, int] | None = None) -> None:
-        """Points earned, into their lots (``cardcore.lots``): all pending, or one card's on one
-        day (``where``). Read and written in one getmulti and one putmulti: the lots cost an
-        earning purchase little."""
-        if where is None:
-            items = list(gains.items())
-            gains.clear()
-        elif where in gains:
-            items = [(where, gains.pop(where))]
-        else:
-            return
+    def _add_gains(self, gains: dict) -> None:
+        """Points earned, into their lots (``cardcore.lots``): all pending. Read and written in
+        one getmulti and one putmulti: the lots cost an earning purchase little."""
+        items = list(gains.items())
+        gains.clear()
         txn, ledger = self.txn, self.ledger
         keys = [L.LOT_KEY.pack(cid, day) for (cid, day), _ in items]
         have = dict(txn.cursor(db=ledger.points_lots).getmulti(keys))
@@ -1680,15 +1674,15 @@ class _Group:
                     self.basket_items.append((BASKET_KEY.pack(basket, seq), b""))
                 gain, loss = lots.movement(out, k * size)
                 if loss:  # oldest first: the gains this run has pending for the card (all of
-                    # them today's) go in first
-                    if gains:
-                        self._add_gains(gains, (op.card_id, day))
+                    # them today's) go in first; then its own, loss then gain (the rule's
+                    # order), while the card's lots are at hand
                     try:
-                        self.lots.apply(op.card_id, ts, 0, loss)
+                        if gains and (pending := gains.pop((op.card_id, day), 0)):
+                            self.lots.apply(op.card_id, ts, pending, 0)
+                        self.lots.apply(op.card_id, ts, gain, loss)
                     except ValueError as exc:
                         raise InvariantError(str(exc)) from None
-                if gain:  # added up per card and day, written once a run (after the loss: the
-                    # rule takes the loss first)
+                elif gain:  # added up per card and day, written once a run
                     where = (op.card_id, day)
                     gains[where] = gains.get(where, 0) + gain
             if reason == L.R_OK and out[k * size + _TIER_AFTER] != tier:  # an upgrade (rule 8)
