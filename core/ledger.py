@@ -385,18 +385,20 @@ def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes
 
 
 class _LmdbLots:
-    """``lots.Lots``' store over ``points_lots`` and ``lots_by_day`` in a write transaction."""
+    """``lots.Lots``' store over ``points_lots`` and ``lots_by_day`` in a write transaction. The
+    lots go through one cursor: a card's next read or write after ``oldest`` lands on the page
+    the cursor is on, which LMDB checks before it searches from the root."""
 
     def __init__(self, txn, ledger: "Ledger") -> None:
         self.txn, self.db, self.by_day = txn, ledger.points_lots, ledger.lots_by_day
         self.cursor = txn.cursor(db=self.db) if self.db is not None else None
 
     def get(self, card_id: bytes, day: int):
-        raw = self.txn.get(L.LOT_KEY.pack(card_id, day), db=self.db)
+        raw = self.cursor.get(L.LOT_KEY.pack(card_id, day))
         return None if raw is None else L.POINTS_LOT.unpack(raw)
 
     def put(self, card_id: bytes, day: int, left: int, earned: int, new: bool) -> None:
-        self.txn.put(L.LOT_KEY.pack(card_id, day), L.POINTS_LOT.pack(left, earned), db=self.db)
+        self.cursor.put(L.LOT_KEY.pack(card_id, day), L.POINTS_LOT.pack(left, earned))
         if new:  # an existing lot is in the index already
             self.txn.put(L.LOT_DAY_KEY.pack(day, card_id), b"", db=self.by_day)
 
@@ -406,9 +408,12 @@ class _LmdbLots:
 
     def oldest(self, card_id: bytes):
         cur = self.cursor
-        if not cur.set_range(card_id) or cur.key()[:L.CARD_ID_SIZE] != card_id:
+        if not cur.set_range(card_id):
             return None
-        return (L.LOT_KEY.unpack(cur.key())[1], *L.POINTS_LOT.unpack(cur.value()))
+        key, value = cur.item()
+        if key[:L.CARD_ID_SIZE] != card_id:
+            return None
+        return (L.LOT_KEY.unpack(key)[1], *L.POINTS_LOT.unpack(value))
 
 
 class LedgerFormatError(Exception):
