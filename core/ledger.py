@@ -1618,6 +1618,7 @@ class _Group:
                 raise InvariantError("the kernel changed a program state the ledger did not read")
             ext_cur.putmulti(changed)
         out = bytes(journal_out)
+        filled_lines = bytes(lines)  # as the kernel filled them: sliced once per purchase below
         line_at = 0
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
@@ -1656,7 +1657,7 @@ class _Group:
             filled = b""
             if op.lines:
                 if seq and reason == L.R_OK:
-                    filled = bytes(lines[line_at:line_at + len(op.lines)])
+                    filled = filled_lines[line_at:line_at + len(op.lines)]
                     if op_type == L.OP_REFUND:  # by line: the lines it gave back, numbered
                         filled = refund_stored_lines(filled)
                         sale = _U64.unpack_from(op.packed, _OP_LINK)[0]
