@@ -75,8 +75,9 @@ def test_host_swipe_crypto_1000(benchmark):
 
 
 def _basket_inputs():
-    """1,000 purchases of 5 lines (3 categories, tobacco among them) offering 500 points, under
-    the supermarket example program, over 1,000 cards holding points."""
+    """1,000 purchases of 5 lines (3 categories, tobacco among them) with a coupon ("fresh 10 %
+    off", one issued to each purchase) offering 500 points, under the supermarket example
+    program, over 1,000 cards holding points: the full purchase of the card programs issue."""
     import os
 
     from cardcore.program import parse_program
@@ -90,6 +91,8 @@ def _basket_inputs():
                                    0, 0, 1, 0, 0, 0, pin, bytes(24)) for _ in range(SLOTS))
     slots = array("I", [rng.randrange(SLOTS) for _ in range(GROUP_OPS)])
     ops, lines = [], []
+    coupons = b"".join(L.COUPON.pack(L.COUPON_VERSION, L.COUPON_ISSUED, 2, 0, 0, L.INT64_MAX,
+                                     i + 1, 0, 0, bytes(16)) for i in range(GROUP_OPS))
     for i in range(GROUP_OPS):
         mine = [L.LINE.pack(c, 0, 1, rng.randrange(100, 5_000), 0, 0, 0, b"SKU")
                 for c in (1, 2, 1, 2, 3)]
@@ -97,19 +100,21 @@ def _basket_inputs():
         ops.append(L.OP.pack(L.OP_PURCHASE, 0, L.PIN_PRESENTED | L.PIN_REQUIRED, L.CALLER_TERMINAL,
                              0, sum(L.LINE.unpack(x)[3] for x in mine), 1, 2, 3, 0,
                              i.to_bytes(8, "little"), bytes(16), 1_700_000_000_000_000, pin,
-                             bytes(32), 2, 0, 0, 0, 0, 5, bytes(6), 500, bytes(16)))
-    return program, b"".join(ops), b"".join(lines), slots, records
+                             bytes(32), 2, 0, 0, i + 1, 0, 5, bytes(6), 500, bytes(16)))
+    return program, b"".join(ops), b"".join(lines), slots, records, coupons
 
 
 @pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch],
                          ids=["kernel-5-lines", "reference-5-lines"])
 def test_apply_1000_basket_purchases(benchmark, impl):
-    program, ops, lines, slots, records = _basket_inputs()
+    program, ops, lines, slots, records, coupons = _basket_inputs()
     benchmark.extra_info["ops_per_round"] = GROUP_OPS
+    coupon_slots = array("I", range(GROUP_OPS))
 
     def one_group():
         recs = bytearray(records)
-        impl(program, ops, bytearray(lines), slots, recs, bytearray(len(recs)), NO_COUPONS,
-             bytearray(), bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS), bytearray(), 1, 1)
+        impl(program, ops, bytearray(lines), slots, recs, bytearray(len(recs)), coupon_slots,
+             bytearray(coupons), bytearray(GROUP_OPS * L.JOURNAL_SIZE), bytearray(SLOTS),
+             bytearray(GROUP_OPS), 1, 1)
 
     benchmark(one_group)

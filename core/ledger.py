@@ -195,8 +195,17 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
     slot_of: dict[tuple, int] = {}
     given: dict[tuple, bytes] = {}
     for k, op in enumerate(ops):
-        kind = op.packed[0]
-        if kind == L.OP_REFUND or kind == L.OP_REVERSAL:
+        packed = op.packed
+        kind = packed[0]
+        if kind == L.OP_PURCHASE:  # most operations: first, one test each
+            if packed[_OP_FLAGS] & L.CAPTURE:  # a capture's hold (rule 15)
+                where = ("holds", L.COUPON_KEY.pack(op.card_id,
+                                                    _U64.unpack_from(packed, _OP_LINK)[0]))
+            elif ref := _OP_REF.unpack_from(packed)[0]:
+                where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
+            else:
+                continue  # no record: a purchase without a coupon
+        elif kind == L.OP_REFUND or kind == L.OP_REVERSAL:
             key, value, _ = undo[k]  # type: ignore[index]
             where = ("undone", key) if key else ("", k)  # nothing found: a slot of its own
             given.setdefault(where, value)
@@ -205,12 +214,10 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
                                                        0xFFFFFFFF)))
         elif kind == L.OP_PACKAGE_USE:
             where = ("packages", L.COUPON_KEY.pack(op.card_id, _OP_REF.unpack_from(op.packed)[0]))
-        elif kind in _HOLD_CLOSERS or _capture(op.packed):
-            where = ("holds", L.COUPON_KEY.pack(op.card_id, _U64.unpack_from(op.packed, _OP_LINK)[0]))
-        elif kind == L.OP_PURCHASE and (ref := _OP_REF.unpack_from(op.packed)[0]):
-            where = ("coupons", L.COUPON_KEY.pack(op.card_id, ref))
+        elif kind in _HOLD_CLOSERS:
+            where = ("holds", L.COUPON_KEY.pack(op.card_id, _U64.unpack_from(packed, _OP_LINK)[0]))
         else:
-            continue  # no record: most operations, a purchase without a coupon
+            continue  # no record: the other operations
         s = slot_of.get(where)
         if s is None:
             s = slot_of[where] = len(keys)
@@ -218,16 +225,13 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
         slots[k] = s
     if not keys:
         return slots, keys, bytearray()
-    records = []
-    for where in keys:
-        name, key = where
-        db = getattr(ledger, name) if name else None
-        if where in given:
-            records.append(given[where])
-        else:
-            records.append((txn.get(key, db=db) if db is not None else None) or EMPTY_COUPON)
-    return slots, [(getattr(ledger, name) if name else None, key) for name, key in keys], \
-        bytearray(b"".join(records))
+    dbs = {name: getattr(ledger, name) if name else None for name in {name for name, _ in keys}}
+    located = [(dbs[name], key) for name, key in keys]
+    get = txn.get
+    records = [given[where] if given and where in given
+               else (get(key, db=db) if db is not None else None) or EMPTY_COUPON
+               for where, (db, key) in zip(keys, located)]
+    return slots, located, bytearray(b"".join(records))
 
 
 def history_items(entries) -> list[tuple[bytes, bytes]]:
@@ -392,18 +396,20 @@ def issued_coupon(program: Program, card_id: bytes, entry: bytes) -> tuple[bytes
 
 
 class _LmdbLots:
-    """``lots.Lots``' store over ``points_lots`` and ``lots_by_day`` in a write transaction."""
+    """``lots.Lots``' store over ``points_lots`` and ``lots_by_day`` in a write transaction. The
+    lots go through one cursor: a card's next read or write after ``oldest`` lands on the page
+    the cursor is on, which LMDB checks before it searches from the root."""
 
     def __init__(self, txn, ledger: "Ledger") -> None:
         self.txn, self.db, self.by_day = txn, ledger.points_lots, ledger.lots_by_day
         self.cursor = txn.cursor(db=self.db) if self.db is not None else None
 
     def get(self, card_id: bytes, day: int):
-        raw = self.txn.get(L.LOT_KEY.pack(card_id, day), db=self.db)
+        raw = self.cursor.get(L.LOT_KEY.pack(card_id, day))
         return None if raw is None else L.POINTS_LOT.unpack(raw)
 
     def put(self, card_id: bytes, day: int, left: int, earned: int, new: bool) -> None:
-        self.txn.put(L.LOT_KEY.pack(card_id, day), L.POINTS_LOT.pack(left, earned), db=self.db)
+        self.cursor.put(L.LOT_KEY.pack(card_id, day), L.POINTS_LOT.pack(left, earned))
         if new:  # an existing lot is in the index already
             self.txn.put(L.LOT_DAY_KEY.pack(day, card_id), b"", db=self.by_day)
 
@@ -413,9 +419,12 @@ class _LmdbLots:
 
     def oldest(self, card_id: bytes):
         cur = self.cursor
-        if not cur.set_range(card_id) or cur.key()[:L.CARD_ID_SIZE] != card_id:
+        if not cur.set_range(card_id):
             return None
-        return (L.LOT_KEY.unpack(cur.key())[1], *L.POINTS_LOT.unpack(cur.value()))
+        key, value = cur.item()
+        if key[:L.CARD_ID_SIZE] != card_id:
+            return None
+        return (L.LOT_KEY.unpack(key)[1], *L.POINTS_LOT.unpack(value))
 
 
 class LedgerFormatError(Exception):
@@ -1558,17 +1567,11 @@ class _Group:
             raise InvariantError("a tier review was declined: the card's state and the program "
                                  "disagree")
 
-    def _add_gains(self, gains: dict, where: tuple[bytes, int] | None = None) -> None:
-        """Points earned, into their lots (``cardcore.lots``): all pending, or one card's on one
-        day (``where``). Read and written in one getmulti and one putmulti: the lots cost an
-        earning purchase little."""
-        if where is None:
-            items = list(gains.items())
-            gains.clear()
-        elif where in gains:
-            items = [(where, gains.pop(where))]
-        else:
-            return
+    def _add_gains(self, gains: dict) -> None:
+        """Points earned, into their lots (``cardcore.lots``): all pending. Read and written in
+        one getmulti and one putmulti: the lots cost an earning purchase little."""
+        items = list(gains.items())
+        gains.clear()
         txn, ledger = self.txn, self.ledger
         keys = [L.LOT_KEY.pack(cid, day) for (cid, day), _ in items]
         have = dict(txn.cursor(db=ledger.points_lots).getmulti(keys))
@@ -1676,6 +1679,7 @@ class _Group:
                 raise InvariantError("the kernel changed a program state the ledger did not read")
             ext_cur.putmulti(changed)
         out = bytes(journal_out)
+        filled_lines = bytes(lines)  # as the kernel filled them: sliced once per purchase below
         line_at = 0
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
@@ -1714,7 +1718,7 @@ class _Group:
             filled = b""
             if op.lines:
                 if seq and reason == L.R_OK:
-                    filled = bytes(lines[line_at:line_at + len(op.lines)])
+                    filled = filled_lines[line_at:line_at + len(op.lines)]
                     if op_type == L.OP_REFUND:  # by line: the lines it gave back, numbered
                         filled = refund_stored_lines(filled)
                         sale = _U64.unpack_from(op.packed, _OP_LINK)[0]
@@ -1737,15 +1741,15 @@ class _Group:
                     self.basket_items.append((BASKET_KEY.pack(basket, seq), b""))
                 gain, loss = lots.movement(out, k * size)
                 if loss:  # oldest first: the gains this run has pending for the card (all of
-                    # them today's) go in first
-                    if gains:
-                        self._add_gains(gains, (op.card_id, day))
+                    # them today's) go in first; then its own, loss then gain (the rule's
+                    # order), while the card's lots are at hand
                     try:
-                        self.lots.apply(op.card_id, ts, 0, loss)
+                        if gains and (pending := gains.pop((op.card_id, day), 0)):
+                            self.lots.apply(op.card_id, ts, pending, 0)
+                        self.lots.apply(op.card_id, ts, gain, loss)
                     except ValueError as exc:
                         raise InvariantError(str(exc)) from None
-                if gain:  # added up per card and day, written once a run (after the loss: the
-                    # rule takes the loss first)
+                elif gain:  # added up per card and day, written once a run
                     where = (op.card_id, day)
                     gains[where] = gains.get(where, 0) + gain
             if reason == L.R_OK and out[k * size + _TIER_AFTER] != tier:  # an upgrade (rule 8)
@@ -1787,11 +1791,9 @@ class _Group:
             raise InvariantError("kernel sequence does not match the journal entries")
         if gains:
             self._add_gains(gains)
-        # Coupons and packages issued, sold or used: written before anything after the run reads
-        # them, like the cards (few per group).
-        for db, key, value in self.item_items:
-            txn.put(key, value, db=db)
-        self.item_items.clear()
+        # Coupons, packages and holds issued, sold or used: written before anything after the
+        # run reads them, like the cards (a coupon used by each basket purchase that names one).
+        self._put_items()
         for key in ended:  # after the openings' keys: a card opened and closed in one run
             txn.delete(key, db=ledger.cards_by_expiry)  # (a refund of an expired one: gone)
         for key in self.unindexed:  # holds closed in the run
@@ -1800,6 +1802,16 @@ class _Group:
         self.unindexed.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _put_items(self) -> None:
+        """The pending coupons, packages, holds and gift stock, one putmulti per sub-database
+        (in the order made: a record written twice in a run keeps its last value)."""
+        by_db: dict = {}
+        for db, key, value in self.item_items:
+            by_db.setdefault(db, []).append((key, value))
+        self.item_items.clear()
+        for db, items in by_db.items():
+            self.txn.cursor(db=db).putmulti(items)
 
     def _replace(self, i: int, op: PendingOp) -> None:
         """Rule 16: card ``op.card_id`` replaced by the card its referrer_id names, in Python (the

@@ -139,17 +139,26 @@ def encode_answer(outcomes: list[Outcome]) -> bytes:
 def decode_answer(data: bytes) -> list[Outcome]:
     n = COUNT.unpack_from(data)[0]
     end = COUNT.size + n * ANSWER.size
-    out = [Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry,
-                   0 if reason == L.R_OK else money, count, b"", money if reason == L.R_OK else 0)
-           for reason, replayed, op, money, count, entry
-           in ANSWER.iter_unpack(memoryview(data)[COUNT.size:end])]
+    fixed = ANSWER.iter_unpack(memoryview(data)[COUNT.size:end])
+    if end == len(data):  # no lines (most groups)
+        return [Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry,
+                        0 if reason == L.R_OK else money, count, b"",
+                        money if reason == L.R_OK else 0)
+                for reason, replayed, op, money, count, entry in fixed]
+    out = []  # purchases with lines: theirs follow, in order; each outcome made once
     pos = end
-    if pos < len(data):  # purchases with lines: theirs follow, in order
-        for k, o in enumerate(out):
-            if o.reason == L.R_OK and o.entry is not None and entry_line_count(o.entry):
-                size = entry_line_count(o.entry) * L.LINE_SIZE
-                out[k] = o._replace(lines=data[pos:pos + size])
-                pos += size
+    for reason, replayed, op, money, count, entry in fixed:
+        if reason != L.R_OK:
+            out.append(Outcome(reason, bool(replayed), op, None if entry == NO_ENTRY else entry,
+                               money, count))
+            continue
+        lines = b""
+        if entry == NO_ENTRY:
+            entry = None
+        elif size := entry_line_count(entry) * L.LINE_SIZE:
+            lines = data[pos:pos + size]
+            pos += size
+        out.append(Outcome(reason, bool(replayed), op, entry, 0, count, lines, money))
     if pos != len(data):
         raise ValueError("answer message has trailing bytes")
     return out

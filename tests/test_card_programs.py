@@ -684,6 +684,32 @@ def test_points_sit_in_lots_by_day_and_are_spent_oldest_first(cafe):
     assert report["ok"], report["problems"]
 
 
+def test_one_group_that_earns_and_spends_a_cards_points_moves_its_lots_in_order(cafe):
+    """Day A: 600.00 of food earns 600 points (lot A). Day B, in one group: 95.00 of food earns
+    95 (lot B); a 10.00 coffee offering 500 points takes 500 (the cap, 5.00), all from lot A,
+    and earns 5 (B: 100); a second coffee offering 200 takes 200: the 100 left in A and all 100
+    of B (both gone), then earns 8: a new lot B of 8 left, 8 earned. As if the three had come in
+    three groups: each purchase's loss before its gain, the gains before it first."""
+    number = "6225880000000305"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    cafe.top_up(number, 90000)
+    day_a = lots.day_of(L.JOURNAL.unpack(cafe.buy(number, line(CAFE_FOOD, 60000)).entry)[17])
+    advance(cafe, number, (day_a + 1) * L.DAY_US)
+    day_b = (day_a + 1) * L.DAY_US
+    cafe.at = day_b - 1
+    earn, spend, again = cafe.apply(
+        cafe.purchase(number, line(CAFE_FOOD, 9500), client_at=day_b),
+        cafe.purchase(number, line(CAFE_DRINKS, 1000), redeem=500, client_at=day_b),
+        cafe.purchase(number, line(CAFE_DRINKS, 1000), redeem=200, client_at=day_b), at=day_b)
+    assert [(figures(o)["taken"], figures(o)["points"]) for o in (earn, spend, again)] == [
+        (0, 95), (500, 5 - 500), (200, 8 - 200)]
+    assert lots_of(cafe, number) == {day_a + 1: (8, 8)}
+    assert cafe.card(number)["points"] == 8
+    report = verify(cafe.ledger)  # the lots and their expiry index, rebuilt from the journal
+    assert report["ok"], report["problems"]
+
+
 def test_points_expire_at_the_start_of_the_day_their_horizon_ends(tmp_path):
     """The cafe program with points_expire_days = 1: 600 points earned on day A are still there at
     the last microsecond of day A; the first group of day A + 1 expires them in a journal entry
