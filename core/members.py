@@ -455,27 +455,16 @@ def _month_rows(txn, ledger, from_month: int, to_month: int) -> dict[bytes, list
                 row[1] += spend
     first, _ = month_days(from_month)
     _, last = month_days(to_month)
-    cur = txn.cursor(db=ledger.member_last)
-    if cur.set_range(LAST_KEY.pack(first, _NO_CARD)):
-        end = LAST_KEY.pack(last, b"\xff" * 16)
-        cards = txn.cursor(db=ledger.member_cards)
-        for key in cur.iternext(values=False):
-            if key > end:
-                break
-            root = key[4:]
-            raw = cards.get(root)
-            if raw is None:
-                raise InvariantError("member metrics: an indexed member without its record")
-            rec = _member(raw)
-            if not from_month <= rec[8] <= to_month:
-                raise InvariantError("member metrics: a member's month under way is not its "
-                                     "last purchase's")
-            row = out.get(root)
-            if row is None:
-                out[root] = [rec[9], rec[10]]
-            else:
-                row[0] += rec[9]
-                row[1] += rec[10]
+    for _, root, rec in _by_last_purchase(txn, ledger, first, last):
+        if not from_month <= rec[8] <= to_month:
+            raise InvariantError("member metrics: a member's month under way is not its "
+                                 "last purchase's")
+        row = out.get(root)
+        if row is None:
+            out[root] = [rec[9], rec[10]]
+        else:
+            row[0] += rec[9]
+            row[1] += rec[10]
     return out
 
 
@@ -538,6 +527,23 @@ def figures(txn, ledger, from_month: int, to_month: int) -> dict:
             "churn_rate_bp": rate_bp(churned, previous_active)}
 
 
+def _by_last_purchase(txn, ledger, first_day: int, last_day: int):
+    """(index key, member, its record's fields) of the members whose last purchase is on a day
+    from ``first_day`` to ``last_day``, in index order (a range read of member_last)."""
+    cur = txn.cursor(db=ledger.member_last)
+    if not cur.set_range(LAST_KEY.pack(first_day, _NO_CARD)):
+        return
+    end = LAST_KEY.pack(last_day, b"\xff" * 16)
+    cards = txn.cursor(db=ledger.member_cards)
+    for key in cur.iternext(values=False):
+        if key > end:
+            return
+        raw = cards.get(key[4:])
+        if raw is None:
+            raise InvariantError("member metrics: an indexed member without its record")
+        yield key, key[4:], _member(raw)
+
+
 def dormant(txn, ledger, as_of: int, limit: int, after: bytes = b"") -> dict:
     """The members dormant as of business day ``as_of``: how many, and up to ``limit`` of them
     after the resume point ``after`` (a member_last key; b"": from the first), in order of their
@@ -549,21 +555,9 @@ def dormant(txn, ledger, as_of: int, limit: int, after: bytes = b"") -> dict:
     if hi < 0:
         return out
     lo = max(lo, 0)
-    cur = txn.cursor(db=ledger.member_last)
-    if not cur.set_range(LAST_KEY.pack(lo, _NO_CARD)):
-        return out
-    end = LAST_KEY.pack(hi, b"\xff" * 16)
-    cards = txn.cursor(db=ledger.member_cards)
     rows = out["rows"]
     last_key = b""
-    for key in cur.iternext(values=False):
-        if key > end:
-            break
-        root = key[4:]
-        raw = cards.get(root)
-        if raw is None:
-            raise InvariantError("member metrics: an indexed member without its record")
-        rec = _member(raw)
+    for key, _, rec in _by_last_purchase(txn, ledger, lo, hi):
         if rec[7] < DORMANT_PURCHASES_MIN or rec[6] < lo:
             continue
         out["count"] += 1
