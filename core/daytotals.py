@@ -761,13 +761,8 @@ def check(txn, ledger) -> list[str]:
     """The day totals against the journal (``cardcore verify``): what the whole journal makes
     from nothing, in memory, beside what is stored; the sub-databases that differ."""
     totals = DayTotals(txn, ledger, {}, fresh=True)
-    chunk: list[bytes] = []
-    for _, entry in txn.cursor(db=ledger.journal):
-        chunk.append(entry)
-        if len(chunk) == FILL_CHUNK:
-            totals.add_all(chunk)
-            chunk = []
-    totals.add_all(chunk)
+    for chunk in journal_chunks(txn, ledger):
+        totals.add_all(chunk)
     return [name for name, items in totals.records().items()
             if {k: v for k, v in items if v != _NO_RECORD.get(name)}
             != dict(txn.cursor(db=getattr(ledger, name)))]
@@ -778,16 +773,23 @@ def fill(txn, ledger) -> int:
     once, for a ledger made before them. Returns how many entries it added."""
     totals = DayTotals(txn, ledger, {}, from_start=True)
     n = 0
+    for chunk in journal_chunks(txn, ledger):
+        totals.add_all(chunk)
+        n += len(chunk)
+    totals.write()
+    return n
+
+
+def journal_chunks(txn, ledger):
+    """The whole journal in order, FILL_CHUNK entries at a time (fills and checks from it)."""
     chunk: list[bytes] = []
     for _, entry in txn.cursor(db=ledger.journal):
         chunk.append(entry)
         if len(chunk) == FILL_CHUNK:
-            totals.add_all(chunk)
-            n += len(chunk)
+            yield chunk
             chunk = []
-    totals.add_all(chunk)
-    totals.write()
-    return n + len(chunk)
+    if chunk:
+        yield chunk
 
 
 # ---- reads (reports) -----------------------------------------------------------------------------

@@ -96,7 +96,6 @@ DORMANT_SPAN_DAYS = 182    # 3+ on D-182 .. D (six months)
 DORMANT_PURCHASES_MIN = 3
 REPORT_MONTHS_MAX = 24     # a report's months at most (and as many before it, for churn)
 DORMANT_PAGE_MAX = 10_000  # dormant members one answer lists at most
-FILL_CHUNK = daytotals.FILL_CHUNK
 MONTH_RE = re.compile(r"\d{4}-\d{2}")
 
 # What the metrics read of a journal entry (layout.JOURNAL): op, card id, amount, discount,
@@ -391,13 +390,8 @@ class Members:
 def _from_journal(txn, ledger) -> Members:
     """The member metrics the whole journal makes, from nothing, in memory."""
     members = Members(txn, ledger, {}, fresh=True)
-    chunk: list[bytes] = []
-    for _, entry in txn.cursor(db=ledger.journal):
-        chunk.append(entry)
-        if len(chunk) == FILL_CHUNK:
-            members.add_all(chunk)
-            chunk = []
-    members.add_all(chunk)
+    for chunk in daytotals.journal_chunks(txn, ledger):
+        members.add_all(chunk)
     return members
 
 
