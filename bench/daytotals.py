@@ -49,9 +49,11 @@ WINDOW_S = 100 * 365 * 24 * 3600
 KEY = bytes(32)  # card ids of the built ledger: its own key (the server never looks them up)
 
 
-def cost(args, flag: str = "--no-day-totals", what: str = "day_totals") -> tuple[dict, dict]:
-    """Part 1: SubmitBatch with and without the day totals (or what the server's ``flag`` leaves
-    out: the member metrics' benchmark's too), alternating rounds."""
+def cost(args, flags: tuple[str, ...] = ("--no-day-totals",),
+         what: str = "day_totals") -> tuple[dict, dict]:
+    """Part 1: SubmitBatch with and without the day totals (or what the server's ``flags``
+    leave out: the member metrics' benchmark's too, or both: ``--all-aggregates``), alternating
+    rounds."""
     rng = random.Random(11)
     numbers = [random_number(rng) for _ in range(args.cards)]
     with_, without = f"with_{what}", f"without_{what}"
@@ -59,7 +61,7 @@ def cost(args, flag: str = "--no-day-totals", what: str = "day_totals") -> tuple
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         try:
-            for name, extra in ((with_, ()), (without, (flag,))):
+            for name, extra in ((with_, ()), (without, flags)):
                 procs[name] = e2e.start_cardcore(os.path.join(tmp, name),
                                                  os.path.join(tmp, f"{name}.log"), extra)
                 e2e.seed(procs[name].target, numbers)
@@ -193,12 +195,16 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=365)
     ap.add_argument("--skip-cost", action="store_true", help="part 2 only")
     ap.add_argument("--skip-speed", action="store_true", help="part 1 only")
+    ap.add_argument("--all-aggregates", action="store_true",
+                    help="part 1 with and without every aggregate the writer keeps (the day "
+                         "totals and the member metrics together)")
     ap.add_argument("--out", default=os.path.join(HERE, "daytotals_results.json"))
     args = ap.parse_args()
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                      "args": vars(args)}
     if not args.skip_cost:
-        rows, ratios = cost(args)
+        rows, ratios = (cost(args, ("--no-day-totals", "--no-member-metrics"), "aggregates")
+                        if args.all_aggregates else cost(args))
         results.update(rounds=rows, ratios=ratios)
         for name, runs in rows.items():
             print(f"{name:20s} " + "  ".join(f"{r['tx_per_s']:>8,}/s "

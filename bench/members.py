@@ -121,7 +121,7 @@ def main() -> None:
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                      "args": vars(args)}
     if not args.skip_cost:
-        rows, ratios = harness.cost(args, "--no-member-metrics", "member_metrics")
+        rows, ratios = harness.cost(args, ("--no-member-metrics",), "member_metrics")
         results.update(rounds=rows, ratios=ratios)
         for name, runs in rows.items():
             print(f"{name:24s} " + "  ".join(f"{r['tx_per_s']:>8,}/s "
