@@ -281,8 +281,8 @@ class JetStreamLog(GroupLog):
     def _refused(self, no: int, msg_id: str, payload: bytes) -> int:
         """The stream is not at ``no - 1``: our own earlier send landed at ``no``, or another
         writer's group did (Deposed)."""
-        try:
-            got = self.nt.call(self.nt.js.get_msg(self.stream, seq=no, direct=True))
+        try:  # from the stream's leader: a direct get may lag it
+            got = self.nt.call(self.nt.js.get_msg(self.stream, seq=no))
         except nats.js.errors.NotFoundError:
             raise LogError(f"the stream refused group {no} but holds no message there: it is "
                            "behind this writer (groups lost?)") from None
@@ -311,8 +311,16 @@ class JetStreamLog(GroupLog):
             seq = last + 1
 
     async def _get_many(self, first: int, last: int) -> list:
-        return await asyncio.gather(*[self.nt.js.get_msg(self.stream, seq=k, direct=True)
-                                      for k in range(first, last + 1)])
+        return await asyncio.gather(*[self._get(k) for k in range(first, last + 1)])
+
+    async def _get(self, seq: int):
+        """Message ``seq``, known to be stored: a direct get (any of the stream's replicas
+        answers, so reads spread), and where that replica has not stored it yet (direct gets
+        may lag the stream's leader: seen in the tests), from the stream's leader."""
+        try:
+            return await self.nt.js.get_msg(self.stream, seq=seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            return await self.nt.js.get_msg(self.stream, seq=seq)
 
     def _record(self, no: int, data: bytes) -> Record:
         """The stream's message ``no`` as a Record; LogError if it is not group ``no`` of this
@@ -331,7 +339,7 @@ class JetStreamLog(GroupLog):
     def last_group_ts_us(self) -> int:
         """The time of the stream's last group (0: none): a leader's next group comes after."""
         if not self.last_ts_us and self._end:
-            got = self.nt.call(self.nt.js.get_msg(self.stream, seq=self._end, direct=True))
+            got = self.nt.call(self._get(self._end))
             self._record(self._end, got.data or b"")
         return self.last_ts_us
 

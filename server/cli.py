@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operations per group at most (default %(default)s)")
     p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
                    help="LMDB checkpoint at least this often (default %(default)s)")
+    p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=1000,
+                   help="an idle leader appends a prune step of expired request records this "
+                        "often; 0: never (default %(default)s)")
     p.set_defaults(func=cmd_replica)
 
     p = sub.add_parser("verify", help="check every card against its journal")

@@ -55,7 +55,8 @@ def cmd_replica(args) -> int:
                         nats_urls=[u for u in args.nats.split(",") if u], program=program,
                         stream_replicas=args.stream_replicas, lease_ms=args.lease_ms,
                         append_timeout_ms=args.append_timeout_ms,
-                        group_max_ops=args.group_max_ops, checkpoint_ms=args.checkpoint_ms)
+                        group_max_ops=args.group_max_ops, checkpoint_ms=args.checkpoint_ms,
+                        idle_maintenance_ms=args.idle_maintenance_ms)
     try:
         return replica_main(cfg)
     except NatsUnavailable as exc:

@@ -6,8 +6,9 @@ committed with the state it describes, so every group is applied exactly once ac
 It takes the shard's lease when it is free; then, caught up, it appends an epoch barrier (a
 maintenance group) and leads: it takes groups of packed operations on ``cardcore.s<n>.submit``,
 forms groups as the writer does, applies, publishes (expected last sequence), and answers after
-the stream's acknowledgement. A refused append (another writer appended first) makes it follow;
-so does a lease it could not renew. Safety is the stream's expected-last-sequence, not the lease.
+the stream's acknowledgement. A refused append (another writer appended first) makes it follow.
+A lease it could not renew makes it append a probe: the stream's answer decides (``_lease_lost``).
+Safety is the stream's expected-last-sequence, never the lease.
 
 The submit protocol (the front's, later; the tests' now)::
 
@@ -48,7 +49,7 @@ SUBMIT_OPS_MAX = 1000           # operations in one submit request
 GROUP_MAX_OPS_DEFAULT = 2000    # ~600 KB a group: well under the stream's 8 MiB message limit
 QUEUE_MAX_REQUESTS = 10_000     # submit requests waiting for the leader's next group
 FOLLOW_POLL_S = 0.02            # a caught-up follower looks at the stream's end this often
-IDLE_MAINTENANCE_S = 1.0        # an idle leader appends a prune step this often
+IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
 
 
@@ -65,6 +66,27 @@ class ReplicaConfig:
     checkpoint_ms: int = CHECKPOINT_MS_DEFAULT
     checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT
     map_size: int = MAP_SIZE_INITIAL
+    idle_maintenance_ms: int = 1000     # an idle leader's prune step this often (0: never)
+
+
+SETUP_TIMEOUT_S = 30.0          # a new cluster's streams elect their leaders meanwhile
+
+
+def setup_shard(nt: NatsThread, cfg: ReplicaConfig) -> dict:
+    """The shard's stream, buckets and genesis (``ensure_shard``), tried again while a new
+    cluster or a stream another replica just made has no leader yet ("no responders")."""
+    import nats.errors
+
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    while True:
+        try:
+            return nt.call(ensure_shard(nt.js, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
+                                        cfg.program, time.time_ns() // 1000))
+        except (nats.errors.Error, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("shard %d not ready yet (%s); trying again", cfg.shard, type(exc).__name__)
+            time.sleep(0.2)
 
 
 class Replica:
@@ -73,8 +95,7 @@ class Replica:
         self.shard = cfg.shard
         self.stopping = False
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}")
-        genesis = self.nt.call(ensure_shard(self.nt.js, cfg.shard, cfg.stream_replicas,
-                                            cfg.lease_ms, cfg.program, time.time_ns() // 1000))
+        genesis = setup_shard(self.nt, cfg)
         path = os.path.join(cfg.data_dir, "ledger")
         os.makedirs(path, exist_ok=True)
 
@@ -109,7 +130,7 @@ class Replica:
         n = self.durable.follow()
         if self.durable.due():
             self.durable.checkpoint()
-        if self.lease.try_take():
+        if not self.stopping and self.lease.try_take():
             self._take_over()
         elif not n:
             time.sleep(FOLLOW_POLL_S)
@@ -135,14 +156,15 @@ class Replica:
             await self.nt.nc.publish(msg.reply, OVERLOADED)
 
     def _lead_once(self) -> None:
-        wait_s = max(0.0, min(self.renew_at - time.monotonic(), IDLE_MAINTENANCE_S,
-                              self.durable.seconds_to_due() or IDLE_MAINTENANCE_S))
+        wait_s = max(0.0, min(self.renew_at - time.monotonic(), IDLE_WAIT_S,
+                              self.durable.seconds_to_due() or IDLE_WAIT_S))
         batch = self._take(wait_s)
         if batch:
             ops, asks = batch
             self._apply(ops, asks)
             self.idle_since = time.monotonic()
-        elif time.monotonic() - self.idle_since >= IDLE_MAINTENANCE_S:
+        elif (self.cfg.idle_maintenance_ms
+              and time.monotonic() - self.idle_since >= self.cfg.idle_maintenance_ms / 1000):
             self._apply([PendingOp.internal(L.OP_MAINTENANCE)], [])
             self.idle_since = time.monotonic()
         if not self.leading:
@@ -153,7 +175,22 @@ class Replica:
             if self.lease.renew():
                 self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
             else:
-                self._step_down("the lease could not be renewed")
+                self._lease_lost()
+
+    def _lease_lost(self) -> None:
+        """The lease could not be renewed (expired while this process was paused, taken, or
+        NATS did not answer). The stream, not the lease, says whether this replica may still
+        write: it appends a probe (a maintenance group). Refused: another writer appended,
+        this one is deposed and follows. Stored: nobody else wrote; it leads on under a new
+        lease if the key is free, else it lets the key's holder lead."""
+        if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
+            return  # deposed: following now
+        if self.lease.try_take():
+            self.log.epoch = self.lease.epoch
+            self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+            self._role("leading", "the lease was lost and taken again")
+        else:
+            self._step_down("the lease is another replica's")
 
     def _take(self, wait_s: float):
         """(operations, [(reply, how many)]) of the queued requests, whole, up to
@@ -222,6 +259,7 @@ class Replica:
             self._reply(reply, NOT_LEADER)
         self._role("deposed" if deposed else "following", why)
         if deposed:
+            self.lease.release()  # if it is still ours: the writer that deposed us needs it
             self._role("following")
 
     def _reply(self, reply: str, data: bytes) -> None:
