@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve console test cluster-deps soak proto-check bench profile bench-peer bench-release load clean build
+.PHONY: help serve console test cluster-deps bench-cluster soak proto-check bench profile bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ profile: $(BUILT) ## where the time goes: py-spy on the server and its writer un
 bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over PostgreSQL (installed and started on loopback if needed), 3 alternating rounds, direct PostgreSQL as reference -> bench/peer_results.json (ARGS=--quick: a smoke run)
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
+
+bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream (3 NATS nodes on loopback) vs the local log, same groups, alternating rounds -> bench/cluster_results.json (docs/cluster.md)
+	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --out bench/cluster_results.json
 
 RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json

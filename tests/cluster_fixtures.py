@@ -55,6 +55,7 @@ class NatsCluster:
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
+        os.makedirs(folder, exist_ok=True)
         ports = free_ports(3 * NODES)
         self.client_ports = ports[:NODES]
         self.route_ports = ports[NODES:2 * NODES]
