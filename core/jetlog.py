@@ -149,9 +149,8 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
         await js.stream_info(cfg.name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(cfg)
-    leaders = await _bucket(js, LEADERS_BUCKET, replicas, lease_ms / 1000)
+    await _bucket(js, LEADERS_BUCKET, replicas, lease_ms / 1000)
     shards = await _bucket(js, SHARDS_BUCKET, replicas, None)
-    del leaders
     key = f"s{shard}-genesis"
     try:
         await shards.create(key, json.dumps({"time_us": now_us, "program": program},
@@ -207,12 +206,6 @@ class Lease:
             self.nt.call(self.kv.delete(self.key, last=self.revision))
         except Exception:  # expired or taken already: nothing to give up
             pass
-
-    def holder(self) -> dict | None:
-        try:
-            return json.loads(self.nt.call(self.kv.get(self.key)).value)
-        except Exception:
-            return None
 
 
 class JetStreamLog(GroupLog):

@@ -38,10 +38,10 @@ from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              STREAM_REPLICAS_DEFAULT, Deposed, JetStreamLog, Lease, NatsThread,
-                             ensure_shard, submit_subject)
+                             NatsUnavailable, ensure_shard, submit_subject)
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 
-from .writer import encode_answer
+from .writer import decode_answer, encode_answer
 
 log = logging.getLogger("cardcore.replica")
 
@@ -283,7 +283,13 @@ def replica_main(cfg: ReplicaConfig) -> int:
     """Run a replica until SIGTERM or SIGINT; 1 if it halted (a diverged ledger, an append whose
     outcome is unknown, NATS gone): its supervisor restarts it, and it follows from its
     checkpoint."""
-    replica = Replica(cfg)
+    try:
+        replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
+    except NatsUnavailable:
+        raise
+    except Exception as exc:
+        log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
+        return 1
 
     def stop(signum, frame):
         replica.stopping = True
@@ -305,8 +311,6 @@ def replica_main(cfg: ReplicaConfig) -> int:
 
 def decode_reply(data: bytes) -> list[Outcome] | bytes:
     """The outcomes of an applied request, or the one-byte code of one that was not."""
-    from .writer import decode_answer
-
     if data[:1] == APPLIED:
         return decode_answer(data[1:])
     return data[:1]
@@ -323,7 +327,7 @@ class SubmitClient:
                ) -> list[Outcome] | bytes:
         """The outcomes, or the code of a request not applied (``N``, ``O``, ``E``) or whose
         outcome is unknown (``U``; also a timeout). No leader subscribed: ``N``."""
-        import nats.errors
+        import nats.errors  # the cluster extra: only where it is used
 
         assert 0 < len(ops) <= SUBMIT_OPS_MAX
         try:

@@ -230,8 +230,8 @@ def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:
 
 
 def ledger_digest(data_dir: str) -> tuple[str, dict]:
-    """(a BLAKE2b of every record of every sub-database but the log bookkeeping, the verify
-    report) of a stopped replica's ledger: identical replicas give identical digests."""
+    """(a BLAKE2b of every record of every sub-database, meta and its applied group included,
+    the verify report) of a stopped replica's ledger: identical replicas, identical digests."""
     import hashlib
 
     import lmdb
