@@ -78,7 +78,7 @@ bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over Postg
 	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
 
 bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream (3 NATS nodes on loopback) vs the local log, same groups, alternating rounds -> bench/cluster_results.json (docs/cluster.md)
-	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --out bench/cluster_results.json
+	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 --out bench/cluster_results.json
 
 RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json

@@ -7,7 +7,13 @@ storage, ``sync_interval: always``: acknowledged once a quorum has it fsynced). 
 apply, the append, and (JetStream) the publish's round trip to the quorum's ack. On one 2-core
 machine these are functional figures: three NATS nodes and the writer share two cores.
 
-    .venv/bin/python bench/cluster.py --groups 300 --ops 100 --rounds 2 --out bench/cluster_results.json
+Then ``--failover-rounds``: 3 ``cardcore replica`` processes of one shard, one client submitting
+top-ups one at a time (the submit round trip, p50/p99), kill -9 the leader: seconds until the
+first top-up acknowledged after the kill (the lease's TTL, then the new leader's catch-up and
+barrier).
+
+    .venv/bin/python bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 \
+        --out bench/cluster_results.json
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from cluster_fixtures import NatsCluster, cluster_available  # noqa: E402  (the tests' 3 nodes)
+from cluster_fixtures import (NatsCluster, ReplicaProcess,  # noqa: E402  (the tests' parts)
+                              cluster_available, leader_of)
 
 from cardcore import cards as card_ids  # noqa: E402
 from cardcore import layout as L  # noqa: E402
@@ -93,11 +100,78 @@ def run(groups: list[bytes], folder: str, ops_per_group: int, group_log=None) ->
             "group_ms_p99": round(took[int(len(took) * 0.99) - 1] * 1000, 3)}
 
 
+def failover(tmp: str, rounds: int, lease_ms: int) -> dict:
+    """3 replicas of a shard; one client submits top-ups one at a time; kill -9 the leader:
+    seconds from the kill to the first top-up acknowledged after it (the new leader's), and
+    the submit round trip before the kill (p50, p99 ms)."""
+    from cardcore.server.replica import SubmitClient
+
+    out = {"lease_ms": lease_ms, "failover_s": [], "submit_ms_p50": [], "submit_ms_p99": []}
+    for r in range(rounds):
+        folder = os.path.join(tmp, f"failover-{r}")
+        nodes = NatsCluster(os.path.join(folder, "nats"))
+        replicas = [ReplicaProcess(os.path.join(folder, f"r{k}"), 0, nodes.urls, "--lease-ms",
+                                   str(lease_ms), "--idle-maintenance-ms", "0")
+                    for k in range(3)]
+        client = None
+        try:
+            for rep in replicas:
+                rep.wait_role("following")
+            deadline = time.monotonic() + 30
+            while not any("leading" in rep.roles() for rep in replicas):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            client = SubmitClient(nodes.urls.split(","))
+            cid = card_ids.card_id(KEY, random_number(random.Random(r)))
+            k = [0]
+
+            def topup() -> bool:
+                k[0] += 1
+                ts = time.time_ns() // 1000
+                got = client.submit(0, [PendingOp.build(
+                    request_key(L.CALLER_DEVELOPMENT, 0, f"f-{r}-{k[0]}".encode()),
+                    L.OP_TOP_UP, cid, 100, client_time_us=ts)], timeout_s=1.0)
+                return isinstance(got, list) and got[0].reason == L.R_OK
+
+            ts = time.time_ns() // 1000
+            assert isinstance(client.submit(0, [PendingOp.build(
+                request_key(L.CALLER_DEVELOPMENT, 0, f"f-{r}-open".encode()), L.OP_OPEN, cid,
+                profile=b"{}", client_time_us=ts)]), list)
+            took = []
+            for _ in range(300):
+                t = time.perf_counter()
+                assert topup()
+                took.append(time.perf_counter() - t)
+            took.sort()
+            out["submit_ms_p50"].append(round(statistics.median(took) * 1000, 3))
+            out["submit_ms_p99"].append(round(took[int(len(took) * 0.99) - 1] * 1000, 3))
+            old = leader_of(replicas)
+            killed = time.perf_counter()
+            old.kill()
+            while not topup():
+                assert time.perf_counter() - killed < 60
+                time.sleep(0.01)
+            out["failover_s"].append(round(time.perf_counter() - killed, 3))
+            print(f"failover round {r}: {out['failover_s'][-1]} s", file=sys.stderr)
+        finally:
+            if client is not None:
+                client.close()
+            for rep in replicas:
+                if rep.proc.poll() is None:
+                    rep.stop()
+            nodes.stop()
+    out["failover_s_p50"] = statistics.median(out["failover_s"])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--groups", type=int, default=300)
     ap.add_argument("--ops", type=int, default=100, help="top-ups per group")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--failover-rounds", type=int, default=3,
+                    help="rounds of kill -9 of a shard's leader (0: none)")
+    ap.add_argument("--lease-ms", type=int, default=3000, help="the replicas' lease TTL")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     why = cluster_available()
@@ -122,6 +196,7 @@ def main() -> int:
         finally:
             nt.close()
             nodes.stop()
+        fail = failover(tmp, args.failover_rounds, args.lease_ms) if args.failover_rounds else None
     summary = {
         "what": "groups of top-ups applied by DurableLedger, one group at a time: the local "
                 "group log (fdatasync per group) vs JetStreamLog (3 nats-server nodes on "
@@ -134,6 +209,7 @@ def main() -> int:
         "ratio_groups_per_s_jetstream_to_local": round(
             statistics.median(x["groups_per_s"] for x in results["jetstream"])
             / statistics.median(x["groups_per_s"] for x in results["local"]), 3),
+        "failover": fail,
     }
     text = json.dumps(summary, indent=2)
     print(text)
