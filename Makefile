@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve console test cluster-deps bench-cluster soak proto-check bench profile bench-peer bench-release load clean build
+.PHONY: help serve console test cluster-deps cluster bench-cluster soak proto-check bench profile bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ profile: $(BUILT) ## where the time goes: py-spy on the server and its writer un
 bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over PostgreSQL (installed and started on loopback if needed), 3 alternating rounds, direct PostgreSQL as reference -> bench/peer_results.json (ARGS=--quick: a smoke run)
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
+
+cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes and 2 shards x 3 replicas on loopback (./var/cluster) until Ctrl-C; no front yet (docs/cluster.md)
+	$(PY) -m cardcore.server.devcluster --data-dir var/cluster --shards 2
 
 bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream (3 NATS nodes on loopback) vs the local log, same groups, alternating rounds -> bench/cluster_results.json (docs/cluster.md)
 	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 --out bench/cluster_results.json

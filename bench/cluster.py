@@ -27,20 +27,15 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-
-from cluster_fixtures import (NatsCluster, ReplicaProcess,  # noqa: E402  (the tests' parts)
-                              cluster_available, leader_of)
-
-from cardcore import cards as card_ids  # noqa: E402
-from cardcore import layout as L  # noqa: E402
-from cardcore.cards import random_number  # noqa: E402
-from cardcore.durable import DurableLedger, log_folder  # noqa: E402
-from cardcore.groups import encode_group  # noqa: E402
-from cardcore.idempotency import PendingOp, request_key  # noqa: E402
-from cardcore.jetlog import JetStreamLog, NatsThread, ensure_shard  # noqa: E402
-from cardcore.ledger import Ledger  # noqa: E402
+from cardcore import cards as card_ids
+from cardcore import layout as L
+from cardcore.cards import random_number
+from cardcore.durable import DurableLedger, log_folder
+from cardcore.groups import encode_group
+from cardcore.idempotency import PendingOp, request_key
+from cardcore.jetlog import JetStreamLog, NatsThread, ensure_shard
+from cardcore.ledger import Ledger
+from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available, leader_of
 
 KEY = bytes(range(32))
 CARDS = 200

@@ -22,7 +22,8 @@ from cardcore import layout as L
 from cardcore.groups import encode_group
 from cardcore.ledger import Ledger
 from cardcore.server.replica import SubmitClient
-from cluster_fixtures import ReplicaProcess, cluster_available, ledger_digest, leader_of
+from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader_of
+from cluster_fixtures import ledger_digest
 from conftest import new_card_number, rid
 from test_ledger import cid, key, op, open_op
 
