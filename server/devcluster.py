@@ -102,6 +102,12 @@ cluster {{
         self.procs[k] = subprocess.Popen([NATS_SERVER, "-c", self._conf(k)],
                                          stdout=self._logs[k], stderr=self._logs[k])
 
+    def kill_node(self, k: int) -> None:
+        """kill -9 node ``k`` (its store stays: start_node brings it back)."""
+        os.kill(self.procs[k].pid, signal.SIGKILL)
+        self.procs[k].wait(10)
+        self._logs[k].close()
+
     def wait_ready(self) -> None:
         """Every node answers /healthz (JetStream up, the meta group has a leader)."""
         deadline = time.monotonic() + START_TIMEOUT_S

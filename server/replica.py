@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
-from cardcore.grouplog import LogSyncError
 from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
@@ -49,6 +48,7 @@ SUBMIT_OPS_MAX = 1000           # operations in one submit request
 GROUP_MAX_OPS_DEFAULT = 2000    # ~600 KB a group: well under the stream's 8 MiB message limit
 QUEUE_MAX_REQUESTS = 10_000     # submit requests waiting for the leader's next group
 FOLLOW_POLL_S = 0.02            # a caught-up follower looks at the stream's end this often
+TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
 
@@ -115,12 +115,26 @@ class Replica:
     # ---- the loop ----------------------------------------------------------------------
 
     def run(self) -> None:
+        """Follow or lead until stopped. NATS not answering (a node failing over, a timeout) is
+        waited out: a leader steps down first (its callers hear N), since what it holds in hand
+        is answered or refused already; anything else (a digest that differs, an append whose
+        outcome is unknown) ends the run: the replica halts."""
+        import nats.errors  # the cluster extra: only where it is used
+
         self._role("following")
         while not self.stopping:
-            if self.leading:
-                self._lead_once()
-            else:
-                self._follow_once()
+            try:
+                if self.leading:
+                    self._lead_once()
+                else:
+                    self._follow_once()
+            except (TimeoutError, nats.errors.Error) as exc:
+                why = f"NATS: {type(exc).__name__}: {exc}"
+                if self.leading:
+                    self._step_down(why)
+                else:
+                    log.warning("replica s%d: %s; trying again", self.shard, why)
+                time.sleep(TRANSIENT_PAUSE_S)
 
     def _role(self, role: str, why: str = "") -> None:
         log.warning("replica s%d %s (applied %d, epoch %d)%s", self.shard, role,
@@ -185,7 +199,9 @@ class Replica:
         lease if the key is free, else it lets the key's holder lead."""
         if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
             return  # deposed: following now
-        if self.lease.try_take():
+        if self.lease.renew():  # NATS was only slow: the lease is still ours
+            self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+        elif self.lease.try_take():
             self.log.epoch = self.lease.epoch
             self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
             self._role("leading", "the lease was lost and taken again")
@@ -223,17 +239,14 @@ class Replica:
 
     def _apply(self, ops: list[PendingOp], asks: list[tuple[str, int]]) -> bool:
         """One group: apply, publish, answer. False if this replica no longer leads."""
-        ts_us = max(time.time_ns() // 1000, self.log.last_group_ts_us() + 1)
         try:
+            ts_us = max(time.time_ns() // 1000, self.log.last_group_ts_us() + 1)
             outcomes, _ = self.durable.apply(encode_group(ops, ts_us))
         except Deposed as exc:
             self._answer_all(asks, NOT_LEADER)
             self._step_down(f"append refused: {exc}", deposed=True)
             return False
-        except LogSyncError:
-            self._answer_all(asks, UNKNOWN)
-            raise
-        except BaseException:
+        except BaseException:  # LogSyncError among them: stored or not is unknown
             self._answer_all(asks, UNKNOWN)
             raise
         self.groups += 1
@@ -257,9 +270,9 @@ class Replica:
             except queue.Empty:
                 break
             self._reply(reply, NOT_LEADER)
+        self.lease.release()  # if it is still ours: the next leader need not wait for its TTL
         self._role("deposed" if deposed else "following", why)
         if deposed:
-            self.lease.release()  # if it is still ours: the writer that deposed us needs it
             self._role("following")
 
     def _reply(self, reply: str, data: bytes) -> None:
@@ -274,7 +287,6 @@ class Replica:
         """A clean stop: checkpoint, give the lease up (another replica takes it at once)."""
         if self.leading:
             self._step_down("stopping")
-            self.lease.release()
         self.durable.close()
         self.nt.close()
 
