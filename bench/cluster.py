@@ -33,7 +33,7 @@ from cardcore.cards import random_number
 from cardcore.durable import DurableLedger, log_folder
 from cardcore.groups import encode_group
 from cardcore.idempotency import PendingOp, request_key
-from cardcore.jetlog import JetStreamLog, NatsThread, ensure_shard
+from cardcore.jetlog import JetStreamLog, NatsThread, prepare_shard
 from cardcore.ledger import Ledger
 from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available, leader_of
 
@@ -182,7 +182,7 @@ def main() -> int:
                 groups = make_groups(args.groups, args.ops, seed=r)
                 results["local"].append(run(groups, os.path.join(tmp, f"local-{r}"), args.ops))
                 shard = r + 1  # a fresh stream each round
-                nt.call(ensure_shard(nt.js, shard, 3, 3000, None, GENESIS_US), 30)
+                prepare_shard(nt, shard, 3, 3000, None, GENESIS_US)
                 jlog = JetStreamLog(nt, shard)
                 jlog.epoch = 1
                 results["jetstream"].append(run(groups, os.path.join(tmp, f"js-{r}"), args.ops, jlog))

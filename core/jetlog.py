@@ -54,6 +54,7 @@ WRONG_LAST_SEQUENCE = 10071       # JetStream's err_code for a refused expectati
 LEADERS_BUCKET = "cardcore-leaders"
 SHARDS_BUCKET = "cardcore-shards"
 LEASE_MS_DEFAULT = 3000
+SETUP_TIMEOUT_S = 30.0            # a new cluster's streams elect their leaders meanwhile
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 
@@ -158,6 +159,21 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     except nats.js.errors.KeyWrongLastSequenceError:
         pass  # another replica made it first: it is the shard's
     return json.loads((await shards.get(key)).value)
+
+
+def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
+                  program: str | None, now_us: int) -> dict:
+    """``ensure_shard`` from the synchronous side, tried again while a new cluster, or a stream
+    another replica just made, has no leader yet ("no responders", a timeout)."""
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    while True:
+        try:
+            return nt.call(ensure_shard(nt.js, shard, replicas, lease_ms, program, now_us))
+        except (nats.errors.Error, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("shard %d not ready yet (%s); trying again", shard, type(exc).__name__)
+            time.sleep(0.2)
 
 
 async def _bucket(js, bucket: str, replicas: int, ttl_s: float | None):

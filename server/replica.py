@@ -37,7 +37,7 @@ from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              STREAM_REPLICAS_DEFAULT, Deposed, JetStreamLog, Lease, NatsThread,
-                             NatsUnavailable, ensure_shard, submit_subject)
+                             NatsUnavailable, prepare_shard, submit_subject)
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 
 from .writer import decode_answer, encode_answer
@@ -69,33 +69,14 @@ class ReplicaConfig:
     idle_maintenance_ms: int = 1000     # an idle leader's prune step this often (0: never)
 
 
-SETUP_TIMEOUT_S = 30.0          # a new cluster's streams elect their leaders meanwhile
-
-
-def setup_shard(nt: NatsThread, cfg: ReplicaConfig) -> dict:
-    """The shard's stream, buckets and genesis (``ensure_shard``), tried again while a new
-    cluster or a stream another replica just made has no leader yet ("no responders")."""
-    import nats.errors
-
-    deadline = time.monotonic() + SETUP_TIMEOUT_S
-    while True:
-        try:
-            return nt.call(ensure_shard(nt.js, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
-                                        cfg.program, time.time_ns() // 1000))
-        except (nats.errors.Error, TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.info("shard %d not ready yet (%s); trying again", cfg.shard, type(exc).__name__)
-            time.sleep(0.2)
-
-
 class Replica:
     def __init__(self, cfg: ReplicaConfig) -> None:
         self.cfg = cfg
         self.shard = cfg.shard
         self.stopping = False
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}")
-        genesis = setup_shard(self.nt, cfg)
+        genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
+                                cfg.program, time.time_ns() // 1000)
         path = os.path.join(cfg.data_dir, "ledger")
         os.makedirs(path, exist_ok=True)
 

@@ -56,6 +56,24 @@ def stream_end(urls: str) -> int:
         nt.close()
 
 
+def publish_raw(nt, record: bytes, msg_id: str, expected_last: int) -> int:
+    """A record put on the shard's stream by hand (a writer this test plays), sent again while
+    the stream, just made, has no leader yet; its stream sequence."""
+    import nats.errors
+
+    from cardcore.jetlog import log_subject
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return nt.call(nt.js.publish(log_subject(SHARD), record, headers={
+                "Nats-Msg-Id": msg_id, "Nats-Expected-Last-Sequence": str(expected_last)})).seq
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError,
+                nats.js.errors.NoStreamResponseError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
 def applied(replica: ReplicaProcess) -> int:
     """The last group a running replica's LMDB holds (its last checkpoint)."""
     ledger = Ledger(os.path.join(replica.data_dir, "ledger"), readonly=True)
@@ -256,12 +274,11 @@ def test_a_stale_writer_is_refused_and_its_own_resent_group_is_not(nats_cluster)
     group 2; A, still believing the stream ends at 1, is refused (Deposed, nothing stored);
     a writer whose group landed but whose ack was lost is answered with its own group."""
     from cardcore.grouplog import pack_record
-    from cardcore.jetlog import (Deposed, JetStreamLog, NatsThread, ensure_shard, log_subject,
-                                 stream_name)
+    from cardcore.jetlog import Deposed, JetStreamLog, NatsThread, prepare_shard, stream_name
 
     nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
     try:
-        nt.call(ensure_shard(nt.js, SHARD, 3, 2000, None, 1), 30)
+        prepare_shard(nt, SHARD, 3, 2000, None, 1)
         a, b = JetStreamLog(nt, SHARD), JetStreamLog(nt, SHARD)
         a.epoch, b.epoch = 1, 2
         group = encode_group([], 1_000)
@@ -273,9 +290,8 @@ def test_a_stale_writer_is_refused_and_its_own_resent_group_is_not(nats_cluster)
         assert a.deposed == 1
         assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == 2
         # b's group 3 lands but b never hears the ack: its re-send finds its own id there
-        nt.call(nt.js.publish(log_subject(SHARD), pack_record(3, group, shard=SHARD, epoch=2),
-                              headers={"Nats-Msg-Id": f"s{SHARD}-e2-g3",
-                                       "Nats-Expected-Last-Sequence": "2"}))
+        assert publish_raw(nt, pack_record(3, group, shard=SHARD, epoch=2), f"s{SHARD}-e2-g3",
+                           2) == 3
         assert b.append(group, 0, bytes(16)) == 3
         assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == 3
         assert [r.group_no for r in a.read_from(1)] == [1, 2, 3]
@@ -327,17 +343,15 @@ def test_a_follower_whose_replay_ends_at_another_digest_halts(nats_cluster, star
     matched, and it never leads."""
     from cardcore.grouplog import pack_record
     from cardcore.idempotency import PendingOp
-    from cardcore.jetlog import NatsThread, log_subject
+    from cardcore.jetlog import NatsThread
 
     leader = start_replica("r0", SHARD, *LEASE)
     leader.wait_role("leading")
     nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
     try:
         group = encode_group([PendingOp.internal(L.OP_MAINTENANCE)], time.time_ns() // 1000)
-        ack = nt.call(nt.js.publish(log_subject(SHARD), pack_record(
-            2, group, digest_seq=999, out_digest=bytes(16), shard=SHARD, epoch=99),
-            headers={"Nats-Msg-Id": f"s{SHARD}-e99-g2", "Nats-Expected-Last-Sequence": "1"}))
-        assert ack.seq == 2
+        assert publish_raw(nt, pack_record(2, group, digest_seq=999, out_digest=bytes(16),
+                                           shard=SHARD, epoch=99), f"s{SHARD}-e99-g2", 1) == 2
     finally:
         nt.close()
     follower = start_replica("r1", SHARD, *LEASE)
