@@ -70,6 +70,9 @@ class ReplicaConfig:
 
 
 class Replica:
+    """One shard's replica: its ledger, its place in the shard's stream, the lease when it
+    leads (see the module's docstring)."""
+
     def __init__(self, cfg: ReplicaConfig) -> None:
         self.cfg = cfg
         self.shard = cfg.shard
@@ -91,7 +94,7 @@ class Replica:
         self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
         self._sub = None
         self.leading = False
-        self.groups = 0
+        self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -125,9 +128,12 @@ class Replica:
         n = self.durable.follow()
         if self.durable.due():
             self.durable.checkpoint()
-        if not self.stopping and self.lease.try_take():
-            self._take_over()
-        elif not n:
+        if not self.stopping and time.monotonic() >= self.take_at:
+            self.take_at = time.monotonic() + self.cfg.lease_ms / 10_000
+            if self.lease.try_take():
+                self._take_over()
+                return
+        if not n:
             time.sleep(FOLLOW_POLL_S)
 
     def _take_over(self) -> None:
@@ -230,7 +236,6 @@ class Replica:
         except BaseException:  # LogSyncError among them: stored or not is unknown
             self._answer_all(asks, UNKNOWN)
             raise
-        self.groups += 1
         k = 0
         for reply, n in asks:
             self._reply(reply, APPLIED + encode_answer(outcomes[k:k + n]))
