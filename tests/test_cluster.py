@@ -46,12 +46,12 @@ def three(start_replica) -> list[ReplicaProcess]:
     return replicas
 
 
-def stream_end(urls: str) -> int:
+def stream_end(urls: str, shard: int = SHARD) -> int:
     from cardcore.jetlog import NatsThread, stream_name
 
     nt = NatsThread(urls.split(","), "cardcore-test")
     try:
-        return nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq
+        return nt.call(nt.js.stream_info(stream_name(shard))).state.last_seq
     finally:
         nt.close()
 
@@ -83,10 +83,11 @@ def applied(replica: ReplicaProcess) -> int:
         ledger.close()
 
 
-def converge_and_stop(replicas: list[ReplicaProcess], urls: str) -> int:
-    """Wait until every live replica's checkpoint holds the whole stream (nothing appends: no
-    load, no idle maintenance), then stop the followers, then the leader; the stream's end."""
-    end = stream_end(urls)
+def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SHARD) -> int:
+    """Wait until every replica's checkpoint holds the whole stream of their shard (nothing
+    appends: no load, no idle maintenance), then stop the followers, then the leader; the
+    stream's end."""
+    end = stream_end(urls, shard)
     deadline = time.monotonic() + 30
     live = replicas
     for r in live:
@@ -94,7 +95,7 @@ def converge_and_stop(replicas: list[ReplicaProcess], urls: str) -> int:
     while any(applied(r) != end for r in live):
         assert time.monotonic() < deadline, [(applied(r), end, r.log()[-1500:]) for r in live]
         time.sleep(0.05)
-    assert stream_end(urls) == end
+    assert stream_end(urls, shard) == end
     leader = leader_of(live)
     for r in live:
         if r is not leader:
@@ -103,9 +104,9 @@ def converge_and_stop(replicas: list[ReplicaProcess], urls: str) -> int:
     return end
 
 
-def open_cards(client: SubmitClient, n: int, rng: random.Random) -> list[str]:
+def open_cards(client: SubmitClient, n: int, rng: random.Random, shard: int = SHARD) -> list[str]:
     numbers = [new_card_number(rng) for _ in range(n)]
-    got = client.submit(SHARD, [open_op(rid(), number) for number in numbers])
+    got = client.submit(shard, [open_op(rid(), number) for number in numbers])
     assert isinstance(got, list) and all(o.reason == L.R_OK for o in got), got
     return numbers
 
@@ -398,3 +399,43 @@ def test_kill_9_the_streams_leader_node_under_load_then_restart_it_loses_nothing
     converge_and_stop(replicas, nats_cluster.urls)
     exactly_once(replicas, load, numbers)
     identical(replicas)
+
+
+def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, start_replica):
+    """Two shards on the same NATS: each its own stream, lease and leader; a card opened on one
+    is on no replica of the other; a shard's program is its genesis record's (the first
+    replica's --program), whatever its other replicas are given."""
+    cafe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "programs", "cafe.toml")
+    first = start_replica("s1-r0", 1, *LEASE, "--program", cafe)
+    first.wait_role("following")
+    shards = {0: [start_replica(f"s0-r{k}", 0, *LEASE) for k in range(2)],
+              1: [first, start_replica("s1-r1", 1, *LEASE)]}
+    for replicas in shards.values():
+        deadline = time.monotonic() + 30
+        while not all(r.roles() for r in replicas) or not any("leading" in r.roles()
+                                                              for r in replicas):
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in replicas]
+            time.sleep(0.05)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = {shard: open_cards(client, 3, random.Random(shard), shard) for shard in shards}
+    finally:
+        client.close()
+    for shard, replicas in shards.items():
+        converge_and_stop(replicas, nats_cluster.urls, shard)
+    with open(cafe) as f:
+        cafe_source = f.read()
+    for shard, replicas in shards.items():
+        for r in replicas:
+            ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
+            try:
+                for number in numbers[shard]:
+                    assert ledger.read_card(cid(number)) is not None
+                for number in numbers[1 - shard]:
+                    assert ledger.read_card(cid(number)) is None
+                source = ledger.read_programs()[1]["source"]
+                assert (source == cafe_source) == (shard == 1), r.data_dir
+            finally:
+                ledger.close()
+        identical(replicas)
