@@ -142,12 +142,13 @@ class Replica:
         self.durable.follow()
         self.leading = True
         self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
-        self._role("leading")
         if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
             return
         self._sub = self.nt.call(self.nt.nc.subscribe(submit_subject(self.shard),
                                                       cb=self._on_submit))
+        self.nt.call(self.nt.nc.flush())  # its node has the subscription (others, soon after)
         self.idle_since = time.monotonic()
+        self._role("leading")
 
     async def _on_submit(self, msg) -> None:
         """(The loop thread.) Queue the request for the main thread, or refuse it at once."""
