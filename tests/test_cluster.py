@@ -178,9 +178,10 @@ class Load:
         self.sent: dict[bytes, tuple[str, int]] = {}
         self.not_applied = 0
         self.unknown = 0
+        self.errors: list[BaseException] = []   # a thread's failure fails the test in stop()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(threads)]
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
     def start(self) -> None:
         for t in self.threads:
@@ -190,8 +191,15 @@ class Load:
         self._stop.set()
         for t in self.threads:
             t.join(60)
+        assert not self.errors, self.errors
 
-    def _run(self, k: int) -> None:
+    def _run(self) -> None:
+        try:
+            self._submit_until_stopped()
+        except BaseException as exc:  # noticed by stop()
+            self.errors.append(exc)
+
+    def _submit_until_stopped(self) -> None:
         client = SubmitClient(self.urls)
         rng = random.Random(self.rng.random())
         pending = None
@@ -205,7 +213,9 @@ class Load:
                         self.sent[pending[3]] = (number, amount)
                 got = client.submit(SHARD, [pending[0]], timeout_s=1.0)
                 if isinstance(got, list):
-                    assert got[0].reason == L.R_OK, got
+                    if got[0].reason != L.R_OK:
+                        self.errors.append(AssertionError(f"a top-up answered {got[0]}"))
+                        return
                     with self._lock:
                         self.acked[pending[3]] = pending[1:3]
                     pending = None
