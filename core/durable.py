@@ -176,6 +176,16 @@ class DurableLedger:
                 raise
         raise RuntimeError("LMDB map still full after growing it")
 
+    # ---- Cluster (docs/cluster.md) ------------------------------------------------------
+
+    def follow(self) -> int:
+        """Apply the groups another writer appended to the log since ``applied`` (a replica that
+        follows its shard's stream): the replay path, each group's journal digest checked (a
+        replica that would diverge stops, InvariantError). How many."""
+        if self.broken:
+            raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}")
+        return self._replay()
+
     def due(self) -> bool:
         """Is a checkpoint due (time or operations since the last)?"""
         if self.applied == self.checkpointed:

@@ -436,7 +436,8 @@ class Ledger:
                  map_size: int = MAP_SIZE_INITIAL, readonly: bool = False,
                  initial_request_window_s: int = REQUEST_WINDOW_S_DEFAULT,
                  lookup_key: bytes | None = None, profile_key: bytes | None = None,
-                 day_totals: bool = True, member_metrics_kept: bool = True) -> None:
+                 day_totals: bool = True, member_metrics_kept: bool = True,
+                 initial_time_us: int | None = None) -> None:
         """Open (or, writable, create) the ledger at ``path``. A new ledger stores
         ``initial_program`` (a TOML document; default: the default program) as version 1, and
         its request retention window (changed later through the writer: ``window_op``).
@@ -447,7 +448,10 @@ class Ledger:
         profile only its masked number), and a writer that has it seals the ones stored before
         profiles were sealed. ``day_totals`` False: the writer keeps no day totals (for the
         benchmark that measures their cost only; the next writer with them fills them again);
-        ``member_metrics_kept`` False: likewise for the member metrics (``cardcore.members``)."""
+        ``member_metrics_kept`` False: likewise for the member metrics (``cardcore.members``).
+        ``initial_time_us``: a new ledger journals its program at this time, not now (Cluster:
+        a shard's replicas start identical from its genesis record, docs/cluster.md)."""
+        self._initial_time_us = initial_time_us
         if initial_request_window_s < REQUEST_WINDOW_S_MIN:
             raise ValueError(f"the request window is at least {REQUEST_WINDOW_S_MIN} s")
         self.path = path
@@ -629,7 +633,7 @@ class Ledger:
         parse_program(program_source)  # a bad initial program fails here, before anything is written
         outcome = self.apply_group([PendingOp.admin(b"", L.OP_PROGRAM_LOADED, bytes(16),
                                                     program_source.encode(), 0)],
-                                   time.time_ns() // 1000)[0]
+                                   self._initial_time_us or time.time_ns() // 1000)[0]
         if outcome.reason != L.R_OK:
             raise InvariantError(f"the initial program was refused: {outcome.reason}")
 

@@ -18,7 +18,7 @@ from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_stores import cmd_region, cmd_store
-from .cmd_server import cmd_backup, cmd_migrate, cmd_restore, cmd_serve, cmd_verify
+from .cmd_server import cmd_backup, cmd_migrate, cmd_replica, cmd_restore, cmd_serve, cmd_verify
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
@@ -183,6 +183,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the card program the server runs (stored as version 1; env "
                         "CARDCORE_PROGRAM); default: the default program")
     p.set_defaults(func=cmd_migrate)
+
+    # Cluster (docs/cluster.md)
+    p = sub.add_parser("replica", help="a replica of one shard over NATS JetStream (cluster)")
+    data_dir(p)
+    p.add_argument("--shard", type=int_arg(0, 4095), required=True, help="the shard's number")
+    p.add_argument("--nats", required=True,
+                   help="the NATS servers, comma-separated URLs (nats://HOST:PORT,...)")
+    p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
+                   help="card program TOML for a new shard (its genesis; ignored once the shard "
+                        "exists); default: the default program")
+    p.add_argument("--stream-replicas", type=int_arg(1, 5), default=3,
+                   help="copies of the shard's stream and buckets, made if absent (default 3)")
+    p.add_argument("--lease-ms", type=int_arg(1000, 600_000), default=3000,
+                   help="the leader lease's TTL, renewed every third of it; the same for every "
+                        "replica of the cluster (default %(default)s)")
+    p.add_argument("--append-timeout-ms", type=int_arg(100, 600_000), default=30_000,
+                   help="re-sends of one group before its outcome is unknown and the replica "
+                        "stops (default %(default)s)")
+    p.add_argument("--group-max-ops", type=int_arg(1, 20_000), default=2000,
+                   help="operations per group at most (default %(default)s)")
+    p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
+                   help="LMDB checkpoint at least this often (default %(default)s)")
+    p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=1000,
+                   help="an idle leader appends a prune step of expired request records this "
+                        "often; 0: never (default %(default)s)")
+    p.set_defaults(func=cmd_replica)
 
     p = sub.add_parser("verify", help="check every card against its journal")
     data_dir(p)

@@ -42,6 +42,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_replica(args) -> int:
+    """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
+    from cardcore.jetlog import NatsUnavailable
+
+    from .replica import ReplicaConfig, replica_main
+
+    program = None
+    if args.program:
+        with open(args.program) as f:
+            program = f.read()
+    cfg = ReplicaConfig(shard=args.shard, data_dir=args.data_dir,
+                        nats_urls=[u for u in args.nats.split(",") if u], program=program,
+                        stream_replicas=args.stream_replicas, lease_ms=args.lease_ms,
+                        append_timeout_ms=args.append_timeout_ms,
+                        group_max_ops=args.group_max_ops, checkpoint_ms=args.checkpoint_ms,
+                        idle_maintenance_ms=args.idle_maintenance_ms)
+    try:
+        return replica_main(cfg)
+    except NatsUnavailable as exc:
+        print(f"cardcore replica: {exc}", file=sys.stderr)
+        return 2
+
+
 COPY_ATTEMPTS = 5
 
 

@@ -20,6 +20,7 @@ from cardcore.server import certs
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
+from cluster_fixtures import nats_cluster, start_replica  # noqa: F401  (the cluster tests' fixtures)
 
 START_TIMEOUT_S = 30
 LISTEN_RE = re.compile(rb"cardcore listening on ([\d.]+):(\d+)")

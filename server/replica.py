@@ -1,0 +1,342 @@
+"""Cluster: a replica of one shard (``cardcore replica``; docs/cluster.md).
+
+A follower applies the shard's stream in order through the writer's own code path
+(``DurableLedger`` over a ``JetStreamLog``: each group's journal digest checked, ``log_applied``
+committed with the state it describes, so every group is applied exactly once across restarts).
+It takes the shard's lease when it is free; then, caught up, it appends an epoch barrier (a
+maintenance group) and leads: it takes groups of packed operations on ``cardcore.s<n>.submit``,
+forms groups as the writer does, applies, publishes (expected last sequence), and answers after
+the stream's acknowledgement. A refused append (another writer appended first) makes it follow.
+A lease it could not renew makes it append a probe: the stream's answer decides (``_lease_lost``).
+Safety is the stream's expected-last-sequence, never the lease.
+
+The submit protocol (the front's, later; the tests' now)::
+
+    request = cardcore.groups.encode_group(ops, 0)   (at most SUBMIT_OPS_MAX operations)
+    reply   = b"A" | server.writer.encode_answer(outcomes)   applied (or replayed, or declined)
+            | b"N"   not the leader, or deposed before it was stored: not applied (send it again)
+            | b"O"   the leader's queue is full: not applied
+            | b"U"   outcome unknown (the stream did not answer, or the replica stopped on it)
+            | b"E"   not a group of operations: not applied
+
+The replica's main thread is synchronous (the ledger and the kernel); NATS runs on an event-loop
+thread (``cardcore.jetlog.NatsThread``), whose subscription puts requests on a bounded queue.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass
+
+from cardcore import layout as L
+from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
+from cardcore.groups import decode_group, encode_group
+from cardcore.idempotency import PendingOp
+from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
+                             STREAM_REPLICAS_DEFAULT, Deposed, JetStreamLog, Lease, NatsThread,
+                             NatsUnavailable, prepare_shard, submit_subject)
+from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
+
+from .writer import decode_answer, encode_answer
+
+log = logging.getLogger("cardcore.replica")
+
+SUBMIT_OPS_MAX = 1000           # operations in one submit request
+GROUP_MAX_OPS_DEFAULT = 2000    # ~600 KB a group: well under the stream's 8 MiB message limit
+QUEUE_MAX_REQUESTS = 10_000     # submit requests waiting for the leader's next group
+FOLLOW_POLL_S = 0.02            # a caught-up follower looks at the stream's end this often
+TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
+IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
+APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
+
+
+@dataclass
+class ReplicaConfig:
+    shard: int
+    data_dir: str
+    nats_urls: list[str]
+    program: str | None = None          # a new shard's program (TOML source); None: default
+    stream_replicas: int = STREAM_REPLICAS_DEFAULT
+    lease_ms: int = LEASE_MS_DEFAULT
+    append_timeout_ms: int = APPEND_TIMEOUT_MS_DEFAULT
+    group_max_ops: int = GROUP_MAX_OPS_DEFAULT
+    checkpoint_ms: int = CHECKPOINT_MS_DEFAULT
+    checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT
+    map_size: int = MAP_SIZE_INITIAL
+    idle_maintenance_ms: int = 1000     # an idle leader's prune step this often (0: never)
+
+
+class Replica:
+    """One shard's replica: its ledger, its place in the shard's stream, the lease when it
+    leads (see the module's docstring)."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        self.cfg = cfg
+        self.shard = cfg.shard
+        self.stopping = False
+        self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}")
+        genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
+                                cfg.program, time.time_ns() // 1000)
+        path = os.path.join(cfg.data_dir, "ledger")
+        os.makedirs(path, exist_ok=True)
+
+        def open_ledger() -> Ledger:
+            return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
+                          initial_time_us=genesis["time_us"])
+
+        self.log = JetStreamLog(self.nt, cfg.shard, cfg.append_timeout_ms)
+        self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
+                                     checkpoint_ops=cfg.checkpoint_ops)
+        self.lease = Lease(self.nt, cfg.shard, {"pid": os.getpid(), "data_dir": cfg.data_dir})
+        self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
+        self._sub = None
+        self.leading = False
+        self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Follow or lead until stopped. NATS not answering (a node failing over, a timeout) is
+        waited out: a leader steps down first (its callers hear N), since what it holds in hand
+        is answered or refused already; anything else (a digest that differs, an append whose
+        outcome is unknown) ends the run: the replica halts."""
+        import nats.errors  # the cluster extra: only where it is used
+
+        self._role("following")
+        while not self.stopping:
+            try:
+                if self.leading:
+                    self._lead_once()
+                else:
+                    self._follow_once()
+            except (TimeoutError, nats.errors.Error) as exc:
+                why = f"NATS: {type(exc).__name__}: {exc}"
+                if self.leading:
+                    self._step_down(why)
+                else:
+                    log.warning("replica s%d: %s; trying again", self.shard, why)
+                time.sleep(TRANSIENT_PAUSE_S)
+
+    def _role(self, role: str, why: str = "") -> None:
+        log.warning("replica s%d %s (applied %d, epoch %d)%s", self.shard, role,
+                    self.durable.applied, self.log.epoch, f": {why}" if why else "")
+
+    def _follow_once(self) -> None:
+        n = self.durable.follow()
+        if self.durable.due():
+            self.durable.checkpoint()
+        if not self.stopping and time.monotonic() >= self.take_at:
+            self.take_at = time.monotonic() + self.cfg.lease_ms / 10_000
+            if self.lease.try_take():
+                self._take_over()
+                return
+        if not n:
+            time.sleep(FOLLOW_POLL_S)
+
+    def _take_over(self) -> None:
+        """Caught up to the stream's end, append the barrier, then take submissions."""
+        self.log.epoch = self.lease.epoch
+        self.durable.follow()
+        self.leading = True
+        self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+        if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
+            return
+        self._sub = self.nt.call(self.nt.nc.subscribe(submit_subject(self.shard),
+                                                      cb=self._on_submit))
+        self.nt.call(self.nt.nc.flush())  # its node has the subscription (others, soon after)
+        self.idle_since = time.monotonic()
+        self._role("leading")
+
+    async def _on_submit(self, msg) -> None:
+        """(The loop thread.) Queue the request for the main thread, or refuse it at once."""
+        try:
+            self.requests.put_nowait((msg.data, msg.reply))
+        except queue.Full:
+            await self.nt.nc.publish(msg.reply, OVERLOADED)
+
+    def _lead_once(self) -> None:
+        wait_s = max(0.0, min(self.renew_at - time.monotonic(), IDLE_WAIT_S,
+                              self.durable.seconds_to_due() or IDLE_WAIT_S))
+        batch = self._take(wait_s)
+        if batch:
+            ops, asks = batch
+            self._apply(ops, asks)
+            self.idle_since = time.monotonic()
+        elif (self.cfg.idle_maintenance_ms
+              and time.monotonic() - self.idle_since >= self.cfg.idle_maintenance_ms / 1000):
+            self._apply([PendingOp.internal(L.OP_MAINTENANCE)], [])
+            self.idle_since = time.monotonic()
+        if not self.leading:
+            return
+        if self.durable.due():
+            self.durable.checkpoint()
+        if time.monotonic() >= self.renew_at:
+            if self.lease.renew():
+                self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+            else:
+                self._lease_lost()
+
+    def _lease_lost(self) -> None:
+        """The lease could not be renewed (expired while this process was paused, taken, or
+        NATS did not answer). The stream, not the lease, says whether this replica may still
+        write: it appends a probe (a maintenance group). Refused: another writer appended,
+        this one is deposed and follows. Stored: nobody else wrote; it leads on under a new
+        lease if the key is free, else it lets the key's holder lead."""
+        if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
+            return  # deposed: following now
+        if self.lease.renew():  # NATS was only slow: the lease is still ours
+            self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+        elif self.lease.try_take():
+            self.log.epoch = self.lease.epoch
+            self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+            self._role("leading", "the lease was lost and taken again")
+        else:
+            self._step_down("the lease is another replica's")
+
+    def _take(self, wait_s: float):
+        """(operations, [(reply, how many)]) of the queued requests, whole, up to
+        group_max_ops operations; None if none came within ``wait_s``."""
+        try:
+            first = self.requests.get(timeout=wait_s) if wait_s else self.requests.get_nowait()
+        except queue.Empty:
+            return None
+        ops: list[PendingOp] = []
+        asks: list[tuple[str, int]] = []
+        item = first
+        while item is not None:
+            data, reply = item
+            try:
+                got, _ = decode_group(data)
+                if not got or len(got) > SUBMIT_OPS_MAX:
+                    raise ValueError("0 or too many operations")
+            except Exception:
+                self._reply(reply, MALFORMED)
+            else:
+                ops += got
+                asks.append((reply, len(got)))
+            if len(ops) >= self.cfg.group_max_ops:
+                break
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                item = None
+        return (ops, asks) if ops else None
+
+    def _apply(self, ops: list[PendingOp], asks: list[tuple[str, int]]) -> bool:
+        """One group: apply, publish, answer. False if this replica no longer leads."""
+        try:
+            ts_us = max(time.time_ns() // 1000, self.log.last_group_ts_us() + 1)
+            outcomes, _ = self.durable.apply(encode_group(ops, ts_us))
+        except Deposed as exc:
+            self._answer_all(asks, NOT_LEADER)
+            self._step_down(f"append refused: {exc}", deposed=True)
+            return False
+        except BaseException:  # LogSyncError among them: stored or not is unknown
+            self._answer_all(asks, UNKNOWN)
+            raise
+        k = 0
+        for reply, n in asks:
+            self._reply(reply, APPLIED + encode_answer(outcomes[k:k + n]))
+            k += n
+        return True
+
+    def _step_down(self, why: str, deposed: bool = False) -> None:
+        self.leading = False
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                self.nt.call(sub.unsubscribe())
+            except Exception:  # the connection's trouble: it stops delivering anyway
+                pass
+        while True:
+            try:
+                _, reply = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            self._reply(reply, NOT_LEADER)
+        self.lease.release()  # if it is still ours: the next leader need not wait for its TTL
+        self._role("deposed" if deposed else "following", why)
+        if deposed:
+            self._role("following")
+
+    def _reply(self, reply: str, data: bytes) -> None:
+        if reply:
+            self.nt.spawn(self.nt.nc.publish(reply, data))
+
+    def _answer_all(self, asks: list[tuple[str, int]], code: bytes) -> None:
+        for reply, _ in asks:
+            self._reply(reply, code)
+
+    def close(self) -> None:
+        """A clean stop: checkpoint, give the lease up (another replica takes it at once)."""
+        if self.leading:
+            self._step_down("stopping")
+        self.durable.close()
+        self.nt.close()
+
+
+def replica_main(cfg: ReplicaConfig) -> int:
+    """Run a replica until SIGTERM or SIGINT; 1 if it halted (a diverged ledger, an append whose
+    outcome is unknown, NATS gone): its supervisor restarts it, and it follows from its
+    checkpoint."""
+    try:
+        replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
+    except NatsUnavailable:
+        raise
+    except Exception as exc:
+        log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
+        return 1
+
+    def stop(signum, frame):
+        replica.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        replica.run()
+    except Exception as exc:
+        log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
+        try:
+            replica.durable.close(checkpoint=False)
+        finally:
+            replica.nt.close()
+        return 1
+    replica.close()
+    return 0
+
+
+def decode_reply(data: bytes) -> list[Outcome] | bytes:
+    """The outcomes of an applied request, or the one-byte code of one that was not."""
+    if data[:1] == APPLIED:
+        return decode_answer(data[1:])
+    return data[:1]
+
+
+class SubmitClient:
+    """The submit protocol's client side (the front's, later; the tests' and benchmarks' now):
+    synchronous calls over a NatsThread."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.nt = NatsThread(urls, f"cardcore-submit-{os.getpid()}")
+
+    def submit(self, shard: int, ops: list[PendingOp], timeout_s: float = 5.0
+               ) -> list[Outcome] | bytes:
+        """The outcomes, or the code of a request not applied (``N``, ``O``, ``E``) or whose
+        outcome is unknown (``U``; also a timeout). No leader subscribed: ``N``."""
+        import nats.errors  # the cluster extra: only where it is used
+
+        assert 0 < len(ops) <= SUBMIT_OPS_MAX
+        try:
+            msg = self.nt.call(self.nt.nc.request(submit_subject(shard), encode_group(ops, 0),
+                                                  timeout=timeout_s), timeout_s + 1)
+        except nats.errors.NoRespondersError:
+            return NOT_LEADER
+        except (TimeoutError, nats.errors.Error):
+            return UNKNOWN
+        return decode_reply(msg.data)
+
+    def close(self) -> None:
+        self.nt.close()

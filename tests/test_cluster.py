@@ -1,0 +1,461 @@
+"""The cluster's first slice (docs/cluster.md): three replicas of one shard over three NATS nodes
+on loopback, every process started and stopped by its pid.
+
+- Random groups applied by three replicas leave identical ledgers (`verify` clean, a digest of
+  every record equal).
+- A leader paused past its lease (SIGSTOP), another takes over, SIGCONT: its append is refused by
+  the stream (deposed), it follows, and nothing it acknowledged is missing.
+- kill -9 the leader under load: another takes over; the killed one, restarted, catches up from
+  its checkpoint; every acknowledged request is applied exactly once on every replica.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from cardcore import layout as L
+from cardcore.groups import encode_group
+from cardcore.ledger import Ledger
+from cardcore.server.replica import SubmitClient
+from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader_of
+from cluster_fixtures import ledger_digest
+from conftest import new_card_number, rid
+from test_ledger import cid, key, op, open_op
+
+pytestmark = pytest.mark.skipif(cluster_available() is not None,
+                                reason=cluster_available() or "")
+
+LEASE = ("--lease-ms", "2000", "--idle-maintenance-ms", "0")
+SHARD = 0
+
+
+def three(start_replica) -> list[ReplicaProcess]:
+    replicas = [start_replica(f"r{k}", SHARD, *LEASE) for k in range(3)]
+    deadline = time.monotonic() + 30
+    while not all(r.roles() for r in replicas) or not any("leading" in r.roles()
+                                                          for r in replicas):
+        assert time.monotonic() < deadline, [r.log()[-2000:] for r in replicas]
+        for r in replicas:
+            assert r.proc.poll() is None, r.log()[-3000:]
+        time.sleep(0.05)
+    return replicas
+
+
+def stream_end(urls: str, shard: int = SHARD) -> int:
+    from cardcore.jetlog import NatsThread, stream_name
+
+    nt = NatsThread(urls.split(","), "cardcore-test")
+    try:
+        return nt.call(nt.js.stream_info(stream_name(shard))).state.last_seq
+    finally:
+        nt.close()
+
+
+def publish_raw(nt, record: bytes, msg_id: str, expected_last: int) -> int:
+    """A record put on the shard's stream by hand (a writer this test plays), sent again while
+    the stream, just made, has no leader yet; its stream sequence."""
+    import nats.errors
+
+    from cardcore.jetlog import log_subject
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return nt.call(nt.js.publish(log_subject(SHARD), record, headers={
+                "Nats-Msg-Id": msg_id, "Nats-Expected-Last-Sequence": str(expected_last)})).seq
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError,
+                nats.js.errors.NoStreamResponseError):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def applied(replica: ReplicaProcess) -> int:
+    """The last group a running replica's LMDB holds (its last checkpoint)."""
+    ledger = Ledger(os.path.join(replica.data_dir, "ledger"), readonly=True)
+    try:
+        return ledger.log_applied()
+    finally:
+        ledger.close()
+
+
+def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SHARD) -> int:
+    """Wait until every replica's checkpoint holds the whole stream of their shard (nothing
+    appends: no load, no idle maintenance), then stop the followers, then the leader; the
+    stream's end."""
+    end = stream_end(urls, shard)
+    deadline = time.monotonic() + 30
+    live = replicas
+    for r in live:
+        assert r.proc.poll() is None, r.log()[-3000:]
+    while any(applied(r) != end for r in live):
+        assert time.monotonic() < deadline, [(applied(r), end, r.log()[-1500:]) for r in live]
+        time.sleep(0.05)
+    assert stream_end(urls, shard) == end
+    leader = leader_of(live)
+    for r in live:
+        if r is not leader:
+            assert r.stop() == 0, r.log()[-3000:]
+    assert leader.stop() == 0, leader.log()[-3000:]
+    return end
+
+
+def submit(client: SubmitClient, ops: list, shard: int = SHARD) -> list:
+    """The outcomes of ``ops``, sent again (the same requests: applied once at most) while no
+    leader answers (a new leader's subscription reaches the other NATS nodes a moment after
+    it says it leads) or the outcome is unknown."""
+    deadline = time.monotonic() + 10
+    while not isinstance(got := client.submit(shard, ops), list) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert isinstance(got, list) and len(got) == len(ops), got
+    return got
+
+
+def open_cards(client: SubmitClient, n: int, rng: random.Random, shard: int = SHARD) -> list[str]:
+    numbers = [new_card_number(rng) for _ in range(n)]
+    got = submit(client, [open_op(rid(), number) for number in numbers], shard)
+    assert all(o.reason == L.R_OK for o in got), got
+    return numbers
+
+
+def identical(replicas: list[ReplicaProcess]) -> str:
+    """Every replica's ledger verifies clean and has the same digest of all its records."""
+    digests = set()
+    for r in replicas:
+        digest, report = ledger_digest(r.data_dir)
+        assert report["ok"], (r.data_dir, report["problems"])
+        digests.add(digest)
+    assert len(digests) == 1, digests
+    return digests.pop()
+
+
+def test_three_replicas_applying_the_same_random_groups_end_identical(nats_cluster,
+                                                                      start_replica):
+    replicas = three(start_replica)
+    rng = random.Random(1301)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = open_cards(client, 12, rng)
+        sent: list = []
+        declined = 0
+        for _ in range(40):
+            ops = []
+            for _ in range(rng.randint(1, 40)):
+                number = rng.choice(numbers)
+                roll = rng.random()
+                if roll < 0.45:
+                    ops.append(op(rid(), L.OP_TOP_UP, number, rng.randint(1, 50_000)))
+                elif roll < 0.9:  # some decline: more than the card holds
+                    ops.append(op(rid(), L.OP_PURCHASE, number, rng.randint(1, 80_000)))
+                elif sent:        # a retry of an earlier request: replayed
+                    ops.append(rng.choice(sent))
+            if not ops:
+                continue
+            got = submit(client, ops)
+            declined += sum(o.reason == L.R_INSUFFICIENT_FUNDS for o in got)
+            sent += ops
+        assert declined > 0  # the groups were not all alike
+    finally:
+        client.close()
+    end = converge_and_stop(replicas, nats_cluster.urls)
+    assert end >= 42  # the barrier, the openings, the 40 groups
+    identical(replicas)
+
+
+class Load:
+    """Top-ups from ``threads`` threads until stopped; a request whose outcome is unknown or that no
+    leader took is sent again, the same (request id, client time): applied once at most."""
+
+    def __init__(self, urls: str, numbers: list[str], seed: int, threads: int = 2) -> None:
+        self.urls = urls.split(",")
+        self.numbers = numbers
+        self.rng = random.Random(seed)
+        self.acked: dict[bytes, tuple[str, int]] = {}    # request key -> (card, amount)
+        self.sent: dict[bytes, tuple[str, int]] = {}
+        self.not_applied = 0
+        self.unknown = 0
+        self.errors: list[BaseException] = []   # a thread's failure fails the test in stop()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(60)
+        assert not self.errors, self.errors
+
+    def _run(self) -> None:
+        try:
+            self._submit_until_stopped()
+        except BaseException as exc:  # noticed by stop()
+            self.errors.append(exc)
+
+    def _submit_until_stopped(self) -> None:
+        client = SubmitClient(self.urls)
+        rng = random.Random(self.rng.random())
+        pending = None
+        try:
+            while not self._stop.is_set():
+                if pending is None:
+                    number, amount, request_id = rng.choice(self.numbers), rng.randint(1, 9999), rid()
+                    pending = (op(request_id, L.OP_TOP_UP, number, amount), number, amount,
+                               key(request_id))
+                    with self._lock:
+                        self.sent[pending[3]] = (number, amount)
+                got = client.submit(SHARD, [pending[0]], timeout_s=1.0)
+                if isinstance(got, list):
+                    if got[0].reason != L.R_OK:
+                        self.errors.append(AssertionError(f"a top-up answered {got[0]}"))
+                        return
+                    with self._lock:
+                        self.acked[pending[3]] = pending[1:3]
+                    pending = None
+                else:
+                    with self._lock:
+                        if got == b"U":
+                            self.unknown += 1
+                        else:
+                            self.not_applied += 1
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def exactly_once(replicas: list[ReplicaProcess], load: Load, numbers: list[str]) -> None:
+    """On every replica: every acknowledged top-up is recorded, and each card's principal is the
+    sum of the top-ups recorded for it (none applied twice)."""
+    for r in replicas:
+        ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
+        try:
+            for request_key in load.acked:
+                found = ledger.read_operation(request_key)
+                assert found is not None and found.reason == L.R_OK, (r.data_dir, request_key)
+            expected = {number: 0 for number in numbers}
+            for request_key, (number, amount) in load.sent.items():
+                if ledger.read_operation(request_key) is not None:
+                    expected[number] += amount
+            for number in numbers:
+                assert ledger.read_card(cid(number))[0][5] == expected[number], r.data_dir
+        finally:
+            ledger.close()
+
+
+def test_a_leader_paused_past_its_lease_is_refused_follows_and_loses_nothing_it_acknowledged(
+        nats_cluster, start_replica):
+    replicas = three(start_replica)
+    old = leader_of(replicas)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = open_cards(client, 6, random.Random(7))
+    finally:
+        client.close()
+    # enough callers that the leader's queue is rarely empty: paused, it holds work, and its
+    # first act on SIGCONT is that work's append (the lease's renewal comes after a group)
+    load = Load(nats_cluster.urls, numbers, seed=13, threads=8)
+    load.start()
+    try:
+        time.sleep(1.0)
+        acked_before = len(load.acked)
+        assert acked_before > 0
+        os.kill(old.pid, signal.SIGSTOP)
+        others = [r for r in replicas if r is not old]
+        deadline = time.monotonic() + 20
+        while not any("leading" in r.roles() for r in others):
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
+            time.sleep(0.05)
+        at_takeover = len(load.acked)
+        time.sleep(1.0)  # the new leader takes load
+        assert len(load.acked) > at_takeover
+        seen = len(old.roles())
+        os.kill(old.pid, signal.SIGCONT)
+        old.wait_role("following", timeout_s=20, after=seen)
+        time.sleep(0.5)
+    finally:
+        load.stop()
+    assert "deposed" in old.roles()[seen:], old.log()[-3000:]  # its append was refused
+    assert "append refused" in old.log()
+    new = leader_of(replicas)
+    assert new is not old
+    converge_and_stop(replicas, nats_cluster.urls)
+    exactly_once(replicas, load, numbers)
+    identical(replicas)
+
+
+def test_a_stale_writer_is_refused_and_its_own_resent_group_is_not(nats_cluster):
+    """The fencing itself, at the log: writer A appends group 1; B (another epoch) appends
+    group 2; A, still believing the stream ends at 1, is refused (Deposed, nothing stored);
+    a writer whose group landed but whose ack was lost is answered with its own group."""
+    from cardcore.grouplog import pack_record
+    from cardcore.jetlog import Deposed, JetStreamLog, NatsThread, prepare_shard, stream_name
+
+    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
+    try:
+        prepare_shard(nt, SHARD, 3, 2000, None, 1)
+        a, b = JetStreamLog(nt, SHARD), JetStreamLog(nt, SHARD)
+        a.epoch, b.epoch = 1, 2
+        group = encode_group([], 1_000)
+        assert a.append(group, 0, bytes(16)) == 1
+        assert list(b.read_from(2)) == []  # b's view of the stream: it ends at group 1
+        assert b.append(group, 0, bytes(16)) == 2
+        with pytest.raises(Deposed):
+            a.append(group, 0, bytes(16))
+        assert a.deposed == 1
+        assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == 2
+        # b's group 3 lands but b never hears the ack: its re-send finds its own id there
+        assert publish_raw(nt, pack_record(3, group, shard=SHARD, epoch=2), f"s{SHARD}-e2-g3",
+                           2) == 3
+        assert b.append(group, 0, bytes(16)) == 3
+        assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == 3
+        assert [r.group_no for r in a.read_from(1)] == [1, 2, 3]
+    finally:
+        nt.close()
+
+
+def test_kill_9_the_leader_under_load_every_acknowledged_group_lands_once(nats_cluster,
+                                                                          start_replica):
+    replicas = three(start_replica)
+    old = leader_of(replicas)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = open_cards(client, 6, random.Random(9))
+    finally:
+        client.close()
+    load = Load(nats_cluster.urls, numbers, seed=17)
+    load.start()
+    try:
+        time.sleep(1.0)
+        os.kill(old.pid, signal.SIGKILL)
+        old.proc.wait(10)
+        others = [r for r in replicas if r is not old]
+        deadline = time.monotonic() + 20
+        while not any("leading" in r.roles() for r in others):
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
+            time.sleep(0.05)
+        at_takeover = len(load.acked)
+        time.sleep(1.0)  # the new leader takes load
+    finally:
+        load.stop()
+    assert len(load.acked) > at_takeover > 0
+    # the killed replica again, on its folder: from its checkpoint, through the stream
+    restarted = ReplicaProcess(old.data_dir, SHARD, nats_cluster.urls, *LEASE)
+    try:
+        restarted.wait_role("following", after=len(old.roles()))
+        everyone = others + [restarted]
+        converge_and_stop(everyone, nats_cluster.urls)
+    finally:
+        if restarted.proc.poll() is None:
+            restarted.stop()
+    exactly_once(everyone, load, numbers)
+    identical(everyone)
+
+
+def test_a_follower_whose_replay_ends_at_another_digest_halts(nats_cluster, start_replica):
+    """A group whose recorded journal digest is not where this replica's apply ends (a
+    diverged writer, a rewritten stream) halts the follower; its ledger keeps only what
+    matched, and it never leads."""
+    from cardcore.grouplog import pack_record
+    from cardcore.idempotency import PendingOp
+    from cardcore.jetlog import NatsThread
+
+    leader = start_replica("r0", SHARD, *LEASE)
+    leader.wait_role("leading")
+    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
+    try:
+        group = encode_group([PendingOp.internal(L.OP_MAINTENANCE)], time.time_ns() // 1000)
+        assert publish_raw(nt, pack_record(2, group, digest_seq=999, out_digest=bytes(16),
+                                           shard=SHARD, epoch=99), f"s{SHARD}-e99-g2", 1) == 2
+    finally:
+        nt.close()
+    follower = start_replica("r1", SHARD, *LEASE)
+    assert follower.proc.wait(30) == 1, follower.log()[-3000:]
+    assert "halted: InvariantError" in follower.log()
+    assert "not where it first did" in follower.log()
+    assert "leading" not in follower.roles()
+    assert applied(follower) <= 1
+
+
+def test_kill_9_the_streams_leader_node_under_load_then_restart_it_loses_nothing(
+        nats_cluster, start_replica):
+    """The NATS node that leads the shard's stream dies under load: the stream elects another,
+    appends pause and resume (re-sent with the same id and expectation), the node comes back
+    and catches up; every acknowledged top-up is on every replica exactly once."""
+    from cardcore.jetlog import NatsThread, stream_name
+
+    replicas = three(start_replica)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = open_cards(client, 6, random.Random(11))
+    finally:
+        client.close()
+    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
+    try:
+        node = int(nt.call(nt.js.stream_info(stream_name(SHARD))).cluster.leader[1:])
+    finally:
+        nt.close()
+    load = Load(nats_cluster.urls, numbers, seed=19)
+    load.start()
+    try:
+        time.sleep(1.0)
+        nats_cluster.kill_node(node)
+        time.sleep(2.0)
+        nats_cluster.start_node(node)
+        nats_cluster.wait_ready()
+        resumed = len(load.acked)
+        deadline = time.monotonic() + 30
+        while len(load.acked) < resumed + 20:
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in replicas]
+            time.sleep(0.1)
+    finally:
+        load.stop()
+    converge_and_stop(replicas, nats_cluster.urls)
+    exactly_once(replicas, load, numbers)
+    identical(replicas)
+
+
+def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, start_replica):
+    """Two shards on the same NATS: each its own stream, lease and leader; a card opened on one
+    is on no replica of the other; a shard's program is its genesis record's (the first
+    replica's --program), whatever its other replicas are given."""
+    cafe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "programs", "cafe.toml")
+    first = start_replica("s1-r0", 1, *LEASE, "--program", cafe)
+    first.wait_role("following")
+    shards = {0: [start_replica(f"s0-r{k}", 0, *LEASE) for k in range(2)],
+              1: [first, start_replica("s1-r1", 1, *LEASE)]}
+    for replicas in shards.values():
+        deadline = time.monotonic() + 30
+        while not all(r.roles() for r in replicas) or not any("leading" in r.roles()
+                                                              for r in replicas):
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in replicas]
+            time.sleep(0.05)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = {shard: open_cards(client, 3, random.Random(shard), shard) for shard in shards}
+    finally:
+        client.close()
+    for shard, replicas in shards.items():
+        converge_and_stop(replicas, nats_cluster.urls, shard)
+    with open(cafe) as f:
+        cafe_source = f.read()
+    for shard, replicas in shards.items():
+        for r in replicas:
+            ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
+            try:
+                for number in numbers[shard]:
+                    assert ledger.read_card(cid(number)) is not None
+                for number in numbers[1 - shard]:
+                    assert ledger.read_card(cid(number)) is None
+                source = ledger.read_programs()[1]["source"]
+                assert (source == cafe_source) == (shard == 1), r.data_dir
+            finally:
+                ledger.close()
+        identical(replicas)
