@@ -168,6 +168,7 @@ _OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
 _OP_FLAGS = 162  # layout.OP offset of op_flags
 NAMED_CARD_OPS = L.CARD_OPS | {L.OP_CARD_REPLACED}  # operations on a card (expiry, review first)
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))
+_ENTRY_ITEM_ID = 196  # layout.JOURNAL item_id (u16): a purchase's coupon definition, 0 = none
 _ITEM_UNDONE = frozenset((L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM))  # reversals the writer completes  # and a capture (a purchase)
 
 
@@ -1487,8 +1488,11 @@ class _Group:
             if reason != L.R_OK:
                 return reason
         undo = txn.get(key, db=ledger.undone)
-        if kind == L.OP_REVERSAL and entry[1] in _ITEM_UNDONE:
-            if self.run:  # what came before it wrote the package or the gift's stock first
+        if (kind == L.OP_REVERSAL and entry[1] in _ITEM_UNDONE) or (
+                entry[1] == L.OP_PURCHASE and entry[_ENTRY_ITEM_ID] | entry[_ENTRY_ITEM_ID + 1]):
+            # alone: what came before it wrote the package or the gift's stock first, and what
+            # comes after it sees the coupon it gives back (as it would in a group of its own)
+            if self.run:
                 self._flush_run()
             self.alone.add(i)
         if kind == L.OP_REVERSAL and entry[1] == L.OP_HOLD and undo is None:

@@ -632,3 +632,29 @@ def test_under_owe_a_refund_that_takes_more_than_the_lots_hold_but_gives_more_ba
         assert sum(left for left, _ in lots_of(till, number).values()) == 898
         report = verify(till.ledger)
         assert report["ok"], report["problems"]
+
+
+@pytest.mark.parametrize("undo", ["refund", "reversal"])
+def test_a_coupon_given_back_then_used_again_in_one_group_as_in_two(tmp_path, undo):
+    """A refund or reversal gives a sale's coupon back; a purchase with that coupon after it in
+    the same group applies, as it does in a group of its own (the writer's grouping must not
+    change an answer: the undo runs alone)."""
+    results = []
+    for together in (False, True):
+        till = Till(str(tmp_path / f"{undo}{together}"), example("supermarket"))
+        number = "6225880000000401"
+        till.open(number)
+        assert till.top_up(number, 500_000).reason == L.R_OK
+        issued = till.issue(number, 1)
+        serial = L.JOURNAL.unpack_from(issued.entry)[7]
+        request_id = till.rid()
+        sale = till.buy(number, line(FRESH, 60_000), coupon=serial, request_id=request_id)
+        assert sale.reason == L.R_OK
+        back = (refund_op(till, number, L.JOURNAL.unpack_from(sale.entry)[7]) if undo == "refund"
+                else reverse_op(till, number, request_id))
+        again = till.purchase(number, line(FRESH, 60_000), coupon=serial)
+        outs = (till.apply(back, again) if together
+                else [till.apply(back)[0], till.apply(again)[0]])
+        results.append([o.reason for o in outs])
+        till.ledger.close()
+    assert results[0] == results[1] == [L.R_OK, L.R_OK], results
