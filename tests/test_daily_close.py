@@ -883,7 +883,7 @@ def test_holds_released_by_expiry_and_by_a_capture_in_a_long_group(tmp_path):
              op("x2", L.OP_TOP_UP, number, 5), op("x3", L.OP_TOP_UP, number, 5)], now + 2))
         ledger.apply_group([op("t2", L.OP_TOP_UP, number, 1)], now + 3 * 60_000_000)
         assert L.OP_HOLD_EXPIRED in [e[1] for _, e in ledger.dump()["journal"]]
-        day = daytotals.business_day(now, 480, 4)
+        day = daytotals.business_day(now + 3 * 60_000_000, 480, 4)  # the sweep's
         assert {s: ledger.read_day(s, day)[3] for s in (1, 2, 3)} == {1: 0, 2: 0, 3: 4_000}
         assert ledger.read_report(None, day, day, 1)["rows"][0][7] == 4_000
         with ledger.env.begin() as txn:
