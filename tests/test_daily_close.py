@@ -455,15 +455,30 @@ def _refilled(ledger, native: bool) -> dict[str, list]:
     return records
 
 
+SETTINGS_STEP_MIN = 5  # the offsets tried: a day's last 10 minutes are never the only choice
+
+
 def settings_for(day: int, now_us: int) -> tuple[int, int]:
     """Business day settings (UTC offset minutes, cutoff hour) under which the next 10 minutes
     are all in ``day``."""
-    for offset in range(-720, 841, 60):
+    for offset in range(-720, 841, SETTINGS_STEP_MIN):
         for cutoff in range(24):
             if day_of(now_us, offset, cutoff) == day == day_of(now_us + 600_000_000, offset,
                                                                    cutoff):
                 return offset, cutoff
     raise AssertionError(f"no settings put now in day {day}")
+
+
+def reachable_days(now_us: int) -> list[int]:
+    """The business days some settings put now (and the next 10 minutes) in: the offsets and
+    cutoffs span 49 hours, so always three days in a row, whatever the time of day (the default
+    settings' day is one of them, not always the middle one)."""
+    days = sorted({day_of(now_us, offset, cutoff)
+                   for offset in range(-720, 841, SETTINGS_STEP_MIN) for cutoff in range(24)
+                   if day_of(now_us, offset, cutoff) == day_of(now_us + 600_000_000, offset,
+                                                                cutoff)})
+    assert len(days) >= 3 and days[2] == days[0] + 2, days
+    return days
 
 
 def load_settings(admin: Admin, offset: int, cutoff: int) -> None:
@@ -481,7 +496,7 @@ def test_reports_over_three_days_sum_their_days_and_the_liability_is_the_journal
     stub, admin = chain
     rng = random.Random(7)
     now = time.time_ns() // 1000
-    base = day_of(now)
+    base = reachable_days(now)[1]  # the middle of three days settings can put now in
     versions = {1: (480, 4)}
     cards = [open_card(stub, s) for s in STORES]
     for shift in (-1, 0, 1):
@@ -847,10 +862,12 @@ def test_holds_outstanding_past_int64_wrap_and_are_answered(server, chain):
     a, b = open_card(stub, 1), open_card(stub, 1)
     today = today_of(top_up(stub, a, MAX, 1))
     stub.Authorize(authorize(a, MAX, store_id=1))
-    load_settings(admin, *settings_for(today + 1, time.time_ns() // 1000))
+    now = time.time_ns() // 1000
+    other = today - 1 if today - 1 in reachable_days(now) else today + 1  # next to it
+    load_settings(admin, *settings_for(other, now))
     top_up(stub, b, MAX, 1)
     stub.Authorize(authorize(b, MAX, store_id=1))
-    rows = report(admin, today, today + 1, store=1).rows
+    rows = report(admin, min(today, other), max(today, other), store=1).rows
     assert [r.holds_outstanding_minor for r in rows] == [MAX, daytotals.wrapped(2 * MAX)]
     assert verify(server.data_dir)["ok"]
 
