@@ -563,6 +563,15 @@ def _cmd_console(args) -> int:
     return cmd_console(args)
 
 
+def _command_named(argv: list[str]) -> str:
+    """The first of ``argv`` that is a command's name ("" if none)."""
+    import argparse
+
+    names = next(a.choices for a in build_parser()._actions
+                 if isinstance(a, argparse._SubParsersAction))
+    return next((a for a in argv if a in names), "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user's error never ends in a traceback: a bad argument is one line and
     exit 2, a refusal one line and exit 1, ^C exit 130; output cut short (| head) ends quietly."""
@@ -580,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # here, not at exit, where a broken pipe is "Exception ignored" and exit 120
             sys.stdout.flush()
     except UsageError as exc:
-        print(f"cardcore {command}: error: {exc}", file=sys.stderr)
+        if command is None:  # an argument's own check (a date, a month) refused it in parsing
+            command = _command_named(sys.argv[1:] if argv is None else argv)
+        print(f"cardcore {command}: error: {exc}" if command else f"cardcore: error: {exc}",
+              file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ncardcore: interrupted", file=sys.stderr)

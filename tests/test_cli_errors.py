@@ -106,6 +106,9 @@ CLOSED = f"127.0.0.1:{free_port()}"
     (("operators", "add", "--target", CLOSED), ("name",)),
     (("program", "load", "--target", CLOSED), ("program file",)),
     (("card", NUMBER, "--token-file", "/nonexistent/token", "--target", CLOSED), ("--token-file",)),
+    # an argument's own check refuses it while it is parsed: the line still names the command
+    (("--log-level", "INFO", "close-day", "12", "2026-13-01"), ("cardcore close-day:", "date")),
+    (("members", "--from", "2026-01", "--to", "2026-13"), ("cardcore members:", "month")),
 ])
 def test_a_bad_argument_is_one_line_and_exit_2(args, words):
     user_error(cli(*args), 2, *words)
