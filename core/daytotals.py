@@ -102,7 +102,6 @@ _OFF_SEQ, _OFF_BASKET = 8, 160  # layout.JOURNAL: seq, basket_tag
 _OFF_LINK = 144  # layout.JOURNAL: link_seq (a capture's, void's, expiry's, reversal's hold)
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED, L.OP_PURCHASE, L.OP_REVERSAL))
 _HOLD_FIELDS = struct.Struct("<32xq56xqI")  # layout.JOURNAL: amount_minor, ts_us, store_id
-_HOLD_VERSION = struct.Struct("<128xI")  # layout.JOURNAL: program_version
 # In the day totals' own copy of an entry only (never stored): a later card's payment of a split
 # tender's basket. The basket's sale (gross, discount, the staff's credit) was counted with its
 # first payment, and that payment's remainder as the till's; this card's payment leaves the till.
@@ -566,7 +565,7 @@ class DayTotals:
                 amount = -(held if op == L.OP_PURCHASE else amount)
             else:
                 continue
-            day = self.business_day_of(store, _HOLD_VERSION.unpack_from(view, k * size)[0],
+            day = self.business_day_of(store, _U32.unpack_from(view, k * size + _OFF_VERSION)[0],
                                        ts_us)  # the hold store's day
             _add(self._acc(store, self._land(store, day)), F_HOLDS, amount)
             self._own(day, 0, 0, amount)
@@ -993,8 +992,8 @@ def _holds_by_row(txn, ledger, stores: list[int], from_day: int, to_day: int,
     the report starts)."""
     out = [0] * len(spans)
     for s in stores:
-        running = holds_outstanding(txn, ledger, s, from_day - 1) if from_day else 0
-        days = dict(read_range(txn, ledger, s, from_day, to_day))
+        days = dict(read_range(txn, ledger, s, 0, to_day))  # one read: before the range, and in it
+        running = sum(v[F_HOLDS] for d, v in days.items() if d < from_day)
         closed = _closes(txn, ledger, s, from_day, to_day)
         for n, (_, first, last) in enumerate(spans):
             running += sum(days[d][F_HOLDS] for d in range(first, last + 1) if d in days)
