@@ -392,15 +392,21 @@ class AdminService(apb_grpc.AdminServiceServicer):
         return member_report_pb(*read, as_of)
     # ---- the chain's shape ----------------------------------------------------------------
 
-    async def PutRegion(self, request, context):
-        """Create or rename a region, through the writer (journaled; the name in the registry)."""
+    async def _tree_put(self, context, request, id_field: str):
+        """A region's or store's put, checked as both are: a chain admin, a request id, an id
+        other than 0 (``id_field``), a name. (operator, request key, client time)"""
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
         key, client_us = await self._request(context, request, op_by)
-        if request.region_id == 0:
-            await abort(context, failure(R.REASON_CHAIN_ID_INVALID, "region_id"))
+        if getattr(request, id_field) == 0:
+            await abort(context, failure(R.REASON_CHAIN_ID_INVALID, id_field))
         problem = chain.name_problem(request.name)
         if problem is not None:
             await abort(context, failure(R.REASON_NAME_INVALID, "name", detail=problem))
+        return op_by, key, client_us
+
+    async def PutRegion(self, request, context):
+        """Create or rename a region, through the writer (journaled; the name in the registry)."""
+        op_by, key, client_us = await self._tree_put(context, request, "region_id")
         await self._apply(context, PendingOp.admin(
             key, L.OP_REGION_PUT, chain.region_subject(request.region_id), request.name.encode(),
             op_by.operator_id, client_time_us=client_us,
@@ -410,13 +416,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
     async def PutStore(self, request, context):
         """Create or change a store, through the writer: its subject carries the region and the
         business day (the day totals read them from the journal), its payload the name."""
-        op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
-        key, client_us = await self._request(context, request, op_by)
-        if request.store_id == 0:
-            await abort(context, failure(R.REASON_CHAIN_ID_INVALID, "store_id"))
-        problem = chain.name_problem(request.name)
-        if problem is not None:
-            await abort(context, failure(R.REASON_NAME_INVALID, "name", detail=problem))
+        op_by, key, client_us = await self._tree_put(context, request, "store_id")
         has_offset = request.HasField("utc_offset_minutes")
         if has_offset != request.HasField("business_day_cutoff_hour"):
             await abort(context, failure(R.REASON_CUTOFF_HOUR_INVALID, "business_day_cutoff_hour"))
