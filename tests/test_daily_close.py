@@ -749,14 +749,13 @@ def test_day_figures_past_int64_saturate_and_the_writer_goes_on(server):
     assert a[daytotals.F_P_IN] == daytotals.INT64_MAX
 
 
-def test_a_split_tender_is_one_sale_and_its_tenders_add_up_to_what_was_due(cafe):
-    """A basket of 200.00 (10.00 off): the first card pays 120.00 and leaves 70.00, a second
-    card pays the 70.00 (same basket_id). One sale of 200.00; tenders 190.00, none at the till."""
-    from conftest import Admin, Client
+def split_tender(server):
+    """A food basket of 200.00 on the cafe program: a silver card pays what it has and leaves
+    the rest, a second card pays the rest (same basket_id). (the first's answer, the second's)"""
+    from conftest import Client
     from test_service_programs import FOOD, purchase, silver_card
 
-    server = cafe
-    client, admin = Client(server.stub), Admin(server.channel, server.admin_token)
+    client = Client(server.stub)
     first = silver_card(client, 10_000)
     second = new_card_number()
     client.open(second)
@@ -764,6 +763,17 @@ def test_a_split_tender_is_one_sale_and_its_tenders_add_up_to_what_was_due(cafe)
     paid = server.stub.Purchase(purchase(first, (FOOD, 20_000, 1, ""), partial=True, basket="B-1"))
     rest = server.stub.Purchase(purchase(second, (FOOD, paid.remainder_due_minor, 1, ""),
                                          basket="B-1"))
+    return paid, rest
+
+
+def test_a_split_tender_is_one_sale_and_its_tenders_add_up_to_what_was_due(cafe):
+    """A basket of 200.00 (10.00 off): the first card pays 120.00 and leaves 70.00, a second
+    card pays the 70.00 (same basket_id). One sale of 200.00; tenders 190.00, none at the till."""
+    from conftest import Admin
+
+    server = cafe
+    admin = Admin(server.channel, server.admin_token)
+    paid, rest = split_tender(server)
     assert rest.remainder_due_minor == 0
     today = day_of(int(time.time() * 1e6))
     f = report(admin, today, today, store=1).rows[0].figures

@@ -401,19 +401,10 @@ def test_a_split_tender_is_one_purchase_of_its_first_card(cafe):
     """A basket paid by two cards (the first leaves 70.00, the second pays it): one purchase, by
     the first card's member, of the basket's whole price; the second card's member is not
     active (it paid for someone else's basket)."""
-    from conftest import Client
-    from test_daily_close import day_of
-    from test_service_programs import FOOD, purchase, silver_card
+    from test_daily_close import day_of, split_tender
 
     server = cafe
-    client = Client(server.stub)
-    first = silver_card(client, 10_000)
-    second = new_card_number()
-    client.open(second)
-    client.top_up(second, 10_000)
-    paid = server.stub.Purchase(purchase(first, (FOOD, 20_000, 1, ""), partial=True, basket="B-1"))
-    rest = server.stub.Purchase(purchase(second, (FOOD, paid.remainder_due_minor, 1, ""),
-                                         basket="B-1"))
+    paid, rest = split_tender(server)
     assert paid.remainder_due_minor > 0 and rest.remainder_due_minor == 0
     today = day_of(time.time_ns() // 1000)
     r = member_report(server, today, today, today)
