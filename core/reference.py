@@ -80,6 +80,8 @@ def apply_batch(program: bytes, ops: bytes, lines: bytearray, slots, records: by
         roff = slot * L.CARD_SIZE
         card = Card(L.CARD.unpack_from(records, roff))
         card.check()
+        if hold is not None and hold[0] and hold[1] == L.HOLD_OPEN and hold[4] > card.held:
+            raise ValueError("an open hold is past what its card holds")
         ext = CardState(L.CARD_EXT.unpack_from(extras, roff))
         ext.check()
         # rule 14: at or after its expiry a card is expired, whatever its stored status says

@@ -464,6 +464,12 @@ cdef inline int hold_ok(const cc_hold_t* hold) noexcept nogil:
                                  and 0 <= hold.captured_minor <= hold.amount_minor)
 
 
+cdef inline int hold_within(const cc_hold_t* hold, const cc_card_t* rec) noexcept nogil:
+    """An open hold is part of what its card holds: one past it is a broken ledger, not a
+    refusal (and would make a capture spend money the card has not got)."""
+    return hold.version == 0 or hold.state != HOLD_OPEN or hold.amount_minor <= rec.held_minor
+
+
 cdef inline uint8_t hold_check(const cc_hold_t* hold, const cc_op_t* op) noexcept nogil:
     """Rule 15: whether ``op`` may close this hold of its card: one of another card (not in the
     item: zeros), or closed by a terminal of another store, is not found; a closed one is
@@ -1359,7 +1365,8 @@ def apply_batch(const uint8_t[::1] program, const uint8_t[::1] ops, uint8_t[::1]
                     and not undo_ok(<const cc_undo_t*>(coupon_base + cslot))) or (
                     (op.op == OP_HOLD_VOID or op.op == OP_HOLD_EXPIRED
                      or (op.op == OP_PURCHASE and op.op_flags & CAPTURE))
-                    and not hold_ok(<const cc_hold_t*>(coupon_base + cslot))):
+                    and not (hold_ok(<const cc_hold_t*>(coupon_base + cslot))
+                             and hold_within(<const cc_hold_t*>(coupon_base + cslot), rec))):
                 bad = 2
                 break
             apply_one(prog, op, rec, ext_base + slot, line_base + line_at if op.line_count else NULL,

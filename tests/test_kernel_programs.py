@@ -3,6 +3,8 @@ orders, top-up promotions, tier upgrades and reviews (rules 2-11 of cardcore.rul
 input."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -548,6 +550,24 @@ def test_a_hold_captured_past_its_amount_stops_the_batch(impl):
     with pytest.raises(ValueError):
         run_full(impl, program, op_bytes(L.OP_HOLD_VOID, 0, link_seq=5), [0], card_bytes(),
                  coupon_slots=[0], coupons=broken)
+
+
+@pytest.mark.parametrize("order", sorted(rules.SPEND_ORDERS.values()))
+@pytest.mark.parametrize("impl", [kernel.apply_batch, reference.apply_batch], ids=["kernel", "reference"])
+def test_an_open_hold_past_what_its_card_holds_stops_the_batch(impl, order):
+    # A broken ledger, never a refusal: a capture would otherwise spend money the card has not
+    # got (and, spending in proportion from two empty buckets, divide by zero in the kernel).
+    program = dataclasses.replace(rules.DEFAULT_PROGRAM, spend_order=order).packed(1)
+    hold = L.HOLD.pack(1, L.HOLD_OPEN, 0, 1, 100, T0, T0 + 10**9, 5, 0, 0, bytes(8))
+    for card, op in ((card_bytes(held=99), op_bytes(L.OP_PURCHASE, 100, op_flags=L.CAPTURE)),
+                     (card_bytes(principal=500, held=99), op_bytes(L.OP_HOLD_VOID))):
+        with pytest.raises(ValueError):
+            run_full(impl, program, op, [0], card, ts_us=T0 + 1, coupon_slots=[0], coupons=hold)
+    # the same hold within what the card holds is captured
+    nxt = run_full(impl, program, op_bytes(L.OP_PURCHASE, 100, op_flags=L.CAPTURE), [0],
+                   card_bytes(principal=100, held=100), ts_us=T0 + 1, coupon_slots=[0],
+                   coupons=hold)
+    assert L.CARD.unpack(nxt[1])[5] == 0 and L.CARD.unpack(nxt[1])[8] == 0
 
 
 @st.composite
