@@ -513,9 +513,11 @@ class Ledger:
             else:
                 raise LedgerFormatError(f"{self.path}: a ledger of format 1: run cardcore migrate "
                                         "(or start the server, which migrates it)") from None
-            for name in DB_NAMES:
-                setattr(self, name, self.env.open_db(name.encode(), create=True))
+            # one write transaction (one fsync, not one per sub-database), so a crash while a
+            # ledger is made leaves no ledger rather than a part of one
             with self.env.begin(write=True) as txn:
+                for name in DB_NAMES:
+                    setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True))
                 txn.put(META_FORMAT, U32.pack(L.LEDGER_FORMAT), db=self.meta)
                 txn.put(META_PRUNED_THROUGH, I64.pack(0), db=self.meta)
                 txn.put(META_WINDOW, U32.pack(self._initial_window_s), db=self.meta)
