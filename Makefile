@@ -43,12 +43,14 @@ console: $(BUILT) ## the back-office web page on http://127.0.0.1:8080/ beside `
 # (tests/test_node_terminal.py) and buf (tests/test_proto_contract.py); without npm, or
 # without the registry, those tests are skipped (saying so), not failed
 NPM_TEST_DIRS := examples/node-terminal tools/buf
+# pytest-xdist workers for make test (auto: one per CPU); TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= auto
 
 test: $(BUILT) ## run the test suite (first the npm packages of the Node terminal and of buf, where npm is)
 	@if command -v npm >/dev/null; then for d in $(NPM_TEST_DIRS); do \
 	  [ -d $$d/node_modules ] || npm ci --prefix $$d --no-audit --no-fund \
 	    || echo "npm ci --prefix $$d failed: its tests will be skipped" >&2; done; fi
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 BUF := tools/buf/node_modules/.bin/buf
 $(BUF): tools/buf/package-lock.json
