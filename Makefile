@@ -73,7 +73,7 @@ bench: $(BUILT) ## benchmarks: kernel vs reference, end-to-end vs echo and bare 
 	$(PY) bench/daytotals.py --out bench/daytotals_results.json
 	$(PY) bench/members.py --out bench/members_results.json
 
-profile: $(BUILT) ## where the time goes: py-spy on the server and its writer under load (MODE=batch|unary|stream, ARGS=--native) -> bench/profile_results.json
+profile: $(BUILT) ## where the time goes: py-spy on the server and its writer under load (MODE=batch|unary|stream|basket|basket-plain, ARGS=--native) -> bench/profile_results.json
 	$(PY) bench/profile.py --mode $(or $(MODE),batch) $(ARGS)
 
 bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over PostgreSQL (installed and started on loopback if needed), 3 alternating rounds, direct PostgreSQL as reference -> bench/peer_results.json (ARGS=--quick: a smoke run)

@@ -1,10 +1,14 @@
 """Where the time goes: py-spy samples of the server and its writer process under load.
 
-    .venv/bin/python bench/profile.py [--mode batch|unary|stream] [--seconds 8] [--native]
+    .venv/bin/python bench/profile.py [--mode batch|unary|stream|basket|basket-plain]
+                                      [--seconds 8] [--native]
 
 Starts cardcore (durable: the group log, sync on) on a temporary folder, seeds ``--cards``
 cards, drives one of bench/e2e.py's loads (SubmitBatch of 1,000 from 4 callers, unary Purchase
-at 16 in flight, or SwipeStream) and, over the same seconds, records both processes with
+at 16 in flight, or SwipeStream; ``basket``: bench/programs.py's SubmitBatch of 5-line baskets
+with a coupon and points offered, on the supermarket program, ``basket-plain``: its plain
+purchases on the same program, the other side of that ratio) and, over the same seconds,
+records both processes with
 ``py-spy record --subprocesses`` (only samples where a thread runs: CPU, not waiting). Prints,
 per process, its share of the samples and the functions that take the most: *self* (the leaf
 frame: where the CPU is) and *inclusive* (anywhere on the stack: what a part of the code costs
@@ -25,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e  # noqa: E402  (bench/: the loads, the server start, the seeding)
+import programs  # noqa: E402  (bench/programs.py: the supermarket program's baskets)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -98,7 +103,8 @@ def summarise(raw_path: str, server_pid: int, top: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("batch", "unary", "stream"), default="batch")
+    ap.add_argument("--mode", choices=("batch", "unary", "stream", "basket", "basket-plain"),
+                    default="batch")
     ap.add_argument("--cards", type=int, default=20_000)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--native", action="store_true", help="C frames too (slower sampling)")
@@ -107,7 +113,9 @@ def main() -> None:
     args = ap.parse_args()
     ensure_py_spy()
     with tempfile.TemporaryDirectory(prefix="cardcore-profile-") as work:
-        proc = e2e.start_cardcore(os.path.join(work, "data"), os.path.join(work, "server.log"))
+        baskets = args.mode.startswith("basket")
+        proc = e2e.start_cardcore(os.path.join(work, "data"), os.path.join(work, "server.log"),
+                                  ("--program", programs.PROGRAM) if baskets else ())
         try:
             rng = e2e.random.Random(7)
             numbers = list({e2e.random_number(rng) for _ in range(args.cards)})
@@ -115,7 +123,14 @@ def main() -> None:
             requests = e2e.Requests(numbers, f"profile-{time.time_ns()}")
             rate = 60_000 if args.mode == "batch" else 8_000  # enough for the seconds, not more
             n = int(rate * (args.seconds + 2))
-            if args.mode == "batch":
+            if baskets:  # as bench/programs.py: points to redeem, a coupon per basket
+                programs.earn_points(proc.target, numbers)
+                gen = programs.Baskets(numbers, f"profile-{time.time_ns()}")
+                count = int((20_000 if args.mode == "basket" else 40_000) * (args.seconds + 2))
+                payloads = gen.batches(count // e2e.BATCH_OPS,
+                                       proc.target if args.mode == "basket" else None)
+                run = lambda: e2e.run_batches(proc.target, payloads, args.seconds)  # noqa: E731
+            elif args.mode == "batch":
                 payloads = requests.batches(n // e2e.BATCH_OPS)
                 run = lambda: e2e.run_batches(proc.target, payloads, args.seconds)  # noqa: E731
             elif args.mode == "unary":

@@ -75,6 +75,10 @@ class Lots:
             loss -= taken
             if taken == left:
                 store.delete(card_id, day)
+            elif gain and day == day_of(ts_us):  # (then loss is 0) the gain goes into this
+                # same lot, today's: one write of it, not a write, a read and a write
+                store.put(card_id, day, left - taken + gain, earned + gain, False)
+                return
             else:
                 store.put(card_id, day, left - taken, earned, False)
         if gain:

@@ -684,6 +684,30 @@ def test_points_sit_in_lots_by_day_and_are_spent_oldest_first(cafe):
     assert report["ok"], report["problems"]
 
 
+def test_a_purchase_that_redeems_from_todays_lot_and_earns_keeps_one_lot(cafe):
+    """One day: 600.00 of food earns 600 points (today's lot: 600 left, 600 earned). A 10.00
+    coffee offering 500 points takes 500 (the cap, 5.00) from that lot and earns 5 into it: 105
+    left, 605 earned, one lot (the writer writes it once). Then in one group: 95.00 of food earns
+    95 (200 left, 700 earned); a coffee offering 200 points takes all 200 (the lot is gone) and
+    earns 8: a new lot of today, 8 left and 8 earned."""
+    number = "6225880000000309"
+    cafe.open(number)
+    cafe.top_up(number, 90000)
+    cafe.top_up(number, 90000)
+    day = lots.day_of(L.JOURNAL.unpack(cafe.buy(number, line(CAFE_FOOD, 60000)).entry)[17])
+    f = figures(cafe.buy(number, line(CAFE_DRINKS, 1000), redeem=500))
+    assert (f["taken"], f["points"]) == (500, 5 - 500)
+    assert lots_of(cafe, number) == {day: (105, 605)}
+    first, second = cafe.apply(cafe.purchase(number, line(CAFE_FOOD, 9500)),
+                               cafe.purchase(number, line(CAFE_DRINKS, 1000), redeem=200))
+    assert [(figures(o)["taken"], figures(o)["points"]) for o in (first, second)] == [
+        (0, 95), (200, 8 - 200)]
+    assert lots_of(cafe, number) == {day: (8, 8)}
+    assert cafe.card(number)["points"] == 8
+    report = verify(cafe.ledger)  # the lots and their expiry index, rebuilt from the journal
+    assert report["ok"], report["problems"]
+
+
 def test_one_group_that_earns_and_spends_a_cards_points_moves_its_lots_in_order(cafe):
     """Day A: 600.00 of food earns 600 points (lot A). Day B, in one group: 95.00 of food earns
     95 (lot B); a 10.00 coffee offering 500 points takes 500 (the cap, 5.00), all from lot A,
