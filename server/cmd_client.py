@@ -285,6 +285,12 @@ def cmd_card(args) -> int:
     return 0
 
 
+def _utc(at_us: int) -> str:
+    """A time on the wire (Unix microseconds) as the CLI prints it."""
+    at = datetime.datetime.fromtimestamp(at_us / 1e6, datetime.timezone.utc)
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def print_card(card) -> None:
     """What the answer shows (Card.view): a terminal without the PIN sees status and tier only."""
     from cardcore.v1 import card_service_pb2 as pb
@@ -294,18 +300,20 @@ def print_card(card) -> None:
             ("status", cpb.CardStatus.Name(card.status).removeprefix("CARD_STATUS_").lower()),
             ("tier", f"{card.tier} {card.tier_name} (pays {card.discount_rate_bp / 100:g}%)")]
     if card.expires_at_us:  # rule 14: fixed at its opening
-        expires = datetime.datetime.fromtimestamp(card.expires_at_us / 1e6, datetime.timezone.utc)
-        rows.append(("expires", expires.strftime("%Y-%m-%d %H:%M:%S UTC")))
+        rows.append(("expires", _utc(card.expires_at_us)))
     if card.view >= pb.CARD_VIEW_BALANCE:
-        opened = datetime.datetime.fromtimestamp(card.opened_at_us / 1e6, datetime.timezone.utc)
         rows += [("balance", fen(card.balance.available_minor)),
                  ("  principal", fen(card.balance.principal_minor)),
-                 ("  bonus", fen(card.balance.bonus_minor)),
-                 ("points", f"{card.balance.points:,}"),
+                 ("  bonus", fen(card.balance.bonus_minor))]
+        if card.balance.held_minor:  # rule 15: why the balance is less than principal + bonus
+            rows.append(("  held", fen(card.balance.held_minor)))
+        rows += [(f"  hold {h.serial}", f"{fen(h.amount_minor)} by store {h.store_id}, until "
+                  f"{_utc(h.expires_at_us)}") for h in card.holds]
+        rows += [("points", f"{card.balance.points:,}"),
                  ("lifetime paid", fen(card.lifetime_paid_minor))]
         if card.view == pb.CARD_VIEW_FULL:
             rows.append(("member", card.profile.name or "-"))
-        rows += [("opened", opened.strftime("%Y-%m-%d %H:%M:%S UTC")),
+        rows += [("opened", _utc(card.opened_at_us)),
                  ("PIN", "locked" if card.pin_locked else "set" if card.pin_set else "not set"),
                  ("last journal seq", str(card.last_seq))]
     else:

@@ -3,6 +3,8 @@ the reversal of an authorization, over gRPC against a real server and, where the
 must be chosen (expiry), through the ledger's own apply_group on a real LMDB."""
 from __future__ import annotations
 
+import datetime
+import re
 import threading
 
 import grpc
@@ -83,6 +85,38 @@ def test_a_hold_reserves_money_and_its_capture_pays_from_it(server):
     assert refused(server.stub.VoidHold, void(number, held.seq)).reason == R.REASON_HOLD_CLOSED
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]
+
+
+def test_the_cli_shows_what_a_card_holds_and_where(server):
+    """`cardcore card` on a card holding 60.00 and 15.00 (two stores): available 25.00, held
+    75.00, each hold by serial with its amount, store and expiry; once both are voided, no held
+    row and no hold row."""
+    from test_cli_errors import _clean_env, cli
+
+    client = Client(server.stub)
+    number = client.funded_card(10000)
+    first = server.stub.Authorize(authorize(number, 6000, minutes=30))
+    second = server.stub.Authorize(authorize(number, 1500, minutes=60, store_id=7))
+
+    def rows() -> dict:
+        out = cli("card", number, "--target", server.target,
+                  env=_clean_env(CARDCORE_DATA_DIR=server.data_dir))
+        assert out.returncode == 0, out.stderr
+        # a row: its name (indented under what it is part of), two spaces or more, its value
+        return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1)
+                    for line in out.stdout.splitlines() if line.strip())
+
+    shown = rows()
+    assert (shown["balance"], shown["held"]) == ("25.00", "75.00"), shown
+    until = datetime.datetime.fromtimestamp(second.hold_expires_at_us / 1e6, datetime.timezone.utc)
+    assert shown[f"hold {first.seq}"].startswith("60.00 by store 1, until ")
+    assert shown[f"hold {second.seq}"] == (
+        f"15.00 by store 7, until {until.strftime('%Y-%m-%d %H:%M:%S')} UTC")
+    server.stub.VoidHold(void(number, first.seq))
+    server.stub.VoidHold(void(number, second.seq, store_id=7))
+    shown = rows()
+    assert shown["balance"] == "100.00" and "held" not in shown, shown
+    assert not [k for k in shown if k.startswith("hold ")], shown
 
 
 def test_what_a_capture_may_not_do_changes_nothing(server):
