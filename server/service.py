@@ -831,8 +831,19 @@ class CardService(pb_grpc.CardServiceServicer):
             for (i, request_id, _), outcome in zip(places, outcomes, strict=True):
                 results[i] = result_of(request_id, outcome, tries_max)
 
+        # the plain purchases built in one C loop; None at the others' places (and no lists at
+        # all for a caller they cannot be built for): those go through operations.operation
+        plain = self.operations.plain_purchases(request.SerializeToString(), caller) if n else None
+        plain_ops, plain_rids = plain or ((None,) * n, None)
+        operations = request.operations
         try:
-            for i, op in enumerate(request.operations):
+            for i in range(n):
+                built = plain_ops[i]
+                if built is not None and not refused:
+                    valid.append(built)
+                    where.append((i, plain_rids[i], L.OP_PURCHASE))
+                    continue
+                op = operations[i]
                 if refused:
                     kind = op.WhichOneof("op")
                     request_id = getattr(op, kind).request_id if kind else ""
