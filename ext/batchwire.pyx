@@ -23,6 +23,9 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_SET_ITEM
 from cpython.ref cimport Py_INCREF, Py_DECREF
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeASCII
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 
@@ -259,9 +262,9 @@ cdef class Purchases:
 
     def build(self, bytes batch, int pin_flags, bint require_luhn, int caller_kind,
               uint32_t caller_id, uint32_t operator_id, int need_role, int scope):
-        """(ops, request_ids, count) of a serialized SubmitBatchRequest: per operation, in order,
+        """(ops, request_ids, built) of a serialized SubmitBatchRequest: per operation, in order,
         its PendingOp and request id (str) when it is a plain purchase built here, else None in
-        both. ``operator_id`` 0: no operator (then ``need_role`` and ``scope`` are 0 too);
+        both; ``built``: how many were. ``operator_id`` 0: no operator (then ``need_role`` and ``scope`` are 0 too);
         otherwise the caller checked that the operator covers every store."""
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(batch)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(batch), at = 0, stop, op_at, op_stop
@@ -273,6 +276,7 @@ cdef class Purchases:
         cdef uint8_t digest[DIGEST_SIZE]
         cdef Py_ssize_t k, span_len
         cdef int ok
+        cdef Py_ssize_t built = 0
         ops, rids = [], []
         while at < end:
             if not varint(p, end, &at, &key) or not length_at(p, end, &at, &stop):
@@ -329,4 +333,183 @@ cdef class Purchases:
             op.lines = b""
             ops.append(op)
             rids.append(PyUnicode_DecodeASCII(<char*>p + plain.rid_at, plain.rid_len, NULL))
-        return ops, rids
+            built += 1
+        return ops, rids, built
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+cdef enum:
+    RESULT_MAX = 512       # a plain result: far less (request id 66, 17 varints of <= 12)
+    OUTCOMES_TYPES = 64    # counts: op types below this, reasons below REASONS
+    REASONS = 256
+    ENTRY_MIN = 200        # the journal entry's fields read here end at 200 (layout.JOURNAL)
+    # layout.JOURNAL offsets (service._REPLY_FIELDS, _REPLY_PROGRAM)
+    J_OP = 1
+    J_TIER = 2
+    J_SEQ = 8
+    J_AMOUNT = 32
+    J_DISCOUNT = 40
+    J_PRINCIPAL_DELTA = 48
+    J_BONUS_DELTA = 56
+    J_POINTS_DELTA = 64
+    J_PRINCIPAL_AFTER = 72
+    J_BONUS_AFTER = 80
+    J_POINTS_AFTER = 88
+    J_TS = 96
+    J_PROGRAM_VERSION = 128
+    J_LINK_SEQ = 144
+    J_POINTS_TAKEN = 176
+    J_REDEEMED = 184
+    J_TIER_AFTER = 192
+    J_PROMOTION = 196
+    J_FLAGS = 198
+
+JOURNAL_AT = {"J_OP": J_OP, "J_TIER": J_TIER, "J_SEQ": J_SEQ, "J_AMOUNT": J_AMOUNT,
+              "J_DISCOUNT": J_DISCOUNT, "J_PRINCIPAL_DELTA": J_PRINCIPAL_DELTA,
+              "J_BONUS_DELTA": J_BONUS_DELTA, "J_POINTS_DELTA": J_POINTS_DELTA,
+              "J_PRINCIPAL_AFTER": J_PRINCIPAL_AFTER, "J_BONUS_AFTER": J_BONUS_AFTER,
+              "J_POINTS_AFTER": J_POINTS_AFTER, "J_TS": J_TS,
+              "J_PROGRAM_VERSION": J_PROGRAM_VERSION, "J_LINK_SEQ": J_LINK_SEQ,
+              "J_POINTS_TAKEN": J_POINTS_TAKEN, "J_REDEEMED": J_REDEEMED,
+              "J_TIER_AFTER": J_TIER_AFTER, "J_PROMOTION": J_PROMOTION, "J_FLAGS": J_FLAGS}
+
+
+cdef inline Py_ssize_t put_varint(uint8_t* q, uint64_t v) noexcept nogil:
+    cdef Py_ssize_t n = 0
+    while v >= 0x80:
+        q[n] = <uint8_t>(v & 0x7F) | 0x80
+        v >>= 7
+        n += 1
+    q[n] = <uint8_t>v
+    return n + 1
+
+
+cdef inline Py_ssize_t put_int(uint8_t* q, uint32_t field, int64_t value) noexcept nogil:
+    """A varint field (int64, uint32, enum, bool alike: negatives take ten bytes); none when 0,
+    as proto3 writes it."""
+    if value == 0:
+        return 0
+    cdef Py_ssize_t n = put_varint(q, (<uint64_t>field << 3) | WIRE_VARINT)
+    return n + put_varint(q + n, <uint64_t>value)
+
+
+cdef inline int64_t i64(const uint8_t* e, Py_ssize_t at) noexcept nogil:
+    return (<const int64_t*>(e + at))[0]
+
+
+cdef class Results:
+    """Writes SubmitBatch's results as protobuf's bytes: an applied plain purchase or top-up (no
+    lines, points, coupon, promotion on a purchase, hold or partial payment) here, anything
+    else by ``fallback(request_id, outcome)`` (service.result_of, serialized): the reference."""
+    cdef int op_purchase, op_top_up, partial_payment
+
+    def __init__(self, int op_purchase, int op_top_up, int partial_payment):
+        self.op_purchase, self.op_top_up = op_purchase, op_top_up
+        self.partial_payment = partial_payment
+
+    cdef Py_ssize_t plain(self, uint8_t* q, str request_id, bint replayed, const uint8_t* e,
+                          int64_t held) except -1:
+        """The serialized OperationResult of an applied plain operation; 0: not a plain one."""
+        cdef int op = e[J_OP]
+        cdef uint16_t promotion = (<const uint16_t*>(e + J_PROMOTION))[0]
+        cdef Py_ssize_t n = 0, rid_len, body
+        cdef const char* rid
+        cdef int64_t pa, ba, dp = i64(e, J_PRINCIPAL_DELTA), db = i64(e, J_BONUS_DELTA)
+        cdef uint8_t balance[64]
+        if op != self.op_purchase and op != self.op_top_up:
+            return 0
+        if i64(e, J_POINTS_TAKEN) or i64(e, J_REDEEMED) or \
+                (<const uint16_t*>(e + J_FLAGS))[0] & self.partial_payment:
+            return 0
+        if op == self.op_purchase and (promotion or i64(e, J_LINK_SEQ)):
+            return 0  # a coupon used, or a capture
+        rid = PyUnicode_AsUTF8AndSize(request_id, &rid_len)
+        if rid_len > 127:
+            return 0
+        if rid_len:
+            q[0] = (1 << 3) | WIRE_LEN
+            q[1] = <uint8_t>rid_len
+            memcpy(q + 2, rid, rid_len)
+            n = 2 + rid_len
+        n += put_int(q + n, 4, replayed)
+        n += put_int(q + n, 5, i64(e, J_SEQ))
+        n += put_int(q + n, 6, op)
+        pa, ba = i64(e, J_PRINCIPAL_AFTER), i64(e, J_BONUS_AFTER)
+        body = put_int(balance, 1, pa)
+        body += put_int(balance + body, 2, ba)
+        body += put_int(balance + body, 3, pa + ba - held)  # rules.available_minor
+        body += put_int(balance + body, 4, i64(e, J_POINTS_AFTER))
+        body += put_int(balance + body, 5, held)
+        q[n] = (7 << 3) | WIRE_LEN  # always there: result_of sets its fields, zero or not
+        q[n + 1] = <uint8_t>body
+        memcpy(q + n + 2, balance, body)
+        n += 2 + body
+        n += put_int(q + n, 8, i64(e, J_AMOUNT))
+        n += put_int(q + n, 9, i64(e, J_DISCOUNT))
+        n += put_int(q + n, 10, -(dp + db) if op == self.op_purchase else 0)
+        n += put_int(q + n, 11, i64(e, J_POINTS_DELTA))
+        n += put_int(q + n, 12, i64(e, J_TS))
+        n += put_int(q + n, 14, (<const uint32_t*>(e + J_PROGRAM_VERSION))[0])
+        n += put_int(q + n, 18, dp)
+        n += put_int(q + n, 19, db)
+        n += put_int(q + n, 20, e[J_TIER])
+        n += put_int(q + n, 21, e[J_TIER_AFTER])
+        n += put_int(q + n, 22, promotion)  # a top-up's promotion
+        return n
+
+    def fill(self, list results, list places, list request_ids, list outcomes, fallback,
+             dict counts, list declined):
+        """results[places[k]] = the serialized result of outcomes[k] (for request_ids[k]), for
+        every k; counts[(type, reason)] += 1 for each; (request id, reason) of each outcome
+        that is not OK appended to ``declined``."""
+        cdef Py_ssize_t k, n = len(outcomes), size
+        cdef uint8_t q[RESULT_MAX]
+        cdef object outcome, entry
+        cdef int reason, op
+        cdef dict local = {}
+        if len(places) != n or len(request_ids) != n:
+            raise ValueError("places, request ids and outcomes differ in length")
+        for k in range(n):
+            outcome = outcomes[k]
+            reason = outcome[0]
+            entry = outcome[3]
+            size = 0
+            op = outcome[2]
+            if reason == 0 and type(entry) is bytes and len(<bytes>entry) >= ENTRY_MIN:
+                op = (<bytes>entry)[J_OP]  # an applied result's type is its entry's
+                if not outcome[6]:  # no lines
+                    size = self.plain(q, <str>request_ids[k], outcome[1],
+                                      <const uint8_t*>PyBytes_AS_STRING(entry), outcome[7])
+            elif reason != 0:
+                declined.append((request_ids[k], reason))
+            if size:
+                results[places[k]] = PyBytes_FromStringAndSize(<char*>q, size)
+            else:
+                results[places[k]] = fallback(request_ids[k], outcome)
+            pair = (op, reason)
+            local[pair] = local.get(pair, 0) + 1
+        for pair, count in local.items():
+            counts[pair] = counts.get(pair, 0) + count
+
+
+def frame(list results, uint32_t field_number):
+    """The repeated message field ``field_number`` of already serialized messages: what
+    SubmitBatchResponse(results=...) serializes to, without parsing them again."""
+    cdef Py_ssize_t k, n = len(results), total = 0, at = 0
+    cdef bytes item
+    cdef uint8_t head[16]
+    cdef Py_ssize_t head_len
+    cdef uint64_t key = (<uint64_t>field_number << 3) | WIRE_LEN
+    for k in range(n):
+        total += 2 * 10 + PyBytes_GET_SIZE(<bytes>results[k])
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(out)
+    for k in range(n):
+        item = <bytes>results[k]
+        size = PyBytes_GET_SIZE(item)
+        at += put_varint(w + at, key)
+        at += put_varint(w + at, <uint64_t>size)
+        memcpy(w + at, PyBytes_AS_STRING(item), size)
+        at += size
+    return out[:at]

@@ -547,10 +547,11 @@ class Operations:
                         original_key=request_key(*namespace, original),
                         ref_id=req.original_client_time_us)
 
-    def plain_purchases(self, batch: bytes, caller: Caller) -> tuple[list, list] | None:
+    def plain_purchases(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
         """The plain purchases of a serialized SubmitBatchRequest built in C (cardcore.ext.
         batchwire): per operation, its PendingOp and request id, or None in both for one left to
-        ``operation`` (anything but a plain purchase that passes every check). None for a
+        ``operation`` (anything but a plain purchase that passes every check); and how many
+        were built. None for a
         caller whose every purchase must go through ``operation``: a bad token, a terminal, no
         operator on a TLS server, an operator below cashier or not chain-wide (store scopes
         are checked per store there)."""
