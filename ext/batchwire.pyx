@@ -27,7 +27,7 @@ from cpython.unicode cimport PyUnicode_DecodeASCII
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from "blake2b.h" nogil:
     void cc_blake2b(uint8_t* out, size_t outlen, const uint8_t* data, size_t length)
@@ -513,3 +513,147 @@ def frame(list results, uint32_t field_number):
         memcpy(w + at, PyBytes_AS_STRING(item), size)
         at += size
     return out[:at]
+
+
+# ---- the hop to the writer: a group out, its answer in ------------------------------------------
+
+cdef enum:
+    GROUP_HEAD_SIZE = 12   # groups.GROUP_HEAD: ts_us i64, n u32
+    OP_HEAD_SIZE = 23      # groups.OP_HEAD: key_len u8, ksn u32, 3 lengths u32, role u8, scope u8, store u32
+    ANSWER_SIZE = 240      # writer.ANSWER: reason u16, replayed u8, op u8, money i64, count u32, entry
+    ENTRY_HEAD = 224       # writer.ENTRY_HEAD_SIZE
+    ENTRY_CARD = 16        # layout.JOURNAL: card_id
+    ENTRY_LINE_COUNT = 194 # layout.JOURNAL_PROGRAM's line count (JOURNAL_OFF_PROGRAM + 18)
+
+cdef uint32_t NONE_LEN = 0xFFFFFFFF  # groups.NONE_LEN: an extra that is None
+HOP = {"GROUP_HEAD_SIZE": GROUP_HEAD_SIZE, "OP_HEAD_SIZE": OP_HEAD_SIZE, "NONE_LEN": NONE_LEN,
+       "ANSWER_SIZE": ANSWER_SIZE, "ENTRY_HEAD": ENTRY_HEAD, "ENTRY_CARD": ENTRY_CARD,
+       "ENTRY_LINE_COUNT": ENTRY_LINE_COUNT}
+cdef uint8_t NO_ENTRY[ENTRY_HEAD]
+memset(NO_ENTRY, 0, ENTRY_HEAD)
+
+
+cdef inline bytes as_bytes(object x):
+    return x if type(x) is bytes else bytes(x)
+
+
+cdef inline uint32_t extra_len(object x) except? 0xFFFFFFFE:
+    if x is None:
+        return NONE_LEN
+    if len(x) >= NONE_LEN:
+        raise ValueError("an operation's extra is too long")
+    return <uint32_t>len(x)
+
+
+def encode_group(list ops, int64_t ts_us):
+    """groups.encode_group (the reference, and the format's description) in one C loop: the
+    same bytes, tests/test_batchwire.py holds them equal."""
+    cdef Py_ssize_t k, n = len(ops), total = GROUP_HEAD_SIZE, at
+    cdef uint8_t* w
+    cdef bytes part
+    cdef uint32_t lens[3]
+    cdef int j
+    for op in ops:
+        total += OP_HEAD_SIZE + len(op.packed) + len(op.digest) + len(op.request_key) + len(op.lines)
+        for x in (op.profile, op.sealed, op.payload):
+            if x is not None:
+                total += len(x)
+    if n > 0xFFFFFFFF:
+        raise ValueError("too many operations for a group")
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = <uint8_t*>PyBytes_AS_STRING(out)
+    (<int64_t*>w)[0] = ts_us
+    (<uint32_t*>(w + 8))[0] = <uint32_t>n
+    at = GROUP_HEAD_SIZE
+    for op in ops:
+        key = as_bytes(op.request_key)
+        if len(key) > 255:
+            raise ValueError("a request key is at most 255 bytes")
+        extras = (op.profile, op.sealed, op.payload)
+        for j in range(3):
+            lens[j] = extra_len(extras[j])
+        w[at] = <uint8_t>len(key)
+        (<uint32_t*>(w + at + 1))[0] = <uint32_t>op.ksn_counter
+        (<uint32_t*>(w + at + 5))[0] = lens[0]
+        (<uint32_t*>(w + at + 9))[0] = lens[1]
+        (<uint32_t*>(w + at + 13))[0] = lens[2]
+        w[at + 17] = <uint8_t>op.need_role
+        w[at + 18] = <uint8_t>op.scope
+        (<uint32_t*>(w + at + 19))[0] = <uint32_t>op.scope_store_id
+        at += OP_HEAD_SIZE
+        for part in (as_bytes(op.packed), as_bytes(op.digest), key):
+            memcpy(w + at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
+            at += PyBytes_GET_SIZE(part)
+        for j in range(3):
+            if extras[j] is not None:
+                part = as_bytes(extras[j])
+                memcpy(w + at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
+                at += PyBytes_GET_SIZE(part)
+        part = as_bytes(op.lines)
+        memcpy(w + at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
+        at += PyBytes_GET_SIZE(part)
+    if at != total:
+        raise RuntimeError("group size changed while it was written")
+    return out
+
+
+def decode_answer(bytes data, outcome_cls, int r_ok):
+    """writer.decode_answer (the reference) in one C loop: the same Outcomes."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data), n, end, k, pos, lines_len
+    cdef const uint8_t* a
+    cdef int reason
+    cdef int64_t money
+    cdef bint with_lines
+    if size < 4:
+        raise ValueError("answer message too short")
+    n = (<const uint32_t*>p)[0]
+    end = 4 + n * ANSWER_SIZE
+    if end > size:
+        raise ValueError("answer message too short")
+    with_lines = end != size
+    pos = end
+    out = []
+    new = tuple.__new__
+    for k in range(n):
+        a = p + 4 + k * ANSWER_SIZE
+        reason = (<const uint16_t*>a)[0]
+        money = (<const int64_t*>(a + 4))[0]
+        entry = None
+        if memcmp(a + 16, NO_ENTRY, ENTRY_HEAD) != 0:
+            entry = PyBytes_FromStringAndSize(<const char*>a + 16, ENTRY_HEAD)
+        lines = b""
+        if with_lines and reason == r_ok and entry is not None:
+            lines_len = (<const uint16_t*>(a + 16 + ENTRY_LINE_COUNT))[0] * 64
+            if lines_len:
+                if pos + lines_len > size:
+                    raise ValueError("answer message too short for its lines")
+                lines = PyBytes_FromStringAndSize(<const char*>p + pos, lines_len)
+                pos += lines_len
+        out.append(new(outcome_cls, (reason, a[2] != 0, a[3], entry,
+                                     0 if reason == r_ok else money,
+                                     (<const uint32_t*>(a + 12))[0], lines,
+                                     money if reason == r_ok else 0)))
+    if pos != size:
+        raise ValueError("answer message has trailing bytes")
+    return out
+
+
+def mark_dirty(dict cards, dict keys, list items, list outcomes, object group,
+               int r_storage_unavailable):
+    """Writer._mark_dirty's loop (the cards and request keys of a group answered before a
+    checkpoint holds it) in C: ``group`` for each operation's card and key, unless refused for
+    the storage, and for the card of every entry."""
+    cdef Py_ssize_t k = 0
+    for item in items:
+        for op in item.ops:
+            if outcomes[k][0] != r_storage_unavailable:
+                cards[op.card_id] = group
+                key = op.request_key
+                if key:
+                    keys[key] = group
+            k += 1
+    for outcome in outcomes:
+        entry = outcome[3]
+        if entry is not None:
+            cards[bytes(entry[ENTRY_CARD:ENTRY_CARD + 16])] = group

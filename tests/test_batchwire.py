@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from cardcore import groups
 from cardcore import layout as L
 from cardcore.ext import batchwire
 from cardcore.idempotency import OP_FIELD_AT, Outcome, PendingOp
@@ -20,7 +21,7 @@ from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger
 from cardcore.server.access import ROLE, Access, Caller, Operator
 from cardcore.server.operations import Operations
-from cardcore.server import service
+from cardcore.server import service, writer
 from cardcore.server.service import result_of
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
@@ -64,6 +65,13 @@ def test_constants_are_the_layouts_and_the_contracts():
              "J_REDEEMED", "J_TIER_AFTER", "J_PROMOTION", "J_FLAGS"]
     assert {name: at for name, at in zip(names, offsets, strict=True) if name} == \
         {k: v for k, v in batchwire.JOURNAL_AT.items() if k != "J_LINK_SEQ"}
+    hop = batchwire.HOP
+    assert (hop["GROUP_HEAD_SIZE"], hop["OP_HEAD_SIZE"], hop["NONE_LEN"]) == (
+        groups.GROUP_HEAD.size, groups.OP_HEAD.size, groups.NONE_LEN)
+    assert (hop["ANSWER_SIZE"], hop["ENTRY_HEAD"]) == (writer.ANSWER.size, writer.ENTRY_HEAD_SIZE)
+    assert hop["ENTRY_LINE_COUNT"] & 0xFF == L.JOURNAL_PROGRAM.unpack_from(
+        entry, L.JOURNAL_OFF_PROGRAM)[3] & 0xFF
+    assert hop["ENTRY_CARD"] == 16 and entry[16:32] == L.JOURNAL.unpack_from(bytes(range(256)))[8][:16]
     assert batchwire.JOURNAL_AT["J_LINK_SEQ"] == L.JOURNAL_TAIL.unpack_from(entry)[3] & 0xFF  # the hold closed
 
 
@@ -224,7 +232,8 @@ def outcomes(draw):
         entry[176:192] = bytes(16)
         entry[196:200] = bytes(4) if draw(st.booleans()) else b"\x05\x00\x00\x00"
     reason = draw(st.sampled_from([L.R_OK] * 4 + [R.REASON_INSUFFICIENT_FUNDS,
-                                                  R.REASON_CARD_NOT_FOUND, R.REASON_PIN_WRONG]))
+                                                  R.REASON_CARD_NOT_FOUND, R.REASON_PIN_WRONG,
+                                                  L.R_STORAGE_UNAVAILABLE]))
     lines = draw(st.sampled_from([b"", b"", L.LINE.pack(1, 0, 1, 100, 5, 0, 0, b"x")]))
     return Outcome(reason, draw(st.booleans()), entry[1], bytes(entry),
                    draw(st.integers(0, 10**6)), 0, lines if reason == L.R_OK else b"",
@@ -350,3 +359,77 @@ def test_every_plain_purchase_is_built_in_c(builders, caller_name):
     assert count == 50
     assert built == [builders[tls].operation(op, caller)[2] for op in ops]
     assert rids == [f"p-{k}" for k in range(50)]
+
+
+# ---- the hop ---------------------------------------------------------------------------------
+
+def _pending(draw) -> PendingOp:
+    maybe = st.one_of(st.none(), st.binary(max_size=40))
+    return PendingOp(draw(st.binary(max_size=69)), draw(st.binary(min_size=16, max_size=16)),
+                     draw(st.binary(min_size=192, max_size=192)),
+                     draw(st.binary(min_size=16, max_size=16)), draw(maybe),
+                     draw(st.integers(0, 2**32 - 1)), draw(maybe), draw(maybe),
+                     draw(st.integers(0, 255)), draw(st.integers(0, 255)),
+                     draw(st.integers(0, 2**32 - 1)),
+                     draw(st.sampled_from([b"", bytes(64), bytes(range(128))])))
+
+
+pending_ops = st.composite(lambda draw: _pending(draw))()
+
+
+@SETTINGS
+@given(st.lists(pending_ops, max_size=8), st.integers(-2**63, 2**63 - 1))
+def test_group_bytes_are_encode_groups(ops, ts_us):
+    assert batchwire.encode_group(ops, ts_us) == groups.encode_group(ops, ts_us)
+
+
+@SETTINGS
+@given(st.lists(outcomes(), max_size=8), st.integers(0, 5).map(bool))
+def test_answers_decode_as_decode_answer_does(answered, draw_consistent):
+    with_counts = [o._replace(count=k, available_minor=o.available_minor if o.reason else 0,
+                              held_minor=o.held_minor if not o.reason else 0)
+                   for k, o in enumerate(answered)]
+    for k, o in enumerate(with_counts):  # an entry says how many lines follow (or, drawn so,
+        if o.entry is not None and draw_consistent:  # does not: then both refuse the answer)
+            entry = bytearray(o.entry)
+            struct.pack_into("<H", entry, L.JOURNAL_OFF_PROGRAM + 18, len(o.lines) // L.LINE_SIZE)
+            with_counts[k] = o._replace(entry=bytes(entry))
+    data = writer.encode_answer(with_counts)
+    try:
+        reference = writer.decode_answer(data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            batchwire.decode_answer(data, Outcome, L.R_OK)
+        return
+    decoded = batchwire.decode_answer(data, Outcome, L.R_OK)
+    assert decoded == reference
+    assert all(type(o) is Outcome for o in decoded)
+    if data[4:]:
+        with pytest.raises(ValueError):
+            batchwire.decode_answer(data + b"x", Outcome, L.R_OK)
+
+
+@SETTINGS
+@given(st.lists(st.lists(st.tuples(pending_ops, outcomes()), min_size=1, max_size=3), max_size=4))
+def test_dirty_marks_are_each_cards_and_keys(items):
+    """What the writer must treat as not yet checkpointed: each operation's card and request key
+    unless the storage refused it, and the card of every entry."""
+    class Item:
+        def __init__(self, ops):
+            self.ops = ops
+
+    ops = [[op for op, _ in item] for item in items]
+    answered = [o for item in items for _, o in item]
+    cards, keys = {b"old": 1}, {}
+    batchwire.mark_dirty(cards, keys, [Item(o) for o in ops], answered, 5,
+                         L.R_STORAGE_UNAVAILABLE)
+    want_cards, want_keys = {b"old": 1}, {}
+    for op, o in zip([op for group in ops for op in group], answered, strict=True):
+        if o.reason != L.R_STORAGE_UNAVAILABLE:
+            want_cards[op.card_id] = 5
+            if op.request_key:
+                want_keys[op.request_key] = 5
+    for o in answered:
+        if o.entry is not None:
+            want_cards[o.entry[16:32]] = 5
+    assert (cards, keys) == (want_cards, want_keys)
