@@ -1,15 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""SubmitBatch's per-operation glue in one C loop: plain purchases in, results out.
+"""SubmitBatch's per-operation glue in one C loop: plain purchases and top-ups in, results out.
 
 The gRPC process spent ~43 % of its SubmitBatch samples building operations from protobuf
 (``Operations.purchase_op``: field reads, the request id's regex, the card number's keyed
 hash, ``layout.OP.pack``, two BLAKE2b) and ~15 % building results (``result_of``). Here both
 run over bytes:
 
-- ``Purchases.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
-  *plain* purchase (request id, card number, till, gross amount, client time; nothing else set)
-  that passes every check ``Operations.purchase_op`` makes, the same ``PendingOp`` the Python
-  path builds. Anything else (another operation, a PIN block, lines, a field it does not know,
+- ``PlainOps.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
+  *plain* purchase or top-up (request id, card number, till, amount, client time; nothing else
+  set) that passes every check ``Operations.purchase_op`` (``top_up_op``) makes, the same
+  ``PendingOp`` the Python path builds. Anything else (another operation, a PIN block, lines, a field it does not know,
   any value the Python path would refuse) is left to the Python path (None at its place), so a
   refusal is always the reference's own, reason and field alike.
 - ``Results.fill`` writes the serialized OperationResult of each outcome of the writer: an
@@ -55,8 +55,9 @@ cdef enum:
     HMAC_BLOCK = 64
     # field numbers of the contract (proto/cardcore/v1); held to the descriptors by the tests
     F_BATCH_OPERATIONS = 1     # SubmitBatchRequest.operations
+    F_OPERATION_TOP_UP = 2     # Operation.top_up
     F_OPERATION_PURCHASE = 3   # Operation.purchase
-    F_REQUEST_ID = 1           # PurchaseRequest
+    F_REQUEST_ID = 1           # PurchaseRequest, and TopUpRequest alike
     F_CARD = 2
     F_GROSS = 3
     F_TILL = 4
@@ -82,7 +83,10 @@ SIZES = {"OP_SIZE": OP_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE, "REQUEST_TAG_SIZE": T
          "AT_STAFF": AT_STAFF, "AT_OPERATOR": AT_OPERATOR, "AT_TAG": AT_TAG,
          "AT_CARD_ID": AT_CARD_ID, "AT_CLIENT_TIME": AT_CLIENT_TIME, "AT_CALLER_ID": AT_CALLER_ID}
 FIELDS = {"SubmitBatchRequest.operations": F_BATCH_OPERATIONS,
-          "Operation.purchase": F_OPERATION_PURCHASE, "PurchaseRequest.request_id": F_REQUEST_ID,
+          "Operation.purchase": F_OPERATION_PURCHASE, "Operation.top_up": F_OPERATION_TOP_UP,
+          "TopUpRequest.request_id": F_REQUEST_ID, "TopUpRequest.card": F_CARD,
+          "TopUpRequest.amount_minor": F_GROSS, "TopUpRequest.till": F_TILL,
+          "TopUpRequest.client_time_us": F_CLIENT_TIME, "PurchaseRequest.request_id": F_REQUEST_ID,
           "PurchaseRequest.card": F_CARD, "PurchaseRequest.gross_amount_minor": F_GROSS,
           "PurchaseRequest.till": F_TILL, "PurchaseRequest.client_time_us": F_CLIENT_TIME,
           "CardRef.card_number": F_CARD_NUMBER}
@@ -151,10 +155,11 @@ cdef struct Plain:
     uint32_t store, terminal, staff
 
 
-cdef int plain_purchase(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint require_luhn,
-                        Plain* out) noexcept nogil:
-    """1 when the PurchaseRequest at [at, end) is a plain one the Python path would accept (every
-    value checked as ``purchase_op`` checks it); 0 for anything else, left to that path."""
+cdef int plain_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint require_luhn,
+                       Plain* out) noexcept nogil:
+    """1 when the PurchaseRequest (or TopUpRequest: the same fields, numbered alike) at [at, end)
+    is a plain one the Python path would accept (every value checked as ``purchase_op`` and
+    ``top_up_op`` check it); 0 for anything else, left to that path."""
     cdef uint64_t key, v
     cdef uint32_t field, wire
     cdef Py_ssize_t stop, inner, k
@@ -214,18 +219,19 @@ cdef int plain_purchase(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint re
     return got == 15
 
 
-cdef class Purchases:
-    """Builds the PendingOps of a batch's plain purchases for one server (its card index key,
-    the digest fields of a purchase, the PendingOp class: all given by the Python side, the one
-    place each is defined)."""
+cdef class PlainOps:
+    """Builds the PendingOps of a batch's plain purchases and top-ups for one server (its card
+    index key, the digest fields of both, the PendingOp class, the op types: all given by the
+    Python side, the one place each is defined)."""
     cdef SHA256_CTX inner, outer
     cdef int n_spans
     cdef int span_at[SPANS_MAX]
     cdef int span_size[SPANS_MAX]
     cdef object pending_op
-    cdef uint8_t op_purchase
+    cdef uint8_t op_purchase, op_top_up
 
-    def __init__(self, bytes index_key, list digest_spans, pending_op, int op_purchase):
+    def __init__(self, bytes index_key, list digest_spans, pending_op, int op_purchase,
+                 int op_top_up):
         cdef uint8_t pad[HMAC_BLOCK]
         cdef Py_ssize_t k, n = len(index_key)
         if not 16 <= n <= HMAC_BLOCK:
@@ -246,7 +252,7 @@ cdef class Purchases:
                 raise ValueError("digest span outside the operation")
             self.span_at[k], self.span_size[k] = at, size
         self.pending_op = pending_op
-        self.op_purchase = op_purchase
+        self.op_purchase, self.op_top_up = op_purchase, op_top_up
 
     cdef void card_id(self, const uint8_t* number, Py_ssize_t n, uint8_t* out) noexcept nogil:
         """cards.CardIndex.card_id: HMAC-SHA256 on the prepared states, its first 16 bytes."""
@@ -260,10 +266,11 @@ cdef class Purchases:
         SHA256_Final(md, &c)
         memcpy(out, md, CARD_ID_SIZE)
 
-    def build(self, bytes batch, int pin_flags, bint require_luhn, int caller_kind,
-              uint32_t caller_id, uint32_t operator_id, int need_role, int scope):
+    def build(self, bytes batch, int purchase_pin_flags, int top_up_pin_flags,
+              bint require_luhn, int caller_kind, uint32_t caller_id, uint32_t operator_id,
+              int need_role, int scope):
         """(ops, request_ids, built) of a serialized SubmitBatchRequest: per operation, in order,
-        its PendingOp and request id (str) when it is a plain purchase built here, else None in
+        its PendingOp and request id (str) when it is a plain purchase or top-up built here, else None in
         both; ``built``: how many were. ``operator_id`` 0: no operator (then ``need_role`` and ``scope`` are 0 too);
         otherwise the caller checked that the operator covers every store."""
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(batch)
@@ -286,18 +293,22 @@ cdef class Purchases:
                 continue  # an unknown field of the batch: protobuf keeps it, nobody reads it
             op_at = at
             ok = 0
-            # an Operation whose one field is the purchase
-            if varint(p, stop, &op_at, &key) and key == ((F_OPERATION_PURCHASE << 3) | WIRE_LEN) \
+            # an Operation whose one field is the purchase or the top-up
+            if varint(p, stop, &op_at, &key) and (
+                    key == ((F_OPERATION_PURCHASE << 3) | WIRE_LEN)
+                    or key == ((F_OPERATION_TOP_UP << 3) | WIRE_LEN)) \
                     and length_at(p, stop, &op_at, &op_stop) and op_stop == stop:
-                ok = plain_purchase(p, op_at, op_stop, require_luhn, &plain)
+                ok = plain_request(p, op_at, op_stop, require_luhn, &plain)
             at = stop
             if not ok:
                 ops.append(None)
                 rids.append(None)
                 continue
             memset(packed, 0, OP_SIZE)
-            packed[AT_OP] = self.op_purchase
-            packed[AT_PIN_FLAGS] = <uint8_t>pin_flags
+            if key >> 3 == F_OPERATION_PURCHASE:
+                packed[AT_OP], packed[AT_PIN_FLAGS] = self.op_purchase, <uint8_t>purchase_pin_flags
+            else:
+                packed[AT_OP], packed[AT_PIN_FLAGS] = self.op_top_up, <uint8_t>top_up_pin_flags
             packed[AT_CALLER_KIND] = <uint8_t>caller_kind
             (<int64_t*>(packed + AT_AMOUNT))[0] = plain.gross
             (<uint32_t*>(packed + AT_STORE))[0] = plain.store

@@ -193,9 +193,11 @@ class Operations:
         self.keyring = keyring
         self.access = access
         self.swipes = Swipes(access, keyring, True)
-        # a batch's plain purchases built in one C loop, as purchase_op builds them
-        self._plain = batchwire.Purchases(keyring.index_key, digest_spans(
-            DIGEST_FIELDS[L.OP_PURCHASE]), PendingOp, L.OP_PURCHASE)
+        # a batch's plain purchases and top-ups built in one C loop, as purchase_op and
+        # top_up_op build them (one digest for both: the same fields)
+        assert DIGEST_FIELDS[L.OP_PURCHASE] == DIGEST_FIELDS[L.OP_TOP_UP]
+        self._plain = batchwire.PlainOps(keyring.index_key, digest_spans(
+            DIGEST_FIELDS[L.OP_PURCHASE]), PendingOp, L.OP_PURCHASE, L.OP_TOP_UP)
         self.adopt_program()
         # Development mode (no TLS) lets a card without a PIN be spent with a clear number.
         self.dev_pin = 0 if access.tls else L.PIN_OPTIONAL_UNSET
@@ -547,10 +549,10 @@ class Operations:
                         original_key=request_key(*namespace, original),
                         ref_id=req.original_client_time_us)
 
-    def plain_purchases(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
-        """The plain purchases of a serialized SubmitBatchRequest built in C (cardcore.ext.
+    def plain_ops(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
+        """The plain purchases and top-ups of a serialized SubmitBatchRequest built in C (cardcore.ext.
         batchwire): per operation, its PendingOp and request id, or None in both for one left to
-        ``operation`` (anything but a plain purchase that passes every check); and how many
+        ``operation`` (anything but a plain purchase or top-up that passes every check); and how many
         were built. None for a
         caller whose every purchase must go through ``operation``: a bad token, a terminal, no
         operator on a TLS server, an operator below cashier or not chain-wide (store scopes
@@ -567,8 +569,9 @@ class Operations:
         else:
             return None
         kind, caller_id = caller.namespace(0)
-        return self._plain.build(batch, L.PIN_REQUIRED | self.dev_pin, self.swipes.require_luhn,
-                                 kind, caller_id, operator_id, role, scope)
+        return self._plain.build(batch, L.PIN_REQUIRED | self.dev_pin,
+                                 self.top_up_pin | self.dev_pin, self.swipes.require_luhn, kind,
+                                 caller_id, operator_id, role, scope)
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

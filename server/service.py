@@ -824,10 +824,9 @@ class CardService(pb_grpc.CardServiceServicer):
         deadline = self._deadline(context)
         results: list[bytes | None] = [None] * n
         valid: list[PendingOp] = []
-        # per operation in ``valid``: its place in the batch, request id and type
+        # per operation in ``valid``: its place in the batch and its request id
         places: list[int] = []
         rids: list[str] = []
-        types: list[int] = []
         tries_max = self._pin_tries_max
         refused = 0  # the writer's reason once it refused a chunk
         chunks = 0   # chunks the writer took
@@ -848,11 +847,10 @@ class CardService(pb_grpc.CardServiceServicer):
             nonlocal refused, chunks
             if not valid:
                 return
-            ops, at, ids, kinds = list(valid), list(places), list(rids), list(types)
+            ops, at, ids = list(valid), list(places), list(rids)
             valid.clear()  # from here on the writer, or _submit_now's refusal, frees them
             places.clear()
             rids.clear()
-            types.clear()
             try:
                 fut = self._submit_now(ops, deadline)
             except (Overloaded, Stopped) as exc:
@@ -860,15 +858,16 @@ class CardService(pb_grpc.CardServiceServicer):
                 if not chunks:  # nothing applied yet: refuse the call as a whole
                     await abort(context, failure(reason))
                 refused = reason
-                outcomes = [Outcome(reason, False, op_type, None, 0) for op_type in kinds]
+                outcomes = [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
             else:
                 chunks += 1
                 outcomes = await fut
             self._results.fill(results, at, ids, outcomes, reference, counts, declined)
 
-        # the plain purchases built in one C loop; None at the others' places (and no lists at
-        # all for a caller they cannot be built for): those go through operations.operation
-        plain = self.operations.plain_purchases(request.SerializeToString(), caller) if n else None
+        # the plain purchases and top-ups built in one C loop; None at the others' places (and
+        # no lists at all for a caller they cannot be built for): those go through
+        # operations.operation
+        plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
         plain_ops, plain_rids, built = plain or ((None,) * n, None, 0)
         operations = request.operations
         try:
@@ -876,7 +875,6 @@ class CardService(pb_grpc.CardServiceServicer):
                 valid.extend(plain_ops)
                 places.extend(range(n))
                 rids.extend(plain_rids)
-                types.extend([L.OP_PURCHASE] * n)
                 n = 0
             for i in range(n):
                 op = plain_ops[i]
@@ -884,7 +882,6 @@ class CardService(pb_grpc.CardServiceServicer):
                     valid.append(op)
                     places.append(i)
                     rids.append(plain_rids[i])
-                    types.append(L.OP_PURCHASE)
                     continue
                 op = operations[i]
                 if refused:
@@ -910,7 +907,6 @@ class CardService(pb_grpc.CardServiceServicer):
                     valid.append(parsed)
                     places.append(i)
                     rids.append(request_id)
-                    types.append(op_type)
             await flush()
         except BaseException:
             self._release(valid, [Outcome(L.R_INTERNAL, False, 0, None, 0)] * len(valid))

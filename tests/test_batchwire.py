@@ -163,13 +163,16 @@ operations = st.one_of(
     purchases().map(lambda req: pb.Operation(purchase=req)),
     purchases().map(lambda req: pb.Operation(top_up=pb.TopUpRequest(
         request_id=req.request_id, card=req.card, amount_minor=req.gross_amount_minor,
-        till=req.till, client_time_us=req.client_time_us))),
+        till=req.till, client_time_us=req.client_time_us, pin_block=req.pin_block))),
     st.just(pb.Operation()))
 
 
 def plain_fields_only(op: pb.Operation) -> bool:
-    """A purchase setting nothing but what a plain purchase has, its card by number."""
-    if op.WhichOneof("op") != "purchase":
+    """A purchase or top-up setting nothing but what a plain one has, its card by number."""
+    kind = op.WhichOneof("op")
+    if kind == "top_up":
+        return op.top_up.card.WhichOneof("ref") == "card_number" and not op.top_up.pin_block
+    if kind != "purchase":
         return False
     req = op.purchase
     return (req.card.WhichOneof("ref") == "card_number" and not req.pin_block and not req.lines
@@ -186,7 +189,7 @@ def test_built_operations_are_the_python_paths(builders, ops, caller_name):
     tls, caller = CALLERS[caller_name]
     builder = builders[tls]
     batch = pb.SubmitBatchRequest(operations=ops)
-    plain = builder.plain_purchases(batch.SerializeToString(), caller)
+    plain = builder.plain_ops(batch.SerializeToString(), caller)
     if plain is None:  # a caller the C path does not build for: all through the Python path
         assert (caller.bad_token or caller.cert_terminal_id is not None
                 or (caller.operator is None and tls) or caller.operator is STORE_MANAGER)
@@ -202,14 +205,15 @@ def test_built_operations_are_the_python_paths(builders, ops, caller_name):
             continue
         assert isinstance(reference, PendingOp), (k, reference)  # not refused by the reference
         assert built[k] == reference, k
-        assert (rids[k], op_type) == (request_id, L.OP_PURCHASE)
+        assert rids[k] == request_id and op_type == built[k].packed[0] in (L.OP_PURCHASE,
+                                                                          L.OP_TOP_UP)
 
 
 def test_not_a_batch_is_refused_not_misread(builders):
     caller = CALLERS["development"][1]
     with pytest.raises(ValueError):
-        builders[False].plain_purchases(b"\x0a\x05ab", caller)  # a length past the end
-    assert builders[False].plain_purchases(b"", caller) == ([], [], 0)
+        builders[False].plain_ops(b"\x0a\x05ab", caller)  # a length past the end
+    assert builders[False].plain_ops(b"", caller) == ([], [], 0)
 
 
 # ---- building results -----------------------------------------------------------------------
@@ -348,13 +352,18 @@ def test_an_operator_outside_its_scope_is_refused_per_purchase(server, admin):
 
 @pytest.mark.parametrize("caller_name", ["development", "chain admin", "cashier over TLS"])
 def test_every_plain_purchase_is_built_in_c(builders, caller_name):
-    """Not only refused or left over: a batch of valid plain purchases is built in C, whole."""
+    """Not only refused or left over: a batch of valid plain purchases and top-ups is built in
+    C, whole."""
     tls, caller = CALLERS[caller_name]
     ops = [pb.Operation(purchase=pb.PurchaseRequest(
         request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
         gross_amount_minor=100 + k, till=cpb.Till(store_id=k, terminal_id=1, staff_id=k % 3),
-        client_time_us=1_796_000_000_000_000 + k)) for k in range(50)]
-    built, rids, count = builders[tls].plain_purchases(
+        client_time_us=1_796_000_000_000_000 + k)) for k in range(40)]
+    ops += [pb.Operation(top_up=pb.TopUpRequest(
+        request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
+        amount_minor=100 + k, till=cpb.Till(store_id=k), client_time_us=1_796_000_000_000_000 + k))
+        for k in range(40, 50)]
+    built, rids, count = builders[tls].plain_ops(
         pb.SubmitBatchRequest(operations=ops).SerializeToString(), caller)
     assert count == 50
     assert built == [builders[tls].operation(op, caller)[2] for op in ops]
