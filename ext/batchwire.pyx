@@ -9,19 +9,18 @@ run over bytes:
 - ``PlainOps.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
   *plain* purchase or top-up (request id, card number, till, amount, client time; nothing else
   set) that passes every check ``Operations.purchase_op`` (``top_up_op``) makes, the same
-  ``PendingOp`` the Python path builds. Anything else (another operation, a PIN block, lines, a field it does not know,
-  any value the Python path would refuse) is left to the Python path (None at its place), so a
-  refusal is always the reference's own, reason and field alike.
+  ``PendingOp`` the Python path builds. Anything else (another operation, a PIN block, lines,
+  a field it does not know, any value the Python path would refuse) is left to the Python path
+  (None at its place), so a refusal is always the reference's own, reason and field alike.
 - ``Results.fill`` writes the serialized OperationResult of each outcome of the writer: an
   applied plain purchase or top-up in C, anything else through ``result_of`` (the reference).
+- The hop's per-operation loops in the gRPC process: ``encode_group`` (groups.encode_group),
+  ``decode_answer`` (writer.decode_answer), ``mark_dirty`` (the writer's dirty-card marks).
 
-The Python path stays the reference: tests/test_batchwire.py holds both halves equal to it with
+The Python path stays the reference: tests/test_batchwire.py holds each part equal to it with
 hypothesis, on valid and invalid input.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_SET_ITEM
-from cpython.ref cimport Py_INCREF, Py_DECREF
-from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeASCII
 
 cdef extern from "Python.h":
