@@ -125,6 +125,25 @@ cdef inline int length_at(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, Py_s
     return 1
 
 
+cdef inline int skip(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, uint32_t wire) noexcept nogil:
+    """Step over one field's value of wire type ``wire``; 0 on a malformed one, or a group."""
+    cdef uint64_t v
+    cdef Py_ssize_t stop
+    if wire == WIRE_VARINT:
+        return varint(p, end, at, &v)
+    if wire == WIRE_I64:
+        at[0] += 8
+    elif wire == WIRE_I32:
+        at[0] += 4
+    elif wire == WIRE_LEN:
+        if not length_at(p, end, at, &stop):
+            return 0
+        at[0] = stop
+    else:
+        return 0
+    return at[0] <= end
+
+
 cdef inline bint request_id_char(uint8_t c) noexcept nogil:
     return ((c >= 0x30 and c <= 0x39) or (c >= 0x41 and c <= 0x5A) or (c >= 0x61 and c <= 0x7A)
             or c == 0x2E or c == 0x5F or c == 0x3A or c == 0x2D)
@@ -269,9 +288,11 @@ cdef class PlainOps:
               bint require_luhn, int caller_kind, uint32_t caller_id, uint32_t operator_id,
               int need_role, int scope):
         """(ops, request_ids, built) of a serialized SubmitBatchRequest: per operation, in order,
-        its PendingOp and request id (str) when it is a plain purchase or top-up built here, else None in
-        both; ``built``: how many were. ``operator_id`` 0: no operator (then ``need_role`` and ``scope`` are 0 too);
-        otherwise the caller checked that the operator covers every store."""
+        its PendingOp and request id (str) when it is a plain purchase or top-up built here, else
+        None in both; ``built``: how many were. None: a batch with a field it cannot step over
+        (a group), all of it for the Python path. ``operator_id`` 0: no operator (then
+        ``need_role`` and ``scope`` are 0 too); otherwise the caller checked that the operator
+        covers every store."""
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(batch)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(batch), at = 0, stop, op_at, op_stop
         cdef uint64_t key
@@ -285,11 +306,16 @@ cdef class PlainOps:
         cdef Py_ssize_t built = 0
         ops, rids = [], []
         while at < end:
-            if not varint(p, end, &at, &key) or not length_at(p, end, &at, &stop):
+            if not varint(p, end, &at, &key):
                 raise ValueError("not a serialized SubmitBatchRequest")
             if key != ((F_BATCH_OPERATIONS << 3) | WIRE_LEN):
-                at = stop
-                continue  # an unknown field of the batch: protobuf keeps it, nobody reads it
+                # an unknown field of the batch (a field of a newer contract, or one sent with
+                # another wire type): protobuf keeps it, nobody reads it
+                if not skip(p, end, &at, <uint32_t>(key & 7)):
+                    return None  # (a group, say: the whole batch to the Python path)
+                continue
+            if not length_at(p, end, &at, &stop):
+                raise ValueError("not a serialized SubmitBatchRequest")
             op_at = at
             ok = 0
             # an Operation whose one field is the purchase or the top-up

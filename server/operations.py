@@ -550,13 +550,13 @@ class Operations:
                         ref_id=req.original_client_time_us)
 
     def plain_ops(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
-        """The plain purchases and top-ups of a serialized SubmitBatchRequest built in C (cardcore.ext.
-        batchwire): per operation, its PendingOp and request id, or None in both for one left to
-        ``operation`` (anything but a plain purchase or top-up that passes every check); and how many
-        were built. None for a
-        caller whose every purchase must go through ``operation``: a bad token, a terminal, no
-        operator on a TLS server, an operator below cashier or not chain-wide (store scopes
-        are checked per store there)."""
+        """The plain purchases and top-ups of a serialized SubmitBatchRequest built in C
+        (cardcore.ext.batchwire): per operation, its PendingOp and request id, or None in both
+        for one left to ``operation`` (anything but a plain purchase or top-up that passes every
+        check); and how many were built. None when every operation goes through ``operation``:
+        a caller that is a bad token, a terminal, no operator on a TLS server, an operator below
+        cashier or not chain-wide (store scopes are checked per store there); a batch with an
+        unknown field C cannot step over."""
         if caller.bad_token or caller.cert_terminal_id is not None:
             return None
         operator = caller.operator

@@ -868,7 +868,7 @@ class CardService(pb_grpc.CardServiceServicer):
         # no lists at all for a caller they cannot be built for): those go through
         # operations.operation
         plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
-        plain_ops, plain_rids, built = plain or ((None,) * n, None, 0)
+        plain_ops, plain_rids, built = plain or ((None,) * n, (), 0)
         operations = request.operations
         try:
             if built == n:  # all plain: no loop here either

@@ -209,6 +209,24 @@ def test_built_operations_are_the_python_paths(builders, ops, caller_name):
                                                                           L.OP_TOP_UP)
 
 
+def test_unknown_fields_of_the_batch_are_stepped_over(builders):
+    """Fields the batch does not know (a newer contract's, or a known one sent with another wire
+    type) are kept by protobuf and passed over here; one it cannot step over (a group) sends
+    the whole batch to the Python path."""
+    caller = CALLERS["development"][1]
+    op = pb.Operation(purchase=pb.PurchaseRequest(
+        request_id="u-1", card=cpb.CardRef(card_number=GOOD_NUMBERS[1]), gross_amount_minor=5,
+        client_time_us=7))
+    one = pb.SubmitBatchRequest(operations=[op]).SerializeToString()
+    reference = builders[False].operation(op, caller)[2]
+    for unknown in (b"\x08\x01", b"\x11" + bytes(8), b"\x15" + bytes(4), b"\x9a\x01\x02ab"):
+        batch = pb.SubmitBatchRequest.FromString(unknown + one + unknown).SerializeToString()
+        built, _, count = builders[False].plain_ops(batch, caller)
+        assert count == 1 and built == [reference], unknown
+    with_group = pb.SubmitBatchRequest.FromString(one + b"\x1b\x08\x01\x1c").SerializeToString()
+    assert builders[False].plain_ops(with_group, caller) is None
+
+
 def test_not_a_batch_is_refused_not_misread(builders):
     caller = CALLERS["development"][1]
     with pytest.raises(ValueError):
