@@ -58,6 +58,9 @@ setup(
                    extra_compile_args=["-O2"]),
          Extension("cardcore.ext.cardno", ["ext/cardno.pyx"], extra_compile_args=["-O2"]),
          Extension("cardcore.ext.wire", ["ext/wire.pyx"], extra_compile_args=["-O2"]),
+         # SubmitBatch's per-operation glue; libcrypto for SHA-256 (the card index's HMAC)
+         Extension("cardcore.ext.batchwire", ["ext/batchwire.pyx"], include_dirs=["ext"],
+                   libraries=["crypto"], extra_compile_args=["-O2", "-Wno-deprecated-declarations"]),
          Extension("cardcore.ext.daytotals", ["ext/daytotals.pyx"], extra_compile_args=["-O2"]),
          # OpenSSL's libcrypto (Debian: libssl-dev to build, libssl3 to run)
          Extension("cardcore.ext.aes", ["ext/aes.pyx"], libraries=["crypto"],

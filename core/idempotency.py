@@ -166,15 +166,23 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     **{op: ("op", "card_id", "operator_id", "client_time_us")
        for op in L.ADMIN_OPS},
 }
-def _getter(fields: tuple[str, ...]):
-    """The digest fields' bytes in one call: adjacent fields merged into spans (a purchase's 12
-    fields are 5 spans), read with one itemgetter (3x faster than a slice per field)."""
+def digest_spans(fields: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(offset, size) of the digest fields in layout.OP, adjacent fields merged into one span (a
+    purchase's 12 fields are 5 spans), in offset order: what the digest hashes, in this order
+    (also for cardcore.ext.batchwire, which hashes the same spans in C)."""
     spans: list[list[int]] = []
     for off, size in sorted(OP_FIELD_AT[f] for f in fields):
         if spans and spans[-1][0] + spans[-1][1] == off:
             spans[-1][1] += size
         else:
             spans.append([off, size])
+    return [(off, size) for off, size in spans]
+
+
+def _getter(fields: tuple[str, ...]):
+    """The digest fields' bytes in one call, read with one itemgetter over their spans (3x
+    faster than a slice per field)."""
+    spans = digest_spans(fields)
     get = itemgetter(*[slice(off, off + size) for off, size in spans])
     return get if len(spans) > 1 else (lambda packed: (get(packed),))
 

@@ -7,8 +7,7 @@ distinct (type, reason); gauges are read when Prometheus scrapes.
 """
 from __future__ import annotations
 
-import collections
-from typing import Callable, Iterable
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -51,11 +50,6 @@ class Metrics:
     def count(self, op_type: int, reason: int, n: int = 1) -> None:
         self.operations.labels(_TYPE_NAMES.get(op_type, "unknown"),
                                _REASON_NAMES.get(reason, str(reason))).inc(n)
-
-    def count_many(self, pairs: Iterable[tuple[int, int]]) -> None:
-        """(type, reason) per operation of a batch: one increment per distinct pair."""
-        for (op_type, reason), n in collections.Counter(pairs).items():
-            self.count(op_type, reason, n)
 
     def serve(self, listen: str) -> str:
         """Start the HTTP endpoint; return the bound HOST:PORT (port 0 picks a free one)."""

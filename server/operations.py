@@ -13,10 +13,11 @@ import re
 
 from cardcore import cards, profiles
 from cardcore import layout as L
-from cardcore.idempotency import SCOPE_STORE, basket_tag, request_key
+from cardcore.idempotency import (DIGEST_FIELDS, SCOPE_NONE, SCOPE_STORE, basket_tag,
+                                  digest_spans, request_key)
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger, PendingOp
-from cardcore.ext import wire
+from cardcore.ext import batchwire, wire
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
@@ -192,6 +193,11 @@ class Operations:
         self.keyring = keyring
         self.access = access
         self.swipes = Swipes(access, keyring, True)
+        # a batch's plain purchases and top-ups built in one C loop, as purchase_op and
+        # top_up_op build them (one digest for both: the same fields)
+        assert DIGEST_FIELDS[L.OP_PURCHASE] == DIGEST_FIELDS[L.OP_TOP_UP]
+        self._plain = batchwire.PlainOps(keyring.index_key, digest_spans(
+            DIGEST_FIELDS[L.OP_PURCHASE]), PendingOp, L.OP_PURCHASE, L.OP_TOP_UP)
         self.adopt_program()
         # Development mode (no TLS) lets a card without a PIN be spent with a clear number.
         self.dev_pin = 0 if access.tls else L.PIN_OPTIONAL_UNSET
@@ -542,6 +548,30 @@ class Operations:
         return self._op(req, rid, at_us, L.OP_REVERSAL, card, caller,
                         original_key=request_key(*namespace, original),
                         ref_id=req.original_client_time_us)
+
+    def plain_ops(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
+        """The plain purchases and top-ups of a serialized SubmitBatchRequest built in C
+        (cardcore.ext.batchwire): per operation, its PendingOp and request id, or None in both
+        for one left to ``operation`` (anything but a plain purchase or top-up that passes every
+        check); and how many were built. None when every operation goes through ``operation``:
+        a caller that is a bad token, a terminal, no operator on a TLS server, an operator below
+        cashier or not chain-wide (store scopes are checked per store there); a batch with an
+        unknown field C cannot step over."""
+        if caller.bad_token or caller.cert_terminal_id is not None:
+            return None
+        operator = caller.operator
+        if operator is None:
+            if self.access.tls:
+                return None
+            operator_id, role, scope = 0, 0, SCOPE_NONE
+        elif operator.chain_wide and operator.role >= ROLE.OPERATOR_ROLE_CASHIER:
+            operator_id, role, scope = operator.operator_id, ROLE.OPERATOR_ROLE_CASHIER, SCOPE_STORE
+        else:
+            return None
+        kind, caller_id = caller.namespace(0)
+        return self._plain.build(batch, L.PIN_REQUIRED | self.dev_pin,
+                                 self.top_up_pin | self.dev_pin, self.swipes.require_luhn, kind,
+                                 caller_id, operator_id, role, scope)
 
     def birthday(self, card_id: bytes) -> str:
         found = self.ledger.read_card(card_id)

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from cardcore import cards
 from cardcore import layout as L
-from cardcore.ext import wire
+from cardcore.ext import batchwire, wire
 from cardcore.keyring import Keyring
 from cardcore.ledger import HISTORY_PAGE_MAX, Ledger, Outcome, PendingOp
 from cardcore.lookup import MemberIndex, lookup_key
@@ -76,9 +76,24 @@ def add_service(server, servicer, service) -> None:
             make, fn = grpc.unary_stream_rpc_method_handler, _refuse_malformed_stream(fn)
         else:
             raise NotImplementedError(f"{method.full_name}: no such call shape in the contract")
+        serialize = out_cls.SerializeToString
+        if method.name in PRESERIALIZED:
+            serialize = _as_bytes(serialize)
         handlers[method.name] = make(fn, request_deserializer=decode,
-                                     response_serializer=out_cls.SerializeToString)
+                                     response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+PRESERIALIZED = frozenset({"SubmitBatch"})  # answers its response as protobuf's bytes
+
+
+def _as_bytes(serialize):
+    """The response serializer of a call that answers bytes already serialized (the response
+    message's own wire format), and messages elsewhere (an abort's path)."""
+    def call(response):
+        return response if type(response) is bytes else serialize(response)
+
+    return call
 
 
 def _refuse_malformed(fn):
@@ -114,6 +129,7 @@ assert _REPLY_FIELDS.size == 140
 
 
 _RESULT_LINES = pb.OperationResult.DESCRIPTOR.fields_by_name["lines"].number
+_BATCH_RESULTS = pb.SubmitBatchResponse.DESCRIPTOR.fields_by_name["results"].number
 _QUOTE_LINES = pb.QuoteResponse.DESCRIPTOR.fields_by_name["lines"].number
 
 
@@ -323,6 +339,7 @@ class CardService(pb_grpc.CardServiceServicer):
         self.operations = ops = Operations(ledger, keyring, access)
         self._builders = ops.builders
         self._pin_tries_max = ledger.program.pin_tries_max
+        self._results = batchwire.Results(L.OP_PURCHASE, L.OP_TOP_UP, L.PARTIAL_PAYMENT)
 
     def adopt_program(self) -> None:
         """After a program load: the new limits for requests built from now on."""
@@ -796,27 +813,44 @@ class CardService(pb_grpc.CardServiceServicer):
         """Applied in order, one result each. A terminal's swipes go to the writer in chunks its
         budget has room for, each answered before the next is admitted. If the writer refuses a
         later chunk (overloaded, stopping), that chunk and the rest are answered with the reason,
-        unbuilt (their KSNs unused), beside the results of the chunks applied."""
+        unbuilt (their KSNs unused), beside the results of the chunks applied. Answered as the
+        serialized SubmitBatchResponse (add_service passes bytes through): each result written
+        once, by batchwire.Results or as result_of's bytes, never parsed again."""
         started = time.perf_counter()
         n = len(request.operations)
         if n > BATCH_OPS_MAX:
             await abort(context, failure(R.REASON_BATCH_TOO_LARGE, "operations"))
         caller = self.access.caller(context)
         deadline = self._deadline(context)
-        results: list[pb.OperationResult | None] = [None] * n
+        results: list[bytes | None] = [None] * n
         valid: list[PendingOp] = []
-        where: list[tuple[int, str, int]] = []
+        # per operation in ``valid``: its place in the batch and its request id
+        places: list[int] = []
+        rids: list[str] = []
         tries_max = self._pin_tries_max
         refused = 0  # the writer's reason once it refused a chunk
         chunks = 0   # chunks the writer took
+        counts: dict[tuple[int, int], int] = {}  # (type, reason): operations, for the metrics
+        declined: list[tuple[str, int]] = []     # the writer's refusals, for the log
+
+        def reference(request_id: str, outcome: Outcome) -> bytes:
+            return result_of(request_id, outcome, tries_max).SerializeToString()
+
+        def answer(i: int, result: pb.OperationResult) -> None:
+            """An operation answered here (the writer never saw it): counted, refusals logged."""
+            results[i] = result.SerializeToString()
+            counts[result.type, result.reason] = counts.get((result.type, result.reason), 0) + 1
+            if result.reason:
+                log_refusal(result.request_id, result.reason, result.failure.field)
 
         async def flush() -> None:
             nonlocal refused, chunks
             if not valid:
                 return
-            ops, places = list(valid), list(where)
+            ops, at, ids = list(valid), list(places), list(rids)
             valid.clear()  # from here on the writer, or _submit_now's refusal, frees them
-            where.clear()
+            places.clear()
+            rids.clear()
             try:
                 fut = self._submit_now(ops, deadline)
             except (Overloaded, Stopped) as exc:
@@ -824,20 +858,37 @@ class CardService(pb_grpc.CardServiceServicer):
                 if not chunks:  # nothing applied yet: refuse the call as a whole
                     await abort(context, failure(reason))
                 refused = reason
-                outcomes = [Outcome(reason, False, op_type, None, 0) for _, _, op_type in places]
+                outcomes = [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
             else:
                 chunks += 1
                 outcomes = await fut
-            for (i, request_id, _), outcome in zip(places, outcomes, strict=True):
-                results[i] = result_of(request_id, outcome, tries_max)
+            self._results.fill(results, at, ids, outcomes, reference, counts, declined)
 
+        # the plain purchases and top-ups built in one C loop; None at the others' places (and
+        # no lists at all for a caller they cannot be built for): those go through
+        # operations.operation
+        plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
+        plain_ops, plain_rids, built = plain or ((None,) * n, (), 0)
+        operations = request.operations
         try:
-            for i, op in enumerate(request.operations):
+            if built == n:  # all plain: no loop here either
+                valid.extend(plain_ops)
+                places.extend(range(n))
+                rids.extend(plain_rids)
+                n = 0
+            for i in range(n):
+                op = plain_ops[i]
+                if op is not None and not refused:
+                    valid.append(op)
+                    places.append(i)
+                    rids.append(plain_rids[i])
+                    continue
+                op = operations[i]
                 if refused:
                     kind = op.WhichOneof("op")
                     request_id = getattr(op, kind).request_id if kind else ""
                     op_type = self._builders[kind][0] if kind else 0
-                    results[i] = result_of(request_id, Outcome(refused, False, op_type, None, 0))
+                    answer(i, result_of(request_id, Outcome(refused, False, op_type, None, 0)))
                     continue
                 request_id, op_type, parsed = self.operations.operation(op, caller)
                 while isinstance(parsed, Invalid) and parsed.busy_terminal:
@@ -849,22 +900,23 @@ class CardService(pb_grpc.CardServiceServicer):
                         break
                     request_id, op_type, parsed = self.operations.operation(op, caller)
                 if refused and not isinstance(parsed, PendingOp):
-                    results[i] = result_of(request_id, Outcome(refused, False, op_type, None, 0))
+                    answer(i, result_of(request_id, Outcome(refused, False, op_type, None, 0)))
                 elif isinstance(parsed, Invalid):
-                    results[i] = _failed_result(request_id, op_type, parsed)
+                    answer(i, _failed_result(request_id, op_type, parsed))
                 else:
                     valid.append(parsed)
-                    where.append((i, request_id, op_type))
+                    places.append(i)
+                    rids.append(request_id)
             await flush()
         except BaseException:
             self._release(valid, [Outcome(L.R_INTERNAL, False, 0, None, 0)] * len(valid))
             raise
-        self.metrics.count_many((r.type, r.reason) for r in results)
-        for r in results:
-            if r.reason:
-                log_refusal(r.request_id, r.reason, r.failure.field)
+        for (op_type, reason), count in counts.items():
+            self.metrics.count(op_type, reason, count)
+        for request_id, reason in declined:
+            log_refusal(request_id, reason)
         self._call_seconds["SubmitBatch"].observe(time.perf_counter() - started)
-        return pb.SubmitBatchResponse(results=results)
+        return batchwire.frame(results, _BATCH_RESULTS)
 
     async def SwipeStream(self, request_iterator, context):
         """One reply per request, in order; requests are pipelined up to STREAM_IN_FLIGHT_MAX

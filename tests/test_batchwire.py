@@ -1,0 +1,462 @@
+"""SubmitBatch's C glue (cardcore.ext.batchwire) against the Python path it stands in for, on
+any input: the operations it builds are the ones ``Operations.operation`` builds, field for
+field, and what it leaves to that path includes every operation that path refuses; the results
+it writes are ``result_of``'s bytes; and the whole call through a real server."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from cardcore import groups
+from cardcore import layout as L
+from cardcore.ext import batchwire
+from cardcore.idempotency import OP_FIELD_AT, Outcome, PendingOp
+from cardcore.keyring import Keyring
+from cardcore.ledger import Ledger
+from cardcore.server.access import ROLE, Access, Caller, Operator
+from cardcore.server.operations import Operations
+from cardcore.server import service, writer
+from cardcore.server.service import result_of
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+
+from conftest import new_card_number, rid, sent_at
+
+R = cpb.Reason
+SETTINGS = settings(max_examples=300, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@given(st.binary(max_size=400), st.integers(1, 64))
+@settings(max_examples=300, deadline=None)
+def test_blake2b_is_hashlibs(data, size):
+    assert batchwire.blake2b(data, size) == hashlib.blake2b(data, digest_size=size).digest()
+
+
+def test_constants_are_the_layouts_and_the_contracts():
+    fields = {"AT_OP": "op", "AT_PIN_FLAGS": "pin_flags", "AT_CALLER_KIND": "caller_kind",
+              "AT_AMOUNT": "amount_minor", "AT_STORE": "store_id", "AT_TERMINAL": "terminal_id",
+              "AT_STAFF": "staff_id", "AT_OPERATOR": "operator_id", "AT_TAG": "request_tag",
+              "AT_CARD_ID": "card_id", "AT_CLIENT_TIME": "client_time_us",
+              "AT_CALLER_ID": "caller_id"}
+    assert {k: v for k, v in batchwire.SIZES.items() if k.startswith("AT_")} == \
+        {name: OP_FIELD_AT[field][0] for name, field in fields.items()}
+    assert batchwire.SIZES["OP_SIZE"] == L.OP_SIZE
+    assert batchwire.SIZES["CARD_ID_SIZE"] == L.CARD_ID_SIZE
+    assert batchwire.SIZES["REQUEST_TAG_SIZE"] == L.REQUEST_TAG_SIZE
+    for name, number in batchwire.FIELDS.items():
+        message, field = name.split(".")
+        module = cpb if message == "CardRef" else pb
+        assert getattr(module, message).DESCRIPTOR.fields_by_name[field].number == number, name
+    # the journal fields the results read, against the service's own reads of them
+    # (each byte of this entry is its offset, so a field read gives its offset in its low byte)
+    entry = bytes(range(224))
+    offsets = [v & 0xFF for v in service._REPLY_FIELDS.unpack_from(entry)
+               + service._REPLY_PROGRAM.unpack_from(entry)]
+    names = ["J_OP", "J_TIER", "J_SEQ", "J_AMOUNT", "J_DISCOUNT", "J_PRINCIPAL_DELTA",
+             "J_BONUS_DELTA", "J_POINTS_DELTA", "J_PRINCIPAL_AFTER", "J_BONUS_AFTER",
+             "J_POINTS_AFTER", "J_TS", "J_PROGRAM_VERSION", None, None, "J_POINTS_TAKEN",
+             "J_REDEEMED", "J_TIER_AFTER", "J_PROMOTION", "J_FLAGS"]
+    assert {name: at for name, at in zip(names, offsets, strict=True) if name} == \
+        {k: v for k, v in batchwire.JOURNAL_AT.items() if k != "J_LINK_SEQ"}
+    hop = batchwire.HOP
+    assert (hop["GROUP_HEAD_SIZE"], hop["OP_HEAD_SIZE"], hop["NONE_LEN"]) == (
+        groups.GROUP_HEAD.size, groups.OP_HEAD.size, groups.NONE_LEN)
+    assert (hop["ANSWER_SIZE"], hop["ENTRY_HEAD"]) == (writer.ANSWER.size, writer.ENTRY_HEAD_SIZE)
+    assert hop["ENTRY_LINE_COUNT"] & 0xFF == L.JOURNAL_PROGRAM.unpack_from(
+        entry, L.JOURNAL_OFF_PROGRAM)[3] & 0xFF
+    assert hop["ENTRY_CARD"] == 16 and entry[16:32] == L.JOURNAL.unpack_from(bytes(range(256)))[8][:16]
+    assert batchwire.JOURNAL_AT["J_LINK_SEQ"] == L.JOURNAL_TAIL.unpack_from(entry)[3] & 0xFF  # the hold closed
+
+
+# ---- building operations --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builders(tmp_path_factory):
+    """Operations of an --insecure server and of a TLS one, over a real ledger and keyring."""
+    folder = str(tmp_path_factory.mktemp("batchwire"))
+    ledger = Ledger(os.path.join(folder, "ledger"))
+    keyring = Keyring.load_or_create(os.path.join(folder, "keyring.json"), folder)
+    out = {}
+    for tls in (False, True):
+        access = Access(ledger, keyring.bdk, keyring.bdk_id, tls=tls)
+        out[tls] = Operations(ledger, keyring, access)
+    yield out
+    ledger.close()
+
+
+CHAIN_ADMIN = Operator(7, "admin", ROLE.OPERATOR_ROLE_CHAIN_ADMIN, frozenset())
+CASHIER_ANYWHERE = Operator(8, "till", ROLE.OPERATOR_ROLE_CASHIER, frozenset())
+STORE_MANAGER = Operator(9, "store 1", ROLE.OPERATOR_ROLE_STORE_MANAGER, frozenset({1}))
+CALLERS = {  # (server is TLS, caller)
+    "development": (False, Caller(None, False, None, False, "")),
+    "chain admin": (False, Caller(None, False, CHAIN_ADMIN, False, "d1")),
+    "cashier over TLS": (True, Caller(None, False, CASHIER_ANYWHERE, False, "d2")),
+    "store manager": (False, Caller(None, False, STORE_MANAGER, False, "d3")),
+    "bad token": (False, Caller(None, False, None, True, "d4")),
+    "terminal certificate": (True, Caller(5, True, None, False, "")),
+    "no operator over TLS": (True, Caller(None, False, None, False, "")),
+}
+
+_rng = random.Random(12)
+GOOD_NUMBERS = [new_card_number(_rng) for _ in range(4)]
+request_ids = st.one_of(
+    st.from_regex(r"[A-Za-z0-9._:\-]{1,64}", fullmatch=True),
+    st.sampled_from(["", "x" * 64, "x" * 65, "a b", "é", "r/1", "r\n"]),
+    st.text(max_size=70))
+numbers = st.one_of(
+    st.sampled_from(GOOD_NUMBERS),
+    st.sampled_from(["", "1234567", "12345678", "4" * 19, "4" * 20, "6225 8800", "٦٢٢٥٨٨٠٠٠٠٠",
+                     GOOD_NUMBERS[0][:-1] + str((int(GOOD_NUMBERS[0][-1]) + 1) % 10)]),
+    st.text("0123456789", min_size=6, max_size=21))
+amounts = st.one_of(st.integers(1, 10**7), st.sampled_from([0, -1, L.INT64_MAX, -L.INT64_MAX - 1]))
+times = st.one_of(st.integers(1, 2**62), st.sampled_from([0, -1, L.INT64_MAX]))
+u32 = st.one_of(st.integers(0, 5), st.integers(0, 2**32 - 1))
+
+
+@st.composite
+def purchases(draw):
+    """A purchase request: mostly plain, any value valid or not; sometimes with what makes it
+    not plain (a PIN block, lines, points, a coupon, a basket, another kind of card)."""
+    req = pb.PurchaseRequest()
+    if draw(st.integers(0, 9)):
+        req.request_id = draw(request_ids)
+    card = draw(st.sampled_from(["number", "number", "number", "none", "empty", "secure", "id"]))
+    if card == "number":
+        req.card.card_number = draw(numbers)
+    elif card == "empty":
+        req.card.SetInParent()
+    elif card == "secure":
+        req.card.secure.ksn = draw(st.binary(max_size=12))
+    elif card == "id":
+        req.card.card_id = draw(st.binary(min_size=16, max_size=16))
+    if draw(st.integers(0, 9)):
+        req.gross_amount_minor = draw(amounts)
+    if draw(st.booleans()):
+        req.till.store_id, req.till.terminal_id, req.till.staff_id = draw(u32), draw(u32), draw(u32)
+    if draw(st.integers(0, 9)):
+        req.client_time_us = draw(times)
+    extra = draw(st.sampled_from(["none"] * 6 + ["pin", "lines", "points", "coupon", "partial",
+                                                 "basket"]))
+    if extra == "pin":
+        req.pin_block = draw(st.binary(min_size=1, max_size=16))
+    elif extra == "lines":
+        req.lines.add(category_code=1, amount_minor=req.gross_amount_minor or 100)
+    elif extra == "points":
+        req.redeem_points = draw(st.integers(-5, 100))
+    elif extra == "coupon":
+        req.coupon_serial = draw(st.integers(1, 2**64 - 1))
+    elif extra == "partial":
+        req.allow_partial = True
+    elif extra == "basket":
+        req.basket_id = draw(request_ids)
+    return req
+
+
+operations = st.one_of(
+    purchases().map(lambda req: pb.Operation(purchase=req)),
+    purchases().map(lambda req: pb.Operation(top_up=pb.TopUpRequest(
+        request_id=req.request_id, card=req.card, amount_minor=req.gross_amount_minor,
+        till=req.till, client_time_us=req.client_time_us, pin_block=req.pin_block))),
+    st.just(pb.Operation()))
+
+
+def plain_fields_only(op: pb.Operation) -> bool:
+    """A purchase or top-up setting nothing but what a plain one has, its card by number."""
+    kind = op.WhichOneof("op")
+    if kind == "top_up":
+        return op.top_up.card.WhichOneof("ref") == "card_number" and not op.top_up.pin_block
+    if kind != "purchase":
+        return False
+    req = op.purchase
+    return (req.card.WhichOneof("ref") == "card_number" and not req.pin_block and not req.lines
+            and not req.redeem_points and not req.coupon_serial and not req.allow_partial
+            and not req.basket_id)
+
+
+@SETTINGS
+@given(st.lists(operations, max_size=12), st.sampled_from(sorted(CALLERS)))
+@example([pb.Operation(purchase=pb.PurchaseRequest(
+    request_id="r-1", card=cpb.CardRef(card_number=GOOD_NUMBERS[0]), gross_amount_minor=100,
+    till=cpb.Till(store_id=1, terminal_id=2, staff_id=3), client_time_us=1))], "development")
+def test_built_operations_are_the_python_paths(builders, ops, caller_name):
+    tls, caller = CALLERS[caller_name]
+    builder = builders[tls]
+    batch = pb.SubmitBatchRequest(operations=ops)
+    plain = builder.plain_ops(batch.SerializeToString(), caller)
+    if plain is None:  # a caller the C path does not build for: all through the Python path
+        assert (caller.bad_token or caller.cert_terminal_id is not None
+                or (caller.operator is None and tls) or caller.operator is STORE_MANAGER)
+        return
+    built, rids, count = plain
+    assert len(built) == len(rids) == len(ops)
+    assert count == sum(op is not None for op in built)
+    for k, op in enumerate(ops):
+        request_id, op_type, reference = builder.operation(op, caller)
+        if built[k] is None:
+            # left to the Python path: never one it would accept as a plain purchase
+            assert not (isinstance(reference, PendingOp) and plain_fields_only(op)), k
+            continue
+        assert isinstance(reference, PendingOp), (k, reference)  # not refused by the reference
+        assert built[k] == reference, k
+        assert rids[k] == request_id and op_type == built[k].packed[0] in (L.OP_PURCHASE,
+                                                                          L.OP_TOP_UP)
+
+
+def test_unknown_fields_of_the_batch_are_stepped_over(builders):
+    """Fields the batch does not know (a newer contract's, or a known one sent with another wire
+    type) are kept by protobuf and passed over here; one it cannot step over (a group) sends
+    the whole batch to the Python path."""
+    caller = CALLERS["development"][1]
+    op = pb.Operation(purchase=pb.PurchaseRequest(
+        request_id="u-1", card=cpb.CardRef(card_number=GOOD_NUMBERS[1]), gross_amount_minor=5,
+        client_time_us=7))
+    one = pb.SubmitBatchRequest(operations=[op]).SerializeToString()
+    reference = builders[False].operation(op, caller)[2]
+    for unknown in (b"\x08\x01", b"\x11" + bytes(8), b"\x15" + bytes(4), b"\x9a\x01\x02ab"):
+        batch = pb.SubmitBatchRequest.FromString(unknown + one + unknown).SerializeToString()
+        built, _, count = builders[False].plain_ops(batch, caller)
+        assert count == 1 and built == [reference], unknown
+    with_group = pb.SubmitBatchRequest.FromString(one + b"\x1b\x08\x01\x1c").SerializeToString()
+    assert builders[False].plain_ops(with_group, caller) is None
+
+
+def test_not_a_batch_is_refused_not_misread(builders):
+    caller = CALLERS["development"][1]
+    with pytest.raises(ValueError):
+        builders[False].plain_ops(b"\x0a\x05ab", caller)  # a length past the end
+    assert builders[False].plain_ops(b"", caller) == ([], [], 0)
+
+
+# ---- building results -----------------------------------------------------------------------
+
+int64s = st.one_of(st.sampled_from([0, 1, -1, 100, -100]), st.integers(-2**40, 2**40))
+
+
+@st.composite
+def outcomes(draw):
+    """An outcome as the writer answers one: applied (a purchase, a top-up, anything else) or
+    refused, with any figures in the entry."""
+    entry = bytearray(draw(st.binary(min_size=224, max_size=224))) if draw(st.booleans()) \
+        else bytearray(224)
+    entry[1] = draw(st.sampled_from([L.OP_PURCHASE, L.OP_PURCHASE, L.OP_TOP_UP, L.OP_REFUND,
+                                     L.OP_HOLD, L.OP_COUPON_ISSUE]))
+    for at in (8, 32, 40, 48, 56, 64, 72, 80, 88, 96):
+        struct.pack_into("<q", entry, at, draw(int64s))
+    if draw(st.booleans()):  # no capture, points, coupon or partial payment: a plain one
+        entry[144:152] = bytes(8)
+        entry[176:192] = bytes(16)
+        entry[196:200] = bytes(4) if draw(st.booleans()) else b"\x05\x00\x00\x00"
+    reason = draw(st.sampled_from([L.R_OK] * 4 + [R.REASON_INSUFFICIENT_FUNDS,
+                                                  R.REASON_CARD_NOT_FOUND, R.REASON_PIN_WRONG,
+                                                  L.R_STORAGE_UNAVAILABLE]))
+    lines = draw(st.sampled_from([b"", b"", L.LINE.pack(1, 0, 1, 100, 5, 0, 0, b"x")]))
+    return Outcome(reason, draw(st.booleans()), entry[1], bytes(entry),
+                   draw(st.integers(0, 10**6)), 0, lines if reason == L.R_OK else b"",
+                   draw(st.sampled_from([0, 0, 7])))
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(["", "r-1", "x" * 64, "a:b.c-d_e"]), outcomes()),
+                max_size=10))
+def test_results_are_result_ofs_bytes(answered):
+    writer = batchwire.Results(L.OP_PURCHASE, L.OP_TOP_UP, L.PARTIAL_PAYMENT)
+    reference = []
+    for request_id, outcome in answered:
+        try:
+            reference.append(result_of(request_id, outcome, 3))
+        except ValueError:  # figures protobuf cannot hold (the ledger never has them)
+            return
+    n = len(answered)
+    places = list(range(n))[::-1]  # written at their places, not in order
+    results, counts, declined = [None] * n, {}, []
+    writer.fill(results, places, [r for r, _ in answered], [o for _, o in answered],
+                lambda request_id, outcome: result_of(request_id, outcome, 3).SerializeToString(),
+                counts, declined)
+    assert results == [r.SerializeToString() for r in reference][::-1]
+    expected: dict = {}
+    for r in reference:
+        expected[r.type, r.reason] = expected.get((r.type, r.reason), 0) + 1
+    assert counts == expected
+    assert declined == [(r.request_id, r.reason) for r in reference if r.reason]
+    assert batchwire.frame(results, 1) == pb.SubmitBatchResponse(
+        results=reference[::-1]).SerializeToString()
+
+
+# ---- through the server ---------------------------------------------------------------------
+
+def test_a_mixed_batch_through_the_server(server, admin):
+    """Plain purchases (built in C) among refused ones and others (the Python path): one result
+    each, in order, the refusals the Python path's, the plain ones applied."""
+    number = new_card_number()
+    ids = [rid() for _ in range(9)]
+    card = cpb.CardRef(card_number=number)
+    till = cpb.Till(store_id=1, terminal_id=1)
+    opened = server.stub.OpenCard(pb.OpenCardRequest(request_id=ids[0], card=card, till=till,
+                                                     client_time_us=sent_at(ids[0])))
+    assert opened.reason == R.REASON_OK
+    server.stub.TopUp(pb.TopUpRequest(request_id=ids[1], card=card, amount_minor=100_000,
+                                      till=till, client_time_us=sent_at(ids[1])))
+
+    def purchase(request_id, **kw):
+        fields = dict(request_id=request_id, card=card, gross_amount_minor=1_000, till=till,
+                      client_time_us=sent_at(request_id) if request_id else 1)
+        fields.update(kw)
+        return pb.Operation(purchase=pb.PurchaseRequest(**fields))
+
+    batch = [purchase(ids[2]),
+             purchase("bad id!"),
+             purchase(ids[3], card=cpb.CardRef(card_number="1234")),
+             purchase(ids[4], gross_amount_minor=0),
+             purchase(ids[5], client_time_us=0),
+             purchase(ids[6], pin_block=b"\x01" * 16),
+             purchase(ids[7]),
+             pb.Operation(top_up=pb.TopUpRequest(request_id=ids[8], card=card, amount_minor=5,
+                                                 till=till, client_time_us=sent_at(ids[8]))),
+             pb.Operation()]
+    results = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=batch)).results
+    got = [(r.request_id, r.reason, r.failure.field, r.type) for r in results]
+    purchase_type = cpb.OPERATION_TYPE_PURCHASE
+    assert got == [
+        (ids[2], R.REASON_OK, "", purchase_type),
+        ("bad id!", R.REASON_INVALID_REQUEST_ID, "request_id", purchase_type),
+        (ids[3], R.REASON_INVALID_CARD_NUMBER, "card.card_number", purchase_type),
+        (ids[4], R.REASON_INVALID_AMOUNT, "gross_amount_minor", purchase_type),
+        (ids[5], R.REASON_INVALID_ARGUMENT, "client_time_us", purchase_type),
+        (ids[6], R.REASON_PIN_BLOCK_INVALID, "pin_block", purchase_type),
+        (ids[7], R.REASON_OK, "", purchase_type),
+        (ids[8], R.REASON_OK, "", cpb.OPERATION_TYPE_TOP_UP),
+        ("", R.REASON_INVALID_ARGUMENT, "op", 0)]
+    first, second = results[0], results[6]
+    assert first.seq and second.seq == first.seq + 1
+    assert first.paid_minor == 1_000 - first.discount_minor
+    assert second.balance_after.principal_minor == 100_000 - first.paid_minor - second.paid_minor
+    # a retry of the whole batch: the applied ones replayed with their original answers
+    again = server.stub.SubmitBatch(pb.SubmitBatchRequest(operations=batch)).results
+    assert [r.replayed for r in again] == [True, False, False, False, False, False, True, True,
+                                           False]
+    assert again[0].seq == first.seq and again[0].balance_after == first.balance_after
+
+
+def test_an_operator_outside_its_scope_is_refused_per_purchase(server, admin):
+    """A store manager of store 1 (its purchases by the Python path): a purchase at store 2 is
+    refused, the one at store 1 applied; a bad token refuses every purchase."""
+    token = admin.add_operator("mgr-" + rid()[:8], ROLE.OPERATOR_ROLE_STORE_MANAGER, [1])
+    number = new_card_number()
+    ids = [rid() for _ in range(4)]
+    card = cpb.CardRef(card_number=number)
+    server.stub.OpenCard(pb.OpenCardRequest(request_id=ids[0], card=card,
+                                            till=cpb.Till(store_id=1),
+                                            client_time_us=sent_at(ids[0])))
+    server.stub.TopUp(pb.TopUpRequest(request_id=ids[1], card=card, amount_minor=10_000,
+                                      till=cpb.Till(store_id=1), client_time_us=sent_at(ids[1])))
+    batch = pb.SubmitBatchRequest(operations=[
+        pb.Operation(purchase=pb.PurchaseRequest(
+            request_id=ids[k], card=card, gross_amount_minor=100, till=cpb.Till(store_id=store),
+            client_time_us=sent_at(ids[k]))) for k, store in ((2, 1), (3, 2))])
+    results = server.stub.SubmitBatch(batch, metadata=(("authorization", f"Bearer {token}"),)).results
+    assert [(r.reason, r.failure.field) for r in results] == [
+        (R.REASON_OK, ""), (R.REASON_PERMISSION_DENIED, "till.store_id")]
+    refused = server.stub.SubmitBatch(
+        batch, metadata=(("authorization", "Bearer not-a-token"),)).results
+    assert {r.reason for r in refused} == {R.REASON_UNAUTHENTICATED}
+
+
+@pytest.mark.parametrize("caller_name", ["development", "chain admin", "cashier over TLS"])
+def test_every_plain_purchase_is_built_in_c(builders, caller_name):
+    """Not only refused or left over: a batch of valid plain purchases and top-ups is built in
+    C, whole."""
+    tls, caller = CALLERS[caller_name]
+    ops = [pb.Operation(purchase=pb.PurchaseRequest(
+        request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
+        gross_amount_minor=100 + k, till=cpb.Till(store_id=k, terminal_id=1, staff_id=k % 3),
+        client_time_us=1_796_000_000_000_000 + k)) for k in range(40)]
+    ops += [pb.Operation(top_up=pb.TopUpRequest(
+        request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
+        amount_minor=100 + k, till=cpb.Till(store_id=k), client_time_us=1_796_000_000_000_000 + k))
+        for k in range(40, 50)]
+    built, rids, count = builders[tls].plain_ops(
+        pb.SubmitBatchRequest(operations=ops).SerializeToString(), caller)
+    assert count == 50
+    assert built == [builders[tls].operation(op, caller)[2] for op in ops]
+    assert rids == [f"p-{k}" for k in range(50)]
+
+
+# ---- the hop ---------------------------------------------------------------------------------
+
+def _pending(draw) -> PendingOp:
+    maybe = st.one_of(st.none(), st.binary(max_size=40))
+    return PendingOp(draw(st.binary(max_size=69)), draw(st.binary(min_size=16, max_size=16)),
+                     draw(st.binary(min_size=192, max_size=192)),
+                     draw(st.binary(min_size=16, max_size=16)), draw(maybe),
+                     draw(st.integers(0, 2**32 - 1)), draw(maybe), draw(maybe),
+                     draw(st.integers(0, 255)), draw(st.integers(0, 255)),
+                     draw(st.integers(0, 2**32 - 1)),
+                     draw(st.sampled_from([b"", bytes(64), bytes(range(128))])))
+
+
+pending_ops = st.composite(lambda draw: _pending(draw))()
+
+
+@SETTINGS
+@given(st.lists(pending_ops, max_size=8), st.integers(-2**63, 2**63 - 1))
+def test_group_bytes_are_encode_groups(ops, ts_us):
+    assert batchwire.encode_group(ops, ts_us) == groups.encode_group(ops, ts_us)
+
+
+@SETTINGS
+@given(st.lists(outcomes(), max_size=8), st.integers(0, 5).map(bool))
+def test_answers_decode_as_decode_answer_does(answered, draw_consistent):
+    with_counts = [o._replace(count=k, available_minor=o.available_minor if o.reason else 0,
+                              held_minor=o.held_minor if not o.reason else 0)
+                   for k, o in enumerate(answered)]
+    for k, o in enumerate(with_counts):  # an entry says how many lines follow (or, drawn so,
+        if o.entry is not None and draw_consistent:  # does not: then both refuse the answer)
+            entry = bytearray(o.entry)
+            struct.pack_into("<H", entry, L.JOURNAL_OFF_PROGRAM + 18, len(o.lines) // L.LINE_SIZE)
+            with_counts[k] = o._replace(entry=bytes(entry))
+    data = writer.encode_answer(with_counts)
+    try:
+        reference = writer.decode_answer(data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            batchwire.decode_answer(data, Outcome, L.R_OK)
+        return
+    decoded = batchwire.decode_answer(data, Outcome, L.R_OK)
+    assert decoded == reference
+    assert all(type(o) is Outcome for o in decoded)
+    if data[4:]:
+        with pytest.raises(ValueError):
+            batchwire.decode_answer(data + b"x", Outcome, L.R_OK)
+
+
+@SETTINGS
+@given(st.lists(st.lists(st.tuples(pending_ops, outcomes()), min_size=1, max_size=3), max_size=4))
+def test_dirty_marks_are_each_cards_and_keys(items):
+    """What the writer must treat as not yet checkpointed: each operation's card and request key
+    unless the storage refused it, and the card of every entry."""
+    class Item:
+        def __init__(self, ops):
+            self.ops = ops
+
+    ops = [[op for op, _ in item] for item in items]
+    answered = [o for item in items for _, o in item]
+    cards, keys = {b"old": 1}, {}
+    batchwire.mark_dirty(cards, keys, [Item(o) for o in ops], answered, 5,
+                         L.R_STORAGE_UNAVAILABLE)
+    want_cards, want_keys = {b"old": 1}, {}
+    for op, o in zip([op for group in ops for op in group], answered, strict=True):
+        if o.reason != L.R_STORAGE_UNAVAILABLE:
+            want_cards[op.card_id] = 5
+            if op.request_key:
+                want_keys[op.request_key] = 5
+    for o in answered:
+        if o.entry is not None:
+            want_cards[o.entry[16:32]] = 5
+    assert (cards, keys) == (want_cards, want_keys)
