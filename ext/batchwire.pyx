@@ -538,6 +538,8 @@ def frame(list results, uint32_t field_number):
     cdef Py_ssize_t head_len
     cdef uint64_t key = (<uint64_t>field_number << 3) | WIRE_LEN
     for k in range(n):
+        if type(results[k]) is not bytes:  # a hole would frame as an empty, "OK" result
+            raise TypeError("a result to frame is not bytes")
         total += 2 * 10 + PyBytes_GET_SIZE(<bytes>results[k])
     out = PyBytes_FromStringAndSize(NULL, total)
     cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(out)
@@ -574,11 +576,22 @@ cdef inline bytes as_bytes(object x):
 
 
 cdef inline uint32_t extra_len(object x) except? 0xFFFFFFFE:
+    """The header's length of an extra already made bytes (as_bytes), or NONE_LEN for None."""
     if x is None:
         return NONE_LEN
-    if len(x) >= NONE_LEN:
+    if PyBytes_GET_SIZE(<bytes>x) >= NONE_LEN:
         raise ValueError("an operation's extra is too long")
-    return <uint32_t>len(x)
+    return <uint32_t>PyBytes_GET_SIZE(<bytes>x)
+
+
+cdef inline Py_ssize_t copy_in(uint8_t* w, Py_ssize_t at, Py_ssize_t total,
+                               bytes part) except -1:
+    """``part`` written at ``at``, never past ``total`` (sizes counted before, from len())."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(part)
+    if size > total - at:
+        raise ValueError("an operation's part is longer than its len()")
+    memcpy(w + at, PyBytes_AS_STRING(part), size)
+    return at + size
 
 
 def encode_group(list ops, int64_t ts_us):
@@ -605,9 +618,12 @@ def encode_group(list ops, int64_t ts_us):
         key = as_bytes(op.request_key)
         if len(key) > 255:
             raise ValueError("a request key is at most 255 bytes")
-        extras = (op.profile, op.sealed, op.payload)
+        extras = tuple(None if x is None else as_bytes(x)
+                       for x in (op.profile, op.sealed, op.payload))
         for j in range(3):
             lens[j] = extra_len(extras[j])
+        if OP_HEAD_SIZE > total - at:
+            raise ValueError("an operation's part is longer than its len()")
         w[at] = <uint8_t>len(key)
         (<uint32_t*>(w + at + 1))[0] = <uint32_t>op.ksn_counter
         (<uint32_t*>(w + at + 5))[0] = lens[0]
@@ -618,16 +634,11 @@ def encode_group(list ops, int64_t ts_us):
         (<uint32_t*>(w + at + 19))[0] = <uint32_t>op.scope_store_id
         at += OP_HEAD_SIZE
         for part in (as_bytes(op.packed), as_bytes(op.digest), key):
-            memcpy(w + at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
-            at += PyBytes_GET_SIZE(part)
+            at = copy_in(w, at, total, part)
         for j in range(3):
             if extras[j] is not None:
-                part = as_bytes(extras[j])
-                memcpy(w + at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
-                at += PyBytes_GET_SIZE(part)
-        part = as_bytes(op.lines)
-        memcpy(w + at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
-        at += PyBytes_GET_SIZE(part)
+                at = copy_in(w, at, total, extras[j])
+        at = copy_in(w, at, total, as_bytes(op.lines))
     if at != total:
         raise RuntimeError("group size changed while it was written")
     return out

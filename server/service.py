@@ -868,6 +868,12 @@ class CardService(pb_grpc.CardServiceServicer):
         # no lists at all for a caller they cannot be built for): those go through
         # operations.operation
         plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
+        if plain is not None and len(plain[0]) != n:
+            # the C loop read operations protobuf did not (an unknown field's content, say):
+            # none of them is taken, the whole batch goes the Python path
+            log.error("SubmitBatch: the C path read %d operations of %d; not used",
+                      len(plain[0]), n)
+            plain = None
         plain_ops, plain_rids, built = plain or ((None,) * n, (), 0)
         operations = request.operations
         try:

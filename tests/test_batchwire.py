@@ -227,6 +227,83 @@ def test_unknown_fields_of_the_batch_are_stepped_over(builders):
     assert builders[False].plain_ops(with_group, caller) is None
 
 
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    return bytes(out + bytes([v]))
+
+
+unknown_batch_fields = st.lists(st.one_of(  # after the operations, as protobuf writes them
+    st.tuples(st.integers(2, 40), st.integers(0, 2**64 - 1)).map(
+        lambda t: _varint(t[0] << 3) + _varint(t[1])),
+    st.tuples(st.integers(2, 40), st.binary(min_size=8, max_size=8)).map(
+        lambda t: _varint(t[0] << 3 | 1) + t[1]),
+    st.tuples(st.integers(2, 40), st.binary(max_size=20)).map(
+        lambda t: _varint(t[0] << 3 | 2) + _varint(len(t[1])) + t[1]),
+    st.tuples(st.integers(2, 40), st.binary(min_size=4, max_size=4)).map(
+        lambda t: _varint(t[0] << 3 | 5) + t[1])), max_size=3).map(b"".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(unknown_batch_fields)
+def test_unknown_batch_fields_of_any_wire_type_change_nothing(builders, unknown):
+    """(found by a review) whatever unknown fields follow, the C loop reads the operations
+    protobuf read, no more: none is made of an unknown field's bytes."""
+    caller = CALLERS["development"][1]
+    plain = pb.Operation(purchase=pb.PurchaseRequest(
+        request_id="u-1", card=cpb.CardRef(card_number=GOOD_NUMBERS[0]), gross_amount_minor=5,
+        client_time_us=7))
+    ops = [plain, pb.Operation(purchase=pb.PurchaseRequest(request_id="x y"))]
+    parsed = pb.SubmitBatchRequest.FromString(
+        pb.SubmitBatchRequest(operations=ops).SerializeToString() + unknown)
+    built, _, count = builders[False].plain_ops(parsed.SerializeToString(), caller)
+    assert len(built) == len(parsed.operations) == 2 and count == 1
+    assert built[0] == builders[False].operation(plain, caller)[2] and built[1] is None
+
+
+def test_an_operation_hidden_in_an_unknown_field_is_not_applied(server):
+    """A varint field then a bytes field whose content is a serialized purchase: protobuf sees
+    one operation, and so does the server: its one refusal, nothing else applied."""
+    number, hidden_id = new_card_number(), rid()
+    inner = pb.Operation(purchase=pb.PurchaseRequest(
+        request_id=hidden_id, card=cpb.CardRef(card_number=number), gross_amount_minor=777,
+        till=cpb.Till(store_id=1, terminal_id=1), client_time_us=sent_at(hidden_id)))
+    payload = b"\x0a" + _varint(len(inner.SerializeToString())) + inner.SerializeToString()
+    data = pb.SubmitBatchRequest(operations=[pb.Operation(purchase=pb.PurchaseRequest(
+        request_id="bad id!"))]).SerializeToString()
+    data += b"\x10\x02" + b"\x1a" + _varint(len(payload)) + payload
+    call = server.channel.unary_unary("/cardcore.v1.CardService/SubmitBatch",
+                                      request_serializer=lambda b: b,
+                                      response_deserializer=pb.SubmitBatchResponse.FromString)
+    results = call(data, timeout=30).results
+    assert [(r.request_id, r.reason) for r in results] == [
+        ("bad id!", R.REASON_INVALID_REQUEST_ID)]
+
+
+def test_frame_refuses_what_is_not_bytes():
+    """(found by a review) a hole in the results would frame as an empty result: reason OK."""
+    for results in ([b"", None], ["abc"], [bytearray(b"\x08\x01")]):
+        with pytest.raises(TypeError):
+            batchwire.frame(results, 1)
+
+
+def test_encode_group_never_writes_past_its_buffer():
+    """(found by a review) a part whose len() is not its size in bytes (a memoryview of int64s)
+    is refused, never copied past the group's buffer (run apart: a heap overrun aborts)."""
+    import subprocess
+    import sys
+    code = ("from array import array\n"
+            "from cardcore.idempotency import PendingOp\n"
+            "from cardcore.ext import batchwire\n"
+            "op = PendingOp(b'k', bytes(16), memoryview(array('q', [7] * 24)), bytes(16))\n"
+            "try:\n    batchwire.encode_group([op] * 50, 1)\nexcept ValueError:\n    pass\n"
+            "else:\n    raise SystemExit('encoded')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert run.returncode == 0, run.stderr[-300:]
+
+
 def test_not_a_batch_is_refused_not_misread(builders):
     caller = CALLERS["development"][1]
     with pytest.raises(ValueError):
