@@ -59,6 +59,7 @@ setup(
          Extension("cardcore.ext.cardno", ["ext/cardno.pyx"], extra_compile_args=["-O2"]),
          Extension("cardcore.ext.wire", ["ext/wire.pyx"], extra_compile_args=["-O2"]),
          Extension("cardcore.ext.daytotals", ["ext/daytotals.pyx"], extra_compile_args=["-O2"]),
+         Extension("cardcore.ext.members", ["ext/members.pyx"], extra_compile_args=["-O2"]),
          # OpenSSL's libcrypto (Debian: libssl-dev to build, libssl3 to run)
          Extension("cardcore.ext.aes", ["ext/aes.pyx"], libraries=["crypto"],
                    extra_compile_args=["-O2"]),
