@@ -221,21 +221,22 @@ class Members:
         n = len(ops)
         if times.tolist().count(times[0]) != n or versions.tolist().count(versions[0]) != n:
             return False
-        skip = set(later)
-        index = [k for k, op in enumerate(ops) if op == L.OP_PURCHASE and k not in skip]
-        if not index:
+        skip = bytearray(n)
+        for k in later:
+            skip[k] = 1
+        index, slot_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        m, keys = native.purchases(buf, skip, index, slot_of)
+        if not m:
             return True
-        size = L.JOURNAL_SIZE
-        cids = [buf[k * size + 16:k * size + 32] for k in index]
+        del index[m:], slot_of[m:]
         cards = self.txn.cursor(db=self.ledger.member_cards)
-        keys = sorted(set(cids))
         found = cards.getmulti(keys)
         if len(found) != len(keys):
             return False  # a card never opened: the reference says so
-        roots = dict(found)
         aliases = {cid: raw[_OFF_CARD:] for cid, raw in found
                    if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
-        if aliases:
+        if aliases:  # (rare) each alias's purchases to its root's record
+            roots = dict(found)
             for cid in aliases:
                 del roots[cid]
             missing = sorted(set(aliases.values()).difference(roots))
@@ -243,11 +244,14 @@ class Members:
             if len(got) != len(missing):
                 return False
             roots.update(got)
-        order = sorted(roots) if aliases else keys
-        slot = {cid: s for s, cid in enumerate(order)}
-        for cid, root in aliases.items():
-            slot[cid] = slot[root]
-        records = bytearray(b"".join([roots[cid] for cid in order]))
+            order = sorted(roots)
+            slot = {cid: s for s, cid in enumerate(order)}
+            to_root = [slot[aliases.get(cid, cid)] for cid in keys]
+            slot_of = array("I", [to_root[s] for s in slot_of])
+            records = bytearray(b"".join([roots[cid] for cid in order]))
+        else:
+            order = keys
+            records = bytearray(b"".join([raw for _, raw in found]))
         if len(records) != MEMBER.size * len(order):
             return False
         stores = view.cast("I")[_I_STORE::_I_PER_ENTRY].tolist()
@@ -255,16 +259,16 @@ class Members:
         month_of_day_ = {day: month_of_day(day) for day in set(day_of_store.values())}
         if len(month_of_day_) == 1:  # one day for all (most groups)
             (day, month), = month_of_day_.items()
-            days, months = array("I", [day]) * len(index), array("I", [month]) * len(index)
+            days, months = array("I", [day]) * m, array("I", [month]) * m
         else:
             days = array("I", [day_of_store[stores[k]] for k in index])
             months = array("I", [month_of_day_[d] for d in days])
         before = array("q", [-2]) * len(order)
-        months_out = array("q", bytes(32 * len(index)))
+        months_out = array("q", bytes(32 * m))
         totals = array("q", bytes(8 * 6 * _TABLE_MAX))
         activated = array("q", bytes(8 * 2 * _TABLE_MAX))
-        done = native.add_purchases(buf, array("I", index), array("I", [slot[c] for c in cids]),
-                                    days, months, records, before, months_out, totals, activated)
+        done = native.add_purchases(buf, index, slot_of, days, months, records, before,
+                                    months_out, totals, activated)
         if done is None:
             return False
         n_months, n_totals, n_activated = done
@@ -278,8 +282,7 @@ class Members:
             t[4] = daytotals.saturated(t[4] + totals[r + 5])
         for r in range(0, 2 * n_activated, 2):
             self._day(activated[r])[1] += activated[r + 1]
-        size, data = MEMBER.size, bytes(records)
-        self.packed = [(cid, data[s * size:(s + 1) * size]) for s, cid in enumerate(order)]
+        self.packed = native.items(order, records)
         self.packed_last = [(None if was < 0 else was, now, order[s])
                             for s, was, now in native.last_changes(records, before)]
         return True

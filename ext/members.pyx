@@ -5,11 +5,17 @@ is the reference it is held to (tests: the same records either way); this is onl
 Anything it does not expect (a record of another version or kind, a count at its limit, more
 months or days than its tables hold) makes it return None having changed nothing the caller
 keeps, and the caller adds the group through the reference instead, which says what is wrong."""
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t
-from libc.string cimport memcpy
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcmp, memcpy
 
 cdef enum:
     ENTRY_SIZE = 256      # layout.JOURNAL
+    E_OP = 1
+    E_CARD = 16           # card_id, 16 bytes
+    CARD_SIZE = 16
+    OP_PURCHASE = 3
     E_AMOUNT = 32         # amount_minor
     E_DISCOUNT = 40       # discount_minor
     RECORD_SIZE = 64      # members.MEMBER
@@ -82,6 +88,67 @@ cdef inline Py_ssize_t row_of(int64_t[::1] table, Py_ssize_t width, Py_ssize_t* 
     for k in range(1, width):
         table[r * width + k] = 0
     return r
+
+
+ctypedef struct Card:
+    unsigned char id[CARD_SIZE]
+    uint32_t i             # the purchase's number
+
+
+cdef int by_card(const void* a, const void* b) noexcept nogil:
+    """Card ids in LMDB's key order (bytes compared unsigned), then by purchase."""
+    cdef const Card* x = <const Card*>a
+    cdef const Card* y = <const Card*>b
+    cdef int c = memcmp(x.id, y.id, CARD_SIZE)
+    if c:
+        return c
+    return (x.i > y.i) - (x.i < y.i)
+
+
+def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
+              uint32_t[::1] index, uint32_t[::1] slot_of):
+    """The purchases of ``entries`` (journal entries) but those ``skip`` marks (a split
+    tender's later payments): their entry numbers into ``index`` and the number of their card
+    among the distinct ones into ``slot_of``. Returns (how many, the distinct card ids sorted:
+    the keys to read)."""
+    cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, m = 0, j
+    cdef Card* cards
+    cdef list keys = []
+    if skip.shape[0] != n or index.shape[0] < n or slot_of.shape[0] < n:
+        raise ValueError("member metrics: buffers of the wrong size")
+    if n == 0:
+        return 0, keys
+    cards = <Card*>malloc(n * sizeof(Card))
+    if cards == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n):
+            if entries[k * ENTRY_SIZE + E_OP] == OP_PURCHASE and not skip[k]:
+                memcpy(cards[m].id, &entries[k * ENTRY_SIZE + E_CARD], CARD_SIZE)
+                cards[m].i = <uint32_t>m
+                index[m] = <uint32_t>k
+                m += 1
+        qsort(cards, m, sizeof(Card), by_card)
+        for j in range(m):
+            if j == 0 or memcmp(cards[j].id, cards[j - 1].id, CARD_SIZE) != 0:
+                keys.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, CARD_SIZE))
+            slot_of[cards[j].i] = <uint32_t>(len(keys) - 1)
+    finally:
+        free(cards)
+    return m, keys
+
+
+def items(list keys, const unsigned char[::1] records):
+    """[(key, its record)]: ``records`` (RECORD_SIZE each) paired with ``keys`` in order (the
+    member_cards items to write)."""
+    cdef Py_ssize_t s, n = len(keys)
+    if records.shape[0] != n * RECORD_SIZE:
+        raise ValueError("member metrics: buffers of the wrong size")
+    out = []
+    for s in range(n):
+        out.append((keys[s], PyBytes_FromStringAndSize(<const char*>&records[s * RECORD_SIZE],
+                                                         RECORD_SIZE)))
+    return out
 
 
 def table_max():

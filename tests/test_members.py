@@ -520,10 +520,11 @@ def test_the_c_loop_adds_any_purchases_as_the_reference_does(tmp_path):
                 db=ledger.chain_stores)
 
     def packed(k, op, card, ts_us, store=1, amount=0, discount=0, basket=0):
+        card_id = bytes([card // 4]) * 15 + bytes([card])  # ids alike but in their last byte
         return L.JOURNAL.pack(
-            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, bytes([card]) * 16, amount, discount,
-            -amount, 0, 0, 0, 0, 0, ts_us, store, 0, 0, 0, bytes(8), 1, 0, bytes(3), 0, 0, 0, 0,
-            basket, 0, bytes(48), bytes(32))
+            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, card_id, amount, discount, -amount, 0, 0,
+            0, 0, 0, ts_us, store, 0, 0, 0, bytes(8), 1, 0, bytes(3), 0, 0, 0, 0, basket, 0,
+            bytes(48), bytes(32))
 
     opening = [packed(c, L.OP_IMPORT_CARD if c == 4 else L.OP_OPEN, c, base_us - 10**10)
                for c in range(6)]  # 6 and 7: never opened; 7 becomes 2's replacement
