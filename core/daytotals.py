@@ -659,11 +659,14 @@ class DayTotals:
                         raise InvariantError("a day was closed twice")
             elif name in _NO_RECORD:  # a home back at head office, a clearing back at zero
                 db, none = getattr(ledger, name), _NO_RECORD[name]
+                kept = []
                 for key, value in items:
                     if value == none:
                         txn.delete(key, db=db)
                     else:
-                        txn.put(key, value, db=db)
+                        kept.append((key, value))
+                if kept:  # the rest in one call, in key order
+                    txn.cursor(db=db).putmulti(kept)
             elif items:
                 txn.cursor(db=getattr(ledger, name)).putmulti(items)
 
