@@ -2052,7 +2052,8 @@ class _Group:
             if added != len(self.entries):
                 raise InvariantError("journal append refused: sequence not increasing")
             # a split tender's later payments, found once for both aggregates
-            later = daytotals.later_payments(txn, ledger, buf, set())
+            later = (daytotals.later_payments(txn, ledger, buf, set())
+                     if ledger.keep_day_totals or ledger.keep_member_metrics else [])
             if ledger.keep_day_totals:  # every entry, in sequence order (cardcore.daytotals)
                 totals = daytotals.DayTotals(txn, ledger, ledger.day_settings)
                 totals.add_all(self.entries, later=later)
