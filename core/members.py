@@ -457,8 +457,8 @@ class Members:
     def items(self) -> dict[str, list]:
         """What the additions make of the records they touch, by sub-database, in key order
         (with ``member_last_deleted``: the (day, root) index keys that no longer hold)."""
-        cards = sorted([(cid, MEMBER.pack(*self.records[cid])) for cid in self.changed]
-                       + self.packed)
+        cards = (sorted([(cid, MEMBER.pack(*self.records[cid])) for cid in self.changed]
+                        + self.packed) if self.changed else self.packed)  # (in key order)
         month_keys = sorted(MONTH_KEY.pack(*k) for k in self.months)
         stored = self._stored("member_months", month_keys)
         months = []
