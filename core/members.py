@@ -51,7 +51,8 @@ A member's month is written to ``member_months`` only when a purchase in a later
 record holds the month under way), so a purchase writes one record (and the last-purchase index
 once a day): the writer's cost. A group whose only entries for the metrics are purchases (most)
 goes through a C loop (``ext/members.pyx``, ``Members.add_group``) over the packed records;
-``Members._purchase`` is its reference, held to it by a hypothesis test. A month's figures are then the rows of the month plus the records
+``Members._purchase`` is its reference, held to it by a hypothesis test. A month's figures are
+then the rows of the month plus the records
 of the members whose last purchase is in it (``member_last``, a range read of its days). So a
 report is range reads: the period's months (and the previous period's) for active, repeat and
 churned, the days for new and activated, and for the dormant list the members whose last purchase
