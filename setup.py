@@ -62,6 +62,7 @@ setup(
          Extension("cardcore.ext.batchwire", ["ext/batchwire.pyx"], include_dirs=["ext"],
                    libraries=["crypto"], extra_compile_args=["-O2", "-Wno-deprecated-declarations"]),
          Extension("cardcore.ext.daytotals", ["ext/daytotals.pyx"], extra_compile_args=["-O2"]),
+         Extension("cardcore.ext.members", ["ext/members.pyx"], extra_compile_args=["-O2"]),
          # OpenSSL's libcrypto (Debian: libssl-dev to build, libssl3 to run)
          Extension("cardcore.ext.aes", ["ext/aes.pyx"], libraries=["crypto"],
                    extra_compile_args=["-O2"]),

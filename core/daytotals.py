@@ -357,17 +357,19 @@ class DayTotals:
 
     # ---- additions ------------------------------------------------------------------------------
 
-    def add_all(self, entries, native: bool = True) -> None:
+    def add_all(self, entries, native: bool = True, later: list[int] | None = None) -> None:
         """Journal entries, in sequence order: the cards whose principal moves have their homes
         read in one go first; runs of one time and program version without a close go through
-        the C loop (``native``; False: entry by entry, the reference)."""
+        the C loop (``native``; False: entry by entry, the reference). ``later``: the entries'
+        ``later_payments`` when the caller has them (the writer: one group, one call, the same
+        list for the member metrics); None: found here."""
         entries = list(entries)
         if not entries:
             return
         buf = b"".join(entries)
         if len(buf) != len(entries) * L.JOURNAL_SIZE:
             raise InvariantError("day totals: journal entries of the wrong size")
-        buf = self._mark_continued(buf)
+        buf = self._mark_continued(buf, later)
         if buf is not None:
             entries = [buf[k:k + L.JOURNAL_SIZE] for k in range(0, len(buf), L.JOURNAL_SIZE)]
         else:
@@ -410,10 +412,11 @@ class DayTotals:
                     self.add(entry)
             start = k
 
-    def _mark_continued(self, buf: bytes) -> bytes | None:
+    def _mark_continued(self, buf: bytes, later: list[int] | None) -> bytes | None:
         """A copy of the entries with CONTINUED set on every later payment of a split tender's
-        basket (``later_payments``), or None when there is none."""
-        later = later_payments(self.txn, self.ledger, buf, self.baskets_seen)
+        basket (``later``, or ``later_payments`` found here), or None when there is none."""
+        if later is None:
+            later = later_payments(self.txn, self.ledger, buf, self.baskets_seen)
         if not later:
             return None
         out = bytearray(buf)
@@ -427,6 +430,17 @@ class DayTotals:
         """The business day of an entry of ``store`` at ``ts_us`` under program ``version``
         (the member metrics' too: one definition of an entry's day)."""
         return business_day(ts_us, *self._settings(store, version))
+
+    def days_of_stores(self, stores, version: int, ts_us: int) -> dict[int, int]:
+        """store -> the business day of its entries at ``ts_us`` under program ``version`` (the
+        C loops' runs: the stores' settings read in one go; most runs: one day for all)."""
+        self._read_stores(stores)
+        own = self.store_days
+        if any(own[store] is not None for store in stores):
+            return {store: business_day(ts_us, *self._settings(store, version))
+                    for store in stores}  # each store's own
+        # every store on the program's clock: one day
+        return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
 
     def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
                  version: int, ts_us: int) -> bool:
@@ -451,13 +465,7 @@ class DayTotals:
         nslots = len(slot_index)
         if nslots > NATIVE_STORES_MAX:
             return False
-        self._read_stores(slot_index)
-        own = self.store_days
-        if any(own[store] is not None for store in slot_index):
-            days = {store: business_day(ts_us, *self._settings(store, version))
-                    for store in slot_index}  # each store's own (a clearing's: its creditor's)
-        else:  # every store on the program's clock (most runs): one day
-            days = dict.fromkeys(slot_index, business_day(ts_us, *self._settings(0, version)))
+        days = self.days_of_stores(slot_index, version, ts_us)  # a clearing's: its creditor's
         unknown = [L.DAY_KEY.pack(store, day) for store, day in days.items()
                    if (store, day) not in self.closed]
         if unknown and not self.fresh:  # whether each store's day is closed, read in one go
@@ -651,11 +659,14 @@ class DayTotals:
                         raise InvariantError("a day was closed twice")
             elif name in _NO_RECORD:  # a home back at head office, a clearing back at zero
                 db, none = getattr(ledger, name), _NO_RECORD[name]
+                kept = []
                 for key, value in items:
                     if value == none:
                         txn.delete(key, db=db)
                     else:
-                        txn.put(key, value, db=db)
+                        kept.append((key, value))
+                if kept:  # the rest in one call, in key order
+                    txn.cursor(db=db).putmulti(kept)
             elif items:
                 txn.cursor(db=getattr(ledger, name)).putmulti(items)
 

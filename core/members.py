@@ -49,7 +49,10 @@ the journal entries alone, so replicas that apply the same groups hold the same 
 
 A member's month is written to ``member_months`` only when a purchase in a later month comes (its
 record holds the month under way), so a purchase writes one record (and the last-purchase index
-once a day): the writer's cost. A month's figures are then the rows of the month plus the records
+once a day): the writer's cost. A group whose only entries for the metrics are purchases (most)
+goes through a C loop (``ext/members.pyx``, ``Members.add_group``) over the packed records;
+``Members._purchase`` is its reference, held to it by a hypothesis test. A month's figures are
+then the rows of the month plus the records
 of the members whose last purchase is in it (``member_last``, a range read of its days). So a
 report is range reads: the period's months (and the previous period's) for active, repeat and
 churned, the days for new and activated, and for the dormant list the members whose last purchase
@@ -61,9 +64,11 @@ import calendar
 import datetime as dt
 import re
 import struct
+from array import array
 
 from cardcore import daytotals
 from cardcore import layout as L
+from cardcore.ext import members as native
 from cardcore.idempotency import InvariantError
 from cardcore.profiles import masked_of
 
@@ -109,6 +114,11 @@ _OPS = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_PURCHASE, L.OP_CARD_REPLACED
 _NO_RECORD_READ = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_STORE_PUT))
 _NO_CARD = bytes(16)
 _CARD = 11  # MEMBER's card field, unpacked
+_OFF_CARD = 48  # ... and its offset, packed
+# layout.JOURNAL as columns of u32: store, program version; of i64: time
+_I_STORE, _I_VERSION, _I_PER_ENTRY = 104 // 4, 128 // 4, L.JOURNAL_SIZE // 4
+_Q_TS, _Q_PER_ENTRY = L.JOURNAL_OFF_TS // 8, L.JOURNAL_SIZE // 8
+_TABLE_MAX = native.table_max()
 _EPOCH_ORDINAL = daytotals.EPOCH.toordinal()
 
 
@@ -178,11 +188,113 @@ class Members:
         self.totals: dict[int, list[int]] = {}     # month -> MEMBER_TOTALS' figures
         self.baskets_seen: set[int] = set()
         self.replaced: bytes | None = None        # a replacement's old card, until its new one
+        # what a group's purchases made through the C loop (``add_group``): member_cards items,
+        # and (last purchase day before or None, now, root) of the members whose day moved
+        self.packed: list[tuple[bytes, bytes]] = []
+        self.packed_last: list[tuple[int | None, int, bytes]] = []
 
     # ---- additions ------------------------------------------------------------------------------
 
-    def add_all(self, entries) -> None:
-        """Journal entries, in sequence order (the group's, or a chunk of the journal's)."""
+    def add_group(self, entries: list[bytes], later: list[int] | None = None) -> None:
+        """A group's journal entries (the writer's, this Members' only addition): its purchases
+        through the C loop (``cardcore.ext.members``) when purchases are all the group holds for
+        the member metrics, at one time and program version (most groups); else, or when the C
+        loop declines, ``add_all``, the reference. ``later``: as ``add_all``'s."""
+        assert not (self.records or self.packed or self.fresh)
+        if not entries:
+            return
+        buf = b"".join(entries)
+        ops = buf[1::L.JOURNAL_SIZE]
+        if any(op in _OPS or op == L.OP_STORE_PUT for op in set(ops).difference((L.OP_PURCHASE,))):
+            self.add_all(entries, later)
+            return
+        if later is None:
+            later = daytotals.later_payments(self.txn, self.ledger, buf, self.baskets_seen)
+        if not self._add_purchases(buf, ops, later):
+            self.add_all(entries, later)
+
+    def _add_purchases(self, buf: bytes, ops: bytes, later: list[int]) -> bool:
+        """The group's purchases (every entry the member metrics count is one) through the C
+        loop: their members' records read in one go (and the roots of the cards that are
+        aliases), updated packed, kept in ``packed``. False, nothing kept: not for the C loop
+        (the entries' times or versions differ, a record is missing or not as it expects)."""
+        view = memoryview(buf)
+        times = view.cast("q")[_Q_TS::_Q_PER_ENTRY]
+        versions = view.cast("I")[_I_VERSION::_I_PER_ENTRY]
+        n = len(ops)
+        if times.tolist().count(times[0]) != n or versions.tolist().count(versions[0]) != n:
+            return False
+        skip = bytearray(n)
+        for k in later:
+            skip[k] = 1
+        index, slot_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        m, keys = native.purchases(buf, skip, index, slot_of)
+        if not m:
+            return True
+        del index[m:], slot_of[m:]
+        cards = self.txn.cursor(db=self.ledger.member_cards)
+        found = cards.getmulti(keys)
+        if len(found) != len(keys):
+            return False  # a card never opened: the reference says so
+        aliases = {cid: raw[_OFF_CARD:] for cid, raw in found
+                   if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
+        if aliases:  # (rare) each alias's purchases to its root's record
+            roots = dict(found)
+            for cid in aliases:
+                del roots[cid]
+            missing = sorted(set(aliases.values()).difference(roots))
+            got = cards.getmulti(missing)
+            if len(got) != len(missing):
+                return False
+            roots.update(got)
+            order = sorted(roots)
+            slot = {cid: s for s, cid in enumerate(order)}
+            to_root = [slot[aliases.get(cid, cid)] for cid in keys]
+            slot_of = array("I", [to_root[s] for s in slot_of])
+            records = bytearray(b"".join([roots[cid] for cid in order]))
+        else:
+            order = keys
+            records = bytearray(b"".join([raw for _, raw in found]))
+        if len(records) != MEMBER.size * len(order):
+            return False
+        stores = view.cast("I")[_I_STORE::_I_PER_ENTRY].tolist()
+        day_of_store = self.days_of.days_of_stores(set(stores), versions[0], times[0])
+        month_of_day_ = {day: month_of_day(day) for day in set(day_of_store.values())}
+        if len(month_of_day_) == 1:  # one day for all (most groups)
+            (day, month), = month_of_day_.items()
+            days, months = array("I", [day]) * m, array("I", [month]) * m
+        else:
+            days = array("I", [day_of_store[stores[k]] for k in index])
+            months = array("I", [month_of_day_[d] for d in days])
+        before = array("q", [-2]) * len(order)
+        months_out = array("q", bytes(32 * m))
+        totals = array("q", bytes(8 * 6 * _TABLE_MAX))
+        activated = array("q", bytes(8 * 2 * _TABLE_MAX))
+        done = native.add_purchases(buf, index, slot_of, days, months, records, before,
+                                    months_out, totals, activated)
+        if done is None:
+            return False
+        n_months, n_totals, n_activated = done
+        for r in range(0, 4 * n_months, 4):
+            self._add_month(months_out[r + 1], order[months_out[r]], months_out[r + 2],
+                            months_out[r + 3])
+        for r in range(0, 6 * n_totals, 6):
+            t = self.totals.setdefault(totals[r], [0, 0, 0, 0, 0])
+            for k in range(4):
+                t[k] += totals[r + 1 + k]
+            t[4] = daytotals.saturated(t[4] + totals[r + 5])
+        for r in range(0, 2 * n_activated, 2):
+            self._day(activated[r])[1] += activated[r + 1]
+        self.packed = native.items(order, records)
+        self.packed_last = [(None if was < 0 else was, now, order[s])
+                            for s, was, now in native.last_changes(records, before)]
+        return True
+
+    def add_all(self, entries, later: list[int] | None = None) -> None:
+        """Journal entries, in sequence order (the group's, or a chunk of the journal's).
+        ``later``: their ``daytotals.later_payments`` when the caller has them (the writer: one
+        group, one call, the list the day totals use); None: found here."""
+        assert not self.packed  # (the C loop's records are not read back)
         entries = list(entries)
         if not entries:
             return
@@ -192,7 +304,9 @@ class Members:
         wanted = [k for k, op in enumerate(ops) if op in _OPS or op == L.OP_STORE_PUT]
         if not wanted:
             return
-        later = set(daytotals.later_payments(self.txn, self.ledger, buf, self.baskets_seen))
+        if later is None:
+            later = daytotals.later_payments(self.txn, self.ledger, buf, self.baskets_seen)
+        later = set(later)
         self._read_records([buf[k * size + 16:k * size + 32] for k in wanted
                             if ops[k] not in _NO_RECORD_READ])
         unpack = _ENTRY.unpack_from
@@ -344,7 +458,8 @@ class Members:
     def items(self) -> dict[str, list]:
         """What the additions make of the records they touch, by sub-database, in key order
         (with ``member_last_deleted``: the (day, root) index keys that no longer hold)."""
-        cards = sorted((cid, MEMBER.pack(*self.records[cid])) for cid in self.changed)
+        cards = (sorted([(cid, MEMBER.pack(*self.records[cid])) for cid in self.changed]
+                        + self.packed) if self.changed else self.packed)  # (in key order)
         month_keys = sorted(MONTH_KEY.pack(*k) for k in self.months)
         stored = self._stored("member_months", month_keys)
         months = []
@@ -371,15 +486,16 @@ class Members:
                 MEMBER_VERSION, *(min(old[k + 1] + t[k], U32_MAX) for k in range(3)),
                 old[4] + t[3], daytotals.saturated(old[5] + t[4]))))
         deleted, last = [], []
-        for root, before in self.last_stored.items():
-            now = self.records[root][4]
+        moved = [(before, self.records[root][4], root) for root, before in
+                 self.last_stored.items()] + self.packed_last
+        for before, now, root in moved:
             if before != now:
                 if before is not None:
                     deleted.append((before, root))
                 last.append((LAST_KEY.pack(now, root), b""))
         return {"member_cards": cards, "member_months": months, "member_days": days,
                 "member_month_totals": totals, "member_last": sorted(last),
-                "member_last_deleted": deleted}
+                "member_last_deleted": sorted(deleted)}
 
     def _stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         if self.fresh or not keys:
@@ -395,14 +511,15 @@ def _from_journal(txn, ledger) -> Members:
     return members
 
 
-def keep(txn, ledger, entries: list[bytes]) -> None:
-    """The writer's call, in the group's write transaction: its journal entries added, or, for a
+def keep(txn, ledger, entries: list[bytes], later: list[int] | None = None) -> None:
+    """The writer's call, in the group's write transaction: its journal entries added (``later``:
+    their ``daytotals.later_payments``, found once for the day totals and these), or, for a
     writer run without the member metrics (a benchmark's), their mark cleared."""
     if not ledger.keep_member_metrics:
         txn.delete(META_MEMBER_METRICS, db=ledger.meta)
         return
     members = Members(txn, ledger, ledger.day_settings)
-    members.add_all(entries)
+    members.add_group(entries, later)
     members.write()
 
 

@@ -499,3 +499,86 @@ def test_spend_past_int64_over_months_saturates_as_one_months_does(tmp_path):
         assert ledger._read(lambda txn: M.check(txn, ledger)) == []
     finally:
         ledger.close()
+
+
+def test_the_c_loop_adds_any_purchases_as_the_reference_does(tmp_path):
+    """Groups of purchases (first ones, a second the same day, a later month, a day before the
+    last under a store's own clock, a replacement card's, a split tender's later payments,
+    spends past int64, a card never opened) after a history of groups at other times: the C
+    loop's records (``Members.add_group``) equal the reference's (``add_all``), or both raise
+    the same, and the C loop took every group the reference did not refuse but one with a spend
+    past int64 (gross minus a negative discount)."""
+    from hypothesis import example, given, settings, strategies as st
+
+    from cardcore import stores
+
+    ledger = Ledger(str(tmp_path / "ledger"), sync=False)
+    base_us = 1_796_000_000_000_000
+    big = (1 << 63) - 1
+    with ledger.env.begin(write=True) as txn:  # store 5: its own day, 1 or 2 days before
+        txn.put(L.TERMINAL_KEY.pack(5), stores.store_record(5, "s5", 0, (-720, 23), 0, 0),
+                db=ledger.chain_stores)
+
+    def packed(k, op, card, ts_us, store=1, amount=0, discount=0, basket=0):
+        card_id = bytes([card // 4]) * 15 + bytes([card])  # ids alike but in their last byte
+        return L.JOURNAL.pack(
+            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, card_id, amount, discount, -amount, 0, 0,
+            0, 0, 0, ts_us, store, 0, 0, 0, bytes(8), 1, 0, bytes(3), 0, 0, 0, 0, basket, 0,
+            bytes(48), bytes(32))
+
+    opening = [packed(c, L.OP_IMPORT_CARD if c == 4 else L.OP_OPEN, c, base_us - 10**10)
+               for c in range(6)]  # 6 and 7: never opened; 7 becomes 2's replacement
+    opening += [packed(6, L.OP_CARD_REPLACED, 2, base_us - 10**10),
+                packed(7, L.OP_REPLACEMENT_OPENED, 7, base_us - 10**10)]
+    times = st.sampled_from((0, 1, 5, 19, 22)).map(lambda h: h * HOUR_US) | st.sampled_from(
+        (1, 2, 5, 27, 31, 33, 62, 200)).map(lambda d: d * DAY_US)
+    purchase = st.tuples(st.sampled_from((0, 0, 0, 0, 1, 2, 3, 4, 5, 7, 7, 6)),
+                         st.sampled_from((1, 1, 5)),
+                         st.sampled_from((0, 1, 12_345, 1 << 62, big)),
+                         st.sampled_from((0, 0, 5, -(1 << 62))), st.sampled_from((0, 0, 0, 9)))
+    group = st.tuples(times, st.lists(purchase, min_size=1, max_size=12))
+
+    def outcome(history, last, native):
+        with ledger.env.begin(write=True) as txn:
+            try:
+                for g, entries in enumerate((opening, *history, last)):
+                    m = M.Members(txn, ledger, {})
+                    if g == len(history) + 1 and native:
+                        m.add_group(entries)
+                        took = bool(m.packed)
+                    else:
+                        m.add_all(entries)
+                    made = m.items()
+                    m.write()
+                return made, took if native else None
+            except Exception as e:  # the reference's refusal, and the same through the C loop
+                return type(e).__name__, str(e)
+            finally:
+                txn.abort()
+
+    one = (0, 1, 100, 0, 0)  # card 0 at store 1 (the example's last at store 5: a day between
+    # the member's third-last and second-last purchase days, one before the last)
+
+    @settings(max_examples=150, deadline=None)
+    @example([(0, [one]), (5 * DAY_US, [one]), (DAY_US, [one])], (0, [(0, 5, 100, 0, 0)]))
+    @given(st.lists(group, max_size=4), group)
+    def check(history, last):
+        ts = base_us
+        groups = []
+        for offset_us, buys in (*history, last):
+            ts += offset_us
+            groups.append([packed(k, L.OP_PURCHASE, c, ts, s, a, d, b)
+                           for k, (c, s, a, d, b) in enumerate(buys)])
+        reference = outcome(groups[:-1], groups[-1], False)
+        native = outcome(groups[:-1], groups[-1], True)
+        if isinstance(reference[1], str):  # refused (a card never opened, a spend past int64)
+            assert native == reference
+        else:
+            assert native[0] == reference[0]
+            # the C loop declines a spend past int64 only (the reference's sums are unbounded)
+            assert native[1] or any(not -(1 << 63) <= a - d <= big for _, _, a, d, _ in last[1])
+
+    try:
+        check()
+    finally:
+        ledger.close()

@@ -1,0 +1,268 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The member metrics' inner loop (``cardcore.members``): a group's purchases added to their
+members' records (``members.MEMBER``, packed) and to the month totals, in C. ``Members._purchase``
+is the reference it is held to (tests: the same records either way); this is only its speed.
+Anything it does not expect (a record of another version or kind, a count at its limit, more
+months or days than its tables hold) makes it return None having changed nothing the caller
+keeps, and the caller adds the group through the reference instead, which says what is wrong."""
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint32_t
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcmp, memcpy
+
+cdef enum:
+    ENTRY_SIZE = 256      # layout.JOURNAL
+    E_OP = 1
+    E_CARD = 16           # card_id, 16 bytes
+    CARD_SIZE = 16
+    OP_PURCHASE = 3
+    E_AMOUNT = 32         # amount_minor
+    E_DISCOUNT = 40       # discount_minor
+    RECORD_SIZE = 64      # members.MEMBER
+    R_VERSION = 0
+    R_KIND = 1
+    R_FIRST = 8           # first purchase day
+    R_LAST = 12           # the last three purchase days, newest first
+    R_SECOND = 16
+    R_THIRD = 20
+    R_PURCHASES = 24
+    R_MONTH = 28          # the month under way, its purchases and spend
+    R_MONTH_PURCHASES = 32
+    R_MONTH_SPEND = 40
+    MEMBER_VERSION = 1
+    KIND_MEMBER = 1
+    KIND_IMPORTED = 3
+    TOTALS = 6            # a totals row: month, active, repeat, retained, purchases, spend
+    TABLE_MAX = 32        # rows of the totals and the activations tables
+    UNTOUCHED = -2        # before[]: a record no purchase reached yet
+    NO_PURCHASE = -1      # before[]: a member without a purchase before the group
+
+cdef extern from *:
+    """
+    static inline int64_t cc_msat_add(int64_t a, int64_t b) {
+        int64_t r;
+        if (__builtin_add_overflow(a, b, &r)) return b > 0 ? INT64_MAX : INT64_MIN;
+        return r;
+    }
+    static inline int cc_sub_overflows(int64_t a, int64_t b, int64_t* r) {
+        return __builtin_sub_overflow(a, b, r);
+    }
+    """
+    int64_t cc_msat_add(int64_t a, int64_t b) nogil
+    int cc_sub_overflows(int64_t a, int64_t b, int64_t* r) nogil
+
+
+cdef inline uint32_t u32(const unsigned char* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline void put32(unsigned char* p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+
+cdef inline int64_t i64(const unsigned char* p) noexcept nogil:
+    cdef int64_t v
+    memcpy(&v, p, 8)
+    return v
+
+
+cdef inline void put64(unsigned char* p, int64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+
+
+cdef inline Py_ssize_t row_of(int64_t[::1] table, Py_ssize_t width, Py_ssize_t* rows,
+                              int64_t key) noexcept nogil:
+    """The row of ``key`` in a table of ``width`` values a row (the key first), added zeroed
+    when new; -1 when the table is full."""
+    cdef Py_ssize_t r, k
+    for r in range(rows[0]):
+        if table[r * width] == key:
+            return r
+    if rows[0] == TABLE_MAX:
+        return -1
+    r = rows[0]
+    rows[0] += 1
+    table[r * width] = key
+    for k in range(1, width):
+        table[r * width + k] = 0
+    return r
+
+
+ctypedef struct Card:
+    unsigned char id[CARD_SIZE]
+    uint32_t i             # the purchase's number
+
+
+cdef int by_card(const void* a, const void* b) noexcept nogil:
+    """Card ids in LMDB's key order (bytes compared unsigned), then by purchase."""
+    cdef const Card* x = <const Card*>a
+    cdef const Card* y = <const Card*>b
+    cdef int c = memcmp(x.id, y.id, CARD_SIZE)
+    if c:
+        return c
+    return (x.i > y.i) - (x.i < y.i)
+
+
+def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
+              uint32_t[::1] index, uint32_t[::1] slot_of):
+    """The purchases of ``entries`` (journal entries) but those ``skip`` marks (a split
+    tender's later payments): their entry numbers into ``index`` and the number of their card
+    among the distinct ones into ``slot_of``. Returns (how many, the distinct card ids sorted:
+    the keys to read)."""
+    cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, m = 0, j
+    cdef Card* cards
+    cdef list keys = []
+    if skip.shape[0] != n or index.shape[0] < n or slot_of.shape[0] < n:
+        raise ValueError("member metrics: buffers of the wrong size")
+    if n == 0:
+        return 0, keys
+    cards = <Card*>malloc(n * sizeof(Card))
+    if cards == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n):
+            if entries[k * ENTRY_SIZE + E_OP] == OP_PURCHASE and not skip[k]:
+                memcpy(cards[m].id, &entries[k * ENTRY_SIZE + E_CARD], CARD_SIZE)
+                cards[m].i = <uint32_t>m
+                index[m] = <uint32_t>k
+                m += 1
+        qsort(cards, m, sizeof(Card), by_card)
+        for j in range(m):
+            if j == 0 or memcmp(cards[j].id, cards[j - 1].id, CARD_SIZE) != 0:
+                keys.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, CARD_SIZE))
+            slot_of[cards[j].i] = <uint32_t>(len(keys) - 1)
+    finally:
+        free(cards)
+    return m, keys
+
+
+def items(list keys, const unsigned char[::1] records):
+    """[(key, its record)]: ``records`` (RECORD_SIZE each) paired with ``keys`` in order (the
+    member_cards items to write)."""
+    cdef Py_ssize_t s, n = len(keys)
+    if records.shape[0] != n * RECORD_SIZE:
+        raise ValueError("member metrics: buffers of the wrong size")
+    out = []
+    for s in range(n):
+        out.append((keys[s], PyBytes_FromStringAndSize(<const char*>&records[s * RECORD_SIZE],
+                                                         RECORD_SIZE)))
+    return out
+
+
+def table_max():
+    """Rows of the totals and activations tables (members.py sizes its arrays by it)."""
+    return TABLE_MAX
+
+
+def add_purchases(const unsigned char[::1] entries, const uint32_t[::1] index,
+                  const uint32_t[::1] slot_of, const uint32_t[::1] day_of,
+                  const uint32_t[::1] month_of, unsigned char[::1] records, int64_t[::1] before,
+                  int64_t[::1] months_out, int64_t[::1] totals, int64_t[::1] activated):
+    """Purchase ``i`` is journal entry ``index[i]`` of ``entries``, its member's record (root,
+    never an alias) is ``slot_of[i]`` of ``records`` (RECORD_SIZE each, updated in place), its
+    business day and month ``day_of[i]``, ``month_of[i]``. Out: ``before[slot]`` the record's
+    last purchase day before the group (NO_PURCHASE: none; the caller sets every one to
+    UNTOUCHED), ``months_out`` rows (slot, month, purchases, spend) of months under way that a
+    later month closed, ``totals`` rows (month, active, repeat, retained, purchases, spend)
+    and ``activated`` rows (day, members activated). Returns (months_out rows, totals rows,
+    activated rows), or None: not for this loop (see the module)."""
+    cdef Py_ssize_t n = index.shape[0], nslots = records.shape[0] // RECORD_SIZE
+    cdef Py_ssize_t i, t, a, n_out = 0, n_totals = 0, n_act = 0
+    cdef const unsigned char* e
+    cdef unsigned char* rec
+    cdef uint32_t slot, day, month, count, last, second, mp
+    cdef int64_t spend
+    cdef int64_t* tot
+    if slot_of.shape[0] != n or day_of.shape[0] != n or month_of.shape[0] != n \
+            or records.shape[0] != nslots * RECORD_SIZE or before.shape[0] != nslots \
+            or months_out.shape[0] < 4 * n or totals.shape[0] < TABLE_MAX * TOTALS \
+            or activated.shape[0] < TABLE_MAX * 2:
+        raise ValueError("member metrics: buffers of the wrong size")
+    for i in range(n):
+        if index[i] >= <uint32_t>(entries.shape[0] // ENTRY_SIZE) or slot_of[i] >= nslots:
+            raise ValueError("member metrics: an entry or a record out of range")
+        e = &entries[<Py_ssize_t>index[i] * ENTRY_SIZE]
+        slot = slot_of[i]
+        rec = &records[<Py_ssize_t>slot * RECORD_SIZE]
+        if rec[R_VERSION] != MEMBER_VERSION or (rec[R_KIND] != KIND_MEMBER
+                                                and rec[R_KIND] != KIND_IMPORTED):
+            return None
+        if cc_sub_overflows(i64(e + E_AMOUNT), i64(e + E_DISCOUNT), &spend):
+            return None
+        day, month = day_of[i], month_of[i]
+        count = u32(rec + R_PURCHASES)
+        if before[slot] == UNTOUCHED:
+            before[slot] = <int64_t>u32(rec + R_LAST) if count else <int64_t>NO_PURCHASE
+        if count != 0xFFFFFFFF:
+            put32(rec + R_PURCHASES, count + 1)
+        if count and month < u32(rec + R_MONTH):  # months never go back (members.py)
+            month = u32(rec + R_MONTH)
+        t = row_of(totals, TOTALS, &n_totals, month)
+        if t < 0:
+            return None
+        tot = &totals[t * TOTALS]
+        tot[4] += 1
+        tot[5] = cc_msat_add(tot[5], spend)
+        if not count:  # the first: activated (an imported member was a customer already)
+            put32(rec + R_FIRST, day)
+            put32(rec + R_LAST, day)
+            put32(rec + R_MONTH, month)
+            put32(rec + R_MONTH_PURCHASES, 1)
+            put64(rec + R_MONTH_SPEND, spend)
+            tot[1] += 1
+            if rec[R_KIND] == KIND_MEMBER:
+                a = row_of(activated, 2, &n_act, day)
+                if a < 0:
+                    return None
+                activated[a * 2 + 1] += 1
+            continue
+        last, second = u32(rec + R_LAST), u32(rec + R_SECOND)
+        if day >= last:
+            put32(rec + R_LAST, day)
+            put32(rec + R_SECOND, last)
+            put32(rec + R_THIRD, second)
+        elif count == 1 or day >= second:
+            put32(rec + R_SECOND, day)
+            put32(rec + R_THIRD, second)
+        elif count == 2 or day > u32(rec + R_THIRD):
+            put32(rec + R_THIRD, day)
+        mp = u32(rec + R_MONTH_PURCHASES)
+        if month == u32(rec + R_MONTH):  # the month under way
+            if mp == 0xFFFFFFFF:
+                return None
+            put32(rec + R_MONTH_PURCHASES, mp + 1)
+            put64(rec + R_MONTH_SPEND, cc_msat_add(i64(rec + R_MONTH_SPEND), spend))
+            if mp + 1 == 2:
+                tot[2] += 1
+        else:  # a later month: the one under way is done (the caller adds it to member_months)
+            months_out[n_out * 4] = slot
+            months_out[n_out * 4 + 1] = u32(rec + R_MONTH)
+            months_out[n_out * 4 + 2] = mp
+            months_out[n_out * 4 + 3] = i64(rec + R_MONTH_SPEND)
+            n_out += 1
+            tot[1] += 1
+            if u32(rec + R_MONTH) + 1 == month:
+                tot[3] += 1
+            put32(rec + R_MONTH, month)
+            put32(rec + R_MONTH_PURCHASES, 1)
+            put64(rec + R_MONTH_SPEND, spend)
+    return n_out, n_totals, n_act
+
+
+def last_changes(const unsigned char[::1] records, const int64_t[::1] before):
+    """[(slot, last purchase day before or -1, now)] of the records whose last purchase day the
+    group changed (the last-purchase index's keys to move), in slot order."""
+    cdef Py_ssize_t s, nslots = before.shape[0]
+    cdef uint32_t now
+    if records.shape[0] != nslots * RECORD_SIZE:
+        raise ValueError("member metrics: buffers of the wrong size")
+    out = []
+    for s in range(nslots):
+        if before[s] == UNTOUCHED:
+            continue
+        now = u32(&records[s * RECORD_SIZE + R_LAST])
+        if before[s] != now:
+            out.append((s, before[s], now))
+    return out
