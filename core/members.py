@@ -120,6 +120,7 @@ _I_STORE, _I_VERSION, _I_PER_ENTRY = 104 // 4, 128 // 4, L.JOURNAL_SIZE // 4
 _Q_TS, _Q_PER_ENTRY = L.JOURNAL_OFF_TS // 8, L.JOURNAL_SIZE // 8
 _TABLE_MAX = native.table_max()
 _EPOCH_ORDINAL = daytotals.EPOCH.toordinal()
+_DAY_MAX = dt.date.max.toordinal() - _EPOCH_ORDINAL  # 9999-12-31: the last day month_of_day takes
 
 
 class MonthError(ValueError):
@@ -173,7 +174,8 @@ def _checked(raw: bytes, record: struct.Struct) -> tuple:
 
 class Members:
     """One write transaction's additions to the member metrics: entries added in sequence order
-    (``add_all``), written once (``write``) at the end of the group."""
+    (``add_all``, the reference; the writer's groups through ``add_group``: the C loop where it
+    can), written once (``write``) at the end of the group."""
 
     def __init__(self, txn, ledger, settings: dict[int, tuple[int, int]], fresh: bool = False):
         """``fresh``: from nothing, read nothing stored (``check`` and ``fill``: the whole
@@ -224,6 +226,8 @@ class Members:
         n = len(ops)
         if times.tolist().count(times[0]) != n or versions.tolist().count(versions[0]) != n:
             return False
+        if later:  # (rare) a split tender: the reference checks its later payments' records too
+            return False
         skip = bytearray(n)
         for k in later:
             skip[k] = 1
@@ -234,8 +238,8 @@ class Members:
         del index[m:], slot_of[m:]
         cards = self.txn.cursor(db=self.ledger.member_cards)
         found = cards.getmulti(keys)
-        if len(found) != len(keys):
-            return False  # a card never opened: the reference says so
+        if len(found) != len(keys) or any(len(raw) != MEMBER.size for _, raw in found):
+            return False  # a card never opened, a record of another size: the reference says so
         aliases = {cid: raw[_OFF_CARD:] for cid, raw in found
                    if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
         if aliases:  # (rare) each alias's purchases to its root's record
@@ -244,7 +248,7 @@ class Members:
                 del roots[cid]
             missing = sorted(set(aliases.values()).difference(roots))
             got = cards.getmulti(missing)
-            if len(got) != len(missing):
+            if len(got) != len(missing) or any(len(raw) != MEMBER.size for _, raw in got):
                 return False
             roots.update(got)
             order = sorted(roots)
@@ -258,7 +262,11 @@ class Members:
         if len(records) != MEMBER.size * len(order):
             return False
         stores = view.cast("I")[_I_STORE::_I_PER_ENTRY].tolist()
-        day_of_store = self.days_of.days_of_stores(set(stores), versions[0], times[0])
+        # the purchases' stores only: another entry's day is none of the member metrics' business
+        day_of_store = self.days_of.days_of_stores({stores[k] for k in index}, versions[0],
+                                                   times[0])
+        if not all(0 <= day <= _DAY_MAX for day in day_of_store.values()):
+            return False  # a day before 1970 or past 9999 (a synthetic clock): the reference's
         month_of_day_ = {day: month_of_day(day) for day in set(day_of_store.values())}
         if len(month_of_day_) == 1:  # one day for all (most groups)
             (day, month), = month_of_day_.items()

@@ -2,9 +2,10 @@
 """The member metrics' inner loop (``cardcore.members``): a group's purchases added to their
 members' records (``members.MEMBER``, packed) and to the month totals, in C. ``Members._purchase``
 is the reference it is held to (tests: the same records either way); this is only its speed.
-Anything it does not expect (a record of another version or kind, a count at its limit, more
-months or days than its tables hold) makes it return None having changed nothing the caller
-keeps, and the caller adds the group through the reference instead, which says what is wrong."""
+Anything it does not expect (a record of another version or kind or with padding set, a month's
+purchase count at its limit, a spend past int64, more months or days than its tables hold)
+makes it return None having changed nothing the caller keeps, and the caller adds the group
+through the reference instead: which keeps it, or says what is wrong."""
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc, qsort
@@ -29,6 +30,7 @@ cdef enum:
     R_MONTH = 28          # the month under way, its purchases and spend
     R_MONTH_PURCHASES = 32
     R_MONTH_SPEND = 40
+    R_PAD = 36            # 4 bytes of padding (and 2 at 2), zero as MEMBER.pack writes them
     MEMBER_VERSION = 1
     KIND_MEMBER = 1
     KIND_IMPORTED = 3
@@ -187,8 +189,9 @@ def add_purchases(const unsigned char[::1] entries, const uint32_t[::1] index,
         slot = slot_of[i]
         rec = &records[<Py_ssize_t>slot * RECORD_SIZE]
         if rec[R_VERSION] != MEMBER_VERSION or (rec[R_KIND] != KIND_MEMBER
-                                                and rec[R_KIND] != KIND_IMPORTED):
-            return None
+                                                and rec[R_KIND] != KIND_IMPORTED) \
+                or rec[2] != 0 or rec[3] != 0 or u32(rec + R_PAD) != 0:
+            return None  # (padding set: the reference packs it zeroed)
         if cc_sub_overflows(i64(e + E_AMOUNT), i64(e + E_DISCOUNT), &spend):
             return None
         day, month = day_of[i], month_of[i]
