@@ -26,6 +26,7 @@ from cpython.unicode cimport PyUnicode_DecodeASCII
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from protowire cimport WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, skip, varint
 from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from "blake2b.h" nogil:
@@ -39,10 +40,6 @@ cdef extern from "openssl/sha.h" nogil:
     int SHA256_Final(unsigned char* md, SHA256_CTX* c)
 
 cdef enum:
-    WIRE_VARINT = 0
-    WIRE_I64 = 1
-    WIRE_LEN = 2
-    WIRE_I32 = 5
     OP_SIZE = 192          # layout.OP
     CARD_ID_SIZE = 16
     TAG_SIZE = 8           # layout.REQUEST_TAG_SIZE
@@ -100,48 +97,7 @@ def blake2b(const uint8_t[::1] data, int digest_size):
     return PyBytes_FromStringAndSize(<char*>out, digest_size)
 
 
-cdef inline int varint(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, uint64_t* out) noexcept nogil:
-    """One varint at ``at``; 0 when the bytes end first or it runs past 10 bytes."""
-    cdef uint64_t v = 0
-    cdef int shift = 0
-    cdef uint8_t b
-    while at[0] < end and shift < 70:
-        b = p[at[0]]
-        at[0] += 1
-        v |= (<uint64_t>(b & 0x7F)) << shift if shift < 64 else 0
-        if not b & 0x80:
-            out[0] = v
-            return 1
-        shift += 7
-    return 0
 
-
-cdef inline int length_at(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, Py_ssize_t* stop) noexcept nogil:
-    """A length-delimited value's end into ``stop``; 0 when it runs past ``end``."""
-    cdef uint64_t v
-    if not varint(p, end, at, &v) or v > <uint64_t>(end - at[0]):
-        return 0
-    stop[0] = at[0] + <Py_ssize_t>v
-    return 1
-
-
-cdef inline int skip(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, uint32_t wire) noexcept nogil:
-    """Step over one field's value of wire type ``wire``; 0 on a malformed one, or a group."""
-    cdef uint64_t v
-    cdef Py_ssize_t stop
-    if wire == WIRE_VARINT:
-        return varint(p, end, at, &v)
-    if wire == WIRE_I64:
-        at[0] += 8
-    elif wire == WIRE_I32:
-        at[0] += 4
-    elif wire == WIRE_LEN:
-        if not length_at(p, end, at, &stop):
-            return 0
-        at[0] = stop
-    else:
-        return 0
-    return at[0] <= end
 
 
 cdef inline bint request_id_char(uint8_t c) noexcept nogil:

@@ -10,6 +10,7 @@ LineResult elements of a reply for protobuf to merge. The wire format is protobu
 encoding (varints, length-delimited fields); the tests hold both to protobuf's own parser.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from protowire cimport WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, skip, varint
 from libc.string cimport memcpy, memset
 
 cdef enum:
@@ -17,10 +18,6 @@ cdef enum:
     LINES_MAX = 100
     MAX_CATEGORIES = 64
     SKU_LEN_MAX = 24
-    WIRE_VARINT = 0
-    WIRE_I64 = 1
-    WIRE_LEN = 2
-    WIRE_I32 = 5
 
 # The problems ``lines_of`` reports, each with the index of the first line that has it.
 cdef enum:
@@ -39,38 +36,6 @@ SIZES = {"LINE_SIZE": LINE_SIZE, "LINES_MAX": LINES_MAX, "MAX_CATEGORIES": MAX_C
 cdef int64_t INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
-cdef inline int varint(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, uint64_t* out) noexcept nogil:
-    """Read one varint at ``at``; 0 when the bytes end first or it runs past 10 bytes."""
-    cdef uint64_t v = 0
-    cdef int shift = 0
-    cdef uint8_t b
-    while at[0] < end and shift < 70:
-        b = p[at[0]]
-        at[0] += 1
-        v |= (<uint64_t>(b & 0x7F)) << shift if shift < 64 else 0
-        if not b & 0x80:
-            out[0] = v
-            return 1
-        shift += 7
-    return 0
-
-
-cdef inline int skip(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, uint32_t wire) noexcept nogil:
-    """Step over one field's value of wire type ``wire``; 0 on a malformed one."""
-    cdef uint64_t v
-    if wire == WIRE_VARINT:
-        return varint(p, end, at, &v)
-    if wire == WIRE_I64:
-        at[0] += 8
-    elif wire == WIRE_I32:
-        at[0] += 4
-    elif wire == WIRE_LEN:
-        if not varint(p, end, at, &v) or v > <uint64_t>(end - at[0]):
-            return 0
-        at[0] += <Py_ssize_t>v
-    else:
-        return 0
-    return at[0] <= end
 
 
 cdef inline int one_line(const uint8_t* p, Py_ssize_t start, Py_ssize_t end, uint8_t* rec,
