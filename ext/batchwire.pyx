@@ -26,7 +26,8 @@ from cpython.unicode cimport PyUnicode_DecodeASCII
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from protowire cimport WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, skip, varint
+from protowire cimport (WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, put_int,
+                       put_varint, skip, varint)
 from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from "blake2b.h" nogil:
@@ -367,23 +368,6 @@ JOURNAL_AT = {"J_OP": J_OP, "J_TIER": J_TIER, "J_SEQ": J_SEQ, "J_AMOUNT": J_AMOU
               "J_TIER_AFTER": J_TIER_AFTER, "J_PROMOTION": J_PROMOTION, "J_FLAGS": J_FLAGS}
 
 
-cdef inline Py_ssize_t put_varint(uint8_t* q, uint64_t v) noexcept nogil:
-    cdef Py_ssize_t n = 0
-    while v >= 0x80:
-        q[n] = <uint8_t>(v & 0x7F) | 0x80
-        v >>= 7
-        n += 1
-    q[n] = <uint8_t>v
-    return n + 1
-
-
-cdef inline Py_ssize_t put_int(uint8_t* q, uint32_t field, int64_t value) noexcept nogil:
-    """A varint field (int64, uint32, enum, bool alike: negatives take ten bytes); none when 0,
-    as proto3 writes it."""
-    if value == 0:
-        return 0
-    cdef Py_ssize_t n = put_varint(q, (<uint64_t>field << 3) | WIRE_VARINT)
-    return n + put_varint(q + n, <uint64_t>value)
 
 
 cdef inline int64_t i64(const uint8_t* e, Py_ssize_t at) noexcept nogil:

@@ -1,7 +1,7 @@
 """Protobuf's wire format, the part the C parsers share (``wire.pyx``: purchase lines;
 ``batchwire.pyx``: SubmitBatch): varints, lengths, stepping over a field. Every read is bounded
 by ``end``; a value that runs past it, or a varint past 10 bytes, is malformed (0)."""
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 cdef enum:
     WIRE_VARINT = 0
@@ -52,3 +52,23 @@ cdef inline int skip(const uint8_t* p, Py_ssize_t end, Py_ssize_t* at, uint32_t 
     else:
         return 0
     return at[0] <= end
+
+
+cdef inline Py_ssize_t put_varint(uint8_t* q, uint64_t v) noexcept nogil:
+    """``v`` as a varint at ``q`` (room for 10 bytes); its length."""
+    cdef Py_ssize_t n = 0
+    while v >= 0x80:
+        q[n] = <uint8_t>(v & 0x7F) | 0x80
+        v >>= 7
+        n += 1
+    q[n] = <uint8_t>v
+    return n + 1
+
+
+cdef inline Py_ssize_t put_int(uint8_t* q, uint32_t field, int64_t value) noexcept nogil:
+    """A varint field (int64, uint32, enum, bool alike: negatives take ten bytes); none when 0,
+    as proto3 writes it."""
+    if value == 0:
+        return 0
+    cdef Py_ssize_t n = put_varint(q, (<uint64_t>field << 3) | WIRE_VARINT)
+    return n + put_varint(q + n, <uint64_t>value)

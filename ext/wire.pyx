@@ -10,7 +10,8 @@ LineResult elements of a reply for protobuf to merge. The wire format is protobu
 encoding (varints, length-delimited fields); the tests hold both to protobuf's own parser.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from protowire cimport WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, skip, varint
+from protowire cimport (WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, put_int,
+                       put_varint, skip, varint)
 from libc.string cimport memcpy, memset
 
 cdef enum:
@@ -140,22 +141,6 @@ def lines_of(const uint8_t[::1] message, uint32_t field_number):
     return bytes(out[:count * LINE_SIZE]), total, P_OK, 0
 
 
-cdef inline Py_ssize_t put_varint(uint8_t* q, uint64_t v) noexcept nogil:
-    cdef Py_ssize_t n = 0
-    while v >= 0x80:
-        q[n] = <uint8_t>(v & 0x7F) | 0x80
-        v >>= 7
-        n += 1
-    q[n] = <uint8_t>v
-    return n + 1
-
-
-cdef inline Py_ssize_t put_int(uint8_t* q, uint32_t field, int64_t value) noexcept nogil:
-    """A varint field (int64 or uint32 alike: negatives take ten bytes); none when 0."""
-    if value == 0:
-        return 0
-    q[0] = <uint8_t>(field << 3)
-    return 1 + put_varint(q + 1, <uint64_t>value)
 
 
 def line_results(const uint8_t[::1] lines, uint32_t field_number):
