@@ -228,13 +228,17 @@ def measure(proc, run) -> dict:
     return out
 
 
-def rounds_args(doc: str, out_name: str) -> argparse.Namespace:
-    """The command line of a benchmark in rounds over seeded cards (``doc``: its docstring)."""
+def rounds_args(doc: str, out_name: str, server_args: bool = False) -> argparse.Namespace:
+    """The command line of a benchmark in rounds over seeded cards (``doc``: its docstring);
+    ``server_args``: it takes ``--server-arg`` (repeatable) for the server it starts."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--cards", type=int, default=20_000)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, out_name))
+    if server_args:
+        ap.add_argument("--server-arg", action="append", default=[],
+                        help="passed to cardcore serve (e.g. --server-arg=--lmdb-writemap)")
     return ap.parse_args()
 
 

@@ -1,7 +1,7 @@
 """Card programs' cost, measured as ratios in one run on one server (the supermarket program):
 
     .venv/bin/python bench/programs.py [--cards 20000] [--seconds 4] [--rounds 3]
-                                       [--out bench/programs_results.json]
+                                       [--out bench/programs_results.json] [--server-arg ARG]
 
 - SubmitBatch of 1,000 purchases, 4 callers: a basket of 5 lines (3 categories, tobacco among
   them) with a coupon ("fresh 10 % off", bought with points before the round, one per
@@ -118,12 +118,12 @@ def earn_points(target: str, numbers: list[str]) -> None:
 
 
 def main() -> None:
-    args = e2e.rounds_args(__doc__, "programs_results.json")
+    args = e2e.rounds_args(__doc__, "programs_results.json", server_args=True)
     rng = random.Random(11)
     numbers = list({random_number(rng) for _ in range(args.cards)})
     with tempfile.TemporaryDirectory() as tmp:
         proc = e2e.start_cardcore(os.path.join(tmp, "data"), os.path.join(tmp, "server.log"),
-                                  ("--program", PROGRAM))
+                                  ("--program", PROGRAM, *args.server_arg))
         try:
             e2e.seed(proc.target, numbers)
             earn_points(proc.target, numbers)
@@ -151,8 +151,8 @@ def main() -> None:
     ratios = {"batch_5_lines_coupon_redeem_vs_plain": e2e.median_ratio(
         rows, "batch_5_lines_coupon_redeem", "batch_plain"),
         "quote_vs_get_card": e2e.median_ratio(rows, "quote", "get_card")}
-    e2e.report_rounds(args.out, rows, ratios, {"cards": len(numbers), "seconds": args.seconds},
-                      log)
+    e2e.report_rounds(args.out, rows, ratios, {"cards": len(numbers), "seconds": args.seconds,
+                                               "server_args": args.server_arg}, log)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/versus_release.py [--release 5c616b6] [--rounds 5] [--seconds 5]
         [--cards 100000] [--out bench/release_results.json]      (``make bench-release``)
+    .venv/bin/python bench/versus_release.py --flag=--lmdb-writemap [--rounds 5] ...
 
 The scenario is e2e.py's batch_1000: SubmitBatch calls of 1,000 purchases, 4 callers, over
 ``--cards`` cards chosen at random, sync on (every group fsynced before its reply), the requests
@@ -11,7 +12,9 @@ serialised before the clock starts. It runs against two servers on this machine:
   as a git worktree in ``.bench-release/<commit>`` (outside the tracked files) and built there
   with its own ``make build`` into its own .venv; skipped when that build is already there;
 - v2, the current code of this work tree, from ``.venv``; or, with ``--current COMMIT``, that
-  commit built the same way as v1 (a fixed v2 while others edit the work tree).
+  commit built the same way as v1 (a fixed v2 while others edit the work tree);
+- or, with ``--flag FLAG`` (repeatable), a server option against none: v1 is this work tree as
+  it is, v2 the same tree with ``serve FLAG ...`` (from seeding on); no release is built.
 
 Each server gets its own data folder, seeded the same way (cards opened and topped up through
 SubmitBatch). Then the two alternate, v1, v2, v1, v2, ..., ``--rounds`` rounds each, every
@@ -87,9 +90,9 @@ def release_python(commit: str, tree: str, rebuild: bool) -> str:
     return py
 
 
-def start(python: str, data_dir: str, log_path: str) -> e2e.Proc:
+def start(python: str, data_dir: str, log_path: str, extra: tuple[str, ...] = ()) -> e2e.Proc:
     return e2e.Proc([python, "-m", "cardcore.server.cli", "serve", "--insecure", "--data-dir",
-                     data_dir, "--listen", "127.0.0.1:0"], log_path)
+                     data_dir, "--listen", "127.0.0.1:0", *extra], log_path)
 
 
 def verify(python: str, data_dir: str) -> bool:
@@ -183,7 +186,7 @@ def top_frames(stacks: list[tuple[list[str], int]], scale: float, n: int = 12) -
 
 
 def profile_phase(system: str, python: str, data_dir: str, payloads: list, seconds: float,
-                  work: str, keep_dir: str | None) -> dict:
+                  work: str, keep_dir: str | None, extra: tuple[str, ...] = ()) -> dict:
     """One more batch phase with py-spy on both processes of the server:
 
     - the writer: every sample of its one thread, waits included, native frames too (shares of
@@ -195,7 +198,7 @@ def profile_phase(system: str, python: str, data_dir: str, payloads: list, secon
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(py_spy):
         raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
-    proc = start(python, data_dir, os.path.join(work, f"profile-{system}.log"))
+    proc = start(python, data_dir, os.path.join(work, f"profile-{system}.log"), extra)
     writers = []  # the writer, not multiprocessing's resource tracker
     for pid in children(proc.proc.pid):
         try:
@@ -282,10 +285,13 @@ def table(res: dict) -> str:
                 f"**{cpu(m['v1'])}** | **{cpu(m['v2'])}** | "
                 f"{m['v1']['avg_group_ops']} | {m['v2']['avg_group_ops']} |")
     verdict = "met" if res["ratio_v2_v1"] >= TARGET_RATIO else "NOT met"
-    rows += ["", f"v2 / v1 SubmitBatch throughput (medians): **{res['ratio_v2_v1']:.3f}** "
-                 f"(target >= {TARGET_RATIO}: {verdict}); server CPU per purchase v2 / v1: "
-                 f"{res['cpu_ratio_v2_v1']:.2f}x. v1 = {res['release']['commit']}, "
-                 f"v2 = {res['current']['commit']}"
+    target = "" if res.get("flags") else f" (target >= {TARGET_RATIO}: {verdict})"
+    v2 = (f"{res['current']['commit']} with serve {' '.join(res['flags'])}" if res.get("flags")
+          else res["current"]["commit"])
+    rows += ["", f"v2 / v1 SubmitBatch throughput (medians): **{res['ratio_v2_v1']:.3f}**"
+                 f"{target}; server CPU per purchase v2 / v1: "
+                 f"{res['cpu_ratio_v2_v1']:.2f}x (writer alone: {res['writer_cpu_ratio_v2_v1']:.2f}x). "
+                 f"v1 = {res['release']['commit']}, v2 = {v2}"
                  f"{' + uncommitted changes' if res['current'].get('dirty') or res['current'].get('dirty_at_end') else ''}."]
     return "\n".join(rows)
 
@@ -297,6 +303,9 @@ def main() -> int:
     parser.add_argument("--current", help="v2 from this commit's worktree (.bench-release/<commit>) "
                                           "instead of this work tree")
     parser.add_argument("--rebuild", action="store_true", help="run the release's make build again")
+    parser.add_argument("--flag", action="append", default=[],
+                        help="compare this tree with and without a serve option (repeatable; "
+                             "e.g. --flag=--lmdb-writemap) instead of against a release")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per server, at least 3")
     parser.add_argument("--seconds", type=float, default=5.0, help="per phase (as e2e.py)")
     parser.add_argument("--cards", type=int, default=100_000)
@@ -309,8 +318,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
+    if args.flag and args.current:
+        parser.error("--flag compares this work tree with itself: not with --current")
     tree = os.path.abspath(args.release_dir or os.path.join(ROOT, ".bench-release", args.release))
-    v1_python = release_python(args.release, tree, args.rebuild)
+    v1_python = sys.executable if args.flag else release_python(args.release, tree, args.rebuild)
     if args.current:
         v2_python = release_python(args.current, os.path.join(ROOT, ".bench-release", args.current),
                                    args.rebuild)
@@ -320,13 +331,15 @@ def main() -> int:
         current = git("rev-parse", "--short", "HEAD")
         changed = git("status", "--porcelain", "--", "core", "server", "ext", "proto", "setup.py")
     pythons = {"v1": v1_python, "v2": v2_python}
+    serve_args = {"v1": (), "v2": tuple(args.flag)}
     res: dict = {
         "scenario": f"SubmitBatch of {e2e.BATCH_OPS:,} purchases, {e2e.BATCH_CALLERS} callers, "
                     f"{args.cards:,} random cards, sync on",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "release": {"commit": git("rev-parse", "--short", f"{args.release}^{{commit}}"),
-                    "python": v1_python},
+        "release": {"commit": current if args.flag else
+                    git("rev-parse", "--short", f"{args.release}^{{commit}}"), "python": v1_python},
+        "flags": args.flag,
         "current": {"commit": current, "dirty": bool(changed), "python": v2_python},
         "cards": args.cards, "seconds_per_phase": args.seconds, "rounds": []}
     # the figures are only worth comparing on a quiet machine: say what else was running
@@ -341,7 +354,7 @@ def main() -> int:
         dirs = {s: os.path.join(work, f"data-{s}") for s in pythons}
         for system, py in pythons.items():
             t0 = time.perf_counter()
-            srv = start(py, dirs[system], os.path.join(work, f"seed-{system}.log"))
+            srv = start(py, dirs[system], os.path.join(work, f"seed-{system}.log"), serve_args[system])
             e2e.seed(srv.target, numbers)
             srv.stop()
             print(f"{system}: seeded {args.cards:,} cards in {time.perf_counter() - t0:.1f} s",
@@ -354,7 +367,7 @@ def main() -> int:
             row: dict = {"round": k}
             for system in ("v1", "v2"):
                 log_path = os.path.join(work, f"r{k}-{system}.log")
-                proc = start(pythons[system], dirs[system], log_path)
+                proc = start(pythons[system], dirs[system], log_path, serve_args[system])
                 main0, kids0 = cpu_split(proc.proc.pid)
                 n, elapsed, lat, errors = asyncio.run(e2e.run_batches(proc.target, payloads, args.seconds))
                 main1, kids1 = cpu_split(proc.proc.pid)
@@ -384,6 +397,8 @@ def main() -> int:
         res["ratio_v2_v1"] = round(med["v2"]["tx_per_s"] / med["v1"]["tx_per_s"], 3)
         res["cpu_ratio_v2_v1"] = round(med["v2"]["server_cpu_us_per_op"]
                                        / med["v1"]["server_cpu_us_per_op"], 2)
+        res["writer_cpu_ratio_v2_v1"] = round(med["v2"]["writer_cpu_us_per_op"]
+                                              / med["v1"]["writer_cpu_us_per_op"], 2)
         res["target_ratio"] = TARGET_RATIO
         res["target_met"] = res["ratio_v2_v1"] >= TARGET_RATIO
         res["declined"] = sum(r[s]["declined"] for r in res["rounds"] for s in pythons)
@@ -392,7 +407,8 @@ def main() -> int:
                 int(BATCHES_PER_S * args.profile_seconds))
             try:
                 res["profile"] = {s: profile_phase(s, py, dirs[s], payloads, args.profile_seconds,
-                                                   work, args.profile_dir) for s, py in pythons.items()}
+                                                   work, args.profile_dir, serve_args[s])
+                                  for s, py in pythons.items()}
                 print(profile_text(res["profile"]), flush=True)
             except (SystemExit, OSError, subprocess.SubprocessError) as exc:  # keep the rounds
                 res["profile_error"] = str(exc)

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ import pytest
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import Client, ServerProcess, new_card_number, sent_at, stream_top_ups, verify
+from test_service import writer_pid
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "powercut_fs.py")
 MOUNT_TIMEOUT_S = 20
@@ -161,7 +163,11 @@ def power_cut_round(root: str, rnd: int, mode: str, rng: random.Random,
         for t in threads:
             t.start()
         time.sleep(rng.uniform(*LOAD_S))
-        server.kill()  # the machine dies: the process first (no more writes), then the disk
+        # The machine dies: the processes first (no more writes), then the disk. The writer
+        # first: killed after the server, it would see the socket close and checkpoint on its way
+        # out, and the cut would never meet an open span (its pages, with --lmdb-writemap).
+        os.kill(writer_pid(server), signal.SIGKILL)
+        server.kill()
         stop.set()
         for t in threads:
             t.join(30)
