@@ -238,7 +238,7 @@ def rounds_args(doc: str, out_name: str, server_args: bool = False) -> argparse.
     ap.add_argument("--out", default=os.path.join(HERE, out_name))
     if server_args:
         ap.add_argument("--server-arg", action="append", default=[],
-                        help="passed to cardcore serve (e.g. --server-arg=--lmdb-writemap)")
+                        help="passed to cardcore serve (e.g. --server-arg=--groups-in-flight=2)")
     return ap.parse_args()
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/versus_release.py [--release 5c616b6] [--rounds 5] [--seconds 5]
         [--cards 100000] [--out bench/release_results.json]      (``make bench-release``)
-    .venv/bin/python bench/versus_release.py --flag=--lmdb-writemap [--rounds 5] ...
+    .venv/bin/python bench/versus_release.py --flag=--groups-in-flight=2 [--rounds 5] ...
 
 The scenario is e2e.py's batch_1000: SubmitBatch calls of 1,000 purchases, 4 callers, over
 ``--cards`` cards chosen at random, sync on (every group fsynced before its reply), the requests
@@ -305,7 +305,7 @@ def main() -> int:
     parser.add_argument("--rebuild", action="store_true", help="run the release's make build again")
     parser.add_argument("--flag", action="append", default=[],
                         help="compare this tree with and without a serve option (repeatable; "
-                             "e.g. --flag=--lmdb-writemap) instead of against a release")
+                             "e.g. --flag=--groups-in-flight=2) instead of against a release")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per server, at least 3")
     parser.add_argument("--seconds", type=float, default=5.0, help="per phase (as e2e.py)")
     parser.add_argument("--cards", type=int, default=100_000)
