@@ -101,7 +101,8 @@ def cmd_report(args) -> int:
         return 0
     head = ("period", "entries", "sales", "discount", "top-ups", "refunds", "pts issued",
             "pts redeemed", "pts expired", "owes", "owed")
-    head += ("liability", "bonus held", "holds") if args.chain else ("closed", "holds")
+    head += ("liability principal", "liability bonus", "holds") if args.chain else (
+        "closed", "holds")
     lines = [head]
     for row in list(r.rows) + [None]:
         f = r.total if row is None else row.figures
