@@ -8,12 +8,13 @@ import sys
 
 from . import logs
 from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
-from cardcore.layout import LINES_MAX
+from cardcore.layout import HOLD_MINUTES_MAX, LINES_MAX
 
-from .cmd_client import (CARD_STATUSES, ROLES, cmd_card, cmd_card_status, cmd_find_card,
-                         cmd_history, cmd_keys, cmd_replace_card,
+from .cmd_client import (CARD_STATUSES, ROLES, cmd_authorize, cmd_capture, cmd_card,
+                         cmd_card_status, cmd_find_card, cmd_history, cmd_keys, cmd_replace_card,
                          cmd_open_card, cmd_operation, cmd_operators, cmd_program, cmd_purchase,
-                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_watch)
+                         cmd_refund, cmd_reverse, cmd_terminals, cmd_top_up, cmd_void_hold,
+                         cmd_watch)
 from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
@@ -298,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     mutating(p)
     p.add_argument("amount", type=amount_arg,
                    help="the gross amount in yuan, before the member's discount")
+    p = client("authorize", "hold money on the card for a sale to come (a car wash, a fuel pump): "
+               "captured, voided or released at its expiry", cmd_authorize)
+    mutating(p)
+    p.add_argument("amount", type=amount_arg, help="yuan to hold, at most what the card has")
+    p.add_argument("--minutes", type=int_arg(0, HOLD_MINUTES_MAX), default=0,
+                   help=f"how long the hold lasts, 1..{HOLD_MINUTES_MAX} (default 0: a day)")
+    p = client("capture", "the sale a hold was for, paid from the hold (gross amount in yuan, at "
+               "most what it holds); the rest is released", cmd_capture)
+    mutating(p, "the till's store id: the hold's store (default 0: head office)")
+    p.add_argument("serial", type=int_arg(1, U64_MAX), help="the hold's serial (authorize's "
+                   "journal seq, or cardcore card's hold rows)")
+    p.add_argument("amount", type=amount_arg,
+                   help="the gross amount in yuan, before the member's discount")
+    p = client("void-hold", "release a hold without a sale", cmd_void_hold)
+    mutating(p, "the till's store id: the hold's store (default 0: head office)")
+    p.add_argument("serial", type=int_arg(1, U64_MAX), help="the hold's serial")
     p = client("card", "balance inquiry", cmd_card)
     till(p)
     p = client("refund", "money back for a sale, by its journal seq (operator token): all that is "
@@ -551,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "card", "refund", "reverse", "card-status",
+_CLIENT_COMMANDS = ("open-card", "top-up", "purchase", "authorize", "capture", "void-hold", "card",
+                    "refund", "reverse", "card-status",
                     "replace-card", "find-card", "import",
                     "history", "operation", "watch", "terminals", "operators", "keys", "program",
                     "pos", "console", "close-day", "report", "members", "region", "store")

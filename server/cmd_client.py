@@ -231,9 +231,20 @@ def print_result(result, looked_up: bool = False, client_time_us: int = 0) -> No
                  ("paid", fen(result.paid_minor)), ("points earned", f"{result.points_earned:,}")]
     elif result.type == cpb.OPERATION_TYPE_TOP_UP:
         rows.append(("topped up", fen(result.amount_minor)))
+    elif result.type == cpb.OPERATION_TYPE_HOLD_AUTHORIZED:  # rule 15: seq is the hold's serial
+        rows += [("amount held", fen(result.amount_minor)),
+                 ("hold serial", str(result.hold_serial)),
+                 ("until", _utc(result.hold_expires_at_us))]
+    elif result.type == cpb.OPERATION_TYPE_HOLD_VOIDED:
+        rows += [("released", fen(result.amount_minor)), ("hold serial", str(result.hold_serial))]
+    if result.type == cpb.OPERATION_TYPE_PURCHASE and result.hold_serial:
+        rows.append(("from hold", str(result.hold_serial)))
     b = result.balance_after
     rows += [("balance", fen(b.available_minor)), ("  principal", fen(b.principal_minor)),
-             ("  bonus", fen(b.bonus_minor)), ("points", f"{b.points:,}")]
+             ("  bonus", fen(b.bonus_minor))]
+    if b.held_minor:
+        rows.append(("  held", fen(b.held_minor)))
+    rows.append(("points", f"{b.points:,}"))
     if looked_up:
         rows.append(("note", "looked up: this request_id was applied"))
     elif result.replayed:
@@ -272,6 +283,38 @@ def cmd_purchase(args) -> int:
                              gross_amount_minor=args.amount, till=_till(args),
                              **request_fields(args))
     print_result(call(stub_of(args).Purchase, req, args), client_time_us=req.client_time_us)
+    return 0
+
+
+def cmd_authorize(args) -> int:
+    """Rule 15: money held for a sale to come; the answer's seq is the hold's serial."""
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.AuthorizeRequest(card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
+                              hold_minutes=args.minutes, till=_till(args), **request_fields(args))
+    print_result(call(stub_of(args).Authorize, req, args), client_time_us=req.client_time_us)
+    return 0
+
+
+def cmd_capture(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.CaptureRequest(card=cpb.CardRef(card_number=args.card), hold_serial=args.serial,
+                            gross_amount_minor=args.amount, till=_till(args),
+                            **request_fields(args))
+    print_result(call(stub_of(args).Capture, req, args), client_time_us=req.client_time_us)
+    return 0
+
+
+def cmd_void_hold(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+    from cardcore.v1 import common_pb2 as cpb
+
+    req = pb.VoidHoldRequest(card=cpb.CardRef(card_number=args.card), hold_serial=args.serial,
+                             till=_till(args), **request_fields(args))
+    print_result(call(stub_of(args).VoidHold, req, args), client_time_us=req.client_time_us)
     return 0
 
 

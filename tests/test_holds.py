@@ -87,35 +87,48 @@ def test_a_hold_reserves_money_and_its_capture_pays_from_it(server):
     assert report["ok"], report["problems"]
 
 
-def test_the_cli_shows_what_a_card_holds_and_where(server):
-    """`cardcore card` on a card holding 60.00 and 15.00 (two stores): available 25.00, held
-    75.00, each hold by serial with its amount, store and expiry; once both are voided, no held
+def test_holds_from_the_command_line(server):
+    """`cardcore authorize` 60.00 for 30 minutes at store 1 and 15.00 for an hour at store 7:
+    `card` shows available 25.00, held 75.00 and each hold by serial with its amount, store and
+    expiry; `capture` of the first for 45.00 pays from it (the rest released), a second capture
+    is refused in one line (HOLD_CLOSED); `void-hold` of the second releases 15.00; then no held
     row and no hold row."""
-    from test_cli_errors import _clean_env, cli
+    from test_cli_errors import _clean_env, cli, user_error
 
     client = Client(server.stub)
     number = client.funded_card(10000)
-    first = server.stub.Authorize(authorize(number, 6000, minutes=30))
-    second = server.stub.Authorize(authorize(number, 1500, minutes=60, store_id=7))
 
-    def rows() -> dict:
-        out = cli("card", number, "--target", server.target,
+    def run(*args: str) -> dict:
+        out = cli(*args, "--target", server.target,
                   env=_clean_env(CARDCORE_DATA_DIR=server.data_dir))
         assert out.returncode == 0, out.stderr
         # a row: its name (indented under what it is part of), two spaces or more, its value
         return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1)
                     for line in out.stdout.splitlines() if line.strip())
 
-    shown = rows()
+    first = run("authorize", number, "60", "--minutes", "30", "--store", "1")
+    second = run("authorize", number, "15", "--minutes", "60", "--store", "7")
+    assert (first["operation"], first["amount held"], second["amount held"]) == (
+        "OPERATION_TYPE_HOLD_AUTHORIZED", "60.00", "15.00"), first
+    assert first["hold serial"] == first["journal seq"] and second["held"] == "75.00", second
+    hold = {h.serial: h for h in client.card(number).holds}[int(second["hold serial"])]
+    until = datetime.datetime.fromtimestamp(hold.expires_at_us / 1e6, datetime.timezone.utc)
+    assert second["until"] == f"{until.strftime('%Y-%m-%d %H:%M:%S')} UTC"
+    shown = run("card", number)
     assert (shown["balance"], shown["held"]) == ("25.00", "75.00"), shown
-    until = datetime.datetime.fromtimestamp(second.hold_expires_at_us / 1e6, datetime.timezone.utc)
-    assert shown[f"hold {first.seq}"].startswith("60.00 by store 1, until ")
-    assert shown[f"hold {second.seq}"] == (
-        f"15.00 by store 7, until {until.strftime('%Y-%m-%d %H:%M:%S')} UTC")
-    server.stub.VoidHold(void(number, first.seq))
-    server.stub.VoidHold(void(number, second.seq, store_id=7))
-    shown = rows()
-    assert shown["balance"] == "100.00" and "held" not in shown, shown
+    assert shown[f"hold {first['hold serial']}"].startswith("60.00 by store 1, until ")
+    assert shown[f"hold {second['hold serial']}"] == f"15.00 by store 7, until {second['until']}"
+    sale = run("capture", number, first["hold serial"], "45", "--store", "1")
+    assert (sale["operation"], sale["paid"], sale["from hold"], sale["balance"]) == (
+        "OPERATION_TYPE_PURCHASE", "45.00", first["hold serial"], "40.00"), sale
+    again = cli("capture", number, first["hold serial"], "1", "--store", "1", "--target",
+                server.target, env=_clean_env(CARDCORE_DATA_DIR=server.data_dir))
+    user_error(again, 1, "REASON_HOLD_CLOSED", secrets=(number,))
+    released = run("void-hold", number, second["hold serial"], "--store", "7")
+    assert (released["operation"], released["released"], released["balance"]) == (
+        "OPERATION_TYPE_HOLD_VOIDED", "15.00", "55.00"), released
+    shown = run("card", number)
+    assert shown["balance"] == "55.00" and "held" not in shown, shown
     assert not [k for k in shown if k.startswith("hold ")], shown
 
 
