@@ -121,7 +121,9 @@ def cmd_report(args) -> int:
     for line in lines:
         print("  ".join(c.ljust(w) if k == 0 else c.rjust(w)
                         for k, (c, w) in enumerate(zip(line, widths))).rstrip())
-    if args.staff:
+    if args.staff and not r.staff:
+        print("\nno sale or top-up credited to a staff member (--staff at the till) in this period")
+    elif args.staff:
         print()
         print(table([("staff", "sales; top-ups")] + [
             (str(s.staff_id), f"{s.sales} x {fen(s.sales_minor)}; {s.top_ups} x "

@@ -644,6 +644,9 @@ def test_the_cli_closes_a_day_and_prints_reports_as_tables_and_csv(server, chain
                              "--to", date_text(today), "--by", "month")
     assert code == 0, out
     assert out.splitlines()[1].split()[:3] == [date_text(today)[:7], "1", "43.21"]
+    code, out = operator_cli(server, "report", "--store", "6", "--from", date_text(today),
+                             "--to", date_text(today), "--staff")  # no sale credited to staff
+    assert code == 0 and "no sale or top-up credited to a staff member" in out, out
     code, out = operator_cli(server, "report", "--from", "2026-11-01", "--to", "2026-11-02")
     assert code == 2 and "--store S or --chain" in out
     code, out = operator_cli(server, "close-day", "6", "2026-11-31")
