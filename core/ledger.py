@@ -514,7 +514,8 @@ class Ledger:
                 raise LedgerFormatError(f"{self.path}: a ledger of format 1: run cardcore migrate "
                                         "(or start the server, which migrates it)") from None
             # one write transaction (one fsync, not one per sub-database), so a crash while a
-            # ledger is made leaves no ledger rather than a part of one
+            # ledger is made leaves all its sub-databases or none (its program and the fills
+            # below come in transactions of their own, each done again by the next open)
             with self.env.begin(write=True) as txn:
                 for name in DB_NAMES:
                     setattr(self, name, self.env.open_db(name.encode(), txn=txn, create=True))

@@ -228,9 +228,7 @@ class Members:
             return False
         if later:  # (rare) a split tender: the reference checks its later payments' records too
             return False
-        skip = bytearray(n)
-        for k in later:
-            skip[k] = 1
+        skip = bytearray(n)  # (no later payment to skip: see above)
         index, slot_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
         m, keys = native.purchases(buf, skip, index, slot_of)
         if not m:

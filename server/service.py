@@ -869,8 +869,8 @@ class CardService(pb_grpc.CardServiceServicer):
         # operations.operation
         plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
         if plain is not None and len(plain[0]) != n:
-            # the C loop read operations protobuf did not (an unknown field's content, say):
-            # none of them is taken, the whole batch goes the Python path
+            # a safety net, never seen (the C loop reads the records protobuf parses into
+            # operations, and steps over the rest): if it read others, none is taken
             log.error("SubmitBatch: the C path read %d operations of %d; not used",
                       len(plain[0]), n)
             plain = None
