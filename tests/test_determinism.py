@@ -37,9 +37,9 @@ from test_ledger import KEY, NOW, add_operator, cid, enroll, key, load, op, revo
 
 T0 = NOW - 3_600_000_000          # the shard's genesis time (its record, in the cluster)
 MINUTE = 60_000_000
-NUMBERS = [f"62258800000{n:05d}" for n in range(1, 7)]
-OLD, NEW = NUMBERS[0], NUMBERS[5]
-DBS_WITH_PROFILES = {"profiles", "members"}
+NUMBERS = [f"62258800000{n:05d}" for n in range(1, 8)]
+OLD, NEW = NUMBERS[0], NUMBERS[5]        # replaced by a request the gRPC process built
+TOOL_OLD, TOOL_NEW = NUMBERS[3], NUMBERS[6]  # by a tool's request: the writer re-seals
 
 
 def ledger_at(path: str, keyed: bool, t0: int = T0) -> Ledger:
@@ -50,11 +50,12 @@ def ledger_at(path: str, keyed: bool, t0: int = T0) -> Ledger:
     return Ledger(path, initial_program=example("cafe"), initial_time_us=t0, **keys)
 
 
-def sealed_profile(number: str, name: str, phone: str) -> bytes:
+def sealed_profile(number: str, name: str, phone: str, masked: str = "",
+                   card_id: bytes | None = None) -> bytes:
     """A profile as the gRPC process seals it (``operations._sealed_profile``)."""
-    doc = {"masked": number[:6] + "******" + number[-4:], "name": name, "phone": phone,
+    doc = {"masked": masked or number[:6] + "******" + number[-4:], "name": name, "phone": phone,
            "birthday": "1990-05-17"}
-    return ProfileBox(profile_key(KEY)).seal(cid(number), doc)
+    return ProfileBox(profile_key(KEY)).seal(card_id or cid(number), doc)
 
 
 def open_with_profile(request_id: str, number: str, at: int) -> PendingOp:
@@ -72,12 +73,16 @@ def import_card(request_id: str, number: str, at: int) -> PendingOp:
                            ref_id=500, redeem_points=40, client_time_us=at)
 
 
-def replace_card(request_id: str, old: str, new: str, at: int) -> PendingOp:
-    """As test_replacement builds it: the new number's mask is the request's profile."""
+def replace_card(request_id: str, old: str, new: str, at: int, sealed_by_front: bool) -> PendingOp:
+    """As ``operations.replace_card_op`` builds it (``sealed_by_front``: the old card's profile
+    with the new mask, sealed for the new card), or as a tool does (the mask alone: the writer
+    moves the profile and seals it again)."""
+    mask = {"masked": new[:6] + "******" + new[-4:]}
+    profile = (sealed_profile(old, f"Member {old[-2:]}", f"1380000{old[-4:]}", mask["masked"],
+                              cid(new)) if sealed_by_front else encode(mask))
     return PendingOp.build(key(request_id), L.OP_CARD_REPLACED, cid(old), store_id=3,
                            operator_id=1, client_time_us=at, referrer_id=cid(new),
-                           profile=encode({"masked": new[:6] + "******" + new[-4:]}),
-                           sealed=b"sealed-number-v1-" + new[-4:].encode())
+                           profile=profile, sealed=b"sealed-number-v1-" + new[-4:].encode())
 
 
 def admin_op(request_id: str, kind: int, subject: bytes, payload: bytes, at: int) -> PendingOp:
@@ -116,7 +121,8 @@ def lead(folder: str) -> list[list]:
           op("reverse-2", L.OP_REVERSAL, NUMBERS[2], 0, at, original_key=key("sale-2")),
           capture_op("capture-1", NUMBERS[3], seq_of[2], 3_500, at),
           op("void-2", L.OP_HOLD_VOID, NUMBERS[3], 0, at, link_seq=seq_of[3]))
-    group(replace_card("replace-1", OLD, NEW, at))
+    group(replace_card("replace-1", OLD, NEW, at, True),
+          replace_card("replace-2", TOOL_OLD, TOOL_NEW, at, False))
     group(load(example("cafe") + "\n# the second edition\n"),
           window_op(3 * 24 * 3600),
           admin_op("close-3", L.OP_CLOSE_DAY, close_subject(3, day_of_date("2020-01-02")), b"", at),
@@ -204,3 +210,21 @@ def test_replicas_without_the_keys_agree_with_each_other(leader, tmp_path):
     one = contents(follower(tmp_path, "k1", log_folder, False, 3), False)
     two = contents(follower(tmp_path, "k2", log_folder, False, 4), False)
     assert one[1] == two[1] and differing(one[0], two[0]) == []
+
+
+def test_a_replica_without_the_keys_stores_the_same_profiles_as_one_with_them(leader, tmp_path):
+    """The keyring is not the shard's: a replacement built by the gRPC process carries the new
+    card's sealed profile, so a replica without the profile key stores the bytes one with it
+    does (before, it stored the mask alone: the member's name, phone and birthday lost, with
+    the journal's digests equal, so no replica halted). The member index is kept only with the
+    lookup key (``members``, and its mark in ``meta``)."""
+    log_folder = os.path.join(leader[0], "log")
+    keyed = contents(follower(tmp_path, "with", log_folder, True, 5), True)
+    keyless = contents(follower(tmp_path, "without", log_folder, False, 6), False)
+    assert keyed[1] == keyless[1]
+    assert differing(keyed[0], keyless[0]) == ["members", "meta", "profiles"]
+    with_profiles, without = dict(keyed[0]["profiles"]), dict(keyless[0]["profiles"])
+    assert with_profiles[cid(NEW)] == without[cid(NEW)]
+    assert ProfileBox(profile_key(KEY)).open(cid(NEW), without[cid(NEW)])["name"] == "Member 01"
+    # a tool's replacement (the mask alone) is moved by the writer: only a keyed one re-seals it
+    assert [k for k in with_profiles if with_profiles[k] != without[k]] == [cid(TOOL_NEW)]
