@@ -322,7 +322,7 @@ class Operations:
 
     def _sealed_profile(self, op: PendingOp, card_id: bytes, profile: dict) -> PendingOp:
         """``op`` storing ``profile`` sealed (``cardcore.profiles``): its digest stays the one of
-        the profile's JSON, so a retry (sealed with another nonce) is the same request."""
+        the profile's JSON, so a retry is the same request whatever its sealed bytes."""
         box = self.ledger.profile_box
         if not box.keyed:  # a ledger opened without the keyring (tools): stored as JSON
             return op

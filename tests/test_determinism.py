@@ -214,9 +214,16 @@ def test_replicas_applying_the_same_log_store_the_same_bytes_in_every_sub_databa
 def test_replicas_without_the_keys_agree_with_each_other(leader, tmp_path):
     """A shard whose replicas hold no keyring (today's ``cardcore replica``) ends identical too."""
     log_folder = os.path.join(leader[0], "log")
-    one = contents(follower(tmp_path, "k1", log_folder, False, 3), False)
-    two = contents(follower(tmp_path, "k2", log_folder, False, 4), False)
+    folders = [follower(tmp_path, name, log_folder, False, seed) for name, seed in
+               (("k1", 3), ("k2", 4))]
+    one, two = (contents(folder, False) for folder in folders)
     assert one[1] == two[1] and differing(one[0], two[0]) == []
+    # Opened with the keys later: the profile a keyless writer stored as JSON (the tool's
+    # replacement) is sealed at open (Ledger._seal_profiles), the member index filled: alike.
+    assert not dict(one[0]["profiles"])[cid(TOOL_NEW)].startswith(b"\x02")
+    one, two = (contents(folder, True) for folder in folders)
+    assert differing(one[0], two[0]) == []
+    assert dict(one[0]["profiles"])[cid(TOOL_NEW)].startswith(b"\x02") and one[0]["members"]
 
 
 def test_a_replica_without_the_keys_stores_the_same_profiles_as_one_with_them(leader, tmp_path):
