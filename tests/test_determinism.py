@@ -15,7 +15,6 @@ member index).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
