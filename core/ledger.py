@@ -1897,7 +1897,7 @@ class _Group:
             raise InvariantError("a replaced card's lots do not add up to its points")
         txn.put(SUCCESSOR + old_id, new_id, db=ledger.card_links)
         txn.put(PREDECESSOR + new_id, old_id, db=ledger.card_links)
-        self.profile_items.append((new_id, self._moved_profile(old_id, new_id, op, in_seq)))
+        self.profile_items.append((new_id, self._moved_profile(old_id, new_id, op)))
         if op.sealed is not None:
             self.sealed_items.append((new_id, op.sealed))
         # (tier counts: the new card counts where the old one did, which no longer counts)
@@ -1906,19 +1906,24 @@ class _Group:
                 kind, L.R_OK, op.digest, in_seq, 0, ts, op.client_time_us)))
         self.outcomes[i] = Outcome(L.R_OK, False, kind, in_entry)
 
-    def _moved_profile(self, old_id: bytes, new_id: bytes, op: PendingOp, seq: int) -> bytes:
-        """The old card's profile (stored, or opened earlier in this group) for the new card,
-        with the new number's mask (the request's profile); sealed again for the new card (its
-        nonce derived from the new card and its entry, so every ledger stores the same bytes),
-        or JSON in a ledger opened without the profile key."""
+    def _moved_profile(self, old_id: bytes, new_id: bytes, op: PendingOp) -> bytes:
+        """The new card's profile. Sealed where the request was built (the old card's stored
+        profile with the new number's mask, ``operations.replace_card_op``): stored as it came,
+        so a ledger with the profile key and one without store the same bytes. Else (a tool's
+        request, or the old card opened earlier in this group) the old card's profile (stored,
+        or opened earlier in this group) with the request's mask: sealed again for the new card
+        (the same bytes on every ledger with the key: ``cardcore.profiles``), or JSON in a
+        ledger opened without the key (of a sealed profile, only the mask survives)."""
         ledger = self.ledger
+        if ledger.profile_box.is_sealed(op.profile):
+            return op.profile
         raw = next((p for cid, p in reversed(self.profile_items) if cid == old_id), None)
         if raw is None:
             raw = self.txn.get(old_id, db=ledger.profiles)
         doc = dict(ledger.open_profile(old_id, raw), **json.loads(op.profile or b"{}"))
         if not ledger.profile_box.keyed:
             return encode_profile(doc)
-        return ledger.profile_box.seal(new_id, doc, new_id + L.SEQ_KEY.pack(seq))
+        return ledger.profile_box.seal(new_id, doc)
 
     def _replacement_entry(self, head: tuple, kind: int, seq: int, card_id: bytes, tier: int,
                            status: int, tries: int, flags: int, amount: int, deltas: tuple,

@@ -7,11 +7,22 @@ A stored profile (LMDB ``profiles``, key: card id) is, since this format::
     1   u8   n, the masked number's length (at most MASKED_LEN_MAX)
     2   n    the masked card number, ASCII (first 6 and last 4 digits): receipts and GetCard show
              it without a key
-    2+n 12   a random nonce
+    2+n 12   the nonce (stored: how it is chosen may change and a record still opens)
     ... the profile's JSON (name, phone, birthday, home store, masked number) under
         AES-256-GCM with the profile key, its 16-byte tag last; associated data: the format
         byte, the card id and the masked number, so a sealed profile moved to another card, or
         given another masked number, does not open
+
+The nonce is derived, not drawn: the first 12 bytes of HMAC-SHA256, under a key derived from
+the profile key, of everything sealed (the head with the masked number, the card id, the JSON).
+Replicas of a shard apply the same groups and must store the same bytes (docs/cluster.md,
+"Determinism rules"), so no sealing may draw randomness. Why it is safe: AES-GCM breaks when
+one nonce seals two *different* messages under one key. Here a nonce repeats only for the same
+(card, masked number, document), which seals to the very same bytes (nothing leaks but that the
+profile is unchanged, which the same stored bytes say anyway); two different inputs share a
+nonce only by a collision of a PRF truncated to 96 bits, the same odds as random nonces
+(about n^2 / 2^97 for n sealings). This is the synthetic-IV construction (as in AES-SIV and
+AES-GCM-SIV): it needs no counter, seq or uniqueness from the caller.
 
 Profiles stored before it are their JSON (a first byte ``{``): read as they are, and sealed by
 the first writer that has the key (``Ledger``). The profile key is derived from the keyring's
@@ -26,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -77,19 +87,19 @@ class ProfileBox:
     def keyed(self) -> bool:
         return self._aead is not None
 
-    def seal(self, card_id: bytes, doc: dict, unique: bytes | None = None) -> bytes:
-        """``doc`` sealed for ``card_id``: under a random nonce, or, where the writer seals (a
-        replacement's profile: every ledger applying the group must store the same bytes),
-        one derived from ``unique``, which must never repeat under this key (the new card's
-        id and its entry's seq)."""
+    def seal(self, card_id: bytes, doc: dict) -> bytes:
+        """``doc`` sealed for ``card_id``, under a nonce derived from what is sealed (see the
+        module's docstring): the same card and document, the same bytes, wherever it is sealed
+        (a replica re-sealing in its apply or at open stores what its peers store)."""
         assert self._aead is not None, "sealing needs the profile key"
         masked = str(doc.get("masked", "")).encode("ascii")
         if len(masked) > MASKED_LEN_MAX:
             raise ValueError("masked number too long")
         head = bytes((FORMAT_SEALED, len(masked))) + masked
-        nonce = (os.urandom(NONCE_SIZE) if unique is None else
-                 hmac.digest(self._nonce_key, b"nonce" + unique, hashlib.sha256)[:NONCE_SIZE])
-        return head + nonce + self._aead.encrypt(nonce, encode(doc), head[:1] + card_id + masked)
+        plain = encode(doc)
+        # head (format, length, masked number) | 16-byte card id | plaintext: unambiguous
+        nonce = hmac.digest(self._nonce_key, head + card_id + plain, hashlib.sha256)[:NONCE_SIZE]
+        return head + nonce + self._aead.encrypt(nonce, plain, head[:1] + card_id + masked)
 
     def open(self, card_id: bytes, raw: bytes | None) -> dict:
         """The profile as a dict ({} when there is none)."""

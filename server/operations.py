@@ -322,7 +322,7 @@ class Operations:
 
     def _sealed_profile(self, op: PendingOp, card_id: bytes, profile: dict) -> PendingOp:
         """``op`` storing ``profile`` sealed (``cardcore.profiles``): its digest stays the one of
-        the profile's JSON, so a retry (sealed with another nonce) is the same request."""
+        the profile's JSON, so a retry is the same request whatever its sealed bytes."""
         box = self.ledger.profile_box
         if not box.keyed:  # a ledger opened without the keyring (tools): stored as JSON
             return op
@@ -521,17 +521,26 @@ class Operations:
         if new.card_id == old.card_id:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
         pin_flags, new_check = 0, NO_PIN
+        found = self.ledger.read_card(old.card_id)
+        old_profile = found[1] if found else {}
         if req.new_pin_block:
             new_check = self.swipes.pin_check(new, req.new_pin_block, "new_pin_block", new=True,
-                                              birthday=self.birthday(old.card_id))
+                                              birthday=old_profile.get("birthday", ""))
             pin_flags = L.NEW_PIN
         # the op is the old card's; a swiped new card's KSN is the one the writer takes
         card = CardAccess(old.card_id, old.number, None, new.terminal_id, new.ksn_counter)
-        # the member's profile moves to the new card, with this masked number, in the writer
-        return self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
-                        new_pin_check=new_check, referrer_id=new.card_id,
-                        profile=profiles.encode({"masked": cards.mask(new.number)}),
-                        sealed=self.keyring.seal(new.card_id, new.number), role=role)
+        mask = {"masked": cards.mask(new.number)}
+        op = self._op(req, rid, at_us, L.OP_CARD_REPLACED, card, caller, pin_flags=pin_flags,
+                      new_pin_check=new_check, referrer_id=new.card_id,
+                      profile=profiles.encode(mask),
+                      sealed=self.keyring.seal(new.card_id, new.number), role=role)
+        # The member's profile moves to the new card with this masked number: sealed here for
+        # the new card, so the group carries its bytes and a writer or replica without the
+        # profile key stores what one with it does (docs/cluster.md, "Determinism rules");
+        # none stored yet (opened in a group still in the writer's hands): the writer moves it.
+        if not old_profile:
+            return op
+        return self._sealed_profile(op, new.card_id, {**old_profile, **mask})
 
     def reverse_op(self, req: pb.ReverseRequest, caller: Caller) -> PendingOp:
         """A request undone, or refused before it arrives (rule 13): named by its request_id in

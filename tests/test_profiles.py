@@ -1,6 +1,6 @@
 """Member profiles at rest (cardcore.profiles): the name, phone and birthday sealed with the
 profile key, the masked number in clear; legacy JSON profiles sealed by the first writer with
-the key; a retry of an opening is the same request although each sealing differs."""
+the key; a retry of an opening is the same request (its digest is the profile's JSON's)."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,7 @@ def test_a_profile_is_sealed_at_rest_and_shown_to_getcard(server):
         card=cpb.CardRef(card_number=number), till=cpb.Till(store_id=1, terminal_id=1),
         profile=pb.MemberProfile(name=NAME, phone=PHONE, birthday=BIRTHDAY, home_store_id=7))
     first = server.stub.OpenCard(request)
-    again = server.stub.OpenCard(request)  # sealed anew (another nonce), the same request
+    again = server.stub.OpenCard(request)  # sealed anew, the same request
     assert again.replayed and again.seq == first.seq
     card = client.card(number)
     assert (card.profile.name, card.profile.phone, card.profile.birthday,
