@@ -96,6 +96,7 @@ class ProfileBox:
         if len(masked) > MASKED_LEN_MAX:
             raise ValueError("masked number too long")
         head = bytes((FORMAT_SEALED, len(masked))) + masked
+        assert len(card_id) == 16  # the nonce's input below is unambiguous because it is fixed
         plain = encode(doc)
         # head (format, length, masked number) | 16-byte card id | plaintext: unambiguous
         nonce = hmac.digest(self._nonce_key, head + card_id + plain, hashlib.sha256)[:NONCE_SIZE]

@@ -83,3 +83,33 @@ def test_profiles_stored_before_sealing_are_sealed_by_the_first_writer_with_the_
     keyless = Ledger(path, readonly=True)
     assert keyless.read_card(cid(number))[1] == {"masked": "622588******0800"}
     keyless.close()
+
+
+def test_a_nonce_is_of_everything_sealed_and_a_random_nonce_record_still_opens():
+    """(found by a review) The synthetic IV's safety: the same card, mask and document seal to
+    the same bytes, and changing any of them changes the nonce (a nonce shared by two different
+    messages under one key would break AES-GCM); a record sealed before, under a random nonce,
+    still opens."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from cardcore.profiles import NONCE_SIZE, encode
+
+    key_ = os.urandom(32)
+    box = ProfileBox(profile_key(key_))
+
+    def nonce_of(raw: bytes) -> bytes:
+        return raw[2 + raw[1]:2 + raw[1] + NONCE_SIZE]
+
+    doc = {"masked": "622588******0001", "name": "N", "phone": "1"}
+    c1, c2 = bytes(16), bytes([1]) * 16
+    assert box.seal(c1, doc) == box.seal(c1, doc)
+    nonces = {nonce_of(box.seal(c, d)) for c, d in (
+        (c1, doc), (c2, doc), (c1, dict(doc, name="M")),
+        (c1, dict(doc, masked="622588******0002")))}
+    assert len(nonces) == 4
+    masked = doc["masked"].encode()
+    head = bytes((2, len(masked))) + masked
+    nonce = os.urandom(NONCE_SIZE)
+    old = head + nonce + AESGCM(profile_key(key_)).encrypt(nonce, encode(doc),
+                                                           head[:1] + c1 + masked)
+    assert box.open(c1, old) == doc
