@@ -115,6 +115,8 @@ _ZERO8 = bytes(8)
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
 _ZERO_I64 = array("q", [0])
+_CARD_ID = struct.Struct("16x16s224x")  # layout.JOURNAL: card_id
+assert _CARD_ID.size == L.JOURNAL_SIZE
 
 
 def _empty_totals() -> bytes:
@@ -380,15 +382,17 @@ class DayTotals:
         ops = buf[1::L.JOURNAL_SIZE]
         dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
         size = L.JOURNAL_SIZE
-        moving = {k: buf[k * size + 16:k * size + 32] for k, dp in enumerate(dps)
-                  if dp or ops[k] == L.OP_CARD_REPLACED or ops[k] == L.OP_REPLACEMENT_OPENED}
-        wanted = [cid for cid in set(moving.values()) if cid not in self.homes]
+        moving = [cid for (cid,) in _CARD_ID.iter_unpack(buf)]  # each entry's card
+        if 0 in dps:  # the entries whose principal moves (or a replacement's): None the rest
+            moving = [cid if dp or op == L.OP_CARD_REPLACED or op == L.OP_REPLACEMENT_OPENED
+                      else None for cid, dp, op in zip(moving, dps, ops)]
+        wanted = set(moving)
+        wanted.discard(None)
+        wanted = list(wanted.difference(self.homes))
         if wanted and not self.fresh:
-            found = dict(self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
-            unpack = _U32.unpack
-            for cid in wanted:
-                raw = found.get(cid)
-                self.homes[cid] = unpack(raw)[0] if raw is not None else 0
+            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
+            self.homes.update(dict.fromkeys(wanted, 0))  # no record: head office's
+            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
         times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
         n = len(entries)
@@ -444,7 +448,7 @@ class DayTotals:
         # every store on the program's clock: one day
         return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
 
-    def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
+    def _add_run(self, run: memoryview, ops: bytes, moving: list[bytes | None], start: int,
                  version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
@@ -457,7 +461,7 @@ class DayTotals:
         # slots in order of first appearance: the run's stores, then the cards' homes
         slot_index = {store: k for k, store in enumerate(dict.fromkeys(stores))}
         slot_of = array("I", map(slot_index.__getitem__, stores))
-        cids = list(map(moving.get, range(start, start + n)))
+        cids = moving[start:start + n]
         distinct = dict.fromkeys(cids)
         distinct.pop(None, None)
         card_slot = {cid: k for k, cid in enumerate(distinct)}
@@ -486,23 +490,32 @@ class DayTotals:
         by_slot = list(slot_index)
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
-        landing, accs, add_rows = self.landing, self.acc, native.add_rows
+        one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
+        landing, accs, add_rows, closed = self.landing, self.acc, native.add_rows, self.closed
         for store, s in slot_index.items():
             row = s * WIDTH
             if acc[row + F_ENTRIES]:
                 day = days[store]
                 landed = landing.get((store, day))
                 if landed is None:
-                    landed = self._land(store, day)
+                    if closed.get((store, day)) is False:  # open (read above): lands there
+                        landed = landing[(store, day)] = day
+                    else:
+                        landed = self._land(store, day)
                 a = accs.get((store, landed))
-                if a is None:
-                    a = self._acc(store, landed)
-                add_rows(a, acc, row)
-                o = own.get(day)
-                if o is None:
-                    o = own[day] = [0, 0]
-                o[0] += acc[row + F_P_IN] - acc[row + F_P_OUT]
-                o[1] += acc[row + F_B_IN] - acc[row + F_B_OUT]
+                if a is None:  # the run's row is the store-day's first: a copy of it
+                    accs[(store, landed)] = acc[row:row + WIDTH]
+                else:
+                    add_rows(a, acc, row)
+                if not one_day:
+                    o = own.get(day)
+                    if o is None:
+                        o = own[day] = [0, 0]
+                    o[0] += acc[row + F_P_IN] - acc[row + F_P_OUT]
+                    o[1] += acc[row + F_B_IN] - acc[row + F_B_OUT]
+        if one_day:  # a slot without entries has a row of zeros: the columns' sums
+            own[days[by_slot[0]]] = [sum(acc[F_P_IN::WIDTH]) - sum(acc[F_P_OUT::WIDTH]),
+                                     sum(acc[F_B_IN::WIDTH]) - sum(acc[F_B_OUT::WIDTH])]
         for day, (principal, bonus) in own.items():  # wrapped: the same in any grouping
             self._own(day, wrapped(principal), wrapped(bonus))
         cleared = self.pairs
@@ -704,8 +717,9 @@ class DayTotals:
         a fresh DayTotals: from nothing), by sub-database, in key order; the values of
         ``_NO_RECORD`` are no record (so a ledger filled from its journal and one kept group by
         group hold the same records)."""
-        sides: dict[tuple[int, int, int], int] = {}
+        sides: dict[bytes, int] = {}  # day_clearing key -> what this group adds to it
         nets: dict[tuple[int, int], list[int]] = {}  # (store, day) -> [owes, owed]: one _add each
+        pack = L.DAY_PAIR_KEY.pack
         for (debtor, day, creditor), amount in self.pairs.items():
             net = nets.get((debtor, day))
             if net is None:
@@ -715,8 +729,10 @@ class DayTotals:
             if net is None:
                 net = nets[(creditor, day)] = [0, 0]
             net[1] += amount
-            sides[(debtor, day, creditor)] = sides.get((debtor, day, creditor), 0) + amount
-            sides[(creditor, day, debtor)] = sides.get((creditor, day, debtor), 0) - amount
+            key = pack(debtor, day, creditor)
+            sides[key] = sides.get(key, 0) + amount
+            key = pack(creditor, day, debtor)
+            sides[key] = sides.get(key, 0) - amount
         for (store, day), (owes, owed) in nets.items():  # wrapped: the same in any grouping
             a = self._acc(store, day)
             _add(a, F_OWES, owes)
@@ -740,11 +756,10 @@ class DayTotals:
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
         chain_days = self._added("day_chain", sorted(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
-        sides_sorted = sorted(sides.items())  # big-endian u32 keys: tuple order is key order
-        keys = [L.DAY_PAIR_KEY.pack(*k) for k, _ in sides_sorted]
-        stored = self.stored("day_clearing", keys).get
+        sides_sorted = sorted(sides.items())
+        stored = self.stored("day_clearing", [key for key, _ in sides_sorted]).get
         clearing = [(key, _I64.pack(wrapped(_I64.unpack(stored(key, _ZERO8))[0] + amount)))
-                    for key, (_, amount) in zip(keys, sides_sorted)]
+                    for key, amount in sides_sorted]
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
         stored = self.stored("day_staff", [key for key, _ in staff_items])
         staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(
