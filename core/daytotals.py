@@ -46,6 +46,7 @@ import json
 import re
 import struct
 from array import array
+from itertools import repeat
 
 from cardcore import layout as L
 from cardcore import stores as chain_stores
@@ -113,6 +114,9 @@ _ZERO8 = bytes(8)
 # a clearing between two stores that nets to zero.
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
+_ZERO_I64 = array("q", [0])
+_CARD_ID = struct.Struct("16x16s224x")  # layout.JOURNAL: card_id
+assert _CARD_ID.size == L.JOURNAL_SIZE
 
 
 def _empty_totals() -> bytes:
@@ -378,15 +382,17 @@ class DayTotals:
         ops = buf[1::L.JOURNAL_SIZE]
         dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
         size = L.JOURNAL_SIZE
-        moving = {k: buf[k * size + 16:k * size + 32] for k, dp in enumerate(dps)
-                  if dp or ops[k] == L.OP_CARD_REPLACED or ops[k] == L.OP_REPLACEMENT_OPENED}
-        wanted = [cid for cid in set(moving.values()) if cid not in self.homes]
+        moving = [cid for (cid,) in _CARD_ID.iter_unpack(buf)]  # each entry's card
+        if 0 in dps:  # the entries whose principal moves (or a replacement's): None the rest
+            moving = [cid if dp or op == L.OP_CARD_REPLACED or op == L.OP_REPLACEMENT_OPENED
+                      else None for cid, dp, op in zip(moving, dps, ops)]
+        wanted = set(moving)
+        wanted.discard(None)
+        wanted = list(wanted.difference(self.homes))
         if wanted and not self.fresh:
-            found = dict(self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
-            unpack = _U32.unpack
-            for cid in wanted:
-                raw = found.get(cid)
-                self.homes[cid] = unpack(raw)[0] if raw is not None else 0
+            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
+            self.homes.update(dict.fromkeys(wanted, 0))  # no record: head office's
+            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
         times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
         n = len(entries)
@@ -442,7 +448,7 @@ class DayTotals:
         # every store on the program's clock: one day
         return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
 
-    def _add_run(self, run: memoryview, ops: bytes, moving: dict[int, bytes], start: int,
+    def _add_run(self, run: memoryview, ops: bytes, moving: list[bytes | None], start: int,
                  version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
@@ -452,14 +458,18 @@ class DayTotals:
         n = len(ops)
         size = L.JOURNAL_SIZE
         stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
-        slot_index: dict[int, int] = {}
-        slot_of = array("I", [slot_index.setdefault(s, len(slot_index)) for s in stores])
-        card_slot: dict[bytes, int] = {}
-        card_of = array("I", [_NO_CARD if (cid := moving.get(k)) is None
-                              else card_slot.setdefault(cid, len(card_slot))
-                              for k in range(start, start + n)])
-        homes = array("I", [slot_index.setdefault(self._home(cid), len(slot_index))
-                            for cid in card_slot])
+        # slots in order of first appearance: the run's stores, then the cards' homes
+        slot_index = {store: k for k, store in enumerate(dict.fromkeys(stores))}
+        slot_of = array("I", map(slot_index.__getitem__, stores))
+        cids = moving[start:start + n]
+        distinct = dict.fromkeys(cids)
+        distinct.pop(None, None)
+        card_slot = {cid: k for k, cid in enumerate(distinct)}
+        card_of = array("I", map(card_slot.get, cids, repeat(_NO_CARD)))
+        home_stores = list(map(self.homes.get, card_slot, repeat(0)))  # read by add_all
+        for store in dict.fromkeys(home_stores):
+            slot_index.setdefault(store, len(slot_index))
+        homes = array("I", map(slot_index.__getitem__, home_stores))
         moving_slot = (_NO_CARD if self.moving_home is None
                        else slot_index.setdefault(self.moving_home, len(slot_index)))
         nslots = len(slot_index)
@@ -473,25 +483,57 @@ class DayTotals:
             for key in unknown:
                 self.closed[L.DAY_KEY.unpack(key)] = key in found
         home_set = bytearray(len(card_slot))
-        acc = array("q", bytes(8 * nslots * WIDTH))
-        pairs = array("q", bytes(8 * nslots * nslots))
+        acc = _ZERO_I64 * (nslots * WIDTH)  # zeros by repetition (from bytes: 30x slower)
+        pairs = _ZERO_I64 * (nslots * nslots)
         moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
                                      moving_slot)
         by_slot = list(slot_index)
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
+        own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
+        one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
+        landing, accs, add_rows, closed = self.landing, self.acc, native.add_rows, self.closed
         for store, s in slot_index.items():
-            if acc[s * WIDTH + F_ENTRIES]:
-                row, day = s * WIDTH, days[store]
-                native.add_rows(self._acc(store, self._land(store, day)), acc, row)
-                self._own(day, acc[row + F_P_IN] - acc[row + F_P_OUT],
-                          acc[row + F_B_IN] - acc[row + F_B_OUT])
+            row = s * WIDTH
+            if acc[row + F_ENTRIES]:
+                day = days[store]
+                landed = landing.get((store, day))
+                if landed is None:
+                    if closed.get((store, day)) is False:  # open (read above): lands there
+                        landed = landing[(store, day)] = day
+                    else:
+                        landed = self._land(store, day)
+                a = accs.get((store, landed))
+                if a is None:  # the run's row is the store-day's first: a copy of it
+                    accs[(store, landed)] = acc[row:row + WIDTH]
+                else:
+                    add_rows(a, acc, row)
+                if not one_day:
+                    o = own.get(day)
+                    if o is None:
+                        o = own[day] = [0, 0]
+                    o[0] += acc[row + F_P_IN] - acc[row + F_P_OUT]
+                    o[1] += acc[row + F_B_IN] - acc[row + F_B_OUT]
+        if one_day:  # a slot without entries has a row of zeros: the columns' sums
+            own[days[by_slot[0]]] = [sum(acc[F_P_IN::WIDTH]) - sum(acc[F_P_OUT::WIDTH]),
+                                     sum(acc[F_B_IN::WIDTH]) - sum(acc[F_B_OUT::WIDTH])]
+        for day, (principal, bonus) in own.items():  # wrapped: the same in any grouping
+            self._own(day, wrapped(principal), wrapped(bonus))
+        cleared = self.pairs
         for cell, amount in native.nonzero(pairs):
-            creditor = by_slot[cell % nslots]  # the entry's store (the clearing rule)
-            self._clear(by_slot[cell // nslots], creditor, amount, days[creditor])
-        for cid, c in card_slot.items():
-            if home_set[c]:
-                self._set_home(cid, by_slot[homes[c]])
+            debtor, creditor = by_slot[cell // nslots], by_slot[cell % nslots]
+            day = days[creditor]  # the entry's store's (the clearing rule)
+            if landing.get((debtor, day)) == day and landing.get((creditor, day)) == day:
+                k = (debtor, day, creditor)  # open at both (most): ``_clear``'s day, no walk
+                cleared[k] = wrapped(cleared.get(k, 0) + amount)
+            else:
+                self._clear(debtor, creditor, amount, day)
+        if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
+            for cid, c in card_slot.items():
+                if home_set[c]:
+                    self._set_home(cid, by_slot[homes[c]])
         staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
+        if not any(staffs):
+            return True  # no entry credits a staff id (most runs)
         flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
         for k, staff in enumerate(staffs):
             if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
@@ -675,12 +717,26 @@ class DayTotals:
         a fresh DayTotals: from nothing), by sub-database, in key order; the values of
         ``_NO_RECORD`` are no record (so a ledger filled from its journal and one kept group by
         group hold the same records)."""
-        sides: dict[tuple[int, int, int], int] = {}
+        sides: dict[bytes, int] = {}  # day_clearing key -> what this group adds to it
+        nets: dict[tuple[int, int], list[int]] = {}  # (store, day) -> [owes, owed]: one _add each
+        pack = L.DAY_PAIR_KEY.pack
         for (debtor, day, creditor), amount in self.pairs.items():
-            _add(self._acc(debtor, day), F_OWES, amount)
-            _add(self._acc(creditor, day), F_OWED, amount)
-            sides[(debtor, day, creditor)] = sides.get((debtor, day, creditor), 0) + amount
-            sides[(creditor, day, debtor)] = sides.get((creditor, day, debtor), 0) - amount
+            net = nets.get((debtor, day))
+            if net is None:
+                net = nets[(debtor, day)] = [0, 0]
+            net[0] += amount
+            net = nets.get((creditor, day))
+            if net is None:
+                net = nets[(creditor, day)] = [0, 0]
+            net[1] += amount
+            key = pack(debtor, day, creditor)
+            sides[key] = sides.get(key, 0) + amount
+            key = pack(creditor, day, debtor)
+            sides[key] = sides.get(key, 0) - amount
+        for (store, day), (owes, owed) in nets.items():  # wrapped: the same in any grouping
+            a = self._acc(store, day)
+            _add(a, F_OWES, owes)
+            _add(a, F_OWED, owed)
         self.pairs = {}
         chain: dict[int, array] = {}
         for (store, day), a in self.acc.items():
@@ -700,10 +756,10 @@ class DayTotals:
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
         chain_days = self._added("day_chain", sorted(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
-        keys = sorted(L.DAY_PAIR_KEY.pack(*k) for k in sides)
-        stored = self.stored("day_clearing", keys)
-        clearing = [(key, _I64.pack(wrapped(_I64.unpack(stored.get(key, _ZERO8))[0]
-                                    + sides[L.DAY_PAIR_KEY.unpack(key)]))) for key in keys]
+        sides_sorted = sorted(sides.items())
+        stored = self.stored("day_clearing", [key for key, _ in sides_sorted]).get
+        clearing = [(key, _I64.pack(wrapped(_I64.unpack(stored(key, _ZERO8))[0] + amount)))
+                    for key, amount in sides_sorted]
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
         stored = self.stored("day_staff", [key for key, _ in staff_items])
         staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(

@@ -665,8 +665,12 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
     """Synthetic journal entries of every kind the figures read (split tenders, coupons, points
     redeemed and expired, replacements, refunds), at a few stores and cards: the C loop's
     records equal the entry-by-entry reference's, and written group by group they are the
-    records one pass over them makes (a ledger kept live and one filled from its journal)."""
+    records one pass over them makes (a ledger kept live and one filled from its journal).
+    ``apart``: store 3 on a clock of its own (its entries' day the one before the others') and
+    store 2's day closed (its entries and clearings land in the day after): a run's stores on
+    two days, and landing past a close."""
     from hypothesis import given, settings, strategies as st
+    from cardcore import stores as chain_stores
 
     ledger = Ledger(str(tmp_path / "ledger"), sync=False)
     ops = st.sampled_from((L.OP_TOP_UP, L.OP_PURCHASE, L.OP_POINTS_EXPIRED, L.OP_REFUND,
@@ -693,9 +697,18 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         L.JOURNAL_COUPON_OFF.pack_into(e, L.JOURNAL_OFF_COUPON, coupon_off)
         return bytes(e)
 
-    def records(entries, native, cuts=()):
+    ts_us = 1_796_000_000_000_000  # the entries' time (packed above)
+    day = daytotals.business_day(ts_us, 480, 4)  # the program's clock (the default)
+    assert daytotals.business_day(ts_us, -600, 4) == day - 1  # store 3's, apart
+
+    def records(entries, native, cuts=(), apart=False):
         """The records the entries make, written group by group (cut at ``cuts``)."""
         with ledger.env.begin(write=True) as txn:
+            if apart:
+                txn.put(daytotals._U32_KEY.pack(3), chain_stores.store_record(
+                    3, "apart", 0, (-600, 4), ts_us, 0), db=ledger.chain_stores)
+                txn.put(L.DAY_KEY.pack(2, day), L.STORE_DAY.pack(
+                    L.STORE_DAY_VERSION, L.DAY_CLOSED, 0, 1, ts_us, 0), db=ledger.store_days)
             for start, end in zip((0, *cuts), (*cuts, len(entries))):
                 totals = daytotals.DayTotals(txn, ledger, {})
                 totals.add_all(entries[start:end], native=native)
@@ -705,8 +718,9 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         return out
 
     @settings(max_examples=60, deadline=None)
-    @given(st.lists(entry, min_size=1, max_size=40), st.lists(st.integers(1, 39), max_size=4))
-    def check(fields, cuts):
+    @given(st.lists(entry, min_size=1, max_size=40), st.lists(st.integers(1, 39), max_size=4),
+           st.booleans())
+    def check(fields, cuts, apart):
         entries = []
         for f in fields:  # a replacement's new card's entry right after the old card's
             entries.append(packed(len(entries), f))
@@ -719,9 +733,12 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         run_min = daytotals.NATIVE_RUN_MIN
         daytotals.NATIVE_RUN_MIN = 1
         try:
-            once = records(entries, True)
-            assert once == records(entries, False)
-            assert once == records(entries, True, cuts) == records(entries, False, cuts)
+            once = records(entries, True, apart=apart)
+            assert once == records(entries, False, apart=apart)
+            assert once == records(entries, True, cuts, apart) == records(entries, False, cuts,
+                                                                           apart)
+            if apart and any(f[1] in (2, 3) for f in fields):  # their entries on other days
+                assert once["day_totals"] != records(entries, True)["day_totals"]
         finally:
             daytotals.NATIVE_RUN_MIN = run_min
 

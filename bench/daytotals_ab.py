@@ -1,0 +1,107 @@
+"""The day totals' own writer work, a revision's ``core/daytotals.py`` against this checkout's:
+
+    .venv/bin/python bench/daytotals_ab.py --base 3ab9d35 [--rounds 100]
+
+One ledger (20,000 cards opened and topped up, three groups of 1,000 purchases at random stores
+1..199: the shape of ``bench/aggregates_writer.py``); its last group's entries added and written
+(``DayTotals.add_all`` and ``write``) in a write transaction then aborted, by the base's module and
+this one alternating in one process, CPU time (``time.process_time``). Both must write the same
+records (checked); on a shared machine the ratio of the two is far steadier than the writer's."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from cardcore import cards as card_ids
+from cardcore import daytotals
+from cardcore import layout as L
+from cardcore.cards import random_number
+from cardcore.idempotency import PendingOp, request_key
+from cardcore.ledger import Ledger
+
+CARDS, GROUP_OPS = 20_000, 1000
+
+
+def base_module(rev: str, tmp: str):
+    """``core/daytotals.py`` as of ``rev``, imported under a name of its own."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:core/daytotals.py"], cwd=root, check=True,
+                            capture_output=True).stdout
+    path = os.path.join(tmp, "daytotals_base.py")
+    with open(path, "wb") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("daytotals_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="the revision to compare with")
+    ap.add_argument("--rounds", type=int, default=100)
+    args = ap.parse_args()
+    rng = random.Random(5)
+    caller = (L.CALLER_DEVELOPMENT, 0)
+    ids = [card_ids.card_id(bytes(32), random_number(rng)) for _ in range(CARDS)]
+    n = 0
+
+    def key(prefix: str) -> bytes:
+        nonlocal n
+        n += 1
+        return request_key(*caller, f"{prefix}{n}".encode())
+
+    ts = time.time_ns() // 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = {"base": base_module(args.base, tmp), "this": daytotals}
+        ledger = Ledger(os.path.join(tmp, "ledger"), sync=False, day_totals=True,
+                        member_metrics_kept=False)
+        try:
+            for start in range(0, CARDS, GROUP_OPS // 2):
+                ts += 1000
+                ledger.apply_group([op for cid in ids[start:start + GROUP_OPS // 2] for op in (
+                    PendingOp.build(key("o"), L.OP_OPEN, cid, profile=b"{}", client_time_us=ts),
+                    PendingOp.build(key("t"), L.OP_TOP_UP, cid, 10**12, client_time_us=ts))], ts)
+            for _ in range(3):
+                ts += 1000
+                ledger.apply_group([PendingOp.build(
+                    key("p"), L.OP_PURCHASE, rng.choice(ids), rng.randrange(100, 20_000),
+                    store_id=rng.randrange(1, 200), client_time_us=ts)
+                    for _ in range(GROUP_OPS)], ts)
+            with ledger.env.begin() as txn:
+                entries = [e for _, e in txn.cursor(db=ledger.journal)][-GROUP_OPS:]
+            times: dict[str, list[float]] = {name: [] for name in versions}
+            written = {}
+            for r in range(args.rounds):
+                for name in (list(versions) if r % 2 == 0 else list(versions)[::-1]):
+                    with ledger.env.begin(write=True) as txn:
+                        t0 = time.process_time()
+                        totals = versions[name].DayTotals(txn, ledger, ledger.day_settings)
+                        totals.add_all(entries, later=[])
+                        totals.write()
+                        times[name].append(time.process_time() - t0)
+                        if r == 0:
+                            written[name] = {db: list(txn.cursor(db=getattr(ledger, db)))
+                                             for db in daytotals.DB_NAMES}
+                        txn.abort()
+        finally:
+            ledger.close()
+    if written["base"] != written["this"]:
+        print("the two write different records")
+        return 1
+    for name, t in times.items():
+        print(f"{name}: {statistics.median(t) * 1e3:.3f} ms a {GROUP_OPS:,}-purchase group "
+              f"(median of {args.rounds}; min {min(t) * 1e3:.3f})")
+    print(f"this / base: {statistics.median(times['this']) / statistics.median(times['base']):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
