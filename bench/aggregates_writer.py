@@ -32,6 +32,19 @@ KEPT = {"all": (True, True), "none": (False, False), "day totals": (True, False)
         "member metrics": (False, True)}  # (day totals, member metrics)
 
 
+def seed(ledgers, ids: list, key, ts: int) -> int:
+    """Every card of ``ids`` opened and topped up in each ledger of ``ledgers`` (each its own
+    operations: a group uses them), GROUP_OPS a group from ``ts`` on; the last group's time."""
+    for start in range(0, len(ids), GROUP_OPS // 2):
+        ts += 1000
+        seeds = [(key("o"), key("t"), cid) for cid in ids[start:start + GROUP_OPS // 2]]
+        for ledger in ledgers:
+            ledger.apply_group([op for o, t, cid in seeds for op in (
+                PendingOp.build(o, L.OP_OPEN, cid, profile=b"{}", client_time_us=ts),
+                PendingOp.build(t, L.OP_TOP_UP, cid, 10**12, client_time_us=ts))], ts)
+    return ts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -54,13 +67,7 @@ def main() -> int:
                                 day_totals=days, member_metrics_kept=members)
                    for name, (days, members) in KEPT.items()}
         try:
-            for start in range(0, args.cards, GROUP_OPS // 2):
-                ts += 1000
-                seeds = [(key("o"), key("t"), cid) for cid in ids[start:start + GROUP_OPS // 2]]
-                for ledger in ledgers.values():  # each its own operations (a group uses them)
-                    ledger.apply_group([op for o, t, cid in seeds for op in (
-                        PendingOp.build(o, L.OP_OPEN, cid, profile=b"{}", client_time_us=ts),
-                        PendingOp.build(t, L.OP_TOP_UP, cid, 10**12, client_time_us=ts))], ts)
+            ts = seed(ledgers.values(), ids, key, ts)
             for r in range(args.rounds):
                 order = list(ledgers) if r % 2 == 0 else list(ledgers)[::-1]
                 txns = []  # every ledger applies the same purchases: (key, card, amount, store)

@@ -10,11 +10,9 @@ records (checked); on a shared machine the ratio of the two is far steadier than
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,21 +24,12 @@ from cardcore.cards import random_number
 from cardcore.idempotency import PendingOp, request_key
 from cardcore.ledger import Ledger
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aggregates_writer import seed  # noqa: E402  (the same cards, opened the same way)
+from daytotals_stores import base_module  # noqa: E402  (a revision's core/daytotals.py)
+
 CARDS, GROUP_OPS = 20_000, 1000
 
-
-def base_module(rev: str, tmp: str):
-    """``core/daytotals.py`` as of ``rev``, imported under a name of its own."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "show", f"{rev}:core/daytotals.py"], cwd=root, check=True,
-                            capture_output=True).stdout
-    path = os.path.join(tmp, "daytotals_base.py")
-    with open(path, "wb") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("daytotals_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> int:
@@ -60,15 +49,11 @@ def main() -> int:
 
     ts = time.time_ns() // 1000
     with tempfile.TemporaryDirectory() as tmp:
-        versions = {"base": base_module(args.base, tmp), "this": daytotals}
+        versions = {"base": base_module(args.base), "this": daytotals}
         ledger = Ledger(os.path.join(tmp, "ledger"), sync=False, day_totals=True,
                         member_metrics_kept=False)
         try:
-            for start in range(0, CARDS, GROUP_OPS // 2):
-                ts += 1000
-                ledger.apply_group([op for cid in ids[start:start + GROUP_OPS // 2] for op in (
-                    PendingOp.build(key("o"), L.OP_OPEN, cid, profile=b"{}", client_time_us=ts),
-                    PendingOp.build(key("t"), L.OP_TOP_UP, cid, 10**12, client_time_us=ts))], ts)
+            ts = seed([ledger], ids, key, ts)
             for _ in range(3):
                 ts += 1000
                 ledger.apply_group([PendingOp.build(
