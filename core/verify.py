@@ -65,6 +65,7 @@ from cardcore.ledger import (EMPTY_LINE_REFUNDS, META_MEMBERS, PREDECESSOR, SUCC
                              linked, profile_month, refund_input_lines, refund_stored_lines,
                              sold_package, undo_record)
 from cardcore.lookup import MemberIndex
+from cardcore.profiles import ProfileError, masked_of
 from cardcore.program import ProgramError, parse_program
 from cardcore.reference import (Card, CardState, CompiledProgram, give_back, purchase,
                                 refund_lines)
@@ -165,6 +166,7 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
             problem(text)
         requests = _requests(txn, ledger, problem)
         members = _members(txn, ledger, index, problem)
+        profiles_checked = _profiles(txn, ledger, problem)
         current = txn.get(META_PROGRAM, db=ledger.meta)
         if programs and (current is None or U32.unpack(current)[0] != max(programs)):
             problem("the current program is not the newest stored version")
@@ -184,8 +186,32 @@ def verify(ledger, problems_max: int = 50, lookup_key: bytes | None = None) -> d
         "program_version": max(programs, default=0),
         "head_digest": journal["head_digest"].hex(),
         "member_index": members,
+        "profiles": profiles_checked,
         "problems": problems,
     }
+
+
+def _profiles(txn, ledger, problem) -> str:
+    """Every sealed profile opens under its own card, to the masked number its clear head shows
+    (a profile moved or planted from another card does not). Says what was checked."""
+    box = ledger.profile_box
+    if not box.keyed:
+        return "not checked: no profile key (give verify the keyring)"
+    count = bad = 0
+    for cid, raw in txn.cursor(db=ledger.profiles):
+        if not box.is_sealed(raw):
+            continue  # JSON from before sealing: the first writer with the key seals it
+        count += 1
+        try:
+            if box.open(cid, raw).get("masked", "") != masked_of(raw):
+                bad += 1
+        except (ProfileError, ValueError):
+            bad += 1
+    if bad:
+        problem(f"{bad} of {count} sealed profiles do not open under their card, or open to "
+                "another masked number than their clear one")
+        return "checked: differs"
+    return f"checked: {count} sealed"
 
 
 def _members(txn, ledger, index: MemberIndex | None, problem) -> str:

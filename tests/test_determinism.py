@@ -241,3 +241,30 @@ def test_a_replica_without_the_keys_stores_the_same_profiles_as_one_with_them(le
     assert ProfileBox(profile_key(KEY)).open(cid(NEW), without[cid(NEW)])["name"] == "Member 01"
     # a tool's replacement (the mask alone) is moved by the writer: only a keyed one re-seals it
     assert [k for k in with_profiles if with_profiles[k] != without[k]] == [cid(TOOL_NEW)]
+
+
+def test_verify_finds_a_profile_that_does_not_open_under_its_card(tmp_path):
+    """(found by a review) The writer stores the sealed profile a replacement carries as it
+    came; one planted from another card (card B's, under card NEW) does not open under NEW:
+    ``verify`` with the key says so (before, nothing checked that a sealed profile opens)."""
+    a, b, new = NUMBERS[0], NUMBERS[1], NUMBERS[5]
+    led = ledger_at(str(tmp_path / "l"), True)
+    try:
+        assert led.verify()["profiles"] == "checked: 0 sealed"
+        led.apply_group([add_operator("op-1", "manager", 2, (3,), at=NOW)], NOW)
+        led.apply_group([open_with_profile("oa", a, NOW), open_with_profile("ob", b, NOW)],
+                        NOW + 1)
+        report = led.verify()
+        assert report["ok"] and report["profiles"] == "checked: 2 sealed", report
+        b_stored = dict(led.dump()["profiles"])[cid(b)]
+        good = replace_card("r1", a, new, NOW + 2, True)
+        planted = PendingOp(good.request_key, good.card_id, good.packed, good.digest, b_stored,
+                            good.ksn_counter, good.sealed, good.payload, good.need_role,
+                            good.scope, good.scope_store_id, good.lines)
+        (out,) = led.apply_group([planted], NOW + 2)
+        assert out.reason == L.R_OK
+        report = led.verify()
+        assert not report["ok"] and report["profiles"] == "checked: differs", report
+        assert any("do not open under their card" in p for p in report["problems"])
+    finally:
+        led.close()
