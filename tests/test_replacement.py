@@ -5,6 +5,7 @@ verify) and over gRPC (the contract, the operator's role, GetCard, the PIN)."""
 from __future__ import annotations
 
 import json
+import os
 
 import grpc
 import pytest
@@ -331,6 +332,25 @@ def test_replace_card_over_grpc(server):
     assert failure_of(err.value).reason == R.REASON_INVALID_ARGUMENT
     report = verify(server.data_dir)
     assert report["ok"], report["problems"]
+    # (found by a review) the group log carries the new card's profile sealed by the gRPC
+    # process, so a replica without the keyring stores what one with it does
+    # (docs/cluster.md, "Determinism rules"): the old member's, with the new mask
+    from cardcore import cards
+    from cardcore.durable import log_folder
+    from cardcore.grouplog import LogView
+    from cardcore.groups import decode_group
+    from cardcore.keyring import Keyring
+    from cardcore.profiles import ProfileBox, profile_key
+
+    log = LogView(log_folder(os.path.join(server.data_dir, "ledger")))
+    ops = [o for record in log.read_from(1) for o in decode_group(record.payload)[0]
+           if o.packed[0] == L.OP_CARD_REPLACED]  # the replacement, and its retry
+    index_key = Keyring.load(os.path.join(server.data_dir, "keyring.json")).index_key
+    box = ProfileBox(profile_key(index_key))
+    assert ops and all(box.is_sealed(o.profile) for o in ops)
+    for o in ops:
+        moved = box.open(cards.card_id(index_key, new), o.profile)
+        assert (moved["name"], moved["masked"]) == ("Li Lei", gone.replaced_by), moved
 
 
 def test_the_cli_replaces_a_card(server):
