@@ -32,6 +32,22 @@ KEPT = {"all": (True, True), "none": (False, False), "day totals": (True, False)
         "member metrics": (False, True)}  # (day totals, member metrics)
 
 
+def cards_and_keys(count: int):
+    """(rng, ``count`` card ids under the ledgers' key, a request-key maker: a fresh key a call,
+    its prefix naming the operation) of these benchmarks' runs."""
+    rng = random.Random(5)
+    caller = (L.CALLER_DEVELOPMENT, 0)
+    ids = [card_ids.card_id(KEY, random_number(rng)) for _ in range(count)]
+    made = 0
+
+    def key(prefix: str) -> bytes:
+        nonlocal made
+        made += 1
+        return request_key(*caller, f"{prefix}{made}".encode())
+
+    return rng, ids, key
+
+
 def seed(ledgers, ids: list, key, ts: int) -> int:
     """Every card of ``ids`` opened and topped up in each ledger of ``ledgers`` (each its own
     operations: a group uses them), GROUP_OPS a group from ``ts`` on; the last group's time."""
@@ -50,16 +66,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cards", type=int, default=20_000)
     args = ap.parse_args()
-    rng = random.Random(5)
-    caller = (L.CALLER_DEVELOPMENT, 0)
-    ids = [card_ids.card_id(KEY, random_number(rng)) for _ in range(args.cards)]
-    n = 0
-
-    def key(prefix: str) -> bytes:
-        nonlocal n
-        n += 1
-        return request_key(*caller, f"{prefix}{n}".encode())
-
+    rng, ids, key = cards_and_keys(args.cards)
     ts = time.time_ns() // 1000
     times: dict[str, list[float]] = {name: [] for name in KEPT}
     with tempfile.TemporaryDirectory() as tmp:

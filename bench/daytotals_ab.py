@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
 import time
 
-from cardcore import cards as card_ids
 from cardcore import daytotals
 from cardcore import layout as L
-from cardcore.cards import random_number
-from cardcore.idempotency import PendingOp, request_key
+from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aggregates_writer import seed  # noqa: E402  (the same cards, opened the same way)
+from aggregates_writer import cards_and_keys, seed  # noqa: E402  (the same cards, opened the same way)
 from daytotals_stores import base_module  # noqa: E402  (a revision's core/daytotals.py)
 
 CARDS, GROUP_OPS = 20_000, 1000
@@ -37,16 +34,7 @@ def main() -> int:
     ap.add_argument("--base", required=True, help="the revision to compare with")
     ap.add_argument("--rounds", type=int, default=100)
     args = ap.parse_args()
-    rng = random.Random(5)
-    caller = (L.CALLER_DEVELOPMENT, 0)
-    ids = [card_ids.card_id(bytes(32), random_number(rng)) for _ in range(CARDS)]
-    n = 0
-
-    def key(prefix: str) -> bytes:
-        nonlocal n
-        n += 1
-        return request_key(*caller, f"{prefix}{n}".encode())
-
+    rng, ids, key = cards_and_keys(CARDS)
     ts = time.time_ns() // 1000
     with tempfile.TemporaryDirectory() as tmp:
         versions = {"base": base_module(args.base), "this": daytotals}

@@ -122,6 +122,15 @@ def open_cards(client: SubmitClient, n: int, rng: random.Random, shard: int = SH
     return numbers
 
 
+def opened_cards(nats_cluster, n: int, seed: int) -> list[str]:
+    """``open_cards`` through a client of its own, closed after."""
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        return open_cards(client, n, random.Random(seed))
+    finally:
+        client.close()
+
+
 def identical(replicas: list[ReplicaProcess]) -> str:
     """Every replica's ledger verifies clean and has the same digest of all its records."""
     digests = set()
@@ -253,11 +262,7 @@ def test_a_leader_paused_past_its_lease_is_refused_follows_and_loses_nothing_it_
         nats_cluster, start_replica):
     replicas = three(start_replica)
     old = leader_of(replicas)
-    client = SubmitClient(nats_cluster.urls.split(","))
-    try:
-        numbers = open_cards(client, 6, random.Random(7))
-    finally:
-        client.close()
+    numbers = opened_cards(nats_cluster, 6, 7)
     # enough callers that the leader's queue is rarely empty: paused, it holds work, and its
     # first act on SIGCONT is that work's append (the lease's renewal comes after a group)
     load = Load(nats_cluster.urls, numbers, seed=13, threads=8)
@@ -324,11 +329,7 @@ def test_kill_9_the_leader_under_load_every_acknowledged_group_lands_once(nats_c
                                                                           start_replica):
     replicas = three(start_replica)
     old = leader_of(replicas)
-    client = SubmitClient(nats_cluster.urls.split(","))
-    try:
-        numbers = open_cards(client, 6, random.Random(9))
-    finally:
-        client.close()
+    numbers = opened_cards(nats_cluster, 6, 9)
     load = Load(nats_cluster.urls, numbers, seed=17)
     load.start()
     try:
@@ -391,11 +392,7 @@ def test_kill_9_the_streams_leader_node_under_load_then_restart_it_loses_nothing
     from cardcore.jetlog import NatsThread, stream_name
 
     replicas = three(start_replica)
-    client = SubmitClient(nats_cluster.urls.split(","))
-    try:
-        numbers = open_cards(client, 6, random.Random(11))
-    finally:
-        client.close()
+    numbers = opened_cards(nats_cluster, 6, 11)
     nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
     try:
         node = int(nt.call(nt.js.stream_info(stream_name(SHARD))).cluster.leader[1:])
