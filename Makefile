@@ -37,7 +37,7 @@ serve: $(BUILT) ## run the server on ./var/cardcore, 127.0.0.1:50051 (developmen
 	$(VENV)/bin/cardcore serve --insecure
 
 console: $(BUILT) ## the back-office web page on http://127.0.0.1:8080/ beside `make serve` (sign in with var/cardcore/admin.token)
-	$(VENV)/bin/cardcore console --listen 127.0.0.1:8080 --target 127.0.0.1:50051 --data-dir var/cardcore
+	$(VENV)/bin/cardcore console --listen 127.0.0.1:8080 --target 127.0.0.1:50051
 
 # npm packages of the tests that need them, from their lockfiles: the Node.js terminal
 # (tests/test_node_terminal.py) and buf (tests/test_proto_contract.py); without npm, or

@@ -919,6 +919,34 @@ def read_stores_range(txn, ledger, stores: list[int], from_day: int,
     return sorted(days.items())
 
 
+def stores_in_range(txn, ledger, from_day: int, to_day: int, covers,
+                    limit: int) -> tuple[list[tuple[int, list[int]]], bool]:
+    """([(store, its figures summed over the days)], truncated): every store with a record
+    from ``from_day`` to ``to_day`` that ``covers(store)``, in store order, at most ``limit``
+    (truncated: more had records). One seek per store holding records (keys are store then
+    day), never a read of another store's days outside the range."""
+    out: list[tuple[int, list[int]]] = []
+    cur = txn.cursor(db=ledger.day_totals)
+    store = 0
+    while cur.set_range(L.DAY_KEY.pack(store, from_day)):
+        found, day = L.DAY_KEY.unpack(cur.key())
+        if found != store and day < from_day:  # a later store's earlier days: seek its range
+            store = found
+            continue
+        if day <= to_day and covers(found):
+            if len(out) == limit:
+                return out, True
+            acc = [0] * WIDTH
+            for _, values in read_range(txn, ledger, found, from_day, to_day):
+                for k in range(WIDTH):
+                    acc[k] += values[k]
+            out.append((found, [clamped(k, x) for k, x in enumerate(acc)]))
+        if found == 0xFFFF_FFFF:
+            break
+        store = found + 1
+    return out, False
+
+
 def liability(txn, ledger, through_day: int) -> tuple[int, int, int]:
     """(principal, bonus, held) the chain owes its members at the end of business day
     ``through_day``, and how much of it open holds held: the range sum of the chain's daily net
@@ -971,6 +999,7 @@ def read_staff(txn, ledger, store: int | None, from_day: int, to_day: int,
 GRANULARITY_DAY, GRANULARITY_MONTH, GRANULARITY_YEAR = 1, 2, 3  # cardcore.v1.ReportGranularity
 REPORT_DAYS_MAX = 3660   # a report's range, days (ten years of daily rows at most)
 STAFF_ROWS_MAX = 1000    # staff ids one report lists at most
+STORE_ROWS_MAX = 1000    # stores one report lists at most (by_store)
 
 
 def periods(from_day: int, to_day: int, granularity: int) -> list[tuple[str, int, int]]:

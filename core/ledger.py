@@ -1052,6 +1052,34 @@ class Ledger:
         return self._read(lambda txn: daytotals.report(txn, self, store, from_day, to_day,
                                                         granularity, staff))
 
+    def read_by_store(self, from_day: int, to_day: int, covers, report_of: str,
+                      granularity: int, staff: bool = False, region_id: int = 0) -> dict:
+        """A report with each store's figures over the days (``stores``: [(store, name,
+        figures)], ``stores_truncated``), in one read: of the chain (``report_of`` "chain"), a
+        region's stores ("region") or the stores ``covers`` admits ("scope": the rows are their
+        sum)."""
+        def read(txn):
+            in_region = (set(stores.region_stores(txn, self, region_id))
+                         if report_of == "region" else None)
+            listed, truncated = ([], False) if self.day_totals is None else \
+                daytotals.stores_in_range(
+                    txn, self, from_day, to_day,
+                    (lambda s: s in in_region) if in_region is not None else covers,
+                    daytotals.STORE_ROWS_MAX)
+            if report_of == "chain":
+                result = daytotals.report(txn, self, None, from_day, to_day, granularity, staff)
+            else:
+                result = daytotals.report(
+                    txn, self, None, from_day, to_day, granularity, staff,
+                    region_stores=(sorted(in_region) if in_region is not None
+                                   else [s for s, _ in listed]))
+            names = {s: (stores.read_one(txn, self, "store", s) or {}).get("name", "")
+                     for s, _ in listed}
+            result["stores"] = [(s, names[s], values) for s, values in listed]
+            result["stores_truncated"] = truncated
+            return result
+        return self._read(read)
+
     def read_members(self, from_month: int, to_month: int, as_of: int, limit: int,
                      after: bytes = b"") -> tuple[dict, dict] | None:
         """The member figures of the months and the members dormant as of a day, in one read

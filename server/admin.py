@@ -351,8 +351,9 @@ class AdminService(apb_grpc.AdminServiceServicer):
 
     async def GetReport(self, request, context):
         """From range reads of the day totals only; the chain's for chain admins."""
+        scope_of_caller = request.by_store and not request.chain and not request.region_id
         if request.chain:
-            await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
+            op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
         elif request.region_id:
             op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER)
             if not op_by.covers_region(request.region_id):
@@ -360,20 +361,51 @@ class AdminService(apb_grpc.AdminServiceServicer):
             if self.ledger.read_region(request.region_id) is None:
                 await abort(context, failure(R.REASON_REGION_NOT_FOUND, "region_id"))
         else:
-            await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, request.store_id)
-        from_day = await self._day(context, request.from_day, "from_day")
-        to_day = await self._day(context, request.to_day, "to_day")
-        if not 0 <= to_day - from_day < daytotals.REPORT_DAYS_MAX:
-            await abort(context, failure(R.REASON_REPORT_RANGE_INVALID, "to_day"))
+            op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER,
+                                         None if scope_of_caller else request.store_id)
+        from_day, to_day = await self._report_days(
+            context, request, None if request.chain or request.region_id or scope_of_caller
+            else request.store_id)
         granularity = request.granularity or apb.REPORT_GRANULARITY_DAY
         if granularity not in apb.ReportGranularity.values():
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "granularity"))
         await fresh_or_abort(self.writer, context, everything=True)  # all that was answered
-        if request.region_id and not request.chain:
-            return report_pb(self.ledger.read_region_report(
-                request.region_id, from_day, to_day, granularity, request.staff))
-        return report_pb(self.ledger.read_report(None if request.chain else request.store_id,
-                                                 from_day, to_day, granularity, request.staff))
+        if request.by_store:
+            result = self.ledger.read_by_store(
+                from_day, to_day, op_by.covers,
+                "chain" if request.chain else "region" if request.region_id else "scope",
+                granularity, request.staff, request.region_id)
+        elif request.region_id and not request.chain:
+            result = self.ledger.read_region_report(request.region_id, from_day, to_day,
+                                                    granularity, request.staff)
+        else:
+            result = self.ledger.read_report(None if request.chain else request.store_id,
+                                             from_day, to_day, granularity, request.staff)
+        return report_pb(result, from_day, to_day)
+
+    async def _report_days(self, context, request, store: int | None) -> tuple[int, int]:
+        """A report's (first, last) business day: the request's, or with last_days the last N
+        up to the current one (``store``'s own business day, else the program's)."""
+        if request.last_days:
+            if request.from_day or request.to_day:
+                await abort(context, failure(R.REASON_INVALID_ARGUMENT, "last_days",
+                                             detail="last_days or from_day and to_day, not both"))
+            if request.last_days > daytotals.REPORT_DAYS_MAX:
+                await abort(context, failure(R.REASON_REPORT_RANGE_INVALID, "last_days"))
+            program = self.ledger.program
+            own = None
+            if store:
+                found = self.ledger.read_store(store)
+                own = found["day"] if found else None
+            today = daytotals.business_day(
+                time.time_ns() // 1000, *(own or (program.business_day_utc_offset_minutes,
+                                                  program.business_day_cutoff_hour)))
+            return today - request.last_days + 1, today
+        from_day = await self._day(context, request.from_day, "from_day")
+        to_day = await self._day(context, request.to_day, "to_day")
+        if not 0 <= to_day - from_day < daytotals.REPORT_DAYS_MAX:
+            await abort(context, failure(R.REASON_REPORT_RANGE_INVALID, "to_day"))
+        return from_day, to_day
 
     # ---- member metrics -------------------------------------------------------------------
 

@@ -482,10 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a region: the sum of the stores it holds now (the region in scope)")
     p.add_argument("--chain", action="store_true",
                    help="the whole chain, with the stored-value liability (chain admin)")
-    p.add_argument("--from", dest="from_day", type=date_arg, required=True,
+    p.add_argument("--from", dest="from_day", type=date_arg, default=None,
                    help="the first business day, YYYY-MM-DD")
-    p.add_argument("--to", dest="to_day", type=date_arg, required=True,
+    p.add_argument("--to", dest="to_day", type=date_arg, default=None,
                    help="the last business day, YYYY-MM-DD, inclusive (at most 3660 days on)")
+    p.add_argument("--last-days", type=int_arg(1, 3660), default=0,
+                   help="instead of --from/--to: the last N business days up to today's "
+                        "(1: today)")
+    p.add_argument("--by-store", action="store_true",
+                   help="also each store's figures over the range; alone (no --store, --region "
+                        "or --chain): every store in your scope, and their sum")
     p.add_argument("--by", choices=tuple(GRANULARITIES), default="day",
                    help="one row a day, month or year (default %(default)s)")
     p.add_argument("--staff", action="store_true",
@@ -521,9 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "CARDCORE_CONSOLE_CERT)")
     p.add_argument("--http-key", default=os.environ.get("CARDCORE_CONSOLE_KEY"),
                    help="its private key, PEM, unencrypted (env CARDCORE_CONSOLE_KEY)")
-    p.add_argument("--data-dir", default=os.environ.get("CARDCORE_DATA_DIR"),
-                   help="the server's data folder, opened read-only for the totals per store "
-                        "(env CARDCORE_DATA_DIR; default: none, no totals page)")
+    p.add_argument("--data-dir", default=None,
+                   help="no longer used: the totals per store come from the server's reports "
+                        "(accepted so that older start scripts keep working)")
     p.add_argument("--metrics-url", default=None,
                    help="the server's Prometheus endpoint (http://HOST:PORT/metrics), shown on "
                         "the health page (default: none)")

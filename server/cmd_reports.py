@@ -72,16 +72,30 @@ def cmd_close_day(args) -> int:
     return 0
 
 
+def print_columns(lines: list[tuple[str, ...]], left: int = 1) -> None:
+    """Rows of cells in aligned columns: the first ``left`` to the left, the rest (figures) to
+    the right."""
+    widths = [max(len(line[k]) for line in lines) for k in range(len(lines[0]))]
+    for line in lines:
+        print("  ".join(c.ljust(w) if k < left else c.rjust(w)
+                        for k, (c, w) in enumerate(zip(line, widths))).rstrip())
+
+
 def cmd_report(args) -> int:
     """A store's or the chain's figures by day, month or year, from the server's day totals."""
     from cardcore.v1 import admin_service_pb2 as apb
 
-    if sum((args.chain, args.store is not None, args.region is not None)) != 1:
-        raise UsageError("report needs --store S or --chain, or --region R (one of them)")
+    if sum((args.chain, args.store is not None, args.region is not None)) != 1 and not (
+            args.by_store and not args.chain and args.store is None and args.region is None):
+        raise UsageError("report needs --store S or --chain, or --region R (one of them), or "
+                         "--by-store alone (every store in your scope)")
+    if bool(args.last_days) == bool(args.from_day or args.to_day) or (
+            not args.last_days and not (args.from_day and args.to_day)):
+        raise UsageError("report needs --from and --to, or --last-days N")
     r = call(admin_stub_of(args).GetReport, apb.GetReportRequest(
         store_id=args.store or 0, chain=args.chain, region_id=args.region or 0,
-        from_day=args.from_day, to_day=args.to_day, granularity=GRANULARITIES[args.by],
-        staff=args.staff), args)
+        from_day=args.from_day or "", to_day=args.to_day or "",
+        granularity=GRANULARITIES[args.by], staff=args.staff, by_store=args.by_store, last_days=args.last_days), args)
     if args.csv:
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(("period", "first_day", "last_day", *_SCALARS, "top_up_minor",
@@ -98,6 +112,12 @@ def cmd_report(args) -> int:
             out.writerow(("staff_id", "sales", "sales_minor", "top_ups", "top_up_minor"))
             for s in r.staff:
                 out.writerow((s.staff_id, s.sales, s.sales_minor, s.top_ups, s.top_up_minor))
+        if args.by_store:
+            out.writerow(())
+            out.writerow(("store_id", "name", *_SCALARS, "top_up_minor"))
+            for s in r.stores:
+                out.writerow((s.store_id, s.name, *(getattr(s.figures, name) for name in _SCALARS),
+                              _top_ups_minor(s.figures)))
         return 0
     head = ("period", "entries", "sales", "discount", "top-ups", "refunds", "pts issued",
             "pts redeemed", "pts expired", "owes", "owed")
@@ -117,10 +137,15 @@ def cmd_report(args) -> int:
             cells += ("" if row is None else str(row.days_closed),)
         cells += ("" if row is None else fen(row.holds_outstanding_minor),)
         lines.append(cells)
-    widths = [max(len(line[k]) for line in lines) for k in range(len(head))]
-    for line in lines:
-        print("  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                        for k, (c, w) in enumerate(zip(line, widths))).rstrip())
+    print_columns(lines)
+    if args.by_store:
+        print(f"\nby store, {r.from_day} to {r.to_day}"
+              + (" (the first 1,000 stores only)" if r.stores_truncated else ""))
+        print_columns([("store", "name", "entries", "sales", "discount", "top-ups", "refunds")] + [
+            (str(s.store_id), s.name or ("head office" if s.store_id == 0 else "-"),
+             str(s.figures.entries), fen(s.figures.sales_gross_minor),
+             fen(s.figures.discount_minor), fen(_top_ups_minor(s.figures)),
+             str(s.figures.refunds)) for s in r.stores], left=2)
     if args.staff and not r.staff:
         print("\nno sale or top-up credited to a staff member (--staff at the till) in this period")
     elif args.staff:

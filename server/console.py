@@ -3,10 +3,9 @@
 Why this shape: the console is a *gRPC client* of a running server (the server keeps enforcing
 every operator's role and store scope; the console holds no rule of its own), served by the
 standard library's ``http.server`` in threads (no new dependency, no JavaScript, no build step).
-Charts are SVG drawn here, on the server. The per-store totals come from the ledger opened
-read-only beside the server (``--data-dir``, as ``cardcore verify`` does), because the gRPC API
-has no report yet; each store's row is shown only if the server lets the operator list that
-store's terminals (its scope, decided by the server).
+Charts are SVG drawn here, on the server. The per-store totals come from the chain's reports
+(GetReport by store, with the operator's token: the server decides the scope and the business
+day).
 
 Secrets: the operator's token lives only in a server-side session keyed by a random HttpOnly,
 SameSite=Strict cookie; a card number is POSTed, never put in a URL, and the pages show it
@@ -22,6 +21,7 @@ import http.server
 import logging
 import re
 import secrets
+import sys
 import ssl
 import threading
 import time
@@ -46,8 +46,7 @@ CARD_NEXT_RE = re.compile(r"/card\?ref=[A-Za-z0-9_-]{1,32}(&store=[0-9]{1,10})?"
 NEXT_PATHS = frozenset(("/", "/card", "/totals", "/terminals", "/health"))  # where a ticket may lead
 HISTORY_PAGE = 20                 # the card page's history rows (ListTransactions' first page)
 TOTALS_DAYS = 30                  # the long chart: the last 30 UTC days, today included
-TOTALS_SCAN_MAX_ENTRIES = 2_000_000  # journal entries one totals scan reads at most (newest first)
-TOTALS_CACHE_S = 30.0             # a scan serves every page for this long
+TOTALS_CACHE_S = 30.0             # a session's totals serve its pages for this long
 STORES_CHART_MAX = 40             # bars per chart; the rest are summed as "others"
 METRICS_LINES_MAX = 60            # lines of the server's metrics shown on the health page
 
@@ -91,7 +90,8 @@ class Session:
     created_s: float
     used_s: float
     cards: dict[str, tuple[str, object]] = field(default_factory=dict)  # handle -> (kind, ref)
-    scope: dict[int, bool] = field(default_factory=dict)  # store -> the server lets it be seen
+    totals: tuple[float, dict] | None = None  # (monotonic time, read_totals' answer)
+    chain_admin: bool | None = None  # the server let this token read the chain's report (None: not asked)
 
 
 class Sessions:
@@ -189,86 +189,80 @@ class Sessions:
                 mine.remove(reservation)
 
 
-# ---- per-store totals from the ledger (read-only) --------------------------------------------
+# ---- per-store totals from the chain's reports --------------------------------------------------
 
 @dataclass
 class StoreTotals:
-    sales_minor: int = 0      # purchases: gross - discount (what the members paid, points too)
-    sales: int = 0
+    name: str = ""            # the store's name in the chain's registry ("" when not registered)
+    sales: int = 0            # purchases
+    sales_minor: int = 0      # takings: purchases' gross minus discount (what members paid, points too)
     top_ups_minor: int = 0
-    refunds_minor: int = 0    # money given back to cards by refunds
+    refunds: int = 0
+    refunds_minor: int = 0    # refunds' amounts
+    reversals: int = 0        # reversed operations (not netted out of the figures beside them)
 
 
-class Totals:
-    """Today's and the last TOTALS_DAYS UTC days' totals per store, scanned from the journal
-    newest first (entries' ts_us never go back), at most TOTALS_SCAN_MAX_ENTRIES a scan, cached
-    TOTALS_CACHE_S. Reversals are not netted out (the chain's reports will); refunds are shown
-    beside the sales."""
+def store_totals(name: str, figures) -> StoreTotals:
+    """A report's DayFigures of one store as the page shows them."""
+    by_op = {o.operation_type: o for o in figures.operations}
 
-    def __init__(self, ledger_path: str,
-                 scan_max_entries: int = TOTALS_SCAN_MAX_ENTRIES) -> None:
-        from cardcore import layout as L
-        from cardcore.server.cmd_server import _open_ledger
+    def of(op_type):
+        found = by_op.get(op_type)
+        return (found.count, found.amount_minor) if found is not None else (0, 0)
 
-        self._L = L
-        self.scan_max_entries = scan_max_entries
-        self.ledger = _open_ledger(ledger_path)
-        self._lock = threading.Lock()
-        self._cached: tuple[float, dict] | None = None
+    from cardcore.v1 import common_pb2 as cpb
 
-    def close(self) -> None:
-        self.ledger.close()
+    sales, _ = of(cpb.OPERATION_TYPE_PURCHASE)
+    _, top_ups_minor = of(cpb.OPERATION_TYPE_TOP_UP)
+    refunds, refunds_minor = of(cpb.OPERATION_TYPE_REFUND)
+    return StoreTotals(name=name, sales=sales,
+                       sales_minor=figures.sales_gross_minor - figures.discount_minor,
+                       top_ups_minor=top_ups_minor, refunds=refunds, refunds_minor=refunds_minor,
+                       reversals=figures.reversals)
 
-    def read(self, now_us: int | None = None) -> dict:
-        with self._lock:
-            if self._cached and time.monotonic() - self._cached[0] < TOTALS_CACHE_S \
-                    and now_us is None:
-                return self._cached[1]
-            result = self._scan(now_us or int(time.time() * 1e6))
-            self._cached = (time.monotonic(), result)
-            return result
 
-    def _scan(self, now_us: int) -> dict:
-        L = self._L
-        day_us = 86_400_000_000
-        today_start = now_us - now_us % day_us
-        since = today_start - (TOTALS_DAYS - 1) * day_us
-        today: dict[int, StoreTotals] = {}
-        month: dict[int, StoreTotals] = {}
-        scanned, complete = 0, True
+def read_totals(backend: Backend, session: Session) -> dict:
+    """Today's and the last TOTALS_DAYS business days' figures per store, from GetReport with
+    the operator's own token (by_store, last_days: the server decides the scope and the day),
+    cached TOTALS_CACHE_S per session. A chain admin's is the chain's report (every store, head
+    office's own entries as store 0, and what the chain owes its members); anyone else's, the
+    stores in its scope."""
+    import grpc
 
-        def scan(txn):  # in Ledger._read: it adopts a map the server's writer has grown
-            nonlocal scanned, complete
-            today.clear(), month.clear()
-            scanned, complete = 0, True
-            cur = txn.cursor(db=self.ledger.journal)
-            ok = cur.last()
-            while ok:
-                if scanned >= self.scan_max_entries:
-                    complete = False
-                    break
-                e = L.JOURNAL.unpack(cur.value())
-                scanned += 1
-                op, ts_us, store = e[1], e[17], e[18]
-                if ts_us < since:
-                    break
-                if op in (L.OP_PURCHASE, L.OP_TOP_UP, L.OP_REFUND) and ts_us <= now_us:
-                    for into, start in ((month, since), (today, today_start)):
-                        if ts_us < start:
-                            continue
-                        t = into.setdefault(store, StoreTotals())
-                        if op == L.OP_PURCHASE:
-                            t.sales_minor += e[9] - e[10]
-                            t.sales += 1
-                        elif op == L.OP_TOP_UP:
-                            t.top_ups_minor += e[9]
-                        else:
-                            t.refunds_minor += e[11] + e[12]
-                ok = cur.prev()
+    cached = session.totals
+    if cached is not None and time.monotonic() - cached[0] < TOTALS_CACHE_S:
+        return cached[1]
+    result = None
+    if session.chain_admin is not False:
+        try:
+            result = _totals_of(backend, session.token, chain=True)
+            session.chain_admin = True
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            session.chain_admin = False
+    if result is None:
+        result = _totals_of(backend, session.token, chain=False)
+    session.totals = (time.monotonic(), result)
+    return result
 
-        self.ledger._read(scan)
-        return {"today": today, "month": month, "scanned": scanned, "complete": complete,
-                "since_us": since, "today_us": today_start}
+
+def _totals_of(backend: Backend, token: str, chain: bool) -> dict:
+    from cardcore.v1 import admin_service_pb2 as apb
+
+    answers = {}
+    for name, days in (("today", 1), ("month", TOTALS_DAYS)):
+        answers[name] = backend.report(token, apb.GetReportRequest(
+            chain=chain, by_store=True, last_days=days,
+            granularity=apb.REPORT_GRANULARITY_YEAR))
+    month, today = answers["month"], answers["today"]
+    last = month.rows[-1] if chain and month.rows else None
+    return {"today": {s.store_id: store_totals(s.name, s.figures) for s in today.stores},
+            "month": {s.store_id: store_totals(s.name, s.figures) for s in month.stores},
+            "today_day": today.to_day, "since_day": month.from_day,
+            "truncated": today.stores_truncated or month.stores_truncated,
+            "liability": (last.liability_principal_minor, last.liability_bonus_minor)
+            if last is not None else None}
 
 
 def bar_chart(title: str, rows: list[tuple[str, int]], css_id: str) -> str:
@@ -331,17 +325,8 @@ class Backend:
         return self.admin.ListTerminals(apb.ListTerminalsRequest(store_id=store_id),
                                         timeout=self.timeout_s, metadata=self._md(token)).terminals
 
-    def in_scope(self, token: str, store_id: int) -> bool:
-        """Whether the server lets this operator see store ``store_id`` (its scope)."""
-        import grpc
-
-        try:
-            self.terminals(token, store_id)
-            return True
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.PERMISSION_DENIED:
-                return False
-            raise
+    def report(self, token: str, request):
+        return self.admin.GetReport(request, timeout=self.timeout_s, metadata=self._md(token))
 
     def card(self, token: str, ref: tuple[str, object], store_id: int):
         from cardcore.v1 import card_service_pb2 as pb
@@ -481,37 +466,49 @@ def found_page(answer, handles: list[str]) -> str:
     return page("Cards found", f'<table id="found">{"".join(rows)}</table>{more}')
 
 
-def _chart_rows(per_store: dict, visible) -> list[tuple[str, int]]:
-    rows = sorted(((s, t.sales_minor) for s, t in per_store.items() if visible(s)),
+def _store_label(store: int, t: StoreTotals) -> str:
+    return "head office" if store == 0 else f"store {store}" + (f" {t.name}" if t.name else "")
+
+
+def _chart_rows(per_store: dict) -> list[tuple[str, int]]:
+    rows = sorted(((s, t.sales_minor) for s, t in per_store.items() if t.sales_minor),
                   key=lambda r: (-r[1], r[0]))
-    out = [(f"store {s}" if s else "head office", v) for s, v in rows[:STORES_CHART_MAX]]
+    out = [(_store_label(s, per_store[s]), v) for s, v in rows[:STORES_CHART_MAX]]
     if len(rows) > STORES_CHART_MAX:
         out.append((f"{len(rows) - STORES_CHART_MAX} others",
                     sum(v for _, v in rows[STORES_CHART_MAX:])))
     return out
 
 
-def totals_page(totals: dict, visible) -> str:
+def totals_page(totals: dict) -> str:
     def table_of(per_store):
         rows = ["<tr><th>store</th><th>sales</th><th>takings</th><th>top-ups</th>"
-                "<th>refunds</th></tr>"]
-        for s in sorted(s for s in per_store if visible(s)):
+                "<th>refunds</th><th>refunded</th><th>reversals</th></tr>"]
+        for s in sorted(per_store):
             t = per_store[s]
-            rows.append(f'<tr><td>{s}</td><td class="n">{t.sales}</td><td class="n">'
-                        f'{_u(yuan(t.sales_minor))}</td><td class="n">{_u(yuan(t.top_ups_minor))}'
-                        f'</td><td class="n">{_u(yuan(t.refunds_minor))}</td></tr>')
+            if not (t.sales or t.top_ups_minor or t.refunds or t.reversals):
+                continue  # e.g. head office's admin entries only: nothing a page reader counts
+            rows.append(f'<tr><td>{_u(_store_label(s, t))}</td><td class="n">{t.sales}</td>'
+                        f'<td class="n">{_u(yuan(t.sales_minor))}</td><td class="n">'
+                        f'{_u(yuan(t.top_ups_minor))}</td><td class="n">{t.refunds}</td>'
+                        f'<td class="n">{_u(yuan(t.refunds_minor))}</td>'
+                        f'<td class="n">{t.reversals}</td></tr>')
         return f'<table>{"".join(rows)}</table>'
 
-    note = "" if totals["complete"] else (
-        f'<p class="err">Partial: only the newest {totals["scanned"]:,} journal entries were '
-        "read (TOTALS_SCAN_MAX_ENTRIES).</p>")
+    note = "" if not totals["truncated"] else (
+        '<p class="err">Only the first 1,000 stores with entries are shown.</p>')
+    owed = totals["liability"]
+    if owed is not None:
+        note += (f'<p id="liability">Owed to members at the end of today: principal '
+                 f'{_u(yuan(owed[0]))}, bonus {_u(yuan(owed[1]))}.</p>')
     return page("Totals per store", note + (
-        f'<p>Takings (purchases, gross minus discount, yuan) per store; UTC days; today since '
-        f'{_u(_when(totals["today_us"]))}, the last {TOTALS_DAYS} days since '
-        f'{_u(_when(totals["since_us"]))}. Refunds are listed, reversals not netted out.</p>'
-        f'<section>{bar_chart("Today", _chart_rows(totals["today"], visible), "chart-today")}'
+        f'<p>Takings (purchases, gross minus discount, yuan) per store, by business day (the '
+        f'card program\'s clock): today is {_u(totals["today_day"])}, the last {TOTALS_DAYS} '
+        f'days since {_u(totals["since_day"])}. From the chain\'s reports (the day totals kept '
+        'with every operation). Refunds are listed beside, reversals counted, not netted out.</p>'
+        f'<section>{bar_chart("Today", _chart_rows(totals["today"]), "chart-today")}'
         f'{table_of(totals["today"])}</section><section>'
-        f'{bar_chart(f"Last {TOTALS_DAYS} days", _chart_rows(totals["month"], visible), "chart-month")}'
+        f'{bar_chart(f"Last {TOTALS_DAYS} days", _chart_rows(totals["month"]), "chart-month")}'
         f'{table_of(totals["month"])}</section>'))
 
 
@@ -550,9 +547,8 @@ SECURITY_HEADERS = (
 class Console:
     """What the handler threads share."""
 
-    def __init__(self, backend: Backend, totals: Totals | None, target: str,
-                 https: bool) -> None:
-        self.backend, self.totals, self.target, self.https = backend, totals, target, https
+    def __init__(self, backend: Backend, target: str, https: bool) -> None:
+        self.backend, self.target, self.https = backend, target, https
         self.sessions = Sessions()
 
 
@@ -688,24 +684,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 b.terminals(s.token)  # the token still counts (a removed operator: signed out)
                 return self._send(200, health_page(b.serving(), b.metrics(), self.console.target))
             if path == "/totals":
-                if self.console.totals is None:
-                    return self._send(200, page("Totals per store", "<p>Not available: start the "
-                                                "console with --data-dir beside the server's "
-                                                "data folder.</p>"))
                 b.terminals(s.token)  # the token still counts (a removed operator: signed out)
-                totals = self.console.totals.read()
-                def visible(store: int) -> bool:
-                    # asked once a session (an operator's stores never change; the token is
-                    # checked above on every page): a chain of a thousand stores costs a
-                    # thousand loopback calls on the first totals page. Store 0 (sales with no
-                    # store) is never shown: the server's store-0 listing means "all my stores",
-                    # so it cannot tell who may see it.
-                    if store == 0:
-                        return False
-                    if store not in s.scope:
-                        s.scope[store] = b.in_scope(s.token, store)
-                    return s.scope[store]
-                return self._send(200, totals_page(totals, visible))
+                return self._send(200, totals_page(read_totals(b, s)))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self.console.sessions.drop(self._cookie())
@@ -850,7 +830,6 @@ def make_server(listen: tuple[str, int], console: Console,
 
 def cmd_console(args) -> int:
     """Serve the console until interrupted."""
-    import os
 
     from .cmd_client import _channel, _loopback
     from .text import UsageError
@@ -869,14 +848,11 @@ def cmd_console(args) -> int:
     if not args.tls_ca and not _loopback(args.target):
         raise UsageError(f"operator tokens go to {args.target} only over TLS: give --tls-ca, "
                          "--tls-cert and --tls-key")
-    totals = None
     if args.data_dir:
-        ledger_path = os.path.join(args.data_dir, "ledger")
-        if not os.path.exists(os.path.join(ledger_path, "data.mdb")):
-            raise UsageError(f"no ledger at {args.data_dir} (--data-dir)")
-        totals = Totals(ledger_path)
+        print("cardcore console: --data-dir is no longer needed (the totals come from the "
+              "server's reports) and is ignored", file=sys.stderr)
     backend = Backend(_channel(args), args.metrics_url, min(args.timeout_s, 30.0))
-    console = Console(backend, totals, args.target, https is not None)
+    console = Console(backend, args.target, https is not None)
     httpd = make_server((host, port), console, https)
     scheme = "https" if https else "http"
     bound_host, bound_port = httpd.server_address[:2]
@@ -885,6 +861,4 @@ def cmd_console(args) -> int:
         httpd.serve_forever(poll_interval=0.5)
     finally:
         httpd.server_close()
-        if totals is not None:
-            totals.close()
     return 0

@@ -46,8 +46,12 @@ def close_pb(store_id: int, day: int, entry: bytes,
         holds_outstanding_minor=held)
 
 
-def report_pb(result: dict) -> apb.GetReportResponse:
+def report_pb(result: dict, from_day: int, to_day: int) -> apb.GetReportResponse:
     return apb.GetReportResponse(
+        from_day=D.date_of_day(from_day), to_day=D.date_of_day(to_day),
+        stores=[apb.StoreRangeFigures(store_id=store, name=name, figures=figures_pb(values))
+                for store, name, values in result.get("stores", ())],
+        stores_truncated=result.get("stores_truncated", False),
         rows=[apb.ReportRow(period=label, first_day=D.date_of_day(first),
                             last_day=D.date_of_day(last), figures=figures_pb(values),
                             liability_principal_minor=principal, liability_bonus_minor=bonus,

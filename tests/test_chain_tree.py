@@ -5,9 +5,11 @@ journal agree after a store changes zone mid-journal), operator scopes that foll
 a region's report, the sum of its stores'. Against the real server on loopback."""
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import os
+import time
 
 import grpc
 import pytest
@@ -371,6 +373,90 @@ def test_a_regions_report_is_the_sum_of_its_stores_reports(server, chain):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [int(r["sales_gross_minor"]) for r in rows] == [
         r.figures.sales_gross_minor for r in region.rows]
+
+
+def by_store(admin: Admin, metadata=None, **fields):
+    """GetReport by_store: ({store: (name, figures)}, the answer)."""
+    answer = admin.stub.GetReport(apb.GetReportRequest(by_store=True, **fields),
+                                  metadata=metadata or admin.metadata)
+    return {s.store_id: (s.name, s.figures) for s in answer.stores}, answer
+
+
+def test_a_report_by_store_lists_each_store_of_its_scope_and_counts_last_days_from_today(
+        server, chain):
+    """by_store: each store with entries in the range, named from the registry (an unregistered
+    store too, unnamed), its figures its own report's total; a region's and an operator's scope
+    list only theirs, and the scope's rows are its stores' sum; last_days ends at the store's
+    (or the program's) business day now."""
+    stub, admin = chain
+    number = open_card(stub, 11)
+    top_up(stub, number, 500_000, 11)
+    at = batch(stub, sales(number, (11, 12, 21, 30, 12)))[0].applied_at_us
+    first, last = day_of(at, *WEST) - 1, day_of(at, *EAST) + 1
+    span = {"from_day": date_text(first), "to_day": date_text(last)}
+    listed, whole = by_store(admin, chain=True, **span)
+    assert sorted(listed) == [0, 11, 12, 21, 30]  # 0: head office's own entries (the puts)
+    assert [listed[s][0] for s in (0, 11, 12, 21, 30)] == [
+        "", "Harbin Central", "Changchun", "Guangzhou Tianhe", ""]
+    assert ops_of(listed[0][1]).get(L.OP_STORE_PUT) == (3, 0)
+    for s in (0, 11, 12, 21, 30):
+        assert listed[s][1] == report(admin, first, last, store=s).total, s
+    assert listed[12][1].sales_gross_minor == 1_001 + 1_004
+    chain_report = report(admin, first, last)
+    assert whole.total == chain_report.total and whole.rows == chain_report.rows
+    assert (whole.from_day, whole.to_day, whole.stores_truncated) == (
+        date_text(first), date_text(last), False)
+    north, _ = by_store(admin, region_id=1, **span)
+    assert sorted(north) == [11, 12]
+    # an operator's own scope: a region manager of North, a store manager of store 30
+    token = admin.stub.AddOperator(apb.AddOperatorRequest(
+        request_id=rid(), client_time_us=sent_at(rid()), name="north-by-store",
+        role=ROLE.OPERATOR_ROLE_REGION_MANAGER, region_ids=[1]), metadata=admin.metadata).token
+    mine, answer = by_store(admin, bearer(token), store_id=21, **span)  # store_id is ignored
+    assert sorted(mine) == [11, 12]
+    assert answer.total.sales_gross_minor == (
+        listed[11][1].sales_gross_minor + listed[12][1].sales_gross_minor)
+    assert answer.total.entries == listed[11][1].entries + listed[12][1].entries
+    manager = admin.add_operator("mgr30", ROLE.OPERATOR_ROLE_STORE_MANAGER, [30])
+    mine, _ = by_store(admin, bearer(manager), **span)
+    assert list(mine) == [30] and mine[30][1].sales_gross_minor == 1_003
+    cashier = admin.add_operator("cash30", ROLE.OPERATOR_ROLE_CASHIER, [30])
+    assert refusal(lambda: by_store(admin, bearer(cashier), **span))[:2] == (
+        grpc.StatusCode.PERMISSION_DENIED, cpb.REASON_PERMISSION_DENIED)
+    assert refusal(lambda: by_store(admin, bearer(manager), chain=True, **span))[:2] == (
+        grpc.StatusCode.PERMISSION_DENIED, cpb.REASON_PERMISSION_DENIED)
+    # last_days: N business days up to today's, the store's own clock for one store's report
+    for fields, clock in (({"store_id": 11}, EAST), ({"store_id": 12}, (480, 4)),
+                          ({"chain": True}, (480, 4))):
+        before = day_of(time.time_ns() // 1000, *clock)
+        answer = admin.stub.GetReport(apb.GetReportRequest(last_days=3, **fields),
+                                      metadata=admin.metadata)
+        after = day_of(time.time_ns() // 1000, *clock)
+        today = {date_text(before), date_text(after)}
+        assert answer.to_day in today and len(answer.rows) == 3, fields
+        assert answer.from_day == date_text(day_of_text(answer.to_day) - 2)
+    today_only, answer = by_store(admin, chain=True, last_days=1)
+    assert answer.from_day == answer.to_day and len(answer.rows) == 1
+    invalid = (grpc.StatusCode.INVALID_ARGUMENT, cpb.REASON_INVALID_ARGUMENT)
+    assert refusal(lambda: by_store(admin, chain=True, last_days=1,
+                                    from_day=span["from_day"]))[:2] == invalid
+    assert refusal(lambda: by_store(admin, chain=True, last_days=3661))[:2] == (
+        grpc.StatusCode.INVALID_ARGUMENT, cpb.REASON_REPORT_RANGE_INVALID)
+    # the CLI: the same stores, as a table and as CSV
+    code, out = operator_cli(server, "report", "--by-store", "--from", span["from_day"],
+                             "--to", span["to_day"], "--csv", token=manager)
+    assert code == 0, out
+    rows = list(csv.DictReader(io.StringIO(out.split("\n\n")[-1])))
+    assert [(r["store_id"], int(r["sales_gross_minor"])) for r in rows] == [("30", 1_003)]
+    code, out = operator_cli(server, "report", "--chain", "--by-store", "--last-days", "30")
+    assert code == 0 and "Harbin Central" in out and "head office" in out, out
+    code, out = operator_cli(server, "report", "--chain", "--last-days", "3", "--from",
+                             span["from_day"])
+    assert code == 2 and "--last-days" in out, out
+
+
+def day_of_text(text: str) -> int:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%d")) // 86_400
 
 
 def test_the_numbers_agree_with_the_proto():

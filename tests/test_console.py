@@ -1,5 +1,5 @@
-"""The back-office console (``cardcore console``) over a real server, a real ledger read-only
-beside it, real HTTP, and a real headless Chromium when Debian's chromium is installed."""
+"""The back-office console (``cardcore console``) over a real server (its totals from the
+chain's reports), real HTTP, and a real headless Chromium when Debian's chromium is installed."""
 from __future__ import annotations
 
 import http.cookiejar
@@ -23,12 +23,12 @@ ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 class ConsoleProcess:
-    def __init__(self, target: str, data_dir: str, log_path: str):
+    def __init__(self, target: str, log_path: str):
         self._log = open(log_path, "ab")
         self.log_path = log_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cardcore.server.cli", "console", "--listen", "127.0.0.1:0",
-             "--target", target, "--data-dir", data_dir],
+             "--target", target],
             stdout=subprocess.PIPE, stderr=self._log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -83,7 +83,7 @@ def seeded(server, tmp_path):
     client.purchase(number, 12_000, store_id=1)
     client.purchase(number, 3_000, store_id=2)
     client.purchase(number, 1_000, store_id=2)
-    console = ConsoleProcess(server.target, server.data_dir, str(tmp_path / "console.log"))
+    console = ConsoleProcess(server.target, str(tmp_path / "console.log"))
     yield server, console, number
     console.stop()
 
@@ -271,14 +271,15 @@ def html_unescape(text: str) -> str:
     return html.unescape(text)
 
 
-def test_totals_by_utc_day_refunds_beside_and_a_scan_bound(seeded):
-    """The totals read from the ledger directly (read-only, beside the live server): a day
-    later the sales leave "today" and stay in the 30 days; 30 days later they are gone; a
-    refund is counted at its store; a scan bound says the totals are partial."""
-    from cardcore.server.console import Totals
+def test_the_totals_come_from_the_chains_reports_by_business_day(seeded):
+    """The totals page reads GetReport (by store, the last days) with the operator's token: a
+    refund is listed at its store beside its sales, a registered store shows its name, the
+    chain admin sees what the chain owes its members as the report has it, and the business
+    day shown is the report's."""
+    from cardcore.v1 import admin_service_pb2 as apb
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
-    from conftest import bearer, checkpointed, rid, sent_at
+    from conftest import bearer, rid, sent_at
 
     server, console, number = seeded
     history = server.stub.ListTransactions(pb.ListTransactionsRequest(
@@ -290,33 +291,32 @@ def test_totals_by_utc_day_refunds_beside_and_a_scan_bound(seeded):
         request_id=request_id, client_time_us=sent_at(request_id),
         card=cpb.CardRef(card_number=number), original_seq=sale.seq, amount_minor=2_000,
         till=cpb.Till(store_id=1)), metadata=bearer(server.admin_token))
-    checkpointed(server.data_dir)  # the totals read LMDB: as of the writer's last checkpoint
-    totals = Totals(os.path.join(server.data_dir, "ledger"))
-    try:
-        now_us = int(time.time() * 1e6)
-        t = totals.read(now_us)
-        assert t["complete"] and t["today"][1].sales_minor == 12_000
-        assert t["today"][1].refunds_minor == 2_000 and t["today"][1].top_ups_minor == 100_000
-        assert (t["today"][2].sales, t["today"][2].sales_minor) == (2, 4_000)
-        day_us = 86_400_000_000
-        t = totals.read(now_us + day_us)
-        assert not t["today"] and t["month"][2].sales_minor == 4_000
-        t = totals.read(now_us - now_us % day_us + 30 * day_us)  # the 31st day after
-        assert not t["today"] and not t["month"]
-    finally:
-        totals.close()
-    bounded = Totals(os.path.join(server.data_dir, "ledger"), scan_max_entries=2)
-    try:
-        t = bounded.read(int(time.time() * 1e6))
-        assert not t["complete"] and t["scanned"] == 2
-        # the newest two entries: the refund at store 1 and the last sale at store 2
-        assert (t["month"][1].sales, t["month"][1].refunds_minor) == (0, 2_000)
-        assert (t["month"][2].sales, t["month"][2].sales_minor) == (1, 1_000)
-    finally:
-        bounded.close()
+    request_id = rid()
+    admin = Admin(server.channel, server.admin_token).stub
+    admin.PutStore(apb.PutStoreRequest(
+        request_id=request_id, client_time_us=sent_at(request_id), store_id=2,
+        name="Harbin Central"), metadata=bearer(server.admin_token))
+    chain = admin.GetReport(apb.GetReportRequest(chain=True, last_days=1),
+                                   metadata=bearer(server.admin_token))
+    b = signed_in(console, server.admin_token)
+    _, body, _ = b.get("/totals")
+    today = re.search(r'<section>.*?</section>', body, re.S).group(0)
+    row = re.search(r"<tr><td>store 1</td>(.*?)</tr>", today).group(1)
+    assert re.findall(r'class="n">([^<]*)<', row) == ["1", "120.00", "1,000.00", "1", "20.00", "0"]
+    assert "store 2 Harbin Central: 40.00" in today
+    owed = re.search(r'<p id="liability">(.*?)</p>', body).group(1)
+    assert f"principal {chain.rows[-1].liability_principal_minor / 100:,.2f}" in owed
+    assert f"today is {chain.to_day}" in body
+    assert "<td>head office</td>" not in body  # its admin entries only: no row
+    # a store manager's page has no liability line (not the chain's report)
+    manager = Admin(server.channel, server.admin_token).add_operator(
+        "mgr1", cpb.OPERATOR_ROLE_STORE_MANAGER, [1])
+    _, body, _ = signed_in(console, manager).get("/totals")
+    assert 'id="liability"' not in body and "<td>store 1</td>" in body
+    assert "Harbin Central" not in body
 
 
-def test_plain_http_off_loopback_and_a_missing_ledger_are_usage_errors(tmp_path):
+def test_plain_http_off_loopback_is_a_usage_error():
     def run(*args):
         out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "console", *args],
                              capture_output=True, text=True, timeout=60)
@@ -326,8 +326,6 @@ def test_plain_http_off_loopback_and_a_missing_ledger_are_usage_errors(tmp_path)
     assert code == 2 and "only over HTTPS" in err
     code, err = run("--listen", "127.0.0.1:0", "--target", "10.1.2.3:50051")
     assert code == 2 and "only over TLS" in err
-    code, err = run("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path))
-    assert code == 2 and "no ledger" in err
 
 
 def test_over_https_the_cookie_is_secure(server, tmp_path):
