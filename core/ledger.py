@@ -1035,6 +1035,18 @@ class Ledger:
         """store -> region of every store in a region (``stores.store_regions``)."""
         return self._read(lambda txn: stores.store_regions(txn, self))
 
+    def read_store_known(self, store_id: int) -> bool:
+        """Whether a store is in the registry or has a day totals record (an entry ever)."""
+        def read(txn):
+            if stores.read_one(txn, self, "store", store_id) is not None:
+                return True
+            if self.day_totals is None:
+                return True  # a read-only look at a ledger before them: cannot tell
+            cur = txn.cursor(db=self.day_totals)
+            return cur.set_range(L.DAY_KEY.pack(store_id, 0)) and \
+                L.DAY_KEY.unpack(cur.key())[0] == store_id
+        return self._read(read)
+
     def read_region_stores(self, region_id: int) -> list[int]:
         """The stores of a region now (``stores.region_stores``)."""
         return self._read(lambda txn: stores.region_stores(txn, self, region_id))

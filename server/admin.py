@@ -339,6 +339,10 @@ class AdminService(apb_grpc.AdminServiceServicer):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER, request.store_id)
         key, client_us = await self._request(context, request, op_by)
         day = await self._day(context, request.business_day, "business_day")
+        if request.store_id:  # head office (0) always is
+            await fresh_or_abort(self.writer, context, everything=True)  # its first entries too
+            if not self.ledger.read_store_known(request.store_id):
+                await abort(context, failure(R.REASON_STORE_NOT_FOUND, "store_id"))
         op = PendingOp.admin(
             key, L.OP_CLOSE_DAY, daytotals.close_subject(request.store_id, day), b"",
             op_by.operator_id, client_time_us=client_us,

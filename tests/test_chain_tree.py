@@ -455,6 +455,24 @@ def test_a_report_by_store_lists_each_store_of_its_scope_and_counts_last_days_fr
     assert code == 2 and "--last-days" in out, out
 
 
+def test_a_close_of_a_store_nobody_knows_is_refused(server, chain):
+    """CloseDay of a store neither registered nor ever in an entry (a mistyped id) is refused
+    and journals nothing; a registered store without entries, and an unregistered store with a
+    sale (stores were bare numbers before the registry), close."""
+    stub, admin = chain
+    today = day_of(time.time_ns() // 1000)
+    before = len(journal_entries(server.data_dir))
+    assert refusal(lambda: close(admin, 999, today))[:3] == (
+        grpc.StatusCode.NOT_FOUND, cpb.REASON_STORE_NOT_FOUND, "store_id")
+    assert len(journal_entries(server.data_dir)) == before
+    assert close(admin, 12, today).store_id == 12
+    number = open_card(stub, 11)
+    top_up(stub, number, 5_000, 11)
+    purchase(stub, number, 700, 998)
+    day = day_of(purchase(stub, number, 1, 998).applied_at_us)
+    assert ops_of(close(admin, 998, day).figures)[L.OP_PURCHASE] == (2, 701)
+
+
 def day_of_text(text: str) -> int:
     return calendar.timegm(time.strptime(text, "%Y-%m-%d")) // 86_400
 

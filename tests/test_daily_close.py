@@ -162,6 +162,10 @@ def test_the_liability_counts_money_taken_after_an_early_close_on_its_own_day(se
     stub, admin = chain
     number = open_card(stub, 1)
     today = today_of(top_up(stub, number, 5_000, 1))
+    request_id = rid()  # a store with no entry yet closes once it is registered
+    admin.stub.PutStore(apb.PutStoreRequest(request_id=request_id, store_id=2, name="Two",
+                                            client_time_us=sent_at(request_id)),
+                        metadata=admin.metadata)
     close(admin, 2, today)
     late = top_up(stub, number, 7_000, 2)
     assert day_of(late.applied_at_us) == today
