@@ -245,6 +245,15 @@ def _program_tiers(args) -> tuple[dict, bool]:
     return tiers, program.require_luhn
 
 
+def _caller_refusals() -> frozenset[int]:
+    from cardcore.v1 import common_pb2 as cpb
+
+    return frozenset((cpb.REASON_PERMISSION_DENIED, cpb.REASON_UNAUTHENTICATED))
+
+
+CALLER_REFUSALS = _caller_refusals()  # reasons that are the caller's, never a row's
+
+
 def cmd_import(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
     from cardcore.v1 import common_pb2 as cpb
@@ -280,6 +289,10 @@ def cmd_import(args) -> int:
                   "again to go on (rows already imported are answered as such, never imported "
                   "twice)", file=sys.stderr)
             raise
+        if start == 0 and all(r.reason in CALLER_REFUSALS for r in answer.results):
+            # the caller's, not the rows': every row would be refused alike (nothing was applied)
+            raise UsageError(f"this token may not import cards ({cpb.Reason.Name(answer.results[0].reason)}: "
+                             "a chain admin's is needed); nothing was imported")
         for row, result in zip(chunk, answer.results, strict=True):
             figures = (row.principal_minor, row.bonus_minor, row.points)
             if result.reason == cpb.REASON_OK:

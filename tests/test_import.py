@@ -185,6 +185,17 @@ def test_only_a_chain_admin_imports_and_bad_figures_change_nothing(server, admin
     assert imports(server.data_dir) == []
 
 
+def test_a_token_that_may_not_import_stops_at_the_first_chunk_with_one_message(server, admin,
+                                                                              tmp_path):
+    """A store manager's import is refused once, plainly, not row by row."""
+    manager = admin.add_operator("wang.manager", ROLE.OPERATOR_ROLE_STORE_MANAGER, [1])
+    path = tmp_path / "m.csv"
+    member_file(str(path), 30, new_card_number())
+    code, out = operator_cli(server, "import", str(path), "--chunk-rows", "10", token=manager)
+    assert code == 2 and "may not import cards (REASON_PERMISSION_DENIED" in out, out
+    assert "rejected" not in out and imports(server.data_dir) == []
+
+
 def test_an_imported_card_holds_its_figures_its_points_in_one_lot_of_the_day_and_a_first_pin_at_the_till(
         server, admin, client):
     """Rule 18: an entry of its own with the figures, the points in today's lot, no PIN until
