@@ -288,8 +288,7 @@ class AdminState:
             # store's clock moved back since
         program = self.program
         own = stores.store_day(self.store(store)) if store else None
-        if day > business_day(ts_us, *(own or (program.business_day_utc_offset_minutes,
-                                               program.business_day_cutoff_hour))):
+        if day > business_day(ts_us, *program.business_day_of(own)):
             return L.R_DAY_NOT_STARTED
         self.closed_days.add((store, day))
         return L.R_OK

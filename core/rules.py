@@ -389,6 +389,11 @@ class Program:
     business_day_utc_offset_minutes: int = 480
     business_day_cutoff_hour: int = 4
 
+    def business_day_of(self, own: tuple[int, int] | None) -> tuple[int, int]:
+        """(UTC offset minutes, cutoff hour) of a store's business day: its own (``own``, set
+        by PutStore) if it has one, else the program's: the one place this rule is written."""
+        return own or (self.business_day_utc_offset_minutes, self.business_day_cutoff_hour)
+
     def __post_init__(self) -> None:
         if not 1 <= len(self.tiers) <= L.MAX_TIERS:
             raise ValueError(f"a program has 1..{L.MAX_TIERS} tiers")

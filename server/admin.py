@@ -401,9 +401,8 @@ class AdminService(apb_grpc.AdminServiceServicer):
             if store:
                 found = self.ledger.read_store(store)
                 own = found["day"] if found else None
-            today = daytotals.business_day(
-                time.time_ns() // 1000, *(own or (program.business_day_utc_offset_minutes,
-                                                  program.business_day_cutoff_hour)))
+            today = daytotals.business_day(time.time_ns() // 1000,
+                                           *program.business_day_of(own))
             return today - request.last_days + 1, today
         from_day = await self._day(context, request.from_day, "from_day")
         to_day = await self._day(context, request.to_day, "to_day")
@@ -479,8 +478,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
 
     def _store_pb(self, s: dict, counts: dict[int, int]) -> apb.Store:
         program = self.ledger.program
-        offset, cutoff = s["day"] or (program.business_day_utc_offset_minutes,
-                                      program.business_day_cutoff_hour)
+        offset, cutoff = program.business_day_of(s["day"])
         return apb.Store(store_id=s["store_id"], name=s["name"], region_id=s["region_id"],
                          own_business_day=s["day"] is not None, utc_offset_minutes=offset,
                          business_day_cutoff_hour=cutoff, terminals=counts.get(s["store_id"], 0),

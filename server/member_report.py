@@ -33,9 +33,7 @@ def parsed(request, program) -> tuple[int, int, int, int, bytes]:
         except daytotals.DayError as exc:
             raise Invalid(R.REASON_MEMBER_RANGE_INVALID, exc.field) from None
     else:
-        as_of = daytotals.business_day(time.time_ns() // 1000,
-                                       program.business_day_utc_offset_minutes,
-                                       program.business_day_cutoff_hour)
+        as_of = daytotals.business_day(time.time_ns() // 1000, *program.business_day_of(None))
     if request.dormant_limit > M.DORMANT_PAGE_MAX:
         raise Invalid(R.REASON_MEMBER_PAGE_INVALID, "dormant_limit")
     token = bytes(request.page_token)
