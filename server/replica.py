@@ -37,7 +37,7 @@ from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              STREAM_REPLICAS_DEFAULT, Deposed, JetStreamLog, Lease, NatsThread,
-                             NatsUnavailable, prepare_shard, submit_subject)
+                             NatsTLS, NatsUnavailable, prepare_shard, submit_subject)
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 
 from .writer import decode_answer, encode_answer
@@ -67,6 +67,7 @@ class ReplicaConfig:
     checkpoint_ops: int = CHECKPOINT_OPS_DEFAULT
     map_size: int = MAP_SIZE_INITIAL
     idle_maintenance_ms: int = 1000     # an idle leader's prune step this often (0: never)
+    nats_tls: NatsTLS | None = None     # mutual TLS to NATS (the replica role's certificate)
 
 
 class Replica:
@@ -77,7 +78,8 @@ class Replica:
         self.cfg = cfg
         self.shard = cfg.shard
         self.stopping = False
-        self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}")
+        self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}",
+                             cfg.nats_tls)
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
                                 cfg.program, time.time_ns() // 1000)
         path = os.path.join(cfg.data_dir, "ledger")
@@ -319,8 +321,8 @@ class SubmitClient:
     """The submit protocol's client side (the front's, later; the tests' and benchmarks' now):
     synchronous calls over a NatsThread."""
 
-    def __init__(self, urls: list[str]) -> None:
-        self.nt = NatsThread(urls, f"cardcore-submit-{os.getpid()}")
+    def __init__(self, urls: list[str], tls: NatsTLS | None = None) -> None:
+        self.nt = NatsThread(urls, f"cardcore-submit-{os.getpid()}", tls)
 
     def submit(self, shard: int, ops: list[PendingOp], timeout_s: float = 5.0
                ) -> list[Outcome] | bytes:

@@ -110,6 +110,26 @@ def test_backoffice_cert(ca_dir):
     assert certs.parse_terminal_cn(_cn(leaf)) is None
 
 
+def test_nats_node_and_role_certs(ca_dir):
+    """A NATS node's certificate serves both ends of a route (server and client usages) for
+    its hosts; a role's is a client certificate named nats:<role>, and only the two roles."""
+    node, _ = certs.make_nats_node_cert(ca_dir, "n1", ["10.0.0.7"])
+    leaf = _cert(node)
+    leaf.verify_directly_issued_by(_cert(os.path.join(ca_dir, "ca.pem")))
+    assert (os.path.basename(node), _cn(leaf)) == ("nats-node-n1.pem", "nats-node:n1")
+    assert set(_ext(leaf, x509.ExtendedKeyUsage)) == {ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert ipaddress.ip_address("10.0.0.7") in _ext(leaf, x509.SubjectAlternativeName) \
+        .get_values_for_type(x509.IPAddress)
+    front, _ = certs.make_nats_role_cert(ca_dir, "front")
+    assert (os.path.basename(front), _cn(_cert(front))) == ("nats-front.pem", "nats:front")
+    assert list(_ext(_cert(front), x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(ValueError):
+        certs.make_nats_role_cert(ca_dir, "admin")
+    with pytest.raises(ValueError):
+        certs.make_nats_node_cert(ca_dir, "bad/name", [])
+
+
 def test_refuses_to_overwrite(ca_dir):
     key_before = _read(os.path.join(ca_dir, "terminal-17.key"))
     with pytest.raises(FileExistsError, match="terminal-17"):

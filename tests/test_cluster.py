@@ -46,10 +46,10 @@ def three(start_replica) -> list[ReplicaProcess]:
     return replicas
 
 
-def stream_end(urls: str, shard: int = SHARD) -> int:
+def stream_end(urls: str, shard: int = SHARD, tls=None) -> int:
     from cardcore.jetlog import NatsThread, stream_name
 
-    nt = NatsThread(urls.split(","), "cardcore-test")
+    nt = NatsThread(urls.split(","), "cardcore-test", tls)
     try:
         return nt.call(nt.js.stream_info(stream_name(shard))).state.last_seq
     finally:
@@ -83,11 +83,12 @@ def applied(replica: ReplicaProcess) -> int:
         ledger.close()
 
 
-def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SHARD) -> int:
+def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SHARD,
+                      tls=None) -> int:
     """Wait until every replica's checkpoint holds the whole stream of their shard (nothing
     appends: no load, no idle maintenance), then stop the followers, then the leader; the
     stream's end."""
-    end = stream_end(urls, shard)
+    end = stream_end(urls, shard, tls)
     deadline = time.monotonic() + 30
     live = replicas
     for r in live:
@@ -95,7 +96,7 @@ def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SH
     while any(applied(r) != end for r in live):
         assert time.monotonic() < deadline, [(applied(r), end, r.log()[-1500:]) for r in live]
         time.sleep(0.05)
-    assert stream_end(urls, shard) == end
+    assert stream_end(urls, shard, tls) == end
     leader = leader_of(live)
     for r in live:
         if r is not leader:
@@ -456,3 +457,68 @@ def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, 
             finally:
                 ledger.close()
         identical(replicas)
+
+
+def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
+    """The NATS nodes with mutual TLS and the roles' users (make cluster's setting): three
+    replicas with the replica certificate lead, follow and end identical; a front's certificate
+    submits, and can neither append to the log nor read the stream; no certificate, another
+    CA's or an unknown name is refused at connect, quickly."""
+    import nats.errors
+
+    from cardcore.jetlog import NatsThread, NatsTLS, NatsUnavailable, log_subject, stream_name
+    from cardcore.server import certs
+    from cardcore.server.devcluster import NatsCluster
+
+    cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
+    started: list[ReplicaProcess] = []
+    try:
+        def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
+            started.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *extra,
+                                          *cluster.replica_args()))
+            return started[-1]
+
+        replicas = three(start)
+        urls = cluster.urls.split(",")
+        front = SubmitClient(urls, cluster.tls_for("front"))
+        try:
+            numbers = open_cards(front, 4, random.Random(7))
+        finally:
+            front.close()
+        as_front = NatsThread(urls, "cardcore-test-front", cluster.tls_for("front"))
+        try:
+            before = stream_end(cluster.urls, SHARD, cluster.tls_for("replica"))
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                as_front.call(as_front.js.publish(log_subject(SHARD), b"forged", timeout=1), 3)
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                as_front.call(as_front.nc.request(f"$JS.API.STREAM.INFO.{stream_name(SHARD)}",
+                                                  b"", timeout=1), 3)
+        finally:
+            as_front.close()
+        end = converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
+        assert end == before
+        for r in replicas:
+            ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
+            try:
+                assert all(ledger.read_card(cid(n)) is not None for n in numbers)
+            finally:
+                ledger.close()
+        identical(replicas)
+        other = str(tmp_path / "other-ca")
+        certs.make_ca(other)
+        certs.make_nats_role_cert(other, "replica")
+        certs.make_client_cert(cluster.certs, "nats:nobody")
+        ca = os.path.join(cluster.certs, "ca.pem")
+        for tls in (None, NatsTLS(ca, os.path.join(other, "nats-replica.pem"),
+                                  os.path.join(other, "nats-replica.key")),
+                    NatsTLS(ca, os.path.join(cluster.certs, "nats-nobody.pem"),
+                            os.path.join(cluster.certs, "nats-nobody.key"))):
+            t0 = time.monotonic()
+            with pytest.raises(NatsUnavailable):
+                NatsThread(urls, "cardcore-test-refused", tls)
+            assert time.monotonic() - t0 < 10  # refused, not waited out (31 s)
+    finally:
+        for r in started:
+            if r.proc.poll() is None:
+                r.stop()
+        cluster.stop()
