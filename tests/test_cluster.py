@@ -360,6 +360,44 @@ def test_kill_9_the_leader_under_load_every_acknowledged_group_lands_once(nats_c
     identical(everyone)
 
 
+def test_a_new_replica_seeded_from_a_peers_backup_follows_from_its_checkpoint(
+        nats_cluster, start_replica, tmp_path):
+    """`cardcore backup` of a running follower, then more groups; a new replica started with
+    --seed-from that backup replays only the groups after the backup's checkpoint and ends
+    identical to the others; --seed-from into a folder that holds a ledger is refused (exit 2)."""
+    import subprocess
+    import sys
+
+    replicas = three(start_replica)
+    opened_cards(nats_cluster, 6, 21)
+    peer = next(r for r in replicas if r is not leader_of(replicas))
+    deadline = time.monotonic() + 20
+    while applied(peer) != stream_end(nats_cluster.urls):  # its checkpoint holds them
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    backup = str(tmp_path / "backup")
+    made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup", "--data-dir",
+                           peer.data_dir, "--to", backup], capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    at_backup = Ledger(os.path.join(backup, "ledger"), readonly=True)
+    try:
+        seeded_at = at_backup.log_applied()
+    finally:
+        at_backup.close()
+    opened_cards(nats_cluster, 4, 22)
+    end = stream_end(nats_cluster.urls)
+    assert end > seeded_at > 0
+    new = start_replica("r3", SHARD, *LEASE, "--seed-from", backup)
+    new.wait_role("following")
+    assert "ledger seeded from the backup" in new.log()
+    assert f"replayed {end - seeded_at} groups of the log" in new.log(), new.log()[-2000:]
+    everyone = replicas + [new]
+    converge_and_stop(everyone, nats_cluster.urls)
+    identical(everyone)
+    again = start_replica("r3", SHARD, *LEASE, "--seed-from", backup)
+    assert again.proc.wait(30) == 2 and "holds a ledger already" in again.log()
+
+
 def test_a_follower_whose_replay_ends_at_another_digest_halts(nats_cluster, start_replica):
     """A group whose recorded journal digest is not where this replica's apply ends (a
     diverged writer, a rewritten stream) halts the follower; its ledger keeps only what
@@ -517,8 +555,107 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
             with pytest.raises(NatsUnavailable):
                 NatsThread(urls, "cardcore-test-refused", tls)
             assert time.monotonic() - t0 < 10  # refused, not waited out (31 s)
+        # a replica whose certificate is refused exits 2 (a setting: its unit does not restart)
+        refused = ReplicaProcess(str(tmp_path / "refused"), SHARD, cluster.urls, "--nats-ca", ca,
+                                 "--nats-cert", os.path.join(other, "nats-replica.pem"),
+                                 "--nats-key", os.path.join(other, "nats-replica.key"))
+        started.append(refused)
+        assert refused.proc.wait(20) == 2, refused.log()[-2000:]
     finally:
         for r in started:
             if r.proc.poll() is None:
                 r.stop()
         cluster.stop()
+
+
+def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
+    """`cardcore cluster-config` for three hosts (here 127.0.0.1-3, each with its folders): each
+    host's nats.conf starts its node, its replica.env (what the systemd unit reads) starts its
+    replica, the fronts' certificate submits; the replicas end identical. A second run into the
+    same folder, an even number of nodes or a bad name are refused."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from cardcore.jetlog import NatsTLS
+    from cardcore.server.devcluster import NATS_SERVER, free_ports
+
+    out = tmp_path / "out"
+    ports = free_ports(3)
+    nodes = [f"h{k}=127.0.0.{k}" for k in (1, 2, 3)]
+    args = [sys.executable, "-m", "cardcore.server.cli", "cluster-config", "--out", str(out),
+            "--etc-dir", str(tmp_path / "{node}" / "etc"),
+            "--host-data-dir", str(tmp_path / "{node}" / "data"),
+            "--client-port", str(ports[0]), "--route-port", str(ports[1]),
+            "--http-port", str(ports[2])]
+    def config(*given: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args + [a for n in given for a in ("--node", n)],
+                              capture_output=True, text=True)
+
+    for refused in ((), nodes[:2], ("H1=127.0.0.1", *nodes[1:]), (nodes[0], nodes[0], nodes[2])):
+        assert config(*refused).returncode == 2, refused
+    made = config(*nodes)
+    assert made.returncode == 0, made.stderr
+    again = config(*nodes)
+    assert again.returncode == 2 and "holds a cluster" in again.stderr
+    assert oct(os.stat(out / "h1" / "nats" / "nats-replica.key").st_mode & 0o777) == "0o600"
+    assert not (out / "h1" / "nats" / "ca.key").exists()
+    procs, replicas, logs = [], [], []
+    try:
+        for k in (1, 2, 3):
+            etc = tmp_path / f"h{k}" / "etc"
+            os.makedirs(etc)
+            for item in (out / f"h{k}").iterdir():
+                os.rename(item, etc / item.name)
+            logs.append(open(tmp_path / f"h{k}.log", "ab"))
+            procs.append(subprocess.Popen([NATS_SERVER, "-c", str(etc / "nats.conf")],
+                                          stdout=logs[-1], stderr=logs[-1],
+                                          start_new_session=True))
+        deadline = time.monotonic() + 30
+        for k in (1, 2, 3):
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.{k}:{ports[2]}/healthz",
+                                                timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert procs[k - 1].poll() is None and time.monotonic() < deadline, \
+                    open(tmp_path / f"h{k}.log").read()[-2000:]
+                time.sleep(0.1)
+        envs = []
+        for k in (1, 2, 3):
+            with open(tmp_path / f"h{k}" / "etc" / "replica.env") as f:
+                envs.append(dict(line.strip().split("=", 1) for line in f
+                                 if line.strip() and not line.startswith("#")))
+        urls = envs[0]["CARDCORE_NATS_URLS"]
+        assert urls == ",".join(f"nats://127.0.0.{k}:{ports[0]}" for k in (1, 2, 3))
+
+        def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
+            k = int(name[1:]) + 1  # r0 on h1, ...
+            replicas.append(ReplicaProcess(str(tmp_path / f"h{k}" / "data" / f"shard-{shard}"),
+                                           shard, urls, *extra, env=envs[k - 1]))
+            return replicas[-1]
+
+        three_replicas = three(start)
+        front = SubmitClient(urls.split(","), NatsTLS(
+            str(out / "front" / "ca.pem"), str(out / "front" / "nats-front.pem"),
+            str(out / "front" / "nats-front.key")))
+        try:
+            open_cards(front, 3, random.Random(3))
+        finally:
+            front.close()
+        converge_and_stop(three_replicas, urls, SHARD, NatsTLS(
+            envs[0]["CARDCORE_NATS_CA"], envs[0]["CARDCORE_NATS_CERT"],
+            envs[0]["CARDCORE_NATS_KEY"]))
+        identical(three_replicas)
+    finally:
+        for r in replicas:
+            if r.proc.poll() is None:
+                r.stop()
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+        for f in logs:
+            f.close()

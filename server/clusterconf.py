@@ -1,0 +1,188 @@
+"""The cluster's NATS node configuration, written in one place: for the hosts of a real cluster
+(``cardcore cluster-config``, with the systemd units in ``deploy/``) and for ``make cluster`` and
+the tests on loopback (cardcore.server.devcluster).
+
+A node: JetStream with file storage fsynced before every acknowledgement (``sync_interval:
+always``), messages up to 8 MB (a group), routes to every other node, a monitoring port whose
+``/healthz`` says when JetStream is ready; with certificates, mutual TLS on the client port and
+on the routes, and the roles' users, mapped from the client certificate's name
+(``ROLE_PERMISSIONS``; docs/cluster.md, "Who may do what on NATS").
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+# What each role's certificate may do on NATS (docs/cluster.md). A replica: the JetStream API
+# (its stream, the buckets, direct gets), the KV puts of the leases and the genesis, the log's
+# subjects, submissions (answered through allow_responses); a front: submit, and hear answers.
+ROLE_PERMISSIONS = {
+    "replica": {"publish": ["$JS.API.>", "$KV.cardcore-leaders.>", "$KV.cardcore-shards.>",
+                            "cardcore.*.log"],
+                "subscribe": ["cardcore.*.submit", "_INBOX.>"], "allow_responses": True},
+    "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX.>"]},
+}
+CLUSTER_NAME = "cardcore"
+NODES_MIN, NODES_MAX = 3, 7          # a quorum that survives a node (3) .. what we ever tried (7)
+CLIENT_PORT, ROUTE_PORT, HTTP_PORT = 4222, 6222, 8222  # NATS's own defaults
+_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str           # server_name, and its certificate's (nats-node-NAME.pem)
+    host: str           # the address it listens on and the others reach it by
+    client_port: int = CLIENT_PORT
+    route_port: int = ROUTE_PORT
+    http_port: int = HTTP_PORT
+
+
+def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | None) -> str:
+    """One node's nats-server configuration; ``certs_dir`` (None: plain, no users) holds ca.pem
+    and the node's nats-node-NAME.pem/.key."""
+    routes = ", ".join(f"nats-route://{p.host}:{p.route_port}" for p in peers if p != node)
+    client_tls = route_tls = ""
+    if certs_dir is not None:
+        files = (f'  cert_file: "{certs_dir}/nats-node-{node.name}.pem"\n'
+                 f'  key_file: "{certs_dir}/nats-node-{node.name}.key"\n'
+                 f'  ca_file: "{certs_dir}/ca.pem"\n  timeout: 2\n')
+        users = "\n".join(f'    {{ user: "CN=nats:{role}", permissions: {json.dumps(perms)} }}'
+                          for role, perms in ROLE_PERMISSIONS.items())
+        client_tls = (f"tls {{\n{files}  verify_and_map: true\n}}\n"
+                      f"authorization {{\n  users = [\n{users}\n  ]\n}}\n")
+        route_tls = f"  tls {{\n{files}  verify: true\n  }}\n"
+    return f"""{client_tls}server_name: {node.name}
+listen: {node.host}:{node.client_port}
+http: {node.host}:{node.http_port}
+max_payload: 8MB
+jetstream {{
+  store_dir: "{store_dir}"
+  sync_interval: always
+}}
+cluster {{
+  name: {CLUSTER_NAME}
+  listen: {node.host}:{node.route_port}
+  routes: [{routes}]
+{route_tls}}}
+"""
+
+
+def make_certs(certs_dir: str, nodes: list[Node], ca_name: str = "cardcore cluster CA") -> None:
+    """A CA, each node's certificate (for its host) and each role's, in ``certs_dir``."""
+    from .certs import make_ca, make_nats_node_cert, make_nats_role_cert
+
+    make_ca(certs_dir, ca_name)
+    for node in nodes:
+        make_nats_node_cert(certs_dir, node.name, [node.host])
+    for role in ROLE_PERMISSIONS:
+        make_nats_role_cert(certs_dir, role)
+
+
+def urls_of(nodes: list[Node]) -> str:
+    return ",".join(f"nats://{n.host}:{n.client_port}" for n in nodes)
+
+
+# ---- cardcore cluster-config ---------------------------------------------------------------
+
+def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str) -> list[str]:
+    """Every host's files under ``out_dir/<node>/`` (to copy to the host's ``etc_dir``):
+    ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
+    and key, the replica role's); the fronts' under ``out_dir/front/``; the CA's key stays in
+    ``out_dir/ca/`` (keep it off the hosts). The paths written inside are the hosts' own."""
+    import shutil
+
+    ca_dir = os.path.join(out_dir, "ca")
+    if os.path.exists(ca_dir):
+        raise FileExistsError(f"{out_dir} holds a cluster's files already: choose another --out")
+    make_certs(ca_dir, nodes)
+    written = []
+
+    def put(path: str, text: str | None = None, source: str | None = None,
+            mode: int = 0o644) -> None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if source is not None:
+            shutil.copyfile(source, path)
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+        os.chmod(path, mode)
+        written.append(path)
+
+    for node in nodes:
+        here = os.path.join(out_dir, node.name)
+        host_certs = f"{etc_dir.replace('{node}', node.name)}/nats"
+        put(os.path.join(here, "nats.conf"), node_config(
+            node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs))
+        put(os.path.join(here, "replica.env"), (
+            "# cardcore replica on this host (deploy/cardcore-replica@.service)\n"
+            f"CARDCORE_NATS_URLS={urls_of(nodes)}\n"
+            f"CARDCORE_NATS_CA={host_certs}/ca.pem\n"
+            f"CARDCORE_NATS_CERT={host_certs}/nats-replica.pem\n"
+            f"CARDCORE_NATS_KEY={host_certs}/nats-replica.key\n"))
+        for stem, mode in (("ca.pem", 0o644), (f"nats-node-{node.name}.pem", 0o644),
+                           (f"nats-node-{node.name}.key", 0o600), ("nats-replica.pem", 0o644),
+                           ("nats-replica.key", 0o600)):
+            put(os.path.join(here, "nats", stem), source=os.path.join(ca_dir, stem), mode=mode)
+    for stem, mode in (("ca.pem", 0o644), ("nats-front.pem", 0o644), ("nats-front.key", 0o600)):
+        put(os.path.join(out_dir, "front", stem), source=os.path.join(ca_dir, stem), mode=mode)
+    return written
+
+
+def parse_node(text: str, ports: tuple[int, int, int]) -> Node:
+    """``NAME=HOST`` (a DNS name or an IP address), with the cluster's ports."""
+    name, sep, host = text.partition("=")
+    if not sep or not _NAME_RE.fullmatch(name) or not host or any(c in host for c in " ,/:\"'"):
+        raise ValueError(f"--node wants NAME=HOST (NAME: a-z, 0-9, -), not {text!r}")
+    return Node(name, host, *ports)
+
+
+def cmd_cluster_config(args) -> int:
+    """Write the hosts' NATS configuration, certificates and replica environment."""
+    import sys
+
+    try:
+        ports = (args.client_port, args.route_port, args.http_port)
+        if len(set(ports)) != 3:
+            raise ValueError("the client, route and monitoring ports must differ")
+        nodes = [parse_node(t, ports) for t in args.nodes or ()]
+        if not NODES_MIN <= len(nodes) <= NODES_MAX or len(nodes) % 2 == 0:
+            raise ValueError(f"give {NODES_MIN}, 5 or {NODES_MAX} --node (an odd number: a "
+                             "quorum survives a node)")
+        if len({n.name for n in nodes}) != len(nodes) or len({n.host for n in nodes}) != len(nodes):
+            raise ValueError("every --node needs a name and a host of its own")
+        paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir)
+    except (OSError, ValueError) as exc:
+        print(f"cardcore cluster-config: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    print(f"copy <node>/* to each host's {args.etc_dir}/, front/* to each front; keep "
+          f"{os.path.join(args.out, 'ca')} (the CA's key) off the hosts; units: deploy/"
+          "cardcore-nats.service, deploy/cardcore-replica@.service (docs/cluster.md)",
+          file=sys.stderr)
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .text import int_arg
+
+    p = sub.add_parser("cluster-config", help="the NATS configuration, certificates and replica "
+                       "environment of a cluster's hosts (docs/cluster.md)")
+    p.add_argument("--node", dest="nodes", action="append", metavar="NAME=HOST",
+                   help="a host: its node name and the address the others reach it by "
+                        "(3, 5 or 7 of them)")
+    p.add_argument("--out", required=True, help="a new folder for the files")
+    p.add_argument("--etc-dir", default="/etc/cardcore",
+                   help="where the files go on each host (default %(default)s; {node} is the "
+                        "node's name, for nodes that share a disk, as the tests' do)")
+    p.add_argument("--host-data-dir", default="/var/lib/cardcore",
+                   help="the hosts' data folder: NATS's store in its nats/ (default %(default)s; "
+                        "{node} as in --etc-dir)")
+    for flag, default, what in (("--client-port", CLIENT_PORT, "clients (replicas, fronts)"),
+                                ("--route-port", ROUTE_PORT, "the other nodes' routes"),
+                                ("--http-port", HTTP_PORT, "monitoring (/healthz)")):
+        p.add_argument(flag, type=int_arg(1, 65535), default=default,
+                       help=f"every node's port for {what} (default %(default)s)")
+    p.set_defaults(func=cmd_cluster_config)
