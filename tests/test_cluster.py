@@ -457,6 +457,63 @@ def test_kill_9_the_streams_leader_node_under_load_then_restart_it_loses_nothing
     identical(replicas)
 
 
+def test_kill_9_a_follower_node_then_every_node_and_replica_loses_nothing_acknowledged(
+        nats_cluster, start_replica):
+    """Under load, a NATS node that follows the shard's stream dies and comes back; then every
+    NATS node and every replica are killed -9 at once, and all restarted on their folders: the
+    shard elects a leader again and every acknowledged top-up is on every replica exactly once
+    (an acknowledgement meant fsynced on a quorum: ``sync_interval: always``)."""
+    from cardcore.jetlog import NatsThread, stream_name
+
+    replicas = three(start_replica)
+    numbers = opened_cards(nats_cluster, 6, 23)
+    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
+    try:
+        leader_node = int(nt.call(nt.js.stream_info(stream_name(SHARD))).cluster.leader[1:])
+    finally:
+        nt.close()
+    follower_node = (leader_node + 1) % 3
+    load = Load(nats_cluster.urls, numbers, seed=29)
+    load.start()
+    restarted: list[ReplicaProcess] = []
+    try:
+        time.sleep(1.0)
+        nats_cluster.kill_node(follower_node)
+        before = len(load.acked)
+        deadline = time.monotonic() + 20
+        while len(load.acked) < before + 20:  # two nodes of three carry on
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in replicas]
+            time.sleep(0.05)
+        nats_cluster.start_node(follower_node)
+        nats_cluster.wait_ready()
+        time.sleep(0.5)
+        for k in range(3):
+            nats_cluster.kill_node(k)
+        for r in replicas:
+            r.kill()
+    finally:
+        load.stop()
+    assert len(load.acked) > before + 20
+    for k in range(3):
+        nats_cluster.start_node(k)
+    nats_cluster.wait_ready()
+    seen = [len(r.roles()) for r in replicas]  # the same log files go on
+    for r in replicas:
+        restarted.append(ReplicaProcess(r.data_dir, SHARD, nats_cluster.urls, *LEASE))
+    try:
+        deadline = time.monotonic() + 30
+        while not any("leading" in r.roles()[n:] for r, n in zip(restarted, seen)):
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in restarted]
+            time.sleep(0.05)
+        converge_and_stop(restarted, nats_cluster.urls)
+    finally:
+        for r in restarted:
+            if r.proc.poll() is None:
+                r.stop()
+    exactly_once(restarted, load, numbers)
+    identical(restarted)
+
+
 def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, start_replica):
     """Two shards on the same NATS: each its own stream, lease and leader; a card opened on one
     is on no replica of the other; a shard's program is its genesis record's (the first
