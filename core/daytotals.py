@@ -919,6 +919,22 @@ def read_stores_range(txn, ledger, stores: list[int], from_day: int,
     return sorted(days.items())
 
 
+def stores_with_records(txn, ledger, covers) -> list[int]:
+    """Every store with a record of any day that ``covers(store)``, in store order: one seek
+    per store holding records (what a scope's sums and holds outstanding are over)."""
+    out: list[int] = []
+    cur = txn.cursor(db=ledger.day_totals)
+    store = 0
+    while cur.set_range(L.DAY_KEY.pack(store, 0)):
+        found = L.DAY_KEY.unpack(cur.key())[0]
+        if covers(found):
+            out.append(found)
+        if found == 0xFFFF_FFFF:
+            break
+        store = found + 1
+    return out
+
+
 def stores_in_range(txn, ledger, from_day: int, to_day: int, covers,
                     limit: int) -> tuple[list[tuple[int, list[int]]], bool]:
     """([(store, its figures summed over the days)], truncated): every store with a record
@@ -1038,8 +1054,9 @@ def report(txn, ledger, store: int | None, from_day: int, to_day: int, granulari
     principal, bonus, held = (liability(txn, ledger, from_day - 1) if chain and from_day
                               else (0, 0, 0))
     spans = periods(from_day, to_day, granularity)
-    holds = None if chain else _holds_by_row(txn, ledger, region_stores or [store], from_day,
-                                             to_day, spans)
+    holds = None if chain else _holds_by_row(
+        txn, ledger, region_stores if region_stores is not None else [store], from_day, to_day,
+        spans)  # (an empty region or scope holds nothing: never the store None's)
     total = [0] * WIDTH
     rows = []
     for n, (label, first, last) in enumerate(spans):

@@ -48,6 +48,11 @@ STREAM_REPLICAS_DEFAULT = 3
 DUPLICATE_WINDOW_S = 120          # a re-sent group within this is recognised by its id
 RECORD_BYTES_MAX = 8 << 20        # one group's message (the stream's max_msg_size, max_payload)
 READ_AHEAD = 64                   # direct gets in flight while a replica reads the stream
+# Each role's replies come to inboxes of its own, so that the NATS users can keep them apart
+# (a submitter must not hear a replica's reads of the log): docs/cluster.md.
+REPLICA_INBOX_PREFIX = "_INBOX_replica"
+SUBMIT_INBOX_PREFIX = "_INBOX_front"
+REFUSALS_PER_URL = 1   # a connect refused this many times per server is a setting, not a moment
 CALL_TIMEOUT_S = 5.0              # one request to NATS (stream info, a get, a KV call)
 CONNECT_TIMEOUT_S = 10.0
 APPEND_TIMEOUT_MS_DEFAULT = 30_000  # re-sends of one group before its outcome is unknown
@@ -109,7 +114,8 @@ class NatsThread:
     """One asyncio event loop in a daemon thread, owning one NATS connection; the synchronous
     caller runs coroutines on it with ``call`` (always with a time limit)."""
 
-    def __init__(self, urls: list[str], name: str, tls: NatsTLS | None = None) -> None:
+    def __init__(self, urls: list[str], name: str, tls: NatsTLS | None = None,
+                 inbox_prefix: str = REPLICA_INBOX_PREFIX) -> None:
         if nats is None:
             raise NatsUnavailable("nats-py is not installed: pip install -e .[cluster]")
         self.loop = asyncio.new_event_loop()
@@ -120,17 +126,24 @@ class NatsThread:
 
         async def on_error(exc: Exception) -> None:
             # nats-py tries the servers again and again, forever, on its first connect too: a
-            # refused certificate or user would hold start-up until the time limit, so the first
-            # refusal of who we are ends it (a node that is down is not one)
-            if isinstance(exc, (ssl.SSLError, ConnectionResetError,
-                                nats.errors.AuthorizationError)):
-                refused.append(exc)
+            # refused certificate or user would hold start-up until the time limit. A refusal
+            # that names the certificate or the user ends it at once; resets and cut handshakes
+            # (how a node refuses an unknown user, but also a node restarting) end it after
+            # REFUSALS_PER_URL rounds of every server; a node that is down is no refusal
+            if isinstance(exc, (ssl.SSLCertVerificationError, nats.errors.AuthorizationError)) \
+                    or isinstance(exc, ssl.SSLError) and "ALERT" in str(exc):
+                # the node's certificate is not our CA's, or the node refused ours or our user:
+                # no later try differs
+                refused.extend([exc] * (REFUSALS_PER_URL * len(urls)))
+            elif isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+                refused.append(exc)  # a reset or a cut handshake: a refusal, or a slow node
             await _nats_error(exc)
 
         try:
             context = tls.context() if tls is not None else None  # a bad file: NatsUnavailable
             fut = asyncio.run_coroutine_threadsafe(nats.connect(
                 servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S, tls=context,
+                inbox_prefix=inbox_prefix,
                 allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
                 error_cb=on_error), self.loop)
             deadline = time.monotonic() + CONNECT_TIMEOUT_S * len(urls) + 1
@@ -139,15 +152,17 @@ class NatsThread:
                     self.nc = fut.result(0.05)
                     break
                 except concurrent.futures.TimeoutError:
-                    if refused or time.monotonic() > deadline:
+                    if len(refused) >= REFUSALS_PER_URL * len(urls) or \
+                            time.monotonic() > deadline:
                         fut.cancel()
                         concurrent.futures.wait([fut], CALL_TIMEOUT_S)  # let it unwind
                         raise (refused[0] if refused else TimeoutError(
                             "no NATS server answered in time")) from None
         except Exception as exc:
             self._stop_loop()
-            kind = NatsRefused if refused or isinstance(exc, (OSError, ssl.SSLError)) and \
-                not isinstance(exc, (ConnectionError, TimeoutError)) else NatsUnavailable
+            setting = (refused and exc is refused[0]) or (  # refused enough, or a file (CA, cert)
+                isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)))
+            kind = NatsRefused if setting else NatsUnavailable
             raise kind(f"cannot connect to NATS at {','.join(urls)}: "
                        f"{type(exc).__name__}: {exc}") from exc
         self.js = self.nc.jetstream(timeout=CALL_TIMEOUT_S)

@@ -1073,18 +1073,20 @@ class Ledger:
         def read(txn):
             in_region = (set(stores.region_stores(txn, self, region_id))
                          if report_of == "region" else None)
+            admits = (lambda s: s in in_region) if in_region is not None else covers
             listed, truncated = ([], False) if self.day_totals is None else \
-                daytotals.stores_in_range(
-                    txn, self, from_day, to_day,
-                    (lambda s: s in in_region) if in_region is not None else covers,
-                    daytotals.STORE_ROWS_MAX)
+                daytotals.stores_in_range(txn, self, from_day, to_day, admits,
+                                          daytotals.STORE_ROWS_MAX)
             if report_of == "chain":
                 result = daytotals.report(txn, self, None, from_day, to_day, granularity, staff)
-            else:
+            else:  # the sums over every store of the scope, not only the ones listed: a store
+                # without entries in the range may still hold money (its holds outstanding),
+                # and a listing cut at STORE_ROWS_MAX must not cut the total
                 result = daytotals.report(
                     txn, self, None, from_day, to_day, granularity, staff,
                     region_stores=(sorted(in_region) if in_region is not None
-                                   else [s for s, _ in listed]))
+                                   else [] if self.day_totals is None
+                                   else daytotals.stores_with_records(txn, self, covers)))
             names = {s: (stores.read_one(txn, self, "store", s) or {}).get("name", "")
                      for s, _ in listed}
             result["stores"] = [(s, names[s], values) for s, values in listed]

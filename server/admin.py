@@ -367,13 +367,17 @@ class AdminService(apb_grpc.AdminServiceServicer):
         else:
             op_by = await self._operator(context, ROLE.OPERATOR_ROLE_STORE_MANAGER,
                                          None if scope_of_caller else request.store_id)
-        from_day, to_day = await self._report_days(
-            context, request, None if request.chain or request.region_id or scope_of_caller
-            else request.store_id)
+            if scope_of_caller and request.store_id:  # not a store's report: say so, not sum
+                await abort(context, failure(R.REASON_INVALID_ARGUMENT, "store_id",
+                                             detail="by_store alone is every store of your "
+                                                    "scope: leave store_id 0"))
         granularity = request.granularity or apb.REPORT_GRANULARITY_DAY
         if granularity not in apb.ReportGranularity.values():
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "granularity"))
         await fresh_or_abort(self.writer, context, everything=True)  # all that was answered
+        from_day, to_day = await self._report_days(  # (after: a store's new clock counts)
+            context, request, None if request.chain or request.region_id or scope_of_caller
+            else request.store_id)
         if request.by_store:
             result = self.ledger.read_by_store(
                 from_day, to_day, op_by.covers,

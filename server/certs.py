@@ -39,6 +39,7 @@ SERVER_CN = "cardcore server"  # clients check the server's names in its SANs, n
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 NATS_NODE_CN_PREFIX = "nats-node:"
+NATS_ROUTE_URI = "urn:cardcore:nats-route"  # every node's: the routes' one user (clusterconf)
 NATS_ROLES = ("replica", "front")  # the role certificates' names are nats:<role>
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
@@ -203,9 +204,9 @@ def make_nats_node_cert(out_dir: str, name: str, hosts: list[str],
     other nodes' routes, a client on its own routes to them, so both usages."""
     if not _BACKOFFICE_NAME_RE.fullmatch(name):
         raise ValueError(f"node name {name!r}: 1..32 of A-Z a-z 0-9 . _ -")
-    return _make_leaf(out_dir, f"nats-node-{name}", f"{NATS_NODE_CN_PREFIX}{name}",
-                      _server_sans(hosts), [ExtendedKeyUsageOID.SERVER_AUTH,
-                                            ExtendedKeyUsageOID.CLIENT_AUTH], days)
+    sans = [*_server_sans(hosts), x509.UniformResourceIdentifier(NATS_ROUTE_URI)]
+    return _make_leaf(out_dir, f"nats-node-{name}", f"{NATS_NODE_CN_PREFIX}{name}", sans,
+                      [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days)
 
 
 def make_nats_role_cert(out_dir: str, role: str, days: int = 825) -> tuple[str, str]:

@@ -15,14 +15,17 @@ import os
 import re
 from dataclasses import dataclass
 
-# What each role's certificate may do on NATS (docs/cluster.md). A replica: the JetStream API
-# (its stream, the buckets, direct gets), the KV puts of the leases and the genesis, the log's
-# subjects, submissions (answered through allow_responses); a front: submit, and hear answers.
+# What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
+# JetStream API it uses (a stream's or bucket's info and creation, message gets; never a delete,
+# a purge or an update), the KV puts of the leases and the genesis, the logs' subjects,
+# submissions (answered through allow_responses, and only to a submitter's inbox: the replica
+# checks), its own inbox; a front: submit, and its own inbox (not the replicas' reads).
 ROLE_PERMISSIONS = {
-    "replica": {"publish": ["$JS.API.>", "$KV.cardcore-leaders.>", "$KV.cardcore-shards.>",
-                            "cardcore.*.log"],
-                "subscribe": ["cardcore.*.submit", "_INBOX.>"], "allow_responses": True},
-    "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX.>"]},
+    "replica": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*",
+                            "$JS.API.STREAM.MSG.GET.*", "$JS.API.DIRECT.GET.>",
+                            "$KV.cardcore-leaders.>", "$KV.cardcore-shards.>", "cardcore.*.log"],
+                "subscribe": ["cardcore.*.submit", "_INBOX_replica.>"], "allow_responses": True},
+    "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX_front.>"]},
 }
 CLUSTER_NAME = "cardcore"
 NODES_MIN, NODES_MAX = 3, 7          # a quorum that survives a node (3) .. what we ever tried (7)
@@ -52,7 +55,10 @@ def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | 
                           for role, perms in ROLE_PERMISSIONS.items())
         client_tls = (f"tls {{\n{files}  verify_and_map: true\n}}\n"
                       f"authorization {{\n  users = [\n{users}\n  ]\n}}\n")
-        route_tls = f"  tls {{\n{files}  verify: true\n  }}\n"
+        # a route must be another node: its certificate maps to the routes' one user (every
+        # node's carries NATS_ROUTE_URI); a role's certificate from the same CA does not
+        route_tls = (f"  tls {{\n{files}  verify_and_map: true\n  }}\n"
+                     f'  authorization {{ user: "{NATS_ROUTE_URI}" }}\n')
     return f"""{client_tls}server_name: {node.name}
 listen: {node.host}:{node.client_port}
 http: {node.host}:{node.http_port}
@@ -67,6 +73,9 @@ cluster {{
   routes: [{routes}]
 {route_tls}}}
 """
+
+
+from .certs import NATS_ROUTE_URI  # noqa: E402  (the node certificates carry it)
 
 
 def make_certs(certs_dir: str, nodes: list[Node], ca_name: str = "cardcore cluster CA") -> None:
@@ -86,7 +95,8 @@ def urls_of(nodes: list[Node]) -> str:
 
 # ---- cardcore cluster-config ---------------------------------------------------------------
 
-def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str) -> list[str]:
+def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
+                program: str | None = None) -> list[str]:
     """Every host's files under ``out_dir/<node>/`` (to copy to the host's ``etc_dir``):
     ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
     and key, the replica role's); the fronts' under ``out_dir/front/``; the CA's key stays in
@@ -115,12 +125,16 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str) ->
         host_certs = f"{etc_dir.replace('{node}', node.name)}/nats"
         put(os.path.join(here, "nats.conf"), node_config(
             node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs))
+        host_etc = etc_dir.replace('{node}', node.name)
         put(os.path.join(here, "replica.env"), (
             "# cardcore replica on this host (deploy/cardcore-replica@.service)\n"
             f"CARDCORE_NATS_URLS={urls_of(nodes)}\n"
             f"CARDCORE_NATS_CA={host_certs}/ca.pem\n"
             f"CARDCORE_NATS_CERT={host_certs}/nats-replica.pem\n"
-            f"CARDCORE_NATS_KEY={host_certs}/nats-replica.key\n"))
+            f"CARDCORE_NATS_KEY={host_certs}/nats-replica.key\n"
+            + (f"CARDCORE_PROGRAM={host_etc}/program.toml\n" if program else "")))
+        if program:  # a new shard's genesis: the same document on every host
+            put(os.path.join(here, "program.toml"), source=program)
         for stem, mode in (("ca.pem", 0o644), (f"nats-node-{node.name}.pem", 0o644),
                            (f"nats-node-{node.name}.key", 0o600), ("nats-replica.pem", 0o644),
                            ("nats-replica.key", 0o600)):
@@ -152,16 +166,18 @@ def cmd_cluster_config(args) -> int:
                              "quorum survives a node)")
         if len({n.name for n in nodes}) != len(nodes) or len({n.host for n in nodes}) != len(nodes):
             raise ValueError("every --node needs a name and a host of its own")
-        paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir)
+        if args.program is not None and not os.path.isfile(args.program):
+            raise ValueError(f"--program {args.program}: no such file")
+        paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir, args.program)
     except (OSError, ValueError) as exc:
         print(f"cardcore cluster-config: {exc}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)
-    print(f"copy <node>/* to each host's {args.etc_dir}/, front/* to each front; keep "
-          f"{os.path.join(args.out, 'ca')} (the CA's key) off the hosts; units: deploy/"
-          "cardcore-nats.service, deploy/cardcore-replica@.service (docs/cluster.md)",
-          file=sys.stderr)
+    print(f"copy <node>/* to each host's {args.etc_dir}/ (owned by the cardcore user: its keys "
+          f"are 0600), front/* to each front; keep {os.path.join(args.out, 'ca')} (the CA's "
+          "key) off the hosts; units: deploy/cardcore-nats.service, "
+          "deploy/cardcore-replica@.service (docs/cluster.md)", file=sys.stderr)
     return 0
 
 
@@ -174,6 +190,9 @@ def add_parser(sub) -> None:
                    help="a host: its node name and the address the others reach it by "
                         "(3, 5 or 7 of them)")
     p.add_argument("--out", required=True, help="a new folder for the files")
+    p.add_argument("--program", default=None,
+                   help="the card program (TOML) new shards start with, copied to every host "
+                        "(default: none, the default program)")
     p.add_argument("--etc-dir", default="/etc/cardcore",
                    help="where the files go on each host (default %(default)s; {node} is the "
                         "node's name, for nodes that share a disk, as the tests' do)")

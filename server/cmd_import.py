@@ -291,8 +291,11 @@ def cmd_import(args) -> int:
             raise
         if start == 0 and all(r.reason in CALLER_REFUSALS for r in answer.results):
             # the caller's, not the rows': every row would be refused alike (nothing was applied)
-            raise UsageError(f"this token may not import cards ({cpb.Reason.Name(answer.results[0].reason)}: "
-                             "a chain admin's is needed); nothing was imported")
+            reason = answer.results[0].reason
+            raise UsageError(
+                f"this token may not import cards ({cpb.Reason.Name(reason)}: "
+                + ("a chain admin's is needed" if reason == cpb.REASON_PERMISSION_DENIED
+                   else "the server does not accept it") + "); nothing was imported")
         for row, result in zip(chunk, answer.results, strict=True):
             figures = (row.principal_minor, row.bonus_minor, row.points)
             if result.reason == cpb.REASON_OK:

@@ -85,8 +85,11 @@ def cmd_report(args) -> int:
     """A store's or the chain's figures by day, month or year, from the server's day totals."""
     from cardcore.v1 import admin_service_pb2 as apb
 
+    if args.by_store and args.store is not None:
+        raise UsageError("--by-store lists the stores of --chain, of --region R, or alone of "
+                         "your scope: not with --store")
     if sum((args.chain, args.store is not None, args.region is not None)) != 1 and not (
-            args.by_store and not args.chain and args.store is None and args.region is None):
+            args.by_store and not args.chain and args.region is None):
         raise UsageError("report needs --store S or --chain, or --region R (one of them), or "
                          "--by-store alone (every store in your scope)")
     if bool(args.last_days) == bool(args.from_day or args.to_day) or (

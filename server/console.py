@@ -45,7 +45,7 @@ GRPC_TIMEOUT_S = 5.0              # every call to the server, unless --timeout-s
 CARD_NEXT_RE = re.compile(r"/card\?ref=[A-Za-z0-9_-]{1,32}(&store=[0-9]{1,10})?")  # a card page
 NEXT_PATHS = frozenset(("/", "/card", "/totals", "/terminals", "/health"))  # where a ticket may lead
 HISTORY_PAGE = 20                 # the card page's history rows (ListTransactions' first page)
-TOTALS_DAYS = 30                  # the long chart: the last 30 UTC days, today included
+TOTALS_DAYS = 30                  # the long chart: the last 30 business days, today included
 TOTALS_CACHE_S = 30.0             # a session's totals serve its pages for this long
 STORES_CHART_MAX = 40             # bars per chart; the rest are summed as "others"
 METRICS_LINES_MAX = 60            # lines of the server's metrics shown on the health page

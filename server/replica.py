@@ -36,8 +36,8 @@ from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, Dura
 from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
-                             STREAM_REPLICAS_DEFAULT, Deposed, JetStreamLog, Lease, NatsThread,
-                             NatsTLS, NatsUnavailable, prepare_shard, submit_subject)
+                             REPLICA_INBOX_PREFIX, STREAM_REPLICAS_DEFAULT, SUBMIT_INBOX_PREFIX,
+                             Deposed, JetStreamLog, Lease, NatsThread, NatsTLS, NatsUnavailable, prepare_shard, submit_subject)
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 
 from .writer import decode_answer, encode_answer
@@ -80,19 +80,31 @@ class Replica:
         self.shard = cfg.shard
         self.stopping = False
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}",
-                             cfg.nats_tls)
+                             cfg.nats_tls, REPLICA_INBOX_PREFIX)
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
                                 cfg.program, time.time_ns() // 1000)
         path = os.path.join(cfg.data_dir, "ledger")
         os.makedirs(path, exist_ok=True)
-        if cfg.seed_from is not None:
+        self.log = JetStreamLog(self.nt, cfg.shard, cfg.append_timeout_ms)
+        if cfg.seed_from is not None and os.path.exists(os.path.join(path, "data.mdb")):
+            log.warning("replica s%d: a ledger is here already: --seed-from %s ignored",
+                        cfg.shard, cfg.seed_from)  # (a restart of a seeded replica: its unit)
+        elif cfg.seed_from is not None:
             seed_ledger(cfg.seed_from, path)
+            try:
+                self._check_seed(path)
+            except BaseException:
+                for name in ("data.mdb", "lock.mdb"):  # not a ledger to start from: gone, so
+                    try:                                # that a corrected --seed-from can run
+                        os.unlink(os.path.join(path, name))
+                    except FileNotFoundError:
+                        pass
+                raise
 
         def open_ledger() -> Ledger:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
                           initial_time_us=genesis["time_us"])
 
-        self.log = JetStreamLog(self.nt, cfg.shard, cfg.append_timeout_ms)
         self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
                                      checkpoint_ops=cfg.checkpoint_ops)
         self.lease = Lease(self.nt, cfg.shard, {"pid": os.getpid(), "data_dir": cfg.data_dir})
@@ -100,6 +112,27 @@ class Replica:
         self._sub = None
         self.leading = False
         self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
+
+    def _check_seed(self, path: str) -> None:
+        """A seeded ledger is this shard's: the stream's record of the backup's last applied
+        group ends where the backup's journal does (else it is another shard's, another
+        cluster's, or a single server's backup, which would lead the shard astray)."""
+        ledger = Ledger(path, readonly=True)
+        try:
+            applied = ledger.log_applied()
+            head_seq, head = ledger._read(ledger.journal_head)
+        finally:
+            ledger.close()
+        if applied == 0:
+            return  # from the genesis: the first group followed checks its digest
+        rec = next(self.log.read_from(applied), None)
+        if rec is None:
+            raise SeedError(f"the backup has applied group {applied}, past this shard's stream: "
+                            "not this shard's")
+        if rec.digest_seq and (rec.digest_seq, rec.out_digest) != (head_seq,
+                                                                   head[:len(rec.out_digest)]):
+            raise SeedError(f"the backup's journal is not where shard {self.shard}'s stream has "
+                            f"it at group {applied}: another shard's, cluster's or server's")
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -156,7 +189,14 @@ class Replica:
         self._role("leading")
 
     async def _on_submit(self, msg) -> None:
-        """(The loop thread.) Queue the request for the main thread, or refuse it at once."""
+        """(The loop thread.) Queue the request for the main thread, or refuse it at once. A
+        request whose reply subject is not a submitter's inbox is dropped unanswered: a replica
+        may publish to the logs and the buckets, so an answer sent where a request says would
+        let any submitter write there (a forged record on a log halts the shard)."""
+        if not msg.reply.startswith(SUBMIT_INBOX_PREFIX + "."):
+            log.warning("replica s%d: a submission with a reply subject outside %s.> dropped",
+                        self.shard, SUBMIT_INBOX_PREFIX)
+            return
         try:
             self.requests.put_nowait((msg.data, msg.reply))
         except queue.Full:
@@ -360,7 +400,7 @@ class SubmitClient:
     synchronous calls over a NatsThread."""
 
     def __init__(self, urls: list[str], tls: NatsTLS | None = None) -> None:
-        self.nt = NatsThread(urls, f"cardcore-submit-{os.getpid()}", tls)
+        self.nt = NatsThread(urls, f"cardcore-submit-{os.getpid()}", tls, SUBMIT_INBOX_PREFIX)
 
     def submit(self, shard: int, ops: list[PendingOp], timeout_s: float = 5.0
                ) -> list[Outcome] | bytes:

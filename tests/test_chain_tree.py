@@ -412,7 +412,9 @@ def test_a_report_by_store_lists_each_store_of_its_scope_and_counts_last_days_fr
     token = admin.stub.AddOperator(apb.AddOperatorRequest(
         request_id=rid(), client_time_us=sent_at(rid()), name="north-by-store",
         role=ROLE.OPERATOR_ROLE_REGION_MANAGER, region_ids=[1]), metadata=admin.metadata).token
-    mine, answer = by_store(admin, bearer(token), store_id=21, **span)  # store_id is ignored
+    assert refusal(lambda: by_store(admin, bearer(token), store_id=21, **span))[:3] == (
+        grpc.StatusCode.INVALID_ARGUMENT, cpb.REASON_INVALID_ARGUMENT, "store_id")
+    mine, answer = by_store(admin, bearer(token), **span)
     assert sorted(mine) == [11, 12]
     assert answer.total.sales_gross_minor == (
         listed[11][1].sales_gross_minor + listed[12][1].sales_gross_minor)
@@ -471,6 +473,33 @@ def test_a_close_of_a_store_nobody_knows_is_refused(server, chain):
     purchase(stub, number, 700, 998)
     day = day_of(purchase(stub, number, 1, 998).applied_at_us)
     assert ops_of(close(admin, 998, day).figures)[L.OP_PURCHASE] == (2, 701)
+
+
+def test_a_scope_report_sums_every_store_of_the_scope_and_an_empty_one_is_empty(server, chain):
+    """A store of the scope without entries in the range is not listed but still counts: the
+    money its open hold holds is in the scope's holds outstanding. A scope whose stores have no
+    record at all answers empty figures (no store listed, nothing summed)."""
+    stub, admin = chain
+    number = open_card(stub, 11)
+    top_up(stub, number, 50_000, 11)
+    request_id = rid()
+    held = stub.Authorize(pb.AuthorizeRequest(
+        request_id=request_id, client_time_us=sent_at(request_id),
+        card=cpb.CardRef(card_number=number), amount_minor=2_500, till=till(21)))
+    at = purchase(stub, number, 700, 11).applied_at_us
+    east, west = day_of(at, *EAST), day_of(held.applied_at_us, *WEST)
+    assert east > west
+    manager = admin.add_operator("mgr-11-21", ROLE.OPERATOR_ROLE_STORE_MANAGER, [11, 21])
+    listed, answer = by_store(admin, bearer(manager), from_day=date_text(east),
+                              to_day=date_text(east))
+    assert list(listed) == [11]  # store 21's entries are on its own (earlier) day
+    assert answer.rows[-1].holds_outstanding_minor == 2_500 == report(
+        admin, east, east, store=21).rows[-1].holds_outstanding_minor
+    nobody = admin.add_operator("mgr-40", ROLE.OPERATOR_ROLE_STORE_MANAGER, [40])
+    listed, answer = by_store(admin, bearer(nobody), from_day=date_text(east),
+                              to_day=date_text(east))
+    assert listed == {} and answer.total.entries == 0
+    assert [r.holds_outstanding_minor for r in answer.rows] == [0]
 
 
 def day_of_text(text: str) -> int:

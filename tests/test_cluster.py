@@ -394,8 +394,31 @@ def test_a_new_replica_seeded_from_a_peers_backup_follows_from_its_checkpoint(
     everyone = replicas + [new]
     converge_and_stop(everyone, nats_cluster.urls)
     identical(everyone)
+    # --seed-from left in place (a unit's) is ignored once the folder holds a ledger
     again = start_replica("r3", SHARD, *LEASE, "--seed-from", backup)
-    assert again.proc.wait(30) == 2 and "holds a ledger already" in again.log()
+    again.wait_role("following", after=len(new.roles()))
+    assert "--seed-from" in again.log() and "ignored" in again.log()
+    assert again.stop() == 0
+    # a backup of another shard: refused before it can follow or lead, the folder left empty
+    other = start_replica("s1-r0", 1, *LEASE)
+    other.wait_role("following")
+    request = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        open_cards(request, 2, random.Random(23), 1)
+    finally:
+        request.close()
+    deadline = time.monotonic() + 20
+    while applied(other) != stream_end(nats_cluster.urls, 1):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    other_backup = str(tmp_path / "backup-s1")
+    made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup", "--data-dir",
+                           other.data_dir, "--to", other_backup], capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    wrong = start_replica("r4", SHARD, *LEASE, "--seed-from", other_backup)
+    assert wrong.proc.wait(30) == 2, wrong.log()[-2000:]
+    assert "not where shard 0's stream has it" in wrong.log() or "past this shard's" in wrong.log()
+    assert not os.path.exists(os.path.join(wrong.data_dir, "ledger", "data.mdb"))
 
 
 def test_a_follower_whose_replay_ends_at_another_digest_halts(nats_cluster, start_replica):
@@ -559,11 +582,14 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
     replicas with the replica certificate lead, follow and end identical; a front's certificate
     submits, and can neither append to the log nor read the stream; no certificate, another
     CA's or an unknown name is refused at connect, quickly."""
+    import subprocess
+
     import nats.errors
 
-    from cardcore.jetlog import NatsThread, NatsTLS, NatsUnavailable, log_subject, stream_name
+    from cardcore.jetlog import (NatsRefused, NatsThread, NatsTLS, log_subject, stream_name,
+                                 submit_subject)
     from cardcore.server import certs
-    from cardcore.server.devcluster import NatsCluster
+    from cardcore.server.devcluster import NATS_SERVER, NatsCluster, free_ports
 
     cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
     started: list[ReplicaProcess] = []
@@ -588,6 +614,27 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
             with pytest.raises((nats.errors.Error, TimeoutError)):
                 as_front.call(as_front.nc.request(f"$JS.API.STREAM.INFO.{stream_name(SHARD)}",
                                                   b"", timeout=1), 3)
+            # nor hear the replicas' reads of the log (their inboxes are theirs: the followers
+            # read the stream's end every 20 ms meanwhile)
+            heard: list = []
+
+            async def listen(msg):
+                heard.append(msg.subject)
+
+            for subject in ("_INBOX_replica.>", "_INBOX.>", ">"):
+                as_front.call(as_front.nc.subscribe(subject, cb=listen))
+            time.sleep(1.0)
+            assert heard == []
+            # a submission whose reply subject is a log is dropped: answering it would let a
+            # submitter write a forged record there (the shard would halt on it)
+            as_front.call(as_front.nc.publish(submit_subject(SHARD), b"junk",
+                                              reply=log_subject(SHARD)))
+            as_front.call(as_front.nc.flush())
+            deadline = time.monotonic() + 10
+            while not any("reply subject outside" in r.log() for r in replicas):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert stream_end(cluster.urls, SHARD, cluster.tls_for("replica")) == before
         finally:
             as_front.close()
         end = converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
@@ -609,9 +656,31 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
                     NatsTLS(ca, os.path.join(cluster.certs, "nats-nobody.pem"),
                             os.path.join(cluster.certs, "nats-nobody.key"))):
             t0 = time.monotonic()
-            with pytest.raises(NatsUnavailable):
+            with pytest.raises(NatsRefused):
                 NatsThread(urls, "cardcore-test-refused", tls)
-            assert time.monotonic() - t0 < 10  # refused, not waited out (31 s)
+            assert time.monotonic() - t0 < 25  # refused, not waited out (31 s)
+        # a route: only another node's certificate; a rogue server joining with a role's is not
+        rogue = tmp_path / "rogue.conf"
+        rogue.write_text(
+            f'listen: 127.0.0.1:{free_ports(1)[0]}\n'
+            f'cluster {{\n  name: cardcore\n  listen: 127.0.0.1:{free_ports(1)[0]}\n'
+            f'  routes: [nats-route://127.0.0.1:{cluster.nodes[0].route_port}]\n'
+            f'  tls {{\n    cert_file: "{cluster.certs}/nats-front.pem"\n'
+            f'    key_file: "{cluster.certs}/nats-front.key"\n'
+            f'    ca_file: "{cluster.certs}/ca.pem"\n  }}\n}}\n')
+        routes_before = routes_of(cluster.http_ports[0])
+        with open(tmp_path / "rogue.log", "ab") as rogue_log:
+            proc = subprocess.Popen([NATS_SERVER, "-c", str(rogue)], stdout=rogue_log,
+                                    stderr=rogue_log)
+            try:
+                deadline = time.monotonic() + 10
+                while "authentication error" not in cluster.node_log(0):
+                    assert time.monotonic() < deadline, cluster.node_log(0)[-2000:]
+                    time.sleep(0.1)
+                assert routes_of(cluster.http_ports[0]) == routes_before
+            finally:
+                proc.kill()
+                proc.wait(10)
         # a replica whose certificate is refused exits 2 (a setting: its unit does not restart)
         refused = ReplicaProcess(str(tmp_path / "refused"), SHARD, cluster.urls, "--nats-ca", ca,
                                  "--nats-cert", os.path.join(other, "nats-replica.pem"),
@@ -623,6 +692,14 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
             if r.proc.poll() is None:
                 r.stop()
         cluster.stop()
+
+
+def routes_of(http_port: int) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/routez", timeout=5) as r:
+        return json.load(r)["num_routes"]
 
 
 def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
@@ -640,7 +717,10 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
     out = tmp_path / "out"
     ports = free_ports(3)
     nodes = [f"h{k}=127.0.0.{k}" for k in (1, 2, 3)]
+    cafe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "programs", "cafe.toml")
     args = [sys.executable, "-m", "cardcore.server.cli", "cluster-config", "--out", str(out),
+            "--program", cafe,
             "--etc-dir", str(tmp_path / "{node}" / "etc"),
             "--host-data-dir", str(tmp_path / "{node}" / "data"),
             "--client-port", str(ports[0]), "--route-port", str(ports[1]),
@@ -707,6 +787,12 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
             envs[0]["CARDCORE_NATS_CA"], envs[0]["CARDCORE_NATS_CERT"],
             envs[0]["CARDCORE_NATS_KEY"]))
         identical(three_replicas)
+        ledger = Ledger(os.path.join(three_replicas[0].data_dir, "ledger"), readonly=True)
+        try:  # the genesis program is the one cluster-config put on every host
+            with open(cafe) as f:
+                assert ledger.read_programs()[1]["source"] == f.read()
+        finally:
+            ledger.close()
     finally:
         for r in replicas:
             if r.proc.poll() is None:

@@ -307,7 +307,13 @@ def test_the_totals_come_from_the_chains_reports_by_business_day(seeded):
     owed = re.search(r'<p id="liability">(.*?)</p>', body).group(1)
     assert f"principal {chain.rows[-1].liability_principal_minor / 100:,.2f}" in owed
     assert f"today is {chain.to_day}" in body
-    assert "<td>head office</td>" not in body  # its admin entries only: no row
+    assert "<td>head office</td>" not in body  # its admin entries only (the put): no row
+    # a sale at head office (store 0) is the chain admin's to see, as "head office" (before the
+    # reports, the console never showed store 0)
+    Client(server.stub).purchase(number, 500, store_id=0)
+    _, body, _ = signed_in(console, server.admin_token).get("/totals")  # a new session: no cache
+    row = re.search(r"<tr><td>head office</td>(.*?)</tr>", body).group(1)
+    assert re.findall(r'class="n">([^<]*)<', row)[:2] == ["1", "5.00"]
     # a store manager's page has no liability line (not the chain's report)
     manager = Admin(server.channel, server.admin_token).add_operator(
         "mgr1", cpb.OPERATOR_ROLE_STORE_MANAGER, [1])
