@@ -109,7 +109,6 @@ _HOLD_FIELDS = struct.Struct("<32xq56xqI")  # layout.JOURNAL: amount_minor, ts_u
 CONTINUED = 0x8000
 _BASKET_FIRST = struct.Struct(">QQ")  # the baskets index key: basket tag, seq
 _NO_CARD = 0xFFFFFFFF
-_ZERO8 = bytes(8)
 # Values stored as no record: a home of the money at head office (store 0, as with no home yet),
 # a clearing between two stores that nets to zero.
 _ZERO_ROW = bytes(8 * WIDTH)
@@ -132,6 +131,9 @@ _NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8),
               "day_totals": _empty_totals(), "day_chain": _empty_totals()}
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
 NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
+# A group that is one run on one business day open at all its stores (most): its records' sums
+# made in C at the write (``native.fold``); False: landed and summed in Python (the reference).
+FOLD_NATIVE = True
 _AMOUNTS = struct.Struct("<32xqq")  # layout.JOURNAL: amount_minor, discount_minor
 
 
@@ -281,6 +283,10 @@ class DayTotals:
         # a replacement's home, from the old card's entry to the new one's, right after it (the
         # writer writes them together); None between replacements
         self.moving_home: int | None = None
+        # a run kept as the C loop left it (slot_index, acc, pairs, days: ``_add_run``'s), to be
+        # folded into the records in C at the write (``records``) or landed (``_land_run``) when
+        # anything else is added; None: none
+        self.folding: tuple | None = None
 
     # ---- reads, through the group's own changes -----------------------------------------------
 
@@ -373,11 +379,10 @@ class DayTotals:
         buf = b"".join(entries)
         if len(buf) != len(entries) * L.JOURNAL_SIZE:
             raise InvariantError("day totals: journal entries of the wrong size")
-        buf = self._mark_continued(buf, later)
-        if buf is not None:
+        marked = self._mark_continued(buf, later)
+        if marked is not None:
+            buf = marked
             entries = [buf[k:k + L.JOURNAL_SIZE] for k in range(0, len(buf), L.JOURNAL_SIZE)]
-        else:
-            buf = b"".join(entries)
         view = memoryview(buf)
         ops = buf[1::L.JOURNAL_SIZE]
         dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
@@ -388,7 +393,7 @@ class DayTotals:
                       else None for cid, dp, op in zip(moving, dps, ops)]
         wanted = set(moving)
         wanted.discard(None)
-        wanted = list(wanted.difference(self.homes))
+        wanted = sorted(wanted.difference(self.homes))  # (in key order: LMDB reads it in one walk)
         if wanted and not self.fresh:
             found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
             self.homes.update(dict.fromkeys(wanted, 0))  # no record: head office's
@@ -455,6 +460,7 @@ class DayTotals:
         ``moving``: the card of each entry (by its index in the group, the run's first is
         ``start``) whose principal moves (or a replacement's). False (nothing added): more
         stores than NATIVE_STORES_MAX (its clearing matrix is stores x stores)."""
+        self._unfold()  # (a run before it in the group: folded only when it is the one)
         n = len(ops)
         size = L.JOURNAL_SIZE
         stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
@@ -489,6 +495,34 @@ class DayTotals:
                                      moving_slot)
         by_slot = list(slot_index)
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
+        one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
+        if (FOLD_NATIVE and one_day and self.folding is None
+                and not (self.acc or self.pairs or self.own)
+                and all(self.closed.get(store_day) is False for store_day in days.items())):
+            self.folding = (slot_index, acc, pairs, days)  # (most groups) at the write, in C
+        else:
+            self._land_run(slot_index, acc, pairs, days)
+        if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
+            for cid, c in card_slot.items():
+                if home_set[c]:
+                    self._set_home(cid, by_slot[homes[c]])
+        staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
+        if not any(staffs):
+            return True  # no entry credits a staff id (most runs)
+        flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
+        for k, staff in enumerate(staffs):
+            if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
+                          or ops[k] == L.OP_TOP_UP):
+                self._add_staff(stores[k], self._land(stores[k], days[stores[k]]), staff, ops[k],
+                                *_AMOUNTS.unpack_from(run, k * size))
+        return True
+
+    def _land_run(self, slot_index: dict[int, int], acc: array, pairs: array,
+                  days: dict[int, int]) -> None:
+        """A run's rows (``acc``, a row per slot of ``slot_index``, store -> slot) landed in
+        their stores' next open days and its clearing (``pairs``) in the first day open at both,
+        added to the group's; ``days``: store -> its business day. The reference of ``fold``."""
+        by_slot, nslots = list(slot_index), len(slot_index)
         own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
         one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
         landing, accs, add_rows, closed = self.landing, self.acc, native.add_rows, self.closed
@@ -527,23 +561,16 @@ class DayTotals:
                 cleared[k] = wrapped(cleared.get(k, 0) + amount)
             else:
                 self._clear(debtor, creditor, amount, day)
-        if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
-            for cid, c in card_slot.items():
-                if home_set[c]:
-                    self._set_home(cid, by_slot[homes[c]])
-        staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
-        if not any(staffs):
-            return True  # no entry credits a staff id (most runs)
-        flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
-        for k, staff in enumerate(staffs):
-            if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
-                          or ops[k] == L.OP_TOP_UP):
-                self._add_staff(stores[k], self._land(stores[k], days[stores[k]]), staff, ops[k],
-                                *_AMOUNTS.unpack_from(run, k * size))
-        return True
+
+    def _unfold(self) -> None:
+        """A run kept for the fold landed the Python way: something else comes after it."""
+        if self.folding is not None:
+            folding, self.folding = self.folding, None
+            self._land_run(*folding)
 
     def add(self, entry: bytes) -> None:
         """One journal entry, in sequence order."""
+        self._unfold()
         f = _ENTRY.unpack_from(entry)
         op, store = f[0], f[10]
         slot = self.slots.get((store, f[13], f[9]))  # (store, program version, time)
@@ -602,6 +629,7 @@ class DayTotals:
         links = view.cast("Q")[_OFF_LINK // 8::_Q_PER_ENTRY].tolist()
         if L.OP_HOLD not in ops and not any(links):
             return  # most groups: purchases and top-ups, none linked
+        self._unfold()
         size = L.JOURNAL_SIZE
         for k, op in enumerate(ops):
             if op == L.OP_HOLD:
@@ -717,6 +745,8 @@ class DayTotals:
         a fresh DayTotals: from nothing), by sub-database, in key order; the values of
         ``_NO_RECORD`` are no record (so a ledger filled from its journal and one kept group by
         group hold the same records)."""
+        if self.folding is not None:
+            return self._folded()
         sides: dict[bytes, int] = {}  # day_clearing key -> what this group adds to it
         nets: dict[tuple[int, int], list[int]] = {}  # (store, day) -> [owes, owed]: one _add each
         pack = L.DAY_PAIR_KEY.pack
@@ -738,12 +768,16 @@ class DayTotals:
             _add(a, F_OWES, owes)
             _add(a, F_OWED, owed)
         self.pairs = {}
+        by_day: dict[int, list[array]] = {}  # day -> its stores' rows, in the order added
+        for (_, day), a in self.acc.items():
+            rows = by_day.get(day)
+            if rows is None:
+                rows = by_day[day] = []
+            rows.append(a)
         chain: dict[int, array] = {}
-        for (store, day), a in self.acc.items():
-            c = chain.get(day)
-            if c is None:
-                c = chain[day] = array("q", _ZERO_ROW)
-            native.add_rows(c, a, 0)
+        for day, rows in by_day.items():  # (most groups: one day)
+            c = chain[day] = array("q", _ZERO_ROW)
+            native.sum_rows(c, rows)
         for day, (principal, bonus, held) in self.own.items():
             c = chain.get(day)
             if c is None:
@@ -756,29 +790,47 @@ class DayTotals:
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
         chain_days = self._added("day_chain", sorted(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
-        sides_sorted = sorted(sides.items())
-        stored = self.stored("day_clearing", [key for key, _ in sides_sorted]).get
-        clearing = [(key, _I64.pack(wrapped(_I64.unpack(stored(key, _ZERO8))[0] + amount)))
-                    for key, amount in sides_sorted]
+        side_keys = sorted(sides)
+        stored = self.stored("day_clearing", side_keys).get
+        clearing = list(zip(side_keys, native.add_nets(  # wrapped: stored + amount, round int64
+            list(map(stored, side_keys)), array("q", [wrapped(sides[k]) for k in side_keys]))))
+        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
+                **self._kept()}
+
+    def _folded(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """``records`` of a group that is one run kept for the fold (``folding``): its rows, the
+        day's chain row and its clearing summed in C (``native.fold``), added to the stored."""
+        slot_index, acc, pairs, days = self.folding
+        self.folding = None
+        day = next(iter(days.values()))
+        chain = array("q", _ZERO_ROW)
+        keys, slots, side_keys, sides = native.fold(acc, pairs, array("I", slot_index), day, chain)
+        rows = memoryview(acc)
+        totals = self._added("day_totals", [(key, rows[s * WIDTH:(s + 1) * WIDTH])
+                                            for key, s in zip(keys, slots)])
+        chain_days = self._added("day_chain", [(L.DAY_CHAIN_KEY.pack(day), chain)])
+        stored = self.stored("day_clearing", side_keys).get
+        clearing = list(zip(side_keys, native.add_nets(list(map(stored, side_keys)),
+                                                       array("q", sides))))
+        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
+                **self._kept()}
+
+    def _kept(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """``records``' staff, homes and closes (the same whether the rows were folded or not)."""
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
         stored = self.stored("day_staff", [key for key, _ in staff_items])
         staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(
             L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
             for key, s in staff_items]
         homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
-        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
-                "day_staff": staff,
-                "day_money_home": homes, "store_days": sorted(self.closes)}
+        return {"day_staff": staff, "day_money_home": homes, "store_days": sorted(self.closes)}
 
     def _added(self, name: str, items: list[tuple[bytes, array]]) -> list[tuple[bytes, bytes]]:
         """Day totals records (``name``: day_totals or day_chain) with the rows added."""
-        stored = self.stored(name, [key for key, _ in items])
-        out = []
-        for key, a in items:
-            record = bytearray(stored.get(key, _ZERO_RECORD))
-            native.add_record(record, a)
-            out.append((key, bytes(record)))
-        return out
+        keys = [key for key, _ in items]
+        stored = self.stored(name, keys).get
+        return list(zip(keys, native.add_records(list(map(stored, keys)),
+                                                 [a for _, a in items])))
 
     def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""

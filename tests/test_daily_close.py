@@ -661,14 +661,15 @@ def test_the_numbers_agree_with_the_proto():
     assert daytotals.REPORT_DAYS_MAX == 3660  # the proto's and the reason's wording
 
 
-def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
+def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch):
     """Synthetic journal entries of every kind the figures read (split tenders, coupons, points
     redeemed and expired, replacements, refunds), at a few stores and cards: the C loop's
     records equal the entry-by-entry reference's, and written group by group they are the
     records one pass over them makes (a ledger kept live and one filled from its journal).
     ``apart``: store 3 on a clock of its own (its entries' day the one before the others') and
     store 2's day closed (its entries and clearings land in the day after): a run's stores on
-    two days, and landing past a close."""
+    two days, and landing past a close. A group that is one run on one open day is folded in C
+    (``native.fold``): the same records as landed in Python (``FOLD_NATIVE`` off)."""
     from hypothesis import given, settings, strategies as st
     from cardcore import stores as chain_stores
 
@@ -735,6 +736,10 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         try:
             once = records(entries, True, apart=apart)
             assert once == records(entries, False, apart=apart)
+            monkeypatch.setattr(daytotals, "FOLD_NATIVE", False)
+            assert records(entries, True, apart=apart) == once
+            assert records(entries, True, cuts, apart) == once
+            monkeypatch.setattr(daytotals, "FOLD_NATIVE", True)
             assert once == records(entries, True, cuts, apart) == records(entries, False, cuts,
                                                                            apart)
             if apart and any(f[1] in (2, 3) for f in fields):  # their entries on other days
@@ -742,10 +747,15 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         finally:
             daytotals.NATIVE_RUN_MIN = run_min
 
+    folded = []
+    fold = daytotals.DayTotals._folded
+    monkeypatch.setattr(daytotals.DayTotals, "_folded",
+                        lambda self: folded.append(1) or fold(self))
     try:
         check()
     finally:
         ledger.close()
+    assert len(folded) > 20  # the fold was what most of the groups went through
 
 
 def test_day_figures_past_int64_saturate_and_the_writer_goes_on(server):
