@@ -114,8 +114,6 @@ _NO_CARD = 0xFFFFFFFF
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
 _ZERO_I64 = array("q", [0])
-_CARD_ID = struct.Struct("16x16s224x")  # layout.JOURNAL: card_id
-assert _CARD_ID.size == L.JOURNAL_SIZE
 
 
 def _empty_totals() -> bytes:
@@ -129,6 +127,7 @@ def _empty_totals() -> bytes:
 # make one: as no record, both paths, and a fill cut anywhere, hold the same records)
 _NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8),
               "day_totals": _empty_totals(), "day_chain": _empty_totals()}
+_index_run = native.index_run  # (add_all's ``native`` is its flag)
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
 NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
 # A group that is one run on one business day open at all its stores (most): its records' sums
@@ -385,30 +384,20 @@ class DayTotals:
             entries = [buf[k:k + L.JOURNAL_SIZE] for k in range(0, len(buf), L.JOURNAL_SIZE)]
         view = memoryview(buf)
         ops = buf[1::L.JOURNAL_SIZE]
-        dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
         size = L.JOURNAL_SIZE
-        moving = [cid for (cid,) in _CARD_ID.iter_unpack(buf)]  # each entry's card
-        if 0 in dps:  # the entries whose principal moves (or a replacement's): None the rest
-            moving = [cid if dp or op == L.OP_CARD_REPLACED or op == L.OP_REPLACEMENT_OPENED
-                      else None for cid, dp, op in zip(moving, dps, ops)]
-        wanted = set(moving)
-        wanted.discard(None)
-        wanted = sorted(wanted.difference(self.homes))  # (in key order: LMDB reads it in one walk)
-        if wanted and not self.fresh:
-            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
-            self.homes.update(dict.fromkeys(wanted, 0))  # no record: head office's
-            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
         times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
         n = len(entries)
         if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
                 and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)):
             self._holds(view, ops)
-            if self._add_run(view, ops, moving, 0, versions[0], times[0]):
+            if self._add_run(view, ops, versions[0], times[0]):
                 return  # a group's entries: one run (most groups)
             for entry in entries:
                 self.add(entry)
             return
+        # the homes of every card whose principal moves (or a replacement's), read in one go
+        self._read_homes(_index_run(buf, array("I", bytes(4 * n)), array("I", bytes(4 * n)))[1])
         start = 0
         for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
             if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
@@ -417,7 +406,7 @@ class DayTotals:
             # never across a close or a store entry (a hold's day is its store's)
             self._holds(view[start * size:k * size], ops[start:k])
             if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
-                    and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
+                    and self._add_run(view[start * size:k * size], ops[start:k],
                                       versions[start], times[start])):
                 for entry in entries[start:k]:
                     self.add(entry)
@@ -453,26 +442,30 @@ class DayTotals:
         # every store on the program's clock: one day
         return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
 
-    def _add_run(self, run: memoryview, ops: bytes, moving: list[bytes | None], start: int,
-                 version: int, ts_us: int) -> bool:
+    def _read_homes(self, card_ids: list[bytes]) -> None:
+        """The homes of the money of ``card_ids`` (in key order) not known yet, read in one go
+        (no record: head office's; fresh: none read, ``_home`` says 0)."""
+        wanted = [cid for cid in card_ids if cid not in self.homes]
+        if wanted and not self.fresh:
+            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
+            self.homes.update(dict.fromkeys(wanted, 0))
+            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
+
+    def _add_run(self, run: memoryview, ops: bytes, version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
-        ``moving``: the card of each entry (by its index in the group, the run's first is
-        ``start``) whose principal moves (or a replacement's). False (nothing added): more
-        stores than NATIVE_STORES_MAX (its clearing matrix is stores x stores)."""
+        False (nothing added): more stores than NATIVE_STORES_MAX (its clearing matrix is
+        stores x stores)."""
         self._unfold()  # (a run before it in the group: folded only when it is the one)
         n = len(ops)
         size = L.JOURNAL_SIZE
-        stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
-        # slots in order of first appearance: the run's stores, then the cards' homes
-        slot_index = {store: k for k, store in enumerate(dict.fromkeys(stores))}
-        slot_of = array("I", map(slot_index.__getitem__, stores))
-        cids = moving[start:start + n]
-        distinct = dict.fromkeys(cids)
-        distinct.pop(None, None)
-        card_slot = {cid: k for k, cid in enumerate(distinct)}
-        card_of = array("I", map(card_slot.get, cids, repeat(_NO_CARD)))
-        home_stores = list(map(self.homes.get, card_slot, repeat(0)))  # read by add_all
+        # slots: the run's stores in order of first appearance, then the cards' homes; cards:
+        # those whose principal moves (or a replacement's), in key order
+        slot_of, card_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        run_stores, card_ids = native.index_run(run, slot_of, card_of)
+        slot_index = dict(zip(run_stores, range(len(run_stores))))
+        self._read_homes(card_ids)
+        home_stores = list(map(self.homes.get, card_ids, repeat(0)))
         for store in dict.fromkeys(home_stores):
             slot_index.setdefault(store, len(slot_index))
         homes = array("I", map(slot_index.__getitem__, home_stores))
@@ -488,7 +481,7 @@ class DayTotals:
             found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
             for key in unknown:
                 self.closed[L.DAY_KEY.unpack(key)] = key in found
-        home_set = bytearray(len(card_slot))
+        home_set = bytearray(len(card_ids))
         acc = _ZERO_I64 * (nslots * WIDTH)  # zeros by repetition (from bytes: 30x slower)
         pairs = _ZERO_I64 * (nslots * nslots)
         moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
@@ -503,12 +496,13 @@ class DayTotals:
         else:
             self._land_run(slot_index, acc, pairs, days)
         if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
-            for cid, c in card_slot.items():
+            for c, cid in enumerate(card_ids):
                 if home_set[c]:
                     self._set_home(cid, by_slot[homes[c]])
         staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
         if not any(staffs):
             return True  # no entry credits a staff id (most runs)
+        stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
         flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
         for k, staff in enumerate(staffs):
             if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)

@@ -6,7 +6,7 @@ the same records either way); this is only their speed."""
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc, qsort
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy, memset
 
 # layout.JOURNAL offsets, layout.DAY_FIGURES positions, operation types
 cdef enum:
@@ -428,3 +428,70 @@ def fold(int64_t[::1] acc, const int64_t[::1] pairs, const uint32_t[::1] stores,
         free(sides)
         free(slots)
     return totals_keys, totals_slots, side_keys, side_amounts
+
+
+ctypedef struct CardAt:
+    unsigned char id[16]
+    uint32_t k             # the entry's number
+
+
+cdef int by_card(const void* x, const void* y) noexcept nogil:
+    """Card ids in LMDB's key order (bytes compared unsigned), then by entry."""
+    cdef const CardAt* a = <const CardAt*>x
+    cdef const CardAt* b = <const CardAt*>y
+    cdef int c = memcmp(a.id, b.id, 16)
+    if c:
+        return c
+    return (a.k > b.k) - (a.k < b.k)
+
+
+def index_run(const unsigned char[::1] entries, uint32_t[::1] slot_of, uint32_t[::1] card_of):
+    """A run's (or a group's) slots, as ``add_run`` takes them: ``slot_of[k]`` entry k's store's
+    slot (slots in order of the stores' first appearance), ``card_of[k]`` its card's slot among
+    the cards whose principal it moves or that a replacement names (NO_CARD: none; the cards in
+    key order). Returns (the stores by slot, the cards by slot): the homes to read."""
+    cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, m = 0, size = 16, h, j
+    cdef const unsigned char* e
+    cdef uint32_t store, mask
+    cdef uint32_t* table
+    cdef CardAt* cards
+    cdef list stores = [], ids = []
+    if slot_of.shape[0] < n or card_of.shape[0] < n:
+        raise ValueError("day totals: buffers too small")
+    while size < 2 * n:
+        size *= 2
+    mask = <uint32_t>(size - 1)
+    table = <uint32_t*>malloc(size * 2 * sizeof(uint32_t))  # (store, slot + 1) open addressing
+    cards = <CardAt*>malloc((n + 1) * sizeof(CardAt))
+    if table == NULL or cards == NULL:
+        free(table)
+        free(cards)
+        raise MemoryError()
+    try:
+        memset(table, 0, size * 2 * sizeof(uint32_t))
+        for k in range(n):
+            e = &entries[k * ENTRY_SIZE]
+            store = <uint32_t>e[104] | (<uint32_t>e[105] << 8) | (<uint32_t>e[106] << 16) \
+                | (<uint32_t>e[107] << 24)
+            h = (store * 2654435761u) & mask
+            while table[2 * h + 1] != 0 and table[2 * h] != store:
+                h = (h + 1) & mask
+            if table[2 * h + 1] == 0:
+                table[2 * h] = store
+                table[2 * h + 1] = <uint32_t>len(stores) + 1
+                stores.append(store)
+            slot_of[k] = table[2 * h + 1] - 1
+            card_of[k] = NO_CARD
+            if i64(e + 48) != 0 or e[1] == OP_CARD_REPLACED or e[1] == OP_REPLACEMENT_OPENED:
+                memcpy(cards[m].id, e + 16, 16)
+                cards[m].k = <uint32_t>k
+                m += 1
+        qsort(cards, m, sizeof(CardAt), by_card)
+        for j in range(m):
+            if j == 0 or memcmp(cards[j].id, cards[j - 1].id, 16) != 0:
+                ids.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, 16))
+            card_of[cards[j].k] = <uint32_t>(len(ids) - 1)
+    finally:
+        free(table)
+        free(cards)
+    return stores, ids
