@@ -372,35 +372,31 @@ class DayTotals:
         the C loop (``native``; False: entry by entry, the reference). ``later``: the entries'
         ``later_payments`` when the caller has them (the writer: one group, one call, the same
         list for the member metrics); None: found here."""
-        entries = list(entries)
-        if not entries:
+        buf = joined(entries)
+        if not buf:
             return
-        buf = b"".join(entries)
-        if len(buf) != len(entries) * L.JOURNAL_SIZE:
-            raise InvariantError("day totals: journal entries of the wrong size")
         marked = self._mark_continued(buf, later)
         if marked is not None:
             buf = marked
-            entries = [buf[k:k + L.JOURNAL_SIZE] for k in range(0, len(buf), L.JOURNAL_SIZE)]
-        view = memoryview(buf)
-        ops = buf[1::L.JOURNAL_SIZE]
         size = L.JOURNAL_SIZE
+        view = memoryview(buf)
+        ops = buf[1::size]
         times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
-        n = len(entries)
+        n = len(ops)
         if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
                 and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)):
             self._holds(view, ops)
             if self._add_run(view, ops, versions[0], times[0]):
                 return  # a group's entries: one run (most groups)
-            for entry in entries:
-                self.add(entry)
+            for k in range(n):
+                self.add(buf[k * size:(k + 1) * size])
             return
         # the homes of every card whose principal moves (or a replacement's), read in one go
         self._read_homes(_index_run(buf, array("I", bytes(4 * n)), array("I", bytes(4 * n)))[1])
         start = 0
-        for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
-            if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
+        for k in range(1, n + 1):  # runs: one time, one version, no close
+            if k < n and times[k] == times[start] and versions[k] == versions[start] \
                     and ops[k] not in _RUN_BREAKS and ops[start] not in _RUN_BREAKS:
                 continue
             # never across a close or a store entry (a hold's day is its store's)
@@ -408,8 +404,8 @@ class DayTotals:
             if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
                     and self._add_run(view[start * size:k * size], ops[start:k],
                                       versions[start], times[start])):
-                for entry in entries[start:k]:
-                    self.add(entry)
+                for j in range(start, k):
+                    self.add(buf[j * size:(j + 1) * size])
             start = k
 
     def _mark_continued(self, buf: bytes, later: list[int] | None) -> bytes | None:
@@ -831,6 +827,15 @@ class DayTotals:
         if self.fresh or not keys:
             return {}
         return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+
+
+def joined(entries) -> bytes:
+    """Journal entries as one buffer: a list of them joined, or the bytes themselves (the
+    writer's group, joined once for the day totals and the member metrics)."""
+    buf = entries if isinstance(entries, bytes) else b"".join(entries)
+    if len(buf) % L.JOURNAL_SIZE:
+        raise InvariantError("journal entries of the wrong size")
+    return buf
 
 
 def later_payments(txn, ledger, buf: bytes, seen: set[int]) -> list[int]:

@@ -204,12 +204,12 @@ class Members:
         the member metrics, at one time and program version (most groups); else, or when the C
         loop declines, ``add_all``, the reference. ``later``: as ``add_all``'s."""
         assert not (self.records or self.packed or self.fresh)
-        if not entries:
+        buf = daytotals.joined(entries)
+        if not buf:
             return
-        buf = b"".join(entries)
         ops = buf[1::L.JOURNAL_SIZE]
         if any(op in _OPS or op == L.OP_STORE_PUT for op in set(ops).difference((L.OP_PURCHASE,))):
-            self.add_all(entries, later)
+            self.add_all(buf, later)
             return
         if later is None:
             later = daytotals.later_payments(self.txn, self.ledger, buf, self.baskets_seen)
@@ -305,10 +305,9 @@ class Members:
         ``later``: their ``daytotals.later_payments`` when the caller has them (the writer: one
         group, one call, the list the day totals use); None: found here."""
         assert not self.packed  # (the C loop's records are not read back)
-        entries = list(entries)
-        if not entries:
+        buf = daytotals.joined(entries)
+        if not buf:
             return
-        buf = b"".join(entries)
         size = L.JOURNAL_SIZE
         ops = buf[1::size]
         wanted = [k for k, op in enumerate(ops) if op in _OPS or op == L.OP_STORE_PUT]
@@ -521,7 +520,7 @@ def _from_journal(txn, ledger) -> Members:
     return members
 
 
-def keep(txn, ledger, entries: list[bytes], later: list[int] | None = None) -> None:
+def keep(txn, ledger, entries: bytes | list[bytes], later: list[int] | None = None) -> None:
     """The writer's call, in the group's write transaction: its journal entries added (``later``:
     their ``daytotals.later_payments``, found once for the day totals and these), or, for a
     writer run without the member metrics (a benchmark's), their mark cleared."""
