@@ -430,8 +430,10 @@ class DayTotals:
     def days_of_stores(self, stores, version: int, ts_us: int) -> dict[int, int]:
         """store -> the business day of its entries at ``ts_us`` under program ``version`` (the
         C loops' runs: the stores' settings read in one go; most runs: one day for all)."""
-        self._read_stores(stores)
         own = self.store_days
+        if not self.stores_stored and not any(own.values()):  # no store has a day of its own
+            return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
+        self._read_stores(stores)
         if any(own[store] is not None for store in stores):
             return {store: business_day(ts_us, *self._settings(store, version))
                     for store in stores}  # each store's own
