@@ -758,6 +758,45 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch
     assert len(folded) > 20  # the fold was what most of the groups went through
 
 
+def test_a_runs_stores_and_moving_cards_are_indexed_in_c_as_python_says():
+    """``native.index_run`` (the C loop's slots) against the rule in Python: stores numbered in
+    order of first appearance; the cards whose principal moves (or that a replacement names)
+    numbered in key order, every other entry none; up to more distinct stores than a hash
+    bucket's first guess, stores past 2**31, cards that differ in their last byte only."""
+    from array import array
+
+    from hypothesis import given, settings, strategies as st
+
+    ops = st.sampled_from((L.OP_PURCHASE, L.OP_TOP_UP, L.OP_POINTS_EXPIRED, L.OP_CARD_REPLACED,
+                           L.OP_REPLACEMENT_OPENED, L.OP_PIN_FAILED))
+    stores = st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1))
+    cards = st.sampled_from([bytes(15) + bytes([k]) for k in range(5)] + [b"\xff" * 16])
+    entry = st.tuples(ops, stores, cards, st.sampled_from((0, 0, 1, -1, 2**40)))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(entry, max_size=300))
+    def check(fields):
+        buf = bytearray(L.JOURNAL_SIZE * len(fields))
+        for k, (op, store, card, dp) in enumerate(fields):
+            e = memoryview(buf)[k * L.JOURNAL_SIZE:(k + 1) * L.JOURNAL_SIZE]
+            e[1] = op
+            e[16:32] = card
+            e[48:56] = dp.to_bytes(8, "little", signed=True)
+            e[104:108] = store.to_bytes(4, "little")
+        n = len(fields)
+        slot_of, card_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        by_slot, card_ids = daytotals.native.index_run(bytes(buf), slot_of, card_of)
+        assert by_slot == list(dict.fromkeys(f[1] for f in fields))
+        assert list(slot_of) == [by_slot.index(f[1]) for f in fields]
+        moving = [dp != 0 or op in (L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED)
+                  for op, _, _, dp in fields]
+        assert card_ids == sorted({f[2] for f, m in zip(fields, moving) if m})
+        assert list(card_of) == [card_ids.index(f[2]) if m else 0xFFFFFFFF
+                                 for f, m in zip(fields, moving)]
+
+    check()
+
+
 def test_day_figures_past_int64_saturate_and_the_writer_goes_on(server):
     """Two cards topped up to int64's limit at one store on one day: the day's top-ups would
     pass int64. They stay at the limit (entry by entry, as here, and in the C loop alike), the
