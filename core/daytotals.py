@@ -109,14 +109,11 @@ _HOLD_FIELDS = struct.Struct("<32xq56xqI")  # layout.JOURNAL: amount_minor, ts_u
 CONTINUED = 0x8000
 _BASKET_FIRST = struct.Struct(">QQ")  # the baskets index key: basket tag, seq
 _NO_CARD = 0xFFFFFFFF
-_ZERO8 = bytes(8)
 # Values stored as no record: a home of the money at head office (store 0, as with no home yet),
 # a clearing between two stores that nets to zero.
 _ZERO_ROW = bytes(8 * WIDTH)
 _ZERO_RECORD = bytes(L.DAY_TOTALS.size)
 _ZERO_I64 = array("q", [0])
-_CARD_ID = struct.Struct("16x16s224x")  # layout.JOURNAL: card_id
-assert _CARD_ID.size == L.JOURNAL_SIZE
 
 
 def _empty_totals() -> bytes:
@@ -130,8 +127,12 @@ def _empty_totals() -> bytes:
 # make one: as no record, both paths, and a fill cut anywhere, hold the same records)
 _NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8),
               "day_totals": _empty_totals(), "day_chain": _empty_totals()}
+_index_run = native.index_run  # (add_all's ``native`` is its flag)
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
 NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
+# A group that is one run on one business day open at all its stores (most): its records' sums
+# made in C at the write (``native.fold``); False: landed and summed in Python (the reference).
+FOLD_NATIVE = True
 _AMOUNTS = struct.Struct("<32xqq")  # layout.JOURNAL: amount_minor, discount_minor
 
 
@@ -281,6 +282,10 @@ class DayTotals:
         # a replacement's home, from the old card's entry to the new one's, right after it (the
         # writer writes them together); None between replacements
         self.moving_home: int | None = None
+        # a run kept as the C loop left it (slot_index, acc, pairs, days: ``_add_run``'s), to be
+        # folded into the records in C at the write (``records``) or landed (``_land_run``) when
+        # anything else is added; None: none
+        self.folding: tuple | None = None
 
     # ---- reads, through the group's own changes -----------------------------------------------
 
@@ -367,55 +372,40 @@ class DayTotals:
         the C loop (``native``; False: entry by entry, the reference). ``later``: the entries'
         ``later_payments`` when the caller has them (the writer: one group, one call, the same
         list for the member metrics); None: found here."""
-        entries = list(entries)
-        if not entries:
+        buf = joined(entries)
+        if not buf:
             return
-        buf = b"".join(entries)
-        if len(buf) != len(entries) * L.JOURNAL_SIZE:
-            raise InvariantError("day totals: journal entries of the wrong size")
-        buf = self._mark_continued(buf, later)
-        if buf is not None:
-            entries = [buf[k:k + L.JOURNAL_SIZE] for k in range(0, len(buf), L.JOURNAL_SIZE)]
-        else:
-            buf = b"".join(entries)
-        view = memoryview(buf)
-        ops = buf[1::L.JOURNAL_SIZE]
-        dps = view.cast("q")[_OFF_DP // 8::_Q_PER_ENTRY].tolist()
+        marked = self._mark_continued(buf, later)
+        if marked is not None:
+            buf = marked
         size = L.JOURNAL_SIZE
-        moving = [cid for (cid,) in _CARD_ID.iter_unpack(buf)]  # each entry's card
-        if 0 in dps:  # the entries whose principal moves (or a replacement's): None the rest
-            moving = [cid if dp or op == L.OP_CARD_REPLACED or op == L.OP_REPLACEMENT_OPENED
-                      else None for cid, dp, op in zip(moving, dps, ops)]
-        wanted = set(moving)
-        wanted.discard(None)
-        wanted = list(wanted.difference(self.homes))
-        if wanted and not self.fresh:
-            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
-            self.homes.update(dict.fromkeys(wanted, 0))  # no record: head office's
-            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
+        view = memoryview(buf)
+        ops = buf[1::size]
         times = view.cast("q")[L.JOURNAL_OFF_TS // 8::_Q_PER_ENTRY].tolist()
         versions = view.cast("I")[_OFF_VERSION // 4::_I_PER_ENTRY].tolist()
-        n = len(entries)
+        n = len(ops)
         if (native and n >= NATIVE_RUN_MIN and times.count(times[0]) == n
                 and versions.count(versions[0]) == n and not _RUN_BREAKS.intersection(ops)):
             self._holds(view, ops)
-            if self._add_run(view, ops, moving, 0, versions[0], times[0]):
+            if self._add_run(view, ops, versions[0], times[0]):
                 return  # a group's entries: one run (most groups)
-            for entry in entries:
-                self.add(entry)
+            for k in range(n):
+                self.add(buf[k * size:(k + 1) * size])
             return
+        # the homes of every card whose principal moves (or a replacement's), read in one go
+        self._read_homes(_index_run(buf, array("I", bytes(4 * n)), array("I", bytes(4 * n)))[1])
         start = 0
-        for k in range(1, len(entries) + 1):  # runs: one time, one version, no close
-            if k < len(entries) and times[k] == times[start] and versions[k] == versions[start] \
+        for k in range(1, n + 1):  # runs: one time, one version, no close
+            if k < n and times[k] == times[start] and versions[k] == versions[start] \
                     and ops[k] not in _RUN_BREAKS and ops[start] not in _RUN_BREAKS:
                 continue
             # never across a close or a store entry (a hold's day is its store's)
             self._holds(view[start * size:k * size], ops[start:k])
             if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
-                    and self._add_run(view[start * size:k * size], ops[start:k], moving, start,
+                    and self._add_run(view[start * size:k * size], ops[start:k],
                                       versions[start], times[start])):
-                for entry in entries[start:k]:
-                    self.add(entry)
+                for j in range(start, k):
+                    self.add(buf[j * size:(j + 1) * size])
             start = k
 
     def _mark_continued(self, buf: bytes, later: list[int] | None) -> bytes | None:
@@ -440,33 +430,40 @@ class DayTotals:
     def days_of_stores(self, stores, version: int, ts_us: int) -> dict[int, int]:
         """store -> the business day of its entries at ``ts_us`` under program ``version`` (the
         C loops' runs: the stores' settings read in one go; most runs: one day for all)."""
-        self._read_stores(stores)
         own = self.store_days
+        if not self.stores_stored and not any(own.values()):  # no store has a day of its own
+            return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
+        self._read_stores(stores)
         if any(own[store] is not None for store in stores):
             return {store: business_day(ts_us, *self._settings(store, version))
                     for store in stores}  # each store's own
         # every store on the program's clock: one day
         return dict.fromkeys(stores, business_day(ts_us, *self._settings(0, version)))
 
-    def _add_run(self, run: memoryview, ops: bytes, moving: list[bytes | None], start: int,
-                 version: int, ts_us: int) -> bool:
+    def _read_homes(self, card_ids: list[bytes]) -> None:
+        """The homes of the money of ``card_ids`` (in key order) not known yet, read in one go
+        (no record: head office's; fresh: none read, ``_home`` says 0)."""
+        wanted = [cid for cid in card_ids if cid not in self.homes]
+        if wanted and not self.fresh:
+            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
+            self.homes.update(dict.fromkeys(wanted, 0))
+            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
+
+    def _add_run(self, run: memoryview, ops: bytes, version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
-        ``moving``: the card of each entry (by its index in the group, the run's first is
-        ``start``) whose principal moves (or a replacement's). False (nothing added): more
-        stores than NATIVE_STORES_MAX (its clearing matrix is stores x stores)."""
+        False (nothing added): more stores than NATIVE_STORES_MAX (its clearing matrix is
+        stores x stores)."""
+        self._unfold()  # (a run before it in the group: folded only when it is the one)
         n = len(ops)
         size = L.JOURNAL_SIZE
-        stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
-        # slots in order of first appearance: the run's stores, then the cards' homes
-        slot_index = {store: k for k, store in enumerate(dict.fromkeys(stores))}
-        slot_of = array("I", map(slot_index.__getitem__, stores))
-        cids = moving[start:start + n]
-        distinct = dict.fromkeys(cids)
-        distinct.pop(None, None)
-        card_slot = {cid: k for k, cid in enumerate(distinct)}
-        card_of = array("I", map(card_slot.get, cids, repeat(_NO_CARD)))
-        home_stores = list(map(self.homes.get, card_slot, repeat(0)))  # read by add_all
+        # slots: the run's stores in order of first appearance, then the cards' homes; cards:
+        # those whose principal moves (or a replacement's), in key order
+        slot_of, card_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        run_stores, card_ids = native.index_run(run, slot_of, card_of)
+        slot_index = dict(zip(run_stores, range(len(run_stores))))
+        self._read_homes(card_ids)
+        home_stores = list(map(self.homes.get, card_ids, repeat(0)))
         for store in dict.fromkeys(home_stores):
             slot_index.setdefault(store, len(slot_index))
         homes = array("I", map(slot_index.__getitem__, home_stores))
@@ -482,13 +479,42 @@ class DayTotals:
             found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
             for key in unknown:
                 self.closed[L.DAY_KEY.unpack(key)] = key in found
-        home_set = bytearray(len(card_slot))
+        home_set = bytearray(len(card_ids))
         acc = _ZERO_I64 * (nslots * WIDTH)  # zeros by repetition (from bytes: 30x slower)
         pairs = _ZERO_I64 * (nslots * nslots)
         moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
                                      moving_slot)
         by_slot = list(slot_index)
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
+        one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
+        if (FOLD_NATIVE and one_day and self.folding is None
+                and not (self.acc or self.pairs or self.own)
+                and all(self.closed.get(store_day) is False for store_day in days.items())):
+            self.folding = (slot_index, acc, pairs, days)  # (most groups) at the write, in C
+        else:
+            self._land_run(slot_index, acc, pairs, days)
+        if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
+            for c, cid in enumerate(card_ids):
+                if home_set[c]:
+                    self._set_home(cid, by_slot[homes[c]])
+        staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
+        if not any(staffs):
+            return True  # no entry credits a staff id (most runs)
+        stores = run.cast("I")[_OFF_STORE // 4::_I_PER_ENTRY].tolist()
+        flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
+        for k, staff in enumerate(staffs):
+            if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
+                          or ops[k] == L.OP_TOP_UP):
+                self._add_staff(stores[k], self._land(stores[k], days[stores[k]]), staff, ops[k],
+                                *_AMOUNTS.unpack_from(run, k * size))
+        return True
+
+    def _land_run(self, slot_index: dict[int, int], acc: array, pairs: array,
+                  days: dict[int, int]) -> None:
+        """A run's rows (``acc``, a row per slot of ``slot_index``, store -> slot) landed in
+        their stores' next open days and its clearing (``pairs``) in the first day open at both,
+        added to the group's; ``days``: store -> its business day. The reference of ``fold``."""
+        by_slot, nslots = list(slot_index), len(slot_index)
         own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
         one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
         landing, accs, add_rows, closed = self.landing, self.acc, native.add_rows, self.closed
@@ -527,23 +553,16 @@ class DayTotals:
                 cleared[k] = wrapped(cleared.get(k, 0) + amount)
             else:
                 self._clear(debtor, creditor, amount, day)
-        if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
-            for cid, c in card_slot.items():
-                if home_set[c]:
-                    self._set_home(cid, by_slot[homes[c]])
-        staffs = run.cast("I")[_OFF_STAFF // 4::_I_PER_ENTRY].tolist()
-        if not any(staffs):
-            return True  # no entry credits a staff id (most runs)
-        flags = run.cast("H")[L.JOURNAL_OFF_PURCHASE_FLAGS // 2::size // 2].tolist()
-        for k, staff in enumerate(staffs):
-            if staff and ((ops[k] == L.OP_PURCHASE and not flags[k] & CONTINUED)
-                          or ops[k] == L.OP_TOP_UP):
-                self._add_staff(stores[k], self._land(stores[k], days[stores[k]]), staff, ops[k],
-                                *_AMOUNTS.unpack_from(run, k * size))
-        return True
+
+    def _unfold(self) -> None:
+        """A run kept for the fold landed the Python way: something else comes after it."""
+        if self.folding is not None:
+            folding, self.folding = self.folding, None
+            self._land_run(*folding)
 
     def add(self, entry: bytes) -> None:
         """One journal entry, in sequence order."""
+        self._unfold()
         f = _ENTRY.unpack_from(entry)
         op, store = f[0], f[10]
         slot = self.slots.get((store, f[13], f[9]))  # (store, program version, time)
@@ -602,6 +621,7 @@ class DayTotals:
         links = view.cast("Q")[_OFF_LINK // 8::_Q_PER_ENTRY].tolist()
         if L.OP_HOLD not in ops and not any(links):
             return  # most groups: purchases and top-ups, none linked
+        self._unfold()
         size = L.JOURNAL_SIZE
         for k, op in enumerate(ops):
             if op == L.OP_HOLD:
@@ -717,6 +737,8 @@ class DayTotals:
         a fresh DayTotals: from nothing), by sub-database, in key order; the values of
         ``_NO_RECORD`` are no record (so a ledger filled from its journal and one kept group by
         group hold the same records)."""
+        if self.folding is not None:
+            return self._folded()
         sides: dict[bytes, int] = {}  # day_clearing key -> what this group adds to it
         nets: dict[tuple[int, int], list[int]] = {}  # (store, day) -> [owes, owed]: one _add each
         pack = L.DAY_PAIR_KEY.pack
@@ -738,12 +760,16 @@ class DayTotals:
             _add(a, F_OWES, owes)
             _add(a, F_OWED, owed)
         self.pairs = {}
+        by_day: dict[int, list[array]] = {}  # day -> its stores' rows, in the order added
+        for (_, day), a in self.acc.items():
+            rows = by_day.get(day)
+            if rows is None:
+                rows = by_day[day] = []
+            rows.append(a)
         chain: dict[int, array] = {}
-        for (store, day), a in self.acc.items():
-            c = chain.get(day)
-            if c is None:
-                c = chain[day] = array("q", _ZERO_ROW)
-            native.add_rows(c, a, 0)
+        for day, rows in by_day.items():  # (most groups: one day)
+            c = chain[day] = array("q", _ZERO_ROW)
+            native.sum_rows(c, rows)
         for day, (principal, bonus, held) in self.own.items():
             c = chain.get(day)
             if c is None:
@@ -756,35 +782,62 @@ class DayTotals:
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
         chain_days = self._added("day_chain", sorted(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
-        sides_sorted = sorted(sides.items())
-        stored = self.stored("day_clearing", [key for key, _ in sides_sorted]).get
-        clearing = [(key, _I64.pack(wrapped(_I64.unpack(stored(key, _ZERO8))[0] + amount)))
-                    for key, amount in sides_sorted]
+        side_keys = sorted(sides)
+        stored = self.stored("day_clearing", side_keys).get
+        clearing = list(zip(side_keys, native.add_nets(  # wrapped: stored + amount, round int64
+            list(map(stored, side_keys)), array("q", [wrapped(sides[k]) for k in side_keys]))))
+        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
+                **self._kept()}
+
+    def _folded(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """``records`` of a group that is one run kept for the fold (``folding``): its rows, the
+        day's chain row and its clearing summed in C (``native.fold``), added to the stored."""
+        slot_index, acc, pairs, days = self.folding
+        self.folding = None
+        day = next(iter(days.values()))
+        chain = array("q", _ZERO_ROW)
+        keys, slots, side_keys, sides = native.fold(acc, pairs, array("I", slot_index), day, chain)
+        rows = memoryview(acc)
+        totals = self._added("day_totals", [(key, rows[s * WIDTH:(s + 1) * WIDTH])
+                                            for key, s in zip(keys, slots)])
+        chain_days = self._added("day_chain", [(L.DAY_CHAIN_KEY.pack(day), chain)])
+        stored = self.stored("day_clearing", side_keys).get
+        clearing = list(zip(side_keys, native.add_nets(list(map(stored, side_keys)),
+                                                       array("q", sides))))
+        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
+                **self._kept()}
+
+    def _kept(self) -> dict[str, list[tuple[bytes, bytes]]]:
+        """``records``' staff, homes and closes (the same whether the rows were folded or not)."""
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
         stored = self.stored("day_staff", [key for key, _ in staff_items])
         staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(
             L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
             for key, s in staff_items]
         homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
-        return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
-                "day_staff": staff,
-                "day_money_home": homes, "store_days": sorted(self.closes)}
+        return {"day_staff": staff, "day_money_home": homes, "store_days": sorted(self.closes)}
 
     def _added(self, name: str, items: list[tuple[bytes, array]]) -> list[tuple[bytes, bytes]]:
         """Day totals records (``name``: day_totals or day_chain) with the rows added."""
-        stored = self.stored(name, [key for key, _ in items])
-        out = []
-        for key, a in items:
-            record = bytearray(stored.get(key, _ZERO_RECORD))
-            native.add_record(record, a)
-            out.append((key, bytes(record)))
-        return out
+        keys = [key for key, _ in items]
+        stored = self.stored(name, keys).get
+        return list(zip(keys, native.add_records(list(map(stored, keys)),
+                                                 [a for _, a in items])))
 
     def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
         if self.fresh or not keys:
             return {}
         return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+
+
+def joined(entries) -> bytes:
+    """Journal entries as one buffer: a list of them joined, or the bytes themselves (the
+    writer's group, joined once for the day totals and the member metrics)."""
+    buf = entries if isinstance(entries, bytes) else b"".join(entries)
+    if len(buf) % L.JOURNAL_SIZE:
+        raise InvariantError("journal entries of the wrong size")
+    return buf
 
 
 def later_payments(txn, ledger, buf: bytes, seen: set[int]) -> list[int]:

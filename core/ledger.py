@@ -2101,16 +2101,17 @@ class _Group:
                  for k in range(len(self.entries))], append=True)
             if added != len(self.entries):
                 raise InvariantError("journal append refused: sequence not increasing")
-            # a split tender's later payments, found once for both aggregates
-            later = (daytotals.later_payments(txn, ledger, buf, set())
-                     if ledger.keep_day_totals or ledger.keep_member_metrics else [])
+            # the entries as journaled, and a split tender's later payments, once for both
+            # aggregates
+            entries = bytes(buf) if ledger.keep_day_totals or ledger.keep_member_metrics else b""
+            later = daytotals.later_payments(txn, ledger, entries, set()) if entries else []
             if ledger.keep_day_totals:  # every entry, in sequence order (cardcore.daytotals)
                 totals = daytotals.DayTotals(txn, ledger, ledger.day_settings)
-                totals.add_all(self.entries, later=later)
+                totals.add_all(entries, later=later)
                 totals.write()
             else:
                 txn.delete(META_DAY_TOTALS, db=ledger.meta)
-            member_metrics.keep(txn, ledger, self.entries, later)  # beside them (cardcore.members)
+            member_metrics.keep(txn, ledger, entries, later)  # beside them (cardcore.members)
         if self.idem_items:
             txn.cursor(db=ledger.requests).putmulti(self.idem_items)
             if not txn.cursor(db=ledger.request_times).put(

@@ -114,6 +114,7 @@ _OPS = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_PURCHASE, L.OP_CARD_REPLACED
 _NO_RECORD_READ = frozenset((L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_STORE_PUT))
 _NO_CARD = bytes(16)
 _CARD = 11  # MEMBER's card field, unpacked
+_KIND_ALIAS_BYTE = bytes((KIND_ALIAS,))  # MEMBER's kind byte of an alias
 _OFF_CARD = 48  # ... and its offset, packed
 # layout.JOURNAL as columns of u32: store, program version; of i64: time
 _I_STORE, _I_VERSION, _I_PER_ENTRY = 104 // 4, 128 // 4, L.JOURNAL_SIZE // 4
@@ -203,12 +204,12 @@ class Members:
         the member metrics, at one time and program version (most groups); else, or when the C
         loop declines, ``add_all``, the reference. ``later``: as ``add_all``'s."""
         assert not (self.records or self.packed or self.fresh)
-        if not entries:
+        buf = daytotals.joined(entries)
+        if not buf:
             return
-        buf = b"".join(entries)
         ops = buf[1::L.JOURNAL_SIZE]
         if any(op in _OPS or op == L.OP_STORE_PUT for op in set(ops).difference((L.OP_PURCHASE,))):
-            self.add_all(entries, later)
+            self.add_all(buf, later)
             return
         if later is None:
             later = daytotals.later_payments(self.txn, self.ledger, buf, self.baskets_seen)
@@ -236,10 +237,13 @@ class Members:
         del index[m:], slot_of[m:]
         cards = self.txn.cursor(db=self.ledger.member_cards)
         found = cards.getmulti(keys)
-        if len(found) != len(keys) or any(len(raw) != MEMBER.size for _, raw in found):
+        raws = [raw for _, raw in found]
+        if len(found) != len(keys) or set(map(len, raws)) != {MEMBER.size}:
             return False  # a card never opened, a record of another size: the reference says so
-        aliases = {cid: raw[_OFF_CARD:] for cid, raw in found
-                   if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
+        joined = b"".join(raws)
+        aliases = ({cid: raw[_OFF_CARD:] for cid, raw in found
+                    if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
+                   if _KIND_ALIAS_BYTE in joined[1::MEMBER.size] else None)  # (kinds at once)
         if aliases:  # (rare) each alias's purchases to its root's record
             roots = dict(found)
             for cid in aliases:
@@ -256,13 +260,13 @@ class Members:
             records = bytearray(b"".join([roots[cid] for cid in order]))
         else:
             order = keys
-            records = bytearray(b"".join([raw for _, raw in found]))
+            records = bytearray(joined)
         if len(records) != MEMBER.size * len(order):
             return False
         stores = view.cast("I")[_I_STORE::_I_PER_ENTRY].tolist()
         # the purchases' stores only: another entry's day is none of the member metrics' business
-        day_of_store = self.days_of.days_of_stores({stores[k] for k in index}, versions[0],
-                                                   times[0])
+        day_of_store = self.days_of.days_of_stores(
+            set(stores) if m == n else set(map(stores.__getitem__, index)), versions[0], times[0])
         if not all(0 <= day <= _DAY_MAX for day in day_of_store.values()):
             return False  # a day before 1970 or past 9999 (a synthetic clock): the reference's
         month_of_day_ = {day: month_of_day(day) for day in set(day_of_store.values())}
@@ -301,10 +305,9 @@ class Members:
         ``later``: their ``daytotals.later_payments`` when the caller has them (the writer: one
         group, one call, the list the day totals use); None: found here."""
         assert not self.packed  # (the C loop's records are not read back)
-        entries = list(entries)
-        if not entries:
+        buf = daytotals.joined(entries)
+        if not buf:
             return
-        buf = b"".join(entries)
         size = L.JOURNAL_SIZE
         ops = buf[1::size]
         wanted = [k for k, op in enumerate(ops) if op in _OPS or op == L.OP_STORE_PUT]
@@ -517,7 +520,7 @@ def _from_journal(txn, ledger) -> Members:
     return members
 
 
-def keep(txn, ledger, entries: list[bytes], later: list[int] | None = None) -> None:
+def keep(txn, ledger, entries: bytes | list[bytes], later: list[int] | None = None) -> None:
     """The writer's call, in the group's write transaction: its journal entries added (``later``:
     their ``daytotals.later_payments``, found once for the day totals and these), or, for a
     writer run without the member metrics (a benchmark's), their mark cleared."""

@@ -4,7 +4,9 @@ day added up per store, and the clearing rule's home of the money followed card 
 ``daytotals.add_figures`` and ``DayTotals._money`` are the reference it is held to (tests:
 the same records either way); this is only their speed."""
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcmp, memcpy, memset
 
 # layout.JOURNAL offsets, layout.DAY_FIGURES positions, operation types
 cdef enum:
@@ -215,16 +217,15 @@ cdef enum:
     RECORD_AMOUNTS = 360  # i64[NOPS]
 
 
-def add_record(unsigned char[::1] record, const int64_t[::1] row):
-    """A row added into a packed day totals record (layout.DAY_TOTALS, its version set), in
-    place: the write's read-add-write of one store's day."""
+cdef int record_add(unsigned char* record, const int64_t* row) noexcept nogil:
+    """A row added into a packed day totals record (layout.DAY_TOTALS), in place; -1 (the
+    record left as it may be half-added: the caller raises, the write transaction aborts) when
+    the record's version is unknown or a count would leave u32."""
     cdef Py_ssize_t k
     cdef int64_t v
     cdef uint32_t c
-    if record.shape[0] != RECORD_SIZE or row.shape[0] != WIDTH:
-        raise ValueError("day totals: a record or a row of the wrong size")
     if record[0] != 1 and record[0] != 0:
-        raise ValueError("day totals: a record of an unknown version")
+        return -1
     record[0] = 1
     for k in range(NF):
         memcpy(&v, &record[RECORD_FIGURES + 8 * k], 8)
@@ -232,10 +233,265 @@ def add_record(unsigned char[::1] record, const int64_t[::1] row):
         memcpy(&record[RECORD_FIGURES + 8 * k], &v, 8)
     for k in range(NOPS):
         memcpy(&c, &record[RECORD_COUNTS + 4 * k], 4)
-        if row[NF + k] < 0 or <int64_t>c + row[NF + k] > 0xFFFFFFFF:
-            raise ValueError("day totals: a count out of range")
+        if row[NF + k] < 0 or <int64_t>c + row[NF + k] > <int64_t>0xFFFFFFFF:
+            return -1
         c += <uint32_t>row[NF + k]
         memcpy(&record[RECORD_COUNTS + 4 * k], &c, 4)
         memcpy(&v, &record[RECORD_AMOUNTS + 8 * k], 8)
         v = sat(v, row[NF + NOPS + k])
         memcpy(&record[RECORD_AMOUNTS + 8 * k], &v, 8)
+    return 0
+
+
+def add_record(unsigned char[::1] record, const int64_t[::1] row):
+    """A row added into a packed day totals record (layout.DAY_TOTALS, its version set), in
+    place: the write's read-add-write of one store's day."""
+    if record.shape[0] != RECORD_SIZE or row.shape[0] != WIDTH:
+        raise ValueError("day totals: a record or a row of the wrong size")
+    if record_add(&record[0], &row[0]) < 0:
+        raise ValueError("day totals: a record of an unknown version or a count out of range")
+
+
+def add_records(list stored, list rows):
+    """[each stored record (bytes; None: none yet) with its row (an int64 array of WIDTH) added]:
+    ``add_record`` over a group's records in one call (the write's read-add-write)."""
+    cdef Py_ssize_t i, n = len(stored)
+    cdef bytearray record
+    cdef const int64_t[::1] row
+    cdef unsigned char[::1] out
+    cdef list made = []
+    if len(rows) != n:
+        raise ValueError("day totals: records and rows of different counts")
+    for i in range(n):
+        raw = stored[i]
+        if raw is None:
+            record = bytearray(RECORD_SIZE)
+        else:
+            record = bytearray(raw)
+        row = rows[i]
+        if record.__len__() != RECORD_SIZE or row.shape[0] != WIDTH:
+            raise ValueError("day totals: a record or a row of the wrong size")
+        out = record
+        if record_add(&out[0], &row[0]) < 0:
+            raise ValueError("day totals: a record of an unknown version or a count out of range")
+        made.append(bytes(record))
+    return made
+
+
+def sum_rows(int64_t[::1] dst, list rows):
+    """dst[k] += row[k] for every row of ``rows`` (int64 arrays of WIDTH), in order: a day's
+    chain row from its stores' rows, ``add_rows``'s rule in one call."""
+    cdef const int64_t[::1] row
+    cdef Py_ssize_t k
+    if dst.shape[0] != WIDTH:
+        raise ValueError("day totals: rows of the wrong size")
+    for r in rows:
+        row = r
+        if row.shape[0] != WIDTH:
+            raise ValueError("day totals: rows of the wrong size")
+        for k in range(WIDTH):
+            dst[k] = add_figure(k, dst[k], row[k])
+
+
+def add_nets(list stored, const int64_t[::1] amounts):
+    """[each stored i64 (8 bytes little-endian; None: 0) plus its amount, wrapped round int64
+    (core/daytotals.py wrapped), packed]: the clearing records' read-add-write in one call."""
+    cdef Py_ssize_t i, n = len(stored)
+    cdef const unsigned char[::1] raw
+    cdef int64_t v
+    cdef list made = []
+    if amounts.shape[0] != n:
+        raise ValueError("day totals: records and amounts of different counts")
+    for i in range(n):
+        v = 0
+        if stored[i] is not None:
+            raw = stored[i]
+            if raw.shape[0] != 8:
+                raise ValueError("day totals: a clearing record of the wrong size")
+            memcpy(&v, &raw[0], 8)
+        v = wrap(v, amounts[i])
+        made.append(PyBytes_FromStringAndSize(<const char*>&v, 8))
+    return made
+
+
+cdef enum:
+    F_OWES = 18
+    F_OWED = 19
+    F_OWN_P = 20
+    F_OWN_B = 21
+
+ctypedef struct Side:
+    uint32_t store
+    uint32_t other
+    int64_t amount
+
+
+cdef int by_side(const void* x, const void* y) noexcept nogil:
+    """Clearing sides in LMDB's key order (layout.DAY_PAIR_KEY of one day: store, then other)."""
+    cdef const Side* a = <const Side*>x
+    cdef const Side* b = <const Side*>y
+    if a.store != b.store:
+        return (a.store > b.store) - (a.store < b.store)
+    return (a.other > b.other) - (a.other < b.other)
+
+
+cdef object be_key(uint32_t a, uint32_t b, uint32_t c, int three):
+    """A big-endian key: (a, b) (layout.DAY_KEY) or (a, b, c) (layout.DAY_PAIR_KEY)."""
+    cdef unsigned char k[12]
+    cdef uint32_t v[3]
+    cdef int i
+    v[0], v[1], v[2] = a, b, c
+    for i in range(3):
+        k[4 * i] = (v[i] >> 24) & 0xFF
+        k[4 * i + 1] = (v[i] >> 16) & 0xFF
+        k[4 * i + 2] = (v[i] >> 8) & 0xFF
+        k[4 * i + 3] = v[i] & 0xFF
+    return PyBytes_FromStringAndSize(<const char*>k, 12 if three else 8)
+
+
+def fold(int64_t[::1] acc, const int64_t[::1] pairs, const uint32_t[::1] stores, uint32_t day,
+         int64_t[::1] chain):
+    """A group's one run on one business day ``day``, open at every store of it, folded into
+    what its records get (``DayTotals.records``' additions, in C; ``DayTotals._land_run`` and
+    ``records`` are the reference, held to it by tests): ``acc`` (one WIDTH row per slot,
+    ``stores[slot]`` its store, from ``add_run``) gets each slot's clearing owes and owed from
+    ``pairs`` (debtor slot x creditor slot); ``chain`` (WIDTH, zeros) the day's chain row (the
+    touched slots' rows in slot order, and the day's own principal and bonus nets). Returns
+    (the day_totals keys in key order, their slots, the day_clearing keys in key order, what
+    each gets, wrapped): the keys to read, add to and write."""
+    cdef Py_ssize_t n = stores.shape[0], d, c, s, k, m = 0, j, w
+    cdef int64_t v
+    cdef uint64_t own_p = 0, own_b = 0
+    cdef unsigned char* touched
+    cdef Side* sides
+    cdef Side* slots
+    cdef list totals_keys = [], totals_slots = [], side_keys = [], side_amounts = []
+    if acc.shape[0] != n * WIDTH or pairs.shape[0] != n * n or chain.shape[0] != WIDTH:
+        raise ValueError("day totals: buffers of the wrong size")
+    for d in range(n * n):
+        if pairs[d] != 0:
+            m += 1
+    touched = <unsigned char*>malloc(n + 1)
+    sides = <Side*>malloc((2 * m + 1) * sizeof(Side))
+    slots = <Side*>malloc((n + 1) * sizeof(Side))
+    if touched == NULL or sides == NULL or slots == NULL:
+        free(touched)
+        free(sides)
+        free(slots)
+        raise MemoryError()
+    try:
+        j = 0
+        for d in range(n):
+            touched[d] = acc[d * WIDTH + F_ENTRIES] != 0
+        for d in range(n):
+            for c in range(n):
+                v = pairs[d * n + c]
+                if v == 0:
+                    continue
+                acc[d * WIDTH + F_OWES] = wrap(acc[d * WIDTH + F_OWES], v)
+                acc[c * WIDTH + F_OWED] = wrap(acc[c * WIDTH + F_OWED], v)
+                touched[d] = 1
+                touched[c] = 1
+                sides[j].store, sides[j].other, sides[j].amount = stores[d], stores[c], v
+                sides[j + 1].store, sides[j + 1].other = stores[c], stores[d]
+                sides[j + 1].amount = <int64_t>(<uint64_t>0 - <uint64_t>v)
+                j += 2
+        w = 0
+        for s in range(n):
+            own_p += <uint64_t>acc[s * WIDTH + F_P_IN] - <uint64_t>acc[s * WIDTH + F_P_OUT]
+            own_b += <uint64_t>acc[s * WIDTH + F_B_IN] - <uint64_t>acc[s * WIDTH + F_B_OUT]
+            if not touched[s]:
+                continue
+            for k in range(WIDTH):
+                chain[k] = add_figure(k, chain[k], acc[s * WIDTH + k])
+            slots[w].store, slots[w].other, slots[w].amount = stores[s], 0, s
+            w += 1
+        chain[F_OWN_P] = wrap(chain[F_OWN_P], <int64_t>own_p)
+        chain[F_OWN_B] = wrap(chain[F_OWN_B], <int64_t>own_b)
+        qsort(slots, w, sizeof(Side), by_side)
+        for s in range(w):
+            totals_keys.append(be_key(slots[s].store, day, 0, 0))
+            totals_slots.append(slots[s].amount)
+        qsort(sides, j, sizeof(Side), by_side)
+        s = 0
+        while s < j:  # both sides of each pair; a key met twice (A owes B and B owes A) once
+            v = sides[s].amount
+            k = s + 1
+            while k < j and sides[k].store == sides[s].store and sides[k].other == sides[s].other:
+                v = wrap(v, sides[k].amount)
+                k += 1
+            side_keys.append(be_key(sides[s].store, day, sides[s].other, 1))
+            side_amounts.append(v)
+            s = k
+    finally:
+        free(touched)
+        free(sides)
+        free(slots)
+    return totals_keys, totals_slots, side_keys, side_amounts
+
+
+ctypedef struct CardAt:
+    unsigned char id[16]
+    uint32_t k             # the entry's number
+
+
+cdef int by_card(const void* x, const void* y) noexcept nogil:
+    """Card ids in LMDB's key order (bytes compared unsigned), then by entry."""
+    cdef const CardAt* a = <const CardAt*>x
+    cdef const CardAt* b = <const CardAt*>y
+    cdef int c = memcmp(a.id, b.id, 16)
+    if c:
+        return c
+    return (a.k > b.k) - (a.k < b.k)
+
+
+def index_run(const unsigned char[::1] entries, uint32_t[::1] slot_of, uint32_t[::1] card_of):
+    """A run's (or a group's) slots, as ``add_run`` takes them: ``slot_of[k]`` entry k's store's
+    slot (slots in order of the stores' first appearance), ``card_of[k]`` its card's slot among
+    the cards whose principal it moves or that a replacement names (NO_CARD: none; the cards in
+    key order). Returns (the stores by slot, the cards by slot): the homes to read."""
+    cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, m = 0, size = 16, h, j
+    cdef const unsigned char* e
+    cdef uint32_t store, mask
+    cdef uint32_t* table
+    cdef CardAt* cards
+    cdef list stores = [], ids = []
+    if slot_of.shape[0] < n or card_of.shape[0] < n:
+        raise ValueError("day totals: buffers too small")
+    while size < 2 * n:
+        size *= 2
+    mask = <uint32_t>(size - 1)
+    table = <uint32_t*>malloc(size * 2 * sizeof(uint32_t))  # (store, slot + 1) open addressing
+    cards = <CardAt*>malloc((n + 1) * sizeof(CardAt))
+    if table == NULL or cards == NULL:
+        free(table)
+        free(cards)
+        raise MemoryError()
+    try:
+        memset(table, 0, size * 2 * sizeof(uint32_t))
+        for k in range(n):
+            e = &entries[k * ENTRY_SIZE]
+            store = <uint32_t>e[104] | (<uint32_t>e[105] << 8) | (<uint32_t>e[106] << 16) \
+                | (<uint32_t>e[107] << 24)
+            h = (store * 2654435761u) & mask
+            while table[2 * h + 1] != 0 and table[2 * h] != store:
+                h = (h + 1) & mask
+            if table[2 * h + 1] == 0:
+                table[2 * h] = store
+                table[2 * h + 1] = <uint32_t>len(stores) + 1
+                stores.append(store)
+            slot_of[k] = table[2 * h + 1] - 1
+            card_of[k] = NO_CARD
+            if i64(e + 48) != 0 or e[1] == OP_CARD_REPLACED or e[1] == OP_REPLACEMENT_OPENED:
+                memcpy(cards[m].id, e + 16, 16)
+                cards[m].k = <uint32_t>k
+                m += 1
+        qsort(cards, m, sizeof(CardAt), by_card)
+        for j in range(m):
+            if j == 0 or memcmp(cards[j].id, cards[j - 1].id, 16) != 0:
+                ids.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, 16))
+            card_of[cards[j].k] = <uint32_t>(len(ids) - 1)
+    finally:
+        free(table)
+        free(cards)
+    return stores, ids

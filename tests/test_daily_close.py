@@ -665,14 +665,15 @@ def test_the_numbers_agree_with_the_proto():
     assert daytotals.REPORT_DAYS_MAX == 3660  # the proto's and the reason's wording
 
 
-def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
+def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch):
     """Synthetic journal entries of every kind the figures read (split tenders, coupons, points
     redeemed and expired, replacements, refunds), at a few stores and cards: the C loop's
     records equal the entry-by-entry reference's, and written group by group they are the
     records one pass over them makes (a ledger kept live and one filled from its journal).
     ``apart``: store 3 on a clock of its own (its entries' day the one before the others') and
     store 2's day closed (its entries and clearings land in the day after): a run's stores on
-    two days, and landing past a close."""
+    two days, and landing past a close. A group that is one run on one open day is folded in C
+    (``native.fold``): the same records as landed in Python (``FOLD_NATIVE`` off)."""
     from hypothesis import given, settings, strategies as st
     from cardcore import stores as chain_stores
 
@@ -739,6 +740,10 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         try:
             once = records(entries, True, apart=apart)
             assert once == records(entries, False, apart=apart)
+            monkeypatch.setattr(daytotals, "FOLD_NATIVE", False)
+            assert records(entries, True, apart=apart) == once
+            assert records(entries, True, cuts, apart) == once
+            monkeypatch.setattr(daytotals, "FOLD_NATIVE", True)
             assert once == records(entries, True, cuts, apart) == records(entries, False, cuts,
                                                                            apart)
             if apart and any(f[1] in (2, 3) for f in fields):  # their entries on other days
@@ -746,10 +751,54 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path):
         finally:
             daytotals.NATIVE_RUN_MIN = run_min
 
+    folded = []
+    fold = daytotals.DayTotals._folded
+    monkeypatch.setattr(daytotals.DayTotals, "_folded",
+                        lambda self: folded.append(1) or fold(self))
     try:
         check()
     finally:
         ledger.close()
+    assert len(folded) > 20  # the fold was what most of the groups went through
+
+
+def test_a_runs_stores_and_moving_cards_are_indexed_in_c_as_python_says():
+    """``native.index_run`` (the C loop's slots) against the rule in Python: stores numbered in
+    order of first appearance; the cards whose principal moves (or that a replacement names)
+    numbered in key order, every other entry none; up to more distinct stores than a hash
+    bucket's first guess, stores past 2**31, cards that differ in their last byte only."""
+    from array import array
+
+    from hypothesis import given, settings, strategies as st
+
+    ops = st.sampled_from((L.OP_PURCHASE, L.OP_TOP_UP, L.OP_POINTS_EXPIRED, L.OP_CARD_REPLACED,
+                           L.OP_REPLACEMENT_OPENED, L.OP_PIN_FAILED))
+    stores = st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1))
+    cards = st.sampled_from([bytes(15) + bytes([k]) for k in range(5)] + [b"\xff" * 16])
+    entry = st.tuples(ops, stores, cards, st.sampled_from((0, 0, 1, -1, 2**40)))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(entry, max_size=300))
+    def check(fields):
+        buf = bytearray(L.JOURNAL_SIZE * len(fields))
+        for k, (op, store, card, dp) in enumerate(fields):
+            e = memoryview(buf)[k * L.JOURNAL_SIZE:(k + 1) * L.JOURNAL_SIZE]
+            e[1] = op
+            e[16:32] = card
+            e[48:56] = dp.to_bytes(8, "little", signed=True)
+            e[104:108] = store.to_bytes(4, "little")
+        n = len(fields)
+        slot_of, card_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        by_slot, card_ids = daytotals.native.index_run(bytes(buf), slot_of, card_of)
+        assert by_slot == list(dict.fromkeys(f[1] for f in fields))
+        assert list(slot_of) == [by_slot.index(f[1]) for f in fields]
+        moving = [dp != 0 or op in (L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED)
+                  for op, _, _, dp in fields]
+        assert card_ids == sorted({f[2] for f, m in zip(fields, moving) if m})
+        assert list(card_of) == [card_ids.index(f[2]) if m else 0xFFFFFFFF
+                                 for f, m in zip(fields, moving)]
+
+    check()
 
 
 def test_day_figures_past_int64_saturate_and_the_writer_goes_on(server):
