@@ -781,9 +781,9 @@ def test_a_runs_stores_and_moving_cards_are_indexed_in_c_as_python_says():
     @given(st.lists(entry, max_size=300))
     def check(fields):
         buf = bytearray(L.JOURNAL_SIZE * len(fields))
-        for k, (op, store, card, dp) in enumerate(fields):
+        for k, (kind, store, card, dp) in enumerate(fields):
             e = memoryview(buf)[k * L.JOURNAL_SIZE:(k + 1) * L.JOURNAL_SIZE]
-            e[1] = op
+            e[1] = kind
             e[16:32] = card
             e[48:56] = dp.to_bytes(8, "little", signed=True)
             e[104:108] = store.to_bytes(4, "little")
@@ -792,8 +792,8 @@ def test_a_runs_stores_and_moving_cards_are_indexed_in_c_as_python_says():
         by_slot, card_ids = daytotals.native.index_run(bytes(buf), slot_of, card_of)
         assert by_slot == list(dict.fromkeys(f[1] for f in fields))
         assert list(slot_of) == [by_slot.index(f[1]) for f in fields]
-        moving = [dp != 0 or op in (L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED)
-                  for op, _, _, dp in fields]
+        moving = [dp != 0 or kind in (L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED)
+                  for kind, _, _, dp in fields]
         assert card_ids == sorted({f[2] for f, m in zip(fields, moving) if m})
         assert list(card_of) == [card_ids.index(f[2]) if m else 0xFFFFFFFF
                                  for f, m in zip(fields, moving)]
