@@ -272,4 +272,5 @@ def add_parser(sub) -> None:
                    help="a DNS name or IP address the node is reached by (repeatable)")
     p = commands.add_parser("nats-client", help="a NATS role certificate: replica or front")
     cert_dir(p)
-    p.add_argument("role", choices=NATS_ROLES)
+    p.add_argument("role", choices=NATS_ROLES,
+                   help="replica (a shard's replica) or front (submits only): docs/cluster.md")
