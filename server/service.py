@@ -864,9 +864,9 @@ class CardService(pb_grpc.CardServiceServicer):
                 outcomes = await fut
             self._results.fill(results, at, ids, outcomes, reference, counts, declined)
 
-        # the plain purchases and top-ups built in one C loop; None at the others' places (and
-        # no lists at all for a caller they cannot be built for): those go through
-        # operations.operation
+        # the plain purchases and top-ups, and the baskets (lines, points, a coupon), built in
+        # one C loop; None at the others' places (and no lists at all for a caller they cannot
+        # be built for): those go through operations.operation
         plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
         if plain is not None and len(plain[0]) != n:
             # a safety net, never seen (the C loop reads the records protobuf parses into
