@@ -76,7 +76,8 @@ def test_constants_are_the_layouts_and_the_contracts():
         entry, L.JOURNAL_OFF_PROGRAM)[3] & 0xFF
     assert hop["ENTRY_CARD"] == 16 and entry[16:32] == L.JOURNAL.unpack_from(bytes(range(256)))[8][:16]
     assert batchwire.JOURNAL_AT["J_LINK_SEQ"] == L.JOURNAL_TAIL.unpack_from(entry)[3] & 0xFF  # the hold closed
-    assert batchwire.JOURNAL_AT["J_COUPON_SERIAL"] == L.JOURNAL_TAIL.unpack_from(entry)[4] & 0xFF
+    coupon_serial = L.JOURNAL_TAIL.unpack_from(entry)[4]  # a purchase's coupon used
+    assert batchwire.JOURNAL_AT["J_COUPON_SERIAL"] == coupon_serial & 0xFF
     assert batchwire.JOURNAL_AT["J_COUPON_OFF"] == L.JOURNAL_OFF_COUPON
     assert batchwire.RESULT_FIELDS == {"OperationResult.lines": service._RESULT_LINES}
 
@@ -495,9 +496,10 @@ def test_an_operator_outside_its_scope_is_refused_per_purchase(server, admin):
 
 
 @pytest.mark.parametrize("caller_name", ["development", "chain admin", "cashier over TLS"])
-def test_every_plain_purchase_is_built_in_c(builders, caller_name):
-    """Not only refused or left over: a batch of valid plain purchases and top-ups is built in
-    C, whole."""
+def test_every_plain_purchase_and_basket_is_built_in_c(builders, caller_name):
+    """Not only refused or left over: a batch of valid plain purchases, top-ups and baskets
+    (lines, points offered, a coupon, each or all, their gross 0 or their total: 100 lines at
+    most) is built in C, whole."""
     tls, caller = CALLERS[caller_name]
     ops = [pb.Operation(purchase=pb.PurchaseRequest(
         request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
@@ -507,11 +509,21 @@ def test_every_plain_purchase_is_built_in_c(builders, caller_name):
         request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
         amount_minor=100 + k, till=cpb.Till(store_id=k), client_time_us=1_796_000_000_000_000 + k))
         for k in range(40, 50)]
+    for k in range(50, 60):
+        count = 99 if k == 59 else k % 5 + 1
+        lines = [pb.PurchaseLine(category_code=j % 64, amount_minor=100 + j, quantity=j % 3,
+                                 sku=f"SKU-{j}" * (j % 2)) for j in range(count)]
+        ops.append(pb.Operation(purchase=pb.PurchaseRequest(
+            request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]), lines=lines,
+            gross_amount_minor=0 if k % 3 else sum(x.amount_minor for x in lines),
+            redeem_points=500 * (k % 2), coupon_serial=k * (k % 4 != 1),
+            till=cpb.Till(store_id=k, terminal_id=2), client_time_us=1_796_000_000_000_000 + k)))
     built, rids, count = builders[tls].plain_ops(
         pb.SubmitBatchRequest(operations=ops).SerializeToString(), caller)
-    assert count == 50
+    assert count == 60
     assert built == [builders[tls].operation(op, caller)[2] for op in ops]
-    assert rids == [f"p-{k}" for k in range(50)]
+    assert rids == [f"p-{k}" for k in range(60)]
+    assert len(built[59].lines) == 99 * L.LINE_SIZE
 
 
 def test_baskets_through_the_server_answer_as_result_of(start_server):
