@@ -6,7 +6,7 @@ The gRPC process spent ~43 % of its SubmitBatch samples building operations from
 hash, ``layout.OP.pack``, two BLAKE2b) and ~15 % building results (``result_of``). Here both
 run over bytes:
 
-- ``PlainOps.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
+- ``MoneyOps.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
   *plain* purchase or top-up (request id, card number, till, amount, client time; nothing else
   set), and each purchase that adds lines, points offered or a coupon (a basket: its lines
   read by purchaselines.pxd, the code ``wire.lines_of`` runs for the Python path), that passes
@@ -142,7 +142,7 @@ cdef inline bint number_ok(const uint8_t* s, Py_ssize_t n, bint require_luhn) no
     return total % 10 == 0 or not require_luhn
 
 
-cdef struct Plain:
+cdef struct Money:
     Py_ssize_t rid_at, rid_len, number_at, number_len
     int64_t gross, client_time_us, redeem_points
     uint64_t coupon_serial
@@ -150,8 +150,8 @@ cdef struct Plain:
     bint lines  # a purchase with lines (read by purchaselines.read_lines)
 
 
-cdef int plain_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint require_luhn,
-                       bint purchase, Plain* out) noexcept nogil:
+cdef int money_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint require_luhn,
+                       bint purchase, Money* out) noexcept nogil:
     """1 when the PurchaseRequest (or TopUpRequest: the same fields, numbered alike, without a
     basket's) at [at, end) is one the Python path would accept as far as its fields go (every
     value checked as ``purchase_op`` and ``top_up_op`` check it; a purchase's lines and their
@@ -161,7 +161,7 @@ cdef int plain_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint req
     cdef uint32_t field, wire
     cdef Py_ssize_t stop, inner, k
     cdef int got = 0  # bits: request id, card number, gross above 0, client time
-    memset(out, 0, sizeof(Plain))
+    memset(out, 0, sizeof(Money))
     while at < end:
         if not varint(p, end, &at, &key):
             return 0
@@ -232,10 +232,10 @@ cdef int plain_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint req
     return (got | (4 if out.lines else 0)) == 15
 
 
-cdef class PlainOps:
-    """Builds the PendingOps of a batch's plain purchases and top-ups for one server (its card
-    index key, the digest fields of both, the PendingOp class, the op types: all given by the
-    Python side, the one place each is defined)."""
+cdef class MoneyOps:
+    """Builds the PendingOps of a batch's purchases (plain ones and baskets) and top-ups for one
+    server (its card index key, the digest fields of both, the PendingOp class, the op types:
+    all given by the Python side, the one place each is defined)."""
     cdef SHA256_CTX inner, outer
     cdef int n_spans
     cdef int span_at[SPANS_MAX]
@@ -291,7 +291,7 @@ cdef class PlainOps:
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(batch)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(batch), at = 0, stop, op_at, op_stop
         cdef uint64_t key
-        cdef Plain plain
+        cdef Money money
         cdef uint8_t packed[OP_SIZE]
         cdef uint8_t keybuf[5 + REQUEST_ID_MAX]
         # the digest's input: the spans of the operation, then a purchase's extra (its length,
@@ -323,18 +323,18 @@ cdef class PlainOps:
                     key == ((F_OPERATION_PURCHASE << 3) | WIRE_LEN)
                     or key == ((F_OPERATION_TOP_UP << 3) | WIRE_LEN)) \
                     and length_at(p, stop, &op_at, &op_stop) and op_stop == stop:
-                ok = plain_request(p, op_at, op_stop, require_luhn,
-                                   key >> 3 == F_OPERATION_PURCHASE, &plain)
+                ok = money_request(p, op_at, op_stop, require_luhn,
+                                   key >> 3 == F_OPERATION_PURCHASE, &money)
             at = stop
             # the lines go where the digest's extra takes them, after its head
             lines = spans + OP_SIZE + 4 + EXTRA_HEAD
             if ok:
-                amount = plain.gross
-                if plain.lines:
+                amount = money.gross
+                if money.lines:
                     # operations.basket's checks: the lines' own (read_lines, as wire.lines_of
                     # for the Python path), then a gross amount of 0 or their total
                     ok = read_lines(p + op_at, op_stop - op_at, F_LINES, lines, &n_lines,
-                                    &amount, &bad_at) == P_OK and plain.gross in (0, amount)
+                                    &amount, &bad_at) == P_OK and money.gross in (0, amount)
             if not ok:
                 ops.append(None)
                 rids.append(None)
@@ -346,22 +346,22 @@ cdef class PlainOps:
                 packed[AT_OP], packed[AT_PIN_FLAGS] = self.op_top_up, <uint8_t>top_up_pin_flags
             packed[AT_CALLER_KIND] = <uint8_t>caller_kind
             (<int64_t*>(packed + AT_AMOUNT))[0] = amount
-            (<uint32_t*>(packed + AT_STORE))[0] = plain.store
-            (<uint32_t*>(packed + AT_TERMINAL))[0] = plain.terminal
-            (<uint32_t*>(packed + AT_STAFF))[0] = plain.staff
+            (<uint32_t*>(packed + AT_STORE))[0] = money.store
+            (<uint32_t*>(packed + AT_TERMINAL))[0] = money.terminal
+            (<uint32_t*>(packed + AT_STAFF))[0] = money.staff
             (<uint32_t*>(packed + AT_OPERATOR))[0] = operator_id
-            (<int64_t*>(packed + AT_CLIENT_TIME))[0] = plain.client_time_us
+            (<int64_t*>(packed + AT_CLIENT_TIME))[0] = money.client_time_us
             (<uint32_t*>(packed + AT_CALLER_ID))[0] = caller_id
-            (<uint64_t*>(packed + AT_REF_ID))[0] = plain.coupon_serial
+            (<uint64_t*>(packed + AT_REF_ID))[0] = money.coupon_serial
             (<uint16_t*>(packed + AT_LINE_COUNT))[0] = <uint16_t>n_lines
-            (<int64_t*>(packed + AT_REDEEM_POINTS))[0] = plain.redeem_points
+            (<int64_t*>(packed + AT_REDEEM_POINTS))[0] = money.redeem_points
             # the request key: caller kind, caller id (big-endian), the request id
             keybuf[0] = <uint8_t>caller_kind
             keybuf[1], keybuf[2] = <uint8_t>(caller_id >> 24), <uint8_t>(caller_id >> 16)
             keybuf[3], keybuf[4] = <uint8_t>(caller_id >> 8), <uint8_t>caller_id
-            memcpy(keybuf + 5, p + plain.rid_at, plain.rid_len)
-            cc_blake2b(packed + AT_TAG, TAG_SIZE, keybuf, 5 + plain.rid_len)
-            self.card_id(p + plain.number_at, plain.number_len, packed + AT_CARD_ID)
+            memcpy(keybuf + 5, p + money.rid_at, money.rid_len)
+            cc_blake2b(packed + AT_TAG, TAG_SIZE, keybuf, 5 + money.rid_len)
+            self.card_id(p + money.number_at, money.number_len, packed + AT_CARD_ID)
             # (before the digest's input moves them next to its spans)
             line_records = (PyBytes_FromStringAndSize(<char*>lines, n_lines * LINE_SIZE)
                             if n_lines else b"")
@@ -369,18 +369,18 @@ cdef class PlainOps:
             for k in range(self.n_spans):
                 memcpy(spans + span_len, packed + self.span_at[k], self.span_size[k])
                 span_len += self.span_size[k]
-            if n_lines or plain.redeem_points:  # purchase_extra: None for a purchase without
+            if n_lines or money.redeem_points:  # purchase_extra: None for a purchase without
                 (<uint32_t*>(spans + span_len))[0] = <uint32_t>(EXTRA_HEAD + n_lines * LINE_SIZE)
                 span_len += 4
                 (<uint16_t*>(spans + span_len))[0] = <uint16_t>n_lines
-                (<int64_t*>(spans + span_len + 2))[0] = plain.redeem_points
+                (<int64_t*>(spans + span_len + 2))[0] = money.redeem_points
                 span_len += EXTRA_HEAD
                 if span_len != OP_SIZE + 4 + EXTRA_HEAD:  # the lines where they were read to
                     memmove(spans + span_len, lines, n_lines * LINE_SIZE)
                 span_len += n_lines * LINE_SIZE
             cc_blake2b(digest, DIGEST_SIZE, spans, span_len)
             op = self.pending_op.__new__(self.pending_op)
-            op.request_key = PyBytes_FromStringAndSize(<char*>keybuf, 5 + plain.rid_len)
+            op.request_key = PyBytes_FromStringAndSize(<char*>keybuf, 5 + money.rid_len)
             op.card_id = PyBytes_FromStringAndSize(<char*>packed + AT_CARD_ID, CARD_ID_SIZE)
             op.packed = PyBytes_FromStringAndSize(<char*>packed, OP_SIZE)
             op.digest = PyBytes_FromStringAndSize(<char*>digest, DIGEST_SIZE)
@@ -390,10 +390,10 @@ cdef class PlainOps:
             op.payload = None
             op.need_role = need_role
             op.scope = scope
-            op.scope_store_id = plain.store if scope else 0
+            op.scope_store_id = money.store if scope else 0
             op.lines = line_records
             ops.append(op)
-            rids.append(PyUnicode_DecodeASCII(<char*>p + plain.rid_at, plain.rid_len, NULL))
+            rids.append(PyUnicode_DecodeASCII(<char*>p + money.rid_at, money.rid_len, NULL))
             built += 1
         return ops, rids, built
 

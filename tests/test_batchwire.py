@@ -232,7 +232,7 @@ def test_built_operations_are_the_python_paths(builders, ops, caller_name):
     tls, caller = CALLERS[caller_name]
     builder = builders[tls]
     batch = pb.SubmitBatchRequest(operations=ops)
-    plain = builder.plain_ops(batch.SerializeToString(), caller)
+    plain = builder.money_ops(batch.SerializeToString(), caller)
     if plain is None:  # a caller the C path does not build for: all through the Python path
         assert (caller.bad_token or caller.cert_terminal_id is not None
                 or (caller.operator is None and tls) or caller.operator is STORE_MANAGER)
@@ -264,10 +264,10 @@ def test_unknown_fields_of_the_batch_are_stepped_over(builders):
     reference = builders[False].operation(op, caller)[2]
     for unknown in (b"\x08\x01", b"\x11" + bytes(8), b"\x15" + bytes(4), b"\x9a\x01\x02ab"):
         batch = pb.SubmitBatchRequest.FromString(unknown + one + unknown).SerializeToString()
-        built, _, count = builders[False].plain_ops(batch, caller)
+        built, _, count = builders[False].money_ops(batch, caller)
         assert count == 1 and built == [reference], unknown
     with_group = pb.SubmitBatchRequest.FromString(one + b"\x1b\x08\x01\x1c").SerializeToString()
-    assert builders[False].plain_ops(with_group, caller) is None
+    assert builders[False].money_ops(with_group, caller) is None
 
 
 def _varint(v: int) -> bytes:
@@ -301,7 +301,7 @@ def test_unknown_batch_fields_of_any_wire_type_change_nothing(builders, unknown)
     ops = [plain, pb.Operation(purchase=pb.PurchaseRequest(request_id="x y"))]
     parsed = pb.SubmitBatchRequest.FromString(
         pb.SubmitBatchRequest(operations=ops).SerializeToString() + unknown)
-    built, _, count = builders[False].plain_ops(parsed.SerializeToString(), caller)
+    built, _, count = builders[False].money_ops(parsed.SerializeToString(), caller)
     assert len(built) == len(parsed.operations) == 2 and count == 1
     assert built[0] == builders[False].operation(plain, caller)[2] and built[1] is None
 
@@ -350,8 +350,8 @@ def test_encode_group_never_writes_past_its_buffer():
 def test_not_a_batch_is_refused_not_misread(builders):
     caller = CALLERS["development"][1]
     with pytest.raises(ValueError):
-        builders[False].plain_ops(b"\x0a\x05ab", caller)  # a length past the end
-    assert builders[False].plain_ops(b"", caller) == ([], [], 0)
+        builders[False].money_ops(b"\x0a\x05ab", caller)  # a length past the end
+    assert builders[False].money_ops(b"", caller) == ([], [], 0)
 
 
 # ---- building results -----------------------------------------------------------------------
@@ -518,7 +518,7 @@ def test_every_plain_purchase_and_basket_is_built_in_c(builders, caller_name):
             gross_amount_minor=0 if k % 3 else sum(x.amount_minor for x in lines),
             redeem_points=500 * (k % 2), coupon_serial=k * (k % 4 != 1),
             till=cpb.Till(store_id=k, terminal_id=2), client_time_us=1_796_000_000_000_000 + k)))
-    built, rids, count = builders[tls].plain_ops(
+    built, rids, count = builders[tls].money_ops(
         pb.SubmitBatchRequest(operations=ops).SerializeToString(), caller)
     assert count == 60
     assert built == [builders[tls].operation(op, caller)[2] for op in ops]
