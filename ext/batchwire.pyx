@@ -1,19 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""SubmitBatch's per-operation glue in one C loop: plain purchases and top-ups in, results out.
+"""SubmitBatch's per-operation glue in one C loop: purchases and top-ups in, results out.
 
 The gRPC process spent ~43 % of its SubmitBatch samples building operations from protobuf
 (``Operations.purchase_op``: field reads, the request id's regex, the card number's keyed
 hash, ``layout.OP.pack``, two BLAKE2b) and ~15 % building results (``result_of``). Here both
 run over bytes:
 
-- ``PlainOps.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
+- ``MoneyOps.build`` reads a SubmitBatchRequest as protobuf serialized it and builds, for each
   *plain* purchase or top-up (request id, card number, till, amount, client time; nothing else
-  set) that passes every check ``Operations.purchase_op`` (``top_up_op``) makes, the same
-  ``PendingOp`` the Python path builds. Anything else (another operation, a PIN block, lines,
-  a field it does not know, any value the Python path would refuse) is left to the Python path
-  (None at its place), so a refusal is always the reference's own, reason and field alike.
+  set), and each purchase that adds lines, points offered or a coupon (a basket: its lines
+  read by purchaselines.pxd, the code ``wire.lines_of`` runs for the Python path), that passes
+  every check ``Operations.purchase_op`` (``top_up_op``) makes, the same ``PendingOp`` the
+  Python path builds. Anything else (another operation, a PIN block, partial payment, a basket
+  id, a field it does not know, any value the Python path would refuse) is left to the Python
+  path (None at its place), so a refusal is always the reference's own, reason and field alike.
+  (A basket cost the Python path ~12 µs of the gRPC process's CPU more than a plain purchase.)
 - ``Results.fill`` writes the serialized OperationResult of each outcome of the writer: an
-  applied plain purchase or top-up in C, anything else through ``result_of`` (the reference).
+  applied purchase (its lines, points and coupon too) or top-up in C, a capture, a partial
+  payment and anything else through ``result_of`` (the reference).
 - The hop's per-operation loops in the gRPC process: ``encode_group`` (groups.encode_group),
   ``decode_answer`` (writer.decode_answer), ``mark_dirty`` (the writer's dirty-card marks).
 
@@ -28,7 +32,8 @@ cdef extern from "Python.h":
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from protowire cimport (WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT, length_at, put_int,
                        put_varint, skip, varint)
-from libc.string cimport memcmp, memcpy, memset
+from purchaselines cimport LINE_RESULT_MAX, LINE_SIZE, LINES_MAX, P_OK, put_line_results, read_lines
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 cdef extern from "blake2b.h" nogil:
     void cc_blake2b(uint8_t* out, size_t outlen, const uint8_t* data, size_t length)
@@ -59,6 +64,9 @@ cdef enum:
     F_GROSS = 3
     F_TILL = 4
     F_CLIENT_TIME = 6
+    F_LINES = 7                # PurchaseRequest only, as the two below
+    F_REDEEM_POINTS = 8
+    F_COUPON_SERIAL = 9
     F_CARD_NUMBER = 1          # CardRef.card_number
     # layout.OP offsets
     AT_OP = 0
@@ -73,12 +81,20 @@ cdef enum:
     AT_CARD_ID = 40
     AT_CLIENT_TIME = 56
     AT_CALLER_ID = 128
+    AT_REF_ID = 144        # a purchase's coupon serial
+    AT_LINE_COUNT = 160
+    AT_REDEEM_POINTS = 168
+    # a purchase's extra digest input (idempotency.purchase_extra): line count u16, points i64,
+    # the lines
+    EXTRA_HEAD = 10
 
 SIZES = {"OP_SIZE": OP_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE, "REQUEST_TAG_SIZE": TAG_SIZE,
          "AT_OP": AT_OP, "AT_PIN_FLAGS": AT_PIN_FLAGS, "AT_CALLER_KIND": AT_CALLER_KIND,
          "AT_AMOUNT": AT_AMOUNT, "AT_STORE": AT_STORE, "AT_TERMINAL": AT_TERMINAL,
          "AT_STAFF": AT_STAFF, "AT_OPERATOR": AT_OPERATOR, "AT_TAG": AT_TAG,
-         "AT_CARD_ID": AT_CARD_ID, "AT_CLIENT_TIME": AT_CLIENT_TIME, "AT_CALLER_ID": AT_CALLER_ID}
+         "AT_CARD_ID": AT_CARD_ID, "AT_CLIENT_TIME": AT_CLIENT_TIME, "AT_CALLER_ID": AT_CALLER_ID,
+         "AT_REF_ID": AT_REF_ID, "AT_LINE_COUNT": AT_LINE_COUNT,
+         "AT_REDEEM_POINTS": AT_REDEEM_POINTS}
 FIELDS = {"SubmitBatchRequest.operations": F_BATCH_OPERATIONS,
           "Operation.purchase": F_OPERATION_PURCHASE, "Operation.top_up": F_OPERATION_TOP_UP,
           "TopUpRequest.request_id": F_REQUEST_ID, "TopUpRequest.card": F_CARD,
@@ -86,6 +102,8 @@ FIELDS = {"SubmitBatchRequest.operations": F_BATCH_OPERATIONS,
           "TopUpRequest.client_time_us": F_CLIENT_TIME, "PurchaseRequest.request_id": F_REQUEST_ID,
           "PurchaseRequest.card": F_CARD, "PurchaseRequest.gross_amount_minor": F_GROSS,
           "PurchaseRequest.till": F_TILL, "PurchaseRequest.client_time_us": F_CLIENT_TIME,
+          "PurchaseRequest.lines": F_LINES, "PurchaseRequest.redeem_points": F_REDEEM_POINTS,
+          "PurchaseRequest.coupon_serial": F_COUPON_SERIAL,
           "CardRef.card_number": F_CARD_NUMBER}
 
 
@@ -124,35 +142,54 @@ cdef inline bint number_ok(const uint8_t* s, Py_ssize_t n, bint require_luhn) no
     return total % 10 == 0 or not require_luhn
 
 
-cdef struct Plain:
+cdef struct Money:
     Py_ssize_t rid_at, rid_len, number_at, number_len
-    int64_t gross, client_time_us
+    int64_t gross, client_time_us, redeem_points
+    uint64_t coupon_serial
     uint32_t store, terminal, staff
+    bint lines  # a purchase with lines (read by purchaselines.read_lines)
 
 
-cdef int plain_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint require_luhn,
-                       Plain* out) noexcept nogil:
-    """1 when the PurchaseRequest (or TopUpRequest: the same fields, numbered alike) at [at, end)
-    is a plain one the Python path would accept (every value checked as ``purchase_op`` and
-    ``top_up_op`` check it); 0 for anything else, left to that path."""
+cdef int money_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint require_luhn,
+                       bint purchase, Money* out) noexcept nogil:
+    """1 when the PurchaseRequest (or TopUpRequest: the same fields, numbered alike, without a
+    basket's) at [at, end) is one the Python path would accept as far as its fields go (every
+    value checked as ``purchase_op`` and ``top_up_op`` check it; a purchase's lines and their
+    total are the caller's to check): plain, or a purchase with lines, points offered, a
+    coupon; 0 for anything else, left to that path."""
     cdef uint64_t key, v
     cdef uint32_t field, wire
     cdef Py_ssize_t stop, inner, k
-    cdef int got = 0  # bits: request id, card number, gross, client time
-    memset(out, 0, sizeof(Plain))
+    cdef int got = 0  # bits: request id, card number, gross above 0, client time
+    memset(out, 0, sizeof(Money))
     while at < end:
         if not varint(p, end, &at, &key):
             return 0
         field, wire = <uint32_t>(key >> 3), <uint32_t>(key & 7)
         if wire == WIRE_VARINT and (field == F_GROSS or field == F_CLIENT_TIME):
-            if not varint(p, end, &at, &v) or <int64_t>v <= 0:
-                return 0  # not above 0: the Python path refuses it
+            if not varint(p, end, &at, &v) or <int64_t>v < 0:
+                return 0  # below 0: the Python path refuses it
             if field == F_GROSS:
-                out.gross = <int64_t>v
-                got |= 4
+                out.gross = <int64_t>v  # 0 (not set): a basket's gross is its lines' total
+                got = (got | 4) if v else (got & ~4)
+            elif v == 0:
+                return 0  # a client time is above 0
             else:
                 out.client_time_us = <int64_t>v
                 got |= 8
+        elif purchase and wire == WIRE_VARINT and field == F_REDEEM_POINTS:
+            if not varint(p, end, &at, &v) or <int64_t>v < 0:
+                return 0  # points offered are >= 0
+            out.redeem_points = <int64_t>v
+        elif purchase and wire == WIRE_VARINT and field == F_COUPON_SERIAL:
+            if not varint(p, end, &at, &v):
+                return 0
+            out.coupon_serial = v
+        elif purchase and wire == WIRE_LEN and field == F_LINES:
+            if not length_at(p, end, &at, &stop):
+                return 0
+            at = stop  # each line is read and checked by read_lines, in order
+            out.lines = 1
         elif wire == WIRE_LEN and field == F_REQUEST_ID:
             if not length_at(p, end, &at, &stop) or stop == at or stop - at > REQUEST_ID_MAX:
                 return 0
@@ -190,14 +227,15 @@ cdef int plain_request(const uint8_t* p, Py_ssize_t at, Py_ssize_t end, bint req
                 else:
                     out.staff = <uint32_t>v
         else:
-            return 0  # a PIN block, lines, points, a coupon, a basket, a field unknown here
-    return got == 15
+            return 0  # a PIN block, partial payment, a basket id, a field unknown here
+    # a gross amount above 0, unless the purchase has lines (then 0 or their total: the caller's)
+    return (got | (4 if out.lines else 0)) == 15
 
 
-cdef class PlainOps:
-    """Builds the PendingOps of a batch's plain purchases and top-ups for one server (its card
-    index key, the digest fields of both, the PendingOp class, the op types: all given by the
-    Python side, the one place each is defined)."""
+cdef class MoneyOps:
+    """Builds the PendingOps of a batch's purchases (plain ones and baskets) and top-ups for one
+    server (its card index key, the digest fields of both, the PendingOp class, the op types:
+    all given by the Python side, the one place each is defined)."""
     cdef SHA256_CTX inner, outer
     cdef int n_spans
     cdef int span_at[SPANS_MAX]
@@ -245,20 +283,24 @@ cdef class PlainOps:
               bint require_luhn, int caller_kind, uint32_t caller_id, uint32_t operator_id,
               int need_role, int scope):
         """(ops, request_ids, built) of a serialized SubmitBatchRequest: per operation, in order,
-        its PendingOp and request id (str) when it is a plain purchase or top-up built here, else
-        None in both; ``built``: how many were. None: a batch with a field it cannot step over
-        (a group), all of it for the Python path. ``operator_id`` 0: no operator (then
-        ``need_role`` and ``scope`` are 0 too); otherwise the caller checked that the operator
-        covers every store."""
+        its PendingOp and request id (str) when it is a plain purchase or top-up, or a purchase
+        with lines, points offered and a coupon, built here; else None in both; ``built``: how
+        many were. None: a batch with a field it cannot step over (a group), all of it for the
+        Python path. ``operator_id`` 0: no operator (then ``need_role`` and ``scope`` are 0
+        too); otherwise the caller checked that the operator covers every store."""
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(batch)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(batch), at = 0, stop, op_at, op_stop
         cdef uint64_t key
-        cdef Plain plain
+        cdef Money money
         cdef uint8_t packed[OP_SIZE]
         cdef uint8_t keybuf[5 + REQUEST_ID_MAX]
-        cdef uint8_t spans[OP_SIZE]
+        # the digest's input: the spans of the operation, then a purchase's extra (its length,
+        # line count, points, lines: idempotency.payload_digest and purchase_extra)
+        cdef uint8_t spans[OP_SIZE + 4 + EXTRA_HEAD + LINES_MAX * LINE_SIZE]
         cdef uint8_t digest[DIGEST_SIZE]
-        cdef Py_ssize_t k, span_len
+        cdef uint8_t* lines
+        cdef Py_ssize_t k, span_len, n_lines, bad_at
+        cdef int64_t amount
         cdef int ok
         cdef Py_ssize_t built = 0
         ops, rids = [], []
@@ -275,13 +317,24 @@ cdef class PlainOps:
                 raise ValueError("not a serialized SubmitBatchRequest")
             op_at = at
             ok = 0
+            n_lines = 0
             # an Operation whose one field is the purchase or the top-up
             if varint(p, stop, &op_at, &key) and (
                     key == ((F_OPERATION_PURCHASE << 3) | WIRE_LEN)
                     or key == ((F_OPERATION_TOP_UP << 3) | WIRE_LEN)) \
                     and length_at(p, stop, &op_at, &op_stop) and op_stop == stop:
-                ok = plain_request(p, op_at, op_stop, require_luhn, &plain)
+                ok = money_request(p, op_at, op_stop, require_luhn,
+                                   key >> 3 == F_OPERATION_PURCHASE, &money)
             at = stop
+            # the lines go where the digest's extra takes them, after its head
+            lines = spans + OP_SIZE + 4 + EXTRA_HEAD
+            if ok:
+                amount = money.gross
+                if money.lines:
+                    # operations.basket's checks: the lines' own (read_lines, as wire.lines_of
+                    # for the Python path), then a gross amount of 0 or their total
+                    ok = read_lines(p + op_at, op_stop - op_at, F_LINES, lines, &n_lines,
+                                    &amount, &bad_at) == P_OK and money.gross in (0, amount)
             if not ok:
                 ops.append(None)
                 rids.append(None)
@@ -292,27 +345,42 @@ cdef class PlainOps:
             else:
                 packed[AT_OP], packed[AT_PIN_FLAGS] = self.op_top_up, <uint8_t>top_up_pin_flags
             packed[AT_CALLER_KIND] = <uint8_t>caller_kind
-            (<int64_t*>(packed + AT_AMOUNT))[0] = plain.gross
-            (<uint32_t*>(packed + AT_STORE))[0] = plain.store
-            (<uint32_t*>(packed + AT_TERMINAL))[0] = plain.terminal
-            (<uint32_t*>(packed + AT_STAFF))[0] = plain.staff
+            (<int64_t*>(packed + AT_AMOUNT))[0] = amount
+            (<uint32_t*>(packed + AT_STORE))[0] = money.store
+            (<uint32_t*>(packed + AT_TERMINAL))[0] = money.terminal
+            (<uint32_t*>(packed + AT_STAFF))[0] = money.staff
             (<uint32_t*>(packed + AT_OPERATOR))[0] = operator_id
-            (<int64_t*>(packed + AT_CLIENT_TIME))[0] = plain.client_time_us
+            (<int64_t*>(packed + AT_CLIENT_TIME))[0] = money.client_time_us
             (<uint32_t*>(packed + AT_CALLER_ID))[0] = caller_id
+            (<uint64_t*>(packed + AT_REF_ID))[0] = money.coupon_serial
+            (<uint16_t*>(packed + AT_LINE_COUNT))[0] = <uint16_t>n_lines
+            (<int64_t*>(packed + AT_REDEEM_POINTS))[0] = money.redeem_points
             # the request key: caller kind, caller id (big-endian), the request id
             keybuf[0] = <uint8_t>caller_kind
             keybuf[1], keybuf[2] = <uint8_t>(caller_id >> 24), <uint8_t>(caller_id >> 16)
             keybuf[3], keybuf[4] = <uint8_t>(caller_id >> 8), <uint8_t>caller_id
-            memcpy(keybuf + 5, p + plain.rid_at, plain.rid_len)
-            cc_blake2b(packed + AT_TAG, TAG_SIZE, keybuf, 5 + plain.rid_len)
-            self.card_id(p + plain.number_at, plain.number_len, packed + AT_CARD_ID)
+            memcpy(keybuf + 5, p + money.rid_at, money.rid_len)
+            cc_blake2b(packed + AT_TAG, TAG_SIZE, keybuf, 5 + money.rid_len)
+            self.card_id(p + money.number_at, money.number_len, packed + AT_CARD_ID)
+            # (before the digest's input moves them next to its spans)
+            line_records = (PyBytes_FromStringAndSize(<char*>lines, n_lines * LINE_SIZE)
+                            if n_lines else b"")
             span_len = 0
             for k in range(self.n_spans):
                 memcpy(spans + span_len, packed + self.span_at[k], self.span_size[k])
                 span_len += self.span_size[k]
+            if n_lines or money.redeem_points:  # purchase_extra: None for a purchase without
+                (<uint32_t*>(spans + span_len))[0] = <uint32_t>(EXTRA_HEAD + n_lines * LINE_SIZE)
+                span_len += 4
+                (<uint16_t*>(spans + span_len))[0] = <uint16_t>n_lines
+                (<int64_t*>(spans + span_len + 2))[0] = money.redeem_points
+                span_len += EXTRA_HEAD
+                if span_len != OP_SIZE + 4 + EXTRA_HEAD:  # the lines where they were read to
+                    memmove(spans + span_len, lines, n_lines * LINE_SIZE)
+                span_len += n_lines * LINE_SIZE
             cc_blake2b(digest, DIGEST_SIZE, spans, span_len)
             op = self.pending_op.__new__(self.pending_op)
-            op.request_key = PyBytes_FromStringAndSize(<char*>keybuf, 5 + plain.rid_len)
+            op.request_key = PyBytes_FromStringAndSize(<char*>keybuf, 5 + money.rid_len)
             op.card_id = PyBytes_FromStringAndSize(<char*>packed + AT_CARD_ID, CARD_ID_SIZE)
             op.packed = PyBytes_FromStringAndSize(<char*>packed, OP_SIZE)
             op.digest = PyBytes_FromStringAndSize(<char*>digest, DIGEST_SIZE)
@@ -322,10 +390,10 @@ cdef class PlainOps:
             op.payload = None
             op.need_role = need_role
             op.scope = scope
-            op.scope_store_id = plain.store if scope else 0
-            op.lines = b""
+            op.scope_store_id = money.store if scope else 0
+            op.lines = line_records
             ops.append(op)
-            rids.append(PyUnicode_DecodeASCII(<char*>p + plain.rid_at, plain.rid_len, NULL))
+            rids.append(PyUnicode_DecodeASCII(<char*>p + money.rid_at, money.rid_len, NULL))
             built += 1
         return ops, rids, built
 
@@ -333,10 +401,14 @@ cdef class PlainOps:
 # ---- results ---------------------------------------------------------------------------------
 
 cdef enum:
-    RESULT_MAX = 512       # a plain result: far less (request id 66, 17 varints of <= 12)
+    # a result: its own fields far less than 512 (request id 66, 24 varints of <= 13 with their
+    # keys), then up to LINES_MAX lines
+    RESULT_MAX = 512 + LINES_MAX * LINE_RESULT_MAX
+    F_RESULT_LINES = 23    # OperationResult.lines
     OUTCOMES_TYPES = 64    # counts: op types below this, reasons below REASONS
     REASONS = 256
     ENTRY_MIN = 200        # the journal entry's fields read here end at 200 (layout.JOURNAL)
+    ENTRY_COUPON_MIN = 224 # ... and a coupon's at 224
     # layout.JOURNAL offsets (service._REPLY_FIELDS, _REPLY_PROGRAM)
     J_OP = 1
     J_TIER = 2
@@ -352,11 +424,13 @@ cdef enum:
     J_TS = 96
     J_PROGRAM_VERSION = 128
     J_LINK_SEQ = 144
+    J_COUPON_SERIAL = 152  # layout.JOURNAL_TAIL's [4]: a purchase's coupon used
     J_POINTS_TAKEN = 176
     J_REDEEMED = 184
     J_TIER_AFTER = 192
     J_PROMOTION = 196
     J_FLAGS = 198
+    J_COUPON_OFF = 216     # layout.JOURNAL_OFF_COUPON
 
 JOURNAL_AT = {"J_OP": J_OP, "J_TIER": J_TIER, "J_SEQ": J_SEQ, "J_AMOUNT": J_AMOUNT,
               "J_DISCOUNT": J_DISCOUNT, "J_PRINCIPAL_DELTA": J_PRINCIPAL_DELTA,
@@ -365,7 +439,9 @@ JOURNAL_AT = {"J_OP": J_OP, "J_TIER": J_TIER, "J_SEQ": J_SEQ, "J_AMOUNT": J_AMOU
               "J_POINTS_AFTER": J_POINTS_AFTER, "J_TS": J_TS,
               "J_PROGRAM_VERSION": J_PROGRAM_VERSION, "J_LINK_SEQ": J_LINK_SEQ,
               "J_POINTS_TAKEN": J_POINTS_TAKEN, "J_REDEEMED": J_REDEEMED,
-              "J_TIER_AFTER": J_TIER_AFTER, "J_PROMOTION": J_PROMOTION, "J_FLAGS": J_FLAGS}
+              "J_TIER_AFTER": J_TIER_AFTER, "J_PROMOTION": J_PROMOTION, "J_FLAGS": J_FLAGS,
+              "J_COUPON_SERIAL": J_COUPON_SERIAL, "J_COUPON_OFF": J_COUPON_OFF}
+RESULT_FIELDS = {"OperationResult.lines": F_RESULT_LINES}
 
 
 
@@ -375,31 +451,40 @@ cdef inline int64_t i64(const uint8_t* e, Py_ssize_t at) noexcept nogil:
 
 
 cdef class Results:
-    """Writes SubmitBatch's results as protobuf's bytes: an applied plain purchase or top-up (no
-    lines, points, coupon, promotion on a purchase, hold or partial payment) here, anything
-    else by ``fallback(request_id, outcome)`` (service.result_of, serialized): the reference."""
+    """Writes SubmitBatch's results as protobuf's bytes: an applied purchase (plain, or with
+    lines, points redeemed and a coupon used) or top-up here, unless it is a capture or a
+    partial payment; anything else by ``fallback(request_id, outcome)`` (service.result_of,
+    serialized): the reference."""
     cdef int op_purchase, op_top_up, partial_payment
 
     def __init__(self, int op_purchase, int op_top_up, int partial_payment):
         self.op_purchase, self.op_top_up = op_purchase, op_top_up
         self.partial_payment = partial_payment
 
-    cdef Py_ssize_t plain(self, uint8_t* q, str request_id, bint replayed, const uint8_t* e,
-                          int64_t held) except -1:
-        """The serialized OperationResult of an applied plain operation; 0: not a plain one."""
+    cdef Py_ssize_t applied(self, uint8_t* q, str request_id, bint replayed, bytes entry,
+                            int64_t held, bytes lines) except -1:
+        """The serialized OperationResult of an applied purchase or top-up (result_of's fields
+        for it, in field-number order, as protobuf writes them); 0: one this does not write."""
+        cdef const uint8_t* e = <const uint8_t*>PyBytes_AS_STRING(entry)
+        cdef Py_ssize_t entry_len = PyBytes_GET_SIZE(entry)
+        cdef Py_ssize_t lines_len = PyBytes_GET_SIZE(lines)
         cdef int op = e[J_OP]
         cdef uint16_t promotion = (<const uint16_t*>(e + J_PROMOTION))[0]
         cdef Py_ssize_t n = 0, rid_len, body
         cdef const char* rid
         cdef int64_t pa, ba, dp = i64(e, J_PRINCIPAL_DELTA), db = i64(e, J_BONUS_DELTA)
+        cdef int64_t taken = i64(e, J_POINTS_TAKEN)
         cdef uint8_t balance[64]
         if op != self.op_purchase and op != self.op_top_up:
             return 0
-        if i64(e, J_POINTS_TAKEN) or i64(e, J_REDEEMED) or \
-                (<const uint16_t*>(e + J_FLAGS))[0] & self.partial_payment:
+        if (<const uint16_t*>(e + J_FLAGS))[0] & self.partial_payment:
+            return 0  # a remainder due: result_of's
+        if op == self.op_purchase and i64(e, J_LINK_SEQ):
+            return 0  # a capture: its hold, result_of's
+        if op == self.op_purchase and promotion and entry_len < ENTRY_COUPON_MIN:
             return 0
-        if op == self.op_purchase and (promotion or i64(e, J_LINK_SEQ)):
-            return 0  # a coupon used, or a capture
+        if lines_len % LINE_SIZE or lines_len > LINES_MAX * LINE_SIZE:
+            return 0  # (never from the writer) result_of's to refuse
         rid = PyUnicode_AsUTF8AndSize(request_id, &rid_len)
         if rid_len > 127:
             return 0
@@ -424,14 +509,24 @@ cdef class Results:
         n += put_int(q + n, 8, i64(e, J_AMOUNT))
         n += put_int(q + n, 9, i64(e, J_DISCOUNT))
         n += put_int(q + n, 10, -(dp + db) if op == self.op_purchase else 0)
-        n += put_int(q + n, 11, i64(e, J_POINTS_DELTA))
+        n += put_int(q + n, 11, i64(e, J_POINTS_DELTA) + taken)  # points_earned
         n += put_int(q + n, 12, i64(e, J_TS))
         n += put_int(q + n, 14, (<const uint32_t*>(e + J_PROGRAM_VERSION))[0])
+        n += put_int(q + n, 16, taken)  # points_redeemed
+        n += put_int(q + n, 17, i64(e, J_REDEEMED))
         n += put_int(q + n, 18, dp)
         n += put_int(q + n, 19, db)
         n += put_int(q + n, 20, e[J_TIER])
         n += put_int(q + n, 21, e[J_TIER_AFTER])
-        n += put_int(q + n, 22, promotion)  # a top-up's promotion
+        if op == self.op_top_up:
+            n += put_int(q + n, 22, promotion)  # a top-up's promotion
+        if lines_len:
+            n += put_line_results(<const uint8_t*>PyBytes_AS_STRING(lines), lines_len // LINE_SIZE,
+                                  (F_RESULT_LINES << 3) | WIRE_LEN, q + n)
+        if op == self.op_purchase and promotion:  # the coupon it used
+            n += put_int(q + n, 24, <int64_t>(<const uint64_t*>(e + J_COUPON_SERIAL))[0])
+            n += put_int(q + n, 25, promotion)
+            n += put_int(q + n, 26, i64(e, J_COUPON_OFF))
         return n
 
     def fill(self, list results, list places, list request_ids, list outcomes, fallback,
@@ -441,7 +536,7 @@ cdef class Results:
         that is not OK appended to ``declined``."""
         cdef Py_ssize_t k, n = len(outcomes), size
         cdef uint8_t q[RESULT_MAX]
-        cdef object outcome, entry
+        cdef object outcome, entry, lines
         cdef int reason, op
         cdef dict local = {}
         if len(places) != n or len(request_ids) != n:
@@ -454,9 +549,10 @@ cdef class Results:
             op = outcome[2]
             if reason == 0 and type(entry) is bytes and len(<bytes>entry) >= ENTRY_MIN:
                 op = (<bytes>entry)[J_OP]  # an applied result's type is its entry's
-                if not outcome[6]:  # no lines
-                    size = self.plain(q, <str>request_ids[k], outcome[1],
-                                      <const uint8_t*>PyBytes_AS_STRING(entry), outcome[7])
+                lines = outcome[6]
+                if type(lines) is bytes:
+                    size = self.applied(q, <str>request_ids[k], outcome[1], <bytes>entry,
+                                        outcome[7], <bytes>lines)
             elif reason != 0:
                 declined.append((request_ids[k], reason))
             if size:

@@ -193,10 +193,11 @@ class Operations:
         self.keyring = keyring
         self.access = access
         self.swipes = Swipes(access, keyring, True)
-        # a batch's plain purchases and top-ups built in one C loop, as purchase_op and
-        # top_up_op build them (one digest for both: the same fields)
+        # a batch's plain purchases and top-ups, and its baskets (lines, points, a coupon),
+        # built in one C loop, as purchase_op and top_up_op build them (one digest for both:
+        # the same fields)
         assert DIGEST_FIELDS[L.OP_PURCHASE] == DIGEST_FIELDS[L.OP_TOP_UP]
-        self._plain = batchwire.PlainOps(keyring.index_key, digest_spans(
+        self._money_ops = batchwire.MoneyOps(keyring.index_key, digest_spans(
             DIGEST_FIELDS[L.OP_PURCHASE]), PendingOp, L.OP_PURCHASE, L.OP_TOP_UP)
         self.adopt_program()
         # Development mode (no TLS) lets a card without a PIN be spent with a clear number.
@@ -558,11 +559,11 @@ class Operations:
                         original_key=request_key(*namespace, original),
                         ref_id=req.original_client_time_us)
 
-    def plain_ops(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
-        """The plain purchases and top-ups of a serialized SubmitBatchRequest built in C
-        (cardcore.ext.batchwire): per operation, its PendingOp and request id, or None in both
-        for one left to ``operation`` (anything but a plain purchase or top-up that passes every
-        check); and how many were built. None when every operation goes through ``operation``:
+    def money_ops(self, batch: bytes, caller: Caller) -> tuple[list, list, int] | None:
+        """The plain purchases and top-ups of a serialized SubmitBatchRequest, and its purchases
+        with lines, points offered or a coupon, built in C (cardcore.ext.batchwire): per
+        operation, its PendingOp and request id, or None in both for one left to ``operation``
+        (anything else, or one that fails a check); and how many were built. None when every operation goes through ``operation``:
         a caller that is a bad token, a terminal, no operator on a TLS server, an operator below
         cashier or not chain-wide (store scopes are checked per store there); a batch with an
         unknown field C cannot step over."""
@@ -578,7 +579,7 @@ class Operations:
         else:
             return None
         kind, caller_id = caller.namespace(0)
-        return self._plain.build(batch, L.PIN_REQUIRED | self.dev_pin,
+        return self._money_ops.build(batch, L.PIN_REQUIRED | self.dev_pin,
                                  self.top_up_pin | self.dev_pin, self.swipes.require_luhn, kind,
                                  caller_id, operator_id, role, scope)
 

@@ -864,30 +864,30 @@ class CardService(pb_grpc.CardServiceServicer):
                 outcomes = await fut
             self._results.fill(results, at, ids, outcomes, reference, counts, declined)
 
-        # the plain purchases and top-ups built in one C loop; None at the others' places (and
-        # no lists at all for a caller they cannot be built for): those go through
-        # operations.operation
-        plain = self.operations.plain_ops(request.SerializeToString(), caller) if n else None
-        if plain is not None and len(plain[0]) != n:
+        # the plain purchases and top-ups, and the baskets (lines, points, a coupon), built in
+        # one C loop; None at the others' places (and no lists at all for a caller they cannot
+        # be built for): those go through operations.operation
+        in_c = self.operations.money_ops(request.SerializeToString(), caller) if n else None
+        if in_c is not None and len(in_c[0]) != n:
             # a safety net, never seen (the C loop reads the records protobuf parses into
             # operations, and steps over the rest): if it read others, none is taken
             log.error("SubmitBatch: the C path read %d operations of %d; not used",
-                      len(plain[0]), n)
-            plain = None
-        plain_ops, plain_rids, built = plain or ((None,) * n, (), 0)
+                      len(in_c[0]), n)
+            in_c = None
+        c_ops, c_rids, built = in_c or ((None,) * n, (), 0)
         operations = request.operations
         try:
-            if built == n:  # all plain: no loop here either
-                valid.extend(plain_ops)
+            if built == n:  # all built in C: no loop here either
+                valid.extend(c_ops)
                 places.extend(range(n))
-                rids.extend(plain_rids)
+                rids.extend(c_rids)
                 n = 0
             for i in range(n):
-                op = plain_ops[i]
+                op = c_ops[i]
                 if op is not None and not refused:
                     valid.append(op)
                     places.append(i)
-                    rids.append(plain_rids[i])
+                    rids.append(c_rids[i])
                     continue
                 op = operations[i]
                 if refused:

@@ -26,7 +26,8 @@ from cardcore.server.service import result_of
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
-from conftest import new_card_number, rid, sent_at
+from conftest import EXAMPLES, Client, new_card_number, rid, sent_at
+from test_service_programs import issue, purchase as programs_purchase
 
 R = cpb.Reason
 SETTINGS = settings(max_examples=300, deadline=None,
@@ -44,7 +45,8 @@ def test_constants_are_the_layouts_and_the_contracts():
               "AT_AMOUNT": "amount_minor", "AT_STORE": "store_id", "AT_TERMINAL": "terminal_id",
               "AT_STAFF": "staff_id", "AT_OPERATOR": "operator_id", "AT_TAG": "request_tag",
               "AT_CARD_ID": "card_id", "AT_CLIENT_TIME": "client_time_us",
-              "AT_CALLER_ID": "caller_id"}
+              "AT_CALLER_ID": "caller_id", "AT_REF_ID": "ref_id", "AT_LINE_COUNT": "line_count",
+              "AT_REDEEM_POINTS": "redeem_points"}
     assert {k: v for k, v in batchwire.SIZES.items() if k.startswith("AT_")} == \
         {name: OP_FIELD_AT[field][0] for name, field in fields.items()}
     assert batchwire.SIZES["OP_SIZE"] == L.OP_SIZE
@@ -64,7 +66,8 @@ def test_constants_are_the_layouts_and_the_contracts():
              "J_POINTS_AFTER", "J_TS", "J_PROGRAM_VERSION", None, None, "J_POINTS_TAKEN",
              "J_REDEEMED", "J_TIER_AFTER", "J_PROMOTION", "J_FLAGS"]
     assert {name: at for name, at in zip(names, offsets, strict=True) if name} == \
-        {k: v for k, v in batchwire.JOURNAL_AT.items() if k != "J_LINK_SEQ"}
+        {k: v for k, v in batchwire.JOURNAL_AT.items()
+         if k not in ("J_LINK_SEQ", "J_COUPON_SERIAL", "J_COUPON_OFF")}
     hop = batchwire.HOP
     assert (hop["GROUP_HEAD_SIZE"], hop["OP_HEAD_SIZE"], hop["NONE_LEN"]) == (
         groups.GROUP_HEAD.size, groups.OP_HEAD.size, groups.NONE_LEN)
@@ -73,6 +76,10 @@ def test_constants_are_the_layouts_and_the_contracts():
         entry, L.JOURNAL_OFF_PROGRAM)[3] & 0xFF
     assert hop["ENTRY_CARD"] == 16 and entry[16:32] == L.JOURNAL.unpack_from(bytes(range(256)))[8][:16]
     assert batchwire.JOURNAL_AT["J_LINK_SEQ"] == L.JOURNAL_TAIL.unpack_from(entry)[3] & 0xFF  # the hold closed
+    coupon_serial = L.JOURNAL_TAIL.unpack_from(entry)[4]  # a purchase's coupon used
+    assert batchwire.JOURNAL_AT["J_COUPON_SERIAL"] == coupon_serial & 0xFF
+    assert batchwire.JOURNAL_AT["J_COUPON_OFF"] == L.JOURNAL_OFF_COUPON
+    assert batchwire.RESULT_FIELDS == {"OperationResult.lines": service._RESULT_LINES}
 
 
 # ---- building operations --------------------------------------------------------------------
@@ -110,6 +117,7 @@ request_ids = st.one_of(
     st.from_regex(r"[A-Za-z0-9._:\-]{1,64}", fullmatch=True),
     st.sampled_from(["", "x" * 64, "x" * 65, "a b", "é", "r/1", "r\n"]),
     st.text(max_size=70))
+good_request_ids = st.from_regex(r"[A-Za-z0-9._:\-]{1,64}", fullmatch=True)
 numbers = st.one_of(
     st.sampled_from(GOOD_NUMBERS),
     st.sampled_from(["", "1234567", "12345678", "4" * 19, "4" * 20, "6225 8800", "٦٢٢٥٨٨٠٠٠٠٠",
@@ -120,38 +128,67 @@ times = st.one_of(st.integers(1, 2**62), st.sampled_from([0, -1, L.INT64_MAX]))
 u32 = st.one_of(st.integers(0, 5), st.integers(0, 2**32 - 1))
 
 
+skus = st.one_of(st.from_regex(r"[ -~]{0,24}", fullmatch=True),
+                st.sampled_from(["", "x" * 24, "x" * 25, "é", "é" * 24, "a\x00b", "a\tb"]),
+                st.text(max_size=26))
+line_amounts = st.one_of(st.integers(1, 10**6), st.sampled_from([0, -1, L.INT64_MAX]))
+purchase_lines = st.builds(
+    lambda c, a, q, s: pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s),
+    st.one_of(st.integers(0, 63), st.sampled_from([64, 2**32 - 1])), line_amounts, u32, skus)
+good_lines = st.builds(
+    lambda c, a, q, s: pb.PurchaseLine(category_code=c, amount_minor=a, quantity=q, sku=s),
+    st.integers(0, 63), st.integers(1, 10**6), u32, st.from_regex(r"[ -~]{0,24}", fullmatch=True))
+GOOD_LINE = pb.PurchaseLine(category_code=3, amount_minor=250, quantity=2, sku="SKU-1")
+
+
 @st.composite
 def purchases(draw):
-    """A purchase request: mostly plain, any value valid or not; sometimes with what makes it
-    not plain (a PIN block, lines, points, a coupon, a basket, another kind of card)."""
+    """A purchase request, any value valid or not (half of them valid but for what a draw
+    changes): plain; a basket (lines, points offered, a coupon, its gross 0, its lines' total or
+    another); or either with what the C path leaves to the Python path (a PIN block, partial
+    payment, a basket id, another kind of card)."""
+    valid = draw(st.booleans())
     req = pb.PurchaseRequest()
-    if draw(st.integers(0, 9)):
-        req.request_id = draw(request_ids)
-    card = draw(st.sampled_from(["number", "number", "number", "none", "empty", "secure", "id"]))
+    if not valid or draw(st.integers(0, 9)):
+        req.request_id = draw(good_request_ids if valid else request_ids)
+    card = "number" if valid else draw(
+        st.sampled_from(["number", "number", "number", "none", "empty", "secure", "id"]))
     if card == "number":
-        req.card.card_number = draw(numbers)
+        req.card.card_number = draw(st.sampled_from(GOOD_NUMBERS) if valid else numbers)
     elif card == "empty":
         req.card.SetInParent()
     elif card == "secure":
         req.card.secure.ksn = draw(st.binary(max_size=12))
     elif card == "id":
         req.card.card_id = draw(st.binary(min_size=16, max_size=16))
-    if draw(st.integers(0, 9)):
-        req.gross_amount_minor = draw(amounts)
+    if not valid or draw(st.integers(0, 9)):
+        req.gross_amount_minor = draw(st.integers(1, 10**7) if valid else amounts)
     if draw(st.booleans()):
         req.till.store_id, req.till.terminal_id, req.till.staff_id = draw(u32), draw(u32), draw(u32)
-    if draw(st.integers(0, 9)):
-        req.client_time_us = draw(times)
-    extra = draw(st.sampled_from(["none"] * 6 + ["pin", "lines", "points", "coupon", "partial",
-                                                 "basket"]))
+    if not valid or draw(st.integers(0, 9)):
+        req.client_time_us = draw(st.integers(1, 2**62) if valid else times)
+    if draw(st.booleans()):  # a basket
+        many = draw(st.sampled_from([None] * 12 + [99, 100, 101]))
+        if many:
+            lines = [GOOD_LINE] * many
+        else:
+            lines = draw(st.lists(good_lines if valid and draw(st.integers(0, 3))
+                                  else purchase_lines, max_size=6))
+        req.lines.extend(lines)
+        total = sum(line.amount_minor for line in lines)
+        gross = draw(st.sampled_from(["zero", "zero", "total", "as drawn"]))
+        if gross == "zero":
+            req.gross_amount_minor = 0
+        elif gross == "total" and -2**63 <= total < 2**63:
+            req.gross_amount_minor = total
+        if draw(st.booleans()):
+            req.redeem_points = draw(st.integers(0, 10**4) if valid else st.one_of(
+                st.integers(-5, 10**4), st.sampled_from([L.INT64_MAX, -L.INT64_MAX - 1])))
+        if draw(st.booleans()):
+            req.coupon_serial = draw(st.one_of(st.integers(1, 100), st.integers(1, 2**64 - 1)))
+    extra = draw(st.sampled_from(["none"] * 9 + ["pin", "partial", "basket"]))
     if extra == "pin":
         req.pin_block = draw(st.binary(min_size=1, max_size=16))
-    elif extra == "lines":
-        req.lines.add(category_code=1, amount_minor=req.gross_amount_minor or 100)
-    elif extra == "points":
-        req.redeem_points = draw(st.integers(-5, 100))
-    elif extra == "coupon":
-        req.coupon_serial = draw(st.integers(1, 2**64 - 1))
     elif extra == "partial":
         req.allow_partial = True
     elif extra == "basket":
@@ -167,17 +204,17 @@ operations = st.one_of(
     st.just(pb.Operation()))
 
 
-def plain_fields_only(op: pb.Operation) -> bool:
-    """A purchase or top-up setting nothing but what a plain one has, its card by number."""
+def c_path_fields_only(op: pb.Operation) -> bool:
+    """A purchase or top-up setting nothing but what the C path takes (a plain one's fields; a
+    purchase's lines, points offered and coupon too), its card by number."""
     kind = op.WhichOneof("op")
     if kind == "top_up":
         return op.top_up.card.WhichOneof("ref") == "card_number" and not op.top_up.pin_block
     if kind != "purchase":
         return False
     req = op.purchase
-    return (req.card.WhichOneof("ref") == "card_number" and not req.pin_block and not req.lines
-            and not req.redeem_points and not req.coupon_serial and not req.allow_partial
-            and not req.basket_id)
+    return (req.card.WhichOneof("ref") == "card_number" and not req.pin_block
+            and not req.allow_partial and not req.basket_id)
 
 
 @SETTINGS
@@ -185,11 +222,17 @@ def plain_fields_only(op: pb.Operation) -> bool:
 @example([pb.Operation(purchase=pb.PurchaseRequest(
     request_id="r-1", card=cpb.CardRef(card_number=GOOD_NUMBERS[0]), gross_amount_minor=100,
     till=cpb.Till(store_id=1, terminal_id=2, staff_id=3), client_time_us=1))], "development")
+@example([pb.Operation(purchase=pb.PurchaseRequest(  # bench/programs.py's basket
+    request_id="r-2", card=cpb.CardRef(card_number=GOOD_NUMBERS[1]),
+    lines=[pb.PurchaseLine(category_code=c, amount_minor=100 * c + 7, quantity=1,
+                           sku=f"SKU-{c}") for c in (1, 2, 1, 2, 3)],
+    redeem_points=500, coupon_serial=77, till=cpb.Till(store_id=4, terminal_id=5),
+    client_time_us=1))], "chain admin")
 def test_built_operations_are_the_python_paths(builders, ops, caller_name):
     tls, caller = CALLERS[caller_name]
     builder = builders[tls]
     batch = pb.SubmitBatchRequest(operations=ops)
-    plain = builder.plain_ops(batch.SerializeToString(), caller)
+    plain = builder.money_ops(batch.SerializeToString(), caller)
     if plain is None:  # a caller the C path does not build for: all through the Python path
         assert (caller.bad_token or caller.cert_terminal_id is not None
                 or (caller.operator is None and tls) or caller.operator is STORE_MANAGER)
@@ -200,8 +243,8 @@ def test_built_operations_are_the_python_paths(builders, ops, caller_name):
     for k, op in enumerate(ops):
         request_id, op_type, reference = builder.operation(op, caller)
         if built[k] is None:
-            # left to the Python path: never one it would accept as a plain purchase
-            assert not (isinstance(reference, PendingOp) and plain_fields_only(op)), k
+            # left to the Python path: never one it would accept with only the C path's fields
+            assert not (isinstance(reference, PendingOp) and c_path_fields_only(op)), k
             continue
         assert isinstance(reference, PendingOp), (k, reference)  # not refused by the reference
         assert built[k] == reference, k
@@ -221,10 +264,10 @@ def test_unknown_fields_of_the_batch_are_stepped_over(builders):
     reference = builders[False].operation(op, caller)[2]
     for unknown in (b"\x08\x01", b"\x11" + bytes(8), b"\x15" + bytes(4), b"\x9a\x01\x02ab"):
         batch = pb.SubmitBatchRequest.FromString(unknown + one + unknown).SerializeToString()
-        built, _, count = builders[False].plain_ops(batch, caller)
+        built, _, count = builders[False].money_ops(batch, caller)
         assert count == 1 and built == [reference], unknown
     with_group = pb.SubmitBatchRequest.FromString(one + b"\x1b\x08\x01\x1c").SerializeToString()
-    assert builders[False].plain_ops(with_group, caller) is None
+    assert builders[False].money_ops(with_group, caller) is None
 
 
 def _varint(v: int) -> bytes:
@@ -258,7 +301,7 @@ def test_unknown_batch_fields_of_any_wire_type_change_nothing(builders, unknown)
     ops = [plain, pb.Operation(purchase=pb.PurchaseRequest(request_id="x y"))]
     parsed = pb.SubmitBatchRequest.FromString(
         pb.SubmitBatchRequest(operations=ops).SerializeToString() + unknown)
-    built, _, count = builders[False].plain_ops(parsed.SerializeToString(), caller)
+    built, _, count = builders[False].money_ops(parsed.SerializeToString(), caller)
     assert len(built) == len(parsed.operations) == 2 and count == 1
     assert built[0] == builders[False].operation(plain, caller)[2] and built[1] is None
 
@@ -307,8 +350,8 @@ def test_encode_group_never_writes_past_its_buffer():
 def test_not_a_batch_is_refused_not_misread(builders):
     caller = CALLERS["development"][1]
     with pytest.raises(ValueError):
-        builders[False].plain_ops(b"\x0a\x05ab", caller)  # a length past the end
-    assert builders[False].plain_ops(b"", caller) == ([], [], 0)
+        builders[False].money_ops(b"\x0a\x05ab", caller)  # a length past the end
+    assert builders[False].money_ops(b"", caller) == ([], [], 0)
 
 
 # ---- building results -----------------------------------------------------------------------
@@ -316,24 +359,31 @@ def test_not_a_batch_is_refused_not_misread(builders):
 int64s = st.one_of(st.sampled_from([0, 1, -1, 100, -100]), st.integers(-2**40, 2**40))
 
 
+kernel_lines = st.builds(  # line records as the kernel fills them (layout.LINE)
+    L.LINE.pack, st.integers(0, 63), st.sampled_from([0, 0, 1, 100]), u32, int64s, int64s,
+    int64s, int64s, st.from_regex(rb"[ -~]{0,24}", fullmatch=True))
+
+
 @st.composite
 def outcomes(draw):
     """An outcome as the writer answers one: applied (a purchase, a top-up, anything else) or
-    refused, with any figures in the entry."""
+    refused, with any figures in the entry; a purchase's lines, points, coupon, capture and
+    partial payment each there or not."""
     entry = bytearray(draw(st.binary(min_size=224, max_size=224))) if draw(st.booleans()) \
         else bytearray(224)
     entry[1] = draw(st.sampled_from([L.OP_PURCHASE, L.OP_PURCHASE, L.OP_TOP_UP, L.OP_REFUND,
                                      L.OP_HOLD, L.OP_COUPON_ISSUE]))
-    for at in (8, 32, 40, 48, 56, 64, 72, 80, 88, 96):
+    for at in (8, 32, 40, 48, 56, 64, 72, 80, 88, 96, 176, 184, 216):
         struct.pack_into("<q", entry, at, draw(int64s))
-    if draw(st.booleans()):  # no capture, points, coupon or partial payment: a plain one
-        entry[144:152] = bytes(8)
-        entry[176:192] = bytes(16)
-        entry[196:200] = bytes(4) if draw(st.booleans()) else b"\x05\x00\x00\x00"
+    struct.pack_into("<QQ", entry, 144, draw(st.sampled_from([0, 0, 0, 5])),  # a capture's hold
+                     draw(st.sampled_from([0, 3, 2**64 - 1])))  # a coupon used (or a package)
+    struct.pack_into("<HH", entry, 196, draw(st.sampled_from([0, 0, 1, 7, 0xFFFF])),  # its id
+                     draw(st.sampled_from([0, 0, L.PARTIAL_PAYMENT, 2, 0xFFFF])))  # flags
     reason = draw(st.sampled_from([L.R_OK] * 4 + [R.REASON_INSUFFICIENT_FUNDS,
                                                   R.REASON_CARD_NOT_FOUND, R.REASON_PIN_WRONG,
                                                   L.R_STORAGE_UNAVAILABLE]))
-    lines = draw(st.sampled_from([b"", b"", L.LINE.pack(1, 0, 1, 100, 5, 0, 0, b"x")]))
+    lines = b"".join(draw(st.one_of(st.just([]), st.lists(kernel_lines, min_size=1, max_size=5),
+                                    st.just([L.LINE.pack(1, 0, 1, 100, 5, 0, 0, b"x")] * 100))))
     return Outcome(reason, draw(st.booleans()), entry[1], bytes(entry),
                    draw(st.integers(0, 10**6)), 0, lines if reason == L.R_OK else b"",
                    draw(st.sampled_from([0, 0, 7])))
@@ -446,9 +496,10 @@ def test_an_operator_outside_its_scope_is_refused_per_purchase(server, admin):
 
 
 @pytest.mark.parametrize("caller_name", ["development", "chain admin", "cashier over TLS"])
-def test_every_plain_purchase_is_built_in_c(builders, caller_name):
-    """Not only refused or left over: a batch of valid plain purchases and top-ups is built in
-    C, whole."""
+def test_every_plain_purchase_and_basket_is_built_in_c(builders, caller_name):
+    """Not only refused or left over: a batch of valid plain purchases, top-ups and baskets
+    (lines, points offered, a coupon, each or all, their gross 0 or their total: 100 lines at
+    most) is built in C, whole."""
     tls, caller = CALLERS[caller_name]
     ops = [pb.Operation(purchase=pb.PurchaseRequest(
         request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
@@ -458,11 +509,60 @@ def test_every_plain_purchase_is_built_in_c(builders, caller_name):
         request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]),
         amount_minor=100 + k, till=cpb.Till(store_id=k), client_time_us=1_796_000_000_000_000 + k))
         for k in range(40, 50)]
-    built, rids, count = builders[tls].plain_ops(
+    for k in range(50, 60):
+        count = 99 if k == 59 else k % 5 + 1
+        lines = [pb.PurchaseLine(category_code=j % 64, amount_minor=100 + j, quantity=j % 3,
+                                 sku=f"SKU-{j}" * (j % 2)) for j in range(count)]
+        ops.append(pb.Operation(purchase=pb.PurchaseRequest(
+            request_id=f"p-{k}", card=cpb.CardRef(card_number=GOOD_NUMBERS[k % 4]), lines=lines,
+            gross_amount_minor=0 if k % 3 else sum(x.amount_minor for x in lines),
+            redeem_points=500 * (k % 2), coupon_serial=k * (k % 4 != 1),
+            till=cpb.Till(store_id=k, terminal_id=2), client_time_us=1_796_000_000_000_000 + k)))
+    built, rids, count = builders[tls].money_ops(
         pb.SubmitBatchRequest(operations=ops).SerializeToString(), caller)
-    assert count == 50
+    assert count == 60
     assert built == [builders[tls].operation(op, caller)[2] for op in ops]
-    assert rids == [f"p-{k}" for k in range(50)]
+    assert rids == [f"p-{k}" for k in range(60)]
+    assert len(built[59].lines) == 99 * L.LINE_SIZE
+
+
+def test_baskets_through_the_server_answer_as_result_of(start_server):
+    """bench/programs.py's basket (5 lines, a coupon, points offered; built and answered in C)
+    beside a basket whose coupon is used by then (the writer's refusal), one with partial
+    payment allowed (built by the Python path) and one whose gross is not its lines' total
+    (refused there): each answer is GetOperation's (result_of), and a retry replays them."""
+    market = start_server("--program", os.path.join(EXAMPLES, "supermarket.toml"))
+    client = Client(market.stub)
+    number = client.funded_card(500_000)
+    client.purchase(number, 100_000)  # 1,000 points to redeem
+    serial = issue(market, number, 2).coupon_serial  # "fresh 10 % off", given
+    lines = [(c, 1000 * c + 7, 1, f"SKU-{k}") for k, c in enumerate((1, 2, 1, 2, 3))]
+    batch = [programs_purchase(number, *lines, redeem=500, coupon=serial),
+             programs_purchase(number, *lines, coupon=serial),
+             programs_purchase(number, *lines, partial=True),
+             programs_purchase(number, *lines, gross=1)]
+    results = market.stub.SubmitBatch(pb.SubmitBatchRequest(
+        operations=[pb.Operation(purchase=req) for req in batch])).results
+    assert [(r.reason, r.failure.field) for r in results] == [
+        (R.REASON_OK, ""), (R.REASON_COUPON_USED, ""), (R.REASON_OK, ""),
+        (R.REASON_INVALID_AMOUNT, "gross_amount_minor")]
+    full = results[0]
+    assert (full.coupon_serial, full.coupon_id, full.points_redeemed) == (serial, 2, 500)
+    assert full.coupon_off_minor == 201  # 10 % of the fresh lines: 1,007 + 1,007 (tier rate 100 %)
+    assert [(x.category_code, x.sku) for x in full.lines] == [(c, s) for c, _, _, s in lines]
+    assert full.paid_minor == full.amount_minor - full.discount_minor - full.redeemed_minor
+    for req, result in zip(batch[:3], results):
+        asked = market.stub.GetOperation(pb.GetOperationRequest(request_id=req.request_id)).result
+        assert asked.replayed  # answered from its record, and with the caller: the rest alike
+        asked.replayed = False
+        asked.ClearField("caller")
+        assert asked == result, req.request_id
+    again = market.stub.SubmitBatch(pb.SubmitBatchRequest(
+        operations=[pb.Operation(purchase=req) for req in batch])).results
+    assert [r.replayed for r in again] == [True, True, True, False]
+    for first, replayed in zip(results, again):
+        replayed.replayed = first.replayed
+        assert replayed == first
 
 
 # ---- the hop ---------------------------------------------------------------------------------
