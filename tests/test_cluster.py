@@ -74,6 +74,17 @@ def publish_raw(nt, record: bytes, msg_id: str, expected_last: int) -> int:
             time.sleep(0.1)
 
 
+def stream_leader_node(urls: str, shard: int = SHARD) -> int:
+    """The index of the NATS node that leads the shard's stream (nodes are named n0, n1, ...)."""
+    from cardcore.jetlog import NatsThread, stream_name
+
+    nt = NatsThread(urls.split(","), "cardcore-test")
+    try:
+        return int(nt.call(nt.js.stream_info(stream_name(shard))).cluster.leader[1:])
+    finally:
+        nt.close()
+
+
 def applied(replica: ReplicaProcess) -> int:
     """The last group a running replica's LMDB holds (its last checkpoint)."""
     ledger = Ledger(os.path.join(replica.data_dir, "ledger"), readonly=True)
@@ -451,15 +462,9 @@ def test_kill_9_the_streams_leader_node_under_load_then_restart_it_loses_nothing
     """The NATS node that leads the shard's stream dies under load: the stream elects another,
     appends pause and resume (re-sent with the same id and expectation), the node comes back
     and catches up; every acknowledged top-up is on every replica exactly once."""
-    from cardcore.jetlog import NatsThread, stream_name
-
     replicas = three(start_replica)
     numbers = opened_cards(nats_cluster, 6, 11)
-    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
-    try:
-        node = int(nt.call(nt.js.stream_info(stream_name(SHARD))).cluster.leader[1:])
-    finally:
-        nt.close()
+    node = stream_leader_node(nats_cluster.urls)
     load = Load(nats_cluster.urls, numbers, seed=19)
     load.start()
     try:
@@ -486,16 +491,9 @@ def test_kill_9_a_follower_node_then_every_node_and_replica_loses_nothing_acknow
     NATS node and every replica are killed -9 at once, and all restarted on their folders: the
     shard elects a leader again and every acknowledged top-up is on every replica exactly once
     (an acknowledgement meant fsynced on a quorum: ``sync_interval: always``)."""
-    from cardcore.jetlog import NatsThread, stream_name
-
     replicas = three(start_replica)
     numbers = opened_cards(nats_cluster, 6, 23)
-    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
-    try:
-        leader_node = int(nt.call(nt.js.stream_info(stream_name(SHARD))).cluster.leader[1:])
-    finally:
-        nt.close()
-    follower_node = (leader_node + 1) % 3
+    follower_node = (stream_leader_node(nats_cluster.urls) + 1) % 3
     load = Load(nats_cluster.urls, numbers, seed=29)
     load.start()
     restarted: list[ReplicaProcess] = []
