@@ -94,7 +94,7 @@ SIZES = {"OP_SIZE": OP_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE, "REQUEST_TAG_SIZE": T
          "AT_STAFF": AT_STAFF, "AT_OPERATOR": AT_OPERATOR, "AT_TAG": AT_TAG,
          "AT_CARD_ID": AT_CARD_ID, "AT_CLIENT_TIME": AT_CLIENT_TIME, "AT_CALLER_ID": AT_CALLER_ID,
          "AT_REF_ID": AT_REF_ID, "AT_LINE_COUNT": AT_LINE_COUNT,
-         "AT_REDEEM_POINTS": AT_REDEEM_POINTS}
+         "AT_REDEEM_POINTS": AT_REDEEM_POINTS, "EXTRA_HEAD": EXTRA_HEAD}
 FIELDS = {"SubmitBatchRequest.operations": F_BATCH_OPERATIONS,
           "Operation.purchase": F_OPERATION_PURCHASE, "Operation.top_up": F_OPERATION_TOP_UP,
           "TopUpRequest.request_id": F_REQUEST_ID, "TopUpRequest.card": F_CARD,
@@ -246,7 +246,7 @@ cdef class MoneyOps:
     def __init__(self, bytes index_key, list digest_spans, pending_op, int op_purchase,
                  int op_top_up):
         cdef uint8_t pad[HMAC_BLOCK]
-        cdef Py_ssize_t k, n = len(index_key)
+        cdef Py_ssize_t k, n = len(index_key), total = 0
         if not 16 <= n <= HMAC_BLOCK:
             raise ValueError("an HMAC key here is 16 to 64 bytes")  # as cards.PreparedHmac
         if not 0 < len(digest_spans) <= SPANS_MAX:
@@ -264,6 +264,9 @@ cdef class MoneyOps:
             if at < 0 or size <= 0 or at + size > OP_SIZE:
                 raise ValueError("digest span outside the operation")
             self.span_at[k], self.span_size[k] = at, size
+            total += size
+        if total > OP_SIZE:  # the spans are copied ahead of the lines in one buffer (build)
+            raise ValueError("digest spans longer than an operation")
         self.pending_op = pending_op
         self.op_purchase, self.op_top_up = op_purchase, op_top_up
 

@@ -50,6 +50,8 @@ def test_constants_are_the_layouts_and_the_contracts():
     assert {k: v for k, v in batchwire.SIZES.items() if k.startswith("AT_")} == \
         {name: OP_FIELD_AT[field][0] for name, field in fields.items()}
     assert batchwire.SIZES["OP_SIZE"] == L.OP_SIZE
+    from cardcore.idempotency import _PURCHASE_EXTRA
+    assert batchwire.SIZES["EXTRA_HEAD"] == _PURCHASE_EXTRA.size  # the digest's purchase_extra
     assert batchwire.SIZES["CARD_ID_SIZE"] == L.CARD_ID_SIZE
     assert batchwire.SIZES["REQUEST_TAG_SIZE"] == L.REQUEST_TAG_SIZE
     for name, number in batchwire.FIELDS.items():
