@@ -684,7 +684,8 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch
                            L.OP_PIN_FAILED))  # a replacement: its two entries (below)
     money = st.integers(-10**9, 10**9)
     principal = st.sampled_from((-200, -100, 0, 100, 200))  # small: clearings that cancel out
-    entry = st.tuples(ops, st.integers(0, 3), st.sampled_from((0, 1, 2, 3)), money, money,
+    stores = st.sampled_from((0, 1, 2, 3, 2**31 + 7, 2**32 - 1))  # ids past 2**31 too (review)
+    entry = st.tuples(ops, stores, st.sampled_from((0, 1, 2, 3)), money, money,
                       principal, money, money, st.integers(0, 10**6), st.integers(0, 10**6),
                       st.sampled_from((0, 0, 7)), st.sampled_from((0, L.PARTIAL_PAYMENT)),
                       st.integers(0, 10**6), st.sampled_from((0, 0, 11)))
