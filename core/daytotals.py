@@ -517,6 +517,11 @@ class DayTotals:
         by_slot, nslots = list(slot_index), len(slot_index)
         own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
         one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
+        # the slots' own-day nets, which add_run keeps wrapped in their rows (never from the
+        # capped IN/OUT columns: past int64 those would depend on the grouping), taken out of
+        # the rows before they land (a store's row keeps no own-day net)
+        own_p, own_b = acc[F_OWN_P::WIDTH].tolist(), acc[F_OWN_B::WIDTH].tolist()
+        acc[F_OWN_P::WIDTH] = acc[F_OWN_B::WIDTH] = _ZERO_I64 * nslots
         landing, accs, add_rows, closed = self.landing, self.acc, native.add_rows, self.closed
         for store, s in slot_index.items():
             row = s * WIDTH
@@ -537,11 +542,10 @@ class DayTotals:
                     o = own.get(day)
                     if o is None:
                         o = own[day] = [0, 0]
-                    o[0] += acc[row + F_P_IN] - acc[row + F_P_OUT]
-                    o[1] += acc[row + F_B_IN] - acc[row + F_B_OUT]
-        if one_day:  # a slot without entries has a row of zeros: the columns' sums
-            own[days[by_slot[0]]] = [sum(acc[F_P_IN::WIDTH]) - sum(acc[F_P_OUT::WIDTH]),
-                                     sum(acc[F_B_IN::WIDTH]) - sum(acc[F_B_OUT::WIDTH])]
+                    o[0] += own_p[s]
+                    o[1] += own_b[s]
+        if one_day:  # a slot without entries has nets of zero: the sums
+            own[days[by_slot[0]]] = [sum(own_p), sum(own_b)]
         for day, (principal, bonus) in own.items():  # wrapped: the same in any grouping
             self._own(day, wrapped(principal), wrapped(bonus))
         cleared = self.pairs

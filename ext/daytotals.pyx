@@ -134,6 +134,11 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             a[F_B_IN] = sat(a[F_B_IN], db)
         elif db < 0:
             a[F_B_OUT] = sat(a[F_B_OUT], -(db))
+        # the slot's own-day nets, wrapped as the reference adds them entry by entry (never from
+        # the capped columns above: past int64 those depend on the grouping); taken out of the
+        # row by whoever lands or folds it (a store's row keeps no own-day net)
+        a[F_OWN_P] = wrap(a[F_OWN_P], dp)
+        a[F_OWN_B] = wrap(a[F_OWN_B], db)
         if dpts > 0:
             a[F_PTS_IN] = sat(a[F_PTS_IN], dpts)
         elif dpts < 0:
@@ -397,9 +402,11 @@ def fold(int64_t[::1] acc, const int64_t[::1] pairs, const uint32_t[::1] stores,
                 sides[j + 1].amount = <int64_t>(<uint64_t>0 - <uint64_t>v)
                 j += 2
         w = 0
-        for s in range(n):
-            own_p += <uint64_t>acc[s * WIDTH + F_P_IN] - <uint64_t>acc[s * WIDTH + F_P_OUT]
-            own_b += <uint64_t>acc[s * WIDTH + F_B_IN] - <uint64_t>acc[s * WIDTH + F_B_OUT]
+        for s in range(n):  # the own-day nets add_run kept in the row, taken out of it
+            own_p += <uint64_t>acc[s * WIDTH + F_OWN_P]
+            own_b += <uint64_t>acc[s * WIDTH + F_OWN_B]
+            acc[s * WIDTH + F_OWN_P] = 0
+            acc[s * WIDTH + F_OWN_B] = 0
             if not touched[s]:
                 continue
             for k in range(WIDTH):
