@@ -110,6 +110,7 @@ class Replica:
         self.lease = Lease(self.nt, cfg.shard, {"pid": os.getpid(), "data_dir": cfg.data_dir})
         self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
         self._sub = None
+        self.dropped = 0  # submissions with a reply subject that is not a submitter's inbox
         self.leading = False
         self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
 
@@ -194,8 +195,10 @@ class Replica:
         may publish to the logs and the buckets, so an answer sent where a request says would
         let any submitter write there (a forged record on a log halts the shard)."""
         if not msg.reply.startswith(SUBMIT_INBOX_PREFIX + "."):
-            log.warning("replica s%d: a submission with a reply subject outside %s.> dropped",
-                        self.shard, SUBMIT_INBOX_PREFIX)
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of
+                log.warning("replica s%d: a submission with a reply subject outside %s.> "  # them
+                            "dropped (%d so far)", self.shard, SUBMIT_INBOX_PREFIX, self.dropped)
             return
         try:
             self.requests.put_nowait((msg.data, msg.reply))
