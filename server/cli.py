@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CARDCORE_NATS_URLS)")
     p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
                    help="card program TOML for a new shard (its genesis; ignored once the shard "
-                        "exists); default: the default program")
+                        "exists; env CARDCORE_PROGRAM); default: the default program")
     p.add_argument("--stream-replicas", type=int_arg(1, 5), default=3,
                    help="copies of the shard's stream and buckets, made if absent (default 3)")
     p.add_argument("--lease-ms", type=int_arg(1000, 600_000), default=3000,
@@ -207,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operations per group at most (default %(default)s)")
     p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
                    help="LMDB checkpoint at least this often (default %(default)s)")
-    p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=1000,
+    p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=60_000,
                    help="an idle leader appends a prune step of expired request records this "
-                        "often; 0: never (default %(default)s)")
+                        "often (each is a group the stream keeps); 0: never (default "
+                        "%(default)s)")
     p.add_argument("--seed-from", metavar="BACKUP", default=None,
                    help="a new replica (no ledger yet): start from a peer's backup (cardcore "
                         "backup --data-dir PEER --to BACKUP) and follow the stream from its "

@@ -144,7 +144,8 @@ def cmd_report(args) -> int:
     if args.by_store:
         print(f"\nby store, {r.from_day} to {r.to_day}"
               + (" (the first 1,000 stores only)" if r.stores_truncated else ""))
-        print_columns([("store", "name", "entries", "sales", "discount", "top-ups", "refunds")] + [
+        print_columns([("store", "name", "entries", "gross sales", "discount", "top-ups",
+                        "refunds")] + [
             (str(s.store_id), s.name or ("head office" if s.store_id == 0 else "-"),
              str(s.figures.entries), fen(s.figures.sales_gross_minor),
              fen(s.figures.discount_minor), fen(_top_ups_minor(s.figures)),

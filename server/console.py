@@ -482,7 +482,7 @@ def _chart_rows(per_store: dict) -> list[tuple[str, int]]:
 
 def totals_page(totals: dict) -> str:
     def table_of(per_store):
-        rows = ["<tr><th>store</th><th>sales</th><th>takings</th><th>top-ups</th>"
+        rows = ["<tr><th>store</th><th>purchases</th><th>takings</th><th>top-ups</th>"
                 "<th>refunds</th><th>refunded</th><th>reversals</th></tr>"]
         for s in sorted(per_store):
             t = per_store[s]

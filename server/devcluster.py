@@ -74,9 +74,13 @@ class NatsCluster:
         self._logs: list = [None] * NODES
         for k in range(NODES):
             self._write_config(k)
-        for k in range(NODES):
-            self.start_node(k)
-        self.wait_ready()
+        try:
+            for k in range(NODES):
+                self.start_node(k)
+            self.wait_ready()
+        except BaseException:  # nodes that never became ready are not left behind
+            self.stop()
+            raise
 
     @property
     def urls(self) -> str:
