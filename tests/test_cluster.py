@@ -382,14 +382,20 @@ def test_a_new_replica_seeded_from_a_peers_backup_follows_from_its_checkpoint(
     replicas = three(start_replica)
     opened_cards(nats_cluster, 6, 21)
     peer = next(r for r in replicas if r is not leader_of(replicas))
-    deadline = time.monotonic() + 20
-    while applied(peer) != stream_end(nats_cluster.urls):  # its checkpoint holds them
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    backup = str(tmp_path / "backup")
-    made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup", "--data-dir",
-                           peer.data_dir, "--to", backup], capture_output=True, text=True)
-    assert made.returncode == 0, made.stdout + made.stderr
+
+    def backup_of(replica: ReplicaProcess, shard: int, to: str) -> str:
+        """`cardcore backup` of a running replica once its checkpoint holds its stream."""
+        deadline = time.monotonic() + 20
+        while applied(replica) != stream_end(nats_cluster.urls, shard):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup",
+                               "--data-dir", replica.data_dir, "--to", to],
+                              capture_output=True, text=True)
+        assert made.returncode == 0, made.stdout + made.stderr
+        return to
+
+    backup = backup_of(peer, SHARD, str(tmp_path / "backup"))
     at_backup = Ledger(os.path.join(backup, "ledger"), readonly=True)
     try:
         seeded_at = at_backup.log_applied()
@@ -418,14 +424,7 @@ def test_a_new_replica_seeded_from_a_peers_backup_follows_from_its_checkpoint(
         open_cards(request, 2, random.Random(23), 1)
     finally:
         request.close()
-    deadline = time.monotonic() + 20
-    while applied(other) != stream_end(nats_cluster.urls, 1):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    other_backup = str(tmp_path / "backup-s1")
-    made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup", "--data-dir",
-                           other.data_dir, "--to", other_backup], capture_output=True, text=True)
-    assert made.returncode == 0, made.stdout + made.stderr
+    other_backup = backup_of(other, 1, str(tmp_path / "backup-s1"))
     wrong = start_replica("r4", SHARD, *LEASE, "--seed-from", other_backup)
     assert wrong.proc.wait(30) == 2, wrong.log()[-2000:]
     assert "not where shard 0's stream has it" in wrong.log() or "past this shard's" in wrong.log()
