@@ -122,7 +122,7 @@ def cmd_report(args) -> int:
                 out.writerow((s.store_id, s.name, *(getattr(s.figures, name) for name in _SCALARS),
                               _top_ups_minor(s.figures)))
         return 0
-    head = ("period", "entries", "sales", "discount", "top-ups", "refunds", "pts issued",
+    head = ("period", "entries", "gross sales", "discount", "top-ups", "refunds", "pts issued",
             "pts redeemed", "pts expired", "owes", "owed")
     head += ("liability principal", "liability bonus", "holds") if args.chain else (
         "closed", "holds")

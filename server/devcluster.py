@@ -150,14 +150,14 @@ class NatsCluster:
             if proc is not None and proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
         for k, proc in enumerate(self.procs):
-            if proc is None:
-                continue
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            self._logs[k].close()
+            if proc is not None:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+            if self._logs[k] is not None:  # (also a node whose start failed)
+                self._logs[k].close()
 
 
 class ReplicaProcess:

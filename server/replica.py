@@ -112,6 +112,7 @@ class Replica:
         self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
         self._sub = None
         self.dropped = 0  # submissions with a reply subject that is not a submitter's inbox
+        self.dropped_logged_at = 0.0
         self.leading = False
         self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
 
@@ -197,8 +198,10 @@ class Replica:
         let any submitter write there (a forged record on a log halts the shard)."""
         if not msg.reply.startswith(SUBMIT_INBOX_PREFIX + "."):
             self.dropped += 1
-            if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of
-                log.warning("replica s%d: a submission with a reply subject outside %s.> "  # them
+            now = time.monotonic()
+            if self.dropped & (self.dropped - 1) == 0 or now - self.dropped_logged_at >= 60:
+                self.dropped_logged_at = now  # the 1st, 2nd, 4th, 8th..., and once a minute
+                log.warning("replica s%d: a submission with a reply subject outside %s.> "
                             "dropped (%d so far)", self.shard, SUBMIT_INBOX_PREFIX, self.dropped)
             return
         try:

@@ -729,6 +729,7 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch
     @given(st.lists(entry, min_size=1, max_size=40), st.lists(st.integers(1, 39), max_size=4),
            st.booleans())
     @example([big[:2] + (c % 4,) + big[3:] for c in range(8)], [4], False)  # the fold's review:
+    @example([(big[0], 1 + 2 * (c % 2), c % 4) + big[3:] for c in range(8)], [4], True)  # 2 days
     def check(fields, cuts, apart):  # own-day nets from capped columns depended on grouping
         entries = []
         for f in fields:  # a replacement's new card's entry right after the old card's
