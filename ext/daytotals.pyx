@@ -7,6 +7,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
+from fixedint cimport cc_sat_add, i64, u16
 
 # layout.JOURNAL offsets, layout.DAY_FIGURES positions, operation types
 cdef enum:
@@ -47,23 +48,6 @@ cdef enum:
     NO_CARD = 0xFFFFFFFF
 
 
-cdef inline int64_t i64(const unsigned char* p) noexcept nogil:
-    cdef int64_t v
-    memcpy(&v, p, 8)
-    return v
-
-
-cdef extern from *:
-    """
-    static inline int64_t cc_sat_add(int64_t a, int64_t b) {
-        int64_t r;
-        if (__builtin_add_overflow(a, b, &r)) return b > 0 ? INT64_MAX : INT64_MIN;
-        return r;
-    }
-    """
-    int64_t cc_sat_add(int64_t a, int64_t b) nogil
-
-
 cdef inline int64_t sat(int64_t a, int64_t b) noexcept nogil:
     """a + b, held at int64's limits (core/daytotals.py saturated: the same rule)."""
     return cc_sat_add(a, b)
@@ -77,12 +61,6 @@ cdef inline int64_t wrap(int64_t a, int64_t b) noexcept nogil:
 cdef inline int64_t add_figure(Py_ssize_t k, int64_t a, int64_t b) noexcept nogil:
     """Figure or value ``k`` of a row added (core/daytotals.py clamped: the same rule)."""
     return wrap(a, b) if F_NETS_FIRST <= k < NF else sat(a, b)
-
-
-cdef inline uint16_t u16(const unsigned char* p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
 
 
 def width():

@@ -10,6 +10,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy
+from fixedint cimport cc_sat_add, i64, put32, put64, u32
 
 cdef enum:
     ENTRY_SIZE = 256      # layout.JOURNAL
@@ -41,37 +42,11 @@ cdef enum:
 
 cdef extern from *:
     """
-    static inline int64_t cc_msat_add(int64_t a, int64_t b) {
-        int64_t r;
-        if (__builtin_add_overflow(a, b, &r)) return b > 0 ? INT64_MAX : INT64_MIN;
-        return r;
-    }
     static inline int cc_sub_overflows(int64_t a, int64_t b, int64_t* r) {
         return __builtin_sub_overflow(a, b, r);
     }
     """
-    int64_t cc_msat_add(int64_t a, int64_t b) nogil
     int cc_sub_overflows(int64_t a, int64_t b, int64_t* r) nogil
-
-
-cdef inline uint32_t u32(const unsigned char* p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
-cdef inline void put32(unsigned char* p, uint32_t v) noexcept nogil:
-    memcpy(p, &v, 4)
-
-
-cdef inline int64_t i64(const unsigned char* p) noexcept nogil:
-    cdef int64_t v
-    memcpy(&v, p, 8)
-    return v
-
-
-cdef inline void put64(unsigned char* p, int64_t v) noexcept nogil:
-    memcpy(p, &v, 8)
 
 
 cdef inline Py_ssize_t row_of(int64_t[::1] table, Py_ssize_t width, Py_ssize_t* rows,
@@ -207,7 +182,7 @@ def add_purchases(const unsigned char[::1] entries, const uint32_t[::1] index,
             return None
         tot = &totals[t * TOTALS]
         tot[4] += 1
-        tot[5] = cc_msat_add(tot[5], spend)
+        tot[5] = cc_sat_add(tot[5], spend)
         if not count:  # the first: activated (an imported member was a customer already)
             put32(rec + R_FIRST, day)
             put32(rec + R_LAST, day)
@@ -236,7 +211,7 @@ def add_purchases(const unsigned char[::1] entries, const uint32_t[::1] index,
             if mp == 0xFFFFFFFF:
                 return None
             put32(rec + R_MONTH_PURCHASES, mp + 1)
-            put64(rec + R_MONTH_SPEND, cc_msat_add(i64(rec + R_MONTH_SPEND), spend))
+            put64(rec + R_MONTH_SPEND, cc_sat_add(i64(rec + R_MONTH_SPEND), spend))
             if mp + 1 == 2:
                 tot[2] += 1
         else:  # a later month: the one under way is done (the caller adds it to member_months)
