@@ -252,70 +252,58 @@ def print_result(result, looked_up: bool = False, client_time_us: int = 0) -> No
     print(table(rows))
 
 
-def cmd_open_card(args) -> int:
-    from cardcore.v1 import card_service_pb2 as pb
+def _card_call(args, rpc: str, message, **fields) -> int:
+    """One card operation of the command line: ``message`` for ``--card`` at ``--store`` (the
+    till) with ``fields`` and the request id and client time, sent as ``rpc``, its answer
+    printed."""
     from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.OpenCardRequest(
-        card=cpb.CardRef(card_number=args.card), tier=args.tier, till=_till(args),
-        profile=pb.MemberProfile(name=args.name, phone=args.phone, birthday=args.birthday,
-                                 home_store_id=args.store), issue_only=args.issue_only,
-        **request_fields(args))
-    print_result(call(stub_of(args).OpenCard, req, args), client_time_us=req.client_time_us)
+    req = message(card=cpb.CardRef(card_number=args.card), till=_till(args), **fields,
+                  **request_fields(args))
+    print_result(call(getattr(stub_of(args), rpc), req, args), client_time_us=req.client_time_us)
     return 0
+
+
+def cmd_open_card(args) -> int:
+    from cardcore.v1 import card_service_pb2 as pb
+
+    profile = pb.MemberProfile(name=args.name, phone=args.phone, birthday=args.birthday,
+                               home_store_id=args.store)
+    return _card_call(args, "OpenCard", pb.OpenCardRequest, tier=args.tier, profile=profile,
+                      issue_only=args.issue_only)
 
 
 def cmd_top_up(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
-    from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.TopUpRequest(card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
-                          till=_till(args), **request_fields(args))
-    print_result(call(stub_of(args).TopUp, req, args), client_time_us=req.client_time_us)
-    return 0
+    return _card_call(args, "TopUp", pb.TopUpRequest, amount_minor=args.amount)
 
 
 def cmd_purchase(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
-    from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.PurchaseRequest(card=cpb.CardRef(card_number=args.card),
-                             gross_amount_minor=args.amount, till=_till(args),
-                             **request_fields(args))
-    print_result(call(stub_of(args).Purchase, req, args), client_time_us=req.client_time_us)
-    return 0
+    return _card_call(args, "Purchase", pb.PurchaseRequest, gross_amount_minor=args.amount)
 
 
 def cmd_authorize(args) -> int:
     """Rule 15: money held for a sale to come; the answer's seq is the hold's serial."""
     from cardcore.v1 import card_service_pb2 as pb
-    from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.AuthorizeRequest(card=cpb.CardRef(card_number=args.card), amount_minor=args.amount,
-                              hold_minutes=args.minutes, till=_till(args), **request_fields(args))
-    print_result(call(stub_of(args).Authorize, req, args), client_time_us=req.client_time_us)
-    return 0
+    return _card_call(args, "Authorize", pb.AuthorizeRequest, amount_minor=args.amount,
+                      hold_minutes=args.minutes)
 
 
 def cmd_capture(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
-    from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.CaptureRequest(card=cpb.CardRef(card_number=args.card), hold_serial=args.serial,
-                            gross_amount_minor=args.amount, till=_till(args),
-                            **request_fields(args))
-    print_result(call(stub_of(args).Capture, req, args), client_time_us=req.client_time_us)
-    return 0
+    return _card_call(args, "Capture", pb.CaptureRequest, hold_serial=args.serial,
+                      gross_amount_minor=args.amount)
 
 
 def cmd_void_hold(args) -> int:
     from cardcore.v1 import card_service_pb2 as pb
-    from cardcore.v1 import common_pb2 as cpb
 
-    req = pb.VoidHoldRequest(card=cpb.CardRef(card_number=args.card), hold_serial=args.serial,
-                             till=_till(args), **request_fields(args))
-    print_result(call(stub_of(args).VoidHold, req, args), client_time_us=req.client_time_us)
-    return 0
+    return _card_call(args, "VoidHold", pb.VoidHoldRequest, hold_serial=args.serial)
 
 
 def cmd_card(args) -> int:
