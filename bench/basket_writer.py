@@ -24,7 +24,6 @@ times what LMDB writes); its CPU figures are strace's, not to be compared.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import statistics
@@ -40,6 +39,7 @@ import pstats  # noqa: E402
 
 sys.path.insert(0, HERE)
 import aggregates_writer  # noqa: E402  (card ids and request keys, the opening and top-ups)
+from daytotals_stores import base_module  # noqa: E402  (a revision's module, loaded)
 
 from cardcore import layout as L  # noqa: E402
 from cardcore.idempotency import PendingOp  # noqa: E402
@@ -140,20 +140,7 @@ class Run:
 def base_group(rev: str):
     """Revision ``rev``'s core/ledger.py (or the file ``rev`` names) loaded beside this
     tree's: its ``_Group``."""
-    if os.path.isfile(rev):
-        with open(rev, encoding="utf-8") as f:
-            source = f.read()
-    else:
-        source = subprocess.run(["git", "show", f"{rev}:core/ledger.py"],
-                                cwd=os.path.dirname(HERE), capture_output=True, text=True,
-                                check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "ledger_base.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("ledger_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._Group
+    return base_module(rev, "core/ledger.py")._Group
 
 
 def print_stat(ledger: Ledger) -> None:

@@ -54,13 +54,20 @@ def timed(ledger, module, entries, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def base_module(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:core/daytotals.py"], cwd=os.path.dirname(HERE),
-                            capture_output=True, text=True, check=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "daytotals_base.py")
+def base_module(rev: str, file: str = "core/daytotals.py"):
+    """Revision ``rev``'s ``file`` (or, when ``rev`` is a file, that file) loaded as a module
+    beside this tree's: an A/B in one process."""
+    if os.path.isfile(rev):
+        with open(rev, encoding="utf-8") as f:
+            source = f.read()
+    else:
+        source = subprocess.run(["git", "show", f"{rev}:{file}"], cwd=os.path.dirname(HERE),
+                                capture_output=True, text=True, check=True).stdout
+    name = os.path.basename(file)[:-3] + "_base"
+    path = os.path.join(tempfile.mkdtemp(), name + ".py")
     with open(path, "w") as f:
         f.write(source)
-    spec = importlib.util.spec_from_file_location("daytotals_base", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
