@@ -976,29 +976,9 @@ def read_stores_range(txn, ledger, stores: list[int], from_day: int,
     return sorted(days.items())
 
 
-def stores_with_records(txn, ledger, covers) -> list[int]:
-    """Every store with a record of any day that ``covers(store)``, in store order: one seek
-    per store holding records (what a scope's sums and holds outstanding are over)."""
-    out: list[int] = []
-    cur = txn.cursor(db=ledger.day_totals)
-    store = 0
-    while cur.set_range(L.DAY_KEY.pack(store, 0)):
-        found = L.DAY_KEY.unpack(cur.key())[0]
-        if covers(found):
-            out.append(found)
-        if found == 0xFFFF_FFFF:
-            break
-        store = found + 1
-    return out
-
-
-def stores_in_range(txn, ledger, from_day: int, to_day: int, covers,
-                    limit: int) -> tuple[list[tuple[int, list[int]]], bool]:
-    """([(store, its figures summed over the days)], truncated): every store with a record
-    from ``from_day`` to ``to_day`` that ``covers(store)``, in store order, at most ``limit``
-    (truncated: more had records). One seek per store holding records (keys are store then
-    day), never a read of another store's days outside the range."""
-    out: list[tuple[int, list[int]]] = []
+def _stores_holding(txn, ledger, from_day: int, to_day: int):
+    """Every store with a record from ``from_day`` to ``to_day``, in store order: one seek per
+    store holding records (keys are store then day), never a read of a store's other days."""
     cur = txn.cursor(db=ledger.day_totals)
     store = 0
     while cur.set_range(L.DAY_KEY.pack(store, from_day)):
@@ -1006,17 +986,35 @@ def stores_in_range(txn, ledger, from_day: int, to_day: int, covers,
         if found != store and day < from_day:  # a later store's earlier days: seek its range
             store = found
             continue
-        if day <= to_day and covers(found):
-            if len(out) == limit:
-                return out, True
-            acc = [0] * WIDTH
-            for _, values in read_range(txn, ledger, found, from_day, to_day):
-                for k in range(WIDTH):
-                    acc[k] += values[k]
-            out.append((found, [clamped(k, x) for k, x in enumerate(acc)]))
+        if day <= to_day:
+            yield found
         if found == 0xFFFF_FFFF:
-            break
+            return
         store = found + 1
+
+
+def stores_with_records(txn, ledger, covers) -> list[int]:
+    """Every store with a record of any day that ``covers(store)``, in store order (what a
+    scope's sums and holds outstanding are over)."""
+    return [s for s in _stores_holding(txn, ledger, 0, 0xFFFF_FFFF) if covers(s)]
+
+
+def stores_in_range(txn, ledger, from_day: int, to_day: int, covers,
+                    limit: int) -> tuple[list[tuple[int, list[int]]], bool]:
+    """([(store, its figures summed over the days)], truncated): every store with a record
+    from ``from_day`` to ``to_day`` that ``covers(store)``, in store order, at most ``limit``
+    (truncated: more had records)."""
+    out: list[tuple[int, list[int]]] = []
+    for store in _stores_holding(txn, ledger, from_day, to_day):
+        if not covers(store):
+            continue
+        if len(out) == limit:
+            return out, True
+        acc = [0] * WIDTH
+        for _, values in read_range(txn, ledger, store, from_day, to_day):
+            for k in range(WIDTH):
+                acc[k] += values[k]
+        out.append((store, [clamped(k, x) for k, x in enumerate(acc)]))
     return out, False
 
 
