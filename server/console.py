@@ -194,7 +194,7 @@ class Sessions:
 @dataclass
 class StoreTotals:
     name: str = ""            # the store's name in the chain's registry ("" when not registered)
-    sales: int = 0            # purchases
+    purchases: int = 0
     sales_minor: int = 0      # takings: purchases' gross minus discount (what members paid, points too)
     top_ups_minor: int = 0
     refunds: int = 0
@@ -212,10 +212,10 @@ def store_totals(name: str, figures) -> StoreTotals:
 
     from cardcore.v1 import common_pb2 as cpb
 
-    sales, _ = of(cpb.OPERATION_TYPE_PURCHASE)
+    purchases, _ = of(cpb.OPERATION_TYPE_PURCHASE)
     _, top_ups_minor = of(cpb.OPERATION_TYPE_TOP_UP)
     refunds, refunds_minor = of(cpb.OPERATION_TYPE_REFUND)
-    return StoreTotals(name=name, sales=sales,
+    return StoreTotals(name=name, purchases=purchases,
                        sales_minor=figures.sales_gross_minor - figures.discount_minor,
                        top_ups_minor=top_ups_minor, refunds=refunds, refunds_minor=refunds_minor,
                        reversals=figures.reversals)
@@ -486,9 +486,9 @@ def totals_page(totals: dict) -> str:
                 "<th>refunds</th><th>refunded</th><th>reversals</th></tr>"]
         for s in sorted(per_store):
             t = per_store[s]
-            if not (t.sales or t.top_ups_minor or t.refunds or t.reversals):
+            if not (t.purchases or t.top_ups_minor or t.refunds or t.reversals):
                 continue  # e.g. head office's admin entries only: nothing a page reader counts
-            rows.append(f'<tr><td>{_u(_store_label(s, t))}</td><td class="n">{t.sales}</td>'
+            rows.append(f'<tr><td>{_u(_store_label(s, t))}</td><td class="n">{t.purchases}</td>'
                         f'<td class="n">{_u(yuan(t.sales_minor))}</td><td class="n">'
                         f'{_u(yuan(t.top_ups_minor))}</td><td class="n">{t.refunds}</td>'
                         f'<td class="n">{_u(yuan(t.refunds_minor))}</td>'
