@@ -90,8 +90,9 @@ class NatsUnavailable(RuntimeError):
 
 
 class NatsRefused(NatsUnavailable):
-    """A NATS server answered and refused who we are (TLS, certificate, user): a setting to
-    fix, not a moment to wait out."""
+    """A setting to fix, not a moment to wait out: a NATS server answered and refused who we
+    are (TLS, certificate, user), a certificate file that does not load, or no NATS client (the
+    cluster extra)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class NatsThread:
     def __init__(self, urls: list[str], name: str, tls: NatsTLS | None = None,
                  inbox_prefix: str = REPLICA_INBOX_PREFIX) -> None:
         if nats is None:
-            raise NatsUnavailable("nats-py is not installed: pip install -e .[cluster]")
+            raise NatsRefused("nats-py is not installed: pip install -e .[cluster]")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="nats-loop",
                                         daemon=True)

@@ -83,7 +83,7 @@ def cmd_replica(args) -> int:
         # refused (a certificate, a user, a CA file): a setting to fix, exit 2, not restarted;
         # no server answered (the nodes are starting): exit 1, the supervisor tries again
         print(f"cardcore replica: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, NatsRefused) or "not installed" in str(exc) else 1
+        return 2 if isinstance(exc, NatsRefused) else 1
 
 
 COPY_ATTEMPTS = 5

@@ -37,7 +37,8 @@ from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              REPLICA_INBOX_PREFIX, STREAM_REPLICAS_DEFAULT, SUBMIT_INBOX_PREFIX,
-                             Deposed, JetStreamLog, Lease, NatsThread, NatsTLS, NatsUnavailable, prepare_shard, submit_subject)
+                             Deposed, JetStreamLog, Lease, NatsThread, NatsTLS, NatsUnavailable,
+                             prepare_shard, submit_subject)
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 
 from .writer import decode_answer, encode_answer
