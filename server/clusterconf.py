@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_cert
+
 # What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
 # JetStream API it uses (a stream's or bucket's info and creation, message gets; never a delete,
 # a purge or an update), the KV puts of the leases and the genesis, the logs' subjects,
@@ -75,13 +77,8 @@ cluster {{
 """
 
 
-from .certs import NATS_ROUTE_URI  # noqa: E402  (the node certificates carry it)
-
-
 def make_certs(certs_dir: str, nodes: list[Node], ca_name: str = "cardcore cluster CA") -> None:
     """A CA, each node's certificate (for its host) and each role's, in ``certs_dir``."""
-    from .certs import make_ca, make_nats_node_cert, make_nats_role_cert
-
     make_ca(certs_dir, ca_name)
     for node in nodes:
         make_nats_node_cert(certs_dir, node.name, [node.host])
@@ -122,10 +119,10 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
 
     for node in nodes:
         here = os.path.join(out_dir, node.name)
-        host_certs = f"{etc_dir.replace('{node}', node.name)}/nats"
+        host_etc = etc_dir.replace('{node}', node.name)
+        host_certs = f"{host_etc}/nats"
         put(os.path.join(here, "nats.conf"), node_config(
             node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs))
-        host_etc = etc_dir.replace('{node}', node.name)
         put(os.path.join(here, "replica.env"), (
             "# cardcore replica on this host (deploy/cardcore-replica@.service)\n"
             f"CARDCORE_NATS_URLS={urls_of(nodes)}\n"
