@@ -284,6 +284,7 @@ async def serve(cfg: ServerConfig) -> None:
         stats = ledger.stats()
         log.info("ledger %s: %d cards, %d journal entries", ledger.path, stats["cards"],
                  stats["journal"])
+        log.info("event loop: %s", type(loop).__module__.split(".")[0])  # uvloop or asyncio
         host = cfg.listen.rsplit(":", 1)[0]
         # The one line tests and scripts wait for; it carries the bound port (for --listen HOST:0).
         line = f"cardcore listening on {host}:{port}"

@@ -19,7 +19,8 @@ from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_stores import cmd_region, cmd_store
-from .cmd_server import cmd_backup, cmd_migrate, cmd_replica, cmd_restore, cmd_serve, cmd_verify
+from .cmd_server import (EVENT_LOOP_DEFAULT, EVENT_LOOPS, cmd_backup, cmd_migrate, cmd_replica,
+                         cmd_restore, cmd_serve, cmd_verify)
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
                      QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-segment-mib", type=int_arg(1, 4096),
                    default=SEGMENT_BYTES_DEFAULT >> 20,
                    help="the group log's preallocated segment files, in MiB (default %(default)s)")
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOP_DEFAULT,
+                   help="the gRPC process's asyncio event loop: uvloop (libuv) or Python's own "
+                        "(default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "

@@ -275,11 +275,14 @@ def test_health_and_reflection_answer(server):
     assert {"cardcore.v1.CardService", "grpc.health.v1.Health"} <= names
 
 
-def test_sigterm_stops_cleanly_and_the_ledger_verifies(start_server):
-    server = start_server()
+@pytest.mark.parametrize("event_loop", [None, "asyncio", "uvloop"])
+def test_sigterm_stops_cleanly_and_the_ledger_verifies(start_server, event_loop):
+    """On either event loop (None: the default, uvloop): serves, stops on SIGTERM, verifies."""
+    server = start_server(*(("--event-loop", event_loop) if event_loop else ()))
     c = Client(server.stub)
     c.funded_card(500)
     assert server.stop() == 0
+    assert f"event loop: {event_loop or 'uvloop'}" in server.log()
     report = verify(server.data_dir)
     assert report["ok"] and report["cards"] == 1 and report["principal_minor"] == 500
 
