@@ -1,6 +1,7 @@
 """The bare-gRPC yardstick: CardService answered without a ledger.
 
-Same proto, same grpc.aio server options, replies of the same shape; the
+Same proto, same grpc.aio server options, same event loop (``--event-loop``,
+cardcore serve's default unless told), replies of the same shape; the
 end-to-end benchmark measures it in the same run as cardcore so the ledger's
 cost over bare gRPC shows as a ratio.
 """
@@ -50,6 +51,11 @@ async def main(listen: str) -> None:
 
 
 if __name__ == "__main__":
+    from cardcore.server.cmd_server import EVENT_LOOP_DEFAULT, EVENT_LOOPS, event_loop_factory
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", default="127.0.0.1:0")
-    asyncio.run(main(parser.parse_args().listen))
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOP_DEFAULT)
+    args = parser.parse_args()
+    with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+        runner.run(main(args.listen))

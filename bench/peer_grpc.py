@@ -31,6 +31,7 @@ import grpc
 from cardcore.cards import number_ok
 from cardcore.rules import available_minor
 from cardcore.server.app import SERVER_OPTIONS
+from cardcore.server.cmd_server import EVENT_LOOP_DEFAULT, EVENT_LOOPS, event_loop_factory
 from cardcore.server.errors import CODE_NUMBER, abort, failure
 from cardcore.server.operations import REQUEST_ID_RE
 from cardcore.server.service import BATCH_OPS_MAX, STREAM_IN_FLIGHT_MAX
@@ -253,10 +254,13 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=64,
                         help="PostgreSQL connections, opened at start (default 64: the most unary "
                              "calls the bench has in flight)")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOP_DEFAULT,
+                        help="as cardcore serve's (default %(default)s: the same loop as it)")
     args = parser.parse_args()
     if not 1 <= args.pool_size <= 180:  # the bench's cluster runs max_connections = 200
         parser.error("--pool-size must be 1 to 180")
-    asyncio.run(serve(args.dsn, args.listen, args.pool_size))
+    with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+        runner.run(serve(args.dsn, args.listen, args.pool_size))
 
 
 if __name__ == "__main__":
