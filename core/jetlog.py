@@ -3,9 +3,11 @@
 ``JetStreamLog`` is a ``GroupLog``: the writer's ``DurableLedger`` applies, appends and replays
 through it exactly as through the local ``SegmentLog``. One message per group: the local log's
 64-byte record header (shard, epoch, group number, crc, the journal digest the group ends at) and
-the group's input bytes. The stream holds nothing else and never deletes, so message *n* is group
-*n* and the ledger's ``log_applied`` is the replica's applied stream sequence, committed in the
-same LMDB transaction as the state it describes.
+the group's input bytes. The stream holds nothing else and deletes nothing one by one, so message
+*n* is group *n* and the ledger's ``log_applied`` is the replica's applied stream sequence,
+committed in the same LMDB transaction as the state it describes. Its only removal is retention
+(``Retention``): the leader purges the groups before the oldest checkpoint of the shard's
+replicas, which each report theirs; a purge keeps the numbering.
 
 Every append carries ``Nats-Msg-Id`` (``s<shard>-e<epoch>-g<no>``) and
 ``Nats-Expected-Last-Sequence`` (``no - 1``): a timeout re-sends the same bytes, id and expectation
@@ -60,6 +62,11 @@ APPEND_ATTEMPT_S = 2.0            # one publish's wait for its acknowledgement
 WRONG_LAST_SEQUENCE = 10071       # JetStream's err_code for a refused expectation
 LEADERS_BUCKET = "cardcore-leaders"
 SHARDS_BUCKET = "cardcore-shards"
+CHECKPOINTS_BUCKET = "cardcore-checkpoints"  # key s<n>: {replica id: [checkpointed group, at s]}
+REPORT_EVERY_S = 1.0              # a replica reports its checkpoint at most this often
+RETENTION_CHECK_MS_DEFAULT = 60_000  # a leader looks whether it can purge this often (0: never)
+REPLICA_STALE_S_DEFAULT = 86_400  # a replica silent this long no longer holds groups back
+REPORT_TRIES = 5                  # compare-and-set rounds of one report (replicas race)
 LEASE_MS_DEFAULT = 3000
 SETUP_TIMEOUT_S = 30.0            # a new cluster's streams elect their leaders meanwhile
 MSG_ID = "Nats-Msg-Id"
@@ -87,6 +94,11 @@ class Deposed(OSError):
 
 class NatsUnavailable(RuntimeError):
     """The NATS client is not installed (the cluster extra) or no server answered."""
+
+
+class BehindRetention(LogError):
+    """The groups this replica needs next were purged (it was away past the stream's retention):
+    it starts again from a peer's backup (``--seed-from``), a setting, not a moment."""
 
 
 class NatsRefused(NatsUnavailable):
@@ -124,48 +136,76 @@ class NatsThread:
                                         daemon=True)
         self._thread.start()
         refused: list[BaseException] = []
+        refused_by: dict[str, int] = {}  # server -> its refusals
+        connected = False
+        client = None
 
         async def on_error(exc: Exception) -> None:
             # nats-py tries the servers again and again, forever, on its first connect too: a
-            # refused certificate or user would hold start-up until the time limit. A refusal
-            # that names the certificate or the user ends it at once; resets and cut handshakes
-            # (how a node refuses an unknown user, but also a node restarting) end it after
-            # REFUSALS_PER_URL rounds of every server; a node that is down is no refusal
-            if isinstance(exc, (ssl.SSLCertVerificationError, nats.errors.AuthorizationError)) \
-                    or isinstance(exc, ssl.SSLError) and "ALERT" in str(exc):
-                # the node's certificate is not our CA's, or the node refused ours or our user:
-                # no later try differs
-                refused.extend([exc] * (REFUSALS_PER_URL * len(urls)))
-            elif isinstance(exc, (ssl.SSLError, ConnectionResetError)):
-                refused.append(exc)  # a reset or a cut handshake: a refusal, or a slow node
+            # refused certificate or user would hold start-up until the time limit. Refusals
+            # (a certificate or user refused, a reset or a cut handshake: how a node refuses an
+            # unknown user, but also a node restarting) end it once every server has refused
+            # REFUSALS_PER_URL times; a node that is down is no refusal (the time limit ends
+            # that wait). So one node with a bad certificate among good ones is tried, refused,
+            # and another connects: after a refusal, the connect is started again with a new
+            # client (nats-py's own next try after a refused handshake was seen to hang), which
+            # picks its first server at random. Once connected, nothing is counted.
+            if not connected and isinstance(exc, (ssl.SSLError, ConnectionResetError,
+                                                  nats.errors.AuthorizationError)):
+                refused.append(exc)
+                server = getattr(client, "_current_server", None)  # (nats-py's: the one tried)
+                where = str(getattr(server, "uri", "?"))
+                refused_by[where] = refused_by.get(where, 0) + 1
             await _nats_error(exc)
+
+        def refused_enough() -> bool:
+            return len(refused_by) >= len(urls) and min(refused_by.values()) >= REFUSALS_PER_URL
 
         try:
             context = tls.context() if tls is not None else None  # a bad file: NatsUnavailable
-            fut = asyncio.run_coroutine_threadsafe(nats.connect(
-                servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S, tls=context,
-                inbox_prefix=inbox_prefix,
-                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
-                error_cb=on_error), self.loop)
             deadline = time.monotonic() + CONNECT_TIMEOUT_S * len(urls) + 1
-            while True:
+            fut = None
+            seen = 0  # the refusals when this connect started
+            while not connected:
+                if fut is not None and len(refused) > seen and not fut.done():
+                    fut.cancel()  # refused: this connect is over (see on_error)
+                    concurrent.futures.wait([fut], CALL_TIMEOUT_S)
+                    fut = None
+                    if refused_enough():
+                        raise refused[0]
+                if fut is None:
+                    seen = len(refused)
+                    client = nats.NATS()
+                    fut = asyncio.run_coroutine_threadsafe(client.connect(
+                        servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S, tls=context,
+                        inbox_prefix=inbox_prefix, allow_reconnect=True,
+                        max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=on_error),
+                        self.loop)
                 try:
-                    self.nc = fut.result(0.05)
-                    break
+                    fut.result(0.05)
+                    self.nc = client
+                    connected = True
+                    refused.clear()
                 except concurrent.futures.TimeoutError:
-                    if len(refused) >= REFUSALS_PER_URL * len(urls) or \
-                            time.monotonic() > deadline:
+                    if refused_enough() or time.monotonic() > deadline:
                         fut.cancel()
                         concurrent.futures.wait([fut], CALL_TIMEOUT_S)  # let it unwind
                         raise (refused[0] if refused else TimeoutError(
                             "no NATS server answered in time")) from None
+                except concurrent.futures.CancelledError:
+                    fut = None
+                except Exception as exc:  # nats-py gave this connect up
+                    if not refused or exc is not refused[-1] or refused_enough() \
+                            or time.monotonic() > deadline:
+                        raise
+                    fut = None
         except Exception as exc:
             self._stop_loop()
             setting = (refused and exc is refused[0]) or (  # refused enough, or a file (CA, cert)
                 isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)))
             kind = NatsRefused if setting else NatsUnavailable
             raise kind(f"cannot connect to NATS at {','.join(urls)}: "
-                       f"{type(exc).__name__}: {exc}") from exc
+                       f"{type(exc).__name__}: {exc} (refusals: {refused_by or 'none'})") from exc
         self.js = self.nc.jetstream(timeout=CALL_TIMEOUT_S)
 
     def call(self, coro: Coroutine, timeout_s: float = CALL_TIMEOUT_S) -> Any:
@@ -177,9 +217,11 @@ class NatsThread:
             fut.cancel()
             raise TimeoutError(f"NATS did not answer within {timeout_s} s") from None
 
-    def spawn(self, coro: Coroutine) -> None:
-        """Run ``coro`` on the loop without waiting (a reply)."""
-        asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def spawn(self, coro: Coroutine) -> concurrent.futures.Future:
+        """Run ``coro`` on the loop without waiting (a reply); what it raises is logged."""
+        done = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        done.add_done_callback(_log_failure)
+        return done
 
     def close(self) -> None:
         try:
@@ -191,6 +233,12 @@ class NatsThread:
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(CALL_TIMEOUT_S)
+
+
+def _log_failure(done: concurrent.futures.Future) -> None:
+    """A spawned coroutine's exception, said (nobody waits for its result)."""
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.warning("nats: a background call failed: %s: %s", type(exc).__name__, exc)
 
 
 async def _nats_error(exc: Exception) -> None:
@@ -208,12 +256,13 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
         storage=js_api.StorageType.FILE, num_replicas=replicas,
         retention=js_api.RetentionPolicy.LIMITS, discard=js_api.DiscardPolicy.NEW,
         duplicate_window=DUPLICATE_WINDOW_S, max_msg_size=RECORD_BYTES_MAX,
-        deny_delete=True, deny_purge=True, allow_direct=True)
+        deny_delete=True, deny_purge=False, allow_direct=True)  # purges: Retention's only
     try:
         await js.stream_info(cfg.name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(cfg)
     await _bucket(js, LEADERS_BUCKET, replicas, lease_ms / 1000)
+    await _bucket(js, CHECKPOINTS_BUCKET, replicas, None)
     shards = await _bucket(js, SHARDS_BUCKET, replicas, None)
     key = f"s{shard}-genesis"
     try:
@@ -301,6 +350,7 @@ class JetStreamLog(GroupLog):
         self.last_ts_us = 0      # the time of the last group read or appended
         self.resends = 0
         self.deposed = 0
+        self.retention: Retention | None = None  # set by a replica that reports checkpoints
         self._end = self._last_seq()
 
     @property
@@ -369,8 +419,15 @@ class JetStreamLog(GroupLog):
 
     def read_from(self, group_no: int) -> Iterator[Record]:
         """Every group from ``group_no`` to the stream's end as of this call, checked (shard,
-        number, crc), fetched ``READ_AHEAD`` at a time."""
-        end = self._last_seq()
+        number, crc), fetched ``READ_AHEAD`` at a time; BehindRetention if the stream no longer
+        holds ``group_no``."""
+        state = self.nt.call(self.nt.js.stream_info(self.stream)).state
+        end = state.last_seq
+        if group_no <= end and state.first_seq > group_no:
+            raise BehindRetention(
+                f"shard {self.shard}'s stream starts at group {state.first_seq} (retention), "
+                f"after group {group_no} this replica needs next: start it from a peer's "
+                "backup (--seed-from)")
         if end < self._end:
             raise LogError(f"the stream ends at {end}, before group {self._end} it held")
         self._end = end
@@ -416,8 +473,108 @@ class JetStreamLog(GroupLog):
         return self.last_ts_us
 
     def truncate_before(self, group_no: int) -> None:
-        """The stream keeps every group (its retention, not a checkpoint, will bound it; a
-        replica behind the stream's first group rebuilds from a peer's backup: not built)."""
+        """The ledger holds every group before ``group_no`` (a checkpoint): reported to the
+        shard's retention, which purges a group once every replica holds it."""
+        if self.retention is not None:
+            self.retention.report(group_no - 1)
+
+    def first_group_no(self) -> int:
+        """The stream's first group (1 until a purge; past its end when it is empty)."""
+        return self.nt.call(self.nt.js.stream_info(self.stream)).state.first_seq
 
     def close(self) -> None:
         """The connection is its owner's (NatsThread) to close."""
+
+
+def first_kept(held: dict, now_s: float, replicas: int, stale_s: float,
+               retain_groups: int) -> int:
+    """The first group a shard's stream must keep, from ``held`` (the checkpoints bucket's map:
+    replica id -> [its checkpoint's last group, reported at s]): after the oldest checkpoint of
+    the replicas that reported within ``stale_s``, less ``retain_groups``; 0 (keep all) with
+    fewer of them than the stream has copies."""
+    live = [group for group, at in held.values() if now_s - at < stale_s]
+    if len(live) < replicas:
+        return 0
+    return max(0, min(live) + 1 - retain_groups)
+
+
+class Retention:
+    """The shard stream's retention: each replica reports the last group its checkpoint holds
+    (key ``s<n>`` of the checkpoints bucket, one map for the shard's replicas, updated by
+    compare-and-set), and the leader purges the groups before the oldest of them, once as many
+    replicas as the stream has copies have reported within ``stale_s`` (so a replica that never
+    reported, or one starting, holds everything back). A replica silent past ``stale_s`` no
+    longer does: back, it finds its next group purged and starts from a peer's backup.
+    ``retain_groups`` more are kept below that point (for backups a little older). Wall-clock
+    times here are only liveness: a purge never removes a group a live replica still needs."""
+
+    def __init__(self, nt: NatsThread, shard: int, replica_id: str, replicas: int,
+                 stale_s: float = REPLICA_STALE_S_DEFAULT, retain_groups: int = 0) -> None:
+        assert replicas >= 1 and stale_s > 0 and retain_groups >= 0
+        self.nt, self.shard, self.replica_id = nt, shard, replica_id
+        self.replicas, self.stale_s, self.retain_groups = replicas, stale_s, retain_groups
+        self.key = f"s{shard}"
+        self.kv = nt.call(nt.js.key_value(CHECKPOINTS_BUCKET))
+        self.reported = -1
+        self.reported_at = 0.0
+        self.reporting: concurrent.futures.Future | None = None
+        self.purged_before = 0  # the first group the last purge kept (0: none yet)
+
+    def report(self, checkpointed: int) -> None:
+        """This replica's ledger holds every group up to ``checkpointed``: said at most every
+        REPORT_EVERY_S, without waiting (a report that fails is only late). The replica calls
+        it on every turn of its loop too, so the last checkpoint of a burst is said as well."""
+        now = time.monotonic()
+        if checkpointed == self.reported or now - self.reported_at < REPORT_EVERY_S:
+            return
+        self.reported, self.reported_at = checkpointed, now
+        self.reporting = self.nt.spawn(self._report(checkpointed))
+
+    def settle(self, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        """Wait for a report in flight (before the connection closes: a clean stop)."""
+        if self.reporting is not None:
+            try:
+                self.reporting.result(timeout_s)
+            except Exception:  # logged by spawn's callback
+                pass
+
+    async def _report(self, checkpointed: int) -> None:
+        for _ in range(REPORT_TRIES):
+            try:
+                try:
+                    entry = await self.kv.get(self.key)
+                    held, revision = json.loads(entry.value), entry.revision
+                except nats.js.errors.KeyNotFoundError:
+                    held, revision = {}, 0
+                now = time.time()
+                held = {rid: v for rid, v in held.items() if now - v[1] < self.stale_s}
+                held[self.replica_id] = [checkpointed, now]
+                value = json.dumps(held, sort_keys=True).encode()
+                if revision:
+                    await self.kv.update(self.key, value, last=revision)
+                else:
+                    await self.kv.create(self.key, value)
+                return
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+                continue  # another replica's report came between: read it again
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("shard %d: checkpoint not reported (%s)", self.shard, type(exc).__name__)
+                return
+
+    async def purge(self, stream: str) -> int:
+        """(The leader.) Purge what every replica holds; the first group kept (0: nothing
+        purged)."""
+        try:
+            held = json.loads((await self.kv.get(self.key)).value)
+        except nats.js.errors.KeyNotFoundError:
+            return 0
+        keep = first_kept(held, time.time(), self.replicas, self.stale_s, self.retain_groups)
+        info = await self.nt.js.stream_info(stream)
+        keep = min(keep, info.state.last_seq)  # the last group stays: the next append's check
+        if keep <= info.state.first_seq:
+            return 0  # nothing new to purge
+        await self.nt.js.purge_stream(stream, seq=keep)
+        self.purged_before = keep
+        log.info("shard %d: groups before %d purged (every replica's checkpoint holds them)",
+                 self.shard, keep)
+        return keep

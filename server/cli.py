@@ -215,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an idle leader appends a prune step of expired request records this "
                         "often (each is a group the stream keeps); 0: never (default "
                         "%(default)s)")
+    p.add_argument("--retention-check-ms", type=int_arg(0, 86_400_000),
+                   default=60_000,  # (jetlog.RETENTION_CHECK_MS_DEFAULT: not imported here)
+                   help="a leader purges, this often, the groups every replica's checkpoint holds "
+                        "(docs/cluster.md, retention); 0: never (default %(default)s)")
+    p.add_argument("--replica-stale-hours", type=int_arg(1, 24 * 365),
+                   default=24,  # (jetlog.REPLICA_STALE_S_DEFAULT, in hours)
+                   help="a replica that has not reported its checkpoint for this long no longer "
+                        "holds groups back: back later, it starts from a peer's backup (default "
+                        "%(default)s)")
+    p.add_argument("--retain-groups", type=int_arg(0, 1 << 40), default=0,
+                   help="groups kept below every replica's checkpoint, for a replica seeded from "
+                        "a backup a little older (default %(default)s)")
     p.add_argument("--seed-from", metavar="BACKUP", default=None,
                    help="a new replica (no ledger yet): start from a peer's backup (cardcore "
                         "backup --data-dir PEER --to BACKUP) and follow the stream from its "

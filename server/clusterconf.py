@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_cert
 
 # What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
-# JetStream API it uses (a stream's or bucket's info and creation, message gets; never a delete,
-# a purge or an update), the KV puts of the leases and the genesis, the logs' subjects,
+# JetStream API it uses (a stream's or bucket's info and creation, message gets, the purge of
+# retention; never a message delete or an update), the KV puts of the leases, the genesis and
+# the checkpoints, the logs' subjects,
 # submissions (answered through allow_responses, and only to a submitter's inbox: the replica
 # checks), its own inbox; a front: submit, and its own inbox (not the replicas' reads).
 ROLE_PERMISSIONS = {
     "replica": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*",
                             "$JS.API.STREAM.MSG.GET.*", "$JS.API.DIRECT.GET.>",
-                            "$KV.cardcore-leaders.>", "$KV.cardcore-shards.>", "cardcore.*.log"],
+                            "$JS.API.STREAM.PURGE.*", "$KV.cardcore-leaders.>",
+                            "$KV.cardcore-shards.>", "$KV.cardcore-checkpoints.>",
+                            "cardcore.*.log"],
                 "subscribe": ["cardcore.*.submit", "_INBOX_replica.>"], "allow_responses": True},
     "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX_front.>"]},
 }

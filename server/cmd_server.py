@@ -59,7 +59,7 @@ def cmd_serve(args) -> int:
 
 def cmd_replica(args) -> int:
     """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
-    from cardcore.jetlog import NatsRefused, NatsTLS, NatsUnavailable
+    from cardcore.jetlog import BehindRetention, NatsRefused, NatsTLS, NatsUnavailable
 
     from .replica import ReplicaConfig, SeedError, replica_main
 
@@ -88,11 +88,17 @@ def cmd_replica(args) -> int:
                         group_max_ops=args.group_max_ops, checkpoint_ms=args.checkpoint_ms,
                         idle_maintenance_ms=args.idle_maintenance_ms,
                         nats_tls=NatsTLS(*files) if all(files) else None,
-                        seed_from=args.seed_from)
+                        seed_from=args.seed_from,
+                        retention_check_ms=args.retention_check_ms,
+                        replica_stale_s=args.replica_stale_hours * 3600,
+                        retain_groups=args.retain_groups)
     try:
         return replica_main(cfg)
     except SeedError as exc:
         print(f"cardcore replica: --seed-from: {exc}", file=sys.stderr)
+        return 2
+    except BehindRetention as exc:  # a restart cannot help: a setting to fix, not restarted
+        print(f"cardcore replica: {exc}", file=sys.stderr)
         return 2
     except NatsUnavailable as exc:
         # refused (a certificate, a user, a CA file): a setting to fix, exit 2, not restarted;

@@ -34,11 +34,14 @@ from dataclasses import dataclass
 from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
 from cardcore.groups import decode_group, encode_group
-from cardcore.idempotency import PendingOp
+from cardcore.idempotency import InvariantError, PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
-                             REPLICA_INBOX_PREFIX, STREAM_REPLICAS_DEFAULT, SUBMIT_INBOX_PREFIX,
-                             Deposed, JetStreamLog, Lease, NatsThread, NatsTLS, NatsUnavailable,
-                             prepare_shard, submit_subject)
+                             REPLICA_INBOX_PREFIX, REPLICA_STALE_S_DEFAULT,
+                             RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
+                             SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
+                             NatsThread, NatsTLS, NatsUnavailable, Retention, prepare_shard,
+                             submit_subject)
+from cardcore.grouplog import LogError
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 
 from .writer import decode_answer, encode_answer
@@ -71,6 +74,31 @@ class ReplicaConfig:
     # is a group the stream keeps (~450 bytes; every second, 39 MB a shard a node a day)
     nats_tls: NatsTLS | None = None     # mutual TLS to NATS (the replica role's certificate)
     seed_from: str | None = None        # a peer's backup folder, copied in when there is no ledger
+    retention_check_ms: int = RETENTION_CHECK_MS_DEFAULT  # a leader's purge check (0: never)
+    replica_stale_s: float = REPLICA_STALE_S_DEFAULT  # a replica silent this long holds nothing
+    retain_groups: int = 0              # groups kept below every replica's checkpoint
+
+
+REPLICA_ID_FILE = "replica.id"  # in the data folder, not the ledger's: a seed does not copy it
+
+
+def replica_id(data_dir: str) -> str:
+    """This replica's name in its shard's retention: made once, kept in the data folder (a new
+    folder, or one seeded from a peer's backup, is a new replica)."""
+    import secrets
+
+    path = os.path.join(data_dir, REPLICA_ID_FILE)
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        rid = secrets.token_hex(8)
+        with open(path + ".tmp", "w") as f:
+            f.write(rid + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        return rid
 
 
 class Replica:
@@ -86,29 +114,38 @@ class Replica:
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
                                 cfg.program, time.time_ns() // 1000)
         path = os.path.join(cfg.data_dir, "ledger")
+        seeded = False  # this start copied a peer's backup in
         os.makedirs(path, exist_ok=True)
         self.log = JetStreamLog(self.nt, cfg.shard, cfg.append_timeout_ms)
+        self.log.retention = Retention(self.nt, cfg.shard, replica_id(cfg.data_dir),
+                                       cfg.stream_replicas, cfg.replica_stale_s,
+                                       cfg.retain_groups)
+        self.purge_at = 0.0  # a leader's next look at what it can purge
         if cfg.seed_from is not None and os.path.exists(os.path.join(path, "data.mdb")):
             log.warning("replica s%d: a ledger is here already: --seed-from %s ignored",
                         cfg.shard, cfg.seed_from)  # (a restart of a seeded replica: its unit)
         elif cfg.seed_from is not None:
             seed_ledger(cfg.seed_from, path)
+            seeded = True
             try:
                 self._check_seed(path)
             except BaseException:
-                for name in ("data.mdb", "lock.mdb"):  # not a ledger to start from: gone, so
-                    try:                                # that a corrected --seed-from can run
-                        os.unlink(os.path.join(path, name))
-                    except FileNotFoundError:
-                        pass
+                _unseed(path)
                 raise
 
         def open_ledger() -> Ledger:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
                           initial_time_us=genesis["time_us"])
 
-        self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
-                                     checkpoint_ops=cfg.checkpoint_ops)
+        try:  # (its catch-up: every group after the checkpoint, each one's digest checked)
+            self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
+                                         checkpoint_ops=cfg.checkpoint_ops)
+        except (InvariantError, LogError) as exc:
+            if not seeded:
+                raise
+            _unseed(path)
+            raise SeedError(f"the backup's ledger does not continue into shard {cfg.shard}'s "
+                            f"stream ({exc}): another shard's, cluster's or server's") from exc
         self.lease = Lease(self.nt, cfg.shard, {"pid": os.getpid(), "data_dir": cfg.data_dir})
         self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
         self._sub = None
@@ -127,8 +164,16 @@ class Replica:
             head_seq, head = ledger._read(ledger.journal_head)
         finally:
             ledger.close()
-        if applied == 0:
-            return  # from the genesis: the first group followed checks its digest
+        if applied == 0:  # a single server's backup (its own log), or a replica's before any
+            raise SeedError("the backup has followed no stream (a server's backup, or a new "
+                            "replica's): start this replica without --seed-from")
+        first = self.log.first_group_no()
+        if first == applied + 1:
+            return  # its own group purged: the next one's digest is checked as it is followed
+            # (in __init__: a seed whose first group does not follow is refused, folder emptied)
+        if first > applied + 1:
+            raise SeedError(f"the backup holds groups up to {applied}, but shard {self.shard}'s "
+                            f"stream starts at group {first} (retention): take a newer backup")
         rec = next(self.log.read_from(applied), None)
         if rec is None:
             raise SeedError(f"the backup has applied group {applied}, past this shard's stream: "
@@ -170,6 +215,7 @@ class Replica:
         n = self.durable.follow()
         if self.durable.due():
             self.durable.checkpoint()
+        self.log.retention.report(self.durable.checkpointed)
         if not self.stopping and time.monotonic() >= self.take_at:
             self.take_at = time.monotonic() + self.cfg.lease_ms / 10_000
             if self.lease.try_take():
@@ -226,11 +272,25 @@ class Replica:
             return
         if self.durable.due():
             self.durable.checkpoint()
+        self.log.retention.report(self.durable.checkpointed)
+        if self.cfg.retention_check_ms and time.monotonic() >= self.purge_at:
+            self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000
+            self.nt.spawn(self._purge())
         if time.monotonic() >= self.renew_at:
             if self.lease.renew():
                 self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
             else:
                 self._lease_lost()
+
+    async def _purge(self) -> None:
+        """(The loop thread.) The retention's purge; a failure is only a later purge (a stream
+        made before retention existed refuses every purge: it was made with deny_purge)."""
+        import nats.errors
+
+        try:
+            await self.log.retention.purge(self.log.stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("replica s%d: retention: %s: %s", self.shard, type(exc).__name__, exc)
 
     def _lease_lost(self) -> None:
         """The lease could not be renewed (expired while this process was paused, taken, or
@@ -328,6 +388,8 @@ class Replica:
         if self.leading:
             self._step_down("stopping")
         self.durable.close()
+        self.log.retention.report(self.durable.checkpointed)
+        self.log.retention.settle()
         self.nt.close()
 
 
@@ -337,7 +399,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
     checkpoint."""
     try:
         replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
-    except (NatsUnavailable, SeedError):  # a setting to fix, said by the command
+    except (NatsUnavailable, SeedError, BehindRetention):  # a setting to fix, said by the command
         raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
@@ -363,6 +425,16 @@ def replica_main(cfg: ReplicaConfig) -> int:
 
 class SeedError(ValueError):
     """A --seed-from that cannot be used (a setting to fix: exit 2)."""
+
+
+def _unseed(path: str) -> None:
+    """A seeded ledger that is not one to start from, gone, so that a corrected --seed-from can
+    run (and a restart does not follow from it)."""
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            os.unlink(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
 
 
 def seed_ledger(backup_dir: str, path: str) -> None:

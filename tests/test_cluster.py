@@ -25,7 +25,7 @@ from cardcore.server.replica import SubmitClient
 from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader_of
 from cluster_fixtures import ledger_digest
 from conftest import new_card_number, rid
-from test_ledger import cid, key, op, open_op
+from test_ledger import NOW, cid, key, op, open_op
 
 pytestmark = pytest.mark.skipif(cluster_available() is not None,
                                 reason=cluster_available() or "")
@@ -799,3 +799,166 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
             proc.wait(30)
         for f in logs:
             f.close()
+
+
+def first_group(urls: str, shard: int = SHARD) -> int:
+    """The first group the shard's stream still holds (retention purges before it)."""
+    from cardcore.jetlog import NatsThread, stream_name
+
+    nt = NatsThread(urls.split(","), "cardcore-test")
+    try:
+        return nt.call(nt.js.stream_info(stream_name(shard))).state.first_seq
+    finally:
+        nt.close()
+
+
+def test_retention_purges_only_what_every_replica_holds_and_one_past_it_needs_a_backup(
+        nats_cluster, start_replica, tmp_path):
+    """Three replicas report their checkpoints; the leader purges the groups all of them hold,
+    never one a replica still needs: a stopped follower holds the stream back and, restarted,
+    catches up. A new empty replica after a purge exits 2 saying to seed it from a backup; one
+    seeded from a peer's backup follows, and all end identical."""
+    import subprocess
+    import sys
+
+    retention = ("--retention-check-ms", "200")
+    replicas = [start_replica(f"r{k}", SHARD, *LEASE, *retention) for k in range(3)]
+    deadline = time.monotonic() + 30
+    while not any("leading" in r.roles() for r in replicas):
+        assert time.monotonic() < deadline, [r.log()[-2000:] for r in replicas]
+        time.sleep(0.05)
+    for k in range(4):
+        opened_cards(nats_cluster, 3, 40 + k)
+    deadline = time.monotonic() + 30
+    while first_group(nats_cluster.urls) == 1:  # every replica checkpoints, reports, purge
+        assert time.monotonic() < deadline, [r.log()[-1500:] for r in replicas]
+        time.sleep(0.1)
+    assert first_group(nats_cluster.urls) <= min(applied(r) for r in replicas) + 1
+
+    # a stopped follower's checkpoint holds the stream back
+    stopped = next(r for r in replicas if r is not leader_of(replicas))
+    assert stopped.stop() == 0
+    held = applied(stopped)
+    for k in range(3):
+        opened_cards(nats_cluster, 3, 50 + k)
+    time.sleep(1.0)  # several purge checks
+    assert first_group(nats_cluster.urls) <= held + 1 < stream_end(nats_cluster.urls)
+    back = start_replica(stopped.data_dir.rsplit("/", 1)[1], SHARD, *LEASE, *retention)
+    back.wait_role("following")
+    live = [r for r in replicas if r is not stopped] + [back]
+    deadline = time.monotonic() + 30
+    while first_group(nats_cluster.urls) <= held + 1:  # back and reporting: purged past it
+        assert time.monotonic() < deadline, (held, first_group(nats_cluster.urls),
+                                             [r.log()[-1000:] for r in live])
+        time.sleep(0.1)
+
+    # an empty replica cannot start from a purged stream: exit 2, a backup named
+    empty = start_replica("r-empty", SHARD, *LEASE, *retention)
+    assert empty.proc.wait(30) == 2, empty.log()[-2000:]
+    assert "retention" in empty.log() and "--seed-from" in empty.log()
+    # ... one seeded from a peer's backup follows
+    peer = next(r for r in live if r is not leader_of(live))
+    made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup", "--data-dir",
+                           peer.data_dir, "--to", str(tmp_path / "backup")],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    seeded = start_replica("r-seeded", SHARD, *LEASE, *retention,
+                           "--seed-from", str(tmp_path / "backup"))
+    seeded.wait_role("following")
+    opened_cards(nats_cluster, 2, 60)
+    everyone = live + [seeded]
+    converge_and_stop(everyone, nats_cluster.urls)
+    identical(everyone)
+
+
+def test_the_first_group_kept_waits_for_every_live_replica():
+    """Retention's rule (jetlog.first_kept): the oldest checkpoint of the replicas heard from
+    within the stale time, once there are as many of them as the stream has copies."""
+    from cardcore.jetlog import first_kept
+
+    now = 1_000_000.0
+    held = {"a": [500, now - 1], "b": [300, now - 5], "c": [900, now - 2]}
+    assert first_kept(held, now, 3, 3600, 0) == 301
+    assert first_kept(held, now, 3, 3600, 100) == 201
+    assert first_kept(held, now, 3, 3600, 10_000) == 0
+    assert first_kept(held, now, 4, 3600, 0) == 0           # a copy never heard from: keep all
+    held["b"][1] = now - 7200                               # b silent past the stale time ...
+    assert first_kept(held, now, 3, 3600, 0) == 0           # ... and too few live: keep all
+    held["d"] = [700, now]                                  # its replacement reports
+    assert first_kept(held, now, 3, 3600, 0) == 501
+
+
+def test_a_servers_backup_is_refused_as_a_seed_and_the_folder_left_empty(
+        nats_cluster, start_replica, tmp_path):
+    """A backup whose ledger followed no stream (a single server's: log_applied 0, a journal of
+    its own) is no replica's start: exit 2, nothing left in the new replica's folder."""
+    import subprocess
+    import sys
+
+    server = tmp_path / "server"
+    (server / "ledger").mkdir(parents=True)
+    ledger = Ledger(str(server / "ledger"))
+    try:
+        ledger.apply_group([open_op(rid(), new_card_number())], NOW)
+    finally:
+        ledger.close()
+    made = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "backup", "--data-dir",
+                           str(server), "--to", str(tmp_path / "backup")],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    seeded = start_replica("r-from-server", SHARD, *LEASE, "--seed-from",
+                           str(tmp_path / "backup"))
+    assert seeded.proc.wait(30) == 2, seeded.log()[-2000:]
+    assert "followed no stream" in seeded.log()
+    assert not os.path.exists(os.path.join(seeded.data_dir, "ledger", "data.mdb"))
+
+
+def test_one_node_with_a_foreign_certificate_does_not_stop_a_start(tmp_path):
+    """A node whose certificate is not the cluster CA's (renewed from another CA, a stray host)
+    among good ones: every start still connects (a refusal costs a retry from a random node);
+    only every node refusing is a setting (NatsRefused). Also: once connected, the connection's
+    later errors are not counted (found by a review: they piled up for its whole life)."""
+    import socket
+    import ssl
+
+    from cardcore.jetlog import NatsRefused, NatsThread
+    from cardcore.server import certs
+    from cardcore.server.devcluster import NatsCluster, free_ports
+
+    other = str(tmp_path / "other-ca")
+    certs.make_ca(other, "some other CA")
+    certs.make_nats_node_cert(other, "stray", ["127.0.0.1"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(other, "nats-node-stray.pem"),
+                        os.path.join(other, "nats-node-stray.key"))
+    port, = free_ports(1)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(16)
+
+    def stray() -> None:  # says INFO as a TLS node does, then a handshake with its certificate
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                conn.sendall(b'INFO {"server_id":"stray","tls_required":true,'
+                             b'"max_payload":1048576,"proto":1}\r\n')
+                ctx.wrap_socket(conn, server_side=True).close()
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+    threading.Thread(target=stray, daemon=True).start()
+    cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
+    try:
+        urls = [f"nats://127.0.0.1:{port}"] + cluster.urls.split(",")[:1]
+        for k in range(6):
+            nt = NatsThread(urls, f"cardcore-test-{k}", cluster.tls_for("replica"))
+            nt.close()
+        with pytest.raises(NatsRefused, match="refusals"):
+            NatsThread(urls[:1], "cardcore-test-stray-only", cluster.tls_for("replica"))
+    finally:
+        listener.close()
+        cluster.stop()
