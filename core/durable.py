@@ -135,6 +135,8 @@ class DurableLedger:
         self.since = time.monotonic()   # when the span began
         self.degraded = False
         self.broken = ""    # why the span could not be rebuilt: nothing more is taken
+        self.broken_for_now = False  # ... only because the log could not be read (a replica's
+        # stream not answering): follow() tries the rebuild again
         self.replayed = replayed = self._replay()
         if replayed:
             log.warning("replayed %d groups of the log after the last checkpoint", replayed)
@@ -182,8 +184,13 @@ class DurableLedger:
         """Apply the groups another writer appended to the log since ``applied`` (a replica that
         follows its shard's stream): the replay path, each group's journal digest checked (a
         replica that would diverge stops, InvariantError). How many."""
-        if self.broken:
+        if self.broken and not self.broken_for_now:
             raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}")
+        if self.broken:  # the log was unreadable for a moment: from the checkpoint again
+            self.broken, self.broken_for_now = "", False
+            before = self.checkpointed
+            self._span_from_log()
+            return self.applied - before
         return self._replay()
 
     def due(self) -> bool:
@@ -284,6 +291,8 @@ class DurableLedger:
         except Exception as exc:
             self._abort()
             self.broken = f"{type(exc).__name__}: {exc}"
+            # a ledger and a log that do not fit stay broken; a read that failed may pass later
+            self.broken_for_now = not isinstance(exc, (InvariantError, LogError))
             raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}") \
                 from exc
 

@@ -199,7 +199,11 @@ class Replica:
                     self._lead_once()
                 else:
                     self._follow_once()
-            except (TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, nats.errors.Error, InvariantError) as exc:
+                if isinstance(exc, InvariantError) and not self.durable.broken_for_now:
+                    raise  # a ledger that does not fit its stream: halt
+                # NATS did not answer (also while the span was rebuilt after a refused append:
+                # following rebuilds it again from the checkpoint)
                 why = f"NATS: {type(exc).__name__}: {exc}"
                 if self.leading:
                     self._step_down(why)

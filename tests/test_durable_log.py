@@ -239,11 +239,56 @@ def test_a_log_replayed_onto_another_ledger_stops_at_the_first_group(tmp_path):
 
 class _RefusingLog(SegmentLog):
     refuse = False
+    unreadable = 0  # reads that fail (a replica's stream not answering) before they pass again
 
     def append(self, payload, digest_seq, out_digest):
         if self.refuse:
             raise OSError(28, "No space left on device")
         return super().append(payload, digest_seq, out_digest)
+
+    def read_from(self, group_no):
+        if self.unreadable:
+            self.unreadable -= 1
+            raise TimeoutError("the log did not answer")
+        return super().read_from(group_no)
+
+
+def test_a_rebuild_the_log_could_not_be_read_for_is_tried_again_by_follow(tmp_path):
+    """A refused append, then the log unreadable while the span is rebuilt (a deposed leader's
+    stream not answering): the writer stops taking groups (InvariantError), but a follower's
+    next follow() rebuilds from the checkpoint and goes on; a rebuild that found a ledger not
+    fitting its log is never retried."""
+    numbers = [new_card_number() for _ in range(3)]
+    groups = _groups(numbers)
+    path = str(tmp_path / "ledger")
+    Ledger(path).close()
+    log = _RefusingLog(log_folder(path), 1)
+    durable = DurableLedger(lambda: Ledger(path), log, checkpoint_ms=3_600_000)
+    durable.apply(groups[0])
+    durable.apply(groups[1])
+    log.refuse, log.unreadable = True, 1
+    with pytest.raises(InvariantError, match="could not be rebuilt"):
+        durable.apply(groups[2])
+    assert durable.broken and durable.broken_for_now
+    log.refuse = False
+    with pytest.raises(InvariantError):
+        durable.apply(groups[2])  # the writer's own path does not retry
+    assert durable.follow() == 2  # rebuilt: groups 1 and 2 again, from the checkpoint
+    assert not durable.broken
+    durable.apply(groups[3])
+    assert durable.checkpoint()
+    durable.close()
+    ledger = Ledger(path, readonly=True)
+    try:
+        top_ups = [e for _, v in ledger.dump()["journal"]
+                   if (e := L.JOURNAL.unpack(v))[1] == L.OP_TOP_UP]
+    finally:
+        ledger.close()
+    assert sorted({e[9] for e in top_ups}) == [1000, 1002]  # the refused group (1001) absent
+
+    durable.broken, durable.broken_for_now = "replay ended at another digest", False
+    with pytest.raises(InvariantError, match="another digest"):
+        durable.follow()
 
 
 def test_a_group_the_log_refuses_leaves_nothing_and_the_next_one_goes_on(tmp_path):
