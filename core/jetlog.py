@@ -247,10 +247,11 @@ async def _nats_error(exc: Exception) -> None:
 
 
 async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: str | None,
-                       now_us: int) -> dict:
+                       now_us: int, keyring: str | None = None) -> dict:
     """The shard's stream and the cluster's KV buckets, made if absent (the same configuration
     every time: the first replica to start makes them); the shard's genesis record, made only if
-    absent and never changed: {"time_us", "program"} (None: the default program)."""
+    absent and never changed: {"time_us", "program", "keyring"} (program None: the default one;
+    keyring: the index key's fingerprint its replicas hold, None: keyless)."""
     cfg = js_api.StreamConfig(
         name=stream_name(shard), subjects=[log_subject(shard)],
         storage=js_api.StorageType.FILE, num_replicas=replicas,
@@ -266,21 +267,22 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     shards = await _bucket(js, SHARDS_BUCKET, replicas, None)
     key = f"s{shard}-genesis"
     try:
-        await shards.create(key, json.dumps({"time_us": now_us, "program": program},
-                                            sort_keys=True).encode())
+        await shards.create(key, json.dumps({"time_us": now_us, "program": program,
+                                             "keyring": keyring}, sort_keys=True).encode())
     except nats.js.errors.KeyWrongLastSequenceError:
         pass  # another replica made it first: it is the shard's
     return json.loads((await shards.get(key)).value)
 
 
 def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
-                  program: str | None, now_us: int) -> dict:
+                  program: str | None, now_us: int, keyring: str | None = None) -> dict:
     """``ensure_shard`` from the synchronous side, tried again while a new cluster, or a stream
     another replica just made, has no leader yet ("no responders", a timeout)."""
     deadline = time.monotonic() + SETUP_TIMEOUT_S
     while True:
         try:
-            return nt.call(ensure_shard(nt.js, shard, replicas, lease_ms, program, now_us))
+            return nt.call(ensure_shard(nt.js, shard, replicas, lease_ms, program, now_us,
+                                        keyring))
         except (nats.errors.Error, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise

@@ -64,6 +64,16 @@ class Keyring:
             raise ValueError(f"keyring {self.path}: data keys are 32 bytes, versions 1..65535")
         self._aead = {v: AESGCM(k) for v, k in self.data_keys.items()}
 
+    def index_fingerprint(self) -> str:
+        """Names the index key without revealing it (HMAC of a fixed label): replicas of a shard
+        must hold the same one, or none (docs/cluster.md, determinism: the member index and the
+        profiles' key come from it)."""
+        import hashlib
+        import hmac
+
+        return hmac.new(self.index_key, b"cardcore keyring fingerprint/1",
+                        hashlib.sha256).hexdigest()[:32]
+
     def __repr__(self) -> str:  # never print a key
         return f"Keyring({self.path!r}, data key versions {sorted(self.data_keys)})"
 

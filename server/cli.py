@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-groups", type=int_arg(0, 1 << 40), default=0,
                    help="groups kept below every replica's checkpoint, for a replica seeded from "
                         "a backup a little older (default %(default)s)")
+    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
+                   help="the chain's keyring file (env CARDCORE_KEYRING): the member index and "
+                        "profiles are kept with its index key; every replica of a shard holds the "
+                        "same one, or none (checked against the shard's genesis)")
     p.add_argument("--seed-from", metavar="BACKUP", default=None,
                    help="a new replica (no ledger yet): start from a peer's backup (cardcore "
                         "backup --data-dir PEER --to BACKUP) and follow the stream from its "

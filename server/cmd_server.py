@@ -61,7 +61,7 @@ def cmd_replica(args) -> int:
     """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
     from cardcore.jetlog import BehindRetention, NatsRefused, NatsTLS, NatsUnavailable
 
-    from .replica import ReplicaConfig, SeedError, replica_main
+    from .replica import KeyringMismatch, ReplicaConfig, SeedError, replica_main
 
     if not args.nats:
         print("cardcore replica: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is needed",
@@ -91,13 +91,13 @@ def cmd_replica(args) -> int:
                         seed_from=args.seed_from,
                         retention_check_ms=args.retention_check_ms,
                         replica_stale_s=args.replica_stale_hours * 3600,
-                        retain_groups=args.retain_groups)
+                        retain_groups=args.retain_groups, keyring_path=args.keyring)
     try:
         return replica_main(cfg)
     except SeedError as exc:
         print(f"cardcore replica: --seed-from: {exc}", file=sys.stderr)
         return 2
-    except BehindRetention as exc:  # a restart cannot help: a setting to fix, not restarted
+    except (BehindRetention, KeyringMismatch) as exc:  # a restart cannot help: a setting
         print(f"cardcore replica: {exc}", file=sys.stderr)
         return 2
     except NatsUnavailable as exc:

@@ -42,7 +42,10 @@ from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              NatsThread, NatsTLS, NatsUnavailable, Retention, prepare_shard,
                              submit_subject)
 from cardcore.grouplog import LogError
+from cardcore.keyring import Keyring
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
+from cardcore.lookup import lookup_key
+from cardcore.profiles import profile_key
 
 from .writer import decode_answer, encode_answer
 
@@ -77,6 +80,7 @@ class ReplicaConfig:
     retention_check_ms: int = RETENTION_CHECK_MS_DEFAULT  # a leader's purge check (0: never)
     replica_stale_s: float = REPLICA_STALE_S_DEFAULT  # a replica silent this long holds nothing
     retain_groups: int = 0              # groups kept below every replica's checkpoint
+    keyring_path: str | None = None     # the chain's keyring (every replica of a shard, or none)
 
 
 REPLICA_ID_FILE = "replica.id"  # in the data folder, not the ledger's: a seed does not copy it
@@ -111,8 +115,24 @@ class Replica:
         self.stopping = False
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}",
                              cfg.nats_tls, REPLICA_INBOX_PREFIX)
+        try:
+            keyring = Keyring.load(cfg.keyring_path) if cfg.keyring_path else None
+        except (OSError, ValueError, KeyError) as exc:
+            raise KeyringMismatch(f"--keyring {cfg.keyring_path}: {type(exc).__name__}") from None
+        fingerprint = keyring.index_fingerprint() if keyring else None
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
-                                cfg.program, time.time_ns() // 1000)
+                                cfg.program, time.time_ns() // 1000, fingerprint)
+        if "keyring" not in genesis:  # a shard made before the check: nothing to compare with
+            log.warning("replica s%d: the shard's genesis names no keyring: not checked",
+                        cfg.shard)
+        elif genesis["keyring"] != fingerprint:
+            def named(fp: str | None) -> str:
+                return f"keyring {fp}" if fp else "no keyring"
+
+            raise KeyringMismatch(
+                f"shard {cfg.shard} is kept with {named(genesis['keyring'])}, this replica has "
+                f"{named(fingerprint)}: every replica of a shard holds the same keyring "
+                "(--keyring), or none")
         path = os.path.join(cfg.data_dir, "ledger")
         seeded = False  # this start copied a peer's backup in
         os.makedirs(path, exist_ok=True)
@@ -133,9 +153,12 @@ class Replica:
                 _unseed(path)
                 raise
 
+        keys = ({"lookup_key": lookup_key(keyring.index_key),
+                 "profile_key": profile_key(keyring.index_key)} if keyring else {})
+
         def open_ledger() -> Ledger:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
-                          initial_time_us=genesis["time_us"])
+                          initial_time_us=genesis["time_us"], **keys)
 
         try:  # (its catch-up: every group after the checkpoint, each one's digest checked)
             self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
@@ -403,7 +426,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
     checkpoint."""
     try:
         replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
-    except (NatsUnavailable, SeedError, BehindRetention):  # a setting to fix, said by the command
+    except (NatsUnavailable, SeedError, BehindRetention, KeyringMismatch):  # a setting to fix
         raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
@@ -429,6 +452,10 @@ def replica_main(cfg: ReplicaConfig) -> int:
 
 class SeedError(ValueError):
     """A --seed-from that cannot be used (a setting to fix: exit 2)."""
+
+
+class KeyringMismatch(ValueError):
+    """This replica's keyring is not its shard's (a setting to fix: exit 2)."""
 
 
 def _unseed(path: str) -> None:

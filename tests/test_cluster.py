@@ -962,3 +962,28 @@ def test_one_node_with_a_foreign_certificate_does_not_stop_a_start(tmp_path):
     finally:
         listener.close()
         cluster.stop()
+
+
+def test_every_replica_of_a_shard_holds_the_shards_keyring_or_none(
+        nats_cluster, start_replica, tmp_path):
+    """The first replica's keyring is named in the shard's genesis (its index key's
+    fingerprint); a replica with another keyring, or none, exits 2 saying so; one with the same
+    keyring follows and ends identical."""
+    from cardcore.keyring import Keyring
+
+    ours, other = (Keyring.load_or_create(str(tmp_path / f"{name}.json")) for name in ("a", "b"))
+    assert ours.index_fingerprint() != other.index_fingerprint()
+    assert ours.index_key.hex() not in ours.index_fingerprint()
+    first = start_replica("r0", SHARD, *LEASE, "--keyring", ours.path)
+    first.wait_role("leading")
+    for name, extra in (("r-other", ("--keyring", other.path)), ("r-none", ())):
+        wrong = start_replica(name, SHARD, *LEASE, *extra)
+        assert wrong.proc.wait(30) == 2, wrong.log()[-2000:]
+        assert "same keyring" in wrong.log() and ours.index_fingerprint() in wrong.log()
+        assert other.index_key.hex() not in wrong.log()
+    second = start_replica("r1", SHARD, *LEASE, "--keyring", ours.path)
+    second.wait_role("following")
+    opened_cards(nats_cluster, 5, 70)
+    both = [first, second]
+    converge_and_stop(both, nats_cluster.urls)
+    identical(both)
