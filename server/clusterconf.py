@@ -96,10 +96,11 @@ def urls_of(nodes: list[Node]) -> str:
 # ---- cardcore cluster-config ---------------------------------------------------------------
 
 def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
-                program: str | None = None) -> list[str]:
+                program: str | None = None, keyring: str | None = None) -> list[str]:
     """Every host's files under ``out_dir/<node>/`` (to copy to the host's ``etc_dir``):
     ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
-    and key, the replica role's); the fronts' under ``out_dir/front/``; the CA's key stays in
+    and key, the replica role's; with ``keyring``, the chain's keyring, 0600); the fronts' under
+    ``out_dir/front/``; the CA's key stays in
     ``out_dir/ca/`` (keep it off the hosts). The paths written inside are the hosts' own."""
     import shutil
 
@@ -132,9 +133,12 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
             f"CARDCORE_NATS_CA={host_certs}/ca.pem\n"
             f"CARDCORE_NATS_CERT={host_certs}/nats-replica.pem\n"
             f"CARDCORE_NATS_KEY={host_certs}/nats-replica.key\n"
-            + (f"CARDCORE_PROGRAM={host_etc}/program.toml\n" if program else "")))
+            + (f"CARDCORE_PROGRAM={host_etc}/program.toml\n" if program else "")
+            + (f"CARDCORE_KEYRING={host_etc}/keyring.json\n" if keyring else "")))
         if program:  # a new shard's genesis: the same document on every host
             put(os.path.join(here, "program.toml"), source=program)
+        if keyring:  # every replica of a shard: the same keyring (checked at start)
+            put(os.path.join(here, "keyring.json"), source=keyring, mode=0o600)
         for stem, mode in (("ca.pem", 0o644), (f"nats-node-{node.name}.pem", 0o644),
                            (f"nats-node-{node.name}.key", 0o600), ("nats-replica.pem", 0o644),
                            ("nats-replica.key", 0o600)):
@@ -168,7 +172,11 @@ def cmd_cluster_config(args) -> int:
             raise ValueError("every --node needs a name and a host of its own")
         if args.program is not None and not os.path.isfile(args.program):
             raise ValueError(f"--program {args.program}: no such file")
-        paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir, args.program)
+        if args.keyring is not None:
+            from cardcore.keyring import Keyring
+            Keyring.load(args.keyring)  # a keyring, readable: ValueError or OSError otherwise
+        paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir, args.program,
+                            args.keyring)
     except (OSError, ValueError) as exc:
         print(f"cardcore cluster-config: {exc}", file=sys.stderr)
         return 2
@@ -193,6 +201,10 @@ def add_parser(sub) -> None:
     p.add_argument("--program", default=None,
                    help="the card program (TOML) new shards start with, copied to every host "
                         "(default: none, the default program)")
+    p.add_argument("--keyring", default=None,
+                   help="the chain's keyring (the single server's, cardcore serve --keyring), "
+                        "copied to every host, 0600: the replicas keep the member index with it "
+                        "(default: none, keyless shards)")
     p.add_argument("--etc-dir", default="/etc/cardcore",
                    help="where the files go on each host (default %(default)s; {node} is the "
                         "node's name, for nodes that share a disk, as the tests' do)")

@@ -716,8 +716,11 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
     nodes = [f"h{k}=127.0.0.{k}" for k in (1, 2, 3)]
     cafe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                         "programs", "cafe.toml")
+    from cardcore.keyring import Keyring
+
+    keyring = Keyring.load_or_create(str(tmp_path / "chain-keyring.json"))
     args = [sys.executable, "-m", "cardcore.server.cli", "cluster-config", "--out", str(out),
-            "--program", cafe,
+            "--program", cafe, "--keyring", keyring.path,
             "--etc-dir", str(tmp_path / "{node}" / "etc"),
             "--host-data-dir", str(tmp_path / "{node}" / "data"),
             "--client-port", str(ports[0]), "--route-port", str(ports[1]),
@@ -733,6 +736,7 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
     again = config(*nodes)
     assert again.returncode == 2 and "holds a cluster" in again.stderr
     assert oct(os.stat(out / "h1" / "nats" / "nats-replica.key").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(out / "h1" / "keyring.json").st_mode & 0o777) == "0o600"
     assert not (out / "h1" / "nats" / "ca.key").exists()
     procs, replicas, logs = [], [], []
     try:
@@ -790,6 +794,17 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
                 assert ledger.read_programs()[1]["source"] == f.read()
         finally:
             ledger.close()
+        import json
+
+        from cardcore.jetlog import SHARDS_BUCKET, NatsThread
+        nt = NatsThread(urls.split(","), "cardcore-test", NatsTLS(
+            envs[0]["CARDCORE_NATS_CA"], envs[0]["CARDCORE_NATS_CERT"],
+            envs[0]["CARDCORE_NATS_KEY"]))
+        try:  # the replicas ran with the keyring cluster-config put on every host
+            genesis = nt.call(nt.call(nt.js.key_value(SHARDS_BUCKET)).get(f"s{SHARD}-genesis"))
+            assert json.loads(genesis.value)["keyring"] == keyring.index_fingerprint()
+        finally:
+            nt.close()
     finally:
         for r in replicas:
             if r.proc.poll() is None:
