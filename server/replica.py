@@ -257,6 +257,7 @@ class Replica:
         self.durable.follow()
         self.leading = True
         self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
+        self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000  # a check's time
         if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
             return
         self._sub = self.nt.call(self.nt.nc.subscribe(submit_subject(self.shard),
