@@ -7,7 +7,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
-from fixedint cimport cc_sat_add, i64, u16
+from fixedint cimport cc_sat_add, cc_sat_wide, cc_wide, i64, u16
 
 # layout.JOURNAL offsets, layout.DAY_FIGURES positions, operation types
 cdef enum:
@@ -53,9 +53,21 @@ cdef inline int64_t sat(int64_t a, int64_t b) noexcept nogil:
     return cc_sat_add(a, b)
 
 
+cdef inline int64_t sat_sum(int64_t a, cc_wide v) noexcept nogil:
+    """a + v, ``v`` an exact sum of several amounts (128 bits: never wrapped), held at int64's
+    limits once (core/daytotals.py _add: ``saturated(a + the Python sum)``, the same rule)."""
+    return cc_sat_wide(a, v)
+
+
 cdef inline int64_t wrap(int64_t a, int64_t b) noexcept nogil:
     """a + b round int64 (core/daytotals.py wrapped: the nets of both signs)."""
     return <int64_t>(<uint64_t>a + <uint64_t>b)
+
+
+cdef inline int64_t neg(int64_t a) noexcept nogil:
+    """-a round int64 (-INT64_MIN is INT64_MIN, as core/daytotals.py wrapped says; a signed
+    negation of it is undefined in C)."""
+    return <int64_t>(<uint64_t>0 - <uint64_t>a)
 
 
 cdef inline int64_t add_figure(Py_ssize_t k, int64_t a, int64_t b) noexcept nogil:
@@ -107,11 +119,11 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         if dp > 0:
             a[F_P_IN] = sat(a[F_P_IN], dp)
         elif dp < 0:
-            a[F_P_OUT] = sat(a[F_P_OUT], -(dp))
+            a[F_P_OUT] = sat_sum(a[F_P_OUT], -<cc_wide>dp)  # (-INT64_MIN too)
         if db > 0:
             a[F_B_IN] = sat(a[F_B_IN], db)
         elif db < 0:
-            a[F_B_OUT] = sat(a[F_B_OUT], -(db))
+            a[F_B_OUT] = sat_sum(a[F_B_OUT], -<cc_wide>db)
         # the slot's own-day nets, wrapped as the reference adds them entry by entry (never from
         # the capped columns above: past int64 those depend on the grouping); taken out of the
         # row by whoever lands or folds it (a store's row keeps no own-day net)
@@ -120,32 +132,33 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         if dpts > 0:
             a[F_PTS_IN] = sat(a[F_PTS_IN], dpts)
         elif dpts < 0:
-            a[F_PTS_OUT] = sat(a[F_PTS_OUT], -(dpts))
+            a[F_PTS_OUT] = sat_sum(a[F_PTS_OUT], -<cc_wide>dpts)
         if op == OP_PURCHASE:
             redeemed_pts = i64(e + 176)
             if cont:  # core/daytotals.py CONTINUED: the basket's sale was counted already
-                a[F_T_TILL] = sat(a[F_T_TILL], dp + db - i64(e + 184))
+                a[F_T_TILL] = sat_sum(a[F_T_TILL], <cc_wide>dp + db - i64(e + 184))
             else:
                 a[F_GROSS] = sat(a[F_GROSS], amount)
                 a[F_DISCOUNT] = sat(a[F_DISCOUNT], discount)
                 a[F_COUPON_OFF] = sat(a[F_COUPON_OFF], i64(e + 216))
                 if u16(e + 198) & PARTIAL_PAYMENT:
-                    a[F_T_TILL] = sat(a[F_T_TILL], amount - discount + dp + db - i64(e + 184))
-            a[F_T_PRINCIPAL] = sat(a[F_T_PRINCIPAL], -(dp))
-            a[F_T_BONUS] = sat(a[F_T_BONUS], -(db))
+                    a[F_T_TILL] = sat_sum(a[F_T_TILL], <cc_wide>amount - discount + dp + db
+                                          - i64(e + 184))
+            a[F_T_PRINCIPAL] = sat_sum(a[F_T_PRINCIPAL], -<cc_wide>dp)
+            a[F_T_BONUS] = sat_sum(a[F_T_BONUS], -<cc_wide>db)
             a[F_T_POINTS] = sat(a[F_T_POINTS], i64(e + 184))
-            a[F_ISSUED] = sat(a[F_ISSUED], dpts + redeemed_pts)
+            a[F_ISSUED] = sat_sum(a[F_ISSUED], <cc_wide>dpts + redeemed_pts)
             a[F_REDEEMED] = sat(a[F_REDEEMED], redeemed_pts)
             if u16(e + 196):
                 a[F_COUPONS_USED] = sat(a[F_COUPONS_USED], 1)
         elif op == OP_POINTS_EXPIRED:
-            a[F_EXPIRED] = sat(a[F_EXPIRED], -(dpts))
+            a[F_EXPIRED] = sat_sum(a[F_EXPIRED], -<cc_wide>dpts)
         elif dpts != 0 and op != OP_REFUND and op != OP_REVERSAL and op != OP_CARD_REPLACED \
                 and op != OP_REPLACEMENT_OPENED and op != OP_CARD_STATUS and op != OP_IMPORT_CARD:
             if dpts > 0:
                 a[F_ISSUED] = sat(a[F_ISSUED], dpts)
             else:
-                a[F_REDEEMED] = sat(a[F_REDEEMED], -(dpts))
+                a[F_REDEEMED] = sat_sum(a[F_REDEEMED], -<cc_wide>dpts)
         c = card_of[k]
         if c == NO_CARD:
             continue
@@ -162,7 +175,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             moving = NO_CARD
         elif (op == OP_TOP_UP or op == OP_IMPORT_CARD) and dp > 0:
             h = home[c]
-            before = i64(e + 72) - dp
+            before = wrap(i64(e + 72), neg(dp))  # principal after - dp, round int64
             if h != s and before != 0:
                 pairs[h * nslots + s] = wrap(pairs[h * nslots + s], before)
             home[c] = s
@@ -170,7 +183,7 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
         elif dp != 0:
             h = home[c]
             if h != s:
-                pairs[h * nslots + s] = wrap(pairs[h * nslots + s], -(dp))
+                pairs[h * nslots + s] = wrap(pairs[h * nslots + s], neg(dp))
     return moving
 
 

@@ -724,12 +724,26 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch
         return out
 
     big = (L.OP_TOP_UP, 1, 0, 0, 0, 2**61 + 1, 0, 0, 0, 0, 0, 0, 0, 0)  # 8 of them pass int64
+    # a figure made of several amounts whose exact sum passes int64: the reference caps the
+    # exact sum once (the C loop summed in int64 first, so it wrapped before capping)
+    sale = (L.OP_PURCHASE, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    split = sale[:11] + (L.PARTIAL_PAYMENT,) + sale[12:]
+    issued = sale[:7] + (2**62, 2**62) + sale[9:]  # points earned + redeemed
+    till = split[:3] + (2**62, -(2**62)) + split[5:]  # gross - discount, the till's part
+    till_back = split[:3] + (-(2**62), 2**62) + split[5:]  # ... at INT64_MIN, then back
+    bonus_min = sale[:6] + (-(2**63),) + sale[7:]  # bonus out: -(INT64_MIN)
+    expired_min = (L.OP_POINTS_EXPIRED,) + sale[1:7] + (-(2**63),) + sale[8:]
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(entry, min_size=1, max_size=40), st.lists(st.integers(1, 39), max_size=4),
            st.booleans())
     @example([big[:2] + (c % 4,) + big[3:] for c in range(8)], [4], False)  # the fold's review:
     @example([(big[0], 1 + 2 * (c % 2), c % 4) + big[3:] for c in range(8)], [4], True)  # 2 days
+    @example([issued], [], False)
+    @example([till, issued], [], False)
+    @example([till_back, till, issued], [], False)  # (uncut: a saturated sum depends on cuts)
+    @example([bonus_min, bonus_min], [], False)
+    @example([expired_min, issued], [], True)
     def check(fields, cuts, apart):  # own-day nets from capped columns depended on grouping
         entries = []
         for f in fields:  # a replacement's new card's entry right after the old card's
