@@ -1,19 +1,20 @@
 """What the aggregates cost the writer alone, in-process (no server, no fsync), in CPU time:
 
-    .venv/bin/python bench/aggregates_writer.py [--rounds 6] [--cards 20000] [--base REV_OR_FILE]
+    .venv/bin/python bench/aggregates_writer.py [--rounds 6] [--cards 20000] [--base REV]
 
 Four ledgers over the same seeded cards (opened and topped up): keeping every aggregate, none,
-the day totals only, the member metrics only. Each round applies, in each ledger in turn (the
-order alternating), 5 transactions of 3 groups of 1,000 purchases at random stores 1..199 (a
-checkpoint's transaction spans groups so), and takes the writer's CPU time per group
+the day totals only, the member metrics only. Each round applies 5 transactions of 3 groups of
+1,000 purchases at random stores 1..199 (a checkpoint's transaction spans groups so), each
+transaction in every ledger in turn (the order alternating: a shared machine's load falls on all
+alike), and takes the writer's CPU time per group
 (``time.process_time``: other processes on a shared machine move it far less than wall time).
 Prints each ledger's median and min of the rounds, and none / each: the writer's share of the
 issue's ">= 0.9x" target, which ``bench/daytotals.py --all-aggregates`` measures through the
 server (the gRPC side there adds the same CPU to both).
 
 ``--base REV``: a fifth ledger keeping every aggregate through core/daytotals.py and
-core/members.py as they were at git revision REV (or files: ``--base-members`` names the second),
-over this tree's C loops (``ext/``: a base's Python calls them as it did), taking turns with
+core/members.py as they were at git revision REV, over that revision's C loops (ext/daytotals.pyx
+and ext/members.pyx built into a cache in the temp folder on the first run), taking turns with
 the others: an A/B in one process. At the end its aggregates' records must be byte for byte this
 tree's (the same groups make the same records), or the run fails."""
 from __future__ import annotations
@@ -72,25 +73,56 @@ def seed(ledgers, ids: list, key, ts: int, within=None) -> int:
     return ts
 
 
-def base_modules(rev: str, members_file: str | None = None) -> tuple:
-    """(daytotals, members) of revision ``rev`` (or files), loaded beside this tree's, the base's
-    members module reading the base's day totals (its business days, later payments)."""
-    from daytotals_stores import base_module  # (a revision's module, loaded)
+def base_modules(rev: str) -> tuple:
+    """(daytotals, members) of revision ``rev``, loaded beside this tree's over the revision's
+    own C loops (built), the base's members module reading the base's day totals (its business
+    days, later payments)."""
+    from daytotals_stores import base_extension, base_module  # (a revision's, loaded)
     days = base_module(rev, "core/daytotals.py")
-    kept = base_module(members_file or rev, "core/members.py")
+    kept = base_module(rev, "core/members.py")
+    days.native = base_extension(rev, "daytotals")
+    days._index_run = days.native.index_run
+    kept.native = base_extension(rev, "members")
     kept.daytotals = days
     return days, kept
 
 
+class Clocked:
+    """A module (or a DayTotals) as the writer sees it, with the CPU time of the writer's calls
+    into the aggregates (``later_payments``, ``DayTotals`` and its ``add_all`` and ``write``,
+    ``keep``) added to ``spent[0]``: the aggregates' own share of a group, apart from the rest
+    of the writer (where a shared machine's noise is ~5x larger)."""
+    CLOCKED = frozenset(("later_payments", "keep", "add_all", "write"))
+
+    def __init__(self, target, spent: list[float]) -> None:
+        self._target, self._spent = target, spent
+
+    def __getattr__(self, name: str):
+        value = getattr(self._target, name)
+        if name not in self.CLOCKED and name != "DayTotals":
+            return value
+
+        def clocked(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                made = value(*args, **kwargs)
+            finally:
+                self._spent[0] += time.process_time() - t0
+            return Clocked(made, self._spent) if name == "DayTotals" else made
+
+        return clocked
+
+
 @contextlib.contextmanager
-def aggregates(modules: tuple | None):
+def aggregates(modules: tuple | None, spent: list[float] | None = None):
     """The writer's aggregates (core/ledger.py's ``daytotals`` and ``member_metrics``) made by
-    ``modules`` (``base_modules``') inside; None: this tree's."""
-    if modules is None:
-        yield
-        return
+    ``modules`` (``base_modules``'; None: this tree's) inside; ``spent``: their calls'
+    CPU time added to ``spent[0]`` (``Clocked``)."""
+    chosen = modules if modules is not None else (daytotals, members)
+    if spent is not None:
+        chosen = tuple(Clocked(m, spent) for m in chosen)
     saved = ledger_module.daytotals, ledger_module.member_metrics
-    ledger_module.daytotals, ledger_module.member_metrics = modules
+    ledger_module.daytotals, ledger_module.member_metrics = chosen
     try:
         yield
     finally:
@@ -108,18 +140,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cards", type=int, default=20_000)
-    ap.add_argument("--base", help="a git revision (or a file) whose core/daytotals.py and "
-                    "core/members.py keep a fifth ledger's aggregates (an A/B)")
-    ap.add_argument("--base-members", help="with --base a file: the base's core/members.py")
+    ap.add_argument("--base", help="a git revision whose core/daytotals.py and core/members.py "
+                    "(and their C loops, built) keep a fifth ledger's aggregates (an A/B)")
     args = ap.parse_args()
     rng, ids, key = cards_and_keys(args.cards)
     ts = time.time_ns() // 1000
     kept = dict(KEPT)
     modules: dict[str, tuple] = {}  # ledger name -> its aggregates' modules (none: this tree's)
-    if args.base:
+    if args.base:  # next to all, in either order: each pair of transactions under one load
         base = f"all ({os.path.basename(args.base)})"
-        kept[base] = KEPT["all"]
-        modules[base] = base_modules(args.base, args.base_members)
+        kept = {"all": KEPT["all"], base: KEPT["all"], **KEPT}
+        modules[base] = base_modules(args.base)
+    pairs: list[float] = []  # base / all, transaction by transaction
+    own: dict[str, list[float]] = {"all": [], "base": []}  # the aggregates' calls, a transaction
     times: dict[str, list[float]] = {name: [] for name in kept}
     with tempfile.TemporaryDirectory() as tmp:
         ledgers = {name: Ledger(os.path.join(tmp, f"ledger{k}"), sync=False,
@@ -130,7 +163,6 @@ def main() -> int:
             ts = seed(ledgers.values(), ids, key, ts,
                       lambda ledger: aggregates(by_ledger.get(id(ledger))))
             for r in range(args.rounds):
-                order = list(ledgers) if r % 2 == 0 else list(ledgers)[::-1]
                 txns = []  # every ledger applies the same purchases: (key, card, amount, store)
                 for _ in range(TXNS_PER_ROUND):
                     groups = []
@@ -139,20 +171,29 @@ def main() -> int:
                         groups.append((ts, [(key("p"), rng.choice(ids), rng.randrange(100, 20_000),
                                              rng.randrange(1, 200)) for _ in range(GROUP_OPS)]))
                     txns.append(groups)
-                for name in order:
-                    ledger = ledgers[name]
-                    built = [[(at, [PendingOp.build(k, L.OP_PURCHASE, cid, amount, store_id=store,
-                                                    client_time_us=at)
-                                    for k, cid, amount, store in ops]) for at, ops in groups]
-                             for groups in txns]
-                    with aggregates(modules.get(name)):
-                        t0 = time.process_time()
-                        for groups in built:
+                spent = dict.fromkeys(ledgers, 0.0)
+                for t, groups in enumerate(txns):  # each transaction in every ledger in turn
+                    names = list(ledgers)
+                    took: dict[str, float] = {}
+                    for name in names if (r + t) % 2 == 0 else names[::-1]:
+                        ledger = ledgers[name]
+                        built = [(at, [PendingOp.build(k, L.OP_PURCHASE, cid, amount,
+                                                       store_id=store, client_time_us=at)
+                                       for k, cid, amount, store in ops]) for at, ops in groups]
+                        calls = [0.0]
+                        with aggregates(modules.get(name), calls):
+                            t0 = time.process_time()
                             with ledger.env.begin(write=True) as txn:
-                                for at, ops in groups:
+                                for at, ops in built:
                                     ledger.apply_in(txn, ops, at)
-                        times[name].append((time.process_time() - t0) * 1e3
-                                           / (TXNS_PER_ROUND * GROUPS_PER_TXN))
+                            took[name] = time.process_time() - t0
+                            spent[name] += took[name]
+                        if name == "all" or (args.base and name == base):
+                            own["all" if name == "all" else "base"].append(calls[0])
+                    if args.base:
+                        pairs.append(took[base] / took["all"])
+                for name, took in spent.items():
+                    times[name].append(took * 1e3 / (TXNS_PER_ROUND * GROUPS_PER_TXN))
             if args.base:  # the same groups: the same records, byte for byte
                 same = aggregate_records(ledgers["all"]) == aggregate_records(ledgers[base])
                 print(f"records of all and {base}: {'identical' if same else 'DIFFERENT'}")
@@ -162,10 +203,18 @@ def main() -> int:
             for ledger in ledgers.values():
                 ledger.close()
     none = times["none"]
-    if args.base:  # this tree against the base, round by round (the same round's load)
-        ratios = [b / a for a, b in zip(times["all"], times[base])]
-        print(f"{base} / all: {statistics.median(ratios):.3f}x (median of the rounds' ratios; "
-              f"{', '.join(f'{r:.3f}' for r in ratios)})")
+    if args.base:  # this tree against the base, transaction by transaction (adjacent: one load)
+        q = statistics.quantiles(pairs, n=4)
+        print(f"{base} / all: {statistics.median(pairs):.3f}x (writer CPU, median of "
+              f"{len(pairs)} transactions' ratios; quartiles {q[0]:.3f}, {q[2]:.3f}); "
+              f"medians of the rounds: {statistics.median(times[base]) / statistics.median(times['all']):.3f}x")
+        mine = [b / a for a, b in zip(own["all"], own["base"])]
+        q = statistics.quantiles(mine, n=4)
+        per_group = 1e3 / GROUPS_PER_TXN
+        print(f"the aggregates' own calls: all {statistics.median(own['all']) * per_group:.2f} ms "
+              f"a group, {base} {statistics.median(own['base']) * per_group:.2f} ms; "
+              f"{base} / all {statistics.median(mine):.3f}x (median of the transactions' "
+              f"ratios; quartiles {q[0]:.3f}, {q[2]:.3f})")
     for name, t in times.items():
         print(f"{name:22s} {statistics.median(t):6.2f} ms a {GROUP_OPS:,}-purchase group "
               f"(median of {args.rounds}; min {min(t):.2f}); none / {name}: "

@@ -11,6 +11,7 @@ core/daytotals.py as it was at git revision REV (before stores), on the same led
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import os
 import random
@@ -70,6 +71,46 @@ def base_module(rev: str, file: str = "core/daytotals.py"):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def base_extension(rev: str, name: str):
+    """Revision ``rev``'s C loop ``ext/NAME.pyx`` (with the ext/*.pxd and *.h it may cimport),
+    built with setup.py's flags and loaded beside this tree's: a base's Python over its own C
+    (``base_module``'s ``native``). Built once per revision's ext/ folder (a cache in the temp
+    folder, named by its git tree)."""
+    from Cython.Build import cythonize  # (the build's tools: only a run with a base needs them)
+    from setuptools import Distribution, Extension
+
+    root = os.path.dirname(HERE)
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+
+    tree = git("rev-parse", f"{rev}:ext").strip()
+    folder = os.path.join(tempfile.gettempdir(), "cardcore-base-ext", tree)
+    os.makedirs(folder, exist_ok=True)
+    built = [f for f in os.listdir(folder) if f.startswith(name + ".") and f.endswith(".so")]
+    if not built:
+        for path in git("ls-tree", "--name-only", rev, "ext/").split():
+            if path.endswith((".pxd", ".h")) or path == f"ext/{name}.pyx":
+                with open(os.path.join(folder, os.path.basename(path)), "w") as f:
+                    f.write(git("show", f"{rev}:{path}"))
+        ext = Extension(name, [os.path.join(folder, name + ".pyx")], include_dirs=[folder],
+                        extra_compile_args=["-O2"])
+        dist = Distribution({"ext_modules": cythonize([ext], include_path=[folder], quiet=True,
+                                                      compiler_directives={"language_level": "3"})})
+        cmd = dist.get_command_obj("build_ext")
+        cmd.build_lib = cmd.build_temp = folder
+        cmd.ensure_finalized()
+        cmd.run()
+        built = [os.path.relpath(cmd.get_ext_fullpath(name), folder)]
+    path = os.path.join(folder, built[0])
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+        name, path, loader=loader))
+    loader.exec_module(module)
     return module
 
 
