@@ -725,12 +725,11 @@ class DayTotals:
                         raise InvariantError("a day was closed twice")
             elif name in _NO_RECORD:  # a home back at head office, a clearing back at zero
                 db, none = getattr(ledger, name), _NO_RECORD[name]
-                kept = []
-                for key, value in items:
-                    if value == none:
-                        txn.delete(key, db=db)
-                    else:
-                        kept.append((key, value))
+                kept = [item for item in items if item[1] != none]
+                if len(kept) != len(items):  # (rare: most groups delete none)
+                    for key, value in items:
+                        if value == none:
+                            txn.delete(key, db=db)
                 if kept:  # the rest in one call, in key order
                     txn.cursor(db=db).putmulti(kept)
             elif items:
@@ -782,9 +781,9 @@ class DayTotals:
             _add(c, F_OWN_B, bonus)
             _add(c, F_OWN_HELD, held)
         self.own = {}
-        totals = self._added("day_totals", sorted(
+        totals = self._added("day_totals", *_rows(
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
-        chain_days = self._added("day_chain", sorted(
+        chain_days = self._added("day_chain", *_rows(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
         side_keys = sorted(sides)
         stored = self.stored("day_clearing", side_keys).get
@@ -801,10 +800,8 @@ class DayTotals:
         day = next(iter(days.values()))
         chain = array("q", _ZERO_ROW)
         keys, slots, side_keys, sides = native.fold(acc, pairs, array("I", slot_index), day, chain)
-        rows = memoryview(acc)
-        totals = self._added("day_totals", [(key, rows[s * WIDTH:(s + 1) * WIDTH])
-                                            for key, s in zip(keys, slots)])
-        chain_days = self._added("day_chain", [(L.DAY_CHAIN_KEY.pack(day), chain)])
+        totals = self._added("day_totals", keys, acc, array("I", slots))
+        chain_days = self._added("day_chain", [L.DAY_CHAIN_KEY.pack(day)], chain)
         stored = self.stored("day_clearing", side_keys).get
         clearing = list(zip(side_keys, native.add_nets(list(map(stored, side_keys)),
                                                        array("q", sides))))
@@ -821,18 +818,28 @@ class DayTotals:
         homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
         return {"day_staff": staff, "day_money_home": homes, "store_days": sorted(self.closes)}
 
-    def _added(self, name: str, items: list[tuple[bytes, array]]) -> list[tuple[bytes, bytes]]:
-        """Day totals records (``name``: day_totals or day_chain) with the rows added."""
-        keys = [key for key, _ in items]
+    def _added(self, name: str, keys: list[bytes], rows: array,
+               slots: array | None = None) -> list[tuple[bytes, bytes]]:
+        """Day totals records (``name``: day_totals or day_chain) of ``keys`` (in key order)
+        with their rows added: key k's the row at ``slots[k]`` of ``rows`` (WIDTH values a row;
+        None: the k-th)."""
         stored = self.stored(name, keys).get
-        return list(zip(keys, native.add_records(list(map(stored, keys)),
-                                                 [a for _, a in items])))
+        return native.add_records(keys, list(map(stored, keys)), rows, slots)
 
     def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
         if self.fresh or not keys:
             return {}
         return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+
+
+def _rows(items) -> tuple[list[bytes], array]:
+    """(the keys in key order, their rows end to end): records' (key, row) for ``_added``."""
+    items = sorted(items)
+    rows = array("q")
+    for _, a in items:
+        rows.extend(a)
+    return [key for key, _ in items], rows
 
 
 def joined(entries) -> bytes:

@@ -4,7 +4,7 @@ day added up per store, and the clearing rule's home of the money followed card 
 ``daytotals.add_figures`` and ``DayTotals._money`` are the reference it is held to (tests:
 the same records either way); this is only their speed."""
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 from fixedint cimport cc_sat_add, cc_sat_wide, cc_wide, i64, u16
@@ -248,29 +248,33 @@ def add_record(unsigned char[::1] record, const int64_t[::1] row):
         raise ValueError("day totals: a record of an unknown version or a count out of range")
 
 
-def add_records(list stored, list rows):
-    """[each stored record (bytes; None: none yet) with its row (an int64 array of WIDTH) added]:
-    ``add_record`` over a group's records in one call (the write's read-add-write)."""
-    cdef Py_ssize_t i, n = len(stored)
-    cdef bytearray record
-    cdef const int64_t[::1] row
-    cdef unsigned char[::1] out
+def add_records(list keys, list stored, const int64_t[::1] rows, const uint32_t[::1] slots):
+    """[(key, its stored record (bytes; None: none yet) with its row added)] for ``keys`` in
+    order: key k's row is the one at ``slots[k]`` of ``rows`` (WIDTH values a row; ``slots``
+    None: the k-th). ``add_record`` over a group's records in one call (the write's
+    read-add-write), each record made once, in the bytes it is returned in."""
+    cdef Py_ssize_t i, n = len(keys), at
+    cdef const unsigned char[::1] raw
+    cdef unsigned char* out
     cdef list made = []
-    if len(rows) != n:
-        raise ValueError("day totals: records and rows of different counts")
+    if len(stored) != n or (slots is not None and slots.shape[0] != n):
+        raise ValueError("day totals: keys, records and rows of different counts")
     for i in range(n):
-        raw = stored[i]
-        if raw is None:
-            record = bytearray(RECORD_SIZE)
+        at = (slots[i] if slots is not None else i) * <Py_ssize_t>WIDTH
+        if at + WIDTH > rows.shape[0]:
+            raise ValueError("day totals: a row out of range")
+        record = PyBytes_FromStringAndSize(NULL, RECORD_SIZE)  # (new: filled before it is seen)
+        out = <unsigned char*>PyBytes_AS_STRING(record)
+        if stored[i] is None:
+            memset(out, 0, RECORD_SIZE)
         else:
-            record = bytearray(raw)
-        row = rows[i]
-        if record.__len__() != RECORD_SIZE or row.shape[0] != WIDTH:
-            raise ValueError("day totals: a record or a row of the wrong size")
-        out = record
-        if record_add(&out[0], &row[0]) < 0:
+            raw = stored[i]
+            if raw.shape[0] != RECORD_SIZE:
+                raise ValueError("day totals: a record of the wrong size")
+            memcpy(out, &raw[0], RECORD_SIZE)
+        if record_add(out, &rows[at]) < 0:
             raise ValueError("day totals: a record of an unknown version or a count out of range")
-        made.append(bytes(record))
+        made.append((keys[i], record))
     return made
 
 
