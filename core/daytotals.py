@@ -442,12 +442,20 @@ class DayTotals:
 
     def _read_homes(self, card_ids: list[bytes]) -> None:
         """The homes of the money of ``card_ids`` (in key order) not known yet, read in one go
-        (no record: head office's; fresh: none read, ``_home`` says 0)."""
-        wanted = [cid for cid in card_ids if cid not in self.homes]
-        if wanted and not self.fresh:
-            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
-            self.homes.update(dict.fromkeys(wanted, 0))
-            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
+        (no record: head office's; fresh: none read, all head office's)."""
+        homes = self.homes
+        wanted = [cid for cid in card_ids if cid not in homes] if homes else card_ids
+        if not wanted:
+            return
+        read = dict.fromkeys(wanted, 0)
+        found = (None if self.fresh
+                 else self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
+        if found:  # (the homes at once: u32 each)
+            raw = b"".join([value for _, value in found])
+            if len(raw) != 4 * len(found):
+                raise InvariantError("a home of the money of the wrong size")
+            read.update(zip([cid for cid, _ in found], array("I", raw)))
+        homes.update(read)
 
     def _add_run(self, run: memoryview, ops: bytes, version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
@@ -463,7 +471,7 @@ class DayTotals:
         run_stores, card_ids = native.index_run(run, slot_of, card_of)
         slot_index = dict(zip(run_stores, range(len(run_stores))))
         self._read_homes(card_ids)
-        home_stores = list(map(self.homes.get, card_ids, repeat(0)))
+        home_stores = list(map(self.homes.__getitem__, card_ids))
         for store in dict.fromkeys(home_stores):
             slot_index.setdefault(store, len(slot_index))
         homes = array("I", map(slot_index.__getitem__, home_stores))
@@ -473,12 +481,12 @@ class DayTotals:
         if nslots > NATIVE_STORES_MAX:
             return False
         days = self.days_of_stores(slot_index, version, ts_us)  # a clearing's: its creditor's
-        unknown = [L.DAY_KEY.pack(store, day) for store, day in days.items()
-                   if (store, day) not in self.closed]
+        closed = self.closed
+        unknown = [store_day for store_day in days.items() if store_day not in closed]
         if unknown and not self.fresh:  # whether each store's day is closed, read in one go
-            found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
-            for key in unknown:
-                self.closed[L.DAY_KEY.unpack(key)] = key in found
+            keys = [L.DAY_KEY.pack(store, day) for store, day in unknown]
+            found = set(self.txn.cursor(db=self.ledger.store_days).getmulti(keys, values=False))
+            closed.update(zip(unknown, map(found.__contains__, keys)))
         home_set = bytearray(len(card_ids))
         acc = _ZERO_I64 * (nslots * WIDTH)  # zeros by repetition (from bytes: 30x slower)
         pairs = _ZERO_I64 * (nslots * nslots)
