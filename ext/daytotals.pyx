@@ -7,6 +7,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
+from cardsort cimport CardAt, sort_cards
 from fixedint cimport cc_sat_add, cc_sat_wide, cc_wide, i64, u16
 
 # layout.JOURNAL offsets, layout.DAY_FIGURES positions, operation types
@@ -432,21 +433,6 @@ def fold(int64_t[::1] acc, const int64_t[::1] pairs, const uint32_t[::1] stores,
     return totals_keys, totals_slots, side_keys, side_amounts
 
 
-ctypedef struct CardAt:
-    unsigned char id[16]
-    uint32_t k             # the entry's number
-
-
-cdef int by_card(const void* x, const void* y) noexcept nogil:
-    """Card ids in LMDB's key order (bytes compared unsigned), then by entry."""
-    cdef const CardAt* a = <const CardAt*>x
-    cdef const CardAt* b = <const CardAt*>y
-    cdef int c = memcmp(a.id, b.id, 16)
-    if c:
-        return c
-    return (a.k > b.k) - (a.k < b.k)
-
-
 def index_run(const unsigned char[::1] entries, uint32_t[::1] slot_of, uint32_t[::1] card_of):
     """A run's (or a group's) slots, as ``add_run`` takes them: ``slot_of[k]`` entry k's store's
     slot (slots in order of the stores' first appearance), ``card_of[k]`` its card's slot among
@@ -488,7 +474,8 @@ def index_run(const unsigned char[::1] entries, uint32_t[::1] slot_of, uint32_t[
                 memcpy(cards[m].id, e + 16, 16)
                 cards[m].k = <uint32_t>k
                 m += 1
-        qsort(cards, m, sizeof(CardAt), by_card)
+        if sort_cards(cards, m) < 0:
+            raise MemoryError()
         for j in range(m):
             if j == 0 or memcmp(cards[j].id, cards[j - 1].id, 16) != 0:
                 ids.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, 16))

@@ -8,8 +8,9 @@ makes it return None having changed nothing the caller keeps, and the caller add
 through the reference instead: which keeps it, or says what is wrong."""
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
+from cardsort cimport CardAt, sort_cards
 from fixedint cimport cc_sat_add, i64, put32, put64, u32
 
 cdef enum:
@@ -67,21 +68,6 @@ cdef inline Py_ssize_t row_of(int64_t[::1] table, Py_ssize_t width, Py_ssize_t* 
     return r
 
 
-ctypedef struct Card:
-    unsigned char id[CARD_SIZE]
-    uint32_t i             # the purchase's number
-
-
-cdef int by_card(const void* a, const void* b) noexcept nogil:
-    """Card ids in LMDB's key order (bytes compared unsigned), then by purchase."""
-    cdef const Card* x = <const Card*>a
-    cdef const Card* y = <const Card*>b
-    cdef int c = memcmp(x.id, y.id, CARD_SIZE)
-    if c:
-        return c
-    return (x.i > y.i) - (x.i < y.i)
-
-
 def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
               uint32_t[::1] index, uint32_t[::1] slot_of):
     """The purchases of ``entries`` (journal entries) but those ``skip`` marks (a split
@@ -89,27 +75,28 @@ def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
     among the distinct ones into ``slot_of``. Returns (how many, the distinct card ids sorted:
     the keys to read)."""
     cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, m = 0, j
-    cdef Card* cards
+    cdef CardAt* cards
     cdef list keys = []
     if skip.shape[0] != n or index.shape[0] < n or slot_of.shape[0] < n:
         raise ValueError("member metrics: buffers of the wrong size")
     if n == 0:
         return 0, keys
-    cards = <Card*>malloc(n * sizeof(Card))
+    cards = <CardAt*>malloc(n * sizeof(CardAt))
     if cards == NULL:
         raise MemoryError()
     try:
         for k in range(n):
             if entries[k * ENTRY_SIZE + E_OP] == OP_PURCHASE and not skip[k]:
                 memcpy(cards[m].id, &entries[k * ENTRY_SIZE + E_CARD], CARD_SIZE)
-                cards[m].i = <uint32_t>m
+                cards[m].k = <uint32_t>m
                 index[m] = <uint32_t>k
                 m += 1
-        qsort(cards, m, sizeof(Card), by_card)
+        if sort_cards(cards, m) < 0:
+            raise MemoryError()
         for j in range(m):
             if j == 0 or memcmp(cards[j].id, cards[j - 1].id, CARD_SIZE) != 0:
                 keys.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, CARD_SIZE))
-            slot_of[cards[j].i] = <uint32_t>(len(keys) - 1)
+            slot_of[cards[j].k] = <uint32_t>(len(keys) - 1)
     finally:
         free(cards)
     return m, keys
