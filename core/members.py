@@ -237,10 +237,9 @@ class Members:
         del index[m:], slot_of[m:]
         cards = self.txn.cursor(db=self.ledger.member_cards)
         found = cards.getmulti(keys)
-        raws = [raw for _, raw in found]
-        if len(found) != len(keys) or set(map(len, raws)) != {MEMBER.size}:
+        joined = native.joined_records(found, len(keys))
+        if joined is None:
             return False  # a card never opened, a record of another size: the reference says so
-        joined = b"".join(raws)
         aliases = ({cid: raw[_OFF_CARD:] for cid, raw in found
                     if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
                    if _KIND_ALIAS_BYTE in joined[1::MEMBER.size] else None)  # (kinds at once)
@@ -260,7 +259,7 @@ class Members:
             records = bytearray(b"".join([roots[cid] for cid in order]))
         else:
             order = keys
-            records = bytearray(joined)
+            records = joined
         if len(records) != MEMBER.size * len(order):
             return False
         stores = view.cast("I")[_I_STORE::_I_PER_ENTRY].tolist()

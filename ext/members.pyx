@@ -102,6 +102,27 @@ def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
     return m, keys
 
 
+def joined_records(list found, Py_ssize_t wanted):
+    """The records of a getmulti's ``found`` (key, record) pairs end to end, in a bytearray the
+    C loop updates in place, when every one of the ``wanted`` keys was found and each record is
+    RECORD_SIZE; else None (a card never opened, a record of another size: the reference
+    says which)."""
+    cdef Py_ssize_t i, n = len(found)
+    cdef bytes raw
+    cdef bytearray out
+    cdef char* p
+    if n != wanted:
+        return None
+    out = bytearray(n * RECORD_SIZE)
+    p = out
+    for i in range(n):
+        raw = (<tuple?>found[i])[1]
+        if len(raw) != RECORD_SIZE:
+            return None
+        memcpy(p + i * RECORD_SIZE, <const char*>raw, RECORD_SIZE)
+    return out
+
+
 def items(list keys, const unsigned char[::1] records):
     """[(key, its record)]: ``records`` (RECORD_SIZE each) paired with ``keys`` in order (the
     member_cards items to write)."""
