@@ -46,7 +46,6 @@ import json
 import re
 import struct
 from array import array
-from itertools import repeat
 
 from cardcore import layout as L
 from cardcore import stores as chain_stores
