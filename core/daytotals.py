@@ -128,7 +128,9 @@ _NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8),
               "day_totals": _empty_totals(), "day_chain": _empty_totals()}
 _index_run = native.index_run  # (add_all's ``native`` is its flag)
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
-NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
+# a run with more stores (and homes of the money) goes entry by entry: the C loop's rows are 832
+# bytes a store, zeroed for each run (its clearing is kept by cell, one at most an entry)
+NATIVE_STORES_MAX = 4096
 # A group that is one run on one business day open at all its stores (most): its records' sums
 # made in C at the write (``native.fold``); False: landed and summed in Python (the reference).
 FOLD_NATIVE = True
@@ -281,7 +283,7 @@ class DayTotals:
         # a replacement's home, from the old card's entry to the new one's, right after it (the
         # writer writes them together); None between replacements
         self.moving_home: int | None = None
-        # a run kept as the C loop left it (slot_index, acc, pairs, days: ``_add_run``'s), to be
+        # a run kept as the C loop left it (slot_index, acc, nets, days: ``_add_run``'s), to be
         # folded into the records in C at the write (``records``) or landed (``_land_run``) when
         # anything else is added; None: none
         self.folding: tuple | None = None
@@ -459,8 +461,7 @@ class DayTotals:
     def _add_run(self, run: memoryview, ops: bytes, version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
-        False (nothing added): more stores than NATIVE_STORES_MAX (its clearing matrix is
-        stores x stores)."""
+        False (nothing added): more stores than NATIVE_STORES_MAX (a row each)."""
         self._unfold()  # (a run before it in the group: folded only when it is the one)
         n = len(ops)
         size = L.JOURNAL_SIZE
@@ -488,18 +489,19 @@ class DayTotals:
             closed.update(zip(unknown, map(found.__contains__, keys)))
         home_set = bytearray(len(card_ids))
         acc = _ZERO_I64 * (nslots * WIDTH)  # zeros by repetition (from bytes: 30x slower)
-        pairs = _ZERO_I64 * (nslots * nslots)
-        moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
-                                     moving_slot)
+        nets = _ZERO_I64 * (2 * n)  # the clearing: (debtor x creditor cell, net) pairs
+        moving_slot, cells = native.add_run(run, slot_of, acc, card_of, homes, home_set, nets,
+                                            nslots, moving_slot)
+        del nets[2 * cells:]
         by_slot = list(slot_index)
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
         if (FOLD_NATIVE and one_day and self.folding is None
                 and not (self.acc or self.pairs or self.own)
                 and all(self.closed.get(store_day) is False for store_day in days.items())):
-            self.folding = (slot_index, acc, pairs, days)  # (most groups) at the write, in C
+            self.folding = (slot_index, acc, nets, days)  # (most groups) at the write, in C
         else:
-            self._land_run(slot_index, acc, pairs, days)
+            self._land_run(slot_index, acc, nets, days)
         if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
             for c, cid in enumerate(card_ids):
                 if home_set[c]:
@@ -516,10 +518,11 @@ class DayTotals:
                                 *_AMOUNTS.unpack_from(run, k * size))
         return True
 
-    def _land_run(self, slot_index: dict[int, int], acc: array, pairs: array,
+    def _land_run(self, slot_index: dict[int, int], acc: array, nets: array,
                   days: dict[int, int]) -> None:
         """A run's rows (``acc``, a row per slot of ``slot_index``, store -> slot) landed in
-        their stores' next open days and its clearing (``pairs``) in the first day open at both,
+        their stores' next open days and its clearing (``nets``: (debtor slot * slots + creditor
+        slot, net) pairs, ``native.add_run``'s) in the first day open at both,
         added to the group's; ``days``: store -> its business day. The reference of ``fold``."""
         by_slot, nslots = list(slot_index), len(slot_index)
         own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
@@ -556,7 +559,7 @@ class DayTotals:
         for day, (principal, bonus) in own.items():  # wrapped: the same in any grouping
             self._own(day, wrapped(principal), wrapped(bonus))
         cleared = self.pairs
-        for cell, amount in native.nonzero(pairs):
+        for cell, amount in zip(nets[0::2], nets[1::2]):  # (in cell order, none zero)
             debtor, creditor = by_slot[cell // nslots], by_slot[cell % nslots]
             day = days[creditor]  # the entry's store's (the clearing rule)
             if landing.get((debtor, day)) == day and landing.get((creditor, day)) == day:
@@ -802,11 +805,11 @@ class DayTotals:
     def _folded(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """``records`` of a group that is one run kept for the fold (``folding``): its rows, the
         day's chain row and its clearing summed in C (``native.fold``), added to the stored."""
-        slot_index, acc, pairs, days = self.folding
+        slot_index, acc, nets, days = self.folding
         self.folding = None
         day = next(iter(days.values()))
         chain = array("q", _ZERO_ROW)
-        keys, slots, side_keys, sides = native.fold(acc, pairs, array("I", slot_index), day, chain)
+        keys, slots, side_keys, sides = native.fold(acc, nets, array("I", slot_index), day, chain)
         totals = self._added("day_totals", keys, acc, array("I", slots))
         chain_days = self._added("day_chain", [L.DAY_CHAIN_KEY.pack(day)], chain)
         stored = self.stored("day_clearing", side_keys).get

@@ -81,26 +81,84 @@ def width():
     return WIDTH
 
 
+ctypedef struct Net:
+    int64_t cell     # debtor slot * slots + creditor slot (a clearing's cell); in the table: + 1
+    int64_t amount   # what the debtor owes the creditor, net, wrapped
+
+
+cdef inline int add_net(Net* table, uint64_t mask, int64_t cell, int64_t amount) noexcept nogil:
+    """``amount`` added (wrapped) to ``cell``'s net in an open-addressing table (cell + 1 kept,
+    0: an empty bucket) of mask + 1 buckets, at most half full (a run's entries each add one
+    cell at most, and the table has two buckets an entry)."""
+    cdef uint64_t h = (<uint64_t>cell * <uint64_t>0x9E3779B97F4A7C15) >> 32
+    h &= mask
+    while table[h].cell != 0 and table[h].cell != cell + 1:
+        h = (h + 1) & mask
+    table[h].cell = cell + 1
+    table[h].amount = wrap(table[h].amount, amount)
+    return 0
+
+
+cdef int by_cell(const void* x, const void* y) noexcept nogil:
+    cdef const Net* a = <const Net*>x
+    cdef const Net* b = <const Net*>y
+    return (a.cell > b.cell) - (a.cell < b.cell)
+
+
 def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64_t[::1] acc,
             const uint32_t[::1] card_of, uint32_t[::1] home, uint8_t[::1] home_set,
-            int64_t[::1] pairs, uint32_t nslots, uint32_t moving):
+            int64_t[::1] nets, uint32_t nslots, uint32_t moving):
     """Add ``entries`` (whole journal entries, in sequence order) to ``acc`` (one WIDTH row per
     store slot; ``slot_of``: each entry's store's slot). Clearing: ``card_of`` each entry's card
     slot (NO_CARD: it moves no principal), ``home`` each card slot's home store slot (updated;
-    ``home_set`` marks the changed), ``pairs[debtor * nslots + creditor]`` what the debtor owes
-    the creditor, net; ``moving`` the home a replacement moves (its old card's entry came
-    before the run; NO_CARD: none). Returns the home a replacement moves after the run."""
-    cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k
+    ``home_set`` marks the changed); what each debtor slot owes each creditor slot, net, into
+    ``nets`` (two values an entry at least): (debtor * nslots + creditor, amount) pairs, the
+    cells whose net is not zero in cell order (the order of a debtor x creditor matrix, which
+    this is without its zeros: a run's cells are at most one an entry, its stores may be
+    thousands); ``moving`` the home a replacement moves (its old card's entry came before the
+    run; NO_CARD: none). Returns (the home a replacement moves after the run, the cells)."""
+    cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, size = 16, used = 0
+    cdef Net* table
+    cdef Net* out
+    if slot_of.shape[0] < n or card_of.shape[0] < n or acc.shape[0] < <Py_ssize_t>nslots * WIDTH \
+            or nets.shape[0] < 2 * n or home.shape[0] != home_set.shape[0] \
+            or (moving >= nslots and moving != NO_CARD):
+        raise ValueError("day totals: buffers too small")
+    while size < 2 * n:
+        size *= 2
+    table = <Net*>malloc(size * sizeof(Net))
+    if table == NULL:
+        raise MemoryError()
+    memset(table, 0, size * sizeof(Net))
+    try:
+        moving = run_entries(entries, n, slot_of, acc, card_of, home, home_set, nslots, moving,
+                             table, size - 1)
+        out = <Net*>&nets[0]
+        for k in range(size):
+            if table[k].cell != 0 and table[k].amount != 0:
+                out[used].cell = table[k].cell - 1
+                out[used].amount = table[k].amount
+                used += 1
+        qsort(out, used, sizeof(Net), by_cell)
+    finally:
+        free(table)
+    return moving, used
+
+
+cdef uint32_t run_entries(const unsigned char[::1] entries, Py_ssize_t n,
+                          const uint32_t[::1] slot_of, int64_t[::1] acc,
+                          const uint32_t[::1] card_of, uint32_t[::1] home, uint8_t[::1] home_set,
+                          uint32_t nslots, uint32_t moving, Net* table,
+                          uint64_t mask) except? 0xFFFFFFFE:
+    """``add_run``'s loop (its table freed whatever happens): the entries' figures into ``acc``,
+    the clearing's amounts into ``table``; returns the home a replacement moves."""
+    cdef Py_ssize_t k
     cdef const unsigned char* e
     cdef int64_t* a
     cdef uint8_t op
     cdef int64_t amount, discount, dp, db, dpts, redeemed_pts, before
     cdef bint cont
     cdef uint32_t s, c, h
-    if slot_of.shape[0] < n or card_of.shape[0] < n or acc.shape[0] < <Py_ssize_t>nslots * WIDTH \
-            or pairs.shape[0] < <Py_ssize_t>nslots * nslots or home.shape[0] != home_set.shape[0] \
-            or (moving >= nslots and moving != NO_CARD):
-        raise ValueError("day totals: buffers too small")
     for k in range(n):
         e = &entries[k * ENTRY_SIZE]
         op = e[1]
@@ -178,24 +236,14 @@ def add_run(const unsigned char[::1] entries, const uint32_t[::1] slot_of, int64
             h = home[c]
             before = wrap(i64(e + 72), neg(dp))  # principal after - dp, round int64
             if h != s and before != 0:
-                pairs[h * nslots + s] = wrap(pairs[h * nslots + s], before)
+                add_net(table, mask, <int64_t>h * nslots + s, before)
             home[c] = s
             home_set[c] = 1
         elif dp != 0:
             h = home[c]
             if h != s:
-                pairs[h * nslots + s] = wrap(pairs[h * nslots + s], neg(dp))
+                add_net(table, mask, <int64_t>h * nslots + s, neg(dp))
     return moving
-
-
-def nonzero(const int64_t[::1] values):
-    """[(index, value)] of the values that are not zero, in index order (the clearing matrix)."""
-    cdef Py_ssize_t i
-    out = []
-    for i in range(values.shape[0]):
-        if values[i] != 0:
-            out.append((i, values[i]))
-    return out
 
 
 def add_rows(int64_t[::1] dst, const int64_t[::1] src, Py_ssize_t at):
@@ -350,28 +398,29 @@ cdef object be_key(uint32_t a, uint32_t b, uint32_t c, int three):
     return PyBytes_FromStringAndSize(<const char*>k, 12 if three else 8)
 
 
-def fold(int64_t[::1] acc, const int64_t[::1] pairs, const uint32_t[::1] stores, uint32_t day,
+def fold(int64_t[::1] acc, const int64_t[::1] nets, const uint32_t[::1] stores, uint32_t day,
          int64_t[::1] chain):
     """A group's one run on one business day ``day``, open at every store of it, folded into
     what its records get (``DayTotals.records``' additions, in C; ``DayTotals._land_run`` and
     ``records`` are the reference, held to it by tests): ``acc`` (one WIDTH row per slot,
     ``stores[slot]`` its store, from ``add_run``) gets each slot's clearing owes and owed from
-    ``pairs`` (debtor slot x creditor slot); ``chain`` (WIDTH, zeros) the day's chain row (the
-    touched slots' rows in slot order, and the day's own principal and bonus nets). Returns
-    (the day_totals keys in key order, their slots, the day_clearing keys in key order, what
-    each gets, wrapped): the keys to read, add to and write."""
-    cdef Py_ssize_t n = stores.shape[0], d, c, s, k, m = 0, j, w
+    ``nets`` (``add_run``'s (debtor slot * slots + creditor slot, amount) pairs); ``chain``
+    (WIDTH, zeros) the day's chain row (the touched slots' rows in slot order, and the day's own
+    principal and bonus nets). Returns (the day_totals keys in key order, their slots, the
+    day_clearing keys in key order, what each gets, wrapped): the keys to read, add to and
+    write."""
+    cdef Py_ssize_t n = stores.shape[0], d, c, s, k, m = nets.shape[0] // 2, j, w
     cdef int64_t v
     cdef uint64_t own_p = 0, own_b = 0
     cdef unsigned char* touched
     cdef Side* sides
     cdef Side* slots
     cdef list totals_keys = [], totals_slots = [], side_keys = [], side_amounts = []
-    if acc.shape[0] != n * WIDTH or pairs.shape[0] != n * n or chain.shape[0] != WIDTH:
+    if acc.shape[0] != n * WIDTH or nets.shape[0] % 2 or chain.shape[0] != WIDTH:
         raise ValueError("day totals: buffers of the wrong size")
-    for d in range(n * n):
-        if pairs[d] != 0:
-            m += 1
+    for j in range(m):
+        if nets[2 * j] < 0 or nets[2 * j] >= <int64_t>n * n:
+            raise ValueError("day totals: a clearing cell out of range")
     touched = <unsigned char*>malloc(n + 1)
     sides = <Side*>malloc((2 * m + 1) * sizeof(Side))
     slots = <Side*>malloc((n + 1) * sizeof(Side))
@@ -384,19 +433,18 @@ def fold(int64_t[::1] acc, const int64_t[::1] pairs, const uint32_t[::1] stores,
         j = 0
         for d in range(n):
             touched[d] = acc[d * WIDTH + F_ENTRIES] != 0
-        for d in range(n):
-            for c in range(n):
-                v = pairs[d * n + c]
-                if v == 0:
-                    continue
-                acc[d * WIDTH + F_OWES] = wrap(acc[d * WIDTH + F_OWES], v)
-                acc[c * WIDTH + F_OWED] = wrap(acc[c * WIDTH + F_OWED], v)
-                touched[d] = 1
-                touched[c] = 1
-                sides[j].store, sides[j].other, sides[j].amount = stores[d], stores[c], v
-                sides[j + 1].store, sides[j + 1].other = stores[c], stores[d]
-                sides[j + 1].amount = <int64_t>(<uint64_t>0 - <uint64_t>v)
-                j += 2
+        for k in range(m):  # (in cell order: debtor, then creditor)
+            d, c, v = nets[2 * k] // n, nets[2 * k] % n, nets[2 * k + 1]
+            if v == 0:
+                continue
+            acc[d * WIDTH + F_OWES] = wrap(acc[d * WIDTH + F_OWES], v)
+            acc[c * WIDTH + F_OWED] = wrap(acc[c * WIDTH + F_OWED], v)
+            touched[d] = 1
+            touched[c] = 1
+            sides[j].store, sides[j].other, sides[j].amount = stores[d], stores[c], v
+            sides[j + 1].store, sides[j + 1].other = stores[c], stores[d]
+            sides[j + 1].amount = <int64_t>(<uint64_t>0 - <uint64_t>v)
+            j += 2
         w = 0
         for s in range(n):  # the own-day nets add_run kept in the row, taken out of it
             own_p += <uint64_t>acc[s * WIDTH + F_OWN_P]

@@ -744,6 +744,9 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch
     @example([till_back, till, issued], [], False)  # (uncut: a saturated sum depends on cuts)
     @example([bonus_min, bonus_min], [], False)
     @example([expired_min, issued], [], True)
+    @example([(L.OP_TOP_UP if k % 3 == 0 else L.OP_PURCHASE, 7 + k, k % 4, 0, 0,
+               100 if k % 3 == 0 else -100) + sale[6:] for k in range(600)], [301], False)
+    # (a run at 600 stores, its cards' homes moving: past the C loop's old 512-store limit)
     def check(fields, cuts, apart):  # own-day nets from capped columns depended on grouping
         entries = []
         for f in fields:  # a replacement's new card's entry right after the old card's
