@@ -1,12 +1,13 @@
 """What the aggregates cost the writer alone, in-process (no server, no fsync), in CPU time:
 
-    .venv/bin/python bench/aggregates_writer.py [--rounds 6] [--cards 20000] [--base REV]
+    .venv/bin/python bench/aggregates_writer.py [--rounds 6] [--cards 20000] [--stores 199]
+                                                [--base REV]
 
 Four ledgers over the same seeded cards (opened and topped up): keeping every aggregate, none,
 the day totals only, the member metrics only. Each round applies 5 transactions of 3 groups of
-1,000 purchases at random stores 1..199 (a checkpoint's transaction spans groups so), each
-transaction in every ledger in turn (the order alternating: a shared machine's load falls on all
-alike), and takes the writer's CPU time per group
+1,000 purchases at random stores 1..199 (``--stores``; a checkpoint's transaction spans groups
+so), each transaction in every ledger in turn (the order alternating: a shared machine's load
+falls on all alike), and takes the writer's CPU time per group
 (``time.process_time``: other processes on a shared machine move it far less than wall time).
 Prints each ledger's median and min of the rounds, and none / each: the writer's share of the
 issue's ">= 0.9x" target, which ``bench/daytotals.py --all-aggregates`` measures through the
@@ -140,6 +141,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cards", type=int, default=20_000)
+    ap.add_argument("--stores", type=int, default=199, help="the purchases' stores: 1..STORES")
     ap.add_argument("--base", help="a git revision whose core/daytotals.py and core/members.py "
                     "(and their C loops, built) keep a fifth ledger's aggregates (an A/B)")
     args = ap.parse_args()
@@ -169,7 +171,8 @@ def main() -> int:
                     for _ in range(GROUPS_PER_TXN):
                         ts += 1000
                         groups.append((ts, [(key("p"), rng.choice(ids), rng.randrange(100, 20_000),
-                                             rng.randrange(1, 200)) for _ in range(GROUP_OPS)]))
+                                             rng.randrange(1, args.stores + 1))
+                                            for _ in range(GROUP_OPS)]))
                     txns.append(groups)
                 spent = dict.fromkeys(ledgers, 0.0)
                 for t, groups in enumerate(txns):  # each transaction in every ledger in turn
