@@ -796,9 +796,9 @@ class DayTotals:
         chain_days = self._added("day_chain", *_rows(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
         side_keys = sorted(sides)
-        stored = self.stored("day_clearing", side_keys).get
-        clearing = list(zip(side_keys, native.add_nets(  # wrapped: stored + amount, round int64
-            list(map(stored, side_keys)), array("q", [wrapped(sides[k]) for k in side_keys]))))
+        clearing = native.add_nets(  # wrapped: stored + amount, round int64
+            side_keys, self.stored("day_clearing", side_keys),
+            array("q", [wrapped(sides[k]) for k in side_keys]))
         return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
                 **self._kept()}
 
@@ -812,16 +812,15 @@ class DayTotals:
         keys, slots, side_keys, sides = native.fold(acc, nets, array("I", slot_index), day, chain)
         totals = self._added("day_totals", keys, acc, array("I", slots))
         chain_days = self._added("day_chain", [L.DAY_CHAIN_KEY.pack(day)], chain)
-        stored = self.stored("day_clearing", side_keys).get
-        clearing = list(zip(side_keys, native.add_nets(list(map(stored, side_keys)),
-                                                       array("q", sides))))
+        clearing = native.add_nets(side_keys, self.stored("day_clearing", side_keys),
+                                   array("q", sides))
         return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
                 **self._kept()}
 
     def _kept(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """``records``' staff, homes and closes (the same whether the rows were folded or not)."""
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
-        stored = self.stored("day_staff", [key for key, _ in staff_items])
+        stored = dict(self.stored("day_staff", [key for key, _ in staff_items]))
         staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(
             L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
             for key, s in staff_items]
@@ -833,14 +832,15 @@ class DayTotals:
         """Day totals records (``name``: day_totals or day_chain) of ``keys`` (in key order)
         with their rows added: key k's the row at ``slots[k]`` of ``rows`` (WIDTH values a row;
         None: the k-th)."""
-        stored = self.stored(name, keys).get
-        return native.add_records(keys, list(map(stored, keys)), rows, slots)
+        return native.add_records(keys, self.stored(name, keys), rows, slots)
 
-    def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
-        """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
+    def stored(self, name: str, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The stored records of ``keys`` (in key order) in sub-database ``name``: (key, record)
+        of those stored, in key order (fresh: none), as ``native.add_records`` and ``add_nets``
+        walk them beside the keys."""
         if self.fresh or not keys:
-            return {}
-        return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+            return []
+        return self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys)
 
 
 def _rows(items) -> tuple[list[bytes], array]:

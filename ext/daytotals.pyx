@@ -297,33 +297,50 @@ def add_record(unsigned char[::1] record, const int64_t[::1] row):
         raise ValueError("day totals: a record of an unknown version or a count out of range")
 
 
-def add_records(list keys, list stored, const int64_t[::1] rows, const uint32_t[::1] slots):
-    """[(key, its stored record (bytes; None: none yet) with its row added)] for ``keys`` in
-    order: key k's row is the one at ``slots[k]`` of ``rows`` (WIDTH values a row; ``slots``
-    None: the k-th). ``add_record`` over a group's records in one call (the write's
-    read-add-write), each record made once, in the bytes it is returned in."""
-    cdef Py_ssize_t i, n = len(keys), at
+cdef object stored_of(list keys, list found, Py_ssize_t i, Py_ssize_t* j):
+    """The stored value of ``keys[i]`` (None: none) from ``found``, a getmulti's (key, value)
+    pairs of ``keys`` (in key order, those stored), ``j[0]`` the next one not yet met: the keys
+    and what was found walked together, no dict between them."""
+    cdef tuple pair
+    if j[0] < len(found):
+        pair = found[j[0]]
+        if pair[0] == keys[i]:
+            j[0] += 1
+            return pair[1]
+    return None
+
+
+def add_records(list keys, list found, const int64_t[::1] rows, const uint32_t[::1] slots):
+    """[(key, its stored record (from ``found``, a getmulti's pairs of ``keys``, in key order;
+    none: a record of nothing yet) with its row added)] for ``keys`` in key order: key k's row
+    is the one at ``slots[k]`` of ``rows`` (WIDTH values a row; ``slots`` None: the k-th).
+    ``add_record`` over a group's records in one call (the write's read-add-write), each record
+    made once, in the bytes it is returned in."""
+    cdef Py_ssize_t i, n = len(keys), at, j = 0
     cdef const unsigned char[::1] raw
     cdef unsigned char* out
     cdef list made = []
-    if len(stored) != n or (slots is not None and slots.shape[0] != n):
-        raise ValueError("day totals: keys, records and rows of different counts")
+    if slots is not None and slots.shape[0] != n:
+        raise ValueError("day totals: keys and rows of different counts")
     for i in range(n):
         at = (slots[i] if slots is not None else i) * <Py_ssize_t>WIDTH
         if at + WIDTH > rows.shape[0]:
             raise ValueError("day totals: a row out of range")
         record = PyBytes_FromStringAndSize(NULL, RECORD_SIZE)  # (new: filled before it is seen)
         out = <unsigned char*>PyBytes_AS_STRING(record)
-        if stored[i] is None:
+        stored = stored_of(keys, found, i, &j)
+        if stored is None:
             memset(out, 0, RECORD_SIZE)
         else:
-            raw = stored[i]
+            raw = stored
             if raw.shape[0] != RECORD_SIZE:
                 raise ValueError("day totals: a record of the wrong size")
             memcpy(out, &raw[0], RECORD_SIZE)
         if record_add(out, &rows[at]) < 0:
             raise ValueError("day totals: a record of an unknown version or a count out of range")
         made.append((keys[i], record))
+    if j != len(found):
+        raise ValueError("day totals: records found that were not asked for, or not in key order")
     return made
 
 
@@ -342,24 +359,29 @@ def sum_rows(int64_t[::1] dst, list rows):
             dst[k] = add_figure(k, dst[k], row[k])
 
 
-def add_nets(list stored, const int64_t[::1] amounts):
-    """[each stored i64 (8 bytes little-endian; None: 0) plus its amount, wrapped round int64
-    (core/daytotals.py wrapped), packed]: the clearing records' read-add-write in one call."""
-    cdef Py_ssize_t i, n = len(stored)
+def add_nets(list keys, list found, const int64_t[::1] amounts):
+    """[(key, its stored i64 (8 bytes little-endian, from ``found``, a getmulti's pairs of
+    ``keys``, in key order; none: 0) plus its amount, wrapped round int64 (core/daytotals.py
+    wrapped), packed)] for ``keys`` in key order: the clearing records' read-add-write in one
+    call."""
+    cdef Py_ssize_t i, n = len(keys), j = 0
     cdef const unsigned char[::1] raw
     cdef int64_t v
     cdef list made = []
     if amounts.shape[0] != n:
-        raise ValueError("day totals: records and amounts of different counts")
+        raise ValueError("day totals: keys and amounts of different counts")
     for i in range(n):
         v = 0
-        if stored[i] is not None:
-            raw = stored[i]
+        stored = stored_of(keys, found, i, &j)
+        if stored is not None:
+            raw = stored
             if raw.shape[0] != 8:
                 raise ValueError("day totals: a clearing record of the wrong size")
             memcpy(&v, &raw[0], 8)
         v = wrap(v, amounts[i])
-        made.append(PyBytes_FromStringAndSize(<const char*>&v, 8))
+        made.append((keys[i], PyBytes_FromStringAndSize(<const char*>&v, 8)))
+    if j != len(found):
+        raise ValueError("day totals: records found that were not asked for, or not in key order")
     return made
 
 
