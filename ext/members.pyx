@@ -8,7 +8,7 @@ makes it return None having changed nothing the caller keeps, and the caller add
 through the reference instead: which keeps it, or says what is wrong."""
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy
 from cardsort cimport CardAt, sort_cards
 from fixedint cimport cc_sat_add, i64, put32, put64, u32
@@ -237,18 +237,64 @@ def add_purchases(const unsigned char[::1] entries, const uint32_t[::1] index,
     return n_out, n_totals, n_act
 
 
-def last_changes(const unsigned char[::1] records, const int64_t[::1] before):
-    """[(slot, last purchase day before or -1, now)] of the records whose last purchase day the
-    group changed (the last-purchase index's keys to move), in slot order."""
-    cdef Py_ssize_t s, nslots = before.shape[0]
-    cdef uint32_t now
-    if records.shape[0] != nslots * RECORD_SIZE:
-        raise ValueError("member metrics: buffers of the wrong size")
-    out = []
-    for s in range(nslots):
-        if before[s] == UNTOUCHED:
-            continue
-        now = u32(&records[s * RECORD_SIZE + R_LAST])
-        if before[s] != now:
-            out.append((s, before[s], now))
+cdef enum:
+    LAST_KEY_SIZE = 20    # members.LAST_KEY: the last purchase day (u32 big-endian) | root
+
+
+cdef int by_last_key(const void* x, const void* y) noexcept nogil:
+    return memcmp(x, y, LAST_KEY_SIZE)
+
+
+cdef list sorted_keys(unsigned char* keys, Py_ssize_t n, bint as_items):
+    """The ``n`` packed LAST_KEY_SIZE keys in key order, as bytes (``as_items``: (key, b""))."""
+    cdef Py_ssize_t i
+    cdef list out = []
+    qsort(keys, n, LAST_KEY_SIZE, by_last_key)
+    for i in range(n):
+        key = PyBytes_FromStringAndSize(<const char*>&keys[i * LAST_KEY_SIZE], LAST_KEY_SIZE)
+        out.append((key, b"") if as_items else key)
     return out
+
+
+cdef inline void last_key(unsigned char* out, uint32_t day, const unsigned char* root) noexcept nogil:
+    out[0], out[1], out[2], out[3] = (day >> 24) & 0xFF, (day >> 16) & 0xFF, (day >> 8) & 0xFF, day & 0xFF
+    memcpy(out + 4, root, CARD_SIZE)
+
+
+def last_moves(const unsigned char[::1] records, const int64_t[::1] before, list order):
+    """The last-purchase index's changes of the records whose last purchase day the group moved
+    (``before[slot]`` as ``add_purchases`` left it, ``order[slot]`` the record's root card id):
+    (the keys that no longer hold: (day before, root) packed as members.LAST_KEY, in key order;
+    the items to put: ((day now, root), b""), in key order)."""
+    cdef Py_ssize_t s, nslots = before.shape[0], gone = 0, put = 0
+    cdef uint32_t now
+    cdef const unsigned char[::1] root
+    cdef unsigned char* old_keys
+    cdef unsigned char* new_keys
+    if records.shape[0] != nslots * RECORD_SIZE or len(order) != nslots:
+        raise ValueError("member metrics: buffers of the wrong size")
+    old_keys = <unsigned char*>malloc(nslots * LAST_KEY_SIZE + 1)
+    new_keys = <unsigned char*>malloc(nslots * LAST_KEY_SIZE + 1)
+    if old_keys == NULL or new_keys == NULL:
+        free(old_keys)
+        free(new_keys)
+        raise MemoryError()
+    try:
+        for s in range(nslots):
+            if before[s] == UNTOUCHED:
+                continue
+            now = u32(&records[s * RECORD_SIZE + R_LAST])
+            if before[s] == now:
+                continue
+            root = order[s]
+            if root.shape[0] != CARD_SIZE:
+                raise ValueError("member metrics: a root card id of the wrong size")
+            if before[s] >= 0:
+                last_key(&old_keys[gone * LAST_KEY_SIZE], <uint32_t>before[s], &root[0])
+                gone += 1
+            last_key(&new_keys[put * LAST_KEY_SIZE], now, &root[0])
+            put += 1
+        return sorted_keys(old_keys, gone, False), sorted_keys(new_keys, put, True)
+    finally:
+        free(old_keys)
+        free(new_keys)
