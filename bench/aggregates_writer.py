@@ -1,13 +1,15 @@
 """What the aggregates cost the writer alone, in-process (no server, no fsync), in CPU time:
 
     .venv/bin/python bench/aggregates_writer.py [--rounds 6] [--cards 20000] [--stores 199]
-                                                [--base REV]
+                                                [--new-days] [--base REV]
 
 Four ledgers over the same seeded cards (opened and topped up): keeping every aggregate, none,
 the day totals only, the member metrics only. Each round applies 5 transactions of 3 groups of
 1,000 purchases at random stores 1..199 (``--stores``; a checkpoint's transaction spans groups
 so), each transaction in every ledger in turn (the order alternating: a shared machine's load
-falls on all alike), and takes the writer's CPU time per group
+falls on all alike; ``--new-days``: each transaction on the next business day, so a member's
+first purchase in it moves its last-purchase index key, as most purchases of a chain's day do),
+and takes the writer's CPU time per group
 (``time.process_time``: other processes on a shared machine move it far less than wall time).
 Prints each ledger's median and min of the rounds, and none / each: the writer's share of the
 issue's ">= 0.9x" target, which ``bench/daytotals.py --all-aggregates`` measures through the
@@ -142,6 +144,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--cards", type=int, default=20_000)
     ap.add_argument("--stores", type=int, default=199, help="the purchases' stores: 1..STORES")
+    ap.add_argument("--new-days", action="store_true",
+                    help="each transaction a business day after the one before (a chain's days)")
     ap.add_argument("--base", help="a git revision whose core/daytotals.py and core/members.py "
                     "(and their C loops, built) keep a fifth ledger's aggregates (an A/B)")
     args = ap.parse_args()
@@ -167,6 +171,8 @@ def main() -> int:
             for r in range(args.rounds):
                 txns = []  # every ledger applies the same purchases: (key, card, amount, store)
                 for _ in range(TXNS_PER_ROUND):
+                    if args.new_days:  # a business day later: each member's first purchase
+                        ts += L.DAY_US  # moves its last-purchase index key
                     groups = []
                     for _ in range(GROUPS_PER_TXN):
                         ts += 1000
