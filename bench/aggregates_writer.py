@@ -80,11 +80,9 @@ def base_modules(rev: str) -> tuple:
     """(daytotals, members) of revision ``rev``, loaded beside this tree's over the revision's
     own C loops (built), the base's members module reading the base's day totals (its business
     days, later payments)."""
-    from daytotals_stores import base_extension, base_module  # (a revision's, loaded)
-    days = base_module(rev, "core/daytotals.py")
+    from daytotals_stores import base_daytotals, base_extension, base_module  # (a revision's)
+    days = base_daytotals(rev)
     kept = base_module(rev, "core/members.py")
-    days.native = base_extension(rev, "daytotals")
-    days._index_run = days.native.index_run
     kept.native = base_extension(rev, "members")
     kept.daytotals = days
     return days, kept

@@ -6,7 +6,8 @@ One group of 1,000 purchases at 199 stores (one time, the C loop's run) added an
 records in a write transaction then aborted, the median of ``--reps`` per round, the median of
 the rounds: with no store registered, and with every store registered with a business day of its
 own (each store's settings read in one getmulti, one day per store). ``--base REV``: also
-core/daytotals.py as it was at git revision REV (before stores), on the same ledger.
+core/daytotals.py as it was at git revision REV (before stores), over its own C loop (built from
+the revision: ``base_extension``), on the same ledger.
 """
 from __future__ import annotations
 
@@ -114,6 +115,17 @@ def base_extension(rev: str, name: str):
     return module
 
 
+def base_daytotals(rev: str):
+    """Revision ``rev``'s core/daytotals.py over its own C loop (``base_extension``): a base
+    whose Python calls ext/daytotals.pyx as it was. A file (no revision to build the C from):
+    over this tree's C loop."""
+    module = base_module(rev)
+    if not os.path.isfile(rev):
+        module.native = base_extension(rev, "daytotals")
+        module._index_run = module.native.index_run
+    return module
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=None, help="a git revision whose core/daytotals.py to time too")
@@ -122,7 +134,7 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random(3)
     entries = group(rng)
-    base = base_module(args.base) if args.base else None
+    base = base_daytotals(args.base) if args.base else None
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ledger = Ledger(os.path.join(tmp, "ledger"), sync=False)
