@@ -5,8 +5,9 @@
 One ledger (20,000 cards opened and topped up, three groups of 1,000 purchases at random stores
 1..199: the shape of ``bench/aggregates_writer.py``); its last group's entries added and written
 (``DayTotals.add_all`` and ``write``) in a write transaction then aborted, by the base's module and
-this one alternating in one process, CPU time (``time.process_time``). Both must write the same
-records (checked); on a shared machine the ratio of the two is far steadier than the writer's."""
+this one alternating in one process (the base over its own C loop, built from the revision), CPU
+time (``time.process_time``). Both must write the same records (checked); on a shared machine the
+ratio of the two is far steadier than the writer's."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from cardcore.ledger import Ledger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aggregates_writer import cards_and_keys, seed  # noqa: E402  (the same cards, opened the same way)
-from daytotals_stores import base_module  # noqa: E402  (a revision's core/daytotals.py)
+from daytotals_stores import base_daytotals  # noqa: E402  (a revision's, over its C loop)
 
 CARDS, GROUP_OPS = 20_000, 1000
 
@@ -37,7 +38,7 @@ def main() -> int:
     rng, ids, key = cards_and_keys(CARDS)
     ts = time.time_ns() // 1000
     with tempfile.TemporaryDirectory() as tmp:
-        versions = {"base": base_module(args.base), "this": daytotals}
+        versions = {"base": base_daytotals(args.base), "this": daytotals}
         ledger = Ledger(os.path.join(tmp, "ledger"), sync=False, day_totals=True,
                         member_metrics_kept=False)
         try:

@@ -6,11 +6,13 @@ One group of 1,000 purchases at 199 stores (one time, the C loop's run) added an
 records in a write transaction then aborted, the median of ``--reps`` per round, the median of
 the rounds: with no store registered, and with every store registered with a business day of its
 own (each store's settings read in one getmulti, one day per store). ``--base REV``: also
-core/daytotals.py as it was at git revision REV (before stores), on the same ledger.
+core/daytotals.py as it was at git revision REV (before stores), over its own C loop (built from
+the revision: ``base_extension``), on the same ledger.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import os
 import random
@@ -73,6 +75,57 @@ def base_module(rev: str, file: str = "core/daytotals.py"):
     return module
 
 
+def base_extension(rev: str, name: str):
+    """Revision ``rev``'s C loop ``ext/NAME.pyx`` (with the ext/*.pxd and *.h it may cimport),
+    built with setup.py's flags and loaded beside this tree's: a base's Python over its own C
+    (``base_module``'s ``native``). Built once per revision's ext/ folder (a cache in the temp
+    folder, named by its git tree)."""
+    from Cython.Build import cythonize  # (the build's tools: only a run with a base needs them)
+    from setuptools import Distribution, Extension
+
+    root = os.path.dirname(HERE)
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+
+    tree = git("rev-parse", f"{rev}:ext").strip()
+    folder = os.path.join(tempfile.gettempdir(), "cardcore-base-ext", tree)
+    os.makedirs(folder, exist_ok=True)
+    built = [f for f in os.listdir(folder) if f.startswith(name + ".") and f.endswith(".so")]
+    if not built:
+        for path in git("ls-tree", "--name-only", rev, "ext/").split():
+            if path.endswith((".pxd", ".h")) or path == f"ext/{name}.pyx":
+                with open(os.path.join(folder, os.path.basename(path)), "w") as f:
+                    f.write(git("show", f"{rev}:{path}"))
+        ext = Extension(name, [os.path.join(folder, name + ".pyx")], include_dirs=[folder],
+                        extra_compile_args=["-O2"])
+        dist = Distribution({"ext_modules": cythonize([ext], include_path=[folder], quiet=True,
+                                                      compiler_directives={"language_level": "3"})})
+        cmd = dist.get_command_obj("build_ext")
+        cmd.build_lib = cmd.build_temp = folder
+        cmd.ensure_finalized()
+        cmd.run()
+        built = [os.path.relpath(cmd.get_ext_fullpath(name), folder)]
+    path = os.path.join(folder, built[0])
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+        name, path, loader=loader))
+    loader.exec_module(module)
+    return module
+
+
+def base_daytotals(rev: str):
+    """Revision ``rev``'s core/daytotals.py over its own C loop (``base_extension``): a base
+    whose Python calls ext/daytotals.pyx as it was. A file (no revision to build the C from):
+    over this tree's C loop."""
+    module = base_module(rev)
+    if not os.path.isfile(rev):
+        module.native = base_extension(rev, "daytotals")
+        module._index_run = module.native.index_run
+    return module
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=None, help="a git revision whose core/daytotals.py to time too")
@@ -81,7 +134,7 @@ def main() -> int:
     args = ap.parse_args()
     rng = random.Random(3)
     entries = group(rng)
-    base = base_module(args.base) if args.base else None
+    base = base_daytotals(args.base) if args.base else None
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ledger = Ledger(os.path.join(tmp, "ledger"), sync=False)

@@ -46,7 +46,6 @@ import json
 import re
 import struct
 from array import array
-from itertools import repeat
 
 from cardcore import layout as L
 from cardcore import stores as chain_stores
@@ -129,7 +128,9 @@ _NO_RECORD = {"day_money_home": bytes(4), "day_clearing": bytes(8),
               "day_totals": _empty_totals(), "day_chain": _empty_totals()}
 _index_run = native.index_run  # (add_all's ``native`` is its flag)
 NATIVE_RUN_MIN = 4  # shorter runs go entry by entry
-NATIVE_STORES_MAX = 512  # a run with more stores goes entry by entry (the C clearing matrix)
+# a run with more stores (and homes of the money) goes entry by entry: the C loop's rows are 832
+# bytes a store, zeroed for each run (its clearing is kept by cell, one at most an entry)
+NATIVE_STORES_MAX = 4096
 # A group that is one run on one business day open at all its stores (most): its records' sums
 # made in C at the write (``native.fold``); False: landed and summed in Python (the reference).
 FOLD_NATIVE = True
@@ -282,7 +283,7 @@ class DayTotals:
         # a replacement's home, from the old card's entry to the new one's, right after it (the
         # writer writes them together); None between replacements
         self.moving_home: int | None = None
-        # a run kept as the C loop left it (slot_index, acc, pairs, days: ``_add_run``'s), to be
+        # a run kept as the C loop left it (slot_index, acc, nets, days: ``_add_run``'s), to be
         # folded into the records in C at the write (``records``) or landed (``_land_run``) when
         # anything else is added; None: none
         self.folding: tuple | None = None
@@ -442,18 +443,25 @@ class DayTotals:
 
     def _read_homes(self, card_ids: list[bytes]) -> None:
         """The homes of the money of ``card_ids`` (in key order) not known yet, read in one go
-        (no record: head office's; fresh: none read, ``_home`` says 0)."""
-        wanted = [cid for cid in card_ids if cid not in self.homes]
-        if wanted and not self.fresh:
-            found = self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted)
-            self.homes.update(dict.fromkeys(wanted, 0))
-            self.homes.update((cid, _U32.unpack(raw)[0]) for cid, raw in found)
+        (no record: head office's; fresh: none read, all head office's)."""
+        homes = self.homes
+        wanted = [cid for cid in card_ids if cid not in homes] if homes else card_ids
+        if not wanted:
+            return
+        read = dict.fromkeys(wanted, 0)
+        found = (None if self.fresh
+                 else self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
+        if found:  # (the homes at once: u32 each)
+            raw = b"".join([value for _, value in found])
+            if len(raw) != 4 * len(found):
+                raise InvariantError("a home of the money of the wrong size")
+            read.update(zip([cid for cid, _ in found], array("I", raw)))
+        homes.update(read)
 
     def _add_run(self, run: memoryview, ops: bytes, version: int, ts_us: int) -> bool:
         """A run of entries of one time and program version, without a close, through the C
         loop (``cardcore.ext.daytotals``): the same additions as ``add``, entry by entry.
-        False (nothing added): more stores than NATIVE_STORES_MAX (its clearing matrix is
-        stores x stores)."""
+        False (nothing added): more stores than NATIVE_STORES_MAX (a row each)."""
         self._unfold()  # (a run before it in the group: folded only when it is the one)
         n = len(ops)
         size = L.JOURNAL_SIZE
@@ -463,7 +471,7 @@ class DayTotals:
         run_stores, card_ids = native.index_run(run, slot_of, card_of)
         slot_index = dict(zip(run_stores, range(len(run_stores))))
         self._read_homes(card_ids)
-        home_stores = list(map(self.homes.get, card_ids, repeat(0)))
+        home_stores = list(map(self.homes.__getitem__, card_ids))
         for store in dict.fromkeys(home_stores):
             slot_index.setdefault(store, len(slot_index))
         homes = array("I", map(slot_index.__getitem__, home_stores))
@@ -473,26 +481,27 @@ class DayTotals:
         if nslots > NATIVE_STORES_MAX:
             return False
         days = self.days_of_stores(slot_index, version, ts_us)  # a clearing's: its creditor's
-        unknown = [L.DAY_KEY.pack(store, day) for store, day in days.items()
-                   if (store, day) not in self.closed]
+        closed = self.closed
+        unknown = [store_day for store_day in days.items() if store_day not in closed]
         if unknown and not self.fresh:  # whether each store's day is closed, read in one go
-            found = dict(self.txn.cursor(db=self.ledger.store_days).getmulti(unknown))
-            for key in unknown:
-                self.closed[L.DAY_KEY.unpack(key)] = key in found
+            keys = [L.DAY_KEY.pack(store, day) for store, day in unknown]
+            found = set(self.txn.cursor(db=self.ledger.store_days).getmulti(keys, values=False))
+            closed.update(zip(unknown, map(found.__contains__, keys)))
         home_set = bytearray(len(card_ids))
         acc = _ZERO_I64 * (nslots * WIDTH)  # zeros by repetition (from bytes: 30x slower)
-        pairs = _ZERO_I64 * (nslots * nslots)
-        moving_slot = native.add_run(run, slot_of, acc, card_of, homes, home_set, pairs, nslots,
-                                     moving_slot)
+        nets = _ZERO_I64 * (2 * n)  # the clearing: (debtor x creditor cell, net) pairs
+        moving_slot, cells = native.add_run(run, slot_of, acc, card_of, homes, home_set, nets,
+                                            nslots, moving_slot)
+        del nets[2 * cells:]
         by_slot = list(slot_index)
         self.moving_home = None if moving_slot == _NO_CARD else by_slot[moving_slot]
         one_day = len(set(days.values())) == 1  # most runs: every store's own day the same
         if (FOLD_NATIVE and one_day and self.folding is None
                 and not (self.acc or self.pairs or self.own)
                 and all(self.closed.get(store_day) is False for store_day in days.items())):
-            self.folding = (slot_index, acc, pairs, days)  # (most groups) at the write, in C
+            self.folding = (slot_index, acc, nets, days)  # (most groups) at the write, in C
         else:
-            self._land_run(slot_index, acc, pairs, days)
+            self._land_run(slot_index, acc, nets, days)
         if 1 in home_set:  # a top-up or a replacement moved a home (purchases: none)
             for c, cid in enumerate(card_ids):
                 if home_set[c]:
@@ -509,10 +518,11 @@ class DayTotals:
                                 *_AMOUNTS.unpack_from(run, k * size))
         return True
 
-    def _land_run(self, slot_index: dict[int, int], acc: array, pairs: array,
+    def _land_run(self, slot_index: dict[int, int], acc: array, nets: array,
                   days: dict[int, int]) -> None:
         """A run's rows (``acc``, a row per slot of ``slot_index``, store -> slot) landed in
-        their stores' next open days and its clearing (``pairs``) in the first day open at both,
+        their stores' next open days and its clearing (``nets``: (debtor slot * slots + creditor
+        slot, net) pairs, ``native.add_run``'s) in the first day open at both,
         added to the group's; ``days``: store -> its business day. The reference of ``fold``."""
         by_slot, nslots = list(slot_index), len(slot_index)
         own: dict[int, list[int]] = {}  # day -> [principal, bonus]: one _own a day, not a store
@@ -549,7 +559,7 @@ class DayTotals:
         for day, (principal, bonus) in own.items():  # wrapped: the same in any grouping
             self._own(day, wrapped(principal), wrapped(bonus))
         cleared = self.pairs
-        for cell, amount in native.nonzero(pairs):
+        for cell, amount in zip(nets[0::2], nets[1::2]):  # (in cell order, none zero)
             debtor, creditor = by_slot[cell // nslots], by_slot[cell % nslots]
             day = days[creditor]  # the entry's store's (the clearing rule)
             if landing.get((debtor, day)) == day and landing.get((creditor, day)) == day:
@@ -725,12 +735,11 @@ class DayTotals:
                         raise InvariantError("a day was closed twice")
             elif name in _NO_RECORD:  # a home back at head office, a clearing back at zero
                 db, none = getattr(ledger, name), _NO_RECORD[name]
-                kept = []
-                for key, value in items:
-                    if value == none:
-                        txn.delete(key, db=db)
-                    else:
-                        kept.append((key, value))
+                kept = [item for item in items if item[1] != none]
+                if len(kept) != len(items):  # (rare: most groups delete none)
+                    for key, value in items:
+                        if value == none:
+                            txn.delete(key, db=db)
                 if kept:  # the rest in one call, in key order
                     txn.cursor(db=db).putmulti(kept)
             elif items:
@@ -782,57 +791,65 @@ class DayTotals:
             _add(c, F_OWN_B, bonus)
             _add(c, F_OWN_HELD, held)
         self.own = {}
-        totals = self._added("day_totals", sorted(
+        totals = self._added("day_totals", *_rows(
             (L.DAY_KEY.pack(*k), a) for k, a in self.acc.items()))
-        chain_days = self._added("day_chain", sorted(
+        chain_days = self._added("day_chain", *_rows(
             (L.DAY_CHAIN_KEY.pack(day), c) for day, c in chain.items()))
         side_keys = sorted(sides)
-        stored = self.stored("day_clearing", side_keys).get
-        clearing = list(zip(side_keys, native.add_nets(  # wrapped: stored + amount, round int64
-            list(map(stored, side_keys)), array("q", [wrapped(sides[k]) for k in side_keys]))))
+        clearing = native.add_nets(  # wrapped: stored + amount, round int64
+            side_keys, self.stored("day_clearing", side_keys),
+            array("q", [wrapped(sides[k]) for k in side_keys]))
         return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
                 **self._kept()}
 
     def _folded(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """``records`` of a group that is one run kept for the fold (``folding``): its rows, the
         day's chain row and its clearing summed in C (``native.fold``), added to the stored."""
-        slot_index, acc, pairs, days = self.folding
+        slot_index, acc, nets, days = self.folding
         self.folding = None
         day = next(iter(days.values()))
         chain = array("q", _ZERO_ROW)
-        keys, slots, side_keys, sides = native.fold(acc, pairs, array("I", slot_index), day, chain)
-        rows = memoryview(acc)
-        totals = self._added("day_totals", [(key, rows[s * WIDTH:(s + 1) * WIDTH])
-                                            for key, s in zip(keys, slots)])
-        chain_days = self._added("day_chain", [(L.DAY_CHAIN_KEY.pack(day), chain)])
-        stored = self.stored("day_clearing", side_keys).get
-        clearing = list(zip(side_keys, native.add_nets(list(map(stored, side_keys)),
-                                                       array("q", sides))))
+        keys, slots, side_keys, sides = native.fold(acc, nets, array("I", slot_index), day, chain)
+        totals = self._added("day_totals", keys, acc, array("I", slots))
+        chain_days = self._added("day_chain", [L.DAY_CHAIN_KEY.pack(day)], chain)
+        clearing = native.add_nets(side_keys, self.stored("day_clearing", side_keys),
+                                   array("q", sides))
         return {"day_totals": totals, "day_chain": chain_days, "day_clearing": clearing,
                 **self._kept()}
 
     def _kept(self) -> dict[str, list[tuple[bytes, bytes]]]:
         """``records``' staff, homes and closes (the same whether the rows were folded or not)."""
         staff_items = sorted((L.DAY_PAIR_KEY.pack(*k), s) for k, s in self.staff.items())
-        stored = self.stored("day_staff", [key for key, _ in staff_items])
+        stored = dict(self.stored("day_staff", [key for key, _ in staff_items]))
         staff = [(key, L.DAY_STAFF.pack(*(saturated(x + y) for x, y in zip(
             L.DAY_STAFF.unpack(stored[key]) if key in stored else (0, 0, 0, 0), s))))
             for key, s in staff_items]
         homes = sorted((cid, _U32.pack(self.homes[cid])) for cid in self.homes_changed)
         return {"day_staff": staff, "day_money_home": homes, "store_days": sorted(self.closes)}
 
-    def _added(self, name: str, items: list[tuple[bytes, array]]) -> list[tuple[bytes, bytes]]:
-        """Day totals records (``name``: day_totals or day_chain) with the rows added."""
-        keys = [key for key, _ in items]
-        stored = self.stored(name, keys).get
-        return list(zip(keys, native.add_records(list(map(stored, keys)),
-                                                 [a for _, a in items])))
+    def _added(self, name: str, keys: list[bytes], rows: array,
+               slots: array | None = None) -> list[tuple[bytes, bytes]]:
+        """Day totals records (``name``: day_totals or day_chain) of ``keys`` (in key order)
+        with their rows added: key k's the row at ``slots[k]`` of ``rows`` (WIDTH values a row;
+        None: the k-th)."""
+        return native.add_records(keys, self.stored(name, keys), rows, slots)
 
-    def stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
-        """The stored records of ``keys`` in sub-database ``name`` (fresh: none)."""
+    def stored(self, name: str, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The stored records of ``keys`` (in key order) in sub-database ``name``: (key, record)
+        of those stored, in key order (fresh: none), as ``native.add_records`` and ``add_nets``
+        walk them beside the keys."""
         if self.fresh or not keys:
-            return {}
-        return dict(self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys))
+            return []
+        return self.txn.cursor(db=getattr(self.ledger, name)).getmulti(keys)
+
+
+def _rows(items) -> tuple[list[bytes], array]:
+    """(the keys in key order, their rows end to end): records' (key, row) for ``_added``."""
+    items = sorted(items)
+    rows = array("q")
+    for _, a in items:
+        rows.extend(a)
+    return [key for key, _ in items], rows
 
 
 def joined(entries) -> bytes:

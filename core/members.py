@@ -192,9 +192,9 @@ class Members:
         self.baskets_seen: set[int] = set()
         self.replaced: bytes | None = None        # a replacement's old card, until its new one
         # what a group's purchases made through the C loop (``add_group``): member_cards items,
-        # and (last purchase day before or None, now, root) of the members whose day moved
+        # and the last-purchase index's keys that no longer hold and items to put (key order)
         self.packed: list[tuple[bytes, bytes]] = []
-        self.packed_last: list[tuple[int | None, int, bytes]] = []
+        self.packed_last: tuple[list[bytes], list[tuple[bytes, bytes]]] = ([], [])
 
     # ---- additions ------------------------------------------------------------------------------
 
@@ -237,10 +237,9 @@ class Members:
         del index[m:], slot_of[m:]
         cards = self.txn.cursor(db=self.ledger.member_cards)
         found = cards.getmulti(keys)
-        raws = [raw for _, raw in found]
-        if len(found) != len(keys) or set(map(len, raws)) != {MEMBER.size}:
+        joined = native.joined_records(found, len(keys))
+        if joined is None:
             return False  # a card never opened, a record of another size: the reference says so
-        joined = b"".join(raws)
         aliases = ({cid: raw[_OFF_CARD:] for cid, raw in found
                     if raw[1] == KIND_ALIAS and raw[0] == MEMBER_VERSION}
                    if _KIND_ALIAS_BYTE in joined[1::MEMBER.size] else None)  # (kinds at once)
@@ -260,7 +259,7 @@ class Members:
             records = bytearray(b"".join([roots[cid] for cid in order]))
         else:
             order = keys
-            records = bytearray(joined)
+            records = joined
         if len(records) != MEMBER.size * len(order):
             return False
         stores = view.cast("I")[_I_STORE::_I_PER_ENTRY].tolist()
@@ -296,8 +295,7 @@ class Members:
         for r in range(0, 2 * n_activated, 2):
             self._day(activated[r])[1] += activated[r + 1]
         self.packed = native.items(order, records)
-        self.packed_last = [(None if was < 0 else was, now, order[s])
-                            for s, was, now in native.last_changes(records, before)]
+        self.packed_last = native.last_moves(records, before, order)
         return True
 
     def add_all(self, entries, later: list[int] | None = None) -> None:
@@ -457,16 +455,19 @@ class Members:
         """Add the group's changes to the stored records (each key read and written once)."""
         txn, ledger = self.txn, self.ledger
         out = self.items()
-        for day, root in out.pop("member_last_deleted"):
-            if not txn.delete(LAST_KEY.pack(day, root), db=ledger.member_last):
-                raise InvariantError("member metrics: a member's last purchase was not indexed")
+        gone = out.pop("member_last_deleted")
+        if gone:  # in key order: one cursor moving forward (mostly on its page)
+            cur = txn.cursor(db=ledger.member_last)
+            for key in gone:
+                if not (cur.set_key(key) and cur.delete()):
+                    raise InvariantError("member metrics: a member's last purchase was not indexed")
         for name, items in out.items():
             if items:
                 txn.cursor(db=getattr(ledger, name)).putmulti(items)
 
     def items(self) -> dict[str, list]:
         """What the additions make of the records they touch, by sub-database, in key order
-        (with ``member_last_deleted``: the (day, root) index keys that no longer hold)."""
+        (with ``member_last_deleted``: the last-purchase index keys that no longer hold)."""
         cards = (sorted([(cid, MEMBER.pack(*self.records[cid])) for cid in self.changed]
                         + self.packed) if self.changed else self.packed)  # (in key order)
         month_keys = sorted(MONTH_KEY.pack(*k) for k in self.months)
@@ -494,17 +495,20 @@ class Members:
             totals.append((key, MEMBER_TOTALS.pack(
                 MEMBER_VERSION, *(min(old[k + 1] + t[k], U32_MAX) for k in range(3)),
                 old[4] + t[3], daytotals.saturated(old[5] + t[4]))))
-        deleted, last = [], []
-        moved = [(before, self.records[root][4], root) for root, before in
-                 self.last_stored.items()] + self.packed_last
-        for before, now, root in moved:
-            if before != now:
-                if before is not None:
-                    deleted.append((before, root))
-                last.append((LAST_KEY.pack(now, root), b""))
+        deleted, last = self.packed_last  # (the C loop's, or the reference's below: never both)
+        if self.last_stored:
+            deleted, last = [], []
+            for root, before in self.last_stored.items():
+                now = self.records[root][4]
+                if before != now:
+                    if before is not None:
+                        deleted.append(LAST_KEY.pack(before, root))
+                    last.append((LAST_KEY.pack(now, root), b""))
+            deleted.sort()
+            last.sort()
         return {"member_cards": cards, "member_months": months, "member_days": days,
-                "member_month_totals": totals, "member_last": sorted(last),
-                "member_last_deleted": sorted(deleted)}
+                "member_month_totals": totals, "member_last": last,
+                "member_last_deleted": deleted}
 
     def _stored(self, name: str, keys: list[bytes]) -> dict[bytes, bytes]:
         if self.fresh or not keys:

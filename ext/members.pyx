@@ -10,6 +10,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint32_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcmp, memcpy
+from cardsort cimport CardAt, sort_cards
 from fixedint cimport cc_sat_add, i64, put32, put64, u32
 
 cdef enum:
@@ -67,21 +68,6 @@ cdef inline Py_ssize_t row_of(int64_t[::1] table, Py_ssize_t width, Py_ssize_t* 
     return r
 
 
-ctypedef struct Card:
-    unsigned char id[CARD_SIZE]
-    uint32_t i             # the purchase's number
-
-
-cdef int by_card(const void* a, const void* b) noexcept nogil:
-    """Card ids in LMDB's key order (bytes compared unsigned), then by purchase."""
-    cdef const Card* x = <const Card*>a
-    cdef const Card* y = <const Card*>b
-    cdef int c = memcmp(x.id, y.id, CARD_SIZE)
-    if c:
-        return c
-    return (x.i > y.i) - (x.i < y.i)
-
-
 def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
               uint32_t[::1] index, uint32_t[::1] slot_of):
     """The purchases of ``entries`` (journal entries) but those ``skip`` marks (a split
@@ -89,30 +75,52 @@ def purchases(const unsigned char[::1] entries, const unsigned char[::1] skip,
     among the distinct ones into ``slot_of``. Returns (how many, the distinct card ids sorted:
     the keys to read)."""
     cdef Py_ssize_t n = entries.shape[0] // ENTRY_SIZE, k, m = 0, j
-    cdef Card* cards
+    cdef CardAt* cards
     cdef list keys = []
     if skip.shape[0] != n or index.shape[0] < n or slot_of.shape[0] < n:
         raise ValueError("member metrics: buffers of the wrong size")
     if n == 0:
         return 0, keys
-    cards = <Card*>malloc(n * sizeof(Card))
+    cards = <CardAt*>malloc(n * sizeof(CardAt))
     if cards == NULL:
         raise MemoryError()
     try:
         for k in range(n):
             if entries[k * ENTRY_SIZE + E_OP] == OP_PURCHASE and not skip[k]:
                 memcpy(cards[m].id, &entries[k * ENTRY_SIZE + E_CARD], CARD_SIZE)
-                cards[m].i = <uint32_t>m
+                cards[m].k = <uint32_t>m
                 index[m] = <uint32_t>k
                 m += 1
-        qsort(cards, m, sizeof(Card), by_card)
+        if sort_cards(cards, m) < 0:
+            raise MemoryError()
         for j in range(m):
             if j == 0 or memcmp(cards[j].id, cards[j - 1].id, CARD_SIZE) != 0:
                 keys.append(PyBytes_FromStringAndSize(<const char*>cards[j].id, CARD_SIZE))
-            slot_of[cards[j].i] = <uint32_t>(len(keys) - 1)
+            slot_of[cards[j].k] = <uint32_t>(len(keys) - 1)
     finally:
         free(cards)
     return m, keys
+
+
+def joined_records(list found, Py_ssize_t wanted):
+    """The records of a getmulti's ``found`` (key, record) pairs end to end, in a bytearray the
+    C loop updates in place, when every one of the ``wanted`` keys was found and each record is
+    RECORD_SIZE; else None (a card never opened, a record of another size: the reference
+    says which)."""
+    cdef Py_ssize_t i, n = len(found)
+    cdef bytes raw
+    cdef bytearray out
+    cdef char* p
+    if n != wanted:
+        return None
+    out = bytearray(n * RECORD_SIZE)
+    p = out
+    for i in range(n):
+        raw = (<tuple?>found[i])[1]
+        if len(raw) != RECORD_SIZE:
+            return None
+        memcpy(p + i * RECORD_SIZE, <const char*>raw, RECORD_SIZE)
+    return out
 
 
 def items(list keys, const unsigned char[::1] records):
@@ -229,18 +237,64 @@ def add_purchases(const unsigned char[::1] entries, const uint32_t[::1] index,
     return n_out, n_totals, n_act
 
 
-def last_changes(const unsigned char[::1] records, const int64_t[::1] before):
-    """[(slot, last purchase day before or -1, now)] of the records whose last purchase day the
-    group changed (the last-purchase index's keys to move), in slot order."""
-    cdef Py_ssize_t s, nslots = before.shape[0]
-    cdef uint32_t now
-    if records.shape[0] != nslots * RECORD_SIZE:
-        raise ValueError("member metrics: buffers of the wrong size")
-    out = []
-    for s in range(nslots):
-        if before[s] == UNTOUCHED:
-            continue
-        now = u32(&records[s * RECORD_SIZE + R_LAST])
-        if before[s] != now:
-            out.append((s, before[s], now))
+cdef enum:
+    LAST_KEY_SIZE = 20    # members.LAST_KEY: the last purchase day (u32 big-endian) | root
+
+
+cdef int by_last_key(const void* x, const void* y) noexcept nogil:
+    return memcmp(x, y, LAST_KEY_SIZE)
+
+
+cdef list sorted_keys(unsigned char* keys, Py_ssize_t n, bint as_items):
+    """The ``n`` packed LAST_KEY_SIZE keys in key order, as bytes (``as_items``: (key, b""))."""
+    cdef Py_ssize_t i
+    cdef list out = []
+    qsort(keys, n, LAST_KEY_SIZE, by_last_key)
+    for i in range(n):
+        key = PyBytes_FromStringAndSize(<const char*>&keys[i * LAST_KEY_SIZE], LAST_KEY_SIZE)
+        out.append((key, b"") if as_items else key)
     return out
+
+
+cdef inline void last_key(unsigned char* out, uint32_t day, const unsigned char* root) noexcept nogil:
+    out[0], out[1], out[2], out[3] = (day >> 24) & 0xFF, (day >> 16) & 0xFF, (day >> 8) & 0xFF, day & 0xFF
+    memcpy(out + 4, root, CARD_SIZE)
+
+
+def last_moves(const unsigned char[::1] records, const int64_t[::1] before, list order):
+    """The last-purchase index's changes of the records whose last purchase day the group moved
+    (``before[slot]`` as ``add_purchases`` left it, ``order[slot]`` the record's root card id):
+    (the keys that no longer hold: (day before, root) packed as members.LAST_KEY, in key order;
+    the items to put: ((day now, root), b""), in key order)."""
+    cdef Py_ssize_t s, nslots = before.shape[0], gone = 0, put = 0
+    cdef uint32_t now
+    cdef const unsigned char[::1] root
+    cdef unsigned char* old_keys
+    cdef unsigned char* new_keys
+    if records.shape[0] != nslots * RECORD_SIZE or len(order) != nslots:
+        raise ValueError("member metrics: buffers of the wrong size")
+    old_keys = <unsigned char*>malloc(nslots * LAST_KEY_SIZE + 1)
+    new_keys = <unsigned char*>malloc(nslots * LAST_KEY_SIZE + 1)
+    if old_keys == NULL or new_keys == NULL:
+        free(old_keys)
+        free(new_keys)
+        raise MemoryError()
+    try:
+        for s in range(nslots):
+            if before[s] == UNTOUCHED:
+                continue
+            now = u32(&records[s * RECORD_SIZE + R_LAST])
+            if before[s] == now:
+                continue
+            root = order[s]
+            if root.shape[0] != CARD_SIZE:
+                raise ValueError("member metrics: a root card id of the wrong size")
+            if before[s] >= 0:
+                last_key(&old_keys[gone * LAST_KEY_SIZE], <uint32_t>before[s], &root[0])
+                gone += 1
+            last_key(&new_keys[put * LAST_KEY_SIZE], now, &root[0])
+            put += 1
+        return sorted_keys(old_keys, gone, False), sorted_keys(new_keys, put, True)
+    finally:
+        free(old_keys)
+        free(new_keys)

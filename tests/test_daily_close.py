@@ -724,12 +724,29 @@ def test_the_c_loop_adds_any_entries_as_the_reference_does(tmp_path, monkeypatch
         return out
 
     big = (L.OP_TOP_UP, 1, 0, 0, 0, 2**61 + 1, 0, 0, 0, 0, 0, 0, 0, 0)  # 8 of them pass int64
+    # a figure made of several amounts whose exact sum passes int64: the reference caps the
+    # exact sum once (the C loop summed in int64 first, so it wrapped before capping)
+    sale = (L.OP_PURCHASE, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    split = sale[:11] + (L.PARTIAL_PAYMENT,) + sale[12:]
+    issued = sale[:7] + (2**62, 2**62) + sale[9:]  # points earned + redeemed
+    till = split[:3] + (2**62, -(2**62)) + split[5:]  # gross - discount, the till's part
+    till_back = split[:3] + (-(2**62), 2**62) + split[5:]  # ... at INT64_MIN, then back
+    bonus_min = sale[:6] + (-(2**63),) + sale[7:]  # bonus out: -(INT64_MIN)
+    expired_min = (L.OP_POINTS_EXPIRED,) + sale[1:7] + (-(2**63),) + sale[8:]
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(entry, min_size=1, max_size=40), st.lists(st.integers(1, 39), max_size=4),
            st.booleans())
     @example([big[:2] + (c % 4,) + big[3:] for c in range(8)], [4], False)  # the fold's review:
     @example([(big[0], 1 + 2 * (c % 2), c % 4) + big[3:] for c in range(8)], [4], True)  # 2 days
+    @example([issued], [], False)
+    @example([till, issued], [], False)
+    @example([till_back, till, issued], [], False)  # (uncut: a saturated sum depends on cuts)
+    @example([bonus_min, bonus_min], [], False)
+    @example([expired_min, issued], [], True)
+    @example([(L.OP_TOP_UP if k % 3 == 0 else L.OP_PURCHASE, 7 + k, k % 4, 0, 0,
+               100 if k % 3 == 0 else -100) + sale[6:] for k in range(600)], [301], False)
+    # (a run at 600 stores, its cards' homes moving: past the C loop's old 512-store limit)
     def check(fields, cuts, apart):  # own-day nets from capped columns depended on grouping
         entries = []
         for f in fields:  # a replacement's new card's entry right after the old card's
@@ -771,19 +788,24 @@ def test_a_runs_stores_and_moving_cards_are_indexed_in_c_as_python_says():
     """``native.index_run`` (the C loop's slots) against the rule in Python: stores numbered in
     order of first appearance; the cards whose principal moves (or that a replacement names)
     numbered in key order, every other entry none; up to more distinct stores than a hash
-    bucket's first guess, stores past 2**31, cards that differ in their last byte only."""
+    bucket's first guess, stores past 2**31, cards that differ in their last byte only, and
+    random ids (the sort's buckets by first byte: runs of 64 or more)."""
     from array import array
 
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import example, given, settings, strategies as st
 
     ops = st.sampled_from((L.OP_PURCHASE, L.OP_TOP_UP, L.OP_POINTS_EXPIRED, L.OP_CARD_REPLACED,
                            L.OP_REPLACEMENT_OPENED, L.OP_PIN_FAILED))
     stores = st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1))
-    cards = st.sampled_from([bytes(15) + bytes([k]) for k in range(5)] + [b"\xff" * 16])
+    cards = st.sampled_from([bytes(15) + bytes([k]) for k in range(5)] + [b"\xff" * 16]) \
+        | st.binary(min_size=16, max_size=16)
     entry = st.tuples(ops, stores, cards, st.sampled_from((0, 0, 1, -1, 2**40)))
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(entry, max_size=300))
+    @example([(L.OP_PURCHASE, k % 7, bytes([k % 3]) + bytes(14) + bytes([k * 37 % 256]), -1)
+              for k in range(200)])  # 3 of the sort's buckets, each out of order (a mutant that
+    # left the buckets unsorted passed the strategy alone)
     def check(fields):
         buf = bytearray(L.JOURNAL_SIZE * len(fields))
         for k, (kind, store, card, dp) in enumerate(fields):

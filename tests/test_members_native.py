@@ -163,3 +163,33 @@ def test_two_records_of_the_wrong_size_whose_sizes_add_up_are_refused_either_way
     reference = outcome(ledger, history, last, False, tamper)
     assert reference[0] == "error"  # struct.error
     assert outcome(ledger, history, last, True, tamper) == reference
+
+
+def test_a_groups_purchases_are_numbered_by_their_cards_in_key_order():
+    """``native.purchases`` (the keys the C loop reads in one go): the distinct card ids of the
+    purchases (not the skipped, not other entries) in LMDB's key order, each purchase numbered
+    by its card's place among them; groups past the sort's bucket pass (64+), ids alike in their
+    first byte or in all but their last, a card bought twice."""
+    from array import array
+    import random
+
+    from cardcore.ext import members as native
+
+    rng = random.Random(7)
+    for n in (1, 63, 64, 65, 1000):
+        ids = [rng.randbytes(16) for _ in range(n // 2)] + [
+            bytes([rng.choice((0, 255))]) + rng.randbytes(15) for _ in range(n // 4)]
+        ids += [bytes(15) + bytes([k]) for k in range(n - len(ids))]
+        cards = [rng.choice(ids) for _ in range(n)]
+        ops = [rng.choice((L.OP_PURCHASE, L.OP_PURCHASE, L.OP_TOP_UP)) for _ in range(n)]
+        skip = bytearray(rng.random() < 0.1 for _ in range(n))
+        buf = b"".join(L.JOURNAL.pack(
+            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, cid, 100, 0, -100, 0, 0, 0, 0, 0, 1, 1, 0,
+            0, 0, bytes(8), 1, 0, bytes(3), 0, 0, 0, 0, 0, 0, bytes(48), bytes(32))
+            for k, (op, cid) in enumerate(zip(ops, cards)))
+        index, slot_of = array("I", bytes(4 * n)), array("I", bytes(4 * n))
+        m, keys = native.purchases(buf, skip, index, slot_of)
+        bought = [k for k in range(n) if ops[k] == L.OP_PURCHASE and not skip[k]]
+        assert m == len(bought) and list(index[:m]) == bought
+        assert keys == sorted({cards[k] for k in bought})
+        assert [keys[s] for s in slot_of[:m]] == [cards[k] for k in bought]
