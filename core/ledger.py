@@ -88,7 +88,7 @@ from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
 from cardcore import members as member_metrics
 from cardcore import stores
-from cardcore.ext import kernel
+from cardcore.ext import kernel, writerglue
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   entry_line_count, lines_digest,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
@@ -169,6 +169,12 @@ _OP_FLAGS = 162  # layout.OP offset of op_flags
 NAMED_CARD_OPS = L.CARD_OPS | {L.OP_CARD_REPLACED}  # operations on a card (expiry, review first)
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))
 _ENTRY_ITEM_ID = 196  # layout.JOURNAL item_id (u16): a purchase's coupon definition, 0 = none
+# Whether the writer's per-operation glue runs in C where it can (ext/writerglue.pyx): a run of
+# purchases and top-ups, the card history's items, the request-time index. The Python code it
+# stands for stays the reference, and runs whatever C does not take; tests turn this off to hold
+# the two equal.
+GLUE_IN_C = True
+_CARD_ENTRY_MASK = bytes(op in L.CARD_ENTRY_OPS for op in range(256))  # for writerglue
 _ITEM_UNDONE = frozenset((L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM))  # reversals the writer completes  # and a capture (a purchase)
 
 
@@ -1708,7 +1714,8 @@ class _Group:
         coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
-        next_seq = kernel.apply_batch(admin.program_packed, b"".join([ops[i].packed for i in run]),
+        packed = b"".join([ops[i].packed for i in run])
+        next_seq = kernel.apply_batch(admin.program_packed, packed,
                                       lines, slots, records, extras, coupon_slots, coupons,
                                       journal_out, dirty, coupon_dirty, self.ts, self.seq)
         if coupon_keys:
@@ -1737,10 +1744,16 @@ class _Group:
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
         referrals: list[PendingOp] = []  # one level: a referral bonus never pays another
-        gains: dict[tuple[bytes, int], int] = {}  # (card, day) -> points earned in this run
         day = lots.day_of(ts)
+        # (card, day) -> points earned in this run: C's, for a run it takes (ext/writerglue.pyx)
+        gains: dict[tuple[bytes, int], int] | None = None
+        if GLUE_IN_C and not hold_run:
+            gains = self._finish_in_c(run, out, packed, records, slots, filled_lines, day)
+        glued = gains is not None
+        if gains is None:
+            gains = {}
         running: dict[int, int] = {}  # a hold run's cards: slot -> held_minor as the run goes
-        for k, i in enumerate(run):
+        for k, i in enumerate(() if glued else run):  # the reference: each run C does not take
             op = ops[i]
             op_type = op.packed[0]
             _, tier, reason, seq, principal_after, bonus_after = head(out, k * size)
@@ -1855,6 +1868,33 @@ class _Group:
         self.unindexed.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _finish_in_c(self, run: list[int], out: bytes, packed: bytes, records: bytearray,
+                     slots: array, filled_lines: bytes, day: int) -> dict | None:
+        """What the loop of ``_flush_run`` does after the kernel, in C (``writerglue.finish_run``)
+        for a run of purchases and top-ups: the points gained {(card, day): points}, or None
+        for a run it does not take (nothing changed: the loop does it)."""
+        ops = self.ops
+        done = writerglue.finish_run(
+            out, packed, records, slots, filled_lines, [ops[i].request_key for i in run],
+            b"".join([ops[i].digest for i in run]), run, self.outcomes, Outcome, self.entries,
+            self.idem_items, self.line_items, self.basket_items, self.ts, self.seq, day)
+        if done is None:
+            return None
+        self.seq, gains, moves, upgrades = done
+        for card_id, pending, gain, loss in moves:  # each card's in the loop's order
+            try:
+                if pending:
+                    self.lots.apply(card_id, self.ts, pending, 0)
+                self.lots.apply(card_id, self.ts, gain, loss)
+            except ValueError as exc:
+                raise InvariantError(str(exc)) from None
+        if upgrades:  # rule 8
+            counts = self.admin.tier_cards()
+            for tier, after in upgrades:
+                counts[tier] -= 1
+                counts[after] += 1
+        return gains
 
     def _put_items(self) -> None:
         """The pending coupons, packages, holds and gift stock, one putmulti per sub-database
@@ -2119,7 +2159,9 @@ class _Group:
                     pack_request_keys([key for key, _ in self.idem_items]), append=True):
                 raise InvariantError("request time index append refused: time went back")
         if self.entries:
-            txn.cursor(db=ledger.card_entries).putmulti(history_items(self.entries))
+            txn.cursor(db=ledger.card_entries).putmulti(
+                writerglue.history_items(buf, _CARD_ENTRY_MASK) if GLUE_IN_C
+                else history_items(self.entries))
         if self.line_items:
             added, _ = txn.cursor(db=ledger.journal_lines).putmulti(
                 [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)
@@ -2160,7 +2202,8 @@ class _Group:
         cur = txn.cursor(db=ledger.request_times)
         pruned, through_us, young = 0, self.pruned_through_us, False
         while pruned < step and not young and cur.first():
-            keys = unpack_request_keys(cur.value())
+            keys = (writerglue.unpack_request_keys if GLUE_IN_C
+                    else unpack_request_keys)(cur.value())
             done = 0
             for request in keys:
                 if pruned >= step:
