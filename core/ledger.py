@@ -1681,20 +1681,27 @@ class _Group:
         self.run = []
         self.line_refund_run = set()
         ledger, ops, txn, admin = self.ledger, self.ops, self.txn, self.admin
-        slot_of: dict[bytes, int] = {}
-        card_ids: list[bytes] = []
-        slots = array("I")
-        hold_run = False  # an operation that changes held_minor (rule 15) is in the run
-        for i in run:
-            op = ops[i]
-            cid = op.card_id
-            if op.packed[0] >= L.OP_REVERSAL or op.packed[_OP_FLAGS] & L.CAPTURE:
-                hold_run = True
-            s = slot_of.get(cid)
-            if s is None:
-                s = slot_of[cid] = len(card_ids)
-                card_ids.append(cid)
-            slots.append(s)
+        packed = b"".join([ops[i].packed for i in run])
+        # a slot per card, in the order the run names them; whether an operation that changes
+        # held_minor (rule 15) is in the run
+        if GLUE_IN_C:
+            slots = array("I", [0]) * len(run)
+            card_ids, hold_run = writerglue.card_slots(packed, slots)
+        else:
+            slot_of: dict[bytes, int] = {}
+            card_ids = []
+            slots = array("I")
+            hold_run = False
+            for i in run:
+                op = ops[i]
+                cid = op.card_id
+                if op.packed[0] >= L.OP_REVERSAL or op.packed[_OP_FLAGS] & L.CAPTURE:
+                    hold_run = True
+                s = slot_of.get(cid)
+                if s is None:
+                    s = slot_of[cid] = len(card_ids)
+                    card_ids.append(cid)
+                slots.append(s)
         cards = txn.cursor(db=ledger.cards)
         stored = dict(cards.getmulti(card_ids))
         records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
@@ -1714,7 +1721,6 @@ class _Group:
         coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
-        packed = b"".join([ops[i].packed for i in run])
         next_seq = kernel.apply_batch(admin.program_packed, packed,
                                       lines, slots, records, extras, coupon_slots, coupons,
                                       journal_out, dirty, coupon_dirty, self.ts, self.seq)
@@ -2137,6 +2143,7 @@ class _Group:
             size, seq_key, first = L.JOURNAL_SIZE, L.SEQ_KEY.pack, self.first_seq
             view = memoryview(buf)
             added, _ = txn.cursor(db=ledger.journal).putmulti(
+                writerglue.journal_items(buf, first) if GLUE_IN_C else
                 [(seq_key(first + k), bytes(view[k * size:(k + 1) * size]))
                  for k in range(len(self.entries))], append=True)
             if added != len(self.entries):

@@ -13,6 +13,7 @@ import os
 import random
 import struct
 import tempfile
+from array import array
 from contextlib import contextmanager
 
 import hypothesis.strategies as st
@@ -232,10 +233,33 @@ def test_the_c_constants_are_the_layouts():
     names = {"JOURNAL_OFF_SEQ", "JOURNAL_OFF_REASON", "JOURNAL_OFF_TS", "JOURNAL_OFF_LINES_DIGEST",
              "OP_SIZE", "JOURNAL_SIZE", "CARD_SIZE", "IDEM_SIZE", "LINE_SIZE", "CARD_ID_SIZE",
              "LINES_DIGEST_SIZE", "IDEM_VERSION", "OP_TOP_UP", "OP_PURCHASE", "R_OK",
-             "R_INSUFFICIENT_FUNDS", "R_CAPTURE_EXCEEDS_HOLD"}
+             "R_INSUFFICIENT_FUNDS", "R_CAPTURE_EXCEEDS_HOLD", "OP_REVERSAL", "CAPTURE"}
     assert {n: getattr(L, n) for n in names} == {n: writerglue.SIZES[n] for n in names}
     assert writerglue.SIZES["CARD_ENTRY_KEY_SIZE"] == L.CARD_ENTRY_KEY.size
     assert writerglue.SIZES["CARD_ENTRY_SIZE"] == L.CARD_ENTRY.size
+
+
+@given(st.lists(st.tuples(st.sampled_from([L.OP_TOP_UP, L.OP_PURCHASE, L.OP_REFUND, L.OP_REVERSAL,
+                                           L.OP_HOLD, L.OP_HOLD_EXPIRED]),
+                          st.sampled_from([0, L.CAPTURE, 1]), st.integers(0, 5)), max_size=30))
+def test_the_card_slots_in_c_are_the_run_loops(drawn):
+    """Each operation's card slot, in the order the run first names the cards, and whether an
+    operation of the run changes a hold (a capture, a reversal or any type after it), as the
+    Python loop of ``_flush_run`` finds them."""
+    ops = [PendingOp.build(b"", kind, cid(NUMBERS[card]), 100, op_flags=flags,
+                           caller=(L.CALLER_SYSTEM, 0)) for kind, flags, card in drawn]
+    slots = array("I", [0]) * len(ops)
+    cards, hold_run = writerglue.card_slots(b"".join(op.packed for op in ops), slots)
+    assert cards == list(dict.fromkeys(op.card_id for op in ops))
+    assert list(slots) == [cards.index(op.card_id) for op in ops]
+    assert hold_run == any(kind >= L.OP_REVERSAL or flags & L.CAPTURE for kind, flags, _ in drawn)
+
+
+@given(st.lists(st.binary(min_size=L.JOURNAL_SIZE, max_size=L.JOURNAL_SIZE), max_size=10),
+       st.integers(1, 2**63))
+def test_the_journal_items_in_c_are_the_writes(entries, first):
+    assert writerglue.journal_items(b"".join(entries), first) == [
+        (L.SEQ_KEY.pack(first + k), entry) for k, entry in enumerate(entries)]
 
 
 _MOVE_FIELDS = st.integers(-10**6, 10**6)
