@@ -175,6 +175,7 @@ _ENTRY_ITEM_ID = 196  # layout.JOURNAL item_id (u16): a purchase's coupon defini
 # the two equal.
 GLUE_IN_C = True
 _CARD_ENTRY_MASK = bytes(op in L.CARD_ENTRY_OPS for op in range(256))  # for writerglue
+_LIVE_MASK = bytes(status in L.STATUSES_LIVE for status in range(256))  # likewise
 _ITEM_UNDONE = frozenset((L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM))  # reversals the writer completes  # and a capture (a purchase)
 
 
@@ -191,13 +192,16 @@ _EXT_REVIEW = struct.Struct("<xB78xII")  # layout.CARD_EXT: flags (1), review_da
 
 
 def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
-             undo: list | None = None) -> tuple[array, list, bytearray]:
+             undo: list | None = None, packed: bytes | None = None) -> tuple[array, list, bytearray]:
     """The records ``ops`` name, each read once: a purchase's coupon, a package use's package, a
     gift's stock; a refund's or reversal's undo record, as ``undo`` gives it (same positions as
     ``ops``: (key or None, record, entry)). (An item slot per operation, SLOT_NONE for the
     others; the slots' (database, key), a database None for a record never written; their
-    records, zeros for one that is not there.)"""
+    records, zeros for one that is not there.) ``packed``: the operations' bytes, laid end to
+    end, for a look in C first (``writerglue.names_items``)."""
     slots = array("I", [L.SLOT_NONE]) * len(ops)
+    if packed is not None and not writerglue.names_items(packed):
+        return slots, [], bytearray()  # most runs: no operation names one
     keys: list[tuple] = []
     slot_of: dict[tuple, int] = {}
     given: dict[tuple, bytes] = {}
@@ -1717,7 +1721,8 @@ class _Group:
         lines = bytearray(b"".join([ops[i].lines for i in run]))
         undo_of = self.undo_of
         coupon_slots, coupon_keys, coupons = items_of(
-            txn, ledger, [ops[i] for i in run], [undo_of.get(i) for i in run] if undo_of else None)
+            txn, ledger, [ops[i] for i in run], [undo_of.get(i) for i in run] if undo_of else None,
+            packed if GLUE_IN_C else None)
         coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
@@ -1729,18 +1734,26 @@ class _Group:
                 (*coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
                 for s in range(len(coupon_keys)) if coupon_dirty[s])
         rec_view, ext_view = memoryview(records), memoryview(extras)
-        cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
-                        for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+        if GLUE_IN_C:
+            cards.putmulti(writerglue.dirty_records(card_ids, records, dirty, DIRTY_CARD,
+                                                    L.CARD_SIZE))
+            not_live = writerglue.ended_slots(records, dirty, DIRTY_CARD, _LIVE_MASK)
+        else:
+            cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
+                            for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+            not_live = [s for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD
+                        and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE]
         ended: list[bytes] = []  # rule 14: cards with an expiry the run expired, closed, replaced
-        for s in range(len(card_ids)):
-            if dirty[s] & DIRTY_CARD and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE:
-                expires_us = L.CARD_EXPIRES.unpack_from(records, s * L.CARD_SIZE
-                                                        + L.CARD_OFF_EXPIRES)[0]
-                if expires_us:
-                    ended.append(L.CARD_EXPIRY_KEY.pack(expires_us, card_ids[s]))
+        for s in not_live:
+            expires_us = L.CARD_EXPIRES.unpack_from(records, s * L.CARD_SIZE
+                                                    + L.CARD_OFF_EXPIRES)[0]
+            if expires_us:
+                ended.append(L.CARD_EXPIRY_KEY.pack(expires_us, card_ids[s]))
         if ext_ids:
-            changed = [(card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
-                       for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
+            changed = writerglue.dirty_records(
+                card_ids, extras, dirty, DIRTY_EXT, L.CARD_EXT_SIZE) if GLUE_IN_C else [
+                (card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
+                for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
             if any(cid not in ext_ids for cid, _ in changed):
                 raise InvariantError("the kernel changed a program state the ledger did not read")
             ext_cur.putmulti(changed)

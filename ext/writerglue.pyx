@@ -52,7 +52,12 @@ cdef enum:
     IDEM_VERSION = 2          # layout.IDEM_VERSION
     OP_TOP_UP = 2
     OP_PURCHASE = 3
+    OP_PACKAGE_USE = 10
+    OP_GIFT_REDEEM = 13
+    OP_REFUND = 24
     OP_REVERSAL = 25          # and every type after it moves held_minor or may (rule 15)
+    OP_HOLD_VOID = 28
+    OP_HOLD_EXPIRED = 29
     CAPTURE = 2               # layout.CAPTURE: a purchase paid from a hold
     R_OK = 0
     R_INSUFFICIENT_FUNDS = 11
@@ -61,6 +66,7 @@ cdef enum:
     AT_OP_TYPE = 0
     AT_OP_CARD = 40
     AT_OP_CLIENT_TIME = 56
+    AT_OP_REF = 144
     AT_OP_LINE_COUNT = 160
     AT_OP_FLAGS = 162
     # layout.JOURNAL offsets
@@ -82,18 +88,28 @@ cdef enum:
     CARD_ENTRY_KEY_SIZE = 24  # layout.CARD_ENTRY_KEY: card id, seq (big-endian)
     CARD_ENTRY_SIZE = 16      # layout.CARD_ENTRY: op, 7 zero bytes, ts_us
     BASKET_KEY_SIZE = 16      # ledger.BASKET_KEY: basket tag, seq (big-endian)
+    GROUP_HEAD_SIZE = 12      # groups.GROUP_HEAD: ts_us i64, n u32
+    ANSWER_SIZE = 240         # server.writer.ANSWER: reason u16, replayed u8, op u8, money i64,
+    ENTRY_HEAD_SIZE = 224     # count u32, the entry's first 224 bytes
+    OP_HEAD_SIZE = 23         # groups.OP_HEAD: key_len u8, ksn u32, 3 lengths u32, role u8,
+                              # scope u8, scope_store u32
 
 # The constants above, named as core/layout.py names them: held to it by the tests.
 SIZES = {"OP_SIZE": OP_SIZE, "JOURNAL_SIZE": JOURNAL_SIZE, "CARD_SIZE": CARD_SIZE,
          "IDEM_SIZE": IDEM_SIZE, "LINE_SIZE": LINE_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE,
          "LINES_DIGEST_SIZE": LINES_DIGEST_SIZE, "IDEM_VERSION": IDEM_VERSION,
          "OP_TOP_UP": OP_TOP_UP, "OP_PURCHASE": OP_PURCHASE, "OP_REVERSAL": OP_REVERSAL,
-         "CAPTURE": CAPTURE, "R_OK": R_OK,
+         "CAPTURE": CAPTURE, "R_OK": R_OK, "OP_PACKAGE_USE": OP_PACKAGE_USE,
+         "OP_GIFT_REDEEM": OP_GIFT_REDEEM, "OP_REFUND": OP_REFUND, "OP_HOLD_VOID": OP_HOLD_VOID,
+         "OP_HOLD_EXPIRED": OP_HOLD_EXPIRED,
          "R_INSUFFICIENT_FUNDS": R_INSUFFICIENT_FUNDS,
          "R_CAPTURE_EXCEEDS_HOLD": R_CAPTURE_EXCEEDS_HOLD,
          "JOURNAL_OFF_SEQ": AT_J_SEQ, "JOURNAL_OFF_REASON": AT_J_REASON,
          "JOURNAL_OFF_TS": AT_J_TS, "JOURNAL_OFF_LINES_DIGEST": AT_J_LINES_DIGEST,
-         "CARD_ENTRY_KEY_SIZE": CARD_ENTRY_KEY_SIZE, "CARD_ENTRY_SIZE": CARD_ENTRY_SIZE}
+         "CARD_ENTRY_KEY_SIZE": CARD_ENTRY_KEY_SIZE, "CARD_ENTRY_SIZE": CARD_ENTRY_SIZE,
+         "GROUP_HEAD_SIZE": GROUP_HEAD_SIZE, "OP_HEAD_SIZE": OP_HEAD_SIZE,
+         "ANSWER_SIZE": ANSWER_SIZE, "ENTRY_HEAD_SIZE": ENTRY_HEAD_SIZE}
+NONE_LEN = 0xFFFFFFFF  # groups.NONE_LEN: an extra that is not there
 
 
 cdef inline int64_t i64_at(const uint8_t* p) noexcept nogil:
@@ -111,6 +127,12 @@ cdef inline uint64_t u64_at(const uint8_t* p) noexcept nogil:
 cdef inline uint16_t u16_at(const uint8_t* p) noexcept nogil:
     cdef uint16_t v
     memcpy(&v, p, 2)
+    return v
+
+
+cdef inline uint32_t u32_at(const uint8_t* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
     return v
 
 
@@ -309,6 +331,53 @@ def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):
     return cards, hold_run
 
 
+def names_items(const uint8_t[::1] packed):
+    """Whether an operation of the run names a record ``ledger.items_of`` reads: a purchase's
+    coupon or hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
+    closed. (Most runs name none: their items are then none, without a loop in Python.)"""
+    cdef Py_ssize_t k
+    cdef const uint8_t* op
+    cdef uint8_t kind
+    cdef uint64_t ref
+    if packed.shape[0] % OP_SIZE:
+        raise ValueError("operations are 192 bytes each")
+    for k in range(packed.shape[0] // OP_SIZE):
+        op = &packed[k * OP_SIZE]
+        kind = op[AT_OP_TYPE]
+        if kind == OP_PURCHASE:
+            memcpy(&ref, op + AT_OP_REF, 8)
+            if op[AT_OP_FLAGS] & CAPTURE or ref:
+                return True
+        elif (kind == OP_REFUND or kind == OP_REVERSAL or kind == OP_GIFT_REDEEM
+              or kind == OP_PACKAGE_USE or kind == OP_HOLD_VOID or kind == OP_HOLD_EXPIRED):
+            return True
+    return False
+
+
+def dirty_records(list ids, const uint8_t[::1] records, const uint8_t[::1] dirty, uint8_t bit,
+                  Py_ssize_t size):
+    """(id, record) of each slot whose ``dirty`` has ``bit``: the records of ``size`` bytes
+    the kernel changed, for a putmulti."""
+    cdef Py_ssize_t n = len(ids), s
+    if records.shape[0] != n * size or dirty.shape[0] != n:
+        raise ValueError("a record and a dirty byte for each id")
+    items = []
+    for s in range(n):
+        if dirty[s] & bit:
+            items.append((ids[s], PyBytes_FromStringAndSize(<const char*>&records[s * size], size)))
+    return items
+
+
+def ended_slots(const uint8_t[::1] records, const uint8_t[::1] dirty, uint8_t bit,
+                const uint8_t[::1] live):
+    """The slots of the card records the kernel changed (``dirty`` has ``bit``) whose status
+    byte ``live`` (256 bytes, one per status) does not mark: expired, closed or replaced."""
+    cdef Py_ssize_t n = dirty.shape[0], s
+    if records.shape[0] != n * CARD_SIZE or live.shape[0] != 256:
+        raise ValueError("a card record for each dirty byte; 256 status bytes")
+    return [s for s in range(n) if dirty[s] & bit and not live[records[s * CARD_SIZE + 1]]]
+
+
 def journal_items(const uint8_t[::1] entries, uint64_t first_seq):
     """The journal's (seq big-endian, entry) items of entries laid end to end from
     ``first_seq``: ``_write``'s putmulti."""
@@ -365,3 +434,97 @@ def unpack_request_keys(bytes blob):
         out.append(PyBytes_FromStringAndSize(<const char*>p + pos + 1, n))
         pos += 1 + p[pos]
     return out
+
+
+cdef inline object _extra(const uint8_t* base, Py_ssize_t* pos, Py_ssize_t size, uint32_t length):
+    """An operation's extra of a group (None when its length says none), moving ``pos`` on."""
+    if length == NONE_LEN:
+        return None
+    if length > size - pos[0]:
+        raise ValueError("group message cut short")
+    pos[0] += length
+    return PyBytes_FromStringAndSize(<const char*>base + pos[0] - length, length)
+
+
+def decode_group(bytes data, type pending_type):
+    """groups.decode_group in one C loop: (the operations as ``pending_type`` (PendingOp) of
+    the group ``data``, its time). Any length that runs past the end, or bytes left over,
+    raise ValueError (the Python one raises too: struct.error or ValueError)."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data), pos = GROUP_HEAD_SIZE, k, n_lines
+    cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef const uint8_t* head
+    cdef int64_t ts_us
+    cdef uint32_t n
+    cdef uint8_t key_len
+    if size < GROUP_HEAD_SIZE:
+        raise ValueError("group message cut short")
+    memcpy(&ts_us, base, 8)
+    n = u32_at(base + 8)
+    if n > (size - GROUP_HEAD_SIZE) // (OP_HEAD_SIZE + OP_SIZE + DIGEST_SIZE):
+        raise ValueError("group message cut short")
+    ops = []
+    for k in range(n):
+        if size - pos < OP_HEAD_SIZE + OP_SIZE + DIGEST_SIZE:
+            raise ValueError("group message cut short")
+        head = base + pos
+        key_len = head[0]
+        pos += OP_HEAD_SIZE
+        packed = PyBytes_FromStringAndSize(<const char*>base + pos, OP_SIZE)
+        card_id = PyBytes_FromStringAndSize(<const char*>base + pos + AT_OP_CARD, CARD_ID_SIZE)
+        n_lines = <Py_ssize_t>u16_at(base + pos + AT_OP_LINE_COUNT) * LINE_SIZE
+        digest = PyBytes_FromStringAndSize(<const char*>base + pos + OP_SIZE, DIGEST_SIZE)
+        pos += OP_SIZE + DIGEST_SIZE
+        key = _extra(base, &pos, size, key_len)
+        profile = _extra(base, &pos, size, u32_at(head + 5))
+        sealed = _extra(base, &pos, size, u32_at(head + 9))
+        payload = _extra(base, &pos, size, u32_at(head + 13))
+        lines = _extra(base, &pos, size, <uint32_t>n_lines) if n_lines else b""
+        ops.append(pending_type(key, card_id, packed, digest, profile, u32_at(head + 1), sealed,
+                                payload, head[17], head[18], u32_at(head + 19), lines))
+    if pos != size:
+        raise ValueError("group message has trailing bytes")
+    return ops, ts_us
+
+
+def encode_answer(list outcomes):
+    """server.writer.encode_answer in one C loop: the outcomes of a group (Outcome tuples) as
+    the writer's answer: their count, each one's fixed part (the money: the card's held_minor
+    of an applied one, else its available_minor; the entry's first 224 bytes, zeros when none),
+    then the lines of those that have some, in order."""
+    cdef Py_ssize_t n = len(outcomes), k, lines_size = 0, at
+    cdef uint16_t reason
+    cdef int64_t money
+    cdef uint32_t count = n
+    cdef uint8_t* w
+    cdef tuple o
+    for k in range(n):
+        if not isinstance(outcomes[k], tuple):
+            raise TypeError("an Outcome is a tuple")
+        o = <tuple>outcomes[k]  # an Outcome: a tuple subclass
+        if len(o) != 8 or not (o[3] is None or type(o[3]) is bytes) or type(o[6]) is not bytes:
+            raise TypeError("an Outcome's entry and lines are bytes")
+        if o[6]:
+            lines_size += PyBytes_GET_SIZE(o[6])
+    answer = PyBytes_FromStringAndSize(NULL, 4 + n * ANSWER_SIZE + lines_size)
+    w = <uint8_t*>PyBytes_AS_STRING(answer)
+    memcpy(w, &count, 4)
+    at = 4 + n * ANSWER_SIZE
+    for k in range(n):
+        o = <tuple>outcomes[k]
+        e = o[3]
+        reason = o[0]
+        money = o[7] if reason == R_OK else o[4]
+        count = o[5]
+        memcpy(w + 4 + k * ANSWER_SIZE, &reason, 2)
+        w[6 + k * ANSWER_SIZE] = 1 if o[1] else 0
+        w[7 + k * ANSWER_SIZE] = <uint8_t>o[2]
+        memcpy(w + 8 + k * ANSWER_SIZE, &money, 8)
+        memcpy(w + 16 + k * ANSWER_SIZE, &count, 4)
+        memset(w + 20 + k * ANSWER_SIZE, 0, ENTRY_HEAD_SIZE)
+        if e is not None:
+            memcpy(w + 20 + k * ANSWER_SIZE, PyBytes_AS_STRING(e),
+                   min(<Py_ssize_t>ENTRY_HEAD_SIZE, PyBytes_GET_SIZE(e)))
+        if o[6]:
+            memcpy(w + at, PyBytes_AS_STRING(o[6]), PyBytes_GET_SIZE(o[6]))
+            at += PyBytes_GET_SIZE(o[6])
+    return answer

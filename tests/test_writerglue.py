@@ -17,14 +17,17 @@ from array import array
 from contextlib import contextmanager
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 
 from cardcore import layout as L
 from cardcore import ledger as ledger_module
 from cardcore import lots
 from cardcore.ext import writerglue
-from cardcore.idempotency import PendingOp, pack_request_keys, unpack_request_keys
-from cardcore.ledger import Ledger, history_items
+from cardcore.groups import GROUP_HEAD, NONE_LEN, OP_HEAD, decode_group, encode_group
+from cardcore.idempotency import Outcome, PendingOp, pack_request_keys, unpack_request_keys
+from cardcore.server import writer
+from cardcore.ledger import Ledger, history_items, items_of
 from cardcore.verify import verify
 from test_card_programs import FRESH, GROCERY, TOBACCO, example, line
 from test_ledger import NOW, cid, key
@@ -233,10 +236,16 @@ def test_the_c_constants_are_the_layouts():
     names = {"JOURNAL_OFF_SEQ", "JOURNAL_OFF_REASON", "JOURNAL_OFF_TS", "JOURNAL_OFF_LINES_DIGEST",
              "OP_SIZE", "JOURNAL_SIZE", "CARD_SIZE", "IDEM_SIZE", "LINE_SIZE", "CARD_ID_SIZE",
              "LINES_DIGEST_SIZE", "IDEM_VERSION", "OP_TOP_UP", "OP_PURCHASE", "R_OK",
-             "R_INSUFFICIENT_FUNDS", "R_CAPTURE_EXCEEDS_HOLD", "OP_REVERSAL", "CAPTURE"}
+             "R_INSUFFICIENT_FUNDS", "R_CAPTURE_EXCEEDS_HOLD", "OP_REVERSAL", "CAPTURE",
+             "OP_PACKAGE_USE", "OP_GIFT_REDEEM", "OP_REFUND", "OP_HOLD_VOID", "OP_HOLD_EXPIRED"}
     assert {n: getattr(L, n) for n in names} == {n: writerglue.SIZES[n] for n in names}
     assert writerglue.SIZES["CARD_ENTRY_KEY_SIZE"] == L.CARD_ENTRY_KEY.size
     assert writerglue.SIZES["CARD_ENTRY_SIZE"] == L.CARD_ENTRY.size
+    assert writerglue.SIZES["GROUP_HEAD_SIZE"] == GROUP_HEAD.size
+    assert writerglue.SIZES["OP_HEAD_SIZE"] == OP_HEAD.size
+    assert writerglue.NONE_LEN == NONE_LEN
+    assert writerglue.SIZES["ANSWER_SIZE"] == writer.ANSWER.size
+    assert writerglue.SIZES["ENTRY_HEAD_SIZE"] == writer.ENTRY_HEAD_SIZE
 
 
 @given(st.lists(st.tuples(st.sampled_from([L.OP_TOP_UP, L.OP_PURCHASE, L.OP_REFUND, L.OP_REVERSAL,
@@ -255,11 +264,90 @@ def test_the_card_slots_in_c_are_the_run_loops(drawn):
     assert hold_run == any(kind >= L.OP_REVERSAL or flags & L.CAPTURE for kind, flags, _ in drawn)
 
 
+def test_the_runs_that_name_no_item_are_the_ones_items_of_finds_none_for(tmp_path):
+    """writerglue.names_items, the look before ``items_of``: for every card operation, with and
+    without a reference and a capture flag, it says whether ``items_of`` gives it a slot."""
+    led = Ledger(str(tmp_path / "l"), initial_program=example("supermarket"))
+    try:
+        with led.env.begin() as txn:
+            for kind in sorted(L.CARD_OPS):
+                for ref, flags in ((0, 0), (5, 0), (0, L.CAPTURE), (0, 1)):
+                    op = PendingOp.build(b"", kind, cid(NUMBERS[0]), 100, ref_id=ref,
+                                         link_seq=3, op_flags=flags, caller=(L.CALLER_SYSTEM, 0))
+                    slots, _, _ = items_of(txn, led, [op], [(None, bytes(64), None)])
+                    assert writerglue.names_items(op.packed) == (slots[0] != L.SLOT_NONE), \
+                        (kind, ref, flags)
+                    assert items_of(txn, led, [op], [(None, bytes(64), None)], op.packed) == \
+                        items_of(txn, led, [op], [(None, bytes(64), None)])
+    finally:
+        led.close()
+
+
+@given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=4, max_size=4),
+                          st.integers(0, 3), st.integers(0, 9)), max_size=20))
+def test_the_dirty_records_and_ended_cards_in_c_are_the_run_loops(drawn):
+    ids = [card for card, _, _, _ in drawn]
+    records = bytearray(len(drawn) * L.CARD_SIZE)
+    for s, (_, fill, _, status) in enumerate(drawn):
+        records[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE] = fill * (L.CARD_SIZE // 4)
+        records[s * L.CARD_SIZE + 1] = status
+    dirty = bytes(d for _, _, d, _ in drawn)
+    live = bytes(status in L.STATUSES_LIVE for status in range(256))
+    for bit in (1, 2):
+        assert writerglue.dirty_records(ids, records, dirty, bit, L.CARD_SIZE) == [
+            (ids[s], bytes(records[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
+            for s in range(len(ids)) if dirty[s] & bit]
+    assert writerglue.ended_slots(records, dirty, 1, live) == [
+        s for s in range(len(ids)) if dirty[s] & 1
+        and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE]
+
+
 @given(st.lists(st.binary(min_size=L.JOURNAL_SIZE, max_size=L.JOURNAL_SIZE), max_size=10),
        st.integers(1, 2**63))
 def test_the_journal_items_in_c_are_the_writes(entries, first):
     assert writerglue.journal_items(b"".join(entries), first) == [
         (L.SEQ_KEY.pack(first + k), entry) for k, entry in enumerate(entries)]
+
+
+extras = st.one_of(st.none(), st.binary(max_size=40))
+
+
+@given(st.lists(st.tuples(st.binary(max_size=64), st.integers(0, 2**32 - 1), extras, extras,
+                          extras, st.integers(0, 255), st.integers(0, 3), st.integers(0, 2**32 - 1),
+                          st.integers(0, 3), st.sampled_from([L.OP_PURCHASE, L.OP_OPEN, 40])),
+                max_size=12),
+       st.integers(-2**63, 2**63 - 1), st.integers(0, 40))
+def test_a_group_decoded_in_c_is_the_pythons(drawn, ts_us, cut):
+    """writerglue.decode_group against groups.decode_group: the same operations, field for
+    field, of any group encode_group makes; a group cut short or with bytes left over is refused
+    by both."""
+    ops = []
+    for k, (key, ksn, profile, sealed, payload, role, scope, store, lines, kind) in enumerate(drawn):
+        packed = (PendingOp.build(b"", kind, cid(NUMBERS[k % 7]), k, caller=(1, 0),
+                                  lines=bytes(64) * lines).packed if kind != 40
+                  else bytes(range(160)) + bytes(2) + bytes(range(162, 192)))  # no lines
+        ops.append(PendingOp(key, packed[40:56], packed, bytes(range(16)), profile, ksn, sealed,
+                             payload, role, scope, store, bytes(64) * lines if kind != 40 else b""))
+    data = encode_group(ops, ts_us)
+    assert writerglue.decode_group(data, PendingOp) == decode_group(data) == (ops, ts_us)
+    for bad in (data[:len(data) - 1 - cut] if len(data) > cut + 1 else b"", data + bytes(cut + 1)):
+        with pytest.raises((ValueError, struct.error)):
+            decode_group(bad)
+        with pytest.raises(ValueError):
+            writerglue.decode_group(bad, PendingOp)
+
+
+outcome = st.builds(
+    Outcome, st.sampled_from([L.R_OK, L.R_INSUFFICIENT_FUNDS, L.R_CARD_NOT_FOUND]), st.booleans(),
+    st.sampled_from([L.OP_PURCHASE, L.OP_TOP_UP, L.OP_RESEAL]),
+    st.one_of(st.none(), st.binary(min_size=256, max_size=256), st.binary(max_size=230)),
+    st.integers(-2**63, 2**63 - 1), st.integers(0, 2**32 - 1),
+    st.sampled_from([b"", bytes(range(64)), bytes(128)]), st.integers(-2**63, 2**63 - 1))
+
+
+@given(st.lists(outcome, max_size=12))
+def test_an_answer_encoded_in_c_is_the_pythons(outcomes):
+    assert writerglue.encode_answer(outcomes) == writer.encode_answer(outcomes)
 
 
 _MOVE_FIELDS = st.integers(-10**6, 10**6)
