@@ -1,24 +1,30 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The writer's per-operation glue in C: what ``ledger._Group._flush_run`` does after the kernel
-for each operation of a run of plain purchases and top-ups, and two per-entry loops of a group.
+"""The writer's per-operation glue in C: a group's way through the writer process, where it
+ran Python for each operation (``durable._decode``, ``ledger._Group``, ``writer_main``).
 
 Measured before it (cProfile, groups of 1,000 plain purchases): the loop after
 ``kernel.apply_batch`` cost ~6.3 µs a purchase of its own Python, the card history's items
-~1.5, the idempotency records ~0.9, the request-time index's unpacking ~0.5. Here:
+~1.5, the idempotency records ~0.9, the request-time index's unpacking ~0.5; the group's
+decoding ~1.2 and the answer's encoding ~0.4 (timeit). Here, each the Python code it names in
+one C loop, that code staying the reference (``ledger.GLUE_IN_C`` off runs it):
 
-- ``finish_run`` does, for a run whose operations are all purchases and top-ups (lines, a
-  coupon and points offered included; no capture: the caller passes only runs that move no
-  hold), what the Python loop does for each: its outcome, its journal entry (a purchase's
-  stored lines and their digest in the entry), its request record, its basket index key, its
-  points gained per card (the run's day) or its lots movement, a tier upgrade. It reads only
+- ``decode_group`` (``groups.decode_group``) and ``encode_answer`` (``writer.encode_answer``);
+- before the kernel: ``card_slots`` (the loop at the top of ``_flush_run``), ``names_items``
+  (whether ``items_of`` has anything to read: most runs name no coupon, hold, package or gift);
+  after it: ``dirty_records`` and ``ended_slots`` (the records to write back, the cards ended);
+- ``finish_run``: for a run whose operations are all purchases and top-ups (lines, a coupon
+  and points offered included; no capture: the caller passes only runs that move no hold),
+  what the Python loop after the kernel does for each: its outcome, its journal entry (a
+  purchase's stored lines and their digest in the entry), its request record, its basket index
+  key, its points gained per card (the run's day) or its lots movement, a tier upgrade. It reads
   bytes and buffers (the kernel's output, the run's operations, the card records, the filled
   lines, the request keys and digests) and returns None, having changed nothing, for anything
-  else: the Python loop, the reference, then does the run.
-- ``history_items`` and ``unpack_request_keys``: ``ledger.history_items`` and
-  ``idempotency.unpack_request_keys`` in one C loop each.
+  else: the Python loop then does the run;
+- in ``_write`` and ``_prune``: ``journal_items``, ``history_items`` (``ledger.history_items``)
+  and ``unpack_request_keys`` (``idempotency.unpack_request_keys``).
 
-tests/test_writerglue.py holds it to the Python path with hypothesis: the same groups applied
-with and without it leave byte-identical ledgers and identical outcomes.
+tests/test_writerglue.py holds each to its reference with hypothesis, and the whole: the same
+random groups applied with and without it leave byte-identical ledgers and identical outcomes.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_Append
