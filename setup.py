@@ -61,6 +61,9 @@ setup(
          # SubmitBatch's per-operation glue; libcrypto for SHA-256 (the card index's HMAC)
          Extension("cardcore.ext.batchwire", ["ext/batchwire.pyx"], include_dirs=["ext"],
                    libraries=["crypto"], extra_compile_args=["-O2", "-Wno-deprecated-declarations"]),
+         # the writer's per-operation glue after the kernel (ext/blake2b.h for the lines' digest)
+         Extension("cardcore.ext.writerglue", ["ext/writerglue.pyx"], include_dirs=["ext"],
+                   extra_compile_args=["-O2"]),
          Extension("cardcore.ext.daytotals", ["ext/daytotals.pyx"], extra_compile_args=["-O2"]),
          Extension("cardcore.ext.members", ["ext/members.pyx"], extra_compile_args=["-O2"]),
          # OpenSSL's libcrypto (Debian: libssl-dev to build, libssl3 to run)

@@ -3,7 +3,7 @@ basket with its own coupon offering 500 points, and a plain purchase), and betwe
 basket without its coupon, applied to one ledger on the supermarket program, in CPU time:
 
     .venv/bin/python bench/basket_writer.py [--rounds 5] [--cards 20000] [--coupons-held 12]
-        [--base REV_OR_FILE ...] [--profile basket|plain] [--stat] [--pages]
+        [--base REV_OR_FILE ...] [--profile basket|plain] [--stat] [--pages] [--no-aggregates]
 
 Cards opened, topped up, given points (one large purchase each) and ``--coupons-held`` coupons
 each (the coupons bench/programs.py's cards hold by its third round: the sub-database a basket
@@ -16,7 +16,9 @@ before its round, as bench/programs.py does. Per operation: the CPU of applying
 
 ``--base``: a revision's core/ledger.py (or a file) timed too, its spans taking turns with this
 tree's on the same ledger (A/B in one process: a shared machine moves both alike).
-``--profile``: cProfile of that side's spans in the last round. ``--stat``: each sub-database's
+``--no-aggregates``: a ledger that keeps no day totals and no member metrics (what the
+per-operation glue costs, without them). ``--profile``: cProfile of that side's spans in the last
+round. ``--stat``: each sub-database's
 records and pages at the end. ``--pages``: the same run again under strace (installed),
 counting the pages each commit writes (``/proc/self/io`` cannot: its write_bytes counts several
 times what LMDB writes); its CPU figures are strace's, not to be compared.
@@ -201,6 +203,8 @@ def main() -> int:
                     "span in turn with this tree's (same ledger, same operations' kind); again "
                     "for more")
     ap.add_argument("--stat", action="store_true", help="each sub-database's pages at the end")
+    ap.add_argument("--no-aggregates", action="store_true",
+                    help="keep no day totals and no member metrics")
     ap.add_argument("--marks", action="store_true",
                     help="a line on stderr around each commit, for strace to count its writes")
     ap.add_argument("--pages", action="store_true",
@@ -217,7 +221,9 @@ def main() -> int:
     rows: dict[tuple[str, str], list[tuple]] = {}
     profiler = cProfile.Profile() if args.profile else None
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(os.path.join(tmp, "ledger"), initial_program=program, sync=True)
+        ledger = Ledger(os.path.join(tmp, "ledger"), initial_program=program, sync=True,
+                        day_totals=not args.no_aggregates,
+                        member_metrics_kept=not args.no_aggregates)
         try:
             ts = aggregates_writer.seed([ledger], ids, key, time.time_ns() // 1000)
             run = Run(ledger, ids, rng, key, ts)

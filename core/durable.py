@@ -42,11 +42,21 @@ from typing import Callable
 from cardcore.grouplog import (SEGMENT_BYTES_DEFAULT, GroupLog, LogError, LogView,
                                SegmentLog, last_group_no)
 from cardcore.groups import decode_group, deferrable
-from cardcore.idempotency import Outcome
+from cardcore.idempotency import Outcome, PendingOp
 from cardcore import layout as L
+from cardcore import ledger as ledger_module
+from cardcore.ext import writerglue
 from cardcore.ledger import MAP_GROW_ATTEMPTS, InvariantError, Ledger
 
 log = logging.getLogger("cardcore.durable")
+
+
+def _decode(data: bytes) -> tuple[list[PendingOp], int]:
+    """A group's operations and time: in C (``writerglue.decode_group``), or by the Python
+    reference ``groups.decode_group`` when the tests turn the C glue off (``ledger.GLUE_IN_C``)."""
+    if ledger_module.GLUE_IN_C:
+        return writerglue.decode_group(data, PendingOp)
+    return decode_group(data)
 
 CHECKPOINT_MS_DEFAULT = 100        # a checkpoint at least this often while groups arrive
 CHECKPOINT_OPS_DEFAULT = 50_000    # and after this many operations
@@ -149,7 +159,7 @@ class DurableLedger:
         whether it wants a checkpoint before it is answered). An empty group applies nothing and
         asks for a checkpoint. Raises what Ledger raises (the span is aborted: nothing of it
         was answered that the log does not hold) and LogSyncError."""
-        ops, ts_us = decode_group(data)
+        ops, ts_us = _decode(data)
         if self.broken:
             raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}")
         if not ops:
@@ -300,7 +310,7 @@ class DurableLedger:
         """Apply the log's groups after ``applied`` into the span; how many."""
         n = 0
         for rec in self.log.read_from(self.applied + 1):
-            ops, ts_us = decode_group(rec.payload)
+            ops, ts_us = _decode(rec.payload)
             try:
                 self.ledger.apply_in(self._span(), ops, ts_us)
             except lmdb.MapFullError:

@@ -88,7 +88,7 @@ from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
 from cardcore import members as member_metrics
 from cardcore import stores
-from cardcore.ext import kernel
+from cardcore.ext import kernel, writerglue
 from cardcore.idempotency import (CLIENT_TIME_AHEAD_MAX_US, CLOCK_STEP_MAX_US, PRUNE_STEP_MAX,
                                   entry_line_count, lines_digest,
                                   REQUEST_WINDOW_S_DEFAULT, REQUEST_WINDOW_S_MIN, InvariantError,
@@ -169,6 +169,13 @@ _OP_FLAGS = 162  # layout.OP offset of op_flags
 NAMED_CARD_OPS = L.CARD_OPS | {L.OP_CARD_REPLACED}  # operations on a card (expiry, review first)
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))
 _ENTRY_ITEM_ID = 196  # layout.JOURNAL item_id (u16): a purchase's coupon definition, 0 = none
+# Whether the writer's per-operation glue runs in C where it can (ext/writerglue.pyx): a run of
+# purchases and top-ups, the card history's items, the request-time index. The Python code it
+# stands for stays the reference, and runs whatever C does not take; tests turn this off to hold
+# the two equal.
+GLUE_IN_C = True
+_CARD_ENTRY_MASK = bytes(op in L.CARD_ENTRY_OPS for op in range(256))  # for writerglue
+_LIVE_MASK = bytes(status in L.STATUSES_LIVE for status in range(256))  # likewise
 _ITEM_UNDONE = frozenset((L.OP_PACKAGE_USE, L.OP_GIFT_REDEEM))  # reversals the writer completes  # and a capture (a purchase)
 
 
@@ -185,13 +192,16 @@ _EXT_REVIEW = struct.Struct("<xB78xII")  # layout.CARD_EXT: flags (1), review_da
 
 
 def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
-             undo: list | None = None) -> tuple[array, list, bytearray]:
+             undo: list | None = None, packed: bytes | None = None) -> tuple[array, list, bytearray]:
     """The records ``ops`` name, each read once: a purchase's coupon, a package use's package, a
     gift's stock; a refund's or reversal's undo record, as ``undo`` gives it (same positions as
     ``ops``: (key or None, record, entry)). (An item slot per operation, SLOT_NONE for the
     others; the slots' (database, key), a database None for a record never written; their
-    records, zeros for one that is not there.)"""
+    records, zeros for one that is not there.) ``packed``: the operations' bytes, laid end to
+    end, for a look in C first (``writerglue.names_items``)."""
     slots = array("I", [L.SLOT_NONE]) * len(ops)
+    if packed is not None and not writerglue.names_items(packed):
+        return slots, [], bytearray()  # most runs: no operation names one
     keys: list[tuple] = []
     slot_of: dict[tuple, int] = {}
     given: dict[tuple, bytes] = {}
@@ -1675,20 +1685,27 @@ class _Group:
         self.run = []
         self.line_refund_run = set()
         ledger, ops, txn, admin = self.ledger, self.ops, self.txn, self.admin
-        slot_of: dict[bytes, int] = {}
-        card_ids: list[bytes] = []
-        slots = array("I")
-        hold_run = False  # an operation that changes held_minor (rule 15) is in the run
-        for i in run:
-            op = ops[i]
-            cid = op.card_id
-            if op.packed[0] >= L.OP_REVERSAL or op.packed[_OP_FLAGS] & L.CAPTURE:
-                hold_run = True
-            s = slot_of.get(cid)
-            if s is None:
-                s = slot_of[cid] = len(card_ids)
-                card_ids.append(cid)
-            slots.append(s)
+        packed = b"".join([ops[i].packed for i in run])
+        # a slot per card, in the order the run names them; whether an operation that changes
+        # held_minor (rule 15) is in the run
+        if GLUE_IN_C:
+            slots = array("I", [0]) * len(run)
+            card_ids, hold_run = writerglue.card_slots(packed, slots)
+        else:
+            slot_of: dict[bytes, int] = {}
+            card_ids = []
+            slots = array("I")
+            hold_run = False
+            for i in run:
+                op = ops[i]
+                cid = op.card_id
+                if op.packed[0] >= L.OP_REVERSAL or op.packed[_OP_FLAGS] & L.CAPTURE:
+                    hold_run = True
+                s = slot_of.get(cid)
+                if s is None:
+                    s = slot_of[cid] = len(card_ids)
+                    card_ids.append(cid)
+                slots.append(s)
         cards = txn.cursor(db=ledger.cards)
         stored = dict(cards.getmulti(card_ids))
         records = bytearray(b"".join([stored.get(c, EMPTY_RECORD) for c in card_ids]))
@@ -1704,11 +1721,12 @@ class _Group:
         lines = bytearray(b"".join([ops[i].lines for i in run]))
         undo_of = self.undo_of
         coupon_slots, coupon_keys, coupons = items_of(
-            txn, ledger, [ops[i] for i in run], [undo_of.get(i) for i in run] if undo_of else None)
+            txn, ledger, [ops[i] for i in run], [undo_of.get(i) for i in run] if undo_of else None,
+            packed if GLUE_IN_C else None)
         coupon_dirty = bytearray(len(coupon_keys))
         journal_out = bytearray(len(run) * L.JOURNAL_SIZE)
         dirty = bytearray(len(card_ids))
-        next_seq = kernel.apply_batch(admin.program_packed, b"".join([ops[i].packed for i in run]),
+        next_seq = kernel.apply_batch(admin.program_packed, packed,
                                       lines, slots, records, extras, coupon_slots, coupons,
                                       journal_out, dirty, coupon_dirty, self.ts, self.seq)
         if coupon_keys:
@@ -1716,18 +1734,26 @@ class _Group:
                 (*coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
                 for s in range(len(coupon_keys)) if coupon_dirty[s])
         rec_view, ext_view = memoryview(records), memoryview(extras)
-        cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
-                        for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+        if GLUE_IN_C:
+            cards.putmulti(writerglue.dirty_records(card_ids, records, dirty, DIRTY_CARD,
+                                                    L.CARD_SIZE))
+            not_live = writerglue.ended_slots(records, dirty, DIRTY_CARD, _LIVE_MASK)
+        else:
+            cards.putmulti([(card_ids[s], bytes(rec_view[s * L.CARD_SIZE:(s + 1) * L.CARD_SIZE]))
+                            for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD])
+            not_live = [s for s in range(len(card_ids)) if dirty[s] & DIRTY_CARD
+                        and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE]
         ended: list[bytes] = []  # rule 14: cards with an expiry the run expired, closed, replaced
-        for s in range(len(card_ids)):
-            if dirty[s] & DIRTY_CARD and records[s * L.CARD_SIZE + 1] not in L.STATUSES_LIVE:
-                expires_us = L.CARD_EXPIRES.unpack_from(records, s * L.CARD_SIZE
-                                                        + L.CARD_OFF_EXPIRES)[0]
-                if expires_us:
-                    ended.append(L.CARD_EXPIRY_KEY.pack(expires_us, card_ids[s]))
+        for s in not_live:
+            expires_us = L.CARD_EXPIRES.unpack_from(records, s * L.CARD_SIZE
+                                                    + L.CARD_OFF_EXPIRES)[0]
+            if expires_us:
+                ended.append(L.CARD_EXPIRY_KEY.pack(expires_us, card_ids[s]))
         if ext_ids:
-            changed = [(card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
-                       for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
+            changed = writerglue.dirty_records(
+                card_ids, extras, dirty, DIRTY_EXT, L.CARD_EXT_SIZE) if GLUE_IN_C else [
+                (card_ids[s], bytes(ext_view[s * L.CARD_EXT_SIZE:(s + 1) * L.CARD_EXT_SIZE]))
+                for s in range(len(card_ids)) if dirty[s] & DIRTY_EXT]
             if any(cid not in ext_ids for cid, _ in changed):
                 raise InvariantError("the kernel changed a program state the ledger did not read")
             ext_cur.putmulti(changed)
@@ -1737,10 +1763,16 @@ class _Group:
         size, head, ts = L.JOURNAL_SIZE, _ENTRY_HEAD.unpack_from, self.ts
         outcomes, entries, idem_items = self.outcomes, self.entries, self.idem_items
         referrals: list[PendingOp] = []  # one level: a referral bonus never pays another
-        gains: dict[tuple[bytes, int], int] = {}  # (card, day) -> points earned in this run
         day = lots.day_of(ts)
+        # (card, day) -> points earned in this run: C's, for a run it takes (ext/writerglue.pyx)
+        gains: dict[tuple[bytes, int], int] | None = None
+        if GLUE_IN_C and not hold_run:
+            gains = self._finish_in_c(run, out, packed, records, slots, filled_lines, day)
+        glued = gains is not None
+        if gains is None:
+            gains = {}
         running: dict[int, int] = {}  # a hold run's cards: slot -> held_minor as the run goes
-        for k, i in enumerate(run):
+        for k, i in enumerate(() if glued else run):  # the reference: each run C does not take
             op = ops[i]
             op_type = op.packed[0]
             _, tier, reason, seq, principal_after, bonus_after = head(out, k * size)
@@ -1855,6 +1887,33 @@ class _Group:
         self.unindexed.clear()
         if referrals:  # the referrers' points, before anything after the run (an unknown or
             self._run_internal(referrals)  # inactive referrer is declined: no bonus, no entry)
+
+    def _finish_in_c(self, run: list[int], out: bytes, packed: bytes, records: bytearray,
+                     slots: array, filled_lines: bytes, day: int) -> dict | None:
+        """What the loop of ``_flush_run`` does after the kernel, in C (``writerglue.finish_run``)
+        for a run of purchases and top-ups: the points gained {(card, day): points}, or None
+        for a run it does not take (nothing changed: the loop does it)."""
+        ops = self.ops
+        done = writerglue.finish_run(
+            out, packed, records, slots, filled_lines, [ops[i].request_key for i in run],
+            b"".join([ops[i].digest for i in run]), run, self.outcomes, Outcome, self.entries,
+            self.idem_items, self.line_items, self.basket_items, self.ts, self.seq, day)
+        if done is None:
+            return None
+        self.seq, gains, moves, upgrades = done
+        for card_id, pending, gain, loss in moves:  # each card's in the loop's order
+            try:
+                if pending:
+                    self.lots.apply(card_id, self.ts, pending, 0)
+                self.lots.apply(card_id, self.ts, gain, loss)
+            except ValueError as exc:
+                raise InvariantError(str(exc)) from None
+        if upgrades:  # rule 8
+            counts = self.admin.tier_cards()
+            for tier, after in upgrades:
+                counts[tier] -= 1
+                counts[after] += 1
+        return gains
 
     def _put_items(self) -> None:
         """The pending coupons, packages, holds and gift stock, one putmulti per sub-database
@@ -2097,6 +2156,7 @@ class _Group:
             size, seq_key, first = L.JOURNAL_SIZE, L.SEQ_KEY.pack, self.first_seq
             view = memoryview(buf)
             added, _ = txn.cursor(db=ledger.journal).putmulti(
+                writerglue.journal_items(buf, first) if GLUE_IN_C else
                 [(seq_key(first + k), bytes(view[k * size:(k + 1) * size]))
                  for k in range(len(self.entries))], append=True)
             if added != len(self.entries):
@@ -2119,7 +2179,9 @@ class _Group:
                     pack_request_keys([key for key, _ in self.idem_items]), append=True):
                 raise InvariantError("request time index append refused: time went back")
         if self.entries:
-            txn.cursor(db=ledger.card_entries).putmulti(history_items(self.entries))
+            txn.cursor(db=ledger.card_entries).putmulti(
+                writerglue.history_items(buf, _CARD_ENTRY_MASK) if GLUE_IN_C
+                else history_items(self.entries))
         if self.line_items:
             added, _ = txn.cursor(db=ledger.journal_lines).putmulti(
                 [(L.SEQ_KEY.pack(seq), value) for seq, value in self.line_items], append=True)
@@ -2160,7 +2222,8 @@ class _Group:
         cur = txn.cursor(db=ledger.request_times)
         pruned, through_us, young = 0, self.pruned_through_us, False
         while pruned < step and not young and cur.first():
-            keys = unpack_request_keys(cur.value())
+            keys = (writerglue.unpack_request_keys if GLUE_IN_C
+                    else unpack_request_keys)(cur.value())
             done = 0
             for request in keys:
                 if pruned >= step:
