@@ -340,11 +340,12 @@ def test_a_group_decoded_in_c_is_the_pythons(drawn, ts_us, cut):
     field, of any group encode_group makes; a group cut short or with bytes left over is refused
     by both."""
     ops = []
-    for k, (key, ksn, profile, sealed, payload, role, scope, store, lines, kind) in enumerate(drawn):
+    for k, (request, ksn, profile, sealed, payload, role, scope, store, lines,
+            kind) in enumerate(drawn):
         packed = (PendingOp.build(b"", kind, cid(NUMBERS[k % 7]), k, caller=(1, 0),
                                   lines=bytes(64) * lines).packed if kind != 40
                   else bytes(range(160)) + bytes(2) + bytes(range(162, 192)))  # no lines
-        ops.append(PendingOp(key, packed[40:56], packed, bytes(range(16)), profile, ksn, sealed,
+        ops.append(PendingOp(request, packed[40:56], packed, bytes(range(16)), profile, ksn, sealed,
                              payload, role, scope, store, bytes(64) * lines if kind != 40 else b""))
     data = encode_group(ops, ts_us)
     assert writerglue.decode_group(data, PendingOp) == decode_group(data) == (ops, ts_us)
