@@ -301,8 +301,9 @@ class DurableLedger:
         except Exception as exc:
             self._abort()
             self.broken = f"{type(exc).__name__}: {exc}"
-            # a ledger and a log that do not fit stay broken; a read that failed may pass later
-            self.broken_for_now = not isinstance(exc, (InvariantError, LogError))
+            # only a read the log calls transient may pass later; anything else (a ledger and a
+            # log that do not fit, LMDB, a record that does not decode, a bug) stays broken
+            self.broken_for_now = isinstance(exc, self.log.TRANSIENT_ERRORS)
             raise InvariantError(f"the span could not be rebuilt from the log: {self.broken}") \
                 from exc
 

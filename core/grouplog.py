@@ -117,6 +117,11 @@ def record_ok(head: bytes, payload: bytes, crc: int) -> bool:
 class GroupLog:
     """What the writer needs of a log; the cluster implements it over a replicated stream."""
 
+    # What a read of this log may raise for a moment only (a replicated stream's node failing
+    # over): a span rebuild that met one is tried again by DurableLedger.follow. A local log's
+    # reads fail for no such reason.
+    TRANSIENT_ERRORS: tuple[type[BaseException], ...] = ()
+
     @property
     def next_group_no(self) -> int:
         """The number the next append takes."""

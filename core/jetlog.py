@@ -54,7 +54,8 @@ READ_AHEAD = 64                   # direct gets in flight while a replica reads 
 # (a submitter must not hear a replica's reads of the log): docs/cluster.md.
 REPLICA_INBOX_PREFIX = "_INBOX_replica"
 SUBMIT_INBOX_PREFIX = "_INBOX_front"
-REFUSALS_PER_URL = 1   # a connect refused this many times per server is a setting, not a moment
+REFUSALS_PER_URL = 2   # a connect refused this many times by every server is a setting
+RETRY_PAUSE_S = 0.25   # between connects after a refusal
 CALL_TIMEOUT_S = 5.0              # one request to NATS (stream info, a get, a KV call)
 CONNECT_TIMEOUT_S = 10.0
 APPEND_TIMEOUT_MS_DEFAULT = 30_000  # re-sends of one group before its outcome is unknown
@@ -67,6 +68,8 @@ REPORT_EVERY_S = 1.0              # a replica reports its checkpoint at most thi
 RETENTION_CHECK_MS_DEFAULT = 60_000  # a leader looks whether it can purge this often (0: never)
 REPLICA_STALE_S_DEFAULT = 86_400  # a replica silent this long no longer holds groups back
 REPORT_TRIES = 5                  # compare-and-set rounds of one report (replicas race)
+FORGET_STALE_TIMES = 7            # a replica's entry is dropped this many stale times after
+RETAIN_GROUPS_DEFAULT = 10_000    # kept below every replica's checkpoint: a backup's margin
 LEASE_MS_DEFAULT = 3000
 SETUP_TIMEOUT_S = 30.0            # a new cluster's streams elect their leaders meanwhile
 MSG_ID = "Nats-Msg-Id"
@@ -154,7 +157,7 @@ class NatsThread:
                                                   nats.errors.AuthorizationError)):
                 refused.append(exc)
                 server = getattr(client, "_current_server", None)  # (nats-py's: the one tried)
-                where = str(getattr(server, "uri", "?"))
+                where = getattr(getattr(server, "uri", None), "netloc", "?")  # host:port
                 refused_by[where] = refused_by.get(where, 0) + 1
             await _nats_error(exc)
 
@@ -163,49 +166,57 @@ class NatsThread:
 
         try:
             context = tls.context() if tls is not None else None  # a bad file: NatsUnavailable
-            deadline = time.monotonic() + CONNECT_TIMEOUT_S * len(urls) + 1
-            fut = None
-            seen = 0  # the refusals when this connect started
-            while not connected:
-                if fut is not None and len(refused) > seen and not fut.done():
-                    fut.cancel()  # refused: this connect is over (see on_error)
-                    concurrent.futures.wait([fut], CALL_TIMEOUT_S)
-                    fut = None
-                    if refused_enough():
-                        raise refused[0]
-                if fut is None:
-                    seen = len(refused)
-                    client = nats.NATS()
-                    fut = asyncio.run_coroutine_threadsafe(client.connect(
-                        servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S, tls=context,
-                        inbox_prefix=inbox_prefix, allow_reconnect=True,
-                        max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=on_error),
-                        self.loop)
-                try:
-                    fut.result(0.05)
-                    self.nc = client
-                    connected = True
-                    refused.clear()
-                except concurrent.futures.TimeoutError:
-                    if refused_enough() or time.monotonic() > deadline:
-                        fut.cancel()
-                        concurrent.futures.wait([fut], CALL_TIMEOUT_S)  # let it unwind
-                        raise (refused[0] if refused else TimeoutError(
-                            "no NATS server answered in time")) from None
-                except concurrent.futures.CancelledError:
-                    fut = None
-                except Exception as exc:  # nats-py gave this connect up
-                    if not refused or exc is not refused[-1] or refused_enough() \
-                            or time.monotonic() > deadline:
-                        raise
-                    fut = None
         except Exception as exc:
             self._stop_loop()
-            setting = (refused and exc is refused[0]) or (  # refused enough, or a file (CA, cert)
-                isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)))
-            kind = NatsRefused if setting else NatsUnavailable
-            raise kind(f"cannot connect to NATS at {','.join(urls)}: "
-                       f"{type(exc).__name__}: {exc} (refusals: {refused_by or 'none'})") from exc
+            setting = isinstance(exc, OSError) and not isinstance(exc, ConnectionError)
+            raise (NatsRefused if setting else NatsUnavailable)(
+                f"NATS TLS files: {type(exc).__name__}: {exc}") from exc
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S * len(urls) + 1
+        fut = None
+        seen = 0  # the refusals when this connect started
+        while True:
+            if fut is None:
+                seen = len(refused)
+                client = nats.NATS()
+                fut = asyncio.run_coroutine_threadsafe(client.connect(
+                    servers=urls, name=name, connect_timeout=CONNECT_TIMEOUT_S, tls=context,
+                    inbox_prefix=inbox_prefix, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=on_error),
+                    self.loop)
+            failed: BaseException | None = None
+            try:
+                fut.result(0.05)
+                break  # connected
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                pass
+            except Exception as exc:  # nats-py gave this connect up
+                failed = exc
+            over = time.monotonic() > deadline
+            if failed is None and len(refused) == seen and not over:
+                continue  # still trying
+            # this connect is over: refused (see on_error), given up, or out of time
+            if not fut.done():
+                fut.cancel()
+                concurrent.futures.wait([fut], CALL_TIMEOUT_S)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                break  # it connected just as it was cancelled
+            fut = None
+            refusal = failed is None or (refused and failed is refused[-1])
+            if not refusal or over or refused_enough():
+                self._stop_loop()
+                where = ", ".join(f"{u} x{n}" for u, n in sorted(refused_by.items())) or "none"
+                why = (failed if not refusal else refused[-1] if refused
+                       else TimeoutError("no NATS server answered in time"))
+                setting = refused_enough() or (  # every node refused, or a setting (a file)
+                    not refusal and isinstance(why, OSError)
+                    and not isinstance(why, (ConnectionError, TimeoutError)))
+                raise (NatsRefused if setting else NatsUnavailable)(
+                    f"cannot connect to NATS at {','.join(urls)}: {type(why).__name__}: {why} "
+                    f"(refusals: {where})") from why
+            time.sleep(RETRY_PAUSE_S)  # a new client: nats-py's own pause went with the old one
+        self.nc = client
+        connected = True
+        refused.clear()
         self.js = self.nc.jetstream(timeout=CALL_TIMEOUT_S)
 
     def call(self, coro: Coroutine, timeout_s: float = CALL_TIMEOUT_S) -> Any:
@@ -341,6 +352,8 @@ class Lease:
 class JetStreamLog(GroupLog):
     """The shard's stream as a GroupLog (see the module's docstring)."""
 
+    TRANSIENT_ERRORS = (TimeoutError, nats.errors.Error) if nats is not None else (TimeoutError,)
+
     def __init__(self, nt: NatsThread, shard: int,
                  append_timeout_ms: int = APPEND_TIMEOUT_MS_DEFAULT) -> None:
         self.nt = nt
@@ -428,8 +441,9 @@ class JetStreamLog(GroupLog):
         if group_no <= end and state.first_seq > group_no:
             raise BehindRetention(
                 f"shard {self.shard}'s stream starts at group {state.first_seq} (retention), "
-                f"after group {group_no} this replica needs next: start it from a peer's "
-                "backup (--seed-from)")
+                f"after group {group_no} this replica needs next: move its ledger folder away "
+                "(a replica with a ledger ignores --seed-from), then start it with --seed-from "
+                "a peer's backup")
         if end < self._end:
             raise LogError(f"the stream ends at {end}, before group {self._end} it held")
         self._end = end
@@ -511,7 +525,8 @@ class Retention:
     times here are only liveness: a purge never removes a group a live replica still needs."""
 
     def __init__(self, nt: NatsThread, shard: int, replica_id: str, replicas: int,
-                 stale_s: float = REPLICA_STALE_S_DEFAULT, retain_groups: int = 0) -> None:
+                 stale_s: float = REPLICA_STALE_S_DEFAULT,
+                 retain_groups: int = RETAIN_GROUPS_DEFAULT) -> None:
         assert replicas >= 1 and stale_s > 0 and retain_groups >= 0
         self.nt, self.shard, self.replica_id = nt, shard, replica_id
         self.replicas, self.stale_s, self.retain_groups = replicas, stale_s, retain_groups
@@ -540,7 +555,8 @@ class Retention:
             except Exception:  # logged by spawn's callback
                 pass
 
-    async def _report(self, checkpointed: int) -> None:
+    async def _report(self, checkpointed: int | None) -> None:
+        """Set (None: drop) this replica's entry in the shard's map, by compare-and-set."""
         for _ in range(REPORT_TRIES):
             try:
                 try:
@@ -548,9 +564,14 @@ class Retention:
                     held, revision = json.loads(entry.value), entry.revision
                 except nats.js.errors.KeyNotFoundError:
                     held, revision = {}, 0
-                now = time.time()
-                held = {rid: v for rid, v in held.items() if now - v[1] < self.stale_s}
-                held[self.replica_id] = [checkpointed, now]
+                now = time.time()  # (entries long gone go: well past the stale time, so that
+                # a reporter's clock running ahead drops none the leader still counts)
+                held = {rid: v for rid, v in held.items() if now - v[1] < FORGET_STALE_TIMES
+                        * self.stale_s}
+                if checkpointed is None:
+                    held.pop(self.replica_id, None)
+                else:
+                    held[self.replica_id] = [checkpointed, now]
                 value = json.dumps(held, sort_keys=True).encode()
                 if revision:
                     await self.kv.update(self.key, value, last=revision)
@@ -560,19 +581,35 @@ class Retention:
             except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
                 continue  # another replica's report came between: read it again
             except (nats.errors.Error, TimeoutError) as exc:
-                log.info("shard %d: checkpoint not reported (%s)", self.shard, type(exc).__name__)
+                log.warning("shard %d: checkpoint not reported (%s)", self.shard,
+                            type(exc).__name__)
                 return
+        log.warning("shard %d: checkpoint not reported (%d replicas' reports in between)",
+                    self.shard, REPORT_TRIES)
 
-    async def purge(self, stream: str) -> int:
-        """(The leader.) Purge what every replica holds; the first group kept (0: nothing
-        purged)."""
+    def forget(self) -> None:
+        """This replica will not follow (it cannot start): its entry no longer holds groups."""
+        self.nt.call(self._report(None), CALL_TIMEOUT_S * REPORT_TRIES)
+
+    def register(self, checkpointed: int) -> None:
+        """(At start, before catching up.) Say at once where this replica's ledger is, so that
+        no purge takes a group it is about to read (a new replica, one seeded from a backup)."""
+        self.reported, self.reported_at = checkpointed, time.monotonic()
+        self.nt.call(self._report(checkpointed), CALL_TIMEOUT_S * REPORT_TRIES)
+
+    async def purge(self, stream: str, own_checkpoint: int) -> int:
+        """(The leader.) Purge what every replica holds, never past the leader's own checkpoint
+        (a map that says more, forged or wrong, purges no group this replica's LMDB lacks); the
+        first group kept (0: nothing purged)."""
         try:
             held = json.loads((await self.kv.get(self.key)).value)
         except nats.js.errors.KeyNotFoundError:
             return 0
-        keep = first_kept(held, time.time(), self.replicas, self.stale_s, self.retain_groups)
         info = await self.nt.js.stream_info(stream)
-        keep = min(keep, info.state.last_seq)  # the last group stays: the next append's check
+        copies = max(self.replicas, info.config.num_replicas or 1)  # the stream's own, too
+        keep = first_kept(held, time.time(), copies, self.stale_s, self.retain_groups)
+        # the last group stays (the next append's check), and this replica's checkpoint holds
+        keep = min(keep, info.state.last_seq, own_checkpoint + 1)
         if keep <= info.state.first_seq:
             return 0  # nothing new to purge
         await self.nt.js.purge_stream(stream, seq=keep)

@@ -40,6 +40,66 @@ SEALED_SIZE_MAX = SEAL_HEAD.size + NONCE_SIZE + 19 + 16
 LEGACY_INDEX_KEY = "card-index.key"
 
 
+# A cluster host's file (cardcore cluster-config --keyring): the index key alone, all a replica
+# uses (its member index and the profiles' key come from it); the PIN key, the BDK and the data
+# keys stay on the hosts that run the gRPC process.
+INDEX_FORMAT = "cardcore-index-key/1"
+
+
+def index_fingerprint(index_key: bytes) -> str:
+    """Names an index key without revealing it (HMAC of a fixed label): replicas of a shard
+    must hold the same one, or none (docs/cluster.md, determinism)."""
+    import hashlib
+    import hmac
+
+    return hmac.new(index_key, b"cardcore keyring fingerprint/1", hashlib.sha256).hexdigest()[:32]
+
+
+def load_index_key(path: str) -> bytes:
+    """The index key of a keyring file or of an index-key file (INDEX_FORMAT); ValueError if it
+    is neither (OSError if it cannot be read)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("format") == FORMAT:
+            return Keyring.load(path).index_key
+        if doc.get("format") == INDEX_FORMAT:
+            key = bytes.fromhex(doc["index_key"])
+            if len(key) == INDEX_KEY_SIZE:
+                return key
+    except (AttributeError, KeyError, TypeError, json.JSONDecodeError):
+        pass
+    raise ValueError(f"{path} is neither a cardcore keyring nor an index-key file")
+
+
+def write_index_key(path: str, index_key: bytes) -> None:
+    """An index-key file (INDEX_FORMAT), 0600."""
+    _write_private(path, {"format": INDEX_FORMAT, "index_key": index_key.hex()})
+
+
+def _write_private(path: str, doc: dict) -> None:
+    """``doc`` as JSON at ``path``, mode 0600: written to a new file, synced, renamed over the
+    old one, the folder synced (a crash leaves one whole file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.new"
+    try:
+        os.unlink(tmp)  # a leftover of a crash mid-save
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class SealError(Exception):
     """A sealed card number does not open: unknown key version, or tampered (no detail)."""
 
@@ -65,14 +125,7 @@ class Keyring:
         self._aead = {v: AESGCM(k) for v, k in self.data_keys.items()}
 
     def index_fingerprint(self) -> str:
-        """Names the index key without revealing it (HMAC of a fixed label): replicas of a shard
-        must hold the same one, or none (docs/cluster.md, determinism: the member index and the
-        profiles' key come from it)."""
-        import hashlib
-        import hmac
-
-        return hmac.new(self.index_key, b"cardcore keyring fingerprint/1",
-                        hashlib.sha256).hexdigest()[:32]
+        return index_fingerprint(self.index_key)
 
     def __repr__(self) -> str:  # never print a key
         return f"Keyring({self.path!r}, data key versions {sorted(self.data_keys)})"
@@ -124,24 +177,7 @@ class Keyring:
                "bdk": self.bdk.hex(), "bdk_id": self.bdk_id.hex(),
                "data_keys": {str(v): k.hex() for v, k in sorted(data_keys.items())},
                "data_key_current": self.data_key_current if current is None else current}
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{self.path}.new"
-        try:
-            os.unlink(tmp)  # a leftover of a crash mid-save
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _write_private(self.path, doc)
 
     @classmethod
     def load(cls, path: str) -> "Keyring":

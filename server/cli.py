@@ -224,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a replica that has not reported its checkpoint for this long no longer "
                         "holds groups back: back later, it starts from a peer's backup (default "
                         "%(default)s)")
-    p.add_argument("--retain-groups", type=int_arg(0, 1 << 40), default=0,
-                   help="groups kept below every replica's checkpoint, for a replica seeded from "
-                        "a backup a little older (default %(default)s)")
+    p.add_argument("--retain-groups", type=int_arg(0, 1 << 40), default=10_000,
+                   help="groups kept below every replica's checkpoint, so that a backup stays "
+                        "good to seed from for that many groups (default %(default)s: ~5 MB idle, "
+                        "up to ~6 GB at full groups; jetlog.RETAIN_GROUPS_DEFAULT)")
     p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
                    help="the chain's keyring file (env CARDCORE_KEYRING): the member index and "
                         "profiles are kept with its index key; every replica of a shard holds the "

@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from cardcore.keyring import load_index_key, write_index_key
+
 from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_cert
 
 # What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
@@ -134,11 +136,12 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
             f"CARDCORE_NATS_CERT={host_certs}/nats-replica.pem\n"
             f"CARDCORE_NATS_KEY={host_certs}/nats-replica.key\n"
             + (f"CARDCORE_PROGRAM={host_etc}/program.toml\n" if program else "")
-            + (f"CARDCORE_KEYRING={host_etc}/keyring.json\n" if keyring else "")))
+            + (f"CARDCORE_KEYRING={host_etc}/index-key.json\n" if keyring else "")))
         if program:  # a new shard's genesis: the same document on every host
             put(os.path.join(here, "program.toml"), source=program)
-        if keyring:  # every replica of a shard: the same keyring (checked at start)
-            put(os.path.join(here, "keyring.json"), source=keyring, mode=0o600)
+        if keyring:  # every replica of a shard: the same index key (checked at start), alone
+            write_index_key(os.path.join(here, "index-key.json"), load_index_key(keyring))
+            written.append(os.path.join(here, "index-key.json"))
         for stem, mode in (("ca.pem", 0o644), (f"nats-node-{node.name}.pem", 0o644),
                            (f"nats-node-{node.name}.key", 0o600), ("nats-replica.pem", 0o644),
                            ("nats-replica.key", 0o600)):
@@ -173,8 +176,7 @@ def cmd_cluster_config(args) -> int:
         if args.program is not None and not os.path.isfile(args.program):
             raise ValueError(f"--program {args.program}: no such file")
         if args.keyring is not None:
-            from cardcore.keyring import Keyring
-            Keyring.load(args.keyring)  # a keyring, readable: ValueError or OSError otherwise
+            load_index_key(args.keyring)  # a keyring, readable: ValueError or OSError otherwise
         paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir, args.program,
                             args.keyring)
     except (OSError, ValueError) as exc:
@@ -202,9 +204,10 @@ def add_parser(sub) -> None:
                    help="the card program (TOML) new shards start with, copied to every host "
                         "(default: none, the default program)")
     p.add_argument("--keyring", default=None,
-                   help="the chain's keyring (the single server's, cardcore serve --keyring), "
-                        "copied to every host, 0600: the replicas keep the member index with it "
-                        "(default: none, keyless shards)")
+                   help="the chain's keyring (the single server's, cardcore serve --keyring): "
+                        "its index key alone is written to every host (index-key.json, 0600), "
+                        "with which the replicas keep the member index (default: none, keyless "
+                        "shards)")
     p.add_argument("--etc-dir", default="/etc/cardcore",
                    help="where the files go on each host (default %(default)s; {node} is the "
                         "node's name, for nodes that share a disk, as the tests' do)")

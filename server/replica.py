@@ -36,13 +36,13 @@ from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, Dura
 from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import InvariantError, PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
-                             REPLICA_INBOX_PREFIX, REPLICA_STALE_S_DEFAULT,
+                             REPLICA_INBOX_PREFIX, REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
                              SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
                              NatsThread, NatsTLS, NatsUnavailable, Retention, prepare_shard,
                              submit_subject)
 from cardcore.grouplog import LogError
-from cardcore.keyring import Keyring
+from cardcore.keyring import index_fingerprint, load_index_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 from cardcore.lookup import lookup_key
 from cardcore.profiles import profile_key
@@ -79,7 +79,7 @@ class ReplicaConfig:
     seed_from: str | None = None        # a peer's backup folder, copied in when there is no ledger
     retention_check_ms: int = RETENTION_CHECK_MS_DEFAULT  # a leader's purge check (0: never)
     replica_stale_s: float = REPLICA_STALE_S_DEFAULT  # a replica silent this long holds nothing
-    retain_groups: int = 0              # groups kept below every replica's checkpoint
+    retain_groups: int = RETAIN_GROUPS_DEFAULT  # kept below every replica's checkpoint
     keyring_path: str | None = None     # the chain's keyring (every replica of a shard, or none)
 
 
@@ -116,10 +116,10 @@ class Replica:
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}",
                              cfg.nats_tls, REPLICA_INBOX_PREFIX)
         try:
-            keyring = Keyring.load(cfg.keyring_path) if cfg.keyring_path else None
-        except (OSError, ValueError, KeyError) as exc:
-            raise KeyringMismatch(f"--keyring {cfg.keyring_path}: {type(exc).__name__}") from None
-        fingerprint = keyring.index_fingerprint() if keyring else None
+            index_key = load_index_key(cfg.keyring_path) if cfg.keyring_path else None
+        except (OSError, ValueError) as exc:
+            raise KeyringMismatch(f"--keyring {cfg.keyring_path}: {exc}") from None
+        fingerprint = index_fingerprint(index_key) if index_key else None
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
                                 cfg.program, time.time_ns() // 1000, fingerprint)
         if "keyring" not in genesis:  # a shard made before the check: nothing to compare with
@@ -153,16 +153,20 @@ class Replica:
                 _unseed(path)
                 raise
 
-        keys = ({"lookup_key": lookup_key(keyring.index_key),
-                 "profile_key": profile_key(keyring.index_key)} if keyring else {})
+        keys = ({"lookup_key": lookup_key(index_key), "profile_key": profile_key(index_key)}
+                if index_key else {})
 
         def open_ledger() -> Ledger:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
                           initial_time_us=genesis["time_us"], **keys)
 
+        self._register(path)
         try:  # (its catch-up: every group after the checkpoint, each one's digest checked)
             self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
                                          checkpoint_ops=cfg.checkpoint_ops)
+        except BehindRetention:
+            self.log.retention.forget()  # refused: its place must not hold the stream back
+            raise
         except (InvariantError, LogError) as exc:
             if not seeded:
                 raise
@@ -176,6 +180,18 @@ class Replica:
         self.dropped_logged_at = 0.0
         self.leading = False
         self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
+
+    def _register(self, path: str) -> None:
+        """This replica's place in the shard's retention before it catches up: its ledger's
+        last checkpoint (0: none yet), so no purge takes what it is about to read."""
+        applied = 0
+        if os.path.exists(os.path.join(path, "data.mdb")):
+            ledger = Ledger(path, readonly=True)
+            try:
+                applied = ledger.log_applied()
+            finally:
+                ledger.close()
+        self.log.retention.register(applied)
 
     def _check_seed(self, path: str) -> None:
         """A seeded ledger is this shard's: the stream's record of the backup's last applied
@@ -316,7 +332,7 @@ class Replica:
         import nats.errors
 
         try:
-            await self.log.retention.purge(self.log.stream)
+            await self.log.retention.purge(self.log.stream, self.durable.checkpointed)
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("replica s%d: retention: %s: %s", self.shard, type(exc).__name__, exc)
 

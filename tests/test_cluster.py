@@ -737,7 +737,10 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
     again = config(*nodes)
     assert again.returncode == 2 and "holds a cluster" in again.stderr
     assert oct(os.stat(out / "h1" / "nats" / "nats-replica.key").st_mode & 0o777) == "0o600"
-    assert oct(os.stat(out / "h1" / "keyring.json").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(out / "h1" / "index-key.json").st_mode & 0o777) == "0o600"
+    host_file = (out / "h1" / "index-key.json").read_text()  # the index key alone goes there
+    assert keyring.index_key.hex() in host_file and keyring.pin_key.hex() not in host_file
+    assert keyring.bdk.hex() not in host_file
     assert not (out / "h1" / "nats" / "ca.key").exists()
     procs, replicas, logs = [], [], []
     try:
@@ -837,7 +840,7 @@ def test_retention_purges_only_what_every_replica_holds_and_one_past_it_needs_a_
     import subprocess
     import sys
 
-    retention = ("--retention-check-ms", "200")
+    retention = ("--retention-check-ms", "200", "--retain-groups", "0")
     replicas = [start_replica(f"r{k}", SHARD, *LEASE, *retention) for k in range(3)]
     deadline = time.monotonic() + 30
     while not any("leading" in r.roles() for r in replicas):
@@ -881,7 +884,12 @@ def test_retention_purges_only_what_every_replica_holds_and_one_past_it_needs_a_
     seeded = start_replica("r-seeded", SHARD, *LEASE, *retention,
                            "--seed-from", str(tmp_path / "backup"))
     seeded.wait_role("following")
+    before = first_group(nats_cluster.urls)
     opened_cards(nats_cluster, 2, 60)
+    deadline = time.monotonic() + 30
+    while first_group(nats_cluster.urls) <= before:  # the refused one holds nothing back
+        assert time.monotonic() < deadline, (before, [r.log()[-800:] for r in live + [seeded]])
+        time.sleep(0.1)
     everyone = live + [seeded]
     converge_and_stop(everyone, nats_cluster.urls)
     identical(everyone)
@@ -997,6 +1005,11 @@ def test_every_replica_of_a_shard_holds_the_shards_keyring_or_none(
         assert wrong.proc.wait(30) == 2, wrong.log()[-2000:]
         assert "same keyring" in wrong.log() and ours.index_fingerprint() in wrong.log()
         assert other.index_key.hex() not in wrong.log()
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text('["not", "a keyring"]')
+    broken = start_replica("r-garbage", SHARD, *LEASE, "--keyring", str(garbage))
+    assert broken.proc.wait(30) == 2, broken.log()[-2000:]  # a setting: not restarted
+    assert "neither a cardcore keyring" in broken.log()
     second = start_replica("r1", SHARD, *LEASE, "--keyring", ours.path)
     second.wait_role("following")
     opened_cards(nats_cluster, 5, 70)
