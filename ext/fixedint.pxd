@@ -1,9 +1,9 @@
-"""Fixed-size integers as the C loops of ``daytotals.pyx`` and ``members.pyx`` both need them
+"""Fixed-size integers as the C loops of ``daytotals.pyx``, ``members.pyx`` and ``writerglue.pyx`` need them
 (one copy): little-endian fields read and written at any byte offset of a record (journal
 entries, member records; memcpy, so an unaligned field is fine), and int64 addition held at
 int64's limits (core/daytotals.py ``saturated``: the same rule), of two int64 or of one and
 the exact sum of several (``cc_wide``)."""
-from libc.stdint cimport int64_t, uint16_t, uint32_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 
@@ -21,6 +21,12 @@ cdef inline uint32_t u32(const unsigned char* p) noexcept nogil:
 
 cdef inline void put32(unsigned char* p, uint32_t v) noexcept nogil:
     memcpy(p, &v, 4)
+
+
+cdef inline uint64_t u64(const unsigned char* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return v
 
 
 cdef inline int64_t i64(const unsigned char* p) noexcept nogil:

@@ -42,6 +42,7 @@ cdef inline object named_tuple(type cls, tuple fields):
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from fixedint cimport i64, u16, u32, u64
 
 cdef extern from "blake2b.h" nogil:
     void cc_blake2b(uint8_t* out, size_t outlen, const uint8_t* data, size_t length)
@@ -118,30 +119,6 @@ SIZES = {"OP_SIZE": OP_SIZE, "JOURNAL_SIZE": JOURNAL_SIZE, "CARD_SIZE": CARD_SIZ
 NONE_LEN = 0xFFFFFFFF  # groups.NONE_LEN: an extra that is not there
 
 
-cdef inline int64_t i64_at(const uint8_t* p) noexcept nogil:
-    cdef int64_t v
-    memcpy(&v, p, 8)
-    return v
-
-
-cdef inline uint64_t u64_at(const uint8_t* p) noexcept nogil:
-    cdef uint64_t v
-    memcpy(&v, p, 8)
-    return v
-
-
-cdef inline uint16_t u16_at(const uint8_t* p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
-
-
-cdef inline uint32_t u32_at(const uint8_t* p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
 cdef inline void put_be64(uint8_t* p, uint64_t v) noexcept nogil:
     cdef int b
     for b in range(8):
@@ -150,9 +127,9 @@ cdef inline void put_be64(uint8_t* p, uint64_t v) noexcept nogil:
 
 cdef inline void movement(const uint8_t* entry, int64_t* gain_out, int64_t* loss_out) noexcept nogil:
     """lots.movement, the rule's one definition, in C: (gain, loss) of an applied entry."""
-    cdef int64_t points_delta = i64_at(entry + AT_J_POINTS_DELTA)
-    cdef int64_t after = i64_at(entry + AT_J_POINTS_AFTER)
-    cdef int64_t taken = i64_at(entry + AT_J_POINTS_REDEEMED)
+    cdef int64_t points_delta = i64(entry + AT_J_POINTS_DELTA)
+    cdef int64_t after = i64(entry + AT_J_POINTS_AFTER)
+    cdef int64_t taken = i64(entry + AT_J_POINTS_REDEEMED)
     cdef int64_t gain = points_delta + taken, loss = taken
     cdef int64_t before, from_lots, debt
     if gain < 0:
@@ -214,9 +191,9 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
         if op[AT_OP_TYPE] != OP_PURCHASE and op[AT_OP_TYPE] != OP_TOP_UP:
             return None
         e = &out[k * JOURNAL_SIZE]
-        if u16_at(e + AT_J_REASON) == R_CAPTURE_EXCEEDS_HOLD:
+        if u16(e + AT_J_REASON) == R_CAPTURE_EXCEEDS_HOLD:
             return None  # a capture's: the Python loop reads its hold
-        seq = u64_at(e + AT_J_SEQ)
+        seq = u64(e + AT_J_SEQ)
         if seq:
             if seq != expected:
                 return None  # the Python loop says what is wrong
@@ -225,7 +202,7 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
             return None
         if slots[k] >= <uint32_t>nslots:
             nslots = slots[k] + 1
-        line_at += <Py_ssize_t>u16_at(op + AT_OP_LINE_COUNT) * LINE_SIZE
+        line_at += <Py_ssize_t>u16(op + AT_OP_LINE_COUNT) * LINE_SIZE
     if line_at != PyBytes_GET_SIZE(filled_lines):
         return None
     cdef const uint8_t* lines_base = <const uint8_t*>PyBytes_AS_STRING(filled_lines)
@@ -246,15 +223,15 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
             op = &packed[k * OP_SIZE]
             e = &out[k * JOURNAL_SIZE]
             s = slots[k]
-            reason = u16_at(e + AT_J_REASON)
-            seq = u64_at(e + AT_J_SEQ)
-            held = i64_at(&records[s * CARD_SIZE + AT_CARD_HELD])  # no operation of the run moves it
+            reason = u16(e + AT_J_REASON)
+            seq = u64(e + AT_J_SEQ)
+            held = i64(&records[s * CARD_SIZE + AT_CARD_HELD])  # no operation of the run moves it
             available = 0
             if reason == R_INSUFFICIENT_FUNDS:
-                available = i64_at(e + AT_J_PRINCIPAL_AFTER) + i64_at(e + AT_J_BONUS_AFTER) - held
+                available = i64(e + AT_J_PRINCIPAL_AFTER) + i64(e + AT_J_BONUS_AFTER) - held
             entry = PyBytes_FromStringAndSize(<const char*>e, JOURNAL_SIZE)
             filled = b""
-            line_bytes = <Py_ssize_t>u16_at(op + AT_OP_LINE_COUNT) * LINE_SIZE
+            line_bytes = <Py_ssize_t>u16(op + AT_OP_LINE_COUNT) * LINE_SIZE
             if line_bytes:
                 if seq and reason == R_OK:
                     filled = PyBytes_FromStringAndSize(<const char*>lines_base + line_at, line_bytes)
@@ -266,10 +243,10 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
             if seq:
                 PyList_Append(entries, entry)
             if seq and reason == R_OK:
-                if u64_at(e + AT_J_BASKET):
+                if u64(e + AT_J_BASKET):
                     key = PyBytes_FromStringAndSize(NULL, BASKET_KEY_SIZE)
                     w = <uint8_t*>PyBytes_AS_STRING(key)
-                    put_be64(w, u64_at(e + AT_J_BASKET))
+                    put_be64(w, u64(e + AT_J_BASKET))
                     put_be64(w + 8, seq)
                     PyList_Append(basket_items, (key, b""))
                 movement(e, &gain, &loss)
@@ -417,7 +394,7 @@ def history_items(const uint8_t[::1] entries, const uint8_t[::1] card_entry_ops)
         key = PyBytes_FromStringAndSize(NULL, CARD_ENTRY_KEY_SIZE)
         w = <uint8_t*>PyBytes_AS_STRING(key)
         memcpy(w, e + AT_J_CARD, CARD_ID_SIZE)
-        put_be64(w + CARD_ID_SIZE, u64_at(e + AT_J_SEQ))
+        put_be64(w + CARD_ID_SIZE, u64(e + AT_J_SEQ))
         value = PyBytes_FromStringAndSize(NULL, CARD_ENTRY_SIZE)
         w = <uint8_t*>PyBytes_AS_STRING(value)
         memset(w, 0, CARD_ENTRY_SIZE)
@@ -465,7 +442,7 @@ def decode_group(bytes data, type pending_type):
     if size < GROUP_HEAD_SIZE:
         raise ValueError("group message cut short")
     memcpy(&ts_us, base, 8)
-    n = u32_at(base + 8)
+    n = u32(base + 8)
     if n > (size - GROUP_HEAD_SIZE) // (OP_HEAD_SIZE + OP_SIZE + DIGEST_SIZE):
         raise ValueError("group message cut short")
     ops = []
@@ -477,16 +454,16 @@ def decode_group(bytes data, type pending_type):
         pos += OP_HEAD_SIZE
         packed = PyBytes_FromStringAndSize(<const char*>base + pos, OP_SIZE)
         card_id = PyBytes_FromStringAndSize(<const char*>base + pos + AT_OP_CARD, CARD_ID_SIZE)
-        n_lines = <Py_ssize_t>u16_at(base + pos + AT_OP_LINE_COUNT) * LINE_SIZE
+        n_lines = <Py_ssize_t>u16(base + pos + AT_OP_LINE_COUNT) * LINE_SIZE
         digest = PyBytes_FromStringAndSize(<const char*>base + pos + OP_SIZE, DIGEST_SIZE)
         pos += OP_SIZE + DIGEST_SIZE
         key = _extra(base, &pos, size, key_len)
-        profile = _extra(base, &pos, size, u32_at(head + 5))
-        sealed = _extra(base, &pos, size, u32_at(head + 9))
-        payload = _extra(base, &pos, size, u32_at(head + 13))
+        profile = _extra(base, &pos, size, u32(head + 5))
+        sealed = _extra(base, &pos, size, u32(head + 9))
+        payload = _extra(base, &pos, size, u32(head + 13))
         lines = _extra(base, &pos, size, <uint32_t>n_lines) if n_lines else b""
-        ops.append(pending_type(key, card_id, packed, digest, profile, u32_at(head + 1), sealed,
-                                payload, head[17], head[18], u32_at(head + 19), lines))
+        ops.append(pending_type(key, card_id, packed, digest, profile, u32(head + 1), sealed,
+                                payload, head[17], head[18], u32(head + 19), lines))
     if pos != size:
         raise ValueError("group message has trailing bytes")
     return ops, ts_us

@@ -254,6 +254,25 @@ class _RefusingLog(SegmentLog):
         return super().read_from(group_no)
 
 
+def _over_refusing_log(tmp_path) -> tuple[str, "_RefusingLog", DurableLedger]:
+    """(the ledger's path, its _RefusingLog, a DurableLedger over both: checkpoints only when
+    asked)"""
+    path = str(tmp_path / "ledger")
+    Ledger(path).close()
+    log = _RefusingLog(log_folder(path), 1)
+    return path, log, DurableLedger(lambda: Ledger(path), log, checkpoint_ms=3_600_000)
+
+
+def _top_up_amounts(path: str) -> list[int]:
+    """The amounts of the ledger's top-up entries, in journal order."""
+    ledger = Ledger(path, readonly=True)
+    try:
+        return [e[9] for _, v in ledger.dump()["journal"]
+                if (e := L.JOURNAL.unpack(v))[1] == L.OP_TOP_UP]
+    finally:
+        ledger.close()
+
+
 def test_a_rebuild_the_log_could_not_be_read_for_is_tried_again_by_follow(tmp_path):
     """A refused append, then the log unreadable while the span is rebuilt (a deposed leader's
     stream not answering): the writer stops taking groups (InvariantError), but a follower's
@@ -261,10 +280,7 @@ def test_a_rebuild_the_log_could_not_be_read_for_is_tried_again_by_follow(tmp_pa
     fitting its log is never retried."""
     numbers = [new_card_number() for _ in range(3)]
     groups = _groups(numbers)
-    path = str(tmp_path / "ledger")
-    Ledger(path).close()
-    log = _RefusingLog(log_folder(path), 1)
-    durable = DurableLedger(lambda: Ledger(path), log, checkpoint_ms=3_600_000)
+    path, log, durable = _over_refusing_log(tmp_path)
     durable.apply(groups[0])
     durable.apply(groups[1])
     log.refuse, log.unreadable = True, 1
@@ -279,13 +295,7 @@ def test_a_rebuild_the_log_could_not_be_read_for_is_tried_again_by_follow(tmp_pa
     durable.apply(groups[3])
     assert durable.checkpoint()
     durable.close()
-    ledger = Ledger(path, readonly=True)
-    try:
-        top_ups = [e for _, v in ledger.dump()["journal"]
-                   if (e := L.JOURNAL.unpack(v))[1] == L.OP_TOP_UP]
-    finally:
-        ledger.close()
-    assert sorted({e[9] for e in top_ups}) == [1000, 1002]  # the refused group (1001) absent
+    assert sorted(set(_top_up_amounts(path))) == [1000, 1002]  # the refused one (1001) absent
 
     durable.broken, durable.broken_for_now = "replay ended at another digest", False
     with pytest.raises(InvariantError, match="another digest"):
@@ -297,10 +307,7 @@ def test_a_rebuild_that_failed_for_anything_but_a_moment_of_the_log_is_not_retri
     not decode, LMDB trouble or a bug met during a rebuild leaves the span broken for good."""
     numbers = [new_card_number() for _ in range(2)]
     groups = _groups(numbers)
-    path = str(tmp_path / "ledger")
-    Ledger(path).close()
-    log = _RefusingLog(log_folder(path), 1)
-    durable = DurableLedger(lambda: Ledger(path), log, checkpoint_ms=3_600_000)
+    path, log, durable = _over_refusing_log(tmp_path)
     durable.apply(groups[0])
     log.refuse = True
     log.read_from = lambda group_no: (_ for _ in ()).throw(ValueError("group message cut short"))
@@ -314,10 +321,7 @@ def test_a_rebuild_that_failed_for_anything_but_a_moment_of_the_log_is_not_retri
 def test_a_group_the_log_refuses_leaves_nothing_and_the_next_one_goes_on(tmp_path):
     numbers = [new_card_number() for _ in range(4)]
     groups = _groups(numbers)
-    path = str(tmp_path / "ledger")
-    Ledger(path).close()
-    log = _RefusingLog(log_folder(path), 1)
-    durable = DurableLedger(lambda: Ledger(path), log, checkpoint_ms=3_600_000)
+    path, log, durable = _over_refusing_log(tmp_path)
     durable.apply(groups[0])
     durable.apply(groups[1])
     log.refuse = True
@@ -327,15 +331,9 @@ def test_a_group_the_log_refuses_leaves_nothing_and_the_next_one_goes_on(tmp_pat
     durable.apply(groups[3])   # in the group's place: as if the refused one never came
     assert durable.checkpoint()
     durable.close()
-    ledger = Ledger(path, readonly=True)
-    try:
-        topped = [L.JOURNAL.unpack(v) for _, v in ledger.dump()["journal"]]
-    finally:
-        ledger.close()
-    top_ups = [e for e in topped if e[1] == L.OP_TOP_UP]
-    assert len(top_ups) == 2 * len(numbers)  # groups 1 and 3, not 2
-    amounts = sorted({e[9] for e in top_ups})  # amount_minor
-    assert amounts == [1000, 1002]
+    amounts = _top_up_amounts(path)
+    assert len(amounts) == 2 * len(numbers)  # groups 1 and 3, not 2
+    assert sorted(set(amounts)) == [1000, 1002]
 
 
 # ---- with the server -------------------------------------------------------------------------
