@@ -45,6 +45,7 @@ import datetime as dt
 import json
 import re
 import struct
+import sys
 from array import array
 
 from cardcore import layout as L
@@ -451,11 +452,14 @@ class DayTotals:
         read = dict.fromkeys(wanted, 0)
         found = (None if self.fresh
                  else self.txn.cursor(db=self.ledger.day_money_home).getmulti(wanted))
-        if found:  # (the homes at once: u32 each)
-            raw = b"".join([value for _, value in found])
-            if len(raw) != 4 * len(found):
+        if found:  # (the homes at once: u32 each, little-endian as _U32 packs them)
+            values = [value for _, value in found]
+            if any(len(value) != 4 for value in values):  # (each: two wrong sizes may add up)
                 raise InvariantError("a home of the money of the wrong size")
-            read.update(zip([cid for cid, _ in found], array("I", raw)))
+            homes_read = array("I", b"".join(values))
+            if sys.byteorder != "little":
+                homes_read.byteswap()
+            read.update(zip([cid for cid, _ in found], homes_read))
         homes.update(read)
 
     def _add_run(self, run: memoryview, ops: bytes, version: int, ts_us: int) -> bool:

@@ -1017,3 +1017,26 @@ def test_holds_released_by_expiry_and_by_a_capture_in_a_long_group(tmp_path):
             assert daytotals.check(txn, ledger) == []
     finally:
         ledger.close()
+
+
+def test_homes_of_the_wrong_size_are_refused_even_when_their_sizes_add_up(tmp_path):
+    """(found by a review) The homes of the money read in one go: each record must be 4 bytes,
+    not only their total (3 + 5 bytes read as two homes cut from the joined bytes)."""
+    from cardcore.idempotency import InvariantError
+
+    a, b = bytes([1]) * 16, bytes([2]) * 16
+    led = Ledger(str(tmp_path / "l"), sync=False)
+    try:
+        with led.env.begin(write=True) as txn:
+            txn.put(a, b"\x07\x00\x00", db=led.day_money_home)
+            txn.put(b, b"\x00\x09\x00\x00\x00", db=led.day_money_home)
+            with pytest.raises(InvariantError, match="wrong size"):
+                daytotals.DayTotals(txn, led, {})._read_homes([a, b])
+            txn.put(b, b"\x09\x00\x00\x00", db=led.day_money_home)
+            txn.put(a, b"\x07\x00\x00\x00", db=led.day_money_home)
+            totals = daytotals.DayTotals(txn, led, {})
+            totals._read_homes([a, b])
+            assert (totals.homes[a], totals.homes[b]) == (7, 9)
+            txn.abort()
+    finally:
+        led.close()
