@@ -185,6 +185,8 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
     if (out.shape[0] < n * JOURNAL_SIZE or packed.shape[0] != n * OP_SIZE
             or slots.shape[0] != n or len(keys) != n or digests.shape[0] != n * DIGEST_SIZE):
         raise ValueError("a run's buffers do not match its operations")
+    if not issubclass(outcome_type, tuple):  # named_tuple makes it as tuple.__new__ would
+        raise TypeError("outcome_type is a tuple class (ledger.Outcome)")
     # First every check, so that a run it does not take is left to the Python loop untouched.
     for k in range(n):
         op = &packed[k * OP_SIZE]
