@@ -401,9 +401,15 @@ class DayTotals:
             if k < n and times[k] == times[start] and versions[k] == versions[start] \
                     and ops[k] not in _RUN_BREAKS and ops[start] not in _RUN_BREAKS:
                 continue
-            # never across a close or a store entry (a hold's day is its store's)
+            # never across a close or a store entry (a hold's day is its store's). The C loop
+            # takes only the group's first run: a later run's row, landed on a total the group
+            # has already, would be capped once where the reference caps entry by entry (the
+            # same only below int64's limits; found by a review); later runs are rare (a close,
+            # a store entry or a program change inside a group)
+            first = not self.acc and self.folding is None  # (a hold's figures only wrap)
             self._holds(view[start * size:k * size], ops[start:k])
-            if not (native and k - start >= NATIVE_RUN_MIN and ops[start] not in _RUN_BREAKS
+            if not (native and first and k - start >= NATIVE_RUN_MIN
+                    and ops[start] not in _RUN_BREAKS
                     and self._add_run(view[start * size:k * size], ops[start:k],
                                       versions[start], times[start])):
                 for j in range(start, k):

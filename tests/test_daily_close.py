@@ -1040,3 +1040,45 @@ def test_homes_of_the_wrong_size_are_refused_even_when_their_sizes_add_up(tmp_pa
             txn.abort()
     finally:
         led.close()
+
+
+def test_a_group_of_two_runs_on_one_store_day_caps_as_the_reference_does(tmp_path):
+    """(found by a review) A group split into two runs by a close of another store's day, both
+    on store 1's day, with its till's part reaching int64's limit in the first and coming back
+    in the second: the C path's records are the reference's (later runs of a group go entry by
+    entry; before, the second run's row was capped once onto the first's total)."""
+    import struct
+
+    ts = 1_796_000_000_000_000
+    day = daytotals.business_day(ts, 480, 4)
+
+    def entry(k, op, subject=None, amount=0, discount=0):
+        e = bytearray(L.JOURNAL.pack(
+            L.JOURNAL_VERSION, op, 0, 1, 0, 0, 0, k + 1, subject or bytes([k % 3]) * 16, amount,
+            discount, 0, 0, 0, 0, 0, 0, ts, 1 if op != L.OP_CLOSE_DAY else 0, 0, 0, 0, bytes(8), 1,
+            0, bytes(3), 0, 0, 0, 0, 0, 0, bytes(48), bytes(32)))
+        L.JOURNAL_PURCHASE_FLAGS.pack_into(e, L.JOURNAL_OFF_PURCHASE_FLAGS, L.PARTIAL_PAYMENT)
+        return bytes(e)
+
+    def till(k, v):  # a split tender's payment: the till's part is amount - discount
+        return entry(k, L.OP_PURCHASE, amount=max(v, 0), discount=max(-v, 0))
+
+    entries = [till(0, 2**62), till(1, 2**62), till(2, 2**62), till(3, 0),
+               entry(4, L.OP_CLOSE_DAY, subject=struct.pack(">II", 9, day) + bytes(8)),
+               till(5, 2**62), till(6, -(2**62)), till(7, 0), till(8, 0)]
+
+    def records(native: bool) -> dict:
+        led = Ledger(str(tmp_path / f"l-{native}"), sync=False)
+        try:
+            with led.env.begin(write=True) as txn:
+                totals = daytotals.DayTotals(txn, led, {})
+                totals.add_all(entries, native=native)
+                totals.write()
+                out = {name: list(txn.cursor(db=getattr(led, name)))
+                       for name in daytotals.DB_NAMES}
+                txn.abort()
+            return out
+        finally:
+            led.close()
+
+    assert records(True) == records(False)
