@@ -47,7 +47,7 @@ from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 from cardcore.lookup import lookup_key
 from cardcore.profiles import profile_key
 
-from .writer import decode_answer, encode_answer
+from .writer import decode_answer, encode_answer, writer_gc
 
 log = logging.getLogger("cardcore.replica")
 
@@ -454,6 +454,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    writer_gc()  # the same apply loop as the writer's: the same GC setting
     try:
         replica.run()
     except Exception as exc:
