@@ -16,8 +16,10 @@ member index).
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -38,6 +40,7 @@ from test_ledger import KEY, NOW, add_operator, cid, enroll, key, load, op, revo
 
 T0 = NOW - 3_600_000_000          # the shard's genesis time (its record, in the cluster)
 MINUTE = 60_000_000
+ENTRY_SEQ = struct.Struct("<8xQ")  # a journal entry's seq (layout.JOURNAL)
 NUMBERS = [f"62258800000{n:05d}" for n in range(1, 8)]
 OLD, NEW = NUMBERS[0], NUMBERS[5]        # replaced by a request the gRPC process built
 TOOL_OLD, TOOL_NEW = NUMBERS[3], NUMBERS[6]  # by a tool's request: the writer re-seals
@@ -97,34 +100,55 @@ def lead(folder: str) -> list[list]:
                             log_folder=os.path.join(folder, "log"), sync=False)
     reasons, at = [], NOW
 
-    def group(*ops, step_us: int = 1_000):
+    def group(ops: list, step_us: int) -> list:
         nonlocal at
         at += step_us
-        outcomes, _ = durable.apply(encode_group(list(ops), at))
+        outcomes, _ = durable.apply(encode_group(ops, at))
         reasons.append([o.reason for o in outcomes])
         return outcomes
 
+    run_groups(group, lambda: at)
+    durable.close()
+    return reasons
+
+
+def run_groups(apply: Callable[[list, int], list], clock: Callable[[], int]) -> None:
+    """The run's groups, each applied by ``apply(ops, step_us)`` (its outcomes; ``step_us``: how
+    far the group's time moves on from the last, where the caller sets group times) with
+    ``clock()`` the client time of its operations: in-process here, and through a running shard
+    in tests/test_cluster.py (group times the leader's clock; the expiry's step then not taken)."""
+
+    def group(*ops, step_us: int = 1_000):
+        return apply(list(ops), step_us)
+
+    at = clock()
     group(add_operator("op-1", "manager", 2, (3,), at=at),
           admin_op("region-1", L.OP_REGION_PUT, stores.region_subject(1), b"North", at),
           admin_op("store-3", L.OP_STORE_PUT, stores.store_subject(3, 1, (480, 4)), b"Main",
                    at),
           enroll("t-7", 7, 3, at=at), enroll("t-8", 8, 3, at=at))
+    at = clock()
     group(*(open_with_profile(f"open-{n}", n, at) for n in NUMBERS[:4]),
           import_card("import-5", NUMBERS[4], at))
+    at = clock()
     group(*(op(f"top-{n}", L.OP_TOP_UP, n, 30_000, at) for n in NUMBERS[:4]))
+    at = clock()
     sale = group(op("sale-1", L.OP_PURCHASE, NUMBERS[1], 5_800, at,
                     lines=line(CAFE_DRINKS, 3_200, 2, b"LATTE-L") + line(CAFE_FOOD, 2_600)),
                  op("sale-2", L.OP_PURCHASE, NUMBERS[2], 1_500, at),
                  hold_op("hold-1", NUMBERS[3], 4_000, 30, at),
                  hold_op("hold-2", NUMBERS[3], 1_000, 30, at),
                  hold_op("hold-3", NUMBERS[2], 500, 5, at))
-    seq_of = [L.JOURNAL.unpack(o.entry)[7] for o in sale]
+    seq_of = [ENTRY_SEQ.unpack_from(o.entry)[0] for o in sale]  # (a shard's answer: the head)
+    at = clock()
     group(op("refund-1", L.OP_REFUND, NUMBERS[1], 2_000, at, link_seq=seq_of[0]),
           op("reverse-2", L.OP_REVERSAL, NUMBERS[2], 0, at, original_key=key("sale-2")),
           capture_op("capture-1", NUMBERS[3], seq_of[2], 3_500, at),
           op("void-2", L.OP_HOLD_VOID, NUMBERS[3], 0, at, link_seq=seq_of[3]))
+    at = clock()
     group(replace_card("replace-1", OLD, NEW, at, True),
           replace_card("replace-2", TOOL_OLD, TOOL_NEW, at, False))
+    at = clock()
     group(load(example("cafe") + "\n# the second edition\n"),
           window_op(3 * 24 * 3600),
           admin_op("close-3", L.OP_CLOSE_DAY, close_subject(3, day_of_date("2020-01-02")), b"", at),
@@ -135,9 +159,8 @@ def lead(folder: str) -> list[list]:
           floor_op(FLOOR_TERMINAL_KSN, 7, 1_000),
           revoke("revoke-8", 8, at=at))
     group(PendingOp.internal(L.OP_MAINTENANCE), step_us=10 * MINUTE)  # hold-3 expires (sweep)
+    at = clock()
     group(op("top-late", L.OP_TOP_UP, NEW, 100, at))  # the new card goes on
-    durable.close()
-    return reasons
 
 
 FOLLOW = """
