@@ -20,6 +20,7 @@ import pytest
 
 from cardcore import layout as L
 from cardcore.groups import encode_group
+from cardcore.idempotency import PendingOp
 from cardcore.keyring import write_index_key
 from cardcore.ledger import Ledger
 from cardcore.server.replica import SubmitClient
@@ -27,7 +28,7 @@ from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader
 from cluster_fixtures import ledger_digest
 from conftest import new_card_number, rid
 from test_determinism import run_groups
-from test_ledger import KEY, NOW, cid, key, op, open_op
+from test_ledger import KEY, NOW, add_operator, cid, enroll, key, op, open_op
 
 pytestmark = pytest.mark.skipif(cluster_available() is not None,
                                 reason=cluster_available() or "")
@@ -229,22 +230,43 @@ def test_every_kind_of_operation_through_a_running_shard_leaves_identical_replic
             L.OP_CLOSE_DAY, L.OP_DATA_KEY_ROTATED, L.OP_STORE_PUT, L.OP_TERMINAL_REVOKED} <= kinds
 
 
-class Load:
-    """Top-ups from ``threads`` threads until stopped; a request whose outcome is unknown or that no
-    leader took is sent again, the same (request id, client time): applied once at most."""
+PIN = bytes(range(100, 132))  # the swipes' cards' PIN check value (as the gRPC process makes it)
 
-    def __init__(self, urls: str, numbers: list[str], seed: int, threads: int = 2) -> None:
+
+def pin_swipe(request_id: str, number: str, amount: int, tid: int, ksn: int,
+              at: int | None = None) -> PendingOp:
+    """A terminal's purchase with the card's PIN: its namespace, its KSN counter; ``at`` its
+    client time (None: now)."""
+    return PendingOp.build(key(request_id, (L.CALLER_TERMINAL, tid)), L.OP_PURCHASE, cid(number),
+                           amount, store_id=3, terminal_id=tid, ksn_counter=ksn,
+                           pin_flags=L.PIN_PRESENTED | L.PIN_REQUIRED, pin_check=PIN,
+                           client_time_us=time.time_ns() // 1000 if at is None else at)
+
+
+class Load:
+    """Top-ups from ``threads`` threads until stopped (``terminals``: PIN purchases instead, each
+    thread one terminal's, its KSN counter one up for each new request); a request whose outcome
+    is unknown or that no leader took is sent again, the same (request id, client time, KSN):
+    applied once at most."""
+
+    def __init__(self, urls: str, numbers: list[str], seed: int, threads: int = 2,
+                 terminals: list[int] | None = None) -> None:
         self.urls = urls.split(",")
         self.numbers = numbers
         self.rng = random.Random(seed)
-        self.acked: dict[bytes, tuple[str, int]] = {}    # request key -> (card, amount)
+        self.terminals = terminals
+        # request key -> (card, amount: what it adds to the card's principal)
+        self.acked: dict[bytes, tuple[str, int]] = {}
         self.sent: dict[bytes, tuple[str, int]] = {}
+        self.ksn_acked: dict[int, int] = {}  # terminal -> its last acknowledged KSN counter
+        self.ksn_sent: dict[int, int] = {}   # terminal -> the last KSN counter it sent
         self.not_applied = 0
         self.unknown = 0
         self.errors: list[BaseException] = []   # a thread's failure fails the test in stop()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        self.threads = [threading.Thread(target=self._run, args=(
+            terminals[k] if terminals else 0,)) for k in range(len(terminals or ()) or threads)]
 
     def start(self) -> None:
         for t in self.threads:
@@ -256,31 +278,52 @@ class Load:
             t.join(60)
         assert not self.errors, self.errors
 
-    def _run(self) -> None:
+    def _run(self, tid: int) -> None:
         try:
-            self._submit_until_stopped()
+            self._submit_until_stopped(tid)
         except BaseException as exc:  # noticed by stop()
             self.errors.append(exc)
 
-    def _submit_until_stopped(self) -> None:
+    def _submit_until_stopped(self, tid: int) -> None:
         client = SubmitClient(self.urls)
-        rng = random.Random(self.rng.random())
+        with self._lock:
+            rng = random.Random(self.rng.random())
         pending = None
+        ksn = 0
+
+        def swipe_again(request_id: str, number: str, amount: int, at: int) -> PendingOp:
+            """The swipe, each send with the terminal's next KSN counter (as a terminal retries:
+            an exact re-send of a KSN that applied is refused, the same request with a new one
+            gets the original answer)."""
+            nonlocal ksn
+            ksn += 1
+            with self._lock:
+                self.ksn_sent[tid] = ksn
+            return pin_swipe(request_id, number, amount, tid, ksn, at)
+
         try:
             while not self._stop.is_set():
                 if pending is None:
                     number, amount, request_id = rng.choice(self.numbers), rng.randint(1, 9999), rid()
-                    pending = (op(request_id, L.OP_TOP_UP, number, amount), number, amount,
-                               key(request_id))
+                    if tid:
+                        at = time.time_ns() // 1000
+                        pending = (lambda r=request_id, n=number, a=amount, t=at:
+                                   swipe_again(r, n, a, t), number, -amount,
+                                   key(request_id, (L.CALLER_TERMINAL, tid)))
+                    else:
+                        same = op(request_id, L.OP_TOP_UP, number, amount)
+                        pending = (lambda same=same: same, number, amount, key(request_id))
                     with self._lock:
-                        self.sent[pending[3]] = (number, amount)
-                got = client.submit(SHARD, [pending[0]], timeout_s=1.0)
+                        self.sent[pending[3]] = pending[1:3]
+                got = client.submit(SHARD, [pending[0]()], timeout_s=1.0)
                 if isinstance(got, list):
                     if got[0].reason != L.R_OK:
-                        self.errors.append(AssertionError(f"a top-up answered {got[0]}"))
+                        self.errors.append(AssertionError(f"{pending[1:]} answered {got[0]}"))
                         return
                     with self._lock:
                         self.acked[pending[3]] = pending[1:3]
+                        if tid:
+                            self.ksn_acked[tid] = ksn
                     pending = None
                 else:
                     with self._lock:
@@ -293,16 +336,17 @@ class Load:
             client.close()
 
 
-def exactly_once(replicas: list[ReplicaProcess], load: Load, numbers: list[str]) -> None:
-    """On every replica: every acknowledged top-up is recorded, and each card's principal is the
-    sum of the top-ups recorded for it (none applied twice)."""
+def exactly_once(replicas: list[ReplicaProcess], load: Load, numbers: list[str],
+                 initial_minor: int = 0) -> None:
+    """On every replica: every acknowledged request is recorded, and each card's principal is
+    ``initial_minor`` plus what the requests recorded for it moved (none applied twice)."""
     for r in replicas:
         ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
         try:
             for request_key in load.acked:
                 found = ledger.read_operation(request_key)
                 assert found is not None and found.reason == L.R_OK, (r.data_dir, request_key)
-            expected = {number: 0 for number in numbers}
+            expected = {number: initial_minor for number in numbers}
             for request_key, (number, amount) in load.sent.items():
                 if ledger.read_operation(request_key) is not None:
                     expected[number] += amount
@@ -410,6 +454,85 @@ def test_kill_9_the_leader_under_load_every_acknowledged_group_lands_once(nats_c
         if restarted.proc.poll() is None:
             restarted.stop()
     exactly_once(everyone, load, numbers)
+    identical(everyone)
+
+
+def test_kill_9_the_leader_under_pin_swipes_from_several_terminals_accepts_no_ksn_twice(
+        nats_cluster, start_replica):
+    """Three terminals swipe PIN purchases, each with its own rising KSN counter, while the
+    shard's leader is killed -9. On the new leader a swipe that reuses a terminal's last
+    acknowledged counter, or an earlier one, under a new request id is refused
+    (REASON_KSN_REPLAYED: the high-water marks came with the log), and the counter after the
+    last one sent applies. After catch-up, on every replica (the killed one restarted): every
+    acknowledged swipe exactly once (each card's principal), each terminal's high-water its
+    last counter applied, and the ledgers identical."""
+    replicas = three(start_replica)
+    old = leader_of(replicas)
+    rng = random.Random(31)
+    terminals, initial_minor = [1, 2, 3], 10_000_000
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        got = submit(client, [add_operator("op-1", "manager", 2, (3,)),  # operator 1: the PINs
+                              *(enroll(f"t-{tid}", tid, 3) for tid in terminals)])
+        assert [o.reason for o in got] == [L.R_OK] * len(got)
+        numbers = open_cards(client, 6, rng)
+        now = time.time_ns() // 1000
+        got = submit(client, [op(rid(), L.OP_TOP_UP, n, initial_minor, now) for n in numbers]
+                     + [PendingOp.build(key(rid()), L.OP_SET_PIN, cid(n), pin_flags=L.NEW_PIN,
+                                        new_pin_check=PIN, operator_id=1, store_id=3,
+                                        client_time_us=now)
+                        for n in numbers])
+        assert [o.reason for o in got] == [L.R_OK] * len(got)
+    finally:
+        client.close()
+    load = Load(nats_cluster.urls, numbers, seed=37, terminals=terminals)
+    load.start()
+    try:
+        time.sleep(1.0)
+        os.kill(old.pid, signal.SIGKILL)
+        old.proc.wait(10)
+        others = [r for r in replicas if r is not old]
+        deadline = time.monotonic() + 20
+        while not any("leading" in r.roles() for r in others):
+            assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
+            time.sleep(0.05)
+        at_takeover = len(load.acked)
+        time.sleep(1.0)  # the new leader takes swipes
+    finally:
+        load.stop()
+    assert len(load.acked) > at_takeover > 0
+    assert all(load.ksn_acked.get(tid, 0) > 1 for tid in terminals), load.ksn_acked
+    assert load.unknown + load.not_applied > 0  # the failover made the terminals swipe again
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        for tid in terminals:
+            number = numbers[tid]
+            for stale in (load.ksn_acked[tid], 1):
+                (got,) = submit(client, [pin_swipe(rid(), number, 1, tid, stale)])
+                assert got.reason == L.R_KSN_REPLAYED, (tid, stale, got)
+            fresh = pin_swipe(rid(), number, 1, tid, load.ksn_sent[tid] + 1)
+            (got,) = submit(client, [fresh])
+            assert got.reason == L.R_OK, (tid, got)
+            load.sent[fresh.request_key] = load.acked[fresh.request_key] = (number, -1)
+            load.ksn_sent[tid] += 1
+    finally:
+        client.close()
+    restarted = ReplicaProcess(old.data_dir, SHARD, nats_cluster.urls, *LEASE)
+    try:
+        restarted.wait_role("following", after=len(old.roles()))
+        everyone = others + [restarted]
+        converge_and_stop(everyone, nats_cluster.urls)
+    finally:
+        if restarted.proc.poll() is None:
+            restarted.stop()
+    exactly_once(everyone, load, numbers, initial_minor)
+    for r in everyone:
+        ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
+        try:
+            for tid in terminals:
+                assert ledger.read_terminal(tid)[5] == load.ksn_sent[tid], (r.data_dir, tid)
+        finally:
+            ledger.close()
     identical(everyone)
 
 
