@@ -237,13 +237,33 @@ class NatsThread:
     def close(self) -> None:
         try:
             self.call(self.nc.drain(), CALL_TIMEOUT_S)
-        except Exception:  # closing anyway
-            pass
+        except Exception:  # no node answers (a drain needs one): closed without it
+            try:
+                self.call(self.nc.close(), CALL_TIMEOUT_S)
+            except Exception:  # closing anyway
+                pass
         self._stop_loop()
 
     def _stop_loop(self) -> None:
+        """The loop's tasks left (nats-py's reconnect and subscription tasks, when no node
+        answered the close) cancelled and awaited, then the loop stopped and closed: a task
+        left pending would be destroyed later, on a closed loop, with a traceback."""
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_tasks(), self.loop).result(CALL_TIMEOUT_S)
+        except Exception:  # stopping anyway
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(CALL_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+async def _cancel_tasks() -> None:
+    """(On the loop.) Every task but this one, cancelled and finished."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _log_failure(done: concurrent.futures.Future) -> None:
