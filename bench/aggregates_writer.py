@@ -15,6 +15,10 @@ Prints each ledger's median and min of the rounds, and none / each: the writer's
 issue's ">= 0.9x" target, which ``bench/daytotals.py --all-aggregates`` measures through the
 server (the gRPC side there adds the same CPU to both).
 
+``--profile``: where the ledger keeping every aggregate spends a group (cProfile's clock), and
+LMDB's reads and writes by the function that called them: the committed answer to "what do
+the aggregates still cost, and where" (its 'all' times then include the profiler).
+
 ``--base REV``: a fifth ledger keeping every aggregate through core/daytotals.py and
 core/members.py as they were at git revision REV, over that revision's C loops (ext/daytotals.pyx
 and ext/members.pyx built into a cache in the temp folder on the first run), taking turns with
@@ -22,6 +26,7 @@ the others: an A/B in one process. At the end its aggregates' records must be by
 tree's (the same groups make the same records), or the run fails."""
 from __future__ import annotations
 
+import _lsprof  # cProfile's profiler (bench/profile.py shadows the stdlib's profile here)
 import argparse
 import contextlib
 import os
@@ -137,6 +142,34 @@ def aggregate_records(ledger: Ledger) -> dict[str, list]:
                 for name in (*daytotals.DB_NAMES, *members.DB_NAMES)}
 
 
+def _label(code) -> str:
+    """A profiled function's name: file:line(function), or a builtin's own text."""
+    if isinstance(code, str):
+        return code
+    return f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}({code.co_name})"
+
+
+def print_profile(profiler, groups: int) -> None:
+    """Where the ledger keeping every aggregate spent its groups (``--profile``): the writer's
+    functions by their own time, then LMDB's reads and writes by the function that called
+    them (which sub-databases' records cost what), in ms a group (cProfile's clock: every
+    Python call inflated alike)."""
+    entries = profiler.getstats()
+    print(f"--profile: the 'all' ledger, {groups} groups; ms a group (own, total)")
+    for e in sorted(entries, key=lambda e: -e.inlinetime)[:18]:
+        print(f"  {e.inlinetime * 1e3 / groups:7.3f} {e.totaltime * 1e3 / groups:7.3f}  "
+              f"{_label(e.code)}")
+    lmdb_calls = []
+    for e in entries:
+        for sub in e.calls or ():
+            name = _label(sub.code)
+            if "getmulti" in name or "putmulti" in name:
+                lmdb_calls.append((sub.inlinetime, name.split()[1], _label(e.code)))
+    print("  LMDB's getmulti and putmulti by caller:")
+    for seconds, what, caller in sorted(lmdb_calls, reverse=True):
+        print(f"  {seconds * 1e3 / groups:7.3f} {what:10s} from {caller}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -146,7 +179,12 @@ def main() -> int:
                     help="each transaction a business day after the one before (a chain's days)")
     ap.add_argument("--base", help="a git revision whose core/daytotals.py and core/members.py "
                     "(and their C loops, built) keep a fifth ledger's aggregates (an A/B)")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile the writer's transactions of the ledger keeping every "
+                    "aggregate and print where its time went: the aggregates' functions and "
+                    "LMDB's calls by caller (the times are cProfile's, inflated alike)")
     args = ap.parse_args()
+    profiler = _lsprof.Profiler() if args.profile else None
     rng, ids, key = cards_and_keys(args.cards)
     ts = time.time_ns() // 1000
     kept = dict(KEPT)
@@ -189,11 +227,16 @@ def main() -> int:
                                        for k, cid, amount, store in ops]) for at, ops in groups]
                         calls = [0.0]
                         with aggregates(modules.get(name), calls):
+                            profiled = profiler is not None and name == "all"
+                            if profiled:
+                                profiler.enable()
                             t0 = time.process_time()
                             with ledger.env.begin(write=True) as txn:
                                 for at, ops in built:
                                     ledger.apply_in(txn, ops, at)
                             took[name] = time.process_time() - t0
+                            if profiled:
+                                profiler.disable()
                             spent[name] += took[name]
                         if name == "all" or (args.base and name == base):
                             own["all" if name == "all" else "base"].append(calls[0])
@@ -210,6 +253,10 @@ def main() -> int:
             for ledger in ledgers.values():
                 ledger.close()
     none = times["none"]
+    if profiler is not None:
+        print_profile(profiler, args.rounds * TXNS_PER_ROUND * GROUPS_PER_TXN)
+        print("(--profile: 'all' ran under the profiler, so its times and ratios below are not "
+              "comparable with the others')")
     if args.base:  # this tree against the base, transaction by transaction (adjacent: one load)
         q = statistics.quantiles(pairs, n=4)
         print(f"{base} / all: {statistics.median(pairs):.3f}x (writer CPU, median of "
