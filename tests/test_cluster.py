@@ -356,6 +356,50 @@ def exactly_once(replicas: list[ReplicaProcess], load: Load, numbers: list[str],
             ledger.close()
 
 
+def another_leads(replicas: list[ReplicaProcess], old: ReplicaProcess) -> list[ReplicaProcess]:
+    """The replicas but ``old``, once one of them leads (within 20 s)."""
+    others = [r for r in replicas if r is not old]
+    deadline = time.monotonic() + 20
+    while not any("leading" in r.roles() for r in others):
+        assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
+        time.sleep(0.05)
+    return others
+
+
+def kill_the_leader_under(load: Load, replicas: list[ReplicaProcess],
+                          old: ReplicaProcess) -> list[ReplicaProcess]:
+    """``load`` started, the leader ``old`` killed -9 a second in, another taking over and a
+    second more of load on it, then ``load`` stopped: the replicas left. Requests were
+    acknowledged before the takeover and after it."""
+    load.start()
+    try:
+        time.sleep(1.0)
+        os.kill(old.pid, signal.SIGKILL)
+        old.proc.wait(10)
+        others = another_leads(replicas, old)
+        at_takeover = len(load.acked)
+        time.sleep(1.0)  # the new leader takes load
+    finally:
+        load.stop()
+    assert len(load.acked) > at_takeover > 0
+    return others
+
+
+def restart_and_converge(old: ReplicaProcess, others: list[ReplicaProcess],
+                         urls: str) -> list[ReplicaProcess]:
+    """The killed replica again, on its folder (from its checkpoint, through the stream), and
+    every replica caught up and stopped: all of them."""
+    restarted = ReplicaProcess(old.data_dir, SHARD, urls, *LEASE)
+    try:
+        restarted.wait_role("following", after=len(old.roles()))
+        everyone = others + [restarted]
+        converge_and_stop(everyone, urls)
+    finally:
+        if restarted.proc.poll() is None:
+            restarted.stop()
+    return everyone
+
+
 def test_a_leader_paused_past_its_lease_is_refused_follows_and_loses_nothing_it_acknowledged(
         nats_cluster, start_replica):
     replicas = three(start_replica)
@@ -370,11 +414,7 @@ def test_a_leader_paused_past_its_lease_is_refused_follows_and_loses_nothing_it_
         acked_before = len(load.acked)
         assert acked_before > 0
         os.kill(old.pid, signal.SIGSTOP)
-        others = [r for r in replicas if r is not old]
-        deadline = time.monotonic() + 20
-        while not any("leading" in r.roles() for r in others):
-            assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
-            time.sleep(0.05)
+        another_leads(replicas, old)
         at_takeover = len(load.acked)
         time.sleep(1.0)  # the new leader takes load
         assert len(load.acked) > at_takeover
@@ -429,30 +469,8 @@ def test_kill_9_the_leader_under_load_every_acknowledged_group_lands_once(nats_c
     old = leader_of(replicas)
     numbers = opened_cards(nats_cluster, 6, 9)
     load = Load(nats_cluster.urls, numbers, seed=17)
-    load.start()
-    try:
-        time.sleep(1.0)
-        os.kill(old.pid, signal.SIGKILL)
-        old.proc.wait(10)
-        others = [r for r in replicas if r is not old]
-        deadline = time.monotonic() + 20
-        while not any("leading" in r.roles() for r in others):
-            assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
-            time.sleep(0.05)
-        at_takeover = len(load.acked)
-        time.sleep(1.0)  # the new leader takes load
-    finally:
-        load.stop()
-    assert len(load.acked) > at_takeover > 0
-    # the killed replica again, on its folder: from its checkpoint, through the stream
-    restarted = ReplicaProcess(old.data_dir, SHARD, nats_cluster.urls, *LEASE)
-    try:
-        restarted.wait_role("following", after=len(old.roles()))
-        everyone = others + [restarted]
-        converge_and_stop(everyone, nats_cluster.urls)
-    finally:
-        if restarted.proc.poll() is None:
-            restarted.stop()
+    others = kill_the_leader_under(load, replicas, old)
+    everyone = restart_and_converge(old, others, nats_cluster.urls)
     exactly_once(everyone, load, numbers)
     identical(everyone)
 
@@ -486,21 +504,7 @@ def test_kill_9_the_leader_under_pin_swipes_from_several_terminals_accepts_no_ks
     finally:
         client.close()
     load = Load(nats_cluster.urls, numbers, seed=37, terminals=terminals)
-    load.start()
-    try:
-        time.sleep(1.0)
-        os.kill(old.pid, signal.SIGKILL)
-        old.proc.wait(10)
-        others = [r for r in replicas if r is not old]
-        deadline = time.monotonic() + 20
-        while not any("leading" in r.roles() for r in others):
-            assert time.monotonic() < deadline, [r.log()[-1500:] for r in others]
-            time.sleep(0.05)
-        at_takeover = len(load.acked)
-        time.sleep(1.0)  # the new leader takes swipes
-    finally:
-        load.stop()
-    assert len(load.acked) > at_takeover > 0
+    others = kill_the_leader_under(load, replicas, old)
     assert all(load.ksn_acked.get(tid, 0) > 1 for tid in terminals), load.ksn_acked
     assert load.unknown + load.not_applied > 0  # the failover made the terminals swipe again
     client = SubmitClient(nats_cluster.urls.split(","))
@@ -517,14 +521,7 @@ def test_kill_9_the_leader_under_pin_swipes_from_several_terminals_accepts_no_ks
             load.ksn_sent[tid] += 1
     finally:
         client.close()
-    restarted = ReplicaProcess(old.data_dir, SHARD, nats_cluster.urls, *LEASE)
-    try:
-        restarted.wait_role("following", after=len(old.roles()))
-        everyone = others + [restarted]
-        converge_and_stop(everyone, nats_cluster.urls)
-    finally:
-        if restarted.proc.poll() is None:
-            restarted.stop()
+    everyone = restart_and_converge(old, others, nats_cluster.urls)
     exactly_once(everyone, load, numbers, initial_minor)
     for r in everyone:
         ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
