@@ -220,8 +220,9 @@ class NatsThread:
         self.js = self.nc.jetstream(timeout=CALL_TIMEOUT_S)
 
     def call(self, coro: Coroutine, timeout_s: float = CALL_TIMEOUT_S) -> Any:
-        """Run ``coro`` on the loop; its result, or TimeoutError after ``timeout_s``."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Run ``coro`` on the loop; its result, or TimeoutError after ``timeout_s`` (at once
+        once closed)."""
+        fut = self._submit(coro)
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
@@ -230,11 +231,23 @@ class NatsThread:
 
     def spawn(self, coro: Coroutine) -> concurrent.futures.Future:
         """Run ``coro`` on the loop without waiting (a reply); what it raises is logged."""
-        done = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        done = self._submit(coro)
         done.add_done_callback(_log_failure)
         return done
 
+    def _submit(self, coro: Coroutine) -> concurrent.futures.Future:
+        """``coro`` scheduled on the loop; TimeoutError once the loop is closed (the coroutine
+        closed unrun: no "never awaited" warning)."""
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            raise TimeoutError("the NATS connection is closed") from None
+
     def close(self) -> None:
+        """Drain the connection (or close it), stop and close the loop; again: nothing."""
+        if self.loop.is_closed():
+            return
         try:
             self.call(self.nc.drain(), CALL_TIMEOUT_S)
         except Exception:  # no node answers (a drain needs one): closed without it
@@ -248,8 +261,10 @@ class NatsThread:
         """The loop's tasks left (nats-py's reconnect and subscription tasks, when no node
         answered the close) cancelled and awaited, then the loop stopped and closed: a task
         left pending would be destroyed later, on a closed loop, with a traceback."""
+        if self.loop.is_closed():
+            return
         try:
-            asyncio.run_coroutine_threadsafe(_cancel_tasks(), self.loop).result(CALL_TIMEOUT_S)
+            self.call(_cancel_tasks())
         except Exception:  # stopping anyway
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)

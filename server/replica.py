@@ -454,7 +454,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    writer_gc()  # the same apply loop as the writer's: the same GC setting
+    writer_gc()  # the writer's apply loop and GC setting (a follower's lease tries: README)
     try:
         replica.run()
     except Exception as exc:

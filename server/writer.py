@@ -199,7 +199,9 @@ def writer_gc() -> None:
     makes no cycles (measured: a collection found nothing) but allocates enough to set one off
     every few hundred operations, each walking the young objects; the long-lived objects made so
     far are frozen out of every later collection, and the youngest generation is collected every
-    WRITER_GC_GEN0 allocations (README, "Where the time goes": 0.92x the writer's CPU)."""
+    WRITER_GC_GEN0 allocations (README, "Where the time goes": 0.92x the writer's CPU). A
+    follower replica makes small cycles at each lease try, collected every few minutes; what is
+    frozen here and becomes garbage later (rare, once each) is never collected."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(WRITER_GC_GEN0, *gc.get_threshold()[1:])

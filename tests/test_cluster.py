@@ -123,9 +123,10 @@ def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SH
 
 
 def submit(client: SubmitClient, ops: list, shard: int = SHARD) -> list:
-    """The outcomes of ``ops``, sent again (the same requests: applied once at most) while no
-    leader answers (a new leader's subscription reaches the other NATS nodes a moment after
-    it says it leads) or the outcome is unknown."""
+    """The outcomes of ``ops``, sent again, the same bytes, while no leader answers (a new
+    leader's subscription reaches the other NATS nodes a moment after it says it leads) or the
+    outcome is unknown: applied once at most where each has a request key (not a swipe: its
+    KSN is spent by a first send that landed; see ``swipe_until_answered``)."""
     deadline = time.monotonic() + 10
     while not isinstance(got := client.submit(shard, ops), list) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -243,11 +244,26 @@ def pin_swipe(request_id: str, number: str, amount: int, tid: int, ksn: int,
                            client_time_us=time.time_ns() // 1000 if at is None else at)
 
 
+def swipe_until_answered(client: SubmitClient, load: "Load", tid: int, request_id: str,
+                         number: str, amount: int, at: int):
+    """A PIN swipe's outcome, sent again while no leader answers or its outcome is unknown,
+    each send with the terminal's next KSN counter (``load.ksn_sent`` kept)."""
+    deadline = time.monotonic() + 10
+    while True:
+        load.ksn_sent[tid] += 1
+        got = client.submit(SHARD, [pin_swipe(request_id, number, amount, tid,
+                                              load.ksn_sent[tid], at)])
+        if isinstance(got, list):
+            return got[0]
+        assert time.monotonic() < deadline, got
+        time.sleep(0.05)
+
+
 class Load:
     """Top-ups from ``threads`` threads until stopped (``terminals``: PIN purchases instead, each
-    thread one terminal's, its KSN counter one up for each new request); a request whose outcome
-    is unknown or that no leader took is sent again, the same (request id, client time, KSN):
-    applied once at most."""
+    thread one terminal's); a request whose outcome is unknown or that no leader took is sent
+    again with the same request id and client time (a top-up byte for byte; a swipe with its
+    terminal's next KSN counter, as terminals retry): applied once at most."""
 
     def __init__(self, urls: str, numbers: list[str], seed: int, threads: int = 2,
                  terminals: list[int] | None = None) -> None:
@@ -260,6 +276,8 @@ class Load:
         self.sent: dict[bytes, tuple[str, int]] = {}
         self.ksn_acked: dict[int, int] = {}  # terminal -> its last acknowledged KSN counter
         self.ksn_sent: dict[int, int] = {}   # terminal -> the last KSN counter it sent
+        self.swipes: dict[bytes, tuple[int, str, str, int, int]] = {}  # request key -> (terminal,
+        # request id, card, amount, client time): what a retry of it sends again
         self.not_applied = 0
         self.unknown = 0
         self.errors: list[BaseException] = []   # a thread's failure fails the test in stop()
@@ -310,6 +328,8 @@ class Load:
                         pending = (lambda r=request_id, n=number, a=amount, t=at:
                                    swipe_again(r, n, a, t), number, -amount,
                                    key(request_id, (L.CALLER_TERMINAL, tid)))
+                        with self._lock:
+                            self.swipes[pending[3]] = (tid, request_id, number, amount, at)
                     else:
                         same = op(request_id, L.OP_TOP_UP, number, amount)
                         pending = (lambda same=same: same, number, amount, key(request_id))
@@ -373,16 +393,23 @@ def kill_the_leader_under(load: Load, replicas: list[ReplicaProcess],
     acknowledged before the takeover and after it."""
     load.start()
     try:
-        time.sleep(1.0)
+        acked_by(load, 20)
         os.kill(old.pid, signal.SIGKILL)
         old.proc.wait(10)
         others = another_leads(replicas, old)
-        at_takeover = len(load.acked)
-        time.sleep(1.0)  # the new leader takes load
+        acked_by(load, len(load.acked) + 20)  # the new leader takes load
     finally:
         load.stop()
-    assert len(load.acked) > at_takeover > 0
     return others
+
+
+def acked_by(load: Load, count: int, timeout_s: float = 30) -> None:
+    """Wait until ``load`` has ``count`` acknowledged requests (a loaded machine's second may
+    hold none)."""
+    deadline = time.monotonic() + timeout_s
+    while len(load.acked) < count:
+        assert time.monotonic() < deadline, (len(load.acked), count, load.errors)
+        time.sleep(0.05)
 
 
 def restart_and_converge(old: ReplicaProcess, others: list[ReplicaProcess],
@@ -410,14 +437,10 @@ def test_a_leader_paused_past_its_lease_is_refused_follows_and_loses_nothing_it_
     load = Load(nats_cluster.urls, numbers, seed=13, threads=8)
     load.start()
     try:
-        time.sleep(1.0)
-        acked_before = len(load.acked)
-        assert acked_before > 0
+        acked_by(load, 20)
         os.kill(old.pid, signal.SIGSTOP)
         another_leads(replicas, old)
-        at_takeover = len(load.acked)
-        time.sleep(1.0)  # the new leader takes load
-        assert len(load.acked) > at_takeover
+        acked_by(load, len(load.acked) + 20)  # the new leader takes load
         seen = len(old.roles())
         os.kill(old.pid, signal.SIGCONT)
         old.wait_role("following", timeout_s=20, after=seen)
@@ -514,11 +537,15 @@ def test_kill_9_the_leader_under_pin_swipes_from_several_terminals_accepts_no_ks
             for stale in (load.ksn_acked[tid], 1):
                 (got,) = submit(client, [pin_swipe(rid(), number, 1, tid, stale)])
                 assert got.reason == L.R_KSN_REPLAYED, (tid, stale, got)
-            fresh = pin_swipe(rid(), number, 1, tid, load.ksn_sent[tid] + 1)
-            (got,) = submit(client, [fresh])
-            assert got.reason == L.R_OK, (tid, got)
-            load.sent[fresh.request_key] = load.acked[fresh.request_key] = (number, -1)
-            load.ksn_sent[tid] += 1
+            # an acknowledged swipe sent again as its terminal retries: the original answer
+            again = next(s for k, s in load.swipes.items() if s[0] == tid and k in load.acked)
+            got = swipe_until_answered(client, load, *again)
+            assert got.reason == L.R_OK and got.replayed, (tid, got)
+            fresh = (tid, rid(), number, 1, time.time_ns() // 1000)
+            got = swipe_until_answered(client, load, *fresh)
+            assert got.reason == L.R_OK and not got.replayed, (tid, got)
+            request_key = key(fresh[1], (L.CALLER_TERMINAL, tid))
+            load.sent[request_key] = load.acked[request_key] = (number, -1)
     finally:
         client.close()
     everyone = restart_and_converge(old, others, nats_cluster.urls)
@@ -685,7 +712,10 @@ def test_kill_9_a_follower_node_then_every_node_and_replica_loses_nothing_acknow
         restarted.append(ReplicaProcess(r.data_dir, SHARD, nats_cluster.urls, *LEASE))
     try:
         deadline = time.monotonic() + 30
-        while not any("leading" in r.roles()[n:] for r, n in zip(restarted, seen)):
+        # each has said its new role (a log's last role may still be its killed run's
+        # "leading", which leader_of would count), and one of them leads
+        while not (all(len(r.roles()) > n for r, n in zip(restarted, seen))
+                   and any("leading" in r.roles()[n:] for r, n in zip(restarted, seen))):
             assert time.monotonic() < deadline, [r.log()[-1500:] for r in restarted]
             time.sleep(0.05)
         converge_and_stop(restarted, nats_cluster.urls)
@@ -1178,3 +1208,31 @@ def test_every_replica_of_a_shard_holds_the_shards_keyring_or_none(
     both = [first, second]
     converge_and_stop(both, nats_cluster.urls)
     identical(both)
+
+
+def test_a_nats_connection_closes_cleanly_with_every_node_down_and_closes_once(nats_cluster):
+    """NatsThread.close with no node answering (nats-py reconnecting, a subscription waiting):
+    the connection closed without a drain, every task of its loop finished and the loop closed
+    (a task left pending was destroyed later on a closed loop, with a traceback); a second close
+    does nothing, and a call after it is a TimeoutError, not the loop's RuntimeError."""
+    import asyncio
+
+    from cardcore.jetlog import NatsThread
+
+    nt = NatsThread(nats_cluster.urls.split(","), "cardcore-test")
+
+    async def ignore(msg) -> None:
+        pass
+
+    nt.call(nt.nc.subscribe("cardcore.test.close", cb=ignore))
+    nats_cluster.stop()
+    deadline = time.monotonic() + 10
+    while not nt.nc.is_reconnecting:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    nt.close()
+    assert nt.loop.is_closed()
+    assert not [t for t in asyncio.all_tasks(nt.loop) if not t.done()]
+    nt.close()
+    with pytest.raises(TimeoutError):
+        nt.call(asyncio.sleep(0))
