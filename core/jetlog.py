@@ -38,6 +38,18 @@ from cardcore.groups import group_ts_us
 
 log = logging.getLogger("cardcore.jetlog")
 
+
+class _SslEofNoise(logging.Filter):
+    """asyncio's warning at every close of a TLS connection to NATS (nats-py's protocol returns
+    True from eof_received, which SSL transports ignore): said at each stop of every replica
+    and submitter, meaning nothing to an operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_SslEofNoise())
+
 try:  # the cluster extra: pip install -e .[cluster]
     import nats
     import nats.errors

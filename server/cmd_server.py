@@ -73,6 +73,13 @@ def cmd_replica(args) -> int:
               file=sys.stderr)
         return 2
 
+    from cardcore.durable import log_folder
+
+    if os.path.isdir(log_folder(os.path.join(args.data_dir, "ledger"))):
+        print(f"cardcore replica: {args.data_dir} is a single server's data folder (its ledger "
+              "keeps a local group log): a replica needs a folder of its own (--data-dir), "
+              "empty or a replica's", file=sys.stderr)
+        return 2
     program = None
     if args.program:
         try:

@@ -170,6 +170,7 @@ class ReplicaProcess:
         os.makedirs(data_dir, exist_ok=True)
         self.log_path = os.path.join(data_dir, "replica.log")
         self._log = open(self.log_path, "ab")
+        self.first_role = len(self.roles())  # the roles an earlier run on this folder logged
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cardcore.server.cli", "replica", "--shard", str(shard),
              "--data-dir", data_dir, "--nats", urls, *extra],
@@ -248,16 +249,19 @@ def main(argv: list[str] | None = None) -> int:
                 replicas.append(ReplicaProcess(os.path.join(args.data_dir, f"s{shard}-r{k}"),
                                                shard, nodes.urls, "--lease-ms",
                                                str(args.lease_ms), *nodes.replica_args()))
-        for r in replicas:
-            r.wait_role("following")
+        for r in replicas:  # (a second start on the folder: its log holds the first's roles)
+            r.wait_role("following", after=r.first_role)
         print(f"NATS          {nodes.urls}")
         if nodes.certs is not None:
             print(f"mutual TLS    CA and role certificates in {nodes.certs} (a submitter: "
-                  "nats-front.pem/.key; SubmitClient(urls, NatsCluster.tls_for('front')))")
+                  "ca.pem, nats-front.pem, nats-front.key)")
+        print(f"try it        docs/cluster.md, \"Trying it\": URLS = {nodes.urls!r}, "
+              f"CERTS = {nodes.certs!r}")
         for shard in range(args.shards):
             mine = [r for r in replicas if r.shard == shard]
             deadline = time.monotonic() + START_TIMEOUT_S
-            while not any("leading" in r.roles() for r in mine) and time.monotonic() < deadline:
+            while (not any("leading" in r.roles()[r.first_role:] for r in mine)
+                   and time.monotonic() < deadline):
                 time.sleep(0.05)
             print(f"shard {shard}       leader {leader_of(mine).data_dir}; submit on "
                   f"cardcore.s{shard}.submit; logs: <replica folder>/replica.log")

@@ -1236,3 +1236,47 @@ def test_a_nats_connection_closes_cleanly_with_every_node_down_and_closes_once(n
     nt.close()
     with pytest.raises(TimeoutError):
         nt.call(asyncio.sleep(0))
+
+
+def test_the_docs_example_submits_to_a_running_shard(nats_cluster, start_replica):
+    """docs/cluster.md's "Trying it" block, as written but for its URLs and certificates (this
+    cluster's, plain): the card opened and topped up on shard 0, the answers printed."""
+    import re
+    import subprocess
+    import sys
+
+    three(start_replica)
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "cluster.md")
+    with open(docs) as f:
+        text = f.read()
+    block = re.search(r"\*\*Trying it\.\*\*.*?```python\n(.*?)```", text, re.S).group(1)
+    code = re.sub(r'^URLS = .*$', f"URLS = {nats_cluster.urls!r}", block, count=1, flags=re.M)
+    code = re.sub(r'^CERTS = .*$', "CERTS = None", code, count=1, flags=re.M)
+    assert code.count("URLS = ") == 1 and "CERTS = None" in code
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        f"op {L.OP_OPEN} reason 0 principal after 0",
+        f"op {L.OP_TOP_UP} reason 0 principal after 10000"], done.stdout
+
+
+def test_a_replica_refuses_a_single_servers_data_folder(tmp_path):
+    """`cardcore replica` pointed at a single server's data folder (its ledger keeps a local
+    group log) exits 2 saying so, before it touches NATS or writes anything there."""
+    import subprocess
+    import sys
+
+    from cardcore.durable import DurableLedger, log_folder
+
+    path = str(tmp_path / "ledger")
+    DurableLedger(lambda: Ledger(path, sync=False), log_folder=log_folder(path),
+                  sync=False).close()
+    before = sorted(os.listdir(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "replica", "--shard", "0",
+                           "--data-dir", str(tmp_path), "--nats", "nats://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "single server's data folder" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == before  # no replica.id
