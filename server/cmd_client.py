@@ -219,12 +219,19 @@ def request_fields(args) -> dict:
     return {"request_id": args.request_id or str(uuid.uuid4()), "client_time_us": client_time(args)}
 
 
+def request_rows(request_id: str, client_time_us: int = 0) -> list[tuple[str, str]]:
+    """An answer's first rows: the request id and (when this command sent it) the client time,
+    the two a retry repeats."""
+    rows = [("request", request_id)]
+    if client_time_us:
+        rows.append(("client time", f"{client_time_us}  (a retry repeats it: --client-time-us)"))
+    return rows
+
+
 def print_result(result, looked_up: bool = False, client_time_us: int = 0) -> None:
     from cardcore.v1 import common_pb2 as cpb
 
-    rows = [("request", result.request_id)]
-    if client_time_us:
-        rows.append(("client time", f"{client_time_us}  (a retry repeats it: --client-time-us)"))
+    rows = request_rows(result.request_id, client_time_us)
     rows += [("operation", cpb.OperationType.Name(result.type)), ("journal seq", str(result.seq))]
     if result.type == cpb.OPERATION_TYPE_PURCHASE:
         rows += [("gross", fen(result.amount_minor)), ("discount", fen(result.discount_minor)),
@@ -330,6 +337,8 @@ def print_card(card) -> None:
     rows = [("card", card.masked_number),
             ("status", cpb.CardStatus.Name(card.status).removeprefix("CARD_STATUS_").lower()),
             ("tier", f"{card.tier} {card.tier_name} (pays {card.discount_rate_bp / 100:g}%)")]
+    if card.replaced_by:  # a replaced card, to an operator: the card that replaced it (masked)
+        rows.append(("replaced by", card.replaced_by))
     if card.expires_at_us:  # rule 14: fixed at its opening
         rows.append(("expires", _utc(card.expires_at_us)))
     if card.view >= pb.CARD_VIEW_BALANCE:
@@ -518,7 +527,7 @@ def cmd_refund(args) -> int:
                            amount_minor=args.amount, line_numbers=args.lines, till=_till(args),
                            **request_fields(args))
     result = call(stub_of(args).Refund, req, args)
-    print_undo(result)
+    print_undo(result, req.client_time_us)
     if result.lines:
         print(table([(f"line {x.line_number}", f"{fen(x.amount_minor - x.discount_minor)}"
                       f"{'  ' + x.sku if x.sku else ''}") for x in result.lines]))
@@ -534,16 +543,17 @@ def cmd_reverse(args) -> int:
                             original_request_id=args.original_request_id,
                             original_client_time_us=args.original_client_time_us,
                             till=_till(args), **request_fields(args))
-    print_undo(call(stub_of(args).Reverse, req, args))
+    print_undo(call(stub_of(args).Reverse, req, args), req.client_time_us)
     return 0
 
 
-def print_undo(result) -> None:
+def print_undo(result, client_time_us: int = 0) -> None:
     from cardcore.v1 import common_pb2 as cpb
 
     b = result.balance_after
     print(table([
-        ("request", result.request_id), ("operation", cpb.OperationType.Name(result.type)),
+        *request_rows(result.request_id, client_time_us),
+        ("operation", cpb.OperationType.Name(result.type)),
         ("journal seq", str(result.seq)),
         ("of entry", str(result.original_seq) if result.original_seq else "- (nothing applied)"),
         ("given back", fen(result.amount_minor)),
@@ -576,7 +586,7 @@ def cmd_card_status(args) -> int:
     req = pb.SetCardStatusRequest(card=card_or_id(args), status=CARD_STATUSES[args.status], till=_till(args),
                                   **request_fields(args))
     result = call(stub_of(args).SetCardStatus, req, args)
-    rows = [("request", result.request_id), ("journal seq", str(result.seq)),
+    rows = [*request_rows(result.request_id, req.client_time_us), ("journal seq", str(result.seq)),
             ("status", cpb.CardStatus.Name(result.status_after).removeprefix("CARD_STATUS_").lower())]
     if result.status_after == cpb.CARD_STATUS_CLOSED:
         rows += [("pay back", fen(result.amount_minor)),
@@ -595,8 +605,8 @@ def cmd_replace_card(args) -> int:
                                 **request_fields(args))
     result = call(stub_of(args).ReplaceCard, req, args)
     b = result.balance_after
-    print(table([("request", result.request_id), ("journal seq", str(result.seq)),
-                 ("principal", fen(b.principal_minor)), ("bonus", fen(b.bonus_minor)),
+    print(table([*request_rows(result.request_id, req.client_time_us),
+                 ("journal seq", str(result.seq)), ("principal", fen(b.principal_minor)), ("bonus", fen(b.bonus_minor)),
                  ("points", f"{b.points:,}"),
                  ("PIN", "none yet: the member sets one with an operator at a till")]))
     return 0

@@ -118,8 +118,14 @@ def test_the_cli_refunds_reverses_changes_status_and_lists_history(server):
     rc, out = cli("purchase", number, "120", "--request-id", "cli-sale")
     assert rc == 0
     sale = int(out.split("journal seq")[1].split()[0])
-    rc, out = cli("refund", number, str(sale), "--amount", "20")
+    rc, out = cli("refund", number, str(sale), "--amount", "20", "--request-id", "cli-refund")
     assert rc == 0 and "given back    20.00" in out and f"of entry      {sale}" in out
+    # its answer names the client time, so the clerk's retry (the answer lost) can repeat it
+    at = out.split("client time")[1].split()[0]
+    again = cli("refund", number, str(sale), "--amount", "20", "--request-id", "cli-refund",
+                "--client-time-us", at)
+    assert again[0] == 0 and again[1].split("journal seq")[1].split()[0] == \
+        out.split("journal seq")[1].split()[0]
     rc, out = cli("refund", number, str(sale), "--line", "1")
     assert rc == 1 and "INVALID_ARGUMENT" in out  # a sale without lines
     basket = server.stub.Purchase(purchase(number, (0, 1000, 1, "TEA"), (0, 2500, 1, "CAKE")))

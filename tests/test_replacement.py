@@ -367,6 +367,8 @@ def test_the_cli_replaces_a_card(server):
     assert rc == 1 and "REASON_CARD_REPLACED" in out and old not in out and new not in out
     rc, out = cli("history", new)
     assert rc == 0 and "replacement_opened" in out and "card_replaced" in out
+    rc, out = operator_cli(server, "card", old)  # the old card names its successor, masked
+    assert rc == 0 and "replaced by" in out and new[-4:] in out and new not in out, out
 
 
 def test_swipes_racing_a_replacement_over_grpc_lose_nothing(server):
