@@ -685,6 +685,12 @@ def journal_json(entry) -> dict:
         out["original_seq"] = r.original_seq
     if r.lines:
         out["lines"] = len(r.lines)
+    if entry.subject_store_id:  # an admin entry about a store (a close, a registry change)
+        out["subject_store"] = entry.subject_store_id
+    if entry.business_day:
+        out["business_day"] = entry.business_day
+    if entry.subject_region_id:
+        out["subject_region"] = entry.subject_region_id
     return out
 
 

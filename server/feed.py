@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from cardcore import daytotals, stores
 from cardcore import layout as L
 from cardcore.ledger import JOURNAL_PAGE_MAX, Ledger
 from cardcore.v1 import admin_service_pb2 as apb
@@ -45,8 +46,17 @@ def journal_entry(entry: bytes, lines: bytes) -> apb.JournalEntry:
     reason = int.from_bytes(entry[_REASON], "little")
     if reason:
         result.reason, result.status_code = reason, CODE_NUMBER[reason]
-    return apb.JournalEntry(result=result,
-                            card_id=entry[_CARD_ID] if entry[1] in L.CARD_ENTRY_OPS else b"")
+    out = apb.JournalEntry(result=result,
+                           card_id=entry[_CARD_ID] if entry[1] in L.CARD_ENTRY_OPS else b"")
+    subject = entry[_CARD_ID]
+    if entry[1] == L.OP_CLOSE_DAY:  # what an admin entry is about (its subject, decoded)
+        out.subject_store_id, day = daytotals.closed_day(subject)
+        out.business_day = daytotals.date_of_day(day)
+    elif entry[1] == L.OP_STORE_PUT:
+        out.subject_store_id, out.subject_region_id, _ = stores.subject_store(subject)
+    elif entry[1] == L.OP_REGION_PUT:
+        (out.subject_region_id,) = L.REGION_SUBJECT.unpack(subject)
+    return out
 
 
 class JournalFeed:

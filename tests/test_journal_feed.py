@@ -362,3 +362,33 @@ def test_the_cli_follows_live_and_on_ctrl_c_says_where_to_resume(server, client)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert f"resume: --from-seq {end + 1}" in err.splitlines()
+
+
+def test_an_admin_entry_about_a_store_names_it(server, admin, client):
+    """A close of day, a store's and a region's registry change: the feed says which store, day
+    and region (an entry's own till is head office's), and `cardcore watch` prints them."""
+    from test_chain_tree import put_region, put_store
+    from test_daily_close import close
+
+    put_region(admin, 7, "East")
+    put_store(admin, 12, "Harbour", region_id=7)
+    number = new_card_number()
+    client.open(number)
+    top_ups(server.stub, number, 1, store_id=12)
+    closed = close(admin, 12, 20_000)
+    entries = drain(watch(server))[1]
+    by_type = {e.result.type: e for e in entries}
+    region = by_type[OT.OPERATION_TYPE_REGION_PUT]
+    store = by_type[OT.OPERATION_TYPE_STORE_PUT]
+    day = by_type[OT.OPERATION_TYPE_DAY_CLOSED]
+    assert (region.subject_region_id, region.subject_store_id) == (7, 0)
+    assert (store.subject_store_id, store.subject_region_id) == (12, 7)
+    assert (day.subject_store_id, day.business_day) == (12, closed.business_day)
+    assert day.result.seq == closed.closed_seq
+    purchase_like = [e for e in entries if e.card_id]
+    assert purchase_like and all(not (e.subject_store_id or e.business_day or e.subject_region_id)
+                                 for e in purchase_like)
+    rc, out = operator_cli(server, "watch", "--no-follow", token=server.admin_token)
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    (printed,) = [x for x in lines if x["type"] == "day_closed"]
+    assert (printed["subject_store"], printed["business_day"]) == (12, closed.business_day)
