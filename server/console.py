@@ -681,7 +681,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path == "/terminals":
                 return self._send(200, terminals_page(b.terminals(s.token)))
             if path == "/health":
-                b.terminals(s.token)  # the token still counts (a removed operator: signed out)
+                try:
+                    b.terminals(s.token)  # the token still counts (a removed operator: signed out)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    # the server down: what this page is opened for (its session stands: a
+                    # token is checked again once the server answers)
+                    return self._send(503, health_page(b.serving(), b.metrics(),
+                                                       self.console.target))
                 return self._send(200, health_page(b.serving(), b.metrics(), self.console.target))
             if path == "/totals":
                 b.terminals(s.token)  # the token still counts (a removed operator: signed out)

@@ -265,6 +265,22 @@ def test_the_health_page_says_serving(seeded):
     assert status == 200 and '<b class="ok" id="serving">SERVING</b>' in body
 
 
+def test_the_health_page_says_so_when_the_server_is_down(start_server, tmp_path):
+    """The page IT opens when the tills fail: with the gRPC server stopped it still answers
+    (503), the server shown unreachable, not a refusal; the session stands."""
+    server = start_server()
+    console = ConsoleProcess(server.target, str(tmp_path / "console.log"))
+    try:
+        b = signed_in(console, server.admin_token)
+        assert b.get("/health")[0] == 200
+        server.stop()
+        status, body, _ = b.get("/health")
+        assert status == 503 and '<b class="bad" id="serving">unreachable (UNAVAILABLE)</b>' in body
+        assert "Refused" not in body
+    finally:
+        console.stop()
+
+
 def html_unescape(text: str) -> str:
     import html
 
