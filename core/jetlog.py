@@ -299,9 +299,21 @@ def _log_failure(done: concurrent.futures.Future) -> None:
         log.warning("nats: a background call failed: %s: %s", type(exc).__name__, exc)
 
 
+NATS_ERROR_LOG_S = 5.0  # nats-py's errors said at most once in this long (with a count between)
+_nats_errors = {"said_at": 0.0, "unsaid": 0}
+
+
 async def _nats_error(exc: Exception) -> None:
-    """One line, not nats-py's traceback (a node that went away is an operating event)."""
-    log.warning("nats: %s: %s", type(exc).__name__, exc)
+    """One line, not nats-py's traceback (a node that went away is an operating event), and at
+    most one every NATS_ERROR_LOG_S: with every node down nats-py reports each reconnect try
+    (five a second), which a supervisor's restarts would multiply into a flood."""
+    now = time.monotonic()
+    if now - _nats_errors["said_at"] < NATS_ERROR_LOG_S:
+        _nats_errors["unsaid"] += 1
+        return
+    unsaid, _nats_errors["unsaid"], _nats_errors["said_at"] = _nats_errors["unsaid"], 0, now
+    more = f" ({unsaid} more since the last said)" if unsaid else ""
+    log.warning("nats: %s: %s%s", type(exc).__name__, exc, more)
 
 
 async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: str | None,
