@@ -9,9 +9,10 @@ decoding ~1.2 and the answer's encoding ~0.4 (timeit). Here, each the Python cod
 one C loop, that code staying the reference (``ledger.GLUE_IN_C`` off runs it):
 
 - ``decode_group`` (``groups.decode_group``) and ``encode_answer`` (``writer.encode_answer``);
-- before the kernel: ``card_slots`` (the loop at the top of ``_flush_run``), ``names_items``
-  (whether ``items_of`` has anything to read: most runs name no coupon, hold, package or gift);
-  after it: ``dirty_records`` and ``ended_slots`` (the records to write back, the cards ended);
+- before the kernel: ``card_slots`` (the loop at the top of ``_flush_run``), ``coupon_items``
+  (``items_of``'s loop for a run that names no record or only purchases' coupons: most runs);
+  after it: ``dirty_records``, ``dirty_items`` and ``ended_slots`` (the records to write back,
+  the coupons used, the cards ended);
 - ``finish_run``: for a run whose operations are all purchases and top-ups (lines, a coupon
   and points offered included; no capture: the caller passes only runs that move no hold),
   what the Python loop after the kernel does for each: its outcome, its journal entry (a
@@ -54,6 +55,7 @@ cdef enum:
     IDEM_SIZE = 64            # layout.IDEM
     LINE_SIZE = 64            # layout.LINE
     CARD_ID_SIZE = 16
+    COUPON_KEY_SIZE = 24      # layout.COUPON_KEY: card id, serial (big-endian)
     DIGEST_SIZE = 16          # a request's payload digest
     LINES_DIGEST_SIZE = 16    # layout.LINES_DIGEST_SIZE
     IDEM_VERSION = 2          # layout.IDEM_VERSION
@@ -101,9 +103,12 @@ cdef enum:
     OP_HEAD_SIZE = 23         # groups.OP_HEAD: key_len u8, ksn u32, 3 lengths u32, role u8,
                               # scope u8, scope_store u32
 
+cdef uint32_t SLOT_NONE = 0xFFFFFFFF  # layout.SLOT_NONE (unsigned: no enum)
+
 # The constants above, named as core/layout.py names them: held to it by the tests.
 SIZES = {"OP_SIZE": OP_SIZE, "JOURNAL_SIZE": JOURNAL_SIZE, "CARD_SIZE": CARD_SIZE,
          "IDEM_SIZE": IDEM_SIZE, "LINE_SIZE": LINE_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE,
+         "COUPON_KEY_SIZE": COUPON_KEY_SIZE, "SLOT_NONE": SLOT_NONE,
          "LINES_DIGEST_SIZE": LINES_DIGEST_SIZE, "IDEM_VERSION": IDEM_VERSION,
          "OP_TOP_UP": OP_TOP_UP, "OP_PURCHASE": OP_PURCHASE, "OP_REVERSAL": OP_REVERSAL,
          "CAPTURE": CAPTURE, "R_OK": R_OK, "OP_PACKAGE_USE": OP_PACKAGE_USE,
@@ -316,27 +321,63 @@ def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):
     return cards, hold_run
 
 
-def names_items(const uint8_t[::1] packed):
-    """Whether an operation of the run names a record ``ledger.items_of`` reads: a purchase's
-    coupon or hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
-    closed. (Most runs name none: their items are then none, without a loop in Python.)"""
-    cdef Py_ssize_t k
+def coupon_items(const uint8_t[::1] packed, uint32_t[::1] slots, object db):
+    """``items_of``'s loop in C for a run whose records are all purchases' coupons (the most
+    common run that names any: baskets with a coupon): each operation's item slot into
+    ``slots`` (SLOT_NONE for one that names none; a slot per coupon, in the order the run first
+    names them) and the slots' (``db``, key: card id | serial, layout.COUPON_KEY), [] for a run
+    that names none. None, ``slots`` left part-filled, when an operation names any other record
+    (a capture's hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
+    closed): the Python loop reads those."""
+    cdef Py_ssize_t n = packed.shape[0] // OP_SIZE, k
     cdef const uint8_t* op
     cdef uint8_t kind
     cdef uint64_t ref
-    if packed.shape[0] % OP_SIZE:
-        raise ValueError("operations are 192 bytes each")
-    for k in range(packed.shape[0] // OP_SIZE):
+    cdef uint8_t key[COUPON_KEY_SIZE]
+    if packed.shape[0] % OP_SIZE or slots.shape[0] != n:
+        raise ValueError("a slot for each operation of 192 bytes")
+    slot_of = {}
+    located = []
+    for k in range(n):
         op = &packed[k * OP_SIZE]
         kind = op[AT_OP_TYPE]
         if kind == OP_PURCHASE:
-            memcpy(&ref, op + AT_OP_REF, 8)
-            if op[AT_OP_FLAGS] & CAPTURE or ref:
-                return True
+            if op[AT_OP_FLAGS] & CAPTURE:
+                return None
+            ref = u64(op + AT_OP_REF)
+            if not ref:
+                slots[k] = SLOT_NONE
+                continue
+            memcpy(key, op + AT_OP_CARD, CARD_ID_SIZE)
+            put_be64(key + CARD_ID_SIZE, ref)
+            coupon_key = PyBytes_FromStringAndSize(<const char*>key, COUPON_KEY_SIZE)
+            s = slot_of.setdefault(coupon_key, len(located))
+            if s == len(located):
+                located.append((db, coupon_key))
+            slots[k] = s
         elif (kind == OP_REFUND or kind == OP_REVERSAL or kind == OP_GIFT_REDEEM
               or kind == OP_PACKAGE_USE or kind == OP_HOLD_VOID or kind == OP_HOLD_EXPIRED):
-            return True
-    return False
+            return None
+        else:
+            slots[k] = SLOT_NONE
+    return located
+
+
+def dirty_items(list located, const uint8_t[::1] records, const uint8_t[::1] dirty,
+                Py_ssize_t size):
+    """(database, key, record) of each slot the kernel marked in ``dirty``: the records of
+    ``size`` bytes it changed (``located``: the slots' (database, key)), for the writes of
+    ``_put_items``."""
+    cdef Py_ssize_t n = len(located), s
+    if records.shape[0] != n * size or dirty.shape[0] != n:
+        raise ValueError("a record and a dirty byte for each slot")
+    items = []
+    for s in range(n):
+        if dirty[s]:
+            db, key = located[s]
+            items.append((db, key,
+                          PyBytes_FromStringAndSize(<const char*>&records[s * size], size)))
+    return items
 
 
 def dirty_records(list ids, const uint8_t[::1] records, const uint8_t[::1] dirty, uint8_t bit,

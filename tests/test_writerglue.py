@@ -255,9 +255,11 @@ def test_the_c_constants_are_the_layouts():
              "OP_SIZE", "JOURNAL_SIZE", "CARD_SIZE", "IDEM_SIZE", "LINE_SIZE", "CARD_ID_SIZE",
              "LINES_DIGEST_SIZE", "IDEM_VERSION", "OP_TOP_UP", "OP_PURCHASE", "R_OK",
              "R_INSUFFICIENT_FUNDS", "R_CAPTURE_EXCEEDS_HOLD", "OP_REVERSAL", "CAPTURE",
-             "OP_PACKAGE_USE", "OP_GIFT_REDEEM", "OP_REFUND", "OP_HOLD_VOID", "OP_HOLD_EXPIRED"}
+             "OP_PACKAGE_USE", "OP_GIFT_REDEEM", "OP_REFUND", "OP_HOLD_VOID", "OP_HOLD_EXPIRED",
+             "SLOT_NONE"}
     assert {n: getattr(L, n) for n in names} == {n: writerglue.SIZES[n] for n in names}
     assert writerglue.SIZES["CARD_ENTRY_KEY_SIZE"] == L.CARD_ENTRY_KEY.size
+    assert writerglue.SIZES["COUPON_KEY_SIZE"] == L.COUPON_KEY.size
     assert writerglue.SIZES["CARD_ENTRY_SIZE"] == L.CARD_ENTRY.size
     assert writerglue.SIZES["GROUP_HEAD_SIZE"] == GROUP_HEAD.size
     assert writerglue.SIZES["OP_HEAD_SIZE"] == OP_HEAD.size
@@ -282,23 +284,43 @@ def test_the_card_slots_in_c_are_the_run_loops(drawn):
     assert hold_run == any(kind >= L.OP_REVERSAL or flags & L.CAPTURE for kind, flags, _ in drawn)
 
 
-def test_the_runs_that_name_no_item_are_the_ones_items_of_finds_none_for(tmp_path):
-    """writerglue.names_items, the look before ``items_of``: for every card operation, with and
-    without a reference and a capture flag, it says whether ``items_of`` gives it a slot."""
+def test_the_runs_c_reads_the_coupons_of_are_the_ones_items_of_finds_only_coupons_for(tmp_path):
+    """writerglue.coupon_items, ``items_of``'s loop in C: for every card operation, with and
+    without a reference and a capture flag, alone and in runs of two, it either leaves the run to
+    the Python loop (an operation names a record other than a purchase's coupon) or gives the
+    slots and keys the loop gives; and ``items_of`` with it reads what it reads without."""
     led = Ledger(str(tmp_path / "l"), initial_program=example("supermarket"))
+    kinds = [(kind, ref, flags) for kind in sorted(L.CARD_OPS)
+             for ref, flags in ((0, 0), (5, 0), (0, L.CAPTURE), (0, 1), (7, 0))]
     try:
         with led.env.begin() as txn:
-            for kind in sorted(L.CARD_OPS):
-                for ref, flags in ((0, 0), (5, 0), (0, L.CAPTURE), (0, 1)):
-                    op = PendingOp.build(b"", kind, cid(NUMBERS[0]), 100, ref_id=ref,
-                                         link_seq=3, op_flags=flags, caller=(L.CALLER_SYSTEM, 0))
-                    slots, _, _ = items_of(txn, led, [op], [(None, bytes(64), None)])
-                    assert writerglue.names_items(op.packed) == (slots[0] != L.SLOT_NONE), \
-                        (kind, ref, flags)
-                    assert items_of(txn, led, [op], [(None, bytes(64), None)], op.packed) == \
-                        items_of(txn, led, [op], [(None, bytes(64), None)])
+            for run in [[k] for k in kinds] + [[a, b] for a in kinds for b in kinds]:
+                ops = [PendingOp.build(b"", kind, cid(NUMBERS[n % 2]), 100, ref_id=ref,
+                                       link_seq=3, op_flags=flags, caller=(L.CALLER_SYSTEM, 0))
+                       for n, (kind, ref, flags) in enumerate(run)]
+                undo = [(None, bytes(64), None)] * len(ops)
+                want = items_of(txn, led, ops, undo)
+                packed = b"".join(op.packed for op in ops)
+                slots = array("I", [0]) * len(ops)
+                located = writerglue.coupon_items(packed, slots, led.coupons)
+                only_coupons = all(db is led.coupons for db, _ in want[1])
+                assert (located is not None) == only_coupons, run
+                if located is not None:
+                    assert (list(slots), located) == (list(want[0]), want[1]), run
+                assert items_of(txn, led, ops, undo, packed) == want, run
     finally:
         led.close()
+
+
+@given(st.lists(st.tuples(st.binary(min_size=24, max_size=24), st.binary(min_size=4, max_size=4),
+                          st.integers(0, 1)), max_size=20))
+def test_the_coupons_written_back_in_c_are_the_run_loops(drawn):
+    located = [(None if n % 2 else "coupons", key) for n, (key, _, _) in enumerate(drawn)]
+    records = b"".join(fill * (L.COUPON_SIZE // 4) for _, fill, _ in drawn)
+    dirty = bytes(d for _, _, d in drawn)
+    assert writerglue.dirty_items(located, records, dirty, L.COUPON_SIZE) == [
+        (*located[s], records[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE])
+        for s in range(len(drawn)) if dirty[s]]
 
 
 @given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=4, max_size=4),
