@@ -1909,11 +1909,10 @@ class _Group:
         if done is None:
             return None
         self.seq, gains, moves, upgrades = done
-        for card_id, pending, gain, loss in moves:  # each card's in the loop's order
+        if moves:  # each card's in the loop's order, by lots.Lots.apply's rule (in C)
+            store = self.lots.store
             try:
-                if pending:
-                    self.lots.apply(card_id, self.ts, pending, 0)
-                self.lots.apply(card_id, self.ts, gain, loss)
+                writerglue.move_lots(store.cursor, self.txn, store.db, store.by_day, moves, day)
             except ValueError as exc:
                 raise InvariantError(str(exc)) from None
         if upgrades:  # rule 8

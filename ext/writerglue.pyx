@@ -13,6 +13,8 @@ one C loop, that code staying the reference (``ledger.GLUE_IN_C`` off runs it):
   (``items_of``'s loop for a run that names no record or only purchases' coupons: most runs);
   after it: ``dirty_records``, ``dirty_items`` and ``ended_slots`` (the records to write back,
   the coupons used, the cards ended);
+- ``move_lots``: the points lots a run's redemptions move (``finish_run``'s movements), by
+  ``lots.Lots.apply``'s rule over the writer's LMDB store, the same calls in the same order;
 - ``finish_run``: for a run whose operations are all purchases and top-ups (lines, a coupon
   and points offered included; no capture: the caller passes only runs that move no hold),
   what the Python loop after the kernel does for each: its outcome, its journal entry (a
@@ -42,7 +44,7 @@ cdef inline object named_tuple(type cls, tuple fields):
     return PyTuple_Type.tp_new(cls, <PyObject*>args, NULL)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from fixedint cimport i64, u16, u32, u64
 
 cdef extern from "blake2b.h" nogil:
@@ -56,6 +58,9 @@ cdef enum:
     LINE_SIZE = 64            # layout.LINE
     CARD_ID_SIZE = 16
     COUPON_KEY_SIZE = 24      # layout.COUPON_KEY: card id, serial (big-endian)
+    LOT_KEY_SIZE = 20         # layout.LOT_KEY: card id, earned day (big-endian u32)
+    LOT_DAY_KEY_SIZE = 20     # layout.LOT_DAY_KEY: earned day, card id
+    LOT_SIZE = 16             # layout.POINTS_LOT: points left, points earned (i64 each)
     DIGEST_SIZE = 16          # a request's payload digest
     LINES_DIGEST_SIZE = 16    # layout.LINES_DIGEST_SIZE
     IDEM_VERSION = 2          # layout.IDEM_VERSION
@@ -109,6 +114,7 @@ cdef uint32_t SLOT_NONE = 0xFFFFFFFF  # layout.SLOT_NONE (unsigned: no enum)
 SIZES = {"OP_SIZE": OP_SIZE, "JOURNAL_SIZE": JOURNAL_SIZE, "CARD_SIZE": CARD_SIZE,
          "IDEM_SIZE": IDEM_SIZE, "LINE_SIZE": LINE_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE,
          "COUPON_KEY_SIZE": COUPON_KEY_SIZE, "SLOT_NONE": SLOT_NONE,
+         "LOT_KEY_SIZE": LOT_KEY_SIZE, "LOT_DAY_KEY_SIZE": LOT_DAY_KEY_SIZE, "LOT_SIZE": LOT_SIZE,
          "LINES_DIGEST_SIZE": LINES_DIGEST_SIZE, "IDEM_VERSION": IDEM_VERSION,
          "OP_TOP_UP": OP_TOP_UP, "OP_PURCHASE": OP_PURCHASE, "OP_REVERSAL": OP_REVERSAL,
          "CAPTURE": CAPTURE, "R_OK": R_OK, "OP_PACKAGE_USE": OP_PACKAGE_USE,
@@ -128,6 +134,12 @@ cdef inline void put_be64(uint8_t* p, uint64_t v) noexcept nogil:
     cdef int b
     for b in range(8):
         p[b] = <uint8_t>(v >> (56 - 8 * b))
+
+
+cdef inline void put_be32(uint8_t* p, uint32_t v) noexcept nogil:
+    cdef int b
+    for b in range(4):
+        p[b] = <uint8_t>(v >> (24 - 8 * b))
 
 
 cdef inline void movement(const uint8_t* entry, int64_t* gain_out, int64_t* loss_out) noexcept nogil:
@@ -296,6 +308,104 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
         free(pending)
         free(placed)
     return expected, gains, moves, upgrades
+
+
+cdef extern from *:
+    """
+    static inline int cc_add_overflows(int64_t a, int64_t b, int64_t* r) {
+        return __builtin_add_overflow(a, b, r);
+    }
+    """
+    int cc_add_overflows(int64_t a, int64_t b, int64_t* r) noexcept nogil
+
+
+cdef bytes _lot_value(int64_t left, int64_t earned):
+    """layout.POINTS_LOT: points left, points earned."""
+    cdef bytes value = PyBytes_FromStringAndSize(NULL, LOT_SIZE)
+    cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(value)
+    memcpy(w, &left, 8)
+    memcpy(w + 8, &earned, 8)
+    return value
+
+
+cdef bytes _lot_day_key(uint32_t day, const uint8_t* card_id):
+    """layout.LOT_DAY_KEY: earned day (big-endian), card id."""
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, LOT_DAY_KEY_SIZE)
+    cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(key)
+    put_be32(w, day)
+    memcpy(w + 4, card_id, CARD_ID_SIZE)
+    return key
+
+
+cdef int64_t _sum(int64_t a, int64_t b) except? -1:
+    cdef int64_t r
+    if cc_add_overflows(a, b, &r):
+        raise OverflowError("a points lot past int64")
+    return r
+
+
+cdef _move_lots(cursor, txn, db, by_day, bytes card_id, uint32_t today, int64_t gain,
+                int64_t loss):
+    """``lots.Lots.apply`` over ``ledger._LmdbLots`` for one card, making the same LMDB calls
+    in the same order (so the same records, and the cursor where the Python leaves it)."""
+    cdef const uint8_t* cid = <const uint8_t*>PyBytes_AS_STRING(card_id)
+    cdef const uint8_t* k
+    cdef const uint8_t* v
+    cdef uint32_t day
+    cdef int64_t left, earned, taken
+    cdef bytes key, value
+    while loss:
+        if not cursor.set_range(card_id):
+            raise ValueError("points spent beyond the card's lots")
+        key, value = cursor.item()
+        k = <const uint8_t*>PyBytes_AS_STRING(key)
+        if PyBytes_GET_SIZE(key) < CARD_ID_SIZE or memcmp(k, cid, CARD_ID_SIZE):
+            raise ValueError("points spent beyond the card's lots")
+        if PyBytes_GET_SIZE(key) != LOT_KEY_SIZE or PyBytes_GET_SIZE(value) != LOT_SIZE:
+            raise ValueError("a points lot of the wrong size")  # (the Python: struct.error)
+        v = <const uint8_t*>PyBytes_AS_STRING(value)
+        day = (<uint32_t>k[16] << 24) | (<uint32_t>k[17] << 16) | (<uint32_t>k[18] << 8) | k[19]
+        left, earned = i64(v), i64(v + 8)
+        taken = left if left < loss else loss
+        loss -= taken
+        if taken == left:
+            txn.delete(key, db=db)
+            txn.delete(_lot_day_key(day, cid), db=by_day)
+        elif gain and day == today:  # (then loss is 0) the gain goes into today's lot: one write
+            cursor.put(key, _lot_value(_sum(left - taken, gain), _sum(earned, gain)))
+            return
+        else:
+            cursor.put(key, _lot_value(left - taken, earned))
+    if gain:
+        key = PyBytes_FromStringAndSize(NULL, LOT_KEY_SIZE)
+        memcpy(<uint8_t*>PyBytes_AS_STRING(key), cid, CARD_ID_SIZE)
+        put_be32(<uint8_t*>PyBytes_AS_STRING(key) + CARD_ID_SIZE, today)
+        have = cursor.get(key)
+        left = earned = 0
+        if have is not None:
+            if PyBytes_GET_SIZE(have) != LOT_SIZE:
+                raise ValueError("a points lot of the wrong size")
+            left, earned = i64(<const uint8_t*>PyBytes_AS_STRING(have)), \
+                i64(<const uint8_t*>PyBytes_AS_STRING(have) + 8)
+        cursor.put(key, _lot_value(_sum(left, gain), _sum(earned, gain)))
+        if have is None:  # a new lot: into the expiry order
+            txn.put(_lot_day_key(today, cid), b"", db=by_day)
+
+
+def move_lots(cursor, txn, db, by_day, list moves, uint32_t today):
+    """The lots movements ``finish_run`` returns [(card id, pending gain, gain, loss)], each
+    as ``_finish_in_c``'s loop does it through ``lots.Lots.apply`` (the reference): the pending
+    gain alone first, then the gain and the loss, by the rule of ``cardcore.lots``; ``cursor``
+    and ``db`` on ``points_lots``, ``by_day`` ``lots_by_day``, in write transaction
+    ``txn``; ``today`` the group's day. ValueError as the rule's when points are spent beyond
+    a card's lots."""
+    cdef int64_t pending, gain, loss
+    for card_id, pending, gain, loss in moves:
+        if PyBytes_GET_SIZE(card_id) != CARD_ID_SIZE:
+            raise ValueError("a card id is 16 bytes")
+        if pending:
+            _move_lots(cursor, txn, db, by_day, card_id, today, pending, 0)
+        _move_lots(cursor, txn, db, by_day, card_id, today, gain, loss)
 
 
 def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):

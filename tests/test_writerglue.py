@@ -426,3 +426,59 @@ def test_the_request_keys_unpacked_in_c_are_the_pythons(keys, tail):
     assert writerglue.unpack_request_keys(blob) == unpack_request_keys(blob) == keys
     cut = blob + tail  # a value cut short (never written so): the same reading
     assert writerglue.unpack_request_keys(cut) == unpack_request_keys(cut)
+
+
+LOT_CARDS = [cid(number) for number in NUMBERS[:3]]
+DAY0 = 20_000  # a day (UTC days since 1970) the drawn lots are earned from
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.tuples(st.integers(0, 2), st.integers(0, 5)),
+                       st.tuples(st.integers(0, 900), st.integers(0, 300)), max_size=10),
+       st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0, 0, 40]), st.integers(0, 600),
+                          st.sampled_from([0, 0, 1, 100, 500, 1_500])), max_size=8),
+       st.integers(2, 7))
+def test_the_lots_moved_in_c_are_the_rules(tmp_path_factory, drawn_lots, moves, today):
+    """writerglue.move_lots against lots.Lots.apply over the writer's store (the reference):
+    from the same lots (several days a card, some today's, some spent to nothing), the same
+    movements leave the same ``points_lots`` and ``lots_by_day``, and spending beyond a card's
+    lots fails at the same movement, having written the same."""
+    led = Ledger(str(tmp_path_factory.mktemp("lots") / "l"), initial_program=example("supermarket"))
+    moves = [(LOT_CARDS[c], pending, gain, loss) for c, pending, gain, loss in moves]
+    today += DAY0
+    ts = today * L.DAY_US + 5_000_000
+
+    def python(txn):
+        store = ledger_module._LmdbLots(txn, led)
+        for card_id, pending, gain, loss in moves:
+            if pending:
+                lots.Lots(store).apply(card_id, ts, pending, 0)
+            lots.Lots(store).apply(card_id, ts, gain, loss)
+
+    def in_c(txn):
+        store = ledger_module._LmdbLots(txn, led)
+        writerglue.move_lots(store.cursor, txn, store.db, store.by_day, moves, lots.day_of(ts))
+
+    try:
+        with led.env.begin(write=True) as txn:
+            for (c, day), (left, more) in drawn_lots.items():
+                txn.put(L.LOT_KEY.pack(LOT_CARDS[c], DAY0 + day), L.POINTS_LOT.pack(left, left + more),
+                        db=led.points_lots)
+                txn.put(L.LOT_DAY_KEY.pack(DAY0 + day, LOT_CARDS[c]), b"", db=led.lots_by_day)
+        got = []
+        for way in (python, in_c):
+            txn = led.env.begin(write=True)
+            try:
+                failed = None
+                try:
+                    way(txn)
+                except ValueError as exc:
+                    failed = str(exc)
+                got.append((failed, list(txn.cursor(db=led.points_lots)),
+                            list(txn.cursor(db=led.lots_by_day))))
+            finally:
+                txn.abort()
+        event(f"spent beyond the lots: {got[0][0] is not None}")
+        assert got[1] == got[0]
+    finally:
+        led.close()
