@@ -473,6 +473,30 @@ def coupon_items(const uint8_t[::1] packed, uint32_t[::1] slots, object db):
     return located
 
 
+def names_items(const uint8_t[::1] packed):
+    """Whether an operation of the run names a record ``ledger.items_of`` reads: a purchase's
+    coupon or hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
+    closed. (The writer asks ``coupon_items`` now; this stays for bench/basket_writer.py
+    ``--base``: an older revision's core/ledger.py calls it.)"""
+    cdef Py_ssize_t k
+    cdef const uint8_t* op
+    cdef uint8_t kind
+    cdef uint64_t ref
+    if packed.shape[0] % OP_SIZE:
+        raise ValueError("operations are 192 bytes each")
+    for k in range(packed.shape[0] // OP_SIZE):
+        op = &packed[k * OP_SIZE]
+        kind = op[AT_OP_TYPE]
+        if kind == OP_PURCHASE:
+            memcpy(&ref, op + AT_OP_REF, 8)
+            if op[AT_OP_FLAGS] & CAPTURE or ref:
+                return True
+        elif (kind == OP_REFUND or kind == OP_REVERSAL or kind == OP_GIFT_REDEEM
+              or kind == OP_PACKAGE_USE or kind == OP_HOLD_VOID or kind == OP_HOLD_EXPIRED):
+            return True
+    return False
+
+
 def dirty_items(list located, const uint8_t[::1] records, const uint8_t[::1] dirty,
                 Py_ssize_t size):
     """(database, key, record) of each slot the kernel marked in ``dirty``: the records of

@@ -284,6 +284,23 @@ def test_the_card_slots_in_c_are_the_run_loops(drawn):
     assert hold_run == any(kind >= L.OP_REVERSAL or flags & L.CAPTURE for kind, flags, _ in drawn)
 
 
+def test_the_runs_that_name_no_item_are_the_ones_items_of_finds_none_for(tmp_path):
+    """writerglue.names_items, the look before ``items_of``: for every card operation, with and
+    without a reference and a capture flag, it says whether ``items_of`` gives it a slot."""
+    led = Ledger(str(tmp_path / "l"), initial_program=example("supermarket"))
+    try:
+        with led.env.begin() as txn:
+            for kind in sorted(L.CARD_OPS):
+                for ref, flags in ((0, 0), (5, 0), (0, L.CAPTURE), (0, 1)):
+                    op = PendingOp.build(b"", kind, cid(NUMBERS[0]), 100, ref_id=ref,
+                                         link_seq=3, op_flags=flags, caller=(L.CALLER_SYSTEM, 0))
+                    slots, _, _ = items_of(txn, led, [op], [(None, bytes(64), None)])
+                    assert writerglue.names_items(op.packed) == (slots[0] != L.SLOT_NONE), \
+                        (kind, ref, flags)
+    finally:
+        led.close()
+
+
 def test_the_runs_c_reads_the_coupons_of_are_the_ones_items_of_finds_only_coupons_for(tmp_path):
     """writerglue.coupon_items, ``items_of``'s loop in C: for every card operation, with and
     without a reference and a capture flag, alone and in runs of two, it either leaves the run to
