@@ -198,10 +198,16 @@ def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
     ``ops``: (key or None, record, entry)). (An item slot per operation, SLOT_NONE for the
     others; the slots' (database, key), a database None for a record never written; their
     records, zeros for one that is not there.) ``packed``: the operations' bytes, laid end to
-    end, for a look in C first (``writerglue.names_items``)."""
+    end, for a look in C first (``writerglue.coupon_items``: most runs name no record, or only
+    purchases' coupons)."""
     slots = array("I", [L.SLOT_NONE]) * len(ops)
-    if packed is not None and not writerglue.names_items(packed):
-        return slots, [], bytearray()  # most runs: no operation names one
+    if packed is not None:
+        located = writerglue.coupon_items(packed, slots, ledger.coupons)
+        if located is not None:
+            get = txn.get
+            return slots, located, bytearray(b"".join(
+                [get(key, db=db) or EMPTY_COUPON for db, key in located]))
+        slots = array("I", [L.SLOT_NONE]) * len(ops)  # another record: the loop below
     keys: list[tuple] = []
     slot_of: dict[tuple, int] = {}
     given: dict[tuple, bytes] = {}
@@ -1731,8 +1737,10 @@ class _Group:
                                       journal_out, dirty, coupon_dirty, self.ts, self.seq)
         if coupon_keys:
             self.item_items.extend(
-                (*coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
-                for s in range(len(coupon_keys)) if coupon_dirty[s])
+                writerglue.dirty_items(coupon_keys, coupons, coupon_dirty, L.COUPON_SIZE)
+                if GLUE_IN_C else
+                [(*coupon_keys[s], bytes(coupons[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE]))
+                 for s in range(len(coupon_keys)) if coupon_dirty[s]])
         rec_view, ext_view = memoryview(records), memoryview(extras)
         if GLUE_IN_C:
             cards.putmulti(writerglue.dirty_records(card_ids, records, dirty, DIRTY_CARD,
@@ -1901,11 +1909,10 @@ class _Group:
         if done is None:
             return None
         self.seq, gains, moves, upgrades = done
-        for card_id, pending, gain, loss in moves:  # each card's in the loop's order
+        if moves:  # each card's in the loop's order, by lots.Lots.apply's rule (in C)
+            store = self.lots.store
             try:
-                if pending:
-                    self.lots.apply(card_id, self.ts, pending, 0)
-                self.lots.apply(card_id, self.ts, gain, loss)
+                writerglue.move_lots(store.cursor, self.txn, store.db, store.by_day, moves, day)
             except ValueError as exc:
                 raise InvariantError(str(exc)) from None
         if upgrades:  # rule 8

@@ -4,7 +4,9 @@ exact.
 Every point a card holds sits in a lot: (card, the day it was earned) -> points left (and
 earned), layout.POINTS_LOT in ``points_lots``, with ``lots_by_day`` (day | card) as the expiry
 sweep's order. The rule, for every journal entry that moves points (one definition, used by the
-writer, the upgrade of an older ledger and verify):
+writer, the upgrade of an older ledger and verify; for the runs its C glue takes, the writer moves
+the lots of redemptions with ``writerglue.move_lots``, this rule in C, held to ``Lots.apply`` by
+tests/test_writerglue.py):
 
 - its ``gain`` (points earned: ``points_delta + points_redeemed`` when positive) goes into the
   lot of the day of its group time (UTC days since 1970-01-01);

@@ -9,9 +9,12 @@ decoding ~1.2 and the answer's encoding ~0.4 (timeit). Here, each the Python cod
 one C loop, that code staying the reference (``ledger.GLUE_IN_C`` off runs it):
 
 - ``decode_group`` (``groups.decode_group``) and ``encode_answer`` (``writer.encode_answer``);
-- before the kernel: ``card_slots`` (the loop at the top of ``_flush_run``), ``names_items``
-  (whether ``items_of`` has anything to read: most runs name no coupon, hold, package or gift);
-  after it: ``dirty_records`` and ``ended_slots`` (the records to write back, the cards ended);
+- before the kernel: ``card_slots`` (the loop at the top of ``_flush_run``), ``coupon_items``
+  (``items_of``'s loop for a run that names no record or only purchases' coupons: most runs);
+  after it: ``dirty_records``, ``dirty_items`` and ``ended_slots`` (the records to write back,
+  the coupons used, the cards ended);
+- ``move_lots``: the points lots a run's redemptions move (``finish_run``'s movements), by
+  ``lots.Lots.apply``'s rule over the writer's LMDB store, the same calls in the same order;
 - ``finish_run``: for a run whose operations are all purchases and top-ups (lines, a coupon
   and points offered included; no capture: the caller passes only runs that move no hold),
   what the Python loop after the kernel does for each: its outcome, its journal entry (a
@@ -41,7 +44,7 @@ cdef inline object named_tuple(type cls, tuple fields):
     return PyTuple_Type.tp_new(cls, <PyObject*>args, NULL)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from fixedint cimport i64, u16, u32, u64
 
 cdef extern from "blake2b.h" nogil:
@@ -54,6 +57,10 @@ cdef enum:
     IDEM_SIZE = 64            # layout.IDEM
     LINE_SIZE = 64            # layout.LINE
     CARD_ID_SIZE = 16
+    COUPON_KEY_SIZE = 24      # layout.COUPON_KEY: card id, serial (big-endian)
+    LOT_KEY_SIZE = 20         # layout.LOT_KEY: card id, earned day (big-endian u32)
+    LOT_DAY_KEY_SIZE = 20     # layout.LOT_DAY_KEY: earned day, card id
+    LOT_SIZE = 16             # layout.POINTS_LOT: points left, points earned (i64 each)
     DIGEST_SIZE = 16          # a request's payload digest
     LINES_DIGEST_SIZE = 16    # layout.LINES_DIGEST_SIZE
     IDEM_VERSION = 2          # layout.IDEM_VERSION
@@ -101,9 +108,13 @@ cdef enum:
     OP_HEAD_SIZE = 23         # groups.OP_HEAD: key_len u8, ksn u32, 3 lengths u32, role u8,
                               # scope u8, scope_store u32
 
+cdef uint32_t SLOT_NONE = 0xFFFFFFFF  # layout.SLOT_NONE (unsigned: no enum)
+
 # The constants above, named as core/layout.py names them: held to it by the tests.
 SIZES = {"OP_SIZE": OP_SIZE, "JOURNAL_SIZE": JOURNAL_SIZE, "CARD_SIZE": CARD_SIZE,
          "IDEM_SIZE": IDEM_SIZE, "LINE_SIZE": LINE_SIZE, "CARD_ID_SIZE": CARD_ID_SIZE,
+         "COUPON_KEY_SIZE": COUPON_KEY_SIZE, "SLOT_NONE": SLOT_NONE,
+         "LOT_KEY_SIZE": LOT_KEY_SIZE, "LOT_DAY_KEY_SIZE": LOT_DAY_KEY_SIZE, "LOT_SIZE": LOT_SIZE,
          "LINES_DIGEST_SIZE": LINES_DIGEST_SIZE, "IDEM_VERSION": IDEM_VERSION,
          "OP_TOP_UP": OP_TOP_UP, "OP_PURCHASE": OP_PURCHASE, "OP_REVERSAL": OP_REVERSAL,
          "CAPTURE": CAPTURE, "R_OK": R_OK, "OP_PACKAGE_USE": OP_PACKAGE_USE,
@@ -123,6 +134,12 @@ cdef inline void put_be64(uint8_t* p, uint64_t v) noexcept nogil:
     cdef int b
     for b in range(8):
         p[b] = <uint8_t>(v >> (56 - 8 * b))
+
+
+cdef inline void put_be32(uint8_t* p, uint32_t v) noexcept nogil:
+    cdef int b
+    for b in range(4):
+        p[b] = <uint8_t>(v >> (24 - 8 * b))
 
 
 cdef inline void movement(const uint8_t* entry, int64_t* gain_out, int64_t* loss_out) noexcept nogil:
@@ -293,6 +310,104 @@ def finish_run(const uint8_t[::1] out, const uint8_t[::1] packed, const uint8_t[
     return expected, gains, moves, upgrades
 
 
+cdef extern from *:
+    """
+    static inline int cc_add_overflows(int64_t a, int64_t b, int64_t* r) {
+        return __builtin_add_overflow(a, b, r);
+    }
+    """
+    int cc_add_overflows(int64_t a, int64_t b, int64_t* r) noexcept nogil
+
+
+cdef bytes _lot_value(int64_t left, int64_t earned):
+    """layout.POINTS_LOT: points left, points earned."""
+    cdef bytes value = PyBytes_FromStringAndSize(NULL, LOT_SIZE)
+    cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(value)
+    memcpy(w, &left, 8)
+    memcpy(w + 8, &earned, 8)
+    return value
+
+
+cdef bytes _lot_day_key(uint32_t day, const uint8_t* card_id):
+    """layout.LOT_DAY_KEY: earned day (big-endian), card id."""
+    cdef bytes key = PyBytes_FromStringAndSize(NULL, LOT_DAY_KEY_SIZE)
+    cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(key)
+    put_be32(w, day)
+    memcpy(w + 4, card_id, CARD_ID_SIZE)
+    return key
+
+
+cdef int64_t _sum(int64_t a, int64_t b) except? -1:
+    cdef int64_t r
+    if cc_add_overflows(a, b, &r):
+        raise OverflowError("a points lot past int64")
+    return r
+
+
+cdef _move_lots(cursor, txn, db, by_day, bytes card_id, uint32_t today, int64_t gain,
+                int64_t loss):
+    """``lots.Lots.apply`` over ``ledger._LmdbLots`` for one card, making the same LMDB calls
+    in the same order (so the same records, and the cursor where the Python leaves it)."""
+    cdef const uint8_t* cid = <const uint8_t*>PyBytes_AS_STRING(card_id)
+    cdef const uint8_t* k
+    cdef const uint8_t* v
+    cdef uint32_t day
+    cdef int64_t left, earned, taken
+    cdef bytes key, value
+    while loss:
+        if not cursor.set_range(card_id):
+            raise ValueError("points spent beyond the card's lots")
+        key, value = cursor.item()
+        k = <const uint8_t*>PyBytes_AS_STRING(key)
+        if PyBytes_GET_SIZE(key) < CARD_ID_SIZE or memcmp(k, cid, CARD_ID_SIZE):
+            raise ValueError("points spent beyond the card's lots")
+        if PyBytes_GET_SIZE(key) != LOT_KEY_SIZE or PyBytes_GET_SIZE(value) != LOT_SIZE:
+            raise ValueError("a points lot of the wrong size")  # (the Python: struct.error)
+        v = <const uint8_t*>PyBytes_AS_STRING(value)
+        day = (<uint32_t>k[16] << 24) | (<uint32_t>k[17] << 16) | (<uint32_t>k[18] << 8) | k[19]
+        left, earned = i64(v), i64(v + 8)
+        taken = left if left < loss else loss
+        loss -= taken
+        if taken == left:
+            txn.delete(key, db=db)
+            txn.delete(_lot_day_key(day, cid), db=by_day)
+        elif gain and day == today:  # (then loss is 0) the gain goes into today's lot: one write
+            cursor.put(key, _lot_value(_sum(left - taken, gain), _sum(earned, gain)))
+            return
+        else:
+            cursor.put(key, _lot_value(left - taken, earned))
+    if gain:
+        key = PyBytes_FromStringAndSize(NULL, LOT_KEY_SIZE)
+        memcpy(<uint8_t*>PyBytes_AS_STRING(key), cid, CARD_ID_SIZE)
+        put_be32(<uint8_t*>PyBytes_AS_STRING(key) + CARD_ID_SIZE, today)
+        have = cursor.get(key)
+        left = earned = 0
+        if have is not None:
+            if PyBytes_GET_SIZE(have) != LOT_SIZE:
+                raise ValueError("a points lot of the wrong size")
+            left, earned = i64(<const uint8_t*>PyBytes_AS_STRING(have)), \
+                i64(<const uint8_t*>PyBytes_AS_STRING(have) + 8)
+        cursor.put(key, _lot_value(_sum(left, gain), _sum(earned, gain)))
+        if have is None:  # a new lot: into the expiry order
+            txn.put(_lot_day_key(today, cid), b"", db=by_day)
+
+
+def move_lots(cursor, txn, db, by_day, list moves, uint32_t today):
+    """The lots movements ``finish_run`` returns [(card id, pending gain, gain, loss)], each
+    as ``_finish_in_c``'s loop does it through ``lots.Lots.apply`` (the reference): the pending
+    gain alone first, then the gain and the loss, by the rule of ``cardcore.lots``; ``cursor``
+    and ``db`` on ``points_lots``, ``by_day`` ``lots_by_day``, in write transaction
+    ``txn``; ``today`` the group's day. ValueError as the rule's when points are spent beyond
+    a card's lots."""
+    cdef int64_t pending, gain, loss
+    for card_id, pending, gain, loss in moves:
+        if PyBytes_GET_SIZE(card_id) != CARD_ID_SIZE:
+            raise ValueError("a card id is 16 bytes")
+        if pending:
+            _move_lots(cursor, txn, db, by_day, card_id, today, pending, 0)
+        _move_lots(cursor, txn, db, by_day, card_id, today, gain, loss)
+
+
 def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):
     """The loop before the kernel in ``_flush_run``: each operation's card slot into ``slots``
     (a slot per card, in the order the run first names them); (the cards, whether an operation
@@ -316,10 +431,53 @@ def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):
     return cards, hold_run
 
 
+def coupon_items(const uint8_t[::1] packed, uint32_t[::1] slots, object db):
+    """``items_of``'s loop in C for a run whose records are all purchases' coupons (the most
+    common run that names any: baskets with a coupon): each operation's item slot into
+    ``slots`` (SLOT_NONE for one that names none; a slot per coupon, in the order the run first
+    names them) and the slots' (``db``, key: card id | serial, layout.COUPON_KEY), [] for a run
+    that names none. None, ``slots`` left part-filled, when an operation names any other record
+    (a capture's hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
+    closed): the Python loop reads those."""
+    cdef Py_ssize_t n = packed.shape[0] // OP_SIZE, k
+    cdef const uint8_t* op
+    cdef uint8_t kind
+    cdef uint64_t ref
+    cdef uint8_t key[COUPON_KEY_SIZE]
+    if packed.shape[0] % OP_SIZE or slots.shape[0] != n:
+        raise ValueError("a slot for each operation of 192 bytes")
+    slot_of = {}
+    located = []
+    for k in range(n):
+        op = &packed[k * OP_SIZE]
+        kind = op[AT_OP_TYPE]
+        if kind == OP_PURCHASE:
+            if op[AT_OP_FLAGS] & CAPTURE:
+                return None
+            ref = u64(op + AT_OP_REF)
+            if not ref:
+                slots[k] = SLOT_NONE
+                continue
+            memcpy(key, op + AT_OP_CARD, CARD_ID_SIZE)
+            put_be64(key + CARD_ID_SIZE, ref)
+            coupon_key = PyBytes_FromStringAndSize(<const char*>key, COUPON_KEY_SIZE)
+            s = slot_of.setdefault(coupon_key, len(located))
+            if s == len(located):
+                located.append((db, coupon_key))
+            slots[k] = s
+        elif (kind == OP_REFUND or kind == OP_REVERSAL or kind == OP_GIFT_REDEEM
+              or kind == OP_PACKAGE_USE or kind == OP_HOLD_VOID or kind == OP_HOLD_EXPIRED):
+            return None
+        else:
+            slots[k] = SLOT_NONE
+    return located
+
+
 def names_items(const uint8_t[::1] packed):
     """Whether an operation of the run names a record ``ledger.items_of`` reads: a purchase's
     coupon or hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
-    closed. (Most runs name none: their items are then none, without a loop in Python.)"""
+    closed. (The writer asks ``coupon_items`` now; this stays for bench/basket_writer.py
+    ``--base``: an older revision's core/ledger.py calls it.)"""
     cdef Py_ssize_t k
     cdef const uint8_t* op
     cdef uint8_t kind
@@ -337,6 +495,23 @@ def names_items(const uint8_t[::1] packed):
               or kind == OP_PACKAGE_USE or kind == OP_HOLD_VOID or kind == OP_HOLD_EXPIRED):
             return True
     return False
+
+
+def dirty_items(list located, const uint8_t[::1] records, const uint8_t[::1] dirty,
+                Py_ssize_t size):
+    """(database, key, record) of each slot the kernel marked in ``dirty``: the records of
+    ``size`` bytes it changed (``located``: the slots' (database, key)), for the writes of
+    ``_put_items``."""
+    cdef Py_ssize_t n = len(located), s
+    if records.shape[0] != n * size or dirty.shape[0] != n:
+        raise ValueError("a record and a dirty byte for each slot")
+    items = []
+    for s in range(n):
+        if dirty[s]:
+            db, key = located[s]
+            items.append((db, key,
+                          PyBytes_FromStringAndSize(<const char*>&records[s * size], size)))
+    return items
 
 
 def dirty_records(list ids, const uint8_t[::1] records, const uint8_t[::1] dirty, uint8_t bit,

@@ -255,9 +255,11 @@ def test_the_c_constants_are_the_layouts():
              "OP_SIZE", "JOURNAL_SIZE", "CARD_SIZE", "IDEM_SIZE", "LINE_SIZE", "CARD_ID_SIZE",
              "LINES_DIGEST_SIZE", "IDEM_VERSION", "OP_TOP_UP", "OP_PURCHASE", "R_OK",
              "R_INSUFFICIENT_FUNDS", "R_CAPTURE_EXCEEDS_HOLD", "OP_REVERSAL", "CAPTURE",
-             "OP_PACKAGE_USE", "OP_GIFT_REDEEM", "OP_REFUND", "OP_HOLD_VOID", "OP_HOLD_EXPIRED"}
+             "OP_PACKAGE_USE", "OP_GIFT_REDEEM", "OP_REFUND", "OP_HOLD_VOID", "OP_HOLD_EXPIRED",
+             "SLOT_NONE"}
     assert {n: getattr(L, n) for n in names} == {n: writerglue.SIZES[n] for n in names}
     assert writerglue.SIZES["CARD_ENTRY_KEY_SIZE"] == L.CARD_ENTRY_KEY.size
+    assert writerglue.SIZES["COUPON_KEY_SIZE"] == L.COUPON_KEY.size
     assert writerglue.SIZES["CARD_ENTRY_SIZE"] == L.CARD_ENTRY.size
     assert writerglue.SIZES["GROUP_HEAD_SIZE"] == GROUP_HEAD.size
     assert writerglue.SIZES["OP_HEAD_SIZE"] == OP_HEAD.size
@@ -295,10 +297,47 @@ def test_the_runs_that_name_no_item_are_the_ones_items_of_finds_none_for(tmp_pat
                     slots, _, _ = items_of(txn, led, [op], [(None, bytes(64), None)])
                     assert writerglue.names_items(op.packed) == (slots[0] != L.SLOT_NONE), \
                         (kind, ref, flags)
-                    assert items_of(txn, led, [op], [(None, bytes(64), None)], op.packed) == \
-                        items_of(txn, led, [op], [(None, bytes(64), None)])
     finally:
         led.close()
+
+
+def test_the_runs_c_reads_the_coupons_of_are_the_ones_items_of_finds_only_coupons_for(tmp_path):
+    """writerglue.coupon_items, ``items_of``'s loop in C: for every card operation, with and
+    without a reference and a capture flag, alone and in runs of two, it either leaves the run to
+    the Python loop (an operation names a record other than a purchase's coupon) or gives the
+    slots and keys the loop gives; and ``items_of`` with it reads what it reads without."""
+    led = Ledger(str(tmp_path / "l"), initial_program=example("supermarket"))
+    kinds = [(kind, ref, flags) for kind in sorted(L.CARD_OPS)
+             for ref, flags in ((0, 0), (5, 0), (0, L.CAPTURE), (0, 1), (7, 0))]
+    try:
+        with led.env.begin() as txn:
+            for run in [[k] for k in kinds] + [[a, b] for a in kinds for b in kinds]:
+                ops = [PendingOp.build(b"", kind, cid(NUMBERS[n % 2]), 100, ref_id=ref,
+                                       link_seq=3, op_flags=flags, caller=(L.CALLER_SYSTEM, 0))
+                       for n, (kind, ref, flags) in enumerate(run)]
+                undo = [(None, bytes(64), None)] * len(ops)
+                want = items_of(txn, led, ops, undo)
+                packed = b"".join(op.packed for op in ops)
+                slots = array("I", [0]) * len(ops)
+                located = writerglue.coupon_items(packed, slots, led.coupons)
+                only_coupons = all(db is led.coupons for db, _ in want[1])
+                assert (located is not None) == only_coupons, run
+                if located is not None:
+                    assert (list(slots), located) == (list(want[0]), want[1]), run
+                assert items_of(txn, led, ops, undo, packed) == want, run
+    finally:
+        led.close()
+
+
+@given(st.lists(st.tuples(st.binary(min_size=24, max_size=24), st.binary(min_size=4, max_size=4),
+                          st.integers(0, 1)), max_size=20))
+def test_the_coupons_written_back_in_c_are_the_run_loops(drawn):
+    located = [(None if n % 2 else "coupons", key) for n, (key, _, _) in enumerate(drawn)]
+    records = b"".join(fill * (L.COUPON_SIZE // 4) for _, fill, _ in drawn)
+    dirty = bytes(d for _, _, d in drawn)
+    assert writerglue.dirty_items(located, records, dirty, L.COUPON_SIZE) == [
+        (*located[s], records[s * L.COUPON_SIZE:(s + 1) * L.COUPON_SIZE])
+        for s in range(len(drawn)) if dirty[s]]
 
 
 @given(st.lists(st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=4, max_size=4),
@@ -404,3 +443,59 @@ def test_the_request_keys_unpacked_in_c_are_the_pythons(keys, tail):
     assert writerglue.unpack_request_keys(blob) == unpack_request_keys(blob) == keys
     cut = blob + tail  # a value cut short (never written so): the same reading
     assert writerglue.unpack_request_keys(cut) == unpack_request_keys(cut)
+
+
+LOT_CARDS = [cid(number) for number in NUMBERS[:3]]
+DAY0 = 20_000  # a day (UTC days since 1970) the drawn lots are earned from
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.tuples(st.integers(0, 2), st.integers(0, 5)),
+                       st.tuples(st.integers(0, 900), st.integers(0, 300)), max_size=10),
+       st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0, 0, 40]), st.integers(0, 600),
+                          st.sampled_from([0, 0, 1, 100, 500, 1_500])), max_size=8),
+       st.integers(2, 7))
+def test_the_lots_moved_in_c_are_the_rules(tmp_path_factory, drawn_lots, moves, today):
+    """writerglue.move_lots against lots.Lots.apply over the writer's store (the reference):
+    from the same lots (several days a card, some today's, some spent to nothing), the same
+    movements leave the same ``points_lots`` and ``lots_by_day``, and spending beyond a card's
+    lots fails at the same movement, having written the same."""
+    led = Ledger(str(tmp_path_factory.mktemp("lots") / "l"), initial_program=example("supermarket"))
+    moves = [(LOT_CARDS[c], pending, gain, loss) for c, pending, gain, loss in moves]
+    today += DAY0
+    ts = today * L.DAY_US + 5_000_000
+
+    def python(txn):
+        store = ledger_module._LmdbLots(txn, led)
+        for card_id, pending, gain, loss in moves:
+            if pending:
+                lots.Lots(store).apply(card_id, ts, pending, 0)
+            lots.Lots(store).apply(card_id, ts, gain, loss)
+
+    def in_c(txn):
+        store = ledger_module._LmdbLots(txn, led)
+        writerglue.move_lots(store.cursor, txn, store.db, store.by_day, moves, lots.day_of(ts))
+
+    try:
+        with led.env.begin(write=True) as txn:
+            for (c, day), (left, more) in drawn_lots.items():
+                txn.put(L.LOT_KEY.pack(LOT_CARDS[c], DAY0 + day), L.POINTS_LOT.pack(left, left + more),
+                        db=led.points_lots)
+                txn.put(L.LOT_DAY_KEY.pack(DAY0 + day, LOT_CARDS[c]), b"", db=led.lots_by_day)
+        got = []
+        for way in (python, in_c):
+            txn = led.env.begin(write=True)
+            try:
+                failed = None
+                try:
+                    way(txn)
+                except ValueError as exc:
+                    failed = str(exc)
+                got.append((failed, list(txn.cursor(db=led.points_lots)),
+                            list(txn.cursor(db=led.lots_by_day))))
+            finally:
+                txn.abort()
+        event(f"spent beyond the lots: {got[0][0] is not None}")
+        assert got[1] == got[0]
+    finally:
+        led.close()
