@@ -401,8 +401,10 @@ def move_lots(cursor, txn, db, by_day, list moves, uint32_t today):
     a card's lots."""
     cdef int64_t pending, gain, loss
     for card_id, pending, gain, loss in moves:
-        if PyBytes_GET_SIZE(card_id) != CARD_ID_SIZE:
+        if not isinstance(card_id, bytes) or PyBytes_GET_SIZE(card_id) != CARD_ID_SIZE:
             raise ValueError("a card id is 16 bytes")
+        if pending < 0 or gain < 0 or loss < 0:  # (the kernel makes none: its subtractions
+            raise ValueError("points moved are never negative")  # below then never wrap)
         if pending:
             _move_lots(cursor, txn, db, by_day, card_id, today, pending, 0)
         _move_lots(cursor, txn, db, by_day, card_id, today, gain, loss)
@@ -503,7 +505,8 @@ def dirty_items(list located, const uint8_t[::1] records, const uint8_t[::1] dir
     ``size`` bytes it changed (``located``: the slots' (database, key)), for the writes of
     ``_put_items``."""
     cdef Py_ssize_t n = len(located), s
-    if records.shape[0] != n * size or dirty.shape[0] != n:
+    if size <= 0 or records.shape[0] % size or records.shape[0] // size != n \
+            or dirty.shape[0] != n:
         raise ValueError("a record and a dirty byte for each slot")
     items = []
     for s in range(n):
@@ -519,7 +522,8 @@ def dirty_records(list ids, const uint8_t[::1] records, const uint8_t[::1] dirty
     """(id, record) of each slot whose ``dirty`` has ``bit``: the records of ``size`` bytes
     the kernel changed, for a putmulti."""
     cdef Py_ssize_t n = len(ids), s
-    if records.shape[0] != n * size or dirty.shape[0] != n:
+    if size <= 0 or records.shape[0] % size or records.shape[0] // size != n \
+            or dirty.shape[0] != n:
         raise ValueError("a record and a dirty byte for each id")
     items = []
     for s in range(n):

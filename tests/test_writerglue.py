@@ -499,3 +499,26 @@ def test_the_lots_moved_in_c_are_the_rules(tmp_path_factory, drawn_lots, moves, 
         assert got[1] == got[0]
     finally:
         led.close()
+
+
+def test_the_lots_glue_refuses_what_the_kernel_never_makes(tmp_path):
+    """move_lots: a negative movement or a card id that is not 16 bytes is refused (its
+    subtractions could otherwise wrap round int64); dirty_items/dirty_records: a record size
+    that does not divide the records into one a slot is refused (no read past the buffer)."""
+    led = Ledger(str(tmp_path / "l"), initial_program=example("supermarket"))
+    try:
+        with led.env.begin(write=True) as txn:
+            store = ledger_module._LmdbLots(txn, led)
+            for moves in ([(LOT_CARDS[0], 0, 0, -1)], [(LOT_CARDS[0], -5, 0, 0)],
+                          [(None, 0, 1, 0)], [(LOT_CARDS[0][:15], 0, 1, 0)]):
+                with pytest.raises(ValueError):
+                    writerglue.move_lots(store.cursor, txn, store.db, store.by_day, moves, DAY0)
+            txn.abort()
+        one = bytes(L.COUPON_SIZE)
+        for size in (0, -L.COUPON_SIZE, L.COUPON_SIZE + 1):
+            with pytest.raises(ValueError):
+                writerglue.dirty_items([(None, b"k")], one, b"\x01", size)
+            with pytest.raises(ValueError):
+                writerglue.dirty_records([b"k"], one, b"\x01", 1, size)
+    finally:
+        led.close()
