@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                                                str(args.lease_ms), *nodes.replica_args()))
         for r in replicas:  # (a second start on the folder: its log holds the first's roles)
             r.wait_role("following", after=r.first_role)
-        print(f"NATS          {nodes.urls}")
+        print(f"NATS          {nodes.urls} (monitoring: " + ", ".join(
+            f"http://127.0.0.1:{p}/healthz" for p in nodes.http_ports) + ")")
         if nodes.certs is not None:
             print(f"mutual TLS    CA and role certificates in {nodes.certs} (a submitter: "
                   "ca.pem, nats-front.pem, nats-front.key)")

@@ -1280,3 +1280,34 @@ def test_a_replica_refuses_a_single_servers_data_folder(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "single server's data folder" in done.stderr
     assert sorted(os.listdir(tmp_path)) == before  # no replica.id
+
+
+def test_make_cluster_starts_prints_where_and_stops_on_ctrl_c_twice_on_one_folder(tmp_path):
+    """`make cluster` (devcluster's main) on a new folder and again on the same one: each time
+    it prints the NATS URLs with their monitoring ports, each shard's leader and the "Trying
+    it" pointer, and SIGINT stops everything (exit 0). The second start goes on from the
+    first's stores and ledgers (its replicas' logs hold the first run's roles too)."""
+    import subprocess
+    import sys
+
+    for run in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "cardcore.server.devcluster", "--data-dir",
+                                 str(tmp_path / "cluster"), "--no-tls"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if "Ctrl-C stops everything" in line or "Traceback" in line:
+                    break
+            text = "".join(lines)
+            assert "Ctrl-C stops everything" in text, (run, text)
+            assert "/healthz" in text and "Trying it" in text, text
+            assert text.count(" leader ") == 2, text  # shards 0 and 1
+            proc.send_signal(signal.SIGINT)
+            rest = proc.communicate(timeout=60)[0]
+            assert proc.returncode == 0 and "stopped" in rest, (run, rest)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
