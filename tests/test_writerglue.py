@@ -305,15 +305,25 @@ def test_the_runs_c_reads_the_coupons_of_are_the_ones_items_of_finds_only_coupon
     """writerglue.coupon_items, ``items_of``'s loop in C: for every card operation, with and
     without a reference and a capture flag, alone and in runs of two, it either leaves the run to
     the Python loop (an operation names a record other than a purchase's coupon) or gives the
-    slots and keys the loop gives; and ``items_of`` with it reads what it reads without."""
+    slots and keys the loop gives; and ``items_of`` with it reads what it reads without. Runs of
+    two on two cards and on one (one coupon named twice: one slot), over stored coupons (the
+    records read must be theirs, not an empty one's)."""
     led = Ledger(str(tmp_path / "l"), initial_program=example("supermarket"))
     kinds = [(kind, ref, flags) for kind in sorted(L.CARD_OPS)
              for ref, flags in ((0, 0), (5, 0), (0, L.CAPTURE), (0, 1), (7, 0))]
+    with led.env.begin(write=True) as txn:  # coupons 5 and 7 on both cards, each its own bytes
+        for n in range(2):
+            for serial in (5, 7):
+                txn.put(L.COUPON_KEY.pack(cid(NUMBERS[n]), serial),
+                        bytes([n * 16 + serial]) * L.COUPON_SIZE, db=led.coupons)
     try:
         with led.env.begin() as txn:
-            for run in [[k] for k in kinds] + [[a, b] for a in kinds for b in kinds]:
-                ops = [PendingOp.build(b"", kind, cid(NUMBERS[n % 2]), 100, ref_id=ref,
-                                       link_seq=3, op_flags=flags, caller=(L.CALLER_SYSTEM, 0))
+            runs = [([k], 0) for k in kinds] + [([a, b], one) for a in kinds for b in kinds
+                                                for one in (0, 1)]
+            for run, one_card in runs:
+                ops = [PendingOp.build(b"", kind, cid(NUMBERS[0 if one_card else n % 2]), 100,
+                                       ref_id=ref, link_seq=3, op_flags=flags,
+                                       caller=(L.CALLER_SYSTEM, 0))
                        for n, (kind, ref, flags) in enumerate(run)]
                 undo = [(None, bytes(64), None)] * len(ops)
                 want = items_of(txn, led, ops, undo)
