@@ -410,15 +410,31 @@ def move_lots(cursor, txn, db, by_day, list moves, uint32_t today):
         _move_lots(cursor, txn, db, by_day, card_id, today, gain, loss)
 
 
+cdef Py_ssize_t _ops_slotted(const uint8_t[::1] packed, uint32_t[::1] slots) except -1:
+    """The run's operations in ``packed`` (whole 192-byte records), one slot each in ``slots``:
+    their count (ValueError otherwise)."""
+    cdef Py_ssize_t n = packed.shape[0] // OP_SIZE
+    if packed.shape[0] % OP_SIZE or slots.shape[0] != n:
+        raise ValueError("a slot for each operation of 192 bytes")
+    return n
+
+
+cdef inline Py_ssize_t _slot(dict slot_of, list found, object key, object item):
+    """``key``'s slot: the one it was given, else the next, ``item`` appended to ``found``
+    (slots in the order a run first names them: card_slots', coupon_items')."""
+    s = slot_of.setdefault(key, len(found))
+    if s == len(found):
+        found.append(item)
+    return s
+
+
 def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):
     """The loop before the kernel in ``_flush_run``: each operation's card slot into ``slots``
     (a slot per card, in the order the run first names them); (the cards, whether an operation
     of the run moves held_minor or may: a capture, a reversal or a later type)."""
-    cdef Py_ssize_t n = packed.shape[0] // OP_SIZE, k
+    cdef Py_ssize_t n = _ops_slotted(packed, slots), k
     cdef const uint8_t* op
     cdef bint hold_run = False
-    if packed.shape[0] % OP_SIZE or slots.shape[0] != n:
-        raise ValueError("a slot for each operation of 192 bytes")
     slot_of = {}
     cards = []
     for k in range(n):
@@ -426,10 +442,7 @@ def card_slots(const uint8_t[::1] packed, uint32_t[::1] slots):
         if op[AT_OP_TYPE] >= OP_REVERSAL or op[AT_OP_FLAGS] & CAPTURE:
             hold_run = True
         card_id = PyBytes_FromStringAndSize(<const char*>op + AT_OP_CARD, CARD_ID_SIZE)
-        s = slot_of.setdefault(card_id, len(cards))
-        if s == len(cards):
-            cards.append(card_id)
-        slots[k] = s
+        slots[k] = _slot(slot_of, cards, card_id, card_id)
     return cards, hold_run
 
 
@@ -441,13 +454,11 @@ def coupon_items(const uint8_t[::1] packed, uint32_t[::1] slots, object db):
     that names none. None, ``slots`` left part-filled, when an operation names any other record
     (a capture's hold, a refund's or reversal's undo record, a gift's stock, a package, a hold
     closed): the Python loop reads those."""
-    cdef Py_ssize_t n = packed.shape[0] // OP_SIZE, k
+    cdef Py_ssize_t n = _ops_slotted(packed, slots), k
     cdef const uint8_t* op
     cdef uint8_t kind
     cdef uint64_t ref
     cdef uint8_t key[COUPON_KEY_SIZE]
-    if packed.shape[0] % OP_SIZE or slots.shape[0] != n:
-        raise ValueError("a slot for each operation of 192 bytes")
     slot_of = {}
     located = []
     for k in range(n):
@@ -463,10 +474,7 @@ def coupon_items(const uint8_t[::1] packed, uint32_t[::1] slots, object db):
             memcpy(key, op + AT_OP_CARD, CARD_ID_SIZE)
             put_be64(key + CARD_ID_SIZE, ref)
             coupon_key = PyBytes_FromStringAndSize(<const char*>key, COUPON_KEY_SIZE)
-            s = slot_of.setdefault(coupon_key, len(located))
-            if s == len(located):
-                located.append((db, coupon_key))
-            slots[k] = s
+            slots[k] = _slot(slot_of, located, coupon_key, (db, coupon_key))
         elif (kind == OP_REFUND or kind == OP_REVERSAL or kind == OP_GIFT_REDEEM
               or kind == OP_PACKAGE_USE or kind == OP_HOLD_VOID or kind == OP_HOLD_EXPIRED):
             return None
@@ -499,15 +507,23 @@ def names_items(const uint8_t[::1] packed):
     return False
 
 
+cdef int _check_records(const uint8_t[::1] records, const uint8_t[::1] dirty, Py_ssize_t n,
+                        Py_ssize_t size, str each) except -1:
+    """``records`` split whole into ``n`` of ``size`` bytes, and a dirty byte each (ValueError
+    naming ``each`` otherwise): nothing read past the buffers."""
+    if size <= 0 or records.shape[0] % size or records.shape[0] // size != n \
+            or dirty.shape[0] != n:
+        raise ValueError(f"a record and a dirty byte for each {each}")
+    return 0
+
+
 def dirty_items(list located, const uint8_t[::1] records, const uint8_t[::1] dirty,
                 Py_ssize_t size):
     """(database, key, record) of each slot the kernel marked in ``dirty``: the records of
     ``size`` bytes it changed (``located``: the slots' (database, key)), for the writes of
     ``_put_items``."""
     cdef Py_ssize_t n = len(located), s
-    if size <= 0 or records.shape[0] % size or records.shape[0] // size != n \
-            or dirty.shape[0] != n:
-        raise ValueError("a record and a dirty byte for each slot")
+    _check_records(records, dirty, n, size, "slot")
     items = []
     for s in range(n):
         if dirty[s]:
@@ -522,9 +538,7 @@ def dirty_records(list ids, const uint8_t[::1] records, const uint8_t[::1] dirty
     """(id, record) of each slot whose ``dirty`` has ``bit``: the records of ``size`` bytes
     the kernel changed, for a putmulti."""
     cdef Py_ssize_t n = len(ids), s
-    if size <= 0 or records.shape[0] % size or records.shape[0] // size != n \
-            or dirty.shape[0] != n:
-        raise ValueError("a record and a dirty byte for each id")
+    _check_records(records, dirty, n, size, "id")
     items = []
     for s in range(n):
         if dirty[s] & bit:
