@@ -418,7 +418,7 @@ def restart_and_converge(old: ReplicaProcess, others: list[ReplicaProcess],
     every replica caught up and stopped: all of them."""
     restarted = ReplicaProcess(old.data_dir, SHARD, urls, *LEASE)
     try:
-        restarted.wait_role("following", after=len(old.roles()))
+        restarted.wait_role("following", after=restarted.first_role)
         everyone = others + [restarted]
         converge_and_stop(everyone, urls)
     finally:
@@ -707,15 +707,14 @@ def test_kill_9_a_follower_node_then_every_node_and_replica_loses_nothing_acknow
     for k in range(3):
         nats_cluster.start_node(k)
     nats_cluster.wait_ready()
-    seen = [len(r.roles()) for r in replicas]  # the same log files go on
-    for r in replicas:
+    for r in replicas:  # (the same log files go on: first_role, the killed run's roles)
         restarted.append(ReplicaProcess(r.data_dir, SHARD, nats_cluster.urls, *LEASE))
     try:
         deadline = time.monotonic() + 30
         # each has said its new role (a log's last role may still be its killed run's
         # "leading", which leader_of would count), and one of them leads
-        while not (all(len(r.roles()) > n for r, n in zip(restarted, seen))
-                   and any("leading" in r.roles()[n:] for r, n in zip(restarted, seen))):
+        while not (all(len(r.roles()) > r.first_role for r in restarted)
+                   and any("leading" in r.roles()[r.first_role:] for r in restarted)):
             assert time.monotonic() < deadline, [r.log()[-1500:] for r in restarted]
             time.sleep(0.05)
         converge_and_stop(restarted, nats_cluster.urls)
