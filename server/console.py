@@ -681,6 +681,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path == "/terminals":
                 return self._send(200, terminals_page(b.terminals(s.token)))
             if path == "/health":
+                status = 200
                 try:
                     b.terminals(s.token)  # the token still counts (a removed operator: signed out)
                 except grpc.RpcError as err:
@@ -688,9 +689,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         raise
                     # the server down: what this page is opened for (its session stands: a
                     # token is checked again once the server answers)
-                    return self._send(503, health_page(b.serving(), b.metrics(),
-                                                       self.console.target))
-                return self._send(200, health_page(b.serving(), b.metrics(), self.console.target))
+                    status = 503
+                return self._send(status, health_page(b.serving(), b.metrics(),
+                                                      self.console.target))
             if path == "/totals":
                 b.terminals(s.token)  # the token still counts (a removed operator: signed out)
                 return self._send(200, totals_page(read_totals(b, s)))
