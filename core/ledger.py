@@ -676,6 +676,11 @@ class Ledger:
         self.program_version = version
         self.program_packed = self.program.packed(version)
 
+    def read_program_version(self) -> int:
+        """The current program's version as LMDB holds it now (a reader compares it with
+        ``program_version`` to know whether to ``refresh_program``)."""
+        return self._read(lambda txn: U32.unpack(txn.get(META_PROGRAM, db=self.meta))[0])
+
     def refresh_program(self) -> None:
         """A reader adopts the current program after a program load (the writer does at once)."""
         self._load_state()

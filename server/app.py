@@ -1,5 +1,6 @@
 """Server bootstrap: ledger (migrated if it is of format 1), writer, program, gRPC server with
-health and reflection, shutdown."""
+health and reflection, shutdown. With ``cluster_nats``, a cluster's front: the same services over
+``cardcore.server.front.ClusterWriter`` (docs/cluster.md)."""
 from __future__ import annotations
 
 import asyncio
@@ -82,6 +83,11 @@ class ServerConfig:
     log_segment_mib: int = SEGMENT_BYTES_DEFAULT >> 20  # the group log's segment files
     day_totals: bool = True          # False: no day totals (a benchmark's, --no-day-totals)
     member_metrics: bool = True      # False: no member metrics (a benchmark's, --no-member-metrics)
+    # A cluster's front (docs/cluster.md): the NATS servers; None: the single server
+    cluster_nats: list[str] | None = None
+    cluster_shard: int = 0
+    nats_tls: tuple[str, str, str] | None = None  # CA, the front role's certificate and key
+    follower_tls: tuple[str, str] | None = None   # the replica role's (the front's follower)
 
 
 class StartupError(Exception):
@@ -165,6 +171,34 @@ async def _load_program_file(ledger: Ledger, writer: Writer, source: str, path: 
     log.warning("program %s stored as version %d", path, ledger.program_version)
 
 
+def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics):
+    """A front's writer (docs/cluster.md): the shard's leader over NATS, its own follower."""
+    from cardcore.jetlog import NatsTLS
+
+    from .front import ClusterWriter
+
+    follower_args = ["--keyring", cfg.keyring_path]
+    if cfg.nats_tls is not None:
+        assert cfg.follower_tls is not None
+        follower_args += ["--nats-ca", cfg.nats_tls[0], "--nats-cert", cfg.follower_tls[0],
+                          "--nats-key", cfg.follower_tls[1]]
+    return ClusterWriter(os.path.join(cfg.data_dir, f"shard-{cfg.cluster_shard}"),
+                         cfg.cluster_shard, cfg.cluster_nats, loop,
+                         nats_tls=NatsTLS(*cfg.nats_tls) if cfg.nats_tls else None,
+                         follower_args=tuple(follower_args), metrics=metrics,
+                         queue_max_ops=cfg.queue_max_ops)
+
+
+def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService):
+    """A front's re-read of admin state after its follower applied more groups: terminals and
+    operators added or revoked, and a program loaded, through another front."""
+    def reload() -> None:
+        access.reload()
+        if ledger.read_program_version() != ledger.program_version:
+            card_service.adopt_program()
+    return reload
+
+
 def lock_data_dir(data_dir: str):
     """One server per data folder: an exclusive lock held for the life of the process."""
     lock = open(os.path.join(data_dir, "cardcore.lock"), "a+")
@@ -196,14 +230,24 @@ async def serve(cfg: ServerConfig) -> None:
     if cfg.failures_per_minute < 1:
         raise StartupError("--failures-per-minute must be at least 1")
     credentials = _server_credentials(cfg)
+    cluster = cfg.cluster_nats is not None
     ledger_path = os.path.join(cfg.data_dir, "ledger")
+    if cluster:  # the front's follower's ledger, a folder of its own
+        ledger_path = os.path.join(cfg.data_dir, f"shard-{cfg.cluster_shard}", "ledger")
+        if cfg.program_path:
+            raise StartupError("a cluster's program is its shards' (cardcore replica --program "
+                               "at a shard's start, then LoadProgram): --program is not taken "
+                               "with --cluster")
+        if not cfg.keyring_path or not os.path.exists(cfg.keyring_path):
+            raise StartupError("--cluster needs --keyring FILE: the chain's keyring, the same "
+                               "file every front holds (its index key the replicas' too)")
     program_source = _program_source(cfg.program_path)
     swap.recover(ledger_path)  # a migration or restore that stopped between its renames
     beside = swap.missing(ledger_path)
     if beside:
         raise StartupError(f"{ledger_path} holds no ledger but {', '.join(beside)} do: put the "
                            f"one to serve back at {ledger_path} (or restore a backup) first")
-    if migrate.ledger_format(ledger_path) == 1:
+    if not cluster and migrate.ledger_format(ledger_path) == 1:
         try:
             migrate.migrate(ledger_path, program_source)
         except migrate.MigrationError as exc:
@@ -235,23 +279,33 @@ async def serve(cfg: ServerConfig) -> None:
 
     # The writer process creates the environment; this process only reads it.
     metrics = Metrics()
-    writer = Writer(ledger_path, program_source, loop, sync=cfg.sync, metrics=metrics,
-                    log_level=cfg.log_level, log_format=cfg.log_format,
-                    group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
-                    queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
-                    map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
-                    reader_check_s=cfg.reader_check_s, on_fatal=fatal, day_totals=cfg.day_totals,
-                    member_metrics=cfg.member_metrics,
-                    checkpoint_ms=cfg.checkpoint_ms, checkpoint_ops=cfg.checkpoint_ops,
-                    log_segment_bytes=cfg.log_segment_mib << 20,
-                    lookup_key=lookup_key(keyring.index_key),
-                    profile_key=profile_key(keyring.index_key))
-    writer.start()
+    if cluster:
+        writer = _cluster_writer(cfg, loop, metrics)
+    else:
+        writer = Writer(ledger_path, program_source, loop, sync=cfg.sync, metrics=metrics,
+                        log_level=cfg.log_level, log_format=cfg.log_format,
+                        group_max_ops=cfg.group_max_ops, group_wait_us=cfg.group_wait_us,
+                        queue_max_ops=cfg.queue_max_ops, groups_in_flight=cfg.groups_in_flight,
+                        map_size=cfg.map_size_mib << 20, request_window_s=cfg.request_window_s,
+                        reader_check_s=cfg.reader_check_s, on_fatal=fatal, day_totals=cfg.day_totals,
+                        member_metrics=cfg.member_metrics,
+                        checkpoint_ms=cfg.checkpoint_ms, checkpoint_ops=cfg.checkpoint_ops,
+                        log_segment_bytes=cfg.log_segment_mib << 20,
+                        lookup_key=lookup_key(keyring.index_key),
+                        profile_key=profile_key(keyring.index_key))
+    try:
+        writer.start()
+    except Exception as exc:
+        if not cluster:
+            raise
+        raise StartupError(f"the front could not start: {type(exc).__name__}: {exc}") from None
     ledger = admin = None
     health_servicer = health.aio.HealthServicer()
     try:
         ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
                         profile_key=profile_key(keyring.index_key))
+        if cluster:
+            writer.attach(ledger)
         if program_source is not None:
             await _load_program_file(ledger, writer, program_source, cfg.program_path)
         if ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000:
@@ -272,6 +326,8 @@ async def serve(cfg: ServerConfig) -> None:
         if resealed:
             log.info("re-sealed %d card numbers under data key version %d", resealed,
                      keyring.data_key_current)
+        if cluster:
+            writer.on_advance = _admin_reloader(ledger, access, card_service)
         add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
         add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

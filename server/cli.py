@@ -168,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
                    help="clear stale LMDB reader slots (readers killed -9) this often, in "
                         "seconds (default %(default)g)")
+    g = p.add_argument_group("a cluster's front (docs/cluster.md)")
+    g.add_argument("--cluster", action="store_true",
+                   help="serve as a front of a cluster: writes go to the shard's leader over NATS, "
+                        "reads come from the front's own follower (under --data-dir); needs "
+                        "--nats and --keyring")
+    g.add_argument("--shard", type=int_arg(0, 4095), default=0,
+                   help="the shard this front serves (default %(default)s; a front serves one)")
+    g.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
+                   help="the NATS servers, comma-separated URLs (env CARDCORE_NATS_URLS)")
+    g.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
+                   help="mutual TLS to NATS: the CA (env CARDCORE_NATS_CA); with --nats-cert, "
+                        "--nats-key (the front role's) and --follower-cert, --follower-key")
+    g.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
+                   help="the front role's certificate, PEM (nats-front.pem)")
+    g.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
+                   help="its private key, PEM (nats-front.key)")
+    g.add_argument("--follower-cert", default=os.environ.get("CARDCORE_FOLLOWER_CERT"),
+                   help="the replica role's certificate, PEM, for the front's follower "
+                        "(nats-replica.pem)")
+    g.add_argument("--follower-key", default=os.environ.get("CARDCORE_FOLLOWER_KEY"),
+                   help="its private key, PEM (nats-replica.key)")
     p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
                    help="bring LMDB up to date from the group log (a synced commit) at least this "
                         "often while operations arrive, in milliseconds (default %(default)s)")
@@ -236,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new replica (no ledger yet): start from a peer's backup (cardcore "
                         "backup --data-dir PEER --to BACKUP) and follow the stream from its "
                         "checkpoint, instead of replaying the stream from its start")
+    p.add_argument("--follow-only", action="store_true",
+                   help="never lead (a front's own follower, whose ledger it reads; "
+                        "docs/cluster.md, the front)")
     p.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
                    help="mutual TLS to NATS: the CA the nodes' certificates chain to (env "
                         "CARDCORE_NATS_CA); with --nats-cert and --nats-key")

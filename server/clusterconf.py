@@ -24,7 +24,9 @@ from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_
 # retention; never a message delete or an update), the KV puts of the leases, the genesis and
 # the checkpoints, the logs' subjects,
 # submissions (answered through allow_responses, and only to a submitter's inbox: the replica
-# checks), its own inbox; a front: submit, and its own inbox (not the replicas' reads).
+# checks), its own inbox; a front: submit, a stream's info (where its follower must be before a
+# read of everything), and its own inbox (not the replicas' reads: its follower has the
+# replica's certificate).
 ROLE_PERMISSIONS = {
     "replica": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*",
                             "$JS.API.STREAM.MSG.GET.*", "$JS.API.DIRECT.GET.>",
@@ -32,7 +34,8 @@ ROLE_PERMISSIONS = {
                             "$KV.cardcore-shards.>", "$KV.cardcore-checkpoints.>",
                             "cardcore.*.log"],
                 "subscribe": ["cardcore.*.submit", "_INBOX_replica.>"], "allow_responses": True},
-    "front": {"publish": ["cardcore.*.submit"], "subscribe": ["_INBOX_front.>"]},
+    "front": {"publish": ["cardcore.*.submit", "$JS.API.STREAM.INFO.*"],
+              "subscribe": ["_INBOX_front.>"]},
 }
 CLUSTER_NAME = "cardcore"
 NODES_MIN, NODES_MAX = 3, 7          # a quorum that survives a node (3) .. what we ever tried (7)

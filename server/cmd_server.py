@@ -45,6 +45,21 @@ def cmd_serve(args) -> int:
     if args.request_window_hours < 1:
         print("cardcore: --request-window-hours is at least 1", file=sys.stderr)
         return 2
+    if args.cluster:
+        files = (args.nats_ca, args.nats_cert, args.nats_key, args.follower_cert,
+                 args.follower_key)
+        if not args.nats:
+            print("cardcore serve --cluster: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is "
+                  "needed", file=sys.stderr)
+            return 2
+        if any(files) and not all(files):
+            print("cardcore serve --cluster: --nats-ca, --nats-cert, --nats-key, "
+                  "--follower-cert and --follower-key go together", file=sys.stderr)
+            return 2
+        cfg.cluster_nats = [u for u in args.nats.split(",") if u]
+        cfg.cluster_shard = args.shard
+        if all(files):
+            cfg.nats_tls, cfg.follower_tls = files[:3], files[3:]
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             runner.run(serve(cfg))
@@ -98,7 +113,8 @@ def cmd_replica(args) -> int:
                         seed_from=args.seed_from,
                         retention_check_ms=args.retention_check_ms,
                         replica_stale_s=args.replica_stale_hours * 3600,
-                        retain_groups=args.retain_groups, keyring_path=args.keyring)
+                        retain_groups=args.retain_groups, keyring_path=args.keyring,
+                        follow_only=args.follow_only)
     try:
         return replica_main(cfg)
     except SeedError as exc:

@@ -10,10 +10,12 @@ the stream's acknowledgement. A refused append (another writer appended first) m
 A lease it could not renew makes it append a probe: the stream's answer decides (``_lease_lost``).
 Safety is the stream's expected-last-sequence, never the lease.
 
-The submit protocol (the front's, later; the tests' now)::
+The submit protocol (the front's, ``cardcore.server.front``; also the tests')::
 
     request = cardcore.groups.encode_group(ops, 0)   (at most SUBMIT_OPS_MAX operations)
-    reply   = b"A" | server.writer.encode_answer(outcomes)   applied (or replayed, or declined)
+    reply   = b"A" | u64 group | server.writer.encode_answer(outcomes)
+              applied (or replayed, or declined) in the shard's group ``group`` (a front's
+              reads wait until its follower holds that group)
             | b"N"   not the leader, or deposed before it was stored: not applied (send it again)
             | b"O"   the leader's queue is full: not applied
             | b"U"   outcome unknown (the stream did not answer, or the replica stopped on it)
@@ -28,6 +30,7 @@ import logging
 import os
 import queue
 import signal
+import struct
 import time
 from dataclasses import dataclass
 
@@ -55,9 +58,12 @@ SUBMIT_OPS_MAX = 1000           # operations in one submit request
 GROUP_MAX_OPS_DEFAULT = 2000    # ~600 KB a group: well under the stream's 8 MiB message limit
 QUEUE_MAX_REQUESTS = 10_000     # submit requests waiting for the leader's next group
 FOLLOW_POLL_S = 0.02            # a caught-up follower looks at the stream's end this often
+FOLLOW_ONLY_POLL_S = 0.005      # ... a front's follower (its reads wait for it): a NATS
+                                # request each time, 200 a second while idle
 TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
+GROUP_NO = struct.Struct("<Q")  # an applied reply's group number, after its code
 
 
 @dataclass
@@ -81,6 +87,7 @@ class ReplicaConfig:
     replica_stale_s: float = REPLICA_STALE_S_DEFAULT  # a replica silent this long holds nothing
     retain_groups: int = RETAIN_GROUPS_DEFAULT  # kept below every replica's checkpoint
     keyring_path: str | None = None     # the chain's keyring (every replica of a shard, or none)
+    follow_only: bool = False           # never takes the lease (a front's follower: its reads)
 
 
 REPLICA_ID_FILE = "replica.id"  # in the data folder, not the ledger's: a seed does not copy it
@@ -259,13 +266,14 @@ class Replica:
         if self.durable.due():
             self.durable.checkpoint()
         self.log.retention.report(self.durable.checkpointed)
-        if not self.stopping and time.monotonic() >= self.take_at:
+        if (not self.stopping and not self.cfg.follow_only
+                and time.monotonic() >= self.take_at):
             self.take_at = time.monotonic() + self.cfg.lease_ms / 10_000
             if self.lease.try_take():
                 self._take_over()
                 return
         if not n:
-            time.sleep(FOLLOW_POLL_S)
+            time.sleep(FOLLOW_ONLY_POLL_S if self.cfg.follow_only else FOLLOW_POLL_S)
 
     def _take_over(self) -> None:
         """Caught up to the stream's end, append the barrier, then take submissions."""
@@ -395,8 +403,9 @@ class Replica:
             self._answer_all(asks, UNKNOWN)
             raise
         k = 0
+        group = GROUP_NO.pack(self.durable.applied)  # (the stream's sequence of this group)
         for reply, n in asks:
-            self._reply(reply, APPLIED + encode_answer(outcomes[k:k + n]))
+            self._reply(reply, APPLIED + group + encode_answer(outcomes[k:k + n]))
             k += n
         return True
 
@@ -519,8 +528,15 @@ def seed_ledger(backup_dir: str, path: str) -> None:
 
 def decode_reply(data: bytes) -> list[Outcome] | bytes:
     """The outcomes of an applied request, or the one-byte code of one that was not."""
+    got = decode_reply_group(data)
+    return got if isinstance(got, bytes) else got[0]
+
+
+def decode_reply_group(data: bytes) -> tuple[list[Outcome], int] | bytes:
+    """(outcomes, the group they were applied in) of an applied request, or the one-byte code
+    of one that was not."""
     if data[:1] == APPLIED:
-        return decode_answer(data[1:])
+        return decode_answer(data[1 + GROUP_NO.size:]), GROUP_NO.unpack_from(data, 1)[0]
     return data[:1]
 
 

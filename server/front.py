@@ -1,0 +1,340 @@
+"""Cluster: the front's writer (``cardcore serve --cluster``; docs/cluster.md, the front).
+
+A front is the single server's gRPC process with two parts swapped: its writes go to the shard's
+leader over NATS (the submit protocol of ``cardcore.server.replica``) instead of to a writer
+process, and its reads come from a follower of the shard that the front runs as its own child
+process (``cardcore replica --follow-only``, a folder of its own) instead of from the writer's
+LMDB. Everything else (TLS, DUKPT, PIN blocks, card ids, budgets, the services) is the single
+server's code, unchanged: ``ClusterWriter`` has the ``Writer``'s interface.
+
+What the front adds is what a leader that dies in the middle of a request needs:
+
+- "not the leader" (no leader yet, or one deposed before it stored the group): sent again, with a
+  growing pause, until answered or the caller's deadline;
+- "outcome unknown" (the leader died or NATS did not answer after the request left): sent again,
+  the same bytes, to whichever replica leads next. An operation with a request key is applied
+  at most once (the request records are in the log: a new leader has them), so the answer is the
+  original one. A swipe is the exception: its KSN is checked before its request record, so a
+  swipe that was applied comes back ``KSN_REPLAYED``; the front then reads the original outcome
+  from its follower (which holds the group that refused it, hence the one that applied it).
+
+Reads see what they must (``fresh``): a read of cards waits until the follower holds every group
+this front was answered for; a read of everything (reports, GetOperation, the journal feed) waits
+until the follower holds the shard's stream as it ends now (one NATS round trip), so it sees what
+any front was answered. A front serves one shard (several: not built; docs/cluster.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Callable
+
+from cardcore import layout as L
+from cardcore.groups import deferrable, encode_group
+from cardcore.idempotency import PendingOp
+from cardcore.jetlog import NatsThread, NatsTLS, SUBMIT_INBOX_PREFIX, stream_name, submit_subject
+from cardcore.ledger import Ledger, Outcome
+
+from .devcluster import ReplicaProcess
+from .journal_signal import JournalSignal
+from .metrics import Metrics
+from .replica import (MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
+                      decode_reply_group)
+from .writer import QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped
+
+log = logging.getLogger("cardcore.front")
+
+REQUEST_TIMEOUT_S = 5.0     # one submit's wait for the leader's answer (then: outcome unknown)
+SUBMIT_LIMIT_S = 15.0       # a request with no deadline is tried this long (> a failover, ~3 s)
+RETRY_PAUSE_S = (0.02, 0.5)  # the first and the longest pause between tries
+FRESH_LIMIT_S = 5.0         # a read waits this long for the follower, then UNAVAILABLE
+POLL_BUSY_S = 0.002         # the follower's applied group is read this often while reads wait
+POLL_IDLE_S = 0.2           # ... and this often otherwise (the journal feed, admin changes)
+RELOAD_EVERY_S = 0.5        # admin state (terminals, operators, program) re-read at most this often
+FOLLOWER_CHECKPOINT_MS = 5  # the follower makes what it applied readable this often
+FOLLOWER_START_S = 120.0    # a new follower replays the shard's stream before the front serves
+FOLLOWER_RESTART_S = 1.0    # a follower that exited is started again after this pause
+
+
+def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
+    return [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
+
+
+class ClusterWriter:
+    """The ``Writer`` of a front: writes to the shard's leader, reads from the follower."""
+
+    def __init__(self, data_dir: str, shard: int, nats_urls: list[str], loop:
+                 asyncio.AbstractEventLoop, *, nats_tls: NatsTLS | None = None,
+                 follower_args: tuple[str, ...] = (), metrics: Metrics | None = None,
+                 queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT) -> None:
+        """``follower_args``: the follower's extra ``cardcore replica`` arguments (its keyring,
+        its NATS certificate: the replica role's, which may read the stream)."""
+        self.data_dir = data_dir
+        self.ledger_path = os.path.join(data_dir, "ledger")
+        self.shard = shard
+        self.urls = nats_urls
+        self.loop = loop
+        self.metrics = metrics or Metrics()
+        self.queue_max_ops = queue_max_ops
+        self.journal_signal = JournalSignal()
+        self.on_advance: Callable[[], None] | None = None  # admin state changed, maybe
+        self._nats_tls = nats_tls
+        self._follower_args = follower_args
+        self._queued_ops = 0
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+        self._answered = 0         # the last group this front was answered for
+        self._applied = 0          # the last group the follower's LMDB holds (as last read)
+        self._advanced = asyncio.Event()
+        self._wake = asyncio.Event()  # a read began to wait: the poller looks at once
+        self._waiting = 0          # reads waiting for the follower
+        self._reloaded_at = 0      # the applied group admin state was last re-read at
+        self._reload_time = 0.0
+        self.ledger: Ledger | None = None
+        self.nt: NatsThread | None = None
+        self.follower: ReplicaProcess | None = None
+        self._poller: asyncio.Task | None = None
+        self.groups = 0            # submit requests answered (as the Writer's groups)
+        self.ops_applied = 0
+        self.resent = 0            # requests sent again after "not the leader" or "unknown"
+        self.unknown = 0           # ... of them after "unknown"
+        self.recovered = 0         # swipes applied before, answered from the follower
+
+    @property
+    def queued_ops(self) -> int:
+        return self._queued_ops
+
+    # ---- start and stop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to NATS and start the follower; return once it has replayed the shard's
+        stream (as it ended when it started) into its ledger."""
+        self.nt = NatsThread(self.urls, f"cardcore-front-s{self.shard}-{os.getpid()}",
+                             self._nats_tls, SUBMIT_INBOX_PREFIX)
+        self._start_follower(FOLLOWER_START_S)
+
+    def _start_follower(self, timeout_s: float) -> None:
+        self.follower = ReplicaProcess(self.data_dir, self.shard, ",".join(self.urls),
+                                       "--follow-only", "--checkpoint-ms",
+                                       str(FOLLOWER_CHECKPOINT_MS), *self._follower_args)
+        self.follower.wait_role("following", timeout_s, after=self.follower.first_role)
+
+    def attach(self, ledger: Ledger) -> None:
+        """The server's reader of the follower's ledger (one per process: LMDB's rule)."""
+        self.ledger = ledger
+        self._applied = ledger.log_applied()
+        self._reloaded_at = self._applied
+        self._poller = self.loop.create_task(self._poll())
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the requests in hand (within their limits), then stop the follower."""
+        self._stopping = True
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.follower is not None:
+            await self.loop.run_in_executor(None, self.follower.stop)
+        if self.nt is not None:
+            await self.loop.run_in_executor(None, self.nt.close)
+        log.info("front s%d: %d requests sent again (%d after an unknown outcome), %d swipes "
+                 "answered from the follower", self.shard, self.resent, self.unknown,
+                 self.recovered)
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def submit(self, ops: list[PendingOp], deadline: float | None = None,
+               on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
+               ) -> asyncio.Future:
+        """As ``Writer.submit``: the future gets the outcomes, ``on_answer`` runs with them even
+        if the caller has gone. Overloaded when more than ``queue_max_ops`` are in hand."""
+        assert ops
+        if self._stopping:
+            raise Stopped()
+        if self._queued_ops + len(ops) > self.queue_max_ops:
+            raise Overloaded()
+        self._queued_ops += len(ops)
+        fut = self.loop.create_future()
+        task = self.loop.create_task(self._run(ops, deadline, on_answer, fut))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def _run(self, ops, deadline, on_answer, fut) -> None:
+        outcomes: list[Outcome] = []
+        try:
+            for k in range(0, len(ops), SUBMIT_OPS_MAX):  # in order: a batch's parts one by one
+                part = ops[k:k + SUBMIT_OPS_MAX]
+                got, group = await self._send(part, deadline)
+                outcomes += got
+                if group and not all(deferrable(op) for op in part):
+                    # an admin change: readable here before it is answered (as the single
+                    # server checkpoints it first), so the caller's next read sees it
+                    try:
+                        await self._wait_applied(group)
+                    except Stale:
+                        log.warning("front s%d: group %d not yet in the follower's ledger",
+                                    self.shard, group)
+                    self._reload()
+        except Exception:  # never leave a caller without an answer
+            log.exception("front s%d: a submit failed", self.shard)
+            outcomes += _uniform(L.R_OUTCOME_UNKNOWN, ops[len(outcomes):])
+        finally:
+            self._queued_ops -= len(ops)
+        self.ops_applied += len(ops)
+        if on_answer is not None:
+            try:
+                on_answer(ops, outcomes)
+            except Exception:
+                log.exception("answer hook failed")
+        if not fut.done():
+            fut.set_result(outcomes)
+
+    async def _send(self, ops: list[PendingOp], deadline: float | None
+                    ) -> tuple[list[Outcome], int]:
+        """(outcomes, group) from the shard's leader, sent again through a failover."""
+        import nats.errors
+
+        payload = encode_group(ops, 0)
+        limit = deadline if deadline is not None else time.monotonic() + SUBMIT_LIMIT_S
+        pause = RETRY_PAUSE_S[0]
+        maybe_applied = False  # a try whose outcome is unknown went before
+        tried = False
+        while True:
+            left = limit - time.monotonic()
+            if left <= 0:  # (not applied, unless a try's outcome was unknown)
+                return _uniform(L.R_OUTCOME_UNKNOWN if maybe_applied else
+                                L.R_UNAVAILABLE if tried else L.R_DEADLINE_EXCEEDED, ops), 0
+            tried = True
+            try:
+                msg = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                    self.nt.nc.request(submit_subject(self.shard), payload,
+                                       timeout=min(left, REQUEST_TIMEOUT_S)), self.nt.loop))
+                got = decode_reply_group(msg.data)
+            except nats.errors.NoRespondersError:
+                got = NOT_LEADER  # nobody took it: not applied
+            except (TimeoutError, asyncio.TimeoutError, nats.errors.Error):
+                got = UNKNOWN
+            if not isinstance(got, bytes):
+                outcomes, group = got
+                self.groups += 1
+                self._answered = max(self._answered, group)
+                if maybe_applied:
+                    outcomes = await self._resolved(ops, outcomes, group)
+                return outcomes, group
+            if got == MALFORMED:  # a bug of ours, not a moment of the cluster
+                log.error("front s%d: the leader called a request malformed", self.shard)
+                return _uniform(L.R_INTERNAL, ops), 0
+            maybe_applied = maybe_applied or got == UNKNOWN
+            assert got in (NOT_LEADER, UNKNOWN, OVERLOADED), got
+            self.resent += 1
+            self.unknown += got == UNKNOWN
+            await asyncio.sleep(min(pause, max(0.0, limit - time.monotonic())))
+            pause = min(pause * 2, RETRY_PAUSE_S[1])
+
+    async def _resolved(self, ops: list[PendingOp], outcomes: list[Outcome], group: int
+                        ) -> list[Outcome]:
+        """The answers of ops sent again after an unknown outcome, as their caller, who sent
+        them once, must hear them: not "replayed"; a swipe refused for its own KSN (it was
+        applied before) answered with its original outcome, read from the follower."""
+        out = []
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if (outcome.reason == L.R_KSN_REPLAYED and op.ksn_counter and op.request_key):
+                await self._wait_applied(group)  # (Stale: the caller hears UNAVAILABLE)
+                original = self.ledger.read_operation(op.request_key)
+                if original is not None:
+                    outcome = original
+                    self.recovered += 1
+            out.append(outcome._replace(replayed=False) if outcome.replayed else outcome)
+        return out
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    async def fresh(self, card_ids: tuple[bytes, ...] = (), keys: tuple[bytes, ...] = (),
+                    everything: bool = False) -> None:
+        """As ``Writer.fresh``: return once the follower's ledger holds what the read must see.
+        Cards: every group this front was answered for. Everything, or a request (GetOperation:
+        asked after a timeout, maybe through another front): the shard's stream as it ends now."""
+        need = self._answered if card_ids else 0
+        if everything or keys:
+            need = max(self._answered, await self._stream_end())
+        await self._wait_applied(need)
+
+    async def _stream_end(self) -> int:
+        import nats.errors
+
+        try:
+            info = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                self.nt.js.stream_info(stream_name(self.shard)), self.nt.loop))
+        except (TimeoutError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            raise Stale() from exc
+        return info.state.last_seq
+
+    async def _wait_applied(self, need: int) -> None:
+        if need <= self._applied:
+            return
+        self._waiting += 1
+        self._wake.set()
+        try:
+            limit = time.monotonic() + FRESH_LIMIT_S
+            while self._applied < need:
+                left = limit - time.monotonic()
+                if left <= 0:
+                    raise Stale()
+                self._advanced.clear()
+                try:
+                    await asyncio.wait_for(self._advanced.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._waiting -= 1
+
+    async def _poll(self) -> None:
+        """Read the follower's applied group (often while reads wait); wake the reads, the
+        journal feed and the admin state's re-read; start the follower again if it exited."""
+        while True:
+            if self._waiting:
+                await asyncio.sleep(POLL_BUSY_S)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_IDLE_S)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            try:
+                applied = self.ledger.log_applied()
+            except Exception:  # (a map the follower grew is adopted by the next read)
+                log.exception("front s%d: the follower's ledger could not be read", self.shard)
+                continue
+            if applied > self._applied:
+                self._applied = applied
+                self._advanced.set()
+                self.journal_signal.notify()
+                if time.monotonic() - self._reload_time >= RELOAD_EVERY_S:
+                    self._reload()
+            if self.follower.proc.poll() is not None and not self._stopping:
+                await self._restart_follower()
+
+    def _reload(self) -> None:
+        """Admin state (terminals, operators, the program) as the follower holds it now: changes
+        made through another front reach this one within RELOAD_EVERY_S."""
+        if self._reloaded_at == self._applied or self.on_advance is None:
+            return
+        self._reloaded_at, self._reload_time = self._applied, time.monotonic()
+        try:
+            self.on_advance()
+        except Exception:
+            log.exception("front s%d: admin state could not be re-read", self.shard)
+
+    async def _restart_follower(self) -> None:
+        rc = self.follower.proc.returncode
+        log.error("front s%d: the follower exited %s (its log: %s); starting it again",
+                  self.shard, rc, self.follower.log_path)
+        self.follower.stop()  # (closes its log file)
+        await asyncio.sleep(FOLLOWER_RESTART_S)
+        try:
+            await self.loop.run_in_executor(None, self._start_follower, FOLLOWER_START_S)
+        except RuntimeError as exc:
+            log.error("front s%d: the follower did not start: %s", self.shard, exc)

@@ -1,0 +1,241 @@
+"""A cluster's front (``cardcore serve --cluster``; docs/cluster.md): the real gRPC services over
+three real replicas on three real NATS nodes, through the generated stubs, as a till and an
+operator use them. Skipped, saying why, without the cluster extra (``make cluster-deps``)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from cardcore.keyring import Keyring
+from cardcore.server.devcluster import leader_of
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid
+from test_cluster import LEASE, SHARD, converge_and_stop, identical, three
+from test_security import PIN
+
+R = cpb.Reason
+
+
+@pytest.fixture
+def keyring(tmp_path) -> str:
+    """The chain's keyring, one file for every front and replica (the replicas use its index
+    key)."""
+    path = str(tmp_path / "keyring.json")
+    Keyring.load_or_create(path, str(tmp_path))
+    return path
+
+
+@pytest.fixture
+def start_front(tmp_path, nats_cluster, keyring):
+    """Start fronts of SHARD on the test's NATS cluster; every one is stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(name: str, *extra: str) -> ServerProcess:
+        front = ServerProcess(str(tmp_path / name), "--cluster", "--shard", str(SHARD),
+                              "--nats", nats_cluster.urls, "--keyring", keyring, *extra)
+        started.append(front)
+        return front
+
+    yield start
+    for front in started:
+        if front.proc.poll() is None:
+            front.stop()
+
+
+def until(check, timeout_s: float = 10.0, what: str = ""):
+    """``check()``'s first true value within the time, polled."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
+        nats_cluster, start_replica, start_front, keyring):
+    """Through front A: the bootstrap admin, a terminal enrolled, a card opened with a PIN,
+    topped up and paid from with the PIN. Through front B (its own follower): the same card,
+    the operation by its request id (a read that waits for the stream's end), the terminal
+    swiping there too (admin state reached B), an operator added on B usable on A. Both fronts'
+    followers and the three replicas end identical."""
+    replicas = three(start_replica, "--keyring", keyring)
+    a = start_front("a")
+    admin = Admin(a.channel, a.admin_token)
+    till = admin.enroll(7, 3)
+    number = new_card_number()
+    a.stub.OpenCard(till.open_card(rid(), number, PIN))
+    a.stub.TopUp(till.top_up(rid(), number, 10_000))
+    paid_id = rid()
+    paid = a.stub.Purchase(till.purchase(paid_id, number, PIN, 2_500))
+    assert paid.reason == R.REASON_OK and paid.balance_after.available_minor == 7_500
+    assert Client(a.stub).card(number).balance.available_minor == 7_500  # read your write
+
+    b = start_front("b")
+    assert not os.path.exists(os.path.join(b.data_dir, "admin.token"))  # A's admin is the shard's
+    asked = b.stub.GetOperation(pb.GetOperationRequest(
+        request_id=paid_id, caller=cpb.Caller(kind=cpb.CALLER_KIND_TERMINAL, id=7)))
+    assert asked.found and asked.result.seq == paid.seq
+    assert Client(b.stub).card(number).balance.available_minor == 7_500
+    again = b.stub.Purchase(till.purchase(rid(), number, PIN, 500))  # the terminal on B
+    assert again.reason == R.REASON_OK and again.balance_after.available_minor == 7_000
+    # an exact re-send on the other front: the KSN was applied on the shard
+    replay = till.purchase(rid(), number, PIN, 100)
+    assert a.stub.Purchase(replay).reason == R.REASON_OK
+    with pytest.raises(grpc.RpcError) as err:
+        b.stub.Purchase(replay)
+    assert failure_of(err.value).reason == R.REASON_KSN_REPLAYED
+
+    admin_b = Admin(b.channel, a.admin_token)
+    token = admin_b.add_operator("store-3", cpb.OPERATOR_ROLE_STORE_MANAGER, (3,))
+
+    def a_knows_it():  # (a store manager may not see a card: known, but not allowed)
+        try:
+            a.stub.GetCard(pb.GetCardRequest(card=cpb.CardRef(card_number=number)),
+                           metadata=bearer(token))
+        except grpc.RpcError as exc:
+            return exc.code() != grpc.StatusCode.UNAUTHENTICATED
+        return True
+
+    with pytest.raises(grpc.RpcError) as err:  # a token nobody was given: not known anywhere
+        a.stub.GetCard(pb.GetCardRequest(card=cpb.CardRef(card_number=number)),
+                       metadata=bearer("x" * 43))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    until(a_knows_it, what="an operator added through B known to A")
+    a.stop()
+    b.stop()
+    converge_and_stop(replicas, nats_cluster.urls)
+    followers = [type(replicas[0]).__new__(type(replicas[0])) for _ in (a, b)]
+    for follower, front in zip(followers, (a, b)):
+        follower.data_dir = os.path.join(front.data_dir, f"shard-{SHARD}")
+    identical(replicas + followers)
+
+
+def test_kill_9_the_leader_under_pin_swipes_through_a_front_every_answer_applied_once(
+        nats_cluster, start_replica, start_front, keyring):
+    """Three terminals swipe PIN purchases through one front while the shard's leader is killed
+    -9. The front carries each request through the failover (sent again to the next leader,
+    a swipe that had been applied answered with its original outcome): every swipe gets an
+    answer, every OK is applied exactly once, and the cards' balances are the initial funds
+    less exactly the answered purchases."""
+    replicas = three(start_replica, "--keyring", keyring)
+    front = start_front("front")
+    admin = Admin(front.channel, front.admin_token)
+    terminals = [admin.enroll(tid, 3) for tid in (1, 2, 3)]
+    numbers = []
+    for till in terminals:
+        number = new_card_number()
+        front.stub.OpenCard(till.open_card(rid(), number, PIN))
+        front.stub.TopUp(till.top_up(rid(), number, 1_000_000))
+        numbers.append(number)
+    stop = threading.Event()
+    lock = threading.Lock()
+    answers: dict[str, tuple[int, int, int]] = {}  # request id -> (terminal, reason, seq)
+    failures: list[str] = []
+
+    def swipe(k: int) -> None:
+        till, number = terminals[k], numbers[k]
+        while not stop.is_set():
+            request_id = rid()
+            try:  # each swipe has 30 s: more than a failover (the lease's 2 s and a catch-up)
+                got = front.stub.Purchase(till.purchase(request_id, number, PIN, 100),
+                                          timeout=30)
+                reason, seq = got.reason, got.seq
+            except grpc.RpcError as exc:
+                reason, seq = failure_of(exc).reason, 0
+                with lock:
+                    failures.append(f"{exc.code()} {R.Name(reason)}")
+            with lock:
+                answers[request_id] = (k, reason, seq)
+
+    threads = [threading.Thread(target=swipe, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        until(lambda: len(answers) >= 30, 30, "swipes answered before the kill")
+        old = leader_of(replicas)
+        os.kill(old.pid, signal.SIGKILL)
+        old.proc.wait(10)
+        others = [r for r in replicas if r is not old]
+        before = len(answers)
+        until(lambda: any(r.roles()[-1:] == ["leading"] for r in others), 30, "a new leader")
+        until(lambda: len(answers) >= before + 30, 30, "swipes answered by the new leader")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not failures, failures  # the front carried every swipe through the failover
+    ok = {rid_: a for rid_, a in answers.items() if a[1] == R.REASON_OK}
+    assert len(ok) == len(answers)
+    seqs = [a[2] for a in ok.values()]
+    assert len(set(seqs)) == len(seqs)  # no two answers name one journal entry
+    client = Client(front.stub)
+    for k, number in enumerate(numbers):
+        paid = sum(1 for a in ok.values() if a[0] == k)
+        assert client.card(number).balance.available_minor == 1_000_000 - 100 * paid, k
+    front.stop()
+    sent_again = re.search(r"(\d+) requests sent again", front.log())
+    assert sent_again and int(sent_again.group(1)) > 0, front.log()[-2000:]  # the failover's
+    converge_and_stop(others, nats_cluster.urls)
+    follower = type(old).__new__(type(old))
+    follower.data_dir = os.path.join(front.data_dir, f"shard-{SHARD}")
+    identical(others + [follower])
+
+
+def test_a_front_refuses_to_start_without_a_keyring_or_with_a_program(
+        tmp_path, nats_cluster):
+    """The settings a front cannot run with: exit 2, saying which."""
+    import subprocess
+    import sys
+
+    for extra, said in ((("--keyring", str(tmp_path / "none.json")), "--keyring"),
+                        (("--program", "x.toml"), "--program")):
+        out = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
+                              "--cluster", "--nats", nats_cluster.urls, "--data-dir",
+                              str(tmp_path / "front"), "--listen", "127.0.0.1:0", *extra],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and said in out.stderr, out.stderr
+
+
+def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, keyring):
+    """On NATS with the roles' certificates: the front's submits (the front role), its follower
+    (the replica role) and a read of everything (the stream's info, the front role's) work."""
+    from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available
+
+    why = cluster_available()
+    if why:
+        pytest.skip(why)
+    nodes = NatsCluster(str(tmp_path / "nats"), tls=True)
+    replicas, front = [], None
+    try:
+        replicas = [ReplicaProcess(str(tmp_path / f"r{k}"), SHARD, nodes.urls, *LEASE,
+                                   "--keyring", keyring, *nodes.replica_args())
+                    for k in range(3)]
+        until(lambda: any(r.roles()[-1:] == ["leading"] for r in replicas), 30, "a leader")
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for("replica")
+        front = ServerProcess(str(tmp_path / "front"), "--cluster", "--nats", nodes.urls,
+                              "--keyring", keyring, "--nats-ca", mine.ca_file, "--nats-cert",
+                              mine.cert_file, "--nats-key", mine.key_file, "--follower-cert",
+                              theirs.cert_file, "--follower-key", theirs.key_file)
+        client = Client(front.stub)
+        number = client.funded_card(5_000)
+        admin = Admin(front.channel, front.admin_token)
+        listed = admin.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=admin.metadata)
+        assert list(listed.terminals) == []  # a read of everything: the stream's info asked
+        assert client.card(number).balance.available_minor == 5_000
+    finally:
+        if front is not None:
+            front.stop()
+        for r in replicas:
+            r.stop()
+        nodes.stop()
