@@ -26,6 +26,7 @@ any front was answered. A front serves one shard (several: not built; docs/clust
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -46,7 +47,9 @@ from .writer import QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped
 
 log = logging.getLogger("cardcore.front")
 
-REQUEST_TIMEOUT_S = 5.0     # one submit's wait for the leader's answer (then: outcome unknown)
+REQUEST_TIMEOUT_S = 2.0     # one submit's wait for the leader's answer (then: outcome unknown,
+                            # sent again: a leader killed -9 never answers what it had in hand)
+SENDERS_MAX = 8             # submits in flight at once; requests arriving meanwhile go together
 SUBMIT_LIMIT_S = 15.0       # a request with no deadline is tried this long (> a failover, ~3 s)
 RETRY_PAUSE_S = (0.02, 0.5)  # the first and the longest pause between tries
 FRESH_LIMIT_S = 5.0         # a read waits this long for the follower, then UNAVAILABLE
@@ -60,6 +63,28 @@ FOLLOWER_RESTART_S = 1.0    # a follower that exited is started again after this
 
 def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
     return [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
+
+
+class _Item:
+    __slots__ = ("ops", "future", "deadline", "on_answer")
+
+    def __init__(self, ops: list[PendingOp], future: asyncio.Future, deadline: float | None,
+                 on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None) -> None:
+        self.ops = ops
+        self.future = future
+        self.deadline = deadline
+        self.on_answer = on_answer
+
+
+def _answer(item: _Item, outcomes: list[Outcome]) -> None:
+    """``on_answer`` first (a terminal's budget), then the caller, if it is still there."""
+    if item.on_answer is not None:
+        try:
+            item.on_answer(item.ops, outcomes)
+        except Exception:  # the caller must get its answer whatever a hook does
+            log.exception("answer hook failed")
+    if not item.future.done():
+        item.future.set_result(outcomes)
 
 
 class ClusterWriter:
@@ -83,6 +108,8 @@ class ClusterWriter:
         self._nats_tls = nats_tls
         self._follower_args = follower_args
         self._queued_ops = 0
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._senders = 0
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._answered = 0         # the last group this front was answered for
@@ -149,7 +176,9 @@ class ClusterWriter:
                on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
                ) -> asyncio.Future:
         """As ``Writer.submit``: the future gets the outcomes, ``on_answer`` runs with them even
-        if the caller has gone. Overloaded when more than ``queue_max_ops`` are in hand."""
+        if the caller has gone. Overloaded when more than ``queue_max_ops`` are in hand.
+        Requests that arrive while SENDERS_MAX submits are in flight go together in the next
+        (up to SUBMIT_OPS_MAX operations): fewer NATS messages, as the writer's groups."""
         assert ops
         if self._stopping:
             raise Stopped()
@@ -157,12 +186,40 @@ class ClusterWriter:
             raise Overloaded()
         self._queued_ops += len(ops)
         fut = self.loop.create_future()
-        task = self.loop.create_task(self._run(ops, deadline, on_answer, fut))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queue.append(_Item(ops, fut, deadline, on_answer))
+        if self._senders < SENDERS_MAX:
+            self._senders += 1
+            task = self.loop.create_task(self._sender())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return fut
 
-    async def _run(self, ops, deadline, on_answer, fut) -> None:
+    async def _sender(self) -> None:
+        """Send what is queued, whole requests up to SUBMIT_OPS_MAX operations at a time (a
+        larger one alone, in parts), until nothing is."""
+        try:
+            while self._queue:
+                items = [self._queue.popleft()]
+                n = len(items[0].ops)
+                while self._queue and n + len(self._queue[0].ops) <= SUBMIT_OPS_MAX:
+                    items.append(self._queue.popleft())
+                    n += len(items[-1].ops)
+                await self._run(items)
+        finally:
+            self._senders -= 1
+
+    async def _run(self, items: list[_Item]) -> None:
+        now = time.monotonic()
+        late = [it for it in items if it.deadline is not None and it.deadline <= now]
+        items = [it for it in items if it not in late]
+        for it in late:  # the caller has given up before it was sent: never sent
+            self._queued_ops -= len(it.ops)
+            _answer(it, _uniform(L.R_DEADLINE_EXCEEDED, it.ops))
+        if not items:
+            return
+        ops = [op for it in items for op in it.ops]
+        deadline = (None if any(it.deadline is None for it in items)
+                    else max(it.deadline for it in items))
         outcomes: list[Outcome] = []
         try:
             for k in range(0, len(ops), SUBMIT_OPS_MAX):  # in order: a batch's parts one by one
@@ -184,13 +241,10 @@ class ClusterWriter:
         finally:
             self._queued_ops -= len(ops)
         self.ops_applied += len(ops)
-        if on_answer is not None:
-            try:
-                on_answer(ops, outcomes)
-            except Exception:
-                log.exception("answer hook failed")
-        if not fut.done():
-            fut.set_result(outcomes)
+        k = 0
+        for it in items:
+            _answer(it, outcomes[k:k + len(it.ops)])
+            k += len(it.ops)
 
     async def _send(self, ops: list[PendingOp], deadline: float | None
                     ) -> tuple[list[Outcome], int]:

@@ -769,14 +769,15 @@ def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, 
 def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
     """The NATS nodes with mutual TLS and the roles' users (make cluster's setting): three
     replicas with the replica certificate lead, follow and end identical; a front's certificate
-    submits, and can neither append to the log nor read the stream; no certificate, another
+    submits and may ask a stream's info (where its follower must be), and can neither append to
+    the log nor read the stream's records; no certificate, another
     CA's or an unknown name is refused at connect, quickly."""
     import subprocess
 
     import nats.errors
 
-    from cardcore.jetlog import (NatsRefused, NatsThread, NatsTLS, log_subject, stream_name,
-                                 submit_subject)
+    from cardcore.jetlog import (SUBMIT_INBOX_PREFIX, NatsRefused, NatsThread, NatsTLS,
+                                 log_subject, stream_name, submit_subject)
     from cardcore.server import certs
     from cardcore.server.devcluster import NATS_SERVER, NatsCluster, free_ports
 
@@ -795,14 +796,19 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
             numbers = open_cards(front, 4, random.Random(7))
         finally:
             front.close()
-        as_front = NatsThread(urls, "cardcore-test-front", cluster.tls_for("front"))
+        as_front = NatsThread(urls, "cardcore-test-front", cluster.tls_for("front"),
+                              SUBMIT_INBOX_PREFIX)  # (its own inboxes: answers can reach it)
         try:
             before = stream_end(cluster.urls, SHARD, cluster.tls_for("replica"))
+            assert as_front.call(as_front.js.stream_info(stream_name(SHARD))).state.last_seq \
+                == before  # a stream's info: allowed (a front's read of everything waits on it)
             with pytest.raises((nats.errors.Error, TimeoutError)):
                 as_front.call(as_front.js.publish(log_subject(SHARD), b"forged", timeout=1), 3)
-            with pytest.raises((nats.errors.Error, TimeoutError)):
-                as_front.call(as_front.nc.request(f"$JS.API.STREAM.INFO.{stream_name(SHARD)}",
-                                                  b"", timeout=1), 3)
+            for api in (f"STREAM.MSG.GET.{stream_name(SHARD)}",
+                        f"DIRECT.GET.{stream_name(SHARD)}", f"STREAM.PURGE.{stream_name(SHARD)}"):
+                with pytest.raises((nats.errors.Error, TimeoutError)):  # records: not a front's
+                    as_front.call(as_front.nc.request(f"$JS.API.{api}", b'{"seq": 1}',
+                                                      timeout=1), 3)
             # nor hear the replicas' reads of the log (their inboxes are theirs: the followers
             # read the stream's end every 20 ms meanwhile)
             heard: list = []
