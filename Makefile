@@ -80,11 +80,12 @@ bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over Postg
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
 
-cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes and 2 shards x 3 replicas on loopback (./var/cluster) until Ctrl-C; no front yet (docs/cluster.md)
+cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes, 2 shards x 3 replicas and shard 0's front (127.0.0.1:50061) on loopback (./var/cluster) until Ctrl-C (docs/cluster.md)
 	$(PY) -m cardcore.server.devcluster --data-dir var/cluster --shards 2
 
-bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream (3 NATS nodes on loopback) vs the local log, same groups, alternating rounds -> bench/cluster_results.json (docs/cluster.md)
+bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream vs the local log; SubmitBatch, SwipeStream and a failover through a front vs the single node -> bench/cluster_results.json, bench/front_results.json (docs/cluster.md)
 	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 --out bench/cluster_results.json
+	$(PY) bench/front.py --cards 20000 --seconds 4 --rounds 3 --failover-rounds 3 --out bench/front_results.json
 
 RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json

@@ -216,6 +216,52 @@ class ReplicaProcess:
         self._log.close()
 
 
+class FrontProcess:
+    """``cardcore serve --cluster`` (a front, docs/cluster.md) as a child process, plaintext gRPC on
+    loopback; its log in ``<data_dir>/front.log``; ``target`` once it listens."""
+
+    LISTEN_RE = re.compile(r"cardcore listening on ([\d.]+):(\d+)")
+
+    def __init__(self, data_dir: str, shard: int, nodes: "NatsCluster", keyring: str,
+                 listen: str = "127.0.0.1:0") -> None:
+        self.data_dir = data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        self.log_path = os.path.join(data_dir, "front.log")
+        self._log = open(self.log_path, "ab")
+        tls = []
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for("replica")
+        if mine is not None:
+            tls = ["--nats-ca", mine.ca_file, "--nats-cert", mine.cert_file, "--nats-key",
+                   mine.key_file, "--follower-cert", theirs.cert_file, "--follower-key",
+                   theirs.key_file]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure", "--cluster",
+             "--shard", str(shard), "--nats", nodes.urls, "--keyring", keyring, "--data-dir",
+             data_dir, "--listen", listen, *tls],
+            stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
+        self.target = ""
+        for line in self.proc.stdout:  # (its follower's replay first: up to 2 minutes)
+            m = self.LISTEN_RE.search(line)
+            if m:
+                self.target = f"{m.group(1)}:{m.group(2)}"
+                break
+        if not self.target:
+            self.proc.wait(10)
+            raise RuntimeError(f"the front exited {self.proc.returncode}: "
+                               f"{open(self.log_path, errors='replace').read()[-3000:]}")
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait(timeout_s)
+        self._log.close()
+        return rc
+
+
 def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:
     """The replica whose latest role is leading (exactly one)."""
     leading = [r for r in replicas if r.proc.poll() is None and r.roles()[-1:] == ["leading"]]
@@ -224,22 +270,29 @@ def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """3 NATS nodes and SHARDS x 3 replicas on loopback until Ctrl-C, then all stopped by pid.
-    No front yet (docs/cluster.md): operations reach a shard's leader over NATS
-    (cardcore.server.replica.SubmitClient)."""
+    """3 NATS nodes, SHARDS x 3 replicas and a front of shard 0 on loopback until Ctrl-C, then
+    all stopped by pid (a front serves one shard: docs/cluster.md)."""
     ap = argparse.ArgumentParser(prog="devcluster", description=main.__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="var/cluster", help="folders of the nodes and replicas")
     ap.add_argument("--shards", type=int, default=2, choices=range(1, 9))
     ap.add_argument("--lease-ms", type=int, default=3000)
     ap.add_argument("--no-tls", action="store_true",
                     help="plain NATS connections, no users (default: mutual TLS, the roles' users)")
+    ap.add_argument("--front-listen", default="127.0.0.1:50061",
+                    help="where shard 0's front listens (plaintext gRPC, loopback; port 0: any)")
     args = ap.parse_args(argv)
     why = cluster_available()
     if why:
         print(f"make cluster: {why}", file=sys.stderr)
         return 2
     nodes = NatsCluster(os.path.join(args.data_dir, "nats"), tls=not args.no_tls)
+    keyring = os.path.join(args.data_dir, "keyring.json")  # the chain's: replicas and front
+    if not os.path.exists(keyring):
+        from cardcore.keyring import Keyring
+
+        Keyring.load_or_create(keyring, args.data_dir)
     replicas: list[ReplicaProcess] = []
+    front: FrontProcess | None = None
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -248,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in range(3):
                 replicas.append(ReplicaProcess(os.path.join(args.data_dir, f"s{shard}-r{k}"),
                                                shard, nodes.urls, "--lease-ms",
-                                               str(args.lease_ms), *nodes.replica_args()))
+                                               str(args.lease_ms), "--keyring", keyring,
+                                               *nodes.replica_args()))
         for r in replicas:  # (a second start on the folder: its log holds the first's roles)
             r.wait_role("following", after=r.first_role)
         print(f"NATS          {nodes.urls} (monitoring: " + ", ".join(
@@ -256,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if nodes.certs is not None:
             print(f"mutual TLS    CA and role certificates in {nodes.certs} (a submitter: "
                   "ca.pem, nats-front.pem, nats-front.key)")
-        print(f"try it        docs/cluster.md, \"Trying it\": URLS = {nodes.urls!r}, "
+        print(f"over NATS     docs/cluster.md, \"Trying it\": URLS = {nodes.urls!r}, "
               f"CERTS = {nodes.certs!r}")
         for shard in range(args.shards):
             mine = [r for r in replicas if r.shard == shard]
@@ -266,7 +320,18 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
             print(f"shard {shard}       leader {leader_of(mine).data_dir}; submit on "
                   f"cardcore.s{shard}.submit; logs: <replica folder>/replica.log")
-        print("no front yet (docs/cluster.md); Ctrl-C stops everything", flush=True)
+        front = FrontProcess(os.path.join(args.data_dir, "front-s0"), 0, nodes, keyring,
+                             args.front_listen)
+        token = os.path.join(front.data_dir, "admin.token")
+        print(f"front         {front.target}: shard 0's (CardService, AdminService; plaintext "
+              f"gRPC, loopback only); the chain admin's token in {token}; its log "
+              f"{front.log_path}")
+        print(f"try it        .venv/bin/cardcore open-card 6225880000001231 --target "
+              f"{front.target} --token-file {token}  (then top-up, purchase, card: README)")
+        if args.shards > 1:
+            print("              a front serves one shard: shards 1.. run without one (routing "
+                  "over several: not built, docs/cluster.md)")
+        print("Ctrl-C stops everything", flush=True)
         while not stop:
             for r in replicas:
                 if r.proc.poll() is not None and not getattr(r, "reported", False):
@@ -274,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"replica {r.data_dir} exited {r.proc.returncode}", flush=True)
             time.sleep(0.5)
     finally:
+        if front is not None:
+            front.stop()
         for r in replicas:
             if r.proc.poll() is None:
                 r.stop()

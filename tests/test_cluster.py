@@ -1289,15 +1289,18 @@ def test_a_replica_refuses_a_single_servers_data_folder(tmp_path):
 
 def test_make_cluster_starts_prints_where_and_stops_on_ctrl_c_twice_on_one_folder(tmp_path):
     """`make cluster` (devcluster's main) on a new folder and again on the same one: each time
-    it prints the NATS URLs with their monitoring ports, each shard's leader and the "Trying
-    it" pointer, and SIGINT stops everything (exit 0). The second start goes on from the
-    first's stores and ledgers (its replicas' logs hold the first run's roles too)."""
+    it prints the NATS URLs with their monitoring ports, each shard's leader, the "Trying it"
+    pointer and shard 0's front, whose printed command opens a card (first run) that the
+    second run's front still shows; SIGINT stops everything (exit 0). The second start goes
+    on from the first's stores and ledgers (its replicas' logs hold the first run's roles too)."""
+    import re
     import subprocess
     import sys
 
     for run in range(2):
         proc = subprocess.Popen([sys.executable, "-m", "cardcore.server.devcluster", "--data-dir",
-                                 str(tmp_path / "cluster"), "--no-tls"],
+                                 str(tmp_path / "cluster"), "--no-tls", "--front-listen",
+                                 "127.0.0.1:0"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         try:
@@ -1309,6 +1312,19 @@ def test_make_cluster_starts_prints_where_and_stops_on_ctrl_c_twice_on_one_folde
             assert "Ctrl-C stops everything" in text, (run, text)
             assert "/healthz" in text and "Trying it" in text, text
             assert text.count(" leader ") == 2, text  # shards 0 and 1
+            command = re.search(r"try it +\.venv/bin/cardcore (open-card .*?)  \(", text)
+            assert command, text
+            args = command.group(1).split()
+            cli = [sys.executable, "-m", "cardcore.server.cli"]
+            if run == 0:
+                out = subprocess.run(cli + args, capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0 and "OPERATION_TYPE_OPEN_CARD" in out.stdout, out
+                out = subprocess.run(cli + ["top-up", args[1], "12.50", *args[2:]],
+                                     capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0 and "12.50" in out.stdout, out
+            out = subprocess.run(cli + ["card", args[1], *args[2:]], capture_output=True,
+                                 text=True, timeout=60)
+            assert out.returncode == 0 and re.search(r"balance +12\.50", out.stdout), out
             proc.send_signal(signal.SIGINT)
             rest = proc.communicate(timeout=60)[0]
             assert proc.returncode == 0 and "stopped" in rest, (run, rest)
