@@ -104,8 +104,10 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
                 program: str | None = None, keyring: str | None = None) -> list[str]:
     """Every host's files under ``out_dir/<node>/`` (to copy to the host's ``etc_dir``):
     ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
-    and key, the replica role's; with ``keyring``, the chain's keyring, 0600); the fronts' under
-    ``out_dir/front/``; the CA's key stays in
+    and key, the replica role's; with ``keyring``, the chain's index key alone, 0600); the
+    fronts' under ``out_dir/front/`` (``front.env``, the front role's certificate and key, the
+    replica role's for its follower, and with ``keyring`` the whole keyring: a front reads PIN
+    blocks and card data); the CA's key stays in
     ``out_dir/ca/`` (keep it off the hosts). The paths written inside are the hosts' own."""
     import shutil
 
@@ -149,8 +151,22 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
                            (f"nats-node-{node.name}.key", 0o600), ("nats-replica.pem", 0o644),
                            ("nats-replica.key", 0o600)):
             put(os.path.join(here, "nats", stem), source=os.path.join(ca_dir, stem), mode=mode)
-    for stem, mode in (("ca.pem", 0o644), ("nats-front.pem", 0o644), ("nats-front.key", 0o600)):
+    front_etc = etc_dir.replace('{node}', "front")
+    for stem, mode in (("ca.pem", 0o644), ("nats-front.pem", 0o644), ("nats-front.key", 0o600),
+                       ("nats-replica.pem", 0o644), ("nats-replica.key", 0o600)):
         put(os.path.join(out_dir, "front", stem), source=os.path.join(ca_dir, stem), mode=mode)
+    if keyring:
+        put(os.path.join(out_dir, "front", "keyring.json"), source=keyring, mode=0o600)
+    put(os.path.join(out_dir, "front", "front.env"), (
+        "# cardcore serve --cluster on a front host (deploy/cardcore-front.service)\n"
+        f"CARDCORE_NATS_URLS={urls_of(nodes)}\n"
+        f"CARDCORE_NATS_CA={front_etc}/ca.pem\n"
+        f"CARDCORE_NATS_CERT={front_etc}/nats-front.pem\n"
+        f"CARDCORE_NATS_KEY={front_etc}/nats-front.key\n"
+        f"CARDCORE_FOLLOWER_CERT={front_etc}/nats-replica.pem\n"
+        f"CARDCORE_FOLLOWER_KEY={front_etc}/nats-replica.key\n"
+        + (f"CARDCORE_KEYRING={front_etc}/keyring.json\n" if keyring else
+           "# CARDCORE_KEYRING=... the chain's keyring (cluster-config --keyring puts it here)\n")))
     return written
 
 
@@ -188,9 +204,10 @@ def cmd_cluster_config(args) -> int:
     for path in paths:
         print(path)
     print(f"copy <node>/* to each host's {args.etc_dir}/ (owned by the cardcore user: its keys "
-          f"are 0600), front/* to each front; keep {os.path.join(args.out, 'ca')} (the CA's "
-          "key) off the hosts; units: deploy/cardcore-nats.service, "
-          "deploy/cardcore-replica@.service (docs/cluster.md)", file=sys.stderr)
+          f"are 0600), front/* to each front's {args.etc_dir.replace('{node}', 'front')}/; "
+          f"keep {os.path.join(args.out, 'ca')} (the CA's key) off the hosts; units: "
+          "deploy/cardcore-nats.service, deploy/cardcore-replica@.service, "
+          "deploy/cardcore-front.service (docs/cluster.md)", file=sys.stderr)
     return 0
 
 

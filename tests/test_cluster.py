@@ -26,7 +26,7 @@ from cardcore.ledger import Ledger
 from cardcore.server.replica import SubmitClient
 from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader_of
 from cluster_fixtures import ledger_digest
-from conftest import new_card_number, rid
+from conftest import Client, ServerProcess, new_card_number, rid
 from test_determinism import run_groups
 from test_ledger import KEY, NOW, add_operator, cid, enroll, key, op, open_op
 
@@ -900,8 +900,10 @@ def routes_of(http_port: int) -> int:
 def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
     """`cardcore cluster-config` for three hosts (here 127.0.0.1-3, each with its folders): each
     host's nats.conf starts its node, its replica.env (what the systemd unit reads) starts its
-    replica, the fronts' certificate submits; the replicas end identical. A second run into the
-    same folder, an even number of nodes or a bad name are refused."""
+    replica, the fronts' certificate submits, and the front's files (front.env, what its unit
+    reads) run a front that opens and tops up a card; the replicas and the front's follower end
+    identical. A second run into the same folder, an even number of nodes or a bad name are
+    refused."""
     import subprocess
     import sys
     import urllib.request
@@ -985,10 +987,36 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
             open_cards(front, 3, random.Random(3))
         finally:
             front.close()
+        front_etc = tmp_path / "front" / "etc"
+        os.makedirs(front_etc)
+        for item in (out / "front").iterdir():
+            os.rename(item, front_etc / item.name)
+        assert oct(os.stat(front_etc / "keyring.json").st_mode & 0o777) == "0o600"
+        with open(front_etc / "front.env") as f:
+            front_env = dict(line.strip().split("=", 1) for line in f
+                             if line.strip() and not line.startswith("#"))
+        saved = {k: os.environ.get(k) for k in front_env}
+        os.environ.update(front_env)  # (ServerProcess passes its environment on)
+        try:
+            served = ServerProcess(str(tmp_path / "front" / "data"), "--cluster")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+        try:
+            till = Client(served.stub)
+            number = till.funded_card(4_200)
+            assert till.card(number).balance.available_minor == 4_200
+        finally:
+            served.stop()
+        follower = ReplicaProcess.__new__(ReplicaProcess)
+        follower.data_dir = os.path.join(served.data_dir, f"shard-{SHARD}")
         converge_and_stop(three_replicas, urls, SHARD, NatsTLS(
             envs[0]["CARDCORE_NATS_CA"], envs[0]["CARDCORE_NATS_CERT"],
             envs[0]["CARDCORE_NATS_KEY"]))
-        identical(three_replicas)
+        identical(three_replicas + [follower])
         ledger = Ledger(os.path.join(three_replicas[0].data_dir, "ledger"), readonly=True)
         try:  # the genesis program is the one cluster-config put on every host
             with open(cafe) as f:
