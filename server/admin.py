@@ -49,6 +49,14 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+class AdminRefused(RuntimeError):
+    """An admin operation the server made itself (at start-up) was refused: ``reason``."""
+
+    def __init__(self, reason: int) -> None:
+        super().__init__(f"admin operation refused: {R.Name(reason)}")
+        self.reason = reason
+
+
 class AdminService(apb_grpc.AdminServiceServicer):
     def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access,
                  on_program=lambda: None):
@@ -83,7 +91,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
             self.access.reload()
         if reason != L.R_OK:
             if context is None:
-                raise RuntimeError(f"admin operation refused: {R.Name(reason)}")
+                raise AdminRefused(reason)
             log.info("refused %s", R.Name(reason), extra={"reason": R.Name(reason)})
             await abort(context, failure(reason))
         if op.request_key:

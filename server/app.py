@@ -30,8 +30,8 @@ from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
-from .access import FAILURES_PER_MINUTE_DEFAULT, Access, new_token
-from .admin import AdminService
+from .access import FAILURES_PER_MINUTE_DEFAULT, Access, new_token, token_digest
+from .admin import AdminRefused, AdminService
 from .metrics import Metrics
 from . import reflection
 from .service import CardService, add_service
@@ -139,8 +139,21 @@ async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -
         f.write(token + "\n")
         f.flush()
         os.fsync(f.fileno())
-    await admin.add_operator(None, request_key(L.CALLER_SYSTEM, 0, f"bootstrap-{name}".encode()),
-                             name, cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0, token=token)
+    try:
+        await admin.add_operator(None, request_key(L.CALLER_SYSTEM, 0,
+                                                   f"bootstrap-{name}".encode()),
+                                 name, cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0, token=token)
+    except AdminRefused as exc:
+        if exc.reason != L.R_DUPLICATE_REQUEST_MISMATCH:
+            raise
+    access.reload()
+    if token_digest(token) not in access.operators_by_digest:
+        # a cluster's fronts started together on an empty shard: another front's request (the
+        # same request key, another token) made the admin first; ours names nobody
+        os.unlink(path)
+        log.warning("the chain admin %r was made by another front of the shard at the same "
+                    "time: its token is in that front's data folder", name)
+        return
     log.warning("created the chain admin %r (no operator was active); its token is in %s (0600). "
                 "Use it to add named operators, then remove %r and delete the file", name, path,
                 name)
@@ -311,6 +324,9 @@ async def serve(cfg: ServerConfig) -> None:
         if ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000:
             outcome = (await writer.submit([window_op(cfg.request_window_s)]))[0]
             if outcome.reason != L.R_OK:
+                if cluster:
+                    raise WriterFailed(f"the shard did not take the request window "
+                                       f"({outcome.reason}): is a replica leading?")
                 raise StartupError(f"the request window was refused: {outcome.reason}")
             log.warning("request retention window set to %d hours", cfg.request_window_s // 3600)
         metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
@@ -321,8 +337,16 @@ async def serve(cfg: ServerConfig) -> None:
         card_service = CardService(ledger, writer, keyring, access)
         admin = AdminService(ledger, writer, keyring, access,
                              on_program=card_service.adopt_program)
-        await _bootstrap_admin(admin, access, cfg.data_dir)
-        resealed = await admin.reseal(None)  # finishes a rotation a stop interrupted
+        try:
+            await _bootstrap_admin(admin, access, cfg.data_dir)
+            resealed = await admin.reseal(None)  # finishes a rotation a stop interrupted
+        except RuntimeError as exc:  # (an admin operation refused at start-up)
+            if not cluster:
+                raise
+            # the shard's leader did not answer in time (none yet, NATS down): exit 1, so a
+            # supervisor starts the front again
+            raise WriterFailed(f"the shard did not take a start-up operation ({exc}): is a "
+                               "replica leading?") from None
         if resealed:
             log.info("re-sealed %d card numbers under data key version %d", resealed,
                      keyring.data_key_current)

@@ -239,3 +239,67 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
         for r in replicas:
             r.stop()
         nodes.stop()
+
+
+def test_two_fronts_starting_at_once_on_an_empty_shard_make_one_admin(
+        nats_cluster, start_replica, start_front, keyring):
+    """Both see no operator and ask for the chain admin with the same request key (the
+    replicas are paused until both have asked, so neither can see the other's first): one is
+    made, its token in one front's folder (the other's file, naming nobody, removed: the front
+    says so), and that token is an operator on both fronts."""
+    replicas = three(start_replica, "--keyring", keyring)
+    fronts: dict[str, ServerProcess] = {}
+
+    def start(name: str) -> None:
+        fronts[name] = start_front(name)
+
+    for r in replicas:
+        os.kill(r.pid, signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=start, args=(name,)) for name in ("a", "b")]
+        for t in threads:
+            t.start()
+
+        def asked(name: str) -> bool:  # its follower caught up: it reads no operator, asks
+            path = os.path.join(nats_cluster.folder, name, f"shard-{SHARD}", "replica.log")
+            return os.path.exists(path) and "following" in open(path).read()
+
+        until(lambda: asked("a") and asked("b"), 60, "both fronts' followers")
+        time.sleep(1.0)
+    finally:
+        for r in replicas:
+            os.kill(r.pid, signal.SIGCONT)
+    for t in threads:
+        t.join(180)
+    assert set(fronts) == {"a", "b"}
+    tokens = [f.admin_token for f in fronts.values()
+              if os.path.exists(os.path.join(f.data_dir, "admin.token"))]
+    assert len(tokens) == 1, [f.log()[-1500:] for f in fronts.values()]
+    assert sum("made by another front" in f.log() for f in fronts.values()) == 1
+    for front in fronts.values():
+        admin = Admin(front.channel, tokens[0])
+        listed = admin.stub.ListOperators(apb.ListOperatorsRequest(), metadata=admin.metadata)
+        assert [o.name for o in listed.operators] == ["admin"]
+
+
+def test_a_front_whose_follower_is_killed_starts_it_again_and_reads_on(
+        nats_cluster, start_replica, start_front, keyring):
+    """kill -9 of the front's follower: the front says so, starts it again on its folder, and
+    a write then a read of it through the front are answered as before."""
+    import subprocess
+
+    three(start_replica, "--keyring", keyring)
+    front = start_front("front")
+    client = Client(front.stub)
+    number = client.funded_card(1_000)
+    folder = os.path.join(front.data_dir, f"shard-{SHARD}")
+    pids = subprocess.run(["pgrep", "-f", f"replica --shard {SHARD} --data-dir {folder} "],
+                          capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), signal.SIGKILL)
+    until(lambda: "the follower exited" in front.log(), 30, "the front seeing its follower go")
+    client.top_up(number, 234)
+    assert client.card(number).balance.available_minor == 1_234
+    again = subprocess.run(["pgrep", "-f", f"replica --shard {SHARD} --data-dir {folder} "],
+                           capture_output=True, text=True).stdout.split()
+    assert len(again) == 1 and again != pids, (pids, again)
