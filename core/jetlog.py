@@ -66,6 +66,7 @@ READ_AHEAD = 64                   # direct gets in flight while a replica reads 
 # (a submitter must not hear a replica's reads of the log): docs/cluster.md.
 REPLICA_INBOX_PREFIX = "_INBOX_replica"
 SUBMIT_INBOX_PREFIX = "_INBOX_front"
+FOLLOWER_INBOX_PREFIX = "_INBOX_follower"  # a front's follower (replica --follow-only)
 REFUSALS_PER_URL = 2   # a connect refused this many times by every server is a setting
 RETRY_PAUSE_S = 0.25   # between connects after a refusal
 CALL_TIMEOUT_S = 5.0              # one request to NATS (stream info, a get, a KV call)
@@ -316,12 +317,26 @@ async def _nats_error(exc: Exception) -> None:
     log.warning("nats: %s: %s%s", type(exc).__name__, exc, more)
 
 
+class ShardMissing(Exception):
+    """A shard a follower (``replica --follow-only``: a front's) asked for has no stream or
+    genesis yet: its replicas make them, never a follower."""
+
+
 async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: str | None,
-                       now_us: int, keyring: str | None = None) -> dict:
+                       now_us: int, keyring: str | None = None, create: bool = True) -> dict:
     """The shard's stream and the cluster's KV buckets, made if absent (the same configuration
     every time: the first replica to start makes them); the shard's genesis record, made only if
     absent and never changed: {"time_us", "program", "keyring"} (program None: the default one;
-    keyring: the index key's fingerprint its replicas hold, None: keyless)."""
+    keyring: the index key's fingerprint its replicas hold, None: keyless). ``create`` False (a
+    follower, whose certificate may not make them): only read, ShardMissing if absent."""
+    if not create:
+        try:
+            await js.stream_info(stream_name(shard))
+            shards = await js.key_value(SHARDS_BUCKET)
+            return json.loads((await shards.get(f"s{shard}-genesis")).value)
+        except (nats.js.errors.NotFoundError, nats.js.errors.KeyNotFoundError):
+            raise ShardMissing(f"shard {shard} has no stream or genesis yet: its replicas make "
+                               "them (start them first)") from None
     cfg = js_api.StreamConfig(
         name=stream_name(shard), subjects=[log_subject(shard)],
         storage=js_api.StorageType.FILE, num_replicas=replicas,
@@ -345,14 +360,15 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
 
 
 def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
-                  program: str | None, now_us: int, keyring: str | None = None) -> dict:
+                  program: str | None, now_us: int, keyring: str | None = None,
+                  create: bool = True) -> dict:
     """``ensure_shard`` from the synchronous side, tried again while a new cluster, or a stream
     another replica just made, has no leader yet ("no responders", a timeout)."""
     deadline = time.monotonic() + SETUP_TIMEOUT_S
     while True:
         try:
             return nt.call(ensure_shard(nt.js, shard, replicas, lease_ms, program, now_us,
-                                        keyring))
+                                        keyring, create))
         except (nats.errors.Error, TimeoutError) as exc:
             if time.monotonic() > deadline:
                 raise

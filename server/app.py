@@ -87,7 +87,11 @@ class ServerConfig:
     cluster_nats: list[str] | None = None
     cluster_shard: int = 0
     nats_tls: tuple[str, str, str] | None = None  # CA, the front role's certificate and key
-    follower_tls: tuple[str, str] | None = None   # the replica role's (the front's follower)
+    follower_tls: tuple[str, str] | None = None   # the follower role's (the front's follower)
+    follower_seed_from: str | None = None         # a backup its follower starts from (a new
+    # front on a shard whose stream was purged)
+    submit_timeout_ms: int = 2000                 # a submit's first wait for the leader
+    request_window_given: bool = True             # a front sets the shard's only when asked
 
 
 class StartupError(Exception):
@@ -184,13 +188,15 @@ async def _load_program_file(ledger: Ledger, writer: Writer, source: str, path: 
     log.warning("program %s stored as version %d", path, ledger.program_version)
 
 
-def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics):
+def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal):
     """A front's writer (docs/cluster.md): the shard's leader over NATS, its own follower."""
     from cardcore.jetlog import NatsTLS
 
     from .front import ClusterWriter
 
     follower_args = ["--keyring", cfg.keyring_path]
+    if cfg.follower_seed_from:
+        follower_args += ["--seed-from", cfg.follower_seed_from]
     if cfg.nats_tls is not None:
         assert cfg.follower_tls is not None
         follower_args += ["--nats-ca", cfg.nats_tls[0], "--nats-cert", cfg.follower_tls[0],
@@ -199,7 +205,8 @@ def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics):
                          cfg.cluster_shard, cfg.cluster_nats, loop,
                          nats_tls=NatsTLS(*cfg.nats_tls) if cfg.nats_tls else None,
                          follower_args=tuple(follower_args), metrics=metrics,
-                         queue_max_ops=cfg.queue_max_ops)
+                         queue_max_ops=cfg.queue_max_ops,
+                         submit_timeout_s=cfg.submit_timeout_ms / 1000, on_fatal=on_fatal)
 
 
 def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService):
@@ -293,7 +300,7 @@ async def serve(cfg: ServerConfig) -> None:
     # The writer process creates the environment; this process only reads it.
     metrics = Metrics()
     if cluster:
-        writer = _cluster_writer(cfg, loop, metrics)
+        writer = _cluster_writer(cfg, loop, metrics, fatal)
     else:
         writer = Writer(ledger_path, program_source, loop, sync=cfg.sync, metrics=metrics,
                         log_level=cfg.log_level, log_format=cfg.log_format,
@@ -311,7 +318,12 @@ async def serve(cfg: ServerConfig) -> None:
     except Exception as exc:
         if not cluster:
             raise
-        raise StartupError(f"the front could not start: {type(exc).__name__}: {exc}") from None
+        from .front import FrontSetting
+
+        if isinstance(exc, FrontSetting):
+            raise StartupError(f"the front cannot start: {exc}") from None
+        raise WriterFailed(f"the front could not start (started again, it tries again): "
+                           f"{type(exc).__name__}: {exc}") from None
     ledger = admin = None
     health_servicer = health.aio.HealthServicer()
     try:
@@ -321,7 +333,8 @@ async def serve(cfg: ServerConfig) -> None:
             writer.attach(ledger)
         if program_source is not None:
             await _load_program_file(ledger, writer, program_source, cfg.program_path)
-        if ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000:
+        if (ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000
+                and (not cluster or cfg.request_window_given)):  # (a shard's: set when asked)
             outcome = (await writer.submit([window_op(cfg.request_window_s)]))[0]
             if outcome.reason != L.R_OK:
                 if cluster:

@@ -40,7 +40,7 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 NATS_NODE_CN_PREFIX = "nats-node:"
 NATS_ROUTE_URI = "urn:cardcore:nats-route"  # every node's: the routes' one user (clusterconf)
-NATS_ROLES = ("replica", "front")  # the role certificates' names are nats:<role>
+NATS_ROLES = ("replica", "front", "follower")  # the role certificates' names are nats:<role>
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _FILE_STEM_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -270,7 +270,7 @@ def add_parser(sub) -> None:
     p.add_argument("name", metavar="NAME", help="the node's name, 1..32 of A-Z a-z 0-9 . _ -")
     p.add_argument("--host", dest="hosts", action="append", metavar="HOST",
                    help="a DNS name or IP address the node is reached by (repeatable)")
-    p = commands.add_parser("nats-client", help="a NATS role certificate: replica or front")
+    p = commands.add_parser("nats-client", help="a NATS role certificate: replica, front or follower (a front's)")
     cert_dir(p)
     p.add_argument("role", choices=NATS_ROLES,
                    help="replica (a shard's replica) or front (submits only): docs/cluster.md")

@@ -160,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-member-metrics", action="store_true",
                    help="BENCHMARKS ONLY: keep no member metrics (their cost's benchmark; the "
                         "next start without it fills them again from the journal)")
-    p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24),
-                   default=REQUEST_WINDOW_S_DEFAULT // 3600,
+    p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24), default=None,
                    help="request records are kept, and requests accepted, for this many hours "
-                        "after their client time (default %(default)s: a week, longer than a "
-                        "store stays offline); at least 1")
+                        f"after their client time (default {REQUEST_WINDOW_S_DEFAULT // 3600}: a "
+                        "week, longer than a store stays offline); at least 1. A front sets its "
+                        "shard's only when given"),
     p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
                    help="clear stale LMDB reader slots (readers killed -9) this often, in "
                         "seconds (default %(default)g)")
@@ -185,10 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
                    help="its private key, PEM (nats-front.key)")
     g.add_argument("--follower-cert", default=os.environ.get("CARDCORE_FOLLOWER_CERT"),
-                   help="the replica role's certificate, PEM, for the front's follower "
-                        "(nats-replica.pem)")
+                   help="the follower role's certificate, PEM, for the front's follower "
+                        "(nats-follower.pem: reads the shard's stream, never writes it)")
     g.add_argument("--follower-key", default=os.environ.get("CARDCORE_FOLLOWER_KEY"),
-                   help="its private key, PEM (nats-replica.key)")
+                   help="its private key, PEM (nats-follower.key)")
+    g.add_argument("--follower-seed-from", metavar="BACKUP", default=None,
+                   help="a new front's follower starts from this backup of a replica (cardcore "
+                        "backup), as cardcore replica --seed-from: needed once the shard's "
+                        "stream no longer starts at its first group (retention)")
+    g.add_argument("--submit-timeout-ms", type=int_arg(1, 60_000), default=2000,
+                   help="a submit's first wait for the shard leader's answer, doubled at each "
+                        "unanswered try up to 8 s; unanswered: sent again (default %(default)s)")
     p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
                    help="bring LMDB up to date from the group log (a synced commit) at least this "
                         "often while operations arrive, in milliseconds (default %(default)s)")

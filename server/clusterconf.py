@@ -25,8 +25,8 @@ from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_
 # the checkpoints, the logs' subjects,
 # submissions (answered through allow_responses, and only to a submitter's inbox: the replica
 # checks), its own inbox; a front: submit, a stream's info (where its follower must be before a
-# read of everything), and its own inbox (not the replicas' reads: its follower has the
-# replica's certificate).
+# read of everything), and its own inbox (not the replicas' reads); a front's follower: the
+# reads of a replica and its retention report, never a log, a lease, a genesis or a purge.
 ROLE_PERMISSIONS = {
     "replica": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*",
                             "$JS.API.STREAM.MSG.GET.*", "$JS.API.DIRECT.GET.>",
@@ -36,6 +36,9 @@ ROLE_PERMISSIONS = {
                 "subscribe": ["cardcore.*.submit", "_INBOX_replica.>"], "allow_responses": True},
     "front": {"publish": ["cardcore.*.submit", "$JS.API.STREAM.INFO.*"],
               "subscribe": ["_INBOX_front.>"]},
+    "follower": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.MSG.GET.*",
+                             "$JS.API.DIRECT.GET.>", "$KV.cardcore-checkpoints.>"],
+                 "subscribe": ["_INBOX_follower.>"]},
 }
 CLUSTER_NAME = "cardcore"
 NODES_MIN, NODES_MAX = 3, 7          # a quorum that survives a node (3) .. what we ever tried (7)
@@ -106,7 +109,7 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
     ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
     and key, the replica role's; with ``keyring``, the chain's index key alone, 0600); the
     fronts' under ``out_dir/front/`` (``front.env``, the front role's certificate and key, the
-    replica role's for its follower, and with ``keyring`` the whole keyring: a front reads PIN
+    follower role's for its follower, and with ``keyring`` the whole keyring: a front reads PIN
     blocks and card data); the CA's key stays in
     ``out_dir/ca/`` (keep it off the hosts). The paths written inside are the hosts' own."""
     import shutil
@@ -153,7 +156,7 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
             put(os.path.join(here, "nats", stem), source=os.path.join(ca_dir, stem), mode=mode)
     front_etc = etc_dir.replace('{node}', "front")
     for stem, mode in (("ca.pem", 0o644), ("nats-front.pem", 0o644), ("nats-front.key", 0o600),
-                       ("nats-replica.pem", 0o644), ("nats-replica.key", 0o600)):
+                       ("nats-follower.pem", 0o644), ("nats-follower.key", 0o600)):
         put(os.path.join(out_dir, "front", stem), source=os.path.join(ca_dir, stem), mode=mode)
     if keyring:
         put(os.path.join(out_dir, "front", "keyring.json"), source=keyring, mode=0o600)
@@ -163,8 +166,8 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
         f"CARDCORE_NATS_CA={front_etc}/ca.pem\n"
         f"CARDCORE_NATS_CERT={front_etc}/nats-front.pem\n"
         f"CARDCORE_NATS_KEY={front_etc}/nats-front.key\n"
-        f"CARDCORE_FOLLOWER_CERT={front_etc}/nats-replica.pem\n"
-        f"CARDCORE_FOLLOWER_KEY={front_etc}/nats-replica.key\n"
+        f"CARDCORE_FOLLOWER_CERT={front_etc}/nats-follower.pem\n"
+        f"CARDCORE_FOLLOWER_KEY={front_etc}/nats-follower.key\n"
         + (f"CARDCORE_KEYRING={front_etc}/keyring.json\n" if keyring else
            "# CARDCORE_KEYRING=... the chain's keyring (cluster-config --keyring puts it here)\n")))
     return written

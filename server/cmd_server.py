@@ -9,6 +9,7 @@ import os
 import sys
 
 from .text import UsageError, fen, table
+from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
 
 # The gRPC process's event loop. grpc.aio runs on any asyncio loop; uvloop's (libuv, a hard
 # dependency) does the loop's own work in C: the default where measured cheaper (README, "Where
@@ -36,15 +37,14 @@ def cmd_serve(args) -> int:
                        group_max_ops=args.group_max_ops, group_wait_us=args.group_wait_us,
                        queue_max_ops=args.queue_max_ops, groups_in_flight=args.groups_in_flight,
                        map_size_mib=args.map_size_mib, metrics_listen=args.metrics_listen,
-                       request_window_s=args.request_window_hours * 3600,
+                       request_window_s=(args.request_window_hours
+                                         or REQUEST_WINDOW_S_DEFAULT // 3600) * 3600,
+                       request_window_given=args.request_window_hours is not None,
                        reader_check_s=args.reader_check_s, checkpoint_ms=args.checkpoint_ms,
                        checkpoint_ops=args.checkpoint_ops,
                        log_segment_mib=args.log_segment_mib,
                        day_totals=not args.no_day_totals,
                        member_metrics=not args.no_member_metrics)
-    if args.request_window_hours < 1:
-        print("cardcore: --request-window-hours is at least 1", file=sys.stderr)
-        return 2
     if args.cluster:
         files = (args.nats_ca, args.nats_cert, args.nats_key, args.follower_cert,
                  args.follower_key)
@@ -58,6 +58,8 @@ def cmd_serve(args) -> int:
             return 2
         cfg.cluster_nats = [u for u in args.nats.split(",") if u]
         cfg.cluster_shard = args.shard
+        cfg.follower_seed_from = args.follower_seed_from
+        cfg.submit_timeout_ms = args.submit_timeout_ms
         if all(files):
             cfg.nats_tls, cfg.follower_tls = files[:3], files[3:]
     try:

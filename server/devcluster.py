@@ -229,7 +229,7 @@ class FrontProcess:
         self.log_path = os.path.join(data_dir, "front.log")
         self._log = open(self.log_path, "ab")
         tls = []
-        mine, theirs = nodes.tls_for("front"), nodes.tls_for("replica")
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for("follower")
         if mine is not None:
             tls = ["--nats-ca", mine.ca_file, "--nats-cert", mine.cert_file, "--nats-key",
                    mine.key_file, "--follower-cert", theirs.cert_file, "--follower-key",

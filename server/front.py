@@ -34,6 +34,7 @@ from typing import Callable
 
 from cardcore import layout as L
 from cardcore.groups import deferrable, encode_group
+from cardcore.ext.batchwire import mark_dirty
 from cardcore.idempotency import PendingOp
 from cardcore.jetlog import NatsThread, NatsTLS, SUBMIT_INBOX_PREFIX, stream_name, submit_subject
 from cardcore.ledger import Ledger, Outcome
@@ -43,12 +44,14 @@ from .journal_signal import JournalSignal
 from .metrics import Metrics
 from .replica import (MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
                       decode_reply_group)
-from .writer import QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped
+from .writer import DIRTY_PRUNE_AT, QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped
 
 log = logging.getLogger("cardcore.front")
 
-REQUEST_TIMEOUT_S = 2.0     # one submit's wait for the leader's answer (then: outcome unknown,
-                            # sent again: a leader killed -9 never answers what it had in hand)
+SUBMIT_TIMEOUT_S = 2.0      # a submit's first wait for the leader's answer (then: outcome
+                            # unknown, sent again: a leader killed -9 never answers what it had
+                            # in hand); doubled at each unanswered try, up to:
+SUBMIT_TIMEOUT_MAX_S = 8.0
 SENDERS_MAX = 8             # submits in flight at once; requests arriving meanwhile go together
 SUBMIT_LIMIT_S = 15.0       # a request with no deadline is tried this long (> a failover, ~3 s)
 RETRY_PAUSE_S = (0.02, 0.5)  # the first and the longest pause between tries
@@ -59,6 +62,14 @@ RELOAD_EVERY_S = 0.5        # admin state (terminals, operators, program) re-rea
 FOLLOWER_CHECKPOINT_MS = 5  # the follower makes what it applied readable this often
 FOLLOWER_START_S = 120.0    # a new follower replays the shard's stream before the front serves
 FOLLOWER_RESTART_S = 1.0    # a follower that exited is started again after this pause
+
+
+class FrontSetting(Exception):
+    """The front cannot start with its settings (the message says which): exit 2."""
+
+
+class FrontUnavailable(Exception):
+    """NATS or the shard did not answer at start: exit 1, a supervisor starts it again."""
 
 
 def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
@@ -74,6 +85,19 @@ class _Item:
         self.future = future
         self.deadline = deadline
         self.on_answer = on_answer
+
+
+class _Unit:
+    """An item's operations in one submit (a whole item, or a part of a large one)."""
+    __slots__ = ("item", "ops", "limit", "tried", "maybe_applied", "outcomes")
+
+    def __init__(self, item: _Item, ops: list[PendingOp]) -> None:
+        self.item = item
+        self.ops = ops
+        self.limit = 0.0                # when its caller stops waiting (monotonic)
+        self.tried = False              # sent at least once
+        self.maybe_applied = False      # a try went unanswered: maybe applied
+        self.outcomes: list[Outcome] | None = None
 
 
 def _answer(item: _Item, outcomes: list[Outcome]) -> None:
@@ -93,9 +117,12 @@ class ClusterWriter:
     def __init__(self, data_dir: str, shard: int, nats_urls: list[str], loop:
                  asyncio.AbstractEventLoop, *, nats_tls: NatsTLS | None = None,
                  follower_args: tuple[str, ...] = (), metrics: Metrics | None = None,
-                 queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT) -> None:
+                 queue_max_ops: int = QUEUE_MAX_OPS_DEFAULT,
+                 submit_timeout_s: float = SUBMIT_TIMEOUT_S,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         """``follower_args``: the follower's extra ``cardcore replica`` arguments (its keyring,
-        its NATS certificate: the replica role's, which may read the stream)."""
+        its NATS certificate: the follower role's, which may read the stream, never write it);
+        ``on_fatal``: the follower cannot run (a setting: it exited 2)."""
         self.data_dir = data_dir
         self.ledger_path = os.path.join(data_dir, "ledger")
         self.shard = shard
@@ -107,6 +134,11 @@ class ClusterWriter:
         self.on_advance: Callable[[], None] | None = None  # admin state changed, maybe
         self._nats_tls = nats_tls
         self._follower_args = follower_args
+        self.submit_timeout_s = submit_timeout_s
+        self._on_fatal = on_fatal
+        # groups answered for, by card and by request key, that the follower may not hold yet
+        self._dirty_cards: dict[bytes, int] = {}
+        self._dirty_keys: dict[bytes, int] = {}
         self._queued_ops = 0
         self._queue: collections.deque[_Item] = collections.deque()
         self._senders = 0
@@ -123,6 +155,7 @@ class ClusterWriter:
         self.nt: NatsThread | None = None
         self.follower: ReplicaProcess | None = None
         self._poller: asyncio.Task | None = None
+        self._restarting: asyncio.Future | None = None  # a follower being started again
         self.groups = 0            # submit requests answered (as the Writer's groups)
         self.ops_applied = 0
         self.resent = 0            # requests sent again after "not the leader" or "unknown"
@@ -137,16 +170,38 @@ class ClusterWriter:
 
     def start(self) -> None:
         """Connect to NATS and start the follower; return once it has replayed the shard's
-        stream (as it ended when it started) into its ledger."""
-        self.nt = NatsThread(self.urls, f"cardcore-front-s{self.shard}-{os.getpid()}",
-                             self._nats_tls, SUBMIT_INBOX_PREFIX)
-        self._start_follower(FOLLOWER_START_S)
+        stream (as it ended when it started) into its ledger. Raises FrontSetting (a setting to
+        fix) or FrontUnavailable (NATS or the shard not there yet: start again later)."""
+        from cardcore.jetlog import NatsRefused, NatsUnavailable
+
+        try:
+            self.nt = NatsThread(self.urls, f"cardcore-front-s{self.shard}-{os.getpid()}",
+                                 self._nats_tls, SUBMIT_INBOX_PREFIX)
+        except NatsRefused as exc:
+            raise FrontSetting(str(exc)) from None
+        except NatsUnavailable as exc:
+            raise FrontUnavailable(str(exc)) from None
+        try:
+            self._start_follower(FOLLOWER_START_S)
+        except BaseException:
+            if self.follower is not None:
+                self.follower.stop()
+            self.nt.close()
+            raise
 
     def _start_follower(self, timeout_s: float) -> None:
+        """The follower, on its folder, caught up (FrontSetting if it exited 2: its log says
+        why; FrontUnavailable if it exited otherwise or did not catch up in time)."""
         self.follower = ReplicaProcess(self.data_dir, self.shard, ",".join(self.urls),
                                        "--follow-only", "--checkpoint-ms",
                                        str(FOLLOWER_CHECKPOINT_MS), *self._follower_args)
-        self.follower.wait_role("following", timeout_s, after=self.follower.first_role)
+        try:
+            self.follower.wait_role("following", timeout_s, after=self.follower.first_role)
+        except RuntimeError as exc:
+            tail = str(exc)[-600:]
+            if self.follower.proc.poll() == 2:
+                raise FrontSetting(f"its follower cannot run: {tail}") from None
+            raise FrontUnavailable(f"its follower did not catch up: {tail}") from None
 
     def attach(self, ledger: Ledger) -> None:
         """The server's reader of the follower's ledger (one per process: LMDB's rule)."""
@@ -162,6 +217,8 @@ class ClusterWriter:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         if self._poller is not None:
             self._poller.cancel()
+        if self._restarting is not None and not self._restarting.done():
+            await asyncio.wait([self._restarting], timeout=FOLLOWER_START_S)  # (its thread)
         if self.follower is not None:
             await self.loop.run_in_executor(None, self.follower.stop)
         if self.nt is not None:
@@ -209,63 +266,62 @@ class ClusterWriter:
             self._senders -= 1
 
     async def _run(self, items: list[_Item]) -> None:
-        now = time.monotonic()
-        late = [it for it in items if it.deadline is not None and it.deadline <= now]
-        items = [it for it in items if it not in late]
-        for it in late:  # the caller has given up before it was sent: never sent
-            self._queued_ops -= len(it.ops)
-            _answer(it, _uniform(L.R_DEADLINE_EXCEEDED, it.ops))
-        if not items:
-            return
-        ops = [op for it in items for op in it.ops]
-        deadline = (None if any(it.deadline is None for it in items)
-                    else max(it.deadline for it in items))
-        outcomes: list[Outcome] = []
+        """Send ``items`` (one submit; an item of more than SUBMIT_OPS_MAX operations alone, in
+        parts, in order) and answer each."""
+        if len(items) == 1 and len(items[0].ops) > SUBMIT_OPS_MAX:
+            ops = items[0].ops
+            units = [_Unit(items[0], ops[k:k + SUBMIT_OPS_MAX])
+                     for k in range(0, len(ops), SUBMIT_OPS_MAX)]
+            runs = [[u] for u in units]  # one after another: a batch's order
+        else:
+            units = [_Unit(it, it.ops) for it in items]
+            runs = [units]
         try:
-            for k in range(0, len(ops), SUBMIT_OPS_MAX):  # in order: a batch's parts one by one
-                part = ops[k:k + SUBMIT_OPS_MAX]
-                got, group = await self._send(part, deadline)
-                outcomes += got
-                if group and not all(deferrable(op) for op in part):
-                    # an admin change: readable here before it is answered (as the single
-                    # server checkpoints it first), so the caller's next read sees it
-                    try:
-                        await self._wait_applied(group)
-                    except Stale:
-                        log.warning("front s%d: group %d not yet in the follower's ledger",
-                                    self.shard, group)
-                    self._reload()
+            for run in runs:
+                await self._send(run)
         except Exception:  # never leave a caller without an answer
             log.exception("front s%d: a submit failed", self.shard)
-            outcomes += _uniform(L.R_OUTCOME_UNKNOWN, ops[len(outcomes):])
-        finally:
-            self._queued_ops -= len(ops)
-        self.ops_applied += len(ops)
-        k = 0
+            for u in units:
+                if u.outcomes is None:
+                    u.outcomes = _uniform(L.R_OUTCOME_UNKNOWN, u.ops)
         for it in items:
-            _answer(it, outcomes[k:k + len(it.ops)])
-            k += len(it.ops)
+            outcomes = [o for u in units if u.item is it for o in u.outcomes]
+            self._queued_ops -= len(it.ops)
+            self.ops_applied += len(it.ops)
+            _answer(it, outcomes)
 
-    async def _send(self, ops: list[PendingOp], deadline: float | None
-                    ) -> tuple[list[Outcome], int]:
-        """(outcomes, group) from the shard's leader, sent again through a failover."""
+    async def _send(self, units: list[_Unit]) -> None:
+        """Each unit's outcomes, from the shard's leader, sent again through a failover while
+        its caller's deadline lasts (none: SUBMIT_LIMIT_S). Not the leader, or the leader's queue
+        full: not applied, sent again after a pause. No answer in time (the wait doubles each
+        time from ``submit_timeout_s``): maybe applied, sent again, the same operations (the
+        request records answer it once; ``_resolved``). A unit out of time leaves the submit:
+        never applied if every try of it was refused (DEADLINE_EXCEEDED, or UNAVAILABLE once
+        tried), else OUTCOME_UNKNOWN (its caller asks GetOperation)."""
         import nats.errors
 
-        payload = encode_group(ops, 0)
-        limit = deadline if deadline is not None else time.monotonic() + SUBMIT_LIMIT_S
-        pause = RETRY_PAUSE_S[0]
-        maybe_applied = False  # a try whose outcome is unknown went before
-        tried = False
+        start = time.monotonic()
+        for u in units:
+            u.limit = u.item.deadline if u.item.deadline is not None else start + SUBMIT_LIMIT_S
+        pause, wait_s = RETRY_PAUSE_S[0], self.submit_timeout_s
         while True:
-            left = limit - time.monotonic()
-            if left <= 0:  # (not applied, unless a try's outcome was unknown)
-                return _uniform(L.R_OUTCOME_UNKNOWN if maybe_applied else
-                                L.R_UNAVAILABLE if tried else L.R_DEADLINE_EXCEEDED, ops), 0
-            tried = True
+            now = time.monotonic()
+            for u in units:
+                if u.limit <= now:
+                    u.outcomes = _uniform(L.R_OUTCOME_UNKNOWN if u.maybe_applied else
+                                          L.R_UNAVAILABLE if u.tried else L.R_DEADLINE_EXCEEDED,
+                                          u.ops)
+            units = [u for u in units if u.outcomes is None]
+            if not units:
+                return
+            ops = [op for u in units for op in u.ops]
+            left = max(u.limit for u in units) - now
+            for u in units:
+                u.tried = True
             try:
                 msg = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                    self.nt.nc.request(submit_subject(self.shard), payload,
-                                       timeout=min(left, REQUEST_TIMEOUT_S)), self.nt.loop))
+                    self.nt.nc.request(submit_subject(self.shard), encode_group(ops, 0),
+                                       timeout=min(left, wait_s)), self.nt.loop))
                 got = decode_reply_group(msg.data)
             except nats.errors.NoRespondersError:
                 got = NOT_LEADER  # nobody took it: not applied
@@ -274,34 +330,63 @@ class ClusterWriter:
             if not isinstance(got, bytes):
                 outcomes, group = got
                 self.groups += 1
-                self._answered = max(self._answered, group)
-                if maybe_applied:
-                    outcomes = await self._resolved(ops, outcomes, group)
-                return outcomes, group
+                if group:
+                    self._answered = max(self._answered, group)
+                    mark_dirty(self._dirty_cards, self._dirty_keys, units, outcomes, group,
+                               L.R_STORAGE_UNAVAILABLE)
+                k = 0
+                for u in units:
+                    u.outcomes = outcomes[k:k + len(u.ops)]
+                    k += len(u.ops)
+                    if u.maybe_applied:
+                        u.outcomes = await self._resolved(u.ops, u.outcomes, group)
+                if group and not all(deferrable(op) for op in ops):
+                    # an admin change: readable here before it is answered (as the single
+                    # server checkpoints it first), so the caller's next read sees it
+                    try:
+                        await self._wait_applied(group)
+                    except Stale:
+                        log.warning("front s%d: group %d not yet in the follower's ledger",
+                                    self.shard, group)
+                    self._reload()
+                return
             if got == MALFORMED:  # a bug of ours, not a moment of the cluster
                 log.error("front s%d: the leader called a request malformed", self.shard)
-                return _uniform(L.R_INTERNAL, ops), 0
-            maybe_applied = maybe_applied or got == UNKNOWN
+                for u in units:
+                    u.outcomes = _uniform(L.R_INTERNAL, u.ops)
+                return
             assert got in (NOT_LEADER, UNKNOWN, OVERLOADED), got
             self.resent += 1
-            self.unknown += got == UNKNOWN
-            await asyncio.sleep(min(pause, max(0.0, limit - time.monotonic())))
+            if got == UNKNOWN:
+                self.unknown += 1
+                wait_s = min(wait_s * 2, SUBMIT_TIMEOUT_MAX_S)
+                for u in units:
+                    u.maybe_applied = True
+            soonest = min(u.limit for u in units) - time.monotonic()
+            await asyncio.sleep(max(0.0, min(pause, soonest)))
             pause = min(pause * 2, RETRY_PAUSE_S[1])
 
     async def _resolved(self, ops: list[PendingOp], outcomes: list[Outcome], group: int
                         ) -> list[Outcome]:
-        """The answers of ops sent again after an unknown outcome, as their caller, who sent
-        them once, must hear them: not "replayed"; a swipe refused for its own KSN (it was
-        applied before) answered with its original outcome, read from the follower."""
+        """The answers of ops sent again after an unknown outcome. Applied, or a replay of a
+        request applied before: as the leader said (a replay of the caller's own earlier try
+        says ``replayed``, as a retry of its own would). Refused: maybe only because the try
+        before was applied (a swipe's KSN is checked before its request record, and so are the
+        terminal and the operator): the request's original outcome, read from the follower
+        (which then holds the group that refused it, so any that applied it), if it has one.
+        No request key to look it up by (a balance inquiry): OUTCOME_UNKNOWN."""
         out = []
         for op, outcome in zip(ops, outcomes, strict=True):
-            if (outcome.reason == L.R_KSN_REPLAYED and op.ksn_counter and op.request_key):
-                await self._wait_applied(group)  # (Stale: the caller hears UNAVAILABLE)
-                original = self.ledger.read_operation(op.request_key)
-                if original is not None:
-                    outcome = original
-                    self.recovered += 1
-            out.append(outcome._replace(replayed=False) if outcome.replayed else outcome)
+            if outcome.reason != L.R_OK and not outcome.replayed:
+                if not op.request_key:
+                    outcome = _uniform(L.R_OUTCOME_UNKNOWN, [op])[0]
+                else:
+                    await self._wait_applied(group)  # (Stale: the caller hears UNAVAILABLE)
+                    original = self.ledger.read_operation(op.request_key)
+                    if original is not None:
+                        outcome = original
+                        self.recovered += 1
+            out.append(outcome)
         return out
 
     # ---- reads -----------------------------------------------------------------------------
@@ -309,11 +394,14 @@ class ClusterWriter:
     async def fresh(self, card_ids: tuple[bytes, ...] = (), keys: tuple[bytes, ...] = (),
                     everything: bool = False) -> None:
         """As ``Writer.fresh``: return once the follower's ledger holds what the read must see.
-        Cards: every group this front was answered for. Everything, or a request (GetOperation:
-        asked after a timeout, maybe through another front): the shard's stream as it ends now."""
-        need = self._answered if card_ids else 0
+        Cards: the last group this front was answered for that touched them. Everything, or a
+        request (GetOperation: asked after a timeout, maybe through another front): the shard's
+        stream as it ends now."""
         if everything or keys:
             need = max(self._answered, await self._stream_end())
+        else:
+            dirty = self._dirty_cards
+            need = max([dirty.get(c, 0) for c in card_ids], default=0)
         await self._wait_applied(need)
 
     async def _stream_end(self) -> int:
@@ -357,19 +445,30 @@ class ClusterWriter:
                 except asyncio.TimeoutError:
                     pass
             self._wake.clear()
-            try:
-                applied = self.ledger.log_applied()
+            try:  # (nothing here may end the poller: every read would wait for it)
+                self._poll_once()
+                if self.follower.proc.poll() is not None and not self._stopping:
+                    await self._restart_follower()
+            except asyncio.CancelledError:
+                raise
             except Exception:  # (a map the follower grew is adopted by the next read)
                 log.exception("front s%d: the follower's ledger could not be read", self.shard)
-                continue
-            if applied > self._applied:
-                self._applied = applied
-                self._advanced.set()
-                self.journal_signal.notify()
-                if time.monotonic() - self._reload_time >= RELOAD_EVERY_S:
-                    self._reload()
-            if self.follower.proc.poll() is not None and not self._stopping:
-                await self._restart_follower()
+
+    def _poll_once(self) -> None:
+        applied = self.ledger.log_applied()
+        if applied > self._applied:
+            self._applied = applied
+            self._advanced.set()
+            self.journal_signal.notify()
+            for dirty in (self._dirty_cards, self._dirty_keys):
+                if dirty and applied >= self._answered:
+                    dirty.clear()
+                elif len(dirty) > DIRTY_PRUNE_AT:
+                    for key in [k for k, g in dirty.items() if g <= applied]:
+                        del dirty[key]
+        if (self._reloaded_at < self._applied
+                and time.monotonic() - self._reload_time >= RELOAD_EVERY_S):
+            self._reload()  # (also a change that came within RELOAD_EVERY_S of the last)
 
     def _reload(self) -> None:
         """Admin state (terminals, operators, the program) as the follower holds it now: changes
@@ -384,11 +483,22 @@ class ClusterWriter:
 
     async def _restart_follower(self) -> None:
         rc = self.follower.proc.returncode
+        self.follower.stop()  # (closes its log file)
+        if rc == 2:  # a setting (its keyring, certificate, a purged stream): no restart helps
+            why = f"the follower exited 2 (a setting: its log {self.follower.log_path})"
+            log.critical("front s%d: %s", self.shard, why)
+            if self._on_fatal is not None:
+                self._on_fatal(why)
+            self._stopping = True
+            return
         log.error("front s%d: the follower exited %s (its log: %s); starting it again",
                   self.shard, rc, self.follower.log_path)
-        self.follower.stop()  # (closes its log file)
         await asyncio.sleep(FOLLOWER_RESTART_S)
         try:
-            await self.loop.run_in_executor(None, self._start_follower, FOLLOWER_START_S)
-        except RuntimeError as exc:
+            self._restarting = self.loop.run_in_executor(None, self._start_follower,
+                                                         FOLLOWER_START_S)
+            await self._restarting
+        except (FrontSetting, FrontUnavailable) as exc:
             log.error("front s%d: the follower did not start: %s", self.shard, exc)
+        if self._stopping:  # stop() came meanwhile: it stopped the follower it saw, not this
+            self.follower.stop()

@@ -13,9 +13,10 @@ Safety is the stream's expected-last-sequence, never the lease.
 The submit protocol (the front's, ``cardcore.server.front``; also the tests')::
 
     request = cardcore.groups.encode_group(ops, 0)   (at most SUBMIT_OPS_MAX operations)
-    reply   = b"A" | u64 group | server.writer.encode_answer(outcomes)
+    reply   = b"G" | u64 group | server.writer.encode_answer(outcomes)
               applied (or replayed, or declined) in the shard's group ``group`` (a front's
-              reads wait until its follower holds that group)
+              reads wait until its follower holds that group; before the fronts: b"A" and no
+              group, still read, as group 0)
             | b"N"   not the leader, or deposed before it was stored: not applied (send it again)
             | b"O"   the leader's queue is full: not applied
             | b"U"   outcome unknown (the stream did not answer, or the replica stopped on it)
@@ -38,7 +39,7 @@ from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
 from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import InvariantError, PendingOp
-from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
+from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, FOLLOWER_INBOX_PREFIX, LEASE_MS_DEFAULT,
                              REPLICA_INBOX_PREFIX, REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
                              SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
@@ -63,6 +64,7 @@ FOLLOW_ONLY_POLL_S = 0.005      # ... a front's follower (its reads wait for it)
 TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
+APPLIED_IN = b"G"  # applied, and the group it was applied in follows
 GROUP_NO = struct.Struct("<Q")  # an applied reply's group number, after its code
 
 
@@ -121,14 +123,16 @@ class Replica:
         self.shard = cfg.shard
         self.stopping = False
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}",
-                             cfg.nats_tls, REPLICA_INBOX_PREFIX)
+                             cfg.nats_tls, FOLLOWER_INBOX_PREFIX if cfg.follow_only
+                             else REPLICA_INBOX_PREFIX)
         try:
             index_key = load_index_key(cfg.keyring_path) if cfg.keyring_path else None
         except (OSError, ValueError) as exc:
             raise KeyringMismatch(f"--keyring {cfg.keyring_path}: {exc}") from None
         fingerprint = index_fingerprint(index_key) if index_key else None
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
-                                cfg.program, time.time_ns() // 1000, fingerprint)
+                                cfg.program, time.time_ns() // 1000, fingerprint,
+                                create=not cfg.follow_only)
         if "keyring" not in genesis:  # a shard made before the check: nothing to compare with
             log.warning("replica s%d: the shard's genesis names no keyring: not checked",
                         cfg.shard)
@@ -405,7 +409,7 @@ class Replica:
         k = 0
         group = GROUP_NO.pack(self.durable.applied)  # (the stream's sequence of this group)
         for reply, n in asks:
-            self._reply(reply, APPLIED + group + encode_answer(outcomes[k:k + n]))
+            self._reply(reply, APPLIED_IN + group + encode_answer(outcomes[k:k + n]))
             k += n
         return True
 
@@ -535,8 +539,10 @@ def decode_reply(data: bytes) -> list[Outcome] | bytes:
 def decode_reply_group(data: bytes) -> tuple[list[Outcome], int] | bytes:
     """(outcomes, the group they were applied in) of an applied request, or the one-byte code
     of one that was not."""
-    if data[:1] == APPLIED:
+    if data[:1] == APPLIED_IN:
         return decode_answer(data[1 + GROUP_NO.size:]), GROUP_NO.unpack_from(data, 1)[0]
+    if data[:1] == APPLIED:  # a leader from before the fronts: no group (reads do not wait)
+        return decode_answer(data[1:]), 0
     return data[:1]
 
 

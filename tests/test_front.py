@@ -209,7 +209,14 @@ def test_a_front_refuses_to_start_without_a_keyring_or_with_a_program(
 
 def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, keyring):
     """On NATS with the roles' certificates: the front's submits (the front role), its follower
-    (the replica role) and a read of everything (the stream's info, the front role's) work."""
+    (the follower role) and a read of everything (the stream's info, the front role's) work.
+    The follower role reads the stream and reports its checkpoint, but may not append to a log,
+    take a lease, make or purge a stream, or take submissions: a front host's keys cannot
+    write a shard."""
+    import nats.errors
+
+    from cardcore.jetlog import (FOLLOWER_INBOX_PREFIX, LEADERS_BUCKET, NatsThread, log_subject,
+                                 stream_name, submit_subject)
     from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available
 
     why = cluster_available()
@@ -222,7 +229,7 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
                                    "--keyring", keyring, *nodes.replica_args())
                     for k in range(3)]
         until(lambda: any(r.roles()[-1:] == ["leading"] for r in replicas), 30, "a leader")
-        mine, theirs = nodes.tls_for("front"), nodes.tls_for("replica")
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for("follower")
         front = ServerProcess(str(tmp_path / "front"), "--cluster", "--nats", nodes.urls,
                               "--keyring", keyring, "--nats-ca", mine.ca_file, "--nats-cert",
                               mine.cert_file, "--nats-key", mine.key_file, "--follower-cert",
@@ -233,6 +240,33 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
         listed = admin.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=admin.metadata)
         assert list(listed.terminals) == []  # a read of everything: the stream's info asked
         assert client.card(number).balance.available_minor == 5_000
+        nt = NatsThread(nodes.urls.split(","), "cardcore-test-follower", theirs,
+                        FOLLOWER_INBOX_PREFIX)
+        try:
+            end = nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq
+            assert nt.call(nt.js.get_msg(stream_name(SHARD), end)).seq == end  # reads: yes
+            refused = [
+                lambda: nt.js.publish(log_subject(SHARD), b"forged", timeout=1),
+                lambda: nt.nc.request(f"$KV.{LEADERS_BUCKET}.s{SHARD}", b"x", timeout=1),
+                lambda: nt.nc.request(f"$JS.API.STREAM.PURGE.{stream_name(SHARD)}", b"{}",
+                                      timeout=1),
+                lambda: nt.nc.request("$JS.API.STREAM.CREATE.CARDS_S9",
+                                      b'{"name": "CARDS_S9", "subjects": ["x.9"]}', timeout=1)]
+            for attempt in refused:
+                with pytest.raises((nats.errors.Error, TimeoutError)):
+                    nt.call(attempt(), 3)
+            heard: list = []
+
+            async def listen(msg):
+                heard.append(msg.subject)
+
+            nt.call(nt.nc.subscribe(submit_subject(SHARD), cb=listen))
+            client.top_up(number, 1)  # a submission the follower's certificate must not hear
+            time.sleep(0.5)
+            assert heard == []
+            assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == end + 1
+        finally:
+            nt.close()
     finally:
         if front is not None:
             front.stop()
@@ -303,3 +337,33 @@ def test_a_front_whose_follower_is_killed_starts_it_again_and_reads_on(
     again = subprocess.run(["pgrep", "-f", f"replica --shard {SHARD} --data-dir {folder} "],
                            capture_output=True, text=True).stdout.split()
     assert len(again) == 1 and again != pids, (pids, again)
+
+
+def test_answers_a_front_did_not_hear_are_found_again_and_applied_once(
+        nats_cluster, start_replica, start_front, keyring):
+    """A front that waits 1 ms for the leader's answer (``--submit-timeout-ms 1``: every first
+    try goes unanswered, the wait doubling at each try) sends every request again while the
+    leader applies it: a top-up's request record answers the re-send (applied once), a PIN
+    swipe's re-send is refused for its own KSN and answered with its original outcome from the
+    follower, and an operator added answers with a token that works (the re-send is a replay:
+    its token is issued again). The front's log counts what it found so."""
+    three(start_replica, "--keyring", keyring)
+    front = start_front("front", "--submit-timeout-ms", "1")
+    admin = Admin(front.channel, front.admin_token)
+    till = admin.enroll(5, 3)
+    number = new_card_number()
+    front.stub.OpenCard(till.open_card(rid(), number, PIN))
+    top_up = front.stub.TopUp(till.top_up(rid(), number, 10_000))
+    assert top_up.reason == R.REASON_OK and top_up.balance_after.available_minor == 10_000
+    paid = [front.stub.Purchase(till.purchase(rid(), number, PIN, 1_000)) for _ in range(3)]
+    assert [p.reason for p in paid] == [R.REASON_OK] * 3
+    assert [p.balance_after.available_minor for p in paid] == [9_000, 8_000, 7_000]
+    assert Client(front.stub).card(number).balance.available_minor == 7_000  # each once
+    token = admin.add_operator("later", cpb.OPERATOR_ROLE_CHAIN_ADMIN)
+    listed = Admin(front.channel, token).stub.ListOperators(apb.ListOperatorsRequest(),
+                                                           metadata=bearer(token))
+    assert {o.name for o in listed.operators} == {"admin", "later"}
+    front.stop()
+    counted = re.search(r"(\d+) requests sent again \((\d+) after an unknown outcome\), (\d+) "
+                        r"swipes answered from the follower", front.log())
+    assert counted and int(counted.group(2)) > 0 and int(counted.group(3)) >= 3, front.log()[-3000:]
