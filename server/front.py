@@ -208,6 +208,7 @@ class ClusterWriter:
         self.ledger = ledger
         self._applied = ledger.log_applied()
         self._reloaded_at = self._applied
+        self.metrics.watch_front(lambda: max(0, self._answered - self._applied))
         self._poller = self.loop.create_task(self._poll())
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -330,6 +331,8 @@ class ClusterWriter:
             if not isinstance(got, bytes):
                 outcomes, group = got
                 self.groups += 1
+                self.metrics.group_ops.observe(len(ops))
+                self.metrics.group_seconds.observe(time.monotonic() - now)
                 if group:
                     self._answered = max(self._answered, group)
                     mark_dirty(self._dirty_cards, self._dirty_keys, units, outcomes, group,
@@ -357,6 +360,7 @@ class ClusterWriter:
                 return
             assert got in (NOT_LEADER, UNKNOWN, OVERLOADED), got
             self.resent += 1
+            self.metrics.front_resent.labels("unknown" if got == UNKNOWN else "not_leader").inc()
             if got == UNKNOWN:
                 self.unknown += 1
                 wait_s = min(wait_s * 2, SUBMIT_TIMEOUT_MAX_S)
@@ -386,6 +390,7 @@ class ClusterWriter:
                     if original is not None:
                         outcome = original
                         self.recovered += 1
+                        self.metrics.front_recovered.inc()
             out.append(outcome)
         return out
 
@@ -493,6 +498,7 @@ class ClusterWriter:
             return
         log.error("front s%d: the follower exited %s (its log: %s); starting it again",
                   self.shard, rc, self.follower.log_path)
+        self.metrics.front_follower_restarts.inc()
         await asyncio.sleep(FOLLOWER_RESTART_S)
         try:
             self._restarting = self.loop.run_in_executor(None, self._start_follower,

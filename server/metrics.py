@@ -47,6 +47,25 @@ class Metrics:
         self.map_bytes.set_function(lambda: lmdb_usage()[0])
         self.used_bytes.set_function(lambda: lmdb_usage()[1])
 
+    def watch_front(self, follower_lag_groups: Callable[[], int]) -> None:
+        """A cluster's front (``cardcore.server.front``): what it sent again and why, the
+        answers it found again in its follower, the follower's restarts and how far it is behind
+        what the front was answered (a read of a card waits that long at most)."""
+        self.front_resent = Counter(
+            "cardcore_front_resent", "Submits sent to the shard again: not_leader (or the "
+            "leader's queue full: not applied) or unknown (unanswered: maybe applied)", ["why"],
+            registry=self.registry)
+        self.front_recovered = Counter(
+            "cardcore_front_recovered", "Operations whose re-send was refused (a KSN, a "
+            "terminal, an operator) answered with their original outcome from the follower",
+            registry=self.registry)
+        self.front_follower_restarts = Counter(
+            "cardcore_front_follower_restarts", "Times the front started its follower again",
+            registry=self.registry)
+        lag = Gauge("cardcore_front_follower_lag_groups", "Groups this front was answered for "
+                    "that its follower does not hold yet", registry=self.registry)
+        lag.set_function(follower_lag_groups)
+
     def count(self, op_type: int, reason: int, n: int = 1) -> None:
         self.operations.labels(_TYPE_NAMES.get(op_type, "unknown"),
                                _REASON_NAMES.get(reason, str(reason))).inc(n)

@@ -348,7 +348,7 @@ def test_answers_a_front_did_not_hear_are_found_again_and_applied_once(
     follower, and an operator added answers with a token that works (the re-send is a replay:
     its token is issued again). The front's log counts what it found so."""
     three(start_replica, "--keyring", keyring)
-    front = start_front("front", "--submit-timeout-ms", "1")
+    front = start_front("front", "--submit-timeout-ms", "1", "--metrics-listen", "127.0.0.1:0")
     admin = Admin(front.channel, front.admin_token)
     till = admin.enroll(5, 3)
     number = new_card_number()
@@ -363,6 +363,16 @@ def test_answers_a_front_did_not_hear_are_found_again_and_applied_once(
     listed = Admin(front.channel, token).stub.ListOperators(apb.ListOperatorsRequest(),
                                                            metadata=bearer(token))
     assert {o.name for o in listed.operators} == {"admin", "later"}
+    import urllib.request
+
+    where = re.search(r"metrics on (http://\S+)", front.log()).group(1)
+    with urllib.request.urlopen(where, timeout=10) as got:
+        scraped = got.read().decode()
+    unknown = re.search(r'^cardcore_front_resent_total\{why="unknown"\} (\S+)$', scraped, re.M)
+    recovered = re.search(r"^cardcore_front_recovered_total (\S+)$", scraped, re.M)
+    assert unknown and float(unknown.group(1)) > 0, scraped[-2000:]
+    assert recovered and float(recovered.group(1)) >= 3, scraped[-2000:]
+    assert "cardcore_front_follower_lag_groups" in scraped
     front.stop()
     counted = re.search(r"(\d+) requests sent again \((\d+) after an unknown outcome\), (\d+) "
                         r"swipes answered from the follower", front.log())
