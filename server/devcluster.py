@@ -160,6 +160,19 @@ class NatsCluster:
                 self._logs[k].close()
 
 
+def stop_process(proc: subprocess.Popen, log_file, timeout_s: float = 30) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``; its log file closed."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        rc = proc.wait(timeout_s)
+    log_file.close()
+    return rc
+
+
 class ReplicaProcess:
     """``cardcore replica`` as a child process; its log (stderr) in its data folder."""
 
@@ -199,15 +212,7 @@ class ReplicaProcess:
             time.sleep(0.05)
 
     def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            rc = self.proc.wait(timeout_s)
-        self._log.close()
-        return rc
+        return stop_process(self.proc, self._log, timeout_s)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -251,15 +256,7 @@ class FrontProcess:
                                f"{open(self.log_path, errors='replace').read()[-3000:]}")
 
     def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            rc = self.proc.wait(timeout_s)
-        self._log.close()
-        return rc
+        return stop_process(self.proc, self._log, timeout_s)
 
 
 def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:

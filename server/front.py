@@ -44,7 +44,8 @@ from .journal_signal import JournalSignal
 from .metrics import Metrics
 from .replica import (MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
                       decode_reply_group)
-from .writer import DIRTY_PRUNE_AT, QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped
+from .writer import (DIRTY_PRUNE_AT, QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped,
+                     _answer, _Item)  # (the writer's queue item and its answer, shared)
 
 log = logging.getLogger("cardcore.front")
 
@@ -76,17 +77,6 @@ def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
     return [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
 
 
-class _Item:
-    __slots__ = ("ops", "future", "deadline", "on_answer")
-
-    def __init__(self, ops: list[PendingOp], future: asyncio.Future, deadline: float | None,
-                 on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None) -> None:
-        self.ops = ops
-        self.future = future
-        self.deadline = deadline
-        self.on_answer = on_answer
-
-
 class _Unit:
     """An item's operations in one submit (a whole item, or a part of a large one)."""
     __slots__ = ("item", "ops", "limit", "tried", "maybe_applied", "outcomes")
@@ -98,17 +88,6 @@ class _Unit:
         self.tried = False              # sent at least once
         self.maybe_applied = False      # a try went unanswered: maybe applied
         self.outcomes: list[Outcome] | None = None
-
-
-def _answer(item: _Item, outcomes: list[Outcome]) -> None:
-    """``on_answer`` first (a terminal's budget), then the caller, if it is still there."""
-    if item.on_answer is not None:
-        try:
-            item.on_answer(item.ops, outcomes)
-        except Exception:  # the caller must get its answer whatever a hook does
-            log.exception("answer hook failed")
-    if not item.future.done():
-        item.future.set_result(outcomes)
 
 
 class ClusterWriter:
