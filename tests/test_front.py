@@ -18,7 +18,7 @@ from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from conftest import Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid
-from test_cluster import LEASE, SHARD, converge_and_stop, identical, three
+from test_cluster import LEASE, SHARD, converge_and_stop, identical, stream_leader_node, three
 from test_security import PIN
 
 R = cpb.Reason
@@ -121,6 +121,69 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
     identical(replicas + followers)
 
 
+class Swipes:
+    """Terminals swiping 1.00 PIN purchases through a front, one at a time each, until
+    stopped: every answer kept (request id -> (terminal index, reason, journal seq))."""
+
+    def __init__(self, front: ServerProcess, count: int = 3) -> None:
+        admin = Admin(front.channel, front.admin_token)
+        self.front = front
+        self.terminals = [admin.enroll(tid, 3) for tid in range(1, count + 1)]
+        self.numbers = []
+        for till in self.terminals:
+            number = new_card_number()
+            front.stub.OpenCard(till.open_card(rid(), number, PIN))
+            front.stub.TopUp(till.top_up(rid(), number, 1_000_000))
+            self.numbers.append(number)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.answers: dict[str, tuple[int, int, int]] = {}
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._swipe, args=(k,))
+                        for k in range(count)]
+
+    def _swipe(self, k: int) -> None:
+        till, number = self.terminals[k], self.numbers[k]
+        while not self.stop.is_set():
+            request_id = rid()
+            try:  # each swipe has 30 s: more than a failover (the lease's 2 s and a catch-up)
+                got = self.front.stub.Purchase(till.purchase(request_id, number, PIN, 100),
+                                               timeout=30)
+                reason, seq = got.reason, got.seq
+            except grpc.RpcError as exc:
+                reason, seq = failure_of(exc).reason, 0
+                with self.lock:
+                    self.failures.append(f"{exc.code()} {R.Name(reason)}")
+            with self.lock:
+                self.answers[request_id] = (k, reason, seq)
+
+    def __enter__(self) -> "Swipes":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def answered_by(self, n: int, what: str) -> None:
+        until(lambda: len(self.answers) >= n, 60, what)
+
+    def check(self) -> None:
+        """Every swipe answered OK, no journal entry named twice, each card's balance its
+        funds less exactly the answered purchases."""
+        assert not self.failures, self.failures
+        ok = {k: a for k, a in self.answers.items() if a[1] == R.REASON_OK}
+        assert len(ok) == len(self.answers)
+        seqs = [a[2] for a in ok.values()]
+        assert len(set(seqs)) == len(seqs)
+        client = Client(self.front.stub)
+        for k, number in enumerate(self.numbers):
+            paid = sum(1 for a in ok.values() if a[0] == k)
+            assert client.card(number).balance.available_minor == 1_000_000 - 100 * paid, k
+
+
 def test_kill_9_the_leader_under_pin_swipes_through_a_front_every_answer_applied_once(
         nats_cluster, start_replica, start_front, keyring):
     """Three terminals swipe PIN purchases through one front while the shard's leader is killed
@@ -130,59 +193,16 @@ def test_kill_9_the_leader_under_pin_swipes_through_a_front_every_answer_applied
     less exactly the answered purchases."""
     replicas = three(start_replica, "--keyring", keyring)
     front = start_front("front")
-    admin = Admin(front.channel, front.admin_token)
-    terminals = [admin.enroll(tid, 3) for tid in (1, 2, 3)]
-    numbers = []
-    for till in terminals:
-        number = new_card_number()
-        front.stub.OpenCard(till.open_card(rid(), number, PIN))
-        front.stub.TopUp(till.top_up(rid(), number, 1_000_000))
-        numbers.append(number)
-    stop = threading.Event()
-    lock = threading.Lock()
-    answers: dict[str, tuple[int, int, int]] = {}  # request id -> (terminal, reason, seq)
-    failures: list[str] = []
-
-    def swipe(k: int) -> None:
-        till, number = terminals[k], numbers[k]
-        while not stop.is_set():
-            request_id = rid()
-            try:  # each swipe has 30 s: more than a failover (the lease's 2 s and a catch-up)
-                got = front.stub.Purchase(till.purchase(request_id, number, PIN, 100),
-                                          timeout=30)
-                reason, seq = got.reason, got.seq
-            except grpc.RpcError as exc:
-                reason, seq = failure_of(exc).reason, 0
-                with lock:
-                    failures.append(f"{exc.code()} {R.Name(reason)}")
-            with lock:
-                answers[request_id] = (k, reason, seq)
-
-    threads = [threading.Thread(target=swipe, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        until(lambda: len(answers) >= 30, 30, "swipes answered before the kill")
+    with Swipes(front) as load:
+        load.answered_by(30, "swipes answered before the kill")
         old = leader_of(replicas)
         os.kill(old.pid, signal.SIGKILL)
         old.proc.wait(10)
         others = [r for r in replicas if r is not old]
-        before = len(answers)
+        before = len(load.answers)
         until(lambda: any(r.roles()[-1:] == ["leading"] for r in others), 30, "a new leader")
-        until(lambda: len(answers) >= before + 30, 30, "swipes answered by the new leader")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert not failures, failures  # the front carried every swipe through the failover
-    ok = {rid_: a for rid_, a in answers.items() if a[1] == R.REASON_OK}
-    assert len(ok) == len(answers)
-    seqs = [a[2] for a in ok.values()]
-    assert len(set(seqs)) == len(seqs)  # no two answers name one journal entry
-    client = Client(front.stub)
-    for k, number in enumerate(numbers):
-        paid = sum(1 for a in ok.values() if a[0] == k)
-        assert client.card(number).balance.available_minor == 1_000_000 - 100 * paid, k
+        load.answered_by(before + 30, "swipes answered by the new leader")
+    load.check()
     front.stop()
     sent_again = re.search(r"(\d+) requests sent again", front.log())
     assert sent_again and int(sent_again.group(1)) > 0, front.log()[-2000:]  # the failover's
@@ -190,6 +210,30 @@ def test_kill_9_the_leader_under_pin_swipes_through_a_front_every_answer_applied
     follower = type(old).__new__(type(old))
     follower.data_dir = os.path.join(front.data_dir, f"shard-{SHARD}")
     identical(others + [follower])
+
+
+def test_kill_9_the_nats_node_leading_the_stream_under_swipes_through_a_front(
+        nats_cluster, start_replica, start_front, keyring):
+    """The NATS node that leads the shard's stream killed -9 under PIN swipes through a front,
+    then started again: the stream elects another leader, the leader replica re-sends its
+    append, the front its submits (its connection moves to a live node); every swipe answered
+    OK and applied once; the replicas and the front's follower identical after."""
+    replicas = three(start_replica, "--keyring", keyring)
+    front = start_front("front")
+    with Swipes(front) as load:
+        load.answered_by(30, "swipes answered before the kill")
+        node = stream_leader_node(nats_cluster.urls)
+        nats_cluster.kill_node(node)
+        before = len(load.answers)
+        load.answered_by(before + 30, "swipes answered without the node")
+        nats_cluster.start_node(node)
+        load.answered_by(len(load.answers) + 30, "swipes answered with the node back")
+    load.check()
+    front.stop()
+    converge_and_stop(replicas, nats_cluster.urls)
+    follower = type(replicas[0]).__new__(type(replicas[0]))
+    follower.data_dir = os.path.join(front.data_dir, f"shard-{SHARD}")
+    identical(replicas + [follower])
 
 
 def test_a_front_refuses_to_start_without_a_keyring_or_with_a_program(
