@@ -269,7 +269,7 @@ def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:
 def main(argv: list[str] | None = None) -> int:
     """3 NATS nodes, SHARDS x 3 replicas and a front of shard 0 on loopback until Ctrl-C, then
     all stopped by pid (a front serves one shard: docs/cluster.md)."""
-    ap = argparse.ArgumentParser(prog="devcluster", description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="devcluster", description=" ".join(main.__doc__.split()))
     ap.add_argument("--data-dir", default="var/cluster", help="folders of the nodes and replicas")
     ap.add_argument("--shards", type=int, default=2, choices=range(1, 9))
     ap.add_argument("--lease-ms", type=int, default=3000)
@@ -323,17 +323,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"front         {front.target}: shard 0's (CardService, AdminService; plaintext "
               f"gRPC, loopback only); the chain admin's token in {token}; its log "
               f"{front.log_path}")
-        print(f"try it        .venv/bin/cardcore open-card 6225880000001231 --target "
-              f"{front.target} --token-file {token}  (then top-up, purchase, card: README)")
+        print(f"try it        export CARDCORE_LISTEN={front.target} CARDCORE_TOKEN_FILE={token}")
+        print("              then the README's first steps: .venv/bin/cardcore open-card "
+              "6225880000001231 --tier 1 --name \"Li Wei\", top-up, purchase, card (a second "
+              "start keeps the first's cards)")
+        print(f"verify        .venv/bin/cardcore verify --data-dir {mine[0].data_dir} --keyring "
+              f"{keyring}  (any replica's folder; backup likewise)")
         if args.shards > 1:
             print("              a front serves one shard: shards 1.. run without one (routing "
                   "over several: not built, docs/cluster.md)")
         print("Ctrl-C stops everything", flush=True)
+        leaders = {shard: None for shard in range(args.shards)}
         while not stop:
-            for r in replicas:
-                if r.proc.poll() is not None and not getattr(r, "reported", False):
+            for k, r in enumerate(replicas):
+                rc = r.proc.poll()
+                if rc is not None and not getattr(r, "reported", False):
                     r.reported = True
-                    print(f"replica {r.data_dir} exited {r.proc.returncode}", flush=True)
+                    if rc == 2:  # a setting: starting it again would only fail again
+                        print(f"replica {r.data_dir} exited 2 (a setting: its replica.log)",
+                              flush=True)
+                        continue
+                    # as its systemd unit would (Restart=on-failure): on its folder, following
+                    print(f"replica {r.data_dir} exited {rc}: started again", flush=True)
+                    r.stop()
+                    replicas[k] = ReplicaProcess(r.data_dir, r.shard, nodes.urls, "--lease-ms",
+                                                 str(args.lease_ms), "--keyring", keyring,
+                                                 *nodes.replica_args())
+            for shard in leaders:
+                now = [r for r in replicas if r.shard == shard and r.proc.poll() is None
+                       and r.roles()[-1:] == ["leading"]]
+                if len(now) == 1 and now[0].data_dir != leaders[shard]:
+                    if leaders[shard] is not None:
+                        print(f"shard {shard}       leader now {now[0].data_dir}", flush=True)
+                    leaders[shard] = now[0].data_dir
             time.sleep(0.5)
     finally:
         if front is not None:

@@ -57,6 +57,7 @@ SENDERS_MAX = 8             # submits in flight at once; requests arriving meanw
 SUBMIT_LIMIT_S = 15.0       # a request with no deadline is tried this long (> a failover, ~3 s)
 RETRY_PAUSE_S = (0.02, 0.5)  # the first and the longest pause between tries
 FRESH_LIMIT_S = 5.0         # a read waits this long for the follower, then UNAVAILABLE
+ADMIN_FRESH_LIMIT_S = 30.0  # an admin change's answer waits this long for it (then: unknown)
 POLL_BUSY_S = 0.002         # the follower's applied group is read this often while reads wait
 POLL_IDLE_S = 0.2           # ... and this often otherwise (the journal feed, admin changes)
 RELOAD_EVERY_S = 0.5        # admin state (terminals, operators, program) re-read at most this often
@@ -134,7 +135,7 @@ class ClusterWriter:
         self.nt: NatsThread | None = None
         self.follower: ReplicaProcess | None = None
         self._poller: asyncio.Task | None = None
-        self._restarting: asyncio.Future | None = None  # a follower being started again
+        self._restarting: asyncio.Task | None = None  # a follower being started again
         self.groups = 0            # submit requests answered (as the Writer's groups)
         self.ops_applied = 0
         self.resent = 0            # requests sent again after "not the leader" or "unknown"
@@ -198,7 +199,8 @@ class ClusterWriter:
         if self._poller is not None:
             self._poller.cancel()
         if self._restarting is not None and not self._restarting.done():
-            await asyncio.wait([self._restarting], timeout=FOLLOWER_START_S)  # (its thread)
+            # not cancelled: its thread would start a follower nobody stops; it stops it itself
+            await asyncio.wait([self._restarting], timeout=FOLLOWER_START_S + 5)
         if self.follower is not None:
             await self.loop.run_in_executor(None, self.follower.stop)
         if self.nt is not None:
@@ -256,6 +258,9 @@ class ClusterWriter:
         else:
             units = [_Unit(it, it.ops) for it in items]
             runs = [units]
+        start = time.monotonic()  # (a large item's parts share its limit)
+        for u in units:
+            u.limit = u.item.deadline if u.item.deadline is not None else start + SUBMIT_LIMIT_S
         try:
             for run in runs:
                 await self._send(run)
@@ -280,9 +285,6 @@ class ClusterWriter:
         tried), else OUTCOME_UNKNOWN (its caller asks GetOperation)."""
         import nats.errors
 
-        start = time.monotonic()
-        for u in units:
-            u.limit = u.item.deadline if u.item.deadline is not None else start + SUBMIT_LIMIT_S
         pause, wait_s = RETRY_PAUSE_S[0], self.submit_timeout_s
         while True:
             now = time.monotonic()
@@ -314,23 +316,26 @@ class ClusterWriter:
                 self.metrics.group_seconds.observe(time.monotonic() - now)
                 if group:
                     self._answered = max(self._answered, group)
-                    mark_dirty(self._dirty_cards, self._dirty_keys, units, outcomes, group,
-                               L.R_STORAGE_UNAVAILABLE)
-                k = 0
-                for u in units:
-                    u.outcomes = outcomes[k:k + len(u.ops)]
+                    self._mark_dirty(units, outcomes, group)
+                k, got_units = 0, []
+                for u in units:  # (each unit's answer set only once it is final)
+                    mine = outcomes[k:k + len(u.ops)]
                     k += len(u.ops)
                     if u.maybe_applied:
-                        u.outcomes = await self._resolved(u.ops, u.outcomes, group)
+                        mine = await self._resolved(u.ops, mine, group)
+                    got_units.append(mine)
                 if group and not all(deferrable(op) for op in ops):
-                    # an admin change: readable here before it is answered (as the single
-                    # server checkpoints it first), so the caller's next read sees it
+                    # an admin change: answered once it is readable here (as the single server
+                    # checkpoints it first), so the caller's next read, and Access, see it
                     try:
-                        await self._wait_applied(group)
-                    except Stale:
-                        log.warning("front s%d: group %d not yet in the follower's ledger",
-                                    self.shard, group)
-                    self._reload()
+                        await self._wait_applied(group, ADMIN_FRESH_LIMIT_S)
+                        self._reload()
+                    except Stale:  # applied, but not seen here: the caller asks again
+                        log.warning("front s%d: group %d not in the follower's ledger after "
+                                    "%d s", self.shard, group, ADMIN_FRESH_LIMIT_S)
+                        got_units = [_uniform(L.R_OUTCOME_UNKNOWN, u.ops) for u in units]
+                for u, mine in zip(units, got_units):
+                    u.outcomes = mine
                 return
             if got == MALFORMED:  # a bug of ours, not a moment of the cluster
                 log.error("front s%d: the leader called a request malformed", self.shard)
@@ -361,11 +366,14 @@ class ClusterWriter:
         out = []
         for op, outcome in zip(ops, outcomes, strict=True):
             if outcome.reason != L.R_OK and not outcome.replayed:
-                if not op.request_key:
+                try:
+                    if not op.request_key:
+                        raise Stale()  # nothing to look it up by
+                    await self._wait_applied(group)
+                    original = self.ledger.read_operation(op.request_key)
+                except Exception:  # (Stale: the follower behind) never a refusal then
                     outcome = _uniform(L.R_OUTCOME_UNKNOWN, [op])[0]
                 else:
-                    await self._wait_applied(group)  # (Stale: the caller hears UNAVAILABLE)
-                    original = self.ledger.read_operation(op.request_key)
                     if original is not None:
                         outcome = original
                         self.recovered += 1
@@ -398,13 +406,25 @@ class ClusterWriter:
             raise Stale() from exc
         return info.state.last_seq
 
-    async def _wait_applied(self, need: int) -> None:
+    def _mark_dirty(self, units: list[_Unit], outcomes: list[Outcome], group: int) -> None:
+        """The cards and requests of an answered group, as the writer marks them
+        (``batchwire.mark_dirty``), but never lowered: a deposed leader's answer may come after
+        a newer group's."""
+        cards: dict[bytes, int] = {}
+        keys: dict[bytes, int] = {}
+        mark_dirty(cards, keys, units, outcomes, group, L.R_STORAGE_UNAVAILABLE)
+        for marked, dirty in ((cards, self._dirty_cards), (keys, self._dirty_keys)):
+            for key in marked:
+                if dirty.get(key, 0) < group:
+                    dirty[key] = group
+
+    async def _wait_applied(self, need: int, limit_s: float = FRESH_LIMIT_S) -> None:
         if need <= self._applied:
             return
         self._waiting += 1
         self._wake.set()
         try:
-            limit = time.monotonic() + FRESH_LIMIT_S
+            limit = time.monotonic() + limit_s
             while self._applied < need:
                 left = limit - time.monotonic()
                 if left <= 0:
@@ -431,8 +451,10 @@ class ClusterWriter:
             self._wake.clear()
             try:  # (nothing here may end the poller: every read would wait for it)
                 self._poll_once()
-                if self.follower.proc.poll() is not None and not self._stopping:
-                    await self._restart_follower()
+                if (self.follower.proc.poll() is not None and not self._stopping
+                        and (self._restarting is None or self._restarting.done())):
+                    # beside the polling: the new follower's progress is read as it comes
+                    self._restarting = self.loop.create_task(self._restart_follower())
             except asyncio.CancelledError:
                 raise
             except Exception:  # (a map the follower grew is adopted by the next read)
@@ -479,11 +501,13 @@ class ClusterWriter:
                   self.shard, rc, self.follower.log_path)
         self.metrics.front_follower_restarts.inc()
         await asyncio.sleep(FOLLOWER_RESTART_S)
+        if self._stopping:
+            return
         try:
-            self._restarting = self.loop.run_in_executor(None, self._start_follower,
-                                                         FOLLOWER_START_S)
-            await self._restarting
-        except (FrontSetting, FrontUnavailable) as exc:
+            await self.loop.run_in_executor(None, self._start_follower, FOLLOWER_START_S)
+        except (FrontSetting, FrontUnavailable) as exc:  # (the poller tries again)
             log.error("front s%d: the follower did not start: %s", self.shard, exc)
+        except Exception:
+            log.exception("front s%d: the follower could not be started", self.shard)
         if self._stopping:  # stop() came meanwhile: it stopped the follower it saw, not this
             self.follower.stop()

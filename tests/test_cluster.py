@@ -1340,19 +1340,28 @@ def test_make_cluster_starts_prints_where_and_stops_on_ctrl_c_twice_on_one_folde
             assert "Ctrl-C stops everything" in text, (run, text)
             assert "/healthz" in text and "Trying it" in text, text
             assert text.count(" leader ") == 2, text  # shards 0 and 1
-            command = re.search(r"try it +\.venv/bin/cardcore (open-card .*?)  \(", text)
-            assert command, text
-            args = command.group(1).split()
+            exports = re.search(r"try it +export (CARDCORE_LISTEN=\S+) (CARDCORE_TOKEN_FILE=\S+)",
+                                text)
+            assert exports, text
+            env = dict(os.environ, **dict(e.split("=", 1) for e in exports.groups()))
             cli = [sys.executable, "-m", "cardcore.server.cli"]
-            if run == 0:
-                out = subprocess.run(cli + args, capture_output=True, text=True, timeout=60)
+            number = "6225880000001231"
+
+            def run_cli(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run(cli + list(args), capture_output=True, text=True,
+                                      timeout=60, env=env)
+
+            if run == 0:  # the README's first steps, as the printed lines say
+                out = run_cli("open-card", number, "--tier", "1", "--name", "Li Wei")
                 assert out.returncode == 0 and "OPERATION_TYPE_OPEN_CARD" in out.stdout, out
-                out = subprocess.run(cli + ["top-up", args[1], "12.50", *args[2:]],
-                                     capture_output=True, text=True, timeout=60)
+                out = run_cli("top-up", number, "12.50")
                 assert out.returncode == 0 and "12.50" in out.stdout, out
-            out = subprocess.run(cli + ["card", args[1], *args[2:]], capture_output=True,
-                                 text=True, timeout=60)
+            out = run_cli("card", number)
             assert out.returncode == 0 and re.search(r"balance +12\.50", out.stdout), out
+            verify = re.search(r"verify +\.venv/bin/cardcore (verify .*?)  \(", text)
+            assert verify, text
+            out = run_cli(*verify.group(1).split())
+            assert out.returncode == 0 and "clean" in out.stdout, out
             proc.send_signal(signal.SIGINT)
             rest = proc.communicate(timeout=60)[0]
             assert proc.returncode == 0 and "stopped" in rest, (run, rest)

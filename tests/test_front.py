@@ -150,10 +150,14 @@ class Swipes:
                 got = self.front.stub.Purchase(till.purchase(request_id, number, PIN, 100),
                                                timeout=30)
                 reason, seq = got.reason, got.seq
-            except grpc.RpcError as exc:
-                reason, seq = failure_of(exc).reason, 0
+            except grpc.RpcError as exc:  # (its own deadline, a transport error: no detail)
+                try:
+                    reason = failure_of(exc).reason
+                except AssertionError:
+                    reason = -1
+                seq = 0
                 with self.lock:
-                    self.failures.append(f"{exc.code()} {R.Name(reason)}")
+                    self.failures.append(f"{exc.code()} {reason}")
             with self.lock:
                 self.answers[request_id] = (k, reason, seq)
 
@@ -163,9 +167,11 @@ class Swipes:
         return self
 
     def __exit__(self, *exc) -> None:
+        alive = [t.is_alive() for t in self.threads]  # (a terminal that died stopped swiping)
         self.stop.set()
         for t in self.threads:
             t.join(60)
+        assert all(alive), alive
 
     def answered_by(self, n: int, what: str) -> None:
         until(lambda: len(self.answers) >= n, 60, what)
