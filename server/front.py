@@ -63,6 +63,7 @@ POLL_IDLE_S = 0.2           # ... and this often otherwise (the journal feed, ad
 RELOAD_EVERY_S = 0.5        # admin state (terminals, operators, program) re-read at most this often
 FOLLOWER_CHECKPOINT_MS = 5  # the follower makes what it applied readable this often
 FOLLOWER_START_S = 120.0    # a new follower replays the shard's stream before the front serves
+RESEND_LOG_EVERY_S = 5.0    # "sending again" logged at most this often
 FOLLOWER_RESTART_S = 1.0    # a follower that exited is started again after this pause
 
 
@@ -141,6 +142,7 @@ class ClusterWriter:
         self.resent = 0            # requests sent again after "not the leader" or "unknown"
         self.unknown = 0           # ... of them after "unknown"
         self.recovered = 0         # swipes applied before, answered from the follower
+        self._resend_logged_at = -RESEND_LOG_EVERY_S
 
     @property
     def queued_ops(self) -> int:
@@ -345,6 +347,11 @@ class ClusterWriter:
             assert got in (NOT_LEADER, UNKNOWN, OVERLOADED), got
             self.resent += 1
             self.metrics.front_resent.labels("unknown" if got == UNKNOWN else "not_leader").inc()
+            if time.monotonic() - self._resend_logged_at >= RESEND_LOG_EVERY_S:
+                self._resend_logged_at = time.monotonic()  # (a failover: once every 5 s)
+                log.warning("front s%d: the shard's leader %s: sending again (%d re-sends so "
+                            "far)", self.shard, "did not answer" if got == UNKNOWN else
+                            "is not there (not the leader, or its queue full)", self.resent)
             if got == UNKNOWN:
                 self.unknown += 1
                 wait_s = min(wait_s * 2, SUBMIT_TIMEOUT_MAX_S)
