@@ -94,6 +94,17 @@ class ServerConfig:
     request_window_given: bool = True             # a front sets the shard's only when asked
 
 
+# The single server's writer settings, with their defaults: a front has no writer (its shard's
+# replicas apply, with their own settings), so it says it does not use them.
+SINGLE_SERVER_ONLY = (("sync", True), ("group_max_ops", GROUP_MAX_OPS_DEFAULT),
+                      ("group_wait_us", GROUP_WAIT_US_DEFAULT),
+                      ("groups_in_flight", GROUPS_IN_FLIGHT_DEFAULT),
+                      ("checkpoint_ms", CHECKPOINT_MS_DEFAULT),
+                      ("checkpoint_ops", CHECKPOINT_OPS_DEFAULT),
+                      ("log_segment_mib", SEGMENT_BYTES_DEFAULT >> 20), ("day_totals", True),
+                      ("member_metrics", True))
+
+
 class StartupError(Exception):
     """The server cannot start; the message says why, for people."""
 
@@ -261,6 +272,11 @@ async def serve(cfg: ServerConfig) -> None:
         if not cfg.keyring_path or not os.path.exists(cfg.keyring_path):
             raise StartupError("--cluster needs --keyring FILE: the chain's keyring, the same "
                                "file every front holds (its index key the replicas' too)")
+        single = [("--no-" if default is True else "--") + name.replace("_", "-")
+                  for name, default in SINGLE_SERVER_ONLY if getattr(cfg, name) != default]
+        if single:  # the writer's settings: a cluster's are its replicas' (cardcore replica)
+            log.warning("--cluster: %s not used by a front (the shard's replicas have their "
+                        "own: cardcore replica --help)", ", ".join(single))
     program_source = _program_source(cfg.program_path)
     swap.recover(ledger_path)  # a migration or restore that stopped between its renames
     beside = swap.missing(ledger_path)

@@ -80,7 +80,8 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
     assert paid.reason == R.REASON_OK and paid.balance_after.available_minor == 7_500
     assert Client(a.stub).card(number).balance.available_minor == 7_500  # read your write
 
-    b = start_front("b")
+    b = start_front("b", "--no-sync")  # (a writer's setting: a front says it has no use for it)
+    assert "--no-sync not used by a front" in b.log()
     assert not os.path.exists(os.path.join(b.data_dir, "admin.token"))  # A's admin is the shard's
     asked = b.stub.GetOperation(pb.GetOperationRequest(
         request_id=paid_id, caller=cpb.Caller(kind=cpb.CALLER_KIND_TERMINAL, id=7)))
