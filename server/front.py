@@ -9,19 +9,21 @@ server's code, unchanged: ``ClusterWriter`` has the ``Writer``'s interface.
 
 What the front adds is what a leader that dies in the middle of a request needs:
 
-- "not the leader" (no leader yet, or one deposed before it stored the group): sent again, with a
-  growing pause, until answered or the caller's deadline;
-- "outcome unknown" (the leader died or NATS did not answer after the request left): sent again,
-  the same bytes, to whichever replica leads next. An operation with a request key is applied
-  at most once (the request records are in the log: a new leader has them), so the answer is the
-  original one. A swipe is the exception: its KSN is checked before its request record, so a
-  swipe that was applied comes back ``KSN_REPLAYED``; the front then reads the original outcome
-  from its follower (which holds the group that refused it, hence the one that applied it).
+- "not the leader" (no leader yet, or one deposed before it stored the group): not applied, sent
+  again with a growing pause;
+- unanswered (the leader died, or NATS did not answer, after the request left): maybe applied,
+  sent again, the same operations, to whichever replica leads next. An operation with a request
+  key is applied at most once (the request records are in the log: a new leader has them), so
+  the answer is the original one. A refusal of the re-send may only mean the try before was
+  applied (a swipe's KSN, its terminal and its operator are checked before its request record):
+  then the request's original outcome is read from the follower (which holds the group that
+  refused it, hence any that applied it); none to be had: OUTCOME_UNKNOWN, never the refusal.
 
-Reads see what they must (``fresh``): a read of cards waits until the follower holds every group
-this front was answered for; a read of everything (reports, GetOperation, the journal feed) waits
-until the follower holds the shard's stream as it ends now (one NATS round trip), so it sees what
-any front was answered. A front serves one shard (several: not built; docs/cluster.md).
+Each caller's deadline bounds its own tries. Reads see what they must (``fresh``): a read of a
+card waits until the follower holds the last group this front was answered for that touched it;
+a read of everything (reports, GetOperation, the journal feed) waits until the follower holds the
+shard's stream as it ends now (one NATS round trip), so it sees what any front was answered. A
+front serves one shard (several: not built; docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from .metrics import Metrics
 from .replica import (MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
                       decode_reply_group)
 from .writer import (DIRTY_PRUNE_AT, QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped,
-                     _answer, _Item)  # (the writer's queue item and its answer, shared)
+                     _answer, _Item, _uniform)  # (the writer's queue item, its answers)
 
 log = logging.getLogger("cardcore.front")
 
@@ -73,10 +75,6 @@ class FrontSetting(Exception):
 
 class FrontUnavailable(Exception):
     """NATS or the shard did not answer at start: exit 1, a supervisor starts it again."""
-
-
-def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
-    return [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
 
 
 class _Unit:
