@@ -58,7 +58,8 @@ SUBMIT_TIMEOUT_MAX_S = 8.0
 SENDERS_MAX = 8             # submits in flight at once; requests arriving meanwhile go together
 SUBMIT_LIMIT_S = 15.0       # a request with no deadline is tried this long (> a failover, ~3 s)
 RETRY_PAUSE_S = (0.02, 0.5)  # the first and the longest pause between tries
-FRESH_LIMIT_S = 5.0         # a read waits this long for the follower, then UNAVAILABLE
+FRESH_LIMIT_S = 10.0        # a read waits this long for the follower, then UNAVAILABLE (a NATS
+                            # node's failover can hold a follower's reads for a 5 s timeout)
 ADMIN_FRESH_LIMIT_S = 30.0  # an admin change's answer waits this long for it (then: unknown)
 POLL_BUSY_S = 0.002         # the follower's applied group is read this often while reads wait
 POLL_IDLE_S = 0.2           # ... and this often otherwise (the journal feed, admin changes)
@@ -322,7 +323,7 @@ class ClusterWriter:
                     mine = outcomes[k:k + len(u.ops)]
                     k += len(u.ops)
                     if u.maybe_applied:
-                        mine = await self._resolved(u.ops, mine, group)
+                        mine = await self._resolved(u.ops, mine, group, u.limit)
                     got_units.append(mine)
                 if group and not all(deferrable(op) for op in ops):
                     # an admin change: answered once it is readable here (as the single server
@@ -359,8 +360,8 @@ class ClusterWriter:
             await asyncio.sleep(max(0.0, min(pause, soonest)))
             pause = min(pause * 2, RETRY_PAUSE_S[1])
 
-    async def _resolved(self, ops: list[PendingOp], outcomes: list[Outcome], group: int
-                        ) -> list[Outcome]:
+    async def _resolved(self, ops: list[PendingOp], outcomes: list[Outcome], group: int,
+                        limit: float) -> list[Outcome]:
         """The answers of ops sent again after an unknown outcome. Applied, or a replay of a
         request applied before: as the leader said (a replay of the caller's own earlier try
         says ``replayed``, as a retry of its own would). Refused: maybe only because the try
@@ -374,7 +375,8 @@ class ClusterWriter:
                 try:
                     if not op.request_key:
                         raise Stale()  # nothing to look it up by
-                    await self._wait_applied(group)
+                    # (as long as its caller waits: an answer beats OUTCOME_UNKNOWN)
+                    await self._wait_applied(group, max(FRESH_LIMIT_S, limit - time.monotonic()))
                     original = self.ledger.read_operation(op.request_key)
                 except Exception:  # (Stale: the follower behind) never a refusal then
                     outcome = _uniform(L.R_OUTCOME_UNKNOWN, [op])[0]
