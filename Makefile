@@ -8,7 +8,7 @@ EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PROTO_SRC := $(wildcard proto/cardcore/v1/*.proto)
 BUILT := .build-stamp
 
-.PHONY: help serve console test cluster-deps cluster bench-cluster soak proto-check bench profile bench-peer bench-release load clean build
+.PHONY: help serve console test test-deep cluster-deps cluster bench-cluster soak proto-check bench profile bench-peer bench-release load clean build
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ console: $(BUILT) ## the back-office web page on http://127.0.0.1:8080/ beside `
 NPM_TEST_DIRS := examples/node-terminal tools/buf
 # pytest-xdist workers for make test (auto: one per CPU); TEST_WORKERS=0 runs it in one process
 TEST_WORKERS ?= auto
+
+test-deep: $(BUILT) ## the kernel/reference and wire differential tests with 5x the suite's hypothesis examples (CARDCORE_EXAMPLES_SCALE; the suite runs 0.3)
+	CARDCORE_EXAMPLES_SCALE=1.5 $(PY) -m pytest -n $(TEST_WORKERS) tests/test_kernel.py tests/test_kernel_programs.py tests/test_wire.py
 
 test: $(BUILT) ## run the test suite (first the npm packages of the Node terminal and of buf, where npm is)
 	@if command -v npm >/dev/null; then for d in $(NPM_TEST_DIRS); do \

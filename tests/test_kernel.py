@@ -12,6 +12,7 @@ from cardcore import layout as L
 from cardcore import reference, rules
 from cardcore.ext import cardno, kernel
 from cardcore.v1 import common_pb2 as cpb
+from conftest import examples
 
 INT64_MAX = L.INT64_MAX
 IMPLS = [kernel.apply_batch, reference.apply_batch]
@@ -367,7 +368,7 @@ def batches(draw):
     return b"".join(ops), slots, recs
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=batches(),
        ts_us=st.one_of(st.integers(0, INT64_MAX), st.integers(EXPIRY_US - 2, EXPIRY_US + 2)),
        first_seq=st.integers(1, 2**62))
@@ -399,7 +400,7 @@ def test_kernel_checks_buffer_sizes():
                  card_bytes())
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(number=st.one_of(st.text(alphabet="0123456789", min_size=0, max_size=22),
                         st.text(min_size=0, max_size=22),
                         st.builds(lambda r: cards.random_number(r, length=r.randint(8, 19)), st.randoms())),

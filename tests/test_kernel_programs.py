@@ -13,6 +13,7 @@ from cardcore import layout as L
 from cardcore import reference, rules
 from cardcore.ext import kernel
 from test_kernel import PIN_A, card_bytes, op_bytes, records, run_full
+from conftest import examples
 
 INT64_MAX = L.INT64_MAX
 T0 = 1_800_000_000_000_000  # the group times below are near this
@@ -203,7 +204,7 @@ def batches(draw):
     return b"".join(ops), slots, recs, exts, b"".join(lines), cslots, b"".join(coupon_recs)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=batches(),
        ts_us=st.sampled_from([T0 - 10, T0, T0 + 3, T0 + 9, T0 + 10, MONTH_EDGE - 1, MONTH_EDGE,
                               MONTH_EDGE - 480 * 60_000_000, 0]),
@@ -254,7 +255,7 @@ def coupon_batches(draw):
 
 
 
-@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(700), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=coupon_batches(), ts_us=st.sampled_from([T0, T0 + 1]))
 def test_kernel_equals_reference_on_coupons(program, batch, ts_us):
     agree(program, batch, ts_us, 1)
@@ -293,7 +294,7 @@ def package_batches(draw):
     return b"".join(ops), slots, recs, bytes(len(recs)), b"", islots, b"".join(packages)
 
 
-@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(700), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=package_batches(), ts_us=st.sampled_from([T0, T0 + 1]))
 def test_kernel_equals_reference_on_packages(program, batch, ts_us):
     agree(program, batch, ts_us, 1)
@@ -330,7 +331,7 @@ def points_batches(draw):
     return b"".join(ops), slots, recs, bytes(len(recs)), b"", islots, b"".join(stock)
 
 
-@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(700), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=points_batches())
 def test_kernel_equals_reference_on_exchanges_and_gifts(program, batch):
     agree(program, batch, T0, 1)
@@ -390,7 +391,7 @@ def undo_batches(draw):
     return b"".join(ops), slots, recs, exts, b"", islots, b"".join(undos)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=undo_batches(), ts_us=st.sampled_from([T0, T0 + 1]),
        first_seq=st.integers(1, 2**40))
 def test_kernel_equals_reference_on_refunds_and_reversals(program, batch, ts_us, first_seq):
@@ -526,7 +527,7 @@ def hold_batches(draw):
     return b"".join(ops), slots, recs, exts, b"".join(lines), islots, b"".join(items)
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(800), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=hold_batches(),
        ts_us=st.sampled_from([T0 - 1, T0, T0 + 1, INT64_MAX - 60_000_000]),
        first_seq=st.integers(1, 2**40))
@@ -608,7 +609,7 @@ def line_refund_batches(draw):
             undo)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=line_refund_batches(), first_seq=st.integers(1, 2**40))
 def test_kernel_equals_reference_on_refunds_by_line(program, batch, first_seq):
     agree(program, batch, T0, first_seq)
@@ -684,7 +685,7 @@ def import_batches(draw):
     return b"".join(ops), slots, recs, exts, b"", [L.SLOT_NONE] * len(ops), b""
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=programs(), batch=import_batches(),
        ts_us=st.sampled_from([T0 - 10, T0, T0 + 10, MONTH_EDGE, 0]),
        first_seq=st.integers(1, 2**40))

@@ -12,6 +12,7 @@ from cardcore.server.errors import Invalid
 from cardcore.server.operations import basket
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
+from conftest import examples
 
 R = cpb.Reason
 INT64_MAX = L.INT64_MAX
@@ -64,7 +65,7 @@ purchase_lines = st.builds(
     quantity=st.one_of(st.integers(0, 5), st.just(2**32 - 1)), sku=skus)
 
 
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=examples(800), deadline=None)
 @given(lines=st.one_of(st.lists(purchase_lines, max_size=8),
                        st.lists(purchase_lines, min_size=99, max_size=102)),
        quote=st.booleans(), gross=st.sampled_from([0, 0, 1, 5000]),
@@ -111,7 +112,7 @@ records = st.builds(
         lambda s: s.encode("ascii")))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(lines=st.lists(records, max_size=L.LINES_MAX))
 def test_line_results_parse_as_protobuf_builds_them(lines):
     packed = b"".join(lines)
