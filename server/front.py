@@ -46,8 +46,8 @@ from .journal_signal import JournalSignal
 from .metrics import Metrics
 from .replica import (MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
                       decode_reply_group)
-from .writer import (DIRTY_PRUNE_AT, QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped,
-                     _answer, _Item, _uniform)  # (the writer's queue item, its answers)
+from .writer import (QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped, _answer, _Item,
+                     _uniform, prune_dirty)  # (the writer's queue item, its answers)
 
 log = logging.getLogger("cardcore.front")
 
@@ -104,7 +104,6 @@ class ClusterWriter:
         its NATS certificate: the follower role's, which may read the stream, never write it);
         ``on_fatal``: the follower cannot run (a setting: it exited 2)."""
         self.data_dir = data_dir
-        self.ledger_path = os.path.join(data_dir, "ledger")
         self.shard = shard
         self.urls = nats_urls
         self.loop = loop
@@ -473,12 +472,7 @@ class ClusterWriter:
             self._applied = applied
             self._advanced.set()
             self.journal_signal.notify()
-            for dirty in (self._dirty_cards, self._dirty_keys):
-                if dirty and applied >= self._answered:
-                    dirty.clear()
-                elif len(dirty) > DIRTY_PRUNE_AT:
-                    for key in [k for k, g in dirty.items() if g <= applied]:
-                        del dirty[key]
+            prune_dirty((self._dirty_cards, self._dirty_keys), applied, self._answered)
         if (self._reloaded_at < self._applied
                 and time.monotonic() - self._reload_time >= RELOAD_EVERY_S):
             self._reload()  # (also a change that came within RELOAD_EVERY_S of the last)

@@ -573,12 +573,7 @@ class Writer:
             return
         self._covered = covered
         self.journal_signal.notify()  # new entries are in LMDB: caught-up journal feeds read on
-        for dirty in (self._dirty_cards, self._dirty_keys):
-            if dirty and covered >= self._answered_groups:
-                dirty.clear()
-            elif len(dirty) > DIRTY_PRUNE_AT:
-                for key in [k for k, g in dirty.items() if g <= covered]:
-                    del dirty[key]
+        prune_dirty((self._dirty_cards, self._dirty_keys), covered, self._answered_groups)
 
     async def fresh(self, card_ids: tuple[bytes, ...] = (), keys: tuple[bytes, ...] = (),
                     everything: bool = False) -> None:
@@ -656,6 +651,19 @@ class Writer:
         await self.loop.run_in_executor(None, self._proc.join, timeout_s)
         if self._proc.is_alive():
             self._proc.kill()
+
+
+def prune_dirty(maps, held: int, answered: int) -> None:
+    """Dirty maps (card or request key -> the last group answered that touched it) once LMDB
+    holds every group through ``held``: cleared when that is every group ``answered``, else,
+    past DIRTY_PRUNE_AT entries, the entries it holds dropped (the writer's checkpoints, a
+    front's follower)."""
+    for dirty in maps:
+        if dirty and held >= answered:
+            dirty.clear()
+        elif len(dirty) > DIRTY_PRUNE_AT:
+            for key in [k for k, g in dirty.items() if g <= held]:
+                del dirty[key]
 
 
 def _answer(item: _Item, outcomes: list[Outcome]) -> None:

@@ -34,20 +34,14 @@ def keyring(tmp_path) -> str:
 
 
 @pytest.fixture
-def start_front(tmp_path, nats_cluster, keyring):
-    """Start fronts of SHARD on the test's NATS cluster; every one is stopped at the end."""
-    started: list[ServerProcess] = []
-
+def start_front(tmp_path, nats_cluster, keyring, start_server):
+    """Start fronts of SHARD on the test's NATS cluster (conftest's start_server: every one is
+    stopped at the end, before the NATS nodes)."""
     def start(name: str, *extra: str) -> ServerProcess:
-        front = ServerProcess(str(tmp_path / name), "--cluster", "--shard", str(SHARD),
-                              "--nats", nats_cluster.urls, "--keyring", keyring, *extra)
-        started.append(front)
-        return front
+        return start_server("--cluster", "--shard", str(SHARD), "--nats", nats_cluster.urls,
+                            "--keyring", keyring, *extra, data_dir=str(tmp_path / name))
 
-    yield start
-    for front in started:
-        if front.proc.poll() is None:
-            front.stop()
+    return start
 
 
 def until(check, timeout_s: float = 10.0, what: str = ""):
