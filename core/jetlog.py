@@ -27,6 +27,7 @@ import concurrent.futures
 import json
 import logging
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -95,6 +96,16 @@ def stream_name(shard: int) -> str:
 
 def log_subject(shard: int) -> str:
     return f"cardcore.s{shard}.log"
+
+
+def tick_subject(shard: int) -> str:
+    """Where a shard's leader says, after the stream acknowledged a group, that group's number
+    (``TICK``; plain NATS, at most once): followers wait for it instead of asking the stream
+    for its end again and again. A wake-up only: groups are read from the stream."""
+    return f"cardcore.s{shard}.tick"
+
+
+TICK = struct.Struct("<Q")  # a tick's payload: the group number the stream acknowledged
 
 
 def submit_subject(shard: int) -> str:
@@ -479,8 +490,7 @@ class JetStreamLog(GroupLog):
             else:
                 if ack.seq != no:  # the expectation makes any other number impossible
                     raise LogError(f"group {no} was stored at stream seq {ack.seq}")
-                self._end = no
-                self.last_ts_us = group_ts_us(payload)
+                self._acknowledged(no, payload)
                 return no
             if time.monotonic() >= deadline:
                 raise LogSyncError(f"group {no} not acknowledged by the stream within "
@@ -489,6 +499,12 @@ class JetStreamLog(GroupLog):
             self.resends += 1
             log.warning("group %d: %s; sending it again (same id and expectation)", no, why)
             time.sleep(min(0.05 * attempt, 0.5))
+
+    def _acknowledged(self, no: int, payload: bytes) -> None:
+        """Group ``no`` is the stream's: note it and tick the followers (not waited for)."""
+        self._end = no
+        self.last_ts_us = group_ts_us(payload)
+        self.nt.spawn(self.nt.nc.publish(tick_subject(self.shard), TICK.pack(no)))
 
     def _refused(self, no: int, msg_id: str, payload: bytes) -> int:
         """The stream is not at ``no - 1``: our own earlier send landed at ``no``, or another
@@ -499,8 +515,7 @@ class JetStreamLog(GroupLog):
             raise LogError(f"the stream refused group {no} but holds no message there: it is "
                            "behind this writer (groups lost?)") from None
         if (got.headers or {}).get(MSG_ID) == msg_id:
-            self._end = no
-            self.last_ts_us = group_ts_us(payload)
+            self._acknowledged(no, payload)
             return no
         self.deposed += 1
         raise Deposed(f"group {no} of shard {self.shard} was appended by another writer "
@@ -575,6 +590,31 @@ class JetStreamLog(GroupLog):
 
     def close(self) -> None:
         """The connection is its owner's (NatsThread) to close."""
+
+
+class Ticks:
+    """The ticks of a shard's leader (``tick_subject``), heard by a follower. Plain NATS may
+    lose one (a node failing over), and a replica whose NATS user may not hear them (a
+    configuration from before them) hears none: so a follower also asks the stream after
+    ``wait``'s limit, as it did before ticks, only less often."""
+
+    def __init__(self, nt: NatsThread, shard: int) -> None:
+        self.heard = threading.Event()
+        self.highest = 0  # the highest group number a tick named
+        nt.call(nt.nc.subscribe(tick_subject(shard), cb=self._on_tick))
+
+    async def _on_tick(self, msg) -> None:
+        """(The loop thread.)"""
+        if len(msg.data) == TICK.size:
+            self.highest = max(self.highest, TICK.unpack(msg.data)[0])
+        self.heard.set()
+
+    def clear(self) -> None:
+        """Before a look at the stream: a tick from then on ends the next ``wait`` at once."""
+        self.heard.clear()
+
+    def wait(self, limit_s: float) -> None:
+        self.heard.wait(limit_s)
 
 
 def first_kept(held: dict, now_s: float, replicas: int, stale_s: float,

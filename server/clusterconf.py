@@ -22,23 +22,25 @@ from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_
 # What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
 # JetStream API it uses (a stream's or bucket's info and creation, message gets, the purge of
 # retention; never a message delete or an update), the KV puts of the leases, the genesis and
-# the checkpoints, the logs' subjects,
-# submissions (answered through allow_responses, and only to a submitter's inbox: the replica
-# checks), its own inbox; a front: submit, a stream's info (where its follower must be before a
+# the checkpoints, the logs' subjects, submissions (answered through allow_responses, and only
+# to a submitter's inbox: the replica checks), the leader's ticks (a group's number, said and
+# heard), its own inbox; a front: submit, a stream's info (where its follower must be before a
 # read of everything), and its own inbox (not the replicas' reads); a front's follower: the
-# reads of a replica and its retention report, never a log, a lease, a genesis or a purge.
+# reads of a replica, the ticks, its retention report, never a log, a lease, a genesis or a
+# purge.
 ROLE_PERMISSIONS = {
     "replica": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*",
                             "$JS.API.STREAM.MSG.GET.*", "$JS.API.DIRECT.GET.>",
                             "$JS.API.STREAM.PURGE.*", "$KV.cardcore-leaders.>",
                             "$KV.cardcore-shards.>", "$KV.cardcore-checkpoints.>",
-                            "cardcore.*.log"],
-                "subscribe": ["cardcore.*.submit", "_INBOX_replica.>"], "allow_responses": True},
+                            "cardcore.*.log", "cardcore.*.tick"],
+                "subscribe": ["cardcore.*.submit", "cardcore.*.tick", "_INBOX_replica.>"],
+                "allow_responses": True},
     "front": {"publish": ["cardcore.*.submit", "$JS.API.STREAM.INFO.*"],
               "subscribe": ["_INBOX_front.>"]},
     "follower": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.MSG.GET.*",
                              "$JS.API.DIRECT.GET.>", "$KV.cardcore-checkpoints.>"],
-                 "subscribe": ["_INBOX_follower.>"]},
+                 "subscribe": ["cardcore.*.tick", "_INBOX_follower.>"]},
 }
 CLUSTER_NAME = "cardcore"
 NODES_MIN, NODES_MAX = 3, 7          # a quorum that survives a node (3) .. what we ever tried (7)

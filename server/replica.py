@@ -43,8 +43,8 @@ from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, FOLLOWER_INBOX_PREFIX, L
                              REPLICA_INBOX_PREFIX, REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
                              SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
-                             NatsThread, NatsTLS, NatsUnavailable, Retention, prepare_shard,
-                             submit_subject)
+                             NatsThread, NatsTLS, NatsUnavailable, Retention, Ticks,
+                             prepare_shard, submit_subject)
 from cardcore.grouplog import LogError
 from cardcore.keyring import index_fingerprint, load_index_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
@@ -58,9 +58,9 @@ log = logging.getLogger("cardcore.replica")
 SUBMIT_OPS_MAX = 1000           # operations in one submit request
 GROUP_MAX_OPS_DEFAULT = 2000    # ~600 KB a group: well under the stream's 8 MiB message limit
 QUEUE_MAX_REQUESTS = 10_000     # submit requests waiting for the leader's next group
-FOLLOW_POLL_S = 0.02            # a caught-up follower looks at the stream's end this often
-FOLLOW_ONLY_POLL_S = 0.005      # ... a front's follower (its reads wait for it): a NATS
-                                # request each time, 200 a second while idle
+FOLLOW_IDLE_S = 1.0             # a caught-up follower waits this long for the leader's tick
+FOLLOW_ONLY_IDLE_S = 0.25       # ... a front's follower (its reads wait for a tick it missed)
+FOLLOW_RETRY_S = 0.005          # a tick named a group the stream did not show yet: asked again
 TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
@@ -148,6 +148,7 @@ class Replica:
         seeded = False  # this start copied a peer's backup in
         os.makedirs(path, exist_ok=True)
         self.log = JetStreamLog(self.nt, cfg.shard, cfg.append_timeout_ms)
+        self.ticks = Ticks(self.nt, cfg.shard)  # (heard from before the catch-up on)
         self.log.retention = Retention(self.nt, cfg.shard, replica_id(cfg.data_dir),
                                        cfg.stream_replicas, cfg.replica_stale_s,
                                        cfg.retain_groups)
@@ -266,6 +267,7 @@ class Replica:
                     self.durable.applied, self.log.epoch, f": {why}" if why else "")
 
     def _follow_once(self) -> None:
+        self.ticks.clear()
         n = self.durable.follow()
         if self.durable.due():
             self.durable.checkpoint()
@@ -276,8 +278,13 @@ class Replica:
             if self.lease.try_take():
                 self._take_over()
                 return
-        if not n:
-            time.sleep(FOLLOW_ONLY_POLL_S if self.cfg.follow_only else FOLLOW_POLL_S)
+        if not n and self.ticks.highest > self.durable.applied:
+            time.sleep(FOLLOW_RETRY_S)
+        elif not n:  # caught up: until the leader's next tick, a checkpoint or a look at the lease
+            limit_s = (FOLLOW_ONLY_IDLE_S if self.cfg.follow_only
+                       else min(FOLLOW_IDLE_S, self.cfg.lease_ms / 10_000))
+            due_s = self.durable.seconds_to_due()  # (a front's reads wait for the checkpoint)
+            self.ticks.wait(limit_s if due_s is None else max(FOLLOW_RETRY_S, min(limit_s, due_s)))
 
     def _take_over(self) -> None:
         """Caught up to the stream's end, append the barrier, then take submissions."""

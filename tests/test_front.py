@@ -107,6 +107,14 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     until(a_knows_it, what="an operator added through B known to A")
+    # idle, the replicas and both followers wait for the leader's ticks and ask NATS a few
+    # times a second (before ticks, each asked for the stream's end 50 or 200 times a second:
+    # over a thousand requests in these two seconds)
+    before = replica_requests(nats_cluster)
+    time.sleep(2.0)
+    asked = replica_requests(nats_cluster) - before
+    assert 0 < asked < 300, asked
+    assert Client(b.stub).card(number).balance.available_minor == 6_900  # (B's follower woke)
     a.stop()
     b.stop()
     converge_and_stop(replicas, nats_cluster.urls)
@@ -114,6 +122,20 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
     for follower, front in zip(followers, (a, b)):
         follower.data_dir = os.path.join(front.data_dir, f"shard-{SHARD}")
     identical(replicas + followers)
+
+
+def replica_requests(cluster) -> int:
+    """Messages the replicas' and followers' NATS connections have sent (requests: a stream's
+    end, a get, a lease, a report), from every node's monitoring page."""
+    import json
+    import urllib.request
+
+    total = 0
+    for port in cluster.http_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/connz?limit=4096", timeout=5) as r:
+            total += sum(c.get("in_msgs", 0) for c in json.load(r).get("connections", [])
+                         if c.get("name", "").startswith("cardcore-replica-"))
+    return total
 
 
 class Swipes:
