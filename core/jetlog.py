@@ -102,9 +102,10 @@ def tick_subject(shard: int) -> str:
     """Where a shard's leader says, after the stream acknowledged a group, that group's number
     (``TICK``; plain NATS, at most once): followers wait for it instead of asking the stream
     for its end again and again. A wake-up only: groups are read from the stream."""
-    return f"cardcore.s{shard}.tick"
+    return f"cardcore.s{shard}{TICK_SUFFIX}"
 
 
+TICK_SUFFIX = ".tick"
 TICK = struct.Struct("<Q")  # a tick's payload: the group number the stream acknowledged
 
 
@@ -159,6 +160,7 @@ class NatsThread:
         if nats is None:
             raise NatsRefused("nats-py is not installed: pip install -e .[cluster]")
         self.loop = asyncio.new_event_loop()
+        self.ticks_refused = False  # the user may not publish or hear ticks (an old configuration)
         self._thread = threading.Thread(target=self.loop.run_forever, name="nats-loop",
                                         daemon=True)
         self._thread.start()
@@ -183,6 +185,14 @@ class NatsThread:
                 server = getattr(client, "_current_server", None)  # (nats-py's: the one tried)
                 where = getattr(getattr(server, "uri", None), "netloc", "?")  # host:port
                 refused_by[where] = refused_by.get(where, 0) + 1
+            text = str(exc)  # (nats-py's, lower case)
+            if "permissions violation" in text and TICK_SUFFIX in text:
+                if not self.ticks_refused:  # said once; a leader then stops ticking
+                    self.ticks_refused = True
+                    log.warning("nats: %s: this user may not use the ticks (a configuration "
+                                "made before them): followers ask the stream for its end "
+                                "instead; make it again with cardcore cluster-config", text)
+                return
             await _nats_error(exc)
 
         def refused_enough() -> bool:
@@ -504,7 +514,8 @@ class JetStreamLog(GroupLog):
         """Group ``no`` is the stream's: note it and tick the followers (not waited for)."""
         self._end = no
         self.last_ts_us = group_ts_us(payload)
-        self.nt.spawn(self.nt.nc.publish(tick_subject(self.shard), TICK.pack(no)))
+        if not self.nt.ticks_refused:
+            self.nt.spawn(self.nt.nc.publish(tick_subject(self.shard), TICK.pack(no)))
 
     def _refused(self, no: int, msg_id: str, payload: bytes) -> int:
         """The stream is not at ``no - 1``: our own earlier send landed at ``no``, or another
@@ -599,9 +610,11 @@ class Ticks:
     ``wait``'s limit, as it did before ticks, only less often."""
 
     def __init__(self, nt: NatsThread, shard: int) -> None:
+        self.nt = nt
         self.heard = threading.Event()
-        self.highest = 0  # the highest group number a tick named
+        self.highest = 0  # the highest group number a tick named since ``clear``
         nt.call(nt.nc.subscribe(tick_subject(shard), cb=self._on_tick))
+        nt.call(nt.nc.flush())  # (its node has the subscription: heard from the catch-up on)
 
     async def _on_tick(self, msg) -> None:
         """(The loop thread.)"""
@@ -610,8 +623,16 @@ class Ticks:
         self.heard.set()
 
     def clear(self) -> None:
-        """Before a look at the stream: a tick from then on ends the next ``wait`` at once."""
+        """Before a look at the stream: a tick from then on ends the next ``wait`` at once.
+        ``highest`` starts again: a tick naming a group the stream never shows (a stream made
+        again) is not waited for past the next look."""
         self.heard.clear()
+        self.highest = 0
+
+    def wake(self) -> None:
+        """End a ``wait`` now (from a signal handler: through the loop, never the Event's lock
+        taken in a handler)."""
+        self.nt.loop.call_soon_threadsafe(self.heard.set)
 
     def wait(self, limit_s: float) -> None:
         self.heard.wait(limit_s)

@@ -282,9 +282,11 @@ class Replica:
             time.sleep(FOLLOW_RETRY_S)
         elif not n:  # caught up: until the leader's next tick, a checkpoint or a look at the lease
             limit_s = (FOLLOW_ONLY_IDLE_S if self.cfg.follow_only
-                       else min(FOLLOW_IDLE_S, self.cfg.lease_ms / 10_000))
+                       else min(FOLLOW_IDLE_S, self.take_at - time.monotonic()))
             due_s = self.durable.seconds_to_due()  # (a front's reads wait for the checkpoint)
-            self.ticks.wait(limit_s if due_s is None else max(FOLLOW_RETRY_S, min(limit_s, due_s)))
+            if due_s is not None:
+                limit_s = min(limit_s, due_s)
+            self.ticks.wait(max(FOLLOW_RETRY_S, limit_s))
 
     def _take_over(self) -> None:
         """Caught up to the stream's end, append the barrier, then take submissions."""
@@ -471,6 +473,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
 
     def stop(signum, frame):
         replica.stopping = True
+        replica.ticks.wake()  # (a follower waiting for a tick stops now)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -810,7 +810,7 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
                     as_front.call(as_front.nc.request(f"$JS.API.{api}", b'{"seq": 1}',
                                                       timeout=1), 3)
             # nor hear the replicas' reads of the log (their inboxes are theirs: the followers
-            # read the stream's end every 20 ms meanwhile)
+            # look at the stream's end every tenth of the lease meanwhile) nor the ticks
             heard: list = []
 
             async def listen(msg):
@@ -1160,6 +1160,50 @@ def test_a_servers_backup_is_refused_as_a_seed_and_the_folder_left_empty(
     assert seeded.proc.wait(30) == 2, seeded.log()[-2000:]
     assert "followed no stream" in seeded.log()
     assert not os.path.exists(os.path.join(seeded.data_dir, "ledger", "data.mdb"))
+
+
+def test_users_made_before_the_ticks_cost_one_warning_and_followers_still_follow(
+        tmp_path, monkeypatch):
+    """NATS users from a configuration made before the ticks (the replica role may neither say
+    nor hear ``cardcore.*.tick``): the leader's first tick is refused, it says so once and
+    ticks no more; the followers, hearing none, follow by asking the stream: every replica ends
+    with every group."""
+    from cardcore.server import clusterconf
+    from cardcore.server.devcluster import NatsCluster
+
+    why = cluster_available()
+    if why:
+        pytest.skip(why)
+    old = {role: {k: [s for s in v if not s.endswith(".tick")] if isinstance(v, list) else v
+                  for k, v in perms.items()}
+           for role, perms in clusterconf.ROLE_PERMISSIONS.items()}
+    assert old != clusterconf.ROLE_PERMISSIONS
+    monkeypatch.setattr(clusterconf, "ROLE_PERMISSIONS", old)
+    cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
+    replicas: list[ReplicaProcess] = []
+    try:
+        def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
+            replicas.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *extra,
+                                           *cluster.replica_args()))
+            return replicas[-1]
+
+        three(start)
+        front = SubmitClient(cluster.urls.split(","), cluster.tls_for("front"))
+        try:
+            for k in range(4):  # groups one after another: a tick refused after each, before
+                open_cards(front, 2, random.Random(k))
+        finally:
+            front.close()
+        leader = leader_of(replicas)
+        said = leader.log().count("may not use the ticks")
+        converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
+        assert said == 1, leader.log()[-3000:]
+        identical(replicas)
+    finally:
+        for r in replicas:
+            if r.proc.poll() is None:
+                r.stop()
+        cluster.stop()
 
 
 def test_one_node_with_a_foreign_certificate_does_not_stop_a_start(tmp_path):

@@ -282,8 +282,8 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
     write a shard."""
     import nats.errors
 
-    from cardcore.jetlog import (FOLLOWER_INBOX_PREFIX, LEADERS_BUCKET, NatsThread, log_subject,
-                                 stream_name, submit_subject)
+    from cardcore.jetlog import (FOLLOWER_INBOX_PREFIX, LEADERS_BUCKET, TICK, NatsThread,
+                                 log_subject, stream_name, submit_subject, tick_subject)
     from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available
 
     why = cluster_available()
@@ -327,11 +327,22 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
             async def listen(msg):
                 heard.append(msg.subject)
 
+            ticks: list = []
+
+            async def tick(msg):
+                ticks.append(TICK.unpack(msg.data)[0])
+
             nt.call(nt.nc.subscribe(submit_subject(SHARD), cb=listen))
+            nt.call(nt.nc.subscribe(tick_subject(SHARD), cb=tick))  # the follower role's: yes
+            nt.call(nt.nc.flush())
             client.top_up(number, 1)  # a submission the follower's certificate must not hear
             time.sleep(0.5)
             assert heard == []
             assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == end + 1
+            assert ticks == [end + 1]  # the leader's tick (the replica role's), heard
+            logs = [r.log() for r in replicas] + [front.log(), open(os.path.join(
+                front.data_dir, f"shard-{SHARD}", "replica.log")).read()]
+            assert not any("permissions violation" in text.lower() for text in logs)
         finally:
             nt.close()
     finally:
