@@ -61,6 +61,8 @@ QUEUE_MAX_REQUESTS = 10_000     # submit requests waiting for the leader's next 
 FOLLOW_IDLE_S = 1.0             # a caught-up follower waits this long for the leader's tick
 FOLLOW_ONLY_IDLE_S = 0.25       # ... a front's follower (its reads wait for a tick it missed)
 FOLLOW_RETRY_S = 0.005          # a tick named a group the stream did not show yet: asked again
+FOLLOW_GAP_S = 0.02             # ... but a follower looks at most this often (ticks under load
+FOLLOW_ONLY_GAP_S = 0.005       # come per group: each look reads every group since the last)
 TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
@@ -268,6 +270,7 @@ class Replica:
 
     def _follow_once(self) -> None:
         self.ticks.clear()
+        looked_at = time.monotonic()
         n = self.durable.follow()
         if self.durable.due():
             self.durable.checkpoint()
@@ -287,6 +290,8 @@ class Replica:
             if due_s is not None:
                 limit_s = min(limit_s, due_s)
             self.ticks.wait(max(FOLLOW_RETRY_S, limit_s))
+            gap_s = FOLLOW_ONLY_GAP_S if self.cfg.follow_only else FOLLOW_GAP_S
+            time.sleep(max(0.0, looked_at + gap_s - time.monotonic()))
 
     def _take_over(self) -> None:
         """Caught up to the stream's end, append the barrier, then take submissions."""
