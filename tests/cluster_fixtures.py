@@ -48,6 +48,32 @@ def start_replica(tmp_path, nats_cluster):
             replica.stop()
 
 
+@pytest.fixture
+def tls_cluster(tmp_path):
+    """Three NATS nodes with mutual TLS and the roles' users (make cluster's setting, from
+    ``clusterconf.ROLE_PERMISSIONS`` as it is when the fixture is set up), and a starter of
+    replicas with the replica role's certificate: (cluster, start, started); all stopped at the
+    end."""
+    why = cluster_available()
+    if why:
+        pytest.skip(why)
+    cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
+    started: list[ReplicaProcess] = []
+
+    def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
+        started.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *extra,
+                                      *cluster.replica_args()))
+        return started[-1]
+
+    try:
+        yield cluster, start, started
+    finally:
+        for r in started:
+            if r.proc.poll() is None:
+                r.stop()
+        cluster.stop()
+
+
 def ledger_digest(data_dir: str) -> tuple[str, dict]:
     """(a BLAKE2b of every record of every sub-database, meta and its applied group included,
     the verify report) of a stopped replica's ledger: identical replicas, identical digests."""

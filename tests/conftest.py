@@ -20,7 +20,7 @@ from cardcore.server import certs
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
-from cluster_fixtures import nats_cluster, start_replica  # noqa: F401  (the cluster tests' fixtures)
+from cluster_fixtures import nats_cluster, start_replica, tls_cluster  # noqa: F401  (the cluster tests' fixtures)
 
 START_TIMEOUT_S = 30
 PACKAGE_DIRS = ("core", "server", "ext", "proto/cardcore/v1")  # setup.py's package_dir

@@ -766,7 +766,7 @@ def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, 
         identical(replicas)
 
 
-def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
+def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, tls_cluster):
     """The NATS nodes with mutual TLS and the roles' users (make cluster's setting): three
     replicas with the replica certificate lead, follow and end identical; a front's certificate
     submits and may ask a stream's info (where its follower must be), and can neither append to
@@ -779,114 +779,102 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path):
     from cardcore.jetlog import (SUBMIT_INBOX_PREFIX, NatsRefused, NatsThread, NatsTLS,
                                  log_subject, stream_name, submit_subject)
     from cardcore.server import certs
-    from cardcore.server.devcluster import NATS_SERVER, NatsCluster, free_ports
+    from cardcore.server.devcluster import NATS_SERVER, free_ports
 
-    cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
-    started: list[ReplicaProcess] = []
+    cluster, start, started = tls_cluster
+    replicas = three(start)
+    urls = cluster.urls.split(",")
+    front = SubmitClient(urls, cluster.tls_for("front"))
     try:
-        def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
-            started.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *extra,
-                                          *cluster.replica_args()))
-            return started[-1]
-
-        replicas = three(start)
-        urls = cluster.urls.split(",")
-        front = SubmitClient(urls, cluster.tls_for("front"))
-        try:
-            numbers = open_cards(front, 4, random.Random(7))
-        finally:
-            front.close()
-        as_front = NatsThread(urls, "cardcore-test-front", cluster.tls_for("front"),
-                              SUBMIT_INBOX_PREFIX)  # (its own inboxes: answers can reach it)
-        try:
-            before = stream_end(cluster.urls, SHARD, cluster.tls_for("replica"))
-            assert as_front.call(as_front.js.stream_info(stream_name(SHARD))).state.last_seq \
-                == before  # a stream's info: allowed (a front's read of everything waits on it)
-            with pytest.raises((nats.errors.Error, TimeoutError)):
-                as_front.call(as_front.js.publish(log_subject(SHARD), b"forged", timeout=1), 3)
-            for api in (f"STREAM.MSG.GET.{stream_name(SHARD)}",
-                        f"DIRECT.GET.{stream_name(SHARD)}", f"STREAM.PURGE.{stream_name(SHARD)}"):
-                with pytest.raises((nats.errors.Error, TimeoutError)):  # records: not a front's
-                    as_front.call(as_front.nc.request(f"$JS.API.{api}", b'{"seq": 1}',
-                                                      timeout=1), 3)
-            # nor hear the replicas' reads of the log (their inboxes are theirs: the followers
-            # look at the stream's end every tenth of the lease meanwhile) nor the ticks
-            heard: list = []
-
-            async def listen(msg):
-                heard.append(msg.subject)
-
-            for subject in ("_INBOX_replica.>", "_INBOX.>", ">"):
-                as_front.call(as_front.nc.subscribe(subject, cb=listen))
-            time.sleep(1.0)
-            assert heard == []
-            # a submission whose reply subject is a log is dropped: answering it would let a
-            # submitter write a forged record there (the shard would halt on it)
-            as_front.call(as_front.nc.publish(submit_subject(SHARD), b"junk",
-                                              reply=log_subject(SHARD)))
-            as_front.call(as_front.nc.flush())
-            deadline = time.monotonic() + 10
-            while not any("reply subject outside" in r.log() for r in replicas):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            assert stream_end(cluster.urls, SHARD, cluster.tls_for("replica")) == before
-        finally:
-            as_front.close()
-        end = converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
-        assert end == before
-        for r in replicas:
-            ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
-            try:
-                assert all(ledger.read_card(cid(n)) is not None for n in numbers)
-            finally:
-                ledger.close()
-        identical(replicas)
-        other = str(tmp_path / "other-ca")
-        certs.make_ca(other)
-        certs.make_nats_role_cert(other, "replica")
-        certs.make_client_cert(cluster.certs, "nats:nobody")
-        ca = os.path.join(cluster.certs, "ca.pem")
-        for tls in (None, NatsTLS(ca, os.path.join(other, "nats-replica.pem"),
-                                  os.path.join(other, "nats-replica.key")),
-                    NatsTLS(ca, os.path.join(cluster.certs, "nats-nobody.pem"),
-                            os.path.join(cluster.certs, "nats-nobody.key"))):
-            t0 = time.monotonic()
-            with pytest.raises(NatsRefused):
-                NatsThread(urls, "cardcore-test-refused", tls)
-            assert time.monotonic() - t0 < 25  # refused, not waited out (31 s)
-        # a route: only another node's certificate; a rogue server joining with a role's is not
-        rogue = tmp_path / "rogue.conf"
-        rogue.write_text(
-            f'listen: 127.0.0.1:{free_ports(1)[0]}\n'
-            f'cluster {{\n  name: cardcore\n  listen: 127.0.0.1:{free_ports(1)[0]}\n'
-            f'  routes: [nats-route://127.0.0.1:{cluster.nodes[0].route_port}]\n'
-            f'  tls {{\n    cert_file: "{cluster.certs}/nats-front.pem"\n'
-            f'    key_file: "{cluster.certs}/nats-front.key"\n'
-            f'    ca_file: "{cluster.certs}/ca.pem"\n  }}\n}}\n')
-        routes_before = routes_of(cluster.http_ports[0])
-        with open(tmp_path / "rogue.log", "ab") as rogue_log:
-            proc = subprocess.Popen([NATS_SERVER, "-c", str(rogue)], stdout=rogue_log,
-                                    stderr=rogue_log)
-            try:
-                deadline = time.monotonic() + 10
-                while "authentication error" not in cluster.node_log(0):
-                    assert time.monotonic() < deadline, cluster.node_log(0)[-2000:]
-                    time.sleep(0.1)
-                assert routes_of(cluster.http_ports[0]) == routes_before
-            finally:
-                proc.kill()
-                proc.wait(10)
-        # a replica whose certificate is refused exits 2 (a setting: its unit does not restart)
-        refused = ReplicaProcess(str(tmp_path / "refused"), SHARD, cluster.urls, "--nats-ca", ca,
-                                 "--nats-cert", os.path.join(other, "nats-replica.pem"),
-                                 "--nats-key", os.path.join(other, "nats-replica.key"))
-        started.append(refused)
-        assert refused.proc.wait(20) == 2, refused.log()[-2000:]
+        numbers = open_cards(front, 4, random.Random(7))
     finally:
-        for r in started:
-            if r.proc.poll() is None:
-                r.stop()
-        cluster.stop()
+        front.close()
+    as_front = NatsThread(urls, "cardcore-test-front", cluster.tls_for("front"),
+                          SUBMIT_INBOX_PREFIX)  # (its own inboxes: answers can reach it)
+    try:
+        before = stream_end(cluster.urls, SHARD, cluster.tls_for("replica"))
+        assert as_front.call(as_front.js.stream_info(stream_name(SHARD))).state.last_seq \
+            == before  # a stream's info: allowed (a front's read of everything waits on it)
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            as_front.call(as_front.js.publish(log_subject(SHARD), b"forged", timeout=1), 3)
+        for api in (f"STREAM.MSG.GET.{stream_name(SHARD)}",
+                    f"DIRECT.GET.{stream_name(SHARD)}", f"STREAM.PURGE.{stream_name(SHARD)}"):
+            with pytest.raises((nats.errors.Error, TimeoutError)):  # records: not a front's
+                as_front.call(as_front.nc.request(f"$JS.API.{api}", b'{"seq": 1}',
+                                                  timeout=1), 3)
+        # nor hear the replicas' reads of the log (their inboxes are theirs: the followers
+        # look at the stream's end every tenth of the lease meanwhile) nor the ticks
+        heard: list = []
+
+        async def listen(msg):
+            heard.append(msg.subject)
+
+        for subject in ("_INBOX_replica.>", "_INBOX.>", ">"):
+            as_front.call(as_front.nc.subscribe(subject, cb=listen))
+        time.sleep(1.0)
+        assert heard == []
+        # a submission whose reply subject is a log is dropped: answering it would let a
+        # submitter write a forged record there (the shard would halt on it)
+        as_front.call(as_front.nc.publish(submit_subject(SHARD), b"junk",
+                                          reply=log_subject(SHARD)))
+        as_front.call(as_front.nc.flush())
+        deadline = time.monotonic() + 10
+        while not any("reply subject outside" in r.log() for r in replicas):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert stream_end(cluster.urls, SHARD, cluster.tls_for("replica")) == before
+    finally:
+        as_front.close()
+    end = converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
+    assert end == before
+    for r in replicas:
+        ledger = Ledger(os.path.join(r.data_dir, "ledger"), readonly=True)
+        try:
+            assert all(ledger.read_card(cid(n)) is not None for n in numbers)
+        finally:
+            ledger.close()
+    identical(replicas)
+    other = str(tmp_path / "other-ca")
+    certs.make_ca(other)
+    certs.make_nats_role_cert(other, "replica")
+    certs.make_client_cert(cluster.certs, "nats:nobody")
+    ca = os.path.join(cluster.certs, "ca.pem")
+    for tls in (None, NatsTLS(ca, os.path.join(other, "nats-replica.pem"),
+                              os.path.join(other, "nats-replica.key")),
+                NatsTLS(ca, os.path.join(cluster.certs, "nats-nobody.pem"),
+                        os.path.join(cluster.certs, "nats-nobody.key"))):
+        t0 = time.monotonic()
+        with pytest.raises(NatsRefused):
+            NatsThread(urls, "cardcore-test-refused", tls)
+        assert time.monotonic() - t0 < 25  # refused, not waited out (31 s)
+    # a route: only another node's certificate; a rogue server joining with a role's is not
+    rogue = tmp_path / "rogue.conf"
+    rogue.write_text(
+        f'listen: 127.0.0.1:{free_ports(1)[0]}\n'
+        f'cluster {{\n  name: cardcore\n  listen: 127.0.0.1:{free_ports(1)[0]}\n'
+        f'  routes: [nats-route://127.0.0.1:{cluster.nodes[0].route_port}]\n'
+        f'  tls {{\n    cert_file: "{cluster.certs}/nats-front.pem"\n'
+        f'    key_file: "{cluster.certs}/nats-front.key"\n'
+        f'    ca_file: "{cluster.certs}/ca.pem"\n  }}\n}}\n')
+    routes_before = routes_of(cluster.http_ports[0])
+    with open(tmp_path / "rogue.log", "ab") as rogue_log:
+        proc = subprocess.Popen([NATS_SERVER, "-c", str(rogue)], stdout=rogue_log,
+                                stderr=rogue_log)
+        try:
+            deadline = time.monotonic() + 10
+            while "authentication error" not in cluster.node_log(0):
+                assert time.monotonic() < deadline, cluster.node_log(0)[-2000:]
+                time.sleep(0.1)
+            assert routes_of(cluster.http_ports[0]) == routes_before
+        finally:
+            proc.kill()
+            proc.wait(10)
+    # a replica whose certificate is refused exits 2 (a setting: its unit does not restart)
+    refused = ReplicaProcess(str(tmp_path / "refused"), SHARD, cluster.urls, "--nats-ca", ca,
+                             "--nats-cert", os.path.join(other, "nats-replica.pem"),
+                             "--nats-key", os.path.join(other, "nats-replica.key"))
+    started.append(refused)
+    assert refused.proc.wait(20) == 2, refused.log()[-2000:]
 
 
 def routes_of(http_port: int) -> int:
@@ -1162,48 +1150,37 @@ def test_a_servers_backup_is_refused_as_a_seed_and_the_folder_left_empty(
     assert not os.path.exists(os.path.join(seeded.data_dir, "ledger", "data.mdb"))
 
 
-def test_users_made_before_the_ticks_cost_one_warning_and_followers_still_follow(
-        tmp_path, monkeypatch):
-    """NATS users from a configuration made before the ticks (the replica role may neither say
-    nor hear ``cardcore.*.tick``): the leader's first tick is refused, it says so once and
-    ticks no more; the followers, hearing none, follow by asking the stream: every replica ends
-    with every group."""
+@pytest.fixture
+def permissions_before_ticks(monkeypatch):
+    """The roles' NATS permissions as cluster-config made them before the ticks."""
     from cardcore.server import clusterconf
-    from cardcore.server.devcluster import NatsCluster
 
-    why = cluster_available()
-    if why:
-        pytest.skip(why)
     old = {role: {k: [s for s in v if not s.endswith(".tick")] if isinstance(v, list) else v
                   for k, v in perms.items()}
            for role, perms in clusterconf.ROLE_PERMISSIONS.items()}
     assert old != clusterconf.ROLE_PERMISSIONS
     monkeypatch.setattr(clusterconf, "ROLE_PERMISSIONS", old)
-    cluster = NatsCluster(str(tmp_path / "nats"), tls=True)
-    replicas: list[ReplicaProcess] = []
-    try:
-        def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
-            replicas.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *extra,
-                                           *cluster.replica_args()))
-            return replicas[-1]
 
-        three(start)
-        front = SubmitClient(cluster.urls.split(","), cluster.tls_for("front"))
-        try:
-            for k in range(4):  # groups one after another: a tick refused after each, before
-                open_cards(front, 2, random.Random(k))
-        finally:
-            front.close()
-        leader = leader_of(replicas)
-        said = leader.log().count("may not use the ticks")
-        converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
-        assert said == 1, leader.log()[-3000:]
-        identical(replicas)
+
+def test_users_made_before_the_ticks_cost_one_warning_and_followers_still_follow(
+        permissions_before_ticks, tls_cluster):
+    """NATS users from a configuration made before the ticks (the replica role may neither say
+    nor hear ``cardcore.*.tick``): the leader's first tick is refused, it says so once and
+    ticks no more; the followers, hearing none, follow by asking the stream: every replica ends
+    with every group."""
+    cluster, start, _ = tls_cluster
+    replicas = three(start)
+    front = SubmitClient(cluster.urls.split(","), cluster.tls_for("front"))
+    try:
+        for k in range(4):  # groups one after another: a tick refused after each, before
+            open_cards(front, 2, random.Random(k))
     finally:
-        for r in replicas:
-            if r.proc.poll() is None:
-                r.stop()
-        cluster.stop()
+        front.close()
+    leader = leader_of(replicas)
+    said = leader.log().count("may not use the ticks")
+    converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
+    assert said == 1, leader.log()[-3000:]
+    identical(replicas)
 
 
 def test_one_node_with_a_foreign_certificate_does_not_stop_a_start(tmp_path):
