@@ -48,7 +48,8 @@ def ensure_py_spy() -> None:
 def role(pid: int, command: str, server_pid: int) -> str:
     if pid == server_pid:
         return "server (gRPC)"
-    if "spawn_main" in command and "resource_tracker" not in command:
+    if "writer_proc import child_main" in command or (  # (before 2026-12-01: spawn's)
+            "spawn_main" in command and "resource_tracker" not in command):
         return "writer"
     return "other"
 

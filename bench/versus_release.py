@@ -199,11 +199,12 @@ def profile_phase(system: str, python: str, data_dir: str, payloads: list, secon
     if not os.path.exists(py_spy):
         raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
     proc = start(python, data_dir, os.path.join(work, f"profile-{system}.log"), extra)
-    writers = []  # the writer, not multiprocessing's resource tracker
+    writers = []  # the writer, not multiprocessing's resource tracker (a release's: spawn's)
     for pid in children(proc.proc.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
+                command = f.read()
+                if b"writer_proc import child_main" in command or b"spawn_main" in command:
                     writers.append(pid)
         except OSError:
             continue

@@ -377,7 +377,7 @@ def writer_pid(server) -> int:
                 with open(f"/proc/{entry}/stat") as f:
                     if int(f.read().rsplit(")", 1)[1].split()[1]) == server.proc.pid:
                         with open(f"/proc/{entry}/cmdline", "rb") as g:
-                            if b"spawn_main" in g.read():
+                            if b"writer_proc import child_main" in g.read():
                                 return int(entry)
             except (OSError, ValueError, IndexError):
                 continue
