@@ -195,17 +195,28 @@ class Writer:
     def start(self) -> None:
         """Start the writer process and wait until it has opened the ledger."""
         fd = self._child_sock.fileno()
-        self._proc = subprocess.Popen([sys.executable, "-c", ENTRY, str(fd)], pass_fds=(fd,))
+        # -P: not the working folder first on its path (a file there could stand in for a
+        # module of the process that gets the keys); only the socket's descriptor is passed
+        self._proc = subprocess.Popen([sys.executable, "-P", "-c", ENTRY, str(fd)],
+                                      pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL)
         self._child_sock.close()
-        self._sock.settimeout(WRITER_START_TIMEOUT_S)
         try:
-            send_frame(self._sock, self._child_args)
-            self._child_args = b""
-            ready = recv_frame(self._sock)
-        except OSError:  # (a timeout, or the process gone before it read its arguments)
-            ready = None
-        if ready != READY:
-            raise RuntimeError("the writer process did not start")
+            self._sock.settimeout(WRITER_START_TIMEOUT_S)
+            try:
+                send_frame(self._sock, self._child_args)
+                self._child_args = b""
+                ready = recv_frame(self._sock)
+            except OSError:  # (a timeout, or the process gone before it read its arguments)
+                ready = None
+            if ready != READY:
+                raise RuntimeError(f"the writer process did not start (exit status "
+                                   f"{self._proc.poll()})")
+        except BaseException:  # never a writer left running on the ledger without this process
+            self._sock.close()
+            self._proc.kill()
+            self._proc.wait()
+            raise
         self._sock.setblocking(False)
         self.loop.add_reader(self._sock.fileno(), self._on_readable)
         self._tick_handle = self.loop.call_later(MAINTENANCE_IDLE_S, self._tick)

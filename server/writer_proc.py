@@ -35,8 +35,11 @@ log = logging.getLogger("cardcore.writer")
 
 WRITER_GC_GEN0 = 50_000        # the writer process's youngest-generation GC threshold (700)
 DEGRADED_RETRY_S = 1.0          # an idle writer whose checkpoint failed tries again this often
-# what Writer.start runs: the child's end of the socketpair is the one argument
-ENTRY = "from cardcore.server.writer_proc import child_main; child_main()"
+# what Writer.start runs: the child's end of the socketpair is the one argument; SIGINT and
+# SIGTERM ignored from the start (the server process coordinates shutdown: writer_main)
+ENTRY = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "from cardcore.server.writer_proc import child_main; child_main()")
 
 COUNT = struct.Struct("<I")
 ENTRY_HEAD_SIZE = 224  # a reply's fields: all but the digest (layout.JOURNAL)
@@ -57,9 +60,10 @@ def is_storage_error(exc: BaseException) -> bool:
     failed sync (PanicError). The group is settled and the writer goes on. Anything else
     (InvariantError, a kernel ValueError, KeyExistsError on the journal) stops the server."""
     return (type(exc) is lmdb.Error or isinstance(exc, (lmdb.DiskError, lmdb.PanicError, OSError)))
+
+
 def _uniform(reason: int, ops: list[PendingOp]) -> list[Outcome]:
     return [Outcome(reason, False, op.packed[0], None, 0) for op in ops]
-
 
 
 def encode_answer(outcomes: list[Outcome]) -> bytes:
