@@ -631,8 +631,11 @@ class Ticks:
 
     def wake(self) -> None:
         """End a ``wait`` now (from a signal handler: through the loop, never the Event's lock
-        taken in a handler)."""
-        self.nt.loop.call_soon_threadsafe(self.heard.set)
+        taken in a handler); nothing once the connection is closed (nothing waits then)."""
+        try:
+            self.nt.loop.call_soon_threadsafe(self.heard.set)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def wait(self, limit_s: float) -> None:
         self.heard.wait(limit_s)
