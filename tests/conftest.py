@@ -38,6 +38,8 @@ def pytest_configure(config):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for folder in PACKAGE_DIRS:
         compileall.compile_dir(os.path.join(root, folder), maxlevels=0, quiet=1)
+
+
 LISTEN_RE = re.compile(rb"cardcore listening on ([\d.]+):(\d+)")
 
 
