@@ -29,7 +29,7 @@ from cardcore.ext import writerglue  # noqa: E402
 from cardcore.groups import encode_group  # noqa: E402
 from cardcore.idempotency import PendingOp  # noqa: E402
 from cardcore.ledger import Ledger  # noqa: E402
-from cardcore.server.writer import encode_answer  # noqa: E402
+from cardcore.server.writer_proc import encode_answer  # noqa: E402
 
 GROUP_OPS, GROUPS_PER_TXN = aggregates_writer.GROUP_OPS, 3
 PARTS = ("decode", "apply", "answer")

@@ -13,7 +13,7 @@ Safety is the stream's expected-last-sequence, never the lease.
 The submit protocol (the front's, ``cardcore.server.front``; also the tests')::
 
     request = cardcore.groups.encode_group(ops, 0)   (at most SUBMIT_OPS_MAX operations)
-    reply   = b"G" | u64 group | server.writer.encode_answer(outcomes)
+    reply   = b"G" | u64 group | server.writer_proc.encode_answer(outcomes)
               applied (or replayed, or declined) in the shard's group ``group`` (a front's
               reads wait until its follower holds that group; before the fronts: b"A" and no
               group, still read, as group 0)
@@ -51,7 +51,7 @@ from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 from cardcore.lookup import lookup_key
 from cardcore.profiles import profile_key
 
-from .writer import decode_answer, encode_answer, writer_gc
+from .writer_proc import decode_answer, encode_answer, writer_gc
 
 log = logging.getLogger("cardcore.replica")
 

@@ -73,10 +73,9 @@ from cardcore.ledger import MAP_SIZE_INITIAL, Outcome, PendingOp
 
 from .journal_signal import JournalSignal
 from .metrics import Metrics
-# the writer process's side, and the wire both sides speak (re-exported: the wire is the writer's)
-from .writer_proc import (ANSWER, ANSWERED, CHECKPOINTED, COVERED, ENTRY, ENTRY_HEAD_SIZE,  # noqa: F401
-                          FATAL, FRAME, NO_ENTRY, READY, _uniform, decode_answer, encode_answer,
-                          is_storage_error, recv_frame, send_frame, writer_gc)
+# the writer process's side, and the wire both sides speak
+from .writer_proc import (ANSWERED, CHECKPOINTED, COVERED, ENTRY, FATAL, FRAME, READY, _uniform,
+                          recv_frame, send_frame)
 
 log = logging.getLogger("cardcore.writer")
 

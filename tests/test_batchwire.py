@@ -21,7 +21,7 @@ from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger
 from cardcore.server.access import ROLE, Access, Caller, Operator
 from cardcore.server.operations import Operations
-from cardcore.server import service, writer
+from cardcore.server import service, writer_proc
 from cardcore.server.service import result_of
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
@@ -73,7 +73,8 @@ def test_constants_are_the_layouts_and_the_contracts():
     hop = batchwire.HOP
     assert (hop["GROUP_HEAD_SIZE"], hop["OP_HEAD_SIZE"], hop["NONE_LEN"]) == (
         groups.GROUP_HEAD.size, groups.OP_HEAD.size, groups.NONE_LEN)
-    assert (hop["ANSWER_SIZE"], hop["ENTRY_HEAD"]) == (writer.ANSWER.size, writer.ENTRY_HEAD_SIZE)
+    assert (hop["ANSWER_SIZE"], hop["ENTRY_HEAD"]) == (writer_proc.ANSWER.size,
+                                                      writer_proc.ENTRY_HEAD_SIZE)
     assert hop["ENTRY_LINE_COUNT"] & 0xFF == L.JOURNAL_PROGRAM.unpack_from(
         entry, L.JOURNAL_OFF_PROGRAM)[3] & 0xFF
     assert hop["ENTRY_CARD"] == 16 and entry[16:32] == L.JOURNAL.unpack_from(bytes(range(256)))[8][:16]
@@ -600,9 +601,9 @@ def test_answers_decode_as_decode_answer_does(answered, draw_consistent):
             entry = bytearray(o.entry)
             struct.pack_into("<H", entry, L.JOURNAL_OFF_PROGRAM + 18, len(o.lines) // L.LINE_SIZE)
             with_counts[k] = o._replace(entry=bytes(entry))
-    data = writer.encode_answer(with_counts)
+    data = writer_proc.encode_answer(with_counts)
     try:
-        reference = writer.decode_answer(data)
+        reference = writer_proc.decode_answer(data)
     except ValueError:
         with pytest.raises(ValueError):
             batchwire.decode_answer(data, Outcome, L.R_OK)

@@ -26,7 +26,7 @@ from cardcore import lots
 from cardcore.ext import writerglue
 from cardcore.groups import GROUP_HEAD, NONE_LEN, OP_HEAD, decode_group, encode_group
 from cardcore.idempotency import Outcome, PendingOp, pack_request_keys, unpack_request_keys
-from cardcore.server import writer
+from cardcore.server import writer_proc
 from cardcore.ledger import Ledger, history_items, items_of
 from cardcore.verify import verify
 from test_card_programs import FRESH, GROCERY, TOBACCO, example, line
@@ -264,8 +264,8 @@ def test_the_c_constants_are_the_layouts():
     assert writerglue.SIZES["GROUP_HEAD_SIZE"] == GROUP_HEAD.size
     assert writerglue.SIZES["OP_HEAD_SIZE"] == OP_HEAD.size
     assert writerglue.NONE_LEN == NONE_LEN
-    assert writerglue.SIZES["ANSWER_SIZE"] == writer.ANSWER.size
-    assert writerglue.SIZES["ENTRY_HEAD_SIZE"] == writer.ENTRY_HEAD_SIZE
+    assert writerglue.SIZES["ANSWER_SIZE"] == writer_proc.ANSWER.size
+    assert writerglue.SIZES["ENTRY_HEAD_SIZE"] == writer_proc.ENTRY_HEAD_SIZE
 
 
 @given(st.lists(st.tuples(st.sampled_from([L.OP_TOP_UP, L.OP_PURCHASE, L.OP_REFUND, L.OP_REVERSAL,
@@ -415,7 +415,7 @@ outcome = st.builds(
 
 @given(st.lists(outcome, max_size=12))
 def test_an_answer_encoded_in_c_is_the_pythons(outcomes):
-    assert writerglue.encode_answer(outcomes) == writer.encode_answer(outcomes)
+    assert writerglue.encode_answer(outcomes) == writer_proc.encode_answer(outcomes)
 
 
 _MOVE_FIELDS = st.integers(-10**6, 10**6)
