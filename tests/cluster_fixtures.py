@@ -74,6 +74,14 @@ def tls_cluster(tmp_path):
         cluster.stop()
 
 
+def nats_monitor(http_port: int, page: str) -> dict:
+    """A page of a NATS node's monitoring port (``routez``, ``connz?limit=4096``...), as JSON."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/{page}", timeout=5) as r:
+        return json.load(r)
+
+
 def ledger_digest(data_dir: str) -> tuple[str, dict]:
     """(a BLAKE2b of every record of every sub-database, meta and its applied group included,
     the verify report) of a stopped replica's ledger: identical replicas, identical digests."""

@@ -25,7 +25,7 @@ from cardcore.keyring import write_index_key
 from cardcore.ledger import Ledger
 from cardcore.server.replica import SubmitClient
 from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader_of
-from cluster_fixtures import ledger_digest
+from cluster_fixtures import ledger_digest, nats_monitor
 from conftest import Client, ServerProcess, new_card_number, rid
 from test_determinism import run_groups
 from test_ledger import KEY, NOW, add_operator, cid, enroll, key, op, open_op
@@ -878,11 +878,7 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, t
 
 
 def routes_of(http_port: int) -> int:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/routez", timeout=5) as r:
-        return json.load(r)["num_routes"]
+    return nats_monitor(http_port, "routez")["num_routes"]
 
 
 def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):

@@ -17,6 +17,7 @@ from cardcore.server.devcluster import leader_of
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
+from cluster_fixtures import nats_monitor
 from conftest import Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid
 from test_cluster import LEASE, SHARD, converge_and_stop, identical, stream_leader_node, three
 from test_security import PIN
@@ -127,15 +128,9 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
 def replica_requests(cluster) -> int:
     """Messages the replicas' and followers' NATS connections have sent (requests: a stream's
     end, a get, a lease, a report), from every node's monitoring page."""
-    import json
-    import urllib.request
-
-    total = 0
-    for port in cluster.http_ports:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/connz?limit=4096", timeout=5) as r:
-            total += sum(c.get("in_msgs", 0) for c in json.load(r).get("connections", [])
-                         if c.get("name", "").startswith("cardcore-replica-"))
-    return total
+    return sum(c.get("in_msgs", 0) for port in cluster.http_ports
+               for c in nats_monitor(port, "connz?limit=4096").get("connections", [])
+               if c.get("name", "").startswith("cardcore-replica-"))
 
 
 class Swipes:
