@@ -19,7 +19,8 @@ What the front adds is what a leader that dies in the middle of a request needs:
   then the request's original outcome is read from the follower (which holds the group that
   refused it, hence any that applied it); none to be had: OUTCOME_UNKNOWN, never the refusal.
 
-Each caller's deadline bounds its own tries. Reads see what they must (``fresh``): a read of a
+Each caller's deadline bounds its own tries, and submits reach the leader in the order they first
+left, re-sends included (``_may_go``: a terminal's pipelined swipes stay in KSN order). Reads see what they must (``fresh``): a read of a
 card waits until the follower holds the last group this front was answered for that touched it;
 a read of everything (reports, GetOperation, the journal feed) waits until the follower holds the
 shard's stream as it ends now (one NATS round trip), so it sees what any front was answered. A
@@ -91,6 +92,17 @@ class _Unit:
         self.outcomes: list[Outcome] | None = None
 
 
+class _Turn:
+    """A submit's place in the order submits first left in (``ClusterWriter._may_go``)."""
+    __slots__ = ("order", "troubled", "in_flight", "waiting")
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.troubled = False   # a try of it was not applied (or maybe not): it is sent again
+        self.in_flight = False  # a try of it is out, unanswered
+        self.waiting = False    # its next try waits for its turn
+
+
 class ClusterWriter:
     """The ``Writer`` of a front: writes to the shard's leader, reads from the follower."""
 
@@ -120,6 +132,13 @@ class ClusterWriter:
         self._dirty_keys: dict[bytes, int] = {}
         self._queued_ops = 0
         self._queue: collections.deque[_Item] = collections.deque()
+        # submits not answered yet, by the order they first left in (ascending), and how many of
+        # them are troubled: while none is, every submit goes at once (``_may_go``)
+        self._turns: dict[int, _Turn] = {}
+        self._orders = 0
+        self._troubled = 0
+        self._waiting = 0
+        self._turns_moved = asyncio.Event()
         self._senders = 0
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
@@ -283,6 +302,62 @@ class ClusterWriter:
         request records answer it once; ``_resolved``). A unit out of time leaves the submit:
         never applied if every try of it was refused (DEADLINE_EXCEEDED, or UNAVAILABLE once
         tried), else OUTCOME_UNKNOWN (its caller asks GetOperation)."""
+        self._orders += 1
+        turn = self._turns[self._orders] = _Turn(self._orders)
+        try:
+            await self._send_in_turn(units, turn)
+        finally:
+            del self._turns[turn.order]
+            self._troubled -= turn.troubled
+            self._moved()
+
+    def _may_go(self, turn: _Turn) -> bool:
+        """Whether a try of ``turn``'s submit may leave now. The leader applies submits in
+        the order they reach it, and a terminal's swipes must be applied in the order of their
+        KSNs (a later one first makes the earlier KSN_REPLAYED). Tries on one connection
+        arrive in order; what can reorder them is a try that fails (no leader, no answer, a full
+        queue) and is sent again after later ones went. So once a submit is troubled, later
+        submits wait for it: a first try while an earlier submit is troubled or waits for its
+        own turn, a try again while an earlier one is troubled, waits or is out. Without a
+        failure nothing waits."""
+        if not self._troubled and not self._waiting:
+            return True
+        for order, other in self._turns.items():
+            if order >= turn.order:
+                return True
+            if other.troubled or other.waiting or (turn.troubled and other.in_flight):
+                return False
+        return True
+
+    def _moved(self) -> None:
+        """A turn changed: whoever waits for theirs looks again."""
+        if self._waiting:
+            self._turns_moved.set()
+            self._turns_moved = asyncio.Event()
+
+    async def _in_turn(self, turn: _Turn, until: float) -> bool:
+        """Wait until ``turn`` may go (True: its caller sends before it awaits anything, so
+        turns woken together leave one by one in order) or the monotonic time ``until``."""
+        if self._may_go(turn):
+            return True
+        turn.waiting = True
+        self._waiting += 1
+        try:
+            while not self._may_go(turn):
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._turns_moved.wait(), left)
+                except asyncio.TimeoutError:
+                    return False
+            return True
+        finally:
+            turn.waiting = False
+            self._waiting -= 1
+            self._moved()
+
+    async def _send_in_turn(self, units: list[_Unit], turn: _Turn) -> None:
         import nats.errors
 
         pause, wait_s = RETRY_PAUSE_S[0], self.submit_timeout_s
@@ -296,10 +371,14 @@ class ClusterWriter:
             units = [u for u in units if u.outcomes is None]
             if not units:
                 return
+            if not await self._in_turn(turn, min(u.limit for u in units)):
+                continue  # (a unit is out of time now)
+            now = time.monotonic()
             ops = [op for u in units for op in u.ops]
             left = max(u.limit for u in units) - now
             for u in units:
                 u.tried = True
+            turn.in_flight = True
             try:
                 msg = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
                     self.nt.nc.request(submit_subject(self.shard), encode_group(ops, 0),
@@ -309,6 +388,12 @@ class ClusterWriter:
                 got = NOT_LEADER  # nobody took it: not applied
             except (TimeoutError, asyncio.TimeoutError, nats.errors.Error):
                 got = UNKNOWN
+            finally:
+                turn.in_flight = False
+            if isinstance(got, bytes) and got != MALFORMED and not turn.troubled:
+                turn.troubled = True  # (sent again below: later submits wait for it)
+                self._troubled += 1
+            self._moved()
             if not isinstance(got, bytes):
                 outcomes, group = got
                 self.groups += 1

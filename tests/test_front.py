@@ -133,14 +133,20 @@ def replica_requests(cluster) -> int:
                if c.get("name", "").startswith("cardcore-replica-"))
 
 
-class Swipes:
-    """Terminals swiping 1.00 PIN purchases through a front, one at a time each, until
-    stopped: every answer kept (request id -> (terminal index, reason, journal seq))."""
+PIPELINED = 8  # a streaming terminal's swipes in flight (its budget's room: 10 unanswered)
 
-    def __init__(self, front: ServerProcess, count: int = 3) -> None:
+
+class Swipes:
+    """Terminals swiping 1.00 PIN purchases through a front until stopped: ``count`` one at a
+    time each (unary Purchase), then ``streams`` more that pipeline theirs on a SwipeStream
+    (PIPELINED in flight, each swipe's KSN the next: one applied before an earlier one would
+    make that one KSN_REPLAYED). Every answer kept (request id -> (terminal index, reason,
+    journal seq))."""
+
+    def __init__(self, front: ServerProcess, count: int = 3, streams: int = 0) -> None:
         admin = Admin(front.channel, front.admin_token)
         self.front = front
-        self.terminals = [admin.enroll(tid, 3) for tid in range(1, count + 1)]
+        self.terminals = [admin.enroll(tid, 3) for tid in range(1, count + streams + 1)]
         self.numbers = []
         for till in self.terminals:
             number = new_card_number()
@@ -151,8 +157,8 @@ class Swipes:
         self.lock = threading.Lock()
         self.answers: dict[str, tuple[int, int, int]] = {}
         self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._swipe, args=(k,))
-                        for k in range(count)]
+        self.threads = [threading.Thread(target=self._swipe if k < count else self._stream,
+                                         args=(k,)) for k in range(count + streams)]
 
     def _swipe(self, k: int) -> None:
         till, number = self.terminals[k], self.numbers[k]
@@ -172,6 +178,24 @@ class Swipes:
                     self.failures.append(f"{exc.code()} {reason}")
             with self.lock:
                 self.answers[request_id] = (k, reason, seq)
+
+    def _stream(self, k: int) -> None:
+        till, number = self.terminals[k], self.numbers[k]
+        room = threading.Semaphore(PIPELINED)
+
+        def swipes():
+            while not self.stop.is_set():
+                if room.acquire(timeout=0.1):
+                    yield pb.Operation(purchase=till.purchase(rid(), number, PIN, 100))
+
+        try:
+            for reply in self.front.stub.SwipeStream(swipes()):
+                room.release()
+                with self.lock:
+                    self.answers[reply.request_id] = (k, reply.reason, reply.seq)
+        except grpc.RpcError as exc:
+            with self.lock:
+                self.failures.append(f"stream {exc.code()}")
 
     def __enter__(self) -> "Swipes":
         for t in self.threads:
@@ -193,7 +217,8 @@ class Swipes:
         funds less exactly the answered purchases."""
         assert not self.failures, self.failures
         ok = {k: a for k, a in self.answers.items() if a[1] == R.REASON_OK}
-        assert len(ok) == len(self.answers)
+        assert len(ok) == len(self.answers), [a for a in self.answers.values()
+                                              if a[1] != R.REASON_OK]
         seqs = [a[2] for a in ok.values()]
         assert len(set(seqs)) == len(seqs)
         client = Client(self.front.stub)
@@ -211,7 +236,7 @@ def test_kill_9_the_leader_under_pin_swipes_through_a_front_every_answer_applied
     less exactly the answered purchases."""
     replicas = three(start_replica, "--keyring", keyring)
     front = start_front("front")
-    with Swipes(front) as load:
+    with Swipes(front, streams=1) as load:
         load.answered_by(30, "swipes answered before the kill")
         old = leader_of(replicas)
         os.kill(old.pid, signal.SIGKILL)
