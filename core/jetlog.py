@@ -68,6 +68,13 @@ READ_AHEAD = 64                   # direct gets in flight while a replica reads 
 REPLICA_INBOX_PREFIX = "_INBOX_replica"
 SUBMIT_INBOX_PREFIX = "_INBOX_front"
 FOLLOWER_INBOX_PREFIX = "_INBOX_follower"  # a front's follower (replica --follow-only)
+
+
+def replica_inbox_prefix(shard: int) -> str:
+    """A replica's inboxes: under REPLICA_INBOX_PREFIX (the every-shard replica user hears them
+    all), a token of its shard's (a one-shard replica user hears its shard's alone)."""
+    return f"{REPLICA_INBOX_PREFIX}.s{shard}"
+
 REFUSALS_PER_URL = 2   # a connect refused this many times by every server is a setting
 RETRY_PAUSE_S = 0.25   # between connects after a refusal
 CALL_TIMEOUT_S = 5.0              # one request to NATS (stream info, a get, a KV call)

@@ -14,7 +14,8 @@ both ends of a TLS connection (clients and the other nodes connect to it, it con
 nodes), ``nats-node:<name>``; each process that connects one of two role certificates, which the
 NATS nodes map to a user with that role's permissions:
 
-    nats:replica                     a shard replica: the streams, the buckets, the submissions
+    nats:replica                     a replica of any shard: the streams, the buckets, the submissions
+    nats:replica-s<n>                the same, on shard n's stream, keys and subjects alone
     nats:front                       a front (and a tool): it may only submit to a shard's leader
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 NATS_NODE_CN_PREFIX = "nats-node:"
 NATS_ROUTE_URI = "urn:cardcore:nats-route"  # every node's: the routes' one user (clusterconf)
 NATS_ROLES = ("replica", "front", "follower")  # the role certificates' names are nats:<role>
+_SHARD_REPLICA_ROLE_RE = re.compile(r"replica-s(0|[1-9][0-9]?)")  # one shard's replica
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _FILE_STEM_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -211,8 +213,9 @@ def make_nats_node_cert(out_dir: str, name: str, hosts: list[str],
 
 def make_nats_role_cert(out_dir: str, role: str, days: int = 825) -> tuple[str, str]:
     """A NATS client certificate of ``role`` (``nats-ROLE.pem``; see the module doc)."""
-    if role not in NATS_ROLES:
-        raise ValueError(f"NATS role must be one of {', '.join(NATS_ROLES)}, not {role!r}")
+    if role not in NATS_ROLES and not _SHARD_REPLICA_ROLE_RE.fullmatch(role):
+        raise ValueError(f"NATS role must be one of {', '.join(NATS_ROLES)} or replica-sN (one "
+                         f"shard's replica), not {role!r}")
     return make_client_cert(out_dir, f"nats:{role}", days)
 
 
@@ -272,5 +275,6 @@ def add_parser(sub) -> None:
                    help="a DNS name or IP address the node is reached by (repeatable)")
     p = commands.add_parser("nats-client", help="a NATS role certificate: replica, front or follower (a front's)")
     cert_dir(p)
-    p.add_argument("role", choices=NATS_ROLES,
-                   help="replica (a shard's replica) or front (submits only): docs/cluster.md")
+    p.add_argument("role", metavar="ROLE",
+                   help="replica-sN (a replica of shard N alone), replica (of every shard), "
+                        "front (submits only) or follower (a front's): docs/cluster.md")

@@ -271,10 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mutual TLS to NATS: the CA the nodes' certificates chain to (env "
                         "CARDCORE_NATS_CA); with --nats-cert and --nats-key")
     p.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
-                   help="this replica's certificate, PEM (cardcore certs nats-client replica; "
-                        "env CARDCORE_NATS_CERT)")
+                   help="this replica's certificate, PEM (cardcore certs nats-client "
+                        "replica-sN: shard N's alone, or replica: every shard's; env "
+                        "CARDCORE_NATS_CERT); {shard} in the path stands for --shard")
     p.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
-                   help="its private key, PEM (env CARDCORE_NATS_KEY)")
+                   help="its private key, PEM (env CARDCORE_NATS_KEY; {shard} as above)")
     p.set_defaults(func=cmd_replica)
 
     p = sub.add_parser("verify", help="check every card against its journal")

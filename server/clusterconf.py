@@ -6,7 +6,8 @@ A node: JetStream with file storage fsynced before every acknowledgement (``sync
 always``), messages up to 8 MB (a group), routes to every other node, a monitoring port whose
 ``/healthz`` says when JetStream is ready; with certificates, mutual TLS on the client port and
 on the routes, and the roles' users, mapped from the client certificate's name
-(``ROLE_PERMISSIONS``; docs/cluster.md, "Who may do what on NATS").
+(``ROLE_PERMISSIONS``, and a replica user per shard that reaches that shard alone,
+``shard_replica_permissions``; docs/cluster.md, "Who may do what on NATS").
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET, log_subject,
+                             replica_inbox_prefix, stream_name, submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
 
 from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_cert
@@ -42,6 +45,42 @@ ROLE_PERMISSIONS = {
                              "$JS.API.DIRECT.GET.>", "$KV.cardcore-checkpoints.>"],
                  "subscribe": ["cardcore.*.tick", "_INBOX_follower.>"]},
 }
+SHARDS_DEFAULT, SHARDS_MAX = 2, 64  # shards whose replicas get a user (and a certificate) each
+
+
+def shard_replica_role(shard: int) -> str:
+    """The role of a replica of one shard alone: its certificate is ``nats:replica-s<n>``."""
+    assert 0 <= shard < SHARDS_MAX, shard
+    return f"replica-s{shard}"
+
+
+def shard_replica_permissions(shard: int) -> dict:
+    """A replica role that reaches one shard alone: what ``replica`` may do, on that shard's
+    stream, subjects, keys and inboxes only. The buckets' records of other shards (leases,
+    genesis, checkpoints: who leads where, never card data) stay readable: a bucket's reads
+    are one API subject for every key."""
+    stream = stream_name(shard)
+    buckets = [f"KV_{b}" for b in (LEADERS_BUCKET, SHARDS_BUCKET, CHECKPOINTS_BUCKET)]
+    return {"publish": [*(f"$JS.API.STREAM.{api}.{s}" for s in (stream, *buckets)
+                          for api in ("INFO", "CREATE", "MSG.GET")),
+                        *(f"$JS.API.DIRECT.GET.{s}{tail}" for s in (stream, *buckets)
+                          for tail in ("", ".>")),
+                        f"$JS.API.STREAM.PURGE.{stream}",
+                        f"$KV.{LEADERS_BUCKET}.s{shard}", f"$KV.{SHARDS_BUCKET}.s{shard}-genesis",
+                        f"$KV.{CHECKPOINTS_BUCKET}.s{shard}", log_subject(shard),
+                        tick_subject(shard)],
+            "subscribe": [submit_subject(shard), tick_subject(shard),
+                          f"{replica_inbox_prefix(shard)}.>"],
+            "allow_responses": True}
+
+
+def nats_users(shards: int) -> dict[str, dict]:
+    """Every user of the nodes: the roles', and a replica role per shard 0..shards-1."""
+    assert 0 <= shards <= SHARDS_MAX, shards
+    return {**ROLE_PERMISSIONS,
+            **{shard_replica_role(s): shard_replica_permissions(s) for s in range(shards)}}
+
+
 CLUSTER_NAME = "cardcore"
 NODES_MIN, NODES_MAX = 3, 7          # a quorum that survives a node (3) .. what we ever tried (7)
 CLIENT_PORT, ROUTE_PORT, HTTP_PORT = 4222, 6222, 8222  # NATS's own defaults
@@ -57,9 +96,10 @@ class Node:
     http_port: int = HTTP_PORT
 
 
-def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | None) -> str:
+def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | None,
+                shards: int = SHARDS_DEFAULT) -> str:
     """One node's nats-server configuration; ``certs_dir`` (None: plain, no users) holds ca.pem
-    and the node's nats-node-NAME.pem/.key."""
+    and the node's nats-node-NAME.pem/.key; ``shards``: the shards with a replica user each."""
     routes = ", ".join(f"nats-route://{p.host}:{p.route_port}" for p in peers if p != node)
     client_tls = route_tls = ""
     if certs_dir is not None:
@@ -67,7 +107,7 @@ def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | 
                  f'  key_file: "{certs_dir}/nats-node-{node.name}.key"\n'
                  f'  ca_file: "{certs_dir}/ca.pem"\n  timeout: 2\n')
         users = "\n".join(f'    {{ user: "CN=nats:{role}", permissions: {json.dumps(perms)} }}'
-                          for role, perms in ROLE_PERMISSIONS.items())
+                          for role, perms in nats_users(shards).items())
         client_tls = (f"tls {{\n{files}  verify_and_map: true\n}}\n"
                       f"authorization {{\n  users = [\n{users}\n  ]\n}}\n")
         # a route must be another node: its certificate maps to the routes' one user (every
@@ -90,12 +130,14 @@ cluster {{
 """
 
 
-def make_certs(certs_dir: str, nodes: list[Node], ca_name: str = "cardcore cluster CA") -> None:
-    """A CA, each node's certificate (for its host) and each role's, in ``certs_dir``."""
+def make_certs(certs_dir: str, nodes: list[Node], shards: int = SHARDS_DEFAULT,
+               ca_name: str = "cardcore cluster CA") -> None:
+    """A CA, each node's certificate (for its host) and each role's (a replica's per shard too),
+    in ``certs_dir``."""
     make_ca(certs_dir, ca_name)
     for node in nodes:
         make_nats_node_cert(certs_dir, node.name, [node.host])
-    for role in ROLE_PERMISSIONS:
+    for role in nats_users(shards):
         make_nats_role_cert(certs_dir, role)
 
 
@@ -106,10 +148,13 @@ def urls_of(nodes: list[Node]) -> str:
 # ---- cardcore cluster-config ---------------------------------------------------------------
 
 def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
-                program: str | None = None, keyring: str | None = None) -> list[str]:
+                program: str | None = None, keyring: str | None = None,
+                shards: int = SHARDS_DEFAULT) -> list[str]:
     """Every host's files under ``out_dir/<node>/`` (to copy to the host's ``etc_dir``):
     ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
-    and key, the replica role's; with ``keyring``, the chain's index key alone, 0600); the
+    and key, a replica certificate per shard 0..shards-1, each reaching its shard alone, which
+    ``replica.env`` names with ``{shard}``; with ``keyring``, the chain's index key alone,
+    0600); the
     fronts' under ``out_dir/front/`` (``front.env``, the front role's certificate and key, the
     follower role's for its follower, and with ``keyring`` the whole keyring: a front reads PIN
     blocks and card data); the CA's key stays in
@@ -119,7 +164,7 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
     ca_dir = os.path.join(out_dir, "ca")
     if os.path.exists(ca_dir):
         raise FileExistsError(f"{out_dir} holds a cluster's files already: choose another --out")
-    make_certs(ca_dir, nodes)
+    make_certs(ca_dir, nodes, shards)
     written = []
 
     def put(path: str, text: str | None = None, source: str | None = None,
@@ -138,13 +183,14 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
         host_etc = etc_dir.replace('{node}', node.name)
         host_certs = f"{host_etc}/nats"
         put(os.path.join(here, "nats.conf"), node_config(
-            node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs))
+            node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs, shards))
         put(os.path.join(here, "replica.env"), (
             "# cardcore replica on this host (deploy/cardcore-replica@.service)\n"
             f"CARDCORE_NATS_URLS={urls_of(nodes)}\n"
             f"CARDCORE_NATS_CA={host_certs}/ca.pem\n"
-            f"CARDCORE_NATS_CERT={host_certs}/nats-replica.pem\n"
-            f"CARDCORE_NATS_KEY={host_certs}/nats-replica.key\n"
+            "# {shard}: the replica's own (cardcore replica --shard): its shard's certificate\n"
+            f"CARDCORE_NATS_CERT={host_certs}/nats-replica-s{{shard}}.pem\n"
+            f"CARDCORE_NATS_KEY={host_certs}/nats-replica-s{{shard}}.key\n"
             + (f"CARDCORE_PROGRAM={host_etc}/program.toml\n" if program else "")
             + (f"CARDCORE_KEYRING={host_etc}/index-key.json\n" if keyring else "")))
         if program:  # a new shard's genesis: the same document on every host
@@ -152,9 +198,10 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
         if keyring:  # every replica of a shard: the same index key (checked at start), alone
             write_index_key(os.path.join(here, "index-key.json"), load_index_key(keyring))
             written.append(os.path.join(here, "index-key.json"))
+        role_files = [(f"nats-{shard_replica_role(s)}.{ext}", mode) for s in range(shards)
+                      for ext, mode in (("pem", 0o644), ("key", 0o600))]
         for stem, mode in (("ca.pem", 0o644), (f"nats-node-{node.name}.pem", 0o644),
-                           (f"nats-node-{node.name}.key", 0o600), ("nats-replica.pem", 0o644),
-                           ("nats-replica.key", 0o600)):
+                           (f"nats-node-{node.name}.key", 0o600), *role_files):
             put(os.path.join(here, "nats", stem), source=os.path.join(ca_dir, stem), mode=mode)
     front_etc = etc_dir.replace('{node}', "front")
     for stem, mode in (("ca.pem", 0o644), ("nats-front.pem", 0o644), ("nats-front.key", 0o600),
@@ -202,7 +249,7 @@ def cmd_cluster_config(args) -> int:
         if args.keyring is not None:
             load_index_key(args.keyring)  # a keyring, readable: ValueError or OSError otherwise
         paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir, args.program,
-                            args.keyring)
+                            args.keyring, args.shards)
     except (OSError, ValueError) as exc:
         print(f"cardcore cluster-config: {exc}", file=sys.stderr)
         return 2
@@ -233,6 +280,10 @@ def add_parser(sub) -> None:
                         "its index key alone is written to every host (index-key.json, 0600), "
                         "with which the replicas keep the member index (default: none, keyless "
                         "shards)")
+    p.add_argument("--shards", type=int_arg(1, SHARDS_MAX), default=SHARDS_DEFAULT,
+                   help="the shards: each gets a NATS user and a replica certificate that "
+                        "reaches it alone (default %(default)s; a shard added later: "
+                        "docs/cluster.md)")
     p.add_argument("--etc-dir", default="/etc/cardcore",
                    help="where the files go on each host (default %(default)s; {node} is the "
                         "node's name, for nodes that share a disk, as the tests' do)")

@@ -84,7 +84,10 @@ def cmd_replica(args) -> int:
         print("cardcore replica: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is needed",
               file=sys.stderr)
         return 2
-    files = (args.nats_ca, args.nats_cert, args.nats_key)
+    # ({shard} in a path: this replica's, so one environment file serves a host's replicas of
+    # every shard, each with its own shard's certificate: cluster-config writes it so)
+    files = tuple(f.replace("{shard}", str(args.shard)) if f else f
+                  for f in (args.nats_ca, args.nats_cert, args.nats_key))
     if any(files) and not all(files):
         print("cardcore replica: --nats-ca, --nats-cert and --nats-key go together",
               file=sys.stderr)

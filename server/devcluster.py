@@ -23,7 +23,9 @@ import sys
 import time
 import urllib.request
 
-from .clusterconf import Node, make_certs, node_config, urls_of
+from .certs import make_nats_role_cert
+from .clusterconf import (SHARDS_DEFAULT, Node, make_certs, node_config, shard_replica_role,
+                          urls_of, nats_users)
 
 NODES = 3
 START_TIMEOUT_S = 30
@@ -59,8 +61,11 @@ def free_ports(n: int) -> list[int]:
 class NatsCluster:
     """Three nats-server nodes routed to each other on loopback."""
 
-    def __init__(self, folder: str, tls: bool = False) -> None:
+    def __init__(self, folder: str, tls: bool = False, shards: int = SHARDS_DEFAULT) -> None:
+        """``shards``: with ``tls``, the shards whose replicas get a user and a certificate
+        of their own (``replica_args(shard)``)."""
         self.folder = folder
+        self.shards = shards
         os.makedirs(folder, exist_ok=True)
         ports = free_ports(3 * NODES)
         self.nodes = [Node(f"n{k}", "127.0.0.1", ports[k], ports[NODES + k], ports[2 * NODES + k])
@@ -69,7 +74,11 @@ class NatsCluster:
         self.http_ports = [n.http_port for n in self.nodes]
         self.certs = os.path.join(folder, "certs") if tls else None
         if self.certs is not None and not os.path.exists(os.path.join(self.certs, "ca.pem")):
-            make_certs(self.certs, self.nodes)
+            make_certs(self.certs, self.nodes, shards)
+        elif self.certs is not None:  # a folder from before: the roles it lacks, same CA
+            for role in nats_users(shards):
+                if not os.path.exists(os.path.join(self.certs, f"nats-{role}.pem")):
+                    make_nats_role_cert(self.certs, role)
         self.procs: list[subprocess.Popen | None] = [None] * NODES
         self._logs: list = [None] * NODES
         for k in range(NODES):
@@ -99,16 +108,18 @@ class NatsCluster:
                        os.path.join(self.certs, f"nats-{role}.pem"),
                        os.path.join(self.certs, f"nats-{role}.key"))
 
-    def replica_args(self) -> list[str]:
-        """``cardcore replica``'s NATS TLS options for this cluster (none without TLS)."""
-        tls = self.tls_for("replica")
+    def replica_args(self, shard: int | None = None) -> list[str]:
+        """``cardcore replica``'s NATS TLS options for this cluster (none without TLS): the
+        certificate of ``shard``'s replicas alone (None: of every shard's)."""
+        tls = self.tls_for("replica" if shard is None else shard_replica_role(shard))
         return [] if tls is None else ["--nats-ca", tls.ca_file, "--nats-cert", tls.cert_file,
                                        "--nats-key", tls.key_file]
 
     def _write_config(self, k: int) -> None:
         with open(self._conf(k), "w") as f:
             f.write(node_config(self.nodes[k], self.nodes,
-                                os.path.join(self.folder, f"n{k}-store"), self.certs))
+                                os.path.join(self.folder, f"n{k}-store"), self.certs,
+                                self.shards))
 
     def start_node(self, k: int) -> None:
         self._logs[k] = open(os.path.join(self.folder, f"n{k}.log"), "ab")
@@ -282,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"make cluster: {why}", file=sys.stderr)
         return 2
-    nodes = NatsCluster(os.path.join(args.data_dir, "nats"), tls=not args.no_tls)
+    nodes = NatsCluster(os.path.join(args.data_dir, "nats"), tls=not args.no_tls,
+                        shards=args.shards)
     keyring = os.path.join(args.data_dir, "keyring.json")  # the chain's: replicas and front
     if not os.path.exists(keyring):
         from cardcore.keyring import Keyring
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 replicas.append(ReplicaProcess(os.path.join(args.data_dir, f"s{shard}-r{k}"),
                                                shard, nodes.urls, "--lease-ms",
                                                str(args.lease_ms), "--keyring", keyring,
-                                               *nodes.replica_args()))
+                                               *nodes.replica_args(shard)))
         for r in replicas:  # (a second start on the folder: its log holds the first's roles)
             r.wait_role("following", after=r.first_role)
         print(f"NATS          {nodes.urls} (monitoring: " + ", ".join(
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.stop()
                     replicas[k] = ReplicaProcess(r.data_dir, r.shard, nodes.urls, "--lease-ms",
                                                  str(args.lease_ms), "--keyring", keyring,
-                                                 *nodes.replica_args())
+                                                 *nodes.replica_args(r.shard))
             for shard in leaders:
                 now = [r for r in replicas if r.shard == shard and r.proc.poll() is None
                        and r.roles()[-1:] == ["leading"]]

@@ -52,8 +52,8 @@ def start_replica(tmp_path, nats_cluster):
 def tls_cluster(tmp_path):
     """Three NATS nodes with mutual TLS and the roles' users (make cluster's setting, from
     ``clusterconf.ROLE_PERMISSIONS`` as it is when the fixture is set up), and a starter of
-    replicas with the replica role's certificate: (cluster, start, started); all stopped at the
-    end."""
+    replicas with their shard's replica certificate (``replica-s<n>``): (cluster, start,
+    started); all stopped at the end."""
     why = cluster_available()
     if why:
         pytest.skip(why)
@@ -62,7 +62,7 @@ def tls_cluster(tmp_path):
 
     def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
         started.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *extra,
-                                      *cluster.replica_args()))
+                                      *cluster.replica_args(shard)))
         return started[-1]
 
     try:

@@ -112,7 +112,8 @@ def test_backoffice_cert(ca_dir):
 
 def test_nats_node_and_role_certs(ca_dir):
     """A NATS node's certificate serves both ends of a route (server and client usages) for
-    its hosts; a role's is a client certificate named nats:<role>, and only the two roles."""
+    its hosts; a role's is a client certificate named nats:<role>, only the roles' (a replica's
+    of one shard: replica-s<n>)."""
     node, _ = certs.make_nats_node_cert(ca_dir, "n1", ["10.0.0.7"])
     leaf = _cert(node)
     leaf.verify_directly_issued_by(_cert(os.path.join(ca_dir, "ca.pem")))
@@ -124,8 +125,12 @@ def test_nats_node_and_role_certs(ca_dir):
     front, _ = certs.make_nats_role_cert(ca_dir, "front")
     assert (os.path.basename(front), _cn(_cert(front))) == ("nats-front.pem", "nats:front")
     assert list(_ext(_cert(front), x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    with pytest.raises(ValueError):
-        certs.make_nats_role_cert(ca_dir, "admin")
+    one_shard, _ = certs.make_nats_role_cert(ca_dir, "replica-s12")
+    assert (os.path.basename(one_shard), _cn(_cert(one_shard))) == ("nats-replica-s12.pem",
+                                                                   "nats:replica-s12")
+    for refused in ("admin", "replica-s", "replica-s01", "replica-s100", "replica-sx"):
+        with pytest.raises(ValueError):
+            certs.make_nats_role_cert(ca_dir, refused)
     with pytest.raises(ValueError):
         certs.make_nats_node_cert(ca_dir, "bad/name", [])
 

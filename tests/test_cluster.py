@@ -53,9 +53,9 @@ def three(start_replica, *extra: str) -> list[ReplicaProcess]:
 
 
 def stream_end(urls: str, shard: int = SHARD, tls=None) -> int:
-    from cardcore.jetlog import NatsThread, stream_name
+    from cardcore.jetlog import NatsThread, replica_inbox_prefix, stream_name
 
-    nt = NatsThread(urls.split(","), "cardcore-test", tls)
+    nt = NatsThread(urls.split(","), "cardcore-test", tls, replica_inbox_prefix(shard))
     try:
         return nt.call(nt.js.stream_info(stream_name(shard))).state.last_seq
     finally:
@@ -768,17 +768,22 @@ def test_two_shards_keep_apart_and_each_keeps_its_genesis_program(nats_cluster, 
 
 def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, tls_cluster):
     """The NATS nodes with mutual TLS and the roles' users (make cluster's setting): three
-    replicas with the replica certificate lead, follow and end identical; a front's certificate
+    replicas with their shard's replica certificate lead, follow and end identical, and another
+    shard's replica certificate reaches nothing of theirs; a front's certificate
     submits and may ask a stream's info (where its follower must be), and can neither append to
     the log nor read the stream's records; no certificate, another
     CA's or an unknown name is refused at connect, quickly."""
+    import asyncio
     import subprocess
 
     import nats.errors
+    import nats.js.errors
 
-    from cardcore.jetlog import (SUBMIT_INBOX_PREFIX, NatsRefused, NatsThread, NatsTLS,
-                                 log_subject, stream_name, submit_subject)
+    from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET,
+                                 SUBMIT_INBOX_PREFIX, NatsRefused, NatsThread, NatsTLS,
+                                 log_subject, replica_inbox_prefix, stream_name, submit_subject)
     from cardcore.server import certs
+    from cardcore.server.clusterconf import shard_replica_role
     from cardcore.server.devcluster import NATS_SERVER, free_ports
 
     cluster, start, started = tls_cluster
@@ -825,6 +830,45 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, t
         assert stream_end(cluster.urls, SHARD, cluster.tls_for("replica")) == before
     finally:
         as_front.close()
+    # The replicas above ran with shard 0's certificate alone (nats:replica-s0). Another shard's
+    # replica certificate reaches nothing of shard 0: no append, no lease, genesis or
+    # checkpoint key, no read, purge or info of its stream, no submission, none of its
+    # replicas' reads; on its own shard the same calls are allowed (an info: "no stream").
+    theirs = SHARD + 1
+    as_other = NatsThread(urls, "cardcore-test-other-shard",
+                          cluster.tls_for(shard_replica_role(theirs)),
+                          replica_inbox_prefix(theirs))
+    try:
+        heard.clear()
+        for subject in (submit_subject(SHARD), f"{replica_inbox_prefix(SHARD)}.>",
+                        "_INBOX_replica.>"):
+            as_other.call(as_other.nc.subscribe(subject, cb=listen))
+        mine = stream_name(SHARD)
+
+        async def refused() -> list:
+            return await asyncio.gather(
+                as_other.js.publish(log_subject(SHARD), b"forged", timeout=1),
+                *(as_other.nc.request(subject, b'{"seq": 1}', timeout=1) for subject in (
+                    f"$KV.{LEADERS_BUCKET}.s{SHARD}", f"$KV.{SHARDS_BUCKET}.s{SHARD}-genesis",
+                    f"$KV.{CHECKPOINTS_BUCKET}.s{SHARD}", f"$JS.API.STREAM.MSG.GET.{mine}",
+                    f"$JS.API.DIRECT.GET.{mine}", f"$JS.API.STREAM.PURGE.{mine}",
+                    f"$JS.API.STREAM.INFO.{mine}", "$JS.API.STREAM.INFO.KV_other")),
+                return_exceptions=True)
+
+        answers = as_other.call(refused(), 10)
+        assert all(isinstance(a, (nats.errors.Error, TimeoutError)) for a in answers), answers
+        with pytest.raises(nats.js.errors.NotFoundError):  # its own shard's: allowed
+            as_other.call(as_other.js.stream_info(stream_name(theirs)))
+        front = SubmitClient(urls, cluster.tls_for("front"))
+        try:  # submissions, appends and the followers' reads go on meanwhile
+            numbers += open_cards(front, 2, random.Random(8))
+        finally:
+            front.close()
+        time.sleep(0.5)
+        assert heard == []
+    finally:
+        as_other.close()
+    before = stream_end(cluster.urls, SHARD, cluster.tls_for("replica"))
     end = converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
     assert end == before
     for r in replicas:
@@ -919,7 +963,10 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
     assert made.returncode == 0, made.stderr
     again = config(*nodes)
     assert again.returncode == 2 and "holds a cluster" in again.stderr
-    assert oct(os.stat(out / "h1" / "nats" / "nats-replica.key").st_mode & 0o777) == "0o600"
+    for shard in (0, 1):  # (--shards 2) a certificate per shard, no every-shard one on hosts
+        assert oct(os.stat(out / "h1" / "nats" / f"nats-replica-s{shard}.key").st_mode
+                   & 0o777) == "0o600"
+    assert not (out / "h1" / "nats" / "nats-replica.key").exists()
     assert oct(os.stat(out / "h1" / "index-key.json").st_mode & 0o777) == "0o600"
     host_file = (out / "h1" / "index-key.json").read_text()  # the index key alone goes there
     assert keyring.index_key.hex() in host_file and keyring.pin_key.hex() not in host_file
@@ -997,9 +1044,9 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
             served.stop()
         follower = ReplicaProcess.__new__(ReplicaProcess)
         follower.data_dir = os.path.join(served.data_dir, f"shard-{SHARD}")
-        converge_and_stop(three_replicas, urls, SHARD, NatsTLS(
-            envs[0]["CARDCORE_NATS_CA"], envs[0]["CARDCORE_NATS_CERT"],
-            envs[0]["CARDCORE_NATS_KEY"]))
+        host_tls = NatsTLS(*(envs[0][f"CARDCORE_NATS_{what}"].replace("{shard}", str(SHARD))
+                             for what in ("CA", "CERT", "KEY")))  # (as the replica reads them)
+        converge_and_stop(three_replicas, urls, SHARD, host_tls)
         identical(three_replicas + [follower])
         ledger = Ledger(os.path.join(three_replicas[0].data_dir, "ledger"), readonly=True)
         try:  # the genesis program is the one cluster-config put on every host
@@ -1009,10 +1056,8 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
             ledger.close()
         import json
 
-        from cardcore.jetlog import SHARDS_BUCKET, NatsThread
-        nt = NatsThread(urls.split(","), "cardcore-test", NatsTLS(
-            envs[0]["CARDCORE_NATS_CA"], envs[0]["CARDCORE_NATS_CERT"],
-            envs[0]["CARDCORE_NATS_KEY"]))
+        from cardcore.jetlog import SHARDS_BUCKET, NatsThread, replica_inbox_prefix
+        nt = NatsThread(urls.split(","), "cardcore-test", host_tls, replica_inbox_prefix(SHARD))
         try:  # the replicas ran with the keyring cluster-config put on every host
             genesis = nt.call(nt.call(nt.js.key_value(SHARDS_BUCKET)).get(f"s{SHARD}-genesis"))
             assert json.loads(genesis.value)["keyring"] == keyring.index_fingerprint()
@@ -1148,14 +1193,20 @@ def test_a_servers_backup_is_refused_as_a_seed_and_the_folder_left_empty(
 
 @pytest.fixture
 def permissions_before_ticks(monkeypatch):
-    """The roles' NATS permissions as cluster-config made them before the ticks."""
+    """The roles' NATS permissions as cluster-config made them before the ticks (a shard's
+    replica user's too, which came later: the same without its ticks)."""
     from cardcore.server import clusterconf
 
-    old = {role: {k: [s for s in v if not s.endswith(".tick")] if isinstance(v, list) else v
-                  for k, v in perms.items()}
-           for role, perms in clusterconf.ROLE_PERMISSIONS.items()}
+    def untick(perms: dict) -> dict:
+        return {k: [s for s in v if not s.endswith(".tick")] if isinstance(v, list) else v
+                for k, v in perms.items()}
+
+    old = {role: untick(perms) for role, perms in clusterconf.ROLE_PERMISSIONS.items()}
     assert old != clusterconf.ROLE_PERMISSIONS
     monkeypatch.setattr(clusterconf, "ROLE_PERMISSIONS", old)
+    one_shard = clusterconf.shard_replica_permissions
+    monkeypatch.setattr(clusterconf, "shard_replica_permissions",
+                        lambda shard: untick(one_shard(shard)))
 
 
 def test_users_made_before_the_ticks_cost_one_warning_and_followers_still_follow(
