@@ -137,7 +137,7 @@ class ClusterWriter:
         self._turns: dict[int, _Turn] = {}
         self._orders = 0
         self._troubled = 0
-        self._waiting = 0
+        self._turns_waiting = 0
         self._turns_moved = asyncio.Event()
         self._senders = 0
         self._stopping = False
@@ -308,7 +308,7 @@ class ClusterWriter:
             await self._send_in_turn(units, turn)
         finally:
             del self._turns[turn.order]
-            self._troubled -= turn.troubled
+            self._troubled -= turn.troubled  # (a unit out of time after a failed try)
             self._moved()
 
     def _may_go(self, turn: _Turn) -> bool:
@@ -318,9 +318,12 @@ class ClusterWriter:
         arrive in order; what can reorder them is a try that fails (no leader, no answer, a full
         queue) and is sent again after later ones went. So once a submit is troubled, later
         submits wait for it: a first try while an earlier submit is troubled or waits for its
-        own turn, a try again while an earlier one is troubled, waits or is out. Without a
-        failure nothing waits."""
-        if not self._troubled and not self._waiting:
+        own turn, a try again while an earlier one is troubled, waits or is out, until the
+        leader answers it. Without a failure nothing waits. What no front can undo: a later
+        try already on its way when an earlier one fails, and taken (the earlier one refused
+        for a full queue, or by no leader or a deposed one, the later one reaching the next
+        leader): the earlier one is then answered KSN_REPLAYED, a decline, and swiped again."""
+        if not self._troubled and not self._turns_waiting:
             return True
         for order, other in self._turns.items():
             if order >= turn.order:
@@ -331,7 +334,7 @@ class ClusterWriter:
 
     def _moved(self) -> None:
         """A turn changed: whoever waits for theirs looks again."""
-        if self._waiting:
+        if self._turns_waiting:
             self._turns_moved.set()
             self._turns_moved = asyncio.Event()
 
@@ -341,7 +344,7 @@ class ClusterWriter:
         if self._may_go(turn):
             return True
         turn.waiting = True
-        self._waiting += 1
+        self._turns_waiting += 1
         try:
             while not self._may_go(turn):
                 left = until - time.monotonic()
@@ -354,7 +357,7 @@ class ClusterWriter:
             return True
         finally:
             turn.waiting = False
-            self._waiting -= 1
+            self._turns_waiting -= 1
             self._moved()
 
     async def _send_in_turn(self, units: list[_Unit], turn: _Turn) -> None:
@@ -390,9 +393,10 @@ class ClusterWriter:
                 got = UNKNOWN
             finally:
                 turn.in_flight = False
-            if isinstance(got, bytes) and got != MALFORMED and not turn.troubled:
-                turn.troubled = True  # (sent again below: later submits wait for it)
-                self._troubled += 1
+            troubled = isinstance(got, bytes) and got != MALFORMED  # (sent again below)
+            if troubled != turn.troubled:  # answered: later submits need not wait for what it
+                turn.troubled = troubled   # still does (its follower reads, an admin change's)
+                self._troubled += 1 if troubled else -1
             self._moved()
             if not isinstance(got, bytes):
                 outcomes, group = got
