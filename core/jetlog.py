@@ -345,6 +345,23 @@ async def _nats_error(exc: Exception) -> None:
     log.warning("nats: %s: %s%s", type(exc).__name__, exc, more)
 
 
+class ShardMisconfigured(ValueError):
+    """A shard's stream exists with another configuration than its replicas make (other
+    subjects, a mirror or sources: another shard's records copied in): never used (exit 2)."""
+
+
+def check_stream(config, shard: int) -> None:
+    """The shard's stream as its replicas make it, or ShardMisconfigured. (Whoever may make a
+    stream chooses its configuration, and one shard's replica user may make its own shard's: a
+    stream sourced from another shard's would copy that shard's records where this user reads.)"""
+    if list(config.subjects or ()) != [log_subject(shard)] or config.mirror or config.sources:
+        raise ShardMisconfigured(
+            f"stream {stream_name(shard)} takes {config.subjects}"
+            f"{' with a mirror or sources' if config.mirror or config.sources else ''}, not only "
+            f"{log_subject(shard)}: not made by a replica of shard {shard}; delete it (and ask "
+            "who made it) before its replicas start")
+
+
 class ShardMissing(Exception):
     """A shard a follower (``replica --follow-only``: a front's) asked for has no stream or
     genesis yet: its replicas make them, never a follower."""
@@ -359,7 +376,7 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     follower, whose certificate may not make them): only read, ShardMissing if absent."""
     if not create:
         try:
-            await js.stream_info(stream_name(shard))
+            check_stream((await js.stream_info(stream_name(shard))).config, shard)
             shards = await js.key_value(SHARDS_BUCKET)
             return json.loads((await shards.get(f"s{shard}-genesis")).value)
         except (nats.js.errors.NotFoundError, nats.js.errors.KeyNotFoundError):
@@ -372,7 +389,7 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
         duplicate_window=DUPLICATE_WINDOW_S, max_msg_size=RECORD_BYTES_MAX,
         deny_delete=True, deny_purge=False, allow_direct=True)  # purges: Retention's only
     try:
-        await js.stream_info(cfg.name)
+        check_stream((await js.stream_info(cfg.name)).config, shard)
     except nats.js.errors.NotFoundError:
         await js.add_stream(cfg)
     await _bucket(js, LEADERS_BUCKET, replicas, lease_ms / 1000)
@@ -405,12 +422,27 @@ def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
 
 
 async def _bucket(js, bucket: str, replicas: int, ttl_s: float | None):
+    """A KV bucket, made if absent as nats-py's ``create_key_value`` makes one, but without
+    rollup headers and purges: one shard's replica user may put its shard's keys of a shared
+    bucket, and a put with ``Nats-Rollup: all`` would otherwise wipe every shard's (leases,
+    genesis, checkpoints). A bucket made before (rollups allowed) is used as it is, with a
+    warning: edit it (``nats stream edit KV_<bucket> --no-allow-rollup``)."""
+    stream = f"KV_{bucket}"
     try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(js_api.KeyValueConfig(
-            bucket=bucket, history=1, ttl=ttl_s, replicas=replicas,
+        config = (await js.stream_info(stream)).config
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(js_api.StreamConfig(
+            name=stream, subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=False,
+            deny_delete=True, deny_purge=True, discard=js_api.DiscardPolicy.NEW,
+            duplicate_window=min(120.0, ttl_s or 120.0), max_age=ttl_s, max_consumers=-1,
+            max_msgs=-1, max_msgs_per_subject=1, num_replicas=replicas,
             storage=js_api.StorageType.FILE))
+    else:
+        if config.allow_rollup_hdrs:
+            log.warning("bucket %s allows rollup headers: a shard's replica user could wipe "
+                        "every shard's keys with one put (made before 2026-12-01); edit it: "
+                        "nats stream edit %s --no-allow-rollup", bucket, stream)
+    return await js.key_value(bucket)
 
 
 class Lease:

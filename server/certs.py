@@ -42,7 +42,8 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 NATS_NODE_CN_PREFIX = "nats-node:"
 NATS_ROUTE_URI = "urn:cardcore:nats-route"  # every node's: the routes' one user (clusterconf)
 NATS_ROLES = ("replica", "front", "follower")  # the role certificates' names are nats:<role>
-_SHARD_REPLICA_ROLE_RE = re.compile(r"replica-s(0|[1-9][0-9]?)")  # one shard's replica
+_SHARD_REPLICA_ROLE_RE = re.compile(r"replica-s(0|[1-9][0-9]{0,3})")  # one shard's replica
+SHARD_NUMBER_MAX = 4095  # a shard's number (cardcore replica --shard)
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _FILE_STEM_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -213,7 +214,8 @@ def make_nats_node_cert(out_dir: str, name: str, hosts: list[str],
 
 def make_nats_role_cert(out_dir: str, role: str, days: int = 825) -> tuple[str, str]:
     """A NATS client certificate of ``role`` (``nats-ROLE.pem``; see the module doc)."""
-    if role not in NATS_ROLES and not _SHARD_REPLICA_ROLE_RE.fullmatch(role):
+    shard = _SHARD_REPLICA_ROLE_RE.fullmatch(role)
+    if role not in NATS_ROLES and not (shard and int(shard.group(1)) <= SHARD_NUMBER_MAX):
         raise ValueError(f"NATS role must be one of {', '.join(NATS_ROLES)} or replica-sN (one "
                          f"shard's replica), not {role!r}")
     return make_client_cert(out_dir, f"nats:{role}", days)

@@ -19,6 +19,7 @@ from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_stores import cmd_region, cmd_store
+from .certs import SHARD_NUMBER_MAX
 from .cmd_server import (EVENT_LOOP_DEFAULT, EVENT_LOOPS, cmd_backup, cmd_migrate, cmd_replica,
                          cmd_restore, cmd_serve, cmd_verify)
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve as a front of a cluster: writes go to the shard's leader over NATS, "
                         "reads come from the front's own follower (under --data-dir); needs "
                         "--nats and --keyring")
-    g.add_argument("--shard", type=int_arg(0, 4095), default=0,
+    g.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), default=0,
                    help="the shard this front serves (default %(default)s; a front serves one)")
     g.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
                    help="the NATS servers, comma-separated URLs (env CARDCORE_NATS_URLS)")
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Cluster (docs/cluster.md)
     p = sub.add_parser("replica", help="a replica of one shard over NATS JetStream (cluster)")
     data_dir(p)
-    p.add_argument("--shard", type=int_arg(0, 4095), required=True, help="the shard's number")
+    p.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), required=True,
+                   help="the shard's number")
     p.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
                    help="the NATS servers, comma-separated URLs (nats://HOST:PORT,...; env "
                         "CARDCORE_NATS_URLS)")

@@ -20,7 +20,8 @@ from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET, 
                              replica_inbox_prefix, stream_name, submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
 
-from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_cert
+from .certs import (NATS_ROUTE_URI, SHARD_NUMBER_MAX, make_ca, make_nats_node_cert,
+                    make_nats_role_cert)
 
 # What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
 # JetStream API it uses (a stream's or bucket's info and creation, message gets, the purge of
@@ -45,7 +46,8 @@ ROLE_PERMISSIONS = {
                              "$JS.API.DIRECT.GET.>", "$KV.cardcore-checkpoints.>"],
                  "subscribe": ["cardcore.*.tick", "_INBOX_follower.>"]},
 }
-SHARDS_DEFAULT, SHARDS_MAX = 2, 64  # shards whose replicas get a user (and a certificate) each
+SHARDS_DEFAULT = 2   # shards whose replicas get a user (and a certificate) each
+SHARDS_MAX = SHARD_NUMBER_MAX + 1  # (cardcore replica --shard 0..4095)
 
 
 def shard_replica_role(shard: int) -> str:

@@ -76,7 +76,8 @@ def cmd_serve(args) -> int:
 
 def cmd_replica(args) -> int:
     """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
-    from cardcore.jetlog import BehindRetention, NatsRefused, NatsTLS, NatsUnavailable
+    from cardcore.jetlog import (BehindRetention, NatsRefused, NatsTLS, NatsUnavailable,
+                                 ShardMisconfigured)
 
     from .replica import KeyringMismatch, ReplicaConfig, SeedError, replica_main
 
@@ -125,7 +126,8 @@ def cmd_replica(args) -> int:
     except SeedError as exc:
         print(f"cardcore replica: --seed-from: {exc}", file=sys.stderr)
         return 2
-    except (BehindRetention, KeyringMismatch) as exc:  # a restart cannot help: a setting
+    except (BehindRetention, KeyringMismatch, ShardMisconfigured) as exc:  # a setting: a
+        # restart cannot help
         print(f"cardcore replica: {exc}", file=sys.stderr)
         return 2
     except NatsUnavailable as exc:

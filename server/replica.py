@@ -43,7 +43,8 @@ from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, FOLLOWER_INBOX_PREFIX, L
                              REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
                              SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
-                             NatsThread, NatsTLS, NatsUnavailable, Retention, Ticks,
+                             NatsThread, NatsTLS, NatsUnavailable, Retention,
+                             ShardMisconfigured, Ticks,
                              prepare_shard, replica_inbox_prefix, submit_subject)
 from cardcore.grouplog import LogError
 from cardcore.keyring import index_fingerprint, load_index_key
@@ -470,7 +471,8 @@ def replica_main(cfg: ReplicaConfig) -> int:
     checkpoint."""
     try:
         replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
-    except (NatsUnavailable, SeedError, BehindRetention, KeyringMismatch):  # a setting to fix
+    except (NatsUnavailable, SeedError, BehindRetention, KeyringMismatch,
+            ShardMisconfigured):  # a setting to fix
         raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)

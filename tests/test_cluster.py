@@ -778,6 +778,7 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, t
 
     import nats.errors
     import nats.js.errors
+    from nats.js import api as js_api
 
     from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET,
                                  SUBMIT_INBOX_PREFIX, NatsRefused, NatsThread, NatsTLS,
@@ -859,6 +860,18 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, t
         assert all(isinstance(a, (nats.errors.Error, TimeoutError)) for a in answers), answers
         with pytest.raises(nats.js.errors.NotFoundError):  # its own shard's: allowed
             as_other.call(as_other.js.stream_info(stream_name(theirs)))
+        # a put of its own key with a rollup of the whole bucket: refused (the buckets allow
+        # none), so every shard's genesis is still there
+        with pytest.raises(nats.errors.Error):
+            as_other.call(as_other.js.publish(f"$KV.{SHARDS_BUCKET}.s{theirs}-genesis", b"{}",
+                                              headers={"Nats-Rollup": "all"}))
+        shards_kv = as_other.call(as_other.js.key_value(SHARDS_BUCKET))
+        assert as_other.call(shards_kv.get(f"s{SHARD}-genesis")).value
+        # its own shard's stream it may make, but one sourced from shard 0's (which would copy
+        # shard 0's records where this user reads) no replica of its shard starts on
+        as_other.call(as_other.js.add_stream(js_api.StreamConfig(
+            name=stream_name(theirs), subjects=[log_subject(theirs)],
+            sources=[js_api.StreamSource(name=mine)])))
         front = SubmitClient(urls, cluster.tls_for("front"))
         try:  # submissions, appends and the followers' reads go on meanwhile
             numbers += open_cards(front, 2, random.Random(8))
@@ -868,6 +881,9 @@ def test_over_mutual_tls_only_a_replicas_certificate_reaches_the_log(tmp_path, t
         assert heard == []
     finally:
         as_other.close()
+    sourced = start("r-sourced", theirs)
+    assert sourced.proc.wait(30) == 2, sourced.log()[-2000:]
+    assert "not made by a replica" in sourced.log()
     before = stream_end(cluster.urls, SHARD, cluster.tls_for("replica"))
     end = converge_and_stop(replicas, cluster.urls, SHARD, cluster.tls_for("replica"))
     assert end == before
