@@ -31,6 +31,10 @@ TIER_CARDS = struct.Struct(f"<{L.MAX_TIERS}Q")
 META_FORMAT, META_PROGRAM = b"format", b"program_current"
 META_TIER_CARDS, META_PRUNED_THROUGH = b"tier_cards", b"pruned_through_us"
 META_WINDOW, META_CLOCK = b"request_window_s", b"clock_us"
+# The data key version the last rotation made current (u32; absent: none since 2026-12-01): a
+# server or front whose keyring's current version is older is behind (``Keyring`` is outside
+# LMDB, and a front's copy of it is the operator's to copy).
+META_DATA_KEY = b"data_key_current"
 U32 = struct.Struct("<I")
 I64 = struct.Struct("<q")
 
@@ -197,7 +201,11 @@ class AdminState:
                 return reason, None
             subject = record["id"].to_bytes(4, "little") + bytes([record["role"]]) + bytes(11)
         elif kind == L.OP_DATA_KEY_ROTATED:
-            pass  # the keyring changed outside LMDB; the journal records who did it and when
+            # the keyring changed outside LMDB; the journal records who did it and when, and
+            # the meta which version is current now (the highest a rotation named)
+            known = self.txn.get(META_DATA_KEY, db=self.ledger.meta)
+            version = max(U32.unpack_from(subject)[0], U32.unpack(known)[0] if known else 0)
+            self.txn.put(META_DATA_KEY, U32.pack(version), db=self.ledger.meta)
         elif kind == L.OP_PROGRAM_LOADED:
             reason, subject = self._load_program(op.payload.decode(), ts_us, operator_id)
             if reason != L.R_OK:

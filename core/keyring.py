@@ -158,6 +158,26 @@ class Keyring:
 
     # ---- rotation and storage ------------------------------------------------------
 
+    def reload(self) -> bool:
+        """Adopt the data keys of the file as it is now (another process rotated, and the
+        operator copied its file here): True if its current version is newer than ours. The
+        other keys must be the same (another chain's keyring is refused: ValueError), and data
+        key versions we hold must not change or go."""
+        disk = Keyring.load(self.path)
+        if (disk.index_key, disk.pin_key, disk.bdk, disk.bdk_id) != (
+                self.index_key, self.pin_key, self.bdk, self.bdk_id):
+            raise ValueError(f"keyring {self.path} now holds another chain's keys: not adopted")
+        if any(disk.data_keys.get(v) != k for v, k in self.data_keys.items()):
+            raise ValueError(f"keyring {self.path} lost or changed a data key version: not "
+                             "adopted")
+        if disk.data_key_current <= self.data_key_current:
+            return False
+        self._aead.update({v: AESGCM(k) for v, k in disk.data_keys.items()
+                           if v not in self.data_keys})
+        self.data_keys.update(disk.data_keys)
+        self.data_key_current = disk.data_key_current
+        return True
+
     def rotate_data_key(self) -> int:
         """Add a data key version, make it current and save; returns the new version."""
         if len(self.data_keys) >= DATA_KEY_VERSIONS_MAX:

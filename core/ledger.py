@@ -82,7 +82,8 @@ import lmdb
 
 from cardcore import layout as L
 from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH,
-                            META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64)
+                            META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64,
+                            META_DATA_KEY)
 from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
@@ -675,6 +676,11 @@ class Ledger:
         self.program = parse_program(rec["source"])
         self.program_version = version
         self.program_packed = self.program.packed(version)
+
+    def read_data_key_version(self) -> int:
+        """The data key version the last rotation made current (0: none recorded)."""
+        raw = self._read(lambda txn: txn.get(META_DATA_KEY, db=self.meta))
+        return U32.unpack(raw)[0] if raw else 0
 
     def read_program_version(self) -> int:
         """The current program's version as LMDB holds it now (a reader compares it with

@@ -220,13 +220,44 @@ def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal):
                          submit_timeout_s=cfg.submit_timeout_ms / 1000, on_fatal=on_fatal)
 
 
-def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService):
+def keyring_behind(ledger: Ledger, keyring: Keyring) -> str | None:
+    """Why this process's keyring is older than the ledger's last data key rotation (made
+    through another front, or a keyring restored from before it), its file re-read first (an
+    operator may have copied the rotated one here); None: it is not."""
+    rotated = ledger.read_data_key_version()
+    if rotated <= keyring.data_key_current:
+        return None
+    try:
+        if keyring.reload():
+            log.warning("keyring %s re-read: data key version %d current (rotated elsewhere)",
+                        keyring.path, keyring.data_key_current)
+    except (OSError, ValueError) as exc:
+        return f"the keyring file {keyring.path} cannot be re-read: {exc}"
+    if rotated <= keyring.data_key_current:
+        return None
+    return (f"the keyring {keyring.path} is behind the ledger: its current data key is version "
+            f"{keyring.data_key_current}, a rotation made version {rotated} current (through "
+            "another front, or the keyring was restored from before it): copy the current "
+            "keyring file here")
+
+
+def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService,
+                    keyring: Keyring):
     """A front's re-read of admin state after its follower applied more groups: terminals and
-    operators added or revoked, and a program loaded, through another front."""
+    operators added or revoked, a program loaded, and a data key rotated (the keyring file
+    re-read), through another front."""
+    said: set[int] = set()
+
     def reload() -> None:
         access.reload()
         if ledger.read_program_version() != ledger.program_version:
             card_service.adopt_program()
+        behind = keyring_behind(ledger, keyring)
+        rotated = ledger.read_data_key_version()
+        if behind and rotated not in said:  # said once a rotation
+            said.add(rotated)
+            log.error("%s; meanwhile new card numbers are sealed under the old version "
+                      "(re-sealed under the current one at this front's next start)", behind)
     return reload
 
 
@@ -361,6 +392,9 @@ async def serve(cfg: ServerConfig) -> None:
         metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
         if cfg.metrics_listen:
             log.info("metrics on http://%s/metrics", metrics.serve(cfg.metrics_listen))
+        behind = keyring_behind(ledger, keyring)
+        if behind:
+            raise StartupError(behind)
         access = Access(ledger, keyring.bdk, keyring.bdk_id, tls=credentials is not None,
                         failures_per_minute=cfg.failures_per_minute)
         card_service = CardService(ledger, writer, keyring, access)
@@ -380,7 +414,7 @@ async def serve(cfg: ServerConfig) -> None:
             log.info("re-sealed %d card numbers under data key version %d", resealed,
                      keyring.data_key_current)
         if cluster:
-            writer.on_advance = _admin_reloader(ledger, access, card_service)
+            writer.on_advance = _admin_reloader(ledger, access, card_service, keyring)
         add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
         add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

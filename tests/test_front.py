@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
 import pytest
 
+from cardcore.cards import card_id
 from cardcore.keyring import Keyring
+from cardcore.ledger import Ledger
 from cardcore.server.devcluster import leader_of
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 from cluster_fixtures import nats_monitor
-from conftest import Admin, Client, ServerProcess, bearer, failure_of, new_card_number, rid
+from conftest import (Admin, Client, ServerProcess, bearer, failure_of, new_card_number, now_us,
+                      rid)
 from test_cluster import LEASE, SHARD, converge_and_stop, identical, stream_leader_node, three
 from test_security import PIN
 
@@ -57,7 +63,7 @@ def until(check, timeout_s: float = 10.0, what: str = ""):
 
 
 def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
-        nats_cluster, start_replica, start_front, keyring):
+        tmp_path, nats_cluster, start_replica, start_front, keyring):
     """Through front A: the bootstrap admin, a terminal enrolled, a card opened with a PIN,
     topped up and paid from with the PIN. Through front B (its own follower): the same card,
     the operation by its request id (a read that waits for the stream's end), the terminal
@@ -108,6 +114,24 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     until(a_knows_it, what="an operator added through B known to A")
+    # a data key rotated through A: B (its file holds the rotation, as a copied one would)
+    # re-reads it once its follower holds the rotation, and seals what it opens under it; a
+    # front started with a copy of the keyring from before refuses to start
+    before_rotation = str(tmp_path / "keyring-before.json")
+    shutil.copyfile(keyring, before_rotation)
+    os.chmod(before_rotation, 0o600)
+    rotated = admin.stub.RotateDataKey(apb.RotateDataKeyRequest(
+        client_time_us=now_us(), request_id=rid()), metadata=admin.metadata)
+    assert rotated.key_version == 2
+    until(lambda: "data key version 2 current" in b.log(), 10, "B re-read its keyring")
+    later = new_card_number()
+    assert b.stub.OpenCard(till.open_card(rid(), later, PIN)).reason == R.REASON_OK
+    stale = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
+                            "--cluster", "--shard", str(SHARD), "--nats", nats_cluster.urls,
+                            "--keyring", before_rotation, "--data-dir", str(tmp_path / "c"),
+                            "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                           timeout=120)
+    assert stale.returncode == 2 and "is behind the ledger" in stale.stderr, stale.stderr
     # idle, the replicas and both followers wait for the leader's ticks and ask NATS a few
     # times a second (before ticks, each asked for the stream's end 50 or 200 times a second:
     # over a thousand requests in these two seconds)
@@ -123,6 +147,15 @@ def test_two_fronts_serve_one_shard_each_reading_what_the_other_wrote(
     for follower, front in zip(followers, (a, b)):
         follower.data_dir = os.path.join(front.data_dir, f"shard-{SHARD}")
     identical(replicas + followers)
+    ledger = Ledger(os.path.join(replicas[0].data_dir, "ledger"), readonly=True)
+    try:
+        index_key = Keyring.load(keyring).index_key
+        sealed = dict(ledger.read_sealed(b"", 1000))
+        assert Keyring.sealed_version(sealed[card_id(index_key, later)]) == 2  # sealed by B
+        assert Keyring.sealed_version(sealed[card_id(index_key, number)]) == 2  # re-sealed
+        assert ledger.read_data_key_version() == 2
+    finally:
+        ledger.close()
 
 
 def replica_requests(cluster) -> int:

@@ -39,6 +39,21 @@ def test_rotation_adds_a_version_and_keeps_the_old_ones_readable(tmp_path):
     assert "key" not in repr(again).replace("key versions", "")
 
 
+def test_a_keyring_re_reads_a_rotation_made_by_another_process_and_no_other_chains(tmp_path):
+    path = str(tmp_path / "k.json")
+    mine, theirs = Keyring.load_or_create(path), Keyring.load(path)
+    assert not mine.reload()  # nothing newer
+    assert theirs.rotate_data_key() == 2
+    assert mine.reload() and mine.data_key_current == 2
+    assert Keyring.sealed_version(mine.seal(CARD_ID, NUMBER)) == 2
+    assert mine.unseal(CARD_ID, theirs.seal(CARD_ID, NUMBER)) == NUMBER
+    other = Keyring.load_or_create(str(tmp_path / "other.json"))
+    os.replace(other.path, path)  # another chain's file in its place: refused, nothing adopted
+    with pytest.raises(ValueError):
+        mine.reload()
+    assert mine.data_key_current == 2 and mine.unseal(CARD_ID, mine.seal(CARD_ID, NUMBER))
+
+
 def test_a_rotation_that_cannot_be_saved_changes_nothing(tmp_path, monkeypatch):
     ring = Keyring.load_or_create(str(tmp_path / "k.json"))
 

@@ -310,6 +310,9 @@ def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server
     numbers = [pin_card(server, till, funds_minor=1_000) for _ in range(30)]
     before = keys_check(server.data_dir)
     assert before.returncode == 0 and "v1: 30" in before.stdout
+    keyring_path = os.path.join(server.data_dir, "keyring.json")
+    with open(keyring_path) as f:
+        from_before = f.read()
     resp = admin.stub.RotateDataKey(apb.RotateDataKeyRequest(client_time_us=now_us(), request_id=rid()), metadata=admin.metadata)
     assert (resp.key_version, resp.cards_resealed) == (2, 30)
     after = keys_check(server.data_dir)
@@ -317,6 +320,17 @@ def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server
     for number in numbers[:5]:
         assert server.stub.Purchase(till.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
     server.stop()
+    # the keyring restored from before the rotation: the server refuses to start on it
+    with open(keyring_path) as f:
+        rotated_file = f.read()
+    with open(keyring_path, "w") as f:
+        f.write(from_before)
+    stale = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
+                            "--data-dir", server.data_dir, "--listen", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60)
+    assert stale.returncode == 2 and "is behind the ledger" in stale.stderr, stale.stderr
+    with open(keyring_path, "w") as f:
+        f.write(rotated_file)
     server = start_server()  # the rotated keyring is read back
     assert server.stub.Purchase(till.purchase(rid(), numbers[-1], PIN, 100)).reason == R.REASON_OK
     rotated = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_DATA_KEY_ROTATED]
