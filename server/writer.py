@@ -194,9 +194,12 @@ class Writer:
     def start(self) -> None:
         """Start the writer process and wait until it has opened the ledger."""
         fd = self._child_sock.fileno()
-        # -P: not the working folder first on its path (a file there could stand in for a
-        # module of the process that gets the keys); only the socket's descriptor is passed
-        self._proc = subprocess.Popen([sys.executable, "-P", "-c", ENTRY, str(fd)],
+        # this interpreter's flags (-X faulthandler, -W error...: what multiprocessing passes
+        # its children too); -P: not the working folder first on its path (a file there could
+        # stand in for a module of the process that gets the keys); only the socket's
+        # descriptor is passed
+        flags = [f for f in subprocess._args_from_interpreter_flags() if f != "-P"]
+        self._proc = subprocess.Popen([sys.executable, *flags, "-P", "-c", ENTRY, str(fd)],
                                       pass_fds=(fd,), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL)
         self._child_sock.close()

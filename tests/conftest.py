@@ -78,8 +78,9 @@ def sent_at(request_id: str) -> int:
 class ServerProcess:
     """``cardcore serve`` as a child process; stop() sends SIGTERM, kill() sends SIGKILL."""
 
-    def __init__(self, data_dir: str, *extra: str):
-        """Plaintext (--insecure) unless ``extra`` configures TLS."""
+    def __init__(self, data_dir: str, *extra: str, python_flags: tuple[str, ...] = ()):
+        """Plaintext (--insecure) unless ``extra`` configures TLS; ``python_flags``: the
+        interpreter's own (``-X faulthandler``)."""
         self.data_dir = data_dir
         self.tls = "--tls-cert" in extra
         if not self.tls:
@@ -88,8 +89,8 @@ class ServerProcess:
         os.makedirs(data_dir, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cardcore.server.cli", "serve", "--data-dir", data_dir,
-             "--listen", "127.0.0.1:0", *extra],
+            [sys.executable, *python_flags, "-m", "cardcore.server.cli", "serve", "--data-dir",
+             data_dir, "--listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=self._log)
         deadline = time.monotonic() + START_TIMEOUT_S
         line = b""

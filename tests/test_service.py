@@ -14,7 +14,8 @@ from cardcore.terminal import now_us
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import card_service_pb2_grpc as pb_grpc
 from cardcore.v1 import common_pb2 as cpb
-from conftest import Client, failure_of, new_card_number, purchase_request, rid, verify, sent_at
+from conftest import (Client, ServerProcess, failure_of, new_card_number, purchase_request, rid,
+                      sent_at, verify)
 
 R = cpb.Reason
 INT64_MAX = (1 << 63) - 1
@@ -382,6 +383,20 @@ def writer_pid(server) -> int:
             except (OSError, ValueError, IndexError):
                 continue
     raise AssertionError("no writer process found")
+
+
+def test_the_writer_runs_with_the_servers_interpreter_flags(tmp_path):
+    """A server started with ``python -X faulthandler -W ignore::DeprecationWarning``: its writer
+    process too (the flags an operator runs with: a stack on a hang, which warnings to show)."""
+    server = ServerProcess(str(tmp_path / "s"), python_flags=(
+        "-X", "faulthandler", "-W", "ignore::DeprecationWarning"))
+    try:
+        assert Client(server.stub).open(new_card_number()).reason == R.REASON_OK
+        with open(f"/proc/{writer_pid(server)}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"faulthandler" in argv and b"-Wignore::DeprecationWarning" in argv, argv
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("groups_in_flight", ["1", "2"])
