@@ -195,6 +195,8 @@ class Replica:
         self.dropped_logged_at = 0.0
         self.leading = False
         self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
+        self.stream_looked_at = 0.0  # when a follower last asked the stream for what is new
+        self.said = 0  # a group a tick named that the stream did not show yet
 
     def _register(self, path: str) -> None:
         """This replica's place in the shard's retention before it catches up: its ledger's
@@ -270,9 +272,19 @@ class Replica:
                     self.durable.applied, self.log.epoch, f": {why}" if why else "")
 
     def _follow_once(self) -> None:
+        # the highest group a tick named since the last look, or one that look did not find yet
+        # (a direct get may lag: it is looked for once more, then left to the idle look)
+        heard = self.ticks.highest
+        said = max(heard, self.said)
         self.ticks.clear()
         looked_at = time.monotonic()
-        n = self.durable.follow()
+        idle_s = FOLLOW_ONLY_IDLE_S if self.cfg.follow_only else FOLLOW_IDLE_S
+        if said > self.durable.applied or looked_at - self.stream_looked_at >= idle_s:
+            self.stream_looked_at = looked_at
+            n = self.durable.follow()
+        else:  # woken for the lease or a checkpoint, nothing said since a recent look: the
+            n = 0  # stream is not asked (a tick lost on the way costs at most idle_s)
+        self.said = heard if heard > self.durable.applied else 0
         if self.durable.due():
             self.durable.checkpoint()
         self.log.retention.report(self.durable.checkpointed)
@@ -282,7 +294,7 @@ class Replica:
             if self.lease.try_take():
                 self._take_over()
                 return
-        if not n and self.ticks.highest > self.durable.applied:
+        if not n and max(self.ticks.highest, self.said) > self.durable.applied:
             time.sleep(FOLLOW_RETRY_S)
         elif not n:  # caught up: until the leader's next tick, a checkpoint or a look at the lease
             limit_s = (FOLLOW_ONLY_IDLE_S if self.cfg.follow_only
