@@ -46,7 +46,7 @@ NPM_TEST_DIRS := examples/node-terminal tools/buf
 # pytest-xdist workers for make test (auto: one per CPU); TEST_WORKERS=0 runs it in one process
 TEST_WORKERS ?= auto
 
-test-deep: $(BUILT) ## the kernel/reference and wire differential tests with 5x the suite's hypothesis examples (CARDCORE_EXAMPLES_SCALE; the suite runs 0.3)
+test-deep: $(BUILT) ## the kernel/reference and wire differential tests with 6x the suite's hypothesis examples (CARDCORE_EXAMPLES_SCALE; the suite runs 0.25)
 	CARDCORE_EXAMPLES_SCALE=1.5 $(PY) -m pytest -n $(TEST_WORKERS) tests/test_kernel.py tests/test_kernel_programs.py tests/test_wire.py
 
 test: $(BUILT) ## run the test suite (first the npm packages of the Node terminal and of buf, where npm is)

@@ -652,21 +652,29 @@ class Ticks:
         self.nt = nt
         self.heard = threading.Event()
         self.highest = 0  # the highest group number a tick named since ``clear``
+        self._lock = threading.Lock()  # (ticks land on the loop thread, ``take`` on another)
         nt.call(nt.nc.subscribe(tick_subject(shard), cb=self._on_tick))
         nt.call(nt.nc.flush())  # (its node has the subscription: heard from the catch-up on)
 
     async def _on_tick(self, msg) -> None:
         """(The loop thread.)"""
         if len(msg.data) == TICK.size:
-            self.highest = max(self.highest, TICK.unpack(msg.data)[0])
+            with self._lock:
+                self.highest = max(self.highest, TICK.unpack(msg.data)[0])
         self.heard.set()
 
     def clear(self) -> None:
         """Before a look at the stream: a tick from then on ends the next ``wait`` at once.
         ``highest`` starts again: a tick naming a group the stream never shows (a stream made
         again) is not waited for past the next look."""
+        self.take()
+
+    def take(self) -> int:
+        """``clear``, returning the highest group a tick named before it (none lost between)."""
         self.heard.clear()
-        self.highest = 0
+        with self._lock:
+            highest, self.highest = self.highest, 0
+        return highest
 
     def wake(self) -> None:
         """End a ``wait`` now (from a signal handler: through the loop, never the Event's lock

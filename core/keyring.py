@@ -18,7 +18,9 @@ renamed over the old one, so a crash leaves one whole keyring.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -100,6 +102,17 @@ def _write_private(path: str, doc: dict) -> None:
         os.close(dfd)
 
 
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock on ``path`` (made 0600 if absent) while the block runs."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class SealError(Exception):
     """A sealed card number does not open: unknown key version, or tampered (no detail)."""
 
@@ -179,13 +192,22 @@ class Keyring:
         return True
 
     def rotate_data_key(self) -> int:
-        """Add a data key version, make it current and save; returns the new version."""
+        """Add a data key version, make it current and save; returns the new version. Refused
+        (ValueError) when the file no longer holds what this object read: another process
+        rotated it (saving over it would lose that key), under a lock beside the file so that
+        two processes sharing it cannot both rotate."""
         if len(self.data_keys) >= DATA_KEY_VERSIONS_MAX:
             raise ValueError("too many data key versions: retire old ones first")
-        version = max(self.data_keys) + 1
-        key = os.urandom(DATA_KEY_SIZE)
-        # On disk first: nothing may be sealed under a key the keyring file does not hold.
-        self.save({**self.data_keys, version: key}, version)
+        with _locked(self.path + ".lock"):
+            disk = Keyring.load(self.path)
+            if (disk.data_keys, disk.data_key_current) != (self.data_keys, self.data_key_current):
+                raise ValueError(f"the keyring file {self.path} changed since this process read "
+                                 "it (another process rotated): nothing rotated; this process "
+                                 "re-reads it when the rotation reaches its ledger")
+            version = max(self.data_keys) + 1
+            key = os.urandom(DATA_KEY_SIZE)
+            # On disk first: nothing may be sealed under a key the keyring file does not hold.
+            self.save({**self.data_keys, version: key}, version)
         self.data_keys[version] = key
         self._aead[version] = AESGCM(key)
         self.data_key_current = version

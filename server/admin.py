@@ -57,6 +57,27 @@ class AdminRefused(RuntimeError):
         self.reason = reason
 
 
+def keyring_behind(ledger: Ledger, keyring: Keyring) -> str | None:
+    """Why this process's keyring is older than the ledger's last data key rotation (made
+    through another front, or a keyring restored from before it), its file re-read first (an
+    operator may have copied the rotated one here); None: it is not."""
+    rotated = ledger.read_data_key_version()
+    if rotated <= keyring.data_key_current:
+        return None
+    try:
+        if keyring.reload():
+            log.warning("keyring %s re-read: data key version %d current (rotated elsewhere)",
+                        keyring.path, keyring.data_key_current)
+    except Exception as exc:  # (a file damaged or of another chain: said, never adopted)
+        return f"the keyring file {keyring.path} cannot be re-read: {exc}"
+    if rotated <= keyring.data_key_current:
+        return None
+    return (f"the keyring {keyring.path} is behind the ledger: its current data key is version "
+            f"{keyring.data_key_current}, a rotation made version {rotated} current (through "
+            "another front, or the keyring was restored from before it): copy the current "
+            "keyring file here")
+
+
 class AdminService(apb_grpc.AdminServiceServicer):
     def __init__(self, ledger: Ledger, writer: Writer, keyring: Keyring, access: Access,
                  on_program=lambda: None):
@@ -292,7 +313,17 @@ class AdminService(apb_grpc.AdminServiceServicer):
             if known is not None and known.op != L.OP_DATA_KEY_ROTATED:
                 await abort(context, failure(R.REASON_DUPLICATE_REQUEST_MISMATCH, "request_id"))
             if known is None:
-                version = self.keyring.rotate_data_key()
+                # never from a keyring behind the shard (another front rotated: its version
+                # would be made again with another key) or whose file changed since it was read
+                await fresh_or_abort(self.writer, context, everything=True)
+                behind = keyring_behind(self.ledger, self.keyring)
+                try:
+                    if behind:
+                        raise ValueError(behind)
+                    version = self.keyring.rotate_data_key()
+                except ValueError as exc:
+                    log.error("data key rotation refused: %s", exc)
+                    await abort(context, failure(R.REASON_ILLEGAL_TRANSITION, detail=str(exc)))
                 await self._apply(context, PendingOp.admin(
                     key, L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"",
                     op_by.operator_id, digest_payload=b"", client_time_us=client_us,

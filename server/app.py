@@ -31,7 +31,7 @@ from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import FAILURES_PER_MINUTE_DEFAULT, Access, new_token, token_digest
-from .admin import AdminRefused, AdminService
+from .admin import AdminRefused, AdminService, keyring_behind
 from .metrics import Metrics
 from . import reflection
 from .service import CardService, add_service
@@ -220,27 +220,6 @@ def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal):
                          submit_timeout_s=cfg.submit_timeout_ms / 1000, on_fatal=on_fatal)
 
 
-def keyring_behind(ledger: Ledger, keyring: Keyring) -> str | None:
-    """Why this process's keyring is older than the ledger's last data key rotation (made
-    through another front, or a keyring restored from before it), its file re-read first (an
-    operator may have copied the rotated one here); None: it is not."""
-    rotated = ledger.read_data_key_version()
-    if rotated <= keyring.data_key_current:
-        return None
-    try:
-        if keyring.reload():
-            log.warning("keyring %s re-read: data key version %d current (rotated elsewhere)",
-                        keyring.path, keyring.data_key_current)
-    except (OSError, ValueError) as exc:
-        return f"the keyring file {keyring.path} cannot be re-read: {exc}"
-    if rotated <= keyring.data_key_current:
-        return None
-    return (f"the keyring {keyring.path} is behind the ledger: its current data key is version "
-            f"{keyring.data_key_current}, a rotation made version {rotated} current (through "
-            "another front, or the keyring was restored from before it): copy the current "
-            "keyring file here")
-
-
 def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService,
                     keyring: Keyring):
     """A front's re-read of admin state after its follower applied more groups: terminals and
@@ -378,6 +357,9 @@ async def serve(cfg: ServerConfig) -> None:
                         profile_key=profile_key(keyring.index_key))
         if cluster:
             writer.attach(ledger)
+        behind = keyring_behind(ledger, keyring)  # (before anything is written)
+        if behind:
+            raise StartupError(behind)
         if program_source is not None:
             await _load_program_file(ledger, writer, program_source, cfg.program_path)
         if (ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000
@@ -392,9 +374,6 @@ async def serve(cfg: ServerConfig) -> None:
         metrics.watch(lambda: writer.queued_ops, ledger.map_usage)
         if cfg.metrics_listen:
             log.info("metrics on http://%s/metrics", metrics.serve(cfg.metrics_listen))
-        behind = keyring_behind(ledger, keyring)
-        if behind:
-            raise StartupError(behind)
         access = Access(ledger, keyring.bdk, keyring.bdk_id, tls=credentials is not None,
                         failures_per_minute=cfg.failures_per_minute)
         card_service = CardService(ledger, writer, keyring, access)

@@ -274,13 +274,14 @@ class Replica:
     def _follow_once(self) -> None:
         # the highest group a tick named since the last look, or one that look did not find yet
         # (a direct get may lag: it is looked for once more, then left to the idle look)
-        heard = self.ticks.highest
+        heard = self.ticks.take()
         said = max(heard, self.said)
-        self.ticks.clear()
         looked_at = time.monotonic()
         idle_s = FOLLOW_ONLY_IDLE_S if self.cfg.follow_only else FOLLOW_IDLE_S
-        if said > self.durable.applied or looked_at - self.stream_looked_at >= idle_s:
+        if (said > self.durable.applied or looked_at - self.stream_looked_at >= idle_s
+                or self.durable.broken):
             self.stream_looked_at = looked_at
+            self.said = said  # (kept if the look fails: the next wake looks again)
             n = self.durable.follow()
         else:  # woken for the lease or a checkpoint, nothing said since a recent look: the
             n = 0  # stream is not asked (a tick lost on the way costs at most idle_s)
@@ -297,8 +298,8 @@ class Replica:
         if not n and max(self.ticks.highest, self.said) > self.durable.applied:
             time.sleep(FOLLOW_RETRY_S)
         elif not n:  # caught up: until the leader's next tick, a checkpoint or a look at the lease
-            limit_s = (FOLLOW_ONLY_IDLE_S if self.cfg.follow_only
-                       else min(FOLLOW_IDLE_S, self.take_at - time.monotonic()))
+            limit_s = min(self.stream_looked_at + idle_s, self.take_at if not
+                          self.cfg.follow_only else float("inf")) - time.monotonic()
             due_s = self.durable.seconds_to_due()  # (a front's reads wait for the checkpoint)
             if due_s is not None:
                 limit_s = min(limit_s, due_s)

@@ -198,7 +198,8 @@ class Writer:
         # its children too); -P: not the working folder first on its path (a file there could
         # stand in for a module of the process that gets the keys); only the socket's
         # descriptor is passed
-        flags = [f for f in subprocess._args_from_interpreter_flags() if f != "-P"]
+        flags = [f for f in subprocess._args_from_interpreter_flags()
+                 if f != "-P" and not f.startswith("-O")]  # (its asserts guard the ledger)
         self._proc = subprocess.Popen([sys.executable, *flags, "-P", "-c", ENTRY, str(fd)],
                                       pass_fds=(fd,), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL)

@@ -51,12 +51,12 @@ def new_card_number(rng: random.Random | None = None) -> str:
     return random_number(rng or _RNG)
 
 
-EXAMPLES_SCALE = float(os.environ.get("CARDCORE_EXAMPLES_SCALE", "0.3"))
+EXAMPLES_SCALE = float(os.environ.get("CARDCORE_EXAMPLES_SCALE", "0.25"))
 
 
 def examples(n: int) -> int:
     """The hypothesis examples of a heavy differential test (kernel against reference, wire):
-    ``n`` (what these tests ran until 2026-12-01) scaled by CARDCORE_EXAMPLES_SCALE: 0.3 in the
+    ``n`` (what these tests ran until 2026-12-01) scaled by CARDCORE_EXAMPLES_SCALE: 0.25 in the
     suite (its 10-minute budget; each run draws new examples, so the runs add up), 1.5 in
     ``make test-deep``; at least 50."""
     return max(50, round(n * EXAMPLES_SCALE))

@@ -47,11 +47,19 @@ def test_a_keyring_re_reads_a_rotation_made_by_another_process_and_no_other_chai
     assert mine.reload() and mine.data_key_current == 2
     assert Keyring.sealed_version(mine.seal(CARD_ID, NUMBER)) == 2
     assert mine.unseal(CARD_ID, theirs.seal(CARD_ID, NUMBER)) == NUMBER
+    # a rotation from an object that did not read the file as it is now (another process
+    # rotated since): refused, and the other's key stays in the file
+    stale = Keyring.load(path)
+    assert theirs.rotate_data_key() == 3
+    with pytest.raises(ValueError, match="changed since"):
+        stale.rotate_data_key()
+    assert Keyring.load(path).data_keys == theirs.data_keys
     other = Keyring.load_or_create(str(tmp_path / "other.json"))
     os.replace(other.path, path)  # another chain's file in its place: refused, nothing adopted
     with pytest.raises(ValueError):
         mine.reload()
     assert mine.data_key_current == 2 and mine.unseal(CARD_ID, mine.seal(CARD_ID, NUMBER))
+    assert stale.data_key_current == 2
 
 
 def test_a_rotation_that_cannot_be_saved_changes_nothing(tmp_path, monkeypatch):

@@ -319,12 +319,22 @@ def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server
     assert after.returncode == 0 and "v2: 30" in after.stdout and "v1" not in after.stdout
     for number in numbers[:5]:
         assert server.stub.Purchase(till.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
-    server.stop()
-    # the keyring restored from before the rotation: the server refuses to start on it
+    # its file changed under it (another process rotated, or a copy put back): no rotation
+    # saves over it
     with open(keyring_path) as f:
         rotated_file = f.read()
     with open(keyring_path, "w") as f:
         f.write(from_before)
+    with pytest.raises(grpc.RpcError) as err:
+        admin.stub.RotateDataKey(apb.RotateDataKeyRequest(client_time_us=now_us(),
+                                                          request_id=rid()),
+                                 metadata=admin.metadata)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "changed since" in failure_of(err.value).detail
+    with open(keyring_path) as f:
+        assert f.read() == from_before  # nothing saved over it
+    server.stop()
+    # the keyring restored from before the rotation: the server refuses to start on it
     stale = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
                             "--data-dir", server.data_dir, "--listen", "127.0.0.1:0"],
                            capture_output=True, text=True, timeout=60)
