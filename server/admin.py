@@ -334,6 +334,22 @@ class AdminService(apb_grpc.AdminServiceServicer):
         return apb.RotateDataKeyResponse(key_version=self.keyring.data_key_current,
                                          cards_resealed=resealed)
 
+    async def record_rotation(self) -> int:
+        """At start: a rotation the ledger does not name (the keyring file was saved, and a
+        stop came before the rotation was journaled), journaled now by the system, so that the
+        ledger names the version new numbers are sealed under (other fronts re-read their
+        keyring, an older keyring is refused). The version, or 0 (nothing to record)."""
+        version = self.keyring.data_key_current
+        if version <= max(self.ledger.read_data_key_version(), 1):
+            return 0
+        await self._apply(None, PendingOp.admin(
+            request_key(L.CALLER_SYSTEM, 0, f"data-key-v{version}".encode()),
+            L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"", 0,
+            digest_payload=b"", client_time_us=time.time_ns() // 1000, scope=SCOPE_CHAIN))
+        log.warning("data key version %d recorded in the ledger (its rotation's record was cut "
+                    "off by a stop)", version)
+        return version
+
     async def reseal(self, context) -> int:
         """Re-encrypt every stored card number not under the current key version."""
         current = self.keyring.data_key_current

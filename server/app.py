@@ -381,7 +381,8 @@ async def serve(cfg: ServerConfig) -> None:
                              on_program=card_service.adopt_program)
         try:
             await _bootstrap_admin(admin, access, cfg.data_dir)
-            resealed = await admin.reseal(None)  # finishes a rotation a stop interrupted
+            await admin.record_rotation()  # (and the reseal: a rotation a stop interrupted)
+            resealed = await admin.reseal(None)
         except RuntimeError as exc:  # (an admin operation refused at start-up)
             if not cluster:
                 raise

@@ -358,6 +358,35 @@ def test_key_rotation_keeps_every_card_readable_and_every_pin_valid(start_server
     assert damaged.returncode == 1 and "1 DO NOT OPEN" in damaged.stdout
 
 
+def test_a_rotation_cut_off_before_its_record_is_recorded_at_the_next_start(start_server):
+    """The keyring saved with a new data key, then a stop before the rotation was journaled
+    (here: the file rotated offline): the next start journals it, by the system, and re-seals
+    under it, so that a keyring from before it is refused afterwards."""
+    from cardcore.keyring import Keyring
+
+    server = start_server()
+    till = Admin(server.channel, server.admin_token).enroll(7, 3)
+    number = pin_card(server, till)
+    server.stop()
+    path = os.path.join(server.data_dir, "keyring.json")
+    with open(path) as f:
+        from_before = f.read()
+    assert Keyring.load(path).rotate_data_key() == 2
+    server = start_server()
+    assert server.stub.Purchase(till.purchase(rid(), number, PIN, 100)).reason == R.REASON_OK
+    server.stop()
+    assert "data key version 2 recorded" in server.log()
+    rotated = [e for e in journal_entries(server.data_dir) if e[1] == L.OP_DATA_KEY_ROTATED]
+    assert len(rotated) == 1 and rotated[0][21] == 0  # the system's, no operator
+    assert "v2: 1" in keys_check(server.data_dir).stdout  # re-sealed at that start
+    with open(path, "w") as f:
+        f.write(from_before)
+    stale = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
+                            "--data-dir", server.data_dir, "--listen", "127.0.0.1:0"],
+                           capture_output=True, text=True, timeout=60)
+    assert stale.returncode == 2 and "is behind the ledger" in stale.stderr, stale.stderr
+
+
 def test_no_card_number_pin_or_pin_block_reaches_the_data_folder_or_the_logs(start_server,
                                                                             monkeypatch):
     monkeypatch.setenv("CARDCORE_LOG_LEVEL", "DEBUG")
