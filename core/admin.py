@@ -31,10 +31,20 @@ TIER_CARDS = struct.Struct(f"<{L.MAX_TIERS}Q")
 META_FORMAT, META_PROGRAM = b"format", b"program_current"
 META_TIER_CARDS, META_PRUNED_THROUGH = b"tier_cards", b"pruned_through_us"
 META_WINDOW, META_CLOCK = b"request_window_s", b"clock_us"
-# The data key version the last rotation made current (u32; absent: none since 2026-12-01): a
-# server or front whose keyring's current version is older is behind (``Keyring`` is outside
+# The data key version the last rotation made current and its key's fingerprint (u32 | 8 bytes,
+# zeros: not named; absent: no rotation recorded): a server or front whose keyring's current
+# version is older, or holds that version under another key, is behind (``Keyring`` is outside
 # LMDB, and a front's copy of it is the operator's to copy).
 META_DATA_KEY = b"data_key_current"
+DATA_KEY_SUBJECT = struct.Struct("<I8s4x")  # OP_DATA_KEY_ROTATED: version, its fingerprint
+NO_FINGERPRINT = bytes(8)
+
+
+def recorded_data_key(raw: bytes | None) -> tuple[int, bytes]:
+    """META_DATA_KEY's (version, fingerprint): (0, zeros) when none is recorded."""
+    if not raw:
+        return 0, NO_FINGERPRINT
+    return U32.unpack_from(raw)[0], (raw[4:12] or NO_FINGERPRINT)
 U32 = struct.Struct("<I")
 I64 = struct.Struct("<q")
 
@@ -202,10 +212,17 @@ class AdminState:
             subject = record["id"].to_bytes(4, "little") + bytes([record["role"]]) + bytes(11)
         elif kind == L.OP_DATA_KEY_ROTATED:
             # the keyring changed outside LMDB; the journal records who did it and when, and
-            # the meta which version is current now (the highest a rotation named)
-            known = self.txn.get(META_DATA_KEY, db=self.ledger.meta)
-            version = max(U32.unpack_from(subject)[0], U32.unpack(known)[0] if known else 0)
-            self.txn.put(META_DATA_KEY, U32.pack(version), db=self.ledger.meta)
+            # the meta which version is current now, and its key's fingerprint. A rotation that
+            # names a fingerprint (every one since 2026-12-01) must name a version above the
+            # recorded one: two fronts rotating at once make one version under two keys, and the
+            # second is refused (its front drops its key). Older ones: the highest wins.
+            version, fingerprint = DATA_KEY_SUBJECT.unpack_from(subject)
+            known, _ = recorded_data_key(self.txn.get(META_DATA_KEY, db=self.ledger.meta))
+            if fingerprint != NO_FINGERPRINT and version <= known:
+                return L.R_ILLEGAL_TRANSITION, None
+            if version > known:
+                self.txn.put(META_DATA_KEY, U32.pack(version) + fingerprint,
+                             db=self.ledger.meta)
         elif kind == L.OP_PROGRAM_LOADED:
             reason, subject = self._load_program(op.payload.decode(), ts_us, operator_id)
             if reason != L.R_OK:

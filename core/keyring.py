@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -171,11 +173,17 @@ class Keyring:
 
     # ---- rotation and storage ------------------------------------------------------
 
+    def fingerprint(self, version: int) -> bytes:
+        """8 bytes that tell a data key version's key from another made with the same number
+        (a keyed hash of a fixed label: nothing of the key can be learnt from it)."""
+        return hmac.new(self.data_keys[version], b"cardcore data key fingerprint",
+                        hashlib.sha256).digest()[:8]
+
     def reload(self) -> bool:
         """Adopt the data keys of the file as it is now (another process rotated, and the
-        operator copied its file here): True if its current version is newer than ours. The
-        other keys must be the same (another chain's keyring is refused: ValueError), and data
-        key versions we hold must not change or go."""
+        operator copied its file here): every version it holds, and its current one if newer
+        than ours (True then). The other keys must be the same (another chain's keyring is
+        refused: ValueError), and data key versions we hold must not change or go."""
         disk = Keyring.load(self.path)
         if (disk.index_key, disk.pin_key, disk.bdk, disk.bdk_id) != (
                 self.index_key, self.pin_key, self.bdk, self.bdk_id):
@@ -183,18 +191,26 @@ class Keyring:
         if any(disk.data_keys.get(v) != k for v, k in self.data_keys.items()):
             raise ValueError(f"keyring {self.path} lost or changed a data key version: not "
                              "adopted")
-        if disk.data_key_current <= self.data_key_current:
-            return False
         self._aead.update({v: AESGCM(k) for v, k in disk.data_keys.items()
                            if v not in self.data_keys})
         self.data_keys.update(disk.data_keys)
+        if disk.data_key_current <= self.data_key_current:
+            return False
         self.data_key_current = disk.data_key_current
         return True
 
     def rotate_data_key(self) -> int:
-        """Add a data key version, make it current and save; returns the new version. Refused
+        """Add a data key version and make it current (both saved); the new version."""
+        version = self.add_data_key()
+        self.make_current(version)
+        return version
+
+    def add_data_key(self) -> int:
+        """A rotation's first step: a new data key version saved, not current (nothing is
+        sealed under it before ``make_current``; a rotation the ledger refuses drops it). On disk
+        first: nothing may be sealed under a key the keyring file does not hold. Refused
         (ValueError) when the file no longer holds what this object read: another process
-        rotated it (saving over it would lose that key), under a lock beside the file so that
+        rotated it (saving over it would lose that key); under a lock beside the file, so that
         two processes sharing it cannot both rotate."""
         if len(self.data_keys) >= DATA_KEY_VERSIONS_MAX:
             raise ValueError("too many data key versions: retire old ones first")
@@ -206,12 +222,26 @@ class Keyring:
                                  "re-reads it when the rotation reaches its ledger")
             version = max(self.data_keys) + 1
             key = os.urandom(DATA_KEY_SIZE)
-            # On disk first: nothing may be sealed under a key the keyring file does not hold.
-            self.save({**self.data_keys, version: key}, version)
+            self.save({**self.data_keys, version: key}, self.data_key_current)
         self.data_keys[version] = key
         self._aead[version] = AESGCM(key)
-        self.data_key_current = version
         return version
+
+    def make_current(self, version: int) -> None:
+        """Seal new numbers under ``version`` (held), saved first."""
+        assert version in self.data_keys, version
+        with _locked(self.path + ".lock"):
+            self.save(self.data_keys, version)
+        self.data_key_current = version
+
+    def drop_data_key(self, version: int) -> None:
+        """A version added but never made current (its rotation refused): gone, file first."""
+        assert version != self.data_key_current and version in self.data_keys, version
+        with _locked(self.path + ".lock"):
+            self.save({v: k for v, k in self.data_keys.items() if v != version},
+                      self.data_key_current)
+        del self.data_keys[version]
+        del self._aead[version]
 
     def save(self, data_keys: dict[int, bytes] | None = None, current: int | None = None) -> None:
         data_keys = self.data_keys if data_keys is None else data_keys

@@ -83,7 +83,7 @@ import lmdb
 from cardcore import layout as L
 from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH,
                             META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64,
-                            META_DATA_KEY)
+                            META_DATA_KEY, recorded_data_key)
 from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
@@ -677,10 +677,13 @@ class Ledger:
         self.program_version = version
         self.program_packed = self.program.packed(version)
 
+    def read_data_key(self) -> tuple[int, bytes]:
+        """The data key version the last rotation made current and its key's fingerprint
+        ((0, zeros): none recorded; zeros: a rotation from before fingerprints)."""
+        return recorded_data_key(self._read(lambda txn: txn.get(META_DATA_KEY, db=self.meta)))
+
     def read_data_key_version(self) -> int:
-        """The data key version the last rotation made current (0: none recorded)."""
-        raw = self._read(lambda txn: txn.get(META_DATA_KEY, db=self.meta))
-        return U32.unpack(raw)[0] if raw else 0
+        return self.read_data_key()[0]
 
     def read_program_version(self) -> int:
         """The current program's version as LMDB holds it now (a reader compares it with

@@ -19,7 +19,7 @@ import time
 from cardcore import daytotals
 from cardcore import layout as L
 from cardcore import stores as chain
-from cardcore.admin import reseal_payload
+from cardcore.admin import DATA_KEY_SUBJECT, NO_FINGERPRINT, reseal_payload
 from cardcore.idempotency import (SCOPE_CHAIN, SCOPE_STORE, SCOPE_SUBJECT_TERMINAL, PendingOp,
                                   request_key)
 from cardcore.keyring import Keyring, SealError
@@ -49,6 +49,11 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+# Refusals after which a rotation may still have been applied: its key is kept (not current).
+ROTATION_MAYBE_APPLIED = frozenset((L.R_OUTCOME_UNKNOWN, L.R_INTERNAL, L.R_STORAGE_UNAVAILABLE,
+                                    L.R_UNAVAILABLE, L.R_DEADLINE_EXCEEDED))
+
+
 class AdminRefused(RuntimeError):
     """An admin operation the server made itself (at start-up) was refused: ``reason``."""
 
@@ -57,19 +62,38 @@ class AdminRefused(RuntimeError):
         self.reason = reason
 
 
+def rotation_subject(keyring: Keyring, version: int) -> bytes:
+    """An OP_DATA_KEY_ROTATED's subject: the version and its key's fingerprint."""
+    return DATA_KEY_SUBJECT.pack(version, keyring.fingerprint(version))
+
+
 def keyring_behind(ledger: Ledger, keyring: Keyring) -> str | None:
-    """Why this process's keyring is older than the ledger's last data key rotation (made
-    through another front, or a keyring restored from before it), its file re-read first (an
-    operator may have copied the rotated one here); None: it is not."""
-    rotated = ledger.read_data_key_version()
-    if rotated <= keyring.data_key_current:
+    """Why this process's keyring is not the ledger's: older than its last data key rotation
+    (made through another front, or a keyring restored from before it), or holding that version
+    under another key (two rotations at once); its file re-read first (an operator may have
+    copied the rotated one here). None: it is the ledger's."""
+    rotated, fingerprint = ledger.read_data_key()
+
+    def other_key() -> bool:
+        return (fingerprint != NO_FINGERPRINT and rotated in keyring.data_keys
+                and keyring.fingerprint(rotated) != fingerprint)
+
+    if rotated <= keyring.data_key_current and not other_key():
         return None
     try:
         if keyring.reload():
             log.warning("keyring %s re-read: data key version %d current (rotated elsewhere)",
                         keyring.path, keyring.data_key_current)
+        if rotated > keyring.data_key_current and rotated in keyring.data_keys and not other_key():
+            keyring.make_current(rotated)  # saved by a rotation the ledger took, not yet made
+            log.warning("keyring %s: data key version %d made current (the ledger's "  # current
+                        "rotation)", keyring.path, rotated)
     except Exception as exc:  # (a file damaged or of another chain: said, never adopted)
         return f"the keyring file {keyring.path} cannot be re-read: {exc}"
+    if other_key():
+        return (f"the keyring {keyring.path} holds data key version {rotated} under another key "
+                "than the ledger's (two rotations at once, through two fronts): copy the keyring "
+                "file of the front whose rotation the ledger took here")
     if rotated <= keyring.data_key_current:
         return None
     return (f"the keyring {keyring.path} is behind the ledger: its current data key is version "
@@ -309,23 +333,15 @@ class AdminService(apb_grpc.AdminServiceServicer):
         op_by = await self._operator(context, ROLE.OPERATOR_ROLE_CHAIN_ADMIN)
         key, client_us = await self._request(context, request, op_by)
         async with self._rotating:  # one rotation at a time: a concurrent retry sees the first
+            # (the ledger as the shard has it now: a retry sent through another front finds
+            # the first try's record, and a rotation made there is seen below)
+            await fresh_or_abort(self.writer, context, everything=True)
             known = self.ledger.read_operation(key)
             if known is not None and known.op != L.OP_DATA_KEY_ROTATED:
                 await abort(context, failure(R.REASON_DUPLICATE_REQUEST_MISMATCH, "request_id"))
             if known is None:
-                # never from a keyring behind the shard (another front rotated: its version
-                # would be made again with another key) or whose file changed since it was read
-                await fresh_or_abort(self.writer, context, everything=True)
-                behind = keyring_behind(self.ledger, self.keyring)
-                try:
-                    if behind:
-                        raise ValueError(behind)
-                    version = self.keyring.rotate_data_key()
-                except ValueError as exc:
-                    log.error("data key rotation refused: %s", exc)
-                    await abort(context, failure(R.REASON_ILLEGAL_TRANSITION, detail=str(exc)))
-                await self._apply(context, PendingOp.admin(
-                    key, L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"",
+                await self._rotate(context, lambda version: PendingOp.admin(
+                    key, L.OP_DATA_KEY_ROTATED, rotation_subject(self.keyring, version), b"",
                     op_by.operator_id, digest_payload=b"", client_time_us=client_us,
                     need_role=ROLE.OPERATOR_ROLE_CHAIN_ADMIN, scope=SCOPE_CHAIN))
         resealed = await self.reseal(context)
@@ -333,6 +349,29 @@ class AdminService(apb_grpc.AdminServiceServicer):
                  self.keyring.data_key_current, resealed)
         return apb.RotateDataKeyResponse(key_version=self.keyring.data_key_current,
                                          cards_resealed=resealed)
+
+    async def _rotate(self, context, rotation) -> None:
+        """The new key saved (not current), the rotation journaled, then the key made current:
+        never from a keyring behind the shard (another front rotated: its version would be made
+        again with another key) or whose file changed since it was read; a rotation the ledger
+        refuses (the request too old, the operator gone) drops its key, so no number is sealed
+        under a version the ledger does not name. An outcome not known keeps the key saved but
+        not current (the next start adopts it if the ledger names it)."""
+        try:
+            behind = keyring_behind(self.ledger, self.keyring)
+            if behind:
+                raise ValueError(behind)
+            version = self.keyring.add_data_key()
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("data key rotation refused: %s", exc)
+            await abort(context, failure(R.REASON_ILLEGAL_TRANSITION, detail=str(exc)))
+        try:
+            await self._apply(None, rotation(version))  # (``rotation``: its op, of the version)
+        except AdminRefused as exc:
+            if exc.reason not in ROTATION_MAYBE_APPLIED:
+                self.keyring.drop_data_key(version)
+            await abort(context, failure(exc.reason))
+        self.keyring.make_current(version)
 
     async def record_rotation(self) -> int:
         """At start: a rotation the ledger does not name (the keyring file was saved, and a
@@ -342,10 +381,14 @@ class AdminService(apb_grpc.AdminServiceServicer):
         version = self.keyring.data_key_current
         if version <= max(self.ledger.read_data_key_version(), 1):
             return 0
-        await self._apply(None, PendingOp.admin(
-            request_key(L.CALLER_SYSTEM, 0, f"data-key-v{version}".encode()),
-            L.OP_DATA_KEY_ROTATED, version.to_bytes(4, "little") + bytes(12), b"", 0,
-            digest_payload=b"", client_time_us=time.time_ns() // 1000, scope=SCOPE_CHAIN))
+        try:
+            await self._apply(None, PendingOp.admin(
+                request_key(L.CALLER_SYSTEM, 0, f"data-key-v{version}".encode()),
+                L.OP_DATA_KEY_ROTATED, rotation_subject(self.keyring, version), b"", 0,
+                digest_payload=b"", client_time_us=time.time_ns() // 1000, scope=SCOPE_CHAIN))
+        except AdminRefused as exc:  # another front starting at once recorded it first
+            if exc.reason != L.R_DUPLICATE_REQUEST_MISMATCH:
+                raise
         log.warning("data key version %d recorded in the ledger (its rotation's record was cut "
                     "off by a stop)", version)
         return version

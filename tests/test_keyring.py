@@ -55,6 +55,9 @@ def test_a_keyring_re_reads_a_rotation_made_by_another_process_and_no_other_chai
         stale.rotate_data_key()
     assert Keyring.load(path).data_keys == theirs.data_keys
     other = Keyring.load_or_create(str(tmp_path / "other.json"))
+    other.rotate_data_key()  # its version 2: another key, another fingerprint
+    assert mine.fingerprint(2) == theirs.fingerprint(2) != other.fingerprint(2)
+    assert len(mine.fingerprint(2)) == 8 and mine.fingerprint(2) not in mine.data_keys[2]
     os.replace(other.path, path)  # another chain's file in its place: refused, nothing adopted
     with pytest.raises(ValueError):
         mine.reload()

@@ -85,6 +85,23 @@ def funded(ledger, amount=1_000) -> str:
     return n
 
 
+def test_a_rotation_naming_its_key_must_name_a_version_above_the_recorded_one(ledger):
+    """Two fronts rotating at once make one version under two keys: the second is refused.
+    Rotations from before fingerprints (zeros) keep the highest version, as they did."""
+    def rotation(request_id: str, version: int, fingerprint: bytes) -> PendingOp:
+        return PendingOp.admin(key(request_id, (L.CALLER_SYSTEM, 0)), L.OP_DATA_KEY_ROTATED,
+                               version.to_bytes(4, "little") + fingerprint + bytes(4), b"", 0,
+                               client_time_us=NOW)
+
+    assert ledger.read_data_key() == (0, bytes(8))
+    got = ledger.apply_group([rotation("old", 2, bytes(8)), rotation("old-again", 2, bytes(8)),
+                              rotation("a", 3, b"A" * 8), rotation("b", 3, b"B" * 8),
+                              rotation("older", 2, bytes(8)), rotation("c", 4, b"C" * 8)], NOW)
+    assert [o.reason for o in got] == [L.R_OK, L.R_OK, L.R_OK, L.R_ILLEGAL_TRANSITION, L.R_OK,
+                                       L.R_OK]
+    assert ledger.read_data_key() == (4, b"C" * 8)
+
+
 def test_a_new_ledger_journals_its_program_as_version_1(ledger):
     assert ledger.program_version == 1 and ledger.next_seq == 2
     first = L.JOURNAL.unpack(ledger.dump()["journal"][0][1])

@@ -381,10 +381,18 @@ def test_a_rotation_cut_off_before_its_record_is_recorded_at_the_next_start(star
     assert "v2: 1" in keys_check(server.data_dir).stdout  # re-sealed at that start
     with open(path, "w") as f:
         f.write(from_before)
-    stale = subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure",
-                            "--data-dir", server.data_dir, "--listen", "127.0.0.1:0"],
-                           capture_output=True, text=True, timeout=60)
+
+    def start() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cardcore.server.cli", "serve",
+                               "--insecure", "--data-dir", server.data_dir, "--listen",
+                               "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+
+    stale = start()
     assert stale.returncode == 2 and "is behind the ledger" in stale.stderr, stale.stderr
+    # the same keyring rotated again on its own: a version 2 under another key than the ledger's
+    assert Keyring.load(path).rotate_data_key() == 2
+    other = start()
+    assert other.returncode == 2 and "under another key" in other.stderr, other.stderr
 
 
 def test_no_card_number_pin_or_pin_block_reaches_the_data_folder_or_the_logs(start_server,
