@@ -280,9 +280,9 @@ class Replica:
         idle_s = FOLLOW_ONLY_IDLE_S if self.cfg.follow_only else FOLLOW_IDLE_S
         if (said > self.durable.applied or looked_at - self.stream_looked_at >= idle_s
                 or self.durable.broken):
+            self.said = said  # (kept if the look fails, and the look's time not set: the
+            n = self.durable.follow()  # next wake looks again)
             self.stream_looked_at = looked_at
-            self.said = said  # (kept if the look fails: the next wake looks again)
-            n = self.durable.follow()
         else:  # woken for the lease or a checkpoint, nothing said since a recent look: the
             n = 0  # stream is not asked (a tick lost on the way costs at most idle_s)
         self.said = heard if heard > self.durable.applied else 0

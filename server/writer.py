@@ -200,8 +200,9 @@ class Writer:
         # descriptor is passed
         flags = [f for f in subprocess._args_from_interpreter_flags()
                  if f != "-P" and not f.startswith("-O")]  # (its asserts guard the ledger)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONOPTIMIZE"}  # (as -O)
         self._proc = subprocess.Popen([sys.executable, *flags, "-P", "-c", ENTRY, str(fd)],
-                                      pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                      env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL)
         self._child_sock.close()
         try:
