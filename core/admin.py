@@ -38,6 +38,8 @@ META_WINDOW, META_CLOCK = b"request_window_s", b"clock_us"
 META_DATA_KEY = b"data_key_current"
 DATA_KEY_SUBJECT = struct.Struct("<I8s4x")  # OP_DATA_KEY_ROTATED: version, its fingerprint
 NO_FINGERPRINT = bytes(8)
+U32 = struct.Struct("<I")
+I64 = struct.Struct("<q")
 
 
 def recorded_data_key(raw: bytes | None) -> tuple[int, bytes]:
@@ -45,8 +47,6 @@ def recorded_data_key(raw: bytes | None) -> tuple[int, bytes]:
     if not raw:
         return 0, NO_FINGERPRINT
     return U32.unpack_from(raw)[0], (raw[4:12] or NO_FINGERPRINT)
-U32 = struct.Struct("<I")
-I64 = struct.Struct("<q")
 
 
 def program_record(source: str, version: int, ts_us: int, operator_id: int) -> bytes:

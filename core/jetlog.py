@@ -651,7 +651,7 @@ class Ticks:
     def __init__(self, nt: NatsThread, shard: int) -> None:
         self.nt = nt
         self.heard = threading.Event()
-        self.highest = 0  # the highest group number a tick named since ``clear``
+        self.highest = 0  # the highest group number a tick named since ``take``
         self._lock = threading.Lock()  # (ticks land on the loop thread, ``take`` on another)
         nt.call(nt.nc.subscribe(tick_subject(shard), cb=self._on_tick))
         nt.call(nt.nc.flush())  # (its node has the subscription: heard from the catch-up on)
@@ -663,14 +663,11 @@ class Ticks:
                 self.highest = max(self.highest, TICK.unpack(msg.data)[0])
         self.heard.set()
 
-    def clear(self) -> None:
-        """Before a look at the stream: a tick from then on ends the next ``wait`` at once.
-        ``highest`` starts again: a tick naming a group the stream never shows (a stream made
-        again) is not waited for past the next look."""
-        self.take()
-
     def take(self) -> int:
-        """``clear``, returning the highest group a tick named before it (none lost between)."""
+        """Before a look at the stream: the highest group a tick named since the last take (none
+        lost between), and a tick from then on ends the next ``wait`` at once. ``highest``
+        starts again: a tick naming a group the stream never shows (a stream made again) is not
+        waited for past the next look."""
         self.heard.clear()
         with self._lock:
             highest, self.highest = self.highest, 0

@@ -173,6 +173,10 @@ class Keyring:
 
     # ---- rotation and storage ------------------------------------------------------
 
+    def _file_lock(self):
+        """The lock beside the file that a rotation's re-read and saves hold."""
+        return _locked(self.path + ".lock")
+
     def fingerprint(self, version: int) -> bytes:
         """8 bytes that tell a data key version's key from another made with the same number
         (a keyed hash of a fixed label: nothing of the key can be learnt from it)."""
@@ -214,7 +218,7 @@ class Keyring:
         two processes sharing it cannot both rotate."""
         if len(self.data_keys) >= DATA_KEY_VERSIONS_MAX:
             raise ValueError("too many data key versions: retire old ones first")
-        with _locked(self.path + ".lock"):
+        with self._file_lock():
             disk = Keyring.load(self.path)
             if (disk.data_keys, disk.data_key_current) != (self.data_keys, self.data_key_current):
                 raise ValueError(f"the keyring file {self.path} changed since this process read "
@@ -230,14 +234,14 @@ class Keyring:
     def make_current(self, version: int) -> None:
         """Seal new numbers under ``version`` (held), saved first."""
         assert version in self.data_keys, version
-        with _locked(self.path + ".lock"):
+        with self._file_lock():
             self.save(self.data_keys, version)
         self.data_key_current = version
 
     def drop_data_key(self, version: int) -> None:
         """A version added but never made current (its rotation refused): gone, file first."""
         assert version != self.data_key_current and version in self.data_keys, version
-        with _locked(self.path + ".lock"):
+        with self._file_lock():
             self.save({v: k for v, k in self.data_keys.items() if v != version},
                       self.data_key_current)
         del self.data_keys[version]

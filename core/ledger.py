@@ -682,9 +682,6 @@ class Ledger:
         ((0, zeros): none recorded; zeros: a rotation from before fingerprints)."""
         return recorded_data_key(self._read(lambda txn: txn.get(META_DATA_KEY, db=self.meta)))
 
-    def read_data_key_version(self) -> int:
-        return self.read_data_key()[0]
-
     def read_program_version(self) -> int:
         """The current program's version as LMDB holds it now (a reader compares it with
         ``program_version`` to know whether to ``refresh_program``)."""

@@ -379,7 +379,7 @@ class AdminService(apb_grpc.AdminServiceServicer):
         ledger names the version new numbers are sealed under (other fronts re-read their
         keyring, an older keyring is refused). The version, or 0 (nothing to record)."""
         version = self.keyring.data_key_current
-        if version <= max(self.ledger.read_data_key_version(), 1):
+        if version <= max(self.ledger.read_data_key()[0], 1):
             return 0
         try:
             await self._apply(None, PendingOp.admin(

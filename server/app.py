@@ -225,16 +225,15 @@ def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService,
     """A front's re-read of admin state after its follower applied more groups: terminals and
     operators added or revoked, a program loaded, and a data key rotated (the keyring file
     re-read), through another front."""
-    said: set[int] = set()
+    said: set[str] = set()
 
     def reload() -> None:
         access.reload()
         if ledger.read_program_version() != ledger.program_version:
             card_service.adopt_program()
         behind = keyring_behind(ledger, keyring)
-        rotated = ledger.read_data_key_version()
-        if behind and rotated not in said:  # said once a rotation
-            said.add(rotated)
+        if behind and behind not in said:  # said once a rotation (the text names its version)
+            said.add(behind)
             log.error("%s; meanwhile new card numbers are sealed under the old version "
                       "(re-sealed under the current one at this front's next start)", behind)
     return reload
