@@ -55,7 +55,7 @@ EXAMPLES_SCALE = float(os.environ.get("CARDCORE_EXAMPLES_SCALE", "0.25"))
 
 
 def examples(n: int) -> int:
-    """The hypothesis examples of a heavy differential test (kernel against reference, wire):
+    """The hypothesis examples of a heavy differential test (kernel against reference, wire, batch wire):
     ``n`` (what these tests ran until 2026-12-01) scaled by CARDCORE_EXAMPLES_SCALE: 0.25 in the
     suite (its 10-minute budget; each run draws new examples, so the runs add up), 1.5 in
     ``make test-deep``; at least 50."""

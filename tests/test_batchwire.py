@@ -26,11 +26,11 @@ from cardcore.server.service import result_of
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
 
-from conftest import EXAMPLES, Client, new_card_number, rid, sent_at
+from conftest import EXAMPLES, Client, examples, new_card_number, rid, sent_at
 from test_service_programs import issue, purchase as programs_purchase
 
 R = cpb.Reason
-SETTINGS = settings(max_examples=300, deadline=None,
+SETTINGS = settings(max_examples=examples(300), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
