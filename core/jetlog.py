@@ -75,6 +75,11 @@ def replica_inbox_prefix(shard: int) -> str:
     all), a token of its shard's (a one-shard replica user hears its shard's alone)."""
     return f"{REPLICA_INBOX_PREFIX}.s{shard}"
 
+
+def follower_inbox_prefix(shard: int) -> str:
+    """A front's follower's inboxes: as ``replica_inbox_prefix``, under FOLLOWER_INBOX_PREFIX."""
+    return f"{FOLLOWER_INBOX_PREFIX}.s{shard}"
+
 REFUSALS_PER_URL = 2   # a connect refused this many times by every server is a setting
 RETRY_PAUSE_S = 0.25   # between connects after a refusal
 CALL_TIMEOUT_S = 5.0              # one request to NATS (stream info, a get, a KV call)

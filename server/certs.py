@@ -11,12 +11,14 @@ The server reads the peer's certificate common name to tell which of the two is 
 
 The cluster's NATS connections (docs/cluster.md) use the same CA: each NATS node a certificate for
 both ends of a TLS connection (clients and the other nodes connect to it, it connects to the other
-nodes), ``nats-node:<name>``; each process that connects one of two role certificates, which the
-NATS nodes map to a user with that role's permissions:
+nodes), ``nats-node:<name>``; each process that connects a role certificate, which the NATS
+nodes map to a user with that role's permissions:
 
     nats:replica                     a replica of any shard: the streams, the buckets, the submissions
     nats:replica-s<n>                the same, on shard n's stream, keys and subjects alone
     nats:front                       a front (and a tool): it may only submit to a shard's leader
+    nats:follower                    a front's follower of any shard: reads, its retention report
+    nats:follower-s<n>               the same, on shard n's stream, key and subjects alone
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 NATS_NODE_CN_PREFIX = "nats-node:"
 NATS_ROUTE_URI = "urn:cardcore:nats-route"  # every node's: the routes' one user (clusterconf)
 NATS_ROLES = ("replica", "front", "follower")  # the role certificates' names are nats:<role>
-_SHARD_REPLICA_ROLE_RE = re.compile(r"replica-s(0|[1-9][0-9]{0,3})")  # one shard's replica
+_SHARD_ROLE_RE = re.compile(r"(?:replica|follower)-s(0|[1-9][0-9]{0,3})")  # one shard's
 SHARD_NUMBER_MAX = 4095  # a shard's number (cardcore replica --shard)
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
@@ -214,10 +216,10 @@ def make_nats_node_cert(out_dir: str, name: str, hosts: list[str],
 
 def make_nats_role_cert(out_dir: str, role: str, days: int = 825) -> tuple[str, str]:
     """A NATS client certificate of ``role`` (``nats-ROLE.pem``; see the module doc)."""
-    shard = _SHARD_REPLICA_ROLE_RE.fullmatch(role)
+    shard = _SHARD_ROLE_RE.fullmatch(role)
     if role not in NATS_ROLES and not (shard and int(shard.group(1)) <= SHARD_NUMBER_MAX):
-        raise ValueError(f"NATS role must be one of {', '.join(NATS_ROLES)} or replica-sN (one "
-                         f"shard's replica), not {role!r}")
+        raise ValueError(f"NATS role must be one of {', '.join(NATS_ROLES)}, replica-sN or "
+                         f"follower-sN (one shard's), not {role!r}")
     return make_client_cert(out_dir, f"nats:{role}", days)
 
 
@@ -275,8 +277,10 @@ def add_parser(sub) -> None:
     p.add_argument("name", metavar="NAME", help="the node's name, 1..32 of A-Z a-z 0-9 . _ -")
     p.add_argument("--host", dest="hosts", action="append", metavar="HOST",
                    help="a DNS name or IP address the node is reached by (repeatable)")
-    p = commands.add_parser("nats-client", help="a NATS role certificate: replica, front or follower (a front's)")
+    p = commands.add_parser("nats-client", help="a NATS role certificate: replica-sN, front, "
+                                                "follower-sN (a front's), replica or follower")
     cert_dir(p)
     p.add_argument("role", metavar="ROLE",
                    help="replica-sN (a replica of shard N alone), replica (of every shard), "
-                        "front (submits only) or follower (a front's): docs/cluster.md")
+                        "front (submits only), follower-sN (a front's follower of shard N "
+                        "alone) or follower (of every shard): docs/cluster.md")

@@ -187,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its private key, PEM (nats-front.key)")
     g.add_argument("--follower-cert", default=os.environ.get("CARDCORE_FOLLOWER_CERT"),
                    help="the follower role's certificate, PEM, for the front's follower "
-                        "(nats-follower.pem: reads the shard's stream, never writes it)")
+                        "(nats-follower-sN.pem: reads shard N's stream alone, never writes "
+                        "it; env CARDCORE_FOLLOWER_CERT); {shard} in this and the other NATS "
+                        "paths stands for --shard")
     g.add_argument("--follower-key", default=os.environ.get("CARDCORE_FOLLOWER_KEY"),
-                   help="its private key, PEM (nats-follower.key)")
+                   help="its private key, PEM (nats-follower-sN.key; env "
+                        "CARDCORE_FOLLOWER_KEY)")
     g.add_argument("--follower-seed-from", metavar="BACKUP", default=None,
                    help="a new front's follower starts from this backup of a replica (cardcore "
                         "backup), as cardcore replica --seed-from: needed once the shard's "

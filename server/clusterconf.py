@@ -16,8 +16,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET, log_subject,
-                             replica_inbox_prefix, stream_name, submit_subject, tick_subject)
+from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET,
+                             follower_inbox_prefix, log_subject, replica_inbox_prefix, stream_name,
+                             submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
 
 from .certs import (NATS_ROUTE_URI, SHARD_NUMBER_MAX, make_ca, make_nats_node_cert,
@@ -31,7 +32,8 @@ from .certs import (NATS_ROUTE_URI, SHARD_NUMBER_MAX, make_ca, make_nats_node_ce
 # heard), its own inbox; a front: submit, a stream's info (where its follower must be before a
 # read of everything), and its own inbox (not the replicas' reads); a front's follower: the
 # reads of a replica, the ticks, its retention report, never a log, a lease, a genesis or a
-# purge.
+# purge. A replica and a follower run with their role's one-shard form (replica-s<n>,
+# follower-s<n>: below); the every-shard replica and follower are for tools.
 ROLE_PERMISSIONS = {
     "replica": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*",
                             "$JS.API.STREAM.MSG.GET.*", "$JS.API.DIRECT.GET.>",
@@ -56,18 +58,27 @@ def shard_replica_role(shard: int) -> str:
     return f"replica-s{shard}"
 
 
+def shard_follower_role(shard: int) -> str:
+    """The role of a front's follower of one shard alone: ``nats:follower-s<n>``."""
+    assert 0 <= shard < SHARDS_MAX, shard
+    return f"follower-s{shard}"
+
+
+def _shard_reads(shard: int, apis: tuple[str, ...]) -> list[str]:
+    """The JetStream API calls ``apis`` (and direct gets) on one shard's stream and on the three
+    buckets. The buckets' records of other shards (leases, genesis, checkpoints: who leads
+    where, never card data) stay readable: a bucket's reads are one API subject for every key."""
+    names = (stream_name(shard),
+             *(f"KV_{b}" for b in (LEADERS_BUCKET, SHARDS_BUCKET, CHECKPOINTS_BUCKET)))
+    return [*(f"$JS.API.STREAM.{api}.{s}" for s in names for api in apis),
+            *(f"$JS.API.DIRECT.GET.{s}{tail}" for s in names for tail in ("", ".>"))]
+
+
 def shard_replica_permissions(shard: int) -> dict:
     """A replica role that reaches one shard alone: what ``replica`` may do, on that shard's
-    stream, subjects, keys and inboxes only. The buckets' records of other shards (leases,
-    genesis, checkpoints: who leads where, never card data) stay readable: a bucket's reads
-    are one API subject for every key."""
-    stream = stream_name(shard)
-    buckets = [f"KV_{b}" for b in (LEADERS_BUCKET, SHARDS_BUCKET, CHECKPOINTS_BUCKET)]
-    return {"publish": [*(f"$JS.API.STREAM.{api}.{s}" for s in (stream, *buckets)
-                          for api in ("INFO", "CREATE", "MSG.GET")),
-                        *(f"$JS.API.DIRECT.GET.{s}{tail}" for s in (stream, *buckets)
-                          for tail in ("", ".>")),
-                        f"$JS.API.STREAM.PURGE.{stream}",
+    stream, subjects, keys and inboxes only."""
+    return {"publish": [*_shard_reads(shard, ("INFO", "CREATE", "MSG.GET")),
+                        f"$JS.API.STREAM.PURGE.{stream_name(shard)}",
                         f"$KV.{LEADERS_BUCKET}.s{shard}", f"$KV.{SHARDS_BUCKET}.s{shard}-genesis",
                         f"$KV.{CHECKPOINTS_BUCKET}.s{shard}", log_subject(shard),
                         tick_subject(shard)],
@@ -76,11 +87,23 @@ def shard_replica_permissions(shard: int) -> dict:
             "allow_responses": True}
 
 
+def shard_follower_permissions(shard: int) -> dict:
+    """A front's follower of one shard alone: what ``follower`` may do (read, report its
+    checkpoint), on that shard's stream, checkpoint key, ticks and inboxes only; so a front
+    host's key for one shard cannot forge another shard's retention report (which could purge
+    that stream up to its leader's checkpoint)."""
+    return {"publish": [*_shard_reads(shard, ("INFO", "MSG.GET")),
+                        f"$KV.{CHECKPOINTS_BUCKET}.s{shard}"],
+            "subscribe": [tick_subject(shard), f"{follower_inbox_prefix(shard)}.>"]}
+
+
 def nats_users(shards: int) -> dict[str, dict]:
-    """Every user of the nodes: the roles', and a replica role per shard 0..shards-1."""
+    """Every user of the nodes: the roles', and a replica role and a follower role per shard
+    0..shards-1."""
     assert 0 <= shards <= SHARDS_MAX, shards
     return {**ROLE_PERMISSIONS,
-            **{shard_replica_role(s): shard_replica_permissions(s) for s in range(shards)}}
+            **{shard_replica_role(s): shard_replica_permissions(s) for s in range(shards)},
+            **{shard_follower_role(s): shard_follower_permissions(s) for s in range(shards)}}
 
 
 CLUSTER_NAME = "cardcore"
@@ -157,9 +180,10 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
     and key, a replica certificate per shard 0..shards-1, each reaching its shard alone, which
     ``replica.env`` names with ``{shard}``; with ``keyring``, the chain's index key alone,
     0600); the
-    fronts' under ``out_dir/front/`` (``front.env``, the front role's certificate and key, the
-    follower role's for its follower, and with ``keyring`` the whole keyring: a front reads PIN
-    blocks and card data); the CA's key stays in
+    fronts' under ``out_dir/front/`` (``front.env``, the front role's certificate and key, a
+    follower certificate per shard for its follower, each reaching its shard alone, which
+    ``front.env`` names with ``{shard}``, and with ``keyring`` the whole keyring: a front reads
+    PIN blocks and card data); the CA's key stays in
     ``out_dir/ca/`` (keep it off the hosts). The paths written inside are the hosts' own."""
     import shutil
 
@@ -206,8 +230,10 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
                            (f"nats-node-{node.name}.key", 0o600), *role_files):
             put(os.path.join(here, "nats", stem), source=os.path.join(ca_dir, stem), mode=mode)
     front_etc = etc_dir.replace('{node}', "front")
+    follower_files = [(f"nats-{shard_follower_role(s)}.{ext}", mode) for s in range(shards)
+                      for ext, mode in (("pem", 0o644), ("key", 0o600))]
     for stem, mode in (("ca.pem", 0o644), ("nats-front.pem", 0o644), ("nats-front.key", 0o600),
-                       ("nats-follower.pem", 0o644), ("nats-follower.key", 0o600)):
+                       *follower_files):
         put(os.path.join(out_dir, "front", stem), source=os.path.join(ca_dir, stem), mode=mode)
     if keyring:
         put(os.path.join(out_dir, "front", "keyring.json"), source=keyring, mode=0o600)
@@ -217,8 +243,9 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
         f"CARDCORE_NATS_CA={front_etc}/ca.pem\n"
         f"CARDCORE_NATS_CERT={front_etc}/nats-front.pem\n"
         f"CARDCORE_NATS_KEY={front_etc}/nats-front.key\n"
-        f"CARDCORE_FOLLOWER_CERT={front_etc}/nats-follower.pem\n"
-        f"CARDCORE_FOLLOWER_KEY={front_etc}/nats-follower.key\n"
+        "# {shard}: the front's own (cardcore serve --cluster --shard): its follower's certificate\n"
+        f"CARDCORE_FOLLOWER_CERT={front_etc}/nats-follower-s{{shard}}.pem\n"
+        f"CARDCORE_FOLLOWER_KEY={front_etc}/nats-follower-s{{shard}}.key\n"
         + (f"CARDCORE_KEYRING={front_etc}/keyring.json\n" if keyring else
            "# CARDCORE_KEYRING=... the chain's keyring (cluster-config --keyring puts it here)\n")))
     return written

@@ -46,8 +46,11 @@ def cmd_serve(args) -> int:
                        day_totals=not args.no_day_totals,
                        member_metrics=not args.no_member_metrics)
     if args.cluster:
-        files = (args.nats_ca, args.nats_cert, args.nats_key, args.follower_cert,
-                 args.follower_key)
+        # ({shard} in a path: the front's --shard, as cardcore replica's: front.env names its
+        # follower's one-shard certificate so)
+        files = tuple(f.replace("{shard}", str(args.shard)) if f else f
+                      for f in (args.nats_ca, args.nats_cert, args.nats_key, args.follower_cert,
+                                args.follower_key))
         if not args.nats:
             print("cardcore serve --cluster: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is "
                   "needed", file=sys.stderr)

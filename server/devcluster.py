@@ -24,8 +24,8 @@ import time
 import urllib.request
 
 from .certs import make_nats_role_cert
-from .clusterconf import (SHARDS_DEFAULT, Node, make_certs, node_config, shard_replica_role,
-                          urls_of, nats_users)
+from .clusterconf import (SHARDS_DEFAULT, Node, make_certs, nats_users, node_config,
+                          shard_follower_role, shard_replica_role, urls_of)
 
 NODES = 3
 START_TIMEOUT_S = 30
@@ -245,7 +245,7 @@ class FrontProcess:
         self.log_path = os.path.join(data_dir, "front.log")
         self._log = open(self.log_path, "ab")
         tls = []
-        mine, theirs = nodes.tls_for("front"), nodes.tls_for("follower")
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for(shard_follower_role(shard))
         if mine is not None:
             tls = ["--nats-ca", mine.ca_file, "--nats-cert", mine.cert_file, "--nats-key",
                    mine.key_file, "--follower-cert", theirs.cert_file, "--follower-key",

@@ -39,13 +39,14 @@ from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
 from cardcore.groups import decode_group, encode_group
 from cardcore.idempotency import InvariantError, PendingOp
-from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, FOLLOWER_INBOX_PREFIX, LEASE_MS_DEFAULT,
+from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
                              SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
                              NatsThread, NatsTLS, NatsUnavailable, Retention,
                              ShardMisconfigured, Ticks,
-                             prepare_shard, replica_inbox_prefix, submit_subject)
+                             follower_inbox_prefix, prepare_shard, replica_inbox_prefix,
+                             submit_subject)
 from cardcore.grouplog import LogError
 from cardcore.keyring import index_fingerprint, load_index_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
@@ -126,7 +127,7 @@ class Replica:
         self.shard = cfg.shard
         self.stopping = False
         self.nt = NatsThread(cfg.nats_urls, f"cardcore-replica-s{cfg.shard}-{os.getpid()}",
-                             cfg.nats_tls, FOLLOWER_INBOX_PREFIX if cfg.follow_only
+                             cfg.nats_tls, follower_inbox_prefix(cfg.shard) if cfg.follow_only
                              else replica_inbox_prefix(cfg.shard))
         try:
             index_key = load_index_key(cfg.keyring_path) if cfg.keyring_path else None

@@ -128,7 +128,10 @@ def test_nats_node_and_role_certs(ca_dir):
     one_shard, _ = certs.make_nats_role_cert(ca_dir, "replica-s4095")
     assert (os.path.basename(one_shard), _cn(_cert(one_shard))) == ("nats-replica-s4095.pem",
                                                                    "nats:replica-s4095")
-    for refused in ("admin", "replica-s", "replica-s01", "replica-s4096", "replica-sx"):
+    its_follower, _ = certs.make_nats_role_cert(ca_dir, "follower-s4095")
+    assert _cn(_cert(its_follower)) == "nats:follower-s4095"
+    for refused in ("admin", "replica-s", "replica-s01", "replica-s4096", "replica-sx",
+                    "follower-s", "follower-s-1", "follower-s4096", "front-s1"):
         with pytest.raises(ValueError):
             certs.make_nats_role_cert(ca_dir, refused)
     with pytest.raises(ValueError):

@@ -983,6 +983,10 @@ def test_the_hosts_files_of_cluster_config_run_a_cluster(tmp_path):
         assert oct(os.stat(out / "h1" / "nats" / f"nats-replica-s{shard}.key").st_mode
                    & 0o777) == "0o600"
     assert not (out / "h1" / "nats" / "nats-replica.key").exists()
+    for shard in (0, 1):  # the front's: a follower certificate per shard, as the replicas'
+        assert oct(os.stat(out / "front" / f"nats-follower-s{shard}.key").st_mode
+                   & 0o777) == "0o600"
+    assert not (out / "front" / "nats-follower.key").exists()
     assert oct(os.stat(out / "h1" / "index-key.json").st_mode & 0o777) == "0o600"
     host_file = (out / "h1" / "index-key.json").read_text()  # the index key alone goes there
     assert keyring.index_key.hex() in host_file and keyring.pin_key.hex() not in host_file

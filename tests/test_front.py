@@ -319,8 +319,9 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
     """On NATS with the roles' certificates: the front's submits (the front role), its follower
     (the follower role) and a read of everything (the stream's info, the front role's) work.
     The follower role reads the stream and reports its checkpoint, but may not append to a log,
-    take a lease, make or purge a stream, or take submissions: a front host's keys cannot
-    write a shard."""
+    take a lease, make or purge a stream, take submissions or report another shard's
+    checkpoint: a front host's keys cannot write a shard. The follower runs with its shard's
+    certificate (nats:follower-s0); another shard's reaches nothing of shard 0."""
     from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available
 
     why = cluster_available()
@@ -328,8 +329,12 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
         pytest.skip(why)
     import nats.errors
 
-    from cardcore.jetlog import (FOLLOWER_INBOX_PREFIX, LEADERS_BUCKET, TICK, NatsThread,
-                                 log_subject, stream_name, submit_subject, tick_subject)
+    import nats.js.errors
+
+    from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, TICK, NatsThread,
+                                 follower_inbox_prefix, log_subject, stream_name, submit_subject,
+                                 tick_subject)
+    from cardcore.server.clusterconf import shard_follower_role
     nodes = NatsCluster(str(tmp_path / "nats"), tls=True)
     replicas, front = [], None
     try:
@@ -337,11 +342,14 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
                                    "--keyring", keyring, *nodes.replica_args())
                     for k in range(3)]
         until(lambda: any(r.roles()[-1:] == ["leading"] for r in replicas), 30, "a leader")
-        mine, theirs = nodes.tls_for("front"), nodes.tls_for("follower")
+        # the follower runs with its shard's follower certificate (nats:follower-s0), named
+        # with {shard} as front.env names it
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for(shard_follower_role(SHARD))
+        template = nodes.tls_for("follower-s{shard}")
         front = ServerProcess(str(tmp_path / "front"), "--cluster", "--nats", nodes.urls,
                               "--keyring", keyring, "--nats-ca", mine.ca_file, "--nats-cert",
                               mine.cert_file, "--nats-key", mine.key_file, "--follower-cert",
-                              theirs.cert_file, "--follower-key", theirs.key_file)
+                              template.cert_file, "--follower-key", template.key_file)
         client = Client(front.stub)
         number = client.funded_card(5_000)
         admin = Admin(front.channel, front.admin_token)
@@ -349,7 +357,7 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
         assert list(listed.terminals) == []  # a read of everything: the stream's info asked
         assert client.card(number).balance.available_minor == 5_000
         nt = NatsThread(nodes.urls.split(","), "cardcore-test-follower", theirs,
-                        FOLLOWER_INBOX_PREFIX)
+                        follower_inbox_prefix(SHARD))
         try:
             end = nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq
             assert nt.call(nt.js.get_msg(stream_name(SHARD), end)).seq == end  # reads: yes
@@ -359,7 +367,10 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
                 lambda: nt.nc.request(f"$JS.API.STREAM.PURGE.{stream_name(SHARD)}", b"{}",
                                       timeout=1),
                 lambda: nt.nc.request("$JS.API.STREAM.CREATE.CARDS_S9",
-                                      b'{"name": "CARDS_S9", "subjects": ["x.9"]}', timeout=1)]
+                                      b'{"name": "CARDS_S9", "subjects": ["x.9"]}', timeout=1),
+                # another shard's retention report (a forged one could purge that stream)
+                lambda: nt.js.publish(f"$KV.{CHECKPOINTS_BUCKET}.s{SHARD + 1}", b"{}",
+                                      timeout=1)]
             for attempt in refused:
                 with pytest.raises((nats.errors.Error, TimeoutError)):
                     nt.call(attempt(), 3)
@@ -381,6 +392,29 @@ def test_a_front_with_mutual_tls_to_nats_serves_and_reads_everything(tmp_path, k
             assert heard == []
             assert nt.call(nt.js.stream_info(stream_name(SHARD))).state.last_seq == end + 1
             assert ticks == [end + 1]  # the leader's tick (the replica role's), heard
+            # another shard's follower certificate reads nothing of shard 0, reports no
+            # checkpoint for it and hears none of its ticks; its own shard's info it may ask
+            # (no stream there yet: not found)
+            other = NatsThread(nodes.urls.split(","), "cardcore-test-other-follower",
+                               nodes.tls_for(shard_follower_role(SHARD + 1)),
+                               follower_inbox_prefix(SHARD + 1))
+            try:
+                heard.clear()
+                other.call(other.nc.subscribe(tick_subject(SHARD), cb=listen))
+                other.call(other.nc.subscribe(f"{follower_inbox_prefix(SHARD)}.>", cb=listen))
+                for subject in (f"$JS.API.STREAM.MSG.GET.{stream_name(SHARD)}",
+                                f"$JS.API.DIRECT.GET.{stream_name(SHARD)}",
+                                f"$JS.API.STREAM.INFO.{stream_name(SHARD)}",
+                                f"$KV.{CHECKPOINTS_BUCKET}.s{SHARD}"):
+                    with pytest.raises((nats.errors.Error, TimeoutError)):
+                        other.call(other.nc.request(subject, b'{"seq": 1}', timeout=1), 3)
+                with pytest.raises(nats.js.errors.NotFoundError):
+                    other.call(other.js.stream_info(stream_name(SHARD + 1)))
+                client.top_up(number, 1)  # a tick and the front's follower's reads meanwhile
+                time.sleep(0.5)
+                assert heard == []
+            finally:
+                other.close()
             logs = [r.log() for r in replicas] + [front.log(), open(os.path.join(
                 front.data_dir, f"shard-{SHARD}", "replica.log")).read()]
             assert not any("permissions violation" in text.lower() for text in logs)
