@@ -322,9 +322,12 @@ class DurableLedger:
             if rec.digest_seq and (last_seq != rec.digest_seq
                                    or digest[:DIGEST_BYTES] != rec.out_digest):
                 self._abort()
+                where = (f"seq {last_seq}, not where it first did ({rec.digest_seq})"
+                         if last_seq != rec.digest_seq else
+                         f"seq {last_seq} as it first did, but its entries differ (another "
+                         "digest: a record changed outside the writer, or another kernel)")
                 raise InvariantError(f"replaying group {rec.group_no} of the log ended at journal "
-                                     f"seq {last_seq}, not where it first did ({rec.digest_seq}): "
-                                     "the ledger and its log do not belong together")
+                                     f"{where}: the ledger and its log do not belong together")
             self.applied = rec.group_no
             self.ops_since += len(ops)
             n += 1

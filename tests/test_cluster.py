@@ -26,7 +26,7 @@ from cardcore.ledger import Ledger
 from cardcore.server.replica import SubmitClient
 from cardcore.server.devcluster import ReplicaProcess, cluster_available, leader_of
 from cluster_fixtures import ledger_digest, nats_monitor
-from conftest import Client, ServerProcess, new_card_number, rid
+from conftest import Client, ServerProcess, new_card_number, rid, verify
 from test_determinism import run_groups
 from test_ledger import KEY, NOW, add_operator, cid, enroll, key, op, open_op
 
@@ -644,6 +644,68 @@ def test_a_follower_whose_replay_ends_at_another_digest_halts(nats_cluster, star
     assert "not where it first did" in follower.log()
     assert "leading" not in follower.roles()
     assert applied(follower) <= 1
+
+
+def test_a_corrupted_follower_record_is_found_at_its_cards_next_operation_and_halts_it(
+        nats_cluster, start_replica):
+    """A card record changed on a stopped follower's disk (its principal one fen up: a bit
+    flip, a hand edit) is found by ``verify`` at once; running, the follower applies the next
+    top-up of that card to a balance the leader does not hold, so its journal entry's balance
+    after, and the group's digest, are not the stream's: it halts (exit 1), keeps only the
+    groups before, never leads. The other two go on and end identical."""
+    import struct
+
+    import lmdb
+
+    replicas = three(start_replica)
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        numbers = open_cards(client, 2, random.Random(23))
+        got = submit(client, [op(rid(), L.OP_TOP_UP, n, 10_000) for n in numbers])
+        assert all(o.reason == L.R_OK for o in got), got
+        end = stream_end(nats_cluster.urls)
+        deadline = time.monotonic() + 30
+        while any(applied(r) != end for r in replicas):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        leader = leader_of(replicas)
+        bad = next(r for r in replicas if r is not leader)
+        assert bad.stop() == 0, bad.log()[-3000:]
+        env = lmdb.open(os.path.join(bad.data_dir, "ledger"), max_dbs=64)
+        try:
+            cards = env.open_db(b"cards")
+            with env.begin(write=True) as txn:
+                record = bytearray(txn.get(cid(numbers[0]), db=cards))
+                principal = struct.unpack_from("<q", record, 8)[0]
+                assert principal == 10_000  # (the layout's offset, as the kernel writes it)
+                struct.pack_into("<q", record, 8, principal + 1)
+                txn.put(cid(numbers[0]), bytes(record), db=cards)
+        finally:
+            env.close()
+        report = verify(bad.data_dir)
+        assert not report["ok"] and any("record 10001/" in p for p in report["problems"]), report
+        restarted = ReplicaProcess(bad.data_dir, SHARD, nats_cluster.urls, *LEASE)
+        restarted.wait_role("following", after=restarted.first_role)
+        others = [r for r in replicas if r is not bad]
+        # the other card first: applied alike everywhere; then the corrupted one's
+        for number in (numbers[1], numbers[0]):
+            got = submit(client, [op(rid(), L.OP_TOP_UP, number, 500)])
+            assert got[0].reason == L.R_OK, got
+        assert restarted.proc.wait(30) == 1, restarted.log()[-3000:]
+    finally:
+        client.close()
+    assert "halted: InvariantError" in restarted.log()
+    assert "as it first did, but its entries differ" in restarted.log()
+    assert "leading" not in restarted.roles()
+    # (its last checkpoint: the other card's top-up at most, never the group that diverged)
+    assert applied(restarted) in (end, end + 1)
+    converge_and_stop(others, nats_cluster.urls)
+    identical(others)
+    card = Ledger(os.path.join(others[0].data_dir, "ledger"), readonly=True)
+    try:
+        assert card.read_card(cid(numbers[0]))[0][5] == 10_500  # (layout.CARD: principal)
+    finally:
+        card.close()
 
 
 def test_kill_9_the_streams_leader_node_under_load_then_restart_it_loses_nothing(
