@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import signal
 import socket
@@ -44,18 +45,63 @@ def cluster_available() -> str | None:
     return None
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` free loopback ports (bound together, so distinct; released for the child)."""
-    socks = []
+PORTS_FROM = 20_000  # free_ports picks below the kernel's ephemeral range, from here
+
+
+def _ephemeral_from() -> int:
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # (Linux's default)
+
+
+PORTS_HELD_S = 300  # a port handed out is not handed out again for this long (any process)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` free loopback ports (bound together, so distinct; released for the child), picked
+    at random below the kernel's ephemeral range: a port there is never taken meanwhile as the
+    local end of some process's outgoing connection or a port-0 listener (under parallel tests
+    a node then failed to bind its route port; a killed node must get its ports back too). The
+    ports handed out on this machine in the last PORTS_HELD_S are kept in a file under a lock
+    and not drawn again: two clusters starting at once drew the same port."""
+    import fcntl
+    import json
+    import tempfile
+
+    rng = random.SystemRandom()
+    top = max(PORTS_FROM + 1_000, _ephemeral_from())
+    with open(os.path.join(tempfile.gettempdir(),
+                           f"cardcore-free-ports-{os.getuid()}.json"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # (released when the file closes)
+        f.seek(0)
+        try:
+            held = {int(p): t for p, t in json.loads(f.read() or "{}").items()}
+        except ValueError:
+            held = {}
+        now = time.time()
+        held = {p: t for p, t in held.items() if now - t < PORTS_HELD_S}
+        while True:
+            picks = [p for p in rng.sample(range(PORTS_FROM, top), n) if p not in held]
+            socks = []
+            try:
+                for port in picks:
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # one was in use: another draw
+            finally:
+                for s in socks:
+                    s.close()
+            if len(picks) == n:
+                break
+        held.update((p, now) for p in picks)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(held))
+        return picks
 
 
 class NatsCluster:
