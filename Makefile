@@ -49,7 +49,7 @@ NPM_TEST_DIRS := examples/node-terminal tools/buf
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 
 test-deep: $(BUILT) ## the kernel/reference and wire differential tests with 6x the suite's hypothesis examples (CARDCORE_EXAMPLES_SCALE; the suite runs 0.25)
-	CARDCORE_EXAMPLES_SCALE=1.5 $(PY) -m pytest -n $(TEST_WORKERS) tests/test_kernel.py tests/test_kernel_programs.py tests/test_wire.py tests/test_batchwire.py
+	CARDCORE_EXAMPLES_SCALE=1.5 $(PY) -m pytest -n auto tests/test_kernel.py tests/test_kernel_programs.py tests/test_wire.py tests/test_batchwire.py
 
 test: $(BUILT) ## run the test suite (first the npm packages of the Node terminal and of buf, where npm is)
 	@if command -v npm >/dev/null; then for d in $(NPM_TEST_DIRS); do \

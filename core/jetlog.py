@@ -173,6 +173,7 @@ class NatsThread:
             raise NatsRefused("nats-py is not installed: pip install -e .[cluster]")
         self.loop = asyncio.new_event_loop()
         self.ticks_refused = False  # the user may not publish or hear ticks (an old configuration)
+        self.refused_subject = ""   # the first other permissions violation NATS reported
         self._thread = threading.Thread(target=self.loop.run_forever, name="nats-loop",
                                         daemon=True)
         self._thread.start()
@@ -205,6 +206,8 @@ class NatsThread:
                                 "made before them): followers ask the stream for its end "
                                 "instead; make it again with cardcore cluster-config", text)
                 return
+            if "permissions violation" in text and not self.refused_subject:
+                self.refused_subject = text  # (prepare_shard: a setting, not a moment)
             await _nats_error(exc)
 
         def refused_enough() -> bool:
@@ -420,6 +423,10 @@ def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
             return nt.call(ensure_shard(nt.js, shard, replicas, lease_ms, program, now_us,
                                         keyring, create))
         except (nats.errors.Error, TimeoutError) as exc:
+            if nt.refused_subject:  # another shard's or role's certificate: no wait mends it
+                raise NatsRefused(f"shard {shard}: NATS refused this certificate's user: "
+                                  f"{nt.refused_subject} (a certificate of another shard or "
+                                  "role? docs/cluster.md, who may do what)") from exc
             if time.monotonic() > deadline:
                 raise
             log.info("shard %d not ready yet (%s); trying again", shard, type(exc).__name__)

@@ -269,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new replica (no ledger yet): start from a peer's backup (cardcore "
                         "backup --data-dir PEER --to BACKUP) and follow the stream from its "
                         "checkpoint, instead of replaying the stream from its start")
+    p.add_argument("--unchecked-through", metavar="GROUP", type=int_arg(0, 1 << 62), default=0,
+                   help="apply the stream's groups up to GROUP (one it holds already) without "
+                        "checking their journal digests, each that differs logged: the way past "
+                        "groups a leader applied to a record changed on its disk, which halt "
+                        "every healthy replica (docs/cluster.md, A follower); later groups are "
+                        "checked. Remove it once the replica has caught up")
     p.add_argument("--follow-only", action="store_true",
                    help="never lead (a front's own follower, whose ledger it reads; "
                         "docs/cluster.md, the front)")

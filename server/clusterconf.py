@@ -124,7 +124,7 @@ class Node:
 def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | None,
                 shards: int = SHARDS_DEFAULT) -> str:
     """One node's nats-server configuration; ``certs_dir`` (None: plain, no users) holds ca.pem
-    and the node's nats-node-NAME.pem/.key; ``shards``: the shards with a replica user each."""
+    and the node's nats-node-NAME.pem/.key; ``shards``: the shards with a replica and a follower user each."""
     routes = ", ".join(f"nats-route://{p.host}:{p.route_port}" for p in peers if p != node)
     client_tls = route_tls = ""
     if certs_dir is not None:
@@ -157,7 +157,7 @@ cluster {{
 
 def make_certs(certs_dir: str, nodes: list[Node], shards: int = SHARDS_DEFAULT,
                ca_name: str = "cardcore cluster CA") -> None:
-    """A CA, each node's certificate (for its host) and each role's (a replica's per shard too),
+    """A CA, each node's certificate (for its host) and each role's (a replica's and a follower's per shard too),
     in ``certs_dir``."""
     make_ca(certs_dir, ca_name)
     for node in nodes:
@@ -310,9 +310,9 @@ def add_parser(sub) -> None:
                         "with which the replicas keep the member index (default: none, keyless "
                         "shards)")
     p.add_argument("--shards", type=int_arg(1, SHARDS_MAX), default=SHARDS_DEFAULT,
-                   help="the shards: each gets a NATS user and a replica certificate that "
-                        "reaches it alone (default %(default)s; a shard added later: "
-                        "docs/cluster.md)")
+                   help="the shards: each gets NATS users and a replica and a follower "
+                        "certificate that reach it alone (default %(default)s; a shard added "
+                        "later: docs/cluster.md)")
     p.add_argument("--etc-dir", default="/etc/cardcore",
                    help="where the files go on each host (default %(default)s; {node} is the "
                         "node's name, for nodes that share a disk, as the tests' do)")

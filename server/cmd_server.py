@@ -82,7 +82,7 @@ def cmd_replica(args) -> int:
     from cardcore.jetlog import (BehindRetention, NatsRefused, NatsTLS, NatsUnavailable,
                                  ShardMisconfigured)
 
-    from .replica import KeyringMismatch, ReplicaConfig, SeedError, replica_main
+    from .replica import KeyringMismatch, ReplicaConfig, SeedError, UncheckedPastEnd, replica_main
 
     if not args.nats:
         print("cardcore replica: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is needed",
@@ -123,14 +123,15 @@ def cmd_replica(args) -> int:
                         retention_check_ms=args.retention_check_ms,
                         replica_stale_s=args.replica_stale_hours * 3600,
                         retain_groups=args.retain_groups, keyring_path=args.keyring,
-                        follow_only=args.follow_only)
+                        follow_only=args.follow_only,
+                        unchecked_through=args.unchecked_through)
     try:
         return replica_main(cfg)
     except SeedError as exc:
         print(f"cardcore replica: --seed-from: {exc}", file=sys.stderr)
         return 2
-    except (BehindRetention, KeyringMismatch, ShardMisconfigured) as exc:  # a setting: a
-        # restart cannot help
+    except (BehindRetention, KeyringMismatch, ShardMisconfigured, UncheckedPastEnd) as exc:
+        # a setting: a restart cannot help
         print(f"cardcore replica: {exc}", file=sys.stderr)
         return 2
     except NatsUnavailable as exc:

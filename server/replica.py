@@ -94,6 +94,7 @@ class ReplicaConfig:
     retain_groups: int = RETAIN_GROUPS_DEFAULT  # kept below every replica's checkpoint
     keyring_path: str | None = None     # the chain's keyring (every replica of a shard, or none)
     follow_only: bool = False           # never takes the lease (a front's follower: its reads)
+    unchecked_through: int = 0          # groups up to this one applied without the digest check
 
 
 REPLICA_ID_FILE = "replica.id"  # in the data folder, not the ledger's: a seed does not copy it
@@ -152,6 +153,10 @@ class Replica:
         seeded = False  # this start copied a peer's backup in
         os.makedirs(path, exist_ok=True)
         self.log = JetStreamLog(self.nt, cfg.shard, cfg.append_timeout_ms)
+        if cfg.unchecked_through > self.log.next_group_no - 1:  # (only groups already stored)
+            raise UncheckedPastEnd(
+                f"--unchecked-through {cfg.unchecked_through}: shard {cfg.shard}'s stream ends "
+                f"at group {self.log.next_group_no - 1}; only groups it holds may go unchecked")
         self.ticks = Ticks(self.nt, cfg.shard)  # (heard from before the catch-up on)
         self.log.retention = Retention(self.nt, cfg.shard, replica_id(cfg.data_dir),
                                        cfg.stream_replicas, cfg.replica_stale_s,
@@ -179,7 +184,8 @@ class Replica:
         self._register(path)
         try:  # (its catch-up: every group after the checkpoint, each one's digest checked)
             self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
-                                         checkpoint_ops=cfg.checkpoint_ops)
+                                         checkpoint_ops=cfg.checkpoint_ops,
+                                         unchecked_through=cfg.unchecked_through)
         except BehindRetention:
             self.log.retention.forget()  # refused: its place must not hold the stream back
             raise
@@ -486,7 +492,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
     try:
         replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
     except (NatsUnavailable, SeedError, BehindRetention, KeyringMismatch,
-            ShardMisconfigured):  # a setting to fix
+            ShardMisconfigured, UncheckedPastEnd):  # a setting to fix
         raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
@@ -518,6 +524,10 @@ class SeedError(ValueError):
 
 class KeyringMismatch(ValueError):
     """This replica's keyring is not its shard's (a setting to fix: exit 2)."""
+
+
+class UncheckedPastEnd(ValueError):
+    """--unchecked-through names a group the stream does not hold yet (a setting: exit 2)."""
 
 
 def _unseed(path: str) -> None:
