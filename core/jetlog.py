@@ -173,7 +173,7 @@ class NatsThread:
             raise NatsRefused("nats-py is not installed: pip install -e .[cluster]")
         self.loop = asyncio.new_event_loop()
         self.ticks_refused = False  # the user may not publish or hear ticks (an old configuration)
-        self.refused_subject = ""   # the first other permissions violation NATS reported
+        self.refused_subject = ""   # a permissions violation NATS reported (not the ticks')
         self._thread = threading.Thread(target=self.loop.run_forever, name="nats-loop",
                                         daemon=True)
         self._thread.start()
@@ -419,6 +419,7 @@ def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
     another replica just made, has no leader yet ("no responders", a timeout)."""
     deadline = time.monotonic() + SETUP_TIMEOUT_S
     while True:
+        nt.refused_subject = ""  # (a violation reported during this try alone counts)
         try:
             return nt.call(ensure_shard(nt.js, shard, replicas, lease_ms, program, now_us,
                                         keyring, create))

@@ -77,26 +77,28 @@ def free_ports(n: int) -> list[int]:
         fcntl.flock(f, fcntl.LOCK_EX)  # (released when the file closes)
         f.seek(0)
         try:
-            held = {int(p): t for p, t in json.loads(f.read() or "{}").items()}
-        except ValueError:
+            held = {int(p): float(t) for p, t in json.loads(f.read() or "{}").items()}
+        except (ValueError, TypeError, AttributeError):  # (a damaged file: start again)
             held = {}
         now = time.time()
         held = {p: t for p, t in held.items() if now - t < PORTS_HELD_S}
+        pool = [p for p in range(PORTS_FROM, top) if p not in held]
         while True:
-            picks = [p for p in rng.sample(range(PORTS_FROM, top), n) if p not in held]
+            if len(pool) < n:
+                raise RuntimeError(f"fewer than {n} ports free in {PORTS_FROM}..{top - 1}")
+            picks = rng.sample(pool, n)
             socks = []
             try:
                 for port in picks:
                     s = socket.socket()
                     socks.append(s)
                     s.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # one was in use: another draw
+                break
+            except OSError:  # one is in use: not drawn again, another draw
+                pool.remove(picks[len(socks) - 1])
             finally:
                 for s in socks:
                     s.close()
-            if len(picks) == n:
-                break
         held.update((p, now) for p in picks)
         f.seek(0)
         f.truncate()

@@ -157,6 +157,11 @@ class Replica:
             raise UncheckedPastEnd(
                 f"--unchecked-through {cfg.unchecked_through}: shard {cfg.shard}'s stream ends "
                 f"at group {self.log.next_group_no - 1}; only groups it holds may go unchecked")
+        if cfg.unchecked_through and cfg.seed_from is not None:  # (a seed's first group's
+            # digest is its only check that the backup is this shard's: never skipped)
+            raise UncheckedPastEnd("--unchecked-through and --seed-from: a seed is checked by "
+                                   "the digests it follows; seed from a backup past the "
+                                   "unchecked groups, without the option")
         self.ticks = Ticks(self.nt, cfg.shard)  # (heard from before the catch-up on)
         self.log.retention = Retention(self.nt, cfg.shard, replica_id(cfg.data_dir),
                                        cfg.stream_replicas, cfg.replica_stale_s,
@@ -181,6 +186,16 @@ class Replica:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
                           initial_time_us=genesis["time_us"], **keys)
 
+        if cfg.unchecked_through and os.path.exists(os.path.join(path, "data.mdb")):
+            ledger = Ledger(path, readonly=True)
+            try:
+                held = ledger.log_applied()
+            finally:
+                ledger.close()
+            if held >= cfg.unchecked_through:
+                log.warning("replica s%d: --unchecked-through %d covers nothing here (its "
+                            "checkpoint holds group %d): remove it", cfg.shard,
+                            cfg.unchecked_through, held)
         self._register(path)
         try:  # (its catch-up: every group after the checkpoint, each one's digest checked)
             self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
