@@ -138,6 +138,9 @@ class DurableLedger:
         self.checkpoint_s = checkpoint_ms / 1000
         self.checkpoint_ops = checkpoint_ops
         applied = ledger.log_applied()
+        if 0 < unchecked_through <= applied:
+            log.warning("--unchecked-through %d covers nothing here (the checkpoint holds group "
+                        "%d): remove it", unchecked_through, applied)
         if group_log is None:
             assert log_folder is not None
             group_log = SegmentLog(log_folder, applied + 1, segment_bytes, sync)

@@ -186,16 +186,6 @@ class Replica:
             return Ledger(path, initial_program=genesis["program"], map_size=cfg.map_size,
                           initial_time_us=genesis["time_us"], **keys)
 
-        if cfg.unchecked_through and os.path.exists(os.path.join(path, "data.mdb")):
-            ledger = Ledger(path, readonly=True)
-            try:
-                held = ledger.log_applied()
-            finally:
-                ledger.close()
-            if held >= cfg.unchecked_through:
-                log.warning("replica s%d: --unchecked-through %d covers nothing here (its "
-                            "checkpoint holds group %d): remove it", cfg.shard,
-                            cfg.unchecked_through, held)
         self._register(path)
         try:  # (its catch-up: every group after the checkpoint, each one's digest checked)
             self.durable = DurableLedger(open_ledger, self.log, checkpoint_ms=cfg.checkpoint_ms,
