@@ -46,11 +46,8 @@ def cmd_serve(args) -> int:
                        day_totals=not args.no_day_totals,
                        member_metrics=not args.no_member_metrics)
     if args.cluster:
-        # ({shard} in a path: the front's --shard, as cardcore replica's: front.env names its
-        # follower's one-shard certificate so)
-        files = tuple(f.replace("{shard}", str(args.shard)) if f else f
-                      for f in (args.nats_ca, args.nats_cert, args.nats_key, args.follower_cert,
-                                args.follower_key))
+        files = shard_paths(args.shard, args.nats_ca, args.nats_cert, args.nats_key,
+                            args.follower_cert, args.follower_key)
         if not args.nats:
             print("cardcore serve --cluster: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is "
                   "needed", file=sys.stderr)
@@ -77,21 +74,24 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def shard_paths(shard: int, *paths: str | None) -> tuple[str | None, ...]:
+    """NATS TLS paths with ``{shard}`` standing for the process's --shard: one environment
+    file (replica.env, front.env, as cluster-config writes them) serves a host's processes of
+    every shard, each with its own shard's certificate."""
+    return tuple(p.replace("{shard}", str(shard)) if p else p for p in paths)
+
+
 def cmd_replica(args) -> int:
     """Cluster: one shard's replica (docs/cluster.md); the NATS client is imported only here."""
-    from cardcore.jetlog import (BehindRetention, NatsRefused, NatsTLS, NatsUnavailable,
-                                 ShardMisconfigured)
+    from cardcore.jetlog import NatsRefused, NatsTLS, NatsUnavailable
 
-    from .replica import KeyringMismatch, ReplicaConfig, SeedError, UncheckedPastEnd, replica_main
+    from .replica import SETTING_ERRORS, ReplicaConfig, SeedError, replica_main
 
     if not args.nats:
         print("cardcore replica: --nats URL[,URL...] (or CARDCORE_NATS_URLS) is needed",
               file=sys.stderr)
         return 2
-    # ({shard} in a path: this replica's, so one environment file serves a host's replicas of
-    # every shard, each with its own shard's certificate: cluster-config writes it so)
-    files = tuple(f.replace("{shard}", str(args.shard)) if f else f
-                  for f in (args.nats_ca, args.nats_cert, args.nats_key))
+    files = shard_paths(args.shard, args.nats_ca, args.nats_cert, args.nats_key)
     if any(files) and not all(files):
         print("cardcore replica: --nats-ca, --nats-cert and --nats-key go together",
               file=sys.stderr)
@@ -130,8 +130,7 @@ def cmd_replica(args) -> int:
     except SeedError as exc:
         print(f"cardcore replica: --seed-from: {exc}", file=sys.stderr)
         return 2
-    except (BehindRetention, KeyringMismatch, ShardMisconfigured, UncheckedPastEnd) as exc:
-        # a setting: a restart cannot help
+    except SETTING_ERRORS as exc:  # a restart cannot help
         print(f"cardcore replica: {exc}", file=sys.stderr)
         return 2
     except NatsUnavailable as exc:

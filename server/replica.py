@@ -496,8 +496,7 @@ def replica_main(cfg: ReplicaConfig) -> int:
     checkpoint."""
     try:
         replica = Replica(cfg)  # its catch-up from the checkpoint checks digests too
-    except (NatsUnavailable, SeedError, BehindRetention, KeyringMismatch,
-            ShardMisconfigured, UncheckedPastEnd):  # a setting to fix
+    except (NatsUnavailable, *SETTING_ERRORS):  # a setting to fix
         raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
@@ -533,6 +532,12 @@ class KeyringMismatch(ValueError):
 
 class UncheckedPastEnd(ValueError):
     """--unchecked-through names a group the stream does not hold yet (a setting: exit 2)."""
+
+
+# What stops a start for a setting to fix, not a moment to wait out: exit 2, not restarted (and
+# NatsRefused, a NatsUnavailable)
+SETTING_ERRORS = (SeedError, BehindRetention, KeyringMismatch, ShardMisconfigured,
+                  UncheckedPastEnd)
 
 
 def _unseed(path: str) -> None:
