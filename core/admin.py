@@ -36,6 +36,9 @@ META_WINDOW, META_CLOCK = b"request_window_s", b"clock_us"
 # version is older, or holds that version under another key, is behind (``Keyring`` is outside
 # LMDB, and a front's copy of it is the operator's to copy).
 META_DATA_KEY = b"data_key_current"
+# A card shard's admin shard and the last of its groups relayed here (layout.ADMIN_RELAY_SUBJECT;
+# absent: the ledger takes admin changes itself, as a single server or a lone shard does).
+META_ADMIN_RELAY = b"admin_relay"
 DATA_KEY_SUBJECT = struct.Struct("<I8s4x")  # OP_DATA_KEY_ROTATED: version, its fingerprint
 NO_FINGERPRINT = bytes(8)
 U32 = struct.Struct("<I")
@@ -76,6 +79,11 @@ class AdminState:
         self.tree_dirty: set[tuple[str, int]] = set()
         self.region_index: dict[tuple[int, int], bool] = {}  # (region, store) -> put / delete
         self.closed_days: set[tuple[int, int]] = set()  # (store, day) closed by this group
+        self.relaying = False  # the group is an admin shard's, relayed: its admin entries apply
+        self.relay_ts_us = 0   # ... judged at that group's time
+        self.given_ts_us = 0   # the time this group came with (an admin shard judges at it)
+        self._relayed_from: tuple[int, int, int] | None | bool = False  # META_ADMIN_RELAY
+        # (False: unread)
 
     def flush(self) -> None:
         """Write the terminal records the group changed (KSN counters, enrolments, revocations)
@@ -112,6 +120,18 @@ class AdminState:
             raw = None if name is None else self.txn.get(name, db=self.ledger.operators)
             self.operators[oid] = None if raw is None else json.loads(raw)
         return self.operators[oid]
+
+    def relayed_from(self) -> tuple[int, int, int] | None:
+        """(admin shard, role, last group relayed) if this ledger is a shard of a cluster with an
+        admin shard (layout.RELAY_ROLE_*), else None."""
+        if self._relayed_from is False:
+            raw = self.txn.get(META_ADMIN_RELAY, db=self.ledger.meta)
+            self._relayed_from = None if raw is None else L.ADMIN_RELAY_SUBJECT.unpack(raw)
+        return self._relayed_from  # type: ignore[return-value]
+
+    def role(self) -> int:
+        """layout.RELAY_ROLE_CARD or _ADMIN in a cluster with an admin shard; 0 otherwise."""
+        return (self.relayed_from() or (0, 0))[1]
 
     def region(self, region_id: int) -> bytes | None:
         if region_id not in self.regions:
@@ -188,6 +208,8 @@ class AdminState:
         """One admin or internal operation; returns (reason, journal entry or a count)."""
         operator_id = L.OP_OPERATOR_ID.unpack_from(op.packed)[0]
         subject = op.card_id
+        if kind in L.ADMIN_OPS and not self.relaying and self.role() == L.RELAY_ROLE_CARD:
+            return L.R_ADMIN_ELSEWHERE, None  # (the request window's own change among them)
         if kind in (L.OP_TERMINAL_ENROLLED, L.OP_TERMINAL_REVOKED):
             tid = int.from_bytes(subject[:4], "little")
             t = self.terminal(tid)
@@ -251,6 +273,8 @@ class AdminState:
             return L.R_OK, self._floor(*FLOOR.unpack(subject))
         elif kind == L.OP_MAINTENANCE:
             return L.R_OK, 0  # the group's prune step does the work
+        elif kind == L.OP_ADMIN_RELAY:
+            return L.R_OK, self._relay(*L.ADMIN_RELAY_SUBJECT.unpack(subject), op.payload)
         else:
             raise InvariantError(f"unknown admin operation {kind}")
         entry = L.JOURNAL.pack(
@@ -291,7 +315,11 @@ class AdminState:
             program = parse_program(source)
         except ProgramError:
             return L.R_PROGRAM_INVALID, b""
-        if any(self.tier_cards()[len(program.tiers):]):
+        if self.role():  # an admin shard sees no cards, so it refuses any tier dropped, and
+            # a card shard judges what it relays by that rule alone (the two must agree)
+            if len(program.tiers) < len(self.program.tiers):
+                return L.R_PROGRAM_STRANDS_CARDS, b""
+        elif any(self.tier_cards()[len(program.tiers):]):
             return L.R_PROGRAM_STRANDS_CARDS, b""
         version = self.program_version + 1
         self.txn.put(L.VERSION_KEY.pack(version), program_record(source, version, ts_us, operator_id),
@@ -313,7 +341,9 @@ class AdminState:
             # store's clock moved back since
         program = self.program
         own = stores.store_day(self.store(store)) if store else None
-        if day > business_day(ts_us, *program.business_day_of(own)):
+        judged_us = self.relay_ts_us or (self.given_ts_us if self.role() == L.RELAY_ROLE_ADMIN
+                                         else ts_us)  # (as the ledger's request ages)
+        if day > business_day(judged_us, *program.business_day_of(own)):
             return L.R_DAY_NOT_STARTED
         self.closed_days.add((store, day))
         return L.R_OK
@@ -385,6 +415,25 @@ class AdminState:
             self.txn.put(OPERATOR_NEXT_ID, value.to_bytes(4, "little"), db=self.ledger.operators)
             return 1
         raise InvariantError(f"unknown floor {what}")
+
+    def _relay(self, shard: int, role: int, group_no: int, payload: bytes | None) -> int:
+        """The shard's place in a cluster with an admin shard, said once by its first leader
+        (group 0), then on a card shard each relayed admin group's mark: its admin entries
+        apply, judged at ``payload``'s time (as the admin shard judged them). The admin shard's
+        groups come in their order, once: its leader relays only past what this ledger holds,
+        so anything else is a bug (and its group is never appended)."""
+        was = self.relayed_from()
+        if role not in (L.RELAY_ROLE_CARD, L.RELAY_ROLE_ADMIN) or (
+                was is not None and (was[:2] != (shard, role) or group_no <= was[2])) or (
+                group_no and role != L.RELAY_ROLE_CARD):
+            raise InvariantError(f"admin relay mark {(shard, role, group_no)} after {was}")
+        self._relayed_from = (shard, role, group_no)
+        self.txn.put(META_ADMIN_RELAY, L.ADMIN_RELAY_SUBJECT.pack(shard, role, group_no),
+                     db=self.ledger.meta)
+        if group_no:
+            self.relaying = True
+            self.relay_ts_us = I64.unpack(payload or b"")[0]
+        return 1
 
     def reseal(self, payload: bytes) -> int:
         """Swap sealed card numbers that still hold what the caller read (compare and set)."""

@@ -210,6 +210,11 @@ class DurableLedger:
             return self.applied - before
         return self._replay()
 
+    def read_admin_relay(self) -> tuple[int, int, int] | None:
+        """The ledger's place in a cluster with an admin shard as the span leaves it (a
+        leader's: its groups since the checkpoint included)."""
+        return self.ledger.read_admin_relay(self._span())
+
     def due(self) -> bool:
         """Is a checkpoint due (time or operations since the last)?"""
         if self.applied == self.checkpointed:

@@ -13,6 +13,7 @@ must see what it answered): the writer applies nothing and logs nothing for it.
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 from cardcore import layout as L
@@ -68,6 +69,28 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
     if pos != len(data):
         raise ValueError("group message has trailing bytes")
     return ops, ts_us
+
+
+def relay_ops(admin_shard: int, group_no: int, admin_group: bytes) -> list[PendingOp]:
+    """What a card shard's leader appends for group ``group_no`` of the admin shard's stream
+    (docs/cluster.md, "The admin shard"): the mark, then that group's admin entries as they
+    came (their request keys moved to the relayed namespace); [] if it holds none (its leader's
+    barriers and maintenance: nothing to relay)."""
+    assert group_no >= 1
+    ops, ts_us = decode_group(admin_group)
+    admin = [dataclasses.replace(op, request_key=L.RELAYED_KEY_PREFIX + op.request_key
+                                 if op.request_key else b"")
+             for op in ops if op.packed[0] in L.ADMIN_OPS]
+    if not admin:
+        return []
+    return [relay_mark(admin_shard, L.RELAY_ROLE_CARD, group_no, ts_us), *admin]
+
+
+def relay_mark(admin_shard: int, role: int, group_no: int = 0, ts_us: int = 0) -> PendingOp:
+    """The operation that says a shard's place in a cluster with an admin shard (group 0, at
+    its first leader's start), or begins a relayed group."""
+    return PendingOp.internal(L.OP_ADMIN_RELAY, payload=struct.pack("<q", ts_us),
+                              subject=L.ADMIN_RELAY_SUBJECT.pack(admin_shard, role, group_no))
 
 
 def group_ts_us(data: bytes) -> int:

@@ -744,7 +744,18 @@ assert DAY_TOTALS.size == 704 and STORE_DAY.size == 32 and len(DAY_FIGURES) <= D
 OP_RESEAL = 32       # re-encrypt stored card numbers (compare and set)
 OP_FLOOR = 33        # restore: raise a terminal's KSN counter or the next operator id
 OP_MAINTENANCE = 34  # prune expired request records (the writer's idle tick)
-INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE))
+# A card shard's copy of an admin shard's group (docs/cluster.md, "The admin shard"): the first
+# operation of a group its leader relays, subject ADMIN_RELAY_SUBJECT; the group's other
+# operations are that admin group's admin entries (ADMIN_OPS), applied as if submitted here.
+OP_ADMIN_RELAY = 39
+# the admin shard, this ledger's role, the admin shard's group relayed (0: none yet); a relayed
+# group's mark carries that group's time in its payload (i64 us): its entries are judged at it
+ADMIN_RELAY_SUBJECT = struct.Struct("<HBxxxxxQ")
+RELAY_ROLE_CARD, RELAY_ROLE_ADMIN = 1, 2  # a card shard relaying from the admin shard; that one
+# Relayed request keys live in a namespace of their own (no caller kind starts with it), so a
+# caller's own key on a card shard never meets one: kept, never pruned (admin changes are few).
+RELAYED_KEY_PREFIX = b"\xfa"
+INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE, OP_ADMIN_RELAY))
 # Card flags (card record offset 4) and operation PIN flags (operation offset 2).
 CARD_PIN_SET, CARD_PIN_LOCKED = 1, 2
 PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8
@@ -790,6 +801,8 @@ R_MEMBER_RANGE_INVALID, R_MEMBER_PAGE_INVALID = 115, 116  # GetMemberReport's in
 # The chain's shape (cardcore.stores): PutRegion, PutStore, region scopes and reports.
 R_REGION_NOT_FOUND, R_NAME_INVALID, R_UTC_OFFSET_INVALID, R_CUTOFF_HOUR_INVALID = 107, 108, 109, 110
 R_CHAIN_ID_INVALID, R_CHAIN_TREE_FULL = 111, 112
+R_ADMIN_ELSEWHERE = 117  # an admin change submitted to a card shard that takes its admin state
+# from an admin shard (docs/cluster.md, "The admin shard"): it belongs there
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

@@ -83,7 +83,7 @@ import lmdb
 from cardcore import layout as L
 from cardcore.admin import (META_CLOCK, META_FORMAT, META_PROGRAM, META_PRUNED_THROUGH,
                             META_WINDOW, OPERATOR_NEXT_ID, U32, AdminState, I64,
-                            META_DATA_KEY, recorded_data_key)
+                            META_ADMIN_RELAY, META_DATA_KEY, recorded_data_key)
 from cardcore import lots
 from cardcore.chain import GENESIS, chain
 from cardcore import daytotals
@@ -167,6 +167,7 @@ DIRTY_CARD, DIRTY_EXT = 1, 2  # the kernel's slot_dirty bits
 EXT_READERS = frozenset((L.OP_TOP_UP, L.OP_REVERSAL))
 _OP_LINK, _OP_BASKET = 136, 152  # layout.OP offsets of link_seq and basket_tag
 _OP_FLAGS = 162  # layout.OP offset of op_flags
+RELAYED_KEY_HEAD = L.RELAYED_KEY_PREFIX[0]  # an admin shard's request keys, relayed: kept
 NAMED_CARD_OPS = L.CARD_OPS | {L.OP_CARD_REPLACED}  # operations on a card (expiry, review first)
 _HOLD_CLOSERS = frozenset((L.OP_HOLD_VOID, L.OP_HOLD_EXPIRED))
 _ENTRY_ITEM_ID = 196  # layout.JOURNAL item_id (u16): a purchase's coupon definition, 0 = none
@@ -681,6 +682,22 @@ class Ledger:
         """The data key version the last rotation made current and its key's fingerprint
         ((0, zeros): none recorded; zeros: a rotation from before fingerprints)."""
         return recorded_data_key(self._read(lambda txn: txn.get(META_DATA_KEY, db=self.meta)))
+
+    def read_admin_relay(self, txn=None) -> tuple[int, int, int] | None:
+        """(admin shard, role, its last group relayed here) if this ledger is a shard of a
+        cluster with an admin shard (docs/cluster.md, "The admin shard"; layout.RELAY_ROLE_*);
+        None: it takes admin changes itself."""
+        def read(t):
+            raw = t.get(META_ADMIN_RELAY, db=self.meta)
+            return None if raw is None else L.ADMIN_RELAY_SUBJECT.unpack(raw)
+        return read(txn) if txn is not None else self._read(read)
+
+    def holds_admin_state(self) -> bool:
+        """Terminals or operators of its own (a shard that cannot start taking an admin
+        shard's: the two would not agree)."""
+        def read(txn):
+            return any(txn.stat(db)["entries"] for db in (self.terminals, self.operator_ids))
+        return self._read(read)
 
     def read_program_version(self) -> int:
         """The current program's version as LMDB holds it now (a reader compares it with
@@ -1292,6 +1309,7 @@ class _Group:
         self.seq = self.first_seq
         ts = self.ts = group_time(self.ts_us, last_ts)
         self.admin = admin = AdminState(ledger, txn)
+        admin.given_ts_us = self.ts_us
         self.lots = lots.Lots(_LmdbLots(txn, ledger))
         self._expire()  # before the group's operations: expired points are never spent
         self._release_holds()  # and expired holds hold nothing
@@ -1307,8 +1325,11 @@ class _Group:
         # Too old: a re-send of a request whose record may be pruned (the age is judged on the
         # group's time, which never goes back). Too far ahead: judged on the clock the group
         # came with, a sanity check only (pruning never depends on it).
+        # An admin shard judges at the time its group came with (never before its ledger's:
+        # pruning stays behind it), which the card shards it relays to read in the group.
+        judged_us = self.ts_us if admin.role() == L.RELAY_ROLE_ADMIN else ts
         newest_us = self.ts_us + CLIENT_TIME_AHEAD_MAX_US
-        oldest_us = max(ts - admin.request_window_us, self.pruned_through_us + 1)
+        oldest_us = max(judged_us - admin.request_window_us, self.pruned_through_us + 1)
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
         client_time = L.OP_CLIENT_TIME.unpack_from
@@ -1375,7 +1396,11 @@ class _Group:
             else:
                 self._flush_run()
                 self._admin(i, op, kind)
-                oldest_us = max(ts - admin.request_window_us, self.pruned_through_us + 1)
+                oldest_us = max(judged_us - admin.request_window_us, self.pruned_through_us + 1)
+                if admin.relaying:  # an admin shard's group: judged as that shard judged it, at
+                    # its time (its relayed keys are never pruned here: see RELAYED_KEY_PREFIX)
+                    oldest_us = admin.relay_ts_us - admin.request_window_us
+                    newest_us = admin.relay_ts_us + CLIENT_TIME_AHEAD_MAX_US
         self._flush_run()
         for i, j in repeats:
             outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
@@ -1680,10 +1705,15 @@ class _Group:
         return done  # type: ignore[return-value]
 
     def _admin(self, i: int, op: PendingOp, kind: int) -> None:
+        if kind == L.OP_ADMIN_RELAY and i != 0:
+            raise InvariantError("an admin relay's mark is not its group's first operation")
         reason, entry = self.admin.apply(op, kind, self.ts, self.seq)
         count = seq = 0
         if kind in L.INTERNAL_OPS:
             count, entry = entry, None
+        elif reason == L.R_ADMIN_ELSEWHERE:  # an access refusal: no request record, so that
+            self.outcomes[i] = Outcome(reason, False, kind, None)  # a key relayed later is new
+            return
         elif reason == L.R_OK:
             self.entries.append(entry)
             seq = self.seq
@@ -2192,9 +2222,9 @@ class _Group:
             member_metrics.keep(txn, ledger, entries, later)  # beside them (cardcore.members)
         if self.idem_items:
             txn.cursor(db=ledger.requests).putmulti(self.idem_items)
-            if not txn.cursor(db=ledger.request_times).put(
-                    L.REQUEST_TIME_KEY.pack(self.ts),
-                    pack_request_keys([key for key, _ in self.idem_items]), append=True):
+            pruned = [key for key, _ in self.idem_items if key[0] != RELAYED_KEY_HEAD]
+            if pruned and not txn.cursor(db=ledger.request_times).put(
+                    L.REQUEST_TIME_KEY.pack(self.ts), pack_request_keys(pruned), append=True):
                 raise InvariantError("request time index append refused: time went back")
         if self.entries:
             txn.cursor(db=ledger.card_entries).putmulti(

@@ -361,6 +361,13 @@ async def serve(cfg: ServerConfig) -> None:
             raise StartupError(behind)
         if program_source is not None:
             await _load_program_file(ledger, writer, program_source, cfg.program_path)
+        # a card shard of a cluster with an admin shard takes admin changes from that shard
+        # alone (docs/cluster.md, "The admin shard"): its fronts make none at start
+        relayed = cluster and (ledger.read_admin_relay() or (0, 0))[1] == L.RELAY_ROLE_CARD
+        if relayed and cfg.request_window_given:
+            raise StartupError("--request-window-hours: this card shard takes the request "
+                               "window from the cluster's admin shard: set it through a front "
+                               "of that shard")
         if (ledger.read_horizons()[1] != cfg.request_window_s * 1_000_000
                 and (not cluster or cfg.request_window_given)):  # (a shard's: set when asked)
             outcome = (await writer.submit([window_op(cfg.request_window_s)]))[0]
@@ -379,8 +386,9 @@ async def serve(cfg: ServerConfig) -> None:
         admin = AdminService(ledger, writer, keyring, access,
                              on_program=card_service.adopt_program)
         try:
-            await _bootstrap_admin(admin, access, cfg.data_dir)
-            await admin.record_rotation()  # (and the reseal: a rotation a stop interrupted)
+            if not relayed:  # (a card shard's chain admin and rotations: the admin shard's)
+                await _bootstrap_admin(admin, access, cfg.data_dir)
+                await admin.record_rotation()  # (and the reseal: a rotation a stop interrupted)
             resealed = await admin.reseal(None)
         except RuntimeError as exc:  # (an admin operation refused at start-up)
             if not cluster:

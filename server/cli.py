@@ -269,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new replica (no ledger yet): start from a peer's backup (cardcore "
                         "backup --data-dir PEER --to BACKUP) and follow the stream from its "
                         "checkpoint, instead of replaying the stream from its start")
+    p.add_argument("--admin-shard", metavar="N", type=int_arg(0, SHARD_NUMBER_MAX),
+                   default=int(os.environ["CARDCORE_ADMIN_SHARD"])
+                   if os.environ.get("CARDCORE_ADMIN_SHARD") else None,
+                   help="the cluster's admin shard (env CARDCORE_ADMIN_SHARD; docs/cluster.md, The "
+                        "admin shard): terminals, operators, the program, stores and the daily "
+                        "close are made there, and each card shard's leader relays its groups "
+                        "into its own stream; N this replica's --shard: it is the admin shard, "
+                        "whose stream keeps every group. Every replica of a cluster gives the "
+                        "same N, or none (a single-shard cluster)")
     p.add_argument("--unchecked-through", metavar="GROUP", type=int_arg(0, 1 << 62), default=0,
                    help="apply the stream's groups up to GROUP (one it holds already) without "
                         "checking their journal digests, each that differs logged: the way past "

@@ -74,10 +74,15 @@ def _shard_reads(shard: int, apis: tuple[str, ...]) -> list[str]:
             *(f"$JS.API.DIRECT.GET.{s}{tail}" for s in names for tail in ("", ".>"))]
 
 
-def shard_replica_permissions(shard: int) -> dict:
+def shard_replica_permissions(shard: int, admin_shard: int | None = None) -> dict:
     """A replica role that reaches one shard alone: what ``replica`` may do, on that shard's
-    stream, subjects, keys and inboxes only."""
-    return {"publish": [*_shard_reads(shard, ("INFO", "CREATE", "MSG.GET")),
+    stream, subjects, keys and inboxes only; and with an admin shard (not this one), read its
+    stream too (the leader relays its groups: docs/cluster.md, "The admin shard")."""
+    relayed = ([] if admin_shard is None or admin_shard == shard
+               else [f"$JS.API.STREAM.{api}.{stream_name(admin_shard)}" for api in ("INFO",
+                                                                                  "MSG.GET")]
+               + [f"$JS.API.DIRECT.GET.{stream_name(admin_shard)}{tail}" for tail in ("", ".>")])
+    return {"publish": [*_shard_reads(shard, ("INFO", "CREATE", "MSG.GET")), *relayed,
                         f"$JS.API.STREAM.PURGE.{stream_name(shard)}",
                         f"$KV.{LEADERS_BUCKET}.s{shard}", f"$KV.{SHARDS_BUCKET}.s{shard}-genesis",
                         f"$KV.{CHECKPOINTS_BUCKET}.s{shard}", log_subject(shard),
@@ -97,12 +102,14 @@ def shard_follower_permissions(shard: int) -> dict:
             "subscribe": [tick_subject(shard), f"{follower_inbox_prefix(shard)}.>"]}
 
 
-def nats_users(shards: int) -> dict[str, dict]:
+def nats_users(shards: int, admin_shard: int | None = None) -> dict[str, dict]:
     """Every user of the nodes: the roles', and a replica role and a follower role per shard
-    0..shards-1."""
+    0..shards-1 (with ``admin_shard``, one of them: the others' replicas read its stream)."""
     assert 0 <= shards <= SHARDS_MAX, shards
+    assert admin_shard is None or 0 <= admin_shard < shards, admin_shard
     return {**ROLE_PERMISSIONS,
-            **{shard_replica_role(s): shard_replica_permissions(s) for s in range(shards)},
+            **{shard_replica_role(s): shard_replica_permissions(s, admin_shard)
+               for s in range(shards)},
             **{shard_follower_role(s): shard_follower_permissions(s) for s in range(shards)}}
 
 
@@ -122,7 +129,7 @@ class Node:
 
 
 def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | None,
-                shards: int = SHARDS_DEFAULT) -> str:
+                shards: int = SHARDS_DEFAULT, admin_shard: int | None = None) -> str:
     """One node's nats-server configuration; ``certs_dir`` (None: plain, no users) holds ca.pem
     and the node's nats-node-NAME.pem/.key; ``shards``: the shards with a replica and a follower user each."""
     routes = ", ".join(f"nats-route://{p.host}:{p.route_port}" for p in peers if p != node)
@@ -132,7 +139,7 @@ def node_config(node: Node, peers: list[Node], store_dir: str, certs_dir: str | 
                  f'  key_file: "{certs_dir}/nats-node-{node.name}.key"\n'
                  f'  ca_file: "{certs_dir}/ca.pem"\n  timeout: 2\n')
         users = "\n".join(f'    {{ user: "CN=nats:{role}", permissions: {json.dumps(perms)} }}'
-                          for role, perms in nats_users(shards).items())
+                          for role, perms in nats_users(shards, admin_shard).items())
         client_tls = (f"tls {{\n{files}  verify_and_map: true\n}}\n"
                       f"authorization {{\n  users = [\n{users}\n  ]\n}}\n")
         # a route must be another node: its certificate maps to the routes' one user (every
@@ -174,7 +181,7 @@ def urls_of(nodes: list[Node]) -> str:
 
 def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
                 program: str | None = None, keyring: str | None = None,
-                shards: int = SHARDS_DEFAULT) -> list[str]:
+                shards: int = SHARDS_DEFAULT, admin_shard: int | None = None) -> list[str]:
     """Every host's files under ``out_dir/<node>/`` (to copy to the host's ``etc_dir``):
     ``nats.conf``, ``replica.env`` and ``nats/`` (the CA's certificate, the node's certificate
     and key, a replica certificate per shard 0..shards-1, each reaching its shard alone, which
@@ -209,7 +216,8 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
         host_etc = etc_dir.replace('{node}', node.name)
         host_certs = f"{host_etc}/nats"
         put(os.path.join(here, "nats.conf"), node_config(
-            node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs, shards))
+            node, nodes, f"{data_dir.replace('{node}', node.name)}/nats", host_certs, shards,
+            admin_shard))
         put(os.path.join(here, "replica.env"), (
             "# cardcore replica on this host (deploy/cardcore-replica@.service)\n"
             f"CARDCORE_NATS_URLS={urls_of(nodes)}\n"
@@ -218,6 +226,7 @@ def write_hosts(out_dir: str, nodes: list[Node], etc_dir: str, data_dir: str,
             f"CARDCORE_NATS_CERT={host_certs}/nats-replica-s{{shard}}.pem\n"
             f"CARDCORE_NATS_KEY={host_certs}/nats-replica-s{{shard}}.key\n"
             + (f"CARDCORE_PROGRAM={host_etc}/program.toml\n" if program else "")
+            + (f"CARDCORE_ADMIN_SHARD={admin_shard}\n" if admin_shard is not None else "")
             + (f"CARDCORE_KEYRING={host_etc}/index-key.json\n" if keyring else "")))
         if program:  # a new shard's genesis: the same document on every host
             put(os.path.join(here, "program.toml"), source=program)
@@ -277,8 +286,11 @@ def cmd_cluster_config(args) -> int:
             raise ValueError(f"--program {args.program}: no such file")
         if args.keyring is not None:
             load_index_key(args.keyring)  # a keyring, readable: ValueError or OSError otherwise
+        if args.admin_shard is not None and args.admin_shard >= args.shards:
+            raise ValueError(f"--admin-shard {args.admin_shard}: one of the --shards "
+                             f"(0..{args.shards - 1})")
         paths = write_hosts(args.out, nodes, args.etc_dir, args.host_data_dir, args.program,
-                            args.keyring, args.shards)
+                            args.keyring, args.shards, args.admin_shard)
     except (OSError, ValueError) as exc:
         print(f"cardcore cluster-config: {exc}", file=sys.stderr)
         return 2
@@ -313,6 +325,11 @@ def add_parser(sub) -> None:
                    help="the shards: each gets NATS users and a replica and a follower "
                         "certificate that reach it alone (default %(default)s; a shard added "
                         "later: docs/cluster.md)")
+    p.add_argument("--admin-shard", type=int_arg(0, SHARDS_MAX - 1), default=None,
+                   help="one of the shards as the cluster's admin shard (docs/cluster.md, The "
+                        "admin shard): the others' replicas may read its stream, and every "
+                        "replica.env names it (default: none, a cluster whose shards each keep "
+                        "their own admin state)")
     p.add_argument("--etc-dir", default="/etc/cardcore",
                    help="where the files go on each host (default %(default)s; {node} is the "
                         "node's name, for nodes that share a disk, as the tests' do)")

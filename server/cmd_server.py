@@ -124,7 +124,8 @@ def cmd_replica(args) -> int:
                         replica_stale_s=args.replica_stale_hours * 3600,
                         retain_groups=args.retain_groups, keyring_path=args.keyring,
                         follow_only=args.follow_only,
-                        unchecked_through=args.unchecked_through)
+                        unchecked_through=args.unchecked_through,
+                        admin_shard=args.admin_shard)
     try:
         return replica_main(cfg)
     except SeedError as exc:

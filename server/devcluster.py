@@ -109,11 +109,14 @@ def free_ports(n: int) -> list[int]:
 class NatsCluster:
     """Three nats-server nodes routed to each other on loopback."""
 
-    def __init__(self, folder: str, tls: bool = False, shards: int = SHARDS_DEFAULT) -> None:
+    def __init__(self, folder: str, tls: bool = False, shards: int = SHARDS_DEFAULT,
+                 admin_shard: int | None = None) -> None:
         """``shards``: with ``tls``, the shards whose replicas get a user and a certificate
-        of their own (``replica_args(shard)``)."""
+        of their own (``replica_args(shard)``); ``admin_shard``: one of them, whose stream the
+        others' replicas may read (docs/cluster.md, "The admin shard")."""
         self.folder = folder
         self.shards = shards
+        self.admin_shard = admin_shard
         os.makedirs(folder, exist_ok=True)
         ports = free_ports(3 * NODES)
         self.nodes = [Node(f"n{k}", "127.0.0.1", ports[k], ports[NODES + k], ports[2 * NODES + k])
@@ -167,7 +170,7 @@ class NatsCluster:
         with open(self._conf(k), "w") as f:
             f.write(node_config(self.nodes[k], self.nodes,
                                 os.path.join(self.folder, f"n{k}-store"), self.certs,
-                                self.shards))
+                                self.shards, self.admin_shard))
 
     def start_node(self, k: int) -> None:
         self._logs[k] = open(os.path.join(self.folder, f"n{k}.log"), "ab")

@@ -139,6 +139,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_MEMBER_PAGE_INVALID: (C.INVALID_ARGUMENT, "dormant_limit must be at most 10000 and "
                                    "page_token one an answer gave"),
     R.REASON_REGION_NOT_FOUND: (C.NOT_FOUND, "no region with this id"),
+    R.REASON_ADMIN_ELSEWHERE: (C.FAILED_PRECONDITION, "this card shard takes admin changes from "
+                               "the cluster's admin shard: make the change through a front of "
+                               "that shard"),
     R.REASON_STORE_NOT_FOUND: (C.NOT_FOUND, "no store with this id: not in the chain's registry "
                                "and no entry ever"),
     R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
-from cardcore.groups import decode_group, encode_group
+from cardcore.groups import decode_group, encode_group, relay_mark, relay_ops
 from cardcore.idempotency import InvariantError, PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
@@ -67,6 +67,9 @@ FOLLOW_GAP_S = 0.02             # ... but a follower looks at most this often (t
 FOLLOW_ONLY_GAP_S = 0.005       # come per group: each look reads every group since the last)
 TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
+RELAY_POLL_S = 0.2              # a card shard's leader looks at the admin shard's stream
+RELAY_RETRY_S = 1.0             # ... after that stream did not answer
+RELAY_GROUPS_MAX = 64           # admin groups relayed before the leader takes submissions again
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
 APPLIED_IN = b"G"  # applied, and the group it was applied in follows
 GROUP_NO = struct.Struct("<Q")  # an applied reply's group number, after its code
@@ -95,6 +98,8 @@ class ReplicaConfig:
     keyring_path: str | None = None     # the chain's keyring (every replica of a shard, or none)
     follow_only: bool = False           # never takes the lease (a front's follower: its reads)
     unchecked_through: int = 0          # groups up to this one applied without the digest check
+    admin_shard: int | None = None      # the cluster's admin shard (docs/cluster.md, "The admin
+    # shard"): a card shard's leader relays its groups; this shard's own number: it is that one
 
 
 REPLICA_ID_FILE = "replica.id"  # in the data folder, not the ledger's: a seed does not copy it
@@ -200,6 +205,14 @@ class Replica:
             _unseed(path)
             raise SeedError(f"the backup's ledger does not continue into shard {cfg.shard}'s "
                             f"stream ({exc}): another shard's, cluster's or server's") from exc
+        self.admin_log: JetStreamLog | None = None  # a card shard's leader's: the admin shard's
+        self.admin_scanned = 0  # the admin shard's last group its leader relayed or passed over
+        self.relay_at = 0.0
+        if not cfg.follow_only:
+            self._check_place(self.durable.ledger.read_admin_relay())
+        if cfg.admin_shard == cfg.shard:
+            log.warning("replica s%d: the admin shard: its stream keeps every group (the card "
+                        "shards' leaders relay them)", cfg.shard)
         self.lease = Lease(self.nt, cfg.shard, {"pid": os.getpid(), "data_dir": cfg.data_dir})
         self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
         self._sub = None
@@ -209,6 +222,34 @@ class Replica:
         self.take_at = 0.0  # a follower asks for the lease at most every tenth of its TTL
         self.stream_looked_at = 0.0  # when a follower last asked the stream for what is new
         self.said = 0  # a group a tick named that the stream did not show yet
+
+    def _place(self) -> tuple[int, int] | None:
+        """(admin shard, layout.RELAY_ROLE_*) as --admin-shard makes this shard; None: none."""
+        admin = self.cfg.admin_shard
+        if admin is None:
+            return None
+        return admin, L.RELAY_ROLE_ADMIN if admin == self.shard else L.RELAY_ROLE_CARD
+
+    def _check_place(self, have: tuple[int, int, int] | None) -> None:
+        """The shard's ledger says the place --admin-shard gives it, or none yet (AdminShardMismatch:
+        replicas of one shard started with different settings, or a shard with admin state of
+        its own made a card shard: the two would not agree)."""
+        want = self._place()
+        if have is None:
+            if (want is not None and want[1] == L.RELAY_ROLE_CARD
+                    and self.durable.ledger.holds_admin_state()):
+                raise AdminShardMismatch(
+                    f"shard {self.shard} holds terminals or operators of its own: it cannot take "
+                    f"admin shard {want[0]}'s (start it without --admin-shard)")
+            return
+        if want != have[:2]:
+            def said(place) -> str:
+                return ("no --admin-shard" if place is None else f"admin shard {place[0]}"
+                        + (" (this one)" if place[1] == L.RELAY_ROLE_ADMIN else ""))
+
+            raise AdminShardMismatch(f"shard {self.shard}'s ledger names {said(have[:2])}, this "
+                                     f"replica was started with {said(want)}: every replica of "
+                                     "a cluster has the same --admin-shard")
 
     def _register(self, path: str) -> None:
         """This replica's place in the shard's retention before it catches up: its ledger's
@@ -328,11 +369,52 @@ class Replica:
         self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000  # a check's time
         if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
             return
+        if self._place() is not None and not self._take_place():
+            return
         self._sub = self.nt.call(self.nt.nc.subscribe(submit_subject(self.shard),
                                                       cb=self._on_submit))
         self.nt.call(self.nt.nc.flush())  # its node has the subscription (others, soon after)
         self.idle_since = time.monotonic()
         self._role("leading")
+
+    def _take_place(self) -> bool:
+        """(A new leader, caught up.) The shard's place said in its log once (its first leader's),
+        and a card shard's relay picked up where its ledger stands. False if deposed."""
+        have = self.durable.read_admin_relay()
+        self._check_place(have)
+        place = self._place()
+        assert place is not None
+        if have is None and not self._apply([relay_mark(*place)], []):
+            return False
+        if place[1] == L.RELAY_ROLE_CARD:
+            self.admin_scanned = have[2] if have else 0
+            self.relay_at = 0.0
+            if self.admin_log is None:
+                self.admin_log = JetStreamLog(self.nt, place[0], self.cfg.append_timeout_ms)
+        return True
+
+    def _relay(self) -> None:
+        """(A card shard's leader.) The admin shard's groups past the last relayed, each with
+        admin entries appended here as a group of its own (``groups.relay_ops``), in order; the
+        admin stream not answering is only a later look (the card shard serves on)."""
+        assert self.admin_log is not None and self.cfg.admin_shard is not None
+        self.relay_at = time.monotonic() + RELAY_POLL_S
+        try:
+            for n, rec in enumerate(self.admin_log.read_from(self.admin_scanned + 1), 1):
+                ops = relay_ops(self.cfg.admin_shard, rec.group_no, rec.payload)
+                if ops and not self._apply(ops, []):
+                    return  # deposed: the next leader relays from what the stream holds
+                self.admin_scanned = rec.group_no
+                if ops:
+                    log.info("replica s%d: admin group %d relayed (%d changes)", self.shard,
+                             rec.group_no, len(ops) - 1)
+                if n >= RELAY_GROUPS_MAX:
+                    self.relay_at = 0.0  # more after the submissions waiting
+                    return
+        except (*self.admin_log.TRANSIENT_ERRORS, LogError) as exc:
+            self.relay_at = time.monotonic() + RELAY_RETRY_S
+            log.warning("replica s%d: admin shard %d's stream: %s: %s; looking again", self.shard,
+                        self.cfg.admin_shard, type(exc).__name__, exc)
 
     async def _on_submit(self, msg) -> None:
         """(The loop thread.) Queue the request for the main thread, or refuse it at once. A
@@ -354,7 +436,9 @@ class Replica:
 
     def _lead_once(self) -> None:
         wait_s = max(0.0, min(self.renew_at - time.monotonic(), IDLE_WAIT_S,
-                              self.durable.seconds_to_due() or IDLE_WAIT_S))
+                              self.durable.seconds_to_due() or IDLE_WAIT_S,
+                              self.relay_at - time.monotonic() if self.admin_log is not None
+                              else IDLE_WAIT_S))
         batch = self._take(wait_s)
         if batch:
             ops, asks = batch
@@ -364,12 +448,15 @@ class Replica:
               and time.monotonic() - self.idle_since >= self.cfg.idle_maintenance_ms / 1000):
             self._apply([PendingOp.internal(L.OP_MAINTENANCE)], [])
             self.idle_since = time.monotonic()
+        if self.leading and self.admin_log is not None and time.monotonic() >= self.relay_at:
+            self._relay()
         if not self.leading:
             return
         if self.durable.due():
             self.durable.checkpoint()
         self.log.retention.report(self.durable.checkpointed)
-        if self.cfg.retention_check_ms and time.monotonic() >= self.purge_at:
+        if (self.cfg.retention_check_ms and self.cfg.admin_shard != self.shard
+                and time.monotonic() >= self.purge_at):
             self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000
             self.nt.spawn(self._purge())
         if time.monotonic() >= self.renew_at:
@@ -421,6 +508,8 @@ class Replica:
                 got, _ = decode_group(data)
                 if not got or len(got) > SUBMIT_OPS_MAX:
                     raise ValueError("0 or too many operations")
+                if any(op.packed[0] == L.OP_ADMIN_RELAY for op in got):
+                    raise ValueError("a relay's mark is its leader's alone")
             except Exception:
                 self._reply(reply, MALFORMED)
             else:
@@ -511,6 +600,12 @@ def replica_main(cfg: ReplicaConfig) -> int:
     writer_gc()  # the writer's apply loop and GC setting (a follower's lease tries: README)
     try:
         replica.run()
+    except SETTING_ERRORS:
+        try:
+            replica.durable.close(checkpoint=False)
+        finally:
+            replica.nt.close()
+        raise
     except Exception as exc:
         log.critical("replica s%d halted: %s: %s", cfg.shard, type(exc).__name__, exc)
         try:
@@ -534,10 +629,14 @@ class UncheckedPastEnd(ValueError):
     """--unchecked-through names a group the stream does not hold yet (a setting: exit 2)."""
 
 
+class AdminShardMismatch(ValueError):
+    """--admin-shard is not the place the shard's ledger has (a setting to fix: exit 2)."""
+
+
 # What stops a start for a setting to fix, not a moment to wait out: exit 2, not restarted (and
 # NatsRefused, a NatsUnavailable)
 SETTING_ERRORS = (SeedError, BehindRetention, KeyringMismatch, ShardMisconfigured,
-                  UncheckedPastEnd)
+                  UncheckedPastEnd, AdminShardMismatch)
 
 
 def _unseed(path: str) -> None:

@@ -1371,7 +1371,7 @@ def permissions_before_ticks(monkeypatch):
     monkeypatch.setattr(clusterconf, "ROLE_PERMISSIONS", old)
     one_shard = clusterconf.shard_replica_permissions
     monkeypatch.setattr(clusterconf, "shard_replica_permissions",
-                        lambda shard: untick(one_shard(shard)))
+                        lambda shard, admin_shard=None: untick(one_shard(shard, admin_shard)))
 
 
 def test_users_made_before_the_ticks_cost_one_warning_and_followers_still_follow(
@@ -1602,3 +1602,87 @@ def test_make_cluster_starts_prints_where_and_stops_on_ctrl_c_twice_on_one_folde
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_card_shards_take_the_admin_shards_changes_through_a_leaders_kill_9_and_refuse_their_own(
+        tmp_path):
+    """A cluster with an admin shard (docs/cluster.md, "The admin shard"), over mutual TLS with
+    the roles' users: a terminal enrolled on the admin shard swipes on a card shard once the card
+    shard's leader has relayed it; an enrolment sent to the card shard itself is refused
+    (ADMIN_ELSEWHERE); the card shard's leader killed -9, the next one relays the revocation made
+    meanwhile, once; both card replicas end identical; a replica started without --admin-shard
+    on the card shard refuses to start (exit 2)."""
+    from cardcore.server.clusterconf import shard_replica_role
+    from cardcore.server.devcluster import NatsCluster
+    from test_ledger import revoke, swipe
+
+    admin, card = 1, 0
+    cluster = NatsCluster(str(tmp_path / "nats"), tls=True, admin_shard=admin)
+    started: list[ReplicaProcess] = []
+
+    def start(name: str, shard: int, *extra: str) -> ReplicaProcess:
+        started.append(ReplicaProcess(str(tmp_path / name), shard, cluster.urls, *LEASE, *extra,
+                                      *cluster.replica_args(shard)))
+        return started[-1]
+
+    client = SubmitClient(cluster.urls.split(","), cluster.tls_for("front"))
+    try:
+        start("admin", admin, "--admin-shard", str(admin)).wait_role("leading")
+        cards = [start(f"c{k}", card, "--admin-shard", str(admin)) for k in range(2)]
+        deadline = time.monotonic() + 30
+        while not any("leading" in r.roles() for r in cards):
+            assert time.monotonic() < deadline, [r.log()[-2000:] for r in cards]
+            time.sleep(0.05)
+        got = submit(client, [enroll("e5", 5, 3, at=time.time_ns() // 1000),
+                              add_operator("alice", "alice", 2, at=time.time_ns() // 1000)], admin)
+        assert [o.reason for o in got] == [L.R_OK, L.R_OK]
+        number = new_card_number(random.Random(5))
+        now = time.time_ns() // 1000
+        got = submit(client, [open_op("o", number, at=now), op("t", L.OP_TOP_UP, number, 500, at=now),
+                              enroll("e6", 6, 3, at=now)], card)
+        assert [o.reason for o in got] == [L.R_OK, L.R_OK, L.R_ADMIN_ELSEWHERE]
+        ksn = 0
+
+        def swipe_until(reason: int) -> None:
+            """Top-ups at terminal 5 (each with its next KSN) until one is answered ``reason``
+            (the relay is a moment behind the admin shard); those before it were refused."""
+            nonlocal ksn
+            deadline = time.monotonic() + 20
+            while True:
+                ksn += 1
+                got = submit(client, [swipe(f"s{ksn}", L.OP_TOP_UP, number, 1, 5, ksn)], card)[0]
+                if got.reason == reason:
+                    return
+                assert got.reason in (L.R_TERMINAL_UNKNOWN, L.R_OK), got
+                assert time.monotonic() < deadline, got
+                time.sleep(0.05)
+
+        swipe_until(L.R_OK)
+        leader = leader_of(cards)
+        leader.kill()
+        got = submit(client, [revoke("r5", 5, at=time.time_ns() // 1000)], admin)
+        assert got[0].reason == L.R_OK
+        swipe_until(L.R_TERMINAL_REVOKED)
+        restarted = start(os.path.basename(leader.data_dir), card, "--admin-shard", str(admin))
+        cards = [r for r in cards if r is not leader] + [restarted]
+        converge_and_stop(cards, cluster.urls, card, cluster.tls_for(shard_replica_role(card)))
+        identical(cards)
+        ledger = Ledger(os.path.join(cards[0].data_dir, "ledger"), readonly=True)
+        try:
+            assert [(t[3], t[1]) for t in ledger.read_terminals()] == [(5, L.TERMINAL_REVOKED)]
+            assert [o["name"] for o in ledger.read_operators()] == ["alice"]
+            enrolled = sum(1 for _, v in ledger.dump()["journal"]
+                           if L.JOURNAL.unpack(v)[1] == L.OP_TERMINAL_ENROLLED)
+            assert enrolled == 1  # relayed once, through the kill
+            assert ledger.read_admin_relay()[:2] == (admin, L.RELAY_ROLE_CARD)
+        finally:
+            ledger.close()
+        stray = start("stray", card)  # its catch-up reads the place the shard's log says
+        assert stray.proc.wait(60) == 2, stray.log()[-2000:]
+        assert "every replica of a cluster has the same --admin-shard" in stray.log()
+    finally:
+        client.close()
+        for r in started:
+            if r.proc.poll() is None:
+                r.stop()
+        cluster.stop()

@@ -530,3 +530,54 @@ def test_answers_a_front_did_not_hear_are_found_again_and_applied_once(
     counted = re.search(r"(\d+) requests sent again \((\d+) after an unknown outcome\), (\d+) "
                         r"swipes answered from the follower", front.log())
     assert counted and int(counted.group(2)) > 0 and int(counted.group(3)) >= 3, front.log()[-3000:]
+
+
+def test_a_terminal_enrolled_through_the_admin_shards_front_swipes_through_a_card_shards(
+        nats_cluster, start_replica, start_server, keyring, tmp_path):
+    """A cluster with an admin shard (docs/cluster.md, "The admin shard"), a front on each
+    shard: the admin shard's front makes the chain admin and enrolls a terminal; the card
+    shard's front makes no admin of its own, knows that operator once its shard has relayed it,
+    refuses an admin change (FAILED_PRECONDITION, REASON_ADMIN_ELSEWHERE), and serves the
+    terminal's opening, top-up and PIN purchase on its shard's card."""
+    admin_shard, card_shard = 1, 0
+    for shard in (admin_shard, card_shard):
+        start_replica(f"s{shard}", shard, *LEASE, "--keyring", keyring, "--admin-shard",
+                      str(admin_shard)).wait_role("leading")
+
+    def front(name: str, shard: int, *extra: str) -> ServerProcess:
+        return start_server("--cluster", "--shard", str(shard), "--nats", nats_cluster.urls,
+                            "--keyring", keyring, *extra, data_dir=str(tmp_path / name))
+
+    a = front("a", admin_shard)
+    till = Admin(a.channel, a.admin_token).enroll(7, 3)
+    b = front("b", card_shard)
+    assert not os.path.exists(os.path.join(b.data_dir, "admin.token"))
+    on_b = Admin(b.channel, a.admin_token)
+
+    def refused_there() -> int:  # UNAUTHENTICATED until the chain admin is relayed
+        try:
+            on_b.enroll(8, 3)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return 0
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+            return failure_of(exc).reason
+        raise AssertionError("an enrolment made on a card shard")
+
+    assert until(refused_there, 15, "the chain admin relayed") == R.REASON_ADMIN_ELSEWHERE
+    number = new_card_number()
+
+    def opened() -> bool:  # the terminal, relayed with the admin, known to b's Access
+        try:
+            return b.stub.OpenCard(till.open_card(rid(), number, PIN)).reason == R.REASON_OK
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.PERMISSION_DENIED), exc
+            return False
+
+    until(opened, 15, "the terminal relayed")
+    b.stub.TopUp(till.top_up(rid(), number, 4_000))
+    paid = b.stub.Purchase(till.purchase(rid(), number, PIN, 1_500))
+    assert paid.reason == R.REASON_OK and paid.balance_after.available_minor == 2_500
+    with pytest.raises(RuntimeError, match="set it through a front of that shard"):
+        front("c", card_shard, "--request-window-hours", "48")  # the admin shard's to set
