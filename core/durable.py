@@ -215,6 +215,10 @@ class DurableLedger:
         leader's: its groups since the checkpoint included)."""
         return self.ledger.read_admin_relay(self._span())
 
+    def journal_last_seq(self) -> int:
+        """The journal's last sequence as the span leaves it."""
+        return self.ledger.journal_head(self._span())[0]
+
     def due(self) -> bool:
         """Is a checkpoint due (time or operations since the last)?"""
         if self.applied == self.checkpointed:

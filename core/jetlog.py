@@ -412,6 +412,17 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     return json.loads((await shards.get(key)).value)
 
 
+async def read_genesis(js, shard: int) -> dict:
+    """Another shard's genesis record (the buckets' records are readable to every user);
+    ShardMissing if it has none yet."""
+    try:
+        shards = await js.key_value(SHARDS_BUCKET)
+        return json.loads((await shards.get(f"s{shard}-genesis")).value)
+    except (nats.js.errors.NotFoundError, nats.js.errors.KeyNotFoundError):
+        raise ShardMissing(f"shard {shard} has no genesis yet: its replicas make it (start "
+                           "them first)") from None
+
+
 def prepare_shard(nt: "NatsThread", shard: int, replicas: int, lease_ms: int,
                   program: str | None, now_us: int, keyring: str | None = None,
                   create: bool = True) -> dict:

@@ -692,13 +692,6 @@ class Ledger:
             return None if raw is None else L.ADMIN_RELAY_SUBJECT.unpack(raw)
         return read(txn) if txn is not None else self._read(read)
 
-    def holds_admin_state(self) -> bool:
-        """Terminals or operators of its own (a shard that cannot start taking an admin
-        shard's: the two would not agree)."""
-        def read(txn):
-            return any(txn.stat(db)["entries"] for db in (self.terminals, self.operator_ids))
-        return self._read(read)
-
     def read_program_version(self) -> int:
         """The current program's version as LMDB holds it now (a reader compares it with
         ``program_version`` to know whether to ``refresh_program``)."""
@@ -1327,9 +1320,13 @@ class _Group:
         # came with, a sanity check only (pruning never depends on it).
         # An admin shard judges at the time its group came with (never before its ledger's:
         # pruning stays behind it), which the card shards it relays to read in the group.
-        judged_us = self.ts_us if admin.role() == L.RELAY_ROLE_ADMIN else ts
+        # An admin shard keeps every request record (no pruning floor: a window raised later
+        # judges as its card shards do), and holds no cards.
+        holds_no_cards = admin.role() == L.RELAY_ROLE_ADMIN
+        judged_us, floor_us = (self.ts_us, 0) if holds_no_cards else (
+            ts, self.pruned_through_us + 1)
         newest_us = self.ts_us + CLIENT_TIME_AHEAD_MAX_US
-        oldest_us = max(judged_us - admin.request_window_us, self.pruned_through_us + 1)
+        oldest_us = max(judged_us - admin.request_window_us, floor_us)
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
         client_time = L.OP_CLIENT_TIME.unpack_from
@@ -1338,6 +1335,9 @@ class _Group:
             packed = op.packed
             kind = packed[0]
             key = op.request_key
+            if holds_no_cards and kind not in L.ADMIN_OPS and kind not in L.INTERNAL_OPS:
+                outcomes[i] = Outcome(L.R_NOT_A_CARD_SHARD, False, kind, None)  # (no record,
+                continue  # no KSN spent: an access refusal)
             if key:
                 client_us = client_time(packed)[0]
                 if client_us < oldest_us or client_us > newest_us:
@@ -1396,7 +1396,7 @@ class _Group:
             else:
                 self._flush_run()
                 self._admin(i, op, kind)
-                oldest_us = max(judged_us - admin.request_window_us, self.pruned_through_us + 1)
+                oldest_us = max(judged_us - admin.request_window_us, floor_us)
                 if admin.relaying:  # an admin shard's group: judged as that shard judged it, at
                     # its time (its relayed keys are never pruned here: see RELAYED_KEY_PREFIX)
                     oldest_us = admin.relay_ts_us - admin.request_window_us
@@ -2222,7 +2222,8 @@ class _Group:
             member_metrics.keep(txn, ledger, entries, later)  # beside them (cardcore.members)
         if self.idem_items:
             txn.cursor(db=ledger.requests).putmulti(self.idem_items)
-            pruned = [key for key, _ in self.idem_items if key[0] != RELAYED_KEY_HEAD]
+            pruned = ([] if self.admin.role() == L.RELAY_ROLE_ADMIN else
+                      [key for key, _ in self.idem_items if key[0] != RELAYED_KEY_HEAD])
             if pruned and not txn.cursor(db=ledger.request_times).put(
                     L.REQUEST_TIME_KEY.pack(self.ts), pack_request_keys(pruned), append=True):
                 raise InvariantError("request time index append refused: time went back")

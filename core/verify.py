@@ -57,7 +57,7 @@ from cardcore import members as member_metrics
 from cardcore import layout as L
 from cardcore import lots
 from cardcore import stores
-from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
+from cardcore.admin import META_ADMIN_RELAY, META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
 from cardcore.ledger import (EMPTY_LINE_REFUNDS, META_MEMBERS, PREDECESSOR, SUCCESSOR,
@@ -915,6 +915,8 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, expiries: dic
 
 def _requests(txn, ledger, problem) -> int:
     count = pruned = 0
+    relay = txn.get(META_ADMIN_RELAY, db=ledger.meta)  # an admin shard indexes none: it keeps
+    keeps_all = relay is not None and L.ADMIN_RELAY_SUBJECT.unpack(relay)[1] == L.RELAY_ROLE_ADMIN
     for key, idem in txn.cursor(db=ledger.requests):
         count += 1
         version, _, reason, _, _, seq, *_ = L.IDEM.unpack(idem)
@@ -922,7 +924,7 @@ def _requests(txn, ledger, problem) -> int:
             problem(f"a request record of version {version}")
         if key.startswith(L.RELAYED_KEY_PREFIX):  # an admin shard's, relayed: never pruned,
             key = key[len(L.RELAYED_KEY_PREFIX):]  # tagged with the caller's own key
-        else:
+        elif not keeps_all:
             pruned += 1
         # release 1 tagged entries with the bare request_id
         tag = request_tag(key[L.REQUEST_KEY_HEAD.size:] if key[0] == L.CALLER_LEGACY else key)

@@ -142,6 +142,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_ADMIN_ELSEWHERE: (C.FAILED_PRECONDITION, "this card shard takes admin changes from "
                                "the cluster's admin shard: make the change through a front of "
                                "that shard"),
+    R.REASON_NOT_A_CARD_SHARD: (C.FAILED_PRECONDITION, "this is the cluster's admin shard, which "
+                                "holds no cards: send card operations through a front of a card "
+                                "shard"),
     R.REASON_STORE_NOT_FOUND: (C.NOT_FOUND, "no store with this id: not in the chain's registry "
                                "and no entry ever"),
     R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "

@@ -38,15 +38,15 @@ from dataclasses import dataclass
 from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
 from cardcore.groups import decode_group, encode_group, relay_mark, relay_ops
-from cardcore.idempotency import InvariantError, PendingOp
+from cardcore.idempotency import CLOCK_STEP_MAX_US, InvariantError, PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
                              SUBMIT_INBOX_PREFIX, BehindRetention, Deposed, JetStreamLog, Lease,
                              NatsThread, NatsTLS, NatsUnavailable, Retention,
-                             ShardMisconfigured, Ticks,
-                             follower_inbox_prefix, prepare_shard, replica_inbox_prefix,
-                             submit_subject)
+                             ShardMisconfigured, ShardMissing, Ticks,
+                             follower_inbox_prefix, prepare_shard, read_genesis,
+                             replica_inbox_prefix, submit_subject)
 from cardcore.grouplog import LogError
 from cardcore.keyring import index_fingerprint, load_index_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
@@ -70,6 +70,11 @@ IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease
 RELAY_POLL_S = 0.2              # a card shard's leader looks at the admin shard's stream
 RELAY_RETRY_S = 1.0             # ... after that stream did not answer
 RELAY_GROUPS_MAX = 64           # admin groups relayed before the leader takes submissions again
+GENESIS_NEXT_SEQ = 2            # a new ledger's journal holds its genesis program's entry alone
+# A leader's own operations, refused from a submitter: a relay's mark (its relayed keys too),
+# and a floor (a restore's, on a single server: an operator id floor on one shard would part
+# its operator ids from the others')
+LEADERS_OWN = frozenset((L.OP_ADMIN_RELAY, L.OP_FLOOR))
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
 APPLIED_IN = b"G"  # applied, and the group it was applied in follows
 GROUP_NO = struct.Struct("<Q")  # an applied reply's group number, after its code
@@ -205,14 +210,18 @@ class Replica:
             _unseed(path)
             raise SeedError(f"the backup's ledger does not continue into shard {cfg.shard}'s "
                             f"stream ({exc}): another shard's, cluster's or server's") from exc
+        self.relays = cfg.admin_shard is not None and cfg.admin_shard != cfg.shard  # a card
+        # shard of a cluster with an admin shard: its leader relays that shard's groups
         self.admin_log: JetStreamLog | None = None  # a card shard's leader's: the admin shard's
         self.admin_scanned = 0  # the admin shard's last group its leader relayed or passed over
         self.relay_at = 0.0
         if not cfg.follow_only:
-            self._check_place(self.durable.ledger.read_admin_relay())
+            self._check_place(self.durable.ledger.read_admin_relay(),
+                              self.durable.ledger.next_seq == GENESIS_NEXT_SEQ)
         if cfg.admin_shard == cfg.shard:
             log.warning("replica s%d: the admin shard: its stream keeps every group (the card "
                         "shards' leaders relay them)", cfg.shard)
+        self.genesis_program = genesis["program"]
         self.lease = Lease(self.nt, cfg.shard, {"pid": os.getpid(), "data_dir": cfg.data_dir})
         self.requests: queue.Queue = queue.Queue(QUEUE_MAX_REQUESTS)
         self._sub = None
@@ -230,17 +239,18 @@ class Replica:
             return None
         return admin, L.RELAY_ROLE_ADMIN if admin == self.shard else L.RELAY_ROLE_CARD
 
-    def _check_place(self, have: tuple[int, int, int] | None) -> None:
-        """The shard's ledger says the place --admin-shard gives it, or none yet (AdminShardMismatch:
-        replicas of one shard started with different settings, or a shard with admin state of
-        its own made a card shard: the two would not agree)."""
+    def _check_place(self, have: tuple[int, int, int] | None, new: bool) -> None:
+        """The shard's ledger says the place --admin-shard gives it, or none yet on a new shard
+        (AdminShardMismatch: replicas of one cluster started with different settings, or a
+        shard with entries of its own, whose admin state or cards would not agree with its
+        place: a shard takes a place in a cluster with an admin shard only when new)."""
         want = self._place()
         if have is None:
-            if (want is not None and want[1] == L.RELAY_ROLE_CARD
-                    and self.durable.ledger.holds_admin_state()):
+            if want is not None and not new:
                 raise AdminShardMismatch(
-                    f"shard {self.shard} holds terminals or operators of its own: it cannot take "
-                    f"admin shard {want[0]}'s (start it without --admin-shard)")
+                    f"shard {self.shard} holds entries beyond its genesis: only a new shard "
+                    f"takes a place in a cluster with an admin shard (--admin-shard {want[0]}); "
+                    "start it without the option, or make a new shard")
             return
         if want != have[:2]:
             def said(place) -> str:
@@ -369,7 +379,7 @@ class Replica:
         self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000  # a check's time
         if not self._apply([PendingOp.internal(L.OP_MAINTENANCE)], []):
             return
-        if self._place() is not None and not self._take_place():
+        if not self._take_place():
             return
         self._sub = self.nt.call(self.nt.nc.subscribe(submit_subject(self.shard),
                                                       cb=self._on_submit))
@@ -381,25 +391,44 @@ class Replica:
         """(A new leader, caught up.) The shard's place said in its log once (its first leader's),
         and a card shard's relay picked up where its ledger stands. False if deposed."""
         have = self.durable.read_admin_relay()
-        self._check_place(have)
+        new = self.durable.journal_last_seq() == GENESIS_NEXT_SEQ - 1
+        try:
+            self._check_place(have, new)
+        except AdminShardMismatch:
+            self._step_down("a setting to fix")  # (the lease given up before the exit)
+            raise
         place = self._place()
-        assert place is not None
+        if place is None:
+            return True
+        if have is None and place[1] == L.RELAY_ROLE_CARD:  # the admin shard's program is this
+            try:  # one's, as every program it loads is judged against the one before
+                admin_program = self.nt.call(read_genesis(self.nt.js, place[0]))["program"]
+            except ShardMissing as exc:
+                self._step_down(f"{exc}: no place taken yet")
+                return False
+            if admin_program != self.genesis_program:
+                self._step_down("a setting to fix")
+                raise AdminShardMismatch(
+                    f"shard {self.shard}'s genesis program is not admin shard {place[0]}'s: a "
+                    "card shard starts with the admin shard's program (--program, the same "
+                    "file, or none on both)")
         if have is None and not self._apply([relay_mark(*place)], []):
             return False
         if place[1] == L.RELAY_ROLE_CARD:
             self.admin_scanned = have[2] if have else 0
             self.relay_at = 0.0
-            if self.admin_log is None:
-                self.admin_log = JetStreamLog(self.nt, place[0], self.cfg.append_timeout_ms)
         return True
 
     def _relay(self) -> None:
         """(A card shard's leader.) The admin shard's groups past the last relayed, each with
         admin entries appended here as a group of its own (``groups.relay_ops``), in order; the
         admin stream not answering is only a later look (the card shard serves on)."""
-        assert self.admin_log is not None and self.cfg.admin_shard is not None
+        assert self.cfg.admin_shard is not None
         self.relay_at = time.monotonic() + RELAY_POLL_S
         try:
+            if self.admin_log is None:  # (its stream's info: it may not answer yet)
+                self.admin_log = JetStreamLog(self.nt, self.cfg.admin_shard,
+                                              self.cfg.append_timeout_ms)
             for n, rec in enumerate(self.admin_log.read_from(self.admin_scanned + 1), 1):
                 ops = relay_ops(self.cfg.admin_shard, rec.group_no, rec.payload)
                 if ops and not self._apply(ops, []):
@@ -411,7 +440,7 @@ class Replica:
                 if n >= RELAY_GROUPS_MAX:
                     self.relay_at = 0.0  # more after the submissions waiting
                     return
-        except (*self.admin_log.TRANSIENT_ERRORS, LogError) as exc:
+        except (*JetStreamLog.TRANSIENT_ERRORS, LogError) as exc:
             self.relay_at = time.monotonic() + RELAY_RETRY_S
             log.warning("replica s%d: admin shard %d's stream: %s: %s; looking again", self.shard,
                         self.cfg.admin_shard, type(exc).__name__, exc)
@@ -437,7 +466,7 @@ class Replica:
     def _lead_once(self) -> None:
         wait_s = max(0.0, min(self.renew_at - time.monotonic(), IDLE_WAIT_S,
                               self.durable.seconds_to_due() or IDLE_WAIT_S,
-                              self.relay_at - time.monotonic() if self.admin_log is not None
+                              self.relay_at - time.monotonic() if self.relays
                               else IDLE_WAIT_S))
         batch = self._take(wait_s)
         if batch:
@@ -448,7 +477,7 @@ class Replica:
               and time.monotonic() - self.idle_since >= self.cfg.idle_maintenance_ms / 1000):
             self._apply([PendingOp.internal(L.OP_MAINTENANCE)], [])
             self.idle_since = time.monotonic()
-        if self.leading and self.admin_log is not None and time.monotonic() >= self.relay_at:
+        if self.leading and self.relays and time.monotonic() >= self.relay_at:
             self._relay()
         if not self.leading:
             return
@@ -508,8 +537,9 @@ class Replica:
                 got, _ = decode_group(data)
                 if not got or len(got) > SUBMIT_OPS_MAX:
                     raise ValueError("0 or too many operations")
-                if any(op.packed[0] == L.OP_ADMIN_RELAY for op in got):
-                    raise ValueError("a relay's mark is its leader's alone")
+                if any(op.packed[0] in LEADERS_OWN or op.request_key.startswith(
+                        L.RELAYED_KEY_PREFIX) for op in got):
+                    raise ValueError("a relay's operations, or a floor, are a leader's alone")
             except Exception:
                 self._reply(reply, MALFORMED)
             else:
@@ -526,7 +556,11 @@ class Replica:
     def _apply(self, ops: list[PendingOp], asks: list[tuple[str, int]]) -> bool:
         """One group: apply, publish, answer. False if this replica no longer leads."""
         try:
-            ts_us = max(time.time_ns() // 1000, self.log.last_group_ts_us() + 1)
+            last_us = self.log.last_group_ts_us()
+            ts_us = max(time.time_ns() // 1000, last_us + 1)
+            if last_us and self.cfg.admin_shard == self.shard:  # it judges at this time (the
+                ts_us = min(ts_us, last_us + CLOCK_STEP_MAX_US)  # card shards read it): never
+                # a wild clock's step past what a ledger's own time would take
             outcomes, _ = self.durable.apply(encode_group(ops, ts_us))
         except Deposed as exc:
             self._answer_all(asks, NOT_LEADER)

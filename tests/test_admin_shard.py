@@ -11,7 +11,7 @@ from cardcore import layout as L
 from cardcore.groups import encode_group, relay_mark, relay_ops
 from cardcore.idempotency import InvariantError, PendingOp
 from cardcore.ledger import Ledger
-from test_ledger import NOW, add_operator, enroll, key, op, open_op, revoke, swipe
+from test_ledger import NOW, add_operator, cid, enroll, key, op, open_op, revoke, swipe
 
 ADMIN_SHARD = 7
 DAY = 86_400 * 1_000_000
@@ -42,6 +42,8 @@ class Relay:
         self.group_no += 1
         here = self.admin.apply_group(ops, ts_us)
         relayed = relay_ops(ADMIN_SHARD, self.group_no, encode_group(ops, ts_us))
+        if not relayed:  # no admin entries (a leader's maintenance): nothing goes there
+            return [o.reason for o in here], []
         there = self.card.apply_group(relayed, ts_us + 1 if card_ts_us is None else card_ts_us)
         assert there[0].reason == L.R_OK  # the mark
         return [o.reason for o in here], [o.reason for o in there[1:]]
@@ -108,6 +110,19 @@ def test_a_card_shard_takes_the_admin_shards_changes_once_in_order_and_refuses_i
     assert report["ok"], report["problems"]
 
 
+def test_the_admin_shard_refuses_a_cards_operations_and_spends_no_ksn_on_them(pair):
+    admin, _ = pair
+    assert admin.apply_group([enroll("e31", 31, 3)], NOW)[0].reason == L.R_OK
+    number = "6225880000000931"
+    got = admin.apply_group([open_op("o", number), op("t", L.OP_TOP_UP, number, 100),
+                             swipe("s", L.OP_TOP_UP, number, 100, 31, 1)], NOW + 1)
+    assert [o.reason for o in got] == [L.R_NOT_A_CARD_SHARD] * 3
+    assert admin.read_card(cid(number)) is None
+    assert [t[5] for t in admin.read_terminals()] == [0]  # the KSN high-water, untouched
+    # no request record (``landed`` finds none: the operation never applied)
+    assert admin.landed([open_op("o", number)])[0].reason == L.R_STORAGE_UNAVAILABLE
+
+
 def test_a_relayed_request_is_judged_at_the_admin_groups_time_not_the_card_shards(pair):
     """A request's age is judged where the admin shard judged it, at its group's time: a card
     shard that relays it nine days later applies what the admin shard applied, and refuses what
@@ -125,6 +140,28 @@ def test_a_relayed_request_is_judged_at_the_admin_groups_time_not_the_card_shard
     assert relay.admin_group([enroll("fresh", 21, 3, at=NOW)], NOW + 2, card_ts_us=late + 10 * DAY) \
         == ([L.R_OK], [L.R_OK])
     assert terminals(card) == terminals(admin) == [(21, L.TERMINAL_ACTIVE, 3)]
+
+
+def test_a_window_raised_after_pruning_judges_alike_on_both_shards(pair):
+    """The admin shard keeps every request record (no pruning floor), so a window raised later
+    judges a request's age on it as the card shards judge the relay: at the group's time alone.
+    (With a floor left by pruning under the short window, the admin shard refused what every
+    card shard applied: a review's finding.)"""
+    from cardcore.admin import window_op
+
+    admin, card = pair
+    relay = Relay(admin, card)
+    hour = 3600 * 1_000_000
+    assert relay.admin_group([window_op(3600)], NOW) == ([L.R_OK], [L.R_OK])
+    assert relay.admin_group([enroll("a", 41, 3, at=NOW)], NOW + 1) == ([L.R_OK], [L.R_OK])
+    relay.admin_group([PendingOp.internal(L.OP_MAINTENANCE)], NOW + 3 * hour)  # past its window
+    assert relay.admin_group([window_op(7 * 24 * 3600)], NOW + 3 * hour + 1) == ([L.R_OK], [L.R_OK])
+    late = enroll("late", 42, 3, at=NOW - hour)  # in the 7-day window, before the pruned one
+    assert relay.admin_group([late], NOW + 3 * hour + 2) == ([L.R_OK], [L.R_OK])
+    assert terminals(card) == terminals(admin)
+    for ledger in (admin, card):
+        report = ledger.verify()
+        assert report["ok"], report["problems"]
 
 
 def test_an_admin_shard_refuses_a_program_that_drops_a_tier_since_it_sees_no_cards(pair, tmp_path):

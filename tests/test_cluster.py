@@ -1641,6 +1641,15 @@ def test_card_shards_take_the_admin_shards_changes_through_a_leaders_kill_9_and_
         got = submit(client, [open_op("o", number, at=now), op("t", L.OP_TOP_UP, number, 500, at=now),
                               enroll("e6", 6, 3, at=now)], card)
         assert [o.reason for o in got] == [L.R_OK, L.R_OK, L.R_ADMIN_ELSEWHERE]
+        # a submitter may not send a leader's own operations: a relay's mark, a key in the
+        # relayed namespace (it would answer a relayed change from a planted record), a floor
+        from cardcore.admin import FLOOR_OPERATOR_ID, floor_op
+        from cardcore.groups import relay_ops
+        forged = enroll("e7", 7, 3, at=now)
+        forged.request_key = L.RELAYED_KEY_PREFIX + forged.request_key
+        for ops in (relay_ops(admin, 99, encode_group([enroll("e8", 8, 3, at=now)], now)),
+                    [forged], [floor_op(FLOOR_OPERATOR_ID, 0, 1000)]):
+            assert client.submit(card, ops) == b"E"
         ksn = 0
 
         def swipe_until(reason: int) -> None:
@@ -1686,3 +1695,27 @@ def test_card_shards_take_the_admin_shards_changes_through_a_leaders_kill_9_and_
             if r.proc.poll() is None:
                 r.stop()
         cluster.stop()
+
+
+def test_only_a_new_shard_with_the_admin_shards_program_takes_a_place_beside_it(
+        nats_cluster, start_replica):
+    """A replica that would take its shard's place beside the admin shard exits 2 (a setting to
+    fix) when its shard has entries of its own (its admin state or cards would not agree with
+    the admin shard's), or, as its leader, when the shard was made with another program (every
+    program the admin shard loads is judged against the one before)."""
+    admin, card, other = 1, 0, 2
+    start_replica("admin", admin, *LEASE, "--admin-shard", str(admin)).wait_role("leading")
+    old = start_replica("old", card, *LEASE)
+    old.wait_role("leading")
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        open_cards(client, 1, random.Random(3), card)
+    finally:
+        client.close()
+    assert old.stop() == 0
+    again = start_replica("old", card, *LEASE, "--admin-shard", str(admin))
+    assert again.proc.wait(60) == 2, again.log()[-2000:]
+    assert "entries beyond its genesis" in again.log()
+    cafe = start_replica("cafe", other, *LEASE, "--program", CAFE, "--admin-shard", str(admin))
+    assert cafe.proc.wait(60) == 2, cafe.log()[-2000:]
+    assert "genesis program is not admin shard 1's" in cafe.log()
