@@ -409,6 +409,8 @@ class AdminState:
             self.dirty.add(ident)
             return 1
         if what == FLOOR_OPERATOR_ID:
+            if self.role() == L.RELAY_ROLE_CARD and not self.relaying:
+                return 0  # the admin shard's, relayed: operator ids are assigned alike
             raw = self.txn.get(OPERATOR_NEXT_ID, db=self.ledger.operators)
             if raw is not None and int.from_bytes(raw, "little") >= value:
                 return 0
@@ -447,6 +449,14 @@ class AdminState:
                 self.txn.put(card_id, new, db=self.ledger.cardnos)
                 count += 1
         return count
+
+
+def relayed(op: PendingOp) -> bool:
+    """Whether an admin shard's operation goes to its card shards (``groups.relay_ops``): an
+    admin entry, or a floor of the operator ids (which every shard assigns alike)."""
+    kind = op.packed[0]
+    return kind in L.ADMIN_OPS or (kind == L.OP_FLOOR
+                                   and FLOOR.unpack(op.card_id)[0] == FLOOR_OPERATOR_ID)
 
 
 def reseal_payload(items: list[tuple[bytes, bytes, bytes]]) -> bytes:

@@ -74,13 +74,15 @@ def decode_group(data: bytes) -> tuple[list[PendingOp], int]:
 def relay_ops(admin_shard: int, group_no: int, admin_group: bytes) -> list[PendingOp]:
     """What a card shard's leader appends for group ``group_no`` of the admin shard's stream
     (docs/cluster.md, "The admin shard"): the mark, then that group's admin entries as they
-    came (their request keys moved to the relayed namespace); [] if it holds none (its leader's
-    barriers and maintenance: nothing to relay)."""
+    came (their request keys moved to the relayed namespace), and its floors of the operator
+    ids; [] if it holds none (its leader's barriers and maintenance: nothing to relay)."""
+    from cardcore.admin import relayed
+
     assert group_no >= 1
     ops, ts_us = decode_group(admin_group)
     admin = [dataclasses.replace(op, request_key=L.RELAYED_KEY_PREFIX + op.request_key
                                  if op.request_key else b"")
-             for op in ops if op.packed[0] in L.ADMIN_OPS]
+             for op in ops if relayed(op)]
     if not admin:
         return []
     return [relay_mark(admin_shard, L.RELAY_ROLE_CARD, group_no, ts_us), *admin]

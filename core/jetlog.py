@@ -514,8 +514,11 @@ class JetStreamLog(GroupLog):
     TRANSIENT_ERRORS = (TimeoutError, nats.errors.Error) if nats is not None else (TimeoutError,)
 
     def __init__(self, nt: NatsThread, shard: int,
-                 append_timeout_ms: int = APPEND_TIMEOUT_MS_DEFAULT) -> None:
+                 append_timeout_ms: int = APPEND_TIMEOUT_MS_DEFAULT,
+                 call_timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.nt = nt
+        self.call_timeout_s = call_timeout_s  # a read's calls (a leader reading another
+        # shard's stream keeps them short: its lease is renewed between them)
         self.shard = shard
         self.stream = stream_name(shard)
         self.subject = log_subject(shard)
@@ -600,7 +603,7 @@ class JetStreamLog(GroupLog):
         """Every group from ``group_no`` to the stream's end as of this call, checked (shard,
         number, crc), fetched ``READ_AHEAD`` at a time; BehindRetention if the stream no longer
         holds ``group_no``."""
-        state = self.nt.call(self.nt.js.stream_info(self.stream)).state
+        state = self.nt.call(self.nt.js.stream_info(self.stream), self.call_timeout_s).state
         end = state.last_seq
         if group_no <= end and state.first_seq > group_no:
             raise BehindRetention(
@@ -614,7 +617,7 @@ class JetStreamLog(GroupLog):
         seq = group_no
         while seq <= end:
             last = min(end, seq + READ_AHEAD - 1)
-            msgs = self.nt.call(self._get_many(seq, last), CALL_TIMEOUT_S * 2)
+            msgs = self.nt.call(self._get_many(seq, last), self.call_timeout_s * 2)
             for no, msg in zip(range(seq, last + 1), msgs):
                 yield self._record(no, msg.data or b"")
             seq = last + 1

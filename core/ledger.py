@@ -1537,6 +1537,8 @@ class _Group:
                 op.card_id = live   # card, which holds what the request moved
                 op.packed = op.packed[:_OP_CARD] + live + op.packed[_OP_CARD + L.CARD_ID_SIZE:]
             original = op.payload
+            if original.startswith(L.RELAYED_KEY_PREFIX):  # never a caller's: a record of it
+                return L.R_ORIGINAL_NOT_FOUND  # would answer a change relayed later
             j = first_index.get(original)
             if (j is not None or original in self.tombstones) and self.run:
                 self._flush_run()  # the original, or a reversal of it, earlier in this group

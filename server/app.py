@@ -160,6 +160,7 @@ async def _bootstrap_admin(admin: AdminService, access: Access, data_dir: str) -
                                  name, cpb.OPERATOR_ROLE_CHAIN_ADMIN, [], 0, token=token)
     except AdminRefused as exc:
         if exc.reason != L.R_DUPLICATE_REQUEST_MISMATCH:
+            os.unlink(path)  # refused: the token names nobody
             raise
     access.reload()
     if token_digest(token) not in access.operators_by_digest:

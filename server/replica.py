@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 from cardcore import layout as L
 from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT, DurableLedger
-from cardcore.groups import decode_group, encode_group, relay_mark, relay_ops
-from cardcore.idempotency import CLOCK_STEP_MAX_US, InvariantError, PendingOp
+from cardcore.groups import decode_group, encode_group, group_ts_us, relay_mark, relay_ops
+from cardcore.idempotency import InvariantError, PendingOp
 from cardcore.jetlog import (APPEND_TIMEOUT_MS_DEFAULT, LEASE_MS_DEFAULT,
                              REPLICA_STALE_S_DEFAULT, RETAIN_GROUPS_DEFAULT,
                              RETENTION_CHECK_MS_DEFAULT, STREAM_REPLICAS_DEFAULT,
@@ -51,6 +51,7 @@ from cardcore.grouplog import LogError
 from cardcore.keyring import index_fingerprint, load_index_key
 from cardcore.ledger import MAP_SIZE_INITIAL, Ledger, Outcome
 from cardcore.lookup import lookup_key
+from cardcore.program import DEFAULT_PROGRAM_TOML
 from cardcore.profiles import profile_key
 
 from .writer_proc import decode_answer, encode_answer, writer_gc
@@ -69,12 +70,12 @@ TRANSIENT_PAUSE_S = 0.5         # after NATS did not answer, before trying again
 IDLE_WAIT_S = 1.0               # a leader with nothing to do looks at its lease this often
 RELAY_POLL_S = 0.2              # a card shard's leader looks at the admin shard's stream
 RELAY_RETRY_S = 1.0             # ... after that stream did not answer
+RELAY_CALL_TIMEOUT_S = 0.5      # its reads' calls: the lease is renewed between them
 RELAY_GROUPS_MAX = 64           # admin groups relayed before the leader takes submissions again
+RELAY_MARK_EVERY = 10_000       # admin groups passed over (nothing to relay) before a mark says so
+ADMIN_WAIT_S = 5.0              # a new card shard waiting for its admin shard's genesis
 GENESIS_NEXT_SEQ = 2            # a new ledger's journal holds its genesis program's entry alone
-# A leader's own operations, refused from a submitter: a relay's mark (its relayed keys too),
-# and a floor (a restore's, on a single server: an operator id floor on one shard would part
-# its operator ids from the others')
-LEADERS_OWN = frozenset((L.OP_ADMIN_RELAY, L.OP_FLOOR))
+
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
 APPLIED_IN = b"G"  # applied, and the group it was applied in follows
 GROUP_NO = struct.Struct("<Q")  # an applied reply's group number, after its code
@@ -145,8 +146,11 @@ class Replica:
         except (OSError, ValueError) as exc:
             raise KeyringMismatch(f"--keyring {cfg.keyring_path}: {exc}") from None
         fingerprint = index_fingerprint(index_key) if index_key else None
+        # (a new shard's genesis names its program's text, the default one's too: replicas of
+        # another release, and an admin shard's card shards, compare and apply the same one)
         genesis = prepare_shard(self.nt, cfg.shard, cfg.stream_replicas, cfg.lease_ms,
-                                cfg.program, time.time_ns() // 1000, fingerprint,
+                                DEFAULT_PROGRAM_TOML if cfg.program is None else cfg.program,
+                                time.time_ns() // 1000, fingerprint,
                                 create=not cfg.follow_only)
         if "keyring" not in genesis:  # a shard made before the check: nothing to compare with
             log.warning("replica s%d: the shard's genesis names no keyring: not checked",
@@ -214,6 +218,7 @@ class Replica:
         # shard of a cluster with an admin shard: its leader relays that shard's groups
         self.admin_log: JetStreamLog | None = None  # a card shard's leader's: the admin shard's
         self.admin_scanned = 0  # the admin shard's last group its leader relayed or passed over
+        self.admin_marked = 0   # ... and the last its ledger names (relayed, or a mark alone)
         self.relay_at = 0.0
         if not cfg.follow_only:
             self._check_place(self.durable.ledger.read_admin_relay(),
@@ -374,6 +379,8 @@ class Replica:
         """Caught up to the stream's end, append the barrier, then take submissions."""
         self.log.epoch = self.lease.epoch
         self.durable.follow()
+        if not self._may_take_place():
+            return
         self.leading = True
         self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
         self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000  # a check's time
@@ -387,35 +394,47 @@ class Replica:
         self.idle_since = time.monotonic()
         self._role("leading")
 
-    def _take_place(self) -> bool:
-        """(A new leader, caught up.) The shard's place said in its log once (its first leader's),
-        and a card shard's relay picked up where its ledger stands. False if deposed."""
+    def _may_take_place(self) -> bool:
+        """(Holding the lease, caught up, before its barrier.) May this replica lead: the shard's
+        place is the one --admin-shard gives it (AdminShardMismatch, the lease given up: a
+        setting to fix), and a new card shard's program is the admin shard's genesis program (as
+        every program the admin shard loads is judged against the one before). An admin shard
+        that has no genesis yet: the lease given up, tried again in a while (no group appended
+        meanwhile)."""
         have = self.durable.read_admin_relay()
-        new = self.durable.journal_last_seq() == GENESIS_NEXT_SEQ - 1
         try:
-            self._check_place(have, new)
+            self._check_place(have, self.durable.journal_last_seq() == GENESIS_NEXT_SEQ - 1)
+            if have is None and self.relays:
+                try:
+                    genesis = self.nt.call(read_genesis(self.nt.js, self.cfg.admin_shard))
+                except ShardMissing as exc:
+                    log.warning("replica s%d: %s; the lease given up until it has", self.shard,
+                                exc)
+                    self.lease.release()
+                    self.take_at = time.monotonic() + ADMIN_WAIT_S
+                    return False
+                if genesis["program"] != self.genesis_program:
+                    raise AdminShardMismatch(
+                        f"shard {self.shard}'s genesis program is not admin shard "
+                        f"{self.cfg.admin_shard}'s: a card shard starts with the admin shard's "
+                        "program (--program, the same file on both, or none on both)")
         except AdminShardMismatch:
-            self._step_down("a setting to fix")  # (the lease given up before the exit)
+            self.lease.release()
             raise
+        return True
+
+    def _take_place(self) -> bool:
+        """(A new leader, after its barrier.) The shard's place said in its log once (its first
+        leader's), and a card shard's relay picked up where its ledger stands. False if
+        deposed."""
         place = self._place()
         if place is None:
             return True
-        if have is None and place[1] == L.RELAY_ROLE_CARD:  # the admin shard's program is this
-            try:  # one's, as every program it loads is judged against the one before
-                admin_program = self.nt.call(read_genesis(self.nt.js, place[0]))["program"]
-            except ShardMissing as exc:
-                self._step_down(f"{exc}: no place taken yet")
-                return False
-            if admin_program != self.genesis_program:
-                self._step_down("a setting to fix")
-                raise AdminShardMismatch(
-                    f"shard {self.shard}'s genesis program is not admin shard {place[0]}'s: a "
-                    "card shard starts with the admin shard's program (--program, the same "
-                    "file, or none on both)")
+        have = self.durable.read_admin_relay()
         if have is None and not self._apply([relay_mark(*place)], []):
             return False
-        if place[1] == L.RELAY_ROLE_CARD:
-            self.admin_scanned = have[2] if have else 0
+        if self.relays:
+            self.admin_scanned = self.admin_marked = have[2] if have else 0
             self.relay_at = 0.0
         return True
 
@@ -428,15 +447,22 @@ class Replica:
         try:
             if self.admin_log is None:  # (its stream's info: it may not answer yet)
                 self.admin_log = JetStreamLog(self.nt, self.cfg.admin_shard,
-                                              self.cfg.append_timeout_ms)
+                                              self.cfg.append_timeout_ms, RELAY_CALL_TIMEOUT_S)
             for n, rec in enumerate(self.admin_log.read_from(self.admin_scanned + 1), 1):
                 ops = relay_ops(self.cfg.admin_shard, rec.group_no, rec.payload)
                 if ops and not self._apply(ops, []):
                     return  # deposed: the next leader relays from what the stream holds
                 self.admin_scanned = rec.group_no
                 if ops:
+                    self.admin_marked = rec.group_no
                     log.info("replica s%d: admin group %d relayed (%d changes)", self.shard,
                              rec.group_no, len(ops) - 1)
+                elif self.admin_scanned - self.admin_marked >= RELAY_MARK_EVERY:
+                    # a mark alone, so that the next leader does not read these again
+                    if not self._apply([relay_mark(self.cfg.admin_shard, L.RELAY_ROLE_CARD,
+                                                   rec.group_no, group_ts_us(rec.payload))], []):
+                        return
+                    self.admin_marked = rec.group_no
                 if n >= RELAY_GROUPS_MAX:
                     self.relay_at = 0.0  # more after the submissions waiting
                     return
@@ -477,10 +503,12 @@ class Replica:
               and time.monotonic() - self.idle_since >= self.cfg.idle_maintenance_ms / 1000):
             self._apply([PendingOp.internal(L.OP_MAINTENANCE)], [])
             self.idle_since = time.monotonic()
-        if self.leading and self.relays and time.monotonic() >= self.relay_at:
-            self._relay()
-        if not self.leading:
+        if not self.leading or not self._renew_if_due():
             return
+        if self.relays and time.monotonic() >= self.relay_at:
+            self._relay()  # (after the renewal: its reads of another stream may take a while)
+            if not self.leading:
+                return
         if self.durable.due():
             self.durable.checkpoint()
         self.log.retention.report(self.durable.checkpointed)
@@ -488,11 +516,17 @@ class Replica:
                 and time.monotonic() >= self.purge_at):
             self.purge_at = time.monotonic() + self.cfg.retention_check_ms / 1000
             self.nt.spawn(self._purge())
+        self._renew_if_due()
+
+    def _renew_if_due(self) -> bool:
+        """The lease renewed when due (a third of its TTL on); False if this replica no longer
+        leads."""
         if time.monotonic() >= self.renew_at:
             if self.lease.renew():
                 self.renew_at = time.monotonic() + self.cfg.lease_ms / 3000
             else:
                 self._lease_lost()
+        return self.leading
 
     async def _purge(self) -> None:
         """(The loop thread.) The retention's purge; a failure is only a later purge (a stream
@@ -537,9 +571,9 @@ class Replica:
                 got, _ = decode_group(data)
                 if not got or len(got) > SUBMIT_OPS_MAX:
                     raise ValueError("0 or too many operations")
-                if any(op.packed[0] in LEADERS_OWN or op.request_key.startswith(
+                if any(op.packed[0] == L.OP_ADMIN_RELAY or op.request_key.startswith(
                         L.RELAYED_KEY_PREFIX) for op in got):
-                    raise ValueError("a relay's operations, or a floor, are a leader's alone")
+                    raise ValueError("a relay's operations are a leader's alone")
             except Exception:
                 self._reply(reply, MALFORMED)
             else:
@@ -556,11 +590,7 @@ class Replica:
     def _apply(self, ops: list[PendingOp], asks: list[tuple[str, int]]) -> bool:
         """One group: apply, publish, answer. False if this replica no longer leads."""
         try:
-            last_us = self.log.last_group_ts_us()
-            ts_us = max(time.time_ns() // 1000, last_us + 1)
-            if last_us and self.cfg.admin_shard == self.shard:  # it judges at this time (the
-                ts_us = min(ts_us, last_us + CLOCK_STEP_MAX_US)  # card shards read it): never
-                # a wild clock's step past what a ledger's own time would take
+            ts_us = max(time.time_ns() // 1000, self.log.last_group_ts_us() + 1)
             outcomes, _ = self.durable.apply(encode_group(ops, ts_us))
         except Deposed as exc:
             self._answer_all(asks, NOT_LEADER)

@@ -123,6 +123,30 @@ def test_the_admin_shard_refuses_a_cards_operations_and_spends_no_ksn_on_them(pa
     assert admin.landed([open_op("o", number)])[0].reason == L.R_STORAGE_UNAVAILABLE
 
 
+def test_operator_ids_stay_alike_and_no_caller_plants_a_record_a_relay_would_meet(pair):
+    """A floor of the operator ids made on the admin shard is relayed (the next operator gets
+    one id everywhere); one sent to a card shard changes nothing; a reversal naming a relayed
+    key is refused there (its tombstone would answer the relayed change instead of applying
+    it: a review's finding)."""
+    from cardcore.admin import FLOOR_OPERATOR_ID, floor_op
+
+    admin, card = pair
+    relay = Relay(admin, card)
+    assert card.apply_group([floor_op(FLOOR_OPERATOR_ID, 0, 500)], NOW)[0].count == 0
+    assert relay.admin_group([floor_op(FLOOR_OPERATOR_ID, 0, 40)], NOW + 1) == ([L.R_OK], [L.R_OK])
+    assert relay.admin_group([add_operator("bob", "bob", 1)], NOW + 2) == ([L.R_OK], [L.R_OK])
+    assert operators(card) == operators(admin) and operators(card)[0][0] == 40
+    number = "6225880000000951"
+    card.apply_group([open_op("o", number)], NOW + 3)
+    coming = revoke("r-later", 51)
+    planted = op("rev", L.OP_REVERSAL, number, 0, at=NOW,
+                 original_key=L.RELAYED_KEY_PREFIX + coming.request_key)
+    assert card.apply_group([planted], NOW + 4)[0].reason == L.R_ORIGINAL_NOT_FOUND
+    assert relay.admin_group([enroll("e51", 51, 3), coming], NOW + 5) \
+        == ([L.R_OK, L.R_OK], [L.R_OK, L.R_OK])
+    assert terminals(card) == terminals(admin) == [(51, L.TERMINAL_REVOKED, 3)]
+
+
 def test_a_relayed_request_is_judged_at_the_admin_groups_time_not_the_card_shards(pair):
     """A request's age is judged where the admin shard judged it, at its group's time: a card
     shard that relays it nine days later applies what the admin shard applied, and refuses what
