@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -81,7 +82,7 @@ def main() -> int:
                 time.sleep(0.05)
             leader_of(mine)
         client = SubmitClient(nodes.urls.split(","))
-        number = random_number()
+        number = random_number(random.Random(1))
         cid = card_id(KEY, number)
         dev = (L.CALLER_DEVELOPMENT, 0)
         got = submit(client, CARD, [
