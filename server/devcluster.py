@@ -321,9 +321,17 @@ class FrontProcess:
         return stop_process(self.proc, self._log, timeout_s)
 
 
-def leader_of(replicas: list[ReplicaProcess]) -> ReplicaProcess:
-    """The replica whose latest role is leading (exactly one)."""
-    leading = [r for r in replicas if r.proc.poll() is None and r.roles()[-1:] == ["leading"]]
+def leader_of(replicas: list[ReplicaProcess], wait_s: float = 0.0) -> ReplicaProcess:
+    """The replica whose latest role is leading (exactly one), waited for up to ``wait_s``: on a
+    loaded machine a leader whose lease lapsed while it was busy says it follows only at its next
+    renewal, after its successor said it leads."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        leading = [r for r in replicas
+                   if r.proc.poll() is None and r.roles()[-1:] == ["leading"]]
+        if len(leading) == 1 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     assert len(leading) == 1, [r.roles() for r in replicas]
     return leading[0]
 
@@ -338,31 +346,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tls", action="store_true",
                     help="plain NATS connections, no users (default: mutual TLS, the roles' users)")
     ap.add_argument("--front-listen", default="127.0.0.1:50061",
-                    help="where shard 0's front listens (plaintext gRPC, loopback; port 0: any)")
+                    help="where the first card shard's front listens (plaintext gRPC, loopback; "
+                         "port 0: any)")
+    ap.add_argument("--admin-shard", type=int, default=None,
+                    help="one of the shards as the admin shard (docs/cluster.md, The admin "
+                         "shard), with a front of its own for operators (--admin-front-listen); "
+                         "a folder first started without it keeps that setting")
+    ap.add_argument("--admin-front-listen", default="127.0.0.1:50062",
+                    help="where the admin shard's front listens (with --admin-shard)")
     args = ap.parse_args(argv)
+    admin = args.admin_shard
+    if admin is not None and not (0 <= admin < args.shards and args.shards >= 2):
+        ap.error("--admin-shard: one of the --shards, and at least one other for the cards")
+    card = 1 if admin == 0 else 0  # the card shard a front serves
     why = cluster_available()
     if why:
         print(f"make cluster: {why}", file=sys.stderr)
         return 2
     nodes = NatsCluster(os.path.join(args.data_dir, "nats"), tls=not args.no_tls,
-                        shards=args.shards)
+                        shards=args.shards, admin_shard=admin)
     keyring = os.path.join(args.data_dir, "keyring.json")  # the chain's: replicas and front
     if not os.path.exists(keyring):
         from cardcore.keyring import Keyring
 
         Keyring.load_or_create(keyring, args.data_dir)
     replicas: list[ReplicaProcess] = []
-    front: FrontProcess | None = None
+    fronts: list[FrontProcess] = []
     stop = []
+
+    def replica(data_dir: str, shard: int) -> ReplicaProcess:
+        return ReplicaProcess(data_dir, shard, nodes.urls, "--lease-ms", str(args.lease_ms),
+                              "--keyring", keyring, *nodes.replica_args(shard),
+                              *(["--admin-shard", str(admin)] if admin is not None else []))
+
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         for shard in range(args.shards):
             for k in range(3):
-                replicas.append(ReplicaProcess(os.path.join(args.data_dir, f"s{shard}-r{k}"),
-                                               shard, nodes.urls, "--lease-ms",
-                                               str(args.lease_ms), "--keyring", keyring,
-                                               *nodes.replica_args(shard)))
+                replicas.append(replica(os.path.join(args.data_dir, f"s{shard}-r{k}"), shard))
         for r in replicas:  # (a second start on the folder: its log holds the first's roles)
             r.wait_role("following", after=r.first_role)
         print(f"NATS          {nodes.urls} (monitoring: " + ", ".join(
@@ -379,22 +401,33 @@ def main(argv: list[str] | None = None) -> int:
                    and time.monotonic() < deadline):
                 time.sleep(0.05)
             print(f"shard {shard}       leader {leader_of(mine).data_dir}; submit on "
-                  f"cardcore.s{shard}.submit; logs: <replica folder>/replica.log")
-        front = FrontProcess(os.path.join(args.data_dir, "front-s0"), 0, nodes, keyring,
-                             args.front_listen)
-        token = os.path.join(front.data_dir, "admin.token")
-        print(f"front         {front.target}: shard 0's (CardService, AdminService; plaintext "
-              f"gRPC, loopback only); the chain admin's token in {token}; its log "
+                  f"cardcore.s{shard}.submit; logs: <replica folder>/replica.log"
+                  + (" (the admin shard)" if shard == admin else ""))
+        if admin is not None:  # first: it makes the chain admin, which the card shard relays
+            fronts.append(FrontProcess(os.path.join(args.data_dir, f"front-s{admin}"), admin,
+                                       nodes, keyring, args.admin_front_listen))
+            print(f"admin front   {fronts[-1].target}: the admin shard's (terminals, operators, "
+                  f"the program, stores: make them here); its log {fronts[-1].log_path}")
+        fronts.append(FrontProcess(os.path.join(args.data_dir, f"front-s{card}"), card, nodes,
+                                   keyring, args.front_listen))
+        front = fronts[-1]
+        token = os.path.join(fronts[0].data_dir, "admin.token")
+        print(f"front         {front.target}: shard {card}'s (CardService, AdminService; "
+              f"plaintext gRPC, loopback only); the chain admin's token in {token}; its log "
               f"{front.log_path}")
         print(f"try it        export CARDCORE_LISTEN={front.target} CARDCORE_TOKEN_FILE={token}")
+        if admin is not None:
+            print(f"              admin changes (enroll-terminal, add-operator, ...) with "
+                  f"CARDCORE_LISTEN={fronts[0].target}: shard {card}'s front refuses them "
+                  "(REASON_ADMIN_ELSEWHERE)")
         print("              then the README's first steps: .venv/bin/cardcore open-card "
               "6225880000001231 --tier 1 --name \"Li Wei\", top-up, purchase, card (a second "
               "start keeps the first's cards)")
         print(f"verify        .venv/bin/cardcore verify --data-dir {mine[0].data_dir} --keyring "
               f"{keyring}  (any replica's folder; backup likewise)")
-        if args.shards > 1:
-            print("              a front serves one shard: shards 1.. run without one (routing "
-                  "over several: not built, docs/cluster.md)")
+        if args.shards > 1 + (admin is not None):
+            print("              a front serves one shard: the other card shards run without "
+                  "one (routing over several: not built, docs/cluster.md)")
         print("Ctrl-C stops everything", flush=True)
         leaders = {shard: None for shard in range(args.shards)}
         while not stop:
@@ -409,9 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                     # as its systemd unit would (Restart=on-failure): on its folder, following
                     print(f"replica {r.data_dir} exited {rc}: started again", flush=True)
                     r.stop()
-                    replicas[k] = ReplicaProcess(r.data_dir, r.shard, nodes.urls, "--lease-ms",
-                                                 str(args.lease_ms), "--keyring", keyring,
-                                                 *nodes.replica_args(r.shard))
+                    replicas[k] = replica(r.data_dir, r.shard)
             for shard in leaders:
                 now = [r for r in replicas if r.shard == shard and r.proc.poll() is None
                        and r.roles()[-1:] == ["leading"]]
@@ -421,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                     leaders[shard] = now[0].data_dir
             time.sleep(0.5)
     finally:
-        if front is not None:
-            front.stop()
+        for f in reversed(fronts):
+            f.stop()
         for r in replicas:
             if r.proc.poll() is None:
                 r.stop()

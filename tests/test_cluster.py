@@ -128,7 +128,7 @@ def converge_and_stop(replicas: list[ReplicaProcess], urls: str, shard: int = SH
         assert time.monotonic() < deadline, [(applied(r), end, r.log()[-1500:]) for r in live]
         time.sleep(0.05)
     assert stream_end(urls, shard, tls) == end
-    leader = leader_of(live)
+    leader = leader_of(live, wait_s=15)
     for r in live:
         if r is not leader:
             assert r.stop() == 0, r.log()[-3000:]
