@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print("              then the README's first steps: .venv/bin/cardcore open-card "
               "6225880000001231 --tier 1 --name \"Li Wei\", top-up, purchase, card (a second "
               "start keeps the first's cards)")
+        mine = [r for r in replicas if r.shard == card]
         print(f"verify        .venv/bin/cardcore verify --data-dir {mine[0].data_dir} --keyring "
               f"{keyring}  (any replica's folder; backup likewise)")
         if args.shards > 1 + (admin is not None):
