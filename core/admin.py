@@ -133,6 +133,15 @@ class AdminState:
         """layout.RELAY_ROLE_CARD or _ADMIN in a cluster with an admin shard; 0 otherwise."""
         return (self.relayed_from() or (0, 0))[1]
 
+    def judged_us(self, ts_us: int) -> int:
+        """The time a request's age and a day's start are judged at, the group's ``ts_us``
+        otherwise: a relayed group's, its admin group's time (carried by the mark); an admin
+        shard's, the time its group came with (which its card shards read in the group, where
+        its ledger's clock may lag: its idle groups do not move it)."""
+        if self.relay_ts_us:
+            return self.relay_ts_us
+        return self.given_ts_us if self.role() == L.RELAY_ROLE_ADMIN else ts_us
+
     def region(self, region_id: int) -> bytes | None:
         if region_id not in self.regions:
             self.regions[region_id] = self.txn.get(L.TERMINAL_KEY.pack(region_id),
@@ -341,9 +350,7 @@ class AdminState:
             # store's clock moved back since
         program = self.program
         own = stores.store_day(self.store(store)) if store else None
-        judged_us = self.relay_ts_us or (self.given_ts_us if self.role() == L.RELAY_ROLE_ADMIN
-                                         else ts_us)  # (as the ledger's request ages)
-        if day > business_day(judged_us, *program.business_day_of(own)):
+        if day > business_day(self.judged_us(ts_us), *program.business_day_of(own)):
             return L.R_DAY_NOT_STARTED
         self.closed_days.add((store, day))
         return L.R_OK

@@ -1315,18 +1315,8 @@ class _Group:
             legacy = dict(txn.cursor(db=ledger.requests).getmulti(
                 [legacy_key(op.request_key) for op in ops if op.request_key
                  and op.packed[0] <= L.OP_RESET_PIN and op.request_key not in known]))
-        # Too old: a re-send of a request whose record may be pruned (the age is judged on the
-        # group's time, which never goes back). Too far ahead: judged on the clock the group
-        # came with, a sanity check only (pruning never depends on it).
-        # An admin shard judges at the time its group came with (never before its ledger's:
-        # pruning stays behind it), which the card shards it relays to read in the group.
-        # An admin shard keeps every request record (no pruning floor: a window raised later
-        # judges as its card shards do), and holds no cards.
         holds_no_cards = admin.role() == L.RELAY_ROLE_ADMIN
-        judged_us, floor_us = (self.ts_us, 0) if holds_no_cards else (
-            ts, self.pruned_through_us + 1)
-        newest_us = self.ts_us + CLIENT_TIME_AHEAD_MAX_US
-        oldest_us = max(judged_us - admin.request_window_us, floor_us)
+        oldest_us, newest_us = self._request_ages()
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
         client_time = L.OP_CLIENT_TIME.unpack_from
@@ -1396,16 +1386,26 @@ class _Group:
             else:
                 self._flush_run()
                 self._admin(i, op, kind)
-                oldest_us = max(judged_us - admin.request_window_us, floor_us)
-                if admin.relaying:  # an admin shard's group: judged as that shard judged it, at
-                    # its time (its relayed keys are never pruned here: see RELAYED_KEY_PREFIX)
-                    oldest_us = admin.relay_ts_us - admin.request_window_us
-                    newest_us = admin.relay_ts_us + CLIENT_TIME_AHEAD_MAX_US
+                oldest_us, newest_us = self._request_ages()  # (its window, or a relay's mark)
         self._flush_run()
         for i, j in repeats:
             outcomes[i] = repeat(outcomes[j], ops[i].digest == ops[j].digest)
         self._write(prev_digest)
         return outcomes  # type: ignore[return-value]
+
+    def _request_ages(self) -> tuple[int, int]:
+        """(oldest, newest) client time a request with a key may carry. Too old: a re-send of a
+        request whose record may be pruned (judged at ``AdminState.judged_us``: the group's time,
+        which never goes back, or as the admin shard judged it), never at or before the last
+        record pruned; an admin shard prunes none, nor a card shard what it relays (so neither
+        judges by that floor: a window raised later judges alike on both). Too far ahead: judged
+        on the clock the group came with (a relayed group's: its admin group's), a sanity check
+        only (pruning never depends on it)."""
+        admin = self.admin
+        keeps_all = admin.relaying or admin.role() == L.RELAY_ROLE_ADMIN
+        oldest = max(admin.judged_us(self.ts) - admin.request_window_us,
+                     0 if keeps_all else self.pruned_through_us + 1)
+        return oldest, (admin.relay_ts_us or self.ts_us) + CLIENT_TIME_AHEAD_MAX_US
 
     def _expire(self) -> None:
         """The expiry sweep (``cardcore.lots``), first thing in a group: lots whose day is at

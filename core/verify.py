@@ -57,7 +57,7 @@ from cardcore import members as member_metrics
 from cardcore import layout as L
 from cardcore import lots
 from cardcore import stores
-from cardcore.admin import META_ADMIN_RELAY, META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
+from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
 from cardcore.ledger import (EMPTY_LINE_REFUNDS, META_MEMBERS, PREDECESSOR, SUCCESSOR,
@@ -915,8 +915,8 @@ def _cards(txn, ledger, sums: dict, statuses: dict, held_of: dict, expiries: dic
 
 def _requests(txn, ledger, problem) -> int:
     count = pruned = 0
-    relay = txn.get(META_ADMIN_RELAY, db=ledger.meta)  # an admin shard indexes none: it keeps
-    keeps_all = relay is not None and L.ADMIN_RELAY_SUBJECT.unpack(relay)[1] == L.RELAY_ROLE_ADMIN
+    relay = ledger.read_admin_relay(txn)  # an admin shard indexes none: it keeps them all
+    keeps_all = relay is not None and relay[1] == L.RELAY_ROLE_ADMIN
     for key, idem in txn.cursor(db=ledger.requests):
         count += 1
         version, _, reason, _, _, seq, *_ = L.IDEM.unpack(idem)

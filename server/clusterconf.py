@@ -64,14 +64,19 @@ def shard_follower_role(shard: int) -> str:
     return f"follower-s{shard}"
 
 
-def _shard_reads(shard: int, apis: tuple[str, ...]) -> list[str]:
-    """The JetStream API calls ``apis`` (and direct gets) on one shard's stream and on the three
-    buckets. The buckets' records of other shards (leases, genesis, checkpoints: who leads
-    where, never card data) stay readable: a bucket's reads are one API subject for every key."""
-    names = (stream_name(shard),
-             *(f"KV_{b}" for b in (LEADERS_BUCKET, SHARDS_BUCKET, CHECKPOINTS_BUCKET)))
+def _reads(names: tuple[str, ...], apis: tuple[str, ...]) -> list[str]:
+    """The JetStream API calls ``apis``, and direct gets, on the streams ``names``."""
     return [*(f"$JS.API.STREAM.{api}.{s}" for s in names for api in apis),
             *(f"$JS.API.DIRECT.GET.{s}{tail}" for s in names for tail in ("", ".>"))]
+
+
+def _shard_reads(shard: int, apis: tuple[str, ...]) -> list[str]:
+    """``_reads`` on one shard's stream and on the three buckets. The buckets' records of other
+    shards (leases, genesis, checkpoints: who leads where, never card data) stay readable: a
+    bucket's reads are one API subject for every key."""
+    return _reads((stream_name(shard),
+                   *(f"KV_{b}" for b in (LEADERS_BUCKET, SHARDS_BUCKET, CHECKPOINTS_BUCKET))),
+                  apis)
 
 
 def shard_replica_permissions(shard: int, admin_shard: int | None = None) -> dict:
@@ -79,9 +84,7 @@ def shard_replica_permissions(shard: int, admin_shard: int | None = None) -> dic
     stream, subjects, keys and inboxes only; and with an admin shard (not this one), read its
     stream too (the leader relays its groups: docs/cluster.md, "The admin shard")."""
     relayed = ([] if admin_shard is None or admin_shard == shard
-               else [f"$JS.API.STREAM.{api}.{stream_name(admin_shard)}" for api in ("INFO",
-                                                                                  "MSG.GET")]
-               + [f"$JS.API.DIRECT.GET.{stream_name(admin_shard)}{tail}" for tail in ("", ".>")])
+               else _reads((stream_name(admin_shard),), ("INFO", "MSG.GET")))
     return {"publish": [*_shard_reads(shard, ("INFO", "CREATE", "MSG.GET")), *relayed,
                         f"$JS.API.STREAM.PURGE.{stream_name(shard)}",
                         f"$KV.{LEADERS_BUCKET}.s{shard}", f"$KV.{SHARDS_BUCKET}.s{shard}-genesis",
