@@ -1211,3 +1211,74 @@ def region_staff(txn, ledger, stores: list[int], from_day: int,
             for k in range(4):
                 acc[k] += row[k]
     return merged
+
+
+def merge_reports(results: list[dict]) -> dict:
+    """One report from the same report read on several card shards (a front over several:
+    docs/cluster.md, "Several shards"): every card is on one shard, so the figures, the
+    liability and the holds add up (as the C loop adds: nets wrapped, the rest saturated); a
+    day closed is closed on every shard (the close is an admin change every card shard
+    applies), so its count is the most any shard has, never a sum. Staff and stores add up by
+    id, at most STAFF_ROWS_MAX and STORE_ROWS_MAX (``stores_truncated`` then, or if any shard's
+    listing was cut). The admin entries every card shard holds (relayed: an operator added, a
+    store put, a day closed) count once, as the most any shard has."""
+    assert results
+    first = results[0]
+    rows = []
+    for n, (label, day0, day1, *_rest) in enumerate(first["rows"]):
+        principal, bonus, closed, held = 0, 0, 0, 0
+        for r in results:
+            row = r["rows"][n]
+            assert row[:3] == (label, day0, day1), (row[:3], label)  # the same periods
+            principal += row[4]
+            bonus += row[5]
+            closed = max(closed, row[6])
+            held += row[7]
+        rows.append((label, day0, day1, _merged_values([r["rows"][n][3] for r in results]),
+                     wrapped(principal), wrapped(bonus), closed, wrapped(held)))
+    staff: dict[int, list[int]] = {}
+    for r in results:
+        for staff_id, row in r["staff"].items():
+            acc = staff.get(staff_id)
+            if acc is None:
+                if len(staff) == STAFF_ROWS_MAX:
+                    continue
+                acc = staff[staff_id] = [0, 0, 0, 0]
+            for k in range(4):
+                acc[k] += row[k]
+    merged = {"rows": rows, "total": _merged_values([r["total"] for r in results]),
+              "staff": staff}
+    if "stores" in first:
+        by_store: dict[int, tuple[str, list[int]]] = {}
+        truncated = False
+        for r in results:
+            truncated = truncated or r["stores_truncated"]
+            for store, name, values in r["stores"]:
+                had = by_store.get(store)
+                if had is None:
+                    by_store[store] = (name, [values])
+                else:
+                    had[1].append(values)
+                    by_store[store] = (had[0] or name, had[1])
+        listed = sorted(by_store.items())
+        merged["stores"] = [(s, name, _merged_values(values)) for s, (name, values) in
+                            listed[:STORE_ROWS_MAX]]
+        merged["stores_truncated"] = truncated or len(listed) > STORE_ROWS_MAX
+    return merged
+
+
+_RELAYED_OPS = [op for op in sorted(L.ADMIN_OPS) if op < _NO]  # (admin entries: no money)
+
+
+def _merged_values(values: list[list[int]]) -> list[int]:
+    """Several card shards' figures of one period as one (``merge_reports``): summed, but each
+    admin operation's count and amount the most any shard has, and the entries less the
+    copies."""
+    acc = [sum(v[k] for v in values) for k in range(WIDTH)]
+    for op in _RELAYED_OPS:
+        for k in (_NF + op, _NF + _NO + op):
+            once = max(v[k] for v in values)
+            if k == _NF + op:
+                acc[F_ENTRIES] -= acc[k] - once
+            acc[k] = once
+    return [clamped(k, x) for k, x in enumerate(acc)]

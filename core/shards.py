@@ -1,0 +1,59 @@
+"""Cluster: which card shard holds a card (docs/cluster.md, "Several shards").
+
+A card's *slot* is fixed by its id and never changes: the first two bytes of the id (a keyed hash
+of the card number, so slots are evenly used), big-endian, mod ``SLOTS``. A *routing table* maps
+each slot to a card shard. The table, not a formula, is what fronts agree on, so that a slot can
+later move to another shard (a table with that one entry changed, and the slot's cards copied)
+without moving any other card. A new table spreads the slots round-robin over the card shards in
+the order given.
+
+The table is stored once per cluster (``jetlog.ROUTES_KEY``, made only if absent by the first
+front over several card shards) as JSON: ``{"slots": SLOTS, "shards": [shard of slot 0, of
+slot 1, ...]}``.
+"""
+from __future__ import annotations
+
+import json
+
+SLOTS = 4096          # fixed from day one: a table of this many entries
+CARD_SHARDS_MAX = 64  # card shards one front routes over (each is a follower process of its own)
+
+
+class RoutesInvalid(ValueError):
+    """A stored routing table that is not one (the message says why): a setting to fix."""
+
+
+def slot_of(card_id: bytes) -> int:
+    """The card's slot: its id's first two bytes (big-endian) mod SLOTS."""
+    assert len(card_id) >= 2, card_id
+    return ((card_id[0] << 8) | card_id[1]) % SLOTS
+
+
+def spread(card_shards: list[int]) -> list[int]:
+    """A new table: slot ``s`` to ``card_shards[s % len(card_shards)]``."""
+    assert 0 < len(card_shards) <= CARD_SHARDS_MAX and len(set(card_shards)) == len(card_shards)
+    return [card_shards[s % len(card_shards)] for s in range(SLOTS)]
+
+
+def encode_routes(table: list[int]) -> bytes:
+    assert len(table) == SLOTS
+    return json.dumps({"slots": SLOTS, "shards": table}, separators=(",", ":")).encode()
+
+
+def decode_routes(data: bytes) -> list[int]:
+    """The table stored; RoutesInvalid if it is not a table of SLOTS shard numbers."""
+    try:
+        doc = json.loads(data)
+        table = doc["shards"]
+        ok = (doc["slots"] == SLOTS and isinstance(table, list) and len(table) == SLOTS
+              and all(type(s) is int and s >= 0 for s in table))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise RoutesInvalid(f"the stored routing table is not a table of {SLOTS} shard numbers")
+    return table
+
+
+def card_shards_of(table: list[int]) -> list[int]:
+    """The card shards a table routes to, ascending."""
+    return sorted(set(table))
