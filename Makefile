@@ -85,8 +85,8 @@ bench-peer: $(BUILT) ## cardcore vs a gRPC servicer of the same proto over Postg
 	$(PY) -m pip install -q "asyncpg>=0.29" "psycopg[binary]>=3.1"
 	$(PY) bench/peer.py --out bench/peer_results.json $(ARGS)
 
-cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes, 2 shards x 3 replicas and shard 0's front (127.0.0.1:50061) on loopback (./var/cluster) until Ctrl-C; ADMIN_SHARD=1: shard 1 the admin shard, with its own front (127.0.0.1:50062; ./var/cluster-admin) (docs/cluster.md)
-	$(PY) -m cardcore.server.devcluster --data-dir var/cluster --shards 2 $(if $(ADMIN_SHARD),--admin-shard $(ADMIN_SHARD) --data-dir var/cluster-admin)
+cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes, 2 shards x 3 replicas and shard 0's front (127.0.0.1:50061) on loopback (./var/cluster) until Ctrl-C; ADMIN_SHARD=1: 3 shards, shard 1 the admin shard, one front over it and card shards 0 and 2 (./var/cluster-shards) (docs/cluster.md)
+	$(PY) -m cardcore.server.devcluster $(if $(ADMIN_SHARD),--data-dir var/cluster-shards --shards 3 --admin-shard $(ADMIN_SHARD),--data-dir var/cluster --shards 2)
 
 bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream vs the local log; SubmitBatch, SwipeStream and a failover through a front vs the single node -> bench/cluster_results.json, bench/front_results.json (docs/cluster.md)
 	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 --out bench/cluster_results.json

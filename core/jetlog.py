@@ -412,6 +412,24 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     return json.loads((await shards.get(key)).value)
 
 
+ROUTES_KEY = "routes"  # in SHARDS_BUCKET: which card shard holds each slot (cardcore.shards)
+
+
+async def ensure_routes(js, proposed: bytes) -> bytes:
+    """The cluster's routing table as stored: made from ``proposed`` only if absent (the first
+    front over several card shards makes it), never changed here. ShardMissing before any
+    replica made the buckets."""
+    try:
+        shards = await js.key_value(SHARDS_BUCKET)
+    except nats.js.errors.NotFoundError:
+        raise ShardMissing("the cluster has no shards yet: start the replicas first") from None
+    try:
+        await shards.create(ROUTES_KEY, proposed)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        pass  # another front made it first: it is the cluster's
+    return (await shards.get(ROUTES_KEY)).value
+
+
 async def read_genesis(js, shard: int) -> dict:
     """Another shard's genesis record (the buckets' records are readable to every user);
     ShardMissing if it has none yet."""

@@ -697,6 +697,11 @@ class Ledger:
         ``program_version`` to know whether to ``refresh_program``)."""
         return self._read(lambda txn: U32.unpack(txn.get(META_PROGRAM, db=self.meta))[0])
 
+    def of_card(self, card_id: bytes) -> "Ledger":
+        """The ledger that holds card ``card_id``: this one (a front over several card shards
+        reads through one that answers the card's shard's: ``server.sharded.ShardedLedger``)."""
+        return self
+
     def refresh_program(self) -> None:
         """A reader adopts the current program after a program load (the writer does at once)."""
         self._load_state()

@@ -86,8 +86,12 @@ class ServerConfig:
     # A cluster's front (docs/cluster.md): the NATS servers; None: the single server
     cluster_nats: list[str] | None = None
     cluster_shard: int = 0
+    # a front over several card shards: them (cluster_shard is then the cluster's admin shard;
+    # docs/cluster.md, "Several shards"); empty: a front of cluster_shard alone
+    cluster_card_shards: tuple[int, ...] = ()
     nats_tls: tuple[str, str, str] | None = None  # CA, the front role's certificate and key
-    follower_tls: tuple[str, str] | None = None   # the follower role's (the front's follower)
+    follower_tls: tuple[str, str] | None = None   # the follower role's (the front's followers:
+    #                                               "{shard}" in a path stands for each's shard)
     follower_seed_from: str | None = None         # a backup its follower starts from (a new
     # front on a shard whose stream was purged)
     submit_timeout_ms: int = 2000                 # a submit's first wait for the leader
@@ -201,24 +205,56 @@ async def _load_program_file(ledger: Ledger, writer: Writer, source: str, path: 
 
 
 def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal):
-    """A front's writer (docs/cluster.md): the shard's leader over NATS, its own follower."""
+    """A front's writer (docs/cluster.md): the shard's leader over NATS, its own follower; over
+    several card shards, one of those per shard behind a ``ShardedWriter``."""
     from cardcore.jetlog import NatsTLS
 
     from .front import ClusterWriter
 
-    follower_args = ["--keyring", cfg.keyring_path]
-    if cfg.follower_seed_from:
-        follower_args += ["--seed-from", cfg.follower_seed_from]
-    if cfg.nats_tls is not None:
-        assert cfg.follower_tls is not None
-        follower_args += ["--nats-ca", cfg.nats_tls[0], "--nats-cert", cfg.follower_tls[0],
-                          "--nats-key", cfg.follower_tls[1]]
-    return ClusterWriter(os.path.join(cfg.data_dir, f"shard-{cfg.cluster_shard}"),
-                         cfg.cluster_shard, cfg.cluster_nats, loop,
-                         nats_tls=NatsTLS(*cfg.nats_tls) if cfg.nats_tls else None,
-                         follower_args=tuple(follower_args), metrics=metrics,
-                         queue_max_ops=cfg.queue_max_ops,
-                         submit_timeout_s=cfg.submit_timeout_ms / 1000, on_fatal=on_fatal)
+    def one(shard: int) -> ClusterWriter:
+        follower_args = ["--keyring", cfg.keyring_path]
+        if cfg.follower_seed_from:
+            follower_args += ["--seed-from", cfg.follower_seed_from]
+        if cfg.nats_tls is not None:
+            assert cfg.follower_tls is not None
+            cert, key = (p.replace("{shard}", str(shard)) for p in cfg.follower_tls)
+            follower_args += ["--nats-ca", cfg.nats_tls[0], "--nats-cert", cert,
+                              "--nats-key", key]
+        return ClusterWriter(os.path.join(cfg.data_dir, f"shard-{shard}"), shard,
+                             cfg.cluster_nats, loop,
+                             nats_tls=NatsTLS(*cfg.nats_tls) if cfg.nats_tls else None,
+                             follower_args=tuple(follower_args), metrics=metrics,
+                             queue_max_ops=cfg.queue_max_ops,
+                             submit_timeout_s=cfg.submit_timeout_ms / 1000, on_fatal=on_fatal)
+
+    if not cfg.cluster_card_shards:
+        return one(cfg.cluster_shard)
+    from .sharded import ShardedWriter, routing_table
+
+    return ShardedWriter(one(cfg.cluster_shard), {s: one(s) for s in cfg.cluster_card_shards},
+                         lambda admin: routing_table(admin, list(cfg.cluster_card_shards)))
+
+
+CARD_SHARD_WAIT_S = 30.0  # a new card shard's leader takes its place beside the admin shard
+
+
+async def _check_card_shards(ledger, admin_shard: int) -> None:
+    """A front over several card shards: ``admin_shard`` is the cluster's admin shard and each
+    card shard took its place beside it (a new card shard's leader does so at its first lead:
+    waited for). Anything else is a setting: StartupError."""
+    relay = ledger.admin.read_admin_relay()
+    if relay is None or relay[:2] != (admin_shard, L.RELAY_ROLE_ADMIN):
+        raise StartupError(f"--card-shards: shard {admin_shard} (--shard) is not the cluster's "
+                           "admin shard (its replicas run with --admin-shard "
+                           f"{admin_shard}; docs/cluster.md, \"The admin shard\")")
+    deadline = time.monotonic() + CARD_SHARD_WAIT_S
+    for shard, card_ledger in ledger.cards.items():
+        while (relay := card_ledger.read_admin_relay()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if relay is None or relay[:2] != (admin_shard, L.RELAY_ROLE_CARD):
+            raise StartupError(f"--card-shards: shard {shard} is not a card shard beside admin "
+                               f"shard {admin_shard} (its replicas run with --admin-shard "
+                               f"{admin_shard}, and only a new shard takes a place)")
 
 
 def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService,
@@ -355,7 +391,14 @@ async def serve(cfg: ServerConfig) -> None:
     try:
         ledger = Ledger(ledger_path, readonly=True, map_size=cfg.map_size_mib << 20,
                         profile_key=profile_key(keyring.index_key))
-        if cluster:
+        admin_ledger = ledger  # (closed last: a front over several card shards reads through
+        #                        a ShardedLedger over it and the card shards' followers')
+        if cfg.cluster_card_shards:
+            ledger = writer.attach(ledger, lambda w: Ledger(
+                os.path.join(w.data_dir, "ledger"), readonly=True,
+                map_size=cfg.map_size_mib << 20, profile_key=profile_key(keyring.index_key)))
+            await _check_card_shards(ledger, cfg.cluster_shard)
+        elif cluster:
             writer.attach(ledger)
         behind = keyring_behind(ledger, keyring)  # (before anything is written)
         if behind:
@@ -390,7 +433,8 @@ async def serve(cfg: ServerConfig) -> None:
             if not relayed:  # (a card shard's chain admin and rotations: the admin shard's)
                 await _bootstrap_admin(admin, access, cfg.data_dir)
                 await admin.record_rotation()  # (and the reseal: a rotation a stop interrupted)
-            resealed = await admin.reseal(None)
+            # (over several card shards: re-sealed by a front of each card shard)
+            resealed = 0 if cfg.cluster_card_shards else await admin.reseal(None)
         except RuntimeError as exc:  # (an admin operation refused at start-up)
             if not cluster:
                 raise
@@ -403,6 +447,10 @@ async def serve(cfg: ServerConfig) -> None:
                      keyring.data_key_current)
         if cluster:
             writer.on_advance = _admin_reloader(ledger, access, card_service, keyring)
+        if cfg.cluster_card_shards:
+            from .sharded import refuse_unserved
+
+            refuse_unserved(admin)
         add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
         add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -437,7 +485,7 @@ async def serve(cfg: ServerConfig) -> None:
         await writer.stop()
         log.info("writer: %d groups, %d operations", writer.groups, writer.ops_applied)
         if ledger is not None:
-            ledger.close()
+            admin_ledger.close()
         lock.close()
         log.info("stopped: ledger closed")
     if failed:

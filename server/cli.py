@@ -20,6 +20,7 @@ from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_stores import cmd_region, cmd_store
 from .certs import SHARD_NUMBER_MAX
+from cardcore.shards import CARD_SHARDS_MAX
 from .cmd_server import (EVENT_LOOP_DEFAULT, EVENT_LOOPS, cmd_backup, cmd_migrate, cmd_replica,
                          cmd_restore, cmd_serve, cmd_verify)
 from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
@@ -29,7 +30,7 @@ from cardcore.grouplog import SEGMENT_BYTES_DEFAULT
 from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
 from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
                    amount_arg, card_id_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
-                   metrics_listen_arg, seconds_arg, target_arg, uint32_arg)
+                   metrics_listen_arg, seconds_arg, shards_arg, target_arg, uint32_arg)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CALLER_KINDS = ("terminal", "operator", "development", "system", "legacy")  # cardcore.v1.CallerKind
@@ -175,7 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads come from the front's own follower (under --data-dir); needs "
                         "--nats and --keyring")
     g.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), default=0,
-                   help="the shard this front serves (default %(default)s; a front serves one)")
+                   help="the shard this front serves (default %(default)s); with --card-shards, "
+                        "the cluster's admin shard")
+    g.add_argument("--card-shards", metavar="N,N...",
+                   type=shards_arg(SHARD_NUMBER_MAX, CARD_SHARDS_MAX),
+                   default=os.environ.get("CARDCORE_CARD_SHARDS") or None,
+                   help="serve the cluster's card shards too, each card's operations routed to "
+                        "the shard its slot is (docs/cluster.md, \"Several shards\"; env "
+                        "CARDCORE_CARD_SHARDS); --shard is then the admin shard. The first such "
+                        "front fixes the routing table; later ones give the same shards")
     g.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
                    help="the NATS servers, comma-separated URLs (env CARDCORE_NATS_URLS)")
     g.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),

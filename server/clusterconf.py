@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, SHARDS_BUCKET,
+from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, ROUTES_KEY, SHARDS_BUCKET,
                              follower_inbox_prefix, log_subject, replica_inbox_prefix, stream_name,
                              submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
@@ -42,7 +42,13 @@ ROLE_PERMISSIONS = {
                             "cardcore.*.log", "cardcore.*.tick"],
                 "subscribe": ["cardcore.*.submit", "cardcore.*.tick", "_INBOX_replica.>"],
                 "allow_responses": True},
-    "front": {"publish": ["cardcore.*.submit", "$JS.API.STREAM.INFO.*"],
+    "front": {"publish": ["cardcore.*.submit", "$JS.API.STREAM.INFO.*",
+                          # the routing table of a front over several card shards: read, and
+                          # made by the first (jetlog.ensure_routes)
+                          f"$KV.{SHARDS_BUCKET}.{ROUTES_KEY}",
+                          f"$JS.API.STREAM.MSG.GET.KV_{SHARDS_BUCKET}",
+                          f"$JS.API.DIRECT.GET.KV_{SHARDS_BUCKET}",
+                          f"$JS.API.DIRECT.GET.KV_{SHARDS_BUCKET}.>"],
               "subscribe": ["_INBOX_front.>"]},
     "follower": {"publish": ["$JS.API.STREAM.INFO.*", "$JS.API.STREAM.MSG.GET.*",
                              "$JS.API.DIRECT.GET.>", "$KV.cardcore-checkpoints.>"],

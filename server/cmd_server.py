@@ -58,10 +58,15 @@ def cmd_serve(args) -> int:
             return 2
         cfg.cluster_nats = [u for u in args.nats.split(",") if u]
         cfg.cluster_shard = args.shard
+        if args.shard in (args.card_shards or ()):
+            print(f"cardcore serve --cluster: --shard {args.shard} is the admin shard with "
+                  "--card-shards: not one of them", file=sys.stderr)
+            return 2
+        cfg.cluster_card_shards = args.card_shards or ()
         cfg.follower_seed_from = args.follower_seed_from
         cfg.submit_timeout_ms = args.submit_timeout_ms
-        if all(files):
-            cfg.nats_tls, cfg.follower_tls = files[:3], files[3:]
+        if all(files):  # (the followers' paths: each substitutes its own shard)
+            cfg.nats_tls, cfg.follower_tls = files[:3], (args.follower_cert, args.follower_key)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             runner.run(serve(cfg))

@@ -290,21 +290,24 @@ class FrontProcess:
     LISTEN_RE = re.compile(r"cardcore listening on ([\d.]+):(\d+)")
 
     def __init__(self, data_dir: str, shard: int, nodes: "NatsCluster", keyring: str,
-                 listen: str = "127.0.0.1:0") -> None:
+                 listen: str = "127.0.0.1:0", card_shards: tuple[int, ...] = ()) -> None:
+        """``card_shards``: a front over them, ``shard`` the admin shard."""
         self.data_dir = data_dir
         os.makedirs(data_dir, exist_ok=True)
         self.log_path = os.path.join(data_dir, "front.log")
         self._log = open(self.log_path, "ab")
         tls = []
         mine, theirs = nodes.tls_for("front"), nodes.tls_for(shard_follower_role(shard))
-        if mine is not None:
+        if mine is not None:  # (each follower's certificate: its shard's, {shard} in the path)
+            cert, key = (p.replace(f"-s{shard}.", "-s{shard}.")
+                         for p in (theirs.cert_file, theirs.key_file))
             tls = ["--nats-ca", mine.ca_file, "--nats-cert", mine.cert_file, "--nats-key",
-                   mine.key_file, "--follower-cert", theirs.cert_file, "--follower-key",
-                   theirs.key_file]
+                   mine.key_file, "--follower-cert", cert, "--follower-key", key]
+        routed = ["--card-shards", ",".join(map(str, card_shards))] if card_shards else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure", "--cluster",
              "--shard", str(shard), "--nats", nodes.urls, "--keyring", keyring, "--data-dir",
-             data_dir, "--listen", listen, *tls],
+             data_dir, "--listen", listen, *routed, *tls],
             stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True)
         self.target = ""
         for line in self.proc.stdout:  # (its follower's replay first: up to 2 minutes)
@@ -338,7 +341,7 @@ def leader_of(replicas: list[ReplicaProcess], wait_s: float = 0.0) -> ReplicaPro
 
 def main(argv: list[str] | None = None) -> int:
     """3 NATS nodes, SHARDS x 3 replicas and a front of shard 0 on loopback until Ctrl-C, then
-    all stopped by pid (a front serves one shard: docs/cluster.md)."""
+    all stopped by pid; with an admin shard, one front over it and every card shard."""
     ap = argparse.ArgumentParser(prog="devcluster", description=" ".join(main.__doc__.split()))
     ap.add_argument("--data-dir", default="var/cluster", help="folders of the nodes and replicas")
     ap.add_argument("--shards", type=int, default=2, choices=range(1, 9))
@@ -346,19 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-tls", action="store_true",
                     help="plain NATS connections, no users (default: mutual TLS, the roles' users)")
     ap.add_argument("--front-listen", default="127.0.0.1:50061",
-                    help="where the first card shard's front listens (plaintext gRPC, loopback; "
-                         "port 0: any)")
+                    help="where the front listens (plaintext gRPC, loopback; port 0: any)")
     ap.add_argument("--admin-shard", type=int, default=None,
                     help="one of the shards as the admin shard (docs/cluster.md, The admin "
-                         "shard), with a front of its own for operators (--admin-front-listen); "
-                         "a folder first started without it keeps that setting")
-    ap.add_argument("--admin-front-listen", default="127.0.0.1:50062",
-                    help="where the admin shard's front listens (with --admin-shard)")
+                         "shard), the others card shards, and the front one over all of them "
+                         "(Several shards); a folder first started without it keeps that "
+                         "setting")
     args = ap.parse_args(argv)
     admin = args.admin_shard
     if admin is not None and not (0 <= admin < args.shards and args.shards >= 2):
         ap.error("--admin-shard: one of the --shards, and at least one other for the cards")
-    card = 1 if admin == 0 else 0  # the card shard a front serves
+    cards = tuple(s for s in range(args.shards) if s != admin) if admin is not None else ()
     why = cluster_available()
     if why:
         print(f"make cluster: {why}", file=sys.stderr)
@@ -403,32 +404,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"shard {shard}       leader {leader_of(mine).data_dir}; submit on "
                   f"cardcore.s{shard}.submit; logs: <replica folder>/replica.log"
                   + (" (the admin shard)" if shard == admin else ""))
-        if admin is not None:  # first: it makes the chain admin, which the card shard relays
-            fronts.append(FrontProcess(os.path.join(args.data_dir, f"front-s{admin}"), admin,
-                                       nodes, keyring, args.admin_front_listen))
-            print(f"admin front   {fronts[-1].target}: the admin shard's (terminals, operators, "
-                  f"the program, stores: make them here); its log {fronts[-1].log_path}")
-        fronts.append(FrontProcess(os.path.join(args.data_dir, f"front-s{card}"), card, nodes,
-                                   keyring, args.front_listen))
-        front = fronts[-1]
-        token = os.path.join(fronts[0].data_dir, "admin.token")
-        print(f"front         {front.target}: shard {card}'s (CardService, AdminService; "
-              f"plaintext gRPC, loopback only); the chain admin's token in {token}; its log "
+        if admin is not None:  # one front over the admin shard and every card shard
+            front = FrontProcess(os.path.join(args.data_dir, "front"), admin, nodes, keyring,
+                                 args.front_listen, cards)
+            served = (f"the admin shard {admin} and card shards "
+                      f"{', '.join(map(str, cards))}, each card on the one its slot is routed to")
+        else:
+            front = FrontProcess(os.path.join(args.data_dir, "front-s0"), 0, nodes, keyring,
+                                 args.front_listen)
+            served = "shard 0's"
+        fronts.append(front)
+        token = os.path.join(front.data_dir, "admin.token")
+        print(f"front         {front.target}: {served} (CardService, AdminService; plaintext "
+              f"gRPC, loopback only); the chain admin's token in {token}; its log "
               f"{front.log_path}")
         print(f"try it        export CARDCORE_LISTEN={front.target} CARDCORE_TOKEN_FILE={token}")
-        if admin is not None:
-            print(f"              admin changes (enroll-terminal, add-operator, ...) with "
-                  f"CARDCORE_LISTEN={fronts[0].target}: shard {card}'s front refuses them "
-                  "(REASON_ADMIN_ELSEWHERE)")
         print("              then the README's first steps: .venv/bin/cardcore open-card "
               "6225880000001231 --tier 1 --name \"Li Wei\", top-up, purchase, card (a second "
               "start keeps the first's cards)")
-        mine = [r for r in replicas if r.shard == card]
+        mine = [r for r in replicas if r.shard == (cards[0] if cards else 0)]
         print(f"verify        .venv/bin/cardcore verify --data-dir {mine[0].data_dir} --keyring "
-              f"{keyring}  (any replica's folder; backup likewise)")
-        if args.shards > 1 + (admin is not None):
-            print("              a front serves one shard: the other card shards run without "
-                  "one (routing over several: not built, docs/cluster.md)")
+              f"{keyring}  (any replica's folder, of each shard; backup likewise)")
+        if args.shards > 1 and admin is None:
+            print("              a front of one shard: the other shards run without one "
+                  "(make cluster ADMIN_SHARD=1: one front over several, docs/cluster.md)")
         print("Ctrl-C stops everything", flush=True)
         leaders = {shard: None for shard in range(args.shards)}
         while not stop:

@@ -145,6 +145,12 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_NOT_A_CARD_SHARD: (C.FAILED_PRECONDITION, "this is the cluster's admin shard, which "
                                 "holds no cards: send card operations through a front of a card "
                                 "shard"),
+    R.REASON_CROSS_SHARD: (C.FAILED_PRECONDITION, "the operation names two cards that live on "
+                           "two card shards of the cluster, which is not built yet: nothing "
+                           "changed"),
+    R.REASON_ONE_SHARD_ONLY: (C.UNIMPLEMENTED, "a front over several card shards does not serve "
+                              "this call yet: make it through a front of one shard (the detail "
+                              "says which)"),
     R.REASON_STORE_NOT_FOUND: (C.NOT_FOUND, "no store with this id: not in the chain's registry "
                                "and no entry ever"),
     R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "
@@ -174,6 +180,11 @@ class Invalid(Exception):
         # RATE_LIMITED by this terminal's unanswered swipes, not its failures: wait, then retry
         self.busy_terminal = busy_terminal
         self.detail = detail  # for people, never a secret: where a program document is wrong
+
+
+class OneShardOnly(Exception):
+    """A read a front over several card shards does not serve yet (``server.sharded``); the
+    message says which and where to make it: UNIMPLEMENTED, REASON_ONE_SHARD_ONLY."""
 
 
 def failure(reason: int, field: str = "", available_minor: int = 0,

@@ -23,6 +23,7 @@ _REASON_NAMES = dict((v, k) for k, v in cpb.Reason.items())
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._front_lags: list[Callable[[], int]] = []  # (watch_front)
         self.operations = Counter(
             "cardcore_operations", "Mutating operations answered, by type and reason",
             ["type", "reason"], registry=self.registry)
@@ -50,7 +51,13 @@ class Metrics:
     def watch_front(self, follower_lag_groups: Callable[[], int]) -> None:
         """A cluster's front (``cardcore.server.front``): what it sent again and why, the
         answers it found again in its follower, the follower's restarts and how far it is behind
-        what the front was answered (a read of a card waits that long at most)."""
+        what the front was answered (a read of a card waits that long at most). A front over
+        several shards calls it once per shard: the counters are shared, the lag is the most
+        any shard's follower is behind."""
+        if self._front_lags:
+            self._front_lags.append(follower_lag_groups)
+            return
+        self._front_lags.append(follower_lag_groups)
         self.front_resent = Counter(
             "cardcore_front_resent", "Submits sent to the shard again: not_leader (or the "
             "leader's queue full: not applied) or unknown (unanswered: maybe applied)", ["why"],
@@ -64,7 +71,7 @@ class Metrics:
             registry=self.registry)
         lag = Gauge("cardcore_front_follower_lag_groups", "Groups this front was answered for "
                     "that its follower does not hold yet", registry=self.registry)
-        lag.set_function(follower_lag_groups)
+        lag.set_function(lambda: max(f() for f in self._front_lags))
 
     def count(self, op_type: int, reason: int, n: int = 1) -> None:
         self.operations.labels(_TYPE_NAMES.get(op_type, "unknown"),

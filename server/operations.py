@@ -522,7 +522,7 @@ class Operations:
         if new.card_id == old.card_id:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "new_card")
         pin_flags, new_check = 0, NO_PIN
-        found = self.ledger.read_card(old.card_id)
+        found = self.ledger.of_card(old.card_id).read_card(old.card_id)
         old_profile = found[1] if found else {}
         if req.new_pin_block:
             new_check = self.swipes.pin_check(new, req.new_pin_block, "new_pin_block", new=True,
@@ -584,7 +584,7 @@ class Operations:
                                  caller_id, operator_id, role, scope)
 
     def birthday(self, card_id: bytes) -> str:
-        found = self.ledger.read_card(card_id)
+        found = self.ledger.of_card(card_id).read_card(card_id)
         return found[1].get("birthday", "") if found else ""
 
     def build(self, build, request, caller: Caller):

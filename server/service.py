@@ -30,7 +30,7 @@ from cardcore.idempotency import basket_tag, request_key
 from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
-from .errors import CODE_NUMBER, Invalid, abort, failure, fresh_or_abort
+from .errors import CODE_NUMBER, Invalid, OneShardOnly, abort, failure, fresh_or_abort
 from .operations import (MALFORMED, NAME_LEN_MAX, PHONE_QUERY_LEN_MAX, REQUEST_ID_RE, Operations,
                          basket, request_id_bytes)
 from .writer import Overloaded, Stopped, Writer
@@ -97,10 +97,15 @@ def _as_bytes(serialize):
 
 
 def _refuse_malformed(fn):
+    """A unary call: undecodable bytes INVALID_ARGUMENT; a read a front over several card
+    shards does not serve yet UNIMPLEMENTED (``OneShardOnly``: nothing was changed by then)."""
     async def call(request, context):
         if request is MALFORMED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
-        return await fn(request, context)
+        try:
+            return await fn(request, context)
+        except OneShardOnly as exc:
+            await abort(context, failure(R.REASON_ONE_SHARD_ONLY, detail=str(exc)))
 
     return call
 
@@ -110,8 +115,11 @@ def _refuse_malformed_stream(fn):
     async def call(request, context):
         if request is MALFORMED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
-        async for answer in fn(request, context):
-            yield answer
+        try:
+            async for answer in fn(request, context):
+                yield answer
+        except OneShardOnly as exc:
+            await abort(context, failure(R.REASON_ONE_SHARD_ONLY, detail=str(exc)))
 
     return call
 
@@ -491,7 +499,7 @@ class CardService(pb_grpc.CardServiceServicer):
             if getattr(request, field) < 0:
                 await abort(context, failure(R.REASON_INVALID_ARGUMENT, field))
         await fresh_or_abort(self.writer, context, (card.card_id,))
-        page, next_seq = self.ledger.read_history(
+        page, next_seq = self.ledger.of_card(card.card_id).read_history(
             card.card_id, request.before_seq, request.page_size or 20, request.from_us,
             request.to_us, frozenset(request.types))
         answer = pb.ListTransactionsResponse(next_before_seq=next_seq)
@@ -502,13 +510,14 @@ class CardService(pb_grpc.CardServiceServicer):
     async def GetReceipt(self, request, context):
         card = await self._parse(self._history_card, request, context)
         await fresh_or_abort(self.writer, context, (card.card_id,))
-        found = self.ledger.read_entry(request.seq) if request.seq else None
+        ledger = self.ledger.of_card(card.card_id)  # (a card and what it replaced: one shard)
+        found = ledger.read_entry(request.seq) if request.seq else None
         owner = found[0][16:32] if found is not None else None
         if owner is None or found[0][1] not in L.CARD_ENTRY_OPS or (
-                owner != card.card_id and owner not in self.ledger.read_lineage(card.card_id)):
+                owner != card.card_id and owner not in ledger.read_lineage(card.card_id)):
             await abort(context, failure(R.REASON_ORIGINAL_NOT_FOUND, "seq"))
         masked = (cards.mask(card.number) if owner == card.card_id and card.number  # by id, or a
-                  else self.ledger.read_card(owner)[1].get("masked", ""))  # card it replaced
+                  else ledger.read_card(owner)[1].get("masked", ""))  # card it replaced
         return pb.Receipt(result=entry_result(*found), masked_number=masked)
 
     async def Refund(self, request, context):
@@ -593,9 +602,10 @@ class CardService(pb_grpc.CardServiceServicer):
         reason = L.R_INTERNAL
         await fresh_or_abort(self.writer, context, (card.card_id,))
         try:
-            found = self.ledger.read_card(card.card_id)
+            ledger = self.ledger.of_card(card.card_id)
+            found = ledger.read_card(card.card_id)
             reason = L.R_OK if found else L.R_CARD_NOT_FOUND
-            packages = self.ledger.read_packages(card.card_id) if found else []
+            packages = ledger.read_packages(card.card_id) if found else []
         finally:
             if card.ksn_counter:  # a terminal's check is answered here, like its GetCard
                 self.access.answered(card.terminal_id, reason, inquiry=True)
@@ -652,12 +662,12 @@ class CardService(pb_grpc.CardServiceServicer):
                 log_refusal("", outcome.reason)
                 await abort(context, outcome_failure(outcome, self._pin_tries_max))
             await fresh_or_abort(self.writer, context, (card.card_id,))
-            found = self.ledger.read_card(card.card_id)
+            found = self.ledger.of_card(card.card_id).read_card(card.card_id)
         else:
             found = reason = L.R_INTERNAL  # unless the read answers
             try:
                 await fresh_or_abort(self.writer, context, (card.card_id,))
-                found = self.ledger.read_card(card.card_id)
+                found = self.ledger.of_card(card.card_id).read_card(card.card_id)
                 reason = L.R_OK if found else L.R_CARD_NOT_FOUND
             finally:
                 if card.ksn_counter:  # a terminal's inquiry without a PIN is answered here
@@ -687,7 +697,8 @@ class CardService(pb_grpc.CardServiceServicer):
         try:
             await fresh_or_abort(self.writer, context, (card.card_id,))
             now_us = time.time_ns() // 1000
-            entry, lines, rec = self.ledger.quote(op, now_us, blind=not show_balance)
+            entry, lines, rec = self.ledger.of_card(op.card_id).quote(op, now_us,
+                                                                      blind=not show_balance)
             reason = L.JOURNAL.unpack_from(entry)[4]
             answer = quote_response(entry, lines, rec, reason, show_balance,
                                     self.ledger.program.pin_tries_max)
@@ -702,9 +713,10 @@ class CardService(pb_grpc.CardServiceServicer):
         """Each unused coupon of the card valid now, tried on the basket through the kernel (one
         dry run each, with no points offered: the coupon alone); the best takes most off."""
         program = self.ledger.program
+        ledger = self.ledger.of_card(op.card_id)
         best = (0, 0)
         for (_, state, coupon_id, _, valid_from, valid_until, serial, *_rest) in \
-                self.ledger.read_coupons(op.card_id):
+                ledger.read_coupons(op.card_id):
             if state != L.COUPON_ISSUED or not valid_from <= now_us < valid_until:
                 continue
             if len(answer.coupons) == QUOTE_COUPONS_MAX:  # a bound on the dry runs of one call
@@ -713,7 +725,7 @@ class CardService(pb_grpc.CardServiceServicer):
                 op.packed[:_OP_REF_AT], serial.to_bytes(8, "little"),
                 op.packed[_OP_REF_AT + 8:L.OP_OFF_PROGRAM + 8], bytes(8),  # no points offered
                 op.packed[L.OP_OFF_PROGRAM + 16:])))
-            entry, _, _ = self.ledger.quote(trial, now_us, blind=True)
+            entry, _, _ = ledger.quote(trial, now_us, blind=True)
             reason = L.JOURNAL.unpack_from(entry)[4]
             off = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)[0] if not reason else 0
             definition = program.coupon(coupon_id)
@@ -728,6 +740,7 @@ class CardService(pb_grpc.CardServiceServicer):
         (_, status, tier, pin_tries, flags, principal, bonus, points, held, lifetime, last_seq,
          opened_us, home_store, *_rest) = rec
         program = self.ledger.program
+        ledger = self.ledger.of_card(card_id)
         program_tier = program.tiers[tier] if tier < len(program.tiers) else None
         card = pb.Card(masked_number=profile.get("masked", ""), tier=tier,
                        tier_name=program_tier.name if program_tier else "",
@@ -735,7 +748,7 @@ class CardService(pb_grpc.CardServiceServicer):
                        status=status, view=view,
                        expires_at_us=L.CARD_EXPIRES.unpack_from(_rest[-1])[0])  # rule 14
         if status == L.STATUS_REPLACED and view == pb.CARD_VIEW_FULL:  # not to a found card
-            card.replaced_by = self.ledger.read_replacement(card_id)
+            card.replaced_by = ledger.read_replacement(card_id)
         if view >= pb.CARD_VIEW_BALANCE:
             card.balance.principal_minor = principal
             card.balance.bonus_minor = bonus
@@ -749,14 +762,14 @@ class CardService(pb_grpc.CardServiceServicer):
             card.pin_locked = bool(flags & L.CARD_PIN_LOCKED)
             card.pin_tries = pin_tries
             now_us = time.time_ns() // 1000
-            add_card_coupons(card.coupons, self.ledger.read_coupons(card_id), program, now_us)
-            add_card_packages(card.packages, self.ledger.read_packages(card_id), program, now_us)
+            add_card_coupons(card.coupons, ledger.read_coupons(card_id), program, now_us)
+            add_card_packages(card.packages, ledger.read_packages(card_id), program, now_us)
             expire_days = program.points_expire_days
-            for day, left, _ in self.ledger.read_lots(card_id):
+            for day, left, _ in ledger.read_lots(card_id):
                 card.points_lots.add(
                     earned_on=(EPOCH + datetime.timedelta(days=day)).isoformat(), points=left,
                     expires_at_us=(day + expire_days) * L.DAY_US if expire_days else 0)
-            for f in self.ledger.read_holds(card_id):
+            for f in ledger.read_holds(card_id):
                 card.holds.add(serial=f[7], amount_minor=f[4], authorized_at_us=f[5],
                                expires_at_us=f[6], store_id=f[3])
         if view == pb.CARD_VIEW_FULL:

@@ -66,6 +66,19 @@ def int_arg(low: int, high: int):
     return convert
 
 
+def shards_arg(high: int, most: int):
+    """An argparse type: comma-separated shard numbers in 0..high, distinct, at most ``most``."""
+    one = int_arg(0, high)
+
+    def convert(text: str) -> tuple[int, ...]:
+        shards = tuple(one(part) for part in text.split(",") if part.strip())
+        if not shards or len(set(shards)) != len(shards) or len(shards) > most:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: 1 to {most} distinct shard numbers, comma-separated")
+        return shards
+    return convert
+
+
 uint32_arg = int_arg(0, U32_MAX)
 client_time_arg = int_arg(0, I64_MAX)
 

@@ -1,0 +1,186 @@
+"""One front over a cluster's admin shard and two card shards (``cardcore serve --cluster
+--shard A --card-shards 1,2``; docs/cluster.md, "Several shards"): the real gRPC services over
+real replicas on three real NATS nodes, through the generated stubs. Skipped, saying why,
+without the cluster extra (``make cluster-deps``)."""
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from cardcore.cards import card_id
+from cardcore.keyring import Keyring
+from cardcore.ledger import Ledger
+from cardcore.shards import slot_of, spread
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import common_pb2 as cpb
+from conftest import (Admin, Client, ServerProcess, failure_of, new_card_number, rid, sent_at)
+from test_cluster import LEASE, converge_and_stop, identical
+from test_front import until
+from test_security import PIN
+
+R = cpb.Reason
+ADMIN_SHARD, CARD_SHARDS = 0, (1, 2)
+TABLE = spread(list(CARD_SHARDS))  # (the first front's table: what these tests' fronts make)
+
+
+@pytest.fixture
+def keyring(tmp_path) -> str:
+    path = str(tmp_path / "keyring.json")
+    Keyring.load_or_create(path, str(tmp_path))
+    return path
+
+
+@pytest.fixture
+def sharded(nats_cluster, start_replica, start_server, keyring, tmp_path):
+    """A replica of the admin shard and of each card shard (one each: the routing is what is
+    tried here; three replicas a shard are test_cluster's), and a starter of fronts."""
+    replicas = {shard: start_replica(f"s{shard}", shard, *LEASE, "--keyring", keyring,
+                                     "--admin-shard", str(ADMIN_SHARD))
+                for shard in (ADMIN_SHARD, *CARD_SHARDS)}
+    for replica in replicas.values():
+        replica.wait_role("leading")
+
+    def front(name: str, *extra: str) -> ServerProcess:
+        return start_server("--cluster", "--shard", str(ADMIN_SHARD), "--nats",
+                            nats_cluster.urls, "--keyring", keyring, *extra,
+                            data_dir=str(tmp_path / name))
+
+    return replicas, front, nats_cluster.urls
+
+
+def shard_of(index_key: bytes, number: str) -> int:
+    return TABLE[slot_of(card_id(index_key, number))]
+
+
+def numbers_on(index_key: bytes, shard: int, n: int) -> list[str]:
+    """``n`` new card numbers whose slots are routed to ``shard``."""
+    out = []
+    while len(out) < n:
+        number = new_card_number()
+        if shard_of(index_key, number) == shard:
+            out.append(number)
+    return out
+
+
+def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_them(
+        sharded, keyring):
+    """Through one front over two card shards: a terminal enrolled (on the admin shard) opens,
+    tops up and pays with the PIN on cards of both shards; a batch spanning both is answered in
+    its order; each card's reads, its history and GetOperation find it on its own shard, and
+    each card is on that shard's replica alone; FindCards and the chain's report add both
+    shards up; a replacement by a card of the other shard and the daily close are refused
+    (REASON_CROSS_SHARD, REASON_ONE_SHARD_ONLY) and change nothing; a second front with other
+    card shards than the stored routing table's does not start."""
+    replicas, front, nats_urls = sharded
+    index_key = Keyring.load_or_create(keyring, os.path.dirname(keyring)).index_key
+    f = front("f", "--card-shards", ",".join(map(str, CARD_SHARDS)))
+    admin = Admin(f.channel, f.admin_token)
+    till = admin.enroll(7, 3)
+    on = {shard: numbers_on(index_key, shard, 2) for shard in CARD_SHARDS}
+    first = on[CARD_SHARDS[0]][0]
+
+    def opened(number: str) -> bool:  # the terminal, relayed to the card's shard
+        try:
+            return f.stub.OpenCard(till.open_card(rid(), number, PIN)).reason == R.REASON_OK
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                  grpc.StatusCode.PERMISSION_DENIED), exc
+            return False
+
+    paid_ids = {}
+    for shard, numbers in on.items():
+        for k, number in enumerate(numbers):
+            until(lambda: opened(number), 15, f"the terminal relayed to shard {shard}")
+            f.stub.TopUp(till.top_up(rid(), number, 10_000 + k))
+            paid_ids[number] = rid()
+            paid = f.stub.Purchase(till.purchase(paid_ids[number], number, PIN, 1_000))
+            assert paid.reason == R.REASON_OK
+            assert paid.balance_after.available_minor == 9_000 + k
+
+    # one batch of top-ups over both shards (development caller), answered in the batch's
+    # order; one to a card never opened, refused by its shard's ledger
+    mixed = [on[1][0], on[2][0], on[1][1], on[2][1]]
+
+    def top_up(number: str, amount_minor: int, request_id: str) -> pb.Operation:
+        return pb.Operation(top_up=pb.TopUpRequest(
+            client_time_us=sent_at(request_id), request_id=request_id,
+            card=cpb.CardRef(card_number=number), amount_minor=amount_minor))
+
+    ops = [top_up(n, 100 * (i + 1), f"m-{i}") for i, n in enumerate(mixed)]
+    ops.insert(2, top_up(numbers_on(index_key, 2, 1)[0], 5, "m-x"))
+    got = f.stub.SubmitBatch(pb.SubmitBatchRequest(operations=ops)).results
+    assert [r.request_id for r in got] == ["m-0", "m-1", "m-x", "m-2", "m-3"]
+    assert [r.reason for r in got] == [R.REASON_OK, R.REASON_OK, R.REASON_CARD_NOT_FOUND,
+                                       R.REASON_OK, R.REASON_OK]
+    expected = {n: 9_000 + k for numbers in on.values() for k, n in enumerate(numbers)}
+    for i, n in enumerate(mixed):
+        expected[n] += 100 * (i + 1)
+        assert got[[0, 1, 3, 4][i]].balance_after.available_minor == expected[n]
+
+    client = Client(f.stub)
+    for number, balance in expected.items():  # each read from its card's shard's follower
+        assert client.card(number).balance.available_minor == balance
+        history = f.stub.ListTransactions(pb.ListTransactionsRequest(
+            card=cpb.CardRef(card_number=number))).entries
+        assert sorted(e.type for e in history) == [cpb.OPERATION_TYPE_OPEN_CARD,
+                                                   cpb.OPERATION_TYPE_TOP_UP,
+                                                   cpb.OPERATION_TYPE_TOP_UP,
+                                                   cpb.OPERATION_TYPE_PURCHASE]
+        found = f.stub.GetOperation(pb.GetOperationRequest(
+            request_id=paid_ids[number], caller=cpb.Caller(kind=cpb.CALLER_KIND_TERMINAL, id=7)))
+        assert found.found and found.result.balance_after.available_minor == 9_000 + (
+            number in (on[1][1], on[2][1]))
+
+    # FindCards over both shards: one phone, a card on each
+    phone = "13800138000"
+    both = [numbers_on(index_key, s, 1)[0] for s in CARD_SHARDS]
+    for number in both:
+        assert client.open(number, phone=phone).reason == R.REASON_OK
+    listed = f.stub.FindCards(pb.FindCardsRequest(phone=phone, till=cpb.Till(store_id=1)))
+    assert sorted(c.card_id for c in listed.cards) == sorted(card_id(index_key, n) for n in both)
+
+    # a replacement by a card of the other shard: refused, nothing changed
+    other = numbers_on(index_key, CARD_SHARDS[1], 1)[0]
+    with pytest.raises(grpc.RpcError) as err:
+        request_id = rid()
+        f.stub.ReplaceCard(pb.ReplaceCardRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=first), new_card=cpb.CardRef(card_number=other),
+            till=cpb.Till(store_id=3)), metadata=admin.metadata)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failure_of(err.value).reason == R.REASON_CROSS_SHARD
+    card = client.card(first)
+    assert card.status == cpb.CARD_STATUS_ACTIVE and card.balance.available_minor == expected[first]
+
+    # the chain's report: both shards' top-ups and sales, added up
+    report = admin.stub.GetReport(apb.GetReportRequest(chain=True, last_days=1),
+                                  metadata=admin.metadata)
+    top_ups = {o.operation_type: o for o in report.total.operations}[cpb.OPERATION_TYPE_TOP_UP]
+    assert top_ups.count == 8 and top_ups.amount_minor == 4 * 10_000 + 2 + 1_000
+    sales = {o.operation_type: o for o in report.total.operations}[cpb.OPERATION_TYPE_PURCHASE]
+    assert sales.count == 4 and sales.amount_minor == 4 * 1_000
+    with pytest.raises(grpc.RpcError) as err:
+        admin.stub.CloseDay(apb.CloseDayRequest(
+            request_id=rid(), client_time_us=sent_at("x"), store_id=3,
+            business_day=report.to_day), metadata=admin.metadata)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert failure_of(err.value).reason == R.REASON_ONE_SHARD_ONLY
+
+    # a front with other card shards than the stored table's does not start
+    with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):
+        front("g", "--card-shards", "1")
+
+    f.stop()
+    for shard in CARD_SHARDS:  # every card on its slot's shard's replica alone, verify clean
+        converge_and_stop([replicas[shard]], nats_urls, shard)
+        identical([replicas[shard]])
+        ledger = Ledger(os.path.join(replicas[shard].data_dir, "ledger"), readonly=True)
+        try:
+            for number in [n for numbers in on.values() for n in numbers] + both:
+                held = ledger.read_card(card_id(index_key, number)) is not None
+                assert held == (shard_of(index_key, number) == shard), (number, shard)
+        finally:
+            ledger.close()
