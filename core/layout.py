@@ -804,7 +804,7 @@ R_CHAIN_ID_INVALID, R_CHAIN_TREE_FULL = 111, 112
 R_ADMIN_ELSEWHERE = 117  # an admin change submitted to a card shard that takes its admin state
 # from an admin shard (docs/cluster.md, "The admin shard"): it belongs there
 R_NOT_A_CARD_SHARD = 118  # a card's operation submitted to that admin shard, which holds no cards
-R_CROSS_SHARD = 119  # a front over several card shards: an operation's two cards on two shards
+R_CROSS_SHARD = 119  # a front over several card shards: what one card shard cannot make alone
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

@@ -204,7 +204,7 @@ async def _load_program_file(ledger: Ledger, writer: Writer, source: str, path: 
     log.warning("program %s stored as version %d", path, ledger.program_version)
 
 
-def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal):
+def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal, keyring: Keyring):
     """A front's writer (docs/cluster.md): the shard's leader over NATS, its own follower; over
     several card shards, one of those per shard behind a ``ShardedWriter``."""
     from cardcore.jetlog import NatsTLS
@@ -232,29 +232,10 @@ def _cluster_writer(cfg: ServerConfig, loop, metrics: Metrics, on_fatal):
     from .sharded import ShardedWriter, routing_table
 
     return ShardedWriter(one(cfg.cluster_shard), {s: one(s) for s in cfg.cluster_card_shards},
-                         lambda admin: routing_table(admin, list(cfg.cluster_card_shards)))
-
-
-CARD_SHARD_WAIT_S = 30.0  # a new card shard's leader takes its place beside the admin shard
-
-
-async def _check_card_shards(ledger, admin_shard: int) -> None:
-    """A front over several card shards: ``admin_shard`` is the cluster's admin shard and each
-    card shard took its place beside it (a new card shard's leader does so at its first lead:
-    waited for). Anything else is a setting: StartupError."""
-    relay = ledger.admin.read_admin_relay()
-    if relay is None or relay[:2] != (admin_shard, L.RELAY_ROLE_ADMIN):
-        raise StartupError(f"--card-shards: shard {admin_shard} (--shard) is not the cluster's "
-                           "admin shard (its replicas run with --admin-shard "
-                           f"{admin_shard}; docs/cluster.md, \"The admin shard\")")
-    deadline = time.monotonic() + CARD_SHARD_WAIT_S
-    for shard, card_ledger in ledger.cards.items():
-        while (relay := card_ledger.read_admin_relay()) is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        if relay is None or relay[:2] != (admin_shard, L.RELAY_ROLE_CARD):
-            raise StartupError(f"--card-shards: shard {shard} is not a card shard beside admin "
-                               f"shard {admin_shard} (its replicas run with --admin-shard "
-                               f"{admin_shard}, and only a new shard takes a place)")
+                         lambda admin: routing_table(admin, list(cfg.cluster_card_shards)),
+                         lambda w: Ledger(os.path.join(w.data_dir, "ledger"), readonly=True,
+                                          map_size=cfg.map_size_mib << 20,
+                                          profile_key=profile_key(keyring.index_key)))
 
 
 def _admin_reloader(ledger: Ledger, access: Access, card_service: CardService,
@@ -362,7 +343,7 @@ async def serve(cfg: ServerConfig) -> None:
     # The writer process creates the environment; this process only reads it.
     metrics = Metrics()
     if cluster:
-        writer = _cluster_writer(cfg, loop, metrics, fatal)
+        writer = _cluster_writer(cfg, loop, metrics, fatal, keyring)
     else:
         writer = Writer(ledger_path, program_source, loop, sync=cfg.sync, metrics=metrics,
                         log_level=cfg.log_level, log_format=cfg.log_format,
@@ -394,10 +375,7 @@ async def serve(cfg: ServerConfig) -> None:
         admin_ledger = ledger  # (closed last: a front over several card shards reads through
         #                        a ShardedLedger over it and the card shards' followers')
         if cfg.cluster_card_shards:
-            ledger = writer.attach(ledger, lambda w: Ledger(
-                os.path.join(w.data_dir, "ledger"), readonly=True,
-                map_size=cfg.map_size_mib << 20, profile_key=profile_key(keyring.index_key)))
-            await _check_card_shards(ledger, cfg.cluster_shard)
+            ledger = writer.attach(ledger)
         elif cluster:
             writer.attach(ledger)
         behind = keyring_behind(ledger, keyring)  # (before anything is written)

@@ -145,8 +145,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
     R.REASON_NOT_A_CARD_SHARD: (C.FAILED_PRECONDITION, "this is the cluster's admin shard, which "
                                 "holds no cards: send card operations through a front of a card "
                                 "shard"),
-    R.REASON_CROSS_SHARD: (C.FAILED_PRECONDITION, "the operation names two cards that live on "
-                           "two card shards of the cluster, which is not built yet: nothing "
+    R.REASON_CROSS_SHARD: (C.FAILED_PRECONDITION, "one card shard of the cluster cannot make "
+                           "this alone (two cards on two shards, a gift's chain-wide stock, a "
+                           "basket paid on another shard), which is not built yet: nothing "
                            "changed"),
     R.REASON_ONE_SHARD_ONLY: (C.UNIMPLEMENTED, "a front over several card shards does not serve "
                               "this call yet: make it through a front of one shard (the detail "

@@ -7,8 +7,9 @@ interfaces the services use, so that the services stay the single server's code:
 - ``ShardedWriter`` (the ``Writer``'s interface): an admin change goes to the admin shard (which
   every card shard relays), a card's operation to the card shard its slot is routed to
   (``cardcore.shards``); a call's operations on several shards go to each at once and are
-  answered in the call's order. An operation naming two cards on two shards is refused
-  (``R_CROSS_SHARD``): nothing changed, nothing sent.
+  answered in the call's order, an admin change once every card shard holds it. What one card
+  shard cannot make alone (two cards on two shards, a gift, a basket paid on another shard) is
+  refused (``R_CROSS_SHARD``): nothing changed, nothing sent.
 - ``ShardedLedger`` (the read side of ``Ledger``): admin state (terminals, operators, the program,
   regions and stores) from the admin shard's follower; a card's reads from its card shard's
   follower (``of_card``); a request (GetOperation) from whichever shard holds it; FindCards, a
@@ -18,8 +19,10 @@ interfaces the services use, so that the services stay the single server's code:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import struct
+import time
 from typing import Callable
 
 from cardcore import daytotals
@@ -39,6 +42,11 @@ _OP_SECOND_CARD = slice(176, 192)  # layout.OP: referrer_id (an opening's referr
 _NO_CARD = bytes(L.CARD_ID_SIZE)
 _TWO_CARD_OPS = L.OPENINGS | {L.OP_CARD_REPLACED}
 _TS, _SEQ = struct.Struct("<q"), struct.Struct("<Q")  # layout.JOURNAL's ts_us (96), seq (8)
+_BASKET, _OP_BASKET_AT = struct.Struct("<Q"), 152  # layout.OP's basket_tag
+BASKETS_KEPT = 100_000   # split-tender baskets a front remembers the card shard of
+CARD_SHARD_WAIT_S = 30.0  # a new card shard's first leader takes its place beside the admin shard
+RELAY_WAIT_S = 5.0        # an admin change's answer waits this long for every card shard to hold it
+RELAY_POLL_S = 0.02       # ... looking this often
 
 
 def to_admin_shard(op: PendingOp) -> bool:
@@ -51,9 +59,11 @@ class ShardedWriter:
     """The ``Writer`` of a front over an admin shard and card shards."""
 
     def __init__(self, admin: ClusterWriter, cards: dict[int, ClusterWriter],
-                 make_table: Callable[[ClusterWriter], list[int]]) -> None:
-        """``make_table(admin)``: the cluster's routing table, read (or made) once the admin
-        shard's writer has started."""
+                 make_table: Callable[[ClusterWriter], list[int]],
+                 open_ledger: Callable[[ClusterWriter], Ledger]) -> None:
+        """``make_table(admin)``: the cluster's routing table, read (or made) once every shard's
+        writer has started and each is what it should be; ``open_ledger(w)``: a reader of
+        ``w``'s follower's ledger."""
         assert cards and admin.shard not in cards
         self.admin = admin
         self.cards = cards
@@ -61,9 +71,14 @@ class ShardedWriter:
         self.metrics = admin.metrics
         self.journal_signal = admin.journal_signal
         self._make_table = make_table
+        self._open_ledger = open_ledger
         self.table: list[int] = []
+        self.card_ledgers: dict[int, Ledger] = {}
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
+        # split-tender baskets this front saw paid, by tag: the card shard of their payments
+        # (a later payment on another shard is refused: ``_route``), the newest BASKETS_KEPT
+        self._baskets: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     @property
     def every(self) -> list[ClusterWriter]:
@@ -94,14 +109,39 @@ class ShardedWriter:
         return self.admin.queue_max_ops
 
     def start(self) -> None:
-        """The admin shard's writer and follower, the routing table, then each card shard's
-        (FrontSetting: a card shard the table does not name, or one it names missing)."""
+        """Every shard's writer and follower; then what they are is checked (the admin shard
+        the cluster's, each card shard a card shard beside it: FrontSetting otherwise) before
+        the routing table is read, or made from ``--card-shards``: a front given wrong shards
+        never fixes a wrong table for the others. FrontSetting also if the table routes to
+        other card shards than this front's."""
         from .front import FrontSetting
 
         started: list[ClusterWriter] = []
         try:
-            self.admin.start()
-            started.append(self.admin)
+            for w in self.every:
+                w.start()
+                started.append(w)
+            admin = self._open_ledger(self.admin)
+            try:
+                relay = admin.read_admin_relay()
+            finally:
+                admin.close()
+            if relay is None or relay[:2] != (self.admin.shard, L.RELAY_ROLE_ADMIN):
+                raise FrontSetting(
+                    f"--card-shards: shard {self.admin.shard} (--shard) is not the cluster's "
+                    f"admin shard (its replicas run with --admin-shard {self.admin.shard}; "
+                    "docs/cluster.md, \"The admin shard\")")
+            for shard, w in self.cards.items():
+                self.card_ledgers[shard] = ledger = self._open_ledger(w)
+                deadline = time.monotonic() + CARD_SHARD_WAIT_S
+                while ((relay := ledger.read_admin_relay()) is None
+                       and time.monotonic() < deadline):  # (its first leader takes its place)
+                    time.sleep(0.2)
+                if relay is None or relay[:2] != (self.admin.shard, L.RELAY_ROLE_CARD):
+                    raise FrontSetting(
+                        f"--card-shards: shard {shard} is not a card shard beside admin shard "
+                        f"{self.admin.shard} (its replicas run with --admin-shard "
+                        f"{self.admin.shard}, and only a new shard takes a place)")
             self.table = self._make_table(self.admin)
             routed = sorted(set(self.table))
             if routed != sorted(self.cards):
@@ -109,99 +149,165 @@ class ShardedWriter:
                     f"--card-shards {','.join(map(str, sorted(self.cards)))}: the cluster's "
                     f"routing table routes cards to shards {','.join(map(str, routed))} "
                     "(fixed by the first front over several card shards): give those")
-            for w in self.cards.values():
-                w.start()
-                started.append(w)
         except BaseException:
+            self._close_card_ledgers()
             for w in started:
                 w.follower.stop()
                 w.nt.close()
             raise
 
-    def attach(self, ledger: Ledger, open_ledger: Callable[[ClusterWriter], Ledger]) -> "ShardedLedger":
-        """The admin shard's follower's reader (the server's ``ledger``), and one per card shard
-        (``open_ledger``): the services' ledger is the ShardedLedger returned."""
+    def attach(self, ledger: Ledger) -> "ShardedLedger":
+        """The admin shard's follower's reader (the server's ``ledger``); the card shards' were
+        opened at start: the services' ledger is the ShardedLedger returned."""
         self.admin.attach(ledger)
-        cards = {}
         for shard, w in self.cards.items():
-            cards[shard] = open_ledger(w)
-            w.attach(cards[shard])
-            w.on_advance = _program_follower(cards[shard])
-        self.ledger = ShardedLedger(ledger, cards, self.table)
+            w.attach(self.card_ledgers[shard])
+            w.on_advance = _program_follower(self.card_ledgers[shard])
+        self.ledger = ShardedLedger(ledger, self.card_ledgers, self.table)
         return self.ledger
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         await asyncio.gather(*(w.stop(timeout_s) for w in self.every))
-        if self.ledger is not None:
-            self.ledger.close_cards()
+        self._close_card_ledgers()
+
+    def _close_card_ledgers(self) -> None:
+        for ledger in self.card_ledgers.values():
+            ledger.close()
+        self.card_ledgers.clear()
 
     # ---- writes ----------------------------------------------------------------------------
 
     def _route(self, op: PendingOp) -> tuple[ClusterWriter | None, int]:
-        """(the writer an operation goes to, None if refused; the reason)."""
+        """(the writer an operation goes to, None if refused; the reason). Refused with
+        R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: two cards
+        on two shards (a replacement's new card, an opening's referrer), a gift (its stock is
+        the chain's: one counter, which each card shard would spend on its own), and a
+        split-tender payment whose basket was paid on another card shard (the day totals would
+        count its sale again there)."""
         if to_admin_shard(op):
             return self.admin, L.R_OK
+        kind = op.packed[0]
         w = self.cards[self.table[slot_of(op.card_id)]]
-        if op.packed[0] in _TWO_CARD_OPS:
+        if kind in _TWO_CARD_OPS:
             other = op.packed[_OP_SECOND_CARD]
             if other != _NO_CARD and self.table[slot_of(other)] != w.shard:
                 return None, L.R_CROSS_SHARD
+        elif kind == L.OP_GIFT_REDEEM:
+            return None, L.R_CROSS_SHARD
+        elif kind == L.OP_PURCHASE:
+            tag = _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0]
+            if tag and self._basket_elsewhere(tag, w.shard):
+                return None, L.R_CROSS_SHARD
         return w, L.R_OK
+
+    def _basket_elsewhere(self, tag: int, shard: int) -> bool:
+        """Whether basket ``tag`` has a payment on another card shard than ``shard``: one this
+        front was answered for, or one another front made that the shard's follower holds."""
+        known = self._baskets.get(tag)
+        if known is not None:
+            return known != shard
+        return any(ledger.read_basket(tag) for s, ledger in self.card_ledgers.items()
+                   if s != shard)
+
+    def _paid(self, ops: list[PendingOp], outcomes: list[Outcome]) -> None:
+        """Remember where the split-tender payments just answered were made."""
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if op.packed[0] == L.OP_PURCHASE and outcome.reason == L.R_OK:
+                tag = _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0]
+                if tag:
+                    self._baskets[tag] = self.table[slot_of(op.card_id)]
+                    self._baskets.move_to_end(tag)
+                    if len(self._baskets) > BASKETS_KEPT:
+                        self._baskets.popitem(last=False)
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None,
                on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
                ) -> asyncio.Future:
-        """As ``Writer.submit``. All on one shard (a swipe, most batches of one store's tills
-        are not): that shard's writer's submit itself. Else a submit to each shard at once, the
-        outcomes put back in the call's order; Overloaded if any shard's queue has no room for
-        its part (nothing sent then)."""
+        """As ``Writer.submit``. All on one card shard (a swipe, a till's call): that shard's
+        writer's submit itself. Else a submit to each shard at once, the outcomes put back in
+        the call's order (``on_answer`` runs with each shard's part as it is answered); Overloaded
+        if any shard's queue has no room for its part (nothing sent then). A call with admin
+        changes is answered once every card shard's follower holds them (relayed), so what
+        the caller does next sees them on every shard."""
         assert ops
         parts: dict[ClusterWriter, list[int]] = {}
         refused: dict[int, Outcome] = {}
+        baskets = False
         for i, op in enumerate(ops):
             w, reason = self._route(op)
             if w is None:
                 refused[i] = _uniform(reason, [op])[0]
             else:
                 parts.setdefault(w, []).append(i)
-        if not refused and len(parts) == 1:
+                baskets = baskets or (op.packed[0] == L.OP_PURCHASE and _BASKET.unpack_from(
+                    op.packed, _OP_BASKET_AT)[0] != 0)
+        if baskets:
+            on_answer = _both(self._paid, on_answer)
+        if not refused and len(parts) == 1 and self.admin not in parts:
             return next(iter(parts)).submit(ops, deadline, on_answer)
         for w, idx in parts.items():
             if w._stopping:
                 raise Stopped()
             if w.queued_ops + len(idx) > w.queue_max_ops:
                 raise Overloaded()
-        futures = [(idx, w.submit([ops[i] for i in idx], deadline)) for w, idx in parts.items()]
+        futures = [(idx, w.submit([ops[i] for i in idx], deadline, on_answer))
+                   for w, idx in parts.items()]
+        admin_keys = [ops[i].request_key for i in parts.get(self.admin, ()) if ops[i].request_key]
         fut = self.loop.create_future()
-        task = self.loop.create_task(self._gather(ops, refused, futures, fut, on_answer))
+        task = self.loop.create_task(self._gather(ops, refused, futures, fut, on_answer,
+                                                  admin_keys))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fut
 
-    @staticmethod
-    async def _gather(ops: list[PendingOp], refused: dict[int, Outcome], futures: list,
-                      fut: asyncio.Future, on_answer) -> None:
+    async def _gather(self, ops: list[PendingOp], refused: dict[int, Outcome], futures: list,
+                      fut: asyncio.Future, on_answer, admin_keys: list[bytes]) -> None:
         outcomes: list[Outcome | None] = [None] * len(ops)
         for i, outcome in refused.items():
             outcomes[i] = outcome
+        if refused and on_answer is not None:
+            idx = sorted(refused)
+            try:
+                on_answer([ops[i] for i in idx], [refused[i] for i in idx])
+            except Exception:  # the caller must get its answer whatever a hook does
+                log.exception("answer hook failed")
         for idx, part in futures:
             try:
                 got = await part
-            except Exception:  # (a shard's writer answers every item: never seen)
+            except BaseException:  # (a shard's writer answers every item: never seen)
                 log.exception("front: a shard's part of a submit failed")
                 got = _uniform(L.R_OUTCOME_UNKNOWN, [ops[i] for i in idx])
             for i, outcome in zip(idx, got, strict=True):
                 outcomes[i] = outcome
         assert all(o is not None for o in outcomes)
-        if on_answer is not None:
-            try:
-                on_answer(ops, outcomes)
-            except Exception:  # the caller must get its answer whatever a hook does
-                log.exception("answer hook failed")
+        if admin_keys:
+            await self._relayed(admin_keys)
         if not fut.done():
             fut.set_result(outcomes)
+
+    async def _relayed(self, keys: list[bytes]) -> None:
+        """Wait (at most RELAY_WAIT_S) until every card shard's follower holds the admin
+        changes of these request keys, relayed (their records, in the relayed namespace); then
+        each card shard's reader adopts a program among them. Not within the time: answered
+        anyway (the change is made; it reaches the card shards when their leaders relay it)."""
+        relayed = [L.RELAYED_KEY_PREFIX + key for key in keys]
+        limit = time.monotonic() + RELAY_WAIT_S
+        waiting = dict(self.card_ledgers)
+        while waiting:
+            for shard, ledger in list(waiting.items()):
+                if all(ledger.read_operation(key) is not None for key in relayed):
+                    del waiting[shard]
+                    if self.cards[shard].on_advance is not None:
+                        self.cards[shard].on_advance()
+            if waiting and time.monotonic() > limit:
+                log.warning("front: admin changes not relayed to card shards %s within %g s; "
+                            "answered (they are made: each card shard takes them when its "
+                            "leader relays them)", sorted(waiting), RELAY_WAIT_S)
+                return
+            if waiting:
+                await asyncio.sleep(RELAY_POLL_S)
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -217,6 +323,17 @@ class ShardedWriter:
         for c in card_ids:
             by_shard.setdefault(self.table[slot_of(c)], []).append(c)
         await asyncio.gather(*(self.cards[s].fresh(tuple(cs)) for s, cs in by_shard.items()))
+
+
+def _both(first, then):
+    """An answer hook that runs ``first``, then ``then`` (if any)."""
+    if then is None:
+        return first
+
+    def hook(ops, outcomes) -> None:
+        first(ops, outcomes)
+        then(ops, outcomes)
+    return hook
 
 
 # Reads of one card, which go to its shard's ledger (``ShardedLedger.of_card``): asked of the
@@ -254,14 +371,29 @@ class ShardedLedger:
             raise OneShardOnly(ONE_SHARD_ONLY[name])
         return getattr(self.admin, name)
 
-    def close_cards(self) -> None:
-        for ledger in self.cards.values():
-            ledger.close()
-
     def stats(self) -> dict:
         cards = [ledger.stats() for ledger in self.cards.values()]
         return {"cards": sum(s["cards"] for s in cards),
                 "journal": sum(s["journal"] for s in cards) + self.admin.stats()["journal"]}
+
+    def read_terminal(self, terminal_id: int) -> tuple | None:
+        """The terminal as the admin shard holds it, with the highest KSN counter any card
+        shard applied (its swipes are the card shards'; the admin shard sees none)."""
+        found = self.admin.read_terminal(terminal_id)
+        if found is None:
+            return None
+        ksn = max((t[_TERMINAL_KSN] for t in (ledger.read_terminal(terminal_id)
+                                               for ledger in self.cards.values())
+                   if t is not None), default=0)
+        return _with_ksn(found, ksn)
+
+    def read_terminals(self) -> list[tuple]:
+        """Every terminal, as ``read_terminal``."""
+        ksn: dict[int, int] = {}
+        for ledger in self.cards.values():
+            for t in ledger.read_terminals():
+                ksn[t[_TERMINAL_ID]] = max(ksn.get(t[_TERMINAL_ID], 0), t[_TERMINAL_KSN])
+        return [_with_ksn(t, ksn.get(t[_TERMINAL_ID], 0)) for t in self.admin.read_terminals()]
 
     def read_operation(self, key: bytes) -> Outcome | None:
         """A request's outcome from the shard that holds it (an admin change's: the admin
@@ -373,6 +505,14 @@ def refuse_unserved(admin_service) -> None:
             async def call(request, context, why=why):
                 await abort(context, failure(cpb.REASON_ONE_SHARD_ONLY, detail=why))
         setattr(admin_service, name, call)
+
+
+_TERMINAL_ID, _TERMINAL_KSN = 3, 5  # layout.TERMINAL's terminal_id, last_ksn_counter
+
+
+def _with_ksn(terminal: tuple, ksn: int) -> tuple:
+    return (*terminal[:_TERMINAL_KSN], max(terminal[_TERMINAL_KSN], ksn),
+            *terminal[_TERMINAL_KSN + 1:])
 
 
 def _program_follower(ledger: Ledger) -> Callable[[], None]:
