@@ -76,9 +76,10 @@ class ShardedWriter:
         self.card_ledgers: dict[int, Ledger] = {}
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
-        # split-tender baskets this front saw paid, by tag: the card shard of their payments
-        # (a later payment on another shard is refused: ``_route``), the newest BASKETS_KEPT
-        self._baskets: collections.OrderedDict[int, int] = collections.OrderedDict()
+        # split-tender baskets this front sent payments of, by tag: (the card shard of their
+        # payments, how many are unanswered); a payment on another shard is refused (``_route``).
+        # Kept while one is unanswered or one was (maybe) made; the newest BASKETS_KEPT.
+        self._baskets: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
 
     @property
     def every(self) -> list[ClusterWriter]:
@@ -122,26 +123,14 @@ class ShardedWriter:
                 w.start()
                 started.append(w)
             admin = self._open_ledger(self.admin)
+            deadline = time.monotonic() + CARD_SHARD_WAIT_S  # (one wait for every shard)
             try:
-                relay = admin.read_admin_relay()
+                self._check_place(admin, self.admin.shard, L.RELAY_ROLE_ADMIN, deadline)
             finally:
                 admin.close()
-            if relay is None or relay[:2] != (self.admin.shard, L.RELAY_ROLE_ADMIN):
-                raise FrontSetting(
-                    f"--card-shards: shard {self.admin.shard} (--shard) is not the cluster's "
-                    f"admin shard (its replicas run with --admin-shard {self.admin.shard}; "
-                    "docs/cluster.md, \"The admin shard\")")
             for shard, w in self.cards.items():
-                self.card_ledgers[shard] = ledger = self._open_ledger(w)
-                deadline = time.monotonic() + CARD_SHARD_WAIT_S
-                while ((relay := ledger.read_admin_relay()) is None
-                       and time.monotonic() < deadline):  # (its first leader takes its place)
-                    time.sleep(0.2)
-                if relay is None or relay[:2] != (self.admin.shard, L.RELAY_ROLE_CARD):
-                    raise FrontSetting(
-                        f"--card-shards: shard {shard} is not a card shard beside admin shard "
-                        f"{self.admin.shard} (its replicas run with --admin-shard "
-                        f"{self.admin.shard}, and only a new shard takes a place)")
+                self.card_ledgers[shard] = self._open_ledger(w)
+                self._check_place(self.card_ledgers[shard], shard, L.RELAY_ROLE_CARD, deadline)
             self.table = self._make_table(self.admin)
             routed = sorted(set(self.table))
             if routed != sorted(self.cards):
@@ -155,6 +144,26 @@ class ShardedWriter:
                 w.follower.stop()
                 w.nt.close()
             raise
+
+    def _check_place(self, ledger: Ledger, shard: int, role: int, deadline: float) -> None:
+        """Shard ``shard``'s ledger holds its place in the cluster: the admin shard
+        (``role`` RELAY_ROLE_ADMIN) or a card shard beside it. None yet (a new shard's first
+        leader takes it at its first lead): waited for until ``deadline``, then
+        FrontUnavailable (exit 1: started again later). Another place: FrontSetting (exit 2)."""
+        from .front import FrontSetting, FrontUnavailable
+
+        while (relay := ledger.read_admin_relay()) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if relay is None:
+            raise FrontUnavailable(f"shard {shard} has taken no place beside an admin shard "
+                                   "yet (its replicas run with --admin-shard, a leader first)")
+        if relay[:2] != (self.admin.shard, role):
+            what = (f"the cluster's admin shard (--shard; its replicas run with --admin-shard "
+                    f"{self.admin.shard})" if role == L.RELAY_ROLE_ADMIN else
+                    f"a card shard beside admin shard {self.admin.shard} (its replicas run "
+                    f"with --admin-shard {self.admin.shard}, and only a new shard takes a place)")
+            raise FrontSetting(f"--card-shards: shard {shard} is not {what}; docs/cluster.md, "
+                               "\"One front over several card shards\"")
 
     def attach(self, ledger: Ledger) -> "ShardedLedger":
         """The admin shard's follower's reader (the server's ``ledger``); the card shards' were
@@ -179,13 +188,13 @@ class ShardedWriter:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    def _route(self, op: PendingOp) -> tuple[ClusterWriter | None, int]:
+    def _route(self, op: PendingOp, baskets: dict[int, int]) -> tuple[ClusterWriter | None, int]:
         """(the writer an operation goes to, None if refused; the reason). Refused with
         R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: two cards
         on two shards (a replacement's new card, an opening's referrer), a gift (its stock is
         the chain's: one counter, which each card shard would spend on its own), and a
         split-tender payment whose basket was paid on another card shard (the day totals would
-        count its sale again there)."""
+        count its sale again there; ``baskets``: this call's, tag -> card shard, filled)."""
         if to_admin_shard(op):
             return self.admin, L.R_OK
         kind = op.packed[0]
@@ -197,30 +206,51 @@ class ShardedWriter:
         elif kind == L.OP_GIFT_REDEEM:
             return None, L.R_CROSS_SHARD
         elif kind == L.OP_PURCHASE:
-            tag = _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0]
-            if tag and self._basket_elsewhere(tag, w.shard):
-                return None, L.R_CROSS_SHARD
+            tag = _basket_of(op)
+            if tag:
+                if self._basket_elsewhere(tag, w.shard, baskets):
+                    return None, L.R_CROSS_SHARD
+                baskets[tag] = w.shard
         return w, L.R_OK
 
-    def _basket_elsewhere(self, tag: int, shard: int) -> bool:
-        """Whether basket ``tag`` has a payment on another card shard than ``shard``: one this
-        front was answered for, or one another front made that the shard's follower holds."""
-        known = self._baskets.get(tag)
+    def _basket_elsewhere(self, tag: int, shard: int, baskets: dict[int, int]) -> bool:
+        """Whether basket ``tag`` has a payment on another card shard than ``shard``: earlier
+        in this call, sent by this front (answered or not), or made through another front
+        (its card shard's follower holds it here)."""
+        known = baskets.get(tag)
+        if known is None and tag in self._baskets:
+            known = self._baskets[tag][0]
         if known is not None:
             return known != shard
         return any(ledger.read_basket(tag) for s, ledger in self.card_ledgers.items()
                    if s != shard)
 
+    def _sent(self, ops: list[PendingOp]) -> None:
+        """Split-tender payments sent: their baskets are their card shards' from now on."""
+        for op in ops:
+            tag = _basket_of(op)
+            if tag:
+                held = self._baskets.get(tag)
+                if held is None:
+                    held = self._baskets[tag] = [self.table[slot_of(op.card_id)], 0, 0]
+                held[1] += 1
+                self._baskets.move_to_end(tag)
+        while len(self._baskets) > BASKETS_KEPT:
+            self._baskets.popitem(last=False)
+
     def _paid(self, ops: list[PendingOp], outcomes: list[Outcome]) -> None:
-        """Remember where the split-tender payments just answered were made."""
+        """Split-tender payments answered: a basket none of whose payments was (maybe) made is
+        no shard's any more (a declined first card: the next may be of any shard)."""
         for op, outcome in zip(ops, outcomes, strict=True):
-            if op.packed[0] == L.OP_PURCHASE and outcome.reason == L.R_OK:
-                tag = _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0]
-                if tag:
-                    self._baskets[tag] = self.table[slot_of(op.card_id)]
-                    self._baskets.move_to_end(tag)
-                    if len(self._baskets) > BASKETS_KEPT:
-                        self._baskets.popitem(last=False)
+            tag = _basket_of(op)
+            held = self._baskets.get(tag) if tag else None
+            if held is None:
+                continue
+            held[1] -= 1
+            if outcome.reason in (L.R_OK, L.R_OUTCOME_UNKNOWN):
+                held[2] = 1
+            if held[1] <= 0 and not held[2]:
+                del self._baskets[tag]
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None,
                on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
@@ -234,58 +264,71 @@ class ShardedWriter:
         assert ops
         parts: dict[ClusterWriter, list[int]] = {}
         refused: dict[int, Outcome] = {}
-        baskets = False
+        baskets: dict[int, int] = {}
         for i, op in enumerate(ops):
-            w, reason = self._route(op)
+            w, reason = self._route(op, baskets)
             if w is None:
                 refused[i] = _uniform(reason, [op])[0]
             else:
                 parts.setdefault(w, []).append(i)
-                baskets = baskets or (op.packed[0] == L.OP_PURCHASE and _BASKET.unpack_from(
-                    op.packed, _OP_BASKET_AT)[0] != 0)
         if baskets:
             on_answer = _both(self._paid, on_answer)
         if not refused and len(parts) == 1 and self.admin not in parts:
-            return next(iter(parts)).submit(ops, deadline, on_answer)
-        for w, idx in parts.items():
-            if w._stopping:
+            fut = next(iter(parts)).submit(ops, deadline, on_answer)
+            if baskets:
+                self._sent(ops)  # (once it is taken: no await since the checks)
+            return fut
+        for w, idx in parts.items():  # (ClusterWriter.submit's own refusals, for every part
+            if w._stopping:           # before any is sent: a call is sent whole or not at all)
                 raise Stopped()
             if w.queued_ops + len(idx) > w.queue_max_ops:
                 raise Overloaded()
         futures = [(idx, w.submit([ops[i] for i in idx], deadline, on_answer))
                    for w, idx in parts.items()]
-        admin_keys = [ops[i].request_key for i in parts.get(self.admin, ()) if ops[i].request_key]
+        if baskets:
+            self._sent([ops[i] for idx in parts.values() for i in idx])
         fut = self.loop.create_future()
         task = self.loop.create_task(self._gather(ops, refused, futures, fut, on_answer,
-                                                  admin_keys))
+                                                  self.admin in parts))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fut
 
     async def _gather(self, ops: list[PendingOp], refused: dict[int, Outcome], futures: list,
-                      fut: asyncio.Future, on_answer, admin_keys: list[bytes]) -> None:
-        outcomes: list[Outcome | None] = [None] * len(ops)
-        for i, outcome in refused.items():
-            outcomes[i] = outcome
-        if refused and on_answer is not None:
-            idx = sorted(refused)
-            try:
-                on_answer([ops[i] for i in idx], [refused[i] for i in idx])
-            except Exception:  # the caller must get its answer whatever a hook does
-                log.exception("answer hook failed")
-        for idx, part in futures:
-            try:
-                got = await part
-            except BaseException:  # (a shard's writer answers every item: never seen)
-                log.exception("front: a shard's part of a submit failed")
-                got = _uniform(L.R_OUTCOME_UNKNOWN, [ops[i] for i in idx])
-            for i, outcome in zip(idx, got, strict=True):
+                      fut: asyncio.Future, on_answer, admin: bool) -> None:
+        """Answer the call once every part is answered (``admin``: and its admin changes that
+        were made are relayed). The answer is set whatever happens here (``finally``)."""
+        outcomes: list[Outcome] = [_uniform(L.R_OUTCOME_UNKNOWN, [op])[0] for op in ops]
+        try:
+            for i, outcome in refused.items():
                 outcomes[i] = outcome
-        assert all(o is not None for o in outcomes)
-        if admin_keys:
-            await self._relayed(admin_keys)
-        if not fut.done():
-            fut.set_result(outcomes)
+            if refused and on_answer is not None:
+                idx = sorted(refused)
+                try:
+                    on_answer([ops[i] for i in idx], [refused[i] for i in idx])
+                except Exception:  # the caller must get its answer whatever a hook does
+                    log.exception("answer hook failed")
+            for idx, part in futures:
+                try:
+                    got = await part
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # (a shard's writer answers every item: never seen)
+                    log.exception("front: a shard's part of a submit failed")
+                    continue  # (OUTCOME_UNKNOWN)
+                for i, outcome in zip(idx, got, strict=True):
+                    outcomes[i] = outcome
+            made = [op.request_key for op, outcome in zip(ops, outcomes)
+                    if to_admin_shard(op) and op.request_key and outcome.reason == L.R_OK]
+            if admin and made:
+                await self._relayed(made)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("front: a submit over several shards failed")
+        finally:
+            if not fut.done():
+                fut.set_result(outcomes)
 
     async def _relayed(self, keys: list[bytes]) -> None:
         """Wait (at most RELAY_WAIT_S) until every card shard's follower holds the admin
@@ -299,8 +342,10 @@ class ShardedWriter:
             for shard, ledger in list(waiting.items()):
                 if all(ledger.read_operation(key) is not None for key in relayed):
                     del waiting[shard]
-                    if self.cards[shard].on_advance is not None:
+                    try:  # (its program, if one is among them; else at its next re-read)
                         self.cards[shard].on_advance()
+                    except Exception:
+                        log.exception("front s%d: admin state could not be re-read", shard)
             if waiting and time.monotonic() > limit:
                 log.warning("front: admin changes not relayed to card shards %s within %g s; "
                             "answered (they are made: each card shard takes them when its "
@@ -326,14 +371,21 @@ class ShardedWriter:
 
 
 def _both(first, then):
-    """An answer hook that runs ``first``, then ``then`` (if any)."""
+    """An answer hook that runs ``first``, then ``then`` (if any) whatever ``first`` did."""
     if then is None:
         return first
 
     def hook(ops, outcomes) -> None:
-        first(ops, outcomes)
-        then(ops, outcomes)
+        try:
+            first(ops, outcomes)
+        finally:
+            then(ops, outcomes)
     return hook
+
+
+def _basket_of(op: PendingOp) -> int:
+    """A purchase's split-tender basket tag (0: none, or not a purchase)."""
+    return _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0] if op.packed[0] == L.OP_PURCHASE else 0
 
 
 # Reads of one card, which go to its shard's ledger (``ShardedLedger.of_card``): asked of the

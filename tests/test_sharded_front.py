@@ -183,6 +183,14 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     assert client.card(b).balance.available_minor == expected[b]
     rest = h.stub.Purchase(basket_payment(a2, 500))
     assert rest.reason == R.REASON_OK and rest.remainder_due_minor == 0
+    # ... and within one batch: its second payment, on the other shard, refused before it is
+    # sent (the first, a development caller's, is declined by its shard: no PIN)
+    batch = [pb.Operation(purchase=pb.PurchaseRequest(
+        request_id=f"B-2-{k}", client_time_us=sent_at(f"B-2-{k}"),
+        card=cpb.CardRef(card_number=n), gross_amount_minor=100, basket_id="B-2",
+        till=cpb.Till(store_id=3))) for k, n in enumerate((a, b))]
+    got = f.stub.SubmitBatch(pb.SubmitBatchRequest(operations=batch)).results
+    assert [r.reason for r in got] == [R.REASON_PIN_REQUIRED, R.REASON_CROSS_SHARD]
 
     # a front with other card shards than the stored table's does not start
     with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):
