@@ -1282,3 +1282,20 @@ def _merged_values(values: list[list[int]]) -> list[int]:
                 acc[F_ENTRIES] -= acc[k] - once
             acc[k] = once
     return [clamped(k, x) for k, x in enumerate(acc)]
+
+
+def merge_days(days: list[tuple[list[int], tuple | None, list, int]],
+               close: tuple | None) -> tuple[list[int], tuple | None, list, int]:
+    """One store's business day (``read_day``) from several card shards' (a front over several:
+    docs/cluster.md): the figures as ``merge_reports`` adds them, the clearing rows added up by
+    counterparty, the holds outstanding added up; ``close``: the admin shard's record of it (the
+    close is made there, then relayed to every card shard)."""
+    assert days
+    clearing: dict[int, int] = {}
+    for _, _, rows, _ in days:
+        for other, amount in rows:
+            clearing[other] = clearing.get(other, 0) + amount
+    return (_merged_values([d[0] for d in days]), close,
+            [(other, wrapped(amount)) for other, amount in sorted(clearing.items())
+             if wrapped(amount)],
+            wrapped(sum(d[3] for d in days)))

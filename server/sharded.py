@@ -397,7 +397,6 @@ CARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lots
 ONE_SHARD_ONLY = {
     "read_journal": "the journal feed (each shard has its own journal): ask a front of one shard",
     "next_seq": "the journal feed (each shard has its own journal): ask a front of one shard",
-    "read_day": "the daily close over several card shards: make it through a front of one shard",
     "read_members": "member reports over several card shards: ask a front of each card shard",
     "read_sealed": "a data key's rotation and re-seal: make them through a front of one shard",
 }
@@ -481,6 +480,18 @@ class ShardedLedger:
                                     _SEQ.unpack_from(e, 8)[0]))
         return entries
 
+    def read_store_known(self, store_id: int) -> bool:
+        """In the chain's registry (the admin shard's), or with an entry on any card shard."""
+        return any(ledger.read_store_known(store_id)
+                   for ledger in (self.admin, *self.cards.values()))
+
+    def read_day(self, store: int, day: int) -> tuple:
+        """A store's business day over the card shards, its close as the admin shard made it
+        (``daytotals.merge_days``)."""
+        return daytotals.merge_days([ledger.read_day(store, day)
+                                     for ledger in self.cards.values()],
+                                    self.admin.read_day(store, day)[1])
+
     def read_report(self, *args, **kw) -> dict:
         return daytotals.merge_reports([ledger.read_report(*args, **kw)
                                         for ledger in self.cards.values()])
@@ -526,12 +537,9 @@ def routing_table(admin: ClusterWriter, card_shards: list[int]) -> list[int]:
 
 
 # The AdminService calls a front over several card shards does not serve yet, refused before
-# anything is read or sent (CloseDay would close the day, then find its figures on several
-# shards), with what to do instead.
+# anything is read or sent (a rotation would be made, then find no card here to re-seal), with
+# what to do instead.
 UNSERVED_CALLS = {
-    "CloseDay": "the daily close over several card shards is not built: close the day through "
-                "a front of the admin shard alone; its figures are each card shard's (a front "
-                "of that shard)",
     "GetMemberReport": "member reports over several card shards are not built: ask a front of "
                        "each card shard",
     "RotateDataKey": "a data key's rotation and re-seal over several card shards are not "

@@ -154,9 +154,7 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     sales = {o.operation_type: o for o in report.total.operations}[cpb.OPERATION_TYPE_PURCHASE]
     assert sales.count == 4 and sales.amount_minor == 4 * 1_000
     with pytest.raises(grpc.RpcError) as err:
-        admin.stub.CloseDay(apb.CloseDayRequest(
-            request_id=rid(), client_time_us=sent_at("x"), store_id=3,
-            business_day=report.to_day), metadata=admin.metadata)
+        admin.stub.GetMemberReport(apb.GetMemberReportRequest(), metadata=admin.metadata)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert failure_of(err.value).reason == R.REASON_ONE_SHARD_ONLY
 
@@ -191,6 +189,19 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
         till=cpb.Till(store_id=3))) for k, n in enumerate((a, b))]
     got = f.stub.SubmitBatch(pb.SubmitBatchRequest(operations=batch)).results
     assert [r.reason for r in got] == [R.REASON_PIN_REQUIRED, R.REASON_CROSS_SHARD]
+
+    # the daily close of store 3 (never registered: its entries are on the card shards), its
+    # figures both shards' as the store's report has them
+    store_day = admin.stub.GetReport(apb.GetReportRequest(store_id=3, last_days=1),
+                                     metadata=admin.metadata)
+    request_id = rid()
+    closed = admin.stub.CloseDay(apb.CloseDayRequest(
+        request_id=request_id, client_time_us=sent_at(request_id), store_id=3,
+        business_day=store_day.to_day), metadata=admin.metadata)
+    assert closed.closed_seq and not closed.closed_before
+    assert closed.figures == store_day.total
+    top_ups = {o.operation_type: o for o in closed.figures.operations}[cpb.OPERATION_TYPE_TOP_UP]
+    assert top_ups.count == 4 and top_ups.amount_minor == 4 * 10_000 + 2  # the terminal's
 
     # a front with other card shards than the stored table's does not start
     with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):

@@ -50,8 +50,8 @@ TABLE = spread([1, 2])
 def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factory, steps):
     """The same groups (each at the same time) on one ledger, and split by card over two card
     shards that each also apply every admin entry (as relayed: an operator added now and then):
-    the chain's, a store's, a region's and the by-store report with staff, merged, are the one
-    ledger's, entries included (an admin entry counted once)."""
+    the chain's, a store's and the by-store report with staff, and a store's day, merged, are
+    the one ledger's, entries included (an admin entry counted once)."""
     folder = tmp_path_factory.mktemp("shards")
     whole = Ledger(os.path.join(folder, "whole"))
     shards = {s: Ledger(os.path.join(folder, f"s{s}")) for s in (1, 2)}
@@ -87,6 +87,9 @@ def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factor
             merged = daytotals.merge_reports([getattr(ledger, read)(*args)
                                               for ledger in shards.values()])
             assert merged == getattr(whole, read)(*args), read
+        for d in (day - 1, day, day + 1):  # a store's day, as CloseDay answers it
+            assert daytotals.merge_days([ledger.read_day(3, d) for ledger in shards.values()],
+                                        None) == whole.read_day(3, d)
     finally:
         for ledger in (whole, *shards.values()):
             ledger.close()
