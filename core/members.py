@@ -672,10 +672,11 @@ def dormant(txn, ledger, as_of: int, limit: int, after: bytes = b"") -> dict:
     """The members dormant as of business day ``as_of``: how many, and up to ``limit`` of them
     after the resume point ``after`` (a member_last key; b"": from the first), in order of their
     last purchase, each as (current card id, masked number, last purchase day, third-last
-    purchase day, purchases, opened day); ``next``: the resume point of the rest (b"": none)."""
+    purchase day, purchases, opened day); ``next``: the resume point of the rest (b"": none);
+    ``keys``: each row's resume point (``merge_reads``)."""
     assert 0 <= limit <= DORMANT_PAGE_MAX
     lo, hi = as_of - DORMANT_SPAN_DAYS, as_of - DORMANT_QUIET_DAYS - 1
-    out = {"count": 0, "rows": [], "next": b""}
+    out = {"count": 0, "rows": [], "next": b"", "keys": []}
     if hi < 0:
         return out
     lo = max(lo, 0)
@@ -691,9 +692,37 @@ def dormant(txn, ledger, as_of: int, limit: int, after: bytes = b"") -> dict:
             card = rec[_CARD]
             rows.append((card, masked_of(txn.get(card, db=ledger.profiles)), rec[4], rec[6],
                          rec[7], rec[2]))
+            out["keys"].append(key)
             last_key = key
         else:  # one more than the page holds: the rest resume after the page's last
             out["next"] = last_key
     if limit == 0:
         out["next"] = b""
     return out
+
+
+_ADDED = ("members", "new", "activated", "imported", "active", "repeat", "purchases",
+          "previous_active", "churned")
+
+
+def merge_reads(reads: list[tuple[dict, dict]], limit: int) -> tuple[dict, dict]:
+    """One member report read (``figures``, ``dormant``) from several card shards' (a front over
+    several: docs/cluster.md), each read with the same months, day, ``limit`` and resume point.
+    A member and every card it was replaced by are on one shard, so the counts add up and the
+    rates are computed again from them; the dormant page is the first ``limit`` rows of every
+    shard's in resume-point order (each shard's page holds its first ``limit``)."""
+    assert reads
+    figures = dict(reads[0][0])
+    for name in _ADDED:
+        figures[name] = sum(r[0][name] for r in reads)
+    figures["spend_minor"] = daytotals.saturated(sum(r[0]["spend_minor"] for r in reads))
+    figures["activation_rate_bp"] = rate_bp(figures["new"], figures["members"])
+    figures["repeat_rate_bp"] = rate_bp(figures["repeat"], figures["active"])
+    figures["churn_rate_bp"] = rate_bp(figures["churned"], figures["previous_active"])
+    rows = sorted((key, row) for _, d in reads for key, row in zip(d["keys"], d["rows"],
+                                                                  strict=True))
+    page = rows[:limit]
+    more = len(rows) > limit or any(d["next"] for _, d in reads)
+    dormant = {"count": sum(d["count"] for _, d in reads), "rows": [row for _, row in page],
+               "next": page[-1][0] if more and page else b"", "keys": [key for key, _ in page]}
+    return figures, dormant

@@ -13,7 +13,8 @@ interfaces the services use, so that the services stay the single server's code:
 - ``ShardedLedger`` (the read side of ``Ledger``): admin state (terminals, operators, the program,
   regions and stores) from the admin shard's follower; a card's reads from its card shard's
   follower (``of_card``); a request (GetOperation) from whichever shard holds it; FindCards, a
-  basket's payments and reports merged over the card shards. A read it does not serve yet raises
+  basket's payments, reports, a store's day and member reports merged over the card shards;
+  terminals with their card shards' KSN counters. A read it does not serve yet raises
   ``OneShardOnly`` (the services answer UNIMPLEMENTED, ``REASON_ONE_SHARD_ONLY``).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from typing import Callable
 
 from cardcore import daytotals
+from cardcore import members as member_metrics
 from cardcore import layout as L
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
@@ -397,7 +399,6 @@ CARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lots
 ONE_SHARD_ONLY = {
     "read_journal": "the journal feed (each shard has its own journal): ask a front of one shard",
     "next_seq": "the journal feed (each shard has its own journal): ask a front of one shard",
-    "read_members": "member reports over several card shards: ask a front of each card shard",
     "read_sealed": "a data key's rotation and re-seal: make them through a front of one shard",
 }
 
@@ -492,6 +493,14 @@ class ShardedLedger:
                                      for ledger in self.cards.values()],
                                     self.admin.read_day(store, day)[1])
 
+    def read_members(self, first: int, last: int, as_of: int, limit: int,
+                     after: bytes = b"") -> tuple[dict, dict] | None:
+        """The member figures and a page of the dormant members over the card shards
+        (``members.merge_reads``)."""
+        reads = [ledger.read_members(first, last, as_of, limit, after)
+                 for ledger in self.cards.values()]
+        return None if any(r is None for r in reads) else member_metrics.merge_reads(reads, limit)
+
     def read_report(self, *args, **kw) -> dict:
         return daytotals.merge_reports([ledger.read_report(*args, **kw)
                                         for ledger in self.cards.values()])
@@ -540,8 +549,6 @@ def routing_table(admin: ClusterWriter, card_shards: list[int]) -> list[int]:
 # anything is read or sent (a rotation would be made, then find no card here to re-seal), with
 # what to do instead.
 UNSERVED_CALLS = {
-    "GetMemberReport": "member reports over several card shards are not built: ask a front of "
-                       "each card shard",
     "RotateDataKey": "a data key's rotation and re-seal over several card shards are not "
                      "built: rotate through a front of the admin shard, then start a front of "
                      "each card shard once to re-seal its cards",

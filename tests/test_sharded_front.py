@@ -153,8 +153,13 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     assert top_ups.count == 8 and top_ups.amount_minor == 4 * 10_000 + 2 + 1_000
     sales = {o.operation_type: o for o in report.total.operations}[cpb.OPERATION_TYPE_PURCHASE]
     assert sales.count == 4 and sales.amount_minor == 4 * 1_000
+    month = report.to_day[:7]  # (YYYY-MM)
+    members = admin.stub.GetMemberReport(apb.GetMemberReportRequest(
+        from_month=month, to_month=month), metadata=admin.metadata)
+    assert members.members == members.new_members == 6  # opened on both shards
+    assert members.active_members == 4 and members.purchases == 4  # the PIN purchases'
     with pytest.raises(grpc.RpcError) as err:
-        admin.stub.GetMemberReport(apb.GetMemberReportRequest(), metadata=admin.metadata)
+        admin.stub.WatchJournal(apb.WatchJournalRequest(), metadata=admin.metadata).next()
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert failure_of(err.value).reason == R.REASON_ONE_SHARD_ONLY
 

@@ -9,7 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cardcore import daytotals
+from cardcore import daytotals, members
 from cardcore import layout as L
 from cardcore.ledger import Ledger
 from cardcore.shards import (SLOTS, RoutesInvalid, card_shards_of, decode_routes, encode_routes,
@@ -50,8 +50,9 @@ TABLE = spread([1, 2])
 def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factory, steps):
     """The same groups (each at the same time) on one ledger, and split by card over two card
     shards that each also apply every admin entry (as relayed: an operator added now and then):
-    the chain's, a store's and the by-store report with staff, and a store's day, merged, are
-    the one ledger's, entries included (an admin entry counted once)."""
+    the chain's, a store's and the by-store report with staff, a store's day and the member
+    report with its dormant members page by page, merged, are the one ledger's, entries
+    included (an admin entry counted once)."""
     folder = tmp_path_factory.mktemp("shards")
     whole = Ledger(os.path.join(folder, "whole"))
     shards = {s: Ledger(os.path.join(folder, f"s{s}")) for s in (1, 2)}
@@ -64,8 +65,11 @@ def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factor
             assert whole.apply_group([opened], at)[0].reason == L.R_OK
             shard = TABLE[slot_of(cid(number))]
             assert shards[shard].apply_group([opened], at)[0].reason == L.R_OK
-        for card, kind, amount, staff in steps:
-            at += 1
+        prelude = [(card, kind, amount, 0) for _ in range(3) for card in (0, 1, 5)  # (both
+                   for kind, amount in ((L.OP_TOP_UP, 1_000), (L.OP_PURCHASE, 100))]  # shards)
+        for card, kind, amount, staff in prelude + steps:  # (3 purchases each at first: every
+            at += 1  # member is dormant 61 days on; times a µs apart, as the ledger's clock
+            #          moves at most an hour a group)
             if kind == 0:  # an admin entry, which every card shard holds
                 k = next(n)
                 admin = add_operator(f"a{k}", f"op-{k}", 1, at=at)
@@ -77,19 +81,32 @@ def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factor
             shard = TABLE[slot_of(cid(numbers[card]))]
             assert (whole.apply_group([step], at)[0].reason
                     == shards[shard].apply_group([step], at)[0].reason)
-        day = NOW // L.DAY_US
-        for read, args in (("read_report", (None, day - 1, day + 1, daytotals.GRANULARITY_DAY,
+        day, last = NOW // L.DAY_US, at // L.DAY_US + 1
+        for read, args in (("read_report", (None, day - 1, last, daytotals.GRANULARITY_DAY,
                                             True)),
-                           ("read_report", (3, day - 1, day + 1, daytotals.GRANULARITY_DAY,
+                           ("read_report", (3, day - 1, last, daytotals.GRANULARITY_DAY,
                                             True)),
-                           ("read_by_store", (day - 1, day + 1, lambda s: True, "chain",
+                           ("read_by_store", (day - 1, last, lambda s: True, "chain",
                                               daytotals.GRANULARITY_DAY, True))):
             merged = daytotals.merge_reports([getattr(ledger, read)(*args)
                                               for ledger in shards.values()])
             assert merged == getattr(whole, read)(*args), read
-        for d in (day - 1, day, day + 1):  # a store's day, as CloseDay answers it
+        for d in range(day - 1, last + 1):  # a store's day, as CloseDay answers it
             assert daytotals.merge_days([ledger.read_day(3, d) for ledger in shards.values()],
                                         None) == whole.read_day(3, d)
+        # the member figures, and the dormant members page by page (as of a day past their
+        # quiet days), two at a time
+        month = members.month_of_day(last)
+        as_of = last + members.DORMANT_QUIET_DAYS + 1
+        after = b""
+        while True:
+            reads = [ledger.read_members(month - 1, month, as_of, 2, after)
+                     for ledger in shards.values()]
+            merged = members.merge_reads(reads, 2)
+            assert merged == whole.read_members(month - 1, month, as_of, 2, after)
+            after = merged[1]["next"]
+            if not after:
+                break
     finally:
         for ledger in (whole, *shards.values()):
             ledger.close()
