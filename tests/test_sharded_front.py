@@ -1,6 +1,7 @@
 """One front over a cluster's admin shard and two card shards (``cardcore serve --cluster
---shard A --card-shards 1,2``; docs/cluster.md, "Several shards"): the real gRPC services over
-real replicas on three real NATS nodes, through the generated stubs. Skipped, saying why,
+--shard A --card-shards 1,2``; docs/cluster.md, "One front over several card shards"): the real
+gRPC services over real replicas on three real NATS nodes with mutual TLS and the roles' users,
+through the generated stubs. Skipped, saying why,
 without the cluster extra (``make cluster-deps``)."""
 from __future__ import annotations
 
@@ -33,21 +34,42 @@ def keyring(tmp_path) -> str:
 
 
 @pytest.fixture
-def sharded(nats_cluster, start_replica, start_server, keyring, tmp_path):
-    """A replica of the admin shard and of each card shard (one each: the routing is what is
-    tried here; three replicas a shard are test_cluster's), and a starter of fronts."""
-    replicas = {shard: start_replica(f"s{shard}", shard, *LEASE, "--keyring", keyring,
-                                     "--admin-shard", str(ADMIN_SHARD))
-                for shard in (ADMIN_SHARD, *CARD_SHARDS)}
-    for replica in replicas.values():
-        replica.wait_role("leading")
+def sharded(start_server, keyring, tmp_path):
+    """Three NATS nodes with mutual TLS and the roles' users (make cluster's setting), a
+    replica of the admin shard and of each card shard with its shard's certificate (one each:
+    the routing is what is tried here; three replicas a shard are test_cluster's), and a
+    starter of fronts with the front role's certificate and each follower its shard's ({shard}
+    in the path). Yields (replicas by shard, the starter, the cluster)."""
+    from cardcore.server.devcluster import NatsCluster, ReplicaProcess, cluster_available
+
+    why = cluster_available()
+    if why:
+        pytest.skip(why)
+    cluster = NatsCluster(str(tmp_path / "nats"), tls=True, shards=1 + len(CARD_SHARDS),
+                          admin_shard=ADMIN_SHARD)
+    replicas: dict[int, ReplicaProcess] = {}
+    mine, theirs = cluster.tls_for("front"), cluster.tls_for("follower-s{shard}")
 
     def front(name: str, *extra: str) -> ServerProcess:
-        return start_server("--cluster", "--shard", str(ADMIN_SHARD), "--nats",
-                            nats_cluster.urls, "--keyring", keyring, *extra,
+        return start_server("--cluster", "--shard", str(ADMIN_SHARD), "--nats", cluster.urls,
+                            "--keyring", keyring, "--nats-ca", mine.ca_file, "--nats-cert",
+                            mine.cert_file, "--nats-key", mine.key_file, "--follower-cert",
+                            theirs.cert_file, "--follower-key", theirs.key_file, *extra,
                             data_dir=str(tmp_path / name))
 
-    return replicas, front, nats_cluster.urls
+    try:
+        for shard in (ADMIN_SHARD, *CARD_SHARDS):
+            replicas[shard] = ReplicaProcess(
+                str(tmp_path / f"s{shard}"), shard, cluster.urls, *LEASE, "--keyring", keyring,
+                "--admin-shard", str(ADMIN_SHARD), *cluster.replica_args(shard))
+        for replica in replicas.values():
+            replica.wait_role("leading")
+        yield replicas, front, cluster
+    finally:
+        for replica in replicas.values():
+            if replica.proc.poll() is None:
+                replica.stop()
+        cluster.stop()
 
 
 def shard_of(index_key: bytes, number: str) -> int:
@@ -73,7 +95,7 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     shards up; a replacement by a card of the other shard and the daily close are refused
     (REASON_CROSS_SHARD, REASON_ONE_SHARD_ONLY) and change nothing; a second front with other
     card shards than the stored routing table's does not start."""
-    replicas, front, nats_urls = sharded
+    replicas, front, cluster = sharded
     index_key = Keyring.load_or_create(keyring, os.path.dirname(keyring)).index_key
     f = front("f", "--card-shards", ",".join(map(str, CARD_SHARDS)))
     admin = Admin(f.channel, f.admin_token)
@@ -213,8 +235,9 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
         front("g", "--card-shards", "1")
 
     f.stop()
+    h.stop()
     for shard in CARD_SHARDS:  # every card on its slot's shard's replica alone, verify clean
-        converge_and_stop([replicas[shard]], nats_urls, shard)
+        converge_and_stop([replicas[shard]], cluster.urls, shard, cluster.tls_for("replica"))
         identical([replicas[shard]])
         ledger = Ledger(os.path.join(replicas[shard].data_dir, "ledger"), readonly=True)
         try:
