@@ -25,6 +25,7 @@ from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import common_pb2 as cpb
 
 from .access import ROLE, Access, Caller
+from .journal_signal import JournalSignal
 from .errors import CODE_NUMBER, Invalid, abort, failure, fresh_or_abort
 from .writer import Writer
 from .service import entry_result
@@ -67,12 +68,34 @@ class JournalFeed:
         self.signal = writer.journal_signal
         self.watchers = 0
         self._closing = False
+        # whose journal a request may name (WatchJournalRequest.shard): this process's own
+        # (a single server's is shard 0), or a front over several card shards' every shard's
+        # (``journals``: shard -> (its ledger, its signal); the request must name one)
+        self.own_shard = 0
+        self.journals: dict[int, tuple[Ledger, JournalSignal]] | None = None
 
     def close(self) -> None:
         """The server is stopping: every stream ends now with REASON_UNAVAILABLE (a live one
         would otherwise hold the shutdown for its whole grace period)."""
         self._closing = True
         self.signal.notify()
+        for _, signal in (self.journals or {}).values():
+            signal.notify()
+
+    def _journal(self, request: apb.WatchJournalRequest) -> tuple[int, Ledger, JournalSignal]:
+        """(the shard, its ledger, its signal) the request names; Invalid if it names none
+        this process serves."""
+        named = request.shard if request.HasField("shard") else None
+        if self.journals is None:
+            if named is not None and named != self.own_shard:
+                raise Invalid(R.REASON_INVALID_ARGUMENT, "shard",
+                              detail=f"this serves the journal of shard {self.own_shard} alone")
+            return self.own_shard, self.ledger, self.signal
+        if named not in self.journals:
+            raise Invalid(R.REASON_INVALID_ARGUMENT, "shard",
+                          detail="a front over several card shards serves the journals of "
+                                 f"shards {', '.join(map(str, sorted(self.journals)))}: name one")
+        return (named, *self.journals[named])
 
     def _check(self, caller: Caller) -> None:
         """A chain admin's token, or a development server's caller without one; never a till."""
@@ -92,6 +115,7 @@ class JournalFeed:
         next_seq = max(request.from_seq, 1)
         try:
             self._check(caller)
+            shard, ledger, signal = self._journal(request)
         except Invalid as exc:
             log.info("refused WatchJournal: %s", R.Name(exc.reason),
                      extra={"reason": R.Name(exc.reason)})
@@ -100,7 +124,7 @@ class JournalFeed:
         # answered later arrives as the writer's checkpoints bring it into LMDB.
         await fresh_or_abort(self.writer, context, everything=True)
         try:
-            head = self.ledger.next_seq
+            head = ledger.next_seq
             if next_seq > head:
                 raise Invalid(R.REASON_FEED_SEQ_AHEAD, "from_seq",
                               detail=f"the journal's next seq is {head}")
@@ -122,14 +146,15 @@ class JournalFeed:
                 now = self.access.current(caller)
                 if now.bad_token:  # the operator was removed while it watched
                     await abort(context, failure(R.REASON_UNAUTHENTICATED, "authorization"))
-                seen = self.signal.count  # before the read: a notice during it is not lost
-                page = self.ledger.read_journal(next_seq, JOURNAL_PAGE_MAX)
+                seen = signal.count  # before the read: a notice during it is not lost
+                page = ledger.read_journal(next_seq, JOURNAL_PAGE_MAX)
                 log.debug("journal feed: %d entries read from seq %d", len(page), next_seq)
                 caught_up = len(page) < JOURNAL_PAGE_MAX
                 for start in range(0, len(page), FEED_MESSAGE_ENTRIES_MAX):
                     part = page[start:start + FEED_MESSAGE_ENTRIES_MAX]
                     answer = apb.WatchJournalResponse(
-                        entries=[journal_entry(entry, lines) for entry, lines in part])
+                        entries=[journal_entry(entry, lines) for entry, lines in part],
+                        shard=shard)
                     next_seq = answer.entries[-1].result.seq + 1
                     answer.next_seq = next_seq
                     answer.caught_up = caught_up and start + len(part) == len(page)
@@ -139,10 +164,11 @@ class JournalFeed:
                     continue
                 if not said_caught_up:  # nothing new since a full page: say so once
                     said_caught_up = True
-                    yield apb.WatchJournalResponse(next_seq=next_seq, caught_up=True)
+                    yield apb.WatchJournalResponse(next_seq=next_seq, caught_up=True,
+                                                   shard=shard)
                 if request.stop_when_caught_up:
                     return
-                await self.signal.wait(FEED_WAIT_S, seen)
+                await signal.wait(FEED_WAIT_S, seen)
         finally:
             self.watchers -= 1
             log.info("journal feed ended at seq %d (%d streams)", next_seq, self.watchers)

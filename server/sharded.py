@@ -177,6 +177,13 @@ class ShardedWriter:
         self.ledger = ShardedLedger(ledger, self.card_ledgers, self.table)
         return self.ledger
 
+    def journals(self) -> dict[int, tuple[Ledger, object]]:
+        """Each shard's journal for the feed (WatchJournalRequest.shard): its follower's ledger
+        and the signal its front half gives when that follower advances."""
+        assert self.ledger is not None  # (attached)
+        return {self.admin.shard: (self.ledger.admin, self.admin.journal_signal),
+                **{s: (self.card_ledgers[s], w.journal_signal) for s, w in self.cards.items()}}
+
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
@@ -397,8 +404,8 @@ CARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lots
                         "quote"})
 # Reads not served over several card shards yet: what each needs, said to the caller.
 ONE_SHARD_ONLY = {
-    "read_journal": "the journal feed (each shard has its own journal): ask a front of one shard",
-    "next_seq": "the journal feed (each shard has its own journal): ask a front of one shard",
+    "read_journal": "each shard has a journal of its own: name it (WatchJournalRequest.shard)",
+    "next_seq": "each shard has a journal of its own: name it (WatchJournalRequest.shard)",
     "read_sealed": "a data key's rotation and re-seal: make them through a front of one shard",
 }
 
@@ -552,8 +559,6 @@ UNSERVED_CALLS = {
     "RotateDataKey": "a data key's rotation and re-seal over several card shards are not "
                      "built: rotate through a front of the admin shard, then start a front of "
                      "each card shard once to re-seal its cards",
-    "WatchJournal": "each shard has a journal of its own: watch it through a front of that "
-                    "shard",
 }
 
 
@@ -563,14 +568,9 @@ def refuse_unserved(admin_service) -> None:
 
     from .errors import abort, failure
 
-    for name, why in UNSERVED_CALLS.items():
-        if name == "WatchJournal":  # (a server-streaming call: an async generator)
-            async def call(request, context, why=why):
-                await abort(context, failure(cpb.REASON_ONE_SHARD_ONLY, detail=why))
-                yield  # (never reached)
-        else:
-            async def call(request, context, why=why):
-                await abort(context, failure(cpb.REASON_ONE_SHARD_ONLY, detail=why))
+    for name, why in UNSERVED_CALLS.items():  # (unary calls all)
+        async def call(request, context, why=why):
+            await abort(context, failure(cpb.REASON_ONE_SHARD_ONLY, detail=why))
         setattr(admin_service, name, call)
 
 

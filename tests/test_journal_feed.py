@@ -270,6 +270,17 @@ def test_watchers_are_bounded_and_a_seq_past_the_end_is_refused(server):
     fail = failure_of(err.value)
     assert (fail.reason, fail.field) == (cpb.REASON_FEED_SEQ_AHEAD, "from_seq")
     assert fail.detail == f"the journal's next seq is {end}"
+    # a single server's journal is shard 0's: naming it is the same, naming another refused
+    stub = apb_grpc.AdminServiceStub(server.channel)
+    named = list(stub.WatchJournal(apb.WatchJournalRequest(shard=0, stop_when_caught_up=True),
+                                   metadata=bearer(server.admin_token), timeout=60))
+    assert named[-1].next_seq == end and {a.shard for a in named} == {0}
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.WatchJournal(apb.WatchJournalRequest(shard=1, stop_when_caught_up=True),
+                               metadata=bearer(server.admin_token), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (failure_of(err.value).reason, failure_of(err.value).field) == (
+        cpb.REASON_INVALID_ARGUMENT, "shard")
 
 
 def test_a_stalled_watcher_holds_its_stream_back_not_the_writer(start_server, monkeypatch):

@@ -180,10 +180,21 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
         from_month=month, to_month=month), metadata=admin.metadata)
     assert members.members == members.new_members == 6  # opened on both shards
     assert members.active_members == 4 and members.purchases == 4  # the PIN purchases'
+    # the journal feed: each shard's own, named (none named: which one?)
     with pytest.raises(grpc.RpcError) as err:
         admin.stub.WatchJournal(apb.WatchJournalRequest(), metadata=admin.metadata).next()
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert failure_of(err.value).reason == R.REASON_ONE_SHARD_ONLY
+    assert failure_of(err.value).reason == R.REASON_INVALID_ARGUMENT
+    assert failure_of(err.value).field == "shard"
+    for shard in (ADMIN_SHARD, *CARD_SHARDS):
+        answers = list(admin.stub.WatchJournal(apb.WatchJournalRequest(
+            shard=shard, stop_when_caught_up=True), metadata=admin.metadata, timeout=30))
+        entries = [e for a in answers for e in a.entries]
+        assert {a.shard for a in answers} == {shard}
+        assert [e.result.seq for e in entries] == list(range(1, len(entries) + 1))
+        cards = {e.card_id for e in entries if e.card_id}
+        assert all(TABLE[slot_of(c)] == shard for c in cards)  # none of the admin shard's
+        assert len(cards) == (0 if shard == ADMIN_SHARD else 3)  # (its 2 + 1 phone card)
+        assert any(e.result.type == cpb.OPERATION_TYPE_TERMINAL_ENROLLED for e in entries)
 
     # the terminal's KSN high-water is its card shards' (the admin shard sees no swipe)
     listed = admin.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=admin.metadata)
