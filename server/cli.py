@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-follow: stop once every entry written so far is printed. Either "
                         "way the seq to resume from goes to stderr at the end (--timeout-s "
                         "does not apply)")
+    p.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), default=None,
+                   help="a cluster's: whose journal (each shard has its own seqs); a front over "
+                        "several card shards needs it (docs/cluster.md)")
     p = client("terminals", "enroll, revoke and list terminals (operator token)", cmd_terminals,
                card=False)
     p.add_argument("action", choices=("enroll", "revoke", "list"),

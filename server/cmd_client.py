@@ -705,6 +705,8 @@ def cmd_watch(args) -> int:
 
     metadata, source = _metadata(args)
     request = apb.WatchJournalRequest(from_seq=args.from_seq, stop_when_caught_up=not args.follow)
+    if args.shard is not None:  # (a cluster's: each shard's journal is its own)
+        request.shard = args.shard
     stream = admin_stub_of(args).WatchJournal(request, metadata=metadata)  # no deadline: live
     next_seq = args.from_seq
     interrupted = []
@@ -735,4 +737,5 @@ def cmd_watch(args) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         stream.cancel()
-        print(f"resume: --from-seq {next_seq}", file=sys.stderr)
+        print(f"resume: --from-seq {next_seq}"
+              + (f" --shard {args.shard}" if args.shard is not None else ""), file=sys.stderr)

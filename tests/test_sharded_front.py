@@ -17,7 +17,8 @@ from cardcore.shards import slot_of, spread
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import (Admin, Client, ServerProcess, failure_of, new_card_number, rid, sent_at)
+from conftest import (Admin, Client, ServerProcess, failure_of, new_card_number, operator_cli,
+                      rid, sent_at)
 from test_cluster import LEASE, converge_and_stop, identical
 from test_security import PIN
 
@@ -185,16 +186,21 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
         admin.stub.WatchJournal(apb.WatchJournalRequest(), metadata=admin.metadata).next()
     assert failure_of(err.value).reason == R.REASON_INVALID_ARGUMENT
     assert failure_of(err.value).field == "shard"
+    journals = {}
     for shard in (ADMIN_SHARD, *CARD_SHARDS):
         answers = list(admin.stub.WatchJournal(apb.WatchJournalRequest(
             shard=shard, stop_when_caught_up=True), metadata=admin.metadata, timeout=30))
-        entries = [e for a in answers for e in a.entries]
+        journals[shard] = entries = [e for a in answers for e in a.entries]
         assert {a.shard for a in answers} == {shard}
         assert [e.result.seq for e in entries] == list(range(1, len(entries) + 1))
         cards = {e.card_id for e in entries if e.card_id}
         assert all(TABLE[slot_of(c)] == shard for c in cards)  # none of the admin shard's
         assert len(cards) == (0 if shard == ADMIN_SHARD else 3)  # (its 2 + 1 phone card)
         assert any(e.result.type == cpb.OPERATION_TYPE_TERMINAL_ENROLLED for e in entries)
+    code, out = operator_cli(f, "watch", "--shard", str(CARD_SHARDS[0]), "--no-follow")
+    entries = journals[CARD_SHARDS[0]]  # (a line each, then where to resume)
+    assert code == 0 and len(out.splitlines()) == len(entries) + 1, out
+    assert out.splitlines()[-1] == f"resume: --from-seq {len(entries) + 1} --shard {CARD_SHARDS[0]}"
 
     # the terminal's KSN high-water is its card shards' (the admin shard sees no swipe)
     listed = admin.stub.ListTerminals(apb.ListTerminalsRequest(), metadata=admin.metadata)
