@@ -411,8 +411,7 @@ async def serve(cfg: ServerConfig) -> None:
             if not relayed:  # (a card shard's chain admin and rotations: the admin shard's)
                 await _bootstrap_admin(admin, access, cfg.data_dir)
                 await admin.record_rotation()  # (and the reseal: a rotation a stop interrupted)
-            # (over several card shards: re-sealed by a front of each card shard)
-            resealed = 0 if cfg.cluster_card_shards else await admin.reseal(None)
+            resealed = await admin.reseal(None)
         except RuntimeError as exc:  # (an admin operation refused at start-up)
             if not cluster:
                 raise
@@ -427,9 +426,6 @@ async def serve(cfg: ServerConfig) -> None:
             writer.on_advance = _admin_reloader(ledger, access, card_service, keyring)
         admin.feed.own_shard = cfg.cluster_shard if cluster else 0
         if cfg.cluster_card_shards:
-            from .sharded import refuse_unserved
-
-            refuse_unserved(admin)
             admin.feed.journals = writer.journals()
         add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
         add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])

@@ -29,6 +29,7 @@ from typing import Callable
 from cardcore import daytotals
 from cardcore import members as member_metrics
 from cardcore import layout as L
+from cardcore.admin import RESEAL_ITEM
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
 from cardcore.shards import slot_of
@@ -207,6 +208,12 @@ class ShardedWriter:
         if to_admin_shard(op):
             return self.admin, L.R_OK
         kind = op.packed[0]
+        if kind == L.OP_RESEAL:  # (its cards are one shard's: ShardedLedger.read_sealed)
+            cards = reseal_cards(op.payload)
+            w = self.cards[self.table[slot_of(cards[0])]]
+            if any(self.table[slot_of(c)] != w.shard for c in cards):
+                return None, L.R_CROSS_SHARD
+            return w, L.R_OK
         w = self.cards[self.table[slot_of(op.card_id)]]
         if kind in _TWO_CARD_OPS:
             other = op.packed[_OP_SECOND_CARD]
@@ -392,6 +399,17 @@ def _both(first, then):
     return hook
 
 
+def reseal_cards(payload: bytes) -> list[bytes]:
+    """The card ids of an OP_RESEAL's items (``admin.reseal_payload``)."""
+    out, at = [], 0
+    while at < len(payload):
+        card, old, new = RESEAL_ITEM.unpack_from(payload, at)
+        out.append(card)
+        at += RESEAL_ITEM.size + old + new
+    assert out, "a re-seal of no card"
+    return out
+
+
 def _basket_of(op: PendingOp) -> int:
     """A purchase's split-tender basket tag (0: none, or not a purchase)."""
     return _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0] if op.packed[0] == L.OP_PURCHASE else 0
@@ -406,7 +424,6 @@ CARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lots
 ONE_SHARD_ONLY = {
     "read_journal": "each shard has a journal of its own: name it (WatchJournalRequest.shard)",
     "next_seq": "each shard has a journal of its own: name it (WatchJournalRequest.shard)",
-    "read_sealed": "a data key's rotation and re-seal: make them through a front of one shard",
 }
 
 
@@ -508,6 +525,19 @@ class ShardedLedger:
                  for ledger in self.cards.values()]
         return None if any(r is None for r in reads) else member_metrics.merge_reads(reads, limit)
 
+    def read_sealed(self, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, bytes]]:
+        """The sealed card numbers after ``after`` as the re-seal reads them, a card shard at a
+        time (every chunk one shard's, so each re-seal operation goes to one): the rest of
+        ``after``'s shard, else the next card shard's from its first."""
+        order = sorted(self.cards)
+        at = order.index(self.table[slot_of(after)]) if after else 0
+        for shard in order[at:]:
+            chunk = self.cards[shard].read_sealed(after, limit)
+            if chunk:
+                return chunk
+            after = b""
+        return []
+
     def read_report(self, *args, **kw) -> dict:
         return daytotals.merge_reports([ledger.read_report(*args, **kw)
                                         for ledger in self.cards.values()])
@@ -550,28 +580,6 @@ def routing_table(admin: ClusterWriter, card_shards: list[int]) -> list[int]:
         return decode_routes(stored)
     except RoutesInvalid as exc:
         raise FrontSetting(str(exc)) from None
-
-
-# The AdminService calls a front over several card shards does not serve yet, refused before
-# anything is read or sent (a rotation would be made, then find no card here to re-seal), with
-# what to do instead.
-UNSERVED_CALLS = {
-    "RotateDataKey": "a data key's rotation and re-seal over several card shards are not "
-                     "built: rotate through a front of the admin shard, then start a front of "
-                     "each card shard once to re-seal its cards",
-}
-
-
-def refuse_unserved(admin_service) -> None:
-    """Make ``admin_service``'s UNSERVED_CALLS answer UNIMPLEMENTED, REASON_ONE_SHARD_ONLY."""
-    from cardcore.v1 import common_pb2 as cpb
-
-    from .errors import abort, failure
-
-    for name, why in UNSERVED_CALLS.items():  # (unary calls all)
-        async def call(request, context, why=why):
-            await abort(context, failure(cpb.REASON_ONE_SHARD_ONLY, detail=why))
-        setattr(admin_service, name, call)
 
 
 _TERMINAL_ID, _TERMINAL_KSN = 3, 5  # layout.TERMINAL's terminal_id, last_ksn_counter

@@ -247,6 +247,14 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     top_ups = {o.operation_type: o for o in closed.figures.operations}[cpb.OPERATION_TYPE_TOP_UP]
     assert top_ups.count == 4 and top_ups.amount_minor == 4 * 10_000 + 2  # the terminal's
 
+    # a data key rotated: made on the admin shard, every card number on both card shards
+    # re-sealed under it (a chunk of one shard at a time, each to its shard)
+    request_id = rid()
+    rotated = admin.stub.RotateDataKey(apb.RotateDataKeyRequest(
+        client_time_us=sent_at(request_id), request_id=request_id), metadata=admin.metadata)
+    assert (rotated.key_version, rotated.cards_resealed) == (2, 6)
+    assert client.card(b).balance.available_minor == expected[b]
+
     # a front with other card shards than the stored table's does not start
     with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):
         front("g", "--card-shards", "1")
@@ -261,5 +269,7 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
             for number in [n for numbers in on.values() for n in numbers] + both:
                 held = ledger.read_card(card_id(index_key, number)) is not None
                 assert held == (shard_of(index_key, number) == shard), (number, shard)
+            assert [Keyring.sealed_version(sealed) for _, sealed in ledger.read_sealed()] \
+                == [2, 2, 2]  # (its three cards', re-sealed)
         finally:
             ledger.close()
