@@ -45,8 +45,8 @@ from cardcore.ledger import Ledger, Outcome
 from .devcluster import ReplicaProcess
 from .journal_signal import JournalSignal
 from .metrics import Metrics
-from .replica import (MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
-                      decode_reply_group)
+from .replica import (ANY_EPOCH, MALFORMED, NOT_LEADER, OVERLOADED, SUBMIT_OPS_MAX, UNKNOWN,
+                      decode_reply_group, reply_epoch)
 from .writer import (QUEUE_MAX_OPS_DEFAULT, Overloaded, Stale, Stopped, _answer, _Item,
                      _uniform, prune_dirty)  # (the writer's queue item, its answers)
 
@@ -142,6 +142,11 @@ class ClusterWriter:
         self._senders = 0
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        # the epoch of the shard's leader as last heard (a submit goes to it alone, so that
+        # none sent after a failover overtakes earlier ones the old leader never answered:
+        # the new leader refuses it, saying its epoch, and it is sent again in its turn);
+        # ANY_EPOCH until a leader said one
+        self._epoch = ANY_EPOCH
         self._answered = 0         # the last group this front was answered for
         self._applied = 0          # the last group the follower's LMDB holds (as last read)
         self._advanced = asyncio.Event()
@@ -384,9 +389,12 @@ class ClusterWriter:
             turn.in_flight = True
             try:
                 msg = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                    self.nt.nc.request(submit_subject(self.shard), encode_group(ops, 0),
+                    self.nt.nc.request(submit_subject(self.shard),
+                                       encode_group(ops, self._epoch),
                                        timeout=min(left, wait_s)), self.nt.loop))
                 got = decode_reply_group(msg.data)
+                self._epoch = max(self._epoch, reply_epoch(msg.data))  # (never back: a deposed
+                #                                                       leader's is older)
             except nats.errors.NoRespondersError:
                 got = NOT_LEADER  # nobody took it: not applied
             except (TimeoutError, asyncio.TimeoutError, nats.errors.Error):

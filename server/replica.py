@@ -12,12 +12,21 @@ Safety is the stream's expected-last-sequence, never the lease.
 
 The submit protocol (the front's, ``cardcore.server.front``; also the tests')::
 
-    request = cardcore.groups.encode_group(ops, 0)   (at most SUBMIT_OPS_MAX operations)
+    request = cardcore.groups.encode_group(ops, epoch)   (at most SUBMIT_OPS_MAX operations)
+              epoch (the group head's time field): 0, any leader (and the b"G" reply); -1, any
+              leader, which says its epoch (b"H"); > 0, only the leader of that epoch: another
+              answers b"N" and its own, not applied (a front's fence: a swipe sent after a
+              failover must not reach the new leader before the swipes sent earlier that the
+              old one never answered, or their KSNs would be refused as replayed)
     reply   = b"G" | u64 group | server.writer_proc.encode_answer(outcomes)
               applied (or replayed, or declined) in the shard's group ``group`` (a front's
               reads wait until its follower holds that group; before the fronts: b"A" and no
               group, still read, as group 0)
-            | b"N"   not the leader, or deposed before it was stored: not applied (send it again)
+            | b"H" | u64 group | u64 epoch | encode_answer(outcomes)   the same, and the
+              leader's epoch (a request that named one, or -1)
+            | b"N" [| u64 epoch]   not the leader, or deposed before it was stored, or (with
+              the epoch of the leader that says so) not the leader of the epoch asked for: not
+              applied (send it again)
             | b"O"   the leader's queue is full: not applied
             | b"U"   outcome unknown (the stream did not answer, or the replica stopped on it)
             | b"E"   not a group of operations: not applied
@@ -78,6 +87,8 @@ GENESIS_NEXT_SEQ = 2            # a new ledger's journal holds its genesis progr
 
 APPLIED, NOT_LEADER, OVERLOADED, UNKNOWN, MALFORMED = b"A", b"N", b"O", b"U", b"E"
 APPLIED_IN = b"G"  # applied, and the group it was applied in follows
+APPLIED_EPOCH = b"H"  # applied, then the group and the leader's epoch follow
+ANY_EPOCH = -1  # a request's epoch: any leader, which says its own
 GROUP_NO = struct.Struct("<Q")  # an applied reply's group number, after its code
 
 
@@ -563,12 +574,12 @@ class Replica:
         except queue.Empty:
             return None
         ops: list[PendingOp] = []
-        asks: list[tuple[str, int]] = []
+        asks: list[tuple[str, int, bool]] = []  # (reply, operations, says its epoch)
         item = first
         while item is not None:
             data, reply = item
             try:
-                got, _ = decode_group(data)
+                got, epoch = decode_group(data)
                 if not got or len(got) > SUBMIT_OPS_MAX:
                     raise ValueError("0 or too many operations")
                 if any(op.packed[0] == L.OP_ADMIN_RELAY or op.request_key.startswith(
@@ -577,8 +588,11 @@ class Replica:
             except Exception:
                 self._reply(reply, MALFORMED)
             else:
-                ops += got
-                asks.append((reply, len(got)))
+                if epoch > 0 and epoch != self.log.epoch:  # another leader's: not applied
+                    self._reply(reply, NOT_LEADER + GROUP_NO.pack(self.log.epoch))
+                else:
+                    ops += got
+                    asks.append((reply, len(got), epoch != 0))
             if len(ops) >= self.cfg.group_max_ops:
                 break
             try:
@@ -587,7 +601,7 @@ class Replica:
                 item = None
         return (ops, asks) if ops else None
 
-    def _apply(self, ops: list[PendingOp], asks: list[tuple[str, int]]) -> bool:
+    def _apply(self, ops: list[PendingOp], asks: list[tuple[str, int, bool]]) -> bool:
         """One group: apply, publish, answer. False if this replica no longer leads."""
         try:
             ts_us = max(time.time_ns() // 1000, self.log.last_group_ts_us() + 1)
@@ -601,8 +615,10 @@ class Replica:
             raise
         k = 0
         group = GROUP_NO.pack(self.durable.applied)  # (the stream's sequence of this group)
-        for reply, n in asks:
-            self._reply(reply, APPLIED_IN + group + encode_answer(outcomes[k:k + n]))
+        epoch = GROUP_NO.pack(self.log.epoch)
+        for reply, n, says_epoch in asks:
+            self._reply(reply, (APPLIED_EPOCH + group + epoch if says_epoch else
+                                APPLIED_IN + group) + encode_answer(outcomes[k:k + n]))
             k += n
         return True
 
@@ -629,8 +645,8 @@ class Replica:
         if reply:
             self.nt.spawn(self.nt.nc.publish(reply, data))
 
-    def _answer_all(self, asks: list[tuple[str, int]], code: bytes) -> None:
-        for reply, _ in asks:
+    def _answer_all(self, asks: list[tuple[str, int, bool]], code: bytes) -> None:
+        for reply, *_ in asks:
             self._reply(reply, code)
 
     def close(self) -> None:
@@ -755,6 +771,8 @@ def decode_reply_group(data: bytes) -> tuple[list[Outcome], int] | bytes:
     of one that was not."""
     if data[:1] == APPLIED_IN:
         return decode_answer(data[1 + GROUP_NO.size:]), GROUP_NO.unpack_from(data, 1)[0]
+    if data[:1] == APPLIED_EPOCH:
+        return decode_answer(data[1 + 2 * GROUP_NO.size:]), GROUP_NO.unpack_from(data, 1)[0]
     if data[:1] == APPLIED:  # a leader from before the fronts: no group (reads do not wait)
         return decode_answer(data[1:]), 0
     return data[:1]
@@ -785,3 +803,13 @@ class SubmitClient:
 
     def close(self) -> None:
         self.nt.close()
+
+
+def reply_epoch(data: bytes) -> int:
+    """The epoch of the leader a reply says it came from (b"H", or b"N" of a request that named
+    another epoch); 0: it says none."""
+    if data[:1] == APPLIED_EPOCH:
+        return GROUP_NO.unpack_from(data, 1 + GROUP_NO.size)[0]
+    if data[:1] == NOT_LEADER and len(data) == 1 + GROUP_NO.size:
+        return GROUP_NO.unpack_from(data, 1)[0]
+    return 0

@@ -1540,6 +1540,30 @@ def test_the_docs_example_submits_to_a_running_shard(nats_cluster, start_replica
     assert done.stdout.splitlines() == [
         f"op {L.OP_OPEN} reason 0 principal after 0",
         f"op {L.OP_TOP_UP} reason 0 principal after 10000"], done.stdout
+    # a submit's epoch (the front's fence): -1 any leader, which says its own; another epoch
+    # than the leader's refused (N and its epoch), not applied; 0 (the docs' client) as before
+    from cardcore.groups import encode_group
+    from cardcore.jetlog import submit_subject
+    from cardcore.server.replica import (ANY_EPOCH, APPLIED_EPOCH, APPLIED_IN, NOT_LEADER,
+                                         decode_reply, reply_epoch)
+
+    client = SubmitClient(nats_cluster.urls.split(","))
+    try:
+        def raw(ops: list, epoch: int) -> bytes:
+            return client.nt.call(client.nt.nc.request(submit_subject(SHARD),
+                                                       encode_group(ops, epoch), timeout=5)).data
+
+        first, second = new_card_number(), new_card_number()
+        said = raw([open_op(rid(), first)], ANY_EPOCH)
+        epoch = reply_epoch(said)
+        assert said[:1] == APPLIED_EPOCH and epoch > 0
+        refused = raw([open_op(rid(), second)], epoch + 1)
+        assert refused[:1] == NOT_LEADER and reply_epoch(refused) == epoch
+        got = raw([open_op(rid(), second)], epoch)  # (not "exists": the refused one was not)
+        assert got[:1] == APPLIED_EPOCH and decode_reply(got)[0].reason == L.R_OK
+        assert raw([op(rid(), L.OP_TOP_UP, second, 5)], 0)[:1] == APPLIED_IN
+    finally:
+        client.close()
 
 
 def test_a_replica_refuses_a_single_servers_data_folder(tmp_path):
