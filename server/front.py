@@ -387,14 +387,22 @@ class ClusterWriter:
             for u in units:
                 u.tried = True
             turn.in_flight = True
+            asked = self._epoch
             try:
                 msg = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                    self.nt.nc.request(submit_subject(self.shard),
-                                       encode_group(ops, self._epoch),
+                    self.nt.nc.request(submit_subject(self.shard), encode_group(ops, asked),
                                        timeout=min(left, wait_s)), self.nt.loop))
                 got = decode_reply_group(msg.data)
-                self._epoch = max(self._epoch, reply_epoch(msg.data))  # (never back: a deposed
-                #                                                       leader's is older)
+                said = reply_epoch(msg.data)
+                self._epoch = max(self._epoch, said)  # (never back: a deposed leader's is older)
+                if got == NOT_LEADER and not (asked > 0 and said > asked):
+                    # a refusal by one replica while another may lead and have taken it too
+                    # (every subscriber hears a request; the first answer is the one read):
+                    # its refusals of a try again are looked up (``_resolved``). Only a newer
+                    # leader's refusal of an older epoch's request says nobody applied it (the
+                    # older leader's append is fenced by the newer one's barrier).
+                    for u in units:
+                        u.maybe_applied = True
             except nats.errors.NoRespondersError:
                 got = NOT_LEADER  # nobody took it: not applied
             except (TimeoutError, asyncio.TimeoutError, nats.errors.Error):
