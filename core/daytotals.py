@@ -1201,16 +1201,21 @@ def region_staff(txn, ledger, stores: list[int], from_day: int,
     """A region's staff figures: its stores', added up by staff id (at most STAFF_ROWS_MAX)."""
     merged: dict[int, list[int]] = {}
     for s in stores:
-        for staff_id, row in read_staff(txn, ledger, s, from_day, to_day,
-                                        STAFF_ROWS_MAX).items():
-            acc = merged.get(staff_id)
-            if acc is None:
-                if len(merged) == STAFF_ROWS_MAX:
-                    continue
-                acc = merged[staff_id] = [0, 0, 0, 0]
-            for k in range(4):
-                acc[k] += row[k]
+        add_staff(merged, read_staff(txn, ledger, s, from_day, to_day, STAFF_ROWS_MAX))
     return merged
+
+
+def add_staff(merged: dict[int, list[int]], rows: dict[int, list[int]]) -> None:
+    """Staff figures ``rows`` added into ``merged`` by staff id (at most STAFF_ROWS_MAX ids:
+    a new id past them is left out, as ``read_staff`` leaves them out)."""
+    for staff_id, row in rows.items():
+        acc = merged.get(staff_id)
+        if acc is None:
+            if len(merged) == STAFF_ROWS_MAX:
+                continue
+            acc = merged[staff_id] = [0, 0, 0, 0]
+        for k in range(4):
+            acc[k] += row[k]
 
 
 def merge_reports(results: list[dict]) -> dict:
@@ -1238,14 +1243,7 @@ def merge_reports(results: list[dict]) -> dict:
                      wrapped(principal), wrapped(bonus), closed, wrapped(held)))
     staff: dict[int, list[int]] = {}
     for r in results:
-        for staff_id, row in r["staff"].items():
-            acc = staff.get(staff_id)
-            if acc is None:
-                if len(staff) == STAFF_ROWS_MAX:
-                    continue
-                acc = staff[staff_id] = [0, 0, 0, 0]
-            for k in range(4):
-                acc[k] += row[k]
+        add_staff(staff, r["staff"])
     merged = {"rows": rows, "total": _merged_values([r["total"] for r in results]),
               "staff": staff}
     if "stores" in first:

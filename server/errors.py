@@ -183,6 +183,12 @@ class Invalid(Exception):
         self.detail = detail  # for people, never a secret: where a program document is wrong
 
 
+class ShardBehind(Exception):
+    """A read over several card shards that one of them cannot answer yet (a day closed on
+    the admin shard that a card shard has not closed: its leader has not relayed it); the
+    message says which: UNAVAILABLE, REASON_UNAVAILABLE (ask again)."""
+
+
 class OneShardOnly(Exception):
     """A read a front over several card shards does not serve yet (``server.sharded``); the
     message says which and where to make it: UNIMPLEMENTED, REASON_ONE_SHARD_ONLY."""

@@ -70,27 +70,29 @@ class JournalFeed:
         self._closing = False
         # whose journal a request may name (WatchJournalRequest.shard): this process's own
         # (a single server's is shard 0), or a front over several card shards' every shard's
-        # (``journals``: shard -> (its ledger, its signal); the request must name one)
+        # (``journals``: shard -> (its ledger, its signal, its writer); the request must name
+        # one, and only that shard's follower is waited for)
         self.own_shard = 0
-        self.journals: dict[int, tuple[Ledger, JournalSignal]] | None = None
+        self.journals: dict[int, tuple[Ledger, JournalSignal, Writer]] | None = None
 
     def close(self) -> None:
         """The server is stopping: every stream ends now with REASON_UNAVAILABLE (a live one
         would otherwise hold the shutdown for its whole grace period)."""
         self._closing = True
         self.signal.notify()
-        for _, signal in (self.journals or {}).values():
+        for _, signal, _ in (self.journals or {}).values():
             signal.notify()
 
-    def _journal(self, request: apb.WatchJournalRequest) -> tuple[int, Ledger, JournalSignal]:
-        """(the shard, its ledger, its signal) the request names; Invalid if it names none
-        this process serves."""
+    def _journal(self, request: apb.WatchJournalRequest
+                 ) -> tuple[int, Ledger, JournalSignal, Writer]:
+        """(the shard, its ledger, its signal, its writer) the request names; Invalid if it
+        names none this process serves."""
         named = request.shard if request.HasField("shard") else None
         if self.journals is None:
             if named is not None and named != self.own_shard:
                 raise Invalid(R.REASON_INVALID_ARGUMENT, "shard",
                               detail=f"this serves the journal of shard {self.own_shard} alone")
-            return self.own_shard, self.ledger, self.signal
+            return self.own_shard, self.ledger, self.signal, self.writer
         if named not in self.journals:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "shard",
                           detail="a front over several card shards serves the journals of "
@@ -115,14 +117,14 @@ class JournalFeed:
         next_seq = max(request.from_seq, 1)
         try:
             self._check(caller)
-            shard, ledger, signal = self._journal(request)
+            shard, ledger, signal, writer = self._journal(request)
         except Invalid as exc:
             log.info("refused WatchJournal: %s", R.Name(exc.reason),
                      extra={"reason": R.Name(exc.reason)})
             await abort(context, failure(exc.reason, exc.field, detail=exc.detail))
         # Everything answered before the call is in what it reads (cardcore.durable); what is
         # answered later arrives as the writer's checkpoints bring it into LMDB.
-        await fresh_or_abort(self.writer, context, everything=True)
+        await fresh_or_abort(writer, context, everything=True)
         try:
             head = ledger.next_seq
             if next_seq > head:

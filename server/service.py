@@ -30,7 +30,8 @@ from cardcore.idempotency import basket_tag, request_key
 from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
-from .errors import CODE_NUMBER, Invalid, OneShardOnly, abort, failure, fresh_or_abort
+from .errors import (CODE_NUMBER, Invalid, OneShardOnly, ShardBehind, abort, failure,
+                     fresh_or_abort)
 from .operations import (MALFORMED, NAME_LEN_MAX, PHONE_QUERY_LEN_MAX, REQUEST_ID_RE, Operations,
                          basket, request_id_bytes)
 from .writer import Overloaded, Stopped, Writer
@@ -106,6 +107,8 @@ def _refuse_malformed(fn):
             return await fn(request, context)
         except OneShardOnly as exc:
             await abort(context, failure(R.REASON_ONE_SHARD_ONLY, detail=str(exc)))
+        except ShardBehind as exc:
+            await abort(context, failure(R.REASON_UNAVAILABLE, detail=str(exc)))
 
     return call
 

@@ -34,7 +34,7 @@ from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
 from cardcore.shards import slot_of
 
-from .errors import OneShardOnly
+from .errors import OneShardOnly, ShardBehind
 from .front import ClusterWriter
 from .writer import Overloaded, Stopped, _uniform
 
@@ -178,12 +178,13 @@ class ShardedWriter:
         self.ledger = ShardedLedger(ledger, self.card_ledgers, self.table)
         return self.ledger
 
-    def journals(self) -> dict[int, tuple[Ledger, object]]:
-        """Each shard's journal for the feed (WatchJournalRequest.shard): its follower's ledger
-        and the signal its front half gives when that follower advances."""
+    def journals(self) -> dict[int, tuple[Ledger, object, ClusterWriter]]:
+        """Each shard's journal for the feed (WatchJournalRequest.shard): its follower's ledger,
+        the signal its writer gives when that follower advances, and the writer (a watch of one
+        shard waits for that shard's follower alone)."""
         assert self.ledger is not None  # (attached)
-        return {self.admin.shard: (self.ledger.admin, self.admin.journal_signal),
-                **{s: (self.card_ledgers[s], w.journal_signal) for s, w in self.cards.items()}}
+        return {self.admin.shard: (self.ledger.admin, self.admin.journal_signal, self.admin),
+                **{s: (self.card_ledgers[s], w.journal_signal, w) for s, w in self.cards.items()}}
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._tasks:
@@ -434,6 +435,7 @@ class ShardedLedger:
         self.admin = admin
         self.cards = cards
         self.table = table
+        self._sealed_from: dict[bytes, int] = {}  # (read_sealed's cursor)
 
     def of_card(self, card_id: bytes) -> Ledger:
         """The ledger of the card shard that holds ``card_id``."""
@@ -512,10 +514,16 @@ class ShardedLedger:
 
     def read_day(self, store: int, day: int) -> tuple:
         """A store's business day over the card shards, its close as the admin shard made it
-        (``daytotals.merge_days``)."""
-        return daytotals.merge_days([ledger.read_day(store, day)
-                                     for ledger in self.cards.values()],
-                                    self.admin.read_day(store, day)[1])
+        (``daytotals.merge_days``). ShardBehind if the admin shard closed it and a card shard
+        has not yet (its leader did not relay the close within the answer's wait): its figures
+        would still move, under a close."""
+        days = {s: ledger.read_day(store, day) for s, ledger in self.cards.items()}
+        close = self.admin.read_day(store, day)[1]
+        behind = sorted(s for s, d in days.items() if close is not None and d[1] is None)
+        if behind:
+            raise ShardBehind(f"card shards {', '.join(map(str, behind))} have not closed the "
+                              "day yet (their leaders relay the close): ask again")
+        return daytotals.merge_days(list(days.values()), close)
 
     def read_members(self, first: int, last: int, as_of: int, limit: int,
                      after: bytes = b"") -> tuple[dict, dict] | None:
@@ -530,10 +538,13 @@ class ShardedLedger:
         time (every chunk one shard's, so each re-seal operation goes to one): the rest of
         ``after``'s shard, else the next card shard's from its first."""
         order = sorted(self.cards)
-        at = order.index(self.table[slot_of(after)]) if after else 0
+        # (the shard a chunk came from, by its last card: a card its shard holds though the
+        # table routes it elsewhere, once slots move, must not send the cursor back)
+        at = order.index(self._sealed_from.get(after, self.table[slot_of(after)])) if after else 0
         for shard in order[at:]:
             chunk = self.cards[shard].read_sealed(after, limit)
             if chunk:
+                self._sealed_from = {chunk[-1][0]: shard}
                 return chunk
             after = b""
         return []
