@@ -387,7 +387,7 @@ class ClusterWriter:
             for u in units:
                 u.tried = True
             turn.in_flight = True
-            asked = self._epoch
+            asked, fenced = self._epoch, False
             try:
                 msg = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
                     self.nt.nc.request(submit_subject(self.shard), encode_group(ops, asked),
@@ -395,7 +395,8 @@ class ClusterWriter:
                 got = decode_reply_group(msg.data)
                 said = reply_epoch(msg.data)
                 self._epoch = max(self._epoch, said)  # (never back: a deposed leader's is older)
-                if got == NOT_LEADER and not (asked > 0 and said > asked):
+                fenced = got == NOT_LEADER and asked > 0 and said > asked
+                if got == NOT_LEADER and not fenced:
                     # a refusal by one replica while another may lead and have taken it too
                     # (every subscriber hears a request; the first answer is the one read):
                     # its refusals of a try again are looked up (``_resolved``). Only a newer
@@ -460,6 +461,9 @@ class ClusterWriter:
                 wait_s = min(wait_s * 2, SUBMIT_TIMEOUT_MAX_S)
                 for u in units:
                     u.maybe_applied = True
+            if fenced:  # a live leader of a newer epoch refused it: to it, in turn, at once
+                pause = RETRY_PAUSE_S[0]
+                continue
             soonest = min(u.limit for u in units) - time.monotonic()
             await asyncio.sleep(max(0.0, min(pause, soonest)))
             pause = min(pause * 2, RETRY_PAUSE_S[1])
