@@ -149,9 +149,6 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                            "this alone (two cards on two shards, a gift's chain-wide stock, a "
                            "basket paid on another shard), which is not built yet: nothing "
                            "changed"),
-    R.REASON_ONE_SHARD_ONLY: (C.UNIMPLEMENTED, "a front over several card shards does not serve "
-                              "this call yet: make it through a front of one shard (the detail "
-                              "says which)"),
     R.REASON_STORE_NOT_FOUND: (C.NOT_FOUND, "no store with this id: not in the chain's registry "
                                "and no entry ever"),
     R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "
@@ -187,11 +184,6 @@ class ShardBehind(Exception):
     """A read over several card shards that one of them cannot answer yet (a day closed on
     the admin shard that a card shard has not closed: its leader has not relayed it); the
     message says which: UNAVAILABLE, REASON_UNAVAILABLE (ask again)."""
-
-
-class OneShardOnly(Exception):
-    """A read a front over several card shards does not serve yet (``server.sharded``); the
-    message says which and where to make it: UNIMPLEMENTED, REASON_ONE_SHARD_ONLY."""
 
 
 def failure(reason: int, field: str = "", available_minor: int = 0,

@@ -30,8 +30,7 @@ from cardcore.idempotency import basket_tag, request_key
 from cardcore.rules import available_minor
 
 from .access import ROLE, Access, Caller
-from .errors import (CODE_NUMBER, Invalid, OneShardOnly, ShardBehind, abort, failure,
-                     fresh_or_abort)
+from .errors import CODE_NUMBER, Invalid, ShardBehind, abort, failure, fresh_or_abort
 from .operations import (MALFORMED, NAME_LEN_MAX, PHONE_QUERY_LEN_MAX, REQUEST_ID_RE, Operations,
                          basket, request_id_bytes)
 from .writer import Overloaded, Stopped, Writer
@@ -98,15 +97,13 @@ def _as_bytes(serialize):
 
 
 def _refuse_malformed(fn):
-    """A unary call: undecodable bytes INVALID_ARGUMENT; a read a front over several card
-    shards does not serve yet UNIMPLEMENTED (``OneShardOnly``: nothing was changed by then)."""
+    """A unary call: undecodable bytes INVALID_ARGUMENT; a read over several card shards that
+    one of them cannot answer yet UNAVAILABLE (``ShardBehind``)."""
     async def call(request, context):
         if request is MALFORMED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
         try:
             return await fn(request, context)
-        except OneShardOnly as exc:
-            await abort(context, failure(R.REASON_ONE_SHARD_ONLY, detail=str(exc)))
         except ShardBehind as exc:
             await abort(context, failure(R.REASON_UNAVAILABLE, detail=str(exc)))
 
@@ -118,11 +115,8 @@ def _refuse_malformed_stream(fn):
     async def call(request, context):
         if request is MALFORMED:
             await abort(context, failure(R.REASON_INVALID_ARGUMENT, "(message)"))
-        try:
-            async for answer in fn(request, context):
-                yield answer
-        except OneShardOnly as exc:
-            await abort(context, failure(R.REASON_ONE_SHARD_ONLY, detail=str(exc)))
+        async for answer in fn(request, context):
+            yield answer
 
     return call
 

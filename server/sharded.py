@@ -14,8 +14,7 @@ interfaces the services use, so that the services stay the single server's code:
   regions and stores) from the admin shard's follower; a card's reads from its card shard's
   follower (``of_card``); a request (GetOperation) from whichever shard holds it; FindCards, a
   basket's payments, reports, a store's day and member reports merged over the card shards;
-  terminals with their card shards' KSN counters. A read it does not serve yet raises
-  ``OneShardOnly`` (the services answer UNIMPLEMENTED, ``REASON_ONE_SHARD_ONLY``).
+  terminals with their card shards' KSN counters.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
 from cardcore.shards import slot_of
 
-from .errors import OneShardOnly, ShardBehind
+from .errors import ShardBehind
 from .front import ClusterWriter
 from .writer import Overloaded, Stopped, _uniform
 
@@ -416,16 +415,12 @@ def _basket_of(op: PendingOp) -> int:
     return _BASKET.unpack_from(op.packed, _OP_BASKET_AT)[0] if op.packed[0] == L.OP_PURCHASE else 0
 
 
-# Reads of one card, which go to its shard's ledger (``ShardedLedger.of_card``): asked of the
-# ShardedLedger itself, a service forgot to route one (the admin shard holds no cards).
-CARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lots", "read_holds",
-                        "read_replacement", "read_history", "read_entry", "read_lineage",
-                        "quote"})
-# Reads not served over several card shards yet: what each needs, said to the caller.
-ONE_SHARD_ONLY = {
-    "read_journal": "each shard has a journal of its own: name it (WatchJournalRequest.shard)",
-    "next_seq": "each shard has a journal of its own: name it (WatchJournalRequest.shard)",
-}
+# Reads that must name a shard: asked of the ShardedLedger itself, a service forgot to route one
+# (a card's goes to its shard's ledger, ``of_card``: the admin shard holds no cards; a journal's
+# to the shard the feed names, ``ShardedWriter.journals``: each shard has its own seqs).
+SHARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lots",
+                         "read_holds", "read_replacement", "read_history", "read_entry",
+                         "read_lineage", "quote", "read_journal", "next_seq"})
 
 
 class ShardedLedger:
@@ -443,10 +438,8 @@ class ShardedLedger:
 
     def __getattr__(self, name: str):
         """Admin state: the admin shard's (every card shard holds the same, relayed)."""
-        if name in CARD_READS:
-            raise AssertionError(f"{name}: a card's read goes through of_card")
-        if name in ONE_SHARD_ONLY:
-            raise OneShardOnly(ONE_SHARD_ONLY[name])
+        if name in SHARD_READS:
+            raise AssertionError(f"{name}: a read of one shard's (a card's: of_card)")
         return getattr(self.admin, name)
 
     def stats(self) -> dict:

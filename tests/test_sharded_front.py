@@ -92,10 +92,11 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     """Through one front over two card shards: a terminal enrolled (on the admin shard) opens,
     tops up and pays with the PIN on cards of both shards; a batch spanning both is answered in
     its order; each card's reads, its history and GetOperation find it on its own shard, and
-    each card is on that shard's replica alone; FindCards and the chain's report add both
-    shards up; a replacement by a card of the other shard and the daily close are refused
-    (REASON_CROSS_SHARD, REASON_ONE_SHARD_ONLY) and change nothing; a second front with other
-    card shards than the stored routing table's does not start."""
+    each card is on that shard's replica alone; FindCards, the reports, the daily close and the
+    member report add both shards up; each shard's journal is watched by naming it; a
+    replacement by a card of the other shard and a basket paid on two shards are refused
+    (REASON_CROSS_SHARD) and change nothing; a key rotation re-seals both shards' cards; a
+    second front with other card shards than the stored routing table's does not start."""
     replicas, front, cluster = sharded
     index_key = Keyring.load_or_create(keyring, os.path.dirname(keyring)).index_key
     f = front("f", "--card-shards", ",".join(map(str, CARD_SHARDS)))
