@@ -424,9 +424,10 @@ async def serve(cfg: ServerConfig) -> None:
                      keyring.data_key_current)
         if cluster:
             writer.on_advance = _admin_reloader(ledger, access, card_service, keyring)
-        admin.feed.own_shard = cfg.cluster_shard if cluster else 0
         if cfg.cluster_card_shards:
             admin.feed.journals = writer.journals()
+        elif cluster:  # (its shard's journal)
+            admin.feed.journals = {cfg.cluster_shard: admin.feed.journals[0]}
         add_service(server, card_service, pb.DESCRIPTOR.services_by_name["CardService"])
         add_service(server, admin, apb.DESCRIPTOR.services_by_name["AdminService"])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

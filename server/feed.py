@@ -62,41 +62,37 @@ def journal_entry(entry: bytes, lines: bytes) -> apb.JournalEntry:
 
 class JournalFeed:
     def __init__(self, ledger: Ledger, access: Access, writer: Writer):
-        self.ledger = ledger
         self.access = access
-        self.writer = writer
-        self.signal = writer.journal_signal
         self.watchers = 0
         self._closing = False
-        # whose journal a request may name (WatchJournalRequest.shard): this process's own
-        # (a single server's is shard 0), or a front over several card shards' every shard's
-        # (``journals``: shard -> (its ledger, its signal, its writer); the request must name
-        # one, and only that shard's follower is waited for)
-        self.own_shard = 0
-        self.journals: dict[int, tuple[Ledger, JournalSignal, Writer]] | None = None
+        # the journals a request may name (WatchJournalRequest.shard): shard -> (its ledger,
+        # its signal, its writer); a single server's is shard 0's, a front's its shard's, a
+        # front over several card shards' every shard's (``ShardedWriter.journals``: a watch
+        # waits for its shard's follower alone)
+        self.journals: dict[int, tuple[Ledger, JournalSignal, Writer]] = {
+            0: (ledger, writer.journal_signal, writer)}
 
     def close(self) -> None:
         """The server is stopping: every stream ends now with REASON_UNAVAILABLE (a live one
         would otherwise hold the shutdown for its whole grace period)."""
         self._closing = True
-        self.signal.notify()
-        for _, signal, _ in (self.journals or {}).values():
+        for _, signal, _ in self.journals.values():
             signal.notify()
 
     def _journal(self, request: apb.WatchJournalRequest
                  ) -> tuple[int, Ledger, JournalSignal, Writer]:
-        """(the shard, its ledger, its signal, its writer) the request names; Invalid if it
-        names none this process serves."""
-        named = request.shard if request.HasField("shard") else None
-        if self.journals is None:
-            if named is not None and named != self.own_shard:
-                raise Invalid(R.REASON_INVALID_ARGUMENT, "shard",
-                              detail=f"this serves the journal of shard {self.own_shard} alone")
-            return self.own_shard, self.ledger, self.signal, self.writer
+        """(the shard, its ledger, its signal, its writer) the request names, or the only one
+        served if it names none; Invalid otherwise."""
+        if request.HasField("shard"):
+            named = request.shard
+        elif len(self.journals) == 1:
+            (named,) = self.journals
+        else:
+            named = None
         if named not in self.journals:
             raise Invalid(R.REASON_INVALID_ARGUMENT, "shard",
-                          detail="a front over several card shards serves the journals of "
-                                 f"shards {', '.join(map(str, sorted(self.journals)))}: name one")
+                          detail=f"this serves the journals of shards "
+                                 f"{', '.join(map(str, sorted(self.journals)))}: name one")
         return (named, *self.journals[named])
 
     def _check(self, caller: Caller) -> None:
