@@ -54,10 +54,9 @@ class Metrics:
         what the front was answered (a read of a card waits that long at most). A front over
         several shards calls it once per shard: the counters are shared, the lag is the most
         any shard's follower is behind."""
-        if self._front_lags:
-            self._front_lags.append(follower_lag_groups)
-            return
         self._front_lags.append(follower_lag_groups)
+        if len(self._front_lags) > 1:  # (the metrics exist: the shard's lag is among them now)
+            return
         self.front_resent = Counter(
             "cardcore_front_resent", "Submits sent to the shard again: not_leader (or the "
             "leader's queue full: not applied) or unknown (unanswered: maybe applied)", ["why"],
