@@ -26,7 +26,7 @@ import urllib.request
 
 from .certs import make_nats_role_cert
 from .clusterconf import (SHARDS_DEFAULT, Node, make_certs, nats_users, node_config,
-                          shard_follower_role, shard_replica_role, urls_of)
+                          shard_replica_role, urls_of)
 
 NODES = 3
 START_TIMEOUT_S = 30
@@ -297,12 +297,12 @@ class FrontProcess:
         self.log_path = os.path.join(data_dir, "front.log")
         self._log = open(self.log_path, "ab")
         tls = []
-        mine, theirs = nodes.tls_for("front"), nodes.tls_for(shard_follower_role(shard))
-        if mine is not None:  # (each follower's certificate: its shard's, {shard} in the path)
-            cert, key = (p.replace(f"-s{shard}.", "-s{shard}.")
-                         for p in (theirs.cert_file, theirs.key_file))
+        # (each follower's certificate its shard's: {shard} in the path, as front.env names it)
+        mine, theirs = nodes.tls_for("front"), nodes.tls_for("follower-s{shard}")
+        if mine is not None:
             tls = ["--nats-ca", mine.ca_file, "--nats-cert", mine.cert_file, "--nats-key",
-                   mine.key_file, "--follower-cert", cert, "--follower-key", key]
+                   mine.key_file, "--follower-cert", theirs.cert_file, "--follower-key",
+                   theirs.key_file]
         routed = ["--card-shards", ",".join(map(str, card_shards))] if card_shards else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cardcore.server.cli", "serve", "--insecure", "--cluster",

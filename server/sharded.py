@@ -78,9 +78,10 @@ class ShardedWriter:
         self.card_ledgers: dict[int, Ledger] = {}
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
-        # split-tender baskets this front sent payments of, by tag: (the card shard of their
-        # payments, how many are unanswered); a payment on another shard is refused (``_route``).
-        # Kept while one is unanswered or one was (maybe) made; the newest BASKETS_KEPT.
+        # split-tender baskets this front sent payments of, by tag: [the card shard of their
+        # payments, how many are unanswered, 1 once one was (maybe) made]; a payment on another
+        # shard is refused (``_route``). Kept while one is unanswered or one was (maybe) made;
+        # the newest BASKETS_KEPT.
         self._baskets: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
 
     @property
