@@ -284,6 +284,8 @@ class AdminState:
             return L.R_OK, 0  # the group's prune step does the work
         elif kind == L.OP_ADMIN_RELAY:
             return L.R_OK, self._relay(*L.ADMIN_RELAY_SUBJECT.unpack(subject), op.payload)
+        elif kind == L.OP_OUTBOX_DONE:
+            return self._outbox_done(op.payload or b"")
         else:
             raise InvariantError(f"unknown admin operation {kind}")
         entry = L.JOURNAL.pack(
@@ -443,6 +445,18 @@ class AdminState:
             self.relaying = True
             self.relay_ts_us = I64.unpack(payload or b"")[0]
         return 1
+
+    def _outbox_done(self, payload: bytes) -> tuple[int, int]:
+        """(reason, how many were taken out): the outbox records of the seqs in ``payload``
+        (u64 little-endian, at most OUTBOX_DONE_MAX), delivered; one already gone is skipped
+        (another front's delivery took it out)."""
+        if not payload or len(payload) % 8 or len(payload) > 8 * L.OUTBOX_DONE_MAX:
+            return L.R_INVALID_ARGUMENT, 0
+        count = 0
+        for (seq,) in struct.iter_unpack("<Q", payload):
+            count += self.txn.delete(L.OUTBOX_KEY_PREFIX + L.OUTBOX_KEY.pack(seq),
+                                     db=self.ledger.meta)
+        return L.R_OK, count
 
     def reseal(self, payload: bytes) -> int:
         """Swap sealed card numbers that still hold what the caller read (compare and set)."""

@@ -158,6 +158,10 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     L.OP_HOLD_VOID: ("op", "card_id", *_AT_THE_TILL, "link_seq"),  # link_seq: the hold
     # the new card (referrer_id) and its masked number (the profile) in the extra payload
     L.OP_CARD_REPLACED: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check"),
+    # a front's delivery of a referral bonus owed by another card shard's outbox (its opening's
+    # seq in link_seq, that shard + 1 in ref_id): never the client time, which each retry of a
+    # delivery gives anew (docs/cluster.md, "Two cards on two card shards")
+    L.OP_REFERRAL_BONUS: ("op", "amount_minor", "card_id", "link_seq", "ref_id"),
     # rule 18: amount_minor the principal, ref_id the bonus; the points and the profile in the
     # extra payload (import_extra)
     L.OP_IMPORT_CARD: ("op", "tier", "home_store_id", "amount_minor", "card_id", *_AT_THE_TILL,

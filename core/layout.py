@@ -67,7 +67,9 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
     144  u64 link_seq              the entry this one acts on (refund, reversal, capture); 0
     152  u64 ref_id                a coupon, package or gift, a points lot's day; an opening
                                    on a referral: the referrer's tag (idempotency.referrer_tag);
-                                   a hold's authorization: when it expires (Unix microseconds)
+                                   a hold's authorization: when it expires (Unix microseconds);
+                                   a referral bonus: 0, or for an opening on another card shard
+                                   that shard's number + 1 (its link_seq is that shard's seq)
     160  u64 basket_tag            split tender: first 8 bytes of BLAKE2b(namespace | basket
                                    id); 0 = no basket
     168  i64 client_time_us        the caller's clock when it made the request; 0 internal
@@ -153,7 +155,11 @@ writer runs::
                                    has, the till collects the rest); bit 1 CAPTURE (rule 15:
                                    paid from the hold link_seq names, which it closes);
                                    open: bit 2 ISSUE_ONLY (rule 14: opened issued, not active)
-    163  5B  reserved
+    163  u8  route_flags           set by a front over several card shards, never by a caller
+                                   (outside the digest): open, import: bit 0 REFERRER_ELSEWHERE
+                                   (the referrer's card is on another card shard: the writer
+                                   puts its bonus in the outbox, OUTBOX below)
+    164  4B  reserved
     168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
                                    coupon issue: the points it is bought with (0: given by an
                                    operator); exchange: the points offered
@@ -576,6 +582,26 @@ JOURNAL_PURCHASE_FLAGS, JOURNAL_OFF_PURCHASE_FLAGS = struct.Struct("<H"), 198
 ALLOW_PARTIAL, PARTIAL_PAYMENT = 1, 1  # an operation's op_flags; an entry's purchase_flags
 CAPTURE = 2  # an operation's op_flags: a purchase paid from the hold its link_seq names
 ISSUE_ONLY = 4  # an opening's op_flags: the card is issued, not active (rule 14)
+OP_OFF_ROUTE_FLAGS = 163  # an operation's route_flags (a front over several card shards)
+REFERRER_ELSEWHERE = 1    # route_flags of an opening whose referrer is on another card shard
+# The outbox (docs/cluster.md, "Two cards on two card shards"): what this card shard owes another,
+# written in the group that made it, delivered by a front, then taken out (OP_OUTBOX_DONE). LMDB
+# ``meta``, key OUTBOX_KEY_PREFIX | u64 big-endian seq of the entry that made it; value, v1,
+# 48 bytes::
+#
+#      0  u8  version               1
+#      1  u8  kind                  1 OUTBOX_REFERRAL: a referral bonus
+#      2  6B  reserved              zeros
+#      8  u64 seq                   the opening's entry (the bonus's link_seq)
+#     16  16B card_id               the referrer, who gets the points
+#     32  i64 points                the program's referral points when the card was opened
+#     40  i64 made_us               the opening's group time
+OUTBOX = struct.Struct("<BB6xQ16sqq")
+OUTBOX_VERSION, OUTBOX_REFERRAL = 1, 1
+OUTBOX_KEY_PREFIX = b"outbox/"
+OUTBOX_KEY = struct.Struct(">Q")
+OUTBOX_DONE_MAX = 256  # outbox records one OP_OUTBOX_DONE takes out at most (u64 seqs, payload)
+assert OUTBOX.size == 48
 CARD_EXPIRES, CARD_OFF_EXPIRES = struct.Struct("<q"), 104  # a card record's expires_us
 CARD_EXPIRY_KEY = struct.Struct(">Q16s")  # cards_by_expiry: expires_us, card id
 CARD_EXPIRIES_MAX = 1000  # cards one group expires at most besides its own (the rest: the next)
@@ -748,6 +774,9 @@ OP_MAINTENANCE = 34  # prune expired request records (the writer's idle tick)
 # operation of a group its leader relays, subject ADMIN_RELAY_SUBJECT; the group's other
 # operations are that admin group's admin entries (ADMIN_OPS), applied as if submitted here.
 OP_ADMIN_RELAY = 39
+# Outbox records delivered (their seqs, u64 little-endian, in the payload): taken out, each once;
+# a seq with no record is skipped (another front took it out first).
+OP_OUTBOX_DONE = 40
 # the admin shard, this ledger's role, the admin shard's group relayed (0: none yet); a relayed
 # group's mark carries that group's time in its payload (i64 us): its entries are judged at it
 ADMIN_RELAY_SUBJECT = struct.Struct("<HBxxxxxQ")
@@ -755,7 +784,7 @@ RELAY_ROLE_CARD, RELAY_ROLE_ADMIN = 1, 2  # a card shard relaying from the admin
 # Relayed request keys live in a namespace of their own (no caller kind starts with it), so a
 # caller's own key on a card shard never meets one: kept, never pruned (admin changes are few).
 RELAYED_KEY_PREFIX = b"\xfa"
-INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE, OP_ADMIN_RELAY))
+INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE, OP_ADMIN_RELAY, OP_OUTBOX_DONE))
 # Card flags (card record offset 4) and operation PIN flags (operation offset 2).
 CARD_PIN_SET, CARD_PIN_LOCKED = 1, 2
 PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8

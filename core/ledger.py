@@ -692,6 +692,20 @@ class Ledger:
             return None if raw is None else L.ADMIN_RELAY_SUBJECT.unpack(raw)
         return read(txn) if txn is not None else self._read(read)
 
+    def read_outbox(self, limit: int = L.OUTBOX_DONE_MAX) -> list[tuple]:
+        """The outbox (layout.OUTBOX), oldest first, at most ``limit`` records: what this card
+        shard owes other card shards, not yet delivered."""
+        def read(txn):
+            out = []
+            cur = txn.cursor(db=self.meta)
+            if cur.set_range(L.OUTBOX_KEY_PREFIX):
+                for key, value in cur:
+                    if not key.startswith(L.OUTBOX_KEY_PREFIX) or len(out) >= limit:
+                        break
+                    out.append(L.OUTBOX.unpack(value))
+            return out
+        return self._read(read)
+
     def read_program_version(self) -> int:
         """The current program's version as LMDB holds it now (a reader compares it with
         ``program_version`` to know whether to ``refresh_program``)."""
@@ -1906,8 +1920,14 @@ class _Group:
             if reason == L.R_OK and op_type in L.OPENINGS:  # an opening, or an import (rule 18)
                 referrer = op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
                 points = admin.program.referral_points
-                if (points and referrer != NO_REFERRER and referrer != op.card_id
+                if not (points and referrer != NO_REFERRER and referrer != op.card_id
                         and entry[3] == L.STATUS_ACTIVE):  # an issued stock card refers no one
+                    pass
+                elif op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE:  # another card
+                    txn.put(L.OUTBOX_KEY_PREFIX + L.OUTBOX_KEY.pack(seq), L.OUTBOX.pack(  # shard's:
+                        L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, seq, referrer, points, ts),  # owed
+                        db=ledger.meta)  # there, by a front (docs/cluster.md)
+                else:
                     referrals.append(PendingOp.build(b"", L.OP_REFERRAL_BONUS, referrer, points,
                                                      link_seq=seq, caller=(L.CALLER_SYSTEM, 0)))
                 admin.tier_cards()[tier] += 1

@@ -13,7 +13,12 @@ slot 1, ...]}``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import struct
+
+from cardcore import layout as L
+from cardcore.idempotency import PendingOp, request_key
 
 SLOTS = 4096          # fixed from day one: a table of this many entries
 CARD_SHARDS_MAX = 64  # card shards one front routes over (each is a follower process of its own)
@@ -57,3 +62,34 @@ def decode_routes(data: bytes) -> list[int]:
 def card_shards_of(table: list[int]) -> list[int]:
     """The card shards a table routes to, ascending."""
     return sorted(set(table))
+
+
+# ---- two cards on two card shards (docs/cluster.md, "Two cards on two card shards") -----------
+
+def referrer_elsewhere(op: PendingOp) -> PendingOp:
+    """A copy of opening ``op`` marked REFERRER_ELSEWHERE (outside its digest: a retry through
+    any front is the same request): its card shard's writer puts the referrer's bonus in its
+    outbox instead of looking for the referrer among its own cards."""
+    assert op.packed[0] in L.OPENINGS
+    at = L.OP_OFF_ROUTE_FLAGS
+    packed = op.packed[:at] + bytes((op.packed[at] | L.REFERRER_ELSEWHERE,)) + op.packed[at + 1:]
+    return dataclasses.replace(op, packed=packed)
+
+
+def outbox_bonus(shard: int, record: tuple, sent_us: int) -> PendingOp:
+    """The referral bonus an outbox record of card shard ``shard`` owes (layout.OUTBOX), to be
+    applied on its referrer's card shard: caller SYSTEM ``shard`` + 1 (the system's own keys use
+    0), request id the opening's seq, so that every front may deliver it and a delivery sent
+    again is answered as the first was; its entry's link_seq that seq, ref_id ``shard`` + 1.
+    ``sent_us``: this try's client time, outside the digest (a delivery tried again a day later
+    is not too old)."""
+    _, _, seq, referrer, points, _ = record
+    return PendingOp.build(request_key(L.CALLER_SYSTEM, shard + 1, b"referral-bonus:%d" % seq),
+                           L.OP_REFERRAL_BONUS, referrer, points, client_time_us=sent_us,
+                           link_seq=seq, ref_id=shard + 1)
+
+
+def outbox_done(seqs: list[int]) -> PendingOp:
+    """The outbox records of these seqs taken out (delivered, their outcomes settled)."""
+    assert 0 < len(seqs) <= L.OUTBOX_DONE_MAX
+    return PendingOp.internal(L.OP_OUTBOX_DONE, struct.pack(f"<{len(seqs)}Q", *seqs))

@@ -252,6 +252,27 @@ def _programs(txn, ledger, problem) -> dict[int, tuple]:
     return out
 
 
+def _outbox(txn, ledger, programs: dict, opens: dict, referred: set, problem) -> None:
+    """Each outbox record (layout.OUTBOX: a referral bonus owed to another card shard, not yet
+    delivered) names an opening of this journal on a referral by that card, whose bonus this
+    shard did not give itself, for points its program gives."""
+    cur = txn.cursor(db=ledger.meta)
+    if not cur.set_range(L.OUTBOX_KEY_PREFIX):
+        return
+    for key, value in cur:
+        if not key.startswith(L.OUTBOX_KEY_PREFIX):
+            break
+        version, kind, seq, referrer, points, _ = L.OUTBOX.unpack(value)
+        opened_card, opened_ref = opens.get(seq, (None, 0))
+        if (version != L.OUTBOX_VERSION or kind != L.OUTBOX_REFERRAL or len(key) != len(
+                L.OUTBOX_KEY_PREFIX) + 8 or L.OUTBOX_KEY.unpack_from(key, len(
+                L.OUTBOX_KEY_PREFIX))[0] != seq or opened_card is None or opened_card == referrer
+                or opened_ref != referrer_tag(referrer) or seq in referred or points <= 0
+                or points not in {p.referral_points for p, _ in programs.values()}):
+            problem(f"outbox record of journal entry {seq}: not a referral bonus an opening "
+                    "there owes another card shard")
+
+
 def _journal(txn, ledger, programs: dict, problem) -> dict:
     # card id -> principal, bonus, points, last seq, paid, PIN state (tries | flags << 8)
     sums: dict[bytes, list[int]] = {}
@@ -268,6 +289,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     gifts_given: dict[int, int] = {}   # gift id -> how many the journal gave
     opens: dict[int, tuple] = {}       # an opening's seq -> (its card, its referrer's tag)
     referred: set[int] = set()         # openings whose referrer got its bonus (once)
+    referred_elsewhere: set[tuple] = set()  # likewise, (shard + 1, seq) on other card shards
     lot_rule = lots.Lots(point_lots)
     states: dict[bytes, CardState] = {}  # card id -> its program state as the journal rebuilds it
     opened_us: dict[bytes, int] = {}     # card id -> its opening's time (rule 11's periods)
@@ -465,6 +487,12 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
                 problem(f"journal entry {seq}: gift {promotion_id} for {taken} points that its "
                         "program and stock do not give")
             gifts_given[promotion_id] = given + 1
+        elif op == L.OP_REFERRAL_BONUS and f[29]:  # for an opening on card shard f[29] - 1
+            # (its seq f[28]): that shard's program gave the points, its journal the opening
+            if dpts <= 0 or f[9] != dpts or any(f[10:13]) or (f[29], f[28]) in referred_elsewhere:
+                problem(f"journal entry {seq}: a referral bonus for another card shard's opening "
+                        "that is not positive points, or is that opening's second")
+            referred_elsewhere.add((f[29], f[28]))
         elif op == L.OP_REFERRAL_BONUS:
             program = programs.get(program_version, (None,))[0]
             opened_card, opened_ref = opens.get(f[28], (None, 0))
@@ -579,6 +607,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
             problem(f"journal entry {seq}: a balance below zero")  # points: a refund's debt only
     if replaced is not None:
         problem(f"journal entry {replaced[1]}: a replacement with no opening of the new card")
+    _outbox(txn, ledger, programs, opens, referred, problem)
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
             "links": links, "refunded_lines": refunded,
             "statuses": statuses, "holds": holds, "held": held, "expiries": expiries,

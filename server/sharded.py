@@ -7,9 +7,11 @@ interfaces the services use, so that the services stay the single server's code:
 - ``ShardedWriter`` (the ``Writer``'s interface): an admin change goes to the admin shard (which
   every card shard relays), a card's operation to the card shard its slot is routed to
   (``cardcore.shards``); a call's operations on several shards go to each at once and are
-  answered in the call's order, an admin change once every card shard holds it. What one card
-  shard cannot make alone (two cards on two shards, a gift, a basket paid on another shard) is
-  refused (``R_CROSS_SHARD``): nothing changed, nothing sent.
+  answered in the call's order, an admin change once every card shard holds it. An opening
+  whose referrer is on another card shard is marked so (``REFERRER_ELSEWHERE``): its shard puts
+  the referrer's bonus in its outbox, which the front delivers (``_deliver_outboxes``). What one
+  card shard cannot make alone (a replacement by a card of another shard, a gift, a basket paid
+  on another shard) is refused (``R_CROSS_SHARD``): nothing changed, nothing sent.
 - ``ShardedLedger`` (the read side of ``Ledger``): admin state (terminals, operators, the program,
   regions and stores) from the admin shard's follower; a card's reads from its card shard's
   follower (``of_card``); a request (GetOperation) from whichever shard holds it; FindCards, a
@@ -31,7 +33,8 @@ from cardcore import layout as L
 from cardcore.admin import RESEAL_ITEM
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
-from cardcore.shards import slot_of
+from cardcore.shards import outbox_bonus, outbox_done, referrer_elsewhere, slot_of
+from cardcore.terminal import now_us
 
 from .errors import ShardBehind
 from .front import ClusterWriter
@@ -42,13 +45,18 @@ log = logging.getLogger("cardcore.front")
 _OP_SECOND_CARD = slice(176, 192)  # layout.OP: referrer_id (an opening's referrer, a
 #                                    replacement's new card)
 _NO_CARD = bytes(L.CARD_ID_SIZE)
-_TWO_CARD_OPS = L.OPENINGS | {L.OP_CARD_REPLACED}
 _TS, _SEQ = struct.Struct("<q"), struct.Struct("<Q")  # layout.JOURNAL's ts_us (96), seq (8)
 _BASKET, _OP_BASKET_AT = struct.Struct("<Q"), 152  # layout.OP's basket_tag
 BASKETS_KEPT = 100_000   # split-tender baskets a front remembers the card shard of
 CARD_SHARD_WAIT_S = 30.0  # a new card shard's first leader takes its place beside the admin shard
 RELAY_WAIT_S = 5.0        # an admin change's answer waits this long for every card shard to hold it
 RELAY_POLL_S = 0.02       # ... looking this often
+OUTBOX_POLL_S = 0.25      # each card shard's outbox is read this often (docs/cluster.md)
+# A delivered bonus's outcomes that settle its outbox record (a request record holds them: a
+# retry is answered the same): made, or declined as a single server declines a referrer's bonus.
+OUTBOX_SETTLED = frozenset((L.R_OK, L.R_CARD_NOT_FOUND, L.R_CARD_NOT_ACTIVE, L.R_CARD_REPLACED,
+                            L.R_CARD_EXPIRED, L.R_CARD_NOT_ACTIVATED, L.R_AMOUNT_OVERFLOW,
+                            L.R_INVALID_AMOUNT, L.R_DUPLICATE_REQUEST_MISMATCH))
 
 
 def to_admin_shard(op: PendingOp) -> bool:
@@ -83,6 +91,7 @@ class ShardedWriter:
         # shard is refused (``_route``). Kept while one is unanswered or one was (maybe) made;
         # the newest BASKETS_KEPT.
         self._baskets: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self._outbox_task: asyncio.Task | None = None
 
     @property
     def every(self) -> list[ClusterWriter]:
@@ -176,6 +185,7 @@ class ShardedWriter:
             w.attach(self.card_ledgers[shard])
             w.on_advance = _program_follower(self.card_ledgers[shard])
         self.ledger = ShardedLedger(ledger, self.card_ledgers, self.table)
+        self._outbox_task = self.loop.create_task(self._deliver_outboxes())
         return self.ledger
 
     def journals(self) -> dict[int, tuple[Ledger, object, ClusterWriter]]:
@@ -187,6 +197,9 @@ class ShardedWriter:
                 **{s: (self.card_ledgers[s], w.journal_signal, w) for s, w in self.cards.items()}}
 
     async def stop(self, timeout_s: float = 30.0) -> None:
+        if self._outbox_task is not None:
+            self._outbox_task.cancel()
+            await asyncio.gather(self._outbox_task, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         await asyncio.gather(*(w.stop(timeout_s) for w in self.every))
@@ -201,8 +214,9 @@ class ShardedWriter:
 
     def _route(self, op: PendingOp, baskets: dict[int, int]) -> tuple[ClusterWriter | None, int]:
         """(the writer an operation goes to, None if refused; the reason). Refused with
-        R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: two cards
-        on two shards (a replacement's new card, an opening's referrer), a gift (its stock is
+        R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: a
+        replacement by a card of another shard (what moves with it is a card's whole state, not
+        one outbox record: docs/cluster.md), a gift (its stock is
         the chain's: one counter, which each card shard would spend on its own), and a
         split-tender payment whose basket was paid on another card shard (the day totals would
         count its sale again there; ``baskets``: this call's, tag -> card shard, filled)."""
@@ -216,9 +230,8 @@ class ShardedWriter:
                 return None, L.R_CROSS_SHARD
             return w, L.R_OK
         w = self.cards[self.table[slot_of(op.card_id)]]
-        if kind in _TWO_CARD_OPS:
-            other = op.packed[_OP_SECOND_CARD]
-            if other != _NO_CARD and self.table[slot_of(other)] != w.shard:
+        if kind == L.OP_CARD_REPLACED:
+            if self.table[slot_of(op.packed[_OP_SECOND_CARD])] != w.shard:
                 return None, L.R_CROSS_SHARD
         elif kind == L.OP_GIFT_REDEEM:
             return None, L.R_CROSS_SHARD
@@ -229,6 +242,14 @@ class ShardedWriter:
                     return None, L.R_CROSS_SHARD
                 baskets[tag] = w.shard
         return w, L.R_OK
+
+    def _referrer_elsewhere(self, op: PendingOp) -> bool:
+        """Whether ``op`` opens a card on a referral by a card of another card shard."""
+        if op.packed[0] not in L.OPENINGS:
+            return False
+        referrer = op.packed[_OP_SECOND_CARD]
+        return referrer != _NO_CARD and (self.table[slot_of(referrer)]
+                                         != self.table[slot_of(op.card_id)])
 
     def _basket_elsewhere(self, tag: int, shard: int, baskets: dict[int, int]) -> bool:
         """Whether basket ``tag`` has a payment on another card shard than ``shard``: earlier
@@ -279,6 +300,7 @@ class ShardedWriter:
         changes is answered once every card shard's follower holds them (relayed), so what
         the caller does next sees them on every shard."""
         assert ops
+        ops = [referrer_elsewhere(op) if self._referrer_elsewhere(op) else op for op in ops]
         parts: dict[ClusterWriter, list[int]] = {}
         refused: dict[int, Outcome] = {}
         baskets: dict[int, int] = {}
@@ -370,6 +392,58 @@ class ShardedWriter:
                 return
             if waiting:
                 await asyncio.sleep(RELAY_POLL_S)
+
+    # ---- the outboxes: what a card shard owes another -------------------------------------
+
+    async def _deliver_outboxes(self) -> None:
+        """Every OUTBOX_POLL_S, each card shard's outbox (its follower's ledger) delivered:
+        each record's bonus submitted to its referrer's card shard under a request key of its
+        own (so every front may deliver it, and a delivery sent again is answered as the first
+        was), then, once its outcome is settled, the record taken out (OP_OUTBOX_DONE). A front
+        that stops between the two leaves the record for the next round or another front."""
+        taken: dict[int, set[int]] = {shard: set() for shard in self.cards}
+        while True:
+            await asyncio.sleep(OUTBOX_POLL_S)
+            for shard in self.cards:
+                try:
+                    await self._deliver_outbox(shard, taken[shard])
+                except asyncio.CancelledError:
+                    raise
+                except (Overloaded, Stopped):
+                    pass  # (the next round)
+                except Exception:
+                    log.exception("front: shard %d's outbox was not delivered (tried again)",
+                                  shard)
+
+    async def _deliver_outbox(self, shard: int, taken: set[int]) -> None:
+        """One round of shard ``shard``'s outbox; ``taken``: the records this front took out
+        that its follower may not have applied yet (not sent again until it has)."""
+        records = self.card_ledgers[shard].read_outbox(L.OUTBOX_DONE_MAX)
+        taken &= {r[2] for r in records}
+        records = [r for r in records if r[2] not in taken]
+        if not records:
+            return
+        by_shard: dict[int, list[tuple]] = {}
+        for r in records:
+            by_shard.setdefault(self.table[slot_of(r[3])], []).append(r)
+        settled: list[int] = []
+        sent_us = now_us()
+        for target, recs in by_shard.items():
+            outcomes = await self.cards[target].submit([outbox_bonus(shard, r, sent_us)
+                                                        for r in recs])
+            for r, outcome in zip(recs, outcomes, strict=True):
+                if outcome.reason not in OUTBOX_SETTLED:
+                    continue  # (an unknown outcome, a shard without a leader: the next round)
+                if outcome.reason != L.R_OK:
+                    log.log(logging.ERROR if outcome.reason == L.R_DUPLICATE_REQUEST_MISMATCH
+                            else logging.INFO, "front: shard %d's referral bonus of its entry %d "
+                            "declined by shard %d (reason %d), as a single server declines it",
+                            shard, r[2], target, outcome.reason)
+                settled.append(r[2])
+        if settled:
+            outcome = (await self.cards[shard].submit([outbox_done(settled)]))[0]
+            if outcome.reason == L.R_OK:
+                taken.update(settled)
 
     # ---- reads -----------------------------------------------------------------------------
 

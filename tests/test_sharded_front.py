@@ -6,13 +6,18 @@ without the cluster extra (``make cluster-deps``)."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import grpc
 import pytest
 
+from cardcore import layout as L
 from cardcore.cards import card_id
 from cardcore.keyring import Keyring
 from cardcore.ledger import Ledger
+from cardcore.program import DEFAULT_PROGRAM_TOML
+from cardcore.terminal import now_us
 from cardcore.shards import slot_of, spread
 from cardcore.v1 import admin_service_pb2 as apb
 from cardcore.v1 import card_service_pb2 as pb
@@ -87,6 +92,20 @@ def numbers_on(index_key: bytes, shard: int, n: int) -> list[str]:
     return out
 
 
+def kill_front(front: ServerProcess) -> None:
+    """kill -9 a front and its followers, as its unit's end does (systemd's KillMode
+    control-group: docs/cluster.md): their command lines name the front's folder."""
+    front.kill()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--follow-only" in argv and any(a.startswith(front.data_dir.encode()) for a in argv):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_them(
         sharded, keyring):
     """Through one front over two card shards: a terminal enrolled (on the admin shard) opens,
@@ -95,8 +114,10 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     each card is on that shard's replica alone; FindCards, the reports, the daily close and the
     member report add both shards up; each shard's journal is watched by naming it; a
     replacement by a card of the other shard and a basket paid on two shards are refused
-    (REASON_CROSS_SHARD) and change nothing; a key rotation re-seals both shards' cards; a
-    second front with other card shards than the stored routing table's does not start."""
+    (REASON_CROSS_SHARD) and change nothing; a key rotation re-seals both shards' cards; an
+    opening on a referral by a card of the other shard pays its referrer once, through the
+    opening shard's outbox, a front killed -9 after its answer or not; a second front with
+    other card shards than the stored routing table's does not start."""
     replicas, front, cluster = sharded
     index_key = Keyring.load_or_create(keyring, os.path.dirname(keyring)).index_key
     f = front("f", "--card-shards", ",".join(map(str, CARD_SHARDS)))
@@ -256,6 +277,32 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     assert (rotated.key_version, rotated.cards_resealed) == (2, 6)
     assert client.card(b).balance.available_minor == expected[b]
 
+    # openings on a referral by a card of the other shard (referral points loaded, relayed):
+    # each made on the new card's shard, whose outbox owes the referrer its bonus, delivered
+    # by a front; the first through front k, killed -9 right after its answer (before or
+    # after its outbox round: either way f delivers, or answers k's delivery again), the
+    # second through f. The referrer gets both bonuses, each once.
+    assert admin.stub.LoadProgram(apb.LoadProgramRequest(
+        request_id=rid(), client_time_us=now_us(),
+        document="referral_points = 300\n" + DEFAULT_PROGRAM_TOML),
+        metadata=admin.metadata).version == 2
+    referrer, referred = on[1][0], numbers_on(index_key, 2, 2)
+    points = client.card(referrer).balance.points
+    k = front("k", "--card-shards", "1,2")
+    for through, number in ((k, referred[0]), (f, referred[1])):
+        request_id = rid()
+        assert through.stub.OpenCard(pb.OpenCardRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=number), referrer_card_number=referrer,
+            till=cpb.Till(store_id=1, terminal_id=1))).reason == R.REASON_OK
+        if through is k:
+            kill_front(k)
+    deadline = time.monotonic() + 20
+    while client.card(referrer).balance.points != points + 600:
+        assert time.monotonic() < deadline and client.card(referrer).balance.points < points \
+            + 600, client.card(referrer).balance.points - points
+        time.sleep(0.1)
+
     # a front with other card shards than the stored table's does not start
     with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):
         front("g", "--card-shards", "1")
@@ -271,6 +318,9 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
                 held = ledger.read_card(card_id(index_key, number)) is not None
                 assert held == (shard_of(index_key, number) == shard), (number, shard)
             assert [Keyring.sealed_version(sealed) for _, sealed in ledger.read_sealed()] \
-                == [2, 2, 2]  # (its three cards', re-sealed)
+                == [2] * (3 + 2 * (shard == 2))  # (its three cards', re-sealed; 2 opened since)
+            assert ledger.read_outbox() == []  # (delivered, taken out)
+            bonuses = [e for _, e in ledger.dump()["journal"] if e[1] == L.OP_REFERRAL_BONUS]
+            assert [L.JOURNAL.unpack(e)[29] for e in bonuses] == [3, 3] * (shard == 1)
         finally:
             ledger.close()
