@@ -121,7 +121,8 @@ DIGEST_LEFT_OUT: dict[str, str] = {
     "pin_check": "the PIN entered: a re-send with another PIN must get the original answer, or "
                  "the answer would tell a right guess from a wrong one",
     "op_flags": "in a purchase's or an open's extra payload when set (see purchase_extra, "
-                "open_extra)",
+                "open_extra); its route_flags byte is a front's, never a caller's (the same "
+                "request through any front)",
     "birth_month": "derived from the profile's birthday, which an open's digest covers",
     "referrer_id": "in an open's extra payload when set (see open_extra), so an open without "
                    "one has the digest the release before card programs gave it",
@@ -159,9 +160,10 @@ DIGEST_FIELDS: dict[int, tuple[str, ...]] = {
     # the new card (referrer_id) and its masked number (the profile) in the extra payload
     L.OP_CARD_REPLACED: ("op", "pin_flags", "card_id", *_AT_THE_TILL, "new_pin_check"),
     # a front's delivery of a referral bonus owed by another card shard's outbox (its opening's
-    # seq in link_seq, that shard + 1 in ref_id): never the client time, which each retry of a
-    # delivery gives anew (docs/cluster.md, "Two cards on two card shards")
-    L.OP_REFERRAL_BONUS: ("op", "amount_minor", "card_id", "link_seq", "ref_id"),
+    # seq in link_seq, that shard + 1 in ref_id, the opening's time as client time: every
+    # delivery of it the same bytes; docs/cluster.md, "Two cards on two card shards")
+    L.OP_REFERRAL_BONUS: ("op", "amount_minor", "card_id", "link_seq", "ref_id",
+                          "client_time_us"),
     # rule 18: amount_minor the principal, ref_id the bonus; the points and the profile in the
     # extra payload (import_extra)
     L.OP_IMPORT_CARD: ("op", "tier", "home_store_id", "amount_minor", "card_id", *_AT_THE_TILL,

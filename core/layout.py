@@ -156,7 +156,7 @@ writer runs::
                                    paid from the hold link_seq names, which it closes);
                                    open: bit 2 ISSUE_ONLY (rule 14: opened issued, not active)
     163  u8  route_flags           set by a front over several card shards, never by a caller
-                                   (outside the digest): open, import: bit 0 REFERRER_ELSEWHERE
+                                   (outside the digest): open: bit 0 REFERRER_ELSEWHERE
                                    (the referrer's card is on another card shard: the writer
                                    puts its bonus in the outbox, OUTBOX below)
     164  4B  reserved

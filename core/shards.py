@@ -76,16 +76,17 @@ def referrer_elsewhere(op: PendingOp) -> PendingOp:
     return dataclasses.replace(op, packed=packed)
 
 
-def outbox_bonus(shard: int, record: tuple, sent_us: int) -> PendingOp:
+def outbox_bonus(shard: int, record: tuple) -> PendingOp:
     """The referral bonus an outbox record of card shard ``shard`` owes (layout.OUTBOX), to be
     applied on its referrer's card shard: caller SYSTEM ``shard`` + 1 (the system's own keys use
     0), request id the opening's seq, so that every front may deliver it and a delivery sent
     again is answered as the first was; its entry's link_seq that seq, ref_id ``shard`` + 1.
-    ``sent_us``: this try's client time, outside the digest (a delivery tried again a day later
-    is not too old)."""
-    _, _, seq, referrer, points, _ = record
+    Its client time is the opening's group time: once that is older than the request window
+    there (its request record may be pruned), a delivery is refused (REQUEST_TOO_OLD), never
+    paid a second time."""
+    _, _, seq, referrer, points, made_us = record
     return PendingOp.build(request_key(L.CALLER_SYSTEM, shard + 1, b"referral-bonus:%d" % seq),
-                           L.OP_REFERRAL_BONUS, referrer, points, client_time_us=sent_us,
+                           L.OP_REFERRAL_BONUS, referrer, points, client_time_us=made_us,
                            link_seq=seq, ref_id=shard + 1)
 
 

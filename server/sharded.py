@@ -34,11 +34,10 @@ from cardcore.admin import RESEAL_ITEM
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
 from cardcore.shards import outbox_bonus, outbox_done, referrer_elsewhere, slot_of
-from cardcore.terminal import now_us
 
 from .errors import ShardBehind
 from .front import ClusterWriter
-from .writer import Overloaded, Stopped, _uniform
+from .writer import Overloaded, Stale, Stopped, _uniform
 
 log = logging.getLogger("cardcore.front")
 
@@ -52,11 +51,16 @@ CARD_SHARD_WAIT_S = 30.0  # a new card shard's first leader takes its place besi
 RELAY_WAIT_S = 5.0        # an admin change's answer waits this long for every card shard to hold it
 RELAY_POLL_S = 0.02       # ... looking this often
 OUTBOX_POLL_S = 0.25      # each card shard's outbox is read this often (docs/cluster.md)
-# A delivered bonus's outcomes that settle its outbox record (a request record holds them: a
-# retry is answered the same): made, or declined as a single server declines a referrer's bonus.
-OUTBOX_SETTLED = frozenset((L.R_OK, L.R_CARD_NOT_FOUND, L.R_CARD_NOT_ACTIVE, L.R_CARD_REPLACED,
-                            L.R_CARD_EXPIRED, L.R_CARD_NOT_ACTIVATED, L.R_AMOUNT_OVERFLOW,
-                            L.R_INVALID_AMOUNT, L.R_DUPLICATE_REQUEST_MISMATCH))
+OUTBOX_READ_MAX = 4096    # outbox records one round reads (OUTBOX_DONE_MAX a target shard)
+# A delivered bonus's outcomes that settle its outbox record (no later delivery can pay it):
+# declined as a single server declines a referrer's bonus, ...
+OUTBOX_DECLINED = frozenset((L.R_CARD_NOT_FOUND, L.R_CARD_NOT_ACTIVE, L.R_CARD_REPLACED,
+                             L.R_CARD_EXPIRED, L.R_CARD_NOT_ACTIVATED, L.R_AMOUNT_OVERFLOW,
+                             L.R_INVALID_AMOUNT))
+# ... made, or refused for good: its client time (the opening's) is older than the request
+# window there, so its request record may be pruned and it is never applied again (paid if an
+# earlier delivery was); a digest that differs (a bug: logged as an error)
+OUTBOX_SETTLED = OUTBOX_DECLINED | {L.R_OK, L.R_REQUEST_TOO_OLD, L.R_DUPLICATE_REQUEST_MISMATCH}
 
 
 def to_admin_shard(op: PendingOp) -> bool:
@@ -400,50 +404,70 @@ class ShardedWriter:
         each record's bonus submitted to its referrer's card shard under a request key of its
         own (so every front may deliver it, and a delivery sent again is answered as the first
         was), then, once its outcome is settled, the record taken out (OP_OUTBOX_DONE). A front
-        that stops between the two leaves the record for the next round or another front."""
-        taken: dict[int, set[int]] = {shard: set() for shard in self.cards}
+        that stops between the two leaves the record for the next round or another front. The
+        card shards' outboxes are delivered at once, each to its target shards at once: a
+        target shard without a leader keeps what is owed to it, and slows the others' next
+        round by its submits' time limit at most."""
+        logged = {shard: 0.0 for shard in self.cards}  # (a failure logged once a minute a shard)
+
+        async def deliver(shard: int) -> None:
+            try:
+                await self._deliver_outbox(shard)
+            except asyncio.CancelledError:
+                raise
+            except (Overloaded, Stopped, Stale):
+                pass  # (the next round)
+            except Exception:
+                if time.monotonic() - logged[shard] > 60:
+                    logged[shard] = time.monotonic()
+                    log.exception("front: shard %d's outbox was not delivered (tried again "
+                                  "every %g s; logged once a minute)", shard, OUTBOX_POLL_S)
         while True:
             await asyncio.sleep(OUTBOX_POLL_S)
-            for shard in self.cards:
-                try:
-                    await self._deliver_outbox(shard, taken[shard])
-                except asyncio.CancelledError:
-                    raise
-                except (Overloaded, Stopped):
-                    pass  # (the next round)
-                except Exception:
-                    log.exception("front: shard %d's outbox was not delivered (tried again)",
-                                  shard)
+            await asyncio.gather(*(deliver(shard) for shard in self.cards))
 
-    async def _deliver_outbox(self, shard: int, taken: set[int]) -> None:
-        """One round of shard ``shard``'s outbox; ``taken``: the records this front took out
-        that its follower may not have applied yet (not sent again until it has)."""
-        records = self.card_ledgers[shard].read_outbox(L.OUTBOX_DONE_MAX)
-        taken &= {r[2] for r in records}
-        records = [r for r in records if r[2] not in taken]
-        if not records:
+    async def _deliver_outbox(self, shard: int) -> None:
+        """One round of shard ``shard``'s outbox: read from this front's follower once it holds
+        the shard's stream as it ends now (Stale if it cannot: a follower left behind would
+        deliver again what other fronts took out long ago), at most OUTBOX_READ_MAX records,
+        at most OUTBOX_DONE_MAX of them a target shard."""
+        ledger = self.card_ledgers[shard]
+        if not ledger.read_outbox(1):
             return
-        by_shard: dict[int, list[tuple]] = {}
-        for r in records:
-            by_shard.setdefault(self.table[slot_of(r[3])], []).append(r)
-        settled: list[int] = []
-        sent_us = now_us()
-        for target, recs in by_shard.items():
-            outcomes = await self.cards[target].submit([outbox_bonus(shard, r, sent_us)
-                                                        for r in recs])
-            for r, outcome in zip(recs, outcomes, strict=True):
-                if outcome.reason not in OUTBOX_SETTLED:
-                    continue  # (an unknown outcome, a shard without a leader: the next round)
-                if outcome.reason != L.R_OK:
-                    log.log(logging.ERROR if outcome.reason == L.R_DUPLICATE_REQUEST_MISMATCH
-                            else logging.INFO, "front: shard %d's referral bonus of its entry %d "
-                            "declined by shard %d (reason %d), as a single server declines it",
-                            shard, r[2], target, outcome.reason)
-                settled.append(r[2])
-        if settled:
-            outcome = (await self.cards[shard].submit([outbox_done(settled)]))[0]
-            if outcome.reason == L.R_OK:
-                taken.update(settled)
+        await self.cards[shard].fresh(everything=True)
+        by_target: dict[int, list[tuple]] = {}
+        for r in ledger.read_outbox(OUTBOX_READ_MAX):
+            owed = by_target.setdefault(self.table[slot_of(r[3])], [])
+            if len(owed) < L.OUTBOX_DONE_MAX:
+                owed.append(r)
+        settled = await asyncio.gather(*(self._deliver_to(shard, target, records)
+                                         for target, records in by_target.items()),
+                                       return_exceptions=True)
+        failed = [x for x in settled if isinstance(x, BaseException)]
+        for seqs in settled:
+            if seqs and not isinstance(seqs, BaseException):
+                await self.cards[shard].submit([outbox_done(seqs)])
+        if failed:
+            raise failed[0]
+
+    async def _deliver_to(self, shard: int, target: int, records: list[tuple]) -> list[int]:
+        """The bonuses of ``records`` (shard ``shard``'s outbox) delivered to card shard
+        ``target``; the seqs of those whose outcome is settled."""
+        outcomes = await self.cards[target].submit([outbox_bonus(shard, r) for r in records])
+        settled = []
+        for r, outcome in zip(records, outcomes, strict=True):
+            if outcome.reason not in OUTBOX_SETTLED:
+                continue  # (an unknown outcome, a shard without a leader: the next round)
+            if outcome.reason != L.R_OK:
+                log.log(logging.INFO if outcome.reason in OUTBOX_DECLINED else logging.ERROR,
+                        "front: shard %d's referral bonus of its entry %d: shard %d answered "
+                        "reason %d (%s)", shard, r[2], target, outcome.reason,
+                        "declined, as a single server declines it"
+                        if outcome.reason in OUTBOX_DECLINED else
+                        "not paid now: older than the request window (paid if an earlier "
+                        "delivery was) or not the same request; see docs/cluster.md")
+            settled.append(r[2])
+        return settled
 
     # ---- reads -----------------------------------------------------------------------------
 

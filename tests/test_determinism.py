@@ -6,7 +6,9 @@ replay that log through ``DurableLedger`` (the replay path ``follow`` runs: each
 digest checked), each in a process of its own with another ``PYTHONHASHSEED`` (no order may come
 from hashing). The groups cover openings and an import with sealed profiles, top-ups, a purchase
 with lines, a refund, a reversal, holds (captured, voided, expired by the writer's sweep), a
-replacement (the writer re-seals the profile for the new card), and admin operations (operators,
+replacement (the writer re-seals the profile for the new card), a referral across card shards
+(openings marked so, their outbox records, one taken out, a bonus another shard owed), and admin
+operations (operators,
 terminals, regions, stores, a program load, the request window, a close of day, a data key
 rotation and its re-seal, a floor, a maintenance step). Every sub-database is then compared byte
 for byte, and the journal head: replicas with the keys, replicas without, and one of each (the
@@ -34,6 +36,7 @@ from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger
 from cardcore.lookup import lookup_key
 from cardcore.profiles import ProfileBox, encode, profile_key
+from cardcore.shards import outbox_bonus, outbox_done, referrer_elsewhere
 from test_card_programs import CAFE_DRINKS, CAFE_FOOD, example, line
 from test_holds import capture_op, hold_op
 from test_ledger import KEY, NOW, add_operator, cid, enroll, key, load, op, revoke
@@ -44,6 +47,7 @@ ENTRY_SEQ = struct.Struct("<8xQ")  # a journal entry's seq (layout.JOURNAL)
 NUMBERS = [f"62258800000{n:05d}" for n in range(1, 8)]
 OLD, NEW = NUMBERS[0], NUMBERS[5]        # replaced by a request the gRPC process built
 TOOL_OLD, TOOL_NEW = NUMBERS[3], NUMBERS[6]  # by a tool's request: the writer re-seals
+REFERRED = ("6225880000000008", "6225880000000009")  # on a referral from another card shard
 
 
 def ledger_at(path: str, keyed: bool, t0: int = T0) -> Ledger:
@@ -149,7 +153,7 @@ def run_groups(apply: Callable[[list, int], list], clock: Callable[[], int]) -> 
     group(replace_card("replace-1", OLD, NEW, at, True),
           replace_card("replace-2", TOOL_OLD, TOOL_NEW, at, False))
     at = clock()
-    group(load(example("cafe") + "\n# the second edition\n"),
+    group(load("referral_points = 200\n" + example("cafe") + "\n# the second edition\n"),
           window_op(3 * 24 * 3600),
           admin_op("close-3", L.OP_CLOSE_DAY, close_subject(3, day_of_date("2020-01-02")), b"", at),
           admin_op("rotate-2", L.OP_DATA_KEY_ROTATED, (2).to_bytes(4, "little") + bytes(12), b"",
@@ -159,6 +163,17 @@ def run_groups(apply: Callable[[list, int], list], clock: Callable[[], int]) -> 
           floor_op(FLOOR_TERMINAL_KSN, 7, 1_000),
           revoke("revoke-8", 8, at=at))
     group(PendingOp.internal(L.OP_MAINTENANCE), step_us=10 * MINUTE)  # hold-3 expires (sweep)
+    at = clock()  # a referral across card shards: an opening whose referrer is on another card
+    # shard (its bonus in this shard's outbox), a bonus another shard's outbox owed a card
+    # here, then the outbox record taken out (docs/cluster.md, "Two cards on two card shards")
+    referred = group(*(referrer_elsewhere(PendingOp.build(
+                           key(f"open-{n}"), L.OP_OPEN, cid(n), home_store_id=3,
+                           profile=sealed_profile(n, "Referred", "1390000" + n[-4:]),
+                           sealed=b"sealed-number-v1-" + n[-4:].encode(), client_time_us=at,
+                           referrer_id=cid("6225880000009991"))) for n in REFERRED),
+                     outbox_bonus(5, (L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, 77, cid(NUMBERS[1]),
+                                      200, at)))
+    group(outbox_done([ENTRY_SEQ.unpack_from(referred[0].entry)[0]]))  # (the second's stays)
     at = clock()
     group(op("top-late", L.OP_TOP_UP, NEW, 100, at))  # the new card goes on
 
@@ -215,10 +230,14 @@ def test_every_operation_of_the_run_applied(leader):
     """The groups do what they say (a refused one would prove nothing about its path)."""
     folder, reasons = leader
     assert reasons and all(r == L.R_OK for group in reasons for r in group), reasons
-    kinds = {L.JOURNAL.unpack(v)[1] for _, v in contents(folder, True)[0]["journal"]}
+    dump = contents(folder, True)[0]
+    kinds = {L.JOURNAL.unpack(v)[1] for _, v in dump["journal"]}
+    outbox = [L.OUTBOX.unpack(v) for k, v in dump["meta"] if k.startswith(L.OUTBOX_KEY_PREFIX)]
+    assert len(outbox) == 1 and outbox[0][4] == 200  # (the second referred opening's)
     assert {L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_REFUND, L.OP_REVERSAL, L.OP_HOLD_EXPIRED,
             L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED, L.OP_PROGRAM_LOADED, L.OP_CLOSE_DAY,
-            L.OP_DATA_KEY_ROTATED, L.OP_STORE_PUT, L.OP_TERMINAL_REVOKED} <= kinds, kinds
+            L.OP_DATA_KEY_ROTATED, L.OP_STORE_PUT, L.OP_TERMINAL_REVOKED,
+            L.OP_REFERRAL_BONUS} <= kinds, kinds
 
 
 def test_replicas_applying_the_same_log_store_the_same_bytes_in_every_sub_database(leader,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import struct
 
 from cardcore import layout as L
-from cardcore.idempotency import PendingOp
+from cardcore.admin import window_op
+from cardcore.idempotency import PendingOp, open_extra, payload_digest
 from cardcore.shards import outbox_bonus, outbox_done, referrer_elsewhere
 from cardcore.verify import verify
 from test_card_programs import Till, example
@@ -41,7 +42,10 @@ def test_a_referral_across_card_shards_pays_its_referrer_once_through_the_outbox
     a.open(referrer)
     plain = opening(b, new, referrer)
     marked = referrer_elsewhere(plain)
-    assert marked.digest == plain.digest and marked.packed != plain.packed  # (the same request)
+    # the same request: its digest over the marked bytes is the plain one's
+    extra = open_extra(b"{}", cid(referrer), 0)
+    assert payload_digest(marked.packed, extra) == payload_digest(plain.packed, extra) \
+        == plain.digest and marked.packed != plain.packed
     (opened,) = b.apply(marked)
     assert opened.reason == L.R_OK
     seq = L.JOURNAL.unpack(opened.entry)[7]
@@ -53,10 +57,17 @@ def test_a_referral_across_card_shards_pays_its_referrer_once_through_the_outbox
     assert record == (L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, seq, cid(referrer), 500, made_us)
     clean(b)
     # delivered twice in one group (two fronts), then again later (a front that did not hear
-    # the answer): the referrer gets 500 once, and every delivery is answered OK
-    first = a.apply(outbox_bonus(SHARD_B, record, a.at), outbox_bonus(SHARD_B, record, a.at + 9))
-    later = a.apply(outbox_bonus(SHARD_B, record, a.at + 10 ** 9), at=a.at + 10 ** 9)
+    # the answer), then past the request window (a front whose follower was left behind): the
+    # referrer gets 500 once; every delivery is answered OK but the last, refused as too old
+    first = a.apply(outbox_bonus(SHARD_B, record), outbox_bonus(SHARD_B, record))
+    later = a.apply(outbox_bonus(SHARD_B, record), at=a.at + 10 ** 9)
     assert [o.reason for o in first + later] == [L.R_OK] * 3
+    hour_us = 3_600 * 10 ** 6  # (the shortest window; a group's time moves an hour at most)
+    assert a.apply(window_op(3_600))[0].reason == L.R_OK
+    for _ in range(2):
+        a.apply(PendingOp.internal(L.OP_MAINTENANCE), at=a.at + hour_us)
+    (too_old,) = a.apply(outbox_bonus(SHARD_B, record))
+    assert too_old.reason == L.R_REQUEST_TOO_OLD
     assert a.card(referrer)["points"] == ACTIVATION + 500
     assert bonuses(a) == [(cid(referrer), 500, seq, SHARD_B + 1, L.CALLER_SYSTEM, SHARD_B + 1)]
     clean(a)
@@ -66,9 +77,14 @@ def test_a_referral_across_card_shards_pays_its_referrer_once_through_the_outbox
     assert b.ledger.read_outbox() == []
     clean(b)
     # a referrer that is no card there: declined, as a single ledger declines it, and settled
+    # (b's clock brought up to a's first, an hour a journaled group: the shards' clocks are
+    # one time)
+    for _ in range(4):
+        b.top_up(new, 1, at=a.at)
+    assert b.ledger.read_horizons()[2] >= a.ledger.read_horizons()[2]
     (opened,) = b.apply(referrer_elsewhere(opening(b, "6225880000000704", stranger)))
     (record,) = b.ledger.read_outbox()
-    (declined,) = a.apply(outbox_bonus(SHARD_B, record, a.at))
+    (declined,) = a.apply(outbox_bonus(SHARD_B, record))
     assert declined.reason == L.R_CARD_NOT_FOUND and len(bonuses(a)) == 1
     # the referrer on this very shard (not marked): the bonus here, as on a single ledger
     (opened,) = b.apply(opening(b, "6225880000000705", new))
@@ -114,9 +130,9 @@ def test_a_second_bonus_for_one_opening_of_another_shard_is_found_by_verify(tmp_
     a = Till(str(tmp_path / "a"), PROGRAM)
     a.open("6225880000000721")
     record = (L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, 42, cid("6225880000000721"), 500, a.at)
-    assert a.apply(outbox_bonus(SHARD_B, record, a.at))[0].reason == L.R_OK
+    assert a.apply(outbox_bonus(SHARD_B, record))[0].reason == L.R_OK
     clean(a)
-    again = outbox_bonus(SHARD_B + 1, record, a.at)  # (another key: shard 3's caller id) ...
+    again = outbox_bonus(SHARD_B + 1, record)  # (another key: shard 3's caller id) ...
     packed = bytearray(again.packed)
     struct.pack_into("<Q", packed, 144, SHARD_B + 1)  # ... for shard 2's opening 42
     assert a.apply(PendingOp(again.request_key, again.card_id, bytes(packed), again.digest))[
