@@ -45,17 +45,18 @@ console: $(BUILT) ## the back-office web page on http://127.0.0.1:8080/ beside `
 NPM_TEST_DIRS := examples/node-terminal tools/buf
 # pytest-xdist workers for make test: one per CPU and one more (a fifth of the suite's time its
 # workers wait on servers, NATS nodes and subprocesses they started: on 2 cores, -n 2 kept 1.59
-# cores busy and took 627 s, -n 3 1.86 and 556 s, 2026-12-01); TEST_WORKERS=0 runs it in one process
+# cores busy and took 627 s, -n 3 1.86 and 556 s, 2026-12-01); TEST_WORKERS=0 runs it in one process.
+# --dist worksteal: an idle worker takes tests queued for a busy one
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 
-test-deep: $(BUILT) ## the kernel/reference and wire differential tests with 6x the suite's hypothesis examples (CARDCORE_EXAMPLES_SCALE; the suite runs 0.25)
+test-deep: $(BUILT) ## the kernel/reference and wire differential tests with 10x the suite's hypothesis examples (CARDCORE_EXAMPLES_SCALE; the suite runs 0.15)
 	CARDCORE_EXAMPLES_SCALE=1.5 $(PY) -m pytest -n auto tests/test_kernel.py tests/test_kernel_programs.py tests/test_wire.py tests/test_batchwire.py
 
 test: $(BUILT) ## run the test suite (first the npm packages of the Node terminal and of buf, where npm is)
 	@if command -v npm >/dev/null; then for d in $(NPM_TEST_DIRS); do \
 	  [ -d $$d/node_modules ] || npm ci --prefix $$d --no-audit --no-fund \
 	    || echo "npm ci --prefix $$d failed: its tests will be skipped" >&2; done; fi
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 BUF := tools/buf/node_modules/.bin/buf
 $(BUF): tools/buf/package-lock.json

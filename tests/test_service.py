@@ -227,7 +227,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_gets_its_status_and_reason_and_changes_nothing(server, client, case):
+def test_bad_input_gets_its_status_and_reason_and_changes_nothing(module_server, case):
+    server = module_server()  # (each case its own card; the journal's length compared)
+    client = Client(server.stub)
     _, call, code, reason, field = case
     number = client.funded_card(10_000)
     before = client.card(number)

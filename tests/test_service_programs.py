@@ -12,7 +12,7 @@ import pytest
 
 from cardcore.v1 import card_service_pb2 as pb
 from cardcore.v1 import common_pb2 as cpb
-from conftest import (EXAMPLES, Admin, Client, bearer, failure_of, journal_entries,
+from conftest import (CAFE_ARGS, EXAMPLES, Admin, Client, bearer, failure_of, journal_entries,
                       new_card_number, rid, sent_at, verify)
 from test_programs import load
 
@@ -150,7 +150,8 @@ BAD_BASKETS = [
 
 
 @pytest.mark.parametrize("case", BAD_BASKETS, ids=[c[0] for c in BAD_BASKETS])
-def test_a_bad_basket_is_refused_with_its_field_and_changes_nothing(cafe, case):
+def test_a_bad_basket_is_refused_with_its_field_and_changes_nothing(module_server, case):
+    cafe = module_server(*CAFE_ARGS)  # (each case its own card)
     _, kw, reason, field = case
     client = Client(cafe.stub)
     number = silver_card(client)
