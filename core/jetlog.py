@@ -27,7 +27,6 @@ import concurrent.futures
 import json
 import logging
 import ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,18 @@ from typing import Any, Coroutine, Iterator
 from cardcore.grouplog import (HEADER, MAGIC, VERSION, GroupLog, LogError, LogSyncError, Record,
                                pack_record, record_ok)
 from cardcore.groups import group_ts_us
+from cardcore.natsnames import (CHECKPOINTS_BUCKET as CHECKPOINTS_BUCKET,  # (re-exported)
+                                 FOLLOWER_INBOX_PREFIX as FOLLOWER_INBOX_PREFIX,
+                                 LEADERS_BUCKET as LEADERS_BUCKET,
+                                 REPLICA_INBOX_PREFIX as REPLICA_INBOX_PREFIX,
+                                 ROUTES_KEY as ROUTES_KEY, SHARDS_BUCKET as SHARDS_BUCKET,
+                                 SUBMIT_INBOX_PREFIX as SUBMIT_INBOX_PREFIX, TICK as TICK,
+                                 TICK_SUFFIX as TICK_SUFFIX,
+                                 follower_inbox_prefix as follower_inbox_prefix,
+                                 log_subject as log_subject,
+                                 replica_inbox_prefix as replica_inbox_prefix,
+                                 stream_name as stream_name, submit_subject as submit_subject,
+                                 tick_subject as tick_subject)
 
 log = logging.getLogger("cardcore.jetlog")
 
@@ -63,23 +74,6 @@ STREAM_REPLICAS_DEFAULT = 3
 DUPLICATE_WINDOW_S = 120          # a re-sent group within this is recognised by its id
 RECORD_BYTES_MAX = 8 << 20        # one group's message (the stream's max_msg_size, max_payload)
 READ_AHEAD = 64                   # direct gets in flight while a replica reads the stream
-# Each role's replies come to inboxes of its own, so that the NATS users can keep them apart
-# (a submitter must not hear a replica's reads of the log): docs/cluster.md.
-REPLICA_INBOX_PREFIX = "_INBOX_replica"
-SUBMIT_INBOX_PREFIX = "_INBOX_front"
-FOLLOWER_INBOX_PREFIX = "_INBOX_follower"  # a front's follower (replica --follow-only)
-
-
-def replica_inbox_prefix(shard: int) -> str:
-    """A replica's inboxes: under REPLICA_INBOX_PREFIX (the every-shard replica user hears them
-    all), a token of its shard's (a one-shard replica user hears its shard's alone)."""
-    return f"{REPLICA_INBOX_PREFIX}.s{shard}"
-
-
-def follower_inbox_prefix(shard: int) -> str:
-    """A front's follower's inboxes: as ``replica_inbox_prefix``, under FOLLOWER_INBOX_PREFIX."""
-    return f"{FOLLOWER_INBOX_PREFIX}.s{shard}"
-
 REFUSALS_PER_URL = 2   # a connect refused this many times by every server is a setting
 RETRY_PAUSE_S = 0.25   # between connects after a refusal
 CALL_TIMEOUT_S = 5.0              # one request to NATS (stream info, a get, a KV call)
@@ -87,9 +81,6 @@ CONNECT_TIMEOUT_S = 10.0
 APPEND_TIMEOUT_MS_DEFAULT = 30_000  # re-sends of one group before its outcome is unknown
 APPEND_ATTEMPT_S = 2.0            # one publish's wait for its acknowledgement
 WRONG_LAST_SEQUENCE = 10071       # JetStream's err_code for a refused expectation
-LEADERS_BUCKET = "cardcore-leaders"
-SHARDS_BUCKET = "cardcore-shards"
-CHECKPOINTS_BUCKET = "cardcore-checkpoints"  # key s<n>: {replica id: [checkpointed group, at s]}
 REPORT_EVERY_S = 1.0              # a replica reports its checkpoint at most this often
 RETENTION_CHECK_MS_DEFAULT = 60_000  # a leader looks whether it can purge this often (0: never)
 REPLICA_STALE_S_DEFAULT = 86_400  # a replica silent this long no longer holds groups back
@@ -100,30 +91,6 @@ LEASE_MS_DEFAULT = 3000
 SETUP_TIMEOUT_S = 30.0            # a new cluster's streams elect their leaders meanwhile
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
-
-
-def stream_name(shard: int) -> str:
-    return f"CARDS_S{shard}"
-
-
-def log_subject(shard: int) -> str:
-    return f"cardcore.s{shard}.log"
-
-
-def tick_subject(shard: int) -> str:
-    """Where a shard's leader says, after the stream acknowledged a group, that group's number
-    (``TICK``; plain NATS, at most once): followers wait for it instead of asking the stream
-    for its end again and again. A wake-up only: groups are read from the stream."""
-    return f"cardcore.s{shard}{TICK_SUFFIX}"
-
-
-TICK_SUFFIX = ".tick"
-TICK = struct.Struct("<Q")  # a tick's payload: the group number the stream acknowledged
-
-
-def submit_subject(shard: int) -> str:
-    """Where the shard's leader takes groups of operations (a front sends them; docs/cluster.md)."""
-    return f"cardcore.s{shard}.submit"
 
 
 class Deposed(OSError):
@@ -412,7 +379,6 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     return json.loads((await shards.get(key)).value)
 
 
-ROUTES_KEY = "routes"  # in SHARDS_BUCKET: which card shard holds each slot (cardcore.shards)
 
 
 async def ensure_routes(js, proposed: bytes) -> bytes:

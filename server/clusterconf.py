@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from cardcore.jetlog import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, ROUTES_KEY, SHARDS_BUCKET,
+from cardcore.natsnames import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, ROUTES_KEY, SHARDS_BUCKET,
                              follower_inbox_prefix, log_subject, replica_inbox_prefix, stream_name,
                              submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
