@@ -379,8 +379,6 @@ async def ensure_shard(js, shard: int, replicas: int, lease_ms: int, program: st
     return json.loads((await shards.get(key)).value)
 
 
-
-
 async def ensure_routes(js, proposed: bytes) -> bytes:
     """The cluster's routing table as stored: made from ``proposed`` only if absent (the first
     front over several card shards makes it), never changed here. ShardMissing before any

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 
 from cardcore.natsnames import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, ROUTES_KEY, SHARDS_BUCKET,
-                             follower_inbox_prefix, log_subject, replica_inbox_prefix, stream_name,
-                             submit_subject, tick_subject)
+                                follower_inbox_prefix, log_subject, replica_inbox_prefix,
+                                stream_name, submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
 
 from .certs import (NATS_ROUTE_URI, SHARD_NUMBER_MAX, make_ca, make_nats_node_cert,

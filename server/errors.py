@@ -146,9 +146,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                 "holds no cards: send card operations through a front of a card "
                                 "shard"),
     R.REASON_CROSS_SHARD: (C.FAILED_PRECONDITION, "one card shard of the cluster cannot make "
-                           "this alone (two cards on two shards, a gift's chain-wide stock, a "
-                           "basket paid on another shard), which is not built yet: nothing "
-                           "changed"),
+                           "this alone (a replacement by a card of another shard, a gift's "
+                           "chain-wide stock, a basket paid on another shard), which is not "
+                           "built yet: nothing changed"),
     R.REASON_STORE_NOT_FOUND: (C.NOT_FOUND, "no store with this id: not in the chain's registry "
                                "and no entry ever"),
     R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "

@@ -190,6 +190,7 @@ class ShardedWriter:
             w.on_advance = _program_follower(self.card_ledgers[shard])
         self.ledger = ShardedLedger(ledger, self.card_ledgers, self.table)
         self._outbox_task = self.loop.create_task(self._deliver_outboxes())
+        self._outbox_task.add_done_callback(_outbox_ended)
         return self.ledger
 
     def journals(self) -> dict[int, tuple[Ledger, object, ClusterWriter]]:
@@ -400,64 +401,77 @@ class ShardedWriter:
     # ---- the outboxes: what a card shard owes another -------------------------------------
 
     async def _deliver_outboxes(self) -> None:
-        """Every OUTBOX_POLL_S, each card shard's outbox (its follower's ledger) delivered:
-        each record's bonus submitted to its referrer's card shard under a request key of its
-        own (so every front may deliver it, and a delivery sent again is answered as the first
-        was), then, once its outcome is settled, the record taken out (OP_OUTBOX_DONE). A front
-        that stops between the two leaves the record for the next round or another front. The
-        card shards' outboxes are delivered at once, each to its target shards at once: a
-        target shard without a leader keeps what is owed to it, and slows the others' next
-        round by its submits' time limit at most."""
-        logged = {shard: 0.0 for shard in self.cards}  # (a failure logged once a minute a shard)
+        """Each card shard's outbox (its follower's ledger) delivered, every OUTBOX_POLL_S, by a
+        loop a shard: each record's bonus submitted to its referrer's card shard under a
+        request key of its own (so every front may deliver it, and a delivery sent again is
+        answered as the first was), then, once its outcome is settled, the record taken out
+        (OP_OUTBOX_DONE). A front that stops between the two leaves the record for the next
+        round or another front. A shard's target shards are delivered to at once: one without
+        a leader keeps what is owed to it and slows that shard's rounds, no other's."""
+        await asyncio.gather(*(self._outbox_loop(shard) for shard in self.cards))
 
-        async def deliver(shard: int) -> None:
+    async def _outbox_loop(self, shard: int) -> None:
+        logged = 0.0  # (a failure or an unsettled outcome logged once a minute)
+        while True:
+            await asyncio.sleep(OUTBOX_POLL_S)
             try:
-                await self._deliver_outbox(shard)
+                unsettled = await self._deliver_outbox(shard)
             except asyncio.CancelledError:
                 raise
             except (Overloaded, Stopped, Stale):
-                pass  # (the next round)
+                continue  # (the next round)
             except Exception:
-                if time.monotonic() - logged[shard] > 60:
-                    logged[shard] = time.monotonic()
+                if time.monotonic() - logged > 60:
+                    logged = time.monotonic()
                     log.exception("front: shard %d's outbox was not delivered (tried again "
                                   "every %g s; logged once a minute)", shard, OUTBOX_POLL_S)
-        while True:
-            await asyncio.sleep(OUTBOX_POLL_S)
-            await asyncio.gather(*(deliver(shard) for shard in self.cards))
+                continue
+            if unsettled and time.monotonic() - logged > 60:
+                logged = time.monotonic()
+                log.warning("front: shard %d's outbox: %d deliveries not settled, reasons %s "
+                            "(tried again every %g s; logged once a minute)", shard,
+                            len(unsettled), sorted(set(unsettled)), OUTBOX_POLL_S)
 
-    async def _deliver_outbox(self, shard: int) -> None:
+    async def _deliver_outbox(self, shard: int) -> list[int]:
         """One round of shard ``shard``'s outbox: read from this front's follower once it holds
         the shard's stream as it ends now (Stale if it cannot: a follower left behind would
         deliver again what other fronts took out long ago), at most OUTBOX_READ_MAX records,
-        at most OUTBOX_DONE_MAX of them a target shard."""
+        at most OUTBOX_DONE_MAX of them a target shard. The reasons of the outcomes that did
+        not settle their records."""
         ledger = self.card_ledgers[shard]
         if not ledger.read_outbox(1):
-            return
+            return []
         await self.cards[shard].fresh(everything=True)
         by_target: dict[int, list[tuple]] = {}
         for r in ledger.read_outbox(OUTBOX_READ_MAX):
             owed = by_target.setdefault(self.table[slot_of(r[3])], [])
             if len(owed) < L.OUTBOX_DONE_MAX:
                 owed.append(r)
-        settled = await asyncio.gather(*(self._deliver_to(shard, target, records)
+        answers = await asyncio.gather(*(self._deliver_to(shard, target, records)
                                          for target, records in by_target.items()),
                                        return_exceptions=True)
-        failed = [x for x in settled if isinstance(x, BaseException)]
-        for seqs in settled:
-            if seqs and not isinstance(seqs, BaseException):
-                await self.cards[shard].submit([outbox_done(seqs)])
-        if failed:
-            raise failed[0]
+        done = [outbox_done(a[0]) for a in answers if not isinstance(a, BaseException) and a[0]]
+        if done:  # (one submit: each record taken out once, whichever front's comes first)
+            for outcome in await self.cards[shard].submit(done):
+                if outcome.reason != L.R_OK:
+                    log.warning("front: shard %d's outbox records not taken out (reason %d): "
+                                "delivered again, answered the same, next round", shard,
+                                outcome.reason)
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a
+        return [reason for _, unsettled in answers for reason in unsettled]
 
-    async def _deliver_to(self, shard: int, target: int, records: list[tuple]) -> list[int]:
+    async def _deliver_to(self, shard: int, target: int,
+                          records: list[tuple]) -> tuple[list[int], list[int]]:
         """The bonuses of ``records`` (shard ``shard``'s outbox) delivered to card shard
-        ``target``; the seqs of those whose outcome is settled."""
+        ``target``: (the seqs of those whose outcome is settled, the reasons of the others)."""
         outcomes = await self.cards[target].submit([outbox_bonus(shard, r) for r in records])
-        settled = []
+        settled, unsettled = [], []
         for r, outcome in zip(records, outcomes, strict=True):
             if outcome.reason not in OUTBOX_SETTLED:
-                continue  # (an unknown outcome, a shard without a leader: the next round)
+                unsettled.append(outcome.reason)  # (an unknown outcome, no leader: next round)
+                continue
             if outcome.reason != L.R_OK:
                 log.log(logging.INFO if outcome.reason in OUTBOX_DECLINED else logging.ERROR,
                         "front: shard %d's referral bonus of its entry %d: shard %d answered "
@@ -467,7 +481,7 @@ class ShardedWriter:
                         "not paid now: older than the request window (paid if an earlier "
                         "delivery was) or not the same request; see docs/cluster.md")
             settled.append(r[2])
-        return settled
+        return settled, unsettled
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -483,6 +497,13 @@ class ShardedWriter:
         for c in card_ids:
             by_shard.setdefault(self.table[slot_of(c)], []).append(c)
         await asyncio.gather(*(self.cards[s].fresh(tuple(cs)) for s, cs in by_shard.items()))
+
+
+def _outbox_ended(task: asyncio.Task) -> None:
+    """The outboxes' delivery ends only when the front stops (cancelled): said if otherwise."""
+    if not task.cancelled():
+        log.error("front: the card shards' outboxes are no longer delivered by this front "
+                  "(other fronts still deliver them): %r", task.exception())
 
 
 def _both(first, then):

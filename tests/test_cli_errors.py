@@ -475,3 +475,13 @@ def test_the_load_kit_reads_cardcore_token_and_still_the_old_name(tmp_path):
     assert out.stdout.strip() == "cc_from-file"
     out = token(str(tmp_path / "missing.token"), None)
     assert out.returncode == 1 and "Traceback" not in out.stderr and "missing.token" in out.stderr
+
+
+def test_the_command_line_builds_its_parser_without_importing_nats():
+    """Every command builds the whole parser: cluster-config's names come from
+    cardcore.natsnames, so nats-py (about 60 ms a command) is imported only by what talks to
+    NATS."""
+    code = ("import sys; from cardcore.server.cli import build_parser; build_parser(); "
+            "print('nats' in sys.modules, 'cardcore.jetlog' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
