@@ -1920,14 +1920,15 @@ class _Group:
             if reason == L.R_OK and op_type in L.OPENINGS:  # an opening, or an import (rule 18)
                 referrer = op.packed[_OP_REFERRER:_OP_REFERRER + L.CARD_ID_SIZE]
                 points = admin.program.referral_points
-                if not (points and referrer != NO_REFERRER and referrer != op.card_id
-                        and entry[3] == L.STATUS_ACTIVE):  # an issued stock card refers no one
-                    pass
-                elif op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE:  # another card
-                    txn.put(L.OUTBOX_KEY_PREFIX + L.OUTBOX_KEY.pack(seq), L.OUTBOX.pack(  # shard's:
-                        L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, seq, referrer, points, ts),  # owed
-                        db=ledger.meta)  # there, by a front (docs/cluster.md)
-                else:
+                refers = (points and referrer != NO_REFERRER and referrer != op.card_id
+                          and entry[3] == L.STATUS_ACTIVE)  # an issued stock card refers no one
+                if refers and op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE:
+                    # the referrer is another card shard's: its bonus owed there, in the outbox,
+                    # which a front delivers (docs/cluster.md, "Two cards on two card shards")
+                    txn.put(L.OUTBOX_KEY_PREFIX + L.OUTBOX_KEY.pack(seq), L.OUTBOX.pack(
+                        L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, seq, referrer, points, ts),
+                        db=ledger.meta)
+                elif refers:
                     referrals.append(PendingOp.build(b"", L.OP_REFERRAL_BONUS, referrer, points,
                                                      link_seq=seq, caller=(L.CALLER_SYSTEM, 0)))
                 admin.tier_cards()[tier] += 1
