@@ -92,6 +92,7 @@ cluster: $(BUILT) $(CLUSTER_STAMP) ## 3 NATS nodes, 2 shards x 3 replicas and sh
 bench-cluster: $(BUILT) $(CLUSTER_STAMP) ## the group log on JetStream vs the local log; SubmitBatch, SwipeStream and a failover through a front vs the single node -> bench/cluster_results.json, bench/front_results.json (docs/cluster.md)
 	$(PY) bench/cluster.py --groups 300 --ops 100 --rounds 3 --failover-rounds 3 --out bench/cluster_results.json
 	$(PY) bench/front.py --cards 20000 --seconds 4 --rounds 3 --failover-rounds 3 --out bench/front_results.json
+	$(PY) bench/outbox.py --pairs 20 --out bench/outbox_results.json
 
 RELEASE ?= 5c616b6
 bench-release: $(BUILT) ## SubmitBatch, previous release (RELEASE=5c616b6, built once in .bench-release/) vs this tree, alternating rounds -> bench/release_results.json

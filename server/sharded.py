@@ -96,6 +96,7 @@ class ShardedWriter:
         # the newest BASKETS_KEPT.
         self._baskets: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self._outbox_task: asyncio.Task | None = None
+        self._outbox_wake = {shard: asyncio.Event() for shard in cards}  # (an opening answered)
 
     @property
     def every(self) -> list[ClusterWriter]:
@@ -306,6 +307,8 @@ class ShardedWriter:
         the caller does next sees them on every shard."""
         assert ops
         ops = [referrer_elsewhere(op) if self._referrer_elsewhere(op) else op for op in ops]
+        owing = {self.table[slot_of(op.card_id)] for op in ops  # (their outboxes: looked at
+                 if op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE}  # once answered)
         parts: dict[ClusterWriter, list[int]] = {}
         refused: dict[int, Outcome] = {}
         baskets: dict[int, int] = {}
@@ -321,7 +324,7 @@ class ShardedWriter:
             fut = next(iter(parts)).submit(ops, deadline, on_answer)
             if baskets:
                 self._sent(ops)  # (once it is taken: no await since the checks)
-            return fut
+            return self._waking(fut, owing)
         for w, idx in parts.items():  # (ClusterWriter.submit's own refusals, for every part
             if w._stopping:           # before any is sent: a call is sent whole or not at all)
                 raise Stopped()
@@ -336,6 +339,13 @@ class ShardedWriter:
                                                   self.admin in parts))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return self._waking(fut, owing)
+
+    def _waking(self, fut: asyncio.Future, owing: set[int]) -> asyncio.Future:
+        """``fut``; once it is answered, the outbox loops of the card shards in ``owing`` look
+        at once, not at their next round."""
+        if owing:
+            fut.add_done_callback(lambda _: [self._outbox_wake[s].set() for s in owing])
         return fut
 
     async def _gather(self, ops: list[PendingOp], refused: dict[int, Outcome], futures: list,
@@ -412,10 +422,16 @@ class ShardedWriter:
 
     async def _outbox_loop(self, shard: int) -> None:
         logged = 0.0  # (a failure or an unsettled outcome logged once a minute)
+        wake = self._outbox_wake[shard]
         while True:
-            await asyncio.sleep(OUTBOX_POLL_S)
+            try:  # (an opening this front answered wakes it: its bonus is delivered at once)
+                await asyncio.wait_for(wake.wait(), OUTBOX_POLL_S)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+            woken = wake.is_set()
+            wake.clear()
             try:
-                unsettled = await self._deliver_outbox(shard)
+                unsettled = await self._deliver_outbox(shard, woken)
             except asyncio.CancelledError:
                 raise
             except (Overloaded, Stopped, Stale):
@@ -432,14 +448,15 @@ class ShardedWriter:
                             "(tried again every %g s; logged once a minute)", shard,
                             len(unsettled), sorted(set(unsettled)), OUTBOX_POLL_S)
 
-    async def _deliver_outbox(self, shard: int) -> list[int]:
+    async def _deliver_outbox(self, shard: int, woken: bool = False) -> list[int]:
         """One round of shard ``shard``'s outbox: read from this front's follower once it holds
         the shard's stream as it ends now (Stale if it cannot: a follower left behind would
         deliver again what other fronts took out long ago), at most OUTBOX_READ_MAX records,
-        at most OUTBOX_DONE_MAX of them a target shard. The reasons of the outcomes that did
-        not settle their records."""
+        at most OUTBOX_DONE_MAX of them a target shard (``woken``: an opening was answered,
+        which the follower may not show yet). The reasons of the outcomes that did not settle
+        their records."""
         ledger = self.card_ledgers[shard]
-        if not ledger.read_outbox(1):
+        if not woken and not ledger.read_outbox(1):
             return []
         await self.cards[shard].fresh(everything=True)
         by_target: dict[int, list[tuple]] = {}

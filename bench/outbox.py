@@ -1,0 +1,133 @@
+"""How long a referral across card shards takes to pay its referrer (docs/cluster.md, "Two cards
+on two card shards: the outbox").
+
+``make cluster ADMIN_SHARD=1``'s cluster (three nats-server nodes on loopback, shards 0, 1 and
+2 with three replicas each, shard 1 the admin shard, one front over them, development mode) in
+a folder of its own: a referral program is loaded, then each pair opens a referrer and then a
+card on its referral, and reads the referrer through the front until its points have grown.
+The time from the second opening's answer to that read is what a member waits to see the
+bonus: the referrer on another card shard (the outbox: a delivery and a removal, started by
+the front as soon as the opening is answered) against the referrer on the new card's shard
+(paid in the opening's own group). Functional figures on one shared 2-core machine.
+
+    .venv/bin/python bench/outbox.py --pairs 20 --out bench/outbox_results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+
+from cardcore.cards import card_id, random_number
+from cardcore.keyring import Keyring
+from cardcore.program import DEFAULT_PROGRAM_TOML
+from cardcore.shards import slot_of, spread
+from cardcore.terminal import now_us
+from cardcore.v1 import admin_service_pb2 as apb
+from cardcore.v1 import admin_service_pb2_grpc as apb_grpc
+from cardcore.v1 import card_service_pb2 as pb
+from cardcore.v1 import card_service_pb2_grpc as pb_grpc
+from cardcore.v1 import common_pb2 as cpb
+
+CARD_SHARDS = (0, 2)  # make cluster ADMIN_SHARD=1's (the front's table: spread over them)
+POINTS = 100          # the program's referral_points here
+TARGET = "127.0.0.1:50061"
+WAIT_S = 30.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=20, help="referrals of each kind (default 20)")
+    ap.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = ap.parse_args()
+    folder = tempfile.mkdtemp(prefix="cardcore-outbox-")
+    proc = subprocess.Popen([sys.executable, "-m", "cardcore.server.devcluster", "--data-dir",
+                             folder, "--shards", "3", "--admin-shard", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        for line in iter(proc.stdout.readline, b""):
+            if line.startswith(b"try it"):
+                break
+        else:
+            raise SystemExit(f"the cluster did not start: see {folder}")
+        figures = measure(folder, args.pairs)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    result = {"bench": "outbox", "pairs": args.pairs, "machine": f"{os.cpu_count()} cores, "
+              f"{platform.platform()}", "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              **figures}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def measure(folder: str, pairs: int) -> dict:
+    with open(os.path.join(folder, "front", "admin.token")) as f:
+        metadata = (("authorization", f"Bearer {f.read().strip()}"),)
+    index_key = Keyring.load_or_create(os.path.join(folder, "keyring.json"), folder).index_key
+    table = spread(list(CARD_SHARDS))
+    channel = grpc.insecure_channel(TARGET)
+    cards = pb_grpc.CardServiceStub(channel)
+    admin = apb_grpc.AdminServiceStub(channel)
+    admin.LoadProgram(apb.LoadProgramRequest(
+        request_id=f"bench-{random.getrandbits(64)}", client_time_us=now_us(),
+        document=f"referral_points = {POINTS}\n" + DEFAULT_PROGRAM_TOML), metadata=metadata)
+
+    def number_on(shard: int) -> str:
+        while True:
+            number = random_number(random)
+            if table[slot_of(card_id(index_key, number))] == shard:
+                return number
+
+    def open_card(number: str, referrer: str = "") -> None:
+        request_id = f"bench-{random.getrandbits(64)}"
+        answer = cards.OpenCard(pb.OpenCardRequest(
+            request_id=request_id, client_time_us=now_us(), card=cpb.CardRef(card_number=number),
+            referrer_card_number=referrer, till=cpb.Till(store_id=1, terminal_id=1)))
+        assert answer.reason == cpb.REASON_OK, answer
+
+    def points(number: str) -> int:
+        return cards.GetCard(pb.GetCardRequest(card=cpb.CardRef(card_number=number))).balance.points
+
+    out = {}
+    for kind, new_shard in (("referrer_on_another_card_shard", CARD_SHARDS[1]),
+                            ("referrer_on_the_same_card_shard", CARD_SHARDS[0])):
+        waits_ms = []
+        for _ in range(pairs):
+            referrer = number_on(CARD_SHARDS[0])
+            open_card(referrer)
+            before = points(referrer)
+            open_card(number_on(new_shard), referrer)
+            start = time.monotonic()
+            while points(referrer) != before + POINTS:
+                if time.monotonic() - start > WAIT_S:
+                    raise SystemExit(f"{kind}: no bonus within {WAIT_S} s")
+                time.sleep(0.002)
+            waits_ms.append((time.monotonic() - start) * 1000)
+        waits_ms.sort()
+        out[kind] = {"p50_ms": round(statistics.median(waits_ms), 1),
+                     "p90_ms": round(waits_ms[max(0, int(0.9 * len(waits_ms)) - 1)], 1),
+                     "max_ms": round(waits_ms[-1], 1)}
+    channel.close()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
