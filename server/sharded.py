@@ -205,7 +205,7 @@ class ShardedWriter:
     async def stop(self, timeout_s: float = 30.0) -> None:
         if self._outbox_task is not None:
             self._outbox_task.cancel()
-            await asyncio.gather(self._outbox_task, return_exceptions=True)
+            await asyncio.wait([self._outbox_task], timeout=timeout_s)  # (bounded, whatever)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         await asyncio.gather(*(w.stop(timeout_s) for w in self.every))
@@ -424,9 +424,10 @@ class ShardedWriter:
         logged = 0.0  # (a failure or an unsettled outcome logged once a minute)
         wake = self._outbox_wake[shard]
         while True:
-            try:  # (an opening this front answered wakes it: its bonus is delivered at once)
-                await asyncio.wait_for(wake.wait(), OUTBOX_POLL_S)
-            except (TimeoutError, asyncio.TimeoutError):
+            try:  # (an opening this front answered wakes it: its bonus is delivered at once;
+                async with asyncio.timeout(OUTBOX_POLL_S):  # not wait_for, which in 3.11 may
+                    await wake.wait()  # swallow a cancel that meets a set Event: stop() hung)
+            except TimeoutError:
                 pass
             woken = wake.is_set()
             wake.clear()
