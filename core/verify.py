@@ -259,6 +259,7 @@ def _outbox(txn, ledger, programs: dict, opens: dict, referred: set, problem) ->
     cur = txn.cursor(db=ledger.meta)
     if not cur.set_range(L.OUTBOX_KEY_PREFIX):
         return
+    given = {p.referral_points for p, _ in programs.values()}  # (by some program version)
     for key, value in cur:
         if not key.startswith(L.OUTBOX_KEY_PREFIX):
             break
@@ -268,7 +269,7 @@ def _outbox(txn, ledger, programs: dict, opens: dict, referred: set, problem) ->
                 L.OUTBOX_KEY_PREFIX) + 8 or L.OUTBOX_KEY.unpack_from(key, len(
                 L.OUTBOX_KEY_PREFIX))[0] != seq or opened_card is None or opened_card == referrer
                 or opened_ref != referrer_tag(referrer) or seq in referred or points <= 0
-                or points not in {p.referral_points for p, _ in programs.values()}):
+                or points not in given):
             problem(f"outbox record of journal entry {seq}: not a referral bonus an opening "
                     "there owes another card shard")
 

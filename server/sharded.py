@@ -249,13 +249,13 @@ class ShardedWriter:
                 baskets[tag] = w.shard
         return w, L.R_OK
 
-    def _referrer_elsewhere(self, op: PendingOp) -> bool:
-        """Whether ``op`` opens a card on a referral by a card of another card shard."""
+    def _referrer_elsewhere(self, op: PendingOp, shard: int) -> bool:
+        """Whether ``op``, routed to card shard ``shard``, opens a card on a referral by a
+        card of another card shard."""
         if op.packed[0] not in L.OPENINGS:
             return False
         referrer = op.packed[_OP_SECOND_CARD]
-        return referrer != _NO_CARD and (self.table[slot_of(referrer)]
-                                         != self.table[slot_of(op.card_id)])
+        return referrer != _NO_CARD and self.table[slot_of(referrer)] != shard
 
     def _basket_elsewhere(self, tag: int, shard: int, baskets: dict[int, int]) -> bool:
         """Whether basket ``tag`` has a payment on another card shard than ``shard``: earlier
@@ -306,9 +306,8 @@ class ShardedWriter:
         changes is answered once every card shard's follower holds them (relayed), so what
         the caller does next sees them on every shard."""
         assert ops
-        ops = [referrer_elsewhere(op) if self._referrer_elsewhere(op) else op for op in ops]
-        owing = {self.table[slot_of(op.card_id)] for op in ops  # (their outboxes: looked at
-                 if op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE}  # once answered)
+        ops = list(ops)  # (an opening on a referral from another card shard: marked in place)
+        owing: set[int] = set()  # card shards whose outboxes such openings fill
         parts: dict[ClusterWriter, list[int]] = {}
         refused: dict[int, Outcome] = {}
         baskets: dict[int, int] = {}
@@ -316,8 +315,11 @@ class ShardedWriter:
             w, reason = self._route(op, baskets)
             if w is None:
                 refused[i] = _uniform(reason, [op])[0]
-            else:
-                parts.setdefault(w, []).append(i)
+                continue
+            if self._referrer_elsewhere(op, w.shard):
+                ops[i] = referrer_elsewhere(op)
+                owing.add(w.shard)
+            parts.setdefault(w, []).append(i)
         if baskets:
             on_answer = _both(self._paid, on_answer)
         if not refused and len(parts) == 1 and self.admin not in parts:
