@@ -22,6 +22,7 @@ from cardcore.idempotency import PendingOp, request_key
 
 SLOTS = 4096          # fixed from day one: a table of this many entries
 CARD_SHARDS_MAX = 64  # card shards one front routes over (each is a follower process of its own)
+SHARD_NUMBER_MAX = 4095  # a shard's number (cardcore replica --shard; its NATS names, certificates)
 
 
 class RoutesInvalid(ValueError):

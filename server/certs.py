@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cardcore.shards import SHARD_NUMBER_MAX
+
 TERMINAL_CN_PREFIX = "terminal:"
 BACKOFFICE_CN_PREFIX = "backoffice:"
 TERMINAL_ID_MAX = 2**32 - 1
@@ -45,7 +47,6 @@ NATS_NODE_CN_PREFIX = "nats-node:"
 NATS_ROUTE_URI = "urn:cardcore:nats-route"  # every node's: the routes' one user (clusterconf)
 NATS_ROLES = ("replica", "front", "follower")  # the role certificates' names are nats:<role>
 _SHARD_ROLE_RE = re.compile(r"(?:replica|follower)-s(0|[1-9][0-9]{0,3})")  # one shard's
-SHARD_NUMBER_MAX = 4095  # a shard's number (cardcore replica --shard)
 _TERMINAL_ID_RE = re.compile(r"[1-9][0-9]{0,9}")
 _BACKOFFICE_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _FILE_STEM_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

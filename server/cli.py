@@ -7,8 +7,8 @@ import re
 import sys
 
 from . import logs
-from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
 from cardcore.layout import HOLD_MINUTES_MAX, LINES_MAX
+from cardcore.shards import SHARD_NUMBER_MAX
 
 from .cmd_client import (CARD_STATUSES, ROLES, cmd_authorize, cmd_capture, cmd_card,
                          cmd_card_status, cmd_find_card, cmd_history, cmd_keys, cmd_replace_card,
@@ -19,14 +19,6 @@ from .cmd_import import CHUNK_ROWS_DEFAULT, CHUNK_ROWS_MAX, cmd_import
 from .cmd_members import cmd_members, month_arg
 from .cmd_reports import GRANULARITIES, cmd_close_day, cmd_report, date_arg
 from .cmd_stores import cmd_region, cmd_store
-from .certs import SHARD_NUMBER_MAX
-from cardcore.shards import CARD_SHARDS_MAX
-from .cmd_server import (EVENT_LOOP_DEFAULT, EVENT_LOOPS, cmd_backup, cmd_migrate, cmd_replica,
-                         cmd_restore, cmd_serve, cmd_verify)
-from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT, GROUPS_IN_FLIGHT_DEFAULT,
-                     QUEUE_MAX_OPS_DEFAULT, READER_CHECK_S_DEFAULT)
-from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
-from cardcore.grouplog import SEGMENT_BYTES_DEFAULT
 from .pos import ACTIONS as POS_ACTIONS, StdinOrder, cmd_pos
 from .text import (DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_PORT, U32_MAX, U64_MAX, UsageError,
                    amount_arg, card_id_arg, card_number_arg, client_time_arg, env, int_arg, listen_arg,
@@ -37,13 +29,21 @@ CALLER_KINDS = ("terminal", "operator", "development", "system", "legacy")  # ca
 EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141  # 128 + SIGINT, 128 + SIGPIPE
 
 
-def _version() -> str:
-    from importlib import metadata
+class _Version(argparse.Action):
+    """--version: the installed package's version, looked up only when asked (importlib.metadata
+    is 25 ms of every command's start)."""
 
-    try:
-        return metadata.version("cardcore")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        try:
+            version = metadata.version("cardcore")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        parser.exit(message=f"cardcore {version}\n")
 
 
 _DIGITS = re.compile(r"\d{4,}")
@@ -92,11 +92,13 @@ def operation_type_arg(text: str) -> int:
     return cpb.OperationType.Value("OPERATION_TYPE_" + name.upper().replace("-", "_"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str = "") -> argparse.ArgumentParser:
+    """The whole command line; for ``command``, a client command, without the server's commands
+    (whose defaults would import the server: a client command's start would pay for it)."""
     parser = Parser(prog="cardcore", description=__doc__,
                     epilog="A bad argument is one line on stderr and exit status 2; a refusal "
                            "or an unreachable server, one line and exit status 1.")
-    parser.add_argument("--version", action="version", version=f"cardcore {_version()}",
+    parser.add_argument("--version", action=_Version,
                         help="print the version of cardcore and exit")
     parser.add_argument("--log-level", type=log_level_arg,
                         default=env("CARDCORE_LOG_LEVEL", "INFO"),
@@ -112,224 +114,241 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=env("CARDCORE_DATA_DIR", DEFAULT_DATA_DIR),
                        help=f"data folder (env CARDCORE_DATA_DIR; default {DEFAULT_DATA_DIR})")
 
-    p = sub.add_parser("serve", help="run the gRPC server")
-    data_dir(p)
-    p.add_argument("--listen", type=listen_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
-                   help=f"HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); a HOST alone "
-                        f"listens on port {DEFAULT_PORT}, port 0 picks a free one")
-    p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
-                   help="card program TOML (tiers, points; env CARDCORE_PROGRAM); default: 3 "
-                        "tiers, 1 point per 1.00")
-    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
-                   help="keyring file (env CARDCORE_KEYRING; default <data-dir>/keyring.json, "
-                        "created on first start: production keeps it elsewhere)")
-    p.add_argument("--insecure", action="store_true",
-                   help="LOCAL DEVELOPMENT ONLY: plaintext on loopback, no client certificates")
-    p.add_argument("--tls-cert", default=os.environ.get("CARDCORE_TLS_CERT"),
-                   help="server certificate chain, PEM (env CARDCORE_TLS_CERT)")
-    p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"),
-                   help="server private key, PEM, unencrypted (env CARDCORE_TLS_KEY)")
-    p.add_argument("--tls-client-ca", default=os.environ.get("CARDCORE_TLS_CLIENT_CA"),
-                   help="CA that signs terminal and back-office client certificates "
-                        "(env CARDCORE_TLS_CLIENT_CA); clients must present one")
-    p.add_argument("--failures-per-minute", type=int_arg(1, 1 << 30), default=10,
-                   help="wrong PINs, unknown cards and inquiries per terminal per sliding minute "
-                        "before its swipes are refused (default %(default)s)")
-    p.add_argument("--group-max-ops", type=int_arg(1, 1 << 30), default=GROUP_MAX_OPS_DEFAULT,
-                   help="operations per write transaction at most (default %(default)s)")
-    p.add_argument("--group-wait-us", type=int_arg(0, 10_000_000), default=GROUP_WAIT_US_DEFAULT,
-                   help="microseconds to wait for more operations once one is queued "
-                        "(default %(default)s)")
-    p.add_argument("--queue-max-ops", type=int_arg(1, 1 << 30), default=QUEUE_MAX_OPS_DEFAULT,
-                   help="queued operations at most; beyond, RESOURCE_EXHAUSTED (default "
-                        "%(default)s)")
-    p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=GROUPS_IN_FLIGHT_DEFAULT,
-                   help="groups handed to the writer at once (1: larger groups, fewer fsyncs; "
-                        "2: the writer starts the next while this process answers the last; "
-                        "default %(default)s)")
-    p.add_argument("--metrics-listen", type=metrics_listen_arg,
-                   default=os.environ.get("CARDCORE_METRICS_LISTEN"),
-                   help="serve Prometheus metrics on HOST:PORT (env CARDCORE_METRICS_LISTEN; "
-                        "off by default)")
-    p.add_argument("--map-size-mib", type=int_arg(1, 1 << 30), default=1024,
-                   help="initial LMDB map in MiB (address space, not disk); doubles when full "
-                        "(default %(default)s)")
-    p.add_argument("--no-sync", action="store_true",
-                   help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
-    p.add_argument("--no-day-totals", action="store_true",
-                   help="BENCHMARKS ONLY: keep no daily close figures (their cost's benchmark; the "
-                        "next start without it fills them again from the journal)")
-    p.add_argument("--no-member-metrics", action="store_true",
-                   help="BENCHMARKS ONLY: keep no member metrics (their cost's benchmark; the "
-                        "next start without it fills them again from the journal)")
-    p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24), default=None,
-                   help="request records are kept, and requests accepted, for this many hours "
-                        f"after their client time (default {REQUEST_WINDOW_S_DEFAULT // 3600}: a "
-                        "week, longer than a store stays offline); at least 1. A front sets its "
-                        "shard's only when given"),
-    p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
-                   help="clear stale LMDB reader slots (readers killed -9) this often, in "
-                        "seconds (default %(default)g)")
-    g = p.add_argument_group("a cluster's front (docs/cluster.md)")
-    g.add_argument("--cluster", action="store_true",
-                   help="serve as a front of a cluster: writes go to the shard's leader over NATS, "
-                        "reads come from the front's own follower (under --data-dir); needs "
-                        "--nats and --keyring")
-    g.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), default=0,
-                   help="the shard this front serves (default %(default)s); with --card-shards, "
-                        "the cluster's admin shard")
-    g.add_argument("--card-shards", metavar="N,N...",
-                   type=shards_arg(SHARD_NUMBER_MAX, CARD_SHARDS_MAX),
-                   default=os.environ.get("CARDCORE_CARD_SHARDS") or None,
-                   help="serve the cluster's card shards too, each card's operations routed to "
-                        "the shard its slot is (docs/cluster.md, \"Several shards\"; env "
-                        "CARDCORE_CARD_SHARDS); --shard is then the admin shard. The first such "
-                        "front fixes the routing table; later ones give the same shards")
-    g.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
-                   help="the NATS servers, comma-separated URLs (env CARDCORE_NATS_URLS)")
-    g.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
-                   help="mutual TLS to NATS: the CA (env CARDCORE_NATS_CA); with --nats-cert, "
-                        "--nats-key (the front role's) and --follower-cert, --follower-key")
-    g.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
-                   help="the front role's certificate, PEM (nats-front.pem)")
-    g.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
-                   help="its private key, PEM (nats-front.key)")
-    g.add_argument("--follower-cert", default=os.environ.get("CARDCORE_FOLLOWER_CERT"),
-                   help="the follower role's certificate, PEM, for the front's follower "
-                        "(nats-follower-sN.pem: reads shard N's stream alone, never writes "
-                        "it; env CARDCORE_FOLLOWER_CERT); {shard} in this and the other NATS "
-                        "paths stands for --shard")
-    g.add_argument("--follower-key", default=os.environ.get("CARDCORE_FOLLOWER_KEY"),
-                   help="its private key, PEM (nats-follower-sN.key; env "
-                        "CARDCORE_FOLLOWER_KEY)")
-    g.add_argument("--follower-seed-from", metavar="BACKUP", default=None,
-                   help="a new front's follower starts from this backup of a replica (cardcore "
-                        "backup), as cardcore replica --seed-from: needed once the shard's "
-                        "stream no longer starts at its first group (retention)")
-    g.add_argument("--submit-timeout-ms", type=int_arg(1, 60_000), default=2000,
-                   help="a submit's first wait for the shard leader's answer, doubled at each "
-                        "unanswered try up to 8 s; unanswered: sent again (default %(default)s)")
-    p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
-                   help="bring LMDB up to date from the group log (a synced commit) at least this "
-                        "often while operations arrive, in milliseconds (default %(default)s)")
-    p.add_argument("--checkpoint-ops", type=int_arg(1, 1 << 30), default=CHECKPOINT_OPS_DEFAULT,
-                   help="and after this many operations (default %(default)s)")
-    p.add_argument("--log-segment-mib", type=int_arg(1, 4096),
-                   default=SEGMENT_BYTES_DEFAULT >> 20,
-                   help="the group log's preallocated segment files, in MiB (default %(default)s)")
-    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOP_DEFAULT,
-                   help="the gRPC process's asyncio event loop: uvloop (libuv) or Python's own "
-                        "(default %(default)s)")
-    p.set_defaults(func=cmd_serve)
+    def server_commands():
+        """The commands that run the server and tend its data folder: their defaults come from
+        the modules that use them, which a client command's start does not import."""
+        from cardcore.durable import CHECKPOINT_MS_DEFAULT, CHECKPOINT_OPS_DEFAULT
+        from cardcore.grouplog import SEGMENT_BYTES_DEFAULT
+        from cardcore.idempotency import REQUEST_WINDOW_S_DEFAULT
+        from cardcore.shards import CARD_SHARDS_MAX
 
-    p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "
-                                       "at start); verified before and after, the old one kept")
-    data_dir(p)
-    p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
-                   help="the card program the server runs (stored as version 1; env "
-                        "CARDCORE_PROGRAM); default: the default program")
-    p.set_defaults(func=cmd_migrate)
+        from .cmd_server import (EVENT_LOOP_DEFAULT, EVENT_LOOPS, cmd_backup, cmd_migrate,
+                                 cmd_replica, cmd_restore, cmd_serve, cmd_verify)
+        from .writer import (GROUP_MAX_OPS_DEFAULT, GROUP_WAIT_US_DEFAULT,
+                             GROUPS_IN_FLIGHT_DEFAULT, QUEUE_MAX_OPS_DEFAULT,
+                             READER_CHECK_S_DEFAULT)
 
-    # Cluster (docs/cluster.md)
-    p = sub.add_parser("replica", help="a replica of one shard over NATS JetStream (cluster)")
-    data_dir(p)
-    p.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), required=True,
-                   help="the shard's number")
-    p.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
-                   help="the NATS servers, comma-separated URLs (nats://HOST:PORT,...; env "
-                        "CARDCORE_NATS_URLS)")
-    p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
-                   help="card program TOML for a new shard (its genesis; ignored once the shard "
-                        "exists; env CARDCORE_PROGRAM); default: the default program")
-    p.add_argument("--stream-replicas", type=int_arg(1, 5), default=3,
-                   help="copies of the shard's stream and buckets, made if absent (default 3)")
-    p.add_argument("--lease-ms", type=int_arg(1000, 600_000), default=3000,
-                   help="the leader lease's TTL, renewed every third of it; the same for every "
-                        "replica of the cluster (default %(default)s)")
-    p.add_argument("--append-timeout-ms", type=int_arg(100, 600_000), default=30_000,
-                   help="re-sends of one group before its outcome is unknown and the replica "
-                        "stops (default %(default)s)")
-    p.add_argument("--group-max-ops", type=int_arg(1, 20_000), default=2000,
-                   help="operations per group at most (default %(default)s)")
-    p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
-                   help="LMDB checkpoint at least this often (default %(default)s)")
-    p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=60_000,
-                   help="an idle leader appends a prune step of expired request records this "
-                        "often (each is a group the stream keeps); 0: never (default "
-                        "%(default)s)")
-    p.add_argument("--retention-check-ms", type=int_arg(0, 86_400_000),
-                   default=60_000,  # (jetlog.RETENTION_CHECK_MS_DEFAULT: not imported here)
-                   help="a leader purges, this often, the groups every replica's checkpoint holds "
-                        "(docs/cluster.md, retention); 0: never (default %(default)s)")
-    p.add_argument("--replica-stale-hours", type=int_arg(1, 24 * 365),
-                   default=24,  # (jetlog.REPLICA_STALE_S_DEFAULT, in hours)
-                   help="a replica that has not reported its checkpoint for this long no longer "
-                        "holds groups back: back later, it starts from a peer's backup (default "
-                        "%(default)s)")
-    p.add_argument("--retain-groups", type=int_arg(0, 1 << 40), default=10_000,
-                   help="groups kept below every replica's checkpoint, so that a backup stays "
-                        "good to seed from for that many groups (default %(default)s: ~5 MB idle, "
-                        "up to ~6 GB at full groups; jetlog.RETAIN_GROUPS_DEFAULT)")
-    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
-                   help="the chain's keyring file (env CARDCORE_KEYRING): the member index and "
-                        "profiles are kept with its index key; every replica of a shard holds the "
-                        "same one, or none (checked against the shard's genesis)")
-    p.add_argument("--seed-from", metavar="BACKUP", default=None,
-                   help="a new replica (no ledger yet): start from a peer's backup (cardcore "
-                        "backup --data-dir PEER --to BACKUP) and follow the stream from its "
-                        "checkpoint, instead of replaying the stream from its start")
-    p.add_argument("--admin-shard", metavar="N", type=int_arg(0, SHARD_NUMBER_MAX),
-                   default=int(os.environ["CARDCORE_ADMIN_SHARD"])
-                   if os.environ.get("CARDCORE_ADMIN_SHARD") else None,
-                   help="the cluster's admin shard (env CARDCORE_ADMIN_SHARD; docs/cluster.md, The "
-                        "admin shard): terminals, operators, the program, stores and the daily "
-                        "close are made there, and each card shard's leader relays its groups "
-                        "into its own stream; N this replica's --shard: it is the admin shard, "
-                        "whose stream keeps every group. Every replica of a cluster gives the "
-                        "same N, or none (a single-shard cluster)")
-    p.add_argument("--unchecked-through", metavar="GROUP", type=int_arg(0, 1 << 62), default=0,
-                   help="apply the stream's groups up to GROUP (one it holds already) without "
-                        "checking their journal digests, each that differs logged: the way past "
-                        "groups a leader applied to a record changed on its disk, which halt "
-                        "every healthy replica (docs/cluster.md, A follower); later groups are "
-                        "checked. Remove it once the replica has caught up")
-    p.add_argument("--follow-only", action="store_true",
-                   help="never lead (a front's own follower, whose ledger it reads; "
-                        "docs/cluster.md, the front)")
-    p.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
-                   help="mutual TLS to NATS: the CA the nodes' certificates chain to (env "
-                        "CARDCORE_NATS_CA); with --nats-cert and --nats-key")
-    p.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
-                   help="this replica's certificate, PEM (cardcore certs nats-client "
-                        "replica-sN: shard N's alone, or replica: every shard's; env "
-                        "CARDCORE_NATS_CERT); {shard} in the path stands for --shard")
-    p.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
-                   help="its private key, PEM (env CARDCORE_NATS_KEY; {shard} as above)")
-    p.set_defaults(func=cmd_replica)
+        p = sub.add_parser("serve", help="run the gRPC server")
+        data_dir(p)
+        p.add_argument("--listen", type=listen_arg, default=env("CARDCORE_LISTEN", DEFAULT_LISTEN),
+                       help=f"HOST:PORT (env CARDCORE_LISTEN; default {DEFAULT_LISTEN}); a HOST alone "
+                            f"listens on port {DEFAULT_PORT}, port 0 picks a free one")
+        p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
+                       help="card program TOML (tiers, points; env CARDCORE_PROGRAM); default: 3 "
+                            "tiers, 1 point per 1.00")
+        p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
+                       help="keyring file (env CARDCORE_KEYRING; default <data-dir>/keyring.json, "
+                            "created on first start: production keeps it elsewhere)")
+        p.add_argument("--insecure", action="store_true",
+                       help="LOCAL DEVELOPMENT ONLY: plaintext on loopback, no client certificates")
+        p.add_argument("--tls-cert", default=os.environ.get("CARDCORE_TLS_CERT"),
+                       help="server certificate chain, PEM (env CARDCORE_TLS_CERT)")
+        p.add_argument("--tls-key", default=os.environ.get("CARDCORE_TLS_KEY"),
+                       help="server private key, PEM, unencrypted (env CARDCORE_TLS_KEY)")
+        p.add_argument("--tls-client-ca", default=os.environ.get("CARDCORE_TLS_CLIENT_CA"),
+                       help="CA that signs terminal and back-office client certificates "
+                            "(env CARDCORE_TLS_CLIENT_CA); clients must present one")
+        p.add_argument("--failures-per-minute", type=int_arg(1, 1 << 30), default=10,
+                       help="wrong PINs, unknown cards and inquiries per terminal per sliding minute "
+                            "before its swipes are refused (default %(default)s)")
+        p.add_argument("--group-max-ops", type=int_arg(1, 1 << 30), default=GROUP_MAX_OPS_DEFAULT,
+                       help="operations per write transaction at most (default %(default)s)")
+        p.add_argument("--group-wait-us", type=int_arg(0, 10_000_000), default=GROUP_WAIT_US_DEFAULT,
+                       help="microseconds to wait for more operations once one is queued "
+                            "(default %(default)s)")
+        p.add_argument("--queue-max-ops", type=int_arg(1, 1 << 30), default=QUEUE_MAX_OPS_DEFAULT,
+                       help="queued operations at most; beyond, RESOURCE_EXHAUSTED (default "
+                            "%(default)s)")
+        p.add_argument("--groups-in-flight", type=int, choices=(1, 2), default=GROUPS_IN_FLIGHT_DEFAULT,
+                       help="groups handed to the writer at once (1: larger groups, fewer fsyncs; "
+                            "2: the writer starts the next while this process answers the last; "
+                            "default %(default)s)")
+        p.add_argument("--metrics-listen", type=metrics_listen_arg,
+                       default=os.environ.get("CARDCORE_METRICS_LISTEN"),
+                       help="serve Prometheus metrics on HOST:PORT (env CARDCORE_METRICS_LISTEN; "
+                            "off by default)")
+        p.add_argument("--map-size-mib", type=int_arg(1, 1 << 30), default=1024,
+                       help="initial LMDB map in MiB (address space, not disk); doubles when full "
+                            "(default %(default)s)")
+        p.add_argument("--no-sync", action="store_true",
+                       help="BENCHMARKS ONLY: do not fsync commits (acknowledged work can be lost)")
+        p.add_argument("--no-day-totals", action="store_true",
+                       help="BENCHMARKS ONLY: keep no daily close figures (their cost's benchmark; the "
+                            "next start without it fills them again from the journal)")
+        p.add_argument("--no-member-metrics", action="store_true",
+                       help="BENCHMARKS ONLY: keep no member metrics (their cost's benchmark; the "
+                            "next start without it fills them again from the journal)")
+        p.add_argument("--request-window-hours", type=int_arg(1, 100 * 365 * 24), default=None,
+                       help="request records are kept, and requests accepted, for this many hours "
+                            f"after their client time (default {REQUEST_WINDOW_S_DEFAULT // 3600}: a "
+                            "week, longer than a store stays offline); at least 1. A front sets its "
+                            "shard's only when given"),
+        p.add_argument("--reader-check-s", type=seconds_arg, default=READER_CHECK_S_DEFAULT,
+                       help="clear stale LMDB reader slots (readers killed -9) this often, in "
+                            "seconds (default %(default)g)")
+        g = p.add_argument_group("a cluster's front (docs/cluster.md)")
+        g.add_argument("--cluster", action="store_true",
+                       help="serve as a front of a cluster: writes go to the shard's leader over NATS, "
+                            "reads come from the front's own follower (under --data-dir); needs "
+                            "--nats and --keyring")
+        g.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), default=0,
+                       help="the shard this front serves (default %(default)s); with --card-shards, "
+                            "the cluster's admin shard")
+        g.add_argument("--card-shards", metavar="N,N...",
+                       type=shards_arg(SHARD_NUMBER_MAX, CARD_SHARDS_MAX),
+                       default=os.environ.get("CARDCORE_CARD_SHARDS") or None,
+                       help="serve the cluster's card shards too, each card's operations routed to "
+                            "the shard its slot is (docs/cluster.md, \"Several shards\"; env "
+                            "CARDCORE_CARD_SHARDS); --shard is then the admin shard. The first such "
+                            "front fixes the routing table; later ones give the same shards")
+        g.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
+                       help="the NATS servers, comma-separated URLs (env CARDCORE_NATS_URLS)")
+        g.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
+                       help="mutual TLS to NATS: the CA (env CARDCORE_NATS_CA); with --nats-cert, "
+                            "--nats-key (the front role's) and --follower-cert, --follower-key")
+        g.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
+                       help="the front role's certificate, PEM (nats-front.pem)")
+        g.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
+                       help="its private key, PEM (nats-front.key)")
+        g.add_argument("--follower-cert", default=os.environ.get("CARDCORE_FOLLOWER_CERT"),
+                       help="the follower role's certificate, PEM, for the front's follower "
+                            "(nats-follower-sN.pem: reads shard N's stream alone, never writes "
+                            "it; env CARDCORE_FOLLOWER_CERT); {shard} in this and the other NATS "
+                            "paths stands for --shard")
+        g.add_argument("--follower-key", default=os.environ.get("CARDCORE_FOLLOWER_KEY"),
+                       help="its private key, PEM (nats-follower-sN.key; env "
+                            "CARDCORE_FOLLOWER_KEY)")
+        g.add_argument("--follower-seed-from", metavar="BACKUP", default=None,
+                       help="a new front's follower starts from this backup of a replica (cardcore "
+                            "backup), as cardcore replica --seed-from: needed once the shard's "
+                            "stream no longer starts at its first group (retention)")
+        g.add_argument("--submit-timeout-ms", type=int_arg(1, 60_000), default=2000,
+                       help="a submit's first wait for the shard leader's answer, doubled at each "
+                            "unanswered try up to 8 s; unanswered: sent again (default %(default)s)")
+        p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
+                       help="bring LMDB up to date from the group log (a synced commit) at least this "
+                            "often while operations arrive, in milliseconds (default %(default)s)")
+        p.add_argument("--checkpoint-ops", type=int_arg(1, 1 << 30), default=CHECKPOINT_OPS_DEFAULT,
+                       help="and after this many operations (default %(default)s)")
+        p.add_argument("--log-segment-mib", type=int_arg(1, 4096),
+                       default=SEGMENT_BYTES_DEFAULT >> 20,
+                       help="the group log's preallocated segment files, in MiB (default %(default)s)")
+        p.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOP_DEFAULT,
+                       help="the gRPC process's asyncio event loop: uvloop (libuv) or Python's own "
+                            "(default %(default)s)")
+        p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("verify", help="check every card against its journal")
-    data_dir(p)
-    p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
-                   help="the keyring, to check the member lookup index too (env "
-                        "CARDCORE_KEYRING; default <data-dir>/keyring.json when it exists)")
-    p.add_argument("--json", action="store_true", help="the report as JSON on standard output")
-    p.set_defaults(func=cmd_verify)
+        p = sub.add_parser("migrate", help="upgrade a ledger of format 1 to format 2 (serve does it "
+                                           "at start); verified before and after, the old one kept")
+        data_dir(p)
+        p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
+                       help="the card program the server runs (stored as version 1; env "
+                            "CARDCORE_PROGRAM); default: the default program")
+        p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("backup", help="hot, consistent, compacted copy of the ledger (while serving)")
-    data_dir(p)
-    p.add_argument("--to", required=True, help="a new folder for the backup")
-    p.set_defaults(func=cmd_backup)
+        # Cluster (docs/cluster.md)
+        p = sub.add_parser("replica", help="a replica of one shard over NATS JetStream (cluster)")
+        data_dir(p)
+        p.add_argument("--shard", type=int_arg(0, SHARD_NUMBER_MAX), required=True,
+                       help="the shard's number")
+        p.add_argument("--nats", default=os.environ.get("CARDCORE_NATS_URLS"),
+                       help="the NATS servers, comma-separated URLs (nats://HOST:PORT,...; env "
+                            "CARDCORE_NATS_URLS)")
+        p.add_argument("--program", default=os.environ.get("CARDCORE_PROGRAM"),
+                       help="card program TOML for a new shard (its genesis; ignored once the shard "
+                            "exists; env CARDCORE_PROGRAM); default: the default program")
+        p.add_argument("--stream-replicas", type=int_arg(1, 5), default=3,
+                       help="copies of the shard's stream and buckets, made if absent (default 3)")
+        p.add_argument("--lease-ms", type=int_arg(1000, 600_000), default=3000,
+                       help="the leader lease's TTL, renewed every third of it; the same for every "
+                            "replica of the cluster (default %(default)s)")
+        p.add_argument("--append-timeout-ms", type=int_arg(100, 600_000), default=30_000,
+                       help="re-sends of one group before its outcome is unknown and the replica "
+                            "stops (default %(default)s)")
+        p.add_argument("--group-max-ops", type=int_arg(1, 20_000), default=2000,
+                       help="operations per group at most (default %(default)s)")
+        p.add_argument("--checkpoint-ms", type=int_arg(0, 3_600_000), default=CHECKPOINT_MS_DEFAULT,
+                       help="LMDB checkpoint at least this often (default %(default)s)")
+        p.add_argument("--idle-maintenance-ms", type=int_arg(0, 3_600_000), default=60_000,
+                       help="an idle leader appends a prune step of expired request records this "
+                            "often (each is a group the stream keeps); 0: never (default "
+                            "%(default)s)")
+        p.add_argument("--retention-check-ms", type=int_arg(0, 86_400_000),
+                       default=60_000,  # (jetlog.RETENTION_CHECK_MS_DEFAULT: not imported here)
+                       help="a leader purges, this often, the groups every replica's checkpoint holds "
+                            "(docs/cluster.md, retention); 0: never (default %(default)s)")
+        p.add_argument("--replica-stale-hours", type=int_arg(1, 24 * 365),
+                       default=24,  # (jetlog.REPLICA_STALE_S_DEFAULT, in hours)
+                       help="a replica that has not reported its checkpoint for this long no longer "
+                            "holds groups back: back later, it starts from a peer's backup (default "
+                            "%(default)s)")
+        p.add_argument("--retain-groups", type=int_arg(0, 1 << 40), default=10_000,
+                       help="groups kept below every replica's checkpoint, so that a backup stays "
+                            "good to seed from for that many groups (default %(default)s: ~5 MB idle, "
+                            "up to ~6 GB at full groups; jetlog.RETAIN_GROUPS_DEFAULT)")
+        p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
+                       help="the chain's keyring file (env CARDCORE_KEYRING): the member index and "
+                            "profiles are kept with its index key; every replica of a shard holds the "
+                            "same one, or none (checked against the shard's genesis)")
+        p.add_argument("--seed-from", metavar="BACKUP", default=None,
+                       help="a new replica (no ledger yet): start from a peer's backup (cardcore "
+                            "backup --data-dir PEER --to BACKUP) and follow the stream from its "
+                            "checkpoint, instead of replaying the stream from its start")
+        p.add_argument("--admin-shard", metavar="N", type=int_arg(0, SHARD_NUMBER_MAX),
+                       default=int(os.environ["CARDCORE_ADMIN_SHARD"])
+                       if os.environ.get("CARDCORE_ADMIN_SHARD") else None,
+                       help="the cluster's admin shard (env CARDCORE_ADMIN_SHARD; docs/cluster.md, The "
+                            "admin shard): terminals, operators, the program, stores and the daily "
+                            "close are made there, and each card shard's leader relays its groups "
+                            "into its own stream; N this replica's --shard: it is the admin shard, "
+                            "whose stream keeps every group. Every replica of a cluster gives the "
+                            "same N, or none (a single-shard cluster)")
+        p.add_argument("--unchecked-through", metavar="GROUP", type=int_arg(0, 1 << 62), default=0,
+                       help="apply the stream's groups up to GROUP (one it holds already) without "
+                            "checking their journal digests, each that differs logged: the way past "
+                            "groups a leader applied to a record changed on its disk, which halt "
+                            "every healthy replica (docs/cluster.md, A follower); later groups are "
+                            "checked. Remove it once the replica has caught up")
+        p.add_argument("--follow-only", action="store_true",
+                       help="never lead (a front's own follower, whose ledger it reads; "
+                            "docs/cluster.md, the front)")
+        p.add_argument("--nats-ca", default=os.environ.get("CARDCORE_NATS_CA"),
+                       help="mutual TLS to NATS: the CA the nodes' certificates chain to (env "
+                            "CARDCORE_NATS_CA); with --nats-cert and --nats-key")
+        p.add_argument("--nats-cert", default=os.environ.get("CARDCORE_NATS_CERT"),
+                       help="this replica's certificate, PEM (cardcore certs nats-client "
+                            "replica-sN: shard N's alone, or replica: every shard's; env "
+                            "CARDCORE_NATS_CERT); {shard} in the path stands for --shard")
+        p.add_argument("--nats-key", default=os.environ.get("CARDCORE_NATS_KEY"),
+                       help="its private key, PEM (env CARDCORE_NATS_KEY; {shard} as above)")
+        p.set_defaults(func=cmd_replica)
 
-    p = sub.add_parser("restore", help="replace a stopped server's ledger with a verified backup")
-    data_dir(p)
-    p.add_argument("--from", dest="source", required=True, help="a folder made by backup")
-    p.add_argument("--force", action="store_true", help="replace an existing ledger")
-    p.add_argument("--lost-ledger", action="store_true",
-                   help="there is no ledger to replace (its terminal counters, revocations and "
-                        "operator removals are lost): revoke every terminal of the backup (enroll "
-                        "them anew under new ids) and remove its operators (a new chain admin "
-                        "token is written at the next start)")
-    p.set_defaults(func=cmd_restore)
+        p = sub.add_parser("verify", help="check every card against its journal")
+        data_dir(p)
+        p.add_argument("--keyring", default=os.environ.get("CARDCORE_KEYRING"),
+                       help="the keyring, to check the member lookup index too (env "
+                            "CARDCORE_KEYRING; default <data-dir>/keyring.json when it exists)")
+        p.add_argument("--json", action="store_true", help="the report as JSON on standard output")
+        p.set_defaults(func=cmd_verify)
+
+        p = sub.add_parser("backup", help="hot, consistent, compacted copy of the ledger (while serving)")
+        data_dir(p)
+        p.add_argument("--to", required=True, help="a new folder for the backup")
+        p.set_defaults(func=cmd_backup)
+
+        p = sub.add_parser("restore", help="replace a stopped server's ledger with a verified backup")
+        data_dir(p)
+        p.add_argument("--from", dest="source", required=True, help="a folder made by backup")
+        p.add_argument("--force", action="store_true", help="replace an existing ledger")
+        p.add_argument("--lost-ledger", action="store_true",
+                       help="there is no ledger to replace (its terminal counters, revocations and "
+                            "operator removals are lost): revoke every terminal of the backup (enroll "
+                            "them anew under new ids) and remove its operators (a new chain admin "
+                            "token is written at the next start)")
+        p.set_defaults(func=cmd_restore)
+
+    if command not in _CLIENT_COMMANDS:
+        server_commands()
 
     def client(name, help_text, func, card=True, token=True):
         p = sub.add_parser(name, help=help_text)
@@ -667,11 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "first PIN by set-pin, a cashier's)")
     request_opts(p)
 
-    from .certs import add_parser as add_certs_parser
-    from .clusterconf import add_parser as add_cluster_config_parser
+    if command not in _CLIENT_COMMANDS:
+        from .certs import add_parser as add_certs_parser
+        from .clusterconf import add_parser as add_cluster_config_parser
 
-    add_certs_parser(sub)
-    add_cluster_config_parser(sub)
+        add_certs_parser(sub)
+        add_cluster_config_parser(sub)
     return parser
 
 
@@ -688,13 +708,16 @@ def _cmd_console(args) -> int:
     return cmd_console(args)
 
 
-def _command_named(argv: list[str]) -> str:
-    """The first of ``argv`` that is a command's name ("" if none)."""
-    import argparse
-
-    names = next(a.choices for a in build_parser()._actions
-                 if isinstance(a, argparse._SubParsersAction))
-    return next((a for a in argv if a in names), "")
+def _command_in(argv: list[str]) -> str:
+    """The command ``argv`` names, read as the parser will read it: the first word after the
+    options that come before it ("" if none)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--log-level", "--log-format"):
+            next(words, None)  # (its value)
+        elif not word.startswith("-"):
+            return word
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -703,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     command = None
     try:
         try:
-            args = build_parser().parse_args(argv)
+            argv = sys.argv[1:] if argv is None else argv
+            args = build_parser(_command_in(argv)).parse_args(argv)
             command = args.command
             if command in _CLIENT_COMMANDS:
                 # gRPC's own log lines (a failed handshake) would follow our one line; on
@@ -715,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
     except UsageError as exc:
         if command is None:  # an argument's own check (a date, a month) refused it in parsing
-            command = _command_named(sys.argv[1:] if argv is None else argv)
+            command = _command_in(argv)
         print(f"cardcore {command}: error: {exc}" if command else f"cardcore: error: {exc}",
               file=sys.stderr)
         return EXIT_USAGE

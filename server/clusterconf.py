@@ -20,9 +20,9 @@ from cardcore.natsnames import (CHECKPOINTS_BUCKET, LEADERS_BUCKET, ROUTES_KEY, 
                                 follower_inbox_prefix, log_subject, replica_inbox_prefix,
                                 stream_name, submit_subject, tick_subject)
 from cardcore.keyring import load_index_key, write_index_key
+from cardcore.shards import SHARD_NUMBER_MAX
 
-from .certs import (NATS_ROUTE_URI, SHARD_NUMBER_MAX, make_ca, make_nats_node_cert,
-                    make_nats_role_cert)
+from .certs import NATS_ROUTE_URI, make_ca, make_nats_node_cert, make_nats_role_cert
 
 # What each role's certificate may do on NATS (docs/cluster.md). A replica: the parts of the
 # JetStream API it uses (a stream's or bucket's info and creation, message gets, the purge of

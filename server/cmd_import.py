@@ -19,7 +19,6 @@ import json
 import os
 import sys
 
-from cardcore import cards
 from cardcore import layout as L
 
 from .text import UsageError, fen, table
@@ -65,6 +64,8 @@ def import_id_of(sha256_hex: str) -> str:
 
 def masked(number: str) -> str:
     """A row's card number as reports show it: masked, or nothing of it when it is no number."""
+    from cardcore import cards  # (imported on use: the command line's start does not pay it)
+
     if number.isascii() and number.isdigit() and \
             cards.CARD_NUMBER_LEN_MIN <= len(number) <= cards.CARD_NUMBER_LEN_MAX:
         return cards.mask(number)
@@ -93,6 +94,7 @@ def _whole(text: str, field: str, yuan: bool) -> int:
 
 def check_row(fields: dict, line: int, tiers: dict, require_luhn: bool, yuan: bool) -> Row:
     """A row as the server will take it, or ValueError saying why not (never the number)."""
+    from cardcore import cards
     from cardcore.server.errors import Invalid
     from cardcore.server.operations import member_profile
     from cardcore.v1 import card_service_pb2 as pb

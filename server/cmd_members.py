@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import sys
 
-from cardcore import members
-
 from .cmd_client import admin_stub_of, call
 from .text import UsageError, fen, table
 
@@ -21,6 +19,8 @@ _LIST_HEAD = ("card_id", "masked_number", "last_purchase_day", "third_last_purch
 
 def month_arg(text: str) -> str:
     """A YYYY-MM month, checked here (nothing sent when wrong)."""
+    from cardcore import members  # (imported on use: the command line's start does not pay it)
+
     try:
         members.month_of_text(text, "month")
     except members.MonthError as exc:
@@ -35,6 +35,7 @@ def _percent(bp: int) -> str:
 def cmd_members(args) -> int:
     """The chain's member figures over months and the members dormant as of a day (chain
     admin); with --dormant-list, every dormant member into a CSV file, page by page."""
+    from cardcore import members
     from cardcore.v1 import admin_service_pb2 as apb
 
     stub = admin_stub_of(args).GetMemberReport

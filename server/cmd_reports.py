@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import sys
 
-from cardcore import daytotals
-
 from .cmd_client import admin_stub_of, call, request_fields
 from .text import UsageError, fen, table
 
@@ -23,6 +21,8 @@ _TOP_UP = 2  # OperationType TOP_UP: its amount is the top-ups' total
 
 def date_arg(text: str) -> str:
     """A YYYY-MM-DD business day, checked here (nothing sent when wrong)."""
+    from cardcore import daytotals  # (imported on use: the command line's start does not pay it)
+
     try:
         daytotals.day_of_date(text, "day")
     except daytotals.DayError as exc:

@@ -2,7 +2,6 @@
 keys check), each beside or instead of a running server."""
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import os
@@ -20,6 +19,9 @@ EVENT_LOOP_DEFAULT = "uvloop"
 
 def event_loop_factory(name: str):
     """A new event loop of ``name`` (EVENT_LOOPS), for asyncio.Runner."""
+    import asyncio  # (here and in cmd_serve: the client commands that import this module do not
+    #               need it)
+
     if name == "uvloop":
         import uvloop
         return uvloop.new_event_loop
@@ -27,6 +29,8 @@ def event_loop_factory(name: str):
 
 
 def cmd_serve(args) -> int:
+    import asyncio
+
     from .app import ServerConfig, StartupError, WriterFailed, serve
 
     cfg = ServerConfig(log_level=args.log_level, log_format=args.log_format, data_dir=args.data_dir,
