@@ -43,7 +43,8 @@ class _Version(argparse.Action):
             version = metadata.version("cardcore")
         except metadata.PackageNotFoundError:
             version = "unknown (not installed)"
-        parser.exit(message=f"cardcore {version}\n")
+        print(f"cardcore {version}")  # (to standard output, as argparse's own version action)
+        parser.exit()
 
 
 _DIGITS = re.compile(r"\d{4,}")
