@@ -71,6 +71,9 @@ class AdminState:
         self.program_version: int = ledger.program_version
         self.program_packed: bytes = ledger.program_packed
         self.request_window_us: int = ledger.request_window_us
+        # card numbers forwarded to the card shards that hold them (card id -> shard), as the
+        # group leaves them: the ledger's own dict until the group forwards one (then a copy)
+        self.forwards: dict[bytes, int] = ledger.forwards
         self._tier_cards: list[int] | None = None
         # the chain's shape, as the group leaves it (raw records; None: none), written at the end
         # (``flush``, after the day totals read the registry as the group found it)
@@ -286,6 +289,8 @@ class AdminState:
             return L.R_OK, self._relay(*L.ADMIN_RELAY_SUBJECT.unpack(subject), op.payload)
         elif kind == L.OP_OUTBOX_DONE:
             return self._outbox_done(op.payload or b"")
+        elif kind == L.OP_CARD_FORWARDED:
+            return self._forward(op.card_id, op.payload or b"")
         else:
             raise InvariantError(f"unknown admin operation {kind}")
         entry = L.JOURNAL.pack(
@@ -457,6 +462,28 @@ class AdminState:
             count += self.txn.delete(L.OUTBOX_KEY_PREFIX + L.OUTBOX_KEY.pack(seq),
                                      db=self.ledger.meta)
         return L.R_OK, count
+
+    def _forward(self, card_id: bytes, payload: bytes) -> tuple[int, int]:
+        """(reason, 1 if made, 0 if it was already): card ``card_id``'s number forwarded to the
+        card shard in ``payload`` (layout.FORWARD). Refused R_CARD_ALREADY_EXISTS when this
+        shard holds the card, or forwarded it to another shard: the number is taken."""
+        if len(payload) != L.FORWARD_PAYLOAD.size:
+            return L.R_INVALID_ARGUMENT, 0
+        (shard,) = L.FORWARD_PAYLOAD.unpack(payload)
+        known = self.forwards.get(card_id)
+        if known is not None:
+            return (L.R_OK if known == shard else L.R_CARD_ALREADY_EXISTS), 0
+        txn, meta = self.txn, self.ledger.meta
+        if txn.get(card_id, db=self.ledger.cards) is not None:
+            return L.R_CARD_ALREADY_EXISTS, 0
+        n = len(self.forwards) + 1
+        txn.put(L.FORWARD_KEY_PREFIX + card_id, L.FORWARD.pack(L.FORWARD_VERSION, shard, n),
+                db=meta)
+        txn.put(L.FORWARDS_KEY_PREFIX + L.FORWARDS_KEY.pack(n), card_id, db=meta)
+        if self.forwards is self.ledger.forwards:  # (the ledger's stays as committed)
+            self.forwards = dict(self.forwards)
+        self.forwards[card_id] = shard
+        return L.R_OK, 1
 
     def reseal(self, payload: bytes) -> int:
         """Swap sealed card numbers that still hold what the caller read (compare and set)."""

@@ -602,6 +602,25 @@ OUTBOX_KEY_PREFIX = b"outbox/"
 OUTBOX_KEY = struct.Struct(">Q")
 OUTBOX_DONE_MAX = 256  # outbox records one OP_OUTBOX_DONE takes out at most (u64 seqs, payload)
 assert OUTBOX.size == 48
+# A card number forwarded (docs/cluster.md, "A replacement by a card of another card shard"): the
+# card shard its slot routes to keeps, for a new card a replacement made on another card shard,
+# where that card is; it never holds that card itself, and refuses its operations
+# (R_CARD_ELSEWHERE). LMDB ``meta``, key FORWARD_KEY_PREFIX | card id; value, v1, 16 bytes::
+#
+#      0  u8  version               1
+#      1  u8  reserved              zero
+#      2  u16 shard                 the card shard that holds the card
+#      4  4B  reserved              zeros
+#      8  u64 n                     this shard's forwards before it, plus 1 (FORWARDS_KEY)
+#
+# and FORWARDS_KEY_PREFIX | u64 big-endian n -> the card id: the order they were made in, which a
+# front reads on from the last it knows. Made by OP_CARD_FORWARDED, never taken out.
+FORWARD = struct.Struct("<BxH4xQ")
+FORWARD_VERSION = 1
+FORWARD_KEY_PREFIX, FORWARDS_KEY_PREFIX = b"forward/", b"forwards/"
+FORWARDS_KEY = struct.Struct(">Q")
+FORWARD_PAYLOAD = struct.Struct("<H")  # an OP_CARD_FORWARDED's payload: the shard
+assert FORWARD.size == 16
 CARD_EXPIRES, CARD_OFF_EXPIRES = struct.Struct("<q"), 104  # a card record's expires_us
 CARD_EXPIRY_KEY = struct.Struct(">Q16s")  # cards_by_expiry: expires_us, card id
 CARD_EXPIRIES_MAX = 1000  # cards one group expires at most besides its own (the rest: the next)
@@ -777,6 +796,10 @@ OP_ADMIN_RELAY = 39
 # Outbox records delivered (their seqs, u64 little-endian, in the payload): taken out, each once;
 # a seq with no record is skipped (another front took it out first).
 OP_OUTBOX_DONE = 40
+# A card number forwarded to another card shard (its card id the operation's; the shard, u16
+# little-endian, its payload): refused R_CARD_ALREADY_EXISTS when this shard holds the card, or
+# forwarded it to another shard; made once (a second, the same, changes nothing: count 0).
+OP_CARD_FORWARDED = 41
 # the admin shard, this ledger's role, the admin shard's group relayed (0: none yet); a relayed
 # group's mark carries that group's time in its payload (i64 us): its entries are judged at it
 ADMIN_RELAY_SUBJECT = struct.Struct("<HBxxxxxQ")
@@ -784,7 +807,8 @@ RELAY_ROLE_CARD, RELAY_ROLE_ADMIN = 1, 2  # a card shard relaying from the admin
 # Relayed request keys live in a namespace of their own (no caller kind starts with it), so a
 # caller's own key on a card shard never meets one: kept, never pruned (admin changes are few).
 RELAYED_KEY_PREFIX = b"\xfa"
-INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE, OP_ADMIN_RELAY, OP_OUTBOX_DONE))
+INTERNAL_OPS = frozenset((OP_RESEAL, OP_FLOOR, OP_MAINTENANCE, OP_ADMIN_RELAY, OP_OUTBOX_DONE,
+                          OP_CARD_FORWARDED))
 # Card flags (card record offset 4) and operation PIN flags (operation offset 2).
 CARD_PIN_SET, CARD_PIN_LOCKED = 1, 2
 PIN_PRESENTED, PIN_REQUIRED, PIN_OPTIONAL_UNSET, NEW_PIN = 1, 2, 4, 8
@@ -834,6 +858,9 @@ R_ADMIN_ELSEWHERE = 117  # an admin change submitted to a card shard that takes 
 # from an admin shard (docs/cluster.md, "The admin shard"): it belongs there
 R_NOT_A_CARD_SHARD = 118  # a card's operation submitted to that admin shard, which holds no cards
 R_CROSS_SHARD = 119  # a front over several card shards: what one card shard cannot make alone
+R_CARD_ELSEWHERE = 120  # a card's operation sent to the card shard its slot routes to, which
+# forwarded its number to the shard that holds it (a front that has not read that yet): no
+# request record, nothing changed; asked again, the front sends it there
 # Rule 14: the card statuses each status can go to (CardStatus values). To EXPIRED only the
 # server's sweep, at or after the card's expiry; nothing but closing from a card past it.
 CARD_TRANSITIONS = {STATUS_ISSUED: (STATUS_ACTIVE, STATUS_CLOSED, STATUS_EXPIRED),

@@ -497,6 +497,7 @@ class Ledger:
         self.program_version = 0
         self.program_packed = b""
         self.pruned_through_us = 0
+        self.forwards: dict[bytes, int] = {}  # card numbers forwarded (layout.FORWARD): shard
         self.legacy = False
         if not readonly and self._read(lambda txn: txn.get(META_BIRTHS, db=self.meta)) is None:
             self._fill_birth_months()
@@ -666,13 +667,16 @@ class Ledger:
             version = U32.unpack(meta[META_PROGRAM])[0]
             cur = txn.cursor(db=self.requests)
             legacy = cur.set_range(LEGACY_PREFIX) and cur.key().startswith(LEGACY_PREFIX)
+            forwards = {key[len(L.FORWARD_KEY_PREFIX):]: L.FORWARD.unpack(value)[1]
+                        for key, value in meta.items() if key.startswith(L.FORWARD_KEY_PREFIX)}
             return (version, json.loads(txn.get(L.VERSION_KEY.pack(version), db=self.programs)),
                     I64.unpack(meta[META_PRUNED_THROUGH])[0], legacy,
-                    U32.unpack(meta[META_WINDOW])[0])
+                    U32.unpack(meta[META_WINDOW])[0], forwards)
 
         # legacy: request records migrated from a v1 ledger remain (looked up by request_id
         # alone until they are pruned)
-        version, rec, self.pruned_through_us, self.legacy, window_s = self._read(read)
+        version, rec, self.pruned_through_us, self.legacy, window_s, self.forwards = \
+            self._read(read)
         self.request_window_us = window_s * 1_000_000
         self.program = parse_program(rec["source"])
         self.program_version = version
@@ -703,6 +707,22 @@ class Ledger:
                     if not key.startswith(L.OUTBOX_KEY_PREFIX) or len(out) >= limit:
                         break
                     out.append(L.OUTBOX.unpack(value))
+            return out
+        return self._read(read)
+
+    def read_forwards(self, after: int = 0) -> list[tuple[int, bytes, int]]:
+        """The card numbers this card shard forwarded after its ``after``-th, in the order made:
+        (n, card id, the shard that holds the card) (layout.FORWARD)."""
+        def read(txn):
+            out = []
+            cur = txn.cursor(db=self.meta)
+            if cur.set_range(L.FORWARDS_KEY_PREFIX + L.FORWARDS_KEY.pack(after + 1)):
+                for key, card in cur:
+                    if not key.startswith(L.FORWARDS_KEY_PREFIX):
+                        break
+                    _, shard, n = L.FORWARD.unpack(txn.get(L.FORWARD_KEY_PREFIX + card,
+                                                           db=self.meta))
+                    out.append((n, card, shard))
             return out
         return self._read(read)
 
@@ -1335,6 +1355,7 @@ class _Group:
                 [legacy_key(op.request_key) for op in ops if op.request_key
                  and op.packed[0] <= L.OP_RESET_PIN and op.request_key not in known]))
         holds_no_cards = admin.role() == L.RELAY_ROLE_ADMIN
+        card_kinds = L.CARD_OPS | {L.OP_CARD_REPLACED}
         oldest_us, newest_us = self._request_ages()
         first_index: dict[bytes, int] = {}
         repeats: list[tuple[int, int]] = []
@@ -1347,6 +1368,9 @@ class _Group:
             if holds_no_cards and kind not in L.ADMIN_OPS and kind not in L.INTERNAL_OPS:
                 outcomes[i] = Outcome(L.R_NOT_A_CARD_SHARD, False, kind, None)  # (no record,
                 continue  # no KSN spent: an access refusal)
+            if admin.forwards and kind in card_kinds and op.card_id in admin.forwards:
+                outcomes[i] = Outcome(L.R_CARD_ELSEWHERE, False, kind, None)  # (the same:
+                continue  # its front sends it on to the shard that holds the card)
             if key:
                 client_us = client_time(packed)[0]
                 if client_us < oldest_us or client_us > newest_us:
@@ -2015,8 +2039,10 @@ class _Group:
             reason = L.R_CARD_NOT_FOUND
         elif status == L.STATUS_REPLACED:
             reason = L.R_CARD_REPLACED
-        elif new_id == old_id or txn.get(new_id, db=ledger.cards) is not None:
-            reason = L.R_CARD_ALREADY_EXISTS  # the new number is a card already
+        elif (new_id == old_id or txn.get(new_id, db=ledger.cards) is not None
+              or new_id in self.admin.forwards):
+            reason = L.R_CARD_ALREADY_EXISTS  # the new number is a card already (maybe of
+            #                                   another shard, which this one forwarded it to)
         elif status not in L.REPLACEABLE:
             reason = L.R_ILLEGAL_TRANSITION
         elif old[8]:  # held_minor
@@ -2335,6 +2361,7 @@ class _Group:
         ledger.pruned_through_us = self.pruned_through_us
         if admin is not None:
             ledger.request_window_us = admin.request_window_us
+            ledger.forwards = admin.forwards
         if admin is not None and admin.program_version != ledger.program_version:
             ledger.program, ledger.program_version = admin.program, admin.program_version
             ledger.program_packed = admin.program_packed

@@ -91,6 +91,12 @@ def outbox_bonus(shard: int, record: tuple) -> PendingOp:
                            link_seq=seq, ref_id=shard + 1)
 
 
+def forward(card_id: bytes, shard: int) -> PendingOp:
+    """Card ``card_id``'s number forwarded to card shard ``shard`` (OP_CARD_FORWARDED), on the
+    card shard its slot routes to: a replacement on ``shard`` may then make that card there."""
+    return PendingOp.internal(L.OP_CARD_FORWARDED, L.FORWARD_PAYLOAD.pack(shard), subject=card_id)
+
+
 def outbox_done(seqs: list[int]) -> PendingOp:
     """The outbox records of these seqs taken out (delivered, their outcomes settled)."""
     assert 0 < len(seqs) <= L.OUTBOX_DONE_MAX

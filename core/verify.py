@@ -274,6 +274,33 @@ def _outbox(txn, ledger, programs: dict, opens: dict, referred: set, problem) ->
                     "there owes another card shard")
 
 
+def _forwards(txn, ledger, journaled: dict, problem) -> None:
+    """The card numbers this card shard forwarded (layout.FORWARD): each once, numbered 1, 2,
+    ... in the order index; none a card this shard holds or ever journaled."""
+    cur = txn.cursor(db=ledger.meta)
+    forwarded: dict[bytes, int] = {}
+    if cur.set_range(L.FORWARD_KEY_PREFIX):
+        for key, value in cur:
+            if not key.startswith(L.FORWARD_KEY_PREFIX):
+                break
+            card = key[len(L.FORWARD_KEY_PREFIX):]
+            version, _, n = L.FORWARD.unpack(value) if len(value) == L.FORWARD.size else (0, 0, 0)
+            if version != L.FORWARD_VERSION or len(card) != L.CARD_ID_SIZE:
+                problem(f"forward record {card.hex()}: not one")
+            elif card in journaled or txn.get(card, db=ledger.cards) is not None:
+                problem(f"card {card.hex()}: forwarded to another shard, and held here")
+            forwarded[card] = n
+    order = {}
+    if cur.set_range(L.FORWARDS_KEY_PREFIX):
+        for key, card in cur:
+            if not key.startswith(L.FORWARDS_KEY_PREFIX):
+                break
+            order[L.FORWARDS_KEY.unpack(key[len(L.FORWARDS_KEY_PREFIX):])[0]] = card
+    if order != {n: card for card, n in forwarded.items()} or sorted(order) != list(
+            range(1, len(order) + 1)):
+        problem("the forwarded card numbers' order index is not theirs, numbered from 1")
+
+
 def _journal(txn, ledger, programs: dict, problem) -> dict:
     # card id -> principal, bonus, points, last seq, paid, PIN state (tries | flags << 8)
     sums: dict[bytes, list[int]] = {}
@@ -609,6 +636,7 @@ def _journal(txn, ledger, programs: dict, problem) -> dict:
     if replaced is not None:
         problem(f"journal entry {replaced[1]}: a replacement with no opening of the new card")
     _outbox(txn, ledger, programs, opens, referred, problem)
+    _forwards(txn, ledger, sums, problem)
     return {"sums": sums, "totals": totals, "admin": admin, "entries": expect_seq - 1, "undone": undone,
             "links": links, "refunded_lines": refunded,
             "statuses": statuses, "holds": holds, "held": held, "expiries": expiries,

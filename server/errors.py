@@ -146,9 +146,11 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                 "holds no cards: send card operations through a front of a card "
                                 "shard"),
     R.REASON_CROSS_SHARD: (C.FAILED_PRECONDITION, "one card shard of the cluster cannot make "
-                           "this alone (a replacement by a card of another shard, a gift's "
-                           "chain-wide stock, a basket paid on another shard), which is not "
-                           "built yet: nothing changed"),
+                           "this alone (a gift's chain-wide stock, a basket paid on another "
+                           "shard), which is not built yet: nothing changed"),
+    R.REASON_CARD_ELSEWHERE: (C.UNAVAILABLE, "this card was made by a replacement on another "
+                              "card shard than its number's, which this front had not read "
+                              "yet: nothing changed; ask again with the same request_id"),
     R.REASON_STORE_NOT_FOUND: (C.NOT_FOUND, "no store with this id: not in the chain's registry "
                                "and no entry ever"),
     R.REASON_NAME_INVALID: (C.INVALID_ARGUMENT, "a name must be 1 to 64 bytes of UTF-8 without "

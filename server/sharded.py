@@ -9,9 +9,11 @@ interfaces the services use, so that the services stay the single server's code:
   (``cardcore.shards``); a call's operations on several shards go to each at once and are
   answered in the call's order, an admin change once every card shard holds it. An opening
   whose referrer is on another card shard is marked so (``REFERRER_ELSEWHERE``): its shard puts
-  the referrer's bonus in its outbox, which the front delivers (``_deliver_outboxes``). What one
-  card shard cannot make alone (a replacement by a card of another shard, a gift, a basket paid
-  on another shard) is refused (``R_CROSS_SHARD``): nothing changed, nothing sent.
+  the referrer's bonus in its outbox, which the front delivers (``_deliver_outboxes``). A
+  replacement by a card whose slot routes to another shard makes the new card on the old card's
+  shard, its number forwarded there first (``_replace_across``; ``Routes``). What one card shard
+  cannot make alone (a gift, a basket paid on another shard) is refused (``R_CROSS_SHARD``):
+  nothing changed, nothing sent.
 - ``ShardedLedger`` (the read side of ``Ledger``): admin state (terminals, operators, the program,
   regions and stores) from the admin shard's follower; a card's reads from its card shard's
   follower (``of_card``); a request (GetOperation) from whichever shard holds it; FindCards, a
@@ -33,7 +35,7 @@ from cardcore import layout as L
 from cardcore.admin import RESEAL_ITEM
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
-from cardcore.shards import outbox_bonus, outbox_done, referrer_elsewhere, slot_of
+from cardcore.shards import forward, outbox_bonus, outbox_done, referrer_elsewhere, slot_of
 
 from .errors import ShardBehind
 from .front import ClusterWriter
@@ -63,6 +65,36 @@ OUTBOX_DECLINED = frozenset((L.R_CARD_NOT_FOUND, L.R_CARD_NOT_ACTIVE, L.R_CARD_R
 OUTBOX_SETTLED = OUTBOX_DECLINED | {L.R_OK, L.R_REQUEST_TOO_OLD, L.R_DUPLICATE_REQUEST_MISMATCH}
 
 
+class Routes:
+    """Which card shard holds a card: the one the routing table routes its slot to, unless that
+    shard forwarded its number to another (a replacement's new card, made on the old card's
+    shard: layout.FORWARD). Each card shard's forwards are read off this front's follower of it,
+    on from the last read (``learn``): at start, every outbox round, and at once for the
+    forwards this front makes."""
+
+    def __init__(self, table: list[int]) -> None:
+        self.table = table
+        self.forwarded: dict[bytes, int] = {}  # card id -> the shard that holds it
+        self._read: dict[int, int] = {}  # card shard -> its forwards read (their n)
+
+    def shard_of(self, card_id: bytes) -> int:
+        if self.forwarded:
+            shard = self.forwarded.get(card_id)
+            if shard is not None:
+                return shard
+        return self.table[slot_of(card_id)]
+
+    def home_of(self, card_id: bytes) -> int:
+        """The card shard its slot routes to (which keeps its forward, if any)."""
+        return self.table[slot_of(card_id)]
+
+    def learn(self, shard: int, ledger: Ledger) -> None:
+        """Card shard ``shard``'s forwards made since the last read, from its ledger here."""
+        for n, card, to in ledger.read_forwards(self._read.get(shard, 0)):
+            self.forwarded[card] = to
+            self._read[shard] = n
+
+
 def to_admin_shard(op: PendingOp) -> bool:
     """An admin change (and an operator id floor): the admin shard's, relayed to every card
     shard (``cardcore.admin.relayed``)."""
@@ -87,6 +119,7 @@ class ShardedWriter:
         self._make_table = make_table
         self._open_ledger = open_ledger
         self.table: list[int] = []
+        self.routes = Routes(self.table)
         self.card_ledgers: dict[int, Ledger] = {}
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -149,6 +182,9 @@ class ShardedWriter:
                 self.card_ledgers[shard] = self._open_ledger(w)
                 self._check_place(self.card_ledgers[shard], shard, L.RELAY_ROLE_CARD, deadline)
             self.table = self._make_table(self.admin)
+            self.routes = Routes(self.table)
+            for shard, ledger in self.card_ledgers.items():
+                self.routes.learn(shard, ledger)
             routed = sorted(set(self.table))
             if routed != sorted(self.cards):
                 raise FrontSetting(
@@ -189,7 +225,7 @@ class ShardedWriter:
         for shard, w in self.cards.items():
             w.attach(self.card_ledgers[shard])
             w.on_advance = _program_follower(self.card_ledgers[shard])
-        self.ledger = ShardedLedger(ledger, self.card_ledgers, self.table)
+        self.ledger = ShardedLedger(ledger, self.card_ledgers, self.routes)
         self._outbox_task = self.loop.create_task(self._deliver_outboxes())
         self._outbox_task.add_done_callback(_outbox_ended)
         return self.ledger
@@ -220,10 +256,8 @@ class ShardedWriter:
 
     def _route(self, op: PendingOp, baskets: dict[int, int]) -> tuple[ClusterWriter | None, int]:
         """(the writer an operation goes to, None if refused; the reason). Refused with
-        R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: a
-        replacement by a card of another shard (what moves with it is a card's whole state, not
-        one outbox record: docs/cluster.md), a gift (its stock is
-        the chain's: one counter, which each card shard would spend on its own), and a
+        R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: a gift (its
+        stock is the chain's: one counter, which each card shard would spend on its own), and a
         split-tender payment whose basket was paid on another card shard (the day totals would
         count its sale again there; ``baskets``: this call's, tag -> card shard, filled)."""
         if to_admin_shard(op):
@@ -231,15 +265,12 @@ class ShardedWriter:
         kind = op.packed[0]
         if kind == L.OP_RESEAL:  # (its cards are one shard's: ShardedLedger.read_sealed)
             cards = reseal_cards(op.payload)
-            w = self.cards[self.table[slot_of(cards[0])]]
-            if any(self.table[slot_of(c)] != w.shard for c in cards):
+            w = self.cards[self.routes.shard_of(cards[0])]
+            if any(self.routes.shard_of(c) != w.shard for c in cards):
                 return None, L.R_CROSS_SHARD
             return w, L.R_OK
-        w = self.cards[self.table[slot_of(op.card_id)]]
-        if kind == L.OP_CARD_REPLACED:
-            if self.table[slot_of(op.packed[_OP_SECOND_CARD])] != w.shard:
-                return None, L.R_CROSS_SHARD
-        elif kind == L.OP_GIFT_REDEEM:
+        w = self.cards[self.routes.shard_of(op.card_id)]
+        if kind == L.OP_GIFT_REDEEM:
             return None, L.R_CROSS_SHARD
         elif kind == L.OP_PURCHASE:
             tag = _basket_of(op)
@@ -255,7 +286,7 @@ class ShardedWriter:
         if op.packed[0] not in L.OPENINGS:
             return False
         referrer = op.packed[_OP_SECOND_CARD]
-        return referrer != _NO_CARD and self.table[slot_of(referrer)] != shard
+        return referrer != _NO_CARD and self.routes.shard_of(referrer) != shard
 
     def _basket_elsewhere(self, tag: int, shard: int, baskets: dict[int, int]) -> bool:
         """Whether basket ``tag`` has a payment on another card shard than ``shard``: earlier
@@ -276,7 +307,7 @@ class ShardedWriter:
             if tag:
                 held = self._baskets.get(tag)
                 if held is None:
-                    held = self._baskets[tag] = [self.table[slot_of(op.card_id)], 0, 0]
+                    held = self._baskets[tag] = [self.routes.shard_of(op.card_id), 0, 0]
                 held[1] += 1
                 self._baskets.move_to_end(tag)
         while len(self._baskets) > BASKETS_KEPT:
@@ -311,7 +342,12 @@ class ShardedWriter:
         parts: dict[ClusterWriter, list[int]] = {}
         refused: dict[int, Outcome] = {}
         baskets: dict[int, int] = {}
+        across: list[int] = []  # replacements by a card another shard holds or would hold
         for i, op in enumerate(ops):
+            if op.packed[0] == L.OP_CARD_REPLACED and self.routes.shard_of(
+                    op.packed[_OP_SECOND_CARD]) != self.routes.shard_of(op.card_id):
+                across.append(i)
+                continue
             w, reason = self._route(op, baskets)
             if w is None:
                 refused[i] = _uniform(reason, [op])[0]
@@ -322,7 +358,7 @@ class ShardedWriter:
             parts.setdefault(w, []).append(i)
         if baskets:
             on_answer = _both(self._paid, on_answer)
-        if not refused and len(parts) == 1 and self.admin not in parts:
+        if not refused and not across and len(parts) == 1 and self.admin not in parts:
             fut = next(iter(parts)).submit(ops, deadline, on_answer)
             if baskets:
                 self._sent(ops)  # (once it is taken: no await since the checks)
@@ -334,14 +370,50 @@ class ShardedWriter:
                 raise Overloaded()
         futures = [(idx, w.submit([ops[i] for i in idx], deadline, on_answer))
                    for w, idx in parts.items()]
+        for i in across:  # (after the others are taken: a refusal above sends none of them)
+            futures.append(([i], self._tracked(self._replace_across(ops[i], deadline, on_answer))))
         if baskets:
             self._sent([ops[i] for idx in parts.values() for i in idx])
         fut = self.loop.create_future()
-        task = self.loop.create_task(self._gather(ops, refused, futures, fut, on_answer,
-                                                  self.admin in parts))
+        self._tracked(self._gather(ops, refused, futures, fut, on_answer, self.admin in parts))
+        return self._waking(fut, owing)
+
+    def _tracked(self, coro) -> asyncio.Task:
+        """A task of this front's that ``stop`` waits for."""
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return self._waking(fut, owing)
+        return task
+
+    async def _replace_across(self, op: PendingOp, deadline: float | None,
+                              on_answer) -> list[Outcome]:
+        """A replacement whose new card is not where the old card is (docs/cluster.md, "A
+        replacement by a card of another card shard"): the new number forwarded to the old
+        card's shard on the card shard its slot routes to (refused, and so the replacement, when
+        that shard holds the number or forwarded it to another: the number is taken); then the
+        replacement, made on the old card's shard as on a single server. Sent again (the same
+        request), the forward is found made and the replacement answered as it was."""
+        for shard, ledger in self.card_ledgers.items():  # (the old card may be a forwarded one)
+            self.routes.learn(shard, ledger)
+        new = op.packed[_OP_SECOND_CARD]
+        at = self.routes.shard_of(op.card_id)
+        await self.cards[at].fresh(everything=True)  # (opened through any front: seen)
+        if self.card_ledgers[at].read_card(op.card_id) is None:
+            reason = L.R_CARD_NOT_FOUND  # (no number forwarded for a card there is not)
+        else:
+            (made,) = await self.cards[self.routes.home_of(new)].submit([forward(new, at)],
+                                                                        deadline)
+            if made.reason == L.R_OK:
+                self.routes.forwarded[new] = at
+                return await self.cards[at].submit([op], deadline, on_answer)
+            reason = made.reason  # (the number taken; OUTCOME_UNKNOWN: asked again, made)
+        outcome = _uniform(reason, [op])
+        if on_answer is not None:
+            try:
+                on_answer([op], outcome)
+            except Exception:  # the caller must get its answer whatever a hook does
+                log.exception("answer hook failed")
+        return outcome
 
     def _waking(self, fut: asyncio.Future, owing: set[int]) -> asyncio.Future:
         """``fut``; once it is answered, the outbox loops of the card shards in ``owing`` look
@@ -459,12 +531,13 @@ class ShardedWriter:
         which the follower may not show yet). The reasons of the outcomes that did not settle
         their records."""
         ledger = self.card_ledgers[shard]
+        self.routes.learn(shard, ledger)  # (and its forwards, made through any front)
         if not woken and not ledger.read_outbox(1):
             return []
         await self.cards[shard].fresh(everything=True)
         by_target: dict[int, list[tuple]] = {}
         for r in ledger.read_outbox(OUTBOX_READ_MAX):
-            owed = by_target.setdefault(self.table[slot_of(r[3])], [])
+            owed = by_target.setdefault(self.routes.shard_of(r[3]), [])
             if len(owed) < L.OUTBOX_DONE_MAX:
                 owed.append(r)
         answers = await asyncio.gather(*(self._deliver_to(shard, target, records)
@@ -515,7 +588,7 @@ class ShardedWriter:
             return
         by_shard: dict[int, list[bytes]] = {}
         for c in card_ids:
-            by_shard.setdefault(self.table[slot_of(c)], []).append(c)
+            by_shard.setdefault(self.routes.shard_of(c), []).append(c)
         await asyncio.gather(*(self.cards[s].fresh(tuple(cs)) for s, cs in by_shard.items()))
 
 
@@ -566,15 +639,15 @@ SHARD_READS = frozenset({"read_card", "read_packages", "read_coupons", "read_lot
 class ShardedLedger:
     """The services' read side of a front over an admin shard and card shards."""
 
-    def __init__(self, admin: Ledger, cards: dict[int, Ledger], table: list[int]) -> None:
+    def __init__(self, admin: Ledger, cards: dict[int, Ledger], routes: Routes) -> None:
         self.admin = admin
         self.cards = cards
-        self.table = table
+        self.routes = routes
         self._sealed_from: dict[bytes, int] = {}  # (read_sealed's cursor)
 
     def of_card(self, card_id: bytes) -> Ledger:
         """The ledger of the card shard that holds ``card_id``."""
-        return self.cards[self.table[slot_of(card_id)]]
+        return self.cards[self.routes.shard_of(card_id)]
 
     def __getattr__(self, name: str):
         """Admin state: the admin shard's (every card shard holds the same, relayed)."""
@@ -673,7 +746,7 @@ class ShardedLedger:
         order = sorted(self.cards)
         # (the shard a chunk came from, by its last card: a card its shard holds though the
         # table routes it elsewhere, once slots move, must not send the cursor back)
-        at = order.index(self._sealed_from.get(after, self.table[slot_of(after)])) if after else 0
+        at = order.index(self._sealed_from.get(after, self.routes.shard_of(after))) if after else 0
         for shard in order[at:]:
             chunk = self.cards[shard].read_sealed(after, limit)
             if chunk:

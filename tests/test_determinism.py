@@ -7,7 +7,8 @@ digest checked), each in a process of its own with another ``PYTHONHASHSEED`` (n
 from hashing). The groups cover openings and an import with sealed profiles, top-ups, a purchase
 with lines, a refund, a reversal, holds (captured, voided, expired by the writer's sweep), a
 replacement (the writer re-seals the profile for the new card), a referral across card shards
-(openings marked so, their outbox records, one taken out, a bonus another shard owed), and admin
+(openings marked so, their outbox records, one taken out, a bonus another shard owed), two card
+numbers forwarded to the card shards that hold their cards, and admin
 operations (operators,
 terminals, regions, stores, a program load, the request window, a close of day, a data key
 rotation and its re-seal, a floor, a maintenance step). Every sub-database is then compared byte
@@ -36,7 +37,7 @@ from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger
 from cardcore.lookup import lookup_key
 from cardcore.profiles import ProfileBox, encode, profile_key
-from cardcore.shards import outbox_bonus, outbox_done, referrer_elsewhere
+from cardcore.shards import forward, outbox_bonus, outbox_done, referrer_elsewhere
 from test_card_programs import CAFE_DRINKS, CAFE_FOOD, example, line
 from test_holds import capture_op, hold_op
 from test_ledger import KEY, NOW, add_operator, cid, enroll, key, load, op, revoke
@@ -174,6 +175,9 @@ def run_groups(apply: Callable[[list, int], list], clock: Callable[[], int]) -> 
                      outbox_bonus(5, (L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, 77, cid(NUMBERS[1]),
                                       200, at)))
     group(outbox_done([ENTRY_SEQ.unpack_from(referred[0].entry)[0]]))  # (the second's stays)
+    # two numbers of new cards replacements made on other card shards (docs/cluster.md, "A
+    # replacement by a card of another card shard")
+    group(forward(cid("6225880000009992"), 3), forward(cid("6225880000009993"), 4))
     at = clock()
     group(op("top-late", L.OP_TOP_UP, NEW, 100, at))  # the new card goes on
 
@@ -234,6 +238,8 @@ def test_every_operation_of_the_run_applied(leader):
     kinds = {L.JOURNAL.unpack(v)[1] for _, v in dump["journal"]}
     outbox = [L.OUTBOX.unpack(v) for k, v in dump["meta"] if k.startswith(L.OUTBOX_KEY_PREFIX)]
     assert len(outbox) == 1 and outbox[0][4] == 200  # (the second referred opening's)
+    assert sorted(L.FORWARD.unpack(v)[1] for k, v in dump["meta"]
+                  if k.startswith(L.FORWARD_KEY_PREFIX)) == [3, 4]
     assert {L.OP_OPEN, L.OP_IMPORT_CARD, L.OP_REFUND, L.OP_REVERSAL, L.OP_HOLD_EXPIRED,
             L.OP_CARD_REPLACED, L.OP_REPLACEMENT_OPENED, L.OP_PROGRAM_LOADED, L.OP_CLOSE_DAY,
             L.OP_DATA_KEY_ROTATED, L.OP_STORE_PUT, L.OP_TERMINAL_REVOKED,

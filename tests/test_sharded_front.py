@@ -112,19 +112,20 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     tops up and pays with the PIN on cards of both shards; a batch spanning both is answered in
     its order; each card's reads, its history and GetOperation find it on its own shard, and
     each card is on that shard's replica alone; FindCards, the reports, the daily close and the
-    member report add both shards up; each shard's journal is watched by naming it; a
-    replacement by a card of the other shard and a basket paid on two shards are refused
-    (REASON_CROSS_SHARD) and change nothing; a key rotation re-seals both shards' cards; an
-    opening on a referral by a card of the other shard pays its referrer once, through the
-    opening shard's outbox, a front killed -9 after its answer or not; a second front with
-    other card shards than the stored routing table's does not start."""
+    member report add both shards up; each shard's journal is watched by naming it; a basket
+    paid on two shards is refused (REASON_CROSS_SHARD) and changes nothing; a key rotation
+    re-seals both shards' cards; an opening on a referral by a card of the other shard pays its
+    referrer once, through the opening shard's outbox, a front killed -9 after its answer or
+    not; a replacement by a card of the other shard makes the new card on the old card's shard,
+    its number forwarded there first, a try refused after the forward or not, and every front
+    then finds it there; a second front with other card shards than the stored routing table's
+    does not start."""
     replicas, front, cluster = sharded
     index_key = Keyring.load_or_create(keyring, os.path.dirname(keyring)).index_key
     f = front("f", "--card-shards", ",".join(map(str, CARD_SHARDS)))
     admin = Admin(f.channel, f.admin_token)
     till = admin.enroll(7, 3)
     on = {shard: numbers_on(index_key, shard, 2) for shard in CARD_SHARDS}
-    first = on[CARD_SHARDS[0]][0]
 
     paid_ids = {}
     for shard, numbers in on.items():  # (the enrolment answered once both card shards have it)
@@ -177,19 +178,6 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
         assert client.open(number, phone=phone).reason == R.REASON_OK
     listed = f.stub.FindCards(pb.FindCardsRequest(phone=phone, till=cpb.Till(store_id=1)))
     assert sorted(c.card_id for c in listed.cards) == sorted(card_id(index_key, n) for n in both)
-
-    # a replacement by a card of the other shard: refused, nothing changed
-    other = numbers_on(index_key, CARD_SHARDS[1], 1)[0]
-    with pytest.raises(grpc.RpcError) as err:
-        request_id = rid()
-        f.stub.ReplaceCard(pb.ReplaceCardRequest(
-            request_id=request_id, client_time_us=sent_at(request_id),
-            card=cpb.CardRef(card_number=first), new_card=cpb.CardRef(card_number=other),
-            till=cpb.Till(store_id=3)), metadata=admin.metadata)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert failure_of(err.value).reason == R.REASON_CROSS_SHARD
-    card = client.card(first)
-    assert card.status == cpb.CARD_STATUS_ACTIVE and card.balance.available_minor == expected[first]
 
     # the chain's report: both shards' top-ups and sales, added up
     report = admin.stub.GetReport(apb.GetReportRequest(chain=True, last_days=1),
@@ -303,6 +291,70 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
             + 600, client.card(referrer).balance.points - points
         time.sleep(0.1)
 
+    # a replacement by a card whose slot routes to the other shard (2 -> 1). First tried while
+    # the old card is only issued: its number forwarded by shard 1 to shard 2, the replacement
+    # then refused there (what a front killed between the two steps leaves: a forward with no
+    # card). The card activated and topped up, replaced through h: made on shard 2, the new
+    # card holding everything; asked again through f, answered as made (the forward found
+    # made). The new card topped up at once through k2, started before the replacement (it
+    # reads the forward at its next outbox round: until then shard 1 refuses it,
+    # REASON_CARD_ELSEWHERE, nothing recorded, and it is asked again), then through f.
+    old, new = numbers_on(index_key, 2, 1)[0], numbers_on(index_key, 1, 1)[0]
+
+    def replace(through: ServerProcess, request_id: str):
+        return through.stub.ReplaceCard(pb.ReplaceCardRequest(
+            request_id=request_id, client_time_us=sent_at(request_id),
+            card=cpb.CardRef(card_number=old), new_card=cpb.CardRef(card_number=new),
+            till=cpb.Till(store_id=3)), metadata=admin.metadata)
+
+    def top_up_until_made(through: ServerProcess, number: str, amount_minor: int) -> None:
+        request_id, deadline = rid(), time.monotonic() + 10
+        while True:
+            try:
+                done = Client(through.stub).top_up(number, amount_minor, request_id)
+                break
+            except grpc.RpcError as exc:
+                assert failure_of(exc).reason == R.REASON_CARD_ELSEWHERE, exc
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert done.reason == R.REASON_OK
+
+    request_id = rid()
+    assert f.stub.OpenCard(pb.OpenCardRequest(
+        request_id=request_id, client_time_us=sent_at(request_id), issue_only=True,
+        card=cpb.CardRef(card_number=old), till=cpb.Till(store_id=3)),
+        metadata=admin.metadata).reason == R.REASON_OK
+    with pytest.raises(grpc.RpcError) as err:
+        replace(f, rid())
+    assert failure_of(err.value).reason == R.REASON_ILLEGAL_TRANSITION
+    with pytest.raises(grpc.RpcError) as err:
+        client.card(new)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    request_id = rid()
+    assert f.stub.SetCardStatus(pb.SetCardStatusRequest(
+        request_id=request_id, client_time_us=sent_at(request_id), card=cpb.CardRef(
+            card_number=old), status=cpb.CARD_STATUS_ACTIVE, till=cpb.Till(store_id=3)),
+        metadata=admin.metadata).reason == R.REASON_OK
+    assert client.top_up(old, 5_000).reason == R.REASON_OK
+    held = client.card(old).balance
+    k2 = front("k2", "--card-shards", "1,2")
+    request_id = rid()
+    made = replace(h, request_id)
+    top_up_until_made(k2, new, 10)
+    moved = Client(k2.stub).card(new).balance  # (k2 reads its own top-up)
+    held.principal_minor += 10
+    held.available_minor += 10
+    assert moved == held
+    again = replace(f, request_id)
+    assert made.reason == again.reason == R.REASON_OK and again.replayed
+    assert (again.seq, again.status_after) == (made.seq, made.status_after)
+    for through in (f, h):
+        assert Client(through.stub).card(new).status == cpb.CARD_STATUS_ACTIVE
+        assert Client(through.stub).card(old).status == cpb.CARD_STATUS_REPLACED
+    top_up_until_made(f, new, 100)
+    assert client.card(new).balance.available_minor == held.available_minor + 100
+    k2.stop()
+
     # a front with other card shards than the stored table's does not start
     with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):
         front("g", "--card-shards", "1")
@@ -318,8 +370,12 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
                 held = ledger.read_card(card_id(index_key, number)) is not None
                 assert held == (shard_of(index_key, number) == shard), (number, shard)
             assert [Keyring.sealed_version(sealed) for _, sealed in ledger.read_sealed()] \
-                == [2] * (3 + 2 * (shard == 2))  # (its three cards', re-sealed; 2 opened since)
+                == [2] * (3 + 4 * (shard == 2))  # (its three cards', re-sealed; 2 opened since,
+            #                                      and the replaced card and its replacement)
             assert ledger.read_outbox() == []  # (delivered, taken out)
+            # the replacement: on the old card's shard; its number forwarded there by its slot's
+            assert (ledger.read_card(card_id(index_key, new)) is not None) == (shard == 2)
+            assert ledger.read_forwards() == [(1, card_id(index_key, new), 2)] * (shard == 1)
             bonuses = [e for _, e in ledger.dump()["journal"] if e[1] == L.OP_REFERRAL_BONUS]
             assert [L.JOURNAL.unpack(e)[29] for e in bonuses] == [3, 3] * (shard == 1)
         finally:
