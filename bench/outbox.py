@@ -1,5 +1,6 @@
-"""How long a referral across card shards takes to pay its referrer (docs/cluster.md, "Two cards
-on two card shards: the outbox").
+"""How long an operation on two cards of two card shards takes: a referral to pay its referrer
+(docs/cluster.md, "Two cards on two card shards: the outbox"), a replacement to be answered
+(docs/cluster.md, "A replacement by a card of another card shard: the number forwarded").
 
 ``make cluster ADMIN_SHARD=1``'s cluster (three nats-server nodes on loopback, shards 0, 1 and
 2 with three replicas each, shard 1 the admin shard, one front over them, development mode) in
@@ -8,7 +9,11 @@ card on its referral, and reads the referrer through the front until its points 
 The time from the second opening's answer to that read is what a member waits to see the
 bonus: the referrer on another card shard (the outbox: a delivery and a removal, started by
 the front as soon as the opening is answered) against the referrer on the new card's shard
-(paid in the opening's own group). Functional figures on one shared 2-core machine.
+(paid in the opening's own group). Then each replacement opens and tops up a card on shard 0
+and replaces it (the chain admin, at a store's desk) by a new number whose slot routes to shard
+2 (its number forwarded first, then the replacement on shard 0) or to shard 0 (one group): the
+time from the request to its answer, and to the first read of the new card through the front.
+Functional figures on one shared 2-core machine.
 
     .venv/bin/python bench/outbox.py --pairs 20 --out bench/outbox_results.json
 """
@@ -47,7 +52,8 @@ WAIT_S = 30.0
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=20, help="referrals of each kind (default 20)")
+    ap.add_argument("--pairs", type=int, default=20,
+                    help="referrals, and replacements, of each kind (default 20)")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     folder = tempfile.mkdtemp(prefix="cardcore-outbox-")
@@ -121,12 +127,45 @@ def measure(folder: str, pairs: int) -> dict:
                     raise SystemExit(f"{kind}: no bonus within {WAIT_S} s")
                 time.sleep(0.002)
             waits_ms.append((time.monotonic() - start) * 1000)
-        waits_ms.sort()
-        out[kind] = {"p50_ms": round(statistics.median(waits_ms), 1),
-                     "p90_ms": round(waits_ms[max(0, int(0.9 * len(waits_ms)) - 1)], 1),
-                     "max_ms": round(waits_ms[-1], 1)}
+        out[kind] = spread_of(waits_ms)
+
+    def replaced_ms(old: str, new: str) -> tuple[float, float]:
+        request_id = f"bench-{random.getrandbits(64)}"
+        start = time.monotonic()
+        answer = cards.ReplaceCard(pb.ReplaceCardRequest(
+            request_id=request_id, client_time_us=now_us(), card=cpb.CardRef(card_number=old),
+            new_card=cpb.CardRef(card_number=new), till=cpb.Till(store_id=1)),
+            metadata=metadata)
+        answered = time.monotonic()
+        assert answer.reason == cpb.REASON_OK, answer
+        read = cards.GetCard(pb.GetCardRequest(card=cpb.CardRef(card_number=new)))
+        assert read.balance.principal_minor == 1_000, read
+        return (answered - start) * 1000, (time.monotonic() - start) * 1000
+
+    for kind, new_shard in (("replacement_by_a_card_of_another_card_shard", CARD_SHARDS[1]),
+                            ("replacement_by_a_card_of_the_same_card_shard", CARD_SHARDS[0])):
+        answers_ms, reads_ms = [], []
+        for _ in range(pairs):
+            old = number_on(CARD_SHARDS[0])
+            open_card(old)
+            top_up = cards.TopUp(pb.TopUpRequest(
+                request_id=f"bench-{random.getrandbits(64)}", client_time_us=now_us(),
+                card=cpb.CardRef(card_number=old), amount_minor=1_000,
+                till=cpb.Till(store_id=1, terminal_id=1)))
+            assert top_up.reason == cpb.REASON_OK, top_up
+            answer_ms, read_ms = replaced_ms(old, number_on(new_shard))
+            answers_ms.append(answer_ms)
+            reads_ms.append(read_ms)
+        out[kind] = {"answered": spread_of(answers_ms), "new_card_read": spread_of(reads_ms)}
     channel.close()
     return out
+
+
+def spread_of(times_ms: list[float]) -> dict:
+    times_ms = sorted(times_ms)
+    return {"p50_ms": round(statistics.median(times_ms), 1),
+            "p90_ms": round(times_ms[max(0, int(0.9 * len(times_ms)) - 1)], 1),
+            "max_ms": round(times_ms[-1], 1)}
 
 
 if __name__ == "__main__":

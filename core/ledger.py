@@ -1946,9 +1946,12 @@ class _Group:
                 points = admin.program.referral_points
                 refers = (points and referrer != NO_REFERRER and referrer != op.card_id
                           and entry[3] == L.STATUS_ACTIVE)  # an issued stock card refers no one
-                if refers and op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE:
-                    # the referrer is another card shard's: its bonus owed there, in the outbox,
-                    # which a front delivers (docs/cluster.md, "Two cards on two card shards")
+                if refers and (op.packed[L.OP_OFF_ROUTE_FLAGS] & L.REFERRER_ELSEWHERE
+                               or referrer in admin.forwards):
+                    # the referrer is another card shard's (a front's mark; or this shard
+                    # forwarded its number, which a front may not have read yet): its bonus
+                    # owed there, in the outbox, which a front delivers (docs/cluster.md, "Two
+                    # cards on two card shards")
                     txn.put(L.OUTBOX_KEY_PREFIX + L.OUTBOX_KEY.pack(seq), L.OUTBOX.pack(
                         L.OUTBOX_VERSION, L.OUTBOX_REFERRAL, seq, referrer, points, ts),
                         db=ledger.meta)

@@ -57,6 +57,7 @@ from cardcore import members as member_metrics
 from cardcore import layout as L
 from cardcore import lots
 from cardcore import stores
+from cardcore.shards import SHARD_NUMBER_MAX
 from cardcore.admin import META_PROGRAM, META_TIER_CARDS, TIER_CARDS, U32
 from cardcore.chain import GENESIS, link
 from cardcore.idempotency import lines_digest, referrer_tag, request_tag, unpack_request_keys
@@ -284,8 +285,10 @@ def _forwards(txn, ledger, journaled: dict, problem) -> None:
             if not key.startswith(L.FORWARD_KEY_PREFIX):
                 break
             card = key[len(L.FORWARD_KEY_PREFIX):]
-            version, _, n = L.FORWARD.unpack(value) if len(value) == L.FORWARD.size else (0, 0, 0)
-            if version != L.FORWARD_VERSION or len(card) != L.CARD_ID_SIZE:
+            version, shard, n = (L.FORWARD.unpack(value) if len(value) == L.FORWARD.size
+                                 else (0, 0, 0))
+            if (version != L.FORWARD_VERSION or len(card) != L.CARD_ID_SIZE or value[1] or
+                    value[4:8] != bytes(4) or shard > SHARD_NUMBER_MAX):
                 problem(f"forward record {card.hex()}: not one")
             elif card in journaled or txn.get(card, db=ledger.cards) is not None:
                 problem(f"card {card.hex()}: forwarded to another shard, and held here")

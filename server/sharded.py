@@ -224,7 +224,7 @@ class ShardedWriter:
         self.admin.attach(ledger)
         for shard, w in self.cards.items():
             w.attach(self.card_ledgers[shard])
-            w.on_advance = _program_follower(self.card_ledgers[shard])
+            w.on_advance = _card_follower(self.card_ledgers[shard], self.routes, shard)
         self.ledger = ShardedLedger(ledger, self.card_ledgers, self.routes)
         self._outbox_task = self.loop.create_task(self._deliver_outboxes())
         self._outbox_task.add_done_callback(_outbox_ended)
@@ -387,26 +387,43 @@ class ShardedWriter:
 
     async def _replace_across(self, op: PendingOp, deadline: float | None,
                               on_answer) -> list[Outcome]:
-        """A replacement whose new card is not where the old card is (docs/cluster.md, "A
-        replacement by a card of another card shard"): the new number forwarded to the old
-        card's shard on the card shard its slot routes to (refused, and so the replacement, when
-        that shard holds the number or forwarded it to another: the number is taken); then the
-        replacement, made on the old card's shard as on a single server. Sent again (the same
-        request), the forward is found made and the replacement answered as it was."""
-        for shard, ledger in self.card_ledgers.items():  # (the old card may be a forwarded one)
-            self.routes.learn(shard, ledger)
+        """A replacement whose new card may not be where the old card is (docs/cluster.md, "A
+        replacement by a card of another card shard"). First where both are now: every card
+        shard's follower at its stream's end, their forwards read (the routes that sent it here
+        may be stale). The old card not there: CARD_NOT_FOUND, nothing sent. The new number's
+        slot routed to another shard, and not forwarded to the old card's yet: forwarded there
+        by that shard (refused, and so the replacement, when it holds the number or forwarded it
+        to another: the number is taken). Then the replacement, made on the old card's shard
+        as on a single server. Sent again (the same request), the forward is found made and the
+        replacement answered as it was. ``on_answer`` runs once, whatever happens."""
         new = op.packed[_OP_SECOND_CARD]
-        at = self.routes.shard_of(op.card_id)
-        await self.cards[at].fresh(everything=True)  # (opened through any front: seen)
-        if self.card_ledgers[at].read_card(op.card_id) is None:
-            reason = L.R_CARD_NOT_FOUND  # (no number forwarded for a card there is not)
-        else:
-            (made,) = await self.cards[self.routes.home_of(new)].submit([forward(new, at)],
-                                                                        deadline)
-            if made.reason == L.R_OK:
+        step = "look"  # what is being sent: nothing yet, the forward, the replacement
+        try:
+            async with asyncio.timeout(None if deadline is None
+                                       else max(0.0, deadline - time.monotonic())):
+                await asyncio.gather(*(w.fresh(everything=True) for w in self.cards.values()))
+            for shard, ledger in self.card_ledgers.items():
+                self.routes.learn(shard, ledger)
+            at, home = self.routes.shard_of(op.card_id), self.routes.home_of(new)
+            if self.card_ledgers[at].read_card(op.card_id) is None:
+                return self._answer(op, L.R_CARD_NOT_FOUND, on_answer)
+            if home != at and self.routes.shard_of(new) != at:
+                step = "forward"
+                (made,) = await self.cards[home].submit([forward(new, at)], deadline)
+                if made.reason != L.R_OK:  # (taken; or OUTCOME_UNKNOWN: asked again, made)
+                    return self._answer(op, made.reason, on_answer)
                 self.routes.forwarded[new] = at
-                return await self.cards[at].submit([op], deadline, on_answer)
-            reason = made.reason  # (the number taken; OUTCOME_UNKNOWN: asked again, made)
+            step = "replacement"  # (the writer runs on_answer once it answers)
+            return await self.cards[at].submit([op], deadline, on_answer)
+        except (Overloaded, Stopped, Stale, TimeoutError) as exc:  # that step was not sent
+            log.warning("front: a replacement across card shards stopped before its %s was "
+                        "sent: %s", step, type(exc).__name__)
+            return self._answer(op, L.R_OVERLOADED if isinstance(exc, Overloaded)
+                                else L.R_UNAVAILABLE, on_answer)
+
+    @staticmethod
+    def _answer(op: PendingOp, reason: int, on_answer) -> list[Outcome]:
+        """``op`` answered ``reason`` by this front (nothing of it made), ``on_answer`` run."""
         outcome = _uniform(reason, [op])
         if on_answer is not None:
             try:
@@ -744,6 +761,8 @@ class ShardedLedger:
         time (every chunk one shard's, so each re-seal operation goes to one): the rest of
         ``after``'s shard, else the next card shard's from its first."""
         order = sorted(self.cards)
+        for shard, ledger in self.cards.items():  # (a re-seal of a chunk that holds a card made
+            self.routes.learn(shard, ledger)      # by a replacement goes where it is)
         # (the shard a chunk came from, by its last card: a card its shard holds though the
         # table routes it elsewhere, once slots move, must not send the cursor back)
         at = order.index(self._sealed_from.get(after, self.routes.shard_of(after))) if after else 0
@@ -807,9 +826,12 @@ def _with_ksn(terminal: tuple, ksn: int) -> tuple:
             *terminal[_TERMINAL_KSN + 1:])
 
 
-def _program_follower(ledger: Ledger) -> Callable[[], None]:
-    """A card shard's reader adopts the program its shard relayed (quotes run under it)."""
+def _card_follower(ledger: Ledger, routes: Routes, shard: int) -> Callable[[], None]:
+    """As a card shard's follower advances (``ClusterWriter``: at most every RELOAD_EVERY_S):
+    its reader adopts the program its shard relayed (quotes run under it), and the routes take
+    the card numbers it forwarded since."""
     def follow() -> None:
         if ledger.read_program_version() != ledger.program_version:
             ledger.refresh_program()
+        routes.learn(shard, ledger)
     return follow

@@ -2,21 +2,24 @@
 another card shard"), on two ledgers in-process: the new card's number forwarded by the shard
 its slot routes to (b) to the old card's shard (a), where the replacement is made as on one
 ledger; b then refuses every operation on that card with nothing recorded, never takes the
-number for another shard, and keeps all this across a restart; verify holds both and catches
-a forwarded card held. The running front's test is in test_sharded_front.py."""
+number for another shard, owes a's card the bonus of a referral by it, and keeps all this
+across a restart; verify holds both and catches a forwarded card held. The running front's test is in test_sharded_front.py."""
 from __future__ import annotations
 
 from cardcore import layout as L
+from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger
-from cardcore.shards import forward
+from cardcore.shards import forward, outbox_bonus
 from cardcore.verify import verify
 from test_card_programs import Till, example
-from test_ledger import cid, op, open_op
+from test_ledger import cid, key, op, open_op
 from test_replacement import replace, replace_op
 
-SHARD_A = 1  # the old card's shard
-OLD, NEW, HERE, LATE, EARLY = ("6225880000000701", "6225880000000719", "6225880000000727",
-                               "6225880000000735", "6225880000000743")
+SHARD_A, SHARD_B = 1, 2  # the old card's shard; the new number's (its slot's)
+OLD, NEW, HERE, LATE, EARLY, REFERRED = (
+    "6225880000000701", "6225880000000719", "6225880000000727", "6225880000000735",
+    "6225880000000743", "6225880000000750")
+PROGRAM = "referral_points = 300\n" + example("cafe")
 
 
 def clean(till: Till) -> None:
@@ -25,8 +28,8 @@ def clean(till: Till) -> None:
 
 
 def test_a_forwarded_number_is_the_other_shards_card_and_never_one_here(tmp_path):
-    a = Till(str(tmp_path / "a"), example("cafe"))
-    b = Till(str(tmp_path / "b"), example("cafe"))
+    a = Till(str(tmp_path / "a"), PROGRAM)
+    b = Till(str(tmp_path / "b"), PROGRAM)
     a.open(OLD)
     assert a.top_up(OLD, 30_000).reason == L.R_OK
     held = a.card(OLD)
@@ -61,6 +64,16 @@ def test_a_forwarded_number_is_the_other_shards_card_and_never_one_here(tmp_path
     assert [o.reason for o in got] == [L.R_OK, L.R_CARD_ALREADY_EXISTS, L.R_OK,
                                        L.R_CARD_ELSEWHERE]
     assert [(n, c) for n, c, _ in b.ledger.read_forwards()] == [(1, cid(NEW)), (2, cid(EARLY))]
+    # an opening on b on the referral of the forwarded number, sent unmarked (by a front that
+    # had not read the forward): the bonus is owed to a, in b's outbox, and paid there
+    (referred,) = b.apply(PendingOp.build(key("o-5"), L.OP_OPEN, cid(REFERRED), profile=b"{}",
+                                          client_time_us=b.at + 1, referrer_id=cid(NEW)))
+    assert referred.reason == L.R_OK
+    (owed,) = b.ledger.read_outbox()
+    assert owed[3:5] == (cid(NEW), 300)
+    points = a.card(NEW)["points"]
+    assert a.apply(outbox_bonus(SHARD_B, owed))[0].reason == L.R_OK
+    assert a.card(NEW)["points"] == points + 300
     clean(a)
     clean(b)
     # across a restart: the forwards are read again, and hold
@@ -83,9 +96,7 @@ def test_a_forwarded_number_is_the_other_shards_card_and_never_one_here(tmp_path
 
 
 def test_a_forward_with_a_wrong_payload_is_refused_and_changes_nothing(tmp_path):
-    from cardcore.idempotency import PendingOp
-
-    b = Till(str(tmp_path / "b"), example("cafe"))
+    b = Till(str(tmp_path / "b"), PROGRAM)
     for payload in (b"", b"\x01", b"\x01\x00\x00"):
         (bad,) = b.apply(PendingOp.internal(L.OP_CARD_FORWARDED, payload, subject=cid(NEW)))
         assert bad.reason == L.R_INVALID_ARGUMENT

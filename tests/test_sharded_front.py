@@ -286,9 +286,8 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
         if through is k:
             kill_front(k)
     deadline = time.monotonic() + 20
-    while client.card(referrer).balance.points != points + 600:
-        assert time.monotonic() < deadline and client.card(referrer).balance.points < points \
-            + 600, client.card(referrer).balance.points - points
+    while (got := client.card(referrer).balance.points) != points + 600:  # (read once a turn)
+        assert time.monotonic() < deadline and got < points + 600, got - points
         time.sleep(0.1)
 
     # a replacement by a card whose slot routes to the other shard (2 -> 1). First tried while
