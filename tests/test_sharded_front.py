@@ -6,7 +6,9 @@ without the cluster extra (``make cluster-deps``)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
+import threading
 import time
 
 import grpc
@@ -118,7 +120,8 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     referrer once, through the opening shard's outbox, a front killed -9 after its answer or
     not; a replacement by a card of the other shard makes the new card on the old card's shard,
     its number forwarded there first, a try refused after the forward or not, and every front
-    then finds it there; a second front with other card shards than the stored routing table's
+    then finds it there; eight such replacements through a front killed -9 at a random moment,
+    asked again through another, are each made once with their money; a second front with other card shards than the stored routing table's
     does not start."""
     replicas, front, cluster = sharded
     index_key = Keyring.load_or_create(keyring, os.path.dirname(keyring)).index_key
@@ -354,6 +357,45 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
     assert client.card(new).balance.available_minor == held.available_minor + 100
     k2.stop()
 
+    # replacements across the shards through front k3, killed -9 with its followers at a
+    # random moment among them (before a look, a forward or a replacement, or after one),
+    # then each asked again through f: every one made once, each new card holding exactly its
+    # old card's money, none of the old cards' money lost or doubled
+    olds, news = numbers_on(index_key, 2, 8), numbers_on(index_key, 1, 8)
+    for k, number in enumerate(olds):
+        assert client.open(number).reason == R.REASON_OK
+        assert client.top_up(number, 1_000 + k).reason == R.REASON_OK
+    ids = [rid() for _ in olds]
+
+    def replace_pair(through: ServerProcess, k: int):
+        return through.stub.ReplaceCard(pb.ReplaceCardRequest(
+            request_id=ids[k], client_time_us=sent_at(ids[k]),
+            card=cpb.CardRef(card_number=olds[k]), new_card=cpb.CardRef(card_number=news[k]),
+            till=cpb.Till(store_id=3)), metadata=admin.metadata, timeout=10)
+
+    k3 = front("k3", "--card-shards", "1,2")
+    answered: list[int] = []
+
+    def replace_all() -> None:
+        for k in range(len(olds)):
+            try:
+                if replace_pair(k3, k).reason == R.REASON_OK:
+                    answered.append(k)
+            except grpc.RpcError:
+                return  # (killed: the rest are asked through f)
+
+    sender = threading.Thread(target=replace_all)
+    sender.start()
+    time.sleep(random.uniform(0.05, 0.6))
+    kill_front(k3)
+    sender.join(30)
+    for k in range(len(olds)):
+        again = replace_pair(f, k)
+        assert again.reason == R.REASON_OK and (again.replayed or k not in answered), k
+    for k, (old_number, new_number) in enumerate(zip(olds, news)):
+        assert client.card(old_number).status == cpb.CARD_STATUS_REPLACED
+        assert client.card(new_number).balance.principal_minor == 1_000 + k
+
     # a front with other card shards than the stored table's does not start
     with pytest.raises(RuntimeError, match="routing table routes cards to shards 1,2"):
         front("g", "--card-shards", "1")
@@ -369,12 +411,14 @@ def test_one_front_routes_each_card_to_its_slots_shard_and_merges_what_spans_the
                 held = ledger.read_card(card_id(index_key, number)) is not None
                 assert held == (shard_of(index_key, number) == shard), (number, shard)
             assert [Keyring.sealed_version(sealed) for _, sealed in ledger.read_sealed()] \
-                == [2] * (3 + 4 * (shard == 2))  # (its three cards', re-sealed; 2 opened since,
-            #                                      and the replaced card and its replacement)
+                == [2] * (3 + 20 * (shard == 2))  # (its three cards', re-sealed; 2 opened
+            #                    since, and the replaced cards (9) and their replacements (9))
             assert ledger.read_outbox() == []  # (delivered, taken out)
             # the replacement: on the old card's shard; its number forwarded there by its slot's
-            assert (ledger.read_card(card_id(index_key, new)) is not None) == (shard == 2)
-            assert ledger.read_forwards() == [(1, card_id(index_key, new), 2)] * (shard == 1)
+            for number in (new, *news):
+                assert (ledger.read_card(card_id(index_key, number)) is not None) == (shard == 2)
+            assert [(c, s) for _, c, s in ledger.read_forwards()] == [
+                (card_id(index_key, number), 2) for number in (new, *news)] * (shard == 1)
             bonuses = [e for _, e in ledger.dump()["journal"] if e[1] == L.OP_REFERRAL_BONUS]
             assert [L.JOURNAL.unpack(e)[29] for e in bonuses] == [3, 3] * (shard == 1)
         finally:
