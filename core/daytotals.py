@@ -874,8 +874,9 @@ def joined(entries) -> bytes:
 def later_payments(txn, ledger, buf: bytes, seen: set[int]) -> list[int]:
     """The indexes of the entries in ``buf`` (journal entries, in sequence order) that are a
     later payment of a split tender's basket: a purchase whose basket had a payment before it,
-    among the entries already looked at (``seen``: basket tags, updated) or in the baskets index
-    at a smaller seq. The day totals and the member metrics count the basket's sale once."""
+    among the entries already looked at (``seen``: basket tags, updated), in the baskets index
+    at a smaller seq, or on another card shard (its entry marked BASKET_BEGUN_ELSEWHERE). The
+    day totals and the member metrics count the basket's sale once."""
     size = L.JOURNAL_SIZE
     view = memoryview(buf)
     tags = view.cast("Q")[_OFF_BASKET // 8::_Q_PER_ENTRY].tolist()
@@ -887,7 +888,8 @@ def later_payments(txn, ledger, buf: bytes, seen: set[int]) -> list[int]:
     for k, tag in enumerate(tags):
         if not tag or buf[k * size + 1] != L.OP_PURCHASE:
             continue
-        earlier = tag in seen
+        earlier = tag in seen or bool(L.JOURNAL_PURCHASE_FLAGS.unpack_from(
+            buf, k * size + L.JOURNAL_OFF_PURCHASE_FLAGS)[0] & L.BASKET_BEGUN_ELSEWHERE)
         if not earlier and db is not None:
             cur = txn.cursor(db=db)
             if cur.set_range(_BASKET_FIRST.pack(tag, 0)):

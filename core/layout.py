@@ -584,6 +584,9 @@ CAPTURE = 2  # an operation's op_flags: a purchase paid from the hold its link_s
 ISSUE_ONLY = 4  # an opening's op_flags: the card is issued, not active (rule 14)
 OP_OFF_ROUTE_FLAGS = 163  # an operation's route_flags (a front over several card shards)
 REFERRER_ELSEWHERE = 1    # route_flags of an opening whose referrer is on another card shard
+BASKET_ELSEWHERE = 2      # route_flags of a split-tender payment whose basket has a payment made
+#                           on another card shard (docs/cluster.md, "A basket paid on two card
+#                           shards"): its entry is marked BASKET_BEGUN_ELSEWHERE
 # The outbox (docs/cluster.md, "Two cards on two card shards"): what this card shard owes another,
 # written in the group that made it, delivered by a front, then taken out (OP_OUTBOX_DONE). LMDB
 # ``meta``, key OUTBOX_KEY_PREFIX | u64 big-endian seq of the entry that made it; value, v1,
@@ -626,6 +629,8 @@ CARD_EXPIRY_KEY = struct.Struct(">Q16s")  # cards_by_expiry: expires_us, card id
 CARD_EXPIRIES_MAX = 1000  # cards one group expires at most besides its own (the rest: the next)
 CARD_VALID_MONTHS_MAX = 1200  # a card is valid at most 100 years
 UNDO_COMPLETE = 2  # an entry's purchase_flags: this refund or reversal leaves nothing to refund
+BASKET_BEGUN_ELSEWHERE = 4  # an entry's purchase_flags: a payment of a basket that has an earlier
+#                             one on another card shard (which counted the basket's sale)
 OP_PROGRAM, OP_OFF_PROGRAM = struct.Struct("<H6xq"), 160
 
 CARD_SIZE, JOURNAL_SIZE, OP_SIZE, IDEM_SIZE, TERMINAL_SIZE = 128, 256, 192, 64, 64

@@ -193,6 +193,21 @@ _TOMBSTONE_WRITTEN = "written"  # a tombstone's state in a group, once a reversa
 _EXT_REVIEW = struct.Struct("<xB78xII")  # layout.CARD_EXT: flags (1), review_day, its period (80)
 
 
+def _mark_begun_elsewhere(packed: bytes, journal_out: bytearray) -> None:
+    """The applied split-tender payments of a run that a front marked BASKET_ELSEWHERE (their
+    basket has a payment made on another card shard): their entries say so
+    (BASKET_BEGUN_ELSEWHERE), and the day totals and member metrics count the basket's sale
+    with that other payment, once (``daytotals.later_payments``; docs/cluster.md)."""
+    size, at_flags = L.JOURNAL_SIZE, L.JOURNAL_OFF_PURCHASE_FLAGS
+    for k, route in enumerate(packed[L.OP_OFF_ROUTE_FLAGS::L.OP_SIZE]):
+        at = k * size
+        if (route & L.BASKET_ELSEWHERE and journal_out[at + 1] == L.OP_PURCHASE
+                and journal_out[at + 4] == L.R_OK):
+            flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(journal_out, at + at_flags)[0]
+            L.JOURNAL_PURCHASE_FLAGS.pack_into(journal_out, at + at_flags,
+                                               flags | L.BASKET_BEGUN_ELSEWHERE)
+
+
 def items_of(txn, ledger: "Ledger", ops: list[PendingOp],
              undo: list | None = None, packed: bytes | None = None) -> tuple[array, list, bytearray]:
     """The records ``ops`` name, each read once: a purchase's coupon, a package use's package, a
@@ -1851,6 +1866,8 @@ class _Group:
             if any(cid not in ext_ids for cid, _ in changed):
                 raise InvariantError("the kernel changed a program state the ledger did not read")
             ext_cur.putmulti(changed)
+        if any(packed[L.OP_OFF_ROUTE_FLAGS::L.OP_SIZE]):  # (a front's marks: rare)
+            _mark_begun_elsewhere(packed, journal_out)
         out = bytes(journal_out)
         filled_lines = bytes(lines)  # as the kernel filled them: sliced once per purchase below
         line_at = 0

@@ -67,14 +67,26 @@ def card_shards_of(table: list[int]) -> list[int]:
 
 # ---- two cards on two card shards (docs/cluster.md, "Two cards on two card shards") -----------
 
-def referrer_elsewhere(op: PendingOp) -> PendingOp:
-    """A copy of opening ``op`` marked REFERRER_ELSEWHERE (outside its digest: a retry through
-    any front is the same request): its card shard's writer puts the referrer's bonus in its
-    outbox instead of looking for the referrer among its own cards."""
-    assert op.packed[0] in L.OPENINGS
+def marked(op: PendingOp, flag: int) -> PendingOp:
+    """A copy of ``op`` with route flag ``flag`` set (layout.OP route_flags: outside its digest,
+    so a retry through any front is the same request)."""
     at = L.OP_OFF_ROUTE_FLAGS
-    packed = op.packed[:at] + bytes((op.packed[at] | L.REFERRER_ELSEWHERE,)) + op.packed[at + 1:]
+    packed = op.packed[:at] + bytes((op.packed[at] | flag,)) + op.packed[at + 1:]
     return dataclasses.replace(op, packed=packed)
+
+
+def referrer_elsewhere(op: PendingOp) -> PendingOp:
+    """Opening ``op`` marked REFERRER_ELSEWHERE: its card shard's writer puts the referrer's
+    bonus in its outbox instead of looking for the referrer among its own cards."""
+    assert op.packed[0] in L.OPENINGS
+    return marked(op, L.REFERRER_ELSEWHERE)
+
+
+def basket_elsewhere(op: PendingOp) -> PendingOp:
+    """Split-tender payment ``op`` marked BASKET_ELSEWHERE: its basket has a payment made on
+    another card shard, so its entry counts no sale of the basket (BASKET_BEGUN_ELSEWHERE)."""
+    assert op.packed[0] == L.OP_PURCHASE
+    return marked(op, L.BASKET_ELSEWHERE)
 
 
 def outbox_bonus(shard: int, record: tuple) -> PendingOp:

@@ -879,9 +879,12 @@ def _purchase_problem(prog: CompiledProgram | None, s: list, f: tuple, entry: by
     coupon_off, = L.JOURNAL_COUPON_OFF.unpack_from(entry, L.JOURNAL_OFF_COUPON)
     amount, discount, dp, db_, dpts, ts_us = f[9], f[10], f[11], f[12], f[13], f[17]
     due = -(dp + db_)  # what the card paid
-    partial = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+    flags = L.JOURNAL_PURCHASE_FLAGS.unpack_from(entry, L.JOURNAL_OFF_PURCHASE_FLAGS)[0]
+    partial = flags & L.PARTIAL_PAYMENT
+    if flags & L.BASKET_BEGUN_ELSEWHERE and not any(entry[160:168]):  # (layout.JOURNAL basket_tag)
+        return "a purchase marked as a later payment of a basket, without a basket"
     if (amount <= 0 or not 0 <= discount <= amount or dp > 0 or db_ > 0 or taken < 0
-            or not 0 <= redeemed or partial & ~L.PARTIAL_PAYMENT
+            or not 0 <= redeemed or flags & ~(L.PARTIAL_PAYMENT | L.BASKET_BEGUN_ELSEWHERE)
             or (due != amount - discount - redeemed if not partial
                 else not 0 < due < amount - discount - redeemed)):
         return "a purchase whose debit is not gross - discount - redeemed (or less, if partial)"

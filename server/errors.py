@@ -146,8 +146,9 @@ TABLE: dict[int, tuple[grpc.StatusCode, str]] = {
                                 "holds no cards: send card operations through a front of a card "
                                 "shard"),
     R.REASON_CROSS_SHARD: (C.FAILED_PRECONDITION, "one card shard of the cluster cannot make "
-                           "this alone (a gift's chain-wide stock, a basket paid on another "
-                           "shard), which is not built yet: nothing changed"),
+                           "this alone (a gift's chain-wide stock: not built yet), or not yet (a "
+                           "basket payment while one on another shard is unsettled: ask again): "
+                           "nothing changed"),
     R.REASON_CARD_ELSEWHERE: (C.UNAVAILABLE, "this card was made by a replacement on another "
                               "card shard than its number's, which this front had not read "
                               "yet: nothing changed; ask again with the same request_id"),

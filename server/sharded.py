@@ -11,9 +11,11 @@ interfaces the services use, so that the services stay the single server's code:
   whose referrer is on another card shard is marked so (``REFERRER_ELSEWHERE``): its shard puts
   the referrer's bonus in its outbox, which the front delivers (``_deliver_outboxes``). A
   replacement by a card whose slot routes to another shard makes the new card on the old card's
-  shard, its number forwarded there first (``_replace_across``; ``Routes``). What one card shard
-  cannot make alone (a gift, a basket paid on another shard) is refused (``R_CROSS_SHARD``):
-  nothing changed, nothing sent.
+  shard, its number forwarded there first (``_replace_across``; ``Routes``). A split-tender
+  payment whose basket has a payment made on another card shard is marked so
+  (``BASKET_ELSEWHERE``): its shard counts no sale for it (``_basket_state``). What one card
+  shard cannot make alone (a gift) is refused (``R_CROSS_SHARD``): nothing changed, nothing
+  sent.
 - ``ShardedLedger`` (the read side of ``Ledger``): admin state (terminals, operators, the program,
   regions and stores) from the admin shard's follower; a card's reads from its card shard's
   follower (``of_card``); a request (GetOperation) from whichever shard holds it; FindCards, a
@@ -35,7 +37,8 @@ from cardcore import layout as L
 from cardcore.admin import RESEAL_ITEM
 from cardcore.idempotency import PendingOp
 from cardcore.ledger import Ledger, Outcome
-from cardcore.shards import forward, outbox_bonus, outbox_done, referrer_elsewhere, slot_of
+from cardcore.shards import (basket_elsewhere, forward, outbox_bonus, outbox_done,
+                             referrer_elsewhere, slot_of)
 
 from .errors import ShardBehind
 from .front import ClusterWriter
@@ -48,7 +51,9 @@ _OP_SECOND_CARD = slice(176, 192)  # layout.OP: referrer_id (an opening's referr
 _NO_CARD = bytes(L.CARD_ID_SIZE)
 _TS, _SEQ = struct.Struct("<q"), struct.Struct("<Q")  # layout.JOURNAL's ts_us (96), seq (8)
 _BASKET, _OP_BASKET_AT = struct.Struct("<Q"), 152  # layout.OP's basket_tag
-BASKETS_KEPT = 100_000   # split-tender baskets a front remembers the card shard of
+BASKETS_KEPT = 100_000   # split-tender baskets a front remembers its payments of
+BASKET_UNKNOWN_S = 30.0  # a basket payment answered OUTCOME_UNKNOWN and not seen made since:
+#                          not made, once this long has passed (its group long settled)
 CARD_SHARD_WAIT_S = 30.0  # a new card shard's first leader takes its place beside the admin shard
 RELAY_WAIT_S = 5.0        # an admin change's answer waits this long for every card shard to hold it
 RELAY_POLL_S = 0.02       # ... looking this often
@@ -123,11 +128,11 @@ class ShardedWriter:
         self.card_ledgers: dict[int, Ledger] = {}
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
-        # split-tender baskets this front sent payments of, by tag: [the card shard of their
-        # payments, how many are unanswered, 1 once one was (maybe) made]; a payment on another
-        # shard is refused (``_route``). Kept while one is unanswered or one was (maybe) made;
-        # the newest BASKETS_KEPT.
-        self._baskets: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        # split-tender baskets this front sent payments of, by tag, then card shard: [how many
+        # are unanswered, 1 once one was made, when one was answered OUTCOME_UNKNOWN (monotonic
+        # s; 0: none)] (``_basket_state``). Kept while any is unanswered, made or unknown; the
+        # newest BASKETS_KEPT.
+        self._baskets: collections.OrderedDict[int, dict[int, list]] = collections.OrderedDict()
         self._outbox_task: asyncio.Task | None = None
         self._outbox_wake = {shard: asyncio.Event() for shard in cards}  # (an opening answered)
 
@@ -254,12 +259,10 @@ class ShardedWriter:
 
     # ---- writes ----------------------------------------------------------------------------
 
-    def _route(self, op: PendingOp, baskets: dict[int, int]) -> tuple[ClusterWriter | None, int]:
+    def _route(self, op: PendingOp) -> tuple[ClusterWriter | None, int]:
         """(the writer an operation goes to, None if refused; the reason). Refused with
         R_CROSS_SHARD, before anything is sent, what one card shard cannot do alone: a gift (its
-        stock is the chain's: one counter, which each card shard would spend on its own), and a
-        split-tender payment whose basket was paid on another card shard (the day totals would
-        count its sale again there; ``baskets``: this call's, tag -> card shard, filled)."""
+        stock is the chain's: one counter, which each card shard would spend on its own)."""
         if to_admin_shard(op):
             return self.admin, L.R_OK
         kind = op.packed[0]
@@ -272,12 +275,6 @@ class ShardedWriter:
         w = self.cards[self.routes.shard_of(op.card_id)]
         if kind == L.OP_GIFT_REDEEM:
             return None, L.R_CROSS_SHARD
-        elif kind == L.OP_PURCHASE:
-            tag = _basket_of(op)
-            if tag:
-                if self._basket_elsewhere(tag, w.shard, baskets):
-                    return None, L.R_CROSS_SHARD
-                baskets[tag] = w.shard
         return w, L.R_OK
 
     def _referrer_elsewhere(self, op: PendingOp, shard: int) -> bool:
@@ -288,43 +285,57 @@ class ShardedWriter:
         referrer = op.packed[_OP_SECOND_CARD]
         return referrer != _NO_CARD and self.routes.shard_of(referrer) != shard
 
-    def _basket_elsewhere(self, tag: int, shard: int, baskets: dict[int, int]) -> bool:
-        """Whether basket ``tag`` has a payment on another card shard than ``shard``: earlier
-        in this call, sent by this front (answered or not), or made through another front
-        (its card shard's follower holds it here)."""
-        known = baskets.get(tag)
-        if known is None and tag in self._baskets:
-            known = self._baskets[tag][0]
-        if known is not None:
-            return known != shard
-        return any(ledger.read_basket(tag) for s, ledger in self.card_ledgers.items()
-                   if s != shard)
+    def _basket_state(self, tag: int, shard: int, baskets: dict[int, int]) -> bool | None:
+        """Whether basket ``tag`` has a payment made on another card shard than ``shard``
+        (docs/cluster.md, "A basket paid on two card shards"): sent by this front and answered
+        made, or made through any front (that shard's follower here holds it). None (refused:
+        asked again later) while one there is not settled: earlier in this call (``baskets``:
+        this call's, tag -> the card shard of its first payment), unanswered, or answered
+        OUTCOME_UNKNOWN less than BASKET_UNKNOWN_S ago and not seen made since."""
+        first = baskets.get(tag)
+        if first is not None and first != shard:
+            return None
+        made = False
+        for s, (unanswered, was_made, unknown_at) in self._baskets.get(tag, {}).items():
+            if s == shard:
+                continue
+            if unanswered:
+                return None
+            made = made or bool(was_made)
+            if unknown_at and not made and not self.card_ledgers[s].read_basket(tag) \
+                    and time.monotonic() - unknown_at < BASKET_UNKNOWN_S:
+                return None
+        return made or any(ledger.read_basket(tag) for s, ledger in self.card_ledgers.items()
+                           if s != shard)
 
     def _sent(self, ops: list[PendingOp]) -> None:
-        """Split-tender payments sent: their baskets are their card shards' from now on."""
+        """Split-tender payments sent, each counted on its card shard as unanswered."""
         for op in ops:
             tag = _basket_of(op)
             if tag:
-                held = self._baskets.get(tag)
-                if held is None:
-                    held = self._baskets[tag] = [self.routes.shard_of(op.card_id), 0, 0]
-                held[1] += 1
+                held = self._baskets.setdefault(tag, {})
+                held.setdefault(self.routes.shard_of(op.card_id), [0, 0, 0.0])[0] += 1
                 self._baskets.move_to_end(tag)
         while len(self._baskets) > BASKETS_KEPT:
             self._baskets.popitem(last=False)
 
     def _paid(self, ops: list[PendingOp], outcomes: list[Outcome]) -> None:
-        """Split-tender payments answered: a basket none of whose payments was (maybe) made is
-        no shard's any more (a declined first card: the next may be of any shard)."""
+        """Split-tender payments answered: made, or not known; a basket none of whose payments
+        is unanswered, made or not known is forgotten (a declined first card: the next may be
+        of any shard, and counts the sale)."""
         for op, outcome in zip(ops, outcomes, strict=True):
             tag = _basket_of(op)
             held = self._baskets.get(tag) if tag else None
-            if held is None:
+            at = held.get(self.routes.shard_of(op.card_id)) if held is not None else None
+            if at is None:
                 continue
-            held[1] -= 1
-            if outcome.reason in (L.R_OK, L.R_OUTCOME_UNKNOWN):
-                held[2] = 1
-            if held[1] <= 0 and not held[2]:
+            at[0] -= 1
+            if outcome.reason == L.R_OK:
+                at[1] = 1
+            elif outcome.reason == L.R_OUTCOME_UNKNOWN:
+                at[2] = time.monotonic()
+            if not any(unanswered or made or unknown for unanswered, made, unknown
+                       in held.values()):
                 del self._baskets[tag]
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None,
@@ -348,10 +359,19 @@ class ShardedWriter:
                     op.packed[_OP_SECOND_CARD]) != self.routes.shard_of(op.card_id):
                 across.append(i)
                 continue
-            w, reason = self._route(op, baskets)
+            w, reason = self._route(op)
             if w is None:
                 refused[i] = _uniform(reason, [op])[0]
                 continue
+            tag = _basket_of(op)
+            if tag:  # a split-tender payment: its basket's sale counted once over the shards
+                elsewhere = self._basket_state(tag, w.shard, baskets)
+                if elsewhere is None:
+                    refused[i] = _uniform(L.R_CROSS_SHARD, [op])[0]
+                    continue
+                baskets.setdefault(tag, w.shard)
+                if elsewhere:
+                    ops[i] = basket_elsewhere(op)
             if self._referrer_elsewhere(op, w.shard):
                 ops[i] = referrer_elsewhere(op)
                 owing.add(w.shard)

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from cardcore import daytotals, members
 from cardcore import layout as L
 from cardcore.ledger import Ledger
-from cardcore.shards import (SLOTS, RoutesInvalid, card_shards_of, decode_routes, encode_routes,
-                             slot_of, spread)
+from cardcore.shards import (SLOTS, RoutesInvalid, basket_elsewhere, card_shards_of,
+                             decode_routes, encode_routes, slot_of, spread)
 from conftest import examples
 from test_ledger import NOW, add_operator, cid, op, open_op
 
@@ -38,8 +38,11 @@ def test_a_stored_table_that_is_not_one_is_refused(stored):
         decode_routes(stored)
 
 
-# (card, kind, amount, staff) steps; cards 0..5, each on the shard its id's slot is routed to
-STEP = st.tuples(st.integers(0, 5), st.sampled_from([L.OP_TOP_UP, L.OP_PURCHASE, 0]),
+# (card, kind, amount, staff) steps; cards 0..5, each on the shard its id's slot is routed to;
+# kind 0: an admin entry; BASKET: a split-tender basket, card pays what it can of amount, the card
+# three on pays half of it
+BASKET = -1
+STEP = st.tuples(st.integers(0, 5), st.sampled_from([L.OP_TOP_UP, L.OP_PURCHASE, 0, BASKET]),
                  st.integers(1, 50_000), st.integers(0, 3))
 TABLE = spread([1, 2])
 
@@ -52,7 +55,9 @@ def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factor
     shards that each also apply every admin entry (as relayed: an operator added now and then):
     the chain's, a store's and the by-store report with staff, a store's day and the member
     report with its dormant members page by page, merged, are the one ledger's, entries
-    included (an admin entry counted once)."""
+    included (an admin entry counted once; a split-tender basket paid on both shards counted
+    once, its later payment marked as a front marks it: BASKET_ELSEWHERE once one was made on
+    the other shard); each shard verifies clean."""
     folder = tmp_path_factory.mktemp("shards")
     whole = Ledger(os.path.join(folder, "whole"))
     shards = {s: Ledger(os.path.join(folder, f"s{s}")) for s in (1, 2)}
@@ -70,6 +75,20 @@ def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factor
         for card, kind, amount, staff in prelude + steps:  # (3 purchases each at first: every
             at += 1  # member is dormant 61 days on; times a µs apart, as the ledger's clock
             #          moves at most an hour a group)
+            if kind == BASKET:  # two payments, each its own group on the whole and its shard
+                tag, made_on = next(n) + 1, None
+                for number, gross in ((numbers[card], amount),
+                                      (numbers[(card + 3) % 6], amount // 2 + 1)):
+                    pay = op(f"s{next(n)}", L.OP_PURCHASE, number, gross, at=at, staff_id=staff,
+                             basket_tag=tag, op_flags=L.ALLOW_PARTIAL)
+                    shard = TABLE[slot_of(cid(number))]
+                    sent = basket_elsewhere(pay) if made_on not in (None, shard) else pay
+                    got = whole.apply_group([pay], at)[0].reason
+                    assert shards[shard].apply_group([sent], at)[0].reason == got
+                    if got == L.R_OK and made_on is None:
+                        made_on = shard
+                    at += 1
+                continue
             if kind == 0:  # an admin entry, which every card shard holds
                 k = next(n)
                 admin = add_operator(f"a{k}", f"op-{k}", 1, at=at)
@@ -107,6 +126,9 @@ def test_reports_merged_over_two_card_shards_are_the_one_ledgers(tmp_path_factor
             after = merged[1]["next"]
             if not after:
                 break
+        for ledger in shards.values():
+            report = ledger.verify()
+            assert report["ok"], report["problems"]
     finally:
         for ledger in (whole, *shards.values()):
             ledger.close()
