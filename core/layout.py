@@ -85,7 +85,10 @@ Journal entry, v2, 256 bytes, LMDB ``journal`` value (key: u64 big-endian seq)::
                                    coupon issue, or a purchase with a coupon: the coupon's
                                    definition id; 0 = none
     198  u16 purchase_flags        bit 0 PARTIAL_PAYMENT: the card paid less than was due (split
-                                   tender); the rest, due - paid, is the till's to collect
+                                   tender); the rest, due - paid, is the till's to collect;
+                                   bit 2 BASKET_BEGUN_ELSEWHERE: a later payment of a basket
+                                   whose earlier one is on another card shard (counts no
+                                   sale); a refund or reversal: bit 1 UNDO_COMPLETE
     200  16B lines_digest          BLAKE2b-128 of the purchase's stored lines (zeros: none), so
                                    the digest chain covers them too; the ledger fills it
     216  i64 coupon_off_minor      purchase: what its coupon took off (part of discount_minor,
@@ -158,7 +161,9 @@ writer runs::
     163  u8  route_flags           set by a front over several card shards, never by a caller
                                    (outside the digest): open: bit 0 REFERRER_ELSEWHERE
                                    (the referrer's card is on another card shard: the writer
-                                   puts its bonus in the outbox, OUTBOX below)
+                                   puts its bonus in the outbox, OUTBOX below); purchase: bit
+                                   1 BASKET_ELSEWHERE (its basket has a payment made on
+                                   another card shard: the entry's BASKET_BEGUN_ELSEWHERE)
     164  4B  reserved
     168  i64 redeem_points         purchase: points the member offers to pay with (0: none);
                                    coupon issue: the points it is bought with (0: given by an

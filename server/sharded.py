@@ -52,8 +52,6 @@ _NO_CARD = bytes(L.CARD_ID_SIZE)
 _TS, _SEQ = struct.Struct("<q"), struct.Struct("<Q")  # layout.JOURNAL's ts_us (96), seq (8)
 _BASKET, _OP_BASKET_AT = struct.Struct("<Q"), 152  # layout.OP's basket_tag
 BASKETS_KEPT = 100_000   # split-tender baskets a front remembers its payments of
-BASKET_UNKNOWN_S = 30.0  # a basket payment answered OUTCOME_UNKNOWN and not seen made since:
-#                          not made, once this long has passed (its group long settled)
 CARD_SHARD_WAIT_S = 30.0  # a new card shard's first leader takes its place beside the admin shard
 RELAY_WAIT_S = 5.0        # an admin change's answer waits this long for every card shard to hold it
 RELAY_POLL_S = 0.02       # ... looking this often
@@ -129,10 +127,12 @@ class ShardedWriter:
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
         # split-tender baskets this front sent payments of, by tag, then card shard: [how many
-        # are unanswered, 1 once one was made, when one was answered OUTCOME_UNKNOWN (monotonic
-        # s; 0: none)] (``_basket_state``). Kept while any is unanswered, made or unknown; the
-        # newest BASKETS_KEPT.
-        self._baskets: collections.OrderedDict[int, dict[int, list]] = collections.OrderedDict()
+        # are unanswered, 1 once one was made] (``_basket_state``). Kept while any is unanswered
+        # or made; the newest BASKETS_KEPT. And each payment in flight: id -> (tag, the card
+        # shard it was sent to), so that its answer counts where it was sent.
+        self._baskets: collections.OrderedDict[int, dict[int, list[int]]] = \
+            collections.OrderedDict()
+        self._basket_sent: dict[int, tuple[int, int]] = {}
         self._outbox_task: asyncio.Task | None = None
         self._outbox_wake = {shard: asyncio.Event() for shard in cards}  # (an opening answered)
 
@@ -285,62 +285,94 @@ class ShardedWriter:
         referrer = op.packed[_OP_SECOND_CARD]
         return referrer != _NO_CARD and self.routes.shard_of(referrer) != shard
 
-    def _basket_state(self, tag: int, shard: int, baskets: dict[int, int]) -> bool | None:
+    def _basket_state(self, tag: int, shard: int, baskets: dict[int, int],
+                      looked: bool) -> bool | None:
         """Whether basket ``tag`` has a payment made on another card shard than ``shard``
         (docs/cluster.md, "A basket paid on two card shards"): sent by this front and answered
         made, or made through any front (that shard's follower here holds it). None (refused:
         asked again later) while one there is not settled: earlier in this call (``baskets``:
-        this call's, tag -> the card shard of its first payment), unanswered, or answered
-        OUTCOME_UNKNOWN less than BASKET_UNKNOWN_S ago and not seen made since."""
+        this call's, tag -> the card shard of its first payment), or unanswered. _LOOK when
+        neither is known and the followers have not been brought to their streams' ends for
+        this call (``looked``): a payment another front made a moment ago, or one answered
+        OUTCOME_UNKNOWN, is seen there then."""
         first = baskets.get(tag)
         if first is not None and first != shard:
             return None
         made = False
-        for s, (unanswered, was_made, unknown_at) in self._baskets.get(tag, {}).items():
-            if s == shard:
-                continue
-            if unanswered:
-                return None
-            made = made or bool(was_made)
-            if unknown_at and not made and not self.card_ledgers[s].read_basket(tag) \
-                    and time.monotonic() - unknown_at < BASKET_UNKNOWN_S:
-                return None
-        return made or any(ledger.read_basket(tag) for s, ledger in self.card_ledgers.items()
-                           if s != shard)
+        for s, (unanswered, was_made) in self._baskets.get(tag, {}).items():
+            if s != shard:
+                if unanswered:
+                    return None
+                made = made or bool(was_made)
+        if made or any(ledger.read_basket(tag) for s, ledger in self.card_ledgers.items()
+                       if s != shard):
+            return True
+        return False if looked else _LOOK
 
-    def _sent(self, ops: list[PendingOp]) -> None:
-        """Split-tender payments sent, each counted on its card shard as unanswered."""
-        for op in ops:
+    def _sent(self, sent: list[tuple[PendingOp, int]]) -> None:
+        """Split-tender payments sent, each (op, the card shard it went to): counted there as
+        unanswered until ``_paid``."""
+        for op, shard in sent:
             tag = _basket_of(op)
             if tag:
-                held = self._baskets.setdefault(tag, {})
-                held.setdefault(self.routes.shard_of(op.card_id), [0, 0, 0.0])[0] += 1
+                self._baskets.setdefault(tag, {}).setdefault(shard, [0, 0])[0] += 1
                 self._baskets.move_to_end(tag)
+                self._basket_sent[id(op)] = (tag, shard)
         while len(self._baskets) > BASKETS_KEPT:
             self._baskets.popitem(last=False)
 
     def _paid(self, ops: list[PendingOp], outcomes: list[Outcome]) -> None:
-        """Split-tender payments answered: made, or not known; a basket none of whose payments
-        is unanswered, made or not known is forgotten (a declined first card: the next may be
-        of any shard, and counts the sale)."""
+        """Split-tender payments answered (those this front refused were never sent: skipped),
+        counted where they were sent: made, or not (OUTCOME_UNKNOWN: the followers tell, at
+        the next payment's look). A basket none of whose payments is unanswered or made is
+        forgotten (a declined first card: the next may be of any shard, and counts the
+        sale)."""
         for op, outcome in zip(ops, outcomes, strict=True):
-            tag = _basket_of(op)
-            held = self._baskets.get(tag) if tag else None
-            at = held.get(self.routes.shard_of(op.card_id)) if held is not None else None
+            sent = self._basket_sent.pop(id(op), None)
+            held = self._baskets.get(sent[0]) if sent is not None else None
+            at = held.get(sent[1]) if held is not None else None
             if at is None:
                 continue
             at[0] -= 1
             if outcome.reason == L.R_OK:
                 at[1] = 1
-            elif outcome.reason == L.R_OUTCOME_UNKNOWN:
-                at[2] = time.monotonic()
-            if not any(unanswered or made or unknown for unanswered, made, unknown
-                       in held.values()):
-                del self._baskets[tag]
+            if not any(unanswered or made for unanswered, made in held.values()):
+                del self._baskets[sent[0]]
 
     def submit(self, ops: list[PendingOp], deadline: float | None = None,
                on_answer: Callable[[list[PendingOp], list[Outcome]], None] | None = None
                ) -> asyncio.Future:
+        """As ``_submit``; a call with a split-tender payment whose basket this front knows
+        nothing settled of first looks at every card shard's stream end
+        (``_look_then_submit``)."""
+        try:
+            return self._submit(ops, deadline, on_answer, looked=False)
+        except _Look:
+            fut = self.loop.create_future()
+            self._tracked(self._look_then_submit(list(ops), deadline, on_answer, fut))
+            return fut
+
+    async def _look_then_submit(self, ops: list[PendingOp], deadline: float | None, on_answer,
+                                fut: asyncio.Future) -> None:
+        """Every card shard's follower brought to its stream's end (a basket's payment made
+        through another front a moment ago, or answered OUTCOME_UNKNOWN, is seen there), then
+        the call submitted. A call that cannot be sent is answered OVERLOADED or UNAVAILABLE,
+        nothing of it sent, ``on_answer`` run; the answer is set whatever happens."""
+        outcomes = None
+        try:
+            await self._look(deadline)
+            outcomes = await self._submit(ops, deadline, on_answer, looked=True)
+        except _NOT_SENT as exc:
+            outcomes = self._answer(ops, _not_sent_reason(exc), on_answer)
+        except Exception:
+            log.exception("front: a call with a basket payment failed")
+        finally:
+            if not fut.done():
+                fut.set_result(outcomes if outcomes is not None
+                               else _uniform(L.R_OUTCOME_UNKNOWN, ops))
+
+    def _submit(self, ops: list[PendingOp], deadline: float | None, on_answer,
+                looked: bool) -> asyncio.Future:
         """As ``Writer.submit``. All on one card shard (a swipe, a till's call): that shard's
         writer's submit itself. Else a submit to each shard at once, the outcomes put back in
         the call's order (``on_answer`` runs with each shard's part as it is answered); Overloaded
@@ -365,7 +397,9 @@ class ShardedWriter:
                 continue
             tag = _basket_of(op)
             if tag:  # a split-tender payment: its basket's sale counted once over the shards
-                elsewhere = self._basket_state(tag, w.shard, baskets)
+                elsewhere = self._basket_state(tag, w.shard, baskets, looked)
+                if elsewhere is _LOOK:
+                    raise _Look()  # (nothing sent yet)
                 if elsewhere is None:
                     refused[i] = _uniform(L.R_CROSS_SHARD, [op])[0]
                     continue
@@ -379,9 +413,10 @@ class ShardedWriter:
         if baskets:
             on_answer = _both(self._paid, on_answer)
         if not refused and not across and len(parts) == 1 and self.admin not in parts:
-            fut = next(iter(parts)).submit(ops, deadline, on_answer)
+            w = next(iter(parts))
+            fut = w.submit(ops, deadline, on_answer)
             if baskets:
-                self._sent(ops)  # (once it is taken: no await since the checks)
+                self._sent([(op, w.shard) for op in ops])  # (once taken: no await since checks)
             return self._waking(fut, owing)
         for w, idx in parts.items():  # (ClusterWriter.submit's own refusals, for every part
             if w._stopping:           # before any is sent: a call is sent whole or not at all)
@@ -393,7 +428,7 @@ class ShardedWriter:
         for i in across:  # (after the others are taken: a refusal above sends none of them)
             futures.append(([i], self._tracked(self._replace_across(ops[i], deadline, on_answer))))
         if baskets:
-            self._sent([ops[i] for idx in parts.values() for i in idx])
+            self._sent([(ops[i], w.shard) for w, idx in parts.items() for i in idx])
         fut = self.loop.create_future()
         self._tracked(self._gather(ops, refused, futures, fut, on_answer, self.admin in parts))
         return self._waking(fut, owing)
@@ -419,38 +454,44 @@ class ShardedWriter:
         new = op.packed[_OP_SECOND_CARD]
         step = "look"  # what is being sent: nothing yet, the forward, the replacement
         try:
-            async with asyncio.timeout(None if deadline is None
-                                       else max(0.0, deadline - time.monotonic())):
-                await asyncio.gather(*(w.fresh(everything=True) for w in self.cards.values()))
+            await self._look(deadline)
             for shard, ledger in self.card_ledgers.items():
                 self.routes.learn(shard, ledger)
             at, home = self.routes.shard_of(op.card_id), self.routes.home_of(new)
             if self.card_ledgers[at].read_card(op.card_id) is None:
-                return self._answer(op, L.R_CARD_NOT_FOUND, on_answer)
+                return self._answer([op], L.R_CARD_NOT_FOUND, on_answer)
             if home != at and self.routes.shard_of(new) != at:
                 step = "forward"
                 (made,) = await self.cards[home].submit([forward(new, at)], deadline)
                 if made.reason != L.R_OK:  # (taken; or OUTCOME_UNKNOWN: asked again, made)
-                    return self._answer(op, made.reason, on_answer)
+                    return self._answer([op], made.reason, on_answer)
                 self.routes.forwarded[new] = at
             step = "replacement"  # (the writer runs on_answer once it answers)
             return await self.cards[at].submit([op], deadline, on_answer)
-        except (Overloaded, Stopped, Stale, TimeoutError) as exc:  # that step was not sent
+        except _NOT_SENT as exc:  # that step was not sent
             log.warning("front: a replacement across card shards stopped before its %s was "
                         "sent: %s", step, type(exc).__name__)
-            return self._answer(op, L.R_OVERLOADED if isinstance(exc, Overloaded)
-                                else L.R_UNAVAILABLE, on_answer)
+            return self._answer([op], _not_sent_reason(exc), on_answer)
+
+    async def _look(self, deadline: float | None) -> None:
+        """Every card shard's follower brought to its stream's end (within the call's
+        deadline): what any front made there is seen, and what this front answered
+        OUTCOME_UNKNOWN is settled."""
+        async with asyncio.timeout(None if deadline is None
+                                   else max(0.0, deadline - time.monotonic())):
+            await asyncio.gather(*(w.fresh(everything=True) for w in self.cards.values()))
 
     @staticmethod
-    def _answer(op: PendingOp, reason: int, on_answer) -> list[Outcome]:
-        """``op`` answered ``reason`` by this front (nothing of it made), ``on_answer`` run."""
-        outcome = _uniform(reason, [op])
+    def _answer(ops: list[PendingOp], reason: int, on_answer) -> list[Outcome]:
+        """``ops`` answered ``reason`` by this front (nothing of them made), ``on_answer``
+        run."""
+        outcomes = _uniform(reason, ops)
         if on_answer is not None:
             try:
-                on_answer([op], outcome)
+                on_answer(ops, outcomes)
             except Exception:  # the caller must get its answer whatever a hook does
                 log.exception("answer hook failed")
-        return outcome
+        return outcomes
 
     def _waking(self, fut: asyncio.Future, owing: set[int]) -> asyncio.Future:
         """``fut``; once it is answered, the outbox loops of the card shards in ``owing`` look
@@ -627,6 +668,20 @@ class ShardedWriter:
         for c in card_ids:
             by_shard.setdefault(self.routes.shard_of(c), []).append(c)
         await asyncio.gather(*(self.cards[s].fresh(tuple(cs)) for s, cs in by_shard.items()))
+
+
+_NOT_SENT = (Overloaded, Stopped, Stale, TimeoutError)  # a step not sent: answered, not raised
+
+
+def _not_sent_reason(exc: BaseException) -> int:
+    return L.R_OVERLOADED if isinstance(exc, Overloaded) else L.R_UNAVAILABLE
+
+
+class _Look(Exception):
+    """``_submit``: a call to look at the card shards' stream ends first."""
+
+
+_LOOK = object()  # ``_basket_state``: not known without a look
 
 
 def _outbox_ended(task: asyncio.Task) -> None:
