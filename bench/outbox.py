@@ -13,7 +13,10 @@ the front as soon as the opening is answered) against the referrer on the new ca
 and replaces it (the chain admin, at a store's desk) by a new number whose slot routes to shard
 2 (its number forwarded first, then the replacement on shard 0) or to shard 0 (one group): the
 time from the request to its answer, and to the first read of the new card through the front.
-Functional figures on one shared 2-core machine.
+Then each split-tender basket, a 15.00 sale, is paid by two cards: one of shard 0 holding 10.00
+pays first (partially), then a second card pays the rest, of shard 2 (its payment marked) or of
+shard 0. The time of each payment to its answer (the first payment's includes the look at every
+card shard's stream end). Functional figures on one shared 2-core machine.
 
     .venv/bin/python bench/outbox.py --pairs 20 --out bench/outbox_results.json
 """
@@ -157,6 +160,32 @@ def measure(folder: str, pairs: int) -> dict:
             answers_ms.append(answer_ms)
             reads_ms.append(read_ms)
         out[kind] = {"answered": spread_of(answers_ms), "new_card_read": spread_of(reads_ms)}
+
+    def pay_ms(number: str, gross_minor: int, basket_id: str) -> float:
+        request_id = f"bench-{random.getrandbits(64)}"
+        start = time.monotonic()
+        answer = cards.Purchase(pb.PurchaseRequest(
+            request_id=request_id, client_time_us=now_us(), card=cpb.CardRef(card_number=number),
+            gross_amount_minor=gross_minor, basket_id=basket_id, allow_partial=True,
+            till=cpb.Till(store_id=1, terminal_id=1)))
+        assert answer.reason == cpb.REASON_OK, answer
+        return (time.monotonic() - start) * 1000
+
+    for kind, second_shard in (("basket_paid_on_two_card_shards", CARD_SHARDS[1]),
+                               ("basket_paid_on_one_card_shard", CARD_SHARDS[0])):
+        firsts_ms, seconds_ms = [], []
+        for _ in range(pairs):
+            payers = [number_on(CARD_SHARDS[0]), number_on(second_shard)]
+            for number in payers:
+                open_card(number)
+                assert cards.TopUp(pb.TopUpRequest(
+                    request_id=f"bench-{random.getrandbits(64)}", client_time_us=now_us(),
+                    card=cpb.CardRef(card_number=number), amount_minor=1_000,
+                    till=cpb.Till(store_id=1, terminal_id=1))).reason == cpb.REASON_OK
+            basket_id = f"bench-{random.getrandbits(64)}"
+            firsts_ms.append(pay_ms(payers[0], 1_500, basket_id))
+            seconds_ms.append(pay_ms(payers[1], 500, basket_id))
+        out[kind] = {"first_payment": spread_of(firsts_ms), "second_payment": spread_of(seconds_ms)}
     channel.close()
     return out
 

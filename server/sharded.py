@@ -291,15 +291,19 @@ class ShardedWriter:
         (docs/cluster.md, "A basket paid on two card shards"): sent by this front and answered
         made, or made through any front (that shard's follower here holds it). None (refused:
         asked again later) while one there is not settled: earlier in this call (``baskets``:
-        this call's, tag -> the card shard of its first payment), or unanswered. _LOOK when
-        neither is known and the followers have not been brought to their streams' ends for
-        this call (``looked``): a payment another front made a moment ago, or one answered
-        OUTCOME_UNKNOWN, is seen there then."""
+        this call's, tag -> the card shard of its first payment), or unanswered. False, with no
+        look, when ``shard`` holds a payment of it already (its own index counts this one as a
+        later payment). _LOOK when none of this is known and the followers have not been
+        brought to their streams' ends for this call (``looked``): a payment another front made
+        a moment ago, or one answered OUTCOME_UNKNOWN, is seen there then."""
         first = baskets.get(tag)
         if first is not None and first != shard:
             return None
+        known = self._baskets.get(tag, {})
+        if (shard in known and known[shard][1]) or self.card_ledgers[shard].read_basket(tag):
+            return False  # (``shard`` holds a payment of it already: its own index tells)
         made = False
-        for s, (unanswered, was_made) in self._baskets.get(tag, {}).items():
+        for s, (unanswered, was_made) in known.items():
             if s != shard:
                 if unanswered:
                     return None
