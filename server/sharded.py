@@ -72,7 +72,8 @@ class Routes:
     """Which card shard holds a card: the one the routing table routes its slot to, unless that
     shard forwarded its number to another (a replacement's new card, made on the old card's
     shard: layout.FORWARD). Each card shard's forwards are read off this front's follower of it,
-    on from the last read (``learn``): at start, every outbox round, and at once for the
+    on from the last read (``learn``): at start, as that follower advances, every outbox round,
+    before a cross-shard replacement and a re-seal chunk (``learn_all``), and at once for the
     forwards this front makes."""
 
     def __init__(self, table: list[int]) -> None:
@@ -96,6 +97,11 @@ class Routes:
         for n, card, to in ledger.read_forwards(self._read.get(shard, 0)):
             self.forwarded[card] = to
             self._read[shard] = n
+
+    def learn_all(self, ledgers: dict[int, Ledger]) -> None:
+        """Every card shard's (``ledgers``: by shard) forwards made since the last read."""
+        for shard, ledger in ledgers.items():
+            self.learn(shard, ledger)
 
 
 def to_admin_shard(op: PendingOp) -> bool:
@@ -121,8 +127,7 @@ class ShardedWriter:
         self.journal_signal = admin.journal_signal
         self._make_table = make_table
         self._open_ledger = open_ledger
-        self.table: list[int] = []
-        self.routes = Routes(self.table)
+        self.routes = Routes([])  # (the cluster's routing table once started)
         self.card_ledgers: dict[int, Ledger] = {}
         self.ledger: ShardedLedger | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -186,11 +191,10 @@ class ShardedWriter:
             for shard, w in self.cards.items():
                 self.card_ledgers[shard] = self._open_ledger(w)
                 self._check_place(self.card_ledgers[shard], shard, L.RELAY_ROLE_CARD, deadline)
-            self.table = self._make_table(self.admin)
-            self.routes = Routes(self.table)
-            for shard, ledger in self.card_ledgers.items():
-                self.routes.learn(shard, ledger)
-            routed = sorted(set(self.table))
+            table = self._make_table(self.admin)
+            self.routes = Routes(table)
+            self.routes.learn_all(self.card_ledgers)
+            routed = sorted(set(table))
             if routed != sorted(self.cards):
                 raise FrontSetting(
                     f"--card-shards {','.join(map(str, sorted(self.cards)))}: the cluster's "
@@ -459,8 +463,7 @@ class ShardedWriter:
         step = "look"  # what is being sent: nothing yet, the forward, the replacement
         try:
             await self._look(deadline)
-            for shard, ledger in self.card_ledgers.items():
-                self.routes.learn(shard, ledger)
+            self.routes.learn_all(self.card_ledgers)
             at, home = self.routes.shard_of(op.card_id), self.routes.home_of(new)
             if self.card_ledgers[at].read_card(op.card_id) is None:
                 return self._answer([op], L.R_CARD_NOT_FOUND, on_answer)
@@ -840,8 +843,8 @@ class ShardedLedger:
         time (every chunk one shard's, so each re-seal operation goes to one): the rest of
         ``after``'s shard, else the next card shard's from its first."""
         order = sorted(self.cards)
-        for shard, ledger in self.cards.items():  # (a re-seal of a chunk that holds a card made
-            self.routes.learn(shard, ledger)      # by a replacement goes where it is)
+        self.routes.learn_all(self.cards)  # (a re-seal of a chunk that holds a card made by a
+        #                                    replacement goes where it is)
         # (the shard a chunk came from, by its last card: a card its shard holds though the
         # table routes it elsewhere, once slots move, must not send the cursor back)
         at = order.index(self._sealed_from.get(after, self.routes.shard_of(after))) if after else 0
